@@ -1,0 +1,129 @@
+"""The `gw` command: serve, stats, bench, config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+import click
+
+from gw import __version__
+from gw.config import SETTINGS, ConfigError, describe, load_config
+
+
+def _fail(message: str, code: int = 2) -> None:
+    click.echo(f"gw: error: {message}", err=True)
+    sys.exit(code)
+
+
+def setting_option(name: str, *, type=None, metavar=None):
+    """A flag for a Config field; default None so the config file can supply it."""
+    f = SETTINGS[name]
+    return click.option(f"--{name.replace('_', '-')}", name, type=type, default=None, metavar=metavar,
+                        help=f"{f.metadata['doc']} [default: {f.default}]")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gw")
+def main_group():
+    """gw: an IoT connection gateway (MQTT 3.1.1, JSON lines, HTTP ingest)."""
+
+
+@main_group.command()
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file; every flag below has a key of the same name with underscores")
+@setting_option("workers", type=int, metavar="N")
+@setting_option("mqtt", metavar="HOST:PORT")
+@setting_option("mqtts", metavar="HOST:PORT")
+@setting_option("json", metavar="HOST:PORT")
+@setting_option("jsons", metavar="HOST:PORT")
+@setting_option("certs", metavar="DIR")
+@setting_option("data_dir", metavar="DIR")
+@setting_option("max_connections", type=int, metavar="N")
+@setting_option("max_packet_size", type=int, metavar="BYTES")
+@setting_option("max_outbound", type=int, metavar="BYTES")
+@setting_option("connect_timeout", type=float, metavar="SECONDS")
+@setting_option("json_timeout", type=float, metavar="SECONDS")
+@setting_option("drain_timeout", type=float, metavar="SECONDS")
+@setting_option("stats_interval", type=float, metavar="SECONDS")
+@setting_option("log_level", metavar="LEVEL")
+def serve(config_path, **flags):
+    """Run the gateway: a master and pre-forked epoll workers.
+
+    SIGTERM or SIGINT drains (stop accepting, flush, close, exit within
+    --drain-timeout); SIGHUP reloads the config file and certificates without
+    dropping connections.
+    """
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    try:
+        cfg = load_config(config_path, overrides)
+    except ConfigError as exc:
+        _fail(str(exc))
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from gw.master import Master, StartupError
+
+    try:
+        code = Master(cfg, config_path, overrides).run()
+    except StartupError as exc:
+        _fail(str(exc), 1)
+    sys.exit(code)
+
+
+@main_group.command()
+@click.option("--data-dir", default="data", show_default=True, metavar="DIR",
+              help="data directory of the running gw")
+@click.option("--json", "as_json", is_flag=True, help="print all counters as JSON")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
+              help="seconds between the two samples rates are computed from")
+def stats(data_dir, as_json, interval):
+    """Print a running server's figures, read from its shared-memory block."""
+    from gw.stats import Aggregator, read_running
+
+    try:
+        _pid, block = read_running(data_dir)
+    except LookupError as exc:
+        _fail(str(exc), 1)
+    aggregator = Aggregator(block)
+    time.sleep(interval)
+    snap = aggregator.tick()
+    if as_json:
+        click.echo(json.dumps(snap.as_dict(), indent=2))
+    else:
+        click.echo(snap.line())
+    block.close()
+
+
+@main_group.command("config")
+def show_config():
+    """Print every setting with its default, as a TOML file."""
+    click.echo(describe(), nl=False)
+
+
+try:
+    from gw.bench.cli import bench
+except ImportError:  # pragma: no cover - the load generator is part of the package
+    bench = None
+if bench is not None:
+    main_group.add_command(bench)
+
+
+def main() -> None:
+    """Entry point: click's errors become one line and exit code 2."""
+    try:
+        code = main_group.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.UsageError as exc:
+        _fail(exc.format_message())
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

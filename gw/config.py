@@ -1,0 +1,165 @@
+"""Configuration: defaults, then a TOML file (--config), then command-line flags.
+
+Every setting is one field of `Config`; its TOML key is the field name and its
+flag the same name with dashes (`max_connections` / `--max-connections`).
+Errors name the key and end the program with exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field, fields
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class ConfigError(Exception):
+    """A bad setting. The message names the key."""
+
+
+@dataclass(frozen=True)
+class Address:
+    host: str
+    port: int
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(key: str, value: str) -> Address | None:
+    """HOST:PORT, [V6HOST]:PORT or :PORT (loopback); '' or 'off' disables the listener."""
+    if not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': expected \"HOST:PORT\" or \"off\", got {value!r}")
+    value = value.strip()
+    if value in ("", "off", "none"):
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep:
+        raise ConfigError(f"config key '{key}': expected HOST:PORT, got {value!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ConfigError(f"config key '{key}': port must be a number, got {port!r}") from None
+    if not 0 <= port_n <= 65535:
+        raise ConfigError(f"config key '{key}': port {port_n} is out of range 0-65535")
+    return Address(host, port_n)
+
+
+def _setting(default, doc: str, *, minimum=None, maximum=None, choices=None, kind=None):
+    return field(default=default, metadata={"doc": doc, "min": minimum, "max": maximum,
+                                            "choices": choices, "kind": kind})
+
+
+@dataclass(frozen=True)
+class Config:
+    workers: int = _setting(os.cpu_count() or 1, "worker processes (each an epoll loop)",
+                            minimum=1, maximum=64)
+    mqtt: str = _setting("127.0.0.1:1883", "MQTT over TCP listener, HOST:PORT or off", kind="address")
+    mqtts: str = _setting("127.0.0.1:8883", "MQTT over TLS listener, HOST:PORT or off", kind="address")
+    json: str = _setting("127.0.0.1:1880", "JSON-lines listener (seed 000 protocol), HOST:PORT or off",
+                         kind="address")
+    jsons: str = _setting("127.0.0.1:8880", "JSON-lines over TLS listener, HOST:PORT or off", kind="address")
+    certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
+                          "development CA, ca.pem, when absent)")
+    data_dir: str = _setting("data", "directory for the pid file and, later, persistent state")
+    max_connections: int = _setting(100_000, "open connections allowed across all workers; "
+                                    "more are refused and counted", minimum=1)
+    max_packet_size: int = _setting(1 << 20, "largest MQTT packet (or JSON line) accepted, bytes; "
+                                    "larger closes the connection", minimum=64, maximum=268_435_460)
+    max_outbound: int = _setting(8 << 20, "bytes queued to one slow client before it is disconnected",
+                                 minimum=4096, maximum=1 << 31)
+    connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
+                                      minimum=0.1, maximum=3600)
+    json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",
+                                   minimum=1, maximum=86400)
+    drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",
+                                    minimum=0, maximum=3600)
+    stats_interval: float = _setting(1.0, "seconds between [stats] log lines (0: none)",
+                                     minimum=0, maximum=3600)
+    log_level: str = _setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
+
+    def address(self, key: str) -> Address | None:
+        return parse_address(key, getattr(self, key))
+
+
+SETTINGS = {f.name: f for f in fields(Config)}
+# Changing these needs a restart: SIGHUP reloads the rest.
+RESTART_ONLY = ("workers", "mqtt", "mqtts", "json", "jsons", "data_dir")
+
+
+def _coerce(key: str, value):
+    f = SETTINGS[key]
+    meta = f.metadata
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+                value = int(value)
+            else:
+                raise ConfigError(f"config key '{key}': expected an integer, got {value!r}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}")
+        try:
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{key}': expected a number, got {value!r}") from None
+    elif not isinstance(value, str):
+        raise ConfigError(f"config key '{key}': expected a string, got {value!r}")
+    if meta["min"] is not None and value < meta["min"]:
+        raise ConfigError(f"config key '{key}': must be at least {meta['min']}, got {value!r}")
+    if meta["max"] is not None and value > meta["max"]:
+        raise ConfigError(f"config key '{key}': must be at most {meta['max']}, got {value!r}")
+    if meta["choices"] and value not in meta["choices"]:
+        raise ConfigError(f"config key '{key}': must be one of {', '.join(meta['choices'])}, got {value!r}")
+    if meta["kind"] == "address":
+        parse_address(key, value)
+    return value
+
+
+def load_config(path: str | None = None, overrides: dict | None = None) -> Config:
+    """Defaults < TOML file < overrides (the flags given on the command line)."""
+    values: dict = {}
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+        # Accept either top-level keys or a [gw] table.
+        if set(data) == {"gw"} and isinstance(data["gw"], dict):
+            data = data["gw"]
+        for key, value in data.items():
+            if key not in SETTINGS:
+                raise ConfigError(f"unknown config key '{key}' in {path}")
+            values[key] = _coerce(key, value)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key not in SETTINGS:
+            raise ConfigError(f"unknown config key '{key}'")
+        values[key] = _coerce(key, value)
+    cfg = Config(**values)
+    if not any(cfg.address(k) for k in ("mqtt", "mqtts", "json", "jsons")):
+        raise ConfigError("config keys 'mqtt', 'mqtts', 'json', 'jsons': every listener is off")
+    return cfg
+
+
+def describe() -> str:
+    """The settings as a commented TOML file (`gw config`)."""
+    lines = []
+    for f in fields(Config):
+        default = f.default
+        lines.append(f"# {f.metadata['doc']}")
+        lines.append(f"{f.name} = {default!r}".replace("'", '"') if isinstance(default, str)
+                     else f"{f.name} = {default}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,314 @@
+"""The master process, in the spirit of gunicorn's arbiter: it opens the
+listening sockets, forks the workers, respawns those that die, turns signals
+into drains and reloads, and logs the [stats] line. It serves no traffic.
+
+Each worker slot has its own SO_REUSEPORT socket per listener, created here
+before forking and kept open by the master. While a slot's worker is dead
+(between a crash and its respawn) the kernel keeps queueing new connections
+on that slot's socket, so they wait for the respawned worker instead of
+being refused, and the other workers' clients are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from gw import __version__
+from gw.certs import CertPaths, ensure_certs
+from gw.config import RESTART_ONLY, Config, ConfigError, load_config
+from gw.stats import PIDFILE, Aggregator, StatsBlock
+from gw.worker import ListenerSpec, worker_main
+
+log = logging.getLogger("gw.master")
+stats_log = logging.getLogger("gw.stats")
+
+LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", False),
+             ("jsons", "json", True))
+BACKLOG = 4096
+RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
+RESPAWN_MAX = 10.0
+STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
+
+
+class StartupError(Exception):
+    pass
+
+
+class Slot:
+    def __init__(self, index: int):
+        self.index = index
+        self.pid = 0
+        self.started = 0.0
+        self.backoff = RESPAWN_MIN
+        self.respawn_at = 0.0
+        self.sockets: list[ListenerSpec] = []
+
+
+def open_listener(addr, port: int) -> socket.socket:
+    sock = socket.socket(addr.family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if addr.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((addr.host, port))
+    sock.listen(BACKLOG)
+    sock.setblocking(False)
+    return sock
+
+
+class Master:
+    def __init__(self, cfg: Config, config_path: str | None, overrides: dict):
+        self.cfg = cfg
+        self.config_path = config_path
+        self.overrides = overrides
+        self.slots = [Slot(i) for i in range(cfg.workers)]
+        self.certs: CertPaths | None = None
+        self.block: StatsBlock | None = None
+        self.pidfile: Path | None = None
+        self.stopping = False
+        self.reload_pending = False
+        self.wake_r, self.wake_w = -1, -1
+        self.bound: dict[str, str] = {}
+
+    # --- start-up ------------------------------------------------------------
+
+    def prepare(self) -> None:
+        cfg = self.cfg
+        data = Path(cfg.data_dir)
+        try:
+            data.mkdir(parents=True, exist_ok=True)
+            probe = data / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
+        if cfg.address("mqtts") or cfg.address("jsons"):
+            self.certs, generated = ensure_certs(cfg.certs)
+            if generated:
+                print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
+                      file=sys.stderr, flush=True)
+            from gw_ext.tls import TLSContext, TLSError
+            try:
+                TLSContext(str(self.certs.cert), str(self.certs.key))
+            except TLSError as exc:
+                raise StartupError(str(exc)) from None
+        for name, proto, tls in LISTENERS:
+            addr = cfg.address(name)
+            if addr is None:
+                continue
+            port = addr.port
+            for slot in self.slots:
+                try:
+                    sock = open_listener(addr, port)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}") from None
+                port = sock.getsockname()[1]      # port 0: all slots share the one picked
+                slot.sockets.append(ListenerSpec(name, sock, proto, tls))
+            self.bound[name] = f"{addr.host}:{port}" if ":" not in addr.host else f"[{addr.host}]:{port}"
+        self.block = StatsBlock.create(len(self.slots), os.getpid())
+        self.pidfile = data / PIDFILE
+        self.pidfile.write_text(f"{os.getpid()}\n")
+
+    # --- workers -------------------------------------------------------------
+
+    def spawn(self, slot: Slot) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.set_wakeup_fd(-1)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                for other in self.slots:
+                    if other is not slot:
+                        for spec in other.sockets:
+                            spec.sock.close()
+                code = worker_main(slot.index, self.cfg, slot.sockets, self.block, self.certs,
+                                   self.config_path, self.overrides)
+            except BaseException:
+                log.exception("worker %d crashed", slot.index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        slot.pid = pid
+        slot.started = time.monotonic()
+        self.block.set_worker_pid(slot.index, pid)
+        log.debug("worker %d started, pid %d", slot.index, pid)
+
+    def reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            for slot in self.slots:
+                if slot.pid == pid:
+                    self.worker_exited(slot, pid, status)
+
+    def worker_exited(self, slot: Slot, pid: int, status: int) -> None:
+        slot.pid = 0
+        self.block.set_worker_pid(slot.index, 0)
+        self.block.reset_gauges(slot.index)
+        if self.stopping:
+            return
+        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+               else f"exit code {os.WEXITSTATUS(status)}")
+        now = time.monotonic()
+        if now - slot.started >= STABLE_AFTER:
+            slot.backoff = RESPAWN_MIN
+        delay = slot.backoff
+        slot.backoff = min(slot.backoff * 2, RESPAWN_MAX)
+        slot.respawn_at = now + delay
+        log.warning("worker %d (pid %d) died (%s); respawning in %.2f s", slot.index, pid, how, delay)
+
+    # --- signals ---------------------------------------------------------------
+
+    def on_signal(self, signum, frame) -> None:
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.stopping = True
+        elif signum == signal.SIGHUP:
+            self.reload_pending = True
+
+    def reload(self) -> None:
+        try:
+            new = load_config(self.config_path, self.overrides)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc)
+            return
+        changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(self.cfg, k)]
+        if changed:
+            log.warning("reload: %s changed; that takes a restart (ignored now)", ", ".join(changed))
+            new = Config(**{**new.__dict__, **{k: getattr(self.cfg, k) for k in changed}})
+        if self.certs is not None:
+            from gw_ext.tls import TLSContext, TLSError
+            try:
+                TLSContext(str(self.certs.cert), str(self.certs.key))
+            except TLSError as exc:
+                log.error("reload refused, certificates do not load: %s", exc)
+                return
+        self.cfg = new
+        logging.getLogger("gw").setLevel(new.log_level.upper())
+        for slot in self.slots:
+            if slot.pid:
+                os.kill(slot.pid, signal.SIGHUP)
+        log.info("reloaded configuration and certificates")
+
+    # --- main loop -------------------------------------------------------------
+
+    def run(self) -> int:
+        self.prepare()
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self.wake_w)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, self.on_signal)
+        listeners = ", ".join(f"{name} {addr}" for name, addr in self.bound.items())
+        log.info("gw %s: %d workers, listening on %s", __version__, len(self.slots), listeners)
+        for slot in self.slots:
+            self.spawn(slot)
+        aggregator = Aggregator(self.block)
+        interval = self.cfg.stats_interval
+        next_stats = time.monotonic() + (interval or 3600)
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                timeout = next_stats - now
+                for slot in self.slots:
+                    if not slot.pid and slot.respawn_at:
+                        timeout = min(timeout, slot.respawn_at - now)
+                try:
+                    select.select([self.wake_r], [], [], max(timeout, 0))
+                except InterruptedError:
+                    pass
+                self.drain_wakeups()
+                self.reap()
+                if self.stopping:
+                    break
+                if self.reload_pending:
+                    self.reload_pending = False
+                    self.reload()
+                now = time.monotonic()
+                for slot in self.slots:
+                    if not slot.pid and now >= slot.respawn_at:
+                        self.spawn(slot)
+                if now >= next_stats:
+                    interval = self.cfg.stats_interval
+                    next_stats = now + (interval or 3600)
+                    snap = aggregator.tick()
+                    if interval:
+                        stats_log.info("%s", snap.line())
+            return self.shutdown()
+        finally:
+            self.cleanup()
+
+    def drain_wakeups(self) -> None:
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def shutdown(self) -> int:
+        """Graceful drain: workers stop accepting, flush and close, then exit.
+        Any still alive after drain_timeout (plus a margin) are killed."""
+        log.info("draining %d workers (at most %.1f s)", sum(1 for s in self.slots if s.pid),
+                 self.cfg.drain_timeout)
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        # Our copies of the listening sockets go now, so nothing queues on them.
+        for slot in self.slots:
+            for spec in slot.sockets:
+                spec.sock.close()
+        deadline = time.monotonic() + self.cfg.drain_timeout + 2.0
+        while any(s.pid for s in self.slots) and time.monotonic() < deadline:
+            self.reap()
+            time.sleep(0.02)
+        killed = 0
+        for slot in self.slots:
+            if slot.pid:
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        while any(s.pid for s in self.slots):
+            try:
+                pid, status = os.waitpid(-1, 0)
+            except ChildProcessError:
+                break
+            for slot in self.slots:
+                if slot.pid == pid:
+                    slot.pid = 0
+        if killed:
+            log.warning("killed %d workers that did not finish draining in time", killed)
+        log.info("stopped")
+        return 0
+
+    def cleanup(self) -> None:
+        signal.set_wakeup_fd(-1)
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        if self.pidfile is not None:
+            try:
+                if self.pidfile.read_text().strip() == str(os.getpid()):
+                    self.pidfile.unlink()
+            except OSError:
+                pass
+        if self.block is not None:
+            self.block.close(unlink=True)
+

@@ -1,0 +1,97 @@
+"""A worker process: sets up the Cython loop (gw_ext/loop.pyx) and runs it.
+
+Runs in a child forked by the master. It inherits the listening sockets of
+its slot and its row of the stats block; after that it never needs the
+master to serve traffic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import signal
+
+from gw.certs import CertPaths
+from gw.config import Config, ConfigError, load_config
+from gw.jsonproto import JsonProtocol
+from gw.stats import StatsBlock
+
+log = logging.getLogger("gw.worker")
+
+
+class ListenerSpec:
+    """One listening socket of a worker slot, as the master made it."""
+
+    def __init__(self, name: str, sock, proto: str, tls: bool):
+        self.name = name          # config key: mqtt, mqtts, json, jsons
+        self.sock = sock
+        self.proto = proto        # "mqtt" or "json"
+        self.tls = tls
+
+
+def raise_fd_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+def apply_limits(worker, cfg: Config) -> None:
+    worker.max_connections = cfg.max_connections
+    worker.max_packet_size = cfg.max_packet_size
+    worker.max_outbound = cfg.max_outbound
+    worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
+    worker.json_timeout_ms = int(cfg.json_timeout * 1000)
+    logging.getLogger("gw").setLevel(cfg.log_level.upper())
+
+
+def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], block: StatsBlock,
+                certs: CertPaths | None, config_path: str | None, overrides: dict) -> int:
+    from gw_ext.loop import Worker
+    from gw_ext.tls import TLSContext, TLSError
+
+    # Ctrl-C reaches the whole process group; the master decides what happens.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    max_fds = raise_fd_limit()
+    worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], JsonProtocol(), max_fds)
+    apply_limits(worker, cfg)
+    tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
+    tls_indexes = []
+    for spec in listeners:
+        index = worker.add_listener(spec.sock.fileno(), spec.proto, tls if spec.tls else None)
+        if spec.tls:
+            tls_indexes.append(index)
+
+    def on_term(signum, frame):
+        worker.request_drain(cfg.drain_timeout)
+
+    def on_hup(signum, frame):
+        worker.request_reload()
+
+    def reload():
+        nonlocal cfg
+        try:
+            new = load_config(config_path, overrides)
+        except ConfigError as exc:
+            log.error("worker %d: reload refused, keeping the running config: %s", slot, exc)
+            return
+        apply_limits(worker, new)
+        cfg = new
+        if certs is not None:
+            try:
+                fresh = TLSContext(str(certs.cert), str(certs.key))
+            except TLSError as exc:
+                log.error("worker %d: certificate reload failed, keeping the old one: %s", slot, exc)
+            else:
+                for index in tls_indexes:
+                    worker.set_tls_context(index, fresh)
+        log.debug("worker %d: reloaded", slot)
+
+    worker.on_reload = reload
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    log.debug("worker %d (pid %d) serving, fd limit %d", slot, os.getpid(), max_fds)
+    worker.run()
+    return 0

@@ -1,0 +1,1023 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The worker: one epoll loop per process, no asyncio, no threads.
+
+Data flows one way: socket -> framing (this file: one recv_into a shared
+buffer, many packets parsed in place, only a cut-off tail copied aside) ->
+codec (gw_ext.codec) -> packet handlers (below) -> outbound buffers, flushed
+with one write per connection per loop turn.
+
+Nothing on the per-packet path touches a Python object. Python is called
+only for rare events: seed 000's JSON-lines messages (decoded with msgspec),
+rate-limited log lines, signals and reloads.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, EMFILE, ENFILE, EPROTO, errno
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memchr, memcpy, memmove, memset
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from gw_ext.codec cimport *
+from gw_ext.openssl cimport *
+from gw_ext.stats cimport *
+from gw_ext.tls cimport TLSContext
+from gw_ext.wheel cimport TimerNode, Wheel, wheel_advance, wheel_cancel, wheel_free, wheel_init, wheel_schedule
+
+import logging
+
+log = logging.getLogger("gw.worker")
+
+
+cdef extern from "sys/epoll.h" nogil:
+    cdef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    int EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL
+    uint32_t EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP
+
+cdef extern from "sys/socket.h" nogil:
+    ctypedef unsigned int socklen_t
+    int accept4(int fd, void* addr, socklen_t* addrlen, int flags)
+    ssize_t recv(int fd, void* buf, size_t n, int flags)
+    ssize_t send(int fd, const void* buf, size_t n, int flags)
+    int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
+    int shutdown(int fd, int how)
+    int SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SHUT_RD
+
+cdef extern from "netinet/in.h" nogil:
+    int IPPROTO_TCP
+
+cdef extern from "netinet/tcp.h" nogil:
+    int TCP_NODELAY
+
+cdef extern from "unistd.h" nogil:
+    int close(int fd)
+
+cdef extern from "fcntl.h" nogil:
+    int open(const char* path, int flags)
+    int O_RDONLY, O_CLOEXEC
+
+cdef extern from "Python.h":
+    int PyErr_CheckSignals() except -1
+
+
+cdef enum:
+    MAX_EVENTS = 1024
+    READ_BUFFER = 256 * 1024     # shared by all connections of the worker
+    ACCEPT_BATCH = 128           # accepts per listener event, for fairness
+    TICK_MS = 100                # timing-wheel resolution
+    WHEEL_SLOTS = 4096           # one revolution = 409.6 s
+    CLOSE_GRACE_MS = 2000        # how long a closing connection may take to flush
+
+# Why a connection was closed; indexes the CLOSED_* counters and the log limiter.
+cdef enum CloseReason:
+    CR_CLIENT = 0
+    CR_TIMEOUT = 1
+    CR_CONNECT_TIMEOUT = 2
+    CR_MALFORMED = 3
+    CR_SERVER = 4
+    CR_ERROR = 5
+    CR_TOO_LARGE = 6
+    CR_OVERFLOW = 7
+    CR_TLS = 8
+    CR_REFUSED = 9
+    N_CLOSE_REASONS = 10
+
+cdef uint32_t[10] CLOSE_COUNTER = [
+    CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
+    CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER]
+
+MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
+                   "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
+                   "no topic filter"]
+
+# JSON-lines handler results (see gw/jsonproto.py).
+JSON_OK = 0
+JSON_CONNECTED = 1
+JSON_CLOSE = 2
+JSON_ERROR = 3
+
+
+cdef inline uint64_t monotonic_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+@cython.final
+cdef class Worker:
+    """One worker process's event loop. Built and configured by gw/worker.py."""
+
+    cdef int epfd
+    cdef Conn* conns
+    cdef int nconns                  # size of the table (the process's fd limit)
+    cdef Listener[MAX_LISTENERS] listeners
+    cdef object listener_contexts    # TLSContext objects kept alive per listener
+    cdef int nlisteners
+    cdef uint8_t* rbuf
+    cdef int* dirty                  # fds to flush at the end of this turn
+    cdef int ndirty
+    cdef Wheel wheel
+    cdef uint64_t now_ms
+    cdef uint64_t* counters          # this worker's row of the shared stats block
+    cdef uint64_t* all_counters      # every row, to enforce the server-wide limit
+    cdef int nworkers
+    cdef object counters_owner
+    cdef int reserve_fd              # spare fd released to shed a connection on EMFILE
+    cdef uint64_t auto_id
+    cdef uint64_t[N_CLOSE_REASONS] last_log_ms
+    cdef uint64_t[N_CLOSE_REASONS] suppressed
+    cdef bint draining
+    cdef uint64_t drain_deadline_ms
+    cdef bint reload_requested
+    cdef object json_protocol
+
+    # Limits, settable (and reloadable) from Python.
+    cdef public int worker_index
+    cdef public uint64_t max_connections
+    cdef public uint32_t max_packet_size
+    cdef public uint32_t connect_timeout_ms
+    cdef public uint32_t json_timeout_ms
+    cdef public uint32_t max_outbound
+    cdef public object on_reload     # called (no arguments) after SIGHUP
+    cdef public bint stopped
+
+    def __cinit__(self):
+        self.epfd = -1
+        self.reserve_fd = -1
+
+    def __init__(self, int worker_index, object counters_row, object all_counters, int nworkers,
+                 object json_protocol, int max_fds):
+        cdef uint64_t[::1] row = counters_row
+        cdef uint64_t[:, ::1] rows = all_counters
+        self.worker_index = worker_index
+        self.counters = &row[0]
+        self.all_counters = &rows[0, 0]
+        self.nworkers = nworkers
+        self.counters_owner = (counters_row, all_counters)
+        self.json_protocol = json_protocol
+        self.max_connections = 100000
+        self.max_packet_size = 1 << 20
+        self.connect_timeout_ms = 10000
+        self.json_timeout_ms = 30000
+        self.max_outbound = 8 << 20
+        self.listener_contexts = [None] * MAX_LISTENERS
+        self.nconns = max_fds
+        self.conns = <Conn*>calloc(max_fds, sizeof(Conn))
+        self.rbuf = <uint8_t*>malloc(READ_BUFFER)
+        self.dirty = <int*>malloc(max_fds * sizeof(int))
+        if self.conns == NULL or self.rbuf == NULL or self.dirty == NULL:
+            raise MemoryError()
+        self.now_ms = monotonic_ms()
+        if wheel_init(&self.wheel, WHEEL_SLOTS, TICK_MS, self.now_ms) != 0:
+            raise MemoryError()
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.epfd < 0:
+            raise OSError(errno, "epoll_create1")
+        self.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+
+    def __dealloc__(self):
+        cdef int fd
+        if self.conns != NULL:
+            for fd in range(self.nconns):
+                if self.conns[fd].state != ST_FREE and self.conns[fd].state != ST_LISTENER:
+                    self.release(&self.conns[fd])
+            free(self.conns)
+        free(self.rbuf)
+        free(self.dirty)
+        wheel_free(&self.wheel)
+        if self.epfd >= 0:
+            close(self.epfd)
+        if self.reserve_fd >= 0:
+            close(self.reserve_fd)
+
+    # --- set-up (Python) -----------------------------------------------------
+
+    def add_listener(self, int fd, str proto, TLSContext tls=None):
+        """Registers a listening socket (already bound, listening, non-blocking)."""
+        cdef Listener* l
+        cdef epoll_event ev
+        if self.nlisteners >= MAX_LISTENERS:
+            raise ValueError("too many listeners")
+        if fd >= self.nconns:
+            raise ValueError("listener fd above the fd limit")
+        l = &self.listeners[self.nlisteners]
+        l.fd = fd
+        l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON
+        l.ctx = NULL
+        if tls is not None:
+            SSL_CTX_up_ref(tls.ctx)
+            l.ctx = tls.ctx
+            self.listener_contexts[self.nlisteners] = tls
+        self.conns[fd].state = ST_LISTENER
+        self.conns[fd].fd = fd
+        self.conns[fd].listener = self.nlisteners
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            raise OSError(errno, "epoll_ctl")
+        self.nlisteners += 1
+        return self.nlisteners - 1
+
+    def set_tls_context(self, int index, TLSContext tls):
+        """Swaps a TLS listener's context (SIGHUP): new handshakes use it, established
+        connections keep theirs (each SSL holds a reference to its SSL_CTX)."""
+        cdef Listener* l = &self.listeners[index]
+        if l.ctx == NULL:
+            raise ValueError("listener %d is not TLS" % index)
+        SSL_CTX_up_ref(tls.ctx)
+        SSL_CTX_free(l.ctx)
+        l.ctx = tls.ctx
+        self.listener_contexts[index] = tls
+
+    def request_drain(self, double seconds):
+        """Stops accepting, flushes and closes every connection; run() returns when
+        all are closed or after `seconds`."""
+        if not self.draining:
+            self.draining = True
+            self.drain_deadline_ms = monotonic_ms() + <uint64_t>(seconds * 1000)
+
+    def request_reload(self):
+        self.reload_requested = True
+
+    @property
+    def connections(self):
+        return self.counters[CONNS_CURRENT]
+
+    # --- the loop ------------------------------------------------------------
+
+    def run(self):
+        cdef epoll_event[MAX_EVENTS] events
+        cdef int n, i, fd
+        cdef uint32_t ev
+        cdef Conn* c
+        cdef TimerNode* expired
+        cdef TimerNode* nxt
+        cdef bint drain_started = False
+        while True:
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, TICK_MS)
+            self.now_ms = monotonic_ms()
+            if n < 0:
+                if errno != EINTR:
+                    raise OSError(errno, "epoll_wait")
+                n = 0
+            self.counters[LOOP_TURNS] += 1
+            for i in range(n):
+                fd = events[i].data.fd
+                ev = events[i].events
+                c = &self.conns[fd]
+                if c.state == ST_LISTENER:
+                    self.accept_from(c.listener)
+                    continue
+                if c.state == ST_FREE:
+                    continue
+                if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                    self.on_readable(c)
+                if ev & EPOLLOUT and c.state != ST_FREE:
+                    self.on_writable(c)
+            self.flush_dirty()
+            expired = wheel_advance(&self.wheel, self.now_ms)
+            while expired != NULL:
+                nxt = expired.next
+                self.on_timer(<Conn*>expired)
+                expired = nxt
+            self.flush_dirty()
+            # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
+            PyErr_CheckSignals()
+            if self.reload_requested:
+                self.reload_requested = False
+                if self.on_reload is not None:
+                    self.on_reload()
+            if self.draining:
+                if not drain_started:
+                    drain_started = True
+                    self.start_drain()
+                if self.counters[CONNS_CURRENT] == 0 or self.now_ms >= self.drain_deadline_ms:
+                    break
+        self.close_all(CR_SERVER)
+        self.stopped = True
+
+    cdef void start_drain(self):
+        """Closes the listeners for every process (shutdown(SHUT_RD) on a listening
+        socket ends listening on all its duplicates, so new clients are refused
+        at once rather than queued), then closes every connection after flushing."""
+        cdef int i, fd
+        cdef Conn* c
+        for i in range(self.nlisteners):
+            fd = self.listeners[i].fd
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, fd, NULL)
+            shutdown(fd, SHUT_RD)
+            close(fd)
+            self.conns[fd].state = ST_FREE
+            if self.listeners[i].ctx != NULL:
+                SSL_CTX_free(self.listeners[i].ctx)
+                self.listeners[i].ctx = NULL
+        self.nlisteners = 0
+        for fd in range(self.nconns):
+            c = &self.conns[fd]
+            if c.state != ST_FREE and c.state != ST_LISTENER:
+                self.close_after_flush(c)
+        self.flush_dirty()
+
+    cdef void close_all(self, int reason):
+        cdef int fd
+        for fd in range(self.nconns):
+            if self.conns[fd].state != ST_FREE and self.conns[fd].state != ST_LISTENER:
+                self.close_conn(&self.conns[fd], reason)
+
+    # --- accepting -----------------------------------------------------------
+
+    cdef uint64_t total_connections(self) noexcept:
+        cdef uint64_t total = 0
+        cdef int w
+        for w in range(self.nworkers):
+            total += self.all_counters[w * N_COUNTERS + CONNS_CURRENT]
+        return total
+
+    cdef void accept_from(self, int index):
+        cdef Listener* l = &self.listeners[index]
+        cdef int fd, k, one = 1
+        cdef Conn* c
+        cdef epoll_event ev
+        for k in range(ACCEPT_BATCH):
+            fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if fd < 0:
+                if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
+                    continue
+                if errno == EMFILE or errno == ENFILE:
+                    # Out of descriptors: use the spare one to accept and drop the
+                    # client, so it is told at once instead of waiting in the backlog.
+                    self.counters[CONNS_REJECTED] += 1
+                    if self.reserve_fd >= 0:
+                        close(self.reserve_fd)
+                        fd = accept4(l.fd, NULL, NULL, SOCK_CLOEXEC)
+                        if fd >= 0:
+                            close(fd)
+                        self.reserve_fd = open(b"/dev/null", O_RDONLY | O_CLOEXEC)
+                    self.log_limited(CR_REFUSED, "out of file descriptors: connection refused")
+                return
+            if (fd >= self.nconns or self.draining
+                    or self.total_connections() >= self.max_connections):
+                close(fd)
+                self.counters[CONNS_REJECTED] += 1
+                self.log_limited(CR_REFUSED, "connection refused: max_connections reached")
+                continue
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
+            c = &self.conns[fd]
+            memset(c, 0, sizeof(Conn))
+            c.fd = fd
+            c.proto = l.proto
+            c.listener = index
+            c.last_rx_ms = self.now_ms
+            if l.ctx != NULL:
+                c.ssl = SSL_new(l.ctx)
+                if c.ssl == NULL or SSL_set_fd(c.ssl, fd) != 1:
+                    ERR_clear_error()
+                    if c.ssl != NULL:
+                        SSL_free(c.ssl)
+                        c.ssl = NULL
+                    close(fd)
+                    self.counters[CONNS_REJECTED] += 1
+                    continue
+                SSL_set_accept_state(c.ssl)
+                c.flags = F_TLS
+                c.state = ST_TLS_HANDSHAKE
+            else:
+                c.state = ST_AWAIT_CONNECT
+            ev.events = EPOLLIN
+            ev.data.u64 = 0
+            ev.data.fd = fd
+            epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
+            self.counters[CONNS_ACCEPTED] += 1
+            self.counters[CONNS_CURRENT] += 1
+            # The connect timeout covers the TLS handshake and the CONNECT.
+            wheel_schedule(&self.wheel, &c.timer, self.now_ms + self.connect_timeout_ms)
+
+    # --- reading and framing -------------------------------------------------
+
+    cdef Py_ssize_t sock_read(self, Conn* c, uint8_t* buf, size_t cap) noexcept:
+        """> 0: bytes read; 0: nothing now; -1: peer closed; -2: error."""
+        cdef ssize_t n
+        cdef size_t got = 0
+        cdef int err
+        if c.ssl == NULL:
+            n = recv(c.fd, buf, cap, 0)
+            if n > 0:
+                return n
+            if n == 0:
+                return -1
+            if errno == EAGAIN or errno == EINTR:
+                return 0
+            return -2
+        ERR_clear_error()
+        if SSL_read_ex(c.ssl, buf, cap, &got) == 1:
+            return <Py_ssize_t>got
+        err = SSL_get_error(c.ssl, 0)
+        if err == SSL_ERROR_WANT_READ or err == SSL_ERROR_WANT_WRITE:
+            return 0
+        if err == SSL_ERROR_ZERO_RETURN:
+            return -1
+        if err == SSL_ERROR_SYSCALL and ERR_peek_error() == 0 and errno == 0:
+            return -1     # EOF without close_notify: how most devices hang up
+        ERR_clear_error()
+        return -2
+
+    cdef void on_readable(self, Conn* c):
+        cdef Py_ssize_t n, used
+        cdef uint32_t want
+        cdef uint8_t* grown
+        cdef int fd = c.fd
+        if c.state == ST_TLS_HANDSHAKE:
+            if self.tls_handshake(c) <= 0:
+                return
+        while True:
+            if c.state == ST_CLOSING:
+                # Input is no longer wanted; read it away so the socket can close.
+                n = self.sock_read(c, self.rbuf, READ_BUFFER)
+                if n < 0:
+                    self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
+                return
+            if c.inlen == 0:
+                n = self.sock_read(c, self.rbuf, READ_BUFFER)
+                if n <= 0:
+                    if n < 0:
+                        self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
+                    return
+                self.counters[BYTES_IN] += n
+                used = self.process(c, self.rbuf, n)
+                if used < 0:
+                    return            # closed while processing
+                if used < n:
+                    # Keep the cut-off tail, sized for the whole packet when known.
+                    want = <uint32_t>(n - used)
+                    if c.need > want:
+                        want = c.need
+                    c.inbuf = <uint8_t*>malloc(want)
+                    if c.inbuf == NULL:
+                        self.close_conn(c, CR_SERVER)
+                        return
+                    c.incap = want
+                    c.inlen = <uint32_t>(n - used)
+                    memcpy(c.inbuf, self.rbuf + used, c.inlen)
+            else:
+                want = c.inlen + 4096
+                if c.need > want:
+                    want = c.need
+                if want > c.incap:
+                    grown = <uint8_t*>realloc(c.inbuf, want)
+                    if grown == NULL:
+                        self.close_conn(c, CR_SERVER)
+                        return
+                    c.inbuf = grown
+                    c.incap = want
+                n = self.sock_read(c, c.inbuf + c.inlen, c.incap - c.inlen)
+                if n <= 0:
+                    if n < 0:
+                        self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
+                    return
+                self.counters[BYTES_IN] += n
+                c.inlen += <uint32_t>n
+                used = self.process(c, c.inbuf, c.inlen)
+                if used < 0:
+                    return
+                if used == c.inlen:
+                    free(c.inbuf)
+                    c.inbuf = NULL
+                    c.inlen = c.incap = c.need = 0
+                elif used > 0:
+                    memmove(c.inbuf, c.inbuf + used, c.inlen - used)
+                    c.inlen -= <uint32_t>used
+            # Plain sockets: one read per readiness event (level-triggered epoll
+            # brings us back). TLS: drain what OpenSSL already decrypted, which
+            # epoll cannot see.
+            if c.ssl == NULL or SSL_pending(c.ssl) == 0:
+                return
+
+    cdef Py_ssize_t process(self, Conn* c, uint8_t* buf, Py_ssize_t n):
+        """Handles every complete packet in buf[0:n]. Returns the bytes consumed,
+        or -1 if the connection was closed (buf may then be freed)."""
+        if c.proto == PROTO_JSON:
+            return self.process_lines(c, buf, n)
+        cdef Py_ssize_t pos = 0
+        cdef int hl, reason = 0
+        cdef uint8_t first
+        cdef uint32_t remaining
+        cdef Py_ssize_t total
+        cdef bint any_packet = False
+        c.need = 0
+        while pos < n:
+            if c.state == ST_CLOSING:
+                return n
+            hl = decode_header(buf + pos, n - pos, self.max_packet_size, &first, &remaining, &reason)
+            if hl < 0:
+                if hl == ERR_INCOMPLETE:
+                    break
+                if hl == ERR_TOO_LARGE:
+                    self.counters[PACKETS_TOO_LARGE] += 1
+                    self.close_conn(c, CR_TOO_LARGE)
+                    return -1
+                self.malformed(c, reason)
+                return -1
+            total = hl + remaining
+            if total > self.max_packet_size:
+                self.counters[PACKETS_TOO_LARGE] += 1
+                self.close_conn(c, CR_TOO_LARGE)
+                return -1
+            if n - pos < total:
+                c.need = <uint32_t>total
+                break
+            if self.dispatch(c, first, buf + pos + hl, remaining) < 0:
+                return -1
+            any_packet = True
+            pos += total
+        if any_packet:
+            c.last_rx_ms = self.now_ms
+        return pos
+
+    cdef void malformed(self, Conn* c, int reason):
+        if 0 <= reason < 32:
+            self.counters[MALFORMED_BY_REASON + reason] += 1
+        self.close_conn(c, CR_MALFORMED, reason)
+
+    # --- MQTT packet handlers ------------------------------------------------
+
+    cdef int dispatch(self, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
+        """One complete packet. Returns 0, or -1 if the connection was closed."""
+        cdef uint8_t ptype = first >> 4
+        cdef int reason = 0
+        self.counters[PKT_IN + ptype] += 1
+        if c.state != ST_CONNECTED:
+            if ptype != CONNECT:
+                # The first packet from the client MUST be CONNECT (MQTT-3.1.0-1).
+                self.malformed(c, MAL_PROTOCOL)
+                return -1
+            return self.on_connect(c, body, n)
+        if ptype == PUBLISH:
+            return self.on_publish(c, first, body, n)
+        if ptype == PINGREQ:
+            return self.send_empty(c, PINGRESP)
+        if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
+            return self.on_ack(c, ptype, body, n)
+        if ptype == SUBSCRIBE:
+            return self.on_subscribe(c, body, n)
+        if ptype == UNSUBSCRIBE:
+            return self.on_unsubscribe(c, body, n)
+        if ptype == DISCONNECT:
+            # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
+            self.close_conn(c, CR_CLIENT)
+            return -1
+        # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
+        self.malformed(c, MAL_PROTOCOL)
+        return -1
+
+    cdef int on_connect(self, Conn* c, const uint8_t* body, uint32_t n):
+        cdef ConnectPacket pkt
+        cdef int reason = 0
+        cdef int rc = decode_connect(body, n, &pkt, &reason)
+        cdef uint8_t* out
+        cdef bytes generated
+        if rc < 0:
+            self.malformed(c, reason)
+            return -1
+        if rc > 0:
+            # Unacceptable protocol level (0x01) or identifier rejected (0x02):
+            # answer with that CONNACK, then close (MQTT-3.2.2-5).
+            self.counters[CONNACK_REFUSED] += 1
+            out = self.reserve(c, 4)
+            if out == NULL:
+                return -1
+            encode_connack(out, 0, <uint8_t>rc)
+            self.counters[PKT_OUT + CONNACK] += 1
+            self.close_after_flush(c)
+            return -1
+        if pkt.client_id.len > 0:
+            c.client_id = <char*>malloc(pkt.client_id.len)
+            if c.client_id == NULL:
+                self.close_conn(c, CR_SERVER)
+                return -1
+            memcpy(c.client_id, pkt.client_id.ptr, pkt.client_id.len)
+            c.client_id_len = <uint16_t>pkt.client_id.len
+        else:
+            # Empty client id with clean session 1: the server assigns one (MQTT-3.1.3-6).
+            self.auto_id += 1
+            generated = b"auto-%d-%x" % (self.worker_index, self.auto_id)
+            c.client_id_len = <uint16_t>len(generated)
+            c.client_id = <char*>malloc(c.client_id_len)
+            if c.client_id == NULL:
+                self.close_conn(c, CR_SERVER)
+                return -1
+            memcpy(c.client_id, PyBytes_AS_STRING(generated), c.client_id_len)
+        c.keepalive = pkt.keepalive
+        self.become_connected(c, <uint32_t>pkt.keepalive * 1500)
+        self.counters[MQTT_CONNECTED] += 1
+        out = self.reserve(c, 4)
+        if out == NULL:
+            return -1
+        encode_connack(out, 0, CONNACK_ACCEPTED)
+        self.counters[PKT_OUT + CONNACK] += 1
+        return 0
+
+    cdef void become_connected(self, Conn* c, uint32_t timeout_ms):
+        """CONNECT accepted: from now on the idle timeout applies instead of the
+        connect timeout (MQTT-3.1.2-24: 1.5 x keepalive; 0 disables it)."""
+        c.state = ST_CONNECTED
+        c.timeout_ms = timeout_ms
+        c.last_rx_ms = self.now_ms
+        self.counters[SESSIONS_CURRENT] += 1
+        if timeout_ms:
+            wheel_schedule(&self.wheel, &c.timer, self.now_ms + timeout_ms)
+        else:
+            wheel_cancel(&self.wheel, &c.timer)
+
+    cdef int on_publish(self, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
+        cdef PublishPacket pkt
+        cdef int reason = 0
+        cdef uint8_t* out
+        if decode_publish(first, body, n, &pkt, &reason) < 0:
+            self.malformed(c, reason)
+            return -1
+        self.counters[MSGS_IN] += 1
+        # Routing to subscribers is the router's job (not built yet); the
+        # acknowledgement flow is the protocol's and complete here.
+        if pkt.qos == 1:
+            return self.send_ack(c, PUBACK, pkt.packet_id)
+        if pkt.qos == 2:
+            return self.send_ack(c, PUBREC, pkt.packet_id)
+        return 0
+
+    cdef int on_ack(self, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n):
+        cdef uint16_t pid
+        if decode_packet_id(body, n, &pid) < 0:
+            self.malformed(c, MAL_PACKET_ID)
+            return -1
+        if ptype == PUBREL:
+            return self.send_ack(c, PUBCOMP, pid)
+        if ptype == PUBREC:
+            return self.send_ack(c, PUBREL, pid)
+        return 0
+
+    cdef int on_subscribe(self, Conn* c, const uint8_t* body, uint32_t n):
+        cdef EntryIter it
+        cdef Slice filt
+        cdef uint8_t qos
+        cdef int r, reason = 0
+        cdef uint32_t count = 0
+        cdef uint8_t[64] stack_codes
+        cdef uint8_t* codes = stack_codes
+        cdef uint8_t* out
+        if subscribe_begin(body, n, &it, &reason) < 0:
+            self.malformed(c, reason)
+            return -1
+        # Validate every entry first, so a malformed packet gets no SUBACK.
+        while True:
+            r = subscribe_next(&it, &filt, &qos, &reason)
+            if r == 0:
+                break
+            if r < 0:
+                self.malformed(c, reason)
+                return -1
+            count += 1
+        if count > 64:
+            codes = <uint8_t*>malloc(count)
+            if codes == NULL:
+                self.close_conn(c, CR_SERVER)
+                return -1
+        subscribe_begin(body, n, &it, &reason)
+        count = 0
+        while subscribe_next(&it, &filt, &qos, &reason) == 1:
+            # An invalid filter (a/#/b, a+) is refused with 0x80, like Mosquitto;
+            # the others are granted the QoS asked for.
+            codes[count] = qos if valid_topic_filter(filt.ptr, filt.len) else SUBACK_FAILURE
+            count += 1
+        out = self.reserve(c, suback_size(count))
+        if out != NULL:
+            encode_suback(out, it.packet_id, codes, count)
+            self.counters[PKT_OUT + SUBACK] += 1
+        if codes != stack_codes:
+            free(codes)
+        return 0 if out != NULL else -1
+
+    cdef int on_unsubscribe(self, Conn* c, const uint8_t* body, uint32_t n):
+        cdef EntryIter it
+        cdef Slice filt
+        cdef int r, reason = 0
+        if unsubscribe_begin(body, n, &it, &reason) < 0:
+            self.malformed(c, reason)
+            return -1
+        while True:
+            r = unsubscribe_next(&it, &filt, &reason)
+            if r == 0:
+                break
+            if r < 0:
+                self.malformed(c, reason)
+                return -1
+        return self.send_ack(c, UNSUBACK, it.packet_id)
+
+    cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid):
+        cdef uint8_t* out = self.reserve(c, 4)
+        if out == NULL:
+            return -1
+        encode_ack(out, ptype, pid)
+        self.counters[PKT_OUT + ptype] += 1
+        return 0
+
+    cdef int send_empty(self, Conn* c, uint8_t ptype):
+        cdef uint8_t* out = self.reserve(c, 2)
+        if out == NULL:
+            return -1
+        encode_empty(out, ptype)
+        self.counters[PKT_OUT + ptype] += 1
+        return 0
+
+    # --- seed 000's JSON lines -------------------------------------------------
+
+    cdef Py_ssize_t process_lines(self, Conn* c, uint8_t* buf, Py_ssize_t n):
+        cdef Py_ssize_t pos = 0, end
+        cdef uint8_t* nl
+        cdef bint any_line = False
+        c.need = 0
+        while pos < n:
+            if c.state == ST_CLOSING:
+                return n
+            nl = <uint8_t*>memchr(buf + pos, 10, n - pos)
+            if nl == NULL:
+                if n - pos > self.max_packet_size:
+                    self.counters[PACKETS_TOO_LARGE] += 1
+                    self.close_conn(c, CR_TOO_LARGE)
+                    return -1
+                break
+            end = nl - buf
+            if end - pos > self.max_packet_size:
+                self.counters[PACKETS_TOO_LARGE] += 1
+                self.close_conn(c, CR_TOO_LARGE)
+                return -1
+            if end > pos and buf[end - 1] == 13:     # tolerate CRLF
+                end -= 1
+            if end > pos:
+                if self.on_json_line(c, buf + pos, end - pos) < 0:
+                    return -1
+                any_line = True
+            pos = (nl - buf) + 1
+        if any_line:
+            c.last_rx_ms = self.now_ms
+        return pos
+
+    cdef int on_json_line(self, Conn* c, const uint8_t* line, Py_ssize_t n):
+        cdef bytes reply
+        cdef uint8_t* out
+        cdef Py_ssize_t rlen
+        self.counters[JSON_MESSAGES_IN] += 1
+        client_id = None
+        if c.client_id != NULL:
+            client_id = PyBytes_FromStringAndSize(c.client_id, c.client_id_len)
+        action, reply, new_id, is_data = self.json_protocol.handle(
+            PyBytes_FromStringAndSize(<char*>line, n), c.state == ST_CONNECTED, client_id)
+        if is_data:
+            self.counters[MSGS_IN] += 1
+        if reply is not None:
+            rlen = PyBytes_GET_SIZE(reply)
+            out = self.reserve(c, <uint32_t>rlen)
+            if out == NULL:
+                return -1
+            memcpy(out, PyBytes_AS_STRING(reply), rlen)
+        if action == JSON_CONNECTED:
+            if c.state != ST_CONNECTED:
+                c.client_id_len = <uint16_t>len(new_id)
+                c.client_id = <char*>malloc(c.client_id_len)
+                if c.client_id == NULL:
+                    self.close_conn(c, CR_SERVER)
+                    return -1
+                memcpy(c.client_id, PyBytes_AS_STRING(new_id), c.client_id_len)
+                self.become_connected(c, self.json_timeout_ms)
+        elif action == JSON_ERROR:
+            self.counters[JSON_ERRORS] += 1
+            if c.state != ST_CONNECTED:
+                # Nothing valid yet: answer and hang up, as for a bad CONNECT.
+                self.close_after_flush(c)
+                return -1
+        elif action == JSON_CLOSE:
+            self.close_after_flush(c)
+            return -1
+        return 0
+
+    # --- TLS -------------------------------------------------------------------
+
+    cdef int tls_handshake(self, Conn* c):
+        """1: done; 0: in progress; -1: failed (connection closed)."""
+        cdef int r, err
+        ERR_clear_error()
+        r = SSL_do_handshake(c.ssl)
+        if r == 1:
+            c.state = ST_AWAIT_CONNECT
+            self.counters[TLS_HANDSHAKES] += 1
+            self.set_pollout(c, False)
+            return 1
+        err = SSL_get_error(c.ssl, r)
+        if err == SSL_ERROR_WANT_READ:
+            self.set_pollout(c, False)
+            return 0
+        if err == SSL_ERROR_WANT_WRITE:
+            self.set_pollout(c, True)
+            return 0
+        self.counters[TLS_FAILURES] += 1
+        ERR_clear_error()
+        self.close_conn(c, CR_TLS)
+        return -1
+
+    # --- writing -------------------------------------------------------------
+
+    cdef uint8_t* reserve(self, Conn* c, uint32_t n):
+        """Room for n outbound bytes, flushed at the end of this loop turn.
+        NULL (and the connection closed) past --max-outbound."""
+        cdef uint32_t need = c.outlen + n
+        cdef uint32_t cap
+        cdef uint8_t* grown
+        cdef uint8_t* out
+        if need > c.outcap:
+            if c.outoff > 0 and need - c.outoff <= c.outcap:
+                memmove(c.outbuf, c.outbuf + c.outoff, c.outlen - c.outoff)
+                c.outlen -= c.outoff
+                c.outoff = 0
+                need = c.outlen + n
+            if need > c.outcap:
+                if need - c.outoff > self.max_outbound:
+                    self.counters[WRITE_OVERFLOWS] += 1
+                    self.close_conn(c, CR_OVERFLOW)
+                    return NULL
+                cap = 256 if c.outcap == 0 else c.outcap
+                while cap < need:
+                    cap *= 2
+                grown = <uint8_t*>realloc(c.outbuf, cap)
+                if grown == NULL:
+                    self.close_conn(c, CR_SERVER)
+                    return NULL
+                c.outbuf = grown
+                c.outcap = cap
+        out = c.outbuf + c.outlen
+        c.outlen += n
+        if not (c.flags & F_DIRTY):
+            c.flags |= F_DIRTY
+            self.dirty[self.ndirty] = c.fd
+            self.ndirty += 1
+        return out
+
+    cdef void flush_dirty(self):
+        cdef int i, fd
+        cdef Conn* c
+        for i in range(self.ndirty):
+            fd = self.dirty[i]
+            c = &self.conns[fd]
+            if c.flags & F_DIRTY:
+                c.flags &= ~F_DIRTY
+                if not (c.flags & F_POLLOUT):
+                    self.flush(c)
+        self.ndirty = 0
+
+    cdef int flush(self, Conn* c):
+        """Writes what is pending. 1: all written; 0: the socket is full (EPOLLOUT
+        armed); -1: the connection was closed."""
+        cdef ssize_t n
+        cdef size_t sent
+        cdef int err
+        while c.outoff < c.outlen:
+            if c.ssl == NULL:
+                n = send(c.fd, c.outbuf + c.outoff, c.outlen - c.outoff, MSG_NOSIGNAL)
+                if n < 0:
+                    if errno == EAGAIN or errno == EINTR:
+                        self.set_pollout(c, True)
+                        return 0
+                    self.close_conn(c, CR_ERROR)
+                    return -1
+            else:
+                ERR_clear_error()
+                sent = 0
+                if SSL_write_ex(c.ssl, c.outbuf + c.outoff, c.outlen - c.outoff, &sent) != 1:
+                    err = SSL_get_error(c.ssl, 0)
+                    if err == SSL_ERROR_WANT_WRITE:
+                        self.set_pollout(c, True)
+                        return 0
+                    if err == SSL_ERROR_WANT_READ:
+                        # Only after a TLS 1.3 key update: retry when readable.
+                        c.flags |= F_SSL_WRITE_WANTS_READ
+                        return 0
+                    ERR_clear_error()
+                    self.close_conn(c, CR_ERROR)
+                    return -1
+                n = <ssize_t>sent
+            c.outoff += <uint32_t>n
+            self.counters[BYTES_OUT] += n
+        # Everything is out: give the buffer back, so idle connections hold none.
+        free(c.outbuf)
+        c.outbuf = NULL
+        c.outoff = c.outlen = c.outcap = 0
+        c.flags &= ~F_SSL_WRITE_WANTS_READ
+        self.set_pollout(c, False)
+        if c.state == ST_CLOSING:
+            self.close_conn(c, CR_SERVER)
+            return -1
+        return 1
+
+    cdef void on_writable(self, Conn* c):
+        if c.state == ST_TLS_HANDSHAKE:
+            self.tls_handshake(c)
+            return
+        self.flush(c)
+
+    cdef void set_pollout(self, Conn* c, bint on):
+        cdef epoll_event ev
+        if bool(c.flags & F_POLLOUT) == on:
+            return
+        ev.events = EPOLLIN | EPOLLOUT if on else EPOLLIN
+        ev.data.u64 = 0
+        ev.data.fd = c.fd
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+        if on:
+            c.flags |= F_POLLOUT
+        else:
+            c.flags &= ~F_POLLOUT
+
+    # --- timers and closing --------------------------------------------------
+
+    cdef void on_timer(self, Conn* c):
+        cdef uint64_t deadline
+        if c.state == ST_CONNECTED:
+            deadline = c.last_rx_ms + c.timeout_ms
+            if deadline > self.now_ms:
+                wheel_schedule(&self.wheel, &c.timer, deadline)     # it was active
+            else:
+                self.close_conn(c, CR_TIMEOUT)
+        elif c.state == ST_CLOSING:
+            self.close_conn(c, CR_SERVER)      # could not flush in time
+        elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
+            self.close_conn(c, CR_CONNECT_TIMEOUT)
+
+    cdef void close_after_flush(self, Conn* c):
+        """Stops reading and closes once the outbound bytes are written (or after
+        CLOSE_GRACE_MS)."""
+        if c.state == ST_CONNECTED:
+            self.counters[SESSIONS_CURRENT] -= 1
+        c.state = ST_CLOSING
+        wheel_schedule(&self.wheel, &c.timer, self.now_ms + CLOSE_GRACE_MS)
+        if c.outlen == c.outoff:
+            # Nothing to write: close at the end of this turn via the flush list.
+            if not (c.flags & F_DIRTY):
+                c.flags |= F_DIRTY
+                self.dirty[self.ndirty] = c.fd
+                self.ndirty += 1
+
+    cdef void close_conn(self, Conn* c, int reason, int detail=0):
+        if c.state == ST_FREE or c.state == ST_LISTENER:
+            return
+        if c.state == ST_CONNECTED:
+            self.counters[SESSIONS_CURRENT] -= 1
+        self.counters[CLOSE_COUNTER[reason]] += 1
+        self.counters[CONNS_CURRENT] -= 1
+        if reason == CR_MALFORMED:
+            self.log_limited(reason, "closed a connection: malformed packet (%s)"
+                             % MALFORMED_NAMES[detail if 0 <= detail < len(MALFORMED_NAMES) else 0])
+        elif reason == CR_TOO_LARGE:
+            self.log_limited(reason, "closed a connection: packet over max_packet_size (%d bytes)"
+                             % self.max_packet_size)
+        elif reason == CR_OVERFLOW:
+            self.log_limited(reason, "closed a connection: outbound queue over max_outbound (%d bytes)"
+                             % self.max_outbound)
+        elif reason == CR_TLS:
+            self.log_limited(reason, "TLS handshake failed")
+        self.release(c)
+
+    cdef void release(self, Conn* c):
+        """Frees a connection's resources and its table slot."""
+        wheel_cancel(&self.wheel, &c.timer)
+        if c.ssl != NULL:
+            if c.state == ST_CONNECTED or c.state == ST_AWAIT_CONNECT or c.state == ST_CLOSING:
+                ERR_clear_error()
+                SSL_shutdown(c.ssl)     # one non-blocking close_notify, best effort
+            SSL_free(c.ssl)
+            ERR_clear_error()
+        close(c.fd)     # also removes it from the epoll set
+        free(c.inbuf)
+        free(c.outbuf)
+        free(c.client_id)
+        memset(c, 0, sizeof(Conn))
+
+    cdef void log_limited(self, int reason, str message):
+        """Logs a reason at most once per 10 s, with how many were not logged."""
+        if self.now_ms - self.last_log_ms[reason] < 10000 and self.last_log_ms[reason] != 0:
+            self.suppressed[reason] += 1
+            return
+        if self.suppressed[reason]:
+            message = "%s (and %d more like it in the last 10 s)" % (message, self.suppressed[reason])
+        self.last_log_ms[reason] = self.now_ms
+        self.suppressed[reason] = 0
+        log.warning("worker %d: %s", self.worker_index, message)

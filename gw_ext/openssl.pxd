@@ -1,0 +1,71 @@
+# The few OpenSSL 3 calls gw makes, declared for Cython. The worker drives TLS
+# itself (non-blocking handshakes in its epoll loop, SSL_read/SSL_write on the
+# socket) so a TLS connection costs an SSL object and nothing else.
+
+cdef extern from "openssl/ssl.h" nogil:
+    ctypedef struct SSL_CTX:
+        pass
+    ctypedef struct SSL:
+        pass
+    ctypedef struct SSL_METHOD:
+        pass
+
+    const SSL_METHOD* TLS_server_method()
+    const SSL_METHOD* TLS_client_method()
+    SSL_CTX* SSL_CTX_new(const SSL_METHOD* method)
+    void SSL_CTX_free(SSL_CTX* ctx)
+    int SSL_CTX_up_ref(SSL_CTX* ctx)
+    long SSL_CTX_set_min_proto_version(SSL_CTX* ctx, int version)
+    unsigned long SSL_CTX_set_options(SSL_CTX* ctx, unsigned long options)
+    long SSL_CTX_set_mode(SSL_CTX* ctx, long mode)
+    long SSL_CTX_set_session_cache_mode(SSL_CTX* ctx, long mode)
+    int SSL_CTX_set_num_tickets(SSL_CTX* ctx, size_t num_tickets)
+    int SSL_CTX_set_cipher_list(SSL_CTX* ctx, const char* s)
+    int SSL_CTX_set_ciphersuites(SSL_CTX* ctx, const char* s)
+    int SSL_CTX_set1_groups_list(SSL_CTX* ctx, const char* s)
+    int SSL_CTX_use_certificate_chain_file(SSL_CTX* ctx, const char* file)
+    int SSL_CTX_use_PrivateKey_file(SSL_CTX* ctx, const char* file, int type)
+    int SSL_CTX_check_private_key(const SSL_CTX* ctx)
+    int SSL_CTX_load_verify_locations(SSL_CTX* ctx, const char* CAfile, const char* CApath)
+    void SSL_CTX_set_verify(SSL_CTX* ctx, int mode, void* callback)
+
+    SSL* SSL_new(SSL_CTX* ctx)
+    void SSL_free(SSL* ssl)
+    int SSL_set_fd(SSL* ssl, int fd)
+    void SSL_set_accept_state(SSL* ssl)
+    void SSL_set_connect_state(SSL* ssl)
+    int SSL_do_handshake(SSL* ssl)
+    int SSL_read_ex(SSL* ssl, void* buf, size_t num, size_t* readbytes)
+    int SSL_write_ex(SSL* ssl, const void* buf, size_t num, size_t* written)
+    int SSL_pending(const SSL* ssl)
+    int SSL_shutdown(SSL* ssl)
+    int SSL_get_error(const SSL* ssl, int ret)
+    long SSL_set_mode(SSL* ssl, long mode)
+    const char* SSL_get_version(const SSL* ssl)
+    int SSL_set_tlsext_host_name(SSL* ssl, const char* name)
+
+    int TLS1_2_VERSION
+    int SSL_FILETYPE_PEM
+    int SSL_VERIFY_NONE
+    int SSL_VERIFY_PEER
+    unsigned long SSL_OP_NO_COMPRESSION
+    unsigned long SSL_OP_CIPHER_SERVER_PREFERENCE
+    unsigned long SSL_OP_NO_RENEGOTIATION
+    unsigned long SSL_OP_SINGLE_ECDH_USE
+    long SSL_MODE_RELEASE_BUFFERS
+    long SSL_MODE_ENABLE_PARTIAL_WRITE
+    long SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+    long SSL_SESS_CACHE_OFF
+
+    int SSL_ERROR_NONE
+    int SSL_ERROR_SSL
+    int SSL_ERROR_WANT_READ
+    int SSL_ERROR_WANT_WRITE
+    int SSL_ERROR_SYSCALL
+    int SSL_ERROR_ZERO_RETURN
+
+cdef extern from "openssl/err.h" nogil:
+    unsigned long ERR_get_error()
+    unsigned long ERR_peek_error()
+    void ERR_clear_error()
+    void ERR_error_string_n(unsigned long e, char* buf, size_t len)

@@ -1,0 +1,35 @@
+# A hashed timing wheel (Varghese & Lauck, scheme 6) for keepalive and
+# connect timeouts: O(1) schedule and cancel, and advancing costs one slot
+# per elapsed tick plus the timers that expire or wrap.
+#
+# Timer nodes are intrusive: the caller embeds a TimerNode in its own struct
+# (the worker puts one at the start of each connection), so the wheel never
+# allocates per timer.
+
+from libc.stdint cimport uint32_t, uint64_t
+
+cdef struct TimerNode:
+    TimerNode* prev
+    TimerNode* next       # NULL when not scheduled (prev too)
+    uint64_t deadline_ms  # when it expires (absolute, same clock as `now_ms`)
+
+cdef struct Wheel:
+    TimerNode* slots      # nslots sentinel heads (circular lists)
+    uint32_t mask         # nslots - 1; nslots is a power of two
+    uint32_t tick_ms      # resolution
+    uint64_t tick         # the next tick to process
+    size_t count          # timers scheduled
+
+# 0 on success, -1 when memory runs out. nslots is rounded up to a power of two.
+cdef int wheel_init(Wheel* w, uint32_t nslots, uint32_t tick_ms, uint64_t now_ms) noexcept nogil
+cdef void wheel_free(Wheel* w) noexcept nogil
+# Schedules (or moves) a timer. A deadline in the past fires on the next advance.
+cdef void wheel_schedule(Wheel* w, TimerNode* node, uint64_t deadline_ms) noexcept nogil
+cdef void wheel_cancel(Wheel* w, TimerNode* node) noexcept nogil
+# Unlinks every timer whose deadline is <= now_ms and returns them as a
+# NULL-terminated list chained through `next` (prev is cleared). Timers more
+# than one revolution away stay in their slot until their round comes.
+cdef TimerNode* wheel_advance(Wheel* w, uint64_t now_ms) noexcept nogil
+
+cdef inline bint timer_scheduled(const TimerNode* node) noexcept nogil:
+    return node.next != NULL
