@@ -9,10 +9,14 @@ keeps no 16 KiB record buffers.
 
 from gw_ext.openssl cimport *
 
-# TLS 1.2 suites: forward secrecy and AEAD only. TLS 1.3 suites are all modern.
-cdef const char* CIPHERS_TLS12 = b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:" \
-                b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:" \
-                b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+# AEAD with forward secrecy only. ChaCha20-Poly1305 comes first (the server's
+# preference): its per-connection cipher state is about half of AES-GCM's,
+# which matters with 10,000s of idle TLS connections, and it is the fast
+# choice for devices without AES instructions.
+cdef const char* CIPHERS_TLS13 = b"TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384"
+cdef const char* CIPHERS_TLS12 = b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305:" \
+                b"ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:" \
+                b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 
 
 class TLSError(Exception):
@@ -52,6 +56,8 @@ cdef class TLSContext:
         # resumption; one stateless TLS 1.3 ticket still lets clients resume.
         SSL_CTX_set_session_cache_mode(self.ctx, SSL_SESS_CACHE_OFF)
         SSL_CTX_set_num_tickets(self.ctx, 1)
+        if SSL_CTX_set_ciphersuites(self.ctx, CIPHERS_TLS13) != 1:
+            raise TLSError("TLS 1.3 cipher suites rejected: " + openssl_errors())
         if SSL_CTX_set_cipher_list(self.ctx, CIPHERS_TLS12) != 1:
             raise TLSError("cipher list rejected: " + openssl_errors())
         SSL_CTX_set1_groups_list(self.ctx, b"X25519:P-256:P-384")
