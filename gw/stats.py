@@ -165,12 +165,14 @@ class Aggregator:
         self.prev, self.prev_t = totals, now
         header = self.block.header
         clients = int(totals[Counter.CONNS_CURRENT])
-        if clients > header[Layout.H_PEAK]:
+        peak = max(int(header[Layout.H_PEAK]), clients)
+        # Only the master (writable block) keeps the peak; `gw stats` maps it read-only.
+        if header.flags.writeable and clients > header[Layout.H_PEAK]:
             header[Layout.H_PEAK] = clients
         pids = [int(header[Layout.H_MASTER_PID])] + self.block.worker_pids()
         return Snapshot(
             clients=clients,
-            peak=int(header[Layout.H_PEAK]),
+            peak=peak,
             memory_mb=rss_bytes(pids) / 1e6,
             conn_rate=float(delta[Counter.CONNS_ACCEPTED]) / dt,
             msg_in=float(delta[Counter.MSGS_IN]) / dt,

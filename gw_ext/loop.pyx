@@ -70,6 +70,13 @@ cdef extern from "fcntl.h" nogil:
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
 
+cdef extern from *:
+    """
+    #include <errno.h>
+    static inline void clear_errno(void) { errno = 0; }
+    """
+    void clear_errno() nogil
+
 
 cdef enum:
     MAX_EVENTS = 1024
@@ -369,8 +376,9 @@ cdef class Worker:
                 return
             if (fd >= self.nconns or self.draining
                     or self.total_connections() >= self.max_connections):
-                close(fd)
+                # Count before closing: the close is what the client (or a test) sees.
                 self.counters[CONNS_REJECTED] += 1
+                close(fd)
                 self.log_limited(CR_REFUSED, "connection refused: max_connections reached")
                 continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
@@ -387,8 +395,8 @@ cdef class Worker:
                     if c.ssl != NULL:
                         SSL_free(c.ssl)
                         c.ssl = NULL
-                    close(fd)
                     self.counters[CONNS_REJECTED] += 1
+                    close(fd)
                     continue
                 SSL_set_accept_state(c.ssl)
                 c.flags = F_TLS
@@ -421,6 +429,7 @@ cdef class Worker:
                 return 0
             return -2
         ERR_clear_error()
+        clear_errno()       # read below to tell an EOF from a socket error
         if SSL_read_ex(c.ssl, buf, cap, &got) == 1:
             return <Py_ssize_t>got
         err = SSL_get_error(c.ssl, 0)
@@ -440,6 +449,10 @@ cdef class Worker:
         cdef int fd = c.fd
         if c.state == ST_TLS_HANDSHAKE:
             if self.tls_handshake(c) <= 0:
+                return
+        if c.flags & F_SSL_WRITE_WANTS_READ:
+            c.flags &= ~F_SSL_WRITE_WANTS_READ
+            if self.flush(c) < 0:
                 return
         while True:
             if c.state == ST_CLOSING:
@@ -807,7 +820,11 @@ cdef class Worker:
                 self.close_after_flush(c)
                 return -1
         elif action == JSON_CLOSE:
-            self.close_after_flush(c)
+            # The client's Disconnect: counted as closed_client, like MQTT's DISCONNECT.
+            if c.outlen == c.outoff:
+                self.close_conn(c, CR_CLIENT)
+            else:
+                self.close_after_flush(c)
             return -1
         return 0
 

@@ -9,8 +9,8 @@
 from libc.stdint cimport uint32_t, uint64_t
 
 cdef struct TimerNode:
-    TimerNode* prev
-    TimerNode* next       # NULL when not scheduled (prev too)
+    TimerNode* prev       # NULL when not scheduled
+    TimerNode* next       # NULL when not scheduled, except on wheel_advance's expired chain
     uint64_t deadline_ms  # when it expires (absolute, same clock as `now_ms`)
 
 cdef struct Wheel:
@@ -32,4 +32,4 @@ cdef void wheel_cancel(Wheel* w, TimerNode* node) noexcept nogil
 cdef TimerNode* wheel_advance(Wheel* w, uint64_t now_ms) noexcept nogil
 
 cdef inline bint timer_scheduled(const TimerNode* node) noexcept nogil:
-    return node.next != NULL
+    return node.prev != NULL

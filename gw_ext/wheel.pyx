@@ -45,8 +45,12 @@ cdef void wheel_free(Wheel* w) noexcept nogil:
 
 
 cdef void wheel_schedule(Wheel* w, TimerNode* node, uint64_t deadline_ms) noexcept nogil:
-    cdef uint64_t t = deadline_ms // w.tick_ms
-    if node.next != NULL:
+    # The first tick that starts at or after the deadline: when advance visits
+    # that slot, now >= deadline, so the timer fires then. (Rounding down put it
+    # in the tick being processed; an advance early in that tick skipped it and
+    # it waited a whole revolution, 409.6 s.)
+    cdef uint64_t t = (deadline_ms + w.tick_ms - 1) // w.tick_ms
+    if node.prev != NULL:       # scheduled (an expired node keeps a chain `next`)
         _unlink(node)
         w.count -= 1
     if t < w.tick:
@@ -57,7 +61,7 @@ cdef void wheel_schedule(Wheel* w, TimerNode* node, uint64_t deadline_ms) noexce
 
 
 cdef void wheel_cancel(Wheel* w, TimerNode* node) noexcept nogil:
-    if node.next != NULL:
+    if node.prev != NULL:
         _unlink(node)
         w.count -= 1
 

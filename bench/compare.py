@@ -1,0 +1,241 @@
+"""gw against Mosquitto, same machine, same load generator, same run.
+
+    python bench/compare.py                      # every scenario
+    python bench/compare.py --only idle-10k-tls  # one row
+    python bench/compare.py --list
+
+Starts Debian's `mosquitto` and `gw serve --workers 2` on free loopback ports
+(each with its own temporary directory and a trustme ECDSA P-256 certificate),
+runs `gw bench` against each broker in turn (alternating which goes first),
+stops both by pid, and prints the BENCHMARKS.md table. Raw `gw bench --json`
+results go to bench/results/ (ignored by git).
+
+Mosquitto is configured at its best for each figure: its defaults for
+throughput; `set_tcp_nodelay true` where latency is measured (connect times);
+`max_queued_messages 0` for lossless QoS 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+PY = sys.executable
+
+
+@dataclass
+class Scenario:
+    name: str
+    what: str
+    bench_args: list[str]
+    tls: bool = False
+    mosquitto: dict = field(default_factory=dict)   # extra mosquitto.conf lines
+    rows: tuple = ("success", "connect_p99", "rss_per_conn")
+
+
+def idle(n: int, rampup: float, tls: bool) -> Scenario:
+    tag = f"{n // 1000}k" if n >= 1000 else str(n)
+    return Scenario(
+        name=f"idle-{tag}-{'tls' if tls else 'plain'}",
+        what=f"{n:,} idle {'TLS' if tls else 'plain'} connections over {rampup:g} s",
+        bench_args=["--clients", str(n), "--rampup", str(rampup), "--duration", "5", "--keepalive", "60"],
+        tls=tls,
+        mosquitto={"set_tcp_nodelay": "true"},
+    )
+
+
+SCENARIOS = {s.name: s for s in (
+    idle(1000, 2, False), idle(1000, 2, True),
+    idle(10000, 15, False), idle(10000, 15, True),
+)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"broker exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Broker:
+    name = ""
+
+    def __init__(self, workdir: Path, certs: Path):
+        self.dir = workdir
+        self.certs = certs
+        self.port = free_port()
+        self.tls_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self):
+        self.start()
+        wait_port(self.port, self.proc)
+        wait_port(self.tls_port, self.proc)
+        time.sleep(0.5)
+        return self
+
+    def __exit__(self, *exc):
+        stop(self.proc)
+
+
+class Gw(Broker):
+    name = "gw"
+
+    def __init__(self, workdir, certs, workers: int = 2):
+        super().__init__(workdir, certs)
+        self.workers = workers
+
+    def start(self, **_):
+        self.proc = subprocess.Popen(
+            [PY, "-m", "gw.cli", "serve", "--workers", str(self.workers),
+             "--mqtt", f"127.0.0.1:{self.port}", "--mqtts", f"127.0.0.1:{self.tls_port}",
+             "--json", "off", "--jsons", "off", "--certs", str(self.certs),
+             "--data-dir", str(self.dir / "data"), "--stats-interval", "0", "--log-level", "warning"],
+            cwd=self.dir, stdout=open(self.dir / "gw.log", "ab"), stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+class Mosquitto(Broker):
+    name = "mosquitto"
+
+    def __init__(self, workdir, certs, extra: dict):
+        super().__init__(workdir, certs)
+        self.extra = extra
+
+    def start(self):
+        conf = self.dir / "mosquitto.conf"
+        lines = [
+            "user root",                      # reads our 0600 key; we run it as ourselves
+            "persistence false",
+            "log_dest none",
+            "max_connections -1",
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            f"listener {self.tls_port} 127.0.0.1",
+            "allow_anonymous true",
+            f"cafile {self.certs / 'ca.pem'}",
+            f"certfile {self.certs / 'cert.pem'}",
+            f"keyfile {self.certs / 'key.pem'}",
+        ]
+        # Options that are per-listener in Mosquitto go after each listener line.
+        general = [f"{k} {v}" for k, v in self.extra.items()]
+        conf.write_text("\n".join(general + lines) + "\n")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(conf)], cwd=self.dir,
+                                     stdout=open(self.dir / "mosquitto.log", "ab"),
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def run_bench(broker: Broker, sc: Scenario, out: Path) -> dict:
+    port = broker.tls_port if sc.tls else broker.port
+    cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", f"127.0.0.1:{port}",
+           "--server-pid", str(broker.proc.pid), "--json", str(out), "--quiet"]
+    if sc.tls:
+        cmd += ["--tls", "--cafile", str(broker.certs / "ca.pem")]
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                   timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return json.loads(out.read_text())
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def summarize(r: dict) -> dict:
+    server = r.get("server", {})
+    return {
+        "success": f"{r['connected']:,}/{r['clients']:,} ({r['success_rate_pct']:g}%)",
+        "connect_p50": _ms(r["connect_ms"].get("p50_ms")),
+        "connect_p99": _ms(r["connect_ms"].get("p99_ms")),
+        "rss_per_conn_kib": round(server["rss_per_connection"] / 1024, 2) if "rss_per_connection" in server else None,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
+    ap.add_argument("--list", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    args = ap.parse_args()
+    if args.list:
+        for s in SCENARIOS.values():
+            print(f"{s.name:20} {s.what}")
+        return 0
+    if not shutil.which("mosquitto"):
+        print("compare: Debian's mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
+        return 2
+    import trustme
+
+    RESULTS.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gw-compare-") as tmp:
+        tmp = Path(tmp)
+        certs = tmp / "certs"
+        certs.mkdir()
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        (certs / "ca.pem").write_bytes(ca.cert_pem.bytes())
+        (certs / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+        os.chmod(certs / "key.pem", 0o600)
+        for i, name in enumerate(args.only or SCENARIOS):
+            sc = SCENARIOS[name]
+            order = ["gw", "mosquitto"] if i % 2 == 0 else ["mosquitto", "gw"]
+            results = {}
+            for which in order:
+                work = tmp / f"{name}-{which}"
+                work.mkdir()
+                broker = (Gw(work, certs, args.workers) if which == "gw"
+                          else Mosquitto(work, certs, sc.mosquitto))
+                with broker:
+                    r = run_bench(broker, sc, RESULTS / f"{stamp}-{name}-{which}.json")
+                results[which] = summarize(r)
+                print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
+            rows.append((sc, results))
+    print(f"\n| scenario | broker | connected | connect p50 (ms) | connect p99 (ms) | RSS per connection (KiB) |")
+    print("|---|---|---|---|---|---|")
+    for sc, results in rows:
+        for which in ("gw", "mosquitto"):
+            s = results[which]
+            print(f"| {sc.what} | {which} | {s['success']} | {s['connect_p50']} | {s['connect_p99']} | "
+                  f"{s['rss_per_conn_kib']} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
