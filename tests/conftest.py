@@ -1,0 +1,593 @@
+"""Harness for the `gw serve` tests: real processes, real sockets, loopback only.
+
+`GwServer` starts `gw serve` (python -m gw.cli serve) on free ports it picked,
+with its own --data-dir and --certs under a tmp dir, waits until every worker
+runs its loop, and always stops it (SIGTERM, then SIGKILL of the master and
+of every worker it ever saw, by pid). Helpers build raw MQTT packets by hand
+(struct, not the project codec) and wrap paho-mqtt clients.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))     # the in-place build: gw/ and gw_ext/*.so
+PYTHON = sys.executable
+LISTENERS = ("mqtt", "mqtts", "json", "jsons")
+HOST = "127.0.0.1"
+STATS_LINE = re.compile(r"\[stats\] clients: \d+ \| peak: \d+ \| memory: \d+(\.\d+)? MB \| "
+                        r"conn_rate: \d+/s \| msg_in: \d+/s \| msg_out: \d+/s")
+
+
+# --- processes -----------------------------------------------------------------
+
+def gw_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_gw(*args, timeout: float = 60, cwd=None) -> subprocess.CompletedProcess:
+    """Runs one `gw` command to completion (bounded)."""
+    return subprocess.run([PYTHON, "-m", "gw.cli", *map(str, args)], env=gw_env(), cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (bound to port 0 together, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Polls predicate until truthy (returned) or raises AssertionError after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+_RUNNING: list["GwServer"] = []
+
+
+@atexit.register
+def _stop_leftovers() -> None:
+    """Last resort (e.g. an interrupted run): no server outlives the test process."""
+    for server in list(_RUNNING):
+        server.stop(timeout=5)
+
+
+class GwServer:
+    """One `gw serve` process tree.
+
+    listeners: which of mqtt/mqtts/json/jsons get a free port (the others are `off`).
+    argv: when given, replaces the generated flags entirely (after `serve`); the
+    caller then passes `ports` and `workers` so the harness knows what to expect.
+    """
+
+    def __init__(self, base: Path, *, workers: int = 2, listeners=LISTENERS, certs=None,
+                 data_dir=None, config=None, stats_interval: float = 0, args=(), argv=None,
+                 ports: dict | None = None):
+        self.base = Path(base)
+        self.base.mkdir(parents=True, exist_ok=True)
+        self.workers = workers
+        self.data_dir = Path(data_dir) if data_dir else self.base / "data"
+        self.certs_dir = Path(certs) if certs else self.base / "certs"
+        self.config = config
+        self.stats_interval = stats_interval
+        self.args = [str(a) for a in args]
+        self.argv = argv
+        if ports is None:
+            ports = dict(zip(listeners, free_ports(len(listeners))))
+        self.ports: dict[str, int] = dict(ports)
+        self.log_path = self.base / "gw.log"          # stderr: log lines and messages
+        self.stdout_path = self.base / "stdout.log"
+        self.proc: subprocess.Popen | None = None
+        self.pid = 0
+        self._seen: dict[int, psutil.Process] = {}
+        self._block = None
+        self._log_fh = self._out_fh = None
+
+    # where things are
+    @property
+    def ca(self) -> Path:
+        return self.certs_dir / "ca.pem"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.data_dir / "gw.pid"
+
+    @property
+    def shm(self) -> Path:
+        return Path("/dev/shm") / f"gw-{self.pid}.stats"
+
+    def command(self) -> list[str]:
+        cmd = [PYTHON, "-m", "gw.cli", "serve"]
+        if self.argv is not None:
+            return cmd + [str(a) for a in self.argv]
+        if self.config:
+            cmd += ["--config", str(self.config)]
+        cmd += ["--workers", str(self.workers)]
+        for name in LISTENERS:
+            cmd += [f"--{name}", f"{HOST}:{self.ports[name]}" if name in self.ports else "off"]
+        cmd += ["--data-dir", str(self.data_dir), "--certs", str(self.certs_dir),
+                "--stats-interval", str(self.stats_interval)]
+        return cmd + self.args
+
+    # life cycle
+    def start(self, timeout: float = 30.0) -> "GwServer":
+        self._log_fh = open(self.log_path, "ab")
+        self._out_fh = open(self.stdout_path, "ab")
+        _RUNNING.append(self)
+        self.proc = subprocess.Popen(self.command(), cwd=self.base, env=gw_env(),
+                                     stdin=subprocess.DEVNULL, stdout=self._out_fh,
+                                     stderr=self._log_fh, start_new_session=True)
+        self.pid = self.proc.pid
+        try:
+            self.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Every worker forked, registered in the stats block and turning its loop."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gw serve exited with {self.proc.returncode}:\n{self.log()}")
+            if self._ready():
+                return
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"gw serve not ready after {timeout} s:\n{self.log()}")
+            time.sleep(0.05)
+
+    def _ready(self) -> bool:
+        from gw.stats import Counter
+
+        pids = self.worker_pids()
+        if len(pids) != self.workers:
+            return False
+        block = self.block()
+        if block is None or sorted(block.worker_pids()) != sorted(pids):
+            return False
+        return bool((block.rows[:, Counter.LOOP_TURNS] > 0).all())
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def worker_pids(self) -> list[int]:
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return []
+        pids = []
+        for c in children:
+            self._seen.setdefault(c.pid, c)
+            try:
+                if c.status() != psutil.STATUS_ZOMBIE:
+                    pids.append(c.pid)
+            except psutil.NoSuchProcess:
+                pass
+        return sorted(pids)
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def wait_exit(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, bounded wait, then SIGKILL; also kills any worker left behind."""
+        if self.proc is None:
+            return None
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+        if self.proc.poll() is None:
+            self.worker_pids()
+            try:
+                os.kill(self.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        for proc in self._seen.values():
+            try:
+                proc.kill()          # psutil checks the pid still is that process
+            except psutil.NoSuchProcess:
+                pass
+        if self.proc.returncode == -signal.SIGKILL and self.shm.exists():
+            self.shm.unlink()        # the master could not clean up after itself
+        if self._block is not None:
+            self._block.close()
+            self._block = None
+        for fh in (self._log_fh, self._out_fh):
+            if fh is not None:
+                fh.close()
+        self._log_fh = self._out_fh = None
+        return self.proc.returncode
+
+    # observations
+    def log(self) -> str:
+        """What the server wrote on stderr so far."""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stdout(self) -> str:
+        try:
+            return self.stdout_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def block(self):
+        """The server's stats block, mapped read-only in this process (None until it exists)."""
+        from gw.stats import StatsBlock
+
+        if self._block is None:
+            try:
+                self._block = StatsBlock.open(self.pid)
+            except (FileNotFoundError, ValueError):
+                return None
+        return self._block
+
+    def counters(self) -> dict:
+        """Every counter summed over the workers, as in `gw stats --json`'s "counters"."""
+        from gw.stats import counter_dict
+
+        return counter_dict(self.block().totals())
+
+    def stats(self, as_json: bool = True):
+        """Runs `gw stats [--json]` against this server: the parsed JSON or the printed text."""
+        args = ["stats", "--data-dir", self.data_dir, "--interval", "0.1"] + (["--json"] if as_json else [])
+        res = run_gw(*args, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return json.loads(res.stdout) if as_json else res.stdout
+
+    def which_worker(self, client_local_port: int, timeout: float = 5.0) -> int:
+        """The worker pid holding the server side of the client connection from that port."""
+        ports = set(self.ports.values())
+
+        def find():
+            for pid in self.worker_pids():
+                try:
+                    conns = psutil.Process(pid).net_connections(kind="tcp")
+                except psutil.NoSuchProcess:
+                    continue
+                for c in conns:
+                    if c.raddr and c.raddr.port == client_local_port and c.laddr.port in ports:
+                        return pid
+            return None
+
+        return wait_for(find, timeout, what=f"the worker of client port {client_local_port}")
+
+    def wait_counter(self, name: str, at_least: int, timeout: float = 10.0) -> dict:
+        def check():
+            c = self.counters()
+            return c if get_counter(c, name) >= at_least else None
+        return wait_for(check, timeout, what=f"counter {name} >= {at_least}")
+
+
+def get_counter(counters: dict, name: str) -> int:
+    """A counter by dotted name: 'closed_timeout', 'malformed.utf8', 'packets_in.connect'."""
+    value = counters
+    for part in name.split("."):
+        value = value[part]
+    return int(value)
+
+
+def counter_delta(before: dict, after: dict, name: str) -> int:
+    return get_counter(after, name) - get_counter(before, name)
+
+
+# --- fixtures --------------------------------------------------------------------
+
+@pytest.fixture
+def gw_factory(tmp_path):
+    """Starts fresh servers for one test: gw_factory(workers=1, args=[...])."""
+    servers = []
+
+    def make(**kwargs) -> GwServer:
+        server = GwServer(tmp_path / f"gw{len(servers)}", **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_module_factory(tmp_path_factory):
+    """Like gw_factory, for module-scoped servers shared by a module's tests."""
+    servers = []
+
+    def make(**kwargs) -> GwServer:
+        server = GwServer(tmp_path_factory.mktemp("gw"), **kwargs)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gw_server(gw_module_factory) -> GwServer:
+    """One server per module: 2 workers, all four listeners, generated certificates."""
+    return gw_module_factory(workers=2)
+
+
+# --- raw MQTT (built by hand) ----------------------------------------------------------
+
+PINGREQ = b"\xc0\x00"
+PINGRESP = b"\xd0\x00"
+DISCONNECT = b"\xe0\x00"
+CONNACK_OK = (0x20, b"\x00\x00")
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def packet(first: int, body: bytes) -> bytes:
+    return bytes([first]) + varint(len(body)) + body
+
+
+def mqtt_str(s) -> bytes:
+    b = s.encode() if isinstance(s, str) else bytes(s)
+    return struct.pack("!H", len(b)) + b
+
+
+def connect_packet(client_id=b"raw", keepalive: int = 60, clean: bool = True,
+                   proto=b"MQTT", level: int = 4) -> bytes:
+    body = mqtt_str(proto) + bytes([level, 0x02 if clean else 0x00]) + struct.pack("!H", keepalive)
+    return packet(0x10, body + mqtt_str(client_id))
+
+
+def publish_packet(topic, payload: bytes = b"", qos: int = 0, packet_id: int = 1) -> bytes:
+    body = mqtt_str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+    return packet(0x30 | (qos << 1), body)
+
+
+def subscribe_packet(packet_id: int, filters) -> bytes:
+    body = struct.pack("!H", packet_id) + b"".join(mqtt_str(f) + bytes([q]) for f, q in filters)
+    return packet(0x82, body)
+
+
+def recv_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def read_packet(sock, timeout: float = 10.0) -> tuple[int, bytes]:
+    """One MQTT packet from the server: (first byte, body)."""
+    sock.settimeout(timeout)
+    first = recv_exact(sock, 1)[0]
+    length, shift = 0, 0
+    while True:
+        b = recv_exact(sock, 1)[0]
+        length |= (b & 0x7F) << shift
+        shift += 7
+        if not b & 0x80:
+            break
+    return first, recv_exact(sock, length)
+
+
+def tcp_connect(port: int, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection((HOST, port), timeout=timeout)
+
+
+def client_tls_context(ca) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def tls_connect(port: int, ctx: ssl.SSLContext, timeout: float = 10.0) -> ssl.SSLSocket:
+    sock = tcp_connect(port, timeout)
+    try:
+        return ctx.wrap_socket(sock, server_hostname="localhost")
+    except BaseException:
+        sock.close()
+        raise
+
+
+def mqtt_client(port: int, client_id="raw", keepalive: int = 60, tls: ssl.SSLContext | None = None):
+    """A raw socket past CONNECT/CONNACK 0."""
+    sock = tls_connect(port, tls) if tls is not None else tcp_connect(port)
+    try:
+        sock.sendall(connect_packet(client_id, keepalive))
+        assert read_packet(sock) == CONNACK_OK
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def ping(sock, timeout: float = 10.0) -> None:
+    sock.sendall(PINGREQ)
+    assert read_packet(sock, timeout) == (0xD0, b"")
+
+
+def wait_closed(sock, timeout: float = 10.0) -> bytes:
+    """Reads until the server closes the connection (EOF or reset); returns what
+    arrived before. AssertionError if it is still open after timeout."""
+    deadline = time.monotonic() + timeout
+    got = bytearray()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"connection still open after {timeout} s")
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            continue
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return bytes(got)
+        except ssl.SSLError:
+            return bytes(got)
+        if not chunk:
+            return bytes(got)
+        got += chunk
+
+
+def assert_open_for(sock, seconds: float) -> None:
+    """Nothing arrives and the connection stays open for `seconds`."""
+    sock.settimeout(seconds)
+    try:
+        data = sock.recv(1)
+    except (socket.timeout, TimeoutError):
+        return
+    except (ConnectionResetError, ssl.SSLError) as exc:
+        raise AssertionError(f"connection closed early ({exc!r})") from None
+    raise AssertionError("connection closed early" if not data else f"unexpected data {data!r}")
+
+
+# --- paho-mqtt -------------------------------------------------------------------
+
+class PahoClient:
+    """A paho-mqtt (v2 callback API) client on its own network thread."""
+
+    def __init__(self, port: int, *, ca=None, keepalive: int = 60, client_id: str | None = None,
+                 clean_session: bool = True):
+        import paho.mqtt.client as mqtt
+
+        self.mqtt = mqtt
+        self.connected = threading.Event()
+        self.disconnected = threading.Event()
+        self.connect_rc = None
+        self.pingresps = 0
+        self.subacks: dict[int, list] = {}
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=client_id or f"paho-{uuid.uuid4().hex[:12]}",
+                                  clean_session=clean_session, protocol=mqtt.MQTTv311,
+                                  reconnect_on_failure=False)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_log = self._on_log
+        self.client.on_subscribe = self._on_subscribe
+        if ca is not None:
+            self.client.tls_set(ca_certs=str(ca))
+        self.client.connect(HOST, port, keepalive)
+        # Our own network thread with a short select timeout (loop_start's is 1 s),
+        # so keepalive PINGREQs go out on time even with a 1-2 s keepalive.
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="paho-loop", daemon=True)
+        self._thread.start()
+        if not self.connected.wait(10):
+            self.close()
+            raise AssertionError("paho client got no CONNACK within 10 s")
+        assert self.connect_rc == 0, f"CONNACK {self.connect_rc}"
+
+    def _run(self):
+        while not self._stop.is_set():
+            if self.client.loop(timeout=0.05) != 0:
+                if self._stop.wait(0.05):
+                    return
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        self.connect_rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        self.connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        self.disconnected.set()
+
+    def _on_log(self, client, userdata, level, buf):
+        if "Received PINGRESP" in buf:
+            with self._lock:
+                self.pingresps += 1
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties):
+        self.subacks[mid] = [rc.value if hasattr(rc, "value") else int(rc) for rc in reason_codes]
+
+    @property
+    def is_connected(self) -> bool:
+        return self.client.is_connected() and not self.disconnected.is_set()
+
+    def ping(self, timeout: float = 10.0) -> None:
+        """PINGREQ now; PINGRESP within timeout."""
+        before = self.pingresps
+        self.client._send_pingreq()
+        wait_for(lambda: self.pingresps > before, timeout, what="PINGRESP")
+
+    def publish_qos1(self, topic: str = "healthy/t", payload: bytes = b"ok", timeout: float = 10.0):
+        info = self.client.publish(topic, payload, qos=1)
+        info.wait_for_publish(timeout)
+        assert info.is_published(), "no PUBACK"
+
+    def subscribe(self, topic: str, qos: int, timeout: float = 10.0) -> list:
+        rc, mid = self.client.subscribe(topic, qos)
+        assert rc == 0
+        wait_for(lambda: mid in self.subacks, timeout, what="SUBACK")
+        return self.subacks[mid]
+
+    def check_healthy(self) -> None:
+        assert self.is_connected, "healthy client was disconnected"
+        self.ping()
+        self.publish_qos1()
+        assert self.is_connected
+
+    def close(self) -> None:
+        """DISCONNECT (if still connected), then stops the network thread."""
+        try:
+            if self.client.is_connected():
+                self.client.disconnect()
+                wait_for(lambda: self.disconnected.is_set(), 10, what="paho disconnect")
+        finally:
+            self._stop.set()
+            self._thread.join(10)
+            sock = self.client.socket()
+            if sock is not None:
+                sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,171 @@
+"""Bad input closes only the offending connection. Each case sends hand-built
+bytes (struct, not the project codec) on a fresh connection, checks what comes
+back before the close and which counters moved, then checks that a healthy
+paho client on the same server is still connected and can ping and publish
+QoS 1 (PUBACK)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from conftest import (CONNACK_OK, PINGREQ, PahoClient, client_tls_context, connect_packet,
+                      counter_delta, mqtt_str, packet, ping, publish_packet, read_packet,
+                      subscribe_packet, tcp_connect, tls_connect, wait_closed)
+
+MAX_PACKET = 4096
+
+
+@pytest.fixture(scope="module")
+def server(gw_module_factory):
+    return gw_module_factory(workers=2, args=["--max-packet-size", str(MAX_PACKET)])
+
+
+@pytest.fixture(scope="module")
+def healthy(server):
+    client = PahoClient(server.ports["mqtt"], keepalive=60, client_id="healthy")
+    yield client
+    client.close()
+
+
+def connect_body(proto=b"MQTT", level=4, flags=0x02, keepalive=60, client_id=b"bad"):
+    return mqtt_str(proto) + bytes([level, flags]) + struct.pack("!H", keepalive) + mqtt_str(client_id)
+
+
+MAL = lambda reason: {"closed_malformed": 1, f"malformed.{reason}": 1}  # noqa: E731
+REFUSED = lambda: {"connack_refused": 1, "closed_server": 1, "closed_malformed": 0}  # noqa: E731
+
+# (id, connect first?, bytes, bytes expected before the close, counter deltas)
+CASES = [
+    ("garbage-bytes", False, bytes(range(0, 64)) * 4, b"", MAL("fixed_header")),
+    ("http-request", False, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"", MAL("fixed_header")),
+    ("remaining-length-5th-byte", True, b"\x30\xff\xff\xff\xff\x01", b"", MAL("remaining_length")),
+    ("remaining-length-5th-byte-before-connect", False, b"\x10\x80\x80\x80\x80\x01", b"",
+     MAL("remaining_length")),
+    ("over-max-packet-size", True, publish_packet("big", b"x" * (MAX_PACKET + 10)), b"",
+     {"closed_malformed": 1, "packets_too_large": 1}),
+    ("header-announcing-1MB", True, b"\x30\x80\x80\x40", b"",
+     {"closed_malformed": 1, "packets_too_large": 1}),
+    ("MQTT-1.5.3-1-invalid-utf8-client-id", False, connect_packet(b"\xff\xfebad"), b"", MAL("utf8")),
+    ("MQTT-1.5.3-1-surrogate-in-client-id", False, connect_packet(b"a\xed\xa0\x80"), b"",
+     MAL("utf8")),
+    ("MQTT-1.5.3-2-nul-in-topic", True, publish_packet(b"a\x00b", b"x"), b"", MAL("utf8")),
+    ("MQTT-3.3.2-2-plus-in-publish-topic", True, publish_packet("a/+/b", b"x"), b"", MAL("topic")),
+    ("MQTT-3.3.2-2-hash-in-publish-topic", True, publish_packet("a/#", b"x", qos=1), b"",
+     MAL("topic")),
+    ("MQTT-4.7.3-1-empty-publish-topic", True, publish_packet("", b"x"), b"", MAL("topic")),
+    ("MQTT-3.1.0-2-second-connect", True, connect_packet(b"again"), b"", MAL("protocol")),
+    ("MQTT-3.1.0-1-publish-before-connect", False, publish_packet("a", b"x"), b"",
+     MAL("protocol")),
+    ("MQTT-3.1.0-1-subscribe-before-connect", False, subscribe_packet(1, [("a", 0)]), b"",
+     MAL("protocol")),
+    ("MQTT-3.1.2-1-bad-protocol-name", False, packet(0x10, connect_body(proto=b"MQTX")), b"",
+     MAL("protocol")),
+    ("MQTT-3.1.2-3-reserved-connect-flag", False, packet(0x10, connect_body(flags=0x03)), b"",
+     MAL("protocol")),
+    ("MQTT-3.1.2-2-level-5-connack-1", False, packet(0x10, connect_body(level=5)),
+     b"\x20\x02\x00\x01", REFUSED()),
+    ("MQTT-3.1.3-8-empty-id-clean-0-connack-2", False,
+     packet(0x10, connect_body(flags=0x00, client_id=b"")), b"\x20\x02\x00\x02", REFUSED()),
+    ("MQTT-2.2.2-2-subscribe-flags-0", True, packet(0x80, struct.pack("!H", 1) + mqtt_str("a") + b"\x00"),
+     b"", MAL("fixed_header")),
+    ("MQTT-2.2.2-2-pingreq-flags-1", True, b"\xc1\x00", b"", MAL("fixed_header")),
+    ("MQTT-2.2.2-2-pubrel-flags-0", True, b"\x60\x02\x00\x01", b"", MAL("fixed_header")),
+    ("MQTT-2.2.2-2-reserved-type-15", True, b"\xf0\x00", b"", MAL("fixed_header")),
+    ("MQTT-3.3.1-4-publish-qos-3", True, b"\x36\x05\x00\x01a\x00\x01", b"", MAL("qos")),
+    ("MQTT-2.3.1-1-packet-id-0", True, publish_packet("a", b"x", qos=1, packet_id=0), b"",
+     MAL("packet_id")),
+    ("MQTT-3.8.3-3-subscribe-without-filter", True, packet(0x82, struct.pack("!H", 5)), b"",
+     MAL("no_topic_filter")),
+    ("MQTT-3.8.3-4-subscribe-qos-3", True, subscribe_packet(6, [("a", 3)]), b"", MAL("qos")),
+    ("server-only-packet-connack", True, b"\x20\x02\x00\x00", b"", MAL("protocol")),
+]
+
+
+@pytest.mark.parametrize("connect_first, data, reply, deltas",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_closes_only_the_offender(server, healthy, connect_first, data, reply, deltas):
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        if connect_first:
+            sock.sendall(connect_packet(b"offender"))
+            assert read_packet(sock) == CONNACK_OK
+        sock.sendall(data)
+        assert wait_closed(sock, 10) == reply
+    after = server.counters()
+    for name, delta in deltas.items():
+        assert counter_delta(before, after, name) == delta, name
+    assert counter_delta(before, after, "conns_current") == 0
+    healthy.check_healthy()
+
+
+def test_bad_input_over_tls(server, healthy):
+    """Garbage inside an established TLS session: closed and counted the same way."""
+    before = server.counters()
+    with tls_connect(server.ports["mqtts"], client_tls_context(server.ca)) as sock:
+        sock.sendall(connect_packet(b"tls-offender"))
+        assert read_packet(sock) == CONNACK_OK
+        sock.sendall(publish_packet("a/#", b"x"))
+        wait_closed(sock, 10)
+    after = server.counters()
+    assert counter_delta(before, after, "malformed.topic") == 1
+    assert counter_delta(before, after, "closed_malformed") == 1
+    healthy.check_healthy()
+
+
+def test_mqisdp_level_3_accepted(server, healthy):
+    """MQTT 3.1 ("MQIsdp", level 3), as Mosquitto accepts it: CONNACK 0, then it works."""
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(packet(0x10, connect_body(proto=b"MQIsdp", level=3, client_id=b"v31")))
+        assert read_packet(sock) == CONNACK_OK
+        ping(sock)
+        sock.sendall(publish_packet("v31/t", b"x", qos=1, packet_id=3))
+        assert read_packet(sock) == (0x40, b"\x00\x03")
+    assert counter_delta(before, server.counters(), "mqtt_connected") == 1
+    healthy.check_healthy()
+
+
+def test_mqisdp_client_id_over_23_bytes_refused(server):
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(packet(0x10, connect_body(proto=b"MQIsdp", level=3, client_id=b"x" * 24)))
+        assert wait_closed(sock, 10) == b"\x20\x02\x00\x02"
+
+
+def test_subscribe_invalid_filter_gets_suback_0x80_not_a_disconnect(server, healthy):
+    """`a/#/b` and `a+` are invalid filters (MQTT-4.7.1-2, -3): refused in the SUBACK
+    with 0x80, the valid ones granted, and the connection stays."""
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(connect_packet(b"subscriber"))
+        assert read_packet(sock) == CONNACK_OK
+        sock.sendall(subscribe_packet(10, [("a/#/b", 1)]))
+        assert read_packet(sock) == (0x90, b"\x00\x0a\x80")
+        sock.sendall(subscribe_packet(11, [("ok/+", 1), ("a+", 0), ("x/#", 2)]))
+        assert read_packet(sock) == (0x90, b"\x00\x0b\x01\x80\x02")
+        ping(sock)
+    after = server.counters()
+    assert counter_delta(before, after, "closed_malformed") == 0
+    assert counter_delta(before, after, "packets_out.suback") == 2
+    healthy.check_healthy()
+
+
+def test_several_packets_in_one_write_then_a_bad_one(server, healthy):
+    """Good packets before the bad one in the same segment are handled (counted)
+    in order; the bad one then closes the connection (MQTT-4.8.0-1). Replies still
+    queued when it closes may be dropped, which the standard allows; if any come,
+    they are a prefix of the expected answers, in order."""
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(connect_packet(b"batch") + PINGREQ + publish_packet("t", b"1", qos=1, packet_id=9)
+                     + PINGREQ + b"\x00\x00")
+        got = wait_closed(sock, 10)
+    answers = b"\x20\x02\x00\x00" + b"\xd0\x00" + b"\x40\x02\x00\x09" + b"\xd0\x00"
+    assert answers.startswith(got)
+    after = server.counters()
+    assert counter_delta(before, after, "mqtt_connected") == 1
+    assert counter_delta(before, after, "packets_in.pingreq") == 2
+    assert counter_delta(before, after, "packets_in.publish") == 1
+    assert counter_delta(before, after, "malformed.fixed_header") == 1
+    healthy.check_healthy()
