@@ -521,7 +521,7 @@ cdef class Worker:
         """Handles every complete packet in buf[0:n]. Returns the bytes consumed,
         or -1 if the connection was closed (buf may then be freed)."""
         if c.proto == PROTO_JSON:
-            return self.process_lines(c, buf, n)
+            return process_json_lines(self, c, buf, n)
         cdef Py_ssize_t pos = 0
         cdef int hl, reason = 0
         cdef uint8_t first
@@ -550,7 +550,7 @@ cdef class Worker:
             if n - pos < total:
                 c.need = <uint32_t>total
                 break
-            if self.dispatch(c, first, buf + pos + hl, remaining) < 0:
+            if handle_packet(self, c, first, buf + pos + hl, remaining) < 0:
                 return -1
             any_packet = True
             pos += total
@@ -563,83 +563,7 @@ cdef class Worker:
             self.counters[MALFORMED_BY_REASON + reason] += 1
         self.close_conn(c, CR_MALFORMED, reason)
 
-    # --- MQTT packet handlers ------------------------------------------------
-
-    cdef int dispatch(self, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
-        """One complete packet. Returns 0, or -1 if the connection was closed."""
-        cdef uint8_t ptype = first >> 4
-        cdef int reason = 0
-        self.counters[PKT_IN + ptype] += 1
-        if c.state != ST_CONNECTED:
-            if ptype != CONNECT:
-                # The first packet from the client MUST be CONNECT (MQTT-3.1.0-1).
-                self.malformed(c, MAL_PROTOCOL)
-                return -1
-            return self.on_connect(c, body, n)
-        if ptype == PUBLISH:
-            return self.on_publish(c, first, body, n)
-        if ptype == PINGREQ:
-            return self.send_empty(c, PINGRESP)
-        if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
-            return self.on_ack(c, ptype, body, n)
-        if ptype == SUBSCRIBE:
-            return self.on_subscribe(c, body, n)
-        if ptype == UNSUBSCRIBE:
-            return self.on_unsubscribe(c, body, n)
-        if ptype == DISCONNECT:
-            # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
-            self.close_conn(c, CR_CLIENT)
-            return -1
-        # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
-        self.malformed(c, MAL_PROTOCOL)
-        return -1
-
-    cdef int on_connect(self, Conn* c, const uint8_t* body, uint32_t n):
-        cdef ConnectPacket pkt
-        cdef int reason = 0
-        cdef int rc = decode_connect(body, n, &pkt, &reason)
-        cdef uint8_t* out
-        cdef bytes generated
-        if rc < 0:
-            self.malformed(c, reason)
-            return -1
-        if rc > 0:
-            # Unacceptable protocol level (0x01) or identifier rejected (0x02):
-            # answer with that CONNACK, then close (MQTT-3.2.2-5).
-            self.counters[CONNACK_REFUSED] += 1
-            out = self.reserve(c, 4)
-            if out == NULL:
-                return -1
-            encode_connack(out, 0, <uint8_t>rc)
-            self.counters[PKT_OUT + CONNACK] += 1
-            self.close_after_flush(c)
-            return -1
-        if pkt.client_id.len > 0:
-            c.client_id = <char*>malloc(pkt.client_id.len)
-            if c.client_id == NULL:
-                self.close_conn(c, CR_SERVER)
-                return -1
-            memcpy(c.client_id, pkt.client_id.ptr, pkt.client_id.len)
-            c.client_id_len = <uint16_t>pkt.client_id.len
-        else:
-            # Empty client id with clean session 1: the server assigns one (MQTT-3.1.3-6).
-            self.auto_id += 1
-            generated = b"auto-%d-%x" % (self.worker_index, self.auto_id)
-            c.client_id_len = <uint16_t>len(generated)
-            c.client_id = <char*>malloc(c.client_id_len)
-            if c.client_id == NULL:
-                self.close_conn(c, CR_SERVER)
-                return -1
-            memcpy(c.client_id, PyBytes_AS_STRING(generated), c.client_id_len)
-        c.keepalive = pkt.keepalive
-        self.become_connected(c, <uint32_t>pkt.keepalive * 1500)
-        self.counters[MQTT_CONNECTED] += 1
-        out = self.reserve(c, 4)
-        if out == NULL:
-            return -1
-        encode_connack(out, 0, CONNACK_ACCEPTED)
-        self.counters[PKT_OUT + CONNACK] += 1
-        return 0
+    # --- connection lifecycle helpers used by the handlers -------------------
 
     cdef void become_connected(self, Conn* c, uint32_t timeout_ms):
         """CONNECT accepted: from now on the idle timeout applies instead of the
@@ -652,90 +576,6 @@ cdef class Worker:
             wheel_schedule(&self.wheel, &c.timer, self.now_ms + timeout_ms)
         else:
             wheel_cancel(&self.wheel, &c.timer)
-
-    cdef int on_publish(self, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
-        cdef PublishPacket pkt
-        cdef int reason = 0
-        cdef uint8_t* out
-        if decode_publish(first, body, n, &pkt, &reason) < 0:
-            self.malformed(c, reason)
-            return -1
-        self.counters[MSGS_IN] += 1
-        # Routing to subscribers is the router's job (not built yet); the
-        # acknowledgement flow is the protocol's and complete here.
-        if pkt.qos == 1:
-            return self.send_ack(c, PUBACK, pkt.packet_id)
-        if pkt.qos == 2:
-            return self.send_ack(c, PUBREC, pkt.packet_id)
-        return 0
-
-    cdef int on_ack(self, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n):
-        cdef uint16_t pid
-        if decode_packet_id(body, n, &pid) < 0:
-            self.malformed(c, MAL_PACKET_ID)
-            return -1
-        if ptype == PUBREL:
-            return self.send_ack(c, PUBCOMP, pid)
-        if ptype == PUBREC:
-            return self.send_ack(c, PUBREL, pid)
-        return 0
-
-    cdef int on_subscribe(self, Conn* c, const uint8_t* body, uint32_t n):
-        cdef EntryIter it
-        cdef Slice filt
-        cdef uint8_t qos
-        cdef int r, reason = 0
-        cdef uint32_t count = 0
-        cdef uint8_t[64] stack_codes
-        cdef uint8_t* codes = stack_codes
-        cdef uint8_t* out
-        if subscribe_begin(body, n, &it, &reason) < 0:
-            self.malformed(c, reason)
-            return -1
-        # Validate every entry first, so a malformed packet gets no SUBACK.
-        while True:
-            r = subscribe_next(&it, &filt, &qos, &reason)
-            if r == 0:
-                break
-            if r < 0:
-                self.malformed(c, reason)
-                return -1
-            count += 1
-        if count > 64:
-            codes = <uint8_t*>malloc(count)
-            if codes == NULL:
-                self.close_conn(c, CR_SERVER)
-                return -1
-        subscribe_begin(body, n, &it, &reason)
-        count = 0
-        while subscribe_next(&it, &filt, &qos, &reason) == 1:
-            # An invalid filter (a/#/b, a+) is refused with 0x80, like Mosquitto;
-            # the others are granted the QoS asked for.
-            codes[count] = qos if valid_topic_filter(filt.ptr, filt.len) else SUBACK_FAILURE
-            count += 1
-        out = self.reserve(c, suback_size(count))
-        if out != NULL:
-            encode_suback(out, it.packet_id, codes, count)
-            self.counters[PKT_OUT + SUBACK] += 1
-        if codes != stack_codes:
-            free(codes)
-        return 0 if out != NULL else -1
-
-    cdef int on_unsubscribe(self, Conn* c, const uint8_t* body, uint32_t n):
-        cdef EntryIter it
-        cdef Slice filt
-        cdef int r, reason = 0
-        if unsubscribe_begin(body, n, &it, &reason) < 0:
-            self.malformed(c, reason)
-            return -1
-        while True:
-            r = unsubscribe_next(&it, &filt, &reason)
-            if r == 0:
-                break
-            if r < 0:
-                self.malformed(c, reason)
-                return -1
-        return self.send_ack(c, UNSUBACK, it.packet_id)
 
     cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid):
         cdef uint8_t* out = self.reserve(c, 4)
@@ -754,79 +594,6 @@ cdef class Worker:
         return 0
 
     # --- seed 000's JSON lines -------------------------------------------------
-
-    cdef Py_ssize_t process_lines(self, Conn* c, uint8_t* buf, Py_ssize_t n):
-        cdef Py_ssize_t pos = 0, end
-        cdef uint8_t* nl
-        cdef bint any_line = False
-        c.need = 0
-        while pos < n:
-            if c.state == ST_CLOSING:
-                return n
-            nl = <uint8_t*>memchr(buf + pos, 10, n - pos)
-            if nl == NULL:
-                if n - pos > self.max_packet_size:
-                    self.counters[PACKETS_TOO_LARGE] += 1
-                    self.close_conn(c, CR_TOO_LARGE)
-                    return -1
-                break
-            end = nl - buf
-            if end - pos > self.max_packet_size:
-                self.counters[PACKETS_TOO_LARGE] += 1
-                self.close_conn(c, CR_TOO_LARGE)
-                return -1
-            if end > pos and buf[end - 1] == 13:     # tolerate CRLF
-                end -= 1
-            if end > pos:
-                if self.on_json_line(c, buf + pos, end - pos) < 0:
-                    return -1
-                any_line = True
-            pos = (nl - buf) + 1
-        if any_line:
-            c.last_rx_ms = self.now_ms
-        return pos
-
-    cdef int on_json_line(self, Conn* c, const uint8_t* line, Py_ssize_t n):
-        cdef bytes reply
-        cdef uint8_t* out
-        cdef Py_ssize_t rlen
-        self.counters[JSON_MESSAGES_IN] += 1
-        client_id = None
-        if c.client_id != NULL:
-            client_id = PyBytes_FromStringAndSize(c.client_id, c.client_id_len)
-        action, reply, new_id, is_data = self.json_protocol.handle(
-            PyBytes_FromStringAndSize(<char*>line, n), c.state == ST_CONNECTED, client_id)
-        if is_data:
-            self.counters[MSGS_IN] += 1
-        if reply is not None:
-            rlen = PyBytes_GET_SIZE(reply)
-            out = self.reserve(c, <uint32_t>rlen)
-            if out == NULL:
-                return -1
-            memcpy(out, PyBytes_AS_STRING(reply), rlen)
-        if action == JSON_CONNECTED:
-            if c.state != ST_CONNECTED:
-                c.client_id_len = <uint16_t>len(new_id)
-                c.client_id = <char*>malloc(c.client_id_len)
-                if c.client_id == NULL:
-                    self.close_conn(c, CR_SERVER)
-                    return -1
-                memcpy(c.client_id, PyBytes_AS_STRING(new_id), c.client_id_len)
-                self.become_connected(c, self.json_timeout_ms)
-        elif action == JSON_ERROR:
-            self.counters[JSON_ERRORS] += 1
-            if c.state != ST_CONNECTED:
-                # Nothing valid yet: answer and hang up, as for a bad CONNECT.
-                self.close_after_flush(c)
-                return -1
-        elif action == JSON_CLOSE:
-            # The client's Disconnect: counted as closed_client, like MQTT's DISCONNECT.
-            if c.outlen == c.outoff:
-                self.close_conn(c, CR_CLIENT)
-            else:
-                self.close_after_flush(c)
-            return -1
-        return 0
 
     # --- TLS -------------------------------------------------------------------
 
@@ -1038,3 +805,11 @@ cdef class Worker:
         self.last_log_ms[reason] = self.now_ms
         self.suppressed[reason] = 0
         log.warning("worker %d: %s", self.worker_index, message)
+
+
+# The handlers: module-level functions taking the worker, one file per concern.
+include "read_handle.pxi"
+include "handle_connect.pxi"
+include "handle_publish.pxi"
+include "handle_subscribe.pxi"
+include "jsonlines.pxi"

@@ -1,0 +1,58 @@
+# Included by loop.pyx. SUBSCRIBE and UNSUBSCRIBE.
+
+cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef EntryIter it
+    cdef Slice filt
+    cdef uint8_t qos
+    cdef int r, reason = 0
+    cdef uint32_t count = 0
+    cdef uint8_t[64] stack_codes
+    cdef uint8_t* codes = stack_codes
+    cdef uint8_t* out
+    if subscribe_begin(body, n, &it, &reason) < 0:
+        w.malformed(c, reason)
+        return -1
+    # Validate every entry first, so a malformed packet gets no SUBACK.
+    while True:
+        r = subscribe_next(&it, &filt, &qos, &reason)
+        if r == 0:
+            break
+        if r < 0:
+            w.malformed(c, reason)
+            return -1
+        count += 1
+    if count > 64:
+        codes = <uint8_t*>malloc(count)
+        if codes == NULL:
+            w.close_conn(c, CR_SERVER)
+            return -1
+    subscribe_begin(body, n, &it, &reason)
+    count = 0
+    while subscribe_next(&it, &filt, &qos, &reason) == 1:
+        # An invalid filter (a/#/b, a+) is refused with 0x80, like Mosquitto;
+        # the others are granted the QoS asked for.
+        codes[count] = qos if valid_topic_filter(filt.ptr, filt.len) else SUBACK_FAILURE
+        count += 1
+    out = w.reserve(c, suback_size(count))
+    if out != NULL:
+        encode_suback(out, it.packet_id, codes, count)
+        w.counters[PKT_OUT + SUBACK] += 1
+    if codes != stack_codes:
+        free(codes)
+    return 0 if out != NULL else -1
+
+cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef EntryIter it
+    cdef Slice filt
+    cdef int r, reason = 0
+    if unsubscribe_begin(body, n, &it, &reason) < 0:
+        w.malformed(c, reason)
+        return -1
+    while True:
+        r = unsubscribe_next(&it, &filt, &reason)
+        if r == 0:
+            break
+        if r < 0:
+            w.malformed(c, reason)
+            return -1
+    return w.send_ack(c, UNSUBACK, it.packet_id)

@@ -1,0 +1,75 @@
+# Included by loop.pyx. Seed 000's JSON lines: framing by newline, one
+# call per line into gw/jsonproto.py (msgspec).
+
+cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
+    cdef Py_ssize_t pos = 0, end
+    cdef uint8_t* nl
+    cdef bint any_line = False
+    c.need = 0
+    while pos < n:
+        if c.state == ST_CLOSING:
+            return n
+        nl = <uint8_t*>memchr(buf + pos, 10, n - pos)
+        if nl == NULL:
+            if n - pos > w.max_packet_size:
+                w.counters[PACKETS_TOO_LARGE] += 1
+                w.close_conn(c, CR_TOO_LARGE)
+                return -1
+            break
+        end = nl - buf
+        if end - pos > w.max_packet_size:
+            w.counters[PACKETS_TOO_LARGE] += 1
+            w.close_conn(c, CR_TOO_LARGE)
+            return -1
+        if end > pos and buf[end - 1] == 13:     # tolerate CRLF
+            end -= 1
+        if end > pos:
+            if handle_json_line(w, c, buf + pos, end - pos) < 0:
+                return -1
+            any_line = True
+        pos = (nl - buf) + 1
+    if any_line:
+        c.last_rx_ms = w.now_ms
+    return pos
+
+cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
+    cdef bytes reply
+    cdef uint8_t* out
+    cdef Py_ssize_t rlen
+    w.counters[JSON_MESSAGES_IN] += 1
+    client_id = None
+    if c.client_id != NULL:
+        client_id = PyBytes_FromStringAndSize(c.client_id, c.client_id_len)
+    action, reply, new_id, is_data = w.json_protocol.handle(
+        PyBytes_FromStringAndSize(<char*>line, n), c.state == ST_CONNECTED, client_id)
+    if is_data:
+        w.counters[MSGS_IN] += 1
+    if reply is not None:
+        rlen = PyBytes_GET_SIZE(reply)
+        out = w.reserve(c, <uint32_t>rlen)
+        if out == NULL:
+            return -1
+        memcpy(out, PyBytes_AS_STRING(reply), rlen)
+    if action == JSON_CONNECTED:
+        if c.state != ST_CONNECTED:
+            c.client_id_len = <uint16_t>len(new_id)
+            c.client_id = <char*>malloc(c.client_id_len)
+            if c.client_id == NULL:
+                w.close_conn(c, CR_SERVER)
+                return -1
+            memcpy(c.client_id, PyBytes_AS_STRING(new_id), c.client_id_len)
+            w.become_connected(c, w.json_timeout_ms)
+    elif action == JSON_ERROR:
+        w.counters[JSON_ERRORS] += 1
+        if c.state != ST_CONNECTED:
+            # Nothing valid yet: answer and hang up, as for a bad CONNECT.
+            w.close_after_flush(c)
+            return -1
+    elif action == JSON_CLOSE:
+        # The client's Disconnect: counted as closed_client, like MQTT's DISCONNECT.
+        if c.outlen == c.outoff:
+            w.close_conn(c, CR_CLIENT)
+        else:
+            w.close_after_flush(c)
+        return -1
+    return 0

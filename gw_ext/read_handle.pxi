@@ -1,0 +1,30 @@
+# Included by loop.pyx. Dispatches one complete MQTT packet to its handler.
+
+cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
+    """One complete packet. Returns 0, or -1 if the connection was closed."""
+    cdef uint8_t ptype = first >> 4
+    cdef int reason = 0
+    w.counters[PKT_IN + ptype] += 1
+    if c.state != ST_CONNECTED:
+        if ptype != CONNECT:
+            # The first packet from the client MUST be CONNECT (MQTT-3.1.0-1).
+            w.malformed(c, MAL_PROTOCOL)
+            return -1
+        return handle_connect(w, c, body, n)
+    if ptype == PUBLISH:
+        return handle_publish(w, c, first, body, n)
+    if ptype == PINGREQ:
+        return w.send_empty(c, PINGRESP)
+    if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
+        return handle_ack(w, c, ptype, body, n)
+    if ptype == SUBSCRIBE:
+        return handle_subscribe(w, c, body, n)
+    if ptype == UNSUBSCRIBE:
+        return handle_unsubscribe(w, c, body, n)
+    if ptype == DISCONNECT:
+        # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
+        w.close_conn(c, CR_CLIENT)
+        return -1
+    # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
+    w.malformed(c, MAL_PROTOCOL)
+    return -1
