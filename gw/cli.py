@@ -102,12 +102,9 @@ def show_config():
     click.echo(describe(), nl=False)
 
 
-try:
-    from gw.bench.cli import bench
-except ImportError:  # pragma: no cover - the load generator is part of the package
-    bench = None
-if bench is not None:
-    main_group.add_command(bench)
+from gw.bench.cli import bench  # noqa: E402  (the load generator's own click command)
+
+main_group.add_command(bench)
 
 
 def main() -> None:

@@ -1,0 +1,182 @@
+"""`gw bench`: the click command."""
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import plan as plan_mod
+from .plan import Plan, PlanError
+
+SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughput": "pubsub"}
+
+
+@click.command("bench", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("scenario", required=False, type=click.Choice(sorted(SCENARIOS)), metavar="[conn|pubsub]")
+@click.option("--mode", type=click.Choice(["connection", "throughput"]), default=None,
+              help="Same as the scenario word: connection (default) or throughput (= pubsub).")
+@click.option("--server", default="127.0.0.1:1883", show_default=True, metavar="HOST:PORT",
+              help="Broker to load ([v6]:port for IPv6).")
+@click.option("--tls", is_flag=True, help="Connect with TLS.")
+@click.option("--cafile", type=click.Path(dir_okay=False), help="CA bundle that signed the broker's certificate.")
+@click.option("--insecure", is_flag=True, help="TLS without certificate or host name verification.")
+@click.option("--username", default=None, help="MQTT user name.")
+@click.option("--password", default=None, help="MQTT password (needs --username).")
+@click.option("--protocol", type=click.Choice(["mqtt", "json"]), default="mqtt", show_default=True,
+              help="mqtt: MQTT 3.1.1; json: gw's newline-delimited JSON protocol (connection scenario).")
+@click.option("--clients", "-c", type=int, default=1000, show_default=True,
+              help="Connection scenario: number of clients.")
+@click.option("--rampup", type=float, default=0.0, show_default=True,
+              help="Seconds over which client connects are spread evenly (0: as fast as possible).")
+@click.option("--duration", "-d", type=float, default=10.0, show_default=True,
+              help="Connection scenario: hold after the ramp; pubsub: publishing time. Seconds.")
+@click.option("--keepalive", type=int, default=30, show_default=True,
+              help="MQTT keepalive in seconds; a PINGREQ (JSON: Heartbeat) is sent every K s (0: none).")
+@click.option("--messages", "-m", type=int, default=0, show_default=True,
+              help="Connection scenario: publishes per client, spread from its connect to the end of the hold.")
+@click.option("--qos", type=click.IntRange(0, 2), default=0, show_default=True,
+              help="QoS of publishes (connection scenario: 0 or 1) and subscriptions.")
+@click.option("--size", "-s", type=int, default=64, show_default=True,
+              help="Payload bytes (at least 16: publisher id, sequence, send timestamp).")
+@click.option("--publishers", "-p", type=int, default=1, show_default=True, help="Pubsub: publishers.")
+@click.option("--subscribers", "-S", type=int, default=1, show_default=True, help="Pubsub: subscribers.")
+@click.option("--rate", "-r", type=float, default=0.0, show_default=True,
+              help="Pubsub: total messages/s over all publishers (0: flat out).")
+@click.option("--topic-mode", type=click.Choice(["per-publisher", "shared"]), default="per-publisher",
+              show_default=True, help="Pubsub: a topic per publisher (subscribers use +) or one shared topic.")
+@click.option("--inflight", type=int, default=64, show_default=True,
+              help="Pubsub: unacknowledged QoS 1/2 publishes per publisher.")
+@click.option("--topic-prefix", default=None, help="Topic prefix (default gwbench/<run id>).")
+@click.option("--client-prefix", default=None, help="Client id prefix; ids are prefix + index "
+              "(default gwbench-<run id>-).")
+@click.option("--procs", type=int, default=None,
+              help="Worker processes, clients split evenly (default: CPU count; at most 19,000 sockets each).")
+@click.option("--source-ips", default=None, metavar="A-B|CIDR|A,B",
+              help="Bind client sockets to these local addresses round-robin, "
+                   "e.g. 127.0.0.1-127.0.0.20 (to pass the ~28k ephemeral ports per address).")
+@click.option("--connect-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds for TCP + TLS + CONNACK before a client counts as failed.")
+@click.option("--server-pid", type=int, default=None,
+              help="Sample this broker process (and its children): RSS, CPU, RSS per connection.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write the full result (with per-second timeseries and histograms) as JSON.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Write a PNG of connected and msgs/s over time (needs matplotlib).")
+@click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
+@click.option("--dry-run", is_flag=True, help="Check and print the plan (processes, sockets, source "
+              "addresses, rates), then exit without connecting.")
+def bench(scenario, mode, server, tls, cafile, insecure, username, password, protocol, clients, rampup,
+          duration, keepalive, messages, qos, size, publishers, subscribers, rate, topic_mode, inflight,
+          topic_prefix, client_prefix, procs, source_ips, connect_timeout, server_pid, json_path,
+          plot_path, quiet, dry_run):
+    """Load-test an MQTT 3.1.1 broker (gw, Mosquitto, any other).
+
+    \b
+    Connection scenario (default):
+      gw bench --clients 10000 --rampup 15 --duration 30 --server 127.0.0.1:1883
+    Throughput scenario:
+      gw bench pubsub --publishers 10 --subscribers 1 --qos 0 --size 64 --duration 10
+
+    Exit status: 0 when every client connected and stayed connected and (QoS
+    >= 1) nothing was lost; 1 when the run had failures (partial results are
+    still reported); 2 when it could not start (bad plan, unreachable server,
+    TLS or credentials refused); 130 when interrupted.
+    """
+    sc = SCENARIOS[scenario] if scenario else ("pubsub" if mode == "throughput" else "conn")
+    if scenario and mode and SCENARIOS[scenario] != ("pubsub" if mode == "throughput" else "conn"):
+        raise click.UsageError(f"scenario {scenario!r} contradicts --mode {mode}")
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise click.UsageError("--plot needs matplotlib, which is not installed: "
+                                   "pip install 'gw[plot]' (or pip install matplotlib)")
+    try:
+        host, port = plan_mod.parse_server(server)
+        family, sockaddr = plan_mod.resolve(host, port)
+        run_id = plan_mod.new_run_id()
+        p = Plan(
+            scenario=sc, host=host, port=port, family=family, sockaddr=sockaddr, protocol=protocol,
+            tls=tls or bool(cafile) or insecure, cafile=cafile, insecure=insecure,
+            username=username, password=password,
+            client_prefix=client_prefix if client_prefix is not None else f"gwbench-{run_id}-",
+            run_id=run_id, procs=procs or os.cpu_count() or 1,
+            source_ips=plan_mod.parse_source_ips(source_ips), duration=duration, rampup=rampup,
+            keepalive=keepalive, connect_timeout=connect_timeout, clients=clients, messages=messages,
+            qos=qos, size=size, publishers=publishers, subscribers=subscribers, rate=rate,
+            topic_mode=topic_mode, inflight=inflight,
+            topic_prefix=topic_prefix if topic_prefix else f"gwbench/{run_id}",
+        )
+        for w in plan_mod.check(p):
+            click.echo(f"warning: {w}", err=True)
+    except PlanError as e:
+        click.echo(f"gw bench: {e}", err=True)
+        sys.exit(2)
+
+    if dry_run:
+        click.echo(describe(p))
+        sys.exit(0)
+
+    if sc == "pubsub":
+        try:
+            from . import engine  # noqa: F401  (the compiled extension)
+        except ImportError as e:
+            click.echo(f"gw bench: the throughput engine is not built ({e}); run "
+                       f"`python setup.py build_ext --inplace`", err=True)
+            sys.exit(2)
+
+    from .preflight import PreflightError, preflight
+    try:
+        preflight(p, timeout=min(5.0, connect_timeout))
+    except PreflightError as e:
+        click.echo(f"gw bench: {e}", err=True)
+        sys.exit(2)
+
+    from .report import format_text, write_json, write_plot
+    from .runner import Runner
+    result = Runner(p, quiet=quiet, server_pid=server_pid).run()
+    click.echo(format_text(result))
+    if json_path:
+        write_json(result, json_path)
+    if plot_path:
+        try:
+            write_plot(result, plot_path)
+        except RuntimeError as e:
+            click.echo(f"gw bench: {e}", err=True)
+    sys.exit(result["exit_code"])
+
+
+def describe(p: Plan) -> str:
+    import math
+    total = p.total_clients
+    per = max(p.sockets_per_worker())
+    lines = []
+    where = f"{p.host}:{p.port} ({p.protocol}{'+tls' if p.tls else ''})"
+    if p.scenario == "conn":
+        lines.append(f"connection scenario: {total:,} clients -> {where}")
+        if p.rampup:
+            lines.append(f"ramp: {total / p.rampup:,.0f} connects/s over {p.rampup:g} s, then hold {p.duration:g} s")
+        else:
+            lines.append(f"ramp: none (at most {1000 * p.procs:,} handshakes in flight), then hold {p.duration:g} s")
+        if p.keepalive:
+            lines.append(f"keepalive: {p.keepalive} s ({total / p.keepalive:,.0f} PINGREQ/s when all are connected)")
+        if p.messages:
+            lines.append(f"messages: {p.messages} per client, QoS {p.qos}, {p.size} B")
+    else:
+        lines.append(f"pubsub scenario: {p.publishers} publisher(s) -> {p.subscribers} subscriber(s) at {where}, "
+                     f"QoS {p.qos}, {p.size} B, {'flat out' if not p.rate else format(p.rate, ',.0f') + ' msg/s'}, "
+                     f"topics {p.topic_mode} ({p.subscribe_filter()}), inflight {p.inflight}")
+    lines.append(f"workers: {p.procs} process(es), up to {per:,} sockets each (limit "
+                 f"{plan_mod.MAX_SOCKETS_PER_PROC:,})")
+    if p.sub_procs():
+        lines.append(f"roles: subscribers in {p.sub_procs()} process(es), publishers in "
+                     f"{p.procs - p.sub_procs()}")
+    ports = plan_mod.ephemeral_ports()
+    if p.source_ips:
+        lines.append(f"source addresses: {len(p.source_ips)} ({math.ceil(total / len(p.source_ips)):,} "
+                     f"connections each; {ports:,} ephemeral ports per address)")
+    else:
+        lines.append(f"source address: chosen by the kernel ({ports:,} ephemeral ports)")
+    lines.append(f"client ids: {p.client_id(0)} .. {p.client_id(total - 1)}")
+    return "\n".join(lines)

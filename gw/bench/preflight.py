@@ -1,0 +1,123 @@
+"""One blocking client before the run, so an unreachable server, a refused
+TLS handshake, a wrong CA or bad credentials fail in seconds with a message
+that says what is wrong, instead of N identical connection errors."""
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+
+import msgspec
+
+from . import mqtt
+from .conn import make_ssl_context
+
+
+class PreflightError(RuntimeError):
+    pass
+
+
+def _recv_some(sock, timeout_at: float) -> bytes:
+    sock.settimeout(max(0.05, timeout_at - time.monotonic()))
+    return sock.recv(4096)
+
+
+def preflight(plan, timeout: float = 5.0) -> dict:
+    """Returns timings of one full connect; raises PreflightError."""
+    where = f"{plan.host}:{plan.port}"
+    t0 = time.monotonic()
+    deadline = t0 + timeout
+    sock = socket.socket(plan.family, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        src = plan.source_ip_for(0)
+        if src:
+            try:
+                sock.bind((src, 0))
+            except OSError as e:
+                raise PreflightError(f"cannot bind source address {src}: {e.strerror}") from None
+        try:
+            sock.connect(plan.sockaddr)
+        except ConnectionRefusedError:
+            raise PreflightError(f"cannot connect to {where}: connection refused (is the broker running?)") from None
+        except socket.timeout:
+            raise PreflightError(f"cannot connect to {where}: no answer within {timeout:g} s") from None
+        except OSError as e:
+            raise PreflightError(f"cannot connect to {where}: {e.strerror or e}") from None
+        t_tcp = time.monotonic()
+        if plan.tls:
+            ctx = make_ssl_context(plan.cafile, plan.insecure)
+            try:
+                sock = ctx.wrap_socket(sock, server_hostname=plan.host if not plan.insecure else None)
+            except ssl.SSLCertVerificationError as e:
+                raise PreflightError(
+                    f"TLS handshake with {where} failed: certificate verify failed ({e.verify_message}); "
+                    f"check --cafile, or use --insecure to skip verification") from None
+            except ssl.SSLError as e:
+                raise PreflightError(f"TLS handshake with {where} failed: {e.reason or e} "
+                                     f"(is this a TLS port?)") from None
+            except socket.timeout:
+                raise PreflightError(f"TLS handshake with {where} failed: no answer within {timeout:g} s "
+                                     f"(is this a TLS port?)") from None
+            except OSError as e:
+                raise PreflightError(f"TLS handshake with {where} failed: {e.strerror or e} "
+                                     f"(is this a TLS port?)") from None
+        t_tls = time.monotonic()
+        try:
+            if plan.protocol == "json":
+                hello = {"client_id": f"{plan.client_prefix}preflight", "message_type": "Connect",
+                         "payload": None, "timestamp": time.time()}
+                sock.sendall(msgspec.json.encode(hello) + b"\n")
+                buf = b""
+                while b"\n" not in buf:
+                    data = _recv_some(sock, deadline)
+                    if not data:
+                        raise PreflightError(f"{where} closed the connection before answering Connect "
+                                             f"(is it a JSON-lines server? is --tls needed?)")
+                    buf += data
+                try:
+                    reply = msgspec.json.decode(buf.split(b"\n", 1)[0])
+                except msgspec.DecodeError:
+                    raise PreflightError(f"{where} answered Connect with something that is not JSON "
+                                         f"(is it an MQTT port? use --protocol mqtt)") from None
+                if not isinstance(reply, dict) or reply.get("message_type") != "Connect":
+                    raise PreflightError(f"{where} refused the JSON Connect: {reply!r}")
+                bye = {"client_id": reply.get("client_id"), "message_type": "Disconnect",
+                       "payload": None, "timestamp": time.time()}
+                sock.sendall(msgspec.json.encode(bye) + b"\n")
+            else:
+                user = plan.username.encode() if plan.username is not None else None
+                pw = plan.password.encode() if plan.password is not None else None
+                sock.sendall(mqtt.connect(f"{plan.client_prefix}preflight".encode(), plan.keepalive, user, pw))
+                buf = bytearray()
+                packets = []
+                while not packets:
+                    data = _recv_some(sock, deadline)
+                    if not data:
+                        raise PreflightError(f"{where} closed the connection before CONNACK "
+                                             f"(is it an MQTT port? is --tls needed?)")
+                    buf += data
+                    try:
+                        packets = mqtt.split(buf)
+                    except mqtt.MalformedError:
+                        raise PreflightError(f"{where} answered CONNECT with garbage (not an MQTT port?)") from None
+                first, body = packets[0]
+                if first >> 4 != mqtt.CONNACK or len(body) != 2:
+                    raise PreflightError(f"{where} answered CONNECT with packet type {first >> 4}, not CONNACK")
+                if body[1]:
+                    why = mqtt.CONNACK_TEXT.get(body[1], "unknown reason")
+                    raise PreflightError(f"{where} refused CONNECT: {why} (CONNACK return code {body[1]})")
+                sock.sendall(mqtt.DISCONNECT_BYTES)
+        except socket.timeout:
+            raise PreflightError(f"{where} did not answer the {plan.protocol.upper()} connect within "
+                                 f"{timeout:g} s (is --tls needed, or --protocol?)") from None
+        except ConnectionError as e:
+            raise PreflightError(f"{where} dropped the connection during the connect: {e.strerror or e}") from None
+        t_done = time.monotonic()
+        return {"tcp_ms": (t_tcp - t0) * 1e3, "tls_ms": (t_tls - t_tcp) * 1e3,
+                "connect_ms": (t_done - t0) * 1e3}
+    finally:
+        try:
+            sock.close()
+        except OSError:
+            pass

@@ -1,0 +1,138 @@
+"""A bench worker process: owns a share of the clients and one event loop.
+
+Talks to the runner over a multiprocessing pipe:
+  worker -> runner: ("hello",) ("stats", snap) ("ready", info) ("pub_done", sent)
+                    ("result", result) ("fatal", message)
+  runner -> worker: ("go", start_at, hold_end) ("start", t0, t_stop)
+                    ("expect", sent_by_publisher) ("stop",)
+"""
+from __future__ import annotations
+
+import resource
+import signal
+import time
+import traceback
+
+from .conn import ConnEngine, make_ssl_context
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+class Control:
+    """The worker's end of the pipe, polled without blocking from the loops."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.stop = False
+        self.inbox: list = []
+
+    def send(self, *msg) -> None:
+        try:
+            self.pipe.send(msg)
+        except (BrokenPipeError, OSError):
+            self.stop = True
+
+    def poll(self) -> bool:
+        """Reads pending control messages; returns True when asked to stop."""
+        try:
+            while self.pipe.poll():
+                msg = self.pipe.recv()
+                if msg[0] == "stop":
+                    self.stop = True
+                else:
+                    self.inbox.append(msg)
+        except (EOFError, OSError):
+            self.stop = True  # runner gone
+        return self.stop
+
+    def take(self, kind: str):
+        for i, m in enumerate(self.inbox):
+            if m[0] == kind:
+                return self.inbox.pop(i)
+        return None
+
+    def wait(self, kind: str, timeout: float):
+        deadline = time.monotonic() + timeout
+        while True:
+            stop = self.poll()
+            m = self.take(kind)
+            if m is not None:
+                return m
+            if stop:
+                return None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                self.pipe.poll(min(left, 0.2))
+            except (EOFError, OSError):
+                self.stop = True
+                return None
+
+
+def main(worker_id: int, plan, pipe) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    _raise_nofile()
+    ctl = Control(pipe)
+    try:
+        if plan.scenario == "conn":
+            _run_conn(worker_id, plan, ctl)
+        else:
+            _run_pubsub(worker_id, plan, ctl)
+    except Exception:
+        ctl.send("fatal", traceback.format_exc())
+    finally:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+
+
+def _engine(plan, worker_id, ctl) -> ConnEngine:
+    ssl_ctx = make_ssl_context(plan.cafile, plan.insecure) if plan.tls else None
+    return ConnEngine(plan, plan.indices_for(worker_id), ssl_ctx,
+                      stats_cb=lambda snap: ctl.send("stats", snap), stop_check=ctl.poll)
+
+
+def _run_conn(worker_id: int, plan, ctl: Control) -> None:
+    eng = _engine(plan, worker_id, ctl)
+    ctl.send("hello")
+    go = ctl.wait("go", 60.0)
+    if go is None:
+        return
+    _, start_at, hold_end = go
+    eng.run(start_at, plan.rampup, plan.total_clients, hold_end)
+    eng.disconnect_all()
+    ctl.send("stats", eng.snapshot())
+    ctl.send("result", eng.result())
+
+
+def _run_pubsub(worker_id: int, plan, ctl: Control) -> None:
+    from .engine import PubSubWorker  # needs the compiled extension
+
+    eng = _engine(plan, worker_id, ctl)
+    ctl.send("hello")
+    go = ctl.wait("go", 60.0)
+    if go is None:
+        return
+    _, start_at, _ = go
+    eng.run(start_at, plan.rampup, plan.total_clients, None)
+    conns = eng.detach()
+    setup = eng.result()
+    ctl.send("stats", eng.snapshot())
+    ctl.send("ready", {"ready": len(conns), "pubs": sum(c.role == "pub" for c in conns),
+                       "subs": sum(c.role == "sub" for c in conns)})
+    ps = PubSubWorker(plan, conns, ctl, eng)
+    try:
+        ps.run()
+    finally:
+        ps.close()
+    ctl.send("stats", ps._snapshot())
+    ctl.send("result", ps.result(setup))

@@ -1,0 +1,791 @@
+# The throughput hot path of `gw bench`: one epoll loop over already
+# connected (and, for subscribers, subscribed) MQTT client sockets.
+#
+# Publishers encode PUBLISH packets straight into a C buffer (payload: id,
+# sequence, CLOCK_MONOTONIC send time; see gw/bench/payload.py) and send once
+# per connection per loop turn. Subscribers read many packets per recv, decode
+# them with the project codec, count each (publisher, sequence) exactly in a
+# growable bitmap (unique, duplicates, out of order), and record end-to-end
+# latency in a log-bucketed histogram whose edges match
+# gw/bench/histogram.py. QoS 1 and 2 flows (PUBACK; PUBREC/PUBREL/PUBCOMP)
+# are answered in C; publishers keep at most `inflight` unacknowledged.
+#
+# Plain TCP sockets are driven with recv/send on the fd. TLS sockets are
+# Python ssl.SSLSocket objects (handshaken in the setup phase); their I/O
+# goes through the object, once per batch, never per message.
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
+from libc.stdlib cimport malloc, calloc, realloc, free
+from libc.string cimport memcpy, memmove, memset
+from libc.math cimport log
+from libc.errno cimport errno, EAGAIN, EINTR
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
+
+from gw_ext.codec cimport (
+    PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBACK, PINGREQ, PINGRESP, DISCONNECT, CONNACK,
+    ERR_INCOMPLETE, PublishPacket,
+    decode_header, decode_publish, decode_packet_id,
+    publish_size, encode_publish, encode_ack, encode_empty,
+)
+
+import ssl as _ssl
+
+cdef extern from "<sys/epoll.h>" nogil:
+    ctypedef union epoll_data_t:
+        void* ptr
+        int fd
+        uint32_t u32
+        uint64_t u64
+    cdef struct epoll_event:
+        uint32_t events
+        epoll_data_t data
+    int epoll_create1(int flags)
+    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
+    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
+    enum:
+        EPOLLIN
+        EPOLLOUT
+        EPOLLERR
+        EPOLLHUP
+        EPOLL_CTL_ADD
+        EPOLL_CTL_MOD
+        EPOLL_CTL_DEL
+        EPOLL_CLOEXEC
+
+cdef extern from "<sys/socket.h>" nogil:
+    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
+    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
+    int c_shutdown "shutdown"(int fd, int how)
+    enum:
+        MSG_NOSIGNAL
+        SHUT_WR
+
+cdef extern from "<unistd.h>" nogil:
+    int c_close "close"(int fd)
+
+DEF MAXEV = 1024
+
+cdef enum:
+    ROLE_PUB = 0
+    ROLE_SUB = 1
+
+# error kinds (indices into Engine.err)
+cdef enum:
+    E_CLOSED = 0        # EOF from the broker
+    E_RESET = 1         # recv/send error (errno kept in last_errno)
+    E_MALFORMED = 2     # undecodable packet from the broker
+    E_TLS = 3           # TLS error on an established connection
+    E_UNEXPECTED = 4    # a packet type the role does not expect
+    E_BAD_ACK = 5       # ack for a packet id not in flight
+    E_PING_TIMEOUT = 6  # no PINGRESP within the keepalive
+    E_COUNT = 7
+
+ERROR_NAMES = ("closed_by_server", "connection_reset", "malformed_from_server", "tls_error",
+               "unexpected_packet", "ack_for_unknown_packet_id", "ping_timeout")
+
+cdef const uint32_t MAX_REMAINING = 268435455
+
+cdef struct Tracker:
+    uint8_t* bits
+    uint32_t nbytes
+    uint32_t next_seq
+    uint64_t unique
+
+cdef struct Hist:
+    int64_t* counts
+    int64_t total
+    double sum
+    double mn
+    double mx
+
+cdef struct Conn:
+    int fd
+    int role
+    int tls
+    int closed
+    uint32_t events
+    uint8_t* inb
+    size_t in_len
+    size_t in_cap
+    uint8_t* outb
+    size_t out_len
+    size_t out_cap
+    int64_t last_tx
+    int64_t ping_sent
+    # publisher
+    uint32_t pub_id
+    uint32_t seq
+    uint8_t* topic
+    uint32_t topic_len
+    uint32_t msg_size
+    uint32_t inflight
+    uint32_t next_pid
+    int64_t* slot_ts
+    int64_t blocked_ns      # time it could not publish: broker backpressure or full window
+    # subscriber
+    Tracker* tr
+
+
+cdef inline int64_t mono_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef class Engine:
+    cdef Conn* conns
+    cdef int n
+    cdef int cap
+    cdef int epfd
+    cdef list socks
+    cdef int qos
+    cdef uint32_t size
+    cdef uint32_t window
+    cdef uint32_t pid_max
+    cdef uint32_t n_pubs
+    cdef int64_t keepalive_ns
+    cdef int64_t t0
+    cdef double rate_ns          # messages per ns per publisher (0: flat out)
+    cdef int publishing
+    cdef uint8_t* payload
+    cdef Hist lat
+    cdef Hist ack
+    cdef double log_min
+    cdef double inv_log_g
+    cdef double min_ns
+    cdef int nb
+    cdef epoll_event evs[MAXEV]
+    # counters
+    cdef public uint64_t published, acked, received, unique, duplicates, out_of_order, foreign
+    cdef public uint64_t bytes_out, bytes_in, pingresp, pings, dropped, disconnected, live
+    cdef public int64_t first_rx, last_rx, blocked_ns, publish_ns
+    cdef int64_t prev_turn
+    cdef public int last_errno
+    cdef uint64_t err[E_COUNT]
+
+    def __cinit__(self, int qos, uint32_t size, uint32_t n_publishers, uint32_t inflight,
+                  int keepalive, double hist_min_ns, double hist_growth, int hist_nbuckets, int capacity):
+        self.conns = <Conn*>calloc(max(capacity, 1), sizeof(Conn))
+        self.cap = max(capacity, 1)
+        self.n = 0
+        self.epfd = epoll_create1(EPOLL_CLOEXEC)
+        if self.conns == NULL or self.epfd < 0:
+            raise MemoryError()
+        self.socks = []
+        self.qos = qos
+        self.size = size
+        self.n_pubs = n_publishers
+        self.window = max(1, min(inflight, 65535))
+        self.pid_max = (65535 // self.window) * self.window
+        self.keepalive_ns = <int64_t>keepalive * 1000000000
+        self.payload = <uint8_t*>calloc(max(size, 16), 1)
+        self.nb = hist_nbuckets
+        self.min_ns = hist_min_ns
+        self.log_min = log(hist_min_ns)
+        self.inv_log_g = 1.0 / log(hist_growth)
+        self.lat.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
+        self.ack.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
+        self.lat.mn = 1e300
+        self.ack.mn = 1e300
+        memset(self.err, 0, sizeof(self.err))
+        self.first_rx = 0
+        self.last_rx = 0
+
+    def __dealloc__(self):
+        cdef int i, k
+        cdef Conn* c
+        if self.conns != NULL:
+            for i in range(self.n):
+                c = &self.conns[i]
+                free(c.inb)
+                free(c.outb)
+                free(c.topic)
+                free(c.slot_ts)
+                if c.tr != NULL:
+                    for k in range(self.n_pubs):
+                        free(c.tr[k].bits)
+                    free(c.tr)
+            free(self.conns)
+        free(self.payload)
+        free(self.lat.counts)
+        free(self.ack.counts)
+        if self.epfd >= 0:
+            c_close(self.epfd)
+
+    # -- setup ----------------------------------------------------------------
+    def add(self, int fd, object sock, int is_sub, uint32_t pub_id, bytes topic, bytes leftover, bint tls):
+        """Adds a connected client. `sock` stays owned by the caller (and is
+        used for I/O when tls); `leftover` is what the setup phase had read
+        past the last packet it handled."""
+        if self.n >= self.cap:
+            raise ValueError("engine capacity exceeded")
+        cdef Conn* c = &self.conns[self.n]
+        memset(c, 0, sizeof(Conn))
+        c.fd = fd
+        c.role = ROLE_SUB if is_sub else ROLE_PUB
+        c.tls = tls
+        c.in_cap = 262144 if is_sub else 16384
+        c.inb = <uint8_t*>malloc(c.in_cap)
+        if is_sub:
+            c.out_cap = 16384
+        else:
+            c.pub_id = pub_id
+            c.topic_len = len(topic)
+            c.topic = <uint8_t*>malloc(c.topic_len + 1)
+            memcpy(c.topic, PyBytes_AS_STRING(topic), c.topic_len)
+            c.msg_size = publish_size(c.topic_len, self.size, self.qos)
+            c.out_cap = max(65536, 2 * c.msg_size)
+            c.next_pid = 1
+            if self.qos:
+                c.slot_ts = <int64_t*>calloc(self.window, sizeof(int64_t))
+        c.outb = <uint8_t*>malloc(c.out_cap)
+        if is_sub:
+            c.tr = <Tracker*>calloc(max(self.n_pubs, 1), sizeof(Tracker))
+        if c.inb == NULL or c.outb == NULL or (is_sub and c.tr == NULL):
+            raise MemoryError()
+        if leftover:
+            if <size_t>len(leftover) > c.in_cap:
+                raise ValueError("leftover larger than the input buffer")
+            memcpy(c.inb, PyBytes_AS_STRING(leftover), len(leftover))
+            c.in_len = len(leftover)
+        cdef epoll_event ev
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.u32 = <uint32_t>self.n
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) < 0:
+            raise OSError(errno, "epoll_ctl")
+        c.events = EPOLLIN
+        c.last_tx = mono_ns()
+        self.socks.append(sock)
+        self.n += 1
+        self.live += 1
+
+    def start(self, int64_t t0_ns, double rate_per_publisher):
+        self.t0 = t0_ns
+        self.rate_ns = rate_per_publisher / 1e9
+        self.publishing = 1
+
+    def stop_publishing(self):
+        self.publishing = 0
+        self.prev_turn = 0
+
+    # -- helpers --------------------------------------------------------------
+    cdef inline void hrec(self, Hist* h, double v) noexcept nogil:
+        cdef int k
+        if v < self.min_ns:
+            k = 0
+        else:
+            k = <int>((log(v) - self.log_min) * self.inv_log_g) + 1
+            if k > self.nb + 1:
+                k = self.nb + 1
+        h.counts[k] += 1
+        h.total += 1
+        h.sum += v
+        if v < h.mn:
+            h.mn = v
+        if v > h.mx:
+            h.mx = v
+
+    cdef void set_events(self, int i, uint32_t events) noexcept:
+        cdef Conn* c = &self.conns[i]
+        cdef epoll_event ev
+        if c.closed or c.events == events:
+            return
+        ev.events = events
+        ev.data.u64 = 0
+        ev.data.u32 = <uint32_t>i
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
+        c.events = events
+
+    cdef void lose(self, int i, int kind) noexcept:
+        cdef Conn* c = &self.conns[i]
+        if c.closed:
+            return
+        c.closed = 1
+        epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+        self.err[kind] += 1
+        self.dropped += 1
+        self.live -= 1
+
+    cdef int ensure_out(self, Conn* c, size_t extra) noexcept:
+        cdef size_t cap
+        cdef uint8_t* p
+        if c.out_len + extra <= c.out_cap:
+            return 0
+        cap = c.out_cap * 2
+        while cap < c.out_len + extra:
+            cap *= 2
+        p = <uint8_t*>realloc(c.outb, cap)
+        if p == NULL:
+            return -1
+        c.outb = p
+        c.out_cap = cap
+        return 0
+
+    cdef void append_ack(self, int i, uint8_t ptype, uint16_t pid) noexcept:
+        cdef Conn* c = &self.conns[i]
+        if self.ensure_out(c, 4) == 0:
+            c.out_len += encode_ack(c.outb + c.out_len, ptype, pid)
+
+    # -- output ---------------------------------------------------------------
+    cdef int flush(self, int i, int64_t now):
+        """One send of the pending output; returns bytes sent (or -1 when
+        the connection broke)."""
+        cdef Conn* c = &self.conns[i]
+        cdef ssize_t r, k
+        cdef object sock
+        cdef bytes data
+        if c.closed or c.out_len == 0:
+            return 0
+        if c.tls:
+            # SSL_write sends at most one 16 KiB record per call with
+            # partial writes on: go on until the socket is full.
+            sock = self.socks[i]
+            data = PyBytes_FromStringAndSize(<char*>c.outb, c.out_len)
+            r = 0
+            while r < <ssize_t>c.out_len:
+                try:
+                    k = sock.send(data[r:] if r else data)
+                except (_ssl.SSLWantWriteError, _ssl.SSLWantReadError, BlockingIOError):
+                    break
+                except _ssl.SSLError:
+                    self.lose(i, E_TLS)
+                    return -1
+                except OSError as e:
+                    self.last_errno = e.errno or 0
+                    self.lose(i, E_RESET)
+                    return -1
+                if k <= 0:
+                    break
+                r += k
+        else:
+            r = c_send(c.fd, c.outb, c.out_len, MSG_NOSIGNAL)
+            if r < 0:
+                if errno == EAGAIN or errno == EINTR:
+                    r = 0
+                else:
+                    self.last_errno = errno
+                    self.lose(i, E_RESET)
+                    return -1
+        if r > 0:
+            self.bytes_out += r
+            c.last_tx = now
+            if <size_t>r < c.out_len:
+                memmove(c.outb, c.outb + r, c.out_len - r)
+            c.out_len -= r
+        if c.out_len:
+            self.set_events(i, EPOLLIN | EPOLLOUT)
+        elif c.events & EPOLLOUT:
+            self.set_events(i, EPOLLIN)
+        return r
+
+    cdef uint32_t fill(self, int i, int64_t now) noexcept:
+        """Encodes the publishes this publisher may send now."""
+        cdef Conn* c = &self.conns[i]
+        cdef int64_t due
+        cdef uint32_t added = 0, slot, pid
+        cdef uint64_t ts = <uint64_t>now
+        if c.out_len >= 4096:
+            return 0
+        if self.rate_ns > 0:
+            due = <int64_t>((now - self.t0) * self.rate_ns) + 1 - <int64_t>c.seq
+            if due <= 0:
+                return 0
+        else:
+            due = 1 << 30
+        if self.qos:
+            if c.inflight >= self.window:
+                return 0
+            if due > self.window - c.inflight:
+                due = self.window - c.inflight
+        memcpy(self.payload, &c.pub_id, 4)
+        memcpy(self.payload + 8, &ts, 8)
+        while due > 0 and c.out_len + c.msg_size <= c.out_cap:
+            pid = 0
+            if self.qos:
+                pid = c.next_pid
+                slot = (pid - 1) % self.window
+                if c.slot_ts[slot] != 0:
+                    break  # that slot's packet is still unacknowledged
+                c.slot_ts[slot] = now
+                c.next_pid = pid % self.pid_max + 1
+                c.inflight += 1
+            memcpy(self.payload + 4, &c.seq, 4)
+            c.out_len += encode_publish(c.outb + c.out_len, c.topic, c.topic_len, self.payload, self.size,
+                                        <uint8_t>self.qos, 0, 0, <uint16_t>pid)
+            c.seq += 1
+            added += 1
+            due -= 1
+        self.published += added
+        return added
+
+    # -- input ----------------------------------------------------------------
+    cdef void on_publish(self, int i, PublishPacket* pp, int64_t now) noexcept:
+        cdef Conn* c = &self.conns[i]
+        cdef uint32_t pub_id, seq, nb
+        cdef uint64_t ts
+        cdef Tracker* tr
+        cdef uint8_t* bits
+        cdef uint8_t mask
+        self.received += 1
+        if self.first_rx == 0:
+            self.first_rx = now
+        self.last_rx = now
+        if c.role != ROLE_SUB or pp.payload.len < 16:
+            self.foreign += 1
+            return
+        memcpy(&pub_id, pp.payload.ptr, 4)
+        memcpy(&seq, pp.payload.ptr + 4, 4)
+        memcpy(&ts, pp.payload.ptr + 8, 8)
+        if pub_id >= self.n_pubs:
+            self.foreign += 1
+            return
+        if <int64_t>ts <= now:
+            self.hrec(&self.lat, <double>(now - <int64_t>ts))
+        else:
+            self.hrec(&self.lat, 0.0)
+        tr = &c.tr[pub_id]
+        if (seq >> 3) >= tr.nbytes:
+            nb = tr.nbytes * 2 if tr.nbytes else 64
+            while nb <= (seq >> 3):
+                nb *= 2
+            bits = <uint8_t*>realloc(tr.bits, nb)
+            if bits == NULL:
+                return
+            memset(bits + tr.nbytes, 0, nb - tr.nbytes)
+            tr.bits = bits
+            tr.nbytes = nb
+        mask = <uint8_t>(1 << (seq & 7))
+        if tr.bits[seq >> 3] & mask:
+            self.duplicates += 1
+            return
+        tr.bits[seq >> 3] |= mask
+        tr.unique += 1
+        self.unique += 1
+        if seq + 1 > tr.next_seq:
+            tr.next_seq = seq + 1
+        else:
+            self.out_of_order += 1
+
+    cdef void complete(self, int i, uint16_t pid, int64_t now) noexcept:
+        """PUBACK (QoS 1) or PUBCOMP (QoS 2) for one of our publishes."""
+        cdef Conn* c = &self.conns[i]
+        cdef uint32_t slot
+        if c.role != ROLE_PUB or not self.qos or pid == 0 or pid > self.pid_max:
+            self.err[E_BAD_ACK] += 1
+            return
+        slot = (pid - 1) % self.window
+        if c.slot_ts[slot] == 0:
+            self.err[E_BAD_ACK] += 1
+            return
+        self.hrec(&self.ack, <double>(now - c.slot_ts[slot]))
+        c.slot_ts[slot] = 0
+        c.inflight -= 1
+        self.acked += 1
+
+    cdef int parse(self, int i, int64_t now) noexcept:
+        cdef Conn* c = &self.conns[i]
+        cdef size_t pos = 0
+        cdef int hl, reason = 0, t
+        cdef uint8_t first
+        cdef uint32_t rem
+        cdef size_t need = 0
+        cdef uint16_t pid
+        cdef PublishPacket pp
+        cdef const uint8_t* body
+        cdef uint8_t* p
+        while pos < c.in_len:
+            hl = decode_header(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
+            if hl == ERR_INCOMPLETE:
+                break
+            if hl < 0:
+                self.lose(i, E_MALFORMED)
+                return -1
+            if <size_t>hl + rem > c.in_len - pos:
+                need = <size_t>hl + rem
+                break
+            body = c.inb + pos + hl
+            t = first >> 4
+            if t == PUBLISH:
+                if decode_publish(first, body, rem, &pp, &reason) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                self.on_publish(i, &pp, now)
+                if pp.qos == 1:
+                    self.append_ack(i, PUBACK, pp.packet_id)
+                elif pp.qos == 2:
+                    self.append_ack(i, PUBREC, pp.packet_id)
+            elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
+                if decode_packet_id(body, rem, &pid) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                if t == PUBREC:
+                    self.append_ack(i, PUBREL, pid)   # our QoS 2 publish, step 2
+                elif t == PUBREL:
+                    self.append_ack(i, PUBCOMP, pid)  # a QoS 2 delivery to us, step 2
+                else:
+                    self.complete(i, pid, now)
+            elif t == PINGRESP:
+                self.pingresp += 1
+                c.ping_sent = 0
+            elif t == SUBACK or t == CONNACK:
+                pass  # late answers of the setup phase
+            else:
+                self.err[E_UNEXPECTED] += 1
+            pos += <size_t>hl + rem
+        if pos:
+            if pos < c.in_len:
+                memmove(c.inb, c.inb + pos, c.in_len - pos)
+            c.in_len -= pos
+        if need > c.in_cap:
+            p = <uint8_t*>realloc(c.inb, need)
+            if p == NULL:
+                self.lose(i, E_MALFORMED)
+                return -1
+            c.inb = p
+            c.in_cap = need
+        return 0
+
+    cdef void do_read(self, int i, int64_t now):
+        cdef Conn* c = &self.conns[i]
+        cdef ssize_t r
+        cdef size_t space
+        cdef int turns = 0
+        cdef object sock
+        cdef bytes data
+        if c.tls:
+            sock = self.socks[i]
+            while not c.closed and turns < 64:
+                space = c.in_cap - c.in_len
+                try:
+                    data = sock.recv(space)
+                except (_ssl.SSLWantReadError, _ssl.SSLWantWriteError, BlockingIOError):
+                    return
+                except _ssl.SSLError:
+                    self.lose(i, E_TLS)
+                    return
+                except OSError as e:
+                    self.last_errno = e.errno or 0
+                    self.lose(i, E_RESET)
+                    return
+                if not data:
+                    self.lose(i, E_CLOSED)
+                    return
+                memcpy(c.inb + c.in_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                c.in_len += PyBytes_GET_SIZE(data)
+                self.bytes_in += PyBytes_GET_SIZE(data)
+                if self.parse(i, now) < 0:
+                    return
+                turns += 1
+            return
+        while not c.closed and turns < 8:
+            space = c.in_cap - c.in_len
+            r = c_recv(c.fd, c.inb + c.in_len, space, 0)
+            if r > 0:
+                c.in_len += r
+                self.bytes_in += r
+                if self.parse(i, now) < 0:
+                    return
+                if <size_t>r < space:
+                    return
+            elif r == 0:
+                self.lose(i, E_CLOSED)
+                return
+            else:
+                if errno == EINTR:
+                    continue
+                if errno != EAGAIN:
+                    self.last_errno = errno
+                    self.lose(i, E_RESET)
+                return
+            turns += 1
+
+    cdef void housekeeping(self, int64_t now):
+        cdef int i
+        cdef Conn* c
+        if self.keepalive_ns <= 0:
+            return
+        for i in range(self.n):
+            c = &self.conns[i]
+            if c.closed:
+                continue
+            if c.ping_sent and now - c.ping_sent > self.keepalive_ns:
+                self.err[E_PING_TIMEOUT] += 1
+                c.ping_sent = 0
+            if now - c.last_tx >= self.keepalive_ns // 2 and c.ping_sent == 0:
+                if self.ensure_out(c, 2) == 0:
+                    c.out_len += encode_empty(c.outb + c.out_len, PINGREQ)
+                    c.ping_sent = now
+                    self.pings += 1
+                    self.flush(i, now)
+
+    # -- the loop -------------------------------------------------------------
+    def run(self, int64_t until_ns):
+        """Runs the loop until CLOCK_MONOTONIC reaches until_ns."""
+        cdef int64_t now, dt, last_house = 0
+        cdef int i, k, nev, timeout
+        cdef int busy
+        cdef uint32_t ev
+        cdef Conn* c
+        while True:
+            now = mono_ns()
+            if now >= until_ns:
+                break
+            busy = 0
+            dt = now - self.prev_turn if self.publishing and self.prev_turn and now > self.t0 else 0
+            self.prev_turn = now
+            for i in range(self.n):
+                c = &self.conns[i]
+                if c.closed or c.role != ROLE_PUB:
+                    continue
+                if dt:
+                    self.publish_ns += dt
+                    if c.out_len >= 4096 or (self.qos and c.inflight >= self.window):
+                        c.blocked_ns += dt
+                        self.blocked_ns += dt
+                if self.publishing and now >= self.t0 and self.fill(i, now):
+                    if self.flush(i, now) > 0 and c.out_len == 0:
+                        busy = 1
+                elif c.out_len and not (c.events & EPOLLOUT):
+                    self.flush(i, now)
+            if now - last_house >= 50000000:
+                last_house = now
+                self.housekeeping(now)
+            if busy:
+                timeout = 0
+            elif self.publishing and (self.rate_ns > 0 or now < self.t0):
+                timeout = 1
+            else:
+                timeout = 5
+            k = <int>((until_ns - now) // 1000000)
+            if k < timeout:
+                timeout = k if k > 0 else 0
+            nev = epoll_wait(self.epfd, self.evs, MAXEV, timeout)
+            if nev <= 0:
+                continue
+            now = mono_ns()
+            for k in range(nev):
+                i = <int>self.evs[k].data.u32
+                ev = self.evs[k].events
+                c = &self.conns[i]
+                if c.closed:
+                    continue
+                if ev & (EPOLLIN | EPOLLERR | EPOLLHUP):
+                    self.do_read(i, now)
+                if not c.closed and c.out_len and (ev & EPOLLOUT or c.role == ROLE_SUB):
+                    self.flush(i, now)
+
+    # -- state for the runner -----------------------------------------------
+    def publishers_idle(self):
+        """True when no publisher has unsent bytes or unacknowledged publishes."""
+        cdef int i
+        cdef Conn* c
+        for i in range(self.n):
+            c = &self.conns[i]
+            if c.closed or c.role != ROLE_PUB:
+                continue
+            if c.out_len or c.inflight:
+                return False
+        return True
+
+    def unacked(self):
+        cdef int i
+        cdef uint64_t n = 0
+        for i in range(self.n):
+            if self.conns[i].role == ROLE_PUB:
+                n += self.conns[i].inflight
+        return n
+
+    def publisher_counts(self):
+        """{publisher id: messages encoded (sent or being sent)}"""
+        cdef int i
+        out = {}
+        for i in range(self.n):
+            if self.conns[i].role == ROLE_PUB:
+                out[self.conns[i].pub_id] = self.conns[i].seq
+        return out
+
+    def subscribers_missing(self, expected):
+        """Messages still missing over this engine's live subscribers, given
+        the final count of every publisher (a sequence of P ints)."""
+        cdef int i
+        cdef uint32_t p
+        cdef int64_t missing = 0
+        cdef int64_t e
+        for i in range(self.n):
+            if self.conns[i].role != ROLE_SUB or self.conns[i].closed:
+                continue
+            for p in range(self.n_pubs):
+                e = <int64_t>expected[p] - <int64_t>self.conns[i].tr[p].unique
+                if e > 0:
+                    missing += e
+        return missing
+
+    def errors(self):
+        cdef int k
+        return {ERROR_NAMES[k]: self.err[k] for k in range(E_COUNT) if self.err[k]}
+
+    cdef dict _hist(self, Hist* h):
+        import numpy as np
+        counts = np.zeros(self.nb + 2, dtype=np.int64)
+        cdef int k
+        for k in range(self.nb + 2):
+            counts[k] = h.counts[k]
+        return {"counts": counts, "total": h.total, "sum_ns": h.sum,
+                "min_ns": h.mn if h.total else float("inf"), "max_ns": h.mx}
+
+    def record_latency(self, values):
+        """Records values (ns) in the latency histogram exactly as received
+        messages are; for tests of agreement with gw/bench/histogram.py."""
+        for v in values:
+            self.hrec(&self.lat, <double>v)
+
+    def latency_hist(self):
+        return self._hist(&self.lat)
+
+    def ack_hist(self):
+        return self._hist(&self.ack)
+
+    def n_conns(self):
+        return self.n
+
+    def disconnect(self, double budget_s=2.0):
+        """DISCONNECT on every open connection, flushed within the budget;
+        then shuts the write side. Returns how many were sent completely."""
+        cdef int i, pending
+        cdef Conn* c
+        cdef int64_t now = mono_ns()
+        cdef int64_t deadline = now + <int64_t>(budget_s * 1e9)
+        cdef uint64_t done = 0
+        for i in range(self.n):
+            c = &self.conns[i]
+            if c.closed:
+                continue
+            if self.ensure_out(c, 2) == 0:
+                c.out_len += encode_empty(c.outb + c.out_len, DISCONNECT)
+        while True:
+            pending = 0
+            now = mono_ns()
+            for i in range(self.n):
+                c = &self.conns[i]
+                if not c.closed and c.out_len:
+                    self.flush(i, now)
+                    if not c.closed and c.out_len:
+                        pending += 1
+            if not pending or now >= deadline:
+                break
+            epoll_wait(self.epfd, self.evs, MAXEV, 10)
+        for i in range(self.n):
+            c = &self.conns[i]
+            if c.closed:
+                continue
+            if c.out_len == 0:
+                done += 1
+            if not c.tls:
+                c_shutdown(c.fd, SHUT_WR)
+            c.closed = 1
+            epoll_ctl(self.epfd, EPOLL_CTL_DEL, c.fd, NULL)
+            self.live -= 1
+        self.disconnected = done
+        return done

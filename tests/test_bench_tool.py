@@ -1,0 +1,639 @@
+"""Tests of `gw bench` (gw/bench/, gw_ext/benchclient.pyx) against a real
+Mosquitto started here on a free loopback port. Counts and correctness
+decide; timing never does (the machine is shared)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gw.bench.histogram import GROWTH, Histogram
+
+ROOT = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+
+needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
+
+
+def _engine_built() -> bool:
+    try:
+        import gw_ext.benchclient  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_engine = pytest.mark.skipif(not _engine_built(), reason="gw_ext.benchclient is not built "
+                                  "(python setup.py build_ext --inplace)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    def __init__(self, tmp: Path, extra: str = "", listener_extra: str = ""):
+        self.port = free_port()
+        self.conf = tmp / f"mosquitto-{self.port}.conf"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n{listener_extra}allow_anonymous true\n"
+            f"max_connections -1\nlog_type error\nlog_dest stderr\n{extra}"
+            # As root, Mosquitto drops to user "mosquitto", who cannot read
+            # files under pytest's private tmp dir.
+            + ("user root\n" if os.geteuid() == 0 else ""))
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read().decode(errors='replace')}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError("mosquitto did not start listening")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def broker(tmp_path):
+    started = []
+
+    def start(**kw) -> Broker:
+        b = Broker(tmp_path, **kw)
+        started.append(b)
+        return b
+
+    try:
+        yield start
+    finally:
+        for b in started:
+            b.stop()
+
+
+def run_bench(args, tmp_path: Path, timeout: float = 90.0):
+    out = tmp_path / f"result-{time.monotonic_ns()}.json"
+    cmd = [sys.executable, "-m", "gw.bench", *map(str, args), "--json", str(out), "--quiet"]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = json.loads(out.read_text()) if out.exists() else None
+    return p, result
+
+
+# -- histogram ---------------------------------------------------------------
+
+@pytest.mark.parametrize("dist", ["lognormal", "exponential", "uniform", "bimodal"])
+def test_histogram_percentiles_within_bucket_precision(dist):
+    rng = np.random.default_rng(1234)
+    n = 200_000
+    if dist == "lognormal":
+        v = rng.lognormal(mean=np.log(2e6), sigma=1.0, size=n)       # ~2 ms median
+    elif dist == "exponential":
+        v = rng.exponential(scale=5e5, size=n) + 2_000                # > 1 us
+    elif dist == "uniform":
+        v = rng.uniform(1e4, 1e9, size=n)
+    else:
+        v = np.concatenate([rng.normal(1e5, 1e4, n // 2), rng.normal(5e7, 5e6, n // 2)])
+        v = np.abs(v) + 1_000
+    h = Histogram()
+    h.record_many(v)
+    assert h.total == n
+    tol = GROWTH - 1.0 + 1e-9   # the bucket's relative width bounds the error
+    for q in (1, 10, 50, 90, 99, 99.9):
+        exact = np.percentile(v, q, method="inverted_cdf")
+        got = h.percentile(q)
+        assert abs(got - exact) / exact <= tol, (q, got, exact)
+    assert h.percentile(100) == v.max()
+    assert h.min_ns == v.min() and h.max_ns == v.max()
+
+
+def test_histogram_merge_and_roundtrip():
+    rng = np.random.default_rng(7)
+    v = rng.lognormal(np.log(1e6), 0.5, 30_000)
+    whole = Histogram()
+    whole.record_many(v)
+    parts = [Histogram() for _ in range(3)]
+    for i, x in enumerate(v):
+        parts[i % 3].record(x)    # the scalar path must agree with the vector one
+    merged = Histogram()
+    for p in parts:
+        merged.merge(Histogram.from_dict(json.loads(json.dumps(p.to_dict()))))
+    assert np.array_equal(merged.counts, whole.counts)
+    assert merged.total == whole.total
+    for q in (50, 99, 99.9):
+        assert merged.percentile(q) == whole.percentile(q)
+
+
+def test_histogram_extremes():
+    h = Histogram()
+    h.record_many([10.0, 500.0, 2e11])   # under 1 us and over 100 s
+    assert h.counts[0] == 2 and h.counts[-1] == 1
+    assert h.percentile(100) == 2e11
+    assert 10.0 <= h.percentile(50) <= 1000.0
+    assert np.isnan(Histogram().percentile(50))
+
+
+# -- plan checks ---------------------------------------------------------------
+
+def test_refuses_more_than_19000_sockets_per_process(tmp_path):
+    p, _ = run_bench(["--clients", 40_000, "--procs", 2, "--server", "127.0.0.1:1"], tmp_path, timeout=30)
+    assert p.returncode == 2
+    assert "--procs 3" in p.stderr
+
+
+def test_needs_source_ips_past_ephemeral_ports(tmp_path):
+    p, _ = run_bench(["--clients", 100_000, "--procs", 6, "--server", "127.0.0.1:1"], tmp_path, timeout=30)
+    assert p.returncode == 2
+    assert "--source-ips" in p.stderr
+
+
+def test_unreachable_server_fails_fast_and_clearly(tmp_path):
+    port = free_port()   # nothing listens there
+    t0 = time.monotonic()
+    p, _ = run_bench(["--clients", 10, "--server", f"127.0.0.1:{port}", "--duration", 60], tmp_path, timeout=60)
+    assert p.returncode != 0
+    assert "connection refused" in p.stderr
+    assert time.monotonic() - t0 < 50   # far below --duration: it did not wait
+
+
+# -- connection scenario ---------------------------------------------------------
+
+@needs_mosquitto
+def test_connection_scenario_counts_exact(broker, tmp_path):
+    b = broker()
+    p, r = run_bench(["--clients", 200, "--rampup", 1, "--duration", 2, "--keepalive", 1,
+                      "--messages", 2, "--qos", 1, "--server", f"127.0.0.1:{b.port}",
+                      "--server-pid", b.pid, "--procs", 2], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["clients"] == 200 and r["connected"] == 200 and r["failed"] == 0
+    assert r["disconnected"] == 200 and r["dropped"] == 0
+    assert r["connect_ms"]["count"] == 200
+    m = r["messages"]
+    assert m["sent"] == 400 and m["acked"] == 400 and m["unacked"] == 0
+    assert r["errors"] == {}
+    assert r["server"]["rss_before"] > 0 and "rss_per_connection" in r["server"]
+    assert r["timeseries"] and max(pt["connected"] for pt in r["timeseries"]) <= 200
+    assert "Success Rate: 100.0%" in p.stdout
+
+
+@needs_mosquitto
+def test_broker_dying_mid_run_reports_partial_results(broker, tmp_path):
+    b = broker()
+    out = tmp_path / "dying.json"
+    cmd = [sys.executable, "-m", "gw.bench", "--clients", 50, "--duration", 40, "--keepalive", 5,
+           "--server", f"127.0.0.1:{b.port}", "--json", out, "--quiet", "--procs", 1]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        time.sleep(3)
+        b.stop()
+        stdout, stderr = proc.communicate(timeout=60)   # ends long before 40 s + grace
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, stdout + stderr
+    r = json.loads(out.read_text())
+    assert r["connected"] == 50
+    assert r["dropped"] == 50
+    assert r["errors"].get("closed_by_server", 0) + r["errors"].get("ECONNRESET", 0) == 50
+    assert "Result: FAILED" in stdout
+
+
+# -- TLS ---------------------------------------------------------------------------
+
+@needs_mosquitto
+def test_tls_with_trustme_ca_and_wrong_ca(broker, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    ca_pem = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert_pem = tmp_path / "cert.pem"
+    key_pem = tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n")
+    p, r = run_bench(["--clients", 60, "--rampup", 0.5, "--duration", 1, "--tls", "--cafile", ca_pem,
+                      "--server", f"127.0.0.1:{b.port}", "--procs", 2], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["connected"] == 60 and r["disconnected"] == 60
+    assert r["connect_phases_ms"]["tls"]["count"] == 60
+
+    other = trustme.CA()
+    wrong = tmp_path / "wrong-ca.pem"
+    other.cert_pem.write_to_path(str(wrong))
+    p, _ = run_bench(["--clients", 10, "--tls", "--cafile", wrong, "--server", f"127.0.0.1:{b.port}"],
+                     tmp_path, timeout=60)
+    assert p.returncode != 0
+    assert "certificate verify failed" in p.stderr
+
+    # Plain MQTT against the TLS port: a clear failure too, not a hang.
+    p, _ = run_bench(["--clients", 10, "--server", f"127.0.0.1:{b.port}", "--connect-timeout", 3],
+                     tmp_path, timeout=60)
+    assert p.returncode != 0
+    assert "gw bench:" in p.stderr
+
+
+@needs_mosquitto
+@needs_engine
+def test_pubsub_tls_counts_exact(broker, tmp_path):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n",
+               extra="max_queued_messages 0\n")
+    p, r = run_bench(["pubsub", "-p", 2, "-S", 2, "--qos", 1, "--rate", 4000, "--duration", 2, "--tls",
+                      "--cafile", ca_pem, "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = r["delivery"]
+    assert d["lost"] == 0 and d["duplicates"] == 0 and d["unique"] == d["expected"] > 0
+
+
+# -- throughput scenario ---------------------------------------------------------------
+
+@needs_mosquitto
+@needs_engine
+@pytest.mark.parametrize("topic_mode", ["per-publisher", "shared"])
+def test_pubsub_qos0_counts_exact(broker, tmp_path, topic_mode):
+    b = broker()
+    p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", 0, "--rate", 3000, "--size", 100,
+                      "--duration", 2, "--topic-mode", topic_mode, "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0
+    assert d["expected"] == m["sent"] * 2
+    # At this modest rate Mosquitto delivers everything: the tool must count
+    # each message exactly once.
+    assert d["unique"] == d["expected"]
+    assert m["received"] == d["unique"] and d["duplicates"] == 0 and d["foreign"] == 0
+    assert r["histograms"]["latency"]["total"] == m["received"]
+    assert r["connected"] == 5 and r["disconnected"] == 5
+
+
+@needs_mosquitto
+@needs_engine
+@pytest.mark.parametrize("qos", [1, 2])
+def test_pubsub_qos_lossless_flat_out(broker, tmp_path, qos):
+    b = broker(extra="max_queued_messages 0\nmax_inflight_messages 0\n")
+    p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
+                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0 and m["acked"] == m["sent"]
+    assert d["expected"] == m["sent"] * 2 == d["unique"]
+    assert d["lost"] == 0 and d["duplicates"] == 0
+    assert r["histograms"]["ack"]["total"] == m["sent"]
+
+
+@needs_mosquitto
+@needs_engine
+def test_pubsub_fan_out_and_fan_in(broker, tmp_path):
+    b = broker(extra="max_queued_messages 0\n")
+    p, r = run_bench(["pubsub", "-p", 1, "-S", 5, "--qos", 1, "--rate", 2000, "--duration", 1,
+                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["delivery"]["unique"] == r["messages"]["sent"] * 5
+    p, r = run_bench(["pubsub", "-p", 6, "-S", 1, "--qos", 1, "--rate", 3000, "--duration", 1,
+                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["delivery"]["unique"] == r["messages"]["sent"]
+
+
+# -- JSON line protocol ------------------------------------------------------------
+
+class JsonLineServer:
+    """A minimal server of gw's newline-delimited JSON protocol, counting what
+    it receives so the bench's own counts can be checked against it."""
+
+    def __init__(self):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(512)
+        self.port = self.sock.getsockname()[1]
+        self.counts: dict[str, int] = {}
+        self.ids: set = set()
+        self.lock = threading.Lock()
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import threading
+        while not self.closed:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        import uuid
+        f = c.makefile("rb")
+        try:
+            for line in f:
+                try:
+                    msg = json.loads(line)
+                    kind = msg["message_type"]
+                except (ValueError, KeyError, TypeError):
+                    c.sendall(b'{"client_id": null, "message_type": "Error", "payload": "invalid", "timestamp": 0}\n')
+                    continue
+                with self.lock:
+                    self.counts[kind] = self.counts.get(kind, 0) + 1
+                    if kind == "Connect":
+                        self.ids.add(msg["client_id"])
+                if kind == "Connect":
+                    cid = msg["client_id"] or str(uuid.uuid4())
+                    c.sendall(json.dumps({"client_id": cid, "message_type": "Connect", "payload": "Connected",
+                                          "timestamp": time.time()}).encode() + b"\n")
+                elif kind == "Disconnect":
+                    break
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+    def close(self):
+        self.closed = True
+        self.sock.close()
+
+
+def test_json_protocol_counts_exact(tmp_path):
+    srv = JsonLineServer()
+    try:
+        p, r = run_bench(["--protocol", "json", "--clients", 40, "--rampup", 0.5, "--duration", 2,
+                          "--keepalive", 1, "--messages", 3, "--client-prefix", "jt-",
+                          "--server", f"127.0.0.1:{srv.port}", "--procs", 2], tmp_path)
+        assert p.returncode == 0, p.stdout + p.stderr
+        assert r["connected"] == 40 and r["disconnected"] == 40
+        assert r["messages"]["sent"] == 120
+        deadline = time.monotonic() + 5
+        while srv.counts.get("Disconnect", 0) < 40 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # The preflight client connects and disconnects once too.
+        assert srv.counts["Connect"] == 41 and srv.counts["Disconnect"] == 41
+        assert srv.counts["Data"] == 120
+        assert srv.counts["Heartbeat"] == r["counters"]["pings"]
+        assert srv.ids >= {f"jt-{i}" for i in range(40)}
+    finally:
+        srv.close()
+
+
+@needs_mosquitto
+def test_source_ips_round_robin(broker, tmp_path):
+    import psutil
+    b = broker()
+    out = tmp_path / "src.json"
+    cmd = [sys.executable, "-m", "gw.bench", "--clients", 60, "--source-ips", "127.0.0.2-127.0.0.4",
+           "--duration", 4, "--server", f"127.0.0.1:{b.port}", "--procs", 1, "--json", out, "--quiet"]
+    proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        seen: dict[str, int] = {}
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and sum(seen.values()) < 60 and proc.poll() is None:
+            time.sleep(0.3)
+            seen = {}
+            for c in psutil.Process(b.pid).net_connections(kind="tcp"):
+                if c.raddr and c.status == psutil.CONN_ESTABLISHED:
+                    seen[c.raddr.ip] = seen.get(c.raddr.ip, 0) + 1
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stdout + stderr
+    assert seen == {"127.0.0.2": 20, "127.0.0.3": 20, "127.0.0.4": 20}
+    r = json.loads(out.read_text())
+    assert r["connected"] == 60 and r["disconnected"] == 60
+
+
+# -- agreement between the pieces -----------------------------------------------------
+
+@needs_engine
+def test_engine_histogram_buckets_match_python():
+    from gw.bench import histogram as H
+    from gw_ext.benchclient import Engine
+
+    rng = np.random.default_rng(99)
+    v = np.concatenate([rng.lognormal(np.log(5e5), 2.0, 50_000), [0.0, 999.0, 1000.0, 1e11, 5e11]])
+    eng = Engine(0, 16, 1, 1, 0, H.MIN_NS, H.GROWTH, H.NBUCKETS, 1)
+    eng.record_latency(v.tolist())
+    d = eng.latency_hist()
+    h = Histogram()
+    h.record_many(v)
+    # Identical up to values that sit on a bucket edge within float rounding.
+    diff = np.abs(d["counts"] - h.counts).sum()
+    assert diff <= 2
+    assert d["total"] == h.total
+
+
+def test_bench_mqtt_encoder_agrees_with_project_codec():
+    codec = pytest.importorskip("gw_ext.codec")
+    from gw import packets as P
+    from gw.bench import mqtt
+
+    data = (mqtt.connect(b"gwbench-1", 30, b"user", b"pw") + mqtt.publish(b"a/b", b"x" * 300, 1, 7)
+            + mqtt.subscribe(3, b"a/+", 2) + mqtt.ack(mqtt.PUBREL, 9) + mqtt.PINGREQ_BYTES
+            + mqtt.DISCONNECT_BYTES)
+    pkts, used = codec.decode(data)
+    assert used == len(data)
+    assert isinstance(pkts[0], P.Connect) and pkts[0].client_id == "gwbench-1" and pkts[0].keepalive == 30
+    assert pkts[0].username == "user" and pkts[0].password == b"pw"
+    assert pkts[1] == P.Publish(topic="a/b", payload=b"x" * 300, qos=1, packet_id=7)
+    assert isinstance(pkts[2], P.Subscribe)
+    assert pkts[3] == P.Pubrel(packet_id=9)
+    assert isinstance(pkts[4], P.Pingreq) and isinstance(pkts[5], P.Disconnect)
+    # and the splitter reads what the codec writes
+    buf = bytearray(codec.encode(P.Connack(return_code=0)) + codec.encode(P.Suback(packet_id=1, return_codes=[1]))
+                    + codec.encode(P.Puback(packet_id=5)))
+    got = mqtt.split(buf)
+    assert [f >> 4 for f, _ in got] == [mqtt.CONNACK, mqtt.SUBACK, mqtt.PUBACK] and not buf
+
+
+@needs_mosquitto
+def test_plot_or_a_clear_error_without_matplotlib(broker, tmp_path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        p, _ = run_bench(["--clients", 1, "--plot", tmp_path / "x.png", "--server", "127.0.0.1:1"], tmp_path,
+                         timeout=30)
+        assert p.returncode == 2 and "matplotlib" in p.stderr
+        return
+    b = broker()
+    png = tmp_path / "run.png"
+    p, r = run_bench(["--clients", 20, "--duration", 1, "--plot", png, "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_dry_run_accepts_100k_with_source_ips_and_procs(tmp_path):
+    p, _ = run_bench(["--clients", 100_000, "--rampup", 30, "--procs", 6, "--source-ips", "127.0.0.1-127.0.0.8",
+                      "--dry-run"], tmp_path, timeout=30)
+    assert p.returncode == 0, p.stderr
+    assert "16,667 sockets each" in p.stdout and "8 (12,500 connections each" in p.stdout
+
+
+# -- against gw itself ------------------------------------------------------------------
+
+@pytest.fixture
+def gw_server(tmp_path):
+    """`gw serve` with an MQTT and a JSON listener; skips when gw cannot serve yet."""
+    mqtt_port, json_port = free_port(), free_port()
+    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{mqtt_port}",
+           "--json", f"127.0.0.1:{json_port}", "--mqtts", "off", "--jsons", "off", "--stats-interval", "0",
+           "--data-dir", str(tmp_path / "gwdata")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        up = False
+        while time.monotonic() < deadline and proc.poll() is None and not up:
+            try:
+                socket.create_connection(("127.0.0.1", mqtt_port), timeout=0.2).close()
+                socket.create_connection(("127.0.0.1", json_port), timeout=0.2).close()
+                up = True
+            except OSError:
+                time.sleep(0.1)
+        if not up:
+            pytest.skip("gw serve did not start here: " + (proc.stderr.read()[-500:] if proc.poll() is not None else "timeout"))
+        yield mqtt_port, json_port
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+def test_connection_scenario_against_gw_mqtt_and_json(gw_server, tmp_path):
+    mqtt_port, json_port = gw_server
+    for proto, port in (("mqtt", mqtt_port), ("json", json_port)):
+        p, r = run_bench(["--protocol", proto, "--clients", 100, "--rampup", 0.5, "--duration", 1.5,
+                          "--keepalive", 1, "--messages", 2, "--server", f"127.0.0.1:{port}"], tmp_path)
+        assert p.returncode == 0, proto + p.stdout + p.stderr
+        assert r["connected"] == 100 and r["disconnected"] == 100 and r["messages"]["sent"] == 200
+
+
+# -- the Cython engine on a socketpair (exact accounting, no broker) -----------------------
+
+def _publish(topic: bytes, pub_id: int, seq: int, qos: int = 0, pid: int = 0, size: int = 16) -> bytes:
+    from gw.bench import mqtt, payload
+    return mqtt.publish(topic, payload.make(pub_id, seq, size), qos, pid)
+
+
+@needs_engine
+def test_engine_counts_unique_duplicates_out_of_order_and_foreign():
+    from gw.bench import histogram as H
+    from gw_ext.benchclient import Engine
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        eng = Engine(1, 16, 2, 8, 0, H.MIN_NS, H.GROWTH, H.NBUCKETS, 1)
+        eng.add(a.fileno(), a, True, 0, b"", b"", False)
+        data = b"".join(_publish(b"t/p/0", 0, s, 1, i + 1) for i, s in enumerate([0, 1, 2, 2, 5, 3, 4]))
+        data += _publish(b"t/p/1", 1, 0) + _publish(b"t/p/1", 1, 0)
+        data += _publish(b"t/p/7", 7, 0)                       # publisher id out of range
+        data += b"\x30\x05\x00\x01xab"                          # payload too short for a bench message
+        b.sendall(data)
+        eng.run(time.monotonic_ns() + 300_000_000)
+        assert eng.received == 11
+        assert eng.unique == 7 and eng.duplicates == 2 and eng.out_of_order == 2 and eng.foreign == 2
+        assert eng.subscribers_missing([6, 1]) == 0
+        assert eng.subscribers_missing([8, 2]) == 3
+        assert eng.latency_hist()["total"] == 9
+        b.settimeout(2)
+        acks = b""
+        while len(acks) < 7 * 4:
+            acks += b.recv(4096)
+        assert acks == b"".join(bytes((0x40, 2, 0, i + 1)) for i in range(7))   # a PUBACK per QoS 1 PUBLISH
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_engine
+def test_engine_publisher_keeps_the_inflight_window():
+    from gw.bench import histogram as H
+    from gw.bench import mqtt
+    from gw_ext.benchclient import Engine
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.settimeout(2)
+    try:
+        eng = Engine(1, 32, 1, 4, 0, H.MIN_NS, H.GROWTH, H.NBUCKETS, 1)
+        eng.add(a.fileno(), a, False, 0, b"t/p/0", b"", False)
+        eng.start(time.monotonic_ns(), 0.0)          # flat out
+        eng.run(time.monotonic_ns() + 200_000_000)
+        buf = bytearray()
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                b.setblocking(False)
+                buf += b.recv(65536)
+            except BlockingIOError:
+                break
+        pkts = mqtt.split(buf)
+        assert len(pkts) == 4 and eng.published == 4           # the window, no more
+        assert [int.from_bytes(body[7:9], "big") for _, body in pkts] == [1, 2, 3, 4]
+        b.sendall(mqtt.ack(mqtt.PUBACK, 1) + mqtt.ack(mqtt.PUBACK, 2))
+        eng.run(time.monotonic_ns() + 200_000_000)
+        assert eng.acked == 2 and eng.published == 6 and eng.unacked() == 4
+        eng.stop_publishing()
+        assert eng.publisher_counts() == {0: 6}
+        assert not eng.publishers_idle()
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_mosquitto
+def test_username_password(broker, tmp_path):
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    pw = tmp_path / "pw.txt"
+    pw.write_text("")
+    subprocess.run([passwd, "-b", str(pw), "alice", "s3cret"], check=True, timeout=10)
+    b = broker(extra=f"password_file {pw}\n")
+    # allow_anonymous true is in every Broker config; a password file still
+    # makes Mosquitto check the credentials that are given.
+    p, r = run_bench(["--clients", 20, "--duration", 0.5, "--username", "alice", "--password", "s3cret",
+                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["connected"] == 20
+    p, _ = run_bench(["--clients", 20, "--duration", 0.5, "--username", "alice", "--password", "wrong",
+                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
+    assert p.returncode == 2
+    assert "bad user name or password" in p.stderr or "not authorized" in p.stderr
