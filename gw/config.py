@@ -73,8 +73,16 @@ class Config:
                                     "more are refused and counted", minimum=1)
     max_packet_size: int = _setting(1 << 20, "largest MQTT packet (or JSON line) accepted, bytes; "
                                     "larger closes the connection", minimum=64, maximum=268_435_460)
-    max_outbound: int = _setting(8 << 20, "bytes queued to one slow client before it is disconnected",
+    max_outbound: int = _setting(8 << 20, "bytes queued to one slow client before it is disconnected; "
+                                 "past half of it QoS 0 messages to that client are dropped and counted",
                                  minimum=4096, maximum=1 << 31)
+    max_inflight: int = _setting(32, "QoS 1/2 messages sent to one client and not yet acknowledged",
+                                 minimum=1, maximum=65535)
+    max_queued: int = _setting(1000, "QoS 1/2 messages queued for one client beyond max_inflight "
+                               "(also while a clean_session=0 client is away); more are dropped "
+                               "and counted", minimum=0)
+    max_retained: int = _setting(100_000, "retained messages kept; more are refused and counted",
+                                 minimum=0)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
                                       minimum=0.1, maximum=3600)
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",

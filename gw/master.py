@@ -32,6 +32,7 @@ stats_log = logging.getLogger("gw.stats")
 LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", False),
              ("jsons", "json", True))
 BACKLOG = 4096
+CHANNEL_BUFFER = 4 << 20  # capped by net.core.wmem_max / rmem_max
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
 RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
@@ -76,6 +77,8 @@ class Master:
         self.reload_pending = False
         self.wake_r, self.wake_w = -1, -1
         self.bound: dict[str, str] = {}
+        # (i, j) -> (socket for i, socket for j): one channel per pair of workers.
+        self.channels: dict[tuple[int, int], tuple[socket.socket, socket.socket]] = {}
 
     # --- start-up ------------------------------------------------------------
 
@@ -112,6 +115,15 @@ class Master:
                 port = sock.getsockname()[1]      # port 0: all slots share the one picked
                 slot.sockets.append(ListenerSpec(name, sock, proto, tls))
             self.bound[name] = f"{addr.host}:{port}" if ":" not in addr.host else f"[{addr.host}]:{port}"
+        for i in range(len(self.slots)):
+            for j in range(i + 1, len(self.slots)):
+                pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                for sock in pair:
+                    sock.setblocking(False)
+                    # Room for bursts, and for one frame as large as the largest packet.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
+                self.channels[(i, j)] = pair
         self.block = StatsBlock.create(len(self.slots), os.getpid())
         self.pidfile = data / PIDFILE
         self.pidfile.write_text(f"{os.getpid()}\n")
@@ -132,7 +144,18 @@ class Master:
                     if other is not slot:
                         for spec in other.sockets:
                             spec.sock.close()
-                code = worker_main(slot.index, self.cfg, slot.sockets, self.block, self.certs,
+                mine = {}
+                for (i, j), (a, b) in self.channels.items():
+                    if i == slot.index:
+                        mine[j] = a
+                        b.close()
+                    elif j == slot.index:
+                        mine[i] = b
+                        a.close()
+                    else:
+                        a.close()
+                        b.close()
+                code = worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                                    self.config_path, self.overrides)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)

@@ -42,13 +42,18 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_connections = cfg.max_connections
     worker.max_packet_size = cfg.max_packet_size
     worker.max_outbound = cfg.max_outbound
+    worker.soft_outbound = cfg.max_outbound // 2
+    worker.max_inflight = cfg.max_inflight
+    worker.max_queued = cfg.max_queued
+    worker.max_retained = cfg.max_retained
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
 
 
-def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], block: StatsBlock,
-                certs: CertPaths | None, config_path: str | None, overrides: dict) -> int:
+def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
+                block: StatsBlock, certs: CertPaths | None, config_path: str | None,
+                overrides: dict) -> int:
     from gw_ext.loop import Worker
     from gw_ext.tls import TLSContext, TLSError
 
@@ -58,6 +63,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], block: St
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], JsonProtocol(), max_fds)
     apply_limits(worker, cfg)
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
+    for peer, sock in channels.items():
+        worker.add_peer(peer, sock.fileno())
     tls_indexes = []
     for spec in listeners:
         index = worker.add_listener(spec.sock.fileno(), spec.proto, tls if spec.tls else None)

@@ -1,11 +1,12 @@
-# Included by loop.pyx. CONNECT: validation, client id, CONNACK.
+# Included by loop.pyx. CONNECT: validation, then the session is settled
+# across workers (registry.pxi), which sends the CONNACK.
 
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef ConnectPacket pkt
     cdef int reason = 0
     cdef int rc = decode_connect(body, n, &pkt, &reason)
     cdef uint8_t* out
-    cdef bytes generated
+    cdef PendingConnect pc
     if rc < 0:
         w.malformed(c, reason)
         return -1
@@ -20,29 +21,22 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         w.counters[PKT_OUT + CONNACK] += 1
         w.close_after_flush(c)
         return -1
+    pc = PendingConnect.__new__(PendingConnect)
+    pc.fd = c.fd
+    pc.gen = c.gen
+    pc.prev_owner = -2
     if pkt.client_id.len > 0:
-        c.client_id = <char*>malloc(pkt.client_id.len)
-        if c.client_id == NULL:
-            w.close_conn(c, CR_SERVER)
-            return -1
-        memcpy(c.client_id, pkt.client_id.ptr, pkt.client_id.len)
-        c.client_id_len = <uint16_t>pkt.client_id.len
+        pc.client_id = PyBytes_FromStringAndSize(<char*>pkt.client_id.ptr, pkt.client_id.len)
     else:
         # Empty client id with clean session 1: the server assigns one (MQTT-3.1.3-6).
         w.auto_id += 1
-        generated = b"auto-%d-%x" % (w.worker_index, w.auto_id)
-        c.client_id_len = <uint16_t>len(generated)
-        c.client_id = <char*>malloc(c.client_id_len)
-        if c.client_id == NULL:
-            w.close_conn(c, CR_SERVER)
-            return -1
-        memcpy(c.client_id, PyBytes_AS_STRING(generated), c.client_id_len)
-    c.keepalive = pkt.keepalive
-    w.become_connected(c, <uint32_t>pkt.keepalive * 1500)
-    w.counters[MQTT_CONNECTED] += 1
-    out = w.reserve(c, 4)
-    if out == NULL:
-        return -1
-    encode_connack(out, 0, CONNACK_ACCEPTED)
-    w.counters[PKT_OUT + CONNACK] += 1
-    return 0
+        pc.client_id = b"auto-%d-%x" % (w.worker_index, w.auto_id)
+    pc.clean = pkt.clean_session
+    pc.keepalive = pkt.keepalive
+    pc.will_flag = pkt.will_flag
+    if pkt.will_flag:
+        pc.will_topic = PyBytes_FromStringAndSize(<char*>pkt.will_topic.ptr, pkt.will_topic.len)
+        pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
+        pc.will_qos = pkt.will_qos
+        pc.will_retain = pkt.will_retain
+    return connect_claim(w, c, pc)

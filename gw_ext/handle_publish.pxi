@@ -1,28 +1,40 @@
-# Included by loop.pyx. PUBLISH and the QoS acknowledgement flows.
+# Included by loop.pyx. PUBLISH from a client, and the acknowledgements of
+# both directions (PUBACK, PUBREC, PUBREL, PUBCOMP).
 
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
     cdef int reason = 0
-    cdef uint8_t* out
+    cdef Session* s = &w.sessions[c.session]
     if decode_publish(first, body, n, &pkt, &reason) < 0:
         w.malformed(c, reason)
         return -1
     w.counters[MSGS_IN] += 1
-    # Routing to subscribers is the router's job (not built yet); the
-    # acknowledgement flow is the protocol's and complete here.
+    if pkt.qos == 2:
+        if qos2_seen(s, pkt.packet_id):
+            # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.
+            return w.send_ack(c, PUBREC, pkt.packet_id)
+        if qos2_remember(s, pkt.packet_id) < 0:
+            w.close_conn(c, CR_SERVER)
+            return -1
+    route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True)
+    if c.state != ST_CONNECTED:
+        return -1       # delivering to itself overflowed its own buffer
     if pkt.qos == 1:
         return w.send_ack(c, PUBACK, pkt.packet_id)
     if pkt.qos == 2:
         return w.send_ack(c, PUBREC, pkt.packet_id)
     return 0
 
+
 cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n):
     cdef uint16_t pid
+    cdef Session* s = &w.sessions[c.session]
     if decode_packet_id(body, n, &pid) < 0:
         w.malformed(c, MAL_PACKET_ID)
         return -1
     if ptype == PUBREL:
+        # The publisher's QoS 2 release; PUBCOMP also for an id we do not know
+        # (it may have been completed before a reconnect), as Mosquitto does.
+        qos2_forget(s, pid)
         return w.send_ack(c, PUBCOMP, pid)
-    if ptype == PUBREC:
-        return w.send_ack(c, PUBREL, pid)
-    return 0
+    return session_acked(w, s, ptype, pid)

@@ -11,6 +11,8 @@ cdef enum ConnState:
     ST_AWAIT_CONNECT = 3      # socket (and TLS) up, no CONNECT yet
     ST_CONNECTED = 4          # CONNECT accepted
     ST_CLOSING = 5            # flushing its last bytes, input ignored
+    ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
+    ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -36,7 +38,10 @@ cdef struct Conn:
     uint8_t flags
     uint8_t listener          # index into Worker.listeners
     uint16_t keepalive        # seconds, from CONNECT
-    uint16_t client_id_len
+    uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
+    int session               # MQTT session slot, -1 before CONNECT
+    uint32_t gen              # which connection this is (fds are reused)
+    uint32_t pending_token    # ST_SETTLING: the claim it waits for
     uint32_t timeout_ms       # idle limit after CONNECT (0: none)
     uint32_t need             # size of the partial packet in inbuf, when known
     uint64_t last_rx_ms       # when the last complete packet arrived
@@ -54,3 +59,66 @@ cdef struct Listener:
     int fd
     uint8_t proto
     SSL_CTX* ctx              # NULL for plain listeners
+
+
+# A message kept for QoS 1/2 delivery: one allocation per message per worker,
+# shared (refcounted) by every session it is in flight or queued for.
+# QoS 0 deliveries never make one: they are encoded straight from the
+# publisher's read buffer into the subscribers' outbound buffers.
+cdef struct Msg:
+    uint32_t refs
+    uint32_t topic_len
+    uint32_t payload_len
+    uint8_t qos               # as published
+    uint8_t retain
+    uint8_t* data             # topic, then payload (same allocation)
+
+cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack
+    Msg* msg
+    uint16_t packet_id
+    uint8_t qos               # the QoS it was sent with (after downgrade)
+    uint8_t state             # IF_PUBLISHED, IF_RELEASED
+
+cdef enum:
+    IF_PUBLISHED = 0          # PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
+    IF_RELEASED = 1           # PUBREL sent; waiting for PUBCOMP
+
+cdef struct Queued:           # waiting for a free in-flight slot (or for the client to return)
+    Msg* msg
+    uint8_t qos
+
+# An MQTT session: subscriptions (in the worker's TopicTrie under this slot
+# number), QoS 1/2 state both ways, the will. Lives while its connection does,
+# and for clean_session=0 also while the client is away.
+cdef struct Session:
+    int fd                    # its connection, -1 while the client is away
+    uint8_t in_use
+    uint8_t clean
+    uint8_t will_qos
+    uint8_t will_retain
+    uint16_t next_packet_id
+    uint16_t client_id_len
+    char* client_id
+    Msg* will                 # NULL: no will
+    Inflight* inflight        # ninflight entries, in send order
+    uint16_t ninflight
+    uint16_t inflight_cap
+    Queued* queue             # ring
+    uint32_t qhead
+    uint32_t qlen
+    uint32_t qcap
+    uint16_t* qos2_in         # QoS 2 packet ids received, awaiting PUBREL
+    uint16_t nqos2_in
+    uint16_t qos2_cap
+    uint64_t away_since_ms
+
+# The link to one other worker: a SOCK_SEQPACKET socket made by the master
+# before forking. Frames for it are batched in `out` and sent once per loop
+# turn; each send is one datagram of whole frames, so a worker that dies
+# mid-write never leaves half a frame for its respawned successor.
+cdef struct Peer:
+    int fd                    # -1: no such peer
+    uint8_t* out
+    uint32_t outlen
+    uint32_t outcap
+    uint8_t blocked           # the socket was full; EPOLLOUT armed

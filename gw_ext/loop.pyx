@@ -23,9 +23,11 @@ from gw_ext.codec cimport *
 from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
+from gw_ext.topics cimport *
 from gw_ext.wheel cimport TimerNode, Wheel, wheel_advance, wheel_cancel, wheel_free, wheel_init, wheel_schedule
 
 import logging
+from struct import pack as struct_pack, unpack_from as struct_unpack_from
 
 log = logging.getLogger("gw.worker")
 
@@ -52,7 +54,7 @@ cdef extern from "sys/socket.h" nogil:
     ssize_t send(int fd, const void* buf, size_t n, int flags)
     int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
     int shutdown(int fd, int how)
-    int SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, SHUT_RD
+    int SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, MSG_DONTWAIT, SHUT_RD
 
 cdef extern from "netinet/in.h" nogil:
     int IPPROTO_TCP
@@ -98,11 +100,16 @@ cdef enum CloseReason:
     CR_OVERFLOW = 7
     CR_TLS = 8
     CR_REFUSED = 9
-    N_CLOSE_REASONS = 10
+    CR_DISCONNECT = 10        # the client sent DISCONNECT: no will
+    CR_TAKEOVER = 11          # another CONNECT with the same client id
+    CR_CHANNEL = 12           # (log only) inter-worker channel trouble
+    CR_QUEUE = 13             # (log only) a bound dropped a message
+    N_CLOSE_REASONS = 14
 
-cdef uint32_t[10] CLOSE_COUNTER = [
+cdef uint32_t[14] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
-    CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER]
+    CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
+    CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER]
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
@@ -148,6 +155,26 @@ cdef class Worker:
     cdef uint64_t drain_deadline_ms
     cdef bint reload_requested
     cdef object json_protocol
+    # Broker state (router.pxi, sessions.pxi, channels.pxi).
+    cdef TopicTrie* index
+    cdef MatchResult match
+    cdef Session* sessions
+    cdef uint32_t nsessions              # slots ever used
+    cdef uint32_t sessions_cap
+    cdef int* free_sessions
+    cdef uint32_t nfree_sessions
+    cdef dict client_sessions            # client id (bytes) -> session slot
+    cdef dict retained                   # topic (bytes) -> (qos, payload bytes)
+    cdef bint retained_changed
+    cdef Peer[64] peers
+    cdef int npeers
+    cdef uint64_t peers_dirty
+    cdef uint8_t* chan_buf               # receives datagrams from peers (channels.pxi)
+    cdef size_t chan_buf_size
+    cdef dict registry                   # at the id's home: client id -> owning worker
+    cdef dict pending                    # token -> PendingConnect, waiting to settle
+    cdef uint32_t settle_token
+    cdef uint32_t conn_gen
 
     # Limits, settable (and reloadable) from Python.
     cdef public int worker_index
@@ -156,6 +183,10 @@ cdef class Worker:
     cdef public uint32_t connect_timeout_ms
     cdef public uint32_t json_timeout_ms
     cdef public uint32_t max_outbound
+    cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
+    cdef public uint32_t max_inflight
+    cdef public uint32_t max_queued
+    cdef public uint32_t max_retained
     cdef public object on_reload     # called (no arguments) after SIGHUP
     cdef public bint stopped
 
@@ -165,6 +196,7 @@ cdef class Worker:
 
     def __init__(self, int worker_index, object counters_row, object all_counters, int nworkers,
                  object json_protocol, int max_fds):
+        cdef int i
         cdef uint64_t[::1] row = counters_row
         cdef uint64_t[:, ::1] rows = all_counters
         self.worker_index = worker_index
@@ -178,12 +210,25 @@ cdef class Worker:
         self.connect_timeout_ms = 10000
         self.json_timeout_ms = 30000
         self.max_outbound = 8 << 20
+        self.soft_outbound = 4 << 20
+        self.max_inflight = 32
+        self.max_queued = 1000
+        self.max_retained = 100000
+        self.client_sessions = {}
+        self.registry = {}
+        self.pending = {}
+        self.retained = {}
+        self.index = topics_new()
+        topics_result_init(&self.match)
+        self.npeers = nworkers
+        for i in range(64):
+            self.peers[i].fd = -1
         self.listener_contexts = [None] * MAX_LISTENERS
         self.nconns = max_fds
         self.conns = <Conn*>calloc(max_fds, sizeof(Conn))
         self.rbuf = <uint8_t*>malloc(READ_BUFFER)
         self.dirty = <int*>malloc(max_fds * sizeof(int))
-        if self.conns == NULL or self.rbuf == NULL or self.dirty == NULL:
+        if self.conns == NULL or self.rbuf == NULL or self.dirty == NULL or self.index == NULL:
             raise MemoryError()
         self.now_ms = monotonic_ms()
         if wheel_init(&self.wheel, WHEEL_SLOTS, TICK_MS, self.now_ms) != 0:
@@ -195,11 +240,23 @@ cdef class Worker:
 
     def __dealloc__(self):
         cdef int fd
+        cdef uint32_t slot
         if self.conns != NULL:
             for fd in range(self.nconns):
-                if self.conns[fd].state != ST_FREE and self.conns[fd].state != ST_LISTENER:
+                if self.conns[fd].state > ST_LISTENER and self.conns[fd].state != ST_CHANNEL:
                     self.release(&self.conns[fd])
             free(self.conns)
+        for slot in range(self.nsessions):
+            if self.sessions[slot].in_use:
+                session_free(self, slot, False)
+        free(self.sessions)
+        free(self.free_sessions)
+        for fd in range(64):
+            free(self.peers[fd].out)
+        if self.index != NULL:
+            topics_free(self.index)
+        topics_result_free(&self.match)
+        free(self.chan_buf)
         free(self.rbuf)
         free(self.dirty)
         wheel_free(&self.wheel)
@@ -237,6 +294,26 @@ cdef class Worker:
         self.nlisteners += 1
         return self.nlisteners - 1
 
+    def add_peer(self, int peer, int fd):
+        """Registers the channel (a non-blocking SOCK_SEQPACKET socket) to worker `peer`."""
+        cdef epoll_event ev
+        if not 0 <= peer < 64 or peer == self.worker_index or fd >= self.nconns:
+            raise ValueError("bad peer %d / fd %d" % (peer, fd))
+        self.peers[peer].fd = fd
+        self.conns[fd].state = ST_CHANNEL
+        self.conns[fd].fd = fd
+        self.conns[fd].listener = peer
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            raise OSError(errno, "epoll_ctl")
+
+    @property
+    def retained_messages(self):
+        """The retained store (topic -> (qos, payload)); for persistence and tests."""
+        return self.retained
+
     def set_tls_context(self, int index, TLSContext tls):
         """Swaps a TLS listener's context (SIGHUP): new handshakes use it, established
         connections keep theirs (each SSL holds a reference to its SSL_CTX)."""
@@ -272,6 +349,13 @@ cdef class Worker:
         cdef TimerNode* expired
         cdef TimerNode* nxt
         cdef bint drain_started = False
+        cdef int p
+        # Tell the other workers we (re)started: they forget our old interests
+        # and send theirs, and the retained store.
+        for p in range(self.npeers):
+            if p != self.worker_index and self.peers[p].fd >= 0:
+                channel_frame(self, p, FR_HELLO, 0, 0, 0)
+        channels_flush(self)
         while True:
             n = epoll_wait(self.epfd, events, MAX_EVENTS, TICK_MS)
             self.now_ms = monotonic_ms()
@@ -287,6 +371,12 @@ cdef class Worker:
                 if c.state == ST_LISTENER:
                     self.accept_from(c.listener)
                     continue
+                if c.state == ST_CHANNEL:
+                    if ev & EPOLLOUT:
+                        channel_writable(self, c.listener)
+                    if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                        channel_readable(self, c.listener)
+                    continue
                 if c.state == ST_FREE:
                     continue
                 if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
@@ -300,6 +390,9 @@ cdef class Worker:
                 self.on_timer(<Conn*>expired)
                 expired = nxt
             self.flush_dirty()
+            if self.peers_dirty:
+                channels_flush(self)
+            self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
             # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
             PyErr_CheckSignals()
             if self.reload_requested:
@@ -333,14 +426,14 @@ cdef class Worker:
         self.nlisteners = 0
         for fd in range(self.nconns):
             c = &self.conns[fd]
-            if c.state != ST_FREE and c.state != ST_LISTENER:
+            if c.state != ST_FREE and c.state != ST_LISTENER and c.state != ST_CHANNEL:
                 self.close_after_flush(c)
         self.flush_dirty()
 
     cdef void close_all(self, int reason):
         cdef int fd
         for fd in range(self.nconns):
-            if self.conns[fd].state != ST_FREE and self.conns[fd].state != ST_LISTENER:
+            if self.conns[fd].state > ST_LISTENER and self.conns[fd].state != ST_CHANNEL:
                 self.close_conn(&self.conns[fd], reason)
 
     # --- accepting -----------------------------------------------------------
@@ -385,6 +478,9 @@ cdef class Worker:
             c = &self.conns[fd]
             memset(c, 0, sizeof(Conn))
             c.fd = fd
+            c.session = -1
+            self.conn_gen += 1
+            c.gen = self.conn_gen
             c.proto = l.proto
             c.listener = index
             c.last_rx_ms = self.now_ms
@@ -501,21 +597,27 @@ cdef class Worker:
                     return
                 self.counters[BYTES_IN] += n
                 c.inlen += <uint32_t>n
-                used = self.process(c, c.inbuf, c.inlen)
-                if used < 0:
+                if self.resume_input(c) < 0:
                     return
-                if used == c.inlen:
-                    free(c.inbuf)
-                    c.inbuf = NULL
-                    c.inlen = c.incap = c.need = 0
-                elif used > 0:
-                    memmove(c.inbuf, c.inbuf + used, c.inlen - used)
-                    c.inlen -= <uint32_t>used
             # Plain sockets: one read per readiness event (level-triggered epoll
             # brings us back). TLS: drain what OpenSSL already decrypted, which
             # epoll cannot see.
             if c.ssl == NULL or SSL_pending(c.ssl) == 0:
                 return
+
+    cdef int resume_input(self, Conn* c):
+        """Handles what is in c's carry-over buffer; -1 if c was closed."""
+        cdef Py_ssize_t used = self.process(c, c.inbuf, c.inlen)
+        if used < 0:
+            return -1
+        if used == c.inlen:
+            free(c.inbuf)
+            c.inbuf = NULL
+            c.inlen = c.incap = c.need = 0
+        elif used > 0:
+            memmove(c.inbuf, c.inbuf + used, c.inlen - used)
+            c.inlen -= <uint32_t>used
+        return 0
 
     cdef Py_ssize_t process(self, Conn* c, uint8_t* buf, Py_ssize_t n):
         """Handles every complete packet in buf[0:n]. Returns the bytes consumed,
@@ -532,6 +634,8 @@ cdef class Worker:
         while pos < n:
             if c.state == ST_CLOSING:
                 return n
+            if c.state == ST_SETTLING:
+                break       # the rest waits until the CONNECT is settled
             hl = decode_header(buf + pos, n - pos, self.max_packet_size, &first, &remaining, &reason)
             if hl < 0:
                 if hl == ERR_INCOMPLETE:
@@ -743,6 +847,10 @@ cdef class Worker:
                 self.close_conn(c, CR_TIMEOUT)
         elif c.state == ST_CLOSING:
             self.close_conn(c, CR_SERVER)      # could not flush in time
+        elif c.state == ST_SETTLING:
+            # The worker that held its session did not answer (it died): start afresh.
+            self.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
+            connect_settle(self, c.pending_token, None)
         elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
             self.close_conn(c, CR_CONNECT_TIMEOUT)
 
@@ -761,8 +869,13 @@ cdef class Worker:
                 self.ndirty += 1
 
     cdef void close_conn(self, Conn* c, int reason, int detail=0):
-        if c.state == ST_FREE or c.state == ST_LISTENER:
+        if c.state == ST_FREE or c.state == ST_LISTENER or c.state == ST_CHANNEL:
             return
+        if c.session >= 0:
+            # Before the slot is freed: the will may be routed, and routing may
+            # touch this connection's own buffers (it can be its own subscriber).
+            # A server shutdown is not the client's failure: no will then.
+            session_detach(self, c, reason == CR_DISCONNECT or self.draining)
         if c.state == ST_CONNECTED:
             self.counters[SESSIONS_CURRENT] -= 1
         self.counters[CLOSE_COUNTER[reason]] += 1
@@ -813,3 +926,7 @@ include "handle_connect.pxi"
 include "handle_publish.pxi"
 include "handle_subscribe.pxi"
 include "jsonlines.pxi"
+include "router.pxi"
+include "sessions.pxi"
+include "channels.pxi"
+include "registry.pxi"

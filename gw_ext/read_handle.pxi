@@ -23,7 +23,7 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
         return handle_unsubscribe(w, c, body, n)
     if ptype == DISCONNECT:
         # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
-        w.close_conn(c, CR_CLIENT)
+        w.close_conn(c, CR_DISCONNECT)
         return -1
     # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
     w.malformed(c, MAL_PROTOCOL)

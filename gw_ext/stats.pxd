@@ -27,10 +27,23 @@ cpdef enum:
     WRITE_OVERFLOWS = 20      # connections closed for exceeding --max-outbound
     PACKETS_TOO_LARGE = 21    # packets over --max-packet-size
     LOOP_TURNS = 22           # epoll_wait returns (activity indicator)
+    SUBSCRIPTIONS_CURRENT = 23  # gauge: (filter, session) pairs in this worker's index
+    SESSIONS_AWAY = 24        # gauge: clean_session=0 sessions whose client is away
+    TAKEOVERS = 25            # connections closed by a CONNECT with the same client id
+    WILLS_PUBLISHED = 26
+    DROPPED_SLOW_QOS0 = 27    # QoS 0 not sent: the subscriber's buffer was over soft_outbound
+    DROPPED_QUEUE_FULL = 28   # QoS 1/2 not queued: the session's queue was at max_queued
+    DROPPED_RETAINED_FULL = 29  # retained message not kept: store at max_retained
+    DROPPED_NOMEM = 30
+    CHANNEL_MSGS_OUT = 80     # PUBLISH forwarded to other workers
+    CHANNEL_MSGS_IN = 81      # PUBLISH received from other workers
+    CHANNEL_BYTES_OUT = 82
+    CHANNEL_BYTES_IN = 83
+    CHANNEL_DROPS = 84        # frames to a worker that stopped reading
     PKT_IN = 32               # + packet type (1..14): packets received by type
     PKT_OUT = 48              # + packet type: packets sent by type
     MALFORMED_BY_REASON = 64  # + codec MAL_* reason
-    N_COUNTERS = 96
+    N_COUNTERS = 96           # rows are 768 bytes: a multiple of the cache line
 
 # Layout of the block: a header of HEADER_WORDS int64s, then one row of
 # N_COUNTERS uint64s per worker slot.

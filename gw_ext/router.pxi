@@ -1,0 +1,201 @@
+# Included by loop.pyx. The router: who gets a PUBLISH, and how.
+#
+# One topics_match per message per worker gives the local subscribers (each
+# once, with its highest granted QoS) and the peer workers with interest.
+# QoS 0 deliveries are encoded from the publisher's bytes straight into each
+# subscriber's outbound buffer; QoS 1/2 ones share one refcounted Msg.
+# A message that came from a peer is delivered locally only.
+
+
+cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
+                  uint8_t qos, uint8_t retain) noexcept nogil:
+    cdef Msg* m = <Msg*>malloc(sizeof(Msg) + topic_len + payload_len)
+    if m == NULL:
+        return NULL
+    m.refs = 1
+    m.topic_len = topic_len
+    m.payload_len = payload_len
+    m.qos = qos
+    m.retain = retain
+    m.data = (<uint8_t*>m) + sizeof(Msg)
+    memcpy(m.data, topic, topic_len)
+    if payload_len:
+        memcpy(m.data + topic_len, payload, payload_len)
+    return m
+
+
+cdef inline void msg_release(Msg* m) noexcept nogil:
+    if m != NULL:
+        m.refs -= 1
+        if m.refs == 0:
+            free(m)
+
+
+cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward):
+    """Delivers to every matching local subscriber and, when `forward`, to the
+    peers with interest. `retain` only decides whether the retained store
+    changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9)."""
+    cdef int n, i, p
+    cdef uint64_t peers
+    cdef uint8_t q
+    cdef Msg* msg = NULL
+    cdef MatchEntry* e
+    cdef uint8_t* body
+    if retain:
+        retain_store(w, topic, topic_len, payload, payload_len, qos)
+        if forward:
+            channel_broadcast(w, FR_RETAIN, qos, topic, topic_len, payload, payload_len)
+    n = topics_match(w.index, topic, topic_len, &w.match)
+    if n < 0:
+        w.counters[DROPPED_NOMEM] += 1
+        return
+    for i in range(n):
+        e = &w.match.entries[i]
+        q = qos if qos < e.qos else e.qos
+        if q == 0:
+            deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0)
+        else:
+            if msg == NULL:
+                msg = msg_new(topic, topic_len, payload, payload_len, qos, 0)
+                if msg == NULL:
+                    w.counters[DROPPED_NOMEM] += 1
+                    continue
+            deliver_msg(w, &w.sessions[e.subscriber], msg, q, 0)
+    msg_release(msg)
+    if not forward:
+        return
+    peers = w.match.peers & ~((<uint64_t>1) << w.worker_index)
+    p = 0
+    while peers:
+        if peers & 1:
+            body = channel_frame(w, p, FR_PUBLISH, qos | (retain << 2), topic_len, topic_len + payload_len)
+            if body != NULL:
+                memcpy(body, topic, topic_len)
+                memcpy(body + topic_len, payload, payload_len)
+                w.counters[CHANNEL_MSGS_OUT] += 1
+        peers >>= 1
+        p += 1
+
+
+cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t retain):
+    cdef Conn* c
+    cdef uint8_t* out
+    if s.fd < 0:
+        return      # QoS 0 is not queued for an absent client (as Mosquitto's default)
+    c = &w.conns[s.fd]
+    if c.state != ST_CONNECTED:
+        return
+    if c.outlen - c.outoff > w.soft_outbound:
+        # A slow reader: shed QoS 0 rather than grow without bound or slow others.
+        w.counters[DROPPED_SLOW_QOS0] += 1
+        return
+    out = w.reserve(c, publish_size(topic_len, payload_len, 0))
+    if out != NULL:
+        encode_publish(out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
+        w.counters[PKT_OUT + PUBLISH] += 1
+        w.counters[MSGS_OUT] += 1
+
+
+cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
+    """QoS 1/2: send now if the session's in-flight window has room, else queue."""
+    cdef Queued* slot
+    if s.fd >= 0 and s.ninflight < w.max_inflight and s.qlen == 0:
+        session_send(w, s, msg, qos, retain)
+        return
+    if s.qlen >= w.max_queued:
+        w.counters[DROPPED_QUEUE_FULL] += 1
+        w.log_limited(CR_QUEUE, "a session's queue is full (max_queued %d): message dropped" % w.max_queued)
+        return
+    if session_queue_grow(s) < 0:
+        w.counters[DROPPED_NOMEM] += 1
+        return
+    slot = &s.queue[(s.qhead + s.qlen) % s.qcap]
+    slot.msg = msg
+    slot.qos = qos | (retain << 2)
+    msg.refs += 1
+    s.qlen += 1
+
+
+# --- retained messages -----------------------------------------------------------
+# Every worker keeps the whole retained store (a dict: topic -> (qos, payload)),
+# kept in step by FR_RETAIN frames, so a SUBSCRIBE is answered locally.
+
+cdef void retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t qos):
+    key = PyBytes_FromStringAndSize(<char*>topic, topic_len)
+    if payload_len == 0:
+        # A zero-length retained PUBLISH clears the topic (MQTT-3.3.1-10/11).
+        w.retained.pop(key, None)
+    elif key in w.retained or len(w.retained) < w.max_retained:
+        w.retained[key] = (qos, PyBytes_FromStringAndSize(<char*>payload, payload_len))
+    else:
+        w.counters[DROPPED_RETAINED_FULL] += 1
+        w.log_limited(CR_QUEUE, "retained store full (max_retained %d): not retained" % w.max_retained)
+        return
+    w.retained_changed = True
+
+
+cdef void retain_sync_to(Worker w, int p):
+    cdef uint8_t* body
+    cdef bytes payload
+    cdef bytes topic
+    for topic, (qos, payload) in w.retained.items():
+        body = channel_frame(w, p, FR_RETAIN, qos, len(topic), len(topic) + len(payload))
+        if body != NULL:
+            memcpy(body, PyBytes_AS_STRING(topic), len(topic))
+            memcpy(body + len(topic), PyBytes_AS_STRING(payload), len(payload))
+
+
+cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
+    """MQTT 4.7 matching of one filter against one topic name."""
+    cdef uint32_t i = 0, j = 0
+    if tlen and t[0] == 36 and flen and (f[0] == 35 or f[0] == 43):
+        return False        # '$' topics are not matched by leading wildcards (MQTT-4.7.2-1)
+    while i < flen:
+        if f[i] == 35:      # '#': the rest, including the parent level
+            return True
+        if f[i] == 43:      # '+': one level
+            while j < tlen and t[j] != 47:
+                j += 1
+            i += 1
+        else:
+            while i < flen and f[i] != 47:
+                if j >= tlen or t[j] != f[i]:
+                    return False
+                i += 1
+                j += 1
+            if j < tlen and t[j] != 47:
+                return False
+        if i == flen:
+            return j == tlen
+        # f[i] is '/'
+        i += 1
+        if j == tlen:
+            # The topic ended: only a trailing "#" (sport/# matches sport) still matches.
+            return i + 1 == flen and f[i] == 35
+        j += 1              # past the topic's '/'
+    return j == tlen
+
+
+cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted):
+    """A new subscription gets the retained messages it matches, RETAIN=1 (MQTT-3.3.1-6)."""
+    cdef bytes topic, payload
+    cdef Msg* msg
+    cdef uint8_t q
+    for topic, (qos, payload) in w.retained.items():
+        if not filter_matches(filt, flen, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
+            continue
+        q = qos if qos < granted else granted
+        if q == 0:
+            deliver_qos0(w, s, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                         <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), 1)
+        else:
+            msg = msg_new(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                          <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, 1)
+            if msg == NULL:
+                w.counters[DROPPED_NOMEM] += 1
+                continue
+            deliver_msg(w, s, msg, q, 1)
+            msg_release(msg)

@@ -1,0 +1,264 @@
+# Included by loop.pyx. MQTT sessions: their slots, QoS 1/2 state both ways,
+# queues, wills.
+#
+# A session's slot number is its subscriber id in the worker's TopicTrie.
+# Outbound QoS 1/2 messages go into an in-flight window of max_inflight
+# (sent, awaiting the ack, in send order); more wait in a bounded queue
+# (max_queued; beyond it a message is dropped, counted and logged). On the
+# reconnect of a clean_session=0 client the window is sent again with DUP=1
+# (MQTT-4.4.0-1), PUBRELs for those already PUBRECed.
+
+
+cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t clean):
+    """A fresh session; its slot, or -1 when memory runs out."""
+    cdef int slot
+    cdef Session* grown
+    cdef uint32_t cap
+    cdef Session* s
+    if w.nfree_sessions > 0:
+        w.nfree_sessions -= 1
+        slot = w.free_sessions[w.nfree_sessions]
+    else:
+        if w.nsessions == w.sessions_cap:
+            cap = w.sessions_cap * 2 if w.sessions_cap else 1024
+            grown = <Session*>realloc(w.sessions, cap * sizeof(Session))
+            if grown == NULL:
+                return -1
+            memset(grown + w.sessions_cap, 0, (cap - w.sessions_cap) * sizeof(Session))
+            w.sessions = grown
+            w.sessions_cap = cap
+            w.free_sessions = <int*>realloc(w.free_sessions, cap * sizeof(int))
+        slot = w.nsessions
+        w.nsessions += 1
+    s = &w.sessions[slot]
+    memset(s, 0, sizeof(Session))
+    s.client_id = <char*>malloc(n if n else 1)
+    if s.client_id == NULL:
+        w.free_sessions[w.nfree_sessions] = slot
+        w.nfree_sessions += 1
+        return -1
+    memcpy(s.client_id, client_id, n)
+    s.client_id_len = <uint16_t>n
+    s.in_use = 1
+    s.clean = clean
+    s.fd = -1
+    s.next_packet_id = 1
+    w.client_sessions[PyBytes_FromStringAndSize(s.client_id, n)] = slot
+    return slot
+
+
+cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
+    """topics_remove_subscriber callback: a filter lost its last local subscriber."""
+    with gil:
+        channel_broadcast(<Worker>ctx, FR_SUB_DEL, 0, topic_filter, n, NULL, 0)
+
+
+cdef void session_free(Worker w, int slot, bint release_id):
+    """Ends a session: subscriptions, messages held, will, its id (and, with
+    release_id, this worker's claim on it at the id's home)."""
+    cdef Session* s = &w.sessions[slot]
+    cdef uint32_t i
+    if not s.in_use:
+        return
+    topics_remove_subscriber(w.index, slot, forget_filter, <void*>w)
+    for i in range(s.ninflight):
+        msg_release(s.inflight[i].msg)
+    for i in range(s.qlen):
+        msg_release(s.queue[(s.qhead + i) % s.qcap].msg)
+    if s.fd < 0 and not s.clean:
+        w.counters[SESSIONS_AWAY] -= 1
+    msg_release(s.will)
+    key = PyBytes_FromStringAndSize(s.client_id, s.client_id_len)
+    if w.client_sessions.get(key) == slot:
+        del w.client_sessions[key]
+        if release_id:
+            registry_release(w, key)
+    free(s.client_id)
+    free(s.inflight)
+    free(s.queue)
+    free(s.qos2_in)
+    memset(s, 0, sizeof(Session))
+    s.fd = -1
+    w.free_sessions[w.nfree_sessions] = slot
+    w.nfree_sessions += 1
+
+
+cdef void session_detach(Worker w, Conn* c, bint graceful):
+    """The connection of c's session is closing. The will goes out unless the
+    client said DISCONNECT (MQTT-3.1.2-8, -10); a clean session ends, a
+    persistent one waits for its client."""
+    cdef int slot = c.session
+    cdef Session* s
+    c.session = -1
+    if slot < 0:
+        return
+    s = &w.sessions[slot]
+    s.fd = -1
+    if s.will != NULL:
+        if not graceful:
+            w.counters[WILLS_PUBLISHED] += 1
+            route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
+                          s.will.payload_len, s.will_qos, s.will_retain, True)
+        msg_release(s.will)
+        s.will = NULL
+    if s.clean:
+        session_free(w, slot, True)
+    else:
+        s.away_since_ms = w.now_ms
+        w.counters[SESSIONS_AWAY] += 1
+
+
+cdef uint16_t session_packet_id(Session* s) noexcept nogil:
+    """The next packet id not in flight (1..65535)."""
+    cdef uint16_t pid
+    cdef uint32_t i
+    cdef bint used
+    while True:
+        pid = s.next_packet_id
+        s.next_packet_id = 1 if pid == 65535 else pid + 1
+        used = False
+        for i in range(s.ninflight):
+            if s.inflight[i].packet_id == pid:
+                used = True
+                break
+        if not used:
+            return pid
+
+
+cdef int session_queue_grow(Session* s) noexcept nogil:
+    cdef uint32_t cap, i
+    cdef Queued* q
+    if s.qlen < s.qcap:
+        return 0
+    cap = s.qcap * 2 if s.qcap else 16
+    q = <Queued*>malloc(cap * sizeof(Queued))
+    if q == NULL:
+        return -1
+    for i in range(s.qlen):
+        q[i] = s.queue[(s.qhead + i) % s.qcap]
+    free(s.queue)
+    s.queue = q
+    s.qcap = cap
+    s.qhead = 0
+    return 0
+
+
+cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
+    """Puts msg in flight (the window has room and the client is here)."""
+    cdef Inflight* e
+    cdef Inflight* grown
+    cdef uint16_t cap
+    cdef Conn* c = &w.conns[s.fd]
+    cdef uint8_t* out
+    if s.ninflight == s.inflight_cap:
+        cap = s.inflight_cap * 2 if s.inflight_cap else 8
+        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
+        if grown == NULL:
+            w.counters[DROPPED_NOMEM] += 1
+            return
+        s.inflight = grown
+        s.inflight_cap = cap
+    e = &s.inflight[s.ninflight]
+    e.msg = msg
+    e.packet_id = session_packet_id(s)
+    e.qos = qos
+    e.state = IF_PUBLISHED
+    msg.refs += 1
+    s.ninflight += 1
+    out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
+    if out != NULL:
+        encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
+                       qos, retain, 0, e.packet_id)
+        w.counters[PKT_OUT + PUBLISH] += 1
+        w.counters[MSGS_OUT] += 1
+
+
+cdef void session_pump(Worker w, Session* s):
+    """Moves queued messages into the window while it has room."""
+    cdef Queued q
+    while s.qlen and s.fd >= 0 and s.ninflight < w.max_inflight:
+        if w.conns[s.fd].state != ST_CONNECTED:
+            return
+        q = s.queue[s.qhead]
+        s.qhead = (s.qhead + 1) % s.qcap
+        s.qlen -= 1
+        session_send(w, s, q.msg, q.qos & 3, q.qos >> 2)
+        msg_release(q.msg)          # the queue's reference; the window holds its own
+
+
+cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
+    """PUBACK, PUBREC or PUBCOMP from the client for one of our messages."""
+    cdef uint32_t i
+    cdef Inflight* e
+    cdef uint8_t* out
+    for i in range(s.ninflight):
+        e = &s.inflight[i]
+        if e.packet_id != pid:
+            continue
+        if ptype == PUBREC:
+            if e.qos == 2 and e.state == IF_PUBLISHED:
+                e.state = IF_RELEASED
+            break       # PUBREL below, also for a repeated PUBREC
+        if (ptype == PUBACK and e.qos == 1) or (ptype == PUBCOMP and e.qos == 2 and e.state == IF_RELEASED):
+            msg_release(e.msg)
+            memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
+            s.ninflight -= 1
+            session_pump(w, s)
+        return 0
+    if ptype == PUBREC:
+        return w.send_ack(&w.conns[s.fd], PUBREL, pid)
+    return 0
+
+
+cdef void session_resume(Worker w, Session* s):
+    """A persistent session's client is back: what was in flight goes again,
+    PUBLISH with DUP=1 or PUBREL (MQTT-4.4.0-1), then the queue."""
+    cdef uint32_t i
+    cdef Inflight* e
+    cdef Conn* c = &w.conns[s.fd]
+    cdef uint8_t* out
+    for i in range(s.ninflight):
+        e = &s.inflight[i]
+        if e.state == IF_RELEASED:
+            w.send_ack(c, PUBREL, e.packet_id)
+            continue
+        out = w.reserve(c, publish_size(e.msg.topic_len, e.msg.payload_len, e.qos))
+        if out == NULL:
+            return
+        encode_publish(out, e.msg.data, e.msg.topic_len, e.msg.data + e.msg.topic_len, e.msg.payload_len,
+                       e.qos, 0, 1, e.packet_id)
+        w.counters[PKT_OUT + PUBLISH] += 1
+        w.counters[MSGS_OUT] += 1
+    session_pump(w, s)
+
+
+cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
+    cdef uint32_t i
+    for i in range(s.nqos2_in):
+        if s.qos2_in[i] == pid:
+            return True
+    return False
+
+
+cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
+    cdef uint16_t* grown
+    cdef uint16_t cap
+    if s.nqos2_in == s.qos2_cap:
+        cap = s.qos2_cap * 2 if s.qos2_cap else 8
+        grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
+        if grown == NULL:
+            return -1
+        s.qos2_in = grown
+        s.qos2_cap = cap
+    s.qos2_in[s.nqos2_in] = pid
+    s.nqos2_in += 1
+    return 0
+
+
+cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil:
+    cdef uint32_t i
+    for i in range(s.nqos2_in):
+        if s.qos2_in[i] == pid:
+            s.qos2_in[i] = s.qos2_in[s.nqos2_in - 1]
+            s.nqos2_in -= 1
+            return

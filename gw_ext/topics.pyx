@@ -1,0 +1,914 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Subscription index (topic trie); see topics.pxd. `TopicIndex` wraps it for tests and benchmarks."""
+
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, realloc
+from libc.string cimport memcmp, memcpy, memset
+from libc.time cimport time as c_time
+
+cdef extern from *:
+    int __builtin_popcountll(unsigned long long) nogil
+
+cdef enum:
+    LINEAR_MAX = 8          # children kept in a packed array up to this many
+    HASH_MIN = 16           # smallest hash table
+    SLASH = 47              # '/'
+    PLUS = 43               # '+'
+    POUND = 35              # '#'
+    DOLLAR = 36             # '$'
+    # Child positions for the allocation-free walks: '+', '#', then kids[j] at 2 + j.
+    POS_PLUS = 0
+    POS_MULTI = 1
+    POS_KIDS = 2
+
+
+# --- hashing (FNV-1a with a per-index seed, then a final mix for the low bits) --
+
+cdef inline uint64_t _hash_step(uint64_t h, uint8_t c) noexcept nogil:
+    return (h ^ c) * 0x100000001b3ULL
+
+
+cdef inline uint64_t _hash_final(uint64_t h) noexcept nogil:
+    h ^= h >> 32
+    h *= 0xd6e8feb86659fd93ULL
+    h ^= h >> 29
+    return h
+
+
+cdef inline uint64_t _hash(uint64_t seed, const uint8_t* p, uint32_t n) noexcept nogil:
+    cdef uint64_t h = seed
+    cdef uint32_t i
+    for i in range(n):
+        h = _hash_step(h, p[i])
+    return _hash_final(h)
+
+
+# --- nodes -------------------------------------------------------------------
+
+cdef TopicNode* _node_new(TopicTrie* t, TopicNode* parent, const uint8_t* label, uint32_t n,
+                          uint64_t h) noexcept nogil:
+    cdef size_t size = sizeof(TopicNode) + n
+    cdef TopicNode* node = <TopicNode*>malloc(size)
+    if node == NULL:
+        return NULL
+    memset(node, 0, sizeof(TopicNode))
+    node.parent = parent
+    memcpy(<void*>(node + 1), label, n)
+    node.label = <const uint8_t*>(node + 1)
+    node.label_len = n
+    node.hash = h
+    t.nodes += 1
+    t.bytes += size
+    return node
+
+
+cdef inline void _node_free(TopicTrie* t, TopicNode* node) noexcept nogil:
+    # Only for an empty node: its arrays are already released.
+    t.nodes -= 1
+    t.bytes -= sizeof(TopicNode) + node.label_len
+    free(node)
+
+
+cdef inline bint _node_empty(const TopicNode* n) noexcept nogil:
+    return (n.nsubs == 0 and n.peers == 0 and n.nkids == 0
+            and n.plus == NULL and n.multi == NULL)
+
+
+# --- children: packed array (kcap <= LINEAR_MAX) or open addressing -------------
+
+cdef inline TopicNode* _kid_find(const TopicNode* n, const uint8_t* p, uint32_t len,
+                                 uint64_t h) noexcept nogil:
+    cdef uint32_t j, mask
+    cdef TopicNode* k
+    if n.kcap <= LINEAR_MAX:
+        for j in range(n.nkids):
+            k = n.kids[j]
+            if k.hash == h and k.label_len == len and memcmp(k.label, p, len) == 0:
+                return k
+        return NULL
+    mask = n.kcap - 1
+    j = <uint32_t>h & mask
+    while True:
+        k = n.kids[j]
+        if k == NULL:
+            return NULL
+        if k.hash == h and k.label_len == len and memcmp(k.label, p, len) == 0:
+            return k
+        j = (j + 1) & mask
+
+
+cdef int _kids_resize(TopicTrie* t, TopicNode* n, uint32_t newcap) noexcept nogil:
+    # Rebuilds the children into a new array of newcap slots: packed when
+    # newcap <= LINEAR_MAX, else a hash table (newcap a power of two).
+    cdef TopicNode** kids = <TopicNode**>calloc(newcap, sizeof(TopicNode*))
+    cdef TopicNode* k
+    cdef uint32_t limit, j, s, mask = newcap - 1, cnt = 0
+    if kids == NULL:
+        return -1
+    limit = n.nkids if n.kcap <= LINEAR_MAX else n.kcap
+    for j in range(limit):
+        k = n.kids[j]
+        if k == NULL:
+            continue
+        if newcap <= LINEAR_MAX:
+            kids[cnt] = k
+            cnt += 1
+        else:
+            s = <uint32_t>k.hash & mask
+            while kids[s] != NULL:
+                s = (s + 1) & mask
+            kids[s] = k
+    free(n.kids)
+    t.bytes -= n.kcap * sizeof(TopicNode*)
+    t.bytes += newcap * sizeof(TopicNode*)
+    n.kids = kids
+    n.kcap = newcap
+    return 0
+
+
+cdef int _kids_insert(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
+    cdef uint32_t s, mask
+    if n.kcap <= LINEAR_MAX:
+        if n.nkids == n.kcap:
+            if _kids_resize(t, n, (2 if n.kcap == 0 else n.kcap * 2) if n.kcap < LINEAR_MAX
+                            else HASH_MIN) < 0:
+                return -1
+    elif (<uint64_t>n.nkids + 1) * 4 > <uint64_t>n.kcap * 3:
+        if _kids_resize(t, n, n.kcap * 2) < 0:
+            return -1
+    if n.kcap <= LINEAR_MAX:
+        n.kids[n.nkids] = k
+    else:
+        mask = n.kcap - 1
+        s = <uint32_t>k.hash & mask
+        while n.kids[s] != NULL:
+            s = (s + 1) & mask
+        n.kids[s] = k
+    n.nkids += 1
+    return 0
+
+
+cdef int _kids_remove(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
+    # Returns 1 when the array was replaced or rearranged beyond k's slot (a
+    # walk over the children must restart), 0 when only k's slot changed.
+    cdef uint32_t i, j, mask, ideal, newcap
+    if n.kcap <= LINEAR_MAX:
+        j = 0
+        while n.kids[j] != k:
+            j += 1
+        n.nkids -= 1
+        n.kids[j] = n.kids[n.nkids]         # swap with last; a walk re-reads slot j
+        n.kids[n.nkids] = NULL
+    else:
+        mask = n.kcap - 1
+        i = <uint32_t>k.hash & mask
+        while n.kids[i] != k:
+            i = (i + 1) & mask
+        # Backward-shift deletion: pull later members of the probe run into the hole.
+        j = (i + 1) & mask
+        while n.kids[j] != NULL:
+            ideal = <uint32_t>n.kids[j].hash & mask
+            if ((j - ideal) & mask) >= ((j - i) & mask):
+                n.kids[i] = n.kids[j]
+                i = j
+            j = (j + 1) & mask
+        n.kids[i] = NULL
+        n.nkids -= 1
+    if n.nkids == 0:
+        free(n.kids)
+        t.bytes -= n.kcap * sizeof(TopicNode*)
+        n.kids = NULL
+        n.kcap = 0
+        return 1
+    if n.kcap > LINEAR_MAX and (n.nkids <= LINEAR_MAX // 2 or <uint64_t>n.nkids * 8 < n.kcap):
+        if n.nkids <= LINEAR_MAX // 2:
+            newcap = LINEAR_MAX
+        else:
+            newcap = n.kcap
+            while newcap > HASH_MIN and <uint64_t>n.nkids * 4 < newcap:
+                newcap >>= 1
+        if _kids_resize(t, n, newcap) == 0:
+            return 1
+    # A backward shift can move a member from the table's start to its end:
+    # a walk that resumes at k's slot may see it twice, never miss one.
+    return 0
+
+
+cdef inline int _unlink(TopicTrie* t, TopicNode* p, TopicNode* k) noexcept nogil:
+    if p.plus == k:
+        p.plus = NULL
+        return 0
+    if p.multi == k:
+        p.multi = NULL
+        return 0
+    return _kids_remove(t, p, k)
+
+
+cdef void _prune(TopicTrie* t, TopicNode* n) noexcept nogil:
+    # Frees n and its ancestors while they are empty.
+    cdef TopicNode* p
+    while n != &t.root and _node_empty(n):
+        p = n.parent
+        _unlink(t, p, n)
+        _node_free(t, n)
+        n = p
+
+
+# --- allocation-free walks -----------------------------------------------------
+
+cdef TopicNode* _child_from(const TopicNode* n, uint32_t* pos) noexcept nogil:
+    # The first child at position >= *pos; sets *pos to its position.
+    cdef uint32_t p = pos[0], limit, j
+    if p == POS_PLUS:
+        if n.plus != NULL:
+            return n.plus
+        p = POS_MULTI
+    if p == POS_MULTI:
+        if n.multi != NULL:
+            pos[0] = POS_MULTI
+            return n.multi
+        p = POS_KIDS
+    limit = n.nkids if n.kcap <= LINEAR_MAX else n.kcap
+    j = p - POS_KIDS
+    while j < limit:
+        if n.kids[j] != NULL:
+            pos[0] = POS_KIDS + j
+            return n.kids[j]
+        j += 1
+    return NULL
+
+
+cdef uint32_t _pos_of(const TopicNode* p, const TopicNode* k) noexcept nogil:
+    # Compares pointers only (k may be freed already in topics_free).
+    cdef uint32_t j, mask
+    if p.plus == k:
+        return POS_PLUS
+    if p.multi == k:
+        return POS_MULTI
+    if p.kcap <= LINEAR_MAX:
+        j = 0
+        while p.kids[j] != k:
+            j += 1
+        return POS_KIDS + j
+    mask = p.kcap - 1
+    j = <uint32_t>k.hash & mask
+    while p.kids[j] != k:
+        j = (j + 1) & mask
+    return POS_KIDS + j
+
+
+cdef uint32_t _filter_of(TopicTrie* t, const TopicNode* n) noexcept nogil:
+    # Writes n's filter into t.namebuf (big enough: it is grown to the longest
+    # filter ever inserted) and returns its length.
+    cdef const TopicNode* m = n
+    cdef uint32_t total = 0, end
+    while m != &t.root:
+        total += m.label_len + 1
+        m = m.parent
+    total -= 1
+    end = total
+    m = n
+    while m != &t.root:
+        end -= m.label_len
+        memcpy(t.namebuf + end, m.label, m.label_len)
+        if end > 0:
+            end -= 1
+            t.namebuf[end] = SLASH
+        m = m.parent
+    return total
+
+
+# --- subscriber slots and scratch ------------------------------------------------
+
+cdef int _ensure_slot(TopicTrie* t, uint32_t subscriber) noexcept nogil:
+    cdef uint64_t n
+    cdef SubSlot* slots
+    if subscriber < t.nslots:
+        return 0
+    n = t.nslots if t.nslots >= 64 else 64
+    while n <= subscriber:
+        n *= 2
+    slots = <SubSlot*>realloc(t.slots, n * sizeof(SubSlot))
+    if slots == NULL:
+        return -1
+    memset(slots + t.nslots, 0, (n - t.nslots) * sizeof(SubSlot))
+    t.slots = slots
+    t.nslots = <uint32_t>n
+    return 0
+
+
+cdef int _ensure_namebuf(TopicTrie* t, uint32_t len) noexcept nogil:
+    cdef uint8_t* buf
+    if len <= t.namebuf_cap:
+        return 0
+    buf = <uint8_t*>realloc(t.namebuf, len)
+    if buf == NULL:
+        return -1
+    t.namebuf = buf
+    t.namebuf_cap = len
+    return 0
+
+
+cdef bint _valid_filter(const uint8_t* f, uint32_t len) noexcept nogil:
+    # MQTT-4.7.3-1 (non-empty), -4.7.1-2 ('#' alone and last), -4.7.1-3 ('+' alone).
+    cdef uint32_t i, start = 0
+    cdef uint8_t c
+    if len == 0:
+        return False
+    for i in range(len):
+        c = f[i]
+        if c == SLASH:
+            start = i + 1
+        elif c == PLUS or c == POUND:
+            if i != start or (i + 1 < len and f[i + 1] != SLASH):
+                return False
+            if c == POUND and i + 1 != len:
+                return False
+    return True
+
+
+cdef TopicNode* _walk(TopicTrie* t, const uint8_t* f, uint32_t len, bint create) noexcept nogil:
+    # The node of a (valid) filter; with create, makes the missing ones (NULL
+    # and nothing left behind when memory runs out).
+    cdef TopicNode* n = &t.root
+    cdef TopicNode* c
+    cdef const uint8_t* lp
+    cdef uint32_t start = 0, end, ll
+    cdef uint64_t h
+    while True:
+        end = start
+        while end < len and f[end] != SLASH:
+            end += 1
+        lp = f + start
+        ll = end - start
+        if ll == 1 and lp[0] == PLUS:
+            c = n.plus
+            if c == NULL and create:
+                c = _node_new(t, n, lp, 1, 0)
+                n.plus = c
+        elif ll == 1 and lp[0] == POUND:
+            c = n.multi
+            if c == NULL and create:
+                c = _node_new(t, n, lp, 1, 0)
+                n.multi = c
+        else:
+            h = _hash(t.seed, lp, ll)
+            c = _kid_find(n, lp, ll, h)
+            if c == NULL and create:
+                c = _node_new(t, n, lp, ll, h)
+                if c != NULL and _kids_insert(t, n, c) < 0:
+                    _node_free(t, c)
+                    c = NULL
+        if c == NULL:
+            if create:
+                _prune(t, n)
+            return NULL
+        n = c
+        if end >= len:
+            return n
+        start = end + 1
+
+
+# --- subscriptions -----------------------------------------------------------
+
+cdef inline int _grow(void** arr, uint32_t* cap, size_t item, uint32_t first, size_t* bytes) noexcept nogil:
+    cdef uint32_t newcap = first if cap[0] == 0 else cap[0] * 2
+    cdef void* p = realloc(arr[0], newcap * item)
+    if p == NULL:
+        return -1
+    bytes[0] += (newcap - cap[0]) * item
+    arr[0] = p
+    cap[0] = newcap
+    return 0
+
+
+cdef inline void _shrink(void** arr, uint32_t n, uint32_t* cap, size_t item, size_t* bytes) noexcept nogil:
+    # Frees an empty array; halves one at most a quarter full.
+    cdef void* p
+    if n == 0:
+        free(arr[0])
+        bytes[0] -= cap[0] * item
+        arr[0] = NULL
+        cap[0] = 0
+    elif cap[0] >= 8 and n * 4 <= cap[0]:
+        p = realloc(arr[0], (cap[0] // 2) * item)
+        if p != NULL:
+            bytes[0] -= (cap[0] - cap[0] // 2) * item
+            arr[0] = p
+            cap[0] //= 2
+
+
+cdef int _find_sub(TopicTrie* t, TopicNode* n, uint32_t subscriber) noexcept nogil:
+    # Index in n.subs of this subscriber's entry, or -1; scans the shorter of
+    # the node's list and the subscriber's.
+    cdef SubSlot* s = &t.slots[subscriber]
+    cdef uint32_t j
+    if s.n <= n.nsubs:
+        for j in range(s.n):
+            if s.refs[j].node == n:
+                return <int>s.refs[j].pos
+    else:
+        for j in range(n.nsubs):
+            if n.subs[j].subscriber == subscriber:
+                return <int>j
+    return -1
+
+
+cdef void _remove_entry(TopicTrie* t, TopicNode* n, uint32_t pos) noexcept nogil:
+    cdef SubEntry e = n.subs[pos]
+    cdef SubSlot* s = &t.slots[e.subscriber]
+    cdef uint32_t last
+    cdef SubRef* moved
+    last = n.nsubs - 1
+    if pos != last:
+        n.subs[pos] = n.subs[last]
+        t.slots[n.subs[pos].subscriber].refs[n.subs[pos].back].pos = pos
+    n.nsubs = last
+    last = s.n - 1
+    if e.back != last:
+        s.refs[e.back] = s.refs[last]
+        moved = &s.refs[e.back]
+        moved.node.subs[moved.pos].back = e.back
+    s.n = last
+    t.subscriptions -= 1
+    _shrink(<void**>&n.subs, n.nsubs, &n.subs_cap, sizeof(SubEntry), &t.bytes)
+    _shrink(<void**>&s.refs, s.n, &s.cap, sizeof(SubRef), &t.bytes)
+
+
+cdef TopicTrie* topics_new() noexcept nogil:
+    cdef TopicTrie* t = <TopicTrie*>calloc(1, sizeof(TopicTrie))
+    if t == NULL:
+        return NULL
+    t.seed = 0xcbf29ce484222325ULL ^ _hash_final(<uint64_t><size_t>t ^ (<uint64_t>c_time(NULL) << 20))
+    return t
+
+
+cdef void topics_free(TopicTrie* t) noexcept nogil:
+    # Post-order walk freeing every node (pointers compared, never followed, once freed).
+    cdef TopicNode* n
+    cdef TopicNode* p
+    cdef TopicNode* c
+    cdef uint32_t pos = 0, j
+    if t == NULL:
+        return
+    n = &t.root
+    while True:
+        c = _child_from(n, &pos)
+        if c != NULL:
+            n = c
+            pos = 0
+            continue
+        free(n.kids)
+        free(n.subs)
+        if n == &t.root:
+            break
+        p = n.parent
+        pos = _pos_of(p, n) + 1
+        free(n)
+        n = p
+    for j in range(t.nslots):
+        free(t.slots[j].refs)
+    free(t.slots)
+    free(t.namebuf)
+    free(t)
+
+
+cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                          uint32_t subscriber, uint8_t qos) noexcept nogil:
+    cdef TopicNode* n
+    cdef SubSlot* s
+    cdef int pos
+    if qos > 2 or subscriber > TOPICS_MAX_SUBSCRIBER or not _valid_filter(topic_filter, len):
+        return TOPICS_ERR_INVALID
+    if _ensure_slot(t, subscriber) < 0 or _ensure_namebuf(t, len) < 0:
+        return TOPICS_ERR_NOMEM
+    n = _walk(t, topic_filter, len, True)
+    if n == NULL:
+        return TOPICS_ERR_NOMEM
+    pos = _find_sub(t, n, subscriber)
+    if pos >= 0:
+        n.subs[pos].qos = qos          # MQTT-3.8.4-3: replaces the existing subscription
+        return 0
+    s = &t.slots[subscriber]
+    if (n.nsubs == n.subs_cap
+            and _grow(<void**>&n.subs, &n.subs_cap, sizeof(SubEntry), 1, &t.bytes) < 0):
+        _prune(t, n)
+        return TOPICS_ERR_NOMEM
+    if s.n == s.cap and _grow(<void**>&s.refs, &s.cap, sizeof(SubRef), 4, &t.bytes) < 0:
+        _prune(t, n)
+        return TOPICS_ERR_NOMEM
+    n.subs[n.nsubs].subscriber = subscriber
+    n.subs[n.nsubs].back = s.n
+    n.subs[n.nsubs].qos = qos
+    s.refs[s.n].node = n
+    s.refs[s.n].pos = n.nsubs
+    n.nsubs += 1
+    s.n += 1
+    t.subscriptions += 1
+    return 1 if n.nsubs == 1 else 0
+
+
+cdef int topics_unsubscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                            uint32_t subscriber) noexcept nogil:
+    cdef TopicNode* n
+    cdef int pos
+    cdef bint last
+    if subscriber >= t.nslots or not _valid_filter(topic_filter, len):
+        return 0
+    n = _walk(t, topic_filter, len, False)
+    if n == NULL:
+        return 0
+    pos = _find_sub(t, n, subscriber)
+    if pos < 0:
+        return 0
+    _remove_entry(t, n, <uint32_t>pos)
+    last = n.nsubs == 0
+    _prune(t, n)
+    return 1 if last else 0
+
+
+cdef int topics_remove_subscriber(TopicTrie* t, uint32_t subscriber,
+                                  topics_filter_cb cb, void* ctx) noexcept nogil:
+    cdef SubSlot* s
+    cdef TopicNode* n
+    cdef uint8_t qos
+    cdef int dropped = 0
+    if subscriber >= t.nslots:
+        return 0
+    s = &t.slots[subscriber]
+    while s.n > 0:
+        n = s.refs[s.n - 1].node
+        qos = n.subs[s.refs[s.n - 1].pos].qos
+        _remove_entry(t, n, s.refs[s.n - 1].pos)      # the last ref: no swap on this side
+        if n.nsubs == 0:
+            dropped += 1
+            if cb != NULL:
+                cb(ctx, t.namebuf, _filter_of(t, n), qos)
+            _prune(t, n)
+    return dropped
+
+
+cdef int topics_subscriptions(TopicTrie* t, uint32_t subscriber,
+                              topics_filter_cb cb, void* ctx) noexcept nogil:
+    cdef SubSlot* s
+    cdef uint32_t j
+    if subscriber >= t.nslots:
+        return 0
+    s = &t.slots[subscriber]
+    if cb != NULL:
+        for j in range(s.n):
+            cb(ctx, t.namebuf, _filter_of(t, s.refs[j].node), s.refs[j].node.subs[s.refs[j].pos].qos)
+    return <int>s.n
+
+
+cdef int topics_filters(TopicTrie* t, topics_filter_cb cb, void* ctx) noexcept nogil:
+    cdef TopicNode* n = &t.root
+    cdef TopicNode* c
+    cdef uint32_t pos = 0
+    cdef int count = 0
+    while True:
+        c = _child_from(n, &pos)
+        if c != NULL:
+            if c.nsubs > 0:
+                count += 1
+                if cb != NULL:
+                    cb(ctx, t.namebuf, _filter_of(t, c), 0)
+            n = c
+            pos = 0
+            continue
+        if n == &t.root:
+            return count
+        pos = _pos_of(n.parent, n) + 1
+        n = n.parent
+
+
+cdef uint32_t topics_filter_count(TopicTrie* t, const uint8_t* topic_filter, uint32_t len) noexcept nogil:
+    cdef TopicNode* n
+    if not _valid_filter(topic_filter, len):
+        return 0
+    n = _walk(t, topic_filter, len, False)
+    return 0 if n == NULL else n.nsubs
+
+
+# --- peer interest -------------------------------------------------------------
+
+cdef int topics_add_peer_interest(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                                  uint8_t worker) noexcept nogil:
+    cdef TopicNode* n
+    cdef uint64_t bit
+    if worker >= TOPICS_MAX_WORKERS or not _valid_filter(topic_filter, len):
+        return TOPICS_ERR_INVALID
+    if _ensure_namebuf(t, len) < 0:
+        return TOPICS_ERR_NOMEM
+    n = _walk(t, topic_filter, len, True)
+    if n == NULL:
+        return TOPICS_ERR_NOMEM
+    bit = (<uint64_t>1) << worker
+    if n.peers & bit:
+        return 0
+    n.peers |= bit
+    return 1
+
+
+cdef int topics_remove_peer_interest(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                                     uint8_t worker) noexcept nogil:
+    cdef TopicNode* n
+    cdef uint64_t bit
+    if worker >= TOPICS_MAX_WORKERS or not _valid_filter(topic_filter, len):
+        return 0
+    n = _walk(t, topic_filter, len, False)
+    if n == NULL:
+        return 0
+    bit = (<uint64_t>1) << worker
+    if not (n.peers & bit):
+        return 0
+    n.peers &= ~bit
+    _prune(t, n)
+    return 1
+
+
+cdef int topics_clear_peer(TopicTrie* t, uint8_t worker) noexcept nogil:
+    # Pre-order: clear the bit; post-order: free the node if that emptied it.
+    # After freeing a child the walk resumes at its position (a swap or a
+    # backward shift may have moved a sibling there), or at the first table
+    # slot when the table was rebuilt; revisiting a node is harmless here.
+    cdef TopicNode* n = &t.root
+    cdef TopicNode* c
+    cdef TopicNode* p
+    cdef uint32_t pos = 0
+    cdef uint64_t bit
+    cdef int cleared = 0
+    if worker >= TOPICS_MAX_WORKERS:
+        return 0
+    bit = (<uint64_t>1) << worker
+    while True:
+        c = _child_from(n, &pos)
+        if c != NULL:
+            if c.peers & bit:
+                c.peers &= ~bit
+                cleared += 1
+            n = c
+            pos = 0
+            continue
+        if n == &t.root:
+            return cleared
+        p = n.parent
+        pos = _pos_of(p, n)
+        if _node_empty(n):
+            if _unlink(t, p, n):
+                pos = POS_KIDS
+            _node_free(t, n)
+        else:
+            pos += 1
+        n = p
+
+
+# --- matching ------------------------------------------------------------------
+
+cdef void topics_result_init(MatchResult* out) noexcept nogil:
+    memset(out, 0, sizeof(MatchResult))
+
+
+cdef void topics_result_free(MatchResult* out) noexcept nogil:
+    free(out.entries)
+    free(out.levels)
+    free(out.stack)
+    memset(out, 0, sizeof(MatchResult))
+
+
+cdef int _reserve_scratch(MatchResult* out, uint32_t need) noexcept nogil:
+    cdef uint64_t newcap = out.scratch_cap * 2 if out.scratch_cap >= 8 else 16
+    cdef void* p
+    while newcap < need:
+        newcap *= 2
+    p = realloc(out.levels, newcap * sizeof(TopicLevel))
+    if p == NULL:
+        return -1
+    out.levels = <TopicLevel*>p
+    p = realloc(out.stack, newcap * sizeof(MatchFrame))
+    if p == NULL:
+        return -1
+    out.stack = <MatchFrame*>p
+    out.scratch_cap = <uint32_t>newcap
+    return 0
+
+
+cdef inline int _collect(TopicTrie* t, const TopicNode* n, MatchResult* out, uint32_t gen) noexcept nogil:
+    cdef uint32_t k
+    cdef const SubEntry* e
+    cdef SubSlot* s
+    cdef MatchEntry* m
+    cdef void* p
+    out.peers |= n.peers
+    for k in range(n.nsubs):
+        e = &n.subs[k]
+        s = &t.slots[e.subscriber]
+        if s.stamp == gen:                 # already reported by an overlapping filter
+            m = &out.entries[s.outpos]
+            if e.qos > m.qos:
+                m.qos = e.qos
+            continue
+        if out.count == out.cap:
+            p = realloc(out.entries, (out.cap * 2 if out.cap else 16) * sizeof(MatchEntry))
+            if p == NULL:
+                return -1
+            out.entries = <MatchEntry*>p
+            out.cap = out.cap * 2 if out.cap else 16
+        s.stamp = gen
+        s.outpos = out.count
+        out.entries[out.count].subscriber = e.subscriber
+        out.entries[out.count].qos = e.qos
+        out.count += 1
+    return 0
+
+
+cdef int topics_match(TopicTrie* t, const uint8_t* topic, uint32_t len, MatchResult* out) noexcept nogil:
+    cdef uint32_t i, nl = 0, start = 0, sp, gen, lvl
+    cdef uint64_t h = t.seed
+    cdef uint8_t c
+    cdef TopicNode* n
+    cdef TopicNode* k
+    cdef const TopicLevel* lv
+    cdef bint wild
+
+    # Split into levels, hashing each as we go (the stack needs levels + 1).
+    if out.scratch_cap < 2 and _reserve_scratch(out, 2) < 0:
+        return TOPICS_ERR_NOMEM
+    for i in range(len):
+        c = topic[i]
+        if c == SLASH:
+            if nl + 2 >= out.scratch_cap and _reserve_scratch(out, nl + 3) < 0:
+                return TOPICS_ERR_NOMEM
+            out.levels[nl].off = start
+            out.levels[nl].len = i - start
+            out.levels[nl].hash = _hash_final(h)
+            nl += 1
+            h = t.seed
+            start = i + 1
+        else:
+            h = _hash_step(h, c)
+    out.levels[nl].off = start
+    out.levels[nl].len = len - start
+    out.levels[nl].hash = _hash_final(h)
+    nl += 1
+
+    gen = t.generation + 1
+    if gen == 0:                           # wrapped: forget every stamp
+        for i in range(t.nslots):
+            t.slots[i].stamp = 0
+        gen = 1
+    t.generation = gen
+    out.count = 0
+    out.peers = 0
+    # MQTT-4.7.2-1: a filter starting with a wildcard does not match a '$' name.
+    wild = not (len > 0 and topic[0] == DOLLAR)
+
+    out.stack[0].node = &t.root
+    out.stack[0].level = 0
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        n = out.stack[sp].node
+        lvl = out.stack[sp].level
+        if lvl == nl:
+            if _collect(t, n, out, gen) < 0:
+                return TOPICS_ERR_NOMEM
+            if n.multi != NULL and _collect(t, n.multi, out, gen) < 0:   # 'a/#' matches 'a' (MQTT-4.7.1-2)
+                return TOPICS_ERR_NOMEM
+            continue
+        if lvl != 0 or wild:
+            if n.multi != NULL and _collect(t, n.multi, out, gen) < 0:
+                return TOPICS_ERR_NOMEM
+            if n.plus != NULL:
+                out.stack[sp].node = n.plus
+                out.stack[sp].level = lvl + 1
+                sp += 1
+        if n.nkids != 0:
+            lv = &out.levels[lvl]
+            k = _kid_find(n, topic + lv.off, lv.len, lv.hash)
+            if k != NULL:
+                out.stack[sp].node = k
+                out.stack[sp].level = lvl + 1
+                sp += 1
+    return <int>out.count
+
+
+# --- Python wrapper (tests, benchmarks) ----------------------------------------
+
+cdef void _append_pair(void* ctx, const uint8_t* f, uint32_t n, uint8_t qos) noexcept nogil:
+    with gil:
+        (<list>ctx).append(((<const char*>f)[:n].decode("utf-8"), qos))
+
+
+cdef void _append_name(void* ctx, const uint8_t* f, uint32_t n, uint8_t qos) noexcept nogil:
+    with gil:
+        (<list>ctx).append((<const char*>f)[:n].decode("utf-8"))
+
+
+cdef int _check(int r, str what) except -3:
+    if r == TOPICS_ERR_NOMEM:
+        raise MemoryError()
+    if r == TOPICS_ERR_INVALID:
+        raise ValueError(what)
+    return r
+
+
+cdef class TopicIndex:
+    """Python wrapper used by tests and bench: filters and topics as str."""
+    cdef TopicTrie* t
+    cdef MatchResult res
+
+    def __cinit__(self):
+        self.t = topics_new()
+        if self.t == NULL:
+            raise MemoryError()
+        topics_result_init(&self.res)
+
+    def __dealloc__(self):
+        topics_free(self.t)
+        topics_result_free(&self.res)
+
+    def subscribe(self, str topic_filter, uint32_t sub, uint8_t qos):
+        """True when the filter had no local subscriber before (0 -> 1)."""
+        cdef bytes b = topic_filter.encode("utf-8")
+        return _check(topics_subscribe(self.t, b, len(b), sub, qos),
+                                 f"invalid subscription {topic_filter!r} qos {qos}") == 1
+
+    def unsubscribe(self, str topic_filter, uint32_t sub):
+        """True when that was the filter's last local subscriber (1 -> 0)."""
+        cdef bytes b = topic_filter.encode("utf-8")
+        return topics_unsubscribe(self.t, b, len(b), sub) == 1
+
+    def add_peer(self, str topic_filter, uint8_t worker):
+        cdef bytes b = topic_filter.encode("utf-8")
+        return _check(topics_add_peer_interest(self.t, b, len(b), worker),
+                                 f"invalid peer interest {topic_filter!r} worker {worker}") == 1
+
+    def remove_peer(self, str topic_filter, uint8_t worker):
+        cdef bytes b = topic_filter.encode("utf-8")
+        return topics_remove_peer_interest(self.t, b, len(b), worker) == 1
+
+    def clear_peer(self, uint8_t worker):
+        return topics_clear_peer(self.t, worker)
+
+    def match(self, str topic):
+        """({subscriber: qos}, peers bitmask)."""
+        cdef bytes b = topic.encode("utf-8")
+        cdef int r = _check(topics_match(self.t, b, len(b), &self.res), "")
+        cdef int i
+        return {self.res.entries[i].subscriber: self.res.entries[i].qos for i in range(r)}, self.res.peers
+
+    def match_count(self, list topics):
+        """Matches every topic (bytes) in one C loop; returns the total number
+        of (topic, subscriber) results plus the number of peer bits set."""
+        cdef bytes b
+        cdef long total = 0
+        cdef int r
+        for b in topics:
+            r = topics_match(self.t, b, len(b), &self.res)
+            if r < 0:
+                raise MemoryError()
+            total += r + __builtin_popcountll(self.res.peers)
+        return total
+
+    def remove_subscriber(self, uint32_t sub):
+        """Filters whose local count dropped to 0, as list[str]."""
+        cdef list pairs = []
+        topics_remove_subscriber(self.t, sub, _append_pair, <void*>pairs)
+        return [f for f, _ in pairs]
+
+    def subscriptions(self, uint32_t sub):
+        cdef list out = []
+        topics_subscriptions(self.t, sub, _append_pair, <void*>out)
+        return out
+
+    def filters(self):
+        cdef list out = []
+        topics_filters(self.t, _append_name, <void*>out)
+        return out
+
+    def count(self, str topic_filter):
+        """Local subscribers on exactly this filter."""
+        cdef bytes b = topic_filter.encode("utf-8")
+        return topics_filter_count(self.t, b, len(b))
+
+    @property
+    def node_count(self):
+        return topics_node_count(self.t)
+
+    @property
+    def subscription_count(self):
+        return self.t.subscriptions
+
+    @property
+    def bytes_used(self):
+        """Memory held by nodes, child tables and subscription arrays."""
+        return self.t.bytes
+
+    def __len__(self):
+        return self.t.subscriptions
+
+    def _set_generation(self, uint32_t generation):
+        """Test hook: the match generation counter (to test its wrap-around)."""
+        self.t.generation = generation
+
