@@ -18,11 +18,16 @@ def _fail(message: str, code: int = 2) -> None:
     sys.exit(code)
 
 
-def setting_option(name: str, *, type=None, metavar=None):
-    """A flag for a Config field; default None so the config file can supply it."""
-    f = SETTINGS[name]
-    return click.option(f"--{name.replace('_', '-')}", name, type=type, default=None, metavar=metavar,
-                        help=f"{f.metadata['doc']} [default: {f.default}]")
+def setting_options(func):
+    """One flag per Config field (`max_connections` -> `--max-connections`), in
+    field order; default None so the config file can supply the value."""
+    for name, f in reversed(list(SETTINGS.items())):
+        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        metavar = ("HOST:PORT" if f.metadata["kind"] == "address"
+                   else {int: "N", float: "SECONDS"}.get(kind, "TEXT"))
+        func = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, metavar=metavar,
+                            help=f"{f.metadata['doc']} [default: {f.default}]")(func)
+    return func
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,21 +39,7 @@ def main_group():
 @main_group.command()
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML file; every flag below has a key of the same name with underscores")
-@setting_option("workers", type=int, metavar="N")
-@setting_option("mqtt", metavar="HOST:PORT")
-@setting_option("mqtts", metavar="HOST:PORT")
-@setting_option("json", metavar="HOST:PORT")
-@setting_option("jsons", metavar="HOST:PORT")
-@setting_option("certs", metavar="DIR")
-@setting_option("data_dir", metavar="DIR")
-@setting_option("max_connections", type=int, metavar="N")
-@setting_option("max_packet_size", type=int, metavar="BYTES")
-@setting_option("max_outbound", type=int, metavar="BYTES")
-@setting_option("connect_timeout", type=float, metavar="SECONDS")
-@setting_option("json_timeout", type=float, metavar="SECONDS")
-@setting_option("drain_timeout", type=float, metavar="SECONDS")
-@setting_option("stats_interval", type=float, metavar="SECONDS")
-@setting_option("log_level", metavar="LEVEL")
+@setting_options
 def serve(config_path, **flags):
     """Run the gateway: a master and pre-forked epoll workers.
 

@@ -68,7 +68,11 @@ class Config:
     jsons: str = _setting("127.0.0.1:8880", "JSON-lines over TLS listener, HOST:PORT or off", kind="address")
     certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
                           "development CA, ca.pem, when absent)")
-    data_dir: str = _setting("data", "directory for the pid file and, later, persistent state")
+    data_dir: str = _setting("data", "directory for the pid file, retained messages and "
+                             "clean_session=0 sessions (kept across restarts)")
+    persist_interval: float = _setting(1.0, "seconds between writes of changed retained messages and "
+                                       "sessions to data_dir (0: only when stopping)",
+                                       minimum=0, maximum=3600)
     max_connections: int = _setting(100_000, "open connections allowed across all workers; "
                                     "more are refused and counted", minimum=1)
     max_packet_size: int = _setting(1 << 20, "largest MQTT packet (or JSON line) accepted, bytes; "
@@ -89,6 +93,8 @@ class Config:
                                    minimum=1, maximum=86400)
     drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",
                                     minimum=0, maximum=3600)
+    sys_interval: float = _setting(10.0, "seconds between $SYS/broker/... updates (0: none)",
+                                   minimum=0, maximum=86400)
     stats_interval: float = _setting(1.0, "seconds between [stats] log lines (0: none)",
                                      minimum=0, maximum=3600)
     log_level: str = _setting("info", "debug, info, warning or error", choices=LOG_LEVELS)

@@ -11,11 +11,14 @@ import logging
 import os
 import resource
 import signal
+import time
 
 from gw.certs import CertPaths
 from gw.config import Config, ConfigError, load_config
 from gw.jsonproto import JsonProtocol
+from gw.persistence import Persistence
 from gw.stats import StatsBlock
+from gw.systopics import sys_messages
 
 log = logging.getLogger("gw.worker")
 
@@ -49,6 +52,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
+    worker.tick_ms = 1000
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
@@ -97,8 +101,24 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         log.debug("worker %d: reloaded", slot)
 
     worker.on_reload = reload
+    persistence = Persistence(worker, slot, block.rows.shape[0], cfg.data_dir, cfg.persist_interval)
+    persistence.load()
+    next_sys = 0.0
+
+    def tick():
+        # Once a second: persistence, and on worker 0 the $SYS topics.
+        nonlocal next_sys
+        persistence.interval = cfg.persist_interval
+        persistence.tick()
+        if slot == 0 and cfg.sys_interval and time.monotonic() >= next_sys:
+            next_sys = time.monotonic() + cfg.sys_interval
+            for topic, value in sys_messages(block, len(worker.retained_messages)):
+                worker.publish(topic.encode(), value.encode(), 0, True)
+
+    worker.on_tick = tick
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     log.debug("worker %d (pid %d) serving, fd limit %d", slot, os.getpid(), max_fds)
     worker.run()
+    persistence.tick(final=True)
     return 0

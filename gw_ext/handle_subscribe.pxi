@@ -41,6 +41,8 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
                 if r == 1:
                     channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
         count += 1
+    if not w.sessions[slot].clean:
+        w.sessions_changed = True
     out = w.reserve(c, suback_size(count))
     if out != NULL:
         encode_suback(out, it.packet_id, codes, count)
@@ -72,6 +74,8 @@ cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if r < 0:
             w.malformed(c, reason)
             return -1
+    if not w.sessions[c.session].clean:
+        w.sessions_changed = True
     unsubscribe_begin(body, n, &it, &reason)
     while unsubscribe_next(&it, &filt, &reason) == 1:
         if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:

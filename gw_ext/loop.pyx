@@ -104,12 +104,13 @@ cdef enum CloseReason:
     CR_TAKEOVER = 11          # another CONNECT with the same client id
     CR_CHANNEL = 12           # (log only) inter-worker channel trouble
     CR_QUEUE = 13             # (log only) a bound dropped a message
-    N_CLOSE_REASONS = 14
+    CR_PYTHON = 14            # (log only) a Python callback failed
+    N_CLOSE_REASONS = 15
 
-cdef uint32_t[14] CLOSE_COUNTER = [
+cdef uint32_t[15] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
-    CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER]
+    CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER]
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
@@ -166,6 +167,8 @@ cdef class Worker:
     cdef dict client_sessions            # client id (bytes) -> session slot
     cdef dict retained                   # topic (bytes) -> (qos, payload bytes)
     cdef bint retained_changed
+    cdef public bint sessions_changed
+    cdef list restored                   # client ids loaded from disk, to register after HELLO
     cdef Peer[64] peers
     cdef int npeers
     cdef uint64_t peers_dirty
@@ -188,6 +191,9 @@ cdef class Worker:
     cdef public uint32_t max_queued
     cdef public uint32_t max_retained
     cdef public object on_reload     # called (no arguments) after SIGHUP
+    cdef public object on_tick       # called (no arguments) every tick_ms, when set
+    cdef public uint32_t tick_ms
+    cdef uint64_t next_tick_ms
     cdef public bint stopped
 
     def __cinit__(self):
@@ -216,6 +222,7 @@ cdef class Worker:
         self.max_retained = 100000
         self.client_sessions = {}
         self.registry = {}
+        self.restored = []
         self.pending = {}
         self.retained = {}
         self.index = topics_new()
@@ -309,6 +316,47 @@ cdef class Worker:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
 
+    def publish(self, bytes topic, bytes payload, int qos=0, bint retain=False):
+        """Publishes as the server itself ($SYS topics): to every worker."""
+        route_publish(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                      <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True)
+
+    def snapshot_sessions(self):
+        """[(client id, state)] of every clean_session=0 session, for the data dir."""
+        cdef uint32_t slot
+        out = []
+        for slot in range(self.nsessions):
+            if self.sessions[slot].in_use and not self.sessions[slot].clean:
+                out.append((PyBytes_FromStringAndSize(self.sessions[slot].client_id,
+                                                      self.sessions[slot].client_id_len),
+                            session_serialize(self, slot)))
+        self.sessions_changed = False
+        return out
+
+    def restore_sessions(self, list saved):
+        """Brings back saved sessions (at start-up), their clients away, and
+        registers them at their ids' homes."""
+        cdef int slot
+        cdef bytes cid, state
+        for cid, state in saved:
+            if cid in self.client_sessions:
+                continue
+            slot = session_new(self, <const uint8_t*>PyBytes_AS_STRING(cid), len(cid), 0)
+            if slot < 0:
+                raise MemoryError()
+            session_restore(self, slot, state)
+            self.sessions[slot].away_since_ms = monotonic_ms()
+            self.counters[SESSIONS_AWAY] += 1
+            self.restored.append(cid)
+
+    @property
+    def changed(self):
+        """(sessions changed, retained changed) since the last snapshot."""
+        return self.sessions_changed, self.retained_changed
+
+    def retained_saved(self):
+        self.retained_changed = False
+
     @property
     def retained_messages(self):
         """The retained store (topic -> (qos, payload)); for persistence and tests."""
@@ -350,11 +398,16 @@ cdef class Worker:
         cdef TimerNode* nxt
         cdef bint drain_started = False
         cdef int p
+        cdef bytes cid
         # Tell the other workers we (re)started: they forget our old interests
         # and send theirs, and the retained store.
         for p in range(self.npeers):
             if p != self.worker_index and self.peers[p].fd >= 0:
                 channel_frame(self, p, FR_HELLO, 0, 0, 0)
+        # Sessions loaded from the data dir: their ids' homes learn they are here.
+        for cid in self.restored:
+            registry_register(self, cid)
+        self.restored = []
         channels_flush(self)
         while True:
             n = epoll_wait(self.epfd, events, MAX_EVENTS, TICK_MS)
@@ -395,10 +448,15 @@ cdef class Worker:
             self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
             # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
             PyErr_CheckSignals()
+            if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
+                self.next_tick_ms = self.now_ms + self.tick_ms
+                self.call_python(self.on_tick)
+                self.flush_dirty()
+                channels_flush(self)
             if self.reload_requested:
                 self.reload_requested = False
                 if self.on_reload is not None:
-                    self.on_reload()
+                    self.call_python(self.on_reload)
             if self.draining:
                 if not drain_started:
                     drain_started = True
@@ -407,6 +465,16 @@ cdef class Worker:
                     break
         self.close_all(CR_SERVER)
         self.stopped = True
+
+    cdef void call_python(self, object fn):
+        """Runs a Python callback; its failure is logged, never the worker's end."""
+        try:
+            fn()
+        except Exception:
+            if self.now_ms - self.last_log_ms[<int>CR_PYTHON] >= 10000 or self.last_log_ms[<int>CR_PYTHON] == 0:
+                self.last_log_ms[<int>CR_PYTHON] = self.now_ms
+                log.exception("worker %d: %s failed (logged at most every 10 s)", self.worker_index,
+                              getattr(fn, "__name__", fn))
 
     cdef void start_drain(self):
         """Closes the listeners for every process (shutdown(SHUT_RD) on a listening

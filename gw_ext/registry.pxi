@@ -140,6 +140,15 @@ cdef void registry_release(Worker w, bytes client_id):
         send_small(w, home, FR_RELEASE, struct_pack("<B", w.worker_index), client_id)
 
 
+cdef void registry_register(Worker w, bytes client_id):
+    """Tells client_id's home that this worker holds its session."""
+    cdef int home = home_of(w, client_id)
+    if home == w.worker_index or w.peers[home].fd < 0:
+        w.registry[client_id] = w.worker_index
+    else:
+        send_small(w, home, FR_REGISTER, struct_pack("<B", w.worker_index), client_id)
+
+
 cdef void registry_peer_restarted(Worker w, int p):
     """Worker p (re)started: its sessions are gone; our clients homed there re-register."""
     cdef bytes cid
@@ -224,6 +233,8 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     s = &w.sessions[slot]
     s.clean = pc.clean
     s.fd = c.fd
+    if not pc.clean:
+        w.sessions_changed = True
     c.session = slot
     if pc.will_flag:
         s.will = msg_new(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),

@@ -116,6 +116,8 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     slot.qos = qos | (retain << 2)
     msg.refs += 1
     s.qlen += 1
+    if not s.clean:
+        w.sessions_changed = True
 
 
 # --- retained messages -----------------------------------------------------------

@@ -67,6 +67,8 @@ cdef void session_free(Worker w, int slot, bint release_id):
         msg_release(s.queue[(s.qhead + i) % s.qcap].msg)
     if s.fd < 0 and not s.clean:
         w.counters[SESSIONS_AWAY] -= 1
+    if not s.clean:
+        w.sessions_changed = True
     msg_release(s.will)
     key = PyBytes_FromStringAndSize(s.client_id, s.client_id_len)
     if w.client_sessions.get(key) == slot:
@@ -106,6 +108,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful):
     else:
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
+        w.sessions_changed = True
 
 
 cdef uint16_t session_packet_id(Session* s) noexcept nogil:
@@ -165,6 +168,8 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     e.state = IF_PUBLISHED
     msg.refs += 1
     s.ninflight += 1
+    if not s.clean:
+        w.sessions_changed = True
     out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
     if out != NULL:
         encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
@@ -191,6 +196,8 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
     cdef uint32_t i
     cdef Inflight* e
     cdef uint8_t* out
+    if not s.clean:
+        w.sessions_changed = True
     for i in range(s.ninflight):
         e = &s.inflight[i]
         if e.packet_id != pid:
