@@ -48,6 +48,8 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.soft_outbound = cfg.max_outbound // 2
     worker.max_inflight = cfg.max_inflight
     worker.max_queued = cfg.max_queued
+    worker.queue_high = max(1, cfg.max_queued // 4)
+    worker.queue_low = cfg.max_queued // 8
     worker.max_retained = cfg.max_retained
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)

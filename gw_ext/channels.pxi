@@ -190,6 +190,8 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
+        elif ftype == FR_PAUSE or ftype == FR_RESUME:
+            peer_congestion(w, p, ftype == FR_PAUSE)
         elif FR_CLAIM <= ftype <= FR_REGISTER:
             registry_frame(w, p, ftype, body, body_len)
         pos += FRAME_HEADER + body_len
@@ -215,6 +217,9 @@ cdef void peer_restarted(Worker w, int p):
     what we subscribe to, and the retained messages it may have missed."""
     cdef PeerTarget target
     topics_clear_peer(w.index, <uint8_t>p)
+    peer_congestion(w, p, False)
+    if w.congested:
+        channel_frame(w, p, FR_PAUSE, 0, 0, 0)
     target.worker = <void*>w
     target.peer = p
     topics_filters(w.index, announce_filter, &target)

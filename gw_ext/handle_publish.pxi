@@ -9,6 +9,10 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         w.malformed(c, reason)
         return -1
     w.counters[MSGS_IN] += 1
+    if pkt.qos and not (c.flags & F_PUBLISHER):
+        c.flags |= F_PUBLISHER
+        if w.publishers_paused:
+            pause_conn(w, c)       # this packet is handled; the next wait
     if pkt.qos == 2:
         if qos2_seen(s, pkt.packet_id):
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.

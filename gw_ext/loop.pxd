@@ -23,6 +23,8 @@ cdef enum ConnFlag:
     F_DIRTY = 2               # on the flush list for this loop turn
     F_POLLOUT = 4             # EPOLLOUT registered (a write would block)
     F_SSL_WRITE_WANTS_READ = 8
+    F_PUBLISHER = 16          # has sent QoS 1/2 PUBLISH: paused under backpressure
+    F_PAUSED = 32             # not read, for backpressure (backpressure.pxi)
 
 cdef enum:
     MAX_LISTENERS = 16
@@ -111,6 +113,8 @@ cdef struct Session:
     uint16_t nqos2_in
     uint16_t qos2_cap
     uint64_t away_since_ms
+    uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
+    uint8_t congested         # its queue is past the high watermark (backpressure.pxi)
 
 # The link to one other worker: a SOCK_SEQPACKET socket made by the master
 # before forking. Frames for it are batched in `out` and sent once per loop

@@ -169,6 +169,9 @@ cdef class Worker:
     cdef bint retained_changed
     cdef public bint sessions_changed
     cdef list restored                   # client ids loaded from disk, to register after HELLO
+    cdef set congested                   # session slots past the high watermark
+    cdef uint64_t peers_congested        # bit p: worker p asked us to hold publishers
+    cdef bint publishers_paused
     cdef Peer[64] peers
     cdef int npeers
     cdef uint64_t peers_dirty
@@ -189,6 +192,8 @@ cdef class Worker:
     cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
     cdef public uint32_t max_inflight
     cdef public uint32_t max_queued
+    cdef public uint32_t queue_high      # backpressure.pxi watermarks
+    cdef public uint32_t queue_low
     cdef public uint32_t max_retained
     cdef public object on_reload     # called (no arguments) after SIGHUP
     cdef public object on_tick       # called (no arguments) every tick_ms, when set
@@ -219,10 +224,13 @@ cdef class Worker:
         self.soft_outbound = 4 << 20
         self.max_inflight = 32
         self.max_queued = 1000
+        self.queue_high = 250
+        self.queue_low = 125
         self.max_retained = 100000
         self.client_sessions = {}
         self.registry = {}
         self.restored = []
+        self.congested = set()
         self.pending = {}
         self.retained = {}
         self.index = topics_new()
@@ -443,6 +451,8 @@ cdef class Worker:
                 self.on_timer(<Conn*>expired)
                 expired = nxt
             self.flush_dirty()
+            if self.congested:
+                congestion_check(self)
             if self.peers_dirty:
                 channels_flush(self)
             self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
@@ -891,17 +901,26 @@ cdef class Worker:
         self.flush(c)
 
     cdef void set_pollout(self, Conn* c, bint on):
-        cdef epoll_event ev
         if bool(c.flags & F_POLLOUT) == on:
             return
-        ev.events = EPOLLIN | EPOLLOUT if on else EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = c.fd
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
         if on:
             c.flags |= F_POLLOUT
         else:
             c.flags &= ~F_POLLOUT
+        self.update_events(c)
+
+    cdef void update_events(self, Conn* c):
+        """Registers what c waits for: input unless it is paused (backpressure)
+        or its CONNECT is settling; output while a write would block."""
+        cdef epoll_event ev
+        ev.events = 0
+        if not (c.flags & F_PAUSED) and c.state != ST_SETTLING:
+            ev.events |= EPOLLIN
+        if c.flags & F_POLLOUT:
+            ev.events |= EPOLLOUT
+        ev.data.u64 = 0
+        ev.data.fd = c.fd
+        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
     # --- timers and closing --------------------------------------------------
 
@@ -998,3 +1017,4 @@ include "router.pxi"
 include "sessions.pxi"
 include "channels.pxi"
 include "registry.pxi"
+include "backpressure.pxi"

@@ -57,7 +57,7 @@ cdef int connect_claim(Worker w, Conn* c, PendingConnect pc):
     w.pending[token] = pc
     c.state = ST_SETTLING
     c.pending_token = token
-    set_reading(w, c, False)
+    w.update_events(c)       # ST_SETTLING: not read until settled
     wheel_schedule(&w.wheel, &c.timer, w.now_ms + SETTLE_TIMEOUT_MS)
     if home == w.worker_index or w.peers[home].fd < 0:
         registry_claim(w, w.worker_index, token, pc.clean, pc.client_id)
@@ -252,18 +252,12 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     w.counters[PKT_OUT + CONNACK] += 1
     if present:
         session_resume(w, s)
-    set_reading(w, c, True)
+    w.update_events(c)
+    if w.publishers_paused and c.flags & F_PUBLISHER:
+        pause_conn(w, c)
     if c.inlen:
         # Packets the client sent right after CONNECT, held while we settled.
         w.resume_input(c)
-
-
-cdef void set_reading(Worker w, Conn* c, bint on):
-    cdef epoll_event ev
-    ev.events = (EPOLLIN if on else 0) | (EPOLLOUT if c.flags & F_POLLOUT else 0)
-    ev.data.u64 = 0
-    ev.data.fd = c.fd
-    epoll_ctl(w.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
 
 # --- moving a session between workers ---------------------------------------------

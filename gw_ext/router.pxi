@@ -104,7 +104,11 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     if s.fd >= 0 and s.ninflight < w.max_inflight and s.qlen == 0:
         session_send(w, s, msg, qos, retain)
         return
-    if s.qlen >= w.max_queued:
+    # An online subscriber under backpressure may overshoot queue_high by what
+    # publishers (on any worker) had sent before the pause reached them: room
+    # for that, still bounded (CONGESTED_QUEUE_FACTOR x max_queued). An absent
+    # or stalled one gets max_queued, then drops (counted).
+    if s.qlen >= (w.max_queued * CONGESTED_QUEUE_FACTOR if s.congested else w.max_queued):
         w.counters[DROPPED_QUEUE_FULL] += 1
         w.log_limited(CR_QUEUE, "a session's queue is full (max_queued %d): message dropped" % w.max_queued)
         return
@@ -118,6 +122,8 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     s.qlen += 1
     if not s.clean:
         w.sessions_changed = True
+    if s.qlen >= w.queue_high and s.fd >= 0 and not s.congested:
+        congest(w, s)
 
 
 # --- retained messages -----------------------------------------------------------

@@ -60,6 +60,8 @@ cdef void session_free(Worker w, int slot, bint release_id):
     cdef uint32_t i
     if not s.in_use:
         return
+    if s.congested:
+        uncongest(w, s)
     topics_remove_subscriber(w.index, slot, forget_filter, <void*>w)
     for i in range(s.ninflight):
         msg_release(s.inflight[i].msg)
@@ -96,6 +98,8 @@ cdef void session_detach(Worker w, Conn* c, bint graceful):
         return
     s = &w.sessions[slot]
     s.fd = -1
+    if s.congested:
+        uncongest(w, s)     # an absent client's queue holds no publisher back
     if s.will != NULL:
         if not graceful:
             w.counters[WILLS_PUBLISHED] += 1
@@ -181,6 +185,8 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
 cdef void session_pump(Worker w, Session* s):
     """Moves queued messages into the window while it has room."""
     cdef Queued q
+    if s.congested and s.qlen <= w.queue_low:
+        uncongest(w, s)
     while s.qlen and s.fd >= 0 and s.ninflight < w.max_inflight:
         if w.conns[s.fd].state != ST_CONNECTED:
             return
@@ -198,6 +204,7 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
     cdef uint8_t* out
     if not s.clean:
         w.sessions_changed = True
+    s.last_ack_ms = w.now_ms
     for i in range(s.ninflight):
         e = &s.inflight[i]
         if e.packet_id != pid:

@@ -35,6 +35,8 @@ cpdef enum:
     DROPPED_QUEUE_FULL = 28   # QoS 1/2 not queued: the session's queue was at max_queued
     DROPPED_RETAINED_FULL = 29  # retained message not kept: store at max_retained
     DROPPED_NOMEM = 30
+    BACKPRESSURE_EVENTS = 31  # a subscriber's queue passed queue_high: publishers held
+    SLOW_CONSUMERS = 85       # subscribers that stopped acknowledging while congested
     CHANNEL_MSGS_OUT = 80     # PUBLISH forwarded to other workers
     CHANNEL_MSGS_IN = 81      # PUBLISH received from other workers
     CHANNEL_BYTES_OUT = 82
