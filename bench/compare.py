@@ -43,7 +43,7 @@ class Scenario:
     bench_args: list[str]
     tls: bool = False
     mosquitto: dict = field(default_factory=dict)   # extra mosquitto.conf lines
-    rows: tuple = ("success", "connect_p99", "rss_per_conn")
+    kind: str = "connections"        # or "pubsub"
 
 
 def idle(n: int, rampup: float, tls: bool) -> Scenario:
@@ -57,9 +57,25 @@ def idle(n: int, rampup: float, tls: bool) -> Scenario:
     )
 
 
+def pubsub(name: str, what: str, args: list[str], mosquitto: dict | None = None) -> Scenario:
+    return Scenario(name=name, what=what, kind="pubsub",
+                    bench_args=["pubsub", "--size", "64", "--duration", "10", *args],
+                    mosquitto=mosquitto or {})
+
+
 SCENARIOS = {s.name: s for s in (
     idle(1000, 2, False), idle(1000, 2, True),
     idle(10000, 15, False), idle(10000, 15, True),
+    pubsub("fanin-qos0", "QoS 0 fan-in, 4 publishers -> 1 subscriber, flat out",
+           ["--publishers", "4", "--subscribers", "1", "--qos", "0"]),
+    pubsub("fanin-qos1", "QoS 1 fan-in, 4 -> 1, in-flight 32, flat out",
+           ["--publishers", "4", "--subscribers", "1", "--qos", "1", "--inflight", "32"],
+           {"max_queued_messages": "0"}),
+    pubsub("fanout-qos0", "QoS 0 fan-out, 1 publisher -> 10 subscribers, flat out",
+           ["--publishers", "1", "--subscribers", "10", "--qos", "0"]),
+    pubsub("latency-20k", "QoS 0, 1 -> 1 at a fixed 20,000 msgs/s",
+           ["--publishers", "1", "--subscribers", "1", "--qos", "0", "--rate", "20000"],
+           {"set_tcp_nodelay": "true"}),
 )}
 
 
@@ -163,7 +179,9 @@ class Mosquitto(Broker):
 def run_bench(broker: Broker, sc: Scenario, out: Path) -> dict:
     port = broker.tls_port if sc.tls else broker.port
     cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", f"127.0.0.1:{port}",
-           "--server-pid", str(broker.proc.pid), "--json", str(out), "--quiet"]
+           "--json", str(out), "--quiet"]
+    if sc.kind == "connections":
+        cmd += ["--server-pid", str(broker.proc.pid)]
     if sc.tls:
         cmd += ["--tls", "--cafile", str(broker.certs / "ca.pem")]
     subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
@@ -177,6 +195,15 @@ def _ms(v) -> str:
 
 def summarize(r: dict) -> dict:
     server = r.get("server", {})
+    if r.get("scenario") == "pubsub":
+        m, d, lat = r["messages"], r["delivery"], r.get("latency_ms", {})
+        return {
+            "sent_per_s": f"{m['sent_per_s']:,.0f}",
+            "received_per_s": f"{m['received_per_s']:,.0f}",
+            "lost": f"{d['lost']:,} ({d['loss_pct']:g}%)",
+            "latency_p50": _ms(lat.get("p50_ms")),
+            "latency_p99": _ms(lat.get("p99_ms")),
+        }
     return {
         "success": f"{r['connected']:,}/{r['clients']:,} ({r['success_rate_pct']:g}%)",
         "connect_p50": _ms(r["connect_ms"].get("p50_ms")),
@@ -227,13 +254,24 @@ def main() -> int:
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))
-    print(f"\n| scenario | broker | connected | connect p50 (ms) | connect p99 (ms) | RSS per connection (KiB) |")
-    print("|---|---|---|---|---|---|")
-    for sc, results in rows:
-        for which in ("gw", "mosquitto"):
-            s = results[which]
-            print(f"| {sc.what} | {which} | {s['success']} | {s['connect_p50']} | {s['connect_p99']} | "
-                  f"{s['rss_per_conn_kib']} |")
+    conn_rows = [(sc, res) for sc, res in rows if sc.kind == "connections"]
+    pubsub_rows = [(sc, res) for sc, res in rows if sc.kind == "pubsub"]
+    if conn_rows:
+        print("\n| scenario | broker | connected | connect p50 (ms) | connect p99 (ms) | RSS per connection (KiB) |")
+        print("|---|---|---|---|---|---|")
+        for sc, results in conn_rows:
+            for which in ("gw", "mosquitto"):
+                s = results[which]
+                print(f"| {sc.what} | {which} | {s['success']} | {s['connect_p50']} | {s['connect_p99']} | "
+                      f"{s['rss_per_conn_kib']} |")
+    if pubsub_rows:
+        print("\n| scenario | broker | sent/s | delivered/s | lost | latency p50 (ms) | latency p99 (ms) |")
+        print("|---|---|---|---|---|---|---|")
+        for sc, results in pubsub_rows:
+            for which in ("gw", "mosquitto"):
+                s = results[which]
+                print(f"| {sc.what} | {which} | {s['sent_per_s']} | {s['received_per_s']} | {s['lost']} | "
+                      f"{s['latency_p50']} | {s['latency_p99']} |")
     return 0
 
 
