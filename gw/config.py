@@ -85,6 +85,8 @@ class Config:
     max_queued: int = _setting(1000, "QoS 1/2 messages queued for one client beyond max_inflight "
                                "(also while a clean_session=0 client is away); more are dropped "
                                "and counted", minimum=0)
+    session_expiry: float = _setting(0.0, "seconds a clean_session=0 session is kept while its client "
+                                     "is away (0: forever, as Mosquitto's default)", minimum=0)
     max_retained: int = _setting(100_000, "retained messages kept; more are refused and counted",
                                  minimum=0)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",

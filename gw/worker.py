@@ -111,6 +111,10 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         # Once a second: persistence, and on worker 0 the $SYS topics.
         nonlocal next_sys
         persistence.interval = cfg.persist_interval
+        if cfg.session_expiry:
+            expired = worker.expire_sessions(cfg.session_expiry)
+            if expired:
+                log.info("worker %d: %d persistent sessions expired", slot, expired)
         persistence.tick()
         if slot == 0 and cfg.sys_interval and time.monotonic() >= next_sys:
             next_sys = time.monotonic() + cfg.sys_interval

@@ -362,6 +362,21 @@ cdef class Worker:
         """(sessions changed, retained changed) since the last snapshot."""
         return self.sessions_changed, self.retained_changed
 
+    def expire_sessions(self, double seconds):
+        """Ends clean_session=0 sessions whose client has been away longer than
+        `seconds`; returns how many."""
+        cdef uint32_t slot
+        cdef uint64_t limit = <uint64_t>(seconds * 1000)
+        cdef int n = 0
+        cdef uint64_t now = monotonic_ms()
+        for slot in range(self.nsessions):
+            if (self.sessions[slot].in_use and self.sessions[slot].fd < 0 and not self.sessions[slot].clean
+                    and now - self.sessions[slot].away_since_ms > limit):
+                session_free(self, slot, True)
+                self.counters[SESSIONS_EXPIRED] += 1
+                n += 1
+        return n
+
     def retained_saved(self):
         self.retained_changed = False
 
