@@ -63,7 +63,17 @@ def pubsub(name: str, what: str, args: list[str], mosquitto: dict | None = None)
                     mosquitto=mosquitto or {})
 
 
+def seed000(n: int) -> Scenario:
+    # Seed 000's perf test: persistent JSON-over-TLS clients, 10 s heartbeats,
+    # a few Data messages each. Its protocol is gw's own, so gw only.
+    return Scenario(name=f"seed000-{n}", what=f"{n:,} persistent JSON-over-TLS clients (seed 000)",
+                    kind="seed", bench_args=["--protocol", "json", "--clients", str(n), "--rampup", "5",
+                                             "--duration", "20", "--keepalive", "10", "--messages", "5"],
+                    tls=True)
+
+
 SCENARIOS = {s.name: s for s in (
+    seed000(100), seed000(500), seed000(1000), seed000(2500),
     idle(1000, 2, False), idle(1000, 2, True),
     idle(10000, 15, False), idle(10000, 15, True),
     pubsub("fanin-qos0", "QoS 0 fan-in, 4 publishers -> 1 subscriber, flat out",
@@ -116,6 +126,7 @@ class Broker:
         self.certs = certs
         self.port = free_port()
         self.tls_port = free_port()
+        self.json_tls_port = free_port()
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self):
@@ -140,7 +151,7 @@ class Gw(Broker):
         self.proc = subprocess.Popen(
             [PY, "-m", "gw.cli", "serve", "--workers", str(self.workers),
              "--mqtt", f"127.0.0.1:{self.port}", "--mqtts", f"127.0.0.1:{self.tls_port}",
-             "--json", "off", "--jsons", "off", "--certs", str(self.certs),
+             "--json", "off", "--jsons", f"127.0.0.1:{self.json_tls_port}", "--certs", str(self.certs),
              "--data-dir", str(self.dir / "data"), "--stats-interval", "0", "--log-level", "warning"],
             cwd=self.dir, stdout=open(self.dir / "gw.log", "ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -177,10 +188,10 @@ class Mosquitto(Broker):
 
 
 def run_bench(broker: Broker, sc: Scenario, out: Path) -> dict:
-    port = broker.tls_port if sc.tls else broker.port
+    port = broker.json_tls_port if sc.kind == "seed" else broker.tls_port if sc.tls else broker.port
     cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", f"127.0.0.1:{port}",
            "--json", str(out), "--quiet"]
-    if sc.kind == "connections":
+    if sc.kind != "pubsub":
         cmd += ["--server-pid", str(broker.proc.pid)]
     if sc.tls:
         cmd += ["--tls", "--cafile", str(broker.certs / "ca.pem")]
@@ -206,6 +217,8 @@ def summarize(r: dict) -> dict:
         }
     return {
         "success": f"{r['connected']:,}/{r['clients']:,} ({r['success_rate_pct']:g}%)",
+        "sent": f"{r.get('messages', {}).get('sent', 0):,}",
+        "rss_mb": f"{server['rss_full'] / 1e6:.1f}" if "rss_full" in server else "-",
         "connect_p50": _ms(r["connect_ms"].get("p50_ms")),
         "connect_p99": _ms(r["connect_ms"].get("p99_ms")),
         "rss_per_conn_kib": round(server["rss_per_connection"] / 1024, 2) if "rss_per_connection" in server else None,
@@ -243,6 +256,8 @@ def main() -> int:
         for i, name in enumerate(args.only or SCENARIOS):
             sc = SCENARIOS[name]
             order = ["gw", "mosquitto"] if i % 2 == 0 else ["mosquitto", "gw"]
+            if sc.kind == "seed":
+                order = ["gw"]
             results = {}
             for which in order:
                 work = tmp / f"{name}-{which}"
@@ -254,6 +269,14 @@ def main() -> int:
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))
+    seed_rows = [(sc, res) for sc, res in rows if sc.kind == "seed"]
+    if seed_rows:
+        print("\n| clients | connected | success rate | Data messages sent | connect p99 (ms) | gw RSS (MB) |")
+        print("|---|---|---|---|---|---|")
+        for sc, results in seed_rows:
+            s = results["gw"]
+            print(f"| {sc.what} | {s['success']} | {s['success'].split('(')[1].rstrip(')')} | {s['sent']} | "
+                  f"{s['connect_p99']} | {s['rss_mb']} |")
     conn_rows = [(sc, res) for sc, res in rows if sc.kind == "connections"]
     pubsub_rows = [(sc, res) for sc, res in rows if sc.kind == "pubsub"]
     if conn_rows:

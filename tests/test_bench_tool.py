@@ -506,9 +506,9 @@ def test_dry_run_accepts_100k_with_source_ips_and_procs(tmp_path):
 
 @pytest.fixture
 def gw_server(tmp_path):
-    """`gw serve` with an MQTT and a JSON listener; skips when gw cannot serve yet."""
+    """`gw serve --workers 2` with an MQTT and a JSON listener (so deliveries cross workers)."""
     mqtt_port, json_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{mqtt_port}",
+    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{mqtt_port}",
            "--json", f"127.0.0.1:{json_port}", "--mqtts", "off", "--jsons", "off", "--stats-interval", "0",
            "--data-dir", str(tmp_path / "gwdata")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -523,7 +523,7 @@ def gw_server(tmp_path):
             except OSError:
                 time.sleep(0.1)
         if not up:
-            pytest.skip("gw serve did not start here: " + (proc.stderr.read()[-500:] if proc.poll() is not None else "timeout"))
+            pytest.fail("gw serve did not start: " + (proc.stderr.read()[-500:] if proc.poll() is not None else "timeout"))
         yield mqtt_port, json_port
     finally:
         if proc.poll() is None:
@@ -637,3 +637,33 @@ def test_username_password(broker, tmp_path):
                       "--server", f"127.0.0.1:{b.port}"], tmp_path)
     assert p.returncode == 2
     assert "bad user name or password" in p.stderr or "not authorized" in p.stderr
+
+
+@needs_engine
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_pubsub_against_gw_counts_exact(gw_server, tmp_path, qos):
+    """The same exact counting against gw (two workers, so most deliveries cross
+    between them): at a modest rate everything arrives, each message once."""
+    mqtt_port, _ = gw_server
+    p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", qos, "--rate", 3000, "--size", 100,
+                      "--duration", 2, "--server", f"127.0.0.1:{mqtt_port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0 and d["expected"] == m["sent"] * 2
+    assert d["unique"] == d["expected"] and m["received"] == d["unique"]
+    assert d["duplicates"] == 0 and d["foreign"] == 0 and d["out_of_order"] == 0
+    assert r["connected"] == 5 and r["disconnected"] == 5
+
+
+@needs_engine
+@pytest.mark.parametrize("qos", [1, 2])
+def test_pubsub_against_gw_lossless_flat_out(gw_server, tmp_path, qos):
+    """QoS 1/2 flat out into gw: publishers are held back, nothing is lost."""
+    mqtt_port, _ = gw_server
+    p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
+                      "--server", f"127.0.0.1:{mqtt_port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0 and m["acked"] == m["sent"]
+    assert d["expected"] == m["sent"] * 2 == d["unique"]
+    assert d["lost"] == 0 and d["duplicates"] == 0
