@@ -424,9 +424,17 @@ cdef class Worker:
         cdef bytes cid
         # Tell the other workers we (re)started: they forget our old interests
         # and send theirs, and the retained store.
+        cdef PeerTarget target
+        target.worker = <void*>self
         for p in range(self.npeers):
             if p != self.worker_index and self.peers[p].fd >= 0:
+                # HELLO goes first: a peer that reads it forgets what we announced
+                # before, including what sessions restored from disk queued just now;
+                # so every filter we have is announced again after it.
+                self.peers[p].outlen = 0
                 channel_frame(self, p, FR_HELLO, 0, 0, 0)
+                target.peer = p
+                topics_filters(self.index, announce_filter, &target)
         # Sessions loaded from the data dir: their ids' homes learn they are here.
         for cid in self.restored:
             registry_register(self, cid)
