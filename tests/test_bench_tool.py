@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 
@@ -667,3 +668,18 @@ def test_pubsub_against_gw_lossless_flat_out(gw_server, tmp_path, qos):
     assert m["sent"] > 0 and m["acked"] == m["sent"]
     assert d["expected"] == m["sent"] * 2 == d["unique"]
     assert d["lost"] == 0 and d["duplicates"] == 0
+
+
+def test_server_pid_auto_finds_the_gw_master(gw_server):
+    """--server-pid auto: the process listening on the port, climbed to gw's
+    master (which holds its workers' sockets), so all workers are sampled."""
+    import psutil
+    from gw.bench.cli import resolve_server_pid
+
+    mqtt_port, _ = gw_server
+    pid = resolve_server_pid("auto", "127.0.0.1", mqtt_port)
+    proc = psutil.Process(pid)
+    assert "serve" in proc.cmdline()
+    assert len(proc.children()) == 2          # the fixture's two workers
+    with pytest.raises(click.BadParameter):
+        resolve_server_pid("auto", "127.0.0.1", free_port())

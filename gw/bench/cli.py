@@ -57,8 +57,9 @@ SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughp
                    "e.g. 127.0.0.1-127.0.0.20 (to pass the ~28k ephemeral ports per address).")
 @click.option("--connect-timeout", type=float, default=10.0, show_default=True,
               help="Seconds for TCP + TLS + CONNACK before a client counts as failed.")
-@click.option("--server-pid", type=int, default=None,
-              help="Sample this broker process (and its children): RSS, CPU, RSS per connection.")
+@click.option("--server-pid", default=None, metavar="PID|auto",
+              help="Sample this broker process (and its children): RSS, CPU, RSS per connection. "
+                   "'auto': the local process listening on --server's port (for gw serve, its master).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True), default=None,
               help="Write the full result (with per-second timeseries and histograms) as JSON.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, writable=True), default=None,
@@ -133,6 +134,8 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
         click.echo(f"gw bench: {e}", err=True)
         sys.exit(2)
 
+    if server_pid is not None:
+        server_pid = resolve_server_pid(server_pid, p.host, p.port)
     from .report import format_text, write_json, write_plot
     from .runner import Runner
     result = Runner(p, quiet=quiet, server_pid=server_pid).run()
@@ -180,3 +183,34 @@ def describe(p: Plan) -> str:
         lines.append(f"source address: chosen by the kernel ({ports:,} ephemeral ports)")
     lines.append(f"client ids: {p.client_id(0)} .. {p.client_id(total - 1)}")
     return "\n".join(lines)
+
+
+def resolve_server_pid(value: str, host: str, port: int) -> int:
+    """--server-pid: a number, or 'auto': the process listening on the broker's
+    port on this machine, climbing to the top of its process tree while the
+    parent listens there too (gw's master holds every worker's sockets)."""
+    if value != "auto":
+        try:
+            return int(value)
+        except ValueError:
+            raise click.BadParameter("a process id or 'auto'", param_hint="--server-pid") from None
+    import psutil
+
+    listeners = set()
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            listeners.add(conn.pid)
+    if not listeners:
+        raise click.BadParameter(f"no local process listens on port {port} (is the broker on "
+                                 f"this machine?)", param_hint="--server-pid")
+    def listens(proc) -> bool:
+        try:
+            return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+                       for c in proc.net_connections(kind="tcp"))
+        except (psutil.AccessDenied, psutil.NoSuchProcess):
+            return False
+
+    proc = psutil.Process(min(listeners))
+    while proc.parent() is not None and listens(proc.parent()):
+        proc = proc.parent()
+    return proc.pid
