@@ -11,7 +11,8 @@
 #
 # A subscriber that stops acknowledging for STALL_MS is a slow consumer, not
 # a busy one: it stops holding publishers back (and drops past max_queued,
-# counted), so one dead client cannot stall everyone. A publisher that is also
+# counted) until it acknowledges again, so one dead client cannot stall
+# everyone for more than STALL_MS. A publisher that is also
 # a subscriber with messages in flight is not paused (it must read its acks).
 
 cdef enum:
@@ -60,7 +61,7 @@ cdef void congestion_check(Worker w):
             w.log_limited(CR_QUEUE, "a subscriber stopped acknowledging for %d s: publishers no "
                           "longer wait for it" % (STALL_MS // 1000))
             uncongest(w, s)
-            s.last_ack_ms = w.now_ms      # it may be congested again after a fresh ack window
+            s.stalled = 1       # until it acknowledges something again
 
 
 cdef void update_pause(Worker w):

@@ -145,7 +145,8 @@ cdef int decode_packet_id(const uint8_t* body, uint32_t n, uint16_t* packet_id) 
 # and returns 1 for an entry, 0 at the end, ERR_MALFORMED (and *reason) for an
 # invalid filter (UTF-8), QoS 3 or reserved bits (MQTT-3.8.3-4).
 # A syntactically invalid filter (a/#/b, a+) is NOT malformed here: the
-# caller answers it with SUBACK 0x80, as Mosquitto does; use valid_topic_filter.
+# caller answers it with SUBACK 0x80 (Mosquitto closes the connection instead);
+# use valid_topic_filter.
 cdef int subscribe_begin(const uint8_t* body, uint32_t n, EntryIter* it, int* reason) noexcept nogil
 cdef int subscribe_next(EntryIter* it, Slice* topic_filter, uint8_t* qos, int* reason) noexcept nogil
 # UNSUBSCRIBE: same shape, entries are filters only (MQTT-3.10.3-2).

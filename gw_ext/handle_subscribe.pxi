@@ -32,7 +32,8 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     subscribe_begin(body, n, &it, &reason)
     count = 0
     while subscribe_next(&it, &filt, &qos, &reason) == 1:
-        # An invalid filter (a/#/b, a+) is refused with 0x80, like Mosquitto.
+        # An invalid filter (a/#/b, a+) is refused with SUBACK 0x80 and the
+        # connection stays (MQTT-3.9.3; Mosquitto 2.0 closes it instead).
         codes[count] = SUBACK_FAILURE
         if valid_topic_filter(filt.ptr, filt.len):
             r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)

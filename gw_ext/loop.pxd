@@ -115,6 +115,7 @@ cdef struct Session:
     uint64_t away_since_ms
     uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
     uint8_t congested         # its queue is past the high watermark (backpressure.pxi)
+    uint8_t stalled           # stopped acknowledging: holds nobody back until it acks again
 
 # The link to one other worker: a SOCK_SEQPACKET socket made by the master
 # before forking. Frames for it are batched in `out` and sent once per loop

@@ -69,3 +69,40 @@ cdef extern from "openssl/err.h" nogil:
     unsigned long ERR_peek_error()
     void ERR_clear_error()
     void ERR_error_string_n(unsigned long e, char* buf, size_t len)
+
+# Client side (gw_ext/benchtls.pyx: the load generator's TLS clients).
+
+cdef extern from "openssl/ssl.h" nogil:
+    ctypedef struct X509_VERIFY_PARAM:
+        pass
+
+    int SSL_connect(SSL* ssl)
+    int SSL_has_pending(const SSL* ssl)
+    long SSL_get_verify_result(const SSL* ssl)
+    void SSL_CTX_set_read_ahead(SSL_CTX* ctx, int yes)
+    int SSL_CTX_set_default_verify_paths(SSL_CTX* ctx)
+    X509_VERIFY_PARAM* SSL_CTX_get0_param(SSL_CTX* ctx)
+    X509_VERIFY_PARAM* SSL_get0_param(SSL* ssl)
+    const char* SSL_get_cipher_name(const SSL* ssl)
+
+    unsigned long SSL_OP_ALL
+    unsigned long SSL_OP_NO_SSLv3
+    unsigned long SSL_OP_ENABLE_MIDDLEBOX_COMPAT
+    long SSL_MODE_AUTO_RETRY
+    int SSL_R_CERTIFICATE_VERIFY_FAILED
+
+cdef extern from "openssl/x509_vfy.h" nogil:
+    int X509_VERIFY_PARAM_set1_host(X509_VERIFY_PARAM* param, const char* name, size_t namelen)
+    int X509_VERIFY_PARAM_set1_ip_asc(X509_VERIFY_PARAM* param, const char* ipasc)
+    void X509_VERIFY_PARAM_set_hostflags(X509_VERIFY_PARAM* param, unsigned int flags)
+    int X509_VERIFY_PARAM_set_flags(X509_VERIFY_PARAM* param, unsigned long flags)
+    const char* X509_verify_cert_error_string(long n)
+    long X509_V_OK
+    unsigned long X509_V_FLAG_TRUSTED_FIRST
+
+cdef extern from "openssl/x509v3.h" nogil:
+    unsigned int X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
+
+cdef extern from "openssl/err.h" nogil:
+    int ERR_GET_REASON(unsigned long e)
+    const char* ERR_reason_error_string(unsigned long e)

@@ -122,7 +122,7 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     s.qlen += 1
     if not s.clean:
         w.sessions_changed = True
-    if s.qlen >= w.queue_high and s.fd >= 0 and not s.congested:
+    if s.qlen >= w.queue_high and s.fd >= 0 and not s.congested and not s.stalled:
         congest(w, s)
 
 

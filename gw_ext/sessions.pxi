@@ -205,6 +205,7 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
     if not s.clean:
         w.sessions_changed = True
     s.last_ack_ms = w.now_ms
+    s.stalled = 0
     for i in range(s.ninflight):
         e = &s.inflight[i]
         if e.packet_id != pid:
