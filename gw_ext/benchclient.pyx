@@ -31,38 +31,11 @@ from gw_ext.codec cimport (
 
 import ssl as _ssl
 
-cdef extern from "<sys/epoll.h>" nogil:
-    ctypedef union epoll_data_t:
-        void* ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    enum:
-        EPOLLIN
-        EPOLLOUT
-        EPOLLERR
-        EPOLLHUP
-        EPOLL_CTL_ADD
-        EPOLL_CTL_MOD
-        EPOLL_CTL_DEL
-        EPOLL_CLOEXEC
-
-cdef extern from "<sys/socket.h>" nogil:
-    ssize_t c_recv "recv"(int fd, void* buf, size_t n, int flags)
-    ssize_t c_send "send"(int fd, const void* buf, size_t n, int flags)
-    int c_shutdown "shutdown"(int fd, int how)
-    enum:
-        MSG_NOSIGNAL
-        SHUT_WR
-
-cdef extern from "<unistd.h>" nogil:
-    int c_close "close"(int fd)
+from gw_ext.netio cimport (
+    EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
+    MSG_NOSIGNAL, SHUT_WR, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
+)
+from gw_ext.netio cimport close as c_close, recv as c_recv, send as c_send, shutdown as c_shutdown
 
 DEF MAXEV = 1024
 

@@ -20,6 +20,7 @@ from libc.string cimport memchr, memcpy, memmove, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from gw_ext.codec cimport *
+from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
@@ -31,43 +32,6 @@ from struct import pack as struct_pack, unpack_from as struct_unpack_from
 
 log = logging.getLogger("gw.worker")
 
-
-cdef extern from "sys/epoll.h" nogil:
-    cdef union epoll_data_t:
-        void* ptr
-        int fd
-        uint32_t u32
-        uint64_t u64
-    cdef struct epoll_event:
-        uint32_t events
-        epoll_data_t data
-    int epoll_create1(int flags)
-    int epoll_ctl(int epfd, int op, int fd, epoll_event* event)
-    int epoll_wait(int epfd, epoll_event* events, int maxevents, int timeout)
-    int EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_MOD, EPOLL_CTL_DEL
-    uint32_t EPOLLIN, EPOLLOUT, EPOLLERR, EPOLLHUP
-
-cdef extern from "sys/socket.h" nogil:
-    ctypedef unsigned int socklen_t
-    int accept4(int fd, void* addr, socklen_t* addrlen, int flags)
-    ssize_t recv(int fd, void* buf, size_t n, int flags)
-    ssize_t send(int fd, const void* buf, size_t n, int flags)
-    int setsockopt(int fd, int level, int optname, const void* optval, socklen_t optlen)
-    int shutdown(int fd, int how)
-    int SOCK_NONBLOCK, SOCK_CLOEXEC, MSG_NOSIGNAL, MSG_DONTWAIT, SHUT_RD
-
-cdef extern from "netinet/in.h" nogil:
-    int IPPROTO_TCP
-
-cdef extern from "netinet/tcp.h" nogil:
-    int TCP_NODELAY
-
-cdef extern from "unistd.h" nogil:
-    int close(int fd)
-
-cdef extern from "fcntl.h" nogil:
-    int open(const char* path, int flags)
-    int O_RDONLY, O_CLOEXEC
 
 cdef extern from "Python.h":
     int PyErr_CheckSignals() except -1
