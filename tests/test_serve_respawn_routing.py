@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import uuid
 
 from conftest import (connect_packet, packet, publish_packet, read_packet, subscribe_packet,
