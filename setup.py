@@ -7,7 +7,7 @@ from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
 # Modules that call OpenSSL directly (the TLS layer and whatever drives it).
-OPENSSL = {"tls", "loop", "benchclient"}
+OPENSSL = {"tls", "loop", "benchclient", "benchtls"}
 
 DIRECTIVES = {
     "language_level": 3,

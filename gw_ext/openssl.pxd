@@ -90,6 +90,7 @@ cdef extern from "openssl/ssl.h" nogil:
     unsigned long SSL_OP_ENABLE_MIDDLEBOX_COMPAT
     long SSL_MODE_AUTO_RETRY
     int SSL_R_CERTIFICATE_VERIFY_FAILED
+    int SSL_R_UNEXPECTED_EOF_WHILE_READING
 
 cdef extern from "openssl/x509_vfy.h" nogil:
     int X509_VERIFY_PARAM_set1_host(X509_VERIFY_PARAM* param, const char* name, size_t namelen)
@@ -104,5 +105,8 @@ cdef extern from "openssl/x509v3.h" nogil:
     unsigned int X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS
 
 cdef extern from "openssl/err.h" nogil:
+    unsigned long ERR_peek_last_error()
+    int ERR_GET_LIB(unsigned long e)
     int ERR_GET_REASON(unsigned long e)
+    int ERR_LIB_SSL
     const char* ERR_reason_error_string(unsigned long e)

@@ -683,3 +683,230 @@ def test_server_pid_auto_finds_the_gw_master(gw_server):
     assert len(proc.children()) == 2          # the fixture's two workers
     with pytest.raises(click.BadParameter):
         resolve_server_pid("auto", "127.0.0.1", free_port())
+
+
+# -- TLS clients on OpenSSL from Cython (gw_ext/benchtls.pyx) ------------------------------
+
+def _benchtls_built() -> bool:
+    try:
+        import gw_ext.benchtls  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+needs_benchtls = pytest.mark.skipif(not _benchtls_built(), reason="gw_ext.benchtls is not built "
+                                    "(python setup.py build_ext --inplace)")
+
+# Run in a subprocess: benchtls.use_legacy_ec_keys() changes how the whole
+# process decodes EC keys, so it must not leak into pytest's own process. The
+# checks run twice, with it on and off: the same answers either way.
+_BENCHTLS_CHECKS = r'''
+import json, select, socket, ssl, sys, threading
+from gw_ext import benchtls
+
+legacy = sys.argv[1] == "1"
+certs = json.loads(sys.argv[2])
+if legacy:
+    assert benchtls.use_legacy_ec_keys()
+
+
+class Server:
+    """TLS echo server (Python's ssl) recording the SNI it was sent."""
+
+    def __init__(self, cert, key, max_version=None):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        if max_version:
+            self.ctx.maximum_version = max_version
+        self.sni = []
+        self.ctx.sni_callback = lambda sock, name, ctx: self.sni.append(name)
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.echo, args=(c,), daemon=True).start()
+
+    def echo(self, c):
+        try:
+            with self.ctx.wrap_socket(c, server_side=True) as t:
+                data = t.recv(100)
+                t.sendall(b"echo:" + data)
+                t.recv(1)
+        except (OSError, ssl.SSLError):
+            pass
+
+
+def client(ctx, port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setblocking(False)
+    t = ctx.wrap(s.fileno())
+    try:
+        while True:
+            r = t.handshake()
+            if r == benchtls.DONE:
+                break
+            select.select([s] if r == benchtls.WANT_READ else [], [s] if r == benchtls.WANT_WRITE else [], [], 5)
+        assert t.send(b"hi") == 2
+        data = None
+        while not data:
+            select.select([s], [], [], 5)
+            data = t.recv()
+        return t.version(), data
+    finally:
+        t.close()
+        s.close()
+
+
+def kind(ctx, port):
+    try:
+        client(ctx, port)
+    except benchtls.TLSError as e:
+        return e.kind
+    return "ok"
+
+
+ca = certs["ca"]
+good = Server(certs["good"], certs["good_key"])
+tls12 = Server(certs["good"], certs["good_key"], ssl.TLSVersion.TLSv1_2)
+forged = Server(certs["forged"], certs["forged_key"])     # names the CA as issuer, signed by another key
+named = Server(certs["named"], certs["named_key"])        # for localhost only
+rsa = Server(certs["rsa"], certs["rsa_key"])              # RSA leaf from an RSA CA
+
+ctx = benchtls.ClientContext(ca, False, "127.0.0.1")
+assert client(ctx, good.port) == ("TLSv1.3", b"echo:hi")
+assert client(ctx, tls12.port) == ("TLSv1.2", b"echo:hi")
+assert good.sni == [None]                                  # no SNI for an IP address, as Python's ssl
+assert kind(ctx, forged.port) == "tls_verify_failed"      # the signature is checked
+assert kind(ctx, named.port) == "tls_verify_failed"       # 127.0.0.1 is not in its names
+assert kind(benchtls.ClientContext(certs["other_ca"], False, "127.0.0.1"), good.port) == "tls_verify_failed"
+by_name = benchtls.ClientContext(ca, False, "localhost")
+assert client(by_name, named.port)[1] == b"echo:hi"
+assert named.sni == [None, "localhost"]                # the IP-address client sent none
+assert kind(by_name, good.port) == "tls_verify_failed"
+insecure = benchtls.ClientContext(None, True, None)
+assert client(insecure, forged.port)[1] == b"echo:hi" and client(insecure, named.port)[1] == b"echo:hi"
+assert client(benchtls.ClientContext(certs["rsa_ca"], False, "127.0.0.1"), rsa.port)[1] == b"echo:hi"
+assert kind(ctx, rsa.port) == "tls_verify_failed"
+
+# A plain TCP server that closes at once: a TLS error with a name, not a hang.
+plain = socket.socket()
+plain.bind(("127.0.0.1", 0))
+plain.listen(4)
+def shut():
+    c, _ = plain.accept()
+    c.recv(4096)
+    c.close()
+threading.Thread(target=shut, daemon=True).start()
+assert kind(ctx, plain.getsockname()[1]).startswith("tls_")
+
+# epoll_wait: events as select.epoll.poll gives them, [] on timeout.
+ep = select.epoll()
+a, b = socket.socketpair()
+ep.register(a.fileno(), select.EPOLLIN)
+assert benchtls.epoll_wait(ep.fileno(), 0.002) == []
+b.send(b"x")
+assert benchtls.epoll_wait(ep.fileno(), 1.0) == [(a.fileno(), select.EPOLLIN)]
+print("ok")
+'''
+
+
+def _write_test_certs(tmp_path: Path) -> dict:
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    out = {}
+
+    def name(cn):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def cert(subject, issuer, key, signer, san=None, ca=False):
+        b = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+             .public_key(key.public_key()).serial_number(x509.random_serial_number())
+             .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if san:
+            b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
+        return b.sign(signer, hashes.SHA256())
+
+    def write(label, c, key=None):
+        p = tmp_path / f"{label}.pem"
+        p.write_bytes(c.public_bytes(serialization.Encoding.PEM))
+        out[label] = str(p)
+        if key is not None:
+            k = tmp_path / f"{label}-key.pem"
+            k.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()))
+            out[label + "_key"] = str(k)
+
+    ip = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    ca_key, other_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    write("ca", cert("gw test CA", "gw test CA", ca_key, ca_key, ca=True))
+    write("other_ca", cert("gw other CA", "gw other CA", other_key, other_key, ca=True))
+    k = ec.generate_private_key(ec.SECP256R1())
+    write("good", cert("server", "gw test CA", k, ca_key, ip), k)
+    k = ec.generate_private_key(ec.SECP256R1())
+    write("forged", cert("server", "gw test CA", k, other_key, ip), k)
+    k = ec.generate_private_key(ec.SECP256R1())
+    write("named", cert("localhost", "gw test CA", k, ca_key, [x509.DNSName("localhost")]), k)
+    rsa_ca_key, k = (rsa.generate_private_key(public_exponent=65537, key_size=2048) for _ in range(2))
+    write("rsa_ca", cert("gw RSA CA", "gw RSA CA", rsa_ca_key, rsa_ca_key, ca=True))
+    write("rsa", cert("server", "gw RSA CA", k, rsa_ca_key, ip), k)
+    return out
+
+
+@needs_benchtls
+@pytest.mark.parametrize("legacy_ec", ["1", "0"])
+def test_benchtls_verifies_as_python_ssl_does(tmp_path, legacy_ec):
+    """benchtls's clients make the handshake Python's ssl makes: TLS 1.3 and
+    1.2, chain and signature checked against the CA, IP address or host name
+    checked (SNI only for names), nothing checked with --insecure; with
+    OpenSSL's built-in EC decoding (the default in gw bench) or without."""
+    pytest.importorskip("cryptography")
+    certs = _write_test_certs(tmp_path)
+    p = subprocess.run([sys.executable, "-c", _BENCHTLS_CHECKS, legacy_ec, json.dumps(certs)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
+
+
+@needs_mosquitto
+@needs_benchtls
+def test_tls_connection_scenario_phases_and_python_ssl_fallback(broker, tmp_path):
+    """The connection scenario over benchtls and over Python's ssl
+    (GW_BENCH_TLS=python): the same counts, every phase timed."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n")
+    for how in ("openssl", "python"):
+        out = tmp_path / f"{how}.json"
+        cmd = [sys.executable, "-m", "gw.bench", "--clients", 40, "--rampup", 0.5, "--duration", 1, "--keepalive", 1,
+               "--messages", 2, "--qos", 1, "--tls", "--cafile", ca_pem, "--server", f"127.0.0.1:{b.port}",
+               "--procs", 2, "--json", out, "--quiet"]
+        p = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=90,
+                           env=dict(os.environ, GW_BENCH_TLS=how))
+        assert p.returncode == 0, how + p.stdout + p.stderr
+        r = json.loads(out.read_text())
+        assert r["connected"] == 40 and r["disconnected"] == 40 and r["errors"] == {}, how
+        assert r["messages"]["sent"] == 80 and r["messages"]["acked"] == 80, how
+        ph = r["connect_phases_ms"]
+        assert ph["tcp"]["count"] == ph["tls"]["count"] == ph["connack"]["count"] == 40, how
+        assert ph["tls"]["min_ms"] > 0, how   # the handshake's end is timed when it ends

@@ -6,12 +6,20 @@ phase, holds them with keepalives, publishes on a schedule, and disconnects
 them cleanly. The throughput scenario uses it to set up its publishers and
 subscribers (including SUBSCRIBE -> SUBACK) before handing the sockets to
 the Cython engine.
+
+TLS clients of the connection scenario are OpenSSL SSL objects driven from
+Cython (gw_ext/benchtls.pyx: no Python ssl layer, read-ahead, EC certificate
+keys decoded without OpenSSL 3.0's provider decoder search): on a shared
+machine every ms of the tool's CPU competes with the server it measures. The
+throughput scenario's setup keeps Python's ssl (its engine takes SSLSocket
+objects).
 """
 from __future__ import annotations
 
 import errno
 import heapq
 import math
+import os
 import select
 import socket
 import ssl
@@ -33,8 +41,33 @@ EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
+try:
+    from gw_ext import benchtls
+    from gw_ext.benchtls import TLSError
+except ImportError:  # not built: TLS clients go through Python's ssl module
+    benchtls = None
+
+    class TLSError(Exception):
+        kind = "tls_error"
+
 _json_enc = msgspec.json.Encoder()
 _json_dec = msgspec.json.Decoder()
+
+
+def make_tls_context(cafile: str | None, insecure: bool, host: str):
+    """The connection scenario's TLS clients: OpenSSL driven from Cython
+    (gw_ext/benchtls.pyx), or Python's ssl module when the extension is not
+    built. Both make the same handshake: TLS 1.2+, the certificate verified
+    against cafile (or the system store) and the host name checked, unless
+    insecure. GW_BENCH_TLS=python forces Python's ssl, =openssl-providers
+    keeps OpenSSL's provider decoders for EC keys (see benchtls); both are
+    for comparisons only."""
+    how = os.environ.get("GW_BENCH_TLS", "openssl")
+    if benchtls is None or how == "python":
+        return make_ssl_context(cafile, insecure)
+    if how != "openssl-providers":
+        benchtls.use_legacy_ec_keys()
+    return benchtls.ClientContext(cafile, insecure, None if insecure else host)
 
 
 def make_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
@@ -54,6 +87,8 @@ def errname(code: int) -> str:
 
 
 def classify(exc: BaseException) -> str:
+    if isinstance(exc, TLSError):
+        return exc.kind
     if isinstance(exc, ssl.SSLCertVerificationError):
         return "tls_verify_failed"
     if isinstance(exc, ssl.SSLError):
@@ -66,7 +101,7 @@ def classify(exc: BaseException) -> str:
 
 class Conn:
     __slots__ = (
-        "g", "cid", "role", "sock", "fd", "state", "events", "t0", "t_tcp", "t_tls", "t_ready",
+        "g", "cid", "role", "sock", "tls", "fd", "state", "events", "t0", "t_tcp", "t_tls", "t_ready",
         "inbuf", "outbuf", "ping_sent", "last_tx", "pubs_done", "pid", "inflight", "json_id",
     )
 
@@ -75,6 +110,7 @@ class Conn:
         self.cid = cid
         self.role = role
         self.sock = None
+        self.tls = None     # benchtls.TLSConn (the socket stays in sock)
         self.fd = -1
         self.state = TCP
         self.events = 0
@@ -95,12 +131,23 @@ class ConnEngine:
     MAX_PENDING = 1000   # handshakes in flight at once when there is no ramp
 
     def __init__(self, plan, indices, ssl_ctx=None, stats_cb=None, stop_check=None):
+        """ssl_ctx: None (plain), a benchtls.ClientContext (make_tls_context), or
+        an ssl.SSLContext (the throughput scenario, whose engine takes
+        SSLSocket objects)."""
         self.plan = plan
         self.indices = list(indices)
         self.ssl_ctx = ssl_ctx
+        self.native_tls = benchtls is not None and isinstance(ssl_ctx, benchtls.ClientContext)
         self.stats_cb = stats_cb
         self.stop_check = stop_check or (lambda: False)
         self.ep = select.epoll(sizehint=len(self.indices) + 16)
+        # epoll.poll() rounds timeouts up to whole ms: connects would start
+        # up to 1 ms late. benchtls.epoll_wait is precise to the microsecond.
+        if benchtls is not None:
+            epfd = self.ep.fileno()
+            self._wait = lambda timeout, maxevents: benchtls.epoll_wait(epfd, timeout, maxevents)
+        else:
+            self._wait = self.ep.poll
         self.conns: dict[int, Conn] = {}
         self.timers: list = []
         self._tseq = 0
@@ -125,6 +172,9 @@ class ConnEngine:
         self.hold_start = 0.0
         self.setup_only = False
         self._last_poll = 0.0
+        self._ramp = ((), 0, 0.0, 0.0)   # (indices, how many, seconds apart, t of index 0)
+        self._next_i = 0
+        self._next_start = math.inf      # when the next client is due (inf: none, or no ramp)
         self.epoch = None      # the run's common t=0 (monotonic): marks fall on whole seconds after it
         self.next_k = 1
 
@@ -197,6 +247,9 @@ class ConnEngine:
 
     def _close(self, c: Conn) -> None:
         c.state = CLOSED
+        if c.tls is not None:
+            c.tls.close()
+            c.tls = None
         if c.fd >= 0:
             self.conns.pop(c.fd, None)
             try:
@@ -220,26 +273,29 @@ class ConnEngine:
         if c.outbuf:
             c.outbuf += data
             return
-        try:
-            n = c.sock.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            n = 0
-        except OSError as e:
-            self._broken(c, classify(e))
+        n = self._write(c, data)
+        if n < 0:
             return
         if n < len(data):
             c.outbuf += data[n:]
             self._want(c, EPOLLIN | EPOLLOUT)
 
+    def _write(self, c: Conn, data) -> int:
+        """What the socket took (0: it would block); -1 when the connection
+        broke (already handled)."""
+        try:
+            if c.tls is not None:
+                return c.tls.send(data)
+            return c.sock.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0
+        except (OSError, TLSError) as e:
+            self._broken(c, classify(e))
+            return -1
+
     def _flush(self, c: Conn) -> None:
         while c.outbuf:
-            try:
-                n = c.sock.send(c.outbuf)
-            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                return
-            except OSError as e:
-                self._broken(c, classify(e))
-                return
+            n = self._write(c, c.outbuf)
             if n <= 0:
                 return
             del c.outbuf[:n]
@@ -252,6 +308,9 @@ class ConnEngine:
             self._fail(c, kind)
 
     def _readable(self, c: Conn, now: float) -> None:
+        if c.tls is not None:
+            self._readable_tls(c, now)
+            return
         sock = c.sock
         got = 0
         while True:
@@ -275,6 +334,34 @@ class ConnEngine:
             self.c["bytes_in"] += got
             self._process(c, now)
 
+    def _readable_tls(self, c: Conn, now: float) -> None:
+        """OpenSSL reads ahead: one read() takes what the socket has, then
+        records come out of its buffer until it is empty."""
+        tls = c.tls
+        got = 0
+        while True:
+            try:
+                data = tls.recv()
+            except (OSError, TLSError) as e:
+                self._broken(c, classify(e))
+                return
+            if data is None:
+                break
+            if not data:
+                if got:
+                    self._process(c, now)
+                    if c.state == CLOSED:
+                        return
+                self._broken(c, "closed_by_server" if c.state == READY else "closed_before_connack")
+                return
+            got += len(data)
+            c.inbuf += data
+            if not tls.has_pending():
+                break
+        if got:
+            self.c["bytes_in"] += got
+            self._process(c, now)
+
     # -- handshake steps -----------------------------------------------------
     def _tcp_done(self, c: Conn, now: float) -> None:
         err = c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
@@ -283,7 +370,15 @@ class ConnEngine:
             return
         c.t_tcp = now
         self.h_tcp.record((now - c.t0) * 1e9)
-        if self.ssl_ctx is not None:
+        if self.native_tls:
+            c.state = TLS
+            try:
+                c.tls = self.ssl_ctx.wrap(c.fd)
+            except TLSError as e:
+                self._fail(c, classify(e))
+                return
+            self._handshake(c, now)
+        elif self.ssl_ctx is not None:
             c.state = TLS
             try:
                 c.sock = self.ssl_ctx.wrap_socket(c.sock, server_hostname=self.server_hostname,
@@ -296,20 +391,35 @@ class ConnEngine:
             self._hello(c, now)
 
     def _handshake(self, c: Conn, now: float) -> None:
-        try:
-            c.sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want(c, EPOLLIN)
-            return
-        except ssl.SSLWantWriteError:
-            self._want(c, EPOLLOUT)
-            return
-        except (OSError, ValueError) as e:
-            self._fail(c, classify(e))
-            return
-        c.t_tls = now
-        self.h_tls.record((now - c.t_tcp) * 1e9)
-        self._hello(c, now)
+        if c.tls is not None:
+            try:
+                r = c.tls.handshake()
+            except (OSError, TLSError) as e:
+                self._fail(c, classify(e))
+                return
+            if r:
+                self._want(c, EPOLLIN if r == benchtls.WANT_READ else EPOLLOUT)
+                return
+        else:
+            try:
+                c.sock.do_handshake()
+            except ssl.SSLWantReadError:
+                self._want(c, EPOLLIN)
+                return
+            except ssl.SSLWantWriteError:
+                self._want(c, EPOLLOUT)
+                return
+            except (OSError, ValueError) as e:
+                self._fail(c, classify(e))
+                return
+        # The TLS phase ends when the step that finished the handshake returns,
+        # not at the poll's timestamp: that step verifies the certificate, and
+        # on loopback the server's whole answer can even arrive within the
+        # step that sent the ClientHello.
+        t = time.monotonic()
+        c.t_tls = t
+        self.h_tls.record((t - c.t_tcp) * 1e9)
+        self._hello(c, t)
 
     def _hello(self, c: Conn, now: float) -> None:
         c.state = HELLO
@@ -498,12 +608,17 @@ class ConnEngine:
     # -- the loop -------------------------------------------------------------
     def _poll_once(self, timeout: float) -> None:
         try:
-            events = self.ep.poll(timeout, 1024)
+            events = self._wait(timeout, 1024)
         except InterruptedError:
             return
         now = time.monotonic()
         conns = self.conns
+        monotonic = time.monotonic
         for fd, ev in events:
+            if self._next_start <= monotonic():
+                # A connect fell due while this batch is handled (a TLS step
+                # costs a few hundred us): start it on time, not after the batch.
+                self._start_due(monotonic())
             c = conns.get(fd)
             if c is None:
                 continue
@@ -519,6 +634,19 @@ class ConnEngine:
                         continue
                 if ev & (EPOLLIN | EPOLLERR):
                     self._readable(c, now)
+
+    def _start_due(self, now: float) -> None:
+        """Starts the clients whose time on the ramp has come (with no ramp:
+        as many as MAX_PENDING handshakes in flight allow)."""
+        idx, n, step, start_at = self._ramp
+        i = self._next_i
+        while i < n and start_at + idx[i] * step <= now and (step or self.pending < self.MAX_PENDING):
+            if step:
+                self.h_lag.record((now - (start_at + idx[i] * step)) * 1e9)
+            self._start(idx[i], now)
+            i += 1
+        self._next_i = i
+        self._next_start = start_at + idx[i] * step if step and i < n else math.inf
 
     def _run_timers(self, now: float) -> None:
         timers = self.timers
@@ -560,16 +688,15 @@ class ConnEngine:
         self.hold_end = math.inf if hold_end is None else hold_end
         idx = self.indices
         n = len(idx)
-        i = 0
         step = rampup / total if total and rampup > 0 else 0.0
+        self._ramp = (idx, n, step, start_at)
+        self._next_i = 0
+        self._next_start = start_at + idx[0] * step if step and n else math.inf
         setup_deadline = start_at + rampup + self.plan.connect_timeout + 5.0
         while not self.stopped:
             now = time.monotonic()
-            while i < n and start_at + idx[i] * step <= now and (step or self.pending < self.MAX_PENDING):
-                if step:
-                    self.h_lag.record((now - (start_at + idx[i] * step)) * 1e9)
-                self._start(idx[i], now)
-                i += 1
+            self._start_due(now)
+            i = self._next_i
             self._run_timers(now)
             self._tick(now)
             if self.setup_only:
@@ -592,7 +719,8 @@ class ConnEngine:
                 nxt = min(nxt, self.timers[0][0])
             nxt = min(nxt, self.hold_end, self.epoch + self.next_k)
             self._poll_once(max(0.0, nxt - time.monotonic()))
-        self.c["not_started"] += n - i
+        self._next_start = math.inf
+        self.c["not_started"] += n - self._next_i
 
     def ready_conns(self) -> list[Conn]:
         return [c for c in self.conns.values() if c.state == READY]
@@ -601,6 +729,8 @@ class ConnEngine:
         """Hands the READY connections over (setup only): they leave this
         engine's epoll; the caller owns their sockets from now on."""
         out = self.ready_conns()
+        if any(c.tls is not None for c in out):
+            raise RuntimeError("benchtls clients cannot be handed to the throughput engine")
         for c in out:
             try:
                 self.ep.unregister(c.fd)
