@@ -15,11 +15,11 @@ The server never builds Python objects per packet, so decoding is timed with
 from __future__ import annotations
 
 import random
-import time
 
 from gw import mqtt_ref as ref
 from gw.packets import Connect, Pingreq, Puback, Publish, Subscribe
 from gw_ext import codec
+from benchutil import best_time
 
 SMALL_PUBLISH_TARGET = 1_000_000   # packets/s on one core (recorded, not asserted)
 GATE_RATIO = 10
@@ -60,15 +60,6 @@ MIX, MIX_COUNT = realistic_mix()
 SMALL, SMALL_COUNT = small_publishes()
 PUBLISHES = [Publish(f"sensors/dev{i}/temp", bytes(range(32)), i % 2, packet_id=(i % 2) * (i + 1))
              for i in range(1000)]
-
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def record_rate(benchmark, fn, packets: int, repeat: int = 5):

@@ -20,9 +20,9 @@ per-device backend view), a few ``devices/#`` (monitoring) and ``+/status``.
 from __future__ import annotations
 
 import random
-import time
 
 from gw_ext.topics import TopicIndex
+from benchutil import best_time
 
 N_SUBS = 100_000
 N_TOPICS = 100_000
@@ -164,14 +164,6 @@ class DictTrie:
 
 
 # --- benchmarks ------------------------------------------------------------------
-
-def best_time(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def record_rate(benchmark, fn, count: int):

@@ -8,11 +8,11 @@ of deadlines); the gate is a ratio, never an absolute time.
 from __future__ import annotations
 
 import heapq
-import time
 
 import numpy as np
 
 from gw_ext.wheel import TimerWheel
+from benchutil import best_time
 
 N = 100_000
 TICK_MS = 100
@@ -67,17 +67,8 @@ def test_heapq_100k_timers_reference(benchmark):
     benchmark.extra_info["timers_per_s"] = round(N / benchmark.stats.stats.min)
 
 
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def test_wheel_at_least_5x_heapq():
     """Gate: scheduling, rescheduling and expiring 100k timers in the wheel costs at
     most a fifth of a heapq doing the same, measured in this run."""
-    wheel, heap = best_of(run_wheel, 5), best_of(run_heap, 3)
+    wheel, heap = best_time(run_wheel, 5), best_time(run_heap, 3)
     assert heap / wheel >= 5, f"wheel {wheel * 1e3:.1f} ms, heapq {heap * 1e3:.1f} ms"
