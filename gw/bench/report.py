@@ -6,7 +6,9 @@ import json
 import math
 from collections import Counter
 
-from .histogram import Histogram
+import numpy as np
+
+from .histogram import Histogram, bucket_bounds
 
 HIST_NAMES = ("connect", "tcp", "tls", "connack", "ping", "puback", "latency", "ack", "ramp_lag")
 
@@ -412,7 +414,7 @@ def write_plot(r: dict, path: str) -> None:
         raise RuntimeError("--plot needs matplotlib: pip install 'gw[plot]' (or pip install matplotlib)") from None
     ts = r["timeseries"]
     t = [p["t"] for p in ts]
-    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    fig, axes = plt.subplots(3, 1, figsize=(10, 9))
     axes[0].plot(t, [p["connected"] for p in ts], label="connected")
     axes[0].plot(t, [p["failed"] for p in ts], label="failed")
     axes[0].set_ylabel("clients")
@@ -422,6 +424,21 @@ def write_plot(r: dict, path: str) -> None:
     axes[1].set_ylabel("messages/s")
     axes[1].set_xlabel("seconds")
     axes[1].legend()
+    # The latency CDF (connect times for the connection scenario), from the
+    # merged histogram: each bucket's upper bound against the share at or below.
+    name = "latency" if "latency" in r.get("histograms", {}) else "connect"
+    h = r.get("histograms", {}).get(name)
+    if h:
+        hist = Histogram.from_dict(h)
+        nz = np.nonzero(hist.counts)[0]
+        if len(nz):
+            xs = [bucket_bounds(int(k))[1] / 1e6 for k in nz]
+            ys = np.cumsum(hist.counts[nz]) / hist.total
+            axes[2].step(xs, ys, where="post")
+            axes[2].set_xscale("log")
+    axes[2].set_xlabel(f"{'end-to-end latency' if name == 'latency' else 'connect time'} (ms, log scale)")
+    axes[2].set_ylabel("fraction at or below")
+    axes[2].grid(True, which="both", alpha=0.3)
     fig.suptitle(f"gw bench {r['scenario']}: {r['plan']['host']}:{r['plan']['port']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
