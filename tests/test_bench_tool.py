@@ -229,18 +229,23 @@ def test_broker_dying_mid_run_reports_partial_results(broker, tmp_path):
 
 # -- TLS ---------------------------------------------------------------------------
 
+def mosquitto_tls(tmp_path: Path, *identities: str) -> tuple[Path, str]:
+    """A trustme CA and a server certificate for Mosquitto: (the CA file,
+    the listener lines that serve the certificate)."""
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert(*identities)
+    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
+    ca.cert_pem.write_to_path(str(ca_pem))
+    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
+    cert.private_key_pem.write_to_path(str(key_pem))
+    return ca_pem, f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n"
+
 @needs_mosquitto
 def test_tls_with_trustme_ca_and_wrong_ca(broker, tmp_path):
     trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("localhost", "127.0.0.1")
-    ca_pem = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    cert_pem = tmp_path / "cert.pem"
-    key_pem = tmp_path / "key.pem"
-    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
-    cert.private_key_pem.write_to_path(str(key_pem))
-    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n")
+    ca_pem, listener = mosquitto_tls(tmp_path, "localhost", "127.0.0.1")
+    b = broker(listener_extra=listener)
     p, r = run_bench(["--clients", 60, "--rampup", 0.5, "--duration", 1, "--tls", "--cafile", ca_pem,
                       "--server", f"127.0.0.1:{b.port}", "--procs", 2], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -265,14 +270,8 @@ def test_tls_with_trustme_ca_and_wrong_ca(broker, tmp_path):
 @needs_mosquitto
 @needs_engine
 def test_pubsub_tls_counts_exact(broker, tmp_path):
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
-    cert.private_key_pem.write_to_path(str(key_pem))
-    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n",
+    ca_pem, listener = mosquitto_tls(tmp_path, "127.0.0.1")
+    b = broker(listener_extra=listener,
                extra="max_queued_messages 0\n")
     p, r = run_bench(["pubsub", "-p", 2, "-S", 2, "--qos", 1, "--rate", 4000, "--duration", 2, "--tls",
                       "--cafile", ca_pem, "--server", f"127.0.0.1:{b.port}"], tmp_path)
@@ -880,14 +879,8 @@ def test_benchtls_verifies_as_python_ssl_does(tmp_path, legacy_ec):
 def test_tls_connection_scenario_phases_and_python_ssl_fallback(broker, tmp_path):
     """The connection scenario over benchtls and over Python's ssl
     (GW_BENCH_TLS=python): the same counts, every phase timed."""
-    trustme = pytest.importorskip("trustme")
-    ca = trustme.CA()
-    cert = ca.issue_cert("127.0.0.1")
-    ca_pem, cert_pem, key_pem = tmp_path / "ca.pem", tmp_path / "c.pem", tmp_path / "k.pem"
-    ca.cert_pem.write_to_path(str(ca_pem))
-    cert.cert_chain_pems[0].write_to_path(str(cert_pem))
-    cert.private_key_pem.write_to_path(str(key_pem))
-    b = broker(listener_extra=f"cafile {ca_pem}\ncertfile {cert_pem}\nkeyfile {key_pem}\n")
+    ca_pem, listener = mosquitto_tls(tmp_path, "127.0.0.1")
+    b = broker(listener_extra=listener)
     for how in ("openssl", "python"):
         out = tmp_path / f"{how}.json"
         cmd = [sys.executable, "-m", "gw.bench", "--clients", 40, "--rampup", 0.5, "--duration", 1, "--keepalive", 1,
