@@ -41,7 +41,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import (HOST, GwServer, free_ports, mqtt_str, packet, read_packet, subscribe_packet,
+from conftest import (HOST, GwServer, free_ports, mqtt_str, packet, paho_client_class, read_packet,
+                      start_paho_thread, stop_paho_thread, subscribe_packet,
                       tcp_connect, wait_closed, wait_for)
 
 # What each test exercises (names for `brokers(...)`), for reading and selecting.
@@ -332,7 +333,7 @@ class RawClient:
 def _placed_client_class():
     import paho.mqtt.client as mqtt
 
-    class PlacedClient(mqtt.Client):
+    class PlacedClient(paho_client_class()[1]):
         """paho's Client speaking on a TCP socket we connected (and placed) ourselves."""
         presock: socket.socket | None = None
 
@@ -381,20 +382,12 @@ class PahoSession:
         c.on_unsubscribe = self._on_unsubscribe
         self.client = c
         c.connect(HOST, port, keepalive)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"paho-{client_id}", daemon=True)
-        self._thread.start()
+        self._thread = start_paho_thread(c)
         if not self.connected.wait(WAIT):
             self.close()
             raise AssertionError(f"{client_id}: no CONNACK within {WAIT} s")
 
-    # network thread and callbacks
-    def _run(self):
-        while not self._stop.is_set():
-            if self.client.loop(timeout=0.05) != 0:
-                if self._stop.wait(0.05):
-                    return
-
+    # callbacks, on paho's network thread
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connect_rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
         self.session_present = bool(flags.session_present)
@@ -489,12 +482,7 @@ class PahoSession:
         self._halt()
 
     def _halt(self) -> None:
-        self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(WAIT)
-        sock = self.client.socket()
-        if sock is not None:
-            sock.close()
+        stop_paho_thread(self.client, self._thread, WAIT)
 
     close = disconnect
 

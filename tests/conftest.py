@@ -490,13 +490,59 @@ def assert_open_for(sock, seconds: float) -> None:
 
 # --- paho-mqtt -------------------------------------------------------------------
 
+def paho_client_class(base=None):
+    """paho's Client (or `base`, a subclass of it) run in paho's threaded mode.
+
+    paho is thread-safe only when its own thread (loop_start) runs the network
+    loop: publish() from another thread then just queues the packet. With a
+    thread of ours calling loop(), paho thinks it is single-threaded and
+    publish() also writes from the caller's thread, so two threads pop its
+    outgoing queue at once and can swap two packets: two adjacent QoS 1
+    publishes reached the broker swapped whenever the socket blocked
+    (backpressure), which looked like the broker reordering.
+
+    loop_start's loop waits up to 1 s in select(), which would make keepalive
+    PINGREQs up to 1 s late; ours waits 50 ms."""
+    import paho.mqtt.client as mqtt
+
+    class ThreadedClient(base or mqtt.Client):
+        def _thread_main(self):
+            try:
+                self.loop_forever(timeout=0.05)
+            finally:
+                self._thread = None
+
+    return mqtt, ThreadedClient
+
+
+def start_paho_thread(client) -> threading.Thread:
+    """loop_start(); returns the network thread (paho forgets it when it ends).
+    The thread ends when the connection does (reconnect_on_failure=False)."""
+    client.loop_start()
+    return client._thread
+
+
+def stop_paho_thread(client, thread: threading.Thread, timeout: float) -> None:
+    """Ends the network thread within timeout, then closes the socket. Without a
+    DISCONNECT having been sent, the broker sees the connection end (FIN)."""
+    sock = client.socket()
+    if thread.is_alive() and thread is not threading.current_thread():
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)     # its loop sees EOF and ends
+            except OSError:
+                pass
+        thread.join(timeout)
+    if sock is not None:
+        sock.close()
+
+
 class PahoClient:
     """A paho-mqtt (v2 callback API) client on its own network thread."""
 
     def __init__(self, port: int, *, ca=None, keepalive: int = 60, client_id: str | None = None,
                  clean_session: bool = True):
-        import paho.mqtt.client as mqtt
-
+        mqtt, client_class = paho_client_class()
         self.mqtt = mqtt
         self.connected = threading.Event()
         self.disconnected = threading.Event()
@@ -504,7 +550,7 @@ class PahoClient:
         self.pingresps = 0
         self.subacks: dict[int, list] = {}
         self._lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+        self.client = client_class(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"paho-{uuid.uuid4().hex[:12]}",
                                   clean_session=clean_session, protocol=mqtt.MQTTv311,
                                   reconnect_on_failure=False)
@@ -515,21 +561,13 @@ class PahoClient:
         if ca is not None:
             self.client.tls_set(ca_certs=str(ca))
         self.client.connect(HOST, port, keepalive)
-        # Our own network thread with a short select timeout (loop_start's is 1 s),
-        # so keepalive PINGREQs go out on time even with a 1-2 s keepalive.
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="paho-loop", daemon=True)
-        self._thread.start()
+        # Its network thread's short select timeout sends keepalive PINGREQs on
+        # time even with a 1-2 s keepalive (paho_client_class).
+        self._thread = start_paho_thread(self.client)
         if not self.connected.wait(10):
             self.close()
             raise AssertionError("paho client got no CONNACK within 10 s")
         assert self.connect_rc == 0, f"CONNACK {self.connect_rc}"
-
-    def _run(self):
-        while not self._stop.is_set():
-            if self.client.loop(timeout=0.05) != 0:
-                if self._stop.wait(0.05):
-                    return
 
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         self.connect_rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
@@ -580,11 +618,7 @@ class PahoClient:
                 self.client.disconnect()
                 wait_for(lambda: self.disconnected.is_set(), 10, what="paho disconnect")
         finally:
-            self._stop.set()
-            self._thread.join(10)
-            sock = self.client.socket()
-            if sock is not None:
-                sock.close()
+            stop_paho_thread(self.client, self._thread, 10)
 
     def __enter__(self):
         return self
