@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,17 +21,56 @@ from enum import IntEnum
 import gw_ext.stats as _consts
 
 # The .pxd is the one list of counters; C code uses its constants, Python these enums.
-_LAYOUT = ("STATS_", "HEADER_", "MAX_WORKERS", "H_")
-Layout = IntEnum("Layout", {k: getattr(_consts, k) for k in dir(_consts)
-                            if k.isupper() and k.startswith(_LAYOUT)})
-Counter = IntEnum("Counter", sorted(((k, getattr(_consts, k)) for k in dir(_consts)
-                                     if k.isupper() and not k.startswith(_LAYOUT)),
+# Layout: the block's header words and the histogram / status-slot geometry;
+# Counter: every other integer constant (row indices, with N_COUNTERS). The
+# tuples (HIST_BOUNDS_NS, HTTP_STATUS_CODES) are neither.
+_LAYOUT = ("STATS_", "HEADER_", "MAX_WORKERS", "H_", "HIST_WORDS", "HIST_BUCKETS", "HIST_SUM",
+           "HIST_COUNT", "HTTP_STATUS_")
+_INTS = {k: getattr(_consts, k) for k in dir(_consts)
+         if k.isupper() and type(getattr(_consts, k)) is int}
+Layout = IntEnum("Layout", {k: v for k, v in _INTS.items() if k.startswith(_LAYOUT)})
+Counter = IntEnum("Counter", sorted(((k, v) for k, v in _INTS.items() if not k.startswith(_LAYOUT)),
                                     key=lambda kv: kv[1]))
 
 N_COUNTERS = int(Counter.N_COUNTERS)
 HEADER_WORDS = int(Layout.HEADER_WORDS)
 MAX_WORKERS = int(Layout.MAX_WORKERS)
-GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT)
+# Gauges: set, not accumulated, by a worker; a dead worker's are zeroed (its
+# connections, sessions and index died with it; a respawned worker counts its
+# restored sessions again). All but the per-worker ones are summed over rows.
+GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
+          Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS)
+PER_WORKER = (Counter.WORKER_HEARTBEAT_MS,)     # read per row; a sum means nothing
+HIST_WORDS = int(Layout.HIST_WORDS)
+HIST_BUCKETS = int(Layout.HIST_BUCKETS)
+HISTOGRAMS = (Counter.HIST_INGEST, Counter.HIST_DELIVER)
+HIST_BOUNDS_NS = _consts.HIST_BOUNDS_NS            # finite bucket bounds; the last bucket is +Inf
+HIST_BOUNDS_SECONDS = tuple(b / 1e9 for b in HIST_BOUNDS_NS)
+HTTP_STATUS_CODES = _consts.HTTP_STATUS_CODES      # (200, 202, ..., 505); slot 15: any other
+HTTP_STATUS_SLOTS = int(Layout.HTTP_STATUS_SLOTS)
+HTTP_STATUS_OTHER = int(Layout.HTTP_STATUS_OTHER)
+_STATUS_SLOT = {code: i for i, code in enumerate(HTTP_STATUS_CODES)}
+# Counters that are the first of a range of words (read as a whole, never as one figure).
+RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16,
+          Counter.HTTP_REQUESTS: HTTP_STATUS_SLOTS, Counter.INGEST_REQUESTS: HTTP_STATUS_SLOTS,
+          Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS}
+
+
+def http_status_index(code: int) -> int:
+    """The slot of an HTTP status in HTTP_REQUESTS / INGEST_REQUESTS (as the .pxd's)."""
+    return _STATUS_SLOT.get(code, HTTP_STATUS_OTHER)
+
+
+def hist_observe(row: np.ndarray, hist: int, ns: int) -> None:
+    """Counts one observation of `ns` nanoseconds in a row's histogram (the .pxd's code)."""
+    _consts.observe(row, int(hist), ns)
+
+
+def monotonic_ms() -> int:
+    """CLOCK_MONOTONIC in ms: the clock of WORKER_HEARTBEAT_MS (system-wide)."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
+
+
 PIDFILE = "gw.pid"
 
 
@@ -98,6 +137,13 @@ class StatsBlock:
         for gauge in GAUGES:
             self.rows[slot, gauge] = 0
 
+    def heartbeat_ages_ms(self, now_ms: int | None = None) -> list[int | None]:
+        """Per worker slot: ms since its last tick (WORKER_HEARTBEAT_MS), None if
+        it never ticked or is dead (the master zeroes a dead worker's)."""
+        now_ms = monotonic_ms() if now_ms is None else now_ms
+        return [None if hb == 0 else max(now_ms - hb, 0)
+                for hb in self.rows[:, Counter.WORKER_HEARTBEAT_MS].tolist()]
+
     def set_worker_pid(self, slot: int, pid: int) -> None:
         self.header[Layout.H_WORKER_PIDS + slot] = pid
 
@@ -125,6 +171,7 @@ class Snapshot:
     msg_in: float
     msg_out: float
     totals: dict
+    workers: list = field(default_factory=list)   # per slot: pid, heartbeat age
 
     def line(self) -> str:
         return (f"[stats] clients: {self.clients} | peak: {self.peak} | memory: {self.memory_mb:.1f} MB"
@@ -134,7 +181,7 @@ class Snapshot:
     def as_dict(self) -> dict:
         return {"clients": self.clients, "peak": self.peak, "memory_mb": round(self.memory_mb, 2),
                 "conn_rate": self.conn_rate, "msg_in": self.msg_in, "msg_out": self.msg_out,
-                "counters": self.totals}
+                "counters": self.totals, "workers": self.workers}
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -178,19 +225,54 @@ class Aggregator:
             msg_in=float(delta[Counter.MSGS_IN]) / dt,
             msg_out=float(delta[Counter.MSGS_OUT]) / dt,
             totals=counter_dict(totals),
+            workers=self.workers(),
         )
+
+    def workers(self) -> list[dict]:
+        header = self.block.header
+        pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.block.rows.shape[0]].tolist()
+        return [{"slot": i, "pid": int(pid), "heartbeat_age_ms": age}
+                for i, (pid, age) in enumerate(zip(pids, self.block.heartbeat_ages_ms()))]
 
 
 def counter_dict(totals) -> dict:
+    """The summed counters by name (`gw stats --json`): ranges as dicts, histograms
+    summarised; per-worker gauges left out (a sum of them means nothing)."""
+    totals = [int(v) for v in totals]
     out = {}
     for c in Counter:
-        if c in (Counter.PKT_IN, Counter.PKT_OUT, Counter.MALFORMED_BY_REASON, Counter.N_COUNTERS):
+        if c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS:
             continue
-        out[c.name.lower()] = int(totals[c])
+        out[c.name.lower()] = totals[c]
     for base, label in ((Counter.PKT_IN, "packets_in"), (Counter.PKT_OUT, "packets_out")):
-        out[label] = {name: int(totals[base + t]) for t, name in PACKET_NAMES.items()}
-    out["malformed"] = {name: int(totals[Counter.MALFORMED_BY_REASON + r])
+        out[label] = {name: totals[base + t] for t, name in PACKET_NAMES.items()}
+    out["malformed"] = {name: totals[Counter.MALFORMED_BY_REASON + r]
                         for r, name in MALFORMED_REASONS.items()}
+    for base, label in ((Counter.HTTP_REQUESTS, "http_requests"),
+                        (Counter.INGEST_REQUESTS, "ingest_requests")):
+        out[label] = {name: totals[base + i] for i, name in enumerate(STATUS_NAMES)}
+    for base, label in ((Counter.HIST_INGEST, "ingest_latency"),
+                        (Counter.HIST_DELIVER, "deliver_latency")):
+        out[label] = hist_summary(totals[base:base + HIST_WORDS])
+    return out
+
+
+def hist_summary(words) -> dict:
+    """count, sum and quantile estimates (the bucket's upper bound, None: over the
+    last finite bound or no observation) of one histogram's words."""
+    buckets = [int(w) for w in words[:HIST_BUCKETS]]
+    count = sum(buckets)
+    out = {"count": count, "sum_seconds": int(words[Layout.HIST_SUM]) / 1e9}
+    for q, name in ((0.5, "p50_seconds"), (0.99, "p99_seconds")):
+        value = None
+        if count:
+            need, acc = q * count, 0
+            for i, n in enumerate(buckets):
+                acc += n
+                if acc >= need:
+                    value = HIST_BOUNDS_SECONDS[i] if i < len(HIST_BOUNDS_SECONDS) else None
+                    break
+        out[name] = value
     return out
 
 
@@ -199,6 +281,8 @@ PACKET_NAMES = {1: "connect", 2: "connack", 3: "publish", 4: "puback", 5: "pubre
                 12: "pingreq", 13: "pingresp", 14: "disconnect"}
 MALFORMED_REASONS = {1: "fixed_header", 2: "remaining_length", 3: "utf8", 4: "protocol",
                      5: "topic", 6: "qos", 7: "packet_id", 8: "no_topic_filter"}
+# The HTTP status slots by name: "200", ..., "505", "other".
+STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)
 
 
 def read_running(data_dir: str) -> tuple[int, StatsBlock]:

@@ -1,6 +1,9 @@
 # Counters every worker keeps in its own row of the shared-memory stats block.
 # One writer per row (its worker), so increments are plain stores: no locks,
-# no atomics. Readers (master, `gw stats`, /metrics) sum the rows.
+# no atomics. Readers (master, `gw stats`, /metrics) sum the rows, except the
+# per-worker gauge WORKER_HEARTBEAT_MS, which is read per row.
+
+from libc.stdint cimport uint64_t
 
 cpdef enum:
     # Counter indices (gw_ext.stats.Counter in Python).
@@ -46,14 +49,30 @@ cpdef enum:
     PKT_IN = 32               # + packet type (1..14): packets received by type
     PKT_OUT = 48              # + packet type: packets sent by type
     MALFORMED_BY_REASON = 64  # + codec MAL_* reason
-    N_COUNTERS = 96           # rows are 768 bytes: a multiple of the cache line
+    # HTTP listener and telemetry ingest (issue 5).
+    HTTP_REQUESTS = 96        # + http_status_index(status) (16 slots): HTTP requests answered, by status
+    INGEST_REQUESTS = 112     # + http_status_index(status): /v1/ingest requests answered, by status
+    INGEST_RECORDS_ACCEPTED = 128   # telemetry records accepted (HTTP and MQTT)
+    INGEST_RECORDS_DUPLICATE = 129  # acknowledged but not stored again: (device_id, seq) seen within the window
+    INGEST_RECORDS_REJECTED = 130   # records failing the schema (HTTP and MQTT)
+    TELEMETRY_MQTT_ACCEPTED = 131   # MQTT publishes on telemetry topics that passed the schema
+    TELEMETRY_MQTT_REJECTED = 132   # ... that failed it (not routed)
+    HTTP_MALFORMED = 133      # requests refused by the framing (bad request line/headers, too large) and closed
+    HTTP_TIMEOUTS = 134       # HTTP connections closed: request not complete within http_timeout, or idle keep-alive expired
+    DEDUP_FULL = 135          # (device_id, seq) not remembered: the idempotency table was full
+    WORKER_HEARTBEAT_MS = 136  # gauge, per worker (never summed): CLOCK_MONOTONIC ms of the worker's last tick
+    HTTP_REQUESTS_SHED = 137  # HTTP requests answered 503 (draining, queue full)
+    # 138..191 free.
+    HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
+    HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
+    N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
 
 # Layout of the block: a header of HEADER_WORDS int64s, then one row of
 # N_COUNTERS uint64s per worker slot.
 cpdef enum:
     # Layout words (gw_ext.stats.Layout in Python).
     STATS_MAGIC = 0x67775354        # "gwST"
-    STATS_VERSION = 1
+    STATS_VERSION = 2               # 2: 256 counters, HTTP/ingest counters, histograms
     HEADER_WORDS = 80
     MAX_WORKERS = 64
     H_MAGIC = 0
@@ -64,3 +83,74 @@ cpdef enum:
     H_STARTED = 5             # unix time the master started
     H_PEAK = 6                # peak of CONNS_CURRENT summed, kept by the master
     H_WORKER_PIDS = 16        # MAX_WORKERS words: each worker slot's pid (0: none)
+
+# Histograms: HIST_WORDS consecutive words of a row, starting at a HIST_* index.
+# Word i (0 <= i < HIST_BUCKETS) counts the observations v with
+# bound[i-1] < v <= bound[i] (per bucket, not cumulative; readers accumulate);
+# the last bucket (HIST_BUCKETS - 1) is +Inf. Word HIST_SUM is the sum of the
+# observed values in nanoseconds, word HIST_COUNT their number.
+# The HTTP status index: HTTP_REQUESTS/INGEST_REQUESTS + http_status_index(code);
+# the codes are gw_http_status_codes below, HTTP_STATUS_OTHER is any other code.
+cpdef enum:
+    # Layout words (gw_ext.stats.Layout in Python), not counters.
+    HIST_WORDS = 32
+    HIST_BUCKETS = 30         # 29 finite bounds and +Inf
+    HIST_SUM = 30             # word offset in a histogram: sum of the values, ns
+    HIST_COUNT = 31           # word offset in a histogram: number of observations
+    HTTP_STATUS_SLOTS = 16
+    HTTP_STATUS_OTHER = 15
+
+cdef extern from *:
+    """
+    /* Upper bounds (inclusive) of the finite histogram buckets, in nanoseconds:
+       25 us to 10 s in 1-2-2.5-5-7.5 steps, a superset of the Prometheus client
+       libraries' default buckets (5 ms ... 10 s). */
+    static const unsigned long long gw_hist_bounds_ns[29] = {
+        25000ULL, 50000ULL, 75000ULL,
+        100000ULL, 200000ULL, 250000ULL, 500000ULL, 750000ULL,
+        1000000ULL, 2000000ULL, 2500000ULL, 5000000ULL, 7500000ULL,
+        10000000ULL, 20000000ULL, 25000000ULL, 50000000ULL, 75000000ULL,
+        100000000ULL, 200000000ULL, 250000000ULL, 500000000ULL, 750000000ULL,
+        1000000000ULL, 2000000000ULL, 2500000000ULL, 5000000000ULL, 7500000000ULL,
+        10000000000ULL};
+    /* The status codes with their own slot, in slot order. */
+    static const int gw_http_status_codes[15] = {
+        200, 202, 204, 400, 404, 405, 408, 411, 413, 415, 431, 500, 501, 503, 505};
+    """
+    const unsigned long long gw_hist_bounds_ns[29]
+    const int gw_http_status_codes[15]
+
+
+cdef inline void hist_observe(uint64_t* row, int hist, uint64_t ns) noexcept nogil:
+    """Counts one observation of `ns` nanoseconds in the histogram at row[hist]
+    (a binary search over the bounds: five comparisons)."""
+    cdef int lo = 0, hi = HIST_BUCKETS - 1, mid
+    while lo < hi:                  # the first bucket whose bound is >= ns; HIST_BUCKETS - 1: +Inf
+        mid = (lo + hi) >> 1
+        if ns <= gw_hist_bounds_ns[mid]:
+            hi = mid
+        else:
+            lo = mid + 1
+    row[hist + lo] += 1
+    row[hist + HIST_SUM] += ns
+    row[hist + HIST_COUNT] += 1
+
+
+cdef inline int http_status_index(int code) noexcept nogil:
+    """The slot of an HTTP status in HTTP_REQUESTS/INGEST_REQUESTS (HTTP_STATUS_OTHER: not listed)."""
+    if code == 200: return 0
+    if code == 202: return 1
+    if code == 204: return 2
+    if code == 400: return 3
+    if code == 404: return 4
+    if code == 405: return 5
+    if code == 408: return 6
+    if code == 411: return 7
+    if code == 413: return 8
+    if code == 415: return 9
+    if code == 431: return 10
+    if code == 500: return 11
+    if code == 501: return 12
+    if code == 503: return 13
+    if code == 505: return 14
+    return HTTP_STATUS_OTHER

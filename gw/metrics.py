@@ -1,0 +1,223 @@
+"""`/metrics`: the shared-memory counters in the Prometheus text exposition
+format 0.0.4, summed over every worker's row.
+
+A worker serves it from its event loop, so `render` must stay cheap whatever
+the load: one numpy sum over the rows, one gather of the figures it prints, and
+one `%` into a template built at import (measured in tests/test_metrics.py,
+well under a millisecond for 64 workers).
+
+Names follow the Prometheus conventions: `gw_` prefix, base units (`_seconds`,
+`_bytes`), `_total` on counters, one metric with a label where figures are
+the same thing split by a dimension (close reason, packet type, status code).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from decimal import Decimal
+
+import numpy as np
+
+from gw import __version__
+from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, MALFORMED_REASONS, PACKET_NAMES,
+                      STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Label values of MALFORMED_BY_REASON + code: the codec's MAL_* codes, in the
+# order of MALFORMED_NAMES in gw_ext/loop.pyx ("fixed header", "remaining
+# length", "invalid UTF-8", ...), spelled as in `gw stats --json`.
+MALFORMED_LABELS = {0: "unknown", **MALFORMED_REASONS}
+CLOSE_REASONS = (("client", C.CLOSED_CLIENT), ("timeout", C.CLOSED_TIMEOUT),
+                 ("connect_timeout", C.CLOSED_CONNECT_TIMEOUT), ("malformed", C.CLOSED_MALFORMED),
+                 ("server", C.CLOSED_SERVER), ("error", C.CLOSED_ERROR))
+DROP_REASONS = (("slow_qos0", C.DROPPED_SLOW_QOS0), ("queue_full", C.DROPPED_QUEUE_FULL),
+                ("retained_full", C.DROPPED_RETAINED_FULL), ("nomem", C.DROPPED_NOMEM),
+                ("channel", C.CHANNEL_DROPS))
+
+# (name, type, help, samples): each sample is (labels, counter index). Counter
+# names carry `_total`; the family name (HELP/TYPE lines) is the same name.
+_FAMILIES = [
+    ("gw_connections", "gauge", "Connections open now (any protocol, any state).",
+     [("", C.CONNS_CURRENT)]),
+    ("gw_connections_accepted_total", "counter", "Sockets accepted.", [("", C.CONNS_ACCEPTED)]),
+    ("gw_connections_rejected_total", "counter",
+     "Sockets refused: over max_connections or out of file descriptors.", [("", C.CONNS_REJECTED)]),
+    ("gw_connections_closed_total", "counter", "Connections closed, by reason.",
+     [(f'{{reason="{r}"}}', i) for r, i in CLOSE_REASONS]),
+    ("gw_write_overflows_total", "counter", "Connections closed for exceeding max_outbound.",
+     [("", C.WRITE_OVERFLOWS)]),
+    ("gw_packets_too_large_total", "counter", "Packets or lines over max_packet_size.",
+     [("", C.PACKETS_TOO_LARGE)]),
+    ("gw_received_bytes_total", "counter", "Bytes received from clients.", [("", C.BYTES_IN)]),
+    ("gw_sent_bytes_total", "counter", "Bytes sent to clients.", [("", C.BYTES_OUT)]),
+    ("gw_tls_handshakes_total", "counter", "TLS handshakes completed.", [("", C.TLS_HANDSHAKES)]),
+    ("gw_tls_handshake_failures_total", "counter", "TLS handshakes failed.", [("", C.TLS_FAILURES)]),
+    ("gw_mqtt_packets_total", "counter", "MQTT control packets, by direction and type.",
+     [(f'{{direction="in",type="{n}"}}', C.PKT_IN + t) for t, n in PACKET_NAMES.items()]
+     + [(f'{{direction="out",type="{n}"}}', C.PKT_OUT + t) for t, n in PACKET_NAMES.items()]),
+    ("gw_mqtt_connects_total", "counter", "MQTT CONNECTs answered, by result.",
+     [('{result="accepted"}', C.MQTT_CONNECTED), ('{result="refused"}', C.CONNACK_REFUSED)]),
+    ("gw_malformed_packets_total", "counter", "Connections closed for a protocol violation, by reason.",
+     [(f'{{reason="{n}"}}', C.MALFORMED_BY_REASON + r) for r, n in MALFORMED_LABELS.items()]),
+    ("gw_messages_total", "counter",
+     "Application messages (MQTT PUBLISH, JSON-lines data), by direction.",
+     [('{direction="in"}', C.MSGS_IN), ('{direction="out"}', C.MSGS_OUT)]),
+    ("gw_messages_dropped_total", "counter", "Messages not delivered or kept, by reason.",
+     [(f'{{reason="{r}"}}', i) for r, i in DROP_REASONS]),
+    ("gw_json_messages_total", "counter", "JSON-lines messages received.", [("", C.JSON_MESSAGES_IN)]),
+    ("gw_json_errors_total", "counter", "Invalid JSON-lines messages answered with an error.",
+     [("", C.JSON_ERRORS)]),
+    ("gw_http_requests_total", "counter", "HTTP requests answered, by status code.",
+     [(f'{{code="{n}"}}', C.HTTP_REQUESTS + i) for i, n in enumerate(STATUS_NAMES)]),
+    ("gw_http_malformed_requests_total", "counter",
+     "HTTP requests refused by the framing (bad request line or headers, too large).",
+     [("", C.HTTP_MALFORMED)]),
+    ("gw_http_timeouts_total", "counter",
+     "HTTP connections closed: request not complete in time, or idle keep-alive expired.",
+     [("", C.HTTP_TIMEOUTS)]),
+    ("gw_http_requests_shed_total", "counter", "HTTP requests answered 503 (draining, queue full).",
+     [("", C.HTTP_REQUESTS_SHED)]),
+    ("gw_ingest_requests_total", "counter", "Ingest requests (POST /v1/ingest) answered, by status code.",
+     [(f'{{code="{n}"}}', C.INGEST_REQUESTS + i) for i, n in enumerate(STATUS_NAMES)]),
+    ("gw_ingest_records_total", "counter",
+     "Telemetry records (HTTP and MQTT), by result: accepted, duplicate (seen within the "
+     "idempotency window, acknowledged, not stored again), rejected (schema).",
+     [('{result="accepted"}', C.INGEST_RECORDS_ACCEPTED),
+      ('{result="duplicate"}', C.INGEST_RECORDS_DUPLICATE),
+      ('{result="rejected"}', C.INGEST_RECORDS_REJECTED)]),
+    ("gw_telemetry_mqtt_publishes_total", "counter",
+     "MQTT publishes on telemetry topics, by schema result (rejected ones are not routed).",
+     [('{result="accepted"}', C.TELEMETRY_MQTT_ACCEPTED),
+      ('{result="rejected"}', C.TELEMETRY_MQTT_REJECTED)]),
+    ("gw_dedup_full_total", "counter",
+     "Records accepted without being remembered: the idempotency table was full.",
+     [("", C.DEDUP_FULL)]),
+    ("gw_sessions", "gauge", "MQTT and JSON-lines clients past CONNECT.", [("", C.SESSIONS_CURRENT)]),
+    ("gw_sessions_away", "gauge", "clean_session=0 sessions whose client is away.",
+     [("", C.SESSIONS_AWAY)]),
+    ("gw_subscriptions", "gauge", "Subscriptions (filter, session) in the workers' indexes.",
+     [("", C.SUBSCRIPTIONS_CURRENT)]),
+    ("gw_sessions_expired_total", "counter", "clean_session=0 sessions ended after session_expiry.",
+     [("", C.SESSIONS_EXPIRED)]),
+    ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",
+     [("", C.TAKEOVERS)]),
+    ("gw_wills_published_total", "counter", "Will messages published.", [("", C.WILLS_PUBLISHED)]),
+    ("gw_backpressure_events_total", "counter",
+     "Times a subscriber's queue passed queue_high and QoS 1/2 publishers were held.",
+     [("", C.BACKPRESSURE_EVENTS)]),
+    ("gw_slow_consumers_total", "counter", "Subscribers that stopped acknowledging while congested.",
+     [("", C.SLOW_CONSUMERS)]),
+    ("gw_channel_messages_total", "counter", "Messages forwarded between workers, by direction.",
+     [('{direction="in"}', C.CHANNEL_MSGS_IN), ('{direction="out"}', C.CHANNEL_MSGS_OUT)]),
+    ("gw_channel_bytes_total", "counter", "Bytes of frames between workers, by direction.",
+     [('{direction="in"}', C.CHANNEL_BYTES_IN), ('{direction="out"}', C.CHANNEL_BYTES_OUT)]),
+    ("gw_event_loop_turns_total", "counter", "Event loop iterations (epoll_wait returns).",
+     [("", C.LOOP_TURNS)]),
+]
+
+_HISTOGRAMS = [
+    ("gw_ingest_request_duration_seconds", C.HIST_INGEST,
+     "Ingest request (POST /v1/ingest) latency, from the complete request to the queued response."),
+    ("gw_mqtt_publish_to_deliver_seconds", C.HIST_DELIVER,
+     "MQTT publish-to-deliver latency: from the loop turn that read a PUBLISH to the one "
+     "delivering it, once per delivering worker (and again on leaving a session queue)."),
+]
+
+
+def _le(ns: int) -> str:
+    return str(Decimal(ns) / Decimal(1_000_000_000))     # 0.000025 ... 10, exact
+
+
+def _escape(help_: str) -> str:
+    """HELP text escaped for the exposition, and for the template's `%`."""
+    return help_.replace("\\", "\\\\").replace("\n", "\\n").replace("%", "%%")
+
+
+def _build():
+    lines, index = [], []
+    for name, kind, help_, samples in _FAMILIES:
+        lines += [f"# HELP {name} {_escape(help_)}", f"# TYPE {name} {kind}"]
+        for labels, i in samples:
+            lines.append(f"{name}{labels} %d")
+            index.append(int(i))
+    for name, base, help_ in _HISTOGRAMS:
+        lines += [f"# HELP {name} {_escape(help_)}", f"# TYPE {name} histogram"]
+        les = [_le(b) for b in HIST_BOUNDS_NS] + ["+Inf"]
+        lines += [f'{name}_bucket{{le="{le}"}} %d' for le in les]
+        lines += [f"{name}_sum %s", f"{name}_count %d"]
+    return "\n".join(lines) + "\n", np.array(index, dtype=np.intp)
+
+
+_TEMPLATE, _INDEX = _build()
+_HIST_BASES = [int(base) for _, base, _ in _HISTOGRAMS]
+_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
+_INFO = (f'# HELP gw_build_info The gw version serving.\n# TYPE gw_build_info gauge\n'
+         f'gw_build_info{{version="{__version__}"}} 1\n')
+
+
+def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
+    """The exposition of every counter of `block`, summed over its rows.
+
+    `extra` adds metrics the block does not hold (e.g. the retained store's
+    size): name -> value, or name -> (value, help). A name ending in `_total`
+    is typed counter, any other gauge.
+    """
+    rows = block.rows
+    totals = rows.sum(axis=0, dtype=np.uint64)
+    values = totals[_INDEX].tolist()
+    for base in _HIST_BASES:
+        words = totals[base:base + HIST_WORDS]
+        buckets = np.cumsum(words[:HIST_BUCKETS], dtype=np.uint64).tolist()
+        values += buckets
+        values.append(repr(int(words[Layout.HIST_SUM]) / 1e9))
+        values.append(buckets[-1])          # _count == the +Inf bucket, even mid-update
+    out = [_TEMPLATE % tuple(values), _INFO]
+
+    header = block.header
+    nworkers = rows.shape[0]
+    started = int(header[Layout.H_STARTED])
+    pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + nworkers].tolist()
+    out.append(
+        "# HELP gw_start_time_seconds Unix time the master started.\n"
+        "# TYPE gw_start_time_seconds gauge\n"
+        f"gw_start_time_seconds {started}\n"
+        "# HELP gw_uptime_seconds Seconds since the master started.\n"
+        "# TYPE gw_uptime_seconds gauge\n"
+        f"gw_uptime_seconds {max(time.time() - started, 0.0):.3f}\n"
+        "# HELP gw_workers Worker slots.\n"
+        "# TYPE gw_workers gauge\n"
+        f"gw_workers {nworkers}\n"
+        "# HELP gw_workers_alive Worker slots with a running worker process.\n"
+        "# TYPE gw_workers_alive gauge\n"
+        f"gw_workers_alive {sum(1 for p in pids if p)}\n")
+    beats = rows[:, C.WORKER_HEARTBEAT_MS].tolist()
+    if any(beats):
+        now = monotonic_ms()
+        out.append("# HELP gw_worker_heartbeat_age_seconds Seconds since each live worker's last tick.\n"
+                   "# TYPE gw_worker_heartbeat_age_seconds gauge\n")
+        out += [f'gw_worker_heartbeat_age_seconds{{worker="{w}"}} {max(now - hb, 0) / 1000:.3f}\n'
+                for w, hb in enumerate(beats) if hb]
+    if extra:
+        for name, spec in extra.items():
+            value, help_ = spec if isinstance(spec, tuple) else (spec, name.replace("_", " "))
+            if not _NAME.match(name):
+                raise ValueError(f"{name!r} is not a metric name")
+            kind = "counter" if name.endswith("_total") else "gauge"
+            help_ = str(help_).replace("\\", "\\\\").replace("\n", "\\n")
+            out.append(f"# HELP {name} {help_}\n# TYPE {name} {kind}\n{name} {_number(value)}\n")
+    return "".join(out).encode()
+
+
+def _number(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if value != value:
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
