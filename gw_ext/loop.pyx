@@ -431,6 +431,12 @@ cdef class Worker:
                     self.on_readable(c)
                 if ev & EPOLLOUT and c.state != ST_FREE:
                     self.on_writable(c)
+            # Peers first, then clients: the frames telling other workers of new
+            # interest or forwarding a message leave before the acknowledgements
+            # (SUBACK, PUBACK) that let a client act on them. (Not a guarantee on
+            # its own: a peer may read a client's socket before its channel.)
+            if self.peers_dirty:
+                channels_flush(self)
             self.flush_dirty()
             expired = wheel_advance(&self.wheel, self.now_ms)
             while expired != NULL:
