@@ -42,7 +42,8 @@ def one_worker(tmp_path_factory):
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}",
-         "--mqtts", "off", "--json", "off", "--jsons", "off", "--data-dir", str(work / "data"),
+         "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+         "--data-dir", str(work / "data"),
          "--stats-interval", "0", "--log-level", "warning"],
         cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -151,7 +151,8 @@ class Gw(Broker):
         self.proc = subprocess.Popen(
             [PY, "-m", "gw.cli", "serve", "--workers", str(self.workers),
              "--mqtt", f"127.0.0.1:{self.port}", "--mqtts", f"127.0.0.1:{self.tls_port}",
-             "--json", "off", "--jsons", f"127.0.0.1:{self.json_tls_port}", "--certs", str(self.certs),
+             "--json", "off", "--jsons", f"127.0.0.1:{self.json_tls_port}", "--http", "off", "--https", "off",
+             "--certs", str(self.certs),
              "--data-dir", str(self.dir / "data"), "--stats-interval", "0", "--log-level", "warning"],
             cwd=self.dir, stdout=open(self.dir / "gw.log", "ab"), stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})

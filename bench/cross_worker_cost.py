@@ -45,7 +45,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{port}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--data-dir", f"{tmp}/data",
+             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+             "--data-dir", f"{tmp}/data",
              "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning"],
             cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:

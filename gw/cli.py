@@ -93,6 +93,30 @@ def show_config():
     click.echo(describe(), nl=False)
 
 
+@main_group.command("openapi")
+@click.option("--output", "-o", "output", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="write the document to FILE instead of stdout")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file whose settings (max_batch, max_body_size, ack, telemetry_topic) it reflects")
+def openapi_command(output, config_path):
+    """Print the HTTP API's OpenAPI 3.1 document (JSON), as served at /docs/openapi.json."""
+    from gw.openapi import openapi_json
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        _fail(str(exc))
+    data = openapi_json(cfg)
+    if output is None:
+        click.echo(data.decode(), nl=False)
+        return
+    try:
+        with open(output, "wb") as fh:
+            fh.write(data)
+    except OSError as exc:
+        _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
+
+
 from gw.bench.cli import bench  # noqa: E402  (the load generator's own click command)
 
 main_group.add_command(bench)

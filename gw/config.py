@@ -13,6 +13,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+ACK_MODES = ("enqueue", "sink")
+LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 
 
 class ConfigError(Exception):
@@ -66,6 +68,10 @@ class Config:
     json: str = _setting("127.0.0.1:1880", "JSON-lines listener (seed 000 protocol), HOST:PORT or off",
                          kind="address")
     jsons: str = _setting("127.0.0.1:8880", "JSON-lines over TLS listener, HOST:PORT or off", kind="address")
+    http: str = _setting("127.0.0.1:8080", "HTTP listener (ingest API, /healthz, /readyz, /metrics, /docs), "
+                         "HOST:PORT or off", kind="address")
+    https: str = _setting("127.0.0.1:8443", "HTTPS listener (the same, over TLS with the certs), HOST:PORT or off",
+                          kind="address")
     certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
                           "development CA, ca.pem, when absent)")
     data_dir: str = _setting("data", "directory for the pid file, retained messages and "
@@ -100,6 +106,29 @@ class Config:
     stats_interval: float = _setting(1.0, "seconds between [stats] log lines (0: none)",
                                      minimum=0, maximum=3600)
     log_level: str = _setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
+    ack: str = _setting("enqueue", "when an ingested reading is acknowledged: enqueue (HTTP 202 once it is "
+                        "validated and routed) or sink (HTTP 200; until the durable pipeline lands it is "
+                        "acknowledged at the same point as enqueue, see README)", choices=ACK_MODES)
+    max_body_size: int = _setting(1 << 20, "largest HTTP request body, bytes (declared or de-chunked); "
+                                  "larger is answered 413 and the connection closed",
+                                  minimum=64, maximum=1 << 30)
+    max_batch: int = _setting(1000, "records in one batch ingest (POST /v1/ingest); more is answered 413",
+                              minimum=1, maximum=100_000)
+    idempotency_window: float = _setting(60.0, "seconds a (device_id, seq) pair is remembered: a repeat "
+                                         "within it is acknowledged but not stored again (0: off)",
+                                         minimum=0, maximum=86400 * 7)
+    idempotency_capacity: int = _setting(1 << 22, "slots of the shared idempotency table (16 bytes each, "
+                                         "64 MiB by default); give it 3x the readings with a seq expected "
+                                         "per window (the default: 20,000/s for 60 s). When a probe finds no "
+                                         "room, the reading is accepted without the check and counted "
+                                         "(dedup_full)", minimum=1024, maximum=1 << 30)
+    telemetry_topic: str = _setting("telemetry", "readings are published on TOPIC/{device_id}; MQTT "
+                                    "publishes there must pass the ingest schema")
+    http_timeout: float = _setting(10.0, "seconds an HTTP request has to arrive in full once it has begun "
+                                   "(slowloris); then 408 and the connection is closed",
+                                   minimum=0.1, maximum=3600)
+    http_keepalive_timeout: float = _setting(75.0, "seconds an idle keep-alive HTTP connection is kept",
+                                             minimum=0.1, maximum=86400)
 
     def address(self, key: str) -> Address | None:
         return parse_address(key, getattr(self, key))
@@ -107,7 +136,7 @@ class Config:
 
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
-RESTART_ONLY = ("workers", "mqtt", "mqtts", "json", "jsons", "data_dir")
+RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window")
 
 
 def _coerce(key: str, value):
@@ -165,8 +194,11 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
             raise ConfigError(f"unknown config key '{key}'")
         values[key] = _coerce(key, value)
     cfg = Config(**values)
-    if not any(cfg.address(k) for k in ("mqtt", "mqtts", "json", "jsons")):
-        raise ConfigError("config keys 'mqtt', 'mqtts', 'json', 'jsons': every listener is off")
+    if not any(cfg.address(k) for k in LISTENER_KEYS):
+        raise ConfigError("config keys " + ", ".join(f"'{k}'" for k in LISTENER_KEYS) + ": every listener is off")
+    if (not cfg.telemetry_topic or any(ch in cfg.telemetry_topic for ch in "+#\0")
+            or cfg.telemetry_topic.startswith("$") or cfg.telemetry_topic.endswith("/")):
+        raise ConfigError(f"config key 'telemetry_topic': not a plain topic prefix: {cfg.telemetry_topic!r}")
     return cfg
 
 

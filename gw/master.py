@@ -30,7 +30,7 @@ log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
 
 LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", False),
-             ("jsons", "json", True))
+             ("jsons", "json", True), ("http", "http", False), ("https", "http", True))
 BACKLOG = 4096
 CHANNEL_BUFFER = 4 << 20  # capped by net.core.wmem_max / rmem_max
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
@@ -72,6 +72,7 @@ class Master:
         self.slots = [Slot(i) for i in range(cfg.workers)]
         self.certs: CertPaths | None = None
         self.block: StatsBlock | None = None
+        self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
         self.pidfile: Path | None = None
         self.stopping = False
         self.reload_pending = False
@@ -92,7 +93,7 @@ class Master:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
-        if cfg.address("mqtts") or cfg.address("jsons"):
+        if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
@@ -125,6 +126,11 @@ class Master:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
                 self.channels[(i, j)] = pair
         self.block = StatsBlock.create(len(self.slots), os.getpid())
+        if cfg.idempotency_window > 0:
+            # Shared memory every worker (and every respawned one) inherits: a
+            # repeated (device_id, seq) is caught whichever worker it reaches.
+            from gw_ext.dedup import DedupTable
+            self.dedup = DedupTable(cfg.idempotency_capacity, cfg.idempotency_window)
         self.pidfile = data / PIDFILE
         self.pidfile.write_text(f"{os.getpid()}\n")
 
@@ -156,7 +162,7 @@ class Master:
                         a.close()
                         b.close()
                 code = worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
-                                   self.config_path, self.overrides)
+                                   self.config_path, self.overrides, self.dedup)
             except BaseException:
                 log.exception("worker %d crashed", slot.index)
             finally:

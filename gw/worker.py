@@ -27,9 +27,9 @@ class ListenerSpec:
     """One listening socket of a worker slot, as the master made it."""
 
     def __init__(self, name: str, sock, proto: str, tls: bool):
-        self.name = name          # config key: mqtt, mqtts, json, jsons
+        self.name = name          # config key: mqtt, mqtts, json, jsons, http, https
         self.sock = sock
-        self.proto = proto        # "mqtt" or "json"
+        self.proto = proto        # "mqtt", "json" or "http"
         self.tls = tls
 
 
@@ -53,13 +53,20 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_retained = cfg.max_retained
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)
+    worker.http_max_body = cfg.max_body_size
+    worker.http_timeout_ms = int(cfg.http_timeout * 1000)
+    worker.http_keepalive_ms = int(cfg.http_keepalive_timeout * 1000)
+    worker.telemetry_topic = cfg.telemetry_topic
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
     worker.tick_ms = 1000
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
-                overrides: dict) -> int:
+                overrides: dict, dedup=None) -> int:
+    from gw.health import Health
+    from gw.http_api import HttpApp
+    from gw.metrics import render
     from gw_ext.loop import Worker
     from gw_ext.tls import TLSContext, TLSError
 
@@ -68,6 +75,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     max_fds = raise_fd_limit()
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], JsonProtocol(), max_fds)
     apply_limits(worker, cfg)
+    serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
+    app = HttpApp(cfg, worker_index=slot, publish=worker.publish, dedup=dedup,
+                  render_metrics=lambda: render(block),
+                  health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
+    worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
@@ -91,6 +103,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             log.error("worker %d: reload refused, keeping the running config: %s", slot, exc)
             return
         apply_limits(worker, new)
+        app.cfg = new
         cfg = new
         if certs is not None:
             try:

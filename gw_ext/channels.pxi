@@ -14,7 +14,7 @@
 # life and tell it their interests.
 
 cdef enum:
-    FR_PUBLISH = 1            # flags: qos | retain << 2; body: topic, payload
+    FR_PUBLISH = 1            # flags: qos | retain << 2; body: origin_ns (8 bytes), topic, payload
     FR_SUB_ADD = 2            # body: a topic filter
     FR_SUB_DEL = 3
     FR_HELLO = 4              # body: empty
@@ -167,6 +167,7 @@ cdef void channel_readable(Worker w, int p):
 cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
     cdef ssize_t pos = 0
     cdef uint32_t body_len, topic_len
+    cdef uint64_t origin_ns
     cdef uint8_t ftype, flags
     cdef const uint8_t* body
     while pos + FRAME_HEADER <= n:
@@ -180,8 +181,12 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             return
         if ftype == FR_PUBLISH:
             w.counters[CHANNEL_MSGS_IN] += 1
-            route_publish(w, body, topic_len, body + topic_len, body_len - topic_len,
-                          flags & 3, (flags >> 2) & 1, False)
+            if body_len < 8 + topic_len:
+                w.log_limited(CR_CHANNEL, "channel from worker %d: truncated PUBLISH frame dropped" % p)
+                return
+            memcpy(&origin_ns, body, 8)
+            route_publish(w, body + 8, topic_len, body + 8 + topic_len, body_len - 8 - topic_len,
+                          flags & 3, (flags >> 2) & 1, False, origin_ns)
         elif ftype == FR_SUB_ADD:
             topics_add_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_SUB_DEL:
@@ -190,6 +195,7 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
+
         elif ftype == FR_PAUSE or ftype == FR_RESUME:
             peer_congestion(w, p, ftype == FR_PAUSE)
         elif FR_CLAIM <= ftype <= FR_REGISTER:

@@ -20,7 +20,11 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         if qos2_remember(s, pkt.packet_id) < 0:
             w.close_conn(c, CR_SERVER)
             return -1
-    route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True)
+    if w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len):
+        route_telemetry(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain)
+    else:
+        route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
+                      w.now_ns)
     if c.state != ST_CONNECTED:
         return -1       # delivering to itself overflowed its own buffer
     if pkt.qos == 1:

@@ -17,6 +17,7 @@ cdef enum ConnState:
 cdef enum Proto:
     PROTO_MQTT = 1
     PROTO_JSON = 2            # seed 000's newline-delimited JSON
+    PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (http.pxi)
 
 cdef enum ConnFlag:
     F_TLS = 1
@@ -57,6 +58,14 @@ cdef struct Conn:
     uint32_t outlen
     uint32_t outcap
 
+# HTTP connections' framing state (http.pxi), in a table indexed by fd beside
+# the Conn table, so MQTT connections pay nothing for it.
+cdef struct HttpState:
+    uint32_t scan             # where to resume looking for the end of the head
+    uint32_t chunk_off        # chunked body: offset of the next chunk-size line
+    uint32_t chunk_total      # chunked body: data bytes so far
+    uint8_t flags             # HF_* (http.pxi)
+
 cdef struct Listener:
     int fd
     uint8_t proto
@@ -73,6 +82,7 @@ cdef struct Msg:
     uint32_t payload_len
     uint8_t qos               # as published
     uint8_t retain
+    uint64_t origin_ns        # CLOCK_MONOTONIC of the loop turn that read the PUBLISH (0: unknown)
     uint8_t* data             # topic, then payload (same allocation)
 
 cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack

@@ -16,7 +16,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.errno cimport EAGAIN, ECONNABORTED, EINTR, EMFILE, ENFILE, EPROTO, errno
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memchr, memcpy, memmove, memset
+from libc.stdio cimport snprintf
+from libc.string cimport memchr, memcmp, memcpy, memmove, memset
+from libc.time cimport gmtime_r, strftime, time, time_t, tm
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from gw_ext.codec cimport *
@@ -42,6 +44,9 @@ cdef extern from *:
     static inline void clear_errno(void) { errno = 0; }
     """
     void clear_errno() nogil
+
+cdef extern from "<string.h>":
+    void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen) nogil
 
 
 cdef enum:
@@ -69,12 +74,15 @@ cdef enum CloseReason:
     CR_CHANNEL = 12           # (log only) inter-worker channel trouble
     CR_QUEUE = 13             # (log only) a bound dropped a message
     CR_PYTHON = 14            # (log only) a Python callback failed
-    N_CLOSE_REASONS = 15
+    CR_HTTP = 15              # (log only) an HTTP request refused by the framing
+    CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
+    N_CLOSE_REASONS = 17
 
-cdef uint32_t[15] CLOSE_COUNTER = [
+cdef uint32_t[17] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
-    CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER]
+    CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
+    CLOSED_SERVER]
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
@@ -93,6 +101,12 @@ cdef inline uint64_t monotonic_ms() noexcept nogil:
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
 
 
+cdef inline uint64_t monotonic_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000 + <uint64_t>ts.tv_nsec
+
+
 @cython.final
 cdef class Worker:
     """One worker process's event loop. Built and configured by gw/worker.py."""
@@ -108,6 +122,7 @@ cdef class Worker:
     cdef int ndirty
     cdef Wheel wheel
     cdef uint64_t now_ms
+    cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
     cdef uint64_t* counters          # this worker's row of the shared stats block
     cdef uint64_t* all_counters      # every row, to enforce the server-wide limit
     cdef int nworkers
@@ -145,6 +160,15 @@ cdef class Worker:
     cdef dict pending                    # token -> PendingConnect, waiting to settle
     cdef uint32_t settle_token
     cdef uint32_t conn_gen
+    # HTTP (http.pxi) and telemetry (telemetry.pxi).
+    cdef HttpState* http                 # per fd; allocated with the first HTTP listener
+    cdef char[40] http_date
+    cdef time_t http_date_s
+    cdef public object http_app          # gw.http_api.HttpApp: requests, telemetry schema
+    cdef public uint32_t http_max_body
+    cdef public uint32_t http_timeout_ms
+    cdef public uint32_t http_keepalive_ms
+    cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
 
     # Limits, settable (and reloadable) from Python.
     cdef public int worker_index
@@ -191,6 +215,10 @@ cdef class Worker:
         self.queue_high = 250
         self.queue_low = 125
         self.max_retained = 100000
+        self.http_max_body = 1 << 20
+        self.http_timeout_ms = 10000
+        self.http_keepalive_ms = 75000
+        self.telemetry_prefix = b""
         self.client_sessions = {}
         self.registry = {}
         self.restored = []
@@ -236,6 +264,7 @@ cdef class Worker:
             topics_free(self.index)
         topics_result_free(&self.match)
         free(self.chan_buf)
+        free(self.http)
         free(self.rbuf)
         free(self.dirty)
         wheel_free(&self.wheel)
@@ -254,9 +283,15 @@ cdef class Worker:
             raise ValueError("too many listeners")
         if fd >= self.nconns:
             raise ValueError("listener fd above the fd limit")
+        if proto not in ("mqtt", "json", "http"):
+            raise ValueError("unknown listener protocol %r" % proto)
+        if proto == "http" and self.http == NULL:
+            self.http = <HttpState*>calloc(self.nconns, sizeof(HttpState))
+            if self.http == NULL:
+                raise MemoryError()
         l = &self.listeners[self.nlisteners]
         l.fd = fd
-        l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON
+        l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON if proto == "json" else PROTO_HTTP
         l.ctx = NULL
         if tls is not None:
             SSL_CTX_up_ref(tls.ctx)
@@ -288,10 +323,20 @@ cdef class Worker:
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
 
+    @property
+    def telemetry_topic(self):
+        return self.telemetry_prefix.rstrip(b"/").decode()
+
+    @telemetry_topic.setter
+    def telemetry_topic(self, str prefix):
+        """MQTT publishes on PREFIX/{device_id} go through the ingest schema ('' : none)."""
+        self.telemetry_prefix = (prefix + "/").encode() if prefix else b""
+
     def publish(self, bytes topic, bytes payload, int qos=0, bint retain=False):
         """Publishes as the server itself ($SYS topics): to every worker."""
         route_publish(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
-                      <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True)
+                      <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True,
+                      self.now_ns)
 
     def snapshot_sessions(self):
         """[(client id, state)] of every clean_session=0 session, for the data dir."""
@@ -406,12 +451,14 @@ cdef class Worker:
         channels_flush(self)
         while True:
             n = epoll_wait(self.epfd, events, MAX_EVENTS, TICK_MS)
-            self.now_ms = monotonic_ms()
+            self.now_ns = monotonic_ns()
+            self.now_ms = self.now_ns // 1000000
             if n < 0:
                 if errno != EINTR:
                     raise OSError(errno, "epoll_wait")
                 n = 0
             self.counters[LOOP_TURNS] += 1
+            self.counters[WORKER_HEARTBEAT_MS] = self.now_ms     # /healthz: this loop is turning
             for i in range(n):
                 fd = events[i].data.fd
                 ev = events[i].events
@@ -495,9 +542,13 @@ cdef class Worker:
                 SSL_CTX_free(self.listeners[i].ctx)
                 self.listeners[i].ctx = NULL
         self.nlisteners = 0
+        if self.http_app is not None:
+            self.http_app.draining = True      # /readyz and ingest answer 503 from now on
         for fd in range(self.nconns):
             c = &self.conns[fd]
-            if c.state != ST_FREE and c.state != ST_LISTENER and c.state != ST_CHANNEL:
+            if c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
+                http_start_drain(self, c)
+            elif c.state != ST_FREE and c.state != ST_LISTENER and c.state != ST_CHANNEL:
                 self.close_after_flush(c)
         self.flush_dirty()
 
@@ -554,6 +605,8 @@ cdef class Worker:
             c.gen = self.conn_gen
             c.proto = l.proto
             c.listener = index
+            if l.proto == PROTO_HTTP:
+                memset(&self.http[fd], 0, sizeof(HttpState))
             c.last_rx_ms = self.now_ms
             if l.ctx != NULL:
                 c.ssl = SSL_new(l.ctx)
@@ -693,6 +746,8 @@ cdef class Worker:
     cdef Py_ssize_t process(self, Conn* c, uint8_t* buf, Py_ssize_t n):
         """Handles every complete packet in buf[0:n]. Returns the bytes consumed,
         or -1 if the connection was closed (buf may then be freed)."""
+        if c.proto == PROTO_HTTP:
+            return process_http(self, c, buf, n)
         if c.proto == PROTO_JSON:
             return process_json_lines(self, c, buf, n)
         cdef Py_ssize_t pos = 0
@@ -734,7 +789,7 @@ cdef class Worker:
         return pos
 
     cdef void malformed(self, Conn* c, int reason):
-        if 0 <= reason < 32:
+        if 0 <= reason < 16:       # MALFORMED_BY_REASON has 16 slots
             self.counters[MALFORMED_BY_REASON + reason] += 1
         self.close_conn(c, CR_MALFORMED, reason)
 
@@ -931,6 +986,8 @@ cdef class Worker:
             # The worker that held its session did not answer (it died): start afresh.
             self.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
             connect_settle(self, c.pending_token, None)
+        elif c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
+            http_on_timer(self, c)
         elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
             self.close_conn(c, CR_CONNECT_TIMEOUT)
 
@@ -1011,3 +1068,5 @@ include "sessions.pxi"
 include "channels.pxi"
 include "registry.pxi"
 include "backpressure.pxi"
+include "http.pxi"
+include "telemetry.pxi"

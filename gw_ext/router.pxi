@@ -5,6 +5,13 @@
 # QoS 0 deliveries are encoded from the publisher's bytes straight into each
 # subscriber's outbound buffer; QoS 1/2 ones share one refcounted Msg.
 # A message that came from a peer is delivered locally only.
+#
+# Publish-to-deliver latency (HIST_DELIVER) is observed once per message per
+# worker that delivers it, as the loop turn that routes it minus the loop turn
+# that read the PUBLISH (carried in FR_PUBLISH frames); a message that waited
+# in a session's queue is observed again as it leaves it. Turn timestamps
+# cost one clock read per turn, not one per message: a delivery within the
+# turn that read it counts as 0.
 
 
 cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
@@ -17,6 +24,7 @@ cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* paylo
     m.payload_len = payload_len
     m.qos = qos
     m.retain = retain
+    m.origin_ns = 0
     m.data = (<uint8_t*>m) + sizeof(Msg)
     memcpy(m.data, topic, topic_len)
     if payload_len:
@@ -32,7 +40,7 @@ cdef inline void msg_release(Msg* m) noexcept nogil:
 
 
 cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward):
+                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns):
     """Delivers to every matching local subscriber and, when `forward`, to the
     peers with interest. `retain` only decides whether the retained store
     changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9)."""
@@ -61,18 +69,22 @@ cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, cons
                 if msg == NULL:
                     w.counters[DROPPED_NOMEM] += 1
                     continue
+                msg.origin_ns = origin_ns
             deliver_msg(w, &w.sessions[e.subscriber], msg, q, 0)
     msg_release(msg)
+    if n > 0:
+        hist_observe(w.counters, HIST_DELIVER, w.now_ns - origin_ns if w.now_ns > origin_ns else 0)
     if not forward:
         return
     peers = w.match.peers & ~((<uint64_t>1) << w.worker_index)
     p = 0
     while peers:
         if peers & 1:
-            body = channel_frame(w, p, FR_PUBLISH, qos | (retain << 2), topic_len, topic_len + payload_len)
+            body = channel_frame(w, p, FR_PUBLISH, qos | (retain << 2), topic_len, 8 + topic_len + payload_len)
             if body != NULL:
-                memcpy(body, topic, topic_len)
-                memcpy(body + topic_len, payload, payload_len)
+                memcpy(body, &origin_ns, 8)
+                memcpy(body + 8, topic, topic_len)
+                memcpy(body + 8 + topic_len, payload, payload_len)
                 w.counters[CHANNEL_MSGS_OUT] += 1
         peers >>= 1
         p += 1

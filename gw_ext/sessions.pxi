@@ -104,7 +104,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful):
         if not graceful:
             w.counters[WILLS_PUBLISHED] += 1
             route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
-                          s.will.payload_len, s.will_qos, s.will_retain, True)
+                          s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns)
         msg_release(s.will)
         s.will = NULL
     if s.clean:
@@ -194,6 +194,8 @@ cdef void session_pump(Worker w, Session* s):
         s.qhead = (s.qhead + 1) % s.qcap
         s.qlen -= 1
         session_send(w, s, q.msg, q.qos & 3, q.qos >> 2)
+        if q.msg.origin_ns and w.now_ns > q.msg.origin_ns:
+            hist_observe(w.counters, HIST_DELIVER, w.now_ns - q.msg.origin_ns)
         msg_release(q.msg)          # the queue's reference; the window holds its own
 
 

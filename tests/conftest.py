@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))     # the in-place build: gw/ and gw_ext/*.so
 PYTHON = sys.executable
-LISTENERS = ("mqtt", "mqtts", "json", "jsons")
+LISTENERS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 HOST = "127.0.0.1"
 STATS_LINE = re.compile(r"\[stats\] clients: \d+ \| peak: \d+ \| memory: \d+(\.\d+)? MB \| "
                         r"conn_rate: \d+/s \| msg_in: \d+/s \| msg_out: \d+/s")
@@ -91,7 +91,7 @@ def _stop_leftovers() -> None:
 class GwServer:
     """One `gw serve` process tree.
 
-    listeners: which of mqtt/mqtts/json/jsons get a free port (the others are `off`).
+    listeners: which of mqtt/mqtts/json/jsons/http/https get a free port (the others are `off`).
     argv: when given, replaces the generated flags entirely (after `serve`); the
     caller then passes `ports` and `workers` so the harness knows what to expect.
     """

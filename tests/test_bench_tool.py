@@ -511,7 +511,8 @@ def gw_server(tmp_path):
     """`gw serve --workers 2` with an MQTT and a JSON listener (so deliveries cross workers)."""
     mqtt_port, json_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{mqtt_port}",
-           "--json", f"127.0.0.1:{json_port}", "--mqtts", "off", "--jsons", "off", "--stats-interval", "0",
+           "--json", f"127.0.0.1:{json_port}", "--mqtts", "off", "--jsons", "off", "--http", "off", "--https", "off",
+           "--stats-interval", "0",
            "--data-dir", str(tmp_path / "gwdata")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -1,0 +1,430 @@
+"""The HTTP API of seed 001: routing and answers, behind the Cython framing.
+
+The worker's framing (gw_ext/http.pxi) parses HTTP/1.1, enforces the body
+limit and timeouts, writes the status line and the Date, Content-Length and
+Connection headers, and calls `HttpApp.handle(method, target, content_type,
+body)` once per complete request; a HEAD gets the GET answer without its body.
+This module never sees a socket. Routes:
+
+| method   | path                          | answers                                   |
+|----------|-------------------------------|-------------------------------------------|
+| POST     | /v1/ingest/{device_id}        | 202 (200 with ack = sink), 400, 415, 503  |
+| POST     | /v1/ingest                    | the same for a batch; 413 over max_batch  |
+| GET/HEAD | /healthz                      | 200 or 503, component status              |
+| GET/HEAD | /readyz                       | 200 while accepting, 503 while draining   |
+| GET/HEAD | /metrics                      | Prometheus text (render_metrics)          |
+| GET/HEAD | /docs, /docs/openapi.json, /docs/swagger-ui-bundle.js, /docs/swagger-ui.css | docs |
+
+Any other path is 404, another method 405 with `Allow`; every error is JSON
+`{"code", "message"}` (a refused batch adds `errors`). The query string is
+ignored; the path is not percent-decoded (a device id only has characters
+that never need encoding). Records are validated by gw/ingest.py; each
+accepted one not already seen (`dedup`, by device id and seq) is published
+on `{telemetry_topic}/{device_id}` at QoS 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+from gw.ingest import (BatchAck, BatchError, Error, IngestAck, Ingestor, Invalid, check_path_device_id)
+
+log = logging.getLogger("gw.http")
+
+# --- counters (gw/stats.py; the fallback keeps this module usable before they land) ---
+try:
+    from gw.stats import Counter as _Counter
+    from gw.stats import http_status_index
+    INGEST_REQUESTS = int(_Counter.INGEST_REQUESTS)
+    INGEST_RECORDS_ACCEPTED = int(_Counter.INGEST_RECORDS_ACCEPTED)
+    INGEST_RECORDS_DUPLICATE = int(_Counter.INGEST_RECORDS_DUPLICATE)
+    INGEST_RECORDS_REJECTED = int(_Counter.INGEST_RECORDS_REJECTED)
+    TELEMETRY_MQTT_ACCEPTED = int(_Counter.TELEMETRY_MQTT_ACCEPTED)
+    TELEMETRY_MQTT_REJECTED = int(_Counter.TELEMETRY_MQTT_REJECTED)
+    DEDUP_FULL = int(_Counter.DEDUP_FULL)
+except (ImportError, AttributeError):    # pragma: no cover - depends on the build
+    INGEST_REQUESTS = 112
+    INGEST_RECORDS_ACCEPTED = 128
+    INGEST_RECORDS_DUPLICATE = 129
+    INGEST_RECORDS_REJECTED = 130
+    TELEMETRY_MQTT_ACCEPTED = 131
+    TELEMETRY_MQTT_REJECTED = 132
+    DEDUP_FULL = 135
+    _HTTP_STATUS_CODES = (200, 202, 204, 400, 404, 405, 408, 411, 413, 415, 431, 500, 501, 503, 505)
+
+    def http_status_index(code: int) -> int:
+        try:
+            return _HTTP_STATUS_CODES.index(code)
+        except ValueError:
+            return 15
+
+# --- settings this module reads (gw/config.py holds them; defaults for an older Config) ---
+DEFAULTS = {
+    "ack": "enqueue",
+    "max_body_size": 1 << 20,
+    "max_batch": 1000,
+    "idempotency_window": 60.0,
+    "idempotency_capacity": 1 << 22,
+    "telemetry_topic": "telemetry",
+    "http_timeout": 10.0,
+    "http_keepalive_timeout": 75.0,
+}
+
+
+def setting(cfg, name: str):
+    return getattr(cfg, name, DEFAULTS[name]) if cfg is not None else DEFAULTS[name]
+
+
+JSON = b"application/json"
+METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+TELEMETRY_QOS = 1
+RETRY_AFTER = b"Retry-After: 1\r\n"
+NO_STORE = b"Cache-Control: no-store\r\n"
+ALLOW_POST = b"Allow: POST\r\n"
+ALLOW_GET = b"Allow: GET, HEAD\r\n"
+INGEST_PREFIX = b"/v1/ingest/"
+INGEST_BATCH = b"/v1/ingest"
+
+DOC_ASSETS = {   # path -> (file in gw/docs, content type, extra headers)
+    b"/docs": ("index.html", b"text/html; charset=utf-8", b"Cache-Control: no-cache\r\n"),
+    b"/docs/": ("index.html", b"text/html; charset=utf-8", b"Cache-Control: no-cache\r\n"),
+    b"/docs/index.html": ("index.html", b"text/html; charset=utf-8", b"Cache-Control: no-cache\r\n"),
+    b"/docs/swagger-ui-bundle.js": ("swagger-ui-bundle.js", b"text/javascript; charset=utf-8",
+                                    b"Cache-Control: public, max-age=86400\r\nX-Content-Type-Options: nosniff\r\n"),
+    b"/docs/swagger-ui.css": ("swagger-ui.css", b"text/css; charset=utf-8",
+                              b"Cache-Control: public, max-age=86400\r\nX-Content-Type-Options: nosniff\r\n"),
+}
+OPENAPI_PATH = b"/docs/openapi.json"
+_ASSET_CACHE: dict[str, bytes | None] = {}
+
+
+def doc_asset(name: str) -> bytes | None:
+    """A file of gw/docs (package data), read once per process; None if not installed."""
+    if name not in _ASSET_CACHE:
+        from importlib import resources
+        try:
+            _ASSET_CACHE[name] = resources.files("gw.docs").joinpath(name).read_bytes()
+        except (OSError, ModuleNotFoundError):
+            _ASSET_CACHE[name] = None
+    return _ASSET_CACHE[name]
+
+
+class Health(Struct, forbid_unknown_fields=True):
+    """GET /healthz: 200 when every component is ok, else 503."""
+
+    status: Literal["ok", "unavailable"]
+    worker: int
+    draining: bool
+    components: dict[str, Any]
+
+
+class Ready(Struct, forbid_unknown_fields=True):
+    """GET /readyz while accepting."""
+
+    status: Literal["ready"]
+    worker: int
+
+
+_JSON_TYPES = {b"application/json": True, b"application/json; charset=utf-8": True,
+               b"application/json;charset=utf-8": True, b"application/json; charset=UTF-8": True}
+_JSON_TYPES_MAX = 256
+
+
+def is_json_content_type(value: bytes | None) -> bool:
+    """application/json, any case, any parameters but a charset other than UTF-8."""
+    if value is None:
+        return False
+    known = _JSON_TYPES.get(value)
+    if known is not None:
+        return known
+    ok = _parse_json_type(value)
+    if len(_JSON_TYPES) < _JSON_TYPES_MAX:
+        _JSON_TYPES[value] = ok
+    return ok
+
+
+def _parse_json_type(value: bytes) -> bool:
+    media, *params = value.split(b";")
+    if media.strip().lower() != b"application/json":
+        return False
+    for param in params:
+        name, sep, val = param.partition(b"=")
+        if name.strip().lower() == b"charset":
+            if val.strip().strip(b'"').lower() not in (b"utf-8", b"utf8"):
+                return False
+        elif not sep and param.strip():
+            return False
+    return True
+
+
+def _counter_view(counters):
+    """A memoryview of the worker's counter row: an item increment costs half
+    of numpy's. The array itself if it has no such view (tests may pass a list)."""
+    try:
+        view = memoryview(counters)
+    except TypeError:
+        return counters
+    if view.ndim != 1 or view.readonly or view.format not in ("L", "Q", "K", "<Q", "=Q"):
+        return counters
+    return view
+
+
+def _now_ms() -> int:
+    """The clock given to dedup.seen: CLOCK_MONOTONIC (system-wide), in ms."""
+    return time.monotonic_ns() // 1_000_000
+
+
+class HttpApp:
+    """One per worker. `handle` never raises for bad input; `draining` and
+    `shedding` are set by the worker (both make ingest answer 503)."""
+
+    def __init__(self, cfg, *, worker_index: int, publish, dedup, render_metrics, health, counters):
+        self.worker_index = worker_index
+        self.publish = publish
+        self.dedup = dedup
+        self.render_metrics = render_metrics
+        self.health = health
+        self.counters = counters
+        self._c = _counter_view(counters)
+        self.draining = False
+        self.shedding = False        # the worker may set it under overload: ingest 503 + Retry-After
+        self._encoder = msgspec.json.Encoder()
+        self._encode = self._encoder.encode
+        self._lenient = msgspec.json.Encoder(enc_hook=str)
+        self._last_log = 0.0
+        self._gets = {b"/healthz": self._healthz, b"/readyz": self._readyz, b"/metrics": self._metrics,
+                      OPENAPI_PATH: self._openapi}
+        for path in DOC_ASSETS:
+            self._gets[path] = self._asset
+        self._draining_body = self._encode(Error("draining", "the server is shutting down; retry "
+                                                             "(against another instance)"))
+        self._shedding_body = self._encode(Error("overloaded", "the server is shedding load; retry later"))
+        self._req_slot = {}
+        self._cfg = None
+        self.cfg = cfg
+
+    # --- configuration (the worker assigns app.cfg on SIGHUP) ---------------------------
+
+    @property
+    def cfg(self):
+        return self._cfg
+
+    @cfg.setter
+    def cfg(self, cfg) -> None:
+        self._cfg = cfg
+        self.ok_status = 200 if setting(cfg, "ack") == "sink" else 202
+        max_batch = int(setting(cfg, "max_batch"))
+        if getattr(self, "ingestor", None) is None or self.ingestor.max_batch != max_batch:
+            self.ingestor = Ingestor(max_batch)
+        self.topic_prefix = str(setting(cfg, "telemetry_topic")).encode()
+        self._openapi_body = None
+
+    # --- the framing's entry points ---------------------------------------------------
+
+    def handle(self, method: bytes, target: bytes, content_type: bytes | None,
+               body: bytes) -> tuple[int, bytes, bytes, bytes]:
+        q = target.find(b"?")
+        path = target if q < 0 else target[:q]
+        if path[:1] != b"/":
+            path = _origin_path(path)
+        if path.startswith(INGEST_PREFIX):
+            return self._ingest(method, path, content_type, body, False)
+        if path == INGEST_BATCH:
+            return self._ingest(method, path, content_type, body, True)
+        route = self._gets.get(path)
+        try:
+            if route is None:
+                return 404, JSON, self._error("not_found", f"no such path: {_show_path(path)}"), b""
+            if method != b"GET" and method != b"HEAD":
+                return self._method_not_allowed(method, path, ALLOW_GET)
+            return route(path)
+        except Exception:
+            return self._internal_error()
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        """The JSON error body, for the framing's own answers (400, 408, 413, 431, 505)."""
+        return self._encode(Error(code, message))
+
+    def validate_mqtt_telemetry(self, topic: bytes, payload: bytes) -> bytes | None:
+        """An MQTT PUBLISH on {telemetry_topic}/{device_id}: the normalised JSON
+        payload to route, or None if it breaks the schema (counted). No
+        idempotency check here: MQTT's own QoS handles redelivery."""
+        counters = self._c
+        try:
+            tele = self.ingestor.mqtt(self.topic_prefix, topic, payload)
+        except Invalid:
+            counters[TELEMETRY_MQTT_REJECTED] += 1
+            return None
+        counters[TELEMETRY_MQTT_ACCEPTED] += 1
+        return self._encode(tele)
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def _ingest(self, method, path, content_type, body, batch: bool):
+        try:
+            if method != b"POST":
+                answer = self._method_not_allowed(method, path, ALLOW_POST)
+            elif batch:
+                answer = self._ingest_batch(content_type, body)
+            else:
+                answer = self._ingest_one(path[len(INGEST_PREFIX):], content_type, body)
+        except Exception:
+            answer = self._internal_error()
+        status = answer[0]
+        slot = self._req_slot.get(status)
+        if slot is None:
+            slot = self._req_slot[status] = INGEST_REQUESTS + http_status_index(status)
+        self._c[slot] += 1
+        return answer
+
+    def _unavailable(self):
+        body = self._draining_body if self.draining else self._shedding_body
+        return 503, JSON, body, RETRY_AFTER
+
+    def _refused(self, err: Invalid):
+        self._c[INGEST_RECORDS_REJECTED] += err.records
+        if err.errors is not None:
+            return err.status, JSON, self._encode(BatchError(err.code, err.message, err.errors)), b""
+        return err.status, JSON, self._encode(Error(err.code, err.message)), b""
+
+    def _unsupported(self, content_type):
+        got = "none" if content_type is None else _show_path(content_type)
+        return 415, JSON, self._error("unsupported_media_type",
+                                      f"Content-Type must be application/json, got {got}"), b""
+
+    def _ingest_one(self, raw_id: bytes, content_type, body: bytes):
+        if self.draining or self.shedding:
+            return self._unavailable()
+        try:
+            device_id = check_path_device_id(raw_id)
+            if not is_json_content_type(content_type):
+                return self._unsupported(content_type)
+            tele = self.ingestor.record(device_id, body)
+        except Invalid as err:
+            return self._refused(err)
+        counters = self._c
+        duplicates = 0
+        if tele.seq is not None:
+            seen = self.dedup.seen(raw_id, tele.seq, _now_ms())
+            if seen == 1:
+                duplicates = 1
+            elif seen < 0:
+                counters[DEDUP_FULL] += 1
+        if duplicates:
+            counters[INGEST_RECORDS_DUPLICATE] += 1
+        else:
+            self.publish(self.topic_prefix + b"/" + raw_id, self._encode(tele), TELEMETRY_QOS, False)
+            counters[INGEST_RECORDS_ACCEPTED] += 1
+        return (self.ok_status, JSON,
+                self._encode(IngestAck(1, duplicates, device_id, tele.ts, tele.seq)), b"")
+
+    def _ingest_batch(self, content_type, body: bytes):
+        if self.draining or self.shedding:
+            return self._unavailable()
+        if not is_json_content_type(content_type):
+            return self._unsupported(content_type)
+        try:
+            records = self.ingestor.batch(body)
+        except Invalid as err:
+            return self._refused(err)
+        counters = self._c
+        seen = self.dedup.seen
+        publish = self.publish
+        encode = self._encode
+        prefix = self.topic_prefix + b"/"
+        now_ms = _now_ms()
+        duplicates = full = 0
+        for tele in records:
+            device = tele.device_id.encode()
+            if tele.seq is not None:
+                result = seen(device, tele.seq, now_ms)
+                if result == 1:
+                    duplicates += 1
+                    continue
+                if result < 0:
+                    full += 1
+            publish(prefix + device, encode(tele), TELEMETRY_QOS, False)
+        counters[INGEST_RECORDS_ACCEPTED] += len(records) - duplicates
+        if duplicates:
+            counters[INGEST_RECORDS_DUPLICATE] += duplicates
+        if full:
+            counters[DEDUP_FULL] += full
+        return self.ok_status, JSON, encode(BatchAck(len(records), duplicates)), b""
+
+    # --- the other routes ---------------------------------------------------------------
+
+    def _healthz(self, path):
+        try:
+            ok, components = self.health()
+        except Exception as exc:
+            self._log_failure("health check")
+            ok, components = False, {"error": f"the health check failed: {exc.__class__.__name__}"}
+        body = Health("ok" if ok else "unavailable", self.worker_index, self.draining, components)
+        try:
+            data = self._lenient.encode(body)
+        except Exception:
+            data = self._encode(Health("unavailable", self.worker_index, self.draining,
+                                       {"error": "the health report could not be encoded"}))
+            ok = False
+        return (200 if ok else 503), JSON, data, NO_STORE
+
+    def _readyz(self, path):
+        if self.draining:
+            return 503, JSON, self._draining_body, RETRY_AFTER + NO_STORE
+        return 200, JSON, self._encode(Ready("ready", self.worker_index)), NO_STORE
+
+    def _metrics(self, path):
+        return 200, METRICS_TYPE, bytes(self.render_metrics()), b""
+
+    def _openapi(self, path):
+        if self._openapi_body is None:
+            from gw.openapi import openapi_json
+            self._openapi_body = openapi_json(self._cfg)
+        return 200, JSON, self._openapi_body, b"Cache-Control: no-cache\r\n"
+
+    def _asset(self, path):
+        name, ctype, headers = DOC_ASSETS[path]
+        data = doc_asset(name)
+        if data is None:
+            return 404, JSON, self._error("not_found", f"{name} is not installed (gw/docs package data)"), b""
+        return 200, ctype, data, headers
+
+    # --- helpers ------------------------------------------------------------------------
+
+    def _error(self, code: str, message: str) -> bytes:
+        return self._encode(Error(code, message))
+
+    def _method_not_allowed(self, method: bytes, path: bytes, allow: bytes):
+        allowed = allow[7:-2].decode()
+        return 405, JSON, self._error(
+            "method_not_allowed",
+            f"{_show_path(method)} is not allowed on {_show_path(path)}; use {allowed}"), allow
+
+    def _internal_error(self):
+        self._log_failure("HTTP request")
+        return 500, JSON, self._error("internal_error", "the server failed to handle the request"), b""
+
+    def _log_failure(self, what: str) -> None:
+        now = time.monotonic()
+        if now - self._last_log >= 10.0 or self._last_log == 0.0:
+            self._last_log = now
+            log.exception("worker %d: %s failed (logged at most every 10 s)", self.worker_index, what)
+
+
+def _origin_path(target: bytes) -> bytes:
+    """The path of an absolute-form target (http://host/path); other forms have none."""
+    scheme, sep, rest = target.partition(b"://")
+    if sep and scheme.lower() in (b"http", b"https"):
+        slash = rest.find(b"/")
+        return rest[slash:] if slash >= 0 else b"/"
+    return target
+
+
+def _show_path(raw: bytes, limit: int = 200) -> str:
+    text = raw[:limit].decode("utf-8", "replace")
+    return text + "..." if len(raw) > limit else text

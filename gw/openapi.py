@@ -1,0 +1,354 @@
+"""The OpenAPI 3.1 document of the HTTP API, generated from the msgspec types.
+
+Served at `/docs/openapi.json` (with Swagger UI at `/docs`) and printed by
+`gw openapi`. The schemas come from `msgspec.json.schema_components` over the
+types of gw/ingest.py and gw/http_api.py; the paths, the responses (every
+status each route can answer, including those the HTTP framing gives before
+the application sees the request) and the examples are written here. The
+document depends only on the configuration (max_batch, max_body_size, ack,
+telemetry_topic) and the version, and is built deterministically: the same
+inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+
+import msgspec
+
+from gw import __version__
+from gw.http_api import METRICS_TYPE, Health, Ready, setting
+from gw.ingest import (CODES, DEVICE_ID_PATTERN, KEY_PATTERN, MAX_METRICS, MAX_TAG_VALUE, MAX_TAGS,
+                       BatchAck, BatchError, BatchRecord, Error, IngestAck, Record, Telemetry)
+
+REF = "#/components/schemas/{name}"
+_TYPES = (Record, BatchRecord, Telemetry, IngestAck, BatchAck, Error, BatchError, Health, Ready)
+
+
+def _schemas() -> dict:
+    _, components = msgspec.json.schema_components(_TYPES, ref_template=REF)
+    for schema in components.values():
+        if "description" in schema:
+            schema["description"] = inspect.cleandoc(schema["description"])
+    # The HTTP body of one record: `Record` without device_id, which the path
+    # gives. (A device_id equal to the path's is tolerated, so the published
+    # form is valid input again, but it cannot be expressed in JSON Schema, so
+    # the document shows the canonical form only.)
+    body = copy.deepcopy(components["Record"])
+    body["title"] = "IngestBody"
+    body["description"] = "One telemetry record; the device id is the path's."
+    del body["properties"]["device_id"]
+    components["IngestBody"] = body
+    return {name: components[name] for name in sorted(components)}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(schema: dict, examples: dict | None = None) -> dict:
+    media = {"schema": schema}
+    if examples:
+        media["examples"] = examples
+    return {"application/json": media}
+
+
+def _error_example(code: str, message: str) -> dict:
+    return {"summary": code, "value": {"code": code, "message": message}}
+
+
+_HEADERS = {
+    "Allow": {"description": "the methods the path accepts", "schema": {"type": "string"}},
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}},
+    "Cache-Control": {"description": "caching policy", "schema": {"type": "string"}},
+    "X-Content-Type-Options": {"description": "nosniff", "schema": {"type": "string"}},
+}
+
+_INGEST_400 = ("invalid_json", "invalid_body", "unknown_field", "invalid_device_id", "device_id_mismatch",
+               "missing_metrics", "invalid_metrics", "too_many_metrics", "invalid_metric_key",
+               "invalid_metric", "non_finite_metric", "invalid_tags", "too_many_tags", "invalid_tag_key",
+               "invalid_tag", "invalid_ts", "invalid_seq")
+
+
+def _responses(cfg) -> dict:
+    max_body = int(setting(cfg, "max_body_size"))
+    max_batch = int(setting(cfg, "max_batch"))
+    error = _ref("Error")
+    framing_400 = ("bad_request_line", "bad_header", "bad_content_length", "bad_framing", "bad_host",
+                   "bad_chunk")
+    return {
+        "IngestBadRequest": {
+            "description": "The record breaks a rule (the code names it; nothing was published), or the "
+                           "request is malformed HTTP (framing codes: " + ", ".join(framing_400) + ").\n\n"
+                           + "\n".join(f"- `{c}`: {CODES[c]}" for c in _INGEST_400),
+            "content": _json(error, {c: _error_example(c, CODES[c]) for c in _INGEST_400}),
+        },
+        "BatchBadRequest": {
+            "description": "Some records of the batch are invalid (`invalid_batch`, every one listed in "
+                           "`errors` with its index and code; nothing was published), the body is not a "
+                           "JSON array of records (`invalid_json`, `invalid_body`), it is empty "
+                           "(`empty_batch`), or the request is malformed HTTP.",
+            "content": _json({"oneOf": [_ref("BatchError"), error]}, {
+                "invalid_batch": {"summary": "invalid_batch", "value": {
+                    "code": "invalid_batch", "message": "2 of 3 records are invalid; nothing was accepted",
+                    "errors": [
+                        {"index": 1, "code": "missing_device_id",
+                         "message": "every record of a batch needs a device_id"},
+                        {"index": 2, "code": "non_finite_metric", "message": "metric temp_c is not a finite number"},
+                    ]}},
+                "empty_batch": _error_example("empty_batch", "a batch needs at least one record"),
+                "invalid_json": _error_example("invalid_json", "invalid JSON: JSON is malformed: "
+                                                               "invalid character (byte 16)"),
+            }),
+        },
+        "MalformedRequest": {
+            "description": "Malformed HTTP, refused by the framing before routing (codes: "
+                           + ", ".join(framing_400) + "); the connection is closed.",
+            "content": _json(error, {"bad_request_line": _error_example("bad_request_line",
+                                                                        "malformed request line")}),
+        },
+        "NotFound": {
+            "description": "No such path (any path not listed here), or a docs file that is not installed.",
+            "content": _json(error, {"not_found": _error_example("not_found", "no such path: /v2/ingest")}),
+        },
+        "MethodNotAllowed": {
+            "description": "The path exists but not with this method; `Allow` lists the methods it takes.",
+            "headers": {"Allow": _HEADERS["Allow"]},
+            "content": _json(error, {"method_not_allowed": _error_example(
+                "method_not_allowed", "GET is not allowed on /v1/ingest; use POST")}),
+        },
+        "RequestTimeout": {
+            "description": "The request did not arrive in full within http_timeout; the connection is closed.",
+            "content": _json(error, {"request_timeout": _error_example("request_timeout",
+                                                                       "the request took too long")}),
+        },
+        "ContentTooLarge": {
+            "description": f"The body is over max_body_size ({max_body} bytes; `body_too_large`); "
+                           "refused by the framing, the connection is closed.",
+            "content": _json(error, {"body_too_large": _error_example("body_too_large",
+                                                                      f"the body exceeds {max_body} bytes")}),
+        },
+        "BatchContentTooLarge": {
+            "description": f"The body is over max_body_size ({max_body} bytes; `body_too_large`, the "
+                           f"connection is closed) or the batch has more than max_batch ({max_batch}) "
+                           "records (`batch_too_large`): split it.",
+            "content": _json(error, {
+                "batch_too_large": _error_example("batch_too_large", f"the batch has {max_batch + 1} "
+                                                  f"records, at most {max_batch} allowed; split it"),
+                "body_too_large": _error_example("body_too_large", f"the body exceeds {max_body} bytes")}),
+        },
+        "UnsupportedMediaType": {
+            "description": "Content-Type is not application/json (parameters are allowed, "
+                           "a charset only if UTF-8).",
+            "content": _json(error, {"unsupported_media_type": _error_example(
+                "unsupported_media_type", "Content-Type must be application/json, got text/plain")}),
+        },
+        "ExpectationFailed": {
+            "description": "An Expect header other than 100-continue.",
+            "content": _json(error),
+        },
+        "HeadersTooLarge": {
+            "description": "The request line and headers are too large or too many; the connection is closed.",
+            "content": _json(error),
+        },
+        "InternalError": {
+            "description": "The server failed to handle the request (a bug; logged).",
+            "content": _json(error, {"internal_error": _error_example(
+                "internal_error", "the server failed to handle the request")}),
+        },
+        "NotImplemented": {
+            "description": "A transfer coding other than chunked.",
+            "content": _json(error),
+        },
+        "IngestUnavailable": {
+            "description": "Not accepting: the server is draining (`draining`) or shedding load "
+                           "(`overloaded`). Retry after `Retry-After` seconds, with jitter.",
+            "headers": {"Retry-After": _HEADERS["Retry-After"]},
+            "content": _json(error, {
+                "draining": _error_example("draining", "the server is shutting down; retry "
+                                                       "(against another instance)"),
+                "overloaded": _error_example("overloaded", "the server is shedding load; retry later")}),
+        },
+        "VersionNotSupported": {
+            "description": "An HTTP version other than 1.0 and 1.1.",
+            "content": _json(error),
+        },
+    }
+
+
+# Answers any route can get from the framing or a failure, whatever its own.
+_COMMON = {"405": "MethodNotAllowed", "408": "RequestTimeout", "413": "ContentTooLarge",
+           "417": "ExpectationFailed", "431": "HeadersTooLarge", "500": "InternalError",
+           "501": "NotImplemented", "505": "VersionNotSupported"}
+
+
+def _with_common(own: dict, *, bad_request: str = "MalformedRequest") -> dict:
+    responses = dict(own)
+    responses.setdefault("400", {"$ref": f"#/components/responses/{bad_request}"})
+    for status, name in _COMMON.items():
+        responses.setdefault(status, {"$ref": f"#/components/responses/{name}"})
+    return dict(sorted(responses.items()))
+
+
+def _ack_responses(cfg, schema: str, example: dict) -> dict:
+    ack = setting(cfg, "ack")
+    tail = " (this server's ack mode)"
+    return {
+        "202": {"description": "Accepted (ack mode `enqueue`, the default): validated and routed to "
+                               "the MQTT subscribers of the telemetry topic" + (tail if ack == "enqueue" else ""),
+                "content": _json(_ref(schema), {"accepted": {"value": example}})},
+        "200": {"description": "Accepted (ack mode `sink`): for now acknowledged at the same point as "
+                               "`enqueue`; a later version waits for the record to be on disk"
+                               + (tail if ack == "sink" else ""),
+                "content": _json(_ref(schema), {"accepted": {"value": example}})},
+    }
+
+
+def _get(summary: str, description: str, tag: str, op: str, ok: dict, extra: dict | None = None) -> dict:
+    own = {"200": ok}
+    own.update(extra or {})
+    return {"get": {"tags": [tag], "summary": summary, "description": description, "operationId": op,
+                    "responses": _with_common(own)}}
+
+
+def _static(media: str, description: str, nosniff: bool = True) -> dict:
+    headers = {"Cache-Control": _HEADERS["Cache-Control"]}
+    if nosniff:
+        headers["X-Content-Type-Options"] = _HEADERS["X-Content-Type-Options"]
+    return {"description": description, "headers": headers,
+            "content": {media: {"schema": {"type": "string"}}}}
+
+
+def build_openapi(cfg=None) -> dict:
+    """The OpenAPI 3.1 document for this configuration, as a dict."""
+    prefix = str(setting(cfg, "telemetry_topic"))
+    max_batch = int(setting(cfg, "max_batch"))
+    max_body = int(setting(cfg, "max_body_size"))
+    single_example = {"ts": "2025-09-23T11:18:41Z", "seq": 42, "metrics": {"temp_c": 21.5},
+                      "tags": {"site": "AAL"}, "payload": {"raw": "ok"}}
+    ack_example = {"accepted": 1, "duplicates": 0, "device_id": "device_1", "ts": "2025-09-23T11:18:41Z",
+                   "seq": 42}
+    device_param = {"name": "device_id", "in": "path", "required": True,
+                    "description": "the device's identifier (not percent-decoded)",
+                    "schema": {"type": "string", "pattern": DEVICE_ID_PATTERN, "minLength": 1, "maxLength": 64},
+                    "example": "device_1"}
+    common_rules = (
+        f"Metrics: at most {MAX_METRICS} keys matching `{KEY_PATTERN}`, finite numbers. "
+        f"Tags: at most {MAX_TAGS} keys (same pattern), strings of at most {MAX_TAG_VALUE} characters. "
+        "`ts`: RFC 3339 with a time zone or Unix seconds; the server's time when absent. "
+        "Unknown fields are refused (`unknown_field`). "
+        f"Each accepted record is published (QoS 1) on `{prefix}/{{device_id}}` as the `Telemetry` schema; "
+        "a `(device_id, seq)` already seen within the idempotency window is acknowledged "
+        "(`duplicates`) but not published again. "
+        f"Body at most {max_body} bytes; `Content-Type: application/json` required."
+    )
+    paths = {
+        "/v1/ingest/{device_id}": {
+            "post": {
+                "tags": ["ingest"],
+                "summary": "Ingest one telemetry record",
+                "description": common_rules,
+                "operationId": "ingestRecord",
+                "parameters": [device_param],
+                "requestBody": {"required": True, "content": _json(_ref("IngestBody"), {
+                    "reading": {"summary": "a reading", "value": single_example},
+                    "minimal": {"summary": "metrics only (ts filled in by the server)",
+                                "value": {"metrics": {"temp_c": 21.5}}}})},
+                "responses": _with_common({
+                    **_ack_responses(cfg, "IngestAck", ack_example),
+                    "400": {"$ref": "#/components/responses/IngestBadRequest"},
+                    "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
+                    "503": {"$ref": "#/components/responses/IngestUnavailable"},
+                }),
+            },
+        },
+        "/v1/ingest": {
+            "post": {
+                "tags": ["ingest"],
+                "summary": "Ingest a batch of records (all or nothing)",
+                "description": f"A JSON array of 1 to {max_batch} records, each with its `device_id`. "
+                               "Every record is validated first: if any is invalid the answer is 400 "
+                               "`invalid_batch` listing each invalid record, and nothing is published. "
+                               + common_rules,
+                "operationId": "ingestBatch",
+                "requestBody": {"required": True, "content": _json(
+                    # max_batch is not maxItems: more is 413 (batch_too_large), not a 400.
+                    {"type": "array", "items": _ref("BatchRecord"), "minItems": 1},
+                    {"batch": {"summary": "two devices", "value": [
+                        {"device_id": "device_1", **single_example},
+                        {"device_id": "device_2", "seq": 7, "metrics": {"temp_c": 19.0, "rssi": -67}}]}})},
+                "responses": _with_common({
+                    **_ack_responses(cfg, "BatchAck", {"accepted": 2, "duplicates": 0}),
+                    "400": {"$ref": "#/components/responses/BatchBadRequest"},
+                    "413": {"$ref": "#/components/responses/BatchContentTooLarge"},
+                    "415": {"$ref": "#/components/responses/UnsupportedMediaType"},
+                    "503": {"$ref": "#/components/responses/IngestUnavailable"},
+                }),
+            },
+        },
+        "/healthz": _get(
+            "Component status", "Worker processes alive and turning, listeners, data directory writable. "
+            "200 when every component is ok, 503 otherwise (same body).", "health", "getHealth",
+            {"description": "Every component is ok.", "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+             "content": _json(_ref("Health"))},
+            {"503": {"description": "Some component is not ok (see `components`).",
+                     "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+                     "content": _json(_ref("Health"))}}),
+        "/readyz": _get(
+            "Readiness", "200 while the server accepts requests, 503 while it drains (stopping).",
+            "health", "getReady",
+            {"description": "Accepting.", "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+             "content": _json(_ref("Ready"))},
+            {"503": {"description": "Draining: route traffic elsewhere.",
+                     "headers": {"Retry-After": _HEADERS["Retry-After"],
+                                 "Cache-Control": _HEADERS["Cache-Control"]},
+                     "content": _json(_ref("Error"), {"draining": _error_example(
+                         "draining", "the server is shutting down; retry (against another instance)")})}}),
+        "/metrics": _get(
+            "Prometheus metrics", "The server's counters and histograms in the Prometheus text "
+            "exposition format 0.0.4.", "health", "getMetrics",
+            {"description": "The metrics.",
+             "content": {METRICS_TYPE.decode(): {"schema": {"type": "string"}}}}),
+        "/docs": _get(
+            "API documentation (Swagger UI)", "This document, browsable, served offline (also at `/docs/`).",
+            "docs", "getDocs", _static("text/html", "The Swagger UI page.", nosniff=False),
+            {"404": {"$ref": "#/components/responses/NotFound"}}),
+        "/docs/openapi.json": _get(
+            "This OpenAPI document", "The document, generated from the server's types and settings.",
+            "docs", "getOpenapi",
+            {"description": "The OpenAPI 3.1 document.", "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+             "content": _json({"type": "object"})}),
+        "/docs/swagger-ui-bundle.js": _get(
+            "Swagger UI script", "Vendored swagger-ui-dist (Apache-2.0).", "docs", "getSwaggerBundle",
+            _static("text/javascript", "The script."), {"404": {"$ref": "#/components/responses/NotFound"}}),
+        "/docs/swagger-ui.css": _get(
+            "Swagger UI style sheet", "Vendored swagger-ui-dist (Apache-2.0).", "docs", "getSwaggerCss",
+            _static("text/css", "The style sheet."), {"404": {"$ref": "#/components/responses/NotFound"}}),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "gw HTTP API",
+            "version": __version__,
+            "summary": "Telemetry ingest, health and metrics of the gw IoT gateway.",
+            "description": (
+                "HTTP ingest of device telemetry (seed 001). Every error is JSON `{\"code\", \"message\"}`; "
+                "a path not listed here answers 404 `not_found`, a listed path with another method 405 "
+                "with `Allow`. GET routes also answer HEAD. Ack mode of this server: "
+                f"`{setting(cfg, 'ack')}`. Versioning: this is v1; breaking changes get a new prefix "
+                "(/v2). No authentication yet: keep the listener private."),
+            "license": {"name": "MIT", "identifier": "MIT"},
+        },
+        "tags": [{"name": "ingest", "description": "Device telemetry in"},
+                 {"name": "health", "description": "Probes and metrics"},
+                 {"name": "docs", "description": "This documentation"}],
+        "paths": paths,
+        "components": {"schemas": _schemas(), "responses": _responses(cfg)},
+    }
+
+
+def openapi_json(cfg=None) -> bytes:
+    """The document as JSON bytes (2-space indent, trailing newline): deterministic."""
+    return (json.dumps(build_openapi(cfg), indent=2, ensure_ascii=False) + "\n").encode()

@@ -1,0 +1,495 @@
+# Included by loop.pyx. HTTP/1.1 (RFC 9112) for the ingest API, health and
+# metrics: the framing is here, in the worker's loop; each complete request
+# is one call into gw/http_api.py (HttpApp.handle), whose answer is written
+# back in order (so pipelined requests get their responses in sequence).
+#
+# What the framing decides by itself, before Python sees anything, always with
+# a JSON error body and `Connection: close` (the request's framing can no
+# longer be trusted, RFC 9112 section 9.6):
+#   400  malformed request line or header, Content-Length with Transfer-Encoding,
+#        a bad chunk, an HTTP/1.1 request without exactly one Host
+#   408  a request not complete within http_timeout (slowloris)
+#   413  a body over max_body_size (declared, or counted while de-chunking)
+#   417  an Expect other than 100-continue
+#   431  a head over HTTP_MAX_HEAD bytes or HTTP_MAX_HEADERS fields
+#   501  a transfer coding other than chunked
+#   505  an HTTP version other than 1.0 and 1.1
+# An idle keep-alive connection is closed after http_keepalive_timeout.
+
+cdef enum:
+    HTTP_MAX_HEAD = 16384       # request line and header fields together, bytes
+    HTTP_MAX_HEADERS = 100      # header fields per request
+    HTTP_MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions)
+    HTTP_DRAIN_GRACE_MS = 1000  # on SIGTERM, how long an idle keep-alive connection is kept (readyz says 503)
+
+cdef enum HttpFlag:
+    HF_IN_REQUEST = 1           # part of a request has arrived: http_timeout runs
+    HF_CONTINUE_SENT = 2        # "100 Continue" sent for the current request
+    HF_CLOSE = 4                # close after the next response (draining)
+
+
+cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
+    # RFC 9110 token characters
+    if (ch >= 97 and ch <= 122) or (ch >= 65 and ch <= 90) or (ch >= 48 and ch <= 57):
+        return True
+    return memchr(b"!#$%&'*+-.^_`|~", ch, 15) != NULL
+
+
+cdef inline bint name_is(const uint8_t* p, Py_ssize_t n, const char* lower, Py_ssize_t ln) noexcept nogil:
+    """Case-insensitive comparison of a header name with a lowercase literal."""
+    cdef Py_ssize_t i
+    if n != ln:
+        return False
+    for i in range(n):
+        if (p[i] | 0x20) != <uint8_t>lower[i]:
+            return False
+    return True
+
+
+cdef inline bint has_token(const uint8_t* p, Py_ssize_t n, const char* lower, Py_ssize_t ln) noexcept nogil:
+    """Whether a comma-separated header value holds the token `lower` (any case)."""
+    cdef Py_ssize_t i = 0, start, end
+    while i < n:
+        while i < n and (p[i] == 32 or p[i] == 9 or p[i] == 44):
+            i += 1
+        start = i
+        while i < n and p[i] != 44:
+            i += 1
+        end = i
+        while end > start and (p[end - 1] == 32 or p[end - 1] == 9):
+            end -= 1
+        if name_is(p + start, end - start, lower, ln):
+            return True
+    return False
+
+
+cdef const char* http_reason(int status) noexcept nogil:
+    if status == 200: return "OK"
+    if status == 202: return "Accepted"
+    if status == 204: return "No Content"
+    if status == 400: return "Bad Request"
+    if status == 404: return "Not Found"
+    if status == 405: return "Method Not Allowed"
+    if status == 408: return "Request Timeout"
+    if status == 411: return "Length Required"
+    if status == 413: return "Content Too Large"
+    if status == 415: return "Unsupported Media Type"
+    if status == 417: return "Expectation Failed"
+    if status == 431: return "Request Header Fields Too Large"
+    if status == 500: return "Internal Server Error"
+    if status == 501: return "Not Implemented"
+    if status == 503: return "Service Unavailable"
+    if status == 505: return "HTTP Version Not Supported"
+    if status == 100: return "Continue"
+    return "Unknown"
+
+
+cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
+    """Handles every complete request in buf[0:n]; returns the bytes consumed,
+    or -1 if the connection was closed."""
+    cdef Py_ssize_t pos = 0, r
+    cdef HttpState* st = &w.http[c.fd]
+    cdef bint completed = False
+    c.need = 0
+    while pos < n:
+        if c.state == ST_CLOSING:
+            return n
+        r = http_request(w, c, buf + pos, n - pos)
+        if r < 0:
+            return -1
+        if r == 0:
+            break
+        pos += r
+        completed = True
+    if c.state == ST_CLOSING:
+        return n
+    if pos < n:
+        if not (st.flags & HF_IN_REQUEST):
+            # A new request has begun: it has http_timeout to arrive in full,
+            # however slowly its bytes trickle in.
+            st.flags |= HF_IN_REQUEST
+            wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_timeout_ms)
+    elif completed and not (st.flags & HF_CLOSE):
+        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
+    return pos
+
+
+cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
+    """One request at p. Returns its length once complete (and answered), 0 if
+    more bytes are needed, -1 if the connection was closed."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef Py_ssize_t lead = 0, start, head_len, i, line_start, line_end, colon, vs, ve
+    cdef Py_ssize_t method_len, target_start, target_len, nfields = 0, nhost = 0
+    cdef const uint8_t* end
+    cdef const uint8_t* line
+    cdef int minor
+    cdef int64_t content_length = -1, value
+    cdef bint chunked = False, has_te = False, conn_close = False, conn_keep = False
+    cdef bint expect_continue = False
+    cdef const uint8_t* ctype = NULL
+    cdef Py_ssize_t ctype_len = 0
+    cdef Py_ssize_t total, body_len, k
+    # Empty lines before a request line are ignored (RFC 9112 section 2.2).
+    while lead < avail and (p[lead] == 13 or p[lead] == 10):
+        lead += 1
+    if lead == avail:
+        return lead
+    start = st.scan if st.scan > lead else lead
+    end = <const uint8_t*>memmem(p + start, avail - start, b"\r\n\r\n", 4)
+    if end == NULL:
+        if avail - lead > HTTP_MAX_HEAD:
+            return http_fail(w, c, 431, "header_too_large",
+                             "the request line and headers exceed %d bytes" % HTTP_MAX_HEAD)
+        st.scan = <uint32_t>(avail - 3 if avail > 3 else 0)
+        return 0
+    head_len = (end - p) + 4
+    if head_len - lead > HTTP_MAX_HEAD:
+        return http_fail(w, c, 431, "header_too_large",
+                         "the request line and headers exceed %d bytes" % HTTP_MAX_HEAD)
+
+    # Request line: method SP request-target SP HTTP-version
+    line_start = lead
+    line_end = <const uint8_t*>memmem(p + line_start, head_len - line_start, b"\r\n", 2) - p
+    i = line_start
+    while i < line_end and is_tchar(p[i]):
+        i += 1
+    method_len = i - line_start
+    if method_len == 0 or method_len > 16 or i >= line_end or p[i] != 32:
+        return http_fail(w, c, 400, "bad_request_line", "malformed request line")
+    target_start = i + 1
+    i = target_start
+    while i < line_end and p[i] > 32 and p[i] < 127:
+        i += 1
+    target_len = i - target_start
+    if target_len == 0 or i >= line_end or p[i] != 32 or (p[target_start] != 47 and p[target_start] != 42):
+        return http_fail(w, c, 400, "bad_request_line", "malformed request line or request-target")
+    i += 1
+    if line_end - i != 8 or memcmp(p + i, b"HTTP/", 5) != 0 or p[i + 6] != 46 \
+            or not (48 <= p[i + 5] <= 57) or not (48 <= p[i + 7] <= 57):
+        return http_fail(w, c, 400, "bad_request_line", "malformed HTTP version")
+    if p[i + 5] != 49 or (p[i + 7] != 48 and p[i + 7] != 49):
+        return http_fail(w, c, 505, "http_version_not_supported", "only HTTP/1.0 and HTTP/1.1 are served")
+    minor = p[i + 7] - 48
+
+    # Header fields: name ":" OWS value OWS CRLF
+    line_start = line_end + 2
+    while line_start < head_len - 2:
+        line_end = <const uint8_t*>memmem(p + line_start, head_len - line_start, b"\r\n", 2) - p
+        line = p + line_start
+        nfields += 1
+        if nfields > HTTP_MAX_HEADERS:
+            return http_fail(w, c, 431, "too_many_headers",
+                             "more than %d header fields" % HTTP_MAX_HEADERS)
+        colon = 0
+        while line_start + colon < line_end and is_tchar(line[colon]):
+            colon += 1
+        if colon == 0 or line_start + colon >= line_end or line[colon] != 58:
+            # Includes whitespace before the colon and obsolete line folding (RFC 9112 5.1, 5.2).
+            return http_fail(w, c, 400, "bad_header", "malformed header field")
+        vs = colon + 1
+        ve = line_end - line_start
+        while vs < ve and (line[vs] == 32 or line[vs] == 9):
+            vs += 1
+        while ve > vs and (line[ve - 1] == 32 or line[ve - 1] == 9):
+            ve -= 1
+        for k in range(vs, ve):
+            if (line[k] < 32 and line[k] != 9) or line[k] == 127:
+                return http_fail(w, c, 400, "bad_header", "control character in a header value")
+        if name_is(line, colon, "content-length", 14):
+            value = 0
+            if ve == vs or ve - vs > 15:
+                return http_fail(w, c, 400, "bad_content_length", "invalid Content-Length")
+            for k in range(vs, ve):
+                if not (48 <= line[k] <= 57):
+                    return http_fail(w, c, 400, "bad_content_length", "invalid Content-Length")
+                value = value * 10 + (line[k] - 48)
+            if content_length >= 0 and content_length != value:
+                return http_fail(w, c, 400, "bad_content_length", "conflicting Content-Length fields")
+            content_length = value
+        elif name_is(line, colon, "transfer-encoding", 17):
+            if has_te or not name_is(line + vs, ve - vs, "chunked", 7):
+                return http_fail(w, c, 501, "unsupported_transfer_coding",
+                                 "only Transfer-Encoding: chunked is supported")
+            has_te = chunked = True
+        elif name_is(line, colon, "connection", 10):
+            conn_close = conn_close or has_token(line + vs, ve - vs, "close", 5)
+            conn_keep = conn_keep or has_token(line + vs, ve - vs, "keep-alive", 10)
+        elif name_is(line, colon, "content-type", 12):
+            ctype = line + vs
+            ctype_len = ve - vs
+        elif name_is(line, colon, "host", 4):
+            nhost += 1
+        elif name_is(line, colon, "expect", 6):
+            if not name_is(line + vs, ve - vs, "100-continue", 12):
+                return http_fail(w, c, 417, "expectation_failed", "only Expect: 100-continue is supported")
+            expect_continue = True
+        line_start = line_end + 2
+    if has_te and content_length >= 0:
+        return http_fail(w, c, 400, "bad_framing", "both Content-Length and Transfer-Encoding")
+    if has_te and minor == 0:
+        return http_fail(w, c, 400, "bad_framing", "Transfer-Encoding in an HTTP/1.0 request")
+    if minor == 1 and nhost != 1:
+        return http_fail(w, c, 400, "bad_host", "an HTTP/1.1 request needs exactly one Host header")
+
+    # The body.
+    if chunked:
+        total = http_chunked(w, c, p + head_len, avail - head_len, &body_len)
+        if total < 0:
+            return -1
+        if total == 0:
+            if expect_continue:
+                http_continue(w, c)
+            return 0
+    else:
+        if content_length < 0:
+            content_length = 0
+        if content_length > w.http_max_body:
+            return http_fail(w, c, 413, "body_too_large",
+                             "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+        if avail - head_len < content_length:
+            c.need = <uint32_t>(head_len + content_length)
+            if expect_continue:
+                http_continue(w, c)
+            return 0
+        total = content_length
+        body_len = content_length
+    return http_dispatch(w, c, p, method_len, target_start, target_len, minor,
+                         conn_close, conn_keep, ctype, ctype_len,
+                         p + head_len, total, body_len, chunked, head_len + total)
+
+
+cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t* body_len):
+    """Walks a chunked body from where the last call stopped. Returns the length
+    of the whole encoded body (with the trailer section) once it is complete,
+    0 if more is needed, -1 if the connection was closed."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef Py_ssize_t off = st.chunk_off, i, line_end
+    cdef uint64_t size
+    cdef int digits
+    cdef uint8_t ch
+    cdef const uint8_t* found
+    while True:
+        found = <const uint8_t*>memmem(b + off, avail - off, b"\r\n", 2) if avail > off else NULL
+        if found == NULL:
+            if avail - off > HTTP_MAX_CHUNK_LINE:
+                return http_fail(w, c, 400, "bad_chunk", "chunk-size line too long")
+            break
+        line_end = found - b
+        size = 0
+        digits = 0
+        i = off
+        while i < line_end:
+            ch = b[i]
+            if 48 <= ch <= 57:
+                size = size * 16 + (ch - 48)
+            elif 97 <= (ch | 0x20) <= 102:
+                size = size * 16 + ((ch | 0x20) - 87)
+            else:
+                break
+            digits += 1
+            if digits > 8:
+                return http_fail(w, c, 413, "body_too_large",
+                                 "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+            i += 1
+        if digits == 0 or (i < line_end and b[i] != 59 and b[i] != 32 and b[i] != 9):
+            return http_fail(w, c, 400, "bad_chunk", "malformed chunk size")
+        if size == 0:
+            # The last chunk, then trailer fields (ignored) up to an empty line.
+            if avail - (line_end + 2) >= 2 and b[line_end + 2] == 13 and b[line_end + 3] == 10:
+                body_len[0] = st.chunk_total
+                return line_end + 4
+            found = <const uint8_t*>memmem(b + line_end + 2, avail - line_end - 2, b"\r\n\r\n", 4) \
+                if avail > line_end + 2 else NULL
+            if found == NULL:
+                if avail - line_end > HTTP_MAX_HEAD:
+                    return http_fail(w, c, 431, "header_too_large", "trailer section too large")
+                break
+            body_len[0] = st.chunk_total
+            return (found - b) + 4
+        if st.chunk_total + size > w.http_max_body:
+            return http_fail(w, c, 413, "body_too_large",
+                             "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+        if avail - (line_end + 2) < <Py_ssize_t>size + 2:
+            break
+        if b[line_end + 2 + size] != 13 or b[line_end + 3 + size] != 10:
+            return http_fail(w, c, 400, "bad_chunk", "chunk data not followed by CRLF")
+        st.chunk_total += <uint32_t>size
+        off = line_end + 4 + <Py_ssize_t>size
+        st.chunk_off = <uint32_t>off
+    return 0
+
+
+cdef bytes http_dechunk(const uint8_t* b, Py_ssize_t total, Py_ssize_t body_len):
+    """The data of a complete, already validated chunked body."""
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, body_len)
+    cdef uint8_t* dst = <uint8_t*>PyBytes_AS_STRING(out)
+    cdef Py_ssize_t off = 0, got = 0, line_end
+    cdef uint64_t size
+    cdef uint8_t ch
+    while got < body_len:
+        line_end = <const uint8_t*>memmem(b + off, total - off, b"\r\n", 2) - b
+        size = 0
+        while True:
+            ch = b[off]
+            if 48 <= ch <= 57:
+                size = size * 16 + (ch - 48)
+            elif 97 <= (ch | 0x20) <= 102:
+                size = size * 16 + ((ch | 0x20) - 87)
+            else:
+                break
+            off += 1
+        memcpy(dst + got, b + line_end + 2, size)
+        got += <Py_ssize_t>size
+        off = line_end + 4 + <Py_ssize_t>size
+    return out
+
+
+cdef void http_continue(Worker w, Conn* c):
+    cdef HttpState* st = &w.http[c.fd]
+    cdef uint8_t* out
+    if st.flags & HF_CONTINUE_SENT:
+        return
+    st.flags |= HF_CONTINUE_SENT
+    out = w.reserve(c, 25)
+    if out != NULL:
+        memcpy(out, b"HTTP/1.1 100 Continue\r\n\r\n", 25)
+
+
+cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t method_len,
+                              Py_ssize_t target_start, Py_ssize_t target_len, int minor,
+                              bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
+                              const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
+                              Py_ssize_t request_len):
+    cdef HttpState* st = &w.http[c.fd]
+    cdef bint keep = (not conn_close) if minor == 1 else conn_keep
+    cdef uint64_t t0 = monotonic_ns()
+    cdef int status
+    cdef bytes rtype, rbody, extra
+    cdef bytes method = PyBytes_FromStringAndSize(<char*>p, method_len)
+    cdef bytes target = PyBytes_FromStringAndSize(<char*>p + target_start, target_len)
+    cdef bytes payload
+    cdef bint ingest = target_len >= 10 and memcmp(p + target_start, b"/v1/ingest", 10) == 0
+    if chunked:
+        payload = http_dechunk(body, total, body_len)
+    else:
+        payload = PyBytes_FromStringAndSize(<char*>body, body_len)
+    if st.flags & HF_CLOSE or w.draining:
+        keep = False
+    try:
+        answer = w.http_app.handle(
+            method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
+            payload)
+        status = answer[0]
+        rtype = <bytes?>answer[1]
+        rbody = <bytes?>answer[2]
+        extra = <bytes?>answer[3]
+        if not 200 <= status <= 599:
+            raise ValueError("HTTP status %r" % status)
+    except Exception:
+        if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
+            w.last_log_ms[<int>CR_PYTHON] = w.now_ms
+            log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
+        status, rtype, rbody, extra = 500, b"application/json", \
+            b'{"code":"internal_error","message":"the server failed to handle the request"}', b""
+    if http_write(w, c, status, rtype, rbody, extra, keep, minor, method_len == 4 and memcmp(p, b"HEAD", 4) == 0) < 0:
+        return -1
+    if ingest:
+        hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
+    st.scan = 0
+    st.chunk_off = 0
+    st.chunk_total = 0
+    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
+    if not keep:
+        w.close_after_flush(c)
+    return request_len
+
+
+cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,
+                    int minor, bint head_only):
+    """Queues a response: status line, Date, Content-Type, Content-Length, the
+    handler's extra header lines, Connection when it differs from the default."""
+    cdef char[256] line
+    cdef int hlen
+    cdef Py_ssize_t blen = PyBytes_GET_SIZE(body)
+    cdef Py_ssize_t tlen = PyBytes_GET_SIZE(ctype)
+    cdef Py_ssize_t xlen = PyBytes_GET_SIZE(extra)
+    cdef const char* conn_hdr = b""
+    cdef uint8_t* out
+    w.counters[HTTP_REQUESTS + http_status_index(status)] += 1
+    if status == 503:
+        w.counters[HTTP_REQUESTS_SHED] += 1
+    if not keep:
+        conn_hdr = b"Connection: close\r\n"
+    elif minor == 0:
+        conn_hdr = b"Connection: keep-alive\r\n"
+    http_update_date(w)
+    hlen = snprintf(line, sizeof(line), b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %zd\r\n%s",
+                    status, http_reason(status), w.http_date, blen, conn_hdr)
+    out = w.reserve(c, <uint32_t>(hlen + 14 + tlen + 2 + xlen + 2 + (0 if head_only else blen)))
+    if out == NULL:
+        return -1
+    memcpy(out, line, hlen)
+    out += hlen
+    memcpy(out, b"Content-Type: ", 14)
+    out += 14
+    memcpy(out, PyBytes_AS_STRING(ctype), tlen)
+    out += tlen
+    memcpy(out, b"\r\n", 2)
+    out += 2
+    memcpy(out, PyBytes_AS_STRING(extra), xlen)
+    out += xlen
+    memcpy(out, b"\r\n", 2)
+    out += 2
+    if not head_only:
+        memcpy(out, PyBytes_AS_STRING(body), blen)
+    return 0
+
+
+cdef void http_update_date(Worker w):
+    """The Date header (RFC 9110 6.6.1), formatted once a second."""
+    cdef time_t now = time(NULL)
+    cdef tm t
+    if now == w.http_date_s:
+        return
+    w.http_date_s = now
+    gmtime_r(&now, &t)
+    strftime(w.http_date, sizeof(w.http_date), b"%a, %d %b %Y %H:%M:%S GMT", &t)
+
+
+cdef int http_fail(Worker w, Conn* c, int status, str code, str message):
+    """A request the framing refuses: a JSON error, then the connection closes
+    (its framing can no longer be trusted). Always returns -1."""
+    cdef bytes body
+    try:
+        body = w.http_app.error_body(status, code, message)
+    except Exception:
+        body = b'{"code":"%s","message":"%s"}' % (code.encode(), message.encode())
+    if status == 408:
+        w.counters[HTTP_TIMEOUTS] += 1
+    else:
+        w.counters[HTTP_MALFORMED] += 1
+    w.log_limited(CR_HTTP, "closed an HTTP connection: %d %s (%s)" % (status, code, message))
+    if http_write(w, c, status, b"application/json", body, b"", False, 1, False) < 0:
+        return -1
+    w.close_after_flush(c)
+    return -1
+
+
+cdef void http_on_timer(Worker w, Conn* c):
+    """http_timeout passed mid-request (408), or an idle keep-alive connection
+    expired, or the drain grace ended."""
+    cdef HttpState* st = &w.http[c.fd]
+    if st.flags & HF_IN_REQUEST and not w.draining:
+        http_fail(w, c, 408, "request_timeout",
+                  "the request was not complete within http_timeout (%d s)" % (w.http_timeout_ms // 1000))
+        return
+    w.counters[HTTP_TIMEOUTS] += 1
+    w.close_conn(c, CR_TIMEOUT)
+
+
+cdef void http_start_drain(Worker w, Conn* c):
+    """SIGTERM: the connection stays a moment, so a request already on its way
+    is answered (503 from the app while draining, with Connection: close)."""
+    cdef HttpState* st = &w.http[c.fd]
+    st.flags |= HF_CLOSE
+    wheel_schedule(&w.wheel, &c.timer, w.now_ms + HTTP_DRAIN_GRACE_MS)

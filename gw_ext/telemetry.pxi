@@ -1,0 +1,33 @@
+# Included by loop.pyx. MQTT publishes on the telemetry topics
+# (`{telemetry_topic}/{device_id}`, one level: what `telemetry/+` matches) go
+# through the same schema as HTTP ingest (gw/ingest.py, via HttpApp): a valid
+# reading is routed in its normalised form (the server's ts filled in), so
+# subscribers see one shape whichever way a reading came in; an invalid one is
+# not routed, and is counted (TELEMETRY_MQTT_REJECTED) and logged. MQTT 3.1.1
+# has no negative acknowledgement, so a QoS 1/2 publisher still gets its
+# PUBACK/PUBREC: the reading was received, and refused.
+
+cdef inline bint is_telemetry_topic(Worker w, const uint8_t* topic, uint32_t n) noexcept:
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(w.telemetry_prefix)
+    if plen == 0 or n <= plen or memcmp(topic, PyBytes_AS_STRING(w.telemetry_prefix), plen) != 0:
+        return False
+    return memchr(topic + plen, 47, n - plen) == NULL
+
+
+cdef int route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                         uint32_t payload_len, uint8_t qos, bint retain):
+    """Validates, then routes the normalised reading. 0 either way."""
+    cdef bytes t = PyBytes_FromStringAndSize(<char*>topic, topic_len)
+    cdef object normalised
+    try:
+        normalised = w.http_app.validate_mqtt_telemetry(t, PyBytes_FromStringAndSize(<char*>payload, payload_len))
+    except Exception:
+        w.log_limited(CR_PYTHON, "telemetry validation failed unexpectedly; reading not routed")
+        return 0
+    if normalised is None:
+        w.log_limited(CR_TELEMETRY, "an MQTT reading on %s failed the telemetry schema; not routed"
+                      % t.decode("utf-8", "replace"))
+        return 0
+    route_publish(w, topic, topic_len, <const uint8_t*>PyBytes_AS_STRING(normalised),
+                  PyBytes_GET_SIZE(normalised), qos, retain, True, w.now_ns)
+    return 0
