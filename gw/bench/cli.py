@@ -5,19 +5,23 @@ import os
 import sys
 
 import click
+from click.core import ParameterSource
 
 from . import plan as plan_mod
 from .plan import Plan, PlanError
 
-SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughput": "pubsub"}
+SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughput": "pubsub", "ingest": "ingest"}
+# The ingest scenario's defaults where they differ from the MQTT scenarios'.
+INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
 
 
 @click.command("bench", context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.argument("scenario", required=False, type=click.Choice(sorted(SCENARIOS)), metavar="[conn|pubsub]")
+@click.argument("scenario", required=False, type=click.Choice(sorted(SCENARIOS)), metavar="[conn|pubsub|ingest]")
 @click.option("--mode", type=click.Choice(["connection", "throughput"]), default=None,
               help="Same as the scenario word: connection (default) or throughput (= pubsub).")
 @click.option("--server", default="127.0.0.1:1883", show_default=True, metavar="HOST:PORT",
-              help="Broker to load ([v6]:port for IPv6).")
+              help="Broker to load ([v6]:port for IPv6); ingest: the HTTP listener (default "
+                   "127.0.0.1:8080), or with --transport mqtt the broker.")
 @click.option("--tls", is_flag=True, help="Connect with TLS.")
 @click.option("--cafile", type=click.Path(dir_okay=False), help="CA bundle that signed the broker's certificate.")
 @click.option("--insecure", is_flag=True, help="TLS without certificate or host name verification.")
@@ -26,11 +30,12 @@ SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughp
 @click.option("--protocol", type=click.Choice(["mqtt", "json"]), default="mqtt", show_default=True,
               help="mqtt: MQTT 3.1.1; json: gw's newline-delimited JSON protocol (connection scenario).")
 @click.option("--clients", "-c", type=int, default=1000, show_default=True,
-              help="Connection scenario: number of clients.")
+              help="Connection scenario: number of clients; ingest: keep-alive connections (default 64).")
 @click.option("--rampup", type=float, default=0.0, show_default=True,
               help="Seconds over which client connects are spread evenly (0: as fast as possible).")
 @click.option("--duration", "-d", type=float, default=10.0, show_default=True,
-              help="Connection scenario: hold after the ramp; pubsub: publishing time. Seconds.")
+              help="Connection scenario: hold after the ramp; pubsub: publishing time; ingest: sending "
+                   "time (then every request is waited for). Seconds.")
 @click.option("--keepalive", type=int, default=30, show_default=True,
               help="MQTT keepalive in seconds; a PINGREQ (JSON: Heartbeat) is sent every K s (0: none).")
 @click.option("--messages", "-m", type=int, default=0, show_default=True,
@@ -42,7 +47,9 @@ SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughp
 @click.option("--publishers", "-p", type=int, default=1, show_default=True, help="Pubsub: publishers.")
 @click.option("--subscribers", "-S", type=int, default=1, show_default=True, help="Pubsub: subscribers.")
 @click.option("--rate", "-r", type=float, default=0.0, show_default=True,
-              help="Pubsub: total messages/s over all publishers (0: flat out).")
+              help="Pubsub: total messages/s over all publishers (0: flat out). Ingest: total requests/s "
+                   "over all clients, open loop: latency is measured from each request's scheduled time "
+                   "(0: flat out, closed loop with --pipeline outstanding per connection).")
 @click.option("--topic-mode", type=click.Choice(["per-publisher", "shared"]), default="per-publisher",
               show_default=True, help="Pubsub: a topic per publisher (subscribers use +) or one shared topic.")
 @click.option("--inflight", type=int, default=64, show_default=True,
@@ -51,7 +58,27 @@ SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughp
 @click.option("--client-prefix", default=None, help="Client id prefix; ids are prefix + index "
               "(default gwbench-<run id>-).")
 @click.option("--procs", type=int, default=None,
-              help="Worker processes, clients split evenly (default: CPU count; at most 19,000 sockets each).")
+              help="Worker processes, clients split evenly (default: CPU count; ingest: 1, which drives "
+                   "> 40,000 requests/s; at most 19,000 sockets each).")
+@click.option("--devices", "-n", type=int, default=1000, show_default=True,
+              help="Ingest: devices dev-00000.., spread over the clients (each device on one connection, "
+                   "its records in seq order).")
+@click.option("--pipeline", "-k", type=int, default=1, show_default=True,
+              help="Ingest: requests outstanding per connection (1: keep-alive without pipelining).")
+@click.option("--transport", type=click.Choice(["http", "mqtt"]), default="http", show_default=True,
+              help="Ingest: POST /v1/ingest/{device_id}, or MQTT QoS 1 PUBLISH of the same JSON record to "
+                   "telemetry/{device_id} (--topic-prefix changes 'telemetry').")
+@click.option("--anomalies", is_flag=True,
+              help="Ingest: make a small fraction of readings far (40 C) off each device's normal value; "
+                   "the count (and the list of device/seq) is in the result.")
+@click.option("--anomaly-fraction", type=float, default=0.005, show_default=True,
+              help="Ingest: share of readings made anomalies with --anomalies.")
+@click.option("--seq/--no-seq", default=True, show_default=True,
+              help="Ingest: include a per-device increasing seq in each record.")
+@click.option("--seed", type=int, default=None,
+              help="Ingest: seed of the readings (default: random; reported in the result).")
+@click.option("--path", "http_path", default="/v1/ingest/", show_default=True,
+              help="Ingest: URL path before the device id.")
 @click.option("--source-ips", default=None, metavar="A-B|CIDR|A,B",
               help="Bind client sockets to these local addresses round-robin, "
                    "e.g. 127.0.0.1-127.0.0.20 (to pass the ~28k ephemeral ports per address).")
@@ -69,23 +96,49 @@ SCENARIOS = {"conn": "conn", "connection": "conn", "pubsub": "pubsub", "throughp
               "addresses, rates), then exit without connecting.")
 def bench(scenario, mode, server, tls, cafile, insecure, username, password, protocol, clients, rampup,
           duration, keepalive, messages, qos, size, publishers, subscribers, rate, topic_mode, inflight,
-          topic_prefix, client_prefix, procs, source_ips, connect_timeout, server_pid, json_path,
-          plot_path, quiet, dry_run):
-    """Load-test an MQTT 3.1.1 broker (gw, Mosquitto, any other).
+          topic_prefix, client_prefix, procs, devices, pipeline, transport, anomalies, anomaly_fraction,
+          seq, seed, http_path, source_ips, connect_timeout, server_pid, json_path, plot_path, quiet,
+          dry_run):
+    """Load-test an MQTT 3.1.1 broker (gw, Mosquitto, any other), or an HTTP
+    ingest endpoint.
 
     \b
     Connection scenario (default):
       gw bench --clients 10000 --rampup 15 --duration 30 --server 127.0.0.1:1883
     Throughput scenario:
       gw bench pubsub --publishers 10 --subscribers 1 --qos 0 --size 64 --duration 10
+    Ingest scenario (POST /v1/ingest/{device_id}, HTTP/1.1 keep-alive):
+      gw bench ingest --server 127.0.0.1:8080 --clients 64 --devices 10000 --rate 10000 --duration 30
+      gw bench ingest --clients 64 --pipeline 8 --duration 10          (flat out)
+      gw bench ingest --devices 25 --rate 200 --anomalies --transport mqtt --server 127.0.0.1:1883
+
+    \b
+    Ingest reports requests/s sent and answered, responses by status code,
+    latency p50/p90/p99/p99.9/max measured from each request's scheduled
+    time (at a fixed --rate the wait behind a slow server counts: no
+    coordinated omission), the service time from the actual write, and a
+    per-second timeline in --json.
 
     Exit status: 0 when every client connected and stayed connected and (QoS
-    >= 1) nothing was lost; 1 when the run had failures (partial results are
-    still reported); 2 when it could not start (bad plan, unreachable server,
-    TLS or credentials refused); 130 when interrupted.
+    >= 1) nothing was lost (ingest: every request answered, at least one
+    2xx, no transport error; non-2xx answers are reported, not failures);
+    1 when the run had failures (partial results are still reported); 2 when
+    it could not start (bad plan, unreachable server, TLS or credentials
+    refused); 130 when interrupted.
     """
     sc = SCENARIOS[scenario] if scenario else ("pubsub" if mode == "throughput" else "conn")
-    if scenario and mode and SCENARIOS[scenario] != ("pubsub" if mode == "throughput" else "conn"):
+    if sc == "ingest":
+        ctx = click.get_current_context()
+        given = {name: ctx.get_parameter_source(name) != ParameterSource.DEFAULT for name in INGEST_DEFAULTS}
+        if not given["server"] and transport == "http":
+            server = INGEST_DEFAULTS["server"]
+        if not given["clients"]:
+            clients = INGEST_DEFAULTS["clients"]
+        if not given["procs"] and procs is None:
+            procs = INGEST_DEFAULTS["procs"]
+        if ctx.get_parameter_source("devices") == ParameterSource.DEFAULT and devices < clients:
+            devices = clients
+    if scenario and mode and sc != ("pubsub" if mode == "throughput" else "conn"):
         raise click.UsageError(f"scenario {scenario!r} contradicts --mode {mode}")
     if plot_path:
         try:
@@ -94,7 +147,7 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
             raise click.UsageError("--plot needs matplotlib, which is not installed: "
                                    "pip install 'gw[plot]' (or pip install matplotlib)")
     try:
-        host, port = plan_mod.parse_server(server)
+        host, port = plan_mod.parse_server(server, 8080 if sc == "ingest" and transport == "http" else 1883)
         family, sockaddr = plan_mod.resolve(host, port)
         run_id = plan_mod.new_run_id()
         p = Plan(
@@ -107,7 +160,10 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
             keepalive=keepalive, connect_timeout=connect_timeout, clients=clients, messages=messages,
             qos=qos, size=size, publishers=publishers, subscribers=subscribers, rate=rate,
             topic_mode=topic_mode, inflight=inflight,
-            topic_prefix=topic_prefix if topic_prefix else f"gwbench/{run_id}",
+            topic_prefix=topic_prefix if topic_prefix else ("telemetry" if sc == "ingest" else f"gwbench/{run_id}"),
+            transport=transport, devices=devices, pipeline=pipeline, anomalies=anomalies,
+            anomaly_fraction=anomaly_fraction, seq=seq, path=http_path,
+            seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
         )
         for w in plan_mod.check(p):
             click.echo(f"warning: {w}", err=True)
@@ -119,15 +175,21 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
         click.echo(describe(p))
         sys.exit(0)
 
-    if sc == "pubsub":
+    if sc in ("pubsub", "ingest"):
         try:
-            from . import engine  # noqa: F401  (the compiled extension)
+            if sc == "pubsub":
+                from . import engine  # noqa: F401  (the compiled extension)
+            else:
+                import gw_ext.benchhttp  # noqa: F401
         except ImportError as e:
-            click.echo(f"gw bench: the throughput engine is not built ({e}); run "
-                       f"`python setup.py build_ext --inplace`", err=True)
+            click.echo(f"gw bench: the {'throughput' if sc == 'pubsub' else 'ingest'} engine is not built "
+                       f"({e}); run `python setup.py build_ext --inplace`", err=True)
             sys.exit(2)
 
-    from .preflight import PreflightError, preflight
+    if sc == "ingest":
+        from .ingest import PreflightError, preflight
+    else:
+        from .preflight import PreflightError, preflight
     try:
         preflight(p, timeout=min(5.0, connect_timeout))
     except PreflightError as e:
@@ -156,7 +218,17 @@ def describe(p: Plan) -> str:
     per = max(p.sockets_per_worker())
     lines = []
     where = f"{p.host}:{p.port} ({p.protocol}{'+tls' if p.tls else ''})"
-    if p.scenario == "conn":
+    if p.scenario == "ingest":
+        what = (f"POST {p.path}{{device_id}}" if p.transport == "http"
+                else f"MQTT QoS 1 to {p.topic_prefix}/{{device_id}}")
+        lines.append(f"ingest scenario: {total:,} keep-alive client(s), {p.devices:,} device(s) -> "
+                     f"{p.host}:{p.port} ({what}), "
+                     + (f"{p.rate:,.0f} requests/s (open loop, {p.rate / p.devices:,.3g}/s per device)"
+                        if p.rate else f"flat out (closed loop)")
+                     + f", pipeline {p.pipeline}, {p.duration:g} s")
+        if p.anomalies:
+            lines.append(f"anomalies: a fraction {p.anomaly_fraction:g} of readings, seed {p.seed}")
+    elif p.scenario == "conn":
         lines.append(f"connection scenario: {total:,} clients -> {where}")
         if p.rampup:
             lines.append(f"ramp: {total / p.rampup:,.0f} connects/s over {p.rampup:g} s, then hold {p.duration:g} s")
@@ -181,7 +253,8 @@ def describe(p: Plan) -> str:
                      f"connections each; {ports:,} ephemeral ports per address)")
     else:
         lines.append(f"source address: chosen by the kernel ({ports:,} ephemeral ports)")
-    lines.append(f"client ids: {p.client_id(0)} .. {p.client_id(total - 1)}")
+    if p.scenario != "ingest" or p.transport == "mqtt":
+        lines.append(f"client ids: {p.client_id(0)} .. {p.client_id(total - 1)}")
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ class PlanError(ValueError):
 
 @dataclasses.dataclass
 class Plan:
-    scenario: str                      # "conn" or "pubsub"
+    scenario: str                      # "conn", "pubsub" or "ingest"
     host: str
     port: int
     family: int
@@ -56,10 +56,21 @@ class Plan:
     topic_mode: str = "per-publisher"
     inflight: int = 32
     topic_prefix: str = ""
+    # ingest scenario (clients and rate above)
+    transport: str = "http"            # "http" or "mqtt"
+    devices: int = 0
+    pipeline: int = 1
+    anomalies: bool = False
+    anomaly_fraction: float = 0.005
+    seq: bool = True
+    seed: int = 0
+    path: str = "/v1/ingest/"
+
+    INGEST_FIELDS = ("transport", "devices", "pipeline", "anomalies", "anomaly_fraction", "seq", "seed", "path")
 
     @property
     def total_clients(self) -> int:
-        return self.clients if self.scenario == "conn" else self.publishers + self.subscribers
+        return self.clients if self.scenario in ("conn", "ingest") else self.publishers + self.subscribers
 
     def sub_procs(self) -> int:
         """Pubsub: how many workers hold subscribers. With two or more
@@ -123,6 +134,13 @@ class Plan:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("password", None)
+        if self.scenario != "ingest":
+            for k in self.INGEST_FIELDS:
+                d.pop(k, None)
+        else:
+            for k in ("protocol", "rampup", "messages", "qos", "size", "publishers", "subscribers",
+                      "topic_mode", "inflight"):
+                d.pop(k, None)
         d.pop("family", None)
         d["sockaddr"] = list(self.sockaddr)
         return d
@@ -194,6 +212,8 @@ def check(plan: Plan) -> list[str]:
     if plan.scenario == "conn":
         if plan.clients < 1:
             raise PlanError("--clients must be at least 1")
+    elif plan.scenario == "ingest":
+        check_ingest(plan)
     else:
         if plan.publishers < 1 or plan.subscribers < 0:
             raise PlanError("pubsub needs --publishers >= 1 and --subscribers >= 0")
@@ -255,6 +275,28 @@ def check(plan: Plan) -> list[str]:
     if plan.procs > (os.cpu_count() or 1) * 2:
         warnings.append(f"--procs {plan.procs} is more than twice the CPU count; workers will compete")
     return warnings
+
+
+def check_ingest(plan: Plan) -> None:
+    if plan.clients < 1:
+        raise PlanError("--clients must be at least 1")
+    if plan.devices < plan.clients:
+        raise PlanError(f"--devices ({plan.devices:,}) must be at least --clients ({plan.clients:,}): "
+                        f"each connection carries its own devices, so each device's seq stays in order")
+    if plan.devices > 4_000_000_000:
+        raise PlanError("--devices above 4,000,000,000")
+    if not 1 <= plan.pipeline <= 4096:
+        raise PlanError("--pipeline must be 1..4096")
+    if plan.rate < 0:
+        raise PlanError("--rate must be >= 0 (0: as fast as possible)")
+    if plan.transport not in ("http", "mqtt"):
+        raise PlanError("--transport must be http or mqtt")
+    if plan.tls:
+        raise PlanError("the ingest scenario speaks plain HTTP (and plain MQTT) only: drop --tls")
+    if not 0 < plan.anomaly_fraction <= 0.5:
+        raise PlanError("--anomaly-fraction must be in (0, 0.5]")
+    if not plan.path.startswith("/") or not plan.path.endswith("/"):
+        raise PlanError("--path must start and end with '/' (the device id is appended)")
 
 
 def new_run_id() -> str:

@@ -11,6 +11,8 @@ import numpy as np
 from .histogram import Histogram, bucket_bounds
 
 HIST_NAMES = ("connect", "tcp", "tls", "connack", "ping", "puback", "latency", "ack", "ramp_lag")
+INGEST_HIST_NAMES = ("latency", "service", "send_lag")
+ANOMALY_LIST_MAX = 100_000
 
 
 def _fmt_n(x) -> str:
@@ -80,10 +82,13 @@ class Aggregate:
                     if isinstance(v, (int, float)) and key != "k":
                         tot[key] += v
         out_n = tot["published"]
-        in_n = tot["received"] if self.plan.scenario == "pubsub" else tot["packets_in"]
+        in_n = tot["received"] if self.plan.scenario in ("pubsub", "ingest") else tot["packets_in"]
         p = {"t": k, "phase": self.samples.get(k, (None, None, ""))[2], "connected": int(tot["live"]),
              "pending": int(tot["pending"]), "failed": int(tot["failed"]), "dropped": int(tot["dropped"]),
              "errors": int(tot["errors"]), "out": int(out_n), "in": int(in_n)}
+        if self.plan.scenario == "ingest":
+            p["ok"] = int(tot["ok"])
+            p["lost"] = int(tot["lost"])
         server, tool, _ = self.samples.get(k, (None, None, ""))
         if server:
             p["server_rss"] = server["rss"]
@@ -98,15 +103,32 @@ class Aggregate:
         ks = set(self.samples)
         for marks in self.marks.values():
             ks.update(marks)
-        prev = {"out": 0, "in": 0}
+        prev = {"out": 0, "in": 0, "ok": 0}
         series = []
         for k in range(1, max(ks, default=0) + 1):
             p = self.point(k)
             p["out_per_s"] = max(0, p["out"] - prev["out"])
             p["in_per_s"] = max(0, p["in"] - prev["in"])
+            if self.plan.scenario == "ingest":
+                p["ok_per_s"] = max(0, p["ok"] - prev["ok"])
+                p["non_2xx_per_s"] = max(0, p["in_per_s"] - p["ok_per_s"])
+                self._window_latency(k, p)
             prev = p
             series.append(p)
         return series
+
+    def _window_latency(self, k: int, p: dict) -> None:
+        """Ingest: latency percentiles of the responses of second k (each
+        worker's histogram of that second, merged)."""
+        h = Histogram()
+        for marks in self.marks.values():
+            snap = marks.get(k)
+            if snap and snap.get("win"):
+                h.merge(Histogram.from_dict(snap["win"]))
+        if h.total:
+            p["latency_p50_ms"] = round(h.percentile(50) / 1e6, 3)
+            p["latency_p99_ms"] = round(h.percentile(99) / 1e6, 3)
+            p["latency_max_ms"] = round(h.max_ns / 1e6, 3)
 
     def progress_line(self, k: int) -> str:
         p = self.point(k)
@@ -124,6 +146,8 @@ class Aggregate:
     # -- final ----------------------------------------------------------------
     def finish(self, results: dict, elapsed: float) -> dict:
         plan = self.plan
+        if plan.scenario == "ingest":
+            return self.finish_ingest(results, elapsed)
         self.timeseries = self.build_timeseries()
         self.server_samples = [{"t": p["t"], "connected": p["connected"], **self.samples[p["t"]][0]}
                                for p in self.timeseries if self.samples.get(p["t"], (None,))[0]]
@@ -251,6 +275,109 @@ class Aggregate:
         out["exit_code"] = 0 if ok else (130 if any("interrupted" in n for n in self.notes) else 1)
         return out
 
+    def finish_ingest(self, results: dict, elapsed: float) -> dict:
+        plan = self.plan
+        self.timeseries = self.build_timeseries()
+        self.server_samples = [{"t": p["t"], "connected": p["connected"], **self.samples[p["t"]][0]}
+                               for p in self.timeseries if self.samples.get(p["t"], (None,))[0]]
+        self.tool_samples = [self.samples[p["t"]][1] for p in self.timeseries
+                             if self.samples.get(p["t"], (None, None))[1]]
+        c = Counter()
+        errors = Counter()
+        status = Counter()
+        hists = {name: Histogram() for name in INGEST_HIST_NAMES}
+        anomalies: list = []
+        for w, r in sorted(results.items()):
+            if not r:
+                continue
+            c.update(r.get("counters", {}))
+            errors.update(r.get("errors", {}))
+            status.update(r.get("status", {}))
+            for n in r.get("notes", []):
+                if n not in self.notes:
+                    self.notes.append(n)
+            for name, d in r.get("hist", {}).items():
+                hists.setdefault(name, Histogram()).merge(Histogram.from_dict(d))
+            anomalies.extend(r.get("anomalies", []))
+        total = plan.clients
+        connected = int(c["connected"])
+        sent, answered, ok = int(c["sent"]), int(c["answered"]), int(c["ok"])
+        dur = plan.duration
+        if self.t_publish:
+            dur = self.t_publish[1] - self.t_publish[0]
+        windows = [r["window_s"] for r in results.values() if r and r.get("window_s")]
+        if windows:
+            dur = max(windows)   # the send phase as the workers ran it (shorter when interrupted)
+        # answered per second over the send window (responses of the drain
+        # come after it, but belong to requests sent in it)
+        send_secs = [p for p in self.timeseries if p["phase"] == "send"]
+        err_count = int(sum(errors.values()))
+        # Rates over the send window [t0, t_stop): what was sent and answered
+        # in it. What the drain sent after it (open loop, behind schedule) is
+        # counted in sent_late; its latency is in the histograms.
+        in_win = int(c["sent_in_window"]), int(c["answered_in_window"]), int(c["ok_in_window"])
+        requests = {
+            "sent": sent, "answered": answered, "ok_2xx": ok, "non_2xx": answered - ok,
+            "unanswered": int(c["unanswered"]), "lost_with_connection": int(c["lost"]),
+            "not_sent": int(c["not_sent"]),
+            "sent_late": sent - in_win[0] if plan.rate else 0,
+            "sent_per_s": round(in_win[0] / dur, 1) if dur else 0.0,
+            "answered_per_s": round(in_win[1] / dur, 1) if dur else 0.0,
+            "ok_per_s": round(in_win[2] / dur, 1) if dur else 0.0,
+            "send_window_s": round(dur, 3),
+            "target_rate": plan.rate,
+            "bytes_sent": int(c["bytes_out"]), "bytes_received": int(c["bytes_in"]),
+            "retry_after": int(c["retry_after"]),
+        }
+        if plan.rate:
+            requests["scheduled"] = int(c["scheduled"])
+        if send_secs:
+            requests["answered_per_s_peak"] = max(p["in_per_s"] for p in send_secs)
+        anomalies.sort(key=lambda a: (a[0], a[1]))
+        out: dict = {
+            "tool": "gw bench",
+            "scenario": "ingest",
+            "transport": plan.transport,
+            "plan": plan.to_dict(),
+            "elapsed_s": round(elapsed, 3),
+            "clients": total,
+            "devices": plan.devices,
+            "connected": connected,
+            "failed": total - connected,
+            "connects": int(c["connects"]),
+            "reconnects": max(0, int(c["connected_ok"]) - connected),
+            "server_closes": int(c["server_closes"]),
+            "requests": requests,
+            "status": dict(sorted(status.items())),
+            "latency_ms": hists["latency"].summary((50, 90, 99, 99.9)),
+            "service_ms": hists["service"].summary((50, 90, 99, 99.9)),
+            "send_lag_ms": hists["send_lag"].summary((50, 90, 99, 99.9)),
+            "anomalies": {
+                "enabled": plan.anomalies,
+                "fraction": plan.anomaly_fraction if plan.anomalies else 0.0,
+                "seed": plan.seed,
+                "injected": int(c["injected"]),
+                "list": [list(a) for a in anomalies[:ANOMALY_LIST_MAX]],
+                "list_complete": len(anomalies) == int(c["injected"]) and len(anomalies) <= ANOMALY_LIST_MAX,
+            },
+            "errors": dict(errors),
+            "error_count": err_count,
+            "error_rate_pct": round(100.0 * (err_count + int(c["unanswered"])) / max(1, sent), 3),
+            "counters": {k: int(v) for k, v in c.items()},
+            "notes": list(self.notes),
+            "fatal": list(self.fatals),
+        }
+        out["server"] = self._server_summary(connected)
+        out["tool_cpu"] = self._tool_summary()
+        out["timeseries"] = self.timeseries
+        out["histograms"] = {k: h.to_dict() for k, h in hists.items() if h.total}
+        interrupted = any("interrupted" in n for n in self.notes)
+        ok_run = (not self.fatals and connected == total and err_count == 0 and out["requests"]["unanswered"] == 0
+                  and requests["not_sent"] == 0 and ok > 0 and not interrupted)
+        out["ok"] = ok_run
+        out["exit_code"] = 0 if ok_run else (130 if interrupted else 1)
+        return out
+
     def _server_summary(self, connected: int) -> dict:
         if "rss_before" not in self.server:
             return {}
@@ -281,7 +408,102 @@ class Aggregate:
                 "busiest_process_cpu_pct_max": round(max(per), 1) if per else None}
 
 
+def format_ingest(r: dict) -> str:
+    plan = r["plan"]
+    L = []
+    where = f"{plan['host']}:{plan['port']}"
+    q = r["requests"]
+    what = (f"POST {plan['path']}{{device_id}}" if r["transport"] == "http"
+            else f"MQTT QoS 1 to {plan['topic_prefix']}/{{device_id}}")
+    pace = (f"rate {plan['rate']:,.0f} req/s (open loop)" if plan["rate"]
+            else "flat out (closed loop)")
+    L.append(f"gw bench ingest: {where} ({what}), {r['clients']:,} keep-alive client(s), "
+             f"{r['devices']:,} device(s), {pace}, pipeline {plan['pipeline']}, "
+             f"{plan['duration']:g} s, {plan['procs']} process(es)")
+    L.append(f"Clients: connected {r['connected']:,}/{r['clients']:,} / failed {r['failed']:,}"
+             + (f" / reconnects {r['reconnects']:,}" if r["reconnects"] else "")
+             + (f" / closed by the server {r['server_closes']:,}" if r["server_closes"] else ""))
+    ok_name = "2xx" if r["transport"] == "http" else "acknowledged"
+    L.append(f"Requests: sent {q['sent']:,} / answered {q['answered']:,} / {ok_name} {q['ok_2xx']:,} / "
+             f"{'non-2xx ' + format(q['non_2xx'], ',') + ' / ' if r['transport'] == 'http' else ''}"
+             f"unanswered {q['unanswered']:,}"
+             + (f" / due but never sent {q['not_sent']:,}" if q["not_sent"] else ""))
+    if q.get("sent_late"):
+        L.append(f"Behind schedule: {q['sent_late']:,} request(s) due in the send window went out after it "
+                 f"(the server or the tool could not keep --rate; their wait is in the latency)")
+    line = (f"Requests/sec: sent {q['sent_per_s']:,.0f} / answered {q['answered_per_s']:,.0f} / "
+            f"{ok_name} {q['ok_per_s']:,.0f} (over the {q['send_window_s']:.1f} s send window")
+    if "answered_per_s_peak" in q:
+        line += f"; peak second {q['answered_per_s_peak']:,.0f}"
+    line += ")"
+    if plan["rate"]:
+        line += f" / target {plan['rate']:,.0f}"
+    L.append(line)
+    if r["status"]:
+        L.append("Status: " + ", ".join(f"{k} {v:,}" for k, v in r["status"].items())
+                 + (f" (Retry-After on {q['retry_after']:,})" if q["retry_after"] else ""))
+    src = "scheduled send time" if plan["rate"] else "send"
+    L.append(f"Latency (from the {src} to the response): " + _lat_line(r["latency_ms"]))
+    if plan["rate"]:
+        L.append("Service time (from the write to the response): " + _lat_line(r["service_ms"]))
+        lag = r.get("send_lag_ms", {})
+        if lag.get("count"):
+            line = ("Send lag (scheduled time to the write): "
+                    f"p50 {_fmt_ms(lag['p50_ms'])} / p99 {_fmt_ms(lag['p99_ms'])} / max {_fmt_ms(lag['max_ms'])}")
+            if lag["p99_ms"] > 1.0:
+                line += (" (requests waited: for the server's answers with --pipeline outstanding, or for "
+                         "the tool's CPU; see Tool CPU)")
+            L.append(line)
+    L.append(f"Bytes: sent {_fmt_bytes(q['bytes_sent'])} / received {_fmt_bytes(q['bytes_received'])}")
+    a = r["anomalies"]
+    if a["enabled"]:
+        L.append(f"Anomalies: {a['injected']:,} injected (fraction {a['fraction']:g}, seed {a['seed']}; "
+                 f"the list of (device, seq) is in the JSON result"
+                 + ("" if a["list_complete"] else ", first 100,000 only") + ")")
+    errs = r["errors"]
+    if errs:
+        L.append(f"Errors: {r['error_count']:,} (error rate {r['error_rate_pct']:.2f}%): "
+                 + ", ".join(f"{k} {v:,}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])))
+    else:
+        L.append(f"Errors: 0 / Error Rate: {r['error_rate_pct']:.2f}%")
+    L.extend(_server_tool_lines(r, plan))
+    for n in r["notes"]:
+        L.append(f"Note: {n}")
+    for f in r["fatal"]:
+        L.append(f"FATAL {f.splitlines()[-1] if f else f}")
+    L.append("Result: " + ("OK" if r["ok"] else "FAILED"))
+    return "\n".join(L)
+
+
+def _server_tool_lines(r: dict, plan: dict) -> list[str]:
+    L = []
+    s = r.get("server")
+    if s:
+        line = f"Server: RSS before {_fmt_bytes(s['rss_before'])}"
+        if "rss_full" in s:
+            line += (f", at {s['connected_at_sample']:,} connected {_fmt_bytes(s['rss_full'])}")
+            if "rss_per_connection" in s:
+                line += f", per connection {_fmt_bytes(s['rss_per_connection'])}"
+        if "cpu_pct_avg" in s:
+            line += f"; CPU avg {s['cpu_pct_avg']:.0f}%, max {s['cpu_pct_max']:.0f}%"
+        L.append(line)
+    t = r.get("tool_cpu")
+    if t:
+        line = f"Tool CPU: avg {t['cpu_pct_avg']:.0f}%"
+        if t.get("user_pct_avg") is not None:
+            line += f" (user {t['user_pct_avg']:.0f}%, the rest kernel: TCP stack)"
+        line += f", max {t['cpu_pct_max']:.0f}% over {plan['procs']} process(es)"
+        if t.get("busiest_process_cpu_pct_max") is not None:
+            line += f", busiest process max {t['busiest_process_cpu_pct_max']:.0f}%"
+            if t["busiest_process_cpu_pct_max"] > 90:
+                line += " (a worker was saturated: the tool may have limited this run; add --procs)"
+        L.append(line)
+    return L
+
+
 def format_text(r: dict) -> str:
+    if r["scenario"] == "ingest":
+        return format_ingest(r)
     plan = r["plan"]
     L = []
     where = f"{plan['host']}:{plan['port']}"
@@ -358,27 +580,7 @@ def format_text(r: dict) -> str:
                  + ", ".join(f"{k} {v:,}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])))
     else:
         L.append("Errors: 0 / Error Rate: 0.00%")
-    s = r.get("server")
-    if s:
-        line = f"Server: RSS before {_fmt_bytes(s['rss_before'])}"
-        if "rss_full" in s:
-            line += (f", at {s['connected_at_sample']:,} connected {_fmt_bytes(s['rss_full'])}")
-            if "rss_per_connection" in s:
-                line += f", per connection {_fmt_bytes(s['rss_per_connection'])}"
-        if "cpu_pct_avg" in s:
-            line += f"; CPU avg {s['cpu_pct_avg']:.0f}%, max {s['cpu_pct_max']:.0f}%"
-        L.append(line)
-    t = r.get("tool_cpu")
-    if t:
-        line = f"Tool CPU: avg {t['cpu_pct_avg']:.0f}%"
-        if t.get("user_pct_avg") is not None:
-            line += f" (user {t['user_pct_avg']:.0f}%, the rest kernel: TCP stack)"
-        line += f", max {t['cpu_pct_max']:.0f}% over {plan['procs']} process(es)"
-        if t.get("busiest_process_cpu_pct_max") is not None:
-            line += f", busiest process max {t['busiest_process_cpu_pct_max']:.0f}%"
-            if t["busiest_process_cpu_pct_max"] > 90:
-                line += " (a worker was saturated: the tool may have limited this run; add --procs)"
-        L.append(line)
+    L.extend(_server_tool_lines(r, plan))
     for n in r["notes"]:
         L.append(f"Note: {n}")
     for f in r["fatal"]:

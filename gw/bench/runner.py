@@ -97,9 +97,13 @@ class Runner:
     # -- processes -----------------------------------------------------------
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
+        target = worker_mod.main
+        if self.plan.scenario == "ingest":
+            from . import ingest
+            target = ingest.worker_main
         for w in range(self.plan.procs):
             parent, child = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=worker_mod.main, args=(w, self.plan, child), daemon=True,
+            p = ctx.Process(target=target, args=(w, self.plan, child), daemon=True,
                             name=f"gw-bench-{w}")
             p.start()
             child.close()
@@ -242,6 +246,9 @@ class Runner:
             self.phase = "disconnect"
             self._finish(hold_end + plan.grace)
             return
+        if plan.scenario == "ingest":
+            self._run_ingest(start_at)
+            return
 
         # throughput: connect + subscribe everyone, then publish together
         self.phase = "setup"
@@ -279,6 +286,35 @@ class Runner:
         self.agg.publisher_sent = sent
         self.phase = "drain"
         self._broadcast("expect", sent)
+        self._finish(deadline)
+
+    def _run_ingest(self, start_at: float) -> None:
+        """Ingest: every worker connects its clients, then all send requests
+        from one t0 to one t_stop, then drain (each worker sends its result
+        when every request is answered or its deadline passed)."""
+        plan = self.plan
+        self.phase = "setup"
+        self._broadcast("go", start_at, None)
+        ready = self._wait_all("ready", plan.connect_timeout + 15.0)
+        n = sum(m[1]["ready"] for m in ready.values())
+        if not self.interrupted and ready and n == 0:
+            self.notes.append("nothing to measure: no client connected")
+            self._broadcast("stop")
+        if self.interrupted or not ready or n == 0:
+            self._finish(time.monotonic() + plan.grace)
+            return
+        self.phase = "send"
+        t0 = time.monotonic() + 0.05
+        t_stop = t0 + plan.duration
+        self.agg.t_publish = (t0 - start_at, t_stop - start_at)
+        self._broadcast("start", t0, t_stop)
+        deadline = t_stop + plan.grace
+        while not self.interrupted and len(self.results) < plan.procs and time.monotonic() < deadline:
+            if self.phase == "send" and time.monotonic() >= t_stop:
+                self.phase = "drain"
+            self._tick()
+            self._pump(0.2, None)
+        self.phase = "drain"
         self._finish(deadline)
 
     def _finish(self, deadline: float) -> None:
