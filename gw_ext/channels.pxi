@@ -195,7 +195,11 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
-
+            subsync_peer_restarted(w, p)
+        elif ftype == FR_SUB_SYNC:
+            subsync_answer(w, p, body, body_len)
+        elif ftype == FR_SUB_SYNCED:
+            subsync_confirmed(w, p, body, body_len)
         elif ftype == FR_PAUSE or ftype == FR_RESUME:
             peer_congestion(w, p, ftype == FR_PAUSE)
         elif FR_CLAIM <= ftype <= FR_REGISTER:

@@ -1,6 +1,32 @@
 # Included by loop.pyx. SUBSCRIBE and UNSUBSCRIBE: the worker's TopicTrie,
 # interest announced to the other workers, retained messages for new
 # subscriptions.
+#
+# A SUBACK means the subscription is in force everywhere: when a SUBSCRIBE
+# gives a filter its first subscriber on this worker, the other workers must
+# learn the interest before the client learns of its SUBACK, or a message
+# published on another worker right after (by a client told "subscribed" by
+# this one) would not be forwarded here. So the FR_SUB_ADD frames are followed
+# by FR_SUB_SYNC, which each peer answers (FR_SUB_SYNCED) after applying what
+# came before it, and the SUBACK, and the retained messages after it, wait for
+# every answer (or a restarted peer's HELLO, or SUB_SYNC_TIMEOUT_MS). A
+# SUBSCRIBE adding no new interest is answered at once, unless one of the same
+# connection is still waiting (SUBACKs keep their order).
+
+cdef enum:
+    FR_SUB_SYNC = 14          # body: token u32. "Answer once you have applied what I sent before."
+    FR_SUB_SYNCED = 15        # body: token u32
+    SUB_SYNC_TIMEOUT_MS = 1000
+
+
+@cython.final
+cdef class PendingSuback:
+    cdef int fd
+    cdef uint32_t gen
+    cdef bytes suback                 # the encoded SUBACK
+    cdef list retained                # [(filter, granted QoS)] to deliver retained messages for
+    cdef uint64_t waiting             # peers that have not answered
+    cdef uint64_t deadline_ms
 
 cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef EntryIter it
@@ -12,6 +38,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef uint8_t* codes = stack_codes
     cdef uint8_t* out
     cdef int slot = c.session
+    cdef bint new_interest = False
     if subscribe_begin(body, n, &it, &reason) < 0:
         w.malformed(c, reason)
         return -1
@@ -41,9 +68,15 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
                 codes[count] = qos
                 if r == 1:
                     channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
+                    new_interest = True
         count += 1
     if not w.sessions[slot].clean:
         w.sessions_changed = True
+    if (new_interest or w.pending_subacks) and subsync_start(w, c, body, n, codes, count, it.packet_id,
+                                                             new_interest):
+        if codes != stack_codes:
+            free(codes)
+        return 0
     out = w.reserve(c, suback_size(count))
     if out != NULL:
         encode_suback(out, it.packet_id, codes, count)
@@ -82,3 +115,123 @@ cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:
             channel_broadcast(w, FR_SUB_DEL, 0, filt.ptr, filt.len, NULL, 0)
     return w.send_ack(c, UNSUBACK, it.packet_id)
+
+
+cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint8_t* codes, uint32_t count,
+                        uint16_t packet_id, bint new_interest):
+    """Holds this SUBACK until every peer confirmed what was sent before it
+    (new interest), or until the same connection's earlier SUBACK went out.
+    False when there is nothing to wait for: answer now."""
+    cdef PendingSuback pending, other
+    cdef EntryIter it
+    cdef Slice filt
+    cdef uint8_t qos
+    cdef int p, reason = 0
+    cdef uint32_t i = 0
+    cdef uint64_t waiting = 0
+    cdef uint8_t* dst
+    cdef uint8_t* frame
+    cdef bint chained = False
+    for other in w.pending_subacks.values():
+        if other.fd == c.fd and other.gen == c.gen:
+            chained = True
+    if new_interest:
+        for p in range(w.npeers):
+            if p != w.worker_index and w.peers[p].fd >= 0:
+                waiting |= (<uint64_t>1) << p
+    if not waiting and not chained:
+        return False
+    w.suback_token += 1
+    pending = PendingSuback()
+    pending.fd = c.fd
+    pending.gen = c.gen
+    pending.waiting = waiting
+    pending.deadline_ms = w.now_ms + SUB_SYNC_TIMEOUT_MS
+    pending.suback = PyBytes_FromStringAndSize(NULL, suback_size(count))
+    encode_suback(<uint8_t*>PyBytes_AS_STRING(pending.suback), packet_id, codes, count)
+    pending.retained = []
+    if len(w.retained):
+        subscribe_begin(body, n, &it, &reason)
+        while subscribe_next(&it, &filt, &qos, &reason) == 1:
+            if codes[i] != SUBACK_FAILURE:
+                pending.retained.append((PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len), codes[i]))
+            i += 1
+    w.pending_subacks[w.suback_token] = pending
+    for p in range(w.npeers):
+        if waiting & ((<uint64_t>1) << p):
+            frame = channel_frame(w, p, FR_SUB_SYNC, 0, 0, 4)
+            if frame != NULL:
+                memcpy(frame, &w.suback_token, 4)
+    return True
+
+
+cdef void subsync_answer(Worker w, int p, const uint8_t* body, uint32_t n):
+    """FR_SUB_SYNC from peer p: everything it sent before is applied."""
+    cdef uint8_t* frame
+    if n != 4:
+        return
+    frame = channel_frame(w, p, FR_SUB_SYNCED, 0, 0, 4)
+    if frame != NULL:
+        memcpy(frame, body, 4)
+
+
+cdef void subsync_confirmed(Worker w, int p, const uint8_t* body, uint32_t n):
+    cdef uint32_t token
+    cdef PendingSuback pending
+    if n != 4:
+        return
+    memcpy(&token, body, 4)
+    pending = w.pending_subacks.get(token)
+    if pending is None:
+        return
+    pending.waiting &= ~((<uint64_t>1) << p)
+    subsync_release(w)
+
+
+cdef void subsync_peer_restarted(Worker w, int p):
+    """A restarted peer learns every filter from our answer to its HELLO."""
+    cdef PendingSuback pending
+    for pending in w.pending_subacks.values():
+        pending.waiting &= ~((<uint64_t>1) << p)
+    subsync_release(w)
+
+
+cdef bint subsync_earlier_waiting(Worker w, PendingSuback pending, uint32_t token):
+    cdef PendingSuback other
+    for t, other in w.pending_subacks.items():
+        if <uint32_t>t < token and other.fd == pending.fd and other.gen == pending.gen:
+            return True
+    return False
+
+
+cdef void subsync_release(Worker w):
+    """Sends, in token order, every held SUBACK whose peers all answered (or
+    that waited SUB_SYNC_TIMEOUT_MS), with the retained messages that follow it."""
+    cdef PendingSuback pending
+    cdef Conn* c
+    cdef uint8_t* out
+    cdef Py_ssize_t size
+    cdef uint32_t token
+    for token in sorted(w.pending_subacks):
+        pending = w.pending_subacks[token]
+        if pending.waiting and w.now_ms < pending.deadline_ms:
+            continue
+        if pending.waiting:
+            w.log_limited(CR_CHANNEL, "a worker did not confirm a subscription within %d ms; SUBACK sent"
+                          % SUB_SYNC_TIMEOUT_MS)
+        if subsync_earlier_waiting(w, pending, token):
+            continue        # the same connection's earlier SUBACK goes first
+        del w.pending_subacks[token]
+        c = &w.conns[pending.fd]
+        if c.state != ST_CONNECTED or c.gen != pending.gen or c.session < 0:
+            continue        # the client left meanwhile
+        size = PyBytes_GET_SIZE(pending.suback)
+        out = w.reserve(c, <uint32_t>size)
+        if out == NULL:
+            continue
+        memcpy(out, PyBytes_AS_STRING(pending.suback), size)
+        w.counters[PKT_OUT + SUBACK] += 1
+        for filt, granted in pending.retained:
+            retain_deliver(w, &w.sessions[c.session], <const uint8_t*>PyBytes_AS_STRING(filt), len(filt), granted)
+            if c.state != ST_CONNECTED:
+                break

@@ -160,6 +160,8 @@ cdef class Worker:
     cdef dict pending                    # token -> PendingConnect, waiting to settle
     cdef uint32_t settle_token
     cdef uint32_t conn_gen
+    cdef dict pending_subacks            # token -> PendingSuback (handle_subscribe.pxi)
+    cdef uint32_t suback_token
     # HTTP (http.pxi) and telemetry (telemetry.pxi).
     cdef HttpState* http                 # per fd; allocated with the first HTTP listener
     cdef char[40] http_date
@@ -224,6 +226,7 @@ cdef class Worker:
         self.restored = []
         self.congested = set()
         self.pending = {}
+        self.pending_subacks = {}
         self.retained = {}
         self.index = topics_new()
         topics_result_init(&self.match)
@@ -493,6 +496,8 @@ cdef class Worker:
             self.flush_dirty()
             if self.congested:
                 congestion_check(self)
+            if self.pending_subacks:
+                subsync_release(self)       # those that waited too long
             if self.peers_dirty:
                 channels_flush(self)
             self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions

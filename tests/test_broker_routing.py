@@ -5,10 +5,12 @@ where the publisher and the subscribers are placed on different workers."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
-from broker_fixtures import brokers  # noqa: E402
+from broker_fixtures import brokers, publish_packet_full  # noqa: E402
 
 pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
@@ -273,6 +275,45 @@ def test_publisher_subscribed_to_its_own_topic_gets_its_message(broker):
     me.publish(t, b"mine", qos=1)
     assert me.wait_messages(1, t)[0].payload == b"mine"
     assert other.wait_messages(1, t)[0].payload == b"mine"
+
+
+@brokers("routing")
+def test_subscription_is_in_force_on_every_worker_once_subacked(broker):
+    """MQTT-3.8.4-4 (the SUBACK answers a SUBSCRIBE whose subscriptions then
+    exist): a message published on another worker right after the SUBACK, by a
+    client that learnt of it, is delivered. 300 times, each with a filter new to
+    the subscriber's worker, so each SUBACK depends on the other worker having
+    learnt the interest first (gw waits for its confirmation, see
+    handle_subscribe.pxi). A third client keeps the publisher's worker busy
+    meanwhile, and the publisher pings just before each SUBSCRIBE, so that
+    worker often finds the publisher's socket ready ahead of its channel."""
+    sub = broker.raw(SUB)
+    pub = broker.raw(PUB)
+    busy = broker.raw(PUB)
+    broker.assert_workers((pub, PUB), (busy, PUB), (sub, SUB))
+    stop = threading.Event()
+    noise = publish_packet_full(broker.topic("nobody"), b"n" * 32768)
+
+    def keep_busy():
+        try:
+            while not stop.is_set():
+                busy.send(noise)
+        except OSError:
+            pass
+
+    flooder = threading.Thread(target=keep_busy, daemon=True)
+    flooder.start()
+    try:
+        for i in range(300):
+            t = broker.topic(f"fresh/{i}")
+            pub.send(b"\xc0\x00")                  # PINGREQ: the publisher's socket was just read
+            assert sub.subscribe(i + 1, [(t, 0)]) == [0]
+            pub.send(publish_packet_full(t, b"%d" % i))
+            m = sub.read_publish()
+            assert (m.topic, m.payload) == (t, b"%d" % i), f"message {i} lost or wrong"
+    finally:
+        stop.set()
+        flooder.join(10)
 
 
 @brokers("routing")
