@@ -1,0 +1,1417 @@
+# cython: language_level=3
+"""A segmented write-ahead log, one writer per worker process (see wal.pxd for
+the format and the threads).
+
+    wal = Wal(f"{data_dir}/wal/{slot}", fsync="batch", counters=row)
+    wal.recover()                   # once, before appending: cuts a torn tail
+    end = wal.append(payload)       # the record's end offset, or -1: refused
+    ...                             # epoll on wal.fileno(); when readable:
+    durable = wal.poll()            # records whose end <= durable are durable
+
+    reader = WalReader(f"{data_dir}/wal/{slot}")        # in another process
+    records, next_offset = reader.read(checkpoint, durable_offset)
+
+The flusher is a pthread running C only (no GIL, every signal blocked, so a
+file-size limit gives EFBIG instead of SIGXFSZ). On a write or fsync error
+(ENOSPC, EFBIG, EIO) the log enters its error state: appends are refused, the
+flusher retries about every second from where it stopped, and the state clears
+by itself once a retry succeeds. A Wal belongs to the process that recovered
+it: create it after forking (in a forked child it refuses appends).
+"""
+
+import errno as _errno
+import logging
+import os
+import re
+import struct
+import time
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
+from libc.string cimport memcpy
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <pthread.h>
+    #include <signal.h>
+    #include <stdint.h>
+    #include <stdio.h>
+    #include <stdlib.h>
+    #include <string.h>
+    #include <sys/eventfd.h>
+    #include <time.h>
+    #include <unistd.h>
+    #if defined(__x86_64__)
+    #include <nmmintrin.h>
+    #define GW_WAL_SSE42 1
+    #endif
+
+    #define GW_WAL_HDR 16
+    #define GW_WAL_REC_HDR 8
+    #define GW_WAL_MAX_PAYLOAD (16u << 20)
+    #define GW_WAL_KICK_BYTES (1u << 20)        /* batch/off: write at once past this */
+    #define GW_WAL_RETRY_NS 1000000000ULL       /* retry of a failed write or fsync */
+    #define GW_WAL_BUF_MIN (256u << 10)
+    #define GW_WAL_BUF_KEEP (4u << 20)          /* a flusher buffer above this is shrunk when idle */
+
+    enum { GW_WAL_ALWAYS = 0, GW_WAL_BATCH = 1, GW_WAL_OFF = 2 };
+
+    /* ---- CRC-32C (Castagnoli, reflected 0x82F63B78) ------------------------ */
+
+    static uint32_t gw_crc32c_tab[8][256];
+    static int gw_crc32c_hw;
+
+    static inline uint32_t gw_le32(const uint8_t* p) {
+    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        uint32_t v; memcpy(&v, p, 4); return v;
+    #else
+        return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+    #endif
+    }
+
+    static inline void gw_put32(uint8_t* p, uint32_t v) {
+    #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(p, &v, 4);
+    #else
+        p[0] = v; p[1] = v >> 8; p[2] = v >> 16; p[3] = v >> 24;
+    #endif
+    }
+
+    static void gw_crc32c_init(void) {
+        for (uint32_t i = 0; i < 256; i++) {
+            uint32_t c = i;
+            for (int k = 0; k < 8; k++) c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+            gw_crc32c_tab[0][i] = c;
+        }
+        for (int i = 0; i < 256; i++)
+            for (int t = 1; t < 8; t++)
+                gw_crc32c_tab[t][i] = (gw_crc32c_tab[t - 1][i] >> 8)
+                                      ^ gw_crc32c_tab[0][gw_crc32c_tab[t - 1][i] & 0xff];
+    #ifdef GW_WAL_SSE42
+        __builtin_cpu_init();
+        gw_crc32c_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    #endif
+    }
+
+    /* Slicing-by-8: `crc` is a previous result (0 to start), as zlib.crc32. */
+    static uint32_t gw_crc32c_sw(uint32_t crc, const uint8_t* p, size_t n) {
+        uint32_t c = ~crc;
+        while (n && ((uintptr_t)p & 7)) { c = (c >> 8) ^ gw_crc32c_tab[0][(c ^ *p++) & 0xff]; n--; }
+        while (n >= 8) {
+            uint32_t lo = gw_le32(p) ^ c, hi = gw_le32(p + 4);
+            c = gw_crc32c_tab[7][lo & 0xff] ^ gw_crc32c_tab[6][(lo >> 8) & 0xff]
+              ^ gw_crc32c_tab[5][(lo >> 16) & 0xff] ^ gw_crc32c_tab[4][lo >> 24]
+              ^ gw_crc32c_tab[3][hi & 0xff] ^ gw_crc32c_tab[2][(hi >> 8) & 0xff]
+              ^ gw_crc32c_tab[1][(hi >> 16) & 0xff] ^ gw_crc32c_tab[0][hi >> 24];
+            p += 8; n -= 8;
+        }
+        while (n--) c = (c >> 8) ^ gw_crc32c_tab[0][(c ^ *p++) & 0xff];
+        return ~c;
+    }
+
+    #ifdef GW_WAL_SSE42
+    __attribute__((target("sse4.2")))
+    static uint32_t gw_crc32c_sse42(uint32_t crc, const uint8_t* p, size_t n) {
+        uint64_t c = (uint32_t)~crc;
+        while (n && ((uintptr_t)p & 7)) { c = _mm_crc32_u8((uint32_t)c, *p++); n--; }
+        while (n >= 8) { uint64_t v; memcpy(&v, p, 8); c = _mm_crc32_u64(c, v); p += 8; n -= 8; }
+        while (n--) c = _mm_crc32_u8((uint32_t)c, *p++);
+        return ~(uint32_t)c;
+    }
+    #endif
+
+    static inline uint32_t gw_crc32c(uint32_t crc, const uint8_t* p, size_t n) {
+    #ifdef GW_WAL_SSE42
+        if (gw_crc32c_hw) return gw_crc32c_sse42(crc, p, n);
+    #endif
+        return gw_crc32c_sw(crc, p, n);
+    }
+
+    /* ---- scanning records in a buffer ------------------------------------- */
+
+    enum { GW_SCAN_END = 0, GW_SCAN_PARTIAL = 1, GW_SCAN_BADLEN = 2, GW_SCAN_BADCRC = 3 };
+
+    /* The next record at buf[0:len): GW_SCAN_END (len == 0), GW_SCAN_PARTIAL
+       (*need: bytes the whole record takes), GW_SCAN_BADLEN, GW_SCAN_BADCRC, or
+       -1 with *n its payload length: a valid record of 8 + *n bytes. */
+    static inline int gw_wal_next(const uint8_t* buf, size_t len, uint32_t* n, uint64_t* need, int check) {
+        if (len == 0) return GW_SCAN_END;
+        if (len < GW_WAL_REC_HDR) { *need = GW_WAL_REC_HDR; return GW_SCAN_PARTIAL; }
+        uint32_t k = gw_le32(buf);
+        if (k == 0 || k > GW_WAL_MAX_PAYLOAD) return GW_SCAN_BADLEN;
+        if (len - GW_WAL_REC_HDR < k) { *need = (uint64_t)GW_WAL_REC_HDR + k; return GW_SCAN_PARTIAL; }
+        if (check && gw_crc32c(0, buf + GW_WAL_REC_HDR, k) != gw_le32(buf + 4)) return GW_SCAN_BADCRC;
+        *n = k;
+        return -1;
+    }
+
+    /* The valid prefix of buf[0:len) (whole records, CRCs checked); *count records,
+       *status why it stopped. */
+    static size_t gw_wal_scan(const uint8_t* buf, size_t len, uint64_t* count, int* status) {
+        size_t pos = 0;
+        uint64_t c = 0, need;
+        uint32_t n;
+        int st;
+        while ((st = gw_wal_next(buf + pos, len - pos, &n, &need, 1)) < 0) {
+            pos += GW_WAL_REC_HDR + (size_t)n;
+            c++;
+        }
+        *count = c;
+        *status = st;
+        return pos;
+    }
+
+    /* ---- the writer ------------------------------------------------------- */
+
+    struct gw_wal {
+        /* configuration */
+        int mode;
+        uint64_t segment_bytes, max_pending, batch_ns;
+        int efd, dirfd;
+
+        pthread_mutex_t mu;
+        pthread_cond_t cv_work;       /* the flusher waits for records */
+        pthread_cond_t cv_done;       /* flush() waits for the durable offset */
+        pthread_t thread;
+        int started, exited;
+        int fork_gen;                 /* gw_wal_fork_gen when started */
+
+        /* under mu */
+        uint8_t* p_buf; size_t p_len, p_cap;     /* pending: records not yet taken by the flusher */
+        uint64_t appended;                       /* written by the loop thread (under mu) */
+        uint64_t flush_target;
+        int waiting;                             /* flusher: 1 waits for records, 2 batch timer, 0 busy */
+        int stop;
+
+        /* published by the flusher (atomics), read by the loop thread */
+        uint64_t durable;
+        uint64_t cur_base;                       /* base of the segment being written */
+        int err;                                 /* errno of the failing write/fsync, 0: fine */
+        uint64_t n_fsyncs, n_writes, n_errors;
+
+        /* the flusher's own */
+        int fd;                                  /* the segment being written */
+        uint64_t seg_base;
+        int hdr_ok;                              /* its header is written */
+        int hdr_unsynced;                        /* ... and not fdatasync'ed yet */
+        int dir_dirty;                           /* a segment was created since the last directory fsync */
+        uint8_t* f_buf; size_t f_len, f_cap;     /* the group being written, bytes from offset f_off */
+        uint64_t f_off;
+        size_t wpos;                             /* written up to f_buf[wpos] */
+        size_t chunk_end;                        /* end of the records that fit the current segment */
+        size_t sync_wpos;                        /* current segment's bytes from here on are not synced */
+        uint64_t last_cycle_ns, retry_ns;
+        uint64_t retry_interval_ns;              /* GW_WAL_RETRY_NS (tests shorten it) */
+
+        /* test hooks: fail the next n calls with an errno, without calling */
+        int inj_fsync_errno, inj_fsync_n, inj_write_errno, inj_write_n;
+    };
+
+    /* Bumped in a forked child: a Wal started before the fork has no flusher there. */
+    static int gw_wal_fork_gen;
+    static void gw_wal_atfork_child(void) { gw_wal_fork_gen++; }
+    static void gw_wal_init(void) { pthread_atfork(NULL, NULL, gw_wal_atfork_child); }
+
+    static inline uint64_t gw_wal_now_ns(void) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+    }
+
+    static void gw_wal_wait_until(struct gw_wal* w, pthread_cond_t* cv, uint64_t deadline_ns) {
+        struct timespec ts;
+        ts.tv_sec = (time_t)(deadline_ns / 1000000000ULL);
+        ts.tv_nsec = (long)(deadline_ns % 1000000000ULL);
+        pthread_cond_timedwait(cv, &w->mu, &ts);
+    }
+
+    static struct gw_wal* gw_wal_new(int mode, uint64_t segment_bytes, uint64_t max_pending,
+                                     uint64_t batch_ns) {
+        struct gw_wal* w = (struct gw_wal*)calloc(1, sizeof(struct gw_wal));
+        if (!w) return NULL;
+        w->mode = mode;
+        w->segment_bytes = segment_bytes;
+        w->max_pending = max_pending;
+        w->batch_ns = batch_ns;
+        w->fd = w->dirfd = -1;
+        w->retry_interval_ns = GW_WAL_RETRY_NS;
+        w->efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        if (w->efd < 0) { free(w); return NULL; }
+        pthread_condattr_t ca;
+        pthread_condattr_init(&ca);
+        pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+        pthread_mutex_init(&w->mu, NULL);
+        pthread_cond_init(&w->cv_work, &ca);
+        pthread_cond_init(&w->cv_done, &ca);
+        pthread_condattr_destroy(&ca);
+        w->p_buf = (uint8_t*)malloc(GW_WAL_BUF_MIN);
+        w->p_cap = w->p_buf ? GW_WAL_BUF_MIN : 0;
+        return w;
+    }
+
+    static void gw_wal_notify(struct gw_wal* w) {
+        uint64_t one = 1;
+        ssize_t r = write(w->efd, &one, 8);     /* EAGAIN (counter full) cannot happen */
+        (void)r;
+    }
+
+    static int gw_wal_pwrite_all(struct gw_wal* w, const uint8_t* p, size_t n, uint64_t pos,
+                                 size_t* done) {
+        *done = 0;
+        while (*done < n) {
+            ssize_t k;
+            if (__atomic_load_n(&w->inj_write_n, __ATOMIC_RELAXED) > 0) {
+                __atomic_sub_fetch(&w->inj_write_n, 1, __ATOMIC_RELAXED);
+                errno = w->inj_write_errno;
+                k = -1;
+            } else {
+                k = pwrite(w->fd, p + *done, n - *done, (off_t)(pos + *done));
+            }
+            if (k < 0) {
+                if (errno == EINTR) continue;
+                return errno ? errno : EIO;
+            }
+            if (k == 0) return EIO;
+            __atomic_add_fetch(&w->n_writes, 1, __ATOMIC_RELAXED);
+            *done += (size_t)k;
+        }
+        return 0;
+    }
+
+    static int gw_wal_datasync(struct gw_wal* w) {
+        int r;
+        if (__atomic_load_n(&w->inj_fsync_n, __ATOMIC_RELAXED) > 0) {
+            __atomic_sub_fetch(&w->inj_fsync_n, 1, __ATOMIC_RELAXED);
+            return w->inj_fsync_errno;
+        }
+        do { r = fdatasync(w->fd); } while (r != 0 && errno == EINTR);
+        if (r != 0) return errno ? errno : EIO;
+        __atomic_add_fetch(&w->n_fsyncs, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+
+    /* An fdatasync of the current segment failed: the kernel may have dropped its
+       dirty pages, so its unsynced bytes (and header) are written again first. */
+    static void gw_wal_rewind(struct gw_wal* w) {
+        w->wpos = w->sync_wpos;
+        if (w->hdr_unsynced) w->hdr_ok = 0;
+    }
+
+    static int gw_wal_write_hdr(struct gw_wal* w) {
+        uint8_t h[GW_WAL_HDR];
+        size_t done;
+        memcpy(h, "GWWAL001", 8);
+        for (int i = 0; i < 8; i++) h[8 + i] = (uint8_t)(w->seg_base >> (8 * i));
+        int e = gw_wal_pwrite_all(w, h, GW_WAL_HDR, 0, &done);   /* whole again on a retry */
+        if (e) return e;
+        w->hdr_ok = 1;
+        w->hdr_unsynced = 1;
+        return 0;
+    }
+
+    /* Starts the segment whose first record is at f_buf[wpos] (resumable: every
+       step that succeeded is not done again). */
+    static int gw_wal_roll(struct gw_wal* w, int sync) {
+        uint64_t base = w->f_off + w->wpos;
+        if (w->fd >= 0 && w->seg_base != base) {          /* finish the current one */
+            if (sync) {
+                int e = gw_wal_datasync(w);
+                if (e) { gw_wal_rewind(w); return e; }
+                w->hdr_unsynced = 0;
+            }
+            close(w->fd);
+            w->fd = -1;
+        }
+        if (w->fd < 0) {
+            char name[32];
+            snprintf(name, sizeof name, "%020llu.wal", (unsigned long long)base);
+            /* O_TRUNC: a file of that name can only be ours from a failed attempt
+               (everything from `base` on is not durable yet). */
+            int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+            if (fd < 0) return errno ? errno : EIO;
+            w->fd = fd;
+            w->seg_base = base;
+            w->hdr_ok = 0;
+            w->dir_dirty = 1;
+            w->sync_wpos = w->wpos;
+            __atomic_store_n(&w->cur_base, base, __ATOMIC_RELEASE);
+        }
+        if (!w->hdr_ok) {
+            int e = gw_wal_write_hdr(w);
+            if (e) return e;
+        }
+        w->chunk_end = w->wpos;                           /* the next chunk is computed again */
+        return 0;
+    }
+
+    /* Writes (and syncs, per policy) f_buf from wpos on: 0, or the errno of the
+       failing call; called again after an error, it continues from there. */
+    static int gw_wal_io(struct gw_wal* w) {
+        int sync = w->mode != GW_WAL_OFF, e;
+        size_t done;
+        while (w->wpos < w->f_len) {
+            if (w->wpos == w->chunk_end) {
+                /* the whole records that fit in the current segment */
+                uint64_t used = GW_WAL_HDR + (w->f_off + w->wpos - w->seg_base);
+                size_t end = w->wpos;
+                while (end < w->f_len) {
+                    uint64_t rec = GW_WAL_REC_HDR + (uint64_t)gw_le32(w->f_buf + end);
+                    uint64_t filled = used + (end - w->wpos);
+                    if (filled + rec > w->segment_bytes && filled > GW_WAL_HDR) break;
+                    end += rec;
+                }
+                if (end == w->wpos) {
+                    if ((e = gw_wal_roll(w, sync)) != 0) return e;
+                    continue;
+                }
+                w->chunk_end = end;
+            }
+            if (!w->hdr_ok && (e = gw_wal_write_hdr(w)) != 0) return e;
+            e = gw_wal_pwrite_all(w, w->f_buf + w->wpos, w->chunk_end - w->wpos,
+                                  GW_WAL_HDR + (w->f_off + w->wpos - w->seg_base), &done);
+            w->wpos += done;
+            if (e) return e;
+        }
+        if (sync) {
+            if (!w->hdr_ok && (e = gw_wal_write_hdr(w)) != 0) return e;
+            if ((e = gw_wal_datasync(w)) != 0) { gw_wal_rewind(w); return e; }
+            w->hdr_unsynced = 0;
+            w->sync_wpos = w->wpos;
+            if (w->dir_dirty) {
+                int r;
+                do { r = fsync(w->dirfd); } while (r != 0 && errno == EINTR);
+                if (r != 0) return errno ? errno : EIO;
+                w->dir_dirty = 0;
+            }
+        }
+        return 0;
+    }
+
+    static void* gw_wal_main(void* arg) {
+        struct gw_wal* w = (struct gw_wal*)arg;
+        pthread_mutex_lock(&w->mu);
+        for (;;) {
+            if (w->f_len == 0) {
+                /* wait for records, then for the group to fill (batch, off) */
+                for (;;) {
+                    if (w->p_len == 0) {
+                        if (w->stop) goto out;
+                        w->waiting = 1;
+                        pthread_cond_wait(&w->cv_work, &w->mu);
+                        w->waiting = 0;
+                        continue;
+                    }
+                    if (w->mode == GW_WAL_ALWAYS || w->stop || w->p_len >= GW_WAL_KICK_BYTES
+                            || w->flush_target > __atomic_load_n(&w->durable, __ATOMIC_RELAXED))
+                        break;
+                    uint64_t due = w->last_cycle_ns + w->batch_ns;
+                    if (gw_wal_now_ns() >= due) break;
+                    w->waiting = 2;
+                    gw_wal_wait_until(w, &w->cv_work, due);
+                    w->waiting = 0;
+                }
+                /* take the pending records; ours (emptied) becomes the pending buffer */
+                uint8_t* b = w->f_buf; size_t cap = w->f_cap;
+                w->f_buf = w->p_buf; w->f_cap = w->p_cap; w->f_len = w->p_len;
+                w->p_buf = b; w->p_cap = cap; w->p_len = 0;
+                w->f_off = w->appended - w->f_len;
+                w->wpos = w->chunk_end = w->sync_wpos = 0;
+            } else {
+                /* a failed group: retried about every second, from where it stopped */
+                if (w->stop) goto out;            /* given up: none of it was acknowledged */
+                if (gw_wal_now_ns() < w->retry_ns) {
+                    w->waiting = 2;
+                    gw_wal_wait_until(w, &w->cv_work, w->retry_ns);
+                    w->waiting = 0;
+                    continue;
+                }
+            }
+            pthread_mutex_unlock(&w->mu);
+            w->last_cycle_ns = gw_wal_now_ns();
+            int e = gw_wal_io(w);
+            size_t took = w->f_len;
+            if (e == 0 && w->f_cap > GW_WAL_BUF_KEEP && took < w->f_cap / 8) {
+                free(w->f_buf);                   /* a burst is over: give the memory back */
+                w->f_buf = (uint8_t*)malloc(GW_WAL_BUF_MIN);
+                w->f_cap = w->f_buf ? GW_WAL_BUF_MIN : 0;
+            }
+            pthread_mutex_lock(&w->mu);
+            if (e == 0) {
+                __atomic_store_n(&w->durable, w->f_off + took, __ATOMIC_RELEASE);
+                __atomic_store_n(&w->err, 0, __ATOMIC_RELEASE);
+                w->f_len = 0;
+                gw_wal_notify(w);
+            } else {
+                __atomic_add_fetch(&w->n_errors, 1, __ATOMIC_RELAXED);
+                int was = __atomic_exchange_n(&w->err, e, __ATOMIC_ACQ_REL);
+                w->retry_ns = gw_wal_now_ns() + w->retry_interval_ns;
+                if (!was) gw_wal_notify(w);       /* the loop learns of the error state */
+            }
+            pthread_cond_broadcast(&w->cv_done);
+        }
+    out:
+        w->exited = 1;
+        pthread_cond_broadcast(&w->cv_done);
+        pthread_mutex_unlock(&w->mu);
+        return NULL;
+    }
+
+    /* Starts the flusher on a recovered log: the segment `fd` (base `base`),
+       whose records end at offset `end`. 0 or an errno. */
+    static int gw_wal_start(struct gw_wal* w, int dirfd, int fd, uint64_t base, uint64_t end) {
+        sigset_t all, old;
+        w->dirfd = dirfd;
+        w->fd = fd;
+        w->seg_base = base;
+        w->hdr_ok = 1;
+        w->cur_base = base;
+        w->appended = w->durable = w->flush_target = end;
+        w->fork_gen = gw_wal_fork_gen;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old);         /* the flusher blocks every signal */
+        int e = pthread_create(&w->thread, NULL, gw_wal_main, w);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (e) return e;
+        w->started = 1;
+        return 0;
+    }
+
+    /* The loop thread: frames a record; its end offset, or -1 (refused). */
+    static int64_t gw_wal_append(struct gw_wal* w, const uint8_t* p, uint32_t n) {
+        uint32_t crc = gw_crc32c(0, p, n);
+        uint64_t rec = GW_WAL_REC_HDR + (uint64_t)n;
+        int wake = 0;
+        int64_t end;
+        if (w->fork_gen != gw_wal_fork_gen) return -1;      /* a forked child: no flusher */
+        pthread_mutex_lock(&w->mu);
+        if (w->err || w->stop
+                || w->appended + rec - __atomic_load_n(&w->durable, __ATOMIC_ACQUIRE) > w->max_pending) {
+            pthread_mutex_unlock(&w->mu);
+            return -1;
+        }
+        if (w->p_len + rec > w->p_cap) {
+            size_t cap = w->p_cap ? w->p_cap : GW_WAL_BUF_MIN;
+            while (cap < w->p_len + rec) cap *= 2;
+            uint8_t* b = (uint8_t*)realloc(w->p_buf, cap);
+            if (!b) { pthread_mutex_unlock(&w->mu); return -1; }
+            w->p_buf = b;
+            w->p_cap = cap;
+        }
+        uint8_t* d = w->p_buf + w->p_len;
+        gw_put32(d, n);
+        gw_put32(d + 4, crc);
+        memcpy(d + GW_WAL_REC_HDR, p, n);
+        w->p_len += rec;
+        w->appended += rec;
+        end = (int64_t)w->appended;
+        if (w->waiting == 1 || (w->waiting == 2 && w->p_len >= GW_WAL_KICK_BYTES)) {
+            w->waiting = 0;
+            wake = 1;
+        }
+        pthread_mutex_unlock(&w->mu);
+        if (wake) pthread_cond_signal(&w->cv_work);
+        return end;
+    }
+
+    static int gw_wal_room(struct gw_wal* w, uint32_t n) {
+        uint64_t rec = GW_WAL_REC_HDR + (uint64_t)n;
+        if (w->fork_gen != gw_wal_fork_gen) return 0;
+        pthread_mutex_lock(&w->mu);
+        int ok = !w->err && !w->stop
+                 && w->appended + rec - __atomic_load_n(&w->durable, __ATOMIC_ACQUIRE) <= w->max_pending;
+        pthread_mutex_unlock(&w->mu);
+        return ok;
+    }
+
+    /* Blocks until everything appended so far is durable: 1, or 0 after
+       timeout_ns (0: no limit) or if the flusher has stopped. */
+    static int gw_wal_flush(struct gw_wal* w, uint64_t timeout_ns) {
+        uint64_t deadline = timeout_ns ? gw_wal_now_ns() + timeout_ns : 0;
+        int ok = 1;
+        if (w->fork_gen != gw_wal_fork_gen) return 0;
+        pthread_mutex_lock(&w->mu);
+        uint64_t target = w->appended;
+        if (target > w->flush_target) w->flush_target = target;
+        if (w->waiting) { w->waiting = 0; pthread_cond_signal(&w->cv_work); }
+        while (__atomic_load_n(&w->durable, __ATOMIC_ACQUIRE) < target) {
+            if (!w->started || w->exited) { ok = 0; break; }
+            if (deadline) {
+                if (gw_wal_now_ns() >= deadline) { ok = 0; break; }
+                gw_wal_wait_until(w, &w->cv_done, deadline);
+            } else {
+                pthread_cond_wait(&w->cv_done, &w->mu);
+            }
+        }
+        pthread_mutex_unlock(&w->mu);
+        return ok;
+    }
+
+    /* Stops the flusher (it writes what is pending once more unless in error). */
+    static void gw_wal_stop(struct gw_wal* w) {
+        if (!w->started) return;
+        if (w->fork_gen != gw_wal_fork_gen) { w->started = 0; return; }   /* not our thread */
+        pthread_mutex_lock(&w->mu);
+        w->stop = 1;
+        pthread_cond_signal(&w->cv_work);
+        pthread_mutex_unlock(&w->mu);
+        pthread_join(w->thread, NULL);
+        w->started = 0;
+    }
+
+    static void gw_wal_close_fds(struct gw_wal* w) {
+        if (w->fd >= 0) { close(w->fd); w->fd = -1; }
+        if (w->dirfd >= 0) { close(w->dirfd); w->dirfd = -1; }
+        if (w->efd >= 0) { close(w->efd); w->efd = -1; }
+    }
+
+    static void gw_wal_free(struct gw_wal* w) {
+        gw_wal_stop(w);
+        gw_wal_close_fds(w);
+        pthread_mutex_destroy(&w->mu);
+        pthread_cond_destroy(&w->cv_work);
+        pthread_cond_destroy(&w->cv_done);
+        free(w->p_buf);
+        free(w->f_buf);
+        free(w);
+    }
+
+    static uint64_t gw_wal_drain(struct gw_wal* w) {
+        uint64_t v;
+        ssize_t r = read(w->efd, &v, 8);
+        (void)r;
+        return __atomic_load_n(&w->durable, __ATOMIC_ACQUIRE);
+    }
+
+    static inline uint64_t gw_wal_durable(struct gw_wal* w) { return __atomic_load_n(&w->durable, __ATOMIC_ACQUIRE); }
+    static inline uint64_t gw_wal_appended(struct gw_wal* w) { return w->appended; }
+    static inline int gw_wal_err(struct gw_wal* w) { return __atomic_load_n(&w->err, __ATOMIC_ACQUIRE); }
+    static inline uint64_t gw_wal_fsyncs(struct gw_wal* w) { return __atomic_load_n(&w->n_fsyncs, __ATOMIC_RELAXED); }
+    static inline uint64_t gw_wal_writes(struct gw_wal* w) { return __atomic_load_n(&w->n_writes, __ATOMIC_RELAXED); }
+    static inline uint64_t gw_wal_errors(struct gw_wal* w) { return __atomic_load_n(&w->n_errors, __ATOMIC_RELAXED); }
+    static inline uint64_t gw_wal_cur_base(struct gw_wal* w) { return __atomic_load_n(&w->cur_base, __ATOMIC_ACQUIRE); }
+    static inline int gw_wal_efd(struct gw_wal* w) { return w->efd; }
+    static void gw_wal_inject(struct gw_wal* w, int fsync_errno, int fsync_n, int write_errno, int write_n,
+                              uint64_t retry_ns) {
+        if (retry_ns) w->retry_interval_ns = retry_ns;
+        if (fsync_n >= 0) {                     /* -1: that kind unchanged */
+            w->inj_fsync_errno = fsync_errno;
+            __atomic_store_n(&w->inj_fsync_n, fsync_n, __ATOMIC_RELEASE);
+        }
+        if (write_n >= 0) {
+            w->inj_write_errno = write_errno;
+            __atomic_store_n(&w->inj_write_n, write_n, __ATOMIC_RELEASE);
+        }
+    }
+    """
+    const int GW_WAL_HDR
+    const int GW_WAL_REC_HDR
+    const uint32_t GW_WAL_MAX_PAYLOAD
+    const int GW_WAL_ALWAYS, GW_WAL_BATCH, GW_WAL_OFF
+    const int GW_SCAN_END, GW_SCAN_PARTIAL, GW_SCAN_BADLEN, GW_SCAN_BADCRC
+    int gw_crc32c_hw
+    void gw_crc32c_init()
+    void gw_wal_init()
+    uint32_t gw_crc32c(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil
+    uint32_t gw_crc32c_sw(uint32_t crc, const uint8_t* p, size_t n) noexcept nogil
+    uint32_t gw_le32(const uint8_t* p) noexcept nogil
+    int gw_wal_next(const uint8_t* buf, size_t len, uint32_t* n, uint64_t* need, int check) noexcept nogil
+    size_t gw_wal_scan(const uint8_t* buf, size_t len, uint64_t* count, int* status) noexcept nogil
+    gw_wal* gw_wal_new(int mode, uint64_t segment_bytes, uint64_t max_pending, uint64_t batch_ns) noexcept
+    int gw_wal_start(gw_wal* w, int dirfd, int fd, uint64_t base, uint64_t end) noexcept
+    int64_t gw_wal_append(gw_wal* w, const uint8_t* p, uint32_t n) noexcept nogil
+    int gw_wal_room(gw_wal* w, uint32_t n) noexcept nogil
+    int gw_wal_flush(gw_wal* w, uint64_t timeout_ns) noexcept nogil
+    void gw_wal_stop(gw_wal* w) noexcept nogil
+    void gw_wal_close_fds(gw_wal* w) noexcept nogil
+    void gw_wal_free(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_drain(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_durable(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_appended(gw_wal* w) noexcept nogil
+    int gw_wal_err(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_fsyncs(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_writes(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_errors(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_cur_base(gw_wal* w) noexcept nogil
+    int gw_wal_efd(gw_wal* w) noexcept nogil
+    uint64_t gw_wal_now_ns() noexcept nogil
+    void gw_wal_inject(gw_wal* w, int fsync_errno, int fsync_n, int write_errno, int write_n,
+                       uint64_t retry_ns) noexcept nogil
+
+
+gw_crc32c_init()
+gw_wal_init()
+
+log = logging.getLogger("gw.wal")
+
+MAGIC = b"GWWAL001"
+HEADER_BYTES = 16
+RECORD_HEADER_BYTES = 8
+MAX_PAYLOAD = 16 << 20
+FSYNC_MODES = ("always", "batch", "off")
+SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
+# Stats row indices, used when gw.stats.Counter does not name them.
+COUNTER_DEFAULTS = (("WAL_RECORDS", 138), ("WAL_BYTES", 139), ("WAL_FSYNCS", 140),
+                    ("WAL_DURABLE_OFFSET", 141), ("WAL_APPENDED_OFFSET", 142),
+                    ("WAL_TRUNCATED", 143), ("WAL_ERRORS", 144), ("WAL_REFUSED", 145))
+cdef int64_t LOG_EVERY_NS = 10_000_000_000     # one error line per 10 s at most
+cdef enum:
+    READ_CHUNK = 1 << 20                        # bytes a reader reads at once
+_HEADER = struct.Struct("<8sQ")
+
+
+class WalError(Exception):
+    """A log that cannot be used as asked."""
+
+
+class WalOffsetError(WalError, ValueError):
+    """A read from an offset the log cannot serve."""
+
+
+class OffsetDeletedError(WalOffsetError):
+    """The offset lies in a segment deleted by retention."""
+
+
+class OffsetMisalignedError(WalOffsetError):
+    """The offset is not where a record starts."""
+
+
+class OffsetBeyondEndError(WalOffsetError):
+    """The offset lies past the records on disk."""
+
+
+# --- CRC-32C ------------------------------------------------------------------
+
+def crc32c(data, uint32_t crc=0):
+    """CRC-32C (Castagnoli) of a bytes-like object; `crc` continues a previous
+    result, as zlib.crc32 does. SSE4.2 when the CPU has it, else slicing-by-8."""
+    cdef const uint8_t[::1] v = data
+    cdef size_t n = v.shape[0]
+    if n == 0:
+        return crc
+    with nogil:
+        crc = gw_crc32c(crc, &v[0], n)
+    return crc
+
+
+def crc32c_table(data, uint32_t crc=0):
+    """crc32c with the table implementation whatever the CPU (tests)."""
+    cdef const uint8_t[::1] v = data
+    if v.shape[0] == 0:
+        return crc
+    return gw_crc32c_sw(crc, &v[0], v.shape[0])
+
+
+def crc32c_implementation():
+    """'sse4.2' or 'table': what crc32c uses on this CPU."""
+    return "sse4.2" if gw_crc32c_hw else "table"
+
+
+# --- files --------------------------------------------------------------------
+
+def segment_name(uint64_t base):
+    return f"{base:020d}.wal"
+
+
+def list_segments(path):
+    """[(base, file name)] of the segments in `path`, oldest first ([] if no directory)."""
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        return []
+    segs = []
+    for name in names:
+        m = SEGMENT_RE.match(name)
+        if m:
+            segs.append((int(m.group(1)), name))
+    segs.sort()
+    return segs
+
+
+def frame(bytes payload):
+    """One record as it is on disk (tests, tools)."""
+    cdef Py_ssize_t n = len(payload)
+    if n == 0 or n > MAX_PAYLOAD:
+        raise ValueError(f"a record's payload takes 1 to {MAX_PAYLOAD} bytes, not {n}")
+    return struct.pack("<II", n, crc32c(payload)) + payload
+
+
+cdef bint _header_ok(int fd, uint64_t base, Py_ssize_t size):
+    if size < HEADER_BYTES:
+        return False
+    magic, b = _HEADER.unpack(os.pread(fd, HEADER_BYTES, 0))
+    return magic == MAGIC and b == base
+
+
+cdef Py_ssize_t _scan_from(int fd, Py_ssize_t pos, Py_ssize_t size, uint64_t* count) except -1:
+    """The file position where the valid records starting at `pos` (a record
+    boundary) end: the file read in chunks, every record's length and CRC
+    checked; `count` gets the number of records."""
+    cdef Py_ssize_t chunk = READ_CHUNK, got
+    cdef uint64_t n, need = 0
+    cdef uint32_t k
+    cdef int status
+    cdef size_t valid
+    cdef bytes data
+    cdef const uint8_t* p
+    count[0] = 0
+    while pos < size:
+        data = os.pread(fd, min(chunk, size - pos), pos)
+        got = PyBytes_GET_SIZE(data)
+        if got == 0:
+            break
+        p = <const uint8_t*>PyBytes_AS_STRING(data)
+        with nogil:
+            valid = gw_wal_scan(p, <size_t>got, &n, &status)
+        count[0] += n
+        pos += <Py_ssize_t>valid
+        if status == GW_SCAN_END:
+            continue
+        if status != GW_SCAN_PARTIAL:
+            break                       # a bad length or CRC: the valid part ends here
+        gw_wal_next(p + valid, <size_t>got - valid, &k, &need, 0)
+        if pos + <Py_ssize_t>need > size:
+            break                       # torn: the file ends inside the record
+        chunk = max(<Py_ssize_t>READ_CHUNK, <Py_ssize_t>need)   # read it whole next time
+    return pos
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _make_dirs(path):
+    """Creates `path` and its missing parents, each one's entry made durable."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d)
+        except FileExistsError:
+            pass
+        _fsync_dir(os.path.dirname(d))
+
+
+def _create_segment(path, uint64_t base):
+    fd = os.open(os.path.join(path, segment_name(base)),
+                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    os.pwrite(fd, _HEADER.pack(MAGIC, base), 0)
+    os.fsync(fd)
+    return fd
+
+
+# --- retention ----------------------------------------------------------------
+
+def _retain(path, min_offset, max_age_s, max_bytes, protect_from=None):
+    segs = []
+    for base, name in list_segments(path):
+        try:
+            st = os.stat(os.path.join(path, name))
+        except FileNotFoundError:
+            continue
+        segs.append((base, name, st.st_size, st.st_mtime))
+    total = sum(s[2] for s in segs)
+    now = time.time()
+    freed = 0
+    for k in range(len(segs) - 1):              # never the newest: it is being written
+        base, name, size, mtime = segs[k]
+        if protect_from is not None and base >= protect_from:
+            break
+        if segs[k + 1][0] > min_offset:         # some of its records are not read by every sink
+            break
+        old = max_age_s is not None and now - mtime > max_age_s
+        over = max_bytes is not None and total > max_bytes
+        if not (old or over):
+            break                               # oldest first: the log stays contiguous
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            continue                            # another retention pass got it first
+        total -= size
+        freed += size
+    return freed
+
+
+def retain_dir(path, min_offset, max_age_s, max_bytes):
+    """Deletes the oldest segments of the log in `path` whose records all lie
+    below `min_offset` (every sink's checkpoint is past them) and that are older
+    than `max_age_s` (file mtime) or needed to bring the log's total under
+    `max_bytes` (None: no such criterion). Never the newest segment (the one
+    being written); oldest first, so the log stays contiguous. Safe from another
+    process while the writer appends. Returns the bytes freed."""
+    return _retain(os.fspath(path), int(min_offset), max_age_s, max_bytes)
+
+
+# --- the writer -----------------------------------------------------------------
+
+cdef int _stat_index(dict names, str name, int default):
+    v = names.get(name)
+    return default if v is None else int(v)
+
+
+cdef class Wal:
+    """One worker's log in directory `path` (see the module docstring).
+
+    segment_bytes: size of a segment file before the next one starts;
+    fsync: "always" (every record durable only after an fdatasync that covers it;
+    records appended during an fsync form the next group), "batch" (one write +
+    fdatasync at most every batch_ms, sooner past 1 MiB pending), "off" (durable
+    once written to the page cache; written at the batch pace); max_pending:
+    bytes appended and not durable yet past which appends are refused;
+    counters: the worker's stats row (a uint64 numpy array), or None.
+    """
+
+    def __cinit__(self):
+        self.w = NULL
+        self.ctr = NULL
+
+    def __init__(self, path, *, uint64_t segment_bytes=64 << 20, str fsync="batch", double batch_ms=2.0,
+                 uint64_t max_pending=64 << 20, counters=None):
+        cdef uint64_t[::1] row
+        cdef int mode
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {', '.join(FSYNC_MODES)}, not {fsync!r}")
+        if segment_bytes < 64:
+            raise ValueError("segment_bytes must be at least 64")
+        if max_pending < 4096:
+            raise ValueError("max_pending must be at least 4096 bytes")
+        if not 0.0 <= batch_ms <= 10_000.0:
+            raise ValueError("batch_ms must be in [0, 10000]")
+        if self.w != NULL:
+            raise RuntimeError("Wal.__init__ called twice")
+        self.path = os.fspath(path)
+        self.fsync = fsync
+        self.segment_bytes = segment_bytes
+        self.max_pending = max_pending
+        self.batch_ms = batch_ms
+        if counters is not None:
+            row = counters
+            try:
+                from gw.stats import Counter
+                names = {k: int(v) for k, v in Counter.__members__.items()}
+            except Exception:
+                names = {}
+            idx = [_stat_index(names, n, d) for n, d in COUNTER_DEFAULTS]
+            if max(idx) >= row.shape[0]:
+                raise ValueError(f"counters has {row.shape[0]} words; the log's go up to {max(idx)}")
+            (self.i_records, self.i_bytes, self.i_fsyncs, self.i_durable, self.i_appended,
+             self.i_truncated, self.i_errors, self.i_refused) = idx
+            self.counters_obj = counters
+            self.ctr = &row[0]
+        mode = GW_WAL_ALWAYS if fsync == "always" else GW_WAL_BATCH if fsync == "batch" else GW_WAL_OFF
+        self.w = gw_wal_new(mode, segment_bytes, max_pending, <uint64_t>(batch_ms * 1e6))
+        if self.w == NULL:
+            raise OSError(_errno.ENOMEM, "cannot create the log (eventfd or memory)")
+
+    def __dealloc__(self):
+        if self.w != NULL:
+            with nogil:
+                gw_wal_free(self.w)
+            self.w = NULL
+
+    def recover(self):
+        """Once, before appending: makes the directory and first segment if there
+        are none; otherwise checks the last segment (and that the one before it
+        ends where it starts), cuts a torn or corrupt tail (a partial record, a
+        bad length or CRC) and drops segments after a gap; starts the flusher.
+        {"records": valid records in the scanned segment(s), "truncated_bytes":
+        bytes cut, "end_offset": the offset of the next record}."""
+        cdef uint64_t n = 0, records = 0, truncated = 0, base = 0, end = 0
+        cdef Py_ssize_t size, valid
+        if self.state != 0:
+            raise RuntimeError("recover() runs once, before any append")
+        path = self.path
+        _make_dirs(path)
+        segs = list_segments(path)
+        changed = False
+        fd = -1
+        try:
+            while segs:
+                base, name = segs[len(segs) - 1]
+                fname = os.path.join(path, name)
+                fd = os.open(fname, os.O_RDWR | os.O_CLOEXEC)
+                size = os.fstat(fd).st_size
+                if not _header_ok(fd, base, size):
+                    # created, header not (wholly) written: no record can be in it
+                    truncated += size
+                    changed = True
+                    if len(segs) > 1:
+                        os.close(fd)
+                        fd = -1
+                        os.unlink(fname)
+                        segs.pop()
+                        continue
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, _HEADER.pack(MAGIC, base), 0)
+                    os.fsync(fd)
+                    end = base
+                    break
+                valid = _scan_from(fd, HEADER_BYTES, size, &n)
+                if valid < size:
+                    os.ftruncate(fd, valid)
+                    os.fsync(fd)
+                    truncated += size - valid
+                if len(segs) > 1:
+                    pbase, pname = segs[len(segs) - 2]
+                    psize = os.stat(os.path.join(path, pname)).st_size
+                    if psize < HEADER_BYTES + <Py_ssize_t>(base - pbase):
+                        # The previous segment lost its tail (a power cut with fsync
+                        # "off"): what follows the gap is not this log's continuation.
+                        truncated += valid
+                        changed = True
+                        os.close(fd)
+                        fd = -1
+                        os.unlink(fname)
+                        segs.pop()
+                        continue
+                records += n
+                end = base + <uint64_t>(valid - HEADER_BYTES)
+                break
+            if not segs:
+                fd = _create_segment(path, 0)
+                base = end = 0
+                changed = True
+            if changed:
+                _fsync_dir(path)
+            dirfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
+        e = gw_wal_start(self.w, dirfd, fd, base, end)
+        if e != 0:
+            os.close(fd)
+            os.close(dirfd)
+            raise OSError(e, "cannot start the log's flusher thread")
+        self.state = 1
+        if self.ctr != NULL:
+            self.ctr[self.i_truncated] += truncated
+            self.ctr[self.i_durable] = end
+            self.ctr[self.i_appended] = end
+        return {"records": records, "truncated_bytes": truncated, "end_offset": end}
+
+    cdef int64_t append_c(self, const uint8_t* p, uint32_t n) noexcept nogil:
+        cdef int64_t end
+        if self.state != 1 or n == 0 or n > GW_WAL_MAX_PAYLOAD:
+            return -1
+        end = gw_wal_append(self.w, p, n)
+        if end < 0:
+            self._refused()
+            return -1
+        if self.ctr != NULL:
+            self.ctr[self.i_records] += 1
+            self.ctr[self.i_bytes] += GW_WAL_REC_HDR + n
+            self.ctr[self.i_appended] = <uint64_t>end
+        return end
+
+    cdef void _refused(self) noexcept nogil:
+        if self.ctr != NULL:
+            self.ctr[self.i_refused] += 1
+        self._sync_counters()
+
+    cdef void _sync_counters(self) noexcept nogil:
+        """Adds the flusher's new fsyncs and errors to the row, sets the durable
+        gauge, logs the error state (at most every 10 s) and its end."""
+        cdef uint64_t v
+        cdef int err = gw_wal_err(self.w)
+        cdef int64_t now
+        if self.ctr != NULL:
+            v = gw_wal_fsyncs(self.w)
+            self.ctr[self.i_fsyncs] += v - self.seen_fsyncs
+            self.seen_fsyncs = v
+            v = gw_wal_errors(self.w)
+            self.ctr[self.i_errors] += v - self.seen_errors
+            self.seen_errors = v
+            self.ctr[self.i_durable] = gw_wal_durable(self.w)
+        if err != 0:
+            now = <int64_t>gw_wal_now_ns()
+            if self.logged_err == 0:
+                self.err_since_ns = now
+            if self.logged_err == 0 or now - self.last_log_ns >= LOG_EVERY_NS:
+                self.last_log_ns = now
+                self.logged_err = err
+                self._log_state(err)
+        elif self.logged_err != 0:
+            self._log_state(0)
+            self.logged_err = 0
+
+    cdef void _log_state(self, int err) noexcept with gil:
+        cdef uint64_t pending = gw_wal_appended(self.w) - gw_wal_durable(self.w)
+        if err:
+            log.error("write-ahead log %s: %s (errno %d): refusing appends, retrying every second; "
+                      "%d bytes accepted and not durable yet are kept", self.path, os.strerror(err),
+                      err, pending)
+        else:
+            log.warning("write-ahead log %s: writes succeed again after %.1f s; durable offset %d",
+                        self.path, (<int64_t>gw_wal_now_ns() - self.err_since_ns) / 1e9,
+                        gw_wal_durable(self.w))
+
+    cdef bint room_c(self, uint32_t n) noexcept nogil:
+        return self.state == 1 and 0 < n <= GW_WAL_MAX_PAYLOAD and gw_wal_room(self.w, n) != 0
+
+    cdef uint64_t pending_c(self) noexcept nogil:
+        return gw_wal_appended(self.w) - gw_wal_durable(self.w) if self.state == 1 else 0
+
+    def append(self, bytes payload):
+        """Appends one record: its end offset (durable once durable_offset reaches
+        it), or -1 if refused (pending over max_pending, or the error state)."""
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(payload)
+        if n == 0 or n > MAX_PAYLOAD:
+            raise ValueError(f"a record's payload takes 1 to {MAX_PAYLOAD} bytes, not {n}")
+        if self.state != 1:
+            raise RuntimeError("recover() first" if self.state == 0 else "the log is closed")
+        return self.append_c(<const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>n)
+
+    def room(self, Py_ssize_t nbytes):
+        """Whether an append of an nbytes payload would be taken now."""
+        return 0 < nbytes <= MAX_PAYLOAD and self.room_c(<uint32_t>nbytes)
+
+    cpdef uint64_t poll(self):
+        """Drains the eventfd; the durable offset (counters updated)."""
+        cdef uint64_t d
+        if self.state != 1:
+            return gw_wal_durable(self.w)
+        d = gw_wal_drain(self.w)
+        self._sync_counters()
+        return d
+
+    def fileno(self):
+        """An eventfd, readable when the durable offset advanced (or the log
+        entered its error state): register it in epoll, then call poll()."""
+        if self.state == 2:
+            raise ValueError("the log is closed")
+        return gw_wal_efd(self.w)
+
+    def flush(self, timeout=None):
+        """Blocks until everything appended so far is durable (per the policy):
+        True, or False after `timeout` seconds (the log in its error state)."""
+        cdef uint64_t t = 0
+        cdef int ok
+        if self.state != 1:
+            return self.state == 0 or gw_wal_durable(self.w) >= gw_wal_appended(self.w)
+        if timeout is not None:
+            t = max(<uint64_t>(float(timeout) * 1e9), <uint64_t>1)
+        with nogil:
+            ok = gw_wal_flush(self.w, t)
+        self.poll()
+        return bool(ok)
+
+    def close(self, timeout=5.0):
+        """Flushes (for at most `timeout` s), stops the flusher, closes the files.
+        True if everything appended was made durable."""
+        if self.state != 1:
+            self.state = 2
+            return True
+        ok = self.flush(timeout)
+        with nogil:
+            gw_wal_stop(self.w)
+            gw_wal_close_fds(self.w)
+        self.state = 2
+        if self.ctr != NULL:
+            self._sync_counters()
+        return ok and gw_wal_durable(self.w) >= gw_wal_appended(self.w)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def retain(self, min_offset, max_age_s, max_bytes):
+        """retain_dir on this log, never touching the segment being written."""
+        if self.state != 1:
+            raise RuntimeError("recover() first" if self.state == 0 else "the log is closed")
+        return _retain(self.path, int(min_offset), max_age_s, max_bytes,
+                       protect_from=gw_wal_cur_base(self.w))
+
+    @property
+    def durable_offset(self):
+        return gw_wal_durable(self.w)
+
+    @property
+    def appended_offset(self):
+        return gw_wal_appended(self.w)
+
+    @property
+    def pending_bytes(self):
+        """Appended and not durable yet."""
+        return gw_wal_appended(self.w) - gw_wal_durable(self.w)
+
+    @property
+    def error(self):
+        """errno of the failing write or fsync while in the error state, else 0."""
+        return gw_wal_err(self.w)
+
+    @property
+    def segment_base(self):
+        """Base offset of the segment being written."""
+        return gw_wal_cur_base(self.w)
+
+    def stats(self):
+        """The flusher's totals: fsyncs (fdatasync calls), writes (pwrite calls),
+        errors (failed calls)."""
+        return {"fsyncs": gw_wal_fsyncs(self.w), "writes": gw_wal_writes(self.w),
+                "errors": gw_wal_errors(self.w)}
+
+    def _inject_errors(self, int fsync_errno=0, int fsync_count=-1, int write_errno=0, int write_count=-1,
+                       retry_s=None):
+        """Tests: the flusher's next fsync_count fdatasyncs (write_count pwrites)
+        fail with that errno, without being called (a count left at -1: that
+        kind unchanged); retry_s: the retry interval (1 s unless set)."""
+        gw_wal_inject(self.w, fsync_errno, fsync_count, write_errno, write_count,
+                      0 if retry_s is None else max(<uint64_t>(float(retry_s) * 1e9), <uint64_t>1))
+
+    def append_repeat(self, bytes payload, Py_ssize_t count):
+        """Appends `payload` count times from C (append_c, as the worker loop
+        calls it; benchmarks): how many were taken before the first refusal."""
+        cdef Py_ssize_t i, n = PyBytes_GET_SIZE(payload)
+        cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(payload)
+        if n == 0 or n > MAX_PAYLOAD or self.state != 1:
+            raise ValueError("a 1 .. 16 MiB payload, on a recovered log")
+        with nogil:
+            for i in range(count):
+                if self.append_c(p, <uint32_t>n) < 0:
+                    break
+            else:
+                i = count
+        return i
+
+    def __repr__(self):
+        return (f"Wal({self.path!r}, fsync={self.fsync!r}, appended={self.appended_offset}, "
+                f"durable={self.durable_offset})")
+
+
+# --- the reader ---------------------------------------------------------------
+
+cdef class WalReader:
+    """Reads one worker's log (in any process) from offsets the caller keeps.
+
+    read(from_offset, up_to) returns the records with offset in [from_offset,
+    up_to) (up_to: the writer's durable offset), across segments, stopping early
+    at a torn or corrupt record. Keeps one segment file open; not thread-safe
+    (one reader per thread).
+    """
+    cdef readonly str path
+    cdef list segs                  # cached listing: bases, oldest first
+    cdef int fd
+    cdef uint64_t fd_base
+    cdef set known                  # offsets known to start a record
+    cdef uint64_t end_base, end_pos # end_offset(): a segment and its valid file size scanned so far
+
+    def __cinit__(self):
+        self.fd = -1
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.segs = []
+        self.known = set()
+        self.end_base = <uint64_t>-1
+        self._refresh()
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _refresh(self):
+        self.segs = [b for b, _ in list_segments(self.path)]
+
+    def segments(self):
+        """[(base, file size)] of the segments on disk, oldest first."""
+        out = []
+        for base, name in list_segments(self.path):
+            try:
+                out.append((base, os.stat(os.path.join(self.path, name)).st_size))
+            except FileNotFoundError:
+                pass
+        return out
+
+    def first_offset(self):
+        """The offset of the oldest record kept (retention deletes before it)."""
+        self._refresh()
+        return self.segs[0] if self.segs else 0
+
+    cdef Py_ssize_t _index(self, uint64_t pos) except -2:
+        """The index in segs of the segment holding pos (-1: before the first)."""
+        cdef Py_ssize_t lo = 0, hi = len(self.segs), mid
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if <uint64_t>self.segs[mid] <= pos:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - 1
+
+    cdef int _open(self, uint64_t base) except -1:
+        """Makes the segment `base` the open one: 0, or 1 if it is gone."""
+        if self.fd >= 0 and self.fd_base == base:
+            return 0
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            self.fd = os.open(os.path.join(self.path, segment_name(base)), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return 1
+        self.fd_base = base
+        return 0
+
+    cdef Py_ssize_t _locate(self, uint64_t pos) except -2:
+        """The segment index holding pos, its file open; raises if deleted."""
+        cdef Py_ssize_t i
+        for attempt in range(3):
+            i = self._index(pos)
+            if i < 0 and attempt == 0:
+                self._refresh()                 # a new directory, or the first listing
+                continue
+            if i < 0:
+                first = self.segs[0] if self.segs else None
+                if first is None:
+                    raise OffsetBeyondEndError(f"{self.path}: no log segments; offset {pos} cannot be read")
+                raise OffsetDeletedError(f"{self.path}: offset {pos} lies in a deleted segment "
+                                         f"(the oldest kept starts at {first})")
+            if self._open(self.segs[i]) == 0:
+                return i
+            self._refresh()                     # deleted since the listing
+        raise OffsetDeletedError(f"{self.path}: offset {pos}: its segment was deleted")
+
+    cdef _check(self, uint64_t pos):
+        """Raises unless a record starts at pos (or pos ends the last record on
+        disk). Offsets this reader returned are known; others cost a walk over
+        the record lengths from the start of their segment."""
+        cdef Py_ssize_t i, k, got, want
+        cdef uint64_t base, at, prev
+        cdef uint32_t n
+        cdef bytes data
+        cdef const uint8_t* p
+        if pos in self.known:
+            return
+        i = self._locate(pos)
+        base = self.segs[i]
+        at = prev = base
+        while at < pos:
+            want = <Py_ssize_t>min(<uint64_t>READ_CHUNK, pos - at + 8)
+            data = os.pread(self.fd, want, HEADER_BYTES + at - base)
+            got = PyBytes_GET_SIZE(data)
+            p = <const uint8_t*>PyBytes_AS_STRING(data)
+            k = 0
+            while at < pos and got - k >= 8:
+                n = gw_le32(p + k)
+                if n == 0 or n > GW_WAL_MAX_PAYLOAD:
+                    raise OffsetBeyondEndError(f"{self.path}: offset {pos} lies past a corrupt record at {at}")
+                prev = at
+                at += 8 + n
+                k += 8 + n
+            if at >= pos or k > got:
+                continue                # done, or the next read starts after a long record
+            if got < want:
+                raise OffsetBeyondEndError(f"{self.path}: offset {pos} lies past the records on disk "
+                                           f"(they end at {at})")
+            # a header across the end of the chunk: read again from `at`
+        if at != pos:
+            raise OffsetMisalignedError(f"{self.path}: offset {pos} is not at a record boundary "
+                                        f"(records start at {prev} and {at})")
+        self._remember(pos)
+
+    cdef _remember(self, uint64_t pos):
+        if len(self.known) >= 4096:
+            self.known.clear()
+        self.known.add(pos)
+
+    def read(self, uint64_t from_offset, uint64_t up_to, Py_ssize_t max_records=10000):
+        """([(offset, payload)], next_offset): the records with offset in
+        [from_offset, up_to), at most max_records, stopping early (no error) at a
+        torn or corrupt record. Raises OffsetDeletedError (from_offset in a
+        deleted segment), OffsetMisalignedError (not a record boundary),
+        OffsetBeyondEndError (past the records on disk)."""
+        cdef list out = []
+        cdef uint64_t pos = from_offset, base, limit, nxt, need = 0
+        cdef Py_ssize_t i, want, got, k, start
+        cdef uint32_t n
+        cdef int st
+        cdef bytes data
+        cdef const uint8_t* p
+        if max_records <= 0:
+            raise ValueError("max_records must be positive")
+        if not self.segs:
+            self._refresh()
+            if not self.segs and from_offset == 0:
+                return out, 0                   # the writer has not created its log yet
+        self._check(pos)
+        while pos < up_to and len(out) < max_records:
+            i = self._locate(pos)
+            base = self.segs[i]
+            nxt = <uint64_t>self.segs[i + 1] if i + 1 < len(self.segs) else <uint64_t>-1
+            limit = min(up_to, nxt)
+            want = <Py_ssize_t>min(limit - pos, max(<uint64_t>READ_CHUNK, need))
+            data = os.pread(self.fd, want, HEADER_BYTES + pos - base)
+            got = PyBytes_GET_SIZE(data)
+            p = <const uint8_t*>PyBytes_AS_STRING(data)
+            k = 0
+            st = GW_SCAN_END
+            while len(out) < max_records:
+                st = gw_wal_next(p + k, <size_t>(got - k), &n, &need, 1)
+                if st >= 0:
+                    break
+                out.append((pos + <uint64_t>k, PyBytes_FromStringAndSize(<const char*>p + k + 8, n)))
+                k += 8 + n
+            pos += <uint64_t>k
+            if len(out) >= max_records or pos >= up_to:
+                break
+            if st == GW_SCAN_END:
+                need = 0
+                if got == want:
+                    continue                    # more to read (maybe in the next segment)
+                # the file ends at pos: did the writer start a new segment there?
+                if nxt == <uint64_t>-1:
+                    self._refresh()
+                    if len(self.segs) > i + 1 and <uint64_t>self.segs[i + 1] == pos:
+                        continue
+                break                           # not on disk (up_to past what was written)
+            if st == GW_SCAN_PARTIAL and pos + need <= limit and got == want:
+                continue                        # read the record whole next time
+            break                               # corrupt, torn, or running past up_to
+        self._remember(pos)
+        return out, pos
+
+    def end_offset(self):
+        """The offset after the last whole valid record on disk."""
+        cdef uint64_t n
+        cdef Py_ssize_t size, valid
+        self._refresh()
+        while self.segs:
+            base = self.segs[len(self.segs) - 1]
+            if self._open(base) != 0:
+                self._refresh()
+                continue
+            size = os.fstat(self.fd).st_size
+            if size < HEADER_BYTES:
+                return base
+            if base != self.end_base:
+                self.end_base = base
+                self.end_pos = HEADER_BYTES
+            valid = _scan_from(self.fd, self.end_pos, size, &n)
+            self.end_pos = valid
+            return base + <uint64_t>(valid - HEADER_BYTES)
+        return 0
