@@ -1,0 +1,125 @@
+"""Rolling z-score anomaly detector, one window per (device_id, metric).
+
+For each new value v of a key:
+
+- with fewer than `min_samples = min(10, window)` values in the key's window,
+  no decision: v enters the window;
+- else mean and std (population) of the window; if std == 0 no decision (a
+  flat window cannot judge: v enters the window); else z = (v - mean) / std,
+  and |z| > threshold makes v **anomalous**: an alert (z, mean, std of the
+  window it was judged against).
+- An anomalous value does **not** enter the window, so one spike neither
+  inflates the std nor masks the next spike. A level shift would then alert on
+  every later value, so `min_samples` anomalous values in a row (no normal
+  value between them) become the key's new window: a step change raises at
+  most `min_samples` alerts, then the detector follows the new level.
+- The window holds the last `window` values that entered it.
+
+Mean and variance come from running sums of (v - K) and (v - K)^2, K the first
+value of the window (shifting keeps the subtraction well conditioned), and are
+recomputed exactly every `window` insertions so rounding cannot drift, and
+whenever the variance is tiny next to the sums (a nearly flat window, where
+rounding could pass for variance); a negative variance is taken as 0.
+
+State is rebuilt lazily: the first time a key is seen, `warm(device, metric)`
+gives the values it should start from (the store's last `window` samples of the
+key that raised no alert, oldest first). On a failed store transaction the
+caller calls `reset()` so every key warms up again from what was committed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Callable, Iterable
+
+
+class _Key:
+    __slots__ = ("values", "shift", "s", "q", "since", "run")
+
+    def __init__(self, window: int, values: Iterable[float]):
+        self.values: deque = deque(maxlen=window)
+        self.run: list[float] = []           # consecutive anomalous values
+        self.refill(values)
+
+    def refill(self, values: Iterable[float]) -> None:
+        self.values.clear()
+        self.values.extend(values)
+        self.recompute()
+
+    def recompute(self) -> None:
+        vals = self.values
+        k = vals[0] if vals else 0.0
+        self.shift = k
+        s = q = 0.0
+        for v in vals:
+            d = v - k
+            s += d
+            q += d * d
+        self.s, self.q = s, q
+        self.since = 0
+
+    def push(self, v: float) -> None:
+        vals = self.values
+        k = self.shift
+        if len(vals) == vals.maxlen:
+            d = vals[0] - k
+            self.s -= d
+            self.q -= d * d
+        vals.append(v)
+        d = v - k
+        self.s += d
+        self.q += d * d
+        self.since += 1
+        if self.since >= vals.maxlen:
+            self.recompute()
+
+    def mean_std(self) -> tuple[float, float]:
+        n = len(self.values)
+        m = self.s / n
+        var = self.q / n - m * m
+        if var < 1e-9 * (self.q / n) and self.since:
+            # Cancellation (a window nearly flat around a shift far from it):
+            # the sums' rounding could pass for variance. Recompute exactly.
+            self.recompute()
+            m = self.s / n
+            var = self.q / n - m * m
+        return self.shift + m, (math.sqrt(var) if var > 0.0 else 0.0)
+
+
+class Detector:
+    def __init__(self, window: int = 60, threshold: float = 4.0,
+                 warm: Callable[[str, str], Iterable[float]] | None = None):
+        if window < 1:
+            raise ValueError("anomaly_window must be at least 1")
+        self.window = window
+        self.threshold = threshold
+        self.min_samples = min(10, window)
+        self.warm = warm
+        self.keys: dict[tuple[str, str], _Key] = {}
+
+    def reset(self) -> None:
+        self.keys.clear()
+
+    def observe(self, device_id: str, metric: str, value: float):
+        """None, or (zscore, mean, std) when `value` is anomalous."""
+        key = (device_id, metric)
+        st = self.keys.get(key)
+        if st is None:
+            st = self.keys[key] = _Key(self.window, self.warm(device_id, metric) if self.warm else ())
+        if len(st.values) < self.min_samples:
+            st.push(value)
+            st.run.clear()
+            return None
+        mean, std = st.mean_std()
+        if std > 0.0:
+            z = (value - mean) / std
+            if abs(z) > self.threshold:
+                st.run.append(value)
+                if len(st.run) >= self.min_samples:
+                    st.refill(st.run)        # a new level: learn it
+                    st.run = []
+                return (z, mean, std)
+        st.push(value)
+        st.run.clear()
+        return None

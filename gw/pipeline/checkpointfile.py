@@ -1,0 +1,40 @@
+"""Small JSON checkpoint files, replaced atomically (write, fsync, rename, fsync dir)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    data = (json.dumps(value, sort_keys=True) + "\n").encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def read_json(path: Path) -> dict | None:
+    """The checkpoint, or None when there is none yet; ValueError if unreadable."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value

@@ -1,0 +1,198 @@
+"""The pipeline process: the sinks' threads, WAL retention, alerts, stats, signals."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from typing import Callable
+
+from .bridge import BridgeSink
+from .errors import PipelineError
+from .filesink import FileSink
+from .runner import SinkRunner
+from .settings import Settings
+from .source import WalSource, load_wal_module, worker_dir
+from .store import STORE_FILE, StoreSink, check_data_dir, open_store
+
+log = logging.getLogger("gw.pipeline")
+
+DURABLE_FALLBACK = 141          # Counter.WAL_DURABLE_OFFSET in gw_ext/stats.pxd
+JOIN_TIMEOUT = 30.0             # s a sink may take to finish its batch in hand when stopping
+
+_current: "Pipeline | None" = None
+
+
+def durable_index() -> int:
+    try:
+        from gw.stats import Counter
+        return int(getattr(Counter, "WAL_DURABLE_OFFSET", DURABLE_FALLBACK))
+    except ImportError:
+        return DURABLE_FALLBACK
+
+
+class Pipeline:
+    """The sinks over the worker logs of `nworkers` slots.
+
+    durable(slot) gives a log's durable offset; publish(topic, payload) sends
+    an MQTT message into the broker (alerts), called from the thread that runs
+    `run()` only; wal is gw_ext.wal or a module with the same API."""
+
+    def __init__(self, settings: Settings, nworkers: int, durable: Callable[[int], int],
+                 publish: Callable[[bytes, bytes], None] | None = None, wal=None):
+        self.settings = settings
+        self.nworkers = nworkers
+        self.durable = durable
+        self.publish = publish
+        self.data_dir = check_data_dir(settings.data_dir)
+        if wal is None:
+            try:
+                wal = load_wal_module()
+            except ImportError as exc:
+                raise PipelineError(f"the write-ahead log module gw_ext.wal does not import ({exc}); "
+                                    "build the extensions (pip install -e .)") from None
+        self.wal = wal
+        self.stop_event = threading.Event()
+        self.alerts_published = 0
+        self.alerts_failed = 0
+        self._publish_logged = 0.0
+        self._retain_logged = 0.0
+        self._next_retain = 0.0
+        self.started = time.time()
+        conn = open_store(self.data_dir / STORE_FILE)
+        s = settings
+        self.store = StoreSink(conn, nworkers, anomaly_window=s.anomaly_window,
+                               anomaly_threshold=s.anomaly_threshold, raw_retention=s.store_raw_retention,
+                               rollup_retention={"1m": s.store_1m_retention, "1h": s.store_1h_retention},
+                               retention_interval=s.store_retention_interval)
+        sinks = [self.store]
+        try:
+            if s.file_sink_enabled:
+                sinks.append(FileSink(s.file_sink, nworkers, rotate_bytes=s.file_sink_rotate_bytes,
+                                      rotate_seconds=s.file_sink_rotate_seconds))
+            if s.bridge_enabled:
+                sinks.append(BridgeSink(s.bridge, nworkers, data_dir=self.data_dir, topic=s.bridge_topic,
+                                        cafile=s.bridge_cafile, client_id=s.bridge_client_id,
+                                        window=s.bridge_window))
+            for sink in sinks:
+                sink.open()
+        except BaseException:
+            self.store.close()
+            raise
+        self.sinks = sinks
+        self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal),
+                                   batch=s.pipeline_batch, poll_interval=s.pipeline_poll_interval,
+                                   stop=self.stop_event)
+                        for sink in sinks]
+
+    # -- life cycle
+    def start(self) -> None:
+        for r in self.runners:
+            r.start()
+        log.info("pipeline: %d worker logs, sinks %s", self.nworkers,
+                 ", ".join(s.name for s in self.sinks))
+
+    def run(self) -> int:
+        """Until stop(): alerts out, WAL retention. Then waits for the sinks to
+        finish their batch in hand and commit; returns 0."""
+        while not self.stop_event.is_set():
+            self.tick()
+            self.stop_event.wait(self.settings.pipeline_poll_interval)
+        return self.shutdown()
+
+    def tick(self) -> None:
+        self._publish_alerts()
+        now = time.monotonic()
+        if now >= self._next_retain:
+            self._next_retain = now + self.settings.pipeline_retain_interval
+            self.retain_wal()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def shutdown(self, timeout: float = JOIN_TIMEOUT) -> int:
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout
+        for r in self.runners:
+            if r.thread is not None:
+                r.thread.join(max(0.0, deadline - time.monotonic()))
+                if r.thread.is_alive():
+                    log.error("pipeline: the %s sink did not stop within %.0f s", r.sink.name, timeout)
+            else:
+                r.sink.close()
+        self._publish_alerts()
+        self.retain_wal()
+        return 0
+
+    # -- alerts, after their transaction committed
+    def _publish_alerts(self) -> None:
+        outbox = self.store.outbox
+        while not outbox.empty():
+            topic, payload = outbox.get_nowait()
+            if self.publish is None:
+                continue
+            try:
+                self.publish(topic, payload)
+                self.alerts_published += 1
+            except Exception as exc:       # noqa: BLE001  (the alert is in the store anyway)
+                self.alerts_failed += 1
+                now = time.monotonic()
+                if now - self._publish_logged >= 10.0:
+                    self._publish_logged = now
+                    log.warning("pipeline: alert not published on %s: %s (it is in the store)",
+                                topic.decode(errors="replace"), exc)
+
+    # -- the logs' retention: nothing a sink still needs
+    def retain_wal(self) -> None:
+        s = self.settings
+        for slot in range(self.nworkers):
+            d = worker_dir(self.data_dir, slot)
+            if not d.is_dir():
+                continue
+            keep = min(sink.checkpoints.get(slot, 0) for sink in self.sinks)
+            try:
+                self.wal.retain_dir(str(d), keep, s.wal_retention_age, s.wal_retention_bytes)
+            except Exception as exc:         # noqa: BLE001
+                now = time.monotonic()
+                if now - self._retain_logged >= 60.0:
+                    self._retain_logged = now
+                    log.warning("pipeline: WAL retention in %s failed: %s", d, exc)
+
+    # -- figures
+    def stats(self) -> dict:
+        out = {"sinks": {r.sink.name: r.stats() for r in self.runners},
+               "alerts_published": self.alerts_published, "alerts_publish_failed": self.alerts_failed,
+               "durable": {slot: int(self.durable(slot)) for slot in range(self.nworkers)}}
+        return out
+
+
+def stats() -> dict:
+    """The running pipeline's figures in this process ({} when none runs)."""
+    return _current.stats() if _current is not None else {}
+
+
+def pipeline_main(cfg, block, nworkers: int, publish) -> int:
+    """The pipeline process's body (the master forks it). Runs until SIGTERM,
+    then finishes each sink's batch in hand, commits the checkpoints and
+    returns 0. Raises PipelineError when it cannot start (corrupt store,
+    unwritable data dir, bad setting)."""
+    global _current
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the master relays Ctrl-C as SIGTERM
+    settings = Settings.from_cfg(cfg)
+    rows = block.rows
+    idx = durable_index()
+
+    def durable(slot: int) -> int:
+        return int(rows[slot, idx])
+
+    pipe = Pipeline(settings, nworkers, durable, publish)
+    signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # its settings need a restart
+    _current = pipe
+    try:
+        pipe.start()
+        return pipe.run()
+    finally:
+        _current = None

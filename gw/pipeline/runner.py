@@ -1,0 +1,158 @@
+"""One thread per sink: poll the worker logs, hand batches to the sink, retry.
+
+The runner keeps the sink's read position per worker log. Each turn it gathers
+up to `batch` records over the logs (starting with a different log each turn,
+so a busy log cannot starve the others), each read only up to the log's
+durable offset, and calls `sink.write`. When the batch was full it goes again
+at once (catching up), with a batch twice as large as the last, up to
+`sink.catchup` times `batch` (larger transactions cost the store far less per
+record: each commit writes every page it touched), and back to `batch` once
+caught up; otherwise it waits `poll_interval`. A failing sink
+(write or poll raising) is rewound to its checkpoints and retried after an
+exponential backoff with full jitter (base 0.1 s, cap 30 s); the failure is
+logged once per streak, and its recovery once. Sinks run in their own threads,
+so a failing or slow sink never holds up the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .backoff import Backoff
+from .sink import Sink
+from .source import WalSource
+
+log = logging.getLogger("gw.pipeline")
+
+
+class SinkRunner:
+    def __init__(self, sink: Sink, source: WalSource, *, batch: int, poll_interval: float,
+                 stop: threading.Event, backoff: Backoff | None = None):
+        self.sink = sink
+        self.source = source
+        self.batch = max(1, batch)
+        self.cur_batch = self.batch
+        self.poll_interval = poll_interval
+        self.stop = stop
+        self.backoff = backoff or Backoff()
+        self.pos: dict[int, int] = dict(sink.checkpoints)
+        self.retries = 0
+        self.failing = False
+        self.last_error = ""
+        self.skipped_bytes = 0          # log bytes the sink never saw (retention removed them first)
+        self._start = 0
+        self._ahead_logged: set[int] = set()
+        self.thread: threading.Thread | None = None
+        self.done = threading.Event()
+
+    def start(self) -> None:
+        self.pos = dict(self.sink.checkpoints)
+        self.thread = threading.Thread(target=self.run, name=f"gw-pipeline-{self.sink.name}", daemon=True)
+        self.thread.start()
+
+    # -- one turn
+    def gather(self) -> tuple[list, int, bool]:
+        """([(slot, records, next_offset)], records, full)."""
+        sink = self.sink
+        limit = sink.budget(self.cur_batch)
+        n = sink.nworkers
+        parts = []
+        count = 0
+        full = False
+        if limit <= 0:
+            return parts, 0, False
+        for i in range(n):
+            slot = (self._start + i) % n
+            durable = self.source.durable(slot)
+            pos = self.pos.get(slot, 0)
+            if durable <= pos:
+                if durable < pos and slot not in self._ahead_logged:
+                    self._ahead_logged.add(slot)
+                    log.warning("%s: checkpoint %d of worker %d's log is past its durable offset %d "
+                                "(was the log reset?); waiting for the log to reach it",
+                                sink.name, pos, slot, durable)
+                continue
+            left = limit - count
+            records, nxt = self.source.read(slot, pos, durable, left)
+            start = records[0][0] if records else nxt
+            if start > pos:
+                self.skipped_bytes += start - pos
+            if records or nxt != pos:
+                parts.append((slot, records, nxt))
+                self.pos[slot] = nxt
+                count += len(records)
+            if count >= limit:
+                full = True
+                break
+        self._start = (self._start + 1) % n if n else 0
+        if full:
+            self.cur_batch = min(self.cur_batch * 2, self.batch * max(1, sink.catchup))
+        else:
+            self.cur_batch = self.batch
+        return parts, count, full
+
+    def turn(self) -> bool:
+        """One poll and (maybe) one batch; True when it should go again at once."""
+        self.sink.poll(time.monotonic())
+        parts, count, full = self.gather()
+        if parts:
+            self.sink.write(parts)
+        return full
+
+    def run(self) -> None:
+        sink = self.sink
+        try:
+            while not self.stop.is_set():
+                try:
+                    again = self.turn()
+                except Exception as exc:        # noqa: BLE001  (any failure of the target: retry)
+                    self._failed(exc)
+                    continue
+                if self.failing:
+                    log.info("%s sink: working again after %d retries", sink.name, self.backoff.failures)
+                    self.failing = False
+                    self.backoff.reset()
+                if not again:
+                    self.stop.wait(self.poll_interval)
+        finally:
+            try:
+                sink.close()
+            except Exception:                 # noqa: BLE001
+                log.exception("%s sink: error while closing", sink.name)
+            self.source.close()
+            self.done.set()
+
+    def _failed(self, exc: Exception) -> None:
+        sink = self.sink
+        self.retries += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        try:
+            sink.rewind()
+        except Exception:                     # noqa: BLE001
+            log.exception("%s sink: rewind failed", sink.name)
+        self.pos = dict(sink.checkpoints)
+        delay = self.backoff.delay()
+        if not self.failing:
+            self.failing = True
+            log.warning("%s sink failing (%s); retrying with backoff (up to %.0f s), "
+                        "logged once until it works again", sink.name, self.last_error,
+                        self.backoff.cap, exc_info=not isinstance(exc, (OSError, ConnectionError)))
+        self.stop.wait(delay)
+
+    # -- figures
+    def lag(self) -> int:
+        total = 0
+        for slot in range(self.sink.nworkers):
+            total += max(0, self.source.durable(slot) - self.sink.checkpoints.get(slot, 0))
+        return total
+
+    def stats(self) -> dict:
+        sink = self.sink
+        out = {"written": sink.written, "retries": self.retries, "lag": self.lag(),
+               "failing": self.failing, "last_error": self.last_error,
+               "skipped_bytes": self.skipped_bytes,
+               "checkpoints": dict(sink.checkpoints)}
+        out.update(sink.extra_stats())
+        return out

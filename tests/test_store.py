@@ -1,0 +1,414 @@
+"""The embedded store (gw/pipeline/store.py): the schema contract, refusing a
+corrupt or foreign file, rollup math against numpy (hypothesis), the z-score
+detector against a reference, devices, retention, anomaly state rebuilt from
+the store. Real SQLite files throughout."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from test_pipeline import T0, reading
+from gw.pipeline import PipelineError
+from gw.pipeline.anomaly import Detector
+from gw.pipeline.rollup import WINDOWS, aggregate_numpy, aggregate_python, mean_std
+from gw.pipeline.store import STORE_FILE, StoreSink, check_data_dir, open_store
+
+CONTRACT = {
+    "readings": [("worker", "INTEGER", 1, 1), ("lsn", "INTEGER", 1, 2), ("device_id", "TEXT", 1, 0),
+                 ("ts", "REAL", 1, 0), ("seq", "INTEGER", 0, 0), ("metrics", "TEXT", 1, 0),
+                 ("tags", "TEXT", 1, 0), ("payload", "TEXT", 0, 0)],
+    "samples": [("device_id", "TEXT", 1, 1), ("metric", "TEXT", 1, 2), ("ts", "REAL", 1, 3),
+                ("value", "REAL", 1, 0), ("worker", "INTEGER", 1, 4), ("lsn", "INTEGER", 1, 5)],
+    "rollups": [("win", "TEXT", 1, 1), ("device_id", "TEXT", 1, 2), ("metric", "TEXT", 1, 3),
+                ("bucket", "REAL", 1, 4), ("count", "INTEGER", 1, 0), ("min", "REAL", 1, 0),
+                ("max", "REAL", 1, 0), ("sum", "REAL", 1, 0), ("sumsq", "REAL", 1, 0)],
+    "devices": [("device_id", "TEXT", 0, 1), ("first_seen", "REAL", 1, 0), ("last_seen", "REAL", 1, 0),
+                ("last_values", "TEXT", 1, 0), ("tags", "TEXT", 1, 0), ("readings", "INTEGER", 1, 0)],
+    "alerts": [("id", "INTEGER", 0, 1), ("device_id", "TEXT", 1, 0), ("metric", "TEXT", 1, 0),
+               ("ts", "REAL", 1, 0), ("value", "REAL", 1, 0), ("zscore", "REAL", 1, 0),
+               ("mean", "REAL", 1, 0), ("std", "REAL", 1, 0), ("state", "TEXT", 1, 0),
+               ("created", "REAL", 1, 0), ("acked", "REAL", 0, 0)],
+    "checkpoints": [("sink", "TEXT", 1, 1), ("worker", "INTEGER", 1, 2), ("next_offset", "INTEGER", 1, 0)],
+    "meta": [("key", "TEXT", 0, 1), ("value", "TEXT", 1, 0)],
+}
+
+
+def new_sink(path, **kw) -> StoreSink:
+    sink = StoreSink(open_store(path / STORE_FILE), kw.pop("nworkers", 1), **kw)
+    sink.open()
+    return sink
+
+
+def feed(sink: StoreSink, payloads, slot: int = 0, start: int | None = None, batch: int = 500) -> int:
+    """Writes payloads as log records of `slot` (offsets as the log would give) in batches."""
+    off = sink.checkpoints.get(slot, 0) if start is None else start
+    for i in range(0, len(payloads), batch):
+        records = []
+        for p in payloads[i:i + batch]:
+            records.append((off, p))
+            off += 8 + len(p)
+        sink.write([(slot, records, off)])
+    return off
+
+
+# --- opening -------------------------------------------------------------------------
+
+def test_schema_is_the_contract(tmp_path):
+    conn = open_store(tmp_path / STORE_FILE)
+    for table, cols in CONTRACT.items():
+        got = [(name, typ, notnull, pk) for _cid, name, typ, notnull, _dflt, pk in
+               conn.execute(f"PRAGMA table_info({table})")]
+        assert got == cols, table
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1          # NORMAL
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    for table in ("readings", "samples", "rollups"):
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
+        assert sql.endswith("WITHOUT ROWID")
+    conn.close()
+    conn = open_store(tmp_path / STORE_FILE)          # opening again keeps it
+    conn.close()
+
+
+def test_a_garbage_file_is_refused_and_left_alone(tmp_path):
+    path = tmp_path / STORE_FILE
+    junk = os.urandom(8192)
+    path.write_bytes(junk)
+    with pytest.raises(PipelineError) as err:
+        open_store(path)
+    msg = str(err.value)
+    assert str(path) in msg and "corrupt" in msg and "left as it is" in msg
+    assert path.read_bytes() == junk
+    assert not (tmp_path / (STORE_FILE + "-wal")).exists()
+
+
+def test_a_damaged_database_fails_quick_check(tmp_path):
+    sink = new_sink(tmp_path)
+    feed(sink, [reading(f"d{i % 50}", T0 + i, i, {"temp_c": i, "hum": 1}) for i in range(5000)])
+    sink.close()
+    path = tmp_path / STORE_FILE
+    c = sqlite3.connect(path)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = c.execute("PRAGMA page_size").fetchone()[0]
+    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'readings_device_ts'").fetchone()[0]
+    c.close()
+    data = bytearray(path.read_bytes())
+    # scribble over an index's interior page: cells point to nonsense
+    start = (root - 1) * page
+    data[start + 8:start + page] = bytes((i * 37) & 0xFF for i in range(page - 8))
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    with pytest.raises(PipelineError, match="corrupt"):
+        open_store(path)
+    assert path.read_bytes() == before
+
+
+def test_a_foreign_database_is_refused(tmp_path):
+    path = tmp_path / STORE_FILE
+    c = sqlite3.connect(path)
+    c.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    c.commit()
+    c.close()
+    with pytest.raises(PipelineError, match="customers"):
+        open_store(path)
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    open_store(tmp_path / STORE_FILE).execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(PipelineError, match="schema version 99"):
+        open_store(tmp_path / STORE_FILE)
+
+
+def test_unusable_data_dirs(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    with pytest.raises(PipelineError, match="not a directory"):
+        check_data_dir(afile)
+    with pytest.raises(PipelineError, match="cannot be created"):
+        check_data_dir(afile / "sub")
+    assert check_data_dir(tmp_path / "new" / "dir").is_dir()
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.geteuid() != 0:          # root writes anywhere; the probe is real either way
+            with pytest.raises(PipelineError, match="not writable"):
+                check_data_dir(ro)
+    finally:
+        ro.chmod(0o700)
+
+
+def test_store_path_that_is_a_directory(tmp_path):
+    (tmp_path / STORE_FILE).mkdir()
+    with pytest.raises(PipelineError, match="not a regular file"):
+        open_store(tmp_path / STORE_FILE)
+
+
+# --- rollups ---------------------------------------------------------------------------
+
+def reference_rollups(samples) -> dict:
+    """numpy, straight from the definition: {(win, dev, metric, bucket): (count, min, max, sum, sumsq)}."""
+    out = {}
+    if not samples:
+        return out
+    dev = np.array([s[0] for s in samples])
+    met = np.array([s[1] for s in samples])
+    ts = np.array([s[2] for s in samples], dtype=np.float64)
+    val = np.array([s[3] for s in samples], dtype=np.float64)
+    for win, w in WINDOWS:
+        bucket = np.floor(ts / w) * w
+        for key in set(zip(dev.tolist(), met.tolist(), bucket.tolist())):
+            sel = (dev == key[0]) & (met == key[1]) & (bucket == key[2])
+            v = val[sel]
+            out[(win,) + key] = (int(sel.sum()), v.min(), v.max(), v.sum(), (v * v).sum())
+    return out
+
+
+sample_st = st.tuples(st.sampled_from(["a", "b", "c"]), st.sampled_from(["temp_c", "hum"]),
+                      st.floats(0, 3 * 86400), st.floats(-1e6, 1e6, allow_nan=False))
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(samples=st.lists(sample_st, max_size=400), cut=st.integers(1, 400))
+def test_rollups_match_numpy(tmp_path_factory, samples, cut):
+    """Samples through the store sink in batches of `cut` readings (each batch
+    upserts into what the earlier ones left) equal numpy's groupby of them all."""
+    path = tmp_path_factory.mktemp("roll")
+    sink = new_sink(path)
+    payloads = [reading(d, T0 + t, None, {m: v}) for d, m, t, v in samples]
+    feed(sink, payloads, batch=cut)
+    want = reference_rollups([(d, m, T0 + t, v) for d, m, t, v in samples])
+    got = {(w, d, m, b): (n, lo, hi, s, q) for w, d, m, b, n, lo, hi, s, q in
+           sink.conn.execute("SELECT * FROM rollups")}
+    assert got.keys() == want.keys()
+    for k, (n, lo, hi, s, q) in want.items():
+        gn, glo, ghi, gs, gq = got[k]
+        assert gn == n and glo == lo and ghi == hi
+        assert gs == pytest.approx(s, rel=1e-9, abs=1e-6)
+        assert gq == pytest.approx(q, rel=1e-9, abs=1e-3)
+    sink.close()
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(samples=st.lists(st.tuples(st.integers(0, 30), st.floats(0, 1e5), st.floats(-1e3, 1e3)),
+                        max_size=600))
+def test_numpy_and_dict_aggregation_agree(samples):
+    names = [(f"d{i}", "m") for i in range(31)]
+    key = [s[0] for s in samples]
+    ts = [T0 + s[1] for s in samples]
+    val = [s[2] for s in samples]
+    a = {r[:4]: r[4:] for r in aggregate_numpy(names, key, ts, val)}
+    b = {r[:4]: r[4:] for r in aggregate_python(names, key, ts, val)}
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k][:3] == b[k][:3]
+        assert a[k][3] == pytest.approx(b[k][3], abs=1e-6)
+        assert a[k][4] == pytest.approx(b[k][4], rel=1e-9)
+
+
+def test_mean_std_from_the_sums():
+    v = np.array([21.5, 22.0, 19.25, 20.0])
+    mean, std = mean_std(len(v), v.sum(), (v * v).sum())
+    assert mean == pytest.approx(v.mean()) and std == pytest.approx(v.std())
+    # constant values: sumsq/n - mean^2 is 0 only up to rounding, sometimes below
+    # zero; std is then 0, never NaN
+    negative = 0
+    for x in np.linspace(1000.1, 1001.1, 200):
+        v = np.full(7, x)
+        total, sumsq = v.sum(), (v * v).sum()
+        negative += sumsq / 7 - (total / 7) ** 2 < 0
+        m, sd = mean_std(7, total, sumsq)
+        assert m == pytest.approx(x) and 0.0 <= sd < 1e-3
+    assert negative > 0
+
+
+def test_bucket_boundaries(tmp_path):
+    sink = new_sink(tmp_path)
+    day = float(int(T0) // 86400 * 86400)
+    feed(sink, [reading("d", day - 0.000001, 1, {"x": 1}), reading("d", day, 2, {"x": 2}),
+                reading("d", day + 59.999, 3, {"x": 3}), reading("d", day + 60, 4, {"x": 4})])
+    rows = sink.conn.execute("SELECT win, bucket, count, sum FROM rollups ORDER BY win, bucket").fetchall()
+    assert rows == [("1d", day - 86400, 1, 1.0), ("1d", day, 3, 9.0),
+                    ("1h", day - 3600, 1, 1.0), ("1h", day, 3, 9.0),
+                    ("1m", day - 60, 1, 1.0), ("1m", day, 2, 5.0), ("1m", day + 60, 1, 4.0)]
+
+
+# --- devices and readings ------------------------------------------------------------------
+
+def test_devices_and_readings_rows(tmp_path):
+    sink = new_sink(tmp_path)
+    feed(sink, [reading("d1", T0 + 10, 1, {"a": 1, "b": 2}, {"site": "AAL"}, b'{"raw":"ok"}'),
+                reading("d1", T0 + 20, 2, {"a": 3}, {"site": "CPH"}),
+                reading("d1", T0 + 5, 3, {"c": 9}, {"site": "OSL"}),        # older: fills c only
+                reading("d2", T0 + 1, None, {})])
+    feed(sink, [reading("d1", T0 + 1, 4, {"a": 100, "d": 4}, {"site": "STO"})])   # an older batch
+    c = sink.conn
+    d1 = c.execute("SELECT first_seen, last_seen, last_values, tags, readings FROM devices "
+                   "WHERE device_id = 'd1'").fetchone()
+    assert d1[0] == T0 + 1 and d1[1] == T0 + 20 and d1[4] == 4
+    assert json.loads(d1[2]) == {"a": 3.0, "b": 2.0, "c": 9.0, "d": 4.0}
+    assert json.loads(d1[3]) == {"site": "CPH"}
+    assert c.execute("SELECT readings, last_values FROM devices WHERE device_id = 'd2'").fetchone() == (1, "{}")
+    r = c.execute("SELECT worker, lsn, device_id, ts, seq, metrics, tags, payload FROM readings "
+                  "ORDER BY lsn").fetchall()
+    assert r[0][2:] == ("d1", T0 + 10, 1, '{"a":1.0,"b":2.0}', '{"site":"AAL"}', '{"raw":"ok"}')
+    assert r[3][4] is None and r[3][7] is None          # seq absent, payload null
+    assert c.execute("SELECT count(*) FROM samples").fetchone()[0] == 6
+
+
+def test_a_record_that_is_not_a_reading_is_skipped(tmp_path):
+    sink = new_sink(tmp_path)
+    end = feed(sink, [reading("d", T0, 1, {"x": 1}), b"\x00garbage", reading("d", T0 + 1, 2, {"x": 2})])
+    assert sink.bad_records == 1
+    assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 2
+    assert sink.checkpoints[0] == end
+
+
+def test_a_failed_transaction_changes_nothing(tmp_path):
+    sink = new_sink(tmp_path)
+    end = feed(sink, [reading("d", T0 + i, i, {"x": i}) for i in range(20)])
+    before = sink.conn.execute("SELECT (SELECT count(*) FROM readings), (SELECT sum(count) FROM rollups), "
+                               "(SELECT readings FROM devices)").fetchone()
+    with pytest.raises(sqlite3.IntegrityError):          # the same offsets again: a primary key clash
+        feed(sink, [reading("d", T0 + 100 + i, 100 + i, {"x": i}) for i in range(5)], start=0)
+    after = sink.conn.execute("SELECT (SELECT count(*) FROM readings), (SELECT sum(count) FROM rollups), "
+                              "(SELECT readings FROM devices)").fetchone()
+    assert after == before
+    assert sink.checkpoints[0] == end
+    assert not sink.conn.in_transaction
+
+
+# --- retention ---------------------------------------------------------------------------
+
+def test_retention(tmp_path):
+    now = time.time()
+    sink = new_sink(tmp_path, raw_retention=7 * 86400.0,
+                    rollup_retention={"1m": 30 * 86400.0, "1h": 365 * 86400.0}, clock=lambda: now)
+    ages = [400 * 86400, 100 * 86400, 10 * 86400, 8 * 86400, 3 * 86400, 60]
+    sink.retention_pass()
+    feed(sink, [reading("d", now - a, i, {"x": 1, "y": 2}) for i, a in enumerate(ages)])
+    deleted = sink.retention_pass()
+    c = sink.conn
+    kept = sorted(now - t for (t,) in c.execute("SELECT ts FROM readings"))
+    assert kept == pytest.approx([60, 3 * 86400], abs=1)
+    assert c.execute("SELECT count(*) FROM samples").fetchone()[0] == 4
+    def buckets(win):
+        return sorted(c.execute("SELECT bucket FROM rollups WHERE win = ? AND metric = 'x'", (win,)))
+    assert len(buckets("1d")) == 6                         # kept forever
+    assert len(buckets("1h")) == 5                         # all but the 400-day-old one
+    assert len(buckets("1m")) == 4                         # within 30 days
+    assert deleted == 4 * 3 + (1 + 1) * 2 + 2 * 1          # raw rows + 1m rows + 1h rows
+    assert c.execute("SELECT readings FROM devices").fetchone()[0] == 6   # the device's totals stay
+
+
+def test_retention_in_small_chunks(tmp_path):
+    now = time.time()
+    sink = new_sink(tmp_path, clock=lambda: now)
+    feed(sink, [reading(f"d{i % 7}", now - 10 * 86400 + i, i, {"x": i}) for i in range(3500)], batch=2000)
+    assert sink._delete_raw(now - 7 * 86400) == 1000 * 2           # one chunk: 1000 readings + samples
+    sink.retention_pass()
+    assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
+
+
+# --- the detector --------------------------------------------------------------------------
+
+def reference_detector(values, window, threshold):
+    """The documented rules, naively: numpy over a list every time."""
+    win: list = []
+    run: list = []
+    k = min(10, window)
+    out = []
+    for v in values:
+        if len(win) >= k:
+            a = np.array(win)
+            mean, std = a.mean(), a.std()
+            if std > 0 and abs((v - mean) / std) > threshold:
+                out.append(((v - mean) / std, mean, std))
+                run.append(v)
+                if len(run) >= k:
+                    win = run[-window:]
+                    run = []
+                continue
+        out.append(None)
+        win.append(v)
+        win = win[-window:]
+        run = []
+    return out
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(base=st.lists(st.floats(-100, 100), min_size=1, max_size=300),
+       spikes=st.lists(st.tuples(st.integers(0, 299), st.floats(-1e4, 1e4)), max_size=20),
+       window=st.integers(2, 80), threshold=st.floats(1.0, 6.0), offset=st.sampled_from([0.0, 1e6]))
+def test_detector_matches_the_reference(base, spikes, window, threshold, offset):
+    values = [v + offset for v in base]
+    for i, v in spikes:
+        if i < len(values):
+            values[i] = v + offset
+    det = Detector(window, threshold)
+    got = [det.observe("d", "m", v) for v in values]
+    want = reference_detector(values, window, threshold)
+    for i, (g, w) in enumerate(zip(got, want)):
+        # Running sums give the std to about eps * range^2 / std: a window whose std is
+        # below 1e-4 of the values' range is flat to within rounding, and from there on
+        # the two may judge differently (both rightly).
+        spread = max(values[:i + 1]) - min(values[:i + 1])
+        if w is not None and w[2] < 1e-4 * spread:
+            return
+        if (w is None) != (g is None):
+            z = (w or g)[0]
+            assert abs(abs(z) - threshold) < 1e-6 * max(1.0, abs(z)), (i, g, w)   # at the threshold
+            return
+        if w is None:
+            continue
+        assert g[0] == pytest.approx(w[0], rel=1e-6, abs=1e-6)
+        assert g[1] == pytest.approx(w[1], rel=1e-9, abs=1e-6)
+        assert g[2] == pytest.approx(w[2], rel=1e-6, abs=1e-6)
+
+
+def test_detector_rules():
+    det = Detector(window=60, threshold=4.0)
+    vals = [20.0 + 0.1 * ((i * 7) % 5) for i in range(30)]
+    assert all(det.observe("d", "t", v) is None for v in vals)
+    z = det.observe("d", "t", 30.0)
+    assert z is not None and z[0] > 4
+    # the spike did not enter the window: the same spike again is still an anomaly
+    assert det.observe("d", "t", 30.0) is not None
+    assert det.observe("d", "t", 20.1) is None
+    # a level shift: 10 alerts in a row, then the new level is normal
+    shifted = [det.observe("d", "t", 50.0 + 0.1 * (i % 3)) for i in range(15)]
+    assert all(s is not None for s in shifted[:10]) and all(s is None for s in shifted[10:])
+    # fewer than 10 samples: no decision; a flat window: no decision
+    det2 = Detector(window=60, threshold=4.0)
+    assert [det2.observe("x", "m", v) for v in [1, 1, 1, 1, 1, 1, 1, 1, 1, 1000]] == [None] * 10
+    assert det2.observe("y", "m", 5.0) is None
+    assert all(det2.observe("z", "m", 7.0) is None for _ in range(12))
+    assert det2.observe("z", "m", 9.0) is None              # std 0: cannot judge
+    # a small window
+    det3 = Detector(window=3, threshold=1.0)
+    assert [det3.observe("k", "m", v) is None for v in [1, 2, 3, 100]] == [True, True, True, False]
+
+
+def test_anomaly_state_is_rebuilt_from_the_store(tmp_path):
+    sink = new_sink(tmp_path, anomaly_window=20)
+    vals = [20 + 0.2 * math.sin(i) for i in range(40)] + [80.0]
+    feed(sink, [reading("d", T0 + i, i, {"t": v}) for i, v in enumerate(vals)])
+    assert sink.conn.execute("SELECT count(*) FROM alerts").fetchone()[0] == 1
+    sink.close()
+    # a new process: the window comes from the store (the 20 last samples that raised no
+    # alert), so the very next spike is caught without 10 samples of warm-up
+    sink = new_sink(tmp_path, anomaly_window=20)
+    feed(sink, [reading("d", T0 + 100, 100, {"t": 80.0})])
+    rows = sink.conn.execute("SELECT value, mean FROM alerts ORDER BY id").fetchall()
+    assert len(rows) == 2
+    want = np.array(vals[20:40])
+    assert rows[1][1] == pytest.approx(want.mean())
+    assert sink.detector.keys[("d", "t")].values.maxlen == 20
