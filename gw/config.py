@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACK_MODES = ("enqueue", "sink")
+FSYNC_MODES = ("always", "batch", "off")
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 
 
@@ -129,6 +130,43 @@ class Config:
                                    minimum=0.1, maximum=3600)
     http_keepalive_timeout: float = _setting(75.0, "seconds an idle keep-alive HTTP connection is kept",
                                              minimum=0.1, maximum=86400)
+    ack_mqtt: str = _setting("", "ack mode of the mqtt listener ('' : ack)", choices=("",) + ACK_MODES)
+    ack_mqtts: str = _setting("", "ack mode of the mqtts listener ('' : ack)", choices=("",) + ACK_MODES)
+    ack_http: str = _setting("", "ack mode of the http listener ('' : ack)", choices=("",) + ACK_MODES)
+    ack_https: str = _setting("", "ack mode of the https listener ('' : ack)", choices=("",) + ACK_MODES)
+    fsync: str = _setting("batch", "when the write-ahead log is fsynced: always (before any reading it holds "
+                          "is acknowledged, grouping what arrives meanwhile), batch (group commit every "
+                          "wal_batch_ms) or off (the page cache: survives a crash of gw, not of the machine)",
+                          choices=FSYNC_MODES)
+    wal_batch_ms: float = _setting(2.0, "fsync batch: longest wait to group readings into one fsync, ms",
+                                   minimum=0.1, maximum=1000)
+    wal_segment_bytes: int = _setting(64 << 20, "size of a write-ahead log segment file, bytes",
+                                      minimum=1 << 16, maximum=1 << 34)
+    wal_max_pending: int = _setting(64 << 20, "bytes appended and not yet written before readings are "
+                                    "refused (HTTP 503; MQTT publishers disconnected, their readings "
+                                    "not acknowledged)", minimum=1 << 16, maximum=1 << 34)
+    wal_retention_age: float = _setting(7 * 86400.0, "seconds a log segment is kept once every sink has "
+                                        "read past it", minimum=0)
+    wal_retention_bytes: int = _setting(10 << 30, "bytes of log kept per worker once every sink has read "
+                                        "past them", minimum=1 << 20)
+    store_raw_retention: float = _setting(7 * 86400.0, "seconds raw readings are kept in the embedded store",
+                                          minimum=60)
+    store_1m_retention: float = _setting(30 * 86400.0, "seconds 1-minute rollups are kept", minimum=60)
+    store_1h_retention: float = _setting(365 * 86400.0, "seconds 1-hour rollups are kept", minimum=3600)
+    anomaly_window: int = _setting(60, "samples of a device's metric the z-score detector looks back on",
+                                   minimum=2, maximum=100_000)
+    anomaly_threshold: float = _setting(4.0, "z-score above which a reading raises an alert", minimum=0.5)
+    file_sink: str = _setting("", "directory for the file sink's rotated NDJSON files ('' : off)")
+    file_sink_rotate_bytes: int = _setting(64 << 20, "file sink: a new file after this many bytes",
+                                           minimum=4096)
+    file_sink_rotate_seconds: float = _setting(3600.0, "file sink: a new file after this many seconds",
+                                               minimum=1)
+    bridge: str = _setting("", "upstream MQTT broker for the bridge sink, mqtt://HOST:PORT or "
+                           "mqtts://HOST:PORT ('' : off)")
+    bridge_topic: str = _setting("telemetry", "the bridge publishes readings on TOPIC/{device_id} upstream")
+    bridge_cafile: str = _setting("", "CA file to verify the upstream broker's certificate (mqtts)")
+    bridge_client_id: str = _setting("gw-bridge", "the bridge's MQTT client id upstream")
+    pipeline_batch: int = _setting(2000, "readings a sink takes per batch", minimum=1, maximum=1_000_000)
 
     def address(self, key: str) -> Address | None:
         return parse_address(key, getattr(self, key))
@@ -136,7 +174,8 @@ class Config:
 
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
-RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window")
+RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window",
+                                "fsync", "wal_segment_bytes", "file_sink", "bridge")
 
 
 def _coerce(key: str, value):

@@ -14,11 +14,18 @@ This module never sees a socket. Routes:
 | GET/HEAD | /readyz                       | 200 while accepting, 503 while draining   |
 | GET/HEAD | /metrics                      | Prometheus text (render_metrics)          |
 | GET/HEAD | /docs, /docs/openapi.json, /docs/swagger-ui-bundle.js, /docs/swagger-ui.css | docs |
+| GET/HEAD | /v1/devices                   | the store's devices, paged: 200, 400, 503  |
+| GET/HEAD | /v1/devices/{device_id}       | one device: 200, 400, 404, 503             |
+| GET/HEAD | /v1/devices/{device_id}/metrics | samples or rollups of a metric: 200, 400, 404, 503 |
+| GET/HEAD | /v1/alerts                    | alerts, newest first, paged: 200, 400, 503 |
+| POST     | /v1/alerts/{alert_id}/ack     | acknowledges an alert: 200, 400, 404, 503  |
 
-Any other path is 404, another method 405 with `Allow`; every error is JSON
-`{"code", "message"}` (a refused batch adds `errors`). The query string is
-ignored; the path is not percent-decoded (a device id only has characters
-that never need encoding). Records are validated by gw/ingest.py; each
+The /v1/devices and /v1/alerts routes read the pipeline's SQLite store
+(gw/query.py; 503 `store_unavailable` until it exists). Any other path is 404,
+another method 405 with `Allow`; every error is JSON `{"code", "message"}` (a
+refused batch adds `errors`). Only the query routes read the query string;
+the path is not percent-decoded (a device id only has characters that never
+need encoding). Records are validated by gw/ingest.py; each
 accepted one not already seen (`dedup`, by device id and seq) is published
 on `{telemetry_topic}/{device_id}` at QoS 1.
 """
@@ -33,6 +40,7 @@ import msgspec
 from msgspec import Struct
 
 from gw.ingest import (BatchAck, BatchError, Error, IngestAck, Ingestor, Invalid, check_path_device_id)
+from gw.query import Query, StoreError
 
 log = logging.getLogger("gw.http")
 
@@ -89,6 +97,11 @@ ALLOW_POST = b"Allow: POST\r\n"
 ALLOW_GET = b"Allow: GET, HEAD\r\n"
 INGEST_PREFIX = b"/v1/ingest/"
 INGEST_BATCH = b"/v1/ingest"
+DEVICES_PREFIX = b"/v1/devices"
+ALERTS_PREFIX = b"/v1/alerts"
+# The query routes' paths (gw/query.py answers them), as the OpenAPI document names them.
+QUERY_PATHS = ("/v1/devices", "/v1/devices/{device_id}", "/v1/devices/{device_id}/metrics", "/v1/alerts",
+               "/v1/alerts/{alert_id}/ack")
 
 DOC_ASSETS = {   # path -> (file in gw/docs, content type, extra headers)
     b"/docs": ("index.html", b"text/html; charset=utf-8", b"Cache-Control: no-cache\r\n"),
@@ -193,6 +206,15 @@ class HttpApp:
         self._c = _counter_view(counters)
         self.draining = False
         self.shedding = False        # the worker may set it under overload: ingest 503 + Retry-After
+        # The write-ahead log (set by the worker; without one, readings are only routed):
+        # wal_room(nbytes) -> bool, wal_append(payload) -> end offset or -1, wal_end() -> offset.
+        self.wal_room = None
+        self.wal_append = None
+        self.wal_end = None
+        # Per request, set by the framing: whether this listener acknowledges after the
+        # log is durable (ack mode sink); and, set here, the offset that answer waits for.
+        self.ack_sink = False
+        self.durable_needed = 0
         self._encoder = msgspec.json.Encoder()
         self._encode = self._encoder.encode
         self._lenient = msgspec.json.Encoder(enc_hook=str)
@@ -204,7 +226,11 @@ class HttpApp:
         self._draining_body = self._encode(Error("draining", "the server is shutting down; retry "
                                                              "(against another instance)"))
         self._shedding_body = self._encode(Error("overloaded", "the server is shedding load; retry later"))
+        self._log_full_body = self._encode(Error("log_unavailable", "the write-ahead log cannot take readings "
+                                                                    "now (disk full or too slow); retry later"))
         self._req_slot = {}
+        self._query = None           # gw/query.py's Query, created on the first query request
+        self._data_dir = None
         self._cfg = None
         self.cfg = cfg
 
@@ -217,12 +243,16 @@ class HttpApp:
     @cfg.setter
     def cfg(self, cfg) -> None:
         self._cfg = cfg
-        self.ok_status = 200 if setting(cfg, "ack") == "sink" else 202
+        self.ack_sink = setting(cfg, "ack") == "sink"     # the framing sets it per listener
         max_batch = int(setting(cfg, "max_batch"))
         if getattr(self, "ingestor", None) is None or self.ingestor.max_batch != max_batch:
             self.ingestor = Ingestor(max_batch)
         self.topic_prefix = str(setting(cfg, "telemetry_topic")).encode()
         self._openapi_body = None
+        data_dir = getattr(cfg, "data_dir", None) if cfg is not None else None
+        if data_dir != getattr(self, "_data_dir", None):
+            self._data_dir = data_dir
+            self.close_query()
 
     # --- the framing's entry points ---------------------------------------------------
 
@@ -236,6 +266,8 @@ class HttpApp:
             return self._ingest(method, path, content_type, body, False)
         if path == INGEST_BATCH:
             return self._ingest(method, path, content_type, body, True)
+        if path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX):
+            return self._query_route(method, path, b"" if q < 0 else target[q + 1:])
         route = self._gets.get(path)
         try:
             if route is None:
@@ -309,6 +341,11 @@ class HttpApp:
             return self._refused(err)
         counters = self._c
         duplicates = 0
+        reading = self._encode(tele)
+        # The log's room is checked before the idempotency table records the
+        # reading: a refused reading must not count as seen when it is sent again.
+        if self.wal_room is not None and not self.wal_room(len(reading)):
+            return self._log_full()
         if tele.seq is not None:
             seen = self.dedup.seen(raw_id, tele.seq, _now_ms())
             if seen == 1:
@@ -317,11 +354,24 @@ class HttpApp:
                 counters[DEDUP_FULL] += 1
         if duplicates:
             counters[INGEST_RECORDS_DUPLICATE] += 1
+            if self.wal_end is not None:
+                self.durable_needed = self.wal_end()    # the first copy may not be durable yet
         else:
-            self.publish(self.topic_prefix + b"/" + raw_id, self._encode(tele), TELEMETRY_QOS, False)
+            if self.wal_append is not None:
+                end = self.wal_append(reading)
+                if end < 0:     # the log failed between the check and the append
+                    return self._log_full()
+                self.durable_needed = end
+            self.publish(self.topic_prefix + b"/" + raw_id, reading, TELEMETRY_QOS, False)
             counters[INGEST_RECORDS_ACCEPTED] += 1
-        return (self.ok_status, JSON,
+        return (self._ok(), JSON,
                 self._encode(IngestAck(1, duplicates, device_id, tele.ts, tele.seq)), b"")
+
+    def _ok(self) -> int:
+        return 200 if self.ack_sink else 202
+
+    def _log_full(self):
+        return 503, JSON, self._log_full_body, RETRY_AFTER
 
     def _ingest_batch(self, content_type, body: bytes):
         if self.draining or self.shedding:
@@ -338,8 +388,12 @@ class HttpApp:
         encode = self._encode
         prefix = self.topic_prefix + b"/"
         now_ms = _now_ms()
-        duplicates = full = 0
-        for tele in records:
+        readings = [encode(tele) for tele in records]
+        if self.wal_room is not None and not self.wal_room(sum(len(r) + 8 for r in readings)):
+            return self._log_full()
+        append = self.wal_append
+        duplicates = full = appended = 0
+        for tele, reading in zip(records, readings):
             device = tele.device_id.encode()
             if tele.seq is not None:
                 result = seen(device, tele.seq, now_ms)
@@ -348,13 +402,86 @@ class HttpApp:
                     continue
                 if result < 0:
                     full += 1
-            publish(prefix + device, encode(tele), TELEMETRY_QOS, False)
+            if append is not None:
+                end = append(reading)
+                if end < 0:
+                    # The log failed mid-batch (between the check and here): what
+                    # was appended stays, the rest is refused with the batch.
+                    counters[INGEST_RECORDS_ACCEPTED] += appended
+                    return self._log_full()
+                self.durable_needed = end
+                appended += 1
+            publish(prefix + device, reading, TELEMETRY_QOS, False)
+        if duplicates and self.wal_end is not None:
+            self.durable_needed = self.wal_end()
         counters[INGEST_RECORDS_ACCEPTED] += len(records) - duplicates
         if duplicates:
             counters[INGEST_RECORDS_DUPLICATE] += duplicates
         if full:
             counters[DEDUP_FULL] += full
-        return self.ok_status, JSON, encode(BatchAck(len(records), duplicates)), b""
+        return self._ok(), JSON, encode(BatchAck(len(records), duplicates)), b""
+
+    # --- the query routes (gw/query.py) ---------------------------------------------------
+
+    def _query_route(self, method: bytes, path: bytes, query: bytes):
+        """/v1/devices[/{device_id}[/metrics]], /v1/alerts, /v1/alerts/{alert_id}/ack: 404 for
+        any other path under them, then 405, then the parameters (400), then the store (503, 404)."""
+        try:
+            parts = path.split(b"/")          # b"", b"v1", b"devices", ...
+            n = len(parts)
+            arg = b""
+            allow = ALLOW_GET
+            if parts[2] == b"devices":
+                if n == 3:
+                    name = "devices"
+                elif n == 4:
+                    name, arg = "device", parts[3]
+                elif n == 5 and parts[4] == b"metrics":
+                    name, arg = "series", parts[3]
+                else:
+                    name = None
+            elif parts[2] == b"alerts":
+                if n == 3:
+                    name = "alerts"
+                elif n == 5 and parts[4] == b"ack":
+                    name, arg, allow = "ack", parts[3], ALLOW_POST
+                else:
+                    name = None
+            else:
+                name = None
+            if name is None:
+                return 404, JSON, self._error("not_found", f"no such path: {_show_path(path)}"), b""
+            if allow is ALLOW_POST:
+                if method != b"POST":
+                    return self._method_not_allowed(method, path, ALLOW_POST)
+            elif method != b"GET" and method != b"HEAD":
+                return self._method_not_allowed(method, path, ALLOW_GET)
+            api = self._query_api()
+            try:
+                if name == "devices" or name == "alerts":
+                    result = getattr(api, name)(query)
+                else:
+                    result = getattr(api, name)(arg, query)
+            except Invalid as err:
+                return err.status, JSON, self._error(err.code, err.message), b""
+            except StoreError as err:
+                return 503, JSON, self._error(err.code, err.message), RETRY_AFTER
+            return 200, JSON, self._encode(result), b""
+        except Exception:
+            return self._internal_error()
+
+    def _query_api(self) -> Query:
+        """The store's queries, created on first use: a store missing now is looked for
+        again on every request (503 until the pipeline has created it)."""
+        api = self._query
+        if api is None:
+            api = self._query = Query(self._data_dir)
+        return api
+
+    def close_query(self) -> None:
+        api, self._query = getattr(self, "_query", None), None
+        if api is not None:
+            api.close()
 
     # --- the other routes ---------------------------------------------------------------
 

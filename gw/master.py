@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from pathlib import Path
 from gw import __version__
 from gw.certs import CertPaths, ensure_certs
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config
-from gw.stats import PIDFILE, Aggregator, StatsBlock
+from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.worker import ListenerSpec, worker_main
 
 log = logging.getLogger("gw.master")
@@ -40,6 +41,27 @@ STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 class StartupError(Exception):
     pass
+
+
+PIPELINE_FATAL = 3      # the pipeline's exit code for "cannot run here" (not respawned)
+
+
+def alert_publisher(links: list[socket.socket]):
+    """publish(topic, payload, qos=0, retain=False) for the pipeline process: one
+    FR_PUBLISH frame (gw_ext/channels.pxi) to every worker, each delivering it to
+    its own subscribers. A worker that is not reading (being respawned) misses it."""
+    def publish(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> int:
+        frame = (struct.pack("<BBHIQ", 1, qos | (int(retain) << 2), len(topic), 8 + len(topic) + len(payload),
+                             time.monotonic_ns()) + topic + payload)
+        sent = 0
+        for sock in links:
+            try:
+                sock.send(frame)
+                sent += 1
+            except OSError:
+                pass
+        return sent
+    return publish
 
 
 class Slot:
@@ -73,6 +95,10 @@ class Master:
         self.certs: CertPaths | None = None
         self.block: StatsBlock | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
+        # The pipeline process (gw/pipeline/): reads the workers' logs into the
+        # sinks; one SOCK_SEQPACKET pair per worker carries its alerts into the broker.
+        self.pipeline = Slot(-1)
+        self.pipeline_links: list[tuple[socket.socket, socket.socket]] = []
         self.pidfile: Path | None = None
         self.stopping = False
         self.reload_pending = False
@@ -93,6 +119,7 @@ class Master:
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
+        self.check_store()
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
@@ -125,6 +152,11 @@ class Master:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
                 self.channels[(i, j)] = pair
+        for i in range(len(self.slots)):
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for sock in pair:
+                sock.setblocking(False)
+            self.pipeline_links.append(pair)
         self.block = StatsBlock.create(len(self.slots), os.getpid())
         if cfg.idempotency_window > 0:
             # Shared memory every worker (and every respawned one) inherits: a
@@ -133,6 +165,17 @@ class Master:
             self.dedup = DedupTable(cfg.idempotency_capacity, cfg.idempotency_window)
         self.pidfile = data / PIDFILE
         self.pidfile.write_text(f"{os.getpid()}\n")
+
+    def check_store(self) -> None:
+        """The embedded store is checked before anything starts: a corrupt file
+        stops gw serve with a message saying what to do; it is never replaced."""
+        from gw.pipeline import PipelineError
+        from gw.pipeline.store import open_store
+
+        try:
+            open_store(Path(self.cfg.data_dir) / "store.sqlite").close()
+        except PipelineError as exc:
+            raise StartupError(str(exc)) from None
 
     # --- workers -------------------------------------------------------------
 
@@ -161,6 +204,12 @@ class Master:
                     else:
                         a.close()
                         b.close()
+                for i, (a, b) in enumerate(self.pipeline_links):
+                    a.close()
+                    if i == slot.index:
+                        mine[len(self.slots)] = b      # the pipeline, as a peer that only publishes
+                    else:
+                        b.close()
                 code = worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                                    self.config_path, self.overrides, self.dedup)
             except BaseException:
@@ -173,6 +222,44 @@ class Master:
         self.block.set_worker_pid(slot.index, pid)
         log.debug("worker %d started, pid %d", slot.index, pid)
 
+    def spawn_pipeline(self) -> None:
+        slot = self.pipeline
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
+                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                signal.set_wakeup_fd(-1)
+                os.close(self.wake_r)
+                os.close(self.wake_w)
+                for other in self.slots:
+                    for spec in other.sockets:
+                        spec.sock.close()
+                for a, b in self.channels.values():
+                    a.close()
+                    b.close()
+                links = []
+                for a, b in self.pipeline_links:
+                    b.close()
+                    links.append(a)
+                from gw.pipeline import PipelineError, pipeline_main
+                try:
+                    code = pipeline_main(self.cfg, self.block, len(self.slots), alert_publisher(links))
+                except PipelineError as exc:
+                    log.error("the pipeline cannot run: %s", exc)
+                    code = PIPELINE_FATAL
+            except BaseException:
+                log.exception("the pipeline process crashed")
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        slot.pid = pid
+        slot.started = time.monotonic()
+        self.block.header[Layout.H_PIPELINE_PID] = pid
+        log.debug("pipeline started, pid %d", pid)
+
     def reap(self) -> None:
         while True:
             try:
@@ -184,6 +271,32 @@ class Master:
             for slot in self.slots:
                 if slot.pid == pid:
                     self.worker_exited(slot, pid, status)
+            if self.pipeline.pid == pid:
+                self.pipeline_exited(pid, status)
+
+    def pipeline_exited(self, pid: int, status: int) -> None:
+        slot = self.pipeline
+        slot.pid = 0
+        self.block.header[Layout.H_PIPELINE_PID] = 0
+        if self.stopping:
+            return
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+        if code == PIPELINE_FATAL:
+            # It said why (a corrupt store, an unwritable data dir): respawning
+            # would only repeat it. Readings still go to the logs, and are
+            # acknowledged per the ack mode; nothing reads them until a restart.
+            log.error("the pipeline process stopped (see above); the logs keep every reading "
+                      "until gw is restarted")
+            slot.respawn_at = 0.0
+            return
+        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {code}"
+        now = time.monotonic()
+        if now - slot.started >= STABLE_AFTER:
+            slot.backoff = RESPAWN_MIN
+        delay = slot.backoff
+        slot.backoff = min(slot.backoff * 2, RESPAWN_MAX)
+        slot.respawn_at = now + delay
+        log.warning("the pipeline process (pid %d) died (%s); respawning in %.2f s", pid, how, delay)
 
     def worker_exited(self, slot: Slot, pid: int, status: int) -> None:
         slot.pid = 0
@@ -245,6 +358,7 @@ class Master:
         log.info("gw %s: %d workers, listening on %s", __version__, len(self.slots), listeners)
         for slot in self.slots:
             self.spawn(slot)
+        self.spawn_pipeline()
         aggregator = Aggregator(self.block)
         interval = self.cfg.stats_interval
         next_stats = time.monotonic() + (interval or 3600)
@@ -252,7 +366,7 @@ class Master:
             while not self.stopping:
                 now = time.monotonic()
                 timeout = next_stats - now
-                for slot in self.slots:
+                for slot in self.slots + [self.pipeline]:
                     if not slot.pid and slot.respawn_at:
                         timeout = min(timeout, slot.respawn_at - now)
                 try:
@@ -270,6 +384,8 @@ class Master:
                 for slot in self.slots:
                     if not slot.pid and now >= slot.respawn_at:
                         self.spawn(slot)
+                if not self.pipeline.pid and self.pipeline.respawn_at and now >= self.pipeline.respawn_at:
+                    self.spawn_pipeline()
                 if now >= next_stats:
                     interval = self.cfg.stats_interval
                     next_stats = now + (interval or 3600)
@@ -324,8 +440,37 @@ class Master:
                     slot.pid = 0
         if killed:
             log.warning("killed %d workers that did not finish draining in time", killed)
+        self.stop_pipeline()
         log.info("stopped")
         return 0
+
+    def stop_pipeline(self) -> None:
+        """After the workers: it reads what they made durable last, commits, exits."""
+        slot = self.pipeline
+        if not slot.pid:
+            return
+        try:
+            os.kill(slot.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + self.cfg.drain_timeout + 2.0
+        while slot.pid and time.monotonic() < deadline:
+            try:
+                pid, _ = os.waitpid(slot.pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid:
+                break
+            time.sleep(0.02)
+        else:
+            if slot.pid:
+                log.warning("killed the pipeline process: it did not stop in time")
+                try:
+                    os.kill(slot.pid, signal.SIGKILL)
+                    os.waitpid(slot.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+        slot.pid = 0
 
     def cleanup(self) -> None:
         signal.set_wakeup_fd(-1)

@@ -115,6 +115,21 @@ _FAMILIES = [
      [('{direction="in"}', C.CHANNEL_BYTES_IN), ('{direction="out"}', C.CHANNEL_BYTES_OUT)]),
     ("gw_event_loop_turns_total", "counter", "Event loop iterations (epoll_wait returns).",
      [("", C.LOOP_TURNS)]),
+    ("gw_wal_records_total", "counter", "Readings appended to the workers' write-ahead logs.",
+     [("", C.WAL_RECORDS)]),
+    ("gw_wal_bytes_total", "counter", "Bytes appended to the write-ahead logs, framing included.",
+     [("", C.WAL_BYTES)]),
+    ("gw_wal_fsyncs_total", "counter", "fdatasync calls on the write-ahead logs (group commits).",
+     [("", C.WAL_FSYNCS)]),
+    ("gw_wal_truncated_bytes_total", "counter",
+     "Bytes of a torn or corrupt log tail cut when a worker recovered its log.", [("", C.WAL_TRUNCATED)]),
+    ("gw_wal_errors_total", "counter", "Failed writes or fsyncs of a write-ahead log (disk full, I/O).",
+     [("", C.WAL_ERRORS)]),
+    ("gw_wal_refused_total", "counter",
+     "Readings the log could not take (HTTP 503, MQTT publisher disconnected, QoS 0 dropped).",
+     [("", C.WAL_REFUSED)]),
+    ("gw_acks_held", "gauge", "Acknowledgements waiting for the log to be durable (ack mode sink).",
+     [("", C.ACKS_HELD)]),
 ]
 
 _HISTOGRAMS = [

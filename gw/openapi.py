@@ -2,7 +2,7 @@
 
 Served at `/docs/openapi.json` (with Swagger UI at `/docs`) and printed by
 `gw openapi`. The schemas come from `msgspec.json.schema_components` over the
-types of gw/ingest.py and gw/http_api.py; the paths, the responses (every
+types of gw/ingest.py, gw/http_api.py and gw/query.py; the paths, the responses (every
 status each route can answer, including those the HTTP framing gives before
 the application sees the request) and the examples are written here. The
 document depends only on the configuration (max_batch, max_body_size, ack,
@@ -18,13 +18,13 @@ import json
 
 import msgspec
 
-from gw import __version__
+from gw import __version__, query
 from gw.http_api import METRICS_TYPE, Health, Ready, setting
 from gw.ingest import (CODES, DEVICE_ID_PATTERN, KEY_PATTERN, MAX_METRICS, MAX_TAG_VALUE, MAX_TAGS,
                        BatchAck, BatchError, BatchRecord, Error, IngestAck, Record, Telemetry)
 
 REF = "#/components/schemas/{name}"
-_TYPES = (Record, BatchRecord, Telemetry, IngestAck, BatchAck, Error, BatchError, Health, Ready)
+_TYPES = (Record, BatchRecord, Telemetry, IngestAck, BatchAck, Error, BatchError, Health, Ready) + query.TYPES
 
 
 def _schemas() -> dict:
@@ -327,12 +327,13 @@ def build_openapi(cfg=None) -> dict:
             "Swagger UI style sheet", "Vendored swagger-ui-dist (Apache-2.0).", "docs", "getSwaggerCss",
             _static("text/css", "The style sheet."), {"404": {"$ref": "#/components/responses/NotFound"}}),
     }
+    paths.update(_query_paths())
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "gw HTTP API",
             "version": __version__,
-            "summary": "Telemetry ingest, health and metrics of the gw IoT gateway.",
+            "summary": "Telemetry ingest, queries, health and metrics of the gw IoT gateway.",
             "description": (
                 "HTTP ingest of device telemetry (seed 001). Every error is JSON `{\"code\", \"message\"}`; "
                 "a path not listed here answers 404 `not_found`, a listed path with another method 405 "
@@ -342,10 +343,169 @@ def build_openapi(cfg=None) -> dict:
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "tags": [{"name": "ingest", "description": "Device telemetry in"},
+                 {"name": "query", "description": "Devices, metric series and alerts from the pipeline's store"},
                  {"name": "health", "description": "Probes and metrics"},
                  {"name": "docs", "description": "This documentation"}],
         "paths": paths,
-        "components": {"schemas": _schemas(), "responses": _responses(cfg)},
+        "components": {"schemas": _schemas(), "responses": {**_responses(cfg), **_query_responses()}},
+    }
+
+
+# --- the query routes (gw/query.py) ------------------------------------------------------
+
+def _query_error(code: str) -> dict:
+    return _error_example(code, query.CODES[code][1])
+
+
+def _query_400(codes: tuple[str, ...], what: str) -> dict:
+    return {
+        "description": f"{what} (the code names the rule broken), or the request is malformed HTTP.\n\n"
+                       + "\n".join(f"- `{c}`: {query.CODES[c][1]}" for c in codes),
+        "content": _json(_ref("Error"), {c: _query_error(c) for c in codes}),
+    }
+
+
+def _query_responses() -> dict:
+    return {
+        "StoreUnavailable": {
+            "description": "The store cannot answer now: it does not exist yet or cannot be read "
+                           "(`store_unavailable`: the pipeline creates `store.sqlite` in the data directory), "
+                           "its writer held its lock too long (`store_busy`), or the query ran over its "
+                           "time budget (`query_timeout`). Retry after `Retry-After` seconds.",
+            "headers": {"Retry-After": _HEADERS["Retry-After"]},
+            "content": _json(_ref("Error"), {c: _query_error(c) for c in
+                                             ("store_unavailable", "store_busy", "query_timeout")}),
+        },
+        "UnknownDevice": {
+            "description": "The store has never seen this device (`unknown_device`), or no such path "
+                           "(`not_found`).",
+            "content": _json(_ref("Error"), {"unknown_device": _error_example(
+                "unknown_device", "no device device_9 in the store")}),
+        },
+        "UnknownAlert": {
+            "description": "No alert has this id (`unknown_alert`), or no such path (`not_found`).",
+            "content": _json(_ref("Error"), {"unknown_alert": _error_example("unknown_alert",
+                                                                             "no alert has id 17")}),
+        },
+    }
+
+
+def _param(name: str, where: str, description: str, schema: dict, *, required: bool = False,
+           example=None) -> dict:
+    param = {"name": name, "in": where, "description": description, "schema": schema}
+    if required or where == "path":
+        param["required"] = True
+    if example is not None:
+        param["example"] = example
+    return param
+
+
+def _limit(bounds: tuple[int, int], what: str) -> dict:
+    default, maximum = bounds
+    return _param("limit", "query", f"{what} per page, at most {maximum}",
+                  {"type": "integer", "minimum": 1, "maximum": maximum, "default": default})
+
+
+def _query_op(tag_op: str, summary: str, description: str, params: list, ok: dict, errors: dict,
+              method: str = "get") -> dict:
+    own = {"200": ok, **errors, "503": {"$ref": "#/components/responses/StoreUnavailable"}}
+    return {method: {"tags": ["query"], "summary": summary, "description": description, "operationId": tag_op,
+                     "parameters": params, "responses": _with_common(own)}}
+
+
+def _days(seconds: int) -> str:
+    return f"{seconds // 3600} hours" if seconds < 86400 else f"{seconds // 86400} days"
+
+
+def _query_paths() -> dict:
+    device_id = {"type": "string", "pattern": DEVICE_ID_PATTERN, "minLength": 1, "maxLength": 64}
+    device_path = _param("device_id", "path", "the device's identifier (not percent-decoded)", device_id,
+                         example="device_1")
+    time_schema = {"anyOf": [{"type": "string", "format": "date-time"},
+                             {"type": "number", "minimum": 0, "exclusiveMaximum": query.TS_MAX}]}
+    windows = ", ".join(f"`{w}` default {_days(query.DEFAULT_SPAN[w])}, at most {_days(query.MAX_SPAN[w])}"
+                        for w in query.WINDOWS)
+    alert_id = {"type": "integer", "minimum": 1, "maximum": query.MAX_ID}
+    device_example = {"device_id": "device_1", "first_seen": "2025-09-23T11:18:41Z",
+                      "last_seen": "2025-09-24T08:00:00Z", "last_values": {"temp_c": 21.5},
+                      "tags": {"site": "AAL"}, "readings": 75600}
+    alert_example = {"id": 17, "device_id": "device_1", "metric": "temp_c", "ts": "2025-09-24T07:59:12Z",
+                     "value": 48.2, "zscore": 6.1, "mean": 21.4, "std": 4.39, "state": "acked",
+                     "created": "2025-09-24T07:59:13Z", "acked": "2025-09-24T08:03:00Z"}
+    general = ("unknown_parameter", "invalid_parameter", "invalid_limit")
+    return {
+        "/v1/devices": _query_op(
+            "listDevices", "List devices",
+            "The devices of the store in device id order, a page at a time: pass a page's `next` as `after` "
+            "for the next one.",
+            [_limit(query.DEVICES_LIMIT, "devices"),
+             _param("after", "query", "the `next` of the previous page: devices after this id", device_id)],
+            {"description": "A page of devices.",
+             "content": _json(_ref("DeviceList"), {"page": {"value": {"devices": [device_example],
+                                                                      "next": None}}})},
+            {"400": _query_400(general + ("invalid_after",), "A parameter is invalid")}),
+        "/v1/devices/{device_id}": _query_op(
+            "getDevice", "One device", "First and last reading times, latest value of each metric, tags, "
+                                       "readings stored.",
+            [device_path],
+            {"description": "The device.", "content": _json(_ref("Device"), {"device": {"value": device_example}})},
+            {"400": _query_400(("invalid_device_id", "unknown_parameter"), "The device id is invalid"),
+             "404": {"$ref": "#/components/responses/UnknownDevice"}}),
+        "/v1/devices/{device_id}/metrics": _query_op(
+            "getMetricSeries", "A metric's samples or rollups",
+            "The samples of one metric of a device (`window=raw`) or their statistics per minute, hour "
+            "or day (`1m`, `1h`, `1d`: count, min, max, mean, population std of the window), in time order. "
+            "The range is [`from`, `to`): a raw sample, or a window whose start, is in it. `to` defaults "
+            "to now and `from` to `to` minus the window's default span; the span is limited per window: "
+            f"{windows}. More points than `limit`: the answer's `next` is the `from` of the next page. "
+            "A known device without samples of the metric in the range answers an empty `points`; "
+            "its metrics are the keys of its `last_values`.",
+            [device_path,
+             _param("metric", "query", "the metric's name (required)",
+                    {"type": "string", "pattern": KEY_PATTERN, "maxLength": 32}, required=True, example="temp_c"),
+             _param("window", "query", "raw samples or a rollup window",
+                    {"type": "string", "enum": list(query.WINDOWS), "default": "raw"}),
+             _param("from", "query", "start (included): RFC 3339 with a time zone (`+` needs no encoding) or "
+                                     "Unix seconds", time_schema, example="2025-09-23T11:00:00Z"),
+             _param("to", "query", "end (excluded), same forms; now when absent", time_schema,
+                    example="2025-09-23T12:00:00Z"),
+             _limit(query.POINTS_LIMIT, "points")],
+            {"description": "The series (`RawSeries` for `raw`, `WindowSeries` for the others).",
+             "content": _json({"oneOf": [_ref("RawSeries"), _ref("WindowSeries")]}, {
+                 "raw": {"value": {"device_id": "device_1", "metric": "temp_c", "window": "raw",
+                                   "from": "2025-09-23T11:00:00Z", "to": "2025-09-23T12:00:00Z",
+                                   "points": [{"ts": "2025-09-23T11:00:00Z", "value": 21.5},
+                                              {"ts": "2025-09-23T11:00:01Z", "value": 21.6}], "next": None}},
+                 "1h": {"value": {"device_id": "device_1", "metric": "temp_c", "window": "1h",
+                                  "from": "2025-09-23T00:00:00Z", "to": "2025-09-24T00:00:00Z",
+                                  "points": [{"ts": "2025-09-23T00:00:00Z", "count": 3600, "min": 19.1,
+                                              "max": 23.4, "mean": 21.2, "std": 0.8}], "next": None}}})},
+            {"400": _query_400(("invalid_device_id", "missing_metric", "invalid_metric", "invalid_window",
+                                "invalid_time", "invalid_range", "range_too_large") + general,
+                               "The range or a parameter is invalid"),
+             "404": {"$ref": "#/components/responses/UnknownDevice"}}),
+        "/v1/alerts": _query_op(
+            "listAlerts", "List alerts",
+            "Alerts newest first (by id), optionally of one device and in one state, a page at a time: "
+            "pass a page's `next` as `after` for the next one.",
+            [_param("device_id", "query", "only this device's alerts", device_id),
+             _param("state", "query", "only alerts in this state", {"type": "string", "enum": ["open", "acked"]}),
+             _limit(query.ALERTS_LIMIT, "alerts"),
+             _param("after", "query", "the `next` of the previous page: alerts older than this id", alert_id)],
+            {"description": "A page of alerts.",
+             "content": _json(_ref("AlertList"), {"page": {"value": {"alerts": [alert_example], "next": None}}})},
+            {"400": _query_400(("invalid_device_id", "invalid_state", "invalid_after") + general,
+                               "A parameter is invalid")}),
+        "/v1/alerts/{alert_id}/ack": _query_op(
+            "ackAlert", "Acknowledge an alert",
+            "Sets the alert's state to `acked` and its `acked` time, and returns it. Idempotent: an alert "
+            "already acknowledged is returned unchanged. No request body.",
+            [_param("alert_id", "path", "the alert's id", alert_id, example=17)],
+            {"description": "The alert, acknowledged.", "content": _json(_ref("Alert"), {
+                "acked": {"value": alert_example}})},
+            {"400": _query_400(("invalid_alert_id", "unknown_parameter"), "The alert id is invalid"),
+             "404": {"$ref": "#/components/responses/UnknownAlert"}},
+            method="post"),
     }
 
 

@@ -61,6 +61,27 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.tick_ms = 1000
 
 
+def ack_mode(cfg: Config, listener: str) -> str:
+    """A listener's ack mode: its own setting (ack_http, ...), else `ack`."""
+    return getattr(cfg, f"ack_{listener}", "") or cfg.ack
+
+
+def open_wal(slot: int, cfg: Config, block: StatsBlock):
+    """This worker's write-ahead log under data_dir/wal/{slot}, recovered: a torn
+    or corrupt tail (a crash mid-write) is cut and counted, never replayed."""
+    from gw_ext.wal import Wal
+
+    wal = Wal(os.path.join(cfg.data_dir, "wal", str(slot)), segment_bytes=cfg.wal_segment_bytes,
+              fsync=cfg.fsync, batch_ms=cfg.wal_batch_ms, max_pending=cfg.wal_max_pending,
+              counters=block.rows[slot])
+    found = wal.recover()
+    if found.get("truncated_bytes"):
+        log.warning("worker %d: write-ahead log recovered: cut a torn or corrupt tail of %d bytes "
+                    "(a crash mid-write); %d whole records before it kept", slot,
+                    found["truncated_bytes"], found.get("records", 0))
+    return wal
+
+
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None) -> int:
@@ -72,6 +93,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
 
     # Ctrl-C reaches the whole process group; the master decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A file over RLIMIT_FSIZE: the write fails (EFBIG) and the log reports it,
+    # rather than the signal killing the worker.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     max_fds = raise_fd_limit()
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], JsonProtocol(), max_fds)
     apply_limits(worker, cfg)
@@ -80,12 +104,18 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                   render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
     worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
+    wal = open_wal(slot, cfg, block)
+    worker.set_wal(wal)
+    app.wal_append = worker.wal_append
+    app.wal_room = worker.wal_room
+    app.wal_end = lambda: wal.appended_offset
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
     tls_indexes = []
     for spec in listeners:
-        index = worker.add_listener(spec.sock.fileno(), spec.proto, tls if spec.tls else None)
+        index = worker.add_listener(spec.sock.fileno(), spec.proto, tls if spec.tls else None,
+                                    ack_mode(cfg, spec.name) == "sink")
         if spec.tls:
             tls_indexes.append(index)
 
@@ -140,4 +170,6 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     log.debug("worker %d (pid %d) serving, fd limit %d", slot, os.getpid(), max_fds)
     worker.run()
     persistence.tick(final=True)
+    wal.flush()
+    wal.close()
     return 0

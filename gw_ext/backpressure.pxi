@@ -9,6 +9,9 @@
 # (max_queued / 8) it resumes (FR_RESUME). QoS 0 publishers are never held:
 # QoS 0 is shed at the slow subscriber instead (DROPPED_SLOW_QOS0).
 #
+# The write-ahead log holds publishers back the same way while more than half
+# of wal_max_pending waits to be written (durable.pxi): the disk sets the pace.
+#
 # A subscriber that stops acknowledging for STALL_MS is a slow consumer, not
 # a busy one: it stops holding publishers back (and drops past max_queued,
 # counted) until it acknowledges again, so one dead client cannot stall
@@ -65,7 +68,7 @@ cdef void congestion_check(Worker w):
 
 
 cdef void update_pause(Worker w):
-    cdef bint want = bool(w.congested) or w.peers_congested != 0
+    cdef bint want = bool(w.congested) or w.peers_congested != 0 or w.wal_congested
     cdef int fd
     cdef Conn* c
     if want == w.publishers_paused:

@@ -4,6 +4,7 @@
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
     cdef int reason = 0
+    cdef int64_t needed = 0
     cdef Session* s = &w.sessions[c.session]
     if decode_publish(first, body, n, &pkt, &reason) < 0:
         w.malformed(c, reason)
@@ -16,21 +17,33 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     if pkt.qos == 2:
         if qos2_seen(s, pkt.packet_id):
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.
-            return w.send_ack(c, PUBREC, pkt.packet_id)
+            return ack_after_durable(w, c, PUBREC, pkt.packet_id, 0)
         if qos2_remember(s, pkt.packet_id) < 0:
             w.close_conn(c, CR_SERVER)
             return -1
     if w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len):
-        route_telemetry(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain)
+        needed = route_telemetry(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos,
+                                 pkt.retain)
+        if needed == TELEMETRY_REFUSED:
+            if pkt.qos == 0:
+                return 0        # dropped, counted (WAL_REFUSED)
+            # Not taken: no acknowledgement, ever. Closing is how MQTT 3.1.1 says
+            # so: the client keeps the reading and sends it again when it returns.
+            if pkt.qos == 2:
+                qos2_forget(s, pkt.packet_id)
+            w.close_conn(c, CR_WAL)
+            return -1
+        if needed < 0 or not w.listeners[c.listener].ack_sink:
+            needed = 0          # refused by the schema, or ack mode enqueue: acknowledged now
     else:
         route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
                       w.now_ns)
     if c.state != ST_CONNECTED:
         return -1       # delivering to itself overflowed its own buffer
     if pkt.qos == 1:
-        return w.send_ack(c, PUBACK, pkt.packet_id)
+        return ack_after_durable(w, c, PUBACK, pkt.packet_id, needed)
     if pkt.qos == 2:
-        return w.send_ack(c, PUBREC, pkt.packet_id)
+        return ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     return 0
 
 

@@ -26,6 +26,7 @@ cdef enum HttpFlag:
     HF_IN_REQUEST = 1           # part of a request has arrived: http_timeout runs
     HF_CONTINUE_SENT = 2        # "100 Continue" sent for the current request
     HF_CLOSE = 4                # close after the next response (draining)
+    HF_CLOSE_AFTER_HELD = 8     # close once the held responses went out; read nothing more
 
 
 cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
@@ -92,7 +93,7 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef bint completed = False
     c.need = 0
     while pos < n:
-        if c.state == ST_CLOSING:
+        if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
             return n
         r = http_request(w, c, buf + pos, n - pos)
         if r < 0:
@@ -101,7 +102,7 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
             break
         pos += r
         completed = True
-    if c.state == ST_CLOSING:
+    if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
         return n
     if pos < n:
         if not (st.flags & HF_IN_REQUEST):
@@ -373,9 +374,13 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         payload = http_dechunk(body, total, body_len)
     else:
         payload = PyBytes_FromStringAndSize(<char*>body, body_len)
+    cdef bint sink = w.wal is not None and w.listeners[c.listener].ack_sink
+    cdef int64_t needed = 0
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
+        w.http_app.ack_sink = sink
+        w.http_app.durable_needed = 0
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
             payload)
@@ -385,13 +390,25 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         extra = <bytes?>answer[3]
         if not 200 <= status <= 599:
             raise ValueError("HTTP status %r" % status)
+        if sink:
+            needed = w.http_app.durable_needed
     except Exception:
         if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
             w.last_log_ms[<int>CR_PYTHON] = w.now_ms
             log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
         status, rtype, rbody, extra = 500, b"application/json", \
             b'{"code":"internal_error","message":"the server failed to handle the request"}', b""
-    if http_write(w, c, status, rtype, rbody, extra, keep, minor, method_len == 4 and memcmp(p, b"HEAD", 4) == 0) < 0:
+    if w.held_per_fd != NULL and must_hold(w, c, needed):
+        # Ack mode sink: this answer, and any after it on this connection, waits
+        # for the log (durable.pxi).
+        if held_push(w, c, HELD_HTTP, 0, needed, http_response_bytes(
+                w, status, rtype, rbody, extra, keep, minor, method_len == 4 and memcmp(p, b"HEAD", 4) == 0)) < 0:
+            return -1
+        if not keep:
+            st.flags |= HF_CLOSE_AFTER_HELD
+            keep = True         # closed by held_release, after the answer
+    elif http_write(w, c, status, rtype, rbody, extra, keep, minor,
+                    method_len == 4 and memcmp(p, b"HEAD", 4) == 0) < 0:
         return -1
     if ingest:
         hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
@@ -443,6 +460,19 @@ cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, byte
     if not head_only:
         memcpy(out, PyBytes_AS_STRING(body), blen)
     return 0
+
+
+cdef bytes http_response_bytes(Worker w, int status, bytes ctype, bytes body, bytes extra, bint keep, int minor,
+                               bint head_only):
+    """The bytes http_write would queue, for an answer that must wait."""
+    w.counters[HTTP_REQUESTS + http_status_index(status)] += 1
+    if status == 503:
+        w.counters[HTTP_REQUESTS_SHED] += 1
+    http_update_date(w)
+    conn_hdr = b"" if keep and minor == 1 else b"Connection: keep-alive\r\n" if keep else b"Connection: close\r\n"
+    return (b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %d\r\n%sContent-Type: %s\r\n%s\r\n"
+            % (status, <bytes>http_reason(status), <bytes>w.http_date, len(body), conn_hdr, ctype, extra)
+            + (b"" if head_only else body))
 
 
 cdef void http_update_date(Worker w):

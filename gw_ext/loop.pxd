@@ -13,6 +13,7 @@ cdef enum ConnState:
     ST_CLOSING = 5            # flushing its last bytes, input ignored
     ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
     ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
+    ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -69,6 +70,7 @@ cdef struct HttpState:
 cdef struct Listener:
     int fd
     uint8_t proto
+    uint8_t ack_sink          # readings acknowledged once durable (durable.pxi)
     SSL_CTX* ctx              # NULL for plain listeners
 
 

@@ -26,6 +26,7 @@ from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
+from gw_ext.wal cimport Wal
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport TimerNode, Wheel, wheel_advance, wheel_cancel, wheel_free, wheel_init, wheel_schedule
 
@@ -76,13 +77,14 @@ cdef enum CloseReason:
     CR_PYTHON = 14            # (log only) a Python callback failed
     CR_HTTP = 15              # (log only) an HTTP request refused by the framing
     CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
-    N_CLOSE_REASONS = 17
+    CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
+    N_CLOSE_REASONS = 18
 
-cdef uint32_t[17] CLOSE_COUNTER = [
+cdef uint32_t[18] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
-    CLOSED_SERVER]
+    CLOSED_SERVER, CLOSED_SERVER]
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
@@ -99,6 +101,11 @@ cdef inline uint64_t monotonic_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef inline bint is_client_state(uint8_t state) noexcept nogil:
+    """A connection to a client, not a listener, channel or the log's eventfd."""
+    return state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
 
 
 cdef inline uint64_t monotonic_ns() noexcept nogil:
@@ -171,6 +178,18 @@ cdef class Worker:
     cdef public uint32_t http_timeout_ms
     cdef public uint32_t http_keepalive_ms
     cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
+    # The write-ahead log and the answers waiting for it (durable.pxi).
+    cdef Wal wal
+    cdef uint64_t wal_durable
+    cdef bint wal_congested              # over half of wal_max_pending waits: publishers held
+    cdef HeldAck* held                   # ring, in append order
+    cdef uint32_t held_head
+    cdef uint32_t held_len
+    cdef uint32_t held_cap
+    cdef uint64_t held_last_needed
+    cdef uint16_t* held_per_fd           # answers waiting, per connection
+    cdef dict held_http                  # id -> response bytes
+    cdef uint32_t held_http_next
 
     # Limits, settable (and reloadable) from Python.
     cdef public int worker_index
@@ -221,6 +240,7 @@ cdef class Worker:
         self.http_timeout_ms = 10000
         self.http_keepalive_ms = 75000
         self.telemetry_prefix = b""
+        self.held_http = {}
         self.client_sessions = {}
         self.registry = {}
         self.restored = []
@@ -253,7 +273,7 @@ cdef class Worker:
         cdef uint32_t slot
         if self.conns != NULL:
             for fd in range(self.nconns):
-                if self.conns[fd].state > ST_LISTENER and self.conns[fd].state != ST_CHANNEL:
+                if is_client_state(self.conns[fd].state):
                     self.release(&self.conns[fd])
             free(self.conns)
         for slot in range(self.nsessions):
@@ -268,6 +288,8 @@ cdef class Worker:
         topics_result_free(&self.match)
         free(self.chan_buf)
         free(self.http)
+        free(self.held)
+        free(self.held_per_fd)
         free(self.rbuf)
         free(self.dirty)
         wheel_free(&self.wheel)
@@ -278,7 +300,7 @@ cdef class Worker:
 
     # --- set-up (Python) -----------------------------------------------------
 
-    def add_listener(self, int fd, str proto, TLSContext tls=None):
+    def add_listener(self, int fd, str proto, TLSContext tls=None, bint ack_sink=False):
         """Registers a listening socket (already bound, listening, non-blocking)."""
         cdef Listener* l
         cdef epoll_event ev
@@ -295,6 +317,7 @@ cdef class Worker:
         l = &self.listeners[self.nlisteners]
         l.fd = fd
         l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON if proto == "json" else PROTO_HTTP
+        l.ack_sink = ack_sink
         l.ctx = NULL
         if tls is not None:
             SSL_CTX_up_ref(tls.ctx)
@@ -325,6 +348,44 @@ cdef class Worker:
         ev.data.fd = fd
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
+
+    def set_wal(self, Wal wal):
+        """The worker's write-ahead log (recovered): readings go to it; its eventfd
+        joins the epoll set, so answers held for durability go out as soon as it is."""
+        cdef epoll_event ev
+        cdef int fd = wal.fileno()
+        if fd >= self.nconns:
+            raise ValueError("the log's eventfd is above the fd limit")
+        self.held_per_fd = <uint16_t*>calloc(self.nconns, sizeof(uint16_t))
+        if self.held_per_fd == NULL:
+            raise MemoryError()
+        self.wal = wal
+        self.wal_durable = wal.durable_offset
+        self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
+        self.conns[fd].state = ST_WAL
+        self.conns[fd].fd = fd
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            raise OSError(errno, "epoll_ctl")
+
+    def wal_append(self, bytes payload):
+        """For the HTTP app: appends one reading; its end offset (the durable offset
+        its acknowledgement waits for in ack mode sink), or -1 if refused (counted)."""
+        if self.wal is None:
+            return 0
+        return wal_append(self, <const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>PyBytes_GET_SIZE(payload))
+
+    def wal_room(self, int nbytes):
+        """Whether an append of nbytes would be taken now (checked before the
+        idempotency table records the reading, so a refusal leaves no trace)."""
+        if self.wal is None or (self.wal.room(nbytes) and not self.wal_congested):
+            return True
+        self.counters[WAL_REFUSED] += 1
+        self.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
+                         "refusing them until it can")
+        return False
 
     @property
     def telemetry_topic(self):
@@ -469,6 +530,9 @@ cdef class Worker:
                 if c.state == ST_LISTENER:
                     self.accept_from(c.listener)
                     continue
+                if c.state == ST_WAL:
+                    wal_readable(self)
+                    continue
                 if c.state == ST_CHANNEL:
                     if ev & EPOLLOUT:
                         channel_writable(self, c.listener)
@@ -549,18 +613,25 @@ cdef class Worker:
         self.nlisteners = 0
         if self.http_app is not None:
             self.http_app.draining = True      # /readyz and ingest answer 503 from now on
+        if self.wal is not None:
+            # What was accepted becomes durable now, and its held answers go out
+            # before the connections close.
+            self.wal.flush()
+            self.wal_durable = self.wal.durable_offset
+            self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
+            held_release(self)
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
                 http_start_drain(self, c)
-            elif c.state != ST_FREE and c.state != ST_LISTENER and c.state != ST_CHANNEL:
+            elif is_client_state(c.state):
                 self.close_after_flush(c)
         self.flush_dirty()
 
     cdef void close_all(self, int reason):
         cdef int fd
         for fd in range(self.nconns):
-            if self.conns[fd].state > ST_LISTENER and self.conns[fd].state != ST_CHANNEL:
+            if is_client_state(self.conns[fd].state):
                 self.close_conn(&self.conns[fd], reason)
 
     # --- accepting -----------------------------------------------------------
@@ -1011,7 +1082,7 @@ cdef class Worker:
                 self.ndirty += 1
 
     cdef void close_conn(self, Conn* c, int reason, int detail=0):
-        if c.state == ST_FREE or c.state == ST_LISTENER or c.state == ST_CHANNEL:
+        if not is_client_state(c.state):
             return
         if c.session >= 0:
             # Before the slot is freed: the will may be routed, and routing may
@@ -1038,6 +1109,8 @@ cdef class Worker:
     cdef void release(self, Conn* c):
         """Frees a connection's resources and its table slot."""
         wheel_cancel(&self.wheel, &c.timer)
+        if self.held_per_fd != NULL:
+            self.held_per_fd[c.fd] = 0      # its held answers are skipped (durable.pxi)
         if c.ssl != NULL:
             if c.state == ST_CONNECTED or c.state == ST_AWAIT_CONNECT or c.state == ST_CLOSING:
                 ERR_clear_error()
@@ -1075,3 +1148,4 @@ include "registry.pxi"
 include "backpressure.pxi"
 include "http.pxi"
 include "telemetry.pxi"
+include "durable.pxi"

@@ -62,7 +62,17 @@ cpdef enum:
     DEDUP_FULL = 135          # (device_id, seq) not remembered: the idempotency table was full
     WORKER_HEARTBEAT_MS = 136  # gauge, per worker (never summed): CLOCK_MONOTONIC ms of the worker's last tick
     HTTP_REQUESTS_SHED = 137  # HTTP requests answered 503 (draining, queue full)
-    # 138..191 free.
+    # Write-ahead log and acknowledgement after durability (issue 6), per worker.
+    WAL_RECORDS = 138         # readings appended to this worker's log
+    WAL_BYTES = 139           # bytes appended, framing included
+    WAL_FSYNCS = 140          # fdatasync calls (each one group commit)
+    WAL_DURABLE_OFFSET = 141  # gauge, per worker (never summed): log offset known durable; sinks read up to it
+    WAL_APPENDED_OFFSET = 142  # gauge, per worker (never summed): log offset appended
+    WAL_TRUNCATED = 143       # bytes of a torn or corrupt tail cut when the log was recovered
+    WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
+    WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
+    ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
+    # 147..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
@@ -82,6 +92,7 @@ cpdef enum:
     H_MASTER_PID = 4
     H_STARTED = 5             # unix time the master started
     H_PEAK = 6                # peak of CONNS_CURRENT summed, kept by the master
+    H_PIPELINE_PID = 7        # the pipeline process's pid (0: none)
     H_WORKER_PIDS = 16        # MAX_WORKERS words: each worker slot's pid (0: none)
 
 # Histograms: HIST_WORDS consecutive words of a row, starting at a HIST_* index.

@@ -14,20 +14,32 @@ cdef inline bint is_telemetry_topic(Worker w, const uint8_t* topic, uint32_t n) 
     return memchr(topic + plen, 47, n - plen) == NULL
 
 
-cdef int route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                         uint32_t payload_len, uint8_t qos, bint retain):
-    """Validates, then routes the normalised reading. 0 either way."""
+cdef enum:
+    TELEMETRY_INVALID = -2    # refused by the schema: not routed, acknowledged
+    TELEMETRY_REFUSED = -1    # the log could not take it: not routed, not acknowledged
+
+
+cdef int64_t route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                             uint32_t payload_len, uint8_t qos, bint retain):
+    """Validates, appends to the write-ahead log, then routes the normalised
+    reading. Returns its end offset in the log (what its acknowledgement waits
+    for in ack mode sink; 0 without a log), or TELEMETRY_INVALID/REFUSED."""
     cdef bytes t = PyBytes_FromStringAndSize(<char*>topic, topic_len)
     cdef object normalised
+    cdef int64_t end = 0
     try:
         normalised = w.http_app.validate_mqtt_telemetry(t, PyBytes_FromStringAndSize(<char*>payload, payload_len))
     except Exception:
         w.log_limited(CR_PYTHON, "telemetry validation failed unexpectedly; reading not routed")
-        return 0
+        return TELEMETRY_INVALID
     if normalised is None:
         w.log_limited(CR_TELEMETRY, "an MQTT reading on %s failed the telemetry schema; not routed"
                       % t.decode("utf-8", "replace"))
-        return 0
+        return TELEMETRY_INVALID
+    if w.wal is not None:
+        end = wal_append(w, <const uint8_t*>PyBytes_AS_STRING(normalised), <uint32_t>PyBytes_GET_SIZE(normalised))
+        if end < 0:
+            return TELEMETRY_REFUSED
     route_publish(w, topic, topic_len, <const uint8_t*>PyBytes_AS_STRING(normalised),
                   PyBytes_GET_SIZE(normalised), qos, retain, True, w.now_ns)
-    return 0
+    return end

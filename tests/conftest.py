@@ -187,13 +187,25 @@ class GwServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def pipeline_pid(self) -> int:
+        """The pipeline process's pid (0 while there is none, or before the master wrote it)."""
+        from gw.stats import Layout
+
+        block = self.block()
+        return int(block.header[Layout.H_PIPELINE_PID]) if block is not None else 0
+
     def worker_pids(self) -> list[int]:
+        """The master's children but the pipeline process."""
         try:
             children = psutil.Process(self.pid).children()
         except psutil.NoSuchProcess:
             return []
+        pipeline = self.pipeline_pid()
         pids = []
         for c in children:
+            if c.pid == pipeline:
+                self._seen.setdefault(c.pid, c)
+                continue
             self._seen.setdefault(c.pid, c)
             try:
                 if c.status() != psutil.STATUS_ZOMBIE:

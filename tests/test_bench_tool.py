@@ -682,7 +682,7 @@ def test_server_pid_auto_finds_the_gw_master(gw_server):
     pid = resolve_server_pid("auto", "127.0.0.1", mqtt_port)
     proc = psutil.Process(pid)
     assert "serve" in proc.cmdline()
-    assert len(proc.children()) == 2          # the fixture's two workers
+    assert len(proc.children()) == 3          # the fixture's two workers and the pipeline process
     with pytest.raises(click.BadParameter):
         resolve_server_pid("auto", "127.0.0.1", free_port())
 

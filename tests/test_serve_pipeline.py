@@ -1,0 +1,290 @@
+"""Issue 6 end to end against `gw serve`: acknowledgement means durable.
+
+In ack mode sink a QoS 1 PUBACK (and an HTTP 200) is sent only once the
+reading's batch of the worker's write-ahead log is on disk; the pipeline
+process then puts every reading into the embedded store exactly once. Tested
+here with kill -9 of a worker and of the whole server in the middle of a
+stream, a full disk (RLIMIT_FSIZE on the worker, raised again while it runs),
+a corrupt store at start, and the anomaly detector's alerts reaching MQTT
+subscribers and the query API."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import socket
+import sqlite3
+import struct
+import threading
+import time
+import uuid
+
+import psutil
+import pytest
+
+from conftest import (HOST, GwServer, mqtt_client, publish_packet, read_packet, subscribe_packet, wait_closed,
+                      wait_for)
+from http_client import HttpConn, ingest_body
+
+WINDOW = 64     # QoS 1 publishes in flight
+
+
+def store_rows(server, device: str) -> list[int]:
+    """The seqs of a device's readings in the store, one entry per row."""
+    path = server.data_dir / "store.sqlite"
+    if not path.exists():
+        return []
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+    try:
+        return [r[0] for r in conn.execute("SELECT seq FROM readings WHERE device_id = ?", (device,))]
+    except sqlite3.OperationalError:
+        return []
+    finally:
+        conn.close()
+
+
+def wait_stored(server, device: str, acked: set[int], timeout: float = 30.0) -> list[int]:
+    def done():
+        rows = store_rows(server, device)
+        return rows if acked <= set(rows) else None
+    try:
+        return wait_for(done, timeout, interval=0.2, what="every acknowledged reading in the store")
+    except AssertionError:
+        missing = sorted(acked - set(store_rows(server, device)))
+        raise AssertionError(f"{len(missing)} acknowledged readings not in the store: {missing[:20]}") from None
+
+
+class Publisher:
+    """A raw MQTT client streaming QoS 1 readings with seq = packet order,
+    WINDOW in flight, recording which were acknowledged."""
+
+    def __init__(self, port: int, device: str):
+        self.cm = mqtt_client(port, f"pub-{uuid.uuid4().hex[:8]}")
+        self.sock = self.cm.__enter__()
+        self.device = device
+        self.topic = f"telemetry/{device}"
+        self.acked: set[int] = set()
+        self.inflight: dict[int, int] = {}      # packet id -> seq
+        self.next_pid = 1
+
+    def send(self, seq: int) -> None:
+        pid = self.next_pid
+        self.next_pid = pid % 65535 + 1
+        body = json.dumps({"seq": seq, "metrics": {"v": float(seq)}}).encode()
+        self.sock.sendall(publish_packet(self.topic, body, qos=1, packet_id=pid))
+        self.inflight[pid] = seq
+
+    def read_acks(self, timeout: float) -> None:
+        first, body = read_packet(self.sock, timeout)
+        assert first == 0x40, hex(first)
+        seq = self.inflight.pop(struct.unpack("!H", body)[0])
+        self.acked.add(seq)
+
+    def stream(self, start: int, count: int, stop: threading.Event | None = None) -> int:
+        """Sends seqs start.. until count or the connection breaks; returns the next seq."""
+        seq = start
+        try:
+            while seq < start + count and not (stop and stop.is_set()):
+                while len(self.inflight) >= WINDOW:
+                    self.read_acks(10)
+                self.send(seq)
+                seq += 1
+            while self.inflight:
+                self.read_acks(10)
+        except (OSError, EOFError, AssertionError, socket.timeout):
+            pass
+        return seq
+
+    def close(self) -> None:
+        try:
+            self.cm.__exit__(None, None, None)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def sink_server(gw_factory):
+    def make(**kw):
+        return gw_factory(workers=2, listeners=("mqtt", "http"), args=["--ack", "sink", "--fsync", "batch"], **kw)
+    return make
+
+
+def test_puback_waits_for_the_log_and_the_reading_reaches_the_store(sink_server):
+    server = sink_server()
+    device = f"d-{uuid.uuid4().hex[:6]}"
+    pub = Publisher(server.ports["mqtt"], device)
+    try:
+        assert pub.stream(0, 500) == 500
+        assert pub.acked == set(range(500))
+    finally:
+        pub.close()
+    rows = wait_stored(server, device, pub.acked)
+    assert sorted(rows) == list(range(500))          # each exactly once
+    counters = server.counters()
+    assert counters["wal_records"] >= 500 and counters["wal_fsyncs"] >= 1
+    with HttpConn(server.ports["http"]) as c:
+        resp = c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=1000))
+        assert resp.status == 200, resp.body           # ack mode sink: 200, once durable
+        resp = c.request("GET", f"/v1/devices/{device}/metrics?metric=v&window=1m")
+        assert resp.status == 200, resp.body
+        assert sum(p["count"] for p in resp.json()["points"]) >= 500
+
+
+def test_kill9_of_a_worker_mid_stream_loses_no_acknowledged_reading(sink_server):
+    server = sink_server()
+    device = f"k-{uuid.uuid4().hex[:6]}"
+    pub = Publisher(server.ports["mqtt"], device)
+    victim = server.which_worker(pub.sock.getsockname()[1])
+    stop = threading.Event()
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("next", pub.stream(0, 1_000_000, stop)), daemon=True)
+    t.start()
+    wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
+    os.kill(victim, signal.SIGKILL)
+    t.join(20)
+    stop.set()
+    assert not t.is_alive()
+    acked = set(pub.acked)
+    pub.close()
+    assert len(acked) >= 2000
+    # The worker is respawned (its log recovered); a new stream lands on any worker.
+    wait_for(lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(), 20,
+             what="the killed worker respawned")
+    pub2 = Publisher(server.ports["mqtt"], device)
+    try:
+        assert pub2.stream(2_000_000, 200) == 2_000_200
+    finally:
+        pub2.close()
+    rows = wait_stored(server, device, acked | pub2.acked)
+    assert len(rows) == len(set(rows)), "a reading was stored twice"
+
+
+def test_kill9_of_the_whole_server_mid_stream_loses_no_acknowledged_reading(tmp_path):
+    ports = dict(zip(("mqtt", "http"), __import__("conftest").free_ports(2)))
+    args = ["--ack", "sink", "--fsync", "batch"]
+    server = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt", "http"), ports=ports, args=args).start()
+    device = f"w-{uuid.uuid4().hex[:6]}"
+    try:
+        pub = Publisher(server.ports["mqtt"], device)
+        stop = threading.Event()
+        t = threading.Thread(target=lambda: pub.stream(0, 1_000_000, stop), daemon=True)
+        t.start()
+        wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
+        procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
+        for p in procs:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        t.join(20)
+        stop.set()
+        acked = set(pub.acked)
+        pub.close()
+    finally:
+        server.stop(timeout=5)
+    # The same data dir and ports: the logs are recovered, the pipeline resumes
+    # from the store's checkpoints.
+    again = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt", "http"), ports=ports, args=args,
+                     data_dir=server.data_dir).start()
+    try:
+        rows = wait_stored(again, device, acked)
+        assert len(rows) == len(set(rows)), "a reading was stored twice"
+    finally:
+        again.stop()
+
+
+def test_a_full_disk_stops_acknowledgements_and_the_gateway_recovers_by_itself(gw_factory):
+    """RLIMIT_FSIZE on the worker stands for a full disk: its writes fail (EFBIG),
+    readings are refused with 503 (HTTP) and not acknowledged (MQTT: the
+    publisher is disconnected), a line says why; raising the limit again, with
+    nothing restarted, lets everything through, and nothing acknowledged is lost."""
+    server = gw_factory(workers=1, listeners=("mqtt", "http"), args=["--ack", "sink", "--fsync", "always"])
+    [worker] = server.worker_pids()
+    device = f"f-{uuid.uuid4().hex[:6]}"
+    seg = max((server.data_dir / "wal" / "0").glob("*.wal"))
+    limit = seg.stat().st_size + 8192
+    resource.prlimit(worker, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    statuses = []
+    acked = set()
+    try:
+        for i in range(200):
+            # A reading taken just before the disk filled waits for its 200 (ack
+            # mode sink) until the disk has room again: that client times out.
+            with HttpConn(server.ports["http"], timeout=2) as c:
+                try:
+                    resp = c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=i, payload="x" * 200))
+                except TimeoutError:
+                    statuses.append("waiting")
+                    continue
+            statuses.append(resp.status)
+            if resp.status == 200:
+                acked.add(i)
+            else:
+                assert resp.status == 503 and resp.headers["retry-after"], (resp.status, resp.body)
+                assert resp.json()["code"] == "log_unavailable"
+            if statuses[-3:] == [503] * 3:
+                break
+        assert statuses[-3:] == [503] * 3 and 200 in statuses, statuses
+        # MQTT: no PUBACK; the publisher is closed (it keeps its reading to send again).
+        with mqtt_client(server.ports["mqtt"], "full-disk") as mq:
+            mq.sendall(publish_packet(f"telemetry/{device}", b'{"seq": 9999, "metrics": {"v": 1}}', qos=1,
+                                      packet_id=1))
+            assert wait_closed(mq) == b""
+        assert "cannot take readings" in server.log()
+    finally:
+        resource.prlimit(worker, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    def accepted_again():
+        with HttpConn(server.ports["http"]) as c:
+            resp = c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=500))
+            return resp.status == 200
+    wait_for(accepted_again, 15, interval=0.5, what="ingest accepted again after the disk has room")
+    acked.add(500)
+    rows = wait_stored(server, device, acked)
+    assert len(rows) == len(set(rows))
+    assert server.counters()["wal_errors"] >= 1
+
+
+def test_a_corrupt_store_is_reported_at_start_and_left_alone(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    garbage = b"this is not an SQLite database" * 100
+    (data / "store.sqlite").write_bytes(garbage)
+    server = GwServer(tmp_path / "gw", workers=1, listeners=("mqtt",), data_dir=data)
+    with pytest.raises(RuntimeError) as info:
+        server.start(timeout=20)
+    assert "store" in str(info.value) and "corrupt" in str(info.value)
+    assert server.proc.returncode == 1
+    assert (data / "store.sqlite").read_bytes() == garbage
+
+
+def test_anomalies_raise_alerts_on_mqtt_and_in_the_query_api(gw_factory):
+    server = gw_factory(workers=2, listeners=("mqtt", "http"),
+                        args=["--anomaly-window", "20", "--anomaly-threshold", "4"])
+    device = f"a-{uuid.uuid4().hex[:6]}"
+    with mqtt_client(server.ports["mqtt"], "alert-watch") as sub:
+        sub.sendall(subscribe_packet(1, [("alerts/+", 0)]))
+        assert read_packet(sub)[0] == 0x90
+        with HttpConn(server.ports["http"]) as c:
+            for i in range(40):
+                value = 20.0 + (i % 5) * 0.1
+                assert c.request("POST", f"/v1/ingest/{device}",
+                                 ingest_body({"temp_c": value}, seq=i)).status == 202
+            assert c.request("POST", f"/v1/ingest/{device}", ingest_body({"temp_c": 95.0}, seq=40)).status == 202
+        first, body = read_packet(sub, 20)
+        assert first >> 4 == 3
+        tlen = struct.unpack("!H", body[:2])[0]
+        assert body[2:2 + tlen].decode() == f"alerts/{device}"
+        alert = json.loads(body[2 + tlen:])
+        assert alert["metric"] == "temp_c" and alert["value"] == 95.0 and alert["state"] == "open"
+    with HttpConn(server.ports["http"]) as c:
+        resp = c.request("GET", f"/v1/alerts?device_id={device}")
+        assert resp.status == 200
+        [listed] = resp.json()["alerts"]
+        assert listed["id"] == alert["id"]
+        resp = c.request("POST", f"/v1/alerts/{alert['id']}/ack", b"", content_type=None)
+        assert resp.status == 200 and resp.json()["state"] == "acked"
+        resp = c.request("GET", f"/v1/alerts?device_id={device}&state=open")
+        assert resp.json()["alerts"] == []
