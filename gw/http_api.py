@@ -295,6 +295,28 @@ class HttpApp:
         counters[TELEMETRY_MQTT_ACCEPTED] += 1
         return self._encode(tele)
 
+    def json_data_reading(self, client_id: bytes, payload, timestamp) -> bytes | None:
+        """A JSON-lines Data message (seed 000) as a reading of device client_id:
+        its payload's record fields when it is an object with `metrics`, else
+        `{"metrics": {}, "payload": <payload>}`; `ts` from its timestamp. The
+        normalised JSON to log and route on {telemetry_topic}/{client_id}, or None
+        (counted as rejected) when the client id is not a device id or the record
+        breaks the schema."""
+        if isinstance(payload, dict) and "metrics" in payload:
+            record = dict(payload)
+        else:
+            record = {"metrics": {}, "payload": payload}
+        if timestamp is not None and "ts" not in record:
+            record["ts"] = timestamp
+        try:
+            device_id = check_path_device_id(client_id)
+            tele = self.ingestor.record(device_id, self._encode(record))
+        except Invalid:
+            self._c[INGEST_RECORDS_REJECTED] += 1
+            return None
+        self._c[INGEST_RECORDS_ACCEPTED] += 1
+        return self._encode(tele)
+
     # --- ingest -------------------------------------------------------------------------
 
     def _ingest(self, method, path, content_type, body, batch: bool):

@@ -48,11 +48,22 @@ class JsonProtocol:
         self._decoder = msgspec.json.Decoder(Message)
         self._encoder = msgspec.json.Encoder()
 
+    def log_full_reply(self, client_id: bytes | None) -> bytes:
+        return self._reply(client_id.decode() if client_id else None, "Error",
+                           "the write-ahead log cannot take readings now (disk full or too slow); "
+                           "send the Data message again later")
+
     def _reply(self, client_id: str | None, kind: str, payload: Any) -> bytes:
         return self._encoder.encode(Reply(client_id, kind, payload, round(time.time(), 3))) + b"\n"
 
+    # Data messages as telemetry readings: (client id, payload, timestamp) -> the
+    # normalised reading (bytes) or None; set by the worker (HttpApp.json_data_reading).
+    readings = None
+
     def handle(self, line: bytes, connected: bool, client_id: bytes | None):
-        """Returns (action, reply bytes or None, assigned client id or None, is_data)."""
+        """Returns (action, reply bytes or None, assigned client id or None, data):
+        data is False (not a Data message), True (data), or the normalised
+        reading (bytes) the Data message makes, for the log and telemetry/{id}."""
         current = client_id.decode() if client_id is not None else None
         try:
             msg = self._decoder.decode(line)
@@ -73,5 +84,9 @@ class JsonProtocol:
         if kind == "Disconnect":
             return CLOSE, None, None, False
         if kind == "Data":
+            if self.readings is not None and client_id is not None:
+                reading = self.readings(client_id, msg.payload, msg.timestamp)
+                if reading is not None:
+                    return OK, None, None, reading
             return OK, None, None, True
         return OK, None, None, False     # Heartbeat: activity is all it carries

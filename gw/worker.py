@@ -97,13 +97,15 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     # rather than the signal killing the worker.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     max_fds = raise_fd_limit()
-    worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], JsonProtocol(), max_fds)
+    json_protocol = JsonProtocol()
+    worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
     app = HttpApp(cfg, worker_index=slot, publish=worker.publish, dedup=dedup,
                   render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
     worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
+    json_protocol.readings = app.json_data_reading      # seed 000's Data messages as readings
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)
     app.wal_append = worker.wal_append

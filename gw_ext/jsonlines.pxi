@@ -32,6 +32,20 @@ cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n
         c.last_rx_ms = w.now_ms
     return pos
 
+cdef int json_reading(Worker w, bytes client_id, bytes reading):
+    """A Data message's reading: into the log, then on {telemetry_topic}/{client id}.
+    -1 if the log refused it (the client is told with an Error message)."""
+    cdef bytes topic
+    if w.wal is not None and wal_append(w, <const uint8_t*>PyBytes_AS_STRING(reading),
+                                        <uint32_t>PyBytes_GET_SIZE(reading)) < 0:
+        return -1
+    topic = w.telemetry_prefix + client_id
+    route_publish(w, <const uint8_t*>PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic),
+                  <const uint8_t*>PyBytes_AS_STRING(reading), PyBytes_GET_SIZE(reading), 0, False, True,
+                  w.now_ns)
+    return 0
+
+
 cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
     cdef bytes reply
     cdef uint8_t* out
@@ -44,6 +58,8 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
         PyBytes_FromStringAndSize(<char*>line, n), c.state == ST_CONNECTED, client_id)
     if is_data:
         w.counters[MSGS_IN] += 1
+    if type(is_data) is bytes and json_reading(w, client_id, <bytes>is_data) < 0:
+        reply = w.json_protocol.log_full_reply(client_id)
     if reply is not None:
         rlen = PyBytes_GET_SIZE(reply)
         out = w.reserve(c, <uint32_t>rlen)

@@ -288,3 +288,31 @@ def test_anomalies_raise_alerts_on_mqtt_and_in_the_query_api(gw_factory):
         assert resp.status == 200 and resp.json()["state"] == "acked"
         resp = c.request("GET", f"/v1/alerts?device_id={device}&state=open")
         assert resp.json()["alerts"] == []
+
+
+def test_json_lines_data_messages_are_readings_too(gw_factory):
+    """Seed 000's Data messages are telemetry of the device named by the
+    client id: logged, in the store, and on telemetry/{client_id} (a string
+    payload becomes the reading's payload, with no metrics)."""
+    server = gw_factory(workers=1, listeners=("mqtt", "json", "http"))
+    device = f"j-{uuid.uuid4().hex[:8]}"
+    with mqtt_client(server.ports["mqtt"], "json-watch") as sub:
+        sub.sendall(subscribe_packet(1, [(f"telemetry/{device}", 0)]))
+        assert read_packet(sub)[0] == 0x90
+        with socket.create_connection((HOST, server.ports["json"]), timeout=10) as js:
+            js.sendall(json.dumps({"client_id": device, "message_type": "Connect"}).encode() + b"\n")
+            assert b'"Connected"' in js.recv(4096)
+            js.sendall(json.dumps({"client_id": device, "message_type": "Data",
+                                   "payload": "Sensor reading: temperature=23.5", "timestamp": 1674472800}
+                                  ).encode() + b"\n")
+            js.sendall(json.dumps({"client_id": device, "message_type": "Data",
+                                   "payload": {"seq": 7, "metrics": {"temp_c": 23.5}}}).encode() + b"\n")
+            got = []
+            while len(got) < 2:
+                first, body = read_packet(sub, 10)
+                tlen = struct.unpack("!H", body[:2])[0]
+                got.append(json.loads(body[2 + tlen:]))
+    assert got[0]["payload"] == "Sensor reading: temperature=23.5" and got[0]["ts"] == "2023-01-23T11:20:00Z"
+    assert got[1]["metrics"] == {"temp_c": 23.5} and got[1]["seq"] == 7
+    rows = wait_stored(server, device, {7})
+    assert sorted(rows, key=lambda r: (r is None, r)) == [7, None]
