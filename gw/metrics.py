@@ -207,6 +207,25 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
         "# HELP gw_workers_alive Worker slots with a running worker process.\n"
         "# TYPE gw_workers_alive gauge\n"
         f"gw_workers_alive {sum(1 for p in pids if p)}\n")
+    sinks = ("store", "file", "bridge")
+    written = header[Layout.H_SINK_WRITTEN:Layout.H_SINK_WRITTEN + 3].tolist()
+    lag = header[Layout.H_SINK_LAG:Layout.H_SINK_LAG + 3].tolist()
+    out.append(
+        "# HELP gw_pipeline_up Whether the pipeline process (the sinks) runs.\n"
+        "# TYPE gw_pipeline_up gauge\n"
+        f"gw_pipeline_up {1 if header[Layout.H_PIPELINE_PID] else 0}\n"
+        "# HELP gw_sink_records_total Readings a sink wrote, since the pipeline process started.\n"
+        "# TYPE gw_sink_records_total counter\n"
+        + "".join(f'gw_sink_records_total{{sink="{n}"}} {w}\n' for n, w in zip(sinks, written))
+        + "# HELP gw_sink_lag_bytes Log bytes durable and not yet taken by a sink, summed over the workers.\n"
+        "# TYPE gw_sink_lag_bytes gauge\n"
+        + "".join(f'gw_sink_lag_bytes{{sink="{n}"}} {v}\n' for n, v in zip(sinks, lag))
+        + "# HELP gw_sink_retries_total Failed sink attempts, retried with backoff.\n"
+        "# TYPE gw_sink_retries_total counter\n"
+        f"gw_sink_retries_total {int(header[Layout.H_SINK_RETRIES])}\n"
+        "# HELP gw_alerts_published_total Anomaly alerts published on alerts/{device_id}.\n"
+        "# TYPE gw_alerts_published_total counter\n"
+        f"gw_alerts_published_total {int(header[Layout.H_ALERTS])}\n")
     beats = rows[:, C.WORKER_HEARTBEAT_MS].tolist()
     if any(beats):
         now = monotonic_ms()

@@ -93,6 +93,11 @@ cpdef enum:
     H_STARTED = 5             # unix time the master started
     H_PEAK = 6                # peak of CONNS_CURRENT summed, kept by the master
     H_PIPELINE_PID = 7        # the pipeline process's pid (0: none)
+    # Written by the pipeline process about twice a second (gw/pipeline/core.py):
+    H_SINK_WRITTEN = 8        # + sink index (0 store, 1 file, 2 bridge): readings written
+    H_SINK_LAG = 11           # + sink index: log bytes durable and not yet read by the sink
+    H_SINK_RETRIES = 14       # failed attempts of every sink, retried
+    H_ALERTS = 15             # alerts published
     H_WORKER_PIDS = 16        # MAX_WORKERS words: each worker slot's pid (0: none)
 
 # Histograms: HIST_WORDS consecutive words of a row, starting at a HIST_* index.

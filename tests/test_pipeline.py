@@ -421,7 +421,8 @@ import test_pipeline as t
 durable = t.Durable({n})
 for w, e in enumerate({ends!r}):
     durable.set(w, e)
-block = types.SimpleNamespace(rows=durable.rows)
+import numpy
+block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(80, dtype=numpy.int64))  # the parts it reads
 cfg = types.SimpleNamespace(data_dir={data!r}, pipeline_batch=200)
 out = open({out!r}, "ab", buffering=0)
 def publish(topic, payload):

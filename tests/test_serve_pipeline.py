@@ -131,6 +131,19 @@ def test_puback_waits_for_the_log_and_the_reading_reaches_the_store(sink_server)
         assert resp.status == 200, resp.body
         assert sum(p["count"] for p in resp.json()["points"]) >= 500
 
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def figures():
+        with HttpConn(server.ports["http"]) as c:
+            text = c.request("GET", "/metrics").body.decode()
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(text) for s in fam.samples}
+    wait_for(lambda: figures()[("gw_sink_records_total", (("sink", "store"),))] >= 501, 10,
+             what="the store sink's figures in /metrics")
+    got = figures()
+    assert got[("gw_pipeline_up", ())] == 1
+    assert got[("gw_wal_records_total", ())] >= 501 and got[("gw_wal_fsyncs_total", ())] >= 1
+
 
 def test_kill9_of_a_worker_mid_stream_loses_no_acknowledged_reading(sink_server):
     server = sink_server()

@@ -59,6 +59,8 @@ class Pipeline:
         self._publish_logged = 0.0
         self._retain_logged = 0.0
         self._next_retain = 0.0
+        self.header = None          # the stats block's header, for publish_figures()
+        self._next_figures = 0.0
         self.started = time.time()
         conn = open_store(self.data_dir / STORE_FILE)
         s = settings
@@ -104,6 +106,9 @@ class Pipeline:
     def tick(self) -> None:
         self._publish_alerts()
         now = time.monotonic()
+        if self.header is not None and now >= self._next_figures:
+            self._next_figures = now + 0.5
+            self.publish_figures()
         if now >= self._next_retain:
             self._next_retain = now + self.settings.pipeline_retain_interval
             self.retain_wal()
@@ -160,6 +165,24 @@ class Pipeline:
                     log.warning("pipeline: WAL retention in %s failed: %s", d, exc)
 
     # -- figures
+    SINK_INDEX = {"store": 0, "file": 1, "bridge": 2}
+
+    def publish_figures(self) -> None:
+        """The figures /metrics shows, into the stats block's header (gw/metrics.py)."""
+        from gw.stats import Layout
+
+        header = self.header
+        retries = 0
+        for r in self.runners:
+            k = self.SINK_INDEX.get(r.sink.name)
+            if k is None:
+                continue
+            header[Layout.H_SINK_WRITTEN + k] = r.sink.written
+            header[Layout.H_SINK_LAG + k] = r.lag()
+            retries += r.retries
+        header[Layout.H_SINK_RETRIES] = retries
+        header[Layout.H_ALERTS] = self.alerts_published
+
     def stats(self) -> dict:
         out = {"sinks": {r.sink.name: r.stats() for r in self.runners},
                "alerts_published": self.alerts_published, "alerts_publish_failed": self.alerts_failed,
@@ -187,6 +210,7 @@ def pipeline_main(cfg, block, nworkers: int, publish) -> int:
         return int(rows[slot, idx])
 
     pipe = Pipeline(settings, nworkers, durable, publish)
+    pipe.header = block.header
     signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, signal.SIG_IGN)    # its settings need a restart
