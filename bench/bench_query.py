@@ -30,6 +30,7 @@ import pytest
 
 from gw import http_api
 from gw import query as q
+from gw.pipeline.store import open_store
 from gw.http_api import HttpApp
 
 DAY0 = 1758585600.0                  # 2025-09-23T00:00:00Z
@@ -38,23 +39,6 @@ METRICS = ("temp_c", "rssi")
 GATE_P99_MS = 50.0
 TIMED_CALLS = 1000
 
-SCHEMA = """
-CREATE TABLE readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL,
-  seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT, PRIMARY KEY (worker, lsn)) WITHOUT ROWID;
-CREATE TABLE samples (device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL,
-  worker INTEGER NOT NULL, lsn INTEGER NOT NULL, PRIMARY KEY (device_id, metric, ts, worker, lsn)) WITHOUT ROWID;
-CREATE TABLE rollups (win TEXT NOT NULL, device_id TEXT NOT NULL, metric TEXT NOT NULL, bucket REAL NOT NULL,
-  count INTEGER NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL,
-  PRIMARY KEY (win, device_id, metric, bucket)) WITHOUT ROWID;
-CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
-  last_values TEXT NOT NULL, tags TEXT NOT NULL, readings INTEGER NOT NULL);
-CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, metric TEXT NOT NULL,
-  ts REAL NOT NULL, value REAL NOT NULL, zscore REAL NOT NULL, mean REAL NOT NULL, std REAL NOT NULL,
-  state TEXT NOT NULL, created REAL NOT NULL, acked REAL);
-CREATE TABLE checkpoints (sink TEXT NOT NULL, worker INTEGER NOT NULL, next_offset INTEGER NOT NULL,
-  PRIMARY KEY (sink, worker));
-CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-"""
 
 
 def _value(device: int, metric: int, second: int) -> float:
@@ -67,10 +51,8 @@ def build_store(directory) -> dict:
     minute of readings (each reading: a readings row, its samples, the rollup
     aggregates of its buckets, the devices row)."""
     path = directory / q.STORE_FILE
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode = WAL")
+    db = open_store(path)                          # the store's own schema (gw/pipeline/store.py)
     db.execute("PRAGMA synchronous = OFF")         # building the fixture only
-    db.executescript(SCHEMA)
     t0 = time.perf_counter()
     lsn = 0
     rollups: dict = {}

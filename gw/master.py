@@ -73,6 +73,16 @@ class Slot:
         self.respawn_at = 0.0
         self.sockets: list[ListenerSpec] = []
 
+    def schedule_respawn(self) -> float:
+        """It died: respawn after a delay doubled for each quick death. The delay."""
+        now = time.monotonic()
+        if now - self.started >= STABLE_AFTER:
+            self.backoff = RESPAWN_MIN
+        delay = self.backoff
+        self.backoff = min(self.backoff * 2, RESPAWN_MAX)
+        self.respawn_at = now + delay
+        return delay
+
 
 def open_listener(addr, port: int) -> socket.socket:
     sock = socket.socket(addr.family, socket.SOCK_STREAM)
@@ -290,12 +300,7 @@ class Master:
             slot.respawn_at = 0.0
             return
         how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {code}"
-        now = time.monotonic()
-        if now - slot.started >= STABLE_AFTER:
-            slot.backoff = RESPAWN_MIN
-        delay = slot.backoff
-        slot.backoff = min(slot.backoff * 2, RESPAWN_MAX)
-        slot.respawn_at = now + delay
+        delay = slot.schedule_respawn()
         log.warning("the pipeline process (pid %d) died (%s); respawning in %.2f s", pid, how, delay)
 
     def worker_exited(self, slot: Slot, pid: int, status: int) -> None:
@@ -306,12 +311,7 @@ class Master:
             return
         how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
                else f"exit code {os.WEXITSTATUS(status)}")
-        now = time.monotonic()
-        if now - slot.started >= STABLE_AFTER:
-            slot.backoff = RESPAWN_MIN
-        delay = slot.backoff
-        slot.backoff = min(slot.backoff * 2, RESPAWN_MAX)
-        slot.respawn_at = now + delay
+        delay = slot.schedule_respawn()
         log.warning("worker %d (pid %d) died (%s); respawning in %.2f s", slot.index, pid, how, delay)
 
     # --- signals ---------------------------------------------------------------

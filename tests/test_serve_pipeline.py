@@ -329,3 +329,18 @@ def test_json_lines_data_messages_are_readings_too(gw_factory):
     assert got[1]["metrics"] == {"temp_c": 23.5} and got[1]["seq"] == 7
     rows = wait_stored(server, device, {7})
     assert sorted(rows, key=lambda r: (r is None, r)) == [7, None]
+
+
+def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
+    server = gw_factory(workers=1, listeners=("mqtt", "http"))
+    first = wait_for(server.pipeline_pid, 10, what="the pipeline process")
+    os.kill(first, signal.SIGKILL)
+    device = f"p-{uuid.uuid4().hex[:6]}"
+    with HttpConn(server.ports["http"]) as c:
+        for i in range(50):       # accepted into the log while no pipeline runs
+            assert c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=i)).status == 202
+    second = wait_for(lambda: server.pipeline_pid() not in (0, first) and server.pipeline_pid(), 10,
+                      what="the pipeline respawned")
+    assert second != first
+    assert sorted(wait_stored(server, device, set(range(50)))) == list(range(50))
+    assert "pipeline process" in server.log() and "died" in server.log()

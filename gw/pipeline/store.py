@@ -49,6 +49,7 @@ CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
 CREATE INDEX IF NOT EXISTS rollups_win_bucket ON rollups (win, bucket);
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device_id, metric, ts);
 CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, ts);
+CREATE INDEX IF NOT EXISTS alerts_device_id ON alerts (device_id, id);      -- GET /v1/alerts?device_id=, newest first
 """
 # Indexes beyond the primary keys: readings_device_ts serves a device's readings
 # over time (the query API; the samples' primary key already serves (device,
