@@ -344,3 +344,13 @@ def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
     assert second != first
     assert sorted(wait_stored(server, device, set(range(50)))) == list(range(50))
     assert "pipeline process" in server.log() and "died" in server.log()
+
+
+def test_an_unusable_data_dir_is_reported_at_start(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    server = GwServer(tmp_path / "gw", workers=1, listeners=("mqtt",), data_dir=blocker / "data")
+    with pytest.raises(RuntimeError) as info:
+        server.start(timeout=20)
+    assert "data_dir" in str(info.value) and "not writable" in str(info.value)
+    assert server.proc.returncode == 1
