@@ -121,11 +121,12 @@ cdef void wal_readable(Worker w):
         update_pause(w)
 
 
-cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n):
-    """Appends a reading; its end offset, or -1 if the log refused it (counted)."""
+cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=False):
+    """Appends a reading; its end offset, or -1 if the log refused it (counted).
+    room_checked: the caller saw Worker.wal_room() say yes for it just before."""
     cdef int64_t end
-    if w.wal.room_c(n):
-        end = w.wal.append_c(p, n)      # a refusal here is counted by the log itself
+    if room_checked or w.wal.room_c(n):
+        end = w.wal.append_after_room_c(p, n)   # a refusal here is counted by the log itself
         if end >= 0 and not w.wal_congested and w.wal.pending_c() > w.wal.max_pending // 2:
             # Over half of wal_max_pending waits for the disk: QoS 1/2 publishers
             # wait too (backpressure.pxi) rather than be refused at the limit.

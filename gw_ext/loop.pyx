@@ -371,11 +371,14 @@ cdef class Worker:
             raise OSError(errno, "epoll_ctl")
 
     def wal_append(self, bytes payload):
-        """For the HTTP app: appends one reading; its end offset (the durable offset
-        its acknowledgement waits for in ack mode sink), or -1 if refused (counted)."""
+        """For the HTTP app, after wal_room() said yes for it: appends one reading;
+        its end offset (the durable offset its acknowledgement waits for in ack
+        mode sink). A disk error since the room check does not refuse it: the app
+        has recorded it as seen by then."""
         if self.wal is None:
             return 0
-        return wal_append(self, <const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>PyBytes_GET_SIZE(payload))
+        return wal_append(self, <const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>PyBytes_GET_SIZE(payload),
+                          True)
 
     def wal_room(self, int nbytes):
         """Whether an append of nbytes would be taken now (checked before the

@@ -60,6 +60,12 @@ cdef class Wal:
     # offset that makes it durable), or -1: refused (pending over max_pending, the
     # log in its error state, not recovered or closed, n == 0 or n > 16 MiB).
     cdef int64_t append_c(self, const uint8_t* p, uint32_t n) noexcept nogil
+    # The same, for a caller that saw room_c(n) (or room for more) just before in
+    # this thread: an error state entered since does not refuse it (the record
+    # waits in the buffer for the disk), so a reading the caller already
+    # committed to (recorded as seen) is never refused after all.
+    cdef int64_t append_after_room_c(self, const uint8_t* p, uint32_t n) noexcept nogil
+    cdef int64_t _append(self, const uint8_t* p, uint32_t n, int ignore_err) noexcept nogil
     # Whether an append of an n-byte payload would be taken now.
     cdef bint room_c(self, uint32_t n) noexcept nogil
     # Bytes appended and not durable yet (what backpressure watches).

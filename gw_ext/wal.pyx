@@ -479,14 +479,17 @@ cdef extern from *:
     }
 
     /* The loop thread: frames a record; its end offset, or -1 (refused). */
-    static int64_t gw_wal_append(struct gw_wal* w, const uint8_t* p, uint32_t n) {
+    /* ignore_err: the caller saw room (gw_wal_room) just before, in the same
+       thread: an error state the flusher entered since does not refuse the
+       record (it waits in the buffer, within max_pending, for the disk). */
+    static int64_t gw_wal_append(struct gw_wal* w, const uint8_t* p, uint32_t n, int ignore_err) {
         uint32_t crc = gw_crc32c(0, p, n);
         uint64_t rec = GW_WAL_REC_HDR + (uint64_t)n;
         int wake = 0;
         int64_t end;
         if (w->fork_gen != gw_wal_fork_gen) return -1;      /* a forked child: no flusher */
         pthread_mutex_lock(&w->mu);
-        if (w->err || w->stop
+        if ((w->err && !ignore_err) || w->stop
                 || w->appended + rec - __atomic_load_n(&w->durable, __ATOMIC_ACQUIRE) > w->max_pending) {
             pthread_mutex_unlock(&w->mu);
             return -1;
@@ -620,7 +623,7 @@ cdef extern from *:
     size_t gw_wal_scan(const uint8_t* buf, size_t len, uint64_t* count, int* status) noexcept nogil
     gw_wal* gw_wal_new(int mode, uint64_t segment_bytes, uint64_t max_pending, uint64_t batch_ns) noexcept
     int gw_wal_start(gw_wal* w, int dirfd, int fd, uint64_t base, uint64_t end) noexcept
-    int64_t gw_wal_append(gw_wal* w, const uint8_t* p, uint32_t n) noexcept nogil
+    int64_t gw_wal_append(gw_wal* w, const uint8_t* p, uint32_t n, int ignore_err) noexcept nogil
     int gw_wal_room(gw_wal* w, uint32_t n) noexcept nogil
     int gw_wal_flush(gw_wal* w, uint64_t timeout_ns) noexcept nogil
     void gw_wal_stop(gw_wal* w) noexcept nogil
@@ -1002,10 +1005,16 @@ cdef class Wal:
         return {"records": records, "truncated_bytes": truncated, "end_offset": end}
 
     cdef int64_t append_c(self, const uint8_t* p, uint32_t n) noexcept nogil:
+        return self._append(p, n, 0)
+
+    cdef int64_t append_after_room_c(self, const uint8_t* p, uint32_t n) noexcept nogil:
+        return self._append(p, n, 1)
+
+    cdef int64_t _append(self, const uint8_t* p, uint32_t n, int ignore_err) noexcept nogil:
         cdef int64_t end
         if self.state != 1 or n == 0 or n > GW_WAL_MAX_PAYLOAD:
             return -1
-        end = gw_wal_append(self.w, p, n)
+        end = gw_wal_append(self.w, p, n, ignore_err)
         if end < 0:
             self._refused()
             return -1
