@@ -18,6 +18,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
+from gw_ext.benchhist cimport Hist, hist_alloc, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -64,13 +65,6 @@ cdef struct Tracker:
     uint32_t nbytes
     uint32_t next_seq
     uint64_t unique
-
-cdef struct Hist:
-    int64_t* counts
-    int64_t total
-    double sum
-    double mn
-    double mx
 
 cdef struct Conn:
     int fd
@@ -157,10 +151,8 @@ cdef class Engine:
         self.min_ns = hist_min_ns
         self.log_min = log(hist_min_ns)
         self.inv_log_g = 1.0 / log(hist_growth)
-        self.lat.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        self.ack.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        self.lat.mn = 1e300
-        self.ack.mn = 1e300
+        if hist_alloc(&self.lat, hist_nbuckets) or hist_alloc(&self.ack, hist_nbuckets):
+            raise MemoryError()
         memset(self.err, 0, sizeof(self.err))
         self.first_rx = 0
         self.last_rx = 0
@@ -181,8 +173,8 @@ cdef class Engine:
                     free(c.tr)
             free(self.conns)
         free(self.payload)
-        free(self.lat.counts)
-        free(self.ack.counts)
+        hist_free(&self.lat)
+        hist_free(&self.ack)
         if self.epfd >= 0:
             c_close(self.epfd)
 
@@ -245,20 +237,7 @@ cdef class Engine:
 
     # -- helpers --------------------------------------------------------------
     cdef inline void hrec(self, Hist* h, double v) noexcept nogil:
-        cdef int k
-        if v < self.min_ns:
-            k = 0
-        else:
-            k = <int>((log(v) - self.log_min) * self.inv_log_g) + 1
-            if k > self.nb + 1:
-                k = self.nb + 1
-        h.counts[k] += 1
-        h.total += 1
-        h.sum += v
-        if v < h.mn:
-            h.mn = v
-        if v > h.mx:
-            h.mx = v
+        hist_record(h, v, self.min_ns, self.log_min, self.inv_log_g, self.nb)
 
     cdef void set_events(self, int i, uint32_t events) noexcept:
         cdef Conn* c = &self.conns[i]
@@ -700,13 +679,7 @@ cdef class Engine:
         return {ERROR_NAMES[k]: self.err[k] for k in range(E_COUNT) if self.err[k]}
 
     cdef dict _hist(self, Hist* h):
-        import numpy as np
-        counts = np.zeros(self.nb + 2, dtype=np.int64)
-        cdef int k
-        for k in range(self.nb + 2):
-            counts[k] = h.counts[k]
-        return {"counts": counts, "total": h.total, "sum_ns": h.sum,
-                "min_ns": h.mn if h.total else float("inf"), "max_ns": h.mx}
+        return hist_dict(h, self.nb)
 
     def record_latency(self, values):
         """Records values (ns) in the latency histogram exactly as received

@@ -30,6 +30,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
+from gw_ext.benchhist cimport Hist, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR, ENOSYS
 from libc.time cimport tm, time_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -98,13 +99,6 @@ cdef enum:
 
 ERROR_NAMES = ("connect_failed", "connect_timeout", "closed_by_server", "connection_reset",
                "malformed_response", "connack_refused", "unexpected_response")
-
-cdef struct Hist:
-    int64_t* counts
-    int64_t total
-    double sum
-    double mn
-    double mx
 
 cdef struct HConn:
     int fd
@@ -317,13 +311,9 @@ cdef class IngestEngine:
         self.min_ns = hist_min_ns
         self.log_min = log(hist_min_ns)
         self.inv_log_g = 1.0 / log(hist_growth)
-        self.lat.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        self.svc.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        self.win.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        self.lag.counts = <int64_t*>calloc(hist_nbuckets + 2, sizeof(int64_t))
-        if self.lat.counts == NULL or self.svc.counts == NULL or self.win.counts == NULL or self.lag.counts == NULL:
+        if (hist_alloc(&self.lat, hist_nbuckets) or hist_alloc(&self.svc, hist_nbuckets)
+                or hist_alloc(&self.win, hist_nbuckets) or hist_alloc(&self.lag, hist_nbuckets)):
             raise MemoryError()
-        self.lat.mn = self.svc.mn = self.win.mn = self.lag.mn = 1e300
         self.an_dev = <uint32_t*>malloc(MAX_ANOMALY_LIST * sizeof(uint32_t))
         self.an_seq = <uint32_t*>malloc(MAX_ANOMALY_LIST * sizeof(uint32_t))
         memset(self.status, 0, sizeof(self.status))
@@ -351,10 +341,10 @@ cdef class IngestEngine:
             free(self.conns)
         free(self.dirty)
         free(self.tpl)
-        free(self.lat.counts)
-        free(self.svc.counts)
-        free(self.win.counts)
-        free(self.lag.counts)
+        hist_free(&self.lat)
+        hist_free(&self.svc)
+        hist_free(&self.win)
+        hist_free(&self.lag)
         free(self.an_dev)
         free(self.an_seq)
         if self.epfd >= 0:
@@ -424,20 +414,7 @@ cdef class IngestEngine:
 
     # -- helpers ----------------------------------------------------------------
     cdef inline void hrec(self, Hist* h, double v) noexcept nogil:
-        cdef int k
-        if v < self.min_ns:
-            k = 0
-        else:
-            k = <int>((log(v) - self.log_min) * self.inv_log_g) + 1
-            if k > self.nb + 1:
-                k = self.nb + 1
-        h.counts[k] += 1
-        h.total += 1
-        h.sum += v
-        if v < h.mn:
-            h.mn = v
-        if v > h.mx:
-            h.mx = v
+        hist_record(h, v, self.min_ns, self.log_min, self.inv_log_g, self.nb)
 
     cdef void set_events(self, int i, uint32_t events) noexcept:
         cdef HConn* c = &self.conns[i]
@@ -1274,13 +1251,7 @@ cdef class IngestEngine:
         return [(self.an_dev[k], self.an_seq[k]) for k in range(self.an_n)]
 
     cdef dict _hist(self, Hist* h):
-        import numpy as np
-        counts = np.zeros(self.nb + 2, dtype=np.int64)
-        cdef int k
-        for k in range(self.nb + 2):
-            counts[k] = h.counts[k]
-        return {"counts": counts, "total": h.total, "sum_ns": h.sum,
-                "min_ns": h.mn if h.total else float("inf"), "max_ns": h.mx}
+        return hist_dict(h, self.nb)
 
     def latency_hist(self):
         """From each request's due time to its response (open loop: includes
@@ -1299,11 +1270,7 @@ cdef class IngestEngine:
     def take_window(self):
         """The latency histogram since the previous call, then cleared."""
         d = self._hist(&self.win)
-        memset(self.win.counts, 0, (self.nb + 2) * sizeof(int64_t))
-        self.win.total = 0
-        self.win.sum = 0
-        self.win.mn = 1e300
-        self.win.mx = 0
+        hist_clear(&self.win, self.nb)
         return d
 
     def record_latency(self, values):

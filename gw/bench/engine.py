@@ -9,7 +9,6 @@ from gw_ext.benchclient import ERROR_NAMES, Engine  # noqa: F401  (ImportError =
 
 from . import histogram as H
 
-SLICE_NS = 200_000_000
 
 
 class PubSubWorker:
@@ -54,16 +53,6 @@ class PubSubWorker:
                 self.next_k += 1
         self.ctl.poll()
 
-    def _run_until(self, t_end: float, done=lambda: False) -> bool:
-        """Runs slices until monotonic t_end, a stop order, or done()."""
-        end_ns = int(t_end * 1e9)
-        while not self.ctl.stop:
-            now_ns = time.monotonic_ns()
-            if now_ns >= end_ns or done():
-                return True
-            self._slice(min(end_ns, now_ns + SLICE_NS))
-        return False
-
     def run(self) -> None:
         plan = self.plan
         # Wait for the common start, keeping subscribers alive meanwhile.
@@ -77,11 +66,11 @@ class PubSubWorker:
         _, t0, t_stop = start
         hard_end = t_stop + plan.grace - 1.5  # finish before the runner's deadline
         self.eng.start(int(t0 * 1e9), plan.rate / plan.publishers if plan.rate else 0.0)
-        self._run_until(t_stop)
+        self.ctl.run_slices(t_stop, self._slice)
         self.eng.stop_publishing()
         # Drain: every publish out of our buffers and (QoS >= 1) acknowledged.
         drain_pub_end = min(hard_end - 2.0, t_stop + max(2.0, plan.grace * 0.5))
-        self._run_until(drain_pub_end, self.eng.publishers_idle)
+        self.ctl.run_slices(drain_pub_end, self._slice, self.eng.publishers_idle)
         if not self.eng.publishers_idle():
             self.notes.append("publishers still had unsent or unacknowledged messages at the end")
         self.ctl.send("pub_done", self.eng.publisher_counts())
@@ -94,7 +83,7 @@ class PubSubWorker:
             got = self.ctl.take("expect")
             return got is not None
 
-        self._run_until(hard_end, have_expect)
+        self.ctl.run_slices(hard_end, self._slice, have_expect)
         if got is None:
             return
         expected = got[1]
@@ -109,7 +98,7 @@ class PubSubWorker:
                 return False
             return now - last[1] > 2.0
 
-        self._run_until(hard_end, complete)
+        self.ctl.run_slices(hard_end, self._slice, complete)
 
     def result(self, setup: dict) -> dict:
         e = self.eng

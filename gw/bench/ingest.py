@@ -32,6 +32,8 @@ import traceback
 
 from . import histogram as H
 from . import mqtt
+from .preflight import PreflightError, tcp_connect  # noqa: F401  (PreflightError: for the CLI)
+from .preflight import preflight as shared_preflight
 from .worker import Control, _raise_nofile
 
 TRANSPORTS = {"http": 0, "mqtt": 1}
@@ -41,7 +43,6 @@ HUM_WIDTH = 5       # 0.0 .. 100.0
 TS_PLACEHOLDER = b"2000-01-01T00:00:00.000Z"
 SITES = ("AAL", "CPH", "OSL", "STO")
 ANOMALY_OFFSET_C = 40.0
-SLICE_NS = 200_000_000
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
 
@@ -152,39 +153,15 @@ def hello(plan, g: int) -> bytes:
 
 # -- before the run ----------------------------------------------------------------
 
-class PreflightError(RuntimeError):
-    pass
-
-
 def preflight(plan, timeout: float = 5.0) -> None:
     """HTTP: one TCP connect (no request: the server's counts stay exact);
-    MQTT: the shared preflight (CONNECT -> CONNACK)."""
+    MQTT: the shared preflight (CONNECT -> CONNACK). PreflightError otherwise."""
     if plan.transport == "mqtt":
-        from .preflight import PreflightError as PE, preflight as mqtt_preflight
-        try:
-            mqtt_preflight(plan, timeout=timeout)
-        except PE as e:
-            raise PreflightError(str(e)) from None
+        shared_preflight(plan, timeout=timeout)
         return
-    where = f"{plan.host}:{plan.port}"
     s = socket.socket(plan.family, socket.SOCK_STREAM)
     try:
-        s.settimeout(timeout)
-        src = plan.source_ip_for(0)
-        if src:
-            try:
-                s.bind((src, 0))
-            except OSError as e:
-                raise PreflightError(f"cannot bind source address {src}: {e.strerror}") from None
-        try:
-            s.connect(plan.sockaddr)
-        except ConnectionRefusedError:
-            raise PreflightError(f"cannot connect to {where}: connection refused "
-                                 f"(is the HTTP listener running?)") from None
-        except socket.timeout:
-            raise PreflightError(f"cannot connect to {where}: no answer within {timeout:g} s") from None
-        except OSError as e:
-            raise PreflightError(f"cannot connect to {where}: {e.strerror or e}") from None
+        tcp_connect(plan, s, timeout, listener="the HTTP listener")
     finally:
         s.close()
 
@@ -261,15 +238,6 @@ class IngestWorker:
                 self.next_k += 1
         self.ctl.poll()
 
-    def _run_until(self, t_end: float, done=lambda: False) -> bool:
-        end_ns = int(t_end * 1e9)
-        while not self.ctl.stop:
-            now_ns = time.monotonic_ns()
-            if now_ns >= end_ns or done():
-                return True
-            self._slice(min(end_ns, now_ns + SLICE_NS))
-        return False
-
     def run(self) -> None:
         plan = self.plan
         go = self.ctl.wait("go", 60.0)
@@ -281,7 +249,8 @@ class IngestWorker:
             time.sleep(delay)
         self.eng.open_all()
         n = len(self.gs)
-        self._run_until(time.monotonic() + plan.connect_timeout, lambda: self.eng.ready_count() == n)
+        self.ctl.run_slices(time.monotonic() + plan.connect_timeout, self._slice,
+                            lambda: self.eng.ready_count() == n)
         self.setup_done = True
         self.ctl.send("stats", dict(self.snapshot(), k=None))
         self.ctl.send("ready", {"ready": self.eng.ready_count(), "clients": n})
@@ -295,10 +264,10 @@ class IngestWorker:
         _, t0, t_stop = start
         hard_end = t_stop + plan.grace - 1.5   # finish before the runner's deadline
         self.eng.start(int(t0 * 1e9), int(t_stop * 1e9), plan.rate)
-        self._run_until(t_stop)
+        self.ctl.run_slices(t_stop, self._slice)
         self.at_stop = (int(self.eng.sent), int(self.eng.answered), int(self.eng.ok))
         self.window_s = max(0.0, min(time.monotonic(), t_stop) - t0)   # shorter when stopped early
-        self._run_until(hard_end, self.eng.drained)
+        self.ctl.run_slices(hard_end, self._slice, self.eng.drained)
         if not self.eng.drained() and not self.ctl.stop:
             out, back = self.eng.outstanding(), self.eng.backlog()
             self.notes.append(f"drain deadline passed with {out:,} request(s) unanswered"

@@ -22,6 +22,27 @@ def _recv_some(sock, timeout_at: float) -> bytes:
     return sock.recv(4096)
 
 
+def tcp_connect(plan, sock: socket.socket, timeout: float, listener: str = "the broker") -> None:
+    """Connects sock (blocking, timeout) from the plan's first source address;
+    PreflightError saying what went wrong."""
+    where = f"{plan.host}:{plan.port}"
+    sock.settimeout(timeout)
+    src = plan.source_ip_for(0)
+    if src:
+        try:
+            sock.bind((src, 0))
+        except OSError as e:
+            raise PreflightError(f"cannot bind source address {src}: {e.strerror}") from None
+    try:
+        sock.connect(plan.sockaddr)
+    except ConnectionRefusedError:
+        raise PreflightError(f"cannot connect to {where}: connection refused (is {listener} running?)") from None
+    except socket.timeout:
+        raise PreflightError(f"cannot connect to {where}: no answer within {timeout:g} s") from None
+    except OSError as e:
+        raise PreflightError(f"cannot connect to {where}: {e.strerror or e}") from None
+
+
 def preflight(plan, timeout: float = 5.0) -> dict:
     """Returns timings of one full connect; raises PreflightError."""
     where = f"{plan.host}:{plan.port}"
@@ -29,21 +50,7 @@ def preflight(plan, timeout: float = 5.0) -> dict:
     deadline = t0 + timeout
     sock = socket.socket(plan.family, socket.SOCK_STREAM)
     try:
-        sock.settimeout(timeout)
-        src = plan.source_ip_for(0)
-        if src:
-            try:
-                sock.bind((src, 0))
-            except OSError as e:
-                raise PreflightError(f"cannot bind source address {src}: {e.strerror}") from None
-        try:
-            sock.connect(plan.sockaddr)
-        except ConnectionRefusedError:
-            raise PreflightError(f"cannot connect to {where}: connection refused (is the broker running?)") from None
-        except socket.timeout:
-            raise PreflightError(f"cannot connect to {where}: no answer within {timeout:g} s") from None
-        except OSError as e:
-            raise PreflightError(f"cannot connect to {where}: {e.strerror or e}") from None
+        tcp_connect(plan, sock, timeout)
         t_tcp = time.monotonic()
         if plan.tls:
             ctx = make_ssl_context(plan.cafile, plan.insecure)

@@ -144,15 +144,19 @@ class Aggregate:
         return s.ljust(100)
 
     # -- final ----------------------------------------------------------------
-    def finish(self, results: dict, elapsed: float) -> dict:
-        plan = self.plan
-        if plan.scenario == "ingest":
-            return self.finish_ingest(results, elapsed)
+    def collect_timeseries(self) -> None:
+        """The per-second timeline, with the server's and the tool's samples of each second."""
         self.timeseries = self.build_timeseries()
         self.server_samples = [{"t": p["t"], "connected": p["connected"], **self.samples[p["t"]][0]}
                                for p in self.timeseries if self.samples.get(p["t"], (None,))[0]]
         self.tool_samples = [self.samples[p["t"]][1] for p in self.timeseries
                              if self.samples.get(p["t"], (None, None))[1]]
+
+    def finish(self, results: dict, elapsed: float) -> dict:
+        plan = self.plan
+        if plan.scenario == "ingest":
+            return self.finish_ingest(results, elapsed)
+        self.collect_timeseries()
         c = Counter()
         errors = Counter()
         hists = {name: Histogram() for name in HIST_NAMES}
@@ -277,11 +281,7 @@ class Aggregate:
 
     def finish_ingest(self, results: dict, elapsed: float) -> dict:
         plan = self.plan
-        self.timeseries = self.build_timeseries()
-        self.server_samples = [{"t": p["t"], "connected": p["connected"], **self.samples[p["t"]][0]}
-                               for p in self.timeseries if self.samples.get(p["t"], (None,))[0]]
-        self.tool_samples = [self.samples[p["t"]][1] for p in self.timeseries
-                             if self.samples.get(p["t"], (None, None))[1]]
+        self.collect_timeseries()
         c = Counter()
         errors = Counter()
         status = Counter()

@@ -26,6 +26,9 @@ def _raise_nofile() -> None:
             pass
 
 
+SLICE_NS = 200_000_000      # longest an engine runs before the worker reads its orders
+
+
 class Control:
     """The worker's end of the pipe, polled without blocking from the loops."""
 
@@ -52,6 +55,17 @@ class Control:
         except (EOFError, OSError):
             self.stop = True  # runner gone
         return self.stop
+
+    def run_slices(self, t_end: float, run_slice, done=lambda: False) -> bool:
+        """Calls run_slice(until_ns), SLICE_NS at most at a time, until monotonic
+        t_end or done() (True), or a stop order (False). run_slice polls the pipe."""
+        end_ns = int(t_end * 1e9)
+        while not self.stop:
+            now_ns = time.monotonic_ns()
+            if now_ns >= end_ns or done():
+                return True
+            run_slice(min(end_ns, now_ns + SLICE_NS))
+        return False
 
     def take(self, kind: str):
         for i, m in enumerate(self.inbox):
