@@ -256,7 +256,9 @@ class Master:
                     links.append(a)
                 from gw.pipeline import PipelineError, pipeline_main
                 try:
-                    code = pipeline_main(self.cfg, self.block, len(self.slots), alert_publisher(links))
+                    # check_store() ran just before the first start: a respawn checks again.
+                    code = pipeline_main(self.cfg, self.block, len(self.slots), alert_publisher(links),
+                                         quick_check=slot.started != 0.0)
                 except PipelineError as exc:
                     log.error("the pipeline cannot run: %s", exc)
                     code = PIPELINE_FATAL

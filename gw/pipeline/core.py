@@ -40,7 +40,7 @@ class Pipeline:
     `run()` only; wal is gw_ext.wal or a module with the same API."""
 
     def __init__(self, settings: Settings, nworkers: int, durable: Callable[[int], int],
-                 publish: Callable[[bytes, bytes], None] | None = None, wal=None):
+                 publish: Callable[[bytes, bytes], None] | None = None, wal=None, quick_check: bool = True):
         self.settings = settings
         self.nworkers = nworkers
         self.durable = durable
@@ -62,7 +62,7 @@ class Pipeline:
         self.header = None          # the stats block's header, for publish_figures()
         self._next_figures = 0.0
         self.started = time.time()
-        conn = open_store(self.data_dir / STORE_FILE)
+        conn = open_store(self.data_dir / STORE_FILE, quick_check)
         s = settings
         self.store = StoreSink(conn, nworkers, anomaly_window=s.anomaly_window,
                                anomaly_threshold=s.anomaly_threshold, raw_retention=s.store_raw_retention,
@@ -195,7 +195,7 @@ def stats() -> dict:
     return _current.stats() if _current is not None else {}
 
 
-def pipeline_main(cfg, block, nworkers: int, publish) -> int:
+def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) -> int:
     """The pipeline process's body (the master forks it). Runs until SIGTERM,
     then finishes each sink's batch in hand, commits the checkpoints and
     returns 0. Raises PipelineError when it cannot start (corrupt store,
@@ -209,7 +209,7 @@ def pipeline_main(cfg, block, nworkers: int, publish) -> int:
     def durable(slot: int) -> int:
         return int(rows[slot, idx])
 
-    pipe = Pipeline(settings, nworkers, durable, publish)
+    pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check)
     pipe.header = block.header
     signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
     if hasattr(signal, "SIGHUP"):

@@ -124,8 +124,9 @@ def _corrupt(path: Path, detail: str) -> PipelineError:
         f"beside it) out of the way to start an empty store")
 
 
-def open_store(path: str | Path) -> sqlite3.Connection:
-    """Opens (creating if absent) the store and checks it: PRAGMA quick_check,
+def open_store(path: str | Path, quick_check: bool = True) -> sqlite3.Connection:
+    """Opens (creating if absent) the store and checks it: PRAGMA quick_check
+    (its time grows with the file; quick_check=False when it was just run),
     then its tables and schema version. A corrupt file is never replaced:
     PipelineError says what to do."""
     path = Path(path)
@@ -137,7 +138,7 @@ def open_store(path: str | Path) -> sqlite3.Connection:
         raise PipelineError(f"the store {path} cannot be opened: {exc}") from None
     try:
         try:
-            rows = conn.execute("PRAGMA quick_check").fetchall()
+            rows = conn.execute("PRAGMA quick_check").fetchall() if quick_check else [("ok",)]
         except sqlite3.DatabaseError as exc:
             raise _corrupt(path, str(exc)) from None
         rows = [r for r in rows if not _FALSE_NULL.fullmatch(str(r[0]))] or [("ok",)]
