@@ -12,9 +12,7 @@
 # entries to be skipped (generation mismatch).
 
 cdef enum:
-    HELD_PUBACK = 4           # MQTT packet types, as their acks are written
-    HELD_PUBREC = 5
-    HELD_HTTP = 100           # a whole HTTP response, in held_http
+    HELD_HTTP = 100           # a whole HTTP response, in held_http (other kinds: PUBACK, PUBREC)
 
 
 cdef struct HeldAck:
