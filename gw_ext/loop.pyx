@@ -209,6 +209,8 @@ cdef class Worker:
     cdef public uint32_t tick_ms
     cdef uint64_t next_tick_ms
     cdef public bint stopped
+    cdef bint begun                  # begin() ran: HELLO sent to the peers
+    cdef bint drain_started
 
     def __cinit__(self):
         self.epfd = -1
@@ -489,18 +491,27 @@ cdef class Worker:
     # --- the loop ------------------------------------------------------------
 
     def run(self):
-        cdef epoll_event[MAX_EVENTS] events
-        cdef int n, i, fd
-        cdef uint32_t ev
-        cdef Conn* c
-        cdef TimerNode* expired
-        cdef TimerNode* nxt
-        cdef bint drain_started = False
+        """Serves until a drain completes (SIGTERM) or its deadline passes."""
+        self.begin()
+        while not self.turn(TICK_MS):
+            pass
+        self.close_all(CR_SERVER)
+        self.stopped = True
+
+    def run_once(self, int timeout_ms=0):
+        """One loop turn, waiting at most timeout_ms for events (tests and
+        fuzzers drive the loop with it). True once a drain has completed."""
+        if not self.begun:
+            self.begin()
+        return self.turn(timeout_ms)
+
+    cdef void begin(self):
+        """Tells the other workers we (re)started: they forget our old interests
+        and send theirs, and the retained store."""
         cdef int p
         cdef bytes cid
-        # Tell the other workers we (re)started: they forget our old interests
-        # and send theirs, and the retained store.
         cdef PeerTarget target
+        self.begun = True
         target.worker = <void*>self
         for p in range(self.npeers):
             if p != self.worker_index and self.peers[p].fd >= 0:
@@ -516,77 +527,85 @@ cdef class Worker:
             registry_register(self, cid)
         self.restored = []
         channels_flush(self)
-        while True:
-            n = epoll_wait(self.epfd, events, MAX_EVENTS, TICK_MS)
-            self.now_ns = monotonic_ns()
-            self.now_ms = self.now_ns // 1000000
-            if n < 0:
-                if errno != EINTR:
-                    raise OSError(errno, "epoll_wait")
-                n = 0
-            self.counters[LOOP_TURNS] += 1
-            self.counters[WORKER_HEARTBEAT_MS] = self.now_ms     # /healthz: this loop is turning
-            for i in range(n):
-                fd = events[i].data.fd
-                ev = events[i].events
-                c = &self.conns[fd]
-                if c.state == ST_LISTENER:
-                    self.accept_from(c.listener)
-                    continue
-                if c.state == ST_WAL:
-                    wal_readable(self)
-                    continue
-                if c.state == ST_CHANNEL:
-                    if ev & EPOLLOUT:
-                        channel_writable(self, c.listener)
-                    if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                        channel_readable(self, c.listener)
-                    continue
-                if c.state == ST_FREE:
-                    continue
+
+    cdef bint turn(self, int timeout_ms):
+        """One turn of the loop: events, then the end-of-turn work. True when
+        the worker has drained and should stop."""
+        cdef epoll_event[MAX_EVENTS] events
+        cdef int n, i, fd
+        cdef uint32_t ev
+        cdef Conn* c
+        cdef TimerNode* expired
+        cdef TimerNode* nxt
+        n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        self.now_ns = monotonic_ns()
+        self.now_ms = self.now_ns // 1000000
+        if n < 0:
+            if errno != EINTR:
+                raise OSError(errno, "epoll_wait")
+            n = 0
+        self.counters[LOOP_TURNS] += 1
+        self.counters[WORKER_HEARTBEAT_MS] = self.now_ms     # /healthz: this loop is turning
+        for i in range(n):
+            fd = events[i].data.fd
+            ev = events[i].events
+            c = &self.conns[fd]
+            if c.state == ST_LISTENER:
+                self.accept_from(c.listener)
+                continue
+            if c.state == ST_WAL:
+                wal_readable(self)
+                continue
+            if c.state == ST_CHANNEL:
+                if ev & EPOLLOUT:
+                    channel_writable(self, c.listener)
                 if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                    self.on_readable(c)
-                if ev & EPOLLOUT and c.state != ST_FREE:
-                    self.on_writable(c)
-            # Peers first, then clients: the frames telling other workers of new
-            # interest or forwarding a message leave before the acknowledgements
-            # (SUBACK, PUBACK) that let a client act on them. (Not a guarantee on
-            # its own: a peer may read a client's socket before its channel.)
-            if self.peers_dirty:
-                channels_flush(self)
+                    channel_readable(self, c.listener)
+                continue
+            if c.state == ST_FREE:
+                continue
+            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                self.on_readable(c)
+            if ev & EPOLLOUT and c.state != ST_FREE:
+                self.on_writable(c)
+        # Peers first, then clients: the frames telling other workers of new
+        # interest or forwarding a message leave before the acknowledgements
+        # (SUBACK, PUBACK) that let a client act on them. (Not a guarantee on
+        # its own: a peer may read a client's socket before its channel.)
+        if self.peers_dirty:
+            channels_flush(self)
+        self.flush_dirty()
+        expired = wheel_advance(&self.wheel, self.now_ms)
+        while expired != NULL:
+            nxt = expired.next
+            self.on_timer(<Conn*>expired)
+            expired = nxt
+        self.flush_dirty()
+        if self.congested:
+            congestion_check(self)
+        if self.pending_subacks:
+            subsync_release(self)       # those that waited too long
+        if self.peers_dirty:
+            channels_flush(self)
+        self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
+        # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
+        PyErr_CheckSignals()
+        if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
+            self.next_tick_ms = self.now_ms + self.tick_ms
+            self.call_python(self.on_tick)
             self.flush_dirty()
-            expired = wheel_advance(&self.wheel, self.now_ms)
-            while expired != NULL:
-                nxt = expired.next
-                self.on_timer(<Conn*>expired)
-                expired = nxt
-            self.flush_dirty()
-            if self.congested:
-                congestion_check(self)
-            if self.pending_subacks:
-                subsync_release(self)       # those that waited too long
-            if self.peers_dirty:
-                channels_flush(self)
-            self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
-            # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
-            PyErr_CheckSignals()
-            if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
-                self.next_tick_ms = self.now_ms + self.tick_ms
-                self.call_python(self.on_tick)
-                self.flush_dirty()
-                channels_flush(self)
-            if self.reload_requested:
-                self.reload_requested = False
-                if self.on_reload is not None:
-                    self.call_python(self.on_reload)
-            if self.draining:
-                if not drain_started:
-                    drain_started = True
-                    self.start_drain()
-                if self.counters[CONNS_CURRENT] == 0 or self.now_ms >= self.drain_deadline_ms:
-                    break
-        self.close_all(CR_SERVER)
-        self.stopped = True
+            channels_flush(self)
+        if self.reload_requested:
+            self.reload_requested = False
+            if self.on_reload is not None:
+                self.call_python(self.on_reload)
+        if self.draining:
+            if not self.drain_started:
+                self.drain_started = True
+                self.start_drain()
+            if self.counters[CONNS_CURRENT] == 0 or self.now_ms >= self.drain_deadline_ms:
+                return True
+        return False
 
     cdef void call_python(self, object fn):
         """Runs a Python callback; its failure is logged, never the worker's end."""
