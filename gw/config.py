@@ -96,6 +96,20 @@ class Config:
                                      "is away (0: forever, as Mosquitto's default)", minimum=0)
     max_retained: int = _setting(100_000, "retained messages kept; more are refused and counted",
                                  minimum=0)
+    max_retained_bytes: int = _setting(256 << 20, "bytes of topics and payloads in the retained store "
+                                       "(every worker holds all of it); more are refused and counted",
+                                       minimum=0, maximum=1 << 40)
+    max_queued_bytes: int = _setting(64 << 20, "bytes of QoS 1/2 messages queued for one client (also while "
+                                     "a clean_session=0 client is away); more are dropped and counted",
+                                     minimum=0, maximum=1 << 40)
+    max_awaiting_rel: int = _setting(1000, "QoS 2 messages from one client awaiting their PUBREL; one more "
+                                     "disconnects the client (counted)", minimum=1, maximum=65535)
+    max_subscriptions: int = _setting(10_000, "subscriptions one client may hold; more are refused "
+                                      "(SUBACK 0x80) and counted", minimum=1, maximum=10_000_000)
+    max_topic_levels: int = _setting(128, "levels in a topic filter; deeper filters are refused "
+                                     "(SUBACK 0x80) and counted", minimum=1, maximum=65535)
+    max_topic_length: int = _setting(4096, "bytes in a topic filter; longer filters are refused "
+                                     "(SUBACK 0x80) and counted", minimum=1, maximum=65535)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
                                       minimum=0.1, maximum=3600)
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",

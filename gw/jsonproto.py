@@ -71,6 +71,8 @@ class JsonProtocol:
             return ERROR, self._reply(current, "Error", f"invalid message: {exc}"), None, False
         except msgspec.DecodeError as exc:
             return ERROR, self._reply(current, "Error", f"invalid JSON: {exc}"), None, False
+        except RecursionError:
+            return ERROR, self._reply(current, "Error", "invalid JSON: nested too deeply"), None, False
         kind = msg.message_type
         if kind == "Connect":
             if connected:

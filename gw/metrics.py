@@ -20,8 +20,8 @@ from decimal import Decimal
 import numpy as np
 
 from gw import __version__
-from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, MALFORMED_REASONS, PACKET_NAMES,
-                      STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
+from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
+                      PACKET_NAMES, STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -31,7 +31,8 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MALFORMED_LABELS = {0: "unknown", **MALFORMED_REASONS}
 CLOSE_REASONS = (("client", C.CLOSED_CLIENT), ("timeout", C.CLOSED_TIMEOUT),
                  ("connect_timeout", C.CLOSED_CONNECT_TIMEOUT), ("malformed", C.CLOSED_MALFORMED),
-                 ("server", C.CLOSED_SERVER), ("error", C.CLOSED_ERROR))
+                 ("server", C.CLOSED_SERVER), ("error", C.CLOSED_ERROR),
+                 ("internal_error", C.CLOSED_INTERNAL), ("limit", C.CLOSED_LIMIT))
 DROP_REASONS = (("slow_qos0", C.DROPPED_SLOW_QOS0), ("queue_full", C.DROPPED_QUEUE_FULL),
                 ("retained_full", C.DROPPED_RETAINED_FULL), ("nomem", C.DROPPED_NOMEM),
                 ("channel", C.CHANNEL_DROPS))
@@ -46,6 +47,12 @@ _FAMILIES = [
      "Sockets refused: over max_connections or out of file descriptors.", [("", C.CONNS_REJECTED)]),
     ("gw_connections_closed_total", "counter", "Connections closed, by reason.",
      [(f'{{reason="{r}"}}', i) for r, i in CLOSE_REASONS]),
+    ("gw_internal_errors_total", "counter",
+     "Exceptions contained by a worker's loop (a bug: the connection concerned was closed, the worker "
+     "went on; each is logged with its traceback, at most every 10 s).", [("", C.INTERNAL_ERRORS)]),
+    ("gw_limits_hit_total", "counter",
+     "Times a client went past a bound on what it can make the server hold, by setting.",
+     [(f'{{limit="max_{n}"}}', C.LIMITS + i) for i, n in LIMIT_NAMES.items()]),
     ("gw_write_overflows_total", "counter", "Connections closed for exceeding max_outbound.",
      [("", C.WRITE_OVERFLOWS)]),
     ("gw_packets_too_large_total", "counter", "Packets or lines over max_packet_size.",

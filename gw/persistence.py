@@ -4,7 +4,10 @@ they survive a restart of `gw serve` (and a worker's crash).
 - `retained.msgpack`: the retained store, written by worker 0 (every worker
   holds the whole store).
 - `sessions-N.msgpack`: worker N's persistent sessions, each as the state the
-  workers already exchange to move a session (see gw_ext/registry.pxi).
+  workers already exchange to move a session (see gw_ext/registry.pxi), in a
+  map `{"format": 2, "sessions": [[client id, state], ...]}`. A file of the
+  previous version (a bare list, states with 16-bit counts) is read and
+  converted.
 
 Each file is written when something changed, at most every persist_interval
 seconds and when the worker stops, atomically (a temporary file, fsync,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -26,6 +30,36 @@ log = logging.getLogger("gw.persistence")
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
+SESSIONS_FORMAT = 2     # the state layout of gw_ext/registry.pxi (SESSION_STATE_VERSION)
+
+
+def upgrade_session_state_v1(state: bytes) -> bytes:
+    """A session state of the first version (16-bit subscription and QoS 2 id
+    counts, no version byte) in the current layout. ValueError when malformed."""
+    try:
+        pos = 0
+        (nsubs,) = struct.unpack_from("<H", state, pos)
+        pos += 2
+        subs_start = pos
+        for _ in range(nsubs):
+            (flen,) = struct.unpack_from("<H", state, pos)
+            pos += 3 + flen
+        subs = state[subs_start:pos]
+        msgs_start = pos
+        (_next_pid, nmsgs) = struct.unpack_from("<HI", state, pos)
+        pos += 6
+        for _ in range(nmsgs):
+            (_pid, _qos, _st, tlen, plen) = struct.unpack_from("<HBBHI", state, pos)
+            pos += 10 + tlen + plen
+        msgs = state[msgs_start:pos]
+        (nq2,) = struct.unpack_from("<H", state, pos)
+        pos += 2
+        ids = state[pos:pos + 2 * nq2]
+        if len(ids) != 2 * nq2 or len(subs) + len(msgs) + 2 + len(ids) > len(state):
+            raise ValueError("cut short")
+    except struct.error as exc:
+        raise ValueError(str(exc)) from None
+    return (struct.pack("<BI", SESSIONS_FORMAT, nsubs) + subs + msgs + struct.pack("<I", nq2) + ids)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -68,9 +102,8 @@ class Persistence:
     def load(self) -> None:
         retained = _read(self.dir / RETAINED)
         if retained:
-            store = self.worker.retained_messages
             for topic, qos, payload in retained:
-                store[topic] = (qos, payload)
+                self.worker.retain(topic, qos, payload)
         saved = []
         for path in sorted(self.dir.glob("sessions-*.msgpack")):
             try:
@@ -80,8 +113,16 @@ class Persistence:
             if n % self.workers != self.slot:
                 continue
             sessions = _read(path)
-            if sessions:
-                saved.extend((cid, state) for cid, state in sessions)
+            if isinstance(sessions, dict) and sessions.get("format") == SESSIONS_FORMAT:
+                saved.extend((cid, state) for cid, state in sessions.get("sessions", ()))
+            elif isinstance(sessions, list):        # the previous version's file
+                for cid, state in sessions:
+                    try:
+                        saved.append((cid, upgrade_session_state_v1(state)))
+                    except ValueError as exc:
+                        log.error("%s: session %r is malformed (%s); not restored", path, cid, exc)
+            elif sessions is not None:
+                log.error("%s: unknown format; not restored", path)
             if n != self.slot:
                 self.taken_over.append(path)
         if saved:
@@ -98,7 +139,8 @@ class Persistence:
         self.last = now
         sessions_changed, retained_changed = self.worker.changed
         if sessions_changed or final or self.taken_over:
-            data = msgspec.msgpack.encode(self.worker.snapshot_sessions())
+            data = msgspec.msgpack.encode({"format": SESSIONS_FORMAT,
+                                           "sessions": self.worker.snapshot_sessions()})
             _write_atomic(self.dir / SESSIONS.format(self.slot), data)
             for path in self.taken_over:
                 path.unlink(missing_ok=True)

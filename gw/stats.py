@@ -25,7 +25,7 @@ import gw_ext.stats as _consts
 # Counter: every other integer constant (row indices, with N_COUNTERS). The
 # tuples (HIST_BOUNDS_NS, HTTP_STATUS_CODES) are neither.
 _LAYOUT = ("STATS_", "HEADER_", "MAX_WORKERS", "H_", "HIST_WORDS", "HIST_BUCKETS", "HIST_SUM",
-           "HIST_COUNT", "HTTP_STATUS_")
+           "HIST_COUNT", "HTTP_STATUS_", "LIM_", "N_LIMITS")
 _INTS = {k: getattr(_consts, k) for k in dir(_consts)
          if k.isupper() and type(getattr(_consts, k)) is int}
 Layout = IntEnum("Layout", {k: v for k, v in _INTS.items() if k.startswith(_LAYOUT)})
@@ -52,7 +52,7 @@ HTTP_STATUS_SLOTS = int(Layout.HTTP_STATUS_SLOTS)
 HTTP_STATUS_OTHER = int(Layout.HTTP_STATUS_OTHER)
 _STATUS_SLOT = {code: i for i, code in enumerate(HTTP_STATUS_CODES)}
 # Counters that are the first of a range of words (read as a whole, never as one figure).
-RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16,
+RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16, Counter.LIMITS: 16,
           Counter.HTTP_REQUESTS: HTTP_STATUS_SLOTS, Counter.INGEST_REQUESTS: HTTP_STATUS_SLOTS,
           Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS}
 
@@ -249,6 +249,7 @@ def counter_dict(totals) -> dict:
         out[label] = {name: totals[base + t] for t, name in PACKET_NAMES.items()}
     out["malformed"] = {name: totals[Counter.MALFORMED_BY_REASON + r]
                         for r, name in MALFORMED_REASONS.items()}
+    out["limits"] = {name: totals[Counter.LIMITS + i] for i, name in LIMIT_NAMES.items()}
     for base, label in ((Counter.HTTP_REQUESTS, "http_requests"),
                         (Counter.INGEST_REQUESTS, "ingest_requests")):
         out[label] = {name: totals[base + i] for i, name in enumerate(STATUS_NAMES)}
@@ -282,6 +283,8 @@ PACKET_NAMES = {1: "connect", 2: "connack", 3: "publish", 4: "puback", 5: "pubre
                 12: "pingreq", 13: "pingresp", 14: "disconnect"}
 MALFORMED_REASONS = {1: "fixed_header", 2: "remaining_length", 3: "utf8", 4: "protocol",
                      5: "topic", 6: "qos", 7: "packet_id", 8: "no_topic_filter"}
+# LIMITS + LIM_*: which bound a client hit, named after its setting (max_<name>).
+LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("LIM_")}
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)
 

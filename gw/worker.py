@@ -51,6 +51,12 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.queue_high = max(1, cfg.max_queued // 4)
     worker.queue_low = cfg.max_queued // 8
     worker.max_retained = cfg.max_retained
+    worker.max_retained_bytes = cfg.max_retained_bytes
+    worker.max_queued_bytes = cfg.max_queued_bytes
+    worker.max_awaiting_rel = cfg.max_awaiting_rel
+    worker.max_subscriptions = cfg.max_subscriptions
+    worker.max_topic_levels = cfg.max_topic_levels
+    worker.max_topic_length = cfg.max_topic_length
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)
     worker.http_max_body = cfg.max_body_size

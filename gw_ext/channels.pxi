@@ -192,7 +192,7 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
         elif ftype == FR_SUB_DEL:
             topics_remove_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_RETAIN:
-            retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3)
+            retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3, False)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
             subsync_peer_restarted(w, p)

@@ -18,6 +18,13 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         if qos2_seen(s, pkt.packet_id):
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.
             return ack_after_durable(w, c, PUBREC, pkt.packet_id, 0)
+        if s.nqos2_in >= w.max_awaiting_rel:
+            # More QoS 2 messages awaiting PUBREL than allowed: the publisher goes
+            # (3.1.1 has no way to refuse one and keep the connection), once the
+            # answers it is owed are out.
+            w.counters[LIMITS + LIM_AWAITING_REL] += 1
+            w.close_after_flush(c, CR_LIMIT, LIM_AWAITING_REL)
+            return -1
         if qos2_remember(s, pkt.packet_id) < 0:
             w.close_conn(c, CR_SERVER)
             return -1

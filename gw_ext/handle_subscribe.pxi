@@ -28,6 +28,31 @@ cdef class PendingSuback:
     cdef uint64_t waiting             # peers that have not answered
     cdef uint64_t deadline_ms
 
+cdef inline uint32_t subscriber_count(Worker w, int slot) noexcept:
+    """Subscriptions a session holds in this worker's index."""
+    return w.index.slots[slot].n if <uint32_t>slot < w.index.nslots else 0
+
+
+cdef bint filter_within_bounds(Worker w, const uint8_t* f, uint32_t n):
+    """max_topic_length and max_topic_levels: what one filter may cost in every
+    worker's index (a level is a trie node). Counted and logged when not."""
+    cdef uint32_t i, levels = 1
+    if n > w.max_topic_length:
+        w.counters[LIMITS + LIM_TOPIC_LENGTH] += 1
+        w.log_limited(CR_QUEUE, "a topic filter is longer than max_topic_length (%d): refused"
+                      % w.max_topic_length)
+        return False
+    for i in range(n):
+        if f[i] == 47:
+            levels += 1
+    if levels > w.max_topic_levels:
+        w.counters[LIMITS + LIM_TOPIC_LEVELS] += 1
+        w.log_limited(CR_QUEUE, "a topic filter has more than max_topic_levels (%d): refused"
+                      % w.max_topic_levels)
+        return False
+    return True
+
+
 cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef EntryIter it
     cdef Slice filt
@@ -62,9 +87,15 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         # An invalid filter (a/#/b, a+) is refused with SUBACK 0x80 and the
         # connection stays (MQTT-3.9.3; Mosquitto 2.0 closes it instead).
         codes[count] = SUBACK_FAILURE
-        if valid_topic_filter(filt.ptr, filt.len):
+        if valid_topic_filter(filt.ptr, filt.len) and filter_within_bounds(w, filt.ptr, filt.len):
             r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
-            if r >= 0:
+            if r >= 0 and subscriber_count(w, slot) > w.max_subscriptions:
+                # A new filter past max_subscriptions (a replaced one never is): undone.
+                topics_unsubscribe(w.index, filt.ptr, filt.len, slot)
+                w.counters[LIMITS + LIM_SUBSCRIPTIONS] += 1
+                w.log_limited(CR_QUEUE, "a client holds max_subscriptions (%d): subscription refused"
+                              % w.max_subscriptions)
+            elif r >= 0:
                 codes[count] = qos
                 if r == 1:
                     channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)

@@ -86,6 +86,6 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
         if c.outlen == c.outoff:
             w.close_conn(c, CR_CLIENT)
         else:
-            w.close_after_flush(c)
+            w.close_after_flush(c, CR_CLIENT)
         return -1
     return 0

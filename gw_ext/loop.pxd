@@ -14,6 +14,7 @@ cdef enum ConnState:
     ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
     ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
     ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
+    ST_CLOSED = 9             # closed by close_conn(): ignored until the end of the turn frees it
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -41,6 +42,9 @@ cdef struct Conn:
     uint8_t proto
     uint8_t flags
     uint8_t listener          # index into Worker.listeners
+    uint8_t closed_from       # ST_CLOSED: the state it was closed in
+    uint8_t close_reason      # ST_CLOSED: a CloseReason (loop.pyx)
+    uint8_t close_detail      # ST_CLOSED: e.g. the malformed reason
     uint16_t keepalive        # seconds, from CONNECT
     uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
     int session               # MQTT session slot, -1 before CONNECT
@@ -115,15 +119,16 @@ cdef struct Session:
     char* client_id
     Msg* will                 # NULL: no will
     Inflight* inflight        # ninflight entries, in send order
-    uint16_t ninflight
-    uint16_t inflight_cap
+    uint32_t ninflight        # at most max_inflight (<= 65535 packet ids)
+    uint32_t inflight_cap
     Queued* queue             # ring
     uint32_t qhead
     uint32_t qlen
     uint32_t qcap
-    uint16_t* qos2_in         # QoS 2 packet ids received, awaiting PUBREL
-    uint16_t nqos2_in
-    uint16_t qos2_cap
+    uint64_t qbytes           # topic and payload bytes of the queued messages (max_queued_bytes)
+    uint16_t* qos2_in         # QoS 2 packet ids received, awaiting PUBREL (at most max_awaiting_rel)
+    uint32_t nqos2_in
+    uint32_t qos2_cap
     uint64_t away_since_ms
     uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
     uint8_t congested         # its queue is past the high watermark (backpressure.pxi)

@@ -28,7 +28,8 @@ from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
 from gw_ext.topics cimport *
-from gw_ext.wheel cimport TimerNode, Wheel, wheel_advance, wheel_cancel, wheel_free, wheel_init, wheel_schedule
+from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
+                           wheel_schedule)
 
 import logging
 from struct import pack as struct_pack, unpack_from as struct_unpack_from
@@ -78,13 +79,19 @@ cdef enum CloseReason:
     CR_HTTP = 15              # (log only) an HTTP request refused by the framing
     CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
     CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
-    N_CLOSE_REASONS = 18
+    CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
+    CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
+    N_CLOSE_REASONS = 20
 
-cdef uint32_t[18] CLOSE_COUNTER = [
+cdef uint32_t[20] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
-    CLOSED_SERVER, CLOSED_SERVER]
+    CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT]
+
+# LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
+LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "max_topic_length",
+                  "max_queued_bytes", "max_retained_bytes"]
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
@@ -104,8 +111,10 @@ cdef inline uint64_t monotonic_ms() noexcept nogil:
 
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
-    """A connection to a client, not a listener, channel or the log's eventfd."""
-    return state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
+    """A live connection to a client: not a listener, channel or the log's
+    eventfd, and not already closed (ST_CLOSED waits to be freed)."""
+    return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
+            and state != ST_CLOSED)
 
 
 cdef inline uint64_t monotonic_ns() noexcept nogil:
@@ -127,6 +136,13 @@ cdef class Worker:
     cdef uint8_t* rbuf
     cdef int* dirty                  # fds to flush at the end of this turn
     cdef int ndirty
+    cdef int* closed                 # fds closed this turn (ST_CLOSED), freed by reap_closed()
+    cdef int nclosed
+    cdef int* resume_fds             # connections settled this turn with input waiting (resume_settled)
+    cdef uint32_t* resume_gens
+    cdef int nresume
+    cdef int current_fd              # the connection being handled (-1: none), for containment
+    cdef int route_depth             # route_publish nesting (router.pxi)
     cdef Wheel wheel
     cdef uint64_t now_ms
     cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
@@ -152,6 +168,8 @@ cdef class Worker:
     cdef uint32_t nfree_sessions
     cdef dict client_sessions            # client id (bytes) -> session slot
     cdef dict retained                   # topic (bytes) -> (qos, payload bytes)
+    cdef uint64_t retained_bytes         # their topics and payloads (max_retained_bytes)
+    cdef bint publishing_as_server       # Worker.publish: $SYS retained messages are always kept
     cdef bint retained_changed
     cdef public bint sessions_changed
     cdef list restored                   # client ids loaded from disk, to register after HELLO
@@ -204,6 +222,12 @@ cdef class Worker:
     cdef public uint32_t queue_high      # backpressure.pxi watermarks
     cdef public uint32_t queue_low
     cdef public uint32_t max_retained
+    cdef public uint64_t max_retained_bytes
+    cdef public uint64_t max_queued_bytes
+    cdef public uint32_t max_awaiting_rel
+    cdef public uint32_t max_subscriptions
+    cdef public uint32_t max_topic_levels
+    cdef public uint32_t max_topic_length
     cdef public object on_reload     # called (no arguments) after SIGHUP
     cdef public object on_tick       # called (no arguments) every tick_ms, when set
     cdef public uint32_t tick_ms
@@ -238,6 +262,12 @@ cdef class Worker:
         self.queue_high = 250
         self.queue_low = 125
         self.max_retained = 100000
+        self.max_retained_bytes = 256 << 20
+        self.max_queued_bytes = 64 << 20
+        self.max_awaiting_rel = 1000
+        self.max_subscriptions = 10000
+        self.max_topic_levels = 128
+        self.max_topic_length = 4096
         self.http_max_body = 1 << 20
         self.http_timeout_ms = 10000
         self.http_keepalive_ms = 75000
@@ -260,7 +290,12 @@ cdef class Worker:
         self.conns = <Conn*>calloc(max_fds, sizeof(Conn))
         self.rbuf = <uint8_t*>malloc(READ_BUFFER)
         self.dirty = <int*>malloc(max_fds * sizeof(int))
-        if self.conns == NULL or self.rbuf == NULL or self.dirty == NULL or self.index == NULL:
+        self.closed = <int*>malloc(max_fds * sizeof(int))
+        self.resume_fds = <int*>malloc(max_fds * sizeof(int))
+        self.resume_gens = <uint32_t*>malloc(max_fds * sizeof(uint32_t))
+        self.current_fd = -1
+        if (self.conns == NULL or self.rbuf == NULL or self.dirty == NULL or self.index == NULL
+                or self.closed == NULL or self.resume_fds == NULL or self.resume_gens == NULL):
             raise MemoryError()
         self.now_ms = monotonic_ms()
         if wheel_init(&self.wheel, WHEEL_SLOTS, TICK_MS, self.now_ms) != 0:
@@ -275,9 +310,12 @@ cdef class Worker:
         cdef uint32_t slot
         if self.conns != NULL:
             for fd in range(self.nconns):
-                if is_client_state(self.conns[fd].state):
+                if is_client_state(self.conns[fd].state) or self.conns[fd].state == ST_CLOSED:
                     self.release(&self.conns[fd])
             free(self.conns)
+        free(self.closed)
+        free(self.resume_fds)
+        free(self.resume_gens)
         for slot in range(self.nsessions):
             if self.sessions[slot].in_use:
                 session_free(self, slot, False)
@@ -403,9 +441,13 @@ cdef class Worker:
 
     def publish(self, bytes topic, bytes payload, int qos=0, bint retain=False):
         """Publishes as the server itself ($SYS topics): to every worker."""
-        route_publish(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
-                      <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True,
-                      self.now_ns)
+        self.publishing_as_server = True
+        try:
+            route_publish(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                          <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True,
+                          self.now_ns)
+        finally:
+            self.publishing_as_server = False
 
     def snapshot_sessions(self):
         """[(client id, state)] of every clean_session=0 session, for the data dir."""
@@ -458,6 +500,14 @@ cdef class Worker:
     def retained_saved(self):
         self.retained_changed = False
 
+    def retain(self, bytes topic, int qos, bytes payload):
+        """Keeps a retained message loaded from the data dir (not routed), within
+        the retained store's bounds; False when refused (a bad topic or QoS)."""
+        if not 0 <= qos <= 2 or not valid_topic_name(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
+            return False
+        return retain_store(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                            <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, True)
+
     @property
     def retained_messages(self):
         """The retained store (topic -> (qos, payload)); for persistence and tests."""
@@ -496,6 +546,7 @@ cdef class Worker:
         while not self.turn(TICK_MS):
             pass
         self.close_all(CR_SERVER)
+        self.reap_closed()
         self.stopped = True
 
     def run_once(self, int timeout_ms=0):
@@ -529,14 +580,16 @@ cdef class Worker:
         channels_flush(self)
 
     cdef bint turn(self, int timeout_ms):
-        """One turn of the loop: events, then the end-of-turn work. True when
-        the worker has drained and should stop."""
+        """One turn of the loop. True when the worker has drained and should stop.
+
+        Phases: the events (input, accepts, channel frames, the log's eventfd);
+        connections whose CONNECT settled meanwhile go on with their input;
+        timers; closed connections are freed (reap_closed: the only place);
+        then each peer's frames and each client's output leave, one write each.
+        An exception while handling one connection closes that connection
+        (contained), never the worker."""
         cdef epoll_event[MAX_EVENTS] events
-        cdef int n, i, fd
-        cdef uint32_t ev
-        cdef Conn* c
-        cdef TimerNode* expired
-        cdef TimerNode* nxt
+        cdef int n, i
         n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
         self.now_ns = monotonic_ns()
         self.now_ms = self.now_ns // 1000000
@@ -546,66 +599,136 @@ cdef class Worker:
             n = 0
         self.counters[LOOP_TURNS] += 1
         self.counters[WORKER_HEARTBEAT_MS] = self.now_ms     # /healthz: this loop is turning
-        for i in range(n):
-            fd = events[i].data.fd
-            ev = events[i].events
-            c = &self.conns[fd]
-            if c.state == ST_LISTENER:
-                self.accept_from(c.listener)
-                continue
-            if c.state == ST_WAL:
-                wal_readable(self)
-                continue
-            if c.state == ST_CHANNEL:
-                if ev & EPOLLOUT:
-                    channel_writable(self, c.listener)
-                if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                    channel_readable(self, c.listener)
-                continue
-            if c.state == ST_FREE:
-                continue
-            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                self.on_readable(c)
-            if ev & EPOLLOUT and c.state != ST_FREE:
-                self.on_writable(c)
-        # Peers first, then clients: the frames telling other workers of new
-        # interest or forwarding a message leave before the acknowledgements
-        # (SUBACK, PUBACK) that let a client act on them. (Not a guarantee on
-        # its own: a peer may read a client's socket before its channel.)
-        if self.peers_dirty:
-            channels_flush(self)
-        self.flush_dirty()
-        expired = wheel_advance(&self.wheel, self.now_ms)
-        while expired != NULL:
-            nxt = expired.next
-            self.on_timer(<Conn*>expired)
-            expired = nxt
-        self.flush_dirty()
-        if self.congested:
-            congestion_check(self)
-        if self.pending_subacks:
-            subsync_release(self)       # those that waited too long
-        if self.peers_dirty:
-            channels_flush(self)
+        i = 0
+        while i < n:
+            # One try per batch, not per event: entering it is not free. After an
+            # exception the rest of the batch goes on.
+            try:
+                while i < n:
+                    self.current_fd = events[i].data.fd
+                    i += 1
+                    self.on_event(self.current_fd, events[i - 1].events)
+            except Exception:
+                self.contained(self.current_fd, "handling a connection's events")
+        self.current_fd = -1
+        if self.nresume:
+            self.resume_settled()
+        self.run_timers()
+        if self.nresume:
+            self.resume_settled()
+        self.reap_closed()
+        try:
+            if self.congested:
+                congestion_check(self)
+            if self.pending_subacks:
+                subsync_release(self)       # those that waited too long
+        except Exception:
+            self.contained(-1, "releasing held subscriptions")
         self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
         # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
         PyErr_CheckSignals()
         if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
             self.next_tick_ms = self.now_ms + self.tick_ms
             self.call_python(self.on_tick)
-            self.flush_dirty()
-            channels_flush(self)
         if self.reload_requested:
             self.reload_requested = False
             if self.on_reload is not None:
                 self.call_python(self.on_reload)
+        self.reap_closed()
+        self.flush_all()
         if self.draining:
             if not self.drain_started:
                 self.drain_started = True
                 self.start_drain()
+                self.flush_all()
             if self.counters[CONNS_CURRENT] == 0 or self.now_ms >= self.drain_deadline_ms:
                 return True
         return False
+
+    cdef void on_event(self, int fd, uint32_t ev):
+        cdef Conn* c = &self.conns[fd]
+        if c.state == ST_LISTENER:
+            self.accept_from(c.listener)
+        elif c.state == ST_WAL:
+            wal_readable(self)
+        elif c.state == ST_CHANNEL:
+            if ev & EPOLLOUT:
+                channel_writable(self, c.listener)
+            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                channel_readable(self, c.listener)
+        elif is_client_state(c.state):
+            if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
+                self.on_readable(c)
+            if ev & EPOLLOUT and is_client_state(c.state):
+                self.on_writable(c)
+
+    cdef void run_timers(self):
+        """Fires the expired timers, one at a time off the wheel's expired list,
+        so a timer's handler may cancel or reschedule any other (wheel.pxd)."""
+        cdef TimerNode* node
+        wheel_expire(&self.wheel, self.now_ms)
+        while True:
+            try:
+                while True:
+                    node = wheel_pop_expired(&self.wheel)
+                    if node == NULL:
+                        return
+                    self.current_fd = (<Conn*>node).fd
+                    self.on_timer(<Conn*>node)
+            except Exception:
+                self.contained(self.current_fd, "handling a timer")
+            finally:
+                self.current_fd = -1
+
+    cdef void flush_all(self):
+        """End of the turn: the peers' frames first, then the clients' output.
+        Freeing closed connections may publish wills (output for others): those
+        go out in the same turn."""
+        while True:
+            # Peers first, then clients: the frames telling other workers of new
+            # interest or forwarding a message leave before the acknowledgements
+            # (SUBACK, PUBACK) that let a client act on them. (Not a guarantee on
+            # its own: a peer may read a client's socket before its channel.)
+            try:
+                if self.peers_dirty:
+                    channels_flush(self)
+                self.flush_dirty()
+            except Exception:
+                self.contained(-1, "flushing output")
+            if self.nclosed == 0:
+                return
+            self.reap_closed()
+            if self.ndirty == 0 and self.peers_dirty == 0:
+                return
+
+    cdef void resume_settled(self):
+        """Connections whose CONNECT was settled (registry.pxi) go on with the
+        bytes they sent after it, read meanwhile into their carry-over buffer.
+        Never done inside the settle itself: the connection's own input may be
+        on the stack there."""
+        cdef int k, fd
+        cdef uint32_t gen
+        cdef Conn* c
+        while self.nresume:
+            self.nresume -= 1
+            fd = self.resume_fds[self.nresume]
+            gen = self.resume_gens[self.nresume]
+            c = &self.conns[fd]
+            if c.gen != gen or c.state != ST_CONNECTED or c.inlen == 0:
+                continue
+            self.current_fd = fd
+            try:
+                self.resume_input(c)
+            except Exception:
+                self.contained(fd, "handling a connection's input")
+        self.current_fd = -1
+
+    cdef void resume_later(self, Conn* c):
+        """Queues c for resume_settled() (once per settle)."""
+        if self.nresume < self.nconns:
+            self.resume_fds[self.nresume] = c.fd
+            self.resume_gens[self.nresume] = c.gen
+            self.nresume += 1
 
     cdef void call_python(self, object fn):
         """Runs a Python callback; its failure is logged, never the worker's end."""
@@ -648,7 +771,6 @@ cdef class Worker:
                 http_start_drain(self, c)
             elif is_client_state(c.state):
                 self.close_after_flush(c)
-        self.flush_dirty()
 
     cdef void close_all(self, int reason):
         cdef int fd
@@ -764,7 +886,6 @@ cdef class Worker:
         cdef Py_ssize_t n, used
         cdef uint32_t want
         cdef uint8_t* grown
-        cdef int fd = c.fd
         if c.state == ST_TLS_HANDSHAKE:
             if self.tls_handshake(c) <= 0:
                 return
@@ -778,6 +899,8 @@ cdef class Worker:
                 n = self.sock_read(c, self.rbuf, READ_BUFFER)
                 if n < 0:
                     self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
+                return
+            if not is_client_state(c.state) or c.state == ST_SETTLING:
                 return
             if c.inlen == 0:
                 n = self.sock_read(c, self.rbuf, READ_BUFFER)
@@ -828,7 +951,9 @@ cdef class Worker:
                 return
 
     cdef int resume_input(self, Conn* c):
-        """Handles what is in c's carry-over buffer; -1 if c was closed."""
+        """Handles what is in c's carry-over buffer; -1 if c was closed. Called
+        only with nothing of c's on the stack (on_readable, resume_settled):
+        it may free or move c.inbuf."""
         cdef Py_ssize_t used = self.process(c, c.inbuf, c.inlen)
         if used < 0:
             return -1
@@ -843,11 +968,20 @@ cdef class Worker:
 
     cdef Py_ssize_t process(self, Conn* c, uint8_t* buf, Py_ssize_t n):
         """Handles every complete packet in buf[0:n]. Returns the bytes consumed,
-        or -1 if the connection was closed (buf may then be freed)."""
+        or -1 if the connection was closed. Handlers never free buf: a close
+        only marks the connection (close_conn), so buf stays valid here."""
+        cdef Py_ssize_t pos
         if c.proto == PROTO_HTTP:
-            return process_http(self, c, buf, n)
-        if c.proto == PROTO_JSON:
-            return process_json_lines(self, c, buf, n)
+            pos = process_http(self, c, buf, n)
+        elif c.proto == PROTO_JSON:
+            pos = process_json_lines(self, c, buf, n)
+        else:
+            pos = self.process_mqtt(c, buf, n)
+        if pos >= 0 and c.state == ST_CLOSED:
+            return -1
+        return pos
+
+    cdef Py_ssize_t process_mqtt(self, Conn* c, uint8_t* buf, Py_ssize_t n):
         cdef Py_ssize_t pos = 0
         cdef int hl, reason = 0
         cdef uint8_t first
@@ -858,8 +992,10 @@ cdef class Worker:
         while pos < n:
             if c.state == ST_CLOSING:
                 return n
+            if c.state == ST_CLOSED:
+                return -1
             if c.state == ST_SETTLING:
-                break       # the rest waits until the CONNECT is settled
+                break       # the rest waits until the CONNECT is settled (resume_settled)
             hl = decode_header(buf + pos, n - pos, self.max_packet_size, &first, &remaining, &reason)
             if hl < 0:
                 if hl == ERR_INCOMPLETE:
@@ -952,18 +1088,22 @@ cdef class Worker:
     cdef uint8_t* reserve(self, Conn* c, uint32_t n):
         """Room for n outbound bytes, flushed at the end of this loop turn.
         NULL (and the connection closed) past --max-outbound."""
-        cdef uint32_t need = c.outlen + n
-        cdef uint32_t cap
+        cdef uint64_t need = <uint64_t>c.outlen + n
+        cdef uint64_t cap
         cdef uint8_t* grown
         cdef uint8_t* out
+        if not is_client_state(c.state):
+            return NULL         # closed: what it would have been sent is moot
         if need > c.outcap:
-            if c.outoff > 0 and need - c.outoff <= c.outcap:
+            if c.outoff > 0:
+                # Drop what was sent before growing: the buffer then never holds
+                # more than max_outbound (<= 2 GiB), so its uint32 sizes cannot wrap.
                 memmove(c.outbuf, c.outbuf + c.outoff, c.outlen - c.outoff)
                 c.outlen -= c.outoff
                 c.outoff = 0
-                need = c.outlen + n
+                need = <uint64_t>c.outlen + n
             if need > c.outcap:
-                if need - c.outoff > self.max_outbound:
+                if need > self.max_outbound:
                     self.counters[WRITE_OVERFLOWS] += 1
                     self.close_conn(c, CR_OVERFLOW)
                     return NULL
@@ -975,7 +1115,7 @@ cdef class Worker:
                     self.close_conn(c, CR_SERVER)
                     return NULL
                 c.outbuf = grown
-                c.outcap = cap
+                c.outcap = <uint32_t>cap
         out = c.outbuf + c.outlen
         c.outlen += n
         if not (c.flags & F_DIRTY):
@@ -985,14 +1125,17 @@ cdef class Worker:
         return out
 
     cdef void flush_dirty(self):
-        cdef int i, fd
+        """One write per connection with output this turn. The list is read
+        live: a flush that closes a connection may add to it."""
+        cdef int i = 0, fd
         cdef Conn* c
-        for i in range(self.ndirty):
+        while i < self.ndirty:
             fd = self.dirty[i]
+            i += 1
             c = &self.conns[fd]
             if c.flags & F_DIRTY:
                 c.flags &= ~F_DIRTY
-                if not (c.flags & F_POLLOUT):
+                if is_client_state(c.state) and not (c.flags & F_POLLOUT):
                     self.flush(c)
         self.ndirty = 0
 
@@ -1036,7 +1179,7 @@ cdef class Worker:
         c.flags &= ~F_SSL_WRITE_WANTS_READ
         self.set_pollout(c, False)
         if c.state == ST_CLOSING:
-            self.close_conn(c, CR_SERVER)
+            self.close_conn(c, c.close_reason, c.close_detail)
             return -1
         return 1
 
@@ -1079,7 +1222,7 @@ cdef class Worker:
             else:
                 self.close_conn(c, CR_TIMEOUT)
         elif c.state == ST_CLOSING:
-            self.close_conn(c, CR_SERVER)      # could not flush in time
+            self.close_conn(c, c.close_reason, c.close_detail)      # could not flush in time
         elif c.state == ST_SETTLING:
             # The worker that held its session did not answer (it died): start afresh.
             self.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
@@ -1089,9 +1232,13 @@ cdef class Worker:
         elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
             self.close_conn(c, CR_CONNECT_TIMEOUT)
 
-    cdef void close_after_flush(self, Conn* c):
-        """Stops reading and closes once the outbound bytes are written (or after
-        CLOSE_GRACE_MS)."""
+    cdef void close_after_flush(self, Conn* c, int reason=CR_SERVER, int detail=0):
+        """Stops reading and closes (for `reason`) once the outbound bytes are
+        written (or after CLOSE_GRACE_MS)."""
+        if not is_client_state(c.state) or c.state == ST_CLOSING:
+            return
+        c.close_reason = <uint8_t>reason
+        c.close_detail = <uint8_t>detail
         if c.state == ST_CONNECTED:
             self.counters[SESSIONS_CURRENT] -= 1
         c.state = ST_CLOSING
@@ -1104,14 +1251,61 @@ cdef class Worker:
                 self.ndirty += 1
 
     cdef void close_conn(self, Conn* c, int reason, int detail=0):
+        """Closes a connection: marks it ST_CLOSED and queues it for reap_closed()
+        at the end of the loop turn, which detaches its session (publishing the
+        will), counts, logs and frees it. Until then its buffers and its session
+        stay as they are, so any caller up the stack (a handler reading from its
+        input buffer, route_publish iterating the match result) is safe; it
+        takes no more input and gets no more output."""
         if not is_client_state(c.state):
             return
+        c.closed_from = c.state
+        c.close_reason = <uint8_t>reason
+        c.close_detail = <uint8_t>detail
+        c.state = ST_CLOSED
+        wheel_cancel(&self.wheel, &c.timer)
+        self.closed[self.nclosed] = c.fd
+        self.nclosed += 1
+
+    cdef void close_taken_over(self, Conn* old):
+        """A CONNECT with the same client id takes the session over (MQTT-3.1.4-2):
+        the old connection closes, and its session is detached now (its will
+        published) rather than at the end of the turn, because the caller hands
+        the session over or ends it right after."""
+        self.counters[TAKEOVERS] += 1
+        self.close_conn(old, CR_TAKEOVER)
+        if old.session >= 0:
+            session_detach(self, old, False)
+
+    cdef void reap_closed(self):
+        """The one place where closed connections are freed (end of a loop turn
+        phase, with nothing of theirs on the stack). Detaching a session may
+        publish its will, which may close other connections (their buffers
+        overflowing): those are reaped in the same call."""
+        cdef int fd
+        cdef Conn* c
+        while self.nclosed:
+            self.nclosed -= 1
+            fd = self.closed[self.nclosed]
+            c = &self.conns[fd]
+            if c.state != ST_CLOSED:
+                continue
+            try:
+                self.finish_close(c)
+            except Exception:
+                self.contained(-1, "freeing a closed connection")
+            finally:
+                if c.state == ST_CLOSED:
+                    self.release(c)
+
+    cdef void finish_close(self, Conn* c):
+        cdef int reason = c.close_reason
+        cdef int detail = c.close_detail
         if c.session >= 0:
-            # Before the slot is freed: the will may be routed, and routing may
-            # touch this connection's own buffers (it can be its own subscriber).
-            # A server shutdown is not the client's failure: no will then.
+            # A server shutdown or a DISCONNECT is not the client's failure: no will
+            # then (MQTT-3.1.2-8, -10).
             session_detach(self, c, reason == CR_DISCONNECT or self.draining)
-        if c.state == ST_CONNECTED:
+        if c.closed_from == ST_CONNECTED:
             self.counters[SESSIONS_CURRENT] -= 1
         self.counters[CLOSE_COUNTER[reason]] += 1
         self.counters[CONNS_CURRENT] -= 1
@@ -1126,15 +1320,18 @@ cdef class Worker:
                              % self.max_outbound)
         elif reason == CR_TLS:
             self.log_limited(reason, "TLS handshake failed")
-        self.release(c)
+        elif reason == CR_LIMIT:
+            self.log_limited(reason, "closed a connection: it went past %s" % LIMIT_SETTINGS[detail])
 
     cdef void release(self, Conn* c):
-        """Frees a connection's resources and its table slot."""
+        """Frees a connection's resources and its table slot (reap_closed only,
+        and the worker's teardown)."""
+        cdef uint8_t state = c.closed_from if c.state == ST_CLOSED else c.state
         wheel_cancel(&self.wheel, &c.timer)
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (durable.pxi)
         if c.ssl != NULL:
-            if c.state == ST_CONNECTED or c.state == ST_AWAIT_CONNECT or c.state == ST_CLOSING:
+            if state == ST_CONNECTED or state == ST_AWAIT_CONNECT or state == ST_CLOSING:
                 ERR_clear_error()
                 SSL_shutdown(c.ssl)     # one non-blocking close_notify, best effort
             SSL_free(c.ssl)
@@ -1144,6 +1341,22 @@ cdef class Worker:
         free(c.outbuf)
         free(c.client_id)
         memset(c, 0, sizeof(Conn))
+
+    cdef void contained(self, int fd, str where):
+        """An exception escaped while handling fd (-1: no connection): count it,
+        log it with its traceback (at most every 10 s), close that connection.
+        A bug, but one connection's, never the worker's end."""
+        cdef Conn* c
+        self.counters[INTERNAL_ERRORS] += 1
+        if self.now_ms - self.last_log_ms[<int>CR_INTERNAL] >= 10000 or self.last_log_ms[<int>CR_INTERNAL] == 0:
+            self.last_log_ms[<int>CR_INTERNAL] = self.now_ms
+            log.exception("worker %d: internal error while %s; %s (logged at most every 10 s)",
+                          self.worker_index, where,
+                          "the connection was closed" if fd >= 0 else "the worker goes on")
+        if 0 <= fd < self.nconns:
+            c = &self.conns[fd]
+            if is_client_state(c.state):
+                self.close_conn(c, CR_INTERNAL)
 
     cdef void log_limited(self, int reason, str message):
         """Logs a reason at most once per 10 s, with how many were not logged."""

@@ -104,8 +104,7 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
     cdef bytes state = b""
     cdef uint8_t present = 0
     if slot >= 0 and w.sessions[slot].fd >= 0:
-        w.counters[TAKEOVERS] += 1
-        w.close_conn(&w.conns[w.sessions[slot].fd], CR_TAKEOVER)
+        w.close_taken_over(&w.conns[w.sessions[slot].fd])
         slot = w.client_sessions.get(client_id, -1)
     if slot >= 0:
         if not clean and not w.sessions[slot].clean:
@@ -212,8 +211,7 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     slot = w.client_sessions.get(pc.client_id, -1)
     if slot >= 0 and w.sessions[slot].fd >= 0:
         # The same client id connected twice on this worker: the first goes (MQTT-3.1.4-2).
-        w.counters[TAKEOVERS] += 1
-        w.close_conn(&w.conns[w.sessions[slot].fd], CR_TAKEOVER)
+        w.close_taken_over(&w.conns[w.sessions[slot].fd])
         slot = w.client_sessions.get(pc.client_id, -1)
     if slot >= 0:
         if pc.clean or w.sessions[slot].clean:
@@ -256,14 +254,27 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     if w.publishers_paused and c.flags & F_PUBLISHER:
         pause_conn(w, c)
     if c.inlen:
-        # Packets the client sent right after CONNECT, held while we settled.
-        w.resume_input(c)
+        # Packets the client sent right after CONNECT, held while we settled: at
+        # the end of this phase of the turn, not here (the connection's own
+        # input may be on the stack: a CONNECT settled at once, locally).
+        w.resume_later(c)
 
 
 # --- moving a session between workers ---------------------------------------------
-# Layout: u16 nsubs, (u16 len, filter, u8 qos)*; u16 next packet id;
-# u32 nmsgs, (u16 packet id (0: queued), u8 qos, u8 state, u16 topic len,
-# u32 payload len, topic, payload)*; u16 nqos2, (u16 packet id)*.
+# The state of a persistent session, as sent to another worker (FR_SESSION) and
+# written to the data dir. Layout, little-endian:
+#   u8 SESSION_STATE_VERSION;
+#   u32 nsubs, (u16 len, filter, u8 qos)*;
+#   u16 next packet id;
+#   u32 nmsgs, (u16 packet id (0: queued), u8 qos, u8 state, u16 topic len,
+#               u32 payload len, topic, payload)*;
+#   u32 nqos2, (u16 packet id)*.
+# Counts are u32: a session may hold more than 65,535 subscriptions or messages.
+# session_restore checks every length against what is left before reading it.
+
+cdef enum:
+    SESSION_STATE_VERSION = 2
+
 
 cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
     with gil:
@@ -278,7 +289,7 @@ cdef bytes session_serialize(Worker w, int slot):
     cdef Msg* m
     cdef Queued* q
     topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
-    parts.append(struct_pack("<H", len(subs)))
+    parts.append(struct_pack("<BI", SESSION_STATE_VERSION, len(subs)))
     for f, qos in subs:
         parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
     parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
@@ -292,66 +303,110 @@ cdef bytes session_serialize(Worker w, int slot):
         m = q.msg
         parts.append(struct_pack("<HBBHI", 0, q.qos, 0, m.topic_len, m.payload_len))
         parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
-    parts.append(struct_pack("<H", s.nqos2_in))
+    parts.append(struct_pack("<I", s.nqos2_in))
     for i in range(s.nqos2_in):
         parts.append(struct_pack("<H", s.qos2_in[i]))
     return b"".join(parts)
 
 
-cdef void session_restore(Worker w, int slot, bytes state):
+cdef inline uint32_t rd16(const uint8_t* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8)
+
+
+cdef inline uint32_t rd32(const uint8_t* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef int session_restore(Worker w, int slot, bytes state) except -2:
+    """Rebuilds a session from session_serialize's bytes (a peer's or a file's).
+    0 when whole; -1 when it was cut short or malformed: what came before the
+    fault is kept, the rest dropped, counted and logged."""
     cdef Session* s = &w.sessions[slot]
-    cdef Py_ssize_t pos = 0
-    cdef int nsubs, i, r, nmsgs, nq2, flen
-    cdef uint16_t pid, tlen
-    cdef uint32_t plen
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(state)
+    cdef const uint8_t* end = p + PyBytes_GET_SIZE(state)
+    cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen
+    cdef uint16_t pid
     cdef uint8_t qos, st
+    cdef int r
     cdef Msg* m
     cdef Inflight* e
+    cdef Inflight* grown
     cdef Queued* slotq
-    cdef const uint8_t* raw = <const uint8_t*>PyBytes_AS_STRING(state)
-    try:
-        nsubs, = struct_unpack_from("<H", state, pos)
-        pos += 2
-        for i in range(nsubs):
-            flen, = struct_unpack_from("<H", state, pos)
-            qos = state[pos + 2 + flen]
-            r = topics_subscribe(w.index, raw + pos + 2, flen, slot, qos)
+    if end - p < 5 or p[0] != SESSION_STATE_VERSION:
+        return session_restore_fault(w, "unknown format")
+    nsubs = rd32(p + 1)
+    p += 5
+    for i in range(nsubs):
+        if end - p < 2 or end - p - 2 < <Py_ssize_t>rd16(p) + 1:
+            return session_restore_fault(w, "subscriptions cut short")
+        flen = rd16(p)
+        qos = p[2 + flen]
+        if qos <= 2 and valid_topic_filter(p + 2, flen):
+            r = topics_subscribe(w.index, p + 2, flen, slot, qos)
             if r == 1:
-                channel_broadcast(w, FR_SUB_ADD, 0, raw + pos + 2, flen, NULL, 0)
-            pos += 3 + flen
-        s.next_packet_id, nmsgs = struct_unpack_from("<HI", state, pos)
-        pos += 6
-        for i in range(nmsgs):
-            pid, qos, st, tlen, plen = struct_unpack_from("<HBBHI", state, pos)
-            pos += 10
-            m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos & 3, 0)
-            pos += tlen + plen
-            if m == NULL:
+                channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
+        p += 3 + flen
+    if end - p < 6:
+        return session_restore_fault(w, "message count missing")
+    s.next_packet_id = <uint16_t>rd16(p) or 1
+    nmsgs = rd32(p + 2)
+    p += 6
+    for i in range(nmsgs):
+        if end - p < 10:
+            return session_restore_fault(w, "message cut short")
+        pid = <uint16_t>rd16(p)
+        qos = p[2] & 3
+        st = p[3]
+        tlen = rd16(p + 4)
+        plen = rd32(p + 6)
+        p += 10
+        if <uint64_t>(end - p) < <uint64_t>tlen + plen or qos == 0 or qos == 3 or st > IF_RELEASED:
+            return session_restore_fault(w, "message malformed")
+        m = msg_new(p, tlen, p + tlen, plen, qos, 0)
+        p += tlen + plen
+        if m == NULL:
+            w.counters[DROPPED_NOMEM] += 1
+            continue
+        if pid and s.ninflight < 65535:
+            if s.ninflight == s.inflight_cap:
+                grown = <Inflight*>realloc(s.inflight, (s.inflight_cap * 2 if s.inflight_cap else 8)
+                                           * sizeof(Inflight))
+                if grown == NULL:
+                    msg_release(m)
+                    w.counters[DROPPED_NOMEM] += 1
+                    continue
+                s.inflight = grown
+                s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
+            e = &s.inflight[s.ninflight]
+            e.msg = m
+            e.packet_id = pid
+            e.qos = qos
+            e.state = st
+            s.ninflight += 1
+        else:
+            if session_queue_grow(s) < 0:
+                msg_release(m)
                 w.counters[DROPPED_NOMEM] += 1
                 continue
-            if pid:
-                if s.ninflight == s.inflight_cap:
-                    s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
-                    s.inflight = <Inflight*>realloc(s.inflight, s.inflight_cap * sizeof(Inflight))
-                e = &s.inflight[s.ninflight]
-                e.msg = m
-                e.packet_id = pid
-                e.qos = qos
-                e.state = st
-                s.ninflight += 1
-            else:
-                if session_queue_grow(s) < 0:
-                    msg_release(m)
-                    continue
-                slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
-                slotq.msg = m
-                slotq.qos = qos
-                s.qlen += 1
-        nq2, = struct_unpack_from("<H", state, pos)
-        pos += 2
-        for i in range(nq2):
-            pid, = struct_unpack_from("<H", state, pos)
-            pos += 2
+            slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
+            slotq.msg = m
+            slotq.qos = qos
+            s.qlen += 1
+            s.qbytes += <uint64_t>tlen + plen
+    if end - p < 4:
+        return session_restore_fault(w, "QoS 2 ids missing")
+    nq2 = rd32(p)
+    p += 4
+    if <uint64_t>(end - p) < <uint64_t>nq2 * 2:
+        return session_restore_fault(w, "QoS 2 ids cut short")
+    for i in range(nq2):
+        pid = <uint16_t>rd16(p + 2 * i)
+        if pid and s.nqos2_in < 65535:
             qos2_remember(s, pid)
-    except Exception:
-        w.log_limited(CR_CHANNEL, "a transferred session was cut short; restored what arrived")
+    return 0
+
+
+cdef int session_restore_fault(Worker w, str what) except -2:
+    w.counters[INTERNAL_ERRORS] += 1
+    w.log_limited(CR_CHANNEL, "a transferred or saved session was malformed (%s); restored what came before" % what)
+    return -1

@@ -43,40 +43,79 @@ cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, cons
                         uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns):
     """Delivers to every matching local subscriber and, when `forward`, to the
     peers with interest. `retain` only decides whether the retained store
-    changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9)."""
-    cdef int n, i, p
+    changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9).
+
+    The worker's MatchResult is reused from one message to the next; should a
+    delivery ever route another message before this one is done (nothing does
+    today: wills wait for reap_closed), that one gets a result of its own
+    rather than overwriting the list being walked here."""
+    cdef MatchResult nested
+    cdef MatchResult* match = &w.match
     cdef uint64_t peers
+    if w.route_depth:
+        topics_result_init(&nested)
+        match = &nested
+    w.route_depth += 1
+    try:
+        peers = route_local(w, match, topic, topic_len, payload, payload_len, qos, retain, forward, origin_ns)
+    finally:
+        w.route_depth -= 1
+        if match == &nested:
+            topics_result_free(&nested)
+    if forward:
+        route_forward(w, peers, topic, topic_len, payload, payload_len, qos, retain, origin_ns)
+
+
+cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,
+                          const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                          bint forward, uint64_t origin_ns) except? 0:
+    """The local deliveries; returns the peers with interest."""
+    cdef int n, i
     cdef uint8_t q
     cdef Msg* msg = NULL
     cdef MatchEntry* e
-    cdef uint8_t* body
     if retain:
-        retain_store(w, topic, topic_len, payload, payload_len, qos)
-        if forward:
-            channel_broadcast(w, FR_RETAIN, qos, topic, topic_len, payload, payload_len)
-    n = topics_match(w.index, topic, topic_len, &w.match)
+        # The worker a retained message arrives at applies the store's bounds
+        # and tells the others only what it kept, so every worker's copy agrees;
+        # the server's own ($SYS) messages are always kept.
+        if not forward or retain_store(w, topic, topic_len, payload, payload_len, qos,
+                                       not w.publishing_as_server):
+            if forward:
+                channel_broadcast(w, FR_RETAIN, qos, topic, topic_len, payload, payload_len)
+            else:
+                retain_store(w, topic, topic_len, payload, payload_len, qos, False)
+    n = topics_match(w.index, topic, topic_len, match)
     if n < 0:
         w.counters[DROPPED_NOMEM] += 1
-        return
-    for i in range(n):
-        e = &w.match.entries[i]
-        q = qos if qos < e.qos else e.qos
-        if q == 0:
-            deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0)
-        else:
-            if msg == NULL:
-                msg = msg_new(topic, topic_len, payload, payload_len, qos, 0)
+        return 0
+    try:
+        for i in range(n):
+            e = &match.entries[i]
+            q = qos if qos < e.qos else e.qos
+            if q == 0:
+                deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0)
+            else:
                 if msg == NULL:
-                    w.counters[DROPPED_NOMEM] += 1
-                    continue
-                msg.origin_ns = origin_ns
-            deliver_msg(w, &w.sessions[e.subscriber], msg, q, 0)
-    msg_release(msg)
+                    msg = msg_new(topic, topic_len, payload, payload_len, qos, 0)
+                    if msg == NULL:
+                        w.counters[DROPPED_NOMEM] += 1
+                        continue
+                    msg.origin_ns = origin_ns
+                deliver_msg(w, &w.sessions[e.subscriber], msg, q, 0)
+    finally:
+        msg_release(msg)
     if n > 0:
         hist_observe(w.counters, HIST_DELIVER, w.now_ns - origin_ns if w.now_ns > origin_ns else 0)
-    if not forward:
-        return
-    peers = w.match.peers & ~((<uint64_t>1) << w.worker_index)
+    return match.peers
+
+
+cdef void route_forward(Worker w, uint64_t peers, const uint8_t* topic, uint32_t topic_len,
+                        const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                        uint64_t origin_ns):
+    """To the peer workers with a matching filter, as FR_PUBLISH frames."""
+    cdef int p
+    cdef uint8_t* body
+    peers &= ~((<uint64_t>1) << w.worker_index)
     p = 0
     while peers:
         if peers & 1:
@@ -110,10 +149,16 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         w.counters[MSGS_OUT] += 1
 
 
+cdef inline bint session_online(Worker w, Session* s) noexcept:
+    """Its client is connected (not away, not closed this turn)."""
+    return s.fd >= 0 and w.conns[s.fd].state == ST_CONNECTED
+
+
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """QoS 1/2: send now if the session's in-flight window has room, else queue."""
     cdef Queued* slot
-    if s.fd >= 0 and s.ninflight < w.max_inflight and s.qlen == 0:
+    cdef uint64_t size = <uint64_t>msg.topic_len + msg.payload_len
+    if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):
         session_send(w, s, msg, qos, retain)
         return
     # An online subscriber under backpressure may overshoot queue_high by what
@@ -124,6 +169,12 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
         w.counters[DROPPED_QUEUE_FULL] += 1
         w.log_limited(CR_QUEUE, "a session's queue is full (max_queued %d): message dropped" % w.max_queued)
         return
+    if s.qbytes + size > w.max_queued_bytes:
+        w.counters[DROPPED_QUEUE_FULL] += 1
+        w.counters[LIMITS + LIM_QUEUED_BYTES] += 1
+        w.log_limited(CR_QUEUE, "a session's queue holds max_queued_bytes (%d): message dropped"
+                      % w.max_queued_bytes)
+        return
     if session_queue_grow(s) < 0:
         w.counters[DROPPED_NOMEM] += 1
         return
@@ -132,9 +183,10 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     slot.qos = qos | (retain << 2)
     msg.refs += 1
     s.qlen += 1
+    s.qbytes += size
     if not s.clean:
         w.sessions_changed = True
-    if s.qlen >= w.queue_high and s.fd >= 0 and not s.congested and not s.stalled:
+    if s.qlen >= w.queue_high and not s.congested and not s.stalled and session_online(w, s):
         congest(w, s)
 
 
@@ -142,19 +194,37 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
 # Every worker keeps the whole retained store (a dict: topic -> (qos, payload)),
 # kept in step by FR_RETAIN frames, so a SUBSCRIBE is answered locally.
 
-cdef void retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                       uint32_t payload_len, uint8_t qos):
+cdef bint retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t qos, bint enforce) except? False:
+    """Keeps (or clears) a retained message; with `enforce`, within max_retained
+    messages and max_retained_bytes (topics and payloads). False if refused."""
+    cdef object old
+    cdef uint64_t old_size = 0
     key = PyBytes_FromStringAndSize(<char*>topic, topic_len)
+    old = w.retained.get(key)
+    if old is not None:
+        old_size = topic_len + len(<bytes>(<tuple>old)[1])
     if payload_len == 0:
         # A zero-length retained PUBLISH clears the topic (MQTT-3.3.1-10/11).
-        w.retained.pop(key, None)
-    elif key in w.retained or len(w.retained) < w.max_retained:
-        w.retained[key] = (qos, PyBytes_FromStringAndSize(<char*>payload, payload_len))
-    else:
+        if old is None:
+            return True
+        del w.retained[key]
+        w.retained_bytes -= old_size
+    elif enforce and old is None and len(w.retained) >= w.max_retained:
         w.counters[DROPPED_RETAINED_FULL] += 1
         w.log_limited(CR_QUEUE, "retained store full (max_retained %d): not retained" % w.max_retained)
-        return
+        return False
+    elif enforce and w.retained_bytes - old_size + topic_len + payload_len > w.max_retained_bytes:
+        w.counters[DROPPED_RETAINED_FULL] += 1
+        w.counters[LIMITS + LIM_RETAINED_BYTES] += 1
+        w.log_limited(CR_QUEUE, "retained store holds max_retained_bytes (%d): not retained"
+                      % w.max_retained_bytes)
+        return False
+    else:
+        w.retained[key] = (qos, PyBytes_FromStringAndSize(<char*>payload, payload_len))
+        w.retained_bytes += <uint64_t>topic_len + payload_len - old_size
     w.retained_changed = True
+    return True
 
 
 cdef void retain_sync_to(Worker w, int p):

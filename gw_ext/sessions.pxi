@@ -154,7 +154,7 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
     cdef Inflight* grown
-    cdef uint16_t cap
+    cdef uint32_t cap
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
     if s.ninflight == s.inflight_cap:
@@ -193,6 +193,7 @@ cdef void session_pump(Worker w, Session* s):
         q = s.queue[s.qhead]
         s.qhead = (s.qhead + 1) % s.qcap
         s.qlen -= 1
+        s.qbytes -= <uint64_t>q.msg.topic_len + q.msg.payload_len
         session_send(w, s, q.msg, q.qos & 3, q.qos >> 2)
         if q.msg.origin_ns and w.now_ns > q.msg.origin_ns:
             hist_observe(w.counters, HIST_DELIVER, w.now_ns - q.msg.origin_ns)
@@ -258,8 +259,10 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
 
 
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
+    """-1 when memory runs out. The caller bounds the count (max_awaiting_rel,
+    at most 65,535 distinct packet ids), so the uint32 capacity cannot wrap."""
     cdef uint16_t* grown
-    cdef uint16_t cap
+    cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
         cap = s.qos2_cap * 2 if s.qos2_cap else 8
         grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))

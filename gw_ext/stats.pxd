@@ -72,10 +72,26 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
-    # 147..191 free.
+    # Containment and bounds.
+    CLOSED_INTERNAL = 147     # connections closed because handling their input raised (a bug, logged)
+    CLOSED_LIMIT = 148        # connections closed for going past a per-client bound (LIMITS)
+    INTERNAL_ERRORS = 149     # exceptions contained by the loop (a connection's, a channel's, a timer's)
+    # 150..159 free.
+    LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
+    # 176..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
+
+cpdef enum:
+    # Which bound (LIMITS + LIM_*): each a setting of the same name.
+    LIM_AWAITING_REL = 0      # max_awaiting_rel: inbound QoS 2 awaiting PUBREL (disconnect)
+    LIM_SUBSCRIPTIONS = 1     # max_subscriptions: per client (SUBACK 0x80)
+    LIM_TOPIC_LEVELS = 2      # max_topic_levels: in a topic filter (SUBACK 0x80)
+    LIM_TOPIC_LENGTH = 3      # max_topic_length: of a topic filter (SUBACK 0x80)
+    LIM_QUEUED_BYTES = 4      # max_queued_bytes: a session's queue (message dropped)
+    LIM_RETAINED_BYTES = 5    # max_retained_bytes: the retained store (not retained)
+    N_LIMITS = 6
 
 # Layout of the block: a header of HEADER_WORDS int64s, then one row of
 # N_COUNTERS uint64s per worker slot.

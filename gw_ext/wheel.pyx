@@ -31,6 +31,8 @@ cdef int wheel_init(Wheel* w, uint32_t nslots, uint32_t tick_ms, uint64_t now_ms
         w.slots[i].prev = &w.slots[i]
         w.slots[i].next = &w.slots[i]
         w.slots[i].deadline_ms = 0
+    w.expired.prev = &w.expired
+    w.expired.next = &w.expired
     w.mask = n - 1
     w.tick_ms = tick_ms if tick_ms > 0 else 1
     w.tick = now_ms // w.tick_ms
@@ -50,7 +52,7 @@ cdef void wheel_schedule(Wheel* w, TimerNode* node, uint64_t deadline_ms) noexce
     # in the tick being processed; an advance early in that tick skipped it and
     # it waited a whole revolution, 409.6 s.)
     cdef uint64_t t = (deadline_ms + w.tick_ms - 1) // w.tick_ms
-    if node.prev != NULL:       # scheduled (an expired node keeps a chain `next`)
+    if node.prev != NULL:       # scheduled, or expired and not yet popped
         _unlink(node)
         w.count -= 1
     if t < w.tick:
@@ -66,13 +68,13 @@ cdef void wheel_cancel(Wheel* w, TimerNode* node) noexcept nogil:
         w.count -= 1
 
 
-cdef TimerNode* wheel_advance(Wheel* w, uint64_t now_ms) noexcept nogil:
+cdef size_t wheel_expire(Wheel* w, uint64_t now_ms) noexcept nogil:
     cdef uint64_t last = now_ms // w.tick_ms
-    cdef TimerNode* expired = NULL
     cdef TimerNode* head
     cdef TimerNode* node
     cdef TimerNode* nxt
     cdef uint64_t steps = 0
+    cdef size_t n = 0
     while w.tick <= last:
         head = &w.slots[w.tick & w.mask]
         node = head.next
@@ -80,9 +82,8 @@ cdef TimerNode* wheel_advance(Wheel* w, uint64_t now_ms) noexcept nogil:
             nxt = node.next
             if node.deadline_ms <= now_ms:
                 _unlink(node)
-                w.count -= 1
-                node.next = expired
-                expired = node
+                _link(&w.expired, node)     # still counted until popped
+                n += 1
             node = nxt
         w.tick += 1
         steps += 1
@@ -91,7 +92,16 @@ cdef TimerNode* wheel_advance(Wheel* w, uint64_t now_ms) noexcept nogil:
             # which is all that can expire; jump ahead.
             w.tick = last + 1
             break
-    return expired
+    return n
+
+
+cdef TimerNode* wheel_pop_expired(Wheel* w) noexcept nogil:
+    cdef TimerNode* node = w.expired.next
+    if node == &w.expired:
+        return NULL
+    _unlink(node)
+    w.count -= 1
+    return node
 
 
 cdef class TimerWheel:
@@ -132,20 +142,30 @@ cdef class TimerWheel:
 
     def advance(self, uint64_t now_ms):
         """Returns the ids that expired, in no particular order."""
-        cdef TimerNode* node = wheel_advance(&self.w, now_ms)
+        cdef TimerNode* node
+        wheel_expire(&self.w, now_ms)
         out = []
-        while node != NULL:
+        while True:
+            node = wheel_pop_expired(&self.w)
+            if node == NULL:
+                return out
             out.append(node - self.nodes)
-            node = node.next
-        return out
+
+    def expire(self, uint64_t now_ms):
+        """Moves the expired timers to the expired list; how many (pop them with pop())."""
+        return wheel_expire(&self.w, now_ms)
+
+    def pop(self):
+        """The next expired timer's id, or None."""
+        cdef TimerNode* node = wheel_pop_expired(&self.w)
+        return None if node == NULL else node - self.nodes
 
     def advance_count(self, uint64_t now_ms):
         """Like advance, but only counts (benchmark helper)."""
-        cdef TimerNode* node = wheel_advance(&self.w, now_ms)
         cdef Py_ssize_t n = 0
-        while node != NULL:
+        wheel_expire(&self.w, now_ms)
+        while wheel_pop_expired(&self.w) != NULL:
             n += 1
-            node = node.next
         return n
 
     def __len__(self):
