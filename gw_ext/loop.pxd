@@ -96,6 +96,7 @@ cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack
     uint16_t packet_id
     uint8_t qos               # the QoS it was sent with (after downgrade)
     uint8_t state             # IF_PUBLISHED, IF_RELEASED
+    uint8_t retain            # sent with RETAIN=1 (for a new subscription): so it is re-sent (MQTT-3.3.1-8)
 
 cdef enum:
     IF_PUBLISHED = 0          # PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2)

@@ -1271,11 +1271,12 @@ cdef class Worker:
         """A CONNECT with the same client id takes the session over (MQTT-3.1.4-2):
         the old connection closes, and its session is detached now (its will
         published) rather than at the end of the turn, because the caller hands
-        the session over or ends it right after."""
+        the session over or ends it right after. The id's home already names
+        the new owner: ending a clean session here must not release the id."""
         self.counters[TAKEOVERS] += 1
         self.close_conn(old, CR_TAKEOVER)
         if old.session >= 0:
-            session_detach(self, old, False)
+            session_detach(self, old, False, False)
 
     cdef void reap_closed(self):
         """The one place where closed connections are freed (end of a loop turn

@@ -266,8 +266,8 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
 #   u8 SESSION_STATE_VERSION;
 #   u32 nsubs, (u16 len, filter, u8 qos)*;
 #   u16 next packet id;
-#   u32 nmsgs, (u16 packet id (0: queued), u8 qos, u8 state, u16 topic len,
-#               u32 payload len, topic, payload)*;
+#   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
+#               u16 topic len, u32 payload len, topic, payload)*;
 #   u32 nqos2, (u16 packet id)*.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.
@@ -295,8 +295,8 @@ cdef bytes session_serialize(Worker w, int slot):
     parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
     for i in range(s.ninflight):
         m = s.inflight[i].msg
-        parts.append(struct_pack("<HBBHI", s.inflight[i].packet_id, s.inflight[i].qos, s.inflight[i].state,
-                                 m.topic_len, m.payload_len))
+        parts.append(struct_pack("<HBBHI", s.inflight[i].packet_id, s.inflight[i].qos | (s.inflight[i].retain << 2),
+                                 s.inflight[i].state, m.topic_len, m.payload_len))
         parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
     for i in range(s.qlen):
         q = &s.queue[(s.qhead + i) % s.qcap]
@@ -326,7 +326,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef const uint8_t* end = p + PyBytes_GET_SIZE(state)
     cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen
     cdef uint16_t pid
-    cdef uint8_t qos, st
+    cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
     cdef Inflight* e
@@ -356,6 +356,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             return session_restore_fault(w, "message cut short")
         pid = <uint16_t>rd16(p)
         qos = p[2] & 3
+        retain = (p[2] >> 2) & 1
         st = p[3]
         tlen = rd16(p + 4)
         plen = rd32(p + 6)
@@ -382,6 +383,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             e.packet_id = pid
             e.qos = qos
             e.state = st
+            e.retain = retain
             s.ninflight += 1
         else:
             if session_queue_grow(s) < 0:
@@ -390,7 +392,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
                 continue
             slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
             slotq.msg = m
-            slotq.qos = qos
+            slotq.qos = qos | (retain << 2)
             s.qlen += 1
             s.qbytes += <uint64_t>tlen + plen
     if end - p < 4:

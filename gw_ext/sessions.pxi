@@ -87,10 +87,11 @@ cdef void session_free(Worker w, int slot, bint release_id):
     w.nfree_sessions += 1
 
 
-cdef void session_detach(Worker w, Conn* c, bint graceful):
+cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True):
     """The connection of c's session is closing. The will goes out unless the
     client said DISCONNECT (MQTT-3.1.2-8, -10); a clean session ends, a
-    persistent one waits for its client."""
+    persistent one waits for its client. release_id False: the id stays
+    registered to this worker (a connection here is taking it over)."""
     cdef int slot = c.session
     cdef Session* s
     c.session = -1
@@ -108,7 +109,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful):
         msg_release(s.will)
         s.will = NULL
     if s.clean:
-        session_free(w, slot, True)
+        session_free(w, slot, release_id)
     else:
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
@@ -170,6 +171,7 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     e.packet_id = session_packet_id(s)
     e.qos = qos
     e.state = IF_PUBLISHED
+    e.retain = retain
     msg.refs += 1
     s.ninflight += 1
     if not s.clean:
@@ -244,7 +246,7 @@ cdef void session_resume(Worker w, Session* s):
         if out == NULL:
             return
         encode_publish(out, e.msg.data, e.msg.topic_len, e.msg.data + e.msg.topic_len, e.msg.payload_len,
-                       e.qos, 0, 1, e.packet_id)
+                       e.qos, e.retain, 1, e.packet_id)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
     session_pump(w, s)

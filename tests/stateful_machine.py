@@ -72,16 +72,7 @@ ACK_TYPES = {"puback": 0x40, "pubrec": 0x50, "pubcomp": 0x70}
 # regression test (tests/test_stateful_regressions.py) passes; then its entry
 # and its branch below go. GW_STATEFUL_KNOWN_BUGS=all (or names, comma-separated)
 # stops steering around them (or those), e.g. to check a fix.
-KNOWN_BUGS = {
-    "fragmented-connect": "a CONNECT that arrives in fragments crashes the worker (SIGSEGV): "
-                          "CONNECT is written whole",
-    "same-worker-clean-takeover": "a takeover on the worker that holds a clean-session client makes the "
-                                  "id's registry forget its owner, so a later CONNECT on the other worker "
-                                  "takes nothing over: such takeovers come from the other worker",
-    "retain-flag-on-resend": "a retained message sent for a new subscription and re-sent on resume loses "
-                             "RETAIN=1 (MQTT-3.3.1-8): the client acknowledges those before its "
-                             "persistent session's connection ends",
-}
+KNOWN_BUGS: dict[str, str] = {}     # none known now; see test_stateful_regressions.py
 _exercised = {name.strip() for name in os.environ.get("GW_STATEFUL_KNOWN_BUGS", "").split(",") if name.strip()}
 assert _exercised <= set(KNOWN_BUGS) | {"all"}, f"GW_STATEFUL_KNOWN_BUGS: not in {sorted(KNOWN_BUGS)}"
 AVOIDED = set() if "all" in _exercised else set(KNOWN_BUGS) - _exercised
@@ -306,7 +297,7 @@ class SessionMachine(RuleBasedStateMachine):
         link.wire.send(connect_packet_full(cid, clean=clean, keepalive=KEEPALIVE,
                                            will=None if will_msg is None else
                                            (will_msg.topic, will_msg.payload, will_msg.qos, will_msg.retain)),
-                       fragment="fragmented-connect" not in self.avoided)
+                       fragment=True)
         if old is not None:
             old.stale = True
             self.model.close(cid, graceful=False)           # MQTT-3.1.4-2: the broker closes the old one
@@ -335,26 +326,6 @@ class SessionMachine(RuleBasedStateMachine):
             self.wait(link, lambda: d.packet_id not in online.awaiting_pubrel,
                       f"PUBREL for our PUBREC {d.packet_id} (MQTT-4.3.3-1)")
         return d
-
-    def before_connection_ends(self, cid: str) -> None:
-        """Known-bug steering (retain-flag-on-resend): a persistent session's
-        retained messages in flight are acknowledged before its connection ends."""
-        s = self.model.sessions[cid]
-        if "retain-flag-on-resend" not in self.avoided or s.clean:
-            return
-        link = self.links[cid]
-        while True:
-            retained = [d for d in s.owed if d.retained and d.state != "queued"]
-            if not retained:
-                return
-            for d in retained:
-                if d.qos == 1:
-                    self.send_ack(link, "puback", d)
-                else:
-                    if d.state == "sent":
-                        self.send_ack(link, "pubrec", d)
-                    self.send_ack(link, "pubcomp", d)
-            self.ping(link)         # what that let out of the queue is in
 
     def do_release(self, link: Link, pid: int) -> None:
         link.wire.send(ack_packet(0x62, pid))
@@ -387,12 +358,6 @@ class SessionMachine(RuleBasedStateMachine):
         back, or a takeover of a connected client (MQTT-3.1.4-2), on either
         worker; then SUBSCRIBE to entries, if any."""
         cid = self.cids[who]
-        old = self.links.get(cid)
-        if old is not None:
-            if ("same-worker-clean-takeover" in self.avoided and self.model.sessions[cid].clean
-                    and worker == old.worker):
-                worker = 1 - old.worker
-            self.before_connection_ends(cid)
         self.do_connect(cid, clean, worker, will)
         if entries:
             self.do_subscribe(cid, entries)
@@ -406,7 +371,6 @@ class SessionMachine(RuleBasedStateMachine):
         of a QoS 1 PUBLISH to rel cut after `cut` bytes: that part is no
         message and goes nowhere) and the will goes out (MQTT-3.1.2-8)."""
         cid = self.pick(self.links, who)
-        self.before_connection_ends(cid)
         link = self.links.pop(cid)
         link.stale = True
         if how == "disconnect":

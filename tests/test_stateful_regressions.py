@@ -2,9 +2,10 @@
 replayed through the same state machine and model (tests/stateful_machine.py),
 with the steering around that one bug turned off.
 
-Each is xfail(strict=True): once the bug is fixed the test passes, which
-fails the run, and says to drop the bug from stateful_machine.KNOWN_BUGS (the
-histories of test_stateful_sessions.py then go there again) and the mark here.
+A bug found and not yet fixed is listed in stateful_machine.KNOWN_BUGS (the
+generated histories steer around it) and its test here is marked with
+known_bug(name), xfail(strict=True): once fixed, the test passes, which fails
+the run until both are removed. The ones below are fixed regressions.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def replay(bug: str, steps) -> None:
     """Runs steps [(rule, arguments)] with the model's checks after each one,
     as hypothesis does, steering around every known bug but `bug`."""
     state = SessionMachine()
-    state.avoided = AVOIDED - {bug}
+    state.avoided = AVOIDED - {bug}     # (nothing to steer around once it is fixed)
     try:
         state.start(seed=0)
         for name, kwargs in steps:
@@ -39,7 +40,6 @@ def known_bug(name: str):
     return pytest.mark.xfail(strict=True, raises=AssertionError, reason=f"gw bug {name!r}: {KNOWN_BUGS[name]}")
 
 
-@known_bug("same-worker-clean-takeover")
 def test_takeover_on_the_same_worker_keeps_the_id_owned(stateful_server):
     """MQTT-3.1.4-2, three CONNECTs with one client id, clean session 1: the
     second (same worker) closes the first; the third, on the other worker,
@@ -53,7 +53,6 @@ def test_takeover_on_the_same_worker_keeps_the_id_owned(stateful_server):
     ])
 
 
-@known_bug("retain-flag-on-resend")
 def test_retained_message_resent_on_resume_keeps_retain(stateful_server):
     """MQTT-3.3.1-8 with MQTT-4.4.0-1: a retained message sent for a new
     subscription (RETAIN=1), not acknowledged, is re-sent on the session's
@@ -68,7 +67,6 @@ def test_retained_message_resent_on_resume_keeps_retain(stateful_server):
     ])
 
 
-@known_bug("fragmented-connect")
 def test_connect_in_fragments_gets_connack(stateful_server):
     """A CONNECT that arrives in two reads, cut at any byte, gets its CONNACK
     and the worker lives. gw: cut after its fixed header (2 bytes) or inside
