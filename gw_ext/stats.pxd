@@ -72,7 +72,14 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
-    # 147..191 free.
+    # Damage in the middle of a worker's log, written by the pipeline process (one
+    # writer per word: the worker never writes these two).
+    WAL_CORRUPT = 147         # bytes of damaged log records the pipeline skipped: those readings are lost
+    WAL_CORRUPT_OFFSET = 148  # per worker (never summed): log offset up to which damage was counted
+    INGEST_RECORDS_PENDING = 149  # records answered 503: the same (device_id, seq) is being written by another worker
+    CHANNEL_MALFORMED = 150   # frames or datagrams from another worker dropped: truncated, malformed, over a bound
+    CHANNEL_FRAGMENTED = 151  # frames larger than one channel datagram, sent in continuation datagrams
+    # 152..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
