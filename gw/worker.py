@@ -79,6 +79,11 @@ def open_wal(slot: int, cfg: Config, block: StatsBlock):
         log.warning("worker %d: write-ahead log recovered: cut a torn or corrupt tail of %d bytes "
                     "(a crash mid-write); %d whole records before it kept", slot,
                     found["truncated_bytes"], found.get("records", 0))
+    if found.get("corrupt_bytes"):
+        log.warning("worker %d: write-ahead log recovered: %d bytes of damage in the middle of its last "
+                    "segment (offsets %s), with valid records after it: kept; the pipeline skips the damage",
+                    slot, found["corrupt_bytes"],
+                    ", ".join(f"{a}..{b}" for a, b in found.get("corrupt_regions", [])))
     return wal
 
 
