@@ -1175,6 +1175,9 @@ cdef class Wal:
     cdef uint64_t pending_c(self) noexcept nogil:
         return gw_wal_appended(self.w) - gw_wal_durable(self.w) if self.state == 1 else 0
 
+    cdef uint64_t appended_c(self) noexcept nogil:
+        return gw_wal_appended(self.w) if self.state == 1 else 0
+
     def append(self, bytes payload):
         """Appends one record: its end offset (durable once durable_offset reaches
         it), or -1 if refused (pending over max_pending, or the error state)."""

@@ -437,3 +437,45 @@ def test_damage_in_the_middle_of_a_log_is_skipped_and_counted(tmp_path):
         assert log_text.count("damaged records") == 2, log_text
     finally:
         again.stop()
+
+
+def test_a_resent_qos2_publish_is_acknowledged_only_once_its_reading_is_durable(gw_factory):
+    """Ack mode sink, QoS 2: the client's connection breaks before its PUBREC,
+    it reconnects (clean_session=0) and sends the PUBLISH again with DUP. The
+    session knows the packet id (the reading is not routed twice), and the
+    second PUBREC, like the first, waits until the reading is on disk.
+    RLIMIT_FSIZE on the worker holds the log's writes back (a full disk)."""
+    server = gw_factory(workers=1, listeners=("mqtt", "http"), args=["--ack", "sink", "--fsync", "always"])
+    [worker] = server.worker_pids()
+    device = f"q-{uuid.uuid4().hex[:6]}"
+    reading = publish_packet(f"telemetry/{device}", b'{"seq": 1, "metrics": {"v": 1}}', qos=2, packet_id=7)
+    resent = bytes([reading[0] | 0x08]) + reading[1:]          # DUP
+
+    def connect(sock):
+        sock.sendall(__import__("conftest").connect_packet(f"q2-{device}", clean=False))
+        first, body = read_packet(sock)
+        assert first == 0x20 and body[1] == 0, (first, body)
+        return body[0] & 1                                    # session present
+
+    seg = max((server.data_dir / "wal" / "0").glob("*.wal"))
+    resource.prlimit(worker, resource.RLIMIT_FSIZE, (seg.stat().st_size, resource.RLIM_INFINITY))
+    try:
+        with socket.create_connection((HOST, server.ports["mqtt"]), timeout=10) as first:
+            connect(first)
+            first.sendall(reading + b"\xc0\x00")               # PUBLISH, PINGREQ
+            # The PINGRESP comes; the PUBREC waits for the log.
+            assert read_packet(first) == (0xD0, b"")
+        wait_for(lambda: server.counters()["sessions_away"] == 1, 10, what="the session kept, its client away")
+        with socket.create_connection((HOST, server.ports["mqtt"]), timeout=20) as again:
+            assert connect(again) == 1
+            again.sendall(resent + b"\xc0\x00")
+            assert read_packet(again) == (0xD0, b""), "the PUBREC of the resent PUBLISH did not wait"
+            resource.prlimit(worker, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+            assert read_packet(again, 20) == (0x50, b"\x00\x07")  # PUBREC, once the disk takes it
+            again.sendall(b"\x62\x02\x00\x07")                   # PUBREL
+            assert read_packet(again) == (0x70, b"\x00\x07")     # PUBCOMP
+    finally:
+        resource.prlimit(worker, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with HttpConn(server.ports["http"]) as c:      # after it in the same log: once this is stored, all is
+        assert c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=2)).status == 200
+    assert sorted(wait_stored(server, device, {1, 2})) == [1, 2]
