@@ -479,3 +479,33 @@ def test_a_resent_qos2_publish_is_acknowledged_only_once_its_reading_is_durable(
     with HttpConn(server.ports["http"]) as c:      # after it in the same log: once this is stored, all is
         assert c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=2)).status == 200
     assert sorted(wait_stored(server, device, {1, 2})) == [1, 2]
+
+
+def test_a_retry_of_a_reading_lost_before_its_fsync_is_stored_exactly_once(gw_factory):
+    """Ack mode sink: the worker took the reading, its log never made it
+    durable (RLIMIT_FSIZE: every write fails), and the worker is killed, so the
+    client never gets its 200. The retry, after the respawn, is not a
+    duplicate of a reading that was never stored: it is taken, and stored once."""
+    server = gw_factory(workers=1, listeners=("http",), args=["--ack", "sink", "--fsync", "always"])
+    [worker] = server.worker_pids()
+    device = f"r-{uuid.uuid4().hex[:6]}"
+    seg = max((server.data_dir / "wal" / "0").glob("*.wal"))
+    resource.prlimit(worker, resource.RLIMIT_FSIZE, (seg.stat().st_size, resource.RLIM_INFINITY))
+    with HttpConn(server.ports["http"]) as c:
+        c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=5), send_only=True)
+        server.wait_counter("ingest_records_accepted", 1)       # taken, its 200 held for the log
+        # A worker death this test causes on purpose (declared): killed before its log is durable.
+        os.kill(worker, signal.SIGKILL)
+        c.wait_closed()
+    wait_for(lambda: len(server.worker_pids()) == 1 and worker not in server.worker_pids(), 20,
+             what="the killed worker respawned")
+
+    def retry():
+        with HttpConn(server.ports["http"]) as c:
+            return c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=5))
+    resp = retry()
+    assert resp.status == 200 and resp.json()["duplicates"] == 0, (resp.status, resp.body)
+    assert retry().json()["duplicates"] == 1                   # now it is a duplicate
+    with HttpConn(server.ports["http"]) as c:                  # later in the same log: once it is stored, all is
+        assert c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=6)).status == 200
+    assert sorted(wait_stored(server, device, {5, 6})) == [5, 6]
