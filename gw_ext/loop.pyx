@@ -287,6 +287,7 @@ cdef class Worker:
         free(self.free_sessions)
         for fd in range(64):
             free(self.peers[fd].out)
+            free(self.peers[fd].asm)
         if self.index != NULL:
             topics_free(self.index)
         topics_result_free(&self.match)
@@ -344,6 +345,12 @@ cdef class Worker:
         if not 0 <= peer < 64 or peer == self.worker_index or fd >= self.nconns:
             raise ValueError("bad peer %d / fd %d" % (peer, fd))
         self.peers[peer].fd = fd
+        self.peers[peer].dgram = channel_datagram_size(fd)
+        if self.peers[peer].dgram > self.chan_buf_size:
+            # The receive buffer holds the largest datagram a link sends (allocated at the first read).
+            self.chan_buf_size = self.peers[peer].dgram
+            free(self.chan_buf)
+            self.chan_buf = NULL
         self.conns[fd].state = ST_CHANNEL
         self.conns[fd].fd = fd
         self.conns[fd].listener = peer
