@@ -160,6 +160,8 @@ cdef void registry_peer_restarted(Worker w, int p):
 
 
 cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n):
+    """A registry frame from worker p. Every worker index in it is checked
+    (it indexes the peers' table), and every length against the frame."""
     cdef bytes data = PyBytes_FromStringAndSize(<char*>body, n)
     cdef uint32_t token
     cdef int prev, owner, claimant, clean, present, idlen
@@ -168,19 +170,33 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         registry_claim(w, p, token, clean, data[5:])
     elif ftype == FR_GRANT and n >= 5:
         token, prev = struct_unpack_from("<Ib", data)
+        if prev < -1 or prev >= w.npeers:
+            channel_malformed(w, p, "a GRANT naming worker %d" % prev)
+            return
         on_grant(w, token, prev)
     elif ftype == FR_EVICT and n >= 6:
         claimant, token, clean = struct_unpack_from("<BIB", data)
+        if claimant >= w.npeers:
+            channel_malformed(w, p, "an EVICT for worker %d" % claimant)
+            return
         registry_evict(w, claimant, token, clean, data[6:])
     elif ftype == FR_SESSION and n >= 7:
         token, present, idlen = struct_unpack_from("<IBH", data)
+        if 7 + idlen > n:
+            channel_malformed(w, p, "a SESSION frame shorter than its client id")
+            return
         on_session(w, token, present, data[7 + idlen:])
-    elif ftype == FR_RELEASE and n >= 1:
+    elif (ftype == FR_RELEASE or ftype == FR_REGISTER) and n >= 1:
         owner = data[0]
-        if w.registry.get(data[1:]) == owner:
-            del w.registry[data[1:]]
-    elif ftype == FR_REGISTER and n >= 1:
-        w.registry[data[1:]] = data[0]
+        if owner >= w.npeers:
+            channel_malformed(w, p, "a registry frame naming worker %d" % owner)
+        elif ftype == FR_RELEASE:
+            if w.registry.get(data[1:]) == owner:
+                del w.registry[data[1:]]
+        else:
+            w.registry[data[1:]] = owner
+    else:
+        channel_malformed(w, p, "a registry frame (type %d) of %d bytes" % (ftype, n))
 
 
 # --- settling a CONNECT ----------------------------------------------------------
@@ -298,7 +314,20 @@ cdef bytes session_serialize(Worker w, int slot):
     return b"".join(parts)
 
 
+class _Cut(ValueError):
+    """A transferred or saved session state shorter than what it announces."""
+
+
+cdef inline Py_ssize_t _need(bytes state, Py_ssize_t pos, Py_ssize_t k) except -1:
+    if pos + k > PyBytes_GET_SIZE(state):
+        raise _Cut()
+    return 0
+
+
 cdef void session_restore(Worker w, int slot, bytes state):
+    """Rebuilds a session from session_serialize's bytes (from another worker,
+    or from the data dir): every length is checked against the bytes before
+    use; a state cut short keeps what came before the cut, and is counted."""
     cdef Session* s = &w.sessions[slot]
     cdef Py_ssize_t pos = 0
     cdef int nsubs, i, r, nmsgs, nq2, flen
@@ -307,32 +336,50 @@ cdef void session_restore(Worker w, int slot, bytes state):
     cdef uint8_t qos, st
     cdef Msg* m
     cdef Inflight* e
+    cdef Inflight* grown
+    cdef uint32_t cap
     cdef Queued* slotq
     cdef const uint8_t* raw = <const uint8_t*>PyBytes_AS_STRING(state)
     try:
+        _need(state, pos, 2)
         nsubs, = struct_unpack_from("<H", state, pos)
         pos += 2
         for i in range(nsubs):
+            _need(state, pos, 2)
             flen, = struct_unpack_from("<H", state, pos)
-            qos = state[pos + 2 + flen]
-            r = topics_subscribe(w.index, raw + pos + 2, flen, slot, qos)
-            if r == 1:
-                channel_broadcast(w, FR_SUB_ADD, 0, raw + pos + 2, flen, NULL, 0)
+            _need(state, pos, 3 + flen)
+            qos = raw[pos + 2 + flen]
+            if flen and qos <= 2:
+                r = topics_subscribe(w.index, raw + pos + 2, flen, slot, qos)
+                if r == 1:
+                    channel_broadcast(w, FR_SUB_ADD, 0, raw + pos + 2, flen, NULL, 0)
             pos += 3 + flen
+        _need(state, pos, 6)
         s.next_packet_id, nmsgs = struct_unpack_from("<HI", state, pos)
         pos += 6
         for i in range(nmsgs):
+            _need(state, pos, 10)
             pid, qos, st, tlen, plen = struct_unpack_from("<HBBHI", state, pos)
             pos += 10
-            m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos & 3, 0)
+            _need(state, pos, <Py_ssize_t>tlen + plen)
+            if qos == 0 or qos > 2:
+                pos += tlen + plen
+                continue                # only QoS 1/2 messages are kept for a session
+            m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos, 0)
             pos += tlen + plen
             if m == NULL:
                 w.counters[DROPPED_NOMEM] += 1
                 continue
             if pid:
                 if s.ninflight == s.inflight_cap:
-                    s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
-                    s.inflight = <Inflight*>realloc(s.inflight, s.inflight_cap * sizeof(Inflight))
+                    cap = inflight_grown_cap(s.inflight_cap)
+                    grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight)) if cap else NULL
+                    if grown == NULL:
+                        msg_release(m)
+                        w.counters[DROPPED_NOMEM] += 1
+                        continue
+                    s.inflight = grown
+                    s.inflight_cap = cap
                 e = &s.inflight[s.ninflight]
                 e.msg = m
                 e.packet_id = pid
@@ -347,11 +394,14 @@ cdef void session_restore(Worker w, int slot, bytes state):
                 slotq.msg = m
                 slotq.qos = qos
                 s.qlen += 1
+        _need(state, pos, 2)
         nq2, = struct_unpack_from("<H", state, pos)
         pos += 2
         for i in range(nq2):
+            _need(state, pos, 2)
             pid, = struct_unpack_from("<H", state, pos)
             pos += 2
             qos2_remember(s, pid)
     except Exception:
-        w.log_limited(CR_CHANNEL, "a transferred session was cut short; restored what arrived")
+        w.counters[CHANNEL_MALFORMED] += 1
+        w.log_limited(CR_CHANNEL, "a transferred or saved session was cut short; restored what arrived")

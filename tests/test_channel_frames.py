@@ -143,7 +143,14 @@ def test_malformed_pieces_are_dropped_and_counted(link, case):
     frame(FR_PUBLISH, b"\x00" * 8 + b"t/x", flags=3, topic_len=3),  # QoS 3
     frame(FR_RETAIN, b"tv", flags=3, topic_len=1),                 # QoS 3
     frame(99, b"whatever"),                                        # an unknown type
-], ids=["header", "body", "topic", "publish_short", "publish_qos3", "retain_qos3", "unknown"])
+    frame(FR_REGISTER, bytes([200]) + b"client"),                  # a worker that does not exist
+    frame(FR_RELEASE, bytes([64]) + b"client"),
+    frame(FR_EVICT, struct.pack("<BIB", 99, 1, 0) + b"client"),
+    frame(FR_GRANT, struct.pack("<Ib", 1, 100) + b"client"),
+    frame(FR_SESSION, struct.pack("<IBH", 1, 1, 500) + b"short"),  # a client id longer than the frame
+    frame(FR_CLAIM, b"abc"),                                       # shorter than its fixed part
+], ids=["header", "body", "topic", "publish_short", "publish_qos3", "retain_qos3", "unknown", "register",
+        "release", "evict", "grant", "session", "claim"])
 def test_malformed_frames_are_dropped_and_counted(link, datagram):
     link.send(datagram)
     assert link.malformed == 1
@@ -185,3 +192,30 @@ def test_a_frame_larger_than_a_datagram_is_sent_in_pieces(link):
     assert ftype == FR_PUBLISH and n == len(whole) - 8 and flags & 3 == 1
     assert whole[16:16 + topic_len] == b"big/t" and whole[16 + topic_len:] == payload
     assert int(link.rows[0, Counter.CHANNEL_FRAGMENTED]) == 1
+
+
+def _session_state(messages: list[tuple[int, int, bytes, bytes]], nsubs: bytes = b"\x00\x00") -> bytes:
+    """session_serialize's layout: subscriptions, next packet id, messages, QoS 2 ids."""
+    out = nsubs + struct.pack("<HI", 1, len(messages))
+    for pid, qos, topic, payload in messages:
+        out += struct.pack("<HBBHI", pid, qos, 0, len(topic), len(payload)) + topic + payload
+    return out + struct.pack("<H", 0)
+
+
+def test_a_session_state_cut_short_keeps_what_came_before_the_cut():
+    """A saved or transferred session announcing a message longer than what
+    follows is not read past its end: the messages before the cut are kept."""
+    linked = Linked()
+    try:
+        whole = _session_state([(0, 1, b"t/a", b"kept"), (0, 1, b"t/b", b"x" * 100)])
+        cut = whole[:whole.index(b"t/b") + 3 + 10]            # the second payload: 10 of its 100 bytes
+        linked.worker.restore_sessions([(b"cut-client", cut), (b"whole-client", whole)])
+        saved = dict(linked.worker.snapshot_sessions())
+        assert saved[b"whole-client"] == whole
+        assert saved[b"cut-client"] == _session_state([(0, 1, b"t/a", b"kept")])
+        assert linked.malformed == 1
+        # a subscription whose filter runs past the end
+        linked.worker.restore_sessions([(b"cut-sub", struct.pack("<HH", 1, 400) + b"a/b")])
+        assert linked.malformed == 2
+    finally:
+        linked.close()
