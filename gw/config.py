@@ -181,6 +181,10 @@ class Config:
     bridge_cafile: str = _setting("", "CA file to verify the upstream broker's certificate (mqtts)")
     bridge_client_id: str = _setting("gw-bridge", "the bridge's MQTT client id upstream")
     pipeline_batch: int = _setting(2000, "readings a sink takes per batch", minimum=1, maximum=1_000_000)
+    channel_buffer: int = _setting(4 << 20, "SO_SNDBUF and SO_RCVBUF asked for each link between two workers, "
+                                   "bytes (the kernel doubles it and caps it at net.core.wmem_max / rmem_max; "
+                                   "0: the kernel's default). A link's datagrams are at most half of what its "
+                                   "socket got; a larger frame goes in pieces", minimum=0, maximum=1 << 30)
 
     def address(self, key: str) -> Address | None:
         return parse_address(key, getattr(self, key))
@@ -189,7 +193,7 @@ class Config:
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
 RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window",
-                                "fsync", "wal_segment_bytes", "file_sink", "bridge")
+                                "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer")
 
 
 def _coerce(key: str, value):

@@ -27,7 +27,11 @@ refused batch adds `errors`). Only the query routes read the query string;
 the path is not percent-decoded (a device id only has characters that never
 need encoding). Records are validated by gw/ingest.py; each
 accepted one not already seen (`dedup`, by device id and seq) is published
-on `{telemetry_topic}/{device_id}` at QoS 1.
+on `{telemetry_topic}/{device_id}` at QoS 1. A worker's table records a
+reading as pending until its log is durable past it: a repeat of a durable
+reading is a duplicate; of one pending in this worker's log, a duplicate whose
+200 waits for the log (ack mode sink); of one pending in another worker's, in
+ack mode sink, 503 `in_progress` (the first copy may yet be lost).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ try:
     TELEMETRY_MQTT_ACCEPTED = int(_Counter.TELEMETRY_MQTT_ACCEPTED)
     TELEMETRY_MQTT_REJECTED = int(_Counter.TELEMETRY_MQTT_REJECTED)
     DEDUP_FULL = int(_Counter.DEDUP_FULL)
+    INGEST_RECORDS_PENDING = int(_Counter.INGEST_RECORDS_PENDING)
 except (ImportError, AttributeError):    # pragma: no cover - depends on the build
     INGEST_REQUESTS = 112
     INGEST_RECORDS_ACCEPTED = 128
@@ -63,6 +68,7 @@ except (ImportError, AttributeError):    # pragma: no cover - depends on the bui
     TELEMETRY_MQTT_ACCEPTED = 131
     TELEMETRY_MQTT_REJECTED = 132
     DEDUP_FULL = 135
+    INGEST_RECORDS_PENDING = 149
     _HTTP_STATUS_CODES = (200, 202, 204, 400, 404, 405, 408, 411, 413, 415, 431, 500, 501, 503, 505)
 
     def http_status_index(code: int) -> int:
@@ -87,6 +93,11 @@ DEFAULTS = {
 def setting(cfg, name: str):
     return getattr(cfg, name, DEFAULTS[name]) if cfg is not None else DEFAULTS[name]
 
+
+# The idempotency table's answers (gw_ext/dedup.pyx): new (recorded), a duplicate
+# of a durable reading, of one pending (not durable yet) in this worker's log or
+# in another live worker's; below 0, not recorded (the table is full there).
+SEEN_NEW, SEEN_DUPLICATE, SEEN_PENDING_HERE, SEEN_PENDING_ELSEWHERE = 0, 1, 2, 3
 
 JSON = b"application/json"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
@@ -228,6 +239,9 @@ class HttpApp:
         self._shedding_body = self._encode(Error("overloaded", "the server is shedding load; retry later"))
         self._log_full_body = self._encode(Error("log_unavailable", "the write-ahead log cannot take readings "
                                                                     "now (disk full or too slow); retry later"))
+        self._in_progress_body = self._encode(Error(
+            "in_progress", "a reading with this device_id and seq is being written by another request "
+                           "and is not on disk yet; retry"))
         self._req_slot = {}
         self._query = None           # gw/query.py's Query, created on the first query request
         self._data_dir = None
@@ -363,27 +377,45 @@ class HttpApp:
             return self._refused(err)
         counters = self._c
         duplicates = 0
+        recorded = False
         reading = self._encode(tele)
         # The log's room is checked before the idempotency table records the
         # reading: a refused reading must not count as seen when it is sent again.
         if self.wal_room is not None and not self.wal_room(len(reading)):
             return self._log_full()
-        if tele.seq is not None:
+        if tele.seq is not None and self.dedup is not None:
             seen = self.dedup.seen(raw_id, tele.seq, _now_ms())
-            if seen == 1:
+            if seen == SEEN_NEW:
+                recorded = True
+            elif seen == SEEN_DUPLICATE:
+                duplicates = 1          # the first copy is durable: nothing to wait for
+            elif seen == SEEN_PENDING_HERE:
                 duplicates = 1
-            elif seen < 0:
+                if self.wal_end is not None:
+                    self.durable_needed = self.wal_end()    # the first copy is in our log, maybe not durable
+            elif seen == SEEN_PENDING_ELSEWHERE:
+                if self.ack_sink:
+                    # Another worker has the first copy and not on disk yet; it may still
+                    # be lost: no 200 for it before it is durable. The client retries.
+                    counters[INGEST_RECORDS_PENDING] += 1
+                    return self._in_progress()
+                duplicates = 1          # enqueue: acknowledged once in a log's buffer, as the first copy was
+            else:
                 counters[DEDUP_FULL] += 1
         if duplicates:
             counters[INGEST_RECORDS_DUPLICATE] += 1
-            if self.wal_end is not None:
-                self.durable_needed = self.wal_end()    # the first copy may not be durable yet
         else:
             if self.wal_append is not None:
                 end = self.wal_append(reading)
                 if end < 0:     # the log failed between the check and the append
+                    if recorded:
+                        self.dedup.abandon()
                     return self._log_full()
                 self.durable_needed = end
+            else:
+                end = 0
+            if recorded:
+                self.dedup.commit_at(end)       # seen for good once the log is durable past it
             self.publish(self.topic_prefix + b"/" + raw_id, reading, TELEMETRY_QOS, False)
             counters[INGEST_RECORDS_ACCEPTED] += 1
         return (self._ok(), JSON,
@@ -395,6 +427,9 @@ class HttpApp:
     def _log_full(self):
         return 503, JSON, self._log_full_body, RETRY_AFTER
 
+    def _in_progress(self):
+        return 503, JSON, self._in_progress_body, RETRY_AFTER
+
     def _ingest_batch(self, content_type, body: bytes):
         if self.draining or self.shedding:
             return self._unavailable()
@@ -405,7 +440,7 @@ class HttpApp:
         except Invalid as err:
             return self._refused(err)
         counters = self._c
-        seen = self.dedup.seen
+        seen = self.dedup.seen if self.dedup is not None else None
         publish = self.publish
         encode = self._encode
         prefix = self.topic_prefix + b"/"
@@ -414,27 +449,45 @@ class HttpApp:
         if self.wal_room is not None and not self.wal_room(sum(len(r) + 8 for r in readings)):
             return self._log_full()
         append = self.wal_append
+        dedup = self.dedup
         duplicates = full = appended = 0
+        pending_here = False
         for tele, reading in zip(records, readings):
             device = tele.device_id.encode()
-            if tele.seq is not None:
+            recorded = False
+            if tele.seq is not None and dedup is not None:
                 result = seen(device, tele.seq, now_ms)
-                if result == 1:
+                if result == SEEN_NEW:
+                    recorded = True
+                elif result < 0:
+                    full += 1
+                else:
+                    if result == SEEN_PENDING_ELSEWHERE and self.ack_sink:
+                        # As for one reading (_ingest_one); what this batch appended
+                        # before stays, and is a duplicate when the batch is sent again.
+                        counters[INGEST_RECORDS_ACCEPTED] += appended
+                        counters[INGEST_RECORDS_PENDING] += 1
+                        return self._in_progress()
+                    pending_here = pending_here or result == SEEN_PENDING_HERE
                     duplicates += 1
                     continue
-                if result < 0:
-                    full += 1
             if append is not None:
                 end = append(reading)
                 if end < 0:
                     # The log failed mid-batch (between the check and here): what
                     # was appended stays, the rest is refused with the batch.
+                    if recorded:
+                        dedup.abandon()
                     counters[INGEST_RECORDS_ACCEPTED] += appended
                     return self._log_full()
                 self.durable_needed = end
-                appended += 1
+            else:
+                end = 0
+            if recorded:
+                dedup.commit_at(end)
+            appended += 1
             publish(prefix + device, reading, TELEMETRY_QOS, False)
-        if duplicates and self.wal_end is not None:
+        if pending_here and self.wal_end is not None:
             self.durable_needed = self.wal_end()
         counters[INGEST_RECORDS_ACCEPTED] += len(records) - duplicates
         if duplicates:

@@ -33,7 +33,6 @@ stats_log = logging.getLogger("gw.stats")
 LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", False),
              ("jsons", "json", True), ("http", "http", False), ("https", "http", True))
 BACKLOG = 4096
-CHANNEL_BUFFER = 4 << 20  # capped by net.core.wmem_max / rmem_max
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
 RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
@@ -158,9 +157,11 @@ class Master:
                 pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
                 for sock in pair:
                     sock.setblocking(False)
-                    # Room for bursts, and for one frame as large as the largest packet.
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CHANNEL_BUFFER)
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CHANNEL_BUFFER)
+                    # Room for bursts (channel_buffer; the kernel caps it). Frames larger
+                    # than a datagram go in pieces (gw_ext/channels.pxi).
+                    if cfg.channel_buffer:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.channel_buffer)
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.channel_buffer)
                 self.channels[(i, j)] = pair
         for i in range(len(self.slots)):
             pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -164,12 +164,20 @@ def _responses(cfg) -> dict:
         },
         "IngestUnavailable": {
             "description": "Not accepting: the server is draining (`draining`) or shedding load "
-                           "(`overloaded`). Retry after `Retry-After` seconds, with jitter.",
+                           "(`overloaded`), the write-ahead log cannot take readings (`log_unavailable`), "
+                           "or (ack mode sink) a reading with the same `(device_id, seq)` is being written "
+                           "by another request and is not on disk yet (`in_progress`). Retry after "
+                           "`Retry-After` seconds, with jitter.",
             "headers": {"Retry-After": _HEADERS["Retry-After"]},
             "content": _json(error, {
                 "draining": _error_example("draining", "the server is shutting down; retry "
                                                        "(against another instance)"),
-                "overloaded": _error_example("overloaded", "the server is shedding load; retry later")}),
+                "overloaded": _error_example("overloaded", "the server is shedding load; retry later"),
+                "log_unavailable": _error_example("log_unavailable", "the write-ahead log cannot take "
+                                                  "readings now (disk full or too slow); retry later"),
+                "in_progress": _error_example("in_progress", "a reading with this device_id and seq is "
+                                              "being written by another request and is not on disk yet; "
+                                              "retry")}),
         },
         "VersionNotSupported": {
             "description": "An HTTP version other than 1.0 and 1.1.",

@@ -41,7 +41,7 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
-              Counter.WAL_APPENDED_OFFSET)                                # a sum means nothing
+              Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET)    # a sum means nothing
 HIST_WORDS = int(Layout.HIST_WORDS)
 HIST_BUCKETS = int(Layout.HIST_BUCKETS)
 HISTOGRAMS = (Counter.HIST_INGEST, Counter.HIST_DELIVER)

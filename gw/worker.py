@@ -13,6 +13,8 @@ import resource
 import signal
 import time
 
+import msgspec
+
 from gw.certs import CertPaths
 from gw.config import Config, ConfigError, load_config
 from gw.jsonproto import JsonProtocol
@@ -85,7 +87,68 @@ def open_wal(slot: int, cfg: Config, block: StatsBlock):
         log.warning("worker %d: write-ahead log recovered: cut a torn or corrupt tail of %d bytes "
                     "(a crash mid-write); %d whole records before it kept", slot,
                     found["truncated_bytes"], found.get("records", 0))
+    if found.get("corrupt_bytes"):
+        log.warning("worker %d: write-ahead log recovered: %d bytes of damage in the middle of its last "
+                    "segment (offsets %s), with valid records after it: kept; the pipeline skips the damage",
+                    slot, found["corrupt_bytes"],
+                    ", ".join(f"{a}..{b}" for a, b in found.get("corrupt_regions", [])))
     return wal
+
+
+def attach_dedup(dedup, slot: int, wal, wal_dir: str) -> None:
+    """Attaches this worker to the idempotency table. A previous life of this
+    slot may have left readings recorded as pending (not durable when it died):
+    those its recovered log holds are committed (they are durable now, and the
+    pipeline stores them: a retry is a duplicate); then the new life begins,
+    and the pending records left, whose readings were lost, no longer count (a
+    retry is taken). Until then a retry meeting them is not acknowledged."""
+    start = dedup.recommit_from(slot)
+    end = wal.durable_offset
+    if start is not None and start < end:
+        committed = recommit_logged(dedup, slot, wal_dir, start, end)
+        if committed:
+            log.info("worker %d: %d readings of its previous life, pending in the idempotency table, "
+                     "are in its recovered log: recorded as seen", slot, committed)
+    dedup.attach(slot, end)
+
+
+def recommit_logged(dedup, slot: int, wal_dir: str, start: int, end: int) -> int:
+    """dedup.recommit for each reading with a seq in the log between start and end."""
+    from gw_ext.wal import OffsetDeletedError, WalOffsetError, WalReader
+
+    decode = msgspec.json.Decoder(_LoggedReading).decode
+    committed = 0
+    reader = WalReader(wal_dir)
+    try:
+        pos = start
+        while pos < end:
+            try:
+                records, nxt = reader.read(pos, end, max_records=10_000)
+            except OffsetDeletedError:
+                pos = max(pos + 1, int(reader.first_offset()))
+                continue
+            except WalOffsetError as exc:
+                log.warning("worker %d: readings pending before its restart not checked: %s", slot, exc)
+                break
+            for _, payload in records:
+                try:
+                    reading = decode(payload)
+                except msgspec.DecodeError:
+                    continue
+                if reading.seq is not None:
+                    committed += dedup.recommit(slot, reading.device_id.encode(), reading.seq)
+            if nxt == pos:
+                break
+            pos = nxt
+    finally:
+        reader.close()
+    return committed
+
+
+class _LoggedReading(msgspec.Struct):
+    """What the idempotency table keys a logged reading by (its normalised JSON)."""
+    device_id: str
+    seq: int | None = None
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
@@ -114,6 +177,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     json_protocol.readings = app.json_data_reading      # seed 000's Data messages as readings
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)
+    if dedup is not None:
+        attach_dedup(dedup, slot, wal, os.path.join(cfg.data_dir, "wal", str(slot)))
+        worker.set_dedup(dedup)
     app.wal_append = worker.wal_append
     app.wal_room = worker.wal_room
     app.wal_end = lambda: wal.appended_offset

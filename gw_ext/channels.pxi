@@ -7,6 +7,19 @@
 # or one larger frame alone). A frame: 8-byte header [type u8][flags u8]
 # [topic length u16][body length u32], then the body.
 #
+# A datagram larger than the socket's send buffer cannot be sent at all
+# (EMSGSIZE), so a link's largest datagram (Peer.dgram) follows from the
+# SO_SNDBUF its socket got. A frame larger than that (a big PUBLISH forwarded,
+# a session moving with its queue) goes in pieces: consecutive datagrams each
+# holding one FR_PIECE frame whose body is the next slice of the whole frame,
+# the first flagged PIECE_FIRST, the last PIECE_LAST; nothing else is sent on
+# the link in between. The receiver puts them together (bounded by
+# CHANNEL_MAX_PENDING, the largest frame a sender can queue) and handles the
+# whole frame. Any other datagram in the middle means the sender started a new
+# life (its HELLO): the pieces held are dropped and counted, as are pieces
+# without their beginning (the receiver started a new life) and every frame
+# or datagram that does not add up.
+#
 # What travels: PUBLISH forwards (only to workers that announced a matching
 # filter), subscription interest (a filter gaining its first or losing its
 # last local subscriber), retained-message updates, and HELLO, which a worker
@@ -19,10 +32,34 @@ cdef enum:
     FR_SUB_DEL = 3
     FR_HELLO = 4              # body: empty
     FR_RETAIN = 5             # flags: qos; body: topic, payload (empty: clear)
+    FR_PIECE = 16             # flags: PIECE_FIRST | PIECE_LAST; body: the next slice of a larger frame
+    PIECE_FIRST = 1
+    PIECE_LAST = 2
     FRAME_HEADER = 8
-    CHANNEL_DATAGRAM = 65536
+    CHANNEL_DATAGRAM = 65536          # small frames are batched into datagrams of at most this
+    CHANNEL_DATAGRAM_MIN = 1024       # Peer.dgram's bounds, whatever SO_SNDBUF says
+    CHANNEL_DATAGRAM_MAX = 1 << 20    # (also the receive buffer's size: bounded)
     CHANNEL_MAX_PENDING = 64 << 20
     CHANNEL_READS_PER_TURN = 64
+
+
+cdef uint32_t channel_datagram_size(int fd) noexcept:
+    """The largest datagram to send on a link: Linux refuses a datagram over
+    the socket's SO_SNDBUF less 32 bytes (EMSGSIZE), and one that takes the whole
+    buffer waits for the peer to read everything before it; half leaves room
+    for the next. SO_SNDBUF as the socket got it (the kernel doubles the value
+    asked for and caps it at net.core.wmem_max)."""
+    cdef int sndbuf = 0
+    cdef socklen_t len_ = sizeof(sndbuf)
+    cdef int64_t size
+    if getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len_) != 0 or sndbuf <= 0:
+        return CHANNEL_DATAGRAM_MIN
+    size = (<int64_t>sndbuf - 32) // 2
+    if size < CHANNEL_DATAGRAM_MIN:
+        return CHANNEL_DATAGRAM_MIN
+    if size > CHANNEL_DATAGRAM_MAX:
+        return CHANNEL_DATAGRAM_MAX
+    return <uint32_t>size
 
 
 cdef uint8_t* channel_frame(Worker w, int p, uint8_t ftype, uint8_t flags, uint32_t topic_len,
@@ -91,16 +128,27 @@ cdef void channels_flush(Worker w):
 
 cdef void channel_send(Worker w, int p):
     cdef Peer* peer = &w.peers[p]
-    cdef uint32_t pos = 0, end, flen
+    cdef uint32_t pos = 0, end, flen, batch
     cdef ssize_t n
     cdef uint32_t body_len
+    cdef int r
+    batch = CHANNEL_DATAGRAM if peer.dgram > CHANNEL_DATAGRAM else peer.dgram
     while pos < peer.outlen:
-        # A datagram: whole frames up to CHANNEL_DATAGRAM (one bigger frame goes alone).
-        end = pos
+        memcpy(&body_len, peer.out + pos + 4, 4)
+        flen = FRAME_HEADER + body_len
+        if flen > peer.dgram:
+            # Too large for one datagram: in pieces (it may have begun in an earlier turn).
+            r = channel_send_pieces(w, p, pos, flen)
+            if r < 0:
+                break               # the peer is behind: the rest waits for EPOLLOUT
+            pos += flen
+            continue
+        # A datagram: whole frames up to `batch` (one bigger frame goes alone).
+        end = pos + flen
         while end < peer.outlen:
             memcpy(&body_len, peer.out + end + 4, 4)
             flen = FRAME_HEADER + body_len
-            if end > pos and end + flen - pos > CHANNEL_DATAGRAM:
+            if end + flen - pos > batch:
                 break
             end += flen
         n = send(peer.fd, peer.out + pos, end - pos, MSG_DONTWAIT | MSG_NOSIGNAL)
@@ -110,7 +158,7 @@ cdef void channel_send(Worker w, int p):
                 peer.blocked = 1
                 channel_pollout(w, p, True)
                 break
-            # EMSGSIZE (a frame over the socket's buffer) or a dead peer's socket.
+            # A dead peer's socket (or a buffer that shrank under us).
             w.counters[CHANNEL_DROPS] += 1
             w.log_limited(CR_CHANNEL, "channel to worker %d: send failed (errno %d); frames dropped" % (p, errno))
             pos = end
@@ -126,6 +174,51 @@ cdef void channel_send(Worker w, int p):
     elif pos > 0:
         memmove(peer.out, peer.out + pos, peer.outlen - pos)
         peer.outlen -= pos
+
+
+cdef int channel_send_pieces(Worker w, int p, uint32_t pos, uint32_t flen):
+    """Sends the frame at peer.out[pos:pos + flen] as FR_PIECE datagrams, from
+    where an earlier turn stopped (peer.piece_sent). 0: all sent (or dropped,
+    counted); -1: the socket is full, EPOLLOUT armed."""
+    cdef Peer* peer = &w.peers[p]
+    cdef uint8_t[FRAME_HEADER] hdr
+    cdef iovec[2] iov
+    cdef msghdr msg
+    cdef uint32_t k, room = peer.dgram - FRAME_HEADER
+    cdef ssize_t n
+    memset(&msg, 0, sizeof(msg))
+    msg.msg_iov = iov
+    msg.msg_iovlen = 2
+    while peer.piece_sent < flen:
+        k = flen - peer.piece_sent
+        if k > room:
+            k = room
+        hdr[0] = FR_PIECE
+        hdr[1] = (PIECE_FIRST if peer.piece_sent == 0 else 0) | (PIECE_LAST if peer.piece_sent + k == flen else 0)
+        hdr[2] = 0
+        hdr[3] = 0
+        memcpy(hdr + 4, &k, 4)
+        iov[0].iov_base = hdr
+        iov[0].iov_len = FRAME_HEADER
+        iov[1].iov_base = peer.out + pos + peer.piece_sent
+        iov[1].iov_len = k
+        n = sendmsg(peer.fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL)
+        if n < 0:
+            if errno == EAGAIN or errno == EINTR:
+                peer.blocked = 1
+                channel_pollout(w, p, True)
+                return -1
+            # The receiver drops the pieces it holds when the next datagram is no piece.
+            w.counters[CHANNEL_DROPS] += 1
+            w.log_limited(CR_CHANNEL, "channel to worker %d: send failed (errno %d); a frame of %d bytes "
+                          "dropped" % (p, errno, flen))
+            peer.piece_sent = 0
+            return 0
+        w.counters[CHANNEL_BYTES_OUT] += n
+        peer.piece_sent += k
+    peer.piece_sent = 0
+    w.counters[CHANNEL_FRAGMENTED] += 1
+    return 0
 
 
 cdef void channel_pollout(Worker w, int p, bint on):
@@ -146,53 +239,146 @@ cdef void channel_readable(Worker w, int p):
     cdef int k
     cdef ssize_t n
     cdef Peer* peer = &w.peers[p]
-    cdef size_t need = w.max_packet_size + CHANNEL_DATAGRAM + FRAME_HEADER
     cdef uint8_t* grown
-    # A datagram is read whole or truncated, so the buffer must hold the
-    # largest one: a batch, or one frame as large as the largest packet.
-    if w.chan_buf_size < need:
-        grown = <uint8_t*>realloc(w.chan_buf, need)
-        if grown == NULL:
+    # A datagram is read whole or not at all: the buffer holds the largest one
+    # any link sends (Peer.dgram, at most CHANNEL_DATAGRAM_MAX, or a batch).
+    if w.chan_buf == NULL:
+        w.chan_buf = <uint8_t*>malloc(w.chan_buf_size)
+        if w.chan_buf == NULL:
             return
-        w.chan_buf = grown
-        w.chan_buf_size = need
     for k in range(CHANNEL_READS_PER_TURN):
-        n = recv(peer.fd, w.chan_buf, w.chan_buf_size, MSG_DONTWAIT)
+        # MSG_TRUNC: the datagram's real length, even when it did not fit.
+        n = recv(peer.fd, w.chan_buf, w.chan_buf_size, MSG_DONTWAIT | MSG_TRUNC)
         if n <= 0:
             return
         w.counters[CHANNEL_BYTES_IN] += n
-        channel_frames(w, p, w.chan_buf, n)
+        if <size_t>n > w.chan_buf_size:
+            channel_malformed(w, p, "a datagram larger than the largest a link sends was cut")
+            channel_drop_pieces(w, p)
+            continue
+        channel_datagram(w, p, w.chan_buf, n)
+
+
+cdef void channel_malformed(Worker w, int p, str why):
+    w.counters[CHANNEL_MALFORMED] += 1
+    w.log_limited(CR_CHANNEL, "channel from worker %d: %s; dropped" % (p, why))
+
+
+cdef void channel_drop_pieces(Worker w, int p):
+    cdef Peer* peer = &w.peers[p]
+    if peer.asm != NULL:
+        free(peer.asm)
+        peer.asm = NULL
+        peer.asm_len = peer.asm_total = 0
+
+
+cdef void channel_datagram(Worker w, int p, const uint8_t* buf, ssize_t n):
+    """One datagram from peer p: a piece of a larger frame, or whole frames."""
+    cdef uint32_t body_len
+    if n >= FRAME_HEADER and buf[0] == FR_PIECE:
+        memcpy(&body_len, buf + 4, 4)
+        if <uint64_t>body_len + FRAME_HEADER != <uint64_t>n:
+            channel_malformed(w, p, "a piece of a frame that does not fill its datagram")
+            channel_drop_pieces(w, p)
+            return
+        channel_piece(w, p, buf[1], buf + FRAME_HEADER, body_len)
+        return
+    if w.peers[p].asm != NULL:
+        # A sender never interleaves: it died half-way through a frame and its new life speaks now.
+        channel_malformed(w, p, "a frame cut short (%d of its %d bytes arrived)"
+                          % (w.peers[p].asm_len, w.peers[p].asm_total))
+        channel_drop_pieces(w, p)
+    channel_frames(w, p, buf, n)
+
+
+cdef void channel_piece(Worker w, int p, uint8_t flags, const uint8_t* piece, uint32_t k):
+    cdef Peer* peer = &w.peers[p]
+    cdef uint32_t body_len
+    cdef uint64_t total
+    cdef uint8_t* whole
+    if flags & PIECE_FIRST:
+        if peer.asm != NULL:
+            channel_malformed(w, p, "a frame cut short (%d of its %d bytes arrived)" % (peer.asm_len, peer.asm_total))
+            channel_drop_pieces(w, p)
+        if k < FRAME_HEADER:
+            channel_malformed(w, p, "a frame's first piece without its header")
+            return
+        memcpy(&body_len, piece + 4, 4)
+        total = <uint64_t>FRAME_HEADER + body_len
+        if total > CHANNEL_MAX_PENDING or total < k or piece[0] == FR_PIECE:
+            channel_malformed(w, p, "a frame in pieces of %d bytes (at most %d)" % (total, CHANNEL_MAX_PENDING))
+            return
+        peer.asm = <uint8_t*>malloc(total)
+        if peer.asm == NULL:
+            w.counters[DROPPED_NOMEM] += 1
+            return
+        peer.asm_total = <uint32_t>total
+        peer.asm_len = 0
+    elif peer.asm == NULL:
+        channel_malformed(w, p, "a piece of a frame without its beginning")
+        return
+    if <uint64_t>peer.asm_len + k > peer.asm_total:
+        channel_malformed(w, p, "pieces adding up to more than their frame (%d bytes)" % peer.asm_total)
+        channel_drop_pieces(w, p)
+        return
+    memcpy(peer.asm + peer.asm_len, piece, k)
+    peer.asm_len += k
+    if not (flags & PIECE_LAST):
+        return
+    if peer.asm_len != peer.asm_total:
+        channel_malformed(w, p, "a frame's last piece before its end (%d of %d bytes)"
+                          % (peer.asm_len, peer.asm_total))
+        channel_drop_pieces(w, p)
+        return
+    whole = peer.asm
+    total = peer.asm_total
+    peer.asm = NULL
+    peer.asm_len = peer.asm_total = 0
+    channel_frames(w, p, whole, <ssize_t>total)
+    free(whole)
 
 
 cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
+    """Whole frames: every length is checked against the datagram (or the
+    reassembled frame) before it is used; a frame that does not add up ends
+    the datagram, counted."""
     cdef ssize_t pos = 0
     cdef uint32_t body_len, topic_len
     cdef uint64_t origin_ns
     cdef uint8_t ftype, flags
     cdef const uint8_t* body
-    while pos + FRAME_HEADER <= n:
+    while pos < n:
+        if n - pos < FRAME_HEADER:
+            channel_malformed(w, p, "a truncated frame header")
+            return
         ftype = buf[pos]
         flags = buf[pos + 1]
         topic_len = buf[pos + 2] | (<uint32_t>buf[pos + 3] << 8)
         memcpy(&body_len, buf + pos + 4, 4)
         body = buf + pos + FRAME_HEADER
-        if pos + FRAME_HEADER + body_len > n or topic_len > body_len:
-            w.log_limited(CR_CHANNEL, "channel from worker %d: truncated frame dropped" % p)
+        if <uint64_t>body_len > <uint64_t>(n - pos - FRAME_HEADER) or topic_len > body_len:
+            channel_malformed(w, p, "a truncated frame")
             return
-        if ftype == FR_PUBLISH:
-            w.counters[CHANNEL_MSGS_IN] += 1
-            if body_len < 8 + topic_len:
-                w.log_limited(CR_CHANNEL, "channel from worker %d: truncated PUBLISH frame dropped" % p)
-                return
-            memcpy(&origin_ns, body, 8)
-            route_publish(w, body + 8, topic_len, body + 8 + topic_len, body_len - 8 - topic_len,
-                          flags & 3, (flags >> 2) & 1, False, origin_ns)
+        if p >= w.npeers and ftype != FR_PUBLISH:
+            # The pipeline process's link (a peer that only publishes alerts).
+            channel_malformed(w, p, "a frame of type %d on a link that only carries PUBLISH" % ftype)
+        elif ftype == FR_PUBLISH:
+            if <uint64_t>body_len < 8 + <uint64_t>topic_len or (flags & 3) == 3:
+                channel_malformed(w, p, "a PUBLISH frame too short for its topic, or with QoS 3")
+            else:
+                w.counters[CHANNEL_MSGS_IN] += 1
+                memcpy(&origin_ns, body, 8)
+                route_publish(w, body + 8, topic_len, body + 8 + topic_len, body_len - 8 - topic_len,
+                              flags & 3, (flags >> 2) & 1, False, origin_ns)
         elif ftype == FR_SUB_ADD:
             topics_add_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_SUB_DEL:
             topics_remove_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_RETAIN:
-            retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3, False)
+            if (flags & 3) == 3:
+                channel_malformed(w, p, "a retained message with QoS 3")
+            else:
+                retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3, False)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
             subsync_peer_restarted(w, p)
@@ -204,6 +390,8 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             peer_congestion(w, p, ftype == FR_PAUSE)
         elif FR_CLAIM <= ftype <= FR_REGISTER:
             registry_frame(w, p, ftype, body, body_len)
+        else:
+            channel_malformed(w, p, "a frame of unknown type %d" % ftype)
         pos += FRAME_HEADER + body_len
 
 

@@ -12,6 +12,22 @@
 #   GWD_BUSY|stamp    an insert in progress (stamp: its now, ms): the key is
 #                     valid (tentative) unless GWD_CLAIM is also set (claiming:
 #                     the key is being written)
+#   GWD_PENDING|...   a record a worker took and has not made durable yet:
+#                     owner (6 bits), the owner's epoch (24 bits), a stamp (ms,
+#                     32 bits). Live while the owner's epoch in the table is
+#                     still that one; the owner turns it into a record (an
+#                     expiry) once its log is durable past the reading.
+#
+# Pending records (ack mode sink means "on disk"): a worker records a reading
+# as pending, appends it to its log, and commits it when the log is durable
+# past it. A repeat meeting a committed record is a duplicate; meeting a
+# pending one, the first copy may still be lost (its worker may die before the
+# fsync), so it is not one yet: the caller holds or refuses the answer. A
+# worker that starts again first commits the pending records of its previous
+# life whose readings its recovered log holds, then bumps its epoch: the
+# pending records left (readings the crash lost) are dead, and a repeat takes
+# their place. Each owner's epoch and the log offset below which it committed
+# everything live in the shared mapping after the slots.
 #
 # A slot changes hands only by a compare-and-swap of `e` (empty, released or
 # expired -> claiming); the owner then writes the key, publishes it (claiming
@@ -54,6 +70,17 @@ cdef extern from *:
     #define GWD_STAMP ((1ULL << 62) - 1)
     #define GWD_STALE_MS 2000ULL
     #define GWD_MAX_PROBE 32
+    #define GWD_PENDING (1ULL << 62)    /* without GWD_BUSY: a pending record */
+    #define GWD_OWNER_SHIFT 56
+    #define GWD_EPOCH_SHIFT 32
+    #define GWD_EPOCH_MASK 0xFFFFFFULL
+    #define GWD_MAX_OWNERS 64
+    /* gwd_seen's answers */
+    #define GWD_NEW 0
+    #define GWD_DUPLICATE 1
+    #define GWD_PENDING_HERE 2          /* pending, recorded by the caller's own worker */
+    #define GWD_PENDING_ELSEWHERE 3     /* pending, recorded by another live worker */
+    #define GWD_NOT_RECORDED (-1)
     #if defined(__x86_64__) || defined(__i386__)
     #define GWD_PAUSE() __builtin_ia32_pause()
     #else
@@ -110,6 +137,27 @@ cdef extern from *:
         return (e & GWD_STAMP) + GWD_STALE_MS < now;
     }
 
+    static inline uint64_t gwd_load(const uint64_t* p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+    static inline void gwd_store(uint64_t* p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+    static inline uint64_t gwd_bump(uint64_t* p) { return __atomic_add_fetch(p, 1, __ATOMIC_ACQ_REL); }
+
+    static inline uint64_t gwd_pending_word(unsigned owner, uint64_t epoch, uint64_t now) {
+        return GWD_PENDING | ((uint64_t)(owner & 63) << GWD_OWNER_SHIFT)
+               | ((epoch & GWD_EPOCH_MASK) << GWD_EPOCH_SHIFT) | (now & 0xFFFFFFFFULL);
+    }
+    static inline int gwd_is_pending(uint64_t e) { return (e & (GWD_BUSY | GWD_PENDING)) == GWD_PENDING; }
+    static inline unsigned gwd_owner(uint64_t e) { return (unsigned)((e >> GWD_OWNER_SHIFT) & 63); }
+    static inline uint64_t gwd_epoch_of(uint64_t e) { return (e >> GWD_EPOCH_SHIFT) & GWD_EPOCH_MASK; }
+
+    /* Whether the worker that wrote pending word e still runs that life. */
+    static inline int gwd_pending_live(const uint64_t* epochs, uint64_t e) {
+        return gwd_epoch_of(e) == (__atomic_load_n(&epochs[gwd_owner(e)], __ATOMIC_ACQUIRE) & GWD_EPOCH_MASK);
+    }
+
+    static inline int gwd_pending_answer(uint64_t e, int me) {
+        return (int)gwd_owner(e) == me ? GWD_PENDING_HERE : GWD_PENDING_ELSEWHERE;
+    }
+
     /* Waits until slot s leaves state e (another process deciding an insert of
        the same pair: normally well under a microsecond, longer only if that
        process lost its CPU); 0 if it did, -1 after wait_ns. */
@@ -127,17 +175,25 @@ cdef extern from *:
         return 0;
     }
 
-    /* 1: (key) recorded and live (a duplicate); 0: it was not, and now is,
-       until now + window_ms; -1: not recorded (no free slot in the probe
-       window, or an insert of another process stalled). */
+    /* Looks (key) up and records it if it is not there. GWD_NEW: it was not,
+       and now is (until now + window_ms; or, with `pending` non-zero, as that
+       pending word, *slot_out its slot); GWD_DUPLICATE: recorded and live;
+       GWD_PENDING_HERE / _ELSEWHERE: a live pending record of worker `me` / of
+       another worker; GWD_NOT_RECORDED: no free slot in the probe window, or an
+       insert of another process stalled. */
     static int gwd_seen(gwd_slot* slots, uint64_t mask, int probe, uint64_t key,
-                        uint64_t now, uint64_t window_ms, uint64_t wait_ns) {
+                        uint64_t now, uint64_t window_ms, uint64_t wait_ns,
+                        const uint64_t* epochs, uint64_t pending, int me, uint64_t* slot_out) {
         uint64_t home = key & mask;
         uint64_t expiry = now + window_ms;
         if (expiry < 2) expiry = 2;
         if (expiry > GWD_STAMP) expiry = GWD_STAMP;
+        uint64_t final = pending ? pending : expiry;
         uint64_t claiming = GWD_BUSY | GWD_CLAIM | (now & GWD_STAMP);
         uint64_t tentative = GWD_BUSY | (now & GWD_STAMP);
+        int answer;
+        uint64_t wait_e;
+        gwd_slot* wait_s;
     restart:;
         int mine = -1;
         uint64_t mine_e = 0;
@@ -162,13 +218,21 @@ cdef extern from *:
                 }
                 continue;                 /* someone's insert: occupied */
             }
+            if (gwd_is_pending(e)) {
+                if (!gwd_pending_live(epochs, e)) {   /* its worker died before the fsync */
+                    if (mine < 0) { mine = i; mine_e = e; }
+                    continue;
+                }
+                if (k == key) return gwd_pending_answer(e, me);
+                continue;
+            }
             if (e == GWD_RELEASED || e <= now) {
                 if (mine < 0) { mine = i; mine_e = e; }
                 continue;
             }
-            if (k == key) return 1;       /* live: a duplicate */
+            if (k == key) return GWD_DUPLICATE;   /* live: a duplicate */
         }
-        if (mine < 0) return -1;          /* every slot of the window live: full */
+        if (mine < 0) return GWD_NOT_RECORDED;    /* every slot of the window live: full */
         /* 2. Take the slot, write the key, publish it as tentative. */
         gwd_slot* m = &slots[(home + mine) & mask];
         if (!__atomic_compare_exchange_n(&m->e, &mine_e, claiming, 0, __ATOMIC_SEQ_CST,
@@ -190,34 +254,104 @@ cdef extern from *:
             if (k != key || e == GWD_RELEASED) continue;
             if (e & GWD_BUSY) {
                 if ((e & GWD_CLAIM) || gwd_stale(e, now)) continue;
-                if (j < mine) goto yield;       /* the earlier one decides */
+                if (j < mine) {            /* the earlier one decides */
+                    if (!pending) { answer = GWD_DUPLICATE; goto yield; }
+                    /* It may become a record or a pending one (of which worker?): let
+                       it decide, then look again. */
+                    wait_s = t;
+                    wait_e = e;
+                    goto wait_earlier;
+                }
                 if (gwd_wait(t, e, wait_ns) == 0) goto validate;   /* let the later one yield */
                 goto give_up;
             }
-            if (e > now) goto yield;            /* live: a duplicate */
+            if (gwd_is_pending(e)) {
+                if (!gwd_pending_live(epochs, e)) continue;
+                answer = gwd_pending_answer(e, me);
+                goto yield;
+            }
+            if (e > now) { answer = GWD_DUPLICATE; goto yield; }   /* live: a duplicate */
         }
         exp = tentative;
-        if (__atomic_compare_exchange_n(&m->e, &exp, expiry, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
-            return 0;
+        if (__atomic_compare_exchange_n(&m->e, &exp, final, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            *slot_out = (home + mine) & mask;
+            return GWD_NEW;
+        }
         goto restart;                     /* broken as stale */
     yield:
         exp = tentative;
         __atomic_compare_exchange_n(&m->e, &exp, GWD_RELEASED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        return 1;
+        return answer;
+    wait_earlier:
+        exp = tentative;
+        __atomic_compare_exchange_n(&m->e, &exp, GWD_RELEASED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+        if (gwd_wait(wait_s, wait_e, wait_ns) == 0) goto restart;
+        return GWD_NOT_RECORDED;
     give_up:
         exp = tentative;
         __atomic_compare_exchange_n(&m->e, &exp, GWD_RELEASED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
-        return -1;
+        return GWD_NOT_RECORDED;
+    }
+
+    /* The owner's log is durable past a pending record: it becomes a record
+       until now + window_ms. 0, or -1 if the slot no longer holds that word. */
+    static int gwd_commit(gwd_slot* s, uint64_t word, uint64_t now, uint64_t window_ms) {
+        uint64_t expiry = now + window_ms;
+        if (expiry < 2) expiry = 2;
+        if (expiry > GWD_STAMP) expiry = GWD_STAMP;
+        return __atomic_compare_exchange_n(&s->e, &word, expiry, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)
+               ? 0 : -1;
+    }
+
+    /* The reading of a pending record was not appended after all: the slot is free again. */
+    static void gwd_abandon(gwd_slot* s, uint64_t word) {
+        __atomic_compare_exchange_n(&s->e, &word, GWD_RELEASED, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    }
+
+    /* A worker starting again: its recovered log holds the reading of (key), so
+       a pending record of its previous life (owner, epoch) for it becomes a
+       record. 1 if there was one. */
+    static int gwd_commit_recovered(gwd_slot* slots, uint64_t mask, int probe, uint64_t key,
+                                    unsigned owner, uint64_t epoch, uint64_t now, uint64_t window_ms) {
+        uint64_t home = key & mask;
+        for (int i = 0; i < probe; i++) {
+            gwd_slot* s = &slots[(home + i) & mask];
+            uint64_t k, e = gwd_snap(s, &k);
+            if (e == GWD_EMPTY) break;
+            if (k == key && gwd_is_pending(e) && gwd_owner(e) == owner
+                    && gwd_epoch_of(e) == (epoch & GWD_EPOCH_MASK))
+                return gwd_commit(s, e, now, window_ms) == 0;
+        }
+        return 0;
     }
     """
     ctypedef struct gwd_slot:
         uint64_t key
         uint64_t e
     const int GWD_MAX_PROBE
+    const int GWD_MAX_OWNERS
+    const int GWD_NEW, GWD_DUPLICATE, GWD_PENDING_HERE, GWD_PENDING_ELSEWHERE, GWD_NOT_RECORDED
     uint64_t gwd_key(uint64_t seed, const uint8_t* p, size_t n, uint64_t seq) noexcept nogil
     int gwd_seen(gwd_slot* slots, uint64_t mask, int probe, uint64_t key, uint64_t now,
-                 uint64_t window_ms, uint64_t wait_ns) noexcept nogil
+                 uint64_t window_ms, uint64_t wait_ns, const uint64_t* epochs, uint64_t pending, int me,
+                 uint64_t* slot_out) noexcept nogil
+    int gwd_commit(gwd_slot* s, uint64_t word, uint64_t now, uint64_t window_ms) noexcept nogil
+    void gwd_abandon(gwd_slot* s, uint64_t word) noexcept nogil
+    int gwd_commit_recovered(gwd_slot* slots, uint64_t mask, int probe, uint64_t key, unsigned owner,
+                             uint64_t epoch, uint64_t now, uint64_t window_ms) noexcept nogil
+    uint64_t gwd_pending_word(unsigned owner, uint64_t epoch, uint64_t now) noexcept nogil
+    uint64_t gwd_load(const uint64_t* p) noexcept nogil
+    void gwd_store(uint64_t* p, uint64_t v) noexcept nogil
+    uint64_t gwd_bump(uint64_t* p) noexcept nogil
     uint64_t gwd_clock_ns() noexcept nogil
+
+
+# A pending record of this process: its slot, the word it holds, the end
+# offset of its reading in the owner's log (UINT64_MAX: not appended yet).
+cdef struct PendingRec:
+    uint64_t slot
+    uint64_t word
+    uint64_t end
 
 
 cdef class DedupTable:
@@ -230,6 +364,21 @@ cdef class DedupTable:
     cdef readonly Py_ssize_t capacity
     cdef object mm
     cdef object view
+    # Shared, after the slots: per owner (worker slot), its epoch and the log
+    # offset below which every reading it recorded is committed.
+    cdef uint64_t* epochs
+    cdef uint64_t* committed
+    # This process (after attach): the owner it records pending records for.
+    cdef readonly int owner             # -1: not attached (records are final at once)
+    cdef int attached_pid
+    cdef uint64_t epoch
+    cdef uint64_t durable_seen          # the owner's log is durable up to here
+    cdef PendingRec* pend               # ring, in log order
+    cdef Py_ssize_t pend_head, pend_len, pend_cap
+    cdef Py_ssize_t pend_unassigned     # the newest ones, not appended yet
 
     # The C-level `seen` for the event loop (no Python objects, no GIL needed).
     cdef int seen_c(self, const uint8_t* device_id, size_t n, uint64_t seq, uint64_t now_ms) noexcept nogil
+    # The owner's log is durable up to `offset`: commits the pending records it covers.
+    cdef void durable_c(self, uint64_t offset, uint64_t now_ms) noexcept nogil
+    cdef int _push(self, uint64_t slot, uint64_t word) noexcept nogil

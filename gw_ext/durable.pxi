@@ -111,6 +111,10 @@ cdef void wal_readable(Worker w):
     """The log's flusher made more of it durable."""
     w.wal_durable = w.wal.poll()
     w.counters[WAL_DURABLE_OFFSET] = w.wal_durable
+    if w.dedup is not None:
+        # Before the answers go out: a repeat sent once the 200 is in hand finds
+        # its reading committed (a duplicate), not pending.
+        w.dedup.durable_c(w.wal_durable, w.now_ms)
     if w.held_len:
         held_release(w)
     if w.wal_congested and w.wal.pending_c() <= w.wal.max_pending // 4:

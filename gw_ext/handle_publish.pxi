@@ -17,7 +17,12 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     if pkt.qos == 2:
         if qos2_seen(s, pkt.packet_id):
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.
-            return ack_after_durable(w, c, PUBREC, pkt.packet_id, 0)
+            # Its PUBREC promises what the first one's does: in ack mode sink, a
+            # reading durable. The first copy is in the log, so its end now covers it.
+            if (w.wal is not None and w.listeners[c.listener].ack_sink and w.http_app is not None
+                    and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)):
+                needed = w.wal.appended_c()
+            return ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
         if s.nqos2_in >= w.max_awaiting_rel:
             # More QoS 2 messages awaiting PUBREL than allowed: the publisher goes
             # (3.1.1 has no way to refuse one and keep the connection), once the

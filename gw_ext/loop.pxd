@@ -145,3 +145,8 @@ cdef struct Peer:
     uint32_t outlen
     uint32_t outcap
     uint8_t blocked           # the socket was full; EPOLLOUT armed
+    uint32_t dgram            # largest datagram sent on this link (from its SO_SNDBUF)
+    uint32_t piece_sent       # bytes of the frame at the head of `out` already sent in pieces
+    uint8_t* asm              # a frame from this peer arriving in pieces (NULL: none)
+    uint32_t asm_len
+    uint32_t asm_total

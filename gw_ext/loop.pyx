@@ -27,6 +27,7 @@ from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
+from gw_ext.dedup cimport DedupTable
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
                            wheel_schedule)
@@ -208,6 +209,7 @@ cdef class Worker:
     cdef uint16_t* held_per_fd           # answers waiting, per connection
     cdef dict held_http                  # id -> response bytes
     cdef uint32_t held_http_next
+    cdef DedupTable dedup                # the idempotency table: its pending records commit when durable
 
     # Limits, settable (and reloadable) from Python.
     cdef public int worker_index
@@ -323,6 +325,7 @@ cdef class Worker:
         free(self.free_sessions)
         for fd in range(64):
             free(self.peers[fd].out)
+            free(self.peers[fd].asm)
         if self.index != NULL:
             topics_free(self.index)
         topics_result_free(&self.match)
@@ -380,6 +383,12 @@ cdef class Worker:
         if not 0 <= peer < 64 or peer == self.worker_index or fd >= self.nconns:
             raise ValueError("bad peer %d / fd %d" % (peer, fd))
         self.peers[peer].fd = fd
+        self.peers[peer].dgram = channel_datagram_size(fd)
+        if self.peers[peer].dgram > self.chan_buf_size:
+            # The receive buffer holds the largest datagram a link sends (allocated at the first read).
+            self.chan_buf_size = self.peers[peer].dgram
+            free(self.chan_buf)
+            self.chan_buf = NULL
         self.conns[fd].state = ST_CHANNEL
         self.conns[fd].fd = fd
         self.conns[fd].listener = peer
@@ -409,6 +418,11 @@ cdef class Worker:
         ev.data.fd = fd
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
+
+    def set_dedup(self, DedupTable dedup):
+        """The idempotency table, attached as this worker: the readings it records
+        as pending are committed as the log becomes durable past them."""
+        self.dedup = dedup
 
     def wal_append(self, bytes payload):
         """For the HTTP app, after wal_room() said yes for it: appends one reading;
@@ -764,6 +778,8 @@ cdef class Worker:
             self.wal.flush()
             self.wal_durable = self.wal.durable_offset
             self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
+            if self.dedup is not None:
+                self.dedup.durable_c(self.wal_durable, self.now_ms)
             held_release(self)
         for fd in range(self.nconns):
             c = &self.conns[fd]

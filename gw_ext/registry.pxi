@@ -159,6 +159,8 @@ cdef void registry_peer_restarted(Worker w, int p):
 
 
 cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n):
+    """A registry frame from worker p. Every worker index in it is checked
+    (it indexes the peers' table), and every length against the frame."""
     cdef bytes data = PyBytes_FromStringAndSize(<char*>body, n)
     cdef uint32_t token
     cdef int prev, owner, claimant, clean, present, idlen
@@ -167,19 +169,33 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         registry_claim(w, p, token, clean, data[5:])
     elif ftype == FR_GRANT and n >= 5:
         token, prev = struct_unpack_from("<Ib", data)
+        if prev < -1 or prev >= w.npeers:
+            channel_malformed(w, p, "a GRANT naming worker %d" % prev)
+            return
         on_grant(w, token, prev)
     elif ftype == FR_EVICT and n >= 6:
         claimant, token, clean = struct_unpack_from("<BIB", data)
+        if claimant >= w.npeers:
+            channel_malformed(w, p, "an EVICT for worker %d" % claimant)
+            return
         registry_evict(w, claimant, token, clean, data[6:])
     elif ftype == FR_SESSION and n >= 7:
         token, present, idlen = struct_unpack_from("<IBH", data)
+        if 7 + idlen > n:
+            channel_malformed(w, p, "a SESSION frame shorter than its client id")
+            return
         on_session(w, token, present, data[7 + idlen:])
-    elif ftype == FR_RELEASE and n >= 1:
+    elif (ftype == FR_RELEASE or ftype == FR_REGISTER) and n >= 1:
         owner = data[0]
-        if w.registry.get(data[1:]) == owner:
-            del w.registry[data[1:]]
-    elif ftype == FR_REGISTER and n >= 1:
-        w.registry[data[1:]] = data[0]
+        if owner >= w.npeers:
+            channel_malformed(w, p, "a registry frame naming worker %d" % owner)
+        elif ftype == FR_RELEASE:
+            if w.registry.get(data[1:]) == owner:
+                del w.registry[data[1:]]
+        else:
+            w.registry[data[1:]] = owner
+    else:
+        channel_malformed(w, p, "a registry frame (type %d) of %d bytes" % (ftype, n))
 
 
 # --- settling a CONNECT ----------------------------------------------------------
@@ -409,6 +425,6 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
 
 
 cdef int session_restore_fault(Worker w, str what) except -2:
-    w.counters[INTERNAL_ERRORS] += 1
+    w.counters[CHANNEL_MALFORMED] += 1
     w.log_limited(CR_CHANNEL, "a transferred or saved session was malformed (%s); restored what came before" % what)
     return -1

@@ -159,8 +159,8 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
     if s.ninflight == s.inflight_cap:
-        cap = s.inflight_cap * 2 if s.inflight_cap else 8
-        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
+        cap = inflight_grown_cap(s.inflight_cap)
+        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight)) if cap else NULL
         if grown == NULL:
             w.counters[DROPPED_NOMEM] += 1
             return
@@ -260,13 +260,25 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
     return False
 
 
+cdef inline uint16_t inflight_grown_cap(uint16_t cap) noexcept nogil:
+    """The next capacity of a uint16-counted array: doubled, at most 0xFFFF
+    (there are no more packet ids); 0 when it cannot grow."""
+    if cap == 0xFFFF:
+        return 0
+    if cap == 0:
+        return 8
+    return 0xFFFF if cap >= 0x8000 else cap * 2
+
+
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
     """-1 when memory runs out. The caller bounds the count (max_awaiting_rel,
     at most 65,535 distinct packet ids), so the uint32 capacity cannot wrap."""
     cdef uint16_t* grown
     cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        cap = s.qos2_cap * 2 if s.qos2_cap else 8
+        cap = inflight_grown_cap(s.qos2_cap)
+        if cap == 0:
+            return -1           # every packet id awaits its PUBREL already
         grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
         if grown == NULL:
             return -1

@@ -72,11 +72,18 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
+    # Damage in the middle of a worker's log, written by the pipeline process (one
+    # writer per word: the worker never writes these two).
+    WAL_CORRUPT = 147         # bytes of damaged log records the pipeline skipped: those readings are lost
+    WAL_CORRUPT_OFFSET = 148  # per worker (never summed): log offset up to which damage was counted
+    INGEST_RECORDS_PENDING = 149  # records answered 503: the same (device_id, seq) is being written by another worker
+    CHANNEL_MALFORMED = 150   # frames, datagrams or session states from another worker (or the data dir) dropped: truncated, malformed, over a bound
+    CHANNEL_FRAGMENTED = 151  # frames larger than one channel datagram, sent in continuation datagrams
     # Containment and bounds.
-    CLOSED_INTERNAL = 147     # connections closed because handling their input raised (a bug, logged)
-    CLOSED_LIMIT = 148        # connections closed for going past a per-client bound (LIMITS)
-    INTERNAL_ERRORS = 149     # exceptions contained by the loop (a connection's, a channel's, a timer's)
-    # 150..159 free.
+    CLOSED_INTERNAL = 152     # connections closed because handling their input raised (a bug, logged)
+    CLOSED_LIMIT = 153        # connections closed for going past a per-client bound (LIMITS)
+    INTERNAL_ERRORS = 154     # exceptions contained by the loop (a connection's, a channel's, a timer's)
+    # 155..159 free.
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     # 176..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency

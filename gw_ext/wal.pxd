@@ -70,6 +70,8 @@ cdef class Wal:
     cdef bint room_c(self, uint32_t n) noexcept nogil
     # Bytes appended and not durable yet (what backpressure watches).
     cdef uint64_t pending_c(self) noexcept nogil
+    # The offset after the last record appended (durable or not).
+    cdef uint64_t appended_c(self) noexcept nogil
     # Drains the eventfd, updates the counters, returns the durable offset.
     cpdef uint64_t poll(self)
     cdef void _refused(self) noexcept nogil

@@ -163,6 +163,32 @@ cdef extern from *:
         return pos;
     }
 
+    /* ---- resynchronising after a corrupt record --------------------------- */
+
+    /* The first i in [from, len - 8] where buf[i:] could start a record: its
+       length sane (1 .. 16 MiB) and the record ending within `limit` bytes of
+       buf[0] (limit may exceed len: the data goes on past buf). If the record
+       lies wholly in buf its CRC must match (*whole = 1); otherwise *whole = 0
+       and the caller checks it from the file. *n: its payload length. -1: none. */
+    static int64_t gw_wal_candidate(const uint8_t* buf, size_t len, size_t from, uint64_t limit,
+                                    uint32_t* n, int* whole) {
+        if (len < GW_WAL_REC_HDR) return -1;
+        for (size_t i = from; i + GW_WAL_REC_HDR <= len; i++) {
+            uint32_t k = gw_le32(buf + i);
+            if (k == 0 || k > GW_WAL_MAX_PAYLOAD) continue;
+            if ((uint64_t)i + GW_WAL_REC_HDR + k > limit) continue;
+            if (i + GW_WAL_REC_HDR + (size_t)k <= len) {
+                if (gw_crc32c(0, buf + i + GW_WAL_REC_HDR, k) != gw_le32(buf + i + 4)) continue;
+                *whole = 1;
+            } else {
+                *whole = 0;
+            }
+            *n = k;
+            return (int64_t)i;
+        }
+        return -1;
+    }
+
     /* ---- the writer ------------------------------------------------------- */
 
     struct gw_wal {
@@ -621,6 +647,8 @@ cdef extern from *:
     uint32_t gw_le32(const uint8_t* p) noexcept nogil
     int gw_wal_next(const uint8_t* buf, size_t len, uint32_t* n, uint64_t* need, int check) noexcept nogil
     size_t gw_wal_scan(const uint8_t* buf, size_t len, uint64_t* count, int* status) noexcept nogil
+    int64_t gw_wal_candidate(const uint8_t* buf, size_t len, size_t start, uint64_t limit, uint32_t* n,
+                             int* whole) noexcept nogil
     gw_wal* gw_wal_new(int mode, uint64_t segment_bytes, uint64_t max_pending, uint64_t batch_ns) noexcept
     int gw_wal_start(gw_wal* w, int dirfd, int fd, uint64_t base, uint64_t end) noexcept
     int64_t gw_wal_append(gw_wal* w, const uint8_t* p, uint32_t n, int ignore_err) noexcept nogil
@@ -780,6 +808,67 @@ cdef Py_ssize_t _scan_from(int fd, Py_ssize_t pos, Py_ssize_t size, uint64_t* co
     return pos
 
 
+cdef int _record_at(int fd, int64_t pos, int64_t end, bint allow_torn) except -1:
+    """What starts at file position `pos` of data ending at `end`: 1 a whole
+    record with a sane length and a matching CRC, or the data ends exactly
+    there; 2 (allow_torn only) a record cut by the end of the data, its length
+    sane (a torn tail); 0 anything else."""
+    cdef bytes data
+    cdef uint32_t k, crc
+    if pos == end:
+        return 1
+    if pos + RECORD_HEADER_BYTES > end:
+        return 2 if allow_torn else 0
+    data = os.pread(fd, RECORD_HEADER_BYTES, pos)
+    if PyBytes_GET_SIZE(data) != RECORD_HEADER_BYTES:
+        return 0
+    k = gw_le32(<const uint8_t*>PyBytes_AS_STRING(data))
+    if k == 0 or k > GW_WAL_MAX_PAYLOAD:
+        return 0
+    if pos + RECORD_HEADER_BYTES + k > end:
+        return 2 if allow_torn else 0
+    crc = gw_le32(<const uint8_t*>PyBytes_AS_STRING(data) + 4)
+    data = os.pread(fd, k, pos + RECORD_HEADER_BYTES)
+    if PyBytes_GET_SIZE(data) != k:
+        return 0
+    return 1 if gw_crc32c(0, <const uint8_t*>PyBytes_AS_STRING(data), k) == crc else 0
+
+
+cdef int64_t _resync(int fd, int64_t bad, int64_t end, bint allow_torn) except -2:
+    """The file position of the first record after the corrupt one at `bad`
+    (data ending at file position `end`), or -1: there is none (a torn or
+    corrupt tail). A candidate must have a sane length, a matching CRC-32C, and
+    be followed by another valid record or by the end of the data (allow_torn:
+    or by a record the end cuts): two independent checks, so garbage passing
+    for a record is practically impossible. Reads windows of the file, never
+    more than READ_CHUNK plus one candidate record at a time."""
+    cdef int64_t q = bad + 1, i, cand
+    cdef Py_ssize_t got
+    cdef uint32_t k
+    cdef int whole
+    cdef bytes data
+    cdef const uint8_t* p
+    while q + RECORD_HEADER_BYTES <= end:
+        data = os.pread(fd, <Py_ssize_t>min(<int64_t>READ_CHUNK, end - q), q)
+        got = PyBytes_GET_SIZE(data)
+        if got < RECORD_HEADER_BYTES:
+            return -1
+        p = <const uint8_t*>PyBytes_AS_STRING(data)
+        i = 0
+        while True:
+            with nogil:
+                i = gw_wal_candidate(p, <size_t>got, <size_t>i, <uint64_t>(end - q), &k, &whole)
+            if i < 0:
+                break
+            cand = q + i
+            if (whole or _record_at(fd, cand, end, False) == 1) and \
+                    _record_at(fd, cand + RECORD_HEADER_BYTES + k, end, allow_torn) != 0:
+                return cand
+            i += 1
+        q += got - (RECORD_HEADER_BYTES - 1)     # a header across the window's end is seen next time
+    return -1
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -930,8 +1019,10 @@ cdef class Wal:
         bad length or CRC) and drops segments after a gap; starts the flusher.
         {"records": valid records in the scanned segment(s), "truncated_bytes":
         bytes cut, "end_offset": the offset of the next record}."""
-        cdef uint64_t n = 0, records = 0, truncated = 0, base = 0, end = 0
+        cdef uint64_t n = 0, k = 0, records = 0, truncated = 0, base = 0, end = 0
         cdef Py_ssize_t size, valid
+        cdef int64_t after
+        cdef list regions = []
         if self.state != 0:
             raise RuntimeError("recover() runs once, before any append")
         path = self.path
@@ -941,6 +1032,7 @@ cdef class Wal:
         fd = -1
         try:
             while segs:
+                regions = []
                 base, name = segs[len(segs) - 1]
                 fname = os.path.join(path, name)
                 fd = os.open(fname, os.O_RDWR | os.O_CLOEXEC)
@@ -961,6 +1053,16 @@ cdef class Wal:
                     end = base
                     break
                 valid = _scan_from(fd, HEADER_BYTES, size, &n)
+                while valid < size:
+                    # Corruption in the middle (valid records after it) is kept for
+                    # the readers to skip; only a torn or corrupt tail is cut.
+                    after = _resync(fd, valid, size, True)
+                    if after < 0:
+                        break
+                    regions.append((base + <uint64_t>(valid - HEADER_BYTES),
+                                    base + <uint64_t>(after - HEADER_BYTES)))
+                    valid = _scan_from(fd, after, size, &k)
+                    n += k
                 if valid < size:
                     os.ftruncate(fd, valid)
                     os.fsync(fd)
@@ -1002,7 +1104,8 @@ cdef class Wal:
             self.ctr[self.i_truncated] += truncated
             self.ctr[self.i_durable] = end
             self.ctr[self.i_appended] = end
-        return {"records": records, "truncated_bytes": truncated, "end_offset": end}
+        return {"records": records, "truncated_bytes": truncated, "end_offset": end,
+                "corrupt_bytes": sum(b - a for a, b in regions), "corrupt_regions": regions}
 
     cdef int64_t append_c(self, const uint8_t* p, uint32_t n) noexcept nogil:
         return self._append(p, n, 0)
@@ -1071,6 +1174,9 @@ cdef class Wal:
 
     cdef uint64_t pending_c(self) noexcept nogil:
         return gw_wal_appended(self.w) - gw_wal_durable(self.w) if self.state == 1 else 0
+
+    cdef uint64_t appended_c(self) noexcept nogil:
+        return gw_wal_appended(self.w) if self.state == 1 else 0
 
     def append(self, bytes payload):
         """Appends one record: its end offset (durable once durable_offset reaches
@@ -1207,9 +1313,12 @@ cdef class WalReader:
     """Reads one worker's log (in any process) from offsets the caller keeps.
 
     read(from_offset, up_to) returns the records with offset in [from_offset,
-    up_to) (up_to: the writer's durable offset), across segments, stopping early
-    at a torn or corrupt record. Keeps one segment file open; not thread-safe
-    (one reader per thread).
+    up_to) (up_to: the writer's durable offset), across segments. Everything
+    below the durable offset is whole on disk, so a record there with a bad
+    length or CRC is damage, not a write in progress: the reader skips to the
+    next valid record (or its segment's end) and notes the range skipped
+    (take_skips()); it stops early only where up_to cuts a record. Keeps one
+    segment file open; not thread-safe (one reader per thread).
     """
     cdef readonly str path
     cdef list segs                  # cached listing: bases, oldest first
@@ -1217,6 +1326,7 @@ cdef class WalReader:
     cdef uint64_t fd_base
     cdef set known                  # offsets known to start a record
     cdef uint64_t end_base, end_pos # end_offset(): a segment and its valid file size scanned so far
+    cdef list skips                 # [(start, end)] offsets of corrupt records skipped, not yet taken
 
     def __cinit__(self):
         self.fd = -1
@@ -1225,8 +1335,16 @@ cdef class WalReader:
         self.path = os.fspath(path)
         self.segs = []
         self.known = set()
+        self.skips = []
         self.end_base = <uint64_t>-1
         self._refresh()
+
+    def take_skips(self):
+        """[(start, end)]: the offset ranges of corrupt records read() skipped
+        since the last call (each range was lost to the reader)."""
+        out = self.skips
+        self.skips = []
+        return out
 
     def __dealloc__(self):
         if self.fd >= 0:
@@ -1328,7 +1446,8 @@ cdef class WalReader:
             while at < pos and got - k >= 8:
                 n = gw_le32(p + k)
                 if n == 0 or n > GW_WAL_MAX_PAYLOAD:
-                    raise OffsetBeyondEndError(f"{self.path}: offset {pos} lies past a corrupt record at {at}")
+                    self._check_past_corruption(base, pos)      # a corrupt length on the way
+                    return
                 prev = at
                 at += 8 + n
                 k += 8 + n
@@ -1339,9 +1458,32 @@ cdef class WalReader:
                                            f"(they end at {at})")
             # a header across the end of the chunk: read again from `at`
         if at != pos:
-            raise OffsetMisalignedError(f"{self.path}: offset {pos} is not at a record boundary "
-                                        f"(records start at {prev} and {at})")
+            # A corrupt length may have led the walk astray: check every record.
+            self._check_past_corruption(base, pos)
+            return
         self._remember(pos)
+
+    cdef _check_past_corruption(self, uint64_t base, uint64_t pos):
+        """_check's slow path: a walk of segment `base` (open) with every CRC
+        checked, skipping corrupt records as read() does."""
+        cdef uint64_t n
+        cdef Py_ssize_t size = os.fstat(self.fd).st_size
+        cdef Py_ssize_t target = HEADER_BYTES + <Py_ssize_t>(pos - base)
+        cdef Py_ssize_t at = HEADER_BYTES
+        cdef int64_t after
+        while True:
+            at = _scan_from(self.fd, at, min(target, size), &n)
+            if at == target:
+                self._remember(pos)
+                return
+            if at >= size:
+                raise OffsetBeyondEndError(f"{self.path}: offset {pos} lies past the records on disk "
+                                           f"(they end at {base + <uint64_t>(at - HEADER_BYTES)})")
+            after = _resync(self.fd, at, size, True)
+            if after < 0 or after > target:
+                raise OffsetMisalignedError(f"{self.path}: offset {pos} is not at a record boundary "
+                                            f"(records were checked from {base})")
+            at = after
 
     cdef _remember(self, uint64_t pos):
         if len(self.known) >= 4096:
@@ -1355,7 +1497,7 @@ cdef class WalReader:
         deleted segment), OffsetMisalignedError (not a record boundary),
         OffsetBeyondEndError (past the records on disk)."""
         cdef list out = []
-        cdef uint64_t pos = from_offset, base, limit, nxt, need = 0
+        cdef uint64_t pos = from_offset, base, limit, nxt, skip_to, need = 0
         cdef Py_ssize_t i, want, got, k, start
         cdef uint32_t n
         cdef int st
@@ -1398,16 +1540,43 @@ cdef class WalReader:
                     if len(self.segs) > i + 1 and <uint64_t>self.segs[i + 1] == pos:
                         continue
                 break                           # not on disk (up_to past what was written)
-            if st == GW_SCAN_PARTIAL and pos + need <= limit and got == want:
-                continue                        # read the record whole next time
-            break                               # corrupt, torn, or running past up_to
+            if st == GW_SCAN_PARTIAL and (pos + need <= limit or got < want):
+                if got == want:
+                    continue                    # read the record whole next time
+                break                           # not on disk (up_to past what was written)
+            # A bad length or CRC, or a record running past up_to or its segment:
+            # damage (everything below up_to is whole on disk), unless up_to cuts
+            # a record (a caller's bound, not the durable offset).
+            skip_to = self._skip_corrupt(base, pos, limit, nxt)
+            if skip_to == pos:
+                break
+            pos = skip_to
+            need = 0
         self._remember(pos)
         return out, pos
+
+    cdef uint64_t _skip_corrupt(self, uint64_t base, uint64_t pos, uint64_t limit, uint64_t nxt) except? 0:
+        """The corrupt record at pos (segment `base`, open; data up to offset
+        `limit`): the offset of the next valid record, or `nxt` (the next
+        segment) when none follows in this one and it is complete, noted in
+        skips; pos when neither (wait for more of the log)."""
+        cdef int64_t q = _resync(self.fd, HEADER_BYTES + <int64_t>(pos - base),
+                                 HEADER_BYTES + <int64_t>(limit - base), False)
+        cdef uint64_t after
+        if q >= 0:
+            after = base + <uint64_t>(q - HEADER_BYTES)
+        elif limit == nxt:
+            after = nxt
+        else:
+            return pos
+        self.skips.append((pos, after))
+        return after
 
     def end_offset(self):
         """The offset after the last whole valid record on disk."""
         cdef uint64_t n
         cdef Py_ssize_t size, valid
+        cdef int64_t after
         self._refresh()
         while self.segs:
             base = self.segs[len(self.segs) - 1]
@@ -1421,6 +1590,11 @@ cdef class WalReader:
                 self.end_base = base
                 self.end_pos = HEADER_BYTES
             valid = _scan_from(self.fd, self.end_pos, size, &n)
+            while valid < size:
+                after = _resync(self.fd, valid, size, True)      # damage in the middle: past it
+                if after < 0:
+                    break
+                valid = _scan_from(self.fd, after, size, &n)
             self.end_pos = valid
             return base + <uint64_t>(valid - HEADER_BYTES)
         return 0

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gw_ext.dedup import BUSY, CLAIM, RELEASED, DedupTable, monotonic_ms
+from gw_ext.dedup import (BUSY, CLAIM, DUPLICATE, NEW, PENDING, PENDING_ELSEWHERE, PENDING_HERE, RELEASED,
+                          DedupTable, monotonic_ms)
 
 WINDOW_S = 1.0
 WINDOW_MS = 1000
@@ -366,3 +367,211 @@ def test_concurrent_reuse_in_c_lockstep():
         new = (res == 0).sum(axis=0)
         assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
         assert table.live(5_000) == len(devices) * count
+
+
+# --- pending records: a worker's readings count as seen once they are durable ----------------
+
+def _in_child(fn) -> None:
+    """fn() in a forked process (another worker, with its own view of the table)."""
+    p = FORK.Process(target=fn)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+
+
+def test_a_reading_is_pending_until_its_log_is_durable():
+    t = DedupTable(1024, WINDOW_S)
+    assert t.recommit_from(0) is None            # no worker 0 ever attached: nothing can be pending
+    assert t.attach(0, durable=100) == 1
+    assert t.recommit_from(0) == 100
+    assert t.seen(b"d", 1, 5_000) == NEW
+    assert t.seen(b"d", 1, 5_000) == PENDING_HERE      # not a duplicate yet: not durable
+    t.commit_at(180)
+    assert t.pending == 1 and t.live(5_000) == 0
+    t.durable(179, 5_001)
+    assert t.seen(b"d", 1, 5_001) == PENDING_HERE
+    t.durable(180, 5_002)
+    assert t.pending == 0 and t.recommit_from(0) == 180
+    assert t.seen(b"d", 1, 5_003) == DUPLICATE
+    assert t.seen(b"d", 1, 5_002 + WINDOW_MS - 1) == DUPLICATE   # the window counts from the commit
+    assert t.seen(b"d", 1, 5_002 + WINDOW_MS) == NEW
+    # No log (end 0): nothing to wait for, committed at once.
+    u = DedupTable(1024, WINDOW_S)
+    u.attach(4)
+    assert u.seen(b"e", 1, 6_000) == NEW
+    u.commit_at(0)
+    assert u.pending == 0 and u.seen(b"e", 1, 6_000) == DUPLICATE
+
+
+def test_an_abandoned_reading_is_new_again():
+    t = DedupTable(1024, WINDOW_S)
+    t.attach(3)
+    assert [t.seen(b"d", s, 100) for s in (1, 2)] == [NEW, NEW]
+    t.abandon()                                     # the log refused them after all
+    assert t.pending == 0
+    assert [t.seen(b"d", s, 100) for s in (1, 2)] == [NEW, NEW]
+    t.commit_at(10)
+    t.durable(10, 101)
+    assert t.seen(b"d", 2, 102) == DUPLICATE
+
+
+def test_pending_records_of_many_readings_commit_in_log_order():
+    t = DedupTable(1 << 14, 60.0)
+    t.attach(0)
+    for i in range(3000):
+        assert t.seen(b"dev", i, 1_000) == NEW
+        t.commit_at(100 * (i + 1))
+    assert t.pending == 3000
+    t.durable(100 * 1500, 1_001)
+    assert t.pending == 1500
+    assert [t.seen(b"dev", i, 1_002) for i in (0, 1499, 1500, 2999)] == [DUPLICATE, DUPLICATE,
+                                                                        PENDING_HERE, PENDING_HERE]
+    t.durable(10 ** 9, 1_003)
+    assert t.pending == 0 and t.live(1_004) == 3000
+
+
+def test_another_workers_pending_record_counts_only_while_that_worker_lives():
+    """Worker 1 takes a reading and dies before its log is durable: worker 0
+    sees it pending elsewhere (not a duplicate: it may be lost). Worker 1's
+    next life finds nothing of it in its log; once attached, the old pending
+    record is dead and a repeat is new."""
+    t = DedupTable(1024, 60.0)
+    t.attach(0)
+    now = monotonic_ms()
+
+    def first_life():
+        t.attach(1)
+        assert t.seen(b"x", 1, now) == NEW
+        t.commit_at(500)                            # appended; the process dies before the fsync
+
+    _in_child(first_life)
+    assert t.seen(b"x", 1, now) == PENDING_ELSEWHERE
+    out = mmap.mmap(-1, 16)
+
+    def second_life():
+        out[0:8] = t.recommit_from(1).to_bytes(8, "little")   # where its previous life's pending ones start
+        t.attach(1)
+
+    _in_child(second_life)
+    assert int.from_bytes(out[0:8], "little") == 0
+    assert t.seen(b"x", 1, now) == NEW              # the dead record's slot, taken by worker 0
+    assert t.seen(b"x", 1, now) == PENDING_HERE
+
+
+def test_a_pending_record_whose_reading_the_recovered_log_holds_is_committed():
+    """Worker 2 dies after writing its reading but before the fsync returned
+    (the page cache kept it): its next life finds it in the recovered log and
+    commits the record: the reading will be stored, a repeat is a duplicate."""
+    t = DedupTable(1024, 60.0)
+    now = monotonic_ms()
+
+    def first_life():
+        t.attach(2, durable=64)
+        assert t.seen(b"y", 1, now) == NEW
+        assert t.seen(b"y", 2, now) == NEW
+        t.commit_at(200)
+
+    _in_child(first_life)
+    assert t.seen(b"y", 1, now) == PENDING_ELSEWHERE
+    out = mmap.mmap(-1, 16)
+
+    def second_life():
+        start = t.recommit_from(2)
+        out[0] = start == 64
+        out[1] = t.recommit(2, b"y", 1, now)        # in the log: committed
+        out[2] = t.recommit(2, b"z", 9, now)        # no pending record for it
+        t.attach(2, durable=200)
+
+    _in_child(second_life)
+    assert (out[0], out[1], out[2]) == (1, 1, 0)
+    assert t.seen(b"y", 1, now) == DUPLICATE
+    assert t.seen(b"y", 2, now) == NEW              # (y, 2) was lost with the crash: taken again
+
+
+def test_pending_word_layout():
+    t = DedupTable(1024, WINDOW_S, seed=5)
+    t.attach(0)
+    assert t.seen(b"d", 1, 0x1_2345_6789) == NEW
+    key = t.key(b"d", 1)
+    home = key & 1023
+    k, e = t._slot(home)
+    assert k == key and e == PENDING | (0 << 56) | (1 << 32) | 0x2345_6789
+    # a pending record of worker 5, epoch 0 (never attached: live), then epoch 7 (not its life: dead)
+    other = t.key(b"d", 2)
+    t._set_slot(other & 1023, other, PENDING | (5 << 56) | (0 << 32) | 1)
+    assert t.seen(b"d", 2, 10) == PENDING_ELSEWHERE
+    t._set_slot(other & 1023, other, PENDING | (5 << 56) | (7 << 32) | 1)
+    assert t.seen(b"d", 2, 10) == NEW
+
+
+@pytest.mark.parametrize("same_order", [True, False], ids=["lockstep", "shuffled"])
+def test_concurrent_pending_inserts_each_pair_new_exactly_once(same_order):
+    """4 workers, each attached as itself, take the same 5,000 pairs at once:
+    every pair is new for exactly one; the others see it pending elsewhere
+    (never a duplicate: nothing is durable)."""
+    nproc = 4
+    table = DedupTable(1 << 15, 600.0, wait_s=1.0)
+    pairs = [(b"dev-%03d" % (i % 97), i // 97) for i in range(5_000)]
+    results = mmap.mmap(-1, nproc * len(pairs))
+    barrier = FORK.Barrier(nproc)
+    now = monotonic_ms()
+
+    def run(index: int):
+        table.attach(index)
+        order = list(range(len(pairs)))
+        if not same_order:
+            random.Random(index).shuffle(order)
+        barrier.wait()
+        for i in order:
+            results[index * len(pairs) + i] = table.seen(pairs[i][0], pairs[i][1], now) & 0xFF
+
+    procs = [FORK.Process(target=run, args=(i,)) for i in range(nproc)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * nproc
+    res = np.frombuffer(results, dtype=np.uint8).reshape(nproc, len(pairs))
+    assert ((res == NEW) | (res == PENDING_ELSEWHERE)).all(), set(res.ravel().tolist())
+    assert ((res == NEW).sum(axis=0) == 1).all()
+
+
+def test_a_restarted_worker_commits_the_pending_readings_its_recovered_log_holds(tmp_path):
+    """gw/worker.py's attach_dedup with a real log: worker 0's readings 1 and 2
+    were written (the page cache survives a kill) but the worker died before it
+    learned they were durable; reading 3 was recorded and never appended. Its
+    next life commits 1 and 2 (they will be stored: a repeat is a duplicate)
+    and leaves 3 dead (lost: a repeat is taken)."""
+    import json
+
+    from gw.worker import attach_dedup
+    from gw_ext.wal import Wal
+
+    t = DedupTable(1024, 60.0)
+    d = str(tmp_path / "wal")
+    now = monotonic_ms()
+
+    def first_life():
+        w = Wal(d, fsync="off")
+        w.recover()
+        attach_dedup(t, 0, w, d)
+        w.append(json.dumps({"device_id": "other", "seq": 1}).encode())     # durable, committed
+        w.flush(10)
+        t.durable(w.durable_offset)
+        for seq in (1, 2):
+            assert t.seen(b"dev", seq, now) == NEW
+            t.commit_at(w.append(json.dumps({"device_id": "dev", "seq": seq, "metrics": {}}).encode()))
+        assert t.seen(b"dev", 3, now) == NEW
+        assert w.flush(10)          # on disk; the loop never polled it: the worker dies first
+
+    _in_child(first_life)
+    assert [t.seen(b"dev", s, now) for s in (1, 2, 3)] == [PENDING_ELSEWHERE] * 3
+
+    def second_life():
+        w = Wal(d, fsync="off")
+        w.recover()
+        attach_dedup(t, 0, w, d)
+        w.close()
+
+    _in_child(second_life)
+    assert [t.seen(b"dev", s, now) for s in (1, 2, 3)] == [DUPLICATE, DUPLICATE, NEW]

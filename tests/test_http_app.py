@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gw import http_api
-from gw.http_api import (DEDUP_FULL, INGEST_RECORDS_ACCEPTED, INGEST_RECORDS_DUPLICATE, INGEST_RECORDS_REJECTED,
-                         INGEST_REQUESTS, TELEMETRY_MQTT_ACCEPTED, TELEMETRY_MQTT_REJECTED, HttpApp,
+from gw.http_api import (DEDUP_FULL, INGEST_RECORDS_ACCEPTED, INGEST_RECORDS_DUPLICATE, INGEST_RECORDS_PENDING,
+                         INGEST_RECORDS_REJECTED, INGEST_REQUESTS, TELEMETRY_MQTT_ACCEPTED, TELEMETRY_MQTT_REJECTED, HttpApp,
                          http_status_index, is_json_content_type)
 
 JSON = b"application/json"
@@ -35,6 +35,9 @@ class RecordingDedup:
         assert isinstance(device_id, bytes) and isinstance(seq, int) and isinstance(now_ms, int)
         self.calls.append((device_id, seq))
         return self.table.seen(device_id, seq, now_ms)
+
+    def __getattr__(self, name):
+        return getattr(self.table, name)        # commit_at, abandon, attach, durable: the table's own
 
 
 def full_dedup() -> RecordingDedup:
@@ -415,3 +418,93 @@ def test_validate_mqtt_telemetry(app):
         assert app.app.validate_mqtt_telemetry(topic, payload) is None
     assert app.count(TELEMETRY_MQTT_ACCEPTED) == 2 and app.count(TELEMETRY_MQTT_REJECTED) == 4
     assert app.published == [] and app.dedup.calls == []
+
+
+# --- ack mode sink: a reading counts as seen once it is durable -------------------------------
+
+class Log:
+    """The worker's side of the log as the app sees it: appends return growing
+    end offsets; nothing is durable until the test says so."""
+
+    def __init__(self, app: App):
+        self.end = 64
+        app.app.wal_room = lambda n: True
+        app.app.wal_append = self.append
+        app.app.wal_end = lambda: self.end
+
+    def append(self, reading: bytes) -> int:
+        self.end += 8 + len(reading)
+        return self.end
+
+
+def test_sink_a_repeat_waits_for_the_first_copy_in_this_workers_log():
+    a = App(cfg(ack="sink"))
+    a.dedup.attach(0)
+    log = Log(a)
+    a.app.durable_needed = 0
+    assert a.post(b"/v1/ingest/d")[0] == 200
+    first_end = a.app.durable_needed
+    assert first_end == log.end and a.dedup.pending == 1
+    log.append(b"x" * 40)                                   # another reading after it
+    a.app.durable_needed = 0
+    status, _, body, _ = a.post(b"/v1/ingest/d")
+    assert status == 200 and json.loads(body)["duplicates"] == 1
+    assert a.app.durable_needed == log.end                  # its 200 waits for the log, past the first copy
+    a.dedup.durable(first_end)                              # the first copy is on disk
+    a.app.durable_needed = 0
+    assert json.loads(a.post(b"/v1/ingest/d")[2])["duplicates"] == 1
+    assert a.app.durable_needed == 0                        # nothing to wait for
+    assert len(a.published) == 1
+
+
+def test_sink_a_repeat_of_a_reading_another_worker_has_not_made_durable_is_refused():
+    """Another worker took (device_1, 42) and its log is not durable past it (it
+    may yet crash and lose it): no 200 for the repeat, a 503 to retry; in
+    ack mode enqueue (202: in a log's buffer, as the first copy was) a duplicate."""
+    import multiprocessing
+
+    sink = App(cfg(ack="sink"))
+    sink.dedup.attach(0)
+    Log(sink)
+
+    def other_worker():
+        sink.dedup.attach(1)
+        assert sink.dedup.seen(b"device_1", 42, http_api._now_ms()) == 0
+        sink.dedup.commit_at(1000)                          # appended, not durable
+
+    p = multiprocessing.get_context("fork").Process(target=other_worker)
+    p.start()
+    p.join(30)
+    assert p.exitcode == 0
+    status, _, body, extra = sink.post(b"/v1/ingest/device_1")
+    assert status == 503 and error_of((status, JSON, body, extra)) == "in_progress"
+    assert extra == b"Retry-After: 1\r\n"
+    assert sink.count(INGEST_RECORDS_PENDING) == 1 and sink.published == []
+    status, _, body, extra = sink.post(b"/v1/ingest", b'[{"device_id":"device_2","seq":1,"metrics":{}},'
+                                                      b'{"device_id":"device_1","seq":42,"metrics":{}}]')
+    assert status == 503 and error_of((status, JSON, body, extra)) == "in_progress"
+    assert [t for t, *_ in sink.published] == [b"telemetry/device_2"]   # before it in the batch: taken
+    assert sink.count(INGEST_RECORDS_PENDING) == 2 and sink.count(INGEST_RECORDS_ACCEPTED) == 1
+    # the same table, an enqueue listener
+    sink.app.cfg = cfg(ack="enqueue")
+    status, _, body, _ = sink.post(b"/v1/ingest/device_1")
+    assert status == 202 and json.loads(body)["duplicates"] == 1
+
+
+def test_a_reading_the_log_refuses_after_all_is_not_left_recorded():
+    a = App(cfg(ack="sink"))
+    a.dedup.attach(0)
+    log = Log(a)
+    a.app.wal_append = lambda reading: -1                  # the log failed between the check and the append
+    assert a.post(b"/v1/ingest/d")[0] == 503
+    assert a.dedup.pending == 0
+    a.app.wal_append = log.append
+    assert json.loads(a.post(b"/v1/ingest/d")[2])["duplicates"] == 0
+
+
+def test_idempotency_off_means_no_table():
+    a = App(cfg(ack="sink"))
+    a.app.dedup = None                                      # idempotency_window = 0
+    assert a.post(b"/v1/ingest/d")[0] == 200
+    assert a.post(b"/v1/ingest", b'[{"device_id":"d","seq":1,"metrics":{}}]')[0] == 200
+    assert len(a.published) == 2

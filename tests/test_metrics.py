@@ -68,8 +68,9 @@ def test_new_counters():
         "HTTP_TIMEOUTS": 134, "DEDUP_FULL": 135, "WORKER_HEARTBEAT_MS": 136,
         "HTTP_REQUESTS_SHED": 137, "WAL_RECORDS": 138, "WAL_BYTES": 139, "WAL_FSYNCS": 140,
         "WAL_DURABLE_OFFSET": 141, "WAL_APPENDED_OFFSET": 142, "WAL_TRUNCATED": 143, "WAL_ERRORS": 144,
-        "WAL_REFUSED": 145, "ACKS_HELD": 146,
-        "CLOSED_INTERNAL": 147, "CLOSED_LIMIT": 148, "INTERNAL_ERRORS": 149, "LIMITS": 160,
+        "WAL_REFUSED": 145, "ACKS_HELD": 146, "WAL_CORRUPT": 147, "WAL_CORRUPT_OFFSET": 148,
+        "INGEST_RECORDS_PENDING": 149, "CHANNEL_MALFORMED": 150, "CHANNEL_FRAGMENTED": 151,
+        "CLOSED_INTERNAL": 152, "CLOSED_LIMIT": 153, "INTERNAL_ERRORS": 154, "LIMITS": 160,
         "HIST_INGEST": 192, "HIST_DELIVER": 224, "N_COUNTERS": 256}
     assert Layout.STATS_VERSION == 2
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
@@ -130,7 +131,8 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD}
-    assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET)
+    assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
+                          Counter.WAL_CORRUPT_OFFSET)
 
 
 def test_reset_gauges_and_heartbeats(make_block):

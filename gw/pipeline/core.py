@@ -13,7 +13,7 @@ from .errors import PipelineError
 from .filesink import FileSink
 from .runner import SinkRunner
 from .settings import Settings
-from .source import WalSource, load_wal_module, worker_dir
+from .source import DamageLedger, WalSource, load_wal_module, worker_dir
 from .store import STORE_FILE, StoreSink, check_data_dir, open_store
 
 log = logging.getLogger("gw.pipeline")
@@ -37,10 +37,12 @@ class Pipeline:
 
     durable(slot) gives a log's durable offset; publish(topic, payload) sends
     an MQTT message into the broker (alerts), called from the thread that runs
-    `run()` only; wal is gw_ext.wal or a module with the same API."""
+    `run()` only; wal is gw_ext.wal or a module with the same API; rows, the
+    stats block's rows, get the damaged log bytes the readers skipped."""
 
     def __init__(self, settings: Settings, nworkers: int, durable: Callable[[int], int],
-                 publish: Callable[[bytes, bytes], None] | None = None, wal=None, quick_check: bool = True):
+                 publish: Callable[[bytes, bytes], None] | None = None, wal=None, quick_check: bool = True,
+                 rows=None):
         self.settings = settings
         self.nworkers = nworkers
         self.durable = durable
@@ -83,7 +85,8 @@ class Pipeline:
             self.store.close()
             raise
         self.sinks = sinks
-        self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal),
+        self.damage = DamageLedger(rows)
+        self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal, self.damage),
                                    batch=s.pipeline_batch, poll_interval=s.pipeline_poll_interval,
                                    stop=self.stop_event)
                         for sink in sinks]
@@ -186,6 +189,7 @@ class Pipeline:
     def stats(self) -> dict:
         out = {"sinks": {r.sink.name: r.stats() for r in self.runners},
                "alerts_published": self.alerts_published, "alerts_publish_failed": self.alerts_failed,
+               "damaged_log_bytes": dict(self.damage.lost),
                "durable": {slot: int(self.durable(slot)) for slot in range(self.nworkers)}}
         return out
 
@@ -209,7 +213,7 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     def durable(slot: int) -> int:
         return int(rows[slot, idx])
 
-    pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check)
+    pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check, rows=rows)
     pipe.header = block.header
     signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
     if hasattr(signal, "SIGHUP"):
