@@ -12,7 +12,8 @@ tests connect to (`GwServer.ports`) relays to them, re-cutting both byte
 streams at random points. The run's seed is printed in pytest's header and in
 each test's set-up output; GW_TEST_FRAGMENT_SEED=<seed> replays it. A test that
 cannot run through a proxy says so with `@pytest.mark.no_fragment(reason)` and
-is skipped under the switch.
+is skipped under the switch. `send_fragmented` writes a client's own bytes in
+pieces, with or without the switch.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -406,6 +408,46 @@ def _fragment_seed(request):
         print(f"fragmenting proxy: seed {seed!r}; replay: GW_TEST_FRAGMENT=1 "
               f"GW_TEST_FRAGMENT_SEED={fragproxy.BASE_SEED} pytest '{request.node.nodeid}'")
     return seed
+
+
+@pytest.fixture
+def frag_rng(_fragment_seed) -> random.Random:
+    """A random.Random for send_fragmented, seeded per test (GW_TEST_FRAGMENT_SEED replays it)."""
+    print(f"send_fragmented seed {_fragment_seed!r}; replay: GW_TEST_FRAGMENT_SEED={fragproxy.BASE_SEED}")
+    return random.Random(_fragment_seed + "/send")
+
+
+def send_fragmented(sock, data: bytes, rng: random.Random | None = None, *, cuts=None,
+                    pause: float = 0.002) -> int:
+    """Writes data in pieces, each its own segment (TCP_NODELAY) with `pause`
+    seconds between them, so the server reads them separately. The cuts: one
+    byte at a time with neither rng nor cuts; else the given offsets `cuts`,
+    and random ones from rng (single bytes among them). Stops when the server
+    closed the connection meanwhile (it may close on the first bad byte);
+    returns the bytes written."""
+    n = len(data)
+    if rng is None and cuts is None:
+        sizes = [1] * n
+    else:
+        points = {c for c in (cuts or ()) if 0 < c < n}
+        if rng is not None:
+            pos = 0
+            for size in fragproxy.cut_sizes(n, rng)[:-1]:
+                pos += size
+                points.add(pos)
+        bounds = [0, *sorted(points), n]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sent = 0
+    for i, size in enumerate(sizes):
+        if i:
+            time.sleep(pause)
+        try:
+            sock.sendall(data[sent:sent + size])
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += size
+    return sent
 
 
 # --- fixtures --------------------------------------------------------------------
