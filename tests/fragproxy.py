@@ -7,8 +7,10 @@ directions, re-cutting the stream: each chunk it reads is written in random
 pieces (single bytes included, whole small chunks byte by byte now and then),
 with TCP_NODELAY so each piece leaves as its own segment, and a small random
 pause (0 to `max_delay`, 3 ms) before most pieces so the receiver reads them
-separately. Pauses are per piece and a chunk has a handful of pieces, so a
-keepalive exchange is late by milliseconds at most.
+separately. The pauses of one chunk add up to 20 ms at most, so a keepalive
+exchange is late by milliseconds; and when the next chunk is already waiting
+(the sender writes faster than the pauses let through) the proxy catches up
+without pausing, so a stream keeps its throughput and only its cuts change.
 
 Closes pass through as they came, after the bytes read before them: a FIN
 (EOF) becomes a shutdown(SHUT_WR) of the other side, so half-closes work; a
@@ -16,7 +18,7 @@ reset becomes a reset (SO_LINGER 0). A write the far side refuses (it is gone)
 resets the near side, as the far kernel would have. An upstream that refuses
 the connection resets the client at once.
 
-Replay: the cuts and pauses of a connection come from its own random.Random,
+Replay: the cuts (and pauses) of a connection come from its own random.Random,
 seeded from the proxy's seed, its name, the connection's number (in accept
 order since the last reseed) and the direction. The test harness seeds every
 proxy per test from `BASE_SEED` and the test's node id (conftest.py prints
@@ -47,6 +49,7 @@ from collections import deque
 HOST = "127.0.0.1"
 MAX_DELAY = 0.003        # longest pause before a piece, seconds
 PAUSE_CHANCE = 0.5       # share of the pieces that pause at all
+CHUNK_PAUSES = 0.02      # the most the pauses of one chunk add up to, seconds
 READ_SIZE = 65536        # bytes read from a side at once (one chunk to cut)
 HOLD_LIMIT = 2 * READ_SIZE   # bytes held per direction before that side is no longer read
 MAX_CUTS = 4             # random cut points per chunk, besides the first/last byte alone
@@ -119,12 +122,17 @@ class _Pipe:
     end: what src did after its last byte (None: nothing yet, "fin", "rst"),
     passed on to dst once every byte read before it was written."""
 
-    __slots__ = ("src", "dst", "rng", "proxy", "buf", "pieces", "due", "blocked", "end", "done", "log")
+    __slots__ = ("src", "dst", "rng", "pause_rng", "proxy", "buf", "pieces", "chunks", "budget", "due",
+                 "blocked", "end", "done", "log")
 
-    def __init__(self, src: socket.socket, dst: socket.socket, rng: random.Random, proxy: "FragProxy"):
-        self.src, self.dst, self.rng, self.proxy = src, dst, rng, proxy
+    def __init__(self, src: socket.socket, dst: socket.socket, seed: str, proxy: "FragProxy"):
+        self.src, self.dst, self.proxy = src, dst, proxy
+        # Pauses depend on timing (see pause()); their own generator keeps the cuts replayable.
+        self.rng, self.pause_rng = random.Random(seed), random.Random(seed + "/pauses")
         self.buf = bytearray()
-        self.pieces: deque[int] = deque()
+        self.pieces: deque[int] = deque()   # sizes of the pieces to write, summing to len(buf)
+        self.chunks: deque[int] = deque()   # bytes left to write of each chunk read, summing to len(buf)
+        self.budget = 0.0       # pause time the current chunk has left
         self.due = 0.0          # monotonic time the next piece may go
         self.blocked = False    # dst's send buffer is full: wait until it is writable
         self.end: str | None = None
@@ -135,20 +143,42 @@ class _Pipe:
         return self.end is None and not self.done and len(self.buf) < HOLD_LIMIT
 
     def take(self, data: bytes, now: float) -> None:
-        if not self.pieces:
-            self.due = max(self.due, now + self.pause())
         self.buf += data
         self.pieces.extend(cut_sizes(len(data), self.rng))
+        self.chunks.append(len(data))
+        if len(self.chunks) == 1:
+            self.budget = CHUNK_PAUSES
+            self.due = max(self.due, now + self.pause())
+
+    def written(self, n: int) -> None:
+        """n bytes of the buffer went out."""
+        del self.buf[:n]
+        if len(self.log) < PIECE_LOG:
+            self.log.append(n)
+        while n:
+            step = min(n, self.chunks[0])
+            self.chunks[0] -= step
+            n -= step
+            if not self.chunks[0]:
+                self.chunks.popleft()
+                self.budget = CHUNK_PAUSES
 
     def pause(self) -> float:
+        """The pause before the next piece: none while another chunk waits behind
+        this one (catching up), else random, within the chunk's budget."""
         p = self.proxy
-        if p.pause_chance < 1.0 and self.rng.random() >= p.pause_chance:
+        if len(self.chunks) > 1 or self.budget <= 0:
             return 0.0
-        return self.rng.uniform(p.min_delay, p.max_delay)
+        if p.pause_chance < 1.0 and self.pause_rng.random() >= p.pause_chance:
+            return 0.0
+        pause = min(self.budget, self.pause_rng.uniform(p.min_delay, p.max_delay))
+        self.budget -= pause
+        return pause
 
     def discard(self) -> None:
         self.buf.clear()
         self.pieces.clear()
+        self.chunks.clear()
         self.done = True
 
 
@@ -162,8 +192,8 @@ class _Relay:
         self.upstream_port = up.getsockname()[1]
         self.connected = False          # the upstream connect completed
         self.closed = False
-        self.to_up = _Pipe(down, up, random.Random(seed + "/up"), proxy)
-        self.to_down = _Pipe(up, down, random.Random(seed + "/down"), proxy)
+        self.to_up = _Pipe(down, up, seed + "/up", proxy)
+        self.to_down = _Pipe(up, down, seed + "/down", proxy)
         self.masks = {down: 0, up: 0}   # what each socket is registered for
 
     def pipe_from(self, sock: socket.socket) -> _Pipe:
@@ -412,9 +442,7 @@ class FragProxy:
                 except OSError:
                     self._far_side_gone(relay, pipe)
                     break
-                del pipe.buf[:n]
-                if len(pipe.log) < PIECE_LOG:
-                    pipe.log.append(n)
+                pipe.written(n)
                 if n < size:
                     pipe.pieces[0] = size - n
                     pipe.blocked = True
