@@ -11,7 +11,8 @@ xfail(strict=False) with the observation (`brokers(mosquitto_flaky=...)`).
 Use: `pytest_plugins = ["broker_fixtures"]` in a test module (the `broker_proc`
 and `broker` fixtures), and `@brokers("routing", ...)` on each test.
 
-gw must pass every test; its runs are never marked.
+gw must pass every test; its runs are never marked, but for a known bug being
+fixed (`brokers(gw_known_bug=...)`, a strict xfail that fails every time).
 
 Placement: on gw, each client of a routing test must be on a chosen worker
 (the issue demands that publisher and subscribers sit on different workers).
@@ -21,6 +22,13 @@ SO_REUSEPORT hash puts one on that worker (checked with
 so no MQTT state (client id, session) is touched by the probing; the MQTT client
 (paho or raw) then speaks on that socket. `Broker.assert_workers` re-checks the
 placement from /proc when a test asserts it. On Mosquitto `worker` is ignored.
+
+Fragmentation: under GW_TEST_FRAGMENT=1 both brokers sit behind a fragmenting
+proxy (tests/fragproxy.py; conftest.GwServer for gw, `Mosquitto` here), so
+every client of the suite, paho or raw, has its byte stream re-cut both ways.
+The placement then finds the worker by the proxy's upstream connection for
+the client (`GwServer.which_worker` asks the proxy), and a misplaced probe's
+reset reaches the broker through it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import fragproxy
 from conftest import (HOST, GwServer, free_ports, mqtt_str, packet, paho_client_class, read_packet,
                       start_paho_thread, stop_paho_thread, subscribe_packet,
                       tcp_connect, wait_closed, wait_for)
@@ -55,22 +64,25 @@ PLACEMENT_ATTEMPTS = 60  # a wrong worker has probability 1/2 per attempt with 2
 
 
 def brokers(*needs: str, gw_only: str | None = None, mosquitto_flaky: str | None = None,
-            argname: str = "broker_proc"):
+            gw_known_bug: str | None = None, argname: str = "broker_proc"):
     """Parametrizes a test over the two brokers (`broker_proc` params mosquitto, gw).
 
     needs: what the test exercises (AREAS). gw_only: a reason; the Mosquitto
     param is skipped with it (behaviour gw is specified to have and Mosquitto
     lacks or does otherwise). mosquitto_flaky: a reason; the Mosquitto param runs
     but is xfail(strict=False): the standard requires it, Mosquitto 2.0.11 gets it
-    wrong now and then (observed, described in the reason). The gw param is
-    never marked: gw must pass every test."""
+    wrong now and then (observed, described in the reason). gw must pass every
+    test; the one exception is gw_known_bug: a bug of gw that is being fixed,
+    whose test fails every time until then (xfail(strict=True): once the fix
+    lands the test passes, the run fails, and the mark goes)."""
     for n in needs:
         assert n in AREAS, n
     mq_marks = [pytest.mark.skip(reason=f"gw-only: {gw_only}")] if gw_only else []
     if mosquitto_flaky:
         mq_marks.append(pytest.mark.xfail(strict=False, reason=f"Mosquitto 2.0.11: {mosquitto_flaky}"))
+    gw_marks = [pytest.mark.xfail(strict=True, reason=gw_known_bug)] if gw_known_bug else []
     return pytest.mark.parametrize(argname, [pytest.param("mosquitto", marks=mq_marks, id="mosquitto"),
-                                                   pytest.param("gw", id="gw")],
+                                                   pytest.param("gw", marks=gw_marks, id="gw")],
                                    indirect=True)
 
 
@@ -89,13 +101,17 @@ class Mosquitto:
     """Debian's mosquitto on a free loopback port with a config of our own.
 
     The log goes to stderr, which we redirect to a file we opened (so it does not
-    matter that Mosquitto started as root drops to the `mosquitto` user)."""
+    matter that Mosquitto started as root drops to the `mosquitto` user).
+    port: where clients connect; under GW_TEST_FRAGMENT a fragmenting proxy
+    listens there and Mosquitto on a port of its own (`listen_port`)."""
 
     def __init__(self, base: Path, *, persistence: bool = False, sys_interval: int | None = None,
                  port: int | None = None, extra: tuple[str, ...] = ()):
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.port = port or free_ports(1)[0]
+        self.listen_port = free_ports(1)[0] if fragproxy.enabled() else self.port
+        self.proxy: fragproxy.FragProxy | None = None
         self.persistence = persistence
         self.sys_interval = SYS_INTERVAL if sys_interval is None else sys_interval
         self.extra = extra
@@ -109,7 +125,7 @@ class Mosquitto:
         return self.proc.pid if self.proc else 0
 
     def write_conf(self) -> None:
-        lines = [f"listener {self.port} {HOST}", "allow_anonymous true",
+        lines = [f"listener {self.listen_port} {HOST}", "allow_anonymous true",
                  f"persistence {'true' if self.persistence else 'false'}",
                  f"sys_interval {self.sys_interval}", "log_dest stderr", "log_type all",
                  "connection_messages true"]
@@ -126,15 +142,17 @@ class Mosquitto:
     def start(self, timeout: float = 10.0) -> "Mosquitto":
         self.write_conf()
         self._log_fh = open(self.log_path, "ab")
+        _MOSQUITTOS.append(self)
+        if self.listen_port != self.port:
+            self.proxy = fragproxy.FragProxy(self.listen_port, listen_port=self.port, name="mqtt")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdin=subprocess.DEVNULL,
                                      stdout=self._log_fh, stderr=self._log_fh, start_new_session=True)
-        _MOSQUITTOS.append(self)
 
         def up():
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mosquitto exited with {self.proc.returncode}:\n{self.log()}")
             try:
-                socket.create_connection((HOST, self.port), timeout=1).close()
+                socket.create_connection((HOST, self.listen_port), timeout=1).close()
                 return True
             except OSError:
                 return False
@@ -163,6 +181,9 @@ class Mosquitto:
         if self._log_fh is not None:
             self._log_fh.close()
             self._log_fh = None
+        if self.proxy is not None:
+            self.proxy.stop()
+            self.proxy = None
 
     def log(self) -> str:
         try:

@@ -5,6 +5,15 @@ with its own --data-dir and --certs under a tmp dir, waits until every worker
 runs its loop, and always stops it (SIGTERM, then SIGKILL of the master and
 of every worker it ever saw, by pid). Helpers build raw MQTT packets by hand
 (struct, not the project codec) and wrap paho-mqtt clients.
+
+Fragmentation: with GW_TEST_FRAGMENT=1 every GwServer listens on ports of its
+own and a fragmenting proxy (tests/fragproxy.py) on each of the ports the
+tests connect to (`GwServer.ports`) relays to them, re-cutting both byte
+streams at random points. The run's seed is printed in pytest's header and in
+each test's set-up output; GW_TEST_FRAGMENT_SEED=<seed> replays it. A test that
+cannot run through a proxy says so with `@pytest.mark.no_fragment(reason)` and
+is skipped under the switch. `send_fragmented` writes a client's own bytes in
+pieces, with or without the switch.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -26,6 +36,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+import fragproxy
+from fragproxy import FragProxy
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -94,11 +107,14 @@ class GwServer:
     listeners: which of mqtt/mqtts/json/jsons/http/https get a free port (the others are `off`).
     argv: when given, replaces the generated flags entirely (after `serve`); the
     caller then passes `ports` and `workers` so the harness knows what to expect.
+    ports: where clients connect. fragment (default: GW_TEST_FRAGMENT): a
+    fragmenting proxy listens on each of those and relays to the server's own
+    ports (`listen_ports`); without it the server listens on `ports` itself.
     """
 
     def __init__(self, base: Path, *, workers: int = 2, listeners=LISTENERS, certs=None,
                  data_dir=None, config=None, stats_interval: float = 0, args=(), argv=None,
-                 ports: dict | None = None):
+                 ports: dict | None = None, fragment: bool | None = None):
         self.base = Path(base)
         self.base.mkdir(parents=True, exist_ok=True)
         self.workers = workers
@@ -111,6 +127,12 @@ class GwServer:
         if ports is None:
             ports = dict(zip(listeners, free_ports(len(listeners))))
         self.ports: dict[str, int] = dict(ports)
+        # argv names the ports the server listens on: no room for a proxy then.
+        self.fragment = fragproxy.enabled() if fragment is None else fragment
+        self.fragment = self.fragment and argv is None
+        self.listen_ports: dict[str, int] = (dict(zip(self.ports, free_ports(len(self.ports))))
+                                             if self.fragment else self.ports)
+        self.proxies: dict[str, FragProxy] = {}
         self.log_path = self.base / "gw.log"          # stderr: log lines and messages
         self.stdout_path = self.base / "stdout.log"
         self.proc: subprocess.Popen | None = None
@@ -140,7 +162,7 @@ class GwServer:
             cmd += ["--config", str(self.config)]
         cmd += ["--workers", str(self.workers)]
         for name in LISTENERS:
-            cmd += [f"--{name}", f"{HOST}:{self.ports[name]}" if name in self.ports else "off"]
+            cmd += [f"--{name}", f"{HOST}:{self.listen_ports[name]}" if name in self.listen_ports else "off"]
         cmd += ["--data-dir", str(self.data_dir), "--certs", str(self.certs_dir),
                 "--stats-interval", str(self.stats_interval)]
         return cmd + self.args
@@ -150,6 +172,13 @@ class GwServer:
         self._log_fh = open(self.log_path, "ab")
         self._out_fh = open(self.stdout_path, "ab")
         _RUNNING.append(self)
+        if self.fragment:
+            try:
+                for name, port in self.ports.items():
+                    self.proxies[name] = FragProxy(self.listen_ports[name], listen_port=port, name=name)
+            except BaseException:
+                self.stop_proxies()
+                raise
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=gw_env(),
                                      stdin=subprocess.DEVNULL, stdout=self._out_fh,
                                      stderr=self._log_fh, start_new_session=True)
@@ -221,8 +250,10 @@ class GwServer:
         return self.proc.wait(timeout)
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, bounded wait, then SIGKILL; also kills any worker left behind."""
+        """SIGTERM, bounded wait, then SIGKILL; also kills any worker left behind.
+        The proxies stop after the server: they pass on its closes."""
         if self.proc is None:
+            self.stop_proxies()
             return None
         if self in _RUNNING:
             _RUNNING.remove(self)
@@ -251,7 +282,13 @@ class GwServer:
             if fh is not None:
                 fh.close()
         self._log_fh = self._out_fh = None
+        self.stop_proxies()
         return self.proc.returncode
+
+    def stop_proxies(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.stop()
+        self.proxies.clear()
 
     # observations
     def log(self) -> str:
@@ -292,8 +329,10 @@ class GwServer:
         return json.loads(res.stdout) if as_json else res.stdout
 
     def which_worker(self, client_local_port: int, timeout: float = 5.0) -> int:
-        """The worker pid holding the server side of the client connection from that port."""
-        ports = set(self.ports.values())
+        """The worker pid holding the server side of the client connection from
+        that port (through a proxy: of the proxy's upstream connection for it)."""
+        ports = set(self.listen_ports.values())
+        peer_port = self.peer_port(client_local_port, timeout)
 
         def find():
             for pid in self.worker_pids():
@@ -302,11 +341,20 @@ class GwServer:
                 except psutil.NoSuchProcess:
                     continue
                 for c in conns:
-                    if c.raddr and c.raddr.port == client_local_port and c.laddr.port in ports:
+                    if c.raddr and c.raddr.port == peer_port and c.laddr.port in ports:
                         return pid
             return None
 
         return wait_for(find, timeout, what=f"the worker of client port {client_local_port}")
+
+    def peer_port(self, client_local_port: int, timeout: float = 5.0) -> int:
+        """The port the server sees the client connection from that port come
+        from: the client's own, or the proxy's upstream socket's."""
+        if not self.proxies:
+            return client_local_port
+        proxy = wait_for(lambda: next((p for p in self.proxies.values() if p.knows(client_local_port)), None),
+                         timeout, what=f"a proxy to accept client port {client_local_port}")
+        return proxy.upstream_port(client_local_port)
 
     def wait_counter(self, name: str, at_least: int, timeout: float = 10.0) -> dict:
         def check():
@@ -325,6 +373,81 @@ def get_counter(counters: dict, name: str) -> int:
 
 def counter_delta(before: dict, after: dict, name: str) -> int:
     return get_counter(after, name) - get_counter(before, name)
+
+
+# --- fragmentation -----------------------------------------------------------------
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "no_fragment(reason): the test cannot run through the "
+                                       "fragmenting proxy; skipped under GW_TEST_FRAGMENT=1")
+
+
+def pytest_report_header(config):
+    if fragproxy.enabled():
+        return (f"fragmenting proxy in front of every server: GW_TEST_FRAGMENT_SEED={fragproxy.BASE_SEED} "
+                f"replays this run's cuts")
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    if not fragproxy.enabled():
+        return
+    for item in items:
+        mark = item.get_closest_marker("no_fragment")
+        if mark is not None:
+            reason = mark.args[0] if mark.args else mark.kwargs.get("reason", "")
+            item.add_marker(pytest.mark.skip(reason=f"not through the fragmenting proxy: {reason}"))
+
+
+@pytest.fixture(autouse=True)
+def _fragment_seed(request):
+    """Seeds the proxies (and frag_rng) for this test, from the run's seed and
+    the test's node id, and prints how to replay it (shown when it fails)."""
+    seed = fragproxy.begin_test(request.node.nodeid)
+    if fragproxy.enabled():
+        print(f"fragmenting proxy: seed {seed!r}; replay: GW_TEST_FRAGMENT=1 "
+              f"GW_TEST_FRAGMENT_SEED={fragproxy.BASE_SEED} pytest '{request.node.nodeid}'")
+    return seed
+
+
+@pytest.fixture
+def frag_rng(_fragment_seed) -> random.Random:
+    """A random.Random for send_fragmented, seeded per test (GW_TEST_FRAGMENT_SEED replays it)."""
+    print(f"send_fragmented seed {_fragment_seed!r}; replay: GW_TEST_FRAGMENT_SEED={fragproxy.BASE_SEED}")
+    return random.Random(_fragment_seed + "/send")
+
+
+def send_fragmented(sock, data: bytes, rng: random.Random | None = None, *, cuts=None,
+                    pause: float = 0.002) -> int:
+    """Writes data in pieces, each its own segment (TCP_NODELAY) with `pause`
+    seconds between them, so the server reads them separately. The cuts: one
+    byte at a time with neither rng nor cuts; else the given offsets `cuts`,
+    and random ones from rng (single bytes among them). Stops when the server
+    closed the connection meanwhile (it may close on the first bad byte);
+    returns the bytes written."""
+    n = len(data)
+    if rng is None and cuts is None:
+        sizes = [1] * n
+    else:
+        points = {c for c in (cuts or ()) if 0 < c < n}
+        if rng is not None:
+            pos = 0
+            for size in fragproxy.cut_sizes(n, rng)[:-1]:
+                pos += size
+                points.add(pos)
+        bounds = [0, *sorted(points), n]
+        sizes = [b - a for a, b in zip(bounds, bounds[1:])]
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sent = 0
+    for i, size in enumerate(sizes):
+        if i:
+            time.sleep(pause)
+        try:
+            sock.sendall(data[sent:sent + size])
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent += size
+    return sent
 
 
 # --- fixtures --------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Bad input on the broker path, on gw and Mosquitto alike where both agree,
 with each broker's own answer where the standard lets them differ (noted), and
-gw-only checks that a client which never reads cannot hurt the others."""
+gw-only checks that a client which never reads cannot hurt the others. Packets
+written in pieces (one byte at a time, or cut at random points and where a
+packet is most easily misread) must be handled as if written whole."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ import time
 import pytest
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
-from broker_fixtures import ack_packet, brokers, publish_packet_full  # noqa: E402
-from conftest import subscribe_packet, wait_for  # noqa: E402
+from broker_fixtures import ack_packet, brokers, connect_packet_full, publish_packet_full  # noqa: E402
+from conftest import send_fragmented, subscribe_packet, wait_for  # noqa: E402
 
 pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
@@ -118,6 +120,102 @@ def test_subscribe_qos_3_disconnects(broker):
     raw = broker.raw(0)
     raw.send(subscribe_packet(1, [(broker.topic("q3"), 3)]))
     assert raw.wait_closed_by_broker() == b""
+
+
+# --- packets written in pieces --------------------------------------------------------------
+
+# How a test writes its packet: one byte at a time, or cut at random points
+# (frag_rng, seeded per test; the seed is printed) besides the test's own cut.
+PIECES = ["bytewise", "random"]
+
+
+def _send_in_pieces(raw, data: bytes, pieces: str, rng, cut: int) -> None:
+    if pieces == "bytewise":
+        send_fragmented(raw.sock, data)
+    else:
+        send_fragmented(raw.sock, data, rng, cuts=[cut])
+
+
+@brokers("sessions")
+@pytest.mark.parametrize("pieces", ["after-first-byte", "bytewise"])
+def test_connect_in_pieces_is_accepted(broker, pieces):
+    """A CONNECT whose first byte arrives alone (or every byte alone): CONNACK 0,
+    then the connection works. Each client id is used on both gw workers in
+    turn, so one of them is the id's home worker (its session settles at once)."""
+    for i in range(2):
+        cid = broker.client_id(f"split{i}")
+        for worker in (0, 1):
+            raw = broker.raw(worker, client_id=False)
+            data = connect_packet_full(cid, keepalive=30)
+            send_fragmented(raw.sock, data, cuts=[1] if pieces == "after-first-byte" else None)
+            first, body = raw.read(broker.wait)
+            assert (first, body) == (0x20, b"\x00\x00"), f"worker {worker}: {first:#x} {body!r}"
+            raw.ping()
+            raw.disconnect()
+
+
+@brokers("routing")
+@pytest.mark.parametrize("pieces", PIECES)
+def test_publish_split_inside_its_remaining_length(broker, pieces, frag_rng):
+    """A QoS 1 PUBLISH whose two-byte remaining length is cut between its bytes:
+    PUBACK, and the subscriber on the other worker gets the payload intact."""
+    t = broker.topic("split")
+    sub = broker.connect(1)
+    sub.subscribe(t, 1)
+    raw = broker.raw(0)
+    broker.assert_workers((raw, 0), (sub, 1))
+    payload = bytes(range(200))
+    data = publish_packet_full(t, payload, qos=1, packet_id=3)
+    assert data[1] & 0x80 and not data[2] & 0x80, "the remaining length must take two bytes"
+    _send_in_pieces(raw, data, pieces, frag_rng, cut=2)
+    assert raw.read_until(0x40, broker.wait) == b"\x00\x03"
+    [m] = sub.wait_messages(1, t)
+    assert m.payload == payload
+    raw.ping()
+
+
+@brokers("routing")
+@pytest.mark.parametrize("pieces", PIECES)
+def test_subscribe_split_inside_a_topic_filter(broker, pieces, frag_rng):
+    """A SUBSCRIBE cut in the middle of its second topic filter: SUBACK with both
+    grants, and both filters route."""
+    a, b = broker.topic("first/+"), broker.topic("second/+/leaf")
+    raw = broker.raw(1)
+    data = subscribe_packet(7, [(a, 0), (b, 1)])
+    middle = data.index(b.encode()) + len(b) // 2
+    _send_in_pieces(raw, data, pieces, frag_rng, cut=middle)
+    assert raw.read_until(0x90, broker.wait) == b"\x00\x07\x00\x01"
+    pub = broker.connect(0)
+    broker.assert_workers((raw, 1), (pub, 0))
+    pub.publish(broker.topic("second/x/leaf"), b"to-b", qos=1)
+    pub.publish(broker.topic("first/y"), b"to-a", qos=1)
+    got = sorted((m.topic, m.payload) for m in (raw.read_publish(), raw.read_publish()))
+    assert got == [(broker.topic("first/y"), b"to-a"), (broker.topic("second/x/leaf"), b"to-b")]
+
+
+# Malformed packets whose malformation is their last byte.
+MALFORMED_LAST = {
+    "publish-topic-ends-in-hash": lambda b: publish_packet_full(b.topic("x") + "/#", b"", qos=0),
+    "subscribe-qos-3": lambda b: subscribe_packet(4, [(b.topic("q"), 3)]),
+    "remaining-length-5th-byte": lambda b: b"\x30\xff\xff\xff\xff\x01",
+}
+
+
+@brokers()
+@pytest.mark.parametrize("pieces", PIECES)
+@pytest.mark.parametrize("bad", list(MALFORMED_LAST))
+def test_malformation_arriving_last_disconnects(broker, bad, pieces, frag_rng):
+    """A malformed packet written in pieces, its malformation (the `#` of a
+    PUBLISH topic, a QoS of 3, a fifth remaining-length byte) alone in the last
+    one: nothing is answered, the connection is closed (MQTT-4.8.0-1), on both
+    brokers; a client on the same worker is unharmed."""
+    raw = broker.raw(0)
+    other = broker.connect(0)
+    broker.assert_workers((raw, 0), (other, 0))
+    data = MALFORMED_LAST[bad](broker)
+    _send_in_pieces(raw, data, pieces, frag_rng, cut=len(data) - 1)
+    assert raw.wait_closed_by_broker() == b""
+    other.ping()
 
 
 # --- a client that never reads ---------------------------------------------------------------

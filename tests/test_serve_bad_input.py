@@ -12,7 +12,7 @@ import pytest
 
 from conftest import (CONNACK_OK, PINGREQ, PahoClient, client_tls_context, connect_packet,
                       counter_delta, mqtt_str, packet, ping, publish_packet, read_packet,
-                      subscribe_packet, tcp_connect, tls_connect, wait_closed)
+                      send_fragmented, subscribe_packet, tcp_connect, tls_connect, wait_closed)
 
 MAX_PACKET = 4096
 
@@ -97,6 +97,72 @@ def test_bad_input_closes_only_the_offender(server, healthy, connect_first, data
     for name, delta in deltas.items():
         assert counter_delta(before, after, name) == delta, name
     assert counter_delta(before, after, "conns_current") == 0
+    healthy.check_healthy()
+
+
+BYTEWISE_HEAD = 64     # bytewise: the first bytes one at a time, the rest in one piece
+
+
+@pytest.mark.parametrize("pieces", ["bytewise", "random"])
+@pytest.mark.parametrize("connect_first, data, reply, deltas",
+                         [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_in_pieces_closes_only_the_offender(server, healthy, connect_first, data, reply, deltas,
+                                                       pieces, frag_rng):
+    """The same cases, the bad bytes written in pieces (the CONNECT before them
+    whole): the first bytes one at a time, or cut at random points with the
+    last byte alone (where most malformations are). Same answer, same counters."""
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        if connect_first:
+            sock.sendall(connect_packet(b"offender"))
+            assert read_packet(sock) == CONNACK_OK
+        if pieces == "bytewise":
+            send_fragmented(sock, data, cuts=range(1, BYTEWISE_HEAD))
+        else:
+            send_fragmented(sock, data, frag_rng, cuts=[len(data) - 1])
+        assert wait_closed(sock, 10) == reply
+    after = server.counters()
+    for name, delta in deltas.items():
+        assert counter_delta(before, after, name) == delta, name
+    assert counter_delta(before, after, "conns_current") == 0
+    healthy.check_healthy()
+
+
+@pytest.mark.parametrize("cuts", [[1], [3], "bytewise"], ids=["after-first-byte", "in-protocol-name",
+                                                              "bytewise"])
+def test_connect_in_pieces_is_accepted(gw_factory, cuts):
+    """A valid CONNECT written in pieces gets CONNACK 0 and the connection works,
+    and the worker lives on. One worker: the client id's home is the worker
+    holding the connection, so its session settles at once."""
+    server = gw_factory(workers=1, listeners=("mqtt",))
+    [pid] = server.worker_pids()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        send_fragmented(sock, connect_packet(b"in-pieces"), cuts=None if cuts == "bytewise" else cuts)
+        assert read_packet(sock) == CONNACK_OK
+        ping(sock)
+    assert server.worker_pids() == [pid]
+
+
+def test_packets_in_pieces_after_connect(server, healthy, frag_rng):
+    """After a whole CONNECT, a stream of packets written in pieces cut at
+    random points: each answered, the PUBACKs in order, as written whole (the
+    SUBACK may come after later PINGRESPs: it waits for the other worker to
+    learn the new filter)."""
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(connect_packet(b"pieces"))
+        assert read_packet(sock) == CONNACK_OK
+        stream = b"".join([PINGREQ, publish_packet("pieces/t", bytes(300), qos=1, packet_id=1),
+                           subscribe_packet(2, [("pieces/+/x", 1)]), PINGREQ,
+                           publish_packet("pieces/t", b"y" * 5, qos=1, packet_id=3)])
+        send_fragmented(sock, stream, frag_rng, cuts=range(1, 8))
+        answers = [read_packet(sock) for _ in range(5)]
+        pubacks = [(0x40, b"\x00\x01"), (0x40, b"\x00\x03")]
+        assert sorted(answers) == sorted([(0xD0, b""), (0xD0, b""), (0x90, b"\x00\x02\x01"), *pubacks])
+        assert [a for a in answers if a[0] == 0x40] == pubacks
+    after = server.counters()
+    assert counter_delta(before, after, "closed_malformed") == 0
+    assert counter_delta(before, after, "packets_in.publish") == 2
     healthy.check_healthy()
 
 

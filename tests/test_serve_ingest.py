@@ -284,7 +284,7 @@ def test_draining_answers_503_with_retry_after(gw_factory):
     try:
         assert c.request("GET", "/readyz").status == 200
         os.kill(server.pid, signal.SIGTERM)
-        wait_for(lambda: _refused(server.ports["http"]), 5, what="the listener to close")
+        wait_for(lambda: _refused(server.listen_ports["http"]), 5, what="the listener to close")
         resp = c.request("POST", "/v1/ingest/dev-drain", ingest_body(seq=1))
         assert_json_error(resp, 503)
         assert int(resp.headers["retry-after"]) >= 1
@@ -300,7 +300,7 @@ def test_readyz_is_503_while_draining(gw_factory):
     try:
         assert c.request("GET", "/readyz").status == 200
         os.kill(server.pid, signal.SIGTERM)
-        wait_for(lambda: _refused(server.ports["http"]), 5, what="the listener to close")
+        wait_for(lambda: _refused(server.listen_ports["http"]), 5, what="the listener to close")
         resp = c.request("GET", "/readyz")
         assert resp.status == 503 and resp.headers["retry-after"]
     finally:
@@ -308,6 +308,7 @@ def test_readyz_is_503_while_draining(gw_factory):
 
 
 def _refused(port: int) -> bool:
+    """gw's own listener on port (a listen_ports one: a proxy in front would accept) is closed."""
     try:
         socket.create_connection((HOST, port), timeout=1).close()
     except OSError:

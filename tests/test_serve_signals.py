@@ -241,6 +241,6 @@ def test_graceful_stop(gw_factory, sig):
     assert not shm.exists()
     assert "stopped" in gw.log()
     assert "killed" not in gw.log()          # everything drained within drain_timeout
-    for name, port in gw.ports.items():
+    for name, port in gw.listen_ports.items():     # gw's own (behind the proxies under GW_TEST_FRAGMENT)
         with pytest.raises(ConnectionRefusedError):
             tcp_connect(port, timeout=5).close()
