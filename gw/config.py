@@ -130,6 +130,12 @@ class Config:
                                    minimum=0.1, maximum=3600)
     http_keepalive_timeout: float = _setting(75.0, "seconds an idle keep-alive HTTP connection is kept",
                                              minimum=0.1, maximum=86400)
+    http_linger_bytes: int = _setting(16 << 20, "after an answer sent before the request's body arrived (413, "
+                                      "400, ...), bytes the client may still send, read and discarded so it "
+                                      "sees the answer rather than a reset (0: close at once)",
+                                      minimum=0, maximum=1 << 30)
+    http_linger_timeout: float = _setting(5.0, "seconds such a lingering close lasts at most (0: close at once)",
+                                          minimum=0, maximum=3600)
     ack_mqtt: str = _setting("", "ack mode of the mqtt listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_mqtts: str = _setting("", "ack mode of the mqtts listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_http: str = _setting("", "ack mode of the http listener ('' : ack)", choices=("",) + ACK_MODES)

@@ -130,6 +130,10 @@ _FAMILIES = [
      [("", C.WAL_REFUSED)]),
     ("gw_acks_held", "gauge", "Acknowledgements waiting for the log to be durable (ack mode sink).",
      [("", C.ACKS_HELD)]),
+    ("gw_http_lingering_closes_cut_total", "counter",
+     "HTTP connections closed while the client was still sending after an early answer: "
+     "over http_linger_bytes or http_linger_timeout.",
+     [("", C.HTTP_LINGER_CUT)]),
 ]
 
 _HISTOGRAMS = [

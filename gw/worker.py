@@ -56,6 +56,8 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_max_body = cfg.max_body_size
     worker.http_timeout_ms = int(cfg.http_timeout * 1000)
     worker.http_keepalive_ms = int(cfg.http_keepalive_timeout * 1000)
+    worker.http_linger_bytes = cfg.http_linger_bytes
+    worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
     worker.tick_ms = 1000

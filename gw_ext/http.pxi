@@ -15,6 +15,14 @@
 #   501  a transfer coding other than chunked
 #   505  an HTTP version other than 1.0 and 1.1
 # An idle keep-alive connection is closed after http_keepalive_timeout.
+#
+# Such an answer may go out before the request's body has arrived (a 413 for
+# a declared Content-Length): closing at once would make the kernel reset the
+# connection on the bytes still coming, and the client would see the reset
+# instead of the answer. So the close lingers, as nginx's does: once the
+# answer is written, our side is shut down (FIN) and what the client still
+# sends is read and discarded until it closes, for at most http_linger_bytes
+# and http_linger_timeout (then a reset, counted in HTTP_LINGER_CUT).
 
 cdef enum:
     HTTP_MAX_HEAD = 16384       # request line and header fields together, bytes
@@ -27,6 +35,8 @@ cdef enum HttpFlag:
     HF_CONTINUE_SENT = 2        # "100 Continue" sent for the current request
     HF_CLOSE = 4                # close after the next response (draining)
     HF_CLOSE_AFTER_HELD = 8     # close once the held responses went out; read nothing more
+    HF_LINGER_WANTED = 16       # closing before the client finished sending: linger once the answer is out
+    HF_LINGER = 32              # lingering close: our side shut, input read and discarded
 
 
 cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
@@ -91,9 +101,12 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef Py_ssize_t pos = 0, r
     cdef HttpState* st = &w.http[c.fd]
     cdef bint completed = False
+    if st.flags & HF_LINGER:
+        return http_linger_input(w, c, n)
     c.need = 0
     while pos < n:
         if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
+            st.flags |= HF_LINGER_WANTED        # the client sent more than we answer
             return n
         r = http_request(w, c, buf + pos, n - pos)
         if r < 0:
@@ -103,6 +116,8 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
         pos += r
         completed = True
     if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
+        if pos < n:
+            st.flags |= HF_LINGER_WANTED
         return n
     if pos < n:
         if not (st.flags & HF_IN_REQUEST):
@@ -498,6 +513,8 @@ cdef int http_fail(Worker w, Conn* c, int status, str code, str message):
         w.counters[HTTP_TIMEOUTS] += 1
     else:
         w.counters[HTTP_MALFORMED] += 1
+        # The client may still be sending the request: the close lingers, so it reads this answer.
+        w.http[c.fd].flags |= HF_LINGER_WANTED
     w.log_limited(CR_HTTP, "closed an HTTP connection: %d %s (%s)" % (status, code, message))
     if http_write(w, c, status, b"application/json", body, b"", False, 1, False) < 0:
         return -1
@@ -509,12 +526,59 @@ cdef void http_on_timer(Worker w, Conn* c):
     """http_timeout passed mid-request (408), or an idle keep-alive connection
     expired, or the drain grace ended."""
     cdef HttpState* st = &w.http[c.fd]
+    if st.flags & HF_LINGER:
+        if st.linger_left < w.http_linger_bytes:
+            # It was still sending (or stopped without closing): it gets a reset.
+            w.counters[HTTP_LINGER_CUT] += 1
+        w.close_conn(c, CR_TIMEOUT)
+        return
     if st.flags & HF_IN_REQUEST and not w.draining:
         http_fail(w, c, 408, "request_timeout",
                   "the request was not complete within http_timeout (%d s)" % (w.http_timeout_ms // 1000))
         return
     w.counters[HTTP_TIMEOUTS] += 1
     w.close_conn(c, CR_TIMEOUT)
+
+
+cdef bint http_linger_start(Worker w, Conn* c):
+    """A closing connection's answer is written (Worker.flush): if the client may
+    still be sending, shuts our side (FIN; close_notify first on TLS) and reads
+    what comes, discarded, until it closes, for at most http_linger_bytes and
+    http_linger_timeout. False: close now."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef uint64_t ms = w.http_linger_ms
+    if not (st.flags & HF_LINGER_WANTED) or w.http_linger_bytes == 0 or ms == 0:
+        return False
+    st.flags = (st.flags & ~(HF_LINGER_WANTED | HF_IN_REQUEST)) | HF_LINGER
+    st.linger_left = w.http_linger_bytes
+    if c.ssl != NULL:
+        ERR_clear_error()
+        SSL_shutdown(c.ssl)
+        ERR_clear_error()
+    shutdown(c.fd, SHUT_WR)
+    c.state = ST_AWAIT_CONNECT      # read again (process_http discards), no longer flushing
+    c.need = 0
+    if c.flags & F_PAUSED:
+        c.flags &= ~F_PAUSED
+        w.update_events(c)
+    if w.draining and ms > HTTP_DRAIN_GRACE_MS:
+        ms = HTTP_DRAIN_GRACE_MS
+    wheel_schedule(&w.wheel, &c.timer, w.now_ms + ms)
+    return True
+
+
+cdef Py_ssize_t http_linger_input(Worker w, Conn* c, Py_ssize_t n):
+    """Bytes read during a lingering close: discarded (all consumed), or the
+    connection reset once they pass http_linger_bytes (-1)."""
+    cdef HttpState* st = &w.http[c.fd]
+    if n >= st.linger_left:
+        w.counters[HTTP_LINGER_CUT] += 1
+        w.log_limited(CR_HTTP, "an HTTP client kept sending after its early answer, over http_linger_bytes "
+                      "(%d): connection reset" % w.http_linger_bytes)
+        w.close_conn(c, CR_SERVER)
+        return -1
+    st.linger_left -= <uint32_t>n
+    return n
 
 
 cdef void http_start_drain(Worker w, Conn* c):

@@ -177,6 +177,8 @@ cdef class Worker:
     cdef public uint32_t http_max_body
     cdef public uint32_t http_timeout_ms
     cdef public uint32_t http_keepalive_ms
+    cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
+    cdef public uint32_t http_linger_ms      # ... and for how long
     cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
     # The write-ahead log and the answers waiting for it (durable.pxi).
     cdef Wal wal
@@ -241,6 +243,8 @@ cdef class Worker:
         self.http_max_body = 1 << 20
         self.http_timeout_ms = 10000
         self.http_keepalive_ms = 75000
+        self.http_linger_bytes = 16 << 20
+        self.http_linger_ms = 5000
         self.telemetry_prefix = b""
         self.held_http = {}
         self.client_sessions = {}
@@ -1036,6 +1040,8 @@ cdef class Worker:
         c.flags &= ~F_SSL_WRITE_WANTS_READ
         self.set_pollout(c, False)
         if c.state == ST_CLOSING:
+            if c.proto == PROTO_HTTP and http_linger_start(self, c):
+                return 1        # a lingering close: what the client still sends is read away first (http.pxi)
             self.close_conn(c, CR_SERVER)
             return -1
         return 1

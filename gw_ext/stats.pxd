@@ -72,7 +72,9 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
-    # 147..191 free.
+    # HTTP's lingering close.
+    HTTP_LINGER_CUT = 147     # lingering closes ended by http_linger_bytes or http_linger_timeout (the client was still sending)
+    # 148..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
