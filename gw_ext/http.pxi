@@ -23,12 +23,22 @@
 # answer is written, our side is shut down (FIN) and what the client still
 # sends is read and discarded until it closes, for at most http_linger_bytes
 # and http_linger_timeout (then a reset, counted in HTTP_LINGER_CUT).
+#
+# Every length here comes from the network and is checked before use: the
+# head (HTTP_MAX_HEAD), Content-Length (15 digits, then max_body_size), a
+# chunk-size line (HTTP_MAX_CHUNK_LINE, found or not), a chunk's size (its
+# significant digits, then max_body_size for the data so far), the encoded
+# chunked body (data and framing: max_body_size plus as much framing, at least
+# HTTP_MIN_CHUNK_FRAMING), the trailer section (HTTP_MAX_HEAD).
 
 cdef enum:
     HTTP_MAX_HEAD = 16384       # request line and header fields together, bytes
     HTTP_MAX_HEADERS = 100      # header fields per request
-    HTTP_MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions)
+    HTTP_MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions), its CRLF not counted
+    HTTP_MAX_CHUNK_DIGITS = 8   # significant hex digits of a chunk size (under 4 GiB, over any max_body_size)
+    HTTP_MIN_CHUNK_FRAMING = 65536  # chunk framing always allowed, beyond max_body_size of data, bytes
     HTTP_DRAIN_GRACE_MS = 1000  # on SIGTERM, how long an idle keep-alive connection is kept (readyz says 503)
+    HTTP_MAX_RESPONSE = 0x7fffffff  # a response's bytes must fit a reserve() count (the app's bodies are far smaller)
 
 cdef enum HttpFlag:
     HF_IN_REQUEST = 1           # part of a request has arrived: http_timeout runs
@@ -103,6 +113,8 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef bint completed = False
     if st.flags & HF_LINGER:
         return http_linger_input(w, c, n)
+    if c.need > n and c.state != ST_CLOSING and not (st.flags & HF_CLOSE_AFTER_HELD):
+        return 0                # the request's known length has not arrived: nothing to parse again
     c.need = 0
     while pos < n:
         if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
@@ -249,7 +261,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
 
     # The body.
     if chunked:
-        total = http_chunked(w, c, p + head_len, avail - head_len, &body_len)
+        total = http_chunked(w, c, p + head_len, avail - head_len, head_len, &body_len)
         if total < 0:
             return -1
         if total == 0:
@@ -274,65 +286,110 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
                          p + head_len, total, body_len, chunked, head_len + total)
 
 
-cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t* body_len):
-    """Walks a chunked body from where the last call stopped. Returns the length
-    of the whole encoded body (with the trailer section) once it is complete,
-    0 if more is needed, -1 if the connection was closed."""
+cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t head_len,
+                             Py_ssize_t* body_len):
+    """Walks a chunked body (at b, after a head of head_len bytes) from where the
+    last call stopped. Returns the length of the whole encoded body (with the
+    trailer section) once it is complete, 0 if more is needed (c.need set when
+    the length is known), -1 if the connection was closed."""
     cdef HttpState* st = &w.http[c.fd]
-    cdef Py_ssize_t off = st.chunk_off, i, line_end
+    cdef Py_ssize_t off = st.chunk_off, i, k, line_end, scan, tstart, chunk_end
+    cdef Py_ssize_t limit = http_chunked_limit(w)
     cdef uint64_t size
-    cdef int digits
-    cdef uint8_t ch
+    cdef int digits, significant
+    cdef uint8_t ch, v
     cdef const uint8_t* found
     while True:
-        found = <const uint8_t*>memmem(b + off, avail - off, b"\r\n", 2) if avail > off else NULL
+        # The chunk-size line: at most HTTP_MAX_CHUNK_LINE bytes before its CRLF,
+        # whether that CRLF has arrived or not.
+        scan = avail - off
+        if scan > HTTP_MAX_CHUNK_LINE + 2:
+            scan = HTTP_MAX_CHUNK_LINE + 2
+        found = <const uint8_t*>memmem(b + off, scan, b"\r\n", 2) if scan >= 2 else NULL
         if found == NULL:
-            if avail - off > HTTP_MAX_CHUNK_LINE:
-                return http_fail(w, c, 400, "bad_chunk", "chunk-size line too long")
+            if scan >= HTTP_MAX_CHUNK_LINE + 2:
+                return http_fail(w, c, 400, "bad_chunk",
+                                 "chunk-size line longer than %d bytes" % HTTP_MAX_CHUNK_LINE)
             break
         line_end = found - b
         size = 0
-        digits = 0
+        digits = significant = 0
         i = off
         while i < line_end:
             ch = b[i]
             if 48 <= ch <= 57:
-                size = size * 16 + (ch - 48)
+                v = ch - 48
             elif 97 <= (ch | 0x20) <= 102:
-                size = size * 16 + ((ch | 0x20) - 87)
+                v = (ch | 0x20) - 87
             else:
                 break
             digits += 1
-            if digits > 8:
-                return http_fail(w, c, 413, "body_too_large",
-                                 "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+            if size or v:
+                significant += 1
+                if significant > HTTP_MAX_CHUNK_DIGITS:
+                    return http_fail(w, c, 413, "body_too_large",
+                                     "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+            size = size * 16 + v
             i += 1
-        if digits == 0 or (i < line_end and b[i] != 59 and b[i] != 32 and b[i] != 9):
+        if digits == 0:
             return http_fail(w, c, 400, "bad_chunk", "malformed chunk size")
+        # Then optional whitespace and either the end of the line or extensions
+        # (";name=value", ignored, without control characters).
+        while i < line_end and (b[i] == 32 or b[i] == 9):
+            i += 1
+        if i < line_end:
+            if b[i] != 59:
+                return http_fail(w, c, 400, "bad_chunk", "malformed chunk size")
+            for k in range(i + 1, line_end):
+                if (b[k] < 32 and b[k] != 9) or b[k] == 127:
+                    return http_fail(w, c, 400, "bad_chunk", "control character in a chunk extension")
         if size == 0:
-            # The last chunk, then trailer fields (ignored) up to an empty line.
-            if avail - (line_end + 2) >= 2 and b[line_end + 2] == 13 and b[line_end + 3] == 10:
+            # The last chunk, then trailer fields (ignored) up to an empty line,
+            # at most HTTP_MAX_HEAD bytes of them.
+            tstart = line_end + 2
+            if avail - tstart >= 2 and b[tstart] == 13 and b[tstart + 1] == 10:
                 body_len[0] = st.chunk_total
-                return line_end + 4
-            found = <const uint8_t*>memmem(b + line_end + 2, avail - line_end - 2, b"\r\n\r\n", 4) \
-                if avail > line_end + 2 else NULL
+                return tstart + 2
+            i = st.trailer_scan if st.trailer_scan > tstart else tstart
+            scan = avail - i
+            if i + scan > tstart + HTTP_MAX_HEAD + 4:
+                scan = tstart + HTTP_MAX_HEAD + 4 - i
+            found = <const uint8_t*>memmem(b + i, scan, b"\r\n\r\n", 4) if scan >= 4 else NULL
             if found == NULL:
-                if avail - line_end > HTTP_MAX_HEAD:
-                    return http_fail(w, c, 431, "header_too_large", "trailer section too large")
+                if avail - tstart >= HTTP_MAX_HEAD + 4:
+                    return http_fail(w, c, 431, "header_too_large",
+                                     "trailer section larger than %d bytes" % HTTP_MAX_HEAD)
+                st.trailer_scan = <uint32_t>(avail - 3 if avail - 3 > tstart else tstart)
                 break
             body_len[0] = st.chunk_total
             return (found - b) + 4
         if st.chunk_total + size > w.http_max_body:
             return http_fail(w, c, 413, "body_too_large",
                              "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
-        if avail - (line_end + 2) < <Py_ssize_t>size + 2:
+        chunk_end = line_end + 4 + <Py_ssize_t>size
+        if chunk_end > limit:
+            # Tiny chunks with long extensions: the framing, not the data, would fill memory.
+            return http_fail(w, c, 413, "body_too_large",
+                             "the chunked body's framing exceeds its allowance (max_body_size, "
+                             "at least %d bytes)" % HTTP_MIN_CHUNK_FRAMING)
+        if avail < chunk_end:
+            c.need = <uint32_t>(head_len + chunk_end)      # under HTTP_MAX_HEAD + limit: fits
             break
-        if b[line_end + 2 + size] != 13 or b[line_end + 3 + size] != 10:
+        if b[chunk_end - 2] != 13 or b[chunk_end - 1] != 10:
             return http_fail(w, c, 400, "bad_chunk", "chunk data not followed by CRLF")
         st.chunk_total += <uint32_t>size
-        off = line_end + 4 + <Py_ssize_t>size
+        off = chunk_end
         st.chunk_off = <uint32_t>off
     return 0
+
+
+cdef inline Py_ssize_t http_chunked_limit(Worker w) noexcept:
+    """The largest encoded chunked body: max_body_size of data, and as much
+    again of framing (at least HTTP_MIN_CHUNK_FRAMING)."""
+    cdef Py_ssize_t framing = w.http_max_body
+    if framing < HTTP_MIN_CHUNK_FRAMING:
+        framing = HTTP_MIN_CHUNK_FRAMING
+    return <Py_ssize_t>w.http_max_body + framing
 
 
 cdef bytes http_dechunk(const uint8_t* b, Py_ssize_t total, Py_ssize_t body_len):
@@ -430,6 +487,7 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     st.scan = 0
     st.chunk_off = 0
     st.chunk_total = 0
+    st.trailer_scan = 0
     st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
     if not keep:
         w.close_after_flush(c)
@@ -447,6 +505,7 @@ cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, byte
     cdef Py_ssize_t xlen = PyBytes_GET_SIZE(extra)
     cdef const char* conn_hdr = b""
     cdef uint8_t* out
+    cdef Py_ssize_t total
     w.counters[HTTP_REQUESTS + http_status_index(status)] += 1
     if status == 503:
         w.counters[HTTP_REQUESTS_SHED] += 1
@@ -457,7 +516,12 @@ cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, byte
     http_update_date(w)
     hlen = snprintf(line, sizeof(line), b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %zd\r\n%s",
                     status, http_reason(status), w.http_date, blen, conn_hdr)
-    out = w.reserve(c, <uint32_t>(hlen + 14 + tlen + 2 + xlen + 2 + (0 if head_only else blen)))
+    total = <Py_ssize_t>hlen + 14 + tlen + 2 + xlen + 2 + (0 if head_only else blen)
+    if hlen < 0 or hlen >= <int>sizeof(line) or total > HTTP_MAX_RESPONSE:
+        w.log_limited(CR_PYTHON, "an HTTP response too large to send (%d bytes): connection closed" % total)
+        w.close_conn(c, CR_SERVER)
+        return -1
+    out = w.reserve(c, <uint32_t>total)
     if out == NULL:
         return -1
     memcpy(out, line, hlen)

@@ -65,6 +65,7 @@ cdef struct HttpState:
     uint32_t scan             # where to resume looking for the end of the head
     uint32_t chunk_off        # chunked body: offset of the next chunk-size line
     uint32_t chunk_total      # chunked body: data bytes so far
+    uint32_t trailer_scan     # chunked body: where to resume looking for the end of the trailer section
     uint32_t linger_left      # lingering close: bytes still read and discarded before a reset
     uint8_t flags             # HF_* (http.pxi)
 
