@@ -134,6 +134,11 @@ _FAMILIES = [
      "HTTP connections closed while the client was still sending after an early answer: "
      "over http_linger_bytes or http_linger_timeout.",
      [("", C.HTTP_LINGER_CUT)]),
+    ("gw_queries_pending", "gauge", "Store queries waiting for or running in the workers' query threads.",
+     [("", C.QUERIES_PENDING)]),
+    ("gw_queries_refused_total", "counter",
+     "Store queries answered 503: query_max_pending queries were already waiting.",
+     [("", C.QUERIES_REFUSED)]),
 ]
 
 _HISTOGRAMS = [

@@ -90,6 +90,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
+    from gw.query_pool import QueryPool
     from gw_ext.loop import Worker
     from gw_ext.tls import TLSContext, TLSError
 
@@ -113,6 +114,12 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     app.wal_append = worker.wal_append
     app.wal_room = worker.wal_room
     app.wal_end = lambda: wal.appended_offset
+    query_pool = None
+    if cfg.query_threads:
+        # The store queries run in threads (started on the first query), not in the loop.
+        query_pool = QueryPool(cfg.query_threads, cfg.query_max_pending)
+        worker.set_query_pool(query_pool)
+        app.query_pool = query_pool
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
@@ -138,6 +145,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             return
         apply_limits(worker, new)
         app.cfg = new
+        if query_pool is not None:
+            query_pool.max_pending = new.query_max_pending
         cfg = new
         if certs is not None:
             try:

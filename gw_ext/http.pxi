@@ -24,6 +24,16 @@
 # sends is read and discarded until it closes, for at most http_linger_bytes
 # and http_linger_timeout (then a reset, counted in HTTP_LINGER_CUT).
 #
+# The query routes (/v1/devices..., /v1/alerts...) read the store, which may
+# take up to its time budget: HttpApp.handle answers None for them and
+# HttpApp.defer queues them to the worker's query threads (gw/query_pool.py),
+# or answers 503 when query_max_pending wait already. The connection is then
+# not read (so its later requests, pipelined, wait, and their answers keep
+# their order) until the query's answer comes back through the threads' eventfd
+# (query_readable); it is written like any other answer (behind held ones, in
+# ack mode sink), then the connection is read again. A connection closed
+# meanwhile drops its answer.
+#
 # Every length here comes from the network and is checked before use: the
 # head (HTTP_MAX_HEAD), Content-Length (15 digits, then max_body_size), a
 # chunk-size line (HTTP_MAX_CHUNK_LINE, found or not), a chunk's size (its
@@ -47,6 +57,9 @@ cdef enum HttpFlag:
     HF_CLOSE_AFTER_HELD = 8     # close once the held responses went out; read nothing more
     HF_LINGER_WANTED = 16       # closing before the client finished sending: linger once the answer is out
     HF_LINGER = 32              # lingering close: our side shut, input read and discarded
+    HF_QUERY = 64               # a request is in the query threads: input paused until its answer
+    HF_QUERY_KEEP = 128         # ... its connection stays open after the answer
+    HF_QUERY_HEAD = 256         # ... it is a HEAD: the answer goes without its body
 
 
 cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
@@ -113,6 +126,8 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef bint completed = False
     if st.flags & HF_LINGER:
         return http_linger_input(w, c, n)
+    if st.flags & HF_QUERY:
+        return 0                # paused: read again once the query's answer is out
     if c.need > n and c.state != ST_CLOSING and not (st.flags & HF_CLOSE_AFTER_HELD):
         return 0                # the request's known length has not arrived: nothing to parse again
     c.need = 0
@@ -127,6 +142,9 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
             break
         pos += r
         completed = True
+        if st.flags & HF_QUERY:
+            # Its answer comes from the query threads; what follows waits, unread.
+            return pos
     if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
         if pos < n:
             st.flags |= HF_LINGER_WANTED
@@ -435,9 +453,8 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
                               Py_ssize_t request_len):
     cdef HttpState* st = &w.http[c.fd]
     cdef bint keep = (not conn_close) if minor == 1 else conn_keep
+    cdef bint head_only = method_len == 4 and memcmp(p, b"HEAD", 4) == 0
     cdef uint64_t t0 = monotonic_ns()
-    cdef int status
-    cdef bytes rtype, rbody, extra
     cdef bytes method = PyBytes_FromStringAndSize(<char*>p, method_len)
     cdef bytes target = PyBytes_FromStringAndSize(<char*>p + target_start, target_len)
     cdef bytes payload
@@ -448,6 +465,8 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         payload = PyBytes_FromStringAndSize(<char*>body, body_len)
     cdef bint sink = w.wal is not None and w.listeners[c.listener].ack_sink
     cdef int64_t needed = 0
+    cdef object answer
+    cdef bint deferred = False
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
@@ -456,42 +475,133 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
             payload)
+        if answer is None and w.query_pool is not None:
+            # A store query: into the query threads (or 503 if too many wait).
+            answer = w.http_app.defer(http_query_token(c))
+            deferred = answer is None
+        elif sink:
+            needed = w.http_app.durable_needed
+    except Exception:
+        answer = http_handler_failed(w)
+    st.scan = 0
+    st.chunk_off = 0
+    st.chunk_total = 0
+    st.trailer_scan = 0
+    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
+    if deferred:
+        # In the query threads: this connection is not read until the answer is out.
+        st.flags |= HF_QUERY | (HF_QUERY_KEEP if keep else 0) | (HF_QUERY_HEAD if head_only else 0)
+        st.query_minor = <uint8_t>minor
+        w.counters[QUERIES_PENDING] = w.query_pool.pending
+        c.flags |= F_PAUSED
+        w.update_events(c)
+        # A safety net only: a query ends within its time budget (gw/query.py).
+        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
+        return request_len
+    if http_answer(w, c, answer, needed, keep, minor, head_only) < 0:
+        return -1
+    if ingest:
+        hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
+    return request_len
+
+
+cdef object http_handler_failed(Worker w):
+    """The app raised (a bug): logged at most every 10 s, answered 500."""
+    if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
+        w.last_log_ms[<int>CR_PYTHON] = w.now_ms
+        log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
+    return (500, b"application/json",
+            b'{"code":"internal_error","message":"the server failed to handle the request"}', b"")
+
+
+cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only):
+    """Writes an answer of the app (status, content type, body, extra header
+    lines) on c, or holds it behind the connection's answers waiting for the
+    log (durable.pxi); closes after it unless keep. -1 if c was closed."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef int status
+    cdef bytes rtype, rbody, extra
+    try:
         status = answer[0]
         rtype = <bytes?>answer[1]
         rbody = <bytes?>answer[2]
         extra = <bytes?>answer[3]
         if not 200 <= status <= 599:
             raise ValueError("HTTP status %r" % status)
-        if sink:
-            needed = w.http_app.durable_needed
     except Exception:
-        if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
-            w.last_log_ms[<int>CR_PYTHON] = w.now_ms
-            log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
-        status, rtype, rbody, extra = 500, b"application/json", \
-            b'{"code":"internal_error","message":"the server failed to handle the request"}', b""
+        status, rtype, rbody, extra = http_handler_failed(w)
     if w.held_per_fd != NULL and must_hold(w, c, needed):
         # Ack mode sink: this answer, and any after it on this connection, waits
         # for the log (durable.pxi).
         if held_push(w, c, HELD_HTTP, 0, needed, http_response_bytes(
-                w, status, rtype, rbody, extra, keep, minor, method_len == 4 and memcmp(p, b"HEAD", 4) == 0)) < 0:
+                w, status, rtype, rbody, extra, keep, minor, head_only)) < 0:
             return -1
         if not keep:
             st.flags |= HF_CLOSE_AFTER_HELD
-            keep = True         # closed by held_release, after the answer
-    elif http_write(w, c, status, rtype, rbody, extra, keep, minor,
-                    method_len == 4 and memcmp(p, b"HEAD", 4) == 0) < 0:
+        return 0                # closed (if not keep) by held_release, after the answer
+    if http_write(w, c, status, rtype, rbody, extra, keep, minor, head_only) < 0:
         return -1
-    if ingest:
-        hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
-    st.scan = 0
-    st.chunk_off = 0
-    st.chunk_total = 0
-    st.trailer_scan = 0
-    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
     if not keep:
         w.close_after_flush(c)
-    return request_len
+    return 0
+
+
+# --- the query routes, in the query threads (gw/query_pool.py) ---------------------------
+
+cdef inline object http_query_token(Conn* c):
+    """Names a connection for the query threads: its fd and generation, so an
+    answer for a connection closed meanwhile (its fd maybe reused) is dropped."""
+    return (<uint64_t>c.gen << 32) | <uint32_t>c.fd
+
+
+cdef void query_readable(Worker w):
+    """The query threads' eventfd: answers are ready."""
+    cdef list done
+    try:
+        done = w.query_pool.drain()
+    except Exception:
+        w.log_limited(CR_PYTHON, "the query threads' answers could not be read")
+        return
+    w.counters[QUERIES_PENDING] = w.query_pool.pending
+    for item in done:
+        try:
+            query_answered(w, item[0], item[1])
+        except Exception:       # a bug: this answer is lost, the others go on
+            w.log_limited(CR_PYTHON, "a store query's answer could not be written")
+
+
+cdef void query_answered(Worker w, object token, object answer) except *:
+    """Writes a query's answer on its connection, unless it closed meanwhile,
+    then reads the connection again (its pipelined requests, if any)."""
+    cdef uint64_t t = token
+    cdef uint32_t fd = <uint32_t>(t & 0xffffffff)
+    cdef uint32_t gen = <uint32_t>(t >> 32)
+    cdef Conn* c
+    cdef HttpState* st
+    cdef bint keep, head_only
+    if fd >= <uint32_t>w.nconns:
+        return
+    c = &w.conns[fd]
+    if c.gen != gen or c.state != ST_AWAIT_CONNECT or c.proto != PROTO_HTTP:
+        return                  # closed meanwhile: the answer is dropped
+    st = &w.http[fd]
+    if not (st.flags & HF_QUERY):
+        return
+    keep = (st.flags & HF_QUERY_KEEP) != 0 and not ((st.flags & HF_CLOSE) != 0 or w.draining)
+    head_only = (st.flags & HF_QUERY_HEAD) != 0
+    st.flags &= ~(HF_QUERY | HF_QUERY_KEEP | HF_QUERY_HEAD)
+    if not keep and c.inlen:
+        st.flags |= HF_LINGER_WANTED        # pipelined requests it will not read
+    if http_answer(w, c, answer, 0, keep, st.query_minor, head_only) < 0 or c.state != ST_AWAIT_CONNECT:
+        return
+    c.flags &= ~F_PAUSED
+    w.update_events(c)
+    if not (st.flags & HF_CLOSE):
+        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
+    if c.inlen and w.resume_input(c) < 0:
+        return
+    if c.ssl != NULL and c.state == ST_AWAIT_CONNECT and not (c.flags & F_PAUSED) and SSL_pending(c.ssl) > 0:
+        w.on_readable(c)        # bytes OpenSSL decrypted already: epoll cannot see them
 
 
 cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,
@@ -600,6 +710,9 @@ cdef void http_on_timer(Worker w, Conn* c):
         http_fail(w, c, 408, "request_timeout",
                   "the request was not complete within http_timeout (%d s)" % (w.http_timeout_ms // 1000))
         return
+    if st.flags & HF_QUERY and not w.draining:
+        w.log_limited(CR_HTTP, "a store query was not answered within http_keepalive_timeout: "
+                      "its connection is closed")
     w.counters[HTTP_TIMEOUTS] += 1
     w.close_conn(c, CR_TIMEOUT)
 

@@ -14,6 +14,7 @@ cdef enum ConnState:
     ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
     ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
     ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
+    ST_QUERY = 9              # the query threads' eventfd: store queries answered (http.pxi)
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -67,7 +68,8 @@ cdef struct HttpState:
     uint32_t chunk_total      # chunked body: data bytes so far
     uint32_t trailer_scan     # chunked body: where to resume looking for the end of the trailer section
     uint32_t linger_left      # lingering close: bytes still read and discarded before a reset
-    uint8_t flags             # HF_* (http.pxi)
+    uint16_t flags            # HF_* (http.pxi)
+    uint8_t query_minor       # a request in the query threads: its HTTP minor version
 
 cdef struct Listener:
     int fd

@@ -72,9 +72,11 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
-    # HTTP's lingering close.
+    # HTTP's lingering close and the query API's threads.
     HTTP_LINGER_CUT = 147     # lingering closes ended by http_linger_bytes or http_linger_timeout (the client was still sending)
-    # 148..191 free.
+    QUERIES_PENDING = 148     # gauge: store queries waiting for or running in the query threads
+    QUERIES_REFUSED = 149     # store queries answered 503: query_max_pending were already waiting
+    # 150..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
