@@ -144,6 +144,18 @@ class Config:
                                    minimum=0.1, maximum=3600)
     http_keepalive_timeout: float = _setting(75.0, "seconds an idle keep-alive HTTP connection is kept",
                                              minimum=0.1, maximum=86400)
+    http_linger_bytes: int = _setting(16 << 20, "after an answer sent before the request's body arrived (413, "
+                                      "400, ...), bytes the client may still send, read and discarded so it "
+                                      "sees the answer rather than a reset (0: close at once)",
+                                      minimum=0, maximum=1 << 30)
+    http_linger_timeout: float = _setting(5.0, "seconds such a lingering close lasts at most (0: close at once)",
+                                          minimum=0, maximum=3600)
+    query_threads: int = _setting(2, "threads per worker running the query API's store queries, off its event "
+                                  "loop (0: in the event loop, which then waits for each query)",
+                                  minimum=0, maximum=64)
+    query_max_pending: int = _setting(32, "store queries waiting for or running in a worker's query threads; "
+                                      "more are answered 503 with Retry-After and counted",
+                                      minimum=1, maximum=100_000)
     ack_mqtt: str = _setting("", "ack mode of the mqtt listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_mqtts: str = _setting("", "ack mode of the mqtts listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_http: str = _setting("", "ack mode of the http listener ('' : ack)", choices=("",) + ACK_MODES)
@@ -193,7 +205,8 @@ class Config:
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
 RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window",
-                                "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer")
+                                "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer",
+                                "query_threads")
 
 
 def _coerce(key: str, value):

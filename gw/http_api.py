@@ -21,7 +21,11 @@ This module never sees a socket. Routes:
 | POST     | /v1/alerts/{alert_id}/ack     | acknowledges an alert: 200, 400, 404, 503  |
 
 The /v1/devices and /v1/alerts routes read the pipeline's SQLite store
-(gw/query.py; 503 `store_unavailable` until it exists). Any other path is 404,
+(gw/query.py; 503 `store_unavailable` until it exists) in the worker's query
+threads (gw/query_pool.py), never in its event loop: `handle` answers None, the
+framing queues the query with `defer` and writes the answer when a thread has
+it (503 `queries_busy` with Retry-After when query_max_pending are already
+waiting). Any other path is 404,
 another method 405 with `Allow`; every error is JSON `{"code", "message"}` (a
 refused batch adds `errors`). Only the query routes read the query string;
 the path is not percent-decoded (a device id only has characters that never
@@ -37,6 +41,7 @@ ack mode sink, 503 `in_progress` (the first copy may yet be lost).
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any, Literal
 
@@ -60,6 +65,7 @@ try:
     TELEMETRY_MQTT_REJECTED = int(_Counter.TELEMETRY_MQTT_REJECTED)
     DEDUP_FULL = int(_Counter.DEDUP_FULL)
     INGEST_RECORDS_PENDING = int(_Counter.INGEST_RECORDS_PENDING)
+    QUERIES_REFUSED = int(_Counter.QUERIES_REFUSED)
 except (ImportError, AttributeError):    # pragma: no cover - depends on the build
     INGEST_REQUESTS = 112
     INGEST_RECORDS_ACCEPTED = 128
@@ -69,6 +75,7 @@ except (ImportError, AttributeError):    # pragma: no cover - depends on the bui
     TELEMETRY_MQTT_REJECTED = 132
     DEDUP_FULL = 135
     INGEST_RECORDS_PENDING = 149
+    QUERIES_REFUSED = 157
     _HTTP_STATUS_CODES = (200, 202, 204, 400, 404, 405, 408, 411, 413, 415, 431, 500, 501, 503, 505)
 
     def http_status_index(code: int) -> int:
@@ -242,8 +249,17 @@ class HttpApp:
         self._in_progress_body = self._encode(Error(
             "in_progress", "a reading with this device_id and seq is being written by another request "
                            "and is not on disk yet; retry"))
+        self._queries_full_body = self._encode(Error("queries_busy", "too many store queries are waiting; "
+                                                                     "retry after Retry-After seconds"))
+        self._last_full_log = 0.0
         self._req_slot = {}
         self._query = None           # gw/query.py's Query, created on the first query request
+        # The store queries' threads (gw/query_pool.py), set by the worker; None: queries run in
+        # `handle`. With a pool, `handle` answers None for a query, and the framing calls
+        # `defer(token)` to queue it: the answer comes back from the pool with that token.
+        self.query_pool = None
+        self._deferred = None
+        self._thread_local = threading.local()
         self._data_dir = None
         self._cfg = None
         self.cfg = cfg
@@ -271,7 +287,9 @@ class HttpApp:
     # --- the framing's entry points ---------------------------------------------------
 
     def handle(self, method: bytes, target: bytes, content_type: bytes | None,
-               body: bytes) -> tuple[int, bytes, bytes, bytes]:
+               body: bytes) -> tuple[int, bytes, bytes, bytes] | None:
+        """The answer (status, content type, body, extra header lines), or None for a
+        query to run in the query pool: the framing then calls `defer`."""
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if path[:1] != b"/":
@@ -531,19 +549,63 @@ class HttpApp:
                     return self._method_not_allowed(method, path, ALLOW_POST)
             elif method != b"GET" and method != b"HEAD":
                 return self._method_not_allowed(method, path, ALLOW_GET)
-            api = self._query_api()
+            if self.query_pool is None:
+                return self._query_answer(self._query_api(), self._encode, name, arg, query)
+            self._deferred = (name, arg, query)
+            return None
+        except Exception:
+            return self._internal_error()
+
+    def defer(self, token) -> tuple[int, bytes, bytes, bytes] | None:
+        """Queues the query `handle` just answered None for; its answer comes back
+        from the query pool with `token`. None, or the answer now: 503
+        queries_busy when query_max_pending queries wait already."""
+        job, self._deferred = self._deferred, None
+        if job is None:
+            raise RuntimeError("defer() without a query to queue")
+        if not self.query_pool.submit(token, self._query_in_thread, *job):
+            return self._queries_full()
+        return None
+
+    def _query_answer(self, api: Query, encode, name: str, arg: bytes, query: bytes):
+        """A query route's answer from the store (in the loop, or in a pool thread:
+        then it touches nothing but its arguments and its thread's own objects)."""
+        try:
             try:
                 if name == "devices" or name == "alerts":
                     result = getattr(api, name)(query)
                 else:
                     result = getattr(api, name)(arg, query)
             except Invalid as err:
-                return err.status, JSON, self._error(err.code, err.message), b""
+                return err.status, JSON, encode(Error(err.code, err.message)), b""
             except StoreError as err:
-                return 503, JSON, self._error(err.code, err.message), RETRY_AFTER
-            return 200, JSON, self._encode(result), b""
+                return 503, JSON, encode(Error(err.code, err.message)), RETRY_AFTER
+            return 200, JSON, encode(result), b""
         except Exception:
             return self._internal_error()
+
+    def _query_in_thread(self, name: str, arg: bytes, query: bytes):
+        """A pool thread's job: the thread's own store connection and encoder
+        (sqlite3 connections belong to the thread that opened them)."""
+        local = self._thread_local
+        api = getattr(local, "api", None)
+        if api is None or local.data_dir != self._data_dir:
+            if api is not None:
+                api.close()
+            local.data_dir = self._data_dir
+            api = local.api = Query(self._data_dir)
+            local.encode = msgspec.json.Encoder().encode
+        return self._query_answer(api, local.encode, name, arg, query)
+
+    def _queries_full(self):
+        """More queries than query_max_pending wait: 503, counted, logged at most every 10 s."""
+        self._c[QUERIES_REFUSED] += 1
+        now = time.monotonic()
+        if now - self._last_full_log >= 10.0 or self._last_full_log == 0.0:
+            self._last_full_log = now
+            log.warning("worker %d: %d store queries are waiting (query_max_pending): answering 503 "
+                        "(logged at most every 10 s)", self.worker_index, self.query_pool.max_pending)
+        return 503, JSON, self._queries_full_body, RETRY_AFTER
 
     def _query_api(self) -> Query:
         """The store's queries, created on first use: a store missing now is looked for

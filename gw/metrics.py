@@ -148,6 +148,15 @@ _FAMILIES = [
      [("", C.WAL_REFUSED)]),
     ("gw_acks_held", "gauge", "Acknowledgements waiting for the log to be durable (ack mode sink).",
      [("", C.ACKS_HELD)]),
+    ("gw_http_lingering_closes_cut_total", "counter",
+     "HTTP connections closed while the client was still sending after an early answer: "
+     "over http_linger_bytes or http_linger_timeout.",
+     [("", C.HTTP_LINGER_CUT)]),
+    ("gw_queries_pending", "gauge", "Store queries waiting for or running in the workers' query threads.",
+     [("", C.QUERIES_PENDING)]),
+    ("gw_queries_refused_total", "counter",
+     "Store queries answered 503: query_max_pending queries were already waiting.",
+     [("", C.QUERIES_REFUSED)]),
 ]
 
 _HISTOGRAMS = [

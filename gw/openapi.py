@@ -378,11 +378,13 @@ def _query_responses() -> dict:
         "StoreUnavailable": {
             "description": "The store cannot answer now: it does not exist yet or cannot be read "
                            "(`store_unavailable`: the pipeline creates `store.sqlite` in the data directory), "
-                           "its writer held its lock too long (`store_busy`), or the query ran over its "
-                           "time budget (`query_timeout`). Retry after `Retry-After` seconds.",
+                           "its writer held its lock too long (`store_busy`), the query ran over its "
+                           "time budget (`query_timeout`), or too many queries wait in this worker "
+                           "(`queries_busy`). Retry after `Retry-After` seconds.",
             "headers": {"Retry-After": _HEADERS["Retry-After"]},
             "content": _json(_ref("Error"), {c: _query_error(c) for c in
-                                             ("store_unavailable", "store_busy", "query_timeout")}),
+                                             ("store_unavailable", "store_busy", "query_timeout",
+                                              "queries_busy")}),
         },
         "UnknownDevice": {
             "description": "The store has never seen this device (`unknown_device`), or no such path "

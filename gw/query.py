@@ -16,15 +16,16 @@ The pipeline process is the store's writer and owns its schema (a contract):
     checkpoints, meta
 
 Every read is a range scan of a primary key (or a key look-up) with a LIMIT,
-so its cost is bounded by the rows it returns. The worker calls `handle` in its
-event loop, so also:
+so its cost is bounded by the rows it returns. The worker runs the queries in
+its query threads (gw/query_pool.py; one `Query` per thread), or with
+`query_threads = 0` in its event loop, so also:
 
-- one read-only connection per worker process (`file:...?mode=ro`, `PRAGMA
+- one read-only connection per query thread (`file:...?mode=ro`, `PRAGMA
   query_only`), opened on first use and kept; sqlite3's statement cache reuses
   the prepared statements (the SQL strings are constants);
 - a short busy timeout on reads (25 ms; WAL readers are rarely blocked) and a
   progress handler that interrupts any statement running over 250 ms
-  (`query_timeout`, 503) so no query stalls the loop for long;
+  (`query_timeout`, 503) so no query holds a thread (or the loop) for long;
 - every cursor is read to its end (`fetchall`), so no read transaction stays
   open between requests (it would pin the WAL and stop its checkpoints).
 
@@ -37,7 +38,7 @@ once more when it is readable again), and is reopened at most once a second.
 
 The only write is the acknowledgement of an alert: a short-lived read-write
 connection (`mode=rw`: never creates the store; `synchronous = NORMAL`: no fsync
-in the event loop) with a 100 ms busy timeout, opened only when the alert is
+per acknowledgement) with a 100 ms busy timeout, opened only when the alert is
 still open; a store that stays locked longer answers 503 `store_busy`
 (Retry-After).
 """
@@ -103,6 +104,8 @@ CODES = {
     "store_unavailable": (503, "the store does not exist yet (the pipeline creates it) or cannot be read"),
     "store_busy": (503, "the store stayed locked by its writer; retry after Retry-After seconds"),
     "query_timeout": (503, f"the query ran over {int(QUERY_BUDGET * 1000)} ms and was stopped; narrow it"),
+    "queries_busy": (503, "too many store queries wait in this worker (query_max_pending); retry after "
+                          "Retry-After seconds"),
 }
 
 
@@ -363,7 +366,8 @@ def _moments(count: int, total: float, squares: float, low: float, high: float) 
 # --- the store ---------------------------------------------------------------------------
 
 class Query:
-    """One per worker process (HttpApp creates it on the first query request).
+    """One per query thread of a worker (HttpApp creates it on the thread's first
+    query; one in the loop with query_threads = 0). Not shared between threads.
     Methods take the raw path parts and query string and return a struct, or
     raise Invalid (400/404) or StoreError (503). `now` gives Unix seconds."""
 

@@ -64,6 +64,8 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_max_body = cfg.max_body_size
     worker.http_timeout_ms = int(cfg.http_timeout * 1000)
     worker.http_keepalive_ms = int(cfg.http_keepalive_timeout * 1000)
+    worker.http_linger_bytes = cfg.http_linger_bytes
+    worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
     worker.tick_ms = 1000
@@ -157,6 +159,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
+    from gw.query_pool import QueryPool
     from gw_ext.loop import Worker
     from gw_ext.tls import TLSContext, TLSError
 
@@ -183,6 +186,12 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     app.wal_append = worker.wal_append
     app.wal_room = worker.wal_room
     app.wal_end = lambda: wal.appended_offset
+    query_pool = None
+    if cfg.query_threads:
+        # The store queries run in threads (started on the first query), not in the loop.
+        query_pool = QueryPool(cfg.query_threads, cfg.query_max_pending)
+        worker.set_query_pool(query_pool)
+        app.query_pool = query_pool
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
@@ -208,6 +217,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             return
         apply_limits(worker, new)
         app.cfg = new
+        if query_pool is not None:
+            query_pool.max_pending = new.query_max_pending
         cfg = new
         if certs is not None:
             try:

@@ -95,6 +95,9 @@ cdef void held_release(Worker w):
         w.held_per_fd[e.fd] -= 1
         if e.kind == HELD_HTTP:
             size = PyBytes_GET_SIZE(data)
+            if size > HTTP_MAX_RESPONSE:
+                w.close_conn(c, CR_SERVER)      # cannot be: held answers are small
+                continue
             out = w.reserve(c, <uint32_t>size)
             if out != NULL:
                 memcpy(out, PyBytes_AS_STRING(data), size)

@@ -15,18 +15,51 @@
 #   501  a transfer coding other than chunked
 #   505  an HTTP version other than 1.0 and 1.1
 # An idle keep-alive connection is closed after http_keepalive_timeout.
+#
+# Such an answer may go out before the request's body has arrived (a 413 for
+# a declared Content-Length): closing at once would make the kernel reset the
+# connection on the bytes still coming, and the client would see the reset
+# instead of the answer. So the close lingers, as nginx's does: once the
+# answer is written, our side is shut down (FIN) and what the client still
+# sends is read and discarded until it closes, for at most http_linger_bytes
+# and http_linger_timeout (then a reset, counted in HTTP_LINGER_CUT).
+#
+# The query routes (/v1/devices..., /v1/alerts...) read the store, which may
+# take up to its time budget: HttpApp.handle answers None for them and
+# HttpApp.defer queues them to the worker's query threads (gw/query_pool.py),
+# or answers 503 when query_max_pending wait already. The connection is then
+# not read (so its later requests, pipelined, wait, and their answers keep
+# their order) until the query's answer comes back through the threads' eventfd
+# (query_readable); it is written like any other answer (behind held ones, in
+# ack mode sink), then the connection is read again. A connection closed
+# meanwhile drops its answer.
+#
+# Every length here comes from the network and is checked before use: the
+# head (HTTP_MAX_HEAD), Content-Length (15 digits, then max_body_size), a
+# chunk-size line (HTTP_MAX_CHUNK_LINE, found or not), a chunk's size (its
+# significant digits, then max_body_size for the data so far), the encoded
+# chunked body (data and framing: max_body_size plus as much framing, at least
+# HTTP_MIN_CHUNK_FRAMING), the trailer section (HTTP_MAX_HEAD).
 
 cdef enum:
     HTTP_MAX_HEAD = 16384       # request line and header fields together, bytes
     HTTP_MAX_HEADERS = 100      # header fields per request
-    HTTP_MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions)
+    HTTP_MAX_CHUNK_LINE = 1024  # a chunk-size line (with extensions), its CRLF not counted
+    HTTP_MAX_CHUNK_DIGITS = 8   # significant hex digits of a chunk size (under 4 GiB, over any max_body_size)
+    HTTP_MIN_CHUNK_FRAMING = 65536  # chunk framing always allowed, beyond max_body_size of data, bytes
     HTTP_DRAIN_GRACE_MS = 1000  # on SIGTERM, how long an idle keep-alive connection is kept (readyz says 503)
+    HTTP_MAX_RESPONSE = 0x7fffffff  # a response's bytes must fit a reserve() count (the app's bodies are far smaller)
 
 cdef enum HttpFlag:
     HF_IN_REQUEST = 1           # part of a request has arrived: http_timeout runs
     HF_CONTINUE_SENT = 2        # "100 Continue" sent for the current request
     HF_CLOSE = 4                # close after the next response (draining)
     HF_CLOSE_AFTER_HELD = 8     # close once the held responses went out; read nothing more
+    HF_LINGER_WANTED = 16       # closing before the client finished sending: linger once the answer is out
+    HF_LINGER = 32              # lingering close: our side shut, input read and discarded
+    HF_QUERY = 64               # a request is in the query threads: input paused until its answer
+    HF_QUERY_KEEP = 128         # ... its connection stays open after the answer
+    HF_QUERY_HEAD = 256         # ... it is a HEAD: the answer goes without its body
 
 
 cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
@@ -91,9 +124,16 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef Py_ssize_t pos = 0, r
     cdef HttpState* st = &w.http[c.fd]
     cdef bint completed = False
+    if st.flags & HF_LINGER:
+        return http_linger_input(w, c, n)
+    if st.flags & HF_QUERY:
+        return 0                # paused: read again once the query's answer is out
+    if c.need > n and c.state != ST_CLOSING and not (st.flags & HF_CLOSE_AFTER_HELD):
+        return 0                # the request's known length has not arrived: nothing to parse again
     c.need = 0
     while pos < n:
         if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
+            st.flags |= HF_LINGER_WANTED        # the client sent more than we answer
             return n
         r = http_request(w, c, buf + pos, n - pos)
         if r < 0:
@@ -102,7 +142,12 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
             break
         pos += r
         completed = True
+        if st.flags & HF_QUERY:
+            # Its answer comes from the query threads; what follows waits, unread.
+            return pos
     if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
+        if pos < n:
+            st.flags |= HF_LINGER_WANTED
         return n
     if pos < n:
         if not (st.flags & HF_IN_REQUEST):
@@ -234,7 +279,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
 
     # The body.
     if chunked:
-        total = http_chunked(w, c, p + head_len, avail - head_len, &body_len)
+        total = http_chunked(w, c, p + head_len, avail - head_len, head_len, &body_len)
         if total < 0:
             return -1
         if total == 0:
@@ -259,65 +304,110 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
                          p + head_len, total, body_len, chunked, head_len + total)
 
 
-cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t* body_len):
-    """Walks a chunked body from where the last call stopped. Returns the length
-    of the whole encoded body (with the trailer section) once it is complete,
-    0 if more is needed, -1 if the connection was closed."""
+cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t head_len,
+                             Py_ssize_t* body_len):
+    """Walks a chunked body (at b, after a head of head_len bytes) from where the
+    last call stopped. Returns the length of the whole encoded body (with the
+    trailer section) once it is complete, 0 if more is needed (c.need set when
+    the length is known), -1 if the connection was closed."""
     cdef HttpState* st = &w.http[c.fd]
-    cdef Py_ssize_t off = st.chunk_off, i, line_end
+    cdef Py_ssize_t off = st.chunk_off, i, k, line_end, scan, tstart, chunk_end
+    cdef Py_ssize_t limit = http_chunked_limit(w)
     cdef uint64_t size
-    cdef int digits
-    cdef uint8_t ch
+    cdef int digits, significant
+    cdef uint8_t ch, v
     cdef const uint8_t* found
     while True:
-        found = <const uint8_t*>memmem(b + off, avail - off, b"\r\n", 2) if avail > off else NULL
+        # The chunk-size line: at most HTTP_MAX_CHUNK_LINE bytes before its CRLF,
+        # whether that CRLF has arrived or not.
+        scan = avail - off
+        if scan > HTTP_MAX_CHUNK_LINE + 2:
+            scan = HTTP_MAX_CHUNK_LINE + 2
+        found = <const uint8_t*>memmem(b + off, scan, b"\r\n", 2) if scan >= 2 else NULL
         if found == NULL:
-            if avail - off > HTTP_MAX_CHUNK_LINE:
-                return http_fail(w, c, 400, "bad_chunk", "chunk-size line too long")
+            if scan >= HTTP_MAX_CHUNK_LINE + 2:
+                return http_fail(w, c, 400, "bad_chunk",
+                                 "chunk-size line longer than %d bytes" % HTTP_MAX_CHUNK_LINE)
             break
         line_end = found - b
         size = 0
-        digits = 0
+        digits = significant = 0
         i = off
         while i < line_end:
             ch = b[i]
             if 48 <= ch <= 57:
-                size = size * 16 + (ch - 48)
+                v = ch - 48
             elif 97 <= (ch | 0x20) <= 102:
-                size = size * 16 + ((ch | 0x20) - 87)
+                v = (ch | 0x20) - 87
             else:
                 break
             digits += 1
-            if digits > 8:
-                return http_fail(w, c, 413, "body_too_large",
-                                 "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+            if size or v:
+                significant += 1
+                if significant > HTTP_MAX_CHUNK_DIGITS:
+                    return http_fail(w, c, 413, "body_too_large",
+                                     "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
+            size = size * 16 + v
             i += 1
-        if digits == 0 or (i < line_end and b[i] != 59 and b[i] != 32 and b[i] != 9):
+        if digits == 0:
             return http_fail(w, c, 400, "bad_chunk", "malformed chunk size")
+        # Then optional whitespace and either the end of the line or extensions
+        # (";name=value", ignored, without control characters).
+        while i < line_end and (b[i] == 32 or b[i] == 9):
+            i += 1
+        if i < line_end:
+            if b[i] != 59:
+                return http_fail(w, c, 400, "bad_chunk", "malformed chunk size")
+            for k in range(i + 1, line_end):
+                if (b[k] < 32 and b[k] != 9) or b[k] == 127:
+                    return http_fail(w, c, 400, "bad_chunk", "control character in a chunk extension")
         if size == 0:
-            # The last chunk, then trailer fields (ignored) up to an empty line.
-            if avail - (line_end + 2) >= 2 and b[line_end + 2] == 13 and b[line_end + 3] == 10:
+            # The last chunk, then trailer fields (ignored) up to an empty line,
+            # at most HTTP_MAX_HEAD bytes of them.
+            tstart = line_end + 2
+            if avail - tstart >= 2 and b[tstart] == 13 and b[tstart + 1] == 10:
                 body_len[0] = st.chunk_total
-                return line_end + 4
-            found = <const uint8_t*>memmem(b + line_end + 2, avail - line_end - 2, b"\r\n\r\n", 4) \
-                if avail > line_end + 2 else NULL
+                return tstart + 2
+            i = st.trailer_scan if st.trailer_scan > tstart else tstart
+            scan = avail - i
+            if i + scan > tstart + HTTP_MAX_HEAD + 4:
+                scan = tstart + HTTP_MAX_HEAD + 4 - i
+            found = <const uint8_t*>memmem(b + i, scan, b"\r\n\r\n", 4) if scan >= 4 else NULL
             if found == NULL:
-                if avail - line_end > HTTP_MAX_HEAD:
-                    return http_fail(w, c, 431, "header_too_large", "trailer section too large")
+                if avail - tstart >= HTTP_MAX_HEAD + 4:
+                    return http_fail(w, c, 431, "header_too_large",
+                                     "trailer section larger than %d bytes" % HTTP_MAX_HEAD)
+                st.trailer_scan = <uint32_t>(avail - 3 if avail - 3 > tstart else tstart)
                 break
             body_len[0] = st.chunk_total
             return (found - b) + 4
         if st.chunk_total + size > w.http_max_body:
             return http_fail(w, c, 413, "body_too_large",
                              "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
-        if avail - (line_end + 2) < <Py_ssize_t>size + 2:
+        chunk_end = line_end + 4 + <Py_ssize_t>size
+        if chunk_end > limit:
+            # Tiny chunks with long extensions: the framing, not the data, would fill memory.
+            return http_fail(w, c, 413, "body_too_large",
+                             "the chunked body's framing exceeds its allowance (max_body_size, "
+                             "at least %d bytes)" % HTTP_MIN_CHUNK_FRAMING)
+        if avail < chunk_end:
+            c.need = <uint32_t>(head_len + chunk_end)      # under HTTP_MAX_HEAD + limit: fits
             break
-        if b[line_end + 2 + size] != 13 or b[line_end + 3 + size] != 10:
+        if b[chunk_end - 2] != 13 or b[chunk_end - 1] != 10:
             return http_fail(w, c, 400, "bad_chunk", "chunk data not followed by CRLF")
         st.chunk_total += <uint32_t>size
-        off = line_end + 4 + <Py_ssize_t>size
+        off = chunk_end
         st.chunk_off = <uint32_t>off
     return 0
+
+
+cdef inline Py_ssize_t http_chunked_limit(Worker w) noexcept:
+    """The largest encoded chunked body: max_body_size of data, and as much
+    again of framing (at least HTTP_MIN_CHUNK_FRAMING)."""
+    cdef Py_ssize_t framing = w.http_max_body
+    if framing < HTTP_MIN_CHUNK_FRAMING:
+        framing = HTTP_MIN_CHUNK_FRAMING
+    return <Py_ssize_t>w.http_max_body + framing
 
 
 cdef bytes http_dechunk(const uint8_t* b, Py_ssize_t total, Py_ssize_t body_len):
@@ -363,9 +453,8 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
                               Py_ssize_t request_len):
     cdef HttpState* st = &w.http[c.fd]
     cdef bint keep = (not conn_close) if minor == 1 else conn_keep
+    cdef bint head_only = method_len == 4 and memcmp(p, b"HEAD", 4) == 0
     cdef uint64_t t0 = monotonic_ns()
-    cdef int status
-    cdef bytes rtype, rbody, extra
     cdef bytes method = PyBytes_FromStringAndSize(<char*>p, method_len)
     cdef bytes target = PyBytes_FromStringAndSize(<char*>p + target_start, target_len)
     cdef bytes payload
@@ -376,6 +465,8 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         payload = PyBytes_FromStringAndSize(<char*>body, body_len)
     cdef bint sink = w.wal is not None and w.listeners[c.listener].ack_sink
     cdef int64_t needed = 0
+    cdef object answer
+    cdef bint deferred = False
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
@@ -384,41 +475,133 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
             payload)
+        if answer is None and w.query_pool is not None:
+            # A store query: into the query threads (or 503 if too many wait).
+            answer = w.http_app.defer(http_query_token(c))
+            deferred = answer is None
+        elif sink:
+            needed = w.http_app.durable_needed
+    except Exception:
+        answer = http_handler_failed(w)
+    st.scan = 0
+    st.chunk_off = 0
+    st.chunk_total = 0
+    st.trailer_scan = 0
+    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
+    if deferred:
+        # In the query threads: this connection is not read until the answer is out.
+        st.flags |= HF_QUERY | (HF_QUERY_KEEP if keep else 0) | (HF_QUERY_HEAD if head_only else 0)
+        st.query_minor = <uint8_t>minor
+        w.counters[QUERIES_PENDING] = w.query_pool.pending
+        c.flags |= F_PAUSED
+        w.update_events(c)
+        # A safety net only: a query ends within its time budget (gw/query.py).
+        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
+        return request_len
+    if http_answer(w, c, answer, needed, keep, minor, head_only) < 0:
+        return -1
+    if ingest:
+        hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
+    return request_len
+
+
+cdef object http_handler_failed(Worker w):
+    """The app raised (a bug): logged at most every 10 s, answered 500."""
+    if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
+        w.last_log_ms[<int>CR_PYTHON] = w.now_ms
+        log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
+    return (500, b"application/json",
+            b'{"code":"internal_error","message":"the server failed to handle the request"}', b"")
+
+
+cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only):
+    """Writes an answer of the app (status, content type, body, extra header
+    lines) on c, or holds it behind the connection's answers waiting for the
+    log (durable.pxi); closes after it unless keep. -1 if c was closed."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef int status
+    cdef bytes rtype, rbody, extra
+    try:
         status = answer[0]
         rtype = <bytes?>answer[1]
         rbody = <bytes?>answer[2]
         extra = <bytes?>answer[3]
         if not 200 <= status <= 599:
             raise ValueError("HTTP status %r" % status)
-        if sink:
-            needed = w.http_app.durable_needed
     except Exception:
-        if w.now_ms - w.last_log_ms[<int>CR_PYTHON] >= 10000 or w.last_log_ms[<int>CR_PYTHON] == 0:
-            w.last_log_ms[<int>CR_PYTHON] = w.now_ms
-            log.exception("worker %d: HTTP handler failed (logged at most every 10 s)", w.worker_index)
-        status, rtype, rbody, extra = 500, b"application/json", \
-            b'{"code":"internal_error","message":"the server failed to handle the request"}', b""
+        status, rtype, rbody, extra = http_handler_failed(w)
     if w.held_per_fd != NULL and must_hold(w, c, needed):
         # Ack mode sink: this answer, and any after it on this connection, waits
         # for the log (durable.pxi).
         if held_push(w, c, HELD_HTTP, 0, needed, http_response_bytes(
-                w, status, rtype, rbody, extra, keep, minor, method_len == 4 and memcmp(p, b"HEAD", 4) == 0)) < 0:
+                w, status, rtype, rbody, extra, keep, minor, head_only)) < 0:
             return -1
         if not keep:
             st.flags |= HF_CLOSE_AFTER_HELD
-            keep = True         # closed by held_release, after the answer
-    elif http_write(w, c, status, rtype, rbody, extra, keep, minor,
-                    method_len == 4 and memcmp(p, b"HEAD", 4) == 0) < 0:
+        return 0                # closed (if not keep) by held_release, after the answer
+    if http_write(w, c, status, rtype, rbody, extra, keep, minor, head_only) < 0:
         return -1
-    if ingest:
-        hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
-    st.scan = 0
-    st.chunk_off = 0
-    st.chunk_total = 0
-    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
     if not keep:
         w.close_after_flush(c)
-    return request_len
+    return 0
+
+
+# --- the query routes, in the query threads (gw/query_pool.py) ---------------------------
+
+cdef inline object http_query_token(Conn* c):
+    """Names a connection for the query threads: its fd and generation, so an
+    answer for a connection closed meanwhile (its fd maybe reused) is dropped."""
+    return (<uint64_t>c.gen << 32) | <uint32_t>c.fd
+
+
+cdef void query_readable(Worker w):
+    """The query threads' eventfd: answers are ready."""
+    cdef list done
+    try:
+        done = w.query_pool.drain()
+    except Exception:
+        w.log_limited(CR_PYTHON, "the query threads' answers could not be read")
+        return
+    w.counters[QUERIES_PENDING] = w.query_pool.pending
+    for item in done:
+        try:
+            query_answered(w, item[0], item[1])
+        except Exception:       # a bug: this answer is lost, the others go on
+            w.log_limited(CR_PYTHON, "a store query's answer could not be written")
+
+
+cdef void query_answered(Worker w, object token, object answer) except *:
+    """Writes a query's answer on its connection, unless it closed meanwhile,
+    then reads the connection again (its pipelined requests, if any)."""
+    cdef uint64_t t = token
+    cdef uint32_t fd = <uint32_t>(t & 0xffffffff)
+    cdef uint32_t gen = <uint32_t>(t >> 32)
+    cdef Conn* c
+    cdef HttpState* st
+    cdef bint keep, head_only
+    if fd >= <uint32_t>w.nconns:
+        return
+    c = &w.conns[fd]
+    if c.gen != gen or c.state != ST_AWAIT_CONNECT or c.proto != PROTO_HTTP:
+        return                  # closed meanwhile: the answer is dropped
+    st = &w.http[fd]
+    if not (st.flags & HF_QUERY):
+        return
+    keep = (st.flags & HF_QUERY_KEEP) != 0 and not ((st.flags & HF_CLOSE) != 0 or w.draining)
+    head_only = (st.flags & HF_QUERY_HEAD) != 0
+    st.flags &= ~(HF_QUERY | HF_QUERY_KEEP | HF_QUERY_HEAD)
+    if not keep and c.inlen:
+        st.flags |= HF_LINGER_WANTED        # pipelined requests it will not read
+    if http_answer(w, c, answer, 0, keep, st.query_minor, head_only) < 0 or c.state != ST_AWAIT_CONNECT:
+        return
+    c.flags &= ~F_PAUSED
+    w.update_events(c)
+    if not (st.flags & HF_CLOSE):
+        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
+    if c.inlen and w.resume_input(c) < 0:
+        return
+    if c.ssl != NULL and c.state == ST_AWAIT_CONNECT and not (c.flags & F_PAUSED) and SSL_pending(c.ssl) > 0:
+        w.on_readable(c)        # bytes OpenSSL decrypted already: epoll cannot see them
 
 
 cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,
@@ -432,6 +615,7 @@ cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, byte
     cdef Py_ssize_t xlen = PyBytes_GET_SIZE(extra)
     cdef const char* conn_hdr = b""
     cdef uint8_t* out
+    cdef Py_ssize_t total
     w.counters[HTTP_REQUESTS + http_status_index(status)] += 1
     if status == 503:
         w.counters[HTTP_REQUESTS_SHED] += 1
@@ -442,7 +626,12 @@ cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, byte
     http_update_date(w)
     hlen = snprintf(line, sizeof(line), b"HTTP/1.1 %d %s\r\nDate: %s\r\nContent-Length: %zd\r\n%s",
                     status, http_reason(status), w.http_date, blen, conn_hdr)
-    out = w.reserve(c, <uint32_t>(hlen + 14 + tlen + 2 + xlen + 2 + (0 if head_only else blen)))
+    total = <Py_ssize_t>hlen + 14 + tlen + 2 + xlen + 2 + (0 if head_only else blen)
+    if hlen < 0 or hlen >= <int>sizeof(line) or total > HTTP_MAX_RESPONSE:
+        w.log_limited(CR_PYTHON, "an HTTP response too large to send (%d bytes): connection closed" % total)
+        w.close_conn(c, CR_SERVER)
+        return -1
+    out = w.reserve(c, <uint32_t>total)
     if out == NULL:
         return -1
     memcpy(out, line, hlen)
@@ -498,6 +687,8 @@ cdef int http_fail(Worker w, Conn* c, int status, str code, str message):
         w.counters[HTTP_TIMEOUTS] += 1
     else:
         w.counters[HTTP_MALFORMED] += 1
+        # The client may still be sending the request: the close lingers, so it reads this answer.
+        w.http[c.fd].flags |= HF_LINGER_WANTED
     w.log_limited(CR_HTTP, "closed an HTTP connection: %d %s (%s)" % (status, code, message))
     if http_write(w, c, status, b"application/json", body, b"", False, 1, False) < 0:
         return -1
@@ -509,12 +700,62 @@ cdef void http_on_timer(Worker w, Conn* c):
     """http_timeout passed mid-request (408), or an idle keep-alive connection
     expired, or the drain grace ended."""
     cdef HttpState* st = &w.http[c.fd]
+    if st.flags & HF_LINGER:
+        if st.linger_left < w.http_linger_bytes:
+            # It was still sending (or stopped without closing): it gets a reset.
+            w.counters[HTTP_LINGER_CUT] += 1
+        w.close_conn(c, CR_TIMEOUT)
+        return
     if st.flags & HF_IN_REQUEST and not w.draining:
         http_fail(w, c, 408, "request_timeout",
                   "the request was not complete within http_timeout (%d s)" % (w.http_timeout_ms // 1000))
         return
+    if st.flags & HF_QUERY and not w.draining:
+        w.log_limited(CR_HTTP, "a store query was not answered within http_keepalive_timeout: "
+                      "its connection is closed")
     w.counters[HTTP_TIMEOUTS] += 1
     w.close_conn(c, CR_TIMEOUT)
+
+
+cdef bint http_linger_start(Worker w, Conn* c):
+    """A closing connection's answer is written (Worker.flush): if the client may
+    still be sending, shuts our side (FIN; close_notify first on TLS) and reads
+    what comes, discarded, until it closes, for at most http_linger_bytes and
+    http_linger_timeout. False: close now."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef uint64_t ms = w.http_linger_ms
+    if not (st.flags & HF_LINGER_WANTED) or w.http_linger_bytes == 0 or ms == 0:
+        return False
+    st.flags = (st.flags & ~(HF_LINGER_WANTED | HF_IN_REQUEST)) | HF_LINGER
+    st.linger_left = w.http_linger_bytes
+    if c.ssl != NULL:
+        ERR_clear_error()
+        SSL_shutdown(c.ssl)
+        ERR_clear_error()
+    shutdown(c.fd, SHUT_WR)
+    c.state = ST_AWAIT_CONNECT      # read again (process_http discards), no longer flushing
+    c.need = 0
+    if c.flags & F_PAUSED:
+        c.flags &= ~F_PAUSED
+        w.update_events(c)
+    if w.draining and ms > HTTP_DRAIN_GRACE_MS:
+        ms = HTTP_DRAIN_GRACE_MS
+    wheel_schedule(&w.wheel, &c.timer, w.now_ms + ms)
+    return True
+
+
+cdef Py_ssize_t http_linger_input(Worker w, Conn* c, Py_ssize_t n):
+    """Bytes read during a lingering close: discarded (all consumed), or the
+    connection reset once they pass http_linger_bytes (-1)."""
+    cdef HttpState* st = &w.http[c.fd]
+    if n >= st.linger_left:
+        w.counters[HTTP_LINGER_CUT] += 1
+        w.log_limited(CR_HTTP, "an HTTP client kept sending after its early answer, over http_linger_bytes "
+                      "(%d): connection reset" % w.http_linger_bytes)
+        w.close_conn(c, CR_SERVER)
+        return -1
+    st.linger_left -= <uint32_t>n
+    return n
 
 
 cdef void http_start_drain(Worker w, Conn* c):

@@ -15,6 +15,7 @@ cdef enum ConnState:
     ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
     ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
     ST_CLOSED = 9             # closed by close_conn(): ignored until the end of the turn frees it
+    ST_QUERY = 10             # the query threads' eventfd: store queries answered (http.pxi)
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -69,7 +70,10 @@ cdef struct HttpState:
     uint32_t scan             # where to resume looking for the end of the head
     uint32_t chunk_off        # chunked body: offset of the next chunk-size line
     uint32_t chunk_total      # chunked body: data bytes so far
-    uint8_t flags             # HF_* (http.pxi)
+    uint32_t trailer_scan     # chunked body: where to resume looking for the end of the trailer section
+    uint32_t linger_left      # lingering close: bytes still read and discarded before a reset
+    uint16_t flags            # HF_* (http.pxi)
+    uint8_t query_minor       # a request in the query threads: its HTTP minor version
 
 cdef struct Listener:
     int fd

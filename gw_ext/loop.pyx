@@ -1,5 +1,8 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The worker: one epoll loop per process, no asyncio, no threads.
+"""The worker: one epoll loop per process, no asyncio. Its only other threads
+are the log's flusher (C, gw_ext/wal.pyx) and the query threads running the
+store queries (gw/query_pool.py); the loop lets go of the GIL while it waits
+in epoll_wait, so they run then.
 
 Data flows one way: socket -> framing (this file: one recv_into a shared
 buffer, many packets parsed in place, only a cut-off tail copied aside) ->
@@ -112,10 +115,11 @@ cdef inline uint64_t monotonic_ms() noexcept nogil:
 
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
-    """A live connection to a client: not a listener, channel or the log's
-    eventfd, and not already closed (ST_CLOSED waits to be freed)."""
+    """A live connection to a client: not a listener, channel or an eventfd
+    (the log's, the query threads'), and not already closed (ST_CLOSED waits
+    to be freed)."""
     return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
-            and state != ST_CLOSED)
+            and state != ST_QUERY and state != ST_CLOSED)
 
 
 cdef inline uint64_t monotonic_ns() noexcept nogil:
@@ -196,6 +200,9 @@ cdef class Worker:
     cdef public uint32_t http_max_body
     cdef public uint32_t http_timeout_ms
     cdef public uint32_t http_keepalive_ms
+    cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
+    cdef public uint32_t http_linger_ms      # ... and for how long
+    cdef object query_pool               # gw.query_pool.QueryPool: store queries off the loop (http.pxi)
     cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
     # The write-ahead log and the answers waiting for it (durable.pxi).
     cdef Wal wal
@@ -273,6 +280,8 @@ cdef class Worker:
         self.http_max_body = 1 << 20
         self.http_timeout_ms = 10000
         self.http_keepalive_ms = 75000
+        self.http_linger_bytes = 16 << 20
+        self.http_linger_ms = 5000
         self.telemetry_prefix = b""
         self.held_http = {}
         self.client_sessions = {}
@@ -423,6 +432,22 @@ cdef class Worker:
         """The idempotency table, attached as this worker: the readings it records
         as pending are committed as the log becomes durable past them."""
         self.dedup = dedup
+
+    def set_query_pool(self, object pool):
+        """The query threads (gw/query_pool.py): their eventfd joins the epoll set,
+        so an answered query goes out on its connection in the next loop turn."""
+        cdef epoll_event ev
+        cdef int fd = pool.fileno()
+        if fd >= self.nconns:
+            raise ValueError("the query threads' eventfd is above the fd limit")
+        self.query_pool = pool
+        self.conns[fd].state = ST_QUERY
+        self.conns[fd].fd = fd
+        ev.events = EPOLLIN
+        ev.data.u64 = 0
+        ev.data.fd = fd
+        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+            raise OSError(errno, "epoll_ctl")
 
     def wal_append(self, bytes payload):
         """For the HTTP app, after wal_room() said yes for it: appends one reading;
@@ -604,7 +629,8 @@ cdef class Worker:
         (contained), never the worker."""
         cdef epoll_event[MAX_EVENTS] events
         cdef int n, i
-        n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
+        with nogil:     # the query threads (Python) run while the loop waits
+            n = epoll_wait(self.epfd, events, MAX_EVENTS, timeout_ms)
         self.now_ns = monotonic_ns()
         self.now_ms = self.now_ns // 1000000
         if n < 0:
@@ -665,6 +691,8 @@ cdef class Worker:
             self.accept_from(c.listener)
         elif c.state == ST_WAL:
             wal_readable(self)
+        elif c.state == ST_QUERY:
+            query_readable(self)
         elif c.state == ST_CHANNEL:
             if ev & EPOLLOUT:
                 channel_writable(self, c.listener)
@@ -1195,6 +1223,8 @@ cdef class Worker:
         c.flags &= ~F_SSL_WRITE_WANTS_READ
         self.set_pollout(c, False)
         if c.state == ST_CLOSING:
+            if c.proto == PROTO_HTTP and http_linger_start(self, c):
+                return 1        # a lingering close: what the client still sends is read away first (http.pxi)
             self.close_conn(c, c.close_reason, c.close_detail)
             return -1
         return 1

@@ -83,7 +83,11 @@ cpdef enum:
     CLOSED_INTERNAL = 152     # connections closed because handling their input raised (a bug, logged)
     CLOSED_LIMIT = 153        # connections closed for going past a per-client bound (LIMITS)
     INTERNAL_ERRORS = 154     # exceptions contained by the loop (a connection's, a channel's, a timer's)
-    # 155..159 free.
+    # HTTP's lingering close and the query API's threads.
+    HTTP_LINGER_CUT = 155     # lingering closes ended by http_linger_bytes or http_linger_timeout (the client was still sending)
+    QUERIES_PENDING = 156     # gauge: store queries waiting for or running in the query threads
+    QUERIES_REFUSED = 157     # store queries answered 503: query_max_pending were already waiting
+    # 158..159 free.
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     # 176..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency

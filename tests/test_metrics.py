@@ -70,7 +70,8 @@ def test_new_counters():
         "WAL_DURABLE_OFFSET": 141, "WAL_APPENDED_OFFSET": 142, "WAL_TRUNCATED": 143, "WAL_ERRORS": 144,
         "WAL_REFUSED": 145, "ACKS_HELD": 146, "WAL_CORRUPT": 147, "WAL_CORRUPT_OFFSET": 148,
         "INGEST_RECORDS_PENDING": 149, "CHANNEL_MALFORMED": 150, "CHANNEL_FRAGMENTED": 151,
-        "CLOSED_INTERNAL": 152, "CLOSED_LIMIT": 153, "INTERNAL_ERRORS": 154, "LIMITS": 160,
+        "CLOSED_INTERNAL": 152, "CLOSED_LIMIT": 153, "INTERNAL_ERRORS": 154, "HTTP_LINGER_CUT": 155, "QUERIES_PENDING": 156,
+        "QUERIES_REFUSED": 157, "LIMITS": 160,
         "HIST_INGEST": 192, "HIST_DELIVER": 224, "N_COUNTERS": 256}
     assert Layout.STATS_VERSION == 2
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
@@ -130,7 +131,7 @@ def test_http_status_index_python_matches_c():
 def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
-                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD}
+                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET)
 
