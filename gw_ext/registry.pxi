@@ -278,7 +278,12 @@ cdef bytes session_serialize(Worker w, int slot):
     cdef Msg* m
     cdef Queued* q
     topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
-    parts.append(struct_pack("<H", len(subs)))
+    # The count is 16 bits, as it always was; from 0xFFFF subscriptions on,
+    # 0xFFFF then the count in 32 bits (a state written before reads the same).
+    if len(subs) < 0xFFFF:
+        parts.append(struct_pack("<H", len(subs)))
+    else:
+        parts.append(struct_pack("<HI", 0xFFFF, len(subs)))
     for f, qos in subs:
         parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
     parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
@@ -312,6 +317,9 @@ cdef void session_restore(Worker w, int slot, bytes state):
     try:
         nsubs, = struct_unpack_from("<H", state, pos)
         pos += 2
+        if nsubs == 0xFFFF:
+            nsubs, = struct_unpack_from("<I", state, pos)
+            pos += 4
         for i in range(nsubs):
             flen, = struct_unpack_from("<H", state, pos)
             qos = state[pos + 2 + flen]
@@ -324,15 +332,18 @@ cdef void session_restore(Worker w, int slot, bytes state):
         for i in range(nmsgs):
             pid, qos, st, tlen, plen = struct_unpack_from("<HBBHI", state, pos)
             pos += 10
+            if pos + tlen + plen > len(state):          # a cut-off or corrupt state: no read past it
+                raise ValueError("message past the end of the state")
             m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos & 3, 0)
             pos += tlen + plen
             if m == NULL:
                 w.counters[DROPPED_NOMEM] += 1
                 continue
             if pid:
-                if s.ninflight == s.inflight_cap:
-                    s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
-                    s.inflight = <Inflight*>realloc(s.inflight, s.inflight_cap * sizeof(Inflight))
+                if s.ninflight == s.inflight_cap and inflight_grow(s) < 0:
+                    msg_release(m)
+                    w.counters[DROPPED_NOMEM] += 1
+                    continue
                 e = &s.inflight[s.ninflight]
                 e.msg = m
                 e.packet_id = pid

@@ -132,6 +132,26 @@ cdef uint16_t session_packet_id(Session* s) noexcept nogil:
             return pid
 
 
+cdef int inflight_grow(Session* s) noexcept nogil:
+    """Room for one more in-flight message; its 16-bit count and capacity stop
+    at 0xFFFF (as many as there are packet ids). -1: no room."""
+    cdef uint32_t cap
+    cdef Inflight* grown
+    if s.ninflight < s.inflight_cap:
+        return 0
+    if s.inflight_cap == 0xFFFF:
+        return -1
+    cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
+    if cap > 0xFFFF:
+        cap = 0xFFFF
+    grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
+    if grown == NULL:
+        return -1
+    s.inflight = grown
+    s.inflight_cap = <uint16_t>cap
+    return 0
+
+
 cdef int session_queue_grow(Session* s) noexcept nogil:
     cdef uint32_t cap, i
     cdef Queued* q
@@ -153,18 +173,11 @@ cdef int session_queue_grow(Session* s) noexcept nogil:
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
-    cdef Inflight* grown
-    cdef uint16_t cap
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
-    if s.ninflight == s.inflight_cap:
-        cap = s.inflight_cap * 2 if s.inflight_cap else 8
-        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
-        if grown == NULL:
-            w.counters[DROPPED_NOMEM] += 1
-            return
-        s.inflight = grown
-        s.inflight_cap = cap
+    if inflight_grow(s) < 0:
+        w.counters[DROPPED_NOMEM] += 1
+        return
     e = &s.inflight[s.ninflight]
     e.msg = msg
     e.packet_id = session_packet_id(s)
@@ -258,15 +271,21 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
 
 
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
+    # At most 0xFFFF entries (packet ids are 16-bit, and 0 is not one): the
+    # 16-bit count and capacity never wrap.
     cdef uint16_t* grown
-    cdef uint16_t cap
+    cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        cap = s.qos2_cap * 2 if s.qos2_cap else 8
+        if s.qos2_cap == 0xFFFF:
+            return -1
+        cap = <uint32_t>s.qos2_cap * 2 if s.qos2_cap else 8
+        if cap > 0xFFFF:
+            cap = 0xFFFF
         grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
         if grown == NULL:
             return -1
         s.qos2_in = grown
-        s.qos2_cap = cap
+        s.qos2_cap = <uint16_t>cap
     s.qos2_in[s.nqos2_in] = pid
     s.nqos2_in += 1
     return 0
