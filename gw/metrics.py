@@ -130,6 +130,12 @@ _FAMILIES = [
      [("", C.WAL_REFUSED)]),
     ("gw_acks_held", "gauge", "Acknowledgements waiting for the log to be durable (ack mode sink).",
      [("", C.ACKS_HELD)]),
+    ("gw_persist_writes_total", "counter",
+     "Files of retained messages and persistent sessions written to data_dir and made durable.",
+     [("", C.PERSIST_WRITES)]),
+    ("gw_persist_errors_total", "counter",
+     "Failed writes of those files (disk full, I/O error); the next snapshot retries.",
+     [("", C.PERSIST_ERRORS)]),
 ]
 
 _HISTOGRAMS = [
@@ -138,6 +144,9 @@ _HISTOGRAMS = [
     ("gw_mqtt_publish_to_deliver_seconds", C.HIST_DELIVER,
      "MQTT publish-to-deliver latency: from the loop turn that read a PUBLISH to the one "
      "delivering it, once per delivering worker (and again on leaving a session queue)."),
+    ("gw_event_loop_turn_duration_seconds", C.HIST_LOOP_TURN,
+     "Event loop turns: the work from epoll_wait's return to the turn's end (a long one "
+     "delays every connection of that worker)."),
 ]
 
 

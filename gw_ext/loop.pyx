@@ -407,15 +407,24 @@ cdef class Worker:
                       <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True,
                       self.now_ns)
 
-    def snapshot_sessions(self):
-        """[(client id, state)] of every clean_session=0 session, for the data dir."""
+    def snapshot_sessions(self, bint changed_only=False):
+        """[(slot, client id, state)] of every clean_session=0 session, for the
+        data dir. With changed_only, of the slots changed since the last call
+        only (serializing only those), with (slot, None, None) for a slot that
+        no longer holds such a session."""
         cdef uint32_t slot
+        cdef Session* s
         out = []
         for slot in range(self.nsessions):
-            if self.sessions[slot].in_use and not self.sessions[slot].clean:
-                out.append((PyBytes_FromStringAndSize(self.sessions[slot].client_id,
-                                                      self.sessions[slot].client_id_len),
+            s = &self.sessions[slot]
+            if changed_only and not s.dirty:
+                continue
+            s.dirty = 0
+            if s.in_use and not s.clean:
+                out.append((slot, PyBytes_FromStringAndSize(s.client_id, s.client_id_len),
                             session_serialize(self, slot)))
+            elif changed_only:
+                out.append((slot, None, None))
         self.sessions_changed = False
         return out
 
@@ -599,6 +608,7 @@ cdef class Worker:
             self.reload_requested = False
             if self.on_reload is not None:
                 self.call_python(self.on_reload)
+        hist_observe(self.counters, HIST_LOOP_TURN, monotonic_ns() - self.now_ns)
         if self.draining:
             if not self.drain_started:
                 self.drain_started = True

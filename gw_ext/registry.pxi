@@ -233,8 +233,7 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     s = &w.sessions[slot]
     s.clean = pc.clean
     s.fd = c.fd
-    if not pc.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     c.session = slot
     if pc.will_flag:
         s.will = msg_new(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),

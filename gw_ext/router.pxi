@@ -132,8 +132,7 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     slot.qos = qos | (retain << 2)
     msg.refs += 1
     s.qlen += 1
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     if s.qlen >= w.queue_high and s.fd >= 0 and not s.congested and not s.stalled:
         congest(w, s)
 

@@ -43,8 +43,17 @@ cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t cle
     s.clean = clean
     s.fd = -1
     s.next_packet_id = 1
+    s.dirty = 1             # whatever was saved for this slot before is not this session
     w.client_sessions[PyBytes_FromStringAndSize(s.client_id, n)] = slot
     return slot
+
+
+cdef inline void session_changed(Worker w, Session* s):
+    """What persistence saves of a clean_session=0 session changed: the next
+    snapshot serializes this one again (and only the changed ones)."""
+    if not s.clean:
+        s.dirty = 1
+        w.sessions_changed = True
 
 
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
@@ -83,6 +92,7 @@ cdef void session_free(Worker w, int slot, bint release_id):
     free(s.qos2_in)
     memset(s, 0, sizeof(Session))
     s.fd = -1
+    s.dirty = 1             # a saved session in this slot is gone
     w.free_sessions[w.nfree_sessions] = slot
     w.nfree_sessions += 1
 
@@ -112,7 +122,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful):
     else:
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
-        w.sessions_changed = True
+        session_changed(w, s)
 
 
 cdef uint16_t session_packet_id(Session* s) noexcept nogil:
@@ -185,8 +195,7 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     e.state = IF_PUBLISHED
     msg.refs += 1
     s.ninflight += 1
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
     if out != NULL:
         encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
@@ -217,8 +226,7 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
     cdef uint32_t i
     cdef Inflight* e
     cdef uint8_t* out
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     s.last_ack_ms = w.now_ms
     s.stalled = 0
     for i in range(s.ninflight):

@@ -72,7 +72,11 @@ cpdef enum:
     WAL_ERRORS = 144          # failed writes or fsyncs (disk full, I/O error): nothing more becomes durable
     WAL_REFUSED = 145         # readings the log could not take: HTTP 503, MQTT publisher disconnected
     ACKS_HELD = 146           # gauge: PUBACKs and HTTP answers waiting for the log (ack mode sink)
-    # 147..191 free.
+    # Persistence of retained messages and sessions in data_dir (gw/persistence.py).
+    PERSIST_WRITES = 147      # files written and made durable by the worker's writer thread
+    PERSIST_ERRORS = 148      # ... that failed (disk full, I/O error); the next snapshot retries
+    # 149..159 free.
+    HIST_LOOP_TURN = 160      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
