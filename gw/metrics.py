@@ -99,6 +99,9 @@ _FAMILIES = [
      [("", C.SESSIONS_AWAY)]),
     ("gw_subscriptions", "gauge", "Subscriptions (filter, session) in the workers' indexes.",
      [("", C.SUBSCRIPTIONS_CURRENT)]),
+    ("gw_subscription_index_bytes", "gauge",
+     "Memory of the workers' subscription indexes: every worker holds its own filters and, as peer "
+     "interest, the others'.", [("", C.SUBSCRIPTION_INDEX_BYTES)]),
     ("gw_sessions_expired_total", "counter", "clean_session=0 sessions ended after session_expiry.",
      [("", C.SESSIONS_EXPIRED)]),
     ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",

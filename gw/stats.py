@@ -39,7 +39,8 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 # connections, sessions and index died with it; a respawned worker counts its
 # restored sessions again). All but the per-worker ones are summed over rows.
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
-          Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD)
+          Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD,
+          Counter.SUBSCRIPTION_INDEX_BYTES)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET)                                # a sum means nothing
 HIST_WORDS = int(Layout.HIST_WORDS)

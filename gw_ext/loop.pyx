@@ -597,6 +597,7 @@ cdef class Worker:
         if self.peers_dirty:
             channels_flush(self)
         self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
+        self.counters[SUBSCRIPTION_INDEX_BYTES] = self.index.bytes
         # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
         PyErr_CheckSignals()
         if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:

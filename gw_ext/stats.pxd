@@ -75,7 +75,8 @@ cpdef enum:
     # Persistence of retained messages and sessions in data_dir (gw/persistence.py).
     PERSIST_WRITES = 147      # files written and made durable by the worker's writer thread
     PERSIST_ERRORS = 148      # ... that failed (disk full, I/O error); the next snapshot retries
-    # 149..159 free.
+    SUBSCRIPTION_INDEX_BYTES = 149  # gauge: memory of this worker's subscription index (local and peer filters)
+    # 150..159 free.
     HIST_LOOP_TURN = 160      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency

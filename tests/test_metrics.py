@@ -69,6 +69,7 @@ def test_new_counters():
         "HTTP_REQUESTS_SHED": 137, "WAL_RECORDS": 138, "WAL_BYTES": 139, "WAL_FSYNCS": 140,
         "WAL_DURABLE_OFFSET": 141, "WAL_APPENDED_OFFSET": 142, "WAL_TRUNCATED": 143, "WAL_ERRORS": 144,
         "WAL_REFUSED": 145, "ACKS_HELD": 146, "PERSIST_WRITES": 147, "PERSIST_ERRORS": 148,
+        "SUBSCRIPTION_INDEX_BYTES": 149,
         "HIST_LOOP_TURN": 160, "HIST_INGEST": 192, "HIST_DELIVER": 224, "N_COUNTERS": 256}
     assert Layout.STATS_VERSION == 2
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
@@ -128,7 +129,8 @@ def test_http_status_index_python_matches_c():
 def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
-                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD}
+                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD,
+                           Counter.SUBSCRIPTION_INDEX_BYTES}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET)
 
 
