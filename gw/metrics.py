@@ -108,6 +108,9 @@ _FAMILIES = [
      [("", C.SESSIONS_AWAY)]),
     ("gw_subscriptions", "gauge", "Subscriptions (filter, session) in the workers' indexes.",
      [("", C.SUBSCRIPTIONS_CURRENT)]),
+    ("gw_subscription_index_bytes", "gauge",
+     "Memory of the workers' subscription indexes: every worker holds its own filters and, as peer "
+     "interest, the others'.", [("", C.SUBSCRIPTION_INDEX_BYTES)]),
     ("gw_sessions_expired_total", "counter", "clean_session=0 sessions ended after session_expiry.",
      [("", C.SESSIONS_EXPIRED)]),
     ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",
@@ -157,6 +160,12 @@ _FAMILIES = [
     ("gw_queries_refused_total", "counter",
      "Store queries answered 503: query_max_pending queries were already waiting.",
      [("", C.QUERIES_REFUSED)]),
+    ("gw_persist_writes_total", "counter",
+     "Files of retained messages and persistent sessions written to data_dir and made durable.",
+     [("", C.PERSIST_WRITES)]),
+    ("gw_persist_errors_total", "counter",
+     "Failed writes of those files (disk full, I/O error); the next snapshot retries.",
+     [("", C.PERSIST_ERRORS)]),
 ]
 
 _HISTOGRAMS = [
@@ -165,6 +174,9 @@ _HISTOGRAMS = [
     ("gw_mqtt_publish_to_deliver_seconds", C.HIST_DELIVER,
      "MQTT publish-to-deliver latency: from the loop turn that read a PUBLISH to the one "
      "delivering it, once per delivering worker (and again on leaving a session queue)."),
+    ("gw_event_loop_turn_duration_seconds", C.HIST_LOOP_TURN,
+     "Event loop turns: the work from epoll_wait's return to the turn's end (a long one "
+     "delays every connection of that worker)."),
 ]
 
 

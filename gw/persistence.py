@@ -9,11 +9,17 @@ they survive a restart of `gw serve` (and a worker's crash).
   previous version (a bare list, states with 16-bit counts) is read and
   converted.
 
-Each file is written when something changed, at most every persist_interval
-seconds and when the worker stops, atomically (a temporary file, fsync,
-rename). At start a worker loads the retained store and the session files
-numbered like it modulo the worker count (so a server restarted with fewer
-workers loses none), and takes over the files it loaded.
+When something changed, at most every persist_interval seconds, the loop
+takes a snapshot (it must read the worker's state) and hands it to the
+worker's writer thread (gw_ext/filewriter.pyx), which writes it atomically (a
+temporary file, fsync, rename, fsync of the directory) while the loop goes
+on: the loop never waits for the disk. A newer snapshot replaces one still
+waiting. A failed write is counted, logged (at most every 10 s) and retried
+with the next snapshot. When the worker stops, a last snapshot is written
+before it exits, to the end. At start a worker loads the retained store and
+the session files numbered like it modulo the worker count (so a server
+restarted with fewer workers loses none), and takes over the files it
+loaded: they are deleted once its own file holding their sessions is durable.
 """
 
 from __future__ import annotations
@@ -26,7 +32,11 @@ from pathlib import Path
 
 import msgspec
 
+from gw_ext.filewriter import FileWriter
+from gw.stats import Counter
+
 log = logging.getLogger("gw.persistence")
+ERROR_LOG_INTERVAL = 10.0           # seconds between two messages about failed writes
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
@@ -62,20 +72,6 @@ def upgrade_session_state_v1(state: bytes) -> bytes:
     return (struct.pack("<BI", SESSIONS_FORMAT, nsubs) + subs + msgs + struct.pack("<I", nq2) + ids)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    dirfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dirfd)
-    finally:
-        os.close(dirfd)
-
-
 def _read(path: Path):
     try:
         return msgspec.msgpack.decode(path.read_bytes())
@@ -90,17 +86,26 @@ def _read(path: Path):
 
 
 class Persistence:
-    def __init__(self, worker, slot: int, workers: int, data_dir: str, interval: float):
+    def __init__(self, worker, slot: int, workers: int, data_dir: str, interval: float, counters=None):
         self.worker = worker
         self.slot = slot
         self.dir = Path(data_dir)
         self.interval = interval
         self.last = 0.0
         self.taken_over: list[Path] = []
+        self.takeover_gen = 0           # the sessions file's generation that holds the taken-over sessions
         self.workers = workers
+        self.counters = counters        # the worker's stats row (PERSIST_WRITES, PERSIST_ERRORS)
+        self.writer = FileWriter()
+        self.sessions_path = self.dir / SESSIONS.format(slot)
+        self.retained_path = self.dir / RETAINED
+        self.retry = {self.sessions_path: False, self.retained_path: False}
+        self.failures = 0               # failed writes not yet in a log message
+        self.states: dict | None = None  # slot -> (client id, state) as last serialized
+        self.last_error_log = 0.0
 
     def load(self) -> None:
-        retained = _read(self.dir / RETAINED)
+        retained = _read(self.retained_path)
         if retained:
             for topic, qos, payload in retained:
                 self.worker.retain(topic, qos, payload)
@@ -131,6 +136,9 @@ class Persistence:
         self.worker.retained_saved()
 
     def tick(self, final: bool = False) -> None:
+        """Called from the loop about once a second, and with final=True once
+        the loop has stopped (then it returns when everything is on disk)."""
+        self.collect()
         if not self.interval and not final:
             return
         now = time.monotonic()
@@ -138,16 +146,70 @@ class Persistence:
             return
         self.last = now
         sessions_changed, retained_changed = self.worker.changed
-        if sessions_changed or final or self.taken_over:
-            data = msgspec.msgpack.encode({"format": SESSIONS_FORMAT,
-                                           "sessions": self.worker.snapshot_sessions()})
-            _write_atomic(self.dir / SESSIONS.format(self.slot), data)
-            for path in self.taken_over:
-                path.unlink(missing_ok=True)
-            self.taken_over = []
-        if self.slot == 0 and (retained_changed or final):
+        if (sessions_changed or final or self.retry[self.sessions_path]
+                or (self.taken_over and not self.takeover_gen)):
+            data = msgspec.msgpack.encode({"format": SESSIONS_FORMAT, "sessions": self.session_states()})
+            self.retry[self.sessions_path] = False
+            gen = self.writer.submit(self.sessions_path, data)
+            if self.taken_over and not self.takeover_gen:
+                self.takeover_gen = gen
+        if self.slot == 0 and (retained_changed or final or self.retry[self.retained_path]):
             store = self.worker.retained_messages
             data = msgspec.msgpack.encode([(t, q, p) for t, (q, p) in store.items()
                                            if not t.startswith(b"$SYS/")])
-            _write_atomic(self.dir / RETAINED, data)
             self.worker.retained_saved()
+            self.retry[self.retained_path] = False
+            self.writer.submit(self.retained_path, data)
+        if final:
+            self.writer.close()         # writes what is pending, to the end
+            self.collect()
+            if self.failures:
+                self.log_failures(force=True)
+
+    def session_states(self) -> list:
+        """[(client id, state)] of every clean_session=0 session. The first call
+        serializes them all; later ones only those changed since (the worker
+        marks them), the others' states kept from before."""
+        if self.states is None:
+            self.states = {slot: (cid, state) for slot, cid, state in self.worker.snapshot_sessions()}
+        else:
+            for slot, cid, state in self.worker.snapshot_sessions(changed_only=True):
+                if state is None:
+                    self.states.pop(slot, None)
+                else:
+                    self.states[slot] = (cid, state)
+        return list(self.states.values())
+
+    def collect(self) -> None:
+        """Takes the writer's finished writes: counts them; a failure is logged
+        and retried with the next snapshot; once the sessions of the files taken
+        over at start are durable in ours, those files go."""
+        for path, gen, err in self.writer.results():
+            path = Path(path)
+            if err == 0:
+                self.count(Counter.PERSIST_WRITES)
+                if path == self.sessions_path and self.takeover_gen and gen >= self.takeover_gen:
+                    for old in self.taken_over:
+                        old.unlink(missing_ok=True)
+                    self.taken_over = []
+                continue
+            self.count(Counter.PERSIST_ERRORS)
+            self.retry[path] = True
+            self.failures += 1
+            self.last_error = (path, err)
+            self.log_failures()
+
+    def count(self, counter) -> None:
+        if self.counters is not None:
+            self.counters[counter] += 1
+
+    def log_failures(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and self.last_error_log and now - self.last_error_log < ERROR_LOG_INTERVAL:
+            return
+        self.last_error_log = now
+        path, err = self.last_error
+        log.error("worker %d: writing %s failed: %s (%d failed writes since the last message); "
+                  "the previous file is kept, the next snapshot retries", self.slot, path,
+                  os.strerror(err), self.failures)
+        self.failures = 0

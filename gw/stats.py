@@ -39,12 +39,13 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 # connections, sessions and index died with it; a respawned worker counts its
 # restored sessions again). All but the per-worker ones are summed over rows.
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
-          Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING)
+          Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
+          Counter.SUBSCRIPTION_INDEX_BYTES)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET)    # a sum means nothing
 HIST_WORDS = int(Layout.HIST_WORDS)
 HIST_BUCKETS = int(Layout.HIST_BUCKETS)
-HISTOGRAMS = (Counter.HIST_INGEST, Counter.HIST_DELIVER)
+HISTOGRAMS = (Counter.HIST_INGEST, Counter.HIST_DELIVER, Counter.HIST_LOOP_TURN)
 HIST_BOUNDS_NS = _consts.HIST_BOUNDS_NS            # finite bucket bounds; the last bucket is +Inf
 HIST_BOUNDS_SECONDS = tuple(b / 1e9 for b in HIST_BOUNDS_NS)
 HTTP_STATUS_CODES = _consts.HTTP_STATUS_CODES      # (200, 202, ..., 505); slot 15: any other
@@ -54,7 +55,7 @@ _STATUS_SLOT = {code: i for i, code in enumerate(HTTP_STATUS_CODES)}
 # Counters that are the first of a range of words (read as a whole, never as one figure).
 RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16, Counter.LIMITS: 16,
           Counter.HTTP_REQUESTS: HTTP_STATUS_SLOTS, Counter.INGEST_REQUESTS: HTTP_STATUS_SLOTS,
-          Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS}
+          Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS, Counter.HIST_LOOP_TURN: HIST_WORDS}
 
 
 def http_status_index(code: int) -> int:
@@ -254,7 +255,8 @@ def counter_dict(totals) -> dict:
                         (Counter.INGEST_REQUESTS, "ingest_requests")):
         out[label] = {name: totals[base + i] for i, name in enumerate(STATUS_NAMES)}
     for base, label in ((Counter.HIST_INGEST, "ingest_latency"),
-                        (Counter.HIST_DELIVER, "deliver_latency")):
+                        (Counter.HIST_DELIVER, "deliver_latency"),
+                        (Counter.HIST_LOOP_TURN, "loop_turn_duration")):
         out[label] = hist_summary(totals[base:base + HIST_WORDS])
     return out
 

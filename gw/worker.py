@@ -231,7 +231,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         log.debug("worker %d: reloaded", slot)
 
     worker.on_reload = reload
-    persistence = Persistence(worker, slot, block.rows.shape[0], cfg.data_dir, cfg.persist_interval)
+    persistence = Persistence(worker, slot, block.rows.shape[0], cfg.data_dir, cfg.persist_interval,
+                              counters=block.rows[slot])
     persistence.load()
     next_sys = 0.0
 

@@ -33,6 +33,7 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         if qos2_remember(s, pkt.packet_id) < 0:
             w.close_conn(c, CR_SERVER)
             return -1
+        session_changed(w, s)
     if w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len):
         needed = route_telemetry(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos,
                                  pkt.retain)
@@ -69,5 +70,6 @@ cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint3
         # The publisher's QoS 2 release; PUBCOMP also for an id we do not know
         # (it may have been completed before a reconnect), as Mosquitto does.
         qos2_forget(s, pid)
+        session_changed(w, s)
         return w.send_ack(c, PUBCOMP, pid)
     return session_acked(w, s, ptype, pid)

@@ -100,9 +100,11 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
                 if r == 1:
                     channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
                     new_interest = True
+            elif r == TOPICS_ERR_NOMEM:
+                w.counters[DROPPED_NOMEM] += 1
+                w.log_limited(CR_QUEUE, "out of memory for a subscription: refused (SUBACK 0x80)")
         count += 1
-    if not w.sessions[slot].clean:
-        w.sessions_changed = True
+    session_changed(w, &w.sessions[slot])
     if (new_interest or w.pending_subacks) and subsync_start(w, c, body, n, codes, count, it.packet_id,
                                                              new_interest):
         if codes != stack_codes:
@@ -139,8 +141,7 @@ cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if r < 0:
             w.malformed(c, reason)
             return -1
-    if not w.sessions[c.session].clean:
-        w.sessions_changed = True
+    session_changed(w, &w.sessions[c.session])
     unsubscribe_begin(body, n, &it, &reason)
     while unsubscribe_next(&it, &filt, &reason) == 1:
         if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:

@@ -138,6 +138,7 @@ cdef struct Session:
     uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
     uint8_t congested         # its queue is past the high watermark (backpressure.pxi)
     uint8_t stalled           # stopped acknowledging: holds nobody back until it acks again
+    uint8_t dirty             # its saved state (persistence) is out of date, or the slot was freed
 
 # The link to one other worker: a SOCK_SEQPACKET socket made by the master
 # before forking. Frames for it are batched in `out` and sent once per loop

@@ -488,15 +488,24 @@ cdef class Worker:
         finally:
             self.publishing_as_server = False
 
-    def snapshot_sessions(self):
-        """[(client id, state)] of every clean_session=0 session, for the data dir."""
+    def snapshot_sessions(self, bint changed_only=False):
+        """[(slot, client id, state)] of every clean_session=0 session, for the
+        data dir. With changed_only, of the slots changed since the last call
+        only (serializing only those), with (slot, None, None) for a slot that
+        no longer holds such a session."""
         cdef uint32_t slot
+        cdef Session* s
         out = []
         for slot in range(self.nsessions):
-            if self.sessions[slot].in_use and not self.sessions[slot].clean:
-                out.append((PyBytes_FromStringAndSize(self.sessions[slot].client_id,
-                                                      self.sessions[slot].client_id_len),
+            s = &self.sessions[slot]
+            if changed_only and not s.dirty:
+                continue
+            s.dirty = 0
+            if s.in_use and not s.clean:
+                out.append((slot, PyBytes_FromStringAndSize(s.client_id, s.client_id_len),
                             session_serialize(self, slot)))
+            elif changed_only:
+                out.append((slot, None, None))
         self.sessions_changed = False
         return out
 
@@ -665,6 +674,7 @@ cdef class Worker:
         except Exception:
             self.contained(-1, "releasing held subscriptions")
         self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
+        self.counters[SUBSCRIPTION_INDEX_BYTES] = self.index.bytes
         # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
         PyErr_CheckSignals()
         if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
@@ -676,6 +686,7 @@ cdef class Worker:
                 self.call_python(self.on_reload)
         self.reap_closed()
         self.flush_all()
+        hist_observe(self.counters, HIST_LOOP_TURN, monotonic_ns() - self.now_ns)
         if self.draining:
             if not self.drain_started:
                 self.drain_started = True

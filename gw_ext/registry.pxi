@@ -247,8 +247,7 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     s = &w.sessions[slot]
     s.clean = pc.clean
     s.fd = c.fd
-    if not pc.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     c.session = slot
     if pc.will_flag:
         s.will = msg_new(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),
@@ -346,7 +345,6 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef int r
     cdef Msg* m
     cdef Inflight* e
-    cdef Inflight* grown
     cdef Queued* slotq
     if end - p < 5 or p[0] != SESSION_STATE_VERSION:
         return session_restore_fault(w, "unknown format")
@@ -384,16 +382,11 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
         if m == NULL:
             w.counters[DROPPED_NOMEM] += 1
             continue
-        if pid and s.ninflight < 65535:
-            if s.ninflight == s.inflight_cap:
-                grown = <Inflight*>realloc(s.inflight, (s.inflight_cap * 2 if s.inflight_cap else 8)
-                                           * sizeof(Inflight))
-                if grown == NULL:
-                    msg_release(m)
-                    w.counters[DROPPED_NOMEM] += 1
-                    continue
-                s.inflight = grown
-                s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
+        if pid:
+            if inflight_grow(s) < 0:
+                msg_release(m)
+                w.counters[DROPPED_NOMEM] += 1
+                continue
             e = &s.inflight[s.ninflight]
             e.msg = m
             e.packet_id = pid

@@ -184,8 +184,7 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     msg.refs += 1
     s.qlen += 1
     s.qbytes += size
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     if s.qlen >= w.queue_high and not s.congested and not s.stalled and session_online(w, s):
         congest(w, s)
 

@@ -13,6 +13,7 @@ cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t cle
     """A fresh session; its slot, or -1 when memory runs out."""
     cdef int slot
     cdef Session* grown
+    cdef int* free_grown
     cdef uint32_t cap
     cdef Session* s
     if w.nfree_sessions > 0:
@@ -20,14 +21,20 @@ cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t cle
         slot = w.free_sessions[w.nfree_sessions]
     else:
         if w.nsessions == w.sessions_cap:
+            if w.sessions_cap >= TOPICS_MAX_SUBSCRIBER // 2:
+                return -1           # a slot is a subscriber id in the index: it must stay below its bound
             cap = w.sessions_cap * 2 if w.sessions_cap else 1024
+            # The free list first: it must hold every slot before the table grows.
+            free_grown = <int*>realloc(w.free_sessions, cap * sizeof(int))
+            if free_grown == NULL:
+                return -1
+            w.free_sessions = free_grown
             grown = <Session*>realloc(w.sessions, cap * sizeof(Session))
             if grown == NULL:
                 return -1
             memset(grown + w.sessions_cap, 0, (cap - w.sessions_cap) * sizeof(Session))
             w.sessions = grown
             w.sessions_cap = cap
-            w.free_sessions = <int*>realloc(w.free_sessions, cap * sizeof(int))
         slot = w.nsessions
         w.nsessions += 1
     s = &w.sessions[slot]
@@ -43,8 +50,17 @@ cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t cle
     s.clean = clean
     s.fd = -1
     s.next_packet_id = 1
+    s.dirty = 1             # whatever was saved for this slot before is not this session
     w.client_sessions[PyBytes_FromStringAndSize(s.client_id, n)] = slot
     return slot
+
+
+cdef inline void session_changed(Worker w, Session* s):
+    """What persistence saves of a clean_session=0 session changed: the next
+    snapshot serializes this one again (and only the changed ones)."""
+    if not s.clean:
+        s.dirty = 1
+        w.sessions_changed = True
 
 
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
@@ -73,7 +89,7 @@ cdef void session_free(Worker w, int slot, bint release_id):
         w.sessions_changed = True
     msg_release(s.will)
     key = PyBytes_FromStringAndSize(s.client_id, s.client_id_len)
-    if w.client_sessions.get(key) == slot:
+    if w.client_sessions is not None and w.client_sessions.get(key) == slot:
         del w.client_sessions[key]
         if release_id:
             registry_release(w, key)
@@ -83,6 +99,7 @@ cdef void session_free(Worker w, int slot, bint release_id):
     free(s.qos2_in)
     memset(s, 0, sizeof(Session))
     s.fd = -1
+    s.dirty = 1             # a saved session in this slot is gone
     w.free_sessions[w.nfree_sessions] = slot
     w.nfree_sessions += 1
 
@@ -113,7 +130,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
     else:
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
-        w.sessions_changed = True
+        session_changed(w, s)
 
 
 cdef uint16_t session_packet_id(Session* s) noexcept nogil:
@@ -131,6 +148,26 @@ cdef uint16_t session_packet_id(Session* s) noexcept nogil:
                 break
         if not used:
             return pid
+
+
+cdef int inflight_grow(Session* s) noexcept nogil:
+    """Room for one more in-flight message; its 16-bit count and capacity stop
+    at 0xFFFF (as many as there are packet ids). -1: no room."""
+    cdef uint32_t cap
+    cdef Inflight* grown
+    if s.ninflight < s.inflight_cap:
+        return 0
+    if s.inflight_cap == 0xFFFF:
+        return -1
+    cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
+    if cap > 0xFFFF:
+        cap = 0xFFFF
+    grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
+    if grown == NULL:
+        return -1
+    s.inflight = grown
+    s.inflight_cap = cap
+    return 0
 
 
 cdef int session_queue_grow(Session* s) noexcept nogil:
@@ -154,18 +191,11 @@ cdef int session_queue_grow(Session* s) noexcept nogil:
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
-    cdef Inflight* grown
-    cdef uint32_t cap
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
-    if s.ninflight == s.inflight_cap:
-        cap = inflight_grown_cap(s.inflight_cap)
-        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight)) if cap else NULL
-        if grown == NULL:
-            w.counters[DROPPED_NOMEM] += 1
-            return
-        s.inflight = grown
-        s.inflight_cap = cap
+    if inflight_grow(s) < 0:
+        w.counters[DROPPED_NOMEM] += 1
+        return
     e = &s.inflight[s.ninflight]
     e.msg = msg
     e.packet_id = session_packet_id(s)
@@ -174,8 +204,7 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     e.retain = retain
     msg.refs += 1
     s.ninflight += 1
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
     if out != NULL:
         encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
@@ -207,8 +236,7 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
     cdef uint32_t i
     cdef Inflight* e
     cdef uint8_t* out
-    if not s.clean:
-        w.sessions_changed = True
+    session_changed(w, s)
     s.last_ack_ms = w.now_ms
     s.stalled = 0
     for i in range(s.ninflight):
@@ -260,30 +288,22 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
     return False
 
 
-cdef inline uint16_t inflight_grown_cap(uint16_t cap) noexcept nogil:
-    """The next capacity of a uint16-counted array: doubled, at most 0xFFFF
-    (there are no more packet ids); 0 when it cannot grow."""
-    if cap == 0xFFFF:
-        return 0
-    if cap == 0:
-        return 8
-    return 0xFFFF if cap >= 0x8000 else cap * 2
-
-
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
-    """-1 when memory runs out. The caller bounds the count (max_awaiting_rel,
-    at most 65,535 distinct packet ids), so the uint32 capacity cannot wrap."""
+    # At most 0xFFFF entries (packet ids are 16-bit, and 0 is not one): the
+    # 16-bit count and capacity never wrap.
     cdef uint16_t* grown
     cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        cap = inflight_grown_cap(s.qos2_cap)
-        if cap == 0:
-            return -1           # every packet id awaits its PUBREL already
+        if s.qos2_cap == 0xFFFF:
+            return -1
+        cap = <uint32_t>s.qos2_cap * 2 if s.qos2_cap else 8
+        if cap > 0xFFFF:
+            cap = 0xFFFF
         grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
         if grown == NULL:
             return -1
         s.qos2_in = grown
-        s.qos2_cap = cap
+        s.qos2_cap = <uint16_t>cap
     s.qos2_in[s.nqos2_in] = pid
     s.nqos2_in += 1
     return 0

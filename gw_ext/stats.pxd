@@ -87,12 +87,16 @@ cpdef enum:
     HTTP_LINGER_CUT = 155     # lingering closes ended by http_linger_bytes or http_linger_timeout (the client was still sending)
     QUERIES_PENDING = 156     # gauge: store queries waiting for or running in the query threads
     QUERIES_REFUSED = 157     # store queries answered 503: query_max_pending were already waiting
-    # 158..159 free.
+    # Persistence of retained messages and sessions in data_dir (gw/persistence.py).
+    PERSIST_WRITES = 158      # files written and made durable by the worker's writer thread
+    PERSIST_ERRORS = 159      # ... that failed (disk full, I/O error); the next snapshot retries
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
-    # 176..191 free.
+    SUBSCRIPTION_INDEX_BYTES = 176  # gauge: memory of this worker's subscription index (local and peer filters)
+    # 177..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
-    N_COUNTERS = 256          # rows are 2 KiB: a multiple of the cache line
+    HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end
+    N_COUNTERS = 288          # rows are 2,304 bytes: a multiple of the cache line
 
 cpdef enum:
     # Which bound (LIMITS + LIM_*): each a setting of the same name.
@@ -109,7 +113,7 @@ cpdef enum:
 cpdef enum:
     # Layout words (gw_ext.stats.Layout in Python).
     STATS_MAGIC = 0x67775354        # "gwST"
-    STATS_VERSION = 2               # 2: 256 counters, HTTP/ingest counters, histograms
+    STATS_VERSION = 3               # 3: 288 counters (2: 256; HTTP/ingest counters, histograms)
     HEADER_WORDS = 80
     MAX_WORKERS = 64
     H_MAGIC = 0

@@ -2,36 +2,49 @@
 # answering for a PUBLISH topic name which local subscribers match (each once,
 # with its highest granted QoS) and which peer workers have interest.
 #
-# One node per filter level. A node keeps its exact-name children in a packed
-# array (up to 8, linear scan) or an open-addressing table (linear probing,
-# backward-shift deletion, power-of-two size, grows at 3/4 load and shrinks
-# below 1/8), and its '+' and '#' children apart, so a match never scans.
-# A node's local subscriptions are a packed array of (subscriber, qos); each
-# subscriber keeps the list of its (node, position) pairs, so removing a
-# session is O(its subscriptions). Both sides remove by swap-with-last and fix
-# the moved element's back-reference. Nodes left with no subscriber, no peer
-# interest and no child are freed on the spot (memory returns).
+# A path-compressed trie: a node's label is one or more exact levels joined
+# by '/' (a run of levels where nothing branches, no wildcard and nothing
+# subscribed in between), so a filter of 128 levels that shares nothing with
+# another is one node, not 128. '+' and '#' are always nodes of their own. A
+# node exists for the root, for every filter with a local subscriber or peer
+# interest, for every wildcard level, and wherever two paths part; inserting a
+# filter that parts inside a label splits that node, and a node left with one
+# exact child and nothing else is merged into it. So the shape is canonical:
+# it depends only on the live filters, never on the order of operations.
+#
+# A node keeps its exact-name children in a packed array (up to 8, linear
+# scan) or an open-addressing table (linear probing, backward-shift deletion,
+# power-of-two size, grows at 3/4 load and shrinks below 1/8), keyed by the
+# first level of their label, and its '+' and '#' children apart, so a match
+# never scans. A node's local subscriptions are a packed array of
+# (subscriber, qos); each subscriber keeps the list of its (node, position)
+# pairs, so removing a session is O(its subscriptions). Both sides remove by
+# swap-with-last and fix the moved element's back-reference. Nodes left with
+# no subscriber, no peer interest and no child are freed on the spot (memory
+# returns).
 #
 # Subscriber ids index a per-index array (back-references and the match's
 # dedupe stamps), so they should be dense slots (connection/session slot
 # numbers), not hashes.
 #
 # Filters given to subscribe / add_peer_interest are checked for the
-# structural rules (MQTT-4.7.1-2/-3, 4.7.3-1); UTF-8 is the codec's job
-# (valid_topic_filter, valid_utf8). Topic names given to topics_match are not
-# checked: the codec has already validated them.
+# structural rules (MQTT-4.7.1-2/-3, 4.7.3-1) and for the MQTT maximum length
+# (65535 bytes, so every label length and level count fits its 16-bit field);
+# UTF-8 is the codec's job (valid_topic_filter, valid_utf8). Topic names given
+# to topics_match are not checked: the codec has already validated them.
 #
 # Everything is `noexcept nogil` and single-threaded (one index per worker;
 # even topics_match writes the dedupe stamps). Nothing on the match path
 # allocates except growing the caller's MatchResult.
 
-from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 cdef enum:
     TOPICS_ERR_NOMEM = -1       # allocation failed; the index is unchanged
-    TOPICS_ERR_INVALID = -2     # bad filter, QoS > 2, worker >= 64, subscriber id > TOPICS_MAX_SUBSCRIBER
+    TOPICS_ERR_INVALID = -2     # bad or too long filter, QoS > 2, worker >= 64, subscriber id > TOPICS_MAX_SUBSCRIBER
     TOPICS_MAX_WORKERS = 64
     TOPICS_MAX_SUBSCRIBER = 0x7FFFFFFE
+    TOPICS_MAX_LEN = 65535      # longest filter or topic name (MQTT's 16-bit string length)
 
 cdef struct SubEntry:           # one local subscription, in its node
     uint32_t subscriber
@@ -39,21 +52,23 @@ cdef struct SubEntry:           # one local subscription, in its node
     uint8_t qos
 
 cdef struct TopicNode:
-    # The fields a match reads first, in the node's first 64 bytes.
-    uint64_t hash               # hash of label (exact-name children only)
-    uint32_t label_len
+    # 80 bytes, the label's bytes right after them. The fields a match reads
+    # first are in the node's first 64 bytes.
+    uint64_t hash               # hash of the label's first level (exact-name nodes)
+    uint16_t first_len          # bytes of the label's first level
+    uint16_t label_len          # bytes of the label (0 for the root)
+    uint16_t slashes            # '/' in the label: the levels it spans, less one
+    uint16_t label_cap          # bytes allocated for the label (a split leaves room)
     uint32_t nkids
     uint32_t kcap
     uint32_t nsubs
+    uint32_t subs_cap
     TopicNode** kids            # exact-name children: packed (kcap <= 8) or hash table
     TopicNode* plus             # the '+' child
     TopicNode* multi            # the '#' child
     SubEntry* subs
     uint64_t peers              # bit w: worker w has a subscription on exactly this filter
-    # Then the rest, and the label's bytes right after the node.
-    const uint8_t* label        # this level's bytes
     TopicNode* parent           # NULL for the root
-    uint32_t subs_cap
 
 cdef struct SubRef:             # one subscription, in its subscriber's list
     TopicNode* node
@@ -67,7 +82,7 @@ cdef struct SubSlot:            # per subscriber id
     uint32_t outpos             # where, in that match's entries
 
 cdef struct TopicTrie:
-    TopicNode root              # the empty prefix; never freed, not counted in nodes
+    TopicNode root              # the empty prefix; never freed, not counted in nodes; no label
     SubSlot* slots
     uint32_t nslots
     uint32_t generation
@@ -155,8 +170,8 @@ cdef void topics_result_free(MatchResult* out) noexcept nogil
 # parent and any levels below, empty levels are levels, filters starting with
 # a wildcard do not match names starting with '$'). Each matching subscriber
 # appears once with its highest QoS (MQTT-3.3.5-1); peers is the OR of the
-# matching filters' peer bits. Returns out.count, or TOPICS_ERR_NOMEM when
-# growing out failed.
+# matching filters' peer bits. Returns out.count, TOPICS_ERR_NOMEM when
+# growing out failed, TOPICS_ERR_INVALID for a name over TOPICS_MAX_LEN.
 cdef int topics_match(TopicTrie* t, const uint8_t* topic, uint32_t len, MatchResult* out) noexcept nogil
 
 cdef inline size_t topics_node_count(const TopicTrie* t) noexcept nogil:

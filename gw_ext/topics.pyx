@@ -3,7 +3,7 @@
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.stdlib cimport calloc, free, malloc, realloc
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp, memcpy, memmove, memset
 from libc.time cimport time as c_time
 
 cdef extern from *:
@@ -45,17 +45,24 @@ cdef inline uint64_t _hash(uint64_t seed, const uint8_t* p, uint32_t n) noexcept
 
 # --- nodes -------------------------------------------------------------------
 
+cdef inline uint8_t* _label(const TopicNode* n) noexcept nogil:
+    return <uint8_t*>(n + 1)
+
+
 cdef TopicNode* _node_new(TopicTrie* t, TopicNode* parent, const uint8_t* label, uint32_t n,
-                          uint64_t h) noexcept nogil:
+                          uint32_t first_len, uint32_t slashes, uint64_t h) noexcept nogil:
+    # n <= TOPICS_MAX_LEN (filters are checked), so every 16-bit field fits.
     cdef size_t size = sizeof(TopicNode) + n
     cdef TopicNode* node = <TopicNode*>malloc(size)
     if node == NULL:
         return NULL
     memset(node, 0, sizeof(TopicNode))
     node.parent = parent
-    memcpy(<void*>(node + 1), label, n)
-    node.label = <const uint8_t*>(node + 1)
-    node.label_len = n
+    memcpy(_label(node), label, n)
+    node.label_len = <uint16_t>n
+    node.label_cap = <uint16_t>n
+    node.first_len = <uint16_t>first_len
+    node.slashes = <uint16_t>slashes
     node.hash = h
     t.nodes += 1
     t.bytes += size
@@ -63,10 +70,15 @@ cdef TopicNode* _node_new(TopicTrie* t, TopicNode* parent, const uint8_t* label,
 
 
 cdef inline void _node_free(TopicTrie* t, TopicNode* node) noexcept nogil:
-    # Only for an empty node: its arrays are already released.
+    # Only for an empty node: its arrays are already released or moved.
     t.nodes -= 1
-    t.bytes -= sizeof(TopicNode) + node.label_len
+    t.bytes -= sizeof(TopicNode) + node.label_cap
     free(node)
+
+
+cdef inline bint _is_wild(const TopicNode* n) noexcept nogil:
+    # A wildcard node's label is '+' or '#'; an exact level never is one of them alone.
+    return n.label_len == 1 and (_label(n)[0] == PLUS or _label(n)[0] == POUND)
 
 
 cdef inline bint _node_empty(const TopicNode* n) noexcept nogil:
@@ -83,7 +95,7 @@ cdef inline TopicNode* _kid_find(const TopicNode* n, const uint8_t* p, uint32_t 
     if n.kcap <= LINEAR_MAX:
         for j in range(n.nkids):
             k = n.kids[j]
-            if k.hash == h and k.label_len == len and memcmp(k.label, p, len) == 0:
+            if k.hash == h and k.first_len == len and memcmp(_label(k), p, len) == 0:
                 return k
         return NULL
     mask = n.kcap - 1
@@ -92,7 +104,7 @@ cdef inline TopicNode* _kid_find(const TopicNode* n, const uint8_t* p, uint32_t 
         k = n.kids[j]
         if k == NULL:
             return NULL
-        if k.hash == h and k.label_len == len and memcmp(k.label, p, len) == 0:
+        if k.hash == h and k.first_len == len and memcmp(_label(k), p, len) == 0:
             return k
         j = (j + 1) & mask
 
@@ -134,7 +146,7 @@ cdef int _kids_insert(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
                             else HASH_MIN) < 0:
                 return -1
     elif (<uint64_t>n.nkids + 1) * 4 > <uint64_t>n.kcap * 3:
-        if _kids_resize(t, n, n.kcap * 2) < 0:
+        if n.kcap >= 0x80000000U or _kids_resize(t, n, n.kcap * 2) < 0:
             return -1
     if n.kcap <= LINEAR_MAX:
         n.kids[n.nkids] = k
@@ -204,14 +216,108 @@ cdef inline int _unlink(TopicTrie* t, TopicNode* p, TopicNode* k) noexcept nogil
     return _kids_remove(t, p, k)
 
 
+cdef TopicNode* _split(TopicTrie* t, TopicNode* p, TopicNode* k, uint32_t cut) noexcept nogil:
+    # Cuts k's label at byte `cut` (a '/'): a new node u, in k's place under p,
+    # takes the levels before it; k keeps the rest (same address: its
+    # children and subscribers' references stay valid) and becomes u's only
+    # child. Returns u, or NULL (nothing changed) when memory runs out.
+    cdef uint8_t* kl = _label(k)
+    cdef uint32_t j, cut_slashes = 0, rest, first
+    cdef TopicNode* u
+    for j in range(cut):
+        if kl[j] == SLASH:
+            cut_slashes += 1
+    u = _node_new(t, p, kl, cut, k.first_len, cut_slashes, k.hash)
+    if u == NULL:
+        return NULL
+    u.kids = <TopicNode**>calloc(2, sizeof(TopicNode*))
+    if u.kids == NULL:
+        _node_free(t, u)
+        return NULL
+    t.bytes += 2 * sizeof(TopicNode*)
+    u.kcap = 2
+    p.kids[_pos_of(p, k) - POS_KIDS] = u       # same first level, so the same slot
+    rest = k.label_len - cut - 1
+    memmove(kl, kl + cut + 1, rest)
+    first = 0
+    while first < rest and kl[first] != SLASH:
+        first += 1
+    k.label_len = <uint16_t>rest
+    k.first_len = <uint16_t>first
+    k.slashes = <uint16_t>(k.slashes - cut_slashes - 1)
+    k.hash = _hash(t.seed, kl, first)
+    k.parent = u
+    u.kids[0] = k
+    u.nkids = 1
+    return u
+
+
+cdef void _merge(TopicTrie* t, TopicNode* n) noexcept nogil:
+    # When n holds nothing but one exact child k, k absorbs n's label and
+    # takes its place (the trie stays canonical). k's label grows in place
+    # when a split left room; otherwise k moves to a larger allocation and
+    # the pointers to it (its children's parent, its subscribers' references)
+    # follow. When memory runs out n simply stays.
+    cdef TopicNode* p = n.parent
+    cdef TopicNode* k
+    cdef TopicNode* m
+    cdef TopicNode* c
+    cdef uint32_t pos = POS_KIDS, need, j, slot
+    cdef SubEntry* e
+    if (p == NULL or n.nkids != 1 or n.nsubs != 0 or n.peers != 0 or n.plus != NULL
+            or n.multi != NULL or _is_wild(n)):
+        return
+    k = _child_from(n, &pos)
+    need = <uint32_t>n.label_len + 1 + k.label_len      # a prefix of a filter: <= TOPICS_MAX_LEN
+    if need > TOPICS_MAX_LEN:
+        return
+    slot = _pos_of(p, n) - POS_KIDS
+    if need <= k.label_cap:
+        m = k
+        memmove(_label(m) + n.label_len + 1, _label(m), k.label_len)
+    else:
+        m = <TopicNode*>malloc(sizeof(TopicNode) + need)
+        if m == NULL:
+            return
+        memcpy(m, k, sizeof(TopicNode))
+        memcpy(_label(m) + n.label_len + 1, _label(k), k.label_len)
+        m.label_cap = <uint16_t>need
+        t.bytes += need - k.label_cap
+        if m.plus != NULL:
+            m.plus.parent = m
+        if m.multi != NULL:
+            m.multi.parent = m
+        for j in range(m.nkids if m.kcap <= LINEAR_MAX else m.kcap):
+            c = m.kids[j]
+            if c != NULL:
+                c.parent = m
+        for j in range(m.nsubs):
+            e = &m.subs[j]
+            t.slots[e.subscriber].refs[e.back].node = m
+        free(k)
+    memcpy(_label(m), _label(n), n.label_len)
+    _label(m)[n.label_len] = SLASH
+    m.label_len = <uint16_t>need
+    m.first_len = n.first_len
+    m.slashes = <uint16_t>(<uint32_t>n.slashes + 1 + m.slashes)
+    m.hash = n.hash
+    m.parent = p
+    p.kids[slot] = m                # same first level as n, so n's slot
+    free(n.kids)
+    t.bytes -= n.kcap * sizeof(TopicNode*)
+    _node_free(t, n)
+
+
 cdef void _prune(TopicTrie* t, TopicNode* n) noexcept nogil:
-    # Frees n and its ancestors while they are empty.
+    # Frees n and its ancestors while they are empty; the first one that is
+    # not may be left with a single exact child, and merge into it.
     cdef TopicNode* p
     while n != &t.root and _node_empty(n):
         p = n.parent
         _unlink(t, p, n)
         _node_free(t, n)
         n = p
+    _merge(t, n)
 
 
 # --- allocation-free walks -----------------------------------------------------
@@ -270,7 +376,7 @@ cdef uint32_t _filter_of(TopicTrie* t, const TopicNode* n) noexcept nogil:
     m = n
     while m != &t.root:
         end -= m.label_len
-        memcpy(t.namebuf + end, m.label, m.label_len)
+        memcpy(t.namebuf + end, _label(m), m.label_len)
         if end > 0:
             end -= 1
             t.namebuf[end] = SLASH
@@ -313,7 +419,7 @@ cdef bint _valid_filter(const uint8_t* f, uint32_t len) noexcept nogil:
     # MQTT-4.7.3-1 (non-empty), -4.7.1-2 ('#' alone and last), -4.7.1-3 ('+' alone).
     cdef uint32_t i, start = 0
     cdef uint8_t c
-    if len == 0:
+    if len == 0 or len > TOPICS_MAX_LEN:
         return False
     for i in range(len):
         c = f[i]
@@ -328,12 +434,14 @@ cdef bint _valid_filter(const uint8_t* f, uint32_t len) noexcept nogil:
 
 
 cdef TopicNode* _walk(TopicTrie* t, const uint8_t* f, uint32_t len, bint create) noexcept nogil:
-    # The node of a (valid) filter; with create, makes the missing ones (NULL
-    # and nothing left behind when memory runs out).
+    # The node of a (valid) filter; with create, makes the missing ones,
+    # splitting a label the filter parts from (NULL, and the trie as it was,
+    # when memory runs out).
     cdef TopicNode* n = &t.root
     cdef TopicNode* c
     cdef const uint8_t* lp
-    cdef uint32_t start = 0, end, ll
+    cdef const uint8_t* kl
+    cdef uint32_t start = 0, end, ll, i, rem, slashes
     cdef uint64_t h
     while True:
         end = start
@@ -344,21 +452,49 @@ cdef TopicNode* _walk(TopicTrie* t, const uint8_t* f, uint32_t len, bint create)
         if ll == 1 and lp[0] == PLUS:
             c = n.plus
             if c == NULL and create:
-                c = _node_new(t, n, lp, 1, 0)
+                c = _node_new(t, n, lp, 1, 1, 0, 0)
                 n.plus = c
         elif ll == 1 and lp[0] == POUND:
             c = n.multi
             if c == NULL and create:
-                c = _node_new(t, n, lp, 1, 0)
+                c = _node_new(t, n, lp, 1, 1, 0, 0)
                 n.multi = c
         else:
             h = _hash(t.seed, lp, ll)
             c = _kid_find(n, lp, ll, h)
-            if c == NULL and create:
-                c = _node_new(t, n, lp, ll, h)
-                if c != NULL and _kids_insert(t, n, c) < 0:
-                    _node_free(t, c)
-                    c = NULL
+            if c == NULL:
+                if create:
+                    # One node for this level and the exact levels after it, up
+                    # to a wildcard level or the end (a valid filter has '+' and
+                    # '#' only as whole levels, so one at a level's start is one).
+                    slashes = 0
+                    while end < len and not (end + 1 < len and (f[end + 1] == PLUS or f[end + 1] == POUND)):
+                        end += 1
+                        while end < len and f[end] != SLASH:
+                            end += 1
+                        slashes += 1
+                    c = _node_new(t, n, lp, end - start, ll, slashes, h)
+                    if c != NULL and _kids_insert(t, n, c) < 0:
+                        _node_free(t, c)
+                        c = NULL
+            elif c.slashes != 0:
+                # The first level matched; compare the rest of c's label.
+                kl = _label(c)
+                rem = len - start
+                i = ll
+                while i < c.label_len and i < rem and kl[i] == lp[i]:
+                    i += 1
+                if i == c.label_len and (i == rem or lp[i] == SLASH):
+                    end = start + i                 # the whole label
+                elif not create:
+                    return NULL                     # the filter ends or parts inside the label
+                else:
+                    if not (i < c.label_len and kl[i] == SLASH and i == rem):
+                        i -= 1                      # parts inside a level: back to its '/'
+                        while kl[i] != SLASH:       # (one exists at or after ll)
+                            i -= 1
+                    c = _split(t, n, c, i)
+                    end = start + i
         if c == NULL:
             if create:
                 _prune(t, n)
@@ -372,8 +508,12 @@ cdef TopicNode* _walk(TopicTrie* t, const uint8_t* f, uint32_t len, bint create)
 # --- subscriptions -----------------------------------------------------------
 
 cdef inline int _grow(void** arr, uint32_t* cap, size_t item, uint32_t first, size_t* bytes) noexcept nogil:
-    cdef uint32_t newcap = first if cap[0] == 0 else cap[0] * 2
-    cdef void* p = realloc(arr[0], newcap * item)
+    cdef uint32_t newcap
+    cdef void* p
+    if cap[0] >= 0x80000000U:          # doubling would wrap the 32-bit count
+        return -1
+    newcap = first if cap[0] == 0 else cap[0] * 2
+    p = realloc(arr[0], <size_t>newcap * item)
     if p == NULL:
         return -1
     bytes[0] += (newcap - cap[0]) * item
@@ -494,7 +634,7 @@ cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t le
             and _grow(<void**>&n.subs, &n.subs_cap, sizeof(SubEntry), 1, &t.bytes) < 0):
         _prune(t, n)
         return TOPICS_ERR_NOMEM
-    if s.n == s.cap and _grow(<void**>&s.refs, &s.cap, sizeof(SubRef), 4, &t.bytes) < 0:
+    if s.n == s.cap and _grow(<void**>&s.refs, &s.cap, sizeof(SubRef), 1, &t.bytes) < 0:
         _prune(t, n)
         return TOPICS_ERR_NOMEM
     n.subs[n.nsubs].subscriber = subscriber
@@ -628,7 +768,8 @@ cdef int topics_remove_peer_interest(TopicTrie* t, const uint8_t* topic_filter, 
 
 
 cdef int topics_clear_peer(TopicTrie* t, uint8_t worker) noexcept nogil:
-    # Pre-order: clear the bit; post-order: free the node if that emptied it.
+    # Pre-order: clear the bit; post-order: free the node if that emptied it,
+    # or merge it into its only child.
     # After freeing a child the walk resumes at its position (a swap or a
     # backward shift may have moved a sibling there), or at the first table
     # slot when the table was rebuilt; revisiting a node is harmless here.
@@ -659,6 +800,7 @@ cdef int topics_clear_peer(TopicTrie* t, uint8_t worker) noexcept nogil:
                 pos = POS_KIDS
             _node_free(t, n)
         else:
+            _merge(t, n)        # when merged, n's slot holds its child, already walked
             pos += 1
         n = p
 
@@ -709,7 +851,9 @@ cdef inline int _collect(TopicTrie* t, const TopicNode* n, MatchResult* out, uin
                 m.qos = e.qos
             continue
         if out.count == out.cap:
-            p = realloc(out.entries, (out.cap * 2 if out.cap else 16) * sizeof(MatchEntry))
+            if out.cap >= 0x80000000U:
+                return -1
+            p = realloc(out.entries, <size_t>(out.cap * 2 if out.cap else 16) * sizeof(MatchEntry))
             if p == NULL:
                 return -1
             out.entries = <MatchEntry*>p
@@ -729,8 +873,11 @@ cdef int topics_match(TopicTrie* t, const uint8_t* topic, uint32_t len, MatchRes
     cdef TopicNode* n
     cdef TopicNode* k
     cdef const TopicLevel* lv
+    cdef const TopicLevel* last
     cdef bint wild
 
+    if len > TOPICS_MAX_LEN:                # level counts stay far from 32-bit limits
+        return TOPICS_ERR_INVALID
     # Split into levels, hashing each as we go (the stack needs levels + 1).
     if out.scratch_cap < 2 and _reserve_scratch(out, 2) < 0:
         return TOPICS_ERR_NOMEM
@@ -787,9 +934,19 @@ cdef int topics_match(TopicTrie* t, const uint8_t* topic, uint32_t len, MatchRes
             lv = &out.levels[lvl]
             k = _kid_find(n, topic + lv.off, lv.len, lv.hash)
             if k != NULL:
-                out.stack[sp].node = k
-                out.stack[sp].level = lvl + 1
-                sp += 1
+                if k.slashes == 0:
+                    out.stack[sp].node = k
+                    out.stack[sp].level = lvl + 1
+                    sp += 1
+                elif lvl + k.slashes < nl:
+                    # A label of several levels: the name's next levels, '/'
+                    # included, must be its bytes exactly.
+                    last = &out.levels[lvl + k.slashes]
+                    if (last.off + last.len - lv.off == k.label_len
+                            and memcmp(topic + lv.off + lv.len, _label(k) + lv.len, k.label_len - lv.len) == 0):
+                        out.stack[sp].node = k
+                        out.stack[sp].level = lvl + 1 + k.slashes
+                        sp += 1
     return <int>out.count
 
 

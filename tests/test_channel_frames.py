@@ -210,7 +210,7 @@ def test_a_session_state_cut_short_keeps_what_came_before_the_cut():
         whole = _session_state([(0, 1, b"t/a", b"kept"), (0, 1, b"t/b", b"x" * 100)])
         cut = whole[:whole.index(b"t/b") + 3 + 10]            # the second payload: 10 of its 100 bytes
         linked.worker.restore_sessions([(b"cut-client", cut), (b"whole-client", whole)])
-        saved = dict(linked.worker.snapshot_sessions())
+        saved = {cid: state for _slot, cid, state in linked.worker.snapshot_sessions()}
         assert saved[b"whole-client"] == whole
         assert saved[b"cut-client"] == _session_state([(0, 1, b"t/a", b"kept")])
         assert linked.malformed == 1

@@ -71,11 +71,12 @@ def test_new_counters():
         "WAL_REFUSED": 145, "ACKS_HELD": 146, "WAL_CORRUPT": 147, "WAL_CORRUPT_OFFSET": 148,
         "INGEST_RECORDS_PENDING": 149, "CHANNEL_MALFORMED": 150, "CHANNEL_FRAGMENTED": 151,
         "CLOSED_INTERNAL": 152, "CLOSED_LIMIT": 153, "INTERNAL_ERRORS": 154, "HTTP_LINGER_CUT": 155, "QUERIES_PENDING": 156,
-        "QUERIES_REFUSED": 157, "LIMITS": 160,
-        "HIST_INGEST": 192, "HIST_DELIVER": 224, "N_COUNTERS": 256}
-    assert Layout.STATS_VERSION == 2
+        "QUERIES_REFUSED": 157, "PERSIST_WRITES": 158, "PERSIST_ERRORS": 159, "LIMITS": 160,
+        "SUBSCRIPTION_INDEX_BYTES": 176, "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256,
+        "N_COUNTERS": 288}
+    assert Layout.STATS_VERSION == 3
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
-    assert Counter.HIST_DELIVER + HIST_WORDS == N_COUNTERS
+    assert Counter.HIST_LOOP_TURN + HIST_WORDS == N_COUNTERS
 
 
 def test_layout_constants_are_not_counters():
@@ -131,7 +132,8 @@ def test_http_status_index_python_matches_c():
 def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
-                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING}
+                           Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
+                           Counter.SUBSCRIPTION_INDEX_BYTES}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET)
 

@@ -6,7 +6,8 @@ straightforward reference matcher (`ref_matches`, one filter at a time); a
 state machine driving subscribe / unsubscribe / remove_subscriber / peer
 interest against a model, checking the 0->1 and 1->0 transitions, every
 enumeration, and that the trie holds exactly the nodes the live filters need
-(so memory returns: zero nodes and zero bytes once everything is removed).
+in its path-compressed shape, whatever the order of operations (so memory
+returns: zero nodes and zero bytes once everything is removed).
 """
 
 from __future__ import annotations
@@ -61,12 +62,22 @@ class RefIndex:
         return {f for f, s in self.subs.items() if s} | {f for f, w in self.peers.items() if w}
 
     def node_count(self) -> int:
-        """Trie nodes needed: one per distinct level prefix of a live filter."""
-        prefixes = set()
-        for f in self.live_filters():
+        """Trie nodes needed (the path-compressed shape): one per level prefix
+        of a live filter that is itself live, ends with a wildcard, is where
+        two paths part, or is followed by a wildcard; the levels between them
+        share a node."""
+        live = self.live_filters()
+        prefixes: set[tuple[str, ...]] = set()
+        for f in live:
             levels = f.split("/")
             prefixes.update(tuple(levels[:k]) for k in range(1, len(levels) + 1))
-        return len(prefixes)
+        after: dict[tuple[str, ...], set[str]] = {}
+        for p in prefixes:
+            after.setdefault(p[:-1], set()).add(p[-1])
+        live_levels = {tuple(f.split("/")) for f in live}
+        return sum(1 for p in prefixes
+                   if p in live_levels or p[-1] in ("+", "#")
+                   or len(after.get(p, ())) >= 2 or after.get(p, set()) & {"+", "#"})
 
 
 # --- explicit cases ---------------------------------------------------------------
@@ -354,6 +365,135 @@ def test_deep_filters_and_topics():
     assert idx.node_count == 0 and idx.bytes_used == 0
 
 
+def test_a_run_of_exact_levels_is_one_node():
+    """A filter whose levels branch nowhere is one node, however many levels it
+    has; it matches exactly its own name, not a prefix, a longer name or a
+    name differing in one level, nor one level split in two."""
+    idx = TopicIndex()
+    levels = [f"l{i}" for i in range(128)]
+    f = "/".join(levels)
+    assert idx.subscribe(f, 1, 1)
+    assert idx.node_count == 1
+    assert idx.bytes_used < len(f) + 200
+    assert idx.match(f) == ({1: 1}, 0)
+    assert idx.match("/".join(levels[:-1])) == ({}, 0)
+    assert idx.match(f + "/x") == ({}, 0)
+    assert idx.match(f + "/") == ({}, 0)
+    assert idx.match(f.replace("l64", "l65", 1)) == ({}, 0)
+    assert idx.match(f.replace("l64", "l6/4", 1)) == ({}, 0)
+    assert idx.match(f.replace("/l64/", "/l64l65/", 1).replace("/l65/", "/", 1)) == ({}, 0)
+    assert idx.count(f) == 1 and idx.count("/".join(levels[:64])) == 0
+    assert idx.unsubscribe("/".join(levels[:64]), 1) is False and idx.node_count == 1
+    assert idx.remove_peer("/".join(levels[:64]), 1) is False and idx.node_count == 1
+    assert idx.subscriptions(1) == [(f, 1)] and idx.filters() == [f]
+    assert idx.remove_subscriber(1) == [f]
+    assert idx.node_count == 0 and idx.bytes_used == 0
+
+
+def test_parting_paths_split_and_merge_back():
+    """A filter parting from a label inside it splits the node there (at a level
+    boundary, never inside a level); removing it merges the parts again, also
+    when the child moves to a larger allocation with children and subscribers
+    of its own (their references follow it)."""
+    idx = TopicIndex()
+    idx.subscribe("a/b/c/d", 1, 1)
+    idx.subscribe("a/b/cx", 2, 2)            # parts inside level 'c': split after 'a/b'
+    assert idx.node_count == 3               # a/b, c/d, cx
+    idx.subscribe("a/b", 3, 0)               # ends at the split: that node
+    assert idx.node_count == 3
+    idx.subscribe("a", 4, 0)                 # ends inside the label 'a/b': split
+    assert idx.node_count == 4               # a, b, c/d, cx
+    idx.subscribe("a/+/c/d", 5, 1)
+    assert idx.node_count == 6               # + and its c/d
+    for t, subs in [("a/b/c/d", {1: 1, 5: 1}), ("a/b/cx", {2: 2}), ("a/b", {3: 0}), ("a", {4: 0}),
+                    ("a/b/c", {}), ("a/z/c/d", {5: 1}), ("a/b/c/d/e", {})]:
+        assert idx.match(t) == (subs, 0), t
+    assert idx.unsubscribe("a/+/c/d", 5) and idx.unsubscribe("a", 4) and idx.unsubscribe("a/b", 3)
+    assert idx.node_count == 3
+    assert idx.unsubscribe("a/b/cx", 2)
+    assert idx.node_count == 1               # merged back: a/b/c/d
+    assert idx.match("a/b/c/d") == ({1: 1}, 0)
+    # A merge that must move the child: 'q' (one byte of label) absorbs 'p'.
+    for s in range(10, 20):
+        idx.subscribe("p/q", s, s % 3)
+    idx.subscribe("p/q/r", 30, 1)
+    idx.subscribe("p/q/+", 31, 2)
+    idx.add_peer("p/q/#", 7)
+    idx.subscribe("p/other", 32, 0)
+    nodes = idx.node_count
+    assert idx.unsubscribe("p/other", 32)
+    assert idx.node_count == nodes - 2       # 'other' gone, 'p' merged into 'q'
+    assert idx.match("p/q") == ({s: s % 3 for s in range(10, 20)}, 1 << 7)
+    assert idx.match("p/q/r") == ({30: 1, 31: 2}, 1 << 7)
+    for s in range(10, 20):
+        assert idx.subscriptions(s) == [("p/q", s % 3)]
+    assert sorted(idx.filters()) == ["a/b/c/d", "p/q", "p/q/+", "p/q/r"]
+    for s in [*range(10, 20), 30, 31, 1]:
+        idx.remove_subscriber(s)
+    assert idx.clear_peer(7) == 1
+    assert idx.node_count == 0 and idx.bytes_used == 0
+
+
+def test_clear_peer_merges():
+    idx = TopicIndex()
+    idx.add_peer("a/b/c", 1)
+    idx.subscribe("a/b/d", 2, 1)
+    idx.add_peer("x/y", 1)
+    assert idx.node_count == 4
+    assert idx.clear_peer(1) == 2
+    assert idx.node_count == 1 and idx.match("a/b/d") == ({2: 1}, 0)
+    assert idx.remove_subscriber(2) == ["a/b/d"]
+    assert idx.node_count == 0 and idx.bytes_used == 0
+
+
+def test_longest_filter_and_name():
+    """A filter is at most 65535 bytes (MQTT's string length); the longest has
+    65536 empty levels, one more than a 16-bit count holds, and works."""
+    idx = TopicIndex()
+    longest = "/" * 65535
+    assert idx.subscribe(longest, 1, 2)
+    assert idx.add_peer(longest, 3)
+    assert idx.subscribe("/" * 65534 + "#", 2, 0)
+    assert idx.node_count == 3               # 65535 empty levels, then '' and '#' under it
+    assert idx.match(longest) == ({1: 2, 2: 0}, 1 << 3)
+    assert idx.match("/" * 65534) == ({2: 0}, 0)
+    assert idx.match("/" * 65533 + "x") == ({}, 0)
+    assert sorted(idx.filters()) == sorted([longest, "/" * 65534 + "#"])
+    for bad in ("/" * 65536, "a" * 65536):
+        with pytest.raises(ValueError):
+            idx.subscribe(bad, 1, 0)
+        with pytest.raises(ValueError):
+            idx.add_peer(bad, 1)
+        assert idx.unsubscribe(bad, 1) is False and idx.count(bad) == 0
+        with pytest.raises(ValueError):
+            idx.match(bad)
+    assert idx.remove_subscriber(1) == [longest] and idx.remove_subscriber(2) == ["/" * 65534 + "#"]
+    assert idx.remove_peer(longest, 3)
+    assert idx.node_count == 0 and idx.bytes_used == 0
+
+
+def test_what_10k_filters_of_128_levels_cost():
+    """10,000 filters of 128 levels each, sharing their first five levels:
+    about the filters' own bytes plus a node each, for local subscriptions
+    and for peer interest (one node per level would be 128 nodes each)."""
+    filters = ["/".join(f"d{k}" if j == 5 else f"x{j}" for j in range(128)) for k in range(10_000)]
+    size = sum(len(f) for f in filters)
+    local, peer = TopicIndex(), TopicIndex()
+    for k, f in enumerate(filters):
+        local.subscribe(f, k, 1)
+        peer.add_peer(f, k % 64)
+    assert local.node_count == peer.node_count == 10_001
+    assert peer.bytes_used < size + 10_000 * 100
+    assert local.bytes_used < size + 10_000 * 150
+    assert local.match(filters[1234]) == ({1234: 1}, 0)
+    for k in range(10_000):
+        local.remove_subscriber(k)
+    for k, f in enumerate(filters):
+        peer.remove_peer(f, k % 64)
+    assert local.node_count == peer.node_count == 0
+    assert local.bytes_used == peer.bytes_used == 0
+
+
 def test_generation_wraps():
     idx = TopicIndex()
     idx.subscribe("a/+", 1, 0)
@@ -383,10 +523,10 @@ _names = st.sampled_from(NAMES)
 _first_names = st.sampled_from(NAMES)
 filters_st = st.builds(
     lambda levels, tail: "/".join(levels + tail),
-    st.lists(st.one_of(_names, st.just("+")), min_size=0, max_size=4),
+    st.lists(st.one_of(_names, _names, st.just("+")), min_size=0, max_size=6),
     st.sampled_from([[], [], ["#"]]),
 ).filter(bool)
-topics_st = st.lists(_names, min_size=1, max_size=5).map("/".join).filter(bool)
+topics_st = st.lists(_names, min_size=1, max_size=7).map("/".join).filter(bool)
 
 
 @PROPS
