@@ -154,17 +154,24 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
     cdef Inflight* grown
-    cdef uint16_t cap
+    cdef uint32_t cap
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
     if s.ninflight == s.inflight_cap:
-        cap = s.inflight_cap * 2 if s.inflight_cap else 8
+        # The window holds at most 65535 (one per packet id; max_inflight's
+        # maximum): the capacity, a uint16_t, doubles up to that, never past it.
+        if s.inflight_cap >= 65535:
+            w.counters[DROPPED_NOMEM] += 1
+            return
+        cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
+        if cap > 65535:
+            cap = 65535
         grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
         if grown == NULL:
             w.counters[DROPPED_NOMEM] += 1
             return
         s.inflight = grown
-        s.inflight_cap = cap
+        s.inflight_cap = <uint16_t>cap
     e = &s.inflight[s.ninflight]
     e.msg = msg
     e.packet_id = session_packet_id(s)
@@ -258,15 +265,22 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
 
 
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
+    """Records a QoS 2 packet id awaiting its PUBREL: at most 65535 (the ids a
+    client has), so the capacity, a uint16_t, doubles up to that, never past it
+    (a wrap to 0 would shrink the array under the ids). -1: no room."""
     cdef uint16_t* grown
-    cdef uint16_t cap
+    cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        cap = s.qos2_cap * 2 if s.qos2_cap else 8
+        if s.qos2_cap >= 65535:
+            return -1
+        cap = <uint32_t>s.qos2_cap * 2 if s.qos2_cap else 8
+        if cap > 65535:
+            cap = 65535
         grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
         if grown == NULL:
             return -1
         s.qos2_in = grown
-        s.qos2_cap = cap
+        s.qos2_cap = <uint16_t>cap
     s.qos2_in[s.nqos2_in] = pid
     s.nqos2_in += 1
     return 0
