@@ -159,6 +159,11 @@ cdef void registry_peer_restarted(Worker w, int p):
             send_small(w, p, FR_REGISTER, struct_pack("<B", w.worker_index), cid)
 
 
+cdef inline bint is_worker(Worker w, int p) noexcept:
+    """Whether p names a worker: this one, or a peer with a channel."""
+    return 0 <= p < w.npeers and (p == w.worker_index or w.peers[p].fd >= 0)
+
+
 cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n):
     cdef bytes data = PyBytes_FromStringAndSize(<char*>body, n)
     cdef uint32_t token
@@ -171,6 +176,10 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         on_grant(w, token, prev)
     elif ftype == FR_EVICT and n >= 6:
         claimant, token, clean = struct_unpack_from("<BIB", data)
+        if not is_worker(w, claimant):
+            # Worker numbers index the peer table: one that names no worker is dropped.
+            w.log_limited(CR_CHANNEL, "channel from worker %d: EVICT for unknown worker %d dropped" % (p, claimant))
+            return
         registry_evict(w, claimant, token, clean, data[6:])
     elif ftype == FR_SESSION and n >= 7:
         token, present, idlen = struct_unpack_from("<IBH", data)
@@ -180,6 +189,10 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         if w.registry.get(data[1:]) == owner:
             del w.registry[data[1:]]
     elif ftype == FR_REGISTER and n >= 1:
+        if not is_worker(w, data[0]):
+            w.log_limited(CR_CHANNEL, "channel from worker %d: REGISTER for unknown worker %d dropped"
+                          % (p, data[0]))
+            return
         w.registry[data[1:]] = data[0]
 
 
@@ -298,60 +311,123 @@ cdef bytes session_serialize(Worker w, int slot):
     return b"".join(parts)
 
 
+cdef int restore_inflight(Session* s, Msg* m, uint16_t pid, uint8_t qos, uint8_t state) noexcept nogil:
+    """Appends one in-flight message of a restored session (at most 65535, one
+    per packet id); -1 when there is no room."""
+    cdef uint32_t cap
+    cdef Inflight* grown
+    if s.ninflight == s.inflight_cap:
+        if s.inflight_cap >= 65535:
+            return -1
+        cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
+        if cap > 65535:
+            cap = 65535
+        grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
+        if grown == NULL:
+            return -1
+        s.inflight = grown
+        s.inflight_cap = <uint16_t>cap
+    s.inflight[s.ninflight].msg = m
+    s.inflight[s.ninflight].packet_id = pid
+    s.inflight[s.ninflight].qos = qos
+    s.inflight[s.ninflight].state = state
+    s.ninflight += 1
+    return 0
+
+
 cdef void session_restore(Worker w, int slot, bytes state):
+    """Brings back a session from session_serialize's bytes: from a peer's
+    SESSION frame or the data dir, so every count and length is checked
+    against what is there. A state cut short or inconsistent restores what
+    came before the fault, and is logged."""
     cdef Session* s = &w.sessions[slot]
-    cdef Py_ssize_t pos = 0
-    cdef int nsubs, i, r, nmsgs, nq2, flen
-    cdef uint16_t pid, tlen
-    cdef uint32_t plen
+    cdef Py_ssize_t pos = 0, size = PyBytes_GET_SIZE(state)
+    cdef uint32_t nsubs, nmsgs, nq2, i
+    cdef uint32_t flen, tlen, plen
+    cdef uint16_t pid
     cdef uint8_t qos, st
+    cdef int r
     cdef Msg* m
-    cdef Inflight* e
     cdef Queued* slotq
     cdef const uint8_t* raw = <const uint8_t*>PyBytes_AS_STRING(state)
-    try:
-        nsubs, = struct_unpack_from("<H", state, pos)
-        pos += 2
-        for i in range(nsubs):
-            flen, = struct_unpack_from("<H", state, pos)
-            qos = state[pos + 2 + flen]
+    # Little-endian fields, read only after checking they are there.
+    if size < 2:
+        session_restore_cut(w)
+        return
+    nsubs = raw[0] | (<uint32_t>raw[1] << 8)
+    pos = 2
+    for i in range(nsubs):
+        if size - pos < 2:
+            session_restore_cut(w)
+            return
+        flen = raw[pos] | (<uint32_t>raw[pos + 1] << 8)
+        if size - pos < 3 + <Py_ssize_t>flen:
+            session_restore_cut(w)
+            return
+        qos = raw[pos + 2 + flen]
+        if qos <= 2 and valid_utf8(raw + pos + 2, flen) and valid_topic_filter(raw + pos + 2, flen):
             r = topics_subscribe(w.index, raw + pos + 2, flen, slot, qos)
             if r == 1:
                 channel_broadcast(w, FR_SUB_ADD, 0, raw + pos + 2, flen, NULL, 0)
-            pos += 3 + flen
-        s.next_packet_id, nmsgs = struct_unpack_from("<HI", state, pos)
-        pos += 6
-        for i in range(nmsgs):
-            pid, qos, st, tlen, plen = struct_unpack_from("<HBBHI", state, pos)
-            pos += 10
-            m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos & 3, 0)
+        pos += 3 + flen
+    if size - pos < 6:
+        session_restore_cut(w)
+        return
+    s.next_packet_id = raw[pos] | (<uint16_t>raw[pos + 1] << 8)
+    if s.next_packet_id == 0:
+        s.next_packet_id = 1
+    memcpy(&nmsgs, raw + pos + 2, 4)
+    pos += 6
+    for i in range(nmsgs):
+        if size - pos < 10:
+            session_restore_cut(w)
+            return
+        pid = raw[pos] | (<uint16_t>raw[pos + 1] << 8)
+        qos = raw[pos + 2]
+        st = raw[pos + 3]
+        tlen = raw[pos + 4] | (<uint32_t>raw[pos + 5] << 8)
+        memcpy(&plen, raw + pos + 6, 4)
+        pos += 10
+        if <uint64_t>(size - pos) < <uint64_t>tlen + plen:
+            session_restore_cut(w)
+            return
+        # Queued entries carry the retain flag in bit 2 (deliver_msg); a message
+        # goes out at QoS 1 or 2 only.
+        if not 1 <= (qos & 3) <= 2 or st > IF_RELEASED or (pid and qos > 2):
             pos += tlen + plen
-            if m == NULL:
+            continue
+        m = msg_new(raw + pos, tlen, raw + pos + tlen, plen, qos & 3, 0)
+        pos += tlen + plen
+        if m == NULL:
+            w.counters[DROPPED_NOMEM] += 1
+            continue
+        if pid:
+            if restore_inflight(s, m, pid, qos, st) < 0:
+                msg_release(m)
+                w.counters[DROPPED_NOMEM] += 1
+        else:
+            if session_queue_grow(s) < 0:
+                msg_release(m)
                 w.counters[DROPPED_NOMEM] += 1
                 continue
-            if pid:
-                if s.ninflight == s.inflight_cap:
-                    s.inflight_cap = s.inflight_cap * 2 if s.inflight_cap else 8
-                    s.inflight = <Inflight*>realloc(s.inflight, s.inflight_cap * sizeof(Inflight))
-                e = &s.inflight[s.ninflight]
-                e.msg = m
-                e.packet_id = pid
-                e.qos = qos
-                e.state = st
-                s.ninflight += 1
-            else:
-                if session_queue_grow(s) < 0:
-                    msg_release(m)
-                    continue
-                slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
-                slotq.msg = m
-                slotq.qos = qos
-                s.qlen += 1
-        nq2, = struct_unpack_from("<H", state, pos)
+            slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
+            slotq.msg = m
+            slotq.qos = qos
+            s.qlen += 1
+    if size - pos < 2:
+        session_restore_cut(w)
+        return
+    nq2 = raw[pos] | (<uint32_t>raw[pos + 1] << 8)
+    pos += 2
+    for i in range(nq2):
+        if size - pos < 2:
+            session_restore_cut(w)
+            return
+        pid = raw[pos] | (<uint16_t>raw[pos + 1] << 8)
         pos += 2
-        for i in range(nq2):
-            pid, = struct_unpack_from("<H", state, pos)
-            pos += 2
-            qos2_remember(s, pid)
-    except Exception:
-        w.log_limited(CR_CHANNEL, "a transferred session was cut short; restored what arrived")
+        if pid and not qos2_seen(s, pid) and qos2_remember(s, pid) < 0:
+            break
+
+
+cdef void session_restore_cut(Worker w):
+    w.log_limited(CR_CHANNEL, "a transferred session was cut short; restored what arrived")
