@@ -36,7 +36,8 @@ def runtime_env(work: Path) -> dict:
 
     env = dict(os.environ)
     env["LD_PRELOAD"] = os.path.join(atheris.path(), "asan_with_fuzzer.so")
-    env["GW_FUZZ_BUILD"] = str(work / "build" / "lib")
+    # Another build (GW_FUZZ_BUILD set) may be fuzzed instead of ./dev fuzz's.
+    env.setdefault("GW_FUZZ_BUILD", str(work / "build" / "lib"))
     # Python leaks by design at exit; a fuzzed length may ask for more memory
     # than there is: libFuzzer's malloc limit reports that, ASan's NULL does not kill.
     env["ASAN_OPTIONS"] = "detect_leaks=0:allocator_may_return_null=1:handle_abort=1:symbolize=1"
