@@ -1,5 +1,6 @@
 """Runs fuzz targets for a bounded time each (`./dev fuzz TARGET SECONDS`,
-`./dev fuzz all SECONDS`) and reports what each covered.
+`./dev fuzz all SECONDS`) and reports what each covered; `./dev fuzz TARGET
+FILE` replays one input (a crash it found) with the worker's log on.
 
 Each target runs in its own process: the fuzzing venv's Python with the
 ASan runtime that has libFuzzer linked in preloaded (atheris's
@@ -86,29 +87,45 @@ def run_target(target: str, seconds: int, work: Path, extra: list[str]) -> dict:
     return result
 
 
+def replay(target: str, path: str, work: Path, extra: list[str]) -> int:
+    """Runs one input (a crash libFuzzer wrote) once, with the worker's log on."""
+    env = runtime_env(work)
+    env["GW_FUZZ_LOG"] = "1"
+    return subprocess.call([sys.executable, str(FUZZ / f"fuzz_{target}.py"), *extra, path], cwd=REPO, env=env,
+                           stdin=subprocess.DEVNULL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=TARGETS + ("all",))
-    parser.add_argument("seconds", type=int)
+    parser.add_argument("seconds", help="how long each target runs; or an input file to replay once")
     parser.add_argument("--work", default=str(REPO / ".fuzz"), help="working corpus, crashes, logs (default .fuzz)")
     parser.add_argument("libfuzzer_args", nargs="*", help="more libFuzzer flags (after --)")
     args = parser.parse_args()
     work = Path(args.work).resolve()
+    if not args.seconds.isdigit():
+        if args.target == "all":
+            parser.error("replay one target's input: ./dev fuzz TARGET FILE")
+        return replay(args.target, args.seconds, work, args.libfuzzer_args)
+    seconds = int(args.seconds)
     targets = TARGETS if args.target == "all" else (args.target,)
     failed = False
+    nfailed = 0
     for target in targets:
-        r = run_target(target, args.seconds, work, args.libfuzzer_args)
+        r = run_target(target, seconds, work, args.libfuzzer_args)
         line = (f"fuzz {r['target']}: {r['seconds']} s, {r.get('execs', '?')} executions, "
                 f"cov {r.get('cov', '?')} ft {r.get('ft', '?')}, corpus {r.get('corpus', '?')}, "
                 f"peak RSS {r.get('peak_rss_mb', '?')} MB")
         if r["rc"] != 0 or r["found"]:
             failed = True
+            nfailed += 1
             line += f": FOUND SOMETHING (exit {r['rc']}); inputs: {', '.join(r['found']) or '-'}; log: {r['log']}"
             print(line, flush=True)
             tail = Path(r["log"]).read_text(errors="replace").splitlines()[-60:]
             print("\n".join("    " + t for t in tail), flush=True)
         else:
             print(line + ": nothing found", flush=True)
+    print(f"fuzz: {len(targets) - nfailed} passed, {nfailed} failed", flush=True)
     return 1 if failed else 0
 
 
