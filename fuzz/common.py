@@ -29,6 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 # first; without GW_FUZZ_BUILD the in-place build is used (replaying a crash
 # under the normal .venv, or running a target's inputs from a test).
 _BUILD = os.environ.get("GW_FUZZ_BUILD")
+if _BUILD and not os.path.isfile(os.path.join(_BUILD, "gw_ext", "__init__.py")):
+    raise SystemExit(f"GW_FUZZ_BUILD={_BUILD}: no instrumented build there (./dev fuzz makes it)")
 for _p in ([str(REPO)] + ([_BUILD] if _BUILD else [])):
     if _p in sys.path:
         sys.path.remove(_p)

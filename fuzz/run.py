@@ -25,6 +25,7 @@ from pathlib import Path
 
 FUZZ = Path(__file__).resolve().parent
 REPO = FUZZ.parent
+BUILD = REPO / ".fuzz" / "build" / "lib"      # where ./dev fuzz builds the instrumented extensions
 TARGETS = ("codec", "mqtt", "jsonlines", "http", "channel", "wal")
 FINAL = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 PROGRESS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
@@ -37,8 +38,8 @@ def runtime_env(work: Path) -> dict:
 
     env = dict(os.environ)
     env["LD_PRELOAD"] = os.path.join(atheris.path(), "asan_with_fuzzer.so")
-    # Another build (GW_FUZZ_BUILD set) may be fuzzed instead of ./dev fuzz's.
-    env.setdefault("GW_FUZZ_BUILD", str(work / "build" / "lib"))
+    # ./dev fuzz's build, or another one (GW_FUZZ_BUILD set).
+    env.setdefault("GW_FUZZ_BUILD", str(BUILD))
     # Python leaks by design at exit; a fuzzed length may ask for more memory
     # than there is: libFuzzer's malloc limit reports that, ASan's NULL does not kill.
     env["ASAN_OPTIONS"] = "detect_leaks=0:allocator_may_return_null=1:handle_abort=1:symbolize=1"
