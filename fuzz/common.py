@@ -22,6 +22,7 @@ import socket
 import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -40,8 +41,12 @@ import numpy as np  # noqa: E402
 
 HOST = "127.0.0.1"
 MAX_FDS = 4096                 # the worker's fd table; the harness stays far below it
-SETTLE_TURNS = 200             # loop turns allowed for the end-of-input checks
-SETTLE_WAIT_MS = 5             # epoll wait of each of those turns
+# The end-of-input checks wait for the worker this long: past its own timers
+# that may hold a connection (a CONNECT waiting for a peer that never answers
+# its claim is settled after SETTLE_TIMEOUT_MS, 3 s; a closing connection's
+# grace is 2 s), so a connection still there after it is one the worker lost.
+SETTLE_SECONDS = 4.5
+SETTLE_WAIT_MS = 5             # epoll wait of each turn once the quick turns did not do
 
 # Client ids the inputs share (takeovers): with two workers, crc32 puts c0 and
 # c1 at worker 1 (the harness's peer) and c4 and c5 at worker 0 (the worker).
@@ -495,14 +500,17 @@ class Scenario:
             raise Failure(f"no client is connected, yet SESSIONS_CURRENT is {sessions}")
 
     def settle(self, done, what: str) -> None:
-        for i in range(SETTLE_TURNS):
+        deadline = time.monotonic() + SETTLE_SECONDS
+        i = 0
+        while time.monotonic() < deadline:
             if done():
                 return
             # Without waiting first: what the worker must notice is usually there.
             self.wut.turn(0 if i < 8 else SETTLE_WAIT_MS)
+            i += 1
         if done():
             return
-        raise Failure(f"the worker did not reach '{what}' within {SETTLE_TURNS} loop turns "
+        raise Failure(f"the worker did not reach '{what}' within {SETTLE_SECONDS} s "
                       f"(connections: {self.wut.connections()})")
 
     def fresh_client_served(self, request: bytes, answered) -> bytes:
