@@ -46,6 +46,7 @@ from conftest import GwServer, mqtt_str, packet, read_packet, tcp_connect, wait_
 CLIENT_IDS = [f"bb{i}".encode() for i in range(8)]
 PHASES = 6              # the campaign's phases, each followed by an idle pause
 IDLE_S = 3.0            # the pause: every client gone, the workers' RSS read
+SESSION_EXPIRY_S = 2    # persistent sessions (of mutated ids too) end this long after their client
 TOPICS = [b"bb/a", b"bb/b", b"bb/a/c", b"telemetry/bbdev", b"$SYS/bb", b"bb/retained"]
 FILTERS = [b"bb/#", b"bb/+", b"#", b"bb/a/+", b"telemetry/+", b"+/+/c", b"bb/#/x"]
 READING = b'{"seq":%d,"metrics":{"temp_c":%d.5}}'
@@ -253,7 +254,12 @@ def main() -> int:
     from gw.stats import Counter
 
     base = Path(tempfile.mkdtemp(prefix="gw-blackbox-"))
-    server = GwServer(base, workers=2, listeners=("mqtt",), stats_interval=1, args=["--log-level", "warning"])
+    # What the server keeps by design is bounded, so that growth left is a leak:
+    # persistent sessions of mutated client ids expire, their queues and the
+    # retained store (mutated topics) have small limits.
+    server = GwServer(base, workers=2, listeners=("mqtt",), stats_interval=1,
+                      args=["--log-level", "warning", "--session-expiry", str(SESSION_EXPIRY_S),
+                            "--max-queued", "100", "--max-retained", "1000"])
     server.start()
     failures: list[str] = []
     try:
@@ -321,7 +327,8 @@ def main() -> int:
             "mutations": {name: campaign.mutations.get(i, 0) for i, name in enumerate(
                 ("bit_flip", "truncated", "duplicated", "reordered", "random_length", "inserted", "random_type"))},
             "server": {k: counters.get(k) for k in ("conns_accepted", "malformed", "closed", "mqtt_connected",
-                                                   "takeovers", "packets_too_large") if k in counters},
+                                                   "takeovers", "packets_too_large", "sessions_away",
+                                                   "sessions_expired") if k in counters},
             "server_raw": {name: int(totals[getattr(Counter, name)]) for name in
                            ("CONNS_ACCEPTED", "MQTT_CONNECTED", "TAKEOVERS", "PACKETS_TOO_LARGE", "CONNS_CURRENT")},
             "workers": memory,
