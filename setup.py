@@ -1,4 +1,10 @@
-"""Builds the Cython extensions in gw_ext/: one module per concern, each a .pyx with its .pxd."""
+"""Builds the Cython extensions in gw_ext/: one module per concern, each a .pyx with its .pxd.
+
+GW_SANITIZE=address,fuzzer-no-link (with CC=clang) makes the fuzzing build
+(fuzz/, `./dev fuzz`): sanitizer and coverage instrumentation, -O1 with debug
+information so reports point at source lines. It is built into its own
+directory, never over the in-place build.
+"""
 import os
 from pathlib import Path
 
@@ -19,6 +25,16 @@ DIRECTIVES = {
 }
 
 
+SANITIZE = os.environ.get("GW_SANITIZE", "")
+
+
+def compile_args():
+    if SANITIZE:
+        return ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZE}",
+                "-Wno-unused-function", "-Wno-unreachable-code"]
+    return ["-O3", "-Wno-unused-function", "-Wno-unreachable-code"]
+
+
 def extensions():
     # GW_ONLY=codec,loop limits an in-place development build to some modules.
     only = set(filter(None, os.environ.get("GW_ONLY", "").split(",")))
@@ -32,7 +48,8 @@ def extensions():
                 f"gw_ext.{name}",
                 [f"gw_ext/{pyx.name}"],
                 libraries=["ssl", "crypto"] if name in OPENSSL else [],
-                extra_compile_args=["-O3", "-Wno-unused-function", "-Wno-unreachable-code"],
+                extra_compile_args=compile_args(),
+                extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
             )
         )
     return cythonize(

@@ -158,6 +158,11 @@ cdef void registry_peer_restarted(Worker w, int p):
             send_small(w, p, FR_REGISTER, struct_pack("<B", w.worker_index), cid)
 
 
+cdef inline bint is_worker(Worker w, int p) noexcept:
+    """Whether p names a worker: this one, or a peer with a channel."""
+    return 0 <= p < w.npeers and (p == w.worker_index or w.peers[p].fd >= 0)
+
+
 cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n):
     """A registry frame from worker p. Every worker index in it is checked
     (it indexes the peers' table), and every length against the frame."""
@@ -175,7 +180,7 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         on_grant(w, token, prev)
     elif ftype == FR_EVICT and n >= 6:
         claimant, token, clean = struct_unpack_from("<BIB", data)
-        if claimant >= w.npeers:
+        if not is_worker(w, claimant):
             channel_malformed(w, p, "an EVICT for worker %d" % claimant)
             return
         registry_evict(w, claimant, token, clean, data[6:])
@@ -187,7 +192,7 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         on_session(w, token, present, data[7 + idlen:])
     elif (ftype == FR_RELEASE or ftype == FR_REGISTER) and n >= 1:
         owner = data[0]
-        if owner >= w.npeers:
+        if not is_worker(w, owner):
             channel_malformed(w, p, "a registry frame naming worker %d" % owner)
         elif ftype == FR_RELEASE:
             if w.registry.get(data[1:]) == owner:
@@ -344,7 +349,6 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
-    cdef Inflight* e
     cdef Queued* slotq
     if end - p < 5 or p[0] != SESSION_STATE_VERSION:
         return session_restore_fault(w, "unknown format")

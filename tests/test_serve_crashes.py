@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import (CONNACK_OK, connect_packet, mqtt_client, mqtt_str, packet, ping, publish_packet,
-                      read_packet, recv_exact, subscribe_packet, tcp_connect, wait_closed, wait_for)
+                      read_packet, recv_exact, subscribe_packet, tcp_connect, wait_closed)
 
 
 def assert_workers_unchanged(server, pids_before: list[int]) -> None:

@@ -1,0 +1,136 @@
+"""Fuzz target `channel`: frames between workers. A worker of three (slots 1
+and 2 played by the harness over real SOCK_SEQPACKET socketpairs registered
+with Worker.add_peer) gets datagrams of frames as a peer worker would send
+them (gw_ext/channels.pxi, registry.pxi, handle_subscribe.pxi,
+backpressure.pxi): forwarded PUBLISHes, interest, retained updates, HELLO,
+claims, grants, evictions, moved sessions, pauses, subscription syncs, and
+frames whose lengths lie; meanwhile MQTT clients (the `mqtt` target's ops)
+connect, subscribe and publish, so that what the frames name exists. At the
+end the worker must hold no connection and a fresh client must get its
+CONNACK.
+
+    ./dev fuzz channel 60
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+import common  # noqa: F401  (the import path of the instrumented build first)
+from common import (CLIENT_IDS, CONNACK_NEW, FILTERS, TOPICS, Harness, WorkerUnderTest, connect_packet, frame)
+from fuzz_mqtt import MqttScenario
+
+# Frame types, with 0 standing for "any byte" (types the worker does not know).
+FRAME_KINDS = 16
+
+
+def session_state(inp) -> bytes:
+    """A moved session (registry.pxi's layout), its counts and lengths from the
+    input: consistent, or lying about what follows."""
+    nsubs = inp.byte() % 3
+    out = bytearray(struct.pack("<H", nsubs if inp.byte() % 4 else inp.u16()))
+    for _ in range(nsubs):
+        f = inp.pick(FILTERS)
+        out += struct.pack("<H", len(f) if inp.byte() % 4 else inp.u16()) + f + bytes([inp.byte() % 4])
+    nmsgs = inp.byte() % 3
+    out += struct.pack("<HI", inp.u16(), nmsgs if inp.byte() % 4 else inp.u16() << 16 | inp.u16())
+    for _ in range(nmsgs):
+        topic = inp.pick(TOPICS)
+        payload = b"m" * (inp.byte() % 8)
+        lie = inp.byte() % 4 == 0
+        out += struct.pack("<HBBHI", inp.u16(), inp.byte() % 4, inp.byte() % 3, len(topic),
+                           (inp.u16() << 16 | inp.u16()) if lie else len(payload)) + topic + payload
+    nq2 = inp.byte() % 3
+    out += struct.pack("<H", nq2) + b"".join(struct.pack("<H", inp.u16()) for _ in range(nq2))
+    return bytes(out)
+
+
+def peer_frame(inp) -> bytes:
+    kind = inp.byte() % FRAME_KINDS
+    cid = inp.pick(CLIENT_IDS + (b"fresh", b""))
+    if kind == 1:
+        topic = inp.pick(TOPICS)
+        payload = b"f" * inp.byte()
+        return frame(1, struct.pack("<Q", inp.u16()) + topic + payload, flags=inp.byte() & 7, topic_len=len(topic))
+    if kind in (2, 3):
+        return frame(kind, inp.pick(FILTERS))
+    if kind == 5:
+        topic = inp.pick(TOPICS)
+        payload = b"r" * (inp.byte() % 4)
+        return frame(5, topic + payload, flags=inp.byte() & 3, topic_len=len(topic))
+    if kind == 6:
+        return frame(6, struct.pack("<IB", inp.byte(), inp.byte() & 1) + cid)
+    if kind == 7:
+        return frame(7, struct.pack("<Ib", inp.byte() % 8, (inp.byte() % 5) - 1) + cid)
+    if kind == 8:
+        return frame(8, struct.pack("<BIB", inp.byte(), inp.byte() % 8, inp.byte() & 1) + cid)
+    if kind == 9:
+        return frame(9, struct.pack("<IBH", inp.byte() % 8, inp.byte() & 1, len(cid)) + cid + session_state(inp))
+    if kind in (10, 11):
+        return frame(kind, bytes([inp.byte()]) + cid)
+    if kind in (14, 15):
+        return frame(kind, struct.pack("<I", inp.byte() % 8))
+    if kind in (4, 12, 13):
+        return frame(kind, b"")
+    # Any type, flags and lengths: the header may claim more (or less) than follows.
+    ftype, flags, tlen = inp.byte(), inp.byte(), inp.u16()
+    body = inp.take(inp.byte())
+    blen = len(body) if inp.byte() % 2 else inp.u16() << 16 | inp.u16()
+    return struct.pack("<BBHI", ftype, flags, tlen, blen) + body
+
+
+class ChannelScenario(MqttScenario):
+    """The mqtt ops, and: FRAME (append one to a peer's datagram), DGRAM (send it)."""
+
+    N_EXTRA = 3
+
+    def __init__(self, wut, data):
+        super().__init__(wut, data, "mqtt")
+        self.pending = {p: bytearray() for p in wut.peers}
+
+    def extra_op(self, op: int, inp) -> None:
+        p = 1 + inp.byte() % len(self.pending)
+        if op == self.N_OPS:
+            self.pending[p] += peer_frame(inp)
+        elif op == self.N_OPS + 1:
+            if self.pending[p]:
+                self.wut.peers[p].send(bytes(self.pending[p]))
+                self.pending[p].clear()
+        else:
+            self.wut.peers[p].send(inp.take(inp.byte()))        # a raw datagram
+
+
+def connack(received: bytes) -> bool:
+    return received[:4] == CONNACK_NEW
+
+
+HARNESS = None
+
+
+def TestOneInput(data: bytes) -> None:
+    global HARNESS
+    if HARNESS is None:
+        HARNESS = Harness()
+    first = data[0] if data else 0
+    wut = WorkerUnderTest(HARNESS, nworkers=3, protos=("mqtt",), ack_sink=bool(first & 1),
+                          limits={"max_queued": 4, "queue_high": 1, "queue_low": 0} if first & 2 else {},
+                          peer_answers=not first & 4)
+    try:
+        s = ChannelScenario(wut, data[1:])
+        s.run()
+        s.close_all_and_settle()
+        s.fresh_client_served(connect_packet(b"fresh", clean=True), connack)
+    finally:
+        wut.close()
+
+
+def main() -> None:
+    import atheris
+
+    atheris.Setup(sys.argv, TestOneInput)
+    atheris.Fuzz()
+
+
+if __name__ == "__main__":
+    main()
