@@ -22,7 +22,6 @@ cdef enum:
     FR_PAUSE = 12             # body: empty. "My subscribers are behind: hold your publishers."
     FR_RESUME = 13
     STALL_MS = 5000
-    CONGESTED_QUEUE_FACTOR = 16
 
 
 cdef void congest(Worker w, Session* s):

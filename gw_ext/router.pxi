@@ -161,11 +161,13 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):
         session_send(w, s, msg, qos, retain)
         return
-    # An online subscriber under backpressure may overshoot queue_high by what
-    # publishers (on any worker) had sent before the pause reached them: room
-    # for that, still bounded (CONGESTED_QUEUE_FACTOR x max_queued). An absent
-    # or stalled one gets max_queued, then drops (counted).
-    if s.qlen >= (w.max_queued * CONGESTED_QUEUE_FACTOR if s.congested else w.max_queued):
+    # An online subscriber under backpressure (congested, still acknowledging)
+    # overshoots queue_high by what publishers on every worker had sent before
+    # the pause reached them: a peer's channel holds megabytes in flight. Those
+    # messages were acknowledged to their publishers, so no count drops them:
+    # max_queued_bytes bounds that queue. An absent or stalled subscriber gets
+    # max_queued, then drops (counted): the slow-consumer policy.
+    if s.qlen >= w.max_queued and not s.congested:
         w.counters[DROPPED_QUEUE_FULL] += 1
         w.log_limited(CR_QUEUE, "a session's queue is full (max_queued %d): message dropped" % w.max_queued)
         return
