@@ -1,4 +1,7 @@
-"""Builds the Cython extensions in gw_ext/: one module per concern, each a .pyx with its .pxd.
+"""Builds the Cython extensions: the server's in gw_ext/ and the load
+generator's engines in gwbench/_ext/; one module per concern, each a .pyx (with
+its .pxd where others cimport it). The load generator's engines cimport the
+server's codec and I/O declarations (gw_ext/*.pxd), so both build together.
 
 GW_SANITIZE=address,fuzzer-no-link (with CC=clang) makes the fuzzing build
 (fuzz/, `./dev fuzz`): sanitizer and coverage instrumentation, -O1 with debug
@@ -12,8 +15,10 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
+# Folders of .pyx sources, each a package.
+SOURCE_DIRS = ("gw_ext", "gwbench/_ext")
 # Modules that call OpenSSL directly (the TLS layer and whatever drives it).
-OPENSSL = {"tls", "loop", "benchclient", "benchtls"}
+OPENSSL = {"gw_ext.tls", "gw_ext.loop", "gwbench._ext.pubsub_engine", "gwbench._ext.tls_clients"}
 
 DIRECTIVES = {
     "language_level": 3,
@@ -36,22 +41,24 @@ def compile_args():
 
 
 def extensions():
-    # GW_ONLY=codec,loop limits an in-place development build to some modules.
+    # GW_ONLY=codec,loop limits an in-place development build to some modules
+    # (by file stem, or by full module name such as gwbench._ext.tls_clients).
     only = set(filter(None, os.environ.get("GW_ONLY", "").split(",")))
     exts = []
-    for pyx in sorted((HERE / "gw_ext").glob("*.pyx")):
-        name = pyx.stem
-        if only and name not in only:
-            continue
-        exts.append(
-            Extension(
-                f"gw_ext.{name}",
-                [f"gw_ext/{pyx.name}"],
-                libraries=["ssl", "crypto"] if name in OPENSSL else [],
-                extra_compile_args=compile_args(),
-                extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
+    for folder in SOURCE_DIRS:
+        for pyx in sorted((HERE / folder).glob("*.pyx")):
+            name = f"{folder.replace('/', '.')}.{pyx.stem}"
+            if only and pyx.stem not in only and name not in only:
+                continue
+            exts.append(
+                Extension(
+                    name,
+                    [f"{folder}/{pyx.name}"],
+                    libraries=["ssl", "crypto"] if name in OPENSSL else [],
+                    extra_compile_args=compile_args(),
+                    extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
+                )
             )
-        )
     return cythonize(
         exts,
         compiler_directives=DIRECTIVES,

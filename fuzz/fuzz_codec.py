@@ -1,6 +1,6 @@
 """Fuzz target `codec`: the MQTT codec's decoders (gw_ext/codec.pyx, the C
 functions the worker calls, through their Python API) against the pure-Python
-reference (gw/mqtt_ref.py): for any bytes and packet-size limit both accept
+reference (tests/mqtt_ref.py, the tests' oracle): for any bytes and packet-size limit both accept
 the same packets or both refuse, for the same reason; decode_count agrees;
 what was decoded encodes to the same bytes with both encoders, and decodes
 back to itself.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 
 import common  # noqa: F401  (the import path of the instrumented build first)
+
+sys.path.insert(1, str(common.REPO / "tests"))     # the reference codec, a test oracle
 
 LIMITS = (268435455, 0, 2, 16, 127, 128, 16383, 16384)
 
@@ -31,7 +33,7 @@ def outcome(decode, data, limit):
 
 
 def TestOneInput(data: bytes) -> None:
-    from gw import mqtt_ref as ref
+    import mqtt_ref as ref
     from gw_ext import codec
 
     limit = LIMITS[data[0] % len(LIMITS)] if data else LIMITS[0]
@@ -65,8 +67,8 @@ def TestOneInput(data: bytes) -> None:
 def main() -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["gw"]):
-        import gw.mqtt_ref  # noqa: F401
+    with atheris.instrument_imports(include=["gw", "mqtt_ref"]):
+        import mqtt_ref  # noqa: F401
         import gw.packets  # noqa: F401
     atheris.Setup(sys.argv, TestOneInput)
     atheris.Fuzz()

@@ -30,7 +30,22 @@ def setting_options(func):
     return func
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class GwCommands(click.Group):
+    """gw's commands, plus `bench`: the load generator (package gwbench), imported
+    only when asked for, so `gw serve` never loads it."""
+
+    def list_commands(self, ctx):
+        return sorted([*super().list_commands(ctx), "bench"])
+
+    def get_command(self, ctx, name):
+        if name == "bench":
+            from gwbench.command import bench  # noqa: PLC0415  (the load generator's own click command)
+
+            return bench
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=GwCommands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gw")
 def main_group():
     """gw: an IoT connection gateway (MQTT 3.1.1, JSON lines, HTTP ingest)."""
@@ -115,11 +130,6 @@ def openapi_command(output, config_path):
             fh.write(data)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
-
-
-from gw.bench.cli import bench  # noqa: E402  (the load generator's own click command)
-
-main_group.add_command(bench)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """MQTT 3.1.1 control packets as plain Python values, shared by both codecs.
 
-``gw_ext.codec`` (Cython) and ``gw.mqtt_ref`` (pure Python) decode bytes into
-these structs and encode them back. Field types follow the standard: topic
-names, topic filters, client ids and user names are ``str`` (UTF-8 on the
-wire); payloads, will messages and passwords are ``bytes``.
+``gw_ext.codec`` (Cython) and the tests' reference codec (tests/mqtt_ref.py,
+pure Python) decode bytes into these structs and encode them back. Field
+types follow the standard: topic names, topic filters, client ids and user
+names are ``str`` (UTF-8 on the wire); payloads, will messages and passwords
+are ``bytes``.
 
 Conventions:
 

@@ -9,7 +9,7 @@ fields as Slices into the caller's buffer. The Python API on top of them:
 * ``decode_count(data, max_packet_size)`` -> number of packets decoded and
   validated with the C functions only (what the server does per packet).
 
-Check order (mirrored exactly by gw/mqtt_ref.py, the oracle of the tests):
+Check order (mirrored exactly by tests/mqtt_ref.py, the oracle of the tests):
 fixed header (type/flags, then remaining length, then fixed body sizes, then
 the size limit), then per body: structure lengths before the content of the
 field just read, as documented on each decoder below.

@@ -1,4 +1,4 @@
-# The Linux I/O calls the event loops use (gw_ext/loop.pyx, gw_ext/benchclient.pyx):
+# The Linux I/O calls the event loops use (gw_ext/loop.pyx, gwbench/_ext/*.pyx):
 # epoll, sockets, descriptors. Declarations only.
 
 from libc.stdint cimport uint32_t, uint64_t

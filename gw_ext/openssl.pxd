@@ -70,7 +70,7 @@ cdef extern from "openssl/err.h" nogil:
     void ERR_clear_error()
     void ERR_error_string_n(unsigned long e, char* buf, size_t len)
 
-# Client side (gw_ext/benchtls.pyx: the load generator's TLS clients).
+# Client side (gwbench/_ext/tls_clients.pyx: the load generator's TLS clients).
 
 cdef extern from "openssl/ssl.h" nogil:
     ctypedef struct X509_VERIFY_PARAM:

@@ -1,8 +1,8 @@
-"""Tests of `gw bench ingest` (gw/bench/ingest.py, gw_ext/benchhttp.pyx)
-against a small HTTP ingest server started here on a free loopback port:
-the server counts what it received and how it answered, and the bench must
-report the same numbers. Counts decide; timing never does beyond generous
-bounds (the machine is shared)."""
+"""Tests of `gwbench ingest` (gwbench/ingest_scenario.py,
+gwbench/_ext/ingest_engine.pyx) against a small HTTP ingest server started
+here on a free loopback port: the server counts what it received and how it
+answered, and the bench must report the same numbers. Counts decide; timing
+never does beyond generous bounds (the machine is shared)."""
 from __future__ import annotations
 
 import json
@@ -20,13 +20,13 @@ from pathlib import Path
 
 import pytest
 
-from gw.bench import histogram as H
-from gw.bench import ingest
+from gwbench import histogram as H
+from gwbench import ingest_scenario
 
 # The extension is built by `pip install -e .`: not importing it must fail
 # these tests, not skip them.
-import gw_ext.benchhttp  # noqa: E402,F401
-from gw_ext.benchhttp import IngestEngine  # noqa: E402
+import gwbench._ext.ingest_engine  # noqa: E402,F401
+from gwbench._ext.ingest_engine import IngestEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
@@ -211,7 +211,7 @@ def server():
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
     out = tmp_path / f"result-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "gw.bench", "ingest", *map(str, args), "--json", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "gwbench", "ingest", *map(str, args), "--json", str(out), "--quiet"]
     t = time.monotonic()
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.read_text()) if out.exists() else None
@@ -219,7 +219,7 @@ def run_bench(args, tmp_path: Path, timeout: float = 90.0):
 
 
 def _plan(**kw):
-    from gw.bench.plan import Plan
+    from gwbench.plan import Plan
     d = dict(scenario="ingest", host="127.0.0.1", port=8080, family=socket.AF_INET,
              sockaddr=("127.0.0.1", 8080), clients=4, devices=10, seed=42, topic_prefix="telemetry")
     d.update(kw)
@@ -227,8 +227,8 @@ def _plan(**kw):
 
 
 def _engine(plan, pipeline=1, opener=None):
-    tpl, off = ingest.build_template(plan)
-    eng = IngestEngine(ingest.TRANSPORTS[plan.transport], 1, pipeline, plan.clients, plan.devices,
+    tpl, off = ingest_scenario.build_template(plan)
+    eng = IngestEngine(ingest_scenario.TRANSPORTS[plan.transport], 1, pipeline, plan.clients, plan.devices,
                        H.MIN_NS, H.GROWTH, H.NBUCKETS)
     eng.set_template(tpl, off, plan.seed, plan.anomalies, plan.anomaly_fraction,
                      time.time_ns() - time.monotonic_ns())
@@ -242,7 +242,7 @@ def _engine(plan, pipeline=1, opener=None):
 @pytest.mark.parametrize("transport", ["http", "mqtt"])
 @pytest.mark.parametrize("seq", [True, False])
 def test_records_are_json_and_agree_with_the_python_reading(transport, seq):
-    from gw.bench import mqtt
+    from gwbench import mqtt
 
     plan = _plan(transport=transport, seq=seq, anomalies=True, anomaly_fraction=0.1, devices=123_456)
     eng = _engine(plan)
@@ -267,7 +267,7 @@ def test_records_are_json_and_agree_with_the_python_reading(transport, seq):
                 assert pkt[2 + tl:4 + tl] == b"\x12\x34"
                 body = pkt[4 + tl:]
             rec = json.loads(body)
-            ref = ingest.reading(plan.seed, plan.anomaly_fraction, d, s)
+            ref = ingest_scenario.reading(plan.seed, plan.anomaly_fraction, d, s)
             assert ("seq" in rec) == seq and rec.get("seq", s) == s
             assert rec["metrics"] == {"temp_c": ref["temp_c"], "humidity_pct": ref["humidity_pct"]}
             assert rec["tags"] == {"site": ref["site"]}
@@ -281,7 +281,7 @@ def test_records_are_json_and_agree_with_the_python_reading(transport, seq):
 
 def test_anomaly_fraction_is_about_right_and_off_without_the_flag():
     plan = _plan(devices=100, anomalies=True, anomaly_fraction=0.01)
-    n = sum(ingest.reading(plan.seed, 0.01, d, s)["anomaly"] for d in range(100) for s in range(200))
+    n = sum(ingest_scenario.reading(plan.seed, 0.01, d, s)["anomaly"] for d in range(100) for s in range(200))
     assert 100 < n < 300            # 1% of 20,000, loosely
     eng = _engine(_plan(devices=100, anomalies=False))
     assert not any(eng.sample(d, s)[1] for d in range(100) for s in range(50))
@@ -440,7 +440,7 @@ def test_anomalies_injected_as_reported(server, tmp_path):
     assert a["injected"] == s.anomalies > 0
     assert {(d, q) for d, q in a["list"]} == s.anomaly_keys
     for d, q in a["list"][:50]:       # the seed tells which records they were
-        assert ingest.reading(1234, 0.02, int(d[4:]), q)["anomaly"]
+        assert ingest_scenario.reading(1234, 0.02, int(d[4:]), q)["anomaly"]
     assert "Anomalies:" in p.stdout
     # and none without the flag
     s2 = server()
@@ -478,7 +478,7 @@ def test_plan_errors_and_unreachable_server(tmp_path):
     assert p.returncode == 2 and "--devices" in p.stderr
     p, _, _ = run_bench(["--tls"], tmp_path)
     assert p.returncode == 2 and "plain HTTP" in p.stderr
-    p = subprocess.run([sys.executable, "-m", "gw.bench", "ingest", "--dry-run", "--rate", "10000",
+    p = subprocess.run([sys.executable, "-m", "gwbench", "ingest", "--dry-run", "--rate", "10000",
                         "--devices", "10000", "--anomalies", "--seed", "5"], cwd=ROOT, capture_output=True, text=True)
     assert p.returncode == 0 and "10,000 requests/s (open loop, 1/s per device)" in p.stdout
     assert "127.0.0.1:8080" in p.stdout and "seed 5" in p.stdout
@@ -490,7 +490,7 @@ class Subscriber:
     """A raw MQTT subscriber to telemetry/# at QoS 1, counting records."""
 
     def __init__(self, port: int):
-        from gw.bench import mqtt
+        from gwbench import mqtt
         self.mqtt = mqtt
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.sendall(mqtt.connect(b"ingest-test-sub", 60) + mqtt.subscribe(1, b"telemetry/#", 1))

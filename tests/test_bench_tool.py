@@ -1,8 +1,9 @@
-"""Tests of `gw bench` (gw/bench/, gw_ext/benchclient.pyx) against a real
-Mosquitto started here on a free loopback port. Counts and correctness
-decide; timing never does (the machine is shared)."""
+"""Tests of the load generator, `gwbench` / `gw bench` (gwbench/, gwbench/_ext/),
+against a real Mosquitto started here on a free loopback port. Counts and
+correctness decide; timing never does (the machine is shared)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import click
 import numpy as np
 import pytest
 
-from gw.bench.histogram import GROWTH, Histogram
+from gwbench.histogram import GROWTH, Histogram
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
@@ -28,15 +29,15 @@ needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not
 # The extensions are built by `pip install -e .`: one that does not import must
 # fail these tests, not skip them. The decorators below only label the tests
 # that drive the compiled engine or the Cython TLS clients.
-import gw_ext.benchclient  # noqa: E402,F401
-import gw_ext.benchtls  # noqa: E402,F401
+import gwbench._ext.pubsub_engine  # noqa: E402,F401
+import gwbench._ext.tls_clients  # noqa: E402,F401
 
 
 def needs_engine(test):
     return test
 
 
-needs_benchtls = needs_engine
+needs_tls_clients = needs_engine
 
 
 def free_port() -> int:
@@ -101,7 +102,7 @@ def broker(tmp_path):
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
     out = tmp_path / f"result-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "gw.bench", *map(str, args), "--json", str(out), "--quiet"]
+    cmd = [sys.executable, "-m", "gwbench", *map(str, args), "--json", str(out), "--quiet"]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.read_text()) if out.exists() else None
     return p, result
@@ -207,7 +208,7 @@ def test_connection_scenario_counts_exact(broker, tmp_path):
 def test_broker_dying_mid_run_reports_partial_results(broker, tmp_path):
     b = broker()
     out = tmp_path / "dying.json"
-    cmd = [sys.executable, "-m", "gw.bench", "--clients", 50, "--duration", 40, "--keepalive", 5,
+    cmd = [sys.executable, "-m", "gwbench", "--clients", 50, "--duration", 40, "--keepalive", 5,
            "--server", f"127.0.0.1:{b.port}", "--json", out, "--quiet", "--procs", 1]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -264,7 +265,7 @@ def test_tls_with_trustme_ca_and_wrong_ca(broker, tmp_path):
     p, _ = run_bench(["--clients", 10, "--server", f"127.0.0.1:{b.port}", "--connect-timeout", 3],
                      tmp_path, timeout=60)
     assert p.returncode != 0
-    assert "gw bench:" in p.stderr
+    assert "gwbench:" in p.stderr
 
 
 @needs_mosquitto
@@ -414,7 +415,7 @@ def test_source_ips_round_robin(broker, tmp_path):
     import psutil
     b = broker()
     out = tmp_path / "src.json"
-    cmd = [sys.executable, "-m", "gw.bench", "--clients", 60, "--source-ips", "127.0.0.2-127.0.0.4",
+    cmd = [sys.executable, "-m", "gwbench", "--clients", 60, "--source-ips", "127.0.0.2-127.0.0.4",
            "--duration", 4, "--server", f"127.0.0.1:{b.port}", "--procs", 1, "--json", out, "--quiet"]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -442,8 +443,8 @@ def test_source_ips_round_robin(broker, tmp_path):
 
 @needs_engine
 def test_engine_histogram_buckets_match_python():
-    from gw.bench import histogram as H
-    from gw_ext.benchclient import Engine
+    from gwbench import histogram as H
+    from gwbench._ext.pubsub_engine import Engine
 
     rng = np.random.default_rng(99)
     v = np.concatenate([rng.lognormal(np.log(5e5), 2.0, 50_000), [0.0, 999.0, 1000.0, 1e11, 5e11]])
@@ -461,7 +462,7 @@ def test_engine_histogram_buckets_match_python():
 def test_bench_mqtt_encoder_agrees_with_project_codec():
     codec = pytest.importorskip("gw_ext.codec")
     from gw import packets as P
-    from gw.bench import mqtt
+    from gwbench import mqtt
 
     data = (mqtt.connect(b"gwbench-1", 30, b"user", b"pw") + mqtt.publish(b"a/b", b"x" * 300, 1, 7)
             + mqtt.subscribe(3, b"a/+", 2) + mqtt.ack(mqtt.PUBREL, 9) + mqtt.PINGREQ_BYTES
@@ -504,17 +505,40 @@ def test_dry_run_accepts_100k_with_source_ips_and_procs(tmp_path):
     assert "16,667 sockets each" in p.stdout and "8 (12,500 connections each" in p.stdout
 
 
-# -- against gw itself ------------------------------------------------------------------
+# -- the commands: gwbench and gw bench -------------------------------------------------
 
-@pytest.fixture
-def gw_server(tmp_path):
-    """`gw serve --workers 2` with an MQTT and a JSON listener (so deliveries cross workers)."""
+def test_gw_bench_and_gwbench_are_the_same_command(tmp_path):
+    """`gw bench` (a command of gw), `gwbench` (its own script) and `python -m
+    gwbench` make the same plan; a plan error names the command typed."""
+    script = Path(sys.executable).parent / "gwbench"
+    commands = {"gw bench": [sys.executable, "-m", "gw.cli", "bench"], "gwbench": [str(script)],
+                "python -m gwbench": [sys.executable, "-m", "gwbench"]}
+    plans = {}
+    for name, cmd in commands.items():
+        p = subprocess.run([*cmd, *map(str, ["--clients", 5000, "--rampup", 10, "--procs", 2, "--client-prefix",
+                                             "dev-", "--dry-run"])],
+                           cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 0, name + p.stdout + p.stderr
+        plans[name] = p.stdout
+    assert plans["gw bench"] == plans["gwbench"] == plans["python -m gwbench"]
+    assert "connection scenario: 5,000 clients" in plans["gwbench"] and "dev-0 .. dev-4999" in plans["gwbench"]
+
+    too_many = list(map(str, ["--clients", 40_000, "--procs", 2, "--server", "127.0.0.1:1"]))
+    for name in ("gw bench", "gwbench"):
+        p = subprocess.run([*commands[name], *too_many], cwd=ROOT, capture_output=True, text=True, timeout=30)
+        assert p.returncode == 2 and p.stderr.startswith(f"{name}: ") and "--procs 3" in p.stderr, p.stderr
+
+
+@contextlib.contextmanager
+def running_gw(tmp_path, python_flags=(), stderr=subprocess.PIPE):
+    """`gw serve --workers 2` with an MQTT and a JSON listener (so deliveries
+    cross workers), stopped by its pid on the way out."""
     mqtt_port, json_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{mqtt_port}",
-           "--json", f"127.0.0.1:{json_port}", "--mqtts", "off", "--jsons", "off", "--http", "off", "--https", "off",
-           "--stats-interval", "0",
+    cmd = [sys.executable, *python_flags, "-m", "gw.cli", "serve", "--workers", "2",
+           "--mqtt", f"127.0.0.1:{mqtt_port}", "--json", f"127.0.0.1:{json_port}",
+           "--mqtts", "off", "--jsons", "off", "--http", "off", "--https", "off", "--stats-interval", "0",
            "--data-dir", str(tmp_path / "gwdata")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:
         deadline = time.monotonic() + 20
         up = False
@@ -526,7 +550,10 @@ def gw_server(tmp_path):
             except OSError:
                 time.sleep(0.1)
         if not up:
-            pytest.fail("gw serve did not start: " + (proc.stderr.read()[-500:] if proc.poll() is not None else "timeout"))
+            why = "timeout"
+            if proc.poll() is not None:
+                why = proc.stderr.read()[-500:] if proc.stderr else f"exit code {proc.returncode}"
+            pytest.fail("gw serve did not start: " + why)
         yield mqtt_port, json_port
     finally:
         if proc.poll() is None:
@@ -536,6 +563,35 @@ def gw_server(tmp_path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
+
+
+def test_gw_serve_never_imports_the_load_generator(tmp_path):
+    """gw imports gwbench only for `gw bench`: a `gw serve` (master, workers,
+    pipeline) serving load imports none of it. Python's import log (-X
+    importtime) of every process of the server tells; the same log of
+    `gw bench` shows it."""
+    log = tmp_path / "serve-imports.txt"
+    with open(log, "w") as err, running_gw(tmp_path, ("-X", "importtime"), stderr=err) as (mqtt_port, json_port):
+        for proto, port in (("mqtt", mqtt_port), ("json", json_port)):
+            p, r = run_bench(["--protocol", proto, "--clients", 20, "--duration", 0.5, "--messages", 1,
+                              "--server", f"127.0.0.1:{port}"], tmp_path)
+            assert p.returncode == 0 and r["connected"] == 20, proto + p.stdout + p.stderr
+    served = log.read_text()
+    assert "gw_ext.loop" in served and "gw.pipeline" in served     # the workers' and pipeline's imports are logged
+    assert "gwbench" not in served
+
+    p = subprocess.run([sys.executable, "-X", "importtime", "-m", "gw.cli", "bench", "--dry-run"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 0 and "gwbench.command" in p.stderr, p.stderr[-2000:]
+
+
+# -- against gw itself ------------------------------------------------------------------
+
+@pytest.fixture
+def gw_server(tmp_path):
+    """A running `gw serve --workers 2` (running_gw): its MQTT and JSON ports."""
+    with running_gw(tmp_path) as ports:
+        yield ports
 
 
 def test_connection_scenario_against_gw_mqtt_and_json(gw_server, tmp_path):
@@ -550,14 +606,14 @@ def test_connection_scenario_against_gw_mqtt_and_json(gw_server, tmp_path):
 # -- the Cython engine on a socketpair (exact accounting, no broker) -----------------------
 
 def _publish(topic: bytes, pub_id: int, seq: int, qos: int = 0, pid: int = 0, size: int = 16) -> bytes:
-    from gw.bench import mqtt, payload
+    from gwbench import mqtt, payload
     return mqtt.publish(topic, payload.make(pub_id, seq, size), qos, pid)
 
 
 @needs_engine
 def test_engine_counts_unique_duplicates_out_of_order_and_foreign():
-    from gw.bench import histogram as H
-    from gw_ext.benchclient import Engine
+    from gwbench import histogram as H
+    from gwbench._ext.pubsub_engine import Engine
 
     a, b = socket.socketpair()
     a.setblocking(False)
@@ -587,9 +643,9 @@ def test_engine_counts_unique_duplicates_out_of_order_and_foreign():
 
 @needs_engine
 def test_engine_publisher_keeps_the_inflight_window():
-    from gw.bench import histogram as H
-    from gw.bench import mqtt
-    from gw_ext.benchclient import Engine
+    from gwbench import histogram as H
+    from gwbench import mqtt
+    from gwbench._ext.pubsub_engine import Engine
 
     a, b = socket.socketpair()
     a.setblocking(False)
@@ -676,7 +732,7 @@ def test_server_pid_auto_finds_the_gw_master(gw_server):
     """--server-pid auto: the process listening on the port, climbed to gw's
     master (which holds its workers' sockets), so all workers are sampled."""
     import psutil
-    from gw.bench.cli import resolve_server_pid
+    from gwbench.command import resolve_server_pid
 
     mqtt_port, _ = gw_server
     pid = resolve_server_pid("auto", "127.0.0.1", mqtt_port)
@@ -687,20 +743,20 @@ def test_server_pid_auto_finds_the_gw_master(gw_server):
         resolve_server_pid("auto", "127.0.0.1", free_port())
 
 
-# -- TLS clients on OpenSSL from Cython (gw_ext/benchtls.pyx) ------------------------------
+# -- TLS clients on OpenSSL from Cython (gwbench/_ext/tls_clients.pyx) ---------------------
 
 
-# Run in a subprocess: benchtls.use_legacy_ec_keys() changes how the whole
+# Run in a subprocess: tls_clients.use_legacy_ec_keys() changes how the whole
 # process decodes EC keys, so it must not leak into pytest's own process. The
 # checks run twice, with it on and off: the same answers either way.
-_BENCHTLS_CHECKS = r'''
+_TLS_CLIENTS_CHECKS = r'''
 import json, select, socket, ssl, sys, threading
-from gw_ext import benchtls
+from gwbench._ext import tls_clients
 
 legacy = sys.argv[1] == "1"
 certs = json.loads(sys.argv[2])
 if legacy:
-    assert benchtls.use_legacy_ec_keys()
+    assert tls_clients.use_legacy_ec_keys()
 
 
 class Server:
@@ -744,9 +800,9 @@ def client(ctx, port):
     try:
         while True:
             r = t.handshake()
-            if r == benchtls.DONE:
+            if r == tls_clients.DONE:
                 break
-            select.select([s] if r == benchtls.WANT_READ else [], [s] if r == benchtls.WANT_WRITE else [], [], 5)
+            select.select([s] if r == tls_clients.WANT_READ else [], [s] if r == tls_clients.WANT_WRITE else [], [], 5)
         assert t.send(b"hi") == 2
         data = None
         while not data:
@@ -761,7 +817,7 @@ def client(ctx, port):
 def kind(ctx, port):
     try:
         client(ctx, port)
-    except benchtls.TLSError as e:
+    except tls_clients.TLSError as e:
         return e.kind
     return "ok"
 
@@ -773,20 +829,20 @@ forged = Server(certs["forged"], certs["forged_key"])     # names the CA as issu
 named = Server(certs["named"], certs["named_key"])        # for localhost only
 rsa = Server(certs["rsa"], certs["rsa_key"])              # RSA leaf from an RSA CA
 
-ctx = benchtls.ClientContext(ca, False, "127.0.0.1")
+ctx = tls_clients.ClientContext(ca, False, "127.0.0.1")
 assert client(ctx, good.port) == ("TLSv1.3", b"echo:hi")
 assert client(ctx, tls12.port) == ("TLSv1.2", b"echo:hi")
 assert good.sni == [None]                                  # no SNI for an IP address, as Python's ssl
 assert kind(ctx, forged.port) == "tls_verify_failed"      # the signature is checked
 assert kind(ctx, named.port) == "tls_verify_failed"       # 127.0.0.1 is not in its names
-assert kind(benchtls.ClientContext(certs["other_ca"], False, "127.0.0.1"), good.port) == "tls_verify_failed"
-by_name = benchtls.ClientContext(ca, False, "localhost")
+assert kind(tls_clients.ClientContext(certs["other_ca"], False, "127.0.0.1"), good.port) == "tls_verify_failed"
+by_name = tls_clients.ClientContext(ca, False, "localhost")
 assert client(by_name, named.port)[1] == b"echo:hi"
 assert named.sni == [None, "localhost"]                # the IP-address client sent none
 assert kind(by_name, good.port) == "tls_verify_failed"
-insecure = benchtls.ClientContext(None, True, None)
+insecure = tls_clients.ClientContext(None, True, None)
 assert client(insecure, forged.port)[1] == b"echo:hi" and client(insecure, named.port)[1] == b"echo:hi"
-assert client(benchtls.ClientContext(certs["rsa_ca"], False, "127.0.0.1"), rsa.port)[1] == b"echo:hi"
+assert client(tls_clients.ClientContext(certs["rsa_ca"], False, "127.0.0.1"), rsa.port)[1] == b"echo:hi"
 assert kind(ctx, rsa.port) == "tls_verify_failed"
 
 # A plain TCP server that closes at once: a TLS error with a name, not a hang.
@@ -804,9 +860,9 @@ assert kind(ctx, plain.getsockname()[1]).startswith("tls_")
 ep = select.epoll()
 a, b = socket.socketpair()
 ep.register(a.fileno(), select.EPOLLIN)
-assert benchtls.epoll_wait(ep.fileno(), 0.002) == []
+assert tls_clients.epoll_wait(ep.fileno(), 0.002) == []
 b.send(b"x")
-assert benchtls.epoll_wait(ep.fileno(), 1.0) == [(a.fileno(), select.EPOLLIN)]
+assert tls_clients.epoll_wait(ep.fileno(), 1.0) == [(a.fileno(), select.EPOLLIN)]
 print("ok")
 '''
 
@@ -861,30 +917,30 @@ def _write_test_certs(tmp_path: Path) -> dict:
     return out
 
 
-@needs_benchtls
+@needs_tls_clients
 @pytest.mark.parametrize("legacy_ec", ["1", "0"])
-def test_benchtls_verifies_as_python_ssl_does(tmp_path, legacy_ec):
-    """benchtls's clients make the handshake Python's ssl makes: TLS 1.3 and
+def test_tls_clients_verify_as_python_ssl_does(tmp_path, legacy_ec):
+    """The Cython TLS clients make the handshake Python's ssl makes: TLS 1.3 and
     1.2, chain and signature checked against the CA, IP address or host name
     checked (SNI only for names), nothing checked with --insecure; with
-    OpenSSL's built-in EC decoding (the default in gw bench) or without."""
+    OpenSSL's built-in EC decoding (the default in gwbench) or without."""
     pytest.importorskip("cryptography")
     certs = _write_test_certs(tmp_path)
-    p = subprocess.run([sys.executable, "-c", _BENCHTLS_CHECKS, legacy_ec, json.dumps(certs)], cwd=ROOT,
+    p = subprocess.run([sys.executable, "-c", _TLS_CLIENTS_CHECKS, legacy_ec, json.dumps(certs)], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stdout + p.stderr
 
 
 @needs_mosquitto
-@needs_benchtls
+@needs_tls_clients
 def test_tls_connection_scenario_phases_and_python_ssl_fallback(broker, tmp_path):
-    """The connection scenario over benchtls and over Python's ssl
+    """The connection scenario over the Cython TLS clients and over Python's ssl
     (GW_BENCH_TLS=python): the same counts, every phase timed."""
     ca_pem, listener = mosquitto_tls(tmp_path, "127.0.0.1")
     b = broker(listener_extra=listener)
     for how in ("openssl", "python"):
         out = tmp_path / f"{how}.json"
-        cmd = [sys.executable, "-m", "gw.bench", "--clients", 40, "--rampup", 0.5, "--duration", 1, "--keepalive", 1,
+        cmd = [sys.executable, "-m", "gwbench", "--clients", 40, "--rampup", 0.5, "--duration", 1, "--keepalive", 1,
                "--messages", 2, "--qos", 1, "--tls", "--cafile", ca_pem, "--server", f"127.0.0.1:{b.port}",
                "--procs", 2, "--json", out, "--quiet"]
         p = subprocess.run(list(map(str, cmd)), cwd=ROOT, capture_output=True, text=True, timeout=90,

@@ -1,4 +1,4 @@
-"""The MQTT 3.1.1 codec (gw_ext.codec) against the pure-Python reference (gw.mqtt_ref).
+"""The MQTT 3.1.1 codec (gw_ext.codec) against the pure-Python reference (tests/mqtt_ref.py).
 
 Property tests: both encoders agree byte for byte, decoding inverts encoding,
 decoding is insensitive to how the stream is cut, and on any input (random or
@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gw import mqtt_ref as ref
+import mqtt_ref as ref
 from gw_ext import codec
 from gw.packets import (
     MAX_REMAINING_LENGTH, Connack, Connect, ConnectRefused, Disconnect, MalformedPacket,

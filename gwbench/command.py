@@ -1,4 +1,4 @@
-"""`gw bench`: the click command."""
+"""The load generator's click command: `gwbench`, and `gw bench` (the same command)."""
 from __future__ import annotations
 
 import os
@@ -125,6 +125,8 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
     1 when the run had failures (partial results are still reported); 2 when
     it could not start (bad plan, unreachable server, TLS or credentials
     refused); 130 when interrupted.
+
+    `gw bench` and `gwbench` are the same command.
     """
     sc = SCENARIOS[scenario] if scenario else ("pubsub" if mode == "throughput" else "conn")
     if sc == "ingest":
@@ -168,7 +170,7 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
         for w in plan_mod.check(p):
             click.echo(f"warning: {w}", err=True)
     except PlanError as e:
-        click.echo(f"gw bench: {e}", err=True)
+        click.echo(f"{prog_name()}: {e}", err=True)
         sys.exit(2)
 
     if dry_run:
@@ -178,29 +180,29 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
     if sc in ("pubsub", "ingest"):
         try:
             if sc == "pubsub":
-                from . import engine  # noqa: F401  (the compiled extension)
+                from . import pubsub  # noqa: F401  (the compiled extension)
             else:
-                import gw_ext.benchhttp  # noqa: F401
+                import gwbench._ext.ingest_engine  # noqa: F401
         except ImportError as e:
-            click.echo(f"gw bench: the {'throughput' if sc == 'pubsub' else 'ingest'} engine is not built "
+            click.echo(f"{prog_name()}: the {'throughput' if sc == 'pubsub' else 'ingest'} engine is not built "
                        f"({e}); run `python setup.py build_ext --inplace`", err=True)
             sys.exit(2)
 
     if sc == "ingest":
-        from .ingest import PreflightError, preflight
+        from .ingest_scenario import PreflightError, preflight
     else:
         from .preflight import PreflightError, preflight
     try:
         preflight(p, timeout=min(5.0, connect_timeout))
     except PreflightError as e:
-        click.echo(f"gw bench: {e}", err=True)
+        click.echo(f"{prog_name()}: {e}", err=True)
         sys.exit(2)
 
     if server_pid is not None:
         server_pid = resolve_server_pid(server_pid, p.host, p.port)
     from .report import format_text, write_json, write_plot
-    from .runner import Runner
-    result = Runner(p, quiet=quiet, server_pid=server_pid).run()
+    from .coordinator import Coordinator
+    result = Coordinator(p, quiet=quiet, server_pid=server_pid).run()
     click.echo(format_text(result))
     if json_path:
         write_json(result, json_path)
@@ -208,8 +210,22 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
         try:
             write_plot(result, plot_path)
         except RuntimeError as e:
-            click.echo(f"gw bench: {e}", err=True)
+            click.echo(f"{prog_name()}: {e}", err=True)
     sys.exit(result["exit_code"])
+
+
+def main() -> None:
+    """The `gwbench` command (and `python -m gwbench`)."""
+    bench(prog_name="gwbench")
+
+
+def prog_name() -> str:
+    """What the user typed to run the load generator, for its messages:
+    `gwbench` on its own, `gw bench` under the gw command."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None or ctx.parent is not None:
+        return "gw bench"
+    return ctx.info_name or "gwbench"
 
 
 def describe(p: Plan) -> str:

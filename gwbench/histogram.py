@@ -7,7 +7,7 @@ midpoint, within ~1% of the truth, from 1 us to 100 s. Bucket 0 holds values
 below 1 us, bucket N+1 values of 100 s and more; exact min and max are kept
 so the extremes are never estimated.
 
-The Cython engine (gw_ext/benchclient.pyx) computes the same index with the
+The Cython engine (gwbench/_ext/pubsub_engine.pyx) computes the same index with the
 same constants, so its counts merge with these.
 """
 from __future__ import annotations

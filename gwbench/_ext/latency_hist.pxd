@@ -1,6 +1,6 @@
-# The load generator's latency histograms (gw_ext/benchclient.pyx,
-# gw_ext/benchhttp.pyx): log-spaced buckets recorded in C on the hot loop,
-# handed to Python as the dict gw/bench/histogram.py merges. Bucket 0 holds
+# The load generator's latency histograms (gwbench/_ext/pubsub_engine.pyx,
+# gwbench/_ext/ingest_engine.pyx): log-spaced buckets recorded in C on the hot loop,
+# handed to Python as the dict gwbench/histogram.py merges. Bucket 0 holds
 # values under min_ns, bucket nb + 1 values over the last bound; bucket k the
 # values in [min_ns * g^(k-1), min_ns * g^k).
 
@@ -60,7 +60,7 @@ cdef inline void hist_record(Hist* h, double v, double min_ns, double log_min, d
 
 
 cdef inline dict hist_dict(Hist* h, int nb):
-    """The histogram as gw/bench/histogram.py's Histogram.add_counts takes it."""
+    """The histogram as gwbench/histogram.py's Histogram.add_counts takes it."""
     import numpy as np
     cdef int k
     counts = np.zeros(nb + 2, dtype=np.int64)

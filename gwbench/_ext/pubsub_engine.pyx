@@ -2,12 +2,12 @@
 # connected (and, for subscribers, subscribed) MQTT client sockets.
 #
 # Publishers encode PUBLISH packets straight into a C buffer (payload: id,
-# sequence, CLOCK_MONOTONIC send time; see gw/bench/payload.py) and send once
+# sequence, CLOCK_MONOTONIC send time; see gwbench/payload.py) and send once
 # per connection per loop turn. Subscribers read many packets per recv, decode
 # them with the project codec, count each (publisher, sequence) exactly in a
 # growable bitmap (unique, duplicates, out of order), and record end-to-end
 # latency in a log-bucketed histogram whose edges match
-# gw/bench/histogram.py. QoS 1 and 2 flows (PUBACK; PUBREC/PUBREL/PUBCOMP)
+# gwbench/histogram.py. QoS 1 and 2 flows (PUBACK; PUBREC/PUBREL/PUBCOMP)
 # are answered in C; publishers keep at most `inflight` unacknowledged.
 #
 # Plain TCP sockets are driven with recv/send on the fd. TLS sockets are
@@ -18,7 +18,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gw_ext.benchhist cimport Hist, hist_alloc, hist_dict, hist_free, hist_record
+from gwbench._ext.latency_hist cimport Hist, hist_alloc, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -628,7 +628,7 @@ cdef class Engine:
                 if not c.closed and c.out_len and (ev & EPOLLOUT or c.role == ROLE_SUB):
                     self.flush(i, now)
 
-    # -- state for the runner -----------------------------------------------
+    # -- state for the coordinator ------------------------------------------
     def publishers_idle(self):
         """True when no publisher has unsent bytes or unacknowledged publishes."""
         cdef int i
@@ -683,7 +683,7 @@ cdef class Engine:
 
     def record_latency(self, values):
         """Records values (ns) in the latency histogram exactly as received
-        messages are; for tests of agreement with gw/bench/histogram.py."""
+        messages are; for tests of agreement with gwbench/histogram.py."""
         for v in values:
             self.hrec(&self.lat, <double>v)
 

@@ -4,7 +4,7 @@
 Python's ssl module puts an SSLSocket, an _ssl._SSLSocket and an exception
 for every would-block behind each client. Here a client is
 one SSL* on the socket's fd, driven by the connection engine's epoll loop
-(gw/bench/conn.py): one SSL_CTX per process built from --cafile, SSL_new per
+(gwbench/connections.py): one SSL_CTX per process built from --cafile, SSL_new per
 client, non-blocking SSL_connect, SSL_read_ex/SSL_write_ex.
 
 What is measured does not change: the handshake is the one Python's

@@ -3,7 +3,7 @@
 # the MQTT transport, as QoS 1 PUBLISH to telemetry/{device_id}.
 #
 # One epoll loop over non-blocking sockets. Every request is a copy of one
-# precomputed template (built by gw/bench/ingest.py) with the fixed-width
+# precomputed template (built by gwbench/ingest_scenario.py) with the fixed-width
 # fields patched in place: device id, seq, readings, timestamp (and for MQTT
 # the packet id). HTTP/1.1 responses are read with a minimal parser: status
 # line, Content-Length or chunked body, Connection: close, Retry-After;
@@ -30,7 +30,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gw_ext.benchhist cimport Hist, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
+from gwbench._ext.latency_hist cimport Hist, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR, ENOSYS
 from libc.time cimport tm, time_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC

@@ -1,11 +1,11 @@
-"""The throughput phase of a worker: drives gw_ext.benchclient.Engine in
-slices, between which it reports progress and reads the runner's orders."""
+"""The throughput phase of a worker: drives gwbench._ext.pubsub_engine.Engine in
+slices, between which it reports progress and reads the coordinator's orders."""
 from __future__ import annotations
 
 import ssl
 import time
 
-from gw_ext.benchclient import ERROR_NAMES, Engine  # noqa: F401  (ImportError = not built)
+from gwbench._ext.pubsub_engine import ERROR_NAMES, Engine  # noqa: F401  (ImportError = not built)
 
 from . import histogram as H
 
@@ -64,7 +64,7 @@ class PubSubWorker:
         if start is None:
             return
         _, t0, t_stop = start
-        hard_end = t_stop + plan.grace - 1.5  # finish before the runner's deadline
+        hard_end = t_stop + plan.grace - 1.5  # finish before the coordinator's deadline
         self.eng.start(int(t0 * 1e9), plan.rate / plan.publishers if plan.rate else 0.0)
         self.ctl.run_slices(t_stop, self._slice)
         self.eng.stop_publishing()

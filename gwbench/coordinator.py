@@ -10,7 +10,7 @@ import time
 
 import click
 
-from . import worker as worker_mod
+from . import client_process
 from .report import Aggregate
 
 try:
@@ -77,7 +77,7 @@ class Sampler:
         return out
 
 
-class Runner:
+class Coordinator:
     def __init__(self, plan, *, quiet: bool = False, server_pid: int | None = None,
                  progress_stream=None):
         self.plan = plan
@@ -97,10 +97,10 @@ class Runner:
     # -- processes -----------------------------------------------------------
     def _spawn(self) -> None:
         ctx = mp.get_context("spawn")
-        target = worker_mod.main
+        target = client_process.main
         if self.plan.scenario == "ingest":
-            from . import ingest
-            target = ingest.worker_main
+            from . import ingest_scenario
+            target = ingest_scenario.worker_main
         for w in range(self.plan.procs):
             parent, child = ctx.Pipe(duplex=True)
             p = ctx.Process(target=target, args=(w, self.plan, child), daemon=True,

@@ -10,7 +10,7 @@ import time
 import msgspec
 
 from . import mqtt
-from .conn import make_ssl_context
+from .connections import make_ssl_context
 
 
 class PreflightError(RuntimeError):

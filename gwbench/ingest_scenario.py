@@ -6,7 +6,7 @@ telemetry/{device_id}.
 C clients (global index g = 0..C-1, round-robin over the worker processes)
 carry N devices: client g owns devices g, g + C, g + 2C, ... and sends their
 records in turn, so each device's seq increases by one per record on one
-connection. The hot loop is gw_ext/benchhttp.pyx; this module builds the
+connection. The hot loop is gwbench/_ext/ingest_engine.pyx; this module builds the
 request template, opens the sockets, and runs the worker's phases:
 
   hello -> (go) connect every client -> ready -> (start t0, t_stop) requests
@@ -34,7 +34,7 @@ from . import histogram as H
 from . import mqtt
 from .preflight import PreflightError, tcp_connect  # noqa: F401  (PreflightError: for the CLI)
 from .preflight import preflight as shared_preflight
-from .worker import Control, _raise_nofile
+from .client_process import Control, _raise_nofile
 
 TRANSPORTS = {"http": 0, "mqtt": 1}
 SEQ_WIDTH = 10      # up to 4,294,967,295
@@ -194,7 +194,7 @@ def _opener(plan):
 
 class IngestWorker:
     def __init__(self, worker_id: int, plan, ctl: Control):
-        from gw_ext.benchhttp import IngestEngine  # ImportError: not built
+        from gwbench._ext.ingest_engine import IngestEngine  # ImportError: not built
 
         self.plan = plan
         self.ctl = ctl
@@ -262,7 +262,7 @@ class IngestWorker:
         if start is None:
             return
         _, t0, t_stop = start
-        hard_end = t_stop + plan.grace - 1.5   # finish before the runner's deadline
+        hard_end = t_stop + plan.grace - 1.5   # finish before the coordinator's deadline
         self.eng.start(int(t0 * 1e9), int(t_stop * 1e9), plan.rate)
         self.ctl.run_slices(t_stop, self._slice)
         self.at_stop = (int(self.eng.sent), int(self.eng.answered), int(self.eng.ok))
@@ -304,7 +304,7 @@ class IngestWorker:
 
 
 def worker_main(worker_id: int, plan, pipe) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _raise_nofile()
     gc.freeze()
     ctl = Control(pipe)

@@ -1,7 +1,7 @@
-"""Pure-Python reference MQTT 3.1.1 codec.
+"""Pure-Python reference MQTT 3.1.1 codec, for the tests and benchmarks only.
 
 The oracle of the property tests for ``gw_ext.codec`` and the baseline of its
-speed gate: same API (``decode``, ``encode``, ``decode_count``), same rules,
+speed gate (bench/bench_codec.py): same API (``decode``, ``encode``, ``decode_count``), same rules,
 same check order and the same ``MalformedPacket.reason`` for each violation.
 
 Check order: the fixed header (packet type and flags, then the remaining

@@ -1,10 +1,10 @@
 """A bench worker process: owns a share of the clients and one event loop.
 
-Talks to the runner over a multiprocessing pipe:
-  worker -> runner: ("hello",) ("stats", snap) ("ready", info) ("pub_done", sent)
-                    ("result", result) ("fatal", message)
-  runner -> worker: ("go", start_at, hold_end) ("start", t0, t_stop)
-                    ("expect", sent_by_publisher) ("stop",)
+Talks to the coordinator over a multiprocessing pipe:
+  worker -> coordinator: ("hello",) ("stats", snap) ("ready", info) ("pub_done", sent)
+                         ("result", result) ("fatal", message)
+  coordinator -> worker: ("go", start_at, hold_end) ("start", t0, t_stop)
+                         ("expect", sent_by_publisher) ("stop",)
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import signal
 import time
 import traceback
 
-from .conn import ConnEngine, make_ssl_context, make_tls_context
+from .connections import ConnEngine, make_ssl_context, make_tls_context
 
 
 def _raise_nofile() -> None:
@@ -53,7 +53,7 @@ class Control:
                 else:
                     self.inbox.append(msg)
         except (EOFError, OSError):
-            self.stop = True  # runner gone
+            self.stop = True  # coordinator gone
         return self.stop
 
     def run_slices(self, t_end: float, run_slice, done=lambda: False) -> bool:
@@ -93,7 +93,7 @@ class Control:
 
 
 def main(worker_id: int, plan, pipe) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when to stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
     _raise_nofile()
     # What the imports made (numpy, click...: ~22,000 objects) lives as long
     # as the process: out of the collector's sight, a full collection during
@@ -141,7 +141,7 @@ def _run_conn(worker_id: int, plan, ctl: Control) -> None:
 
 
 def _run_pubsub(worker_id: int, plan, ctl: Control) -> None:
-    from .engine import PubSubWorker  # needs the compiled extension
+    from .pubsub import PubSubWorker  # needs the compiled extension
 
     eng = _engine(plan, worker_id, ctl, native_tls=False)
     ctl.send("hello")

@@ -8,8 +8,8 @@ subscribers (including SUBSCRIBE -> SUBACK) before handing the sockets to
 the Cython engine.
 
 TLS clients of the connection scenario are OpenSSL SSL objects driven from
-Cython (gw_ext/benchtls.pyx: no Python ssl layer, read-ahead, EC certificate
-keys decoded without OpenSSL 3.0's provider decoder search): on a shared
+Cython (gwbench/_ext/tls_clients.pyx: no Python ssl layer, read-ahead, EC
+certificate keys decoded without OpenSSL 3.0's provider decoder search): on a shared
 machine every ms of the tool's CPU competes with the server it measures. The
 throughput scenario's setup keeps Python's ssl (its engine takes SSLSocket
 objects).
@@ -42,10 +42,10 @@ EPOLLOUT = select.EPOLLOUT
 EPOLLERR = select.EPOLLERR | select.EPOLLHUP
 
 try:
-    from gw_ext import benchtls
-    from gw_ext.benchtls import TLSError
+    from gwbench._ext import tls_clients
+    from gwbench._ext.tls_clients import TLSError
 except ImportError:  # not built: TLS clients go through Python's ssl module
-    benchtls = None
+    tls_clients = None
 
     class TLSError(Exception):
         kind = "tls_error"
@@ -56,18 +56,18 @@ _json_dec = msgspec.json.Decoder()
 
 def make_tls_context(cafile: str | None, insecure: bool, host: str):
     """The connection scenario's TLS clients: OpenSSL driven from Cython
-    (gw_ext/benchtls.pyx), or Python's ssl module when the extension is not
-    built. Both make the same handshake: TLS 1.2+, the certificate verified
+    (gwbench/_ext/tls_clients.pyx), or Python's ssl module when the extension
+    is not built. Both make the same handshake: TLS 1.2+, the certificate verified
     against cafile (or the system store) and the host name checked, unless
     insecure. GW_BENCH_TLS=python forces Python's ssl, =openssl-providers
-    keeps OpenSSL's provider decoders for EC keys (see benchtls); both are
+    keeps OpenSSL's provider decoders for EC keys (see tls_clients); both are
     for comparisons only."""
     how = os.environ.get("GW_BENCH_TLS", "openssl")
-    if benchtls is None or how == "python":
+    if tls_clients is None or how == "python":
         return make_ssl_context(cafile, insecure)
     if how != "openssl-providers":
-        benchtls.use_legacy_ec_keys()
-    return benchtls.ClientContext(cafile, insecure, None if insecure else host)
+        tls_clients.use_legacy_ec_keys()
+    return tls_clients.ClientContext(cafile, insecure, None if insecure else host)
 
 
 def make_ssl_context(cafile: str | None, insecure: bool) -> ssl.SSLContext:
@@ -110,7 +110,7 @@ class Conn:
         self.cid = cid
         self.role = role
         self.sock = None
-        self.tls = None     # benchtls.TLSConn (the socket stays in sock)
+        self.tls = None     # tls_clients.TLSConn (the socket stays in sock)
         self.fd = -1
         self.state = TCP
         self.events = 0
@@ -131,21 +131,21 @@ class ConnEngine:
     MAX_PENDING = 1000   # handshakes in flight at once when there is no ramp
 
     def __init__(self, plan, indices, ssl_ctx=None, stats_cb=None, stop_check=None):
-        """ssl_ctx: None (plain), a benchtls.ClientContext (make_tls_context), or
+        """ssl_ctx: None (plain), a tls_clients.ClientContext (make_tls_context), or
         an ssl.SSLContext (the throughput scenario, whose engine takes
         SSLSocket objects)."""
         self.plan = plan
         self.indices = list(indices)
         self.ssl_ctx = ssl_ctx
-        self.native_tls = benchtls is not None and isinstance(ssl_ctx, benchtls.ClientContext)
+        self.native_tls = tls_clients is not None and isinstance(ssl_ctx, tls_clients.ClientContext)
         self.stats_cb = stats_cb
         self.stop_check = stop_check or (lambda: False)
         self.ep = select.epoll(sizehint=len(self.indices) + 16)
         # epoll.poll() rounds timeouts up to whole ms: connects would start
-        # up to 1 ms late. benchtls.epoll_wait is precise to the microsecond.
-        if benchtls is not None:
+        # up to 1 ms late. tls_clients.epoll_wait is precise to the microsecond.
+        if tls_clients is not None:
             epfd = self.ep.fileno()
-            self._wait = lambda timeout, maxevents: benchtls.epoll_wait(epfd, timeout, maxevents)
+            self._wait = lambda timeout, maxevents: tls_clients.epoll_wait(epfd, timeout, maxevents)
         else:
             self._wait = self.ep.poll
         self.conns: dict[int, Conn] = {}
@@ -398,7 +398,7 @@ class ConnEngine:
                 self._fail(c, classify(e))
                 return
             if r:
-                self._want(c, EPOLLIN if r == benchtls.WANT_READ else EPOLLOUT)
+                self._want(c, EPOLLIN if r == tls_clients.WANT_READ else EPOLLOUT)
                 return
         else:
             try:
@@ -662,9 +662,9 @@ class ConnEngine:
         return d
 
     def _tick(self, now: float) -> None:
-        """Reports counters at each whole second after the epoch (the runner
+        """Reports counters at each whole second after the epoch (the coordinator
         merges workers by that index, so per-second rates are exact) and
-        polls the runner's orders a few times a second."""
+        polls the coordinator's orders a few times a second."""
         if self.epoch is not None and now >= self.epoch + self.next_k:
             snap = self.snapshot()
             while now >= self.epoch + self.next_k:
@@ -730,7 +730,7 @@ class ConnEngine:
         engine's epoll; the caller owns their sockets from now on."""
         out = self.ready_conns()
         if any(c.tls is not None for c in out):
-            raise RuntimeError("benchtls clients cannot be handed to the throughput engine")
+            raise RuntimeError("the Cython TLS clients (tls_clients) cannot be handed to the throughput engine")
         for c in out:
             try:
                 self.ep.unregister(c.fd)
