@@ -13,6 +13,11 @@
 
 cdef enum:
     HELD_HTTP = 100           # a whole HTTP response, in held_http (other kinds: PUBACK, PUBREC)
+    # A connection with this many answers waiting is not read until half of
+    # them went out: a client sending without waiting for its answers (QoS 1
+    # without a window, HTTP pipelining) cannot grow the FIFO without bound.
+    # What one read already holds may pass it (bounded by the read buffer).
+    HELD_MAX_PER_CONN = 4096
 
 
 cdef struct HeldAck:
@@ -58,6 +63,9 @@ cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t neede
     w.held_last_needed = needed
     w.held_per_fd[c.fd] += 1
     w.counters[ACKS_HELD] = w.held_len
+    if w.held_per_fd[c.fd] >= HELD_MAX_PER_CONN and not (c.flags & F_HELD_FULL):
+        c.flags |= F_HELD_FULL
+        w.update_events(c)
     return 0
 
 
@@ -93,6 +101,10 @@ cdef void held_release(Worker w):
         if c.gen != e.gen or c.state == ST_FREE:
             continue            # the connection closed meanwhile
         w.held_per_fd[e.fd] -= 1
+        if c.flags & F_HELD_FULL and w.held_per_fd[e.fd] <= HELD_MAX_PER_CONN // 2:
+            c.flags &= ~F_HELD_FULL
+            if is_client_state(c.state):
+                w.update_events(c)
         if e.kind == HELD_HTTP:
             size = PyBytes_GET_SIZE(data)
             if size > HTTP_MAX_RESPONSE:

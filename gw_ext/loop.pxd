@@ -29,6 +29,7 @@ cdef enum ConnFlag:
     F_SSL_WRITE_WANTS_READ = 8
     F_PUBLISHER = 16          # has sent QoS 1/2 PUBLISH: paused under backpressure
     F_PAUSED = 32             # not read, for backpressure (backpressure.pxi)
+    F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (durable.pxi)
 
 cdef enum:
     MAX_LISTENERS = 16

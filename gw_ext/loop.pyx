@@ -213,7 +213,7 @@ cdef class Worker:
     cdef uint32_t held_len
     cdef uint32_t held_cap
     cdef uint64_t held_last_needed
-    cdef uint16_t* held_per_fd           # answers waiting, per connection
+    cdef uint32_t* held_per_fd           # answers waiting, per connection
     cdef dict held_http                  # id -> response bytes
     cdef uint32_t held_http_next
     cdef DedupTable dedup                # the idempotency table: its pending records commit when durable
@@ -414,7 +414,7 @@ cdef class Worker:
         cdef int fd = wal.fileno()
         if fd >= self.nconns:
             raise ValueError("the log's eventfd is above the fd limit")
-        self.held_per_fd = <uint16_t*>calloc(self.nconns, sizeof(uint16_t))
+        self.held_per_fd = <uint32_t*>calloc(self.nconns, sizeof(uint32_t))
         if self.held_per_fd == NULL:
             raise MemoryError()
         self.wal = wal
@@ -1256,11 +1256,12 @@ cdef class Worker:
         self.update_events(c)
 
     cdef void update_events(self, Conn* c):
-        """Registers what c waits for: input unless it is paused (backpressure)
-        or its CONNECT is settling; output while a write would block."""
+        """Registers what c waits for: input unless it is paused (backpressure,
+        too many answers held for the log) or its CONNECT is settling; output
+        while a write would block."""
         cdef epoll_event ev
         ev.events = 0
-        if not (c.flags & F_PAUSED) and c.state != ST_SETTLING:
+        if not (c.flags & (F_PAUSED | F_HELD_FULL)) and c.state != ST_SETTLING:
             ev.events |= EPOLLIN
         if c.flags & F_POLLOUT:
             ev.events |= EPOLLOUT

@@ -310,3 +310,46 @@ def test_retained_bytes_bound(gw_factory):
         assert sizes == [100, 400, 400]
     finally:
         sub.close()
+
+
+def test_answers_held_for_the_log_are_bounded_per_connection(gw_factory):
+    """Ack mode sink with a slow group commit: a publisher sending 50,000 QoS 1
+    readings without waiting has at most HELD_MAX_PER_CONN answers held (then it
+    is not read until they go out); every PUBACK arrives, in order."""
+    server = gw_factory(workers=1, listeners=("mqtt",),
+                        args=["--ack", "sink", "--wal-batch-ms", "1000", "--max-inflight", "65535"])
+    pids = server.worker_pids()
+    sock = mqtt_client(server.ports["mqtt"], client_id="held-many")
+    try:
+        n = 50000
+        reading = b'{"metrics":{"t":1}}'
+        stream = b"".join(publish_packet("telemetry/held-many", reading, qos=1, packet_id=(i % 65535) + 1)
+                          for i in range(n))
+        import threading
+
+        peak, done = [0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], server.counters()["acks_held"])
+                time.sleep(0.005)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            send_in_fragments(sock, stream[:500], 11)
+            sock.sendall(stream[500:])
+            got = recv_exact(sock, 4 * n)
+        finally:
+            done.set()
+            sampler.join()
+        # 4,096 held, plus what the read that passed the bound brought (at most
+        # 256 KiB of 45-byte PUBLISHes): never all 50,000.
+        assert 0 < peak[0] <= 4096 + 256 * 1024 // 45, peak
+        ids = [struct.unpack_from("!BBH", got, 4 * i) for i in range(n)]
+        assert ids == [(0x40, 2, (i % 65535) + 1) for i in range(n)]
+        ping(sock)
+    finally:
+        sock.close()
+    assert server.counters()["acks_held"] == 0
+    assert_workers_unchanged(server, pids)
