@@ -61,7 +61,8 @@ def test_sigkill_worker_is_respawned_and_others_unaffected(gw_factory):
                        what="a respawned worker")
         assert victim not in gw.worker_pids() and survivor in gw.worker_pids()
         assert len(new) == 1
-        assert f"(pid {victim}) died (signal 9)" in gw.log()
+        assert f"(pid {victim}) died: signal 9 (SIGKILL)" in gw.log()
+        assert gw.stats()["worker_deaths"] == 1
 
         # The survivor's clients are still connected and answer pings; the
         # victim's were closed with it.
