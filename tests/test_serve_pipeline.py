@@ -155,6 +155,7 @@ def test_kill9_of_a_worker_mid_stream_loses_no_acknowledged_reading(sink_server)
     t = threading.Thread(target=lambda: result.setdefault("next", pub.stream(0, 1_000_000, stop)), daemon=True)
     t.start()
     wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
+    server.expect_worker_deaths(1)
     os.kill(victim, signal.SIGKILL)
     t.join(20)
     stop.set()
@@ -186,6 +187,10 @@ def test_kill9_of_the_whole_server_mid_stream_loses_no_acknowledged_reading(tmp_
         t.start()
         wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
         procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
+        # The master goes first, so it counts no death; should it reap a child
+        # before its own end, that death is this kill's.
+        server.expect_worker_deaths(2)
+        server.expect_pipeline_deaths(1)
         for p in procs:
             try:
                 p.kill()
@@ -334,6 +339,7 @@ def test_json_lines_data_messages_are_readings_too(gw_factory):
 def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
     server = gw_factory(workers=1, listeners=("mqtt", "http"))
     first = wait_for(server.pipeline_pid, 10, what="the pipeline process")
+    server.expect_pipeline_deaths(1)
     os.kill(first, signal.SIGKILL)
     device = f"p-{uuid.uuid4().hex[:6]}"
     with HttpConn(server.ports["http"]) as c:
@@ -344,6 +350,14 @@ def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
     assert second != first
     assert sorted(wait_stored(server, device, set(range(50)))) == list(range(50))
     assert "pipeline process" in server.log() and "died" in server.log()
+    stats = server.stats()
+    assert (stats["pipeline_deaths"], stats["worker_deaths"]) == (1, 0)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with HttpConn(server.ports["http"]) as c:
+        text = c.request("GET", "/metrics").body.decode()
+    figures = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert (figures["gw_pipeline_deaths_total"], figures["gw_worker_deaths_total"]) == (1, 0)
 
 
 def test_an_unusable_data_dir_is_reported_at_start(tmp_path):
