@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -368,3 +370,57 @@ def test_an_unusable_data_dir_is_reported_at_start(tmp_path):
         server.start(timeout=20)
     assert "data_dir" in str(info.value) and "not writable" in str(info.value)
     assert server.proc.returncode == 1
+
+
+# --- restarts: the checkpoints and the logs ----------------------------------------
+
+LOG_RESET = re.compile(r"checkpoint (\d+) of worker (\d+)'s log is past its durable offset (\d+)")
+
+
+def ingest_stored(server, device: str, seqs) -> None:
+    """Readings over HTTP (several connections, so both workers take some), in the store."""
+    seqs = list(seqs)
+    conns = [HttpConn(server.ports["http"]) for _ in range(4)]
+    try:
+        for i, seq in enumerate(seqs):
+            resp = conns[i % len(conns)].request("POST", f"/v1/ingest/{device}", ingest_body(seq=seq))
+            assert resp.status == 202, resp.body
+    finally:
+        for c in conns:
+            c.close()
+    wait_stored(server, device, set(seqs))
+
+
+def test_an_ordinary_restart_does_not_report_a_reset_log(tmp_path):
+    """At start the pipeline runs before the workers have recovered their logs
+    and published where they end: a checkpoint past the 0 it reads then is no
+    sign of a reset."""
+    server = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt", "http"))
+    device = f"r-{uuid.uuid4().hex[:6]}"
+    try:
+        for run in range(3):
+            server.start()
+            ingest_stored(server, device, range(run * 40, run * 40 + 40))
+            server.stop()
+    finally:
+        server.stop()
+    log = server.log()
+    assert log.count("listening on") == 3 and log.count("gw.master: stopped") == 3
+    assert not LOG_RESET.search(log), LOG_RESET.search(log).group(0)
+
+
+def test_a_log_that_was_really_reset_is_reported(tmp_path):
+    server = GwServer(tmp_path / "gw", workers=1, listeners=("mqtt", "http"))
+    device = f"z-{uuid.uuid4().hex[:6]}"
+    try:
+        server.start()
+        ingest_stored(server, device, range(40))
+        server.stop()
+        shutil.rmtree(server.data_dir / "wal")      # the store keeps its checkpoints
+        server.start()
+        found = wait_for(lambda: LOG_RESET.search(server.log()), 30, what="the reset log reported")
+    finally:
+        server.stop()
+    checkpoint, slot, durable = map(int, found.groups())
+    assert slot == 0 and checkpoint > durable
+    assert "(was the log reset?)" in server.log()

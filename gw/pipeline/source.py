@@ -3,8 +3,11 @@
 Worker `slot` appends every accepted reading to `data_dir/wal/{slot}/`
 (gw_ext/wal.pyx). A reader must read only up to the worker's durable offset,
 published in shared memory (`block.rows[slot, Counter.WAL_DURABLE_OFFSET]`);
-`durable(slot)` returns it. Each sink thread has its own WalSource (readers
-keep open files and are not shared between threads).
+`durable(slot)` returns it, and `published(slot)` whether the worker has
+published it yet: until its worker has recovered its log after a (re)start,
+a slot reads 0 (a fresh stats block) or its previous value, neither of which
+says where the log ends. Each sink thread has its own WalSource (readers keep
+open files and are not shared between threads).
 """
 
 from __future__ import annotations
@@ -29,10 +32,12 @@ def worker_dir(data_dir: str | Path, slot: int) -> Path:
 
 
 class WalSource:
-    def __init__(self, data_dir: str | Path, nworkers: int, durable: Callable[[int], int], wal):
+    def __init__(self, data_dir: str | Path, nworkers: int, durable: Callable[[int], int], wal,
+                 published: Callable[[int], bool] | None = None):
         self.data_dir = Path(data_dir)
         self.nworkers = nworkers
         self.durable = durable
+        self.published = published or (lambda slot: True)
         self.wal = wal
         self._readers: dict[int, object] = {}
 
