@@ -132,9 +132,11 @@ class GwServer:
         self._block = None
         self._log_fh = self._out_fh = None
         # Deaths (worker_deaths, pipeline_deaths): declared for the current test,
-        # already checked, and as counted when the master exited.
+        # already checked, counted by earlier runs (a restart: a new master counts
+        # from 0), and as counted when the master exited.
         self._deaths_expected = dict.fromkeys(DEATHS, 0)
         self._deaths_checked = dict.fromkeys(DEATHS, 0)
+        self._deaths_before = dict.fromkeys(DEATHS, 0)
         self._deaths_final: dict | None = None
         self._log_mark = 0          # where in the log the current test's part begins
         self.stopped = False
@@ -173,7 +175,9 @@ class GwServer:
         if self not in _WATCHED:
             _WATCHED.append(self)
         self.stopped = False
-        self._deaths_final = None
+        if self._deaths_final is not None:          # started again
+            self._deaths_before = {k: self._deaths_before[k] + self._deaths_final[k] for k in DEATHS}
+            self._deaths_final = None
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=gw_env(),
                                      stdin=subprocess.DEVNULL, stdout=self._out_fh,
                                      stderr=self._log_fh, start_new_session=True)
@@ -291,11 +295,13 @@ class GwServer:
         self._deaths_expected["pipeline_deaths"] += n
 
     def deaths(self) -> dict:
-        """The master's counts so far: {"worker_deaths": n, "pipeline_deaths": m}."""
-        if self._deaths_final is not None:
-            return dict(self._deaths_final)
-        block = self.block()
-        return block.deaths() if block is not None else dict.fromkeys(DEATHS, 0)
+        """The master's counts, over every run of this server so far:
+        {"worker_deaths": n, "pipeline_deaths": m}."""
+        now = self._deaths_final
+        if now is None:
+            block = self.block()
+            now = block.deaths() if block is not None else dict.fromkeys(DEATHS, 0)
+        return {k: self._deaths_before[k] + now[k] for k in DEATHS}
 
     def settle_deaths(self, timeout: float = 10.0) -> None:
         """Waits until the master has reaped every child that exited (a zombie
