@@ -67,6 +67,9 @@ def brokers(*needs: str, gw_only: str | None = None, mosquitto_flaky: str | None
     for n in needs:
         assert n in AREAS, n
     mq_marks = [pytest.mark.skip(reason=f"gw-only: {gw_only}")] if gw_only else []
+    if os.environ.get("GW_SANITIZE"):
+        # ./dev sanitize is about gw's workers; the reference's runs check the tests.
+        mq_marks = [pytest.mark.skip(reason="the sanitizer run tests gw only")]
     if mosquitto_flaky:
         mq_marks.append(pytest.mark.xfail(strict=False, reason=f"Mosquitto 2.0.11: {mosquitto_flaky}"))
     return pytest.mark.parametrize(argname, [pytest.param("mosquitto", marks=mq_marks, id="mosquitto"),

@@ -45,8 +45,14 @@ STATS_LINE = re.compile(r"\[stats\] clients: \d+ \| peak: \d+ \| memory: \d+(\.\
 # --- processes -----------------------------------------------------------------
 
 def gw_env() -> dict:
+    """The environment of a `gw` subprocess: the repository on PYTHONPATH (the
+    in-place build), unless PYTHONPATH already names it: then its order stands,
+    so a build placed before it (`./dev sanitize`'s) is the one the server runs."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not any(Path(p).resolve() == REPO for p in paths):
+        paths.insert(0, str(REPO))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -343,11 +349,12 @@ class GwServer:
         lines = DEATH_LINE.findall(log) or ["(no death line in the log: see the log below)"]
         out = [f"gw serve (pid {self.pid}) lost {what} that the test did not declare "
                f"[{counted}]:", *(f"  {line.strip()}" for line in lines)]
-        report = SANITIZER_REPORT.search(log)
-        if report is not None:
-            start = log.rfind("\n", 0, max(report.start() - 200, 0)) + 1
-            out += ["--- sanitizer report ---", log[start:start + LOG_EXCERPT].rstrip()]
         tail = log[-LOG_EXCERPT:]
+        report = SANITIZER_REPORT.search(log)
+        if report is not None and report.start() < len(log) - len(tail):
+            # The first report, in full, when the tail below does not show it.
+            start = log.rfind("\n", 0, max(report.start() - 200, 0)) + 1
+            out += ["--- the first sanitizer report ---", log[start:start + LOG_EXCERPT].rstrip()]
         out += [f"--- the server's log since the previous check, last {len(tail)} characters "
                 f"({self.log_path}) ---", tail.rstrip()]
         return "\n".join(out)
