@@ -42,7 +42,7 @@ from gw.pipeline.store import STORE_FILE, StoreSink, open_store    # noqa: E402
 
 RATE = 20_000.0
 WORKERS = 2
-GATE_RATIO = 1.08           # measured 1.14-2.07 (BENCHMARKS.md, Speed gates)
+GATE_RATIO = 1.08           # measured 1.13-2.07 (BENCHMARKS.md, Speed gates)
 
 
 def make_logs(devices: int, n: int) -> list[list[bytes]]:

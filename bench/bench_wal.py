@@ -40,7 +40,7 @@ RECORD = b'{"device_id":"sensor-000042","seq":123456,"ts":"2026-11-22T18:00:00.0
 RECORD = RECORD[:299] + b"}"
 assert len(RECORD) == 300
 MODES = ("off", "batch", "always")
-GATE_RATIO = 1.65           # Python framing time / append time; measured 2.1-2.9 (BENCHMARKS.md)
+GATE_RATIO = 1.65           # Python framing time / append time; measured 2.0-2.9 (BENCHMARKS.md)
 GATE_N = 2_000             # short appends: the flusher thread and the page cache add less noise
 
 _dirs = itertools.count()
