@@ -3,10 +3,14 @@ generator's engines in gwbench/_ext/; one module per concern, each a .pyx (with
 its .pxd where others cimport it). The load generator's engines cimport the
 server's codec and I/O declarations (gw_ext/*.pxd), so both build together.
 
-GW_SANITIZE=address,fuzzer-no-link (with CC=clang) makes the fuzzing build
-(fuzz/, `./dev fuzz`): sanitizer and coverage instrumentation, -O1 with debug
-information so reports point at source lines. It is built into its own
-directory, never over the in-place build.
+GW_SANITIZE selects an instrumented build, always into a directory of its own
+(never over the in-place build):
+- address,undefined: the sanitizer build (`./dev sanitize`): AddressSanitizer
+  and UndefinedBehaviorSanitizer, every UB report fatal; the generated C goes
+  to GW_BUILD_DIR.
+- address,fuzzer-no-link (with CC=clang): the fuzzing build (fuzz/, `./dev fuzz`).
+Both compile with frame pointers, debug information and -O1, so reports name
+the source lines.
 """
 import os
 from pathlib import Path
@@ -19,6 +23,24 @@ HERE = Path(__file__).parent
 SOURCE_DIRS = ("gw_ext", "gwbench/_ext")
 # Modules that call OpenSSL directly (the TLS layer and whatever drives it).
 OPENSSL = {"gw_ext.tls", "gw_ext.loop", "gwbench._ext.pubsub_engine", "gwbench._ext.tls_clients"}
+SANITIZERS = {"address", "undefined", "fuzzer-no-link"}
+
+
+def sanitizer_flags() -> tuple[list[str], list[str]]:
+    """(compile args, link args) for GW_SANITIZE; ([], []) when unset."""
+    wanted = [s for s in os.environ.get("GW_SANITIZE", "").replace(" ", "").split(",") if s]
+    unknown = set(wanted) - SANITIZERS
+    if unknown:
+        raise SystemExit(f"GW_SANITIZE: unknown sanitizer(s) {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(SANITIZERS))})")
+    if not wanted:
+        return [], []
+    flag = "-fsanitize=" + ",".join(wanted)
+    compile_args = [flag, "-fno-omit-frame-pointer", "-g", "-O1"]
+    if "undefined" in wanted:
+        compile_args.append("-fno-sanitize-recover=undefined")
+    return compile_args, [flag]
+
 
 DIRECTIVES = {
     "language_level": 3,
@@ -30,20 +52,13 @@ DIRECTIVES = {
 }
 
 
-SANITIZE = os.environ.get("GW_SANITIZE", "")
-
-
-def compile_args():
-    if SANITIZE:
-        return ["-O1", "-g", "-fno-omit-frame-pointer", f"-fsanitize={SANITIZE}",
-                "-Wno-unused-function", "-Wno-unreachable-code"]
-    return ["-O3", "-Wno-unused-function", "-Wno-unreachable-code"]
-
-
 def extensions():
     # GW_ONLY=codec,loop limits an in-place development build to some modules
     # (by file stem, or by full module name such as gwbench._ext.tls_clients).
     only = set(filter(None, os.environ.get("GW_ONLY", "").split(",")))
+    sanitize_compile, sanitize_link = sanitizer_flags()
+    # -O1 after -O3: the last -O wins, so an instrumented build is not optimised past its reports.
+    compile_args = ["-O3", "-Wno-unused-function", "-Wno-unreachable-code"] + sanitize_compile
     exts = []
     for folder in SOURCE_DIRS:
         for pyx in sorted((HERE / folder).glob("*.pyx")):
@@ -55,8 +70,8 @@ def extensions():
                     name,
                     [f"{folder}/{pyx.name}"],
                     libraries=["ssl", "crypto"] if name in OPENSSL else [],
-                    extra_compile_args=compile_args(),
-                    extra_link_args=[f"-fsanitize={SANITIZE}"] if SANITIZE else [],
+                    extra_compile_args=compile_args,
+                    extra_link_args=sanitize_link,
                 )
             )
     return cythonize(
@@ -64,6 +79,7 @@ def extensions():
         compiler_directives=DIRECTIVES,
         annotate=bool(os.environ.get("GW_ANNOTATE")),
         nthreads=os.cpu_count() or 1,
+        build_dir=os.environ.get("GW_BUILD_DIR") or None,
     )
 
 

@@ -12,62 +12,32 @@ worker, and a regression shows up as a drop against earlier runs.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import socket
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
+from benchutil import gw_harness
 from gw.packets import Connect, Pingreq, Publish
 from gw_ext import codec
 
-REPO = Path(__file__).resolve().parent.parent
 PACKETS = 200_000
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# The tests' harness: a real `gw serve` it stops by pid, and a worker death
+# during a benchmark fails it like any test.
+_harness = gw_harness()
+gw_module_factory = _harness.gw_module_factory
+no_undeclared_deaths = _harness.no_undeclared_deaths
 
 
 @pytest.fixture(scope="module")
-def one_worker(tmp_path_factory):
-    work = tmp_path_factory.mktemp("framing")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}",
-         "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
-         "--data-dir", str(work / "data"),
-         "--stats-interval", "0", "--log-level", "warning"],
-        cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gw serve did not start")
-                time.sleep(0.05)
-        sock.sendall(codec.encode(Connect("bench-framing", True, 0)))
-        assert sock.recv(4) == b"\x20\x02\x00\x00"
-        yield sock
-        sock.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+def one_worker(gw_module_factory):
+    server = gw_module_factory(workers=1, listeners=("mqtt",), args=["--log-level", "warning"])
+    sock = socket.create_connection(("127.0.0.1", server.ports["mqtt"]), timeout=10)
+    sock.sendall(codec.encode(Connect("bench-framing", True, 0)))
+    assert sock.recv(4) == b"\x20\x02\x00\x00"
+    yield sock
+    sock.close()
 
 
 def stream() -> tuple[list[bytes], int]:

@@ -11,12 +11,11 @@
   eventfd reports the durable offset advanced, as the worker holds PUBACKs:
   records/s, fsyncs/s, records per fsync, append-to-durable latency p50/p99;
 * ``test_reader_100k``: `WalReader.read` of 100,000 records (the pipeline's side);
-* ``test_append_under_0_75x_pure_python_framing`` is the gate: `Wal.append`
-  (framing, CRC-32C, the pending buffer's lock, the flusher running) costs the
-  loop thread at most 0.75 times a pure-Python `struct.pack + zlib.crc32 +
-  bytearray` framing of the same 20,000 records, same run, best of 7: a ratio,
-  never an absolute time (typically 0.3-0.4 here; the margin absorbs the
-  flusher's page-cache writes competing for two shared cores).
+* ``test_gate_append_vs_pure_python_framing`` is the gate: `Wal.append`
+  (framing, CRC-32C, the pending buffer's lock, the flusher running) against a
+  pure-Python `struct.pack + zlib.crc32 + bytearray` framing of the same 2,000
+  records, same run, best of 15: the Python framing's time over the append's at
+  least GATE_RATIO, a ratio, never an absolute time.
 """
 
 from __future__ import annotations
@@ -32,7 +31,7 @@ import zlib
 import pytest
 
 from gw_ext.wal import Wal, WalReader
-from benchutil import best_time
+from benchutil import Gate, best_time, check_gate, paired_ratio
 
 N = 100_000
 RECORD = b'{"device_id":"sensor-000042","seq":123456,"ts":"2026-11-22T18:00:00.000Z",' \
@@ -41,8 +40,8 @@ RECORD = b'{"device_id":"sensor-000042","seq":123456,"ts":"2026-11-22T18:00:00.0
 RECORD = RECORD[:299] + b"}"
 assert len(RECORD) == 300
 MODES = ("off", "batch", "always")
-GATE_RATIO = 0.75
-GATE_N = 20_000
+GATE_RATIO = 1.65           # Python framing time / append time; measured 2.0-2.9 (BENCHMARKS.md)
+GATE_N = 2_000             # short appends: the flusher thread and the page cache add less noise
 
 _dirs = itertools.count()
 
@@ -205,13 +204,28 @@ def pure_python_framing(count: int = N) -> bytearray:
     return buf
 
 
-def test_append_under_0_75x_pure_python_framing(tmp_path):
-    """Gate: the log's append, called from Python with its flusher writing,
-    costs the loop thread at most 0.75 times framing the records in Python."""
-    logs = [fresh_wal(tmp_path, "off") for _ in range(7)]
-    it = iter(logs)
-    wal = best_time(lambda: py_appends(next(it), GATE_N), 7)
-    python = best_time(lambda: pure_python_framing(GATE_N), 7)
-    for w in logs:
-        drop(w)
-    assert wal / python <= GATE_RATIO, f"Wal.append {wal * 1e3:.1f} ms, Python framing {python * 1e3:.1f} ms"
+def wal_ratio(root=None) -> tuple[float, dict]:
+    """The log's append, called from Python with its flusher writing, against
+    framing the same records in Python."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(dir=root) as tmp:
+        logs = []
+
+        def new_log() -> Wal:
+            logs.append(fresh_wal(Path(tmp), "off"))
+            return logs[-1]
+
+        ratio, wal, python = paired_ratio(lambda w: py_appends(w, GATE_N), lambda: pure_python_framing(GATE_N),
+                                          15, ours_setup=new_log)
+        for w in logs:
+            drop(w)
+    return ratio, {"append_ms": round(wal * 1e3, 1), "python_framing_ms": round(python * 1e3, 1)}
+
+
+GATE = Gate("wal", wal_ratio, GATE_RATIO, "Wal.append vs framing in pure Python")
+
+
+def test_gate_append_vs_pure_python_framing(request, tmp_path):
+    check_gate(Gate(GATE.name, lambda: wal_ratio(tmp_path), GATE.minimum, GATE.what), request)

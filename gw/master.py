@@ -63,6 +63,25 @@ def alert_publisher(links: list[socket.socket]):
     return publish
 
 
+def exit_status(status: int) -> str:
+    """A wait status as the log says it: "signal 9 (SIGKILL)" or "exit code 1"."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            return f"signal {sig} ({signal.Signals(sig).name})"
+        except ValueError:
+            return f"signal {sig}"
+    return f"exit code {os.WEXITSTATUS(status)}"
+
+
+def stopped_cleanly(status: int) -> bool:
+    """While the master stops: exit code 0 ends a drain; SIGTERM is the master's
+    own (a child still starting, before its handler was set). Anything else is a death."""
+    if os.WIFSIGNALED(status):
+        return os.WTERMSIG(status) == signal.SIGTERM
+    return os.WEXITSTATUS(status) == 0
+
+
 class Slot:
     def __init__(self, index: int):
         self.index = index
@@ -291,8 +310,13 @@ class Master:
         slot = self.pipeline
         slot.pid = 0
         self.block.header[Layout.H_PIPELINE_PID] = 0
+        how = exit_status(status)
         if self.stopping:
+            if not stopped_cleanly(status):
+                self.count_death(Layout.H_PIPELINE_DEATHS)
+                log.error("the pipeline process (pid %d) died while stopping: %s", pid, how)
             return
+        self.count_death(Layout.H_PIPELINE_DEATHS)
         code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
         if code == PIPELINE_FATAL:
             # It said why (a corrupt store, an unwritable data dir): respawning
@@ -302,20 +326,27 @@ class Master:
                       "until gw is restarted")
             slot.respawn_at = 0.0
             return
-        how = f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status) else f"exit code {code}"
         delay = slot.schedule_respawn()
-        log.warning("the pipeline process (pid %d) died (%s); respawning in %.2f s", pid, how, delay)
+        log.warning("the pipeline process (pid %d) died: %s; respawning in %.2f s", pid, how, delay)
 
     def worker_exited(self, slot: Slot, pid: int, status: int) -> None:
         slot.pid = 0
         self.block.set_worker_pid(slot.index, 0)
         self.block.reset_gauges(slot.index)
+        how = exit_status(status)
         if self.stopping:
+            if not stopped_cleanly(status):
+                self.count_death(Layout.H_WORKER_DEATHS)
+                log.error("worker %d (pid %d) died while stopping: %s", slot.index, pid, how)
             return
-        how = (f"signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
-               else f"exit code {os.WEXITSTATUS(status)}")
+        self.count_death(Layout.H_WORKER_DEATHS)
         delay = slot.schedule_respawn()
-        log.warning("worker %d (pid %d) died (%s); respawning in %.2f s", slot.index, pid, how, delay)
+        log.warning("worker %d (pid %d) died: %s; respawning in %.2f s", slot.index, pid, how, delay)
+
+    def count_death(self, word: int) -> None:
+        """One more death in the stats block's header (`gw stats --json`, /metrics),
+        counted before it is logged, so whoever reads the log finds it counted."""
+        self.block.header[word] += 1
 
     # --- signals ---------------------------------------------------------------
 
@@ -425,12 +456,12 @@ class Master:
         while any(s.pid for s in self.slots) and time.monotonic() < deadline:
             self.reap()
             time.sleep(0.02)
-        killed = 0
+        killed = set()
         for slot in self.slots:
             if slot.pid:
                 try:
                     os.kill(slot.pid, signal.SIGKILL)
-                    killed += 1
+                    killed.add(slot.pid)
                 except ProcessLookupError:
                     pass
         while any(s.pid for s in self.slots):
@@ -440,9 +471,14 @@ class Master:
                 break
             for slot in self.slots:
                 if slot.pid == pid:
-                    slot.pid = 0
+                    if pid in killed:          # our own kill: the drain took too long
+                        slot.pid = 0
+                    else:
+                        self.worker_exited(slot, pid, status)
+            if self.pipeline.pid == pid:
+                self.pipeline_exited(pid, status)
         if killed:
-            log.warning("killed %d workers that did not finish draining in time", killed)
+            log.warning("killed %d workers that did not finish draining in time", len(killed))
         self.stop_pipeline()
         log.info("stopped")
         return 0
@@ -459,10 +495,11 @@ class Master:
         deadline = time.monotonic() + self.cfg.drain_timeout + 2.0
         while slot.pid and time.monotonic() < deadline:
             try:
-                pid, _ = os.waitpid(slot.pid, os.WNOHANG)
+                pid, status = os.waitpid(slot.pid, os.WNOHANG)
             except ChildProcessError:
                 break
             if pid:
+                self.pipeline_exited(pid, status)
                 break
             time.sleep(0.02)
         else:

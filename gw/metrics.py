@@ -245,7 +245,15 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
         f"gw_workers {nworkers}\n"
         "# HELP gw_workers_alive Worker slots with a running worker process.\n"
         "# TYPE gw_workers_alive gauge\n"
-        f"gw_workers_alive {sum(1 for p in pids if p)}\n")
+        f"gw_workers_alive {sum(1 for p in pids if p)}\n"
+        "# HELP gw_worker_deaths_total Worker processes that died (a signal, an exit the master "
+        "did not ask for).\n"
+        "# TYPE gw_worker_deaths_total counter\n"
+        f"gw_worker_deaths_total {int(header[Layout.H_WORKER_DEATHS])}\n"
+        "# HELP gw_pipeline_deaths_total Times the pipeline process died (a signal, an exit the master "
+        "did not ask for).\n"
+        "# TYPE gw_pipeline_deaths_total counter\n"
+        f"gw_pipeline_deaths_total {int(header[Layout.H_PIPELINE_DEATHS])}\n")
     sinks = ("store", "file", "bridge")
     written = header[Layout.H_SINK_WRITTEN:Layout.H_SINK_WRITTEN + 3].tolist()
     lag = header[Layout.H_SINK_LAG:Layout.H_SINK_LAG + 3].tolist()

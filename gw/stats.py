@@ -153,6 +153,12 @@ class StatsBlock:
         n = int(self.header[Layout.H_WORKERS])
         return [int(p) for p in self.header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + n] if p]
 
+    def deaths(self) -> dict:
+        """Exits of workers and of the pipeline process other than the master's
+        own orderly stop, since the master started (it counts them when it reaps)."""
+        return {"worker_deaths": int(self.header[Layout.H_WORKER_DEATHS]),
+                "pipeline_deaths": int(self.header[Layout.H_PIPELINE_DEATHS])}
+
     def close(self, unlink: bool = False) -> None:
         del self.header, self.rows
         self._mm.close()
@@ -174,6 +180,7 @@ class Snapshot:
     msg_out: float
     totals: dict
     workers: list = field(default_factory=list)   # per slot: pid, heartbeat age
+    deaths: dict = field(default_factory=dict)    # worker_deaths, pipeline_deaths
 
     def line(self) -> str:
         return (f"[stats] clients: {self.clients} | peak: {self.peak} | memory: {self.memory_mb:.1f} MB"
@@ -183,7 +190,7 @@ class Snapshot:
     def as_dict(self) -> dict:
         return {"clients": self.clients, "peak": self.peak, "memory_mb": round(self.memory_mb, 2),
                 "conn_rate": self.conn_rate, "msg_in": self.msg_in, "msg_out": self.msg_out,
-                "counters": self.totals, "workers": self.workers}
+                **self.deaths, "counters": self.totals, "workers": self.workers}
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -228,6 +235,7 @@ class Aggregator:
             msg_out=float(delta[Counter.MSGS_OUT]) / dt,
             totals=counter_dict(totals),
             workers=self.workers(),
+            deaths=self.block.deaths(),
         )
 
     def workers(self) -> list[dict]:

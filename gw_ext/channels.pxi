@@ -107,7 +107,8 @@ cdef void channel_broadcast(Worker w, uint8_t ftype, uint8_t flags, const uint8_
             continue
         body = channel_frame(w, p, ftype, flags, topic_len, topic_len + rest_len)
         if body != NULL:
-            memcpy(body, topic, topic_len)
+            if topic_len:               # FR_PAUSE/FR_RESUME have none (topic NULL: memcpy's UB)
+                memcpy(body, topic, topic_len)
             if rest_len:
                 memcpy(body + topic_len, rest, rest_len)
 

@@ -113,8 +113,9 @@ cpdef enum:
 cpdef enum:
     # Layout words (gw_ext.stats.Layout in Python).
     STATS_MAGIC = 0x67775354        # "gwST"
-    STATS_VERSION = 3               # 3: 288 counters (2: 256; HTTP/ingest counters, histograms)
-    HEADER_WORDS = 80
+    STATS_VERSION = 4               # 2: 256 counters, HTTP/ingest counters, histograms; 3: deaths in the
+                                    # header; 4: 288 counters (bounds, containment, the loop-turn histogram)
+    HEADER_WORDS = 96
     MAX_WORKERS = 64
     H_MAGIC = 0
     H_VERSION = 1
@@ -130,6 +131,11 @@ cpdef enum:
     H_SINK_RETRIES = 14       # failed attempts of every sink, retried
     H_ALERTS = 15             # alerts published
     H_WORKER_PIDS = 16        # MAX_WORKERS words: each worker slot's pid (0: none)
+    # Kept by the master (gw/master.py): exits other than its own orderly stop
+    # (a signal, a non-zero exit code), respawned or not.
+    H_WORKER_DEATHS = 80      # of worker processes
+    H_PIPELINE_DEATHS = 81    # of the pipeline process
+    # 82..95 free.
 
 # Histograms: HIST_WORDS consecutive words of a row, starting at a HIST_* index.
 # Word i (0 <= i < HIST_BUCKETS) counts the observations v with

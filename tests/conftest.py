@@ -14,6 +14,11 @@ each test's set-up output; GW_TEST_FRAGMENT_SEED=<seed> replays it. A test that
 cannot run through a proxy says so with `@pytest.mark.no_fragment(reason)` and
 is skipped under the switch. `send_fragmented` writes a client's own bytes in
 pieces, with or without the switch.
+
+A worker or pipeline process of any such server that dies during a test fails
+that test (`no_undeclared_deaths`, from the master's counts in the stats block),
+with the death's exit status and the server's log; a test that kills one on
+purpose declares it first (`server.expect_worker_deaths(1)`).
 """
 
 from __future__ import annotations
@@ -53,8 +58,14 @@ STATS_LINE = re.compile(r"\[stats\] clients: \d+ \| peak: \d+ \| memory: \d+(\.\
 # --- processes -----------------------------------------------------------------
 
 def gw_env() -> dict:
+    """The environment of a `gw` subprocess: the repository on PYTHONPATH (the
+    in-place build), unless PYTHONPATH already names it: then its order stands,
+    so a build placed before it (`./dev sanitize`'s) is the one the server runs."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if not any(Path(p).resolve() == REPO for p in paths):
+        paths.insert(0, str(REPO))
+    env["PYTHONPATH"] = os.pathsep.join(paths)
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -92,6 +103,14 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
 
 
 _RUNNING: list["GwServer"] = []
+# Servers whose deaths are still to be checked: every started one, until it
+# was stopped and checked (tests/conftest.py no_undeclared_deaths).
+_WATCHED: list["GwServer"] = []
+DEATHS = ("worker_deaths", "pipeline_deaths")
+DEATH_LINE = re.compile(r"^.*(?:worker \d+|the pipeline process) \(pid \d+\) died.*$", re.M)
+SANITIZER_REPORT = re.compile(r"^.*(?:ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer"
+                              r"|ERROR: UndefinedBehaviorSanitizer).*$", re.M)
+LOG_EXCERPT = 8000          # characters of a server's log in a death report
 
 
 @atexit.register
@@ -140,6 +159,15 @@ class GwServer:
         self._seen: dict[int, psutil.Process] = {}
         self._block = None
         self._log_fh = self._out_fh = None
+        # Deaths (worker_deaths, pipeline_deaths): declared for the current test,
+        # already checked, counted by earlier runs (a restart: a new master counts
+        # from 0), and as counted when the master exited.
+        self._deaths_expected = dict.fromkeys(DEATHS, 0)
+        self._deaths_checked = dict.fromkeys(DEATHS, 0)
+        self._deaths_before = dict.fromkeys(DEATHS, 0)
+        self._deaths_final: dict | None = None
+        self._log_mark = 0          # where in the log the current test's part begins
+        self.stopped = False
 
     # where things are
     @property
@@ -179,6 +207,12 @@ class GwServer:
             except BaseException:
                 self.stop_proxies()
                 raise
+        if self not in _WATCHED:
+            _WATCHED.append(self)
+        self.stopped = False
+        if self._deaths_final is not None:          # started again
+            self._deaths_before = {k: self._deaths_before[k] + self._deaths_final[k] for k in DEATHS}
+            self._deaths_final = None
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=gw_env(),
                                      stdin=subprocess.DEVNULL, stdout=self._out_fh,
                                      stderr=self._log_fh, start_new_session=True)
@@ -276,8 +310,11 @@ class GwServer:
         if self.proc.returncode == -signal.SIGKILL and self.shm.exists():
             self.shm.unlink()        # the master could not clean up after itself
         if self._block is not None:
+            # The master has exited: the deaths it counted while stopping are in.
+            self._deaths_final = self._block.deaths()
             self._block.close()
             self._block = None
+        self.stopped = True
         for fh in (self._log_fh, self._out_fh):
             if fh is not None:
                 fh.close()
@@ -289,6 +326,75 @@ class GwServer:
         for proxy in self.proxies.values():
             proxy.stop()
         self.proxies.clear()
+
+    # deaths of workers and of the pipeline process
+    def expect_worker_deaths(self, n: int = 1) -> None:
+        """The current test kills n workers on purpose: n deaths are not a failure
+        (more still are). Call it before the kill."""
+        self._deaths_expected["worker_deaths"] += n
+
+    def expect_pipeline_deaths(self, n: int = 1) -> None:
+        """The same for the pipeline process."""
+        self._deaths_expected["pipeline_deaths"] += n
+
+    def deaths(self) -> dict:
+        """The master's counts, over every run of this server so far:
+        {"worker_deaths": n, "pipeline_deaths": m}."""
+        now = self._deaths_final
+        if now is None:
+            block = self.block()
+            now = block.deaths() if block is not None else dict.fromkeys(DEATHS, 0)
+        return {k: self._deaths_before[k] + now[k] for k in DEATHS}
+
+    def settle_deaths(self, timeout: float = 10.0) -> None:
+        """Waits until the master has reaped every child that exited (a zombie
+        child is a death not counted yet), so a death is charged to the test
+        during which it happened."""
+        if not self.alive():
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                children = psutil.Process(self.pid).children()
+                if not any(c.status() == psutil.STATUS_ZOMBIE for c in children):
+                    return
+            except psutil.NoSuchProcess:
+                return
+            time.sleep(0.02)
+
+    def check_deaths(self) -> str | None:
+        """Deaths since the last check beyond those declared for it: a report
+        naming each death, its exit status or signal and the server's log since
+        the last check (a sanitizer's report in full), or None. Resets the
+        declarations: each test declares its own."""
+        self.settle_deaths()
+        now = self.deaths()
+        new = {k: now[k] - self._deaths_checked[k] for k in DEATHS}
+        expected = self._deaths_expected
+        undeclared = {k: new[k] - expected[k] for k in DEATHS if new[k] > expected[k]}
+        self._deaths_checked = now
+        self._deaths_expected = dict.fromkeys(DEATHS, 0)
+        log = self.log()
+        mark, self._log_mark = self._log_mark, len(log)
+        if not undeclared:
+            return None
+        return self.death_report(undeclared, new, expected, log[mark:])
+
+    def death_report(self, undeclared: dict, new: dict, expected: dict, log: str) -> str:
+        what = ", ".join(f"{n} {k.replace('_', ' ')[:-1]}(s)" for k, n in undeclared.items())
+        counted = ", ".join(f"{k} {new[k]} (declared {expected[k]})" for k in DEATHS)
+        lines = DEATH_LINE.findall(log) or ["(no death line in the log: see the log below)"]
+        out = [f"gw serve (pid {self.pid}) lost {what} that the test did not declare "
+               f"[{counted}]:", *(f"  {line.strip()}" for line in lines)]
+        tail = log[-LOG_EXCERPT:]
+        report = SANITIZER_REPORT.search(log)
+        if report is not None and report.start() < len(log) - len(tail):
+            # The first report, in full, when the tail below does not show it.
+            start = log.rfind("\n", 0, max(report.start() - 200, 0)) + 1
+            out += ["--- the first sanitizer report ---", log[start:start + LOG_EXCERPT].rstrip()]
+        out += [f"--- the server's log since the previous check, last {len(tail)} characters "
+                f"({self.log_path}) ---", tail.rstrip()]
+        return "\n".join(out)
 
     # observations
     def log(self) -> str:
@@ -452,6 +558,39 @@ def send_fragmented(sock, data: bytes, rng: random.Random | None = None, *, cuts
 
 # --- fixtures --------------------------------------------------------------------
 
+@pytest.fixture(autouse=True)
+def no_undeclared_deaths():
+    """A worker (or the pipeline process) of any gw serve started by the harness
+    that dies during a test fails that test, unless the test declared it
+    (`server.expect_worker_deaths(n)`). Checked after every test, once its
+    function-scoped servers have stopped; module-scoped ones are checked after
+    each test that ran while they did, so the death is charged to its test."""
+    yield
+    reports = []
+    for server in list(_WATCHED):
+        report = server.check_deaths()
+        if report:
+            reports.append(report)
+        if server.stopped:
+            _WATCHED.remove(server)
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+
+
+def stop_and_check(servers: list[GwServer]) -> None:
+    """Stops servers (a module's, at its end) and fails on deaths while they stopped."""
+    reports = []
+    for server in servers:
+        server.stop()
+        report = server.check_deaths()
+        if server in _WATCHED:
+            _WATCHED.remove(server)
+        if report:
+            reports.append(report)
+    if reports:
+        pytest.fail("\n\n".join(reports), pytrace=False)
+
+
 @pytest.fixture
 def gw_factory(tmp_path):
     """Starts fresh servers for one test: gw_factory(workers=1, args=[...])."""
@@ -464,7 +603,7 @@ def gw_factory(tmp_path):
 
     yield make
     for server in servers:
-        server.stop()
+        server.stop()        # no_undeclared_deaths checks them next
 
 
 @pytest.fixture(scope="module")
@@ -478,8 +617,7 @@ def gw_module_factory(tmp_path_factory):
         return server.start()
 
     yield make
-    for server in servers:
-        server.stop()
+    stop_and_check(servers)
 
 
 @pytest.fixture(scope="module")

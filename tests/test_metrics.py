@@ -19,7 +19,7 @@ from gw import metrics
 from gw.stats import (GAUGES, HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, HTTP_STATUS_CODES,
                       MALFORMED_REASONS, N_COUNTERS, PACKET_NAMES, PER_WORKER, RANGES, STATUS_NAMES,
                       Aggregator, Counter, Layout, StatsBlock, counter_dict, hist_observe,
-                      http_status_index, monotonic_ms)
+                      MAX_WORKERS, http_status_index, monotonic_ms)
 
 _fake_pids = itertools.count(1)
 
@@ -74,7 +74,7 @@ def test_new_counters():
         "QUERIES_REFUSED": 157, "PERSIST_WRITES": 158, "PERSIST_ERRORS": 159, "LIMITS": 160,
         "SUBSCRIPTION_INDEX_BYTES": 176, "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256,
         "N_COUNTERS": 288}
-    assert Layout.STATS_VERSION == 3
+    assert Layout.STATS_VERSION == 4
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
     assert Counter.HIST_LOOP_TURN + HIST_WORDS == N_COUNTERS
 
@@ -192,6 +192,19 @@ def test_aggregator_tick(make_block):
     json.dumps(d)
     assert d["workers"][0]["pid"] == os.getpid() and d["workers"][0]["heartbeat_age_ms"] < 5000
     assert d["workers"][1] == {"slot": 1, "pid": 0, "heartbeat_age_ms": None}
+    assert d["worker_deaths"] == d["pipeline_deaths"] == 0
+    block.header[Layout.H_WORKER_DEATHS] = 2
+    block.header[Layout.H_PIPELINE_DEATHS] = 5
+    d = agg.tick().as_dict()
+    assert (d["worker_deaths"], d["pipeline_deaths"]) == (2, 5)
+
+
+def test_deaths_words_are_in_the_header_past_the_worker_pids():
+    """Two header words after the 64 pid slots, inside the header: a block of
+    64 workers keeps every pid and both figures apart from the rows."""
+    assert Layout.H_WORKER_PIDS + MAX_WORKERS <= Layout.H_WORKER_DEATHS < Layout.HEADER_WORDS
+    assert Layout.H_PIPELINE_DEATHS == Layout.H_WORKER_DEATHS + 1 < Layout.HEADER_WORDS
+    assert (Layout.HEADER_WORDS * 8) % 64 == 0        # the rows stay cache-line aligned
 
 
 # --- the exposition --------------------------------------------------------------
@@ -330,6 +343,14 @@ def test_process_figures(make_block):
     assert sample(fams, "gw_start_time_seconds") == block.header[Layout.H_STARTED]
     assert sample(fams, "gw_workers") == 4
     assert sample(fams, "gw_workers_alive") == 2
+    assert sample(fams, "gw_worker_deaths", "gw_worker_deaths_total") == 0
+    assert sample(fams, "gw_pipeline_deaths", "gw_pipeline_deaths_total") == 0
+    block.header[Layout.H_WORKER_DEATHS] = 3
+    block.header[Layout.H_PIPELINE_DEATHS] = 1
+    again = parse(metrics.render(block))
+    assert again["gw_worker_deaths"].type == again["gw_pipeline_deaths"].type == "counter"
+    assert sample(again, "gw_worker_deaths", "gw_worker_deaths_total") == 3
+    assert sample(again, "gw_pipeline_deaths", "gw_pipeline_deaths_total") == 1
     ages = {s.labels["worker"]: s.value for s in fams["gw_worker_heartbeat_age_seconds"].samples}
     assert set(ages) == {"0", "2"}
     assert 0.25 <= ages["0"] < 5 and 4.0 <= ages["2"] < 9

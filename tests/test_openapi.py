@@ -5,7 +5,6 @@ on it, with response schemas the app's real answers validate against."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from conftest import gw_env
 from gw import http_api
 from gw.openapi import build_openapi, openapi_json
 
@@ -33,7 +33,7 @@ def test_spec_is_deterministic():
     assert openapi_json(cfg()) == openapi_json(cfg())
     outputs = set()
     for seed in ("1", "2"):
-        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO))
+        env = dict(gw_env(), PYTHONHASHSEED=seed)
         run = subprocess.run([sys.executable, "-c", "import sys; from gw.openapi import openapi_json; "
                               "sys.stdout.buffer.write(openapi_json())"], env=env, capture_output=True,
                              timeout=60, check=True)

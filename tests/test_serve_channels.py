@@ -141,7 +141,8 @@ def test_a_restarted_worker_gets_every_retained_message(small_links):
             packet = publish_packet(f"{prefix}/{i}", b"%04d" % i + b"r" * 1020, qos=1, packet_id=i + 1)
             pub.sendall(bytes([packet[0] | 1]) + packet[1:])       # RETAIN
             puback(pub, i + 1)
-    # A worker death this test causes on purpose (declared): worker b is killed and respawned.
+    # A worker death this test causes on purpose: worker b is killed and respawned.
+    server.expect_worker_deaths(1)
     os.kill(b, signal.SIGKILL)
     wait_for(lambda: len(server.worker_pids()) == 2 and b not in server.worker_pids(), 20,
              what="the killed worker respawned")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import resource
+import shutil
 import signal
 import socket
 import sqlite3
@@ -155,6 +157,7 @@ def test_kill9_of_a_worker_mid_stream_loses_no_acknowledged_reading(sink_server)
     t = threading.Thread(target=lambda: result.setdefault("next", pub.stream(0, 1_000_000, stop)), daemon=True)
     t.start()
     wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
+    server.expect_worker_deaths(1)
     os.kill(victim, signal.SIGKILL)
     t.join(20)
     stop.set()
@@ -186,6 +189,10 @@ def test_kill9_of_the_whole_server_mid_stream_loses_no_acknowledged_reading(tmp_
         t.start()
         wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
         procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
+        # The master goes first, so it counts no death; should it reap a child
+        # before its own end, that death is this kill's.
+        server.expect_worker_deaths(2)
+        server.expect_pipeline_deaths(1)
         for p in procs:
             try:
                 p.kill()
@@ -344,6 +351,7 @@ def test_json_lines_data_messages_are_readings_too(gw_factory):
 def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
     server = gw_factory(workers=1, listeners=("mqtt", "http"))
     first = wait_for(server.pipeline_pid, 10, what="the pipeline process")
+    server.expect_pipeline_deaths(1)
     os.kill(first, signal.SIGKILL)
     device = f"p-{uuid.uuid4().hex[:6]}"
     with HttpConn(server.ports["http"]) as c:
@@ -354,6 +362,14 @@ def test_a_killed_pipeline_process_is_respawned_and_catches_up(gw_factory):
     assert second != first
     assert sorted(wait_stored(server, device, set(range(50)))) == list(range(50))
     assert "pipeline process" in server.log() and "died" in server.log()
+    stats = server.stats()
+    assert (stats["pipeline_deaths"], stats["worker_deaths"]) == (1, 0)
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with HttpConn(server.ports["http"]) as c:
+        text = c.request("GET", "/metrics").body.decode()
+    figures = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    assert (figures["gw_pipeline_deaths_total"], figures["gw_worker_deaths_total"]) == (1, 0)
 
 
 def test_an_unusable_data_dir_is_reported_at_start(tmp_path):
@@ -399,8 +415,12 @@ def test_damage_in_the_middle_of_a_log_is_skipped_and_counted(tmp_path):
                 resp = c.request("POST", "/v1/ingest", body)
                 assert resp.status == 200, resp.body
         # A crash of the whole server (deliberate: every process of it is killed),
-        # with the readings durable in the log and not read by the pipeline.
+        # with the readings durable in the log and not read by the pipeline. The
+        # master goes first, so it counts no death; should it reap a child before
+        # its own end, that death is this kill's.
         procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
+        server.expect_worker_deaths(1)
+        server.expect_pipeline_deaths(1)
         for p in procs:
             try:
                 p.kill()
@@ -504,7 +524,8 @@ def test_a_retry_of_a_reading_lost_before_its_fsync_is_stored_exactly_once(gw_fa
     with HttpConn(server.ports["http"]) as c:
         c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=5), send_only=True)
         server.wait_counter("ingest_records_accepted", 1)       # taken, its 200 held for the log
-        # A worker death this test causes on purpose (declared): killed before its log is durable.
+        # A worker death this test causes on purpose: killed before its log is durable.
+        server.expect_worker_deaths(1)
         os.kill(worker, signal.SIGKILL)
         c.wait_closed()
     wait_for(lambda: len(server.worker_pids()) == 1 and worker not in server.worker_pids(), 20,
@@ -519,3 +540,57 @@ def test_a_retry_of_a_reading_lost_before_its_fsync_is_stored_exactly_once(gw_fa
     with HttpConn(server.ports["http"]) as c:                  # later in the same log: once it is stored, all is
         assert c.request("POST", f"/v1/ingest/{device}", ingest_body(seq=6)).status == 200
     assert sorted(wait_stored(server, device, {5, 6})) == [5, 6]
+
+
+# --- restarts: the checkpoints and the logs ----------------------------------------
+
+LOG_RESET = re.compile(r"checkpoint (\d+) of worker (\d+)'s log is past its durable offset (\d+)")
+
+
+def ingest_stored(server, device: str, seqs) -> None:
+    """Readings over HTTP (several connections, so both workers take some), in the store."""
+    seqs = list(seqs)
+    conns = [HttpConn(server.ports["http"]) for _ in range(4)]
+    try:
+        for i, seq in enumerate(seqs):
+            resp = conns[i % len(conns)].request("POST", f"/v1/ingest/{device}", ingest_body(seq=seq))
+            assert resp.status == 202, resp.body
+    finally:
+        for c in conns:
+            c.close()
+    wait_stored(server, device, set(seqs))
+
+
+def test_an_ordinary_restart_does_not_report_a_reset_log(tmp_path):
+    """At start the pipeline runs before the workers have recovered their logs
+    and published where they end: a checkpoint past the 0 it reads then is no
+    sign of a reset."""
+    server = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt", "http"))
+    device = f"r-{uuid.uuid4().hex[:6]}"
+    try:
+        for run in range(3):
+            server.start()
+            ingest_stored(server, device, range(run * 40, run * 40 + 40))
+            server.stop()
+    finally:
+        server.stop()
+    log = server.log()
+    assert log.count("listening on") == 3 and log.count("gw.master: stopped") == 3
+    assert not LOG_RESET.search(log), LOG_RESET.search(log).group(0)
+
+
+def test_a_log_that_was_really_reset_is_reported(tmp_path):
+    server = GwServer(tmp_path / "gw", workers=1, listeners=("mqtt", "http"))
+    device = f"z-{uuid.uuid4().hex[:6]}"
+    try:
+        server.start()
+        ingest_stored(server, device, range(40))
+        server.stop()
+        shutil.rmtree(server.data_dir / "wal")      # the store keeps its checkpoints
+        server.start()
+        found = wait_for(lambda: LOG_RESET.search(server.log()), 30, what="the reset log reported")
+    finally:
+        server.stop()
+    checkpoint, slot, durable = map(int, found.groups())
+    assert slot == 0 and checkpoint > durable
+    assert "(was the log reset?)" in server.log()

@@ -61,6 +61,7 @@ def test_routing_and_retained_after_a_worker_is_killed(gw_factory):
     pub.sendall(retained_publish(f"{prefix}/kept", b"retained-before"))
     expect_publish(sub, f"{prefix}/kept", b"retained-before")
     # Kill worker b: its publisher's connection dies with it.
+    server.expect_worker_deaths(1)
     os.kill(b, signal.SIGKILL)
     new = wait_for(lambda: [p for p in server.worker_pids() if p not in (a, b)], 10,
                    what="a respawned worker")[0]

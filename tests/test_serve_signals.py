@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import ssl
 import time
@@ -32,6 +33,7 @@ def test_sigkill_worker_is_respawned_and_others_unaffected(gw_factory):
     assert len(by_worker) == 2, "the kernel never gave a connection to the second worker"
     victim, survivor = sorted(by_worker, key=lambda pid: pid)
     try:
+        gw.expect_worker_deaths(1)
         killed_at = time.monotonic()
         os.kill(victim, signal.SIGKILL)
 
@@ -61,7 +63,8 @@ def test_sigkill_worker_is_respawned_and_others_unaffected(gw_factory):
                        what="a respawned worker")
         assert victim not in gw.worker_pids() and survivor in gw.worker_pids()
         assert len(new) == 1
-        assert f"(pid {victim}) died (signal 9)" in gw.log()
+        assert f"(pid {victim}) died: signal 9 (SIGKILL)" in gw.log()
+        assert gw.stats()["worker_deaths"] == 1
 
         # The survivor's clients are still connected and answer pings; the
         # victim's were closed with it.
@@ -212,6 +215,36 @@ def test_sighup_reloads_certificates(hup_server):
         assert read_packet(old_conn) == (0x40, b"\x00\x07")
     finally:
         old_conn.close()
+
+
+def test_a_worker_dying_while_the_server_stops_is_a_death(gw_factory):
+    """The master's own stop ends each worker with exit code 0; a worker that
+    ends otherwise while draining (SIGKILL here, as a crash would) is a death:
+    counted and logged as one."""
+    gw = gw_factory(workers=2, listeners=("mqtt", "http"))
+    victim = gw.worker_pids()[0]
+    # An idle HTTP connection on the victim keeps it draining a moment (the
+    # grace for a request on its way), so it is alive when the kill lands.
+    held = []
+    for _ in range(200):
+        sock = tcp_connect(gw.ports["http"])
+        held.append(sock)
+        if gw.which_worker(sock.getsockname()[1]) == victim:
+            break
+    else:
+        raise AssertionError("no HTTP connection landed on the first worker")
+    try:
+        gw.expect_worker_deaths(1)
+        gw.signal(signal.SIGTERM)
+        wait_for(lambda: "draining" in gw.log(), 10, what="the master draining")
+        os.kill(victim, signal.SIGKILL)
+        assert gw.wait_exit(30) == 0
+    finally:
+        for sock in held:
+            sock.close()
+    gw.stop()
+    assert re.search(rf"worker \d \(pid {victim}\) died while stopping: signal 9 \(SIGKILL\)", gw.log())
+    assert gw.deaths() == {"worker_deaths": 1, "pipeline_deaths": 0}
 
 
 # --- SIGTERM / SIGINT --------------------------------------------------------------

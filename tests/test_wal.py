@@ -730,9 +730,9 @@ while True:
 
 
 def child_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    return env
+    from conftest import gw_env      # the build this run tests (./dev sanitize's, under it)
+
+    return gw_env()
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -35,14 +35,16 @@ def durable_index() -> int:
 class Pipeline:
     """The sinks over the worker logs of `nworkers` slots.
 
-    durable(slot) gives a log's durable offset; publish(topic, payload) sends
+    durable(slot) gives a log's durable offset, durable_published(slot) whether
+    the log's worker has published it since it (re)started (None: always);
+    publish(topic, payload) sends
     an MQTT message into the broker (alerts), called from the thread that runs
     `run()` only; wal is gw_ext.wal or a module with the same API; rows, the
     stats block's rows, get the damaged log bytes the readers skipped."""
 
     def __init__(self, settings: Settings, nworkers: int, durable: Callable[[int], int],
                  publish: Callable[[bytes, bytes], None] | None = None, wal=None, quick_check: bool = True,
-                 rows=None):
+                 rows=None, durable_published: Callable[[int], bool] | None = None):
         self.settings = settings
         self.nworkers = nworkers
         self.durable = durable
@@ -86,7 +88,8 @@ class Pipeline:
             raise
         self.sinks = sinks
         self.damage = DamageLedger(rows)
-        self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal, self.damage),
+        self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal, self.damage,
+                                                   durable_published),
                                    batch=s.pipeline_batch, poll_interval=s.pipeline_poll_interval,
                                    stop=self.stop_event)
                         for sink in sinks]
@@ -213,7 +216,17 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     def durable(slot: int) -> int:
         return int(rows[slot, idx])
 
-    pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check, rows=rows)
+    from gw.stats import Counter
+    heartbeat = int(Counter.WORKER_HEARTBEAT_MS)
+
+    def durable_published(slot: int) -> bool:
+        # A worker publishes its durable offset (Worker.set_wal) before its loop's
+        # first turn, which sets its heartbeat; the master zeroes the heartbeat
+        # of a dead worker, so a respawned one counts as unpublished until it turns.
+        return int(rows[slot, heartbeat]) != 0
+
+    pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check, rows=rows,
+                    durable_published=durable_published)
     pipe.header = block.header
     signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
     if hasattr(signal, "SIGHUP"):

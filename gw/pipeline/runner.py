@@ -68,7 +68,9 @@ class SinkRunner:
             durable = self.source.durable(slot)
             pos = self.pos.get(slot, 0)
             if durable <= pos:
-                if durable < pos and slot not in self._ahead_logged:
+                # Behind the checkpoint is normal until the worker has recovered its
+                # log and published where it ends; after that the log was reset.
+                if durable < pos and slot not in self._ahead_logged and self.source.published(slot):
                     self._ahead_logged.add(slot)
                     log.warning("%s: checkpoint %d of worker %d's log is past its durable offset %d "
                                 "(was the log reset?); waiting for the log to reach it",

@@ -3,9 +3,12 @@
 Worker `slot` appends every accepted reading to `data_dir/wal/{slot}/`
 (gw_ext/wal.pyx). A reader must read only up to the worker's durable offset,
 published in shared memory (`block.rows[slot, Counter.WAL_DURABLE_OFFSET]`);
-`durable(slot)` returns it. Each sink thread has its own WalSource (readers
-keep open files and are not shared between threads); they share one
-DamageLedger, which counts and logs the damaged records they skip.
+`durable(slot)` returns it, and `published(slot)` whether the worker has
+published it yet: until its worker has recovered its log after a (re)start,
+a slot reads 0 (a fresh stats block) or its previous value, neither of which
+says where the log ends. Each sink thread has its own WalSource (readers keep
+open files and are not shared between threads); they share one DamageLedger,
+which counts and logs the damaged records they skip.
 """
 
 from __future__ import annotations
@@ -76,10 +79,11 @@ class DamageLedger:
 
 class WalSource:
     def __init__(self, data_dir: str | Path, nworkers: int, durable: Callable[[int], int], wal,
-                 damage: DamageLedger | None = None):
+                 damage: DamageLedger | None = None, published: Callable[[int], bool] | None = None):
         self.data_dir = Path(data_dir)
         self.nworkers = nworkers
         self.durable = durable
+        self.published = published or (lambda slot: True)
         self.wal = wal
         self.damage = damage if damage is not None else DamageLedger()
         self._readers: dict[int, object] = {}
