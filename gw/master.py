@@ -198,14 +198,39 @@ class Master:
 
     def check_store(self) -> None:
         """The embedded store is checked before anything starts: a corrupt file
-        stops gw serve with a message saying what to do; it is never replaced."""
+        stops gw serve with a message saying what to do; it is never replaced.
+        So does a worker's log that ends before what the store has read of it:
+        its files were removed (or lost their end), and the readings taken from
+        now on would land at offsets the store holds already, so they would
+        never be stored."""
         from gw.pipeline import PipelineError
-        from gw.pipeline.store import open_store
+        from gw.pipeline.store import StoreSink, open_store
+        from gw_ext.wal import WalReader
 
+        data = Path(self.cfg.data_dir)
         try:
-            open_store(Path(self.cfg.data_dir) / "store.sqlite").close()
+            conn = open_store(data / "store.sqlite")
         except PipelineError as exc:
             raise StartupError(str(exc)) from None
+        try:
+            checkpoints = conn.execute("SELECT worker, next_offset FROM checkpoints WHERE sink = ?",
+                                       (StoreSink.name,)).fetchall()
+        finally:
+            conn.close()
+        for worker, read in checkpoints:
+            if not 0 <= worker < len(self.slots):
+                continue
+            reader = WalReader(str(data / "wal" / str(worker)))
+            try:
+                end = int(reader.end_offset())
+            finally:
+                reader.close()
+            if end < read:
+                raise StartupError(
+                    f"worker {worker}'s write-ahead log ({data / 'wal' / str(worker)}) ends at offset {end}, "
+                    f"but the store ({data / 'store.sqlite'}) has read it up to {read}: the log was removed "
+                    f"or lost its end. Restore the log, or move the store aside to start a new one; "
+                    f"readings taken now would not be stored")
 
     # --- workers -------------------------------------------------------------
 
