@@ -116,6 +116,10 @@ class Config:
                                    minimum=1, maximum=86400)
     drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",
                                     minimum=0, maximum=3600)
+    pipeline_stop_timeout: float = _setting(15.0, "seconds the pipeline has, after the workers stopped, to "
+                                            "commit what they logged last; past it, it is killed (nothing "
+                                            "is lost: the logs are read again at the next start)",
+                                            minimum=1, maximum=3600)
     sys_interval: float = _setting(10.0, "seconds between $SYS/broker/... updates (0: none)",
                                    minimum=0, maximum=86400)
     stats_interval: float = _setting(1.0, "seconds between [stats] log lines (0: none)",

@@ -517,7 +517,7 @@ class Master:
             os.kill(slot.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        deadline = time.monotonic() + self.cfg.drain_timeout + 2.0
+        deadline = time.monotonic() + self.cfg.pipeline_stop_timeout
         while slot.pid and time.monotonic() < deadline:
             try:
                 pid, status = os.waitpid(slot.pid, os.WNOHANG)
@@ -529,8 +529,11 @@ class Master:
             time.sleep(0.02)
         else:
             if slot.pid:
-                log.warning("killed the pipeline process: it did not stop in time")
+                log.warning("killed the pipeline process: it did not stop within pipeline_stop_timeout "
+                            "(%.0f s); its threads' stacks follow", self.cfg.pipeline_stop_timeout)
                 try:
+                    os.kill(slot.pid, signal.SIGUSR1)      # faulthandler: the stacks, to stderr
+                    time.sleep(0.2)
                     os.kill(slot.pid, signal.SIGKILL)
                     os.waitpid(slot.pid, 0)
                 except (ProcessLookupError, ChildProcessError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import signal
 import threading
@@ -19,7 +20,6 @@ from .store import STORE_FILE, StoreSink, check_data_dir, open_store
 log = logging.getLogger("gw.pipeline")
 
 DURABLE_FALLBACK = 141          # Counter.WAL_DURABLE_OFFSET in gw_ext/stats.pxd
-JOIN_TIMEOUT = 30.0             # s a sink may take to finish its batch in hand when stopping
 
 _current: "Pipeline | None" = None
 
@@ -122,7 +122,11 @@ class Pipeline:
     def stop(self) -> None:
         self.stop_event.set()
 
-    def shutdown(self, timeout: float = JOIN_TIMEOUT) -> int:
+    def shutdown(self, timeout: float | None = None) -> int:
+        if timeout is None:
+            # Less than the master waits (pipeline_stop_timeout), so a sink that
+            # hangs is reported here and the checkpoints of the others still commit.
+            timeout = max(0.5, self.settings.pipeline_stop_timeout - 2.0)
         self.stop_event.set()
         deadline = time.monotonic() + timeout
         for r in self.runners:
@@ -209,6 +213,9 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     unwritable data dir, bad setting)."""
     global _current
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the master relays Ctrl-C as SIGTERM
+    # The master sends SIGUSR1 before it kills a pipeline that did not stop in
+    # time: every thread's stack goes to stderr (the log), saying where it hung.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = Settings.from_cfg(cfg)
     rows = block.rows
     idx = durable_index()

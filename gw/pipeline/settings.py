@@ -30,6 +30,7 @@ class Settings:
     wal_retention_age: float = 7 * DAY
     wal_retention_bytes: int = 10 << 30
     pipeline_batch: int = 2000                  # records per sink batch (all worker logs together)
+    pipeline_stop_timeout: float = 15.0         # s the master waits for a stop; the sinks get 2 s less
     # Not in gw/config.py (internal knobs; tests shorten them).
     pipeline_poll_interval: float = 0.025       # s between polls of the logs when caught up
     pipeline_retain_interval: float = 5.0       # s between WAL retention passes
