@@ -19,8 +19,6 @@
 # a subscriber with messages in flight is not paused (it must read its acks).
 
 cdef enum:
-    FR_PAUSE = 12             # body: empty. "My subscribers are behind: hold your publishers."
-    FR_RESUME = 13
     STALL_MS = 5000
 
 

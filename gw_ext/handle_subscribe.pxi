@@ -14,8 +14,6 @@
 # connection is still waiting (SUBACKs keep their order).
 
 cdef enum:
-    FR_SUB_SYNC = 14          # body: token u32. "Answer once you have applied what I sent before."
-    FR_SUB_SYNCED = 15        # body: token u32
     SUB_SYNC_TIMEOUT_MS = 1000
 
 

@@ -31,6 +31,7 @@ from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
 from gw_ext.dedup cimport DedupTable
+from gw_ext.frames cimport *
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
                            wheel_schedule)

@@ -15,13 +15,9 @@
 
 from zlib import crc32
 
+# The frames (FR_CLAIM ... FR_REGISTER) and their bodies: gw_ext/frames.pxd.
+
 cdef enum:
-    FR_CLAIM = 6              # body: token u32, clean u8, client id
-    FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none), client id
-    FR_EVICT = 8              # body: new owner u8, token u32, new clean u8, client id
-    FR_SESSION = 9            # body: token u32, present u8, id length u16, client id, session state
-    FR_RELEASE = 10           # body: owner u8, client id
-    FR_REGISTER = 11          # body: owner u8, client id
     SETTLE_TIMEOUT_MS = 3000  # a claim unanswered this long (a peer died) settles as a new session
 
 
