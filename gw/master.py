@@ -158,7 +158,7 @@ class Master:
                 for sock in pair:
                     sock.setblocking(False)
                     # Room for bursts (channel_buffer; the kernel caps it). Frames larger
-                    # than a datagram go in pieces (gw_ext/channels.pxi).
+                    # than a datagram go in pieces (gw_ext/worker/channel.pyx).
                     if cfg.channel_buffer:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.channel_buffer)
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.channel_buffer)

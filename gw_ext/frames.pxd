@@ -1,5 +1,5 @@
 # The frames between gw's processes, in one place: what the workers send each
-# other over their SOCK_SEQPACKET links (gw_ext/channels.pxi sends,
+# other over their SOCK_SEQPACKET links (gw_ext/worker/channel.pyx sends,
 # batches, cuts into pieces, reads and dispatches them), and what the pipeline
 # process sends into every worker (FR_PUBLISH only: its alerts, built by
 # gw/master.py's alert_publisher with gw_ext.frames.publish_frame).
@@ -24,7 +24,7 @@ from libc.string cimport memcpy
 cpdef enum:
     FRAME_HEADER = 8          # bytes before a frame's body
 
-    # Messages and interest (gw_ext/channels.pxi, router.pxi).
+    # Messages and interest (gw_ext/worker/channel.pyx, worker/router.pyx).
     FR_PUBLISH = 1            # flags: qos | retain << 2; topic length; body: origin_ns u64 (CLOCK_MONOTONIC of
                               # the loop turn that read it, 0: unknown), topic, payload
     FR_SUB_ADD = 2            # body: a topic filter gaining its first subscriber on the sender
@@ -32,25 +32,25 @@ cpdef enum:
     FR_HELLO = 4              # body: empty. "I (re)started: forget what I said before; tell me yours."
     FR_RETAIN = 5             # flags: qos; topic length; body: topic, payload (empty: clear the topic)
 
-    # The client-id registry (gw_ext/registry.pxi); FR_CLAIM..FR_REGISTER are
+    # The client-id registry (gw_ext/worker/registry.pyx); FR_CLAIM..FR_REGISTER are
     # contiguous: the channel hands that range to the registry. Integers little-endian.
     FR_CLAIM = 6              # body: token u32, clean u8, client id
     FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none), client id
     FR_EVICT = 8              # body: new owner u8, token u32, new clean u8, client id
     FR_SESSION = 9            # body: token u32, present u8, id length u16, client id, session state
-                              # (session_serialize, registry.pxi)
+                              # (session_serialize, worker/registry.pyx)
     FR_RELEASE = 10           # body: owner u8, client id
     FR_REGISTER = 11          # body: owner u8, client id
 
-    # Backpressure (gw_ext/backpressure.pxi).
+    # Backpressure (gw_ext/worker/backpressure.pyx).
     FR_PAUSE = 12             # body: empty. "My subscribers are behind: hold your publishers."
     FR_RESUME = 13            # body: empty
 
-    # SUBACK after every peer applied the interest (gw_ext/handle_subscribe.pxi).
+    # SUBACK after every peer applied the interest (gw_ext/worker/handle_subscribe.pyx).
     FR_SUB_SYNC = 14          # body: token u32. "Answer once you have applied what I sent before."
     FR_SUB_SYNCED = 15        # body: token u32
 
-    # A frame larger than a datagram (gw_ext/channels.pxi).
+    # A frame larger than a datagram (gw_ext/worker/channel.pyx).
     FR_PIECE = 16             # flags: PIECE_FIRST | PIECE_LAST; body: the next slice of the whole frame
     PIECE_FIRST = 1
     PIECE_LAST = 2

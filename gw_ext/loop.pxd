@@ -11,16 +11,16 @@ cdef enum ConnState:
     ST_AWAIT_CONNECT = 3      # socket (and TLS) up, no CONNECT yet
     ST_CONNECTED = 4          # CONNECT accepted
     ST_CLOSING = 5            # flushing its last bytes, input ignored
-    ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
-    ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
-    ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
+    ST_CHANNEL = 6            # a socket to another worker (see worker/channel.pyx)
+    ST_SETTLING = 7           # CONNECT read; its session is being settled (worker/registry.pyx)
+    ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (worker/durable_ack.pyx)
     ST_CLOSED = 9             # closed by close_conn(): ignored until the end of the turn frees it
-    ST_QUERY = 10             # the query threads' eventfd: store queries answered (http.pxi)
+    ST_QUERY = 10             # the query threads' eventfd: store queries answered (worker/http.pyx)
 
 cdef enum Proto:
     PROTO_MQTT = 1
     PROTO_JSON = 2            # seed 000's newline-delimited JSON
-    PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (http.pxi)
+    PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (worker/http.pyx)
 
 cdef enum ConnFlag:
     F_TLS = 1
@@ -28,8 +28,8 @@ cdef enum ConnFlag:
     F_POLLOUT = 4             # EPOLLOUT registered (a write would block)
     F_SSL_WRITE_WANTS_READ = 8
     F_PUBLISHER = 16          # has sent QoS 1/2 PUBLISH: paused under backpressure
-    F_PAUSED = 32             # not read, for backpressure (backpressure.pxi)
-    F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (durable.pxi)
+    F_PAUSED = 32             # not read, for backpressure (worker/backpressure.pyx)
+    F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (worker/durable_ack.pyx)
 
 cdef enum:
     MAX_LISTENERS = 16
@@ -65,7 +65,7 @@ cdef struct Conn:
     uint32_t outlen
     uint32_t outcap
 
-# HTTP connections' framing state (http.pxi), in a table indexed by fd beside
+# HTTP connections' framing state (worker/http.pyx), in a table indexed by fd beside
 # the Conn table, so MQTT connections pay nothing for it.
 cdef struct HttpState:
     uint32_t scan             # where to resume looking for the end of the head
@@ -73,13 +73,13 @@ cdef struct HttpState:
     uint32_t chunk_total      # chunked body: data bytes so far
     uint32_t trailer_scan     # chunked body: where to resume looking for the end of the trailer section
     uint32_t linger_left      # lingering close: bytes still read and discarded before a reset
-    uint16_t flags            # HF_* (http.pxi)
+    uint16_t flags            # HF_* (worker/http.pyx)
     uint8_t query_minor       # a request in the query threads: its HTTP minor version
 
 cdef struct Listener:
     int fd
     uint8_t proto
-    uint8_t ack_sink          # readings acknowledged once durable (durable.pxi)
+    uint8_t ack_sink          # readings acknowledged once durable (worker/durable_ack.pyx)
     SSL_CTX* ctx              # NULL for plain listeners
 
 
@@ -137,7 +137,7 @@ cdef struct Session:
     uint32_t qos2_cap
     uint64_t away_since_ms
     uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
-    uint8_t congested         # its queue is past the high watermark (backpressure.pxi)
+    uint8_t congested         # its queue is past the high watermark (worker/backpressure.pyx)
     uint8_t stalled           # stopped acknowledging: holds nobody back until it acks again
     uint8_t dirty             # its saved state (persistence) is out of date, or the slot was freed
 

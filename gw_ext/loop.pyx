@@ -148,7 +148,7 @@ cdef class Worker:
     cdef uint32_t* resume_gens
     cdef int nresume
     cdef int current_fd              # the connection being handled (-1: none), for containment
-    cdef int route_depth             # route_publish nesting (router.pxi)
+    cdef int route_depth             # route_publish nesting (worker/router.pyx)
     cdef Wheel wheel
     cdef uint64_t now_ms
     cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
@@ -164,7 +164,7 @@ cdef class Worker:
     cdef uint64_t drain_deadline_ms
     cdef bint reload_requested
     cdef object json_protocol
-    # Broker state (router.pxi, sessions.pxi, channels.pxi).
+    # Broker state (worker/router.pyx, worker/sessions.pyx, worker/channel.pyx).
     cdef TopicTrie* index
     cdef MatchResult match
     cdef Session* sessions
@@ -185,15 +185,15 @@ cdef class Worker:
     cdef Peer[64] peers
     cdef int npeers
     cdef uint64_t peers_dirty
-    cdef uint8_t* chan_buf               # receives datagrams from peers (channels.pxi)
+    cdef uint8_t* chan_buf               # receives datagrams from peers (worker/channel.pyx)
     cdef size_t chan_buf_size
     cdef dict registry                   # at the id's home: client id -> owning worker
     cdef dict pending                    # token -> PendingConnect, waiting to settle
     cdef uint32_t settle_token
     cdef uint32_t conn_gen
-    cdef dict pending_subacks            # token -> PendingSuback (handle_subscribe.pxi)
+    cdef dict pending_subacks            # token -> PendingSuback (worker/handle_subscribe.pyx)
     cdef uint32_t suback_token
-    # HTTP (http.pxi) and telemetry (telemetry.pxi).
+    # HTTP (worker/http.pyx) and telemetry (worker/telemetry.pyx).
     cdef HttpState* http                 # per fd; allocated with the first HTTP listener
     cdef char[40] http_date
     cdef time_t http_date_s
@@ -203,9 +203,9 @@ cdef class Worker:
     cdef public uint32_t http_keepalive_ms
     cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
     cdef public uint32_t http_linger_ms      # ... and for how long
-    cdef object query_pool               # gw.query_pool.QueryPool: store queries off the loop (http.pxi)
+    cdef object query_pool               # gw.query_pool.QueryPool: store queries off the loop (worker/http.pyx)
     cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
-    # The write-ahead log and the answers waiting for it (durable.pxi).
+    # The write-ahead log and the answers waiting for it (worker/durable_ack.pyx).
     cdef Wal wal
     cdef uint64_t wal_durable
     cdef bint wal_congested              # over half of wal_max_pending waits: publishers held
@@ -229,7 +229,7 @@ cdef class Worker:
     cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
     cdef public uint32_t max_inflight
     cdef public uint32_t max_queued
-    cdef public uint32_t queue_high      # backpressure.pxi watermarks
+    cdef public uint32_t queue_high      # worker/backpressure.pyx watermarks
     cdef public uint32_t queue_low
     cdef public uint32_t max_retained
     cdef public uint64_t max_retained_bytes
@@ -756,7 +756,7 @@ cdef class Worker:
                 return
 
     cdef void resume_settled(self):
-        """Connections whose CONNECT was settled (registry.pxi) go on with the
+        """Connections whose CONNECT was settled (worker/registry.pyx) go on with the
         bytes they sent after it, read meanwhile into their carry-over buffer.
         Never done inside the settle itself: the connection's own input may be
         on the stack there."""
@@ -1236,7 +1236,7 @@ cdef class Worker:
         self.set_pollout(c, False)
         if c.state == ST_CLOSING:
             if c.proto == PROTO_HTTP and http_linger_start(self, c):
-                return 1        # a lingering close: what the client still sends is read away first (http.pxi)
+                return 1        # a lingering close: what the client still sends is read away first (worker/http.pyx)
             self.close_conn(c, c.close_reason, c.close_detail)
             return -1
         return 1
@@ -1389,7 +1389,7 @@ cdef class Worker:
         cdef uint8_t state = c.closed_from if c.state == ST_CLOSED else c.state
         wheel_cancel(&self.wheel, &c.timer)
         if self.held_per_fd != NULL:
-            self.held_per_fd[c.fd] = 0      # its held answers are skipped (durable.pxi)
+            self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:
             if state == ST_CONNECTED or state == ST_AWAIT_CONNECT or state == ST_CLOSING:
                 ERR_clear_error()
@@ -1431,16 +1431,16 @@ cdef class Worker:
 
 
 # The handlers: module-level functions taking the worker, one file per concern.
-include "read_handle.pxi"
-include "handle_connect.pxi"
-include "handle_publish.pxi"
-include "handle_subscribe.pxi"
-include "jsonlines.pxi"
-include "router.pxi"
-include "sessions.pxi"
-include "channels.pxi"
-include "registry.pxi"
-include "backpressure.pxi"
-include "http.pxi"
-include "telemetry.pxi"
-include "durable.pxi"
+include "worker/read_handle.pyx"
+include "worker/handle_connect.pyx"
+include "worker/handle_publish.pyx"
+include "worker/handle_subscribe.pyx"
+include "worker/jsonlines.pyx"
+include "worker/router.pyx"
+include "worker/sessions.pyx"
+include "worker/channel.pyx"
+include "worker/registry.pyx"
+include "worker/backpressure.pyx"
+include "worker/http.pyx"
+include "worker/telemetry.pyx"
+include "worker/durable_ack.pyx"

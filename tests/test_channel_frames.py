@@ -1,4 +1,4 @@
-"""Frames between workers (gw_ext/channels.pxi, registry.pxi), checked on a
+"""Frames between workers (gw_ext/worker/channel.pyx, gw_ext/worker/registry.pyx), checked on a
 real Worker (gw_ext/loop.pyx) driven one loop turn at a time (run_once), with
 a real SOCK_SEQPACKET link standing for its peer worker: datagrams crafted
 by hand, in pieces and whole, well formed and not. A malformed or truncated

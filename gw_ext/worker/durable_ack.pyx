@@ -146,7 +146,7 @@ cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checke
         end = w.wal.append_after_room_c(p, n)   # a refusal here is counted by the log itself
         if end >= 0 and not w.wal_congested and w.wal.pending_c() > w.wal.max_pending // 2:
             # Over half of wal_max_pending waits for the disk: QoS 1/2 publishers
-            # wait too (backpressure.pxi) rather than be refused at the limit.
+            # wait too (backpressure.pyx) rather than be refused at the limit.
             w.wal_congested = True
             update_pause(w)
     else:

@@ -517,7 +517,7 @@ cdef object http_handler_failed(Worker w):
 cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only):
     """Writes an answer of the app (status, content type, body, extra header
     lines) on c, or holds it behind the connection's answers waiting for the
-    log (durable.pxi); closes after it unless keep. -1 if c was closed."""
+    log (durable_ack.pyx); closes after it unless keep. -1 if c was closed."""
     cdef HttpState* st = &w.http[c.fd]
     cdef int status
     cdef bytes rtype, rbody, extra
@@ -532,7 +532,7 @@ cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep
         status, rtype, rbody, extra = http_handler_failed(w)
     if w.held_per_fd != NULL and must_hold(w, c, needed):
         # Ack mode sink: this answer, and any after it on this connection, waits
-        # for the log (durable.pxi).
+        # for the log (durable_ack.pyx).
         if held_push(w, c, HELD_HTTP, 0, needed, http_response_bytes(
                 w, status, rtype, rbody, extra, keep, minor, head_only)) < 0:
             return -1
