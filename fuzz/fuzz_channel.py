@@ -27,7 +27,7 @@ FRAME_KINDS = 16
 
 
 def session_state(inp) -> bytes:
-    """A moved session (gw_ext/worker/registry.pyx's layout), its counts and lengths from the
+    """A moved session (gw_ext/worker/session_state.pyx's layout), its counts and lengths from the
     input: consistent, or lying about what follows."""
     nsubs = inp.byte() % 3
     out = bytearray(struct.pack("<H", nsubs if inp.byte() % 4 else inp.u16()))

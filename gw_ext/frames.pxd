@@ -24,7 +24,7 @@ from libc.string cimport memcpy
 cpdef enum:
     FRAME_HEADER = 8          # bytes before a frame's body
 
-    # Messages and interest (gw_ext/worker/channel.pyx, worker/router.pyx).
+    # Messages and interest (gw_ext/worker/channel.pyx, router.pyx, retained.pyx).
     FR_PUBLISH = 1            # flags: qos | retain << 2; topic length; body: origin_ns u64 (CLOCK_MONOTONIC of
                               # the loop turn that read it, 0: unknown), topic, payload
     FR_SUB_ADD = 2            # body: a topic filter gaining its first subscriber on the sender
@@ -38,7 +38,7 @@ cpdef enum:
     FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none), client id
     FR_EVICT = 8              # body: new owner u8, token u32, new clean u8, client id
     FR_SESSION = 9            # body: token u32, present u8, id length u16, client id, session state
-                              # (session_serialize, worker/registry.pyx)
+                              # (gw_ext/worker/session_state.pyx)
     FR_RELEASE = 10           # body: owner u8, client id
     FR_REGISTER = 11          # body: owner u8, client id
 

@@ -62,7 +62,6 @@ cdef enum:
     ACCEPT_BATCH = 128           # accepts per listener event, for fairness
     TICK_MS = 100                # timing-wheel resolution
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
-    CLOSE_GRACE_MS = 2000        # how long a closing connection may take to flush
 
 # Why a connection was closed; indexes the CLOSED_* counters and the log limiter.
 cdef enum CloseReason:
@@ -102,11 +101,6 @@ MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
                    "no topic filter"]
 
-# JSON-lines handler results (see gw/jsonproto.py).
-JSON_OK = 0
-JSON_CONNECTED = 1
-JSON_CLOSE = 2
-JSON_ERROR = 3
 
 
 cdef inline uint64_t monotonic_ms() noexcept nogil:
@@ -463,12 +457,7 @@ cdef class Worker:
     def wal_room(self, int nbytes):
         """Whether an append of nbytes would be taken now (checked before the
         idempotency table records the reading, so a refusal leaves no trace)."""
-        if self.wal is None or (self.wal.room(nbytes) and not self.wal_congested):
-            return True
-        self.counters[WAL_REFUSED] += 1
-        self.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
-                         "refusing them until it can")
-        return False
+        return wal_room(self, nbytes)
 
     @property
     def telemetry_topic(self):
@@ -494,37 +483,12 @@ cdef class Worker:
         data dir. With changed_only, of the slots changed since the last call
         only (serializing only those), with (slot, None, None) for a slot that
         no longer holds such a session."""
-        cdef uint32_t slot
-        cdef Session* s
-        out = []
-        for slot in range(self.nsessions):
-            s = &self.sessions[slot]
-            if changed_only and not s.dirty:
-                continue
-            s.dirty = 0
-            if s.in_use and not s.clean:
-                out.append((slot, PyBytes_FromStringAndSize(s.client_id, s.client_id_len),
-                            session_serialize(self, slot)))
-            elif changed_only:
-                out.append((slot, None, None))
-        self.sessions_changed = False
-        return out
+        return sessions_snapshot(self, changed_only)
 
     def restore_sessions(self, list saved):
         """Brings back saved sessions (at start-up), their clients away, and
         registers them at their ids' homes."""
-        cdef int slot
-        cdef bytes cid, state
-        for cid, state in saved:
-            if cid in self.client_sessions:
-                continue
-            slot = session_new(self, <const uint8_t*>PyBytes_AS_STRING(cid), len(cid), 0)
-            if slot < 0:
-                raise MemoryError()
-            session_restore(self, slot, state)
-            self.sessions[slot].away_since_ms = monotonic_ms()
-            self.counters[SESSIONS_AWAY] += 1
-            self.restored.append(cid)
+        sessions_load(self, saved)
 
     @property
     def changed(self):
@@ -534,17 +498,7 @@ cdef class Worker:
     def expire_sessions(self, double seconds):
         """Ends clean_session=0 sessions whose client has been away longer than
         `seconds`; returns how many."""
-        cdef uint32_t slot
-        cdef uint64_t limit = <uint64_t>(seconds * 1000)
-        cdef int n = 0
-        cdef uint64_t now = monotonic_ms()
-        for slot in range(self.nsessions):
-            if (self.sessions[slot].in_use and self.sessions[slot].fd < 0 and not self.sessions[slot].clean
-                    and now - self.sessions[slot].away_since_ms > limit):
-                session_free(self, slot, True)
-                self.counters[SESSIONS_EXPIRED] += 1
-                n += 1
-        return n
+        return sessions_expire(self, <uint64_t>(seconds * 1000))
 
     def retained_saved(self):
         self.retained_changed = False
@@ -552,10 +506,7 @@ cdef class Worker:
     def retain(self, bytes topic, int qos, bytes payload):
         """Keeps a retained message loaded from the data dir (not routed), within
         the retained store's bounds; False when refused (a bad topic or QoS)."""
-        if not 0 <= qos <= 2 or not valid_topic_name(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
-            return False
-        return retain_store(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
-                            <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, True)
+        return retain_loaded(self, topic, qos, payload)
 
     @property
     def retained_messages(self):
@@ -607,25 +558,11 @@ cdef class Worker:
 
     cdef void begin(self):
         """Tells the other workers we (re)started: they forget our old interests
-        and send theirs, and the retained store."""
-        cdef int p
-        cdef bytes cid
-        cdef PeerTarget target
+        and send theirs, and the retained store; the sessions loaded from the
+        data dir are registered at their ids' homes."""
         self.begun = True
-        target.worker = <void*>self
-        for p in range(self.npeers):
-            if p != self.worker_index and self.peers[p].fd >= 0:
-                # HELLO goes first: a peer that reads it forgets what we announced
-                # before, including what sessions restored from disk queued just now;
-                # so every filter we have is announced again after it.
-                self.peers[p].outlen = 0
-                channel_frame(self, p, FR_HELLO, 0, 0, 0)
-                target.peer = p
-                topics_filters(self.index, announce_filter, &target)
-        # Sessions loaded from the data dir: their ids' homes learn they are here.
-        for cid in self.restored:
-            registry_register(self, cid)
-        self.restored = []
+        channels_hello(self)
+        registry_register_restored(self)
         channels_flush(self)
 
     cdef bint turn(self, int timeout_ms):
@@ -728,7 +665,7 @@ cdef class Worker:
                     if node == NULL:
                         return
                     self.current_fd = (<Conn*>node).fd
-                    self.on_timer(<Conn*>node)
+                    on_timer(self, <Conn*>node)         # keepalive.pyx
             except Exception:
                 self.contained(self.current_fd, "handling a timer")
             finally:
@@ -813,14 +750,7 @@ cdef class Worker:
         if self.http_app is not None:
             self.http_app.draining = True      # /readyz and ingest answer 503 from now on
         if self.wal is not None:
-            # What was accepted becomes durable now, and its held answers go out
-            # before the connections close.
-            self.wal.flush()
-            self.wal_durable = self.wal.durable_offset
-            self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
-            if self.dedup is not None:
-                self.dedup.durable_c(self.wal_durable, self.now_ms)
-            held_release(self)
+            wal_drain(self)         # durable_ack.pyx: held answers go out before the connections close
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
@@ -905,8 +835,7 @@ cdef class Worker:
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
             self.counters[CONNS_ACCEPTED] += 1
             self.counters[CONNS_CURRENT] += 1
-            # The connect timeout covers the TLS handshake and the CONNECT.
-            wheel_schedule(&self.wheel, &c.timer, self.now_ms + self.connect_timeout_ms)
+            schedule_connect_timeout(self, c)   # keepalive.pyx
 
     # --- reading and framing -------------------------------------------------
 
@@ -1083,19 +1012,7 @@ cdef class Worker:
             self.counters[MALFORMED_BY_REASON + reason] += 1
         self.close_conn(c, CR_MALFORMED, reason)
 
-    # --- connection lifecycle helpers used by the handlers -------------------
-
-    cdef void become_connected(self, Conn* c, uint32_t timeout_ms):
-        """CONNECT accepted: from now on the idle timeout applies instead of the
-        connect timeout (MQTT-3.1.2-24: 1.5 x keepalive; 0 disables it)."""
-        c.state = ST_CONNECTED
-        c.timeout_ms = timeout_ms
-        c.last_rx_ms = self.now_ms
-        self.counters[SESSIONS_CURRENT] += 1
-        if timeout_ms:
-            wheel_schedule(&self.wheel, &c.timer, self.now_ms + timeout_ms)
-        else:
-            wheel_cancel(&self.wheel, &c.timer)
+    # --- answers the handlers send --------------------------------------------
 
     cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid):
         cdef uint8_t* out = self.reserve(c, 4)
@@ -1270,30 +1187,11 @@ cdef class Worker:
         ev.data.fd = c.fd
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
-    # --- timers and closing --------------------------------------------------
-
-    cdef void on_timer(self, Conn* c):
-        cdef uint64_t deadline
-        if c.state == ST_CONNECTED:
-            deadline = c.last_rx_ms + c.timeout_ms
-            if deadline > self.now_ms:
-                wheel_schedule(&self.wheel, &c.timer, deadline)     # it was active
-            else:
-                self.close_conn(c, CR_TIMEOUT)
-        elif c.state == ST_CLOSING:
-            self.close_conn(c, c.close_reason, c.close_detail)      # could not flush in time
-        elif c.state == ST_SETTLING:
-            # The worker that held its session did not answer (it died): start afresh.
-            self.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
-            connect_settle(self, c.pending_token, None)
-        elif c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
-            http_on_timer(self, c)
-        elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
-            self.close_conn(c, CR_CONNECT_TIMEOUT)
+    # --- closing ---------------------------------------------------------------
 
     cdef void close_after_flush(self, Conn* c, int reason=CR_SERVER, int detail=0):
         """Stops reading and closes (for `reason`) once the outbound bytes are
-        written (or after CLOSE_GRACE_MS)."""
+        written (or after CLOSE_GRACE_MS, keepalive.pyx)."""
         if not is_client_state(c.state) or c.state == ST_CLOSING:
             return
         c.close_reason = <uint8_t>reason
@@ -1301,7 +1199,7 @@ cdef class Worker:
         if c.state == ST_CONNECTED:
             self.counters[SESSIONS_CURRENT] -= 1
         c.state = ST_CLOSING
-        wheel_schedule(&self.wheel, &c.timer, self.now_ms + CLOSE_GRACE_MS)
+        schedule_close_grace(self, c)
         if c.outlen == c.outoff:
             # Nothing to write: close at the end of this turn via the flush list.
             if not (c.flags & F_DIRTY):
@@ -1430,17 +1328,30 @@ cdef class Worker:
         log.warning("worker %d: %s", self.worker_index, message)
 
 
-# The handlers: module-level functions taking the worker, one file per concern.
+# The worker's concerns, one file each in gw_ext/worker/, all parts of this one
+# extension module: module-level functions taking the worker, declared in
+# loop.pxd under a heading per file.
+include "worker/keepalive.pyx"
+# MQTT packets.
 include "worker/read_handle.pyx"
 include "worker/handle_connect.pyx"
 include "worker/handle_publish.pyx"
+include "worker/handle_acks.pyx"
 include "worker/handle_subscribe.pyx"
-include "worker/jsonlines.pyx"
+include "worker/handle_unsubscribe.pyx"
+include "worker/handle_ping.pyx"
+include "worker/handle_disconnect.pyx"
+# The broker across workers.
 include "worker/router.pyx"
+include "worker/retained.pyx"
 include "worker/sessions.pyx"
-include "worker/channel.pyx"
+include "worker/session_state.pyx"
 include "worker/registry.pyx"
+include "worker/channel.pyx"
 include "worker/backpressure.pyx"
+# Readings: JSON lines, HTTP, MQTT telemetry, the log.
+include "worker/jsonlines.pyx"
 include "worker/http.pyx"
+include "worker/http_queries.pyx"
 include "worker/telemetry.pyx"
 include "worker/durable_ack.pyx"

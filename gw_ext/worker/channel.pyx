@@ -390,6 +390,22 @@ cdef struct PeerTarget:
     int peer
 
 
+cdef void channels_hello(Worker w):
+    """This worker (re)started: HELLO to every peer, then every filter we have."""
+    cdef int p
+    cdef PeerTarget target
+    target.worker = <void*>w
+    for p in range(w.npeers):
+        if p != w.worker_index and w.peers[p].fd >= 0:
+            # HELLO goes first: a peer that reads it forgets what we announced
+            # before, including what sessions restored from disk queued just now;
+            # so every filter we have is announced again after it.
+            w.peers[p].outlen = 0
+            channel_frame(w, p, FR_HELLO, 0, 0, 0)
+            target.peer = p
+            topics_filters(w.index, announce_filter, &target)
+
+
 cdef void peer_restarted(Worker w, int p):
     """Worker p (re)started: what it announced before died with it; tell it
     what we subscribe to, and the retained messages it may have missed."""

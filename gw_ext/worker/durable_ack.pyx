@@ -138,6 +138,29 @@ cdef void wal_readable(Worker w):
         update_pause(w)
 
 
+cdef void wal_drain(Worker w):
+    """Draining: what was accepted becomes durable now, and its held answers
+    go out before the connections close."""
+    w.wal.flush()
+    w.wal_durable = w.wal.durable_offset
+    w.counters[WAL_DURABLE_OFFSET] = w.wal_durable
+    if w.dedup is not None:
+        w.dedup.durable_c(w.wal_durable, w.now_ms)
+    held_release(w)
+
+
+cdef bint wal_room(Worker w, int nbytes) except? False:
+    """Worker.wal_room: whether an append of nbytes would be taken now (the HTTP
+    app asks before the idempotency table records the reading, so a refusal
+    leaves no trace); a refusal is counted and logged."""
+    if w.wal is None or (w.wal.room(nbytes) and not w.wal_congested):
+        return True
+    w.counters[WAL_REFUSED] += 1
+    w.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
+                  "refusing them until it can")
+    return False
+
+
 cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=False):
     """Appends a reading; its end offset, or -1 if the log refused it (counted).
     room_checked: the caller saw Worker.wal_room() say yes for it just before."""
