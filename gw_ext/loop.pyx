@@ -63,31 +63,8 @@ cdef enum:
     TICK_MS = 100                # timing-wheel resolution
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
 
-# Why a connection was closed; indexes the CLOSED_* counters and the log limiter.
-cdef enum CloseReason:
-    CR_CLIENT = 0
-    CR_TIMEOUT = 1
-    CR_CONNECT_TIMEOUT = 2
-    CR_MALFORMED = 3
-    CR_SERVER = 4
-    CR_ERROR = 5
-    CR_TOO_LARGE = 6
-    CR_OVERFLOW = 7
-    CR_TLS = 8
-    CR_REFUSED = 9
-    CR_DISCONNECT = 10        # the client sent DISCONNECT: no will
-    CR_TAKEOVER = 11          # another CONNECT with the same client id
-    CR_CHANNEL = 12           # (log only) inter-worker channel trouble
-    CR_QUEUE = 13             # (log only) a bound dropped a message
-    CR_PYTHON = 14            # (log only) a Python callback failed
-    CR_HTTP = 15              # (log only) an HTTP request refused by the framing
-    CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
-    CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
-    CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
-    CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
-    N_CLOSE_REASONS = 20
-
-cdef uint32_t[20] CLOSE_COUNTER = [
+# The counter each CloseReason (loop.pxd) adds to.
+cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
@@ -102,19 +79,10 @@ MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8
                    "no topic filter"]
 
 
-
 cdef inline uint64_t monotonic_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
-
-
-cdef inline bint is_client_state(uint8_t state) noexcept nogil:
-    """A live connection to a client: not a listener, channel or an eventfd
-    (the log's, the query threads'), and not already closed (ST_CLOSED waits
-    to be freed)."""
-    return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
-            and state != ST_QUERY and state != ST_CLOSED)
 
 
 cdef inline uint64_t monotonic_ns() noexcept nogil:
@@ -126,119 +94,6 @@ cdef inline uint64_t monotonic_ns() noexcept nogil:
 @cython.final
 cdef class Worker:
     """One worker process's event loop. Built and configured by gw/worker.py."""
-
-    cdef int epfd
-    cdef Conn* conns
-    cdef int nconns                  # size of the table (the process's fd limit)
-    cdef Listener[MAX_LISTENERS] listeners
-    cdef object listener_contexts    # TLSContext objects kept alive per listener
-    cdef int nlisteners
-    cdef uint8_t* rbuf
-    cdef int* dirty                  # fds to flush at the end of this turn
-    cdef int ndirty
-    cdef int* closed                 # fds closed this turn (ST_CLOSED), freed by reap_closed()
-    cdef int nclosed
-    cdef int* resume_fds             # connections settled this turn with input waiting (resume_settled)
-    cdef uint32_t* resume_gens
-    cdef int nresume
-    cdef int current_fd              # the connection being handled (-1: none), for containment
-    cdef int route_depth             # route_publish nesting (worker/router.pyx)
-    cdef Wheel wheel
-    cdef uint64_t now_ms
-    cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
-    cdef uint64_t* counters          # this worker's row of the shared stats block
-    cdef uint64_t* all_counters      # every row, to enforce the server-wide limit
-    cdef int nworkers
-    cdef object counters_owner
-    cdef int reserve_fd              # spare fd released to shed a connection on EMFILE
-    cdef uint64_t auto_id
-    cdef uint64_t[N_CLOSE_REASONS] last_log_ms
-    cdef uint64_t[N_CLOSE_REASONS] suppressed
-    cdef bint draining
-    cdef uint64_t drain_deadline_ms
-    cdef bint reload_requested
-    cdef object json_protocol
-    # Broker state (worker/router.pyx, worker/sessions.pyx, worker/channel.pyx).
-    cdef TopicTrie* index
-    cdef MatchResult match
-    cdef Session* sessions
-    cdef uint32_t nsessions              # slots ever used
-    cdef uint32_t sessions_cap
-    cdef int* free_sessions
-    cdef uint32_t nfree_sessions
-    cdef dict client_sessions            # client id (bytes) -> session slot
-    cdef dict retained                   # topic (bytes) -> (qos, payload bytes)
-    cdef uint64_t retained_bytes         # their topics and payloads (max_retained_bytes)
-    cdef bint publishing_as_server       # Worker.publish: $SYS retained messages are always kept
-    cdef bint retained_changed
-    cdef public bint sessions_changed
-    cdef list restored                   # client ids loaded from disk, to register after HELLO
-    cdef set congested                   # session slots past the high watermark
-    cdef uint64_t peers_congested        # bit p: worker p asked us to hold publishers
-    cdef bint publishers_paused
-    cdef Peer[64] peers
-    cdef int npeers
-    cdef uint64_t peers_dirty
-    cdef uint8_t* chan_buf               # receives datagrams from peers (worker/channel.pyx)
-    cdef size_t chan_buf_size
-    cdef dict registry                   # at the id's home: client id -> owning worker
-    cdef dict pending                    # token -> PendingConnect, waiting to settle
-    cdef uint32_t settle_token
-    cdef uint32_t conn_gen
-    cdef dict pending_subacks            # token -> PendingSuback (worker/handle_subscribe.pyx)
-    cdef uint32_t suback_token
-    # HTTP (worker/http.pyx) and telemetry (worker/telemetry.pyx).
-    cdef HttpState* http                 # per fd; allocated with the first HTTP listener
-    cdef char[40] http_date
-    cdef time_t http_date_s
-    cdef public object http_app          # gw.http_api.HttpApp: requests, telemetry schema
-    cdef public uint32_t http_max_body
-    cdef public uint32_t http_timeout_ms
-    cdef public uint32_t http_keepalive_ms
-    cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
-    cdef public uint32_t http_linger_ms      # ... and for how long
-    cdef object query_pool               # gw.query_pool.QueryPool: store queries off the loop (worker/http.pyx)
-    cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
-    # The write-ahead log and the answers waiting for it (worker/durable_ack.pyx).
-    cdef Wal wal
-    cdef uint64_t wal_durable
-    cdef bint wal_congested              # over half of wal_max_pending waits: publishers held
-    cdef HeldAck* held                   # ring, in append order
-    cdef uint32_t held_head
-    cdef uint32_t held_len
-    cdef uint32_t held_cap
-    cdef uint64_t held_last_needed
-    cdef uint32_t* held_per_fd           # answers waiting, per connection
-    cdef dict held_http                  # id -> response bytes
-    cdef uint32_t held_http_next
-    cdef DedupTable dedup                # the idempotency table: its pending records commit when durable
-
-    # Limits, settable (and reloadable) from Python.
-    cdef public int worker_index
-    cdef public uint64_t max_connections
-    cdef public uint32_t max_packet_size
-    cdef public uint32_t connect_timeout_ms
-    cdef public uint32_t json_timeout_ms
-    cdef public uint32_t max_outbound
-    cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
-    cdef public uint32_t max_inflight
-    cdef public uint32_t max_queued
-    cdef public uint32_t queue_high      # worker/backpressure.pyx watermarks
-    cdef public uint32_t queue_low
-    cdef public uint32_t max_retained
-    cdef public uint64_t max_retained_bytes
-    cdef public uint64_t max_queued_bytes
-    cdef public uint32_t max_awaiting_rel
-    cdef public uint32_t max_subscriptions
-    cdef public uint32_t max_topic_levels
-    cdef public uint32_t max_topic_length
-    cdef public object on_reload     # called (no arguments) after SIGHUP
-    cdef public object on_tick       # called (no arguments) every tick_ms, when set
-    cdef public uint32_t tick_ms
-    cdef uint64_t next_tick_ms
-    cdef public bint stopped
-    cdef bint begun                  # begin() ran: HELLO sent to the peers
-    cdef bint drain_started
 
     def __cinit__(self):
         self.epfd = -1
@@ -289,7 +144,7 @@ cdef class Worker:
         self.index = topics_new()
         topics_result_init(&self.match)
         self.npeers = nworkers
-        for i in range(64):
+        for i in range(MAX_PEERS):
             self.peers[i].fd = -1
         self.listener_contexts = [None] * MAX_LISTENERS
         self.nconns = max_fds
@@ -327,7 +182,7 @@ cdef class Worker:
                 session_free(self, slot, False)
         free(self.sessions)
         free(self.free_sessions)
-        for fd in range(64):
+        for fd in range(MAX_PEERS):
             free(self.peers[fd].out)
             free(self.peers[fd].asm)
         if self.index != NULL:
@@ -384,7 +239,7 @@ cdef class Worker:
     def add_peer(self, int peer, int fd):
         """Registers the channel (a non-blocking SOCK_SEQPACKET socket) to worker `peer`."""
         cdef epoll_event ev
-        if not 0 <= peer < 64 or peer == self.worker_index or fd >= self.nconns:
+        if not 0 <= peer < MAX_PEERS or peer == self.worker_index or fd >= self.nconns:
             raise ValueError("bad peer %d / fd %d" % (peer, fd))
         self.peers[peer].fd = fd
         self.peers[peer].dgram = channel_datagram_size(fd)

@@ -19,14 +19,7 @@ cdef enum:
     # What one read already holds may pass it (bounded by the read buffer).
     HELD_MAX_PER_CONN = 4096
 
-
-cdef struct HeldAck:
-    uint64_t needed           # durable offset this answer waits for
-    int fd
-    uint32_t gen
-    uint32_t http_id          # HELD_HTTP: key in Worker.held_http
-    uint16_t packet_id
-    uint8_t kind
+# A held answer is a HeldAck (loop.pxd), in the ring Worker.held.
 
 
 cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t needed, bytes http):

@@ -19,12 +19,7 @@ cdef enum:
 
 @cython.final
 cdef class PendingSuback:
-    cdef int fd
-    cdef uint32_t gen
-    cdef bytes suback                 # the encoded SUBACK
-    cdef list retained                # [(filter, granted QoS)] to deliver retained messages for
-    cdef uint64_t waiting             # peers that have not answered
-    cdef uint64_t deadline_ms
+    """A SUBACK held until every peer confirmed (fields: loop.pxd)."""
 
 cdef inline uint32_t subscriber_count(Worker w, int slot) noexcept:
     """Subscriptions a session holds in this worker's index."""

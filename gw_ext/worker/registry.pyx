@@ -21,16 +21,7 @@ from zlib import crc32
 
 
 cdef class PendingConnect:
-    """A CONNECT waiting for its session to be settled."""
-    cdef int fd
-    cdef uint32_t gen
-    cdef bytes client_id
-    cdef uint8_t clean
-    cdef uint16_t keepalive
-    cdef bytes will_topic
-    cdef bytes will_message
-    cdef uint8_t will_flag, will_qos, will_retain
-    cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
+    """A CONNECT waiting for its session to be settled (fields: loop.pxd)."""
 
 
 cdef inline int home_of(Worker w, bytes client_id):
