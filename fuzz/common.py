@@ -55,10 +55,10 @@ TOPICS = (b"a", b"a/b", b"t/x", b"$SYS/x", b"telemetry/dev1", b"a/b/c", b"teleme
 FILTERS = (b"#", b"+", b"a/#", b"a/+", b"t/x", b"telemetry/+", b"a/#/b", b"+/b", b"$SYS/#", b"a+")
 READING = b'{"seq":%d,"metrics":{"temp_c":%d.5},"tags":{"site":"AAL"}}'
 
-# Channel frame types (gw_ext/channels.pxi, registry.pxi, handle_subscribe.pxi).
-FR_PUBLISH, FR_SUB_ADD, FR_SUB_DEL, FR_HELLO, FR_RETAIN = 1, 2, 3, 4, 5
-FR_CLAIM, FR_GRANT, FR_EVICT, FR_SESSION, FR_RELEASE, FR_REGISTER = 6, 7, 8, 9, 10, 11
-FR_PAUSE, FR_RESUME, FR_SUB_SYNC, FR_SUB_SYNCED = 12, 13, 14, 15
+# Channel frame types (gw_ext/frames.pxd), re-exported for the targets.
+from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,  # noqa: E402,F401
+                           FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL,
+                           FR_SUB_SYNC, FR_SUB_SYNCED)
 
 
 # --- MQTT packets, built by hand (not with the codec under test) ------------------------

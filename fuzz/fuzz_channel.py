@@ -1,8 +1,7 @@
 """Fuzz target `channel`: frames between workers. A worker of three (slots 1
 and 2 played by the harness over real SOCK_SEQPACKET socketpairs registered
 with Worker.add_peer) gets datagrams of frames as a peer worker would send
-them (gw_ext/channels.pxi, registry.pxi, handle_subscribe.pxi,
-backpressure.pxi): forwarded PUBLISHes, interest, retained updates, HELLO,
+them (gw_ext/frames.pxd): forwarded PUBLISHes, interest, retained updates, HELLO,
 claims, grants, evictions, moved sessions, pauses, subscription syncs, and
 frames whose lengths lie; meanwhile MQTT clients (the `mqtt` target's ops)
 connect, subscribe and publish, so that what the frames name exists. At the
@@ -18,7 +17,9 @@ import struct
 import sys
 
 import common  # noqa: F401  (the import path of the instrumented build first)
-from common import (CLIENT_IDS, CONNACK_NEW, FILTERS, TOPICS, Harness, WorkerUnderTest, connect_packet, frame)
+from common import (CLIENT_IDS, CONNACK_NEW, FILTERS, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,
+                    FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC,
+                    FR_SUB_SYNCED, TOPICS, Harness, WorkerUnderTest, connect_packet, frame)
 from fuzz_mqtt import MqttScenario
 
 # Frame types, with 0 standing for "any byte" (types the worker does not know).
@@ -26,7 +27,7 @@ FRAME_KINDS = 16
 
 
 def session_state(inp) -> bytes:
-    """A moved session (registry.pxi's layout), its counts and lengths from the
+    """A moved session (gw_ext/worker/session_state.pyx's layout), its counts and lengths from the
     input: consistent, or lying about what follows."""
     nsubs = inp.byte() % 3
     out = bytearray(struct.pack("<H", nsubs if inp.byte() % 4 else inp.u16()))
@@ -49,29 +50,31 @@ def session_state(inp) -> bytes:
 def peer_frame(inp) -> bytes:
     kind = inp.byte() % FRAME_KINDS
     cid = inp.pick(CLIENT_IDS + (b"fresh", b""))
-    if kind == 1:
+    if kind == FR_PUBLISH:
         topic = inp.pick(TOPICS)
         payload = b"f" * inp.byte()
-        return frame(1, struct.pack("<Q", inp.u16()) + topic + payload, flags=inp.byte() & 7, topic_len=len(topic))
-    if kind in (2, 3):
+        return frame(FR_PUBLISH, struct.pack("<Q", inp.u16()) + topic + payload, flags=inp.byte() & 7,
+                     topic_len=len(topic))
+    if kind in (FR_SUB_ADD, FR_SUB_DEL):
         return frame(kind, inp.pick(FILTERS))
-    if kind == 5:
+    if kind == FR_RETAIN:
         topic = inp.pick(TOPICS)
         payload = b"r" * (inp.byte() % 4)
-        return frame(5, topic + payload, flags=inp.byte() & 3, topic_len=len(topic))
-    if kind == 6:
-        return frame(6, struct.pack("<IB", inp.byte(), inp.byte() & 1) + cid)
-    if kind == 7:
-        return frame(7, struct.pack("<Ib", inp.byte() % 8, (inp.byte() % 5) - 1) + cid)
-    if kind == 8:
-        return frame(8, struct.pack("<BIB", inp.byte(), inp.byte() % 8, inp.byte() & 1) + cid)
-    if kind == 9:
-        return frame(9, struct.pack("<IBH", inp.byte() % 8, inp.byte() & 1, len(cid)) + cid + session_state(inp))
-    if kind in (10, 11):
+        return frame(FR_RETAIN, topic + payload, flags=inp.byte() & 3, topic_len=len(topic))
+    if kind == FR_CLAIM:
+        return frame(FR_CLAIM, struct.pack("<IB", inp.byte(), inp.byte() & 1) + cid)
+    if kind == FR_GRANT:
+        return frame(FR_GRANT, struct.pack("<Ib", inp.byte() % 8, (inp.byte() % 5) - 1) + cid)
+    if kind == FR_EVICT:
+        return frame(FR_EVICT, struct.pack("<BIB", inp.byte(), inp.byte() % 8, inp.byte() & 1) + cid)
+    if kind == FR_SESSION:
+        return frame(FR_SESSION, struct.pack("<IBH", inp.byte() % 8, inp.byte() & 1, len(cid)) + cid
+                     + session_state(inp))
+    if kind in (FR_RELEASE, FR_REGISTER):
         return frame(kind, bytes([inp.byte()]) + cid)
-    if kind in (14, 15):
+    if kind in (FR_SUB_SYNC, FR_SUB_SYNCED):
         return frame(kind, struct.pack("<I", inp.byte() % 8))
-    if kind in (4, 12, 13):
+    if kind in (FR_HELLO, FR_PAUSE, FR_RESUME):
         return frame(kind, b"")
     # Any type, flags and lengths: the header may claim more (or less) than follows.
     ftype, flags, tlen = inp.byte(), inp.byte(), inp.u16()

@@ -1,4 +1,4 @@
-"""Fuzz target `http`: a worker's HTTP listener (gw_ext/http.pxi's framing in
+"""Fuzz target `http`: a worker's HTTP listener (gw_ext/worker/http.pyx's framing in
 front of gw/http_api.py's HttpApp), driven one loop turn at a time.
 
 Clients write streams of requests (ingest with Content-Length or chunked

@@ -1,5 +1,5 @@
 """Fuzz target `jsonlines`: a worker's JSON-lines listener (seed 000's protocol,
-gw/jsonproto.py behind the newline framing of gw_ext/jsonlines.pxi), driven
+gw/jsonproto.py behind the newline framing of gw_ext/worker/jsonlines.pyx), driven
 one loop turn at a time.
 
 Clients write streams of lines (valid Connect, Data, Heartbeat, Disconnect

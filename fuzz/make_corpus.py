@@ -15,8 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (DISCONNECT, PINGREQ, READING, ack_packet, connect_packet, frame,  # noqa: E402
-                    publish_packet, subscribe_packet, unsubscribe_packet)
+from common import (DISCONNECT, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,  # noqa: E402
+                    FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC,
+                    FR_SUB_SYNCED, PINGREQ, READING, ack_packet, connect_packet, frame, publish_packet,
+                    subscribe_packet, unsubscribe_packet)
 
 CORPUS = Path(__file__).resolve().parent / "corpus"
 OPEN, RAW, TEMPLATE, SEND, TURN, CLOSE, RESET, SHUT, READ, FLIP, FRAME, DGRAM, RAWDGRAM = range(13)
@@ -229,20 +231,20 @@ def http_seeds():
 
 def channel_seeds():
     # Three workers: c0 homes here (0), c5 at the peer 1, c4 and c1 at peer 2.
-    hello = frame(4, b"")
+    hello = frame(FR_HELLO, b"")
     p = Program(0).open()
-    p.frame(1, hello).frame(2, hello + frame(2, b"a/#")).turn()
+    p.frame(1, hello).frame(2, hello + frame(FR_SUB_ADD, b"a/#")).turn()
     p.raw(0, connect_packet(b"c0")).raw(0, subscribe_packet(1, [(b"a/#", 1), (b"t/x", 0)])).read(0)
-    p.frame(1, frame(1, struct.pack("<Q", 0) + b"a/b" + b"fwd", flags=1, topic_len=3)).turn().read(0)
-    p.frame(2, frame(5, b"t/x" + b"kept", flags=0, topic_len=3) + frame(3, b"a/#")).turn()
-    p.frame(1, frame(12, b"")).turn().frame(1, frame(13, b"")).turn().read(0)
+    p.frame(1, frame(FR_PUBLISH, struct.pack("<Q", 0) + b"a/b" + b"fwd", flags=1, topic_len=3)).turn().read(0)
+    p.frame(2, frame(FR_RETAIN, b"t/x" + b"kept", flags=0, topic_len=3) + frame(FR_SUB_DEL, b"a/#")).turn()
+    p.frame(1, frame(FR_PAUSE, b"")).turn().frame(1, frame(FR_RESUME, b"")).turn().read(0)
     yield "forward-retain-pause", p.bytes()
 
     # Another worker takes a client of ours over: EVICT, then the session goes there.
     p = Program(4).open()
     p.raw(0, connect_packet(b"c0", clean=False)).raw(0, subscribe_packet(1, [(b"x", 1)])).read(0)
-    p.frame(1, frame(6, struct.pack("<IB", 1, 0) + b"c0")).turn()
-    p.frame(2, frame(8, struct.pack("<BIB", 2, 9, 0) + b"c0")).turn(2)
+    p.frame(1, frame(FR_CLAIM, struct.pack("<IB", 1, 0) + b"c0")).turn()
+    p.frame(2, frame(FR_EVICT, struct.pack("<BIB", 2, 9, 0) + b"c0")).turn(2)
     yield "evict-persistent-session", p.bytes()
 
     # A CONNECT of ours whose previous owner is elsewhere: GRANT naming it, then SESSION.
@@ -250,13 +252,13 @@ def channel_seeds():
              + struct.pack("<HBBHI", 4, 1, 0, 3, 2) + b"t/x" + b"hi" + struct.pack("<H", 1) + struct.pack("<H", 9))
     p = Program(4).open()
     p.raw(0, connect_packet(b"c5", clean=False))
-    p.frame(1, frame(7, struct.pack("<Ib", 1, 2) + b"c5")).turn()
-    p.frame(2, frame(9, struct.pack("<IBH", 1, 1, 2) + b"c5" + state)).turn(2).read(0)
+    p.frame(1, frame(FR_GRANT, struct.pack("<Ib", 1, 2) + b"c5")).turn()
+    p.frame(2, frame(FR_SESSION, struct.pack("<IBH", 1, 1, 2) + b"c5" + state)).turn(2).read(0)
     yield "grant-and-session-moved", p.bytes()
 
     p = Program(0).open()
-    p.frame(1, frame(11, b"\x02c0") + frame(10, b"\x02c0") + frame(14, struct.pack("<I", 7))
-            + frame(15, struct.pack("<I", 1))).turn()
+    p.frame(1, frame(FR_REGISTER, b"\x02c0") + frame(FR_RELEASE, b"\x02c0") + frame(FR_SUB_SYNC, struct.pack("<I", 7))
+            + frame(FR_SUB_SYNCED, struct.pack("<I", 1))).turn()
     p.raw(0, connect_packet(b"c0")).read(0)
     yield "registry-and-sync", p.bytes()
 

@@ -1,6 +1,6 @@
 """The HTTP API of seed 001: routing and answers, behind the Cython framing.
 
-The worker's framing (gw_ext/http.pxi) parses HTTP/1.1, enforces the body
+The worker's framing (gw_ext/worker/http.pyx) parses HTTP/1.1, enforces the body
 limit and timeouts, writes the status line and the Date, Content-Length and
 Connection headers, and calls `HttpApp.handle(method, target, content_type,
 body)` once per complete request; a HEAD gets the GET answer without its body.

@@ -16,7 +16,6 @@ import os
 import select
 import signal
 import socket
-import struct
 import sys
 import time
 from pathlib import Path
@@ -47,11 +46,12 @@ PIPELINE_FATAL = 3      # the pipeline's exit code for "cannot run here" (not re
 
 def alert_publisher(links: list[socket.socket]):
     """publish(topic, payload, qos=0, retain=False) for the pipeline process: one
-    FR_PUBLISH frame (gw_ext/channels.pxi) to every worker, each delivering it to
+    FR_PUBLISH frame (gw_ext/frames.pxd) to every worker, each delivering it to
     its own subscribers. A worker that is not reading (being respawned) misses it."""
+    from gw_ext.frames import publish_frame
+
     def publish(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> int:
-        frame = (struct.pack("<BBHIQ", 1, qos | (int(retain) << 2), len(topic), 8 + len(topic) + len(payload),
-                             time.monotonic_ns()) + topic + payload)
+        frame = publish_frame(topic, payload, qos, retain, time.monotonic_ns())
         sent = 0
         for sock in links:
             try:
@@ -177,7 +177,7 @@ class Master:
                 for sock in pair:
                     sock.setblocking(False)
                     # Room for bursts (channel_buffer; the kernel caps it). Frames larger
-                    # than a datagram go in pieces (gw_ext/channels.pxi).
+                    # than a datagram go in pieces (gw_ext/worker/channel.pyx).
                     if cfg.channel_buffer:
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, cfg.channel_buffer)
                         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, cfg.channel_buffer)

@@ -4,7 +4,7 @@ they survive a restart of `gw serve` (and a worker's crash).
 - `retained.msgpack`: the retained store, written by worker 0 (every worker
   holds the whole store).
 - `sessions-N.msgpack`: worker N's persistent sessions, each as the state the
-  workers already exchange to move a session (see gw_ext/registry.pxi), in a
+  workers already exchange to move a session (see gw_ext/worker/session_state.pyx), in a
   map `{"format": 2, "sessions": [[client id, state], ...]}`. A file of the
   previous version (a bare list, states with 16-bit counts) is read and
   converted.
@@ -40,7 +40,7 @@ ERROR_LOG_INTERVAL = 10.0           # seconds between two messages about failed 
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
-SESSIONS_FORMAT = 2     # the state layout of gw_ext/registry.pxi (SESSION_STATE_VERSION)
+SESSIONS_FORMAT = 2     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
 
 
 def upgrade_session_state_v1(state: bytes) -> bytes:

@@ -6,7 +6,7 @@ the worker's event loop it would hold every other connection of that worker
 this pool and the loop goes on; a thread runs the SQLite query and builds the
 response bytes (sqlite3 releases the GIL while SQLite works), puts the answer
 on a queue and writes to an eventfd in the loop's epoll set; the loop drains
-the queue and writes each answer on its connection (gw_ext/http.pxi).
+the queue and writes each answer on its connection (gw_ext/worker/http_queries.pyx).
 
 - Threads start with the first query, so a worker that serves none has none;
   they are daemon threads and end with the worker.

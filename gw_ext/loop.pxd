@@ -1,8 +1,28 @@
-# The worker's epoll loop and its per-connection state.
+# The worker, declared: its types, every field and cdef method of the Worker
+# class, and every module-level cdef function, each group under a heading
+# naming the file that implements it. The worker is one extension module,
+# gw_ext.loop: loop.pyx holds the loop itself and includes one file per concern
+# from gw_ext/worker/ (a handler per MQTT packet, keepalive, the router, the
+# retained store, sessions, the registry, the channel, HTTP, the log...), so
+# every call between them is a direct C call the compiler may inline. Those
+# files are not modules, so they have no .pxd of their own: their
+# declarations are here, one map of the whole worker (ARCHITECTURE.md, "Files
+# and their concerns", says why).
+#
+# Functions marked inline in their file are declared here without the word
+# (Cython keeps them inline); concern-private constants stay in their file.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+cimport cython
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.time cimport time_t
+from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
+from gw_ext.topics cimport MatchResult, TopicTrie
+from gw_ext.wal cimport Wal
 from gw_ext.wheel cimport TimerNode, Wheel
+
+
+# --- the connection table (loop.pyx) -------------------------------------------------
 
 cdef enum ConnState:
     ST_FREE = 0
@@ -11,16 +31,16 @@ cdef enum ConnState:
     ST_AWAIT_CONNECT = 3      # socket (and TLS) up, no CONNECT yet
     ST_CONNECTED = 4          # CONNECT accepted
     ST_CLOSING = 5            # flushing its last bytes, input ignored
-    ST_CHANNEL = 6            # a socket to another worker (see channels.pxi)
-    ST_SETTLING = 7           # CONNECT read; its session is being settled (registry.pxi)
-    ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (durable.pxi)
+    ST_CHANNEL = 6            # a socket to another worker (see worker/channel.pyx)
+    ST_SETTLING = 7           # CONNECT read; its session is being settled (worker/registry.pyx)
+    ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (worker/durable_ack.pyx)
     ST_CLOSED = 9             # closed by close_conn(): ignored until the end of the turn frees it
-    ST_QUERY = 10             # the query threads' eventfd: store queries answered (http.pxi)
+    ST_QUERY = 10             # the query threads' eventfd: store queries answered (worker/http.pyx)
 
 cdef enum Proto:
     PROTO_MQTT = 1
     PROTO_JSON = 2            # seed 000's newline-delimited JSON
-    PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (http.pxi)
+    PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (worker/http.pyx)
 
 cdef enum ConnFlag:
     F_TLS = 1
@@ -28,11 +48,44 @@ cdef enum ConnFlag:
     F_POLLOUT = 4             # EPOLLOUT registered (a write would block)
     F_SSL_WRITE_WANTS_READ = 8
     F_PUBLISHER = 16          # has sent QoS 1/2 PUBLISH: paused under backpressure
-    F_PAUSED = 32             # not read, for backpressure (backpressure.pxi)
-    F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (durable.pxi)
+    F_PAUSED = 32             # not read, for backpressure (worker/backpressure.pyx)
+    F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (worker/durable_ack.pyx)
 
 cdef enum:
     MAX_LISTENERS = 16
+    MAX_PEERS = 64            # workers, and a peer bit in a uint64_t mask each
+
+# Why a connection was closed; indexes the CLOSED_* counters (CLOSE_COUNTER,
+# loop.pyx) and the log limiter (Worker.log_limited).
+cdef enum CloseReason:
+    CR_CLIENT = 0
+    CR_TIMEOUT = 1
+    CR_CONNECT_TIMEOUT = 2
+    CR_MALFORMED = 3
+    CR_SERVER = 4
+    CR_ERROR = 5
+    CR_TOO_LARGE = 6
+    CR_OVERFLOW = 7
+    CR_TLS = 8
+    CR_REFUSED = 9
+    CR_DISCONNECT = 10        # the client sent DISCONNECT: no will
+    CR_TAKEOVER = 11          # another CONNECT with the same client id
+    CR_CHANNEL = 12           # (log only) inter-worker channel trouble
+    CR_QUEUE = 13             # (log only) a bound dropped a message
+    CR_PYTHON = 14            # (log only) a Python callback failed
+    CR_HTTP = 15              # (log only) an HTTP request refused by the framing
+    CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
+    CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
+    CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
+    CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
+    N_CLOSE_REASONS = 20
+
+cdef inline bint is_client_state(uint8_t state) noexcept nogil:
+    """A live connection to a client: not a listener, channel or an eventfd
+    (the log's, the query threads'), and not already closed (ST_CLOSED waits
+    to be freed)."""
+    return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
+            and state != ST_QUERY and state != ST_CLOSED)
 
 # One per file descriptor, in a table indexed by fd: the whole state of an
 # idle connection is this struct (about 120 bytes), plus its client id and,
@@ -65,7 +118,7 @@ cdef struct Conn:
     uint32_t outlen
     uint32_t outcap
 
-# HTTP connections' framing state (http.pxi), in a table indexed by fd beside
+# HTTP connections' framing state (worker/http.pyx), in a table indexed by fd beside
 # the Conn table, so MQTT connections pay nothing for it.
 cdef struct HttpState:
     uint32_t scan             # where to resume looking for the end of the head
@@ -73,15 +126,18 @@ cdef struct HttpState:
     uint32_t chunk_total      # chunked body: data bytes so far
     uint32_t trailer_scan     # chunked body: where to resume looking for the end of the trailer section
     uint32_t linger_left      # lingering close: bytes still read and discarded before a reset
-    uint16_t flags            # HF_* (http.pxi)
+    uint16_t flags            # HF_* (worker/http.pyx)
     uint8_t query_minor       # a request in the query threads: its HTTP minor version
 
 cdef struct Listener:
     int fd
     uint8_t proto
-    uint8_t ack_sink          # readings acknowledged once durable (durable.pxi)
+    uint8_t ack_sink          # readings acknowledged once durable (worker/durable_ack.pyx)
     SSL_CTX* ctx              # NULL for plain listeners
 
+
+
+# --- messages and sessions (worker/router.pyx, worker/sessions.pyx) ------------------
 
 # A message kept for QoS 1/2 delivery: one allocation per message per worker,
 # shared (refcounted) by every session it is in flight or queued for.
@@ -137,9 +193,12 @@ cdef struct Session:
     uint32_t qos2_cap
     uint64_t away_since_ms
     uint64_t last_ack_ms      # last PUBACK/PUBREC/PUBCOMP from its client
-    uint8_t congested         # its queue is past the high watermark (backpressure.pxi)
+    uint8_t congested         # its queue is past the high watermark (worker/backpressure.pyx)
     uint8_t stalled           # stopped acknowledging: holds nobody back until it acks again
     uint8_t dirty             # its saved state (persistence) is out of date, or the slot was freed
+
+
+# --- the links between workers (worker/channel.pyx) ----------------------------------
 
 # The link to one other worker: a SOCK_SEQPACKET socket made by the master
 # before forking. Frames for it are batched in `out` and sent once per loop
@@ -156,3 +215,423 @@ cdef struct Peer:
     uint8_t* asm              # a frame from this peer arriving in pieces (NULL: none)
     uint32_t asm_len
     uint32_t asm_total
+
+
+# --- answers held until the log is durable (worker/durable_ack.pyx) ------------------
+
+cdef struct HeldAck:
+    uint64_t needed           # durable offset this answer waits for
+    int fd
+    uint32_t gen
+    uint32_t http_id          # HELD_HTTP: key in Worker.held_http
+    uint16_t packet_id
+    uint8_t kind              # PUBACK, PUBREC, or HELD_HTTP (a whole HTTP response)
+
+
+# --- a CONNECT whose session is being settled across workers (worker/registry.pyx) ---
+
+cdef class PendingConnect:
+    cdef int fd
+    cdef uint32_t gen
+    cdef bytes client_id
+    cdef uint8_t clean
+    cdef uint16_t keepalive
+    cdef bytes will_topic
+    cdef bytes will_message
+    cdef uint8_t will_flag, will_qos, will_retain
+    cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
+
+
+# --- a SUBACK waiting for the other workers (worker/handle_subscribe.pyx) ------------
+
+@cython.final
+cdef class PendingSuback:
+    cdef int fd
+    cdef uint32_t gen
+    cdef bytes suback                 # the encoded SUBACK
+    cdef list retained                # [(filter, granted QoS)] to deliver retained messages for
+    cdef uint64_t waiting             # peers that have not answered
+    cdef uint64_t deadline_ms
+
+
+# === the Worker ======================================================================
+# Its Python API (set-up, limits, persistence, drain) is defined in loop.pyx;
+# `public` fields are the limits gw/worker.py sets and reloads.
+
+@cython.final
+cdef class Worker:
+    # --- the loop (loop.pyx): epoll, the connection table, the turn --------------------
+    cdef int epfd
+    cdef Conn* conns
+    cdef int nconns                  # size of the table (the process's fd limit)
+    cdef Listener[MAX_LISTENERS] listeners
+    cdef object listener_contexts    # TLSContext objects kept alive per listener
+    cdef int nlisteners
+    cdef uint8_t* rbuf               # the read buffer, shared by all connections
+    cdef int* dirty                  # fds to flush at the end of this turn
+    cdef int ndirty
+    cdef int* closed                 # fds closed this turn (ST_CLOSED), freed by reap_closed()
+    cdef int nclosed
+    cdef int* resume_fds             # connections settled this turn with input waiting (resume_settled)
+    cdef uint32_t* resume_gens
+    cdef int nresume
+    cdef int current_fd              # the connection being handled (-1: none), for containment
+    cdef uint64_t now_ms
+    cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
+    cdef uint64_t* counters          # this worker's row of the shared stats block
+    cdef uint64_t* all_counters      # every row, to enforce the server-wide limit
+    cdef int nworkers
+    cdef object counters_owner
+    cdef int reserve_fd              # spare fd released to shed a connection on EMFILE
+    cdef uint32_t conn_gen           # which connection an fd holds (Conn.gen; fds are reused)
+    cdef uint64_t[N_CLOSE_REASONS] last_log_ms
+    cdef uint64_t[N_CLOSE_REASONS] suppressed
+    cdef bint draining
+    cdef uint64_t drain_deadline_ms
+    cdef bint drain_started
+    cdef bint reload_requested
+    cdef bint begun                  # begin() ran: HELLO sent to the peers
+    cdef public bint stopped
+    cdef public object on_reload     # called (no arguments) after SIGHUP
+    cdef public object on_tick       # called (no arguments) every tick_ms, when set
+    cdef public uint32_t tick_ms
+    cdef uint64_t next_tick_ms
+    cdef public int worker_index
+    cdef public uint64_t max_connections
+    cdef public uint32_t max_packet_size
+    cdef public uint32_t max_outbound
+    cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
+
+    # set-up and the turn
+    cdef void begin(self)
+    cdef bint turn(self, int timeout_ms)
+    cdef void on_event(self, int fd, uint32_t ev)
+    cdef void run_timers(self)
+    cdef void flush_all(self)
+    cdef void resume_settled(self)
+    cdef void resume_later(self, Conn* c)
+    cdef void call_python(self, object fn)
+    cdef void start_drain(self)
+    cdef void close_all(self, int reason)
+    # accepting
+    cdef uint64_t total_connections(self) noexcept
+    cdef void accept_from(self, int index)
+    # reading and framing (MQTT here; JSON lines and HTTP in their files)
+    cdef Py_ssize_t sock_read(self, Conn* c, uint8_t* buf, size_t cap) noexcept
+    cdef void on_readable(self, Conn* c)
+    cdef int resume_input(self, Conn* c)
+    cdef Py_ssize_t process(self, Conn* c, uint8_t* buf, Py_ssize_t n)
+    cdef Py_ssize_t process_mqtt(self, Conn* c, uint8_t* buf, Py_ssize_t n)
+    cdef void malformed(self, Conn* c, int reason)
+    cdef int tls_handshake(self, Conn* c)
+    # writing
+    cdef uint8_t* reserve(self, Conn* c, uint32_t n)
+    cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid)
+    cdef int send_empty(self, Conn* c, uint8_t ptype)
+    cdef void flush_dirty(self)
+    cdef int flush(self, Conn* c)
+    cdef void on_writable(self, Conn* c)
+    cdef void set_pollout(self, Conn* c, bint on)
+    cdef void update_events(self, Conn* c)
+    # closing (ARCHITECTURE.md, "Closing a connection, and when memory is freed")
+    cdef void close_after_flush(self, Conn* c, int reason=*, int detail=*)
+    cdef void close_conn(self, Conn* c, int reason, int detail=*)
+    cdef void close_taken_over(self, Conn* old)
+    cdef void reap_closed(self)
+    cdef void finish_close(self, Conn* c)
+    cdef void release(self, Conn* c)
+    cdef void contained(self, int fd, str where)
+    cdef void log_limited(self, int reason, str message)
+
+    # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
+    cdef Wheel wheel                 # every connection's deadline
+    cdef public uint32_t connect_timeout_ms
+    cdef public uint32_t json_timeout_ms
+
+    # --- MQTT packets (worker/handle_*.pyx) ---------------------------------------------
+    cdef uint64_t auto_id            # server-assigned client ids (handle_connect.pyx)
+    cdef public uint32_t max_awaiting_rel    # QoS 2 awaiting PUBREL (handle_publish.pyx)
+    cdef public uint32_t max_subscriptions   # (handle_subscribe.pyx)
+    cdef public uint32_t max_topic_levels
+    cdef public uint32_t max_topic_length
+    cdef dict pending_subacks        # token -> PendingSuback (handle_subscribe.pyx)
+    cdef uint32_t suback_token
+
+    # --- the router (worker/router.pyx) -------------------------------------------------
+    cdef TopicTrie* index            # the subscription index, a subscriber id per session slot
+    cdef MatchResult match
+    cdef int route_depth             # route_publish nesting
+
+    # --- retained messages (worker/retained.pyx) ----------------------------------------
+    cdef dict retained               # topic (bytes) -> (qos, payload bytes)
+    cdef uint64_t retained_bytes     # their topics and payloads (max_retained_bytes)
+    cdef bint publishing_as_server   # Worker.publish: $SYS retained messages are always kept
+    cdef bint retained_changed
+    cdef public uint32_t max_retained
+    cdef public uint64_t max_retained_bytes
+
+    # --- sessions (worker/sessions.pyx, session_state.pyx) ------------------------------
+    cdef Session* sessions
+    cdef uint32_t nsessions          # slots ever used
+    cdef uint32_t sessions_cap
+    cdef int* free_sessions
+    cdef uint32_t nfree_sessions
+    cdef dict client_sessions        # client id (bytes) -> session slot
+    cdef public bint sessions_changed
+    cdef list restored               # client ids loaded from disk, to register after HELLO
+    cdef public uint32_t max_inflight
+    cdef public uint32_t max_queued
+    cdef public uint64_t max_queued_bytes
+
+    # --- the client-id registry (worker/registry.pyx) -----------------------------------
+    cdef dict registry               # at the id's home: client id -> owning worker
+    cdef dict pending                # token -> PendingConnect, waiting to settle
+    cdef uint32_t settle_token
+
+    # --- the links between workers (worker/channel.pyx) ---------------------------------
+    cdef Peer[MAX_PEERS] peers
+    cdef int npeers
+    cdef uint64_t peers_dirty        # bit p: peer p has frames to send this turn
+    cdef uint8_t* chan_buf           # receives datagrams from peers
+    cdef size_t chan_buf_size
+
+    # --- backpressure (worker/backpressure.pyx) -----------------------------------------
+    cdef set congested               # session slots past the high watermark
+    cdef uint64_t peers_congested    # bit p: worker p asked us to hold publishers
+    cdef bint publishers_paused
+    cdef public uint32_t queue_high  # watermarks
+    cdef public uint32_t queue_low
+
+    # --- HTTP (worker/http.pyx, http_queries.pyx) ---------------------------------------
+    cdef HttpState* http             # per fd; allocated with the first HTTP listener
+    cdef char[40] http_date
+    cdef time_t http_date_s
+    cdef public object http_app      # gw.http_api.HttpApp: requests, telemetry schema
+    cdef public uint32_t http_max_body
+    cdef public uint32_t http_timeout_ms
+    cdef public uint32_t http_keepalive_ms
+    cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
+    cdef public uint32_t http_linger_ms      # ... and for how long
+    cdef object query_pool           # gw.query_pool.QueryPool: store queries off the loop
+
+    # --- JSON lines (worker/jsonlines.pyx) and MQTT telemetry (worker/telemetry.pyx) ---
+    cdef object json_protocol        # gw.jsonproto.JsonProtocol
+    cdef bytes telemetry_prefix      # b"telemetry/": MQTT publishes there are validated
+
+    # --- the write-ahead log, answers held for it (worker/durable_ack.pyx) -------------
+    cdef Wal wal
+    cdef uint64_t wal_durable
+    cdef bint wal_congested          # over half of wal_max_pending waits: publishers held
+    cdef HeldAck* held               # ring, in append order
+    cdef uint32_t held_head
+    cdef uint32_t held_len
+    cdef uint32_t held_cap
+    cdef uint64_t held_last_needed
+    cdef uint32_t* held_per_fd       # answers waiting, per connection
+    cdef dict held_http              # id -> response bytes
+    cdef uint32_t held_http_next
+    cdef DedupTable dedup            # the idempotency table: its pending records commit when durable
+
+
+# === module-level functions, by file ==================================================
+
+# --- loop.pyx ------------------------------------------------------------------------
+cdef uint64_t monotonic_ms() noexcept nogil
+cdef uint64_t monotonic_ns() noexcept nogil
+
+# --- worker/keepalive.pyx: every deadline of a connection ------------------------------
+cdef uint32_t mqtt_idle_limit_ms(uint16_t keepalive) noexcept nogil     # 1.5 x keepalive
+cdef void become_connected(Worker w, Conn* c, uint32_t timeout_ms)
+cdef void schedule_connect_timeout(Worker w, Conn* c) noexcept
+cdef void schedule_settle_timeout(Worker w, Conn* c) noexcept
+cdef void schedule_close_grace(Worker w, Conn* c) noexcept
+cdef void on_timer(Worker w, Conn* c)
+
+# --- worker/read_handle.pyx: one complete MQTT packet to its handler -------------------
+cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+
+# --- worker/handle_connect.pyx ----------------------------------------------------------
+cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+
+# --- worker/handle_publish.pyx ----------------------------------------------------------
+cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+
+# --- worker/handle_acks.pyx: PUBACK, PUBREC, PUBREL, PUBCOMP ---------------------------
+cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)
+cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid)
+
+# --- worker/handle_subscribe.pyx: SUBSCRIBE, the SUBACK after every peer confirmed ------
+cdef uint32_t subscriber_count(Worker w, int slot) noexcept
+cdef bint filter_within_bounds(Worker w, const uint8_t* f, uint32_t n)
+cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint8_t* codes, uint32_t count,
+                        uint16_t packet_id, bint new_interest)
+cdef void subsync_answer(Worker w, int p, const uint8_t* body, uint32_t n)          # FR_SUB_SYNC
+cdef void subsync_confirmed(Worker w, int p, const uint8_t* body, uint32_t n)       # FR_SUB_SYNCED
+cdef void subsync_peer_restarted(Worker w, int p)
+cdef bint subsync_earlier_waiting(Worker w, PendingSuback pending, uint32_t token)
+cdef void subsync_release(Worker w)
+
+# --- worker/handle_unsubscribe.pyx ------------------------------------------------------
+cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+
+# --- worker/handle_ping.pyx -------------------------------------------------------------
+cdef int handle_ping(Worker w, Conn* c)
+
+# --- worker/handle_disconnect.pyx -------------------------------------------------------
+cdef int handle_disconnect(Worker w, Conn* c)
+
+# --- worker/router.pyx: who gets a PUBLISH; refcounted messages ------------------------
+cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
+                  uint8_t qos, uint8_t retain) noexcept nogil
+cdef void msg_release(Msg* m) noexcept nogil
+cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns)
+cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,
+                          const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                          bint forward, uint64_t origin_ns) except? 0
+cdef void route_forward(Worker w, uint64_t peers, const uint8_t* topic, uint32_t topic_len,
+                        const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                        uint64_t origin_ns)
+cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t retain)
+cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
+
+# --- worker/retained.pyx: keep, clear, bounds, deliver on subscribe, sync to a peer ----
+cdef void retain_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                         uint32_t payload_len, uint8_t qos, bint forward)
+cdef bint retain_loaded(Worker w, bytes topic, int qos, bytes payload) except? False
+cdef bint retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t qos, bint enforce) except? False
+cdef void retain_sync_to(Worker w, int p)
+cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil
+cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted)
+
+# --- worker/sessions.pyx: slots, in-flight windows, queues, resume, wills --------------
+cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t clean)
+cdef void session_changed(Worker w, Session* s)
+cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
+cdef void session_free(Worker w, int slot, bint release_id)
+cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=*)
+cdef uint16_t session_packet_id(Session* s) noexcept nogil
+cdef int inflight_grow(Session* s) noexcept nogil
+cdef int session_queue_grow(Session* s) noexcept nogil
+cdef bint session_online(Worker w, Session* s) noexcept
+cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
+cdef void session_pump(Worker w, Session* s)
+cdef void session_resume(Worker w, Session* s)
+cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil
+cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil
+cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil
+cdef int sessions_expire(Worker w, uint64_t limit_ms)
+
+# --- worker/session_state.pyx: a session as bytes (moving it, the data dir) -----------
+cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
+cdef bytes session_serialize(Worker w, int slot)
+cdef uint32_t rd16(const uint8_t* p) noexcept nogil
+cdef uint32_t rd32(const uint8_t* p) noexcept nogil
+cdef int session_restore(Worker w, int slot, bytes state) except -2
+cdef int session_restore_fault(Worker w, str what) except -2
+cdef list sessions_snapshot(Worker w, bint changed_only)
+cdef void sessions_load(Worker w, list saved) except *
+
+# --- worker/registry.pyx: client ids across workers, claims, takeover, CONNACK ---------
+cdef int home_of(Worker w, bytes client_id)
+cdef void send_small(Worker w, int p, uint8_t ftype, bytes head, bytes client_id)
+cdef int connect_claim(Worker w, Conn* c, PendingConnect pc)
+cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
+cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id)
+cdef void on_grant(Worker w, uint32_t token, int prev)
+cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
+cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state)
+cdef void registry_release(Worker w, bytes client_id)
+cdef void registry_register(Worker w, bytes client_id)
+cdef void registry_register_restored(Worker w)
+cdef void registry_peer_restarted(Worker w, int p)
+cdef bint is_worker(Worker w, int p) noexcept
+cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n)
+cdef void connect_settle(Worker w, uint32_t token, object state)
+
+# --- worker/channel.pyx: frames to and from the other workers (gw_ext/frames.pxd) -----
+cdef uint32_t channel_datagram_size(int fd) noexcept
+cdef uint8_t* channel_frame(Worker w, int p, uint8_t ftype, uint8_t flags, uint32_t topic_len,
+                            uint32_t body_len)
+cdef void channel_broadcast(Worker w, uint8_t ftype, uint8_t flags, const uint8_t* topic, uint32_t topic_len,
+                            const uint8_t* rest, uint32_t rest_len)
+cdef void channels_flush(Worker w)
+cdef void channel_send(Worker w, int p)
+cdef int channel_send_pieces(Worker w, int p, uint32_t pos, uint32_t flen)
+cdef void channel_pollout(Worker w, int p, bint on)
+cdef void channel_writable(Worker w, int p)
+cdef void channel_readable(Worker w, int p)
+cdef void channel_malformed(Worker w, int p, str why)
+cdef void channel_drop_pieces(Worker w, int p)
+cdef void channel_datagram(Worker w, int p, const uint8_t* buf, ssize_t n)
+cdef void channel_piece(Worker w, int p, uint8_t flags, const uint8_t* piece, uint32_t k)
+cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n)   # dispatch to each type's owner
+cdef void announce_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
+cdef void channels_hello(Worker w)
+cdef void peer_restarted(Worker w, int p)
+
+# --- worker/backpressure.pyx: holding QoS 1/2 publishers while a subscriber catches up --
+cdef void congest(Worker w, Session* s)
+cdef void uncongest(Worker w, Session* s)
+cdef void peer_congestion(Worker w, int p, bint on)
+cdef void congestion_check(Worker w)
+cdef void update_pause(Worker w)
+cdef void pause_conn(Worker w, Conn* c)
+
+# --- worker/jsonlines.pyx: newline framing, one call per line into gw/jsonproto.py -----
+cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
+cdef int json_reading(Worker w, bytes client_id, bytes reading)
+cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n)
+
+# --- worker/http.pyx: HTTP/1.1 framing, answers, timers, lingering close ---------------
+cdef bint is_tchar(uint8_t ch) noexcept nogil
+cdef bint name_is(const uint8_t* p, Py_ssize_t n, const char* lower, Py_ssize_t ln) noexcept nogil
+cdef bint has_token(const uint8_t* p, Py_ssize_t n, const char* lower, Py_ssize_t ln) noexcept nogil
+cdef const char* http_reason(int status) noexcept nogil
+cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
+cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail)
+cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t head_len,
+                             Py_ssize_t* body_len)
+cdef Py_ssize_t http_chunked_limit(Worker w) noexcept
+cdef bytes http_dechunk(const uint8_t* b, Py_ssize_t total, Py_ssize_t body_len)
+cdef void http_continue(Worker w, Conn* c)
+cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t method_len,
+                              Py_ssize_t target_start, Py_ssize_t target_len, int minor,
+                              bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
+                              const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
+                              Py_ssize_t request_len)
+cdef object http_handler_failed(Worker w)
+cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only)
+cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,
+                    int minor, bint head_only)
+cdef bytes http_response_bytes(Worker w, int status, bytes ctype, bytes body, bytes extra, bint keep, int minor,
+                               bint head_only)
+cdef void http_update_date(Worker w)
+cdef int http_fail(Worker w, Conn* c, int status, str code, str message)
+cdef void http_on_timer(Worker w, Conn* c)
+cdef bint http_linger_start(Worker w, Conn* c)
+cdef Py_ssize_t http_linger_input(Worker w, Conn* c, Py_ssize_t n)
+cdef void http_start_drain(Worker w, Conn* c)
+
+# --- worker/http_queries.pyx: store queries answered by the query threads --------------
+cdef object http_query_token(Conn* c)
+cdef void query_readable(Worker w)
+cdef void query_answered(Worker w, object token, object answer) except *
+
+# --- worker/telemetry.pyx: MQTT readings through the ingest schema ---------------------
+cdef bint is_telemetry_topic(Worker w, const uint8_t* topic, uint32_t n) noexcept
+cdef int64_t route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                             uint32_t payload_len, uint8_t qos, bint retain)
+
+# --- worker/durable_ack.pyx: readings into the log, answers held until it is durable ---
+cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t needed, bytes http)
+cdef bint must_hold(Worker w, Conn* c, uint64_t needed) noexcept
+cdef int ack_after_durable(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint64_t needed)
+cdef void held_release(Worker w)
+cdef void wal_readable(Worker w)
+cdef void wal_drain(Worker w)
+cdef bint wal_room(Worker w, int nbytes) except? False
+cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=*)

@@ -31,6 +31,7 @@ from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
 from gw_ext.dedup cimport DedupTable
+from gw_ext.frames cimport *
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
                            wheel_schedule)
@@ -61,33 +62,9 @@ cdef enum:
     ACCEPT_BATCH = 128           # accepts per listener event, for fairness
     TICK_MS = 100                # timing-wheel resolution
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
-    CLOSE_GRACE_MS = 2000        # how long a closing connection may take to flush
 
-# Why a connection was closed; indexes the CLOSED_* counters and the log limiter.
-cdef enum CloseReason:
-    CR_CLIENT = 0
-    CR_TIMEOUT = 1
-    CR_CONNECT_TIMEOUT = 2
-    CR_MALFORMED = 3
-    CR_SERVER = 4
-    CR_ERROR = 5
-    CR_TOO_LARGE = 6
-    CR_OVERFLOW = 7
-    CR_TLS = 8
-    CR_REFUSED = 9
-    CR_DISCONNECT = 10        # the client sent DISCONNECT: no will
-    CR_TAKEOVER = 11          # another CONNECT with the same client id
-    CR_CHANNEL = 12           # (log only) inter-worker channel trouble
-    CR_QUEUE = 13             # (log only) a bound dropped a message
-    CR_PYTHON = 14            # (log only) a Python callback failed
-    CR_HTTP = 15              # (log only) an HTTP request refused by the framing
-    CR_TELEMETRY = 16         # (log only) an MQTT reading refused by the telemetry schema
-    CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
-    CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
-    CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
-    N_CLOSE_REASONS = 20
-
-cdef uint32_t[20] CLOSE_COUNTER = [
+# The counter each CloseReason (loop.pxd) adds to.
+cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
@@ -101,25 +78,11 @@ MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
                    "no topic filter"]
 
-# JSON-lines handler results (see gw/jsonproto.py).
-JSON_OK = 0
-JSON_CONNECTED = 1
-JSON_CLOSE = 2
-JSON_ERROR = 3
-
 
 cdef inline uint64_t monotonic_ms() noexcept nogil:
     cdef timespec ts
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
-
-
-cdef inline bint is_client_state(uint8_t state) noexcept nogil:
-    """A live connection to a client: not a listener, channel or an eventfd
-    (the log's, the query threads'), and not already closed (ST_CLOSED waits
-    to be freed)."""
-    return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
-            and state != ST_QUERY and state != ST_CLOSED)
 
 
 cdef inline uint64_t monotonic_ns() noexcept nogil:
@@ -131,119 +94,6 @@ cdef inline uint64_t monotonic_ns() noexcept nogil:
 @cython.final
 cdef class Worker:
     """One worker process's event loop. Built and configured by gw/worker.py."""
-
-    cdef int epfd
-    cdef Conn* conns
-    cdef int nconns                  # size of the table (the process's fd limit)
-    cdef Listener[MAX_LISTENERS] listeners
-    cdef object listener_contexts    # TLSContext objects kept alive per listener
-    cdef int nlisteners
-    cdef uint8_t* rbuf
-    cdef int* dirty                  # fds to flush at the end of this turn
-    cdef int ndirty
-    cdef int* closed                 # fds closed this turn (ST_CLOSED), freed by reap_closed()
-    cdef int nclosed
-    cdef int* resume_fds             # connections settled this turn with input waiting (resume_settled)
-    cdef uint32_t* resume_gens
-    cdef int nresume
-    cdef int current_fd              # the connection being handled (-1: none), for containment
-    cdef int route_depth             # route_publish nesting (router.pxi)
-    cdef Wheel wheel
-    cdef uint64_t now_ms
-    cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
-    cdef uint64_t* counters          # this worker's row of the shared stats block
-    cdef uint64_t* all_counters      # every row, to enforce the server-wide limit
-    cdef int nworkers
-    cdef object counters_owner
-    cdef int reserve_fd              # spare fd released to shed a connection on EMFILE
-    cdef uint64_t auto_id
-    cdef uint64_t[N_CLOSE_REASONS] last_log_ms
-    cdef uint64_t[N_CLOSE_REASONS] suppressed
-    cdef bint draining
-    cdef uint64_t drain_deadline_ms
-    cdef bint reload_requested
-    cdef object json_protocol
-    # Broker state (router.pxi, sessions.pxi, channels.pxi).
-    cdef TopicTrie* index
-    cdef MatchResult match
-    cdef Session* sessions
-    cdef uint32_t nsessions              # slots ever used
-    cdef uint32_t sessions_cap
-    cdef int* free_sessions
-    cdef uint32_t nfree_sessions
-    cdef dict client_sessions            # client id (bytes) -> session slot
-    cdef dict retained                   # topic (bytes) -> (qos, payload bytes)
-    cdef uint64_t retained_bytes         # their topics and payloads (max_retained_bytes)
-    cdef bint publishing_as_server       # Worker.publish: $SYS retained messages are always kept
-    cdef bint retained_changed
-    cdef public bint sessions_changed
-    cdef list restored                   # client ids loaded from disk, to register after HELLO
-    cdef set congested                   # session slots past the high watermark
-    cdef uint64_t peers_congested        # bit p: worker p asked us to hold publishers
-    cdef bint publishers_paused
-    cdef Peer[64] peers
-    cdef int npeers
-    cdef uint64_t peers_dirty
-    cdef uint8_t* chan_buf               # receives datagrams from peers (channels.pxi)
-    cdef size_t chan_buf_size
-    cdef dict registry                   # at the id's home: client id -> owning worker
-    cdef dict pending                    # token -> PendingConnect, waiting to settle
-    cdef uint32_t settle_token
-    cdef uint32_t conn_gen
-    cdef dict pending_subacks            # token -> PendingSuback (handle_subscribe.pxi)
-    cdef uint32_t suback_token
-    # HTTP (http.pxi) and telemetry (telemetry.pxi).
-    cdef HttpState* http                 # per fd; allocated with the first HTTP listener
-    cdef char[40] http_date
-    cdef time_t http_date_s
-    cdef public object http_app          # gw.http_api.HttpApp: requests, telemetry schema
-    cdef public uint32_t http_max_body
-    cdef public uint32_t http_timeout_ms
-    cdef public uint32_t http_keepalive_ms
-    cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
-    cdef public uint32_t http_linger_ms      # ... and for how long
-    cdef object query_pool               # gw.query_pool.QueryPool: store queries off the loop (http.pxi)
-    cdef bytes telemetry_prefix          # b"telemetry/": MQTT publishes there are validated
-    # The write-ahead log and the answers waiting for it (durable.pxi).
-    cdef Wal wal
-    cdef uint64_t wal_durable
-    cdef bint wal_congested              # over half of wal_max_pending waits: publishers held
-    cdef HeldAck* held                   # ring, in append order
-    cdef uint32_t held_head
-    cdef uint32_t held_len
-    cdef uint32_t held_cap
-    cdef uint64_t held_last_needed
-    cdef uint32_t* held_per_fd           # answers waiting, per connection
-    cdef dict held_http                  # id -> response bytes
-    cdef uint32_t held_http_next
-    cdef DedupTable dedup                # the idempotency table: its pending records commit when durable
-
-    # Limits, settable (and reloadable) from Python.
-    cdef public int worker_index
-    cdef public uint64_t max_connections
-    cdef public uint32_t max_packet_size
-    cdef public uint32_t connect_timeout_ms
-    cdef public uint32_t json_timeout_ms
-    cdef public uint32_t max_outbound
-    cdef public uint32_t soft_outbound   # past this, QoS 0 to that client is dropped
-    cdef public uint32_t max_inflight
-    cdef public uint32_t max_queued
-    cdef public uint32_t queue_high      # backpressure.pxi watermarks
-    cdef public uint32_t queue_low
-    cdef public uint32_t max_retained
-    cdef public uint64_t max_retained_bytes
-    cdef public uint64_t max_queued_bytes
-    cdef public uint32_t max_awaiting_rel
-    cdef public uint32_t max_subscriptions
-    cdef public uint32_t max_topic_levels
-    cdef public uint32_t max_topic_length
-    cdef public object on_reload     # called (no arguments) after SIGHUP
-    cdef public object on_tick       # called (no arguments) every tick_ms, when set
-    cdef public uint32_t tick_ms
-    cdef uint64_t next_tick_ms
-    cdef public bint stopped
-    cdef bint begun                  # begin() ran: HELLO sent to the peers
-    cdef bint drain_started
 
     def __cinit__(self):
         self.epfd = -1
@@ -294,7 +144,7 @@ cdef class Worker:
         self.index = topics_new()
         topics_result_init(&self.match)
         self.npeers = nworkers
-        for i in range(64):
+        for i in range(MAX_PEERS):
             self.peers[i].fd = -1
         self.listener_contexts = [None] * MAX_LISTENERS
         self.nconns = max_fds
@@ -332,7 +182,7 @@ cdef class Worker:
                 session_free(self, slot, False)
         free(self.sessions)
         free(self.free_sessions)
-        for fd in range(64):
+        for fd in range(MAX_PEERS):
             free(self.peers[fd].out)
             free(self.peers[fd].asm)
         if self.index != NULL:
@@ -389,7 +239,7 @@ cdef class Worker:
     def add_peer(self, int peer, int fd):
         """Registers the channel (a non-blocking SOCK_SEQPACKET socket) to worker `peer`."""
         cdef epoll_event ev
-        if not 0 <= peer < 64 or peer == self.worker_index or fd >= self.nconns:
+        if not 0 <= peer < MAX_PEERS or peer == self.worker_index or fd >= self.nconns:
             raise ValueError("bad peer %d / fd %d" % (peer, fd))
         self.peers[peer].fd = fd
         self.peers[peer].dgram = channel_datagram_size(fd)
@@ -462,12 +312,7 @@ cdef class Worker:
     def wal_room(self, int nbytes):
         """Whether an append of nbytes would be taken now (checked before the
         idempotency table records the reading, so a refusal leaves no trace)."""
-        if self.wal is None or (self.wal.room(nbytes) and not self.wal_congested):
-            return True
-        self.counters[WAL_REFUSED] += 1
-        self.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
-                         "refusing them until it can")
-        return False
+        return wal_room(self, nbytes)
 
     @property
     def telemetry_topic(self):
@@ -493,37 +338,12 @@ cdef class Worker:
         data dir. With changed_only, of the slots changed since the last call
         only (serializing only those), with (slot, None, None) for a slot that
         no longer holds such a session."""
-        cdef uint32_t slot
-        cdef Session* s
-        out = []
-        for slot in range(self.nsessions):
-            s = &self.sessions[slot]
-            if changed_only and not s.dirty:
-                continue
-            s.dirty = 0
-            if s.in_use and not s.clean:
-                out.append((slot, PyBytes_FromStringAndSize(s.client_id, s.client_id_len),
-                            session_serialize(self, slot)))
-            elif changed_only:
-                out.append((slot, None, None))
-        self.sessions_changed = False
-        return out
+        return sessions_snapshot(self, changed_only)
 
     def restore_sessions(self, list saved):
         """Brings back saved sessions (at start-up), their clients away, and
         registers them at their ids' homes."""
-        cdef int slot
-        cdef bytes cid, state
-        for cid, state in saved:
-            if cid in self.client_sessions:
-                continue
-            slot = session_new(self, <const uint8_t*>PyBytes_AS_STRING(cid), len(cid), 0)
-            if slot < 0:
-                raise MemoryError()
-            session_restore(self, slot, state)
-            self.sessions[slot].away_since_ms = monotonic_ms()
-            self.counters[SESSIONS_AWAY] += 1
-            self.restored.append(cid)
+        sessions_load(self, saved)
 
     @property
     def changed(self):
@@ -533,17 +353,7 @@ cdef class Worker:
     def expire_sessions(self, double seconds):
         """Ends clean_session=0 sessions whose client has been away longer than
         `seconds`; returns how many."""
-        cdef uint32_t slot
-        cdef uint64_t limit = <uint64_t>(seconds * 1000)
-        cdef int n = 0
-        cdef uint64_t now = monotonic_ms()
-        for slot in range(self.nsessions):
-            if (self.sessions[slot].in_use and self.sessions[slot].fd < 0 and not self.sessions[slot].clean
-                    and now - self.sessions[slot].away_since_ms > limit):
-                session_free(self, slot, True)
-                self.counters[SESSIONS_EXPIRED] += 1
-                n += 1
-        return n
+        return sessions_expire(self, <uint64_t>(seconds * 1000))
 
     def retained_saved(self):
         self.retained_changed = False
@@ -551,10 +361,7 @@ cdef class Worker:
     def retain(self, bytes topic, int qos, bytes payload):
         """Keeps a retained message loaded from the data dir (not routed), within
         the retained store's bounds; False when refused (a bad topic or QoS)."""
-        if not 0 <= qos <= 2 or not valid_topic_name(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
-            return False
-        return retain_store(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
-                            <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, True)
+        return retain_loaded(self, topic, qos, payload)
 
     @property
     def retained_messages(self):
@@ -606,25 +413,11 @@ cdef class Worker:
 
     cdef void begin(self):
         """Tells the other workers we (re)started: they forget our old interests
-        and send theirs, and the retained store."""
-        cdef int p
-        cdef bytes cid
-        cdef PeerTarget target
+        and send theirs, and the retained store; the sessions loaded from the
+        data dir are registered at their ids' homes."""
         self.begun = True
-        target.worker = <void*>self
-        for p in range(self.npeers):
-            if p != self.worker_index and self.peers[p].fd >= 0:
-                # HELLO goes first: a peer that reads it forgets what we announced
-                # before, including what sessions restored from disk queued just now;
-                # so every filter we have is announced again after it.
-                self.peers[p].outlen = 0
-                channel_frame(self, p, FR_HELLO, 0, 0, 0)
-                target.peer = p
-                topics_filters(self.index, announce_filter, &target)
-        # Sessions loaded from the data dir: their ids' homes learn they are here.
-        for cid in self.restored:
-            registry_register(self, cid)
-        self.restored = []
+        channels_hello(self)
+        registry_register_restored(self)
         channels_flush(self)
 
     cdef bint turn(self, int timeout_ms):
@@ -727,7 +520,7 @@ cdef class Worker:
                     if node == NULL:
                         return
                     self.current_fd = (<Conn*>node).fd
-                    self.on_timer(<Conn*>node)
+                    on_timer(self, <Conn*>node)         # keepalive.pyx
             except Exception:
                 self.contained(self.current_fd, "handling a timer")
             finally:
@@ -755,7 +548,7 @@ cdef class Worker:
                 return
 
     cdef void resume_settled(self):
-        """Connections whose CONNECT was settled (registry.pxi) go on with the
+        """Connections whose CONNECT was settled (worker/registry.pyx) go on with the
         bytes they sent after it, read meanwhile into their carry-over buffer.
         Never done inside the settle itself: the connection's own input may be
         on the stack there."""
@@ -812,14 +605,7 @@ cdef class Worker:
         if self.http_app is not None:
             self.http_app.draining = True      # /readyz and ingest answer 503 from now on
         if self.wal is not None:
-            # What was accepted becomes durable now, and its held answers go out
-            # before the connections close.
-            self.wal.flush()
-            self.wal_durable = self.wal.durable_offset
-            self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
-            if self.dedup is not None:
-                self.dedup.durable_c(self.wal_durable, self.now_ms)
-            held_release(self)
+            wal_drain(self)         # durable_ack.pyx: held answers go out before the connections close
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
@@ -904,8 +690,7 @@ cdef class Worker:
             epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev)
             self.counters[CONNS_ACCEPTED] += 1
             self.counters[CONNS_CURRENT] += 1
-            # The connect timeout covers the TLS handshake and the CONNECT.
-            wheel_schedule(&self.wheel, &c.timer, self.now_ms + self.connect_timeout_ms)
+            schedule_connect_timeout(self, c)   # keepalive.pyx
 
     # --- reading and framing -------------------------------------------------
 
@@ -1082,19 +867,7 @@ cdef class Worker:
             self.counters[MALFORMED_BY_REASON + reason] += 1
         self.close_conn(c, CR_MALFORMED, reason)
 
-    # --- connection lifecycle helpers used by the handlers -------------------
-
-    cdef void become_connected(self, Conn* c, uint32_t timeout_ms):
-        """CONNECT accepted: from now on the idle timeout applies instead of the
-        connect timeout (MQTT-3.1.2-24: 1.5 x keepalive; 0 disables it)."""
-        c.state = ST_CONNECTED
-        c.timeout_ms = timeout_ms
-        c.last_rx_ms = self.now_ms
-        self.counters[SESSIONS_CURRENT] += 1
-        if timeout_ms:
-            wheel_schedule(&self.wheel, &c.timer, self.now_ms + timeout_ms)
-        else:
-            wheel_cancel(&self.wheel, &c.timer)
+    # --- answers the handlers send --------------------------------------------
 
     cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid):
         cdef uint8_t* out = self.reserve(c, 4)
@@ -1235,7 +1008,7 @@ cdef class Worker:
         self.set_pollout(c, False)
         if c.state == ST_CLOSING:
             if c.proto == PROTO_HTTP and http_linger_start(self, c):
-                return 1        # a lingering close: what the client still sends is read away first (http.pxi)
+                return 1        # a lingering close: what the client still sends is read away first (worker/http.pyx)
             self.close_conn(c, c.close_reason, c.close_detail)
             return -1
         return 1
@@ -1269,30 +1042,11 @@ cdef class Worker:
         ev.data.fd = c.fd
         epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
 
-    # --- timers and closing --------------------------------------------------
-
-    cdef void on_timer(self, Conn* c):
-        cdef uint64_t deadline
-        if c.state == ST_CONNECTED:
-            deadline = c.last_rx_ms + c.timeout_ms
-            if deadline > self.now_ms:
-                wheel_schedule(&self.wheel, &c.timer, deadline)     # it was active
-            else:
-                self.close_conn(c, CR_TIMEOUT)
-        elif c.state == ST_CLOSING:
-            self.close_conn(c, c.close_reason, c.close_detail)      # could not flush in time
-        elif c.state == ST_SETTLING:
-            # The worker that held its session did not answer (it died): start afresh.
-            self.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
-            connect_settle(self, c.pending_token, None)
-        elif c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
-            http_on_timer(self, c)
-        elif c.state == ST_TLS_HANDSHAKE or c.state == ST_AWAIT_CONNECT:
-            self.close_conn(c, CR_CONNECT_TIMEOUT)
+    # --- closing ---------------------------------------------------------------
 
     cdef void close_after_flush(self, Conn* c, int reason=CR_SERVER, int detail=0):
         """Stops reading and closes (for `reason`) once the outbound bytes are
-        written (or after CLOSE_GRACE_MS)."""
+        written (or after CLOSE_GRACE_MS, keepalive.pyx)."""
         if not is_client_state(c.state) or c.state == ST_CLOSING:
             return
         c.close_reason = <uint8_t>reason
@@ -1300,7 +1054,7 @@ cdef class Worker:
         if c.state == ST_CONNECTED:
             self.counters[SESSIONS_CURRENT] -= 1
         c.state = ST_CLOSING
-        wheel_schedule(&self.wheel, &c.timer, self.now_ms + CLOSE_GRACE_MS)
+        schedule_close_grace(self, c)
         if c.outlen == c.outoff:
             # Nothing to write: close at the end of this turn via the flush list.
             if not (c.flags & F_DIRTY):
@@ -1388,7 +1142,7 @@ cdef class Worker:
         cdef uint8_t state = c.closed_from if c.state == ST_CLOSED else c.state
         wheel_cancel(&self.wheel, &c.timer)
         if self.held_per_fd != NULL:
-            self.held_per_fd[c.fd] = 0      # its held answers are skipped (durable.pxi)
+            self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:
             if state == ST_CONNECTED or state == ST_AWAIT_CONNECT or state == ST_CLOSING:
                 ERR_clear_error()
@@ -1429,17 +1183,30 @@ cdef class Worker:
         log.warning("worker %d: %s", self.worker_index, message)
 
 
-# The handlers: module-level functions taking the worker, one file per concern.
-include "read_handle.pxi"
-include "handle_connect.pxi"
-include "handle_publish.pxi"
-include "handle_subscribe.pxi"
-include "jsonlines.pxi"
-include "router.pxi"
-include "sessions.pxi"
-include "channels.pxi"
-include "registry.pxi"
-include "backpressure.pxi"
-include "http.pxi"
-include "telemetry.pxi"
-include "durable.pxi"
+# The worker's concerns, one file each in gw_ext/worker/, all parts of this one
+# extension module: module-level functions taking the worker, declared in
+# loop.pxd under a heading per file.
+include "worker/keepalive.pyx"
+# MQTT packets.
+include "worker/read_handle.pyx"
+include "worker/handle_connect.pyx"
+include "worker/handle_publish.pyx"
+include "worker/handle_acks.pyx"
+include "worker/handle_subscribe.pyx"
+include "worker/handle_unsubscribe.pyx"
+include "worker/handle_ping.pyx"
+include "worker/handle_disconnect.pyx"
+# The broker across workers.
+include "worker/router.pyx"
+include "worker/retained.pyx"
+include "worker/sessions.pyx"
+include "worker/session_state.pyx"
+include "worker/registry.pyx"
+include "worker/channel.pyx"
+include "worker/backpressure.pyx"
+# Readings: JSON lines, HTTP, MQTT telemetry, the log.
+include "worker/jsonlines.pyx"
+include "worker/http.pyx"
+include "worker/http_queries.pyx"
+include "worker/telemetry.pyx"
+include "worker/durable_ack.pyx"

@@ -284,7 +284,7 @@ def test_subscription_is_in_force_on_every_worker_once_subacked(broker):
     client that learnt of it, is delivered. 300 times, each with a filter new to
     the subscriber's worker, so each SUBACK depends on the other worker having
     learnt the interest first (gw waits for its confirmation, see
-    handle_subscribe.pxi). A third client keeps the publisher's worker busy
+    gw_ext/worker/handle_subscribe.pyx). A third client keeps the publisher's worker busy
     meanwhile, and the publisher pings just before each SUBSCRIBE, so that
     worker often finds the publisher's socket ready ahead of its channel."""
     sub = broker.raw(SUB)

@@ -1,4 +1,4 @@
-"""Frames between workers (gw_ext/channels.pxi, registry.pxi), checked on a
+"""Frames between workers (gw_ext/worker/channel.pyx, gw_ext/worker/registry.pyx), checked on a
 real Worker (gw_ext/loop.pyx) driven one loop turn at a time (run_once), with
 a real SOCK_SEQPACKET link standing for its peer worker: datagrams crafted
 by hand, in pieces and whole, well formed and not. A malformed or truncated
@@ -14,11 +14,10 @@ import numpy as np
 import pytest
 
 from gw.stats import N_COUNTERS, Counter
+from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PIECE, FR_PUBLISH, FR_REGISTER, FR_RELEASE,
+                           FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST)
 from gw_ext.loop import Worker
 
-FR_PUBLISH, FR_SUB_ADD, FR_HELLO, FR_RETAIN = 1, 2, 4, 5
-FR_CLAIM, FR_GRANT, FR_EVICT, FR_SESSION, FR_RELEASE, FR_REGISTER = 6, 7, 8, 9, 10, 11
-FR_PIECE, PIECE_FIRST, PIECE_LAST = 16, 1, 2
 LINK_BUFFER = 32768          # SO_SNDBUF asked for: the kernel doubles it; datagrams of about 32 KiB
 
 

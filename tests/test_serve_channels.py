@@ -144,9 +144,13 @@ def test_a_restarted_worker_gets_every_retained_message(small_links):
     # A worker death this test causes on purpose: worker b is killed and respawned.
     server.expect_worker_deaths(1)
     os.kill(b, signal.SIGKILL)
-    wait_for(lambda: len(server.worker_pids()) == 2 and b not in server.worker_pids(), 20,
-             what="the killed worker respawned")
-    respawned = next(p for p in server.worker_pids() if p != a)
+
+    def after_respawn():
+        # One look per poll: between two looks the killed worker may become a
+        # zombie, and a list of two still holding it would pass for the respawn.
+        pids = server.worker_pids()
+        return pids if len(pids) == 2 and b not in pids else None
+    respawned = next(p for p in wait_for(after_respawn, 20, what="the killed worker respawned") if p != a)
 
     def retained_seen():
         sub, _ = connect_on(server, respawned, f"retain-sub-{uuid.uuid4().hex[:4]}")

@@ -1,4 +1,4 @@
-"""Every length of an HTTP request is bounded by the framing (gw_ext/http.pxi),
+"""Every length of an HTTP request is bounded by the framing (gw_ext/worker/http.pyx),
 against `gw serve` with real sockets, each request sent whole and in small
 fragments: a chunk-size line (whether its CRLF has arrived or not), a chunk's
 size and extensions, the framing of a chunked body (tiny chunks with long

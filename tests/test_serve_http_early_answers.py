@@ -1,5 +1,5 @@
 """Answers sent before the request's body has arrived (413 over max_body_size,
-400 for a bad chunk, 417, ...) are heard: the close lingers (gw_ext/http.pxi),
+400 for a bad chunk, 417, ...) are heard: the close lingers (gw_ext/worker/http.pyx),
 reading and discarding what the client still sends, so common clients
 (http.client, urllib, requests) uploading 5 MB see the answer and its JSON
 body rather than a broken pipe or a reset. The lingering is bounded by

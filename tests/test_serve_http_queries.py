@@ -1,5 +1,5 @@
 """The query API's store queries run in each worker's query threads, not in its
-event loop (gw/query_pool.py, gw_ext/http.pxi): against `gw serve --workers 1`
+event loop (gw/query_pool.py, gw_ext/worker/http_queries.pyx): against `gw serve --workers 1`
 on a store filled beforehand, with real sockets. Answers keep their order on a
 pipelined connection (behind answers held for the log in ack mode sink, and
 over TLS), a client that closes while its query runs leaves nothing behind

@@ -19,14 +19,7 @@ cdef enum:
     # What one read already holds may pass it (bounded by the read buffer).
     HELD_MAX_PER_CONN = 4096
 
-
-cdef struct HeldAck:
-    uint64_t needed           # durable offset this answer waits for
-    int fd
-    uint32_t gen
-    uint32_t http_id          # HELD_HTTP: key in Worker.held_http
-    uint16_t packet_id
-    uint8_t kind
+# A held answer is a HeldAck (loop.pxd), in the ring Worker.held.
 
 
 cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t needed, bytes http):
@@ -138,6 +131,29 @@ cdef void wal_readable(Worker w):
         update_pause(w)
 
 
+cdef void wal_drain(Worker w):
+    """Draining: what was accepted becomes durable now, and its held answers
+    go out before the connections close."""
+    w.wal.flush()
+    w.wal_durable = w.wal.durable_offset
+    w.counters[WAL_DURABLE_OFFSET] = w.wal_durable
+    if w.dedup is not None:
+        w.dedup.durable_c(w.wal_durable, w.now_ms)
+    held_release(w)
+
+
+cdef bint wal_room(Worker w, int nbytes) except? False:
+    """Worker.wal_room: whether an append of nbytes would be taken now (the HTTP
+    app asks before the idempotency table records the reading, so a refusal
+    leaves no trace); a refusal is counted and logged."""
+    if w.wal is None or (w.wal.room(nbytes) and not w.wal_congested):
+        return True
+    w.counters[WAL_REFUSED] += 1
+    w.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
+                  "refusing them until it can")
+    return False
+
+
 cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=False):
     """Appends a reading; its end offset, or -1 if the log refused it (counted).
     room_checked: the caller saw Worker.wal_room() say yes for it just before."""
@@ -146,7 +162,7 @@ cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checke
         end = w.wal.append_after_room_c(p, n)   # a refusal here is counted by the log itself
         if end >= 0 and not w.wal_congested and w.wal.pending_c() > w.wal.max_pending // 2:
             # Over half of wal_max_pending waits for the disk: QoS 1/2 publishers
-            # wait too (backpressure.pxi) rather than be refused at the limit.
+            # wait too (backpressure.pyx) rather than be refused at the limit.
             w.wal_congested = True
             update_pause(w)
     else:

@@ -1,5 +1,7 @@
-# Included by loop.pyx. PUBLISH from a client, and the acknowledgements of
-# both directions (PUBACK, PUBREC, PUBREL, PUBCOMP).
+# Included by loop.pyx. PUBLISH from a client: QoS 2 duplicates caught
+# (max_awaiting_rel), telemetry topics through the ingest schema and the log
+# (telemetry.pyx), everything else routed (router.pyx); then its PUBACK or
+# PUBREC, at once or once the log is durable (durable_ack.pyx).
 
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
@@ -58,18 +60,3 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     if pkt.qos == 2:
         return ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     return 0
-
-
-cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n):
-    cdef uint16_t pid
-    cdef Session* s = &w.sessions[c.session]
-    if decode_packet_id(body, n, &pid) < 0:
-        w.malformed(c, MAL_PACKET_ID)
-        return -1
-    if ptype == PUBREL:
-        # The publisher's QoS 2 release; PUBCOMP also for an id we do not know
-        # (it may have been completed before a reconnect), as Mosquitto does.
-        qos2_forget(s, pid)
-        session_changed(w, s)
-        return w.send_ack(c, PUBCOMP, pid)
-    return session_acked(w, s, ptype, pid)

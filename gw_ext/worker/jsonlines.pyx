@@ -1,6 +1,12 @@
 # Included by loop.pyx. Seed 000's JSON lines: framing by newline, one
 # call per line into gw/jsonproto.py (msgspec).
 
+# JSON-lines handler results (see gw/jsonproto.py).
+JSON_OK = 0
+JSON_CONNECTED = 1
+JSON_CLOSE = 2
+JSON_ERROR = 3
+
 cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
     cdef Py_ssize_t pos = 0, end
     cdef uint8_t* nl
@@ -74,7 +80,7 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
                 w.close_conn(c, CR_SERVER)
                 return -1
             memcpy(c.client_id, PyBytes_AS_STRING(new_id), c.client_id_len)
-            w.become_connected(c, w.json_timeout_ms)
+            become_connected(w, c, w.json_timeout_ms)
     elif action == JSON_ERROR:
         w.counters[JSON_ERRORS] += 1
         if c.state != ST_CONNECTED:

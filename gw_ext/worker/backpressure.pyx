@@ -10,7 +10,7 @@
 # QoS 0 is shed at the slow subscriber instead (DROPPED_SLOW_QOS0).
 #
 # The write-ahead log holds publishers back the same way while more than half
-# of wal_max_pending waits to be written (durable.pxi): the disk sets the pace.
+# of wal_max_pending waits to be written (durable_ack.pyx): the disk sets the pace.
 #
 # A subscriber that stops acknowledging for STALL_MS is a slow consumer, not
 # a busy one: it stops holding publishers back (and drops past max_queued,
@@ -19,8 +19,6 @@
 # a subscriber with messages in flight is not paused (it must read its acks).
 
 cdef enum:
-    FR_PAUSE = 12             # body: empty. "My subscribers are behind: hold your publishers."
-    FR_RESUME = 13
     STALL_MS = 5000
 
 

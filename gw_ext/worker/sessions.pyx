@@ -188,6 +188,11 @@ cdef int session_queue_grow(Session* s) noexcept nogil:
     return 0
 
 
+cdef inline bint session_online(Worker w, Session* s) noexcept:
+    """Its client is connected (not away, not closed this turn)."""
+    return s.fd >= 0 and w.conns[s.fd].state == ST_CONNECTED
+
+
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
@@ -229,33 +234,6 @@ cdef void session_pump(Worker w, Session* s):
         if q.msg.origin_ns and w.now_ns > q.msg.origin_ns:
             hist_observe(w.counters, HIST_DELIVER, w.now_ns - q.msg.origin_ns)
         msg_release(q.msg)          # the queue's reference; the window holds its own
-
-
-cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
-    """PUBACK, PUBREC or PUBCOMP from the client for one of our messages."""
-    cdef uint32_t i
-    cdef Inflight* e
-    cdef uint8_t* out
-    session_changed(w, s)
-    s.last_ack_ms = w.now_ms
-    s.stalled = 0
-    for i in range(s.ninflight):
-        e = &s.inflight[i]
-        if e.packet_id != pid:
-            continue
-        if ptype == PUBREC:
-            if e.qos == 2 and e.state == IF_PUBLISHED:
-                e.state = IF_RELEASED
-            break       # PUBREL below, also for a repeated PUBREC
-        if (ptype == PUBACK and e.qos == 1) or (ptype == PUBCOMP and e.qos == 2 and e.state == IF_RELEASED):
-            msg_release(e.msg)
-            memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
-            s.ninflight -= 1
-            session_pump(w, s)
-        return 0
-    if ptype == PUBREC:
-        return w.send_ack(&w.conns[s.fd], PUBREL, pid)
-    return 0
 
 
 cdef void session_resume(Worker w, Session* s):
@@ -316,3 +294,18 @@ cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil:
             s.qos2_in[i] = s.qos2_in[s.nqos2_in - 1]
             s.nqos2_in -= 1
             return
+
+
+cdef int sessions_expire(Worker w, uint64_t limit_ms):
+    """Worker.expire_sessions: ends the clean_session=0 sessions whose client
+    has been away longer than limit_ms; how many."""
+    cdef uint32_t slot
+    cdef int n = 0
+    cdef uint64_t now = monotonic_ms()
+    for slot in range(w.nsessions):
+        if (w.sessions[slot].in_use and w.sessions[slot].fd < 0 and not w.sessions[slot].clean
+                and now - w.sessions[slot].away_since_ms > limit_ms):
+            session_free(w, slot, True)
+            w.counters[SESSIONS_EXPIRED] += 1
+            n += 1
+    return n

@@ -1,4 +1,8 @@
-# Included by loop.pyx. Dispatches one complete MQTT packet to its handler.
+# Included by loop.pyx. Dispatches one complete MQTT packet (framed by
+# Worker.process_mqtt) to its handler, one file each: handle_connect.pyx,
+# handle_publish.pyx, handle_acks.pyx (PUBACK, PUBREC, PUBREL, PUBCOMP),
+# handle_subscribe.pyx, handle_unsubscribe.pyx, handle_ping.pyx,
+# handle_disconnect.pyx.
 
 cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     """One complete packet. Returns 0, or -1 if the connection was closed."""
@@ -14,7 +18,7 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
     if ptype == PUBLISH:
         return handle_publish(w, c, first, body, n)
     if ptype == PINGREQ:
-        return w.send_empty(c, PINGRESP)
+        return handle_ping(w, c)
     if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
         return handle_ack(w, c, ptype, body, n)
     if ptype == SUBSCRIBE:
@@ -22,9 +26,7 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
     if ptype == UNSUBSCRIBE:
         return handle_unsubscribe(w, c, body, n)
     if ptype == DISCONNECT:
-        # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
-        w.close_conn(c, CR_DISCONNECT)
-        return -1
+        return handle_disconnect(w, c)
     # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
     w.malformed(c, MAL_PROTOCOL)
     return -1

@@ -1,6 +1,6 @@
-# Included by loop.pyx. SUBSCRIBE and UNSUBSCRIBE: the worker's TopicTrie,
-# interest announced to the other workers, retained messages for new
-# subscriptions.
+# Included by loop.pyx. SUBSCRIBE: the bounds on filters, the worker's
+# TopicTrie, interest announced to the other workers, the SUBACK, retained
+# messages for new subscriptions (retained.pyx).
 #
 # A SUBACK means the subscription is in force everywhere: when a SUBSCRIBE
 # gives a filter its first subscriber on this worker, the other workers must
@@ -14,19 +14,12 @@
 # connection is still waiting (SUBACKs keep their order).
 
 cdef enum:
-    FR_SUB_SYNC = 14          # body: token u32. "Answer once you have applied what I sent before."
-    FR_SUB_SYNCED = 15        # body: token u32
     SUB_SYNC_TIMEOUT_MS = 1000
 
 
 @cython.final
 cdef class PendingSuback:
-    cdef int fd
-    cdef uint32_t gen
-    cdef bytes suback                 # the encoded SUBACK
-    cdef list retained                # [(filter, granted QoS)] to deliver retained messages for
-    cdef uint64_t waiting             # peers that have not answered
-    cdef uint64_t deadline_ms
+    """A SUBACK held until every peer confirmed (fields: loop.pxd)."""
 
 cdef inline uint32_t subscriber_count(Worker w, int slot) noexcept:
     """Subscriptions a session holds in this worker's index."""
@@ -125,28 +118,6 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     if codes != stack_codes:
         free(codes)
     return 0 if c.state == ST_CONNECTED else -1
-
-
-cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
-    cdef EntryIter it
-    cdef Slice filt
-    cdef int r, reason = 0
-    if unsubscribe_begin(body, n, &it, &reason) < 0:
-        w.malformed(c, reason)
-        return -1
-    while True:
-        r = unsubscribe_next(&it, &filt, &reason)
-        if r == 0:
-            break
-        if r < 0:
-            w.malformed(c, reason)
-            return -1
-    session_changed(w, &w.sessions[c.session])
-    unsubscribe_begin(body, n, &it, &reason)
-    while unsubscribe_next(&it, &filt, &reason) == 1:
-        if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:
-            channel_broadcast(w, FR_SUB_DEL, 0, filt.ptr, filt.len, NULL, 0)
-    return w.send_ack(c, UNSUBACK, it.packet_id)
 
 
 cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint8_t* codes, uint32_t count,

@@ -15,27 +15,13 @@
 
 from zlib import crc32
 
-cdef enum:
-    FR_CLAIM = 6              # body: token u32, clean u8, client id
-    FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none), client id
-    FR_EVICT = 8              # body: new owner u8, token u32, new clean u8, client id
-    FR_SESSION = 9            # body: token u32, present u8, id length u16, client id, session state
-    FR_RELEASE = 10           # body: owner u8, client id
-    FR_REGISTER = 11          # body: owner u8, client id
-    SETTLE_TIMEOUT_MS = 3000  # a claim unanswered this long (a peer died) settles as a new session
+# The frames (FR_CLAIM ... FR_REGISTER) and their bodies: gw_ext/frames.pxd.
+# A claim unanswered for SETTLE_TIMEOUT_MS (a peer died) settles as a new
+# session (keepalive.pyx).
 
 
 cdef class PendingConnect:
-    """A CONNECT waiting for its session to be settled."""
-    cdef int fd
-    cdef uint32_t gen
-    cdef bytes client_id
-    cdef uint8_t clean
-    cdef uint16_t keepalive
-    cdef bytes will_topic
-    cdef bytes will_message
-    cdef uint8_t will_flag, will_qos, will_retain
-    cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
+    """A CONNECT waiting for its session to be settled (fields: loop.pxd)."""
 
 
 cdef inline int home_of(Worker w, bytes client_id):
@@ -58,7 +44,7 @@ cdef int connect_claim(Worker w, Conn* c, PendingConnect pc):
     c.state = ST_SETTLING
     c.pending_token = token
     w.update_events(c)       # ST_SETTLING: not read until settled
-    wheel_schedule(&w.wheel, &c.timer, w.now_ms + SETTLE_TIMEOUT_MS)
+    schedule_settle_timeout(w, c)
     if home == w.worker_index or w.peers[home].fd < 0:
         registry_claim(w, w.worker_index, token, pc.clean, pc.client_id)
     else:
@@ -146,6 +132,15 @@ cdef void registry_register(Worker w, bytes client_id):
         w.registry[client_id] = w.worker_index
     else:
         send_small(w, home, FR_REGISTER, struct_pack("<B", w.worker_index), client_id)
+
+
+cdef void registry_register_restored(Worker w):
+    """Sessions loaded from the data dir (Worker.restore_sessions): their ids'
+    homes learn they are here (once the peers heard our HELLO)."""
+    cdef bytes cid
+    for cid in w.restored:
+        registry_register(w, cid)
+    w.restored = []
 
 
 cdef void registry_peer_restarted(Worker w, int p):
@@ -261,7 +256,7 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
         s.will_qos = pc.will_qos
         s.will_retain = pc.will_retain
     c.keepalive = pc.keepalive
-    w.become_connected(c, <uint32_t>pc.keepalive * 1500)
+    become_connected(w, c, mqtt_idle_limit_ms(pc.keepalive))
     w.counters[MQTT_CONNECTED] += 1
     out = w.reserve(c, 4)
     if out == NULL:
@@ -278,150 +273,3 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
         # the end of this phase of the turn, not here (the connection's own
         # input may be on the stack: a CONNECT settled at once, locally).
         w.resume_later(c)
-
-
-# --- moving a session between workers ---------------------------------------------
-# The state of a persistent session, as sent to another worker (FR_SESSION) and
-# written to the data dir. Layout, little-endian:
-#   u8 SESSION_STATE_VERSION;
-#   u32 nsubs, (u16 len, filter, u8 qos)*;
-#   u16 next packet id;
-#   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
-#               u16 topic len, u32 payload len, topic, payload)*;
-#   u32 nqos2, (u16 packet id)*.
-# Counts are u32: a session may hold more than 65,535 subscriptions or messages.
-# session_restore checks every length against what is left before reading it.
-
-cdef enum:
-    SESSION_STATE_VERSION = 2
-
-
-cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
-    with gil:
-        (<list>ctx).append((PyBytes_FromStringAndSize(<char*>topic_filter, n), qos))
-
-
-cdef bytes session_serialize(Worker w, int slot):
-    cdef Session* s = &w.sessions[slot]
-    cdef list subs = []
-    cdef list parts = []
-    cdef uint32_t i
-    cdef Msg* m
-    cdef Queued* q
-    topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
-    parts.append(struct_pack("<BI", SESSION_STATE_VERSION, len(subs)))
-    for f, qos in subs:
-        parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
-    parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
-    for i in range(s.ninflight):
-        m = s.inflight[i].msg
-        parts.append(struct_pack("<HBBHI", s.inflight[i].packet_id, s.inflight[i].qos | (s.inflight[i].retain << 2),
-                                 s.inflight[i].state, m.topic_len, m.payload_len))
-        parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
-    for i in range(s.qlen):
-        q = &s.queue[(s.qhead + i) % s.qcap]
-        m = q.msg
-        parts.append(struct_pack("<HBBHI", 0, q.qos, 0, m.topic_len, m.payload_len))
-        parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
-    parts.append(struct_pack("<I", s.nqos2_in))
-    for i in range(s.nqos2_in):
-        parts.append(struct_pack("<H", s.qos2_in[i]))
-    return b"".join(parts)
-
-
-cdef inline uint32_t rd16(const uint8_t* p) noexcept nogil:
-    return p[0] | (<uint32_t>p[1] << 8)
-
-
-cdef inline uint32_t rd32(const uint8_t* p) noexcept nogil:
-    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
-
-
-cdef int session_restore(Worker w, int slot, bytes state) except -2:
-    """Rebuilds a session from session_serialize's bytes (a peer's or a file's).
-    0 when whole; -1 when it was cut short or malformed: what came before the
-    fault is kept, the rest dropped, counted and logged."""
-    cdef Session* s = &w.sessions[slot]
-    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(state)
-    cdef const uint8_t* end = p + PyBytes_GET_SIZE(state)
-    cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen
-    cdef uint16_t pid
-    cdef uint8_t qos, st, retain
-    cdef int r
-    cdef Msg* m
-    cdef Queued* slotq
-    if end - p < 5 or p[0] != SESSION_STATE_VERSION:
-        return session_restore_fault(w, "unknown format")
-    nsubs = rd32(p + 1)
-    p += 5
-    for i in range(nsubs):
-        if end - p < 2 or end - p - 2 < <Py_ssize_t>rd16(p) + 1:
-            return session_restore_fault(w, "subscriptions cut short")
-        flen = rd16(p)
-        qos = p[2 + flen]
-        if qos <= 2 and valid_topic_filter(p + 2, flen):
-            r = topics_subscribe(w.index, p + 2, flen, slot, qos)
-            if r == 1:
-                channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
-        p += 3 + flen
-    if end - p < 6:
-        return session_restore_fault(w, "message count missing")
-    s.next_packet_id = <uint16_t>rd16(p) or 1
-    nmsgs = rd32(p + 2)
-    p += 6
-    for i in range(nmsgs):
-        if end - p < 10:
-            return session_restore_fault(w, "message cut short")
-        pid = <uint16_t>rd16(p)
-        qos = p[2] & 3
-        retain = (p[2] >> 2) & 1
-        st = p[3]
-        tlen = rd16(p + 4)
-        plen = rd32(p + 6)
-        p += 10
-        if <uint64_t>(end - p) < <uint64_t>tlen + plen or qos == 0 or qos == 3 or st > IF_RELEASED:
-            return session_restore_fault(w, "message malformed")
-        m = msg_new(p, tlen, p + tlen, plen, qos, 0)
-        p += tlen + plen
-        if m == NULL:
-            w.counters[DROPPED_NOMEM] += 1
-            continue
-        if pid:
-            if inflight_grow(s) < 0:
-                msg_release(m)
-                w.counters[DROPPED_NOMEM] += 1
-                continue
-            e = &s.inflight[s.ninflight]
-            e.msg = m
-            e.packet_id = pid
-            e.qos = qos
-            e.state = st
-            e.retain = retain
-            s.ninflight += 1
-        else:
-            if session_queue_grow(s) < 0:
-                msg_release(m)
-                w.counters[DROPPED_NOMEM] += 1
-                continue
-            slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
-            slotq.msg = m
-            slotq.qos = qos | (retain << 2)
-            s.qlen += 1
-            s.qbytes += <uint64_t>tlen + plen
-    if end - p < 4:
-        return session_restore_fault(w, "QoS 2 ids missing")
-    nq2 = rd32(p)
-    p += 4
-    if <uint64_t>(end - p) < <uint64_t>nq2 * 2:
-        return session_restore_fault(w, "QoS 2 ids cut short")
-    for i in range(nq2):
-        pid = <uint16_t>rd16(p + 2 * i)
-        if pid and s.nqos2_in < 65535:
-            qos2_remember(s, pid)
-    return 0
-
-
-cdef int session_restore_fault(Worker w, str what) except -2:
-    w.counters[CHANNEL_MALFORMED] += 1
-    w.log_limited(CR_CHANNEL, "a transferred or saved session was malformed (%s); restored what came before" % what)
-    return -1

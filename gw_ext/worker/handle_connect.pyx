@@ -1,5 +1,5 @@
 # Included by loop.pyx. CONNECT: validation, then the session is settled
-# across workers (registry.pxi), which sends the CONNACK.
+# across workers (registry.pyx), which sends the CONNACK.
 
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef ConnectPacket pkt

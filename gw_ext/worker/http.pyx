@@ -30,7 +30,7 @@
 # or answers 503 when query_max_pending wait already. The connection is then
 # not read (so its later requests, pipelined, wait, and their answers keep
 # their order) until the query's answer comes back through the threads' eventfd
-# (query_readable); it is written like any other answer (behind held ones, in
+# (query_readable, http_queries.pyx); it is written like any other answer (behind held ones, in
 # ack mode sink), then the connection is read again. A connection closed
 # meanwhile drops its answer.
 #
@@ -517,7 +517,7 @@ cdef object http_handler_failed(Worker w):
 cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only):
     """Writes an answer of the app (status, content type, body, extra header
     lines) on c, or holds it behind the connection's answers waiting for the
-    log (durable.pxi); closes after it unless keep. -1 if c was closed."""
+    log (durable_ack.pyx); closes after it unless keep. -1 if c was closed."""
     cdef HttpState* st = &w.http[c.fd]
     cdef int status
     cdef bytes rtype, rbody, extra
@@ -532,7 +532,7 @@ cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep
         status, rtype, rbody, extra = http_handler_failed(w)
     if w.held_per_fd != NULL and must_hold(w, c, needed):
         # Ack mode sink: this answer, and any after it on this connection, waits
-        # for the log (durable.pxi).
+        # for the log (durable_ack.pyx).
         if held_push(w, c, HELD_HTTP, 0, needed, http_response_bytes(
                 w, status, rtype, rbody, extra, keep, minor, head_only)) < 0:
             return -1
@@ -544,64 +544,6 @@ cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep
     if not keep:
         w.close_after_flush(c)
     return 0
-
-
-# --- the query routes, in the query threads (gw/query_pool.py) ---------------------------
-
-cdef inline object http_query_token(Conn* c):
-    """Names a connection for the query threads: its fd and generation, so an
-    answer for a connection closed meanwhile (its fd maybe reused) is dropped."""
-    return (<uint64_t>c.gen << 32) | <uint32_t>c.fd
-
-
-cdef void query_readable(Worker w):
-    """The query threads' eventfd: answers are ready."""
-    cdef list done
-    try:
-        done = w.query_pool.drain()
-    except Exception:
-        w.log_limited(CR_PYTHON, "the query threads' answers could not be read")
-        return
-    w.counters[QUERIES_PENDING] = w.query_pool.pending
-    for item in done:
-        try:
-            query_answered(w, item[0], item[1])
-        except Exception:       # a bug: this answer is lost, the others go on
-            w.log_limited(CR_PYTHON, "a store query's answer could not be written")
-
-
-cdef void query_answered(Worker w, object token, object answer) except *:
-    """Writes a query's answer on its connection, unless it closed meanwhile,
-    then reads the connection again (its pipelined requests, if any)."""
-    cdef uint64_t t = token
-    cdef uint32_t fd = <uint32_t>(t & 0xffffffff)
-    cdef uint32_t gen = <uint32_t>(t >> 32)
-    cdef Conn* c
-    cdef HttpState* st
-    cdef bint keep, head_only
-    if fd >= <uint32_t>w.nconns:
-        return
-    c = &w.conns[fd]
-    if c.gen != gen or c.state != ST_AWAIT_CONNECT or c.proto != PROTO_HTTP:
-        return                  # closed meanwhile: the answer is dropped
-    st = &w.http[fd]
-    if not (st.flags & HF_QUERY):
-        return
-    keep = (st.flags & HF_QUERY_KEEP) != 0 and not ((st.flags & HF_CLOSE) != 0 or w.draining)
-    head_only = (st.flags & HF_QUERY_HEAD) != 0
-    st.flags &= ~(HF_QUERY | HF_QUERY_KEEP | HF_QUERY_HEAD)
-    if not keep and c.inlen:
-        st.flags |= HF_LINGER_WANTED        # pipelined requests it will not read
-    if http_answer(w, c, answer, 0, keep, st.query_minor, head_only) < 0 or c.state != ST_AWAIT_CONNECT:
-        return
-    c.flags &= ~F_PAUSED
-    w.update_events(c)
-    if not (st.flags & HF_CLOSE):
-        wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
-    if c.inlen and w.resume_input(c) < 0:
-        return
-    if c.ssl != NULL and c.state == ST_AWAIT_CONNECT and not (c.flags & F_PAUSED) and SSL_pending(c.ssl) > 0:
-        w.on_readable(c)        # bytes OpenSSL decrypted already: epoll cannot see them
 
 
 cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,

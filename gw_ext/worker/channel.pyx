@@ -4,8 +4,7 @@
 # forking and keeps every end, so a respawned worker inherits the same links.
 # Frames to a peer are appended to its batch during the loop turn and sent at
 # the end of it, as datagrams of whole frames (at most CHANNEL_DATAGRAM bytes,
-# or one larger frame alone). A frame: 8-byte header [type u8][flags u8]
-# [topic length u16][body length u32], then the body.
+# or one larger frame alone). The frames and their header: gw_ext/frames.pxd.
 #
 # A datagram larger than the socket's send buffer cannot be sent at all
 # (EMSGSIZE), so a link's largest datagram (Peer.dgram) follows from the
@@ -27,15 +26,6 @@
 # life and tell it their interests.
 
 cdef enum:
-    FR_PUBLISH = 1            # flags: qos | retain << 2; body: origin_ns (8 bytes), topic, payload
-    FR_SUB_ADD = 2            # body: a topic filter
-    FR_SUB_DEL = 3
-    FR_HELLO = 4              # body: empty
-    FR_RETAIN = 5             # flags: qos; body: topic, payload (empty: clear)
-    FR_PIECE = 16             # flags: PIECE_FIRST | PIECE_LAST; body: the next slice of a larger frame
-    PIECE_FIRST = 1
-    PIECE_LAST = 2
-    FRAME_HEADER = 8
     CHANNEL_DATAGRAM = 65536          # small frames are batched into datagrams of at most this
     CHANNEL_DATAGRAM_MIN = 1024       # Peer.dgram's bounds, whatever SO_SNDBUF says
     CHANNEL_DATAGRAM_MAX = 1 << 20    # (also the receive buffer's size: bounded)
@@ -88,11 +78,7 @@ cdef uint8_t* channel_frame(Worker w, int p, uint8_t ftype, uint8_t flags, uint3
         peer.out = grown
         peer.outcap = cap
     hdr = peer.out + peer.outlen
-    hdr[0] = ftype
-    hdr[1] = flags
-    hdr[2] = <uint8_t>(topic_len & 0xFF)
-    hdr[3] = <uint8_t>(topic_len >> 8)
-    memcpy(hdr + 4, &body_len, 4)
+    frame_header_put(hdr, ftype, flags, topic_len, body_len)
     peer.outlen += need
     w.peers_dirty |= (<uint64_t>1) << p
     return hdr + FRAME_HEADER
@@ -131,12 +117,10 @@ cdef void channel_send(Worker w, int p):
     cdef Peer* peer = &w.peers[p]
     cdef uint32_t pos = 0, end, flen, batch
     cdef ssize_t n
-    cdef uint32_t body_len
     cdef int r
     batch = CHANNEL_DATAGRAM if peer.dgram > CHANNEL_DATAGRAM else peer.dgram
     while pos < peer.outlen:
-        memcpy(&body_len, peer.out + pos + 4, 4)
-        flen = FRAME_HEADER + body_len
+        flen = FRAME_HEADER + frame_body_len(peer.out + pos)
         if flen > peer.dgram:
             # Too large for one datagram: in pieces (it may have begun in an earlier turn).
             r = channel_send_pieces(w, p, pos, flen)
@@ -147,8 +131,7 @@ cdef void channel_send(Worker w, int p):
         # A datagram: whole frames up to `batch` (one bigger frame goes alone).
         end = pos + flen
         while end < peer.outlen:
-            memcpy(&body_len, peer.out + end + 4, 4)
-            flen = FRAME_HEADER + body_len
+            flen = FRAME_HEADER + frame_body_len(peer.out + end)
             if end + flen - pos > batch:
                 break
             end += flen
@@ -194,11 +177,8 @@ cdef int channel_send_pieces(Worker w, int p, uint32_t pos, uint32_t flen):
         k = flen - peer.piece_sent
         if k > room:
             k = room
-        hdr[0] = FR_PIECE
-        hdr[1] = (PIECE_FIRST if peer.piece_sent == 0 else 0) | (PIECE_LAST if peer.piece_sent + k == flen else 0)
-        hdr[2] = 0
-        hdr[3] = 0
-        memcpy(hdr + 4, &k, 4)
+        frame_header_put(hdr, FR_PIECE, (PIECE_FIRST if peer.piece_sent == 0 else 0)
+                         | (PIECE_LAST if peer.piece_sent + k == flen else 0), 0, k)
         iov[0].iov_base = hdr
         iov[0].iov_len = FRAME_HEADER
         iov[1].iov_base = peer.out + pos + peer.piece_sent
@@ -277,7 +257,7 @@ cdef void channel_datagram(Worker w, int p, const uint8_t* buf, ssize_t n):
     """One datagram from peer p: a piece of a larger frame, or whole frames."""
     cdef uint32_t body_len
     if n >= FRAME_HEADER and buf[0] == FR_PIECE:
-        memcpy(&body_len, buf + 4, 4)
+        body_len = frame_body_len(buf)
         if <uint64_t>body_len + FRAME_HEADER != <uint64_t>n:
             channel_malformed(w, p, "a piece of a frame that does not fill its datagram")
             channel_drop_pieces(w, p)
@@ -304,7 +284,7 @@ cdef void channel_piece(Worker w, int p, uint8_t flags, const uint8_t* piece, ui
         if k < FRAME_HEADER:
             channel_malformed(w, p, "a frame's first piece without its header")
             return
-        memcpy(&body_len, piece + 4, 4)
+        body_len = frame_body_len(piece)
         total = <uint64_t>FRAME_HEADER + body_len
         if total > CHANNEL_MAX_PENDING or total < k or piece[0] == FR_PIECE:
             channel_malformed(w, p, "a frame in pieces of %d bytes (at most %d)" % (total, CHANNEL_MAX_PENDING))
@@ -354,8 +334,8 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             return
         ftype = buf[pos]
         flags = buf[pos + 1]
-        topic_len = buf[pos + 2] | (<uint32_t>buf[pos + 3] << 8)
-        memcpy(&body_len, buf + pos + 4, 4)
+        topic_len = frame_topic_len(buf + pos)
+        body_len = frame_body_len(buf + pos)
         body = buf + pos + FRAME_HEADER
         if <uint64_t>body_len > <uint64_t>(n - pos - FRAME_HEADER) or topic_len > body_len:
             channel_malformed(w, p, "a truncated frame")
@@ -409,6 +389,22 @@ cdef void announce_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, ui
 cdef struct PeerTarget:
     void* worker
     int peer
+
+
+cdef void channels_hello(Worker w):
+    """This worker (re)started: HELLO to every peer, then every filter we have."""
+    cdef int p
+    cdef PeerTarget target
+    target.worker = <void*>w
+    for p in range(w.npeers):
+        if p != w.worker_index and w.peers[p].fd >= 0:
+            # HELLO goes first: a peer that reads it forgets what we announced
+            # before, including what sessions restored from disk queued just now;
+            # so every filter we have is announced again after it.
+            w.peers[p].outlen = 0
+            channel_frame(w, p, FR_HELLO, 0, 0, 0)
+            target.peer = p
+            topics_filters(w.index, announce_filter, &target)
 
 
 cdef void peer_restarted(Worker w, int p):

@@ -1,0 +1,135 @@
+# Included by loop.pyx. Retained messages: every worker keeps the whole store
+# (Worker.retained, a dict: topic -> (qos, payload)), kept in step by FR_RETAIN
+# frames, so a SUBSCRIBE is answered from the local copy.
+#
+# - A retained PUBLISH is kept or clears its topic where it arrives, within
+#   max_retained and max_retained_bytes, and only what was kept goes to the
+#   other workers (retain_publish, retain_store).
+# - A new subscription gets the retained messages it matches, RETAIN=1
+#   (retain_deliver), after its SUBACK (handle_subscribe.pyx).
+# - A (re)started worker gets the whole store from each peer after its HELLO
+#   (retain_sync_to, from channel.pyx's peer_restarted).
+# - Persistence (gw/persistence.py): Worker.retained_messages is what is
+#   saved, retained_changed says it changed since (Worker.retained_saved
+#   clears it), and the saved messages come back through Worker.retain
+#   (retain_loaded).
+
+
+cdef void retain_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                         uint32_t payload_len, uint8_t qos, bint forward):
+    """A PUBLISH with RETAIN=1 being routed (forward: read here, not from a peer).
+    The worker a retained message arrives at applies the store's bounds and
+    tells the others only what it kept, so every worker's copy agrees; the
+    server's own ($SYS) messages are always kept."""
+    if not forward or retain_store(w, topic, topic_len, payload, payload_len, qos,
+                                   not w.publishing_as_server):
+        if forward:
+            channel_broadcast(w, FR_RETAIN, qos, topic, topic_len, payload, payload_len)
+        else:
+            retain_store(w, topic, topic_len, payload, payload_len, qos, False)
+
+
+cdef bint retain_loaded(Worker w, bytes topic, int qos, bytes payload) except? False:
+    """A retained message loaded from the data dir (not routed), within the
+    store's bounds; False when refused (a bad topic or QoS, or over a bound)."""
+    if not 0 <= qos <= 2 or not valid_topic_name(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
+        return False
+    return retain_store(w, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                        <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, True)
+
+
+cdef bint retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                       uint32_t payload_len, uint8_t qos, bint enforce) except? False:
+    """Keeps (or clears) a retained message; with `enforce`, within max_retained
+    messages and max_retained_bytes (topics and payloads). False if refused."""
+    cdef object old
+    cdef uint64_t old_size = 0
+    key = PyBytes_FromStringAndSize(<char*>topic, topic_len)
+    old = w.retained.get(key)
+    if old is not None:
+        old_size = topic_len + len(<bytes>(<tuple>old)[1])
+    if payload_len == 0:
+        # A zero-length retained PUBLISH clears the topic (MQTT-3.3.1-10/11).
+        if old is None:
+            return True
+        del w.retained[key]
+        w.retained_bytes -= old_size
+    elif enforce and old is None and len(w.retained) >= w.max_retained:
+        w.counters[DROPPED_RETAINED_FULL] += 1
+        w.log_limited(CR_QUEUE, "retained store full (max_retained %d): not retained" % w.max_retained)
+        return False
+    elif enforce and w.retained_bytes - old_size + topic_len + payload_len > w.max_retained_bytes:
+        w.counters[DROPPED_RETAINED_FULL] += 1
+        w.counters[LIMITS + LIM_RETAINED_BYTES] += 1
+        w.log_limited(CR_QUEUE, "retained store holds max_retained_bytes (%d): not retained"
+                      % w.max_retained_bytes)
+        return False
+    else:
+        w.retained[key] = (qos, PyBytes_FromStringAndSize(<char*>payload, payload_len))
+        w.retained_bytes += <uint64_t>topic_len + payload_len - old_size
+    w.retained_changed = True
+    return True
+
+
+cdef void retain_sync_to(Worker w, int p):
+    cdef uint8_t* body
+    cdef bytes payload
+    cdef bytes topic
+    for topic, (qos, payload) in w.retained.items():
+        body = channel_frame(w, p, FR_RETAIN, qos, len(topic), len(topic) + len(payload))
+        if body != NULL:
+            memcpy(body, PyBytes_AS_STRING(topic), len(topic))
+            memcpy(body + len(topic), PyBytes_AS_STRING(payload), len(payload))
+
+
+cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
+    """MQTT 4.7 matching of one filter against one topic name."""
+    cdef uint32_t i = 0, j = 0
+    if tlen and t[0] == 36 and flen and (f[0] == 35 or f[0] == 43):
+        return False        # '$' topics are not matched by leading wildcards (MQTT-4.7.2-1)
+    while i < flen:
+        if f[i] == 35:      # '#': the rest, including the parent level
+            return True
+        if f[i] == 43:      # '+': one level
+            while j < tlen and t[j] != 47:
+                j += 1
+            i += 1
+        else:
+            while i < flen and f[i] != 47:
+                if j >= tlen or t[j] != f[i]:
+                    return False
+                i += 1
+                j += 1
+            if j < tlen and t[j] != 47:
+                return False
+        if i == flen:
+            return j == tlen
+        # f[i] is '/'
+        i += 1
+        if j == tlen:
+            # The topic ended: only a trailing "#" (sport/# matches sport) still matches.
+            return i + 1 == flen and f[i] == 35
+        j += 1              # past the topic's '/'
+    return j == tlen
+
+
+cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted):
+    """A new subscription gets the retained messages it matches, RETAIN=1 (MQTT-3.3.1-6)."""
+    cdef bytes topic, payload
+    cdef Msg* msg
+    cdef uint8_t q
+    for topic, (qos, payload) in w.retained.items():
+        if not filter_matches(filt, flen, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
+            continue
+        q = qos if qos < granted else granted
+        if q == 0:
+            deliver_qos0(w, s, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                         <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), 1)
+        else:
+            msg = msg_new(<const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
+                          <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, 1)
+            if msg == NULL:
+                w.counters[DROPPED_NOMEM] += 1
+                continue
+            deliver_msg(w, s, msg, q, 1)
+            msg_release(msg)

@@ -1,0 +1,184 @@
+# Included by loop.pyx. A persistent session's state as bytes: what moves to
+# another worker when its client connects there (FR_SESSION, registry.pyx)
+# and what the data dir keeps (gw/persistence.py, through
+# Worker.snapshot_sessions and Worker.restore_sessions). Layout, little-endian:
+#   u8 SESSION_STATE_VERSION;
+#   u32 nsubs, (u16 len, filter, u8 qos)*;
+#   u16 next packet id;
+#   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
+#               u16 topic len, u32 payload len, topic, payload)*;
+#   u32 nqos2, (u16 packet id)*.
+# Counts are u32: a session may hold more than 65,535 subscriptions or messages.
+# session_restore checks every length against what is left before reading it.
+
+cdef enum:
+    SESSION_STATE_VERSION = 2
+
+
+cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
+    with gil:
+        (<list>ctx).append((PyBytes_FromStringAndSize(<char*>topic_filter, n), qos))
+
+
+cdef bytes session_serialize(Worker w, int slot):
+    cdef Session* s = &w.sessions[slot]
+    cdef list subs = []
+    cdef list parts = []
+    cdef uint32_t i
+    cdef Msg* m
+    cdef Queued* q
+    topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
+    parts.append(struct_pack("<BI", SESSION_STATE_VERSION, len(subs)))
+    for f, qos in subs:
+        parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
+    parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
+    for i in range(s.ninflight):
+        m = s.inflight[i].msg
+        parts.append(struct_pack("<HBBHI", s.inflight[i].packet_id, s.inflight[i].qos | (s.inflight[i].retain << 2),
+                                 s.inflight[i].state, m.topic_len, m.payload_len))
+        parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
+    for i in range(s.qlen):
+        q = &s.queue[(s.qhead + i) % s.qcap]
+        m = q.msg
+        parts.append(struct_pack("<HBBHI", 0, q.qos, 0, m.topic_len, m.payload_len))
+        parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
+    parts.append(struct_pack("<I", s.nqos2_in))
+    for i in range(s.nqos2_in):
+        parts.append(struct_pack("<H", s.qos2_in[i]))
+    return b"".join(parts)
+
+
+cdef inline uint32_t rd16(const uint8_t* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8)
+
+
+cdef inline uint32_t rd32(const uint8_t* p) noexcept nogil:
+    return p[0] | (<uint32_t>p[1] << 8) | (<uint32_t>p[2] << 16) | (<uint32_t>p[3] << 24)
+
+
+cdef int session_restore(Worker w, int slot, bytes state) except -2:
+    """Rebuilds a session from session_serialize's bytes (a peer's or a file's).
+    0 when whole; -1 when it was cut short or malformed: what came before the
+    fault is kept, the rest dropped, counted and logged."""
+    cdef Session* s = &w.sessions[slot]
+    cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(state)
+    cdef const uint8_t* end = p + PyBytes_GET_SIZE(state)
+    cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen
+    cdef uint16_t pid
+    cdef uint8_t qos, st, retain
+    cdef int r
+    cdef Msg* m
+    cdef Queued* slotq
+    if end - p < 5 or p[0] != SESSION_STATE_VERSION:
+        return session_restore_fault(w, "unknown format")
+    nsubs = rd32(p + 1)
+    p += 5
+    for i in range(nsubs):
+        if end - p < 2 or end - p - 2 < <Py_ssize_t>rd16(p) + 1:
+            return session_restore_fault(w, "subscriptions cut short")
+        flen = rd16(p)
+        qos = p[2 + flen]
+        if qos <= 2 and valid_topic_filter(p + 2, flen):
+            r = topics_subscribe(w.index, p + 2, flen, slot, qos)
+            if r == 1:
+                channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
+        p += 3 + flen
+    if end - p < 6:
+        return session_restore_fault(w, "message count missing")
+    s.next_packet_id = <uint16_t>rd16(p) or 1
+    nmsgs = rd32(p + 2)
+    p += 6
+    for i in range(nmsgs):
+        if end - p < 10:
+            return session_restore_fault(w, "message cut short")
+        pid = <uint16_t>rd16(p)
+        qos = p[2] & 3
+        retain = (p[2] >> 2) & 1
+        st = p[3]
+        tlen = rd16(p + 4)
+        plen = rd32(p + 6)
+        p += 10
+        if <uint64_t>(end - p) < <uint64_t>tlen + plen or qos == 0 or qos == 3 or st > IF_RELEASED:
+            return session_restore_fault(w, "message malformed")
+        m = msg_new(p, tlen, p + tlen, plen, qos, 0)
+        p += tlen + plen
+        if m == NULL:
+            w.counters[DROPPED_NOMEM] += 1
+            continue
+        if pid:
+            if inflight_grow(s) < 0:
+                msg_release(m)
+                w.counters[DROPPED_NOMEM] += 1
+                continue
+            e = &s.inflight[s.ninflight]
+            e.msg = m
+            e.packet_id = pid
+            e.qos = qos
+            e.state = st
+            e.retain = retain
+            s.ninflight += 1
+        else:
+            if session_queue_grow(s) < 0:
+                msg_release(m)
+                w.counters[DROPPED_NOMEM] += 1
+                continue
+            slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
+            slotq.msg = m
+            slotq.qos = qos | (retain << 2)
+            s.qlen += 1
+            s.qbytes += <uint64_t>tlen + plen
+    if end - p < 4:
+        return session_restore_fault(w, "QoS 2 ids missing")
+    nq2 = rd32(p)
+    p += 4
+    if <uint64_t>(end - p) < <uint64_t>nq2 * 2:
+        return session_restore_fault(w, "QoS 2 ids cut short")
+    for i in range(nq2):
+        pid = <uint16_t>rd16(p + 2 * i)
+        if pid and s.nqos2_in < 65535:
+            qos2_remember(s, pid)
+    return 0
+
+
+cdef int session_restore_fault(Worker w, str what) except -2:
+    w.counters[CHANNEL_MALFORMED] += 1
+    w.log_limited(CR_CHANNEL, "a transferred or saved session was malformed (%s); restored what came before" % what)
+    return -1
+
+
+cdef list sessions_snapshot(Worker w, bint changed_only):
+    """Worker.snapshot_sessions: [(slot, client id, state)] of the clean_session=0
+    sessions (with changed_only, of the slots marked dirty since the last call,
+    (slot, None, None) for one that no longer holds such a session)."""
+    cdef uint32_t slot
+    cdef Session* s
+    out = []
+    for slot in range(w.nsessions):
+        s = &w.sessions[slot]
+        if changed_only and not s.dirty:
+            continue
+        s.dirty = 0
+        if s.in_use and not s.clean:
+            out.append((slot, PyBytes_FromStringAndSize(s.client_id, s.client_id_len),
+                        session_serialize(w, slot)))
+        elif changed_only:
+            out.append((slot, None, None))
+    w.sessions_changed = False
+    return out
+
+
+cdef void sessions_load(Worker w, list saved) except *:
+    """Worker.restore_sessions: saved sessions come back at start-up, their
+    clients away; begin() registers them at their ids' homes."""
+    cdef int slot
+    cdef bytes cid, state
+    for cid, state in saved:
+        if cid in w.client_sessions:
+            continue
+        slot = session_new(w, <const uint8_t*>PyBytes_AS_STRING(cid), len(cid), 0)
+        if slot < 0:
+            raise MemoryError()
+        session_restore(w, slot, state)
+        w.sessions[slot].away_since_ms = monotonic_ms()
+        w.counters[SESSIONS_AWAY] += 1
+        w.restored.append(cid)
