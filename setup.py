@@ -21,6 +21,7 @@ SOURCE_DIRS = ("gw_ext", "gwbench/_ext")
 # C files compiled into an extension with its .pyx (their .h beside them).
 C_SOURCES = {
     "gw_ext.wal": ["gw_ext/crc32c.c", "gw_ext/wal_records.c", "gw_ext/wal_flusher.c"],
+    "gw_ext.dedup": ["gw_ext/dedup_table.c"],
 }
 # Our own C files get more warnings than Cython's output (which warns about
 # itself); tests/test_c_sources.py compiles them with -Werror.
