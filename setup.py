@@ -22,6 +22,7 @@ SOURCE_DIRS = ("gw_ext", "gwbench/_ext")
 C_SOURCES = {
     "gw_ext.wal": ["gw_ext/crc32c.c", "gw_ext/wal_records.c", "gw_ext/wal_flusher.c"],
     "gw_ext.dedup": ["gw_ext/dedup_table.c"],
+    "gw_ext.filewriter": ["gw_ext/filewriter_thread.c"],
 }
 # Our own C files get more warnings than Cython's output (which warns about
 # itself); tests/test_c_sources.py compiles them with -Werror.
