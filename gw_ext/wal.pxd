@@ -32,10 +32,9 @@
 
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
 
-cdef extern from *:
-    """
-    struct gw_wal;          /* defined in gw_ext/wal.pyx */
-    """
+# The C side: CRC-32C (crc32c.c), the framing and scanning (wal_records.c), the
+# writer and its flusher thread (wal_flusher.c); wal.pyx wraps them.
+cdef extern from "wal_flusher.h":
     ctypedef struct gw_wal "struct gw_wal"
 
 

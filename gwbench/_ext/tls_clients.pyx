@@ -46,63 +46,7 @@ import os
 # built-in EC method (EVP_PKEY_meth_find): the same checks (chain, signature,
 # CertificateVerify) on the same EC code, minus the decoder search. Only in
 # the bench's connection workers; other key types (RSA...) are untouched.
-cdef extern from *:
-    """
-    #include <openssl/engine.h>
-    #include <openssl/evp.h>
-    #include <openssl/err.h>
-    #pragma GCC diagnostic push
-    #pragma GCC diagnostic ignored "-Wdeprecated-declarations"
-    #ifndef OPENSSL_NO_ENGINE
-    static int gw_ec_nids[] = { EVP_PKEY_EC };
-    static int gw_ec_pmeths(ENGINE *e, EVP_PKEY_METHOD **pmeth, const int **nids, int nid)
-    {
-        (void)e;
-        if (pmeth == NULL) {
-            *nids = gw_ec_nids;
-            return 1;
-        }
-        if (nid == EVP_PKEY_EC) {
-            *pmeth = (EVP_PKEY_METHOD *)EVP_PKEY_meth_find(EVP_PKEY_EC);
-            return *pmeth != NULL;
-        }
-        *pmeth = NULL;
-        return 0;
-    }
-    #endif
-    static int gw_legacy_ec_state = 0;   /* 0 not tried, 1 on, -1 unavailable */
-    static int gw_use_legacy_ec_keys(void)
-    {
-    #ifdef OPENSSL_NO_ENGINE
-        return 0;
-    #else
-        ENGINE *e;
-        int ok;
-        if (gw_legacy_ec_state != 0)
-            return gw_legacy_ec_state > 0;
-        gw_legacy_ec_state = -1;
-        if (EVP_PKEY_meth_find(EVP_PKEY_EC) == NULL)
-            return 0;
-        e = ENGINE_new();
-        if (e == NULL)
-            return 0;
-        ok = ENGINE_set_id(e, "gw-bench-legacy-ec")
-             && ENGINE_set_name(e, "OpenSSL's built-in EC method (gw bench)")
-             && ENGINE_set_pkey_meths(e, gw_ec_pmeths)
-             && ENGINE_init(e);
-        if (ok) {
-            ok = ENGINE_set_default_pkey_meths(e);   /* the table keeps its own reference */
-            ENGINE_finish(e);
-        }
-        ENGINE_free(e);
-        ERR_clear_error();
-        if (ok)
-            gw_legacy_ec_state = 1;
-        return ok;
-    #endif
-    }
-    #pragma GCC diagnostic pop
-    """
+cdef extern from "legacy_ec_keys.h":
     int gw_use_legacy_ec_keys() nogil
 
 
@@ -354,31 +298,7 @@ cdef class TLSConn:
 # connect on the ramp started up to 1 ms late (p50 ~0.5 ms of ramp lag).
 # epoll_pwait2 (Linux 5.11) takes a timespec.
 
-cdef extern from *:
-    """
-    #include <sys/epoll.h>
-    #include <time.h>
-    #include <errno.h>
-    #include <math.h>
-    static int gw_pwait2_missing = 0;
-    static int gw_epoll_wait_ns(int epfd, struct epoll_event *evs, int n, double timeout)
-    {
-        int r;
-        if (timeout < 0)
-            return epoll_wait(epfd, evs, n, -1);
-        if (!gw_pwait2_missing) {
-            struct timespec ts;
-            ts.tv_sec = (time_t)timeout;
-            ts.tv_nsec = (long)((timeout - (double)ts.tv_sec) * 1e9);
-            if (ts.tv_nsec > 999999999) ts.tv_nsec = 999999999;
-            r = epoll_pwait2(epfd, evs, n, &ts, NULL);
-            if (r >= 0 || errno != ENOSYS)
-                return r;
-            gw_pwait2_missing = 1;
-        }
-        return epoll_wait(epfd, evs, n, (int)ceil(timeout * 1000.0));
-    }
-    """
+cdef extern from "epoll_wait_ns.h":
     int gw_epoll_wait_ns(int epfd, epoll_event* evs, int n, double timeout) nogil
 
 DEF MAXEV = 1024
