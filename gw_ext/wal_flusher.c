@@ -62,9 +62,10 @@ static int gw_wal_pwrite_all(struct gw_wal* w, const uint8_t* p, size_t n, uint6
     *done = 0;
     while (*done < n) {
         ssize_t k;
-        if (__atomic_load_n(&w->inj_write_n, __ATOMIC_RELAXED) > 0) {
+        /* Acquire pairs with gw_wal_inject's release: the errno set with the count is seen. */
+        if (__atomic_load_n(&w->inj_write_n, __ATOMIC_ACQUIRE) > 0) {
             __atomic_sub_fetch(&w->inj_write_n, 1, __ATOMIC_RELAXED);
-            errno = w->inj_write_errno;
+            errno = __atomic_load_n(&w->inj_write_errno, __ATOMIC_RELAXED);
             k = -1;
         } else {
             k = pwrite(w->fd, p + *done, n - *done, (off_t)(pos + *done));
@@ -82,9 +83,9 @@ static int gw_wal_pwrite_all(struct gw_wal* w, const uint8_t* p, size_t n, uint6
 
 static int gw_wal_datasync(struct gw_wal* w) {
     int r;
-    if (__atomic_load_n(&w->inj_fsync_n, __ATOMIC_RELAXED) > 0) {
+    if (__atomic_load_n(&w->inj_fsync_n, __ATOMIC_ACQUIRE) > 0) {
         __atomic_sub_fetch(&w->inj_fsync_n, 1, __ATOMIC_RELAXED);
-        return w->inj_fsync_errno;
+        return __atomic_load_n(&w->inj_fsync_errno, __ATOMIC_RELAXED);
     }
     do { r = fdatasync(w->fd); } while (r != 0 && errno == EINTR);
     if (r != 0) return errno ? errno : EIO;
@@ -246,7 +247,7 @@ static void* gw_wal_main(void* arg) {
         } else {
             __atomic_add_fetch(&w->n_errors, 1, __ATOMIC_RELAXED);
             int was = __atomic_exchange_n(&w->err, e, __ATOMIC_ACQ_REL);
-            w->retry_ns = gw_wal_now_ns() + w->retry_interval_ns;
+            w->retry_ns = gw_wal_now_ns() + __atomic_load_n(&w->retry_interval_ns, __ATOMIC_RELAXED);
             if (!was) gw_wal_notify(w);       /* the loop learns of the error state */
         }
         pthread_cond_broadcast(&w->cv_done);
@@ -380,13 +381,13 @@ uint64_t gw_wal_drain(struct gw_wal* w) {
 
 void gw_wal_inject(struct gw_wal* w, int fsync_errno, int fsync_n, int write_errno, int write_n,
                    uint64_t retry_ns) {
-    if (retry_ns) w->retry_interval_ns = retry_ns;
+    if (retry_ns) __atomic_store_n(&w->retry_interval_ns, retry_ns, __ATOMIC_RELAXED);
     if (fsync_n >= 0) {                     /* -1: that kind unchanged */
-        w->inj_fsync_errno = fsync_errno;
+        __atomic_store_n(&w->inj_fsync_errno, fsync_errno, __ATOMIC_RELAXED);
         __atomic_store_n(&w->inj_fsync_n, fsync_n, __ATOMIC_RELEASE);
     }
     if (write_n >= 0) {
-        w->inj_write_errno = write_errno;
+        __atomic_store_n(&w->inj_write_errno, write_errno, __ATOMIC_RELAXED);
         __atomic_store_n(&w->inj_write_n, write_n, __ATOMIC_RELEASE);
     }
 }
