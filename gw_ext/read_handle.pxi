@@ -25,6 +25,10 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
         # A clean goodbye: the will is discarded (MQTT-3.14.4-3).
         w.close_conn(c, CR_DISCONNECT)
         return -1
-    # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
-    w.malformed(c, MAL_PROTOCOL)
+    if ptype == CONNECT:
+        w.malformed(c, MAL_PROTOCOL)        # a second CONNECT (MQTT-3.1.0-2)
+        return -1
+    # CONNACK, SUBACK, UNSUBACK, PINGRESP: only servers send them, a protocol
+    # violation from a client (MQTT-4.8.0-1), counted apart.
+    w.malformed(c, MAL_SERVER_PACKET)
     return -1
