@@ -1,7 +1,8 @@
 """Fuzz target `codec`: the MQTT codec's decoders (gw_ext/codec.pyx, the C
 functions the worker calls, through their Python API) against the pure-Python
 reference (tests/mqtt_ref.py, the tests' oracle): for any bytes and packet-size limit both accept
-the same packets or both refuse, for the same reason; decode_count agrees;
+the same packets or both refuse, for the same reason, with control characters
+refused or allowed (the first byte's top bit); decode_count agrees;
 what was decoded encodes to the same bytes with both encoders, and decodes
 back to itself.
 
@@ -37,7 +38,10 @@ def TestOneInput(data: bytes) -> None:
     from gw_ext import codec
 
     limit = LIMITS[data[0] % len(LIMITS)] if data else LIMITS[0]
+    allow_control = bool(data[0] & 0x80) if data else False
     data = data[1:]
+    codec.allow_control_characters(allow_control)
+    ref.allow_control_characters(allow_control)
     got = outcome(codec.decode, data, limit)
     want = outcome(ref.decode, data, limit)
     if got != want:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACK_MODES = ("enqueue", "sink")
+CONTROL_CHARACTER_MODES = ("close", "accept")
 FSYNC_MODES = ("always", "batch", "off")
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 
@@ -110,6 +111,11 @@ class Config:
                                      "(SUBACK 0x80) and counted", minimum=1, maximum=65535)
     max_topic_length: int = _setting(4096, "bytes in a topic filter; longer filters are refused "
                                      "(SUBACK 0x80) and counted", minimum=1, maximum=65535)
+    mqtt_control_characters: str = _setting("close", "what a control character (U+0001-U+001F, U+007F-U+009F) "
+                                            "in an MQTT client id, user name, will topic, topic name or topic "
+                                            "filter does: close (the connection, counted, as Mosquitto does; "
+                                            "MQTT 3.1.1 section 1.5.3 allows it) or accept",
+                                            choices=CONTROL_CHARACTER_MODES)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
                                       minimum=0.1, maximum=3600)
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",

@@ -55,10 +55,14 @@ MALFORMED_REASONS = {
     2: "length",      # remaining length over 4 bytes, truncated or trailing bytes
     3: "utf8",        # ill-formed UTF-8, U+0000 or a surrogate
     4: "protocol",    # bad protocol name, reserved connect flag, will flags
-    5: "topic",       # empty topic, wildcard in a topic name
+    5: "topic",       # empty topic or filter, wildcard in a topic name, bad filter (a/#/b, a+)
     6: "qos",         # QoS 3 / reserved QoS bits
     7: "packet_id",   # packet identifier 0 where one is required
     8: "empty",       # SUBSCRIBE/UNSUBSCRIBE/SUBACK without entries
+    9: "control",     # a control character in a client id, user name, topic or filter
+    # Reported by the server's handlers, never by the decoders:
+    10: "server_packet",  # a client sending CONNACK, SUBACK, UNSUBACK or PINGRESP
+    11: "ack",            # an acknowledgement of the wrong kind for its flow
 }
 
 

@@ -292,7 +292,8 @@ PACKET_NAMES = {1: "connect", 2: "connack", 3: "publish", 4: "puback", 5: "pubre
                 7: "pubcomp", 8: "subscribe", 9: "suback", 10: "unsubscribe", 11: "unsuback",
                 12: "pingreq", 13: "pingresp", 14: "disconnect"}
 MALFORMED_REASONS = {1: "fixed_header", 2: "remaining_length", 3: "utf8", 4: "protocol",
-                     5: "topic", 6: "qos", 7: "packet_id", 8: "no_topic_filter"}
+                     5: "topic", 6: "qos", 7: "packet_id", 8: "no_topic_filter",
+                     9: "control_character", 10: "server_packet", 11: "wrong_ack_kind"}
 # LIMITS + LIM_*: which bound a client hit, named after its setting (max_<name>).
 LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("LIM_")}
 # The HTTP status slots by name: "200", ..., "505", "other".

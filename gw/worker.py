@@ -21,6 +21,7 @@ from gw.jsonproto import JsonProtocol
 from gw.persistence import Persistence
 from gw.stats import StatsBlock
 from gw.systopics import sys_messages
+from gw_ext import codec
 
 log = logging.getLogger("gw.worker")
 
@@ -67,6 +68,8 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_bytes = cfg.http_linger_bytes
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
+    # The codec's policy for the whole process (its decoders take no settings).
+    codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
     worker.tick_ms = 1000
 

@@ -8,6 +8,9 @@ fields as Slices into the caller's buffer. The Python API on top of them:
 * ``encode(packet)`` -> ``bytes``
 * ``decode_count(data, max_packet_size)`` -> number of packets decoded and
   validated with the C functions only (what the server does per packet).
+* ``allow_control_characters(allowed)``: whether control characters in client
+  ids, user names, topics and filters are accepted (refused by default; a
+  process-wide policy, set by each worker from its configuration).
 
 Check order (mirrored exactly by tests/mqtt_ref.py, the oracle of the tests):
 fixed header (type/flags, then remaining length, then fixed body sizes, then
@@ -30,15 +33,18 @@ cdef extern from *:
     """
     #define GW_LO 0x0101010101010101ULL
     #define GW_HI 0x8080808080808080ULL
+    #define GW_SPACE 0x2020202020202020ULL
     #define GW_PLUS 0x2B2B2B2B2B2B2B2BULL
-    #define GW_HASH 0x2323232323232323ULL
+    #define GW_BIT3 0x0808080808080808ULL
     #define GW_R16(x) x,x,x,x,x,x,x,x,x,x,x,x,x,x,x,x
-    /* Bytes that take a topic name off the fast path: NUL, '#', '+', non-ASCII. */
+    /* Bytes that take a topic name off the fast path: NUL and the C0 controls,
+       '#', '+', DEL, non-ASCII. */
     static const unsigned char gw_topic_special[256] = {
-        1,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,          /* 0x00 */
-        GW_R16(0),                                /* 0x10 */
+        GW_R16(1),                                /* 0x00: NUL, controls */
+        GW_R16(1),                                /* 0x10: controls */
         0,0,0,1,0,0,0,0,0,0,0,1,0,0,0,0,          /* 0x20: '#', '+' */
-        GW_R16(0), GW_R16(0), GW_R16(0), GW_R16(0), GW_R16(0),   /* 0x30-0x7F */
+        GW_R16(0), GW_R16(0), GW_R16(0), GW_R16(0),               /* 0x30-0x6F */
+        0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1,          /* 0x70: DEL */
         GW_R16(1), GW_R16(1), GW_R16(1), GW_R16(1),               /* 0x80-0xBF */
         GW_R16(1), GW_R16(1), GW_R16(1), GW_R16(1),               /* 0xC0-0xFF */
     };
@@ -52,14 +58,20 @@ cdef extern from *:
     """
     const uint64_t GW_LO
     const uint64_t GW_HI
+    const uint64_t GW_SPACE
     const uint64_t GW_PLUS
-    const uint64_t GW_HASH
+    const uint64_t GW_BIT3
     const uint8_t gw_topic_special[256]
     const uint8_t gw_header_flags[16]
     const signed char gw_fixed_length[16]
 
 cdef enum:
     MAX_REMAINING = 268435455
+
+# Control characters in client ids, user names, topics and filters: refused
+# (MAL_CONTROL) unless allowed (allow_control_characters). One policy per
+# process: a worker sets it from its configuration before serving.
+cdef bint control_allowed = False
 
 
 # --- small helpers -------------------------------------------------------------
@@ -80,13 +92,25 @@ cdef inline uint64_t _haszero(uint64_t v) noexcept nogil:
     # Non-zero iff some byte of v is 0 (exact as a yes/no answer).
     return (v - GW_LO) & ~v & GW_HI
 
+cdef inline uint64_t _hasbelow_space(uint64_t v) noexcept nogil:
+    # Non-zero iff some byte of v is below 0x20 (NUL or a C0 control; exact as
+    # a yes/no answer, as _haszero, for any bound up to 0x80).
+    return (v - GW_SPACE) & ~v & GW_HI
+
+cdef inline uint64_t _word_not_printable(uint64_t v) noexcept nogil:
+    # Non-zero iff some byte is non-ASCII, NUL, a C0 control or DEL: a byte of
+    # 0x7F or more has its top bit set in v or in v + 0x01 per byte (a carry
+    # between bytes needs a byte 0xFF, whose top bit is set already).
+    return ((v | (v + GW_LO)) & GW_HI) | _hasbelow_space(v)
+
 cdef inline uint64_t _topic_word_special(uint64_t v) noexcept nogil:
-    # Non-zero iff some byte is non-ASCII, NUL, '+' or '#'.
-    return (v & GW_HI) | _haszero(v) | _haszero(v ^ GW_PLUS) | _haszero(v ^ GW_HASH)
+    # Non-zero iff some byte is non-ASCII, NUL, a control, '+' or '#'. '#'
+    # (0x23) and '+' (0x2B) differ in bit 0x08 only: with it set, both are '+'.
+    return _word_not_printable(v) | _haszero((v | GW_BIT3) ^ GW_PLUS)
 
 cdef inline bint _plain_topic(const uint8_t* p, uint32_t n) noexcept nogil:
-    # True iff p[0:n] is ASCII without NUL, '+', '#': then it is a valid topic
-    # name as far as bytes go (the common case, decided 8 bytes at a time).
+    # True iff p[0:n] is printable ASCII without '+', '#': then it is a valid
+    # topic name as far as bytes go (the common case, decided 8 bytes at a time).
     cdef uint32_t i = 0
     if n >= 8:
         while i + 8 <= n:
@@ -119,60 +143,94 @@ cdef inline int _take(const uint8_t* body, uint32_t n, uint32_t* off, Slice* s) 
 
 # --- validation --------------------------------------------------------------
 
-cdef bint valid_utf8(const uint8_t* p, uint32_t n) noexcept nogil:
+cdef int _scan_string(const uint8_t* p, uint32_t n) noexcept nogil:
+    # -1: ill-formed UTF-8 or U+0000 (whatever else it holds); 1: well-formed,
+    # with a control character (U+0001-U+001F, U+007F-U+009F); 0: neither.
     cdef uint32_t i = 0
     cdef uint64_t v
     cdef uint8_t c, c1
+    cdef int control = 0
     while i < n:
         if i + 8 <= n:
             v = _load64(p + i)
-            if ((v & GW_HI) | _haszero(v)) == 0:
+            if _word_not_printable(v) == 0:
                 i += 8
                 continue
+        elif n >= 8 and _word_not_printable(_load64(p + n - 8)) == 0:
+            return control              # the last bytes (fewer than 8) are printable ASCII
         c = p[i]
         if c < 0x80:
-            if c == 0:
-                return False            # U+0000 (MQTT-1.5.3-2)
+            if c < 0x20 or c == 0x7F:
+                if c == 0:
+                    return -1           # U+0000 (MQTT-1.5.3-2)
+                control = 1             # C0 controls, DEL
             i += 1
         elif c < 0xC2:
-            return False                # continuation byte or overlong lead
+            return -1                   # continuation byte or overlong lead
         elif c < 0xE0:
             if n - i < 2 or (p[i + 1] & 0xC0) != 0x80:
-                return False
+                return -1
+            if c == 0xC2 and p[i + 1] < 0xA0:
+                control = 1             # C1 controls U+0080-U+009F
             i += 2
         elif c < 0xF0:
             if n - i < 3:
-                return False
+                return -1
             c1 = p[i + 1]
             if c == 0xE0:
                 if c1 < 0xA0 or c1 > 0xBF:
-                    return False        # overlong
+                    return -1           # overlong
             elif c == 0xED:
                 if c1 < 0x80 or c1 > 0x9F:
-                    return False        # surrogates D800-DFFF (MQTT-1.5.3-1)
+                    return -1           # surrogates D800-DFFF (MQTT-1.5.3-1)
             elif (c1 & 0xC0) != 0x80:
-                return False
+                return -1
             if (p[i + 2] & 0xC0) != 0x80:
-                return False
+                return -1
             i += 3
         elif c < 0xF5:
             if n - i < 4:
-                return False
+                return -1
             c1 = p[i + 1]
             if c == 0xF0:
                 if c1 < 0x90 or c1 > 0xBF:
-                    return False        # overlong
+                    return -1           # overlong
             elif c == 0xF4:
                 if c1 < 0x80 or c1 > 0x8F:
-                    return False        # above U+10FFFF
+                    return -1           # above U+10FFFF
             elif (c1 & 0xC0) != 0x80:
-                return False
+                return -1
             if (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80:
-                return False
+                return -1
             i += 4
         else:
-            return False
-    return True
+            return -1
+    return control
+
+
+cdef bint valid_utf8(const uint8_t* p, uint32_t n) noexcept nogil:
+    return _scan_string(p, n) >= 0
+
+
+cdef inline int _check_string(const uint8_t* p, uint32_t n) noexcept nogil:
+    cdef int r = _scan_string(p, n)
+    if r == 0:
+        return 0
+    if r < 0:
+        return MAL_UTF8                 # MQTT-1.5.3-1/2
+    return 0 if control_allowed else MAL_CONTROL     # section 1.5.3: the receiver MAY close
+
+cdef int check_string(const uint8_t* p, uint32_t n) noexcept nogil:
+    return _check_string(p, n)
+
+
+cdef inline uint32_t _utf8_chars(const uint8_t* p, uint32_t n) noexcept nogil:
+    # Characters of a well-formed UTF-8 string: the bytes that are not continuations.
+    cdef uint32_t i, chars = 0
+    for i in range(n):
+        if (p[i] & 0xC0) != 0x80:
+            chars += 1
+    return chars
 
 
 cdef bint valid_topic_name(const uint8_t* p, uint32_t n) noexcept nogil:
@@ -216,6 +274,8 @@ cdef int decode_header(const uint8_t* buf, size_t n, uint32_t max_remaining,
     if t == PUBLISH:
         if (b0 & 0x06) == 0x06:
             return _mal(reason, MAL_QOS)            # QoS 3 (MQTT-3.3.1-4)
+        if (b0 & 0x0E) == 0x08:
+            return _mal(reason, MAL_HEADER)         # DUP on QoS 0 (MQTT-3.3.1-2)
     elif (b0 & 0x0F) != gw_header_flags[t]:
         return _mal(reason, MAL_HEADER)             # MQTT-2.2.2-1/2, types 0/15
     if n < 2:
@@ -248,6 +308,7 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
     cdef uint32_t off = 0
     cdef Slice name
     cdef uint8_t level, flags, expect
+    cdef int bad
     memset(out, 0, sizeof(ConnectPacket))
     if _take(body, n, &off, &name) < 0:
         return _mal(reason, MAL_LENGTH)
@@ -288,13 +349,15 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
         return _mal(reason, MAL_PROTOCOL)       # MQTT-3.1.2-22
     if _take(body, n, &off, &out.client_id) < 0:
         return _mal(reason, MAL_LENGTH)
-    if not valid_utf8(out.client_id.ptr, out.client_id.len):
-        return _mal(reason, MAL_UTF8)
+    bad = _check_string(out.client_id.ptr, out.client_id.len)
+    if bad:
+        return _mal(reason, bad)
     if out.will_flag:
         if _take(body, n, &off, &out.will_topic) < 0:
             return _mal(reason, MAL_LENGTH)
-        if not valid_utf8(out.will_topic.ptr, out.will_topic.len):
-            return _mal(reason, MAL_UTF8)
+        bad = _check_string(out.will_topic.ptr, out.will_topic.len)
+        if bad:
+            return _mal(reason, bad)
         if not valid_topic_name(out.will_topic.ptr, out.will_topic.len):
             return _mal(reason, MAL_TOPIC)
         if _take(body, n, &off, &out.will_message) < 0:
@@ -302,8 +365,9 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
     if out.has_username:
         if _take(body, n, &off, &out.username) < 0:
             return _mal(reason, MAL_LENGTH)
-        if not valid_utf8(out.username.ptr, out.username.len):
-            return _mal(reason, MAL_UTF8)
+        bad = _check_string(out.username.ptr, out.username.len)
+        if bad:
+            return _mal(reason, bad)
     if out.has_password:
         if _take(body, n, &off, &out.password) < 0:
             return _mal(reason, MAL_LENGTH)
@@ -312,8 +376,8 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
     if out.client_id.len == 0:
         if level == 3 or not out.clean_session:
             return CONNACK_ID_REJECTED          # MQTT-3.1.3-8
-    elif level == 3 and out.client_id.len > 23:
-        return CONNACK_ID_REJECTED
+    elif level == 3 and out.client_id.len > 23 and _utf8_chars(out.client_id.ptr, out.client_id.len) > 23:
+        return CONNACK_ID_REJECTED          # MQTT 3.1: 1 to 23 characters
     return 0
 
 
@@ -335,6 +399,7 @@ cdef int decode_connack(const uint8_t* body, uint32_t n, uint8_t* session_presen
 cdef int decode_publish(uint8_t first, const uint8_t* body, uint32_t n, PublishPacket* out, int* reason) noexcept nogil:
     cdef uint8_t qos = (first >> 1) & 3
     cdef uint32_t tl, off
+    cdef int bad
     if qos == 3:
         return _mal(reason, MAL_QOS)
     if n < 2:
@@ -346,8 +411,9 @@ cdef int decode_publish(uint8_t first, const uint8_t* body, uint32_t n, PublishP
     if tl == 0:
         return _mal(reason, MAL_TOPIC)          # MQTT-4.7.3-1
     if not _plain_topic(body + 2, tl):
-        if not valid_utf8(body + 2, tl):
-            return _mal(reason, MAL_UTF8)       # MQTT-1.5.3-1/2
+        bad = _check_string(body + 2, tl)
+        if bad:
+            return _mal(reason, bad)            # MQTT-1.5.3-1/2, section 1.5.3
         if not valid_topic_name(body + 2, tl):
             return _mal(reason, MAL_TOPIC)      # MQTT-3.3.2-2
     out.qos = qos
@@ -398,6 +464,7 @@ cdef int subscribe_next(EntryIter* it, Slice* topic_filter, uint8_t* qos, int* r
     cdef size_t avail = it.end - p
     cdef uint32_t l
     cdef uint8_t q
+    cdef int bad
     if avail == 0:
         return 0
     if avail < 2:
@@ -405,8 +472,11 @@ cdef int subscribe_next(EntryIter* it, Slice* topic_filter, uint8_t* qos, int* r
     l = _be16(p)
     if avail - 2 < <size_t>l + 1:
         return _mal(reason, MAL_LENGTH)
-    if not valid_utf8(p + 2, l):
-        return _mal(reason, MAL_UTF8)
+    bad = _check_string(p + 2, l)
+    if bad:
+        return _mal(reason, bad)                # MQTT-3.8.3-1, section 1.5.3
+    if not valid_topic_filter(p + 2, l):
+        return _mal(reason, MAL_TOPIC)          # MQTT-4.7.3-1, MQTT-4.7.1-2/3
     q = p[2 + l]
     if q > 2:
         return _mal(reason, MAL_QOS)            # MQTT-3.8.3-4
@@ -423,6 +493,7 @@ cdef int unsubscribe_next(EntryIter* it, Slice* topic_filter, int* reason) noexc
     cdef const uint8_t* p = it.p
     cdef size_t avail = it.end - p
     cdef uint32_t l
+    cdef int bad
     if avail == 0:
         return 0
     if avail < 2:
@@ -430,8 +501,11 @@ cdef int unsubscribe_next(EntryIter* it, Slice* topic_filter, int* reason) noexc
     l = _be16(p)
     if avail - 2 < l:
         return _mal(reason, MAL_LENGTH)
-    if not valid_utf8(p + 2, l):
-        return _mal(reason, MAL_UTF8)
+    bad = _check_string(p + 2, l)
+    if bad:
+        return _mal(reason, bad)                # MQTT-3.10.3-1, section 1.5.3
+    if not valid_topic_filter(p + 2, l):
+        return _mal(reason, MAL_TOPIC)          # MQTT-4.7.3-1, MQTT-4.7.1-2/3
     topic_filter.ptr = p + 2
     topic_filter.len = l
     it.p = p + 2 + l
@@ -591,8 +665,7 @@ cdef uint32_t encode_empty(uint8_t* out, uint8_t packet_type) noexcept nogil:
 
 # --- per-packet validation (the server's work, no Python objects) --------------
 
-cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason,
-                     uint32_t* bad_filters) noexcept nogil:
+cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason) noexcept nogil:
     """0 when valid, ERR_MALFORMED (with *reason) or a CONNACK refusal code."""
     cdef uint8_t t = first >> 4
     cdef PublishPacket pub
@@ -619,8 +692,6 @@ cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason
             rc = subscribe_next(&it, &tf, &q, reason)
             if rc <= 0:
                 return rc
-            if not valid_topic_filter(tf.ptr, tf.len):
-                bad_filters[0] += 1             # answered with SUBACK 0x80
     if t == UNSUBSCRIBE:
         rc = unsubscribe_begin(body, n, &it, reason)
         if rc < 0:
@@ -629,8 +700,6 @@ cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason
             rc = unsubscribe_next(&it, &tf, reason)
             if rc <= 0:
                 return rc
-            if not valid_topic_filter(tf.ptr, tf.len):
-                bad_filters[0] += 1
     if t == CONNECT:
         return decode_connect(body, n, &con, reason)
     if t == CONNACK:
@@ -647,7 +716,7 @@ cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason
 
 
 cdef Py_ssize_t _walk(const uint8_t* p, size_t n, uint32_t max_remaining, int* err,
-                      int* reason, size_t* used, uint32_t* bad_filters) noexcept nogil:
+                      int* reason, size_t* used) noexcept nogil:
     cdef size_t off = 0
     cdef Py_ssize_t count = 0
     cdef int hl, rc
@@ -662,7 +731,7 @@ cdef Py_ssize_t _walk(const uint8_t* p, size_t n, uint32_t max_remaining, int* e
             break
         if n - off - <size_t>hl < rem:
             break
-        rc = _check_body(first, p + off + hl, rem, reason, bad_filters)
+        rc = _check_body(first, p + off + hl, rem, reason)
         if rc != 0:
             err[0] = rc
             break
@@ -674,7 +743,22 @@ cdef Py_ssize_t _walk(const uint8_t* p, size_t n, uint32_t max_remaining, int* e
 
 # --- Python API --------------------------------------------------------------
 
-_REASONS = ("none", "header", "length", "utf8", "protocol", "topic", "qos", "packet_id", "empty")
+_REASONS = ("none", "header", "length", "utf8", "protocol", "topic", "qos", "packet_id", "empty",
+            "control", "server_packet", "ack")
+
+
+def allow_control_characters(bint allowed):
+    """Whether the decoders accept control characters (U+0001-U+001F,
+    U+007F-U+009F) in client ids, user names, will topics, topic names and
+    filters. Refused by default (MAL_CONTROL, "control"): section 1.5.3 lets a
+    receiver close the connection for them, and Mosquitto does. For this
+    process, until set again."""
+    global control_allowed
+    control_allowed = allowed
+
+
+def control_characters_allowed():
+    return control_allowed
 
 
 cdef uint32_t _limit(object max_packet_size) except? 0:
@@ -690,7 +774,7 @@ cdef int _raise(int err, int reason, uint32_t remaining, uint32_t limit) except 
         raise PacketTooLarge(remaining, limit)
     if err > 0:
         raise ConnectRefused(err)
-    raise MalformedPacket(_REASONS[reason] if 0 <= reason < 9 else "unknown")
+    raise MalformedPacket(_REASONS[reason] if 0 <= reason < len(_REASONS) else "unknown")
 
 
 cdef inline str _str(Slice s):
@@ -837,7 +921,6 @@ def decode_count(data, max_packet_size=MAX_REMAINING_LENGTH):
     cdef int err = 0
     cdef int reason = 0
     cdef size_t used = 0
-    cdef uint32_t bad_filters = 0
     cdef Py_ssize_t count
     cdef const uint8_t* p
     cdef uint8_t first = 0
@@ -846,7 +929,7 @@ def decode_count(data, max_packet_size=MAX_REMAINING_LENGTH):
         return 0
     p = &view[0]
     with nogil:
-        count = _walk(p, n, maxr, &err, &reason, &used, &bad_filters)
+        count = _walk(p, n, maxr, &err, &reason, &used)
     if err:
         if err == ERR_TOO_LARGE:
             # read the header again for the size in the error
@@ -1048,22 +1131,24 @@ def encode(packet):
 
 
 def is_valid_topic_name(str topic):
-    """A topic name a client may PUBLISH to: non-empty, no wildcard, no U+0000."""
+    """A topic name a client may PUBLISH to: non-empty, no wildcard, no U+0000,
+    no control character unless they are allowed."""
     cdef Py_ssize_t n
     cdef const char* p
     try:
         p = PyUnicode_AsUTF8AndSize(topic, &n)
     except UnicodeEncodeError:
         return False
-    return n <= 65535 and valid_utf8(<const uint8_t*>p, <uint32_t>n) and valid_topic_name(<const uint8_t*>p, <uint32_t>n)
+    return n <= 65535 and check_string(<const uint8_t*>p, <uint32_t>n) == 0 and valid_topic_name(<const uint8_t*>p, <uint32_t>n)
 
 
 def is_valid_topic_filter(str topic_filter):
-    """A topic filter a client may SUBSCRIBE to (MQTT-4.7.1-2/3, MQTT-4.7.3-1)."""
+    """A topic filter a client may SUBSCRIBE to (MQTT-4.7.1-2/3, MQTT-4.7.3-1), no
+    control character unless they are allowed."""
     cdef Py_ssize_t n
     cdef const char* p
     try:
         p = PyUnicode_AsUTF8AndSize(topic_filter, &n)
     except UnicodeEncodeError:
         return False
-    return n <= 65535 and valid_utf8(<const uint8_t*>p, <uint32_t>n) and valid_topic_filter(<const uint8_t*>p, <uint32_t>n)
+    return n <= 65535 and check_string(<const uint8_t*>p, <uint32_t>n) == 0 and valid_topic_filter(<const uint8_t*>p, <uint32_t>n)

@@ -623,8 +623,8 @@ cdef void query_answered(Worker w, object token, object answer) except *
 
 # --- worker/telemetry.pyx: MQTT readings through the ingest schema ---------------------
 cdef bint is_telemetry_topic(Worker w, const uint8_t* topic, uint32_t n) noexcept
-cdef int64_t route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                             uint32_t payload_len, uint8_t qos, bint retain)
+cdef bytes telemetry_accept(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                           uint32_t payload_len, int64_t* end)
 
 # --- worker/durable_ack.pyx: readings into the log, answers held until it is durable ---
 cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t needed, bytes http)

@@ -76,7 +76,8 @@ LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "
 
 MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8",
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
-                   "no topic filter"]
+                   "no topic filter", "control character", "a packet only servers send",
+                   "acknowledgement of the wrong kind"]
 
 
 cdef inline uint64_t monotonic_ms() noexcept nogil:

@@ -12,6 +12,8 @@ checking its content.
 
 from __future__ import annotations
 
+import re
+
 from gw.packets import (
     CONNACK, CONNECT, DISCONNECT, MAX_REMAINING_LENGTH, PINGREQ, PINGRESP,
     PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, SUBSCRIBE, UNSUBACK,
@@ -20,7 +22,8 @@ from gw.packets import (
     Pubrel, Suback, Subscribe, Unsuback, Unsubscribe,
 )
 
-__all__ = ["decode", "decode_count", "encode", "is_valid_topic_name", "is_valid_topic_filter"]
+__all__ = ["decode", "decode_count", "encode", "is_valid_topic_name", "is_valid_topic_filter",
+           "allow_control_characters", "control_characters_allowed"]
 
 # Flags the fixed header of each type must carry (section 2.2.2); None for the
 # reserved types 0 and 15; PUBLISH (3) carries DUP/QoS/RETAIN, checked apart.
@@ -31,6 +34,20 @@ _FIXED_LENGTH = {CONNACK: 2, PUBACK: 2, PUBREC: 2, PUBREL: 2, PUBCOMP: 2,
 _ACKS = {PUBACK: Puback, PUBREC: Pubrec, PUBREL: Pubrel, PUBCOMP: Pubcomp, UNSUBACK: Unsuback}
 _EMPTY = {PINGREQ: Pingreq, PINGRESP: Pingresp, DISCONNECT: Disconnect}
 _PROTOCOLS = {b"MQTT": 4, b"MQIsdp": 3}
+# The control characters section 1.5.3 lets a receiver close the connection for.
+_CONTROL = re.compile("[\x01-\x1f\x7f-\x9f]")
+_control_allowed = False
+
+
+def allow_control_characters(allowed: bool) -> None:
+    """Whether control characters are accepted in client ids, user names,
+    topics and filters (refused by default, reason "control")."""
+    global _control_allowed
+    _control_allowed = bool(allowed)
+
+
+def control_characters_allowed() -> bool:
+    return _control_allowed
 
 
 # --- validation -----------------------------------------------------------------
@@ -48,23 +65,41 @@ def _utf8(raw: bytes) -> str:
     return text
 
 
-def is_valid_topic_name(topic: str) -> bool:
-    """A topic name a client may PUBLISH to: non-empty, no wildcard, no U+0000."""
+def _checked(raw: bytes) -> str:
+    """A client id, user name, topic or filter: _utf8, then no control
+    character unless they are allowed (ill-formed UTF-8 wins over a control
+    character wherever each is)."""
+    text = _utf8(raw)
+    if not _control_allowed and _CONTROL.search(text):
+        raise MalformedPacket("control")
+    return text
+
+
+def _is_text(topic: str) -> bool:
     try:
         raw = topic.encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return 0 < len(raw) <= 65535 and "\x00" not in topic and "+" not in topic and "#" not in topic
+    return (0 < len(raw) <= 65535 and "\x00" not in topic
+            and (_control_allowed or not _CONTROL.search(topic)))
+
+
+def is_valid_topic_name(topic: str) -> bool:
+    """A topic name a client may PUBLISH to: non-empty, no wildcard, no U+0000,
+    no control character unless they are allowed."""
+    return _is_text(topic) and "+" not in topic and "#" not in topic
 
 
 def is_valid_topic_filter(topic_filter: str) -> bool:
     """'#' only last and alone in its level, '+' alone in its level
-    (MQTT-4.7.1-2/3), at least one character (MQTT-4.7.3-1)."""
-    try:
-        raw = topic_filter.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    if not 0 < len(raw) <= 65535 or "\x00" in topic_filter:
+    (MQTT-4.7.1-2/3), at least one character (MQTT-4.7.3-1), no U+0000, no
+    control character unless they are allowed."""
+    return _is_text(topic_filter) and _filter_syntax(topic_filter)
+
+
+def _filter_syntax(topic_filter: str) -> bool:
+    """At least one character, and the wildcards where MQTT-4.7.1-2/3 allow them."""
+    if not topic_filter:
         return False
     levels = topic_filter.split("/")
     last = len(levels) - 1
@@ -88,6 +123,8 @@ def _header(data: bytes, pos: int, limit: int):
     if ptype == PUBLISH:
         if first & 0x06 == 0x06:
             raise MalformedPacket("qos")          # MQTT-3.3.1-4
+        if first & 0x0E == 0x08:
+            raise MalformedPacket("header")       # DUP on QoS 0 (MQTT-3.3.1-2)
     elif first & 0x0F != _HEADER_FLAGS[ptype]:
         raise MalformedPacket("header")           # MQTT-2.2.2-1/2
     remaining = 0
@@ -140,7 +177,7 @@ class _Reader:
         return self.body[self.pos - size:self.pos]
 
     def string(self) -> str:
-        return _utf8(self.binary())
+        return _checked(self.binary())
 
 
 def _publish(first: int, body: bytes) -> Publish:
@@ -155,7 +192,7 @@ def _publish(first: int, body: bytes) -> Publish:
         raise MalformedPacket("length")
     if end == 2:
         raise MalformedPacket("topic")            # MQTT-4.7.3-1
-    topic = _utf8(body[2:end])
+    topic = _checked(body[2:end])
     if "+" in topic or "#" in topic:
         raise MalformedPacket("topic")            # MQTT-3.3.2-2
     packet_id = 0
@@ -211,8 +248,8 @@ def _connect(body: bytes) -> Connect:
     if not client_id:
         if level == 3 or not clean:
             raise ConnectRefused(2)               # MQTT-3.1.3-8
-    elif level == 3 and len(client_id.encode("utf-8")) > 23:
-        raise ConnectRefused(2)
+    elif level == 3 and len(client_id) > 23:
+        raise ConnectRefused(2)                   # MQTT 3.1: 1 to 23 characters
     return Connect(client_id, clean, keepalive, will_topic, will_message, will_qos,
                    will_retain, username, password, level)
 
@@ -240,6 +277,8 @@ def _subscribe(body: bytes) -> Subscribe:
         if r.left() - 2 < size + 1:
             raise MalformedPacket("length")
         topic_filter = r.string()
+        if not _filter_syntax(topic_filter):
+            raise MalformedPacket("topic")        # MQTT-4.7.3-1, MQTT-4.7.1-2/3
         qos = r.byte()
         if qos > 2:
             raise MalformedPacket("qos")          # MQTT-3.8.3-4
@@ -253,7 +292,10 @@ def _unsubscribe(body: bytes) -> Unsubscribe:
     r.pos = 2
     topics = []
     while r.left():
-        topics.append(r.string())
+        topic_filter = r.string()
+        if not _filter_syntax(topic_filter):
+            raise MalformedPacket("topic")        # MQTT-4.7.3-1, MQTT-4.7.1-2/3
+        topics.append(topic_filter)
     return Unsubscribe(packet_id, topics)
 
 
@@ -332,18 +374,11 @@ def decode(data, max_packet_size: int = MAX_REMAINING_LENGTH):
 
 
 def decode_count(data, max_packet_size: int = MAX_REMAINING_LENGTH) -> int:
-    """Decodes and validates every complete packet (including the topic filter
-    syntax of SUBSCRIBE/UNSUBSCRIBE entries); returns how many."""
+    """Decodes and validates every complete packet; returns how many."""
     if max_packet_size < 0:
         raise ValueError("max_packet_size must be >= 0")
     count = 0
-    for packet, _ in _packets(bytes(data), min(max_packet_size, MAX_REMAINING_LENGTH)):
-        if type(packet) is Subscribe:
-            for topic_filter, _qos in packet.topics:
-                is_valid_topic_filter(topic_filter)
-        elif type(packet) is Unsubscribe:
-            for topic_filter in packet.topics:
-                is_valid_topic_filter(topic_filter)
+    for _packet in _packets(bytes(data), min(max_packet_size, MAX_REMAINING_LENGTH)):
         count += 1
     return count
 

@@ -19,41 +19,6 @@ pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
 
 @brokers()
-@pytest.mark.parametrize("bad", ["a/#/b", "a+", "#/a", "a/b#", "+a/b"])
-def test_subscribe_invalid_filter(broker, bad):
-    """MQTT-4.7.1-2/-3: `a/#/b`, `a+`, ... are not valid topic filters.
-
-    gw (specified): the entry is refused with 0x80 in the SUBACK, the valid
-    entries around it are granted, and the connection stays (MQTT-3.9.3).
-    Mosquitto 2.0.11 instead treats the whole SUBSCRIBE as malformed and closes
-    the connection without a SUBACK ("Invalid subscription string ...,
-    disconnecting"); MQTT-4.8.0-1 allows that too, so each broker is held to
-    its own answer."""
-    raw = broker.raw(0)
-    raw.send(subscribe_packet(9, [(broker.topic("ok/1"), 1), (bad, 1), (broker.topic("ok/+"), 2)]))
-    if broker.is_gw:
-        assert raw.read_until(0x90, broker.wait) == b"\x00\x09\x01\x80\x02"
-        raw.ping()
-    else:
-        assert raw.wait_closed_by_broker() == b""
-
-
-@brokers("routing", gw_only="Mosquitto closes the connection on an invalid filter (see above)")
-def test_valid_entries_of_a_subscribe_with_an_invalid_filter_route(broker):
-    """gw: after SUBACK [1, 0x80], the granted filter routes; the refused one
-    (`<prefix>/a/#/b`) is no subscription: `<prefix>/a/x/b` does not reach it."""
-    t, bad = broker.topic("ok"), broker.topic("a/#/b")
-    raw = broker.raw(1)
-    assert raw.subscribe(3, [(bad, 1), (t, 1)]) == [0x80, 1]
-    pub = broker.connect(0)
-    broker.assert_workers((raw, 1), (pub, 0))
-    pub.publish(broker.topic("a/x/b"), b"must-not", qos=1)
-    pub.publish(t, b"routed", qos=1)
-    m = raw.read_publish(broker.wait)
-    assert (m.topic, m.payload) == (t, b"routed")
-
-
-@brokers()
 @pytest.mark.parametrize("topic, qos", [("a/+/b", 0), ("a/#", 1), ("+", 2), ("#", 0)])
 def test_publish_to_wildcard_topic_disconnects(broker, topic, qos):
     """MQTT-3.3.2-2: a topic name must not contain wildcards; both brokers close

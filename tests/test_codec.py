@@ -9,6 +9,8 @@ named after the normative statement of MQTT 3.1.1 it checks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -25,10 +27,24 @@ PROPS = settings(max_examples=300, deadline=None,
                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+@contextmanager
+def control_characters(allowed: bool):
+    """Both codecs with control characters allowed or refused (their default)."""
+    codec.allow_control_characters(allowed)
+    ref.allow_control_characters(allowed)
+    try:
+        yield
+    finally:
+        codec.allow_control_characters(False)
+        ref.allow_control_characters(False)
+
+
 # --- strategies ------------------------------------------------------------------
 
 def _chars(exclude=""):
-    return st.characters(codec="utf-8", exclude_characters="\x00" + exclude)
+    # No U+0000, no control character (Cc: U+0001-U+001F, U+007F-U+009F):
+    # what a client id, user name, topic or filter may hold by default.
+    return st.characters(codec="utf-8", exclude_categories=("Cc",), exclude_characters="\x00" + exclude)
 
 
 _level = st.one_of(st.sampled_from(["sensors", "dev123", "temp", "a", "$SYS", "x y", "é", "日本"]),
@@ -37,11 +53,14 @@ topic_names = st.one_of(
     st.lists(_level, min_size=1, max_size=5).map("/".join),
     st.text(_chars("+#"), min_size=1, max_size=30),
 ).filter(lambda t: t != "")
-# Anything UTF-8 is a well-formed filter on the wire; whether it is a valid
-# filter (a/#/b is not) only decides its SUBACK return code.
+# Valid filters only: an invalid one (a/#/b, a+, empty) is a malformed packet
+# (MQTT-4.7.1-2/3, MQTT-4.7.3-1), checked by the rule tests below.
 topic_filters = st.one_of(
-    st.lists(st.one_of(_level, st.just("+"), st.just("#")), min_size=1, max_size=5).map("/".join),
-    st.text(_chars(), max_size=20),
+    st.builds(lambda levels, tail: "/".join(levels + tail),
+              st.lists(st.one_of(_level, st.just("+")), min_size=1, max_size=5),
+              st.sampled_from([[], [], ["#"]])).filter(bool),
+    st.just("#"),
+    st.text(_chars(), min_size=1, max_size=20).filter(ref.is_valid_topic_filter),
 )
 texts = st.text(_chars(), max_size=20)
 packet_ids = st.integers(1, 65535)
@@ -51,7 +70,8 @@ payloads = st.binary(max_size=200)
 @st.composite
 def publishes(draw):
     qos = draw(st.integers(0, 2))
-    return Publish(draw(topic_names), draw(payloads), qos, draw(st.booleans()), draw(st.booleans()),
+    return Publish(draw(topic_names), draw(payloads), qos, draw(st.booleans()),
+                   draw(st.booleans()) if qos else False,       # no DUP on QoS 0 (MQTT-3.3.1-2)
                    draw(packet_ids) if qos else 0)
 
 
@@ -161,9 +181,10 @@ def test_any_split_of_a_stream_decodes_the_same(stream, data):
 
 
 @PROPS
-@given(st.binary(max_size=64), limits)
-def test_random_bytes_same_outcome(data, limit):
-    assert_same_outcome(data, limit)
+@given(st.binary(max_size=64), limits, st.booleans())
+def test_random_bytes_same_outcome(data, limit, allow_control):
+    with control_characters(allow_control):
+        assert_same_outcome(data, limit)
 
 
 @st.composite
@@ -186,16 +207,27 @@ def mutated_streams(draw):
 
 
 @PROPS
-@given(mutated_streams(), limits)
-def test_mutated_streams_same_outcome(data, limit):
-    assert_same_outcome(data, limit)
+@given(mutated_streams(), limits, st.booleans())
+def test_mutated_streams_same_outcome(data, limit, allow_control):
+    with control_characters(allow_control):
+        assert_same_outcome(data, limit)
+
+
+CONTROL_CHARACTERS = [chr(c) for c in range(0x01, 0x20)] + [chr(c) for c in range(0x7F, 0xA0)]
 
 
 @PROPS
 @given(raw_strings, st.sampled_from(["publish", "connect_id", "will_topic", "username",
-                                     "subscribe", "unsubscribe"]))
-def test_utf8_and_topic_rules_same_outcome(raw, where):
-    """Arbitrary bytes in every string field: both validators agree (MQTT-1.5.3-1/2)."""
+                                     "subscribe", "unsubscribe"]), st.booleans())
+def test_utf8_and_topic_rules_same_outcome(raw, where, allow_control):
+    """Arbitrary bytes in every string field: both validators agree
+    (MQTT-1.5.3-1/2, control characters by the policy, filters MQTT-4.7.1-2/3
+    and MQTT-4.7.3-1)."""
+    with control_characters(allow_control):
+        _utf8_and_topic_rules(raw, where, allow_control)
+
+
+def _utf8_and_topic_rules(raw, where, allow_control):
     s = _s(raw)
     if where == "publish":
         data = _raw(0x30, s + b"payload")
@@ -217,15 +249,21 @@ def test_utf8_and_topic_rules_same_outcome(raw, where):
         well_formed = False
     if not well_formed:
         assert got == ("malformed", "utf8")
-    elif where in ("subscribe", "unsubscribe", "connect_id", "username"):
+    elif not allow_control and any(ch in CONTROL_CHARACTERS for ch in text):
+        assert got == ("malformed", "control")
+    elif where in ("connect_id", "username"):
         assert got[0] in ("ok", "refused")
+    elif where in ("subscribe", "unsubscribe"):
+        valid = text != "" and ref.is_valid_topic_filter(text)
+        assert got[0] == "ok" if valid else got == ("malformed", "topic")
 
 
 @PROPS
-@given(st.text(st.sampled_from("ab/+#é\x00"), max_size=12))
-def test_topic_validity_helpers_agree(text):
-    assert codec.is_valid_topic_filter(text) == ref.is_valid_topic_filter(text)
-    assert codec.is_valid_topic_name(text) == ref.is_valid_topic_name(text)
+@given(st.text(st.sampled_from("ab/+#é\x00\x01\x1f\x7f\x85\x9f\xa0"), max_size=12), st.booleans())
+def test_topic_validity_helpers_agree(text, allow_control):
+    with control_characters(allow_control):
+        assert codec.is_valid_topic_filter(text) == ref.is_valid_topic_filter(text)
+        assert codec.is_valid_topic_name(text) == ref.is_valid_topic_name(text)
 
 
 # --- helpers for hand-made packets -----------------------------------------------------
@@ -435,6 +473,14 @@ def test_publish_empty_topic_is_malformed_MQTT_4_7_3_1():
     assert_malformed(_raw(0x30, _s(b"") + b"x"), "topic")
 
 
+@pytest.mark.parametrize("first", [0x38, 0x39])
+def test_publish_qos_0_with_dup_is_malformed_MQTT_3_3_1_2(first):
+    """The DUP flag MUST be 0 for all QoS 0 messages: set, it is an invalid
+    fixed-header flag (MQTT-2.2.2-2: the connection closes)."""
+    assert_malformed(_raw(first, _s(b"a/b") + b"x"), "header")
+    assert_malformed(b"\x38", "header")            # known from the first byte alone
+
+
 def test_publish_dup_and_retain_and_empty_payload_are_decoded():
     p = assert_accepted(_raw(0x3D, _s(b"a/b") + b"\x12\x34"))
     assert p == Publish("a/b", b"", 2, True, True, 0x1234)
@@ -480,13 +526,30 @@ def test_unsubscribe_without_topic_filter_is_malformed_MQTT_3_10_3_2():
     assert_malformed(_raw(0xA2, b"\x00\x01"), "empty")
 
 
-@pytest.mark.parametrize("bad_filter", ["a/#/b", "a#", "a+", "+a/b", "#/a", "", "sport/tennis#"])
-def test_invalid_topic_filter_is_not_malformed_but_invalid_MQTT_4_7_1_2_and_3(bad_filter):
-    """A syntactically bad filter is answered with SUBACK 0x80, not by closing."""
-    p = assert_accepted(_raw(0x82, b"\x00\x07" + _s(bad_filter.encode()) + b"\x01"))
-    assert p == Subscribe(7, [(bad_filter, 1)])
+@pytest.mark.parametrize("bad_filter", ["a/#/b", "a#", "a+", "+a/b", "#/a", "sport/tennis#", "sport+/x"])
+def test_subscribe_invalid_topic_filter_is_malformed_MQTT_4_7_1_2_and_3(bad_filter):
+    """'#' only last and alone in its level, '+' alone in its level: a filter
+    that is not one is a protocol violation (the connection closes,
+    MQTT-4.8.0-1), not a subscription to refuse with SUBACK 0x80."""
+    f = _s(bad_filter.encode())
+    assert_malformed(_raw(0x82, b"\x00\x07" + f + b"\x01"), "topic")
+    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"ok/+") + b"\x01" + f + b"\x01"), "topic")  # a later entry
+    assert_malformed(_raw(0xA2, b"\x00\x07" + f), "topic")
+    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"ok/#") + f), "topic")
     assert not codec.is_valid_topic_filter(bad_filter)
     assert not ref.is_valid_topic_filter(bad_filter)
+
+
+def test_zero_length_topic_filter_is_malformed_MQTT_4_7_3_1():
+    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"") + b"\x00"), "topic")
+    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"a") + b"\x00" + _s(b"") + b"\x01"), "topic")
+    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"")), "topic")
+    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"a") + _s(b"")), "topic")
+
+
+def test_invalid_filter_beats_reserved_qos_of_its_entry():
+    """Check order: a filter's content before the requested QoS that follows it."""
+    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"a/#/b") + b"\x03"), "topic")
 
 
 @pytest.mark.parametrize("good_filter", ["#", "+", "a/#", "+/+", "/+", "a//b", "+/tennis/#", "$SYS/#"])
@@ -556,10 +619,17 @@ def test_connect_empty_client_id_with_clean_session_is_accepted_MQTT_3_1_3_6():
     assert assert_accepted(_connect(0x02, _s(b""))) == Connect("", True, 60)
 
 
-def test_connect_mqisdp_client_id_must_be_1_to_23_bytes():
+def test_connect_mqisdp_client_id_must_be_1_to_23_characters():
+    """MQTT 3.1 (section 3.1, Client Identifier): between 1 and 23 characters,
+    else CONNACK 0x02. Characters, not bytes: 23 two-byte characters are fine."""
     assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s(b"x" * 24)), 2)
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s("é".encode() * 24)), 2)
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s("日".encode() * 22 + b"xy")), 2)
     assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s(b"")), 2)
     assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=_s(b"x" * 23))).client_id == "x" * 23
+    assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=_s("é".encode() * 23))).client_id == "é" * 23
+    # MQTT 3.1.1 has no such bound (MQTT-3.1.3-5 is a floor for what a server accepts)
+    assert assert_accepted(_connect(payload=_s(b"x" * 200))).client_id == "x" * 200
 
 
 def test_connect_malformed_beats_refused():
@@ -580,6 +650,80 @@ def test_connect_all_fields_decoded():
 @pytest.mark.parametrize("body", [b"\x02\x00", b"\x80\x00", b"\x00\x06", b"\x00\xff"])
 def test_connack_reserved_flags_or_return_code_is_malformed(body):
     assert_malformed(_raw(0x20, body), "protocol")
+
+
+# --- control characters (section 1.5.3) -----------------------------------------------
+
+# Where a control character is refused: the client id, user name, will topic,
+# topic name and topic filters; never the password, will message or payload.
+CONTROL_FIELDS = {
+    "client_id": lambda t: _connect(payload=_s(t)),
+    "user_name": lambda t: _connect(0x82, _s(b"id") + _s(t)),
+    "will_topic": lambda t: _connect(0x06, _s(b"id") + _s(t) + _s(b"m")),
+    "topic_name": lambda t: _raw(0x32, _s(t) + b"\x00\x01payload"),
+    "subscribe_filter": lambda t: _raw(0x82, b"\x00\x01" + _s(b"ok/#") + b"\x00" + _s(t) + b"\x01"),
+    "unsubscribe_filter": lambda t: _raw(0xA2, b"\x00\x01" + _s(t)),
+}
+CONTROLS = ["\x01", "\x09", "\x0a", "\x1f", "\x7f", "\x80", "\x85", "\x9f"]
+
+
+@pytest.mark.parametrize("char", CONTROLS, ids=lambda c: f"U+{ord(c):04X}")
+@pytest.mark.parametrize("field", list(CONTROL_FIELDS))
+@pytest.mark.parametrize("where", ["short", "long"])
+def test_control_character_is_refused_by_default_MQTT_1_5_3(field, char, where):
+    """Section 1.5.3: U+0001-U+001F and U+007F-U+009F SHOULD NOT be sent, and
+    a receiver MAY close the connection: refused by default ("control"), as
+    Mosquitto does; accepted when allowed. Short strings and strings long
+    enough for the 8-bytes-at-a-time path, the character in the middle."""
+    text = ("a/" + char + "b") if where == "short" else ("sensors/device-" + char + "-0001/temperature")
+    data = CONTROL_FIELDS[field](text.encode())
+    assert_malformed(data, "control")
+    with control_characters(True):
+        assert_accepted(data)
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 15, 16, 17, 23])
+def test_control_character_or_nul_at_every_position(size):
+    """The string checks go 8 bytes at a time, the tail in one overlapping
+    word: a control character, a NUL or an ill-formed byte is found wherever
+    it is, in topic names and in the other fields."""
+    for pos in range(size):
+        for bad, reason in ((b"\x1f", "control"), (b"\x7f", "control"), (b"\x00", "utf8"), (b"\xff", "utf8")):
+            text = b"abcdefghijklmnopqrstuvw"[:size]
+            text = text[:pos] + bad + text[pos + 1:]
+            assert_malformed(_raw(0x30, _s(text) + b"x"), reason)
+            assert_malformed(_connect(payload=_s(text)), reason)
+            assert_malformed(_raw(0xA2, b"\x00\x01" + _s(text)), reason)
+        clean = b"abcdefghijklmnopqrstuvw"[:size]
+        assert_accepted(_raw(0x30, _s(clean) + b"x"))
+
+
+@pytest.mark.parametrize("field", list(CONTROL_FIELDS))
+def test_characters_next_to_the_control_ranges_are_accepted(field):
+    """U+0020 and U+00A0 (no-break space) border the control ranges; U+007E too."""
+    assert_accepted(CONTROL_FIELDS[field]("a/ b~\u00a0c/long-enough-for-words".encode()))
+
+
+def test_ill_formed_utf8_beats_a_control_character():
+    for bad in (b"\x01\xff", b"\xff\x01", b"a\x1f\x00", b"\x7f\xc2"):
+        assert_malformed(_raw(0x30, _s(b"t/" + bad) + b"x"), "utf8")
+        with control_characters(True):
+            assert_malformed(_raw(0x30, _s(b"t/" + bad) + b"x"), "utf8")
+
+
+def test_control_characters_are_kept_in_password_will_message_and_payload():
+    p = assert_accepted(_connect(0xC6, _s(b"id") + _s(b"w") + _s(b"\x01\x7f") + _s(b"u") + _s(b"\x1f\x0a")))
+    assert (p.will_message, p.password) == (b"\x01\x7f", b"\x1f\x0a")
+    assert assert_accepted(_raw(0x30, _s(b"t") + b"\x01\x02\xc2\x85")).payload == b"\x01\x02\xc2\x85"
+
+
+def test_control_character_policy_defaults_to_refused():
+    assert codec.control_characters_allowed() is False
+    assert ref.control_characters_allowed() is False
+    assert not codec.is_valid_topic_name("a\tb") and not codec.is_valid_topic_filter("a/\x85/#")
+    with control_characters(True):
+        assert codec.control_characters_allowed() is True
+        assert codec.is_valid_topic_name("a\tb") and codec.is_valid_topic_filter("a/\x85/#")
 
 
 # --- encoder guards ------------------------------------------------------------------------

@@ -6,13 +6,14 @@ QoS 1 (PUBACK)."""
 
 from __future__ import annotations
 
+import signal
 import struct
 
 import pytest
 
 from conftest import (CONNACK_OK, PINGREQ, PahoClient, client_tls_context, connect_packet,
                       counter_delta, mqtt_str, packet, ping, publish_packet, read_packet,
-                      send_fragmented, subscribe_packet, tcp_connect, tls_connect, wait_closed)
+                      send_fragmented, subscribe_packet, tcp_connect, tls_connect, wait_closed, wait_for)
 
 MAX_PACKET = 4096
 
@@ -79,7 +80,29 @@ CASES = [
     ("MQTT-3.8.3-3-subscribe-without-filter", True, packet(0x82, struct.pack("!H", 5)), b"",
      MAL("no_topic_filter")),
     ("MQTT-3.8.3-4-subscribe-qos-3", True, subscribe_packet(6, [("a", 3)]), b"", MAL("qos")),
-    ("server-only-packet-connack", True, b"\x20\x02\x00\x00", b"", MAL("protocol")),
+    ("MQTT-3.3.1-2-publish-qos-0-with-dup", True, packet(0x38, mqtt_str("a/b") + b"x"), b"",
+     MAL("fixed_header")),
+    ("MQTT-4.7.3-1-empty-subscribe-filter", True, subscribe_packet(7, [("ok/+", 0), ("", 1)]), b"",
+     MAL("topic")),
+    ("MQTT-4.7.1-2-hash-not-last-in-filter", True, subscribe_packet(8, [("a/#/b", 1)]), b"", MAL("topic")),
+    ("MQTT-4.7.1-3-plus-not-alone-in-level", True, subscribe_packet(9, [("a+", 0)]), b"", MAL("topic")),
+    ("MQTT-4.7.3-1-empty-unsubscribe-filter", True, packet(0xA2, struct.pack("!H", 10) + mqtt_str("")), b"",
+     MAL("topic")),
+    ("MQTT-4.7.1-2-unsubscribe-bad-filter", True, packet(0xA2, struct.pack("!H", 11) + mqtt_str("#/a")), b"",
+     MAL("topic")),
+    ("MQTT-1.5.3-control-character-in-topic", True, publish_packet("a/\x07", b"x", qos=1), b"",
+     MAL("control_character")),
+    ("MQTT-1.5.3-c1-control-in-filter", True, subscribe_packet(12, [("a/\x85/#", 0)]), b"",
+     MAL("control_character")),
+    ("MQTT-1.5.3-control-character-in-client-id", False, connect_packet(b"dev\x1bice"), b"",
+     MAL("control_character")),
+    ("pingreq-with-a-body", True, b"\xc0\x01\x00", b"", MAL("remaining_length")),
+    ("puback-of-3-bytes", True, b"\x40\x03\x00\x01\x00", b"", MAL("remaining_length")),
+    ("MQTT-4.8.0-1-server-only-packet-connack", True, b"\x20\x02\x00\x00", b"", MAL("server_packet")),
+    ("MQTT-4.8.0-1-server-only-packet-suback", True, b"\x90\x03\x00\x01\x00", b"", MAL("server_packet")),
+    ("MQTT-4.8.0-1-server-only-packet-unsuback", True, b"\xb0\x02\x00\x01", b"", MAL("server_packet")),
+    ("MQTT-4.8.0-1-server-only-packet-pingresp", True, b"\xd0\x00", b"", MAL("server_packet")),
+    ("MQTT-3.1.0-1-server-only-packet-before-connect", False, b"\xd0\x00", b"", MAL("protocol")),
 ]
 
 
@@ -193,27 +216,41 @@ def test_mqisdp_level_3_accepted(server, healthy):
     healthy.check_healthy()
 
 
-def test_mqisdp_client_id_over_23_bytes_refused(server):
+def test_mqisdp_client_id_over_23_characters_refused(server):
+    """MQTT 3.1: a client id of 1 to 23 characters, else CONNACK 0x02."""
     with tcp_connect(server.ports["mqtt"]) as sock:
         sock.sendall(packet(0x10, connect_body(proto=b"MQIsdp", level=3, client_id=b"x" * 24)))
         assert wait_closed(sock, 10) == b"\x20\x02\x00\x02"
-
-
-def test_subscribe_invalid_filter_gets_suback_0x80_not_a_disconnect(server, healthy):
-    """`a/#/b` and `a+` are invalid filters (MQTT-4.7.1-2, -3): refused in the SUBACK
-    with 0x80, the valid ones granted, and the connection stays."""
-    before = server.counters()
     with tcp_connect(server.ports["mqtt"]) as sock:
-        sock.sendall(connect_packet(b"subscriber"))
+        sock.sendall(packet(0x10, connect_body(proto=b"MQIsdp", level=3, client_id="é".encode() * 23)))
         assert read_packet(sock) == CONNACK_OK
-        sock.sendall(subscribe_packet(10, [("a/#/b", 1)]))
-        assert read_packet(sock) == (0x90, b"\x00\x0a\x80")
-        sock.sendall(subscribe_packet(11, [("ok/+", 1), ("a+", 0), ("x/#", 2)]))
-        assert read_packet(sock) == (0x90, b"\x00\x0b\x01\x80\x02")
-        ping(sock)
+
+
+@pytest.mark.parametrize("qos, wrong", [(1, 0x50), (1, 0x70), (2, 0x40), (2, 0x70)],
+                         ids=["pubrec-for-qos-1", "pubcomp-for-qos-1", "puback-for-qos-2", "pubcomp-before-pubrel"])
+def test_acknowledgement_of_the_wrong_kind_closes_and_is_counted(server, healthy, qos, wrong):
+    """MQTT-4.3.2/4.3.3, MQTT-4.8.0-1: a subscriber answering our QoS 1 PUBLISH
+    with PUBREC or PUBCOMP, or our QoS 2 PUBLISH with PUBACK or PUBCOMP, is
+    closed with nothing sent, counted as malformed.wrong_ack_kind."""
+    before = server.counters()
+    topic = f"wrong-ack/{qos}/{wrong:x}"
+    with tcp_connect(server.ports["mqtt"]) as sub, tcp_connect(server.ports["mqtt"]) as pub:
+        sub.sendall(connect_packet(b"wrong-ack-sub"))
+        assert read_packet(sub) == CONNACK_OK
+        sub.sendall(subscribe_packet(1, [(topic, qos)]))
+        assert read_packet(sub) == (0x90, bytes([0, 1, qos]))
+        pub.sendall(connect_packet(b"wrong-ack-pub"))
+        assert read_packet(pub) == CONNACK_OK
+        pub.sendall(publish_packet(topic, b"m", qos=qos, packet_id=5))
+        assert read_packet(pub) == (0x40 if qos == 1 else 0x50, b"\x00\x05")
+        first, body = read_packet(sub)
+        assert first == 0x30 | (qos << 1)
+        pid = body[2 + body[1]:4 + body[1]]
+        sub.sendall(bytes([wrong, 2]) + pid)
+        assert wait_closed(sub, 10) == b""
     after = server.counters()
-    assert counter_delta(before, after, "closed_malformed") == 0
-    assert counter_delta(before, after, "packets_out.suback") == 2
+    assert counter_delta(before, after, "malformed.wrong_ack_kind") == 1
+    assert counter_delta(before, after, "closed_malformed") == 1
     healthy.check_healthy()
 
 
@@ -235,3 +272,36 @@ def test_several_packets_in_one_write_then_a_bad_one(server, healthy):
     assert counter_delta(before, after, "packets_in.publish") == 1
     assert counter_delta(before, after, "malformed.fixed_header") == 1
     healthy.check_healthy()
+
+
+def test_control_characters_accepted_when_configured_and_refused_again_after_reload(gw_factory, tmp_path):
+    """mqtt_control_characters = "accept": a client id and a topic holding
+    control characters (U+0007, U+0085) are served and routed; after a SIGHUP
+    with "close" (the default) the same PUBLISH closes its connection, counted
+    as malformed.control_character (MQTT 3.1.1 section 1.5.3 lets the server
+    close)."""
+    cfg = tmp_path / "gw.toml"
+    cfg.write_text('mqtt_control_characters = "accept"\nlog_level = "debug"\n')   # workers log "reloaded" at debug
+    server = gw_factory(workers=1, listeners=("mqtt",), config=cfg)
+    topic = "ctl/\x07/\x85"
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(connect_packet("bell\x07id".encode()))
+        assert read_packet(sock) == CONNACK_OK
+        sock.sendall(subscribe_packet(1, [("ctl/\x07/+", 1)]))
+        assert read_packet(sock) == (0x90, b"\x00\x01\x01")
+        sock.sendall(publish_packet(topic, b"ring", qos=1, packet_id=2))
+        got = [read_packet(sock), read_packet(sock)]
+        assert got[0] == (0x40, b"\x00\x02")
+        assert got[1][0] == 0x32 and got[1][1].startswith(mqtt_str(topic)) and got[1][1].endswith(b"ring")
+    cfg.write_text('mqtt_control_characters = "close"\nlog_level = "debug"\n')
+    log = server.log()
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: server.log().count("worker 0: reloaded") > log.count("worker 0: reloaded"), 10,
+             what="the worker to reload")
+    before = server.counters()
+    with tcp_connect(server.ports["mqtt"]) as sock:
+        sock.sendall(connect_packet(b"plain-id"))
+        assert read_packet(sock) == CONNACK_OK
+        sock.sendall(publish_packet(topic, b"ring", qos=1, packet_id=3))
+        assert wait_closed(sock, 10) == b""
+    assert counter_delta(before, server.counters(), "malformed.control_character") == 1

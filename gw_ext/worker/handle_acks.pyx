@@ -20,7 +20,12 @@ cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint3
 
 
 cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
-    """PUBACK, PUBREC or PUBCOMP from the client for one of our messages."""
+    """PUBACK, PUBREC or PUBCOMP from the client for one of our messages.
+    Returns 0, or -1 when the connection was closed: an acknowledgement of the
+    wrong kind for its flow (PUBREC or PUBCOMP answering QoS 1, PUBACK
+    answering QoS 2, PUBCOMP before the PUBREL) is a protocol violation
+    (MQTT-4.3.2/4.3.3, MQTT-4.8.0-1). One for a packet id not in flight is
+    ignored (it may answer a message completed before a reconnect)."""
     cdef uint32_t i
     cdef Inflight* e
     cdef uint8_t* out
@@ -31,16 +36,17 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
         e = &s.inflight[i]
         if e.packet_id != pid:
             continue
-        if ptype == PUBREC:
-            if e.qos == 2 and e.state == IF_PUBLISHED:
-                e.state = IF_RELEASED
+        if ptype == PUBREC and e.qos == 2:
+            e.state = IF_RELEASED
             break       # PUBREL below, also for a repeated PUBREC
         if (ptype == PUBACK and e.qos == 1) or (ptype == PUBCOMP and e.qos == 2 and e.state == IF_RELEASED):
             msg_release(e.msg)
             memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
             s.ninflight -= 1
             session_pump(w, s)
-        return 0
+            return 0
+        w.malformed(&w.conns[s.fd], MAL_ACK)
+        return -1
     if ptype == PUBREC:
         return w.send_ack(&w.conns[s.fd], PUBREL, pid)
     return 0

@@ -8,6 +8,8 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     cdef int reason = 0
     cdef int64_t needed = 0
     cdef Session* s = &w.sessions[c.session]
+    cdef bint telemetry
+    cdef bytes reading = None
     if decode_publish(first, body, n, &pkt, &reason) < 0:
         w.malformed(c, reason)
         return -1
@@ -36,9 +38,9 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             w.close_conn(c, CR_SERVER)
             return -1
         session_changed(w, s)
-    if w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len):
-        needed = route_telemetry(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos,
-                                 pkt.retain)
+    telemetry = w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)
+    if telemetry:
+        reading = telemetry_accept(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, &needed)
         if needed == TELEMETRY_REFUSED:
             if pkt.qos == 0:
                 return 0        # dropped, counted (WAL_REFUSED)
@@ -50,13 +52,20 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             return -1
         if needed < 0 or not w.listeners[c.listener].ack_sink:
             needed = 0          # refused by the schema, or ack mode enqueue: acknowledged now
-    else:
+    # The answer goes before any copy of the message, so a client subscribed to
+    # its own topic gets its PUBACK/PUBREC first (but in ack mode sink a
+    # reading's answer waits for the log, its copies do not). Routed even if
+    # answering closed the connection (its buffer full): its QoS 2 packet id is
+    # remembered already, so a re-send would not be routed.
+    if pkt.qos == 1:
+        ack_after_durable(w, c, PUBACK, pkt.packet_id, needed)
+    elif pkt.qos == 2:
+        ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
+    if not telemetry:
         route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
                       w.now_ns)
-    if c.state != ST_CONNECTED:
-        return -1       # delivering to itself overflowed its own buffer
-    if pkt.qos == 1:
-        return ack_after_durable(w, c, PUBACK, pkt.packet_id, needed)
-    if pkt.qos == 2:
-        return ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
-    return 0
+    elif reading is not None:   # in its normalised form; an invalid reading is not routed
+        route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
+                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns)
+    return 0 if c.state == ST_CONNECTED else -1     # -1: its own buffer overflowed
+

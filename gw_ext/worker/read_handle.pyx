@@ -27,6 +27,10 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
         return handle_unsubscribe(w, c, body, n)
     if ptype == DISCONNECT:
         return handle_disconnect(w, c)
-    # A second CONNECT (MQTT-3.1.0-2) or a packet only servers send.
-    w.malformed(c, MAL_PROTOCOL)
+    if ptype == CONNECT:
+        w.malformed(c, MAL_PROTOCOL)        # a second CONNECT (MQTT-3.1.0-2)
+        return -1
+    # CONNACK, SUBACK, UNSUBACK, PINGRESP: only servers send them, a protocol
+    # violation from a client (MQTT-4.8.0-1), counted apart.
+    w.malformed(c, MAL_SERVER_PACKET)
     return -1

@@ -19,27 +19,30 @@ cdef enum:
     TELEMETRY_REFUSED = -1    # the log could not take it: not routed, not acknowledged
 
 
-cdef int64_t route_telemetry(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                             uint32_t payload_len, uint8_t qos, bint retain):
-    """Validates, appends to the write-ahead log, then routes the normalised
-    reading. Returns its end offset in the log (what its acknowledgement waits
-    for in ack mode sink; 0 without a log), or TELEMETRY_INVALID/REFUSED."""
+cdef bytes telemetry_accept(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                           uint32_t payload_len, int64_t* end):
+    """Validates a reading and appends it to the write-ahead log. Returns it
+    normalised, for the caller to route once it has answered the publisher,
+    with *end its end offset in the log (what its acknowledgement waits for in
+    ack mode sink; 0 without a log); or None with *end TELEMETRY_INVALID or
+    TELEMETRY_REFUSED."""
     cdef bytes t = PyBytes_FromStringAndSize(<char*>topic, topic_len)
     cdef object normalised
-    cdef int64_t end = 0
+    end[0] = 0
     try:
         normalised = w.http_app.validate_mqtt_telemetry(t, PyBytes_FromStringAndSize(<char*>payload, payload_len))
     except Exception:
         w.log_limited(CR_PYTHON, "telemetry validation failed unexpectedly; reading not routed")
-        return TELEMETRY_INVALID
+        end[0] = TELEMETRY_INVALID
+        return None
     if normalised is None:
         w.log_limited(CR_TELEMETRY, "an MQTT reading on %s failed the telemetry schema; not routed"
                       % t.decode("utf-8", "replace"))
-        return TELEMETRY_INVALID
+        end[0] = TELEMETRY_INVALID
+        return None
     if w.wal is not None:
-        end = wal_append(w, <const uint8_t*>PyBytes_AS_STRING(normalised), <uint32_t>PyBytes_GET_SIZE(normalised))
-        if end < 0:
-            return TELEMETRY_REFUSED
-    route_publish(w, topic, topic_len, <const uint8_t*>PyBytes_AS_STRING(normalised),
-                  PyBytes_GET_SIZE(normalised), qos, retain, True, w.now_ns)
-    return end
+        end[0] = wal_append(w, <const uint8_t*>PyBytes_AS_STRING(normalised), <uint32_t>PyBytes_GET_SIZE(normalised))
+        if end[0] < 0:
+            end[0] = TELEMETRY_REFUSED
+            return None
+    return normalised
