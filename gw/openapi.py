@@ -343,7 +343,7 @@ def build_openapi(cfg=None) -> dict:
             "version": __version__,
             "summary": "Telemetry ingest, queries, health and metrics of the gw IoT gateway.",
             "description": (
-                "HTTP ingest of device telemetry (seed 001). Every error is JSON `{\"code\", \"message\"}`; "
+                "HTTP ingest of device telemetry, queries of the stored readings and alerts, health probes and metrics. Every error is JSON `{\"code\", \"message\"}`; "
                 "a path not listed here answers 404 `not_found`, a listed path with another method 405 "
                 "with `Allow`. GET routes also answer HEAD. Ack mode of this server: "
                 f"`{setting(cfg, 'ack')}`. Versioning: this is v1; breaking changes get a new prefix "
