@@ -53,7 +53,7 @@ from gw.query import Query, StoreError
 
 log = logging.getLogger("gw.http")
 
-# --- counters (gw/stats.py; the fallback keeps this module usable before they land) ---
+# --- counters (gw/stats.py; the fallback lets this module import without the compiled extensions) ---
 try:
     from gw.stats import Counter as _Counter
     from gw.stats import http_status_index
