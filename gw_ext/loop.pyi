@@ -1,6 +1,6 @@
 # Type stub of the worker's event loop (loop.pyx and the gw_ext/worker/*.pyx it
 # includes): what gw/worker.py, the tests and the fuzzers set and call.
-from typing import Any, Callable
+from typing import Any, Callable, final
 
 from gw_ext.dedup import DedupTable
 from gw_ext.tls import TLSContext
@@ -19,9 +19,11 @@ MALFORMED_NAMES: list[str]
 class PendingConnect:
     """A CONNECT waiting for its session to be settled."""
 
+@final
 class PendingSuback:
     """A SUBACK held until every peer confirmed."""
 
+@final
 class Worker:
     """One worker process's event loop. Built and configured by gw/worker.py."""
 

@@ -2,6 +2,8 @@
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from typing_extensions import Self
+
 ERROR_NAMES: tuple[str, ...]
 
 class IngestEngine:
@@ -20,8 +22,8 @@ class IngestEngine:
     pingreqs: int
     last_errno: int
 
-    def __init__(self, transport: int, capacity: int, pipeline: int, clients_total: int, devices: int,
-                 hist_min_ns: float, hist_growth: float, hist_nbuckets: int) -> None: ...
+    def __new__(cls, transport: int, capacity: int, pipeline: int, clients_total: int, devices: int,
+               hist_min_ns: float, hist_growth: float, hist_nbuckets: int) -> Self: ...
     def set_template(self, tpl: bytes, off: dict[str, Any], seed: int, anomalies: bool, anomaly_fraction: float,
                      wall_offset_ns: int) -> None: ...
     def configure(self, connect_timeout_s: float, keepalive_s: int, opener: Callable[[int], int]) -> None: ...

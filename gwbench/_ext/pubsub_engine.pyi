@@ -3,6 +3,8 @@ import socket
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from typing_extensions import Self
+
 ERROR_NAMES: tuple[str, ...]
 
 class Engine:
@@ -26,8 +28,8 @@ class Engine:
     publish_ns: int
     last_errno: int
 
-    def __init__(self, qos: int, size: int, n_publishers: int, inflight: int, keepalive: int,
-                 hist_min_ns: float, hist_growth: float, hist_nbuckets: int, capacity: int) -> None: ...
+    def __new__(cls, qos: int, size: int, n_publishers: int, inflight: int, keepalive: int,
+               hist_min_ns: float, hist_growth: float, hist_nbuckets: int, capacity: int) -> Self: ...
     def add(self, fd: int, sock: socket.socket | Any, is_sub: int, pub_id: int, topic: bytes, leftover: bytes,
             tls: bool) -> None: ...
     def start(self, t0_ns: int, rate_per_publisher: float) -> None: ...

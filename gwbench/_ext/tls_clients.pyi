@@ -1,5 +1,5 @@
 # Type stub of the connection scenario's TLS clients on OpenSSL (tls_clients.pyx).
-from typing_extensions import Buffer
+from typing_extensions import Buffer, Self
 
 # What TLSConn.handshake answers.
 DONE: int
@@ -18,7 +18,7 @@ def epoll_wait(epfd: int, timeout: float, maxevents: int = 1024) -> list[tuple[i
 class ClientContext:
     """One SSL_CTX for all the clients of a process."""
 
-    def __init__(self, cafile: str | None, insecure: bool, server_hostname: str | None) -> None: ...
+    def __new__(cls, cafile: str | None, insecure: bool, server_hostname: str | None) -> Self: ...
     def wrap(self, fd: int) -> TLSConn: ...
 
 class TLSConn:
