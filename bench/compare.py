@@ -63,17 +63,17 @@ def pubsub(name: str, what: str, args: list[str], mosquitto: dict | None = None)
                     mosquitto=mosquitto or {})
 
 
-def seed000(n: int) -> Scenario:
-    # Seed 000's perf test: persistent JSON-over-TLS clients, 10 s heartbeats,
-    # a few Data messages each. Its protocol is gw's own, so gw only.
-    return Scenario(name=f"seed000-{n}", what=f"{n:,} persistent JSON-over-TLS clients (seed 000)",
-                    kind="seed", bench_args=["--protocol", "json", "--clients", str(n), "--rampup", "5",
+def jsonlines_tls(n: int) -> Scenario:
+    # Persistent JSON-lines clients over TLS, 10 s heartbeats, a few Data
+    # messages each. The protocol is gw's own, so gw only.
+    return Scenario(name=f"jsonlines-tls-{n}", what=f"{n:,} persistent JSON-lines-over-TLS clients",
+                    kind="jsonlines", bench_args=["--protocol", "json", "--clients", str(n), "--rampup", "5",
                                              "--duration", "20", "--keepalive", "10", "--messages", "5"],
                     tls=True)
 
 
 SCENARIOS = {s.name: s for s in (
-    seed000(100), seed000(500), seed000(1000), seed000(2500),
+    jsonlines_tls(100), jsonlines_tls(500), jsonlines_tls(1000), jsonlines_tls(2500),
     idle(1000, 2, False), idle(1000, 2, True),
     idle(10000, 15, False), idle(10000, 15, True),
     pubsub("fanin-qos0", "QoS 0 fan-in, 4 publishers -> 1 subscriber, flat out",
@@ -189,7 +189,7 @@ class Mosquitto(Broker):
 
 
 def run_bench(broker: Broker, sc: Scenario, out: Path) -> dict:
-    port = broker.json_tls_port if sc.kind == "seed" else broker.tls_port if sc.tls else broker.port
+    port = broker.json_tls_port if sc.kind == "jsonlines" else broker.tls_port if sc.tls else broker.port
     cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", f"127.0.0.1:{port}",
            "--json", str(out), "--quiet"]
     if sc.kind != "pubsub":
@@ -257,7 +257,7 @@ def main() -> int:
         for i, name in enumerate(args.only or SCENARIOS):
             sc = SCENARIOS[name]
             order = ["gw", "mosquitto"] if i % 2 == 0 else ["mosquitto", "gw"]
-            if sc.kind == "seed":
+            if sc.kind == "jsonlines":
                 order = ["gw"]
             results = {}
             for which in order:
@@ -270,11 +270,11 @@ def main() -> int:
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))
-    seed_rows = [(sc, res) for sc, res in rows if sc.kind == "seed"]
-    if seed_rows:
+    jsonlines_rows = [(sc, res) for sc, res in rows if sc.kind == "jsonlines"]
+    if jsonlines_rows:
         print("\n| clients | connected | success rate | Data messages sent | connect p99 (ms) | gw RSS (MB) |")
         print("|---|---|---|---|---|---|")
-        for sc, results in seed_rows:
+        for sc, results in jsonlines_rows:
             s = results["gw"]
             print(f"| {sc.what} | {s['success']} | {s['success'].split('(')[1].rstrip(')')} | {s['sent']} | "
                   f"{s['connect_p99']} | {s['rss_mb']} |")

@@ -1,5 +1,5 @@
 """What a delivery to a subscriber on another worker costs, against one on the
-publisher's own worker (issue 3: at most 2x).
+publisher's own worker (the target: at most 2x).
 
     python bench/cross_worker_cost.py [--runs 8] [--rate 100000]
 

@@ -1,4 +1,4 @@
-"""How long GET /metrics takes with many connections open (issue 5: < 5 ms
+"""How long GET /metrics takes with many connections open (the target: < 5 ms
 with 10,000 connections).
 
     python bench/metrics_under_load.py [--connections 10000] [--scrapes 200]

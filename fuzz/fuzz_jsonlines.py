@@ -1,4 +1,4 @@
-"""Fuzz target `jsonlines`: a worker's JSON-lines listener (seed 000's protocol,
+"""Fuzz target `jsonlines`: a worker's JSON-lines listener (the protocol of
 gw/jsonproto.py behind the newline framing of gw_ext/worker/jsonlines.pyx), driven
 one loop turn at a time.
 

@@ -67,8 +67,8 @@ class Config:
                             minimum=1, maximum=64)
     mqtt: str = _setting("127.0.0.1:1883", "MQTT over TCP listener, HOST:PORT or off", kind="address")
     mqtts: str = _setting("127.0.0.1:8883", "MQTT over TLS listener, HOST:PORT or off", kind="address")
-    json: str = _setting("127.0.0.1:1880", "JSON-lines listener (seed 000 protocol), HOST:PORT or off",
-                         kind="address")
+    json: str = _setting("127.0.0.1:1880", "JSON-lines listener (one JSON object per line: Connect, Data, "
+                         "Heartbeat, Disconnect), HOST:PORT or off", kind="address")
     jsons: str = _setting("127.0.0.1:8880", "JSON-lines over TLS listener, HOST:PORT or off", kind="address")
     http: str = _setting("127.0.0.1:8080", "HTTP listener (ingest API, /healthz, /readyz, /metrics, /docs), "
                          "HOST:PORT or off", kind="address")
@@ -76,8 +76,9 @@ class Config:
                           kind="address")
     certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
                           "development CA, ca.pem, when absent)")
-    data_dir: str = _setting("data", "directory for the pid file, retained messages and "
-                             "clean_session=0 sessions (kept across restarts)")
+    data_dir: str = _setting("data", "directory for the pid file, retained messages, "
+                             "clean_session=0 sessions, the write-ahead logs (wal/) and the store "
+                             "(store.sqlite), kept across restarts")
     persist_interval: float = _setting(1.0, "seconds between writes of changed retained messages and "
                                        "sessions to data_dir (0: only when stopping)",
                                        minimum=0, maximum=3600)
@@ -131,9 +132,10 @@ class Config:
     stats_interval: float = _setting(1.0, "seconds between [stats] log lines (0: none)",
                                      minimum=0, maximum=3600)
     log_level: str = _setting("info", "debug, info, warning or error", choices=LOG_LEVELS)
-    ack: str = _setting("enqueue", "when an ingested reading is acknowledged: enqueue (HTTP 202 once it is "
-                        "validated and routed) or sink (HTTP 200; until the durable pipeline lands it is "
-                        "acknowledged at the same point as enqueue, see README)", choices=ACK_MODES)
+    ack: str = _setting("enqueue", "when an accepted reading is acknowledged: enqueue (once it is in the "
+                        "write-ahead log's buffer and routed: HTTP 202, PUBACK/PUBREC at once) or sink (only "
+                        "once the log is on disk past it, per fsync: HTTP 200, PUBACK/PUBREC held until "
+                        "then); ack_<listener> overrides it for one listener", choices=ACK_MODES)
     max_body_size: int = _setting(1 << 20, "largest HTTP request body, bytes (declared or de-chunked); "
                                   "larger is answered 413 and the connection closed",
                                   minimum=64, maximum=1 << 30)

@@ -1,4 +1,4 @@
-"""The HTTP API of seed 001: routing and answers, behind the Cython framing.
+"""The HTTP API (ingest, queries, health, metrics, docs): routing and answers, behind the Cython framing.
 
 The worker's framing (gw_ext/worker/http.pyx) parses HTTP/1.1, enforces the body
 limit and timeouts, writes the status line and the Date, Content-Length and
@@ -53,7 +53,7 @@ from gw.query import Query, StoreError
 
 log = logging.getLogger("gw.http")
 
-# --- counters (gw/stats.py; the fallback keeps this module usable before they land) ---
+# --- counters (gw/stats.py; the fallback lets this module import without the compiled extensions) ---
 try:
     from gw.stats import Counter as _Counter
     from gw.stats import http_status_index
@@ -328,7 +328,7 @@ class HttpApp:
         return self._encode(tele)
 
     def json_data_reading(self, client_id: bytes, payload, timestamp) -> bytes | None:
-        """A JSON-lines Data message (seed 000) as a reading of device client_id:
+        """A JSON-lines Data message as a reading of device client_id:
         its payload's record fields when it is an object with `metrics`, else
         `{"metrics": {}, "payload": <payload>}`; `ts` from its timestamp. The
         normalised JSON to log and route on {telemetry_topic}/{client_id}, or None

@@ -1,4 +1,4 @@
-"""Telemetry records (seed 001): msgspec types, validation, normalisation, batches.
+"""Telemetry records (the ingest schema): msgspec types, validation, normalisation, batches.
 
 A record is `{ts?, seq?, metrics, tags?, payload?}`, posted to
 `/v1/ingest/{device_id}` (gw/http_api.py) or published over MQTT on

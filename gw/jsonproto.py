@@ -1,13 +1,15 @@
-"""Seed 000's JSON-lines protocol: one JSON object per line, decoded with msgspec.
+"""The JSON-lines protocol for devices: one JSON object per line, decoded with msgspec.
 
 Client -> server: {"client_id": str|null, "message_type": "Connect" | "Disconnect"
 | "Data" | "Heartbeat", "payload": any, "timestamp": unix seconds}. The server
 answers a Connect with a Connect carrying the client id (a new UUID when the
 client sent none) and payload "Connected"; an invalid message with
-message_type "Error" and the reason as payload. Heartbeats and Data get no
-answer; any message counts as activity, and json_timeout seconds of silence
-close the connection. The worker loop (gw_ext/loop.pyx) does the framing and
-calls `JsonProtocol.handle` once per line.
+message_type "Error" and the reason as payload. Heartbeats get no answer, nor
+does a Data message unless the write-ahead log cannot take its reading (an
+"Error" asking to send it again); any line counts as activity, and
+json_timeout seconds of silence close the connection. The worker's framing
+(gw_ext/worker/jsonlines.pyx) cuts the lines and calls `JsonProtocol.handle`
+once per line.
 """
 
 from __future__ import annotations

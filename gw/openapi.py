@@ -204,11 +204,12 @@ def _ack_responses(cfg, schema: str, example: dict) -> dict:
     ack = setting(cfg, "ack")
     tail = " (this server's ack mode)"
     return {
-        "202": {"description": "Accepted (ack mode `enqueue`, the default): validated and routed to "
-                               "the MQTT subscribers of the telemetry topic" + (tail if ack == "enqueue" else ""),
+        "202": {"description": "Accepted (ack mode `enqueue`, the default): validated, appended to the "
+                               "worker's write-ahead log buffer and routed to the MQTT subscribers of the "
+                               "telemetry topic" + (tail if ack == "enqueue" else ""),
                 "content": _json(_ref(schema), {"accepted": {"value": example}})},
-        "200": {"description": "Accepted (ack mode `sink`): for now acknowledged at the same point as "
-                               "`enqueue`; a later version waits for the record to be on disk"
+        "200": {"description": "Accepted (ack mode `sink`): validated, routed, and answered only once the "
+                               "worker's write-ahead log is on disk past the record (per `fsync`)"
                                + (tail if ack == "sink" else ""),
                 "content": _json(_ref(schema), {"accepted": {"value": example}})},
     }
@@ -343,7 +344,8 @@ def build_openapi(cfg=None) -> dict:
             "version": __version__,
             "summary": "Telemetry ingest, queries, health and metrics of the gw IoT gateway.",
             "description": (
-                "HTTP ingest of device telemetry (seed 001). Every error is JSON `{\"code\", \"message\"}`; "
+                "HTTP ingest of device telemetry, queries of the stored readings and alerts, health probes "
+                "and metrics. Every error is JSON `{\"code\", \"message\"}`; "
                 "a path not listed here answers 404 `not_found`, a listed path with another method 405 "
                 "with `Allow`. GET routes also answer HEAD. Ack mode of this server: "
                 f"`{setting(cfg, 'ack')}`. Versioning: this is v1; breaking changes get a new prefix "

@@ -180,7 +180,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                   render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
     worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
-    json_protocol.readings = app.json_data_reading      # seed 000's Data messages as readings
+    json_protocol.readings = app.json_data_reading      # JSON-lines Data messages as readings
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)
     if dedup is not None:

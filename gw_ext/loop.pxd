@@ -39,7 +39,7 @@ cdef enum ConnState:
 
 cdef enum Proto:
     PROTO_MQTT = 1
-    PROTO_JSON = 2            # seed 000's newline-delimited JSON
+    PROTO_JSON = 2            # JSON lines: one JSON object per line (worker/jsonlines.pyx)
     PROTO_HTTP = 3            # HTTP/1.1: ingest API, health, metrics (worker/http.pyx)
 
 cdef enum ConnFlag:

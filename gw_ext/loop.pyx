@@ -1,17 +1,24 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The worker: one epoll loop per process, no asyncio. Its only other threads
-are the log's flusher (C, gw_ext/wal.pyx) and the query threads running the
-store queries (gw/query_pool.py); the loop lets go of the GIL while it waits
-in epoll_wait, so they run then.
+"""The worker: one epoll loop per process, no asyncio. The loop is the only
+thread that touches connections; beside it run the write-ahead log's flusher
+thread (C, gw_ext/wal_flusher.c), the persistence writer thread (C,
+gw_ext/filewriter_thread.c) and the query threads running the store queries
+(gw/query_pool.py, Python: the loop lets go of the GIL while it waits in
+epoll_wait, so they run then). The flusher and the query threads signal the
+loop through an eventfd in its epoll set; the writer's completions are
+collected by the persistence tick, about once a second (gw/persistence.py).
 
 Data flows one way: socket -> framing (this file: one recv_into a shared
 buffer, many packets parsed in place, only a cut-off tail copied aside) ->
-codec (gw_ext.codec) -> packet handlers (below) -> outbound buffers, flushed
-with one write per connection per loop turn.
+codec (gw_ext.codec) -> packet handlers (gw_ext/worker/*.pyx, included below)
+-> outbound buffers, flushed with one write per connection per loop turn.
 
-Nothing on the per-packet path touches a Python object. Python is called
-only for rare events: seed 000's JSON-lines messages (decoded with msgspec),
-rate-limited log lines, signals and reloads.
+An MQTT packet's path touches no Python object, but for retained messages
+(the store is a dict, worker/retained.pyx) and publishes on the telemetry
+topics (their schema, gw/ingest.py, worker/telemetry.pyx). Python is called
+too for each JSON line (gw/jsonproto.py, msgspec), each complete HTTP request
+(gw/http_api.py), and for rare events: rate-limited log lines, session
+snapshots, signals and reloads.
 """
 
 cimport cython
@@ -885,8 +892,6 @@ cdef class Worker:
         encode_empty(out, ptype)
         self.counters[PKT_OUT + ptype] += 1
         return 0
-
-    # --- seed 000's JSON lines -------------------------------------------------
 
     # --- TLS -------------------------------------------------------------------
 

@@ -49,7 +49,7 @@ cpdef enum:
     PKT_IN = 32               # + packet type (1..14): packets received by type
     PKT_OUT = 48              # + packet type: packets sent by type
     MALFORMED_BY_REASON = 64  # + codec MAL_* reason
-    # HTTP listener and telemetry ingest (issue 5).
+    # HTTP listener and telemetry ingest.
     HTTP_REQUESTS = 96        # + http_status_index(status) (16 slots): HTTP requests answered, by status
     INGEST_REQUESTS = 112     # + http_status_index(status): /v1/ingest requests answered, by status
     INGEST_RECORDS_ACCEPTED = 128   # telemetry records accepted (HTTP and MQTT)
@@ -62,7 +62,7 @@ cpdef enum:
     DEDUP_FULL = 135          # (device_id, seq) not remembered: the idempotency table was full
     WORKER_HEARTBEAT_MS = 136  # gauge, per worker (never summed): CLOCK_MONOTONIC ms of the worker's last tick
     HTTP_REQUESTS_SHED = 137  # HTTP requests answered 503 (draining, queue full)
-    # Write-ahead log and acknowledgement after durability (issue 6), per worker.
+    # Write-ahead log and acknowledgement after durability, per worker.
     WAL_RECORDS = 138         # readings appended to this worker's log
     WAL_BYTES = 139           # bytes appended, framing included
     WAL_FSYNCS = 140          # fdatasync calls (each one group commit)

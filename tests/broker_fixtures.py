@@ -1,4 +1,4 @@
-"""Harness for the broker tests (tests/test_broker_*.py), issue 3.
+"""Harness for the broker tests (tests/test_broker_*.py).
 
 Every broker test runs twice, against the reference (Debian's Mosquitto 2.0,
 `mosquitto`) and against gw (`gw serve --workers 2`, `gw`). A test that fails on
@@ -22,7 +22,7 @@ gw must pass every test; its runs are never marked, but for a known bug being
 fixed (`brokers(gw_known_bug=...)`, a strict xfail that fails every time).
 
 Placement: on gw, each client of a routing test must be on a chosen worker
-(the issue demands that publisher and subscribers sit on different workers).
+(so that every message between publisher and subscribers crosses workers).
 `Broker.socket_on(worker)` opens TCP connections until the kernel's
 SO_REUSEPORT hash puts one on that worker (checked with
 `GwServer.which_worker`), resetting the misplaced ones before they sent anything,

@@ -1,4 +1,4 @@
-"""Issue 3 increment 4, persistence: retained messages and clean-session-0
+"""Persistence: retained messages and clean-session-0
 sessions (subscriptions, queued QoS 1 messages) survive a graceful restart
 (SIGTERM, start again on the same port and data). Mosquitto runs with
 `persistence true` here; each test has its own broker."""

@@ -1,4 +1,4 @@
-"""Issue 3 increment 2, retained messages: set, replace, clear with an empty
+"""Retained messages: set, replace, clear with an empty
 payload, delivered on subscribe with RETAIN=1, live deliveries with RETAIN=0,
 global across workers (set through one worker, read through the other)."""
 

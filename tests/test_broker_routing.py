@@ -1,4 +1,4 @@
-"""Issue 3 increment 1: PUBLISH routed to every matching subscriber, on every
+"""PUBLISH routed to every matching subscriber, on every
 worker, QoS 0/1/2 both ways with the downgrade to the granted QoS, in order per
 publisher. Each test runs on Mosquitto (the reference) and on gw with 2 workers,
 where the publisher and the subscribers are placed on different workers."""

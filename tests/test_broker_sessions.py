@@ -1,4 +1,4 @@
-"""Issue 3 increment 3, sessions: client-id takeover across workers, clean
+"""Sessions: client-id takeover across workers, clean
 session 0 (subscriptions kept, QoS 1/2 queued while offline, delivered on
 reconnect on the other worker, CONNACK session present), clean session 1
 discarding the old session, and retransmission of unacknowledged QoS 1/2 with

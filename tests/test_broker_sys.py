@@ -1,4 +1,4 @@
-"""Issue 3 increment 4: `$SYS/broker/...` topics, as Mosquitto publishes them
+"""`$SYS/broker/...` topics, as Mosquitto publishes them
 (here with `sys_interval 1`): clients/connected, messages/received, uptime,
 version; figures for the whole broker (both gw workers), and never matched by
 a leading wildcard (MQTT-4.7.2-1)."""

@@ -1,4 +1,4 @@
-"""Issue 3 increment 2, will messages: published when the connection ends other
+"""Will messages: published when the connection ends other
 than by DISCONNECT (keepalive timeout, network error, protocol error, takeover),
 not after DISCONNECT; will QoS and will retain honoured. The client with the will
 is a raw socket on one worker, the observer a paho client on the other."""

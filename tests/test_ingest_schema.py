@@ -41,7 +41,7 @@ def published(body: bytes, device_id: str = "dev_1") -> dict:
 
 # --- examples --------------------------------------------------------------------------
 
-def test_seed_example_normalised():
+def test_record_with_every_field_normalised():
     body = b'{"ts":"2025-09-23T11:18:41Z","seq":42,"metrics":{"temp_c":21.5},"tags":{"site":"AAL"},' \
            b'"payload":{"raw":"ok"}}'
     out = ING.encode(ING.record("device_1", body))

@@ -1,4 +1,4 @@
-"""Issue 5: the HTTP/1.1 listener's framing (gw_ext/worker/http.pyx) on real sockets
+"""The HTTP/1.1 listener's framing (gw_ext/worker/http.pyx) on real sockets
 against `gw serve --workers 2`: keep-alive, pipelining, chunked bodies,
 100-continue, and every way a request can be refused by the framing itself
 (RFC 9112): a JSON error body, the connection closed, a counter, and nothing

@@ -1,4 +1,4 @@
-"""Issue 5, end to end against `gw serve --workers 2`: every status code of the
+"""HTTP ingest end to end against `gw serve --workers 2`: every status code of the
 ingest API on real HTTP connections, ingested readings reaching MQTT
 subscribers on the other worker, idempotency across workers, the same schema
 for MQTT publishes on telemetry/+, /healthz, /readyz (503 while draining),

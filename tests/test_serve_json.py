@@ -1,4 +1,5 @@
-"""Seed 000's JSON-lines protocol on the `json` and `jsons` (TLS) listeners."""
+"""The JSON-lines protocol (Connect, Data, Heartbeat, Disconnect; Error answers) on the `json` and
+`jsons` (TLS) listeners."""
 
 from __future__ import annotations
 

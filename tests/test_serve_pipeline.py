@@ -1,4 +1,4 @@
-"""Issue 6 end to end against `gw serve`: acknowledgement means durable.
+"""The write-ahead log and the pipeline end to end against `gw serve`: acknowledgement means durable.
 
 In ack mode sink a QoS 1 PUBACK (and an HTTP 200) is sent only once the
 reading's batch of the worker's write-ahead log is on disk; the pipeline
@@ -321,7 +321,7 @@ def _read_line(sock) -> bytes:
 
 
 def test_json_lines_data_messages_are_readings_too(gw_factory):
-    """Seed 000's Data messages are telemetry of the device named by the
+    """JSON-lines Data messages are telemetry of the device named by the
     client id: logged, in the store, and on telemetry/{client_id} (a string
     payload becomes the reading's payload, with no metrics)."""
     server = gw_factory(workers=1, listeners=("mqtt", "json", "http"))

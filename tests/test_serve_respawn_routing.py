@@ -1,4 +1,4 @@
-"""Routing survives a worker's crash (issue 3): the respawned worker says HELLO,
+"""Routing survives a worker's crash: the respawned worker says HELLO,
 its peers forget the interests of its previous life and tell it theirs, and
 send it the retained store; a client of the crashed worker reconnects and is
 routed as before. Raw sockets, two workers, clients placed on both."""

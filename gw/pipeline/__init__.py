@@ -1,4 +1,4 @@
-"""What happens to telemetry after the write-ahead log (issue 6, part 2).
+"""What happens to telemetry after the write-ahead log: the pipeline process and its sinks.
 
 The pipeline process (`pipeline_main`, forked by the master) reads every
 worker's log `data_dir/wal/{slot}/` up to the durable offset the worker

@@ -1,4 +1,4 @@
-"""Upstream MQTT bridge (seed 001's cloud sink): every reading, QoS 1, to another broker.
+"""Upstream MQTT bridge (the sink to another broker or a cloud): every reading, QoS 1, to another broker.
 
 `bridge = "mqtt://host:port"` (or `mqtts://`, TLS with `bridge_cafile`, or the
 system's CAs when empty; the server's name is verified). Each reading is

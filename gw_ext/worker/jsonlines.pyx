@@ -1,5 +1,6 @@
-# Included by loop.pyx. Seed 000's JSON lines: framing by newline, one
-# call per line into gw/jsonproto.py (msgspec).
+# Included by loop.pyx. The JSON-lines protocol (one JSON object per line:
+# Connect, Data, Heartbeat, Disconnect): framing by newline, one call per
+# line into gw/jsonproto.py (msgspec).
 
 # JSON-lines handler results (see gw/jsonproto.py).
 JSON_OK = 0
