@@ -17,6 +17,7 @@ import msgspec
 
 from gw.certs import CertPaths
 from gw.config import Config, ConfigError, load_config
+from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
 from gw.persistence import Persistence
 from gw.stats import StatsBlock
@@ -172,23 +173,21 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     # rather than the signal killing the worker.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     max_fds = raise_fd_limit()
-    json_protocol = JsonProtocol()
+    # The schema for every transport; the worker takes what it accepts (worker/ingest.pyx).
+    ingest = Ingest(cfg.max_batch, block.rows[slot])
+    json_protocol = JsonProtocol(ingest)
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
-    app = HttpApp(cfg, worker_index=slot, publish=worker.publish, dedup=dedup,
-                  render_metrics=lambda: render(block),
+    app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
-    worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
-    json_protocol.readings = app.json_data_reading      # seed 000's Data messages as readings
+    worker.http_app = app
+    worker.ingest = ingest
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)
     if dedup is not None:
         attach_dedup(dedup, slot, wal, os.path.join(cfg.data_dir, "wal", str(slot)))
         worker.set_dedup(dedup)
-    app.wal_append = worker.wal_append
-    app.wal_room = worker.wal_room
-    app.wal_end = lambda: wal.appended_offset
     query_pool = None
     if cfg.query_threads:
         # The store queries run in threads (started on the first query), not in the loop.

@@ -30,7 +30,7 @@ from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
-from gw_ext.dedup cimport DedupTable
+from gw_ext.dedup cimport DedupTable, GWD_DUPLICATE, GWD_NEW, GWD_PENDING_ELSEWHERE, GWD_PENDING_HERE
 from gw_ext.frames cimport *
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
@@ -299,21 +299,6 @@ cdef class Worker:
         ev.data.fd = fd
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
-
-    def wal_append(self, bytes payload):
-        """For the HTTP app, after wal_room() said yes for it: appends one reading;
-        its end offset (the durable offset its acknowledgement waits for in ack
-        mode sink). A disk error since the room check does not refuse it: the app
-        has recorded it as seen by then."""
-        if self.wal is None:
-            return 0
-        return wal_append(self, <const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>PyBytes_GET_SIZE(payload),
-                          True)
-
-    def wal_room(self, int nbytes):
-        """Whether an append of nbytes would be taken now (checked before the
-        idempotency table records the reading, so a refusal leaves no trace)."""
-        return wal_room(self, nbytes)
 
     @property
     def telemetry_topic(self):
@@ -1209,5 +1194,6 @@ include "worker/backpressure.pyx"
 include "worker/jsonlines.pyx"
 include "worker/http.pyx"
 include "worker/http_queries.pyx"
+include "worker/ingest.pyx"
 include "worker/telemetry.pyx"
 include "worker/durable_ack.pyx"
