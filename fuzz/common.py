@@ -178,6 +178,7 @@ class WorkerUnderTest:
         from gw.http_api import HttpApp
         from gw.health import Health
         from gw.ingest import Ingest
+        from gw.worker import apply_limits
         from gw.jsonproto import JsonProtocol
         from gw.metrics import render
         from gw_ext.dedup import DedupTable
@@ -188,7 +189,7 @@ class WorkerUnderTest:
         self.ingest = Ingest(h.cfg.max_batch, h.block.rows[0])
         self.json_protocol = JsonProtocol(self.ingest)
         self.worker = w = Worker(0, h.block.rows[0], h.block.rows, nworkers, self.json_protocol, MAX_FDS)
-        w.max_packet_size = 1 << 20
+        apply_limits(w, h.cfg)
         w.telemetry_topic = "telemetry" if telemetry else ""
         w.tick_ms = 0
         for key, value in (limits or {}).items():

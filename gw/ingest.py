@@ -60,7 +60,6 @@ MAX_TAG_VALUE = 64           # characters (code points)
 MAX_SEQ = 2**63 - 1
 TS_MAX = 253402300800        # 10000-01-01T00:00:00Z in Unix seconds (exclusive)
 DBL_MAX = 1.7976931348623157e308
-DEFAULT_MAX_BATCH = 1000
 
 # `re.fullmatch`, not the patterns above with `search`: `$` also matches before
 # a final newline, so "temp\n" would pass.
@@ -408,7 +407,7 @@ def loads_generic(body: bytes) -> Any:
 class Ingestor:
     """Decodes, validates and normalises records; no I/O. One per worker."""
 
-    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self._record = msgspec.json.Decoder(Record)
         self._batch = msgspec.json.Decoder(Annotated[list[BatchRecord], Meta(max_length=max_batch)])

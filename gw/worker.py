@@ -46,6 +46,8 @@ def raise_fd_limit() -> int:
 
 
 def apply_limits(worker, cfg: Config) -> None:
+    """Every limit of a Worker, from the config: the one place they are set
+    (a Worker starts with none), at start and on SIGHUP."""
     worker.max_connections = cfg.max_connections
     worker.max_packet_size = cfg.max_packet_size
     worker.max_outbound = cfg.max_outbound
@@ -69,10 +71,14 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_bytes = cfg.http_linger_bytes
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
-    # The codec's policy for the whole process (its decoders take no settings).
+    worker.tick_ms = 1000
+
+
+def apply_process_settings(cfg: Config) -> None:
+    """The settings of the whole worker process, at start and on SIGHUP."""
+    # The codec's policy (its decoders take no settings).
     codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
-    worker.tick_ms = 1000
 
 
 def ack_mode(cfg: Config, listener: str) -> str:
@@ -178,6 +184,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     json_protocol = JsonProtocol(ingest)
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
+    apply_process_settings(cfg)
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
@@ -218,6 +225,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             log.error("worker %d: reload refused, keeping the running config: %s", slot, exc)
             return
         apply_limits(worker, new)
+        apply_process_settings(new)
         app.cfg = new
         if query_pool is not None:
             query_pool.max_pending = new.query_max_pending

@@ -111,28 +111,9 @@ cdef class Worker:
         self.nworkers = nworkers
         self.counters_owner = (counters_row, all_counters)
         self.json_protocol = json_protocol
-        self.max_connections = 100000
-        self.max_packet_size = 1 << 20
-        self.connect_timeout_ms = 10000
-        self.json_timeout_ms = 30000
-        self.max_outbound = 8 << 20
-        self.soft_outbound = 4 << 20
-        self.max_inflight = 32
-        self.max_queued = 1000
-        self.queue_high = 250
-        self.queue_low = 125
-        self.max_retained = 100000
-        self.max_retained_bytes = 256 << 20
-        self.max_queued_bytes = 64 << 20
-        self.max_awaiting_rel = 1000
-        self.max_subscriptions = 10000
-        self.max_topic_levels = 128
-        self.max_topic_length = 4096
-        self.http_max_body = 1 << 20
-        self.http_timeout_ms = 10000
-        self.http_keepalive_ms = 75000
-        self.http_linger_bytes = 16 << 20
-        self.http_linger_ms = 5000
+        # Its limits (max_connections, max_packet_size, timeouts, ...) are zero
+        # until gw/worker.py's apply_limits sets them from the config: the one
+        # place they are set, so their defaults are gw/config.py's alone.
         self.telemetry_prefix = b""
         self.held_http = {}
         self.client_sessions = {}

@@ -24,6 +24,7 @@ from gw.http_api import HttpApp, setting
 from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
 from gw.stats import N_COUNTERS
+from gw.worker import apply_limits
 
 HOST = "127.0.0.1"
 JSON = b"application/json"
@@ -137,6 +138,7 @@ class IngestWorker:
         self.ingest = Ingest(int(setting(self.cfg, "max_batch")), self.counters)
         fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.worker = w = Worker(0, self.rows[0], self.rows, 1, JsonProtocol(self.ingest), min(fds, 4096))
+        apply_limits(w, Config())
         w.telemetry_topic = str(setting(self.cfg, "telemetry_topic"))
         w.tick_ms = 0
         self.app = HttpApp(self.cfg, worker_index=3, ingest=self.ingest,
