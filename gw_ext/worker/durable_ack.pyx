@@ -146,7 +146,7 @@ cdef bint wal_room(Worker w, int nbytes) except? False:
     """Whether an append of nbytes would be taken now (HTTP ingest asks before
     the idempotency table records its readings, so a refusal leaves no trace,
     ingest.pyx); a refusal is counted and logged."""
-    if w.wal is None or (w.wal.room(nbytes) and not w.wal_congested):
+    if w.wal is None or (nbytes > 0 and w.wal.room_c(<uint32_t>nbytes) and not w.wal_congested):
         return True
     w.counters[WAL_REFUSED] += 1
     w.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
