@@ -35,10 +35,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from gw import http_api
 from gw import query as q
 from gw.pipeline.store import open_store
 from gw.http_api import HttpApp
+from gw.ingest import Ingest
 from benchutil import Gate, check_gate, paired_ratio
 
 DAY0 = 1758585600.0                  # 2025-09-23T00:00:00Z
@@ -116,9 +116,10 @@ def store(tmp_path_factory):
 
 
 def make_app(directory) -> HttpApp:
-    cfg = SimpleNamespace(**http_api.DEFAULTS, data_dir=str(directory))
-    a = HttpApp(cfg, worker_index=0, publish=None, dedup=None, render_metrics=lambda: b"", health=None,
-                counters=[0] * 512)
+    cfg = SimpleNamespace(data_dir=str(directory))       # the rest: gw/config.py's defaults
+    counters = [0] * 512
+    a = HttpApp(cfg, worker_index=0, ingest=Ingest(1000, counters), render_metrics=lambda: b"", health=None,
+                counters=counters)
     a._query_api().now = lambda: DAY0 + 86400
     return a
 

@@ -177,6 +177,8 @@ class WorkerUnderTest:
                  limits: dict | None = None, telemetry: bool = True, peer_answers: bool = True):
         from gw.http_api import HttpApp
         from gw.health import Health
+        from gw.ingest import Ingest
+        from gw.worker import apply_limits
         from gw.jsonproto import JsonProtocol
         from gw.metrics import render
         from gw_ext.dedup import DedupTable
@@ -184,9 +186,10 @@ class WorkerUnderTest:
 
         self.h = h
         h.tidy()
-        self.json_protocol = JsonProtocol()
+        self.ingest = Ingest(h.cfg.max_batch, h.block.rows[0])
+        self.json_protocol = JsonProtocol(self.ingest)
         self.worker = w = Worker(0, h.block.rows[0], h.block.rows, nworkers, self.json_protocol, MAX_FDS)
-        w.max_packet_size = 1 << 20
+        apply_limits(w, h.cfg)
         w.telemetry_topic = "telemetry" if telemetry else ""
         w.tick_ms = 0
         for key, value in (limits or {}).items():
@@ -201,18 +204,15 @@ class WorkerUnderTest:
             s.setblocking(False)
             self.listeners[proto] = s
             self.ports[proto] = s.getsockname()[1]
-        self.app = HttpApp(h.cfg, worker_index=0, publish=w.publish, dedup=DedupTable(4096, 60.0),
-                           render_metrics=lambda: render(h.block),
+        self.app = HttpApp(h.cfg, worker_index=0, ingest=self.ingest, render_metrics=lambda: render(h.block),
                            health=Health(h.block, {p: f"{HOST}:{port}" for p, port in self.ports.items()},
                                          str(h.dir), 0),
                            counters=h.block.rows[0])
         w.http_app = self.app
-        self.json_protocol.readings = self.app.json_data_reading
+        w.ingest = self.ingest
+        w.set_dedup(DedupTable(4096, 60.0))
         if h.wal is not None:
             w.set_wal(h.wal)
-            self.app.wal_append = w.wal_append
-            self.app.wal_room = w.wal_room
-            self.app.wal_end = lambda: h.wal.appended_offset
         self.peers: dict[int, StubPeer] = {}
         for p in range(1, nworkers):
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -235,11 +235,8 @@ class WorkerUnderTest:
         """Frees the worker (its connections' fds with it), then the listeners and channels."""
         w = self.worker
         self.worker = None
-        # The app and the worker refer to each other: without these cycles the
-        # worker is freed now, not by a later garbage collection.
-        self.app.publish = self.app.wal_append = self.app.wal_room = self.app.wal_end = None
         w.http_app = None
-        self.json_protocol.readings = None
+        w.ingest = None
         del w
         for s in self.listeners.values():
             s.close()

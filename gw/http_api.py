@@ -29,9 +29,11 @@ waiting). Any other path is 404,
 another method 405 with `Allow`; every error is JSON `{"code", "message"}` (a
 refused batch adds `errors`). Only the query routes read the query string;
 the path is not percent-decoded (a device id only has characters that never
-need encoding). Records are validated by gw/ingest.py; each
-accepted one not already seen (`dedup`, by device id and seq) is published
-on `{telemetry_topic}/{device_id}` at QoS 1. A worker's table records a
+need encoding). An ingest request's records are validated by gw/ingest.py
+(`Ingest`): `handle` answers an `Accepted` for them, which the worker takes
+(gw_ext/worker/ingest.pyx: idempotency by device id and seq, the log, routing
+on `{telemetry_topic}/{device_id}` at QoS 1) before it asks this app for the
+answer (`ingest_taken`, `log_full`, `in_progress`). A worker's table records a
 reading as pending until its log is durable past it: a repeat of a durable
 reading is a duplicate; of one pending in this worker's log, a duplicate whose
 200 waits for the log (ack mode sink); of one pending in another worker's, in
@@ -48,67 +50,27 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
-from gw.ingest import (BatchAck, BatchError, Error, IngestAck, Ingestor, Invalid, check_path_device_id)
+from gw.config import Config
+from gw.ingest import (Accepted, BatchAck, BatchError, Error, Ingest, IngestAck, Invalid, check_path_device_id)
 from gw.query import Query, StoreError
+from gw.stats import Counter, http_status_index
 
 log = logging.getLogger("gw.http")
 
-# --- counters (gw/stats.py; the fallback lets this module import without the compiled extensions) ---
-try:
-    from gw.stats import Counter as _Counter
-    from gw.stats import http_status_index
-    INGEST_REQUESTS = int(_Counter.INGEST_REQUESTS)
-    INGEST_RECORDS_ACCEPTED = int(_Counter.INGEST_RECORDS_ACCEPTED)
-    INGEST_RECORDS_DUPLICATE = int(_Counter.INGEST_RECORDS_DUPLICATE)
-    INGEST_RECORDS_REJECTED = int(_Counter.INGEST_RECORDS_REJECTED)
-    TELEMETRY_MQTT_ACCEPTED = int(_Counter.TELEMETRY_MQTT_ACCEPTED)
-    TELEMETRY_MQTT_REJECTED = int(_Counter.TELEMETRY_MQTT_REJECTED)
-    DEDUP_FULL = int(_Counter.DEDUP_FULL)
-    INGEST_RECORDS_PENDING = int(_Counter.INGEST_RECORDS_PENDING)
-    QUERIES_REFUSED = int(_Counter.QUERIES_REFUSED)
-except (ImportError, AttributeError):    # pragma: no cover - depends on the build
-    INGEST_REQUESTS = 112
-    INGEST_RECORDS_ACCEPTED = 128
-    INGEST_RECORDS_DUPLICATE = 129
-    INGEST_RECORDS_REJECTED = 130
-    TELEMETRY_MQTT_ACCEPTED = 131
-    TELEMETRY_MQTT_REJECTED = 132
-    DEDUP_FULL = 135
-    INGEST_RECORDS_PENDING = 149
-    QUERIES_REFUSED = 157
-    _HTTP_STATUS_CODES = (200, 202, 204, 400, 404, 405, 408, 411, 413, 415, 431, 500, 501, 503, 505)
+INGEST_REQUESTS = int(Counter.INGEST_REQUESTS)
+INGEST_RECORDS_REJECTED = int(Counter.INGEST_RECORDS_REJECTED)
+QUERIES_REFUSED = int(Counter.QUERIES_REFUSED)
 
-    def http_status_index(code: int) -> int:
-        try:
-            return _HTTP_STATUS_CODES.index(code)
-        except ValueError:
-            return 15
-
-# --- settings this module reads (gw/config.py holds them; defaults for an older Config) ---
-DEFAULTS = {
-    "ack": "enqueue",
-    "max_body_size": 1 << 20,
-    "max_batch": 1000,
-    "idempotency_window": 60.0,
-    "idempotency_capacity": 1 << 22,
-    "telemetry_topic": "telemetry",
-    "http_timeout": 10.0,
-    "http_keepalive_timeout": 75.0,
-}
+_DEFAULTS = Config()
 
 
 def setting(cfg, name: str):
-    return getattr(cfg, name, DEFAULTS[name]) if cfg is not None else DEFAULTS[name]
+    """A setting of cfg, or its default (gw/config.py) when cfg is None or has no such key."""
+    return getattr(cfg, name, getattr(_DEFAULTS, name)) if cfg is not None else getattr(_DEFAULTS, name)
 
-
-# The idempotency table's answers (gw_ext/dedup.pyx): new (recorded), a duplicate
-# of a durable reading, of one pending (not durable yet) in this worker's log or
-# in another live worker's; below 0, not recorded (the table is full there).
-SEEN_NEW, SEEN_DUPLICATE, SEEN_PENDING_HERE, SEEN_PENDING_ELSEWHERE = 0, 1, 2, 3
 
 JSON = b"application/json"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
-TELEMETRY_QOS = 1
 RETRY_AFTER = b"Retry-After: 1\r\n"
 NO_STORE = b"Cache-Control: no-store\r\n"
 ALLOW_POST = b"Allow: POST\r\n"
@@ -205,34 +167,19 @@ def _counter_view(counters):
     return view
 
 
-def _now_ms() -> int:
-    """The clock given to dedup.seen: CLOCK_MONOTONIC (system-wide), in ms."""
-    return time.monotonic_ns() // 1_000_000
-
-
 class HttpApp:
     """One per worker. `handle` never raises for bad input; `draining` and
     `shedding` are set by the worker (both make ingest answer 503)."""
 
-    def __init__(self, cfg, *, worker_index: int, publish, dedup, render_metrics, health, counters):
+    def __init__(self, cfg, *, worker_index: int, ingest: Ingest, render_metrics, health, counters):
         self.worker_index = worker_index
-        self.publish = publish
-        self.dedup = dedup
+        self.ingest = ingest
         self.render_metrics = render_metrics
         self.health = health
         self.counters = counters
         self._c = _counter_view(counters)
         self.draining = False
         self.shedding = False        # the worker may set it under overload: ingest 503 + Retry-After
-        # The write-ahead log (set by the worker; without one, readings are only routed):
-        # wal_room(nbytes) -> bool, wal_append(payload) -> end offset or -1, wal_end() -> offset.
-        self.wal_room = None
-        self.wal_append = None
-        self.wal_end = None
-        # Per request, set by the framing: whether this listener acknowledges after the
-        # log is durable (ack mode sink); and, set here, the offset that answer waits for.
-        self.ack_sink = False
-        self.durable_needed = 0
         self._encoder = msgspec.json.Encoder()
         self._encode = self._encoder.encode
         self._lenient = msgspec.json.Encoder(enc_hook=str)
@@ -273,11 +220,7 @@ class HttpApp:
     @cfg.setter
     def cfg(self, cfg) -> None:
         self._cfg = cfg
-        self.ack_sink = setting(cfg, "ack") == "sink"     # the framing sets it per listener
-        max_batch = int(setting(cfg, "max_batch"))
-        if getattr(self, "ingestor", None) is None or self.ingestor.max_batch != max_batch:
-            self.ingestor = Ingestor(max_batch)
-        self.topic_prefix = str(setting(cfg, "telemetry_topic")).encode()
+        self.ingest.max_batch = int(setting(cfg, "max_batch"))
         self._openapi_body = None
         data_dir = getattr(cfg, "data_dir", None) if cfg is not None else None
         if data_dir != getattr(self, "_data_dir", None):
@@ -287,9 +230,12 @@ class HttpApp:
     # --- the framing's entry points ---------------------------------------------------
 
     def handle(self, method: bytes, target: bytes, content_type: bytes | None,
-               body: bytes) -> tuple[int, bytes, bytes, bytes] | None:
-        """The answer (status, content type, body, extra header lines), or None for a
-        query to run in the query pool: the framing then calls `defer`."""
+               body: bytes) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
+        """The answer (status, content type, body, extra header lines); for an
+        ingest request whose records passed the schema, the `Accepted` readings,
+        for the worker to take and then ask for the answer (`ingest_taken`,
+        `log_full`, `in_progress`); None for a query to run in the query pool:
+        the framing then calls `defer`."""
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if path[:1] != b"/":
@@ -314,53 +260,51 @@ class HttpApp:
         """The JSON error body, for the framing's own answers (400, 408, 413, 431, 505)."""
         return self._encode(Error(code, message))
 
-    def validate_mqtt_telemetry(self, topic: bytes, payload: bytes) -> bytes | None:
-        """An MQTT PUBLISH on {telemetry_topic}/{device_id}: the normalised JSON
-        payload to route, or None if it breaks the schema (counted). No
-        idempotency check here: MQTT's own QoS handles redelivery."""
-        counters = self._c
-        try:
-            tele = self.ingestor.mqtt(self.topic_prefix, topic, payload)
-        except Invalid:
-            counters[TELEMETRY_MQTT_REJECTED] += 1
-            return None
-        counters[TELEMETRY_MQTT_ACCEPTED] += 1
-        return self._encode(tele)
-
-    def json_data_reading(self, client_id: bytes, payload, timestamp) -> bytes | None:
-        """A JSON-lines Data message as a reading of device client_id:
-        its payload's record fields when it is an object with `metrics`, else
-        `{"metrics": {}, "payload": <payload>}`; `ts` from its timestamp. The
-        normalised JSON to log and route on {telemetry_topic}/{client_id}, or None
-        (counted as rejected) when the client id is not a device id or the record
-        breaks the schema."""
-        if isinstance(payload, dict) and "metrics" in payload:
-            record = dict(payload)
-        else:
-            record = {"metrics": {}, "payload": payload}
-        if timestamp is not None and "ts" not in record:
-            record["ts"] = timestamp
-        try:
-            device_id = check_path_device_id(client_id)
-            tele = self.ingestor.record(device_id, self._encode(record))
-        except Invalid:
-            self._c[INGEST_RECORDS_REJECTED] += 1
-            return None
-        self._c[INGEST_RECORDS_ACCEPTED] += 1
-        return self._encode(tele)
-
     # --- ingest -------------------------------------------------------------------------
 
     def _ingest(self, method, path, content_type, body, batch: bool):
         try:
             if method != b"POST":
                 answer = self._method_not_allowed(method, path, ALLOW_POST)
+            elif self.draining or self.shedding:
+                answer = self._unavailable()
             elif batch:
-                answer = self._ingest_batch(content_type, body)
+                if not is_json_content_type(content_type):
+                    answer = self._unsupported(content_type)
+                else:
+                    return self.ingest.batch(body)
             else:
-                answer = self._ingest_one(path[len(INGEST_PREFIX):], content_type, body)
+                raw_id = path[len(INGEST_PREFIX):]
+                device_id = check_path_device_id(raw_id)
+                if not is_json_content_type(content_type):
+                    answer = self._unsupported(content_type)
+                else:
+                    return self.ingest.one(device_id, raw_id, body)
+        except Invalid as err:
+            answer = self._refused(err)
         except Exception:
             answer = self._internal_error()
+        return self._counted(answer)
+
+    def ingest_taken(self, accepted: Accepted, duplicates: int, sink: bool):
+        """The answer once the worker took the readings: 200 in ack mode sink
+        (sent once the log is durable past them), else 202."""
+        single = accepted.single
+        if single is not None:
+            body = self._encode(IngestAck(1, duplicates, single.device_id, single.ts, single.seq))
+        else:
+            body = self._encode(BatchAck(len(accepted.records), duplicates))
+        return self._counted((200 if sink else 202, JSON, body, b""))
+
+    def log_full(self):
+        """The log could not take the readings: 503, retry."""
+        return self._counted((503, JSON, self._log_full_body, RETRY_AFTER))
+
+    def in_progress(self):
+        """Another worker holds a first copy not durable yet (ack mode sink): 503, retry."""
+        return self._counted((503, JSON, self._in_progress_body, RETRY_AFTER))
+
+    def _counted(self, answer):
         status = answer[0]
         slot = self._req_slot.get(status)
         if slot is None:
@@ -382,137 +326,6 @@ class HttpApp:
         got = "none" if content_type is None else _show_path(content_type)
         return 415, JSON, self._error("unsupported_media_type",
                                       f"Content-Type must be application/json, got {got}"), b""
-
-    def _ingest_one(self, raw_id: bytes, content_type, body: bytes):
-        if self.draining or self.shedding:
-            return self._unavailable()
-        try:
-            device_id = check_path_device_id(raw_id)
-            if not is_json_content_type(content_type):
-                return self._unsupported(content_type)
-            tele = self.ingestor.record(device_id, body)
-        except Invalid as err:
-            return self._refused(err)
-        counters = self._c
-        duplicates = 0
-        recorded = False
-        reading = self._encode(tele)
-        # The log's room is checked before the idempotency table records the
-        # reading: a refused reading must not count as seen when it is sent again.
-        if self.wal_room is not None and not self.wal_room(len(reading)):
-            return self._log_full()
-        if tele.seq is not None and self.dedup is not None:
-            seen = self.dedup.seen(raw_id, tele.seq, _now_ms())
-            if seen == SEEN_NEW:
-                recorded = True
-            elif seen == SEEN_DUPLICATE:
-                duplicates = 1          # the first copy is durable: nothing to wait for
-            elif seen == SEEN_PENDING_HERE:
-                duplicates = 1
-                if self.wal_end is not None:
-                    self.durable_needed = self.wal_end()    # the first copy is in our log, maybe not durable
-            elif seen == SEEN_PENDING_ELSEWHERE:
-                if self.ack_sink:
-                    # Another worker has the first copy and not on disk yet; it may still
-                    # be lost: no 200 for it before it is durable. The client retries.
-                    counters[INGEST_RECORDS_PENDING] += 1
-                    return self._in_progress()
-                duplicates = 1          # enqueue: acknowledged once in a log's buffer, as the first copy was
-            else:
-                counters[DEDUP_FULL] += 1
-        if duplicates:
-            counters[INGEST_RECORDS_DUPLICATE] += 1
-        else:
-            if self.wal_append is not None:
-                end = self.wal_append(reading)
-                if end < 0:     # the log failed between the check and the append
-                    if recorded:
-                        self.dedup.abandon()
-                    return self._log_full()
-                self.durable_needed = end
-            else:
-                end = 0
-            if recorded:
-                self.dedup.commit_at(end)       # seen for good once the log is durable past it
-            self.publish(self.topic_prefix + b"/" + raw_id, reading, TELEMETRY_QOS, False)
-            counters[INGEST_RECORDS_ACCEPTED] += 1
-        return (self._ok(), JSON,
-                self._encode(IngestAck(1, duplicates, device_id, tele.ts, tele.seq)), b"")
-
-    def _ok(self) -> int:
-        return 200 if self.ack_sink else 202
-
-    def _log_full(self):
-        return 503, JSON, self._log_full_body, RETRY_AFTER
-
-    def _in_progress(self):
-        return 503, JSON, self._in_progress_body, RETRY_AFTER
-
-    def _ingest_batch(self, content_type, body: bytes):
-        if self.draining or self.shedding:
-            return self._unavailable()
-        if not is_json_content_type(content_type):
-            return self._unsupported(content_type)
-        try:
-            records = self.ingestor.batch(body)
-        except Invalid as err:
-            return self._refused(err)
-        counters = self._c
-        seen = self.dedup.seen if self.dedup is not None else None
-        publish = self.publish
-        encode = self._encode
-        prefix = self.topic_prefix + b"/"
-        now_ms = _now_ms()
-        readings = [encode(tele) for tele in records]
-        if self.wal_room is not None and not self.wal_room(sum(len(r) + 8 for r in readings)):
-            return self._log_full()
-        append = self.wal_append
-        dedup = self.dedup
-        duplicates = full = appended = 0
-        pending_here = False
-        for tele, reading in zip(records, readings):
-            device = tele.device_id.encode()
-            recorded = False
-            if tele.seq is not None and dedup is not None:
-                result = seen(device, tele.seq, now_ms)
-                if result == SEEN_NEW:
-                    recorded = True
-                elif result < 0:
-                    full += 1
-                else:
-                    if result == SEEN_PENDING_ELSEWHERE and self.ack_sink:
-                        # As for one reading (_ingest_one); what this batch appended
-                        # before stays, and is a duplicate when the batch is sent again.
-                        counters[INGEST_RECORDS_ACCEPTED] += appended
-                        counters[INGEST_RECORDS_PENDING] += 1
-                        return self._in_progress()
-                    pending_here = pending_here or result == SEEN_PENDING_HERE
-                    duplicates += 1
-                    continue
-            if append is not None:
-                end = append(reading)
-                if end < 0:
-                    # The log failed mid-batch (between the check and here): what
-                    # was appended stays, the rest is refused with the batch.
-                    if recorded:
-                        dedup.abandon()
-                    counters[INGEST_RECORDS_ACCEPTED] += appended
-                    return self._log_full()
-                self.durable_needed = end
-            else:
-                end = 0
-            if recorded:
-                dedup.commit_at(end)
-            appended += 1
-            publish(prefix + device, reading, TELEMETRY_QOS, False)
-        if pending_here and self.wal_end is not None:
-            self.durable_needed = self.wal_end()
-        counters[INGEST_RECORDS_ACCEPTED] += len(records) - duplicates
-        if duplicates:
-            counters[INGEST_RECORDS_DUPLICATE] += duplicates
-        if full:
-            counters[DEDUP_FULL] += full
-        return self._ok(), JSON, encode(BatchAck(len(records), duplicates)), b""
 
     # --- the query routes (gw/query.py) ---------------------------------------------------
 

@@ -60,7 +60,6 @@ MAX_TAG_VALUE = 64           # characters (code points)
 MAX_SEQ = 2**63 - 1
 TS_MAX = 253402300800        # 10000-01-01T00:00:00Z in Unix seconds (exclusive)
 DBL_MAX = 1.7976931348623157e308
-DEFAULT_MAX_BATCH = 1000
 
 # `re.fullmatch`, not the patterns above with `search`: `$` also matches before
 # a final newline, so "temp\n" would pass.
@@ -408,7 +407,7 @@ def loads_generic(body: bytes) -> Any:
 class Ingestor:
     """Decodes, validates and normalises records; no I/O. One per worker."""
 
-    def __init__(self, max_batch: int = DEFAULT_MAX_BATCH):
+    def __init__(self, max_batch: int):
         self.max_batch = max_batch
         self._record = msgspec.json.Decoder(Record)
         self._batch = msgspec.json.Decoder(Annotated[list[BatchRecord], Meta(max_length=max_batch)])
@@ -499,35 +498,90 @@ class Ingestor:
             errors.append(ItemError(0, "invalid_record", f"invalid record: {exc}"))
         raise self._batch_error(errors, len(items))
 
-    # MQTT
 
-    def mqtt(self, prefix: bytes, topic: bytes, payload: bytes, now: datetime | None = None) -> Telemetry:
-        """A PUBLISH on `{prefix}/{device_id}` with a single record as payload."""
-        n = len(prefix)
-        if not (topic.startswith(prefix) and topic[n:n + 1] == b"/"):
-            raise Invalid("invalid_device_id", "the topic is not {prefix}/{device_id}")
-        device_id = check_path_device_id(topic[n + 1:])
-        return self.record(device_id, payload, now)
+# --- one worker's validation, whatever the transport -------------------------------------
 
+class Accepted:
+    """The readings of one HTTP request that passed the schema, normalised, for
+    the worker to take (gw_ext/worker/ingest.pyx: idempotency, the log,
+    routing); the HTTP app then words the answer from it (`single`: the record
+    of a single-record request, whose answer echoes its ts and seq; None for a
+    batch)."""
 
-def telemetry_topic(prefix: str | bytes, device_id: str | bytes) -> bytes:
-    p = prefix.encode() if isinstance(prefix, str) else prefix
-    d = device_id.encode() if isinstance(device_id, str) else device_id
-    return p + b"/" + d
+    __slots__ = ("records", "single")
 
-
-_DEFAULT = None
+    def __init__(self, records: list, single: Telemetry | None):
+        self.records = records      # [(device_id bytes, seq or None, normalised JSON bytes)]
+        self.single = single
 
 
-def validate_mqtt_telemetry(topic: bytes, payload: bytes, prefix: bytes = b"telemetry"):
-    """(True, normalised payload bytes) or (False, Error JSON bytes) for an MQTT
-    PUBLISH on {prefix}/{device_id}. HttpApp.validate_mqtt_telemetry is the
-    counted, per-worker version the worker calls."""
-    global _DEFAULT
-    if _DEFAULT is None:
-        _DEFAULT = Ingestor()
-    try:
-        tele = _DEFAULT.mqtt(prefix, topic, payload)
-    except Invalid as err:
-        return False, _DEFAULT.encode(Error(err.code, err.message))
-    return True, _DEFAULT.encode(tele)
+class Ingest:
+    """The Python half of taking a reading, one per worker: the schema
+    (msgspec, `Ingestor`) and the normalised JSON, for every transport. It
+    never logs, deduplicates or routes: the worker does, with what it returns
+    (gw_ext/worker/ingest.pyx). MQTT and JSON-lines readings are counted here
+    (accepted or rejected by the schema); HTTP requests by the HTTP app, which
+    answers them."""
+
+    def __init__(self, max_batch: int, counters):
+        from gw.stats import Counter
+
+        self.ingestor = Ingestor(max_batch)
+        self._encode = self.ingestor.encode
+        self._c = counters
+        self._mqtt_accepted = int(Counter.TELEMETRY_MQTT_ACCEPTED)
+        self._mqtt_rejected = int(Counter.TELEMETRY_MQTT_REJECTED)
+        self._json_accepted = int(Counter.INGEST_RECORDS_ACCEPTED)
+        self._json_rejected = int(Counter.INGEST_RECORDS_REJECTED)
+
+    @property
+    def max_batch(self) -> int:
+        return self.ingestor.max_batch
+
+    @max_batch.setter
+    def max_batch(self, value: int) -> None:
+        if value != self.ingestor.max_batch:
+            self.ingestor = Ingestor(value)
+            self._encode = self.ingestor.encode
+
+    def one(self, device_id: str, raw_id: bytes, body: bytes) -> Accepted:
+        """POST /v1/ingest/{device_id}; raises Invalid."""
+        tele = self.ingestor.record(device_id, body)
+        return Accepted([(raw_id, tele.seq, self._encode(tele))], tele)
+
+    def batch(self, body: bytes) -> Accepted:
+        """POST /v1/ingest, all or nothing; raises Invalid."""
+        encode = self._encode
+        return Accepted([(tele.device_id.encode(), tele.seq, encode(tele))
+                         for tele in self.ingestor.batch(body)], None)
+
+    def mqtt(self, device_id: bytes, payload: bytes) -> bytes | None:
+        """A PUBLISH on {telemetry_topic}/{device_id}: the normalised reading, or
+        None if it breaks the schema (counted either way)."""
+        try:
+            tele = self.ingestor.record(check_path_device_id(device_id), payload)
+        except Invalid:
+            self._c[self._mqtt_rejected] += 1
+            return None
+        self._c[self._mqtt_accepted] += 1
+        return self._encode(tele)
+
+    def json_data(self, client_id: bytes, payload: Any, timestamp: float | None) -> bytes | None:
+        """A JSON-lines Data message as a reading of device client_id: its
+        payload's record fields when it is an object with `metrics`, else
+        `{"metrics": {}, "payload": <payload>}`; `ts` from its timestamp. The
+        normalised reading, or None when the client id is not a device id or
+        the record breaks the schema (counted either way)."""
+        if isinstance(payload, dict) and "metrics" in payload:
+            record = dict(payload)
+        else:
+            record = {"metrics": {}, "payload": payload}
+        if timestamp is not None and "ts" not in record:
+            record["ts"] = timestamp
+        try:
+            tele = self.ingestor.record(check_path_device_id(client_id), self._encode(record))
+        except Invalid:
+            self._c[self._json_rejected] += 1
+            return None
+        self._c[self._json_accepted] += 1
+        return self._encode(tele)

@@ -46,9 +46,13 @@ class Reply(msgspec.Struct):
 
 
 class JsonProtocol:
-    def __init__(self):
+    """`ingest` (gw/ingest.py's Ingest): Data messages as telemetry readings;
+    None: they are only activity."""
+
+    def __init__(self, ingest=None):
         self._decoder = msgspec.json.Decoder(Message)
         self._encoder = msgspec.json.Encoder()
+        self.ingest = ingest
 
     def log_full_reply(self, client_id: bytes | None) -> bytes:
         return self._reply(client_id.decode() if client_id else None, "Error",
@@ -57,10 +61,6 @@ class JsonProtocol:
 
     def _reply(self, client_id: str | None, kind: str, payload: Any) -> bytes:
         return self._encoder.encode(Reply(client_id, kind, payload, round(time.time(), 3))) + b"\n"
-
-    # Data messages as telemetry readings: (client id, payload, timestamp) -> the
-    # normalised reading (bytes) or None; set by the worker (HttpApp.json_data_reading).
-    readings = None
 
     def handle(self, line: bytes, connected: bool, client_id: bytes | None):
         """Returns (action, reply bytes or None, assigned client id or None, data):
@@ -88,8 +88,8 @@ class JsonProtocol:
         if kind == "Disconnect":
             return CLOSE, None, None, False
         if kind == "Data":
-            if self.readings is not None and client_id is not None:
-                reading = self.readings(client_id, msg.payload, msg.timestamp)
+            if self.ingest is not None and client_id is not None:
+                reading = self.ingest.json_data(client_id, msg.payload, msg.timestamp)
                 if reading is not None:
                     return OK, None, None, reading
             return OK, None, None, True

@@ -17,6 +17,7 @@ import msgspec
 
 from gw.certs import CertPaths
 from gw.config import Config, ConfigError, load_config
+from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
 from gw.persistence import Persistence
 from gw.stats import StatsBlock
@@ -45,6 +46,8 @@ def raise_fd_limit() -> int:
 
 
 def apply_limits(worker, cfg: Config) -> None:
+    """Every limit of a Worker, from the config: the one place they are set
+    (a Worker starts with none), at start and on SIGHUP."""
     worker.max_connections = cfg.max_connections
     worker.max_packet_size = cfg.max_packet_size
     worker.max_outbound = cfg.max_outbound
@@ -68,10 +71,14 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_bytes = cfg.http_linger_bytes
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
-    # The codec's policy for the whole process (its decoders take no settings).
+    worker.tick_ms = 1000
+
+
+def apply_process_settings(cfg: Config) -> None:
+    """The settings of the whole worker process, at start and on SIGHUP."""
+    # The codec's policy (its decoders take no settings).
     codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
     logging.getLogger("gw").setLevel(cfg.log_level.upper())
-    worker.tick_ms = 1000
 
 
 def ack_mode(cfg: Config, listener: str) -> str:
@@ -172,23 +179,22 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     # rather than the signal killing the worker.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     max_fds = raise_fd_limit()
-    json_protocol = JsonProtocol()
+    # The schema for every transport; the worker takes what it accepts (worker/ingest.pyx).
+    ingest = Ingest(cfg.max_batch, block.rows[slot])
+    json_protocol = JsonProtocol(ingest)
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
+    apply_process_settings(cfg)
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
-    app = HttpApp(cfg, worker_index=slot, publish=worker.publish, dedup=dedup,
-                  render_metrics=lambda: render(block),
+    app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
-    worker.http_app = app       # HTTP requests, and the telemetry schema for MQTT
-    json_protocol.readings = app.json_data_reading      # JSON-lines Data messages as readings
+    worker.http_app = app
+    worker.ingest = ingest
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)
     if dedup is not None:
         attach_dedup(dedup, slot, wal, os.path.join(cfg.data_dir, "wal", str(slot)))
         worker.set_dedup(dedup)
-    app.wal_append = worker.wal_append
-    app.wal_room = worker.wal_room
-    app.wal_end = lambda: wal.appended_offset
     query_pool = None
     if cfg.query_threads:
         # The store queries run in threads (started on the first query), not in the loop.
@@ -219,6 +225,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             log.error("worker %d: reload refused, keeping the running config: %s", slot, exc)
             return
         apply_limits(worker, new)
+        apply_process_settings(new)
         app.cfg = new
         if query_pool is not None:
             query_pool.max_pending = new.query_max_pending

@@ -114,4 +114,8 @@ cdef class DedupTable:
     cdef int seen_c(self, const uint8_t* device_id, size_t n, uint64_t seq, uint64_t now_ms) noexcept nogil
     # The owner's log is durable up to `offset`: commits the pending records it covers.
     cdef void durable_c(self, uint64_t offset, uint64_t now_ms) noexcept nogil
+    # The readings recorded since the last commit were appended, the last ending at `end`.
+    cdef void commit_at_c(self, uint64_t end) noexcept nogil
+    # ... or were not appended after all: their records are removed.
+    cdef void abandon_c(self) noexcept nogil
     cdef int _push(self, uint64_t slot, uint64_t word) noexcept nogil

@@ -230,6 +230,9 @@ cdef class DedupTable:
         """The readings recorded (pending) since the last commit_at or abandon
         were appended to the log, the last ending at `end`: they are committed
         once durable() passes it (at once if it has)."""
+        self.commit_at_c(end)
+
+    cdef void commit_at_c(self, uint64_t end) noexcept nogil:
         cdef Py_ssize_t i
         if self.pend_unassigned == 0:
             return
@@ -242,6 +245,9 @@ cdef class DedupTable:
     def abandon(self):
         """The readings recorded since the last commit_at were not appended
         after all: their records are removed (a repeat is new again)."""
+        self.abandon_c()
+
+    cdef void abandon_c(self) noexcept nogil:
         cdef PendingRec* p
         while self.pend_unassigned:
             p = &self.pend[(self.pend_head + self.pend_len - 1) % self.pend_cap]

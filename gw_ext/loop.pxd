@@ -219,6 +219,13 @@ cdef struct Peer:
 
 # --- answers held until the log is durable (worker/durable_ack.pyx) ------------------
 
+# One request's readings being taken (worker/ingest.pyx).
+cdef struct IngestBatch:
+    int64_t end               # the log's end offset past them: what an answer in ack mode sink waits for
+    int duplicates            # readings seen before: acknowledged, not taken again
+    bint pending_here         # one of them is a duplicate of a reading in this worker's log, maybe not durable
+
+
 cdef struct HeldAck:
     uint64_t needed           # durable offset this answer waits for
     int fd
@@ -406,7 +413,7 @@ cdef class Worker:
     cdef HttpState* http             # per fd; allocated with the first HTTP listener
     cdef char[40] http_date
     cdef time_t http_date_s
-    cdef public object http_app      # gw.http_api.HttpApp: requests, telemetry schema
+    cdef public object http_app      # gw.http_api.HttpApp: requests
     cdef public uint32_t http_max_body
     cdef public uint32_t http_timeout_ms
     cdef public uint32_t http_keepalive_ms
@@ -416,7 +423,8 @@ cdef class Worker:
 
     # --- JSON lines (worker/jsonlines.pyx) and MQTT telemetry (worker/telemetry.pyx) ---
     cdef object json_protocol        # gw.jsonproto.JsonProtocol
-    cdef bytes telemetry_prefix      # b"telemetry/": MQTT publishes there are validated
+    cdef bytes telemetry_prefix      # b"telemetry/": readings are routed there; MQTT publishes there are validated
+    cdef public object ingest        # gw.ingest.Ingest: the schema for MQTT readings (worker/ingest.pyx)
 
     # --- the write-ahead log, answers held for it (worker/durable_ack.pyx) -------------
     cdef Wal wal
@@ -620,6 +628,13 @@ cdef void http_start_drain(Worker w, Conn* c)
 cdef object http_query_token(Conn* c)
 cdef void query_readable(Worker w)
 cdef void query_answered(Worker w, object token, object answer) except *
+
+# --- worker/ingest.pyx: an accepted reading, whatever the transport -------------------
+cdef int ingest_reading(Worker w, bytes device, object seq, bytes reading, bint idempotent, bint sink,
+                        bint room_checked, int route_qos, IngestBatch* b) except -3
+cdef void ingest_route(Worker w, bytes device, bytes reading, uint8_t qos) except *
+cdef int ingest_records(Worker w, list records, bint sink, IngestBatch* b) except -3
+cdef object http_ingest(Worker w, object accepted, bint sink, int64_t* needed)
 
 # --- worker/telemetry.pyx: MQTT readings through the ingest schema ---------------------
 cdef bint is_telemetry_topic(Worker w, const uint8_t* topic, uint32_t n) noexcept

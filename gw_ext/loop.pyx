@@ -37,7 +37,7 @@ from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
 from gw_ext.tls cimport TLSContext
 from gw_ext.wal cimport Wal
-from gw_ext.dedup cimport DedupTable
+from gw_ext.dedup cimport DedupTable, GWD_DUPLICATE, GWD_NEW, GWD_PENDING_ELSEWHERE, GWD_PENDING_HERE
 from gw_ext.frames cimport *
 from gw_ext.topics cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
@@ -118,28 +118,9 @@ cdef class Worker:
         self.nworkers = nworkers
         self.counters_owner = (counters_row, all_counters)
         self.json_protocol = json_protocol
-        self.max_connections = 100000
-        self.max_packet_size = 1 << 20
-        self.connect_timeout_ms = 10000
-        self.json_timeout_ms = 30000
-        self.max_outbound = 8 << 20
-        self.soft_outbound = 4 << 20
-        self.max_inflight = 32
-        self.max_queued = 1000
-        self.queue_high = 250
-        self.queue_low = 125
-        self.max_retained = 100000
-        self.max_retained_bytes = 256 << 20
-        self.max_queued_bytes = 64 << 20
-        self.max_awaiting_rel = 1000
-        self.max_subscriptions = 10000
-        self.max_topic_levels = 128
-        self.max_topic_length = 4096
-        self.http_max_body = 1 << 20
-        self.http_timeout_ms = 10000
-        self.http_keepalive_ms = 75000
-        self.http_linger_bytes = 16 << 20
-        self.http_linger_ms = 5000
+        # Its limits (max_connections, max_packet_size, timeouts, ...) are zero
+        # until gw/worker.py's apply_limits sets them from the config: the one
+        # place they are set, so their defaults are gw/config.py's alone.
         self.telemetry_prefix = b""
         self.held_http = {}
         self.client_sessions = {}
@@ -306,21 +287,6 @@ cdef class Worker:
         ev.data.fd = fd
         if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
             raise OSError(errno, "epoll_ctl")
-
-    def wal_append(self, bytes payload):
-        """For the HTTP app, after wal_room() said yes for it: appends one reading;
-        its end offset (the durable offset its acknowledgement waits for in ack
-        mode sink). A disk error since the room check does not refuse it: the app
-        has recorded it as seen by then."""
-        if self.wal is None:
-            return 0
-        return wal_append(self, <const uint8_t*>PyBytes_AS_STRING(payload), <uint32_t>PyBytes_GET_SIZE(payload),
-                          True)
-
-    def wal_room(self, int nbytes):
-        """Whether an append of nbytes would be taken now (checked before the
-        idempotency table records the reading, so a refusal leaves no trace)."""
-        return wal_room(self, nbytes)
 
     @property
     def telemetry_topic(self):
@@ -1214,5 +1180,6 @@ include "worker/backpressure.pyx"
 include "worker/jsonlines.pyx"
 include "worker/http.pyx"
 include "worker/http_queries.pyx"
+include "worker/ingest.pyx"
 include "worker/telemetry.pyx"
 include "worker/durable_ack.pyx"

@@ -30,6 +30,9 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from libc.stdint cimport int64_t, uint32_t, uint64_t, uint8_t
 from libc.string cimport memcpy
 
+from gw_ext.stats cimport (WAL_APPENDED_OFFSET, WAL_BYTES, WAL_DURABLE_OFFSET, WAL_ERRORS, WAL_FSYNCS,
+                           WAL_RECORDS, WAL_REFUSED, WAL_TRUNCATED)
+
 cdef extern from "crc32c.h":
     int gw_crc32c_hw
     void gw_crc32c_init()
@@ -83,10 +86,6 @@ RECORD_HEADER_BYTES = 8
 MAX_PAYLOAD = 16 << 20
 FSYNC_MODES = ("always", "batch", "off")
 SEGMENT_RE = re.compile(r"^(\d{20})\.wal$")
-# Stats row indices, used when gw.stats.Counter does not name them.
-COUNTER_DEFAULTS = (("WAL_RECORDS", 138), ("WAL_BYTES", 139), ("WAL_FSYNCS", 140),
-                    ("WAL_DURABLE_OFFSET", 141), ("WAL_APPENDED_OFFSET", 142),
-                    ("WAL_TRUNCATED", 143), ("WAL_ERRORS", 144), ("WAL_REFUSED", 145))
 cdef int64_t LOG_EVERY_NS = 10_000_000_000     # one error line per 10 s at most
 cdef enum:
     READ_CHUNK = 1 << 20                        # bytes a reader reads at once
@@ -348,11 +347,6 @@ def retain_dir(path, min_offset, max_age_s, max_bytes):
 
 # --- the writer -----------------------------------------------------------------
 
-cdef int _stat_index(dict names, str name, int default):
-    v = names.get(name)
-    return default if v is None else int(v)
-
-
 cdef class Wal:
     """One worker's log in directory `path` (see the module docstring).
 
@@ -390,12 +384,9 @@ cdef class Wal:
         self.batch_ms = batch_ms
         if counters is not None:
             row = counters
-            try:
-                from gw.stats import Counter
-                names = {k: int(v) for k, v in Counter.__members__.items()}
-            except Exception:
-                names = {}
-            idx = [_stat_index(names, n, d) for n, d in COUNTER_DEFAULTS]
+            # The stats row's indices: gw_ext/stats.pxd, the one list of counters.
+            idx = (WAL_RECORDS, WAL_BYTES, WAL_FSYNCS, WAL_DURABLE_OFFSET, WAL_APPENDED_OFFSET,
+                   WAL_TRUNCATED, WAL_ERRORS, WAL_REFUSED)
             if max(idx) >= row.shape[0]:
                 raise ValueError(f"counters has {row.shape[0]} words; the log's go up to {max(idx)}")
             (self.i_records, self.i_bytes, self.i_fsyncs, self.i_durable, self.i_appended,

@@ -13,7 +13,9 @@ import struct
 import numpy as np
 import pytest
 
+from gw.config import Config
 from gw.stats import N_COUNTERS, Counter
+from gw.worker import apply_limits
 from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PIECE, FR_PUBLISH, FR_REGISTER, FR_RELEASE,
                            FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST)
 from gw_ext.loop import Worker
@@ -44,6 +46,7 @@ class Linked:
     def __init__(self):
         self.rows = np.zeros((2, N_COUNTERS), dtype=np.uint64)
         self.worker = Worker(0, self.rows[0], self.rows, 2, None, 65536)
+        apply_limits(self.worker, Config())
         mine, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for s in (mine, self.peer):
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LINK_BUFFER)

@@ -1,8 +1,12 @@
-"""gw/http_api.py called directly (no sockets): routes, status codes, headers,
-ingest with idempotency and batches, counters, draining, MQTT telemetry."""
+"""gw/http_api.py: routes, status codes, headers, ingest with idempotency and
+batches, counters, draining, MQTT telemetry. What Python answers alone is
+called directly; an ingest request whose records pass the schema goes to a real
+worker (tests/ingest_worker.py), which takes them on the one ingest path and
+answers over a real socket."""
 
 from __future__ import annotations
 
+import errno
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,81 +16,85 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gw import http_api
-from gw.http_api import (DEDUP_FULL, INGEST_RECORDS_ACCEPTED, INGEST_RECORDS_DUPLICATE, INGEST_RECORDS_PENDING,
-                         INGEST_RECORDS_REJECTED, INGEST_REQUESTS, TELEMETRY_MQTT_ACCEPTED, TELEMETRY_MQTT_REJECTED, HttpApp,
-                         http_status_index, is_json_content_type)
+from gw.http_api import HttpApp, http_status_index, is_json_content_type
+from gw.ingest import Accepted, Ingest
+from gw.stats import Counter
+from ingest_worker import IngestWorker, cfg
+
+DEDUP_FULL = int(Counter.DEDUP_FULL)
+INGEST_RECORDS_ACCEPTED = int(Counter.INGEST_RECORDS_ACCEPTED)
+INGEST_RECORDS_DUPLICATE = int(Counter.INGEST_RECORDS_DUPLICATE)
+INGEST_RECORDS_PENDING = int(Counter.INGEST_RECORDS_PENDING)
+INGEST_RECORDS_REJECTED = int(Counter.INGEST_RECORDS_REJECTED)
+INGEST_REQUESTS = int(Counter.INGEST_REQUESTS)
+TELEMETRY_MQTT_ACCEPTED = int(Counter.TELEMETRY_MQTT_ACCEPTED)
+TELEMETRY_MQTT_REJECTED = int(Counter.TELEMETRY_MQTT_REJECTED)
 
 JSON = b"application/json"
 BODY = b'{"ts":"2025-09-23T11:18:41Z","seq":42,"metrics":{"temp_c":21.5},"tags":{"site":"AAL"},' \
        b'"payload":{"raw":"ok"}}'
 
 
-class RecordingDedup:
-    """The real shared idempotency table (gw_ext.dedup), recording the app's calls."""
-
-    def __init__(self, capacity: int = 1 << 16):
-        from gw_ext.dedup import DedupTable
-
-        self.table = DedupTable(capacity, 60.0)
-        self.calls: list = []
-
-    def seen(self, device_id: bytes, seq: int, now_ms: int) -> int:
-        assert isinstance(device_id, bytes) and isinstance(seq, int) and isinstance(now_ms, int)
-        self.calls.append((device_id, seq))
-        return self.table.seen(device_id, seq, now_ms)
-
-    def __getattr__(self, name):
-        return getattr(self.table, name)        # commit_at, abandon, attach, durable: the table's own
-
-
-def full_dedup() -> RecordingDedup:
+def full_dedup():
     """A small real table filled up: every probe window is live."""
-    dedup = RecordingDedup(capacity=1024)
-    results = [dedup.table.seen(b"filler", i) for i in range(20_000)]
+    from gw_ext.dedup import DedupTable
+
+    dedup = DedupTable(1024, 60.0)
+    results = [dedup.seen(b"filler", i) for i in range(20_000)]
     assert results.count(0) <= 1024 and results[-200:] == [-1] * 200
-    dedup.calls.clear()
     return dedup
 
 
-def cfg(**values):
-    base = dict(http_api.DEFAULTS)
-    base.update(values)
-    return SimpleNamespace(**base)
+_OPEN: list = []
+
+
+@pytest.fixture(autouse=True)
+def close_apps():
+    """Every App a test made is closed after it (its worker, log and sockets)."""
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
 
 
 class App:
-    """An HttpApp with the real idempotency table; what it publishes, its metrics
-    and its health answer are recorded or given by the test."""
+    """The HTTP app of a real worker (IngestWorker); its metrics and health
+    answer are given by the test, what it routes recorded by a subscriber."""
 
-    def __init__(self, config=None, dedup=None, health=None):
-        self.published: list = []
-        self.counters = np.zeros(512, dtype=np.uint64)
-        self.dedup = dedup or RecordingDedup()
+    def __init__(self, config=None, dedup=None, health=None, **wal):
         self.health_answer = (True, {"workers": {"ok": True, "alive": 2, "expected": 2}})
-        self.app = HttpApp(config if config is not None else cfg(), worker_index=3, publish=self.publish,
-                           dedup=self.dedup, render_metrics=lambda: b"# TYPE x counter\nx 1\n",
-                           health=health or (lambda: self.health_answer), counters=self.counters)
+        self.worker = IngestWorker(config, dedup=dedup, health=health or (lambda: self.health_answer),
+                                   render_metrics=lambda: b"# TYPE x counter\nx 1\n", **wal)
+        _OPEN.append(self)
+        self.app = self.worker.app
+        self.counters = self.worker.counters
+        self.dedup = self.worker.dedup
 
-    def publish(self, topic, payload, qos, retain):
-        assert isinstance(topic, bytes) and isinstance(payload, bytes)
-        self.published.append((topic, payload, qos, retain))
+    @property
+    def published(self) -> list:
+        return self.worker.published()
 
-    def __call__(self, method, target, body=b"", content_type=JSON):
-        status, ctype, rbody, extra = self.app.handle(method, target, content_type, body)
+    def __call__(self, method, target, body=b"", content_type=JSON, listener="http"):
+        answer = self.app.handle(method, target, content_type, body)
+        if isinstance(answer, Accepted):
+            # Readings that passed the schema: the worker takes them and answers.
+            answer = self.worker.request(method, target, body, content_type, listener)
+        status, ctype, rbody, extra = answer
         assert isinstance(status, int) and isinstance(ctype, bytes)
         assert isinstance(rbody, bytes) and isinstance(extra, bytes)
         assert extra == b"" or (extra.endswith(b"\r\n") and b": " in extra)
         return status, ctype, rbody, extra
 
-    def post(self, target, body=BODY, content_type=JSON):
-        return self(b"POST", target, body, content_type)
+    def post(self, target, body=BODY, content_type=JSON, listener="http"):
+        return self(b"POST", target, body, content_type, listener)
 
     def count(self, index) -> int:
         return int(self.counters[index])
 
     def requests(self, status) -> int:
         return self.count(INGEST_REQUESTS + http_status_index(status))
+
+    def close(self) -> None:
+        self.worker.close()
 
 
 @pytest.fixture
@@ -112,7 +120,7 @@ def test_ingest_accepted_and_published(app):
     assert app.published == [(b"telemetry/device_1",
                               b'{"device_id":"device_1","ts":"2025-09-23T11:18:41Z","seq":42,'
                               b'"metrics":{"temp_c":21.5},"tags":{"site":"AAL"},"payload":{"raw":"ok"}}', 1, False)]
-    assert app.dedup.calls == [(b"device_1", 42)]
+    assert app.dedup.seen(b"device_1", 42) == 1            # recorded in the table: a repeat is a duplicate
     assert app.requests(202) == 1 and app.count(INGEST_RECORDS_ACCEPTED) == 1
 
 
@@ -122,7 +130,7 @@ def test_server_fills_ts(app):
     ack = json.loads(body)
     assert ack["seq"] is None and ack["ts"].endswith("Z")
     assert json.loads(app.published[0][1])["ts"] == ack["ts"]
-    assert app.dedup.calls == []          # no seq: no idempotency check
+    assert app.dedup.live() == 0          # no seq: no idempotency record
 
 
 def test_ack_sink_answers_200():
@@ -166,7 +174,7 @@ def test_dedup_table_full_accepts_and_counts():
 def test_ingest_refused(app, body, code):
     answer = app.post(b"/v1/ingest/d", body)
     assert answer[0] == 400 and error_of(answer) == code
-    assert app.published == [] and app.dedup.calls == []
+    assert app.published == [] and app.dedup.live() == 0
     assert app.requests(400) == 1 and app.count(INGEST_RECORDS_REJECTED) == 1
 
 
@@ -231,7 +239,7 @@ def test_batch_all_or_nothing(app):
     doc = json.loads(rbody)
     assert status == 400 and doc["code"] == "invalid_batch" and doc["message"]
     assert [(e["index"], e["code"]) for e in doc["errors"]] == [(1, "invalid_metric_key"), (2, "missing_device_id")]
-    assert app.published == [] and app.dedup.calls == []
+    assert app.published == [] and app.dedup.live() == 0
     assert app.count(INGEST_RECORDS_REJECTED) == 3
 
 
@@ -274,10 +282,10 @@ def test_shedding(app):
     assert app(b"GET", b"/readyz")[0] == 200
 
 
-def test_publish_failure_is_a_500_json(app, caplog):
+def test_ingest_failure_is_a_500_json(app, caplog):
     def boom(*args):
-        raise RuntimeError("router exploded")
-    app.app.publish = boom
+        raise RuntimeError("validation exploded")
+    app.app.ingest.one = boom
     answer = app.post(b"/v1/ingest/d")
     assert answer[0] == 500 and error_of(answer) == "internal_error"
     assert app.requests(500) == 1
@@ -349,7 +357,9 @@ def test_wrong_method_on_ingest_is_counted(app):
 def test_query_string_and_absolute_form(app):
     assert app.post(b"/v1/ingest/d?x=1&y")[0] == 202
     assert app(b"GET", b"/readyz?verbose")[0] == 200
-    assert app.post(b"http://example.com/v1/ingest/d")[0] == 202
+    # The absolute form (the framing refuses it, 400; the app still routes it by its path)
+    taken = app.app.handle(b"POST", b"http://example.com/v1/ingest/e", JSON, BODY)
+    assert isinstance(taken, Accepted) and [r[0] for r in taken.records] == [b"e"]
     assert app(b"GET", b"HTTPS://example.com:8443/healthz")[0] == 200
     assert app(b"GET", b"http://example.com")[0] == 404
     assert app.published[0][0] == b"telemetry/d"
@@ -360,6 +370,11 @@ def test_error_body(app):
     assert json.loads(body) == {"code": "body_too_large", "message": 'the body exceeds 1048576 bytes "quoted"'}
 
 
+LONE_APP = HttpApp(cfg(), worker_index=0, ingest=Ingest(1000, np.zeros(int(Counter.N_COUNTERS), np.uint64)),
+                   render_metrics=lambda: b"", health=lambda: (True, {}),
+                   counters=np.zeros(int(Counter.N_COUNTERS), np.uint64))
+
+
 @settings(max_examples=300, deadline=None)
 @given(method=st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"DELETE", b"PATCH", b"OPTIONS", b"X"]),
        target=st.one_of(st.binary(max_size=40), st.sampled_from([b"/v1/ingest", b"/v1/ingest/", b"/healthz"])
@@ -367,8 +382,14 @@ def test_error_body(app):
        ctype=st.one_of(st.none(), st.binary(max_size=40), st.just(JSON)),
        body=st.one_of(st.binary(max_size=200), st.just(BODY), st.just(b"[" + BODY + b"]")))
 def test_handle_never_fails(method, target, ctype, body):
-    a = App()
-    status, rtype, rbody, extra = a(method, target, body, ctype)
+    answer = LONE_APP.handle(method, target, ctype, body)
+    if isinstance(answer, Accepted):
+        # Readings for the worker: each a device id, a seq, its normalised JSON.
+        for device, seq, reading in answer.records:
+            doc = json.loads(reading)
+            assert doc["device_id"].encode() == device and doc["seq"] == seq
+        return
+    status, rtype, rbody, extra = answer
     assert status in (200, 202, 400, 404, 405, 413, 415, 503)
     if rtype == JSON:
         doc = json.loads(rbody)
@@ -384,13 +405,18 @@ def test_telemetry_topic_setting():
     a = App(cfg(telemetry_topic="site/42/telemetry"))
     a.post(b"/v1/ingest/d")
     assert a.published[0][0] == b"site/42/telemetry/d"
-    assert a.app.validate_mqtt_telemetry(b"site/42/telemetry/d", b'{"metrics":{}}') is not None
-    assert a.app.validate_mqtt_telemetry(b"telemetry/d", b'{"metrics":{}}') is None
+    # MQTT: readings on the configured topics go through the schema (normalised), others are routed as sent
+    a.worker.subscriber.publish(b"site/42/telemetry/d", b'{"metrics":{}}')
+    a.worker.subscriber.publish(b"telemetry/d", b'{"metrics":{}}')
+    topic, payload, _, _ = a.published[1]
+    assert topic == b"site/42/telemetry/d" and json.loads(payload)["device_id"] == "d"
+    assert a.published[2][:2] == (b"telemetry/d", b'{"metrics":{}}')
+    assert a.count(TELEMETRY_MQTT_ACCEPTED) == 1
 
 
 def test_reload_applies_new_settings(app):
-    app.app.cfg = cfg(ack="sink", max_batch=1, telemetry_topic="t")
-    assert app.post(b"/v1/ingest/d")[0] == 200
+    app.worker.reload(cfg(max_batch=1, telemetry_topic="t"))
+    assert app.post(b"/v1/ingest/d")[0] == 202
     assert app.published[-1][0] == b"t/d"
     assert app.post(b"/v1/ingest", b'[{"device_id":"a","metrics":{}},{"device_id":"a","metrics":{}}]')[0] == 413
 
@@ -408,53 +434,50 @@ def test_config_without_the_new_settings():
 
 # --- MQTT telemetry ----------------------------------------------------------------------------
 
-def test_validate_mqtt_telemetry(app):
-    out = app.app.validate_mqtt_telemetry(b"telemetry/dev1", b'{"seq":5,"metrics":{"t":1}}')
+def test_mqtt_telemetry(app):
+    """MQTT publishes on telemetry/{device_id} are validated and routed normalised;
+    the normalised form is a fixed point; what breaks the schema is not routed."""
+    mqtt = app.worker.subscriber
+    mqtt.publish(b"telemetry/dev1", b'{"seq":5,"metrics":{"t":1}}')
+    (topic, out, _, _), = app.published
     doc = json.loads(out)
+    assert topic == b"telemetry/dev1"
     assert doc["device_id"] == "dev1" and doc["metrics"] == {"t": 1.0} and doc["ts"].endswith("Z")
-    assert app.app.validate_mqtt_telemetry(b"telemetry/dev1", out) == out
-    for topic, payload in ((b"telemetry/dev1", b'{"metrics":{"t":1e999}}'), (b"telemetry/dev1", b""),
-                           (b"telemetry/a/b", b'{"metrics":{}}'), (b"telemetry/dev1", b'{"metric":{}}')):
-        assert app.app.validate_mqtt_telemetry(topic, payload) is None
-    assert app.count(TELEMETRY_MQTT_ACCEPTED) == 2 and app.count(TELEMETRY_MQTT_REJECTED) == 4
-    assert app.published == [] and app.dedup.calls == []
+    mqtt.publish(b"telemetry/dev1", out)
+    assert app.published[1][1] == out
+    for payload in (b'{"metrics":{"t":1e999}}', b"", b'{"metric":{}}'):
+        mqtt.publish(b"telemetry/dev1", payload)
+    mqtt.publish(b"telemetry/a/b", b'{"metrics":{}}')       # not a telemetry topic (two levels): as sent
+    assert app.published[2:] == [(b"telemetry/a/b", b'{"metrics":{}}', 0, False)]
+    assert app.count(TELEMETRY_MQTT_ACCEPTED) == 2 and app.count(TELEMETRY_MQTT_REJECTED) == 3
+    assert app.dedup.live() == 0                             # MQTT has its own redelivery: no idempotency record
 
 
 # --- ack mode sink: a reading counts as seen once it is durable -------------------------------
 
-class Log:
-    """The worker's side of the log as the app sees it: appends return growing
-    end offsets; nothing is durable until the test says so."""
-
-    def __init__(self, app: App):
-        self.end = 64
-        app.app.wal_room = lambda n: True
-        app.app.wal_append = self.append
-        app.app.wal_end = lambda: self.end
-
-    def append(self, reading: bytes) -> int:
-        self.end += 8 + len(reading)
-        return self.end
-
-
 def test_sink_a_repeat_waits_for_the_first_copy_in_this_workers_log():
-    a = App(cfg(ack="sink"))
-    a.dedup.attach(0)
-    log = Log(a)
-    a.app.durable_needed = 0
-    assert a.post(b"/v1/ingest/d")[0] == 200
-    first_end = a.app.durable_needed
-    assert first_end == log.end and a.dedup.pending == 1
-    log.append(b"x" * 40)                                   # another reading after it
-    a.app.durable_needed = 0
-    status, _, body, _ = a.post(b"/v1/ingest/d")
+    # fsync batch with a 10 s group: after the first group, nothing is durable until flush()
+    a = App(cfg(ack="sink"), fsync="batch", batch_ms=10_000.0)
+    w = a.worker
+    a.dedup.attach(0, w.wal.durable_offset)
+    group = w.send(b"POST", b"/v1/ingest/first_group", b'{"metrics":{}}')
+    w.make_durable()
+    assert w.answer(group)[0] == 200
+    first = w.send(b"POST", b"/v1/ingest/d", BODY)
+    assert w.answer(first, turns=20) is None                 # held: the log is not durable past it
+    assert a.dedup.pending == 1
+    repeat = w.send(b"POST", b"/v1/ingest/d", BODY)
+    assert w.answer(repeat, turns=20) is None                # a duplicate whose first copy is not durable: held
+    w.make_durable()                                         # the first copy is on disk
+    status, _, body, _ = w.answer(first)
+    assert status == 200 and json.loads(body)["duplicates"] == 0
+    status, _, body, _ = w.answer(repeat)
     assert status == 200 and json.loads(body)["duplicates"] == 1
-    assert a.app.durable_needed == log.end                  # its 200 waits for the log, past the first copy
-    a.dedup.durable(first_end)                              # the first copy is on disk
-    a.app.durable_needed = 0
-    assert json.loads(a.post(b"/v1/ingest/d")[2])["duplicates"] == 1
-    assert a.app.durable_needed == 0                        # nothing to wait for
-    assert len(a.published) == 1
+    assert a.dedup.pending == 0
+    third = w.send(b"POST", b"/v1/ingest/d", BODY)            # nothing to wait for: answered at once
+    status, _, body, _ = w.answer(third, turns=20)
+    assert status == 200 and json.loads(body)["duplicates"] == 1
+    assert [t for t, *_ in a.published] == [b"telemetry/first_group", b"telemetry/d"]
 
 
 def test_sink_a_repeat_of_a_reading_another_worker_has_not_made_durable_is_refused():
@@ -464,12 +487,11 @@ def test_sink_a_repeat_of_a_reading_another_worker_has_not_made_durable_is_refus
     import multiprocessing
 
     sink = App(cfg(ack="sink"))
-    sink.dedup.attach(0)
-    Log(sink)
+    sink.dedup.attach(0, sink.worker.wal.durable_offset)
 
     def other_worker():
         sink.dedup.attach(1)
-        assert sink.dedup.seen(b"device_1", 42, http_api._now_ms()) == 0
+        assert sink.dedup.seen(b"device_1", 42) == 0
         sink.dedup.commit_at(1000)                          # appended, not durable
 
     p = multiprocessing.get_context("fork").Process(target=other_worker)
@@ -486,25 +508,31 @@ def test_sink_a_repeat_of_a_reading_another_worker_has_not_made_durable_is_refus
     assert [t for t, *_ in sink.published] == [b"telemetry/device_2"]   # before it in the batch: taken
     assert sink.count(INGEST_RECORDS_PENDING) == 2 and sink.count(INGEST_RECORDS_ACCEPTED) == 1
     # the same table, an enqueue listener
-    sink.app.cfg = cfg(ack="enqueue")
-    status, _, body, _ = sink.post(b"/v1/ingest/device_1")
+    status, _, body, _ = sink.post(b"/v1/ingest/device_1", listener="enqueue")
     assert status == 202 and json.loads(body)["duplicates"] == 1
 
 
-def test_a_reading_the_log_refuses_after_all_is_not_left_recorded():
+def test_a_reading_the_log_refuses_is_not_left_recorded():
     a = App(cfg(ack="sink"))
-    a.dedup.attach(0)
-    log = Log(a)
-    a.app.wal_append = lambda reading: -1                  # the log failed between the check and the append
-    assert a.post(b"/v1/ingest/d")[0] == 503
-    assert a.dedup.pending == 0
-    a.app.wal_append = log.append
+    w = a.worker
+    a.dedup.attach(0, w.wal.durable_offset)
+    # The log's next write fails: it refuses readings until its retry (1 s later) succeeds.
+    w.wal._inject_errors(write_errno=errno.EIO, write_count=1, retry_s=1.0)
+    first = w.send(b"POST", b"/v1/ingest/other", b'{"metrics":{}}')
+    for _ in range(400):
+        w.turn()
+        if w.wal.error:
+            break
+    assert w.wal.error
+    answer = a.post(b"/v1/ingest/d")
+    assert answer[0] == 503 and error_of(answer) == "log_unavailable" and answer[3] == b"Retry-After: 1\r\n"
+    assert a.dedup.pending == 0 and a.dedup.live() == 0
+    assert w.answer(first, turns=2000)[0] == 200             # kept, written once the log writes again
     assert json.loads(a.post(b"/v1/ingest/d")[2])["duplicates"] == 0
 
 
 def test_idempotency_off_means_no_table():
-    a = App(cfg(ack="sink"))
-    a.app.dedup = None                                      # idempotency_window = 0
+    a = App(cfg(ack="sink"), dedup=False)                     # idempotency_window = 0
     assert a.post(b"/v1/ingest/d")[0] == 200
-    assert a.post(b"/v1/ingest", b'[{"device_id":"d","seq":1,"metrics":{}}]')[0] == 200
+    assert a.post(b"/v1/ingest", b'[{"device_id":"d","seq":42,"metrics":{}}]')[0] == 200
     assert len(a.published) == 2

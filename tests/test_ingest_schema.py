@@ -11,13 +11,15 @@ import math
 from datetime import datetime, timedelta, timezone
 
 import msgspec
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gw import ingest
-from gw.ingest import (MAX_METRICS, MAX_SEQ, MAX_TAG_VALUE, MAX_TAGS, TS_MAX, Ingestor, Invalid, diagnose,
-                       loads_generic, validate_mqtt_telemetry)
+from gw.ingest import (MAX_METRICS, MAX_SEQ, MAX_TAG_VALUE, MAX_TAGS, TS_MAX, Ingest, Ingestor, Invalid, diagnose,
+                       loads_generic)
+from gw.stats import N_COUNTERS, Counter
 
 UTC = timezone.utc
 ING = Ingestor(max_batch=50)
@@ -220,19 +222,31 @@ def test_batch_at_the_limit():
 # --- MQTT ----------------------------------------------------------------------------
 
 def test_mqtt_validation():
-    ok, out = validate_mqtt_telemetry(b"telemetry/dev1", b'{"seq":1,"metrics":{"t":1}}')
-    assert ok and json.loads(out)["device_id"] == "dev1"
-    # the normalised form is a fixed point
-    assert validate_mqtt_telemetry(b"telemetry/dev1", out) == (True, out)
-    for topic in (b"telemetry/", b"telemetry/a/b", b"telemetry/a b", b"other/dev1", b"telemetryx/dev1",
-                  b"telemetry"):
-        ok, err = validate_mqtt_telemetry(topic, b'{"metrics":{}}')
-        assert not ok and json.loads(err)["code"] == "invalid_device_id", topic
-    ok, err = validate_mqtt_telemetry(b"telemetry/dev1", b'{"metrics":{"t":1e999}}')
-    assert not ok and json.loads(err)["code"] == "non_finite_metric"
-    ok, err = validate_mqtt_telemetry(b"telemetry/dev1", b"")
-    assert not ok and json.loads(err)["code"] == "invalid_json"
-    assert validate_mqtt_telemetry(b"t/x/dev1", b'{"metrics":{}}', prefix=b"t/x")[0]
+    """Ingest.mqtt: the device id is the topic's level after {telemetry_topic}/
+    (the worker cuts it off); the normalised reading, or None, counted."""
+    counters = np.zeros(N_COUNTERS, np.uint64)
+    one = Ingest(50, counters)
+    out = one.mqtt(b"dev1", b'{"seq":1,"metrics":{"t":1}}')
+    assert json.loads(out)["device_id"] == "dev1"
+    assert one.mqtt(b"dev1", out) == out                     # the normalised form is a fixed point
+    for device in (b"", b"a/b", b"a b", b"x" * 65):
+        assert one.mqtt(device, b'{"metrics":{}}') is None, device
+    assert one.mqtt(b"dev1", b'{"metrics":{"t":1e999}}') is None
+    assert one.mqtt(b"dev1", b"") is None
+    assert one.mqtt(b"dev1", b'{"device_id":"dev2","metrics":{}}') is None
+    assert counters[Counter.TELEMETRY_MQTT_ACCEPTED] == 2 and counters[Counter.TELEMETRY_MQTT_REJECTED] == 7
+
+
+def test_json_lines_data_as_a_reading():
+    counters = np.zeros(N_COUNTERS, np.uint64)
+    one = Ingest(50, counters)
+    doc = json.loads(one.json_data(b"dev1", {"metrics": {"t": 2}, "seq": 3}, 1758626321.0))
+    assert (doc["device_id"], doc["metrics"], doc["seq"], doc["ts"]) == ("dev1", {"t": 2.0}, 3, "2025-09-23T11:18:41Z")
+    doc = json.loads(one.json_data(b"dev1", "hello", None))
+    assert doc["metrics"] == {} and doc["payload"] == "hello"
+    assert one.json_data(b"not a device", "hello", None) is None
+    assert one.json_data(b"dev1", {"metrics": {"T": 1}}, None) is None
+    assert counters[Counter.INGEST_RECORDS_ACCEPTED] == 2 and counters[Counter.INGEST_RECORDS_REJECTED] == 2
 
 
 # --- hypothesis --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from conftest import gw_env
 from gw import http_api
 from gw.openapi import build_openapi, openapi_json
 
-from test_http_app import BODY, App, cfg
+from test_http_app import BODY, App, cfg, close_apps  # noqa: F401 (close_apps: an autouse fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 SPEC = build_openapi(cfg())
@@ -79,7 +79,7 @@ SCENARIOS = [   # (method, target, content type, body, app set-up) -> the docume
     ("POST", "/v1/ingest/d", b"application/json", BODY, "draining"),
     ("POST", "/v1/ingest/d", b"application/json", BODY, "shedding"),
     ("POST", "/v1/ingest/d", b"application/json", BODY, "sink"),
-    ("POST", "/v1/ingest/d", b"application/json", BODY, "publish_fails"),
+    ("POST", "/v1/ingest/d", b"application/json", BODY, "ingest_fails"),
     ("GET", "/v1/ingest/d", None, b"", None),
     ("POST", "/v1/ingest", b"application/json", b"[" + ONE + b"]", None),
     ("POST", "/v1/ingest", b"application/json", b"[" + ONE + b"]", "sink"),
@@ -117,8 +117,8 @@ def app_for(setup):
         a.app.shedding = True
     elif setup == "unhealthy":
         a.health_answer = (False, {"data_dir": {"ok": False}})
-    elif setup == "publish_fails":
-        a.app.publish = lambda *args: 1 / 0
+    elif setup == "ingest_fails":
+        a.app.ingest.one = lambda *args: 1 / 0
     return a
 
 
@@ -273,9 +273,11 @@ def test_cli_openapi(tmp_path):
     assert "1 to 9 records" in json.loads(result.stdout_bytes)["paths"]["/v1/ingest"]["post"]["description"]
 
 
-def test_settings_defaults_match_config():
-    from gw.config import Config, SETTINGS
-    for name, default in http_api.DEFAULTS.items():
-        if name in SETTINGS:
-            assert getattr(Config(), name) == default, name
-    assert http_api.setting(SimpleNamespace(), "max_batch") == 1000
+def test_settings_defaults_are_the_configs():
+    from dataclasses import fields
+
+    from gw.config import Config
+    for f in fields(Config):       # a config object without the key: gw/config.py's default, the only one
+        assert http_api.setting(SimpleNamespace(), f.name) == getattr(Config(), f.name), f.name
+    assert http_api.setting(None, "max_batch") == Config().max_batch
+    assert http_api.setting(SimpleNamespace(max_batch=7), "max_batch") == 7

@@ -21,7 +21,7 @@ from gw.pipeline.store import open_store
 from gw.http_api import QUERY_PATHS
 from gw.openapi import build_openapi
 
-from test_http_app import App, cfg
+from test_http_app import App, cfg, close_apps  # noqa: F401 (close_apps: an autouse fixture)
 from test_openapi import SPEC, resolve, schema_validator
 
 JSON = b"application/json"

@@ -12,8 +12,10 @@ import time
 import numpy as np
 import pytest
 
+from gw.config import Config
 from gw.jsonproto import JsonProtocol
 from gw.stats import N_COUNTERS, Counter as C
+from gw.worker import apply_limits
 from gw_ext.loop import Worker
 
 
@@ -32,6 +34,7 @@ class LoopHarness:
         self.rows = np.zeros((1, N_COUNTERS), np.uint64)
         fds = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         self.worker = Worker(0, self.rows[0], self.rows, 1, protocol or JsonProtocol(), fds)
+        apply_limits(self.worker, Config())
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen(64)

@@ -19,17 +19,13 @@ from .store import STORE_FILE, StoreSink, check_data_dir, open_store
 
 log = logging.getLogger("gw.pipeline")
 
-DURABLE_FALLBACK = 141          # Counter.WAL_DURABLE_OFFSET in gw_ext/stats.pxd
-
 _current: "Pipeline | None" = None
 
 
 def durable_index() -> int:
-    try:
-        from gw.stats import Counter
-        return int(getattr(Counter, "WAL_DURABLE_OFFSET", DURABLE_FALLBACK))
-    except ImportError:
-        return DURABLE_FALLBACK
+    """The stats row's word holding a worker's durable log offset."""
+    from gw.stats import Counter
+    return int(Counter.WAL_DURABLE_OFFSET)
 
 
 class Pipeline:

@@ -1,36 +1,38 @@
 """The pipeline's settings, read by attribute from the gateway's config object.
 
-gw/config.py owns the keys; anything absent there (an older config object, a
-test's namespace) falls back to the defaults below, so the pipeline can be run
-from any object with the attributes it needs.
+gw/config.py owns the keys and their defaults; anything absent there (an older
+config object, a test's namespace) falls back to those defaults, so the
+pipeline can be run from any object with the attributes it needs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-DAY = 86400.0
+from gw.config import Config
+
+_CONFIG = Config()      # the defaults below are gw/config.py's
 
 
 @dataclass(frozen=True)
 class Settings:
-    data_dir: str = "data"
-    store_raw_retention: float = 7 * DAY        # readings and samples
-    store_1m_retention: float = 30 * DAY
-    store_1h_retention: float = 365 * DAY       # 1d rollups are kept
-    anomaly_window: int = 60                    # samples per (device, metric)
-    anomaly_threshold: float = 4.0              # |z| above it raises an alert
-    file_sink: str = ""                         # directory, "" or "off": no file sink
-    file_sink_rotate_bytes: int = 64 << 20
-    file_sink_rotate_seconds: float = 3600.0
-    bridge: str = ""                            # mqtt://host:port or mqtts://host:port, "" or "off": none
-    bridge_topic: str = "telemetry"
-    bridge_cafile: str = ""
-    bridge_client_id: str = "gw-bridge"
-    wal_retention_age: float = 7 * DAY
-    wal_retention_bytes: int = 10 << 30
-    pipeline_batch: int = 2000                  # records per sink batch (all worker logs together)
-    pipeline_stop_timeout: float = 15.0         # s the master waits for a stop; the sinks get 2 s less
+    data_dir: str = _CONFIG.data_dir
+    store_raw_retention: float = _CONFIG.store_raw_retention      # readings and samples
+    store_1m_retention: float = _CONFIG.store_1m_retention
+    store_1h_retention: float = _CONFIG.store_1h_retention        # 1d rollups are kept
+    anomaly_window: int = _CONFIG.anomaly_window                  # samples per (device, metric)
+    anomaly_threshold: float = _CONFIG.anomaly_threshold          # |z| above it raises an alert
+    file_sink: str = _CONFIG.file_sink                            # directory, "" or "off": no file sink
+    file_sink_rotate_bytes: int = _CONFIG.file_sink_rotate_bytes
+    file_sink_rotate_seconds: float = _CONFIG.file_sink_rotate_seconds
+    bridge: str = _CONFIG.bridge          # mqtt://host:port or mqtts://host:port, "" or "off": none
+    bridge_topic: str = _CONFIG.bridge_topic
+    bridge_cafile: str = _CONFIG.bridge_cafile
+    bridge_client_id: str = _CONFIG.bridge_client_id
+    wal_retention_age: float = _CONFIG.wal_retention_age
+    wal_retention_bytes: int = _CONFIG.wal_retention_bytes
+    pipeline_batch: int = _CONFIG.pipeline_batch                  # records per sink batch (all worker logs together)
+    pipeline_stop_timeout: float = _CONFIG.pipeline_stop_timeout  # s the master waits for a stop; the sinks get 2 s less
     # Not in gw/config.py (internal knobs; tests shorten them).
     pipeline_poll_interval: float = 0.025       # s between polls of the logs when caught up
     pipeline_retain_interval: float = 5.0       # s between WAL retention passes

@@ -143,10 +143,10 @@ cdef void wal_drain(Worker w):
 
 
 cdef bint wal_room(Worker w, int nbytes) except? False:
-    """Worker.wal_room: whether an append of nbytes would be taken now (the HTTP
-    app asks before the idempotency table records the reading, so a refusal
-    leaves no trace); a refusal is counted and logged."""
-    if w.wal is None or (w.wal.room(nbytes) and not w.wal_congested):
+    """Whether an append of nbytes would be taken now (HTTP ingest asks before
+    the idempotency table records its readings, so a refusal leaves no trace,
+    ingest.pyx); a refusal is counted and logged."""
+    if w.wal is None or (nbytes > 0 and w.wal.room_c(<uint32_t>nbytes) and not w.wal_congested):
         return True
     w.counters[WAL_REFUSED] += 1
     w.log_limited(CR_WAL, "the write-ahead log cannot take readings (disk full or too slow): "
@@ -156,7 +156,7 @@ cdef bint wal_room(Worker w, int nbytes) except? False:
 
 cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=False):
     """Appends a reading; its end offset, or -1 if the log refused it (counted).
-    room_checked: the caller saw Worker.wal_room() say yes for it just before."""
+    room_checked: the caller saw wal_room() say yes for it just before."""
     cdef int64_t end
     if room_checked or w.wal.room_c(n):
         end = w.wal.append_after_room_c(p, n)   # a refusal here is counted by the log itself

@@ -23,7 +23,7 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.
             # Its PUBREC promises what the first one's does: in ack mode sink, a
             # reading durable. The first copy is in the log, so its end now covers it.
-            if (w.wal is not None and w.listeners[c.listener].ack_sink and w.http_app is not None
+            if (w.wal is not None and w.listeners[c.listener].ack_sink and w.ingest is not None
                     and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)):
                 needed = w.wal.appended_c()
             return ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
@@ -38,7 +38,7 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             w.close_conn(c, CR_SERVER)
             return -1
         session_changed(w, s)
-    telemetry = w.http_app is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)
+    telemetry = w.ingest is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)
     if telemetry:
         reading = telemetry_accept(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, &needed)
         if needed == TELEMETRY_REFUSED:

@@ -470,8 +470,6 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
-        w.http_app.ack_sink = sink
-        w.http_app.durable_needed = 0
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
             payload)
@@ -479,8 +477,9 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
             # A store query: into the query threads (or 503 if too many wait).
             answer = w.http_app.defer(http_query_token(c))
             deferred = answer is None
-        elif sink:
-            needed = w.http_app.durable_needed
+        elif type(answer) is not tuple and answer is not None:
+            # Ingest readings that passed the schema: taken here, then answered.
+            answer = http_ingest(w, answer, sink, &needed)
     except Exception:
         answer = http_handler_failed(w)
     st.scan = 0
@@ -503,6 +502,24 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     if ingest:
         hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
     return request_len
+
+
+cdef object http_ingest(Worker w, object accepted, bint sink, int64_t* needed):
+    """Takes an ingest request's readings (ingest.pyx) and asks the app for the
+    answer; *needed: what it waits for in the log in ack mode sink."""
+    cdef IngestBatch b
+    cdef int r
+    b.end = 0
+    b.duplicates = 0
+    b.pending_here = False
+    r = ingest_records(w, <list?>accepted.records, sink, &b)
+    if sink:
+        needed[0] = b.end
+    if r == INGEST_LOG_FULL:
+        return w.http_app.log_full()
+    if r == INGEST_IN_PROGRESS:
+        return w.http_app.in_progress()
+    return w.http_app.ingest_taken(accepted, b.duplicates, sink)
 
 
 cdef object http_handler_failed(Worker w):

@@ -40,16 +40,15 @@ cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n
     return pos
 
 cdef int json_reading(Worker w, bytes client_id, bytes reading):
-    """A Data message's reading: into the log, then on {telemetry_topic}/{client id}.
-    -1 if the log refused it (the client is told with an Error message)."""
-    cdef bytes topic
-    if w.wal is not None and wal_append(w, <const uint8_t*>PyBytes_AS_STRING(reading),
-                                        <uint32_t>PyBytes_GET_SIZE(reading)) < 0:
+    """A Data message's reading (ingest.pyx): into the log, then on
+    {telemetry_topic}/{client id}. -1 if the log refused it (the client is told
+    with an Error message)."""
+    cdef IngestBatch b
+    b.end = 0
+    b.duplicates = 0
+    b.pending_here = False
+    if ingest_reading(w, client_id, None, reading, False, False, False, 0, &b) < 0:
         return -1
-    topic = w.telemetry_prefix + client_id
-    route_publish(w, <const uint8_t*>PyBytes_AS_STRING(topic), PyBytes_GET_SIZE(topic),
-                  <const uint8_t*>PyBytes_AS_STRING(reading), PyBytes_GET_SIZE(reading), 0, False, True,
-                  w.now_ns)
     return 0
 
 

@@ -1,6 +1,6 @@
 # Included by loop.pyx. MQTT publishes on the telemetry topics
 # (`{telemetry_topic}/{device_id}`, one level: what `telemetry/+` matches) go
-# through the same schema as HTTP ingest (gw/ingest.py, via HttpApp): a valid
+# through the same schema as HTTP ingest (gw/ingest.py, `Ingest.mqtt`): a valid
 # reading is routed in its normalised form (the server's ts filled in), so
 # subscribers see one shape whichever way a reading came in; an invalid one is
 # not routed, and is counted (TELEMETRY_MQTT_REJECTED) and logged. MQTT 3.1.1
@@ -21,28 +21,32 @@ cdef enum:
 
 cdef bytes telemetry_accept(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
                            uint32_t payload_len, int64_t* end):
-    """Validates a reading and appends it to the write-ahead log. Returns it
-    normalised, for the caller to route once it has answered the publisher,
-    with *end its end offset in the log (what its acknowledgement waits for in
-    ack mode sink; 0 without a log); or None with *end TELEMETRY_INVALID or
-    TELEMETRY_REFUSED."""
-    cdef bytes t = PyBytes_FromStringAndSize(<char*>topic, topic_len)
+    """Validates a reading (gw/ingest.py) and takes it (ingest.pyx: into the
+    write-ahead log). Returns it normalised, for the caller to route once it
+    has answered the publisher, with *end its end offset in the log (what its
+    acknowledgement waits for in ack mode sink; 0 without a log); or None with
+    *end TELEMETRY_INVALID or TELEMETRY_REFUSED."""
+    cdef Py_ssize_t plen = PyBytes_GET_SIZE(w.telemetry_prefix)
+    cdef bytes device = PyBytes_FromStringAndSize(<char*>topic + plen, topic_len - plen)
     cdef object normalised
+    cdef IngestBatch b
     end[0] = 0
     try:
-        normalised = w.http_app.validate_mqtt_telemetry(t, PyBytes_FromStringAndSize(<char*>payload, payload_len))
+        normalised = w.ingest.mqtt(device, PyBytes_FromStringAndSize(<char*>payload, payload_len))
     except Exception:
         w.log_limited(CR_PYTHON, "telemetry validation failed unexpectedly; reading not routed")
         end[0] = TELEMETRY_INVALID
         return None
     if normalised is None:
         w.log_limited(CR_TELEMETRY, "an MQTT reading on %s failed the telemetry schema; not routed"
-                      % t.decode("utf-8", "replace"))
+                      % PyBytes_FromStringAndSize(<char*>topic, topic_len).decode("utf-8", "replace"))
         end[0] = TELEMETRY_INVALID
         return None
-    if w.wal is not None:
-        end[0] = wal_append(w, <const uint8_t*>PyBytes_AS_STRING(normalised), <uint32_t>PyBytes_GET_SIZE(normalised))
-        if end[0] < 0:
-            end[0] = TELEMETRY_REFUSED
-            return None
+    b.end = 0
+    b.duplicates = 0
+    b.pending_here = False
+    if ingest_reading(w, device, None, <bytes?>normalised, False, False, False, -1, &b) < 0:
+        end[0] = TELEMETRY_REFUSED
+        return None
+    end[0] = b.end
     return normalised
