@@ -15,7 +15,6 @@ RECORD_HEADER_BYTES: int
 MAX_PAYLOAD: int
 FSYNC_MODES: tuple[str, ...]
 SEGMENT_RE: re.Pattern[str]
-COUNTER_DEFAULTS: tuple[tuple[str, int], ...]
 
 class WalError(Exception): ...
 class WalOffsetError(WalError, ValueError): ...
