@@ -108,6 +108,17 @@ _RUNNING: list["GwServer"] = []
 _WATCHED: list["GwServer"] = []
 DEATHS = ("worker_deaths", "pipeline_deaths")
 DEATH_LINE = re.compile(r"^.*(?:worker \d+|the pipeline process) \(pid \d+\) died.*$", re.M)
+def sanitizer_rss_slack() -> int:
+    """Bytes a worker's RSS may hold beyond a normal build's under `./dev sanitize`:
+    AddressSanitizer keeps freed memory in its quarantine (quarantine_size_mb in
+    ASAN_OPTIONS, which ./dev sets) to catch its use. 0 in a normal run, where the
+    tests' memory bounds apply as written."""
+    if not os.environ.get("GW_SANITIZE"):
+        return 0
+    m = re.search(r"quarantine_size_mb=(\d+)", os.environ.get("ASAN_OPTIONS", ""))
+    return (int(m.group(1)) if m else 256) << 20
+
+
 SANITIZER_REPORT = re.compile(r"^.*(?:ERROR: AddressSanitizer|runtime error:|ERROR: LeakSanitizer"
                               r"|ERROR: UndefinedBehaviorSanitizer).*$", re.M)
 LOG_EXCERPT = 8000          # characters of a server's log in a death report
