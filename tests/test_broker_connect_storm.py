@@ -1,0 +1,371 @@
+"""A storm of CONNECTs on a few client ids: every CONNECT gets its CONNACK.
+
+Threads of raw-socket clients keep reconnecting 4 client ids, on both gw
+workers (placed), with clean session 0 and 1 mixed, keep-alive 0 among
+others, some with a will, CONNECTs written whole or in fragments; each
+connection then leaves with a DISCONNECT, a FIN, a reset (SO_LINGER 0),
+stays open to be taken over, or goes before its CONNACK could arrive. Some
+subscribe, some publish QoS 1 (up to 64 KiB) on the others' topics, so
+persistent sessions carry subscriptions and queued messages when they move
+between workers, and connections kept open fill up unread.
+
+What must hold, every time:
+- every CONNECT that waits for it gets a CONNACK within CONNACK_BOUND
+  seconds (a correctness bound, not a timing target), as the first packet,
+  return code 0, session present 0 with clean session 1 [MQTT-3.2.2-1];
+- a connection kept open whose CONNACK arrived before another CONNECT with
+  its client id was sent, and which that CONNECT's CONNACK answered, is
+  closed by the server [MQTT-3.1.4-2];
+- when the storm is over, at most one connection per client id is alive;
+- on gw: no internal error was contained, no frame between workers was
+  malformed, and every id connects again afterwards on both workers.
+
+The run is seeded (GW_STORM_SEED, else a fresh seed, printed); the threads'
+interleaving is the machine's, so a failure names its seed and the history
+of the client id concerned. GW_STORM_SECONDS sets the storm's length
+(default 6 s per broker)."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+import struct
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+
+import pytest
+
+pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
+from broker_fixtures import brokers, connect_packet_full, publish_packet_full  # noqa: E402
+import fragproxy  # noqa: E402
+from conftest import get_counter, send_fragmented, subscribe_packet, tcp_connect  # noqa: E402
+from placement import connect_on  # noqa: E402
+
+pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
+
+CONNACK_BOUND = 5.0     # seconds: every CONNECT's CONNACK arrives within this, every time
+CLOSE_BOUND = 5.0       # seconds: a connection taken over is closed within this
+CLIENT_IDS = 4
+THREADS = 6
+STORM_SECONDS = float(os.environ.get("GW_STORM_SECONDS", "6"))
+ENDINGS = ("disconnect", "fin", "rst", "keep", "keep", "abandon_fin", "abandon_rst")
+KEEPALIVES = (0, 0, 30, 60)
+# Payloads published to the ids' topics: the large ones fill the sockets of
+# connections kept open (not read) and make a moving session's frame go in pieces.
+PAYLOADS = (8, 8, 8, 2000, 65536)
+
+
+@dataclass
+class Attempt:
+    """One connection of the storm and what happened to it."""
+    n: int
+    thread: int
+    cid: str
+    clean: bool
+    keepalive: int
+    worker: int | None
+    pieces: str
+    ending: str
+    subscribe: bool
+    publish_to: str | None
+    will: bool
+    payload: int
+    sent_at: float = 0.0
+    connack_at: float | None = None
+    present: bool | None = None
+    events: list = field(default_factory=list)
+    sock: socket.socket | None = None
+
+    def note(self, t0: float, what: str) -> None:
+        self.events.append(f"{time.monotonic() - t0:8.3f} {what}")
+
+    def describe(self) -> str:
+        return (f"#{self.n} thread {self.thread} id {self.cid} clean={int(self.clean)} keepalive={self.keepalive} "
+                f"worker={self.worker} {self.pieces} then {self.ending}"
+                f"{' +sub' if self.subscribe else ''}{f' +pub {self.payload} B' if self.publish_to else ''}"
+                f"{' +will' if self.will else ''}: "
+                + "; ".join(self.events))
+
+
+class Storm:
+    def __init__(self, broker, seed: str, seconds: float):
+        self.broker = broker
+        self.seed = seed
+        self.seconds = seconds
+        self.ids = [broker.client_id(f"storm{i}") for i in range(CLIENT_IDS)]
+        self.lock = threading.Lock()
+        self.attempts: list[Attempt] = []
+        self.failures: list[str] = []
+        self.t0 = time.monotonic()
+        self.pids = broker.worker_pids() if broker.is_gw else []
+        # Placement: the kernel's sock_diag is fast; behind the fragmenting proxy
+        # only the harness knows which upstream connection is whose.
+        self.fast_placement = broker.is_gw and not fragproxy.enabled()
+
+    # --- one client ------------------------------------------------------------
+
+    def plan(self, rng: random.Random, thread: int) -> Attempt:
+        with self.lock:
+            n = len(self.attempts)
+            a = Attempt(n, thread, rng.choice(self.ids), rng.random() < 0.5, rng.choice(KEEPALIVES),
+                        rng.choice((0, 1)) if self.broker.is_gw else None,
+                        rng.choice(("whole", "whole", "pieces")), rng.choice(ENDINGS),
+                        rng.random() < 0.4, rng.choice(self.ids) if rng.random() < 0.3 else None,
+                        rng.random() < 0.3, rng.choice(PAYLOADS))
+            self.attempts.append(a)
+        return a
+
+    def place(self, worker: int | None) -> socket.socket:
+        if self.fast_placement:
+            return connect_on(self.broker.port, self.pids, worker)[0]
+        if self.broker.is_gw:
+            return self.broker.socket_on(worker)[0]
+        return tcp_connect(self.broker.port)
+
+    def fail(self, a: Attempt, what: str) -> None:
+        a.note(self.t0, f"FAILED: {what}")
+        with self.lock:
+            self.failures.append(f"{what} ({a.describe()})")
+
+    def read(self, sock: socket.socket, deadline: float) -> tuple[int, bytes] | None:
+        """One packet before the deadline; None on EOF or a reset; TimeoutError past it."""
+        def exact(k: int) -> bytes | None:
+            buf = bytearray()
+            while len(buf) < k:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                try:
+                    chunk = sock.recv(k - len(buf))
+                except (socket.timeout, TimeoutError):
+                    raise TimeoutError from None
+                except (ConnectionResetError, BrokenPipeError):
+                    return None
+                if not chunk:
+                    return None
+                buf += chunk
+            return bytes(buf)
+        head = exact(1)
+        if head is None:
+            return None
+        length, shift = 0, 0
+        while True:
+            b = exact(1)
+            if b is None:
+                return None
+            length |= (b[0] & 0x7F) << shift
+            shift += 7
+            if not b[0] & 0x80 or shift > 21:
+                break
+        body = exact(length)
+        return None if body is None else (head[0], body)
+
+    def read_until(self, sock: socket.socket, first: int, timeout: float) -> bool:
+        """Reads (PUBLISHes of the session, left unacknowledged) until a packet
+        with this first byte: True; False when the server closed the connection."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = self.read(sock, deadline)
+            if got is None:
+                return False
+            if got[0] == first:
+                return True
+
+    def one(self, rng: random.Random, thread: int) -> None:
+        a = self.plan(rng, thread)
+        sock = self.place(a.worker)
+        a.sock = sock
+        # A will goes to another id's topic: where one subscribed, a takeover routes it
+        # (to a persistent session maybe away, maybe moving between workers).
+        will = (f"{self.broker.prefix}/{rng.choice(self.ids)}", b"will of #%d" % a.n, 1, False) if a.will else None
+        data = connect_packet_full(a.cid, clean=a.clean, keepalive=a.keepalive, will=will)
+        a.sent_at = time.monotonic()
+        a.note(self.t0, f"CONNECT from port {sock.getsockname()[1]}")
+        try:
+            if a.pieces == "whole":
+                sock.sendall(data)
+            else:
+                send_fragmented(sock, data, rng)
+        except OSError as exc:
+            self.fail(a, f"could not send the CONNECT: {exc!r}")
+            sock.close()
+            return
+        if a.ending.startswith("abandon"):
+            # Gone before the CONNACK could arrive, while the session may be settling.
+            time.sleep(rng.choice((0, 0, 0.001, 0.005)))
+            self.finish(a, a.ending.split("_")[1])
+            return
+        try:
+            got = self.read(sock, a.sent_at + CONNACK_BOUND)
+        except TimeoutError:
+            self.fail(a, f"no CONNACK within {CONNACK_BOUND} s")
+            sock.close()
+            return
+        if got is None:
+            self.fail(a, "closed by the server instead of a CONNACK")
+            sock.close()
+            return
+        first, body = got
+        if first != 0x20 or len(body) != 2 or body[1] != 0 or body[0] & 0xFE:
+            self.fail(a, f"expected CONNACK 0, got {first:#04x} {body.hex()}")
+            sock.close()
+            return
+        a.connack_at = time.monotonic()
+        a.present = bool(body[0] & 1)
+        a.note(self.t0, f"CONNACK present={int(a.present)} after {a.connack_at - a.sent_at:.3f} s")
+        if a.clean and a.present:
+            self.fail(a, "session present with clean session 1 [MQTT-3.2.2-1]")
+        # What a client does next: closed meanwhile means taken over, which is fine.
+        try:
+            if a.subscribe:
+                sock.sendall(subscribe_packet(1, [(f"{self.broker.prefix}/{a.cid}", 1)]))
+                if not self.read_until(sock, 0x90, CONNACK_BOUND):
+                    a.note(self.t0, "closed before its SUBACK")
+            if a.publish_to:
+                sock.sendall(publish_packet_full(f"{self.broker.prefix}/{a.publish_to}",
+                                                 b"m%d." % a.n + bytes(a.payload), qos=1, packet_id=2))
+                if not self.read_until(sock, 0x40, CONNACK_BOUND):
+                    a.note(self.t0, "closed before its PUBACK")
+        except TimeoutError:
+            self.fail(a, f"no SUBACK/PUBACK within {CONNACK_BOUND} s")
+        except OSError as exc:
+            a.note(self.t0, f"closed while in use ({exc!r})")
+        self.finish(a, a.ending)
+
+    def finish(self, a: Attempt, how: str) -> None:
+        sock = a.sock
+        if how == "keep":
+            a.note(self.t0, "kept open")
+            return
+        try:
+            if how == "disconnect":
+                sock.sendall(b"\xe0\x00")
+            elif how == "rst":
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        sock.close()
+        a.sock = None
+        a.note(self.t0, f"closed ({how})")
+
+    def thread(self, index: int, stop_at: float) -> None:
+        rng = random.Random(f"{self.seed}/{index}")
+        try:
+            while time.monotonic() < stop_at:
+                self.one(rng, index)
+        except Exception:
+            with self.lock:
+                self.failures.append(f"thread {index} raised:\n{traceback.format_exc()}")
+
+    # --- the run and its checks ------------------------------------------------
+
+    def run(self) -> None:
+        stop_at = time.monotonic() + self.seconds
+        threads = [threading.Thread(target=self.thread, args=(i, stop_at), daemon=True) for i in range(THREADS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.seconds + 4 * CONNACK_BOUND + 30)
+            assert not t.is_alive(), self.report("a storm thread did not finish")
+
+    def check_takeovers(self) -> None:
+        """Every connection kept open that a later CONNECT with its id took over
+        is closed; of the others, at most one per id is alive."""
+        established = [a for a in self.attempts if a.connack_at is not None]
+        for a in established:
+            if a.sock is None:
+                continue
+            later = [b for b in established if b.cid == a.cid and b.sent_at > a.connack_at]
+            if later:
+                b = min(later, key=lambda b: b.connack_at)
+                if not self.wait_closed(a.sock, CLOSE_BOUND):
+                    self.fail(a, f"still open {CLOSE_BOUND} s after #{b.n} with the same id was answered "
+                                 f"[MQTT-3.1.4-2]")
+                else:
+                    a.note(self.t0, f"closed by the server (taken over by #{b.n} or later)")
+                a.sock.close()
+                a.sock = None
+        for cid in self.ids:
+            alive = []
+            for a in established:
+                if a.cid == cid and a.sock is not None:
+                    if self.answers_ping(a.sock):
+                        alive.append(a)
+                        a.note(self.t0, "alive at the end")
+                    else:
+                        a.note(self.t0, "closed at the end")
+            if len(alive) > 1:
+                for a in alive:
+                    self.fail(a, f"{len(alive)} connections of {cid} alive at once [MQTT-3.1.4-2]")
+
+    def wait_closed(self, sock: socket.socket, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        try:
+            while self.read(sock, deadline) is not None:
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def answers_ping(self, sock: socket.socket) -> bool:
+        try:
+            sock.sendall(b"\xc0\x00")
+            return self.read_until(sock, 0xD0, CONNACK_BOUND)
+        except TimeoutError:
+            return False
+        except OSError:
+            return False
+
+    def close_all(self) -> None:
+        for a in self.attempts:
+            if a.sock is not None:
+                a.sock.close()
+                a.sock = None
+
+    def report(self, headline: str) -> str:
+        """The seed, the failures, and the history of the ids that failed."""
+        lines = [f"{headline}; seed {self.seed!r} (replay: GW_STORM_SEED={self.seed!r}), "
+                 f"{len(self.attempts)} CONNECTs in {self.seconds} s on {self.broker.kind}"]
+        lines += [f"  {f}" for f in self.failures[:20]]
+        bad = {a.cid for a in self.attempts if any("FAILED" in e for e in a.events)} or set(self.ids)
+        lines.append("history of " + ", ".join(sorted(bad)) + " (seconds since the start):")
+        for a in self.attempts:
+            if a.cid in bad:
+                lines.append(f"  {a.describe()}")
+        return "\n".join(lines[:400])
+
+
+@pytest.fixture
+def storm_seed() -> str:
+    seed = os.environ.get("GW_STORM_SEED") or f"{random.SystemRandom().randrange(1 << 32):08x}"
+    print(f"connect storm seed {seed!r}; replay: GW_STORM_SEED={seed}")
+    return seed
+
+
+@brokers("sessions")
+def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(broker, storm_seed):
+    before = broker.server.counters() if broker.is_gw else None
+    storm = Storm(broker, storm_seed, STORM_SECONDS)
+    try:
+        storm.run()
+        storm.check_takeovers()
+        assert not storm.failures, storm.report(f"{len(storm.failures)} failure(s)")
+        # Afterwards each id connects again, on each worker, clean and persistent.
+        for cid in storm.ids:
+            for worker in ((0, 1) if broker.is_gw else (None,)):
+                for clean in (False, True):
+                    raw = broker.raw(worker, client_id=False)
+                    raw.connect(cid, clean=clean, keepalive=0)
+                    raw.disconnect()
+    finally:
+        storm.close_all()
+    assert len([a for a in storm.attempts if a.connack_at is not None]) >= 20, storm.report("too few CONNECTs")
+    if broker.is_gw:
+        after = broker.server.counters()
+        for name in ("internal_errors", "channel_malformed"):
+            assert get_counter(after, name) == get_counter(before, name), storm.report(f"{name} rose")
+        assert get_counter(after, "takeovers") > get_counter(before, "takeovers"), storm.report("no takeover")
