@@ -23,7 +23,7 @@ What must hold, every time:
 The run is seeded (GW_STORM_SEED, else a fresh seed, printed); the threads'
 interleaving is the machine's, so a failure names its seed and the history
 of the client id concerned. GW_STORM_SECONDS sets the storm's length
-(default 6 s per broker)."""
+(default 5 s per broker and number of threads)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,9 @@ pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 CONNACK_BOUND = 5.0     # seconds: every CONNECT's CONNACK arrives within this, every time
 CLOSE_BOUND = 5.0       # seconds: a connection taken over is closed within this
 CLIENT_IDS = 4
-THREADS = 6
-STORM_SECONDS = float(os.environ.get("GW_STORM_SECONDS", "6"))
+THREADS = (1, 6)        # one client at a time (each CONNECT after the last one's end), or six at once
+STORM_SECONDS = float(os.environ.get("GW_STORM_SECONDS", "5"))
+HISTORY = 30            # a failure's report shows its id's CONNECTs this many attempts around it
 ENDINGS = ("disconnect", "fin", "rst", "keep", "keep", "abandon_fin", "abandon_rst")
 KEEPALIVES = (0, 0, 30, 60)
 # Payloads published to the ids' topics: the large ones fill the sockets of
@@ -73,6 +74,7 @@ class Attempt:
     publish_to: str | None
     will: bool
     payload: int
+    qos: int
     sent_at: float = 0.0
     connack_at: float | None = None
     present: bool | None = None
@@ -85,13 +87,14 @@ class Attempt:
     def describe(self) -> str:
         return (f"#{self.n} thread {self.thread} id {self.cid} clean={int(self.clean)} keepalive={self.keepalive} "
                 f"worker={self.worker} {self.pieces} then {self.ending}"
-                f"{' +sub' if self.subscribe else ''}{f' +pub {self.payload} B' if self.publish_to else ''}"
+                f"{' +sub' if self.subscribe else ''}{f' +pub QoS {self.qos} {self.payload} B' if self.publish_to else ''}"
                 f"{' +will' if self.will else ''}: "
                 + "; ".join(self.events))
 
 
 class Storm:
-    def __init__(self, broker, seed: str, seconds: float):
+    def __init__(self, broker, seed: str, seconds: float, threads: int):
+        self.threads = threads
         self.broker = broker
         self.seed = seed
         self.seconds = seconds
@@ -114,7 +117,7 @@ class Storm:
                         rng.choice((0, 1)) if self.broker.is_gw else None,
                         rng.choice(("whole", "whole", "pieces")), rng.choice(ENDINGS),
                         rng.random() < 0.4, rng.choice(self.ids) if rng.random() < 0.3 else None,
-                        rng.random() < 0.3, rng.choice(PAYLOADS))
+                        rng.random() < 0.3, rng.choice(PAYLOADS), rng.choice((1, 2)))
             self.attempts.append(a)
         return a
 
@@ -227,11 +230,15 @@ class Storm:
                     a.note(self.t0, "closed before its SUBACK")
             if a.publish_to:
                 sock.sendall(publish_packet_full(f"{self.broker.prefix}/{a.publish_to}",
-                                                 b"m%d." % a.n + bytes(a.payload), qos=1, packet_id=2))
-                if not self.read_until(sock, 0x40, CONNACK_BOUND):
-                    a.note(self.t0, "closed before its PUBACK")
+                                                 b"m%d." % a.n + bytes(a.payload), qos=a.qos, packet_id=2))
+                if not self.read_until(sock, 0x40 if a.qos == 1 else 0x50, CONNACK_BOUND):
+                    a.note(self.t0, "closed before its PUBACK/PUBREC")
+                elif a.qos == 2:
+                    sock.sendall(b"\x62\x02\x00\x02")        # PUBREL
+                    if not self.read_until(sock, 0x70, CONNACK_BOUND):
+                        a.note(self.t0, "closed before its PUBCOMP")
         except TimeoutError:
-            self.fail(a, f"no SUBACK/PUBACK within {CONNACK_BOUND} s")
+            self.fail(a, f"no SUBACK/PUBACK/PUBREC/PUBCOMP within {CONNACK_BOUND} s")
         except OSError as exc:
             a.note(self.t0, f"closed while in use ({exc!r})")
         self.finish(a, a.ending)
@@ -265,7 +272,8 @@ class Storm:
 
     def run(self) -> None:
         stop_at = time.monotonic() + self.seconds
-        threads = [threading.Thread(target=self.thread, args=(i, stop_at), daemon=True) for i in range(THREADS)]
+        threads = [threading.Thread(target=self.thread, args=(i, stop_at), daemon=True)
+                   for i in range(self.threads)]
         for t in threads:
             t.start()
         for t in threads:
@@ -331,12 +339,13 @@ class Storm:
         lines = [f"{headline}; seed {self.seed!r} (replay: GW_STORM_SEED={self.seed!r}), "
                  f"{len(self.attempts)} CONNECTs in {self.seconds} s on {self.broker.kind}"]
         lines += [f"  {f}" for f in self.failures[:20]]
-        bad = {a.cid for a in self.attempts if any("FAILED" in e for e in a.events)} or set(self.ids)
-        lines.append("history of " + ", ".join(sorted(bad)) + " (seconds since the start):")
+        failed = [a for a in self.attempts if any("FAILED" in e for e in a.events)]
+        bad = {a.cid for a in failed}
+        lines.append("history of " + ", ".join(sorted(bad)) + " around each failure (seconds since the start):")
         for a in self.attempts:
-            if a.cid in bad:
+            if a.cid in bad and any(abs(a.n - f.n) <= HISTORY for f in failed):
                 lines.append(f"  {a.describe()}")
-        return "\n".join(lines[:400])
+        return "\n".join(lines[:600])
 
 
 @pytest.fixture
@@ -347,9 +356,10 @@ def storm_seed() -> str:
 
 
 @brokers("sessions")
-def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(broker, storm_seed):
+@pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}-at-once")
+def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(broker, threads, storm_seed):
     before = broker.server.counters() if broker.is_gw else None
-    storm = Storm(broker, storm_seed, STORM_SECONDS)
+    storm = Storm(broker, f"{storm_seed}/{threads}", STORM_SECONDS, threads)
     try:
         storm.run()
         storm.check_takeovers()
