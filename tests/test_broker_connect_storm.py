@@ -1,21 +1,25 @@
 """A storm of CONNECTs on a few client ids: every CONNECT gets its CONNACK.
 
-Threads of raw-socket clients keep reconnecting 4 client ids, on both gw
-workers (placed), with clean session 0 and 1 mixed, keep-alive 0 among
-others, some with a will, CONNECTs written whole or in fragments; each
-connection then leaves with a DISCONNECT, a FIN, a reset (SO_LINGER 0),
-stays open to be taken over, or goes before its CONNACK could arrive. Some
-subscribe, some publish QoS 1 (up to 64 KiB) on the others' topics, so
-persistent sessions carry subscriptions and queued messages when they move
-between workers, and connections kept open fill up unread.
+One thread (each CONNECT after the last connection's end, as an
+interoperability suite goes) or six at once, raw-socket clients keep
+reconnecting 4 client ids, on both gw workers (placed), with clean session
+0 and 1 mixed, keep-alive 0 among others, some with a will, CONNECTs
+written whole or in fragments; each connection then leaves with a
+DISCONNECT, a FIN, a reset (SO_LINGER 0), stays open to be taken over (read
+by a watcher thread, or never read), or goes before its CONNACK could
+arrive. Some subscribe, some publish QoS 1 or 2 (up to 64 KiB) on the
+others' topics, so persistent sessions carry subscriptions and queued
+messages when they move between workers, and connections left unread fill
+up.
 
 What must hold, every time:
 - every CONNECT that waits for it gets a CONNACK within CONNACK_BOUND
   seconds (a correctness bound, not a timing target), as the first packet,
   return code 0, session present 0 with clean session 1 [MQTT-3.2.2-1];
 - a connection kept open whose CONNACK arrived before another CONNECT with
-  its client id was sent, and which that CONNECT's CONNACK answered, is
-  closed by the server [MQTT-3.1.4-2];
+  its client id was sent is closed by the server [MQTT-3.1.4-2] within
+  CLOSE_BOUND of that CONNECT's CONNACK (one read meanwhile), or of the
+  storm's end (one left unread);
 - when the storm is over, at most one connection per client id is alive;
 - on gw: no internal error was contained, no frame between workers was
   malformed, and every id connects again afterwards on both workers.
@@ -28,7 +32,9 @@ of the client id concerned. GW_STORM_SECONDS sets the storm's length
 from __future__ import annotations
 
 import os
+import queue
 import random
+import selectors
 import socket
 import struct
 import threading
@@ -52,7 +58,9 @@ CLIENT_IDS = 4
 THREADS = (1, 6)        # one client at a time (each CONNECT after the last one's end), or six at once
 STORM_SECONDS = float(os.environ.get("GW_STORM_SECONDS", "5"))
 HISTORY = 30            # a failure's report shows its id's CONNECTs this many attempts around it
-ENDINGS = ("disconnect", "fin", "rst", "keep", "keep", "abandon_fin", "abandon_rst")
+# keep: left open, read by the watcher (which notes when the server closes it);
+# stall: left open and never read, so a takeover finds output waiting for it.
+ENDINGS = ("disconnect", "fin", "rst", "keep", "stall", "abandon_fin", "abandon_rst")
 KEEPALIVES = (0, 0, 30, 60)
 # Payloads published to the ids' topics: the large ones fill the sockets of
 # connections kept open (not read) and make a moving session's frame go in pieces.
@@ -77,6 +85,7 @@ class Attempt:
     qos: int
     sent_at: float = 0.0
     connack_at: float | None = None
+    closed_at: float | None = None      # when the watcher saw the server close it (keep)
     present: bool | None = None
     events: list = field(default_factory=list)
     sock: socket.socket | None = None
@@ -103,6 +112,7 @@ class Storm:
         self.attempts: list[Attempt] = []
         self.failures: list[str] = []
         self.t0 = time.monotonic()
+        self.watcher = Watcher(self.t0)
         self.pids = broker.worker_pids() if broker.is_gw else []
         # Placement: the kernel's sock_diag is fast; behind the fragmenting proxy
         # only the harness knows which upstream connection is whose.
@@ -246,7 +256,11 @@ class Storm:
     def finish(self, a: Attempt, how: str) -> None:
         sock = a.sock
         if how == "keep":
-            a.note(self.t0, "kept open")
+            a.note(self.t0, "kept open, watched")
+            self.watcher.add(a)
+            return
+        if how == "stall":
+            a.note(self.t0, "kept open, unread")
             return
         try:
             if how == "disconnect":
@@ -274,6 +288,7 @@ class Storm:
         stop_at = time.monotonic() + self.seconds
         threads = [threading.Thread(target=self.thread, args=(i, stop_at), daemon=True)
                    for i in range(self.threads)]
+        self.watcher.start()
         for t in threads:
             t.start()
         for t in threads:
@@ -282,14 +297,35 @@ class Storm:
 
     def check_takeovers(self) -> None:
         """Every connection kept open that a later CONNECT with its id took over
-        is closed; of the others, at most one per id is alive."""
+        is closed: a watched one within CLOSE_BOUND of that CONNECT's CONNACK,
+        an unread one by CLOSE_BOUND after the storm; of the others, at most
+        one per id is alive."""
         established = [a for a in self.attempts if a.connack_at is not None]
+        taken_over = {}
         for a in established:
-            if a.sock is None:
-                continue
             later = [b for b in established if b.cid == a.cid and b.sent_at > a.connack_at]
-            if later:
-                b = min(later, key=lambda b: b.connack_at)
+            if a.sock is not None and later:
+                taken_over[a.n] = min(later, key=lambda b: b.connack_at)
+        watched = [a for a in established if a.ending == "keep" and a.sock is not None]
+        deadline = max([taken_over[a.n].connack_at + CLOSE_BOUND for a in watched if a.n in taken_over]
+                       + [time.monotonic()])
+        self.watcher.wait(lambda: all(a.closed_at is not None for a in watched if a.n in taken_over), deadline)
+        self.watcher.stop()
+        for a in watched:
+            b = taken_over.get(a.n)
+            if a.closed_at is not None:
+                a.note(self.t0, "closed by the server" + (f" (taken over by #{b.n} or later)" if b else ""))
+                a.sock.close()
+                a.sock = None
+            if b is not None and (a.closed_at is None or a.closed_at > b.connack_at + CLOSE_BOUND):
+                when = "never" if a.closed_at is None else f"{a.closed_at - b.connack_at:.3f} s after it"
+                self.fail(a, f"still open {CLOSE_BOUND} s after #{b.n} with the same id was answered "
+                             f"(closed {when}) [MQTT-3.1.4-2]")
+        for a in established:
+            if a.ending != "stall" or a.sock is None:
+                continue
+            b = taken_over.get(a.n)
+            if b is not None:
                 if not self.wait_closed(a.sock, CLOSE_BOUND):
                     self.fail(a, f"still open {CLOSE_BOUND} s after #{b.n} with the same id was answered "
                                  f"[MQTT-3.1.4-2]")
@@ -329,6 +365,7 @@ class Storm:
             return False
 
     def close_all(self) -> None:
+        self.watcher.stop()
         for a in self.attempts:
             if a.sock is not None:
                 a.sock.close()
@@ -346,6 +383,63 @@ class Storm:
             if a.cid in bad and any(abs(a.n - f.n) <= HISTORY for f in failed):
                 lines.append(f"  {a.describe()}")
         return "\n".join(lines[:600])
+
+
+class Watcher:
+    """Reads the connections kept open (ending "keep") in a thread of its own,
+    throwing their bytes away, and notes when the server closes each."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.selector = selectors.DefaultSelector()
+        self.added: queue.SimpleQueue = queue.SimpleQueue()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def add(self, a: Attempt) -> None:
+        self.added.put(a)
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            while True:
+                try:
+                    a = self.added.get_nowait()
+                except queue.Empty:
+                    break
+                a.sock.setblocking(False)
+                self.selector.register(a.sock, selectors.EVENT_READ, a)
+            for key, _ in self.selector.select(0.02):
+                a = key.data
+                try:
+                    data = a.sock.recv(65536)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    data = b""
+                if not data:
+                    a.closed_at = time.monotonic()
+                    self.selector.unregister(a.sock)
+        for key in list(self.selector.get_map().values()):
+            self.selector.unregister(key.fileobj)
+
+    def wait(self, done, deadline: float) -> None:
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.thread.is_alive():
+            self.stopping.set()
+            self.thread.join(10)
+        elif self.thread.ident is None:
+            self.stopping.set()
+        while True:         # added after the loop ended: never registered
+            try:
+                self.added.get_nowait()
+            except queue.Empty:
+                return
 
 
 @pytest.fixture
