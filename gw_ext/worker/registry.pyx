@@ -84,11 +84,33 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
         pc.prev_owner = prev      # the SESSION frame from `prev` settles it
 
 
+cdef PendingConnect granted_pending(Worker w, bytes client_id):
+    """A CONNECT of ours for client_id granted by its home and still waiting
+    for the session from its previous owner (the latest, if several)."""
+    cdef PendingConnect pc, found = None
+    cdef object token, best = None
+    for token, pc in w.pending.items():
+        if pc.prev_owner >= 0 and pc.client_id == client_id and (best is None or token > best):
+            found, best = pc, token
+    return found
+
+
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id):
-    """We owned client_id; it connected elsewhere. Close ours and hand over."""
-    cdef int slot = w.client_sessions.get(client_id, -1)
+    """We owned client_id; it connected elsewhere. Close ours and hand over.
+    When our own CONNECT for it is still waiting for the session (the home
+    granted it before the claimant's), the eviction waits for that: it gets
+    its CONNACK and the session, then is taken over and hands the session on
+    (connect_settle), as the home ordered the two CONNECTs (MQTT-3.1.4-2)."""
+    cdef PendingConnect waiting = granted_pending(w, client_id)
+    cdef int slot
     cdef bytes state = b""
     cdef uint8_t present = 0
+    if waiting is not None:
+        if waiting.evictions is None:
+            waiting.evictions = []
+        waiting.evictions.append((claimant, token, clean))
+        return
+    slot = w.client_sessions.get(client_id, -1)
     if slot >= 0 and w.sessions[slot].fd >= 0:
         w.close_taken_over(&w.conns[w.sessions[slot].fd])
         slot = w.client_sessions.get(client_id, -1)
@@ -201,8 +223,23 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
 # --- settling a CONNECT ----------------------------------------------------------
 
 cdef void connect_settle(Worker w, uint32_t token, object state):
-    """The session question is answered: build or resume the session, CONNACK,
-    and go on with whatever the client sent after its CONNECT."""
+    """The session question is answered: settle the CONNECT, then hand the
+    session on to whoever claimed the id meanwhile (registry_evict)."""
+    cdef PendingConnect pc = w.pending.get(token)
+    cdef int claimant
+    cdef uint32_t etoken
+    cdef uint8_t eclean
+    if pc is None:
+        return
+    connect_settle_here(w, token, state)
+    if pc.evictions is not None:
+        for claimant, etoken, eclean in pc.evictions:
+            registry_evict(w, claimant, etoken, eclean, pc.client_id)
+
+
+cdef void connect_settle_here(Worker w, uint32_t token, object state):
+    """Builds or resumes the session, CONNACK, and goes on with whatever the
+    client sent after its CONNECT."""
     cdef PendingConnect pc = w.pending.pop(token, None)
     cdef Conn* c
     cdef int slot
