@@ -40,12 +40,13 @@ import struct
 import threading
 import time
 import traceback
+import zlib
 from dataclasses import dataclass, field
 
 import pytest
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
-from broker_fixtures import brokers, connect_packet_full, publish_packet_full  # noqa: E402
+from broker_fixtures import RawClient, brokers, connect_packet_full, publish_packet_full  # noqa: E402
 import fragproxy  # noqa: E402
 from conftest import get_counter, send_fragmented, subscribe_packet, tcp_connect  # noqa: E402
 from placement import connect_on  # noqa: E402
@@ -101,6 +102,17 @@ class Attempt:
                 + "; ".join(self.events))
 
 
+def placed(broker, pids: list[int], worker: int | None) -> socket.socket:
+    """A TCP connection on gw worker `worker` (any on Mosquitto). The kernel's
+    sock_diag finds the worker fast (tests/placement.py); behind the
+    fragmenting proxy only the harness knows which upstream connection is whose."""
+    if not broker.is_gw:
+        return tcp_connect(broker.port)
+    if fragproxy.enabled():
+        return broker.socket_on(worker)[0]
+    return connect_on(broker.port, pids, worker)[0]
+
+
 class Storm:
     def __init__(self, broker, seed: str, seconds: float, threads: int):
         self.threads = threads
@@ -114,9 +126,6 @@ class Storm:
         self.t0 = time.monotonic()
         self.watcher = Watcher(self.t0)
         self.pids = broker.worker_pids() if broker.is_gw else []
-        # Placement: the kernel's sock_diag is fast; behind the fragmenting proxy
-        # only the harness knows which upstream connection is whose.
-        self.fast_placement = broker.is_gw and not fragproxy.enabled()
 
     # --- one client ------------------------------------------------------------
 
@@ -132,18 +141,15 @@ class Storm:
         return a
 
     def place(self, worker: int | None) -> socket.socket:
-        if self.fast_placement:
-            return connect_on(self.broker.port, self.pids, worker)[0]
-        if self.broker.is_gw:
-            return self.broker.socket_on(worker)[0]
-        return tcp_connect(self.broker.port)
+        return placed(self.broker, self.pids, worker)
 
     def fail(self, a: Attempt, what: str) -> None:
         a.note(self.t0, f"FAILED: {what}")
         with self.lock:
             self.failures.append(f"{what} ({a.describe()})")
 
-    def read(self, sock: socket.socket, deadline: float) -> tuple[int, bytes] | None:
+    @staticmethod
+    def read(sock: socket.socket, deadline: float) -> tuple[int, bytes] | None:
         """One packet before the deadline; None on EOF or a reset; TimeoutError past it."""
         def exact(k: int) -> bytes | None:
             buf = bytearray()
@@ -177,12 +183,13 @@ class Storm:
         body = exact(length)
         return None if body is None else (head[0], body)
 
-    def read_until(self, sock: socket.socket, first: int, timeout: float) -> bool:
+    @staticmethod
+    def read_until(sock: socket.socket, first: int, timeout: float) -> bool:
         """Reads (PUBLISHes of the session, left unacknowledged) until a packet
         with this first byte: True; False when the server closed the connection."""
         deadline = time.monotonic() + timeout
         while True:
-            got = self.read(sock, deadline)
+            got = Storm.read(sock, deadline)
             if got is None:
                 return False
             if got[0] == first:
@@ -355,10 +362,11 @@ class Storm:
             return False
         return True
 
-    def answers_ping(self, sock: socket.socket) -> bool:
+    @staticmethod
+    def answers_ping(sock: socket.socket) -> bool:
         try:
             sock.sendall(b"\xc0\x00")
-            return self.read_until(sock, 0xD0, CONNACK_BOUND)
+            return Storm.read_until(sock, 0xD0, CONNACK_BOUND)
         except TimeoutError:
             return False
         except OSError:
@@ -473,3 +481,55 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
         for name in ("internal_errors", "channel_malformed"):
             assert get_counter(after, name) == get_counter(before, name), storm.report(f"{name} rose")
         assert get_counter(after, "takeovers") > get_counter(before, "takeovers"), storm.report("no takeover")
+
+
+RACES = 100     # simultaneous pairs of CONNECTs per case
+
+
+@brokers("sessions")
+@pytest.mark.parametrize("clean", [False, True], ids=["persistent", "clean"])
+def test_two_connects_at_once_on_both_workers_leave_one_connection(broker, clean):
+    """A client id's persistent session is held on one worker; two CONNECTs
+    for it arrive at once, one on each worker (one of them the id's home,
+    crc32(id) % 2, whichever worker index that is). Each gets its CONNACK; the
+    one the server took second takes over the other [MQTT-3.1.4-2], so one
+    connection is left, and the session went from one to the next: session
+    present 1 for both with clean session 0 [MQTT-3.2.2-2]. gw: the home
+    granted its own CONNECT first, then the other worker's, which settled
+    with no session while the home's took the old one: two connections
+    alive, the session's state with the one taken over."""
+    failures = []
+    pids = broker.worker_pids() if broker.is_gw else []
+
+    def raw(worker: int) -> RawClient:
+        c = RawClient(placed(broker, pids, worker if broker.is_gw else None), worker)
+        broker.clients.append(c)
+        return c
+
+    for i in range(RACES):
+        cid = broker.client_id(f"race{i}")
+        home = zlib.crc32(cid.encode()) % 2
+        if i % 2:
+            home = 1 - home     # in case worker_pids() does not list them by index
+        holder = raw(1 - home)
+        holder.connect(cid, clean=False, keepalive=0)
+        first, second = raw(home), raw(1 - home)
+        packet = connect_packet_full(cid, clean=clean, keepalive=0)
+        first.send(packet)
+        second.send(packet)
+        acks = []
+        for c in (first, second):
+            try:
+                acks.append(c.read(CONNACK_BOUND))
+            except (OSError, EOFError) as exc:
+                acks.append(repr(exc))
+        if any(a[0] != 0x20 if isinstance(a, tuple) else True for a in acks):
+            failures.append(f"{cid}: CONNACKs {acks}")
+        elif not clean and any(a[1] != b"\x01\x00" for a in acks):
+            failures.append(f"{cid}: session present {[a[1][0] for a in acks]}, both must be 1")
+        alive = [c for c in (first, second) if Storm.answers_ping(c.sock)]
+        if len(alive) != 1:
+            failures.append(f"{cid}: {len(alive)} connections alive")
+        for c in (holder, first, second):
+            c.close()
+    assert not failures, f"{len(failures)} of {RACES}: " + "; ".join(failures[:10])
