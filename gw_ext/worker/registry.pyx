@@ -7,7 +7,10 @@
 # connection (MQTT-3.1.4-2) and sends the session (subscriptions, messages in
 # flight with their packet ids, the queue, QoS 2 ids awaiting PUBREL) to the
 # claimant (SESSION). The claimant's connection reads nothing meanwhile; the
-# CONNACK goes out when its session is settled.
+# CONNACK goes out when its session is settled. An EVICT can reach a worker
+# whose own CONNECT for the id, granted earlier, still waits for its SESSION:
+# the eviction then waits too, and runs once that CONNECT settled (it gets
+# its CONNACK, then is taken over), so the session follows the home's order.
 #
 # A worker that (re)starts says HELLO: peers drop the entries they hold for
 # it (its sessions died with it) and re-register their own clients whose home
