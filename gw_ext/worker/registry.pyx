@@ -80,6 +80,18 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
     cdef PendingConnect pc = w.pending.get(token)
     if pc is None:
         return
+    cdef PendingConnect waiting
+    if prev == w.worker_index:
+        waiting = granted_pending(w, pc.client_id, pc)
+        if waiting is not None:
+            # An earlier CONNECT of ours for this id still waits for its session:
+            # this one takes it over once it settled (registry_evict hands it the
+            # session, here), not the other way round.
+            pc.prev_owner = prev
+            if waiting.evictions is None:
+                waiting.evictions = []
+            waiting.evictions.append((w.worker_index, token, pc.clean))
+            return
     if prev == -1 or prev == w.worker_index:
         # No other worker had it: settle here (a local session may exist).
         connect_settle(w, token, None)
@@ -87,13 +99,14 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
         pc.prev_owner = prev      # the SESSION frame from `prev` settles it
 
 
-cdef PendingConnect granted_pending(Worker w, bytes client_id):
-    """A CONNECT of ours for client_id granted by its home and still waiting
-    for the session from its previous owner (the latest, if several)."""
+cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude):
+    """A CONNECT of ours for client_id (but `exclude`) granted by its home
+    and still waiting for its session (the latest, if several)."""
     cdef PendingConnect pc, found = None
     cdef object token, best = None
     for token, pc in w.pending.items():
-        if pc.prev_owner >= 0 and pc.client_id == client_id and (best is None or token > best):
+        if (pc is not exclude and pc.prev_owner >= 0 and pc.client_id == client_id
+                and (best is None or token > best)):
             found, best = pc, token
     return found
 
@@ -104,7 +117,9 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
     granted it before the claimant's), the eviction waits for that: it gets
     its CONNACK and the session, then is taken over and hands the session on
     (connect_settle), as the home ordered the two CONNECTs (MQTT-3.1.4-2)."""
-    cdef PendingConnect waiting = granted_pending(w, client_id)
+    # (A CONNECT of ours taking over one of ours is not waiting for itself.)
+    cdef PendingConnect waiting = granted_pending(
+        w, client_id, w.pending.get(token) if claimant == w.worker_index else None)
     cdef int slot
     cdef bytes state = b""
     cdef uint8_t present = 0
@@ -237,6 +252,8 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
     connect_settle_here(w, token, state)
     if pc.evictions is not None:
         for claimant, etoken, eclean in pc.evictions:
+            if claimant == w.worker_index and etoken not in w.pending:
+                continue        # ours, settled meanwhile on its own (its settle timeout)
             registry_evict(w, claimant, etoken, eclean, pc.client_id)
 
 
