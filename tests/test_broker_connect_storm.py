@@ -495,16 +495,19 @@ RACES = 100     # simultaneous pairs of CONNECTs per case
 
 @brokers("sessions")
 @pytest.mark.parametrize("clean", [False, True], ids=["persistent", "clean"])
-def test_two_connects_at_once_on_both_workers_leave_one_connection(broker, clean):
+@pytest.mark.parametrize("where", ["both-workers", "same-worker"])
+def test_two_connects_at_once_leave_one_connection(broker, where, clean):
     """A client id's persistent session is held on one worker; two CONNECTs
-    for it arrive at once, one on each worker (one of them the id's home,
-    crc32(id) % 2, whichever worker index that is). Each gets its CONNACK; the
-    one the server took second takes over the other [MQTT-3.1.4-2], so one
-    connection is left, and the session went from one to the next: session
-    present 1 for both with clean session 0 [MQTT-3.2.2-2]. gw: the home
-    granted its own CONNECT first, then the other worker's, which settled
-    with no session while the home's took the old one: two connections
-    alive, the session's state with the one taken over."""
+    for it arrive at once: one on each worker (one of them the id's home,
+    crc32(id) % 2, whichever worker index that is), or both on the other
+    worker. Each gets its CONNACK; the one the server took second takes over
+    the other [MQTT-3.1.4-2], so one connection is left, and the session went
+    from one to the next: session present 1 for both with clean session 0
+    [MQTT-3.2.2-2]. gw, on both workers: the home granted its own CONNECT
+    first, then the other worker's, which settled with no session while the
+    home's took the old one: two connections alive. On one worker: the
+    second settled at once with no session (session present 0), and the
+    first, given the session later, took it over."""
     failures = []
     pids = broker.worker_pids() if broker.is_gw else []
 
@@ -520,7 +523,7 @@ def test_two_connects_at_once_on_both_workers_leave_one_connection(broker, clean
             home = 1 - home     # in case worker_pids() does not list them by index
         holder = raw(1 - home)
         holder.connect(cid, clean=False, keepalive=0)
-        first, second = raw(home), raw(1 - home)
+        first, second = raw(home), raw(1 - home if where == "both-workers" else home)
         packet = connect_packet_full(cid, clean=clean, keepalive=0)
         first.send(packet)
         second.send(packet)
