@@ -120,6 +120,10 @@ def placed(broker, pids: list[int], worker: int | None) -> socket.socket:
 
 
 class Storm:
+    """One storm: `threads` clients, each its own seeded random, reconnecting
+    the ids for `seconds`; every attempt is kept (Attempt) for the checks and
+    the report."""
+
     def __init__(self, broker, seed: str, seconds: float, threads: int):
         self.threads = threads
         self.broker = broker
@@ -466,6 +470,10 @@ def storm_seed() -> str:
 @brokers("sessions")
 @pytest.mark.parametrize("threads", THREADS, ids=lambda n: f"{n}-at-once")
 def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(broker, threads, storm_seed):
+    """The storm (module docstring): every CONNECT answered within the bound,
+    every takeover closing the connection it took over. gw: a connection
+    taken over in the turn its own CONNECT settled lost its CONNACK (closed
+    without it); two CONNECTs at once on both workers left both connected."""
     before = broker.server.counters() if broker.is_gw else None
     storm = Storm(broker, f"{storm_seed}/{threads}", STORM_SECONDS, threads)
     try:
