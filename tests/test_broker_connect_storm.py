@@ -103,7 +103,8 @@ class Attempt:
     def describe(self) -> str:
         return (f"#{self.n} thread {self.thread} id {self.cid} clean={int(self.clean)} keepalive={self.keepalive} "
                 f"worker={self.worker} {self.pieces} then {self.ending}"
-                f"{' +sub' if self.subscribe else ''}{f' +pub QoS {self.qos} {self.payload} B' if self.publish_to else ''}"
+                f"{' +sub' if self.subscribe else ''}"
+                f"{f' +pub QoS {self.qos} {self.payload} B' if self.publish_to else ''}"
                 f"{' +will' if self.will else ''}: "
                 + "; ".join(self.events))
 
