@@ -480,6 +480,10 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
     try:
         storm.run()
         storm.check_takeovers()
+        if storm.failures and broker.is_gw:
+            after = broker.server.counters()
+            storm.failures.append("gw's counters meanwhile: " + ", ".join(
+                f"{name} +{get_counter(after, name) - get_counter(before, name)}" for name in GW_COUNTERS))
         assert not storm.failures, storm.report(f"{len(storm.failures)} failure(s)")
         # Afterwards each id connects again, on each worker, clean and persistent.
         for cid in storm.ids:
@@ -494,10 +498,14 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
         storm.report("too few CONNECTs")
     if broker.is_gw:
         after = broker.server.counters()
-        for name in ("internal_errors", "channel_malformed"):
+        for name in ("internal_errors", "channel_malformed", "channel_drops"):
             assert get_counter(after, name) == get_counter(before, name), storm.report(f"{name} rose")
         assert get_counter(after, "takeovers") > get_counter(before, "takeovers"), storm.report("no takeover")
 
+
+# What a failed storm's report shows of gw's counters.
+GW_COUNTERS = ("takeovers", "internal_errors", "channel_malformed", "channel_drops",
+               "closed_server", "closed_error")
 
 RACES = 100     # simultaneous pairs of CONNECTs per case
 
