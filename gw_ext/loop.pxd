@@ -247,6 +247,7 @@ cdef class PendingConnect:
     cdef bytes will_message
     cdef uint8_t will_flag, will_qos, will_retain
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
+    cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
 
 
 # --- a SUBACK waiting for the other workers (worker/handle_subscribe.pyx) ------------
@@ -550,6 +551,7 @@ cdef int connect_claim(Worker w, Conn* c, PendingConnect pc)
 cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
 cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id)
 cdef void on_grant(Worker w, uint32_t token, int prev)
+cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state)
 cdef void registry_release(Worker w, bytes client_id)
@@ -559,6 +561,7 @@ cdef void registry_peer_restarted(Worker w, int p)
 cdef bint is_worker(Worker w, int p) noexcept
 cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, uint32_t n)
 cdef void connect_settle(Worker w, uint32_t token, object state)
+cdef void connect_settle_here(Worker w, uint32_t token, object state)
 
 # --- worker/channel.pyx: frames to and from the other workers (gw_ext/frames.pxd) -----
 cdef uint32_t channel_datagram_size(int fd) noexcept

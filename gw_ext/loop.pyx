@@ -1056,9 +1056,17 @@ cdef class Worker:
         the old connection closes, and its session is detached now (its will
         published) rather than at the end of the turn, because the caller hands
         the session over or ends it right after. The id's home already names
-        the new owner: ending a clean session here must not release the id."""
+        the new owner: ending a clean session here must not release the id.
+        What the old connection is owed goes out before it closes: its own
+        CONNACK when both CONNECTs settled in the same turn (the standard
+        answers an accepted CONNECT with a CONNACK, then the next one takes it
+        over, MQTT-3.1.4-2/-4), answers to packets it sent before. It reads
+        nothing more meanwhile."""
         self.counters[TAKEOVERS] += 1
-        self.close_conn(old, CR_TAKEOVER)
+        if old.state == ST_CONNECTED and old.outlen > old.outoff:
+            self.close_after_flush(old, CR_TAKEOVER)
+        elif old.state != ST_CLOSING:
+            self.close_conn(old, CR_TAKEOVER)
         if old.session >= 0:
             session_detach(self, old, False, False)
 

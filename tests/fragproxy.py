@@ -357,7 +357,14 @@ class FragProxy:
             with self._lock:
                 seed = f"{self._seed}/{self.name}/{self._accepted}"
                 self._accepted += 1
-                relay = _Relay(self, down, up, seed)
+                try:
+                    relay = _Relay(self, down, up, seed)
+                except OSError:
+                    # The client reset the connection before we took it (no peer
+                    # name any more): nothing to relay, and the proxy goes on.
+                    up.close()
+                    down.close()
+                    continue
                 self._relays.add(relay)
                 self._by_client_port[relay.client_port] = relay
                 self.relays_total += 1

@@ -7,7 +7,10 @@
 # connection (MQTT-3.1.4-2) and sends the session (subscriptions, messages in
 # flight with their packet ids, the queue, QoS 2 ids awaiting PUBREL) to the
 # claimant (SESSION). The claimant's connection reads nothing meanwhile; the
-# CONNACK goes out when its session is settled.
+# CONNACK goes out when its session is settled. An EVICT can reach a worker
+# whose own CONNECT for the id, granted earlier, still waits for its SESSION:
+# the eviction then waits too, and runs once that CONNECT settled (it gets
+# its CONNACK, then is taken over), so the session follows the home's order.
 #
 # A worker that (re)starts says HELLO: peers drop the entries they hold for
 # it (its sessions died with it) and re-register their own clients whose home
@@ -77,6 +80,18 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
     cdef PendingConnect pc = w.pending.get(token)
     if pc is None:
         return
+    cdef PendingConnect waiting
+    if prev == w.worker_index:
+        waiting = granted_pending(w, pc.client_id, pc)
+        if waiting is not None:
+            # An earlier CONNECT of ours for this id still waits for its session:
+            # this one takes it over once it settled (registry_evict hands it the
+            # session, here), not the other way round.
+            pc.prev_owner = prev
+            if waiting.evictions is None:
+                waiting.evictions = []
+            waiting.evictions.append((w.worker_index, token, pc.clean))
+            return
     if prev == -1 or prev == w.worker_index:
         # No other worker had it: settle here (a local session may exist).
         connect_settle(w, token, None)
@@ -84,11 +99,36 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
         pc.prev_owner = prev      # the SESSION frame from `prev` settles it
 
 
+cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude):
+    """A CONNECT of ours for client_id (but `exclude`) granted by its home
+    and still waiting for its session (the latest, if several)."""
+    cdef PendingConnect pc, found = None
+    cdef object token, best = None
+    for token, pc in w.pending.items():
+        if (pc is not exclude and pc.prev_owner >= 0 and pc.client_id == client_id
+                and (best is None or token > best)):
+            found, best = pc, token
+    return found
+
+
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id):
-    """We owned client_id; it connected elsewhere. Close ours and hand over."""
-    cdef int slot = w.client_sessions.get(client_id, -1)
+    """We owned client_id; it connected elsewhere. Close ours and hand over.
+    When our own CONNECT for it is still waiting for the session (the home
+    granted it before the claimant's), the eviction waits for that: it gets
+    its CONNACK and the session, then is taken over and hands the session on
+    (connect_settle), as the home ordered the two CONNECTs (MQTT-3.1.4-2)."""
+    # (A CONNECT of ours taking over one of ours is not waiting for itself.)
+    cdef PendingConnect waiting = granted_pending(
+        w, client_id, w.pending.get(token) if claimant == w.worker_index else None)
+    cdef int slot
     cdef bytes state = b""
     cdef uint8_t present = 0
+    if waiting is not None:
+        if waiting.evictions is None:
+            waiting.evictions = []
+        waiting.evictions.append((claimant, token, clean))
+        return
+    slot = w.client_sessions.get(client_id, -1)
     if slot >= 0 and w.sessions[slot].fd >= 0:
         w.close_taken_over(&w.conns[w.sessions[slot].fd])
         slot = w.client_sessions.get(client_id, -1)
@@ -201,8 +241,25 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
 # --- settling a CONNECT ----------------------------------------------------------
 
 cdef void connect_settle(Worker w, uint32_t token, object state):
-    """The session question is answered: build or resume the session, CONNACK,
-    and go on with whatever the client sent after its CONNECT."""
+    """The session question is answered: settle the CONNECT, then hand the
+    session on to whoever claimed the id meanwhile (registry_evict)."""
+    cdef PendingConnect pc = w.pending.get(token)
+    cdef int claimant
+    cdef uint32_t etoken
+    cdef uint8_t eclean
+    if pc is None:
+        return
+    connect_settle_here(w, token, state)
+    if pc.evictions is not None:
+        for claimant, etoken, eclean in pc.evictions:
+            if claimant == w.worker_index and etoken not in w.pending:
+                continue        # ours, settled meanwhile on its own (its settle timeout)
+            registry_evict(w, claimant, etoken, eclean, pc.client_id)
+
+
+cdef void connect_settle_here(Worker w, uint32_t token, object state):
+    """Builds or resumes the session, CONNACK, and goes on with whatever the
+    client sent after its CONNECT."""
     cdef PendingConnect pc = w.pending.pop(token, None)
     cdef Conn* c
     cdef int slot
