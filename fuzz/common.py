@@ -490,7 +490,9 @@ class Scenario:
         for c in self.all_clients:
             if c.open:
                 c.drain()
-                c.close()
+            # Also a client the server already shut (its FIN read): until our
+            # socket closes too, a lingering HTTP close waits for it.
+            c.close()
         self.settle(lambda: self.wut.connections() == 0, "every connection closed")
         sessions = self.wut.h.counter("SESSIONS_CURRENT")
         if sessions != 0:

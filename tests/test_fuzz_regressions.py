@@ -13,6 +13,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from conftest import REPO, connect_packet, get_counter, gw_env, ping, read_packet, tcp_connect
 
 
@@ -132,3 +134,31 @@ def test_moved_session_with_lying_lengths():
         assert wut.connections() == 0
         wut.close()
     """)
+
+
+# --- the committed seeds, on the normal build ---------------------------------------------
+
+@pytest.mark.parametrize("target", sorted(p.name for p in (REPO / "fuzz" / "corpus").iterdir() if p.is_dir()))
+def test_every_committed_seed_passes_its_harness(target):
+    """Each seed of fuzz/corpus/TARGET through fuzz/fuzz_TARGET.py's TestOneInput,
+    in a child process: a seed the harness refuses would stop CI's fuzzing
+    before it fuzzes anything (a harness that drifted from the worker, or a
+    finding), so it is caught here first."""
+    script = textwrap.dedent("""
+        import sys
+        from pathlib import Path
+        sys.path.insert(0, %r)
+        import fuzz_%s as target
+        seeds = sorted(Path(%r).iterdir())
+        for seed in seeds:
+            try:
+                target.TestOneInput(seed.read_bytes())
+            except BaseException as exc:
+                print(f"seed {seed.name}: {type(exc).__name__}: {exc}")
+                raise
+        print(f"{len(seeds)} seeds ok")
+    """ % (str(REPO / "fuzz"), target, str(REPO / "fuzz" / "corpus" / target)))
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=gw_env(), capture_output=True, text=True,
+                         timeout=240, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0 and res.stdout.strip().endswith("seeds ok"), (
+        f"exit {res.returncode}\nstdout: {res.stdout[-3000:]}\nstderr: {res.stderr[-3000:]}")
