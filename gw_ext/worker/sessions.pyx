@@ -150,24 +150,31 @@ cdef uint16_t session_packet_id(Session* s) noexcept nogil:
             return pid
 
 
+cdef int _grow_by_packet_id(void** items, uint32_t* cap, size_t item_size) noexcept nogil:
+    # An array with at most one entry per packet id grown: its capacity doubled
+    # from 8, never past 0xFFFF (as many as there are packet ids). -1 when it is
+    # that full already or out of memory (the array kept).
+    cdef uint32_t grown_cap
+    cdef void* grown
+    if cap[0] >= 0xFFFF:
+        return -1
+    grown_cap = cap[0] * 2 if cap[0] else 8
+    if grown_cap > 0xFFFF:
+        grown_cap = 0xFFFF
+    grown = realloc(items[0], grown_cap * item_size)
+    if grown == NULL:
+        return -1
+    items[0] = grown
+    cap[0] = grown_cap
+    return 0
+
+
 cdef int inflight_grow(Session* s) noexcept nogil:
     """Room for one more in-flight message; its 16-bit count and capacity stop
     at 0xFFFF (as many as there are packet ids). -1: no room."""
-    cdef uint32_t cap
-    cdef Inflight* grown
     if s.ninflight < s.inflight_cap:
         return 0
-    if s.inflight_cap == 0xFFFF:
-        return -1
-    cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
-    if cap > 0xFFFF:
-        cap = 0xFFFF
-    grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
-    if grown == NULL:
-        return -1
-    s.inflight = grown
-    s.inflight_cap = cap
-    return 0
+    return _grow_by_packet_id(<void**>&s.inflight, &s.inflight_cap, sizeof(Inflight))
 
 
 cdef int session_queue_grow(Session* s) noexcept nogil:
@@ -269,19 +276,9 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
     # At most 0xFFFF entries (packet ids are 16-bit, and 0 is not one): the
     # 16-bit count and capacity never wrap.
-    cdef uint16_t* grown
-    cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        if s.qos2_cap == 0xFFFF:
+        if _grow_by_packet_id(<void**>&s.qos2_in, &s.qos2_cap, sizeof(uint16_t)) < 0:
             return -1
-        cap = <uint32_t>s.qos2_cap * 2 if s.qos2_cap else 8
-        if cap > 0xFFFF:
-            cap = 0xFFFF
-        grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
-        if grown == NULL:
-            return -1
-        s.qos2_in = grown
-        s.qos2_cap = <uint16_t>cap
     s.qos2_in[s.nqos2_in] = pid
     s.nqos2_in += 1
     return 0
