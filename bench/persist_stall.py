@@ -31,23 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
 
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + remaining_length(len(body)) + body
-
-
-def mqtt_str(s: bytes) -> bytes:
-    return struct.pack("!H", len(s)) + s
+from mqtt_bytes import mqtt_str, packet  # noqa: E402
 
 
 def connect_packet(client_id: bytes, clean: bool) -> bytes:

@@ -32,6 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MAX_PACKET = 1 << 20
+sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
+
+from mqtt_bytes import packet  # noqa: E402
 
 
 def rss(pid: int) -> int:
@@ -39,19 +42,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def connect_packet(client_id: bytes) -> bytes:

@@ -63,21 +63,8 @@ from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_
 
 # --- MQTT packets, built by hand (not with the codec under test) ------------------------
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + varint(len(body)) + body
-
-
-def mqtt_str(b: bytes) -> bytes:
-    return struct.pack("!H", len(b)) + b
+sys.path.append(str(REPO / "tests"))
+from mqtt_bytes import mqtt_str, packet, varint  # noqa: E402,F401  (the targets import them from here)
 
 
 def connect_packet(client_id: bytes, clean: bool = True, keepalive: int = 60, will=None,
