@@ -509,3 +509,49 @@ class Scenario:
         finally:
             c.close()
             self.settle(lambda: self.wut.connections() == 0, "the fresh client closed")
+
+
+# --- one target's run -----------------------------------------------------------------
+
+_HARNESS: Harness | None = None
+
+
+def shared_harness() -> Harness:
+    """The process's one Harness, made for the first input."""
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = Harness()
+    return _HARNESS
+
+
+def run_scenario(wut, make_scenario, fresh_request: bytes, served) -> None:
+    """Runs the scenario make_scenario() makes to its end, closes its clients,
+    then checks that a fresh client sending fresh_request is served (served:
+    what it received -> bool); the worker is closed whatever happens."""
+    try:
+        s = make_scenario()
+        s.run()
+        s.close_all_and_settle()
+        s.fresh_client_served(fresh_request, served)
+    finally:
+        wut.close()
+
+
+def connack_new(received: bytes) -> bool:
+    """A fresh MQTT client got CONNACK accepted, no session present."""
+    return received[:4] == CONNACK_NEW
+
+
+def fuzz(test_one_input, instrumented: tuple[str, ...] = ()) -> None:
+    """libFuzzer's loop (atheris) over test_one_input, the `instrumented`
+    modules imported with coverage first."""
+    import importlib
+
+    import atheris
+
+    if instrumented:
+        with atheris.instrument_imports(include=sorted({m.split(".")[0] for m in instrumented})):
+            for name in instrumented:
+                importlib.import_module(name)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()
