@@ -64,19 +64,7 @@ from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_
 # --- MQTT packets, built by hand (not with the codec under test) ------------------------
 
 sys.path.append(str(REPO / "tests"))
-from mqtt_bytes import mqtt_str, packet, varint  # noqa: E402,F401  (the targets import them from here)
-
-
-def connect_packet(client_id: bytes, clean: bool = True, keepalive: int = 60, will=None,
-                   level: int = 4) -> bytes:
-    flags = 0x02 if clean else 0
-    tail = mqtt_str(client_id)
-    if will is not None:
-        topic, message, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        tail += mqtt_str(topic) + mqtt_str(message)
-    proto = mqtt_str(b"MQTT" if level == 4 else b"MQIsdp")
-    return packet(0x10, proto + bytes([level, flags]) + struct.pack("!H", keepalive) + tail)
+from mqtt_bytes import connect_packet, mqtt_str, packet, varint  # noqa: E402,F401  (the targets import them from here)
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 1, retain: bool = False,

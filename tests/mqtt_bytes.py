@@ -26,3 +26,16 @@ def mqtt_str(s) -> bytes:
     """A length-prefixed string field: str (as UTF-8) or bytes as they are."""
     b = s.encode() if isinstance(s, str) else bytes(s)
     return struct.pack("!H", len(b)) + b
+
+
+def connect_packet(client_id, clean: bool = True, keepalive: int = 60, will=None, level: int = 4) -> bytes:
+    """CONNECT; will = (topic, message, qos, retain); level 4 (MQTT 3.1.1,
+    protocol name "MQTT") or 3 (MQTT 3.1, "MQIsdp")."""
+    flags = 0x02 if clean else 0
+    tail = mqtt_str(client_id)
+    if will is not None:
+        topic, message, qos, retain = will
+        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
+        tail += mqtt_str(topic) + mqtt_str(message)
+    proto = mqtt_str(b"MQTT" if level == 4 else b"MQIsdp")
+    return packet(0x10, proto + bytes([level, flags]) + struct.pack("!H", keepalive) + tail)
