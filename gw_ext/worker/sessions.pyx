@@ -195,6 +195,21 @@ cdef int session_queue_grow(Session* s) noexcept nogil:
     return 0
 
 
+cdef int session_enqueue(Session* s, Msg* msg, uint8_t qos_flags, uint64_t size) noexcept nogil:
+    """Appends msg to the session's queue (the queue takes the reference the
+    caller gives it): qos_flags is its QoS | retain << 2, size its topic and
+    payload bytes. -1 when out of memory (nothing queued)."""
+    cdef Queued* slot
+    if session_queue_grow(s) < 0:
+        return -1
+    slot = &s.queue[(s.qhead + s.qlen) % s.qcap]
+    slot.msg = msg
+    slot.qos = qos_flags
+    s.qlen += 1
+    s.qbytes += size
+    return 0
+
+
 cdef inline bint session_online(Worker w, Session* s) noexcept:
     """Its client is connected (not away, not closed this turn)."""
     return s.fd >= 0 and w.conns[s.fd].state == ST_CONNECTED
