@@ -13,9 +13,17 @@ measured with bench/gate_ratios.py): the noise of a loaded machine passes, a
 from __future__ import annotations
 
 import gc
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Iterator
 
 
 def best_time(fn, repeat: int) -> float:
@@ -111,3 +119,38 @@ def gw_harness():
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+@contextmanager
+def mqtt_only_gw(workers: int, *flags: str, tmp_parent: str | None = None, stderr=subprocess.DEVNULL,
+                 stop_timeout: float = 60) -> Iterator[tuple[subprocess.Popen, int, str]]:
+    """`gw serve` with its plain MQTT listener alone, on a free loopback port,
+    in a temporary directory (its data in data/, no stats or $SYS), once it
+    accepts connections; stopped with SIGTERM at the end. Yields (the process,
+    the port, the directory)."""
+    repo = Path(__file__).resolve().parent.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "gw.cli", "serve", "--workers", str(workers), "--mqtt", f"127.0.0.1:{port}",
+             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+             "--data-dir", f"{tmp}/data", "--stats-interval", "0", "--sys-interval", "0",
+             "--log-level", "warning", *flags],
+            cwd=tmp, env={**os.environ, "PYTHONPATH": str(repo)}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), 1).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+            yield server, port, tmp
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(stop_timeout)

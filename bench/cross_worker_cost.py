@@ -15,13 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from benchutil import mqtt_only_gw
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -39,40 +38,27 @@ def main() -> None:
     ap.add_argument("--rate", type=int, default=100_000)
     ap.add_argument("--duration", type=float, default=4)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{port}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
-             "--data-dir", f"{tmp}/data",
-             "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning"],
-            cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            time.sleep(2)
-            import psutil
-            workers = [c.pid for c in psutil.Process(server.pid).children()]
-            same, cross = [], []
-            for i in range(args.runs):
-                before = [cpu_seconds(w) for w in workers]
-                out = Path(tmp) / "run.json"
-                subprocess.run([sys.executable, "-m", "gw.cli", "bench", "pubsub", "--publishers", "1",
-                                "--subscribers", "1", "--qos", "0", "--rate", str(args.rate),
-                                "--duration", str(args.duration), "--size", "64", "--procs", "1",
-                                "--server", f"127.0.0.1:{port}", "--quiet", "--json", str(out)],
-                               env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, timeout=120)
-                used = [cpu_seconds(w) - b for w, b in zip(workers, before)]
-                received = json.loads(out.read_text())["messages"]["received"]
-                per_msg = sum(used) / max(received, 1) * 1e6
-                kind = "same" if min(used) < 0.1 * max(used) else "cross"
-                (same if kind == "same" else cross).append(per_msg)
-                print(f"run {i + 1}: {kind:5} worker CPU {used[0]:.2f} s + {used[1]:.2f} s for {received:,} "
-                      f"messages: {per_msg:.2f} us/message", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(30)
+    with mqtt_only_gw(2, stop_timeout=30) as (server, port, tmp):
+        time.sleep(2)
+        import psutil
+        workers = [c.pid for c in psutil.Process(server.pid).children()]
+        same, cross = [], []
+        for i in range(args.runs):
+            before = [cpu_seconds(w) for w in workers]
+            out = Path(tmp) / "run.json"
+            subprocess.run([sys.executable, "-m", "gw.cli", "bench", "pubsub", "--publishers", "1",
+                            "--subscribers", "1", "--qos", "0", "--rate", str(args.rate),
+                            "--duration", str(args.duration), "--size", "64", "--procs", "1",
+                            "--server", f"127.0.0.1:{port}", "--quiet", "--json", str(out)],
+                           env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, timeout=120)
+            used = [cpu_seconds(w) - b for w, b in zip(workers, before)]
+            received = json.loads(out.read_text())["messages"]["received"]
+            per_msg = sum(used) / max(received, 1) * 1e6
+            kind = "same" if min(used) < 0.1 * max(used) else "cross"
+            (same if kind == "same" else cross).append(per_msg)
+            print(f"run {i + 1}: {kind:5} worker CPU {used[0]:.2f} s + {used[1]:.2f} s for {received:,} "
+                  f"messages: {per_msg:.2f} us/message", flush=True)
     if same and cross:
         s, c = sorted(same)[len(same) // 2], sorted(cross)[len(cross) // 2]
         print(f"median same-worker {s:.2f} us, cross-worker {c:.2f} us per message: ratio {c / s:.2f}")

@@ -19,35 +19,19 @@ from __future__ import annotations
 import argparse
 import os
 import selectors
-import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from benchutil import mqtt_only_gw
+
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 sys.path.insert(0, str(REPO))
+sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
 
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + remaining_length(len(body)) + body
-
-
-def mqtt_str(s: bytes) -> bytes:
-    return struct.pack("!H", len(s)) + s
+from mqtt_bytes import mqtt_str, packet  # noqa: E402
 
 
 def connect_packet(client_id: bytes, clean: bool) -> bytes:
@@ -150,89 +134,68 @@ def counter(server_pid: int, name: str) -> int | None:
 
 
 def run(args) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
-             "--data-dir", f"{tmp}/data", "--persist-interval", "1", "--max-queued", str(max(args.queued, 1)),
-             "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning"],
-            cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            t0 = time.monotonic()
-            create_sessions(port, args.sessions)
-            queue_messages(port, args.queued)
-            time.sleep(3)                       # the first snapshots of the new state are written
-            size = os.path.getsize(f"{tmp}/data/sessions-0.msgpack")
-            print(f"{args.sessions} sessions, {args.queued} queued messages each, set up in "
-                  f"{time.monotonic() - t0:.1f} s; sessions file {size / 1e6:.1f} MB", flush=True)
+    with mqtt_only_gw(1, "--persist-interval", "1", "--max-queued", str(max(args.queued, 1)),
+                      tmp_parent=args.tmp, stderr=None, stop_timeout=120) as (server, port, tmp):
+        t0 = time.monotonic()
+        create_sessions(port, args.sessions)
+        queue_messages(port, args.queued)
+        time.sleep(3)                       # the first snapshots of the new state are written
+        size = os.path.getsize(f"{tmp}/data/sessions-0.msgpack")
+        print(f"{args.sessions} sessions, {args.queued} queued messages each, set up in "
+              f"{time.monotonic() - t0:.1f} s; sessions file {size / 1e6:.1f} MB", flush=True)
 
-            churn = socket.create_connection(("127.0.0.1", port))
-            churn_r = Reader(churn)
-            churn.sendall(connect_packet(b"persist-churn", False))
-            assert churn_r.packet()[0] == 0x20
-            probe = socket.create_connection(("127.0.0.1", port))
-            probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            probe_r = Reader(probe)
-            probe.sendall(connect_packet(b"persist-probe", True))
-            assert probe_r.packet()[0] == 0x20
+        churn = socket.create_connection(("127.0.0.1", port))
+        churn_r = Reader(churn)
+        churn.sendall(connect_packet(b"persist-churn", False))
+        assert churn_r.packet()[0] == 0x20
+        probe = socket.create_connection(("127.0.0.1", port))
+        probe.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        probe_r = Reader(probe)
+        probe.sendall(connect_packet(b"persist-probe", True))
+        assert probe_r.packet()[0] == 0x20
 
-            hist_before = loop_turn_histogram(server.pid)
-            writes_before = counter(server.pid, "PERSIST_WRITES")
-            rtts = []
-            end = time.monotonic() + args.duration
-            next_churn = 0.0
-            pid = 1
-            while time.monotonic() < end:
-                now = time.monotonic()
-                if now >= next_churn:
-                    next_churn = now + 0.05
-                    pid = pid % 60000 + 1
-                    if pid % 2:
-                        churn.sendall(subscribe_packet(pid, [(b"churn/%d" % pid, 1)]))
-                    else:
-                        churn.sendall(unsubscribe_packet(pid, [b"churn/%d" % (pid - 1)]))
-                    churn_r.packet()
-                t = time.perf_counter()
-                probe.sendall(b"\xc0\x00")
-                first, _ = probe_r.packet()
-                assert first == 0xD0
-                rtts.append(time.perf_counter() - t)
-                time.sleep(0.002)
-            hist_after = loop_turn_histogram(server.pid)
-            writes_after = counter(server.pid, "PERSIST_WRITES")
-            rtts.sort()
-            ms = lambda v: f"{v * 1e3:.2f} ms"           # noqa: E731
-            print(f"probe PINGREQ round trips over {args.duration:.0f} s ({len(rtts)}): median "
-                  f"{ms(rtts[len(rtts) // 2])}, p99 {ms(rtts[int(len(rtts) * 0.99)])}, "
-                  f"max {ms(rtts[-1])}", flush=True)
-            if hist_before is not None:
-                from gw.stats import HIST_BOUNDS_NS, HIST_BUCKETS
-                delta = [a - b for a, b in zip(hist_after, hist_before)]
-                top = max((i for i in range(HIST_BUCKETS) if delta[i]), default=None)
-                if top is not None:
-                    bound = "over 10 s" if top >= len(HIST_BOUNDS_NS) else f"<= {HIST_BOUNDS_NS[top] / 1e6:g} ms"
-                    over1 = sum(delta[i] for i in range(HIST_BUCKETS)
-                                if i >= len(HIST_BOUNDS_NS) or HIST_BOUNDS_NS[i] > 1_000_000)
-                    print(f"loop turns: {delta[31]}, the longest {bound}; {over1} longer than 1 ms", flush=True)
-            if writes_before is not None:
-                print(f"snapshots written meanwhile: {writes_after - writes_before}", flush=True)
-            probe.close()
-            churn.close()
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(120)
+        hist_before = loop_turn_histogram(server.pid)
+        writes_before = counter(server.pid, "PERSIST_WRITES")
+        rtts = []
+        end = time.monotonic() + args.duration
+        next_churn = 0.0
+        pid = 1
+        while time.monotonic() < end:
+            now = time.monotonic()
+            if now >= next_churn:
+                next_churn = now + 0.05
+                pid = pid % 60000 + 1
+                if pid % 2:
+                    churn.sendall(subscribe_packet(pid, [(b"churn/%d" % pid, 1)]))
+                else:
+                    churn.sendall(unsubscribe_packet(pid, [b"churn/%d" % (pid - 1)]))
+                churn_r.packet()
+            t = time.perf_counter()
+            probe.sendall(b"\xc0\x00")
+            first, _ = probe_r.packet()
+            assert first == 0xD0
+            rtts.append(time.perf_counter() - t)
+            time.sleep(0.002)
+        hist_after = loop_turn_histogram(server.pid)
+        writes_after = counter(server.pid, "PERSIST_WRITES")
+        rtts.sort()
+        ms = lambda v: f"{v * 1e3:.2f} ms"           # noqa: E731
+        print(f"probe PINGREQ round trips over {args.duration:.0f} s ({len(rtts)}): median "
+              f"{ms(rtts[len(rtts) // 2])}, p99 {ms(rtts[int(len(rtts) * 0.99)])}, "
+              f"max {ms(rtts[-1])}", flush=True)
+        if hist_before is not None:
+            from gw.stats import HIST_BOUNDS_NS, HIST_BUCKETS
+            delta = [a - b for a, b in zip(hist_after, hist_before)]
+            top = max((i for i in range(HIST_BUCKETS) if delta[i]), default=None)
+            if top is not None:
+                bound = "over 10 s" if top >= len(HIST_BOUNDS_NS) else f"<= {HIST_BOUNDS_NS[top] / 1e6:g} ms"
+                over1 = sum(delta[i] for i in range(HIST_BUCKETS)
+                            if i >= len(HIST_BOUNDS_NS) or HIST_BOUNDS_NS[i] > 1_000_000)
+                print(f"loop turns: {delta[31]}, the longest {bound}; {over1} longer than 1 ms", flush=True)
+        if writes_before is not None:
+            print(f"snapshots written meanwhile: {writes_after - writes_before}", flush=True)
+        probe.close()
+        churn.close()
 
 
 def main() -> None:

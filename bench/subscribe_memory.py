@@ -19,19 +19,19 @@ costs nothing. The figures are for comparing two builds on the same machine.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from benchutil import mqtt_only_gw
+
 REPO = Path(__file__).resolve().parent.parent
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 MAX_PACKET = 1 << 20
+sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
+
+from mqtt_bytes import packet  # noqa: E402
 
 
 def rss(pid: int) -> int:
@@ -39,19 +39,6 @@ def rss(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
-
-
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + remaining_length(len(body)) + body
 
 
 def connect_packet(client_id: bytes) -> bytes:
@@ -117,55 +104,34 @@ SCENARIOS = {"deep": deep_packets, "wide": wide_packets, "fleet": fleet_packets}
 
 
 def run(scenario: str) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{port}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
-             "--data-dir", f"{tmp}/data", "--persist-interval", "0",
-             "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning"],
-            cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            import psutil
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
-            time.sleep(1)
-            workers = sorted(c.pid for c in psutil.Process(server.pid).children()
-                             if "pipeline" not in " ".join(c.cmdline()))[:2]
-            packets = SCENARIOS[scenario]()
-            before = [rss(w) for w in workers]
-            granted = refused = 0
-            with socket.create_connection(("127.0.0.1", port)) as sock:
-                sock.sendall(connect_packet(b"subscribe-memory"))
+    import psutil
+
+    with mqtt_only_gw(2, "--persist-interval", "0") as (server, port, tmp):
+        time.sleep(1)
+        workers = sorted(c.pid for c in psutil.Process(server.pid).children()
+                         if "pipeline" not in " ".join(c.cmdline()))[:2]
+        packets = SCENARIOS[scenario]()
+        before = [rss(w) for w in workers]
+        granted = refused = 0
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(connect_packet(b"subscribe-memory"))
+            first, body = read_packet(sock)
+            assert first >> 4 == 2 and body[1] == 0, f"CONNACK {body!r}"
+            for i, filters in enumerate(packets):
+                sock.sendall(subscribe_packet(i + 1, filters))
                 first, body = read_packet(sock)
-                assert first >> 4 == 2 and body[1] == 0, f"CONNACK {body!r}"
-                for i, filters in enumerate(packets):
-                    sock.sendall(subscribe_packet(i + 1, filters))
-                    first, body = read_packet(sock)
-                    assert first >> 4 == 9, f"expected SUBACK, got type {first >> 4}"
-                    codes = body[2:]
-                    refused += codes.count(0x80)
-                    granted += len(codes) - codes.count(0x80)
-                time.sleep(1)        # the peer has added the filters before the SUBACK; let it settle
-                after = [rss(w) for w in workers]
-            grown = [a - b for a, b in zip(after, before)]
-            local = 0 if grown[0] >= grown[1] else 1
-            nbytes = sum(len(f) for p in packets for f in p)
-            print(f"{scenario}: {granted} filters granted, {refused} refused, {nbytes / 1e6:.2f} MB of filters; "
-                  f"RSS grew {grown[local] / 1e6:.1f} MB in the subscriber's worker, "
-                  f"{grown[1 - local] / 1e6:.1f} MB in its peer", flush=True)
-        finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(60)
+                assert first >> 4 == 9, f"expected SUBACK, got type {first >> 4}"
+                codes = body[2:]
+                refused += codes.count(0x80)
+                granted += len(codes) - codes.count(0x80)
+            time.sleep(1)        # the peer has added the filters before the SUBACK; let it settle
+            after = [rss(w) for w in workers]
+        grown = [a - b for a, b in zip(after, before)]
+        local = 0 if grown[0] >= grown[1] else 1
+        nbytes = sum(len(f) for p in packets for f in p)
+        print(f"{scenario}: {granted} filters granted, {refused} refused, {nbytes / 1e6:.2f} MB of filters; "
+              f"RSS grew {grown[local] / 1e6:.1f} MB in the subscriber's worker, "
+              f"{grown[1 - local] / 1e6:.1f} MB in its peer", flush=True)
 
 
 def main() -> None:

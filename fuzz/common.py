@@ -63,33 +63,8 @@ from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_
 
 # --- MQTT packets, built by hand (not with the codec under test) ------------------------
 
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def packet(first: int, body: bytes) -> bytes:
-    return bytes([first]) + varint(len(body)) + body
-
-
-def mqtt_str(b: bytes) -> bytes:
-    return struct.pack("!H", len(b)) + b
-
-
-def connect_packet(client_id: bytes, clean: bool = True, keepalive: int = 60, will=None,
-                   level: int = 4) -> bytes:
-    flags = 0x02 if clean else 0
-    tail = mqtt_str(client_id)
-    if will is not None:
-        topic, message, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        tail += mqtt_str(topic) + mqtt_str(message)
-    proto = mqtt_str(b"MQTT" if level == 4 else b"MQIsdp")
-    return packet(0x10, proto + bytes([level, flags]) + struct.pack("!H", keepalive) + tail)
+sys.path.append(str(REPO / "tests"))
+from mqtt_bytes import connect_packet, mqtt_str, packet, varint  # noqa: E402,F401  (the targets import them from here)
 
 
 def publish_packet(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 1, retain: bool = False,
@@ -524,3 +499,49 @@ class Scenario:
         finally:
             c.close()
             self.settle(lambda: self.wut.connections() == 0, "the fresh client closed")
+
+
+# --- one target's run -----------------------------------------------------------------
+
+_HARNESS: Harness | None = None
+
+
+def shared_harness() -> Harness:
+    """The process's one Harness, made for the first input."""
+    global _HARNESS
+    if _HARNESS is None:
+        _HARNESS = Harness()
+    return _HARNESS
+
+
+def run_scenario(wut, make_scenario, fresh_request: bytes, served) -> None:
+    """Runs the scenario make_scenario() makes to its end, closes its clients,
+    then checks that a fresh client sending fresh_request is served (served:
+    what it received -> bool); the worker is closed whatever happens."""
+    try:
+        s = make_scenario()
+        s.run()
+        s.close_all_and_settle()
+        s.fresh_client_served(fresh_request, served)
+    finally:
+        wut.close()
+
+
+def connack_new(received: bytes) -> bool:
+    """A fresh MQTT client got CONNACK accepted, no session present."""
+    return received[:4] == CONNACK_NEW
+
+
+def fuzz(test_one_input, instrumented: tuple[str, ...] = ()) -> None:
+    """libFuzzer's loop (atheris) over test_one_input, the `instrumented`
+    modules imported with coverage first."""
+    import importlib
+
+    import atheris
+
+    if instrumented:
+        with atheris.instrument_imports(include=sorted({m.split(".")[0] for m in instrumented})):
+            for name in instrumented:
+                importlib.import_module(name)
+    atheris.Setup(sys.argv, test_one_input)
+    atheris.Fuzz()

@@ -14,12 +14,12 @@ CONNACK.
 from __future__ import annotations
 
 import struct
-import sys
 
-import common  # noqa: F401  (the import path of the instrumented build first)
-from common import (CLIENT_IDS, CONNACK_NEW, FILTERS, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,
+import common  # the import path of the instrumented build first; the fuzzing loop
+from common import (CLIENT_IDS, FILTERS, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,
                     FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC,
-                    FR_SUB_SYNCED, TOPICS, Harness, WorkerUnderTest, connect_packet, frame)
+                    FR_SUB_SYNCED, TOPICS, WorkerUnderTest, connack_new, connect_packet, frame,
+                    run_scenario, shared_harness)
 from fuzz_mqtt import MqttScenario
 
 # Frame types, with 0 standing for "any byte" (types the worker does not know).
@@ -104,35 +104,17 @@ class ChannelScenario(MqttScenario):
             self.wut.peers[p].send(inp.take(inp.byte()))        # a raw datagram
 
 
-def connack(received: bytes) -> bool:
-    return received[:4] == CONNACK_NEW
-
-
-HARNESS = None
-
-
 def TestOneInput(data: bytes) -> None:
-    global HARNESS
-    if HARNESS is None:
-        HARNESS = Harness()
     first = data[0] if data else 0
-    wut = WorkerUnderTest(HARNESS, nworkers=3, protos=("mqtt",), ack_sink=bool(first & 1),
+    wut = WorkerUnderTest(shared_harness(), nworkers=3, protos=("mqtt",), ack_sink=bool(first & 1),
                           limits={"max_queued": 4, "queue_high": 1, "queue_low": 0} if first & 2 else {},
                           peer_answers=not first & 4)
-    try:
-        s = ChannelScenario(wut, data[1:])
-        s.run()
-        s.close_all_and_settle()
-        s.fresh_client_served(connect_packet(b"fresh", clean=True), connack)
-    finally:
-        wut.close()
+    run_scenario(wut, lambda: ChannelScenario(wut, data[1:]),
+                 connect_packet(b"fresh", clean=True), connack_new)
 
 
 def main() -> None:
-    import atheris
-
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-import common  # noqa: F401  (the import path of the instrumented build first)
+import common  # the import path of the instrumented build first; the fuzzing loop
 
 sys.path.insert(1, str(common.REPO / "tests"))     # the reference codec, a test oracle
 
@@ -69,13 +69,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris
-
-    with atheris.instrument_imports(include=["gw", "mqtt_ref"]):
-        import mqtt_ref  # noqa: F401
-        import gw.packets  # noqa: F401
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput, instrumented=("mqtt_ref", "gw.packets"))
 
 
 if __name__ == "__main__":

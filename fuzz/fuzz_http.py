@@ -12,10 +12,8 @@ hold no connection and a fresh client's GET /readyz must get its 200.
 
 from __future__ import annotations
 
-import sys
-
-import common  # noqa: F401  (the import path of the instrumented build first)
-from common import READING, Harness, Scenario, WorkerUnderTest
+import common  # the import path of the instrumented build first; the fuzzing loop
+from common import READING, Scenario, WorkerUnderTest, run_scenario, shared_harness
 
 TARGETS = (b"/v1/ingest/dev1", b"/v1/ingest", b"/healthz", b"/readyz", b"/metrics", b"/docs",
            b"/v1/ingest/bad id", b"/nowhere", b"/v1/ingest/dev2?x=1", b"*", b"/v1/alerts/x/ack")
@@ -78,37 +76,20 @@ def ready(received: bytes) -> bool:
     return received.startswith(b"HTTP/1.1 200 ") and b"\r\n\r\n" in received
 
 
-HARNESS = None
-
-
 def TestOneInput(data: bytes) -> None:
-    global HARNESS
-    if HARNESS is None:
-        HARNESS = Harness()
     first = data[0] if data else 0
     limits = {}
     if first & 1:
         limits["http_max_body"] = 64
     if first & 2:
         limits.update(max_outbound=700, soft_outbound=350)
-    wut = WorkerUnderTest(HARNESS, protos=("http",), ack_sink=bool(first & 4), limits=limits)
-    try:
-        s = HttpScenario(wut, data[1:], "http")
-        s.run()
-        s.close_all_and_settle()
-        s.fresh_client_served(b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n", ready)
-    finally:
-        wut.close()
+    wut = WorkerUnderTest(shared_harness(), protos=("http",), ack_sink=bool(first & 4), limits=limits)
+    run_scenario(wut, lambda: HttpScenario(wut, data[1:], "http"),
+                 b"GET /readyz HTTP/1.1\r\nHost: gw\r\n\r\n", ready)
 
 
 def main() -> None:
-    import atheris
-
-    with atheris.instrument_imports(include=["gw"]):
-        import gw.http_api  # noqa: F401
-        import gw.ingest  # noqa: F401
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput, instrumented=("gw.http_api", "gw.ingest"))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ must be answered.
 
 from __future__ import annotations
 
-import sys
-
-import common  # noqa: F401  (the import path of the instrumented build first)
-from common import CLIENT_IDS, Harness, Scenario, WorkerUnderTest
+import common  # the import path of the instrumented build first; the fuzzing loop
+from common import CLIENT_IDS, Scenario, WorkerUnderTest, run_scenario, shared_harness
 
 KINDS = (b"Connect", b"Data", b"Heartbeat", b"Disconnect", b"Bogus")
 PAYLOADS = (b'null', b'"text"', b'{"metrics":{"temp_c":21.5},"seq":%d}', b'{"metrics":{"Bad":1}}', b'[1,2]',
@@ -53,36 +51,19 @@ def connected(received: bytes) -> bool:
     return b"\n" in received and b'"Connected"' in received.split(b"\n", 1)[0]
 
 
-HARNESS = None
-
 PROFILES = ({}, {"max_packet_size": 200}, {"max_outbound": 400, "soft_outbound": 200})
 
 
 def TestOneInput(data: bytes) -> None:
-    global HARNESS
-    if HARNESS is None:
-        HARNESS = Harness()
     first = data[0] if data else 0
-    wut = WorkerUnderTest(HARNESS, protos=("json",), limits=PROFILES[first % 3])
-    try:
-        s = JsonScenario(wut, data[1:], "json")
-        s.run()
-        s.close_all_and_settle()
-        s.fresh_client_served(b'{"client_id":"fresh","message_type":"Connect","payload":null,'
-                              b'"timestamp":1758626321.5}\n', connected)
-    finally:
-        wut.close()
+    wut = WorkerUnderTest(shared_harness(), protos=("json",), limits=PROFILES[first % 3])
+    run_scenario(wut, lambda: JsonScenario(wut, data[1:], "json"),
+                 b'{"client_id":"fresh","message_type":"Connect","payload":null,'
+                 b'"timestamp":1758626321.5}\n', connected)
 
 
 def main() -> None:
-    import atheris
-
-    with atheris.instrument_imports(include=["gw"]):
-        import gw.http_api  # noqa: F401
-        import gw.ingest  # noqa: F401
-        import gw.jsonproto  # noqa: F401
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput, instrumented=("gw.http_api", "gw.ingest", "gw.jsonproto"))
 
 
 if __name__ == "__main__":

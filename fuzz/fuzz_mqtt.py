@@ -14,12 +14,10 @@ client must get its CONNACK.
 
 from __future__ import annotations
 
-import sys
-
-import common  # noqa: F401  (the import path of the instrumented build first)
-from common import (CLIENT_IDS, CONNACK_NEW, DISCONNECT, FILTERS, PINGREQ, READING, TOPICS, Harness,
-                    Scenario, WorkerUnderTest, ack_packet, connect_packet, publish_packet, subscribe_packet,
-                    unsubscribe_packet)
+import common  # the import path of the instrumented build first; the fuzzing loop
+from common import (CLIENT_IDS, DISCONNECT, FILTERS, PINGREQ, READING, TOPICS, Scenario,
+                    WorkerUnderTest, ack_packet, connack_new, connect_packet, publish_packet, run_scenario,
+                    shared_harness, subscribe_packet, unsubscribe_packet)
 
 # Limit profiles the first byte picks: the defaults, small packets, a tight
 # outbound buffer and windows (closes from inside the handlers), both.
@@ -76,33 +74,15 @@ def setup_of(first: int) -> dict:
                 telemetry=not first & 16)
 
 
-def connack(received: bytes) -> bool:
-    return received[:4] == CONNACK_NEW
-
-
-HARNESS = None
-
-
 def TestOneInput(data: bytes) -> None:
-    global HARNESS
-    if HARNESS is None:
-        HARNESS = Harness()
     first = data[0] if data else 0
-    wut = WorkerUnderTest(HARNESS, protos=("mqtt",), **setup_of(first))
-    try:
-        s = MqttScenario(wut, data[1:], "mqtt")
-        s.run()
-        s.close_all_and_settle()
-        s.fresh_client_served(connect_packet(b"fresh", clean=True), connack)
-    finally:
-        wut.close()
+    wut = WorkerUnderTest(shared_harness(), protos=("mqtt",), **setup_of(first))
+    run_scenario(wut, lambda: MqttScenario(wut, data[1:], "mqtt"),
+                 connect_packet(b"fresh", clean=True), connack_new)
 
 
 def main() -> None:
-    import atheris
-
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput)
 
 
 if __name__ == "__main__":

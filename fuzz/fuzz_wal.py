@@ -14,9 +14,8 @@ from __future__ import annotations
 import os
 import shutil
 import struct
-import sys
 
-import common  # noqa: F401  (the import path of the instrumented build first)
+import common  # the import path of the instrumented build first; the fuzzing loop
 from common import Input
 
 MAGIC = b"GWWAL001"
@@ -145,10 +144,7 @@ def TestOneInput(data: bytes) -> None:
 
 
 def main() -> None:
-    import atheris
-
-    atheris.Setup(sys.argv, TestOneInput)
-    atheris.Fuzz()
+    common.fuzz(TestOneInput)
 
 
 if __name__ == "__main__":

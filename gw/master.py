@@ -19,6 +19,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from gw import __version__
 from gw.certs import CertPaths, ensure_certs
@@ -234,88 +235,93 @@ class Master:
 
     # --- workers -------------------------------------------------------------
 
-    def spawn(self, slot: Slot) -> None:
+    def fork_child(self, what: str, run: Callable[[], int], ignore_interrupt: bool = False) -> int:
+        """Forks a child that sets itself apart from the master (default signal
+        handlers, SIGINT ignored when asked, no wake-up pipe), runs `run` and
+        exits with its code (1 when it raised: `what` crashed). Returns the
+        child's pid."""
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
                     signal.signal(sig, signal.SIG_DFL)
+                if ignore_interrupt:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
                 signal.set_wakeup_fd(-1)
                 os.close(self.wake_r)
                 os.close(self.wake_w)
-                for other in self.slots:
-                    if other is not slot:
-                        for spec in other.sockets:
-                            spec.sock.close()
-                mine = {}
-                for (i, j), (a, b) in self.channels.items():
-                    if i == slot.index:
-                        mine[j] = a
-                        b.close()
-                    elif j == slot.index:
-                        mine[i] = b
-                        a.close()
-                    else:
-                        a.close()
-                        b.close()
-                for i, (a, b) in enumerate(self.pipeline_links):
-                    a.close()
-                    if i == slot.index:
-                        mine[len(self.slots)] = b      # the pipeline, as a peer that only publishes
-                    else:
-                        b.close()
-                code = worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
-                                   self.config_path, self.overrides, self.dedup)
+                code = run()
             except BaseException:
-                log.exception("worker %d crashed", slot.index)
+                log.exception("%s crashed", what)
             finally:
                 logging.shutdown()
                 os._exit(code)
+        return pid
+
+    def spawn(self, slot: Slot) -> None:
+        pid = self.fork_child(f"worker {slot.index}", lambda: self.worker_child(slot))
         slot.pid = pid
         slot.started = time.monotonic()
         self.block.set_worker_pid(slot.index, pid)
         log.debug("worker %d started, pid %d", slot.index, pid)
 
+    def worker_child(self, slot: Slot) -> int:
+        """In the forked worker: keeps its own sockets and channel ends, closes
+        the rest, and runs the worker."""
+        for other in self.slots:
+            if other is not slot:
+                for spec in other.sockets:
+                    spec.sock.close()
+        mine = {}
+        for (i, j), (a, b) in self.channels.items():
+            if i == slot.index:
+                mine[j] = a
+                b.close()
+            elif j == slot.index:
+                mine[i] = b
+                a.close()
+            else:
+                a.close()
+                b.close()
+        for i, (a, b) in enumerate(self.pipeline_links):
+            a.close()
+            if i == slot.index:
+                mine[len(self.slots)] = b      # the pipeline, as a peer that only publishes
+            else:
+                b.close()
+        return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
+                           self.config_path, self.overrides, self.dedup)
+
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.set_wakeup_fd(-1)
-                os.close(self.wake_r)
-                os.close(self.wake_w)
-                for other in self.slots:
-                    for spec in other.sockets:
-                        spec.sock.close()
-                for a, b in self.channels.values():
-                    a.close()
-                    b.close()
-                links = []
-                for a, b in self.pipeline_links:
-                    b.close()
-                    links.append(a)
-                from gw.pipeline import PipelineError, pipeline_main
-                try:
-                    # check_store() ran just before the first start: a respawn checks again.
-                    code = pipeline_main(self.cfg, self.block, len(self.slots), alert_publisher(links),
-                                         quick_check=slot.started != 0.0)
-                except PipelineError as exc:
-                    log.error("the pipeline cannot run: %s", exc)
-                    code = PIPELINE_FATAL
-            except BaseException:
-                log.exception("the pipeline process crashed")
-            finally:
-                logging.shutdown()
-                os._exit(code)
+        pid = self.fork_child("the pipeline process", lambda: self.pipeline_child(slot), ignore_interrupt=True)
         slot.pid = pid
         slot.started = time.monotonic()
         self.block.header[Layout.H_PIPELINE_PID] = pid
         log.debug("pipeline started, pid %d", pid)
+
+    def pipeline_child(self, slot: Slot) -> int:
+        """In the forked pipeline process: closes every worker's sockets and
+        channels, keeps its ends of the pipeline links, and runs the pipeline."""
+        for other in self.slots:
+            for spec in other.sockets:
+                spec.sock.close()
+        for a, b in self.channels.values():
+            a.close()
+            b.close()
+        links = []
+        for a, b in self.pipeline_links:
+            b.close()
+            links.append(a)
+        from gw.pipeline import PipelineError, pipeline_main
+        try:
+            # check_store() ran just before the first start: a respawn checks again.
+            return pipeline_main(self.cfg, self.block, len(self.slots), alert_publisher(links),
+                                 quick_check=slot.started != 0.0)
+        except PipelineError as exc:
+            log.error("the pipeline cannot run: %s", exc)
+            return PIPELINE_FATAL
 
     def reap(self) -> None:
         while True:

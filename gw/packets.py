@@ -70,6 +70,11 @@ class _Packet(msgspec.Struct, frozen=True, eq=True):
     type: ClassVar[int] = 0
 
 
+class _PacketIdOnly(_Packet, frozen=True, eq=True):
+    """The acknowledgements that are a packet identifier alone."""
+    packet_id: int
+
+
 class Connect(_Packet, frozen=True, eq=True):
     type: ClassVar[int] = CONNECT
     client_id: str
@@ -100,24 +105,20 @@ class Publish(_Packet, frozen=True, eq=True):
     packet_id: int = 0
 
 
-class Puback(_Packet, frozen=True, eq=True):
+class Puback(_PacketIdOnly, frozen=True, eq=True):
     type: ClassVar[int] = PUBACK
-    packet_id: int
 
 
-class Pubrec(_Packet, frozen=True, eq=True):
+class Pubrec(_PacketIdOnly, frozen=True, eq=True):
     type: ClassVar[int] = PUBREC
-    packet_id: int
 
 
-class Pubrel(_Packet, frozen=True, eq=True):
+class Pubrel(_PacketIdOnly, frozen=True, eq=True):
     type: ClassVar[int] = PUBREL
-    packet_id: int
 
 
-class Pubcomp(_Packet, frozen=True, eq=True):
+class Pubcomp(_PacketIdOnly, frozen=True, eq=True):
     type: ClassVar[int] = PUBCOMP
-    packet_id: int
 
 
 class Subscribe(_Packet, frozen=True, eq=True):
@@ -138,9 +139,8 @@ class Unsubscribe(_Packet, frozen=True, eq=True):
     topics: list[str]
 
 
-class Unsuback(_Packet, frozen=True, eq=True):
+class Unsuback(_PacketIdOnly, frozen=True, eq=True):
     type: ClassVar[int] = UNSUBACK
-    packet_id: int
 
 
 class Pingreq(_Packet, frozen=True, eq=True):

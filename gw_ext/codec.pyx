@@ -143,12 +143,30 @@ cdef inline int _take(const uint8_t* body, uint32_t n, uint32_t* off, Slice* s) 
 
 # --- validation --------------------------------------------------------------
 
+cdef inline bint _second_byte_ok(uint8_t lead, uint8_t c1) noexcept nogil:
+    # The second byte of a 3- or 4-byte sequence: a continuation byte, in the
+    # narrower range some leads allow (Unicode Table 3-7): after E0 and F0 no
+    # overlong form, after ED no surrogate D800-DFFF (MQTT-1.5.3-1), after F4
+    # nothing above U+10FFFF.
+    cdef uint8_t lo = 0x80
+    cdef uint8_t hi = 0xBF
+    if lead == 0xE0:
+        lo = 0xA0
+    elif lead == 0xED:
+        hi = 0x9F
+    elif lead == 0xF0:
+        lo = 0x90
+    elif lead == 0xF4:
+        hi = 0x8F
+    return lo <= c1 <= hi
+
+
 cdef int _scan_string(const uint8_t* p, uint32_t n) noexcept nogil:
     # -1: ill-formed UTF-8 or U+0000 (whatever else it holds); 1: well-formed,
     # with a control character (U+0001-U+001F, U+007F-U+009F); 0: neither.
     cdef uint32_t i = 0
     cdef uint64_t v
-    cdef uint8_t c, c1
+    cdef uint8_t c
     cdef int control = 0
     while i < n:
         if i + 8 <= n:
@@ -174,33 +192,12 @@ cdef int _scan_string(const uint8_t* p, uint32_t n) noexcept nogil:
                 control = 1             # C1 controls U+0080-U+009F
             i += 2
         elif c < 0xF0:
-            if n - i < 3:
-                return -1
-            c1 = p[i + 1]
-            if c == 0xE0:
-                if c1 < 0xA0 or c1 > 0xBF:
-                    return -1           # overlong
-            elif c == 0xED:
-                if c1 < 0x80 or c1 > 0x9F:
-                    return -1           # surrogates D800-DFFF (MQTT-1.5.3-1)
-            elif (c1 & 0xC0) != 0x80:
-                return -1
-            if (p[i + 2] & 0xC0) != 0x80:
+            if n - i < 3 or not _second_byte_ok(c, p[i + 1]) or (p[i + 2] & 0xC0) != 0x80:
                 return -1
             i += 3
         elif c < 0xF5:
-            if n - i < 4:
-                return -1
-            c1 = p[i + 1]
-            if c == 0xF0:
-                if c1 < 0x90 or c1 > 0xBF:
-                    return -1           # overlong
-            elif c == 0xF4:
-                if c1 < 0x80 or c1 > 0x8F:
-                    return -1           # above U+10FFFF
-            elif (c1 & 0xC0) != 0x80:
-                return -1
-            if (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80:
+            if (n - i < 4 or not _second_byte_ok(c, p[i + 1])
+                    or (p[i + 2] & 0xC0) != 0x80 or (p[i + 3] & 0xC0) != 0x80):
                 return -1
             i += 4
         else:
@@ -222,6 +219,18 @@ cdef inline int _check_string(const uint8_t* p, uint32_t n) noexcept nogil:
 
 cdef int check_string(const uint8_t* p, uint32_t n) noexcept nogil:
     return _check_string(p, n)
+
+cdef inline int _take_string(const uint8_t* body, uint32_t n, uint32_t* off, Slice* s,
+                             int* reason) noexcept nogil:
+    # A length-prefixed UTF-8 string field (section 1.5.3) at body[off]: 0, or
+    # ERR_MALFORMED with *reason.
+    cdef int bad
+    if _take(body, n, off, s) < 0:
+        return _mal(reason, MAL_LENGTH)
+    bad = _check_string(s.ptr, s.len)
+    if bad:
+        return _mal(reason, bad)
+    return 0
 
 
 cdef inline uint32_t _utf8_chars(const uint8_t* p, uint32_t n) noexcept nogil:
@@ -308,7 +317,6 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
     cdef uint32_t off = 0
     cdef Slice name
     cdef uint8_t level, flags, expect
-    cdef int bad
     memset(out, 0, sizeof(ConnectPacket))
     if _take(body, n, &off, &name) < 0:
         return _mal(reason, MAL_LENGTH)
@@ -347,27 +355,18 @@ cdef int decode_connect(const uint8_t* body, uint32_t n, ConnectPacket* out, int
         return _mal(reason, MAL_QOS)            # MQTT-3.1.2-14
     if out.has_password and not out.has_username:
         return _mal(reason, MAL_PROTOCOL)       # MQTT-3.1.2-22
-    if _take(body, n, &off, &out.client_id) < 0:
-        return _mal(reason, MAL_LENGTH)
-    bad = _check_string(out.client_id.ptr, out.client_id.len)
-    if bad:
-        return _mal(reason, bad)
+    if _take_string(body, n, &off, &out.client_id, reason) < 0:
+        return ERR_MALFORMED
     if out.will_flag:
-        if _take(body, n, &off, &out.will_topic) < 0:
-            return _mal(reason, MAL_LENGTH)
-        bad = _check_string(out.will_topic.ptr, out.will_topic.len)
-        if bad:
-            return _mal(reason, bad)
+        if _take_string(body, n, &off, &out.will_topic, reason) < 0:
+            return ERR_MALFORMED
         if not valid_topic_name(out.will_topic.ptr, out.will_topic.len):
             return _mal(reason, MAL_TOPIC)
         if _take(body, n, &off, &out.will_message) < 0:
             return _mal(reason, MAL_LENGTH)
     if out.has_username:
-        if _take(body, n, &off, &out.username) < 0:
-            return _mal(reason, MAL_LENGTH)
-        bad = _check_string(out.username.ptr, out.username.len)
-        if bad:
-            return _mal(reason, bad)
+        if _take_string(body, n, &off, &out.username, reason) < 0:
+            return ERR_MALFORMED
     if out.has_password:
         if _take(body, n, &off, &out.password) < 0:
             return _mal(reason, MAL_LENGTH)
@@ -459,37 +458,10 @@ cdef inline int _entries_begin(const uint8_t* body, uint32_t n, EntryIter* it, i
 cdef int subscribe_begin(const uint8_t* body, uint32_t n, EntryIter* it, int* reason) noexcept nogil:
     return _entries_begin(body, n, it, reason)
 
-cdef int subscribe_next(EntryIter* it, Slice* topic_filter, uint8_t* qos, int* reason) noexcept nogil:
-    cdef const uint8_t* p = it.p
-    cdef size_t avail = it.end - p
-    cdef uint32_t l
-    cdef uint8_t q
-    cdef int bad
-    if avail == 0:
-        return 0
-    if avail < 2:
-        return _mal(reason, MAL_LENGTH)
-    l = _be16(p)
-    if avail - 2 < <size_t>l + 1:
-        return _mal(reason, MAL_LENGTH)
-    bad = _check_string(p + 2, l)
-    if bad:
-        return _mal(reason, bad)                # MQTT-3.8.3-1, section 1.5.3
-    if not valid_topic_filter(p + 2, l):
-        return _mal(reason, MAL_TOPIC)          # MQTT-4.7.3-1, MQTT-4.7.1-2/3
-    q = p[2 + l]
-    if q > 2:
-        return _mal(reason, MAL_QOS)            # MQTT-3.8.3-4
-    topic_filter.ptr = p + 2
-    topic_filter.len = l
-    qos[0] = q
-    it.p = p + 3 + l
-    return 1
-
-cdef int unsubscribe_begin(const uint8_t* body, uint32_t n, EntryIter* it, int* reason) noexcept nogil:
-    return _entries_begin(body, n, it, reason)
-
-cdef int unsubscribe_next(EntryIter* it, Slice* topic_filter, int* reason) noexcept nogil:
+cdef inline int _next_filter(EntryIter* it, uint32_t trailer, Slice* topic_filter, int* reason) noexcept nogil:
+    # The topic filter that opens the next SUBSCRIBE or UNSUBSCRIBE entry, with
+    # `trailer` more bytes of the entry after it (SUBSCRIBE's requested QoS):
+    # 1 with it.p past the filter, 0 at the end, or ERR_MALFORMED.
     cdef const uint8_t* p = it.p
     cdef size_t avail = it.end - p
     cdef uint32_t l
@@ -499,17 +471,35 @@ cdef int unsubscribe_next(EntryIter* it, Slice* topic_filter, int* reason) noexc
     if avail < 2:
         return _mal(reason, MAL_LENGTH)
     l = _be16(p)
-    if avail - 2 < l:
+    if avail - 2 < <size_t>l + trailer:
         return _mal(reason, MAL_LENGTH)
     bad = _check_string(p + 2, l)
     if bad:
-        return _mal(reason, bad)                # MQTT-3.10.3-1, section 1.5.3
+        return _mal(reason, bad)                # MQTT-3.8.3-1, MQTT-3.10.3-1, section 1.5.3
     if not valid_topic_filter(p + 2, l):
         return _mal(reason, MAL_TOPIC)          # MQTT-4.7.3-1, MQTT-4.7.1-2/3
     topic_filter.ptr = p + 2
     topic_filter.len = l
     it.p = p + 2 + l
     return 1
+
+cdef int subscribe_next(EntryIter* it, Slice* topic_filter, uint8_t* qos, int* reason) noexcept nogil:
+    cdef int rc = _next_filter(it, 1, topic_filter, reason)
+    cdef uint8_t q
+    if rc <= 0:
+        return rc
+    q = it.p[0]
+    if q > 2:
+        return _mal(reason, MAL_QOS)            # MQTT-3.8.3-4
+    qos[0] = q
+    it.p += 1
+    return 1
+
+cdef int unsubscribe_begin(const uint8_t* body, uint32_t n, EntryIter* it, int* reason) noexcept nogil:
+    return _entries_begin(body, n, it, reason)
+
+cdef int unsubscribe_next(EntryIter* it, Slice* topic_filter, int* reason) noexcept nogil:
+    return _next_filter(it, 0, topic_filter, reason)
 
 cdef int suback_begin(const uint8_t* body, uint32_t n, EntryIter* it) noexcept nogil:
     cdef int reason
@@ -529,6 +519,24 @@ cdef inline int _suback_next(EntryIter* it, uint8_t* return_code, int* reason) n
 cdef int suback_next(EntryIter* it, uint8_t* return_code) noexcept nogil:
     cdef int reason
     return _suback_next(it, return_code, &reason)
+
+
+cdef inline int _entry_next(uint8_t t, EntryIter* it, Slice* topic_filter, uint8_t* qos,
+                            int* reason) noexcept nogil:
+    # The next entry of a SUBSCRIBE (filter and QoS), UNSUBSCRIBE (filter) or
+    # SUBACK (return code, in *qos) body.
+    if t == SUBSCRIBE:
+        return subscribe_next(it, topic_filter, qos, reason)
+    if t == UNSUBSCRIBE:
+        return unsubscribe_next(it, topic_filter, reason)
+    return _suback_next(it, qos, reason)
+
+
+cdef inline int _packet_id_body(const uint8_t* body, uint32_t n, uint16_t* packet_id, int* reason) noexcept nogil:
+    # A body that is a packet id alone (PUBACK, PUBREC, PUBREL, PUBCOMP, UNSUBACK).
+    if decode_packet_id(body, n, packet_id) < 0:
+        return _mal(reason, MAL_LENGTH if n != 2 else MAL_PACKET_ID)
+    return 0
 
 
 # --- encoding ----------------------------------------------------------------
@@ -679,39 +687,21 @@ cdef int _check_body(uint8_t first, const uint8_t* body, uint32_t n, int* reason
     if t == PUBLISH:
         return decode_publish(first, body, n, &pub, reason)
     if t == PUBACK or t == PUBREC or t == PUBREL or t == PUBCOMP or t == UNSUBACK:
-        if decode_packet_id(body, n, &pid) < 0:
-            return _mal(reason, MAL_LENGTH if n != 2 else MAL_PACKET_ID)
-        return 0
+        return _packet_id_body(body, n, &pid, reason)
     if t == PINGREQ or t == PINGRESP or t == DISCONNECT:
         return 0                                # size checked by the header
-    if t == SUBSCRIBE:
-        rc = subscribe_begin(body, n, &it, reason)
+    if t == SUBSCRIBE or t == UNSUBSCRIBE or t == SUBACK:
+        rc = _entries_begin(body, n, &it, reason)
         if rc < 0:
             return rc
         while True:
-            rc = subscribe_next(&it, &tf, &q, reason)
-            if rc <= 0:
-                return rc
-    if t == UNSUBSCRIBE:
-        rc = unsubscribe_begin(body, n, &it, reason)
-        if rc < 0:
-            return rc
-        while True:
-            rc = unsubscribe_next(&it, &tf, reason)
+            rc = _entry_next(t, &it, &tf, &q, reason)
             if rc <= 0:
                 return rc
     if t == CONNECT:
         return decode_connect(body, n, &con, reason)
     if t == CONNACK:
         return _decode_connack(body, n, &sp, &q, reason)
-    if t == SUBACK:
-        rc = _entries_begin(body, n, &it, reason)
-        if rc < 0:
-            return rc
-        while True:
-            rc = _suback_next(&it, &q, reason)
-            if rc <= 0:
-                return rc
     return _mal(reason, MAL_HEADER)             # unreachable after decode_header
 
 
@@ -784,6 +774,17 @@ cdef inline bytes _bytes(Slice s):
     return PyBytes_FromStringAndSize(<char*>s.ptr, s.len)
 
 
+# The packets that are a packet id alone, their type alone, or a packet id and
+# a list of entries: decoded and encoded by kind.
+cdef dict _ACK_CLASSES = {PUBACK: Puback, PUBREC: Pubrec, PUBREL: Pubrel, PUBCOMP: Pubcomp,
+                          UNSUBACK: Unsuback}
+cdef dict _EMPTY_CLASSES = {PINGREQ: Pingreq, PINGRESP: Pingresp, DISCONNECT: Disconnect}
+cdef dict _ENTRY_CLASSES = {SUBSCRIBE: Subscribe, UNSUBSCRIBE: Unsubscribe, SUBACK: Suback}
+cdef dict _ACK_TYPES = {cls: t for t, cls in _ACK_CLASSES.items()}
+cdef dict _EMPTY_TYPES = {cls: t for t, cls in _EMPTY_CLASSES.items()}
+cdef dict _ENTRY_TYPES = {cls: t for t, cls in _ENTRY_CLASSES.items()}
+
+
 cdef object _build(uint8_t first, const uint8_t* body, uint32_t n):
     cdef uint8_t t = first >> 4
     cdef int reason = 0
@@ -795,6 +796,7 @@ cdef object _build(uint8_t first, const uint8_t* body, uint32_t n):
     cdef uint8_t q, sp
     cdef uint16_t pid
     cdef list entries
+    cdef object cls
     q = sp = 0
     memset(&it, 0, sizeof(EntryIter))
     tf.ptr = NULL
@@ -804,57 +806,31 @@ cdef object _build(uint8_t first, const uint8_t* body, uint32_t n):
             _raise(ERR_MALFORMED, reason, 0, 0)
         return Publish(_str(pub.topic), _bytes(pub.payload), pub.qos,
                        pub.retain != 0, pub.dup != 0, pub.packet_id)
-    if t == PUBACK or t == PUBREC or t == PUBREL or t == PUBCOMP or t == UNSUBACK:
-        if decode_packet_id(body, n, &pid) < 0:
-            _raise(ERR_MALFORMED, MAL_LENGTH if n != 2 else MAL_PACKET_ID, 0, 0)
-        if t == PUBACK:
-            return Puback(pid)
-        if t == PUBREC:
-            return Pubrec(pid)
-        if t == PUBREL:
-            return Pubrel(pid)
-        if t == PUBCOMP:
-            return Pubcomp(pid)
-        return Unsuback(pid)
-    if t == PINGREQ:
-        return Pingreq()
-    if t == PINGRESP:
-        return Pingresp()
-    if t == DISCONNECT:
-        return Disconnect()
-    if t == SUBSCRIBE:
-        if subscribe_begin(body, n, &it, &reason) < 0:
+    cls = _ACK_CLASSES.get(t)
+    if cls is not None:
+        if _packet_id_body(body, n, &pid, &reason) < 0:
             _raise(ERR_MALFORMED, reason, 0, 0)
-        entries = []
-        while True:
-            rc = subscribe_next(&it, &tf, &q, &reason)
-            if rc < 0:
-                _raise(ERR_MALFORMED, reason, 0, 0)
-            if rc == 0:
-                return Subscribe(it.packet_id, entries)
-            entries.append((_str(tf), q))
-    if t == UNSUBSCRIBE:
-        if unsubscribe_begin(body, n, &it, &reason) < 0:
-            _raise(ERR_MALFORMED, reason, 0, 0)
-        entries = []
-        while True:
-            rc = unsubscribe_next(&it, &tf, &reason)
-            if rc < 0:
-                _raise(ERR_MALFORMED, reason, 0, 0)
-            if rc == 0:
-                return Unsubscribe(it.packet_id, entries)
-            entries.append(_str(tf))
-    if t == SUBACK:
+        return cls(pid)
+    cls = _EMPTY_CLASSES.get(t)
+    if cls is not None:
+        return cls()
+    cls = _ENTRY_CLASSES.get(t)
+    if cls is not None:
         if _entries_begin(body, n, &it, &reason) < 0:
             _raise(ERR_MALFORMED, reason, 0, 0)
         entries = []
         while True:
-            rc = _suback_next(&it, &q, &reason)
+            rc = _entry_next(t, &it, &tf, &q, &reason)
             if rc < 0:
                 _raise(ERR_MALFORMED, reason, 0, 0)
             if rc == 0:
-                return Suback(it.packet_id, entries)
-            entries.append(q)
+                return cls(it.packet_id, entries)
+            if t == SUBSCRIBE:
+                entries.append((_str(tf), q))
+            elif t == UNSUBSCRIBE:
+                entries.append(_str(tf))
+            else:
+                entries.append(q)
     if t == CONNECT:
         rc = decode_connect(body, n, &con, &reason)
         if rc != 0:
@@ -1093,32 +1069,20 @@ cdef bytes _encode_empty(uint8_t ptype):
 def encode(packet):
     """Encodes one packet (gw.packets struct) to its wire bytes."""
     cdef object t = type(packet)
+    cdef object ptype
     cdef uint8_t* out
     cdef bytes b
     if t is Publish:
         return _encode_publish(packet)
-    if t is Puback:
-        return _encode_ack(PUBACK, packet)
-    if t is Pubrec:
-        return _encode_ack(PUBREC, packet)
-    if t is Pubrel:
-        return _encode_ack(PUBREL, packet)
-    if t is Pubcomp:
-        return _encode_ack(PUBCOMP, packet)
-    if t is Unsuback:
-        return _encode_ack(UNSUBACK, packet)
-    if t is Pingreq:
-        return _encode_empty(PINGREQ)
-    if t is Pingresp:
-        return _encode_empty(PINGRESP)
-    if t is Disconnect:
-        return _encode_empty(DISCONNECT)
-    if t is Subscribe:
-        return _encode_entries(SUBSCRIBE, packet)
-    if t is Unsubscribe:
-        return _encode_entries(UNSUBSCRIBE, packet)
-    if t is Suback:
-        return _encode_entries(SUBACK, packet)
+    ptype = _ACK_TYPES.get(t)
+    if ptype is not None:
+        return _encode_ack(ptype, packet)
+    ptype = _EMPTY_TYPES.get(t)
+    if ptype is not None:
+        return _encode_empty(ptype)
+    ptype = _ENTRY_TYPES.get(t)
+    if ptype is not None:
+        return _encode_entries(ptype, packet)
     if t is Connect:
         return _encode_connect(packet)
     if t is Connack:
@@ -1130,25 +1094,34 @@ def encode(packet):
     raise TypeError(f"not an MQTT packet: {packet!r}")
 
 
+cdef int _topic_string(str topic, const uint8_t** p, uint32_t* n) except -1:
+    # 1 with the UTF-8 of a topic name or filter that is a valid MQTT string (at
+    # most 65535 bytes, well-formed, no U+0000, no control character unless
+    # they are allowed); 0 when it is not one.
+    cdef Py_ssize_t size
+    cdef const char* utf8
+    try:
+        utf8 = PyUnicode_AsUTF8AndSize(topic, &size)
+    except UnicodeEncodeError:
+        return 0
+    if size > 65535 or check_string(<const uint8_t*>utf8, <uint32_t>size) != 0:
+        return 0
+    p[0] = <const uint8_t*>utf8
+    n[0] = <uint32_t>size
+    return 1
+
+
 def is_valid_topic_name(str topic):
     """A topic name a client may PUBLISH to: non-empty, no wildcard, no U+0000,
     no control character unless they are allowed."""
-    cdef Py_ssize_t n
-    cdef const char* p
-    try:
-        p = PyUnicode_AsUTF8AndSize(topic, &n)
-    except UnicodeEncodeError:
-        return False
-    return n <= 65535 and check_string(<const uint8_t*>p, <uint32_t>n) == 0 and valid_topic_name(<const uint8_t*>p, <uint32_t>n)
+    cdef const uint8_t* p
+    cdef uint32_t n
+    return _topic_string(topic, &p, &n) == 1 and valid_topic_name(p, n)
 
 
 def is_valid_topic_filter(str topic_filter):
     """A topic filter a client may SUBSCRIBE to (MQTT-4.7.1-2/3, MQTT-4.7.3-1), no
     control character unless they are allowed."""
-    cdef Py_ssize_t n
-    cdef const char* p
-    try:
-        p = PyUnicode_AsUTF8AndSize(topic_filter, &n)
-    except UnicodeEncodeError:
-        return False
-    return n <= 65535 and check_string(<const uint8_t*>p, <uint32_t>n) == 0 and valid_topic_filter(<const uint8_t*>p, <uint32_t>n)
+    cdef const uint8_t* p
+    cdef uint32_t n
+    return _topic_string(topic_filter, &p, &n) == 1 and valid_topic_filter(p, n)

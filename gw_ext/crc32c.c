@@ -1,5 +1,6 @@
 /* CRC-32C: see crc32c.h. */
 #include "crc32c.h"
+#include "le_words.h"
 
 #include <string.h>
 
@@ -10,16 +11,6 @@
 int gw_crc32c_hw;
 
 static uint32_t gw_crc32c_tab[8][256];
-
-static inline uint32_t load_le32(const uint8_t* p) {
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-#else
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-#endif
-}
 
 void gw_crc32c_init(void) {
     for (uint32_t i = 0; i < 256; i++) {
@@ -42,7 +33,7 @@ uint32_t gw_crc32c_sw(uint32_t crc, const uint8_t* p, size_t n) {
     uint32_t c = ~crc;
     while (n && ((uintptr_t)p & 7)) { c = (c >> 8) ^ gw_crc32c_tab[0][(c ^ *p++) & 0xff]; n--; }
     while (n >= 8) {
-        uint32_t lo = load_le32(p) ^ c, hi = load_le32(p + 4);
+        uint32_t lo = gw_le32(p) ^ c, hi = gw_le32(p + 4);
         c = gw_crc32c_tab[7][lo & 0xff] ^ gw_crc32c_tab[6][(lo >> 8) & 0xff]
           ^ gw_crc32c_tab[5][(lo >> 16) & 0xff] ^ gw_crc32c_tab[4][lo >> 24]
           ^ gw_crc32c_tab[3][hi & 0xff] ^ gw_crc32c_tab[2][(hi >> 8) & 0xff]

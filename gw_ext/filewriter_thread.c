@@ -1,5 +1,6 @@
 /* The writer thread of whole files: see filewriter_thread.h. */
 #include "filewriter_thread.h"
+#include "thread_stop.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -196,11 +197,7 @@ int gw_fw_wait_idle(struct gw_fw* w, uint64_t timeout_ns) {
 
 void gw_fw_stop(struct gw_fw* w) {
     if (!w->started) return;
-    pthread_mutex_lock(&w->mu);
-    w->stop = 1;
-    pthread_cond_signal(&w->cv_work);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->thread, NULL);
+    gw_thread_stop(&w->mu, &w->cv_work, &w->stop, w->thread);
     w->started = 0;
 }
 

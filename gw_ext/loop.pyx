@@ -100,6 +100,20 @@ cdef inline uint64_t monotonic_ns() noexcept nogil:
 
 
 @cython.final
+cdef int _watch_readable(int epfd, Conn* c, int fd, uint8_t state) except -1:
+    # A descriptor set up once (listener, channel, eventfd) joins the epoll set,
+    # readable, as the slot `c` in `state`.
+    cdef epoll_event ev
+    c.state = state
+    c.fd = fd
+    ev.events = EPOLLIN
+    ev.data.u64 = 0
+    ev.data.fd = fd
+    if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
+        raise OSError(errno, "epoll_ctl")
+    return 0
+
+
 cdef class Worker:
     """One worker process's event loop. Built and configured by gw/worker.py."""
 
@@ -194,7 +208,6 @@ cdef class Worker:
     def add_listener(self, int fd, str proto, TLSContext tls=None, bint ack_sink=False):
         """Registers a listening socket (already bound, listening, non-blocking)."""
         cdef Listener* l
-        cdef epoll_event ev
         if self.nlisteners >= MAX_LISTENERS:
             raise ValueError("too many listeners")
         if fd >= self.nconns:
@@ -214,20 +227,13 @@ cdef class Worker:
             SSL_CTX_up_ref(tls.ctx)
             l.ctx = tls.ctx
             self.listener_contexts[self.nlisteners] = tls
-        self.conns[fd].state = ST_LISTENER
-        self.conns[fd].fd = fd
         self.conns[fd].listener = self.nlisteners
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl")
+        _watch_readable(self.epfd, &self.conns[fd], fd, ST_LISTENER)
         self.nlisteners += 1
         return self.nlisteners - 1
 
     def add_peer(self, int peer, int fd):
         """Registers the channel (a non-blocking SOCK_SEQPACKET socket) to worker `peer`."""
-        cdef epoll_event ev
         if not 0 <= peer < MAX_PEERS or peer == self.worker_index or fd >= self.nconns:
             raise ValueError("bad peer %d / fd %d" % (peer, fd))
         self.peers[peer].fd = fd
@@ -237,19 +243,12 @@ cdef class Worker:
             self.chan_buf_size = self.peers[peer].dgram
             free(self.chan_buf)
             self.chan_buf = NULL
-        self.conns[fd].state = ST_CHANNEL
-        self.conns[fd].fd = fd
         self.conns[fd].listener = peer
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl")
+        _watch_readable(self.epfd, &self.conns[fd], fd, ST_CHANNEL)
 
     def set_wal(self, Wal wal):
         """The worker's write-ahead log (recovered): readings go to it; its eventfd
         joins the epoll set, so answers held for durability go out as soon as it is."""
-        cdef epoll_event ev
         cdef int fd = wal.fileno()
         if fd >= self.nconns:
             raise ValueError("the log's eventfd is above the fd limit")
@@ -259,13 +258,7 @@ cdef class Worker:
         self.wal = wal
         self.wal_durable = wal.durable_offset
         self.counters[WAL_DURABLE_OFFSET] = self.wal_durable
-        self.conns[fd].state = ST_WAL
-        self.conns[fd].fd = fd
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl")
+        _watch_readable(self.epfd, &self.conns[fd], fd, ST_WAL)
 
     def set_dedup(self, DedupTable dedup):
         """The idempotency table, attached as this worker: the readings it records
@@ -275,18 +268,11 @@ cdef class Worker:
     def set_query_pool(self, object pool):
         """The query threads (gw/query_pool.py): their eventfd joins the epoll set,
         so an answered query goes out on its connection in the next loop turn."""
-        cdef epoll_event ev
         cdef int fd = pool.fileno()
         if fd >= self.nconns:
             raise ValueError("the query threads' eventfd is above the fd limit")
         self.query_pool = pool
-        self.conns[fd].state = ST_QUERY
-        self.conns[fd].fd = fd
-        ev.events = EPOLLIN
-        ev.data.u64 = 0
-        ev.data.fd = fd
-        if epoll_ctl(self.epfd, EPOLL_CTL_ADD, fd, &ev) != 0:
-            raise OSError(errno, "epoll_ctl")
+        _watch_readable(self.epfd, &self.conns[fd], fd, ST_QUERY)
 
     @property
     def telemetry_topic(self):

@@ -109,12 +109,21 @@ cdef inline TopicNode* _kid_find(const TopicNode* n, const uint8_t* p, uint32_t 
         j = (j + 1) & mask
 
 
+cdef inline uint32_t _probe(TopicNode** table, uint32_t mask, uint64_t hash, TopicNode* want) noexcept nogil:
+    # The slot of `want` in a hash table of children (NULL: the first free
+    # slot), by linear probing from the hash's own slot.
+    cdef uint32_t s = <uint32_t>hash & mask
+    while table[s] != want:
+        s = (s + 1) & mask
+    return s
+
+
 cdef int _kids_resize(TopicTrie* t, TopicNode* n, uint32_t newcap) noexcept nogil:
     # Rebuilds the children into a new array of newcap slots: packed when
     # newcap <= LINEAR_MAX, else a hash table (newcap a power of two).
     cdef TopicNode** kids = <TopicNode**>calloc(newcap, sizeof(TopicNode*))
     cdef TopicNode* k
-    cdef uint32_t limit, j, s, mask = newcap - 1, cnt = 0
+    cdef uint32_t limit, j, mask = newcap - 1, cnt = 0
     if kids == NULL:
         return -1
     limit = n.nkids if n.kcap <= LINEAR_MAX else n.kcap
@@ -126,10 +135,7 @@ cdef int _kids_resize(TopicTrie* t, TopicNode* n, uint32_t newcap) noexcept nogi
             kids[cnt] = k
             cnt += 1
         else:
-            s = <uint32_t>k.hash & mask
-            while kids[s] != NULL:
-                s = (s + 1) & mask
-            kids[s] = k
+            kids[_probe(kids, mask, k.hash, NULL)] = k
     free(n.kids)
     t.bytes -= n.kcap * sizeof(TopicNode*)
     t.bytes += newcap * sizeof(TopicNode*)
@@ -139,7 +145,6 @@ cdef int _kids_resize(TopicTrie* t, TopicNode* n, uint32_t newcap) noexcept nogi
 
 
 cdef int _kids_insert(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
-    cdef uint32_t s, mask
     if n.kcap <= LINEAR_MAX:
         if n.nkids == n.kcap:
             if _kids_resize(t, n, (2 if n.kcap == 0 else n.kcap * 2) if n.kcap < LINEAR_MAX
@@ -151,11 +156,7 @@ cdef int _kids_insert(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
     if n.kcap <= LINEAR_MAX:
         n.kids[n.nkids] = k
     else:
-        mask = n.kcap - 1
-        s = <uint32_t>k.hash & mask
-        while n.kids[s] != NULL:
-            s = (s + 1) & mask
-        n.kids[s] = k
+        n.kids[_probe(n.kids, n.kcap - 1, k.hash, NULL)] = k
     n.nkids += 1
     return 0
 
@@ -173,9 +174,7 @@ cdef int _kids_remove(TopicTrie* t, TopicNode* n, TopicNode* k) noexcept nogil:
         n.kids[n.nkids] = NULL
     else:
         mask = n.kcap - 1
-        i = <uint32_t>k.hash & mask
-        while n.kids[i] != k:
-            i = (i + 1) & mask
+        i = _probe(n.kids, mask, k.hash, k)
         # Backward-shift deletion: pull later members of the probe run into the hole.
         j = (i + 1) & mask
         while n.kids[j] != NULL:

@@ -1,5 +1,6 @@
 /* The write-ahead log's writer and its flusher thread: see wal_flusher.h. */
 #include "wal_flusher.h"
+#include "thread_stop.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -347,11 +348,7 @@ int gw_wal_flush(struct gw_wal* w, uint64_t timeout_ns) {
 void gw_wal_stop(struct gw_wal* w) {
     if (!w->started) return;
     if (w->fork_gen != gw_wal_fork_gen) { w->started = 0; return; }   /* not our thread */
-    pthread_mutex_lock(&w->mu);
-    w->stop = 1;
-    pthread_cond_signal(&w->cv_work);
-    pthread_mutex_unlock(&w->mu);
-    pthread_join(w->thread, NULL);
+    gw_thread_stop(&w->mu, &w->cv_work, &w->stop, w->thread);
     w->started = 0;
 }
 

@@ -10,28 +10,11 @@
 #include <string.h>
 
 #include "crc32c.h"
+#include "le_words.h"
 
 #define GW_WAL_HDR 16                       /* segment header: "GWWAL001" + u64 LE base */
 #define GW_WAL_REC_HDR 8                    /* record header: u32 LE length + u32 LE CRC-32C */
 #define GW_WAL_MAX_PAYLOAD (16u << 20)
-
-static inline uint32_t gw_le32(const uint8_t* p) {
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    uint32_t v;
-    memcpy(&v, p, 4);
-    return v;
-#else
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-#endif
-}
-
-static inline void gw_put32(uint8_t* p, uint32_t v) {
-#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
-    memcpy(p, &v, 4);
-#else
-    p[0] = (uint8_t)v; p[1] = (uint8_t)(v >> 8); p[2] = (uint8_t)(v >> 16); p[3] = (uint8_t)(v >> 24);
-#endif
-}
 
 enum { GW_SCAN_END = 0, GW_SCAN_PARTIAL = 1, GW_SCAN_BADLEN = 2, GW_SCAN_BADCRC = 3 };
 

@@ -67,6 +67,15 @@ class Control:
             run_slice(min(end_ns, now_ns + SLICE_NS))
         return False
 
+    def wait_start(self, give_up: float, run_slice):
+        """Runs slices (run_slice(until_ns), 50 ms each) until the coordinator's
+        "start" comes: it, or None when stopped or past give_up (monotonic)."""
+        start = None
+        while start is None and not self.stop and time.monotonic() < give_up:
+            run_slice(time.monotonic_ns() + 50_000_000)
+            start = self.take("start")
+        return start
+
     def take(self, kind: str):
         for i, m in enumerate(self.inbox):
             if m[0] == kind:
@@ -92,8 +101,12 @@ class Control:
                 return None
 
 
-def main(worker_id: int, plan, pipe) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
+def run_client_process(pipe, body) -> None:
+    """A client process's frame around body(ctl): Ctrl-C left to the coordinator
+    (it decides when to stop), the file limit raised, the imports' objects
+    frozen; an exception goes to the coordinator as "fatal"; the pipe is
+    closed at the end."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_nofile()
     # What the imports made (numpy, click...: ~22,000 objects) lives as long
     # as the process: out of the collector's sight, a full collection during
@@ -101,10 +114,7 @@ def main(worker_id: int, plan, pipe) -> None:
     gc.freeze()
     ctl = Control(pipe)
     try:
-        if plan.scenario == "conn":
-            _run_conn(worker_id, plan, ctl)
-        else:
-            _run_pubsub(worker_id, plan, ctl)
+        body(ctl)
     except Exception:
         ctl.send("fatal", traceback.format_exc())
     finally:
@@ -112,6 +122,11 @@ def main(worker_id: int, plan, pipe) -> None:
             pipe.close()
         except OSError:
             pass
+
+
+def main(worker_id: int, plan, pipe) -> None:
+    run = _run_conn if plan.scenario == "conn" else _run_pubsub
+    run_client_process(pipe, lambda ctl: run(worker_id, plan, ctl))
 
 
 def _engine(plan, worker_id, ctl, native_tls: bool) -> ConnEngine:

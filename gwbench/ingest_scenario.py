@@ -24,17 +24,14 @@ which mirrors the engine, so a checker can tell which records were anomalies.
 from __future__ import annotations
 
 import errno
-import gc
-import signal
 import socket
 import time
-import traceback
 
 from . import histogram as H
 from . import mqtt
 from .preflight import PreflightError, tcp_connect  # noqa: F401  (PreflightError: for the CLI)
 from .preflight import preflight as shared_preflight
-from .client_process import Control, _raise_nofile
+from .client_process import Control, run_client_process
 
 TRANSPORTS = {"http": 0, "mqtt": 1}
 SEQ_WIDTH = 10      # up to 4,294,967,295
@@ -254,11 +251,7 @@ class IngestWorker:
         self.setup_done = True
         self.ctl.send("stats", dict(self.snapshot(), k=None))
         self.ctl.send("ready", {"ready": self.eng.ready_count(), "clients": n})
-        start = None
-        give_up = time.monotonic() + plan.connect_timeout + 30.0
-        while start is None and not self.ctl.stop and time.monotonic() < give_up:
-            self._slice(time.monotonic_ns() + 50_000_000)
-            start = self.ctl.take("start")
+        start = self.ctl.wait_start(time.monotonic() + plan.connect_timeout + 30.0, self._slice)
         if start is None:
             return
         _, t0, t_stop = start
@@ -304,26 +297,17 @@ class IngestWorker:
 
 
 def worker_main(worker_id: int, plan, pipe) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator decides when to stop
-    _raise_nofile()
-    gc.freeze()
-    ctl = Control(pipe)
-    w = None
+    run_client_process(pipe, lambda ctl: _run_worker(worker_id, plan, ctl))
+
+
+def _run_worker(worker_id: int, plan, ctl: Control) -> None:
+    w = IngestWorker(worker_id, plan, ctl)
+    ctl.send("hello")
     try:
-        w = IngestWorker(worker_id, plan, ctl)
-        ctl.send("hello")
-        try:
-            w.run()
-        finally:
-            w.eng.close_all()
-        snap = w.snapshot()
-        snap["k"] = None
-        ctl.send("stats", snap)
-        ctl.send("result", w.result())
-    except Exception:
-        ctl.send("fatal", traceback.format_exc())
+        w.run()
     finally:
-        try:
-            pipe.close()
-        except OSError:
-            pass
+        w.eng.close_all()
+    snap = w.snapshot()
+    snap["k"] = None
+    ctl.send("stats", snap)
+    ctl.send("result", w.result())

@@ -56,11 +56,7 @@ class PubSubWorker:
     def run(self) -> None:
         plan = self.plan
         # Wait for the common start, keeping subscribers alive meanwhile.
-        start = None
-        give_up = time.monotonic() + plan.rampup + plan.connect_timeout + 30.0
-        while start is None and not self.ctl.stop and time.monotonic() < give_up:
-            self._slice(time.monotonic_ns() + 50_000_000)
-            start = self.ctl.take("start")
+        start = self.ctl.wait_start(time.monotonic() + plan.rampup + plan.connect_timeout + 30.0, self._slice)
         if start is None:
             return
         _, t0, t_stop = start

@@ -57,6 +57,7 @@ import psutil
 import pytest
 
 import fragproxy
+import mqtt_bytes
 from conftest import (HOST, GwServer, free_ports, mqtt_str, packet, paho_client_class, read_packet,
                       start_paho_thread, stop_and_check, stop_paho_thread, subscribe_packet,
                       tcp_connect, wait_closed, wait_for)
@@ -233,13 +234,7 @@ class Msg:
 
 def connect_packet_full(client_id, *, clean: bool = True, keepalive: int = 60, will=None) -> bytes:
     """CONNECT (MQTT 3.1.1); will = (topic, payload, qos, retain)."""
-    flags = 0x02 if clean else 0x00
-    payload = mqtt_str(client_id)
-    if will is not None:
-        topic, message, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        payload += mqtt_str(topic) + mqtt_str(message)
-    return packet(0x10, mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + payload)
+    return mqtt_bytes.connect_packet(client_id, clean=clean, keepalive=keepalive, will=will)
 
 
 def publish_packet_full(topic, payload: bytes = b"", qos: int = 0, packet_id: int = 1,

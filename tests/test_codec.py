@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mqtt_ref as ref
+from mqtt_bytes import mqtt_str, packet
 from gw_ext import codec
 from gw.packets import (
     MAX_REMAINING_LENGTH, Connack, Connect, ConnectRefused, Disconnect, MalformedPacket,
@@ -228,19 +229,19 @@ def test_utf8_and_topic_rules_same_outcome(raw, where, allow_control):
 
 
 def _utf8_and_topic_rules(raw, where, allow_control):
-    s = _s(raw)
+    s = mqtt_str(raw)
     if where == "publish":
-        data = _raw(0x30, s + b"payload")
+        data = packet(0x30, s + b"payload")
     elif where == "connect_id":
-        data = _raw(0x10, _s(b"MQTT") + b"\x04\x00\x00\x3c" + s)
+        data = packet(0x10, mqtt_str(b"MQTT") + b"\x04\x00\x00\x3c" + s)
     elif where == "will_topic":
-        data = _raw(0x10, _s(b"MQTT") + b"\x04\x06\x00\x3c" + _s(b"id") + s + _s(b"bye"))
+        data = packet(0x10, mqtt_str(b"MQTT") + b"\x04\x06\x00\x3c" + mqtt_str(b"id") + s + mqtt_str(b"bye"))
     elif where == "username":
-        data = _raw(0x10, _s(b"MQTT") + b"\x04\x82\x00\x3c" + _s(b"id") + s)
+        data = packet(0x10, mqtt_str(b"MQTT") + b"\x04\x82\x00\x3c" + mqtt_str(b"id") + s)
     elif where == "subscribe":
-        data = _raw(0x82, b"\x00\x01" + s + b"\x01")
+        data = packet(0x82, b"\x00\x01" + s + b"\x01")
     else:
-        data = _raw(0xA2, b"\x00\x01" + s)
+        data = packet(0xA2, b"\x00\x01" + s)
     got = assert_same_outcome(data)
     try:
         text = raw.decode("utf-8")
@@ -268,27 +269,10 @@ def test_topic_validity_helpers_agree(text, allow_control):
 
 # --- helpers for hand-made packets -----------------------------------------------------
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _raw(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _varint(len(body)) + body
-
-
-def _s(raw: bytes) -> bytes:
-    return len(raw).to_bytes(2, "big") + raw
-
-
 def _connect(flags=0x02, payload=None, name=b"MQTT", level=4, keepalive=60) -> bytes:
     if payload is None:
-        payload = _s(b"client")
-    return _raw(0x10, _s(name) + bytes([level, flags]) + keepalive.to_bytes(2, "big") + payload)
+        payload = mqtt_str(b"client")
+    return packet(0x10, mqtt_str(name) + bytes([level, flags]) + keepalive.to_bytes(2, "big") + payload)
 
 
 def assert_malformed(data: bytes, reason: str):
@@ -341,30 +325,30 @@ def test_reserved_header_flags_must_be_zero_MQTT_2_2_2_1_and_2(ptype, flags):
     assert_malformed(bytes([ptype << 4 | flags, 2, 0, 1]), "header")
 
 
-@pytest.mark.parametrize("ptype, body", [(6, b"\x00\x01"), (8, b"\x00\x01" + _s(b"a") + b"\x00"),
-                                         (10, b"\x00\x01" + _s(b"a"))])
+@pytest.mark.parametrize("ptype, body", [(6, b"\x00\x01"), (8, b"\x00\x01" + mqtt_str(b"a") + b"\x00"),
+                                         (10, b"\x00\x01" + mqtt_str(b"a"))])
 @pytest.mark.parametrize("flags", [f for f in range(16) if f != 2])
 def test_pubrel_subscribe_unsubscribe_flags_must_be_0010_MQTT_3_6_1_1_MQTT_3_8_1_1_MQTT_3_10_1_1(
         ptype, body, flags):
-    assert_malformed(_raw(ptype << 4 | flags, body), "header")
-    assert_accepted(_raw(ptype << 4 | 2, body))
+    assert_malformed(packet(ptype << 4 | flags, body), "header")
+    assert_accepted(packet(ptype << 4 | 2, body))
 
 
 @pytest.mark.parametrize("first", [0x36, 0x37, 0x3E, 0x3F])
 def test_publish_qos_3_is_malformed_MQTT_3_3_1_4(first):
-    assert_malformed(_raw(first, _s(b"a/b") + b"\x00\x01x"), "qos")
+    assert_malformed(packet(first, mqtt_str(b"a/b") + b"\x00\x01x"), "qos")
 
 
 @pytest.mark.parametrize("data", [
-    _raw(0x40, b"\x00\x01\x00"),       # PUBACK with 3 bytes
-    _raw(0x50, b"\x00"),               # PUBREC with 1 byte
-    _raw(0x62, b"\x00\x01\x00"),       # PUBREL
-    _raw(0x70, b""),                   # PUBCOMP without id
-    _raw(0xB0, b"\x00\x01\x00\x00"),   # UNSUBACK
-    _raw(0x20, b"\x00\x00\x00"),       # CONNACK
-    _raw(0xC0, b"\x00"),               # PINGREQ
-    _raw(0xD0, b"\x00"),               # PINGRESP
-    _raw(0xE0, b"\x00\x00"),           # DISCONNECT
+    packet(0x40, b"\x00\x01\x00"),       # PUBACK with 3 bytes
+    packet(0x50, b"\x00"),               # PUBREC with 1 byte
+    packet(0x62, b"\x00\x01\x00"),       # PUBREL
+    packet(0x70, b""),                   # PUBCOMP without id
+    packet(0xB0, b"\x00\x01\x00\x00"),   # UNSUBACK
+    packet(0x20, b"\x00\x00\x00"),       # CONNACK
+    packet(0xC0, b"\x00"),               # PINGREQ
+    packet(0xD0, b"\x00"),               # PINGRESP
+    packet(0xE0, b"\x00\x00"),           # DISCONNECT
 ])
 def test_trailing_or_missing_bytes_in_fixed_size_packets_are_malformed(data):
     assert_malformed(data, "length")
@@ -410,53 +394,53 @@ BAD_UTF8 = [
 
 @pytest.mark.parametrize("bad", BAD_UTF8)
 def test_ill_formed_utf8_topic_is_malformed_MQTT_1_5_3_1(bad):
-    assert_malformed(_raw(0x30, _s(b"a/" + bad) + b"payload"), "utf8")
+    assert_malformed(packet(0x30, mqtt_str(b"a/" + bad) + b"payload"), "utf8")
 
 
 @pytest.mark.parametrize("bad", [b"\xed\xa0\x80", b"\xc0\x80", b"\xf4\x90\x80\x80"])
 def test_ill_formed_utf8_in_every_string_field_is_malformed_MQTT_1_5_3_1(bad):
-    assert_malformed(_connect(payload=_s(bad)), "utf8")                                  # client id
-    assert_malformed(_connect(0x06, _s(b"id") + _s(b"w/" + bad) + _s(b"m")), "utf8")    # will topic
-    assert_malformed(_connect(0x82, _s(b"id") + _s(bad)), "utf8")                        # user name
-    assert_malformed(_raw(0x82, b"\x00\x01" + _s(bad) + b"\x00"), "utf8")                # SUBSCRIBE
-    assert_malformed(_raw(0xA2, b"\x00\x01" + _s(bad)), "utf8")                          # UNSUBSCRIBE
+    assert_malformed(_connect(payload=mqtt_str(bad)), "utf8")                                  # client id
+    assert_malformed(_connect(0x06, mqtt_str(b"id") + mqtt_str(b"w/" + bad) + mqtt_str(b"m")), "utf8")    # will topic
+    assert_malformed(_connect(0x82, mqtt_str(b"id") + mqtt_str(bad)), "utf8")                        # user name
+    assert_malformed(packet(0x82, b"\x00\x01" + mqtt_str(bad) + b"\x00"), "utf8")                # SUBSCRIBE
+    assert_malformed(packet(0xA2, b"\x00\x01" + mqtt_str(bad)), "utf8")                          # UNSUBSCRIBE
 
 
 def test_null_character_is_malformed_MQTT_1_5_3_2():
-    assert_malformed(_raw(0x30, _s(b"a\x00b") + b"x"), "utf8")
-    assert_malformed(_raw(0x30, _s(b"sensors/dev123/\x00emp") + b"x"), "utf8")   # in the 8-byte path
-    assert_malformed(_connect(payload=_s(b"id\x00")), "utf8")
-    assert_malformed(_raw(0x82, b"\x00\x01" + _s(b"\x00") + b"\x00"), "utf8")
+    assert_malformed(packet(0x30, mqtt_str(b"a\x00b") + b"x"), "utf8")
+    assert_malformed(packet(0x30, mqtt_str(b"sensors/dev123/\x00emp") + b"x"), "utf8")   # in the 8-byte path
+    assert_malformed(_connect(payload=mqtt_str(b"id\x00")), "utf8")
+    assert_malformed(packet(0x82, b"\x00\x01" + mqtt_str(b"\x00") + b"\x00"), "utf8")
 
 
 def test_bom_and_non_characters_are_kept_MQTT_1_5_3_3():
     topic = "a/\ufeff/\uffff/\U0010ffff"
-    p = assert_accepted(_raw(0x30, _s(topic.encode()) + b"x"))
+    p = assert_accepted(packet(0x30, mqtt_str(topic.encode()) + b"x"))
     assert p == Publish(topic, b"x")
 
 
 def test_password_and_payload_are_not_utf8_checked():
-    p = assert_accepted(_connect(0xC2, _s(b"id") + _s(b"user") + _s(b"\xff\x00\xed\xa0\x80")))
+    p = assert_accepted(_connect(0xC2, mqtt_str(b"id") + mqtt_str(b"user") + mqtt_str(b"\xff\x00\xed\xa0\x80")))
     assert p.password == b"\xff\x00\xed\xa0\x80"
-    assert assert_accepted(_raw(0x30, _s(b"t") + b"\xff\x00")).payload == b"\xff\x00"
+    assert assert_accepted(packet(0x30, mqtt_str(b"t") + b"\xff\x00")).payload == b"\xff\x00"
 
 
 @pytest.mark.parametrize("data", [
-    _raw(0x30, b"\x00"),                                   # topic length cut
-    _raw(0x30, _s(b"a/b")[:-1]),                           # topic past the body
-    _raw(0x32, _s(b"a/b") + b"\x00"),                      # QoS 1 without packet id
+    packet(0x30, b"\x00"),                                   # topic length cut
+    packet(0x30, mqtt_str(b"a/b")[:-1]),                           # topic past the body
+    packet(0x32, mqtt_str(b"a/b") + b"\x00"),                      # QoS 1 without packet id
     _connect(payload=b"\x00\x05abc"),                      # client id past the body
     _connect(payload=b""),                                 # no client id
-    _connect(0x06, _s(b"id") + _s(b"w")),                  # will flag, no will message
-    _connect(0xC2, _s(b"id") + _s(b"u")),                  # password flag, no password
-    _raw(0x10, _s(b"MQTT")),                               # no protocol level
-    _raw(0x10, _s(b"MQTT") + b"\x04\x02\x00"),             # keepalive cut
-    _raw(0x10, b"\x00\x04MQ"),                             # protocol name cut
-    _raw(0x82, b"\x00\x01" + _s(b"a/b")),                  # SUBSCRIBE without requested QoS
-    _raw(0x82, b"\x00\x01\x00\x09a/b\x00"),                # filter past the body
-    _raw(0x82, b"\x00\x01" + _s(b"a") + b"\x00\x00"),      # 1 stray byte after an entry
-    _raw(0xA2, b"\x00\x01\x00\x05a"),                      # UNSUBSCRIBE filter past the body
-    _raw(0x82, b"\x00"),                                   # SUBSCRIBE without packet id
+    _connect(0x06, mqtt_str(b"id") + mqtt_str(b"w")),                  # will flag, no will message
+    _connect(0xC2, mqtt_str(b"id") + mqtt_str(b"u")),                  # password flag, no password
+    packet(0x10, mqtt_str(b"MQTT")),                               # no protocol level
+    packet(0x10, mqtt_str(b"MQTT") + b"\x04\x02\x00"),             # keepalive cut
+    packet(0x10, b"\x00\x04MQ"),                             # protocol name cut
+    packet(0x82, b"\x00\x01" + mqtt_str(b"a/b")),                  # SUBSCRIBE without requested QoS
+    packet(0x82, b"\x00\x01\x00\x09a/b\x00"),                # filter past the body
+    packet(0x82, b"\x00\x01" + mqtt_str(b"a") + b"\x00\x00"),      # 1 stray byte after an entry
+    packet(0xA2, b"\x00\x01\x00\x05a"),                      # UNSUBSCRIBE filter past the body
+    packet(0x82, b"\x00"),                                   # SUBSCRIBE without packet id
 ])
 def test_string_length_running_past_the_body_is_malformed(data):
     assert_malformed(data, "length")
@@ -466,64 +450,64 @@ def test_string_length_running_past_the_body_is_malformed(data):
 
 @pytest.mark.parametrize("topic", [b"a/+", b"a/#", b"#", b"+", b"sensors/+/temperature/x", b"a+b"])
 def test_publish_topic_with_wildcard_is_malformed_MQTT_3_3_2_2(topic):
-    assert_malformed(_raw(0x30, _s(topic) + b"x"), "topic")
+    assert_malformed(packet(0x30, mqtt_str(topic) + b"x"), "topic")
 
 
 def test_publish_empty_topic_is_malformed_MQTT_4_7_3_1():
-    assert_malformed(_raw(0x30, _s(b"") + b"x"), "topic")
+    assert_malformed(packet(0x30, mqtt_str(b"") + b"x"), "topic")
 
 
 @pytest.mark.parametrize("first", [0x38, 0x39])
 def test_publish_qos_0_with_dup_is_malformed_MQTT_3_3_1_2(first):
     """The DUP flag MUST be 0 for all QoS 0 messages: set, it is an invalid
     fixed-header flag (MQTT-2.2.2-2: the connection closes)."""
-    assert_malformed(_raw(first, _s(b"a/b") + b"x"), "header")
+    assert_malformed(packet(first, mqtt_str(b"a/b") + b"x"), "header")
     assert_malformed(b"\x38", "header")            # known from the first byte alone
 
 
 def test_publish_dup_and_retain_and_empty_payload_are_decoded():
-    p = assert_accepted(_raw(0x3D, _s(b"a/b") + b"\x12\x34"))
+    p = assert_accepted(packet(0x3D, mqtt_str(b"a/b") + b"\x12\x34"))
     assert p == Publish("a/b", b"", 2, True, True, 0x1234)
 
 
 # --- packet identifiers -------------------------------------------------------------------
 
 @pytest.mark.parametrize("data", [
-    _raw(0x32, _s(b"a/b") + b"\x00\x00x"),                 # PUBLISH QoS 1
-    _raw(0x34, _s(b"a/b") + b"\x00\x00x"),                 # PUBLISH QoS 2
-    _raw(0x40, b"\x00\x00"),                               # PUBACK
-    _raw(0x50, b"\x00\x00"),                               # PUBREC
-    _raw(0x62, b"\x00\x00"),                               # PUBREL
-    _raw(0x70, b"\x00\x00"),                               # PUBCOMP
-    _raw(0x82, b"\x00\x00" + _s(b"a") + b"\x00"),          # SUBSCRIBE
-    _raw(0x90, b"\x00\x00\x00"),                           # SUBACK
-    _raw(0xA2, b"\x00\x00" + _s(b"a")),                    # UNSUBSCRIBE
-    _raw(0xB0, b"\x00\x00"),                               # UNSUBACK
+    packet(0x32, mqtt_str(b"a/b") + b"\x00\x00x"),                 # PUBLISH QoS 1
+    packet(0x34, mqtt_str(b"a/b") + b"\x00\x00x"),                 # PUBLISH QoS 2
+    packet(0x40, b"\x00\x00"),                               # PUBACK
+    packet(0x50, b"\x00\x00"),                               # PUBREC
+    packet(0x62, b"\x00\x00"),                               # PUBREL
+    packet(0x70, b"\x00\x00"),                               # PUBCOMP
+    packet(0x82, b"\x00\x00" + mqtt_str(b"a") + b"\x00"),          # SUBSCRIBE
+    packet(0x90, b"\x00\x00\x00"),                           # SUBACK
+    packet(0xA2, b"\x00\x00" + mqtt_str(b"a")),                    # UNSUBSCRIBE
+    packet(0xB0, b"\x00\x00"),                               # UNSUBACK
 ])
 def test_packet_id_zero_is_malformed_MQTT_2_3_1_1(data):
     assert_malformed(data, "packet_id")
 
 
 def test_publish_qos_0_has_no_packet_id_MQTT_2_3_1_5():
-    p = assert_accepted(_raw(0x30, _s(b"a/b") + b"\x00\x00"))
+    p = assert_accepted(packet(0x30, mqtt_str(b"a/b") + b"\x00\x00"))
     assert p == Publish("a/b", b"\x00\x00", 0, False, False, 0)
 
 
 # --- SUBSCRIBE / UNSUBSCRIBE / SUBACK ------------------------------------------------------
 
 def test_subscribe_without_topic_filter_is_malformed_MQTT_3_8_3_3():
-    assert_malformed(_raw(0x82, b"\x00\x01"), "empty")
+    assert_malformed(packet(0x82, b"\x00\x01"), "empty")
 
 
 @pytest.mark.parametrize("qos", [3, 4, 0x41, 0x80, 0xFC, 0xFF])
 def test_subscribe_reserved_bits_or_qos_3_is_malformed_MQTT_3_8_3_4(qos):
-    assert_malformed(_raw(0x82, b"\x00\x01" + _s(b"a/b") + bytes([qos])), "qos")
+    assert_malformed(packet(0x82, b"\x00\x01" + mqtt_str(b"a/b") + bytes([qos])), "qos")
     # also in a later entry
-    assert_malformed(_raw(0x82, b"\x00\x01" + _s(b"a") + b"\x01" + _s(b"b") + bytes([qos])), "qos")
+    assert_malformed(packet(0x82, b"\x00\x01" + mqtt_str(b"a") + b"\x01" + mqtt_str(b"b") + bytes([qos])), "qos")
 
 
 def test_unsubscribe_without_topic_filter_is_malformed_MQTT_3_10_3_2():
-    assert_malformed(_raw(0xA2, b"\x00\x01"), "empty")
+    assert_malformed(packet(0xA2, b"\x00\x01"), "empty")
 
 
 @pytest.mark.parametrize("bad_filter", ["a/#/b", "a#", "a+", "+a/b", "#/a", "sport/tennis#", "sport+/x"])
@@ -531,25 +515,25 @@ def test_subscribe_invalid_topic_filter_is_malformed_MQTT_4_7_1_2_and_3(bad_filt
     """'#' only last and alone in its level, '+' alone in its level: a filter
     that is not one is a protocol violation (the connection closes,
     MQTT-4.8.0-1), not a subscription to refuse with SUBACK 0x80."""
-    f = _s(bad_filter.encode())
-    assert_malformed(_raw(0x82, b"\x00\x07" + f + b"\x01"), "topic")
-    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"ok/+") + b"\x01" + f + b"\x01"), "topic")  # a later entry
-    assert_malformed(_raw(0xA2, b"\x00\x07" + f), "topic")
-    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"ok/#") + f), "topic")
+    f = mqtt_str(bad_filter.encode())
+    assert_malformed(packet(0x82, b"\x00\x07" + f + b"\x01"), "topic")
+    assert_malformed(packet(0x82, b"\x00\x07" + mqtt_str(b"ok/+") + b"\x01" + f + b"\x01"), "topic")  # a later entry
+    assert_malformed(packet(0xA2, b"\x00\x07" + f), "topic")
+    assert_malformed(packet(0xA2, b"\x00\x07" + mqtt_str(b"ok/#") + f), "topic")
     assert not codec.is_valid_topic_filter(bad_filter)
     assert not ref.is_valid_topic_filter(bad_filter)
 
 
 def test_zero_length_topic_filter_is_malformed_MQTT_4_7_3_1():
-    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"") + b"\x00"), "topic")
-    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"a") + b"\x00" + _s(b"") + b"\x01"), "topic")
-    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"")), "topic")
-    assert_malformed(_raw(0xA2, b"\x00\x07" + _s(b"a") + _s(b"")), "topic")
+    assert_malformed(packet(0x82, b"\x00\x07" + mqtt_str(b"") + b"\x00"), "topic")
+    assert_malformed(packet(0x82, b"\x00\x07" + mqtt_str(b"a") + b"\x00" + mqtt_str(b"") + b"\x01"), "topic")
+    assert_malformed(packet(0xA2, b"\x00\x07" + mqtt_str(b"")), "topic")
+    assert_malformed(packet(0xA2, b"\x00\x07" + mqtt_str(b"a") + mqtt_str(b"")), "topic")
 
 
 def test_invalid_filter_beats_reserved_qos_of_its_entry():
     """Check order: a filter's content before the requested QoS that follows it."""
-    assert_malformed(_raw(0x82, b"\x00\x07" + _s(b"a/#/b") + b"\x03"), "topic")
+    assert_malformed(packet(0x82, b"\x00\x07" + mqtt_str(b"a/#/b") + b"\x03"), "topic")
 
 
 @pytest.mark.parametrize("good_filter", ["#", "+", "a/#", "+/+", "/+", "a//b", "+/tennis/#", "$SYS/#"])
@@ -559,11 +543,11 @@ def test_valid_topic_filters_MQTT_4_7_1_2_and_3(good_filter):
 
 @pytest.mark.parametrize("code", [3, 0x7F, 0x81, 0xFF])
 def test_suback_reserved_return_code_is_malformed_MQTT_3_9_3_2(code):
-    assert_malformed(_raw(0x90, b"\x00\x01\x00" + bytes([code])), "qos")
+    assert_malformed(packet(0x90, b"\x00\x01\x00" + bytes([code])), "qos")
 
 
 def test_suback_without_return_codes_is_malformed():
-    assert_malformed(_raw(0x90, b"\x00\x01"), "empty")
+    assert_malformed(packet(0x90, b"\x00\x01"), "empty")
 
 
 # --- CONNECT / CONNACK ----------------------------------------------------------------------
@@ -581,7 +565,7 @@ def test_connect_unsupported_level_is_refused_with_connack_1_MQTT_3_1_2_2(name, 
 
 def test_connect_mqtt5_with_properties_is_refused_with_connack_1_MQTT_3_1_2_2():
     # An MQTT 5 CONNECT has a properties block that 3.1.1 cannot parse.
-    assert_refused(_raw(0x10, _s(b"MQTT") + b"\x05\x02\x00\x3c\x05\x11\x00\x00\x00\x0a" + _s(b"c")), 1)
+    assert_refused(packet(0x10, mqtt_str(b"MQTT") + b"\x05\x02\x00\x3c\x05\x11\x00\x00\x00\x0a" + mqtt_str(b"c")), 1)
 
 
 def test_connect_mqisdp_level_3_is_accepted():
@@ -599,57 +583,57 @@ def test_connect_will_qos_or_retain_without_will_flag_is_malformed_MQTT_3_1_2_11
 
 
 def test_connect_will_qos_3_is_malformed_MQTT_3_1_2_14():
-    assert_malformed(_connect(0x1E, _s(b"id") + _s(b"w") + _s(b"m")), "qos")
+    assert_malformed(_connect(0x1E, mqtt_str(b"id") + mqtt_str(b"w") + mqtt_str(b"m")), "qos")
 
 
 @pytest.mark.parametrize("will_topic", [b"w/+", b"#", b""])
 def test_connect_will_topic_must_be_a_topic_name_MQTT_4_7_1_1_MQTT_4_7_3_1(will_topic):
-    assert_malformed(_connect(0x06, _s(b"id") + _s(will_topic) + _s(b"m")), "topic")
+    assert_malformed(_connect(0x06, mqtt_str(b"id") + mqtt_str(will_topic) + mqtt_str(b"m")), "topic")
 
 
 def test_connect_password_without_user_name_is_malformed_MQTT_3_1_2_22():
-    assert_malformed(_connect(0x42, _s(b"id") + _s(b"pw")), "protocol")
+    assert_malformed(_connect(0x42, mqtt_str(b"id") + mqtt_str(b"pw")), "protocol")
 
 
 def test_connect_empty_client_id_without_clean_session_is_refused_MQTT_3_1_3_8():
-    assert_refused(_connect(0x00, _s(b"")), 2)
+    assert_refused(_connect(0x00, mqtt_str(b"")), 2)
 
 
 def test_connect_empty_client_id_with_clean_session_is_accepted_MQTT_3_1_3_6():
-    assert assert_accepted(_connect(0x02, _s(b""))) == Connect("", True, 60)
+    assert assert_accepted(_connect(0x02, mqtt_str(b""))) == Connect("", True, 60)
 
 
 def test_connect_mqisdp_client_id_must_be_1_to_23_characters():
     """MQTT 3.1 (section 3.1, Client Identifier): between 1 and 23 characters,
     else CONNACK 0x02. Characters, not bytes: 23 two-byte characters are fine."""
-    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s(b"x" * 24)), 2)
-    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s("é".encode() * 24)), 2)
-    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s("日".encode() * 22 + b"xy")), 2)
-    assert_refused(_connect(name=b"MQIsdp", level=3, payload=_s(b"")), 2)
-    assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=_s(b"x" * 23))).client_id == "x" * 23
-    assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=_s("é".encode() * 23))).client_id == "é" * 23
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=mqtt_str(b"x" * 24)), 2)
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=mqtt_str("é".encode() * 24)), 2)
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=mqtt_str("日".encode() * 22 + b"xy")), 2)
+    assert_refused(_connect(name=b"MQIsdp", level=3, payload=mqtt_str(b"")), 2)
+    assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=mqtt_str(b"x" * 23))).client_id == "x" * 23
+    assert assert_accepted(_connect(name=b"MQIsdp", level=3, payload=mqtt_str("é".encode() * 23))).client_id == "é" * 23
     # MQTT 3.1.1 has no such bound (MQTT-3.1.3-5 is a floor for what a server accepts)
-    assert assert_accepted(_connect(payload=_s(b"x" * 200))).client_id == "x" * 200
+    assert assert_accepted(_connect(payload=mqtt_str(b"x" * 200))).client_id == "x" * 200
 
 
 def test_connect_malformed_beats_refused():
     """A malformed CONNECT is closed without CONNACK even if its client id is refused."""
-    assert_malformed(_connect(0x00, _s(b"") + b"\x00"), "length")
+    assert_malformed(_connect(0x00, mqtt_str(b"") + b"\x00"), "length")
 
 
 def test_connect_trailing_bytes_are_malformed():
-    assert_malformed(_connect(payload=_s(b"id") + b"\x00"), "length")
-    assert_malformed(_connect(0x82, _s(b"id") + _s(b"user") + _s(b"pw")), "length")
+    assert_malformed(_connect(payload=mqtt_str(b"id") + b"\x00"), "length")
+    assert_malformed(_connect(0x82, mqtt_str(b"id") + mqtt_str(b"user") + mqtt_str(b"pw")), "length")
 
 
 def test_connect_all_fields_decoded():
-    data = _connect(0xEE, _s(b"id") + _s(b"will/t") + _s(b"bye") + _s(b"user") + _s(b"pw"), keepalive=30)
+    data = _connect(0xEE, mqtt_str(b"id") + mqtt_str(b"will/t") + mqtt_str(b"bye") + mqtt_str(b"user") + mqtt_str(b"pw"), keepalive=30)
     assert assert_accepted(data) == Connect("id", True, 30, "will/t", b"bye", 1, True, "user", b"pw", 4)
 
 
 @pytest.mark.parametrize("body", [b"\x02\x00", b"\x80\x00", b"\x00\x06", b"\x00\xff"])
 def test_connack_reserved_flags_or_return_code_is_malformed(body):
-    assert_malformed(_raw(0x20, body), "protocol")
+    assert_malformed(packet(0x20, body), "protocol")
 
 
 # --- control characters (section 1.5.3) -----------------------------------------------
@@ -657,12 +641,12 @@ def test_connack_reserved_flags_or_return_code_is_malformed(body):
 # Where a control character is refused: the client id, user name, will topic,
 # topic name and topic filters; never the password, will message or payload.
 CONTROL_FIELDS = {
-    "client_id": lambda t: _connect(payload=_s(t)),
-    "user_name": lambda t: _connect(0x82, _s(b"id") + _s(t)),
-    "will_topic": lambda t: _connect(0x06, _s(b"id") + _s(t) + _s(b"m")),
-    "topic_name": lambda t: _raw(0x32, _s(t) + b"\x00\x01payload"),
-    "subscribe_filter": lambda t: _raw(0x82, b"\x00\x01" + _s(b"ok/#") + b"\x00" + _s(t) + b"\x01"),
-    "unsubscribe_filter": lambda t: _raw(0xA2, b"\x00\x01" + _s(t)),
+    "client_id": lambda t: _connect(payload=mqtt_str(t)),
+    "user_name": lambda t: _connect(0x82, mqtt_str(b"id") + mqtt_str(t)),
+    "will_topic": lambda t: _connect(0x06, mqtt_str(b"id") + mqtt_str(t) + mqtt_str(b"m")),
+    "topic_name": lambda t: packet(0x32, mqtt_str(t) + b"\x00\x01payload"),
+    "subscribe_filter": lambda t: packet(0x82, b"\x00\x01" + mqtt_str(b"ok/#") + b"\x00" + mqtt_str(t) + b"\x01"),
+    "unsubscribe_filter": lambda t: packet(0xA2, b"\x00\x01" + mqtt_str(t)),
 }
 CONTROLS = ["\x01", "\x09", "\x0a", "\x1f", "\x7f", "\x80", "\x85", "\x9f"]
 
@@ -691,11 +675,11 @@ def test_control_character_or_nul_at_every_position(size):
         for bad, reason in ((b"\x1f", "control"), (b"\x7f", "control"), (b"\x00", "utf8"), (b"\xff", "utf8")):
             text = b"abcdefghijklmnopqrstuvw"[:size]
             text = text[:pos] + bad + text[pos + 1:]
-            assert_malformed(_raw(0x30, _s(text) + b"x"), reason)
-            assert_malformed(_connect(payload=_s(text)), reason)
-            assert_malformed(_raw(0xA2, b"\x00\x01" + _s(text)), reason)
+            assert_malformed(packet(0x30, mqtt_str(text) + b"x"), reason)
+            assert_malformed(_connect(payload=mqtt_str(text)), reason)
+            assert_malformed(packet(0xA2, b"\x00\x01" + mqtt_str(text)), reason)
         clean = b"abcdefghijklmnopqrstuvw"[:size]
-        assert_accepted(_raw(0x30, _s(clean) + b"x"))
+        assert_accepted(packet(0x30, mqtt_str(clean) + b"x"))
 
 
 @pytest.mark.parametrize("field", list(CONTROL_FIELDS))
@@ -706,15 +690,15 @@ def test_characters_next_to_the_control_ranges_are_accepted(field):
 
 def test_ill_formed_utf8_beats_a_control_character():
     for bad in (b"\x01\xff", b"\xff\x01", b"a\x1f\x00", b"\x7f\xc2"):
-        assert_malformed(_raw(0x30, _s(b"t/" + bad) + b"x"), "utf8")
+        assert_malformed(packet(0x30, mqtt_str(b"t/" + bad) + b"x"), "utf8")
         with control_characters(True):
-            assert_malformed(_raw(0x30, _s(b"t/" + bad) + b"x"), "utf8")
+            assert_malformed(packet(0x30, mqtt_str(b"t/" + bad) + b"x"), "utf8")
 
 
 def test_control_characters_are_kept_in_password_will_message_and_payload():
-    p = assert_accepted(_connect(0xC6, _s(b"id") + _s(b"w") + _s(b"\x01\x7f") + _s(b"u") + _s(b"\x1f\x0a")))
+    p = assert_accepted(_connect(0xC6, mqtt_str(b"id") + mqtt_str(b"w") + mqtt_str(b"\x01\x7f") + mqtt_str(b"u") + mqtt_str(b"\x1f\x0a")))
     assert (p.will_message, p.password) == (b"\x01\x7f", b"\x1f\x0a")
-    assert assert_accepted(_raw(0x30, _s(b"t") + b"\x01\x02\xc2\x85")).payload == b"\x01\x02\xc2\x85"
+    assert assert_accepted(packet(0x30, mqtt_str(b"t") + b"\x01\x02\xc2\x85")).payload == b"\x01\x02\xc2\x85"
 
 
 def test_control_character_policy_defaults_to_refused():

@@ -234,6 +234,17 @@ def test_matches_the_slot_model_in_a_tiny_table(operations):
 FORK = multiprocessing.get_context("fork")
 
 
+def run_in_processes(run, nproc: int) -> None:
+    """run(0) .. run(nproc - 1), each in a forked process, all at once; each
+    must end with exit code 0."""
+    procs = [FORK.Process(target=run, args=(i,)) for i in range(nproc)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * nproc
+
+
 def test_survives_fork():
     t = DedupTable(1024, 60.0)
     assert t.seen(b"parent", 1) == 0
@@ -272,12 +283,7 @@ def _race(table: DedupTable, pairs: list, nproc: int, now_ms, same_order: bool) 
             device, seq = pairs[i]
             results[base + i] = table.seen(device, seq, now_ms) & 0xFF
 
-    procs = [FORK.Process(target=run, args=(i,)) for i in range(nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * nproc
+    run_in_processes(run, nproc)
     return np.frombuffer(results, dtype=np.uint8).reshape(nproc, len(pairs)).astype(np.int16)
 
 
@@ -325,12 +331,7 @@ def _race_c(table: DedupTable, devices: list, count: int, nproc: int, now_ms: in
         for d, device in enumerate(devices):
             table.seen_range(device, 0, count, now_ms, out[d])
 
-    procs = [FORK.Process(target=run, args=(i,)) for i in range(nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * nproc
+    run_in_processes(run, nproc)
     return np.frombuffer(results, dtype=np.int8).reshape(nproc, len(devices) * count).copy()
 
 
@@ -525,12 +526,7 @@ def test_concurrent_pending_inserts_each_pair_new_exactly_once(same_order):
         for i in order:
             results[index * len(pairs) + i] = table.seen(pairs[i][0], pairs[i][1], now) & 0xFF
 
-    procs = [FORK.Process(target=run, args=(i,)) for i in range(nproc)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-    assert [p.exitcode for p in procs] == [0] * nproc
+    run_in_processes(run, nproc)
     res = np.frombuffer(results, dtype=np.uint8).reshape(nproc, len(pairs))
     assert ((res == NEW) | (res == PENDING_ELSEWHERE)).all(), set(res.ravel().tolist())
     assert ((res == NEW).sum(axis=0) == 1).all()

@@ -113,6 +113,21 @@ def sink_server(gw_factory):
     return make
 
 
+def kill_whole_server(server, workers: int) -> None:
+    """A crash of the whole server (deliberate: every process of it is killed,
+    its `workers` workers and the pipeline counted as expected deaths). The
+    master goes first, so it counts no death; should it reap a child before
+    its own end, that death is this kill's."""
+    procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
+    server.expect_worker_deaths(workers)
+    server.expect_pipeline_deaths(1)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
 def test_puback_waits_for_the_log_and_the_reading_reaches_the_store(sink_server):
     server = sink_server()
     device = f"d-{uuid.uuid4().hex[:6]}"
@@ -188,16 +203,7 @@ def test_kill9_of_the_whole_server_mid_stream_loses_no_acknowledged_reading(tmp_
         t = threading.Thread(target=lambda: pub.stream(0, 1_000_000, stop), daemon=True)
         t.start()
         wait_for(lambda: len(pub.acked) >= 2000, 30, what="2,000 acknowledged readings")
-        procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
-        # The master goes first, so it counts no death; should it reap a child
-        # before its own end, that death is this kill's.
-        server.expect_worker_deaths(2)
-        server.expect_pipeline_deaths(1)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        kill_whole_server(server, workers=2)
         t.join(20)
         stop.set()
         acked = set(pub.acked)
@@ -414,18 +420,9 @@ def test_damage_in_the_middle_of_a_log_is_skipped_and_counted(tmp_path):
                                     "payload": "x" * 600} for i in range(first, first + 50)]).encode()
                 resp = c.request("POST", "/v1/ingest", body)
                 assert resp.status == 200, resp.body
-        # A crash of the whole server (deliberate: every process of it is killed),
-        # with the readings durable in the log and not read by the pipeline. The
-        # master goes first, so it counts no death; should it reap a child before
-        # its own end, that death is this kill's.
-        procs = [psutil.Process(server.pid)] + psutil.Process(server.pid).children()
-        server.expect_worker_deaths(1)
-        server.expect_pipeline_deaths(1)
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        # A crash of the whole server, with the readings durable in the log and
+        # not read by the pipeline.
+        kill_whole_server(server, workers=1)
     finally:
         server.stop(timeout=5)
     wal = server.data_dir / "wal" / "0"

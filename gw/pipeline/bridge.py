@@ -28,7 +28,7 @@ from urllib.parse import urlsplit
 
 import msgspec
 
-from .checkpointfile import read_json, write_json_atomic
+from .checkpointfile import read_sink_checkpoint, write_json_atomic
 from .errors import PipelineError
 from .sink import Part, Sink
 
@@ -162,12 +162,7 @@ class BridgeSink(Sink):
         except OSError as exc:
             raise PipelineError(f"{self.ckpt_dir}: {exc.strerror or exc}") from None
         for slot in range(self.nworkers):
-            try:
-                state = read_json(self._ckpt_path(slot))
-            except (ValueError, OSError) as exc:
-                raise PipelineError(f"bridge checkpoint {self._ckpt_path(slot)} is unreadable ({exc}); "
-                                    "fix or remove it (removing it sends that log again from its start)") \
-                    from None
+            state = read_sink_checkpoint(self._ckpt_path(slot), "bridge", "sends")
             if state is not None:
                 self.checkpoints[slot] = int(state.get("next_offset", 0))
         self._saved = dict(self.checkpoints)

@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import PipelineError
+
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -38,3 +40,14 @@ def read_json(path: Path) -> dict | None:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: not a JSON object")
     return value
+
+
+def read_sink_checkpoint(path: Path, sink: str, redone: str) -> dict | None:
+    """A sink's checkpoint of one worker's log, or None when there is none yet;
+    PipelineError, saying how to go on, when it cannot be read (`redone`: what
+    removing it does with that log, e.g. "sends")."""
+    try:
+        return read_json(path)
+    except (ValueError, OSError) as exc:
+        raise PipelineError(f"{sink} checkpoint {path} is unreadable ({exc}); "
+                            f"fix or remove it (removing it {redone} that log again from its start)") from None

@@ -31,7 +31,7 @@ import os
 import time
 from pathlib import Path
 
-from .checkpointfile import fsync_dir, read_json, write_json_atomic
+from .checkpointfile import fsync_dir, read_sink_checkpoint, write_json_atomic
 from .errors import PipelineError
 from .sink import Part, Sink
 
@@ -79,12 +79,7 @@ class FileSink(Sink):
             raise PipelineError(f"file_sink {self.dir} is not a writable directory: "
                                 f"{exc.strerror or exc}") from None
         for slot in range(self.nworkers):
-            try:
-                state = read_json(self._ckpt_path(slot))
-            except (ValueError, OSError) as exc:
-                raise PipelineError(f"file_sink checkpoint {self._ckpt_path(slot)} is unreadable ({exc}); "
-                                    "fix or remove it (removing it writes that log again from its start)") \
-                    from None
+            state = read_sink_checkpoint(self._ckpt_path(slot), "file_sink", "writes")
             if state is None:
                 continue
             self.checkpoints[slot] = int(state.get("next_offset", 0))

@@ -144,7 +144,6 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
 
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """QoS 1/2: send now if the session's in-flight window has room, else queue."""
-    cdef Queued* slot
     cdef uint64_t size = <uint64_t>msg.topic_len + msg.payload_len
     if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):
         session_send(w, s, msg, qos, retain)
@@ -165,15 +164,10 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
         w.log_limited(CR_QUEUE, "a session's queue holds max_queued_bytes (%d): message dropped"
                       % w.max_queued_bytes)
         return
-    if session_queue_grow(s) < 0:
+    if session_enqueue(s, msg, qos | (retain << 2), size) < 0:
         w.counters[DROPPED_NOMEM] += 1
         return
-    slot = &s.queue[(s.qhead + s.qlen) % s.qcap]
-    slot.msg = msg
-    slot.qos = qos | (retain << 2)
     msg.refs += 1
-    s.qlen += 1
-    s.qbytes += size
     session_changed(w, s)
     if s.qlen >= w.queue_high and not s.congested and not s.stalled and session_online(w, s):
         congest(w, s)

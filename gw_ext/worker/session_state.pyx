@@ -68,7 +68,6 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
-    cdef Queued* slotq
     if end - p < 5 or p[0] != SESSION_STATE_VERSION:
         return session_restore_fault(w, "unknown format")
     nsubs = rd32(p + 1)
@@ -118,15 +117,10 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             e.retain = retain
             s.ninflight += 1
         else:
-            if session_queue_grow(s) < 0:
+            if session_enqueue(s, m, qos | (retain << 2), <uint64_t>tlen + plen) < 0:
                 msg_release(m)
                 w.counters[DROPPED_NOMEM] += 1
                 continue
-            slotq = &s.queue[(s.qhead + s.qlen) % s.qcap]
-            slotq.msg = m
-            slotq.qos = qos | (retain << 2)
-            s.qlen += 1
-            s.qbytes += <uint64_t>tlen + plen
     if end - p < 4:
         return session_restore_fault(w, "QoS 2 ids missing")
     nq2 = rd32(p)

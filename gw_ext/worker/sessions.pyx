@@ -150,24 +150,31 @@ cdef uint16_t session_packet_id(Session* s) noexcept nogil:
             return pid
 
 
+cdef int _grow_by_packet_id(void** items, uint32_t* cap, size_t item_size) noexcept nogil:
+    # An array with at most one entry per packet id grown: its capacity doubled
+    # from 8, never past 0xFFFF (as many as there are packet ids). -1 when it is
+    # that full already or out of memory (the array kept).
+    cdef uint32_t grown_cap
+    cdef void* grown
+    if cap[0] >= 0xFFFF:
+        return -1
+    grown_cap = cap[0] * 2 if cap[0] else 8
+    if grown_cap > 0xFFFF:
+        grown_cap = 0xFFFF
+    grown = realloc(items[0], grown_cap * item_size)
+    if grown == NULL:
+        return -1
+    items[0] = grown
+    cap[0] = grown_cap
+    return 0
+
+
 cdef int inflight_grow(Session* s) noexcept nogil:
     """Room for one more in-flight message; its 16-bit count and capacity stop
     at 0xFFFF (as many as there are packet ids). -1: no room."""
-    cdef uint32_t cap
-    cdef Inflight* grown
     if s.ninflight < s.inflight_cap:
         return 0
-    if s.inflight_cap == 0xFFFF:
-        return -1
-    cap = <uint32_t>s.inflight_cap * 2 if s.inflight_cap else 8
-    if cap > 0xFFFF:
-        cap = 0xFFFF
-    grown = <Inflight*>realloc(s.inflight, cap * sizeof(Inflight))
-    if grown == NULL:
-        return -1
-    s.inflight = grown
-    s.inflight_cap = cap
-    return 0
+    return _grow_by_packet_id(<void**>&s.inflight, &s.inflight_cap, sizeof(Inflight))
 
 
 cdef int session_queue_grow(Session* s) noexcept nogil:
@@ -185,6 +192,21 @@ cdef int session_queue_grow(Session* s) noexcept nogil:
     s.queue = q
     s.qcap = cap
     s.qhead = 0
+    return 0
+
+
+cdef int session_enqueue(Session* s, Msg* msg, uint8_t qos_flags, uint64_t size) noexcept nogil:
+    """Appends msg to the session's queue (the queue takes the reference the
+    caller gives it): qos_flags is its QoS | retain << 2, size its topic and
+    payload bytes. -1 when out of memory (nothing queued)."""
+    cdef Queued* slot
+    if session_queue_grow(s) < 0:
+        return -1
+    slot = &s.queue[(s.qhead + s.qlen) % s.qcap]
+    slot.msg = msg
+    slot.qos = qos_flags
+    s.qlen += 1
+    s.qbytes += size
     return 0
 
 
@@ -269,19 +291,9 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
     # At most 0xFFFF entries (packet ids are 16-bit, and 0 is not one): the
     # 16-bit count and capacity never wrap.
-    cdef uint16_t* grown
-    cdef uint32_t cap
     if s.nqos2_in == s.qos2_cap:
-        if s.qos2_cap == 0xFFFF:
+        if _grow_by_packet_id(<void**>&s.qos2_in, &s.qos2_cap, sizeof(uint16_t)) < 0:
             return -1
-        cap = <uint32_t>s.qos2_cap * 2 if s.qos2_cap else 8
-        if cap > 0xFFFF:
-            cap = 0xFFFF
-        grown = <uint16_t*>realloc(s.qos2_in, cap * sizeof(uint16_t))
-        if grown == NULL:
-            return -1
-        s.qos2_in = grown
-        s.qos2_cap = <uint16_t>cap
     s.qos2_in[s.nqos2_in] = pid
     s.nqos2_in += 1
     return 0

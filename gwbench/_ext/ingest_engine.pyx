@@ -30,7 +30,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gwbench._ext.latency_hist cimport Hist, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
+from gwbench._ext.engine_io cimport mono_ns, out_consumed, out_reserve, send_some, watch_events
+from gwbench._ext.latency_hist cimport Hist, HistScale, hist_scale, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR, ENOSYS
 from libc.time cimport tm, time_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
@@ -135,12 +136,6 @@ cdef struct HConn:
     int dirty
     uint8_t* hello
     uint32_t hello_len
-
-
-cdef inline int64_t mono_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
 
 
 cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
@@ -277,10 +272,7 @@ cdef class IngestEngine:
     cdef Hist svc
     cdef Hist win
     cdef Hist lag
-    cdef double log_min
-    cdef double inv_log_g
-    cdef double min_ns
-    cdef int nb
+    cdef HistScale scale
     cdef epoll_event evs[MAXEV]
     # counters
     cdef public uint64_t sent, answered, ok, lost, bytes_out, bytes_in, retry_after, injected
@@ -307,10 +299,7 @@ cdef class IngestEngine:
         self.pipeline = max(1, min(pipeline, 65000))
         self.clients_total = max(clients_total, 1)
         self.devices = devices
-        self.nb = hist_nbuckets
-        self.min_ns = hist_min_ns
-        self.log_min = log(hist_min_ns)
-        self.inv_log_g = 1.0 / log(hist_growth)
+        hist_scale(&self.scale, hist_min_ns, hist_growth, hist_nbuckets)
         if (hist_alloc(&self.lat, hist_nbuckets) or hist_alloc(&self.svc, hist_nbuckets)
                 or hist_alloc(&self.win, hist_nbuckets) or hist_alloc(&self.lag, hist_nbuckets)):
             raise MemoryError()
@@ -414,33 +403,15 @@ cdef class IngestEngine:
 
     # -- helpers ----------------------------------------------------------------
     cdef inline void hrec(self, Hist* h, double v) noexcept nogil:
-        hist_record(h, v, self.min_ns, self.log_min, self.inv_log_g, self.nb)
+        hist_record(h, v, &self.scale)
 
     cdef void set_events(self, int i, uint32_t events) noexcept:
         cdef HConn* c = &self.conns[i]
-        cdef epoll_event ev
-        if c.fd < 0 or c.events == events:
-            return
-        ev.events = events
-        ev.data.u64 = 0
-        ev.data.u32 = <uint32_t>i
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
-        c.events = events
+        if not c.fd < 0:
+            watch_events(self.epfd, c.fd, <uint32_t>i, &c.events, events)
 
     cdef int ensure_out(self, HConn* c, size_t extra) noexcept:
-        cdef size_t cap
-        cdef uint8_t* p
-        if c.out_len + extra <= c.out_cap:
-            return 0
-        cap = c.out_cap * 2
-        while cap < c.out_len + extra:
-            cap *= 2
-        p = <uint8_t*>realloc(c.outb, cap)
-        if p == NULL:
-            return -1
-        c.outb = p
-        c.out_cap = cap
-        return 0
+        return out_reserve(&c.outb, &c.out_cap, c.out_len, extra)
 
     cdef void put_ts(self, uint8_t* p, int64_t mono) noexcept:
         """RFC 3339 UTC with milliseconds: 2025-01-31T12:34:56.789Z (24 bytes)."""
@@ -673,20 +644,15 @@ cdef class IngestEngine:
         cdef ssize_t r
         if c.fd < 0 or c.out_len == 0:
             return 0
-        r = c_send(c.fd, c.outb, c.out_len, MSG_NOSIGNAL)
+        r = send_some(c.fd, c.outb, c.out_len)
         if r < 0:
-            if errno == EAGAIN or errno == EINTR:
-                r = 0
-            else:
-                self.last_errno = errno
-                self.drop(i, E_RESET, now, 100000000)
-                return -1
+            self.last_errno = errno
+            self.drop(i, E_RESET, now, 100000000)
+            return -1
         if r > 0:
             self.bytes_out += r
             c.last_tx = now
-            if <size_t>r < c.out_len:
-                memmove(c.outb, c.outb + r, c.out_len - r)
-            c.out_len -= r
+            out_consumed(c.outb, &c.out_len, <size_t>r)
         if c.out_len:
             self.set_events(i, EPOLLIN | EPOLLOUT)
         elif c.events & EPOLLOUT:
@@ -1251,7 +1217,7 @@ cdef class IngestEngine:
         return [(self.an_dev[k], self.an_seq[k]) for k in range(self.an_n)]
 
     cdef dict _hist(self, Hist* h):
-        return hist_dict(h, self.nb)
+        return hist_dict(h, self.scale.nb)
 
     def latency_hist(self):
         """From each request's due time to its response (open loop: includes
@@ -1270,7 +1236,7 @@ cdef class IngestEngine:
     def take_window(self):
         """The latency histogram since the previous call, then cleared."""
         d = self._hist(&self.win)
-        hist_clear(&self.win, self.nb)
+        hist_clear(&self.win, self.scale.nb)
         return d
 
     def record_latency(self, values):

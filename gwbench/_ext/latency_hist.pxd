@@ -40,16 +40,30 @@ cdef inline void hist_clear(Hist* h, int nb) noexcept nogil:
     h.mx = 0
 
 
-cdef inline void hist_record(Hist* h, double v, double min_ns, double log_min, double inv_log_g,
-                             int nb) noexcept nogil:
-    """One value (ns); log_min = log(min_ns), inv_log_g = 1 / log(growth)."""
+cdef struct HistScale:
+    # The buckets' bounds, the same for every histogram of an engine.
+    double min_ns
+    double log_min            # log(min_ns)
+    double inv_log_g          # 1 / log(growth)
+    int nb
+
+
+cdef inline void hist_scale(HistScale* s, double min_ns, double growth, int nb) noexcept nogil:
+    s.min_ns = min_ns
+    s.log_min = log(min_ns)
+    s.inv_log_g = 1.0 / log(growth)
+    s.nb = nb
+
+
+cdef inline void hist_record(Hist* h, double v, const HistScale* s) noexcept nogil:
+    """One value (ns)."""
     cdef int k
-    if v < min_ns:
+    if v < s.min_ns:
         k = 0
     else:
-        k = <int>((log(v) - log_min) * inv_log_g) + 1
-        if k > nb + 1:
-            k = nb + 1
+        k = <int>((log(v) - s.log_min) * s.inv_log_g) + 1
+        if k > s.nb + 1:
+            k = s.nb + 1
     h.counts[k] += 1
     h.total += 1
     h.sum += v

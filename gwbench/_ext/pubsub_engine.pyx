@@ -18,7 +18,8 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gwbench._ext.latency_hist cimport Hist, hist_alloc, hist_dict, hist_free, hist_record
+from gwbench._ext.engine_io cimport mono_ns, out_consumed, out_reserve, send_some, watch_events
+from gwbench._ext.latency_hist cimport Hist, HistScale, hist_scale, hist_alloc, hist_dict, hist_free, hist_record
 from libc.errno cimport errno, EAGAIN, EINTR
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -94,12 +95,6 @@ cdef struct Conn:
     Tracker* tr
 
 
-cdef inline int64_t mono_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <int64_t>ts.tv_sec * 1000000000 + ts.tv_nsec
-
-
 cdef class Engine:
     cdef Conn* conns
     cdef int n
@@ -118,10 +113,7 @@ cdef class Engine:
     cdef uint8_t* payload
     cdef Hist lat
     cdef Hist ack
-    cdef double log_min
-    cdef double inv_log_g
-    cdef double min_ns
-    cdef int nb
+    cdef HistScale scale
     cdef epoll_event evs[MAXEV]
     # counters
     cdef public uint64_t published, acked, received, unique, duplicates, out_of_order, foreign
@@ -147,10 +139,7 @@ cdef class Engine:
         self.pid_max = (65535 // self.window) * self.window
         self.keepalive_ns = <int64_t>keepalive * 1000000000
         self.payload = <uint8_t*>calloc(max(size, 16), 1)
-        self.nb = hist_nbuckets
-        self.min_ns = hist_min_ns
-        self.log_min = log(hist_min_ns)
-        self.inv_log_g = 1.0 / log(hist_growth)
+        hist_scale(&self.scale, hist_min_ns, hist_growth, hist_nbuckets)
         if hist_alloc(&self.lat, hist_nbuckets) or hist_alloc(&self.ack, hist_nbuckets):
             raise MemoryError()
         memset(self.err, 0, sizeof(self.err))
@@ -237,18 +226,12 @@ cdef class Engine:
 
     # -- helpers --------------------------------------------------------------
     cdef inline void hrec(self, Hist* h, double v) noexcept nogil:
-        hist_record(h, v, self.min_ns, self.log_min, self.inv_log_g, self.nb)
+        hist_record(h, v, &self.scale)
 
     cdef void set_events(self, int i, uint32_t events) noexcept:
         cdef Conn* c = &self.conns[i]
-        cdef epoll_event ev
-        if c.closed or c.events == events:
-            return
-        ev.events = events
-        ev.data.u64 = 0
-        ev.data.u32 = <uint32_t>i
-        epoll_ctl(self.epfd, EPOLL_CTL_MOD, c.fd, &ev)
-        c.events = events
+        if not c.closed:
+            watch_events(self.epfd, c.fd, <uint32_t>i, &c.events, events)
 
     cdef void lose(self, int i, int kind) noexcept:
         cdef Conn* c = &self.conns[i]
@@ -261,19 +244,7 @@ cdef class Engine:
         self.live -= 1
 
     cdef int ensure_out(self, Conn* c, size_t extra) noexcept:
-        cdef size_t cap
-        cdef uint8_t* p
-        if c.out_len + extra <= c.out_cap:
-            return 0
-        cap = c.out_cap * 2
-        while cap < c.out_len + extra:
-            cap *= 2
-        p = <uint8_t*>realloc(c.outb, cap)
-        if p == NULL:
-            return -1
-        c.outb = p
-        c.out_cap = cap
-        return 0
+        return out_reserve(&c.outb, &c.out_cap, c.out_len, extra)
 
     cdef void append_ack(self, int i, uint8_t ptype, uint16_t pid) noexcept:
         cdef Conn* c = &self.conns[i]
@@ -312,20 +283,15 @@ cdef class Engine:
                     break
                 r += k
         else:
-            r = c_send(c.fd, c.outb, c.out_len, MSG_NOSIGNAL)
+            r = send_some(c.fd, c.outb, c.out_len)
             if r < 0:
-                if errno == EAGAIN or errno == EINTR:
-                    r = 0
-                else:
-                    self.last_errno = errno
-                    self.lose(i, E_RESET)
-                    return -1
+                self.last_errno = errno
+                self.lose(i, E_RESET)
+                return -1
         if r > 0:
             self.bytes_out += r
             c.last_tx = now
-            if <size_t>r < c.out_len:
-                memmove(c.outb, c.outb + r, c.out_len - r)
-            c.out_len -= r
+            out_consumed(c.outb, &c.out_len, <size_t>r)
         if c.out_len:
             self.set_events(i, EPOLLIN | EPOLLOUT)
         elif c.events & EPOLLOUT:
@@ -679,7 +645,7 @@ cdef class Engine:
         return {ERROR_NAMES[k]: self.err[k] for k in range(E_COUNT) if self.err[k]}
 
     cdef dict _hist(self, Hist* h):
-        return hist_dict(h, self.nb)
+        return hist_dict(h, self.scale.nb)
 
     def record_latency(self, values):
         """Records values (ns) in the latency histogram exactly as received
