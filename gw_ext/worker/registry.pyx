@@ -155,9 +155,25 @@ cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state):
     connect_settle(w, token, state if present else None)
 
 
+cdef bint settling_here(Worker w, bytes client_id):
+    """Whether a CONNECT of ours for client_id waits for its session."""
+    cdef PendingConnect pc
+    for pc in w.pending.values():
+        if pc.client_id == client_id:
+            return True
+    return False
+
+
 cdef void registry_release(Worker w, bytes client_id):
-    """A session of ours ended: its home forgets us (unless someone else has it now)."""
+    """A session of ours ended: its home forgets us (unless someone else has it now).
+    Not while this worker still holds the id or is about to: another session
+    of it here, or a CONNECT of ours for it settling, whose claim (sent before
+    this release would be) names us at the home again; a release arriving
+    after it would erase that, and the next CONNECT with the id elsewhere
+    would not close ours (MQTT-3.1.4-2). The last of them to end releases."""
     cdef int home = home_of(w, client_id)
+    if client_id in w.client_sessions or settling_here(w, client_id):
+        return
     if home == w.worker_index or w.peers[home].fd < 0:
         if w.registry.get(client_id) == w.worker_index:
             del w.registry[client_id]

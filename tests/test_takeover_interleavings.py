@@ -1,0 +1,107 @@
+"""Takeovers across workers, each interleaving played out deterministically:
+one real Worker (gw_ext/loop.pyx) driven a loop turn at a time with real
+client sockets, and the other worker played by the test over a real
+SOCK_SEQPACKET socketpair (fuzz/common.py's harness), so the frames between
+the two arrive in exactly the order that makes the case. With two workers,
+client id c0's home is worker 1 (the played one), c4's is worker 0 (the
+real one).
+
+What must hold in each: the id's home keeps naming the worker whose
+connection holds the session, so that the next CONNECT with that id, on any
+worker, closes it (MQTT-3.1.4-2)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from test_fuzz_regressions import run_worker_script
+
+# Shared by the scripts: the played worker's end of the channel.
+PLAYED_PEER = """
+    def frames_from(peer):
+        '''The frames the worker sent to the played peer since the last call.'''
+        out = []
+        while True:
+            try:
+                dgram = peer.theirs.recv(1 << 22)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos + 8 <= len(dgram):
+                ftype, _flags, _tlen, blen = struct.unpack_from("<BBHI", dgram, pos)
+                out.append((ftype, dgram[pos + 8:pos + 8 + blen]))
+                pos += 8 + blen
+
+    def turns(wut, n=4):
+        for _ in range(n):
+            wut.worker.run_once(0)
+
+    def connected(wut, cid, clean=True):
+        c = Client(wut.ports["mqtt"])
+        turns(wut)
+        c.stream += connect_packet(cid, clean=clean)
+        c.send(0)
+        turns(wut)
+        return c
+
+    # A persistent session's state as a worker sends it (session_state.pyx):
+    # version 2, one subscription (t/x, QoS 1), next packet id 1, no message, no QoS 2 id.
+    STATE = struct.pack("<BI", 2, 1) + struct.pack("<H", 3) + b"t/x\\x01" + struct.pack("<HI", 1, 0) \\
+        + struct.pack("<I", 0)
+"""
+
+
+def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
+    """A clean session's connection (A) ends on a worker while a later CONNECT
+    (B) with its id, on that worker, waits for the home's answer. The end of
+    A's session told the home to forget that worker, after B's claim had
+    named it again: B, connected, was forgotten, and a CONNECT elsewhere did
+    not close it. The home must still name the worker once B is connected."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        registry = {}       # the home's record (worker 1 is c0's home), by registry.pyx's rules
+        grants = []
+
+        def home_reads():
+            for ftype, body in frames_from(peer):
+                if ftype == FR_CLAIM:
+                    token, _clean = struct.unpack_from("<IB", body)
+                    cid = body[5:]
+                    prev = registry.get(cid, -1)
+                    registry[cid] = 0
+                    grants.append(frame(FR_GRANT, struct.pack("<Ib", token, prev) + cid))
+                elif ftype == FR_RELEASE:
+                    if registry.get(body[1:]) == body[0]:
+                        del registry[body[1:]]
+
+        def home_answers():
+            for f in grants:
+                peer.send(f)
+            grants.clear()
+            turns(wut)
+
+        a = connected(wut, b"c0")
+        home_reads()
+        home_answers()
+        a.drain()
+        assert bytes(a.received) == CONNACK_NEW, bytes(a.received)
+        b = connected(wut, b"c0", clean=False)
+        home_reads()                # B's claim: the home names worker 0 (again); its GRANT is on its way
+        a.close()                   # meanwhile A leaves: its clean session ends
+        turns(wut)
+        home_reads()
+        home_answers()              # B's GRANT: worker 0 had it, B settles at once
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        assert registry.get(b"c0") == 0, f"the home forgot that worker 0 holds c0: {registry}"
+        # A client of worker 1 connects with c0: the home evicts worker 0's.
+        peer.send(frame(FR_EVICT, struct.pack("<BIB", 1, 7, 1) + b"c0"))
+        turns(wut)
+        sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
+        assert [struct.unpack_from("<I", s)[0] for s in sessions] == [7], sessions
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))
