@@ -478,7 +478,13 @@ cdef class Worker:
                 channel_readable(self, c.listener)
         elif is_client_state(c.state):
             if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                self.on_readable(c)
+                if c.state != ST_SETTLING:
+                    self.on_readable(c)
+                elif ev & (EPOLLHUP | EPOLLERR):
+                    # Reset while its CONNECT settles: nothing is read meanwhile, but
+                    # epoll reports a hang-up whatever it was asked, every turn (the
+                    # loop spun). The client is gone; its settle finds it so (registry.pyx).
+                    self.close_conn(c, CR_ERROR)
             if ev & EPOLLOUT and is_client_state(c.state):
                 self.on_writable(c)
 

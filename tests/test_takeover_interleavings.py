@@ -105,3 +105,48 @@ def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
         assert h.counter("TAKEOVERS") == 1
         wut.close()
     """))
+
+
+def test_connect_left_before_its_session_came_while_a_later_one_waits():
+    """At c4's home: a CONNECT (P) takes the id over from worker 1 and waits
+    for the session; its client resets the connection, which is closed then
+    (it was not: epoll reported the hang-up every turn, and the loop spun). A later CONNECT (B) on the same
+    worker waits behind P. The session comes (none: clean): P's settling
+    without its client must not make the home forget the id's owner (B
+    took it), so that the next CONNECT elsewhere (worker 1) closes B."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        # Worker 1 holds c4: its client connected there.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4")
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        _claimant, p_token, _clean = struct.unpack_from("<BIB", evicts[0])
+        p.close(reset=True)         # gone before its session came
+        turns(wut)
+        assert (h.counter("CONNS_CURRENT"), h.counter("CLOSED_ERROR")) == (0, 1)    # noticed, closed
+        b = connected(wut, b"c4", clean=False)
+        b.drain()
+        assert bytes(b.received) == b"", bytes(b.received)      # behind P
+        # Worker 1 closed its client and hands over: no session (it was clean).
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 0, 2) + b"c4"))
+        turns(wut)
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        frames_from(peer)
+        # Worker 1's client connects with c4 again: B is taken over.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        sessions = [body for ftype, body in got if ftype == FR_SESSION]
+        assert [struct.unpack_from("<I", s)[0] for s in sessions] == [51], got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))
