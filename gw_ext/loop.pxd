@@ -555,6 +555,7 @@ cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect ex
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state)
 cdef bint settling_here(Worker w, bytes client_id)
+cdef void session_came_late(Worker w)
 cdef void registry_release(Worker w, bytes client_id)
 cdef void registry_register(Worker w, bytes client_id)
 cdef void registry_register_restored(Worker w)

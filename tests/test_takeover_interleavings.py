@@ -150,3 +150,53 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
         assert h.counter("TAKEOVERS") == 1
         wut.close()
     """))
+
+
+def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone():
+    """As above, but B's session question is not answered within the settle
+    timeout: B settles as a new session. P's persistent session arrives after
+    that: dropped and counted (B's client was told it has none). Kept, it was
+    a second session of c4 on the worker, in B's place in the id's table, so
+    B was no longer found: the next CONNECT elsewhere took over the stale one
+    and left B open."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        import time
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4", clean=False)
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        _claimant, p_token, _clean = struct.unpack_from("<BIB", evicts[0])
+        p.close(reset=True)
+        turns(wut)
+        assert h.counter("CONNS_CURRENT") == 0
+        b = connected(wut, b"c4", clean=False)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not b.received and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)      # settled alone, new session
+        # Now worker 1's answer to P: the persistent session.
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 1, 2) + b"c4" + STATE))
+        turns(wut)
+        b.stream += PINGREQ
+        b.send(0)
+        turns(wut)
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW + b"\\xd0\\x00", bytes(b.received)
+        frames_from(peer)
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 0) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        assert h.counter("SESSIONS_LATE") == 1      # P's, dropped: B had settled without it
+        assert h.counter("SESSIONS_AWAY") == 0
+        wut.close()
+    """))

@@ -151,6 +151,10 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state):
     cdef PendingConnect pc = w.pending.get(token)
     if pc is None:
+        # Its CONNECT settled without it (its settle timeout): the client was told it
+        # has no session, and may hold another by now.
+        if present:
+            session_came_late(w)
         return
     connect_settle(w, token, state if present else None)
 
@@ -162,6 +166,12 @@ cdef bint settling_here(Worker w, bytes client_id):
         if pc.client_id == client_id:
             return True
     return False
+
+
+cdef void session_came_late(Worker w):
+    w.counters[SESSIONS_LATE] += 1
+    w.log_limited(CR_CHANNEL, "a session from another worker came after its CONNECT had settled without it; "
+                  "dropped")
 
 
 cdef void registry_release(Worker w, bytes client_id):
@@ -288,7 +298,11 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     if c.state != ST_SETTLING or c.gen != pc.gen:
         # The client left while we waited. A transferred persistent session
         # stays here, waiting for it.
-        if state is not None:
+        if state is not None and pc.client_id in w.client_sessions:
+            # A later CONNECT of ours for the id settled first, on its own (its
+            # settle timeout): the id's session here is its, not this one.
+            session_came_late(w)
+        elif state is not None:
             slot = session_new(w, <const uint8_t*>PyBytes_AS_STRING(pc.client_id), len(pc.client_id), 0)
             if slot >= 0:
                 session_restore(w, slot, state)
