@@ -354,6 +354,7 @@ cdef class Worker:
     # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
     cdef Wheel wheel                 # every connection's deadline
     cdef public uint32_t connect_timeout_ms
+    cdef public uint32_t settle_timeout_ms   # connect_settle_timeout (worker/registry.pyx)
     cdef public uint32_t json_timeout_ms
 
     # --- MQTT packets (worker/handle_*.pyx) ---------------------------------------------

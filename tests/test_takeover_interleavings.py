@@ -153,15 +153,19 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
 
 
 def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone():
-    """As above, but B's session question is not answered within the settle
-    timeout: B settles as a new session. P's persistent session arrives after
+    """As above, but B's session question is not answered within
+    connect_settle_timeout: B settles as a new session. P's persistent session arrives after
     that: dropped and counted (B's client was told it has none). Kept, it was
     a second session of c4 on the worker, in B's place in the id's table, so
     B was no longer found: the next CONNECT elsewhere took over the stale one
     and left B open."""
     run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
-        import time
+        import dataclasses, time
+        from gw.worker import apply_limits
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        # B's wait, shorter than by default (3 s): the setting reaches the worker.
+        apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
+        assert wut.worker.settle_timeout_ms == 300
         peer = wut.peers[1]
         peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + b"c4"))
         turns(wut)

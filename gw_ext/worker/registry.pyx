@@ -19,8 +19,9 @@
 from zlib import crc32
 
 # The frames (FR_CLAIM ... FR_REGISTER) and their bodies: gw_ext/frames.pxd.
-# A claim unanswered for SETTLE_TIMEOUT_MS (a peer died) settles as a new
-# session (keepalive.pyx).
+# A claim unanswered for connect_settle_timeout (a peer died, or is that far
+# behind) settles as a new session (keepalive.pyx); a session coming after
+# that is dropped, counted (sessions_late).
 
 
 cdef class PendingConnect:
