@@ -128,6 +128,7 @@ cdef class Worker:
         self.restored = []
         self.congested = set()
         self.pending = {}
+        self.settle_orphans = []
         self.pending_subacks = {}
         self.retained = {}
         self.index = topics_new()
@@ -430,6 +431,11 @@ cdef class Worker:
         if self.nresume:
             self.resume_settled()
         self.run_timers()
+        if self.settle_orphans:
+            try:
+                settle_orphans_due(self)        # worker/registry.pyx
+            except Exception:
+                self.contained(-1, "settling CONNECTs whose client left")
         if self.nresume:
             self.resume_settled()
         self.reap_closed()
@@ -1049,6 +1055,10 @@ cdef class Worker:
         takes no more input and gets no more output."""
         if not is_client_state(c.state):
             return
+        if c.state == ST_SETTLING:
+            # Its claim still settles, by its deadline at the latest (worker/registry.pyx):
+            # what waits behind it must not wait forever.
+            self.settle_orphans.append((c.pending_token, c.timer.deadline_ms))
         c.closed_from = c.state
         c.close_reason = <uint8_t>reason
         c.close_detail = <uint8_t>detail

@@ -204,3 +204,47 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
         assert h.counter("SESSIONS_AWAY") == 0
         wut.close()
     """))
+
+
+def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
+    """A CONNECT (P) whose client reset the connection while it waited lost
+    its settle timer with the connection. Never answered (the worker that
+    held the session is gone or far behind), it waited forever, and so did
+    every EVICT for its id queued behind it: a later connection with the id
+    (B, settled on its own) was never closed by a takeover elsewhere. P
+    settles by its deadline."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        import dataclasses, time
+        from gw.worker import apply_limits
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
+        peer = wut.peers[1]
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4")
+        assert [ftype for ftype, _body in frames_from(peer)] == [FR_EVICT]
+        p.close(reset=True)
+        turns(wut)
+        assert h.counter("CONNS_CURRENT") == 0
+        b = connected(wut, b"c4", clean=False)
+        # Worker 1 never answers P. B settles on its own, P by its deadline (earlier than B's).
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not b.received and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        turns(wut)
+        frames_from(peer)
+        # Worker 1's client connects with c4: B is taken over.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        assert [struct.unpack_from("<I", body)[0] for ftype, body in got if ftype == FR_SESSION] == [51], got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))

@@ -169,6 +169,32 @@ cdef bint settling_here(Worker w, bytes client_id):
     return False
 
 
+cdef void settle_orphans_due(Worker w):
+    """CONNECTs whose connection closed while they waited for their session
+    lost their timer with it: unanswered by its deadline, each settles now as
+    the timer would have settled it (the client gone), so the evictions
+    waiting behind it go on, and a later EVICT is not queued behind it."""
+    cdef list due = []
+    cdef list left = []
+    cdef object entry
+    for entry in w.settle_orphans:
+        if entry[0] not in w.pending or <uint64_t>entry[1] <= w.now_ms:
+            break
+    else:
+        return                          # none due yet (the usual turn: nothing built)
+    for entry in w.settle_orphans:
+        if entry[0] not in w.pending:
+            continue                    # answered meanwhile
+        if <uint64_t>entry[1] <= w.now_ms:
+            due.append(entry[0])
+        else:
+            left.append(entry)
+    w.settle_orphans = left
+    for token in due:
+        w.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; its client had left")
+        connect_settle(w, token, None)
+
+
 cdef void session_came_late(Worker w):
     w.counters[SESSIONS_LATE] += 1
     w.log_limited(CR_CHANNEL, "a session from another worker came after its CONNECT had settled without it; "
