@@ -43,7 +43,7 @@ HOST = "127.0.0.1"
 MAX_FDS = 4096                 # the worker's fd table; the harness stays far below it
 # The end-of-input checks wait for the worker this long: past its own timers
 # that may hold a connection (a CONNECT waiting for a peer that never answers
-# its claim is settled after SETTLE_TIMEOUT_MS, 3 s; a closing connection's
+# its claim is settled after connect_settle_timeout, 3 s; a closing connection's
 # grace is 2 s), so a connection still there after it is one the worker lost.
 SETTLE_SECONDS = 4.5
 SETTLE_WAIT_MS = 5             # epoll wait of each turn once the quick turns did not do

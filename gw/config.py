@@ -119,6 +119,10 @@ class Config:
                                             choices=CONTROL_CHARACTER_MODES)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
                                       minimum=0.1, maximum=3600)
+    connect_settle_timeout: float = _setting(3.0, "seconds a CONNECT waits for its session from the worker "
+                                             "that held it; then it settles as a new session, and the "
+                                             "session coming later is dropped and counted (sessions_late)",
+                                             minimum=0.1, maximum=3600)
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",
                                    minimum=1, maximum=86400)
     drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",

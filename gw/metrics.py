@@ -113,6 +113,9 @@ _FAMILIES = [
      "interest, the others'.", [("", C.SUBSCRIPTION_INDEX_BYTES)]),
     ("gw_sessions_expired_total", "counter", "clean_session=0 sessions ended after session_expiry.",
      [("", C.SESSIONS_EXPIRED)]),
+    ("gw_sessions_late_total", "counter",
+     "Sessions from another worker dropped: they came after their CONNECT had settled without them "
+     "(connect_settle_timeout), as a new session.", [("", C.SESSIONS_LATE)]),
     ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",
      [("", C.TAKEOVERS)]),
     ("gw_wills_published_total", "counter", "Will messages published.", [("", C.WILLS_PUBLISHED)]),

@@ -354,6 +354,7 @@ cdef class Worker:
     # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
     cdef Wheel wheel                 # every connection's deadline
     cdef public uint32_t connect_timeout_ms
+    cdef public uint32_t settle_timeout_ms   # connect_settle_timeout (worker/registry.pyx)
     cdef public uint32_t json_timeout_ms
 
     # --- MQTT packets (worker/handle_*.pyx) ---------------------------------------------
@@ -394,6 +395,7 @@ cdef class Worker:
     # --- the client-id registry (worker/registry.pyx) -----------------------------------
     cdef dict registry               # at the id's home: client id -> owning worker
     cdef dict pending                # token -> PendingConnect, waiting to settle
+    cdef list settle_orphans         # (token, deadline ms) of those whose connection closed meanwhile
     cdef uint32_t settle_token
 
     # --- the links between workers (worker/channel.pyx) ---------------------------------
@@ -554,6 +556,9 @@ cdef void on_grant(Worker w, uint32_t token, int prev)
 cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state)
+cdef bint settling_here(Worker w, bytes client_id)
+cdef void session_came_late(Worker w)
+cdef void settle_orphans_due(Worker w)
 cdef void registry_release(Worker w, bytes client_id)
 cdef void registry_register(Worker w, bytes client_id)
 cdef void registry_register_restored(Worker w)

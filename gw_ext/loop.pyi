@@ -38,6 +38,7 @@ class Worker:
     max_outbound: int
     soft_outbound: int
     connect_timeout_ms: int
+    settle_timeout_ms: int
     json_timeout_ms: int
     max_awaiting_rel: int
     max_subscriptions: int

@@ -142,6 +142,7 @@ cdef class Worker:
         self.restored = []
         self.congested = set()
         self.pending = {}
+        self.settle_orphans = []
         self.pending_subacks = {}
         self.retained = {}
         self.index = topics_new()
@@ -416,6 +417,11 @@ cdef class Worker:
         if self.nresume:
             self.resume_settled()
         self.run_timers()
+        if self.settle_orphans:
+            try:
+                settle_orphans_due(self)        # worker/registry.pyx
+            except Exception:
+                self.contained(-1, "settling CONNECTs whose client left")
         if self.nresume:
             self.resume_settled()
         self.reap_closed()
@@ -464,7 +470,13 @@ cdef class Worker:
                 channel_readable(self, c.listener)
         elif is_client_state(c.state):
             if ev & (EPOLLIN | EPOLLHUP | EPOLLERR):
-                self.on_readable(c)
+                if c.state != ST_SETTLING:
+                    self.on_readable(c)
+                elif ev & (EPOLLHUP | EPOLLERR):
+                    # Reset while its CONNECT settles: nothing is read meanwhile, but
+                    # epoll reports a hang-up whatever it was asked, every turn (the
+                    # loop spun). The client is gone; its settle finds it so (registry.pyx).
+                    self.close_conn(c, CR_ERROR)
             if ev & EPOLLOUT and is_client_state(c.state):
                 self.on_writable(c)
 
@@ -1029,6 +1041,10 @@ cdef class Worker:
         takes no more input and gets no more output."""
         if not is_client_state(c.state):
             return
+        if c.state == ST_SETTLING:
+            # Its claim still settles, by its deadline at the latest (worker/registry.pyx):
+            # what waits behind it must not wait forever.
+            self.settle_orphans.append((c.pending_token, c.timer.deadline_ms))
         c.closed_from = c.state
         c.close_reason = <uint8_t>reason
         c.close_detail = <uint8_t>detail

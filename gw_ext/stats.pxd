@@ -41,6 +41,7 @@ cpdef enum:
     BACKPRESSURE_EVENTS = 31  # a subscriber's queue passed queue_high: publishers held
     SLOW_CONSUMERS = 85       # subscribers that stopped acknowledging while congested
     SESSIONS_EXPIRED = 86     # clean_session=0 sessions ended after session_expiry away
+    SESSIONS_LATE = 87        # sessions from another worker dropped: their CONNECT had settled without them
     CHANNEL_MSGS_OUT = 80     # PUBLISH forwarded to other workers
     CHANNEL_MSGS_IN = 81      # PUBLISH received from other workers
     CHANNEL_BYTES_OUT = 82

@@ -4,7 +4,7 @@
 #
 #   accepted -> connect_timeout (the TLS handshake and the CONNECT, or an HTTP
 #               request, must arrive within it)
-#   CONNECT read, its session settling across workers -> SETTLE_TIMEOUT_MS
+#   CONNECT read, its session settling across workers -> connect_settle_timeout
 #               (registry.pyx; then it settles as a new session)
 #   connected -> MQTT: 1.5 x the keepalive it asked for (MQTT-3.1.2-24; 0: none);
 #               JSON lines: json_timeout
@@ -20,7 +20,6 @@
 
 cdef enum:
     CLOSE_GRACE_MS = 2000     # how long a closing connection may take to flush
-    SETTLE_TIMEOUT_MS = 3000  # how long a CONNECT waits for its session from another worker
 
 
 cdef inline uint32_t mqtt_idle_limit_ms(uint16_t keepalive) noexcept nogil:
@@ -48,7 +47,7 @@ cdef inline void schedule_connect_timeout(Worker w, Conn* c) noexcept:
 
 
 cdef inline void schedule_settle_timeout(Worker w, Conn* c) noexcept:
-    wheel_schedule(&w.wheel, &c.timer, w.now_ms + SETTLE_TIMEOUT_MS)
+    wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.settle_timeout_ms)
 
 
 cdef inline void schedule_close_grace(Worker w, Conn* c) noexcept:

@@ -19,8 +19,9 @@
 from zlib import crc32
 
 # The frames (FR_CLAIM ... FR_REGISTER) and their bodies: gw_ext/frames.pxd.
-# A claim unanswered for SETTLE_TIMEOUT_MS (a peer died) settles as a new
-# session (keepalive.pyx).
+# A claim unanswered for connect_settle_timeout (a peer died, or is that far
+# behind) settles as a new session (keepalive.pyx); a session coming after
+# that is dropped, counted (sessions_late).
 
 
 cdef class PendingConnect:
@@ -151,13 +152,65 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state):
     cdef PendingConnect pc = w.pending.get(token)
     if pc is None:
+        # Its CONNECT settled without it (its settle timeout): the client was told it
+        # has no session, and may hold another by now.
+        if present:
+            session_came_late(w)
         return
     connect_settle(w, token, state if present else None)
 
 
+cdef bint settling_here(Worker w, bytes client_id):
+    """Whether a CONNECT of ours for client_id waits for its session."""
+    cdef PendingConnect pc
+    for pc in w.pending.values():
+        if pc.client_id == client_id:
+            return True
+    return False
+
+
+cdef void settle_orphans_due(Worker w):
+    """CONNECTs whose connection closed while they waited for their session
+    lost their timer with it: unanswered by its deadline, each settles now as
+    the timer would have settled it (the client gone), so the evictions
+    waiting behind it go on, and a later EVICT is not queued behind it."""
+    cdef list due = []
+    cdef list left = []
+    cdef object entry
+    for entry in w.settle_orphans:
+        if entry[0] not in w.pending or <uint64_t>entry[1] <= w.now_ms:
+            break
+    else:
+        return                          # none due yet (the usual turn: nothing built)
+    for entry in w.settle_orphans:
+        if entry[0] not in w.pending:
+            continue                    # answered meanwhile
+        if <uint64_t>entry[1] <= w.now_ms:
+            due.append(entry[0])
+        else:
+            left.append(entry)
+    w.settle_orphans = left
+    for token in due:
+        w.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; its client had left")
+        connect_settle(w, token, None)
+
+
+cdef void session_came_late(Worker w):
+    w.counters[SESSIONS_LATE] += 1
+    w.log_limited(CR_CHANNEL, "a session from another worker came after its CONNECT had settled without it; "
+                  "dropped")
+
+
 cdef void registry_release(Worker w, bytes client_id):
-    """A session of ours ended: its home forgets us (unless someone else has it now)."""
+    """A session of ours ended: its home forgets us (unless someone else has it now).
+    Not while this worker still holds the id or is about to: another session
+    of it here, or a CONNECT of ours for it settling, whose claim (sent before
+    this release would be) names us at the home again; a release arriving
+    after it would erase that, and the next CONNECT with the id elsewhere
+    would not close ours (MQTT-3.1.4-2). The last of them to end releases."""
     cdef int home = home_of(w, client_id)
+    if client_id in w.client_sessions or settling_here(w, client_id):
+        return
     if home == w.worker_index or w.peers[home].fd < 0:
         if w.registry.get(client_id) == w.worker_index:
             del w.registry[client_id]
@@ -272,7 +325,11 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     if c.state != ST_SETTLING or c.gen != pc.gen:
         # The client left while we waited. A transferred persistent session
         # stays here, waiting for it.
-        if state is not None:
+        if state is not None and pc.client_id in w.client_sessions:
+            # A later CONNECT of ours for the id settled first, on its own (its
+            # settle timeout): the id's session here is its, not this one.
+            session_came_late(w)
+        elif state is not None:
             slot = session_new(w, <const uint8_t*>PyBytes_AS_STRING(pc.client_id), len(pc.client_id), 0)
             if slot >= 0:
                 session_restore(w, slot, state)

@@ -1,0 +1,250 @@
+"""Takeovers across workers, each interleaving played out deterministically:
+one real Worker (gw_ext/loop.pyx) driven a loop turn at a time with real
+client sockets, and the other worker played by the test over a real
+SOCK_SEQPACKET socketpair (fuzz/common.py's harness), so the frames between
+the two arrive in exactly the order that makes the case. With two workers,
+client id c0's home is worker 1 (the played one), c4's is worker 0 (the
+real one).
+
+What must hold in each: the id's home keeps naming the worker whose
+connection holds the session, so that the next CONNECT with that id, on any
+worker, closes it (MQTT-3.1.4-2)."""
+
+from __future__ import annotations
+
+import textwrap
+
+from test_fuzz_regressions import run_worker_script
+
+# Shared by the scripts: the played worker's end of the channel.
+PLAYED_PEER = """
+    def frames_from(peer):
+        '''The frames the worker sent to the played peer since the last call.'''
+        out = []
+        while True:
+            try:
+                dgram = peer.theirs.recv(1 << 22)
+            except BlockingIOError:
+                return out
+            pos = 0
+            while pos + 8 <= len(dgram):
+                ftype, _flags, _tlen, blen = struct.unpack_from("<BBHI", dgram, pos)
+                out.append((ftype, dgram[pos + 8:pos + 8 + blen]))
+                pos += 8 + blen
+
+    def turns(wut, n=4):
+        for _ in range(n):
+            wut.worker.run_once(0)
+
+    def connected(wut, cid, clean=True):
+        c = Client(wut.ports["mqtt"])
+        turns(wut)
+        c.stream += connect_packet(cid, clean=clean)
+        c.send(0)
+        turns(wut)
+        return c
+
+    # A persistent session's state as a worker sends it (session_state.pyx):
+    # version 2, one subscription (t/x, QoS 1), next packet id 1, no message, no QoS 2 id.
+    STATE = struct.pack("<BI", 2, 1) + struct.pack("<H", 3) + b"t/x\\x01" + struct.pack("<HI", 1, 0) \\
+        + struct.pack("<I", 0)
+"""
+
+
+def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
+    """A clean session's connection (A) ends on a worker while a later CONNECT
+    (B) with its id, on that worker, waits for the home's answer. The end of
+    A's session told the home to forget that worker, after B's claim had
+    named it again: B, connected, was forgotten, and a CONNECT elsewhere did
+    not close it. The home must still name the worker once B is connected."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        registry = {}       # the home's record (worker 1 is c0's home), by registry.pyx's rules
+        grants = []
+
+        def home_reads():
+            for ftype, body in frames_from(peer):
+                if ftype == FR_CLAIM:
+                    token, _clean = struct.unpack_from("<IB", body)
+                    cid = body[5:]
+                    prev = registry.get(cid, -1)
+                    registry[cid] = 0
+                    grants.append(frame(FR_GRANT, struct.pack("<Ib", token, prev) + cid))
+                elif ftype == FR_RELEASE:
+                    if registry.get(body[1:]) == body[0]:
+                        del registry[body[1:]]
+
+        def home_answers():
+            for f in grants:
+                peer.send(f)
+            grants.clear()
+            turns(wut)
+
+        a = connected(wut, b"c0")
+        home_reads()
+        home_answers()
+        a.drain()
+        assert bytes(a.received) == CONNACK_NEW, bytes(a.received)
+        b = connected(wut, b"c0", clean=False)
+        home_reads()                # B's claim: the home names worker 0 (again); its GRANT is on its way
+        a.close()                   # meanwhile A leaves: its clean session ends
+        turns(wut)
+        home_reads()
+        home_answers()              # B's GRANT: worker 0 had it, B settles at once
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        assert registry.get(b"c0") == 0, f"the home forgot that worker 0 holds c0: {registry}"
+        # A client of worker 1 connects with c0: the home evicts worker 0's.
+        peer.send(frame(FR_EVICT, struct.pack("<BIB", 1, 7, 1) + b"c0"))
+        turns(wut)
+        sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
+        assert [struct.unpack_from("<I", s)[0] for s in sessions] == [7], sessions
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))
+
+
+def test_connect_left_before_its_session_came_while_a_later_one_waits():
+    """At c4's home: a CONNECT (P) takes the id over from worker 1 and waits
+    for the session; its client resets the connection, which is closed then
+    (it was not: epoll reported the hang-up every turn, and the loop spun). A later CONNECT (B) on the same
+    worker waits behind P. The session comes (none: clean): P's settling
+    without its client must not make the home forget the id's owner (B
+    took it), so that the next CONNECT elsewhere (worker 1) closes B."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        # Worker 1 holds c4: its client connected there.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4")
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        _claimant, p_token, _clean = struct.unpack_from("<BIB", evicts[0])
+        p.close(reset=True)         # gone before its session came
+        turns(wut)
+        assert (h.counter("CONNS_CURRENT"), h.counter("CLOSED_ERROR")) == (0, 1)    # noticed, closed
+        b = connected(wut, b"c4", clean=False)
+        b.drain()
+        assert bytes(b.received) == b"", bytes(b.received)      # behind P
+        # Worker 1 closed its client and hands over: no session (it was clean).
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 0, 2) + b"c4"))
+        turns(wut)
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        frames_from(peer)
+        # Worker 1's client connects with c4 again: B is taken over.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        sessions = [body for ftype, body in got if ftype == FR_SESSION]
+        assert [struct.unpack_from("<I", s)[0] for s in sessions] == [51], got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))
+
+
+def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone():
+    """As above, but B's session question is not answered within
+    connect_settle_timeout: B settles as a new session. P's persistent session arrives after
+    that: dropped and counted (B's client was told it has none). Kept, it was
+    a second session of c4 on the worker, in B's place in the id's table, so
+    B was no longer found: the next CONNECT elsewhere took over the stale one
+    and left B open."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        import dataclasses, time
+        from gw.worker import apply_limits
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        # B's wait, shorter than by default (3 s): the setting reaches the worker.
+        apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
+        assert wut.worker.settle_timeout_ms == 300
+        peer = wut.peers[1]
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4", clean=False)
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        _claimant, p_token, _clean = struct.unpack_from("<BIB", evicts[0])
+        p.close(reset=True)
+        turns(wut)
+        assert h.counter("CONNS_CURRENT") == 0
+        b = connected(wut, b"c4", clean=False)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not b.received and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)      # settled alone, new session
+        # Now worker 1's answer to P: the persistent session.
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 1, 2) + b"c4" + STATE))
+        turns(wut)
+        b.stream += PINGREQ
+        b.send(0)
+        turns(wut)
+        b.drain()
+        assert bytes(b.received) == CONNACK_NEW + b"\\xd0\\x00", bytes(b.received)
+        frames_from(peer)
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 0) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        assert h.counter("SESSIONS_LATE") == 1      # P's, dropped: B had settled without it
+        assert h.counter("SESSIONS_AWAY") == 0
+        wut.close()
+    """))
+
+
+def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
+    """A CONNECT (P) whose client reset the connection while it waited lost
+    its settle timer with the connection. Never answered (the worker that
+    held the session is gone or far behind), it waited forever, and so did
+    every EVICT for its id queued behind it: a later connection with the id
+    (B, settled on its own) was never closed by a takeover elsewhere. P
+    settles by its deadline."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        import dataclasses, time
+        from gw.worker import apply_limits
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
+        peer = wut.peers[1]
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        p = connected(wut, b"c4")
+        assert [ftype for ftype, _body in frames_from(peer)] == [FR_EVICT]
+        p.close(reset=True)
+        turns(wut)
+        assert h.counter("CONNS_CURRENT") == 0
+        b = connected(wut, b"c4", clean=False)
+        # Worker 1 never answers P. B settles on its own, P by its deadline (earlier than B's).
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not b.received and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            b.drain()
+        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        turns(wut)
+        frames_from(peer)
+        # Worker 1's client connects with c4: B is taken over.
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        assert [struct.unpack_from("<I", body)[0] for ftype, body in got if ftype == FR_SESSION] == [51], got
+        b.drain()
+        assert not b.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
+        wut.close()
+    """))
