@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 import pytest
 
@@ -95,6 +96,11 @@ def test_close_writes_what_is_pending_to_the_end(tmp_path):
     path = tmp_path / "state.bin"
     w._inject(delay=0.2)
     w.submit(path, b"in flight")
+    # Until the thread has taken it, a second submit would replace it (the
+    # latest content of a file wins): wait for the first write to be in flight.
+    deadline = time.monotonic() + 30
+    while not (w.busy or w.writes) and time.monotonic() < deadline:
+        time.sleep(0.001)
     final = os.urandom(1 << 20)
     w.submit(path, final)
     w.close()
