@@ -269,6 +269,26 @@ cdef int64_t _resync(int fd, int64_t bad, int64_t end, bint allow_torn) except -
     return -1
 
 
+cdef int64_t _resync_before_tail(int fd, int64_t bad, int64_t end) except -2:
+    """_resync's answer for a tail: the file position of the run of valid
+    records that a torn record ends (the data cut there), or -1. A candidate
+    followed by a record the end cuts counts only if that record is the last
+    thing in the data; one followed by a bogus length with records after it is
+    corruption in the middle, where the readers, which see the data cut at the
+    torn record, skip it (_resync without allow_torn), and so must recovery, or
+    the two would disagree on what the log holds."""
+    cdef int64_t cand = _resync(fd, bad, end, True), nxt
+    cdef Py_ssize_t stop
+    cdef uint64_t k
+    while cand >= 0:
+        stop = _scan_from(fd, <Py_ssize_t>cand, <Py_ssize_t>end, &k)
+        nxt = _resync(fd, stop, end, True) if stop < end else -1
+        if nxt < 0:
+            return cand
+        cand = nxt
+    return -1
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -448,9 +468,13 @@ cdef class Wal:
                 while valid < size:
                     # Corruption in the middle (valid records after it) is kept for
                     # the readers to skip; only a torn or corrupt tail is cut.
-                    after = _resync(fd, valid, size, True)
+                    after = _resync(fd, valid, size, False)
                     if after < 0:
-                        break
+                        # No record past here is followed by a valid one: at most a
+                        # last run of records before a torn tail.
+                        after = _resync_before_tail(fd, valid, size)
+                        if after < 0:
+                            break
                     regions.append((base + <uint64_t>(valid - HEADER_BYTES),
                                     base + <uint64_t>(after - HEADER_BYTES)))
                     valid = _scan_from(fd, after, size, &k)

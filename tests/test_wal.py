@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from gw_ext import wal as walmod
 from gw_ext.wal import (OffsetBeyondEndError, OffsetDeletedError, OffsetMisalignedError, Wal, WalReader,
-                        crc32c, crc32c_table, list_segments, retain_dir, segment_name)
+                        crc32c, crc32c_table, frame, list_segments, retain_dir, segment_name)
 
 REPO = Path(__file__).resolve().parent.parent
 MODES = ("off", "batch", "always")
@@ -419,6 +419,51 @@ def test_a_corrupt_last_record_is_a_torn_tail_and_is_cut(tmp_path):
     assert w.recover() == {"records": 39, "truncated_bytes": ends[-1] - ends[-2], "end_offset": ends[-2],
                            **INTACT}
     w.close()
+
+
+def test_a_record_before_a_bogus_length_mid_segment_is_skipped_by_recovery_and_readers_alike(tmp_path):
+    """A bad CRC, a valid record, a record whose length runs past the file, a
+    valid record: the bogus length is not a torn tail (a record follows it), so
+    the valid record before it cannot be vouched for by what follows; the
+    reader skips it, and recovery must count the log as the reader reads it
+    (it once kept it, taking the bogus length for a torn tail)."""
+    x, y, z = frame(b"damaged!!"), frame(b"kept only if vouched"), frame(b"last")
+    x = x[:4] + bytes([x[4] ^ 0xFF]) + x[5:]                 # a bad CRC
+    bogus = struct.pack("<I", 0xFF00) + b"QS}R" + b"\0"       # a sane length, past the file's end
+    body = x + y + bogus + z
+    (tmp_path / segment_name(0)).write_bytes(b"GWWAL001" + struct.pack("<Q", 0) + body)
+    end = len(body)
+    r = WalReader(str(tmp_path))
+    assert r.end_offset() == end
+    recs, nxt = r.read(0, end)
+    assert [p for _, p in recs] == [b"last"] and nxt == end
+    assert r.take_skips() == [(0, end - len(z))]
+    r.close()
+    w = Wal(str(tmp_path), fsync="off")
+    found = w.recover()
+    assert (found["records"], found["end_offset"], found["truncated_bytes"]) == (1, end, 0)
+    assert found["corrupt_regions"] == [(0, end - len(z))]
+    w.close()
+
+
+def test_a_valid_run_before_a_torn_tail_is_kept(tmp_path):
+    """The other side of the rule above: corruption, then valid records, then a
+    record the file's end cuts (a torn write): the run is kept, the torn record
+    cut, and the reader reads the run."""
+    x, y1, y2 = frame(b"damaged!!"), frame(b"one"), frame(b"two")
+    x = x[:4] + bytes([x[4] ^ 0xFF]) + x[5:]
+    torn = frame(b"torn by a power cut")[:13]
+    body = x + y1 + y2 + torn
+    (tmp_path / segment_name(0)).write_bytes(b"GWWAL001" + struct.pack("<Q", 0) + body)
+    w = Wal(str(tmp_path), fsync="off")
+    found = w.recover()
+    end = len(body) - len(torn)
+    assert (found["records"], found["end_offset"], found["truncated_bytes"]) == (2, end, len(torn))
+    w.close()
+    r = WalReader(str(tmp_path))
+    recs, nxt = r.read(0, end)
+    assert [p for _, p in recs] == [b"one", b"two"] and nxt == end
+    r.close()
 
 
 def test_damage_in_an_older_segment_and_at_a_segments_end_is_skipped(tmp_path):
