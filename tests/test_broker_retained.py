@@ -36,6 +36,19 @@ def _retained_after_marker(broker, sub, filt, marker, qos=1):
     return [m for m in sub.received() if m.topic != marker]
 
 
+def _subscribed_after_retained(broker, t, qos=1, granted=1):
+    """A retained b"state" published to t at qos through worker PUB, then a
+    subscriber on worker SUB granted `granted` for t: (publisher, subscriber)."""
+    pub = broker.connect(PUB)
+    pub.publish(t, b"state", qos=qos, retain=True)
+    if qos == 0:
+        pub.ping()        # QoS 0 has no acknowledgement: a later round trip orders it
+    sub = broker.connect(SUB)
+    broker.assert_workers((pub, PUB), (sub, SUB))
+    assert sub.subscribe(t, granted) == [granted]
+    return pub, sub
+
+
 def _retained_for_new_subscriber(broker, pub, filt, qos=1):
     """What a subscriber connecting now on worker SUB gets with RETAIN=1 when it
     subscribes to filt (pub, on worker PUB, publishes the marker)."""
@@ -53,13 +66,7 @@ def test_retained_delivered_on_subscribe_from_other_worker(broker, qos, granted)
     subscriber, on the other worker, gets it with RETAIN=1 at min(QoS, granted)
     (MQTT-3.8.4-6 holds for a retained message sent on subscribe too)."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=qos, retain=True)
-    if qos == 0:
-        pub.ping()        # QoS 0 has no acknowledgement: a later round trip orders it
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    assert sub.subscribe(t, granted) == [granted]
+    _pub, sub = _subscribed_after_retained(broker, t, qos, granted)
     [m] = sub.wait_messages(1, t)
     assert (m.payload, m.retain, m.qos) == (b"state", True, min(qos, granted))
 
@@ -100,11 +107,7 @@ def test_retained_cleared_by_empty_payload(broker):
     the retained message (and is not itself retained); a subscriber already there
     gets it as a normal message (RETAIN=0, empty payload); a new one gets nothing."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=1, retain=True)
-    live = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (live, SUB))
-    live.subscribe(t, 1)
+    pub, live = _subscribed_after_retained(broker, t)
     assert live.wait_messages(1, t)[0].retain is True
     pub.publish(t, b"", qos=1, retain=True)
     second = live.wait_messages(2, t)[1]
@@ -176,11 +179,7 @@ def test_resubscribe_resends_retained(broker):
     """MQTT-3.8.4-3: a SUBSCRIBE replacing an existing subscription re-sends the
     matching retained messages."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=1, retain=True)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    sub.subscribe(t, 1)
+    _pub, sub = _subscribed_after_retained(broker, t)
     sub.wait_messages(1, t)
     sub.subscribe(t, 1)
     got = sub.wait_messages(2, t)

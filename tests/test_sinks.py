@@ -32,6 +32,21 @@ def records_of(payloads, start=0):
     return out, off
 
 
+def opened_sink(d: Path) -> FileSink:
+    """A file sink of one log in d, opened (it resumes from its checkpoint); a
+    1 GiB rotation size, which these tests never reach."""
+    sink = FileSink(d, 1, rotate_bytes=1 << 30)
+    sink.open()
+    return sink
+
+
+def write_records(sink: FileSink, payloads, start: int = 0) -> int:
+    """Writes payloads as log 0's records from offset start; the offset after them."""
+    recs, end = records_of(payloads, start)
+    sink.write([(0, recs, end)])
+    return end
+
+
 def read_lines(d: Path, completed_only: bool = False) -> list[dict]:
     out = []
     for f in sorted(d.glob("*.ndjson" if completed_only else "*.ndjson*")):
@@ -79,8 +94,7 @@ def test_file_sink_rotation_by_age(tmp_path):
     now = [1_000_000.0]
     sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30, rotate_seconds=60, clock=lambda: now[0])
     sink.open()
-    recs, end = records_of([reading("d", T0, 1, {"x": 1})])
-    sink.write([(0, recs, end)])
+    write_records(sink, [reading("d", T0, 1, {"x": 1})])
     sink.poll(0)
     assert list(tmp_path.glob("*.ndjson")) == []
     now[0] += 61
@@ -95,21 +109,17 @@ def test_file_sink_rotation_by_age(tmp_path):
 
 def test_file_sink_crash_after_write_before_checkpoint(tmp_path):
     payloads = [reading("d", T0 + i, i, {"x": i}) for i in range(100)]
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end = records_of(payloads[:50])
-    sink.write([(0, recs, end)])
+    sink = opened_sink(tmp_path)
+    end = write_records(sink, payloads[:50])
     part = next(tmp_path.glob("*.part"))
     size = part.stat().st_size
     # the process wrote more lines (half of a line too) and died before the checkpoint
     with open(part, "ab") as f:
         f.write(b'{"device_id":"d","ts":"2025-01-01T00:00:00Z","_worker":0,"_lsn":99999}\n{"device_')
     del sink                               # no close: a crash
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
+    sink = opened_sink(tmp_path)
     assert sink.checkpoints[0] == end
-    recs, end2 = records_of(payloads[50:], end)
-    sink.write([(0, recs, end2)])
+    write_records(sink, payloads[50:], end)
     assert part.stat().st_size > size
     lines = read_lines(tmp_path)
     assert [d["_lsn"] for d in lines] == [off for off, _ in records_of(payloads)[0]]
@@ -118,16 +128,12 @@ def test_file_sink_crash_after_write_before_checkpoint(tmp_path):
 
 def test_file_sink_crash_between_rename_and_checkpoint(tmp_path):
     payloads = [reading("d", T0 + i, i, {"x": i}) for i in range(20)]
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end = records_of(payloads[:10])
-    sink.write([(0, recs, end)])
+    sink = opened_sink(tmp_path)
+    end = write_records(sink, payloads[:10])
     part = next(tmp_path.glob("*.part"))
     os.rename(part, str(part)[:-len(".part")])          # the rename happened, the checkpoint did not
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end2 = records_of(payloads[10:], end)
-    sink.write([(0, recs, end2)])
+    sink = opened_sink(tmp_path)
+    write_records(sink, payloads[10:], end)
     assert len(list(tmp_path.glob("*.ndjson"))) == 1 and len(list(tmp_path.glob("*.part"))) == 1
     assert [d["seq"] for d in read_lines(tmp_path)] == list(range(20))
 
