@@ -15,26 +15,15 @@ import sys
 
 import common  # the import path of the instrumented build first; the fuzzing loop
 
-sys.path.insert(1, str(common.REPO / "tests"))     # the reference codec, a test oracle
+sys.path.insert(1, str(common.REPO / "tests"))     # the reference codec, a test oracle; decode_outcome
 
 LIMITS = (268435455, 0, 2, 16, 127, 128, 16383, 16384)
 
 
-def outcome(decode, data, limit):
-    from gw.packets import ConnectRefused, MalformedPacket, PacketTooLarge
-
-    try:
-        return ("ok", decode(data, limit))
-    except ConnectRefused as e:
-        return ("refused", e.return_code)
-    except PacketTooLarge as e:
-        return ("too_large", e.remaining_length, e.limit)
-    except MalformedPacket as e:
-        return ("malformed", e.reason)
-
-
 def TestOneInput(data: bytes) -> None:
+    # Imported here, after common.fuzz() imported gw.packets instrumented.
     import mqtt_ref as ref
+    from decode_outcome import outcome
     from gw_ext import codec
 
     limit = LIMITS[data[0] % len(LIMITS)] if data else LIMITS[0]

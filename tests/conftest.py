@@ -493,6 +493,14 @@ def counter_delta(before: dict, after: dict, name: str) -> int:
     return get_counter(after, name) - get_counter(before, name)
 
 
+def assert_counter_deltas(server: "GwServer", before: dict, expected: dict) -> dict:
+    """Each counter named in expected (dotted names) moved by exactly that much
+    since before; the counters now, for further checks."""
+    after = server.counters()
+    assert {name: counter_delta(before, after, name) for name in expected} == expected
+    return after
+
+
 # --- fragmentation -----------------------------------------------------------------
 
 def pytest_configure(config):

@@ -254,7 +254,8 @@ def _connect(body: bytes) -> Connect:
                    will_retain, username, password, level)
 
 
-def _entries_start(body: bytes) -> int:
+def _entries_start(body: bytes) -> tuple[int, _Reader]:
+    """The packet id of a SUBSCRIBE, SUBACK or UNSUBSCRIBE, and a reader at its first entry."""
     if len(body) < 2:
         raise MalformedPacket("length")
     packet_id = int.from_bytes(body[:2], "big")
@@ -262,13 +263,13 @@ def _entries_start(body: bytes) -> int:
         raise MalformedPacket("packet_id")        # MQTT-2.3.1-1
     if len(body) == 2:
         raise MalformedPacket("empty")            # MQTT-3.8.3-3, MQTT-3.10.3-2
-    return packet_id
+    r = _Reader(body)
+    r.pos = 2
+    return packet_id, r
 
 
 def _subscribe(body: bytes) -> Subscribe:
-    packet_id = _entries_start(body)
-    r = _Reader(body)
-    r.pos = 2
+    packet_id, r = _entries_start(body)
     topics = []
     while r.left():
         if r.left() < 2:
@@ -287,9 +288,7 @@ def _subscribe(body: bytes) -> Subscribe:
 
 
 def _unsubscribe(body: bytes) -> Unsubscribe:
-    packet_id = _entries_start(body)
-    r = _Reader(body)
-    r.pos = 2
+    packet_id, r = _entries_start(body)
     topics = []
     while r.left():
         topic_filter = r.string()
@@ -300,7 +299,7 @@ def _unsubscribe(body: bytes) -> Unsubscribe:
 
 
 def _suback(body: bytes) -> Suback:
-    packet_id = _entries_start(body)
+    packet_id, _ = _entries_start(body)
     codes = list(body[2:])
     for code in codes:
         if code > 2 and code != 0x80:

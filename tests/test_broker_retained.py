@@ -36,34 +36,39 @@ def _retained_after_marker(broker, sub, filt, marker, qos=1):
     return [m for m in sub.received() if m.topic != marker]
 
 
-@brokers("retain")
-@pytest.mark.parametrize("qos", [0, 1, 2])
-def test_retained_delivered_on_subscribe_from_other_worker(broker, qos):
-    """MQTT-3.3.1-5/-6/-7/-8: a retained PUBLISH (any QoS) is stored; a later
-    subscriber, on the other worker, gets it with RETAIN=1 at min(QoS, granted)."""
-    t = broker.topic("r")
+def _subscribed_after_retained(broker, t, qos=1, granted=1):
+    """A retained b"state" published to t at qos through worker PUB, then a
+    subscriber on worker SUB granted `granted` for t: (publisher, subscriber)."""
     pub = broker.connect(PUB)
     pub.publish(t, b"state", qos=qos, retain=True)
     if qos == 0:
         pub.ping()        # QoS 0 has no acknowledgement: a later round trip orders it
     sub = broker.connect(SUB)
     broker.assert_workers((pub, PUB), (sub, SUB))
-    assert sub.subscribe(t, 2) == [2]
-    [m] = sub.wait_messages(1, t)
-    assert (m.payload, m.retain, m.qos) == (b"state", True, qos)
+    assert sub.subscribe(t, granted) == [granted]
+    return pub, sub
+
+
+def _retained_for_new_subscriber(broker, pub, filt, qos=1):
+    """What a subscriber connecting now on worker SUB gets with RETAIN=1 when it
+    subscribes to filt (pub, on worker PUB, publishes the marker)."""
+    marker = _marker(broker, pub)
+    sub = broker.connect(SUB)
+    broker.assert_workers((pub, PUB), (sub, SUB))
+    return _retained_after_marker(broker, sub, filt, marker, qos)
 
 
 @brokers("retain")
-def test_retained_qos_downgraded_to_granted(broker):
-    """MQTT-3.8.4-6 also holds for a retained message sent on subscribe."""
+@pytest.mark.parametrize("qos, granted", [(0, 2), (1, 2), (2, 2), (2, 1)],
+                         ids=["0", "1", "2", "2-downgraded-to-granted-1"])
+def test_retained_delivered_on_subscribe_from_other_worker(broker, qos, granted):
+    """MQTT-3.3.1-5/-6/-7/-8: a retained PUBLISH (any QoS) is stored; a later
+    subscriber, on the other worker, gets it with RETAIN=1 at min(QoS, granted)
+    (MQTT-3.8.4-6 holds for a retained message sent on subscribe too)."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=2, retain=True)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    sub.subscribe(t, 1)
+    _pub, sub = _subscribed_after_retained(broker, t, qos, granted)
     [m] = sub.wait_messages(1, t)
-    assert (m.qos, m.retain) == (1, True)
+    assert (m.payload, m.retain, m.qos) == (b"state", True, min(qos, granted))
 
 
 @brokers("retain")
@@ -74,10 +79,7 @@ def test_retained_replaced(broker):
     pub = broker.connect(PUB)
     for v in (b"v1", b"v2", b"v3"):
         pub.publish(t, v, qos=1, retain=True)
-    marker = _marker(broker, pub)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    got = _retained_after_marker(broker, sub, t, marker)
+    got = _retained_for_new_subscriber(broker, pub, t)
     assert [(m.payload, m.retain) for m in got] == [(b"v3", True)]
 
 
@@ -105,19 +107,12 @@ def test_retained_cleared_by_empty_payload(broker):
     the retained message (and is not itself retained); a subscriber already there
     gets it as a normal message (RETAIN=0, empty payload); a new one gets nothing."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=1, retain=True)
-    live = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (live, SUB))
-    live.subscribe(t, 1)
+    pub, live = _subscribed_after_retained(broker, t)
     assert live.wait_messages(1, t)[0].retain is True
     pub.publish(t, b"", qos=1, retain=True)
     second = live.wait_messages(2, t)[1]
     assert (second.payload, second.retain) == (b"", False)
-    marker = _marker(broker, pub)
-    late = broker.connect(SUB)
-    broker.assert_workers((late, SUB), (pub, PUB))
-    assert _retained_after_marker(broker, late, t, marker) == []
+    assert _retained_for_new_subscriber(broker, pub, t) == []
 
 
 @brokers("retain")
@@ -127,10 +122,7 @@ def test_retained_clear_of_unknown_topic_is_harmless(broker):
     t = broker.topic("never")
     pub = broker.connect(PUB)
     pub.publish(t, b"", qos=1, retain=True)
-    marker = _marker(broker, pub)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    assert _retained_after_marker(broker, sub, t, marker) == []
+    assert _retained_for_new_subscriber(broker, pub, t) == []
 
 
 @brokers("routing", "retain")
@@ -159,10 +151,7 @@ def test_non_retained_publish_leaves_retained_message(broker):
     pub = broker.connect(PUB)
     pub.publish(t, b"kept", qos=1, retain=True)
     pub.publish(t, b"passing", qos=1, retain=False)
-    marker = _marker(broker, pub)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    got = _retained_after_marker(broker, sub, t, marker)
+    got = _retained_for_new_subscriber(broker, pub, t)
     assert [(m.payload, m.retain) for m in got] == [(b"kept", True)]
 
 
@@ -180,10 +169,7 @@ def test_retained_on_wildcard_subscribe_returns_all_matching(broker, filt, expec
     pub = broker.connect(PUB)
     for name in ("w", "w/a", "w/b/c", "w/d", "other/x", "wx/a"):
         pub.publish(broker.topic(name), name.encode(), qos=1, retain=True)
-    marker = _marker(broker, pub)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    got = _retained_after_marker(broker, sub, broker.topic(filt), marker)
+    got = _retained_for_new_subscriber(broker, pub, broker.topic(filt))
     assert sorted(m.payload.decode() for m in got) == sorted(expected)
     assert all(m.retain for m in got)
 
@@ -193,11 +179,7 @@ def test_resubscribe_resends_retained(broker):
     """MQTT-3.8.4-3: a SUBSCRIBE replacing an existing subscription re-sends the
     matching retained messages."""
     t = broker.topic("r")
-    pub = broker.connect(PUB)
-    pub.publish(t, b"state", qos=1, retain=True)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    sub.subscribe(t, 1)
+    _pub, sub = _subscribed_after_retained(broker, t)
     sub.wait_messages(1, t)
     sub.subscribe(t, 1)
     got = sub.wait_messages(2, t)
@@ -212,10 +194,7 @@ def test_retained_on_dollar_topic_not_sent_to_leading_wildcard(broker):
     pub = broker.connect(PUB)
     pub.publish(f"$bt/{uid}/r", b"dollar", qos=1, retain=True)
     pub.publish(broker.topic("r"), b"normal", qos=1, retain=True)
-    marker = _marker(broker, pub)
-    sub = broker.connect(SUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    got = _retained_after_marker(broker, sub, "#", marker, qos=0)
+    got = _retained_for_new_subscriber(broker, pub, "#", qos=0)
     assert not [m for m in got if m.topic.startswith("$")]
     assert [m.payload for m in got if m.topic == broker.topic("r")] == [b"normal"]
     d = broker.connect(SUB)

@@ -25,6 +25,19 @@ MOSQUITTO_REORDERS = ("reorders QoS 1/2 deliveries now and then once the subscri
                       "window is full (MQTT-4.6.0-6 violated; see MOSQUITTO_REORDERS)")
 
 
+def _delivered_once(broker, sub, topic, done, payload, qos):
+    """Publishes payload to topic at qos from a new client on worker PUB (sub is
+    on SUB): the one message sub gets, once sub's marker topic done confirmed
+    that nothing more is on its way."""
+    pub = broker.connect(PUB)
+    broker.assert_workers((pub, PUB), (sub, SUB))
+    pub.publish(topic, payload, qos=qos)
+    [m] = sub.wait_messages(1, topic)
+    broker.settle(pub, sub, done)
+    assert len(sub.received(topic)) == 1, "delivered more than once"
+    return m
+
+
 @brokers("routing")
 @pytest.mark.parametrize("qos", [0, 1, 2])
 def test_publish_reaches_subscriber_on_other_worker_once(broker, qos):
@@ -33,13 +46,8 @@ def test_publish_reaches_subscriber_on_other_worker_once(broker, qos):
     t, done = broker.topic("a"), broker.topic("done")
     sub = broker.connect(SUB)
     assert sub.subscribe([(t, 2), (done, 1)]) == [2, 1]
-    pub = broker.connect(PUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    pub.publish(t, b"payload-\x00\xff", qos=qos)
-    [m] = sub.wait_messages(1, t)
+    m = _delivered_once(broker, sub, t, done, b"payload-\x00\xff", qos)
     assert (m.payload, m.qos, m.retain, m.dup) == (b"payload-\x00\xff", qos, False, False)
-    broker.settle(pub, sub, done)
-    assert len(sub.received(t)) == 1, "delivered more than once"
 
 
 @brokers("routing")
@@ -123,13 +131,7 @@ def test_overlapping_subscriptions_deliver_once_at_max_qos(broker):
     sub = broker.connect(SUB)
     assert sub.subscribe([(broker.topic("o/a/#"), 1), (t, 2), (broker.topic("o/+/b"), 0), (done, 1)]) \
         == [1, 2, 0, 1]
-    pub = broker.connect(PUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    pub.publish(t, b"hi", qos=2)
-    [m] = sub.wait_messages(1, t)
-    assert m.qos == 2
-    broker.settle(pub, sub, done)
-    assert len(sub.received(t)) == 1
+    assert _delivered_once(broker, sub, t, done, b"hi", 2).qos == 2
 
 
 @brokers("routing")
@@ -140,13 +142,7 @@ def test_resubscribe_replaces_subscription(broker):
     sub = broker.connect(SUB)
     assert sub.subscribe([(t, 2), (done, 1)]) == [2, 1]
     assert sub.subscribe(t, 0) == [0]
-    pub = broker.connect(PUB)
-    broker.assert_workers((pub, PUB), (sub, SUB))
-    pub.publish(t, b"x", qos=2)
-    [m] = sub.wait_messages(1, t)
-    assert m.qos == 0
-    broker.settle(pub, sub, done)
-    assert len(sub.received(t)) == 1
+    assert _delivered_once(broker, sub, t, done, b"x", 2).qos == 0
 
 
 @brokers("routing", mosquitto_flaky=MOSQUITTO_REORDERS)

@@ -16,6 +16,25 @@ from broker_fixtures import ack_packet, brokers, connect_packet_full, publish_pa
 pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
 
+def _subscribed_across(broker, cid: str, topic: str, qos: int):
+    """A raw clean-session-0 subscriber (cid) to topic at qos on worker 0, and a
+    publisher on worker 1."""
+    raw = broker.raw(0, client_id=cid, clean=False)
+    assert raw.subscribe(1, [(topic, qos)]) == [qos]
+    pub = broker.connect(1)
+    broker.assert_workers((raw, 0), (pub, 1))
+    return raw, pub
+
+
+def _resumed_on_worker_1(broker, cid: str):
+    """A raw connection on worker 1 that resumes cid's persistent session:
+    CONNACK with session present, return code 0."""
+    again = broker.raw(1, client_id=False)
+    assert again.connect(cid, clean=False) == (True, 0)
+    broker.assert_workers((again, 1))
+    return again
+
+
 @brokers("sessions")
 @pytest.mark.parametrize("second_on", ["other-worker", "same-worker"])
 def test_takeover_disconnects_first_connection(broker, second_on):
@@ -144,17 +163,12 @@ def test_qos1_unacknowledged_resent_with_dup_after_reconnect(broker):
     other worker), with DUP=1 and its original packet id; then, once
     acknowledged, not again."""
     cid, t = broker.client_id("nack"), broker.topic("t")
-    raw = broker.raw(0, client_id=cid, clean=False)
-    assert raw.subscribe(1, [(t, 1)]) == [1]
-    pub = broker.connect(1)
-    broker.assert_workers((raw, 0), (pub, 1))
+    raw, pub = _subscribed_across(broker, cid, t, 1)
     pub.publish(t, b"unacked", qos=1)
     first = raw.read_publish(broker.wait)
     assert (first.payload, first.qos, first.dup) == (b"unacked", 1, False)
     raw.disconnect()                                  # no PUBACK
-    again = broker.raw(1, client_id=False)
-    assert again.connect(cid, clean=False) == (True, 0)
-    broker.assert_workers((again, 1))
+    again = _resumed_on_worker_1(broker, cid)
     resent = again.read_publish(broker.wait)
     assert (resent.topic, resent.payload, resent.qos) == (t, b"unacked", 1)
     assert resent.dup is True, "MQTT-3.3.1-1: a re-delivery has DUP=1"
@@ -174,19 +188,14 @@ def test_qos2_pubrel_resent_after_reconnect(broker):
     and disconnected before PUBCOMP; on reconnect (clean session 0, other
     worker) the broker re-sends the PUBREL with the same packet id, not the PUBLISH."""
     cid, t = broker.client_id("q2"), broker.topic("t")
-    raw = broker.raw(0, client_id=cid, clean=False)
-    assert raw.subscribe(1, [(t, 2)]) == [2]
-    pub = broker.connect(1)
-    broker.assert_workers((raw, 0), (pub, 1))
+    raw, pub = _subscribed_across(broker, cid, t, 2)
     pub.publish(t, b"exactly-once", qos=2)
     m = raw.read_publish(broker.wait)
     assert (m.payload, m.qos) == (b"exactly-once", 2)
     raw.send(ack_packet(0x50, m.packet_id))          # PUBREC
     assert raw.read_until(0x62, broker.wait) == struct.pack("!H", m.packet_id)
     raw.disconnect()                                  # no PUBCOMP
-    again = broker.raw(1, client_id=False)
-    assert again.connect(cid, clean=False) == (True, 0)
-    broker.assert_workers((again, 1))
+    again = _resumed_on_worker_1(broker, cid)
     first, body = again.read(broker.wait)
     assert (first, body) == (0x62, struct.pack("!H", m.packet_id)), \
         f"expected the PUBREL again, got {first:#x} {body!r}"
@@ -209,9 +218,7 @@ def test_qos2_inbound_completed_after_publisher_reconnects(broker):
     raw.send(publish_packet_full(t, b"in-flight", qos=2, packet_id=7))
     assert raw.read_until(0x50, broker.wait) == b"\x00\x07"
     raw.reset()
-    again = broker.raw(1, client_id=False)
-    assert again.connect(cid, clean=False) == (True, 0)
-    broker.assert_workers((again, 1))
+    again = _resumed_on_worker_1(broker, cid)
     again.send(ack_packet(0x62, 7))
     assert again.read_until(0x70, broker.wait) == b"\x00\x07"
     sub.wait_messages(1, t)

@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import mqtt_ref as ref
+from decode_outcome import outcome
 from mqtt_bytes import mqtt_str, packet
 from gw_ext import codec
 from gw.packets import (
@@ -122,18 +123,6 @@ edge_bytes = st.lists(st.sampled_from(
     max_size=24).map(bytes)
 raw_strings = st.one_of(edge_bytes, st.binary(max_size=24), texts.map(lambda s: s.encode()))
 limits = st.sampled_from([MAX_REMAINING_LENGTH, MAX_REMAINING_LENGTH, 0, 2, 30, 127, 128])
-
-
-def outcome(decode, data, limit=MAX_REMAINING_LENGTH):
-    """The result of a decoder as a comparable value (errors included)."""
-    try:
-        return ("ok", decode(data, limit))
-    except ConnectRefused as e:
-        return ("refused", e.return_code)
-    except PacketTooLarge as e:
-        return ("too_large", e.remaining_length, e.limit)
-    except MalformedPacket as e:
-        return ("malformed", e.reason)
 
 
 def assert_same_outcome(data, limit=MAX_REMAINING_LENGTH):

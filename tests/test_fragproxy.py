@@ -87,6 +87,10 @@ def piece_log(proxy: FragProxy, client: socket.socket, up: int, down: int) -> tu
     return wait_for(complete, WAIT, what=f"the proxy to log {up} + {down} bytes")
 
 
+def wait_relays_ended(proxy: FragProxy) -> None:
+    wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
+
+
 def reset(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
@@ -166,7 +170,7 @@ def test_client_half_close_then_server_answers_then_closes(upstream):
             server.sendall(b"answer after the client's FIN")
             server.close()
             assert read_to_end(client) == (b"answer after the client's FIN", "eof")
-        wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
+        wait_relays_ended(proxy)
 
 
 def test_server_close_reaches_client_after_its_data(upstream):
@@ -179,29 +183,21 @@ def test_server_close_reaches_client_after_its_data(upstream):
             server.sendall(payload)
             server.close()
             assert read_to_end(client) == (payload, "eof")
-        wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
+        wait_relays_ended(proxy)
 
 
-def test_client_reset_reaches_server_as_reset(upstream):
+@pytest.mark.parametrize("resetting, byte", [("client", b"x"), ("server", b"y")], ids=["client", "server"])
+def test_reset_reaches_the_other_end_as_reset(upstream, resetting, byte):
+    """One end writes a byte, then resets: the other end reads the byte, then the reset."""
     with FragProxy(upstream.port) as proxy:
         client, server = pair(proxy, upstream)
-        with server:
-            client.sendall(b"x")
-            assert read_exactly(server, 1)[0] == b"x"
-            reset(client)
-            assert read_to_end(server) == (b"", "reset")
-        wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
-
-
-def test_server_reset_reaches_client_as_reset(upstream):
-    with FragProxy(upstream.port) as proxy:
-        client, server = pair(proxy, upstream)
-        with client:
-            server.sendall(b"y")
-            assert read_exactly(client, 1)[0] == b"y"
-            reset(server)
-            assert read_to_end(client) == (b"", "reset")
-        wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
+        resetter, other = (client, server) if resetting == "client" else (server, client)
+        with other:
+            resetter.sendall(byte)
+            assert read_exactly(other, 1)[0] == byte
+            reset(resetter)
+            assert read_to_end(other) == (b"", "reset")
+        wait_relays_ended(proxy)
 
 
 def test_writing_to_a_server_that_closed_resets_the_client(upstream):
@@ -223,7 +219,7 @@ def test_writing_to_a_server_that_closed_resets_the_client(upstream):
                 except (socket.timeout, TimeoutError):
                     return None
             wait_for(client_reset, WAIT, what="the client to be reset")
-        wait_for(lambda: proxy.open_relays() == 0, WAIT, what="the relay to end")
+        wait_relays_ended(proxy)
 
 
 def test_refused_upstream_resets_the_client():

@@ -485,13 +485,18 @@ def test_absolute_form_target(store, app):
 ROUTES = ["/v1/devices", "/v1/devices/dev1", "/v1/devices/dev1/metrics?metric=temp_c", "/v1/alerts"]
 
 
+def assert_every_route_unavailable(a: App) -> None:
+    """Every read route and the alert acknowledgement: 503 store_unavailable."""
+    for target in ROUTES:
+        assert error(a, target) == (503, "store_unavailable"), target
+    assert error(a, "/v1/alerts/1/ack", b"POST") == (503, "store_unavailable")
+
+
 def test_missing_store_is_503_until_it_exists(tmp_path, caplog):
     a = make_app(tmp_path)
     caplog.set_level(logging.INFO, "gw.query")
     for _ in range(3):
-        for target in ROUTES:
-            assert error(a, target) == (503, "store_unavailable")
-        assert error(a, "/v1/alerts/1/ack", b"POST") == (503, "store_unavailable")
+        assert_every_route_unavailable(a)
     assert not (tmp_path / "store.sqlite").exists()          # a reader never creates it
     assert caplog.records == []                                # waiting for the pipeline is no error
     # bad parameters are refused before the store is looked at
@@ -529,9 +534,7 @@ def test_corrupt_store_logs_once_and_recovers(tmp_path, caplog):
     a = make_app(tmp_path)
     caplog.set_level(logging.INFO, "gw.query")
     for _ in range(20):
-        for target in ROUTES:
-            assert error(a, target) == (503, "store_unavailable")
-        assert error(a, "/v1/alerts/1/ack", b"POST") == (503, "store_unavailable")
+        assert_every_route_unavailable(a)
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "not a database" in errors[0].getMessage()
     assert all(r.exc_info is None for r in caplog.records)      # a line, not a traceback

@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from conftest import (CONNACK_OK, PINGREQ, PahoClient, client_tls_context, connect_packet,
-                      counter_delta, mqtt_str, packet, ping, publish_packet, read_packet,
+from conftest import (CONNACK_OK, PINGREQ, PahoClient, assert_counter_deltas, client_tls_context,
+                      connect_packet, counter_delta, mqtt_str, packet, ping, publish_packet, read_packet,
                       send_fragmented, subscribe_packet, tcp_connect, tls_connect, wait_closed, wait_for)
 
 MAX_PACKET = 4096
@@ -116,10 +116,7 @@ def test_bad_input_closes_only_the_offender(server, healthy, connect_first, data
             assert read_packet(sock) == CONNACK_OK
         sock.sendall(data)
         assert wait_closed(sock, 10) == reply
-    after = server.counters()
-    for name, delta in deltas.items():
-        assert counter_delta(before, after, name) == delta, name
-    assert counter_delta(before, after, "conns_current") == 0
+    assert_counter_deltas(server, before, {**deltas, "conns_current": 0})
     healthy.check_healthy()
 
 
@@ -144,10 +141,7 @@ def test_bad_input_in_pieces_closes_only_the_offender(server, healthy, connect_f
         else:
             send_fragmented(sock, data, frag_rng, cuts=[len(data) - 1])
         assert wait_closed(sock, 10) == reply
-    after = server.counters()
-    for name, delta in deltas.items():
-        assert counter_delta(before, after, name) == delta, name
-    assert counter_delta(before, after, "conns_current") == 0
+    assert_counter_deltas(server, before, {**deltas, "conns_current": 0})
     healthy.check_healthy()
 
 
@@ -183,9 +177,7 @@ def test_packets_in_pieces_after_connect(server, healthy, frag_rng):
         pubacks = [(0x40, b"\x00\x01"), (0x40, b"\x00\x03")]
         assert sorted(answers) == sorted([(0xD0, b""), (0xD0, b""), (0x90, b"\x00\x02\x01"), *pubacks])
         assert [a for a in answers if a[0] == 0x40] == pubacks
-    after = server.counters()
-    assert counter_delta(before, after, "closed_malformed") == 0
-    assert counter_delta(before, after, "packets_in.publish") == 2
+    assert_counter_deltas(server, before, {"closed_malformed": 0, "packets_in.publish": 2})
     healthy.check_healthy()
 
 
@@ -197,9 +189,7 @@ def test_bad_input_over_tls(server, healthy):
         assert read_packet(sock) == CONNACK_OK
         sock.sendall(publish_packet("a/#", b"x"))
         wait_closed(sock, 10)
-    after = server.counters()
-    assert counter_delta(before, after, "malformed.topic") == 1
-    assert counter_delta(before, after, "closed_malformed") == 1
+    assert_counter_deltas(server, before, {"malformed.topic": 1, "closed_malformed": 1})
     healthy.check_healthy()
 
 
@@ -248,9 +238,7 @@ def test_acknowledgement_of_the_wrong_kind_closes_and_is_counted(server, healthy
         pid = body[2 + body[1]:4 + body[1]]
         sub.sendall(bytes([wrong, 2]) + pid)
         assert wait_closed(sub, 10) == b""
-    after = server.counters()
-    assert counter_delta(before, after, "malformed.wrong_ack_kind") == 1
-    assert counter_delta(before, after, "closed_malformed") == 1
+    assert_counter_deltas(server, before, {"malformed.wrong_ack_kind": 1, "closed_malformed": 1})
     healthy.check_healthy()
 
 
@@ -266,11 +254,12 @@ def test_several_packets_in_one_write_then_a_bad_one(server, healthy):
         got = wait_closed(sock, 10)
     answers = b"\x20\x02\x00\x00" + b"\xd0\x00" + b"\x40\x02\x00\x09" + b"\xd0\x00"
     assert answers.startswith(got)
-    after = server.counters()
-    assert counter_delta(before, after, "mqtt_connected") == 1
-    assert counter_delta(before, after, "packets_in.pingreq") == 2
-    assert counter_delta(before, after, "packets_in.publish") == 1
-    assert counter_delta(before, after, "malformed.fixed_header") == 1
+    assert_counter_deltas(server, before, {
+        "mqtt_connected": 1,
+        "packets_in.pingreq": 2,
+        "packets_in.publish": 1,
+        "malformed.fixed_header": 1,
+    })
     healthy.check_healthy()
 
 

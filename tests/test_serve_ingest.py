@@ -7,6 +7,7 @@ traffic sent."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -276,35 +277,33 @@ def test_metrics_parse_and_match_the_traffic(server):
     assert value(after, "gw_connections") >= 1 or value(after, "gw_connections_current") >= 1
 
 
-def test_draining_answers_503_with_retry_after(gw_factory):
-    """SIGTERM: a keep-alive connection already open is answered for a moment
-    more: /readyz and ingest 503 with Retry-After, then the connection closes."""
+@contextlib.contextmanager
+def _draining_connection(gw_factory):
+    """A keep-alive connection to a new server, answered (/readyz 200) before
+    the server got SIGTERM and closed its listener."""
     server = gw_factory(workers=1, listeners=("mqtt", "http"))
-    c = HttpConn(server.ports["http"])
-    try:
+    with HttpConn(server.ports["http"]) as c:
         assert c.request("GET", "/readyz").status == 200
         os.kill(server.pid, signal.SIGTERM)
         wait_for(lambda: _refused(server.listen_ports["http"]), 5, what="the listener to close")
+        yield c
+
+
+def test_draining_answers_503_with_retry_after(gw_factory):
+    """SIGTERM: a keep-alive connection already open is answered for a moment
+    more: /readyz and ingest 503 with Retry-After, then the connection closes."""
+    with _draining_connection(gw_factory) as c:
         resp = c.request("POST", "/v1/ingest/dev-drain", ingest_body(seq=1))
         assert_json_error(resp, 503)
         assert int(resp.headers["retry-after"]) >= 1
         assert resp.headers["connection"] == "close"
         assert c.wait_closed() == b""
-    finally:
-        c.close()
 
 
 def test_readyz_is_503_while_draining(gw_factory):
-    server = gw_factory(workers=1, listeners=("mqtt", "http"))
-    c = HttpConn(server.ports["http"])
-    try:
-        assert c.request("GET", "/readyz").status == 200
-        os.kill(server.pid, signal.SIGTERM)
-        wait_for(lambda: _refused(server.listen_ports["http"]), 5, what="the listener to close")
+    with _draining_connection(gw_factory) as c:
         resp = c.request("GET", "/readyz")
         assert resp.status == 503 and resp.headers["retry-after"]
-    finally:
-        c.close()
 
 
 def _refused(port: int) -> bool:

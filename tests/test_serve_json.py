@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from conftest import (assert_open_for, client_tls_context, counter_delta, tcp_connect, tls_connect,
-                      wait_closed)
+from conftest import (assert_counter_deltas, assert_open_for, client_tls_context, counter_delta, tcp_connect,
+                      tls_connect, wait_closed)
 
 MAX_LINE = 2048
 
@@ -49,6 +49,15 @@ class Lines:
         return json.loads(line)
 
 
+def json_connected(sock, client_id: str) -> Lines:
+    """Sends a Connect and reads its answer: the lines that come after it."""
+    lines = Lines(sock)
+    send(sock, message_type="Connect", client_id=client_id)
+    reply = lines.next()
+    assert (reply["message_type"], reply["payload"]) == ("Connect", "Connected"), reply
+    return lines
+
+
 def test_connect_without_client_id_gets_a_uuid(connect):
     with connect() as sock:
         send(sock, message_type="Connect", client_id=None, payload=None)
@@ -71,9 +80,7 @@ def test_connect_with_client_id_gets_it_back(connect):
 def test_data_and_heartbeat_get_no_reply(server, connect):
     before = server.counters()
     with connect() as sock:
-        lines = Lines(sock)
-        send(sock, message_type="Connect", client_id="quiet")
-        assert lines.next()["message_type"] == "Connect"
+        lines = json_connected(sock, "quiet")
         send(sock, message_type="Data", client_id="quiet", payload={"t": 21.5})
         send(sock, message_type="Heartbeat", client_id="quiet", payload=None)
         send(sock, message_type="Data", client_id="quiet", payload=[1, 2, 3])
@@ -81,10 +88,7 @@ def test_data_and_heartbeat_get_no_reply(server, connect):
         send(sock, message_type="Connect", client_id="quiet")
         assert lines.next()["message_type"] == "Connect"
         assert_open_for(sock, 0.3)
-    after = server.counters()
-    assert counter_delta(before, after, "msgs_in") == 2
-    assert counter_delta(before, after, "json_messages_in") == 5
-    assert counter_delta(before, after, "json_errors") == 0
+    assert_counter_deltas(server, before, {"msgs_in": 2, "json_messages_in": 5, "json_errors": 0})
 
 
 @pytest.mark.parametrize("line, reason", [
@@ -97,9 +101,7 @@ def test_data_and_heartbeat_get_no_reply(server, connect):
 def test_invalid_lines_get_an_error_and_are_counted(server, connect, line, reason):
     before = server.counters()
     with connect() as sock:
-        lines = Lines(sock)
-        send(sock, message_type="Connect", client_id="err")
-        assert lines.next()["payload"] == "Connected"
+        lines = json_connected(sock, "err")
         sock.sendall(line + b"\n")
         reply = lines.next()
         assert reply["message_type"] == "Error"
@@ -118,9 +120,7 @@ def test_data_before_connect_gets_an_error_and_is_closed(server, connect):
     reply = json.loads(got)
     assert reply["message_type"] == "Error"
     assert "before Connect" in reply["payload"]
-    after = server.counters()
-    assert counter_delta(before, after, "json_errors") == 1
-    assert counter_delta(before, after, "msgs_in") == 0
+    assert_counter_deltas(server, before, {"json_errors": 1, "msgs_in": 0})
 
 
 def test_invalid_first_line_is_answered_then_closed(server, connect):
@@ -133,14 +133,10 @@ def test_invalid_first_line_is_answered_then_closed(server, connect):
 def test_disconnect_closes(server, connect):
     before = server.counters()
     with connect() as sock:
-        lines = Lines(sock)
-        send(sock, message_type="Connect", client_id="bye")
-        assert lines.next()["payload"] == "Connected"
+        json_connected(sock, "bye")
         send(sock, message_type="Disconnect", client_id="bye")
         assert wait_closed(sock, 10) == b""
-    after = server.counters()
-    assert counter_delta(before, after, "closed_client") == 1
-    assert counter_delta(before, after, "sessions_current") == 0
+    assert_counter_deltas(server, before, {"closed_client": 1, "sessions_current": 0})
 
 
 def test_several_lines_in_one_write_and_crlf(server, connect):

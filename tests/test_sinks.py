@@ -5,6 +5,7 @@ going away mid-stream and coming back."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -29,6 +30,21 @@ def records_of(payloads, start=0):
         out.append((off, p))
         off += 8 + len(p)
     return out, off
+
+
+def opened_sink(d: Path) -> FileSink:
+    """A file sink of one log in d, opened (it resumes from its checkpoint); a
+    1 GiB rotation size, which these tests never reach."""
+    sink = FileSink(d, 1, rotate_bytes=1 << 30)
+    sink.open()
+    return sink
+
+
+def write_records(sink: FileSink, payloads, start: int = 0) -> int:
+    """Writes payloads as log 0's records from offset start; the offset after them."""
+    recs, end = records_of(payloads, start)
+    sink.write([(0, recs, end)])
+    return end
 
 
 def read_lines(d: Path, completed_only: bool = False) -> list[dict]:
@@ -78,8 +94,7 @@ def test_file_sink_rotation_by_age(tmp_path):
     now = [1_000_000.0]
     sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30, rotate_seconds=60, clock=lambda: now[0])
     sink.open()
-    recs, end = records_of([reading("d", T0, 1, {"x": 1})])
-    sink.write([(0, recs, end)])
+    write_records(sink, [reading("d", T0, 1, {"x": 1})])
     sink.poll(0)
     assert list(tmp_path.glob("*.ndjson")) == []
     now[0] += 61
@@ -94,21 +109,17 @@ def test_file_sink_rotation_by_age(tmp_path):
 
 def test_file_sink_crash_after_write_before_checkpoint(tmp_path):
     payloads = [reading("d", T0 + i, i, {"x": i}) for i in range(100)]
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end = records_of(payloads[:50])
-    sink.write([(0, recs, end)])
+    sink = opened_sink(tmp_path)
+    end = write_records(sink, payloads[:50])
     part = next(tmp_path.glob("*.part"))
     size = part.stat().st_size
     # the process wrote more lines (half of a line too) and died before the checkpoint
     with open(part, "ab") as f:
         f.write(b'{"device_id":"d","ts":"2025-01-01T00:00:00Z","_worker":0,"_lsn":99999}\n{"device_')
     del sink                               # no close: a crash
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
+    sink = opened_sink(tmp_path)
     assert sink.checkpoints[0] == end
-    recs, end2 = records_of(payloads[50:], end)
-    sink.write([(0, recs, end2)])
+    write_records(sink, payloads[50:], end)
     assert part.stat().st_size > size
     lines = read_lines(tmp_path)
     assert [d["_lsn"] for d in lines] == [off for off, _ in records_of(payloads)[0]]
@@ -117,16 +128,12 @@ def test_file_sink_crash_after_write_before_checkpoint(tmp_path):
 
 def test_file_sink_crash_between_rename_and_checkpoint(tmp_path):
     payloads = [reading("d", T0 + i, i, {"x": i}) for i in range(20)]
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end = records_of(payloads[:10])
-    sink.write([(0, recs, end)])
+    sink = opened_sink(tmp_path)
+    end = write_records(sink, payloads[:10])
     part = next(tmp_path.glob("*.part"))
     os.rename(part, str(part)[:-len(".part")])          # the rename happened, the checkpoint did not
-    sink = FileSink(tmp_path, 1, rotate_bytes=1 << 30)
-    sink.open()
-    recs, end2 = records_of(payloads[10:], end)
-    sink.write([(0, recs, end2)])
+    sink = opened_sink(tmp_path)
+    write_records(sink, payloads[10:], end)
     assert len(list(tmp_path.glob("*.ndjson"))) == 1 and len(list(tmp_path.glob("*.part"))) == 1
     assert [d["seq"] for d in read_lines(tmp_path)] == list(range(20))
 
@@ -216,6 +223,14 @@ def expected_keys(logs) -> set:
     return {(json.loads(p)["device_id"], json.loads(p)["seq"]) for payloads in logs for p in payloads}
 
 
+@pytest.fixture
+def on_exit():
+    """Stops what a test registers (on_exit.callback(stop)) when it ends, however
+    it ends, the last registered first."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 def bridge_pipeline(tmp_path, port, durable, n=2, scheme="mqtt", **kw):
     pipe = Pipeline(settings(tmp_path, bridge=f"{scheme}://localhost:{port}", bridge_topic="up",
                              bridge_client_id=f"gw-bridge-{uuid.uuid4().hex[:6]}", **kw),
@@ -226,88 +241,77 @@ def bridge_pipeline(tmp_path, port, durable, n=2, scheme="mqtt", **kw):
     return pipe
 
 
-@needs_mosquitto
-def test_bridge_forwards_every_reading_qos1(tmp_path):
-    broker = Mosquitto(tmp_path / "mq", extra=("max_queued_messages 0",)).start()
-    sub = None
-    pipe = None
-    try:
-        sub = Subscriber(broker.port)
-        logs = fleet(2, 1000)
-        durable = Durable(2)
-        pipe = bridge_pipeline(tmp_path, broker.port, durable)
-        pipe.start()
-        for w, p in enumerate(logs):
-            durable.set(w, write_log(tmp_path, w, p))
-        want = expected_keys(logs)
-        wait_until(lambda: sub.keys() >= want, 30, "every reading upstream")
-        wait_until(lambda: pipe.runners[1].lag() == 0, 10, "the bridge's checkpoints")
-        with sub.lock:
-            topics = {t for t, _ in sub.got}
-            sample = sub.got[0][1]
-        assert topics == {f"up/w{w}-d{k}" for w in range(2) for k in range(20)}
-        assert sample in set(logs[0]) | set(logs[1])          # the reading unchanged
-        st = pipe.stats()["sinks"]["bridge"]
-        assert st["written"] == 2000 and st["retries"] == 0 and st["connected"]
-        pipe.shutdown()
-        ck = {w: json.loads((tmp_path / "pipeline" / f"bridge-w{w}.json").read_text())["next_offset"]
-              for w in range(2)}
-        assert ck == {w: durable(w) for w in range(2)}
-    finally:
-        if pipe is not None:
-            pipe.shutdown()
-        if sub is not None:
-            sub.close()
-        broker.stop()
+def bridged(tmp_path, on_exit, broker: Mosquitto, workers: int, ca=None, **kw):
+    """Starts broker and a Subscriber on it; makes a bridge pipeline to it over
+    `workers` logs, not started. Each is stopped when the test ends.
+    (subscriber, durable offsets, pipeline)."""
+    broker.start()
+    on_exit.callback(broker.stop)
+    sub = Subscriber(broker.port, ca=ca)
+    on_exit.callback(sub.close)
+    durable = Durable(workers)
+    pipe = bridge_pipeline(tmp_path, broker.port, durable, n=workers, **kw)
+    on_exit.callback(pipe.shutdown)
+    return sub, durable, pipe
 
 
 @needs_mosquitto
-def test_bridge_outage_and_catch_up(tmp_path):
+def test_bridge_forwards_every_reading_qos1(tmp_path, on_exit):
+    broker = Mosquitto(tmp_path / "mq", extra=("max_queued_messages 0",))
+    sub, durable, pipe = bridged(tmp_path, on_exit, broker, 2)
+    logs = fleet(2, 1000)
+    pipe.start()
+    for w, p in enumerate(logs):
+        durable.set(w, write_log(tmp_path, w, p))
+    want = expected_keys(logs)
+    wait_until(lambda: sub.keys() >= want, 30, "every reading upstream")
+    wait_until(lambda: pipe.runners[1].lag() == 0, 10, "the bridge's checkpoints")
+    with sub.lock:
+        topics = {t for t, _ in sub.got}
+        sample = sub.got[0][1]
+    assert topics == {f"up/w{w}-d{k}" for w in range(2) for k in range(20)}
+    assert sample in set(logs[0]) | set(logs[1])          # the reading unchanged
+    st = pipe.stats()["sinks"]["bridge"]
+    assert st["written"] == 2000 and st["retries"] == 0 and st["connected"]
+    pipe.shutdown()
+    ck = {w: json.loads((tmp_path / "pipeline" / f"bridge-w{w}.json").read_text())["next_offset"]
+          for w in range(2)}
+    assert ck == {w: durable(w) for w in range(2)}
+
+
+@needs_mosquitto
+def test_bridge_outage_and_catch_up(tmp_path, on_exit):
     """The upstream broker stops mid-stream (its persistence keeps the queued
     messages of the subscriber's session) and comes back on the same port:
     the bridge retries with backoff, the store is not held up, and every reading
     arrives upstream (at least once)."""
     mq = Mosquitto(tmp_path / "mq", persistence=True, extra=("max_queued_messages 0",))
-    mq.start()
-    port = mq.port
-    sub = None
-    pipe = None
-    try:
-        sub = Subscriber(port)
-        logs = fleet(2, 6000)
-        durable = Durable(2)
-        pipe = bridge_pipeline(tmp_path, port, durable)
-        pipe.start()
-        first = [write_log(tmp_path, w, p[:3000]) for w, p in enumerate(logs)]
-        for w, e in enumerate(first):
-            durable.set(w, e)
-        wait_until(lambda: len(sub.keys()) >= 500, 30, "the stream to start")
-        mq.stop()                                          # mid-stream
-        for w, p in enumerate(logs):
-            durable.set(w, write_log(tmp_path, w, p[3000:]))
-        wait_until(lambda: pipe.runners[0].lag() == 0, 30, "the store, while the bridge is down")
-        bridge = pipe.runners[1]
-        wait_until(lambda: bridge.failing, 10, "the bridge to notice")
-        time.sleep(1.0)
-        assert bridge.lag() > 0
-        mq = Mosquitto(tmp_path / "mq", persistence=True, port=port, extra=("max_queued_messages 0",))
-        mq.start()
-        want = expected_keys(logs)
-        wait_until(lambda: bridge.lag() == 0, 60, "the bridge to catch up")
-        wait_until(lambda: sub.keys() >= want, 60, "every reading upstream")
-        st = pipe.stats()["sinks"]["bridge"]
-        assert st["retries"] >= 1 and st["connects"] >= 2 and not st["failing"]
-        assert st["written"] >= 12000
-    finally:
-        if pipe is not None:
-            pipe.shutdown()
-        if sub is not None:
-            sub.close()
-        mq.stop()
+    sub, durable, pipe = bridged(tmp_path, on_exit, mq, 2)
+    logs = fleet(2, 6000)
+    pipe.start()
+    first = [write_log(tmp_path, w, p[:3000]) for w, p in enumerate(logs)]
+    for w, e in enumerate(first):
+        durable.set(w, e)
+    wait_until(lambda: len(sub.keys()) >= 500, 30, "the stream to start")
+    mq.stop()                                          # mid-stream
+    for w, p in enumerate(logs):
+        durable.set(w, write_log(tmp_path, w, p[3000:]))
+    wait_until(lambda: pipe.runners[0].lag() == 0, 30, "the store, while the bridge is down")
+    bridge = pipe.runners[1]
+    wait_until(lambda: bridge.failing, 10, "the bridge to notice")
+    time.sleep(1.0)
+    assert bridge.lag() > 0
+    mq.start()                                         # the same broker, port and persistence
+    want = expected_keys(logs)
+    wait_until(lambda: bridge.lag() == 0, 60, "the bridge to catch up")
+    wait_until(lambda: sub.keys() >= want, 60, "every reading upstream")
+    st = pipe.stats()["sinks"]["bridge"]
+    assert st["retries"] >= 1 and st["connects"] >= 2 and not st["failing"]
+    assert st["written"] >= 12000
 
 
 @needs_mosquitto
-def test_bridge_over_tls(tmp_path):
+def test_bridge_over_tls(tmp_path, on_exit):
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
@@ -318,40 +322,28 @@ def test_bridge_over_tls(tmp_path):
     # run as root, Mosquitto drops to its own user, which cannot read pytest's 0700 tmp dirs
     user = ("user root",) if os.geteuid() == 0 else ()
     broker = Mosquitto(tmp_path / "mq", extra=(f"cafile {ca_pem}", f"certfile {cert_pem}",
-                                               f"keyfile {key_pem}") + user).start()
-    sub = None
-    pipe = None
-    try:
-        sub = Subscriber(broker.port, ca=ca_pem)
-        logs = fleet(1, 200)
-        durable = Durable(1)
-        durable.set(0, write_log(tmp_path, 0, logs[0]))
-        pipe = bridge_pipeline(tmp_path, broker.port, durable, n=1, scheme="mqtts", bridge_cafile=str(ca_pem))
-        pipe.start()
-        wait_until(lambda: sub.keys() >= expected_keys(logs), 30, "every reading upstream over TLS")
-    finally:
-        if pipe is not None:
-            pipe.shutdown()
-        if sub is not None:
-            sub.close()
-        broker.stop()
+                                               f"keyfile {key_pem}") + user)
+    sub, durable, pipe = bridged(tmp_path, on_exit, broker, 1, ca=ca_pem,
+                                 scheme="mqtts", bridge_cafile=str(ca_pem))
+    logs = fleet(1, 200)
+    durable.set(0, write_log(tmp_path, 0, logs[0]))
+    pipe.start()
+    wait_until(lambda: sub.keys() >= expected_keys(logs), 30, "every reading upstream over TLS")
 
 
-def test_bridge_to_nobody_retries_without_holding_the_store(tmp_path):
+def test_bridge_to_nobody_retries_without_holding_the_store(tmp_path, on_exit):
     from conftest import free_ports
     port = free_ports(1)[0]                  # nothing listens there
     logs = fleet(1, 300)
     durable = Durable(1)
     durable.set(0, write_log(tmp_path, 0, logs[0]))
     pipe = bridge_pipeline(tmp_path, port, durable, n=1)
+    on_exit.callback(pipe.shutdown)
     pipe.start()
-    try:
-        wait_until(lambda: pipe.runners[0].lag() == 0, 30, "the store")
-        wait_until(lambda: pipe.runners[1].retries >= 3, 30, "the bridge's retries")
-        st = pipe.stats()["sinks"]["bridge"]
-        assert st["failing"] and st["lag"] == durable(0) and "connect" in st["last_error"]
-    finally:
-        pipe.shutdown()
+    wait_until(lambda: pipe.runners[0].lag() == 0, 30, "the store")
+    wait_until(lambda: pipe.runners[1].retries >= 3, 30, "the bridge's retries")
+    st = pipe.stats()["sinks"]["bridge"]
+    assert st["failing"] and st["lag"] == durable(0) and "connect" in st["last_error"]
 
 
 def test_bad_bridge_url(tmp_path):

@@ -18,6 +18,8 @@ from test_fuzz_regressions import run_worker_script
 
 # Shared by the scripts: the played worker's end of the channel.
 PLAYED_PEER = """
+    import time
+
     def frames_from(peer):
         '''The frames the worker sent to the played peer since the last call.'''
         out = []
@@ -43,6 +45,29 @@ PLAYED_PEER = """
         c.send(0)
         turns(wut)
         return c
+
+    def played_claim(wut, peer, token, clean, cid, holder):
+        '''A client of the played worker connects with cid: its CLAIM reaches
+        the home (the real worker), whose GRANT names holder, the worker that
+        held cid before (-1: none). The frames the home sent.'''
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", token, clean) + cid))
+        turns(wut)
+        got = frames_from(peer)
+        assert (FR_GRANT, struct.pack("<Ib", token, holder) + cid) in got, got
+        return got
+
+    def settled_alone(wut, c):
+        '''Turns until c's CONNECT settled without its session: a new one.'''
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while not c.received and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            c.drain()
+        assert bytes(c.received) == CONNACK_NEW, bytes(c.received)
+
+    def assert_taken_over(c):
+        c.drain()
+        assert not c.open, "B still open after its takeover"
+        assert h.counter("TAKEOVERS") == 1
 
     # A persistent session's state as a worker sends it (session_state.pyx):
     # version 2, one subscription (t/x, QoS 1), next packet id 1, no message, no QoS 2 id.
@@ -100,9 +125,7 @@ def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
         turns(wut)
         sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
         assert [struct.unpack_from("<I", s)[0] for s in sessions] == [7], sessions
-        b.drain()
-        assert not b.open, "B still open after its takeover"
-        assert h.counter("TAKEOVERS") == 1
+        assert_taken_over(b)
         wut.close()
     """))
 
@@ -118,10 +141,7 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
         peer = wut.peers[1]
         # Worker 1 holds c4: its client connected there.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        played_claim(wut, peer, 50, 1, b"c4", -1)
         p = connected(wut, b"c4")
         evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
         assert len(evicts) == 1, evicts
@@ -139,15 +159,10 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
         assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
         frames_from(peer)
         # Worker 1's client connects with c4 again: B is taken over.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        got = played_claim(wut, peer, 51, 1, b"c4", 0)
         sessions = [body for ftype, body in got if ftype == FR_SESSION]
         assert [struct.unpack_from("<I", s)[0] for s in sessions] == [51], got
-        b.drain()
-        assert not b.open, "B still open after its takeover"
-        assert h.counter("TAKEOVERS") == 1
+        assert_taken_over(b)
         wut.close()
     """))
 
@@ -160,17 +175,14 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
     B was no longer found: the next CONNECT elsewhere took over the stale one
     and left B open."""
     run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
-        import dataclasses, time
+        import dataclasses
         from gw.worker import apply_limits
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
         # B's wait, shorter than by default (3 s): the setting reaches the worker.
         apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
         assert wut.worker.settle_timeout_ms == 300
         peer = wut.peers[1]
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        played_claim(wut, peer, 50, 0, b"c4", -1)
         p = connected(wut, b"c4", clean=False)
         evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
         assert len(evicts) == 1, evicts
@@ -179,11 +191,7 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
         turns(wut)
         assert h.counter("CONNS_CURRENT") == 0
         b = connected(wut, b"c4", clean=False)
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while not b.received and time.monotonic() < deadline:
-            wut.worker.run_once(SETTLE_WAIT_MS)
-            b.drain()
-        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)      # settled alone, new session
+        settled_alone(wut, b)
         # Now worker 1's answer to P: the persistent session.
         peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 1, 2) + b"c4" + STATE))
         turns(wut)
@@ -193,13 +201,8 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
         b.drain()
         assert bytes(b.received) == CONNACK_NEW + b"\\xd0\\x00", bytes(b.received)
         frames_from(peer)
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 0) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
-        b.drain()
-        assert not b.open, "B still open after its takeover"
-        assert h.counter("TAKEOVERS") == 1
+        played_claim(wut, peer, 51, 0, b"c4", 0)
+        assert_taken_over(b)
         assert h.counter("SESSIONS_LATE") == 1      # P's, dropped: B had settled without it
         assert h.counter("SESSIONS_AWAY") == 0
         wut.close()
@@ -214,15 +217,12 @@ def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
     (B, settled on its own) was never closed by a takeover elsewhere. P
     settles by its deadline."""
     run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
-        import dataclasses, time
+        import dataclasses
         from gw.worker import apply_limits
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
         apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
         peer = wut.peers[1]
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
+        played_claim(wut, peer, 50, 1, b"c4", -1)
         p = connected(wut, b"c4")
         assert [ftype for ftype, _body in frames_from(peer)] == [FR_EVICT]
         p.close(reset=True)
@@ -230,21 +230,12 @@ def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
         assert h.counter("CONNS_CURRENT") == 0
         b = connected(wut, b"c4", clean=False)
         # Worker 1 never answers P. B settles on its own, P by its deadline (earlier than B's).
-        deadline = time.monotonic() + SETTLE_SECONDS
-        while not b.received and time.monotonic() < deadline:
-            wut.worker.run_once(SETTLE_WAIT_MS)
-            b.drain()
-        assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
+        settled_alone(wut, b)
         turns(wut)
         frames_from(peer)
         # Worker 1's client connects with c4: B is taken over.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
-        turns(wut)
-        got = frames_from(peer)
-        assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
+        got = played_claim(wut, peer, 51, 1, b"c4", 0)
         assert [struct.unpack_from("<I", body)[0] for ftype, body in got if ftype == FR_SESSION] == [51], got
-        b.drain()
-        assert not b.open, "B still open after its takeover"
-        assert h.counter("TAKEOVERS") == 1
+        assert_taken_over(b)
         wut.close()
     """))

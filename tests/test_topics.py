@@ -89,6 +89,14 @@ def index_with(*filters: str) -> TopicIndex:
     return idx
 
 
+def index_of(*subscriptions: tuple[str, int, int]) -> TopicIndex:
+    """A TopicIndex holding each (filter, subscriber, QoS)."""
+    idx = TopicIndex()
+    for topic_filter, subscriber, qos in subscriptions:
+        idx.subscribe(topic_filter, subscriber, qos)
+    return idx
+
+
 def matching(idx: TopicIndex, topic: str, filters: tuple[str, ...]) -> set[str]:
     return {filters[s] for s in idx.match(topic)[0]}
 
@@ -199,13 +207,7 @@ def test_empty_filter_rejected_MQTT_4_7_3_1():
 
 
 def test_overlapping_subscriptions_once_with_max_qos_MQTT_3_3_5_1():
-    idx = TopicIndex()
-    idx.subscribe("a/#", 7, 0)
-    idx.subscribe("a/+", 7, 2)
-    idx.subscribe("a/b", 7, 1)
-    idx.subscribe("#", 8, 1)
-    idx.subscribe("a/b", 8, 0)
-    idx.subscribe("+/+", 9, 0)
+    idx = index_of(("a/#", 7, 0), ("a/+", 7, 2), ("a/b", 7, 1), ("#", 8, 1), ("a/b", 8, 0), ("+/+", 9, 0))
     assert idx.match("a/b") == ({7: 2, 8: 1, 9: 0}, 0)
     assert idx.match("a") == ({7: 0, 8: 1}, 0)
     assert idx.match("a/c") == ({7: 2, 8: 1, 9: 0}, 0)
@@ -309,11 +311,7 @@ def test_wide_node_grows_and_shrinks():
 
 
 def test_remove_subscriber_reports_only_last_ones():
-    idx = TopicIndex()
-    idx.subscribe("a/b", 1, 1)
-    idx.subscribe("a/+", 1, 2)
-    idx.subscribe("#", 1, 0)
-    idx.subscribe("a/+", 2, 0)
+    idx = index_of(("a/b", 1, 1), ("a/+", 1, 2), ("#", 1, 0), ("a/+", 2, 0))
     idx.add_peer("a/b", 5)
     assert sorted(idx.subscriptions(1)) == [("#", 0), ("a/+", 2), ("a/b", 1)]
     assert sorted(idx.filters()) == ["#", "a/+", "a/b"]

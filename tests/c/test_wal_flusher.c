@@ -33,21 +33,28 @@ static uint8_t* read_file(int dirfd, const char* name, size_t* len) {
     return b;
 }
 
-static void run(const char* root, int mode, int inject) {
+/* A started log in the new directory root/name, as recovery leaves an empty
+   one: its first segment holding only its header. */
+static struct gw_wal* new_log(const char* root, const char* name, int mode, uint64_t batch_ns) {
     char dir[4096];
-    snprintf(dir, sizeof dir, "%s/wal-%d-%d", root, mode, inject);
+    snprintf(dir, sizeof dir, "%s/%s", root, name);
     CHECK(mkdir(dir, 0755) == 0);
     int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     CHECK(dirfd >= 0);
-    /* a recovered, empty log: the first segment with its header */
     int fd = openat(dirfd, "00000000000000000000.wal", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     CHECK(fd >= 0);
     uint8_t hdr[GW_WAL_HDR] = "GWWAL001";
     CHECK(write(fd, hdr, sizeof hdr) == (ssize_t)sizeof hdr);
-
-    struct gw_wal* w = gw_wal_new(mode, SEGMENT_BYTES, MAX_PENDING, 2000000);
+    struct gw_wal* w = gw_wal_new(mode, SEGMENT_BYTES, MAX_PENDING, batch_ns);
     CHECK(w != NULL);
     CHECK_EQ(gw_wal_start(w, dirfd, fd, 0, 0), 0);
+    return w;
+}
+
+static void run(const char* root, int mode, int inject) {
+    char name[64];
+    snprintf(name, sizeof name, "wal-%d-%d", mode, inject);
+    struct gw_wal* w = new_log(root, name, mode, 2000000);
 
     uint8_t buf[MAX_LEN];
     uint64_t end = 0, durable = 0;
@@ -79,7 +86,9 @@ static void run(const char* root, int mode, int inject) {
     gw_wal_free(w);                                 /* stops the flusher, closes both fds */
 
     /* Read it back: segments named by their base, each within SEGMENT_BYTES. */
-    dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    char dir[4096];
+    snprintf(dir, sizeof dir, "%s/%s", root, name);
+    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
     CHECK(dirfd >= 0);
     uint64_t off = 0;
     int rec = 0, segments = 0;
@@ -121,32 +130,16 @@ static void run(const char* root, int mode, int inject) {
 /* A log stopped with records pending writes them first; one stopped in its
    error state gives up (none of it was acknowledged), and a flush does not
    wait for it. */
-static struct gw_wal* new_log(const char* root, const char* name, uint64_t batch_ns) {
-    char dir[4096];
-    snprintf(dir, sizeof dir, "%s/%s", root, name);
-    CHECK(mkdir(dir, 0755) == 0);
-    int dirfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    CHECK(dirfd >= 0);
-    int fd = openat(dirfd, "00000000000000000000.wal", O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-    CHECK(fd >= 0);
-    uint8_t hdr[GW_WAL_HDR] = "GWWAL001";
-    CHECK(write(fd, hdr, sizeof hdr) == (ssize_t)sizeof hdr);
-    struct gw_wal* w = gw_wal_new(GW_WAL_BATCH, SEGMENT_BYTES, MAX_PENDING, batch_ns);
-    CHECK(w != NULL);
-    CHECK_EQ(gw_wal_start(w, dirfd, fd, 0, 0), 0);
-    return w;
-}
-
 static void run_stop(const char* root) {
     uint8_t rec[100] = {1};
-    struct gw_wal* w = new_log(root, "wal-stop", 1000000000ULL);
+    struct gw_wal* w = new_log(root, "wal-stop", GW_WAL_BATCH, 1000000000ULL);
     for (int i = 0; i < 10; i++) CHECK(gw_wal_append(w, rec, sizeof rec, 0) > 0);
     gw_wal_stop(w);                                  /* within the 1 s batch window */
     CHECK_EQ(gw_wal_durable(w), 10 * (GW_WAL_REC_HDR + sizeof rec));
     CHECK_EQ(gw_wal_append(w, rec, sizeof rec, 0), -1);
     gw_wal_free(w);
 
-    w = new_log(root, "wal-stop-failing", 0);
+    w = new_log(root, "wal-stop-failing", GW_WAL_BATCH, 0);
     gw_wal_inject(w, 0, -1, EIO, 1000000, 0);        /* every write fails, retried every second */
     CHECK(gw_wal_append(w, rec, sizeof rec, 0) > 0);
     for (int i = 0; gw_wal_err(w) == 0; i++) {       /* until the flusher has tried */
