@@ -45,7 +45,7 @@ import json
 import math
 import re
 from datetime import datetime, timezone
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import msgspec
 from msgspec import Meta, Raw, Struct, field
@@ -322,30 +322,9 @@ def diagnose(obj: Any, *, batch: bool, device_id: str | None = None) -> None:
                           f"device_id {_show(obj['device_id'])} differs from {_show(device_id)}")
     if "metrics" not in obj:
         raise Invalid("missing_metrics", "the metrics field is required")
-    metrics = obj["metrics"]
-    if not isinstance(metrics, dict):
-        raise Invalid("invalid_metrics", f"metrics must be a JSON object, got {_json_kind(metrics)}")
-    if len(metrics) > MAX_METRICS:
-        raise Invalid("too_many_metrics", f"metrics has {len(metrics)} keys, at most {MAX_METRICS} allowed")
-    for key, value in metrics.items():
-        if _KEY_RE.fullmatch(key) is None:
-            raise Invalid("invalid_metric_key", f"metric key {_show(key)} does not match {KEY_PATTERN}")
-        if not _is_number(value):
-            raise Invalid("invalid_metric", f"metric {key} must be a number, got {_json_kind(value)}")
-        if not _finite(value):
-            raise Invalid("non_finite_metric", f"metric {key} is not a finite number")
-    tags = obj.get("tags")
-    if tags is not None:
-        if not isinstance(tags, dict):
-            raise Invalid("invalid_tags", f"tags must be a JSON object, got {_json_kind(tags)}")
-        if len(tags) > MAX_TAGS:
-            raise Invalid("too_many_tags", f"tags has {len(tags)} keys, at most {MAX_TAGS} allowed")
-        for key, value in tags.items():
-            if _KEY_RE.fullmatch(key) is None:
-                raise Invalid("invalid_tag_key", f"tag key {_show(key)} does not match {KEY_PATTERN}")
-            if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
-                raise Invalid("invalid_tag", f"tag {key} must be a string of at most {MAX_TAG_VALUE} "
-                                             f"characters, got {_show(value)}")
+    _diagnose_keyed(obj["metrics"], "metrics", "metric", MAX_METRICS, _diagnose_metric)
+    if obj.get("tags") is not None:
+        _diagnose_keyed(obj["tags"], "tags", "tag", MAX_TAGS, _diagnose_tag)
     ts = obj.get("ts")
     if ts is not None:
         if isinstance(ts, str):
@@ -364,6 +343,35 @@ def diagnose(obj: Any, *, batch: bool, device_id: str | None = None) -> None:
     seq = obj.get("seq")
     if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ):
         raise Invalid("invalid_seq", f"seq must be an integer in [0, {MAX_SEQ}], got {_show(seq)}")
+
+
+def _diagnose_keyed(value: Any, field: str, entry: str, most: int,
+                    diagnose_entry: Callable[[str, Any], None]) -> None:
+    """The rules metrics and tags share: a JSON object of at most `most` keys,
+    each matching KEY_PATTERN, then each entry's own rule, key by key (the
+    first rule broken, in that order). Their codes: invalid_{field},
+    too_many_{field}, invalid_{entry}_key."""
+    if not isinstance(value, dict):
+        raise Invalid(f"invalid_{field}", f"{field} must be a JSON object, got {_json_kind(value)}")
+    if len(value) > most:
+        raise Invalid(f"too_many_{field}", f"{field} has {len(value)} keys, at most {most} allowed")
+    for key, item in value.items():
+        if _KEY_RE.fullmatch(key) is None:
+            raise Invalid(f"invalid_{entry}_key", f"{entry} key {_show(key)} does not match {KEY_PATTERN}")
+        diagnose_entry(key, item)
+
+
+def _diagnose_metric(key: str, value: Any) -> None:
+    if not _is_number(value):
+        raise Invalid("invalid_metric", f"metric {key} must be a number, got {_json_kind(value)}")
+    if not _finite(value):
+        raise Invalid("non_finite_metric", f"metric {key} is not a finite number")
+
+
+def _diagnose_tag(key: str, value: Any) -> None:
+    if not isinstance(value, str) or len(value) > MAX_TAG_VALUE:
+        raise Invalid("invalid_tag", f"tag {key} must be a string of at most {MAX_TAG_VALUE} "
+                                     f"characters, got {_show(value)}")
 
 
 def _json_kind(value: Any) -> str:

@@ -20,6 +20,13 @@ from typing import ClassVar, Union
 
 import msgspec
 
+# The control packet types (section 2.2.1), defined once for the compiled codec
+# and Python: gw_ext/packet_types.pxd.
+from gw_ext.packet_types import (
+    CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL,
+    SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE,
+)
+
 __all__ = [
     "CONNECT", "CONNACK", "PUBLISH", "PUBACK", "PUBREC", "PUBREL", "PUBCOMP",
     "SUBSCRIBE", "SUBACK", "UNSUBSCRIBE", "UNSUBACK", "PINGREQ", "PINGRESP",
@@ -29,22 +36,6 @@ __all__ = [
     "Disconnect", "Packet",
     "ProtocolError", "MalformedPacket", "PacketTooLarge", "ConnectRefused",
 ]
-
-# Control packet types (section 2.2.1).
-CONNECT = 1
-CONNACK = 2
-PUBLISH = 3
-PUBACK = 4
-PUBREC = 5
-PUBREL = 6
-PUBCOMP = 7
-SUBSCRIBE = 8
-SUBACK = 9
-UNSUBSCRIBE = 10
-UNSUBACK = 11
-PINGREQ = 12
-PINGRESP = 13
-DISCONNECT = 14
 
 # Largest value the 4-byte Remaining Length field can carry (section 2.2.3).
 MAX_REMAINING_LENGTH = 268_435_455

@@ -52,7 +52,7 @@ import re
 import sqlite3
 import time
 from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 from urllib.parse import quote, unquote_to_bytes
 
 import msgspec
@@ -402,10 +402,8 @@ class Query:
             after = ""                # every id is after it
         elif _DEVICE_RE.fullmatch(after) is None:
             raise Invalid("invalid_after", f"after {_show(after)} is not a device id (the `next` of a page)")
-        rows = self._read(SQL_DEVICES, (after, limit + 1))
-        more = len(rows) > limit
-        devices = [self._device(row) for row in rows[:limit]]
-        return DeviceList(devices, devices[-1].device_id if more else None)
+        devices, last = self._page(SQL_DEVICES, [after], limit, self._device)
+        return DeviceList(devices, last.device_id if last is not None else None)
 
     def device(self, raw_id: bytes, query: bytes) -> Device:
         device_id = check_path_device_id(raw_id)
@@ -494,11 +492,8 @@ class Query:
             if state not in ("open", "acked"):
                 raise Invalid("invalid_state", f"state must be open or acked, got {_show(state)}")
             args.append(state)
-        args.append(limit + 1)
-        rows = self._read(SQL_ALERTS[device_id is not None, state is not None], args)
-        more = len(rows) > limit
-        alerts = [self._alert(row) for row in rows[:limit]]
-        return AlertList(alerts, alerts[-1].id if more else None)
+        alerts, last = self._page(SQL_ALERTS[device_id is not None, state is not None], args, limit, self._alert)
+        return AlertList(alerts, last.id if last is not None else None)
 
     def ack(self, raw_id: bytes, query: bytes) -> Alert:
         """Acknowledges an open alert; an acknowledged one is returned unchanged."""
@@ -513,6 +508,15 @@ class Query:
         return self._alert(rows[0])
 
     # --- rows -----------------------------------------------------------------------------
+
+    def _page(self, sql: str, args: list, limit: int, item: Callable[[Any], Any]) -> tuple[list, Any]:
+        """A page of a list in key order: `sql` takes `args` then how many rows, and is asked
+        one row more than `limit` to learn whether another page follows. Returns the page's
+        items, made by `item` from each row, and its last item when another page follows
+        (whose key is the `next` to pass as `after`), else None."""
+        rows = self._read(sql, [*args, limit + 1])
+        items = [item(row) for row in rows[:limit]]
+        return items, items[-1] if len(rows) > limit else None
 
     def _device(self, row) -> Device:
         try:

@@ -11,22 +11,11 @@
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t
 
-cdef enum:
-    # Control packet types (MQTT 3.1.1 section 2.2.1).
-    CONNECT = 1
-    CONNACK = 2
-    PUBLISH = 3
-    PUBACK = 4
-    PUBREC = 5
-    PUBREL = 6
-    PUBCOMP = 7
-    SUBSCRIBE = 8
-    SUBACK = 9
-    UNSUBSCRIBE = 10
-    UNSUBACK = 11
-    PINGREQ = 12
-    PINGRESP = 13
-    DISCONNECT = 14
+# Control packet types (MQTT 3.1.1 section 2.2.1), cimported with the codec.
+from gw_ext.packet_types cimport (
+    CONNECT, CONNACK, PUBLISH, PUBACK, PUBREC, PUBREL, PUBCOMP, SUBSCRIBE, SUBACK,
+    UNSUBSCRIBE, UNSUBACK, PINGREQ, PINGRESP, DISCONNECT,
+)
 
 cdef enum:
     # Negative results of the decoders.
