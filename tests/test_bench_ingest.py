@@ -22,6 +22,7 @@ import pytest
 
 from gwbench import histogram as H
 from gwbench import ingest_scenario
+from test_bench_tool import run_bench as run_gwbench
 
 # The extension is built by `pip install -e .`: not importing it must fail
 # these tests, not skip them.
@@ -210,11 +211,10 @@ def server():
 
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
-    out = tmp_path / f"result-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "gwbench", "ingest", *map(str, args), "--json", str(out), "--quiet"]
+    """`gwbench ingest` with args: (the finished process, its JSON result, the
+    seconds it took)."""
     t = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    result = json.loads(out.read_text()) if out.exists() else None
+    p, result = run_gwbench(["ingest", *args], tmp_path, timeout)
     return p, result, time.monotonic() - t
 
 
