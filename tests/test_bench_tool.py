@@ -84,20 +84,28 @@ class Broker:
                 self.proc.wait(5)
 
 
-@pytest.fixture
-def broker(tmp_path):
+@contextlib.contextmanager
+def each_stopped(make):
+    """A function that starts a server (make(**kw)); every server it started
+    is stopped at the end."""
     started = []
 
-    def start(**kw) -> Broker:
-        b = Broker(tmp_path, **kw)
-        started.append(b)
-        return b
+    def start(**kw):
+        s = make(**kw)
+        started.append(s)
+        return s
 
     try:
         yield start
     finally:
-        for b in started:
-            b.stop()
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with each_stopped(lambda **kw: Broker(tmp_path, **kw)) as start:
+        yield start
 
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
