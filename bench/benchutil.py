@@ -1,4 +1,4 @@
-"""Shared by the benchmarks' ratio gates.
+"""Shared by the benchmarks: the ratio gates, and the servers they start.
 
 A gate compares the code under test with a baseline doing the same work, both
 timed in the same run (best of several repetitions): its ratio is baseline
@@ -101,6 +101,29 @@ def check_gate(gate: Gate, request=None) -> dict:
     return figures
 
 
+def free_port() -> int:
+    """A loopback TCP port free at the time of the call."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    """Returns once something accepts connections on the loopback port;
+    RuntimeError when proc (the server meant to) exits first, or after timeout
+    seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
+
+
 def gw_harness():
     """The tests' harness (tests/conftest.py: GwServer, its fixtures, the check
     that fails a test during which a worker died), for benchmarks that run `gw
@@ -129,9 +152,7 @@ def mqtt_only_gw(workers: int, *flags: str, tmp_parent: str | None = None, stder
     accepts connections; stopped with SIGTERM at the end. Yields (the process,
     the port, the directory)."""
     repo = Path(__file__).resolve().parent.parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "gw.cli", "serve", "--workers", str(workers), "--mqtt", f"127.0.0.1:{port}",
@@ -141,15 +162,7 @@ def mqtt_only_gw(workers: int, *flags: str, tmp_parent: str | None = None, stder
             cwd=tmp, env={**os.environ, "PYTHONPATH": str(repo)}, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=stderr)
         try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), 1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+            wait_port(port, server)
             yield server, port, tmp
         finally:
             server.send_signal(signal.SIGTERM)

@@ -22,13 +22,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchutil import free_port, wait_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -87,25 +88,6 @@ SCENARIOS = {s.name: s for s in (
            ["--publishers", "1", "--subscribers", "1", "--qos", "0", "--rate", "20000"],
            {"set_tcp_nodelay": "true"}),
 )}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"broker exited with {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {timeout} s")
 
 
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -226,6 +208,26 @@ def summarize(r: dict) -> dict:
     }
 
 
+def each_result(rows: list, kind: str):
+    """(scenario, gw's summary) of the scenarios of a kind that run gw alone."""
+    return [(sc, results["gw"]) for sc, results in rows if sc.kind == kind]
+
+
+def each_broker_result(rows: list, kind: str):
+    """(scenario, broker, its summary) of the scenarios of a kind, gw then Mosquitto."""
+    return [(sc, which, results[which]) for sc, results in rows if sc.kind == kind for which in ("gw", "mosquitto")]
+
+
+def print_table(heads: list[str], lines: list[list]) -> None:
+    """A Markdown table, unless it has no lines."""
+    if not lines:
+        return
+    print("\n| " + " | ".join(heads) + " |")
+    print("|" + "---|" * len(heads))
+    for cells in lines:
+        print("| " + " | ".join(str(c) for c in cells) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
@@ -270,32 +272,15 @@ def main() -> int:
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))
-    jsonlines_rows = [(sc, res) for sc, res in rows if sc.kind == "jsonlines"]
-    if jsonlines_rows:
-        print("\n| clients | connected | success rate | Data messages sent | connect p99 (ms) | gw RSS (MB) |")
-        print("|---|---|---|---|---|---|")
-        for sc, results in jsonlines_rows:
-            s = results["gw"]
-            print(f"| {sc.what} | {s['success']} | {s['success'].split('(')[1].rstrip(')')} | {s['sent']} | "
-                  f"{s['connect_p99']} | {s['rss_mb']} |")
-    conn_rows = [(sc, res) for sc, res in rows if sc.kind == "connections"]
-    pubsub_rows = [(sc, res) for sc, res in rows if sc.kind == "pubsub"]
-    if conn_rows:
-        print("\n| scenario | broker | connected | connect p50 (ms) | connect p99 (ms) | RSS per connection (KiB) |")
-        print("|---|---|---|---|---|---|")
-        for sc, results in conn_rows:
-            for which in ("gw", "mosquitto"):
-                s = results[which]
-                print(f"| {sc.what} | {which} | {s['success']} | {s['connect_p50']} | {s['connect_p99']} | "
-                      f"{s['rss_per_conn_kib']} |")
-    if pubsub_rows:
-        print("\n| scenario | broker | sent/s | delivered/s | lost | latency p50 (ms) | latency p99 (ms) |")
-        print("|---|---|---|---|---|---|---|")
-        for sc, results in pubsub_rows:
-            for which in ("gw", "mosquitto"):
-                s = results[which]
-                print(f"| {sc.what} | {which} | {s['sent_per_s']} | {s['received_per_s']} | {s['lost']} | "
-                      f"{s['latency_p50']} | {s['latency_p99']} |")
+    print_table(["clients", "connected", "success rate", "Data messages sent", "connect p99 (ms)", "gw RSS (MB)"],
+                [[sc.what, s["success"], s["success"].split("(")[1].rstrip(")"), s["sent"], s["connect_p99"],
+                  s["rss_mb"]] for sc, s in each_result(rows, "jsonlines")])
+    print_table(["scenario", "broker", "connected", "connect p50 (ms)", "connect p99 (ms)", "RSS per connection (KiB)"],
+                [[sc.what, which, s["success"], s["connect_p50"], s["connect_p99"], s["rss_per_conn_kib"]]
+                 for sc, which, s in each_broker_result(rows, "connections")])
+    print_table(["scenario", "broker", "sent/s", "delivered/s", "lost", "latency p50 (ms)", "latency p99 (ms)"],
+                [[sc.what, which, s["sent_per_s"], s["received_per_s"], s["lost"], s["latency_p50"], s["latency_p99"]]
+                 for sc, which, s in each_broker_result(rows, "pubsub")])
     return 0
 
 

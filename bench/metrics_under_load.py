@@ -20,25 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchutil import free_port, wait_port
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"nothing listening on {port}")
 
 
 def scrape(sock: socket.socket) -> tuple[float, int, bytes]:
@@ -68,7 +53,7 @@ def main() -> None:
             cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load = None
         try:
-            wait_port(http)
+            wait_port(http, server)
             hold = 10 + args.scrapes * 0.06
             load = subprocess.Popen(
                 [sys.executable, "-m", "gw.cli", "bench", "--server", f"127.0.0.1:{mqtt}",

@@ -142,14 +142,24 @@ def _engine(plan, worker_id, ctl, native_tls: bool) -> ConnEngine:
                       stats_cb=lambda snap: ctl.send("stats", snap), stop_check=ctl.poll)
 
 
-def _run_conn(worker_id: int, plan, ctl: Control) -> None:
-    eng = _engine(plan, worker_id, ctl, native_tls=True)
+def _connect_on_go(worker_id: int, plan, ctl: Control, native_tls: bool) -> ConnEngine | None:
+    """This process's clients connected on the ramp the coordinator's "go"
+    sets, and held until its end (pubsub: none, setup only); None when the
+    coordinator stopped the run first."""
+    eng = _engine(plan, worker_id, ctl, native_tls)
     ctl.send("hello")
     go = ctl.wait("go", 60.0)
     if go is None:
-        return
+        return None
     _, start_at, hold_end = go
     eng.run(start_at, plan.rampup, plan.total_clients, hold_end)
+    return eng
+
+
+def _run_conn(worker_id: int, plan, ctl: Control) -> None:
+    eng = _connect_on_go(worker_id, plan, ctl, native_tls=True)
+    if eng is None:
+        return
     eng.disconnect_all()
     ctl.send("stats", eng.snapshot())
     ctl.send("result", eng.result())
@@ -158,13 +168,9 @@ def _run_conn(worker_id: int, plan, ctl: Control) -> None:
 def _run_pubsub(worker_id: int, plan, ctl: Control) -> None:
     from .pubsub import PubSubWorker  # needs the compiled extension
 
-    eng = _engine(plan, worker_id, ctl, native_tls=False)
-    ctl.send("hello")
-    go = ctl.wait("go", 60.0)
-    if go is None:
+    eng = _connect_on_go(worker_id, plan, ctl, native_tls=False)
+    if eng is None:
         return
-    _, start_at, _ = go
-    eng.run(start_at, plan.rampup, plan.total_clients, None)
     conns = eng.detach()
     setup = eng.result()
     ctl.send("stats", eng.snapshot())

@@ -256,17 +256,11 @@ class Coordinator:
         ready = self._wait_all("ready", plan.rampup + plan.connect_timeout + 15.0)
         pubs = sum(m[1]["pubs"] for m in ready.values())
         subs = sum(m[1]["subs"] for m in ready.values())
-        if not self.interrupted and ready and (pubs == 0 or (plan.subscribers and subs == 0)):
-            self.notes.append(f"nothing to measure: {pubs} publisher(s) and {subs} subscriber(s) connected")
-            self._broadcast("stop")
-        if self.interrupted or not ready or pubs == 0 or (plan.subscribers and subs == 0):
-            self._finish(time.monotonic() + plan.grace)
+        too_few = (f"{pubs} publisher(s) and {subs} subscriber(s) connected"
+                   if pubs == 0 or (plan.subscribers and subs == 0) else None)
+        if not self._ready_to_measure(ready, too_few):
             return
-        self.phase = "publish"
-        t0 = time.monotonic() + 0.05
-        t_stop = t0 + plan.duration
-        self.agg.t_publish = (t0 - start_at, t_stop - start_at)
-        self._broadcast("start", t0, t_stop)
+        t0, t_stop = self._start_together(start_at, "publish")
         pub_done = {}
 
         def on(w, msg):
@@ -297,17 +291,9 @@ class Coordinator:
         self._broadcast("go", start_at, None)
         ready = self._wait_all("ready", plan.connect_timeout + 15.0)
         n = sum(m[1]["ready"] for m in ready.values())
-        if not self.interrupted and ready and n == 0:
-            self.notes.append("nothing to measure: no client connected")
-            self._broadcast("stop")
-        if self.interrupted or not ready or n == 0:
-            self._finish(time.monotonic() + plan.grace)
+        if not self._ready_to_measure(ready, "no client connected" if n == 0 else None):
             return
-        self.phase = "send"
-        t0 = time.monotonic() + 0.05
-        t_stop = t0 + plan.duration
-        self.agg.t_publish = (t0 - start_at, t_stop - start_at)
-        self._broadcast("start", t0, t_stop)
+        t0, t_stop = self._start_together(start_at, "send")
         deadline = t_stop + plan.grace
         while not self.interrupted and len(self.results) < plan.procs and time.monotonic() < deadline:
             if self.phase == "send" and time.monotonic() >= t_stop:
@@ -316,6 +302,29 @@ class Coordinator:
             self._pump(0.2, None)
         self.phase = "drain"
         self._finish(deadline)
+
+    def _ready_to_measure(self, ready: dict, too_few: str | None) -> bool:
+        """After the setup phase: whether the run goes on to send. Not when it
+        was interrupted, no worker reported ready, or too_few says what little
+        connected (nothing to measure: the workers are told to stop); the run
+        is finished then."""
+        if not self.interrupted and ready and too_few:
+            self.notes.append(f"nothing to measure: {too_few}")
+            self._broadcast("stop")
+        if self.interrupted or not ready or too_few:
+            self._finish(time.monotonic() + self.plan.grace)
+            return False
+        return True
+
+    def _start_together(self, start_at: float, phase: str) -> tuple[float, float]:
+        """Every worker sends from one t0, just ahead so that the message
+        reaches them all, for the run's duration: (t0, t_stop)."""
+        self.phase = phase
+        t0 = time.monotonic() + 0.05
+        t_stop = t0 + self.plan.duration
+        self.agg.t_publish = (t0 - start_at, t_stop - start_at)
+        self._broadcast("start", t0, t_stop)
+        return t0, t_stop
 
     def _finish(self, deadline: float) -> None:
         """Collects results until the deadline; then stops and, past a

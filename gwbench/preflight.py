@@ -17,9 +17,14 @@ class PreflightError(RuntimeError):
     pass
 
 
-def _recv_some(sock, timeout_at: float) -> bytes:
+def _recv_more(sock, timeout_at: float, if_closed: str) -> bytes:
+    """The next bytes from the server; PreflightError(if_closed) when it
+    closed the connection instead."""
     sock.settimeout(max(0.05, timeout_at - time.monotonic()))
-    return sock.recv(4096)
+    data = sock.recv(4096)
+    if not data:
+        raise PreflightError(if_closed)
+    return data
 
 
 def tcp_connect(plan, sock: socket.socket, timeout: float, listener: str = "the broker") -> None:
@@ -77,11 +82,8 @@ def preflight(plan, timeout: float = 5.0) -> dict:
                 sock.sendall(msgspec.json.encode(hello) + b"\n")
                 buf = b""
                 while b"\n" not in buf:
-                    data = _recv_some(sock, deadline)
-                    if not data:
-                        raise PreflightError(f"{where} closed the connection before answering Connect "
-                                             f"(is it a JSON-lines server? is --tls needed?)")
-                    buf += data
+                    buf += _recv_more(sock, deadline, f"{where} closed the connection before answering Connect "
+                                                      f"(is it a JSON-lines server? is --tls needed?)")
                 try:
                     reply = msgspec.json.decode(buf.split(b"\n", 1)[0])
                 except msgspec.DecodeError:
@@ -99,11 +101,8 @@ def preflight(plan, timeout: float = 5.0) -> dict:
                 buf = bytearray()
                 packets = []
                 while not packets:
-                    data = _recv_some(sock, deadline)
-                    if not data:
-                        raise PreflightError(f"{where} closed the connection before CONNACK "
-                                             f"(is it an MQTT port? is --tls needed?)")
-                    buf += data
+                    buf += _recv_more(sock, deadline, f"{where} closed the connection before CONNACK "
+                                                      f"(is it an MQTT port? is --tls needed?)")
                     try:
                         packets = mqtt.split(buf)
                     except mqtt.MalformedError:

@@ -460,6 +460,15 @@ def format_ingest(r: dict) -> str:
         L.append(f"Anomalies: {a['injected']:,} injected (fraction {a['fraction']:g}, seed {a['seed']}; "
                  f"the list of (device, seq) is in the JSON result"
                  + ("" if a["list_complete"] else ", first 100,000 only") + ")")
+    L.extend(_closing_lines(r, plan))
+    return "\n".join(L)
+
+
+def _closing_lines(r: dict, plan: dict) -> list[str]:
+    """The lines every scenario's report ends with: errors, the server and the
+    tool, notes, fatal errors, the verdict. The error rate is the result's
+    (ingest counts unanswered requests in it: not 0 when no error was seen)."""
+    L = []
     errs = r["errors"]
     if errs:
         L.append(f"Errors: {r['error_count']:,} (error rate {r['error_rate_pct']:.2f}%): "
@@ -472,7 +481,7 @@ def format_ingest(r: dict) -> str:
     for f in r["fatal"]:
         L.append(f"FATAL {f.splitlines()[-1] if f else f}")
     L.append("Result: " + ("OK" if r["ok"] else "FAILED"))
-    return "\n".join(L)
+    return L
 
 
 def _server_tool_lines(r: dict, plan: dict) -> list[str]:
@@ -574,18 +583,7 @@ def format_text(r: dict) -> str:
                  f"lost {d['lost']:,} ({d['loss_pct']:.4g}%) / duplicates {d['duplicates']:,} / "
                  f"out of order {d['out_of_order']:,}" + (f" / foreign {d['foreign']:,}" if d["foreign"] else "")
                  + (f" / publishes never acknowledged {m['unacked']:,}" if plan["qos"] else ""))
-    errs = r["errors"]
-    if errs:
-        L.append(f"Errors: {r['error_count']:,} (error rate {r['error_rate_pct']:.2f}%): "
-                 + ", ".join(f"{k} {v:,}" for k, v in sorted(errs.items(), key=lambda kv: -kv[1])))
-    else:
-        L.append("Errors: 0 / Error Rate: 0.00%")
-    L.extend(_server_tool_lines(r, plan))
-    for n in r["notes"]:
-        L.append(f"Note: {n}")
-    for f in r["fatal"]:
-        L.append(f"FATAL {f.splitlines()[-1] if f else f}")
-    L.append("Result: " + ("OK" if r["ok"] else "FAILED"))
+    L.extend(_closing_lines(r, plan))
     return "\n".join(L)
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from gwbench import histogram as H
 from gwbench import ingest_scenario
+from test_bench_tool import each_stopped, free_port, run_bench as run_gwbench
 
 # The extension is built by `pip install -e .`: not importing it must fail
 # these tests, not skip them.
@@ -30,12 +31,6 @@ from gwbench._ext.ingest_engine import IngestEngine  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_anomaly(temp: float) -> bool:
@@ -195,26 +190,15 @@ class IngestServer:
 
 @pytest.fixture
 def server():
-    started = []
-
-    def start(**kw) -> IngestServer:
-        s = IngestServer(**kw)
-        started.append(s)
-        return s
-
-    try:
+    with each_stopped(IngestServer) as start:
         yield start
-    finally:
-        for s in started:
-            s.stop()
 
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
-    out = tmp_path / f"result-{time.monotonic_ns()}.json"
-    cmd = [sys.executable, "-m", "gwbench", "ingest", *map(str, args), "--json", str(out), "--quiet"]
+    """`gwbench ingest` with args: (the finished process, its JSON result, the
+    seconds it took)."""
     t = time.monotonic()
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    result = json.loads(out.read_text()) if out.exists() else None
+    p, result = run_gwbench(["ingest", *args], tmp_path, timeout)
     return p, result, time.monotonic() - t
 
 

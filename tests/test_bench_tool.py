@@ -84,20 +84,28 @@ class Broker:
                 self.proc.wait(5)
 
 
-@pytest.fixture
-def broker(tmp_path):
+@contextlib.contextmanager
+def each_stopped(make):
+    """A function that starts a server (make(**kw)); every server it started
+    is stopped at the end."""
     started = []
 
-    def start(**kw) -> Broker:
-        b = Broker(tmp_path, **kw)
-        started.append(b)
-        return b
+    def start(**kw):
+        s = make(**kw)
+        started.append(s)
+        return s
 
     try:
         yield start
     finally:
-        for b in started:
-            b.stop()
+        for s in started:
+            s.stop()
+
+
+@pytest.fixture
+def broker(tmp_path):
+    with each_stopped(lambda **kw: Broker(tmp_path, **kw)) as start:
+        yield start
 
 
 def run_bench(args, tmp_path: Path, timeout: float = 90.0):
@@ -106,6 +114,34 @@ def run_bench(args, tmp_path: Path, timeout: float = 90.0):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     result = json.loads(out.read_text()) if out.exists() else None
     return p, result
+
+
+def pubsub_counts_exact(port: int, tmp_path: Path, qos: int, topic_mode: str = "per-publisher") -> dict:
+    """3 publishers -> 2 subscribers at a modest 3,000 messages/s for 2 s: the
+    broker delivers everything, and the tool must count each message exactly
+    once. Returns the result."""
+    p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", qos, "--rate", 3000, "--size", 100,
+                      "--duration", 2, "--topic-mode", topic_mode, "--server", f"127.0.0.1:{port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0 and d["expected"] == m["sent"] * 2
+    assert d["unique"] == d["expected"] and m["received"] == d["unique"]
+    assert d["duplicates"] == 0 and d["foreign"] == 0
+    return r
+
+
+def pubsub_lossless_flat_out(port: int, tmp_path: Path, qos: int) -> dict:
+    """4 publishers -> 2 subscribers, QoS 1/2 flat out with 32 in flight each:
+    every publish acknowledged and delivered once to each subscriber. Returns
+    the result."""
+    p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
+                      "--server", f"127.0.0.1:{port}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["sent"] > 0 and m["acked"] == m["sent"]
+    assert d["expected"] == m["sent"] * 2 == d["unique"]
+    assert d["lost"] == 0 and d["duplicates"] == 0
+    return r
 
 
 # -- histogram ---------------------------------------------------------------
@@ -288,17 +324,8 @@ def test_pubsub_tls_counts_exact(broker, tmp_path):
 @pytest.mark.parametrize("topic_mode", ["per-publisher", "shared"])
 def test_pubsub_qos0_counts_exact(broker, tmp_path, topic_mode):
     b = broker()
-    p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", 0, "--rate", 3000, "--size", 100,
-                      "--duration", 2, "--topic-mode", topic_mode, "--server", f"127.0.0.1:{b.port}"], tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m, d = r["messages"], r["delivery"]
-    assert m["sent"] > 0
-    assert d["expected"] == m["sent"] * 2
-    # At this modest rate Mosquitto delivers everything: the tool must count
-    # each message exactly once.
-    assert d["unique"] == d["expected"]
-    assert m["received"] == d["unique"] and d["duplicates"] == 0 and d["foreign"] == 0
-    assert r["histograms"]["latency"]["total"] == m["received"]
+    r = pubsub_counts_exact(b.port, tmp_path, 0, topic_mode)
+    assert r["histograms"]["latency"]["total"] == r["messages"]["received"]
     assert r["connected"] == 5 and r["disconnected"] == 5
 
 
@@ -307,14 +334,8 @@ def test_pubsub_qos0_counts_exact(broker, tmp_path, topic_mode):
 @pytest.mark.parametrize("qos", [1, 2])
 def test_pubsub_qos_lossless_flat_out(broker, tmp_path, qos):
     b = broker(extra="max_queued_messages 0\nmax_inflight_messages 0\n")
-    p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
-                      "--server", f"127.0.0.1:{b.port}"], tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m, d = r["messages"], r["delivery"]
-    assert m["sent"] > 0 and m["acked"] == m["sent"]
-    assert d["expected"] == m["sent"] * 2 == d["unique"]
-    assert d["lost"] == 0 and d["duplicates"] == 0
-    assert r["histograms"]["ack"]["total"] == m["sent"]
+    r = pubsub_lossless_flat_out(b.port, tmp_path, qos)
+    assert r["histograms"]["ack"]["total"] == r["messages"]["sent"]
 
 
 @needs_mosquitto
@@ -704,13 +725,8 @@ def test_pubsub_against_gw_counts_exact(gw_server, tmp_path, qos):
     """The same exact counting against gw (two workers, so most deliveries cross
     between them): at a modest rate everything arrives, each message once."""
     mqtt_port, _ = gw_server
-    p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", qos, "--rate", 3000, "--size", 100,
-                      "--duration", 2, "--server", f"127.0.0.1:{mqtt_port}"], tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m, d = r["messages"], r["delivery"]
-    assert m["sent"] > 0 and d["expected"] == m["sent"] * 2
-    assert d["unique"] == d["expected"] and m["received"] == d["unique"]
-    assert d["duplicates"] == 0 and d["foreign"] == 0 and d["out_of_order"] == 0
+    r = pubsub_counts_exact(mqtt_port, tmp_path, qos)
+    assert r["delivery"]["out_of_order"] == 0
     assert r["connected"] == 5 and r["disconnected"] == 5
 
 
@@ -719,13 +735,7 @@ def test_pubsub_against_gw_counts_exact(gw_server, tmp_path, qos):
 def test_pubsub_against_gw_lossless_flat_out(gw_server, tmp_path, qos):
     """QoS 1/2 flat out into gw: publishers are held back, nothing is lost."""
     mqtt_port, _ = gw_server
-    p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
-                      "--server", f"127.0.0.1:{mqtt_port}"], tmp_path)
-    assert p.returncode == 0, p.stdout + p.stderr
-    m, d = r["messages"], r["delivery"]
-    assert m["sent"] > 0 and m["acked"] == m["sent"]
-    assert d["expected"] == m["sent"] * 2 == d["unique"]
-    assert d["lost"] == 0 and d["duplicates"] == 0
+    pubsub_lossless_flat_out(mqtt_port, tmp_path, qos)
 
 
 def test_server_pid_auto_finds_the_gw_master(gw_server):

@@ -1,7 +1,7 @@
 # What both load generator engines (gwbench/_ext/ingest_engine.pyx,
 # gwbench/_ext/pubsub_engine.pyx) do the same way on their hot loop: the
 # monotonic clock, an output buffer that grows, the events epoll watches on a
-# connection, a non-blocking send. Inline: no call per message.
+# connection, a non-blocking send and receive. Inline: no call per message.
 
 from libc.errno cimport errno, EAGAIN, EINTR
 from libc.stdint cimport int64_t, uint8_t, uint32_t
@@ -9,8 +9,8 @@ from libc.stdlib cimport realloc
 from libc.string cimport memmove
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
-from gw_ext.netio cimport EPOLL_CTL_MOD, MSG_NOSIGNAL, epoll_ctl, epoll_event
-from gw_ext.netio cimport send as c_send
+from gw_ext.netio cimport EPOLL_CTL_MOD, EPOLLIN, EPOLLOUT, MSG_NOSIGNAL, epoll_ctl, epoll_event
+from gw_ext.netio cimport recv as c_recv, send as c_send
 
 
 cdef inline int64_t mono_ns() noexcept nogil:
@@ -67,3 +67,36 @@ cdef inline void out_consumed(uint8_t* buf, size_t* used, size_t sent) noexcept 
     if sent < used[0]:
         memmove(buf, buf + sent, used[0] - sent)
     used[0] -= sent
+
+
+cdef inline void out_sent(int epfd, int fd, uint32_t index, uint32_t* watched, uint8_t* buf,
+                          size_t* used, size_t sent) noexcept nogil:
+    """After a send of `sent` bytes (0 too) from a connection's output buffer
+    of *used bytes: drops them, and epoll watches EPOLLOUT on the connection
+    while bytes remain (stops once the buffer is empty)."""
+    if sent:
+        out_consumed(buf, used, sent)
+    if used[0]:
+        watch_events(epfd, fd, index, watched, EPOLLIN | EPOLLOUT)
+    elif watched[0] & EPOLLOUT:
+        watch_events(epfd, fd, index, watched, EPOLLIN)
+
+
+# recv_some's answers besides the bytes received.
+cdef enum:
+    RECV_CLOSED = 0     # the peer closed its side
+    RECV_EMPTY = -1     # nothing to read now
+    RECV_FAILED = -2    # the connection broke (errno says why)
+
+
+cdef inline ssize_t recv_some(int fd, uint8_t* buf, size_t n) noexcept nogil:
+    """One non-blocking receive into buf[0:n] (an interrupted call is
+    retried): the bytes received, or RECV_CLOSED, RECV_EMPTY, RECV_FAILED."""
+    cdef ssize_t r
+    while True:
+        r = c_recv(fd, buf, n, 0)
+        if r >= 0:
+            return r
+        if errno == EINTR:
+            continue
+        return RECV_EMPTY if errno == EAGAIN else RECV_FAILED

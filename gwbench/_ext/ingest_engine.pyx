@@ -30,9 +30,10 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gwbench._ext.engine_io cimport mono_ns, out_consumed, out_reserve, send_some, watch_events
+from gwbench._ext.engine_io cimport (
+    RECV_CLOSED, RECV_EMPTY, mono_ns, out_reserve, out_sent, recv_some, send_some, watch_events)
 from gwbench._ext.latency_hist cimport Hist, HistScale, hist_scale, hist_alloc, hist_clear, hist_dict, hist_free, hist_record
-from libc.errno cimport errno, EAGAIN, EINTR, ENOSYS
+from libc.errno cimport errno, ENOSYS
 from libc.time cimport tm, time_t
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
@@ -41,7 +42,7 @@ from gw_ext.netio cimport (
     EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
     MSG_NOSIGNAL, SHUT_WR, epoll_create1, epoll_ctl, epoll_event, epoll_wait, socklen_t,
 )
-from gw_ext.netio cimport close as c_close, recv as c_recv, send as c_send, shutdown as c_shutdown
+from gw_ext.netio cimport close as c_close, shutdown as c_shutdown
 
 cdef extern from "<sys/epoll.h>" nogil:
     int epoll_pwait2(int epfd, epoll_event* events, int maxevents, const timespec* timeout, const void* sigmask)
@@ -146,18 +147,28 @@ cdef inline uint64_t mix64(uint64_t x) noexcept nogil:
     return x ^ (x >> 31)
 
 
-cdef inline void put_uint(uint8_t* p, int width, uint64_t v, uint8_t pad) noexcept nogil:
-    """v right-aligned in width bytes, padded with pad ('0' or ' ')."""
-    cdef int k = width - 1
+cdef inline int put_digits(uint8_t* p, int k, uint64_t v) noexcept nogil:
+    """v's decimal digits (at least one) ending at p[k], written right to left
+    while k >= 0: the index left of the first digit written."""
     while k >= 0:
         p[k] = <uint8_t>(48 + v % 10)
         v //= 10
         k -= 1
         if v == 0:
             break
+    return k
+
+
+cdef inline void pad_left(uint8_t* p, int k, uint8_t pad) noexcept nogil:
+    """p[0..k] filled with pad."""
     while k >= 0:
         p[k] = pad
         k -= 1
+
+
+cdef inline void put_uint(uint8_t* p, int width, uint64_t v, uint8_t pad) noexcept nogil:
+    """v right-aligned in width bytes, padded with pad ('0' or ' ')."""
+    pad_left(p, put_digits(p, width - 1, v), pad)
 
 
 cdef inline void put_fixed(uint8_t* p, int width, int64_t v, int decimals) noexcept nogil:
@@ -174,18 +185,11 @@ cdef inline void put_fixed(uint8_t* p, int width, int64_t v, int decimals) noexc
     if decimals:
         p[k] = 46  # '.'
         k -= 1
-    while k >= 0:
-        p[k] = <uint8_t>(48 + a % 10)
-        a //= 10
-        k -= 1
-        if a == 0:
-            break
+    k = put_digits(p, k, a)
     if neg and k >= 0:
         p[k] = 45  # '-'
         k -= 1
-    while k >= 0:
-        p[k] = 32
-        k -= 1
+    pad_left(p, k, 32)
 
 
 cdef inline int memcmp_prefix(const uint8_t* p, const char* s, size_t n) noexcept nogil:
@@ -652,11 +656,7 @@ cdef class IngestEngine:
         if r > 0:
             self.bytes_out += r
             c.last_tx = now
-            out_consumed(c.outb, &c.out_len, <size_t>r)
-        if c.out_len:
-            self.set_events(i, EPOLLIN | EPOLLOUT)
-        elif c.events & EPOLLOUT:
-            self.set_events(i, EPOLLIN)
+        out_sent(self.epfd, c.fd, <uint32_t>i, &c.events, c.outb, &c.out_len, <size_t>r)
         return <int>r
 
     # -- responses --------------------------------------------------------------
@@ -950,7 +950,7 @@ cdef class IngestEngine:
         cdef int turns = 0, rc
         while c.fd >= 0 and turns < 8:
             space = c.in_cap - c.in_len
-            r = c_recv(c.fd, c.inb + c.in_len, space, 0)
+            r = recv_some(c.fd, c.inb + c.in_len, space)
             if r > 0:
                 c.in_len += r
                 self.bytes_in += r
@@ -962,7 +962,7 @@ cdef class IngestEngine:
                     return
                 if <size_t>r < space:
                     return
-            elif r == 0:
+            elif r == RECV_CLOSED:
                 if self.transport == T_HTTP and c.pstate == P_UNTIL_CLOSE:
                     # a response delimited by the end of the connection
                     c.pstate = P_HEAD
@@ -976,9 +976,7 @@ cdef class IngestEngine:
                     self.drop(i, E_CLOSED, now, 100000000)
                 return
             else:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:
+                if r != RECV_EMPTY:
                     self.last_errno = errno
                     self.drop(i, E_RESET, now, 100000000)
                 return

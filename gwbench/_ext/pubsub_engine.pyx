@@ -18,9 +18,10 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t
 from libc.stdlib cimport malloc, calloc, realloc, free
 from libc.string cimport memcpy, memmove, memset
 from libc.math cimport log
-from gwbench._ext.engine_io cimport mono_ns, out_consumed, out_reserve, send_some, watch_events
+from gwbench._ext.engine_io cimport (
+    RECV_CLOSED, RECV_EMPTY, mono_ns, out_reserve, out_sent, recv_some, send_some, watch_events)
 from gwbench._ext.latency_hist cimport Hist, HistScale, hist_scale, hist_alloc, hist_dict, hist_free, hist_record
-from libc.errno cimport errno, EAGAIN, EINTR
+from libc.errno cimport errno
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING, PyBytes_GET_SIZE
 
@@ -37,7 +38,7 @@ from gw_ext.netio cimport (
     EPOLL_CLOEXEC, EPOLL_CTL_ADD, EPOLL_CTL_DEL, EPOLL_CTL_MOD, EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT,
     MSG_NOSIGNAL, SHUT_WR, epoll_create1, epoll_ctl, epoll_event, epoll_wait,
 )
-from gw_ext.netio cimport close as c_close, recv as c_recv, send as c_send, shutdown as c_shutdown
+from gw_ext.netio cimport close as c_close, shutdown as c_shutdown
 
 DEF MAXEV = 1024
 
@@ -291,11 +292,7 @@ cdef class Engine:
         if r > 0:
             self.bytes_out += r
             c.last_tx = now
-            out_consumed(c.outb, &c.out_len, <size_t>r)
-        if c.out_len:
-            self.set_events(i, EPOLLIN | EPOLLOUT)
-        elif c.events & EPOLLOUT:
-            self.set_events(i, EPOLLIN)
+        out_sent(self.epfd, c.fd, <uint32_t>i, &c.events, c.outb, &c.out_len, <size_t>r)
         return r
 
     cdef uint32_t fill(self, int i, int64_t now) noexcept:
@@ -499,7 +496,7 @@ cdef class Engine:
             return
         while not c.closed and turns < 8:
             space = c.in_cap - c.in_len
-            r = c_recv(c.fd, c.inb + c.in_len, space, 0)
+            r = recv_some(c.fd, c.inb + c.in_len, space)
             if r > 0:
                 c.in_len += r
                 self.bytes_in += r
@@ -507,13 +504,11 @@ cdef class Engine:
                     return
                 if <size_t>r < space:
                     return
-            elif r == 0:
+            elif r == RECV_CLOSED:
                 self.lose(i, E_CLOSED)
                 return
             else:
-                if errno == EINTR:
-                    continue
-                if errno != EAGAIN:
+                if r != RECV_EMPTY:
                     self.last_errno = errno
                     self.lose(i, E_RESET)
                 return
