@@ -67,7 +67,7 @@ def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
             for ftype, body in frames_from(peer):
                 if ftype == FR_CLAIM:
                     token, _clean = struct.unpack_from("<IB", body)
-                    cid = body[5:]
+                    cid = body[8:]          # past the user field (anonymous: has 0, length 0)
                     prev = registry.get(cid, -1)
                     registry[cid] = 0
                     grants.append(frame(FR_GRANT, struct.pack("<Ib", token, prev) + cid))
@@ -118,7 +118,7 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
         peer = wut.peers[1]
         # Worker 1 holds c4: its client connected there.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
@@ -139,7 +139,7 @@ def test_connect_left_before_its_session_came_while_a_later_one_waits():
         assert bytes(b.received) == CONNACK_NEW, bytes(b.received)
         frames_from(peer)
         # Worker 1's client connects with c4 again: B is taken over.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
@@ -167,7 +167,7 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
         apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
         assert wut.worker.settle_timeout_ms == 300
         peer = wut.peers[1]
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 0) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
@@ -193,7 +193,7 @@ def test_session_of_a_departed_connect_arriving_after_a_later_one_settled_alone(
         b.drain()
         assert bytes(b.received) == CONNACK_NEW + b"\\xd0\\x00", bytes(b.received)
         frames_from(peer)
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 0) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 0) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
@@ -219,7 +219,7 @@ def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
         wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
         apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.3))
         peer = wut.peers[1]
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 50, 1) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 50, -1) + b"c4") in got, got
@@ -238,7 +238,7 @@ def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
         turns(wut)
         frames_from(peer)
         # Worker 1's client connects with c4: B is taken over.
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + b"c4"))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", 51, 1) + bytes(3) + b"c4"))
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", 51, 0) + b"c4") in got, got
