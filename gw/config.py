@@ -124,8 +124,8 @@ class Config:
     allow_anonymous: str = _setting("auto", "whether MQTT and JSON-lines clients without a user name may connect: "
                                     "true, false, or auto (true only while every mqtt, mqtts, json and jsons "
                                     "listener is on loopback)", choices=ANONYMOUS_CHOICES)
-    auth_threads: int = _setting(1, "threads per worker checking passwords, off its event loop",
-                                 minimum=1, maximum=64)
+    auth_threads: int = _setting(1, "threads per worker checking passwords, off its event loop (0: in the "
+                                 "event loop, which then waits for each hash)", minimum=0, maximum=64)
     auth_max_pending: int = _setting(1000, "CONNECTs waiting in a worker for their password check; more are "
                                      "refused (CONNACK 0x03, counted)", minimum=1, maximum=1_000_000)
     auth_cache_seconds: float = _setting(60.0, "seconds a successful password check is remembered (per user "

@@ -222,9 +222,10 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                 authenticator = Authenticator(users, new.auth_cache_seconds, new.auth_cache_entries)
             else:
                 authenticator.replace(users, new.auth_cache_seconds, new.auth_cache_entries)
-            if auth_pool is None:
+            if auth_pool is None and new.auth_threads:
                 auth_pool = QueryPool(new.auth_threads, new.auth_max_pending, name="auth")
-            auth_pool.max_pending = new.auth_max_pending
+            if auth_pool is not None:
+                auth_pool.max_pending = new.auth_max_pending
         else:
             authenticator = None
         worker_authenticator[0] = authenticator

@@ -280,7 +280,8 @@ cdef class Worker:
 
     def set_auth(self, object authenticator, object pool):
         """Password checks (gw/auth.py): the Authenticator in force (None: no
-        password file) and the auth threads, whose eventfd joins the epoll set."""
+        password file) and the auth threads, whose eventfd joins the epoll set
+        (None: auth_threads = 0, the checks run in the loop)."""
         cdef int fd
         if pool is not None and self.auth_pool is None:
             fd = pool.fileno()
@@ -288,8 +289,6 @@ cdef class Worker:
                 raise ValueError("the auth threads' eventfd is above the fd limit")
             _watch_readable(self.epfd, &self.conns[fd], fd, ST_AUTH)
             self.auth_pool = pool
-        if authenticator is not None and self.auth_pool is None:
-            raise ValueError("a password file needs the auth threads")
         self.authenticator = authenticator
 
     @property

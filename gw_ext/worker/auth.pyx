@@ -54,6 +54,12 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
     password = PyBytes_FromStringAndSize(<char*>pkt.password.ptr, pkt.password.len)
     if w.authenticator.cached(user, password):
         return 0
+    if w.auth_pool is None:
+        # auth_threads = 0: the hash runs here, and the whole worker waits for it.
+        if w.authenticator.verify(user, password):
+            return 0
+        auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
+        return -1
     w.auth_token += 1
     if w.auth_token == 0:
         w.auth_token = 1
