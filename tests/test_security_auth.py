@@ -406,3 +406,53 @@ def test_connect_storm_with_passwords_keeps_pings_answered(gw_factory, tmp_path)
     assert pongs
     pinger.check_healthy()
     pinger.close()
+
+
+def test_persistent_session_keeps_its_user_across_a_restart(gw_factory, tmp_path):
+    """A clean_session=0 session away from its client still belongs to its user,
+    also once saved in data_dir and restored by a restart."""
+    pwfile = tmp_path / "passwd"
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
+    port = server.ports["mqtt"]
+    with tcp_connect(port) as sock:
+        sock.sendall(auth_connect_packet(b"kept-id", b"alice", b"pw-a", clean=False))
+        assert read_packet(sock) == (0x20, b"\x00\x00")
+        sock.sendall(b"\xe0\x00")                      # DISCONNECT: the session stays, away
+        wait_closed(sock)
+    assert connack_code(port, b"kept-id", b"bob", b"pw-b") == 5
+    server.stop()
+    server.start()
+    port = server.ports["mqtt"]
+    assert connack_code(port, b"kept-id", b"bob", b"pw-b") == 5
+    with tcp_connect(port) as sock:
+        sock.sendall(auth_connect_packet(b"kept-id", b"alice", b"pw-a", clean=False))
+        assert read_packet(sock) == (0x20, b"\x01\x00")      # her session, present
+
+
+def test_checks_over_auth_max_pending_are_refused_busy(gw_factory, tmp_path):
+    """More CONNECTs waiting for their check than auth_max_pending: CONNACK 0x03,
+    each counted; every other one is answered by its check."""
+    pwfile = tmp_path / "passwd"
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile,
+                         args=["--auth-max-pending", "1", "--auth-cache-seconds", "0"])
+    port = server.ports["mqtt"]
+    busy = 0
+    for attempt in range(5):        # a batch whose CONNECTs all queue together (the first one always checked)
+        socks = [tcp_connect(port) for _ in range(6)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendall(auth_connect_packet(f"busy-{attempt}-{i}".encode(), b"alice", b"pw-a"))
+            codes = [read_packet(sock, 60) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        assert all(first == 0x20 and body[1] in (0, 3) for first, body in codes), codes
+        assert any(body[1] == 0 for _first, body in codes), codes       # a slot was free for one
+        busy += sum(1 for _first, body in codes if body[1] == 3)
+        if busy:
+            break
+    assert busy >= 1
+    assert get_counter(server.counters(), "auth_refused_busy") == busy
