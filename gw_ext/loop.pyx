@@ -2,10 +2,11 @@
 """The worker: one epoll loop per process, no asyncio. The loop is the only
 thread that touches connections; beside it run the write-ahead log's flusher
 thread (C, gw_ext/wal_flusher.c), the persistence writer thread (C,
-gw_ext/filewriter_thread.c) and the query threads running the store queries
-(gw/query_pool.py, Python: the loop lets go of the GIL while it waits in
-epoll_wait, so they run then). The flusher and the query threads signal the
-loop through an eventfd in its epoll set; the writer's completions are
+gw_ext/filewriter_thread.c), the query threads running the store queries
+and the auth threads checking passwords (gw/query_pool.py, Python: the loop
+lets go of the GIL while it waits in epoll_wait, so they run then). The
+flusher, the query and the auth threads signal the loop through an eventfd
+in its epoll set; the writer's completions are
 collected by the persistence tick, about once a second (gw/persistence.py).
 
 Data flows one way: socket -> framing (this file: one recv_into a shared

@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, mqtt_str, packet, paho_client_class,
+from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, mqtt_str, packet, paho_client_class,
                       read_packet, run_gw, send_fragmented, start_paho_thread, stop_paho_thread, tcp_connect,
                       wait_closed)
 
@@ -456,3 +456,50 @@ def test_checks_over_auth_max_pending_are_refused_busy(gw_factory, tmp_path):
             break
     assert busy >= 1
     assert get_counter(server.counters(), "auth_refused_busy") == busy
+
+
+def test_gw_passwd_prompts_twice_on_a_terminal(tmp_path):
+    """`gw passwd -c FILE USER` on a terminal (a pseudo-terminal here) asks for the
+    password twice; a mismatch writes nothing."""
+    import pty
+
+    pwfile = tmp_path / "passwd"
+
+    def run_on_tty(args, answers):
+        import fcntl
+        import termios
+
+        master, slave = pty.openpty()
+
+        def controlling_tty():          # the child's own session, the pty its terminal (getpass reads /dev/tty)
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        try:
+            proc = subprocess.Popen([sys_python(), "-m", "gw.cli", "passwd", *map(str, args)], env=gw_env(),
+                                    stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty)
+            out = b""
+            for k, answer in enumerate(answers, 1):
+                while out.count(b"assword") < k:
+                    out += os.read(master, 1024)
+                os.write(master, answer + b"\n")
+            rc = proc.wait(60)
+        finally:
+            os.close(slave)
+            os.close(master)
+        return rc
+
+    assert run_on_tty(["-c", "--hash", "pbkdf2", pwfile, "alice"], [b"typed-pw", b"typed-pw"]) == 0
+    from gw.passwords import load_password_file
+
+    users = load_password_file(str(pwfile))
+    assert users[b"alice"].verify(b"typed-pw") and not users[b"alice"].verify(b"other")
+    before = pwfile.read_text()
+    assert run_on_tty([pwfile, "bob"], [b"one", b"two"]) != 0
+    assert pwfile.read_text() == before
+
+
+def sys_python() -> str:
+    import sys
+
+    return sys.executable
