@@ -480,8 +480,10 @@ def test_gw_passwd_prompts_twice_on_a_terminal(tmp_path):
                                     stdin=slave, stdout=slave, stderr=slave, preexec_fn=controlling_tty)
             out = b""
             for k, answer in enumerate(answers, 1):
-                while out.count(b"assword") < k:
-                    out += os.read(master, 1024)
+                while out.count(b"assword: ") < k:       # "Password: ", "Reenter password: "
+                    chunk = os.read(master, 1024)
+                    assert chunk, out
+                    out += chunk
                 os.write(master, answer + b"\n")
             rc = proc.wait(60)
         finally:
