@@ -247,8 +247,10 @@ class StubPeer:
                 body = dgram[pos + 8:pos + 8 + blen]
                 pos += 8 + blen
                 self.frames_in += 1
-                if ftype == FR_CLAIM and len(body) >= 5:
-                    out.append(frame(FR_GRANT, body[:4] + b"\xff" + body[5:]))
+                if ftype == FR_CLAIM and len(body) >= 8:
+                    # token u32, clean u8, user (has u8, len u16, name), client id
+                    ulen = struct.unpack_from("<H", body, 6)[0] if body[5] else 0
+                    out.append(frame(FR_GRANT, body[:4] + b"\xff" + body[8 + ulen:]))
                 elif ftype == FR_SUB_SYNC and len(body) == 4:
                     out.append(frame(FR_SUB_SYNCED, body))
         if not self.answers:

@@ -243,7 +243,7 @@ def channel_seeds():
     # Another worker takes a client of ours over: EVICT, then the session goes there.
     p = Program(4).open()
     p.raw(0, connect_packet(b"c0", clean=False)).raw(0, subscribe_packet(1, [(b"x", 1)])).read(0)
-    p.frame(1, frame(FR_CLAIM, struct.pack("<IB", 1, 0) + b"c0")).turn()
+    p.frame(1, frame(FR_CLAIM, struct.pack("<IB", 1, 0) + b"\0\0\0" + b"c0")).turn()
     p.frame(2, frame(FR_EVICT, struct.pack("<BIB", 2, 9, 0) + b"c0")).turn(2)
     yield "evict-persistent-session", p.bytes()
 
@@ -257,7 +257,7 @@ def channel_seeds():
     yield "grant-and-session-moved", p.bytes()
 
     p = Program(0).open()
-    p.frame(1, frame(FR_REGISTER, b"\x02c0") + frame(FR_RELEASE, b"\x02c0") + frame(FR_SUB_SYNC, struct.pack("<I", 7))
+    p.frame(1, frame(FR_REGISTER, b"\x02\0\0\0c0") + frame(FR_RELEASE, b"\x02c0") + frame(FR_SUB_SYNC, struct.pack("<I", 7))
             + frame(FR_SUB_SYNCED, struct.pack("<I", 1))).turn()
     p.raw(0, connect_packet(b"c0")).read(0)
     yield "registry-and-sync", p.bytes()

@@ -1,4 +1,4 @@
-"""The `gw` command: serve, stats, bench, config."""
+"""The `gw` command: serve, stats, bench, config, openapi, passwd."""
 
 from __future__ import annotations
 
@@ -130,6 +130,60 @@ def openapi_command(output, config_path):
             fh.write(data)
     except OSError as exc:
         _fail(f"cannot write {output}: {exc.strerror or exc}", 1)
+
+
+@main_group.command("passwd")
+@click.option("-c", "create", is_flag=True, help="create the file (an existing one is overwritten)")
+@click.option("-b", "batch", is_flag=True, help="batch: the password is the last argument (no prompt)")
+@click.option("-D", "delete", is_flag=True, help="delete the user")
+@click.option("--hash", "kind", type=click.Choice(["argon2id", "pbkdf2"]), default="argon2id", show_default=True,
+              help="hash of new entries: argon2id, or PBKDF2-HMAC-SHA512 ($7$, Mosquitto 2.0's kind) with "
+                   "210,000 iterations")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file whose password_file is used when FILE is not given")
+@click.argument("args", nargs=-1)
+def passwd_command(create, batch, delete, kind, config_path, args):
+    """Manage a password file, as mosquitto_passwd does: FILE USER (add or
+    update, prompting), -c FILE USER (create), -b FILE USER PASSWORD, -D FILE USER.
+
+    Files are written atomically with mode 0600; Mosquitto reads them too."""
+    from gw.passwords import PasswordFileError, update_file
+
+    if delete and (create or batch):
+        _fail("-D goes alone, without -c or -b")
+    wanted = 3 if batch else 2
+    args = list(args)
+    if config_path and len(args) == wanted - 1:
+        try:
+            cfg = load_config(config_path)
+        except ConfigError as exc:
+            _fail(str(exc))
+        if not cfg.password_file:
+            _fail(f"{config_path} sets no password_file; give FILE")
+        args.insert(0, cfg.password_file)
+    if len(args) != wanted:
+        _fail("usage: gw passwd [-c | -D] FILE USER | gw passwd -b [-c] FILE USER PASSWORD "
+              "(FILE may come from --config)")
+    path, user = args[0], args[1]
+    password = None
+    if batch:
+        password = args[2]
+    elif not delete:
+        if not sys.stdin.isatty():
+            _fail("no terminal to prompt for the password: use -b FILE USER PASSWORD")
+        first = click.prompt("Password", hide_input=True, default="", show_default=False)
+        again = click.prompt("Reenter password", hide_input=True, default="", show_default=False)
+        if first != again:
+            _fail("passwords do not match", 1)
+        password = first
+    if password is not None and not password:
+        _fail("empty password", 1)
+    try:
+        update_file(path, user, password, create=create, kind=kind)
+    except PasswordFileError as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 LOG_LEVELS = ("debug", "info", "warning", "error")
 ACK_MODES = ("enqueue", "sink")
 CONTROL_CHARACTER_MODES = ("close", "accept")
+ANONYMOUS_CHOICES = ("auto", "true", "false")
 FSYNC_MODES = ("always", "batch", "off")
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 
@@ -117,6 +118,21 @@ class Config:
                                             "filter does: close (the connection, counted, as Mosquitto does; "
                                             "MQTT 3.1.1 section 1.5.3 allows it) or accept",
                                             choices=CONTROL_CHARACTER_MODES)
+    password_file: str = _setting("", "password file in Mosquitto's format (user:$7$..., $6$, $argon2id$; "
+                                  "made by `gw passwd` or mosquitto_passwd); a client giving a user name must "
+                                  "give its password ('' : none). Reloaded on SIGHUP")
+    allow_anonymous: str = _setting("auto", "whether MQTT and JSON-lines clients without a user name may connect: "
+                                    "true, false, or auto (true only while every mqtt, mqtts, json and jsons "
+                                    "listener is on loopback)", choices=ANONYMOUS_CHOICES)
+    auth_threads: int = _setting(1, "threads per worker checking passwords, off its event loop (0: in the "
+                                 "event loop, which then waits for each hash)", minimum=0, maximum=64)
+    auth_max_pending: int = _setting(1000, "CONNECTs waiting in a worker for their password check; more are "
+                                     "refused (CONNACK 0x03, counted)", minimum=1, maximum=1_000_000)
+    auth_cache_seconds: float = _setting(60.0, "seconds a successful password check is remembered (per user "
+                                         "and password digest), so reconnects do not hash again (0: never)",
+                                         minimum=0, maximum=86400)
+    auth_cache_entries: int = _setting(100_000, "successful password checks remembered per worker",
+                                       minimum=1, maximum=10_000_000)
     connect_timeout: float = _setting(10.0, "seconds a new socket has to finish TLS and send CONNECT",
                                       minimum=0.1, maximum=3600)
     connect_settle_timeout: float = _setting(3.0, "seconds a CONNECT waits for its session from the worker "
@@ -222,7 +238,7 @@ SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
 RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window",
                                 "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer",
-                                "query_threads")
+                                "query_threads", "auth_threads")
 
 
 def _coerce(key: str, value):

@@ -59,6 +59,11 @@ class JsonProtocol:
                            "the write-ahead log cannot take readings now (disk full or too slow); "
                            "send the Data message again later")
 
+    def not_authorised_reply(self) -> bytes:
+        """The Error answering a Connect while anonymous access is off (a Connect
+        carries no credentials); the connection then closes."""
+        return self._reply(None, "Error", "not authorised: anonymous access is off")
+
     def _reply(self, client_id: str | None, kind: str, payload: Any) -> bytes:
         return self._encoder.encode(Reply(client_id, kind, payload, round(time.time(), 3))) + b"\n"
 

@@ -38,6 +38,23 @@ RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 
+def check_auth(cfg: Config, error: type) -> None:
+    """Refuses (raising `error`, one line) settings that expose listeners with
+    no authentication, and a password file that does not parse (naming its line):
+    the master checks before the workers load it, at start and on reload."""
+    from gw.auth import startup_problem
+    from gw.passwords import PasswordFileError, load_password_file
+
+    problem = startup_problem(cfg)
+    if problem:
+        raise error(problem)
+    if cfg.password_file:
+        try:
+            load_password_file(cfg.password_file)
+        except PasswordFileError as exc:
+            raise error(str(exc)) from None
+
+
 class StartupError(Exception):
     pass
 
@@ -140,6 +157,7 @@ class Master:
 
     def prepare(self) -> None:
         cfg = self.cfg
+        check_auth(cfg, StartupError)
         data = Path(cfg.data_dir)
         try:
             data.mkdir(parents=True, exist_ok=True)
@@ -397,6 +415,11 @@ class Master:
         if changed:
             log.warning("reload: %s changed; that takes a restart (ignored now)", ", ".join(changed))
             new = Config(**{**new.__dict__, **{k: getattr(self.cfg, k) for k in changed}})
+        try:
+            check_auth(new, ConfigError)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config and password file: %s", exc)
+            return
         if self.certs is not None:
             from gw_ext.tls import TLSContext, TLSError
             try:

@@ -118,6 +118,12 @@ _FAMILIES = [
      "(connect_settle_timeout), as a new session.", [("", C.SESSIONS_LATE)]),
     ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",
      [("", C.TAKEOVERS)]),
+    ("gw_auth_refused_total", "counter",
+     "CONNECTs refused by authentication, by reason: anonymous (no user name, anonymous access off: "
+     "CONNACK 0x05), password (unknown user, wrong or missing password: 0x04), takeover (a client id "
+     "whose session another user holds: 0x05), busy (auth_max_pending checks waiting: 0x03).",
+     [('{reason="anonymous"}', C.AUTH_REFUSED_ANONYMOUS), ('{reason="password"}', C.AUTH_REFUSED_PASSWORD),
+      ('{reason="takeover"}', C.AUTH_REFUSED_TAKEOVER), ('{reason="busy"}', C.AUTH_REFUSED_BUSY)]),
     ("gw_wills_published_total", "counter", "Will messages published.", [("", C.WILLS_PUBLISHED)]),
     ("gw_backpressure_events_total", "counter",
      "Times a subscriber's queue passed queue_high and QoS 1/2 publishers were held.",

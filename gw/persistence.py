@@ -40,12 +40,13 @@ ERROR_LOG_INTERVAL = 10.0           # seconds between two messages about failed 
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
-SESSIONS_FORMAT = 2     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
+SESSIONS_FORMAT = 3     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
+SESSIONS_FORMATS_READ = (2, 3)      # 2: states without the session's user name (read as anonymous)
 
 
 def upgrade_session_state_v1(state: bytes) -> bytes:
     """A session state of the first version (16-bit subscription and QoS 2 id
-    counts, no version byte) in the current layout. ValueError when malformed."""
+    counts, no version byte) in layout 2 (no user name: anonymous). ValueError when malformed."""
     try:
         pos = 0
         (nsubs,) = struct.unpack_from("<H", state, pos)
@@ -69,7 +70,7 @@ def upgrade_session_state_v1(state: bytes) -> bytes:
             raise ValueError("cut short")
     except struct.error as exc:
         raise ValueError(str(exc)) from None
-    return (struct.pack("<BI", SESSIONS_FORMAT, nsubs) + subs + msgs + struct.pack("<I", nq2) + ids)
+    return (struct.pack("<BI", 2, nsubs) + subs + msgs + struct.pack("<I", nq2) + ids)
 
 
 def _read(path: Path):
@@ -118,7 +119,7 @@ class Persistence:
             if n % self.workers != self.slot:
                 continue
             sessions = _read(path)
-            if isinstance(sessions, dict) and sessions.get("format") == SESSIONS_FORMAT:
+            if isinstance(sessions, dict) and sessions.get("format") in SESSIONS_FORMATS_READ:
                 saved.extend((cid, state) for cid, state in sessions.get("sessions", ()))
             elif isinstance(sessions, list):        # the previous version's file
                 for cid, state in sessions:

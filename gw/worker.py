@@ -15,10 +15,12 @@ import time
 
 import msgspec
 
+from gw.auth import Authenticator, anonymous_allowed
 from gw.certs import CertPaths
 from gw.config import Config, ConfigError, load_config
 from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
+from gw.passwords import PasswordFileError, load_password_file
 from gw.persistence import Persistence
 from gw.stats import StatsBlock
 from gw.systopics import sys_messages
@@ -202,6 +204,39 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         query_pool = QueryPool(cfg.query_threads, cfg.query_max_pending)
         worker.set_query_pool(query_pool)
         app.query_pool = query_pool
+    auth_pool = None
+
+    def apply_auth(new: Config, previous: Config | None) -> None:
+        # Who may connect (gw/auth.py, gw_ext/worker/auth.pyx). A password file
+        # that does not load keeps the one in force (fail-closed); connected
+        # clients stay connected whatever the new file says, as with Mosquitto.
+        nonlocal auth_pool
+        authenticator = worker_authenticator[0]
+        if new.password_file:
+            try:
+                users = load_password_file(new.password_file)
+            except PasswordFileError as exc:
+                log.error("worker %d: password file not reloaded, the previous one stays in force: %s", slot, exc)
+                return
+            if authenticator is None:
+                authenticator = Authenticator(users, new.auth_cache_seconds, new.auth_cache_entries)
+            else:
+                authenticator.replace(users, new.auth_cache_seconds, new.auth_cache_entries)
+            if auth_pool is None and new.auth_threads:
+                auth_pool = QueryPool(new.auth_threads, new.auth_max_pending, name="auth")
+            if auth_pool is not None:
+                auth_pool.max_pending = new.auth_max_pending
+        else:
+            authenticator = None
+        worker_authenticator[0] = authenticator
+        worker.set_auth(authenticator, auth_pool)
+        worker.allow_anonymous = anonymous_allowed(new)
+        worker.auth_required = bool(new.password_file) or bool(getattr(new, "require_certificate", False))
+
+    worker_authenticator = [None]
+    apply_auth(cfg, None)
+    if cfg.password_file and worker_authenticator[0] is None:
+        raise SystemExit(f"worker {slot}: the password file does not load")
     tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
@@ -227,6 +262,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
             return
         apply_limits(worker, new)
         apply_process_settings(new)
+        apply_auth(new, cfg)
         app.cfg = new
         if query_pool is not None:
             query_pool.max_pending = new.query_max_pending

@@ -34,13 +34,13 @@ cpdef enum:
 
     # The client-id registry (gw_ext/worker/registry.pyx); FR_CLAIM..FR_REGISTER are
     # contiguous: the channel hands that range to the registry. Integers little-endian.
-    FR_CLAIM = 6              # body: token u32, clean u8, client id
-    FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none), client id
+    FR_CLAIM = 6              # body: token u32, clean u8, user (has u8, len u16, name), client id
+    FR_GRANT = 7              # body: token u32, previous owner i8 (-1: none, -3: refused, another user's id), client id
     FR_EVICT = 8              # body: new owner u8, token u32, new clean u8, client id
     FR_SESSION = 9            # body: token u32, present u8, id length u16, client id, session state
                               # (gw_ext/worker/session_state.pyx)
     FR_RELEASE = 10           # body: owner u8, client id
-    FR_REGISTER = 11          # body: owner u8, client id
+    FR_REGISTER = 11          # body: owner u8, user (has u8, len u16, name), client id
 
     # Backpressure (gw_ext/worker/backpressure.pyx).
     FR_PAUSE = 12             # body: empty. "My subscribers are behind: hold your publishers."

@@ -15,6 +15,7 @@
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.time cimport time_t
+from gw_ext.codec cimport ConnectPacket
 from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
 from gw_ext.topics cimport MatchResult, TopicTrie
@@ -36,6 +37,7 @@ cdef enum ConnState:
     ST_WAL = 8                # the write-ahead log's eventfd: more of it is durable (worker/durable_ack.pyx)
     ST_CLOSED = 9             # closed by close_conn(): ignored until the end of the turn frees it
     ST_QUERY = 10             # the query threads' eventfd: store queries answered (worker/http.pyx)
+    ST_AUTH = 11              # the auth threads' eventfd: password checks answered (worker/auth.pyx)
 
 cdef enum Proto:
     PROTO_MQTT = 1
@@ -85,7 +87,7 @@ cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     (the log's, the query threads'), and not already closed (ST_CLOSED waits
     to be freed)."""
     return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
-            and state != ST_QUERY and state != ST_CLOSED)
+            and state != ST_QUERY and state != ST_AUTH and state != ST_CLOSED)
 
 # One per file descriptor, in a table indexed by fd: the whole state of an
 # idle connection is this struct (about 120 bytes), plus its client id and,
@@ -179,6 +181,8 @@ cdef struct Session:
     uint16_t next_packet_id
     uint16_t client_id_len
     char* client_id
+    uint16_t username_len
+    char* username            # the user it acts as (malloc'ed; NULL: anonymous), freed with client_id
     Msg* will                 # NULL: no will
     Inflight* inflight        # ninflight entries, in send order
     uint32_t ninflight        # at most max_inflight (<= 65535 packet ids)
@@ -241,6 +245,7 @@ cdef class PendingConnect:
     cdef int fd
     cdef uint32_t gen
     cdef bytes client_id
+    cdef bytes username          # the user name it acts as (CONNECT's, or a certificate's), None: anonymous
     cdef uint8_t clean
     cdef uint16_t keepalive
     cdef bytes will_topic
@@ -392,8 +397,19 @@ cdef class Worker:
     cdef public uint32_t max_queued
     cdef public uint64_t max_queued_bytes
 
+    # --- who may connect (worker/auth.pyx; the policy and the password file: gw/auth.py) --
+    cdef public bint allow_anonymous    # a CONNECT without a user name is accepted
+    cdef public bint auth_required      # authentication is on: an id held by another user is not taken over
+    cdef object authenticator           # gw.auth.Authenticator; None: no password file
+    cdef object auth_pool               # gw.query_pool.QueryPool: password checks off the loop
+    cdef dict auth_waiting              # auth token -> PendingConnect whose password is being checked
+    cdef uint32_t auth_token
+    cdef uint64_t[4] auth_last_log_ms   # per AUTH_LOG_* reason: refusals logged at most every 10 s
+    cdef uint64_t[4] auth_suppressed
+
     # --- the client-id registry (worker/registry.pyx) -----------------------------------
     cdef dict registry               # at the id's home: client id -> owning worker
+    cdef dict registry_users         # ... and the user its session acts as (None: anonymous)
     cdef dict pending                # token -> PendingConnect, waiting to settle
     cdef list settle_orphans         # (token, deadline ms) of those whose connection closed meanwhile
     cdef uint32_t settle_token
@@ -521,6 +537,8 @@ cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t fle
 # --- worker/sessions.pyx: slots, in-flight windows, queues, resume, wills --------------
 cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t clean)
 cdef void session_changed(Worker w, Session* s)
+cdef int session_set_username(Session* s, bytes username) except -1
+cdef object session_username(Session* s)
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
 cdef void session_free(Worker w, int slot, bint release_id)
 cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=*)
@@ -546,11 +564,20 @@ cdef int session_restore_fault(Worker w, str what) except -2
 cdef list sessions_snapshot(Worker w, bint changed_only)
 cdef void sessions_load(Worker w, list saved) except *
 
+# --- worker/auth.pyx: anonymous access, passwords checked off the loop, refusals -------
+cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc)
+cdef void auth_readable(Worker w)
+cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why)
+cdef void auth_log(Worker w, int why, int fd, str message)
+
 # --- worker/registry.pyx: client ids across workers, claims, takeover, CONNACK ---------
 cdef int home_of(Worker w, bytes client_id)
 cdef void send_small(Worker w, int p, uint8_t ftype, bytes head, bytes client_id)
 cdef int connect_claim(Worker w, Conn* c, PendingConnect pc)
-cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
+cdef bytes user_field(bytes username)
+cdef object read_user_field(bytes data, Py_ssize_t at)
+cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
+                         object username)
 cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id)
 cdef void on_grant(Worker w, uint32_t token, int prev)
 cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)

@@ -34,6 +34,8 @@ class Worker:
     tick_ms: int
     worker_index: int
     max_connections: int
+    allow_anonymous: bool
+    auth_required: bool
     max_packet_size: int
     max_outbound: int
     soft_outbound: int
@@ -67,6 +69,7 @@ class Worker:
     def set_wal(self, wal: Wal) -> None: ...
     def set_dedup(self, dedup: DedupTable) -> None: ...
     def set_query_pool(self, pool: Any) -> None: ...
+    def set_auth(self, authenticator: Any, pool: Any) -> None: ...
     @property
     def telemetry_topic(self) -> str: ...
     @telemetry_topic.setter

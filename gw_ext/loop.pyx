@@ -2,10 +2,11 @@
 """The worker: one epoll loop per process, no asyncio. The loop is the only
 thread that touches connections; beside it run the write-ahead log's flusher
 thread (C, gw_ext/wal_flusher.c), the persistence writer thread (C,
-gw_ext/filewriter_thread.c) and the query threads running the store queries
-(gw/query_pool.py, Python: the loop lets go of the GIL while it waits in
-epoll_wait, so they run then). The flusher and the query threads signal the
-loop through an eventfd in its epoll set; the writer's completions are
+gw_ext/filewriter_thread.c), the query threads running the store queries
+and the auth threads checking passwords (gw/query_pool.py, Python: the loop
+lets go of the GIL while it waits in epoll_wait, so they run then). The
+flusher, the query and the auth threads signal the loop through an eventfd
+in its epoll set; the writer's completions are
 collected by the persistence tick, about once a second (gw/persistence.py).
 
 Data flows one way: socket -> framing (this file: one recv_into a shared
@@ -139,9 +140,12 @@ cdef class Worker:
         self.held_http = {}
         self.client_sessions = {}
         self.registry = {}
+        self.registry_users = {}
         self.restored = []
         self.congested = set()
         self.pending = {}
+        self.auth_waiting = {}
+        self.allow_anonymous = True
         self.settle_orphans = []
         self.pending_subacks = {}
         self.retained = {}
@@ -274,6 +278,19 @@ cdef class Worker:
             raise ValueError("the query threads' eventfd is above the fd limit")
         self.query_pool = pool
         _watch_readable(self.epfd, &self.conns[fd], fd, ST_QUERY)
+
+    def set_auth(self, object authenticator, object pool):
+        """Password checks (gw/auth.py): the Authenticator in force (None: no
+        password file) and the auth threads, whose eventfd joins the epoll set
+        (None: auth_threads = 0, the checks run in the loop)."""
+        cdef int fd
+        if pool is not None and self.auth_pool is None:
+            fd = pool.fileno()
+            if fd >= self.nconns:
+                raise ValueError("the auth threads' eventfd is above the fd limit")
+            _watch_readable(self.epfd, &self.conns[fd], fd, ST_AUTH)
+            self.auth_pool = pool
+        self.authenticator = authenticator
 
     @property
     def telemetry_topic(self):
@@ -463,6 +480,8 @@ cdef class Worker:
             wal_readable(self)
         elif c.state == ST_QUERY:
             query_readable(self)
+        elif c.state == ST_AUTH:
+            auth_readable(self)
         elif c.state == ST_CHANNEL:
             if ev & EPOLLOUT:
                 channel_writable(self, c.listener)
@@ -1172,6 +1191,7 @@ include "worker/keepalive.pyx"
 # MQTT packets.
 include "worker/read_handle.pyx"
 include "worker/handle_connect.pyx"
+include "worker/auth.pyx"
 include "worker/handle_publish.pyx"
 include "worker/handle_acks.pyx"
 include "worker/handle_subscribe.pyx"

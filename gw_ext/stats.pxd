@@ -93,7 +93,12 @@ cpdef enum:
     PERSIST_ERRORS = 159      # ... that failed (disk full, I/O error); the next snapshot retries
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     SUBSCRIPTION_INDEX_BYTES = 176  # gauge: memory of this worker's subscription index (local and peer filters)
-    # 177..191 free.
+    # Who may connect (gw_ext/worker/auth.pyx, gw/auth.py).
+    AUTH_REFUSED_ANONYMOUS = 177  # CONNECTs without a user name refused (CONNACK 0x05; JSON-lines Connects: Error), anonymous access off
+    AUTH_REFUSED_PASSWORD = 178   # CONNECTs refused for their user name and password (CONNACK 0x04): unknown user, wrong or missing password
+    AUTH_REFUSED_TAKEOVER = 179   # CONNECTs refused (CONNACK 0x05) for a client id whose session another user holds
+    AUTH_REFUSED_BUSY = 180       # CONNECTs refused (CONNACK 0x03): auth_max_pending were already waiting for their check
+    # 181..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

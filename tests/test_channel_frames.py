@@ -197,11 +197,12 @@ def test_a_frame_larger_than_a_datagram_is_sent_in_pieces(link):
 
 
 def _session_state(messages: list[tuple[int, int, bytes, bytes]], nsubs: int = 0) -> bytes:
-    """session_serialize's layout: version, subscriptions, next packet id, messages, QoS 2 ids."""
-    out = struct.pack("<BI", 2, nsubs) + struct.pack("<HI", 1, len(messages))
+    """session_serialize's layout: version, subscriptions, next packet id, messages, QoS 2 ids, user
+    name (none: anonymous)."""
+    out = struct.pack("<BI", 3, nsubs) + struct.pack("<HI", 1, len(messages))
     for pid, qos, topic, payload in messages:
         out += struct.pack("<HBBHI", pid, qos, 0, len(topic), len(payload)) + topic + payload
-    return out + struct.pack("<I", 0)
+    return out + struct.pack("<I", 0) + b"\0\0\0"
 
 
 def test_a_session_state_cut_short_keeps_what_came_before_the_cut():
@@ -217,7 +218,7 @@ def test_a_session_state_cut_short_keeps_what_came_before_the_cut():
         assert saved[b"cut-client"] == _session_state([(0, 1, b"t/a", b"kept")])
         assert linked.malformed == 1
         # a subscription whose filter runs past the end
-        linked.worker.restore_sessions([(b"cut-sub", struct.pack("<BIH", 2, 1, 400) + b"a/b")])
+        linked.worker.restore_sessions([(b"cut-sub", struct.pack("<BIH", 3, 1, 400) + b"a/b")])
         assert linked.malformed == 2
     finally:
         linked.close()

@@ -23,7 +23,7 @@ def saved_sessions(server) -> dict:
     if not path.exists():
         return {}
     saved = msgspec.msgpack.decode(path.read_bytes())
-    assert saved["format"] == 2
+    assert saved["format"] == 3
     return {bytes(cid): state for cid, state in saved["sessions"]}
 
 

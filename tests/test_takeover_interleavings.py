@@ -50,7 +50,7 @@ PLAYED_PEER = """
         '''A client of the played worker connects with cid: its CLAIM reaches
         the home (the real worker), whose GRANT names holder, the worker that
         held cid before (-1: none). The frames the home sent.'''
-        peer.send(frame(FR_CLAIM, struct.pack("<IB", token, clean) + cid))
+        peer.send(frame(FR_CLAIM, struct.pack("<IB", token, clean) + bytes(3) + cid))  # no user name
         turns(wut)
         got = frames_from(peer)
         assert (FR_GRANT, struct.pack("<Ib", token, holder) + cid) in got, got
@@ -92,7 +92,7 @@ def test_clean_session_ending_while_a_claim_of_its_worker_is_on_its_way():
             for ftype, body in frames_from(peer):
                 if ftype == FR_CLAIM:
                     token, _clean = struct.unpack_from("<IB", body)
-                    cid = body[5:]
+                    cid = body[8:]          # past the user field (anonymous: has 0, length 0)
                     prev = registry.get(cid, -1)
                     registry[cid] = 0
                     grants.append(frame(FR_GRANT, struct.pack("<Ib", token, prev) + cid))

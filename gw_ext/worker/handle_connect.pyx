@@ -1,5 +1,5 @@
-# Included by loop.pyx. CONNECT: validation, then the session is settled
-# across workers (registry.pyx), which sends the CONNACK.
+# Included by loop.pyx. CONNECT: validation, who may connect (auth.pyx), then
+# the session is settled across workers (registry.pyx), which sends the CONNACK.
 
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef ConnectPacket pkt
@@ -39,4 +39,9 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
         pc.will_qos = pkt.will_qos
         pc.will_retain = pkt.will_retain
+    rc = auth_connect(w, c, &pkt, pc)       # who may connect (auth.pyx)
+    if rc < 0:
+        return -1
+    if rc > 0:
+        return 0                            # held for its password check; auth_readable claims it
     return connect_claim(w, c, pc)

@@ -66,6 +66,13 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
         w.counters[MSGS_IN] += 1
     if type(is_data) is bytes and json_reading(w, client_id, <bytes>is_data) < 0:
         reply = w.json_protocol.log_full_reply(client_id)
+    if action == JSON_CONNECTED and c.state != ST_CONNECTED and not w.allow_anonymous:
+        # A Connect carries no credentials: the anonymous rules apply (worker/auth.pyx).
+        w.counters[AUTH_REFUSED_ANONYMOUS] += 1
+        auth_log(w, AUTH_LOG_ANONYMOUS, c.fd, "refused a JSON-lines Connect: anonymous access is off "
+                 "(allow_anonymous)")
+        reply = w.json_protocol.not_authorised_reply()
+        action = JSON_ERROR
     if reply is not None:
         rlen = PyBytes_GET_SIZE(reply)
         out = w.reserve(c, <uint32_t>rlen)

@@ -65,6 +65,10 @@ cdef void on_timer(Worker w, Conn* c):
             w.close_conn(c, CR_TIMEOUT)
     elif c.state == ST_CLOSING:
         w.close_conn(c, c.close_reason, c.close_detail)      # could not flush in time
+    elif c.state == ST_SETTLING and c.pending_token == 0:
+        # Held for its password check (auth.pyx) past the connect timeout: the
+        # auth threads are that far behind. Its answer will find it gone.
+        w.close_conn(c, CR_CONNECT_TIMEOUT)
     elif c.state == ST_SETTLING:
         # The worker that held its session did not answer (it died): start afresh.
         w.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")

@@ -24,12 +24,29 @@ from zlib import crc32
 # that is dropped, counted (sessions_late).
 
 
+cdef enum:
+    GRANT_REFUSED = -3        # a GRANT's previous owner: the claim is refused (another user's id)
+
+
 cdef class PendingConnect:
     """A CONNECT waiting for its session to be settled (fields: loop.pxd)."""
 
 
 cdef inline int home_of(Worker w, bytes client_id):
     return crc32(client_id) % w.npeers
+
+
+cdef object read_user_field(bytes data, Py_ssize_t at):
+    """user_field's name at `at` (None: anonymous); False when it runs past the frame."""
+    cdef Py_ssize_t ulen
+    if len(data) < at + 3:
+        return False
+    ulen = data[at + 1] | (data[at + 2] << 8)
+    if not data[at]:
+        return None if ulen == 0 else False
+    if len(data) < at + 3 + ulen:
+        return False
+    return data[at + 3:at + 3 + ulen]
 
 
 cdef void send_small(Worker w, int p, uint8_t ftype, bytes head, bytes client_id):
@@ -50,18 +67,33 @@ cdef int connect_claim(Worker w, Conn* c, PendingConnect pc):
     w.update_events(c)       # ST_SETTLING: not read until settled
     schedule_settle_timeout(w, c)
     if home == w.worker_index or w.peers[home].fd < 0:
-        registry_claim(w, w.worker_index, token, pc.clean, pc.client_id)
+        registry_claim(w, w.worker_index, token, pc.clean, pc.client_id, pc.username)
     else:
-        send_small(w, home, FR_CLAIM, struct_pack("<IB", token, pc.clean), pc.client_id)
+        send_small(w, home, FR_CLAIM, struct_pack("<IB", token, pc.clean) + user_field(pc.username),
+                   pc.client_id)
     return 0
 
 
-cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id):
-    """At the id's home: record the new owner, answer, evict the old one."""
+cdef bytes user_field(bytes username):
+    """A user name in a registry frame: has u8, length u16, the name."""
+    if username is None:
+        return b"\0\0\0"
+    return struct_pack("<BH", 1, len(username)) + username
+
+
+cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
+                         object username):
+    """At the id's home: record the new owner, answer, evict the old one.
+    With authentication on, an id whose session another user holds is not
+    taken over: the claimant is refused (GRANT_REFUSED) and nothing changes."""
     cdef int prev = w.registry.get(client_id, -1)
-    w.registry[client_id] = claimant
     if prev >= 0 and prev != claimant and prev != w.worker_index and w.peers[prev].fd < 0:
         prev = -1           # no such worker any more
+    if w.auth_required and prev >= 0 and w.registry_users.get(client_id) != username:
+        deliver_grant(w, claimant, token, GRANT_REFUSED, client_id)
+        return
+    w.registry[client_id] = claimant
+    w.registry_users[client_id] = username
     deliver_grant(w, claimant, token, prev, client_id)
     if prev >= 0 and prev != claimant:
         if prev == w.worker_index:
@@ -82,6 +114,16 @@ cdef void on_grant(Worker w, uint32_t token, int prev):
     if pc is None:
         return
     cdef PendingConnect waiting
+    cdef Conn* c
+    if prev == GRANT_REFUSED:
+        # Another user's session holds the id (registry_claim): CONNACK 0x05.
+        del w.pending[token]
+        c = &w.conns[pc.fd]
+        if c.state == ST_SETTLING and c.gen == pc.gen and c.pending_token == token:
+            auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_TAKEOVER)
+        else:
+            w.counters[AUTH_REFUSED_TAKEOVER] += 1      # its client left meanwhile
+        return
     if prev == w.worker_index:
         waiting = granted_pending(w, pc.client_id, pc)
         if waiting is not None:
@@ -214,6 +256,7 @@ cdef void registry_release(Worker w, bytes client_id):
     if home == w.worker_index or w.peers[home].fd < 0:
         if w.registry.get(client_id) == w.worker_index:
             del w.registry[client_id]
+            w.registry_users.pop(client_id, None)
     else:
         send_small(w, home, FR_RELEASE, struct_pack("<B", w.worker_index), client_id)
 
@@ -221,10 +264,13 @@ cdef void registry_release(Worker w, bytes client_id):
 cdef void registry_register(Worker w, bytes client_id):
     """Tells client_id's home that this worker holds its session."""
     cdef int home = home_of(w, client_id)
+    cdef int slot = w.client_sessions.get(client_id, -1)
+    username = session_username(&w.sessions[slot]) if slot >= 0 else None
     if home == w.worker_index or w.peers[home].fd < 0:
         w.registry[client_id] = w.worker_index
+        w.registry_users[client_id] = username
     else:
-        send_small(w, home, FR_REGISTER, struct_pack("<B", w.worker_index), client_id)
+        send_small(w, home, FR_REGISTER, struct_pack("<B", w.worker_index) + user_field(username), client_id)
 
 
 cdef void registry_register_restored(Worker w):
@@ -239,11 +285,14 @@ cdef void registry_register_restored(Worker w):
 cdef void registry_peer_restarted(Worker w, int p):
     """Worker p (re)started: its sessions are gone; our clients homed there re-register."""
     cdef bytes cid
+    cdef int slot
     for cid in [k for k, v in w.registry.items() if v == p]:
         del w.registry[cid]
-    for cid in w.client_sessions:
+        w.registry_users.pop(cid, None)
+    for cid, slot in w.client_sessions.items():
         if home_of(w, cid) == p:
-            send_small(w, p, FR_REGISTER, struct_pack("<B", w.worker_index), cid)
+            send_small(w, p, FR_REGISTER,
+                       struct_pack("<B", w.worker_index) + user_field(session_username(&w.sessions[slot])), cid)
 
 
 cdef inline bint is_worker(Worker w, int p) noexcept:
@@ -257,12 +306,16 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
     cdef bytes data = PyBytes_FromStringAndSize(<char*>body, n)
     cdef uint32_t token
     cdef int prev, owner, claimant, clean, present, idlen
-    if ftype == FR_CLAIM and n >= 5:
+    if ftype == FR_CLAIM and n >= 8:
         token, clean = struct_unpack_from("<IB", data)
-        registry_claim(w, p, token, clean, data[5:])
+        username = read_user_field(data, 5)
+        if username is False:
+            channel_malformed(w, p, "a CLAIM whose user name runs past it")
+            return
+        registry_claim(w, p, token, clean, data[8 + (len(username) if username is not None else 0):], username)
     elif ftype == FR_GRANT and n >= 5:
         token, prev = struct_unpack_from("<Ib", data)
-        if prev < -1 or prev >= w.npeers:
+        if (prev < -1 and prev != GRANT_REFUSED) or prev >= w.npeers:
             channel_malformed(w, p, "a GRANT naming worker %d" % prev)
             return
         on_grant(w, token, prev)
@@ -278,15 +331,24 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
             channel_malformed(w, p, "a SESSION frame shorter than its client id")
             return
         on_session(w, token, present, data[7 + idlen:])
-    elif (ftype == FR_RELEASE or ftype == FR_REGISTER) and n >= 1:
+    elif ftype == FR_RELEASE and n >= 1:
         owner = data[0]
         if not is_worker(w, owner):
             channel_malformed(w, p, "a registry frame naming worker %d" % owner)
-        elif ftype == FR_RELEASE:
-            if w.registry.get(data[1:]) == owner:
-                del w.registry[data[1:]]
+        elif w.registry.get(data[1:]) == owner:
+            del w.registry[data[1:]]
+            w.registry_users.pop(data[1:], None)
+    elif ftype == FR_REGISTER and n >= 4:
+        owner = data[0]
+        username = read_user_field(data, 1)
+        if not is_worker(w, owner):
+            channel_malformed(w, p, "a registry frame naming worker %d" % owner)
+        elif username is False:
+            channel_malformed(w, p, "a REGISTER whose user name runs past it")
         else:
-            w.registry[data[1:]] = owner
+            cid = data[4 + (len(username) if username is not None else 0):]
+            w.registry[cid] = owner
+            w.registry_users[cid] = username
     else:
         channel_malformed(w, p, "a registry frame (type %d) of %d bytes" % (ftype, n))
 
@@ -361,6 +423,9 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     s = &w.sessions[slot]
     s.clean = pc.clean
     s.fd = c.fd
+    if session_set_username(s, pc.username) < 0:
+        w.close_conn(c, CR_SERVER)
+        return
     session_changed(w, s)
     c.session = slot
     if pc.will_flag:

@@ -7,12 +7,15 @@
 #   u16 next packet id;
 #   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
 #               u16 topic len, u32 payload len, topic, payload)*;
-#   u32 nqos2, (u16 packet id)*.
+#   u32 nqos2, (u16 packet id)*;
+#   u8 has user name, u16 len, user name (the user the session acts as).
+# Version 2 (no user name: anonymous) is still read.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.
 
 cdef enum:
-    SESSION_STATE_VERSION = 2
+    SESSION_STATE_VERSION = 3
+    SESSION_STATE_NO_USER = 2         # the version before user names: read as anonymous
 
 
 cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
@@ -45,6 +48,11 @@ cdef bytes session_serialize(Worker w, int slot):
     parts.append(struct_pack("<I", s.nqos2_in))
     for i in range(s.nqos2_in):
         parts.append(struct_pack("<H", s.qos2_in[i]))
+    if s.username == NULL:
+        parts.append(b"\0\0\0")
+    else:
+        parts.append(struct_pack("<BH", 1, s.username_len))
+        parts.append(PyBytes_FromStringAndSize(s.username, s.username_len))
     return b"".join(parts)
 
 
@@ -68,8 +76,11 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
-    if end - p < 5 or p[0] != SESSION_STATE_VERSION:
+    cdef uint8_t version
+    cdef uint32_t ulen
+    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_USER):
         return session_restore_fault(w, "unknown format")
+    version = p[0]
     nsubs = rd32(p + 1)
     p += 5
     for i in range(nsubs):
@@ -131,6 +142,17 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
         pid = <uint16_t>rd16(p + 2 * i)
         if pid and s.nqos2_in < 65535:
             qos2_remember(s, pid)
+    p += <Py_ssize_t>nq2 * 2
+    if version == SESSION_STATE_NO_USER:
+        return 0
+    if end - p < 3:
+        return session_restore_fault(w, "user name missing")
+    ulen = rd16(p + 1)
+    if p[0]:
+        if end - p - 3 < <Py_ssize_t>ulen:
+            return session_restore_fault(w, "user name cut short")
+        if session_set_username(s, PyBytes_FromStringAndSize(<char*>p + 3, ulen)) < 0:
+            return session_restore_fault(w, "no memory for the user name")
     return 0
 
 

@@ -55,6 +55,31 @@ cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t cle
     return slot
 
 
+cdef int session_set_username(Session* s, bytes username) except -1:
+    """Records the user the session acts as (None: anonymous); -1: no memory."""
+    cdef Py_ssize_t n
+    free(s.username)
+    s.username = NULL
+    s.username_len = 0
+    if username is None:
+        return 0
+    n = PyBytes_GET_SIZE(username)
+    if n > 65535:
+        return -1
+    s.username = <char*>malloc(n if n else 1)
+    if s.username == NULL:
+        return -1
+    memcpy(s.username, PyBytes_AS_STRING(username), n)
+    s.username_len = <uint16_t>n
+    return 0
+
+
+cdef object session_username(Session* s):
+    if s.username == NULL:
+        return None
+    return PyBytes_FromStringAndSize(s.username, s.username_len)
+
+
 cdef inline void session_changed(Worker w, Session* s):
     """What persistence saves of a clean_session=0 session changed: the next
     snapshot serializes this one again (and only the changed ones)."""
@@ -94,6 +119,7 @@ cdef void session_free(Worker w, int slot, bint release_id):
         if release_id:
             registry_release(w, key)
     free(s.client_id)
+    free(s.username)
     free(s.inflight)
     free(s.queue)
     free(s.qos2_in)

@@ -1,0 +1,134 @@
+"""Who may connect: anonymous access, the password file in force, the cache of
+verified passwords.
+
+- Anonymous access (`allow_anonymous`): `true`, `false`, or `auto` (the
+  default), which is true only while every MQTT and JSON-lines listener is on
+  loopback. A listener elsewhere with nothing to authenticate its clients (no
+  password file, no client certificates) and anonymous access not explicitly
+  allowed stops `gw serve` at start (`startup_problem`).
+- The password file (gw/passwords.py) is loaded by the master first (a file
+  that does not parse stops the start, or refuses the reload, naming the line)
+  and then by each worker; a reload that fails keeps the previous users.
+- Checking a password is a hash (tens of ms for argon2id or PBKDF2), so
+  `Authenticator.verify` runs in the worker's auth threads (a QueryPool), never
+  in its loop. A successful check is remembered for `auth_cache_seconds`, keyed
+  by the user and a keyed BLAKE2b digest of the password (never the password),
+  so a reconnect storm with the same credentials hashes once, not once per
+  connection. A reload forgets them all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import secrets
+import threading
+import time
+
+from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
+
+# Listeners whose clients the anonymous rules apply to (HTTP has its own tokens).
+CLIENT_LISTENERS = ("mqtt", "mqtts", "json", "jsons")
+# Checked against an unknown user's password, so it costs what a known one does.
+_DECOY = Entry("7", b"\0" * 12, b"\0" * 64, PBKDF2_ITERATIONS)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False            # a host name: it may resolve anywhere
+
+
+def off_loopback_listeners(cfg) -> list[str]:
+    out = []
+    for key in CLIENT_LISTENERS:
+        addr = cfg.address(key)
+        if addr is not None and not is_loopback(addr.host):
+            out.append(f"{key} {addr}")
+    return out
+
+
+def anonymous_allowed(cfg) -> bool:
+    """Whether a client without a user name may connect."""
+    if cfg.allow_anonymous == "auto":
+        return not off_loopback_listeners(cfg)
+    return cfg.allow_anonymous == "true"
+
+
+def startup_problem(cfg) -> str | None:
+    """Why `gw serve` must not start with these settings (one line), or None."""
+    exposed = off_loopback_listeners(cfg)
+    if not exposed or cfg.allow_anonymous == "true":
+        return None
+    if cfg.password_file or getattr(cfg, "require_certificate", False):
+        return None
+    return (f"listener {', '.join(exposed)} is off loopback with no authentication: set password_file "
+            f"(make one with `gw passwd -c FILE USER`), require_certificate, or allow_anonymous = \"true\" "
+            f"to let anyone connect")
+
+
+class Authenticator:
+    """The users of the password file in force and the cache of verified
+    passwords. `verify` runs in the auth threads; `cached` and `replace` in
+    the worker's loop thread."""
+
+    def __init__(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int):
+        self.users = users
+        self.cache_seconds = cache_seconds
+        self.cache_entries = cache_entries
+        self._key = secrets.token_bytes(32)
+        self._cache: dict[bytes, float] = {}
+        self._generation = 0
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_file(cls, path: str, cache_seconds: float, cache_entries: int) -> Authenticator:
+        return cls(load_password_file(path), cache_seconds, cache_entries)
+
+    def _cache_key(self, user: bytes, password: bytes) -> bytes:
+        h = hashlib.blake2b(key=self._key, digest_size=32)
+        h.update(len(user).to_bytes(4, "little"))
+        h.update(user)
+        h.update(password)
+        return h.digest()
+
+    def cached(self, user: bytes, password: bytes) -> bool:
+        """Whether this user was verified with this password within
+        auth_cache_seconds (loop thread: a digest and a look-up, no hash)."""
+        if not self.cache_seconds or not self._cache:
+            return False
+        expiry = self._cache.get(self._cache_key(user, password))
+        return expiry is not None and expiry > time.monotonic()
+
+    def verify(self, user: bytes, password: bytes) -> bool:
+        """Checks the password (an auth thread: the hash runs here)."""
+        users, generation = self.users, self._generation
+        entry = users.get(user)
+        if entry is None:
+            _DECOY.verify(password)         # as slow as a known user's check
+            return False
+        if not entry.verify(password):
+            return False
+        if self.cache_seconds:
+            key = self._cache_key(user, password)
+            now = time.monotonic()
+            with self._lock:
+                if generation == self._generation:      # not verified against a file since replaced
+                    if len(self._cache) >= self.cache_entries:
+                        self._cache = {k: v for k, v in self._cache.items() if v > now}
+                        if len(self._cache) >= self.cache_entries:
+                            self._cache.clear()
+                    self._cache[key] = now + self.cache_seconds
+        return True
+
+    def replace(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int) -> None:
+        """A reloaded file: its users from now on; every cached check forgotten."""
+        with self._lock:
+            self._generation += 1
+            self.users = users
+            self.cache_seconds = cache_seconds
+            self.cache_entries = cache_entries
+            self._cache = {}

@@ -1,0 +1,141 @@
+# Included by loop.pyx. Who may connect: a CONNECT's user name and password,
+# checked before its session is claimed (registry.pyx).
+#
+# - No user name: accepted while anonymous access is allowed
+#   (Worker.allow_anonymous, from `allow_anonymous`, gw/auth.py), else
+#   CONNACK 0x05.
+# - A user name with a password file in force: its password must verify, else
+#   CONNACK 0x04 (no password, unknown user, wrong password alike). Without a
+#   password file a user name is taken as given while anonymous access is
+#   allowed (Mosquitto's behaviour), else CONNACK 0x05.
+# - Checking a password is a hash that may take tens of ms, so it never runs
+#   here: the worker's auth threads (a gw/query_pool.py QueryPool running
+#   gw.auth.Authenticator.verify) do it, and answer through an eventfd in the
+#   epoll set (ST_AUTH, auth_readable). The CONNECT is held meanwhile: its
+#   connection is ST_SETTLING with no claim (pending_token 0), so it reads
+#   nothing more, and its connect timeout still runs. The answer finds the
+#   connection by fd and generation; one closed meanwhile is gone, and the
+#   answer is dropped. A check verified recently (Authenticator.cached: a
+#   digest and a dict look-up) is not queued at all.
+# - Refusals are counted (AUTH_REFUSED_*) and logged at most once per 10 s
+#   per reason, with the client's address, never the password.
+
+import socket as _socket
+
+cdef enum:
+    AUTH_LOG_ANONYMOUS = 0
+    AUTH_LOG_PASSWORD = 1
+    AUTH_LOG_TAKEOVER = 2
+    AUTH_LOG_BUSY = 3
+
+cdef uint32_t[4] AUTH_COUNTER = [AUTH_REFUSED_ANONYMOUS, AUTH_REFUSED_PASSWORD, AUTH_REFUSED_TAKEOVER,
+                                 AUTH_REFUSED_BUSY]
+
+
+cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
+    """0: go on and claim the session now; 1: held for its password check;
+    -1: refused (CONNACK sent, closing)."""
+    cdef bytes user, password
+    if not pkt.has_username:
+        if w.allow_anonymous:
+            return 0
+        auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
+        return -1
+    user = PyBytes_FromStringAndSize(<char*>pkt.username.ptr, pkt.username.len)
+    pc.username = user
+    if w.authenticator is None:
+        if w.allow_anonymous:
+            return 0
+        auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
+        return -1
+    if not pkt.has_password:
+        auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
+        return -1
+    password = PyBytes_FromStringAndSize(<char*>pkt.password.ptr, pkt.password.len)
+    if w.authenticator.cached(user, password):
+        return 0
+    if w.auth_pool is None:
+        # auth_threads = 0: the hash runs here, and the whole worker waits for it.
+        if w.authenticator.verify(user, password):
+            return 0
+        auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
+        return -1
+    w.auth_token += 1
+    if w.auth_token == 0:
+        w.auth_token = 1
+    if not w.auth_pool.submit(w.auth_token, w.authenticator.verify, user, password):
+        auth_refuse(w, c, CONNACK_UNAVAILABLE, AUTH_LOG_BUSY)
+        return -1
+    w.auth_waiting[w.auth_token] = pc
+    c.state = ST_SETTLING
+    c.pending_token = 0          # no claim yet: auth_readable makes it
+    w.update_events(c)           # read nothing more until answered
+    return 1
+
+
+cdef void auth_readable(Worker w):
+    """The auth threads answered: claim the sessions of the CONNECTs that
+    verified, refuse the others; answers for connections gone are dropped."""
+    cdef PendingConnect pc
+    cdef Conn* c
+    for token, ok in w.auth_pool.drain():
+        pc = w.auth_waiting.pop(token, None)
+        if pc is None:
+            continue
+        c = &w.conns[pc.fd]
+        if c.state != ST_SETTLING or c.gen != pc.gen or c.pending_token != 0:
+            continue             # the client left while its password was checked
+        if ok is True:
+            connect_claim(w, c, pc)
+        else:
+            auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
+
+
+cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
+    """CONNACK `code`, counted and logged, then the connection closes."""
+    cdef uint8_t* out
+    w.counters[AUTH_COUNTER[why]] += 1
+    w.counters[CONNACK_REFUSED] += 1
+    if why == AUTH_LOG_ANONYMOUS:
+        auth_log(w, why, c.fd, "refused a CONNECT without a user name: anonymous access is off "
+                 "(allow_anonymous)")
+    elif why == AUTH_LOG_PASSWORD:
+        auth_log(w, why, c.fd, "refused a CONNECT: bad user name or password")
+    elif why == AUTH_LOG_TAKEOVER:
+        auth_log(w, why, c.fd, "refused a CONNECT: its client id is held by a session of another user")
+    else:
+        auth_log(w, why, c.fd, "refused a CONNECT: auth_max_pending password checks already waiting")
+    if c.state == ST_SETTLING:
+        c.state = ST_AWAIT_CONNECT   # no longer held: close_after_flush takes it from here
+    out = w.reserve(c, 4)
+    if out == NULL:
+        return
+    encode_connack(out, 0, code)
+    w.counters[PKT_OUT + CONNACK] += 1
+    w.close_after_flush(c)
+
+
+cdef void auth_log(Worker w, int why, int fd, str message):
+    """Logs a refusal at most once per 10 s per reason, with the client's address."""
+    if w.now_ms - w.auth_last_log_ms[why] < 10000 and w.auth_last_log_ms[why] != 0:
+        w.auth_suppressed[why] += 1
+        return
+    if w.auth_suppressed[why]:
+        message = "%s (and %d more like it in the last 10 s)" % (message, w.auth_suppressed[why])
+    w.auth_last_log_ms[why] = w.now_ms
+    w.auth_suppressed[why] = 0
+    log.warning("worker %d: %s, from %s", w.worker_index, message, peer_address(fd))
+
+
+cdef str peer_address(int fd):
+    """The client's address, for a log line (the socket is borrowed, not closed)."""
+    sock = _socket.socket(fileno=fd)
+    try:
+        addr = sock.getpeername()
+    except OSError:
+        return "an address no longer known"
+    finally:
+        sock.detach()
+    if isinstance(addr, tuple):
+        return "%s:%d" % (addr[0], addr[1]) if ":" not in addr[0] else "[%s]:%d" % (addr[0], addr[1])
+    return str(addr) or "a local socket"
