@@ -149,6 +149,12 @@ class Master:
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
         self.check_store()
+        if cfg.acl_file:
+            from gw.acl import AclError, load_acl
+            try:
+                load_acl(cfg.acl_file)
+            except AclError as exc:
+                raise StartupError(f"acl_file refused: {exc}") from None
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
@@ -403,6 +409,14 @@ class Master:
                 TLSContext(str(self.certs.cert), str(self.certs.key))
             except TLSError as exc:
                 log.error("reload refused, certificates do not load: %s", exc)
+                return
+        if new.acl_file:
+            # Fail closed: a file that does not parse leaves the running one in force everywhere.
+            from gw.acl import AclError, load_acl
+            try:
+                load_acl(new.acl_file)
+            except AclError as exc:
+                log.error("reload refused, keeping the running config and ACL: %s", exc)
                 return
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())

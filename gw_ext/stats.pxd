@@ -93,7 +93,12 @@ cpdef enum:
     PERSIST_ERRORS = 159      # ... that failed (disk full, I/O error); the next snapshot retries
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     SUBSCRIPTION_INDEX_BYTES = 176  # gauge: memory of this worker's subscription index (local and peer filters)
-    # 177..191 free.
+    # The ACL (acl_file; gw_ext/worker/access.pyx).
+    ACL_PUBLISH_DENIED = 181  # PUBLISHes (and wills) the ACL does not let their client write: dropped (QoS 1/2 still acknowledged)
+    ACL_SUBSCRIBE_DENIED = 182  # SUBSCRIBE filters the ACL lets its client read nothing of: SUBACK 0x80
+    ACL_DELIVERY_DENIED = 183 # messages not delivered: the subscriber may not read their topic (also from a queue, after a reload)
+    ACL_SYS_PUBLISH_REFUSED = 184  # PUBLISHes (and wills) on $SYS topics from clients: dropped, whatever the ACL says
+    # 177..180, 185..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

@@ -197,8 +197,9 @@ def test_a_frame_larger_than_a_datagram_is_sent_in_pieces(link):
 
 
 def _session_state(messages: list[tuple[int, int, bytes, bytes]], nsubs: int = 0) -> bytes:
-    """session_serialize's layout: version, subscriptions, next packet id, messages, QoS 2 ids."""
-    out = struct.pack("<BI", 2, nsubs) + struct.pack("<HI", 1, len(messages))
+    """session_serialize's layout: version, user name (none), subscriptions, next packet id, messages,
+    QoS 2 ids."""
+    out = struct.pack("<BBHI", 3, 0, 0, nsubs) + struct.pack("<HI", 1, len(messages))
     for pid, qos, topic, payload in messages:
         out += struct.pack("<HBBHI", pid, qos, 0, len(topic), len(payload)) + topic + payload
     return out + struct.pack("<I", 0)

@@ -361,6 +361,7 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     s = &w.sessions[slot]
     s.clean = pc.clean
     s.fd = c.fd
+    session_set_username(s, pc.username)     # a resumed session acts as its new connection's user
     session_changed(w, s)
     c.session = slot
     if pc.will_flag:
@@ -369,6 +370,10 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
                          pc.will_qos, pc.will_retain)
         s.will_qos = pc.will_qos
         s.will_retain = pc.will_retain
+        if not will_allowed(w, s):
+            # Accepted with the CONNECT (as Mosquitto does), never published.
+            msg_release(s.will)
+            s.will = NULL
     c.keepalive = pc.keepalive
     become_connected(w, c, mqtt_idle_limit_ms(pc.keepalive))
     w.counters[MQTT_CONNECTED] += 1

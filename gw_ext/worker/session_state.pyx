@@ -3,16 +3,19 @@
 # and what the data dir keeps (gw/persistence.py, through
 # Worker.snapshot_sessions and Worker.restore_sessions). Layout, little-endian:
 #   u8 SESSION_STATE_VERSION;
+#   u8 has user name, u16 len, user name (the identity the ACL checks; version 3);
 #   u32 nsubs, (u16 len, filter, u8 qos)*;
 #   u16 next packet id;
 #   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
 #               u16 topic len, u32 payload len, topic, payload)*;
 #   u32 nqos2, (u16 packet id)*.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
-# session_restore checks every length against what is left before reading it.
+# session_restore checks every length against what is left before reading it;
+# it reads version 2 too (saved before user names were kept: none).
 
 cdef enum:
-    SESSION_STATE_VERSION = 2
+    SESSION_STATE_VERSION = 3
+    SESSION_STATE_VERSION_NO_USER = 2
 
 
 cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
@@ -28,7 +31,10 @@ cdef bytes session_serialize(Worker w, int slot):
     cdef Msg* m
     cdef Queued* q
     topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
-    parts.append(struct_pack("<BI", SESSION_STATE_VERSION, len(subs)))
+    parts.append(struct_pack("<BBH", SESSION_STATE_VERSION, s.username != NULL, s.username_len))
+    if s.username != NULL:
+        parts.append(PyBytes_FromStringAndSize(s.username, s.username_len))
+    parts.append(struct_pack("<I", len(subs)))
     for f, qos in subs:
         parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
     parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
@@ -68,10 +74,21 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
-    if end - p < 5 or p[0] != SESSION_STATE_VERSION:
+    cdef uint32_t ulen
+    if end - p < 1 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_VERSION_NO_USER):
         return session_restore_fault(w, "unknown format")
-    nsubs = rd32(p + 1)
-    p += 5
+    if p[0] == SESSION_STATE_VERSION:
+        if end - p < 4 or end - p - 4 < <Py_ssize_t>rd16(p + 2) or p[1] > 1:
+            return session_restore_fault(w, "user name cut short")
+        ulen = rd16(p + 2)
+        session_set_username(s, PyBytes_FromStringAndSize(<char*>p + 4, ulen) if p[1] else None)
+        p += 4 + ulen
+    else:
+        p += 1
+    if end - p < 4:
+        return session_restore_fault(w, "subscription count missing")
+    nsubs = rd32(p)
+    p += 4
     for i in range(nsubs):
         if end - p < 2 or end - p - 2 < <Py_ssize_t>rd16(p) + 1:
             return session_restore_fault(w, "subscriptions cut short")
