@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import struct
 
 import pytest
@@ -20,9 +21,8 @@ from hypothesis import given, settings, strategies as st
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
 from broker_fixtures import RawClient, publish_packet_full  # noqa: E402
-from conftest import run_gw, wait_for  # noqa: E402
+from conftest import run_gw, tcp_connect, wait_for  # noqa: E402
 from mqtt_bytes import mqtt_str, packet  # noqa: E402
-from placement import connect_on  # noqa: E402
 
 from gw.acl import DENY, READ, WRITE, AclError, AclFile, parse_acl  # noqa: E402
 from gw_ext.acl import AclRules  # noqa: E402
@@ -241,8 +241,7 @@ class Clients:
 
     def connect(self, worker: int, client_id: str, user: str | None = None, *, clean: bool = True,
                 will=None, present: bool | None = None) -> RawClient:
-        sock, _, _ = connect_on(self.server.ports["mqtt"], self.server.worker_pids(), worker)
-        c = RawClient(sock, worker)
+        c = RawClient(self.socket_on(worker), worker)
         self.open.append(c)
         c.send(connect_bytes(client_id, user, clean=clean, will=will))
         body = c.read_until(0x20)
@@ -250,6 +249,19 @@ class Clients:
         if present is not None:
             assert bool(body[0] & 1) == present
         return c
+
+    def socket_on(self, worker: int):
+        """A TCP connection held by that worker (through the fragmenting proxy too);
+        misplaced attempts are reset before they sent a byte."""
+        wait_for(lambda: len(self.server.worker_pids()) == 2, 10, what="2 workers")
+        pids = self.server.worker_pids()
+        for _ in range(60):
+            sock = tcp_connect(self.server.ports["mqtt"])
+            if self.server.which_worker(sock.getsockname()[1]) == pids[worker]:
+                return sock
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        raise AssertionError(f"could not place a connection on worker {worker}")
 
     def close(self):
         for c in self.open:
