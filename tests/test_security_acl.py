@@ -459,3 +459,33 @@ def test_broken_file_refused_at_start(tmp_path):
                  "--data-dir", str(tmp_path / "data"), timeout=60)
     assert res.returncode != 0
     assert "line 4" in res.stderr and str(path) in res.stderr, res.stderr
+
+
+def test_an_away_session_keeps_its_user_name_across_a_restart_and_a_move(gw_factory, tmp_path):
+    """Messages for an away persistent session are checked against its user's
+    grants, so the user name is part of its saved and transferred state: carol
+    may read q/#, a client without a user name may not."""
+    path = tmp_path / "acl"
+    path.write_text("topic write q/#\nuser carol\ntopic read q/#\n")
+    data_dir = tmp_path / "data"
+    args = ["--acl-file", str(path)]
+    server = gw_factory(workers=2, data_dir=data_dir, args=args)
+    cs = Clients(server)
+    try:
+        carol = cs.connect(SUB, "carol-away", "carol", clean=False)
+        assert carol.subscribe(1, [("q/#", 1)]) == [1]
+        carol.disconnect()
+    finally:
+        cs.close()
+    assert server.stop() == 0             # the final snapshot holds the away session
+    server = gw_factory(workers=2, data_dir=data_dir, args=args)
+    cs = Clients(server)
+    try:
+        anon = cs.connect(PUB, "anon-away")
+        publish(anon, "q/while-away", b"queued for carol", 1, pid=1)
+        publish(anon, "q/while-away-2", b"queued for carol", 1, pid=2)
+        # Back on the other worker than the one holding the session: it moves with its queue.
+        carol = cs.connect(PUB, "carol-away", "carol", clean=False, present=True)
+        assert next_topics(carol, "q/while-away-2") == ["q/while-away", "q/while-away-2"]
+    finally:
+        cs.close()
