@@ -131,10 +131,7 @@ def parse_acl(text: str, path: str = "<acl>") -> AclFile:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        keyword, _, rest = line.partition(" ")
-        if "\t" in keyword:
-            keyword, _, more = keyword.partition("\t")
-            rest = more + " " + rest
+        keyword, rest = (line.split(None, 1) + [""])[:2]
         rest = rest.strip()
 
         def fail(why: str):
@@ -147,7 +144,7 @@ def parse_acl(text: str, path: str = "<acl>") -> AclFile:
             continue
         if keyword not in ("topic", "pattern"):
             fail(f"unknown keyword {keyword!r} (expected topic, user or pattern)")
-        word, _, after = rest.partition(" ")
+        word, after = (rest.split(None, 1) + [""])[:2]
         if word in ACCESS_WORDS and after.strip():
             access, filt = ACCESS_WORDS[word], after.strip()
         elif word in ACCESS_WORDS:

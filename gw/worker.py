@@ -166,7 +166,7 @@ class _LoggedReading(msgspec.Struct):
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
-                overrides: dict, dedup=None) -> int:
+                overrides: dict, dedup=None, acl=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -186,10 +186,13 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
     apply_process_settings(cfg)
-    if cfg.acl_file:
-        from gw.acl import load_acl
+    if acl is not None:
+        # The master's version (parsed at start or at its last reload), not the file
+        # as it may be now: a respawned worker enforces what the others do.
         from gw_ext.acl import AclRules
-        worker.set_acl(AclRules(load_acl(cfg.acl_file)))    # the master checked it; a failure here stops the worker
+        worker.set_acl(AclRules(acl))
+    elif cfg.acl_file:
+        raise RuntimeError("acl_file is set but the master passed no ACL")
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])

@@ -489,3 +489,31 @@ def test_an_away_session_keeps_its_user_name_across_a_restart_and_a_move(gw_fact
         assert next_topics(carol, "q/while-away-2") == ["q/while-away", "q/while-away-2"]
     finally:
         cs.close()
+
+
+def test_a_respawned_worker_enforces_the_version_in_force(gw_factory, tmp_path):
+    """The file broken on disk after the start (its reload refused): a worker
+    respawned after a crash enforces what the others do, not nothing, and not
+    everything."""
+    path = tmp_path / "acl"
+    path.write_text("topic write q/#\nuser carol\ntopic read q/#\n")
+    server = gw_factory(workers=2, args=["--acl-file", str(path)])
+    path.write_text("topic read #\ntopic write #\nnot a line\n")
+    os.kill(server.pid, signal.SIGHUP)
+    wait_for(lambda: "line 3" in server.log(), 15, what="the reload refused, naming line 3")
+    victim = server.worker_pids()[SUB]
+    server.expect_worker_deaths(1)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(server.worker_pids()) == 2 and victim not in server.worker_pids(), 15,
+             what="the worker respawned")
+    cs = Clients(server)
+    try:
+        carol = cs.connect(SUB, "carol-respawn", "carol")
+        anon = cs.connect(SUB, "anon-respawn")
+        assert carol.subscribe(1, [("q/#", 1), ("other/#", 1)]) == [1, SUBACK_FAILURE]
+        assert anon.subscribe(1, [("q/#", 1)]) == [SUBACK_FAILURE]
+        publisher = cs.connect(PUB, "anon-respawn-pub")
+        publish(publisher, "q/after", b"", 1, pid=1)
+        assert next_topics(carol, "q/after") == ["q/after"]
+    finally:
+        cs.close()
