@@ -194,3 +194,37 @@ cdef int acl_allowed(AclRules rules, AclView** view, const char* username, uint1
         e.allowed |= granted & access
         return 1 if granted & access else 0
     return 1 if rules.cold_check(v, topic, n, access) & access else 0
+
+
+cdef class AclSession:
+    """One session's view, through the same path as the worker's checks
+    (acl_allowed: the cache, then the tries), for tests and benchmarks."""
+    cdef AclView* view
+    cdef public AclRules rules
+    cdef bytes username
+    cdef bytes client_id
+
+    def __cinit__(self, AclRules rules, username, bytes client_id):
+        self.rules = rules
+        self.username = username
+        self.client_id = client_id
+
+    def __dealloc__(self):
+        acl_view_free(self.view)
+
+    cdef int _check(self, bytes topic, int access) except -1:
+        return acl_allowed(self.rules, &self.view,
+                           PyBytes_AS_STRING(self.username) if self.username is not None else NULL,
+                           len(self.username) if self.username is not None else 0, self.username is not None,
+                           PyBytes_AS_STRING(self.client_id), len(self.client_id),
+                           <const uint8_t*>PyBytes_AS_STRING(topic), len(topic), <uint8_t>access)
+
+    def allowed(self, bytes topic, int access):
+        return self._check(topic, access) == 1
+
+    def allowed_many(self, bytes topic, int access, long n):
+        """n checks of the same topic in a C loop: how many were allowed."""
+        cdef long i, yes = 0
+        for i in range(n):
+            yes += self._check(topic, access)
+        return yes

@@ -25,7 +25,7 @@ from conftest import run_gw, tcp_connect, wait_for  # noqa: E402
 from mqtt_bytes import mqtt_str, packet  # noqa: E402
 
 from gw.acl import DENY, READ, WRITE, AclError, AclFile, parse_acl  # noqa: E402
-from gw_ext.acl import AclRules  # noqa: E402
+from gw_ext.acl import AclRules, AclSession  # noqa: E402
 
 PUB, SUB = 0, 1          # worker indexes: publishers on one worker, subscribers on the other
 SUBACK_FAILURE = 0x80
@@ -162,6 +162,22 @@ def test_matcher_agrees_with_reference(text, user, cid, levels, want):
     got = rules.check(user.encode() if user else None, cid.encode(), topic.encode(),
                       READ if want == "r" else WRITE)
     assert got == ref_allowed(ref_parse(text), user, cid, topic, want)
+
+
+@settings(max_examples=150, deadline=None)
+@given(acl_texts(), acl_texts(), st.sampled_from([None, "alice", "bob"]),
+       st.lists(st.tuples(st.sampled_from(["a", "b", "a/b", "c/d", "$SYS/x", "bob/a", "x" * 60, "a/" + "y" * 60]),
+                          st.sampled_from([READ, WRITE]), st.integers(0, 30)), min_size=1, max_size=60))
+def test_session_cache_agrees_with_fresh_checks_across_a_reload(text, text2, user, ops):
+    """The per-session cache (topics longer than an entry too) answers what a
+    fresh check does; a new version of the rules (a reload) is seen at once."""
+    rules, reloaded = AclRules(parse_acl(text)), AclRules(parse_acl(text2))
+    u = user.encode() if user else None
+    session = AclSession(rules, u, b"c1")
+    for topic, access, when in ops:
+        if when == 0:
+            session.rules = reloaded if session.rules is rules else rules
+        assert session.allowed(topic.encode(), access) == session.rules.check(u, b"c1", topic.encode(), access)
 
 
 def _universe(depth: int):
