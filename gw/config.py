@@ -109,6 +109,10 @@ class Config:
                                      "disconnects the client (counted)", minimum=1, maximum=65535)
     max_subscriptions: int = _setting(10_000, "subscriptions one client may hold; more are refused "
                                       "(SUBACK 0x80) and counted", minimum=1, maximum=10_000_000)
+    acl_file: str = _setting("", "access control list in Mosquitto's acl_file format (topic, user and pattern "
+                             "lines): who may publish and subscribe where; what no line grants is denied. "
+                             "'' : no ACL, everything allowed. Reloaded on SIGHUP (a file that does not parse "
+                             "keeps the previous one in force)")
     max_topic_levels: int = _setting(128, "levels in a topic filter; deeper filters are refused "
                                      "(SUBACK 0x80) and counted", minimum=1, maximum=65535)
     max_topic_length: int = _setting(4096, "bytes in a topic filter; longer filters are refused "

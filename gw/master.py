@@ -139,6 +139,7 @@ class Master:
         self.overrides = overrides
         self.slots = [Slot(i) for i in range(cfg.workers)]
         self.certs: CertPaths | None = None
+        self.acl = None             # the ACL file in force, as parsed (gw/acl.py): what a (re)spawned worker starts with
         self.block: StatsBlock | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
         # The pipeline process (gw/pipeline/): reads the workers' logs into the
@@ -167,6 +168,12 @@ class Master:
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
         self.check_store()
+        if cfg.acl_file:
+            from gw.acl import AclError, load_acl
+            try:
+                self.acl = load_acl(cfg.acl_file)
+            except AclError as exc:
+                raise StartupError(f"acl_file refused: {exc}") from None
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
@@ -309,7 +316,7 @@ class Master:
             else:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
-                           self.config_path, self.overrides, self.dedup)
+                           self.config_path, self.overrides, self.dedup, self.acl)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -427,6 +434,16 @@ class Master:
             except TLSError as exc:
                 log.error("reload refused, certificates do not load: %s", exc)
                 return
+        acl = None
+        if new.acl_file:
+            # Fail closed: a file that does not parse leaves the running one in force everywhere.
+            from gw.acl import AclError, load_acl
+            try:
+                acl = load_acl(new.acl_file)
+            except AclError as exc:
+                log.error("reload refused, keeping the running config and ACL: %s", exc)
+                return
+        self.acl = acl
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())
         for slot in self.slots:

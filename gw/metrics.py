@@ -116,6 +116,12 @@ _FAMILIES = [
     ("gw_sessions_late_total", "counter",
      "Sessions from another worker dropped: they came after their CONNECT had settled without them "
      "(connect_settle_timeout), as a new session.", [("", C.SESSIONS_LATE)]),
+    ("gw_acl_denied_total", "counter",
+     "What the ACL (acl_file) refused, by what: publishes and wills dropped, SUBSCRIBE filters answered "
+     "0x80, deliveries to subscribers that may not read the topic; and client publishes on $SYS, "
+     "refused whatever the ACL says.",
+     [('{action="publish"}', C.ACL_PUBLISH_DENIED), ('{action="subscribe"}', C.ACL_SUBSCRIBE_DENIED),
+      ('{action="deliver"}', C.ACL_DELIVERY_DENIED), ('{action="sys_publish"}', C.ACL_SYS_PUBLISH_REFUSED)]),
     ("gw_takeovers_total", "counter", "Connections closed by a CONNECT with the same client id.",
      [("", C.TAKEOVERS)]),
     ("gw_auth_refused_total", "counter",

@@ -168,7 +168,7 @@ class _LoggedReading(msgspec.Struct):
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
-                overrides: dict, dedup=None) -> int:
+                overrides: dict, dedup=None, acl=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -188,6 +188,13 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
     apply_limits(worker, cfg)
     apply_process_settings(cfg)
+    if acl is not None:
+        # The master's version (parsed at start or at its last reload), not the file
+        # as it may be now: a respawned worker enforces what the others do.
+        from gw_ext.acl import AclRules
+        worker.set_acl(AclRules(acl))
+    elif cfg.acl_file:
+        raise RuntimeError("acl_file is set but the master passed no ACL")
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
@@ -277,7 +284,27 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                     worker.set_tls_context(index, fresh)
         log.debug("worker %d: reloaded", slot)
 
-    worker.on_reload = reload
+    def reload_acl(path: str) -> None:
+        # Atomic and fail-closed: the new version replaces the old one whole,
+        # or (it does not parse, or cannot be read) the old one stays in force.
+        from gw.acl import AclError, load_acl
+        from gw_ext.acl import AclRules
+        if not path:
+            worker.set_acl(None)
+            return
+        try:
+            rules = AclRules(load_acl(path))
+        except AclError as exc:
+            log.error("worker %d: ACL reload refused, keeping the one in force: %s", slot, exc)
+            return
+        worker.set_acl(rules)
+        log.info("worker %d: ACL %s: %d rules", slot, path, rules.rule_count)
+
+    def reload_all():
+        reload()
+        reload_acl(cfg.acl_file)
+
+    worker.on_reload = reload_all
     persistence = Persistence(worker, slot, block.rows.shape[0], cfg.data_dir, cfg.persist_interval,
                               counters=block.rows[slot])
     persistence.load()

@@ -15,6 +15,7 @@
 cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.time cimport time_t
+from gw_ext.acl cimport AclRules, AclView
 from gw_ext.codec cimport ConnectPacket
 from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
@@ -80,7 +81,8 @@ cdef enum CloseReason:
     CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
     CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
     CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
-    N_CLOSE_REASONS = 20
+    CR_ACL = 20               # (log only) the ACL refused a publish, subscription, will or delivery
+    N_CLOSE_REASONS = 21
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -180,9 +182,10 @@ cdef struct Session:
     uint8_t will_retain
     uint16_t next_packet_id
     uint16_t client_id_len
-    char* client_id
     uint16_t username_len
+    char* client_id
     char* username            # the user it acts as (malloc'ed; NULL: anonymous), freed with client_id
+    AclView* acl              # its view of the ACL and its verdict cache (worker/access.pyx); NULL until checked
     Msg* will                 # NULL: no will
     Inflight* inflight        # ninflight entries, in send order
     uint32_t ninflight        # at most max_inflight (<= 65535 packet ids)
@@ -368,6 +371,7 @@ cdef class Worker:
     cdef public uint32_t max_subscriptions   # (handle_subscribe.pyx)
     cdef public uint32_t max_topic_levels
     cdef public uint32_t max_topic_length
+    cdef AclRules acl                # the ACL file in force (worker/access.pyx); None: no ACL, all allowed
     cdef dict pending_subacks        # token -> PendingSuback (handle_subscribe.pyx)
     cdef uint32_t suback_token
 
@@ -498,6 +502,15 @@ cdef void subsync_confirmed(Worker w, int p, const uint8_t* body, uint32_t n)   
 cdef void subsync_peer_restarted(Worker w, int p)
 cdef bint subsync_earlier_waiting(Worker w, PendingSuback pending, uint32_t token)
 cdef void subsync_release(Worker w)
+
+# --- worker/access.pyx: the ACL enforced (publish, subscribe, delivery, wills, $SYS) ---------
+cdef bint is_sys_topic(const uint8_t* topic, uint32_t n) noexcept nogil
+cdef bint session_may(Worker w, Session* s, const uint8_t* topic, uint32_t n, uint8_t access) except -1
+cdef bint may_deliver(Worker w, Session* s, const uint8_t* topic, uint32_t n) except -1
+cdef bint publish_refused(Worker w, Conn* c, Session* s, const uint8_t* topic, uint32_t n) except -1
+cdef bint may_subscribe(Worker w, Conn* c, Session* s, const uint8_t* f, uint32_t n) except -1
+cdef bint will_allowed(Worker w, Session* s) except -1
+cdef str conn_address(Conn* c)
 
 # --- worker/handle_unsubscribe.pyx ------------------------------------------------------
 cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n)

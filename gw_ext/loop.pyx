@@ -32,6 +32,7 @@ from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from libc.time cimport gmtime_r, strftime, time, time_t, tm
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from gw_ext.acl cimport ACL_READ, ACL_WRITE, AclRules, acl_allowed, acl_view_free
 from gw_ext.codec cimport *
 from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
@@ -76,7 +77,7 @@ cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
-    CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT]
+    CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER]
 
 # LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
 LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "max_topic_length",
@@ -269,6 +270,17 @@ cdef class Worker:
         """The idempotency table, attached as this worker: the readings it records
         as pending are committed as the log becomes durable past them."""
         self.dedup = dedup
+
+    def set_acl(self, AclRules rules):
+        """The ACL in force (gw_ext/acl.pyx; None: no acl_file, everything
+        allowed). A new version takes effect at each session's next check:
+        its view and cached verdicts belong to the version they were made
+        for (worker/access.pyx)."""
+        self.acl = rules
+
+    @property
+    def acl_rules(self):
+        return self.acl
 
     def set_query_pool(self, object pool):
         """The query threads (gw/query_pool.py): their eventfd joins the epoll set,
@@ -1198,6 +1210,7 @@ include "worker/handle_subscribe.pyx"
 include "worker/handle_unsubscribe.pyx"
 include "worker/handle_ping.pyx"
 include "worker/handle_disconnect.pyx"
+include "worker/access.pyx"
 # The broker across workers.
 include "worker/router.pyx"
 include "worker/retained.pyx"

@@ -98,7 +98,12 @@ cpdef enum:
     AUTH_REFUSED_PASSWORD = 178   # CONNECTs refused for their user name and password (CONNACK 0x04): unknown user, wrong or missing password
     AUTH_REFUSED_TAKEOVER = 179   # CONNECTs refused (CONNACK 0x05) for a client id whose session another user holds
     AUTH_REFUSED_BUSY = 180       # CONNECTs refused (CONNACK 0x03): auth_max_pending were already waiting for their check
-    # 181..191 free.
+    # The ACL (acl_file; gw_ext/worker/access.pyx).
+    ACL_PUBLISH_DENIED = 181  # PUBLISHes (and wills) the ACL does not let their client write: dropped (QoS 1/2 still acknowledged)
+    ACL_SUBSCRIBE_DENIED = 182  # SUBSCRIBE filters the ACL lets its client read nothing of: SUBACK 0x80
+    ACL_DELIVERY_DENIED = 183 # messages not delivered: the subscriber may not read their topic (also from a queue, after a reload)
+    ACL_SYS_PUBLISH_REFUSED = 184  # PUBLISHes (and wills) on $SYS topics from clients: dropped, whatever the ACL says
+    # 185..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

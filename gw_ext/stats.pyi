@@ -5,6 +5,10 @@ import numpy as np
 import numpy.typing as npt
 
 ACKS_HELD: int
+ACL_DELIVERY_DENIED: int
+ACL_PUBLISH_DENIED: int
+ACL_SUBSCRIBE_DENIED: int
+ACL_SYS_PUBLISH_REFUSED: int
 BACKPRESSURE_EVENTS: int
 BYTES_IN: int
 BYTES_OUT: int

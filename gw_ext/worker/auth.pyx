@@ -41,8 +41,7 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
-    user = PyBytes_FromStringAndSize(<char*>pkt.username.ptr, pkt.username.len)
-    pc.username = user
+    user = pc.username                  # handle_connect's: the identity the password must prove
     if w.authenticator is None:
         if w.allow_anonymous:
             return 0

@@ -31,6 +31,10 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         # Empty client id with clean session 1: the server assigns one (MQTT-3.1.3-6).
         w.auto_id += 1
         pc.client_id = b"auto-%d-%x" % (w.worker_index, w.auto_id)
+    # The user name it acts as (the ACL's identity, the owner of its session);
+    # auth_connect checks that it is who it says.
+    pc.username = (PyBytes_FromStringAndSize(<char*>pkt.username.ptr, pkt.username.len)
+                   if pkt.has_username else None)
     pc.clean = pkt.clean_session
     pc.keepalive = pkt.keepalive
     pc.will_flag = pkt.will_flag

@@ -38,6 +38,14 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             w.close_conn(c, CR_SERVER)
             return -1
         session_changed(w, s)
+    if publish_refused(w, c, s, pkt.topic.ptr, pkt.topic.len):
+        # Acknowledged all the same (3.1.1 has no negative acknowledgement),
+        # then dropped: not routed, not retained, not taken as a reading.
+        if pkt.qos == 1:
+            w.send_ack(c, PUBACK, pkt.packet_id)
+        elif pkt.qos == 2:
+            w.send_ack(c, PUBREC, pkt.packet_id)
+        return 0 if c.state == ST_CONNECTED else -1
     telemetry = w.ingest is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)
     if telemetry:
         reading = telemetry_accept(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, &needed)

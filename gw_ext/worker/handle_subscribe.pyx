@@ -80,9 +80,10 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     count = 0
     while subscribe_next(&it, &filt, &qos, &reason) == 1:
         # SUBACK 0x80 (MQTT-3.9.3) is for a valid filter the server refuses:
-        # past a bound, out of memory.
+        # the ACL lets its client read nothing of it, past a bound, out of memory.
         codes[count] = SUBACK_FAILURE
-        if filter_within_bounds(w, filt.ptr, filt.len):
+        if may_subscribe(w, c, &w.sessions[slot], filt.ptr, filt.len) and filter_within_bounds(w, filt.ptr,
+                                                                                               filt.len):
             r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
             if r >= 0 and subscriber_count(w, slot) > w.max_subscriptions:
                 # A new filter past max_subscriptions (a replaced one never is): undone.

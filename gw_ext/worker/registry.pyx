@@ -434,6 +434,10 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
                          pc.will_qos, pc.will_retain)
         s.will_qos = pc.will_qos
         s.will_retain = pc.will_retain
+        if not will_allowed(w, s):
+            # Accepted with the CONNECT (as Mosquitto does), never published.
+            msg_release(s.will)
+            s.will = NULL
     c.keepalive = pc.keepalive
     become_connected(w, c, mqtt_idle_limit_ms(pc.keepalive))
     w.counters[MQTT_CONNECTED] += 1

@@ -131,6 +131,8 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
     c = &w.conns[s.fd]
     if c.state != ST_CONNECTED:
         return
+    if not may_deliver(w, s, topic, topic_len):
+        return
     if c.outlen - c.outoff > w.soft_outbound:
         # A slow reader: shed QoS 0 rather than grow without bound or slow others.
         w.counters[DROPPED_SLOW_QOS0] += 1
@@ -145,6 +147,8 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """QoS 1/2: send now if the session's in-flight window has room, else queue."""
     cdef uint64_t size = <uint64_t>msg.topic_len + msg.payload_len
+    if not may_deliver(w, s, msg.data, msg.topic_len):
+        return      # checked again as it leaves the queue (session_pump): a reload may revoke it meanwhile
     if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):
         session_send(w, s, msg, qos, retain)
         return

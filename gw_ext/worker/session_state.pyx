@@ -8,7 +8,8 @@
 #   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
 #               u16 topic len, u32 payload len, topic, payload)*;
 #   u32 nqos2, (u16 packet id)*;
-#   u8 has user name, u16 len, user name (the user the session acts as).
+#   u8 has user name, u16 len, user name (the user the session acts as: the
+#     identity the ACL checks and a takeover must match).
 # Version 2 (no user name: anonymous) is still read.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.

@@ -61,6 +61,8 @@ cdef int session_set_username(Session* s, bytes username) except -1:
     free(s.username)
     s.username = NULL
     s.username_len = 0
+    if s.acl != NULL:
+        s.acl.gen = 0       # another identity: its ACL view is rebuilt at the next check
     if username is None:
         return 0
     n = PyBytes_GET_SIZE(username)
@@ -120,6 +122,7 @@ cdef void session_free(Worker w, int slot, bint release_id):
             registry_release(w, key)
     free(s.client_id)
     free(s.username)
+    acl_view_free(s.acl)
     free(s.inflight)
     free(s.queue)
     free(s.qos2_in)
@@ -145,7 +148,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
     if s.congested:
         uncongest(w, s)     # an absent client's queue holds no publisher back
     if s.will != NULL:
-        if not graceful:
+        if not graceful and will_allowed(w, s):      # again: a reload may have revoked it
             w.counters[WILLS_PUBLISHED] += 1
             route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
                           s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns)
@@ -278,6 +281,10 @@ cdef void session_pump(Worker w, Session* s):
         s.qhead = (s.qhead + 1) % s.qcap
         s.qlen -= 1
         s.qbytes -= <uint64_t>q.msg.topic_len + q.msg.payload_len
+        if not may_deliver(w, s, q.msg.data, q.msg.topic_len):
+            msg_release(q.msg)      # the grant was revoked (a reload) while it waited
+            session_changed(w, s)
+            continue
         session_send(w, s, q.msg, q.qos & 3, q.qos >> 2)
         if q.msg.origin_ns and w.now_ns > q.msg.origin_ns:
             hist_observe(w.counters, HIST_DELIVER, w.now_ns - q.msg.origin_ns)
