@@ -78,7 +78,10 @@ cdef enum CloseReason:
     CR_WAL = 17               # the write-ahead log refused a QoS 1/2 reading: its publisher is closed
     CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
     CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
-    N_CLOSE_REASONS = 20
+    CR_TLS_NO_CERT = 20       # (log only) a handshake refused: no client certificate
+    CR_TLS_BAD_CERT = 21      # (log only) ... a client certificate not valid, or its CN no user name
+    CR_TLS_REVOKED = 22       # (log only) ... a client certificate revoked
+    N_CLOSE_REASONS = 23
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -134,6 +137,7 @@ cdef struct Listener:
     uint8_t proto
     uint8_t ack_sink          # readings acknowledged once durable (worker/durable_ack.pyx)
     SSL_CTX* ctx              # NULL for plain listeners
+    uint8_t identity_username # use_identity_as_username: the client certificate's CN is the user name
 
 
 
@@ -248,6 +252,7 @@ cdef class PendingConnect:
     cdef uint8_t will_flag, will_qos, will_retain
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
+    cdef bytes username          # the user name it acts as (CONNECT's, or its certificate's CN), or None
 
 
 # --- a SUBACK waiting for the other workers (worker/handle_subscribe.pyx) ------------
@@ -350,6 +355,7 @@ cdef class Worker:
     cdef void release(self, Conn* c)
     cdef void contained(self, int fd, str where)
     cdef void log_limited(self, int reason, str message)
+    cdef void log_client(self, int reason, int fd, str message)
 
     # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
     cdef Wheel wheel                 # every connection's deadline
@@ -463,6 +469,7 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
 
 # --- worker/handle_connect.pyx ----------------------------------------------------------
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int refuse_connect(Worker w, Conn* c, uint8_t return_code)
 
 # --- worker/handle_publish.pyx ----------------------------------------------------------
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)

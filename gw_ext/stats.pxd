@@ -93,7 +93,12 @@ cpdef enum:
     PERSIST_ERRORS = 159      # ... that failed (disk full, I/O error); the next snapshot retries
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     SUBSCRIPTION_INDEX_BYTES = 176  # gauge: memory of this worker's subscription index (local and peer filters)
-    # 177..191 free.
+    # 177..184 free.
+    # Client certificates (require_certificate): handshakes refused, by why.
+    TLS_REFUSED_NO_CERT = 185     # TLS handshakes refused: the client presented no certificate
+    TLS_REFUSED_BAD_CERT = 186    # ... its certificate did not verify against client_cafile (unknown CA, bad signature, expired); also CONNECTs refused (CONNACK 4) for a certificate whose CN is no user name (use_identity_as_username)
+    TLS_REFUSED_REVOKED = 187     # ... its certificate is revoked by crlfile
+    # 188..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end
