@@ -150,5 +150,6 @@ cdef extern from "openssl/ssl.h" nogil:
     int SSL_VERIFY_FAIL_IF_NO_PEER_CERT
     int SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE
     X509_STORE* SSL_CTX_get_cert_store(const SSL_CTX* ctx)
+    int SSL_CTX_set_session_id_context(SSL_CTX* ctx, const unsigned char* sid_ctx, unsigned int sid_ctx_len)
     X509* SSL_get1_peer_certificate(const SSL* ssl)
     const SSL_CTX* SSL_get_SSL_CTX(const SSL* ssl)

@@ -25,6 +25,12 @@ cdef const char* CIPHERS_TLS12 = b"ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACH
                 b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384"
 
 
+# Which sessions may be resumed here (OpenSSL requires one when it verifies
+# clients); tickets are sealed with each context's own keys anyway, so a
+# ticket from before a reload (another CA or CRL) never resumes.
+SESSION_ID_CONTEXT = b"gw"
+
+
 class TLSError(Exception):
     pass
 
@@ -219,6 +225,10 @@ cdef class TLSContext:
         if SSL_CTX_check_private_key(self.ctx) != 1:
             raise TLSError(f"private key {keyfile} does not match {certfile}: " + openssl_errors())
         if require_certificate:
+            # Without a session id context OpenSSL fails the handshake of a client
+            # that resumes a session (a TLS 1.3 ticket) once it verifies peers.
+            SSL_CTX_set_session_id_context(self.ctx, <const unsigned char*>SESSION_ID_CONTEXT,
+                                           len(SESSION_ID_CONTEXT))
             if SSL_CTX_load_verify_locations(self.ctx, client_cafile.encode(), NULL) != 1:
                 raise TLSError(f"cannot load client_cafile {client_cafile}: " + openssl_errors())
             if crlfile:

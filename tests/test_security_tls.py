@@ -219,6 +219,26 @@ def test_client_with_certificate_connects_on_both_workers(secured, certs):
     assert len(workers) == 2
 
 
+def test_resumed_session_with_certificate(secured, certs):
+    """A client resuming its TLS session (a ticket from its first connection)
+    gets in again: the verifying context has a session id context."""
+    ctx = tls_context(certs / "ca.pem", certs / "sensor-1.pem", certs / "sensor-1-key.pem")
+    with ctx.wrap_socket(tcp_connect(secured.ports["mqtts"]), server_hostname="localhost") as tls:
+        tls.sendall(connect_packet("resume-1"))
+        assert read_packet(tls) == CONNACK_OK
+        ping(tls)       # the ticket came with the first records after the handshake
+        session = tls.session
+    assert session is not None and session.has_ticket
+    reused = 0
+    for i in range(6):      # a ticket resumes only on the worker that issued it
+        with ctx.wrap_socket(tcp_connect(secured.ports["mqtts"]), server_hostname="localhost",
+                             session=session) as tls:
+            tls.sendall(connect_packet(f"resume-{i + 2}"))
+            assert read_packet(tls) == CONNACK_OK
+            reused += tls.session_reused
+    assert reused >= 1
+
+
 def test_client_without_certificate_refused_by_every_worker(secured, certs):
     """No certificate: each worker refuses the handshake and counts it in its own row."""
     from gw.stats import Counter
