@@ -19,6 +19,7 @@ FSYNC_MODES = ("always", "batch", "off")
 BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
               "1": True, "0": False}
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
+TLS_LISTENER_KEYS = ("mqtts", "jsons", "https")
 
 
 class ConfigError(Exception):
@@ -320,6 +321,13 @@ def check_client_certificates(cfg: Config) -> None:
         raise ConfigError("config key 'use_identity_as_username': needs require_certificate = true")
     if cfg.crlfile and not cfg.require_certificate:
         raise ConfigError("config key 'crlfile': needs require_certificate = true and client_cafile")
+
+
+def certificate_required(cfg: Config, listener: str) -> bool:
+    """Whether a listener lets in only clients with a verified certificate
+    (require_certificate, on a TLS listener): for the start-up check of
+    listeners off loopback, an authentication."""
+    return cfg.require_certificate and listener in TLS_LISTENER_KEYS
 
 
 def describe() -> str:

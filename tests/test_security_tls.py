@@ -474,3 +474,39 @@ def test_client_cafile_that_does_not_load_stops_at_start(tmp_path):
     assert res.returncode == 1
     lines = [l for l in res.stderr.strip().splitlines() if "generated a development CA" not in l]
     assert len(lines) == 1 and "client_cafile" in lines[0], res.stderr
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--require-certificate", "maybe"], ["--require-certificate", "maybe"]),
+    (["--use-identity-as-username", "true"], ["use_identity_as_username", "require_certificate"]),
+    (["--crlfile", "crl.pem"], ["crlfile", "require_certificate"]),
+])
+def test_bad_client_certificate_settings_are_one_line_errors(tmp_path, args, needles):
+    res = run_gw("serve", *args, "--data-dir", tmp_path / "data", cwd=tmp_path)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    for needle in needles:
+        assert needle in lines[0]
+
+
+def test_toml_booleans(tmp_path):
+    from gw.config import ConfigError, load_config
+
+    path = tmp_path / "gw.toml"
+    path.write_text(f'require_certificate = true\nclient_cafile = "{tmp_path / "ca.pem"}"\n')
+    cfg = load_config(str(path))
+    assert cfg.require_certificate is True and cfg.use_identity_as_username is False
+    path.write_text("require_certificate = 1\n")
+    with pytest.raises(ConfigError, match="'require_certificate': expected true or false"):
+        load_config(str(path))
+
+
+def test_certificate_required_only_on_tls_listeners(tmp_path):
+    """What the start-up check of listeners off loopback counts as authentication."""
+    from gw.config import LISTENER_KEYS, certificate_required, load_config
+
+    on = load_config(None, {"require_certificate": True, "client_cafile": str(tmp_path / "ca.pem")})
+    off = load_config(None, {})
+    assert [k for k in LISTENER_KEYS if certificate_required(on, k)] == ["mqtts", "jsons", "https"]
+    assert not any(certificate_required(off, k) for k in LISTENER_KEYS)
