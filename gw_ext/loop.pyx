@@ -237,6 +237,7 @@ cdef class Worker:
         l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON if proto == "json" else PROTO_HTTP
         l.ack_sink = ack_sink
         l.ctx = NULL
+        l.identity_username = 0
         if tls is not None:
             SSL_CTX_up_ref(tls.ctx)
             l.ctx = tls.ctx

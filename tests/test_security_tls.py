@@ -380,6 +380,8 @@ def test_reload_adds_a_crl_and_a_broken_one_keeps_it(gw_factory, certs, tmp_path
     certificate are refused on both workers, established connections stay. Then a
     CRL file that does not parse: the reload is refused, and the CRL in force
     stays in force (never back to allowing everyone)."""
+    from gw.stats import Counter
+
     cert, key = issue(certs, "soon-revoked", out=tmp_path)
     config = tmp_path / "gw.toml"
     _write_config(config, certs)
@@ -393,8 +395,11 @@ def test_reload_adds_a_crl_and_a_broken_one_keeps_it(gw_factory, certs, tmp_path
         crl = make_crl(certs, [open(cert, "rb").read()], tmp_path / "crl.pem")
         _write_config(config, certs, crl)
         _reload(gw)
-        for _ in range(6):      # new handshakes, spread over the workers
+        for _ in range(40):     # new handshakes, until each worker refused one
             refused(gw, port, ctx, REVOKED)
+            if (gw.block().rows[:, Counter.TLS_REFUSED_REVOKED] > 0).all():
+                break
+        assert (gw.block().rows[:, Counter.TLS_REFUSED_REVOKED] > 0).all()
         ping(established)       # kept its context
         # A CRL file that does not parse: refused by the master, the old CRL stays.
         (tmp_path / "crl.pem").write_text("-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
