@@ -11,6 +11,7 @@ cdef enum:
     CN_TOO_LONG = 3
     CN_NUL = 4
     CN_NOT_UTF8 = 5
+    CN_CONTROL = 6
 
 # Why a handshake failed over the client's certificate (client_refusal); the
 # worker counts REFUSED_NO_CERT.. at TLS_REFUSED_NO_CERT + refusal - 1.

@@ -12,7 +12,7 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memchr
 from cpython.bytes cimport PyBytes_FromStringAndSize
 
-from gw_ext.codec cimport valid_utf8
+from gw_ext.codec cimport MAL_CONTROL, check_string
 from gw_ext.openssl cimport *
 
 # AEAD with forward secrecy only. ChaCha20-Poly1305 comes first (the server's
@@ -52,7 +52,7 @@ def openssl_errors():
 # Why a common name cannot be a user name (CN_*, tls.pxd), for the log.
 CN_REASONS = ["", "no client certificate", "no common name in the certificate's subject",
               "a common name over 65,535 bytes", "a NUL byte in the common name",
-              "a common name that is not UTF-8"]
+              "a common name that is not UTF-8", "a control character in the common name"]
 # Why a handshake was refused over the client's certificate (REFUSED_*, tls.pxd), for the log.
 REFUSAL_REASONS = ["", "no client certificate", "client certificate not valid", "client certificate revoked"]
 
@@ -77,9 +77,10 @@ cdef int client_refusal(SSL* ssl) noexcept:
 
 cdef bytes x509_common_name(X509* cert, int* why):
     """The subject's first common name, checked to be usable as an MQTT user
-    name: 1-65,535 bytes of UTF-8 with no NUL. None (and *why, a CN_*) if not."""
+    name: 1-65,535 bytes of UTF-8 with no NUL (nor, unless mqtt_control_characters
+    accepts them, control characters). None (and *why, a CN_*) if not."""
     cdef X509_NAME* name = X509_get_subject_name(cert)
-    cdef int n, got
+    cdef int n, got, bad
     cdef char* buf
     why[0] = CN_MISSING
     if name == NULL:
@@ -101,8 +102,11 @@ cdef bytes x509_common_name(X509* cert, int* why):
         if memchr(buf, 0, <size_t>n) != NULL:
             why[0] = CN_NUL
             return None
-        if not valid_utf8(<const uint8_t*>buf, <uint32_t>n):
-            why[0] = CN_NOT_UTF8
+        # What a user name in CONNECT must be (the codec's check, with its
+        # mqtt_control_characters policy).
+        bad = check_string(<const uint8_t*>buf, <uint32_t>n)
+        if bad:
+            why[0] = CN_CONTROL if bad == MAL_CONTROL else CN_NOT_UTF8
             return None
         why[0] = CN_OK
         return PyBytes_FromStringAndSize(buf, n)

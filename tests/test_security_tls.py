@@ -442,13 +442,25 @@ def test_identity_as_username(gw_factory, certs, tmp_path):
 
 def test_common_name_checks():
     """The worker's CN check: the subject's CN as bytes; refused when absent,
-    with a NUL byte, or over 65,535 bytes."""
+    with a NUL byte or a control character (mqtt_control_characters' default),
+    or over 65,535 bytes."""
     from gw_ext.tls import certificate_common_name
 
     assert certificate_common_name(self_signed("sensor-9")) == b"sensor-9"
     assert certificate_common_name(self_signed("caf\u00e9")) == "caf\u00e9".encode()
     with pytest.raises(ValueError, match="NUL"):
         certificate_common_name(self_signed("evil\x00admin", validate=False))
+    from gw_ext import codec
+
+    was = codec.control_characters_allowed()
+    try:
+        codec.allow_control_characters(False)
+        with pytest.raises(ValueError, match="control character"):
+            certificate_common_name(self_signed("bell\x07"))
+        codec.allow_control_characters(True)        # mqtt_control_characters = "accept"
+        assert certificate_common_name(self_signed("bell\x07")) == b"bell\x07"
+    finally:
+        codec.allow_control_characters(was)
     with pytest.raises(ValueError, match="65,535"):
         certificate_common_name(self_signed("x" * 65536, validate=False))
     assert len(certificate_common_name(self_signed("y" * 65535, validate=False))) == 65535
