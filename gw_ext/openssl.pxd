@@ -143,6 +143,8 @@ cdef extern from "openssl/bio.h" nogil:
     int BIO_free(BIO* bio)
 
 cdef extern from "openssl/pem.h" nogil:
+    int ERR_LIB_PEM
+    int PEM_R_NO_START_LINE
     X509_CRL* PEM_read_bio_X509_CRL(BIO* bp, X509_CRL** x, void* cb, void* u)
     X509* PEM_read_bio_X509(BIO* bp, X509** x, void* cb, void* u)
 

@@ -152,6 +152,22 @@ def certificate_common_name(bytes pem):
     return name
 
 
+def pem_block_line(str path, int index):
+    """The line (from 1) where the PEM block after `index` loaded ones begins, for
+    an error message; "?" if the file cannot be read again."""
+    try:
+        with open(path, "rb") as fh:
+            seen = 0
+            for number, line in enumerate(fh, 1):
+                if line.startswith(b"-----BEGIN "):
+                    if seen == index:
+                        return str(number)
+                    seen += 1
+    except OSError:
+        pass
+    return "?"
+
+
 cdef int load_crls(SSL_CTX* ctx, str crlfile) except -1:
     """Adds every CRL of a PEM file to the context's store and turns on the
     revocation check of client certificates. TLSError if the file holds none."""
@@ -163,22 +179,29 @@ cdef int load_crls(SSL_CTX* ctx, str crlfile) except -1:
     bio = BIO_new_file(path, b"r")
     if bio == NULL:
         raise TLSError(f"cannot read crlfile {crlfile}: " + openssl_errors())
+    cdef unsigned long e
     try:
         while True:
             crl = PEM_read_bio_X509_CRL(bio, NULL, NULL, NULL)
             if crl == NULL:
-                break
+                e = ERR_peek_last_error()
+                if ERR_GET_LIB(e) == ERR_LIB_PEM and ERR_GET_REASON(e) == PEM_R_NO_START_LINE:
+                    break       # no more PEM blocks: the end of the file
+                # A block that does not load fails the whole file: a revocation
+                # silently left out would let its certificate in.
+                raise TLSError(f"crlfile {crlfile}: the CRL beginning on line {pem_block_line(crlfile, added)} "
+                               f"does not load: " + openssl_errors())
             if X509_STORE_add_crl(store, crl) != 1:
                 X509_CRL_free(crl)
-                raise TLSError(f"crlfile {crlfile}: a CRL was refused: " + openssl_errors())
+                raise TLSError(f"crlfile {crlfile}: the CRL beginning on line {pem_block_line(crlfile, added)} "
+                               f"was refused: " + openssl_errors())
             X509_CRL_free(crl)      # the store took its own reference
             added += 1
     finally:
         BIO_free(bio)
-    if added == 0:
-        raise TLSError(f"crlfile {crlfile} holds no PEM CRL: " + openssl_errors())
-    # The end of the file shows as an error (no more PEM blocks): not one.
     ERR_clear_error()
+    if added == 0:
+        raise TLSError(f"crlfile {crlfile} holds no PEM CRL")
     X509_STORE_set_flags(store, X509_V_FLAG_CRL_CHECK)
     return added
 

@@ -482,6 +482,23 @@ def test_require_certificate_without_client_cafile_stops_at_start(tmp_path):
     assert len(lines) == 1 and "client_cafile" in lines[0] and "require_certificate" in lines[0], res.stderr
 
 
+def test_crlfile_with_a_bad_crl_after_a_good_one_stops_at_start(certs, tmp_path):
+    """Every CRL of the file loads, or none is in force: a damaged second one
+    (its revocations would be left out) stops gw serve, naming its line."""
+    good = make_crl(certs, [], tmp_path / "good.pem").read_text()
+    lines = good.splitlines()
+    damaged = "\n".join(lines[:1] + ["A" * 64] + lines[2:]) + "\n"
+    (tmp_path / "crl.pem").write_text(good + damaged)
+    res = run_gw("serve", "--require-certificate", "true", "--client-cafile", certs / "ca.pem",
+                 "--crlfile", tmp_path / "crl.pem", "--mqtt", "off", "--mqtts", f"{HOST}:0",
+                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+                 "--data-dir", tmp_path / "data", "--certs", certs, cwd=tmp_path, timeout=60)
+    assert res.returncode == 1
+    out = res.stderr.strip().splitlines()
+    assert len(out) == 1, res.stderr
+    assert f"beginning on line {len(good.splitlines()) + 1}" in out[0]
+
+
 def test_client_cafile_that_does_not_load_stops_at_start(tmp_path):
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     res = run_gw("serve", "--require-certificate", "true", "--client-cafile", tmp_path / "ca.pem",
