@@ -25,6 +25,7 @@ import secrets
 import threading
 import time
 
+from gw.config import certificate_required
 from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
 
 # Listeners whose clients the anonymous rules apply to (HTTP has its own tokens).
@@ -42,12 +43,17 @@ def is_loopback(host: str) -> bool:
         return False            # a host name: it may resolve anywhere
 
 
-def off_loopback_listeners(cfg) -> list[str]:
+def off_loopback_listeners(cfg, *, unless_certificate: bool = False) -> list[str]:
+    """The client listeners on an address other than loopback; with
+    unless_certificate, only those where no client certificate is required."""
     out = []
     for key in CLIENT_LISTENERS:
         addr = cfg.address(key)
-        if addr is not None and not is_loopback(addr.host):
-            out.append(f"{key} {addr}")
+        if addr is None or is_loopback(addr.host):
+            continue
+        if unless_certificate and certificate_required(cfg, key):
+            continue
+        out.append(f"{key} {addr}")
     return out
 
 
@@ -60,10 +66,9 @@ def anonymous_allowed(cfg) -> bool:
 
 def startup_problem(cfg) -> str | None:
     """Why `gw serve` must not start with these settings (one line), or None."""
-    exposed = off_loopback_listeners(cfg)
-    if not exposed or cfg.allow_anonymous == "true":
-        return None
-    if cfg.password_file or getattr(cfg, "require_certificate", False):
+    # A listener that requires a client certificate authenticates its clients.
+    exposed = off_loopback_listeners(cfg, unless_certificate=True)
+    if not exposed or cfg.allow_anonymous == "true" or cfg.password_file:
         return None
     return (f"listener {', '.join(exposed)} is off loopback with no authentication: set password_file "
             f"(make one with `gw passwd -c FILE USER`), require_certificate, or allow_anonymous = \"true\" "

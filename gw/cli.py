@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -22,9 +23,11 @@ def setting_options(func):
     """One flag per Config field (`max_connections` -> `--max-connections`), in
     field order; default None so the config file can supply the value."""
     for name, f in reversed(list(SETTINGS.items())):
-        kind = {"int": int, "float": float}.get(f.type if isinstance(f.type, str) else f.type.__name__)
+        kind = {"int": int, "float": float, "bool": click.BOOL}.get(
+            f.type if isinstance(f.type, str) else f.type.__name__)
         metavar = ("HOST:PORT" if f.metadata["kind"] == "address"
-                   else {int: "N", float: "SECONDS"}.get(kind, "TEXT"))
+                   else "PATH" if f.metadata["kind"] == "path"
+                   else {int: "N", float: "SECONDS", click.BOOL: "true|false"}.get(kind, "TEXT"))
         func = click.option(f"--{name.replace('_', '-')}", name, type=kind, default=None, metavar=metavar,
                             help=f"{f.metadata['doc']} [default: {f.default}]")(func)
     return func
@@ -100,6 +103,41 @@ def stats(data_dir, as_json, interval):
     else:
         click.echo(snap.line())
     block.close()
+
+
+@main_group.group("certs")
+def certs_group():
+    """Development certificates (not for production: use your own CA there)."""
+
+
+@certs_group.command("client")
+@click.argument("name")
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="directory for NAME.pem and NAME-key.pem [default: the certs directory]")
+@click.option("--certs", "certs_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
+              help="the certs directory whose development CA signs it [default: the config's certs]")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML file naming the certs directory")
+def certs_client(name, out, certs_dir, config_path):
+    """Issue a client certificate with NAME as its common name, signed by the
+    development CA (ca.pem in the certs directory, made when absent): for tests
+    and first steps with require_certificate, not for production."""
+    from gw.certs import CertError, issue_client_cert
+
+    if certs_dir is None:
+        try:
+            certs_dir = load_config(config_path).certs
+        except ConfigError as exc:
+            _fail(str(exc))
+    try:
+        cert, key = issue_client_cert(certs_dir, name, out)
+    except CertError as exc:
+        _fail(str(exc), 1)
+    except (OSError, ValueError) as exc:
+        _fail(f"cannot issue a client certificate: {exc}", 1)
+    click.echo(f"certificate: {cert}")
+    click.echo(f"key:         {key}")
+    click.echo(f"CA:          {Path(certs_dir) / 'ca.pem'}")
 
 
 @main_group.command("config")

@@ -17,7 +17,10 @@ ACK_MODES = ("enqueue", "sink")
 CONTROL_CHARACTER_MODES = ("close", "accept")
 ANONYMOUS_CHOICES = ("auto", "true", "false")
 FSYNC_MODES = ("always", "batch", "off")
+BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
+              "1": True, "0": False}
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
+TLS_LISTENER_KEYS = ("mqtts", "jsons", "https")
 
 
 class ConfigError(Exception):
@@ -77,6 +80,19 @@ class Config:
                           kind="address")
     certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
                           "development CA, ca.pem, when absent)")
+    require_certificate: bool = _setting(False, "TLS listeners (mqtts, jsons, https) ask every client for a "
+                                         "certificate and refuse the handshake of one without a valid one, "
+                                         "verified against client_cafile")
+    client_cafile: str = _setting("", "PEM file of the CA certificates client certificates are verified "
+                                  "against (Mosquitto's cafile; gw's own certificate is in certs); required "
+                                  "with require_certificate, used only with it", kind="path")
+    crlfile: str = _setting("", "PEM file of certificate revocation lists for client certificates: a revoked "
+                            "one fails the handshake; the file must hold a current CRL of each CA in "
+                            "client_cafile that issues client certificates ('' : none)", kind="path")
+    use_identity_as_username: bool = _setting(False, "the common name (CN) of the client certificate's subject "
+                                              "is the connection's user name, replacing any user name in "
+                                              "CONNECT; a certificate without a usable CN is refused "
+                                              "(CONNACK 4); needs require_certificate")
     data_dir: str = _setting("data", "directory for the pid file, retained messages, "
                              "clean_session=0 sessions, the write-ahead logs (wal/) and the store "
                              "(store.sqlite), kept across restarts")
@@ -248,8 +264,14 @@ RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "
 def _coerce(key: str, value):
     f = SETTINGS[key]
     meta = f.metadata
-    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}[f.type]
-    if typ is int:
+    typ = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    if typ is bool:
+        # TOML gives a bool; a flag gives its text.
+        if isinstance(value, str) and value.strip().lower() in BOOL_WORDS:
+            value = BOOL_WORDS[value.strip().lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{key}': expected true or false, got {value!r}")
+    elif typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
             if isinstance(value, str) and value.strip().lstrip("-").isdigit():
                 value = int(value)
@@ -302,10 +324,30 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     cfg = Config(**values)
     if not any(cfg.address(k) for k in LISTENER_KEYS):
         raise ConfigError("config keys " + ", ".join(f"'{k}'" for k in LISTENER_KEYS) + ": every listener is off")
+    check_client_certificates(cfg)
     if (not cfg.telemetry_topic or any(ch in cfg.telemetry_topic for ch in "+#\0")
             or cfg.telemetry_topic.startswith("$") or cfg.telemetry_topic.endswith("/")):
         raise ConfigError(f"config key 'telemetry_topic': not a plain topic prefix: {cfg.telemetry_topic!r}")
     return cfg
+
+
+def check_client_certificates(cfg: Config) -> None:
+    """The client-certificate settings hang together (their files are loaded,
+    and their errors reported, by the TLS contexts: gw/master.py)."""
+    if cfg.require_certificate and not cfg.client_cafile:
+        raise ConfigError("config key 'client_cafile': required when require_certificate is true "
+                          "(the CA that client certificates are verified against)")
+    if cfg.use_identity_as_username and not cfg.require_certificate:
+        raise ConfigError("config key 'use_identity_as_username': needs require_certificate = true")
+    if cfg.crlfile and not cfg.require_certificate:
+        raise ConfigError("config key 'crlfile': needs require_certificate = true and client_cafile")
+
+
+def certificate_required(cfg: Config, listener: str) -> bool:
+    """Whether a listener lets in only clients with a verified certificate
+    (require_certificate, on a TLS listener): for the start-up check of
+    listeners off loopback, an authentication."""
+    return cfg.require_certificate and listener in TLS_LISTENER_KEYS
 
 
 def describe() -> str:
@@ -314,6 +356,9 @@ def describe() -> str:
     for f in fields(Config):
         default = f.default
         lines.append(f"# {f.metadata['doc']}")
-        lines.append(f"{f.name} = {default!r}".replace("'", '"') if isinstance(default, str)
-                     else f"{f.name} = {default}")
+        if isinstance(default, bool):
+            lines.append(f"{f.name} = {str(default).lower()}")
+        else:
+            lines.append(f"{f.name} = {default!r}".replace("'", '"') if isinstance(default, str)
+                         else f"{f.name} = {default}")
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from gw import __version__
-from gw.certs import CertPaths, ensure_certs
+from gw.certs import CertPaths, ensure_certs, server_context
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.worker import ListenerSpec, worker_main
@@ -179,9 +179,9 @@ class Master:
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
                       file=sys.stderr, flush=True)
-            from gw_ext.tls import TLSContext, TLSError
+            from gw_ext.tls import TLSError
             try:
-                TLSContext(str(self.certs.cert), str(self.certs.key))
+                server_context(self.certs, cfg)
             except TLSError as exc:
                 raise StartupError(str(exc)) from None
         for name, proto, tls in LISTENERS:
@@ -428,9 +428,11 @@ class Master:
             log.error("reload refused, keeping the running config and password file: %s", exc)
             return
         if self.certs is not None:
-            from gw_ext.tls import TLSContext, TLSError
+            from gw_ext.tls import TLSError
             try:
-                TLSContext(str(self.certs.cert), str(self.certs.key))
+                # The server certificate, client CA and CRLs as the workers will load
+                # them: a file that does not load keeps every worker on what it has.
+                server_context(self.certs, new)
             except TLSError as exc:
                 log.error("reload refused, certificates do not load: %s", exc)
                 return

@@ -61,6 +61,11 @@ _FAMILIES = [
     ("gw_sent_bytes_total", "counter", "Bytes sent to clients.", [("", C.BYTES_OUT)]),
     ("gw_tls_handshakes_total", "counter", "TLS handshakes completed.", [("", C.TLS_HANDSHAKES)]),
     ("gw_tls_handshake_failures_total", "counter", "TLS handshakes failed.", [("", C.TLS_FAILURES)]),
+    ("gw_tls_client_certificates_refused_total", "counter",
+     "Clients refused over their certificate (require_certificate), by reason: none presented, not valid "
+     "(unknown CA, bad signature, expired, or a common name that is no user name), revoked by crlfile.",
+     [('{reason="no_certificate"}', C.TLS_REFUSED_NO_CERT), ('{reason="invalid"}', C.TLS_REFUSED_BAD_CERT),
+      ('{reason="revoked"}', C.TLS_REFUSED_REVOKED)]),
     ("gw_mqtt_packets_total", "counter", "MQTT control packets, by direction and type.",
      [(f'{{direction="in",type="{n}"}}', C.PKT_IN + t) for t, n in PACKET_NAMES.items()]
      + [(f'{{direction="out",type="{n}"}}', C.PKT_OUT + t) for t, n in PACKET_NAMES.items()]),

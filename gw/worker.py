@@ -16,7 +16,7 @@ import time
 import msgspec
 
 from gw.auth import Authenticator, anonymous_allowed
-from gw.certs import CertPaths
+from gw.certs import CertPaths, server_context
 from gw.config import Config, ConfigError, load_config
 from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
@@ -174,7 +174,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     from gw.metrics import render
     from gw.query_pool import QueryPool
     from gw_ext.loop import Worker
-    from gw_ext.tls import TLSContext, TLSError
+    from gw_ext.tls import TLSError
 
     # Ctrl-C reaches the whole process group; the master decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -238,13 +238,13 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         worker_authenticator[0] = authenticator
         worker.set_auth(authenticator, auth_pool)
         worker.allow_anonymous = anonymous_allowed(new)
-        worker.auth_required = bool(new.password_file) or bool(getattr(new, "require_certificate", False))
+        worker.auth_required = bool(new.password_file) or new.require_certificate
 
     worker_authenticator = [None]
     apply_auth(cfg, None)
     if cfg.password_file and worker_authenticator[0] is None:
         raise SystemExit(f"worker {slot}: the password file does not load")
-    tls = TLSContext(str(certs.cert), str(certs.key)) if certs is not None else None
+    tls = server_context(certs, cfg) if certs is not None else None
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
     tls_indexes = []
@@ -267,6 +267,19 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         except ConfigError as exc:
             log.error("worker %d: reload refused, keeping the running config: %s", slot, exc)
             return
+        if certs is not None:
+            # New handshakes get the new context (server certificate, client CA,
+            # CRLs); open connections keep theirs. One that does not load keeps
+            # the old contexts and the old configuration (the master checked it
+            # first: a file changed since).
+            try:
+                fresh = server_context(certs, new)
+            except TLSError as exc:
+                log.error("worker %d: reload refused, certificates do not load, keeping the "
+                          "running ones: %s", slot, exc)
+                return
+            for index in tls_indexes:
+                worker.set_tls_context(index, fresh)
         apply_limits(worker, new)
         apply_process_settings(new)
         apply_auth(new, cfg)
@@ -274,14 +287,6 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         if query_pool is not None:
             query_pool.max_pending = new.query_max_pending
         cfg = new
-        if certs is not None:
-            try:
-                fresh = TLSContext(str(certs.cert), str(certs.key))
-            except TLSError as exc:
-                log.error("worker %d: certificate reload failed, keeping the old one: %s", slot, exc)
-            else:
-                for index in tls_indexes:
-                    worker.set_tls_context(index, fresh)
         log.debug("worker %d: reloaded", slot)
 
     def reload_acl(path: str) -> None:

@@ -82,7 +82,10 @@ cdef enum CloseReason:
     CR_INTERNAL = 18          # handling its input raised: the connection goes, not the worker
     CR_LIMIT = 19             # it went past a per-client bound (max_awaiting_rel, ...)
     CR_ACL = 20               # (log only) the ACL refused a publish, subscription, will or delivery
-    N_CLOSE_REASONS = 21
+    CR_TLS_NO_CERT = 21       # (log only) a handshake refused: no client certificate
+    CR_TLS_BAD_CERT = 22      # (log only) ... a client certificate not valid, or its CN no user name
+    CR_TLS_REVOKED = 23       # (log only) ... a client certificate revoked
+    N_CLOSE_REASONS = 24
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -138,6 +141,8 @@ cdef struct Listener:
     uint8_t proto
     uint8_t ack_sink          # readings acknowledged once durable (worker/durable_ack.pyx)
     SSL_CTX* ctx              # NULL for plain listeners
+    uint8_t identity_username # use_identity_as_username: the client certificate's CN is the user name
+    uint8_t client_certificate # require_certificate: every client proved who it is in the handshake
 
 
 
@@ -358,6 +363,7 @@ cdef class Worker:
     cdef void release(self, Conn* c)
     cdef void contained(self, int fd, str where)
     cdef void log_limited(self, int reason, str message)
+    cdef void log_client(self, int reason, int fd, str message)
 
     # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
     cdef Wheel wheel                 # every connection's deadline
@@ -483,6 +489,7 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
 
 # --- worker/handle_connect.pyx ----------------------------------------------------------
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int refuse_connect(Worker w, Conn* c, uint8_t return_code)
 
 # --- worker/handle_publish.pyx ----------------------------------------------------------
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
@@ -510,7 +517,6 @@ cdef bint may_deliver(Worker w, Session* s, const uint8_t* topic, uint32_t n) ex
 cdef bint publish_refused(Worker w, Conn* c, Session* s, const uint8_t* topic, uint32_t n) except -1
 cdef bint may_subscribe(Worker w, Conn* c, Session* s, const uint8_t* f, uint32_t n) except -1
 cdef bint will_allowed(Worker w, Session* s) except -1
-cdef str conn_address(Conn* c)
 
 # --- worker/handle_unsubscribe.pyx ------------------------------------------------------
 cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n)

@@ -17,6 +17,9 @@ LIMIT_SETTINGS: list[str]
 # Readable names of the codec's MAL_* reasons, for log lines.
 MALFORMED_NAMES: list[str]
 
+def peer_address(fd: int) -> str:
+    """A connected socket's peer as "host:port", for a log line; "?" if it is gone."""
+
 class PendingConnect:
     """A CONNECT waiting for its session to be settled."""
 

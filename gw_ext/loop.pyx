@@ -37,7 +37,8 @@ from gw_ext.codec cimport *
 from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
-from gw_ext.tls cimport TLSContext
+from gw_ext.tls cimport (CN_OK, REFUSED_NONE, TLSContext, client_refusal, peer_common_name)
+from gw_ext.tls import CN_REASONS, REFUSAL_REASONS
 from gw_ext.wal cimport Wal
 from gw_ext.dedup cimport DedupTable, GWD_DUPLICATE, GWD_NEW, GWD_PENDING_ELSEWHERE, GWD_PENDING_HERE
 from gw_ext.frames cimport *
@@ -46,6 +47,8 @@ from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_f
                            wheel_schedule)
 
 import logging
+import os
+import socket
 from struct import pack as struct_pack, unpack_from as struct_unpack_from
 
 log = logging.getLogger("gw.worker")
@@ -77,7 +80,8 @@ cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_TIMEOUT, CLOSED_CONNECT_TIMEOUT, CLOSED_MALFORMED, CLOSED_SERVER,
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
-    CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER]
+    CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER, CLOSED_ERROR, CLOSED_ERROR,
+    CLOSED_ERROR]
 
 # LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
 LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "max_topic_length",
@@ -87,6 +91,16 @@ MALFORMED_NAMES = ["unknown", "fixed header", "remaining length", "invalid UTF-8
                    "protocol violation", "invalid topic", "invalid QoS", "packet id 0",
                    "no topic filter", "control character", "a packet only servers send",
                    "acknowledgement of the wrong kind"]
+
+
+def peer_address(int fd):
+    """A connected socket's peer as "host:port", for a log line; "?" if it is gone."""
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            peer = sock.getpeername()
+    except OSError:
+        return "?"
+    return "[%s]:%d" % peer[:2] if ":" in peer[0] else "%s:%d" % peer[:2]
 
 
 cdef inline uint64_t monotonic_ms() noexcept nogil:
@@ -229,9 +243,13 @@ cdef class Worker:
         l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON if proto == "json" else PROTO_HTTP
         l.ack_sink = ack_sink
         l.ctx = NULL
+        l.identity_username = 0
+        l.client_certificate = 0
         if tls is not None:
             SSL_CTX_up_ref(tls.ctx)
             l.ctx = tls.ctx
+            l.identity_username = tls.use_identity_as_username
+            l.client_certificate = tls.require_certificate
             self.listener_contexts[self.nlisteners] = tls
         self.conns[fd].listener = self.nlisteners
         _watch_readable(self.epfd, &self.conns[fd], fd, ST_LISTENER)
@@ -367,6 +385,8 @@ cdef class Worker:
         SSL_CTX_up_ref(tls.ctx)
         SSL_CTX_free(l.ctx)
         l.ctx = tls.ctx
+        l.identity_username = tls.use_identity_as_username
+        l.client_certificate = tls.require_certificate
         self.listener_contexts[index] = tls
 
     def request_drain(self, double seconds):
@@ -892,7 +912,7 @@ cdef class Worker:
 
     cdef int tls_handshake(self, Conn* c):
         """1: done; 0: in progress; -1: failed (connection closed)."""
-        cdef int r, err
+        cdef int r, err, refusal
         ERR_clear_error()
         r = SSL_do_handshake(c.ssl)
         if r == 1:
@@ -908,9 +928,24 @@ cdef class Worker:
             self.set_pollout(c, True)
             return 0
         self.counters[TLS_FAILURES] += 1
+        refusal = client_refusal(c.ssl)
         ERR_clear_error()
-        self.close_conn(c, CR_TLS)
+        if refusal != REFUSED_NONE:
+            # The client's certificate was the reason (require_certificate): OpenSSL
+            # sent its alert; counted and logged by why, with the address.
+            self.counters[TLS_REFUSED_NO_CERT + refusal - 1] += 1
+            self.log_client(CR_TLS_NO_CERT + refusal - 1, c.fd,
+                            "TLS handshake refused: " + REFUSAL_REASONS[refusal])
+        self.close_conn(c, CR_TLS, refusal)
         return -1
+
+    cdef void log_client(self, int reason, int fd, str message):
+        """log_limited, naming the client's address (looked up only when the
+        line is logged, not when it is suppressed)."""
+        if self.now_ms - self.last_log_ms[reason] < 10000 and self.last_log_ms[reason] != 0:
+            self.suppressed[reason] += 1
+            return
+        self.log_limited(reason, "%s (client %s)" % (message, peer_address(fd)))
 
     # --- writing -------------------------------------------------------------
 
@@ -1144,7 +1179,7 @@ cdef class Worker:
         elif reason == CR_OVERFLOW:
             self.log_limited(reason, "closed a connection: outbound queue over max_outbound (%d bytes)"
                              % self.max_outbound)
-        elif reason == CR_TLS:
+        elif reason == CR_TLS and detail == REFUSED_NONE:     # a refused certificate was logged then
             self.log_limited(reason, "TLS handshake failed")
         elif reason == CR_LIMIT:
             self.log_limited(reason, "closed a connection: it went past %s" % LIMIT_SETTINGS[detail])

@@ -110,3 +110,48 @@ cdef extern from "openssl/err.h" nogil:
     int ERR_GET_REASON(unsigned long e)
     int ERR_LIB_SSL
     const char* ERR_reason_error_string(unsigned long e)
+
+# Client certificates (gw_ext/tls.pyx): verification against client_cafile,
+# revocation lists, and the subject's common name as the user name.
+
+cdef extern from "openssl/x509.h" nogil:
+    ctypedef struct X509:
+        pass
+    ctypedef struct X509_NAME:
+        pass
+    ctypedef struct X509_CRL:
+        pass
+    ctypedef struct X509_STORE:
+        pass
+    void X509_free(X509* x)
+    void X509_CRL_free(X509_CRL* crl)
+    X509_NAME* X509_get_subject_name(const X509* x)
+    int X509_NAME_get_text_by_NID(const X509_NAME* name, int nid, char* buf, int len)
+    int X509_STORE_add_crl(X509_STORE* store, X509_CRL* crl)
+    int X509_STORE_set_flags(X509_STORE* store, unsigned long flags)
+    int NID_commonName
+
+cdef extern from "openssl/x509_vfy.h" nogil:
+    unsigned long X509_V_FLAG_CRL_CHECK
+    long X509_V_ERR_CERT_REVOKED
+
+cdef extern from "openssl/bio.h" nogil:
+    ctypedef struct BIO:
+        pass
+    BIO* BIO_new_file(const char* filename, const char* mode)
+    BIO* BIO_new_mem_buf(const void* buf, int len)
+    int BIO_free(BIO* bio)
+
+cdef extern from "openssl/pem.h" nogil:
+    int ERR_LIB_PEM
+    int PEM_R_NO_START_LINE
+    X509_CRL* PEM_read_bio_X509_CRL(BIO* bp, X509_CRL** x, void* cb, void* u)
+    X509* PEM_read_bio_X509(BIO* bp, X509** x, void* cb, void* u)
+
+cdef extern from "openssl/ssl.h" nogil:
+    int SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+    int SSL_R_PEER_DID_NOT_RETURN_A_CERTIFICATE
+    X509_STORE* SSL_CTX_get_cert_store(const SSL_CTX* ctx)
+    int SSL_CTX_set_session_id_context(SSL_CTX* ctx, const unsigned char* sid_ctx, unsigned int sid_ctx_len)
+    X509* SSL_get1_peer_certificate(const SSL* ssl)
+    const SSL_CTX* SSL_get_SSL_CTX(const SSL* ssl)

@@ -103,7 +103,11 @@ cpdef enum:
     ACL_SUBSCRIBE_DENIED = 182  # SUBSCRIBE filters the ACL lets its client read nothing of: SUBACK 0x80
     ACL_DELIVERY_DENIED = 183 # messages not delivered: the subscriber may not read their topic (also from a queue, after a reload)
     ACL_SYS_PUBLISH_REFUSED = 184  # PUBLISHes (and wills) on $SYS topics from clients: dropped, whatever the ACL says
-    # 185..191 free.
+    # Client certificates (require_certificate): handshakes refused, by why.
+    TLS_REFUSED_NO_CERT = 185     # TLS handshakes refused: the client presented no certificate
+    TLS_REFUSED_BAD_CERT = 186    # ... its certificate did not verify against client_cafile (unknown CA, bad signature, expired); also CONNECTs refused (CONNACK 4) for a certificate whose CN is no user name (use_identity_as_username)
+    TLS_REFUSED_REVOKED = 187     # ... its certificate is revoked by crlfile
+    # 188..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

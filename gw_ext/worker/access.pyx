@@ -16,34 +16,6 @@
 # Each refusal is counted and logged at most once per 10 s (CR_ACL), with the
 # client's address.
 
-cdef extern from "<arpa/inet.h>" nogil:
-    cdef struct sockaddr_storage:
-        unsigned short ss_family
-    cdef struct in_addr:
-        pass
-    cdef struct in6_addr:
-        pass
-    cdef struct sockaddr_in:
-        unsigned short sin_port
-        in_addr sin_addr
-    cdef struct sockaddr_in6:
-        unsigned short sin6_port
-        in6_addr sin6_addr
-    const char* inet_ntop(int af, const void* src, char* dst, socklen_t size)
-    unsigned short ntohs(unsigned short)
-    int AF_INET, AF_INET6
-
-cdef extern from *:
-    """
-    #include <sys/socket.h>
-    /* getpeername through a plain pointer (glibc's argument is a transparent union). */
-    static int gw_getpeername(int fd, void *addr, socklen_t *len) {
-        return getpeername(fd, (struct sockaddr *)addr, len);
-    }
-    """
-    int gw_getpeername(int fd, void* addr, socklen_t* len) nogil
-
-
 cdef inline bint is_sys_topic(const uint8_t* topic, uint32_t n) noexcept nogil:
     return n >= 4 and topic[0] == 36 and topic[1] == 83 and topic[2] == 89 and topic[3] == 83 and (
         n == 4 or topic[4] == 47)      # "$SYS" or "$SYS/..."
@@ -122,23 +94,5 @@ cdef void _log_refusal(Worker w, Conn* c, Session* s, const uint8_t* topic, uint
         PyBytes_FromStringAndSize(s.client_id, s.client_id_len).decode("utf-8", "replace"),
         repr(PyBytes_FromStringAndSize(s.username, s.username_len).decode("utf-8", "replace"))
         if s.username != NULL else "none",
-        " from " + conn_address(c) if c != NULL else "",
+        " from " + peer_address(c.fd) if c != NULL else "",
         PyBytes_FromStringAndSize(<char*>topic, n).decode("utf-8", "replace"), why))
-
-
-cdef str conn_address(Conn* c):
-    """The client's address, HOST:PORT, for a log line."""
-    cdef sockaddr_storage ss
-    cdef socklen_t sl = sizeof(ss)
-    cdef char[64] buf
-    if gw_getpeername(c.fd, &ss, &sl) != 0:
-        return "?"
-    if ss.ss_family == AF_INET:
-        if inet_ntop(AF_INET, &(<sockaddr_in*>&ss).sin_addr, buf, sizeof(buf)) == NULL:
-            return "?"
-        return "%s:%d" % (buf.decode(), ntohs((<sockaddr_in*>&ss).sin_port))
-    if ss.ss_family == AF_INET6:
-        if inet_ntop(AF_INET6, &(<sockaddr_in6*>&ss).sin6_addr, buf, sizeof(buf)) == NULL:
-            return "?"
-        return "[%s]:%d" % (buf.decode(), ntohs((<sockaddr_in6*>&ss).sin6_port))
-    return "?"

@@ -20,7 +20,6 @@
 # - Refusals are counted (AUTH_REFUSED_*) and logged at most once per 10 s
 #   per reason, with the client's address, never the password.
 
-import socket as _socket
 
 cdef enum:
     AUTH_LOG_ANONYMOUS = 0
@@ -36,14 +35,19 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
     """0: go on and claim the session now; 1: held for its password check;
     -1: refused (CONNACK sent, closing)."""
     cdef bytes user, password
+    cdef Listener* l = &w.listeners[c.listener]
+    if l.identity_username:
+        return 0                        # use_identity_as_username: the verified certificate's CN is who it is
+    # On a listener that requires a client certificate, the handshake already
+    # proved the client: one without a user name is let in (as anonymous for the ACL).
     if not pkt.has_username:
-        if w.allow_anonymous:
+        if w.allow_anonymous or l.client_certificate:
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
     user = pc.username                  # handle_connect's: the identity the password must prove
     if w.authenticator is None:
-        if w.allow_anonymous:
+        if w.allow_anonymous or l.client_certificate:
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
@@ -124,17 +128,3 @@ cdef void auth_log(Worker w, int why, int fd, str message):
     w.auth_last_log_ms[why] = w.now_ms
     w.auth_suppressed[why] = 0
     log.warning("worker %d: %s, from %s", w.worker_index, message, peer_address(fd))
-
-
-cdef str peer_address(int fd):
-    """The client's address, for a log line (the socket is borrowed, not closed)."""
-    sock = _socket.socket(fileno=fd)
-    try:
-        addr = sock.getpeername()
-    except OSError:
-        return "an address no longer known"
-    finally:
-        sock.detach()
-    if isinstance(addr, tuple):
-        return "%s:%d" % (addr[0], addr[1]) if ":" not in addr[0] else "[%s]:%d" % (addr[0], addr[1])
-    return str(addr) or "a local socket"
