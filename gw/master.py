@@ -115,6 +115,21 @@ def open_listener(addr, port: int) -> socket.socket:
     return sock
 
 
+def private_data_dir(data: Path) -> None:
+    """data_dir, created mode 0700; an existing one open to others is tightened to
+    0700, said once: it holds the store, the logs, sessions and the HTTP tokens'
+    hashes, and nothing in it is meant for another user (a warning alone would
+    leave them readable)."""
+    try:
+        mode = data.stat().st_mode & 0o777
+    except FileNotFoundError:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = data.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(data, 0o700)
+        log.warning("data_dir %s had mode %04o, open to other users: tightened to 0700", data, mode)
+
+
 class Master:
     def __init__(self, cfg: Config, config_path: str | None, overrides: dict):
         self.cfg = cfg
@@ -142,9 +157,9 @@ class Master:
         cfg = self.cfg
         data = Path(cfg.data_dir)
         try:
-            data.mkdir(parents=True, exist_ok=True)
+            private_data_dir(data)
             probe = data / ".write-test"
-            probe.write_bytes(b"")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
@@ -195,7 +210,12 @@ class Master:
             from gw_ext.dedup import DedupTable
             self.dedup = DedupTable(cfg.idempotency_capacity, cfg.idempotency_window)
         self.pidfile = data / PIDFILE
-        self.pidfile.write_text(f"{os.getpid()}\n")
+        fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)            # one left by an older run may have had another mode
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
 
     def check_store(self) -> None:
         """The embedded store is checked before anything starts: a corrupt file
