@@ -25,6 +25,7 @@ from gw import __version__
 from gw.certs import CertPaths, ensure_certs
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
+from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, worker_main
 
 log = logging.getLogger("gw.master")
@@ -164,6 +165,7 @@ class Master:
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
         self.check_store()
+        self.check_tokens(cfg)
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
@@ -216,6 +218,21 @@ class Master:
             os.write(fd, f"{os.getpid()}\n".encode())
         finally:
             os.close(fd)
+
+    def check_tokens(self, cfg: Config) -> None:
+        """With HTTP tokens on, the tokens file must load (a missing one is none:
+        every request needing a token is refused, which is said once here)."""
+        if not http_tokens_required(cfg):
+            return
+        path = tokens_path(cfg)
+        try:
+            tokens = load_tokens(path)
+        except TokensError as exc:
+            raise StartupError(f"HTTP tokens: {exc}") from None
+        if not tokens:
+            log.warning("HTTP tokens are on (http_auth = %s) but %s holds none: every HTTP request but "
+                        "/healthz, /readyz and /docs is refused until `gw token create` makes one "
+                        "and gw reloads (SIGHUP)", cfg.http_auth, path)
 
     def check_store(self) -> None:
         """The embedded store is checked before anything starts: a corrupt file
@@ -423,6 +440,12 @@ class Master:
                 TLSContext(str(self.certs.cert), str(self.certs.key))
             except TLSError as exc:
                 log.error("reload refused, certificates do not load: %s", exc)
+                return
+        if http_tokens_required(new):
+            try:
+                load_tokens(tokens_path(new))
+            except TokensError as exc:
+                log.error("reload refused, keeping the running config and HTTP tokens: %s", exc)
                 return
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())

@@ -93,7 +93,11 @@ cpdef enum:
     PERSIST_ERRORS = 159      # ... that failed (disk full, I/O error); the next snapshot retries
     LIMITS = 160              # + LIM_* (16 slots): a bound on what a client can make the server hold was hit
     SUBSCRIPTION_INDEX_BYTES = 176  # gauge: memory of this worker's subscription index (local and peer filters)
-    # 177..191 free.
+    # 177..187 free.
+    # The HTTP API's tokens (gw/tokens.py, checked by gw/http_api.py before any body is parsed).
+    HTTP_UNAUTHORIZED = 188   # HTTP requests answered 401: no bearer token, or one not in the tokens file
+    HTTP_FORBIDDEN = 189      # HTTP requests answered 403: a valid token without the route's scope, or an ingest of a device outside its pattern
+    # 190..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

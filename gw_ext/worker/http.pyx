@@ -102,6 +102,8 @@ cdef const char* http_reason(int status) noexcept nogil:
     if status == 202: return "Accepted"
     if status == 204: return "No Content"
     if status == 400: return "Bad Request"
+    if status == 401: return "Unauthorized"
+    if status == 403: return "Forbidden"
     if status == 404: return "Not Found"
     if status == 405: return "Method Not Allowed"
     if status == 408: return "Request Timeout"
@@ -174,6 +176,8 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
     cdef bint expect_continue = False
     cdef const uint8_t* ctype = NULL
     cdef Py_ssize_t ctype_len = 0
+    cdef const uint8_t* auth = NULL
+    cdef Py_ssize_t auth_len = 0
     cdef Py_ssize_t total, body_len, k
     # Empty lines before a request line are ignored (RFC 9112 section 2.2).
     while lead < avail and (p[lead] == 13 or p[lead] == 10):
@@ -263,6 +267,10 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         elif name_is(line, colon, "content-type", 12):
             ctype = line + vs
             ctype_len = ve - vs
+        elif name_is(line, colon, "authorization", 13):
+            # Passed on as it is: HttpApp checks it (gw/tokens.py) before any body is parsed.
+            auth = line + vs
+            auth_len = ve - vs
         elif name_is(line, colon, "host", 4):
             nhost += 1
         elif name_is(line, colon, "expect", 6):
@@ -300,7 +308,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         total = content_length
         body_len = content_length
     return http_dispatch(w, c, p, method_len, target_start, target_len, minor,
-                         conn_close, conn_keep, ctype, ctype_len,
+                         conn_close, conn_keep, ctype, ctype_len, auth, auth_len,
                          p + head_len, total, body_len, chunked, head_len + total)
 
 
@@ -449,6 +457,7 @@ cdef void http_continue(Worker w, Conn* c):
 cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t method_len,
                               Py_ssize_t target_start, Py_ssize_t target_len, int minor,
                               bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
+                              const uint8_t* auth, Py_ssize_t auth_len,
                               const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
                               Py_ssize_t request_len):
     cdef HttpState* st = &w.http[c.fd]
@@ -470,9 +479,10 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
+        w.http_current_fd = c.fd
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
-            payload)
+            payload, PyBytes_FromStringAndSize(<char*>auth, auth_len) if auth != NULL else None)
         if answer is None and w.query_pool is not None:
             # A store query: into the query threads (or 503 if too many wait).
             answer = w.http_app.defer(http_query_token(c))
@@ -482,6 +492,7 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
             answer = http_ingest(w, answer, sink, &needed)
     except Exception:
         answer = http_handler_failed(w)
+    w.http_current_fd = -1
     st.scan = 0
     st.chunk_off = 0
     st.chunk_total = 0
