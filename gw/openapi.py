@@ -381,11 +381,15 @@ ROUTE_SCOPES = {
 }
 
 
-def _auth_description(cfg) -> str:
+def _tokens_on(cfg) -> bool:
     from gw.tokens import http_tokens_required
 
-    state = ("on for this server" if cfg is not None and http_tokens_required(cfg) else "off for this server "
-             "(every listener on loopback, or `http_auth = none`)")
+    return http_tokens_required(cfg, setting)
+
+
+def _auth_description(cfg) -> str:
+    state = ("on for this server" if _tokens_on(cfg) else "off for this server "
+             "(every listener on loopback, or `http_auth = none`): the token is optional")
     return ("**Authentication** (`http_auth`: `token`, `none`, or `auto`: tokens once any listener is off "
             f"loopback; {state}): a bearer token, `Authorization: Bearer TOKEN`, made with `gw token create` "
             "(use the Authorize button). Each route lists the scope it needs; `admin` has them all. "
@@ -415,14 +419,17 @@ def _auth_responses() -> dict:
 
 def _secure(paths: dict, cfg) -> None:
     """Each operation's security requirement (the scope as the bearer scheme's role, as
-    OpenAPI 3.1 allows) and its 401/403 answers; the open routes declare none."""
+    OpenAPI 3.1 allows) and its 401/403 answers; the open routes declare none. With
+    tokens off for this configuration, the requirement is optional (`{}` beside it)."""
+    tokens_on = _tokens_on(cfg)
+    metrics_open = setting(cfg, "metrics_auth") == "none"
     for path, item in paths.items():
         scope = ROUTE_SCOPES[path]
         for op in item.values():
-            if scope is None:
+            if scope is None or (path == "/metrics" and metrics_open and tokens_on):
                 op["security"] = []
                 continue
-            op["security"] = [{"bearerAuth": [scope]}]
+            op["security"] = [{"bearerAuth": [scope]}] if tokens_on else [{"bearerAuth": [scope]}, {}]
             op["description"] = (op.get("description", "") + f"\n\nNeeds a token with the `{scope}` scope"
                                  + (" (or `admin`)" if scope != "admin" else "")
                                  + (", unless `metrics_auth = none`" if path == "/metrics" else "")
