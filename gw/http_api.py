@@ -291,11 +291,9 @@ class HttpApp:
         token = None
         if self.auth is not None and path not in self._open_paths:
             token = self.auth.verify(authorization)
-            if token is None:
-                return self._unauthorized(authorization is None)
-            scope = _route_scope(path)
-            if scope is not None and not token.allows(scope):
-                return self._forbidden("scope", f"the token {token.name!r} lacks the {scope} scope this route needs")
+            refusal = self._refusal(token, path, authorization is None)
+            if refusal is not None:
+                return refusal
         if path.startswith(INGEST_PREFIX):
             return self._ingest(method, path, content_type, body, False, token)
         if path == INGEST_BATCH:
@@ -311,6 +309,43 @@ class HttpApp:
             return route(path)
         except Exception:
             return self._internal_error()
+
+    def check_early(self, target: bytes, authorization: bytes | None) -> tuple[int, bytes, bytes, bytes] | None:
+        """A request's token, checked while its body is still coming (the framing
+        asks once per such request): the refusal to send now, or None to read on
+        (`handle` checks again once the request is complete)."""
+        if self.auth is None:
+            return None
+        try:
+            q = target.find(b"?")
+            path = target if q < 0 else target[:q]
+            if path[:1] != b"/":
+                path = _origin_path(path)
+            if path in self._open_paths:
+                return None
+            token = self.auth.verify(authorization)
+            refusal = self._refusal(token, path, authorization is None)
+            if refusal is not None or not path.startswith(INGEST_PREFIX):
+                return refusal
+            try:
+                device_id = check_path_device_id(path[len(INGEST_PREFIX):])
+            except Invalid:
+                return None             # answered 400 once the request is complete
+            if not token.allows_device(device_id):
+                return self._forbidden("device", f"the token {token.name!r} may not ingest for device "
+                                                  f"{device_id!r} (its pattern: {token.devices})")
+            return None
+        except Exception:
+            return self._internal_error()
+
+    def _refusal(self, token, path: bytes, missing: bool):
+        """401 without a valid token, 403 without the route's scope; else None."""
+        if token is None:
+            return self._unauthorized(missing)
+        scope = _route_scope(path)
+        if scope is not None and not token.allows(scope):
+            return self._forbidden("scope", f"the token {token.name!r} lacks the {scope} scope this route needs")
+        return None
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
         """The JSON error body, for the framing's own answers (400, 408, 413, 431, 505)."""

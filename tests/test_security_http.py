@@ -192,11 +192,48 @@ def test_401_with_the_head_written_in_fragments(server, tokens, frag_rng):
             if rng is None:
                 send_fragmented(conn.sock, head[cut + 1:], cuts=[5, 17, 30])
             conn.send(body)
+            # (refused on its head alone, or once the body came with its last piece)
             assert_401(conn.read_response())
-            # then a good request on the same connection, its header cut too
+        with HttpConn(server.ports["http"]) as conn:
+            # a good request, its header cut too
             good = head.replace(tokens["site1"].encode() + b"z", tokens["site1"].encode())
-            send_fragmented(conn.sock, good + body, cuts=[good.index(b"Bearer") + 3, len(good) - 1])
+            send_fragmented(conn.sock, good + body, rng, cuts=[good.index(b"Bearer") + 3, len(good) - 1])
             assert conn.read_response().status == 202
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "continue"])
+def test_refused_before_the_body_is_read(server, tokens, framing):
+    """A request whose body has not come yet is refused on its head: the client
+    is not read a body it may not send (nor told 100 Continue), and reads the answer."""
+    head = "POST /v1/ingest/site1-a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += ("Transfer-Encoding: chunked\r\n" if framing == "chunked" else "Content-Length: 900000\r\n")
+    if framing == "continue":
+        head += "Expect: 100-continue\r\n"
+    before = server.counters()
+    for auth, check in (("", assert_401), (f"Authorization: Bearer {tokens['reader']}\r\n", assert_403)):
+        with HttpConn(server.ports["http"]) as conn:
+            send_fragmented(conn.sock, (head + auth + "\r\n").encode() + (b"4\r\n{\"me" if framing == "chunked"
+                                                                          else b'{"metrics": {'), cuts=[10, 40])
+            resp = conn.read_response()
+            check(resp)                                   # not a 100 Continue first
+            assert resp.headers["connection"] == "close"
+            conn.wait_closed()
+    # a device outside the token's pattern, on its head too
+    with HttpConn(server.ports["http"]) as conn:
+        conn.send((head.replace("site1-a", "site2-a") + f"Authorization: Bearer {tokens['site1']}\r\n\r\n").encode())
+        assert_403(conn.read_response())
+    after = server.counters()
+    assert after["http_unauthorized"] - before["http_unauthorized"] == 1
+    assert after["http_forbidden"] - before["http_forbidden"] == 2
+    # with a good token the body is read and taken
+    body = ingest_body()
+    with HttpConn(server.ports["http"]) as conn:
+        conn.send((f"POST /v1/ingest/site1-a HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n"
+                   f"Authorization: Bearer {tokens['site1']}\r\n\r\n").encode())
+        assert conn.read_response().status == 100
+        conn.send(body)
+        assert conn.read_response().status == 202
 
 
 def test_open_routes_and_metrics(server, tokens):
