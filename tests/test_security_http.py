@@ -468,3 +468,46 @@ def wrong_modes(root: Path) -> list[str]:
         if mode != want:
             wrong.append(f"{p}: {mode:04o}, want {want:04o}")
     return wrong
+
+
+# --- the tokens file on its own -----------------------------------------------------------
+
+GOOD = '{"name": "a", "sha256": "%s", "scopes": ["ingest"], "devices": "site1-*"}' % ("ab" * 32)
+
+
+@pytest.mark.parametrize("bad, why", [
+    ("{", "not JSON"),
+    ("[]", "not a JSON object"),
+    ('{"name": "b", "sha256": "%s", "scopes": ["ingest"], "extra": 1}' % ("cd" * 32), "unknown field"),
+    ('{"name": "b c", "sha256": "%s", "scopes": ["read"]}' % ("cd" * 32), "token name"),
+    ('{"name": "b", "sha256": "%s", "scopes": ["read"]}' % ("CD" * 32), "sha256"),
+    ('{"name": "b", "sha256": "%s", "scopes": []}' % ("cd" * 32), "scopes"),
+    ('{"name": "b", "sha256": "%s", "scopes": ["write"]}' % ("cd" * 32), "scopes"),
+    ('{"name": "b", "sha256": "%s", "scopes": ["ingest"], "devices": "a/b"}' % ("cd" * 32), "device pattern"),
+    ('{"name": "a", "sha256": "%s", "scopes": ["read"]}' % ("cd" * 32), "a second token named"),
+    ('{"name": "b", "sha256": "%s", "scopes": ["read"]}' % ("ab" * 32), "the same token"),
+])
+def test_tokens_file_errors_name_the_line(bad, why):
+    from gw.tokens import TokensError, parse_tokens
+
+    with pytest.raises(TokensError) as info:
+        parse_tokens(f"# tokens\n{GOOD}\n\n{bad}\n", "tokens")
+    assert str(info.value).startswith("tokens, line 4: ") and why in str(info.value), info.value
+
+
+def test_token_table_verifies_the_header():
+    from gw.tokens import TokenTable, digest_of, parse_tokens
+
+    token = "gw_" + "x" * 43
+    line = '{"name": "t", "sha256": "%s", "scopes": ["ingest"], "devices": "site1-*"}' % digest_of(token).hex()
+    table = TokenTable(parse_tokens(line, "tokens"))
+    for good in (f"Bearer {token}", f"bearer {token}", f"BEARER   {token}  "):
+        entry = table.verify(good.encode())
+        assert entry is not None and entry.name == "t"
+    for bad in (None, b"", b"Bearer", b"Bearer ", f"Basic {token}".encode(), f"Bearer {token}x".encode(),
+                f"Bearer {token[:-1]}".encode(), b"Bearer " + b"y" * 1000):
+        assert table.verify(bad) is None, bad
+    entry = table.verify(f"Bearer {token}".encode())
+    assert entry.allows("ingest") and not entry.allows("read")
+    assert entry.allows_device("site1-a") and entry.allows_device("site1-")
+    assert not entry.allows_device("site2-a") and not entry.allows_device("xsite1-a")
