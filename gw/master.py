@@ -171,6 +171,12 @@ class Master:
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
                       file=sys.stderr, flush=True)
+            key_mode = self.certs.key.stat().st_mode & 0o777
+            if key_mode & 0o077:
+                # Warned, not changed: the file is the operator's (a group such as ssl-cert may
+                # be meant to read it).
+                log.warning("the TLS key %s has mode %04o: other users may read it (chmod 600 it)",
+                            self.certs.key, key_mode)
             from gw_ext.tls import TLSContext, TLSError
             try:
                 TLSContext(str(self.certs.cert), str(self.certs.key))

@@ -514,3 +514,16 @@ def test_token_table_verifies_the_header():
     assert entry.allows("ingest") and not entry.allows("read")
     assert entry.allows_device("site1-a") and entry.allows_device("site1-")
     assert not entry.allows_device("site2-a") and not entry.allows_device("xsite1-a")
+
+
+def test_a_key_readable_by_others_is_warned_about(gw_factory):
+    server = gw_factory(workers=1, listeners=("https",))
+    key = server.certs_dir / "key.pem"
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600                 # generated 0600
+    assert "the TLS key" not in server.log()
+    server.stop()
+    os.chmod(key, 0o644)
+    server.start()
+    assert f"the TLS key {key} has mode 0644" in server.log()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o644                 # the operator's file: left as it is
+    assert "PRIVATE KEY" not in server.log()
