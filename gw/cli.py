@@ -1,4 +1,4 @@
-"""The `gw` command: serve, stats, bench, config, openapi, passwd."""
+"""The `gw` command: serve, stats, bench, config, openapi, certs, passwd, token."""
 
 from __future__ import annotations
 
@@ -222,6 +222,92 @@ def passwd_command(create, batch, delete, kind, config_path, args):
         _fail(str(exc), 1)
     except OSError as exc:
         _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
+
+
+@main_group.group("token")
+def token_group():
+    """HTTP API tokens: create, list, revoke (the tokens file: http_tokens_file,
+    by default `tokens` in data_dir). A change takes effect when gw reloads
+    (SIGHUP) or restarts."""
+
+
+def _token_config(config_path, flags):
+    try:
+        return load_config(config_path, {k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _token_options(func):
+    func = click.option("--data-dir", "data_dir", default=None, metavar="DIR",
+                        help="data_dir, as gw serve's (the tokens file's default place)")(func)
+    func = click.option("--http-tokens-file", "http_tokens_file", default=None, metavar="FILE",
+                        help="the tokens file, as gw serve's http_tokens_file")(func)
+    return click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+                        help="gw serve's TOML file: its data_dir and http_tokens_file")(func)
+
+
+@token_group.command("create")
+@click.argument("name")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(["ingest", "read", "admin"]),
+              help="what the token may do: ingest (POST /v1/ingest...), read (the query API, /metrics), "
+                   "admin (everything); repeat for several")
+@click.option("--devices", default=None, metavar="PATTERN",
+              help="with --scope ingest: only device ids matching this shell-style pattern ('site1-*')")
+@_token_options
+def token_create(name, scopes, devices, config_path, **flags):
+    """Make a token NAME: printed once, on stdout; only its SHA-256 is stored."""
+    from gw.tokens import TokensError, create_token, tokens_path
+
+    cfg = _token_config(config_path, flags)
+    path = tokens_path(cfg)
+    try:
+        token = create_token(path, name, scopes, devices)
+    except TokensError as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
+    click.echo(token)
+    click.echo(f"gw: token {name!r} added to {path}; it is shown only now. It takes effect on reload "
+               f"(SIGHUP) or restart of gw serve.", err=True)
+
+
+@token_group.command("list")
+@_token_options
+def token_list(config_path, **flags):
+    """Names, scopes, device patterns and creation times (never hashes)."""
+    from gw.tokens import TokensError, load_tokens, tokens_path
+
+    cfg = _token_config(config_path, flags)
+    try:
+        tokens = load_tokens(tokens_path(cfg))
+    except TokensError as exc:
+        _fail(str(exc), 1)
+    rows = [(t.name, ",".join(sorted(t.scopes)), t.devices or "*", t.created) for t in tokens.values()]
+    header = ("NAME", "SCOPES", "DEVICES", "CREATED")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+    for row in [header, *rows]:
+        click.echo("  ".join(cell.ljust(widths[i]) if i < 3 else cell for i, cell in enumerate(row)).rstrip())
+
+
+@token_group.command("revoke")
+@click.argument("name")
+@_token_options
+def token_revoke(name, config_path, **flags):
+    """Remove the token NAME from the tokens file."""
+    from gw.tokens import TokensError, revoke_token, tokens_path
+
+    cfg = _token_config(config_path, flags)
+    path = tokens_path(cfg)
+    try:
+        revoke_token(path, name)
+    except TokensError as exc:
+        _fail(str(exc), 1)
+    except OSError as exc:
+        _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
+    click.echo(f"gw: token {name!r} revoked in {path}; this takes effect on reload (SIGHUP) or restart "
+               f"of gw serve.")
 
 
 def main() -> None:

@@ -19,6 +19,8 @@ ANONYMOUS_CHOICES = ("auto", "true", "false")
 FSYNC_MODES = ("always", "batch", "off")
 BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True, "off": False,
               "1": True, "0": False}
+HTTP_AUTH_MODES = ("auto", "token", "none")
+METRICS_AUTH_MODES = ("read", "none")
 LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
 TLS_LISTENER_KEYS = ("mqtts", "jsons", "https")
 
@@ -208,6 +210,14 @@ class Config:
     query_max_pending: int = _setting(32, "store queries waiting for or running in a worker's query threads; "
                                       "more are answered 503 with Retry-After and counted",
                                       minimum=1, maximum=100_000)
+    http_auth: str = _setting("auto", "who may use the HTTP API: token (a bearer token from http_tokens_file, "
+                              "made with `gw token create`), none (anyone who reaches the port), or auto: "
+                              "token once any listener is off loopback, else none", choices=HTTP_AUTH_MODES)
+    http_tokens_file: str = _setting("", "the HTTP API's tokens (their SHA-256 hashes, scopes and device "
+                                     "patterns; `gw token`) ('' : tokens in data_dir); reloaded on SIGHUP")
+    metrics_auth: str = _setting("read", "with HTTP tokens on, what /metrics needs: read (a token with the "
+                                 "read scope) or none (open, like /healthz and /readyz)",
+                                 choices=METRICS_AUTH_MODES)
     ack_mqtt: str = _setting("", "ack mode of the mqtt listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_mqtts: str = _setting("", "ack mode of the mqtts listener ('' : ack)", choices=("",) + ACK_MODES)
     ack_http: str = _setting("", "ack mode of the http listener ('' : ack)", choices=("",) + ACK_MODES)

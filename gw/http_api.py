@@ -18,7 +18,16 @@ This module never sees a socket. Routes:
 | GET/HEAD | /v1/devices/{device_id}       | one device: 200, 400, 404, 503             |
 | GET/HEAD | /v1/devices/{device_id}/metrics | samples or rollups of a metric: 200, 400, 404, 503 |
 | GET/HEAD | /v1/alerts                    | alerts, newest first, paged: 200, 400, 503 |
-| POST     | /v1/alerts/{alert_id}/ack     | acknowledges an alert: 200, 400, 404, 503  |
+| POST     | /v1/alerts/{alert_id}/ack     | acknowledges an alert: 200, 400, 404, 415, 503 |
+
+With HTTP tokens on (http_auth; gw/tokens.py), every route but /healthz,
+/readyz and the docs (and /metrics with metrics_auth = none) first checks the
+`Authorization: Bearer` header the framing passes, before any body is parsed:
+401 with WWW-Authenticate without a valid token, 403 without the route's scope
+(ingest, read; admin for acknowledging alerts) or for a device outside the
+token's pattern (a batch refused whole). POST /v1/alerts/{alert_id}/ack, a
+state change, needs Content-Type: application/json (415), which a plain HTML
+form on another site cannot send.
 
 The /v1/devices and /v1/alerts routes read the pipeline's SQLite store
 (gw/query.py; 503 `store_unavailable` until it exists) in the worker's query
@@ -54,12 +63,15 @@ from gw.config import Config
 from gw.ingest import (Accepted, BatchAck, BatchError, Error, Ingest, IngestAck, Invalid, check_path_device_id)
 from gw.query import Query, StoreError
 from gw.stats import Counter, http_status_index
+from gw.tokens import TokensError, TokenTable, http_tokens_required, load_tokens, tokens_path
 
 log = logging.getLogger("gw.http")
 
 INGEST_REQUESTS = int(Counter.INGEST_REQUESTS)
 INGEST_RECORDS_REJECTED = int(Counter.INGEST_RECORDS_REJECTED)
 QUERIES_REFUSED = int(Counter.QUERIES_REFUSED)
+HTTP_UNAUTHORIZED = int(Counter.HTTP_UNAUTHORIZED)
+HTTP_FORBIDDEN = int(Counter.HTTP_FORBIDDEN)
 
 _DEFAULTS = Config()
 
@@ -93,6 +105,11 @@ DOC_ASSETS = {   # path -> (file in gw/docs, content type, extra headers)
                               b"Cache-Control: public, max-age=86400\r\nX-Content-Type-Options: nosniff\r\n"),
 }
 OPENAPI_PATH = b"/docs/openapi.json"
+WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="gw"\r\n'
+# Open with HTTP tokens on: the probes, and the docs (where a user pastes a token).
+OPEN_PATHS = frozenset((b"/healthz", b"/readyz", OPENAPI_PATH, *DOC_ASSETS))
+METRICS_PATH = b"/metrics"
+REFUSAL_LOG_INTERVAL = 10.0     # seconds between two log lines of one refusal reason
 _ASSET_CACHE: dict[str, bytes | None] = {}
 
 
@@ -208,6 +225,16 @@ class HttpApp:
         self._deferred = None
         self._thread_local = threading.local()
         self._data_dir = None
+        # HTTP tokens (gw/tokens.py): None when off (http_auth), else the table every
+        # request but OPEN_PATHS (and /metrics with metrics_auth = none) is checked against.
+        self.auth: TokenTable | None = None
+        self._open_paths = OPEN_PATHS
+        self._refusal_logged: dict[str, float] = {}
+        # The client's address of the request being answered, for refusal logs (set by
+        # the worker: it reads the connection's peer; None: unknown).
+        self.peer_address = None
+        self._unauthorized_body = self._encode(Error(
+            "unauthorized", "this route needs a token: Authorization: Bearer TOKEN (gw token create)"))
         self._cfg = None
         self.cfg = cfg
 
@@ -226,26 +253,53 @@ class HttpApp:
         if data_dir != getattr(self, "_data_dir", None):
             self._data_dir = data_dir
             self.close_query()
+        self._configure_auth(cfg)
+
+    def _configure_auth(self, cfg) -> None:
+        """Tokens on or off (http_auth), the tokens file loaded again. A file that
+        does not load keeps the tokens in force (none at all if there were none:
+        every request needing one is refused); it is logged with its line."""
+        if not http_tokens_required(cfg, setting):
+            self.auth = None
+            self._open_paths = OPEN_PATHS
+            return
+        self._open_paths = (OPEN_PATHS | {METRICS_PATH} if setting(cfg, "metrics_auth") == "none"
+                            else OPEN_PATHS)
+        try:
+            tokens = load_tokens(tokens_path(cfg, setting))
+        except TokensError as exc:
+            log.error("worker %d: HTTP tokens not reloaded, the tokens in force stay: %s", self.worker_index, exc)
+            if self.auth is None:
+                self.auth = TokenTable({})
+            return
+        self.auth = TokenTable(tokens)
 
     # --- the framing's entry points ---------------------------------------------------
 
     def handle(self, method: bytes, target: bytes, content_type: bytes | None,
-               body: bytes) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
+               body: bytes, authorization: bytes | None = None) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
         """The answer (status, content type, body, extra header lines); for an
         ingest request whose records passed the schema, the `Accepted` readings,
         for the worker to take and then ask for the answer (`ingest_taken`,
         `log_full`, `in_progress`); None for a query to run in the query pool:
-        the framing then calls `defer`."""
+        the framing then calls `defer`. With HTTP tokens on, every route but the
+        open ones checks `authorization` first, before the body is looked at."""
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if path[:1] != b"/":
             path = _origin_path(path)
+        token = None
+        if self.auth is not None and path not in self._open_paths:
+            token = self.auth.verify(authorization)
+            refusal = self._refusal(token, path, authorization is None)
+            if refusal is not None:
+                return refusal
         if path.startswith(INGEST_PREFIX):
-            return self._ingest(method, path, content_type, body, False)
+            return self._ingest(method, path, content_type, body, False, token)
         if path == INGEST_BATCH:
-            return self._ingest(method, path, content_type, body, True)
+            return self._ingest(method, path, content_type, body, True, token)
         if path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX):
-            return self._query_route(method, path, b"" if q < 0 else target[q + 1:])
+            return self._query_route(method, path, b"" if q < 0 else target[q + 1:], content_type)
         route = self._gets.get(path)
         try:
             if route is None:
@@ -256,13 +310,50 @@ class HttpApp:
         except Exception:
             return self._internal_error()
 
+    def check_early(self, target: bytes, authorization: bytes | None) -> tuple[int, bytes, bytes, bytes] | None:
+        """A request's token, checked while its body is still coming (the framing
+        asks once per such request): the refusal to send now, or None to read on
+        (`handle` checks again once the request is complete)."""
+        if self.auth is None:
+            return None
+        try:
+            q = target.find(b"?")
+            path = target if q < 0 else target[:q]
+            if path[:1] != b"/":
+                path = _origin_path(path)
+            if path in self._open_paths:
+                return None
+            token = self.auth.verify(authorization)
+            refusal = self._refusal(token, path, authorization is None)
+            if refusal is not None or not path.startswith(INGEST_PREFIX):
+                return refusal
+            try:
+                device_id = check_path_device_id(path[len(INGEST_PREFIX):])
+            except Invalid:
+                return None             # answered 400 once the request is complete
+            if not token.allows_device(device_id):
+                return self._forbidden("device", f"the token {token.name!r} may not ingest for device "
+                                                  f"{device_id!r} (its pattern: {token.devices})")
+            return None
+        except Exception:
+            return self._internal_error()
+
+    def _refusal(self, token, path: bytes, missing: bool):
+        """401 without a valid token, 403 without the route's scope; else None."""
+        if token is None:
+            return self._unauthorized(missing)
+        scope = _route_scope(path)
+        if scope is not None and not token.allows(scope):
+            return self._forbidden("scope", f"the token {token.name!r} lacks the {scope} scope this route needs")
+        return None
+
     def error_body(self, status: int, code: str, message: str) -> bytes:
         """The JSON error body, for the framing's own answers (400, 408, 413, 431, 505)."""
         return self._encode(Error(code, message))
 
     # --- ingest -------------------------------------------------------------------------
 
-    def _ingest(self, method, path, content_type, body, batch: bool):
+    def _ingest(self, method, path, content_type, body, batch: bool, token):
         try:
             if method != b"POST":
                 answer = self._method_not_allowed(method, path, ALLOW_POST)
@@ -272,11 +363,25 @@ class HttpApp:
                 if not is_json_content_type(content_type):
                     answer = self._unsupported(content_type)
                 else:
-                    return self.ingest.batch(body)
+                    accepted = self.ingest.batch(body)
+                    if token is None or token.device_match is None:
+                        return accepted
+                    # All or nothing, as for invalid readings: one device outside the
+                    # token's pattern refuses the whole batch.
+                    for record in accepted.records:
+                        device_id = record[0].decode("ascii")
+                        if not token.allows_device(device_id):
+                            return self._counted(self._forbidden(
+                                "device", f"the token {token.name!r} may not ingest for device {device_id!r} "
+                                          f"(its pattern: {token.devices}); the batch is refused whole"))
+                    return accepted
             else:
                 raw_id = path[len(INGEST_PREFIX):]
                 device_id = check_path_device_id(raw_id)
-                if not is_json_content_type(content_type):
+                if token is not None and not token.allows_device(device_id):
+                    answer = self._forbidden("device", f"the token {token.name!r} may not ingest for device "
+                                                       f"{device_id!r} (its pattern: {token.devices})")
+                elif not is_json_content_type(content_type):
                     answer = self._unsupported(content_type)
                 else:
                     return self.ingest.one(device_id, raw_id, body)
@@ -329,9 +434,10 @@ class HttpApp:
 
     # --- the query routes (gw/query.py) ---------------------------------------------------
 
-    def _query_route(self, method: bytes, path: bytes, query: bytes):
+    def _query_route(self, method: bytes, path: bytes, query: bytes, content_type: bytes | None = None):
         """/v1/devices[/{device_id}[/metrics]], /v1/alerts, /v1/alerts/{alert_id}/ack: 404 for
-        any other path under them, then 405, then the parameters (400), then the store (503, 404)."""
+        any other path under them, then 405, then 415 for a POST not declaring JSON, then the
+        parameters (400), then the store (503, 404)."""
         try:
             parts = path.split(b"/")          # b"", b"v1", b"devices", ...
             n = len(parts)
@@ -360,6 +466,9 @@ class HttpApp:
             if allow is ALLOW_POST:
                 if method != b"POST":
                     return self._method_not_allowed(method, path, ALLOW_POST)
+                if not is_json_content_type(content_type):
+                    # A state change: a plain HTML form on another site cannot send this type.
+                    return self._unsupported(content_type)
             elif method != b"GET" and method != b"HEAD":
                 return self._method_not_allowed(method, path, ALLOW_GET)
             if self.query_pool is None:
@@ -486,11 +595,52 @@ class HttpApp:
         self._log_failure("HTTP request")
         return 500, JSON, self._error("internal_error", "the server failed to handle the request"), b""
 
+    def _unauthorized(self, missing: bool):
+        """401 with WWW-Authenticate: no token, or one the tokens file does not hold."""
+        self._c[HTTP_UNAUTHORIZED] += 1
+        self._log_refusal("no_token" if missing else "bad_token",
+                          "401, no bearer token" if missing else "401, a token the tokens file does not hold")
+        return 401, JSON, self._unauthorized_body, WWW_AUTHENTICATE
+
+    def _forbidden(self, reason: str, message: str):
+        """403: a valid token without the route's scope, or for a device outside its pattern."""
+        self._c[HTTP_FORBIDDEN] += 1
+        self._log_refusal(reason, "403, " + message)
+        return 403, JSON, self._error("forbidden", message), b""
+
+    def _log_refusal(self, reason: str, message: str) -> None:
+        """One line per reason at most every REFUSAL_LOG_INTERVAL, with the client's
+        address; never the token."""
+        now = time.monotonic()
+        last = self._refusal_logged.get(reason)
+        if last is not None and now - last < REFUSAL_LOG_INTERVAL:
+            return
+        self._refusal_logged[reason] = now
+        peer = None
+        if self.peer_address is not None:
+            try:
+                peer = self.peer_address()
+            except Exception:
+                peer = None
+        log.warning("worker %d: HTTP request from %s refused: %s (logged at most every %d s per reason)",
+                    self.worker_index, peer or "an unknown address", message, int(REFUSAL_LOG_INTERVAL))
+
     def _log_failure(self, what: str) -> None:
         now = time.monotonic()
         if now - self._last_log >= 10.0 or self._last_log == 0.0:
             self._last_log = now
             log.exception("worker %d: %s failed (logged at most every 10 s)", self.worker_index, what)
+
+
+def _route_scope(path: bytes) -> str | None:
+    """The scope a route needs (gw/tokens.py); None: any valid token (unknown paths, then 404)."""
+    if path.startswith(INGEST_BATCH):
+        return "ingest"
+    if path.startswith(ALERTS_PREFIX) and path.endswith(b"/ack"):
+        return "admin"
+    if path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX) or path == METRICS_PATH:
+        return "read"
+    return None
 
 
 def _origin_path(target: bytes) -> bytes:

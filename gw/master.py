@@ -25,6 +25,7 @@ from gw import __version__
 from gw.certs import CertPaths, ensure_certs, server_context
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
+from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, worker_main
 
 log = logging.getLogger("gw.master")
@@ -132,6 +133,21 @@ def open_listener(addr, port: int) -> socket.socket:
     return sock
 
 
+def private_data_dir(data: Path) -> None:
+    """data_dir, created mode 0700; an existing one open to others is tightened to
+    0700, said once: it holds the store, the logs, sessions and the HTTP tokens'
+    hashes, and nothing in it is meant for another user (a warning alone would
+    leave them readable)."""
+    try:
+        mode = data.stat().st_mode & 0o777
+    except FileNotFoundError:
+        data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode = data.stat().st_mode & 0o777
+    if mode & 0o077:
+        os.chmod(data, 0o700)
+        log.warning("data_dir %s had mode %04o, open to other users: tightened to 0700", data, mode)
+
+
 class Master:
     def __init__(self, cfg: Config, config_path: str | None, overrides: dict):
         self.cfg = cfg
@@ -161,9 +177,9 @@ class Master:
         check_auth(cfg, StartupError)
         data = Path(cfg.data_dir)
         try:
-            data.mkdir(parents=True, exist_ok=True)
+            private_data_dir(data)
             probe = data / ".write-test"
-            probe.write_bytes(b"")
+            os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
             probe.unlink()
         except OSError as exc:
             raise StartupError(f"data_dir {str(data)!r} is not writable: {exc.strerror}") from None
@@ -174,11 +190,18 @@ class Master:
                 self.acl = load_acl(cfg.acl_file)
             except AclError as exc:
                 raise StartupError(f"acl_file refused: {exc}") from None
+        self.check_tokens(cfg)
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
                       file=sys.stderr, flush=True)
+            key_mode = self.certs.key.stat().st_mode & 0o777
+            if key_mode & 0o077:
+                # Warned, not changed: the file is the operator's (a group such as ssl-cert may
+                # be meant to read it).
+                log.warning("the TLS key %s has mode %04o: other users may read it (chmod 600 it)",
+                            self.certs.key, key_mode)
             from gw_ext.tls import TLSError
             try:
                 server_context(self.certs, cfg)
@@ -220,7 +243,27 @@ class Master:
             from gw_ext.dedup import DedupTable
             self.dedup = DedupTable(cfg.idempotency_capacity, cfg.idempotency_window)
         self.pidfile = data / PIDFILE
-        self.pidfile.write_text(f"{os.getpid()}\n")
+        fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)            # one left by an older run may have had another mode
+            os.write(fd, f"{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+    def check_tokens(self, cfg: Config) -> None:
+        """With HTTP tokens on, the tokens file must load (a missing one is none:
+        every request needing a token is refused, which is said once here)."""
+        if not http_tokens_required(cfg):
+            return
+        path = tokens_path(cfg)
+        try:
+            tokens = load_tokens(path)
+        except TokensError as exc:
+            raise StartupError(f"HTTP tokens: {exc}") from None
+        if not tokens:
+            log.warning("HTTP tokens are on (http_auth = %s) but %s holds none: every HTTP request but "
+                        "/healthz, /readyz and /docs is refused until `gw token create` makes one "
+                        "and gw reloads (SIGHUP)", cfg.http_auth, path)
 
     def check_store(self) -> None:
         """The embedded store is checked before anything starts: a corrupt file
@@ -446,6 +489,12 @@ class Master:
                 log.error("reload refused, keeping the running config and ACL: %s", exc)
                 return
         self.acl = acl
+        if http_tokens_required(new):
+            try:
+                load_tokens(tokens_path(new))
+            except TokensError as exc:
+                log.error("reload refused, keeping the running config and HTTP tokens: %s", exc)
+                return
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())
         for slot in self.slots:

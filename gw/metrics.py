@@ -180,6 +180,13 @@ _FAMILIES = [
     ("gw_queries_refused_total", "counter",
      "Store queries answered 503: query_max_pending queries were already waiting.",
      [("", C.QUERIES_REFUSED)]),
+    ("gw_http_unauthorized_total", "counter",
+     "HTTP requests answered 401: no bearer token, or one the tokens file does not hold.",
+     [("", C.HTTP_UNAUTHORIZED)]),
+    ("gw_http_forbidden_total", "counter",
+     "HTTP requests answered 403: a valid token without the route's scope, or an ingest of a device "
+     "outside the token's pattern.",
+     [("", C.HTTP_FORBIDDEN)]),
     ("gw_persist_writes_total", "counter",
      "Files of retained messages and persistent sessions written to data_dir and made durable.",
      [("", C.PERSIST_WRITES)]),

@@ -337,6 +337,7 @@ def build_openapi(cfg=None) -> dict:
             _static("text/css", "The style sheet."), {"404": {"$ref": "#/components/responses/NotFound"}}),
     }
     paths.update(_query_paths())
+    _secure(paths, cfg)
     return {
         "openapi": "3.1.0",
         "info": {
@@ -349,7 +350,7 @@ def build_openapi(cfg=None) -> dict:
                 "a path not listed here answers 404 `not_found`, a listed path with another method 405 "
                 "with `Allow`. GET routes also answer HEAD. Ack mode of this server: "
                 f"`{setting(cfg, 'ack')}`. Versioning: this is v1; breaking changes get a new prefix "
-                "(/v2). No authentication yet: keep the listener private."),
+                "(/v2).\n\n" + _auth_description(cfg)),
             "license": {"name": "MIT", "identifier": "MIT"},
         },
         "tags": [{"name": "ingest", "description": "Device telemetry in"},
@@ -357,8 +358,84 @@ def build_openapi(cfg=None) -> dict:
                  {"name": "health", "description": "Probes and metrics"},
                  {"name": "docs", "description": "This documentation"}],
         "paths": paths,
-        "components": {"schemas": _schemas(), "responses": {**_responses(cfg), **_query_responses()}},
+        "components": {"schemas": _schemas(), "responses": {**_responses(cfg), **_query_responses(),
+                                                             **_auth_responses()},
+                       "securitySchemes": {"bearerAuth": {
+                           "type": "http", "scheme": "bearer",
+                           "description": "A token made by `gw token create NAME --scope SCOPE`, sent as "
+                                          "`Authorization: Bearer TOKEN`. Scopes: `ingest` (optionally "
+                                          "limited to device ids matching a pattern), `read`, `admin` "
+                                          "(every route, every device)."}}},
     }
+
+
+# --- HTTP tokens (gw/tokens.py) ---------------------------------------------------------
+
+# The scope each route needs (gw/http_api.py `_route_scope` decides the same); None: open.
+ROUTE_SCOPES = {
+    "/v1/ingest/{device_id}": "ingest", "/v1/ingest": "ingest",
+    "/v1/devices": "read", "/v1/devices/{device_id}": "read", "/v1/devices/{device_id}/metrics": "read",
+    "/v1/alerts": "read", "/v1/alerts/{alert_id}/ack": "admin", "/metrics": "read",
+    "/healthz": None, "/readyz": None, "/docs": None, "/docs/openapi.json": None,
+    "/docs/swagger-ui-bundle.js": None, "/docs/swagger-ui.css": None,
+}
+
+
+def _tokens_on(cfg) -> bool:
+    from gw.tokens import http_tokens_required
+
+    return http_tokens_required(cfg, setting)
+
+
+def _auth_description(cfg) -> str:
+    state = ("on for this server" if _tokens_on(cfg) else "off for this server "
+             "(every listener on loopback, or `http_auth = none`): the token is optional")
+    return ("**Authentication** (`http_auth`: `token`, `none`, or `auto`: tokens once any listener is off "
+            f"loopback; {state}): a bearer token, `Authorization: Bearer TOKEN`, made with `gw token create` "
+            "(use the Authorize button). Each route lists the scope it needs; `admin` has them all. "
+            "No token or an unknown one: 401 with `WWW-Authenticate: Bearer`; a token without the scope, or "
+            "an ingest for a device outside the token's pattern (for a batch: any of its readings; the batch "
+            "is refused whole): 403. `/healthz`, `/readyz` and `/docs` are open; `/metrics` needs `read` "
+            "unless `metrics_auth = none`.")
+
+
+def _auth_responses() -> dict:
+    error = _ref("Error")
+    return {
+        "Unauthorized": {
+            "description": "No bearer token, or one the server's tokens file does not hold (with HTTP tokens on).",
+            "headers": {"WWW-Authenticate": {"description": "`Bearer realm=\"gw\"`", "schema": {"type": "string"}}},
+            "content": _json(error, {"unauthorized": _error_example(
+                "unauthorized", "this route needs a token: Authorization: Bearer TOKEN (gw token create)")}),
+        },
+        "Forbidden": {
+            "description": "The token lacks the scope this route needs, or (ingest) may not ingest for a "
+                           "device of the request (a batch is refused whole).",
+            "content": _json(error, {"forbidden": _error_example(
+                "forbidden", "the token 'site1' lacks the read scope this route needs")}),
+        },
+    }
+
+
+def _secure(paths: dict, cfg) -> None:
+    """Each operation's security requirement (the scope as the bearer scheme's role, as
+    OpenAPI 3.1 allows) and its 401/403 answers; the open routes declare none. With
+    tokens off for this configuration, the requirement is optional (`{}` beside it)."""
+    tokens_on = _tokens_on(cfg)
+    metrics_open = setting(cfg, "metrics_auth") == "none"
+    for path, item in paths.items():
+        scope = ROUTE_SCOPES[path]
+        for op in item.values():
+            if scope is None or (path == "/metrics" and metrics_open and tokens_on):
+                op["security"] = []
+                continue
+            op["security"] = [{"bearerAuth": [scope]}] if tokens_on else [{"bearerAuth": [scope]}, {}]
+            op["description"] = (op.get("description", "") + f"\n\nNeeds a token with the `{scope}` scope"
+                                 + (" (or `admin`)" if scope != "admin" else "")
+                                 + (", unless `metrics_auth = none`" if path == "/metrics" else "")
+                                 + " when HTTP tokens are on.").lstrip()
+            op["responses"].setdefault("401", {"$ref": "#/components/responses/Unauthorized"})
+            op["responses"].setdefault("403", {"$ref": "#/components/responses/Forbidden"})
 
 
 # --- the query routes (gw/query.py) ------------------------------------------------------
@@ -445,7 +522,7 @@ def _query_paths() -> dict:
                      "value": 48.2, "zscore": 6.1, "mean": 21.4, "std": 4.39, "state": "acked",
                      "created": "2025-09-24T07:59:13Z", "acked": "2025-09-24T08:03:00Z"}
     general = ("unknown_parameter", "invalid_parameter", "invalid_limit")
-    return {
+    paths = {
         "/v1/devices": _query_op(
             "listDevices", "List devices",
             "The devices of the store in device id order, a page at a time: pass a page's `next` as `after` "
@@ -511,14 +588,22 @@ def _query_paths() -> dict:
         "/v1/alerts/{alert_id}/ack": _query_op(
             "ackAlert", "Acknowledge an alert",
             "Sets the alert's state to `acked` and its `acked` time, and returns it. Idempotent: an alert "
-            "already acknowledged is returned unchanged. No request body.",
+            "already acknowledged is returned unchanged. The body is ignored, but the request must declare "
+            "`Content-Type: application/json` (else 415): a plain HTML form on another site cannot, so a "
+            "browser cannot be made to acknowledge alerts.",
             [_param("alert_id", "path", "the alert's id", alert_id, example=17)],
             {"description": "The alert, acknowledged.", "content": _json(_ref("Alert"), {
                 "acked": {"value": alert_example}})},
             {"400": _query_400(("invalid_alert_id", "unknown_parameter"), "The alert id is invalid"),
-             "404": {"$ref": "#/components/responses/UnknownAlert"}},
+             "404": {"$ref": "#/components/responses/UnknownAlert"},
+             "415": {"$ref": "#/components/responses/UnsupportedMediaType"}},
             method="post"),
     }
+    # Declared so that clients (and the Authorize'd Swagger UI) send Content-Type: application/json.
+    paths["/v1/alerts/{alert_id}/ack"]["post"]["requestBody"] = {
+        "required": False, "description": "Ignored; any JSON (`{}`).",
+        "content": _json({"type": "object"}, {"empty": {"value": {}}})}
+    return paths
 
 
 def openapi_json(cfg=None) -> bytes:

@@ -98,7 +98,14 @@ class StatsBlock:
             raise ValueError(f"at most {MAX_WORKERS} workers")
         path = shm_path(master_pid)
         size = (HEADER_WORDS + nworkers * N_COUNTERS) * 8
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        # Exclusively, readable by this user only (gw stats runs as the same user). A
+        # block of that name is left by a dead run whose master had this pid (a
+        # running one would be this process): replaced.
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            os.unlink(path)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, size)
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)

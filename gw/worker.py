@@ -11,6 +11,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import time
 
 import msgspec
@@ -75,6 +76,18 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
     worker.tick_ms = 1000
+
+
+def peer_address(fd: int) -> str | None:
+    """HOST:PORT of a connection's client (only for a log line: a dup and a getpeername)."""
+    if fd < 0:
+        return None
+    try:
+        with socket.socket(fileno=os.dup(fd)) as sock:
+            host, port = sock.getpeername()[:2]
+    except (OSError, ValueError):
+        return None
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def apply_process_settings(cfg: Config) -> None:
@@ -199,6 +212,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
     worker.http_app = app
+    app.peer_address = lambda: peer_address(worker.http_current_fd)
     worker.ingest = ingest
     wal = open_wal(slot, cfg, block)
     worker.set_wal(wal)

@@ -9,6 +9,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -39,7 +40,14 @@ struct gw_fw {
 static int gw_fw_write(struct gw_fw_slot* s, const uint8_t* buf, size_t len) {
     int fd, dfd, e;
     size_t off = 0;
-    fd = open(s->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);
+    /* 0600: sessions and retained messages in data_dir are this user's only. A
+       leftover temporary file keeps its mode: made 0600 before it is written. */
+    fd = open(s->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd >= 0 && fchmod(fd, 0600) != 0) {
+        e = errno;
+        close(fd);
+        return e;
+    }
     if (fd < 0) return errno;
     while (off < len) {
         ssize_t r = write(fd, buf + off, len - off);

@@ -448,6 +448,8 @@ cdef class Worker:
     cdef public uint32_t http_keepalive_ms
     cdef public uint32_t http_linger_bytes   # lingering close: bytes read and discarded at most
     cdef public uint32_t http_linger_ms      # ... and for how long
+    cdef public int http_current_fd          # the connection whose request HttpApp.handle is answering (its
+                                             # refusal log names the client's address); -1 between requests
     cdef object query_pool           # gw.query_pool.QueryPool: store queries off the loop
 
     # --- JSON lines (worker/jsonlines.pyx) and MQTT telemetry (worker/telemetry.pyx) ---
@@ -663,8 +665,11 @@ cdef void http_continue(Worker w, Conn* c)
 cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t method_len,
                               Py_ssize_t target_start, Py_ssize_t target_len, int minor,
                               bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
+                              const uint8_t* auth, Py_ssize_t auth_len,
                               const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
                               Py_ssize_t request_len)
+cdef int http_check_early(Worker w, Conn* c, const uint8_t* p, Py_ssize_t target_start, Py_ssize_t target_len,
+                          const uint8_t* auth, Py_ssize_t auth_len)
 cdef object http_handler_failed(Worker w)
 cdef int http_answer(Worker w, Conn* c, object answer, int64_t needed, bint keep, int minor, bint head_only)
 cdef int http_write(Worker w, Conn* c, int status, bytes ctype, bytes body, bytes extra, bint keep,

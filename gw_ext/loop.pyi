@@ -65,6 +65,7 @@ class Worker:
     http_keepalive_ms: int
     http_linger_bytes: int
     http_linger_ms: int
+    http_current_fd: int
 
     def __init__(self, worker_index: int, counters_row: Any, all_counters: Any, nworkers: int,
                  json_protocol: Any, max_fds: int) -> None: ...

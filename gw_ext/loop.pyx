@@ -136,6 +136,7 @@ cdef class Worker:
     def __cinit__(self):
         self.epfd = -1
         self.reserve_fd = -1
+        self.http_current_fd = -1
 
     def __init__(self, int worker_index, object counters_row, object all_counters, int nworkers,
                  object json_protocol, int max_fds):

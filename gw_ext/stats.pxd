@@ -107,7 +107,10 @@ cpdef enum:
     TLS_REFUSED_NO_CERT = 185     # TLS handshakes refused: the client presented no certificate
     TLS_REFUSED_BAD_CERT = 186    # ... its certificate did not verify against client_cafile (unknown CA, bad signature, expired); also CONNECTs refused (CONNACK 4) for a certificate whose CN is no user name (use_identity_as_username)
     TLS_REFUSED_REVOKED = 187     # ... its certificate is revoked by crlfile
-    # 188..191 free.
+    # The HTTP API's tokens (gw/tokens.py, checked by gw/http_api.py before any body is parsed).
+    HTTP_UNAUTHORIZED = 188   # HTTP requests answered 401: no bearer token, or one not in the tokens file
+    HTTP_FORBIDDEN = 189      # HTTP requests answered 403: a valid token without the route's scope, or an ingest of a device outside its pattern
+    # 190..191 free.
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end

@@ -309,7 +309,7 @@ def _make_dirs(path):
         p = parent
     for d in reversed(missing):
         try:
-            os.mkdir(d)
+            os.mkdir(d, 0o700)      # in data_dir: this user's only
         except FileExistsError:
             pass
         _fsync_dir(os.path.dirname(d))
@@ -317,7 +317,7 @@ def _make_dirs(path):
 
 def _create_segment(path, uint64_t base):
     fd = os.open(os.path.join(path, segment_name(base)),
-                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+                 os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     os.pwrite(fd, _HEADER.pack(MAGIC, base), 0)
     os.fsync(fd)
     return fd

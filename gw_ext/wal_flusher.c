@@ -131,7 +131,8 @@ static int gw_wal_roll(struct gw_wal* w, int sync) {
         snprintf(name, sizeof name, "%020llu.wal", (unsigned long long)base);
         /* O_TRUNC: a file of that name can only be ours from a failed attempt
            (everything from `base` on is not durable yet). */
-        int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        /* 0600: the log holds every reading, for this user only (in data_dir). */
+        int fd = openat(w->dirfd, name, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
         if (fd < 0) return errno ? errno : EIO;
         w->fd = fd;
         w->seg_base = base;

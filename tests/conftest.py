@@ -794,7 +794,13 @@ def start_paho_thread(client) -> threading.Thread:
     """loop_start(); returns the network thread (paho forgets it when it ends).
     The thread ends when the connection does (reconnect_on_failure=False)."""
     client.loop_start()
-    return client._thread
+    thread = client._thread
+    if thread is None:
+        # It already ended (a connection refused at once): a thread that has ended too.
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+    return thread
 
 
 def stop_paho_thread(client, thread: threading.Thread, timeout: float) -> None:

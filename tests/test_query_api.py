@@ -97,8 +97,8 @@ def app(store):
 
 
 def call(a: App, target: str, method: bytes = b"GET"):
-    """(status, decoded JSON body, extra headers)."""
-    status, ctype, body, extra = a(method, target.encode(), b"", None)
+    """(status, decoded JSON body, extra headers). A POST declares JSON, as it must."""
+    status, ctype, body, extra = a(method, target.encode(), b"", JSON if method == b"POST" else None)
     assert ctype == JSON
     return status, json.loads(body), extra
 
@@ -425,8 +425,14 @@ def test_ack(store, tmp_path):
     for bad in ("0", "-1", "x", "1.5", "99999999999999999999", "9223372036854775808", ""):
         assert error(a, f"/v1/alerts/{bad}/ack", b"POST") == (400, "invalid_alert_id"), bad
     assert error(a, f"/v1/alerts/{first}/ack?force=1", b"POST") == (400, "unknown_parameter")
-    # a body is ignored, whatever its type
-    status, _, _, _ = a.app.handle(b"POST", f"/v1/alerts/{first}/ack".encode(), b"text/plain", b"hello")
+    # a body is ignored, but the request must declare JSON: a form another site's page
+    # could post is refused (415) and changes nothing
+    fresh = store.alert("dev1", "temp_c", NOW - 5)
+    for form in (b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b"text/plain", None):
+        status, _, body, _ = a.app.handle(b"POST", f"/v1/alerts/{fresh}/ack".encode(), form, b"a=1")
+        assert status == 415 and json.loads(body)["code"] == "unsupported_media_type", form
+    assert store.db.execute("SELECT state FROM alerts WHERE id = ?", (fresh,)).fetchall() == [("open",)]
+    status, _, _, _ = a.app.handle(b"POST", f"/v1/alerts/{fresh}/ack".encode(), JSON, b"hello")
     assert status == 200
 
 
@@ -814,7 +820,8 @@ def test_every_answer_is_documented(tmp_path, method, target, setup, expected):
         blocker = sqlite3.connect(store.path, isolation_level=None)
         blocker.execute("BEGIN IMMEDIATE")
     try:
-        status, rtype, rbody, extra = a(method.encode(), target.encode(), b"", None)
+        status, rtype, rbody, extra = a(method.encode(), target.encode(), b"",
+                                        JSON if method == "POST" else None)
     finally:
         if blocker is not None:
             blocker.execute("ROLLBACK")

@@ -84,13 +84,13 @@ def request(method: str, target: str, body: bytes | None = None) -> bytes:
 def pipelined(alert_id: int, seq: int) -> tuple[bytes, list]:
     """Slow queries between fast requests; what each answer must be, in order."""
     reqs = [
-        (request("POST", f"/v1/alerts/{alert_id}/ack"), lambda r: (r.status, r.json()["code"]) == (503, "store_busy")),
+        (request("POST", f"/v1/alerts/{alert_id}/ack", b"{}"), lambda r: (r.status, r.json()["code"]) == (503, "store_busy")),
         (request("GET", "/readyz"), lambda r: r.status == 200 and r.json()["status"] == "ready"),
         (request("POST", "/v1/ingest/dev-q", ingest_body(seq=seq)),
          lambda r: r.status in (200, 202) and r.json()["device_id"] == "dev-q"),
         (request("GET", "/v1/devices/dev1"), lambda r: r.status == 200 and r.json()["device_id"] == "dev1"),
         (request("HEAD", "/v1/devices"), lambda r: r.status == 200 and r.body == b""),
-        (request("POST", f"/v1/alerts/{alert_id}/ack"), lambda r: (r.status, r.json()["code"]) == (503, "store_busy")),
+        (request("POST", f"/v1/alerts/{alert_id}/ack", b"{}"), lambda r: (r.status, r.json()["code"]) == (503, "store_busy")),
         (request("GET", "/v1/alerts?limit=2"), lambda r: r.status == 200 and len(r.json()["alerts"]) == 2),
         (request("GET", "/nowhere"), lambda r: r.status == 404),
         (request("GET", "/v1/alerts?limt=2"), lambda r: (r.status, r.json()["code"]) == (400, "unknown_parameter")),
@@ -148,7 +148,7 @@ def test_client_closing_during_its_query(setup, http):
         for i in range(6):
             open_before = get_counter(server.counters(), "conns_current")
             c = http()
-            c.send(request("POST", f"/v1/alerts/{ids[1]}/ack") + request("GET", "/readyz"))
+            c.send(request("POST", f"/v1/alerts/{ids[1]}/ack", b"{}") + request("GET", "/readyz"))
             fd = server_fd(server, c.local_port)
             if i % 2 == 0:
                 reset(c)
@@ -171,7 +171,7 @@ def test_client_closing_during_its_query(setup, http):
     assert counter_delta(before, after, "queries_refused") == 0
     assert "Traceback" not in server.log()
     # The acknowledgement itself works once the store is free.
-    resp = http().request("POST", f"/v1/alerts/{ids[1]}/ack")
+    resp = http().request("POST", f"/v1/alerts/{ids[1]}/ack", b"{}")
     assert resp.status == 200 and resp.json()["state"] == "acked", resp
 
 
@@ -197,7 +197,7 @@ def test_waiting_queries_are_bounded(tmp_path, gw_factory):
     try:
         with store_locked(data_dir):
             for i, c in enumerate(conns):
-                c.send(request("POST", f"/v1/alerts/{ids[i]}/ack"))
+                c.send(request("POST", f"/v1/alerts/{ids[i]}/ack", b"{}"))
             answers = [c.read_response() for c in conns]
         codes = [(a.status, a.json()["code"]) for a in answers]
         busy = [a for a in answers if a.json()["code"] == "queries_busy"]

@@ -310,7 +310,7 @@ def test_anomalies_raise_alerts_on_mqtt_and_in_the_query_api(gw_factory):
         assert resp.status == 200
         [listed] = resp.json()["alerts"]
         assert listed["id"] == alert["id"]
-        resp = c.request("POST", f"/v1/alerts/{alert['id']}/ack", b"", content_type=None)
+        resp = c.request("POST", f"/v1/alerts/{alert['id']}/ack", b"{}")
         assert resp.status == 200 and resp.json()["state"] == "acked"
         resp = c.request("GET", f"/v1/alerts?device_id={device}&state=open")
         assert resp.json()["alerts"] == []

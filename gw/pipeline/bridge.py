@@ -158,7 +158,7 @@ class BridgeSink(Sink):
         if self.tls and self.cafile and not Path(self.cafile).is_file():
             raise PipelineError(f"bridge_cafile {self.cafile} is not a file")
         try:
-            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self.ckpt_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise PipelineError(f"{self.ckpt_dir}: {exc.strerror or exc}") from None
         for slot in range(self.nworkers):

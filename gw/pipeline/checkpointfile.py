@@ -20,8 +20,9 @@ def fsync_dir(path: Path) -> None:
 def write_json_atomic(path: Path, value: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     data = (json.dumps(value, sort_keys=True) + "\n").encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
+        os.fchmod(fd, 0o600)        # a leftover temporary file keeps its mode otherwise
         os.write(fd, data)
         os.fsync(fd)
     finally:

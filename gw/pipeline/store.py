@@ -92,7 +92,7 @@ def check_data_dir(data_dir: str | Path) -> Path:
     a read-only file system does not)."""
     path = Path(data_dir)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except FileExistsError:
         raise PipelineError(f"data_dir {path} exists and is not a directory") from None
     except OSError as exc:
@@ -132,6 +132,14 @@ def open_store(path: str | Path, quick_check: bool = True) -> sqlite3.Connection
     path = Path(path)
     if path.exists() and not path.is_file():
         raise PipelineError(f"the store {path} is not a regular file")
+    try:
+        # Created empty (a valid empty database) with mode 0600 first: SQLite gives
+        # its -wal and -shm files the mode of the database.
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise PipelineError(f"the store {path} cannot be created: {exc.strerror or exc}") from None
     try:
         conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30.0)
     except sqlite3.Error as exc:

@@ -60,6 +60,7 @@ cdef enum HttpFlag:
     HF_QUERY = 64               # a request is in the query threads: input paused until its answer
     HF_QUERY_KEEP = 128         # ... its connection stays open after the answer
     HF_QUERY_HEAD = 256         # ... it is a HEAD: the answer goes without its body
+    HF_AUTH_CHECKED = 512       # the current request's token was checked while its body was still coming
 
 
 cdef inline bint is_tchar(uint8_t ch) noexcept nogil:
@@ -102,6 +103,8 @@ cdef const char* http_reason(int status) noexcept nogil:
     if status == 202: return "Accepted"
     if status == 204: return "No Content"
     if status == 400: return "Bad Request"
+    if status == 401: return "Unauthorized"
+    if status == 403: return "Forbidden"
     if status == 404: return "Not Found"
     if status == 405: return "Method Not Allowed"
     if status == 408: return "Request Timeout"
@@ -174,6 +177,8 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
     cdef bint expect_continue = False
     cdef const uint8_t* ctype = NULL
     cdef Py_ssize_t ctype_len = 0
+    cdef const uint8_t* auth = NULL
+    cdef Py_ssize_t auth_len = 0
     cdef Py_ssize_t total, body_len, k
     # Empty lines before a request line are ignored (RFC 9112 section 2.2).
     while lead < avail and (p[lead] == 13 or p[lead] == 10):
@@ -263,6 +268,10 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         elif name_is(line, colon, "content-type", 12):
             ctype = line + vs
             ctype_len = ve - vs
+        elif name_is(line, colon, "authorization", 13):
+            # Passed on as it is: HttpApp checks it (gw/tokens.py) before any body is parsed.
+            auth = line + vs
+            auth_len = ve - vs
         elif name_is(line, colon, "host", 4):
             nhost += 1
         elif name_is(line, colon, "expect", 6):
@@ -283,6 +292,10 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         if total < 0:
             return -1
         if total == 0:
+            if http_check_early(w, c, p, target_start, target_len, auth, auth_len) < 0:
+                return -1
+            if st.flags & HF_CLOSE_AFTER_HELD:
+                return 0        # refused, behind answers held for the log: nothing more is read
             if expect_continue:
                 http_continue(w, c)
             return 0
@@ -293,6 +306,10 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
             return http_fail(w, c, 413, "body_too_large",
                              "the body exceeds max_body_size (%d bytes)" % w.http_max_body)
         if avail - head_len < content_length:
+            if http_check_early(w, c, p, target_start, target_len, auth, auth_len) < 0:
+                return -1
+            if st.flags & HF_CLOSE_AFTER_HELD:
+                return 0        # refused, behind answers held for the log: nothing more is read
             c.need = <uint32_t>(head_len + content_length)
             if expect_continue:
                 http_continue(w, c)
@@ -300,7 +317,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         total = content_length
         body_len = content_length
     return http_dispatch(w, c, p, method_len, target_start, target_len, minor,
-                         conn_close, conn_keep, ctype, ctype_len,
+                         conn_close, conn_keep, ctype, ctype_len, auth, auth_len,
                          p + head_len, total, body_len, chunked, head_len + total)
 
 
@@ -449,6 +466,7 @@ cdef void http_continue(Worker w, Conn* c):
 cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t method_len,
                               Py_ssize_t target_start, Py_ssize_t target_len, int minor,
                               bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
+                              const uint8_t* auth, Py_ssize_t auth_len,
                               const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
                               Py_ssize_t request_len):
     cdef HttpState* st = &w.http[c.fd]
@@ -470,9 +488,10 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     if st.flags & HF_CLOSE or w.draining:
         keep = False
     try:
+        w.http_current_fd = c.fd
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
-            payload)
+            payload, PyBytes_FromStringAndSize(<char*>auth, auth_len) if auth != NULL else None)
         if answer is None and w.query_pool is not None:
             # A store query: into the query threads (or 503 if too many wait).
             answer = w.http_app.defer(http_query_token(c))
@@ -482,11 +501,12 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
             answer = http_ingest(w, answer, sink, &needed)
     except Exception:
         answer = http_handler_failed(w)
+    w.http_current_fd = -1
     st.scan = 0
     st.chunk_off = 0
     st.chunk_total = 0
     st.trailer_scan = 0
-    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT)
+    st.flags &= ~(HF_IN_REQUEST | HF_CONTINUE_SENT | HF_AUTH_CHECKED)
     if deferred:
         # In the query threads: this connection is not read until the answer is out.
         st.flags |= HF_QUERY | (HF_QUERY_KEEP if keep else 0) | (HF_QUERY_HEAD if head_only else 0)
@@ -502,6 +522,35 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
     if ingest:
         hist_observe(w.counters, HIST_INGEST, monotonic_ns() - t0)
     return request_len
+
+
+cdef int http_check_early(Worker w, Conn* c, const uint8_t* p, Py_ssize_t target_start, Py_ssize_t target_len,
+                          const uint8_t* auth, Py_ssize_t auth_len):
+    """A request whose body is still coming: its token is checked now, once
+    (HttpApp.check_early), so a client without one is not read a body it may
+    not send (nor told 100 Continue). A refusal is answered with the connection
+    closing, lingering so the client reads it. -1 if refused and closing; 0
+    otherwise (refused behind answers held for the log: HF_CLOSE_AFTER_HELD).
+    A request whose body came with its head is checked by HttpApp.handle alone."""
+    cdef HttpState* st = &w.http[c.fd]
+    cdef object answer
+    if st.flags & HF_AUTH_CHECKED:
+        return 0
+    st.flags |= HF_AUTH_CHECKED
+    w.http_current_fd = c.fd
+    try:
+        answer = w.http_app.check_early(
+            PyBytes_FromStringAndSize(<char*>p + target_start, target_len),
+            PyBytes_FromStringAndSize(<char*>auth, auth_len) if auth != NULL else None)
+    except Exception:
+        answer = http_handler_failed(w)
+    w.http_current_fd = -1
+    if answer is None:
+        return 0
+    st.flags |= HF_LINGER_WANTED
+    if http_answer(w, c, answer, 0, False, 1, False) < 0:
+        return -1
+    return 0 if st.flags & HF_CLOSE_AFTER_HELD else -1
 
 
 cdef object http_ingest(Worker w, object accepted, bint sink, int64_t* needed):
