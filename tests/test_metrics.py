@@ -60,6 +60,12 @@ def test_existing_counters_kept_their_indices():
         == (0, 31, 32, 48, 64, 80, 86)
 
 
+def test_rate_limit_counters():
+    assert {c.name: int(c) for c in Counter if 88 <= c < 96} == {
+        "CONN_RATE_PAUSES": 88, "MSG_RATE_PAUSES": 89, "BYTE_RATE_PAUSES": 90, "PER_IP_REFUSED": 91,
+        "RATE_PAUSED": 92}
+
+
 def test_new_counters():
     assert {c.name: int(c) for c in Counter if c >= 96} == {
         "HTTP_REQUESTS": 96, "INGEST_REQUESTS": 112, "INGEST_RECORDS_ACCEPTED": 128,
@@ -133,7 +139,7 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-                           Counter.SUBSCRIPTION_INDEX_BYTES}
+                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET)
 

@@ -463,6 +463,9 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         payload = http_dechunk(body, total, body_len)
     else:
         payload = PyBytes_FromStringAndSize(<char*>body, body_len)
+    if body_len > 0:
+        w.batch_messages += 1           # a request body: the message and byte rates (rate_limits.pyx)
+        w.batch_bytes += <uint64_t>body_len
     cdef bint sink = w.wal is not None and w.listeners[c.listener].ack_sink
     cdef int64_t needed = 0
     cdef object answer

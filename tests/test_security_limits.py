@@ -1,0 +1,221 @@
+"""Rate limits enforced by backpressure (gw_ext/worker/rate_limits.pyx): a
+client over max_messages_rate / max_bytes_rate is read more slowly and loses
+nothing; other clients are not slowed; a paused client's keepalive does not
+run out; max_connections_per_ip counts across workers; max_conn_rate slows a
+burst of connects without refusing any. Real `gw serve`, real sockets; bounds
+are on counts, never on timing."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import urllib.request
+
+import pytest
+
+from conftest import (CONNACK_OK, PINGREQ, connect_packet, publish_packet, read_packet, run_gw,
+                      send_fragmented, subscribe_packet, tcp_connect, wait_for)
+from gw.stats import Counter
+
+PUBACK = 0x40
+
+
+def mqtt_session(port: int, client_id: bytes, keepalive: int = 60) -> socket.socket:
+    sock = tcp_connect(port)
+    sock.sendall(connect_packet(client_id, keepalive=keepalive))
+    assert read_packet(sock) == CONNACK_OK
+    return sock
+
+
+def closed_by_server(sock: socket.socket, timeout: float = 10.0) -> bool:
+    """True once the server closed (EOF or reset) without sending anything."""
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+
+
+def metrics_text(server) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.ports['http']}/metrics", timeout=10) as res:
+        return res.read().decode()
+
+
+def metric_value(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no {line_start} in /metrics")
+
+
+def test_message_rate_slows_a_publisher_and_loses_nothing(gw_factory, frag_rng):
+    """max_messages_rate 20/s, burst 10: 120 QoS 1 publishes written at once (in
+    fragments, so packets are cut across the pauses) reach a subscriber at
+    most at burst + rate x elapsed (with slack), then all of them, in order,
+    each acknowledged."""
+    rate, burst, total = 20, 10, 120
+    server = gw_factory(workers=2, listeners=("mqtt", "http"),
+                        args=["--max-messages-rate", rate, "--max-messages-burst", burst])
+    port = server.ports["mqtt"]
+    sub = mqtt_session(port, b"rate-sub")
+    sub.sendall(subscribe_packet(1, [(b"rate/t", 1)]))
+    assert read_packet(sub)[0] == 0x90
+    pub = mqtt_session(port, b"rate-pub")
+    data = b"".join(publish_packet(b"rate/t", b"m%03d" % i, qos=1, packet_id=i + 1) for i in range(total))
+    started = time.monotonic()
+    # The server stops reading the publisher: write from a thread.
+    writer = threading.Thread(target=send_fragmented, args=(pub, data, frag_rng), kwargs={"pause": 0.0005})
+    writer.start()
+    got = []
+    checked = False
+    while len(got) < total:
+        first, body = read_packet(sub, timeout=30)
+        assert first & 0xF0 == 0x30, first
+        tlen = struct.unpack("!H", body[:2])[0]
+        pid = struct.unpack("!H", body[2 + tlen:4 + tlen])[0]
+        got.append(body[4 + tlen:])
+        sub.sendall(bytes([PUBACK, 2]) + struct.pack("!H", pid))
+        if not checked and len(got) >= 30:
+            # The server read at most burst + rate x (time since the first byte was
+            # sent): 30 messages take at least (30 - 10) / 20 = 1 s. Slack: 5 messages.
+            elapsed = time.monotonic() - started
+            assert len(got) <= burst + rate * elapsed + 5, (len(got), elapsed)
+            checked = True
+    writer.join(30)
+    assert got == [b"m%03d" % i for i in range(total)]      # every one, once, in order
+    acks = [read_packet(pub, timeout=30) for _ in range(total)]
+    assert acks == [(PUBACK, struct.pack("!H", i + 1)) for i in range(total)]
+    counters = server.stats()["counters"]
+    assert counters["msg_rate_pauses"] >= 1
+    assert counters["closed_timeout"] == 0
+    wait_for(lambda: server.counters()["rate_paused"] == 0, 10, what="no client paused any more")
+    text = metrics_text(server)
+    assert metric_value(text, 'gw_rate_limit_pauses_total{limit="max_messages_rate"}') >= 1
+    assert metric_value(text, "gw_rate_limited_clients") == 0
+
+
+def test_a_paused_client_does_not_slow_another_one(gw_factory):
+    """One worker: while a publisher over max_messages_rate is not read, another
+    client of the same worker gets its PINGRESP."""
+    server = gw_factory(workers=1, listeners=("mqtt",),
+                        args=["--max-messages-rate", 1, "--max-messages-burst", 1])
+    port = server.ports["mqtt"]
+    pub = mqtt_session(port, b"slowed")
+    pub.sendall(b"".join(publish_packet(b"slow/t", b"x", qos=0) for _ in range(30)))
+    wait_for(lambda: server.counters()["rate_paused"] >= 1, 10, what="the publisher paused")
+    other = mqtt_session(port, b"other")
+    other.sendall(PINGREQ)
+    assert read_packet(other) == (0xD0, b"")
+    assert server.counters()["rate_paused"] >= 1        # the publisher still waits meanwhile
+    assert server.counters()["msg_rate_pauses"] >= 1
+
+
+def test_keepalive_does_not_expire_while_the_server_pauses_the_client(gw_factory):
+    """max_bytes_rate 200 B/s, burst 1024 (= max_packet_size): two 1000-byte
+    publishes leave the client owing about 1000 bytes, about 5 s of pause,
+    longer than 1.5 x its 2 s keepalive. The third publish is cut across the
+    pause. The client then says nothing for 4 s: it is not closed for its
+    keepalive, and its PINGREQ is answered once it is read again."""
+    server = gw_factory(workers=1, listeners=("mqtt",),
+                        args=["--max-packet-size", 1024, "--max-bytes-rate", 200, "--max-bytes-burst", 1024])
+    port = server.ports["mqtt"]
+    pub = mqtt_session(port, b"paused", keepalive=2)
+    big = [publish_packet(b"ka/t", bytes([65 + i]) * 990, qos=0) for i in range(3)]
+    pub.sendall(big[0] + big[1] + big[2][:500])
+    wait_for(lambda: server.counters()["rate_paused"] >= 1, 10, what="the client paused")
+    time.sleep(0.5)
+    pub.sendall(big[2][500:])
+    time.sleep(4.0)             # over 1.5 x keepalive, all of it paused: no PINGREQ from the client
+    pub.sendall(PINGREQ)
+    assert read_packet(pub, timeout=30) == (0xD0, b"")
+    counters = server.counters()
+    assert counters["closed_timeout"] == 0
+    assert counters["byte_rate_pauses"] >= 1
+    assert counters["packets_in"]["publish"] == 3
+
+
+def test_max_connections_per_ip_across_workers(gw_factory):
+    """max_connections_per_ip 3 with 2 workers: three connections from 127.0.0.1
+    are served; a fourth is closed right after accept, on whichever worker it
+    lands (both refuse: the count is shared); once one of the three closes, a
+    new one is served."""
+    server = gw_factory(workers=2, listeners=("mqtt", "http"), args=["--max-connections-per-ip", 3])
+    port = server.ports["mqtt"]
+    held = [mqtt_session(port, b"ip-%d" % i) for i in range(3)]
+
+    def refused_per_worker():
+        return [int(row[Counter.PER_IP_REFUSED]) for row in server.block().rows]
+
+    attempts = 0
+    while not all(refused_per_worker()):
+        attempts += 1
+        assert attempts <= 60, refused_per_worker()
+        extra = tcp_connect(port)
+        try:
+            extra.sendall(connect_packet(b"ip-extra"))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        assert closed_by_server(extra)
+        extra.close()
+    for sock in held:       # still served
+        sock.sendall(PINGREQ)
+        assert read_packet(sock) == (0xD0, b"")
+    held.pop().close()
+
+    def served_again():
+        sock = tcp_connect(port)
+        try:
+            sock.sendall(connect_packet(b"ip-again"))
+            return sock if read_packet(sock, timeout=5) == CONNACK_OK else None
+        except (EOFError, ConnectionResetError, BrokenPipeError, socket.timeout):
+            sock.close()
+            return None
+
+    held.append(wait_for(served_again, 15, interval=0.2, what="a connection served after one closed"))
+    counters = server.stats()["counters"]
+    assert counters["per_ip_refused"] >= 2
+    assert "max_connections_per_ip" in server.log()
+    for sock in held:
+        sock.close()
+    # /metrics comes from 127.0.0.1 too: once the MQTT connections are gone.
+    text = wait_for(lambda: try_metrics(server), 15, interval=0.2, what="/metrics served")
+    assert metric_value(text, "gw_connections_per_ip_refused_total") >= 2
+
+
+def try_metrics(server):
+    try:
+        return metrics_text(server)
+    except OSError:
+        return None
+
+
+def test_connection_rate_slows_a_burst_without_refusing(gw_factory):
+    """max_conn_rate 40/s, burst 10, 2 workers: 200 clients connecting at once
+    all get their CONNACK (the backlog holds them), none refused, and the
+    listeners paused."""
+    server = gw_factory(workers=2, listeners=("mqtt", "http"),
+                        args=["--max-conn-rate", 40, "--max-conn-burst", 10, "--connect-timeout", 60])
+    port = server.ports["mqtt"]
+    socks = []
+    for i in range(200):
+        sock = tcp_connect(port, timeout=60)
+        sock.sendall(connect_packet(b"burst-%d" % i))
+        socks.append(sock)
+    for sock in socks:
+        assert read_packet(sock, timeout=60) == CONNACK_OK
+    counters = server.stats()["counters"]
+    assert counters["conn_rate_pauses"] >= 1
+    assert counters["conns_rejected"] == 0
+    assert counters["mqtt_connected"] == 200
+    assert metric_value(metrics_text(server), 'gw_rate_limit_pauses_total{limit="max_conn_rate"}') >= 1
+    for sock in socks:
+        sock.close()
+
+
+def test_byte_burst_below_max_packet_size_is_refused(tmp_path):
+    res = run_gw("serve", "--max-bytes-rate", "1000", "--max-bytes-burst", "100", "--data-dir", tmp_path / "data",
+                 "--certs", tmp_path / "certs", cwd=tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert "'max_bytes_burst'" in res.stderr and "max_packet_size" in res.stderr
