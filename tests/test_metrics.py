@@ -182,6 +182,9 @@ def test_counter_dict(make_block):
     # Every value is a figure or a dict of figures: no histogram word as a counter.
     assert all(isinstance(v, (int, dict)) for v in d.values())
     assert len(d) < 80
+    assert "msg_rate_pauses" not in d
+    assert d["rate_limits"] == {"pauses": {"max_conn_rate": 0, "max_messages_rate": 0, "max_bytes_rate": 0},
+                                "per_ip_refused": 0, "clients_paused": 0}
 
 
 def test_aggregator_tick(make_block):

@@ -88,9 +88,10 @@ def test_message_rate_slows_a_publisher_and_loses_nothing(gw_factory, frag_rng):
     acks = [read_packet(pub, timeout=30) for _ in range(total)]
     assert acks == [(PUBACK, struct.pack("!H", i + 1)) for i in range(total)]
     counters = server.stats()["counters"]
-    assert counters["msg_rate_pauses"] >= 1
+    assert counters["rate_limits"]["pauses"]["max_messages_rate"] >= 1
     assert counters["closed_timeout"] == 0
-    wait_for(lambda: server.counters()["rate_paused"] == 0, 10, what="no client paused any more")
+    wait_for(lambda: server.counters()["rate_limits"]["clients_paused"] == 0, 10,
+             what="no client paused any more")
     text = metrics_text(server)
     assert metric_value(text, 'gw_rate_limit_pauses_total{limit="max_messages_rate"}') >= 1
     assert metric_value(text, "gw_rate_limited_clients") == 0
@@ -104,12 +105,12 @@ def test_a_paused_client_does_not_slow_another_one(gw_factory):
     port = server.ports["mqtt"]
     pub = mqtt_session(port, b"slowed")
     pub.sendall(b"".join(publish_packet(b"slow/t", b"x", qos=0) for _ in range(30)))
-    wait_for(lambda: server.counters()["rate_paused"] >= 1, 10, what="the publisher paused")
+    wait_for(lambda: server.counters()["rate_limits"]["clients_paused"] >= 1, 10, what="the publisher paused")
     other = mqtt_session(port, b"other")
     other.sendall(PINGREQ)
     assert read_packet(other) == (0xD0, b"")
-    assert server.counters()["rate_paused"] >= 1        # the publisher still waits meanwhile
-    assert server.counters()["msg_rate_pauses"] >= 1
+    assert server.counters()["rate_limits"]["clients_paused"] >= 1      # the publisher still waits
+    assert server.counters()["rate_limits"]["pauses"]["max_messages_rate"] >= 1
 
 
 def test_keepalive_does_not_expire_while_the_server_pauses_the_client(gw_factory):
@@ -124,7 +125,7 @@ def test_keepalive_does_not_expire_while_the_server_pauses_the_client(gw_factory
     pub = mqtt_session(port, b"paused", keepalive=2)
     big = [publish_packet(b"ka/t", bytes([65 + i]) * 990, qos=0) for i in range(3)]
     pub.sendall(big[0] + big[1] + big[2][:500])
-    wait_for(lambda: server.counters()["rate_paused"] >= 1, 10, what="the client paused")
+    wait_for(lambda: server.counters()["rate_limits"]["clients_paused"] >= 1, 10, what="the client paused")
     time.sleep(0.5)
     pub.sendall(big[2][500:])
     time.sleep(4.0)             # over 1.5 x keepalive, all of it paused: no PINGREQ from the client
@@ -132,7 +133,7 @@ def test_keepalive_does_not_expire_while_the_server_pauses_the_client(gw_factory
     assert read_packet(pub, timeout=30) == (0xD0, b"")
     counters = server.counters()
     assert counters["closed_timeout"] == 0
-    assert counters["byte_rate_pauses"] >= 1
+    assert counters["rate_limits"]["pauses"]["max_bytes_rate"] >= 1
     assert counters["packets_in"]["publish"] == 3
 
 
@@ -175,7 +176,7 @@ def test_max_connections_per_ip_across_workers(gw_factory):
 
     held.append(wait_for(served_again, 15, interval=0.2, what="a connection served after one closed"))
     counters = server.stats()["counters"]
-    assert counters["per_ip_refused"] >= 2
+    assert counters["rate_limits"]["per_ip_refused"] >= 2
     assert "max_connections_per_ip" in server.log()
     for sock in held:
         sock.close()
@@ -206,7 +207,7 @@ def test_connection_rate_slows_a_burst_without_refusing(gw_factory):
     for sock in socks:
         assert read_packet(sock, timeout=60) == CONNACK_OK
     counters = server.stats()["counters"]
-    assert counters["conn_rate_pauses"] >= 1
+    assert counters["rate_limits"]["pauses"]["max_conn_rate"] >= 1
     assert counters["conns_rejected"] == 0
     assert counters["mqtt_connected"] == 200
     assert metric_value(metrics_text(server), 'gw_rate_limit_pauses_total{limit="max_conn_rate"}') >= 1
