@@ -220,3 +220,59 @@ def test_byte_burst_below_max_packet_size_is_refused(tmp_path):
                  "--certs", tmp_path / "certs", cwd=tmp_path)
     assert res.returncode == 2, res.stderr
     assert "'max_bytes_burst'" in res.stderr and "max_packet_size" in res.stderr
+
+
+def test_a_dead_workers_connections_no_longer_count_for_their_address(gw_factory):
+    """max_connections_per_ip 2, one worker: it holds two connections from
+    127.0.0.1 and is killed; the master gives their counts back, so the
+    respawned worker serves two new ones."""
+    import os
+    import signal
+
+    server = gw_factory(workers=1, listeners=("mqtt",), args=["--max-connections-per-ip", 2])
+    port = server.ports["mqtt"]
+    held = [mqtt_session(port, b"dead-%d" % i) for i in range(2)]
+    refused = tcp_connect(port)
+    assert closed_by_server(refused)
+    old = server.worker_pids()
+    server.expect_worker_deaths(1)
+    os.kill(old[0], signal.SIGKILL)
+    wait_for(lambda: server.worker_pids() and server.worker_pids() != old, 20, what="the worker respawned")
+    for sock in held + [refused]:
+        sock.close()
+    fresh = [wait_for(lambda i=i: try_session(port, b"new-%d" % i), 20, interval=0.2, what="served again")
+             for i in range(2)]
+    for sock in fresh:
+        sock.close()
+
+
+def try_session(port: int, client_id: bytes):
+    try:
+        return mqtt_session(port, client_id)
+    except (EOFError, OSError):
+        return None
+
+
+def test_rate_limits_reload_with_sighup(gw_factory, tmp_path):
+    """A SIGHUP with max_messages_rate set in the config file: from then on a
+    publisher over it is paused (no restart, connections kept)."""
+    import signal
+
+    config = tmp_path / "gw.toml"
+    config.write_text("max_messages_rate = 0\n")
+    server = gw_factory(workers=1, listeners=("mqtt",), config=config)
+    port = server.ports["mqtt"]
+    pub = mqtt_session(port, b"reload-pub")
+    pub.sendall(b"".join(publish_packet(b"r/t", b"x", qos=0) for _ in range(20)))
+    pub.sendall(PINGREQ)
+    assert read_packet(pub) == (0xD0, b"")
+    assert server.counters()["rate_limits"]["pauses"]["max_messages_rate"] == 0
+    config.write_text("max_messages_rate = 1\nmax_messages_burst = 1\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "reloaded" in server.log(), 10, what="the reload")
+
+    def paused():
+        pub.sendall(publish_packet(b"r/t", b"y", qos=0) * 5)
+        return server.counters()["rate_limits"]["pauses"]["max_messages_rate"] >= 1
+
+    wait_for(paused, 20, interval=0.5, what="the publisher paused after the reload")
