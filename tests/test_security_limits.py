@@ -276,3 +276,68 @@ def test_rate_limits_reload_with_sighup(gw_factory, tmp_path):
         return server.counters()["rate_limits"]["pauses"]["max_messages_rate"] >= 1
 
     wait_for(paused, 20, interval=0.5, what="the publisher paused after the reload")
+
+
+@pytest.mark.parametrize("listener", ["json", "jsons"])
+def test_message_rate_on_json_lines_keeps_every_line(gw_factory, listener):
+    """JSON lines (plain and TLS) over max_messages_rate 10/s, burst 5: 40 lines
+    that each get an answer (an Error), written at once, are answered at most
+    at burst + rate x elapsed (with slack), and every one of them is."""
+    import json
+
+    from conftest import client_tls_context, tls_connect
+
+    rate, burst, total = 10, 5, 40
+    server = gw_factory(workers=1, listeners=("json", "jsons"),
+                        args=["--max-messages-rate", rate, "--max-messages-burst", burst])
+    if listener == "json":
+        sock = tcp_connect(server.ports["json"])
+    else:
+        sock = tls_connect(server.ports["jsons"], client_tls_context(server.ca))
+    started = time.monotonic()
+    sock.sendall(json.dumps({"message_type": "Connect", "client_id": "lines", "timestamp": time.time()}).encode()
+                 + b"\n" + b'["not a message"]\n' * total)
+    answers, buf, checked = [], b"", False
+    sock.settimeout(30)
+    while len(answers) < total + 1:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed"
+        buf += chunk
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            answers.append(json.loads(line))
+        if not checked and len(answers) >= 20:
+            elapsed = time.monotonic() - started
+            assert len(answers) <= burst + rate * elapsed + 3, (len(answers), elapsed)
+            checked = True
+    assert answers[0]["payload"] == "Connected"
+    assert all(a["message_type"] == "Error" for a in answers[1:])
+    counters = server.counters()
+    assert counters["json_errors"] == total
+    assert counters["rate_limits"]["pauses"]["max_messages_rate"] >= 1
+    sock.close()
+
+
+def test_message_rate_on_http_ingest_answers_every_request(gw_factory):
+    """HTTP ingest over max_messages_rate 4/s, burst 2 (each request body a
+    message): 12 pipelined requests on one connection are all answered 202,
+    in order, after the connection was paused; its http_timeout does not cut
+    the requests waiting meanwhile."""
+    from http_client import HttpConn, ingest_body
+
+    server = gw_factory(workers=1, listeners=("http",),
+                        args=["--max-messages-rate", 4, "--max-messages-burst", 2, "--http-timeout", 1])
+    conn = HttpConn(server.ports["http"], timeout=30)
+    rate, burst, total = 4, 2, 12
+    started = time.monotonic()
+    for seq in range(total):
+        conn.request("POST", "/v1/ingest/rate-dev", ingest_body(seq=seq), send_only=True)
+    answers = [conn.read_response(timeout=30) for _ in range(8)]
+    elapsed = time.monotonic() - started        # 8 answers take at least (8 - 2) / 4 = 1.5 s
+    assert len(answers) <= burst + rate * elapsed + 2, elapsed
+    answers += [conn.read_response(timeout=30) for _ in range(total - 8)]
+    assert [a.status for a in answers] == [202] * total
+    counters = server.counters()
+    assert counters["rate_limits"]["pauses"]["max_messages_rate"] >= 1
+    assert counters["ingest_records_accepted"] == total
+    assert counters["http_timeouts"] == 0

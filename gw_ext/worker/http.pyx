@@ -135,6 +135,9 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
         if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
             st.flags |= HF_LINGER_WANTED        # the client sent more than we answer
             return n
+        if w.batch_messages >= w.msg_allowance or w.batch_bytes >= w.byte_allowance:
+            w.rate_stopped = True       # a rate's bucket is spent: the next requests wait (rate_limits.pyx)
+            break
         r = http_request(w, c, buf + pos, n - pos)
         if r < 0:
             return -1

@@ -19,8 +19,8 @@
 #       cannot pay for (an integer compare per message against the batch's
 #       allowance), leaving it and what follows in the carry-over buffer; a
 #       message larger than what is left still goes (the byte bucket goes
-#       negative: the client waits longer), so does an HTTP request (bodies are
-#       not cut). A bucket that cannot pay for one more message: the connection
+#       negative: the client waits longer); HTTP stops before the next request
+#       (a request is never cut). A bucket that cannot pay for one more message: the connection
 #       is not read (F_RATE_PAUSED, no EPOLLIN; its carry-over buffer waits
 #       too) until it can (rate_resume_due), then its carry-over is handled.
 #       Its keepalive does not run out meanwhile: the server's pause is not the
@@ -250,9 +250,8 @@ cdef void rate_paused_compact(Worker w) noexcept:
 cdef void rate_resume_due(Worker w):
     """Called at the top of a turn (nothing of any connection on the stack) once
     the earliest resume time passed: connections whose buckets are back are
-    read again; what waits in their carry-over buffer is handled in this turn
-    (resume_settled), and bytes OpenSSL already decrypted (epoll cannot see
-    them) are read now."""
+    read again: what waits in their carry-over buffer is handled now, and so
+    are bytes OpenSSL already decrypted (epoll cannot see them)."""
     cdef int i = 0, fd
     cdef Conn* c
     cdef RateBucket* b
@@ -279,12 +278,12 @@ cdef void rate_resume_due(Worker w):
                 w.counters[RATE_PAUSED] -= 1
                 c.last_rx_ms = w.now_ms     # the server's pause is not the client's silence
                 w.update_events(c)
-                if c.inlen and c.state == ST_CONNECTED:
-                    w.resume_later(c)       # complete messages may wait there
-                if c.ssl != NULL and SSL_pending(c.ssl) > 0:
-                    w.current_fd = fd
+                w.current_fd = fd
+                if c.inlen and (c.state == ST_CONNECTED or c.state == ST_AWAIT_CONNECT):
+                    w.resume_input(c)       # complete messages may wait there (the framing stopped)
+                if c.ssl != NULL and is_client_state(c.state) and SSL_pending(c.ssl) > 0:
                     w.on_readable(c)
-                    w.current_fd = -1
+                w.current_fd = -1
                 continue
         if next_ms == 0 or b.resume_ms < next_ms:
             next_ms = b.resume_ms
