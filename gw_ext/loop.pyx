@@ -1098,11 +1098,11 @@ cdef class Worker:
 
     cdef void update_events(self, Conn* c):
         """Registers what c waits for: input unless it is paused (backpressure,
-        too many answers held for the log) or its CONNECT is settling; output
-        while a write would block."""
+        too many answers held for the log, a rate limit) or its CONNECT is
+        settling; output while a write would block."""
         cdef epoll_event ev
         ev.events = 0
-        if not (c.flags & (F_PAUSED | F_HELD_FULL)) and c.state != ST_SETTLING:
+        if not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED)) and c.state != ST_SETTLING:
             ev.events |= EPOLLIN
         if c.flags & F_POLLOUT:
             ev.events |= EPOLLOUT

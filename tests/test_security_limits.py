@@ -341,3 +341,38 @@ def test_message_rate_on_http_ingest_answers_every_request(gw_factory):
     assert counters["rate_limits"]["pauses"]["max_messages_rate"] >= 1
     assert counters["ingest_records_accepted"] == total
     assert counters["http_timeouts"] == 0
+
+
+def test_a_paused_client_is_not_read(gw_factory):
+    """While a rate limit pauses a publisher, the server does not read its
+    socket (no EPOLLIN): of 16 MiB the publisher tries to write, the server's
+    received bytes grow by no more than a little per resume, not by what
+    the client keeps sending; what was read waits, unprocessed."""
+    server = gw_factory(workers=1, listeners=("mqtt",),
+                        args=["--max-messages-rate", 2, "--max-messages-burst", 1])
+    pub = mqtt_session(server.ports["mqtt"], b"flood")
+    packet = publish_packet(b"flood/t", b"p" * 1000, qos=0)
+    data = packet * (16 * 1024 * 1024 // len(packet))
+    stop = threading.Event()
+
+    def flood():
+        try:
+            pub.settimeout(60)
+            pub.sendall(data)
+        except OSError:
+            pass        # closed at the end of the test
+        stop.set()
+
+    writer = threading.Thread(target=flood, daemon=True)
+    writer.start()
+    wait_for(lambda: server.counters()["rate_limits"]["clients_paused"] >= 1, 10, what="the publisher paused")
+    before, t0 = server.counters()["bytes_in"], time.monotonic()
+    time.sleep(1.0)
+    grown, elapsed = server.counters()["bytes_in"] - before, time.monotonic() - t0
+    # Each resume (2/s) reads at most one read buffer (256 KiB); unpaused, the
+    # loop would read the whole 16 MiB at once.
+    assert grown <= 300 * 1024 * (1 + 2 * elapsed), (grown, elapsed)
+    assert not stop.is_set()        # the publisher is still blocked writing
+    assert server.counters()["packets_in"]["publish"] <= 1 + 2 * (time.monotonic() - t0 + 10)
+    pub.close()
+    writer.join(10)
