@@ -728,6 +728,7 @@ cdef class Worker:
                     if c.ssl != NULL:
                         SSL_free(c.ssl)
                         c.ssl = NULL
+                    address_release(self, c)        # its count, taken above
                     self.counters[CONNS_REJECTED] += 1
                     close(fd)
                     continue
