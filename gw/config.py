@@ -103,6 +103,30 @@ class Config:
                                        minimum=0, maximum=3600)
     max_connections: int = _setting(100_000, "open connections allowed across all workers; "
                                     "more are refused and counted", minimum=1)
+    # Rate limits (EMQX's limiter): a bucket empty stops reading, never drops what was read.
+    max_connections_per_ip: int = _setting(0, "connections open from one IP address across all workers; "
+                                           "more are closed right after accept (before TLS or CONNECT), "
+                                           "counted (per_ip_refused) (0: unlimited)",
+                                           minimum=0, maximum=65535)
+    max_conn_rate: float = _setting(0.0, "new connections per second each listener accepts (each worker "
+                                    "takes rate / workers on its own socket); past it and max_conn_burst the "
+                                    "listener stops accepting until its bucket refills, and the kernel's "
+                                    "backlog holds the rest: clients see slowness, not a refusal (0: unlimited)",
+                                    minimum=0, maximum=1_000_000)
+    max_conn_burst: int = _setting(0, "connections a listener accepts at once above max_conn_rate "
+                                   "(0: one second's worth of the rate)", minimum=0, maximum=1_000_000)
+    max_messages_rate: float = _setting(0.0, "messages per second one client may send (MQTT PUBLISH, "
+                                        "JSON lines, HTTP requests with a body); past it and "
+                                        "max_messages_burst the server stops reading that client until its "
+                                        "bucket refills (0: unlimited)", minimum=0, maximum=10_000_000)
+    max_messages_burst: int = _setting(0, "messages one client may send at once above max_messages_rate "
+                                       "(0: one second's worth of the rate)", minimum=0, maximum=100_000_000)
+    max_bytes_rate: int = _setting(0, "bytes per second of those messages one client may send; past it and "
+                                   "max_bytes_burst the server stops reading that client until its bucket "
+                                   "refills (0: unlimited)", minimum=0, maximum=1 << 40)
+    max_bytes_burst: int = _setting(0, "bytes one client may send at once above max_bytes_rate (0: one "
+                                    "second's worth of the rate, at least max_packet_size); set, it must be "
+                                    "at least max_packet_size", minimum=0, maximum=1 << 40)
     max_packet_size: int = _setting(1 << 20, "largest MQTT packet (or JSON line) accepted, bytes; "
                                     "larger closes the connection", minimum=64, maximum=268_435_460)
     max_outbound: int = _setting(8 << 20, "bytes queued to one slow client before it is disconnected; "
@@ -335,6 +359,11 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
     if not any(cfg.address(k) for k in LISTENER_KEYS):
         raise ConfigError("config keys " + ", ".join(f"'{k}'" for k in LISTENER_KEYS) + ": every listener is off")
     check_client_certificates(cfg)
+    if cfg.max_bytes_rate and cfg.max_bytes_burst and cfg.max_bytes_burst < cfg.max_packet_size:
+        # Refused rather than raised: a setting silently different from the file misleads.
+        raise ConfigError(f"config key 'max_bytes_burst': {cfg.max_bytes_burst} is below max_packet_size "
+                          f"({cfg.max_packet_size}): one largest message would empty the bucket; raise it, "
+                          f"or 0 for the default")
     if (not cfg.telemetry_topic or any(ch in cfg.telemetry_topic for ch in "+#\0")
             or cfg.telemetry_topic.startswith("$") or cfg.telemetry_topic.endswith("/")):
         raise ConfigError(f"config key 'telemetry_topic': not a plain topic prefix: {cfg.telemetry_topic!r}")

@@ -158,6 +158,7 @@ class Master:
         self.acl = None             # the ACL file in force, as parsed (gw/acl.py): what a (re)spawned worker starts with
         self.block: StatsBlock | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
+        self.address_counts = None  # connections per client address, shared (gw_ext/addrlimit.pyx)
         # The pipeline process (gw/pipeline/): reads the workers' logs into the
         # sinks; one SOCK_SEQPACKET pair per worker carries its alerts into the broker.
         self.pipeline = Slot(-1)
@@ -242,6 +243,10 @@ class Master:
             # repeated (device_id, seq) is caught whichever worker it reaches.
             from gw_ext.dedup import DedupTable
             self.dedup = DedupTable(cfg.idempotency_capacity, cfg.idempotency_window)
+        # Always made (its pages are touched only once counted), so a reload may
+        # set max_connections_per_ip; sized for max_connections at start.
+        from gw_ext.addrlimit import AddressCounts
+        self.address_counts = AddressCounts(len(self.slots), cfg.max_connections)
         self.pidfile = data / PIDFILE
         fd = os.open(self.pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -359,7 +364,8 @@ class Master:
             else:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
-                           self.config_path, self.overrides, self.dedup, self.acl)
+                           self.config_path, self.overrides, self.dedup, self.acl,
+                           self.address_counts)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -432,6 +438,10 @@ class Master:
         slot.pid = 0
         self.block.set_worker_pid(slot.index, 0)
         self.block.reset_gauges(slot.index)
+        if self.address_counts is not None:
+            # Its connections died with it: their addresses' counts go back
+            # (before a respawn, so its new life starts from an empty row).
+            self.address_counts.release_worker(slot.index)
         how = exit_status(status)
         if self.stopping:
             if not stopped_cleanly(status):

@@ -40,7 +40,7 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 # restored sessions again). All but the per-worker ones are summed over rows.
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-          Counter.SUBSCRIPTION_INDEX_BYTES)
+          Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET)    # a sum means nothing
 HIST_WORDS = int(Layout.HIST_WORDS)
@@ -258,9 +258,14 @@ def counter_dict(totals) -> dict:
     totals = [int(v) for v in totals]
     out = {}
     for c in Counter:
-        if c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS:
+        if c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS:
             continue
         out[c.name.lower()] = totals[c]
+    out["rate_limits"] = {
+        "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
+        "per_ip_refused": totals[Counter.PER_IP_REFUSED],
+        "clients_paused": totals[Counter.RATE_PAUSED],
+    }
     for base, label in ((Counter.PKT_IN, "packets_in"), (Counter.PKT_OUT, "packets_out")):
         out[label] = {name: totals[base + t] for t, name in PACKET_NAMES.items()}
     out["malformed"] = {name: totals[Counter.MALFORMED_BY_REASON + r]
@@ -303,6 +308,12 @@ MALFORMED_REASONS = {1: "fixed_header", 2: "remaining_length", 3: "utf8", 4: "pr
                      9: "control_character", 10: "server_packet", 11: "wrong_ack_kind"}
 # LIMITS + LIM_*: which bound a client hit, named after its setting (max_<name>).
 LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("LIM_")}
+# The rate limits' counters, grouped under "rate_limits" (`gw stats --json`): the
+# pauses by setting, the connections refused by max_connections_per_ip, the
+# clients paused now.
+RATE_LIMIT_PAUSES = {"max_conn_rate": Counter.CONN_RATE_PAUSES, "max_messages_rate": Counter.MSG_RATE_PAUSES,
+                     "max_bytes_rate": Counter.BYTE_RATE_PAUSES}
+RATE_LIMIT_COUNTERS = (*RATE_LIMIT_PAUSES.values(), Counter.PER_IP_REFUSED, Counter.RATE_PAUSED)
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)
 

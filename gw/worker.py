@@ -76,6 +76,10 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
     worker.tick_ms = 1000
+    # After max_packet_size: the default byte burst is at least one largest packet.
+    worker.set_rate_limits(cfg.max_conn_rate, cfg.max_conn_burst, cfg.max_messages_rate,
+                           cfg.max_messages_burst, cfg.max_bytes_rate, cfg.max_bytes_burst,
+                           cfg.max_connections_per_ip)
 
 
 def peer_address(fd: int) -> str | None:
@@ -181,7 +185,8 @@ class _LoggedReading(msgspec.Struct):
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
-                overrides: dict, dedup=None, acl=None) -> int:
+                overrides: dict, dedup=None, acl=None,
+                address_counts=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -199,6 +204,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     ingest = Ingest(cfg.max_batch, block.rows[slot])
     json_protocol = JsonProtocol(ingest)
     worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
+    if address_counts is not None:
+        worker.set_address_counts(address_counts)      # max_connections_per_ip, shared by every worker
     apply_limits(worker, cfg)
     apply_process_settings(cfg)
     if acl is not None:

@@ -16,6 +16,7 @@ cimport cython
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.time cimport time_t
 from gw_ext.acl cimport AclRules, AclView
+from gw_ext.addrlimit cimport AddressCounts
 from gw_ext.codec cimport ConnectPacket
 from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
@@ -53,6 +54,7 @@ cdef enum ConnFlag:
     F_PUBLISHER = 16          # has sent QoS 1/2 PUBLISH: paused under backpressure
     F_PAUSED = 32             # not read, for backpressure (worker/backpressure.pyx)
     F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (worker/durable_ack.pyx)
+    F_RATE_PAUSED = 128       # not read: a rate limit's bucket is empty (worker/rate_limits.pyx)
 
 cdef enum:
     MAX_LISTENERS = 16
@@ -115,6 +117,7 @@ cdef struct Conn:
     uint32_t timeout_ms       # idle limit after CONNECT (0: none)
     uint32_t need             # size of the partial packet in inbuf, when known
     uint64_t last_rx_ms       # when the last complete packet arrived
+    uint32_t addr_slot        # max_connections_per_ip: its address's slot + 1 in the shared counts (0: not counted)
     SSL* ssl
     char* client_id
     uint8_t* inbuf            # partial packet carried over to the next read
@@ -143,6 +146,18 @@ cdef struct Listener:
     SSL_CTX* ctx              # NULL for plain listeners
     uint8_t identity_username # use_identity_as_username: the client certificate's CN is the user name
     uint8_t client_certificate # require_certificate: every client proved who it is in the handshake
+    double accept_tokens      # max_conn_rate: connections it may accept now (worker/rate_limits.pyx)
+    uint64_t accept_refilled_ms   # when accept_tokens was last refilled (0: never: full)
+    uint64_t accept_resume_ms     # accept_paused: when it accepts again
+    uint8_t accept_paused     # out of tokens: not in the epoll set for input
+
+# A client's rate-limit buckets (worker/rate_limits.pyx), in a table indexed by fd
+# beside the Conn table, allocated with the first per-client rate limit.
+cdef struct RateBucket:
+    double messages           # messages it may still send (negative: owed, it waits longer)
+    double bytes              # ... and bytes
+    uint64_t refilled_ms      # when they were last refilled (0: never: full)
+    uint64_t resume_ms        # F_RATE_PAUSED: when it is read again
 
 
 
@@ -471,6 +486,29 @@ cdef class Worker:
     cdef uint32_t held_http_next
     cdef DedupTable dedup            # the idempotency table: its pending records commit when durable
 
+    # --- rate limits (worker/rate_limits.pyx) -------------------------------------------
+    cdef double conn_rate            # max_conn_rate / workers: this worker's share, per listener
+    cdef double conn_burst           # max_conn_burst / workers (at least 1)
+    cdef int accept_paused           # listeners paused now
+    cdef uint64_t accept_next_ms     # the earliest of their resume times
+    cdef double msg_rate             # max_messages_rate (0: none)
+    cdef double msg_burst
+    cdef double byte_rate            # max_bytes_rate (0: none)
+    cdef double byte_burst
+    cdef RateBucket* rates           # per fd; NULL until a per-client rate is set
+    cdef uint32_t batch_messages     # counted by the framing during one process() call, charged after it
+    cdef uint64_t batch_bytes
+    cdef uint32_t msg_allowance      # what the buckets allow this batch: the framing stops there
+    cdef uint64_t byte_allowance
+    cdef bint rate_stopped           # ... and it did: the rest waits in the carry-over buffer
+    cdef int* rate_paused_fds        # connections paused by a rate (stale entries dropped when seen)
+    cdef uint32_t* rate_paused_gens
+    cdef int nrate_paused
+    cdef uint64_t rate_next_ms       # the earliest resume time among them
+    cdef AddressCounts addr_counts   # max_connections_per_ip: the shared counts (None: not counted)
+    cdef uint32_t max_per_ip         # 0: unlimited
+    cdef uint64_t[256] addr_log_ms   # per address slot (mod 256): when a refusal was last logged
+
 
 # === module-level functions, by file ==================================================
 
@@ -485,6 +523,23 @@ cdef void schedule_connect_timeout(Worker w, Conn* c) noexcept
 cdef void schedule_settle_timeout(Worker w, Conn* c) noexcept
 cdef void schedule_close_grace(Worker w, Conn* c) noexcept
 cdef void on_timer(Worker w, Conn* c)
+
+# --- worker/rate_limits.pyx: connection, message and byte rates; connections per address -
+cdef uint64_t refill_wait_ms(double deficit, double rate) noexcept nogil
+cdef bint accept_allowed(Worker w, Listener* l)
+cdef void accept_resume_due(Worker w)
+cdef int address_admit(Worker w, const void* sa, unsigned salen, uint32_t* counted)
+cdef str peer_address_text(const uint8_t* sa, unsigned salen)
+cdef void address_release(Worker w, Conn* c) noexcept
+cdef void rate_bucket_reset(Worker w, int fd) noexcept
+cdef void rate_refill(Worker w, RateBucket* b) noexcept
+cdef uint64_t rate_wait_ms(Worker w, RateBucket* b) noexcept
+cdef void rate_allowance(Worker w, Conn* c) noexcept
+cdef void rate_charge(Worker w, Conn* c)
+cdef void rate_paused_compact(Worker w) noexcept
+cdef void rate_resume_due(Worker w)
+cdef void rate_forget(Worker w, Conn* c) noexcept
+cdef bint rate_hold_timer(Worker w, Conn* c) noexcept
 
 # --- worker/read_handle.pyx: one complete MQTT packet to its handler -------------------
 cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)

@@ -40,6 +40,7 @@ from gw_ext.stats cimport *
 from gw_ext.tls cimport (CN_OK, REFUSED_NONE, TLSContext, client_refusal, peer_common_name)
 from gw_ext.tls import CN_REASONS, REFUSAL_REASONS
 from gw_ext.wal cimport Wal
+from gw_ext.addrlimit cimport AddressCounts, gw_peer_address
 from gw_ext.dedup cimport DedupTable, GWD_DUPLICATE, GWD_NEW, GWD_PENDING_ELSEWHERE, GWD_PENDING_HERE
 from gw_ext.frames cimport *
 from gw_ext.topics cimport *
@@ -60,9 +61,15 @@ cdef extern from "Python.h":
 cdef extern from *:
     """
     #include <errno.h>
+    #include <sys/socket.h>
     static inline void clear_errno(void) { errno = 0; }
+    /* accept4 with the peer's address (glibc types that argument as a union of sockaddr pointers). */
+    static inline int accept_peer(int fd, void* addr, socklen_t* len, int flags) {
+        return accept4(fd, (struct sockaddr*)addr, len, flags);
+    }
     """
     void clear_errno() nogil
+    int accept_peer(int fd, void* addr, socklen_t* len, int flags) nogil
 
 cdef extern from "<string.h>":
     void* memmem(const void* haystack, size_t hlen, const void* needle, size_t nlen) nogil
@@ -216,6 +223,9 @@ cdef class Worker:
         free(self.http)
         free(self.held)
         free(self.held_per_fd)
+        free(self.rates)
+        free(self.rate_paused_fds)
+        free(self.rate_paused_gens)
         free(self.rbuf)
         free(self.dirty)
         wheel_free(&self.wheel)
@@ -300,6 +310,52 @@ cdef class Worker:
     @property
     def acl_rules(self):
         return self.acl
+    def set_rate_limits(self, double conn_rate=0, double conn_burst=0, double messages_rate=0,
+                        double messages_burst=0, double bytes_rate=0, double bytes_burst=0,
+                        int per_ip=0):
+        """The rate limits (worker/rate_limits.pyx), at start and on SIGHUP; 0:
+        unlimited. conn_rate and conn_burst are the server's, per listener: this
+        worker takes its share (1 / workers; a burst of at least 1). A burst of
+        0 is one second's worth of its rate (bytes: at least max_packet_size,
+        set before). per_ip counts from now on: connections accepted while it
+        was 0 are not counted."""
+        if min(conn_rate, conn_burst, messages_rate, messages_burst, bytes_rate, bytes_burst, per_ip) < 0:
+            raise ValueError("rate limits cannot be negative")
+        if per_ip > 65535:
+            raise ValueError("per_ip is at most 65535")
+        self.conn_rate = conn_rate / self.nworkers
+        self.conn_burst = max(1.0, (conn_burst or conn_rate) / self.nworkers)
+        self.msg_rate = messages_rate
+        self.msg_burst = max(1.0, messages_burst or messages_rate)
+        self.byte_rate = bytes_rate
+        self.byte_burst = max(<double>self.max_packet_size, bytes_burst or bytes_rate)
+        self.max_per_ip = per_ip
+        if (messages_rate > 0 or bytes_rate > 0) and self.rates == NULL:
+            # Allocated with the first per-client rate (kept: a reload may set one again);
+            # calloc: every bucket starts "never refilled", which is full.
+            self.rates = <RateBucket*>calloc(self.nconns, sizeof(RateBucket))
+            self.rate_paused_fds = <int*>malloc(self.nconns * sizeof(int))
+            self.rate_paused_gens = <uint32_t*>malloc(self.nconns * sizeof(uint32_t))
+            if self.rates == NULL or self.rate_paused_fds == NULL or self.rate_paused_gens == NULL:
+                free(self.rates)
+                free(self.rate_paused_fds)
+                free(self.rate_paused_gens)
+                self.rates = NULL
+                self.rate_paused_fds = NULL
+                self.rate_paused_gens = NULL
+                raise MemoryError()
+
+    def set_address_counts(self, AddressCounts counts):
+        """The shared counts of connections per address (gw_ext/addrlimit.pyx),
+        made by the master, for max_connections_per_ip."""
+        if counts is not None and self.worker_index >= counts.nworkers:
+            raise ValueError("the address counts have no row for worker %d" % self.worker_index)
+        self.addr_counts = counts
+
+    @property
+    def rate_paused(self):
+        """Connections of this worker not read now because of a rate limit."""
+        return self.counters[RATE_PAUSED]
 
     def set_query_pool(self, object pool):
         """The query threads (gw/query_pool.py): their eventfd joins the epoll set,
@@ -464,6 +520,16 @@ cdef class Worker:
             except Exception:
                 self.contained(self.current_fd, "handling a connection's events")
         self.current_fd = -1
+        if (self.accept_paused and self.now_ms >= self.accept_next_ms) or (
+                self.nrate_paused and self.now_ms >= self.rate_next_ms):
+            try:
+                if self.accept_paused and self.now_ms >= self.accept_next_ms:
+                    accept_resume_due(self)         # worker/rate_limits.pyx
+                if self.nrate_paused and self.now_ms >= self.rate_next_ms:
+                    rate_resume_due(self)
+            except Exception:
+                self.contained(self.current_fd, "resuming connections paused by a rate limit")
+            self.current_fd = -1
         if self.nresume:
             self.resume_settled()
         self.run_timers()
@@ -657,8 +723,14 @@ cdef class Worker:
         cdef int fd, k, one = 1
         cdef Conn* c
         cdef epoll_event ev
+        cdef uint64_t[16] peer          # a sockaddr_storage (128 bytes), aligned
+        cdef socklen_t peer_len
+        cdef uint32_t addr_slot
         for k in range(ACCEPT_BATCH):
-            fd = accept4(l.fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC)
+            if not accept_allowed(self, l):     # max_conn_rate (worker/rate_limits.pyx)
+                return
+            peer_len = sizeof(peer)
+            fd = accept_peer(l.fd, &peer[0], &peer_len, SOCK_NONBLOCK | SOCK_CLOEXEC)
             if fd < 0:
                 if errno == EINTR or errno == ECONNABORTED or errno == EPROTO:
                     continue
@@ -681,10 +753,17 @@ cdef class Worker:
                 close(fd)
                 self.log_limited(CR_REFUSED, "connection refused: max_connections reached")
                 continue
+            if self.conn_rate > 0:
+                l.accept_tokens -= 1.0
+            if address_admit(self, &peer[0], peer_len, &addr_slot) < 0:
+                close(fd)       # max_connections_per_ip: before TLS or CONNECT (counted, logged)
+                continue
             setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one))
             c = &self.conns[fd]
             memset(c, 0, sizeof(Conn))
             c.fd = fd
+            c.addr_slot = addr_slot
+            rate_bucket_reset(self, fd)
             c.session = -1
             self.conn_gen += 1
             c.gen = self.conn_gen
@@ -700,6 +779,7 @@ cdef class Worker:
                     if c.ssl != NULL:
                         SSL_free(c.ssl)
                         c.ssl = NULL
+                    address_release(self, c)        # its count, taken above
                     self.counters[CONNS_REJECTED] += 1
                     close(fd)
                     continue
@@ -810,8 +890,9 @@ cdef class Worker:
                     return
             # Plain sockets: one read per readiness event (level-triggered epoll
             # brings us back). TLS: drain what OpenSSL already decrypted, which
-            # epoll cannot see.
-            if c.ssl == NULL or SSL_pending(c.ssl) == 0:
+            # epoll cannot see (unless a rate limit paused it: rate_resume_due
+            # reads that when it resumes).
+            if c.ssl == NULL or SSL_pending(c.ssl) == 0 or c.flags & F_RATE_PAUSED:
                 return
 
     cdef int resume_input(self, Conn* c):
@@ -835,6 +916,14 @@ cdef class Worker:
         or -1 if the connection was closed. Handlers never free buf: a close
         only marks the connection (close_conn), so buf stays valid here."""
         cdef Py_ssize_t pos
+        self.batch_messages = 0     # what the framing counts for the rate limits
+        self.batch_bytes = 0
+        self.rate_stopped = False
+        if self.rates != NULL:
+            rate_allowance(self, c)     # worker/rate_limits.pyx
+        else:
+            self.msg_allowance = 0xFFFFFFFF
+            self.byte_allowance = 0xFFFFFFFFFFFFFFFF
         if c.proto == PROTO_HTTP:
             pos = process_http(self, c, buf, n)
         elif c.proto == PROTO_JSON:
@@ -843,6 +932,8 @@ cdef class Worker:
             pos = self.process_mqtt(c, buf, n)
         if pos >= 0 and c.state == ST_CLOSED:
             return -1
+        if self.rates != NULL and (self.batch_messages or self.batch_bytes or self.rate_stopped):
+            rate_charge(self, c)    # once per batch (worker/rate_limits.pyx)
         return pos
 
     cdef Py_ssize_t process_mqtt(self, Conn* c, uint8_t* buf, Py_ssize_t n):
@@ -878,8 +969,15 @@ cdef class Worker:
             if n - pos < total:
                 c.need = <uint32_t>total
                 break
+            if (first & 0xF0) == 0x30 and (self.batch_messages >= self.msg_allowance
+                                           or self.batch_bytes >= self.byte_allowance):
+                self.rate_stopped = True    # a rate's bucket is spent: the rest waits (rate_limits.pyx)
+                break
             if handle_packet(self, c, first, buf + pos + hl, remaining) < 0:
                 return -1
+            if (first & 0xF0) == 0x30:      # PUBLISH: what the message and byte rates count
+                self.batch_messages += 1
+                self.batch_bytes += <uint64_t>total
             any_packet = True
             pos += total
         if any_packet:
@@ -1067,11 +1165,11 @@ cdef class Worker:
 
     cdef void update_events(self, Conn* c):
         """Registers what c waits for: input unless it is paused (backpressure,
-        too many answers held for the log) or its CONNECT is settling; output
-        while a write would block."""
+        too many answers held for the log, a rate limit) or its CONNECT is
+        settling; output while a write would block."""
         cdef epoll_event ev
         ev.events = 0
-        if not (c.flags & (F_PAUSED | F_HELD_FULL)) and c.state != ST_SETTLING:
+        if not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED)) and c.state != ST_SETTLING:
             ev.events |= EPOLLIN
         if c.flags & F_POLLOUT:
             ev.events |= EPOLLOUT
@@ -1190,6 +1288,8 @@ cdef class Worker:
         and the worker's teardown)."""
         cdef uint8_t state = c.closed_from if c.state == ST_CLOSED else c.state
         wheel_cancel(&self.wheel, &c.timer)
+        address_release(self, c)        # worker/rate_limits.pyx
+        rate_forget(self, c)
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:
@@ -1262,3 +1362,5 @@ include "worker/http_queries.pyx"
 include "worker/ingest.pyx"
 include "worker/telemetry.pyx"
 include "worker/durable_ack.pyx"
+# Rate limits, connections per address.
+include "worker/rate_limits.pyx"

@@ -42,6 +42,13 @@ cpdef enum:
     SLOW_CONSUMERS = 85       # subscribers that stopped acknowledging while congested
     SESSIONS_EXPIRED = 86     # clean_session=0 sessions ended after session_expiry away
     SESSIONS_LATE = 87        # sessions from another worker dropped: their CONNECT had settled without them
+    # Rate limits (worker/rate_limits.pyx): enforced by not reading, never by dropping what was read.
+    CONN_RATE_PAUSES = 88     # a listener stopped accepting: its max_conn_rate bucket was empty (the backlog holds the rest)
+    MSG_RATE_PAUSES = 89      # a client's reads paused: its max_messages_rate bucket was empty
+    BYTE_RATE_PAUSES = 90     # a client's reads paused: its max_bytes_rate bucket was empty
+    PER_IP_REFUSED = 91       # connections closed right after accept: max_connections_per_ip open from their address
+    RATE_PAUSED = 92          # gauge: clients not read now because of a rate limit
+    # 93..95 free.
     CHANNEL_MSGS_OUT = 80     # PUBLISH forwarded to other workers
     CHANNEL_MSGS_IN = 81      # PUBLISH received from other workers
     CHANNEL_BYTES_OUT = 82

@@ -60,6 +60,12 @@ def test_existing_counters_kept_their_indices():
         == (0, 31, 32, 48, 64, 80, 86)
 
 
+def test_rate_limit_counters():
+    assert {c.name: int(c) for c in Counter if 88 <= c < 96} == {
+        "CONN_RATE_PAUSES": 88, "MSG_RATE_PAUSES": 89, "BYTE_RATE_PAUSES": 90, "PER_IP_REFUSED": 91,
+        "RATE_PAUSED": 92}
+
+
 def test_new_counters():
     assert {c.name: int(c) for c in Counter if c >= 96} == {
         "HTTP_REQUESTS": 96, "INGEST_REQUESTS": 112, "INGEST_RECORDS_ACCEPTED": 128,
@@ -137,7 +143,7 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-                           Counter.SUBSCRIPTION_INDEX_BYTES}
+                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET)
 
@@ -180,6 +186,9 @@ def test_counter_dict(make_block):
     # Every value is a figure or a dict of figures: no histogram word as a counter.
     assert all(isinstance(v, (int, dict)) for v in d.values())
     assert len(d) < 96      # a range or histogram leaking its words as counters would add 16 or more
+    assert "msg_rate_pauses" not in d
+    assert d["rate_limits"] == {"pauses": {"max_conn_rate": 0, "max_messages_rate": 0, "max_bytes_rate": 0},
+                                "per_ip_refused": 0, "clients_paused": 0}
 
 
 def test_aggregator_tick(make_block):

@@ -138,6 +138,9 @@ cdef Py_ssize_t process_http(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
         if c.state == ST_CLOSING or st.flags & HF_CLOSE_AFTER_HELD:
             st.flags |= HF_LINGER_WANTED        # the client sent more than we answer
             return n
+        if w.batch_messages >= w.msg_allowance or w.batch_bytes >= w.byte_allowance:
+            w.rate_stopped = True       # a rate's bucket is spent: the next requests wait (rate_limits.pyx)
+            break
         r = http_request(w, c, buf + pos, n - pos)
         if r < 0:
             return -1
@@ -481,6 +484,9 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         payload = http_dechunk(body, total, body_len)
     else:
         payload = PyBytes_FromStringAndSize(<char*>body, body_len)
+    if body_len > 0:
+        w.batch_messages += 1           # a request body: the message and byte rates (rate_limits.pyx)
+        w.batch_bytes += <uint64_t>body_len
     cdef bint sink = w.wal is not None and w.listeners[c.listener].ack_sink
     cdef int64_t needed = 0
     cdef object answer

@@ -31,8 +31,13 @@ cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n
         if end > pos and buf[end - 1] == 13:     # tolerate CRLF
             end -= 1
         if end > pos:
+            if w.batch_messages >= w.msg_allowance or w.batch_bytes >= w.byte_allowance:
+                w.rate_stopped = True       # a rate's bucket is spent: the rest waits (rate_limits.pyx)
+                break
             if handle_json_line(w, c, buf + pos, end - pos) < 0:
                 return -1
+            w.batch_messages += 1           # the message and byte rates (rate_limits.pyx)
+            w.batch_bytes += <uint64_t>(end - pos)
             any_line = True
         pos = (nl - buf) + 1
     if any_line:

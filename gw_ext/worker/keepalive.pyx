@@ -57,6 +57,8 @@ cdef inline void schedule_close_grace(Worker w, Conn* c) noexcept:
 cdef void on_timer(Worker w, Conn* c):
     """A connection's deadline passed (Worker.run_timers)."""
     cdef uint64_t deadline
+    if c.flags & F_RATE_PAUSED and rate_hold_timer(w, c):
+        return      # not read because of a rate limit: not the client's silence (rate_limits.pyx)
     if c.state == ST_CONNECTED:
         deadline = c.last_rx_ms + c.timeout_ms
         if deadline > w.now_ms:
