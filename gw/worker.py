@@ -259,6 +259,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         worker_authenticator[0] = authenticator
         worker.set_auth(authenticator, auth_pool)
         worker.allow_anonymous = anonymous_allowed(new)
+        # The handshake of a listener requiring a certificate authenticated the
+        # client: no user name needed there, unless the operator said false.
+        worker.certificate_anonymous = new.allow_anonymous != "false"
         worker.auth_required = bool(new.password_file) or new.require_certificate
 
     worker_authenticator = [None]

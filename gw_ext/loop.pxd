@@ -424,6 +424,7 @@ cdef class Worker:
 
     # --- who may connect (worker/auth.pyx; the policy and the password file: gw/auth.py) --
     cdef public bint allow_anonymous    # a CONNECT without a user name is accepted
+    cdef public bint certificate_anonymous  # ... on a listener requiring a client certificate (unless allow_anonymous = false)
     cdef public bint auth_required      # authentication is on: an id held by another user is not taken over
     cdef object authenticator           # gw.auth.Authenticator; None: no password file
     cdef object auth_pool               # gw.query_pool.QueryPool: password checks off the loop

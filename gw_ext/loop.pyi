@@ -40,6 +40,7 @@ class Worker:
     worker_index: int
     max_connections: int
     allow_anonymous: bool
+    certificate_anonymous: bool
     auth_required: bool
     max_packet_size: int
     max_outbound: int

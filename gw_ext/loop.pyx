@@ -169,6 +169,7 @@ cdef class Worker:
         self.pending = {}
         self.auth_waiting = {}
         self.allow_anonymous = True
+        self.certificate_anonymous = True
         self.settle_orphans = []
         self.pending_subacks = {}
         self.retained = {}

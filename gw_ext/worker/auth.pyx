@@ -39,15 +39,16 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
     if l.identity_username:
         return 0                        # use_identity_as_username: the verified certificate's CN is who it is
     # On a listener that requires a client certificate, the handshake already
-    # proved the client: one without a user name is let in (as anonymous for the ACL).
+    # proved the client: one without a user name is let in (as anonymous for
+    # the ACL), unless allow_anonymous = false asks for user names everywhere.
     if not pkt.has_username:
-        if w.allow_anonymous or l.client_certificate:
+        if w.allow_anonymous or (l.client_certificate and w.certificate_anonymous):
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
     user = pc.username                  # handle_connect's: the identity the password must prove
     if w.authenticator is None:
-        if w.allow_anonymous or l.client_certificate:
+        if w.allow_anonymous or (l.client_certificate and w.certificate_anonymous):
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
