@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -31,67 +29,15 @@ import threading
 import time
 from pathlib import Path
 
+from benchutil import mqtt_only_gw
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
+
+from mqtt_bytes import connect_packet, recv_exact  # noqa: E402
+
 USER, PASSWORD = b"storm", b"storm-password"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def mqtt_str(b: bytes) -> bytes:
-    return struct.pack("!H", len(b)) + b
-
-
-def connect_packet(client_id: bytes, user: bytes | None = None, password: bytes | None = None) -> bytes:
-    flags = 0x02 | (0xC0 if user is not None else 0)
-    body = mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60) + mqtt_str(client_id)
-    if user is not None:
-        body += mqtt_str(user) + mqtt_str(password)
-    return bytes([0x10, len(body)]) + body
-
-
-def recv_exact(sock, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise EOFError("closed")
-        buf += chunk
-    return buf
-
-
-def start_server(base: Path, pwfile: Path, threads: int, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}",
-           "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
-           "--data-dir", str(base / "data"), "--stats-interval", "0", "--password-file", str(pwfile),
-           "--allow-anonymous", "true", "--auth-cache-seconds", "0", "--auth-threads", str(threads)]
-    proc = subprocess.Popen(cmd, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(base / f"gw-{threads}.log", "ab"), start_new_session=True)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                s.sendall(connect_packet(b"probe"))
-                if recv_exact(s, 4) == b"\x20\x02\x00\x00":
-                    return proc
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"gw serve did not start (see {base})")
-        time.sleep(0.1)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def run_once(port: int, duration: float, stormers: int) -> dict:
@@ -104,7 +50,7 @@ def run_once(port: int, duration: float, stormers: int) -> dict:
             i += 1
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
-                    s.sendall(connect_packet(b"storm-%d-%d" % (k, i), USER, PASSWORD))
+                    s.sendall(connect_packet(b"storm-%d-%d" % (k, i), user=USER, password=PASSWORD))
                     if recv_exact(s, 4) == b"\x20\x02\x00\x00":
                         connects[k] += 1
             except OSError:
@@ -150,18 +96,17 @@ def main() -> None:
         rows = []
         for rnd in range(args.rounds):
             for threads in args.threads:
-                port = free_port()
-                proc = start_server(base, pwfile, threads, port)
-                try:
+                flags = ("--password-file", str(pwfile), "--allow-anonymous", "true",
+                         "--auth-cache-seconds", "0", "--auth-threads", str(threads))
+                with open(base / f"gw-{threads}.log", "ab") as log, \
+                        mqtt_only_gw(1, *flags, tmp_parent=tmp, stderr=log) as (_, port, _):
                     r = run_once(port, args.duration, args.stormers)
-                finally:
-                    stop_server(proc)
                 rows.append((threads, rnd, r))
                 print(f"auth_threads={threads} round {rnd + 1}: {r}", file=sys.stderr, flush=True)
     print("| auth_threads | round | PINGs | PINGRESP p50 | p99 | max | password CONNECTs/s |")
     print("|---|---|---|---|---|---|---|")
     for threads, rnd, r in rows:
-        print(f"| {threads} | {rnd + 1} | {r['pings']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.1f} ms | "
+        print(f"| {threads} | {rnd + 1} | {r['pings']} | {r['p50_ms']:.2f} ms | {r['p99_ms']:.2f} ms | "
               f"{r['max_ms']:.1f} ms | {r['connects_per_s']:.1f} |")
 
 

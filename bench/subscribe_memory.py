@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 MAX_PACKET = 1 << 20
 sys.path.append(str(REPO / "tests"))      # MQTT bytes built by hand (tests/mqtt_bytes.py)
 
-from mqtt_bytes import packet  # noqa: E402
+from mqtt_bytes import packet, read_packet  # noqa: E402
 
 
 def rss(pid: int) -> int:
@@ -49,26 +49,6 @@ def connect_packet(client_id: bytes) -> bytes:
 def subscribe_packet(packet_id: int, filters: list[bytes]) -> bytes:
     body = struct.pack("!H", packet_id) + b"".join(struct.pack("!H", len(f)) + f + b"\x01" for f in filters)
     return packet(0x82, body)
-
-
-def read_packet(sock: socket.socket) -> tuple[int, bytes]:
-    def exactly(n: int) -> bytes:
-        buf = b""
-        while len(buf) < n:
-            chunk = sock.recv(n - len(buf))
-            if not chunk:
-                raise ConnectionError("server closed the connection")
-            buf += chunk
-        return buf
-    first = exactly(1)[0]
-    length, mult = 0, 1
-    while True:
-        b = exactly(1)[0]
-        length += (b & 0x7F) * mult
-        mult *= 128
-        if not b & 0x80:
-            break
-    return first, exactly(length)
 
 
 def deep_packets() -> list[list[bytes]]:

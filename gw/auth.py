@@ -20,12 +20,11 @@ verified passwords.
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import secrets
 import threading
 import time
 
-from gw.config import certificate_required
+from gw.config import certificate_required, is_loopback_host
 from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
 
 # Listeners whose clients the anonymous rules apply to (HTTP has its own tokens).
@@ -34,22 +33,13 @@ CLIENT_LISTENERS = ("mqtt", "mqtts", "json", "jsons")
 _DECOY = Entry("7", b"\0" * 12, b"\0" * 64, PBKDF2_ITERATIONS)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False            # a host name: it may resolve anywhere
-
-
 def off_loopback_listeners(cfg, *, unless_certificate: bool = False) -> list[str]:
     """The client listeners on an address other than loopback; with
     unless_certificate, only those where no client certificate is required."""
     out = []
     for key in CLIENT_LISTENERS:
         addr = cfg.address(key)
-        if addr is None or is_loopback(addr.host):
+        if addr is None or is_loopback_host(addr.host):
             continue
         if unless_certificate and certificate_required(cfg, key):
             continue

@@ -7,6 +7,7 @@ Errors name the key and end the program with exit code 2.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
@@ -380,6 +381,16 @@ def check_client_certificates(cfg: Config) -> None:
         raise ConfigError("config key 'use_identity_as_username': needs require_certificate = true")
     if cfg.crlfile and not cfg.require_certificate:
         raise ConfigError("config key 'crlfile': needs require_certificate = true and client_cafile")
+
+
+def is_loopback_host(host: str) -> bool:
+    """A listener's host that only this machine reaches."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False            # a host name: it may resolve anywhere
 
 
 def certificate_required(cfg: Config, listener: str) -> bool:

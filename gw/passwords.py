@@ -26,10 +26,10 @@ import base64
 import binascii
 import hashlib
 import hmac
-import os
 import secrets
-import tempfile
 from dataclasses import dataclass
+
+from gw.private_files import replace_private_file
 
 # New `$7$` entries: OWASP's 2023 figure for PBKDF2-HMAC-SHA512 (210,000
 # iterations, about 0.1-0.2 s per check on one core). Mosquitto's 101 is
@@ -186,24 +186,5 @@ def update_file(path: str, user: str, password: str | None, *, create: bool = Fa
 
 
 def write_atomically(path: str, text: str) -> None:
-    """Writes a temporary file (0600) beside `path`, fsyncs it and renames it over."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".passwd-", dir=directory)   # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """The password file replaced whole, mode 0600 (gw/private_files.py)."""
+    replace_private_file(path, text)

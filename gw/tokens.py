@@ -28,17 +28,16 @@ import base64
 import fcntl
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import re
 import secrets
-import tempfile
 import time
 from fnmatch import translate
 from pathlib import Path
 
-from gw.config import LISTENER_KEYS, Config, parse_address
+from gw.config import LISTENER_KEYS, Config, is_loopback_host, parse_address
+from gw.private_files import replace_private_file
 
 SCOPES = ("ingest", "read", "admin")
 TOKEN_PREFIX = "gw_"
@@ -91,15 +90,6 @@ def tokens_path(cfg: Config, get=getattr) -> Path:
     """http_tokens_file, or `tokens` in data_dir."""
     explicit = get(cfg, "http_tokens_file")
     return Path(explicit) if explicit else Path(get(cfg, "data_dir")) / TOKENS_FILE
-
-
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False            # a name: it may resolve anywhere
 
 
 def http_tokens_required(cfg: Config, get=getattr) -> bool:
@@ -190,26 +180,7 @@ def write_tokens(path: Path, tokens) -> None:
     """The whole file, atomically: a temporary file (mode 0600) beside it, fsync,
     rename, directory fsync."""
     text = "".join(json.dumps(t.as_json(), separators=(", ", ": ")) + "\n" for t in tokens)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)   # mkstemp: mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fchmod(fh.fileno(), 0o600)
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    replace_private_file(path, text)
 
 
 class _Locked:

@@ -87,7 +87,11 @@ cdef enum CloseReason:
     CR_TLS_NO_CERT = 21       # (log only) a handshake refused: no client certificate
     CR_TLS_BAD_CERT = 22      # (log only) ... a client certificate not valid, or its CN no user name
     CR_TLS_REVOKED = 23       # (log only) ... a client certificate revoked
-    N_CLOSE_REASONS = 24
+    CR_AUTH_ANONYMOUS = 24    # (log only) a CONNECT refused: no user name, anonymous access off
+    CR_AUTH_PASSWORD = 25     # (log only) ... bad user name or password
+    CR_AUTH_TAKEOVER = 26     # (log only) ... its client id held by another user's session
+    CR_AUTH_BUSY = 27         # (log only) ... too many password checks waiting
+    N_CLOSE_REASONS = 28
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -430,8 +434,6 @@ cdef class Worker:
     cdef object auth_pool               # gw.query_pool.QueryPool: password checks off the loop
     cdef dict auth_waiting              # auth token -> PendingConnect whose password is being checked
     cdef uint32_t auth_token
-    cdef uint64_t[4] auth_last_log_ms   # per AUTH_LOG_* reason: refusals logged at most every 10 s
-    cdef uint64_t[4] auth_suppressed
 
     # --- the client-id registry (worker/registry.pyx) -----------------------------------
     cdef dict registry               # at the id's home: client id -> owning worker

@@ -22,7 +22,7 @@ from hypothesis import given, settings, strategies as st
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
 from broker_fixtures import RawClient, publish_packet_full  # noqa: E402
 from conftest import run_gw, tcp_connect, wait_for  # noqa: E402
-from mqtt_bytes import mqtt_str, packet  # noqa: E402
+import mqtt_bytes  # noqa: E402
 
 from gw.acl import DENY, READ, WRITE, AclError, AclFile, parse_acl  # noqa: E402
 from gw_ext.acl import AclRules, AclSession  # noqa: E402
@@ -238,16 +238,7 @@ pattern read users/%u/inbox
 
 
 def connect_bytes(client_id: str, user: str | None = None, *, clean: bool = True, will=None) -> bytes:
-    flags = 0x02 if clean else 0
-    tail = mqtt_str(client_id)
-    if will is not None:
-        topic, message, qos, retain = will
-        flags |= 0x04 | (qos << 3) | (0x20 if retain else 0)
-        tail += mqtt_str(topic) + mqtt_str(message)
-    if user is not None:
-        flags |= 0x80
-        tail += mqtt_str(user)
-    return packet(0x10, mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60) + tail)
+    return mqtt_bytes.connect_packet(client_id, clean, will=will, user=user)
 
 
 class Clients:

@@ -13,14 +13,14 @@ import shutil
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import threading
 import time
 
 import pytest
 
-from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, mqtt_str, packet, paho_client_class,
+import mqtt_bytes
+from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, paho_client_class,
                       read_packet, run_gw, send_fragmented, start_paho_thread, stop_paho_thread, tcp_connect,
                       wait_closed)
 
@@ -33,13 +33,7 @@ needs_mosquitto_tools = pytest.mark.skipif(not (MOSQUITTO_PASSWD and MOSQUITTO_P
 
 def auth_connect_packet(client_id: bytes, user: bytes | None = None, password: bytes | None = None,
                         keepalive: int = 60, clean: bool = True) -> bytes:
-    flags = (0x02 if clean else 0) | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
-    body = mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", keepalive) + mqtt_str(client_id)
-    if user is not None:
-        body += mqtt_str(user)
-    if password is not None:
-        body += mqtt_str(password)
-    return packet(0x10, body)
+    return mqtt_bytes.connect_packet(client_id, clean, keepalive, user=user, password=password)
 
 
 def connack_code(port: int, client_id: bytes, user=None, password=None, *, fragmented=None) -> int:

@@ -14,20 +14,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from conftest import HOST, free_ports, mqtt_str, packet, publish_packet, read_packet, run_gw, subscribe_packet, tcp_connect
+from conftest import HOST, free_ports, publish_packet, read_packet, run_gw, subscribe_packet, tcp_connect
+from mqtt_bytes import connect_packet
 from test_security_tls import issue, make_crl, tls_context
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def connect_as(client_id: str, user: str | None = None, password: str | None = None) -> bytes:
-    flags = 0x02 | (0x80 if user is not None else 0) | (0x40 if password is not None else 0)
-    body = mqtt_str(b"MQTT") + bytes([4, flags]) + struct.pack("!H", 60) + mqtt_str(client_id)
-    if user is not None:
-        body += mqtt_str(user)
-    if password is not None:
-        body += mqtt_str(password)
-    return packet(0x10, body)
 
 
 class TlsClient:
@@ -40,7 +31,7 @@ class TlsClient:
         raw = tcp_connect(port)
         try:
             self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-            self.sock.sendall(connect_as(client_id, user, password))
+            self.sock.sendall(connect_packet(client_id, user=user, password=password))
             first, body = read_packet(self.sock)
         except (ssl.SSLError, ConnectionResetError, BrokenPipeError, EOFError):
             raw.close()
@@ -76,6 +67,13 @@ class TlsClient:
     def close(self) -> None:
         if self.sock is not None:
             self.sock.close()
+
+
+def publish_refused(server, client: TlsClient, topic: str) -> None:
+    """A publish the ACL refuses: acknowledged all the same, and counted."""
+    before = server.counters()["acl_publish_denied"]
+    client.publish(topic, b"forged", 1)
+    server.wait_counter("acl_publish_denied", before + 1)
 
 
 def readme_block(after: str, fence: str) -> str:
@@ -144,9 +142,7 @@ def test_the_readme_example_serves_off_loopback(gw_factory, tmp_path):
         assert ops.subscribe("telemetry/#") == 1
         # The pattern lines confine the device to its own topics: another
         # device's telemetry is acknowledged and dropped.
-        before = server.counters()["acl_publish_denied"]
-        sensor.publish("telemetry/sensor-2/temp", b"forged", 1)
-        server.wait_counter("acl_publish_denied", before + 1)
+        publish_refused(server, sensor, "telemetry/sensor-2/temp")
         sensor.publish("telemetry/sensor-1/temp", b"21.5", 2)
         assert ops.next_message() == ("telemetry/sensor-1/temp", b"21.5")
         assert sensor.subscribe("devices/sensor-1/commands/#") == 1
@@ -192,9 +188,7 @@ def test_certificate_identity_confined_by_user_patterns(gw_factory, tmp_path):
         assert eight.subscribe("meters/meter-7/#") == 0x80
         assert eight.subscribe("meters/meter-8/#") == 1
         assert seven.subscribe("meters/meter-7/#") == 1
-        before = server.counters()["acl_publish_denied"]
-        seven.publish("meters/meter-8/reading", b"forged", 1)
-        server.wait_counter("acl_publish_denied", before + 1)
+        publish_refused(server, seven, "meters/meter-8/reading")
         seven.publish("meters/meter-7/reading", b"42", 2)
         assert seven.next_message() == ("meters/meter-7/reading", b"42")
     finally:

@@ -6,15 +6,9 @@ import json
 import os
 from pathlib import Path
 
+from gw.private_files import fsync_directory
+
 from .errors import PipelineError
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_json_atomic(path: Path, value: dict) -> None:
@@ -28,7 +22,7 @@ def write_json_atomic(path: Path, value: dict) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    fsync_dir(path.parent)
+    fsync_directory(path.parent)
 
 
 def read_json(path: Path) -> dict | None:

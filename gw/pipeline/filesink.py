@@ -31,7 +31,9 @@ import os
 import time
 from pathlib import Path
 
-from .checkpointfile import fsync_dir, read_sink_checkpoint, write_json_atomic
+from gw.private_files import fsync_directory
+
+from .checkpointfile import read_sink_checkpoint, write_json_atomic
 from .errors import PipelineError
 from .sink import Part, Sink
 
@@ -167,7 +169,7 @@ class FileSink(Sink):
             os.unlink(self.dir / f.name)
         else:
             os.rename(self.dir / f.name, self.dir / f.name[:-len(PART)])
-            fsync_dir(self.dir)
+            fsync_directory(self.dir)
             self.rotated += 1
         self._checkpoint(slot, self.checkpoints[slot], 0)
 

@@ -21,7 +21,7 @@
 #   per reason, with the client's address, never the password.
 
 
-cdef enum:
+cdef enum:                  # in the order of CR_AUTH_* (loop.pxd) and AUTH_COUNTER
     AUTH_LOG_ANONYMOUS = 0
     AUTH_LOG_PASSWORD = 1
     AUTH_LOG_TAKEOVER = 2
@@ -121,11 +121,4 @@ cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
 
 cdef void auth_log(Worker w, int why, int fd, str message):
     """Logs a refusal at most once per 10 s per reason, with the client's address."""
-    if w.now_ms - w.auth_last_log_ms[why] < 10000 and w.auth_last_log_ms[why] != 0:
-        w.auth_suppressed[why] += 1
-        return
-    if w.auth_suppressed[why]:
-        message = "%s (and %d more like it in the last 10 s)" % (message, w.auth_suppressed[why])
-    w.auth_last_log_ms[why] = w.now_ms
-    w.auth_suppressed[why] = 0
-    log.warning("worker %d: %s, from %s", w.worker_index, message, peer_address(fd))
+    w.log_client(CR_AUTH_ANONYMOUS + why, fd, message)
