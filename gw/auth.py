@@ -92,7 +92,8 @@ class Authenticator:
 
     def cached(self, user: bytes, password: bytes) -> bool:
         """Whether this user was verified with this password within
-        auth_cache_seconds (loop thread: a digest and a look-up, no hash)."""
+        auth_cache_seconds (a digest and a look-up, no hash: the loop thread
+        asks before queueing a check, the auth threads again before hashing)."""
         if not self.cache_seconds or not self._cache:
             return False
         expiry = self._cache.get(self._cache_key(user, password))
@@ -100,6 +101,10 @@ class Authenticator:
 
     def verify(self, user: bytes, password: bytes) -> bool:
         """Checks the password (an auth thread: the hash runs here)."""
+        if self.cached(user, password):
+            # A check of the same credentials queued ahead of this one succeeded
+            # meanwhile: a storm of reconnects hashes once, not once per CONNECT queued.
+            return True
         users, generation = self.users, self._generation
         entry = users.get(user)
         if entry is None:

@@ -499,3 +499,18 @@ def sys_python() -> str:
     import sys
 
     return sys.executable
+
+
+def test_a_check_queued_behind_a_successful_one_does_not_hash_again():
+    """A storm of CONNECTs with the same credentials queues one check per
+    CONNECT before the first is answered; each queued check asks the cache of
+    successful ones first, so the storm hashes once."""
+    from gw.auth import Authenticator
+    from gw.passwords import hash_password, parse_lines
+
+    users = parse_lines([f"fleet:{hash_password('pw', 'pbkdf2')}\n"], "<test>")
+    auth = Authenticator(users, cache_seconds=60, cache_entries=100)
+    assert auth.verify(b"fleet", b"pw")
+    auth.users = {}             # no entry left to hash against: only the cache can answer
+    assert auth.verify(b"fleet", b"pw")
+    assert not auth.verify(b"fleet", b"other")
