@@ -16,7 +16,7 @@ from benchutil import Gate, check_gate, paired_ratio
 
 N = 100_000
 TICK_MS = 100
-GATE_RATIO = 72             # measured 78-141 (BENCHMARKS.md, Speed gates)
+GATE_RATIO = 60             # measured 70.7-141 (BENCHMARKS.md, Speed gates); 2x slower: 43
 
 
 def deadlines(seed: int = 7) -> np.ndarray:
