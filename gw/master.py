@@ -39,21 +39,23 @@ RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 
-def check_auth(cfg: Config, error: type) -> None:
+def check_auth(cfg: Config, error: type) -> dict | None:
     """Refuses (raising `error`, one line) settings that expose listeners with
     no authentication, and a password file that does not parse (naming its line):
-    the master checks before the workers load it, at start and on reload."""
+    the master checks before the workers load it, at start and on reload. The
+    password file's users as parsed (None: no file)."""
     from gw.auth import startup_problem
     from gw.passwords import PasswordFileError, load_password_file
 
     problem = startup_problem(cfg)
     if problem:
         raise error(problem)
-    if cfg.password_file:
-        try:
-            load_password_file(cfg.password_file)
-        except PasswordFileError as exc:
-            raise error(str(exc)) from None
+    if not cfg.password_file:
+        return None
+    try:
+        return load_password_file(cfg.password_file)
+    except PasswordFileError as exc:
+        raise error(str(exc)) from None
 
 
 class StartupError(Exception):
@@ -156,6 +158,7 @@ class Master:
         self.slots = [Slot(i) for i in range(cfg.workers)]
         self.certs: CertPaths | None = None
         self.acl = None             # the ACL file in force, as parsed (gw/acl.py): what a (re)spawned worker starts with
+        self.password_users = None  # ... and the password file's users (gw/passwords.py)
         self.block: StatsBlock | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
         self.address_counts = None  # connections per client address, shared (gw_ext/addrlimit.pyx)
@@ -175,7 +178,7 @@ class Master:
 
     def prepare(self) -> None:
         cfg = self.cfg
-        check_auth(cfg, StartupError)
+        self.password_users = check_auth(cfg, StartupError)
         data = Path(cfg.data_dir)
         try:
             private_data_dir(data)
@@ -365,7 +368,7 @@ class Master:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                            self.config_path, self.overrides, self.dedup, self.acl,
-                           self.address_counts)
+                           self.address_counts, self.password_users)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -476,7 +479,7 @@ class Master:
             log.warning("reload: %s changed; that takes a restart (ignored now)", ", ".join(changed))
             new = Config(**{**new.__dict__, **{k: getattr(self.cfg, k) for k in changed}})
         try:
-            check_auth(new, ConfigError)
+            password_users = check_auth(new, ConfigError)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config and password file: %s", exc)
             return
@@ -498,13 +501,15 @@ class Master:
             except AclError as exc:
                 log.error("reload refused, keeping the running config and ACL: %s", exc)
                 return
-        self.acl = acl
         if http_tokens_required(new):
             try:
                 load_tokens(tokens_path(new))
             except TokensError as exc:
                 log.error("reload refused, keeping the running config and HTTP tokens: %s", exc)
                 return
+        # Every file checked: what a worker respawned from now on starts with.
+        self.acl = acl
+        self.password_users = password_users
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())
         for slot in self.slots:

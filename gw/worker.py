@@ -186,7 +186,7 @@ class _LoggedReading(msgspec.Struct):
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
-                address_counts=None) -> int:
+                address_counts=None, password_users=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -234,15 +234,17 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         app.query_pool = query_pool
     auth_pool = None
 
-    def apply_auth(new: Config, previous: Config | None) -> None:
+    def apply_auth(new: Config, users: dict | None = None) -> None:
         # Who may connect (gw/auth.py, gw_ext/worker/auth.pyx). A password file
         # that does not load keeps the one in force (fail-closed); connected
         # clients stay connected whatever the new file says, as with Mosquitto.
+        # users: the file as the master parsed it (a start or respawn), else read here.
         nonlocal auth_pool
         authenticator = worker_authenticator[0]
         if new.password_file:
             try:
-                users = load_password_file(new.password_file)
+                if users is None:
+                    users = load_password_file(new.password_file)
             except PasswordFileError as exc:
                 log.error("worker %d: password file not reloaded, the previous one stays in force: %s", slot, exc)
                 return
@@ -265,7 +267,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         worker.auth_required = bool(new.password_file) or new.require_certificate
 
     worker_authenticator = [None]
-    apply_auth(cfg, None)
+    # The version in force in the master: a respawned worker does not read a file
+    # changed (perhaps broken) since the last reload the master accepted.
+    apply_auth(cfg, password_users)
     if cfg.password_file and worker_authenticator[0] is None:
         raise SystemExit(f"worker {slot}: the password file does not load")
     tls = server_context(certs, cfg) if certs is not None else None
@@ -306,7 +310,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                 worker.set_tls_context(index, fresh)
         apply_limits(worker, new)
         apply_process_settings(new)
-        apply_auth(new, cfg)
+        apply_auth(new)
         app.cfg = new
         if query_pool is not None:
             query_pool.max_pending = new.query_max_pending

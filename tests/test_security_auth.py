@@ -22,7 +22,7 @@ import pytest
 import mqtt_bytes
 from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, paho_client_class,
                       read_packet, run_gw, send_fragmented, start_paho_thread, stop_paho_thread, tcp_connect,
-                      wait_closed)
+                      wait_closed, wait_for)
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd")
 MOSQUITTO_PUB = shutil.which("mosquitto_pub")
@@ -355,6 +355,41 @@ def test_reload_with_broken_file_keeps_the_previous_one(gw_factory, tmp_path):
             time.sleep(0.1)
     raw_ping(connected)
     connected.close()
+
+
+def test_a_respawned_worker_checks_against_the_version_in_force(gw_factory, tmp_path):
+    """The file broken on disk after the start (its reload refused): a worker
+    respawned after a crash checks passwords against the users the others
+    check against, the master's parsed copy, rather than failing to start."""
+    pwfile = tmp_path / "passwd"
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
+    with open(pwfile, "a") as fh:
+        fh.write("broken line without a hash\n")
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in server.log(), 10, what="the reload refused")
+    before = server.worker_pids()
+    victim = before[1]
+    server.expect_worker_deaths(1)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(set(server.worker_pids()) - set(before)) == 1, 15, what="the worker respawned")
+    (respawned,) = set(server.worker_pids()) - set(before)
+    checked = {}
+    for i in range(60):
+        sock = tcp_connect(server.ports["mqtt"])
+        try:
+            worker = server.which_worker(sock.getsockname()[1])
+            password = b"pw-a" if i % 2 == 0 else b"wrong"
+            sock.sendall(auth_connect_packet(f"r{i}".encode(), b"alice", password))
+            first, body = read_packet(sock)
+            checked[(worker, password)] = body[1]
+        finally:
+            sock.close()
+        if (respawned, b"pw-a") in checked and (respawned, b"wrong") in checked:
+            break
+    assert checked.get((respawned, b"pw-a")) == 0, checked
+    assert checked.get((respawned, b"wrong")) == 4, checked
+    assert respawned in server.worker_pids()            # it did not die again
 
 
 # --- a storm of password CONNECTs -------------------------------------------------------
