@@ -199,8 +199,8 @@ def test_certificate_identity_confined_by_user_patterns(gw_factory, tmp_path):
 def test_a_certificate_is_enough_off_loopback(gw_factory, tmp_path):
     """A TLS listener off loopback that requires client certificates needs no
     password file to start, and lets in a client whose certificate verifies
-    with no user name (allow_anonymous left to auto); without a certificate,
-    no handshake."""
+    with no user name (allow_anonymous left to auto), but not one claiming a
+    user name nothing checks; without a certificate, no handshake."""
     certs = tmp_path / "certs"
     issue(certs, "probe-1")
     port = free_ports(1)[0]
@@ -216,3 +216,6 @@ def test_a_certificate_is_enough_off_loopback(gw_factory, tmp_path):
     finally:
         client.close()
     assert TlsClient(server.ports["mqtts"], tls_context(certs / "ca.pem"), "probe-2").code is None
+    # A user name the certificate does not prove, with no password file to check
+    # it: refused, or any holder of a certificate could act as any user for the ACL.
+    assert TlsClient(server.ports["mqtts"], ctx, "probe-3", "admin").code == 0x05

@@ -48,7 +48,9 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
         return -1
     user = pc.username                  # handle_connect's: the identity the password must prove
     if w.authenticator is None:
-        if w.allow_anonymous or (l.client_certificate and w.certificate_anonymous):
+        # No password file: a user name is taken on the client's word only where
+        # anyone may connect; a certificate proves who holds it, not a name it claims.
+        if w.allow_anonymous:
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
