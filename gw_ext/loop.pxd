@@ -282,6 +282,17 @@ cdef class PendingConnect:
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
 
 
+# --- a claim by another user, waiting for the id's owner to say what it holds -------
+
+@cython.final
+cdef class ClaimCheck:
+    cdef uint32_t check          # the FR_CHECK's number (an answer to an older one is dropped)
+    cdef int owner               # the worker asked
+    cdef uint64_t deadline_ms    # unanswered by then (the owner hung): refused
+    cdef list claims             # (claimant, token, clean, user name): the asking one first, then the
+                                 # claims of the id that came meanwhile, in the order they came
+
+
 # --- a SUBACK waiting for the other workers (worker/handle_subscribe.pyx) ------------
 
 @cython.final
@@ -441,6 +452,10 @@ cdef class Worker:
     cdef dict pending                # token -> PendingConnect, waiting to settle
     cdef list settle_orphans         # (token, deadline ms) of those whose connection closed meanwhile
     cdef uint32_t settle_token
+    cdef dict claim_checks           # at the id's home: client id -> ClaimCheck (its owner asked first)
+    cdef list held_checks            # at an owner: FR_CHECKs answered once its connection of the id ended:
+                                     # (home, check, claimant, token, client id, deadline ms)
+    cdef uint32_t check_number
 
     # --- the links between workers (worker/channel.pyx) ---------------------------------
     cdef Peer[MAX_PEERS] peers
@@ -657,6 +672,14 @@ cdef bytes user_field(bytes username)
 cdef object read_user_field(bytes data, Py_ssize_t at)
 cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
                          object username)
+cdef void registry_decide(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
+                          object username, int held)
+cdef void registry_recheck(Worker w, bytes client_id, int held)
+cdef int hold_state(Worker w, bytes client_id, int claimant, uint32_t token)
+cdef void registry_check(Worker w, int home, uint32_t check, int claimant, uint32_t token, bytes client_id)
+cdef void check_answer(Worker w, int home, uint32_t check, int held, bytes client_id)
+cdef void on_checked(Worker w, uint32_t check, int held, bytes client_id)
+cdef void registry_checks_due(Worker w)
 cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id)
 cdef void on_grant(Worker w, uint32_t token, int prev)
 cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)

@@ -171,6 +171,8 @@ cdef class Worker:
         self.allow_anonymous = True
         self.certificate_anonymous = True
         self.settle_orphans = []
+        self.claim_checks = {}
+        self.held_checks = []
         self.pending_subacks = {}
         self.retained = {}
         self.index = topics_new()
@@ -539,6 +541,11 @@ cdef class Worker:
                 settle_orphans_due(self)        # worker/registry.pyx
             except Exception:
                 self.contained(-1, "settling CONNECTs whose client left")
+        if self.held_checks or self.claim_checks:
+            try:
+                registry_checks_due(self)       # worker/registry.pyx
+            except Exception:
+                self.contained(-1, "answering claims by another user")
         if self.nresume:
             self.resume_settled()
         self.reap_closed()
