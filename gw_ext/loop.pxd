@@ -91,7 +91,10 @@ cdef enum CloseReason:
     CR_AUTH_PASSWORD = 25     # (log only) ... bad user name or password
     CR_AUTH_TAKEOVER = 26     # (log only) ... its client id held by another user's session
     CR_AUTH_BUSY = 27         # (log only) ... too many password checks waiting
-    N_CLOSE_REASONS = 28
+    CR_RATE_MESSAGES = 28     # (log only) a client paused: max_messages_rate (worker/rate_limits.pyx)
+    CR_RATE_BYTES = 29        # (log only) ... max_bytes_rate
+    CR_RATE_CONN = 30         # (log only) a listener paused: max_conn_rate
+    N_CLOSE_REASONS = 31
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -554,6 +557,9 @@ cdef void rate_refill(Worker w, RateBucket* b) noexcept
 cdef uint64_t rate_wait_ms(Worker w, RateBucket* b) noexcept
 cdef void rate_allowance(Worker w, Conn* c) noexcept
 cdef void rate_charge(Worker w, Conn* c)
+cdef void rate_pause_log(Worker w, Conn* c, int reason) except *
+cdef void listener_pause_log(Worker w, Listener* l) except *
+cdef str listener_text(Listener* l)
 cdef void rate_paused_compact(Worker w) noexcept
 cdef void rate_resume_due(Worker w)
 cdef void rate_forget(Worker w, Conn* c) noexcept
