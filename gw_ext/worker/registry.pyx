@@ -50,6 +50,11 @@ cdef class PendingConnect:
     """A CONNECT waiting for its session to be settled (fields: loop.pxd)."""
 
 
+cdef class ClaimCheck:
+    """A claim by another user at its client id's home, waiting for the id's
+    owner to say what it holds (fields: loop.pxd)."""
+
+
 cdef inline int home_of(Worker w, bytes client_id):
     return crc32(client_id) % w.npeers
 
