@@ -318,24 +318,32 @@ def test_takeover_by_another_user_refused_across_workers(gw_factory, tmp_path):
 class PlacedSockets:
     """TCP connections to the server opened ahead of use and sorted by the
     worker that accepted them, so a CONNECT can go out on a chosen worker the
-    moment the test wants it (no accept between a disconnect and it)."""
+    moment the test wants it (no accept between a disconnect and it). One
+    kept longer than FRESH seconds is dropped: the server closes a connection
+    that sent no CONNECT within connect_timeout."""
+
+    FRESH = 3.0
 
     def __init__(self, server):
         self.server = server
         self.port = server.ports["mqtt"]
-        self.spare = {}
+        self.spare = {}         # worker pid -> [(socket, when it was opened)]
 
     def on(self, pid: int) -> socket.socket:
         for _ in range(60):
-            if self.spare.get(pid):
-                return self.spare[pid].pop()
+            while self.spare.get(pid):
+                sock, opened = self.spare[pid].pop()
+                if time.monotonic() - opened < self.FRESH:
+                    return sock
+                sock.close()
             sock = tcp_connect(self.port)
-            self.spare.setdefault(self.server.which_worker(sock.getsockname()[1]), []).append(sock)
+            opened = time.monotonic()
+            self.spare.setdefault(self.server.which_worker(sock.getsockname()[1]), []).append((sock, opened))
         raise AssertionError(f"no connection landed on worker {pid} in 60 attempts")
 
     def close(self):
         for socks in self.spare.values():
-            for sock in socks:
+            for sock, _ in socks:
                 sock.close()
 
 
