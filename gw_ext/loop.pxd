@@ -291,7 +291,7 @@ cdef class PendingConnect:
 cdef class ClaimCheck:
     cdef uint32_t check          # the FR_CHECK's number (an answer to an older one is dropped)
     cdef int owner               # the worker asked
-    cdef uint64_t deadline_ms    # unanswered by then (the owner hung): refused
+    cdef uint64_t deadline_ms    # unanswered by then (the owner hung): refused (3/4 connect_settle_timeout)
     cdef list claims             # (claimant, token, clean, user name): the asking one first, then the
                                  # claims of the id that came meanwhile, in the order they came
 

@@ -133,7 +133,7 @@ cdef void registry_decide(Worker w, int claimant, uint32_t token, uint8_t clean,
         check = ClaimCheck()
         check.check = w.check_number
         check.owner = prev
-        check.deadline_ms = w.now_ms + w.settle_timeout_ms
+        check.deadline_ms = w.now_ms + w.settle_timeout_ms * 3 // 4     # before the claimant settles alone
         check.claims = [(claimant, token, clean, username)]
         w.claim_checks[client_id] = check
         if prev == w.worker_index:
@@ -207,8 +207,9 @@ cdef void registry_checks_due(Worker w):
     """Every turn while checks wait (at the top of the turn: it may settle
     CONNECTs): an owner's answers whose connection ended or whose time is up
     (a connection still open after half connect_settle_timeout is a live one:
-    the claim is refused); at a home, checks the owner never answered (it
-    hung, or restarted without saying HELLO yet): refused."""
+    the claim is refused); at a home, checks the owner did not answer within
+    three quarters of it (it hung): refused, before the claimant's own
+    connect_settle_timeout would settle it as a new session."""
     cdef list left = []
     cdef list due = []
     cdef int held
@@ -225,8 +226,8 @@ cdef void registry_checks_due(Worker w):
         check_answer(w, entry[0], entry[1], held, entry[4])
     for client_id, check in list(w.claim_checks.items()):
         if check.deadline_ms <= w.now_ms and w.claim_checks.get(client_id) is check:
-            w.log_limited(CR_CHANNEL, "worker %d did not say within connect_settle_timeout what it holds of "
-                          "a client id another user claimed: refused" % check.owner)
+            w.log_limited(CR_CHANNEL, "worker %d did not say in time what it holds of a client id another "
+                          "user claimed: refused" % check.owner)
             registry_recheck(w, client_id, HOLD_SESSION)
 
 
