@@ -56,9 +56,9 @@ FILTERS = (b"#", b"+", b"a/#", b"a/+", b"t/x", b"telemetry/+", b"a/#/b", b"+/b",
 READING = b'{"seq":%d,"metrics":{"temp_c":%d.5},"tags":{"site":"AAL"}}'
 
 # Channel frame types (gw_ext/frames.pxd), re-exported for the targets.
-from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,  # noqa: E402,F401
-                           FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL,
-                           FR_SUB_SYNC, FR_SUB_SYNCED)
+from gw_ext.frames import (FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO,  # noqa: E402,F401
+                           FR_PAUSE, FR_PUBLISH, FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION,
+                           FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC, FR_SUB_SYNCED)
 
 
 # --- MQTT packets, built by hand (not with the codec under test) ------------------------

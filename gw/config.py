@@ -184,7 +184,9 @@ class Config:
                                       minimum=0.1, maximum=3600)
     connect_settle_timeout: float = _setting(3.0, "seconds a CONNECT waits for its session from the worker "
                                              "that held it; then it settles as a new session, and the "
-                                             "session coming later is dropped and counted (sessions_late)",
+                                             "session coming later is dropped and counted (sessions_late); "
+                                             "half of it bounds how long a CONNECT of another user waits for "
+                                             "the id's open connection to end before it is refused",
                                              minimum=0.1, maximum=3600)
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",
                                    minimum=1, maximum=86400)

@@ -188,7 +188,8 @@ class HttpApp:
     """One per worker. `handle` never raises for bad input; `draining` and
     `shedding` are set by the worker (both make ingest answer 503)."""
 
-    def __init__(self, cfg, *, worker_index: int, ingest: Ingest, render_metrics, health, counters):
+    def __init__(self, cfg, *, worker_index: int, ingest: Ingest, render_metrics, health, counters,
+                 tokens: dict | None = None):
         self.worker_index = worker_index
         self.ingest = ingest
         self.render_metrics = render_metrics
@@ -236,7 +237,9 @@ class HttpApp:
         self._unauthorized_body = self._encode(Error(
             "unauthorized", "this route needs a token: Authorization: Bearer TOKEN (gw token create)"))
         self._cfg = None
-        self.cfg = cfg
+        # tokens: the tokens file as the master parsed it (a worker's start or
+        # respawn: the file on disk may have been broken since); None: read it.
+        self._configure(cfg, tokens)
 
     # --- configuration (the worker assigns app.cfg on SIGHUP) ---------------------------
 
@@ -246,6 +249,9 @@ class HttpApp:
 
     @cfg.setter
     def cfg(self, cfg) -> None:
+        self._configure(cfg, None)
+
+    def _configure(self, cfg, tokens: dict | None) -> None:
         self._cfg = cfg
         self.ingest.max_batch = int(setting(cfg, "max_batch"))
         self._openapi_body = None
@@ -253,12 +259,13 @@ class HttpApp:
         if data_dir != getattr(self, "_data_dir", None):
             self._data_dir = data_dir
             self.close_query()
-        self._configure_auth(cfg)
+        self._configure_auth(cfg, tokens)
 
-    def _configure_auth(self, cfg) -> None:
-        """Tokens on or off (http_auth), the tokens file loaded again. A file that
-        does not load keeps the tokens in force (none at all if there were none:
-        every request needing one is refused); it is logged with its line."""
+    def _configure_auth(self, cfg, tokens: dict | None = None) -> None:
+        """Tokens on or off (http_auth), the tokens given or else the tokens file
+        loaded again. A file that does not load keeps the tokens in force (none
+        at all if there were none: every request needing one is refused); it is
+        logged with its line."""
         if not http_tokens_required(cfg, setting):
             self.auth = None
             self._open_paths = OPEN_PATHS
@@ -266,7 +273,8 @@ class HttpApp:
         self._open_paths = (OPEN_PATHS | {METRICS_PATH} if setting(cfg, "metrics_auth") == "none"
                             else OPEN_PATHS)
         try:
-            tokens = load_tokens(tokens_path(cfg, setting))
+            if tokens is None:
+                tokens = load_tokens(tokens_path(cfg, setting))
         except TokensError as exc:
             log.error("worker %d: HTTP tokens not reloaded, the tokens in force stay: %s", self.worker_index, exc)
             if self.auth is None:

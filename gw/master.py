@@ -159,6 +159,7 @@ class Master:
         self.certs: CertPaths | None = None
         self.acl = None             # the ACL file in force, as parsed (gw/acl.py): what a (re)spawned worker starts with
         self.password_users = None  # ... and the password file's users (gw/passwords.py)
+        self.tokens = None          # ... and the HTTP tokens file's tokens (gw/tokens.py; None: tokens off)
         self.block: StatsBlock | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
         self.address_counts = None  # connections per client address, shared (gw_ext/addrlimit.pyx)
@@ -194,7 +195,7 @@ class Master:
                 self.acl = load_acl(cfg.acl_file)
             except AclError as exc:
                 raise StartupError(f"acl_file refused: {exc}") from None
-        self.check_tokens(cfg)
+        self.tokens = self.check_tokens(cfg)
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
@@ -258,11 +259,12 @@ class Master:
         finally:
             os.close(fd)
 
-    def check_tokens(self, cfg: Config) -> None:
+    def check_tokens(self, cfg: Config) -> dict | None:
         """With HTTP tokens on, the tokens file must load (a missing one is none:
-        every request needing a token is refused, which is said once here)."""
+        every request needing a token is refused, which is said once here): its
+        tokens, as the workers take them; None with tokens off."""
         if not http_tokens_required(cfg):
-            return
+            return None
         path = tokens_path(cfg)
         try:
             tokens = load_tokens(path)
@@ -272,6 +274,7 @@ class Master:
             log.warning("HTTP tokens are on (http_auth = %s) but %s holds none: every HTTP request but "
                         "/healthz, /readyz and /docs is refused until `gw token create` makes one "
                         "and gw reloads (SIGHUP)", cfg.http_auth, path)
+        return tokens
 
     def check_store(self) -> None:
         """The embedded store is checked before anything starts: a corrupt file
@@ -368,7 +371,7 @@ class Master:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                            self.config_path, self.overrides, self.dedup, self.acl,
-                           self.address_counts, self.password_users)
+                           self.address_counts, self.password_users, self.tokens)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -501,15 +504,17 @@ class Master:
             except AclError as exc:
                 log.error("reload refused, keeping the running config and ACL: %s", exc)
                 return
+        tokens = None
         if http_tokens_required(new):
             try:
-                load_tokens(tokens_path(new))
+                tokens = load_tokens(tokens_path(new))
             except TokensError as exc:
                 log.error("reload refused, keeping the running config and HTTP tokens: %s", exc)
                 return
         # Every file checked: what a worker respawned from now on starts with.
         self.acl = acl
         self.password_users = password_users
+        self.tokens = tokens
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())
         for slot in self.slots:

@@ -186,7 +186,7 @@ class _LoggedReading(msgspec.Struct):
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
-                address_counts=None, password_users=None) -> int:
+                address_counts=None, password_users=None, tokens=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -216,8 +216,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     elif cfg.acl_file:
         raise RuntimeError("acl_file is set but the master passed no ACL")
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
+    # The HTTP tokens as the master has them in force, like the ACL and the users.
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
-                  health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot])
+                  health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot], tokens=tokens)
     worker.http_app = app
     app.peer_address = lambda: peer_address(worker.http_current_fd)
     worker.ingest = ingest

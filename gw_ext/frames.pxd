@@ -55,6 +55,11 @@ cpdef enum:
     PIECE_FIRST = 1
     PIECE_LAST = 2
 
+    # A claim by another user, asked of the id's owner first (gw_ext/worker/registry.pyx).
+    FR_CHECK = 17             # body: check u32, claimant u8, token u32, client id. "What do you hold of this
+                              # id? Answer once no connection of it is open, or within half connect_settle_timeout."
+    FR_CHECKED = 18           # body: check u32, held u8 (0: nothing, 1: a session or connection), client id
+
 
 cdef inline void frame_header_put(uint8_t* hdr, uint8_t ftype, uint8_t flags, uint32_t topic_len,
                                   uint32_t body_len) noexcept nogil:

@@ -17,6 +17,8 @@ FR_RESUME: int
 FR_SUB_SYNC: int
 FR_SUB_SYNCED: int
 FR_PIECE: int
+FR_CHECK: int
+FR_CHECKED: int
 PIECE_FIRST: int
 PIECE_LAST: int
 MAX_TOPIC: int

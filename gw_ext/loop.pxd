@@ -91,7 +91,10 @@ cdef enum CloseReason:
     CR_AUTH_PASSWORD = 25     # (log only) ... bad user name or password
     CR_AUTH_TAKEOVER = 26     # (log only) ... its client id held by another user's session
     CR_AUTH_BUSY = 27         # (log only) ... too many password checks waiting
-    N_CLOSE_REASONS = 28
+    CR_RATE_MESSAGES = 28     # (log only) a client paused: max_messages_rate (worker/rate_limits.pyx)
+    CR_RATE_BYTES = 29        # (log only) ... max_bytes_rate
+    CR_RATE_CONN = 30         # (log only) a listener paused: max_conn_rate
+    N_CLOSE_REASONS = 31
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -282,6 +285,17 @@ cdef class PendingConnect:
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
 
 
+# --- a claim by another user, waiting for the id's owner to say what it holds -------
+
+@cython.final
+cdef class ClaimCheck:
+    cdef uint32_t check          # the FR_CHECK's number (an answer to an older one is dropped)
+    cdef int owner               # the worker asked
+    cdef uint64_t deadline_ms    # unanswered by then (the owner hung): refused (3/4 connect_settle_timeout)
+    cdef list claims             # (claimant, token, clean, user name): the asking one first, then the
+                                 # claims of the id that came meanwhile, in the order they came
+
+
 # --- a SUBACK waiting for the other workers (worker/handle_subscribe.pyx) ------------
 
 @cython.final
@@ -441,6 +455,10 @@ cdef class Worker:
     cdef dict pending                # token -> PendingConnect, waiting to settle
     cdef list settle_orphans         # (token, deadline ms) of those whose connection closed meanwhile
     cdef uint32_t settle_token
+    cdef dict claim_checks           # at the id's home: client id -> ClaimCheck (its owner asked first)
+    cdef list held_checks            # at an owner: FR_CHECKs answered once its connection of the id ended:
+                                     # (home, check, claimant, token, client id, deadline ms)
+    cdef uint32_t check_number
 
     # --- the links between workers (worker/channel.pyx) ---------------------------------
     cdef Peer[MAX_PEERS] peers
@@ -539,6 +557,9 @@ cdef void rate_refill(Worker w, RateBucket* b) noexcept
 cdef uint64_t rate_wait_ms(Worker w, RateBucket* b) noexcept
 cdef void rate_allowance(Worker w, Conn* c) noexcept
 cdef void rate_charge(Worker w, Conn* c)
+cdef void rate_pause_log(Worker w, Conn* c, int reason) except *
+cdef void listener_pause_log(Worker w, Listener* l) except *
+cdef str listener_text(Listener* l)
 cdef void rate_paused_compact(Worker w) noexcept
 cdef void rate_resume_due(Worker w)
 cdef void rate_forget(Worker w, Conn* c) noexcept
@@ -657,6 +678,14 @@ cdef bytes user_field(bytes username)
 cdef object read_user_field(bytes data, Py_ssize_t at)
 cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
                          object username)
+cdef void registry_decide(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
+                          object username, int held)
+cdef void registry_recheck(Worker w, bytes client_id, int held)
+cdef int hold_state(Worker w, bytes client_id, int claimant, uint32_t token)
+cdef void registry_check(Worker w, int home, uint32_t check, int claimant, uint32_t token, bytes client_id)
+cdef void check_answer(Worker w, int home, uint32_t check, int held, bytes client_id)
+cdef void on_checked(Worker w, uint32_t check, int held, bytes client_id)
+cdef void registry_checks_due(Worker w)
 cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id)
 cdef void on_grant(Worker w, uint32_t token, int prev)
 cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)

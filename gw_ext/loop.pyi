@@ -25,6 +25,10 @@ class PendingConnect:
     """A CONNECT waiting for its session to be settled."""
 
 @final
+class ClaimCheck:
+    """A claim by another user at its client id's home, waiting for the id's owner to say what it holds."""
+
+@final
 class PendingSuback:
     """A SUBACK held until every peer confirmed."""
 

@@ -88,7 +88,8 @@ cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_ERROR, CLOSED_MALFORMED, CLOSED_SERVER, CLOSED_ERROR, CLOSED_SERVER,
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
     CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER, CLOSED_ERROR, CLOSED_ERROR,
-    CLOSED_ERROR, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER]
+    CLOSED_ERROR, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
+    CLOSED_SERVER]
 
 # LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
 LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "max_topic_length",
@@ -171,6 +172,8 @@ cdef class Worker:
         self.allow_anonymous = True
         self.certificate_anonymous = True
         self.settle_orphans = []
+        self.claim_checks = {}
+        self.held_checks = []
         self.pending_subacks = {}
         self.retained = {}
         self.index = topics_new()
@@ -539,6 +542,11 @@ cdef class Worker:
                 settle_orphans_due(self)        # worker/registry.pyx
             except Exception:
                 self.contained(-1, "settling CONNECTs whose client left")
+        if self.held_checks or self.claim_checks:
+            try:
+                registry_checks_due(self)       # worker/registry.pyx
+            except Exception:
+                self.contained(-1, "answering claims by another user")
         if self.nresume:
             self.resume_settled()
         self.reap_closed()

@@ -16,8 +16,8 @@ import pytest
 from gw.config import Config
 from gw.stats import N_COUNTERS, Counter
 from gw.worker import apply_limits
-from gw_ext.frames import (FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PIECE, FR_PUBLISH, FR_REGISTER, FR_RELEASE,
-                           FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST)
+from gw_ext.frames import (FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PIECE, FR_PUBLISH,
+                           FR_REGISTER, FR_RELEASE, FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST)
 from gw_ext.loop import Worker
 
 LINK_BUFFER = 32768          # SO_SNDBUF asked for: the kernel doubles it; datagrams of about 32 KiB
@@ -151,8 +151,13 @@ def test_malformed_pieces_are_dropped_and_counted(link, case):
     frame(FR_GRANT, struct.pack("<Ib", 1, 100) + b"client"),
     frame(FR_SESSION, struct.pack("<IBH", 1, 1, 500) + b"short"),  # a client id longer than the frame
     frame(FR_CLAIM, b"abc"),                                       # shorter than its fixed part
+    frame(FR_CHECK, struct.pack("<IBI", 1, 77, 1) + b"client"),    # for a worker that does not exist
+    frame(FR_CHECK, b"\x01\x00\x00\x00\x00"),                       # shorter than its fixed part
+    frame(FR_CHECKED, struct.pack("<IB", 1, 9) + b"client"),       # an answer that is none
+    frame(FR_CHECKED, b"\x01\x00"),
 ], ids=["header", "body", "topic", "publish_short", "publish_qos3", "retain_qos3", "unknown", "register",
-        "release", "evict", "grant", "session", "claim"])
+        "release", "evict", "grant", "session", "claim", "check_worker", "check_short", "checked_answer",
+        "checked_short"])
 def test_malformed_frames_are_dropped_and_counted(link, datagram):
     link.send(datagram)
     assert link.malformed == 1

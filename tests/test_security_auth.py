@@ -16,11 +16,12 @@ import stat
 import subprocess
 import threading
 import time
+import zlib
 
 import pytest
 
 import mqtt_bytes
-from conftest import (HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, paho_client_class,
+from conftest import (DISCONNECT, HOST, PINGREQ, PahoClient, free_ports, get_counter, gw_env, paho_client_class,
                       read_packet, run_gw, send_fragmented, start_paho_thread, stop_paho_thread, tcp_connect,
                       wait_closed, wait_for)
 
@@ -310,6 +311,127 @@ def test_takeover_by_another_user_refused_across_workers(gw_factory, tmp_path):
     again.close()
     holder.close()
     assert get_counter(server.counters(), "auth_refused_takeover") == 2
+
+
+# --- the same id again at once, from the other worker ----------------------------------
+
+class PlacedSockets:
+    """TCP connections to the server opened ahead of use and sorted by the
+    worker that accepted them, so a CONNECT can go out on a chosen worker the
+    moment the test wants it (no accept between a disconnect and it). One
+    kept longer than FRESH seconds is dropped: the server closes a connection
+    that sent no CONNECT within connect_timeout."""
+
+    FRESH = 3.0
+
+    def __init__(self, server):
+        self.server = server
+        self.port = server.ports["mqtt"]
+        self.spare = {}         # worker pid -> [(socket, when it was opened)]
+
+    def on(self, pid: int) -> socket.socket:
+        for _ in range(60):
+            while self.spare.get(pid):
+                sock, opened = self.spare[pid].pop()
+                if time.monotonic() - opened < self.FRESH:
+                    return sock
+                sock.close()
+            sock = tcp_connect(self.port)
+            opened = time.monotonic()
+            self.spare.setdefault(self.server.which_worker(sock.getsockname()[1]), []).append((sock, opened))
+        raise AssertionError(f"no connection landed on worker {pid} in 60 attempts")
+
+    def close(self):
+        for socks in self.spare.values():
+            for sock, _ in socks:
+                sock.close()
+
+
+# Client ids whose homes (crc32(id) % 2) are the two workers.
+HOMED_ON_EACH_WORKER = (b"again-x", b"again-xy")
+assert sorted(zlib.crc32(cid) % 2 for cid in HOMED_ON_EACH_WORKER) == [0, 1]
+
+
+def connack(sock, client_id: bytes, user: bytes, password: bytes, *, clean: bool = True) -> bytes:
+    sock.sendall(auth_connect_packet(client_id, user, password, clean=clean))
+    first, body = read_packet(sock)
+    assert first == 0x20 and len(body) == 2, (first, body)
+    return body
+
+
+def test_the_same_id_again_at_once_from_the_other_worker(gw_factory, tmp_path):
+    """A client disconnects and the id connects again at once on the other
+    worker: as the same user (no wait at all), as another user once the
+    first has gone (its connection closed by the server after DISCONNECT),
+    and as another user right after the DISCONNECT was sent. Every round is
+    accepted, whichever worker is the id's home; a claim at the home must not
+    be decided on an owner whose release is still on its way."""
+    pwfile = tmp_path / "passwd"
+    users = {b"alice": b"pw-a", b"bob": b"pw-b"}
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
+    pids = server.worker_pids()
+    placed = PlacedSockets(server)
+    try:
+        for cid in HOMED_ON_EACH_WORKER:
+            user, worker = b"alice", 0
+            holder = placed.on(pids[worker])
+            assert connack(holder, cid, user, users[user]) == b"\x00\x00"
+            for n in range(100):
+                # alice, alice, bob, bob, ...: every other round a change of user.
+                nxt_user = (b"alice", b"bob")[(n + 1) // 2 % 2]
+                worker = 1 - worker
+                nxt = placed.on(pids[worker])
+                holder.sendall(DISCONNECT)
+                if nxt_user != user and n % 4 == 1:
+                    assert wait_closed(holder) == b""       # gone: the server closed it
+                body = connack(nxt, cid, nxt_user, users[nxt_user])
+                assert body == b"\x00\x00", (cid, n, user, nxt_user, body)
+                holder.close()
+                holder, user = nxt, nxt_user
+            holder.close()
+    finally:
+        placed.close()
+    assert get_counter(server.counters(), "auth_refused_takeover") == 0
+    assert server.worker_pids() == pids
+
+
+def test_another_users_persistent_session_refused_from_either_worker(gw_factory, tmp_path):
+    """A persistent session left by alice (no connection) is hers: bob is
+    refused from either worker, and alice resumes it."""
+    pwfile = tmp_path / "passwd"
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
+    pids = server.worker_pids()
+    placed = PlacedSockets(server)
+    try:
+        for cid in HOMED_ON_EACH_WORKER:
+            for holder_worker in (0, 1):
+                sock = placed.on(pids[holder_worker])
+                assert connack(sock, cid, b"alice", b"pw-a", clean=False)[0] in (0, 1)
+                sock.sendall(DISCONNECT)
+                assert wait_closed(sock) == b""
+                sock.close()
+                for claimant in (1 - holder_worker, holder_worker):
+                    sock = placed.on(pids[claimant])
+                    assert connack(sock, cid, b"bob", b"pw-b") == b"\x00\x05"
+                    sock.close()
+                sock = placed.on(pids[1 - holder_worker])
+                assert connack(sock, cid, b"alice", b"pw-a", clean=False) == b"\x01\x00"   # session present
+                # ... and alice's live connection is not taken by bob either.
+                other = placed.on(pids[holder_worker])
+                assert connack(other, cid, b"bob", b"pw-b") == b"\x00\x05"
+                other.close()
+                raw_ping(sock)
+                sock.sendall(DISCONNECT)
+                assert wait_closed(sock) == b""
+                sock.close()
+    finally:
+        placed.close()
+    assert get_counter(server.counters(), "auth_refused_takeover") == 12
+    assert server.worker_pids() == pids
 
 
 # --- reload -----------------------------------------------------------------------------

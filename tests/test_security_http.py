@@ -374,6 +374,39 @@ def test_broken_tokens_file_keeps_the_old_tokens(reload_server):
             assert_401(ingest(conn, "d1", None))
 
 
+
+def test_a_respawned_worker_takes_the_tokens_in_force(gw_factory, tmp_path):
+    """The tokens file broken on disk after the start (its reload refused): a
+    worker respawned after a crash checks requests against the tokens in
+    force, the master's parsed copy, not against the broken file: the token
+    valid before still is, one revoked before the break stays refused."""
+    path = tmp_path / "tokens"
+    keep, gone = make_token(path, "keep", "ingest"), make_token(path, "gone", "ingest")
+    res = run_gw("token", "revoke", "gone", "--http-tokens-file", path)
+    assert res.returncode == 0, res.stderr
+    server = gw_factory(workers=1, listeners=("http",),
+                        args=["--http-auth", "token", "--http-tokens-file", path])
+    with PlacedConn(server, 0) as conn:
+        assert ingest(conn, "d1", keep).status == 202
+        assert_401(ingest(conn, "d1", gone))
+    path.write_text(path.read_text() + '{"name": "bad", "sha256": "nothex", "scopes": ["ingest"]}\n')
+    mark = len(server.log())
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: "reload refused" in server.log()[mark:], 20, what="the master to refuse the reload")
+    (victim,) = server.worker_pids()
+    server.expect_worker_deaths(1)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(server.worker_pids()) == 1 and server.worker_pids()[0] != victim, 20,
+             what="the worker respawned")
+    (respawned,) = server.worker_pids()
+    server.wait_ready(20)
+    with PlacedConn(server, 0) as conn:
+        assert ingest(conn, "d2", keep).status == 202
+        assert_401(ingest(conn, "d2", gone))
+        assert_401(ingest(conn, "d2", None))
+    assert "HTTP tokens not reloaded" not in server.log()[mark:]
+    assert server.worker_pids() == [respawned]          # it did not die again
+
 def test_broken_tokens_file_stops_start(tmp_path):
     path = tmp_path / "tokens"
     path.write_text('{"name": "x"}\n')

@@ -376,3 +376,55 @@ def test_a_paused_client_is_not_read(gw_factory):
     assert server.counters()["packets_in"]["publish"] <= 1 + 2 * (time.monotonic() - t0 + 10)
     pub.close()
     writer.join(10)
+
+
+def test_pauses_are_logged_once_per_reason_not_per_message(gw_factory):
+    """Two publishers kept over their limits for seconds, one by
+    max_messages_rate (small messages), one by max_bytes_rate (large ones),
+    and a burst of connections over max_conn_rate: each is paused many times,
+    and each reason is logged once (at most once per 10 s), naming the setting
+    and the client's id and address, or the listener."""
+    server = gw_factory(workers=1, listeners=("mqtt",),
+                        args=["--max-messages-rate", 10, "--max-messages-burst", 5, "--max-packet-size", 1024,
+                              "--max-bytes-rate", 2000, "--max-bytes-burst", 1024, "--max-conn-rate", 10,
+                              "--max-conn-burst", 2, "--connect-timeout", 60])
+    port = server.ports["mqtt"]
+    started = time.monotonic()
+    small = mqtt_session(port, b"many-small")
+    large = mqtt_session(port, b"few-large")
+    sends = [(small, [publish_packet(b"log/s", b"s" * 20, qos=1, packet_id=i + 1) for i in range(30)]),
+             (large, [publish_packet(b"log/l", b"L" * 900, qos=1, packet_id=i + 1) for i in range(6)])]
+    writers = [threading.Thread(target=sock.sendall, args=(b"".join(packets),)) for sock, packets in sends]
+    for t in writers:
+        t.start()
+    more = []
+    for i in range(12):                 # over the listener's burst: it pauses
+        sock = tcp_connect(port, timeout=60)
+        sock.sendall(connect_packet(b"conn-%d" % i))
+        more.append(sock)
+    for sock in more:
+        assert read_packet(sock, timeout=60) == CONNACK_OK
+        sock.close()
+    for sock, packets in sends:         # every publish read and acknowledged
+        assert [read_packet(sock, timeout=60)[0] for _ in packets] == [PUBACK] * len(packets)
+    for t in writers:
+        t.join(30)
+    elapsed = time.monotonic() - started
+    pauses = server.counters()["rate_limits"]["pauses"]
+    assert pauses["max_messages_rate"] >= 3 and pauses["max_bytes_rate"] >= 3, pauses
+    assert pauses["max_conn_rate"] >= 1, pauses
+    log = server.log()
+    once = 1 + int(elapsed // 10)       # at most one line per reason per 10 s
+    lines = {reason: [line for line in log.splitlines() if f"paused: over {reason}" in line]
+             for reason in ("max_messages_rate", "max_bytes_rate")}
+    lines["max_conn_rate"] = [line for line in log.splitlines() if "paused: max_conn_rate" in line]
+    for reason, found in lines.items():
+        assert 1 <= len(found) <= once, (reason, found, elapsed)
+    (message_line, *_), (byte_line, *_) = lines["max_messages_rate"], lines["max_bytes_rate"]
+    assert "client 'many-small'" in message_line and "max_messages_rate (10 per second" in message_line
+    assert f"127.0.0.1:{server.peer_port(small.getsockname()[1])}" in message_line
+    assert "client 'few-large'" in byte_line and "max_bytes_rate (2000 bytes per second" in byte_line
+    assert f"127.0.0.1:{server.peer_port(large.getsockname()[1])}" in byte_line
+    assert f"listener mqtt 127.0.0.1:{server.listen_ports['mqtt']} paused" in lines["max_conn_rate"][0]
+    small.close()
+    large.close()

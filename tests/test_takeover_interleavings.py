@@ -239,3 +239,76 @@ def test_connect_whose_client_left_never_answered_settles_by_its_deadline():
         assert_taken_over(b)
         wut.close()
     """))
+
+
+def test_a_claim_by_another_user_waits_for_what_the_owner_holds():
+    """Authentication on; at the home of the ids (worker 0, the real one),
+    worker 1 (played) is on record for them, as alice. bob's CONNECT for one
+    is not decided on that record: the home asks worker 1 (FR_CHECK) and
+    waits. Its answer decides: its client had gone (its RELEASE first, then
+    "nothing"): bob is in; it holds a session: bob is refused (0x05); no
+    answer at all (worker 1 hung): refused within three quarters of
+    connect_settle_timeout, before bob's CONNECT would settle alone as a new
+    session. An answer to a check already settled is dropped."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        import dataclasses
+        from zlib import crc32
+        from gw.worker import apply_limits
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        apply_limits(wut.worker, dataclasses.replace(h.cfg, connect_settle_timeout=0.4))
+        wut.worker.auth_required = True
+        peer = wut.peers[1]
+        gone, kept, hung = [cid for cid in (b"c%d" % i for i in range(40)) if crc32(cid) % 2 == 0][:3]
+
+        def user_field(name):
+            return struct.pack("<BH", 1, len(name)) + name
+
+        def connect_as(cid, user):
+            body = (b"\\x00\\x04MQTT\\x04\\x82\\x00\\x3c" + struct.pack("!H", len(cid)) + cid
+                    + struct.pack("!H", len(user)) + user)
+            return bytes([0x10, len(body)]) + body
+
+        def bob_asks(cid):
+            '''bob connects with cid, on record for alice at worker 1: the home
+            sends worker 1 a CHECK, and bob waits.'''
+            peer.send(frame(FR_REGISTER, b"\\x01" + user_field(b"alice") + cid))
+            turns(wut)
+            c = Client(wut.ports["mqtt"])
+            turns(wut)
+            c.stream += connect_as(cid, b"bob")
+            c.send(0)
+            turns(wut)
+            checks = [body for ftype, body in frames_from(peer) if ftype == FR_CHECK]
+            assert len(checks) == 1 and checks[0][9:] == cid, checks
+            check, claimant, _token = struct.unpack_from("<IBI", checks[0])
+            assert claimant == 0
+            c.drain()
+            assert bytes(c.received) == b"", bytes(c.received)        # not decided on the record
+            return c, check
+
+        # alice's client on worker 1 has gone: its RELEASE, then its answer.
+        c, check = bob_asks(gone)
+        peer.send(frame(FR_RELEASE, b"\\x01" + gone) + frame(FR_CHECKED, struct.pack("<IB", check, 0) + gone))
+        turns(wut)
+        c.drain()
+        assert bytes(c.received) == CONNACK_NEW, bytes(c.received)
+        peer.send(frame(FR_CHECKED, struct.pack("<IB", check, 1) + gone))      # settled already: dropped
+        turns(wut)
+        c.drain()
+        assert c.open and bytes(c.received) == CONNACK_NEW
+        # alice's session is still on worker 1: refused.
+        c, check = bob_asks(kept)
+        peer.send(frame(FR_CHECKED, struct.pack("<IB", check, 1) + kept))
+        turns(wut)
+        c.drain()
+        assert bytes(c.received) == b"\\x20\\x02\\x00\\x05" and not c.open, bytes(c.received)
+        # Worker 1 never answers: refused before bob's own settle timeout.
+        c, check = bob_asks(hung)
+        deadline = time.monotonic() + SETTLE_SECONDS
+        while c.open and time.monotonic() < deadline:
+            wut.worker.run_once(SETTLE_WAIT_MS)
+            c.drain()
+        assert bytes(c.received) == b"\\x20\\x02\\x00\\x05", bytes(c.received)
+        assert h.counter("AUTH_REFUSED_TAKEOVER") == 2
+        wut.close()
+    """))

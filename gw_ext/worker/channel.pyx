@@ -369,7 +369,7 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             subsync_confirmed(w, p, body, body_len)
         elif ftype == FR_PAUSE or ftype == FR_RESUME:
             peer_congestion(w, p, ftype == FR_PAUSE)
-        elif FR_CLAIM <= ftype <= FR_REGISTER:
+        elif FR_CLAIM <= ftype <= FR_REGISTER or ftype == FR_CHECK or ftype == FR_CHECKED:
             registry_frame(w, p, ftype, body, body_len)
         else:
             channel_malformed(w, p, "a frame of unknown type %d" % ftype)

@@ -29,8 +29,11 @@
 #       it, a connection is closed right after accept, before TLS or CONNECT.
 #
 # Each pause counts once (CONN_RATE_PAUSES, MSG_RATE_PAUSES, BYTE_RATE_PAUSES),
-# not per message; RATE_PAUSED is the clients paused now; refusals count in
-# PER_IP_REFUSED and are logged at most every 10 s per address.
+# not per message, and is logged at most once per 10 s per worker and setting
+# (the client's address and id, or the listener; rate_pause_log: a timestamp
+# compare when the line is not due); RATE_PAUSED is the clients paused now;
+# refusals count in PER_IP_REFUSED and are logged at most every 10 s per
+# address.
 
 cdef enum:
     RATE_MAX_WAIT_MS = 3600 * 1000      # a pause is recomputed at least this often
@@ -71,7 +74,52 @@ cdef bint accept_allowed(Worker w, Listener* l):
     ev.data.fd = l.fd
     epoll_ctl(w.epfd, EPOLL_CTL_MOD, l.fd, &ev)
     w.counters[CONN_RATE_PAUSES] += 1
+    listener_pause_log(w, l)
     return False
+
+
+cdef void listener_pause_log(Worker w, Listener* l) except *:
+    """A listener paused by max_conn_rate, logged at most once per 10 s;
+    formatted only when the line is due."""
+    cdef int reason = CR_RATE_CONN
+    if w.last_log_ms[reason] != 0 and w.now_ms - w.last_log_ms[reason] < 10000:
+        w.suppressed[reason] += 1
+        return
+    w.log_limited(reason, "listener %s paused: max_conn_rate (%g per second for this worker, burst %g) "
+                  "reached; new connections wait in its backlog" % (listener_text(l), w.conn_rate, w.conn_burst))
+
+
+cdef str listener_text(Listener* l):
+    """A listener in a log line: its protocol and address."""
+    try:
+        with socket.socket(fileno=os.dup(l.fd)) as sock:
+            host, port = sock.getsockname()[:2]
+    except OSError:
+        host, port = "?", 0
+    name = {PROTO_MQTT: "mqtt", PROTO_JSON: "json", PROTO_HTTP: "http"}.get(l.proto, "?")
+    return "%s%s %s:%d" % (name, "s" if l.ctx != NULL else "", "[%s]" % host if ":" in host else host, port)
+
+
+cdef void rate_pause_log(Worker w, Conn* c, int reason) except *:
+    """A client paused by a rate limit (reason: CR_RATE_MESSAGES or
+    CR_RATE_BYTES), logged at most once per 10 s per reason; formatted (its
+    address is a syscall) only when the line is due."""
+    cdef Session* s
+    if w.last_log_ms[reason] != 0 and w.now_ms - w.last_log_ms[reason] < 10000:
+        w.suppressed[reason] += 1
+        return
+    if c.proto == PROTO_MQTT and c.session >= 0:
+        s = &w.sessions[c.session]
+        who = "client %r" % PyBytes_FromStringAndSize(s.client_id, s.client_id_len).decode("utf-8", "replace")
+    elif c.proto == PROTO_JSON and c.client_id != NULL:
+        who = "client %r" % PyBytes_FromStringAndSize(c.client_id, c.client_id_len).decode("utf-8", "replace")
+    else:
+        who = "a client"
+    if reason == CR_RATE_MESSAGES:
+        why = "max_messages_rate (%g per second, burst %g)" % (w.msg_rate, w.msg_burst)
+    else:
+        why = "max_bytes_rate (%g bytes per second, burst %g)" % (w.byte_rate, w.byte_burst)
+    w.log_client(reason, c.fd, "%s paused: over %s; not read until its bucket refills" % (who, why))
 
 
 cdef void accept_resume_due(Worker w):
@@ -221,8 +269,10 @@ cdef void rate_charge(Worker w, Conn* c):
         return          # cannot happen: at most one live entry per fd
     if w.msg_rate > 0 and b.messages < 1.0:
         w.counters[MSG_RATE_PAUSES] += 1
+        rate_pause_log(w, c, CR_RATE_MESSAGES)
     if w.byte_rate > 0 and b.bytes < 1.0:
         w.counters[BYTE_RATE_PAUSES] += 1
+        rate_pause_log(w, c, CR_RATE_BYTES)
     b.resume_ms = resume
     c.flags |= F_RATE_PAUSED
     w.counters[RATE_PAUSED] += 1

@@ -15,6 +15,18 @@
 # A worker that (re)starts says HELLO: peers drop the entries they hold for
 # it (its sessions died with it) and re-register their own clients whose home
 # it is (its registry died with it).
+#
+# With authentication on, a claim by another user than the one the home has
+# on record is not decided on the record alone: the record may name an owner
+# whose client has just gone (its RELEASE on its way, or its DISCONNECT not
+# read yet, while the same client connects again elsewhere at once). The home
+# asks the owner (CHECK); the owner answers (CHECKED) once no connection of
+# the id is open there, or after half connect_settle_timeout, whichever comes
+# first: it holds nothing (the claim goes on as if the id were free) or it
+# holds a session (a connection, or a persistent session: the claim is
+# refused). Channels keep their order, so a RELEASE the owner sent comes
+# before its answer. Claims of the id that come meanwhile wait behind the
+# one asked about, in order.
 
 from zlib import crc32
 
@@ -27,9 +39,20 @@ from zlib import crc32
 cdef enum:
     GRANT_REFUSED = -3        # a GRANT's previous owner: the claim is refused (another user's id)
 
+    # What an owner holds of a client id (hold_state, FR_CHECKED).
+    HOLD_NOTHING = 0          # no session, no connection, no CONNECT settling
+    HOLD_SESSION = 1          # a session: another user may not take it over
+    HOLD_LIVE = 2             # a connection, or a CONNECT settling (not sent: the answer waits for it to end)
+    HOLD_UNKNOWN = 3          # registry_decide: the owner was not asked
+
 
 cdef class PendingConnect:
     """A CONNECT waiting for its session to be settled (fields: loop.pxd)."""
+
+
+cdef class ClaimCheck:
+    """A claim by another user at its client id's home, waiting for the id's
+    owner to say what it holds (fields: loop.pxd)."""
 
 
 cdef inline int home_of(Worker w, bytes client_id):
@@ -83,14 +106,40 @@ cdef bytes user_field(bytes username):
 
 cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
                          object username):
-    """At the id's home: record the new owner, answer, evict the old one.
-    With authentication on, an id whose session another user holds is not
-    taken over: the claimant is refused (GRANT_REFUSED) and nothing changes."""
+    """At the id's home: record the new owner, answer, evict the old one
+    (registry_decide); behind a claim whose owner is being asked, in order."""
+    cdef ClaimCheck check = w.claim_checks.get(client_id)
+    if check is not None:
+        check.claims.append((claimant, token, clean, username))
+        return
+    registry_decide(w, claimant, token, clean, client_id, username, HOLD_UNKNOWN)
+
+
+cdef void registry_decide(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id,
+                          object username, int held):
+    """A claim at the id's home. With authentication on, an id on record for
+    another user is first asked about at its owner (held: its answer, or
+    HOLD_UNKNOWN): holding nothing, the id is free; holding a session, the
+    claimant is refused (GRANT_REFUSED) and nothing changes."""
     cdef int prev = w.registry.get(client_id, -1)
+    cdef ClaimCheck check
     if prev >= 0 and prev != claimant and prev != w.worker_index and w.peers[prev].fd < 0:
         prev = -1           # no such worker any more
-    if w.auth_required and prev >= 0 and w.registry_users.get(client_id) != username:
-        deliver_grant(w, claimant, token, GRANT_REFUSED, client_id)
+    if w.auth_required and prev >= 0 and w.registry_users.get(client_id) != username and held != HOLD_NOTHING:
+        if held == HOLD_SESSION:
+            deliver_grant(w, claimant, token, GRANT_REFUSED, client_id)
+            return
+        w.check_number += 1
+        check = ClaimCheck()
+        check.check = w.check_number
+        check.owner = prev
+        check.deadline_ms = w.now_ms + w.settle_timeout_ms * 3 // 4     # before the claimant settles alone
+        check.claims = [(claimant, token, clean, username)]
+        w.claim_checks[client_id] = check
+        if prev == w.worker_index:
+            registry_check(w, prev, check.check, claimant, token, client_id)
+        else:
+            send_small(w, prev, FR_CHECK, struct_pack("<IBI", check.check, claimant, token), client_id)
         return
     w.registry[client_id] = claimant
     w.registry_users[client_id] = username
@@ -100,6 +149,86 @@ cdef void registry_claim(Worker w, int claimant, uint32_t token, uint8_t clean, 
             registry_evict(w, claimant, token, clean, client_id)
         else:
             send_small(w, prev, FR_EVICT, struct_pack("<BIB", claimant, token, clean), client_id)
+
+
+cdef void registry_recheck(Worker w, bytes client_id, int held):
+    """The claims waiting on a CHECK of client_id go on: the first with the
+    owner's answer (HOLD_UNKNOWN: the record changed meanwhile, decide on it
+    again), the others as they came."""
+    cdef ClaimCheck check = w.claim_checks.pop(client_id, None)
+    if check is None:
+        return
+    claimant, token, clean, username = check.claims[0]
+    registry_decide(w, claimant, token, clean, client_id, username, held)
+    for claimant, token, clean, username in check.claims[1:]:
+        registry_claim(w, claimant, token, clean, client_id, username)
+
+
+cdef int hold_state(Worker w, bytes client_id, int claimant, uint32_t token):
+    """What this worker holds of client_id, for its home (the claimant's own
+    CONNECT, settling here, aside)."""
+    cdef int slot = w.client_sessions.get(client_id, -1)
+    cdef PendingConnect pc
+    if slot >= 0 and w.sessions[slot].fd >= 0:
+        return HOLD_LIVE
+    for key, pc in w.pending.items():
+        if pc.client_id == client_id and not (claimant == w.worker_index and key == token):
+            return HOLD_LIVE
+    return HOLD_SESSION if slot >= 0 else HOLD_NOTHING
+
+
+cdef void registry_check(Worker w, int home, uint32_t check, int claimant, uint32_t token, bytes client_id):
+    """At the owner on record: a CHECK from client_id's home. A connection of
+    the id still open may be one whose client has just left (its DISCONNECT
+    or EOF not read yet): the answer waits for it to end (registry_checks_due)."""
+    cdef int held = hold_state(w, client_id, claimant, token)
+    if held == HOLD_LIVE:
+        w.held_checks.append((home, check, claimant, token, client_id, w.now_ms + w.settle_timeout_ms // 2))
+    else:
+        check_answer(w, home, check, held, client_id)
+
+
+cdef void check_answer(Worker w, int home, uint32_t check, int held, bytes client_id):
+    if home == w.worker_index:
+        on_checked(w, check, held, client_id)
+    else:
+        send_small(w, home, FR_CHECKED, struct_pack("<IB", check, held), client_id)
+
+
+cdef void on_checked(Worker w, uint32_t check, int held, bytes client_id):
+    """At the home: the owner's answer (dropped when the check was settled
+    otherwise meanwhile: a RELEASE, a REGISTER, the owner restarted)."""
+    cdef ClaimCheck pending = w.claim_checks.get(client_id)
+    if pending is not None and pending.check == check:
+        registry_recheck(w, client_id, held)
+
+
+cdef void registry_checks_due(Worker w):
+    """Every turn while checks wait (at the top of the turn: it may settle
+    CONNECTs): an owner's answers whose connection ended or whose time is up
+    (a connection still open after half connect_settle_timeout is a live one:
+    the claim is refused); at a home, checks the owner did not answer within
+    three quarters of it (it hung): refused, before the claimant's own
+    connect_settle_timeout would settle it as a new session."""
+    cdef list left = []
+    cdef list due = []
+    cdef int held
+    cdef ClaimCheck check
+    cdef object entry
+    for entry in w.held_checks:
+        held = hold_state(w, entry[4], entry[2], entry[3])
+        if held == HOLD_LIVE and <uint64_t>entry[5] > w.now_ms:
+            left.append(entry)
+        else:
+            due.append((entry, HOLD_SESSION if held == HOLD_LIVE else held))
+    w.held_checks = left
+    for entry, held in due:
+        check_answer(w, entry[0], entry[1], held, entry[4])
+    for client_id, check in list(w.claim_checks.items()):
+        if check.deadline_ms <= w.now_ms and w.claim_checks.get(client_id) is check:
+            w.log_limited(CR_CHANNEL, "worker %d did not say in time what it holds of a client id another "
+                          "user claimed: refused" % check.owner)
+            registry_recheck(w, client_id, HOLD_SESSION)
 
 
 cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes client_id):
@@ -286,9 +415,15 @@ cdef void registry_peer_restarted(Worker w, int p):
     """Worker p (re)started: its sessions are gone; our clients homed there re-register."""
     cdef bytes cid
     cdef int slot
+    cdef ClaimCheck check
     for cid in [k for k, v in w.registry.items() if v == p]:
         del w.registry[cid]
         w.registry_users.pop(cid, None)
+    # Checks p was asked (it will not answer) and p asked of us (it forgot them).
+    w.held_checks = [entry for entry in w.held_checks if entry[0] != p]
+    for cid, check in list(w.claim_checks.items()):
+        if check.owner == p and w.claim_checks.get(cid) is check:
+            registry_recheck(w, cid, HOLD_UNKNOWN)
     for cid, slot in w.client_sessions.items():
         if home_of(w, cid) == p:
             send_small(w, p, FR_REGISTER,
@@ -304,8 +439,8 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
     """A registry frame from worker p. Every worker index in it is checked
     (it indexes the peers' table), and every length against the frame."""
     cdef bytes data = PyBytes_FromStringAndSize(<char*>body, n)
-    cdef uint32_t token
-    cdef int prev, owner, claimant, clean, present, idlen
+    cdef uint32_t token, check
+    cdef int prev, owner, claimant, clean, present, idlen, held
     if ftype == FR_CLAIM and n >= 8:
         token, clean = struct_unpack_from("<IB", data)
         username = read_user_field(data, 5)
@@ -338,6 +473,8 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
         elif w.registry.get(data[1:]) == owner:
             del w.registry[data[1:]]
             w.registry_users.pop(data[1:], None)
+            if w.claim_checks:
+                registry_recheck(w, data[1:], HOLD_UNKNOWN)     # a claim waiting on this owner goes on
     elif ftype == FR_REGISTER and n >= 4:
         owner = data[0]
         username = read_user_field(data, 1)
@@ -349,6 +486,20 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
             cid = data[4 + (len(username) if username is not None else 0):]
             w.registry[cid] = owner
             w.registry_users[cid] = username
+            if w.claim_checks:
+                registry_recheck(w, cid, HOLD_UNKNOWN)
+    elif ftype == FR_CHECK and n >= 9:
+        check, claimant, token = struct_unpack_from("<IBI", data)
+        if not is_worker(w, claimant):
+            channel_malformed(w, p, "a CHECK for worker %d" % claimant)
+            return
+        registry_check(w, p, check, claimant, token, data[9:])
+    elif ftype == FR_CHECKED and n >= 5:
+        check, held = struct_unpack_from("<IB", data)
+        if held != HOLD_NOTHING and held != HOLD_SESSION:
+            channel_malformed(w, p, "a CHECKED answer %d" % held)
+            return
+        on_checked(w, check, held, data[5:])
     else:
         channel_malformed(w, p, "a registry frame (type %d) of %d bytes" % (ftype, n))
 
