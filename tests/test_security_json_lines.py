@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import struct
 import subprocess
 import threading
 
@@ -250,3 +252,25 @@ def test_certificate_identity_for_json_lines(gw_factory, tmp_path):
     server.wait_counter("acl_publish_denied", get_counter(before, "acl_publish_denied") + 1)
     wait_for(lambda: get_counter(server.counters(), "acl_publish_denied")
              == get_counter(before, "acl_publish_denied") + 1, 5, what="exactly one refusal")
+
+
+def test_client_leaving_while_its_password_is_checked(gw_factory, tmp_path):
+    """Connects that leave (a close, a reset) while their password is being
+    checked: the answer finds them gone and is dropped; the workers go on
+    (a death would fail the test) and answer the next client."""
+    pwfile = tmp_path / "passwd"
+    assert run_gw("passwd", "-c", "-b", "--hash", "pbkdf2", pwfile, "dev", "pw-dev").returncode == 0
+    server = gw_factory(workers=2, listeners=("json",),
+                        args=["--password-file", pwfile, "--allow-anonymous", "false", "--auth-cache-seconds", "0"])
+    port = server.ports["json"]
+    for i in range(20):
+        sock = tcp_connect(port)
+        sock.sendall(connect_line(f"gone-{i}", "dev", "pw-dev") + b'{"message_type": "Heartbeat"}\n')
+        if i % 2:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    for i in range(4):
+        reply, sock, _ = connect_answer(port, f"after-{i}", "dev", "pw-dev")
+        assert reply["payload"] == "Connected"
+        sock.close()
+    wait_for(lambda: get_counter(server.counters(), "sessions_current") == 0, 10, what="no client left")
