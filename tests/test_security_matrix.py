@@ -3,7 +3,8 @@ a password (a file made by mosquitto_passwd), a user proved by a client
 certificate (use_identity_as_username)} x which ACL lines grant it {plain
 topic lines of its section, `%c` patterns, `%u` patterns} x what it does
 {publish, subscribe, live delivery, retained delivery on subscribe, wills, a
-persistent session's queue after a reload that revokes}.
+persistent session's queue taken back on the other worker, and after a
+reload that revokes}.
 
 One `gw serve --workers 2` per kind of identity (module-scoped), the
 publisher always on one worker and the subscriber on the other. Raw MQTT
@@ -395,6 +396,33 @@ def test_wills(m, rule):
         assert msg.payload == b"granted will"
     publish(last, done, b"", pid=1)
     assert topics(sub, done) == [done]
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_persistent_session_moves_to_the_publishers_worker(m, rule):
+    """A persistent session away on one worker, its queue filled by the
+    publisher on the other, taken back on the publisher's worker: the session
+    and its queue move, and what leaves the queue is checked for the user
+    it connects as (the read_refused message never arrives)."""
+    pub_id, sub_id, tag = ids(rule)
+    cs = case(m.ident, rule, pub_id, sub_id, tag)
+    if cs.ok is None:
+        pytest.skip("%u grants an anonymous client nothing to read (test_subscribe, test_publish)")
+    done = f"done/{tag}"
+    away = m.connect(SUB, "sub", sub_id, clean=False)
+    assert away.subscribe(1, [(cs.wide, 1), (done, 1)]) == [1, 1]
+    away.disconnect()
+    pub = m.connect(PUB, "pub", pub_id)
+    before = counters(m)
+    publish(pub, cs.read_refused, b"not for sub", pid=1)
+    publish(pub, cs.ok, b"for sub", pid=2)
+    publish(pub, done, b"", pid=3)
+    pub.ping()
+    back = m.connect(PUB, "sub", sub_id, clean=False, present=True)
+    assert topics(back, done) == [cs.ok, done]
+    grew(m, before, "acl_delivery_denied")
+    back.disconnect()
+    m.connect(SUB, "sub", sub_id, clean=True).disconnect()     # the session ends
 
 
 def test_reload_revokes_a_queued_message_and_a_will(m):
