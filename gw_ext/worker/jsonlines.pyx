@@ -89,10 +89,11 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
     action, reply, new_id, is_data, credentials = w.json_protocol.handle(
         PyBytes_FromStringAndSize(<char*>line, n), connected, client_id,
         not connected or json_may_publish(w, c))
+    if is_data is not False:
+        w.counters[MSGS_IN] += 1        # a Data message, refused or not (as an MQTT PUBLISH)
     if is_data is None:
         json_publish_refused(w, c)      # the ACL: Error answered, not stored
     elif is_data:
-        w.counters[MSGS_IN] += 1
         if type(is_data) is bytes and json_reading(w, client_id, <bytes>is_data) < 0:
             reply = w.json_protocol.log_full_reply(client_id)
     if action == JSON_CONNECTED and not connected:
