@@ -274,3 +274,36 @@ def test_client_leaving_while_its_password_is_checked(gw_factory, tmp_path):
         assert reply["payload"] == "Connected"
         sock.close()
     wait_for(lambda: get_counter(server.counters(), "sessions_current") == 0, 10, what="no client left")
+
+
+def test_connects_over_auth_max_pending_are_refused_busy(gw_factory, tmp_path):
+    """More Connects waiting for their check than auth_max_pending: an Error
+    saying the server is busy, then the close, each counted; every other one
+    is answered by its check."""
+    pwfile = tmp_path / "passwd"
+    assert run_gw("passwd", "-c", "-b", "--hash", "pbkdf2", pwfile, "dev", "pw-dev").returncode == 0
+    server = gw_factory(workers=1, listeners=("json",),
+                        args=["--password-file", pwfile, "--allow-anonymous", "false",
+                              "--auth-max-pending", "1", "--auth-cache-seconds", "0"])
+    port = server.ports["json"]
+    busy = 0
+    for attempt in range(5):        # a batch whose Connects all queue together (the first one always checked)
+        socks = [tcp_connect(port) for _ in range(6)]
+        try:
+            for i, sock in enumerate(socks):
+                sock.sendall(connect_line(f"busy-{attempt}-{i}", "dev", "pw-dev"))
+            replies = [Lines(sock).next(60) for sock in socks]
+        finally:
+            for sock in socks:
+                sock.close()
+        payloads = [r["payload"] for r in replies]
+        assert all(p in ("Connected", JSON_BUSY) for p in payloads), payloads
+        assert "Connected" in payloads, payloads         # a slot was free for one
+        busy += payloads.count(JSON_BUSY)
+        if busy:
+            break
+    assert busy >= 1
+    assert get_counter(server.counters(), "auth_refused_busy") == busy
+
+
+JSON_BUSY = "server busy: too many password checks waiting; connect again later"
