@@ -94,8 +94,9 @@ class Config:
                             "client_cafile that issues client certificates ('' : none)", kind="path")
     use_identity_as_username: bool = _setting(False, "the common name (CN) of the client certificate's subject "
                                               "is the connection's user name, replacing any user name in "
-                                              "CONNECT; a certificate without a usable CN is refused "
-                                              "(CONNACK 4); needs require_certificate")
+                                              "CONNECT or a JSON-lines Connect; a certificate without a "
+                                              "usable CN is refused (CONNACK 4, JSON lines: an Error); "
+                                              "needs require_certificate")
     data_dir: str = _setting("data", "directory for the pid file, retained messages, "
                              "clean_session=0 sessions, the write-ahead logs (wal/) and the store "
                              "(store.sqlite), kept across restarts")

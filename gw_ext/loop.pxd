@@ -118,6 +118,9 @@ cdef struct Conn:
     uint8_t close_detail      # ST_CLOSED: e.g. the malformed reason
     uint16_t keepalive        # seconds, from CONNECT
     uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
+    uint16_t username_len     # JSON-lines clients: the user name they act as (MQTT's live in the Session)
+    uint8_t json_acl          # JSON-lines clients: may publish on {telemetry_topic}/{client id} (1/0), under...
+    uint32_t json_acl_gen     # ... this ACL generation (0: not decided yet)
     int session               # MQTT session slot, -1 before CONNECT
     uint32_t gen              # which connection this is (fds are reused)
     uint32_t pending_token    # ST_SETTLING: the claim it waits for
@@ -127,6 +130,7 @@ cdef struct Conn:
     uint32_t addr_slot        # max_connections_per_ip: its address's slot + 1 in the shared counts (0: not counted)
     SSL* ssl
     char* client_id
+    char* username            # JSON-lines clients: NULL for anonymous
     uint8_t* inbuf            # partial packet carried over to the next read
     uint32_t inlen
     uint32_t incap
@@ -283,6 +287,7 @@ cdef class PendingConnect:
     cdef uint8_t will_flag, will_qos, will_retain
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
+    cdef bytes json_reply        # a JSON-lines Connect (no session): its Connected answer; None: MQTT
 
 
 # --- a claim by another user, waiting for the id's owner to say what it holds -------
@@ -665,7 +670,8 @@ cdef list sessions_snapshot(Worker w, bint changed_only)
 cdef void sessions_load(Worker w, list saved) except *
 
 # --- worker/auth.pyx: anonymous access, passwords checked off the loop, refusals -------
-cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc)
+cdef int auth_connect(Worker w, Conn* c, PendingConnect pc, const uint8_t* password, uint32_t password_len,
+                      bint has_password)
 cdef void auth_readable(Worker w)
 cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why)
 cdef void auth_log(Worker w, int why, int fd, str message)
@@ -736,6 +742,12 @@ cdef void pause_conn(Worker w, Conn* c)
 cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
 cdef int json_reading(Worker w, bytes client_id, bytes reading)
 cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n)
+cdef int json_write(Worker w, Conn* c, bytes reply)
+cdef int json_connect(Worker w, Conn* c, bytes client_id, bytes reply, object credentials)
+cdef int json_connected(Worker w, Conn* c, PendingConnect pc)
+cdef void json_auth_refuse(Worker w, Conn* c, int why)
+cdef bint json_may_publish(Worker w, Conn* c) except -1
+cdef void json_publish_refused(Worker w, Conn* c)
 
 # --- worker/http.pyx: HTTP/1.1 framing, answers, timers, lingering close ---------------
 cdef bint is_tchar(uint8_t ch) noexcept nogil

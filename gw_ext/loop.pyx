@@ -1311,6 +1311,7 @@ cdef class Worker:
         free(c.inbuf)
         free(c.outbuf)
         free(c.client_id)
+        free(c.username)
         memset(c, 0, sizeof(Conn))
 
     cdef void contained(self, int fd, str where):

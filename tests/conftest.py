@@ -822,7 +822,7 @@ class PahoClient:
     """A paho-mqtt (v2 callback API) client on its own network thread."""
 
     def __init__(self, port: int, *, ca=None, keepalive: int = 60, client_id: str | None = None,
-                 clean_session: bool = True):
+                 clean_session: bool = True, username: str | None = None, password: str | None = None):
         mqtt, client_class = paho_client_class()
         self.mqtt = mqtt
         self.connected = threading.Event()
@@ -830,6 +830,7 @@ class PahoClient:
         self.connect_rc = None
         self.pingresps = 0
         self.subacks: dict[int, list] = {}
+        self.received: list = []          # every PUBLISH it got (paho's MQTTMessage)
         self._lock = threading.Lock()
         self.client = client_class(mqtt.CallbackAPIVersion.VERSION2,
                                   client_id=client_id or f"paho-{uuid.uuid4().hex[:12]}",
@@ -839,6 +840,9 @@ class PahoClient:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_log = self._on_log
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = lambda client, userdata, msg: self.received.append(msg)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         if ca is not None:
             self.client.tls_set(ca_certs=str(ca))
         self.client.connect(HOST, port, keepalive)
@@ -885,6 +889,14 @@ class PahoClient:
         assert rc == 0
         wait_for(lambda: mid in self.subacks, timeout, what="SUBACK")
         return self.subacks[mid]
+
+    def messages(self, topic: str) -> list:
+        return [m for m in list(self.received) if m.topic == topic]
+
+    def wait_messages(self, n: int, topic: str, timeout: float = 10.0) -> list:
+        """Waits until n messages on topic arrived; returns them."""
+        wait_for(lambda: len(self.messages(topic)) >= n, timeout, what=f"{n} messages on {topic}")
+        return self.messages(topic)
 
     def check_healthy(self) -> None:
         assert self.is_connected, "healthy client was disconnected"

@@ -248,7 +248,7 @@ def test_off_loopback_with_password_file_refuses_anonymous(gw_factory, tmp_path)
                         ports={"mqtt": port, "json": json_port})
     assert connack_code(port, b"anon") == 5
     assert connack_code(port, b"alice-1", b"alice", b"pw") == 0
-    # JSON-lines Connects carry no credentials: the anonymous rules apply.
+    # A JSON-lines Connect without credentials: the anonymous rules apply.
     with tcp_connect(json_port) as sock:
         sock.sendall(b'{"client_id":"dev1","message_type":"Connect","payload":null,"timestamp":0}\n')
         reply = wait_closed(sock)

@@ -23,10 +23,10 @@ class RaisingProtocol(JsonProtocol):
     """The real JSON-lines protocol, except that a line `boom` raises, as a bug
     in its handling would."""
 
-    def handle(self, line, connected, client_id):
+    def handle(self, line, *args):
         if line == b"boom":
             raise RuntimeError("a bug in handling this line")
-        return super().handle(line, connected, client_id)
+        return super().handle(line, *args)
 
 
 class LoopHarness:

@@ -1,5 +1,7 @@
 # Included by loop.pyx. Who may connect: a CONNECT's user name and password,
-# checked before its session is claimed (registry.pyx).
+# checked before its session is claimed (registry.pyx); a JSON-lines Connect's
+# (jsonlines.pyx) by the same rules, through the same threads and cache,
+# answered with an Error line instead of a CONNACK.
 #
 # - No user name: accepted while anonymous access is allowed
 #   (Worker.allow_anonymous, from `allow_anonymous`, gw/auth.py), else
@@ -31,22 +33,24 @@ cdef uint32_t[4] AUTH_COUNTER = [AUTH_REFUSED_ANONYMOUS, AUTH_REFUSED_PASSWORD, 
                                  AUTH_REFUSED_BUSY]
 
 
-cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
-    """0: go on and claim the session now; 1: held for its password check;
-    -1: refused (CONNACK sent, closing)."""
-    cdef bytes user, password
+cdef int auth_connect(Worker w, Conn* c, PendingConnect pc, const uint8_t* password, uint32_t password_len,
+                      bint has_password):
+    """pc.username is who the client says it is (None: no user name).
+    0: go on now (claim the session; JSON lines: connected); 1: held for its
+    password check; -1: refused (answered, closing)."""
+    cdef bytes user, secret
     cdef Listener* l = &w.listeners[c.listener]
-    if l.identity_username:
+    if l.identity_username and c.ssl != NULL:
         return 0                        # use_identity_as_username: the verified certificate's CN is who it is
     # On a listener that requires a client certificate, the handshake already
     # proved the client: one without a user name is let in (as anonymous for
     # the ACL), unless allow_anonymous = false asks for user names everywhere.
-    if not pkt.has_username:
+    if pc.username is None:
         if w.allow_anonymous or (l.client_certificate and w.certificate_anonymous):
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
-    user = pc.username                  # handle_connect's: the identity the password must prove
+    user = pc.username                  # the identity the password must prove
     if w.authenticator is None:
         # No password file: a user name is taken on the client's word only where
         # anyone may connect; a certificate proves who holds it, not a name it claims.
@@ -54,22 +58,22 @@ cdef int auth_connect(Worker w, Conn* c, ConnectPacket* pkt, PendingConnect pc):
             return 0
         auth_refuse(w, c, CONNACK_NOT_AUTHORIZED, AUTH_LOG_ANONYMOUS)
         return -1
-    if not pkt.has_password:
+    if not has_password:
         auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
         return -1
-    password = PyBytes_FromStringAndSize(<char*>pkt.password.ptr, pkt.password.len)
-    if w.authenticator.cached(user, password):
+    secret = PyBytes_FromStringAndSize(<char*>password, password_len)
+    if w.authenticator.cached(user, secret):
         return 0
     if w.auth_pool is None:
         # auth_threads = 0: the hash runs here, and the whole worker waits for it.
-        if w.authenticator.verify(user, password):
+        if w.authenticator.verify(user, secret):
             return 0
         auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
         return -1
     w.auth_token += 1
     if w.auth_token == 0:
         w.auth_token = 1
-    if not w.auth_pool.submit(w.auth_token, w.authenticator.verify, user, password):
+    if not w.auth_pool.submit(w.auth_token, w.authenticator.verify, user, secret):
         auth_refuse(w, c, CONNACK_UNAVAILABLE, AUTH_LOG_BUSY)
         return -1
     w.auth_waiting[w.auth_token] = pc
@@ -92,15 +96,24 @@ cdef void auth_readable(Worker w):
         if c.state != ST_SETTLING or c.gen != pc.gen or c.pending_token != 0:
             continue             # the client left while its password was checked
         if ok is True:
-            connect_claim(w, c, pc)
+            if pc.json_reply is not None:
+                json_connected(w, c, pc)        # jsonlines.pyx
+            else:
+                connect_claim(w, c, pc)
         else:
             auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
 
 
 cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
-    """CONNACK `code`, counted and logged, then the connection closes."""
+    """CONNACK `code` (JSON lines: an Error line saying why), counted and
+    logged, then the connection closes."""
     cdef uint8_t* out
     w.counters[AUTH_COUNTER[why]] += 1
+    if c.state == ST_SETTLING:
+        c.state = ST_AWAIT_CONNECT   # no longer held: close_after_flush takes it from here
+    if c.proto == PROTO_JSON:
+        json_auth_refuse(w, c, why)      # jsonlines.pyx
+        return
     w.counters[CONNACK_REFUSED] += 1
     if why == AUTH_LOG_ANONYMOUS:
         auth_log(w, why, c.fd, "refused a CONNECT without a user name: anonymous access is off "
@@ -111,8 +124,6 @@ cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
         auth_log(w, why, c.fd, "refused a CONNECT: its client id is held by a session of another user")
     else:
         auth_log(w, why, c.fd, "refused a CONNECT: auth_max_pending password checks already waiting")
-    if c.state == ST_SETTLING:
-        c.state = ST_AWAIT_CONNECT   # no longer held: close_after_flush takes it from here
     out = w.reserve(c, 4)
     if out == NULL:
         return

@@ -47,7 +47,7 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
         pc.will_qos = pkt.will_qos
         pc.will_retain = pkt.will_retain
-    rc = auth_connect(w, c, &pkt, pc)       # who may connect (auth.pyx)
+    rc = auth_connect(w, c, pc, pkt.password.ptr, pkt.password.len, pkt.has_password)   # who may connect (auth.pyx)
     if rc < 0:
         return -1
     if rc > 0:
