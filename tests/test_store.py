@@ -21,23 +21,15 @@ from gw.pipeline.anomaly import Detector
 from gw.pipeline.rollup import WINDOWS, aggregate_numpy, aggregate_python, mean_std
 from gw.pipeline.store import STORE_FILE, StoreSink, check_data_dir, open_store
 
+# The logical tables (the query API's and export's contract): their columns, in order.
 CONTRACT = {
-    "readings": [("worker", "INTEGER", 1, 1), ("lsn", "INTEGER", 1, 2), ("device_id", "TEXT", 1, 0),
-                 ("ts", "REAL", 1, 0), ("seq", "INTEGER", 0, 0), ("metrics", "TEXT", 1, 0),
-                 ("tags", "TEXT", 1, 0), ("payload", "TEXT", 0, 0)],
-    "samples": [("device_id", "TEXT", 1, 1), ("metric", "TEXT", 1, 2), ("ts", "REAL", 1, 3),
-                ("value", "REAL", 1, 0), ("worker", "INTEGER", 1, 4), ("lsn", "INTEGER", 1, 5)],
-    "rollups": [("win", "TEXT", 1, 1), ("device_id", "TEXT", 1, 2), ("metric", "TEXT", 1, 3),
-                ("bucket", "REAL", 1, 4), ("count", "INTEGER", 1, 0), ("min", "REAL", 1, 0),
-                ("max", "REAL", 1, 0), ("sum", "REAL", 1, 0), ("sumsq", "REAL", 1, 0)],
-    "devices": [("device_id", "TEXT", 0, 1), ("first_seen", "REAL", 1, 0), ("last_seen", "REAL", 1, 0),
-                ("last_values", "TEXT", 1, 0), ("tags", "TEXT", 1, 0), ("readings", "INTEGER", 1, 0)],
-    "alerts": [("id", "INTEGER", 0, 1), ("device_id", "TEXT", 1, 0), ("metric", "TEXT", 1, 0),
-               ("ts", "REAL", 1, 0), ("value", "REAL", 1, 0), ("zscore", "REAL", 1, 0),
-               ("mean", "REAL", 1, 0), ("std", "REAL", 1, 0), ("state", "TEXT", 1, 0),
-               ("created", "REAL", 1, 0), ("acked", "REAL", 0, 0)],
-    "checkpoints": [("sink", "TEXT", 1, 1), ("worker", "INTEGER", 1, 2), ("next_offset", "INTEGER", 1, 0)],
-    "meta": [("key", "TEXT", 0, 1), ("value", "TEXT", 1, 0)],
+    "readings": ["worker", "lsn", "device_id", "ts", "seq", "metrics", "tags", "payload"],
+    "samples": ["device_id", "metric", "ts", "value"],
+    "rollups": ["win", "device_id", "metric", "bucket", "count", "min", "max", "sum", "sumsq"],
+    "devices": ["device_id", "first_seen", "last_seen", "last_values", "tags", "readings"],
+    "alerts": ["id", "device_id", "metric", "ts", "value", "zscore", "mean", "std", "state", "created", "acked"],
+    "checkpoints": ["sink", "worker", "next_offset"],
+    "meta": ["key", "value"],
 }
 
 
@@ -64,17 +56,37 @@ def feed(sink: StoreSink, payloads, slot: int = 0, start: int | None = None, bat
 def test_schema_is_the_contract(tmp_path):
     conn = open_store(tmp_path / STORE_FILE)
     for table, cols in CONTRACT.items():
-        got = [(name, typ, notnull, pk) for _cid, name, typ, notnull, _dflt, pk in
-               conn.execute(f"PRAGMA table_info({table})")]
+        got = [name for _cid, name, _typ, _notnull, _dflt, _pk in conn.execute(f"PRAGMA table_info({table})")]
         assert got == cols, table
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1          # NORMAL
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
-    for table in ("readings", "samples", "rollups"):
-        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
-        assert sql.endswith("WITHOUT ROWID")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    # the layout: appended in arrival order (rowid tables), rollups ordered by time first
+    kinds = dict(conn.execute("SELECT name, type FROM sqlite_master WHERE name IN "
+                              "('readings', 'sample_chunks', 'rollup', 'samples', 'rollups')"))
+    assert kinds == {"readings": "table", "sample_chunks": "table", "rollup": "table",
+                     "samples": "view", "rollups": "view"}
+    sql = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert not sql["readings"].endswith("WITHOUT ROWID") and not sql["sample_chunks"].endswith("WITHOUT ROWID")
+    assert sql["rollup"].endswith("PRIMARY KEY (win, bucket, series)) WITHOUT ROWID")
     conn.close()
     conn = open_store(tmp_path / STORE_FILE)          # opening again keeps it
+    conn.close()
+
+
+def test_the_views_read_and_write_the_logical_tables(tmp_path):
+    """INSERT INTO samples / rollups (tools, tests) land in the physical tables and read back."""
+    conn = open_store(tmp_path / STORE_FILE)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO samples VALUES ('d', 'm', ?, 21.25)", (T0 + 0.123456,))
+    conn.execute("INSERT INTO samples VALUES ('d', 'm', ?, -3.5)", (T0 + 1,))
+    for _ in range(2):
+        conn.execute("INSERT INTO rollups VALUES ('1m', 'd', 'm', 60.0, 2, 1.0, 3.0, 4.0, 10.0)")
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT device_id, metric, ts, value FROM samples ORDER BY ts").fetchall() == \
+        [("d", "m", T0 + 0.123456, 21.25), ("d", "m", T0 + 1, -3.5)]
+    assert conn.execute("SELECT * FROM rollups").fetchall() == [("1m", "d", "m", 60.0, 4, 1.0, 3.0, 8.0, 20.0)]
+    assert conn.execute("SELECT count(*) FROM series").fetchone()[0] == 1
     conn.close()
 
 
@@ -98,7 +110,7 @@ def test_a_damaged_database_fails_quick_check(tmp_path):
     c = sqlite3.connect(path)
     c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     page = c.execute("PRAGMA page_size").fetchone()[0]
-    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'readings_device_ts'").fetchone()[0]
+    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sample_chunks_series'").fetchone()[0]
     c.close()
     data = bytearray(path.read_bytes())
     # scribble over an index's interior page: cells point to nonsense
@@ -313,7 +325,8 @@ def test_retention_in_small_chunks(tmp_path):
     now = time.time()
     sink = new_sink(tmp_path, clock=lambda: now)
     feed(sink, [reading(f"d{i % 7}", now - 10 * 86400 + i, i, {"x": i}) for i in range(3500)], batch=2000)
-    assert sink._delete_raw(now - 7 * 86400) == 1000 * 2           # one chunk: 1000 readings + samples
+    sink._delete_raw(now - 7 * 86400)               # one step: 1000 readings (and up to 1000 sample chunks)
+    assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 2500
     sink.retention_pass()
     assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
 
