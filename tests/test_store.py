@@ -425,3 +425,121 @@ def test_anomaly_state_is_rebuilt_from_the_store(tmp_path):
     want = np.array(vals[20:40])
     assert rows[1][1] == pytest.approx(want.mean())
     assert sink.detector.keys[("d", "t")].values.maxlen == 20
+
+
+# --- migration from schema version 1 ---------------------------------------------------------
+
+# Schema version 1, as gw wrote it before the layout of version 2.
+SCHEMA_V1 = """
+CREATE TABLE readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT, PRIMARY KEY (worker, lsn)) WITHOUT ROWID;
+CREATE TABLE samples (device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, worker INTEGER NOT NULL, lsn INTEGER NOT NULL, PRIMARY KEY (device_id, metric, ts, worker, lsn)) WITHOUT ROWID;
+CREATE TABLE rollups (win TEXT NOT NULL, device_id TEXT NOT NULL, metric TEXT NOT NULL, bucket REAL NOT NULL, count INTEGER NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL, PRIMARY KEY (win, device_id, metric, bucket)) WITHOUT ROWID;
+CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL, last_values TEXT NOT NULL, tags TEXT NOT NULL, readings INTEGER NOT NULL);
+CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, zscore REAL NOT NULL, mean REAL NOT NULL, std REAL NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, acked REAL);
+CREATE TABLE checkpoints (sink TEXT NOT NULL, worker INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (sink, worker));
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX readings_device_ts ON readings (device_id, ts);
+CREATE INDEX readings_ts ON readings (ts);
+CREATE INDEX rollups_win_bucket ON rollups (win, bucket);
+CREATE INDEX alerts_device ON alerts (device_id, metric, ts);
+CREATE INDEX alerts_state ON alerts (state, ts);
+CREATE INDEX alerts_device_id ON alerts (device_id, id);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+V1_RAW = ("SELECT ts, value FROM samples WHERE device_id = ? AND metric = ? AND ts >= ? AND ts < ? "
+          "ORDER BY ts LIMIT ?")
+V1_ROLLUP = ("SELECT bucket, count, min, max, sum, sumsq FROM rollups WHERE win = ? AND device_id = ? "
+             "AND metric = ? AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT ?")
+
+
+def make_v1_store(path, devices=4, hours=3):
+    """A version 1 store filled as its sink did: readings, samples, rollups, devices, alerts, checkpoints."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.executescript(SCHEMA_V1)
+    rng = np.random.default_rng(5)
+    day = float(int(T0) // 86400 * 86400)
+    c.execute("BEGIN")
+    lsn = 0
+    roll: dict = {}
+    for i in range(hours * 3600 // 7):
+        for d in range(devices):
+            ts = day + i * 7 + d * 0.25 + 0.123456
+            lsn += 100
+            vals = {"temp_c": round(20 + float(rng.standard_normal()), 3), "rssi": float(-60 - d)}
+            c.execute("INSERT INTO readings VALUES (?,?,?,?,?,?,?,NULL)",
+                      (d % 2, lsn, f"dev{d}", ts, i, json.dumps(vals), '{"site":"AAL"}'))
+            for m, v in vals.items():
+                c.execute("INSERT INTO samples VALUES (?,?,?,?,?,?)", (f"dev{d}", m, ts, v, d % 2, lsn))
+                for win, w in WINDOWS:
+                    a = roll.setdefault((win, f"dev{d}", m, math.floor(ts / w) * w), [0, v, v, 0.0, 0.0])
+                    a[0] += 1
+                    a[1] = min(a[1], v)
+                    a[2] = max(a[2], v)
+                    a[3] += v
+                    a[4] += v * v
+    c.executemany("INSERT INTO rollups VALUES (?,?,?,?,?,?,?,?,?)", [(*k, *a) for k, a in roll.items()])
+    for d in range(devices):
+        c.execute("INSERT INTO devices VALUES (?,?,?,?,?,?)", (f"dev{d}", day, day + hours * 3600,
+                                                              '{"temp_c":20.5,"rssi":-60.0}', '{"site":"AAL"}', 7))
+    c.execute("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created) "
+              "VALUES ('dev1', 'temp_c', ?, 80.0, 9.0, 20.0, 1.0, 'open', ?)", (day + 700, day + 701))
+    c.executemany("INSERT INTO checkpoints VALUES ('store', ?, ?)", [(0, lsn + 100), (1, lsn)])
+    c.execute("COMMIT")
+    return c, day
+
+
+def test_a_version_1_store_is_migrated_and_answers_the_same(tmp_path, caplog):
+    from gw import query as q
+
+    path = tmp_path / STORE_FILE
+    c, day = make_v1_store(path)
+    queries = [("raw", "dev1", "temp_c", day + 600, day + 4000, 10001), ("raw", "dev3", "rssi", day, day + 86400, 50),
+               ("1m", "dev2", "temp_c", day, day + 7200, 10001), ("1h", "dev0", "rssi", day, day + 86400, 10001),
+               ("1d", "dev1", "temp_c", day - 86400, day + 86400, 10001)]
+    want = [c.execute(V1_RAW, (dev, m, a, b, lim)).fetchall() if win == "raw" else
+            c.execute(V1_ROLLUP, (win, dev, m, a, b, lim)).fetchall() for win, dev, m, a, b, lim in queries]
+    counts = [c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("readings", "samples", "rollups")]
+    c.close()
+    with caplog.at_level("WARNING", logger="gw.pipeline.store"):
+        conn = open_store(path)
+    assert "migrating" in caplog.text and "schema version 1" in caplog.text
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("readings", "samples", "rollups")] == counts
+    assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'v1_%'").fetchall()
+    conn.close()
+    api = q.Query(tmp_path)
+    for (win, dev, m, a, b, lim), rows in zip(queries, want):
+        assert rows, (win, dev, m)
+        assert api._series_rows(dev, m, win, a, b, lim) == rows, (win, dev, m)
+    api.close()
+    # the sink goes on from the migrated checkpoints and state
+    sink = new_sink(tmp_path, nworkers=2)
+    assert sink.checkpoints == {0: counts[0] * 100 + 100, 1: counts[0] * 100}
+    assert len(sink._warm("dev1", "temp_c")) == 60
+    feed(sink, [reading("dev1", day + 5 * 3600, 1, {"temp_c": 20.0})], slot=0)
+    assert sink.conn.execute("SELECT readings FROM devices WHERE device_id = 'dev1'").fetchone()[0] == 8
+    sink.close()
+
+
+def test_a_failed_migration_leaves_the_version_1_store_as_it_was(tmp_path):
+    path = tmp_path / STORE_FILE
+    c, _day = make_v1_store(path, devices=2, hours=1)
+    # a stray table in the way of version 2's sample chunks: the copy fails half-way,
+    # after the readings and series were copied
+    c.execute("CREATE TABLE sample_chunks (x)")
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    before = path.read_bytes()
+    with pytest.raises(PipelineError, match="cannot be initialised"):
+        open_store(path, quick_check=False)
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == \
+        {"readings", "samples", "rollups", "devices", "alerts", "checkpoints", "meta", "sqlite_sequence",
+         "sample_chunks"}
+    assert c.execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 2 * (3600 // 7)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    assert path.read_bytes() == before
