@@ -240,7 +240,7 @@ SQL_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER 
 SQL_SERIES = "SELECT id FROM series WHERE device_id = ? AND metric = ?"
 # A series' sample chunks from a time on, in (t0, rowid) order, a page at a time: a chunk
 # never spans an hour boundary, so a range's first chunk starts at or after its hour.
-SQL_RAW = ("SELECT t0, rowid, ts, value FROM sample_chunks WHERE series = ?1 AND t0 < ?4 "
+SQL_RAW = ("SELECT t0, rowid, t1, ts, value FROM sample_chunks WHERE series = ?1 AND t0 < ?4 "
            "AND (t0, rowid) > (?2, ?3) ORDER BY t0, rowid LIMIT ?5")
 RAW_CHUNK_PAGE = 64
 CHUNK_SECONDS = 3600.0
@@ -559,20 +559,31 @@ class Query:
         points: list = []
         t0 = math.floor(start / CHUNK_SECONDS) * CHUNK_SECONDS
         after = (t0, -1)
+        ordered = True              # chunks so far one after the other in time: points in order
+        last = -math.inf
         while True:
             page = conn.execute(SQL_RAW, (series, after[0], after[1], to, RAW_CHUNK_PAGE)).fetchall()
-            for _t0, _rowid, ts, value in page:
+            for c0, _rowid, c1, ts, value in page:
                 tsl = decode(ts)
                 vl = decode(value)
                 if len(tsl) != len(vl):
                     raise ValueError("a sample chunk's ts and value arrays differ in length")
-                points.extend(p for p in zip(tsl, vl) if start <= p[0] < to)
+                if c0 >= start and c1 < to:
+                    points.extend(zip(tsl, vl))
+                else:
+                    points.extend(p for p in zip(tsl, vl) if start <= p[0] < to)
+                if c0 < last:
+                    ordered = False
+                last = max(last, c1)
             if len(page) < RAW_CHUNK_PAGE:
                 break
             after = (page[-1][0], page[-1][1])
-            if len(points) > limit and sum(1 for p in points if p[0] < after[0]) >= limit:
+            # Points before the next chunk's start are final: enough of them, and done.
+            if len(points) >= limit and (points[limit - 1][0] < after[0] if ordered else
+                                         sum(1 for p in points if p[0] < after[0]) >= limit):
                 break
-        points.sort(key=_TS)
+        if not ordered:
+            points.sort(key=_TS)
         return points[:limit]
 
     # --- rows -----------------------------------------------------------------------------
