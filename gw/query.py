@@ -248,7 +248,8 @@ CHUNK_SECONDS = 3600.0
 # after `from`, step the window's width, before `to`), in bucket order.
 SQL_ROLLUP = ("WITH RECURSIVE b(x) AS (SELECT ?1 WHERE ?1 < ?3 UNION ALL SELECT x + ?2 FROM b WHERE x + ?2 < ?3) "
               "SELECT r.bucket, r.count, r.min, r.max, r.sum, r.sumsq FROM b CROSS JOIN rollup r "
-              "ON r.win = ?4 AND r.bucket = b.x AND r.series = ?5 LIMIT ?6")
+              "ON r.win = ?4 AND r.bucket = b.x AND r.series = "
+              "(SELECT id FROM series WHERE device_id = ?5 AND metric = ?6) LIMIT ?7")
 _ALERT_COLUMNS = "id, device_id, metric, ts, value, zscore, mean, std, state, created, acked"
 SQL_ALERT = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?"
 # Alerts come newest first by id, from the primary key: a scan from the newest down that stops
@@ -523,38 +524,29 @@ class Query:
     def _series_rows(self, device_id: str, metric: str, window: str, start: float, to: float,
                      limit: int) -> list:
         """The first `limit` points of a series in [start, to): (ts, value) for raw,
-        (bucket, count, min, max, sum, sumsq) for a window; all read in one read
-        transaction (one snapshot of the store)."""
+        (bucket, count, min, max, sum, sumsq) for a window."""
+        if window != "raw":
+            width = WINDOWS[window]
+            first = float(math.ceil(start / width) * width)
+            return self._read(SQL_ROLLUP, (first, float(width), to, window, device_id, metric, limit))
+        found = self._read(SQL_SERIES, (device_id, metric))
+        if not found:
+            return []
         conn = self._connection()
         self._deadline = time.monotonic() + self.budget
         try:
-            conn.execute("BEGIN")
-            try:
-                found = conn.execute(SQL_SERIES, (device_id, metric)).fetchall()
-                if not found:
-                    rows = []
-                elif window == "raw":
-                    rows = self._raw_rows(conn, found[0][0], start, to, limit)
-                else:
-                    width = WINDOWS[window]
-                    first = math.ceil(start / width) * width
-                    rows = conn.execute(SQL_ROLLUP, (float(first), float(width), to, window, found[0][0],
-                                                     limit)).fetchall()
-            finally:
-                conn.execute("COMMIT")
+            return self._raw_rows(conn, found[0][0], start, to, limit)
         except sqlite3.Error as exc:
             raise self._failure(exc) from None
         except (msgspec.DecodeError, TypeError, ValueError) as exc:
             raise self._bad_data(exc) from None
-        if self._broken:
-            self._broken = False
-            log.warning("query store %s is readable again", self.path)
-        return rows
 
     @staticmethod
     def _raw_rows(conn: sqlite3.Connection, series: int, start: float, to: float, limit: int) -> list:
         """Chunks from the hour of `start` on, page by page, until `limit` points lie
-        before the next page's first chunk (no later chunk can hold an earlier point)."""
+        before the next page's first chunk (no later chunk can hold an earlier point).
+        Each page is a statement of its own: a chunk committed meanwhile with a start
+        before the page is not seen, as if it had been committed after the query."""
         decode = _FLOATS.decode
         points: list = []
         t0 = math.floor(start / CHUNK_SECONDS) * CHUNK_SECONDS

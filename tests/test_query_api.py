@@ -661,7 +661,7 @@ def test_reload_with_another_data_dir(store, app, tmp_path):
 
 
 RAW_PARAMS = (1, 0.0, -1, 1.0, 10)                      # series, from (t0, rowid), to, chunks
-ROLLUP_PARAMS = (0.0, 3600.0, 86400.0, "1h", 1, 10)    # first bucket, width, to, window, series, limit
+ROLLUP_PARAMS = (0.0, 3600.0, 86400.0, "1h", "d", "m", 10)    # first bucket, width, to, window, series, limit
 
 
 def test_query_plans_use_the_primary_keys(store):
