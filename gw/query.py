@@ -243,7 +243,7 @@ SQL_SERIES = "SELECT id FROM series WHERE device_id = ? AND metric = ?"
 SQL_RAW = ("SELECT t0, rowid, t1, ts, value FROM sample_chunks WHERE series = ?1 AND t0 < ?4 "
            "AND (t0, rowid) > (?2, ?3) ORDER BY t0, rowid LIMIT ?5")
 RAW_CHUNK_PAGE = 64
-CHUNK_SECONDS = 3600.0
+CHUNK_SECONDS = 3600.0          # gw/pipeline/store.py's (tests/test_store.py holds them equal)
 # One probe of the rollup key per bucket of the range (the buckets from the first at or
 # after `from`, step the window's width, before `to`), in bucket order.
 SQL_ROLLUP = ("WITH RECURSIVE b(x) AS (SELECT ?1 WHERE ?1 < ?3 UNION ALL SELECT x + ?2 FROM b WHERE x + ?2 < ?3) "

@@ -574,3 +574,5 @@ def test_raw_ranges_over_chunks_of_late_and_early_batches(tmp_path):
     rows = api._series_rows("d", "x", "raw", T0 + 1000.5, T0 + 2000, 10001)
     assert rows == [p for p in want if T0 + 1000.5 <= p[0] < T0 + 2000]
     api.close()
+    from gw.pipeline.store import CHUNK_SECONDS
+    assert q.CHUNK_SECONDS == CHUNK_SECONDS          # the reader's notion of a chunk's span is the writer's

@@ -5,8 +5,11 @@ alerts **and the store sink's checkpoints** are one transaction. After a crash
 the checkpoints say where the last committed batch ended, so the next start
 replays only work that was never committed.
 
-The tables are a contract (the query API is written against them): see SCHEMA.
-`ts` and `bucket` are Unix seconds (REAL); `metrics`, `tags`, `last_values` are
+The logical tables are a contract (the query API and export are written against
+them): `readings`, the views `samples` and `rollups`, `devices`, `alerts`,
+`checkpoints`; the physical layout under them is this module's (see SCHEMA; a
+store of an older layout is migrated on open). gw/query.py reads the physical
+tables for speed. `ts`, `t0`, `t1` and `bucket` are Unix seconds (REAL); `metrics`, `tags`, `last_values` are
 JSON text; `payload` is the reading's payload JSON text, NULL when it was null.
 `devices.last_values` merges metrics per batch, the newest reading of a batch
 (by ts) winning, and a batch older than what is stored only filling in metrics
