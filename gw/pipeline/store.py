@@ -413,7 +413,10 @@ class StoreSink(Sink):
         got: list = []
         have = 0
         pairs: list = []
-        for limit in (4, 64, 1 << 30):
+        # Each chunk holds at least one sample: a few chunks usually suffice, and a
+        # bounded number always (a series whose newest chunks are mostly alerts warms
+        # from fewer values, as a new one would).
+        for limit in (4, 64, max(128, 4 * window)):
             rows = self.conn.execute(WARM_CHUNKS, (sid, limit)).fetchall()
             pairs = []
             for ts_text, val_text in rows:
@@ -423,8 +426,7 @@ class StoreSink(Sink):
             oldest = min(p[0] for p in pairs)
             flagged = set(self.conn.execute(WARM_ALERTS, (device_id, metric, oldest)).fetchall())
             got = [p for p in pairs if p not in flagged]
-            have = len(got)
-            if have >= window or len(rows) < limit:
+            if len(got) >= window or len(rows) < limit:
                 break
         got.sort(key=lambda p: p[0])
         return [v for _t, v in got[-window:]]
