@@ -7,13 +7,15 @@ Each benchmark times `HttpApp.handle` as the worker's event loop calls it
 encoding), on one device's data:
 
 * ``rollup_1h_day``: window 1h over one day, 24 rows of `rollups`;
-* ``raw_hour``: window raw over one hour, 3,600 rows of `samples`;
+* ``raw_hour``: window raw over one hour, 3,600 samples (60 sample chunks);
 * ``rollup_1m_day``: window 1m over one day, 1,440 rows;
+* ``rollup_1m_hour``: window 1m over one hour, 60 rows;
+* ``raw_10k``: window raw, 10,000 samples (the most a page holds);
 * ``device``, ``devices``, ``alerts``: one device, the device list, a page of 100 alerts.
 
 Besides pytest-benchmark's statistics, ``extra_info`` holds p50/p99/max over
 1,000 timed calls (perf_counter_ns) and, for the series, the time of the bare
-SQL fetch (`sql_ms`). The gates are ratios against baselines timed in the
+store read without the HTTP layer (`sql_ms`, `Query._series_rows`). The gates are ratios against baselines timed in the
 same run, never absolute times:
 
 * ``query_rollup``: the 1-hour rollup query over one day (`HttpApp.handle`,
@@ -21,8 +23,9 @@ same run, never absolute times:
   the day's raw samples, what the rollups spare (a query that stopped using
   them, or got slow around them, fails);
 * ``query_raw``: the raw hour through `HttpApp.handle` against the bare fetch
-  of the same 3,600 rows by the primary key and `json.dumps` of them (the
-  least any handler does: a slower plan or per-row work fails).
+  of the same 60 sample chunks by their index, their arrays decoded, and
+  `json.dumps` of the 3,600 points (the least any handler does: a slower plan
+  or per-row work fails).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import sqlite3
 import time
 from types import SimpleNamespace
 
+import msgspec
 import pytest
 
 from gw import query as q
@@ -57,42 +61,54 @@ def _value(device: int, metric: int, second: int) -> float:
 
 def build_store(directory) -> dict:
     """Fills directory/store.sqlite the way the pipeline does, in batches of one
-    minute of readings (each reading: a readings row, its samples, the rollup
-    aggregates of its buckets, the devices row)."""
+    minute of readings (each reading: a readings row; each batch: one sample
+    chunk per device and metric; the rollups of each bucket; the devices row)."""
     path = directory / q.STORE_FILE
     db = open_store(path)                          # the store's own schema (gw/pipeline/store.py)
     db.execute("PRAGMA synchronous = OFF")         # building the fixture only
     t0 = time.perf_counter()
     lsn = 0
     rollups: dict = {}
+    enc = msgspec.json.encode
     db.execute("BEGIN")
+    series = {}
+    for device in DEVICES:
+        for metric in METRICS:
+            series[device, metric] = db.execute("INSERT INTO series (device_id, metric) VALUES (?, ?) RETURNING id",
+                                                (device, metric)).fetchone()[0]
     for d, device in enumerate(DEVICES):
-        readings, samples = [], []
-        for second in range(86400):
-            ts = DAY0 + second
-            lsn += 1
-            values = [_value(d, m, second) for m in range(len(METRICS))]
-            metrics = dict(zip(METRICS, values))
-            readings.append((d % 4, lsn, device, ts, second, json.dumps(metrics), '{"site":"AAL"}'))
-            for metric, value in metrics.items():
-                samples.append((device, metric, ts, value, d % 4, lsn))
-                for win, width in (("1m", 60), ("1h", 3600), ("1d", 86400)):
-                    key = (win, device, metric, math.floor(ts / width) * width)
-                    agg = rollups.get(key)
-                    if agg is None:
-                        rollups[key] = [1, value, value, value, value * value]
-                    else:
-                        agg[0] += 1
-                        agg[1] = min(agg[1], value)
-                        agg[2] = max(agg[2], value)
-                        agg[3] += value
-                        agg[4] += value * value
+        readings, chunks = [], []
+        for minute in range(1440):
+            cols: dict = {m: ([], []) for m in METRICS}
+            for second in range(minute * 60, minute * 60 + 60):
+                ts = DAY0 + second
+                lsn += 1
+                values = [_value(d, m, second) for m in range(len(METRICS))]
+                metrics = dict(zip(METRICS, values))
+                readings.append((d % 4, lsn, device, ts, second, json.dumps(metrics), '{"site":"AAL"}'))
+                for metric, value in metrics.items():
+                    cols[metric][0].append(ts)
+                    cols[metric][1].append(value)
+                    for win, width in (("1m", 60), ("1h", 3600), ("1d", 86400)):
+                        key = (win, series[device, metric], math.floor(ts / width) * width)
+                        agg = rollups.get(key)
+                        if agg is None:
+                            rollups[key] = [1, value, value, value, value * value]
+                        else:
+                            agg[0] += 1
+                            agg[1] = min(agg[1], value)
+                            agg[2] = max(agg[2], value)
+                            agg[3] += value
+                            agg[4] += value * value
+            for metric, (tsl, vl) in cols.items():
+                chunks.append((series[device, metric], tsl[0], tsl[-1], len(tsl), enc(tsl).decode(),
+                               enc(vl).decode()))
         db.executemany("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, NULL)", readings)
-        db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", samples)
+        db.executemany("INSERT INTO sample_chunks VALUES (?, ?, ?, ?, ?, ?)", chunks)
         db.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
                    (device, DAY0, DAY0 + 86399, json.dumps(metrics), '{"site":"AAL"}', 86400))
-    db.executemany("INSERT INTO rollups VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                   [(*key, *agg) for key, agg in rollups.items()])
+    db.executemany("INSERT INTO rollup VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                   sorted((win, bucket, sid, *agg) for (win, sid, bucket), agg in rollups.items()))
     db.executemany("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created, acked) "
                    "VALUES (?, ?, ?, 40.0, 6.0, 21.0, 3.0, ?, ?, ?)",
                    [(DEVICES[i % 10], "temp_c", DAY0 + i * 86, "acked" if i % 3 else "open", DAY0 + i * 86 + 1,
@@ -141,14 +157,20 @@ TARGETS = {
                  f"&to={_iso(DAY0 + 46800)}", 3600),
     "rollup_1m_day": (f"/v1/devices/dev_03/metrics?metric=temp_c&window=1m&from={_iso(DAY0)}"
                       f"&to={_iso(DAY0 + 86400)}", 1440),
+    "rollup_1m_hour": (f"/v1/devices/dev_03/metrics?metric=temp_c&window=1m&from={_iso(DAY0 + 43200)}"
+                       f"&to={_iso(DAY0 + 46800)}", 60),
+    "raw_10k": (f"/v1/devices/dev_03/metrics?metric=temp_c&from={_iso(DAY0 + 40000)}"
+                f"&to={_iso(DAY0 + 50000)}", 10000),
     "device": ("/v1/devices/dev_03", None),
     "devices": ("/v1/devices", None),
     "alerts": ("/v1/alerts?limit=100", None),
 }
-SQL = {
-    "rollup_1h_day": (q.SQL_ROLLUP, ("1h", "dev_03", "temp_c", DAY0, DAY0 + 86400, 10001)),
-    "raw_hour": (q.SQL_RAW, ("dev_03", "temp_c", DAY0 + 43200, DAY0 + 46800, 10001)),
-    "rollup_1m_day": (q.SQL_ROLLUP, ("1m", "dev_03", "temp_c", DAY0, DAY0 + 86400, 10001)),
+SQL = {      # the store reads alone (Query._series_rows: one read transaction), without the HTTP layer
+    "rollup_1h_day": ("dev_03", "temp_c", "1h", DAY0, DAY0 + 86400, 10001),
+    "raw_hour": ("dev_03", "temp_c", "raw", DAY0 + 43200, DAY0 + 46800, 10001),
+    "rollup_1m_day": ("dev_03", "temp_c", "1m", DAY0, DAY0 + 86400, 10001),
+    "rollup_1m_hour": ("dev_03", "temp_c", "1m", DAY0 + 43200, DAY0 + 46800, 10001),
+    "raw_10k": ("dev_03", "temp_c", "raw", DAY0 + 40000, DAY0 + 50000, 10001),
 }
 
 
@@ -182,8 +204,8 @@ def test_query(benchmark, app, store, name):
     info["response_bytes"] = len(body)
     if name in SQL:
         api = app._query_api()
-        sql, params = SQL[name]
-        info["sql_ms"] = _percentiles(lambda: api._read(sql, params), 200)["p50_ms"]
+        params = SQL[name]
+        info["sql_ms"] = _percentiles(lambda: api._series_rows(*params), 200)["p50_ms"]
     if name == "rollup_1h_day":
         info.update({f"store_{k}": v for k, v in store[1].items()})
     benchmark.extra_info.update(info)
@@ -194,8 +216,17 @@ def test_query(benchmark, app, store, name):
 HOURLY_FROM_RAW = ("SELECT CAST(ts / 3600 AS INTEGER) * 3600, count(*), min(value), max(value), sum(value), "
                    "sum(value * value) FROM samples WHERE device_id = ? AND metric = ? AND ts >= ? AND ts < ? "
                    "GROUP BY 1 ORDER BY 1")
-RAW_FETCH = ("SELECT ts, value FROM samples WHERE device_id = ? AND metric = ? AND ts >= ? AND ts < ? "
-             "ORDER BY ts")
+# The least a raw handler does: the hour's sample chunks by the index, their arrays decoded.
+RAW_FETCH = ("SELECT c.ts, c.value FROM sample_chunks c JOIN series s ON s.id = c.series WHERE s.device_id = ? "
+             "AND s.metric = ? AND c.t0 >= ? AND c.t0 < ? ORDER BY c.t0")
+
+
+def _raw_fetch(conn, args) -> list:
+    dec = msgspec.json.decode
+    out = []
+    for ts, value in conn.execute(RAW_FETCH, args):
+        out.extend(zip(dec(ts), dec(value)))
+    return out
 
 
 def query_gates(app: HttpApp, directory) -> list[Gate]:
@@ -214,9 +245,9 @@ def query_gates(app: HttpApp, directory) -> list[Gate]:
         raw = TARGETS["raw_hour"][0].encode()
         assert app.handle(b"GET", raw, None, b"")[0] == 200
         args = ("dev_03", "temp_c", DAY0 + 43200, DAY0 + 46800)
-        assert len(conn.execute(RAW_FETCH, args).fetchall()) == 3600
+        assert len(_raw_fetch(conn, args)) == 3600
         ratio, ours, base = paired_ratio(lambda: app.handle(b"GET", raw, None, b""),
-                                         lambda: json.dumps(conn.execute(RAW_FETCH, args).fetchall()).encode(), 15)
+                                         lambda: json.dumps(_raw_fetch(conn, args)).encode(), 15)
         return ratio, {"handle_ms": round(ours * 1e3, 3), "fetch_and_dumps_ms": round(base * 1e3, 3)}
 
     return [Gate("query_rollup", rollup_ratio, GATE_ROLLUP,

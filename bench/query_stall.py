@@ -63,13 +63,13 @@ def free_ports(n: int) -> list[int]:
 
 
 def build_store(data_dir: Path) -> None:
-    from gw.pipeline.store import open_store
+    from gw.pipeline.store import insert_samples, open_store
 
     db = open_store(data_dir / "store.sqlite")
     db.execute("PRAGMA synchronous = OFF")
     db.execute("BEGIN")
-    db.executemany("INSERT INTO samples VALUES ('dev_00', 'temp_c', ?, ?, 0, ?)",
-                   ((T0 + i, 20 + math.sin(i / 60), i + 1) for i in range(SAMPLES)))
+    insert_samples(db, "dev_00", "temp_c", [T0 + i for i in range(SAMPLES)],
+                   [20 + math.sin(i / 60) for i in range(SAMPLES)])
     db.execute("INSERT INTO devices VALUES ('dev_00', ?, ?, '{\"temp_c\": 20.0}', '{}', ?)",
                (T0, T0 + SAMPLES, SAMPLES))
     db.executemany("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created, acked) "

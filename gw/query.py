@@ -6,17 +6,22 @@ this module parses their query strings, runs bounded queries and returns
 msgspec structs (their JSON Schemas are the OpenAPI document's, gw/openapi.py),
 or raises `Invalid` (400/404, from gw/ingest.py) or `StoreError` (503).
 
-The pipeline process is the store's writer and owns its schema (a contract):
+The pipeline process is the store's writer and owns its schema (a contract;
+gw/pipeline/store.py, schema version 2):
 
-    readings    (worker, lsn, device_id, ts, seq, metrics, tags, payload)   PK (worker, lsn)
-    samples     (device_id, metric, ts, value, worker, lsn)                PK (device_id, metric, ts, worker, lsn)
-    rollups     (win, device_id, metric, bucket, count, min, max, sum, sumsq)  PK (win, device_id, metric, bucket)
-    devices     (device_id PK, first_seen, last_seen, last_values, tags, readings)
-    alerts      (id PK AUTOINCREMENT, device_id, metric, ts, value, zscore, mean, std, state, created, acked)
-    checkpoints, meta
+    series          (id PK, device_id, metric)                             UNIQUE (device_id, metric)
+    sample_chunks   (series, t0, t1, n, ts, value)   a series' samples, JSON arrays, within one hour
+                                                     INDEX (series, t0)
+    rollup          (win, bucket, series, count, min, max, sum, sumsq)    PK (win, bucket, series)
+    devices         (device_id PK, first_seen, last_seen, last_values, tags, readings)
+    alerts          (id PK AUTOINCREMENT, device_id, metric, ts, value, zscore, mean, std, state, created, acked)
+    readings, checkpoints, meta; views samples and rollups (the logical tables)
 
-Every read is a range scan of a primary key (or a key look-up) with a LIMIT,
-so its cost is bounded by the rows it returns. The worker runs the queries in
+Every read is a range scan of a primary key or index (or a key look-up) with a
+LIMIT, so its cost is bounded by the rows it returns: a raw range reads the
+series' chunks in time order, page by page, until it holds `limit` + 1 points
+before the next chunk's start; a window range probes the rollup key of each
+bucket of the range (the table is ordered by bucket first, for its writer). The worker runs the queries in
 its query threads (gw/query_pool.py; one `Query` per thread), or with
 `query_threads = 0` in its event loop, so also:
 
@@ -47,6 +52,7 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
 import re
 import sqlite3
@@ -231,10 +237,19 @@ _DEVICE_COLUMNS = "device_id, first_seen, last_seen, last_values, tags, readings
 SQL_DEVICE = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id = ?"
 SQL_DEVICE_EXISTS = "SELECT 1 FROM devices WHERE device_id = ?"
 SQL_DEVICES = f"SELECT {_DEVICE_COLUMNS} FROM devices WHERE device_id > ? ORDER BY device_id LIMIT ?"
-SQL_RAW = ("SELECT ts, value FROM samples WHERE device_id = ? AND metric = ? AND ts >= ? AND ts < ? "
-           "ORDER BY ts LIMIT ?")
-SQL_ROLLUP = ("SELECT bucket, count, min, max, sum, sumsq FROM rollups WHERE win = ? AND device_id = ? "
-              "AND metric = ? AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT ?")
+SQL_SERIES = "SELECT id FROM series WHERE device_id = ? AND metric = ?"
+# A series' sample chunks from a time on, in (t0, rowid) order, a page at a time: a chunk
+# never spans an hour boundary, so a range's first chunk starts at or after its hour.
+SQL_RAW = ("SELECT t0, rowid, t1, ts, value FROM sample_chunks WHERE series = ?1 AND t0 < ?4 "
+           "AND (t0, rowid) > (?2, ?3) ORDER BY t0, rowid LIMIT ?5")
+RAW_CHUNK_PAGE = 64
+CHUNK_SECONDS = 3600.0          # gw/pipeline/store.py's (tests/test_store.py holds them equal)
+# One probe of the rollup key per bucket of the range (the buckets from the first at or
+# after `from`, step the window's width, before `to`), in bucket order.
+SQL_ROLLUP = ("WITH RECURSIVE b(x) AS (SELECT ?1 WHERE ?1 < ?3 UNION ALL SELECT x + ?2 FROM b WHERE x + ?2 < ?3) "
+              "SELECT r.bucket, r.count, r.min, r.max, r.sum, r.sumsq FROM b CROSS JOIN rollup r "
+              "ON r.win = ?4 AND r.bucket = b.x AND r.series = "
+              "(SELECT id FROM series WHERE device_id = ?5 AND metric = ?6) LIMIT ?7")
 _ALERT_COLUMNS = "id, device_id, metric, ts, value, zscore, mean, std, state, created, acked"
 SQL_ALERT = f"SELECT {_ALERT_COLUMNS} FROM alerts WHERE id = ?"
 # Alerts come newest first by id, from the primary key: a scan from the newest down that stops
@@ -262,6 +277,8 @@ _ALERT_ID_RE = re.compile(rb"[0-9]{1,19}")
 _NUMBER_RE = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _TIME_TYPE = Annotated[datetime, Meta(tz=True)]
 _OBJECT = msgspec.json.Decoder(dict[str, Any])
+_FLOATS = msgspec.json.Decoder(list[float])
+_TS = operator.itemgetter(0)
 
 DEVICES_PARAMS = frozenset(("limit", "after"))
 DEVICE_PARAMS: frozenset[str] = frozenset()
@@ -438,10 +455,7 @@ class Query:
             raise Invalid("range_too_large", f"to - from is {_span(to - start)}, over the {_span(MAX_SPAN[window])} "
                                              f"allowed with window {window}; narrow the range or use a "
                                              "larger window")
-        if window == "raw":
-            rows = self._read(SQL_RAW, (device_id, metric, start, to, limit + 1))
-        else:
-            rows = self._read(SQL_ROLLUP, (window, device_id, metric, start, to, limit + 1))
+        rows = self._series_rows(device_id, metric, window, start, to, limit + 1)
         if not rows and not self._read(SQL_DEVICE_EXISTS, (device_id,)):
             raise _unknown_device(device_id)
         try:
@@ -506,6 +520,63 @@ class Query:
         if not rows:
             raise Invalid("unknown_alert", f"no alert has id {alert_id}", status=404)
         return self._alert(rows[0])
+
+    def _series_rows(self, device_id: str, metric: str, window: str, start: float, to: float,
+                     limit: int) -> list:
+        """The first `limit` points of a series in [start, to): (ts, value) for raw,
+        (bucket, count, min, max, sum, sumsq) for a window."""
+        if window != "raw":
+            width = WINDOWS[window]
+            first = float(math.ceil(start / width) * width)
+            return self._read(SQL_ROLLUP, (first, float(width), to, window, device_id, metric, limit))
+        found = self._read(SQL_SERIES, (device_id, metric))
+        if not found:
+            return []
+        conn = self._connection()
+        self._deadline = time.monotonic() + self.budget
+        try:
+            return self._raw_rows(conn, found[0][0], start, to, limit)
+        except sqlite3.Error as exc:
+            raise self._failure(exc) from None
+        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            raise self._bad_data(exc) from None
+
+    @staticmethod
+    def _raw_rows(conn: sqlite3.Connection, series: int, start: float, to: float, limit: int) -> list:
+        """Chunks from the hour of `start` on, page by page, until `limit` points lie
+        before the next page's first chunk (no later chunk can hold an earlier point).
+        Each page is a statement of its own: a chunk committed meanwhile with a start
+        before the page is not seen, as if it had been committed after the query."""
+        decode = _FLOATS.decode
+        points: list = []
+        t0 = math.floor(start / CHUNK_SECONDS) * CHUNK_SECONDS
+        after = (t0, -1)
+        ordered = True              # chunks so far one after the other in time: points in order
+        last = -math.inf
+        while True:
+            page = conn.execute(SQL_RAW, (series, after[0], after[1], to, RAW_CHUNK_PAGE)).fetchall()
+            for c0, _rowid, c1, ts, value in page:
+                tsl = decode(ts)
+                vl = decode(value)
+                if len(tsl) != len(vl):
+                    raise ValueError("a sample chunk's ts and value arrays differ in length")
+                if c0 >= start and c1 < to:
+                    points.extend(zip(tsl, vl))
+                else:
+                    points.extend(p for p in zip(tsl, vl) if start <= p[0] < to)
+                if c0 < last:
+                    ordered = False
+                last = max(last, c1)
+            if len(page) < RAW_CHUNK_PAGE:
+                break
+            after = (page[-1][0], page[-1][1])
+            # Points before the next chunk's start are final: enough of them, and done.
+            if len(points) >= limit and (points[limit - 1][0] < after[0] if ordered else
+                                         sum(1 for p in points if p[0] < after[0]) >= limit):
+                break
+        if not ordered:
+            points.sort(key=_TS)
+        return points[:limit]
 
     # --- rows -----------------------------------------------------------------------------
 

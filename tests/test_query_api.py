@@ -51,15 +51,12 @@ class Store:
             db.execute("INSERT INTO readings VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                        (worker, self.lsn, device, ts, self.lsn, json.dumps(metrics), json.dumps(tags)))
             for metric, value in metrics.items():
-                db.execute("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", (device, metric, ts, value, worker,
-                                                                             self.lsn))
+                db.execute("INSERT INTO samples VALUES (?, ?, ?, ?)", (device, metric, ts, value))
                 for win, width in WINDOW_SECONDS.items():
-                    db.execute(
-                        "INSERT INTO rollups VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?) "
-                        "ON CONFLICT (win, device_id, metric, bucket) DO UPDATE SET count = count + 1, "
-                        "min = min(min, excluded.min), max = max(max, excluded.max), sum = sum + excluded.sum, "
-                        "sumsq = sumsq + excluded.sumsq",
-                        (win, device, metric, math.floor(ts / width) * width, value, value, value, value * value))
+                    # the view's trigger adds to the bucket's row (an upsert)
+                    db.execute("INSERT INTO rollups VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?)",
+                               (win, device, metric, math.floor(ts / width) * width, value, value, value,
+                                value * value))
             db.execute(
                 "INSERT INTO devices VALUES (?, ?, ?, ?, ?, 1) ON CONFLICT (device_id) DO UPDATE SET "
                 "first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen), "
@@ -663,14 +660,21 @@ def test_reload_with_another_data_dir(store, app, tmp_path):
     assert call(app, "/v1/devices/dev1")[0] == 200
 
 
+RAW_PARAMS = (1, 0.0, -1, 1.0, 10)                      # series, from (t0, rowid), to, chunks
+ROLLUP_PARAMS = (0.0, 3600.0, 86400.0, "1h", "d", "m", 10)    # first bucket, width, to, window, series, limit
+
+
 def test_query_plans_use_the_primary_keys(store):
-    for sql, params in ((q.SQL_RAW, ("d", "m", 0.0, 1.0, 10)), (q.SQL_ROLLUP, ("1h", "d", "m", 0.0, 1.0, 10)),
+    for sql, params in ((q.SQL_RAW, RAW_PARAMS), (q.SQL_ROLLUP, ROLLUP_PARAMS), (q.SQL_SERIES, ("d", "m")),
                         (q.SQL_DEVICES, ("", 10)), (q.SQL_DEVICE, ("d",)), (q.SQL_ALERT, (1,)),
                         *((sql, [1] * sql.count("?")) for sql in q.SQL_ALERTS.values())):
         plan = " | ".join(row[3] for row in store.db.execute("EXPLAIN QUERY PLAN " + sql, params))
         assert "TEMP B-TREE" not in plan, (sql, plan)
-        if sql in (q.SQL_RAW, q.SQL_ROLLUP, q.SQL_DEVICES, q.SQL_DEVICE):
-            assert re.search(r"SEARCH \w+ USING (PRIMARY KEY|INDEX sqlite_autoindex)", plan), (sql, plan)
+        if sql in (q.SQL_RAW, q.SQL_ROLLUP, q.SQL_SERIES, q.SQL_DEVICES, q.SQL_DEVICE):
+            assert re.search(r"SEARCH \w+ USING (PRIMARY KEY|(COVERING )?INDEX sqlite_autoindex|INDEX sample_chunks_series "
+                             r"\(series=\? AND t0>\? AND t0<\?\))", plan), (sql, plan)
+        if sql == q.SQL_ROLLUP:     # one probe of the key per bucket
+            assert "SEARCH r USING PRIMARY KEY (win=? AND bucket=? AND series=?)" in plan, plan
 
 
 # The pipeline's own indexes beyond the contract (gw/pipeline/store.py): they must not make a plan worse.
@@ -684,10 +688,10 @@ def test_query_plans_with_the_pipelines_indexes(store):
     def plan(sql, params):
         return " | ".join(row[3] for row in store.db.execute("EXPLAIN QUERY PLAN " + sql, params))
 
-    for sql, params in ((q.SQL_RAW, ("d", "m", 0.0, 1.0, 10)), (q.SQL_ROLLUP, ("1h", "d", "m", 0.0, 1.0, 10)),
-                        (q.SQL_DEVICES, ("", 10))):
+    for sql, params in ((q.SQL_RAW, RAW_PARAMS), (q.SQL_ROLLUP, ROLLUP_PARAMS), (q.SQL_DEVICES, ("", 10))):
         text = plan(sql, params)
-        assert "TEMP B-TREE" not in text and re.search(r"PRIMARY KEY|sqlite_autoindex", text), text
+        assert "TEMP B-TREE" not in text and re.search(r"PRIMARY KEY|sqlite_autoindex|sample_chunks_series",
+                                                        text), text
     # by state: the newest-first scan of the primary key, never every acked alert sorted
     for state in ("open", "acked"):
         assert plan(q.SQL_ALERTS[False, True], (q.MAX_ID, state, 101)) == \

@@ -21,23 +21,15 @@ from gw.pipeline.anomaly import Detector
 from gw.pipeline.rollup import WINDOWS, aggregate_numpy, aggregate_python, mean_std
 from gw.pipeline.store import STORE_FILE, StoreSink, check_data_dir, open_store
 
+# The logical tables (the query API's and export's contract): their columns, in order.
 CONTRACT = {
-    "readings": [("worker", "INTEGER", 1, 1), ("lsn", "INTEGER", 1, 2), ("device_id", "TEXT", 1, 0),
-                 ("ts", "REAL", 1, 0), ("seq", "INTEGER", 0, 0), ("metrics", "TEXT", 1, 0),
-                 ("tags", "TEXT", 1, 0), ("payload", "TEXT", 0, 0)],
-    "samples": [("device_id", "TEXT", 1, 1), ("metric", "TEXT", 1, 2), ("ts", "REAL", 1, 3),
-                ("value", "REAL", 1, 0), ("worker", "INTEGER", 1, 4), ("lsn", "INTEGER", 1, 5)],
-    "rollups": [("win", "TEXT", 1, 1), ("device_id", "TEXT", 1, 2), ("metric", "TEXT", 1, 3),
-                ("bucket", "REAL", 1, 4), ("count", "INTEGER", 1, 0), ("min", "REAL", 1, 0),
-                ("max", "REAL", 1, 0), ("sum", "REAL", 1, 0), ("sumsq", "REAL", 1, 0)],
-    "devices": [("device_id", "TEXT", 0, 1), ("first_seen", "REAL", 1, 0), ("last_seen", "REAL", 1, 0),
-                ("last_values", "TEXT", 1, 0), ("tags", "TEXT", 1, 0), ("readings", "INTEGER", 1, 0)],
-    "alerts": [("id", "INTEGER", 0, 1), ("device_id", "TEXT", 1, 0), ("metric", "TEXT", 1, 0),
-               ("ts", "REAL", 1, 0), ("value", "REAL", 1, 0), ("zscore", "REAL", 1, 0),
-               ("mean", "REAL", 1, 0), ("std", "REAL", 1, 0), ("state", "TEXT", 1, 0),
-               ("created", "REAL", 1, 0), ("acked", "REAL", 0, 0)],
-    "checkpoints": [("sink", "TEXT", 1, 1), ("worker", "INTEGER", 1, 2), ("next_offset", "INTEGER", 1, 0)],
-    "meta": [("key", "TEXT", 0, 1), ("value", "TEXT", 1, 0)],
+    "readings": ["worker", "lsn", "device_id", "ts", "seq", "metrics", "tags", "payload"],
+    "samples": ["device_id", "metric", "ts", "value"],
+    "rollups": ["win", "device_id", "metric", "bucket", "count", "min", "max", "sum", "sumsq"],
+    "devices": ["device_id", "first_seen", "last_seen", "last_values", "tags", "readings"],
+    "alerts": ["id", "device_id", "metric", "ts", "value", "zscore", "mean", "std", "state", "created", "acked"],
+    "checkpoints": ["sink", "worker", "next_offset"],
+    "meta": ["key", "value"],
 }
 
 
@@ -64,17 +56,37 @@ def feed(sink: StoreSink, payloads, slot: int = 0, start: int | None = None, bat
 def test_schema_is_the_contract(tmp_path):
     conn = open_store(tmp_path / STORE_FILE)
     for table, cols in CONTRACT.items():
-        got = [(name, typ, notnull, pk) for _cid, name, typ, notnull, _dflt, pk in
-               conn.execute(f"PRAGMA table_info({table})")]
+        got = [name for _cid, name, _typ, _notnull, _dflt, _pk in conn.execute(f"PRAGMA table_info({table})")]
         assert got == cols, table
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1          # NORMAL
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
-    for table in ("readings", "samples", "rollups"):
-        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = ?", (table,)).fetchone()[0]
-        assert sql.endswith("WITHOUT ROWID")
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    # the layout: appended in arrival order (rowid tables), rollups ordered by time first
+    kinds = dict(conn.execute("SELECT name, type FROM sqlite_master WHERE name IN "
+                              "('readings', 'sample_chunks', 'rollup', 'samples', 'rollups')"))
+    assert kinds == {"readings": "table", "sample_chunks": "table", "rollup": "table",
+                     "samples": "view", "rollups": "view"}
+    sql = dict(conn.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table'"))
+    assert not sql["readings"].endswith("WITHOUT ROWID") and not sql["sample_chunks"].endswith("WITHOUT ROWID")
+    assert sql["rollup"].endswith("PRIMARY KEY (win, bucket, series)) WITHOUT ROWID")
     conn.close()
     conn = open_store(tmp_path / STORE_FILE)          # opening again keeps it
+    conn.close()
+
+
+def test_the_views_read_and_write_the_logical_tables(tmp_path):
+    """INSERT INTO samples / rollups (tools, tests) land in the physical tables and read back."""
+    conn = open_store(tmp_path / STORE_FILE)
+    conn.execute("BEGIN")
+    conn.execute("INSERT INTO samples VALUES ('d', 'm', ?, 21.25)", (T0 + 0.123456,))
+    conn.execute("INSERT INTO samples VALUES ('d', 'm', ?, -3.5)", (T0 + 1,))
+    for _ in range(2):
+        conn.execute("INSERT INTO rollups VALUES ('1m', 'd', 'm', 60.0, 2, 1.0, 3.0, 4.0, 10.0)")
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT device_id, metric, ts, value FROM samples ORDER BY ts").fetchall() == \
+        [("d", "m", T0 + 0.123456, 21.25), ("d", "m", T0 + 1, -3.5)]
+    assert conn.execute("SELECT * FROM rollups").fetchall() == [("1m", "d", "m", 60.0, 4, 1.0, 3.0, 8.0, 20.0)]
+    assert conn.execute("SELECT count(*) FROM series").fetchone()[0] == 1
     conn.close()
 
 
@@ -98,7 +110,7 @@ def test_a_damaged_database_fails_quick_check(tmp_path):
     c = sqlite3.connect(path)
     c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     page = c.execute("PRAGMA page_size").fetchone()[0]
-    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'readings_device_ts'").fetchone()[0]
+    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'sample_chunks_series'").fetchone()[0]
     c.close()
     data = bytearray(path.read_bytes())
     # scribble over an index's interior page: cells point to nonsense
@@ -313,7 +325,8 @@ def test_retention_in_small_chunks(tmp_path):
     now = time.time()
     sink = new_sink(tmp_path, clock=lambda: now)
     feed(sink, [reading(f"d{i % 7}", now - 10 * 86400 + i, i, {"x": i}) for i in range(3500)], batch=2000)
-    assert sink._delete_raw(now - 7 * 86400) == 1000 * 2           # one chunk: 1000 readings + samples
+    sink._delete_raw(now - 7 * 86400)               # one step: 1000 readings (and up to 1000 sample chunks)
+    assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 2500
     sink.retention_pass()
     assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 0
 
@@ -412,3 +425,154 @@ def test_anomaly_state_is_rebuilt_from_the_store(tmp_path):
     want = np.array(vals[20:40])
     assert rows[1][1] == pytest.approx(want.mean())
     assert sink.detector.keys[("d", "t")].values.maxlen == 20
+
+
+# --- migration from schema version 1 ---------------------------------------------------------
+
+# Schema version 1, as gw wrote it before the layout of version 2.
+SCHEMA_V1 = """
+CREATE TABLE readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT, PRIMARY KEY (worker, lsn)) WITHOUT ROWID;
+CREATE TABLE samples (device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, worker INTEGER NOT NULL, lsn INTEGER NOT NULL, PRIMARY KEY (device_id, metric, ts, worker, lsn)) WITHOUT ROWID;
+CREATE TABLE rollups (win TEXT NOT NULL, device_id TEXT NOT NULL, metric TEXT NOT NULL, bucket REAL NOT NULL, count INTEGER NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL, PRIMARY KEY (win, device_id, metric, bucket)) WITHOUT ROWID;
+CREATE TABLE devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL, last_values TEXT NOT NULL, tags TEXT NOT NULL, readings INTEGER NOT NULL);
+CREATE TABLE alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, zscore REAL NOT NULL, mean REAL NOT NULL, std REAL NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, acked REAL);
+CREATE TABLE checkpoints (sink TEXT NOT NULL, worker INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (sink, worker));
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE INDEX readings_device_ts ON readings (device_id, ts);
+CREATE INDEX readings_ts ON readings (ts);
+CREATE INDEX rollups_win_bucket ON rollups (win, bucket);
+CREATE INDEX alerts_device ON alerts (device_id, metric, ts);
+CREATE INDEX alerts_state ON alerts (state, ts);
+CREATE INDEX alerts_device_id ON alerts (device_id, id);
+INSERT INTO meta VALUES ('schema_version', '1');
+"""
+V1_RAW = ("SELECT ts, value FROM samples WHERE device_id = ? AND metric = ? AND ts >= ? AND ts < ? "
+          "ORDER BY ts LIMIT ?")
+V1_ROLLUP = ("SELECT bucket, count, min, max, sum, sumsq FROM rollups WHERE win = ? AND device_id = ? "
+             "AND metric = ? AND bucket >= ? AND bucket < ? ORDER BY bucket LIMIT ?")
+
+
+def make_v1_store(path, devices=4, hours=3):
+    """A version 1 store filled as its sink did: readings, samples, rollups, devices, alerts, checkpoints."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("PRAGMA journal_mode=WAL")
+    c.executescript(SCHEMA_V1)
+    rng = np.random.default_rng(5)
+    day = float(int(T0) // 86400 * 86400)
+    c.execute("BEGIN")
+    lsn = 0
+    roll: dict = {}
+    for i in range(hours * 3600 // 7):
+        for d in range(devices):
+            ts = day + i * 7 + d * 0.25 + 0.123456
+            lsn += 100
+            vals = {"temp_c": round(20 + float(rng.standard_normal()), 3), "rssi": float(-60 - d)}
+            c.execute("INSERT INTO readings VALUES (?,?,?,?,?,?,?,NULL)",
+                      (d % 2, lsn, f"dev{d}", ts, i, json.dumps(vals), '{"site":"AAL"}'))
+            for m, v in vals.items():
+                c.execute("INSERT INTO samples VALUES (?,?,?,?,?,?)", (f"dev{d}", m, ts, v, d % 2, lsn))
+                for win, w in WINDOWS:
+                    a = roll.setdefault((win, f"dev{d}", m, math.floor(ts / w) * w), [0, v, v, 0.0, 0.0])
+                    a[0] += 1
+                    a[1] = min(a[1], v)
+                    a[2] = max(a[2], v)
+                    a[3] += v
+                    a[4] += v * v
+    c.executemany("INSERT INTO rollups VALUES (?,?,?,?,?,?,?,?,?)", [(*k, *a) for k, a in roll.items()])
+    for d in range(devices):
+        c.execute("INSERT INTO devices VALUES (?,?,?,?,?,?)", (f"dev{d}", day, day + hours * 3600,
+                                                              '{"temp_c":20.5,"rssi":-60.0}', '{"site":"AAL"}', 7))
+    c.execute("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created) "
+              "VALUES ('dev1', 'temp_c', ?, 80.0, 9.0, 20.0, 1.0, 'open', ?)", (day + 700, day + 701))
+    c.executemany("INSERT INTO checkpoints VALUES ('store', ?, ?)", [(0, lsn + 100), (1, lsn)])
+    c.execute("COMMIT")
+    return c, day
+
+
+def test_a_version_1_store_is_migrated_and_answers_the_same(tmp_path, caplog):
+    from gw import query as q
+
+    path = tmp_path / STORE_FILE
+    c, day = make_v1_store(path)
+    queries = [("raw", "dev1", "temp_c", day + 600, day + 4000, 10001), ("raw", "dev3", "rssi", day, day + 86400, 50),
+               ("1m", "dev2", "temp_c", day, day + 7200, 10001), ("1h", "dev0", "rssi", day, day + 86400, 10001),
+               ("1d", "dev1", "temp_c", day - 86400, day + 86400, 10001)]
+    want = [c.execute(V1_RAW, (dev, m, a, b, lim)).fetchall() if win == "raw" else
+            c.execute(V1_ROLLUP, (win, dev, m, a, b, lim)).fetchall() for win, dev, m, a, b, lim in queries]
+    counts = [c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in ("readings", "samples", "rollups")]
+    c.close()
+    with caplog.at_level("WARNING", logger="gw.pipeline.store"):
+        conn = open_store(path)
+    assert "migrating" in caplog.text and "schema version 1" in caplog.text
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+            for t in ("readings", "samples", "rollups")] == counts
+    assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'v1_%'").fetchall()
+    conn.close()
+    api = q.Query(tmp_path)
+    for (win, dev, m, a, b, lim), rows in zip(queries, want):
+        assert rows, (win, dev, m)
+        assert api._series_rows(dev, m, win, a, b, lim) == rows, (win, dev, m)
+    api.close()
+    # the sink goes on from the migrated checkpoints and state
+    sink = new_sink(tmp_path, nworkers=2)
+    assert sink.checkpoints == {0: counts[0] * 100 + 100, 1: counts[0] * 100}
+    assert len(sink._warm("dev1", "temp_c")) == 60
+    feed(sink, [reading("dev1", day + 5 * 3600, 1, {"temp_c": 20.0})], slot=0)
+    assert sink.conn.execute("SELECT readings FROM devices WHERE device_id = 'dev1'").fetchone()[0] == 8
+    sink.close()
+
+
+def test_a_failed_migration_leaves_the_version_1_store_as_it_was(tmp_path):
+    path = tmp_path / STORE_FILE
+    c, _day = make_v1_store(path, devices=2, hours=1)
+    # a stray table in the way of version 2's sample chunks: the copy fails half-way,
+    # after the readings and series were copied
+    c.execute("CREATE TABLE sample_chunks (x)")
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    before = path.read_bytes()
+    with pytest.raises(PipelineError, match="cannot be initialised"):
+        open_store(path, quick_check=False)
+    c = sqlite3.connect(path)
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+    assert {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == \
+        {"readings", "samples", "rollups", "devices", "alerts", "checkpoints", "meta", "sqlite_sequence",
+         "sample_chunks"}
+    assert c.execute("SELECT count(*) FROM samples").fetchone()[0] == 2 * 2 * (3600 // 7)
+    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    c.close()
+    assert path.read_bytes() == before
+
+
+def test_raw_ranges_over_chunks_of_late_and_early_batches(tmp_path):
+    """Readings of one series arriving out of time order, over many batches (chunks that
+    overlap in time): the raw query answers every sample in time order, page by page."""
+    from gw import query as q
+
+    sink = new_sink(tmp_path, anomaly_window=5)
+    rng = np.random.default_rng(11)
+    times = T0 + rng.permutation(3000) * 1.5          # every 1.5 s over 75 minutes, shuffled
+    payloads = [reading("d", float(t), i, {"x": float(i)}) for i, t in enumerate(times)]
+    feed(sink, payloads, batch=97)
+    assert sink.conn.execute("SELECT count(*) FROM sample_chunks").fetchone()[0] > 60
+    sink.close()
+    want = sorted((float(t), float(i)) for i, t in enumerate(times))
+    api = q.Query(tmp_path, now=lambda: T0 + 86400)
+    got = []
+    start = q._dt(T0 - 10).isoformat().replace("+00:00", "Z")
+    to = q._dt(T0 + 5000).isoformat().replace("+00:00", "Z")
+    while True:
+        page = api.series(b"d", f"metric=x&from={start}&to={to}&limit=700".encode())
+        got.extend((p.ts.timestamp(), p.value) for p in page.points)
+        if page.next is None:
+            break
+        start = page.next.isoformat().replace("+00:00", "Z")
+    assert [v for _t, v in got] == [v for _t, v in want]
+    assert [t for t, _v in got] == pytest.approx([t for t, _v in want], abs=1e-6)
+    # a range inside: exactly the samples in it
+    rows = api._series_rows("d", "x", "raw", T0 + 1000.5, T0 + 2000, 10001)
+    assert rows == [p for p in want if T0 + 1000.5 <= p[0] < T0 + 2000]
+    api.close()
+    from gw.pipeline.store import CHUNK_SECONDS
+    assert q.CHUNK_SECONDS == CHUNK_SECONDS          # the reader's notion of a chunk's span is the writer's

@@ -123,3 +123,60 @@ class Detector:
         st.push(value)
         st.run.clear()
         return None
+
+    def observe_many(self, device_id: str, metric: str, values: list) -> list:
+        """observe() of each value in turn, for one key: [(index, zscore, mean, std)]
+        of the anomalous ones. The same arithmetic as observe(), inlined (the store
+        calls this once per key and batch: 200,000 samples a second)."""
+        key = (device_id, metric)
+        st = self.keys.get(key)
+        if st is None:
+            st = self.keys[key] = _Key(self.window, self.warm(device_id, metric) if self.warm else ())
+        out = []
+        vals = st.values
+        append = vals.append
+        maxlen = vals.maxlen
+        minn = self.min_samples
+        thr = self.threshold
+        sqrt = math.sqrt
+        s, q, k, since = st.s, st.q, st.shift, st.since
+        run = st.run
+        for i, v in enumerate(values):
+            n = len(vals)
+            if n >= minn:
+                m = s / n
+                var = q / n - m * m
+                if var < 1e-9 * (q / n) and since:
+                    st.recompute()
+                    s, q, k, since = st.s, st.q, st.shift, st.since
+                    m = s / n
+                    var = q / n - m * m
+                mean = k + m
+                std = sqrt(var) if var > 0.0 else 0.0
+                if std > 0.0:
+                    z = (v - mean) / std
+                    if abs(z) > thr:
+                        run.append(v)
+                        if len(run) >= minn:
+                            st.refill(run)        # a new level: learn it
+                            st.run = run = []
+                            s, q, k, since = st.s, st.q, st.shift, st.since
+                        out.append((i, z, mean, std))
+                        continue
+            if n == maxlen:
+                d = vals[0] - k
+                s -= d
+                q -= d * d
+            append(v)
+            d = v - k
+            s += d
+            q += d * d
+            since += 1
+            if since >= maxlen:
+                st.s, st.q, st.since = s, q, since
+                st.recompute()
+                s, q, k, since = st.s, st.q, st.shift, st.since
+            if run:
+                run.clear()
+        st.s, st.q, st.shift, st.since = s, q, k, since
+        return out

@@ -5,8 +5,11 @@ alerts **and the store sink's checkpoints** are one transaction. After a crash
 the checkpoints say where the last committed batch ended, so the next start
 replays only work that was never committed.
 
-The tables are a contract (the query API is written against them): see SCHEMA.
-`ts` and `bucket` are Unix seconds (REAL); `metrics`, `tags`, `last_values` are
+The logical tables are a contract (the query API and export are written against
+them): `readings`, the views `samples` and `rollups`, `devices`, `alerts`,
+`checkpoints`; the physical layout under them is this module's (see SCHEMA; a
+store of an older layout is migrated on open). gw/query.py reads the physical
+tables for speed. `ts`, `t0`, `t1` and `bucket` are Unix seconds (REAL); `metrics`, `tags`, `last_values` are
 JSON text; `payload` is the reading's payload JSON text, NULL when it was null.
 `devices.last_values` merges metrics per batch, the newest reading of a batch
 (by ts) winning, and a batch older than what is stored only filling in metrics
@@ -15,56 +18,91 @@ not seen yet; `devices.tags` are the newest reading's.
 
 from __future__ import annotations
 
+import gc
 import logging
+import math
+import operator
 import os
 import queue
 import re
 import sqlite3
 import time
-from datetime import datetime
+from datetime import datetime, timezone
+from itertools import repeat
 from pathlib import Path
 
 import msgspec
+import numpy as np
 
 from .anomaly import Detector
 from .errors import PipelineError
-from .rollup import aggregate
+from .rollup import WINDOWS
 from .sink import Part, Sink
 
 log = logging.getLogger("gw.pipeline.store")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STORE_FILE = "store.sqlite"
 
+# Physical layout (schema version 2). Every table the pipeline writes under load
+# is appended to in arrival order, so a commit writes few pages whatever the
+# number of devices (a B-tree keyed by device took one page write per device
+# and metric per commit):
+#
+# - readings: rowid = arrival order; a unique index on (worker, lsn) (appended
+#   at two or a few points, one per worker log) guards exactly-once.
+# - series: one id per (device_id, metric).
+# - sample_chunks: one row per (series, hour, batch): its samples sorted by
+#   time as JSON arrays `ts` and `value` (t0, t1 the first and last time, n
+#   how many); rowid = arrival order; an index on (series, t0) serves a
+#   device's metric over time. A chunk never spans an hour boundary, so a
+#   range [from, to) reads the chunks with t0 in [hour(from), to).
+# - rollup: (win, bucket, series) first by time, so a batch's upserts land in
+#   the few pages of the current buckets; a series' range is read by probing
+#   each bucket of the range (gw/query.py).
+#
+# The logical tables of the contract stay readable (and writable, for tools
+# and tests) as views: `samples` (device_id, metric, ts, value) and `rollups`
+# (win, device_id, metric, bucket, count, min, max, sum, sumsq).
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT, PRIMARY KEY (worker, lsn)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS samples (device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, worker INTEGER NOT NULL, lsn INTEGER NOT NULL, PRIMARY KEY (device_id, metric, ts, worker, lsn)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS rollups (win TEXT NOT NULL, device_id TEXT NOT NULL, metric TEXT NOT NULL, bucket REAL NOT NULL, count INTEGER NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL, PRIMARY KEY (win, device_id, metric, bucket)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT);
+CREATE UNIQUE INDEX IF NOT EXISTS readings_log ON readings (worker, lsn);
+CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, metric TEXT NOT NULL, UNIQUE (device_id, metric));
+CREATE TABLE IF NOT EXISTS sample_chunks (series INTEGER NOT NULL, t0 REAL NOT NULL, t1 REAL NOT NULL, n INTEGER NOT NULL, ts TEXT NOT NULL, value TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS sample_chunks_series ON sample_chunks (series, t0);
+CREATE TABLE IF NOT EXISTS rollup (win TEXT NOT NULL, bucket REAL NOT NULL, series INTEGER NOT NULL, count INTEGER NOT NULL, min REAL NOT NULL, max REAL NOT NULL, sum REAL NOT NULL, sumsq REAL NOT NULL, PRIMARY KEY (win, bucket, series)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, first_seen REAL NOT NULL, last_seen REAL NOT NULL, last_values TEXT NOT NULL, tags TEXT NOT NULL, readings INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS alerts (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, metric TEXT NOT NULL, ts REAL NOT NULL, value REAL NOT NULL, zscore REAL NOT NULL, mean REAL NOT NULL, std REAL NOT NULL, state TEXT NOT NULL, created REAL NOT NULL, acked REAL);
 CREATE TABLE IF NOT EXISTS checkpoints (sink TEXT NOT NULL, worker INTEGER NOT NULL, next_offset INTEGER NOT NULL, PRIMARY KEY (sink, worker));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS readings_device_ts ON readings (device_id, ts);
-CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
-CREATE INDEX IF NOT EXISTS rollups_win_bucket ON rollups (win, bucket);
 CREATE INDEX IF NOT EXISTS alerts_device ON alerts (device_id, metric, ts);
 CREATE INDEX IF NOT EXISTS alerts_state ON alerts (state, ts);
-CREATE INDEX IF NOT EXISTS alerts_device_id ON alerts (device_id, id);      -- GET /v1/alerts?device_id=, newest first
+CREATE INDEX IF NOT EXISTS alerts_device_id ON alerts (device_id, id);
+CREATE VIEW IF NOT EXISTS samples AS SELECT s.device_id AS device_id, s.metric AS metric, t.value AS ts, c.value ->> t.key AS value FROM sample_chunks c JOIN series s ON s.id = c.series JOIN json_each(c.ts) t;
+CREATE VIEW IF NOT EXISTS rollups AS SELECT r.win AS win, s.device_id AS device_id, s.metric AS metric, r.bucket AS bucket, r.count AS count, r.min AS min, r.max AS max, r.sum AS sum, r.sumsq AS sumsq FROM rollup r JOIN series s ON s.id = r.series;
+CREATE TRIGGER IF NOT EXISTS samples_insert INSTEAD OF INSERT ON samples BEGIN INSERT INTO series (device_id, metric) VALUES (NEW.device_id, NEW.metric) ON CONFLICT DO NOTHING; INSERT INTO sample_chunks SELECT id, NEW.ts, NEW.ts, 1, printf('[%!.17g]', NEW.ts), printf('[%!.17g]', NEW.value) FROM series WHERE device_id = NEW.device_id AND metric = NEW.metric; END;
+CREATE TRIGGER IF NOT EXISTS rollups_insert INSTEAD OF INSERT ON rollups BEGIN INSERT INTO series (device_id, metric) VALUES (NEW.device_id, NEW.metric) ON CONFLICT DO NOTHING; INSERT INTO rollup SELECT NEW.win, NEW.bucket, id, NEW.count, NEW.min, NEW.max, NEW.sum, NEW.sumsq FROM series WHERE device_id = NEW.device_id AND metric = NEW.metric ON CONFLICT (win, bucket, series) DO UPDATE SET count = rollup.count + excluded.count, min = min(rollup.min, excluded.min), max = max(rollup.max, excluded.max), sum = rollup.sum + excluded.sum, sumsq = rollup.sumsq + excluded.sumsq; END;
 """
-# Indexes beyond the primary keys: readings_device_ts serves a device's readings
-# over time (the query API; the samples' primary key already serves (device,
-# metric, time range) and the rollups' (win, device, metric, bucket range));
-# readings_ts and rollups_win_bucket let retention find the oldest rows (both
-# mostly appended at their end, cheap to keep); alerts by key and by state.
-TABLES = ("readings", "samples", "rollups", "devices", "alerts", "checkpoints", "meta")
+# Indexes beyond the primary keys: sample_chunks_series serves a series over
+# time (the query API, the detector's warm-up); readings_log the exactly-once
+# guard; alerts by key, by state and by device. Retention needs none: it
+# deletes from the start of the tables in arrival order (readings,
+# sample_chunks) or of a window's buckets (rollup).
+# The views' INSTEAD OF triggers make `INSERT INTO samples` / `INSERT INTO
+# rollups` (an upsert that adds to the bucket) work for tools and tests; the
+# sink writes the tables directly.
+TABLES = ("readings", "series", "sample_chunks", "rollup", "devices", "alerts", "checkpoints", "meta")
+
+CHUNK_SECONDS = 3600.0      # a chunk of samples never spans a boundary of these
 
 INSERT_READING = "INSERT INTO readings VALUES (?,?,?,?,?,?,?,?)"
-INSERT_SAMPLE = "INSERT INTO samples VALUES (?,?,?,?,?,?)"
+INSERT_SERIES = "INSERT INTO series (device_id, metric) VALUES (?, ?) RETURNING id"
+INSERT_CHUNK = "INSERT INTO sample_chunks VALUES (?,?,?,?,?,?)"
 UPSERT_ROLLUP = (
-    "INSERT INTO rollups VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT (win, device_id, metric, bucket) "
-    "DO UPDATE SET count = rollups.count + excluded.count, min = min(rollups.min, excluded.min), "
-    "max = max(rollups.max, excluded.max), sum = rollups.sum + excluded.sum, "
-    "sumsq = rollups.sumsq + excluded.sumsq")
+    "INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (win, bucket, series) "
+    "DO UPDATE SET count = rollup.count + excluded.count, min = min(rollup.min, excluded.min), "
+    "max = max(rollup.max, excluded.max), sum = rollup.sum + excluded.sum, "
+    "sumsq = rollup.sumsq + excluded.sumsq")
 UPSERT_DEVICE = (
     "INSERT INTO devices VALUES (?,?,?,?,?,?) ON CONFLICT (device_id) DO UPDATE SET "
     "first_seen = min(devices.first_seen, excluded.first_seen), "
@@ -78,10 +116,9 @@ INSERT_ALERT = ("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean,
                 "VALUES (?,?,?,?,?,?,?,'open',?) RETURNING id")
 UPSERT_CHECKPOINT = ("INSERT INTO checkpoints VALUES (?,?,?) ON CONFLICT (sink, worker) "
                      "DO UPDATE SET next_offset = excluded.next_offset")
-WARM_SAMPLES = (
-    "SELECT value FROM samples s WHERE device_id = ? AND metric = ? AND NOT EXISTS "
-    "(SELECT 1 FROM alerts a WHERE a.device_id = s.device_id AND a.metric = s.metric "
-    "AND a.ts = s.ts AND a.value = s.value) ORDER BY ts DESC LIMIT ?")
+# The detector's warm-up: a series' newest chunks, newest first (each holds at least one sample).
+WARM_CHUNKS = "SELECT ts, value FROM sample_chunks WHERE series = ? ORDER BY t0 DESC LIMIT ?"
+WARM_ALERTS = "SELECT ts, value FROM alerts WHERE device_id = ? AND metric = ? AND ts >= ?"
 
 
 # --- opening ---------------------------------------------------------------------------
@@ -114,7 +151,7 @@ def check_data_dir(data_dir: str | Path) -> Path:
 # primary-key columns in the table's definition (samples.value, before worker
 # and lsn): it reads the wrong field. The store never binds NULL to those
 # columns (metrics are finite numbers), so these lines are not corruption.
-_FALSE_NULL = re.compile(r"NULL value in samples\.value")
+_FALSE_NULL = re.compile(r"NULL value in (v1_)?samples\.value")
 
 
 def _corrupt(path: Path, detail: str) -> PipelineError:
@@ -175,6 +212,7 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
     tables.discard("sqlite_sequence")
     if tables and "meta" not in tables:
         raise _corrupt(path, f"it holds tables {', '.join(sorted(tables))} but no meta table")
+    version = SCHEMA_VERSION
     if "meta" in tables:
         row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
@@ -186,18 +224,105 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
         if version > SCHEMA_VERSION:
             raise PipelineError(f"the store {path} has schema version {version}, newer than this "
                                 f"gw's {SCHEMA_VERSION}: run the newer gw, or move the store away")
+        if version < 1:
+            raise _corrupt(path, f"schema_version {version}")
     try:
         conn.execute("BEGIN IMMEDIATE")
-        for stmt in SCHEMA.split(";"):
+        if version == 1:
+            _migrate_v1(conn, path)
+        for stmt in SCHEMA.split(";\n"):
             if stmt.strip():
                 conn.execute(stmt)
-        conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO NOTHING",
-                     (str(SCHEMA_VERSION),))
+        conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
+                     "SET value = excluded.value", (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
     except sqlite3.Error as exc:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise PipelineError(f"the store {path} cannot be initialised: {exc}") from None
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _migrate_v1(conn: sqlite3.Connection, path: Path) -> None:
+    """Schema version 1 (readings by (worker, lsn), samples one row each keyed by
+    (device_id, metric, ts, worker, lsn), rollups keyed by (win, device_id,
+    metric, bucket)) into version 2, inside the caller's transaction: either the
+    whole store is migrated or nothing changed. The old tables are renamed, the
+    new ones created and filled, the old ones dropped."""
+    t0 = time.monotonic()
+    n = conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+    log.warning("store %s: migrating %d readings from schema version 1 to %d (one transaction; "
+                "the pipeline starts once it is done)", path, n, SCHEMA_VERSION)
+    for old in ("readings_device_ts", "readings_ts", "rollups_win_bucket"):
+        conn.execute(f"DROP INDEX IF EXISTS {old}")
+    for table in ("readings", "samples", "rollups"):
+        conn.execute(f"ALTER TABLE {table} RENAME TO v1_{table}")
+    for stmt in SCHEMA.split(";\n"):
+        if stmt.strip():
+            conn.execute(stmt)
+    conn.execute("INSERT INTO readings SELECT worker, lsn, device_id, ts, seq, metrics, tags, payload "
+                 "FROM v1_readings ORDER BY ts, worker, lsn")
+    conn.execute("INSERT INTO series (device_id, metric) SELECT device_id, metric FROM "
+                 "(SELECT DISTINCT device_id, metric FROM v1_samples UNION SELECT DISTINCT device_id, metric "
+                 "FROM v1_rollups) ORDER BY device_id, metric")
+    ids = {(d, m): i for i, d, m in conn.execute("SELECT id, device_id, metric FROM series")}
+    # Samples in key order, cut into chunks at hour boundaries (and every 4096 samples).
+    enc = msgspec.json.encode
+    chunks = []
+    cur_key = None
+    hour = None
+    tsl: list = []
+    vl: list = []
+
+    def flush():
+        if tsl:
+            chunks.append((ids[cur_key], tsl[0], tsl[-1], len(tsl), enc(tsl).decode(), enc(vl).decode()))
+
+    for dev, metric, ts, value in conn.execute(
+            "SELECT device_id, metric, ts, value FROM v1_samples ORDER BY device_id, metric, ts, worker, lsn"):
+        key = (dev, metric)
+        h = math.floor(ts / CHUNK_SECONDS)
+        if key != cur_key or h != hour or len(tsl) >= 4096:
+            flush()
+            cur_key, hour, tsl, vl = key, h, [], []
+        tsl.append(ts)
+        vl.append(value)
+        if len(chunks) >= 10000:
+            conn.executemany(INSERT_CHUNK, chunks)
+            chunks.clear()
+    flush()
+    conn.executemany(INSERT_CHUNK, chunks)
+    conn.execute("INSERT INTO rollup SELECT r.win, r.bucket, s.id, r.count, r.min, r.max, r.sum, r.sumsq "
+                 "FROM v1_rollups r JOIN series s ON s.device_id = r.device_id AND s.metric = r.metric "
+                 "ORDER BY r.win, r.bucket, s.id")
+    for table in ("readings", "samples", "rollups"):
+        conn.execute(f"DROP TABLE v1_{table}")
+    log.warning("store %s: migrated to schema version %d in %.1f s", path, SCHEMA_VERSION,
+                time.monotonic() - t0)
+
+
+def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: list, values: list,
+                   per_chunk: int = 60) -> None:
+    """Stores a series' samples (time order) as the sink would have, `per_chunk` to a
+    chunk and never across an hour; for tools, benchmarks and tests (the caller's
+    transaction). `INSERT INTO samples` does the same one sample at a time."""
+    conn.execute("INSERT INTO series (device_id, metric) VALUES (?, ?) ON CONFLICT DO NOTHING",
+                 (device_id, metric))
+    sid = conn.execute("SELECT id FROM series WHERE device_id = ? AND metric = ?", (device_id, metric)).fetchone()[0]
+    enc = msgspec.json.encode
+    rows = []
+    i = 0
+    while i < len(ts):
+        hour = math.floor(ts[i] / CHUNK_SECONDS)
+        j = i + 1
+        while j < len(ts) and j - i < per_chunk and math.floor(ts[j] / CHUNK_SECONDS) == hour:
+            j += 1
+        rows.append((sid, ts[i], ts[j - 1], j - i, enc(ts[i:j]).decode(), enc(values[i:j]).decode()))
+        i = j
+    conn.executemany(INSERT_CHUNK, rows)
 
 
 # --- the sink --------------------------------------------------------------------------
@@ -226,13 +351,21 @@ class _Alert(msgspec.Struct):
 
 
 _NULL = b"null"
+_T1 = operator.itemgetter(2)
 
 
 class StoreSink(Sink):
     """Readings -> store.sqlite, exactly once; rollups, devices, anomaly alerts."""
 
     name = "store"
-    catchup = 8
+    # Up to 128 x pipeline_batch readings per transaction when behind (256,000 by
+    # default, about 100 MB of the pipeline's memory at the peak): each commit
+    # writes every page it touched, and a batch's per-series rows (one sample chunk,
+    # three rollup upserts, one device upsert) cost the same for one reading of a
+    # series as for many, so under load the store commits seldom and big (2.5 s of
+    # readings at 100,000/s; 128,000 per batch gave 90,000 readings per CPU-second
+    # with 20,000 devices, 256,000 gave 111,000).
+    catchup = 128
 
     def __init__(self, conn: sqlite3.Connection, nworkers: int, *, anomaly_window: int = 60,
                  anomaly_threshold: float = 4.0, raw_retention: float = 7 * 86400.0,
@@ -255,32 +388,73 @@ class StoreSink(Sink):
         self._bad_logged = 0.0
         self._next_retention = 0.0
         self._retention_left: list | None = None
+        self._series: dict[tuple[str, str], int] = {}      # (device_id, metric) -> series id
+        self._next_series = 1
 
     def open(self) -> None:
         for worker, offset in self.conn.execute(
                 "SELECT worker, next_offset FROM checkpoints WHERE sink = ?", (self.name,)):
             if 0 <= worker < self.nworkers:
                 self.checkpoints[worker] = offset
+        self._load_series()
+
+    def _load_series(self) -> None:
+        self._series = {(d, m): i for i, d, m in self.conn.execute("SELECT id, device_id, metric FROM series")}
+        self._next_series = max(self._series.values(), default=0) + 1
 
     # -- anomaly state from what is committed
     def _warm(self, device_id: str, metric: str) -> list[float]:
-        rows = self.conn.execute(WARM_SAMPLES, (device_id, metric, self.detector.window)).fetchall()
-        return [r[0] for r in reversed(rows)]
+        """The series' last `window` samples (by time) that raised no alert, oldest first."""
+        sid = self._series.get((device_id, metric))
+        if sid is None:
+            return []
+        window = self.detector.window
+        dec = msgspec.json.decode
+        got: list = []
+        have = 0
+        pairs: list = []
+        # Each chunk holds at least one sample: a few chunks usually suffice, and a
+        # bounded number always (a series whose newest chunks are mostly alerts warms
+        # from fewer values, as a new one would).
+        for limit in (4, 64, max(128, 4 * window)):
+            rows = self.conn.execute(WARM_CHUNKS, (sid, limit)).fetchall()
+            pairs = []
+            for ts_text, val_text in rows:
+                pairs.extend(zip(dec(ts_text), dec(val_text)))
+            if not pairs:
+                return []
+            oldest = min(p[0] for p in pairs)
+            flagged = set(self.conn.execute(WARM_ALERTS, (device_id, metric, oldest)).fetchall())
+            got = [p for p in pairs if p not in flagged]
+            if len(got) >= window or len(rows) < limit:
+                break
+        got.sort(key=lambda p: p[0])
+        return [v for _t, v in got[-window:]]
 
     # -- one batch, one transaction
     def write(self, parts: list[Part]) -> None:
+        # A batch allocates a few hundred thousand tuples, all freed at its end: the
+        # cyclic collector would walk them (and every older object) several times
+        # over for nothing. It is paused for the batch, as it holds no cycles.
+        paused = gc.isenabled()
+        if paused:
+            gc.disable()
+        try:
+            self._write(parts)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _write(self, parts: list[Part]) -> None:
         decode = self._decode
         encode = self._encode
-        observe = self.detector.observe
         readings = []
-        samples = []
         names: dict = {}
         namelist: list = []
         skey = []
         sts = []
         sval = []
         devs: dict = {}
-        alerts = []
         for slot, records, _next in parts:
             for off, payload in records:
                 try:
@@ -288,8 +462,7 @@ class StoreSink(Sink):
                 except (msgspec.DecodeError, msgspec.ValidationError) as exc:
                     self._bad(slot, off, exc)
                     continue
-                dt = r.ts
-                ts = dt.timestamp()
+                ts = r.ts.timestamp()
                 dev = r.device_id
                 metrics = r.metrics
                 tags = bytes(r.tags).decode()
@@ -297,7 +470,6 @@ class StoreSink(Sink):
                 readings.append((slot, off, dev, ts, r.seq, encode(metrics).decode(), tags,
                                  None if pl == _NULL else pl.decode()))
                 for m, v in metrics.items():
-                    samples.append((dev, m, ts, v, slot, off))
                     nk = (dev, m)
                     k = names.get(nk)
                     if k is None:
@@ -306,9 +478,6 @@ class StoreSink(Sink):
                     skey.append(k)
                     sts.append(ts)
                     sval.append(v)
-                    a = observe(dev, m, v)
-                    if a is not None:
-                        alerts.append((dev, m, ts, v, a[0], a[1], a[2], dt))
                 d = devs.get(dev)
                 if d is None:
                     devs[dev] = [ts, ts, dict(metrics), tags, 1]
@@ -324,22 +493,42 @@ class StoreSink(Sink):
                         if ts < d[0]:
                             d[0] = ts
                     d[4] += 1
-        rollups = aggregate(namelist, skey, sts, sval)
+        series = self._series
+        new_series = []
+        sids = []
+        for nk in namelist:
+            sid = series.get(nk)
+            if sid is None:
+                sid = self._next_series
+                self._next_series += 1
+                new_series.append((sid, nk[0], nk[1]))
+            sids.append(sid)
+        try:
+            chunks, rollups, alerts = self._samples(namelist, sids, skey, sts, sval)
+        except BaseException:
+            self._next_series -= len(new_series)
+            self.detector.reset()
+            raise
+        for sid, dev, m in new_series:
+            series[(dev, m)] = sid
         devrows = [(dev, d[0], d[1], encode(d[2]).decode(), d[3], d[4]) for dev, d in devs.items()]
         ckpts = [(self.name, slot, nxt) for slot, _r, nxt in parts]
         conn = self.conn
         published = []
         try:
             conn.execute("BEGIN IMMEDIATE")
+            if new_series:
+                conn.executemany("INSERT INTO series VALUES (?,?,?)", new_series)
             conn.executemany(INSERT_READING, readings)
-            conn.executemany(INSERT_SAMPLE, samples)
+            conn.executemany(INSERT_CHUNK, chunks)
             conn.executemany(UPSERT_ROLLUP, rollups)
             conn.executemany(UPSERT_DEVICE, devrows)
             if alerts:
                 now = self.clock()
-                for dev, m, ts, v, z, mean, std, dt in alerts:
+                for dev, m, ts, v, z, mean, std in alerts:
                     aid = conn.execute(INSERT_ALERT, (dev, m, ts, v, z, mean, std, now)).fetchone()[0]
-                    published.append(_Alert(aid, dev, m, dt, v, z, mean, std))
+                    published.append(_Alert(aid, dev, m, datetime.fromtimestamp(ts, timezone.utc),
+                                            v, z, mean, std))
             conn.executemany(UPSERT_CHECKPOINT, ckpts)
             conn.execute("COMMIT")
         except BaseException:
@@ -348,6 +537,13 @@ class StoreSink(Sink):
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
+            for sid, dev, m in new_series:
+                series.pop((dev, m), None)
+            self._next_series = max(series.values(), default=0) + 1
+            try:
+                self._load_series()         # what is committed (another writer may have added series)
+            except sqlite3.Error:
+                pass
             self.detector.reset()           # it saw values that were not committed
             raise
         for slot, _r, nxt in parts:
@@ -356,6 +552,75 @@ class StoreSink(Sink):
         self.alerts += len(published)
         for a in published:
             self.outbox.put((b"alerts/" + a.device_id.encode(), encode(a)))
+
+    def _samples(self, namelist: list, sids: list, skey: list, sts: list, sval: list):
+        """The batch's samples (series index skey[i], time sts[i], value sval[i], in
+        arrival order) as sample chunk rows, rollup upserts and alerts."""
+        if not skey:
+            return [], [], []
+        key = np.array(skey, dtype=np.int64)
+        ts = np.array(sts, dtype=np.float64)
+        val = np.array(sval, dtype=np.float64)
+        n = len(key)
+        change = np.empty(n, dtype=bool)
+        change[0] = True
+
+        # The detector: each series' values in arrival order, as observe() would see them.
+        order = np.argsort(key, kind="stable")
+        ko = key[order]
+        np.not_equal(ko[1:], ko[:-1], out=change[1:])
+        starts = np.flatnonzero(change).tolist()
+        vals = val[order].tolist()
+        observe = self.detector.observe_many
+        found = []
+        ends = starts[1:] + [n]
+        for s, e, k in zip(starts, ends, ko[starts].tolist()):
+            dev, m = namelist[k]
+            for i, z, mean, std in observe(dev, m, vals[s:e]):
+                found.append((int(order[s + i]), dev, m, z, mean, std))
+        alerts = []
+        if found:
+            found.sort()
+            alerts = [(dev, m, sts[i], sval[i], z, mean, std) for i, dev, m, z, mean, std in found]
+
+        # Chunks and rollups: each series' samples in time order.
+        order = np.lexsort((ts, key))
+        ks = key[order]
+        tsorted = ts[order]
+        vsorted = val[order]
+        sid_of = np.asarray(sids, dtype=np.int64)
+        kchange = np.empty(n, dtype=bool)
+        kchange[0] = True
+        np.not_equal(ks[1:], ks[:-1], out=kchange[1:])
+        hour = np.floor(tsorted / CHUNK_SECONDS)
+        np.not_equal(hour[1:], hour[:-1], out=change[1:])
+        change |= kchange
+        starts = np.flatnonzero(change)
+        ends = np.append(starts[1:], n)
+        tl = tsorted.tolist()
+        vl = vsorted.tolist()
+        enc = self._encode
+        chunks = [(sid, tl[s], tl[e - 1], e - s, enc(tl[s:e]).decode(), enc(vl[s:e]).decode())
+                  for sid, s, e in zip(sid_of[ks[starts]].tolist(), starts.tolist(), ends.tolist())]
+        chunks.sort(key=_T1)            # rowid order follows time: retention deletes from the start
+        rollups = []
+        sq = vsorted * vsorted
+        for win, w in WINDOWS:
+            b = np.floor(tsorted / w) * w
+            np.not_equal(b[1:], b[:-1], out=change[1:])
+            change |= kchange
+            st = np.flatnonzero(change)
+            counts = np.diff(np.append(st, n))
+            mins = np.minimum.reduceat(vsorted, st)
+            maxs = np.maximum.reduceat(vsorted, st)
+            sums = np.add.reduceat(vsorted, st)
+            sqs = np.add.reduceat(sq, st)
+            bs = b[st]
+            ss = sid_of[ks[st]]
+            o = np.lexsort((ss, bs))           # (bucket, series): the table's order
+            rollups.extend(zip(repeat(win), bs[o].tolist(), ss[o].tolist(), counts[o].tolist(),
+                               mins[o].tolist(), maxs[o].tolist(), sums[o].tolist(), sqs[o].tolist()))
+        return chunks, rollups, alerts
 
     def rewind(self) -> None:
         self.detector.reset()
@@ -399,30 +664,49 @@ class StoreSink(Sink):
             self._next_retention = float("inf")
 
     def _delete_raw(self, cutoff: float, chunk: int = 1000) -> int:
+        """Deletes up to `chunk` readings and `chunk` sample chunks older than the
+        cutoff from the start of their tables (arrival order): a row goes once it
+        and the rows stored before it are old. One short transaction."""
         conn = self.conn
-        rows = conn.execute("SELECT worker, lsn, device_id, ts, metrics FROM readings "
-                            "WHERE ts < ? ORDER BY ts LIMIT ?", (cutoff, chunk)).fetchall()
-        if not rows:
-            return 0
-        dec = msgspec.json.decode
-        keys = [(dev, m, ts, w, lsn) for w, lsn, dev, ts, metrics in rows for m in dec(metrics)]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany("DELETE FROM samples WHERE device_id = ? AND metric = ? AND ts = ? "
-                             "AND worker = ? AND lsn = ?", keys)
-            conn.executemany("DELETE FROM readings WHERE worker = ? AND lsn = ?",
-                             [(r[0], r[1]) for r in rows])
+            gone = self._delete_head("readings", "ts", cutoff, chunk)
+            rows = conn.execute("SELECT rowid, t1, n FROM sample_chunks ORDER BY rowid LIMIT ?",
+                                (chunk,)).fetchall()
+            last = None
+            samples = 0
+            for rowid, t1, n in rows:
+                if t1 >= cutoff:
+                    break
+                last = rowid
+                samples += n
+            if last is not None:
+                conn.execute("DELETE FROM sample_chunks WHERE rowid <= ?", (last,))
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        return len(rows) + len(keys)
+        return gone + samples
+
+    def _delete_head(self, table: str, column: str, cutoff: float, chunk: int) -> int:
+        rows = self.conn.execute(f"SELECT rowid, {column} FROM {table} ORDER BY rowid LIMIT ?",
+                                 (chunk,)).fetchall()
+        last = None
+        count = 0
+        for rowid, t in rows:
+            if t >= cutoff:
+                break
+            last = rowid
+            count += 1
+        if last is not None:
+            self.conn.execute(f"DELETE FROM {table} WHERE rowid <= ?", (last,))
+        return count
 
     def _delete_rollups(self, win: str, cutoff: float, chunk: int = 2000) -> int:
         cur = self.conn.execute(
-            "DELETE FROM rollups WHERE win = ?1 AND (device_id, metric, bucket) IN "
-            "(SELECT device_id, metric, bucket FROM rollups WHERE win = ?1 AND bucket < ?2 LIMIT ?3)",
+            "DELETE FROM rollup WHERE win = ?1 AND (bucket, series) IN "
+            "(SELECT bucket, series FROM rollup WHERE win = ?1 AND bucket < ?2 LIMIT ?3)",
             (win, cutoff, chunk))
         return max(cur.rowcount, 0)
 
