@@ -59,6 +59,11 @@ class JsonProtocol:
                            "the write-ahead log cannot take readings now (disk full or too slow); "
                            "send the Data message again later")
 
+    def store_behind_reply(self, client_id: bytes | None) -> bytes:
+        return self._reply(client_id.decode() if client_id else None, "Error",
+                           "store_behind: the store is behind (max_sink_lag_bytes); the reading was not "
+                           "taken: send the Data message again later")
+
     def not_authorised_reply(self) -> bytes:
         """The Error answering a Connect while anonymous access is off (a Connect
         carries no credentials); the connection then closes."""

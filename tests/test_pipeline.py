@@ -98,8 +98,9 @@ class Durable:
 
     def __init__(self, nworkers: int):
         from gw.pipeline.core import durable_index
+        from gw.stats import N_COUNTERS
         self.index = durable_index()
-        self.rows = np.zeros((nworkers, max(256, self.index + 1)), dtype=np.uint64)
+        self.rows = np.zeros((nworkers, N_COUNTERS), dtype=np.uint64)
 
     def set(self, slot: int, offset: int) -> None:
         self.rows[slot, self.index] = offset
@@ -422,7 +423,8 @@ durable = t.Durable({n})
 for w, e in enumerate({ends!r}):
     durable.set(w, e)
 import numpy
-block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(80, dtype=numpy.int64))  # the parts it reads
+from gw.stats import HEADER_WORDS
+block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(HEADER_WORDS, dtype=numpy.int64))  # the parts it reads
 cfg = types.SimpleNamespace(data_dir={data!r}, pipeline_batch=200)
 out = open({out!r}, "ab", buffering=0)
 def publish(topic, payload):
