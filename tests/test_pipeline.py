@@ -220,6 +220,45 @@ def test_reads_only_up_to_the_durable_offset(tmp_path):
     assert st["written"] == 600 and st["lag"] == 0 and st["retries"] == 0
 
 
+def test_the_store_checkpoint_is_published_in_each_workers_row(tmp_path):
+    """What each worker compares with its durable offset (max_sink_lag_bytes):
+    the store sink's committed checkpoint in its log, plus one (0: none yet)."""
+    from gw.stats import Counter
+
+    logs = fleet(2, 200)
+    ends = [write_log(tmp_path, w, p) for w, p in enumerate(logs)]
+    durable = Durable(2)
+    pipe = Pipeline(settings(tmp_path), 2, durable, wal=wal_api(), rows=durable.rows)
+    word = int(Counter.STORE_CHECKPOINT)
+    assert durable.rows[:, word].tolist() == [0, 0]
+    pipe.publish_checkpoints()
+    assert durable.rows[:, word].tolist() == [1, 1]          # checkpoint 0, published
+    durable.set(0, ends[0])
+    run_until_caught_up(pipe)
+    pipe.tick()
+    assert durable.rows[:, word].tolist() == [ends[0] + 1, 1]
+    pipe.shutdown()
+
+
+def test_lag_clock_tells_how_long_the_oldest_unread_byte_waited():
+    from gw.pipeline.core import LagClock
+
+    clock = LagClock(1)
+    clock.note(0, 100.0, 1000, 0)
+    clock.note(0, 101.0, 1000, 0)          # not moved: no note
+    clock.note(0, 102.0, 3000, 0)
+    assert clock.age(0, 105.0, 0, 3000) == 5.0        # byte 0 durable since the first note
+    assert clock.age(0, 105.0, 1000, 3000) == 3.0     # past 1000: durable since the note of 3000
+    assert clock.age(0, 105.0, 3000, 3000) == 0.0     # nothing waits
+    clock.note(0, 106.0, 4000, 1000)                  # every sink past 1000: that note goes
+    assert [o for _, o in clock.notes[0]] == [3000, 4000]
+    clock.note(0, 107.0, 10, 0)                       # the log was reset
+    assert list(clock.notes[0]) == [(107.0, 10)]
+    for i in range(LagClock.MAX_NOTES + 10):
+        clock.note(0, 200.0 + i, 100 + i, 0)
+    assert len(clock.notes[0]) == LagClock.MAX_NOTES
+
+
 def test_restart_resumes_from_the_checkpoints(tmp_path):
     logs = fleet(2, 400)
     durable = Durable(2)
