@@ -37,7 +37,8 @@ class LagClock:
     since the first note past the sink's checkpoint: the oldest unread record
     became durable at most one note earlier. Notes every sink has read past
     are dropped; at most MAX_NOTES per log are kept (past that the oldest go,
-    and the age reported is a lower bound)."""
+    and the age reported is a lower bound, as it is for a backlog the log held
+    when the pipeline started: it counts from the first note)."""
 
     MAX_NOTES = 8192        # at two a second: over an hour behind
 
