@@ -240,6 +240,19 @@ def test_the_store_checkpoint_is_published_in_each_workers_row(tmp_path):
     pipe.shutdown()
 
 
+def test_a_disk_too_small_for_the_lag_bound_is_warned_about_at_start(tmp_path, caplog):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    for bound, warned in ((free, True), (free // 4, False), (0, False)):
+        caplog.clear()
+        pipe = Pipeline(settings(tmp_path, max_sink_lag_bytes=bound), 2, Durable(2), wal=wal_api())
+        with caplog.at_level("WARNING", logger="gw.pipeline"):
+            pipe.check_disk()
+        pipe.shutdown()
+        assert any("max_sink_lag_bytes" in r.getMessage() for r in caplog.records) == warned, bound
+
+
 def test_lag_clock_tells_how_long_the_oldest_unread_byte_waited():
     from gw.pipeline.core import LagClock
 

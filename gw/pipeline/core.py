@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import shutil
 import signal
 import threading
 import time
@@ -135,6 +136,7 @@ class Pipeline:
     # -- life cycle
     def start(self) -> None:
         self.publish_checkpoints()
+        self.check_disk()
         for r in self.runners:
             r.start()
         log.info("pipeline: %d worker logs, sinks %s", self.nworkers,
@@ -215,6 +217,25 @@ class Pipeline:
                 if now - self._retain_logged >= 60.0:
                     self._retain_logged = now
                     log.warning("pipeline: WAL retention in %s failed: %s", d, exc)
+
+    def check_disk(self) -> None:
+        """Warns at start when the disk under data_dir cannot hold what the logs
+        may keep unstored (max_sink_lag_bytes per worker log, the bound past which
+        the workers hold ingest): past that the disk fills before the bound acts."""
+        bound = self.settings.max_sink_lag_bytes
+        if not bound:
+            return
+        try:
+            usage = shutil.disk_usage(self.data_dir)
+        except OSError:
+            return
+        need = bound * self.nworkers
+        if usage.free < need:
+            log.warning("pipeline: the disk under %s has %.1f GB free, less than the %d worker logs may hold "
+                        "before the store is behind by max_sink_lag_bytes (%d x %.1f GB = %.1f GB, plus what "
+                        "wal_retention_bytes keeps): lower max_sink_lag_bytes or free space, or the disk fills "
+                        "before ingest is held", self.data_dir, usage.free / 1e9, self.nworkers, self.nworkers,
+                        bound / 1e9, need / 1e9)
 
     # -- figures
     SINK_INDEX = {"store": 0, "file": 1, "bridge": 2}
