@@ -133,7 +133,6 @@ def test_a_store_behind_by_the_bound_holds_ingest_until_it_catches_up(gw_factory
             assert int(resp.headers["retry-after"]) >= 1
             refused.update(seqs)
             break
-        assert len(acked) * 100 > BOUND                 # it took more than the bound to get there
         stats = server.stats()
         assert stats["workers"][0]["store_behind"] is True
         assert stats["workers"][0]["store_lag_bytes"] > BOUND
