@@ -102,6 +102,7 @@ def stats(data_dir, as_json, interval):
         click.echo(json.dumps(snap.as_dict(), indent=2))
     else:
         click.echo(snap.line())
+        click.echo(snap.sinks_line())
     block.close()
 
 

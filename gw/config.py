@@ -265,6 +265,12 @@ class Config:
                                         "read past it", minimum=0)
     wal_retention_bytes: int = _setting(10 << 30, "bytes of log kept per worker once every sink has read "
                                         "past them", minimum=1 << 20)
+    max_sink_lag_bytes: int = _setting(1 << 30, "bytes of a worker's log the store sink may be behind before "
+                                       "that worker holds ingest (HTTP 503 store_behind, JSON-lines Error, MQTT "
+                                       "QoS 1/2 telemetry publishers not read, QoS 0 telemetry shed) until the "
+                                       "lag is under 3/4 of it; unread log is never deleted, so a worker's log "
+                                       "holds at most this plus wal_retention_bytes (0: no bound)", minimum=0,
+                                       maximum=1 << 50)
     store_raw_retention: float = _setting(7 * 86400.0, "seconds raw readings are kept in the embedded store",
                                           minimum=60)
     store_1m_retention: float = _setting(30 * 86400.0, "seconds 1-minute rollups are kept", minimum=60)

@@ -84,6 +84,7 @@ def setting(cfg, name: str):
 JSON = b"application/json"
 METRICS_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 RETRY_AFTER = b"Retry-After: 1\r\n"
+STORE_BEHIND_RETRY_AFTER = b"Retry-After: 2\r\n"    # the store takes seconds, not moments, to catch up
 NO_STORE = b"Cache-Control: no-store\r\n"
 ALLOW_POST = b"Allow: POST\r\n"
 ALLOW_GET = b"Allow: GET, HEAD\r\n"
@@ -211,6 +212,9 @@ class HttpApp:
         self._shedding_body = self._encode(Error("overloaded", "the server is shedding load; retry later"))
         self._log_full_body = self._encode(Error("log_unavailable", "the write-ahead log cannot take readings "
                                                                     "now (disk full or too slow); retry later"))
+        self._store_behind_body = self._encode(Error(
+            "store_behind", "the store is behind the write-ahead log by more than max_sink_lag_bytes; "
+                            "nothing was taken: retry after Retry-After seconds"))
         self._in_progress_body = self._encode(Error(
             "in_progress", "a reading with this device_id and seq is being written by another request "
                            "and is not on disk yet; retry"))
@@ -412,6 +416,10 @@ class HttpApp:
     def log_full(self):
         """The log could not take the readings: 503, retry."""
         return self._counted((503, JSON, self._log_full_body, RETRY_AFTER))
+
+    def store_behind(self):
+        """The store sink is max_sink_lag_bytes behind this worker's log: 503, retry later."""
+        return self._counted((503, JSON, self._store_behind_body, STORE_BEHIND_RETRY_AFTER))
 
     def in_progress(self):
         """Another worker holds a first copy not durable yet (ack mode sink): 503, retry."""

@@ -69,6 +69,11 @@ class JsonProtocol:
         says why); the connection then closes."""
         return self._reply(client_id.decode() if client_id else None, "Error", reason)
 
+    def store_behind_reply(self, client_id: bytes | None) -> bytes:
+        return self._reply(client_id.decode() if client_id else None, "Error",
+                           "store_behind: the store is behind (max_sink_lag_bytes); the reading was not "
+                           "taken: send the Data message again later")
+
 
     def _reply(self, client_id: str | None, kind: str, payload: Any) -> bytes:
         return self._encoder.encode(Reply(client_id, kind, payload, round(time.time(), 3))) + b"\n"

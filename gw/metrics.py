@@ -21,7 +21,7 @@ import numpy as np
 
 from gw import __version__
 from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
-                      PACKET_NAMES, STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
+                      PACKET_NAMES, SINK_NAMES, STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -179,6 +179,19 @@ _FAMILIES = [
     ("gw_wal_refused_total", "counter",
      "Readings the log could not take (HTTP 503, MQTT publisher disconnected, QoS 0 dropped).",
      [("", C.WAL_REFUSED)]),
+    ("gw_ingest_shed_store_behind_total", "counter",
+     "Readings not taken while the store sink was max_sink_lag_bytes behind a worker's log, by how the "
+     "sender was told: HTTP ingest requests answered 503 store_behind, JSON-lines Data answered with an "
+     "Error, MQTT QoS 0 telemetry shed (no acknowledgement to hold). QoS 1/2 telemetry publishers are held "
+     "(not read), not shed.",
+     [('{how="http_503"}', C.STORE_BEHIND_HTTP), ('{how="json_error"}', C.STORE_BEHIND_JSON),
+      ('{how="mqtt_qos0_shed"}', C.STORE_BEHIND_QOS0)]),
+    ("gw_store_behind_holds_total", "counter",
+     "Times a worker began holding ingest (MQTT telemetry publishers not read, HTTP 503, JSON-lines "
+     "Error): the store's lag on its log passed max_sink_lag_bytes.", [("", C.STORE_BEHIND_HOLDS)]),
+    ("gw_store_behind_workers", "gauge",
+     "Workers holding ingest now: the store is behind their log (until under 3/4 of max_sink_lag_bytes).",
+     [("", C.STORE_BEHIND)]),
     ("gw_acks_held", "gauge", "Acknowledgements waiting for the log to be durable (ack mode sink).",
      [("", C.ACKS_HELD)]),
     ("gw_http_lingering_closes_cut_total", "counter",
@@ -291,9 +304,10 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
         "did not ask for).\n"
         "# TYPE gw_pipeline_deaths_total counter\n"
         f"gw_pipeline_deaths_total {int(header[Layout.H_PIPELINE_DEATHS])}\n")
-    sinks = ("store", "file", "bridge")
+    sinks = SINK_NAMES
     written = header[Layout.H_SINK_WRITTEN:Layout.H_SINK_WRITTEN + 3].tolist()
     lag = header[Layout.H_SINK_LAG:Layout.H_SINK_LAG + 3].tolist()
+    lag_ms = header[Layout.H_SINK_LAG_AGE_MS:Layout.H_SINK_LAG_AGE_MS + 3].tolist()
     out.append(
         "# HELP gw_pipeline_up Whether the pipeline process (the sinks) runs.\n"
         "# TYPE gw_pipeline_up gauge\n"
@@ -304,12 +318,24 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
         + "# HELP gw_sink_lag_bytes Log bytes durable and not yet taken by a sink, summed over the workers.\n"
         "# TYPE gw_sink_lag_bytes gauge\n"
         + "".join(f'gw_sink_lag_bytes{{sink="{n}"}} {v}\n' for n, v in zip(sinks, lag))
+        + "# HELP gw_sink_lag_seconds Seconds the oldest log record a sink has not taken has been durable "
+        "(the most behind worker log).\n"
+        "# TYPE gw_sink_lag_seconds gauge\n"
+        + "".join(f'gw_sink_lag_seconds{{sink="{n}"}} {v / 1000:.3f}\n' for n, v in zip(sinks, lag_ms))
         + "# HELP gw_sink_retries_total Failed sink attempts, retried with backoff.\n"
         "# TYPE gw_sink_retries_total counter\n"
         f"gw_sink_retries_total {int(header[Layout.H_SINK_RETRIES])}\n"
         "# HELP gw_alerts_published_total Anomaly alerts published on alerts/{device_id}.\n"
         "# TYPE gw_alerts_published_total counter\n"
         f"gw_alerts_published_total {int(header[Layout.H_ALERTS])}\n")
+    published = rows[:, C.STORE_CHECKPOINT].tolist()
+    if any(published):
+        durable = rows[:, C.WAL_DURABLE_OFFSET].tolist()
+        out.append("# HELP gw_store_lag_bytes Bytes of each worker's log durable and not yet committed by the "
+                   "store sink (what max_sink_lag_bytes bounds).\n"
+                   "# TYPE gw_store_lag_bytes gauge\n")
+        out += [f'gw_store_lag_bytes{{worker="{w}"}} {max(0, d - (p - 1))}\n'
+                for w, (d, p) in enumerate(zip(durable, published)) if p]
     beats = rows[:, C.WORKER_HEARTBEAT_MS].tolist()
     if any(beats):
         now = monotonic_ms()

@@ -165,6 +165,7 @@ def _responses(cfg) -> dict:
         "IngestUnavailable": {
             "description": "Not accepting: the server is draining (`draining`) or shedding load "
                            "(`overloaded`), the write-ahead log cannot take readings (`log_unavailable`), "
+                           "the store is `max_sink_lag_bytes` behind the log (`store_behind`), "
                            "or (ack mode sink) a reading with the same `(device_id, seq)` is being written "
                            "by another request and is not on disk yet (`in_progress`). Retry after "
                            "`Retry-After` seconds, with jitter.",
@@ -177,7 +178,10 @@ def _responses(cfg) -> dict:
                                                   "readings now (disk full or too slow); retry later"),
                 "in_progress": _error_example("in_progress", "a reading with this device_id and seq is "
                                               "being written by another request and is not on disk yet; "
-                                              "retry")}),
+                                              "retry"),
+                "store_behind": _error_example("store_behind", "the store is behind the write-ahead log by "
+                                               "more than max_sink_lag_bytes; nothing was taken: retry after "
+                                               "Retry-After seconds")}),
         },
         "VersionNotSupported": {
             "description": "An HTTP version other than 1.0 and 1.1.",

@@ -40,9 +40,10 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 # restored sessions again). All but the per-worker ones are summed over rows.
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-          Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED)
+          Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
-              Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET)    # a sum means nothing
+              Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET,    # a sum means nothing
+              Counter.STORE_CHECKPOINT)
 HIST_WORDS = int(Layout.HIST_WORDS)
 HIST_BUCKETS = int(Layout.HIST_BUCKETS)
 HISTOGRAMS = (Counter.HIST_INGEST, Counter.HIST_DELIVER, Counter.HIST_LOOP_TURN)
@@ -166,6 +167,27 @@ class StatsBlock:
         return {"worker_deaths": int(self.header[Layout.H_WORKER_DEATHS]),
                 "pipeline_deaths": int(self.header[Layout.H_PIPELINE_DEATHS])}
 
+    def sinks(self) -> dict:
+        """Per sink (the pipeline's figures, about twice a second): readings written
+        since the pipeline started, log bytes durable and not yet taken (summed over
+        the workers' logs), and seconds the oldest of them has waited (the most
+        behind log). A sink that is not configured shows zeros."""
+        header = self.header
+        return {name: {"written": int(header[Layout.H_SINK_WRITTEN + k]),
+                       "lag_bytes": int(header[Layout.H_SINK_LAG + k]),
+                       "lag_seconds": int(header[Layout.H_SINK_LAG_AGE_MS + k]) / 1000}
+                for k, name in enumerate(SINK_NAMES)}
+
+    def store_lag_bytes(self) -> list[int | None]:
+        """Per worker log: bytes durable and not yet committed by the store sink
+        (what max_sink_lag_bytes bounds); None until the pipeline published where
+        the store is."""
+        out = []
+        for durable, published in zip(self.rows[:, Counter.WAL_DURABLE_OFFSET].tolist(),
+                                      self.rows[:, Counter.STORE_CHECKPOINT].tolist()):
+            out.append(None if published == 0 else max(0, int(durable) - (int(published) - 1)))
+        return out
+
     def close(self, unlink: bool = False) -> None:
         del self.header, self.rows
         self._mm.close()
@@ -186,18 +208,33 @@ class Snapshot:
     msg_in: float
     msg_out: float
     totals: dict
-    workers: list = field(default_factory=list)   # per slot: pid, heartbeat age
+    workers: list = field(default_factory=list)   # per slot: pid, heartbeat age, the store's lag on its log
     deaths: dict = field(default_factory=dict)    # worker_deaths, pipeline_deaths
+    sinks: dict = field(default_factory=dict)     # per sink: written, lag_bytes, lag_seconds
 
     def line(self) -> str:
         return (f"[stats] clients: {self.clients} | peak: {self.peak} | memory: {self.memory_mb:.1f} MB"
                 f" | conn_rate: {self.conn_rate:.0f}/s | msg_in: {self.msg_in:.0f}/s"
                 f" | msg_out: {self.msg_out:.0f}/s")
 
+    def sinks_line(self) -> str:
+        """The sinks' lag: the store always, the file sink and the bridge when they have figures."""
+        parts = []
+        for name, f in self.sinks.items():
+            if name != "store" and not (f["written"] or f["lag_bytes"]):
+                continue
+            parts.append(f"{name}: lag {f['lag_bytes'] / 1e6:.1f} MB, {f['lag_seconds']:.1f} s"
+                         f" | written {f['written']}")
+        behind = [w["slot"] for w in self.workers if w.get("store_behind")]
+        line = "[sinks] " + " | ".join(parts)
+        if behind:
+            line += " | ingest held (max_sink_lag_bytes) on workers " + ",".join(map(str, behind))
+        return line
+
     def as_dict(self) -> dict:
         return {"clients": self.clients, "peak": self.peak, "memory_mb": round(self.memory_mb, 2),
                 "conn_rate": self.conn_rate, "msg_in": self.msg_in, "msg_out": self.msg_out,
-                **self.deaths, "counters": self.totals, "workers": self.workers}
+                **self.deaths, "sinks": self.sinks, "counters": self.totals, "workers": self.workers}
 
 
 def rss_bytes(pids: list[int]) -> int:
@@ -243,13 +280,17 @@ class Aggregator:
             totals=counter_dict(totals),
             workers=self.workers(),
             deaths=self.block.deaths(),
+            sinks=self.block.sinks(),
         )
 
     def workers(self) -> list[dict]:
         header = self.block.header
         pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.block.rows.shape[0]].tolist()
-        return [{"slot": i, "pid": int(pid), "heartbeat_age_ms": age}
-                for i, (pid, age) in enumerate(zip(pids, self.block.heartbeat_ages_ms()))]
+        behind = self.block.rows[:, Counter.STORE_BEHIND].tolist()
+        return [{"slot": i, "pid": int(pid), "heartbeat_age_ms": age, "store_lag_bytes": lag,
+                 "store_behind": bool(b)}
+                for i, (pid, age, lag, b) in enumerate(zip(pids, self.block.heartbeat_ages_ms(),
+                                                           self.block.store_lag_bytes(), behind))]
 
 
 def counter_dict(totals) -> dict:
@@ -258,9 +299,11 @@ def counter_dict(totals) -> dict:
     totals = [int(v) for v in totals]
     out = {}
     for c in Counter:
-        if c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS:
+        if (c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS
+                or c in STORE_BEHIND_COUNTERS.values()):
             continue
         out[c.name.lower()] = totals[c]
+    out["ingest_shed_store_behind"] = {name: totals[c] for name, c in STORE_BEHIND_COUNTERS.items()}
     out["rate_limits"] = {
         "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
         "per_ip_refused": totals[Counter.PER_IP_REFUSED],
@@ -314,6 +357,12 @@ LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("
 RATE_LIMIT_PAUSES = {"max_conn_rate": Counter.CONN_RATE_PAUSES, "max_messages_rate": Counter.MSG_RATE_PAUSES,
                      "max_bytes_rate": Counter.BYTE_RATE_PAUSES}
 RATE_LIMIT_COUNTERS = (*RATE_LIMIT_PAUSES.values(), Counter.PER_IP_REFUSED, Counter.RATE_PAUSED)
+# The store's lag bound (max_sink_lag_bytes), grouped under "ingest_shed_store_behind": what
+# ingest refused or shed while the store was behind, and how often a worker began holding it.
+STORE_BEHIND_COUNTERS = {"http_503": Counter.STORE_BEHIND_HTTP, "json_errors": Counter.STORE_BEHIND_JSON,
+                         "mqtt_qos0_shed": Counter.STORE_BEHIND_QOS0, "holds": Counter.STORE_BEHIND_HOLDS,
+                         "workers_holding": Counter.STORE_BEHIND}
+SINK_NAMES = ("store", "file", "bridge")      # H_SINK_* + index
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)
 

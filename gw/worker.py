@@ -75,6 +75,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.http_linger_bytes = cfg.http_linger_bytes
     worker.http_linger_ms = int(cfg.http_linger_timeout * 1000)
     worker.telemetry_topic = cfg.telemetry_topic
+    worker.max_sink_lag = cfg.max_sink_lag_bytes
     worker.tick_ms = 1000
     # After max_packet_size: the default byte burst is at least one largest packet.
     worker.set_rate_limits(cfg.max_conn_rate, cfg.max_conn_burst, cfg.max_messages_rate,

@@ -56,6 +56,10 @@ cdef enum ConnFlag:
     F_HELD_FULL = 64          # not read: HELD_MAX_PER_CONN answers wait for the log (worker/durable_ack.pyx)
     F_RATE_PAUSED = 128       # not read: a rate limit's bucket is empty (worker/rate_limits.pyx)
 
+cdef enum StoreFlag:
+    SF_TELEMETRY = 1          # has sent a QoS 1/2 PUBLISH on a telemetry topic: held while the store is behind
+    SF_HELD = 2               # not read: the store is max_sink_lag_bytes behind this worker's log (worker/backpressure.pyx)
+
 cdef enum:
     MAX_LISTENERS = 16
     MAX_PEERS = 64            # workers, and a peer bit in a uint64_t mask each
@@ -94,7 +98,8 @@ cdef enum CloseReason:
     CR_RATE_MESSAGES = 28     # (log only) a client paused: max_messages_rate (worker/rate_limits.pyx)
     CR_RATE_BYTES = 29        # (log only) ... max_bytes_rate
     CR_RATE_CONN = 30         # (log only) a listener paused: max_conn_rate
-    N_CLOSE_REASONS = 31
+    CR_STORE_BEHIND = 31      # (log only) ingest held: the store is max_sink_lag_bytes behind the log
+    N_CLOSE_REASONS = 32
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -116,6 +121,7 @@ cdef struct Conn:
     uint8_t closed_from       # ST_CLOSED: the state it was closed in
     uint8_t close_reason      # ST_CLOSED: a CloseReason (loop.pyx)
     uint8_t close_detail      # ST_CLOSED: e.g. the malformed reason
+    uint8_t store_flags       # SF_* (worker/backpressure.pyx): telemetry publisher, held for the store
     uint16_t keepalive        # seconds, from CONNECT
     uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
     uint16_t username_len     # JSON-lines clients: the user name they act as (MQTT's live in the Session)
@@ -478,6 +484,9 @@ cdef class Worker:
     cdef bint publishers_paused
     cdef public uint32_t queue_high  # watermarks
     cdef public uint32_t queue_low
+    cdef public uint64_t max_sink_lag        # max_sink_lag_bytes: the store's lag on this log that holds ingest (0: none)
+    cdef bint store_behind                   # past it, not yet back under 3/4 of it: ingest held
+    cdef uint64_t store_check_ms             # when the lag is looked at next
 
     # --- HTTP (worker/http.pyx, http_queries.pyx) ---------------------------------------
     cdef HttpState* http             # per fd; allocated with the first HTTP listener
@@ -737,6 +746,11 @@ cdef void peer_congestion(Worker w, int p, bint on)
 cdef void congestion_check(Worker w)
 cdef void update_pause(Worker w)
 cdef void pause_conn(Worker w, Conn* c)
+cdef void store_lag_check(Worker w)
+cdef void store_hold(Worker w, Conn* c)
+cdef void store_hold_all(Worker w)
+cdef void store_release(Worker w)
+cdef bint store_hold_timer(Worker w, Conn* c) noexcept
 
 # --- worker/jsonlines.pyx: newline framing, one call per line into gw/jsonproto.py -----
 cdef Py_ssize_t process_json_lines(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)

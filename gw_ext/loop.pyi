@@ -64,6 +64,7 @@ class Worker:
     max_queued_bytes: int
     queue_high: int
     queue_low: int
+    max_sink_lag: int
     http_app: Any
     ingest: Any
     http_max_body: int

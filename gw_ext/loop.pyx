@@ -80,6 +80,7 @@ cdef enum:
     READ_BUFFER = 256 * 1024     # shared by all connections of the worker
     ACCEPT_BATCH = 128           # accepts per listener event, for fairness
     TICK_MS = 100                # timing-wheel resolution
+    STORE_CHECK_MS = 100         # how often the store's lag on this worker's log is looked at
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
 
 # The counter each CloseReason (loop.pxd) adds to.
@@ -89,6 +90,7 @@ cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_CLIENT, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
     CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER, CLOSED_ERROR, CLOSED_ERROR,
     CLOSED_ERROR, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
+    CLOSED_SERVER,
     CLOSED_SERVER]
 
 # LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
@@ -550,6 +552,13 @@ cdef class Worker:
         if self.nresume:
             self.resume_settled()
         self.reap_closed()
+        try:
+            if (self.max_sink_lag or self.store_behind) and self.now_ms >= self.store_check_ms:
+                self.store_check_ms = self.now_ms + STORE_CHECK_MS
+                store_lag_check(self)       # worker/backpressure.pyx
+        except Exception:
+            self.contained(self.current_fd, "checking the store's lag")
+        self.current_fd = -1
         try:
             if self.congested:
                 congestion_check(self)
@@ -1174,11 +1183,12 @@ cdef class Worker:
 
     cdef void update_events(self, Conn* c):
         """Registers what c waits for: input unless it is paused (backpressure,
-        too many answers held for the log, a rate limit) or its CONNECT is
+        too many answers held for the log, a rate limit, the store behind) or its CONNECT is
         settling; output while a write would block."""
         cdef epoll_event ev
         ev.events = 0
-        if not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED)) and c.state != ST_SETTLING:
+        if (not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED)) and not (c.store_flags & SF_HELD)
+                and c.state != ST_SETTLING):
             ev.events |= EPOLLIN
         if c.flags & F_POLLOUT:
             ev.events |= EPOLLOUT

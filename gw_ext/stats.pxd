@@ -121,7 +121,16 @@ cpdef enum:
     HIST_INGEST = 192         # histogram (HIST_WORDS words): ingest request latency
     HIST_DELIVER = 224        # histogram (HIST_WORDS words): MQTT publish-to-deliver latency
     HIST_LOOP_TURN = 256      # histogram (HIST_WORDS words): the loop's turns, from epoll_wait's return to the turn's end
-    N_COUNTERS = 288          # rows are 2,304 bytes: a multiple of the cache line
+    # The store's lag bound (max_sink_lag_bytes; worker/backpressure.pyx): ingest held, nothing dropped unsaid.
+    STORE_BEHIND = 288        # gauge: 1 while this worker holds ingest for the store (max_sink_lag_bytes); summed: workers holding
+    STORE_BEHIND_HOLDS = 289  # times this worker began holding ingest: the store's lag on its log passed max_sink_lag_bytes
+    STORE_BEHIND_HTTP = 290   # ingest requests answered 503 store_behind while it held ingest
+    STORE_BEHIND_JSON = 291   # JSON-lines Data messages answered with an Error (store_behind): not taken
+    STORE_BEHIND_QOS0 = 292   # QoS 0 MQTT telemetry publishes shed while it held ingest (QoS 0 has no acknowledgement)
+    STORE_CHECKPOINT = 293    # per worker (never summed), written by the pipeline process: the store sink's next
+                              # offset in this worker's log, plus one (0: not published yet)
+    # 294..319 free.
+    N_COUNTERS = 320          # rows are 2,560 bytes: a multiple of the cache line
 
 cpdef enum:
     # Which bound (LIMITS + LIM_*): each a setting of the same name.
@@ -138,8 +147,9 @@ cpdef enum:
 cpdef enum:
     # Layout words (gw_ext.stats.Layout in Python).
     STATS_MAGIC = 0x67775354        # "gwST"
-    STATS_VERSION = 4               # 2: 256 counters, HTTP/ingest counters, histograms; 3: deaths in the
-                                    # header; 4: 288 counters (bounds, containment, the loop-turn histogram)
+    STATS_VERSION = 5               # 2: 256 counters, HTTP/ingest counters, histograms; 3: deaths in the
+                                    # header; 4: 288 counters (bounds, containment, the loop-turn histogram);
+                                    # 5: 320 counters, the store's lag bound (STORE_*, H_SINK_LAG_AGE_MS)
     HEADER_WORDS = 96
     MAX_WORKERS = 64
     H_MAGIC = 0
@@ -160,7 +170,9 @@ cpdef enum:
     # (a signal, a non-zero exit code), respawned or not.
     H_WORKER_DEATHS = 80      # of worker processes
     H_PIPELINE_DEATHS = 81    # of the pipeline process
-    # 82..95 free.
+    # Written by the pipeline process with H_SINK_*:
+    H_SINK_LAG_AGE_MS = 82    # + sink index: ms the oldest log byte a sink has not taken has been durable (max over logs)
+    # 85..95 free.
 
 # Histograms: HIST_WORDS consecutive words of a row, starting at a HIST_* index.
 # Word i (0 <= i < HIST_BUCKETS) counts the observations v with

@@ -82,11 +82,14 @@ def test_new_counters():
         "AUTH_REFUSED_TAKEOVER": 179, "AUTH_REFUSED_BUSY": 180, "ACL_PUBLISH_DENIED": 181, "ACL_SUBSCRIBE_DENIED": 182,
         "ACL_DELIVERY_DENIED": 183, "ACL_SYS_PUBLISH_REFUSED": 184, "TLS_REFUSED_NO_CERT": 185, "TLS_REFUSED_BAD_CERT": 186,
         "TLS_REFUSED_REVOKED": 187, "HTTP_UNAUTHORIZED": 188, "HTTP_FORBIDDEN": 189,
-        "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256,
-        "N_COUNTERS": 288}
-    assert Layout.STATS_VERSION == 4
+        "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256, "STORE_BEHIND": 288,
+        "STORE_BEHIND_HOLDS": 289, "STORE_BEHIND_HTTP": 290, "STORE_BEHIND_JSON": 291, "STORE_BEHIND_QOS0": 292,
+        "STORE_CHECKPOINT": 293,
+        "N_COUNTERS": 320}
+    assert Layout.STATS_VERSION == 5
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
-    assert Counter.HIST_LOOP_TURN + HIST_WORDS == N_COUNTERS
+    assert Counter.HIST_LOOP_TURN + HIST_WORDS <= Counter.STORE_BEHIND < N_COUNTERS
+    assert N_COUNTERS * 8 % 64 == 0
 
 
 def test_layout_constants_are_not_counters():
@@ -143,9 +146,9 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED}
+                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
-                          Counter.WAL_CORRUPT_OFFSET)
+                          Counter.WAL_CORRUPT_OFFSET, Counter.STORE_CHECKPOINT)
 
 
 def test_reset_gauges_and_heartbeats(make_block):
@@ -204,12 +207,48 @@ def test_aggregator_tick(make_block):
     d = snap.as_dict()
     json.dumps(d)
     assert d["workers"][0]["pid"] == os.getpid() and d["workers"][0]["heartbeat_age_ms"] < 5000
-    assert d["workers"][1] == {"slot": 1, "pid": 0, "heartbeat_age_ms": None}
+    assert d["workers"][1] == {"slot": 1, "pid": 0, "heartbeat_age_ms": None, "store_lag_bytes": None,
+                               "store_behind": False}
     assert d["worker_deaths"] == d["pipeline_deaths"] == 0
     block.header[Layout.H_WORKER_DEATHS] = 2
     block.header[Layout.H_PIPELINE_DEATHS] = 5
     d = agg.tick().as_dict()
     assert (d["worker_deaths"], d["pipeline_deaths"]) == (2, 5)
+
+
+def test_store_lag_per_worker_and_per_sink(make_block):
+    """The store's lag on each worker's log is its durable offset less the
+    checkpoint the pipeline published (next offset + 1; 0: not published);
+    the sinks' figures come from the header, the held-ingest counters grouped."""
+    block = make_block(3)
+    rows, header = block.rows, block.header
+    rows[0, Counter.WAL_DURABLE_OFFSET] = 5000
+    rows[0, Counter.STORE_CHECKPOINT] = 1000 + 1
+    rows[1, Counter.WAL_DURABLE_OFFSET] = 700
+    rows[1, Counter.STORE_CHECKPOINT] = 900 + 1          # a log behind its checkpoint (reset): no lag
+    rows[2, Counter.WAL_DURABLE_OFFSET] = 300            # not published yet
+    rows[0, Counter.STORE_BEHIND] = 1
+    rows[0, Counter.STORE_BEHIND_HTTP] = 4
+    rows[2, Counter.STORE_BEHIND_QOS0] = 2
+    header[Layout.H_SINK_LAG] = 4000
+    header[Layout.H_SINK_LAG_AGE_MS] = 2500
+    header[Layout.H_SINK_WRITTEN] = 77
+    assert block.store_lag_bytes() == [4000, 0, None]
+    d = Aggregator(block).tick().as_dict()
+    assert d["sinks"]["store"] == {"written": 77, "lag_bytes": 4000, "lag_seconds": 2.5}
+    assert d["sinks"]["file"] == {"written": 0, "lag_bytes": 0, "lag_seconds": 0.0}
+    assert [w["store_behind"] for w in d["workers"]] == [True, False, False]
+    shed = d["counters"]["ingest_shed_store_behind"]
+    assert shed == {"http_503": 4, "json_errors": 0, "mqtt_qos0_shed": 2, "holds": 0, "workers_holding": 1}
+    assert "store_checkpoint" not in d["counters"] and "store_behind_http" not in d["counters"]
+    line = Aggregator(block).tick().sinks_line()
+    assert line == "[sinks] store: lag 0.0 MB, 2.5 s | written 77 | ingest held (max_sink_lag_bytes) on workers 0"
+    text = metrics.render(block).decode()
+    assert 'gw_store_lag_bytes{worker="0"} 4000' in text and 'gw_store_lag_bytes{worker="1"} 0' in text
+    assert 'worker="2"' not in text.split("gw_store_lag_bytes")[-1].split("# HELP")[0]
+    assert 'gw_sink_lag_seconds{sink="store"} 2.500' in text
+    assert 'gw_ingest_shed_store_behind_total{how="http_503"} 4' in text
+    assert "gw_store_behind_workers 1" in text
 
 
 def test_deaths_words_are_in_the_header_past_the_worker_pids():

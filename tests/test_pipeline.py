@@ -98,8 +98,9 @@ class Durable:
 
     def __init__(self, nworkers: int):
         from gw.pipeline.core import durable_index
+        from gw.stats import N_COUNTERS
         self.index = durable_index()
-        self.rows = np.zeros((nworkers, max(256, self.index + 1)), dtype=np.uint64)
+        self.rows = np.zeros((nworkers, N_COUNTERS), dtype=np.uint64)
 
     def set(self, slot: int, offset: int) -> None:
         self.rows[slot, self.index] = offset
@@ -217,6 +218,58 @@ def test_reads_only_up_to_the_durable_offset(tmp_path):
     check_store_consistent(tmp_path, logs, ends)
     st = pipe.stats()["sinks"]["store"]
     assert st["written"] == 600 and st["lag"] == 0 and st["retries"] == 0
+
+
+def test_the_store_checkpoint_is_published_in_each_workers_row(tmp_path):
+    """What each worker compares with its durable offset (max_sink_lag_bytes):
+    the store sink's committed checkpoint in its log, plus one (0: none yet)."""
+    from gw.stats import Counter
+
+    logs = fleet(2, 200)
+    ends = [write_log(tmp_path, w, p) for w, p in enumerate(logs)]
+    durable = Durable(2)
+    pipe = Pipeline(settings(tmp_path), 2, durable, wal=wal_api(), rows=durable.rows)
+    word = int(Counter.STORE_CHECKPOINT)
+    assert durable.rows[:, word].tolist() == [0, 0]
+    pipe.publish_checkpoints()
+    assert durable.rows[:, word].tolist() == [1, 1]          # checkpoint 0, published
+    durable.set(0, ends[0])
+    run_until_caught_up(pipe)
+    pipe.tick()
+    assert durable.rows[:, word].tolist() == [ends[0] + 1, 1]
+    pipe.shutdown()
+
+
+def test_a_disk_too_small_for_the_lag_bound_is_warned_about_at_start(tmp_path, caplog):
+    import shutil
+
+    free = shutil.disk_usage(tmp_path).free
+    for bound, warned in ((free, True), (free // 4, False), (0, False)):
+        caplog.clear()
+        pipe = Pipeline(settings(tmp_path, max_sink_lag_bytes=bound), 2, Durable(2), wal=wal_api())
+        with caplog.at_level("WARNING", logger="gw.pipeline"):
+            pipe.check_disk()
+        pipe.shutdown()
+        assert any("max_sink_lag_bytes" in r.getMessage() for r in caplog.records) == warned, bound
+
+
+def test_lag_clock_tells_how_long_the_oldest_unread_byte_waited():
+    from gw.pipeline.core import LagClock
+
+    clock = LagClock(1)
+    clock.note(0, 100.0, 1000, 0)
+    clock.note(0, 101.0, 1000, 0)          # not moved: no note
+    clock.note(0, 102.0, 3000, 0)
+    assert clock.age(0, 105.0, 0, 3000) == 5.0        # byte 0 durable since the first note
+    assert clock.age(0, 105.0, 1000, 3000) == 3.0     # past 1000: durable since the note of 3000
+    assert clock.age(0, 105.0, 3000, 3000) == 0.0     # nothing waits
+    clock.note(0, 106.0, 4000, 1000)                  # every sink past 1000: that note goes
+    assert [o for _, o in clock.notes[0]] == [3000, 4000]
+    clock.note(0, 107.0, 10, 0)                       # the log was reset
+    assert list(clock.notes[0]) == [(107.0, 10)]
+    for i in range(LagClock.MAX_NOTES + 10):
+        clock.note(0, 200.0 + i, 100 + i, 0)
+    assert len(clock.notes[0]) == LagClock.MAX_NOTES
 
 
 def test_restart_resumes_from_the_checkpoints(tmp_path):
@@ -422,7 +475,8 @@ durable = t.Durable({n})
 for w, e in enumerate({ends!r}):
     durable.set(w, e)
 import numpy
-block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(80, dtype=numpy.int64))  # the parts it reads
+from gw.stats import HEADER_WORDS
+block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(HEADER_WORDS, dtype=numpy.int64))  # the parts it reads
 cfg = types.SimpleNamespace(data_dir={data!r}, pipeline_batch=200)
 out = open({out!r}, "ab", buffering=0)
 def publish(topic, payload):

@@ -44,10 +44,12 @@ def test_twenty_clients_counted(server):
         # The master's line reports them too.
         wait_for(lambda: re.search(rf"\[stats\] clients: {NCLIENTS} \| peak: \d+", server.log()),
                  10, what=f"a [stats] line with clients: {NCLIENTS}")
-        # `gw stats` without --json: exactly the one line.
+        # `gw stats` without --json: the [stats] line and the sinks' line.
         out = server.stats(as_json=False)
-        assert len(out.strip().splitlines()) == 1
-        assert STATS_LINE.fullmatch(out.strip()), out
+        lines = out.strip().splitlines()
+        assert len(lines) == 2, out
+        assert STATS_LINE.fullmatch(lines[0]), out
+        assert re.fullmatch(r"\[sinks\] store: lag \d+\.\d MB, \d+\.\d s \| written \d+", lines[1]), out
         assert f"clients: {NCLIENTS} |" in out
     finally:
         for sock in socks:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import shutil
 import signal
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 from .bridge import BridgeSink
@@ -26,6 +28,45 @@ def durable_index() -> int:
     """The stats row's word holding a worker's durable log offset."""
     from gw.stats import Counter
     return int(Counter.WAL_DURABLE_OFFSET)
+
+
+class LagClock:
+    """How long the oldest log byte a sink has not taken has been durable.
+
+    Twice a second the pipeline notes each log's durable offset with the
+    time (only when it moved); the age of a sink's lag on a log is the time
+    since the first note past the sink's checkpoint: the oldest unread record
+    became durable at most one note earlier. Notes every sink has read past
+    are dropped; at most MAX_NOTES per log are kept (past that the oldest go,
+    and the age reported is a lower bound, as it is for a backlog the log held
+    when the pipeline started: it counts from the first note)."""
+
+    MAX_NOTES = 8192        # at two a second: over an hour behind
+
+    def __init__(self, nworkers: int):
+        self.notes: list[deque] = [deque() for _ in range(nworkers)]
+
+    def note(self, slot: int, now: float, durable: int, min_checkpoint: int) -> None:
+        notes = self.notes[slot]
+        if not notes or durable > notes[-1][1]:
+            notes.append((now, durable))
+            if len(notes) > self.MAX_NOTES:
+                notes.popleft()
+        elif durable < notes[-1][1]:
+            notes.clear()           # the log was reset: start again
+            notes.append((now, durable))
+        # A note at or below every sink's checkpoint is the first past none of them.
+        while len(notes) > 1 and notes[0][1] <= min_checkpoint:
+            notes.popleft()
+
+    def age(self, slot: int, now: float, checkpoint: int, durable: int) -> float:
+        """Seconds the oldest byte past `checkpoint` has waited (0: nothing waits)."""
+        if durable <= checkpoint:
+            return 0.0
+        for t, offset in self.notes[slot]:
+            if offset > checkpoint:
+                return max(0.0, now - t)
+        return 0.0
 
 
 class Pipeline:
@@ -60,6 +101,8 @@ class Pipeline:
         self._retain_logged = 0.0
         self._next_retain = 0.0
         self.header = None          # the stats block's header, for publish_figures()
+        self.rows = rows            # the workers' stats rows: the store's checkpoint per log (STORE_CHECKPOINT)
+        self.lag_clock = LagClock(nworkers)
         self._next_figures = 0.0
         self.started = time.time()
         conn = open_store(self.data_dir / STORE_FILE, quick_check)
@@ -92,6 +135,8 @@ class Pipeline:
 
     # -- life cycle
     def start(self) -> None:
+        self.publish_checkpoints()
+        self.check_disk()
         for r in self.runners:
             r.start()
         log.info("pipeline: %d worker logs, sinks %s", self.nworkers,
@@ -107,10 +152,13 @@ class Pipeline:
 
     def tick(self) -> None:
         self._publish_alerts()
+        self.publish_checkpoints()
         now = time.monotonic()
-        if self.header is not None and now >= self._next_figures:
+        if now >= self._next_figures:
             self._next_figures = now + 0.5
-            self.publish_figures()
+            self.note_durable(now)
+            if self.header is not None:
+                self.publish_figures(now)
         if now >= self._next_retain:
             self._next_retain = now + self.settings.pipeline_retain_interval
             self.retain_wal()
@@ -170,27 +218,83 @@ class Pipeline:
                     self._retain_logged = now
                     log.warning("pipeline: WAL retention in %s failed: %s", d, exc)
 
+    def check_disk(self) -> None:
+        """Warns at start when the disk under data_dir cannot hold what the logs
+        may keep unstored (max_sink_lag_bytes per worker log, the bound past which
+        the workers hold ingest): past that the disk fills before the bound acts."""
+        bound = self.settings.max_sink_lag_bytes
+        if not bound:
+            return
+        try:
+            usage = shutil.disk_usage(self.data_dir)
+        except OSError:
+            return
+        need = bound * self.nworkers
+        if usage.free < need:
+            log.warning("pipeline: the disk under %s has %.1f GB free, less than the %d worker logs may hold "
+                        "before the store is behind by max_sink_lag_bytes (%d x %.1f GB = %.1f GB, plus what "
+                        "wal_retention_bytes keeps): lower max_sink_lag_bytes or free space, or the disk fills "
+                        "before ingest is held", self.data_dir, usage.free / 1e9, self.nworkers, self.nworkers,
+                        bound / 1e9, need / 1e9)
+
     # -- figures
     SINK_INDEX = {"store": 0, "file": 1, "bridge": 2}
 
-    def publish_figures(self) -> None:
+    def publish_checkpoints(self) -> None:
+        """Each worker's log: how far the store sink has committed it, into the
+        worker's stats row (STORE_CHECKPOINT, next offset + 1), where the
+        worker compares it with its durable offset (max_sink_lag_bytes)."""
+        if self.rows is None:
+            return
+        from gw.stats import Counter
+
+        word = int(Counter.STORE_CHECKPOINT)
+        checkpoints = self.store.checkpoints
+        rows = self.rows
+        for slot in range(self.nworkers):
+            rows[slot, word] = checkpoints.get(slot, 0) + 1
+
+    def lag_ages(self, now: float | None = None) -> dict[str, list[float]]:
+        """Per sink, per worker log: seconds its oldest unread byte has been durable."""
+        now = time.monotonic() if now is None else now
+        out = {}
+        for r in self.runners:
+            ck = r.sink.checkpoints
+            out[r.sink.name] = [self.lag_clock.age(slot, now, ck.get(slot, 0), int(self.durable(slot)))
+                                for slot in range(self.nworkers)]
+        return out
+
+    def note_durable(self, now: float) -> None:
+        for slot in range(self.nworkers):
+            low = min(r.sink.checkpoints.get(slot, 0) for r in self.runners)
+            self.lag_clock.note(slot, now, int(self.durable(slot)), low)
+
+    def publish_figures(self, now: float | None = None) -> None:
         """The figures /metrics shows, into the stats block's header (gw/metrics.py)."""
         from gw.stats import Layout
 
         header = self.header
         retries = 0
+        now = time.monotonic() if now is None else now
+        ages = self.lag_ages(now)
         for r in self.runners:
             k = self.SINK_INDEX.get(r.sink.name)
             if k is None:
                 continue
             header[Layout.H_SINK_WRITTEN + k] = r.sink.written
             header[Layout.H_SINK_LAG + k] = r.lag()
+            header[Layout.H_SINK_LAG_AGE_MS + k] = int(max(ages[r.sink.name], default=0.0) * 1000)
             retries += r.retries
         header[Layout.H_SINK_RETRIES] = retries
         header[Layout.H_ALERTS] = self.alerts_published
 
     def stats(self) -> dict:
-        out = {"sinks": {r.sink.name: r.stats() for r in self.runners},
+        ages = self.lag_ages()
+        sinks = {}
+        for r in self.runners:
+            sinks[r.sink.name] = r.stats()
+            sinks[r.sink.name]["lag_age_seconds"] = [round(a, 3) for a in ages[r.sink.name]]
+        out = {"sinks": sinks,
                "alerts_published": self.alerts_published, "alerts_publish_failed": self.alerts_failed,
                "damaged_log_bytes": dict(self.damage.lost),
                "durable": {slot: int(self.durable(slot)) for slot in range(self.nworkers)}}

@@ -31,6 +31,7 @@ class Settings:
     bridge_client_id: str = _CONFIG.bridge_client_id
     wal_retention_age: float = _CONFIG.wal_retention_age
     wal_retention_bytes: int = _CONFIG.wal_retention_bytes
+    max_sink_lag_bytes: int = _CONFIG.max_sink_lag_bytes          # per worker log; the workers hold ingest past it
     pipeline_batch: int = _CONFIG.pipeline_batch                  # records per sink batch (all worker logs together)
     pipeline_stop_timeout: float = _CONFIG.pipeline_stop_timeout  # s the master waits for a stop; the sinks get 2 s less
     # Not in gw/config.py (internal knobs; tests shorten them).

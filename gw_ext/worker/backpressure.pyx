@@ -89,3 +89,92 @@ cdef void pause_conn(Worker w, Conn* c):
         return      # it must keep reading its own acknowledgements
     c.flags |= F_PAUSED
     w.update_events(c)
+
+
+# --- the store's lag bound (max_sink_lag_bytes) ----------------------------------------
+#
+# The pipeline publishes, in this worker's stats row, how far the store sink
+# has taken this worker's log (STORE_CHECKPOINT: its next offset plus one; 0
+# before it first did). Every STORE_CHECK_MS the loop compares it with the
+# log's durable offset (never per message). Past max_sink_lag_bytes the worker
+# holds ingest until the lag is back under three quarters of it (hysteresis,
+# so it does not flap): HTTP ingest is answered 503 `store_behind` with
+# Retry-After (http.pyx), a JSON-lines Data message an Error (jsonlines.pyx),
+# telemetry publishers at QoS 1/2 are not read (their PUBACKs stop because
+# their PUBLISHes wait in their sockets, in order, unacknowledged), and QoS 0
+# telemetry is shed (handle_publish.pyx); all counted. Nothing already taken
+# is dropped: what was read before the hold is in the log and acknowledged as
+# usual. Other MQTT traffic is not held. The log on disk grows by at most the
+# bound (plus what was in flight) while the store catches up.
+
+cdef void store_lag_check(Worker w):
+    cdef uint64_t published = w.counters[STORE_CHECKPOINT]
+    cdef uint64_t taken, lag
+    if (published == 0 or w.wal is None) and w.max_sink_lag:
+        return                  # the pipeline has not said where the store is yet
+    taken = published - 1 if published else 0
+    lag = w.wal_durable - taken if w.wal_durable > taken else 0
+    if not w.store_behind and w.max_sink_lag and lag > w.max_sink_lag:
+        w.store_behind = True
+        w.counters[STORE_BEHIND] = 1
+        w.counters[STORE_BEHIND_HOLDS] += 1
+        w.log_limited(CR_STORE_BEHIND, "the store is %d bytes behind this worker's log (max_sink_lag_bytes "
+                      "%d): ingest held (HTTP 503, JSON-lines Error, MQTT telemetry publishers not read, "
+                      "QoS 0 telemetry shed) until it is under %d" % (lag, w.max_sink_lag,
+                                                                      w.max_sink_lag // 4 * 3))
+        store_hold_all(w)
+    elif w.store_behind and (lag <= w.max_sink_lag // 4 * 3 or w.max_sink_lag == 0):
+        w.store_behind = False
+        w.counters[STORE_BEHIND] = 0
+        log.info("worker %d: the store caught up (%d bytes behind this worker's log): ingest resumed",
+                 w.worker_index, lag)
+        store_release(w)
+
+
+cdef void store_hold(Worker w, Conn* c):
+    """Stops reading a telemetry publisher while the store is behind (what it
+    sent meanwhile waits in its socket, unacknowledged)."""
+    if c.store_flags & SF_HELD or not is_client_state(c.state):
+        return
+    c.store_flags |= SF_HELD
+    w.update_events(c)
+
+
+cdef void store_hold_all(Worker w):
+    cdef int fd
+    cdef Conn* c
+    for fd in range(w.nconns):
+        c = &w.conns[fd]
+        if c.state == ST_CONNECTED and c.store_flags & SF_TELEMETRY:
+            store_hold(w, c)
+
+
+cdef void store_release(Worker w):
+    """Reads the held publishers again. Called between phases of the turn with
+    nothing of any connection on the stack; bytes OpenSSL already decrypted
+    (epoll cannot see them) are handled now."""
+    cdef int fd
+    cdef Conn* c
+    for fd in range(w.nconns):
+        c = &w.conns[fd]
+        if not (c.store_flags & SF_HELD):
+            continue
+        c.store_flags &= ~SF_HELD
+        if not is_client_state(c.state):
+            continue
+        c.last_rx_ms = w.now_ms     # the server's hold is not the client's silence
+        w.update_events(c)
+        if (c.ssl != NULL and not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED))
+                and SSL_pending(c.ssl) > 0):
+            w.current_fd = fd
+            w.on_readable(c)
+            w.current_fd = -1
+
+
+cdef bint store_hold_timer(Worker w, Conn* c) noexcept:
+    """c's keepalive deadline passed while it is held for the store: it starts
+    again once c is read again. False: not held, the deadline stands."""
+    if not (c.store_flags & SF_HELD) or c.state != ST_CONNECTED or c.timeout_ms == 0:
+        return False
+    wheel_schedule(&w.wheel, &c.timer, w.now_ms + c.timeout_ms)
+    return True

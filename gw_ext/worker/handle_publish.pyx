@@ -1,7 +1,9 @@
 # Included by loop.pyx. PUBLISH from a client: QoS 2 duplicates caught
 # (max_awaiting_rel), telemetry topics through the ingest schema and the log
 # (telemetry.pyx), everything else routed (router.pyx); then its PUBACK or
-# PUBREC, at once or once the log is durable (durable_ack.pyx).
+# PUBREC, at once or once the log is durable (durable_ack.pyx). While the store
+# is behind (max_sink_lag_bytes, backpressure.pyx) a telemetry publisher at
+# QoS 1/2 is no longer read and QoS 0 telemetry is shed.
 
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
@@ -48,6 +50,16 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         return 0 if c.state == ST_CONNECTED else -1
     telemetry = w.ingest is not None and is_telemetry_topic(w, pkt.topic.ptr, pkt.topic.len)
     if telemetry:
+        if pkt.qos:
+            c.store_flags |= SF_TELEMETRY
+            if w.store_behind:
+                store_hold(w, c)    # this PUBLISH is taken (it was read); the next ones wait
+        elif w.store_behind:
+            # QoS 0 has no acknowledgement to hold: shed, counted (backpressure.pyx).
+            w.counters[STORE_BEHIND_QOS0] += 1
+            w.log_limited(CR_STORE_BEHIND, "the store is behind this worker's log (max_sink_lag_bytes): "
+                          "QoS 0 telemetry shed until it catches up")
+            return 0
         reading = telemetry_accept(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, &needed)
         if needed == TELEMETRY_REFUSED:
             if pkt.qos == 0:

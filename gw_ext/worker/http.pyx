@@ -567,6 +567,13 @@ cdef object http_ingest(Worker w, object accepted, bint sink, int64_t* needed):
     b.end = 0
     b.duplicates = 0
     b.pending_here = False
+    if w.store_behind:
+        # The store is max_sink_lag_bytes behind this log (backpressure.pyx): nothing
+        # taken, the client sends again after Retry-After.
+        w.counters[STORE_BEHIND_HTTP] += 1
+        w.log_limited(CR_STORE_BEHIND, "the store is behind this worker's log (max_sink_lag_bytes): "
+                      "ingest answered 503 until it catches up")
+        return w.http_app.store_behind()
     r = ingest_records(w, <list?>accepted.records, sink, &b)
     if sink:
         needed[0] = b.end

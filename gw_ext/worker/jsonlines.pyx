@@ -93,8 +93,14 @@ cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):
         w.counters[MSGS_IN] += 1        # a Data message, refused or not (as an MQTT PUBLISH)
     if is_data is None:
         json_publish_refused(w, c)      # the ACL: Error answered, not stored
-    elif is_data:
-        if type(is_data) is bytes and json_reading(w, client_id, <bytes>is_data) < 0:
+    elif type(is_data) is bytes:
+        if w.store_behind:
+            # Not taken: the store is max_sink_lag_bytes behind this log (backpressure.pyx).
+            w.counters[STORE_BEHIND_JSON] += 1
+            w.log_limited(CR_STORE_BEHIND, "the store is behind this worker's log (max_sink_lag_bytes): "
+                          "JSON-lines Data answered with an Error until it catches up")
+            reply = w.json_protocol.store_behind_reply(client_id)
+        elif json_reading(w, client_id, <bytes>is_data) < 0:
             reply = w.json_protocol.log_full_reply(client_id)
     if action == JSON_CONNECTED and not connected:
         return json_connect(w, c, new_id, reply, credentials)

@@ -59,6 +59,8 @@ cdef void on_timer(Worker w, Conn* c):
     cdef uint64_t deadline
     if c.flags & F_RATE_PAUSED and rate_hold_timer(w, c):
         return      # not read because of a rate limit: not the client's silence (rate_limits.pyx)
+    if c.store_flags & SF_HELD and store_hold_timer(w, c):
+        return      # not read while the store is behind: not the client's silence (backpressure.pyx)
     if c.state == ST_CONNECTED:
         deadline = c.last_rx_ms + c.timeout_ms
         if deadline > w.now_ms:

@@ -1,0 +1,295 @@
+"""The store end to end: readings driven at a fixed rate into `gw serve`, and
+what the pipeline's store makes of them.
+
+Starts `gw serve` (free loopback ports, its own data directory in a temporary
+directory, ack mode sink: an acknowledgement means the reading is in a log on
+disk), drives it with `gw bench ingest` at a fixed rate (MQTT QoS 1 on
+telemetry/{device_id} by default, or single-reading HTTP POSTs) and samples
+the server's stats block once a second:
+
+  t  taken/s (into the logs; acknowledged once durable)  stored/s
+     store lag (bytes, seconds)  workers holding ingest
+
+then waits for the store to drain (its lag back to 0 and every accepted
+reading written), stops the server (SIGTERM, by its pid) and checks the store
+file: every reading the server accepted is there exactly once (rows against
+distinct (worker, lsn) and distinct (device_id, seq), against the server's
+accepted count and the load generator's acknowledged count).
+
+At the end: the sustained store rate over the send window, over the whole run
+(window and drain), the largest and the last lag of the window, the time to
+drain, and the exactly-once verdict. It stops by itself (--drain-timeout) and
+stops the server it started.
+
+    python bench/store_sustained.py                       # 100,000/s, 60 s, 20,000 devices, 2 workers
+    python bench/store_sustained.py --rate 50000 --duration 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from benchutil import free_port, wait_port  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--rate", type=float, default=100_000, help="readings per second offered (2 metrics each)")
+    p.add_argument("--duration", type=float, default=60, help="seconds of sending")
+    p.add_argument("--devices", type=int, default=20_000, help="distinct devices")
+    p.add_argument("--workers", type=int, default=2, help="gw serve --workers")
+    p.add_argument("--transport", choices=("mqtt", "http"), default="mqtt",
+                   help="MQTT QoS 1 publishes, or HTTP POST /v1/ingest/{device_id} (one reading each)")
+    p.add_argument("--clients", type=int, default=200, help="connections of the load generator")
+    p.add_argument("--procs", type=int, default=None, help="load generator processes (gw bench --procs)")
+    p.add_argument("--drain-timeout", type=float, default=900, help="seconds to wait for the store to drain")
+    p.add_argument("--fsync", choices=("always", "batch", "off"), default="batch")
+    p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
+                   help="one more argument for gw serve (repeat), e.g. --server-arg=--max-sink-lag-bytes=1e9")
+    p.add_argument("--json", dest="json_path", default=None, help="write the figures as JSON here")
+    p.add_argument("--keep", action="store_true", help="keep the data directory (its path is printed)")
+    return p.parse_args(argv)
+
+
+class Sampler:
+    """The server's figures from its stats block (the same `gw stats` reads)."""
+
+    def __init__(self, data_dir: str):
+        from gw.stats import Counter, Layout, read_running
+
+        self.C, self.L = Counter, Layout
+        _pid, self.block = read_running(data_dir)
+
+    def sample(self) -> dict:
+        rows, header = self.block.rows, self.block.header
+        totals = rows.sum(axis=0, dtype="uint64")
+        return {
+            "t": time.monotonic(),
+            "accepted": int(totals[self.C.WAL_RECORDS]),       # readings taken into the logs, any transport
+            "stored": int(header[self.L.H_SINK_WRITTEN]),
+            "lag_bytes": int(header[self.L.H_SINK_LAG]),
+            "lag_seconds": int(header[self.L.H_SINK_LAG_AGE_MS]) / 1000,
+            "holding": int(totals[self.C.STORE_BEHIND]),
+            "shed": int(totals[self.C.STORE_BEHIND_HTTP] + totals[self.C.STORE_BEHIND_JSON]
+                        + totals[self.C.STORE_BEHIND_QOS0]),
+            "caught_up": all(int(r[self.C.STORE_CHECKPOINT]) - 1 >= int(r[self.C.WAL_DURABLE_OFFSET])
+                             for r in rows),
+        }
+
+    def close(self):
+        self.block.close()
+
+
+def start_server(args, tmp: str) -> tuple[subprocess.Popen, dict, str]:
+    ports = {"mqtt": free_port(), "http": free_port()}
+    data = os.path.join(tmp, "data")
+    cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", str(args.workers),
+           "--mqtt", f"127.0.0.1:{ports['mqtt']}", "--http", f"127.0.0.1:{ports['http']}",
+           "--mqtts", "off", "--json", "off", "--jsons", "off", "--https", "off",
+           "--data-dir", data, "--certs", os.path.join(tmp, "certs"), "--ack", "sink", "--fsync", args.fsync,
+           "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning",
+           "--idempotency-window", "0", *args.server_arg]
+    log = open(os.path.join(tmp, "gw.log"), "ab")
+    server = subprocess.Popen(cmd, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)},
+                              stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    try:
+        for port in ports.values():
+            wait_port(port, server, timeout=60)
+    except BaseException:
+        stop_server(server)
+        raise
+    return server, ports, data
+
+
+def stop_server(server: subprocess.Popen, timeout: float = 120) -> None:
+    """SIGTERM to the master (it stops its workers and the pipeline, which
+    commits); SIGKILL to it and the children it had, by pid, if it hangs."""
+    import psutil
+
+    if server.poll() is not None:
+        return
+    try:
+        children = psutil.Process(server.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout)
+    except subprocess.TimeoutExpired:
+        for proc in [psutil.Process(server.pid), *children]:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        server.wait(10)
+
+
+def bench_command(args, ports: dict, out_json: str) -> list[str]:
+    server = f"127.0.0.1:{ports[args.transport]}"
+    cmd = [sys.executable, "-m", "gw.cli", "bench", "ingest", "--transport", args.transport, "--server", server,
+           "--clients", str(args.clients), "--devices", str(args.devices), "--rate", str(args.rate),
+           "--duration", str(args.duration), "--quiet", "--json", out_json]
+    if args.procs:
+        cmd += ["--procs", str(args.procs)]
+    return cmd
+
+
+def count_store(data_dir: str) -> dict:
+    """Rows of `readings`, distinct (worker, lsn), distinct (device_id, seq)."""
+    conn = sqlite3.connect(f"file:{os.path.join(data_dir, 'store.sqlite')}?mode=ro", uri=True, timeout=60)
+    try:
+        rows = conn.execute("SELECT COUNT(*) FROM readings").fetchone()[0]
+        by_lsn = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT worker, lsn FROM readings)").fetchone()[0]
+        by_seq = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT device_id, seq FROM readings)").fetchone()[0]
+    finally:
+        conn.close()
+    return {"rows": rows, "distinct_worker_lsn": by_lsn, "distinct_device_seq": by_seq}
+
+
+def fmt_line(t: float, acked_s: float, stored_s: float, s: dict) -> str:
+    return (f"{t:6.0f} s  taken {acked_s:>9,.0f}/s  stored {stored_s:>9,.0f}/s  "
+            f"store lag {s['lag_bytes'] / 1e6:>8.1f} MB {s['lag_seconds']:>6.1f} s"
+            + (f"  holding ingest on {s['holding']} worker(s)" if s["holding"] else ""))
+
+
+def run(args) -> dict:
+    tmp = tempfile.mkdtemp(prefix="gw-store-sustained-")
+    server, ports, data = start_server(args, tmp)
+    timeline = []
+    bench = None
+    try:
+        sampler = Sampler(data)
+        bench_json = os.path.join(tmp, "bench.json")
+        print(f"gw serve pid {server.pid}, {args.workers} workers, data in {tmp}; driving {args.rate:,.0f} "
+              f"readings/s over {args.transport} ({args.clients} connections, {args.devices:,} devices) for "
+              f"{args.duration:.0f} s", flush=True)
+        bench = subprocess.Popen(bench_command(args, ports, bench_json), cwd=tmp, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "bench.log"), "ab"),
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+        first = prev = sampler.sample()
+        start = first["t"]
+        window_start = window_end = None
+        max_lag = 0
+        bench_done_t = None
+        drained_t = None
+        timeline_prev_accepted = first["accepted"]
+        while True:
+            time.sleep(1.0)
+            s = sampler.sample()
+            dt = max(s["t"] - prev["t"], 1e-3)
+            acked_s = (s["accepted"] - prev["accepted"]) / dt
+            stored_s = (s["stored"] - prev["stored"]) / dt
+            if window_start is None and s["accepted"] > first["accepted"]:
+                window_start = prev
+            timeline.append({"t": round(s["t"] - start, 2), "acknowledged_per_s": round(acked_s),
+                             "stored_per_s": round(stored_s), "lag_bytes": s["lag_bytes"],
+                             "lag_seconds": s["lag_seconds"], "workers_holding": s["holding"]})
+            print(fmt_line(s["t"] - start, acked_s, stored_s, s), flush=True)
+            prev = s
+            if bench_done_t is None:
+                max_lag = max(max_lag, s["lag_bytes"])
+                if window_start is not None and s["accepted"] > timeline_prev_accepted:
+                    window_end = s          # the last second readings came in
+                timeline_prev_accepted = s["accepted"]
+                if bench.poll() is not None:
+                    bench_done_t = s["t"]
+                continue
+            if s["caught_up"] and s["stored"] - first["stored"] >= s["accepted"] - first["accepted"]:
+                drained_t = s["t"]
+                break
+            if s["t"] - bench_done_t > args.drain_timeout:
+                break
+            if server.poll() is not None:
+                raise RuntimeError(f"gw serve exited with {server.returncode} (log: {tmp}/gw.log)")
+        final = prev
+        sampler.close()
+    finally:
+        if bench is not None and bench.poll() is None:
+            bench.terminate()
+            bench.wait(30)
+        stop_server(server)
+    with open(bench_json) as f:
+        load = json.load(f)
+    counts = count_store(data)
+    ws = window_start or first
+    we = window_end or final
+    window = max(we["t"] - ws["t"], 1e-3)
+    accepted = final["accepted"] - first["accepted"]
+    acknowledged = int(load["requests"]["ok_2xx"])       # PUBACKs (MQTT) or 200s (HTTP): in ack mode sink, durable
+    out = {
+        "plan": {"rate": args.rate, "duration_s": args.duration, "devices": args.devices, "workers": args.workers,
+                 "transport": args.transport, "clients": args.clients, "fsync": args.fsync,
+                 "server_args": args.server_arg},
+        "acknowledged": acknowledged,
+        "load_sent_per_s": load["requests"].get("sent_per_s"),          # what the load generator managed to offer
+        "load_acknowledged_per_s": load["requests"].get("ok_per_s"),
+        "acknowledged_per_s_window": round((we["accepted"] - ws["accepted"]) / window),
+        "accepted_by_server": accepted,
+        "shed_store_behind": final["shed"],
+        "store_rate_window_per_s": round((we["stored"] - ws["stored"]) / window),
+        "store_rate_overall_per_s": round((final["stored"] - first["stored"])
+                                          / max(final["t"] - ws["t"], 1e-3)),
+        "lag_max_bytes": max_lag,
+        "lag_end_of_window_bytes": we["lag_bytes"],
+        "lag_end_of_window_seconds": we["lag_seconds"],
+        "drain_seconds": round(drained_t - bench_done_t, 1) if drained_t else None,
+        "drained": drained_t is not None,
+        "store": counts,
+        "exactly_once": (counts["rows"] == counts["distinct_worker_lsn"] == counts["distinct_device_seq"]
+                         == accepted and acknowledged <= accepted),
+        "timeline": timeline,
+        "data_dir": tmp if args.keep else None,
+    }
+    if not args.keep:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def report(r: dict) -> str:
+    lines = [
+        "",
+        f"acknowledged         {r['acknowledged']:,} readings (load generator); taken by the server "
+        f"{r['accepted_by_server']:,} ({r['acknowledged_per_s_window']:,}/s over the window); "
+        f"shed (store behind) {r['shed_store_behind']:,}",
+        f"load generator       sent {r['load_sent_per_s'] or 0:,.0f}/s, acknowledged {r['load_acknowledged_per_s'] or 0:,.0f}/s "
+        f"over its send window (offered: {r['plan']['rate']:,.0f}/s)",
+        f"store rate           {r['store_rate_window_per_s']:,}/s over the send window, "
+        f"{r['store_rate_overall_per_s']:,}/s until drained",
+        f"store lag            max {r['lag_max_bytes'] / 1e6:,.1f} MB; at the end of the window "
+        f"{r['lag_end_of_window_bytes'] / 1e6:,.1f} MB ({r['lag_end_of_window_seconds']:.1f} s behind)",
+        "time to drain        " + (f"{r['drain_seconds']:.1f} s" if r["drained"] else "not drained in time"),
+        f"store rows           {r['store']['rows']:,} (distinct (worker, lsn) {r['store']['distinct_worker_lsn']:,}, "
+        f"distinct (device_id, seq) {r['store']['distinct_device_seq']:,})",
+        "exactly once         " + ("yes: every accepted reading stored once" if r["exactly_once"]
+                                   else "NO: rows and accepted readings differ"),
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    r = run(args)
+    print(report(r))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(r, f, indent=2)
+    return 0 if r["exactly_once"] and r["drained"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
