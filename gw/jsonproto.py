@@ -74,7 +74,6 @@ class JsonProtocol:
                            "store_behind: the store is behind (max_sink_lag_bytes); the reading was not "
                            "taken: send the Data message again later")
 
-
     def _reply(self, client_id: str | None, kind: str, payload: Any) -> bytes:
         return self._encoder.encode(Reply(client_id, kind, payload, round(time.time(), 3))) + b"\n"
 
