@@ -119,7 +119,8 @@ class PgServer:
         self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def make_pg_server() -> PgServer:
+def make_pg_server(fsync: bool = False) -> PgServer:
+    """fsync off for the tests (only PostgreSQL is killed, never the machine)."""
     if find_bin("initdb") is None or find_bin("pg_ctl") is None:
         pytest.skip("PostgreSQL is not installed (initdb and pg_ctl not found); .ci/run installs it")
     try:
@@ -128,7 +129,7 @@ def make_pg_server() -> PgServer:
         pytest.skip("psycopg is not installed (pip install -e '.[test]')")
     base = Path(tempfile.mkdtemp(prefix="gw-pg-"))
     os.chmod(base, 0o700)
-    server = PgServer(base)
+    server = PgServer(base, fsync=fsync)
     try:
         server.init().start()
     except BaseException:
