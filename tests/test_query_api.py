@@ -109,7 +109,7 @@ class PgStore:
         self.lsn = 0
 
     def readings(self, rows, worker: int = 0) -> None:
-        readings, samples, rollups, devices = [], [], {}, []
+        readings, samples, rollups, devices = [], [], {}, {}
         for device, ts, metrics, tags in rows:
             self.lsn += 1
             readings.append((worker, self.lsn, device, ts, self.lsn, json.dumps(metrics), json.dumps(tags)))
@@ -123,7 +123,11 @@ class PgStore:
                     a[2] = max(a[2], value)
                     a[3] += value
                     a[4] += value * value
-            devices.append((device, ts, ts, json.dumps(metrics), json.dumps(tags)))
+            d = devices.setdefault(device, [ts, ts, {}, tags, 0])        # merged in order, like json_patch
+            d[0], d[1] = min(d[0], ts), max(d[1], ts)
+            d[2].update(metrics)
+            d[3] = tags
+            d[4] += 1
         with self.db.transaction():
             cur = self.db.cursor()
             cur.executemany("INSERT INTO readings VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, NULL)", readings)
@@ -134,13 +138,13 @@ class PgStore:
                 "min = least(r.min, excluded.min), max = greatest(r.max, excluded.max), "
                 "sum = r.sum + excluded.sum, sumsq = r.sumsq + excluded.sumsq",
                 [(*k, *a) for k, a in rollups.items()])
-            for row in devices:          # in order: each reading merges into what is there
-                cur.execute(
-                    "INSERT INTO devices AS d VALUES (%s, to_timestamp(%s), to_timestamp(%s), %s, %s, 1) "
-                    "ON CONFLICT (device_id) DO UPDATE SET first_seen = least(d.first_seen, excluded.first_seen), "
-                    "last_seen = greatest(d.last_seen, excluded.last_seen), "
-                    "last_values = d.last_values || excluded.last_values, tags = excluded.tags, "
-                    "readings = d.readings + 1", row)
+            cur.executemany(
+                "INSERT INTO devices AS d VALUES (%s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s) "
+                "ON CONFLICT (device_id) DO UPDATE SET first_seen = least(d.first_seen, excluded.first_seen), "
+                "last_seen = greatest(d.last_seen, excluded.last_seen), "
+                "last_values = d.last_values || excluded.last_values, tags = excluded.tags, "
+                "readings = d.readings + excluded.readings",
+                [(dev, d[0], d[1], json.dumps(d[2]), json.dumps(d[3]), d[4]) for dev, d in devices.items()])
 
     def alert(self, device: str, metric: str, ts: float, value: float = 50.0, state: str = "open",
               acked: float | None = None) -> int:
