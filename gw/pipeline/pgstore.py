@@ -568,6 +568,7 @@ class PgStoreSink(Sink):
     def retention_pass(self) -> int:
         """Drops the day partitions past their retention and deletes old rows of
         the default partitions and of the 1-hour rollups; returns partitions dropped."""
+        import psycopg
         conn = self._connection()
         now = self.clock()
         dropped = 0
@@ -578,9 +579,16 @@ class PgStoreSink(Sink):
             for day in sorted(self._partitions[parent]):
                 if day + DAY > cutoff:
                     break
-                with conn.transaction():
-                    conn.execute("SET LOCAL lock_timeout = '2s'")
-                    conn.execute(f"DROP TABLE IF EXISTS {partition_name(parent, day)}")
+                try:
+                    with conn.transaction():
+                        # Queries of the table hold a lock only for their statement; a long
+                        # one makes this drop wait for the next pass rather than hold them up.
+                        conn.execute("SET LOCAL lock_timeout = '2s'")
+                        conn.execute(f"DROP TABLE IF EXISTS {partition_name(parent, day)}")
+                except psycopg.errors.LockNotAvailable:
+                    log.info("store: partition %s is in use; dropped at the next retention pass",
+                             partition_name(parent, day))
+                    break
                 self._partitions[parent].discard(day)
                 dropped += 1
             col = DAY_PARTITIONED[parent]
@@ -606,6 +614,7 @@ class PgStoreSink(Sink):
                 "backend": "postgresql"}
 
 
-class _Resume(Exception):
+class _Resume(ConnectionError):
     """Not a failure of the database: the runner must take its read positions
-    from the sink's checkpoints again."""
+    from the sink's checkpoints again (a ConnectionError: the runner logs no
+    traceback for it)."""
