@@ -255,3 +255,29 @@ def test_a_batch_committed_but_unanswered_is_not_written_twice(pg_server, pg_url
         assert sink.replayed == 60 and sink.checkpoints[0] == off
     finally:
         sink.close()
+
+
+def test_backslashes_tabs_and_newlines_reach_the_database_unchanged(pg_server, pg_url):
+    """The sink writes COPY's text format itself: its escapes must round-trip."""
+    import json
+
+    from gw.pipeline.pgstore import PgStoreSink
+
+    tags = {"note": "a\\b\tc\nd\re \\N", "q": "\"quoted\""}
+    payload = b'{\t"raw":\n"x\\\\y\\n"}'
+    p = reading("odd_dev-1", T0 + 5, None, {"m": 1.5}, tags, payload=payload)
+    sink = PgStoreSink(pg_url, 1)
+    sink.open()
+    try:
+        sink.write([(0, [(0, p)], 8 + len(p))])
+    finally:
+        sink.close()
+    db = pg_url.rsplit("/", 1)[1]
+    rows = pg_server.psql("SELECT device_id, seq, tags::text, payload::text, metrics::text FROM readings", db)
+    assert len(rows) == 1
+    dev, seq, got_tags, got_payload, got_metrics = rows[0]
+    assert (dev, seq) == ("odd_dev-1", None)
+    assert json.loads(got_tags) == tags
+    assert json.loads(got_payload) == json.loads(payload)
+    assert json.loads(got_metrics) == {"m": 1.5}
+    assert pg_server.psql("SELECT tags->>'note' FROM devices", db) == [(tags["note"],)]
