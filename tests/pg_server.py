@@ -83,6 +83,13 @@ class PgServer:
         if (self.data / "postmaster.pid").exists():
             self._run([self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"], check=False)
 
+    def running(self) -> bool:
+        try:
+            os.kill(self.postmaster_pid(), 0)
+        except (OSError, ValueError):
+            return False
+        return True
+
     def postmaster_pid(self) -> int:
         return int((self.data / "postmaster.pid").read_text().split("\n", 1)[0])
 
