@@ -148,8 +148,9 @@ def test_kill9_of_the_pipeline_mid_stream_loses_and_doubles_nothing(pg_gw, pg_se
 
 def test_postgresql_down_at_start_gw_starts_and_stores_once_it_is_back(tmp_path, pg_server, pg_url):
     pg_server.stop()
+    secret_url = pg_url.replace("gw@", "gw:s3cret-pw@")        # trust authentication ignores it
     try:
-        server = GwServer(tmp_path / "gw", workers=1, listeners=("http",), args=["--store", pg_url])
+        server = GwServer(tmp_path / "gw", workers=1, listeners=("http",), args=["--store", secret_url])
         server.start(timeout=30)
         device = f"pg-{uuid.uuid4().hex[:6]}"
         with HttpConn(server.ports["http"]) as c:
@@ -158,7 +159,7 @@ def test_postgresql_down_at_start_gw_starts_and_stores_once_it_is_back(tmp_path,
             # the query API says the store is unavailable, it does not fail
             res = c.request("GET", f"/v1/devices/{device}")
             assert res.status == 503 and res.json()["code"] == "store_unavailable"
-        assert f"PostgreSQL store {pg_url} cannot be reached now" in server.log()
+        assert f"PostgreSQL store {pg_url} cannot be reached now" in server.log()     # without the password
     finally:
         if not pg_server.running():
             pg_server.start()
@@ -168,6 +169,7 @@ def test_postgresql_down_at_start_gw_starts_and_stores_once_it_is_back(tmp_path,
         with HttpConn(server.ports["http"]) as c:
             assert wait_for(lambda: c.request("GET", f"/v1/devices/{device}").status == 200, 10,
                             what="the query API reading PostgreSQL")
+        assert "s3cret-pw" not in server.log() and "s3cret-pw" not in server.stdout()
     finally:
         server.stop()
 
