@@ -100,6 +100,13 @@ class Config:
     data_dir: str = _setting("data", "directory for the pid file, retained messages, "
                              "clean_session=0 sessions, the write-ahead logs (wal/) and the store "
                              "(store.sqlite), kept across restarts")
+    store: str = _setting("sqlite", "where the pipeline stores readings and the query API reads them: "
+                          "sqlite (the embedded store in data_dir) or a PostgreSQL URL "
+                          "postgresql://USER@HOST:PORT/DBNAME (see README \"PostgreSQL\")", kind="store")
+    store_pg_partitions_ahead: int = _setting(3, "PostgreSQL store: days of readings and samples partitions "
+                                              "created ahead of today", minimum=1, maximum=60)
+    store_pg_connect_timeout: float = _setting(5.0, "PostgreSQL store: seconds a connection attempt may take",
+                                               minimum=0.5, maximum=300)
     persist_interval: float = _setting(1.0, "seconds between writes of changed retained messages and "
                                        "sessions to data_dir (0: only when stopping)",
                                        minimum=0, maximum=3600)
@@ -300,7 +307,8 @@ class Config:
 
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
-RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "idempotency_capacity", "idempotency_window",
+RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "store", "store_pg_partitions_ahead",
+                                "store_pg_connect_timeout", "idempotency_capacity", "idempotency_window",
                                 "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer",
                                 "query_threads", "auth_threads")
 
@@ -338,6 +346,9 @@ def _coerce(key: str, value):
         raise ConfigError(f"config key '{key}': must be one of {', '.join(meta['choices'])}, got {value!r}")
     if meta["kind"] == "address":
         parse_address(key, value)
+    if meta["kind"] == "store" and value != "sqlite" and not store_is_postgresql(value):
+        raise ConfigError(f"config key '{key}': expected sqlite or a URL postgresql://..., "
+                          f"got {value.split('://')[0] + '://...' if '://' in value else value!r}")
     return value
 
 
@@ -378,6 +389,11 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
             or cfg.telemetry_topic.startswith("$") or cfg.telemetry_topic.endswith("/")):
         raise ConfigError(f"config key 'telemetry_topic': not a plain topic prefix: {cfg.telemetry_topic!r}")
     return cfg
+
+
+def store_is_postgresql(store: str | None) -> bool:
+    """The `store` setting names a PostgreSQL database (else: the embedded store)."""
+    return isinstance(store, str) and store.startswith(("postgresql://", "postgres://"))
 
 
 def check_client_certificates(cfg: Config) -> None:

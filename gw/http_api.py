@@ -61,7 +61,7 @@ from msgspec import Struct
 
 from gw.config import Config
 from gw.ingest import (Accepted, BatchAck, BatchError, Error, Ingest, IngestAck, Invalid, check_path_device_id)
-from gw.query import Query, StoreError
+from gw.query import Query, StoreError, open_query
 from gw.stats import Counter, http_status_index
 from gw.tokens import TokensError, TokenTable, http_tokens_required, load_tokens, tokens_path
 
@@ -230,6 +230,7 @@ class HttpApp:
         self._deferred = None
         self._thread_local = threading.local()
         self._data_dir = None
+        self._store = None             # the store setting: sqlite, or a postgresql:// URL
         # HTTP tokens (gw/tokens.py): None when off (http_auth), else the table every
         # request but OPEN_PATHS (and /metrics with metrics_auth = none) is checked against.
         self.auth: TokenTable | None = None
@@ -260,8 +261,10 @@ class HttpApp:
         self.ingest.max_batch = int(setting(cfg, "max_batch"))
         self._openapi_body = None
         data_dir = getattr(cfg, "data_dir", None) if cfg is not None else None
-        if data_dir != getattr(self, "_data_dir", None):
+        store = getattr(cfg, "store", None) if cfg is not None else None
+        if data_dir != getattr(self, "_data_dir", None) or store != getattr(self, "_store", None):
             self._data_dir = data_dir
+            self._store = store
             self.close_query()
         self._configure_auth(cfg, tokens)
 
@@ -527,11 +530,12 @@ class HttpApp:
         (sqlite3 connections belong to the thread that opened them)."""
         local = self._thread_local
         api = getattr(local, "api", None)
-        if api is None or local.data_dir != self._data_dir:
+        if api is None or local.data_dir != self._data_dir or local.store != self._store:
             if api is not None:
                 api.close()
             local.data_dir = self._data_dir
-            api = local.api = Query(self._data_dir)
+            local.store = self._store
+            api = local.api = open_query(self._data_dir, self._store)
             local.encode = msgspec.json.Encoder().encode
         return self._query_answer(api, local.encode, name, arg, query)
 
@@ -550,7 +554,7 @@ class HttpApp:
         again on every request (503 until the pipeline has created it)."""
         api = self._query
         if api is None:
-            api = self._query = Query(self._data_dir)
+            api = self._query = open_query(self._data_dir, self._store)
         return api
 
     def close_query(self) -> None:

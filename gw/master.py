@@ -23,7 +23,7 @@ from typing import Callable
 
 from gw import __version__
 from gw.certs import CertPaths, ensure_certs, server_context
-from gw.config import RESTART_ONLY, Config, ConfigError, load_config
+from gw.config import RESTART_ONLY, Config, ConfigError, load_config, store_is_postgresql
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, worker_main
@@ -284,19 +284,25 @@ class Master:
         now on would land at offsets the store holds already, so they would
         never be stored."""
         from gw.pipeline import PipelineError
+        from gw.pipeline.pgstore import describe_url
         from gw.pipeline.store import StoreSink, open_store
         from gw_ext.wal import WalReader
 
         data = Path(self.cfg.data_dir)
-        try:
-            conn = open_store(data / "store.sqlite")
-        except PipelineError as exc:
-            raise StartupError(str(exc)) from None
-        try:
-            checkpoints = conn.execute("SELECT worker, next_offset FROM checkpoints WHERE sink = ?",
-                                       (StoreSink.name,)).fetchall()
-        finally:
-            conn.close()
+        if store_is_postgresql(self.cfg.store):
+            checkpoints = self.check_pg_store()
+            where = describe_url(self.cfg.store)
+        else:
+            where = data / "store.sqlite"
+            try:
+                conn = open_store(data / "store.sqlite")
+            except PipelineError as exc:
+                raise StartupError(str(exc)) from None
+            try:
+                checkpoints = conn.execute("SELECT worker, next_offset FROM checkpoints WHERE sink = ?",
+                                           (StoreSink.name,)).fetchall()
+            finally:
+                conn.close()
         for worker, read in checkpoints:
             if not 0 <= worker < len(self.slots):
                 continue
@@ -308,9 +314,39 @@ class Master:
             if end < read:
                 raise StartupError(
                     f"worker {worker}'s write-ahead log ({data / 'wal' / str(worker)}) ends at offset {end}, "
-                    f"but the store ({data / 'store.sqlite'}) has read it up to {read}: the log was removed "
+                    f"but the store ({where}) has read it up to {read}: the log was removed "
                     f"or lost its end. Restore the log, or move the store aside to start a new one; "
                     f"readings taken now would not be stored")
+
+    def check_pg_store(self) -> list:
+        """The PostgreSQL store at start: its schema created, or refused when it is
+        not gw's (another version); its checkpoints. One that cannot be reached
+        does not stop gw serve: the workers' logs keep the readings and the
+        pipeline connects when it can (logged); its checkpoints are then unknown ([])."""
+        import psycopg
+        from gw.pipeline import PipelineError
+        from gw.pipeline.pgstore import PgStoreSink, connect, describe_url, ensure_schema
+
+        where = describe_url(self.cfg.store)
+        try:
+            conn = connect(self.cfg.store, self.cfg.store_pg_connect_timeout, "gw-master", autocommit=True)
+        except psycopg.OperationalError as exc:
+            log.warning("the PostgreSQL store %s cannot be reached now (%s); starting anyway: readings wait in "
+                        "the write-ahead logs and the pipeline stores them once it connects (it retries with "
+                        "backoff)", where, (str(exc).strip().splitlines() or [type(exc).__name__])[0])
+            return []
+        except PipelineError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            ensure_schema(conn, where)
+            return conn.execute("SELECT worker, next_offset FROM checkpoints WHERE sink = %s",
+                                (PgStoreSink.name,)).fetchall()
+        except PipelineError as exc:
+            raise StartupError(str(exc)) from None
+        except psycopg.Error as exc:
+            raise StartupError(f"the PostgreSQL store {where} cannot be used: {exc}") from None
+        finally:
+            conn.close()
 
     # --- workers -------------------------------------------------------------
 

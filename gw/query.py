@@ -716,6 +716,16 @@ class Query:
             log.warning(fmt + " (logged at most every 10 s)", *args)
 
 
+def open_query(data_dir, store: str | None = None) -> Query:
+    """The queries of the configured store: the embedded one in data_dir, or
+    PostgreSQL (gw/query_pg.py) when `store` is a postgresql:// URL."""
+    from gw.config import store_is_postgresql
+    if store_is_postgresql(store):
+        from gw.query_pg import PgQuery
+        return PgQuery(store)
+    return Query(data_dir)
+
+
 def _unknown_device(device_id: str) -> Invalid:
     return Invalid("unknown_device", f"no device {device_id} in the store", status=404)
 

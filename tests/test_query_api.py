@@ -1,8 +1,11 @@
 """The query API (gw/query.py behind gw/http_api.py), called directly like
-tests/test_http_app.py, on a real SQLite store in WAL mode filled through SQL
-inserts that follow the pipeline's schema (the contract): every route and every
-status, ranges, paging, a missing / corrupt / locked store, and the OpenAPI
-document of the new paths (each answer validates against it)."""
+tests/test_http_app.py, on both stores: a real SQLite store in WAL mode and a
+real PostgreSQL database (tests/pg_server.py; gw/query_pg.py), each filled
+through SQL inserts that follow the pipeline's schema (the contract). The
+`store` fixture is parametrized by the store, so every test that does not
+depend on SQLite's files runs against both and both must answer alike: every
+route and every status, ranges, paging, a missing / corrupt / locked store, and
+the OpenAPI document of the new paths (each answer validates against it)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from gw.http_api import QUERY_PATHS
 from gw.openapi import build_openapi
 
 from test_http_app import App, cfg, close_apps  # noqa: F401 (close_apps: an autouse fixture)
+from pg_server import pg_server  # noqa: F401 (a fixture)
 from test_openapi import SPEC, resolve, schema_validator
 
 JSON = b"application/json"
@@ -35,6 +39,8 @@ WINDOW_SECONDS = {"1m": 60, "1h": 3600, "1d": 86400}
 class Store:
     """The pipeline's side, simulated with plain SQL: one transaction per batch of
     readings writes `readings`, `samples`, the rollup upserts and `devices`."""
+
+    kind = setting = "sqlite"
 
     def __init__(self, directory: Path):
         self.path = directory / "store.sqlite"
@@ -71,26 +77,119 @@ class Store:
                               (device, metric, ts, value, state, ts + 1, acked))
         return cur.lastrowid
 
+    def alert_state(self, alert_id: int) -> list:
+        return self.db.execute("SELECT state, acked FROM alerts WHERE id = ?", (alert_id,)).fetchall()
+
+    def lock_alerts(self):
+        """Holds the lock the acknowledgement needs (until unlock)."""
+        blocker = sqlite3.connect(self.path, isolation_level=None)
+        blocker.execute("BEGIN IMMEDIATE")
+        return blocker
+
     def close(self) -> None:
         self.db.close()
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = Store(tmp_path)
+class PgStore:
+    """The same on PostgreSQL (gw/pipeline/pgstore.py's schema), in a database of its own."""
+
+    kind = "postgresql"
+
+    def __init__(self, server, directory: Path):
+        import psycopg
+        from gw.pipeline.pgstore import ensure_schema
+        self.server = server
+        self.path = directory / "store.sqlite"          # never created: the data_dir of the app
+        self.setting = server.database()
+        self.db = psycopg.connect(self.setting, autocommit=True)
+        ensure_schema(self.db, "test")
+        self.lsn = 0
+
+    def readings(self, rows, worker: int = 0) -> None:
+        readings, samples, rollups, devices = [], [], {}, {}
+        for device, ts, metrics, tags in rows:
+            self.lsn += 1
+            readings.append((worker, self.lsn, device, ts, self.lsn, json.dumps(metrics), json.dumps(tags)))
+            for metric, value in metrics.items():
+                samples.append((device, metric, ts, value, worker, self.lsn))
+                for win, width in WINDOW_SECONDS.items():
+                    key = (win, device, metric, math.floor(ts / width) * width)
+                    a = rollups.setdefault(key, [0, value, value, 0.0, 0.0])
+                    a[0] += 1
+                    a[1] = min(a[1], value)
+                    a[2] = max(a[2], value)
+                    a[3] += value
+                    a[4] += value * value
+            d = devices.setdefault(device, [ts, ts, {}, tags, 0])        # merged in order, like json_patch
+            d[0], d[1] = min(d[0], ts), max(d[1], ts)
+            d[2].update(metrics)
+            d[3] = tags
+            d[4] += 1
+        with self.db.transaction():
+            cur = self.db.cursor()
+            cur.executemany("INSERT INTO readings VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, NULL)", readings)
+            cur.executemany("INSERT INTO samples VALUES (%s, %s, to_timestamp(%s), %s, %s, %s)", samples)
+            cur.executemany(
+                "INSERT INTO rollups AS r VALUES (%s, %s, %s, to_timestamp(%s), %s, %s, %s, %s, %s) "
+                "ON CONFLICT (win, device_id, metric, bucket) DO UPDATE SET count = r.count + excluded.count, "
+                "min = least(r.min, excluded.min), max = greatest(r.max, excluded.max), "
+                "sum = r.sum + excluded.sum, sumsq = r.sumsq + excluded.sumsq",
+                [(*k, *a) for k, a in rollups.items()])
+            cur.executemany(
+                "INSERT INTO devices AS d VALUES (%s, to_timestamp(%s), to_timestamp(%s), %s, %s, %s) "
+                "ON CONFLICT (device_id) DO UPDATE SET first_seen = least(d.first_seen, excluded.first_seen), "
+                "last_seen = greatest(d.last_seen, excluded.last_seen), "
+                "last_values = d.last_values || excluded.last_values, tags = excluded.tags, "
+                "readings = d.readings + excluded.readings",
+                [(dev, d[0], d[1], json.dumps(d[2]), json.dumps(d[3]), d[4]) for dev, d in devices.items()])
+
+    def alert(self, device: str, metric: str, ts: float, value: float = 50.0, state: str = "open",
+              acked: float | None = None) -> int:
+        return self.db.execute(
+            "INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created, acked) "
+            "VALUES (%s, %s, to_timestamp(%s), %s, 6.5, 21.0, 4.5, %s, to_timestamp(%s), to_timestamp(%s)) "
+            "RETURNING id", (device, metric, ts, value, state, ts + 1, acked)).fetchone()[0]
+
+    def alert_state(self, alert_id: int) -> list:
+        return self.db.execute("SELECT state, extract(epoch FROM acked)::float8 FROM alerts WHERE id = %s",
+                               (alert_id,)).fetchall()
+
+    def lock_alerts(self):
+        import psycopg
+        blocker = psycopg.connect(self.setting)
+        blocker.execute("SELECT id FROM alerts FOR UPDATE")
+        return blocker
+
+    def close(self) -> None:
+        self.db.close()
+        self.server.drop(self.setting)
+
+
+STORES = ("sqlite", "postgresql")
+# A test of SQLite's own behaviour (its file, its locks, its plans): the embedded store only.
+sqlite_only = pytest.mark.parametrize("store", ["sqlite"], indirect=True)
+
+
+@pytest.fixture(params=STORES)
+def store(request, tmp_path):
+    s = Store(tmp_path) if request.param == "sqlite" else PgStore(request.getfixturevalue("pg_server"), tmp_path)
     yield s
     s.close()
 
 
-def make_app(data_dir, now: float = NOW) -> App:
-    a = App(cfg(data_dir=str(data_dir)))
+def make_app(where, now: float = NOW) -> App:
+    """The app over a store (Store, PgStore) or an SQLite data directory."""
+    if isinstance(where, (Store, PgStore)):
+        a = App(cfg(data_dir=str(where.path.parent), store=where.setting))
+    else:
+        a = App(cfg(data_dir=str(where)))
     a.app._query_api().now = lambda: now
     return a
 
 
 @pytest.fixture
 def app(store):
-    return make_app(store.path.parent)
+    return make_app(store)
 
 
 def call(a: App, target: str, method: bytes = b"GET"):
@@ -257,7 +356,7 @@ def test_over_limit_points_in_one_microsecond(store, app):
 def test_window_series(store, window, width, span, expected):
     start = DAY0 - 86400
     values = fill_temps(store, start=start, count=86400, step=1.0)     # the whole day before DAY0
-    a = make_app(store.path.parent, now=DAY0)
+    a = make_app(store, now=DAY0)
     status, doc, _ = call(a, f"/v1/devices/dev1/metrics?metric=temp_c&window={window}")
     assert status == 200 and doc["window"] == window
     assert doc["from"] == iso(max(0, DAY0 - span)) and doc["to"] == iso(DAY0)
@@ -408,10 +507,10 @@ def test_alerts_bad_parameters(app, query, code):
 def test_ack(store, tmp_path):
     first = store.alert("dev1", "temp_c", NOW - 100)
     second = store.alert("dev1", "temp_c", NOW - 50, state="acked", acked=NOW - 10)
-    a = make_app(store.path.parent, now=NOW)
+    a = make_app(store, now=NOW)
     status, doc, _ = call(a, f"/v1/alerts/{first}/ack", b"POST")
     assert status == 200 and doc["id"] == first and doc["state"] == "acked" and doc["acked"] == iso(NOW)
-    assert store.db.execute("SELECT state, acked FROM alerts WHERE id = ?", (first,)).fetchall() == [("acked", NOW)]
+    assert store.alert_state(first) == [("acked", NOW)]
     # idempotent: acked again later, same answer, nothing written
     a.app._query_api().now = lambda: NOW + 60
     assert call(a, f"/v1/alerts/{first}/ack", b"POST") == (200, doc, b"")
@@ -428,7 +527,7 @@ def test_ack(store, tmp_path):
     for form in (b"application/x-www-form-urlencoded", b"multipart/form-data; boundary=x", b"text/plain", None):
         status, _, body, _ = a.app.handle(b"POST", f"/v1/alerts/{fresh}/ack".encode(), form, b"a=1")
         assert status == 415 and json.loads(body)["code"] == "unsupported_media_type", form
-    assert store.db.execute("SELECT state FROM alerts WHERE id = ?", (fresh,)).fetchall() == [("open",)]
+    assert store.alert_state(fresh) == [("open", None)]
     status, _, _, _ = a.app.handle(b"POST", f"/v1/alerts/{fresh}/ack".encode(), JSON, b"hello")
     assert status == 200
 
@@ -436,14 +535,13 @@ def test_ack(store, tmp_path):
 def test_ack_store_busy(store, app):
     alert = store.alert("dev1", "temp_c", NOW - 100)
     app.app._query_api().write_timeout = 0.05
-    blocker = sqlite3.connect(store.path, isolation_level=None)
-    blocker.execute("BEGIN IMMEDIATE")          # the pipeline in the middle of a transaction
+    blocker = store.lock_alerts()               # a writer in the middle of a transaction
     try:
         assert error(app, f"/v1/alerts/{alert}/ack", b"POST") == (503, "store_busy")
-        # reads are not blocked by the writer (WAL)
+        # reads are not blocked by the writer (WAL; MVCC)
         assert call(app, "/v1/alerts")[0] == 200
     finally:
-        blocker.execute("ROLLBACK")
+        blocker.rollback()
         blocker.close()
     assert call(app, f"/v1/alerts/{alert}/ack", b"POST")[1]["state"] == "acked"
 
@@ -553,6 +651,7 @@ def test_corrupt_store_logs_once_and_recovers(tmp_path, caplog):
         store.close()
 
 
+@sqlite_only
 def test_corrupt_pages_are_503_not_500(store, tmp_path, caplog):
     fill_temps(store, count=3000)
     store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -572,6 +671,7 @@ def test_corrupt_pages_are_503_not_500(store, tmp_path, caplog):
     assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) <= 2
 
 
+@sqlite_only
 def test_store_replaced_is_reopened(store, app, tmp_path):
     store.readings([("old", NOW - 1, {"x": 1.0}, {})])
     assert [d["device_id"] for d in call(app, "/v1/devices")[1]["devices"]] == ["old"]
@@ -587,6 +687,7 @@ def test_store_replaced_is_reopened(store, app, tmp_path):
         fresh.close()
 
 
+@sqlite_only
 def test_connection_is_read_only_and_kept(store, app):
     store.readings([("dev1", NOW - 1, {"x": 1.0}, {})])
     call(app, "/v1/devices")
@@ -601,6 +702,7 @@ def test_connection_is_read_only_and_kept(store, app):
     assert not conn.in_transaction
 
 
+@sqlite_only
 def test_no_read_transaction_left_open(store, app):
     fill_temps(store, count=5000)
     store.alert("dev1", "temp_c", NOW - 5)
@@ -613,6 +715,7 @@ def test_no_read_transaction_left_open(store, app):
     assert call(app, "/v1/devices/dev1")[1]["readings"] == 5001
 
 
+@sqlite_only
 def test_reader_sees_committed_data_only(store, app):
     store.readings([("dev1", NOW - 5, {"x": 1.0}, {})])
     store.db.execute("BEGIN IMMEDIATE")
@@ -624,6 +727,7 @@ def test_reader_sees_committed_data_only(store, app):
     assert len(call(app, "/v1/devices")[1]["devices"]) == 2
 
 
+@sqlite_only
 def test_query_over_budget_is_interrupted(store, app, caplog):
     fill_temps(store, count=5000)
     api = app.app._query_api()
@@ -636,6 +740,7 @@ def test_query_over_budget_is_interrupted(store, app, caplog):
     assert call(app, "/v1/devices/dev1/metrics?metric=temp_c")[0] == 200
 
 
+@sqlite_only
 def test_unexpected_values_in_the_store(store, app, caplog):
     caplog.set_level(logging.WARNING, "gw.query")
     store.db.execute("INSERT INTO devices VALUES ('badjson', 1, 2, 'not json', '[1]', 1)")
@@ -649,6 +754,7 @@ def test_unexpected_values_in_the_store(store, app, caplog):
     assert call(app, "/v1/devices/badjson")[0] == 200
 
 
+@sqlite_only
 def test_reload_with_another_data_dir(store, app, tmp_path):
     store.readings([("dev1", NOW - 1, {"x": 1.0}, {})])
     assert call(app, "/v1/devices/dev1")[0] == 200
@@ -664,6 +770,7 @@ RAW_PARAMS = (1, 0.0, -1, 1.0, 10)                      # series, from (t0, rowi
 ROLLUP_PARAMS = (0.0, 3600.0, 86400.0, "1h", "d", "m", 10)    # first bucket, width, to, window, series, limit
 
 
+@sqlite_only
 def test_query_plans_use_the_primary_keys(store):
     for sql, params in ((q.SQL_RAW, RAW_PARAMS), (q.SQL_ROLLUP, ROLLUP_PARAMS), (q.SQL_SERIES, ("d", "m")),
                         (q.SQL_DEVICES, ("", 10)), (q.SQL_DEVICE, ("d",)), (q.SQL_ALERT, (1,)),
@@ -680,6 +787,7 @@ def test_query_plans_use_the_primary_keys(store):
 # The pipeline's own indexes beyond the contract (gw/pipeline/store.py): they must not make a plan worse.
 
 
+@sqlite_only
 def test_query_plans_with_the_pipelines_indexes(store):
     store.db.executemany("INSERT INTO alerts (device_id, metric, ts, value, zscore, mean, std, state, created) "
                          "VALUES (?, 'm', ?, 1, 1, 1, 1, ?, ?)",
@@ -699,7 +807,7 @@ def test_query_plans_with_the_pipelines_indexes(store):
     # by device (and state): at most that device's alerts, through its index
     text = plan(q.SQL_ALERTS[True, True], (q.MAX_ID, "d7", "acked", 101))
     assert "alerts_device_id (device_id=? AND id<?)" in text and "TEMP B-TREE" not in text, text
-    a = make_app(store.path.parent)
+    a = make_app(store)
     doc = call(a, "/v1/alerts?state=acked&device_id=d7&limit=3")[1]
     assert [x["id"] for x in doc["alerts"]] == [19958, 19908, 19858] and doc["next"] == 19858
     assert len(call(a, "/v1/alerts?state=open")[1]["alerts"]) == 20

@@ -105,12 +105,17 @@ class Pipeline:
         self.lag_clock = LagClock(nworkers)
         self._next_figures = 0.0
         self.started = time.time()
-        conn = open_store(self.data_dir / STORE_FILE, quick_check)
         s = settings
-        self.store = StoreSink(conn, nworkers, anomaly_window=s.anomaly_window,
-                               anomaly_threshold=s.anomaly_threshold, raw_retention=s.store_raw_retention,
-                               rollup_retention={"1m": s.store_1m_retention, "1h": s.store_1h_retention},
-                               retention_interval=s.store_retention_interval)
+        retention = {"anomaly_window": s.anomaly_window, "anomaly_threshold": s.anomaly_threshold,
+                     "raw_retention": s.store_raw_retention,
+                     "rollup_retention": {"1m": s.store_1m_retention, "1h": s.store_1h_retention},
+                     "retention_interval": s.store_retention_interval}
+        if s.store_is_postgresql:
+            from .pgstore import PgStoreSink
+            self.store = PgStoreSink(s.store, nworkers, partitions_ahead=s.store_pg_partitions_ahead,
+                                     connect_timeout=s.store_pg_connect_timeout, **retention)
+        else:
+            self.store = StoreSink(open_store(self.data_dir / STORE_FILE, quick_check), nworkers, **retention)
         sinks = [self.store]
         try:
             if s.file_sink_enabled:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from gw.config import Config
+from gw.config import Config, store_is_postgresql
 
 _CONFIG = Config()      # the defaults below are gw/config.py's
 
@@ -17,6 +17,9 @@ _CONFIG = Config()      # the defaults below are gw/config.py's
 @dataclass(frozen=True)
 class Settings:
     data_dir: str = _CONFIG.data_dir
+    store: str = _CONFIG.store                                    # sqlite, or a postgresql:// URL
+    store_pg_partitions_ahead: int = _CONFIG.store_pg_partitions_ahead
+    store_pg_connect_timeout: float = _CONFIG.store_pg_connect_timeout
     store_raw_retention: float = _CONFIG.store_raw_retention      # readings and samples
     store_1m_retention: float = _CONFIG.store_1m_retention
     store_1h_retention: float = _CONFIG.store_1h_retention        # 1d rollups are kept
@@ -55,6 +58,10 @@ class Settings:
                 value = str(value)
             values[f.name] = value
         return cls(**values)
+
+    @property
+    def store_is_postgresql(self) -> bool:
+        return store_is_postgresql(self.store)
 
     @property
     def file_sink_enabled(self) -> bool:
