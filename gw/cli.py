@@ -359,7 +359,7 @@ def export_command(start, end, device, window, fmt, output, quiet, config_path, 
         nonlocal bar
         if show:
             bar = click.progressbar(length=total, label="exporting", file=sys.stderr, show_pos=True,
-                                    show_eta=True)
+                                    show_percent=True, show_eta=True)
             bar.__enter__()
 
     try:

@@ -495,12 +495,14 @@ def export(source: ReadingSource, sel: Selection, fmt: str, output: str | Path,
             metrics = source.metric_names(sel) if sel.window == "raw" and fmt != "ndjson" and total else []
             out = WRITERS[fmt](fh, sel, metrics)
             written = 0
-            for batch in source.batches(sel):
-                out.write(batch)
-                written += len(batch)
-                if on_batch is not None:
-                    on_batch(len(batch))
-            out.close()
+            try:
+                for batch in source.batches(sel):
+                    out.write(batch)
+                    written += len(batch)
+                    if on_batch is not None:
+                        on_batch(len(batch))
+            finally:
+                out.close()          # before its file: a writer left open would write to it when collected
             if written != total:
                 raise ExportError(f"the store gave {written} rows where it counted {total}: nothing was written")
             fh.flush()
