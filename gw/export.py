@@ -228,9 +228,13 @@ class SqliteSource(ReadingSource):
         try:
             self.conn = sqlite3.connect(f"{self.path.resolve().as_uri()}?mode=ro", uri=True,
                                         isolation_level=None, timeout=10.0)
+        except sqlite3.Error as exc:
+            raise ExportError(f"cannot open the store {self.path}: {exc}") from None
+        try:
             self.conn.execute("PRAGMA query_only = 1")
             tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.Error as exc:
+            self.conn.close()
             raise ExportError(f"cannot read the store {self.path}: {exc}") from None
         missing = {"readings", "rollups"} - tables
         if missing:

@@ -274,6 +274,18 @@ def test_no_store_is_an_error_and_writes_nothing(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_a_file_that_is_not_a_store_is_an_error_and_the_output_stays(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "store.sqlite").write_bytes(b"not a database, " * 512)
+    out = tmp_path / "old.parquet"
+    out.write_bytes(b"an earlier export")
+    proc = run_gw("export", "--data-dir", data, "-o", out)
+    assert proc.returncode == 1 and "store" in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "old.parquet"]
+
+
 @pytest.mark.skipif("store" not in SETTINGS, reason="the store setting (PostgreSQL) is not in this build")
 def test_a_postgresql_store_is_refused_in_one_line_without_its_url(tmp_path):
     config = tmp_path / "gw.toml"
