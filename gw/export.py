@@ -188,6 +188,10 @@ class ReadingSource:
     def batches(self, sel: Selection, rows: int = CHUNK_ROWS) -> Iterator[ReadingBatch | RollupBatch]:
         raise NotImplementedError
 
+    def files(self) -> list[Path]:
+        """Files the source reads: an export never writes over them."""
+        return []
+
     def close(self) -> None:
         pass
 
@@ -298,6 +302,9 @@ class SqliteSource(ReadingSource):
             if not chunk:
                 return
             yield kind(*zip(*chunk))
+
+    def files(self) -> list[Path]:
+        return [self.path.with_name(self.path.name + suffix) for suffix in ("", "-wal", "-shm", "-journal")]
 
     def _run(self, sql: str, params: tuple = ()) -> sqlite3.Cursor:
         try:
@@ -505,6 +512,8 @@ def export(source: ReadingSource, sel: Selection, fmt: str, output: str | Path,
     output = Path(output)
     if output.is_dir():
         raise ExportError(f"--output {output} is a directory")
+    if output.resolve() in {f.resolve() for f in source.files()}:
+        raise ExportError(f"--output {output} is a file of the store itself", 2)
     directory = output.parent
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".part", dir=directory)   # mode 0600

@@ -268,6 +268,17 @@ def test_a_bad_argument_is_a_usage_error(ingested, tmp_path, args, says):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_the_store_itself_is_never_the_output(ingested):
+    server = ingested[0]
+    store = server.data_dir / "store.sqlite"
+    before = store.stat().st_size
+    for target in (store, server.data_dir / "store.sqlite-wal", server.data_dir / "." / "store.sqlite"):
+        proc = _export(server, "--format", "csv", "-o", target, expect=2)
+        assert "is a file of the store itself" in proc.stderr, proc.stderr
+    assert store.stat().st_size >= before
+    assert [p.name for p in server.data_dir.iterdir() if p.name.endswith(".part")] == []
+
+
 def test_no_store_is_an_error_and_writes_nothing(tmp_path):
     proc = run_gw("export", "--data-dir", tmp_path / "nothing", "-o", tmp_path / "x.parquet")
     assert proc.returncode == 1 and "no store at" in proc.stderr, proc.stderr
