@@ -1,4 +1,4 @@
-"""The `gw` command: serve, stats, bench, config, openapi, certs, passwd, token."""
+"""The `gw` command: serve, stats, bench, config, openapi, certs, passwd, token, export."""
 
 from __future__ import annotations
 
@@ -309,6 +309,77 @@ def token_revoke(name, config_path, **flags):
         _fail(f"cannot write {path}: {exc.strerror or exc}", 1)
     click.echo(f"gw: token {name!r} revoked in {path}; this takes effect on reload (SIGHUP) or restart "
                f"of gw serve.")
+
+
+@main_group.command("export")
+@click.option("--from", "start", default=None, metavar="TIME",
+              help="start of the range, included: RFC 3339 with a time zone (2026-01-31T00:00:00Z) or Unix "
+                   "seconds [default: 24 hours before --to]")
+@click.option("--to", "end", default=None, metavar="TIME",
+              help="end of the range, excluded: RFC 3339 or Unix seconds [default: now]")
+@click.option("--device", default=None, metavar="ID|PATTERN",
+              help="only this device, or the devices matching a pattern with * and ? ('site1-*')")
+@click.option("--window", default="raw", show_default=True, type=click.Choice(["raw", "1m", "1h", "1d"]),
+              help="raw readings, or the windows of a rollup whose start is in the range")
+@click.option("--format", "fmt", default=None, type=click.Choice(["parquet", "csv", "ndjson"]),
+              help="the output's format [default: from the output's suffix: .parquet, .csv, .ndjson or .jsonl]")
+@click.option("--output", "-o", "output", required=True, type=click.Path(dir_okay=False), metavar="FILE",
+              help="the file to write (replaced if it exists; written under a temporary name, then renamed; "
+                   "mode 0600)")
+@click.option("--quiet", "-q", is_flag=True, help="no progress bar and no summary on stderr")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
+              help="gw serve's TOML file: its data_dir and store")
+@click.option("--data-dir", "data_dir", default=None, metavar="DIR", help="data_dir, as gw serve's")
+def export_command(start, end, device, window, fmt, output, quiet, config_path, data_dir):
+    """Write readings (or a rollup window) from the store to a Parquet, CSV or
+    NDJSON file, one consistent snapshot of the store, while gw serve runs or not.
+
+    Readings come in time order (then device id). Parquet and CSV have one
+    column per metric present in the range (metric_NAME, float64, empty where a
+    reading lacks it), tags (a map in Parquet, JSON text in CSV) and payload
+    (JSON text); NDJSON keeps each reading's metrics and tags objects. Rollup
+    windows have window, bucket, device_id, metric, count, min, max, mean and
+    std, as the query API answers them. Times are UTC: a timestamp[us, tz=UTC]
+    in Parquet, RFC 3339 in CSV and NDJSON."""
+    from gw.export import ExportError, export, open_source, output_format, selection
+
+    try:
+        cfg = load_config(config_path, {"data_dir": data_dir})
+    except ConfigError as exc:
+        _fail(str(exc))
+    try:
+        fmt = output_format(fmt, output)
+        sel = selection(start, end, device, window, time.time())
+        source = open_source(cfg)
+    except ExportError as exc:
+        _fail(str(exc), exc.code)
+    bar = None
+    show = not quiet and sys.stderr.isatty()
+
+    def counted(total: int) -> None:
+        nonlocal bar
+        if show:
+            bar = click.progressbar(length=total, label="exporting", file=sys.stderr, show_pos=True,
+                                    show_percent=True, show_eta=True)
+            bar.__enter__()
+
+    try:
+        result = export(source, sel, fmt, output, on_count=counted,
+                        on_batch=lambda n: bar.update(n) if bar is not None else None)
+    except ExportError as exc:
+        _fail(str(exc), exc.code)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
+        source.close()
+    if quiet:
+        return
+    what = "readings" if sel.window == "raw" else f"{sel.window} windows"
+    if result.rows == 0:
+        click.echo(f"gw: no {what} in the range: wrote {output} with no rows", err=True)
+    else:
+        extra = f", {len(result.columns)} metric columns" if result.columns else ""
+        click.echo(f"gw: wrote {result.rows} {what} to {output} ({fmt}{extra})", err=True)
 
 
 def main() -> None:
