@@ -205,12 +205,15 @@ class SqliteSource(ReadingSource):
     READINGS = "SELECT device_id, ts, seq, metrics, tags, payload FROM readings"
     READINGS_COUNT = "SELECT count(*) FROM readings"
     # A device's last_values has a key for every metric it ever sent; a seek in the
-    # samples' key per (device, metric) then says whether it has one in the range:
-    # far cheaper than reading every reading's metrics.
+    # sample chunks' index per (device, metric) then says whether it has one in the
+    # range: far cheaper than reading every reading's metrics. A chunk spans at most
+    # an hour (CHUNK_SECONDS), so one overlapping the range starts less than an hour
+    # before it.
     READINGS_METRICS = ("SELECT DISTINCT k.key FROM devices d, json_each(d.last_values) k WHERE {device}"
-                        "EXISTS (SELECT 1 FROM samples s WHERE s.device_id = d.device_id AND s.metric = k.key "
-                        "AND s.ts >= ? AND s.ts < ?) ORDER BY 1")
-    METRICS_DEVICE = {None: "", "id": "d.device_id = ? AND ", "glob": "d.device_id GLOB ? AND "}
+                        "EXISTS (SELECT 1 FROM series s JOIN sample_chunks c ON c.series = s.id "
+                        "WHERE s.device_id = d.device_id AND s.metric = k.key "
+                        "AND c.t0 >= :start - 3600.0 AND c.t0 < :end AND c.t1 >= :start) ORDER BY 1")
+    METRICS_DEVICE = {None: "", "id": "d.device_id = :device AND ", "glob": "d.device_id GLOB :device AND "}
     ROLLUPS = "SELECT bucket, device_id, metric, count, min, max, sum, sumsq FROM rollups"
     ROLLUPS_COUNT = "SELECT count(*) FROM rollups"
     # The time range always drives the scan (indexes readings_ts, rollups_win_bucket)
@@ -241,11 +244,11 @@ class SqliteSource(ReadingSource):
             raise ExportError(f"cannot open the store {self.path}: {exc}") from None
         try:
             self.conn.execute("PRAGMA query_only = 1")
-            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            tables = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
         except sqlite3.Error as exc:
             self.conn.close()
             raise ExportError(f"cannot read the store {self.path}: {exc}") from None
-        missing = {"readings", "samples", "rollups", "devices"} - tables
+        missing = {"readings", "series", "sample_chunks", "rollups", "devices"} - tables
         if missing:
             self.conn.close()
             raise ExportError(f"the store {self.path} has no {' or '.join(sorted(missing))} table "
@@ -284,8 +287,7 @@ class SqliteSource(ReadingSource):
     def metric_names(self, sel: Selection) -> list[str]:
         kind = self._device_kind(sel)
         sql = self.READINGS_METRICS.format(device=self.METRICS_DEVICE[kind])
-        params = (sel.start, sel.end) if kind is None else (sel.device, sel.start, sel.end)
-        return [r[0] for r in self._run(sql, params)]
+        return [r[0] for r in self._run(sql, {"device": sel.device, "start": sel.start, "end": sel.end})]
 
     def batches(self, sel: Selection, rows: int = CHUNK_ROWS) -> Iterator[ReadingBatch | RollupBatch]:
         where, params = self._where(sel)

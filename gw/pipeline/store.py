@@ -67,6 +67,7 @@ STORE_FILE = "store.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS readings_log ON readings (worker, lsn);
+CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
 CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, metric TEXT NOT NULL, UNIQUE (device_id, metric));
 CREATE TABLE IF NOT EXISTS sample_chunks (series INTEGER NOT NULL, t0 REAL NOT NULL, t1 REAL NOT NULL, n INTEGER NOT NULL, ts TEXT NOT NULL, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sample_chunks_series ON sample_chunks (series, t0);
@@ -85,7 +86,8 @@ CREATE TRIGGER IF NOT EXISTS rollups_insert INSTEAD OF INSERT ON rollups BEGIN I
 """
 # Indexes beyond the primary keys: sample_chunks_series serves a series over
 # time (the query API, the detector's warm-up); readings_log the exactly-once
-# guard; alerts by key, by state and by device. Retention needs none: it
+# guard; readings_ts a time range of readings (`gw export`: readings arrive
+# nearly in time order, so its inserts land in its last pages); alerts by key, by state and by device. Retention needs none: it
 # deletes from the start of the tables in arrival order (readings,
 # sample_chunks) or of a window's buckets (rollup).
 # The views' INSTEAD OF triggers make `INSERT INTO samples` / `INSERT INTO
