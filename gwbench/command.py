@@ -25,7 +25,8 @@ INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
 @click.option("--tls", is_flag=True, help="Connect with TLS.")
 @click.option("--cafile", type=click.Path(dir_okay=False), help="CA bundle that signed the broker's certificate.")
 @click.option("--insecure", is_flag=True, help="TLS without certificate or host name verification.")
-@click.option("--username", default=None, help="MQTT user name.")
+@click.option("--username", default=None, help="MQTT user name; {n} in it (or in --password) is the client's "
+                                               "number, 0 up, giving each client its own credentials.")
 @click.option("--password", default=None, help="MQTT password (needs --username).")
 @click.option("--protocol", type=click.Choice(["mqtt", "json"]), default="mqtt", show_default=True,
               help="mqtt: MQTT 3.1.1; json: gw's newline-delimited JSON protocol (connection scenario).")

@@ -155,6 +155,8 @@ class ConnEngine:
         self.server_hostname = plan.host if plan.tls and not plan.insecure else None
         self.username = plan.username.encode() if plan.username is not None else None
         self.password = plan.password.encode() if plan.password is not None else None
+        # "{n}" in either: each client its own credentials (user-{n}: user-0, user-1, ...).
+        self.per_client_credentials = b"{n}" in (self.username or b"") + (self.password or b"")
         self.c = Counter()          # counters
         self.errors = Counter()     # errors by kind
         self.h_connect = Histogram()   # t0 -> CONNACK (TCP + TLS + MQTT)
@@ -429,7 +431,12 @@ class ConnEngine:
             msg = {"client_id": c.cid, "message_type": "Connect", "payload": None, "timestamp": time.time()}
             self._send(c, _json_enc.encode(msg) + b"\n", now)
         else:
-            self._send(c, mqtt.connect(c.cid.encode(), self.plan.keepalive, self.username, self.password), now)
+            user, password = self.username, self.password
+            if self.per_client_credentials:
+                n = str(c.g).encode()
+                user = user.replace(b"{n}", n)
+                password = password.replace(b"{n}", n) if password is not None else None
+            self._send(c, mqtt.connect(c.cid.encode(), self.plan.keepalive, user, password), now)
         self.c["packets_out"] += 1
 
     def _accepted(self, c: Conn, now: float) -> None:

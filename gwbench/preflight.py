@@ -95,8 +95,9 @@ def preflight(plan, timeout: float = 5.0) -> dict:
                        "payload": None, "timestamp": time.time()}
                 sock.sendall(msgspec.json.encode(bye) + b"\n")
             else:
-                user = plan.username.encode() if plan.username is not None else None
-                pw = plan.password.encode() if plan.password is not None else None
+                # With per-client credentials ("{n}"), the preflight is client 0.
+                user = plan.username.replace("{n}", "0").encode() if plan.username is not None else None
+                pw = plan.password.replace("{n}", "0").encode() if plan.password is not None else None
                 sock.sendall(mqtt.connect(f"{plan.client_prefix}preflight".encode(), plan.keepalive, user, pw))
                 buf = bytearray()
                 packets = []
