@@ -67,12 +67,14 @@ class PgSource(ReadingSource):
     READINGS_COUNT = "SELECT count(*) FROM readings"
     READINGS_ORDER = " ORDER BY ts, device_id, worker, lsn"
     # As on SQLite: the keys of each device's last_values, kept where the device has a
-    # sample of that metric in the range (one seek in samples_device_metric_ts each).
-    READINGS_METRICS = ("SELECT DISTINCT k.key FROM devices d, jsonb_object_keys(d.last_values) AS k(key) "
-                        "WHERE {device}EXISTS (SELECT 1 FROM samples s WHERE s.device_id = d.device_id "
-                        "AND s.metric = k.key AND s.ts >= %(start)s AND s.ts < %(end)s)")
-    METRICS_DEVICE = {None: "", "id": "d.device_id = %(device)s AND ",
-                      "like": "d.device_id LIKE %(device)s ESCAPE '\\' AND "}
+    # sample of that metric in the range: one seek in samples_device_metric_ts each (a
+    # LATERAL with LIMIT stays a nested loop of seeks; an EXISTS may become a hash join
+    # over every sample of the range).
+    READINGS_METRICS = ("SELECT DISTINCT k.key FROM devices d CROSS JOIN LATERAL jsonb_object_keys(d.last_values) "
+                        "AS k(key) CROSS JOIN LATERAL (SELECT 1 FROM samples s WHERE s.device_id = d.device_id "
+                        "AND s.metric = k.key AND s.ts >= %(start)s AND s.ts < %(end)s LIMIT 1) AS present{device}")
+    METRICS_DEVICE = {None: "", "id": " WHERE d.device_id = %(device)s",
+                      "like": " WHERE d.device_id LIKE %(device)s ESCAPE '\\'"}
     ROLLUPS = (f"SELECT {_EPOCH.format('bucket')}, device_id, metric, count, min, max, sum, sumsq "
                "FROM rollups")
     ROLLUPS_COUNT = "SELECT count(*) FROM rollups"
@@ -143,6 +145,9 @@ class PgSource(ReadingSource):
         try:
             with self.conn.transaction():
                 self.conn.execute(f"SET LOCAL work_mem = '{SORT_MEMORY}'")
+                # The metric listing's estimate (every device times every key) would make the
+                # server compile it: time spent for a few thousand index seeks.
+                self.conn.execute("SET LOCAL jit = off")
                 yield self
         except self._psycopg.Error as exc:
             raise ExportError(f"cannot read the store {self.where}: {self._first_line(exc)}") from None
