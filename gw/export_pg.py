@@ -93,11 +93,17 @@ class PgSource(ReadingSource):
 
     def __init__(self, url: str, connect_timeout: float = 5.0):
         self.where = describe_url(url)          # what messages show: never the password
-        self._secret = _password(url)
         try:
             import psycopg
+            from psycopg.conninfo import conninfo_to_dict
         except ImportError:
             raise ExportError("a PostgreSQL store needs psycopg 3 (pip install 'psycopg[binary]')") from None
+        try:
+            self._secret = conninfo_to_dict(url).get("password") or ""
+        except psycopg.Error:
+            # libpq's message quotes the part it could not read: it may be the password.
+            raise ExportError("the store's URL does not parse: give postgresql://USER[:PASSWORD]@HOST:PORT/DBNAME "
+                              "(characters such as @, : and / in the password percent-encoded)", 2) from None
         self._psycopg = psycopg
         try:
             self.conn = psycopg.connect(url, connect_timeout=max(1, round(connect_timeout)),
@@ -215,10 +221,3 @@ class PgSource(ReadingSource):
             except Exception:          # noqa: BLE001  (closing a broken connection)
                 pass
 
-
-def _password(url: str) -> str:
-    try:
-        from psycopg.conninfo import conninfo_to_dict
-        return conninfo_to_dict(url).get("password") or ""
-    except Exception:                  # noqa: BLE001  (an unparsable URL: connect says so)
-        return ""

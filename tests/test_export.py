@@ -368,6 +368,10 @@ def test_a_postgresql_store_that_cannot_be_reached_is_one_line_without_its_passw
         assert proc.returncode == 1, (proc.returncode, proc.stderr)
         assert proc.stderr.startswith(f"gw: error: cannot connect to the store postgresql://gw@127.0.0.1:{port}/gw")
         assert "s3cret" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    # A URL libpq cannot read: its message would quote the part it stopped at.
+    proc = run_gw("export", "--store", "postgresql://gw:s3cr%zz@127.0.0.1:1/gw", "-o", tmp_path / "x.parquet")
+    assert proc.returncode == 2 and "the store's URL does not parse" in proc.stderr, proc.stderr
+    assert "s3cr" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gw.toml"]
 
 
