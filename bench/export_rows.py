@@ -108,8 +108,9 @@ def export_once(data_dir: Path, fmt: str, out: Path, readings: int, store: str) 
                         str(START), str(end)],
                        env=env, check=True, stdin=subprocess.DEVNULL)
         return time.perf_counter() - t
-    subprocess.run([sys.executable, "-m", "gw.cli", "export", "--data-dir", str(data_dir), "--store", store, "--from", str(int(START)),
-                    "--to", str(int(end)), "--format", fmt, "--output", str(out), "--quiet"],
+    subprocess.run([sys.executable, "-m", "gw.cli", "export", "--data-dir", str(data_dir), "--store", store,
+                    "--from", str(int(START)), "--to", str(int(end)), "--format", fmt, "--output", str(out),
+                    "--quiet"],
                    env=env, check=True, stdin=subprocess.DEVNULL)
     return time.perf_counter() - t
 
