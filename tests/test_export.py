@@ -1,11 +1,14 @@
-"""`gw export` against a real `gw serve`: readings ingested over HTTP (several
-devices, metrics, tags, a payload), stored by the pipeline, then exported by
-`gw export` run as a subprocess in each format and read back with pyarrow, the
-csv module and json: every reading once, in (time, device id) order, with its
-values, timestamps, tags and payload; a rollup window as the query API answers
-it; the device filter (an id, a pattern); an empty range; bad arguments; a
-progress bar only on a terminal; and an export while readings keep coming (one
-consistent snapshot: the count, the metric columns and the rows agree)."""
+"""`gw export` against a real `gw serve` on each store (the embedded one and
+PostgreSQL, tests/pg_server.py): readings ingested over HTTP (several devices,
+metrics, tags, a payload), stored by the pipeline, then exported by `gw export`
+run as a subprocess in each format and read back with pyarrow, the csv module
+and json: every reading once, in (time, device id) order, with its values,
+timestamps, tags and payload; a rollup window as the query API answers it; the
+device filter (an id, a pattern); an empty range; bad arguments; a progress bar
+only on a terminal; an export while readings keep coming (one consistent
+snapshot: the count, the metric columns and the rows agree); the same readings
+exported from both stores alike; a PostgreSQL store that cannot be reached, has
+no gw schema, or drops the connection mid-export."""
 
 from __future__ import annotations
 
@@ -384,6 +387,44 @@ def test_a_postgresql_database_without_the_gw_schema_is_an_error(tmp_path, pg_se
     assert proc.returncode == 1 and "has no devices or meta or readings or rollups or samples table" \
         in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_postgresql_connection_lost_mid_export_fails_in_one_line_and_keeps_the_old_file(tmp_path, pg_server):
+    """The export waits for a lock another session holds on readings; its backend is
+    terminated meanwhile (as a server restart or an administrator would)."""
+    import psycopg
+    from gw.pipeline.pgstore import ensure_schema
+
+    url = pg_server.database()
+    out = tmp_path / "old.csv"
+    out.write_bytes(b"an earlier export")
+    waiting = ("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gw-export' "
+               "AND wait_event_type = 'Lock'")
+    try:
+        with psycopg.connect(url, autocommit=True) as conn:
+            ensure_schema(conn, "the test's database")
+        with psycopg.connect(url) as locker:
+            locker.execute("LOCK TABLE readings IN ACCESS EXCLUSIVE MODE")
+            proc = subprocess.Popen([PYTHON, "-m", "gw.cli", "export", "--store", url, "--from", "0", "-o", str(out)],
+                                    env=gw_env(), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True)
+            try:
+                wait_for(lambda: pg_server.psql(waiting, url.rsplit("/", 1)[1])[0][0] == 1, 30,
+                         what="the export waiting for the lock")
+                pg_server.psql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                               "WHERE application_name = 'gw-export'", url.rsplit("/", 1)[1])
+                _stdout, stderr = proc.communicate(timeout=60)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    finally:
+        pg_server.drop(url)
+    assert proc.returncode == 1, (proc.returncode, stderr)
+    assert stderr.startswith(f"gw: error: cannot read the store {url}: "), stderr      # no password in it
+    assert stderr.count("\n") == 1, stderr
+    assert out.read_bytes() == b"an earlier export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.csv"]
 
 
 def test_the_progress_bar_shows_on_a_terminal_only(ingested, tmp_path):
