@@ -330,7 +330,9 @@ def token_revoke(name, config_path, **flags):
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="gw serve's TOML file: its data_dir and store")
 @click.option("--data-dir", "data_dir", default=None, metavar="DIR", help="data_dir, as gw serve's")
-def export_command(start, end, device, window, fmt, output, quiet, config_path, data_dir):
+@click.option("--store", "store", default=None, metavar="sqlite|URL",
+              help="the store, as gw serve's: sqlite (data_dir/store.sqlite) or postgresql://USER@HOST:PORT/DBNAME")
+def export_command(start, end, device, window, fmt, output, quiet, config_path, data_dir, store):
     """Write readings (or a rollup window) from the store to a Parquet, CSV or
     NDJSON file, one consistent snapshot of the store, while gw serve runs or not.
 
@@ -344,7 +346,7 @@ def export_command(start, end, device, window, fmt, output, quiet, config_path, 
     from gw.export import ExportError, export, open_source, output_format, selection
 
     try:
-        cfg = load_config(config_path, {"data_dir": data_dir})
+        cfg = load_config(config_path, {"data_dir": data_dir, "store": store})
     except ConfigError as exc:
         _fail(str(exc))
     try:

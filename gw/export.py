@@ -10,8 +10,10 @@ Two halves meet at a seam:
   rows all come from the same state of the store. It yields columnar batches
   of at most `CHUNK_ROWS` rows, in (time, device id) order, so memory stays
   bounded whatever the range. `SqliteSource` holds every SQL statement for the
-  embedded store; a source for another store is one class of the same shape
-  (`open_source` picks it from the `store` setting).
+  embedded store, `PgSource` (gw/export_pg.py) every one for a PostgreSQL
+  store; `open_source` picks one by the `store` setting. Both give the writers
+  the same columns and types (times as Unix seconds, JSON as compact text), so
+  both stores export the same files.
 - a writer per format turns a batch into rows of the output: Parquet
   (pyarrow, zstd, one row group per batch, `ts` a `timestamp[us, tz=UTC]`),
   CSV and NDJSON (RFC 3339 times in UTC). The file is written beside its
@@ -328,9 +330,9 @@ def open_source(cfg) -> ReadingSource:
 
     store = getattr(cfg, "store", "sqlite") or "sqlite"
     if is_postgresql(store):
-        # The URL is not repeated: it may hold a password.
-        raise ExportError("gw export reads only the embedded store so far; this configuration's store "
-                          "is PostgreSQL (export it with psql's \\copy, or set store = \"sqlite\")", 2)
+        from gw.export_pg import PgSource
+
+        return PgSource(store, getattr(cfg, "store_pg_connect_timeout", 5.0))
     return SqliteSource(Path(cfg.data_dir) / STORE_FILE)
 
 

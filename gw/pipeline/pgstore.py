@@ -585,8 +585,9 @@ class PgStoreSink(Sink):
                     break
                 try:
                     with conn.transaction():
-                        # Queries of the table hold a lock only for their statement; a long
-                        # one makes this drop wait for the next pass rather than hold them up.
+                        # Queries of the table hold a lock for their statement (gw export: for
+                        # its whole snapshot); a long one makes this drop wait for the next pass
+                        # rather than hold up the batches queued behind it.
                         conn.execute("SET LOCAL lock_timeout = '2s'")
                         conn.execute(f"DROP TABLE IF EXISTS {partition_name(parent, day)}")
                 except psycopg.errors.LockNotAvailable:
