@@ -3,11 +3,12 @@
 COPY ... FROM STDIN (text): a row per line, columns separated by a tab, `\\N`
 for NULL, and in a value a backslash, newline, carriage return or tab written
 as `\\\\`, `\\n`, `\\r`, `\\t` (`escape`). Times are ISO 8601 in UTC with
-microseconds (numpy formats a whole column at once), floats Python's repr (the
-shortest text that reads back to the same double).
+microseconds and no zone (numpy formats a whole column at once; the sink's
+connection has timezone UTC), doubles the shortest text that reads back to the
+same value.
 
-Row orders serve the indexes: samples and rollups go in the order of their
-index keys ((device_id, metric, ...) byte-wise, the columns' collation "C"),
+Row orders serve the indexes: readings, samples and rollups go in the order of
+their index keys ((device_id, ...) byte-wise, the columns' collation "C"),
 so consecutive index insertions and upsert probes land on the same pages.
 Readings and samples come in pieces of PIECE rows: the sink sends one while
 the next is built.
@@ -36,9 +37,11 @@ def escape(text: str) -> str:
 
 
 def times(ts: np.ndarray) -> list[str]:
-    """Unix seconds -> timestamptz text, to the microsecond."""
+    """Unix seconds -> timestamptz text in UTC, to the microsecond, without a zone:
+    the sink's connection has timezone UTC (a zone suffix added by numpy cost as
+    much as the formatting)."""
     us = np.rint(ts * 1e6).astype(np.int64).astype("datetime64[us]")
-    return np.char.add(np.datetime_as_string(us, unit="us"), "+00").tolist()
+    return np.datetime_as_string(us, unit="us").tolist()
 
 
 def floats(values: np.ndarray) -> list[str]:
@@ -51,8 +54,9 @@ def floats(values: np.ndarray) -> list[str]:
 
 
 def name_rank(names: list) -> np.ndarray:
-    """Per series index its rank in (device_id, metric) order (Python's str order
-    is by code point, which is UTF-8's byte order: collation "C")."""
+    """Per index into names ((device_id, metric) pairs, or device ids) its rank in
+    sorted order (Python's str order is by code point, which is UTF-8's byte
+    order: collation "C")."""
     rank = np.empty(len(names), dtype=np.int64)
     rank[sorted(range(len(names)), key=names.__getitem__)] = np.arange(len(names), dtype=np.int64)
     return rank
@@ -62,17 +66,22 @@ def _rows(*columns) -> str:
     return "\n".join(map("\t".join, zip(*columns))) + "\n"
 
 
-def readings(rows: list, ts: np.ndarray):
+def readings(rows: list, ts: np.ndarray, devices: dict):
     """Lines of `COPY readings (worker, lsn, device_id, ts, seq, metrics, tags, payload)`,
-    in pieces (arrival order)."""
+    in pieces, ordered by (device_id, ts): the order of the readings' index."""
+    index = {dev: i for i, dev in enumerate(devices)}
+    rank = name_rank(list(devices))
+    dev = np.fromiter((index[r[2]] for r in rows), dtype=np.int64, count=len(rows))
+    order = np.lexsort((ts, rank[dev])).tolist()
     esc = escape
     null = NULL
-    for lo in range(0, len(rows), PIECE):
-        part = rows[lo:lo + PIECE]
-        tstext = times(ts[lo:lo + PIECE])
+    for lo in range(0, len(order), PIECE):
+        part = order[lo:lo + PIECE]
+        tstext = times(ts[part])
         yield "".join([f"{w}\t{lsn}\t{esc(dev)}\t{t}\t{null if seq is None else seq}\t{esc(metrics)}\t"
                        f"{esc(tags)}\t{null if payload is None else esc(payload)}\n"
-                       for (w, lsn, dev, _ts, seq, metrics, tags, payload), t in zip(part, tstext)])
+                       for (w, lsn, dev, _ts, seq, metrics, tags, payload), t
+                       in zip([rows[i] for i in part], tstext)])
 
 
 def _names(cols) -> np.ndarray:

@@ -259,7 +259,7 @@ class PgStoreSink(Sink):
     """Readings -> PostgreSQL, exactly once; rollups, devices, anomaly alerts."""
 
     name = "store"
-    catchup = 64          # large batches: a rollup row touched once per batch serves more readings
+    catchup = 128         # large batches: a rollup and a device row touched once per batch serve more readings
 
     def __init__(self, url: str, nworkers: int, *, anomaly_window: int = 60, anomaly_threshold: float = 4.0,
                  raw_retention: float = 7 * 86400.0, rollup_retention: dict | None = None,
@@ -449,7 +449,7 @@ class PgStoreSink(Sink):
                 # core) stores one piece while the next is built.
                 if readings:
                     with cur.copy(COPY_READINGS) as copy:
-                        for piece in copytext.readings(readings, rts):
+                        for piece in copytext.readings(readings, rts, cols.devices):
                             copy.write(piece)
                 if len(cols):
                     by = batch.BySeries(cols, copytext.name_rank(cols.names))
