@@ -36,7 +36,6 @@ import numpy as np
 from . import batch
 from .anomaly import Detector
 from .errors import PipelineError
-from .rollup import WINDOWS
 from .sink import Part, Sink
 
 log = logging.getLogger("gw.pipeline.store")
