@@ -51,7 +51,7 @@ from gw.pipeline import Pipeline                                   # noqa: E402
 from gw.pipeline.rollup import NUMPY_FROM, aggregate_numpy, aggregate_python   # noqa: E402
 from gw.pipeline.anomaly import Detector                           # noqa: E402
 from gw.pipeline.store import STORE_FILE, StoreSink, open_store    # noqa: E402
-from gw.pipeline.store import _Reading as _StoreReading            # noqa: E402
+from gw.pipeline.batch import Reading as _StoreReading             # noqa: E402
 
 RATE = 20_000.0
 WORKERS = 2
@@ -341,8 +341,8 @@ def test_gate_numpy_aggregation_vs_dict_loop(request):
 
 # --- before and after: python bench/bench_store.py --compare REV -----------------------------
 
-def _sink_at(rev: str, into: Path):
-    """The store sink of git revision `rev` (gw/pipeline/store.py and the modules it imports),
+def _sink_at(rev: str, into: Path, module: str = "store"):
+    """The store sink of git revision `rev` (gw/pipeline/{module}.py and the modules it imports),
     as a package of its own beside this checkout's."""
     import importlib
     import subprocess
@@ -350,12 +350,14 @@ def _sink_at(rev: str, into: Path):
     pkg = into / f"store_{rev[:12]}"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("store", "rollup", "anomaly", "sink", "errors"):
-        text = subprocess.run(["git", "show", f"{rev}:gw/pipeline/{name}.py"], check=True, capture_output=True,
-                              text=True, cwd=Path(__file__).resolve().parent.parent).stdout
-        (pkg / f"{name}.py").write_text(text)
-    sys.path.insert(0, str(into))
-    return importlib.import_module(f"{pkg.name}.store")
+    for name in ("store", "pgstore", "batch", "copytext", "rollup", "anomaly", "sink", "errors"):
+        got = subprocess.run(["git", "show", f"{rev}:gw/pipeline/{name}.py"], capture_output=True,
+                             text=True, cwd=Path(__file__).resolve().parent.parent)
+        if got.returncode == 0:            # a module the revision does not have is not needed by it
+            (pkg / f"{name}.py").write_text(got.stdout)
+    if str(into) not in sys.path:
+        sys.path.insert(0, str(into))
+    return importlib.import_module(f"{pkg.name}.{module}")
 
 
 def _drive(mod, directory: Path, logs, batch: int) -> tuple[float, float]:

@@ -8,6 +8,11 @@ anomaly detection, checkpoints: one transaction per batch). PostgreSQL runs on
 the same machine (tests/pg_server.py: its own cluster on a free loopback port,
 fsync on), a fresh database per round. ``extra_info["readings_per_s"]``; the
 target is 50,000/s on the 2-core machine. No gate on absolute times.
+
+``python bench/bench_store_pg.py --compare REV``: the PostgreSQL store sink of git
+revision REV against this checkout's, alternating, on the same logs and server,
+each driven directly in batches of its own `catchup` x `pipeline_batch` (a sink
+that is behind: what "sustained" means), without the pipeline's log reading.
 """
 
 from __future__ import annotations
@@ -81,4 +86,73 @@ def test_pg_store_sustained_1000_devices(benchmark, tmp_path, pg_bench_server):
 
 
 def test_pg_store_sustained_20000_devices(benchmark, tmp_path, pg_bench_server):
-    sustained(benchmark, tmp_path, pg_bench_server, 20_000, 300_000)
+    sustained(benchmark, tmp_path, pg_bench_server, 20_000, 1_000_000)
+
+
+# --- before and after: python bench/bench_store_pg.py --compare REV --------------------------
+
+def _drive_pg(mod, url: str, logs, batch: int) -> tuple[float, float]:
+    """Every record of `logs` through mod's PgStoreSink in batches of `batch` records
+    (what the runner hands a sink that is behind): (wall s, this process's CPU s)."""
+    sink = mod.PgStoreSink(url, WORKERS)
+    sink.open()
+    recs = []
+    for p in logs:
+        off = 0
+        r = []
+        for x in p:
+            r.append((off, x))
+            off += 8 + len(x)
+        recs.append(r)
+    pos = [0] * WORKERS
+    t, cpu = time.perf_counter(), time.process_time()
+    while any(pos[w] < len(recs[w]) for w in range(WORKERS)):
+        parts = []
+        for w in range(WORKERS):
+            chunk = recs[w][pos[w]:pos[w] + batch // WORKERS]
+            if chunk:
+                pos[w] += len(chunk)
+                parts.append((w, chunk, chunk[-1][0] + 8 + len(chunk[-1][1])))
+        sink.write(parts)
+    out = time.perf_counter() - t, time.process_time() - cpu
+    sink.close()
+    return out
+
+
+def main() -> None:
+    import argparse
+
+    from bench_store import _sink_at
+
+    ap = argparse.ArgumentParser(description="the PostgreSQL store sink of a git revision against this "
+                                             "checkout's, alternating, on the same logs and server")
+    ap.add_argument("--compare", required=True, metavar="REV", help="git revision of the 'before' sink")
+    ap.add_argument("--devices", type=int, default=20_000)
+    ap.add_argument("--readings", type=int, default=300_000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--pipeline-batch", type=int, default=2000)
+    args = ap.parse_args()
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="gw-pgstore-compare-"))
+    server = make_pg_server(fsync=True)
+    try:
+        before = _sink_at(args.compare, base / "pkg", "pgstore")
+        import gw.pipeline.pgstore as after
+        logs = make_logs(args.devices, args.readings)
+        for rnd in range(args.rounds):
+            for label, mod in (("before", before), ("after", after)):
+                url = server.database()
+                batch = args.pipeline_batch * mod.PgStoreSink.catchup
+                wall, cpu = _drive_pg(mod, url, logs, batch)
+                print(f"round {rnd + 1} {label:6s}: {args.readings / wall:9,.0f} readings/s, "
+                      f"{args.readings / cpu:9,.0f} readings per CPU-second of the sink's process, "
+                      f"batch {batch}", flush=True)
+                server.drop(url)
+    finally:
+        server.stop()
+        shutil.rmtree(server.base, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -286,3 +286,62 @@ def test_backslashes_tabs_and_newlines_reach_the_database_unchanged(pg_server, p
     assert json.loads(got_payload) == json.loads(payload)
     assert json.loads(got_metrics) == {"m": 1.5}
     assert pg_server.psql("SELECT tags->>'note' FROM devices", db) == [(tags["note"],)]
+
+
+def test_names_with_backslashes_and_tabs_reach_samples_and_rollups_unchanged(pg_server, pg_url):
+    """Device ids and metric names go through COPY's text format too (samples,
+    rollups, devices), ordered byte-wise; times to the microsecond."""
+    from gw.pipeline.pgstore import PgStoreSink
+
+    names = [("dev\\one", "temp\tc"), ("dev\\one", "b\\N"), ("Zed", "m"), ("\u00e9t\u00e9", "\u00b5")]
+    recs, off = [], 0
+    for i in range(12):
+        dev, metric = names[i % len(names)]
+        p = reading(dev, T0 + i + 0.123456, i, {metric: i * 0.1})
+        recs.append((off, p))
+        off += 8 + len(p)
+    sink = PgStoreSink(pg_url, 1)
+    sink.open()
+    try:
+        for lo in range(0, len(recs), 5):           # three batches: the rollups are upserted again
+            part = recs[lo:lo + 5]
+            sink.write([(0, part, part[-1][0] + 8 + len(part[-1][1]))])
+    finally:
+        sink.close()
+    db = pg_url.rsplit("/", 1)[1]
+    got = pg_server.psql("SELECT device_id, metric, extract(epoch FROM ts)::numeric(20,6)::text, value "
+                         "FROM samples ORDER BY lsn", db)
+    want = [(names[i % 4][0], names[i % 4][1], f"{T0 + i + 0.123456:.6f}", i * 0.1) for i in range(12)]
+    assert got == want
+    rollups = pg_server.psql("SELECT device_id, metric, count, sum FROM rollups WHERE win = '1d' "
+                             "ORDER BY device_id, metric", db)
+    want = sorted((d, m, 3, sum(i * 0.1 for i in range(k, 12, 4))) for k, (d, m) in enumerate(names))
+    assert [r[:3] for r in rollups] == [w[:3] for w in want]
+    assert [r[3] for r in rollups] == pytest.approx([w[3] for w in want])
+    assert pg_server.psql("SELECT device_id, readings FROM devices ORDER BY device_id", db) == \
+        sorted([("dev\\one", 6), ("Zed", 3), ("\u00e9t\u00e9", 3)])
+
+
+def test_rollup_tables_of_an_earlier_store_get_their_fillfactor(pg_server, pg_url):
+    """A store made before the rollup tables had a fillfactor gets it at start
+    (same layout otherwise: no new schema version)."""
+    from gw.pipeline.pgstore import ROLLUP_FILLFACTOR, PgStoreSink
+
+    sink = PgStoreSink(pg_url, 1)
+    sink.open()
+    sink.poll(time.monotonic())                      # the day partitions
+    sink.close()
+    db = pg_url.rsplit("/", 1)[1]
+    for table in ("rollups_1h", "rollups_1d", "rollups_1m_default"):
+        pg_server.psql(f"ALTER TABLE {table} RESET (fillfactor)", db)
+    day = pg_server.psql("SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                         "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname = 'rollups_1m' "
+                         "AND c.relname <> 'rollups_1m_default' LIMIT 1", db)[0][0]
+    pg_server.psql(f"ALTER TABLE {day} RESET (fillfactor)", db)
+    sink = PgStoreSink(pg_url, 1)
+    sink.open()
+    sink.close()
+    rows = dict(pg_server.psql("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(%s)", db,
+                               (["rollups_1h", "rollups_1d", "rollups_1m_default", day],)))
+    assert rows == {t: [f"fillfactor={ROLLUP_FILLFACTOR}"]
+                    for t in ("rollups_1h", "rollups_1d", "rollups_1m_default", day)}

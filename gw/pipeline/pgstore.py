@@ -33,10 +33,11 @@ import time
 from datetime import datetime, timezone
 
 import msgspec
+import numpy as np
 
+from . import batch, copytext
 from .anomaly import Detector
 from .errors import PipelineError
-from .rollup import aggregate
 from .sink import Part, Sink
 
 log = logging.getLogger("gw.pipeline.pgstore")
@@ -44,6 +45,12 @@ log = logging.getLogger("gw.pipeline.pgstore")
 SCHEMA_VERSION = 1
 UTC = timezone.utc
 DAY = 86400
+
+# Rollup rows are updated by every batch that has samples in their bucket: pages
+# kept part empty let PostgreSQL write the new row version beside the old one
+# without touching the primary key's index (a heap-only update), and prune the
+# old versions as it goes.
+ROLLUP_FILLFACTOR = 50
 
 # Tables in creation order; every statement runs once, when the database has no gw schema yet.
 SCHEMA = (
@@ -64,9 +71,9 @@ SCHEMA = (
     "max double precision NOT NULL, sum double precision NOT NULL, sumsq double precision NOT NULL, "
     "PRIMARY KEY (win, device_id, metric, bucket)) PARTITION BY LIST (win)",
     "CREATE TABLE rollups_1m PARTITION OF rollups FOR VALUES IN ('1m') PARTITION BY RANGE (bucket)",
-    "CREATE TABLE rollups_1m_default PARTITION OF rollups_1m DEFAULT",
-    "CREATE TABLE rollups_1h PARTITION OF rollups FOR VALUES IN ('1h')",
-    "CREATE TABLE rollups_1d PARTITION OF rollups FOR VALUES IN ('1d')",
+    f"CREATE TABLE rollups_1m_default PARTITION OF rollups_1m DEFAULT WITH (fillfactor = {ROLLUP_FILLFACTOR})",
+    f"CREATE TABLE rollups_1h PARTITION OF rollups FOR VALUES IN ('1h') WITH (fillfactor = {ROLLUP_FILLFACTOR})",
+    f"CREATE TABLE rollups_1d PARTITION OF rollups FOR VALUES IN ('1d') WITH (fillfactor = {ROLLUP_FILLFACTOR})",
     "CREATE INDEX rollups_1h_bucket ON rollups_1h (bucket)",
     "CREATE TABLE devices (device_id text COLLATE \"C\" PRIMARY KEY, first_seen timestamptz NOT NULL, "
     "last_seen timestamptz NOT NULL, last_values jsonb NOT NULL, tags jsonb NOT NULL, readings bigint NOT NULL)",
@@ -85,7 +92,7 @@ TABLES = ("readings", "samples", "rollups", "devices", "alerts", "checkpoints", 
 DAY_PARTITIONED = {"readings": "ts", "samples": "ts", "rollups_1m": "bucket"}
 
 COPY_READINGS = "COPY readings (worker, lsn, device_id, ts, seq, metrics, tags, payload) FROM STDIN"
-COPY_SAMPLES = "COPY samples (device_id, metric, ts, value, worker, lsn) FROM STDIN"
+COPY_SAMPLES = "COPY samples (worker, lsn, device_id, metric, ts, value) FROM STDIN"
 # A batch's rollups and devices are COPYed into temporary tables (emptied at commit), then
 # upserted from there in one statement each: COPY is the cheapest way in, for the client too.
 TEMP_TABLES = (
@@ -169,6 +176,7 @@ def ensure_schema(conn, where: str) -> None:
                 raise PipelineError(f"the database {where} has gw schema version {row[0]!r}; this gw knows "
                                     f"version {SCHEMA_VERSION} only: run the gw that wrote it, or point store "
                                     "at another database")
+            _rollup_storage(conn)
             return
         if have:
             raise PipelineError(f"the database {where} holds tables {', '.join(sorted(have))} but no gw meta "
@@ -179,6 +187,18 @@ def ensure_schema(conn, where: str) -> None:
             conn.execute("INSERT INTO meta VALUES ('schema_version', %s)", (str(SCHEMA_VERSION),))
         except psycopg.Error as exc:
             raise PipelineError(f"the database {where} cannot be initialised: {exc}") from None
+
+
+def _rollup_storage(conn) -> None:
+    """Rollup tables made before ROLLUP_FILLFACTOR was set get it: it applies to the
+    pages written from now on (the layout is otherwise the same)."""
+    want = f"fillfactor={ROLLUP_FILLFACTOR}"
+    rows = conn.execute(
+        "SELECT c.relname FROM pg_class c JOIN pg_inherits i ON i.inhrelid = c.oid "
+        "JOIN pg_class p ON p.oid = i.inhparent WHERE p.relname IN ('rollups', 'rollups_1m') "
+        "AND c.relkind = 'r' AND NOT coalesce(c.reloptions, '{}') @> ARRAY[%s]", (want,)).fetchall()
+    for (name,) in rows:
+        conn.execute(f'ALTER TABLE "{name}" SET (fillfactor = {ROLLUP_FILLFACTOR})')
 
 
 def day_start(ts: float) -> int:
@@ -213,7 +233,8 @@ def create_day_partition(conn, parent: str, day: int) -> None:
     hi = datetime.fromtimestamp(day + DAY, UTC)
     if conn.execute("SELECT to_regclass(%s)", (name,)).fetchone()[0] is not None:
         return                  # made by another connection meanwhile
-    conn.execute(f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS)")
+    storage = f" WITH (fillfactor = {ROLLUP_FILLFACTOR})" if parent == "rollups_1m" else ""
+    conn.execute(f"CREATE TABLE {name} (LIKE {parent} INCLUDING DEFAULTS){storage}")
     conn.execute(f"WITH moved AS (DELETE FROM {parent}_default WHERE {col} >= %s AND {col} < %s RETURNING *) "
                  f"INSERT INTO {name} SELECT * FROM moved", (lo, hi))
     conn.execute(f"ALTER TABLE {parent} ATTACH PARTITION {name} FOR VALUES FROM ('{lo.isoformat()}') "
@@ -221,17 +242,6 @@ def create_day_partition(conn, parent: str, day: int) -> None:
 
 
 # --- the sink ------------------------------------------------------------------------------
-
-class _Reading(msgspec.Struct):
-    """The normalised reading as the workers log it (gw/ingest.py Telemetry);
-    unknown fields are tolerated (a newer writer)."""
-    device_id: str
-    ts: datetime
-    seq: int | None = None
-    metrics: dict[str, float] = {}
-    tags: msgspec.Raw = msgspec.Raw(b"{}")
-    payload: msgspec.Raw = msgspec.Raw(b"null")
-
 
 class _Alert(msgspec.Struct):
     id: int
@@ -245,14 +255,11 @@ class _Alert(msgspec.Struct):
     state: str = "open"
 
 
-_NULL = b"null"
-
-
 class PgStoreSink(Sink):
     """Readings -> PostgreSQL, exactly once; rollups, devices, anomaly alerts."""
 
     name = "store"
-    catchup = 64          # large batches: a rollup row touched once per batch serves more readings
+    catchup = 128         # large batches: a rollup and a device row touched once per batch serve more readings
 
     def __init__(self, url: str, nworkers: int, *, anomaly_window: int = 60, anomaly_threshold: float = 4.0,
                  raw_retention: float = 7 * 86400.0, rollup_retention: dict | None = None,
@@ -272,7 +279,7 @@ class PgStoreSink(Sink):
         self.connect_timeout = connect_timeout
         self.clock = clock
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()    # (topic, payload) to publish after commit
-        self._decode = msgspec.json.Decoder(_Reading).decode
+        self._decode = msgspec.json.Decoder(batch.Reading).decode
         self._encode = msgspec.json.Encoder().encode
         self._partitions: dict[str, set[int]] = {p: set() for p in DAY_PARTITIONED}
         self._warmed: dict = {}
@@ -292,7 +299,9 @@ class PgStoreSink(Sink):
         if conn is not None and not conn.closed and not conn.broken:
             return conn
         self._drop_connection()
-        conn = connect(self.url, self.connect_timeout, "gw-pipeline", autocommit=True, options="-c timezone=UTC")
+        # A batch's temporary tables (20 MB for 128,000 readings) stay in memory.
+        conn = connect(self.url, self.connect_timeout, "gw-pipeline", autocommit=True,
+                       options="-c timezone=UTC -c temp_buffers=64MB")
         try:
             ensure_schema(conn, self.where)
             for stmt in TEMP_TABLES:
@@ -405,82 +414,26 @@ class PgStoreSink(Sink):
 
     # -- one batch, one transaction
     def write(self, parts: list[Part]) -> None:
+        with batch.paused_gc():
+            self._write(parts)
+
+    def _write(self, parts: list[Part]) -> None:
         conn = self._connection()
         with conn.transaction():
             locked = dict(conn.execute(LOCK_CHECKPOINTS, (self.name,)).fetchall())
         # The lock is taken again in the batch's transaction; this first look only
         # finds a lost commit answer before the detector sees the batch.
         parts = self._after_checkpoints(parts, locked)
-        decode = self._decode
         encode = self._encode
-        readings = []
-        samples = []
-        names: dict = {}
-        namelist: list = []
-        skey = []
-        sts = []
-        sval = []
-        devs: dict = {}
-        days = set()
-        decoded = []
-        for slot, records, _next in parts:
-            for off, payload in records:
-                try:
-                    r = decode(payload)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._bad(slot, off, exc)
-                    continue
-                decoded.append((slot, off, r))
-        for slot, off, r in decoded:
-            for m in r.metrics:
-                nk = (r.device_id, m)
-                if nk not in names:
-                    names[nk] = len(namelist)
-                    namelist.append(nk)
-        self._prefetch_warm(namelist)
-        observe = self.detector.observe
-        alerts = []
-        last_day = -1
-        for slot, off, r in decoded:
-            dt = r.ts
-            ts = dt.timestamp()
-            day = int(ts // DAY) * DAY
-            if day != last_day:
-                days.add(day)
-                last_day = day
-            dev = r.device_id
-            metrics = r.metrics
-            tags = bytes(r.tags).decode()
-            pl = bytes(r.payload)
-            readings.append((slot, off, dev, dt, r.seq, encode(metrics).decode(), tags,
-                             None if pl == _NULL else pl.decode()))
-            for m, v in metrics.items():
-                samples.append((dev, m, dt, v, slot, off))
-                skey.append(names[(dev, m)])
-                sts.append(ts)
-                sval.append(v)
-                a = observe(dev, m, v)
-                if a is not None:
-                    alerts.append((dev, m, dt, v, a[0], a[1], a[2]))
-            d = devs.get(dev)
-            if d is None:
-                devs[dev] = [ts, ts, dict(metrics), tags, 1]
-            else:
-                if ts >= d[1]:
-                    d[1] = ts
-                    d[2].update(metrics)
-                    d[3] = tags
-                else:
-                    lv = d[2]
-                    for m, v in metrics.items():
-                        lv.setdefault(m, v)
-                    if ts < d[0]:
-                        d[0] = ts
-                d[4] += 1
-        self._warmed = {}
-        rollups = aggregate(namelist, skey, sts, sval)
+        cols = batch.decode(parts, self._decode, encode, self._bad)
+        readings = cols.readings
         published = []
         try:
+            self._prefetch_warm(cols.names)
+            alerts = batch.detect(cols, self.detector)
+            self._warmed = {}
+            rts = np.fromiter((r[3] for r in readings), dtype=np.float64, count=len(readings))
+            days = set((np.unique(np.floor(rts / DAY)) * DAY).astype(np.int64).tolist())
             if days - self._partitions["readings"]:
                 self._ensure_partitions(days)
             with conn.transaction():
@@ -492,36 +445,34 @@ class PgStoreSink(Sink):
                             self.checkpoints[slot] = max(offset, self.checkpoints.get(slot, 0))
                     raise _Resume("the store's checkpoints moved under this batch; it is read again")
                 cur = conn.cursor()
+                # Each COPY's text is built and sent in pieces: PostgreSQL (on another
+                # core) stores one piece while the next is built.
                 if readings:
                     with cur.copy(COPY_READINGS) as copy:
-                        write_row = copy.write_row
-                        for row in readings:
-                            write_row(row)
-                if samples:
+                        for piece in copytext.readings(readings, rts, cols.devices):
+                            copy.write(piece)
+                if len(cols):
+                    by = batch.BySeries(cols, copytext.name_rank(cols.names))
                     with cur.copy(COPY_SAMPLES) as copy:
-                        write_row = copy.write_row
-                        for row in samples:
-                            write_row(row)
-                if rollups:
+                        for piece in copytext.samples(cols, by):
+                            copy.write(piece)
                     with cur.copy(COPY_ROLLUPS) as copy:
-                        write_row = copy.write_row
-                        for row in rollups:
-                            write_row(row)
+                        copy.write(copytext.rollups(cols, by))
                     cur.execute(UPSERT_ROLLUPS)
-                if devs:
+                if cols.devices:
                     with cur.copy(COPY_DEVICES) as copy:
-                        write_row = copy.write_row
-                        for dev, d in devs.items():
-                            write_row((dev, d[0], d[1], encode(d[2]).decode(), d[3], d[4]))
+                        copy.write(copytext.devices(cols.devices, encode))
                     cur.execute(UPSERT_DEVICES)
                 if alerts:
                     now = self.clock()
-                    for dev, m, dt, v, z, mean, std in alerts:
+                    for dev, m, ts, v, z, mean, std in alerts:
+                        dt = datetime.fromtimestamp(ts, UTC)
                         aid = cur.execute(INSERT_ALERT, (dev, m, dt, v, z, mean, std, now)).fetchone()[0]
                         published.append(_Alert(aid, dev, m, dt, v, z, mean, std))
                 if parts:
                     cur.execute(UPSERT_CHECKPOINTS, (self.name, [p[0] for p in parts], [p[2] for p in parts]))
         except BaseException:
+            self._warmed = {}
             self.detector.reset()           # it saw values that were not committed
             raise
         for slot, _r, nxt in parts:

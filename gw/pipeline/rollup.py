@@ -5,7 +5,7 @@ A bucket is the window's start in Unix seconds: floor(ts / W) * W with W = 60,
 adds each batch's aggregates to it (an upsert), so a batch's samples are first
 reduced to one tuple per key. The store's sink does it with numpy on the
 batch's samples already sorted by series and time for its sample chunks
-(store.StoreSink._samples: no further sort per window); `aggregate` here picks
+(batch.rollups: no further sort per window); `aggregate` here picks
 numpy (sort, then reduceat) above NUMPY_FROM samples and a dict loop below
 (bench/bench_store.py measures where the two cross), for callers with a batch
 of their own, and `aggregate_python` is the reference the tests hold both to.

@@ -18,7 +18,6 @@ not seen yet; `devices.tags` are the newest reading's.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import operator
@@ -34,9 +33,9 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
+from . import batch
 from .anomaly import Detector
 from .errors import PipelineError
-from .rollup import WINDOWS
 from .sink import Part, Sink
 
 log = logging.getLogger("gw.pipeline.store")
@@ -329,17 +328,6 @@ def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: li
 
 # --- the sink --------------------------------------------------------------------------
 
-class _Reading(msgspec.Struct):
-    """The normalised reading as the workers log it (gw/ingest.py Telemetry);
-    unknown fields are tolerated (a newer writer)."""
-    device_id: str
-    ts: datetime
-    seq: int | None = None
-    metrics: dict[str, float] = {}
-    tags: msgspec.Raw = msgspec.Raw(b"{}")
-    payload: msgspec.Raw = msgspec.Raw(b"null")
-
-
 class _Alert(msgspec.Struct):
     id: int
     device_id: str
@@ -352,7 +340,6 @@ class _Alert(msgspec.Struct):
     state: str = "open"
 
 
-_NULL = b"null"
 _T1 = operator.itemgetter(2)
 
 
@@ -382,7 +369,7 @@ class StoreSink(Sink):
         self.retention_interval = retention_interval
         self.clock = clock
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()    # (topic, payload) to publish after commit
-        self._decode = msgspec.json.Decoder(_Reading).decode
+        self._decode = msgspec.json.Decoder(batch.Reading).decode
         self._encode = msgspec.json.Encoder().encode
         self.bad_records = 0
         self.alerts = 0
@@ -435,66 +422,15 @@ class StoreSink(Sink):
 
     # -- one batch, one transaction
     def write(self, parts: list[Part]) -> None:
-        # A batch allocates a few hundred thousand tuples, all freed at its end: the
-        # cyclic collector would walk them (and every older object) several times
-        # over for nothing. It is paused for the batch, as it holds no cycles.
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
-        try:
+        with batch.paused_gc():
             self._write(parts)
-        finally:
-            if paused:
-                gc.enable()
 
     def _write(self, parts: list[Part]) -> None:
-        decode = self._decode
         encode = self._encode
-        readings = []
-        names: dict = {}
-        namelist: list = []
-        skey = []
-        sts = []
-        sval = []
-        devs: dict = {}
-        for slot, records, _next in parts:
-            for off, payload in records:
-                try:
-                    r = decode(payload)
-                except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-                    self._bad(slot, off, exc)
-                    continue
-                ts = r.ts.timestamp()
-                dev = r.device_id
-                metrics = r.metrics
-                tags = bytes(r.tags).decode()
-                pl = bytes(r.payload)
-                readings.append((slot, off, dev, ts, r.seq, encode(metrics).decode(), tags,
-                                 None if pl == _NULL else pl.decode()))
-                for m, v in metrics.items():
-                    nk = (dev, m)
-                    k = names.get(nk)
-                    if k is None:
-                        k = names[nk] = len(namelist)
-                        namelist.append(nk)
-                    skey.append(k)
-                    sts.append(ts)
-                    sval.append(v)
-                d = devs.get(dev)
-                if d is None:
-                    devs[dev] = [ts, ts, dict(metrics), tags, 1]
-                else:
-                    if ts >= d[1]:
-                        d[1] = ts
-                        d[2].update(metrics)
-                        d[3] = tags
-                    else:
-                        lv = d[2]
-                        for m, v in metrics.items():
-                            lv.setdefault(m, v)
-                        if ts < d[0]:
-                            d[0] = ts
-                    d[4] += 1
+        cols = batch.decode(parts, self._decode, encode, self._bad)
+        readings = cols.readings
+        namelist = cols.names
+        devs = cols.devices
         series = self._series
         new_series = []
         sids = []
@@ -506,7 +442,7 @@ class StoreSink(Sink):
                 new_series.append((sid, nk[0], nk[1]))
             sids.append(sid)
         try:
-            chunks, rollups, alerts = self._samples(namelist, sids, skey, sts, sval)
+            chunks, rollups, alerts = self._samples(cols, sids)
         except BaseException:
             self._next_series -= len(new_series)
             self.detector.reset()
@@ -555,70 +491,24 @@ class StoreSink(Sink):
         for a in published:
             self.outbox.put((b"alerts/" + a.device_id.encode(), encode(a)))
 
-    def _samples(self, namelist: list, sids: list, skey: list, sts: list, sval: list):
-        """The batch's samples (series index skey[i], time sts[i], value sval[i], in
-        arrival order) as sample chunk rows, rollup upserts and alerts."""
-        if not skey:
+    def _samples(self, cols: batch.Columns, sids: list):
+        """The batch's samples as sample chunk rows, rollup upserts and alerts."""
+        if not len(cols):
             return [], [], []
-        key = np.array(skey, dtype=np.int64)
-        ts = np.array(sts, dtype=np.float64)
-        val = np.array(sval, dtype=np.float64)
-        n = len(key)
-        change = np.empty(n, dtype=bool)
-        change[0] = True
-
-        # The detector: each series' values in arrival order, as observe() would see them.
-        order = np.argsort(key, kind="stable")
-        ko = key[order]
-        np.not_equal(ko[1:], ko[:-1], out=change[1:])
-        starts = np.flatnonzero(change).tolist()
-        vals = val[order].tolist()
-        observe = self.detector.observe_many
-        found = []
-        ends = starts[1:] + [n]
-        for s, e, k in zip(starts, ends, ko[starts].tolist()):
-            dev, m = namelist[k]
-            for i, z, mean, std in observe(dev, m, vals[s:e]):
-                found.append((int(order[s + i]), dev, m, z, mean, std))
-        alerts = []
-        if found:
-            found.sort()
-            alerts = [(dev, m, sts[i], sval[i], z, mean, std) for i, dev, m, z, mean, std in found]
-
-        # Chunks and rollups: each series' samples in time order.
-        order = np.lexsort((ts, key))
-        ks = key[order]
-        tsorted = ts[order]
-        vsorted = val[order]
+        alerts = batch.detect(cols, self.detector)
+        by = batch.BySeries(cols)
         sid_of = np.asarray(sids, dtype=np.int64)
-        kchange = np.empty(n, dtype=bool)
-        kchange[0] = True
-        np.not_equal(ks[1:], ks[:-1], out=kchange[1:])
-        hour = np.floor(tsorted / CHUNK_SECONDS)
-        np.not_equal(hour[1:], hour[:-1], out=change[1:])
-        change |= kchange
-        starts = np.flatnonzero(change)
-        ends = np.append(starts[1:], n)
-        tl = tsorted.tolist()
-        vl = vsorted.tolist()
+        starts, _hours = by.runs(CHUNK_SECONDS)
+        ends = np.append(starts[1:], len(by.order))
+        tl = by.ts.tolist()
+        vl = by.val.tolist()
         enc = self._encode
         chunks = [(sid, tl[s], tl[e - 1], e - s, enc(tl[s:e]).decode(), enc(vl[s:e]).decode())
-                  for sid, s, e in zip(sid_of[ks[starts]].tolist(), starts.tolist(), ends.tolist())]
+                  for sid, s, e in zip(sid_of[by.key[starts]].tolist(), starts.tolist(), ends.tolist())]
         chunks.sort(key=_T1)            # rowid order follows time: retention deletes from the start
         rollups = []
-        sq = vsorted * vsorted
-        for win, w in WINDOWS:
-            b = np.floor(tsorted / w) * w
-            np.not_equal(b[1:], b[:-1], out=change[1:])
-            change |= kchange
-            st = np.flatnonzero(change)
-            counts = np.diff(np.append(st, n))
-            mins = np.minimum.reduceat(vsorted, st)
-            maxs = np.maximum.reduceat(vsorted, st)
-            sums = np.add.reduceat(vsorted, st)
-            sqs = np.add.reduceat(sq, st)
-            bs = b[st]
-            ss = sid_of[ks[st]]
+        for win, bs, ks, counts, mins, maxs, sums, sqs in batch.rollups(by):
+            ss = sid_of[ks]
             o = np.lexsort((ss, bs))           # (bucket, series): the table's order
             rollups.extend(zip(repeat(win), bs[o].tolist(), ss[o].tolist(), counts[o].tolist(),
                                mins[o].tolist(), maxs[o].tolist(), sums[o].tolist(), sqs[o].tolist()))
