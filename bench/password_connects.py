@@ -100,6 +100,9 @@ def main() -> None:
         # allow_anonymous: the anonymous runs go to the same server as the password runs.
         flags = ("--password-file", str(pwfile), "--allow-anonymous", "true",
                  "--max-connections", str(args.clients + 1000))
+        if args.distinct_users:
+            # No cache: every round's CONNECTs are hashed, not only the first round's.
+            flags += ("--auth-cache-seconds", "0")
         with open(Path(tmp) / "gw.log", "ab") as log, \
                 mqtt_only_gw(args.workers, *flags, tmp_parent=tmp, stderr=log) as (server, port, _):
             # A first run the server has not seen the like of pays for growing its

@@ -52,8 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--duration", type=float, default=60, help="seconds of sending")
     p.add_argument("--devices", type=int, default=20_000, help="distinct devices")
     p.add_argument("--workers", type=int, default=2, help="gw serve --workers")
-    p.add_argument("--transport", choices=("mqtt", "http"), default="mqtt",
-                   help="MQTT QoS 1 publishes, or HTTP POST /v1/ingest/{device_id} (one reading each)")
+    p.add_argument("--transport", choices=("mqtt", "http", "http-batch"), default="mqtt",
+                   help="MQTT QoS 1 publishes, HTTP POST /v1/ingest/{device_id} (one reading each), or "
+                        "http-batch: Debian's wrk posting arrays of --batch readings to /v1/ingest as fast "
+                        "as the server answers (closed loop: --rate does not apply)")
+    p.add_argument("--batch", type=int, default=100, help="http-batch: readings per request")
     p.add_argument("--clients", type=int, default=200, help="connections of the load generator")
     p.add_argument("--procs", type=int, default=None, help="load generator processes (gw bench --procs)")
     p.add_argument("--drain-timeout", type=float, default=900, help="seconds to wait for the store to drain")
@@ -138,7 +141,14 @@ def stop_server(server: subprocess.Popen, timeout: float = 120) -> None:
         server.wait(10)
 
 
+WRK_SCRIPT = REPO / "bench" / "wrk" / "ingest_batch.lua"
+
+
 def bench_command(args, ports: dict, out_json: str) -> list[str]:
+    if args.transport == "http-batch":
+        # One wrk thread: a C load generator that leaves the server the CPU a Python one takes.
+        return ["wrk", "-t1", f"-c{args.clients}", f"-d{int(args.duration)}s", "-s", str(WRK_SCRIPT),
+                f"http://127.0.0.1:{ports['http']}"]
     server = f"127.0.0.1:{ports[args.transport]}"
     cmd = [sys.executable, "-m", "gw.cli", "bench", "ingest", "--transport", args.transport, "--server", server,
            "--clients", str(args.clients), "--devices", str(args.devices), "--rate", str(args.rate),
@@ -146,6 +156,19 @@ def bench_command(args, ports: dict, out_json: str) -> list[str]:
     if args.procs:
         cmd += ["--procs", str(args.procs)]
     return cmd
+
+
+def wrk_figures(path: str, batch: int, duration: float) -> dict:
+    """gw bench's figures from wrk's report: requests answered 2xx, in readings."""
+    import re
+    text = open(path).read()
+    total = re.search(r"(\d+) requests in", text)
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    if total is None:
+        raise RuntimeError(f"wrk printed no total: {text[-500:]!r}")
+    ok = int(total.group(1)) - (int(bad.group(1)) if bad else 0)
+    return {"requests": {"ok_2xx": ok * batch, "sent_per_s": int(total.group(1)) * batch / duration,
+                         "ok_per_s": ok * batch / duration}}
 
 
 def count_store(data_dir: str) -> dict:
@@ -177,9 +200,12 @@ def run(args) -> dict:
         print(f"gw serve pid {server.pid}, {args.workers} workers, data in {tmp}; driving {args.rate:,.0f} "
               f"readings/s over {args.transport} ({args.clients} connections, {args.devices:,} devices) for "
               f"{args.duration:.0f} s", flush=True)
+        wrk_out = os.path.join(tmp, "wrk.out")
         bench = subprocess.Popen(bench_command(args, ports, bench_json), cwd=tmp, stdin=subprocess.DEVNULL,
-                                 stdout=subprocess.DEVNULL, stderr=open(os.path.join(tmp, "bench.log"), "ab"),
-                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+                                 stdout=open(wrk_out, "wb") if args.transport == "http-batch" else subprocess.DEVNULL,
+                                 stderr=open(os.path.join(tmp, "bench.log"), "ab"),
+                                 env={**os.environ, "PYTHONPATH": str(REPO), "GW_BATCH": str(args.batch),
+                                      "GW_DEVICES": str(args.devices)})
         first = prev = sampler.sample()
         start = first["t"]
         window_start = window_end = None
@@ -222,8 +248,11 @@ def run(args) -> dict:
             bench.terminate()
             bench.wait(30)
         stop_server(server)
-    with open(bench_json) as f:
-        load = json.load(f)
+    if args.transport == "http-batch":
+        load = wrk_figures(wrk_out, args.batch, args.duration)
+    else:
+        with open(bench_json) as f:
+            load = json.load(f)
     counts = count_store(data)
     ws = window_start or first
     we = window_end or final
