@@ -248,6 +248,23 @@ def _check_keys(mapping: dict, what: str) -> None:
                 good.add(key)
 
 
+# U+0000 in a tag value or in the payload: JSON can carry it, PostgreSQL's text and
+# jsonb cannot, so a store there could never take the reading (its batch would be
+# retried forever, holding every other reading behind it). Refused at ingest, for
+# either store, so where a reading is kept does not change what is accepted.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
+def _check_no_nul(tags: dict, payload: Raw) -> None:
+    for key, value in tags.items():
+        if "\x00" in value:
+            raise Invalid("invalid_tag", f"tag {key} holds the character U+0000, which the store cannot keep")
+    raw = bytes(payload)
+    if b"u0000" in raw and _NUL_ESCAPE.search(raw) is not None:
+        raise Invalid("invalid_payload", "the payload holds the character U+0000 (\\u0000), which the "
+                                         "store cannot keep")
+
+
 def check_device_id(device_id: Any) -> str:
     if not isinstance(device_id, str) or _DEVICE_RE.fullmatch(device_id) is None:
         raise Invalid("invalid_device_id", f"device_id {_show(device_id)} does not match {DEVICE_ID_PATTERN}")
@@ -442,6 +459,7 @@ class Ingestor:
             tags = {}
         elif tags:
             _check_keys(tags, "tag")
+        _check_no_nul(tags, rec.payload)
         return Telemetry(device_id, normalise_ts(rec.ts, now), rec.seq, metrics, tags, rec.payload)
 
     def _explain(self, body: bytes, exc: Exception, device_id: str | None):
@@ -474,6 +492,7 @@ class Ingestor:
                     tags = {}
                 elif tags:
                     _check_keys(tags, "tag")
+                _check_no_nul(tags, rec.payload)
                 out.append(Telemetry(device_id, normalise_ts(rec.ts, now), rec.seq, rec.metrics,
                                      tags, rec.payload))
             except Invalid as err:

@@ -122,6 +122,10 @@ def test_ts_refused(ts):
     (b'{"metrics":{},"tags":{"Site":"x"}}', "invalid_tag_key"),
     (b'{"metrics":{},"tags":{"site":1}}', "invalid_tag"),
     (b'{"metrics":{},"tags":{"site":"' + b"x" * 65 + b'"}}', "invalid_tag"),
+    (b'{"metrics":{},"tags":{"site":"a\\u0000b"}}', "invalid_tag"),        # U+0000: no store keeps it
+    (b'{"metrics":{},"payload":"\\u0000"}', "invalid_payload"),
+    (b'{"metrics":{},"payload":{"k\\u0000":1}}', "invalid_payload"),
+    (b'{"metrics":{},"payload":["\\\\\\u0000"]}', "invalid_payload"),     # \\ then \u0000
     (b'{"metrics":{},"seq":-1}', "invalid_seq"),
     (b'{"metrics":{},"seq":1.5}', "invalid_seq"),
     (b'{"metrics":{},"seq":"1"}', "invalid_seq"),
@@ -149,6 +153,11 @@ def test_limits_exactly():
 
 def test_body_device_id_equal_to_path_is_accepted():
     assert published(b'{"device_id":"dev_1","metrics":{}}')["device_id"] == "dev_1"
+
+
+def test_an_escaped_backslash_before_u0000_is_not_a_nul():
+    tele = ING.record("d1", b'{"metrics":{},"payload":"x\\\\u0000"}')
+    assert bytes(tele.payload) == b'"x\\\\u0000"'
 
 
 def test_payload_is_passed_through_verbatim():

@@ -345,3 +345,20 @@ def test_rollup_tables_of_an_earlier_store_get_their_fillfactor(pg_server, pg_ur
                                (["rollups_1h", "rollups_1d", "rollups_1m_default", day],)))
     assert rows == {t: [f"fillfactor={ROLLUP_FILLFACTOR}"]
                     for t in ("rollups_1h", "rollups_1d", "rollups_1m_default", day)}
+
+
+def test_a_reading_postgresql_cannot_hold_is_refused_at_ingest_and_the_rest_land(pg_gw, pg_server, pg_url):
+    """U+0000 in a tag or the payload: JSON carries it, PostgreSQL's text and jsonb
+    cannot. Taken into the log, its batch would fail at every retry and hold every
+    reading behind it; ingest refuses it (400) instead, and the store keeps moving."""
+    server = pg_gw()
+    device = f"pg-{uuid.uuid4().hex[:6]}"
+    with HttpConn(server.ports["http"]) as c:
+        bad_tag = c.request("POST", f"/v1/ingest/{device}", b'{"seq":0,"metrics":{"v":1},"tags":{"t":"a\\u0000"}}')
+        assert (bad_tag.status, bad_tag.json()["code"]) == (400, "invalid_tag")
+        bad_payload = c.request("POST", f"/v1/ingest/{device}", b'{"seq":0,"metrics":{"v":1},"payload":"\\u0000"}')
+        assert (bad_payload.status, bad_payload.json()["code"]) == (400, "invalid_payload")
+        for seq in range(1, 21):
+            assert c.request("POST", f"/v1/ingest/{device}", ingest_body({"v": seq}, seq=seq)).status == 200
+    rows = wait_exactly_once(pg_server, pg_url, device, set(range(1, 21)))
+    assert sorted(rows) == list(range(1, 21))
