@@ -9,9 +9,14 @@ verified passwords.
 - The password file (gw/passwords.py) is loaded by the master first (a file
   that does not parse stops the start, or refuses the reload, naming the line)
   and then by each worker; a reload that fails keeps the previous users.
-- Checking a password is a hash (tens of ms for argon2id or PBKDF2), so
-  `Authenticator.verify` runs in the worker's auth threads (a QueryPool), never
-  in its loop. A successful check is remembered for `auth_cache_seconds`, keyed
+- Checking a password is a hash (tens of ms for argon2id or PBKDF2 at gw's
+  iteration count), so `Authenticator.verify` runs in the worker's auth threads
+  (a QueryPool), not in its loop; except for a file whose every entry is cheap
+  (`$6$`, or `$7$` with at most `auth_inline_iterations`: a file made by
+  `mosquitto_passwd`, 101 iterations, about 70 us a check), which the loop
+  checks itself, as Mosquitto does: a hand-off to a thread and back costs
+  more than such a hash (the answer waits for the loop to let the thread run),
+  and an unknown user is then checked against a decoy as cheap as the file's. A successful check is remembered for `auth_cache_seconds`, keyed
   by the user and a keyed BLAKE2b digest of the password (never the password),
   so a reconnect storm with the same credentials hashes once, not once per
   connection. A reload forgets them all.
@@ -70,18 +75,34 @@ class Authenticator:
     passwords. `verify` runs in the auth threads; `cached` and `replace` in
     the worker's loop thread."""
 
-    def __init__(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int):
+    def __init__(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int,
+                 inline_iterations: int = 0):
         self.users = users
         self.cache_seconds = cache_seconds
         self.cache_entries = cache_entries
+        self.inline_iterations = inline_iterations
+        self.inline, self._decoy = self._cost(users)
         self._key = secrets.token_bytes(32)
         self._cache: dict[bytes, float] = {}
         self._generation = 0
         self._lock = threading.Lock()
 
     @classmethod
-    def from_file(cls, path: str, cache_seconds: float, cache_entries: int) -> Authenticator:
-        return cls(load_password_file(path), cache_seconds, cache_entries)
+    def from_file(cls, path: str, cache_seconds: float, cache_entries: int,
+                  inline_iterations: int = 0) -> Authenticator:
+        return cls(load_password_file(path), cache_seconds, cache_entries, inline_iterations)
+
+    def _cost(self, users: dict[bytes, Entry]) -> tuple[bool, Entry]:
+        """Whether every entry is cheap enough to check in the loop, and the
+        decoy an unknown user's password is checked against: as costly as the
+        file's costliest entry, so the time of a refusal tells nothing."""
+        limit = self.inline_iterations
+        cheap = bool(users) and limit > 0 and all(
+            e.kind == "6" or (e.kind == "7" and e.iterations <= limit) for e in users.values())
+        if not cheap:
+            return False, _DECOY
+        most = max((e.iterations for e in users.values() if e.kind == "7"), default=1)
+        return True, Entry("7", b"\0" * 12, b"\0" * 64, most)
 
     def _cache_key(self, user: bytes, password: bytes) -> bytes:
         h = hashlib.blake2b(key=self._key, digest_size=32)
@@ -108,7 +129,7 @@ class Authenticator:
         users, generation = self.users, self._generation
         entry = users.get(user)
         if entry is None:
-            _DECOY.verify(password)         # as slow as a known user's check
+            self._decoy.verify(password)    # as slow as a known user's check
             return False
         if not entry.verify(password):
             return False
@@ -124,10 +145,13 @@ class Authenticator:
                     self._cache[key] = now + self.cache_seconds
         return True
 
-    def replace(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int) -> None:
+    def replace(self, users: dict[bytes, Entry], cache_seconds: float, cache_entries: int,
+                inline_iterations: int = 0) -> None:
         """A reloaded file: its users from now on; every cached check forgotten."""
         with self._lock:
             self._generation += 1
+            self.inline_iterations = inline_iterations
+            self.inline, self._decoy = self._cost(users)
             self.users = users
             self.cache_seconds = cache_seconds
             self.cache_entries = cache_entries

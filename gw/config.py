@@ -181,6 +181,11 @@ class Config:
                                     "listener is on loopback)", choices=ANONYMOUS_CHOICES)
     auth_threads: int = _setting(1, "threads per worker checking passwords, off its event loop (0: in the "
                                  "event loop, which then waits for each hash)", minimum=0, maximum=64)
+    auth_inline_iterations: int = _setting(200, "a password file whose every entry is as cheap as $6$ or $7$ "
+                                           "with at most this many PBKDF2 iterations (mosquitto_passwd writes "
+                                           "101: about 70 us a check) is checked in the event loop, as Mosquitto "
+                                           "does, not handed to the auth threads (0: never)",
+                                           minimum=0, maximum=10_000)
     auth_max_pending: int = _setting(1000, "CONNECTs waiting in a worker for their password check; more are "
                                      "refused (CONNACK 0x03, counted)", minimum=1, maximum=1_000_000)
     auth_cache_seconds: float = _setting(60.0, "seconds a successful password check is remembered (per user "

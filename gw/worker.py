@@ -251,9 +251,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                 log.error("worker %d: password file not reloaded, the previous one stays in force: %s", slot, exc)
                 return
             if authenticator is None:
-                authenticator = Authenticator(users, new.auth_cache_seconds, new.auth_cache_entries)
+                authenticator = Authenticator(users, new.auth_cache_seconds, new.auth_cache_entries,
+                                              new.auth_inline_iterations)
             else:
-                authenticator.replace(users, new.auth_cache_seconds, new.auth_cache_entries)
+                authenticator.replace(users, new.auth_cache_seconds, new.auth_cache_entries,
+                                      new.auth_inline_iterations)
             if auth_pool is None and new.auth_threads:
                 auth_pool = QueryPool(new.auth_threads, new.auth_max_pending, name="auth")
             if auth_pool is not None:

@@ -671,3 +671,33 @@ def test_a_check_queued_behind_a_successful_one_does_not_hash_again():
     auth.users = {}             # no entry left to hash against: only the cache can answer
     assert auth.verify(b"fleet", b"pw")
     assert not auth.verify(b"fleet", b"other")
+
+
+def test_a_file_of_cheap_hashes_is_checked_in_the_loop_with_a_decoy_as_cheap():
+    """mosquitto_passwd's entries ($7$, 101 iterations) are checked in the event
+    loop (auth_inline_iterations); one costly entry sends the whole file to the
+    auth threads, and an unknown user costs what the file's costliest entry does."""
+    import hashlib
+    import os as _os
+
+    from gw.auth import _DECOY, Authenticator
+    from gw.passwords import hash_password, parse_lines
+
+    def mosquitto_line(user: str, password: str, iterations: int = 101) -> str:
+        import base64
+        salt = _os.urandom(12)
+        digest = hashlib.pbkdf2_hmac("sha512", password.encode(), salt, iterations, 64)
+        return f"{user}:$7${iterations}${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n"
+
+    cheap = parse_lines([mosquitto_line("a", "pa"), mosquitto_line("b", "pb", 150)], "<test>")
+    auth = Authenticator(cheap, cache_seconds=0, cache_entries=10, inline_iterations=200)
+    assert auth.inline and auth._decoy.iterations == 150
+    assert auth.verify(b"a", b"pa") and not auth.verify(b"a", b"pb") and not auth.verify(b"nobody", b"pa")
+    assert not Authenticator(cheap, 0, 10, inline_iterations=0).inline          # 0: never
+    assert not Authenticator(cheap, 0, 10, inline_iterations=120).inline        # b's 150 is over it
+    costly = parse_lines([mosquitto_line("a", "pa"), f"c:{hash_password('pc', 'pbkdf2')}\n"], "<test>")
+    auth = Authenticator(costly, 0, 10, inline_iterations=200)
+    assert not auth.inline and auth._decoy is _DECOY
+    auth.replace(cheap, 0, 10, inline_iterations=200)                           # a reload decides again
+    assert auth.inline and auth._decoy.iterations == 150
+    assert not Authenticator({}, 0, 10, inline_iterations=200).inline

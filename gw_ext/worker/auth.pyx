@@ -10,8 +10,9 @@
 #   CONNACK 0x04 (no password, unknown user, wrong password alike). Without a
 #   password file a user name is taken as given while anonymous access is
 #   allowed (Mosquitto's behaviour), else CONNACK 0x05.
-# - Checking a password is a hash that may take tens of ms, so it never runs
-#   here: the worker's auth threads (a gw/query_pool.py QueryPool running
+# - Checking a password is a hash that may take tens of ms, so it does not run
+#   here (but for a file of cheap hashes, `auth_inline_iterations`, such as
+#   mosquitto_passwd makes: about 70 us, less than a hand-off): the worker's auth threads (a gw/query_pool.py QueryPool running
 #   gw.auth.Authenticator.verify) do it, and answer through an eventfd in the
 #   epoll set (ST_AUTH, auth_readable). The CONNECT is held meanwhile: its
 #   connection is ST_SETTLING with no claim (pending_token 0), so it reads
@@ -64,8 +65,10 @@ cdef int auth_connect(Worker w, Conn* c, PendingConnect pc, const uint8_t* passw
     secret = PyBytes_FromStringAndSize(<char*>password, password_len)
     if w.authenticator.cached(user, secret):
         return 0
-    if w.auth_pool is None:
-        # auth_threads = 0: the hash runs here, and the whole worker waits for it.
+    if w.auth_pool is None or w.authenticator.inline:
+        # A file of cheap hashes (auth_inline_iterations, gw/auth.py): checked here,
+        # cheaper than a hand-off to the auth thread and back. auth_threads = 0:
+        # any hash runs here, and the whole worker waits for it.
         if w.authenticator.verify(user, secret):
             return 0
         auth_refuse(w, c, CONNACK_BAD_AUTH, AUTH_LOG_PASSWORD)
