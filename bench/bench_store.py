@@ -350,7 +350,7 @@ def _sink_at(rev: str, into: Path, module: str = "store"):
     pkg = into / f"store_{rev[:12]}"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("store", "pgstore", "batch", "copytext", "rollup", "anomaly", "sink", "errors"):
+    for name in ("store", "pgstore", "store_sink", "batch", "copytext", "rollup", "anomaly", "sink", "errors"):
         got = subprocess.run(["git", "show", f"{rev}:gw/pipeline/{name}.py"], capture_output=True,
                              text=True, cwd=Path(__file__).resolve().parent.parent)
         if got.returncode == 0:            # a module the revision does not have is not needed by it
@@ -363,7 +363,12 @@ def _sink_at(rev: str, into: Path, module: str = "store"):
 def _drive(mod, directory: Path, logs, batch: int) -> tuple[float, float]:
     """Every record of `logs` through mod's StoreSink in batches of `batch` records (what
     the runner hands a sink that is behind: catchup x pipeline_batch): (wall s, CPU s)."""
-    sink = mod.StoreSink(mod.open_store(directory / mod.STORE_FILE), WORKERS)
+    return drive_sink(mod.StoreSink(mod.open_store(directory / mod.STORE_FILE), WORKERS), logs, batch)
+
+
+def drive_sink(sink, logs, batch: int) -> tuple[float, float]:
+    """Every record of `logs` through `sink` (opened here, closed after) in batches of
+    `batch` records: (wall s, this process's CPU s)."""
     sink.open()
     recs = []
     for p in logs:

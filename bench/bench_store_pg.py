@@ -94,29 +94,8 @@ def test_pg_store_sustained_20000_devices(benchmark, tmp_path, pg_bench_server):
 def _drive_pg(mod, url: str, logs, batch: int) -> tuple[float, float]:
     """Every record of `logs` through mod's PgStoreSink in batches of `batch` records
     (what the runner hands a sink that is behind): (wall s, this process's CPU s)."""
-    sink = mod.PgStoreSink(url, WORKERS)
-    sink.open()
-    recs = []
-    for p in logs:
-        off = 0
-        r = []
-        for x in p:
-            r.append((off, x))
-            off += 8 + len(x)
-        recs.append(r)
-    pos = [0] * WORKERS
-    t, cpu = time.perf_counter(), time.process_time()
-    while any(pos[w] < len(recs[w]) for w in range(WORKERS)):
-        parts = []
-        for w in range(WORKERS):
-            chunk = recs[w][pos[w]:pos[w] + batch // WORKERS]
-            if chunk:
-                pos[w] += len(chunk)
-                parts.append((w, chunk, chunk[-1][0] + 8 + len(chunk[-1][1])))
-        sink.write(parts)
-    out = time.perf_counter() - t, time.process_time() - cpu
-    sink.close()
-    return out
+    from bench_store import drive_sink
+    return drive_sink(mod.PgStoreSink(url, WORKERS), logs, batch)
 
 
 def main() -> None:

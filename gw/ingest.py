@@ -265,6 +265,18 @@ def _check_no_nul(tags: dict, payload: Raw) -> None:
                                          "store cannot keep")
 
 
+def _checked_tags(rec: Record | BatchRecord) -> dict:
+    """A decoded record's tags ({} when absent), its tag keys and its tags and
+    payload checked for what the typed decoder cannot check; raises Invalid."""
+    tags = rec.tags
+    if tags is None:
+        tags = {}
+    elif tags:
+        _check_keys(tags, "tag")
+    _check_no_nul(tags, rec.payload)
+    return tags
+
+
 def check_device_id(device_id: Any) -> str:
     if not isinstance(device_id, str) or _DEVICE_RE.fullmatch(device_id) is None:
         raise Invalid("invalid_device_id", f"device_id {_show(device_id)} does not match {DEVICE_ID_PATTERN}")
@@ -454,13 +466,7 @@ class Ingestor:
             raise Invalid("device_id_mismatch", f"device_id {_show(rec.device_id)} differs from {_show(device_id)}")
         metrics = rec.metrics
         _check_keys(metrics, "metric")
-        tags = rec.tags
-        if tags is None:
-            tags = {}
-        elif tags:
-            _check_keys(tags, "tag")
-        _check_no_nul(tags, rec.payload)
-        return Telemetry(device_id, normalise_ts(rec.ts, now), rec.seq, metrics, tags, rec.payload)
+        return Telemetry(device_id, normalise_ts(rec.ts, now), rec.seq, metrics, _checked_tags(rec), rec.payload)
 
     def _explain(self, body: bytes, exc: Exception, device_id: str | None):
         obj = loads_generic(body)
@@ -487,14 +493,8 @@ class Ingestor:
             try:
                 device_id = check_device_id(rec.device_id)
                 _check_keys(rec.metrics, "metric")
-                tags = rec.tags
-                if tags is None:
-                    tags = {}
-                elif tags:
-                    _check_keys(tags, "tag")
-                _check_no_nul(tags, rec.payload)
                 out.append(Telemetry(device_id, normalise_ts(rec.ts, now), rec.seq, rec.metrics,
-                                     tags, rec.payload))
+                                     _checked_tags(rec), rec.payload))
             except Invalid as err:
                 if errors is None:
                     errors = []

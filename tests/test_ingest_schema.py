@@ -264,7 +264,9 @@ keys = st.from_regex(r"[a-z][a-z0-9_]{0,31}", fullmatch=True)
 device_ids = st.from_regex(r"[A-Za-z0-9_-]{1,64}", fullmatch=True)
 numbers = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
                     st.integers(min_value=-(10**300), max_value=10**300))
-tag_values = st.text(max_size=MAX_TAG_VALUE)
+# Text a valid reading may hold: any but U+0000, which ingest refuses (no store keeps it).
+stored_chars = st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00")
+tag_values = st.text(stored_chars, max_size=MAX_TAG_VALUE)
 aware = st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30),
                      timezones=st.builds(lambda m: timezone(timedelta(minutes=m)),
                                          st.integers(min_value=-23 * 60, max_value=23 * 60)))
@@ -277,8 +279,9 @@ timestamps = st.one_of(
 )
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**63), max_value=2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(stored_chars, max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(stored_chars, max_size=8), children,
+                                                                      max_size=4),
     max_leaves=12)
 
 

@@ -28,17 +28,15 @@ checkpoints, and resumes from them.
 from __future__ import annotations
 
 import logging
-import queue
 import time
 from datetime import datetime, timezone
 
-import msgspec
 import numpy as np
 
 from . import batch, copytext
-from .anomaly import Detector
 from .errors import PipelineError
-from .sink import Part, Sink
+from .sink import Part
+from .store_sink import Alert, StoreSinkBase
 
 log = logging.getLogger("gw.pipeline.pgstore")
 
@@ -243,19 +241,7 @@ def create_day_partition(conn, parent: str, day: int) -> None:
 
 # --- the sink ------------------------------------------------------------------------------
 
-class _Alert(msgspec.Struct):
-    id: int
-    device_id: str
-    metric: str
-    ts: datetime
-    value: float
-    zscore: float
-    mean: float
-    std: float
-    state: str = "open"
-
-
-class PgStoreSink(Sink):
+class PgStoreSink(StoreSinkBase):
     """Readings -> PostgreSQL, exactly once; rollups, devices, anomaly alerts."""
 
     name = "store"
@@ -265,31 +251,21 @@ class PgStoreSink(Sink):
                  raw_retention: float = 7 * 86400.0, rollup_retention: dict | None = None,
                  retention_interval: float = 60.0, partitions_ahead: int = 3, connect_timeout: float = 5.0,
                  clock=time.time):
-        super().__init__(nworkers)
+        super().__init__(nworkers, anomaly_window=anomaly_window, anomaly_threshold=anomaly_threshold,
+                         raw_retention=raw_retention, rollup_retention=rollup_retention,
+                         retention_interval=retention_interval, clock=clock)
         self.url = url
         self.where = describe_url(url)
         self.conn = None
         self.loaded = False               # checkpoints read from the database
-        self.detector = Detector(anomaly_window, anomaly_threshold, warm=self._warm)
-        self.raw_retention = raw_retention
-        self.rollup_retention = rollup_retention if rollup_retention is not None else \
-            {"1m": 30 * 86400.0, "1h": 365 * 86400.0}
-        self.retention_interval = retention_interval
         self.partitions_ahead = partitions_ahead
         self.connect_timeout = connect_timeout
-        self.clock = clock
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()    # (topic, payload) to publish after commit
-        self._decode = msgspec.json.Decoder(batch.Reading).decode
-        self._encode = msgspec.json.Encoder().encode
         self._partitions: dict[str, set[int]] = {p: set() for p in DAY_PARTITIONED}
         self._warmed: dict = {}
-        self.bad_records = 0
-        self.alerts = 0
         self.dropped_partitions = 0
         self.deleted = 0
         self.replayed = 0                 # records left out: already committed (a lost commit answer)
         self.connects = 0
-        self._bad_logged = 0.0
         self._next_retention = 0.0
         self._next_partitions = 0.0
 
@@ -413,10 +389,6 @@ class PgStoreSink(Sink):
                 log.debug("store: partition %s created", partition_name(parent, day))
 
     # -- one batch, one transaction
-    def write(self, parts: list[Part]) -> None:
-        with batch.paused_gc():
-            self._write(parts)
-
     def _write(self, parts: list[Part]) -> None:
         conn = self._connection()
         with conn.transaction():
@@ -468,19 +440,14 @@ class PgStoreSink(Sink):
                     for dev, m, ts, v, z, mean, std in alerts:
                         dt = datetime.fromtimestamp(ts, UTC)
                         aid = cur.execute(INSERT_ALERT, (dev, m, dt, v, z, mean, std, now)).fetchone()[0]
-                        published.append(_Alert(aid, dev, m, dt, v, z, mean, std))
+                        published.append(Alert(aid, dev, m, dt, v, z, mean, std))
                 if parts:
                     cur.execute(UPSERT_CHECKPOINTS, (self.name, [p[0] for p in parts], [p[2] for p in parts]))
         except BaseException:
             self._warmed = {}
             self.detector.reset()           # it saw values that were not committed
             raise
-        for slot, _r, nxt in parts:
-            self.checkpoints[slot] = nxt
-        self.written += len(readings)
-        self.alerts += len(published)
-        for a in published:
-            self.outbox.put((b"alerts/" + a.device_id.encode(), encode(a)))
+        self._committed(parts, len(readings), published)
 
     def _after_checkpoints(self, parts: list[Part], committed: dict) -> list[Part]:
         """The parts without what the database has committed already (records below
@@ -510,14 +477,6 @@ class PgStoreSink(Sink):
         conn = self.conn
         if conn is not None and (conn.closed or conn.broken):
             self._drop_connection()
-
-    def _bad(self, slot: int, off: int, exc: Exception) -> None:
-        self.bad_records += 1
-        now = time.monotonic()
-        if now - self._bad_logged >= 10.0:
-            self._bad_logged = now
-            log.error("store: skipped a record that is not a normalised reading (worker %d, offset %d): "
-                      "%s (%d skipped so far)", slot, off, exc, self.bad_records)
 
     # -- retention: whole day partitions dropped, the rest deleted
     def retention_pass(self) -> int:

@@ -22,7 +22,6 @@ import logging
 import math
 import operator
 import os
-import queue
 import re
 import sqlite3
 import time
@@ -34,9 +33,9 @@ import msgspec
 import numpy as np
 
 from . import batch
-from .anomaly import Detector
 from .errors import PipelineError
-from .sink import Part, Sink
+from .sink import Part
+from .store_sink import Alert, StoreSinkBase
 
 log = logging.getLogger("gw.pipeline.store")
 
@@ -328,22 +327,10 @@ def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: li
 
 # --- the sink --------------------------------------------------------------------------
 
-class _Alert(msgspec.Struct):
-    id: int
-    device_id: str
-    metric: str
-    ts: datetime
-    value: float
-    zscore: float
-    mean: float
-    std: float
-    state: str = "open"
-
-
 _T1 = operator.itemgetter(2)
 
 
-class StoreSink(Sink):
+class StoreSink(StoreSinkBase):
     """Readings -> store.sqlite, exactly once; rollups, devices, anomaly alerts."""
 
     name = "store"
@@ -360,21 +347,11 @@ class StoreSink(Sink):
                  anomaly_threshold: float = 4.0, raw_retention: float = 7 * 86400.0,
                  rollup_retention: dict | None = None, retention_interval: float = 60.0,
                  clock=time.time):
-        super().__init__(nworkers)
+        super().__init__(nworkers, anomaly_window=anomaly_window, anomaly_threshold=anomaly_threshold,
+                         raw_retention=raw_retention, rollup_retention=rollup_retention,
+                         retention_interval=retention_interval, clock=clock)
         self.conn = conn
-        self.detector = Detector(anomaly_window, anomaly_threshold, warm=self._warm)
-        self.raw_retention = raw_retention
-        self.rollup_retention = rollup_retention if rollup_retention is not None else \
-            {"1m": 30 * 86400.0, "1h": 365 * 86400.0}
-        self.retention_interval = retention_interval
-        self.clock = clock
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()    # (topic, payload) to publish after commit
-        self._decode = msgspec.json.Decoder(batch.Reading).decode
-        self._encode = msgspec.json.Encoder().encode
-        self.bad_records = 0
-        self.alerts = 0
         self.deleted = 0
-        self._bad_logged = 0.0
         self._next_retention = 0.0
         self._retention_left: list | None = None
         self._series: dict[tuple[str, str], int] = {}      # (device_id, metric) -> series id
@@ -400,7 +377,6 @@ class StoreSink(Sink):
         window = self.detector.window
         dec = msgspec.json.decode
         got: list = []
-        have = 0
         pairs: list = []
         # Each chunk holds at least one sample: a few chunks usually suffice, and a
         # bounded number always (a series whose newest chunks are mostly alerts warms
@@ -421,10 +397,6 @@ class StoreSink(Sink):
         return [v for _t, v in got[-window:]]
 
     # -- one batch, one transaction
-    def write(self, parts: list[Part]) -> None:
-        with batch.paused_gc():
-            self._write(parts)
-
     def _write(self, parts: list[Part]) -> None:
         encode = self._encode
         cols = batch.decode(parts, self._decode, encode, self._bad)
@@ -465,7 +437,7 @@ class StoreSink(Sink):
                 now = self.clock()
                 for dev, m, ts, v, z, mean, std in alerts:
                     aid = conn.execute(INSERT_ALERT, (dev, m, ts, v, z, mean, std, now)).fetchone()[0]
-                    published.append(_Alert(aid, dev, m, datetime.fromtimestamp(ts, timezone.utc),
+                    published.append(Alert(aid, dev, m, datetime.fromtimestamp(ts, timezone.utc),
                                             v, z, mean, std))
             conn.executemany(UPSERT_CHECKPOINT, ckpts)
             conn.execute("COMMIT")
@@ -484,12 +456,7 @@ class StoreSink(Sink):
                 pass
             self.detector.reset()           # it saw values that were not committed
             raise
-        for slot, _r, nxt in parts:
-            self.checkpoints[slot] = nxt
-        self.written += len(readings)
-        self.alerts += len(published)
-        for a in published:
-            self.outbox.put((b"alerts/" + a.device_id.encode(), encode(a)))
+        self._committed(parts, len(readings), published)
 
     def _samples(self, cols: batch.Columns, sids: list):
         """The batch's samples as sample chunk rows, rollup upserts and alerts."""
@@ -516,14 +483,6 @@ class StoreSink(Sink):
 
     def rewind(self) -> None:
         self.detector.reset()
-
-    def _bad(self, slot: int, off: int, exc: Exception) -> None:
-        self.bad_records += 1
-        now = time.monotonic()
-        if now - self._bad_logged >= 10.0:
-            self._bad_logged = now
-            log.error("store: skipped a record that is not a normalised reading (worker %d, offset %d): "
-                      "%s (%d skipped so far)", slot, off, exc, self.bad_records)
 
     # -- retention, in small chunks between batches
     def poll(self, now: float) -> None:
