@@ -359,6 +359,16 @@ def connack(sock, client_id: bytes, user: bytes, password: bytes, *, clean: bool
     return body
 
 
+def alice_and_bob(gw_factory, tmp_path):
+    """Two workers checking a password file of alice (pw-a) and bob (pw-b):
+    the server, its worker pids, and sockets placed on a chosen worker."""
+    pwfile = tmp_path / "passwd"
+    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
+    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
+    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
+    return server, server.worker_pids(), PlacedSockets(server)
+
+
 def test_the_same_id_again_at_once_from_the_other_worker(gw_factory, tmp_path):
     """A client disconnects and the id connects again at once on the other
     worker: as the same user (no wait at all), as another user once the
@@ -366,13 +376,8 @@ def test_the_same_id_again_at_once_from_the_other_worker(gw_factory, tmp_path):
     and as another user right after the DISCONNECT was sent. Every round is
     accepted, whichever worker is the id's home; a claim at the home must not
     be decided on an owner whose release is still on its way."""
-    pwfile = tmp_path / "passwd"
     users = {b"alice": b"pw-a", b"bob": b"pw-b"}
-    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
-    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
-    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
-    pids = server.worker_pids()
-    placed = PlacedSockets(server)
+    server, pids, placed = alice_and_bob(gw_factory, tmp_path)
     try:
         for cid in HOMED_ON_EACH_WORKER:
             user, worker = b"alice", 0
@@ -400,12 +405,7 @@ def test_the_same_id_again_at_once_from_the_other_worker(gw_factory, tmp_path):
 def test_another_users_persistent_session_refused_from_either_worker(gw_factory, tmp_path):
     """A persistent session left by alice (no connection) is hers: bob is
     refused from either worker, and alice resumes it."""
-    pwfile = tmp_path / "passwd"
-    assert gw_passwd("-c", "-b", "--hash", "pbkdf2", pwfile, "alice", "pw-a").returncode == 0
-    assert gw_passwd("-b", "--hash", "pbkdf2", pwfile, "bob", "pw-b").returncode == 0
-    server = auth_server(gw_factory, tmp_path, pwfile, workers=2)
-    pids = server.worker_pids()
-    placed = PlacedSockets(server)
+    server, pids, placed = alice_and_bob(gw_factory, tmp_path)
     try:
         for cid in HOMED_ON_EACH_WORKER:
             for holder_worker in (0, 1):
