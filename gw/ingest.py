@@ -259,6 +259,8 @@ def _check_no_nul(tags: dict, payload: Raw) -> None:
     for key, value in tags.items():
         if "\x00" in value:
             raise Invalid("invalid_tag", f"tag {key} holds the character U+0000, which the store cannot keep")
+    if len(payload) < 6:
+        return                      # no room for \u0000 (most readings: "null")
     raw = bytes(payload)
     if b"u0000" in raw and _NUL_ESCAPE.search(raw) is not None:
         raise Invalid("invalid_payload", "the payload holds the character U+0000 (\\u0000), which the "
