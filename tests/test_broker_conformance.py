@@ -12,7 +12,8 @@ deviates exactly as recorded, then ends as xfail saying how
 
 Outcomes are ("closed", bytes sent before the close) or ("open", bytes sent,
 a PINGREQ sent a second later answered instead of a close):
-`RawClient.violation_outcome`.
+`RawClient.violation_outcome`. On gw each close is also counted once under
+its reason (`malformed.<reason>` and `closed_malformed` in `gw stats`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
 from broker_fixtures import (ack_packet, brokers, connect_packet_full, publish_packet_full,  # noqa: E402
                              unsubscribe_packet)
-from conftest import mqtt_str, packet, send_fragmented, subscribe_packet  # noqa: E402
+from conftest import get_counter, mqtt_str, packet, send_fragmented, subscribe_packet, wait_for  # noqa: E402
 
 pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
@@ -48,33 +49,56 @@ def send_in(raw, data: bytes, pieces: str, rng) -> None:
 
 @dataclass(frozen=True)
 class Violation:
-    """Bytes a connected client sends that the standard answers by closing."""
+    """Bytes a connected client sends that the standard answers by closing;
+    `reason`: the counter gw counts the close under (malformed.<reason>)."""
     name: str
     data: bytes
+    reason: str
     mosquitto_2011: tuple | None = None     # what 2.0.11 does instead of closing, if it does
     why: str = ""
 
 
+def counters_before(broker) -> dict | None:
+    return broker.server.counters() if broker.is_gw else None
+
+
+def assert_counted_once(broker, before: dict | None, reason: str) -> None:
+    """gw counted the close once, under its reason and as a close for a
+    malformed packet (`gw stats`: malformed.<reason>, closed_malformed)."""
+    if not broker.is_gw:
+        return
+    names = (f"malformed.{reason}", "closed_malformed")
+
+    def moved():
+        after = broker.server.counters()
+        deltas = {n: get_counter(after, n) - get_counter(before, n) for n in names}
+        return deltas if all(deltas.values()) else None
+    deltas = wait_for(moved, 10, what=f"the close counted under {names}")
+    assert deltas == dict.fromkeys(names, 1), deltas
+
+
 def check_violation(broker, case: Violation, pieces: str, rng, *, connect: bool = True) -> None:
     raw = broker.raw(client_id=None if connect else False)
+    before = counters_before(broker)
     send_in(raw, case.data, pieces, rng)
     broker.assert_standard(raw.violation_outcome(), CLOSED, mosquitto_2011=case.mosquitto_2011, why=case.why)
+    assert_counted_once(broker, before, case.reason)
 
 
 # --- packets only servers send [MQTT-4.8.0-1] ---------------------------------------------------
 
 SERVER_PACKETS = [
-    Violation("connack", b"\x20\x02\x00\x00"),
-    Violation("connack-without-body", b"\x20\x00"),
-    Violation("suback", b"\x90\x03\x00\x01\x00",
+    Violation("connack", b"\x20\x02\x00\x00", "server_packet"),
+    Violation("connack-without-body", b"\x20\x00", "remaining_length"),
+    Violation("suback", b"\x90\x03\x00\x01\x00", "server_packet",
               KEPT_OPEN, "ignores a SUBACK from a client and keeps the connection"),
-    Violation("suback-without-body", b"\x90\x00"),
-    Violation("unsuback", b"\xb0\x02\x00\x01",
+    Violation("suback-without-body", b"\x90\x00", "server_packet"),
+    Violation("unsuback", b"\xb0\x02\x00\x01", "server_packet",
               KEPT_OPEN, "ignores an UNSUBACK from a client and keeps the connection"),
-    Violation("unsuback-without-body", b"\xb0\x00"),
-    Violation("pingresp", b"\xd0\x00",
+    Violation("unsuback-without-body", b"\xb0\x00", "remaining_length"),
+    Violation("pingresp", b"\xd0\x00", "server_packet",
               KEPT_OPEN, "ignores a PINGRESP from a client and keeps the connection"),
-    Violation("pingresp-with-body", b"\xd0\x01\x00",
+    Violation("pingresp-with-body", b"\xd0\x01\x00", "remaining_length",
               KEPT_OPEN, "ignores a PINGRESP from a client and keeps the connection"),
 ]
 
@@ -93,28 +117,34 @@ def test_packet_only_servers_send_closes_MQTT_4_8_0_1(broker, case, pieces, frag
 # --- fixed-size packets and their reserved flags [MQTT-2.2.2-1/2] ---------------------------------
 
 FIXED_SIZE = [
-    Violation("pingreq-with-body", b"\xc0\x01\x00",
+    Violation("pingreq-with-body", b"\xc0\x01\x00", "remaining_length",
               ("open", PINGRESP + PINGRESP), "answers a PINGREQ with a body as if it had none"),
-    Violation("pingreq-flags-0001", b"\xc1\x00",
+    Violation("pingreq-flags-0001", b"\xc1\x00", "fixed_header",
               ("open", PINGRESP + PINGRESP), "answers a PINGREQ with reserved flag bits set"),
-    Violation("puback-of-3-bytes", b"\x40\x03\x00\x01\x00",
+    Violation("puback-of-3-bytes", b"\x40\x03\x00\x01\x00", "remaining_length",
               KEPT_OPEN, "takes a PUBACK of 3 bytes and keeps the connection"),
-    Violation("puback-of-1-byte", b"\x40\x01\x00"),
-    Violation("puback-flags-0010", b"\x42\x02\x00\x01",
+    Violation("puback-of-1-byte", b"\x40\x01\x00", "remaining_length"),
+    Violation("puback-of-0-bytes", b"\x40\x00", "remaining_length"),
+    Violation("pubrec-of-1-byte", b"\x50\x01\x00", "remaining_length"),
+    Violation("pubrel-of-1-byte", b"\x62\x01\x00", "remaining_length"),
+    Violation("pubcomp-of-1-byte", b"\x70\x01\x00", "remaining_length"),
+    Violation("pingreq-flags-1000", b"\xc8\x00", "fixed_header",
+              ("open", PINGRESP + PINGRESP), "answers a PINGREQ with reserved flag bits set"),
+    Violation("puback-flags-0010", b"\x42\x02\x00\x01", "fixed_header",
               KEPT_OPEN, "takes a PUBACK with reserved flag bits set"),
-    Violation("pubrec-of-3-bytes", b"\x50\x03\x00\x01\x00",
+    Violation("pubrec-of-3-bytes", b"\x50\x03\x00\x01\x00", "remaining_length",
               ("open", b"\x62\x02\x00\x01" + PINGRESP), "answers a PUBREC of 3 bytes with a PUBREL"),
-    Violation("pubrec-flags-0001", b"\x51\x02\x00\x01",
+    Violation("pubrec-flags-0001", b"\x51\x02\x00\x01", "fixed_header",
               ("open", b"\x62\x02\x00\x01" + PINGRESP), "answers a PUBREC with reserved flag bits set"),
-    Violation("pubrel-of-3-bytes", b"\x62\x03\x00\x01\x00",
+    Violation("pubrel-of-3-bytes", b"\x62\x03\x00\x01\x00", "remaining_length",
               ("open", b"\x70\x02\x00\x01" + PINGRESP), "answers a PUBREL of 3 bytes with a PUBCOMP"),
-    Violation("pubrel-flags-0000", b"\x60\x02\x00\x01"),
-    Violation("pubcomp-of-3-bytes", b"\x70\x03\x00\x01\x00",
+    Violation("pubrel-flags-0000", b"\x60\x02\x00\x01", "fixed_header"),
+    Violation("pubcomp-of-3-bytes", b"\x70\x03\x00\x01\x00", "remaining_length",
               KEPT_OPEN, "takes a PUBCOMP of 3 bytes and keeps the connection"),
-    Violation("pubcomp-flags-1000", b"\x78\x02\x00\x01",
+    Violation("pubcomp-flags-1000", b"\x78\x02\x00\x01", "fixed_header",
               KEPT_OPEN, "takes a PUBCOMP with reserved flag bits set"),
-    Violation("disconnect-with-body", b"\xe0\x01\x00"),
-    Violation("disconnect-flags-0001", b"\xe1\x00"),
+    Violation("disconnect-with-body", b"\xe0\x01\x00", "remaining_length"),
+    Violation("disconnect-flags-0001", b"\xe1\x00", "fixed_header"),
 ]
 
 
@@ -140,7 +170,7 @@ def test_qos_0_publish_with_dup_closes_MQTT_3_3_1_2(broker, retain, pieces, frag
     is an invalid flag, which closes the connection [MQTT-2.2.2-2]; the message
     reaches no one."""
     case = Violation("qos0-dup", publish_packet_full(broker.topic("dup"), b"x", qos=0, dup=True, retain=retain),
-                     KEPT_OPEN, "takes a QoS 0 PUBLISH with DUP set")
+                     "fixed_header", KEPT_OPEN, "takes a QoS 0 PUBLISH with DUP set")
     check_violation(broker, case, pieces, frag_rng)
 
 
@@ -162,7 +192,7 @@ def test_subscribe_with_malformed_or_empty_filter_closes_MQTT_4_7_1_2_MQTT_4_7_1
     with no SUBACK [MQTT-4.8.0-1], even among valid entries. SUBACK 0x80 is for
     a valid filter the server refuses, not for a malformed packet."""
     data = subscribe_packet(9, [(broker.topic("ok/1"), 1), (bad, 1), (broker.topic("ok/+"), 2)])
-    check_violation(broker, Violation(bad, data), pieces, frag_rng)
+    check_violation(broker, Violation(bad, data, "topic"), pieces, frag_rng)
 
 
 @brokers()
@@ -172,7 +202,7 @@ def test_unsubscribe_with_malformed_or_empty_filter_closes_MQTT_4_7_1_2_MQTT_4_7
         broker, bad, statement, pieces, frag_rng):
     """The same rules hold for UNSUBSCRIBE's filters: no UNSUBACK, closed."""
     data = unsubscribe_packet(9, [broker.topic("ok/#"), bad])
-    check_violation(broker, Violation(bad, data), pieces, frag_rng)
+    check_violation(broker, Violation(bad, data, "topic"), pieces, frag_rng)
 
 
 @brokers("sessions", gw_only="gw is specified to apply nothing of a malformed SUBSCRIBE (the standard only "
@@ -218,7 +248,7 @@ def test_control_character_in_topic_or_filter_closes_MQTT_1_5_3(broker, where, c
         data = subscribe_packet(3, [(text, 0)])
     else:
         data = unsubscribe_packet(3, [text])
-    check_violation(broker, Violation(where, data), pieces, frag_rng)
+    check_violation(broker, Violation(where, data, "control_character"), pieces, frag_rng)
 
 
 def _connect_with(field: str, text: str) -> bytes:
@@ -240,7 +270,8 @@ def test_control_character_in_connect_closes_without_connack_MQTT_1_5_3(broker, 
     """The same for the CONNECT's client id, user name and will topic: closed,
     no CONNACK."""
     text = f"ctl{char}{broker.prefix[3:]}" if field != "will-topic" else broker.topic("w" + char)
-    check_violation(broker, Violation(field, _connect_with(field, text)), pieces, frag_rng, connect=False)
+    check_violation(broker, Violation(field, _connect_with(field, text), "control_character"), pieces, frag_rng,
+                    connect=False)
 
 
 @brokers()
@@ -302,8 +333,10 @@ def test_acknowledgement_of_the_wrong_kind_closes_MQTT_4_3_2_MQTT_4_3_3(broker, 
         sub.send(ack_packet(kind, m.packet_id))
         if kind == 0x50:
             assert sub.read_until(0x62) == struct.pack("!H", m.packet_id)
+    before = counters_before(broker)
     send_in(sub, ack_packet(wrong, m.packet_id), pieces, frag_rng)
     broker.assert_standard(sub.violation_outcome(), CLOSED)
+    assert_counted_once(broker, before, "wrong_ack_kind")
 
 
 @brokers()
