@@ -2,9 +2,10 @@
 and 2 played by the harness over real SOCK_SEQPACKET socketpairs registered
 with Worker.add_peer) gets datagrams of frames as a peer worker would send
 them (gw_ext/frames.pxd): forwarded PUBLISHes, interest, retained updates, HELLO,
-claims, grants, evictions, moved sessions, pauses, subscription syncs, and
-frames whose lengths lie; meanwhile MQTT clients (the `mqtt` target's ops)
-connect, subscribe and publish, so that what the frames name exists. At the
+claims, grants, evictions, owner checks (CHECK) and their answers (CHECKED),
+moved sessions, pauses, subscription syncs, and frames whose lengths lie;
+meanwhile MQTT clients (the `mqtt` target's ops) connect, subscribe and
+publish, so that what the frames name exists. At the
 end the worker must hold no connection and a fresh client must get its
 CONNACK.
 
@@ -16,14 +17,15 @@ from __future__ import annotations
 import struct
 
 import common  # the import path of the instrumented build first; the fuzzing loop
-from common import (CLIENT_IDS, FILTERS, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PAUSE, FR_PUBLISH,
-                    FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC,
-                    FR_SUB_SYNCED, TOPICS, WorkerUnderTest, connack_new, connect_packet, frame,
+from common import (CLIENT_IDS, FILTERS, FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO,
+                    FR_PAUSE, FR_PUBLISH, FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD,
+                    FR_SUB_DEL, FR_SUB_SYNC, FR_SUB_SYNCED, TOPICS, WorkerUnderTest, connack_new, connect_packet, frame,
                     run_scenario, shared_harness)
 from fuzz_mqtt import MqttScenario
 
-# Frame types, with 0 standing for "any byte" (types the worker does not know).
-FRAME_KINDS = 16
+# Frame types up to FR_CHECKED; 0 and FR_PIECE (cut frames: the channel's own
+# reassembly) stand for "any bytes" (types the worker does not know, lengths that lie).
+FRAME_KINDS = FR_CHECKED + 1
 
 
 def session_state(inp) -> bytes:
@@ -70,6 +72,12 @@ def peer_frame(inp) -> bytes:
     if kind == FR_SESSION:
         return frame(FR_SESSION, struct.pack("<IBH", inp.byte() % 8, inp.byte() & 1, len(cid)) + cid
                      + session_state(inp))
+    if kind == FR_CHECK:
+        # check id, claimant (sometimes no worker at all), token, client id
+        return frame(FR_CHECK, struct.pack("<IBI", inp.byte() % 8, inp.byte() % 5, inp.byte() % 8) + cid)
+    if kind == FR_CHECKED:
+        # check id, held (2: no such answer), client id
+        return frame(FR_CHECKED, struct.pack("<IB", inp.byte() % 8, inp.byte() % 3) + cid)
     if kind in (FR_RELEASE, FR_REGISTER):
         return frame(kind, bytes([inp.byte()]) + cid)
     if kind in (FR_SUB_SYNC, FR_SUB_SYNCED):
