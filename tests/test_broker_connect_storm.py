@@ -98,7 +98,9 @@ class Attempt:
     sock: socket.socket | None = None
 
     def note(self, t0: float, what: str) -> None:
-        self.events.append(f"{time.monotonic() - t0:8.3f} {what}")
+        # "t=": the storm's clock (seconds since it began), not how long anything waited;
+        # the CONNACK's own wait is its note's "after ... s".
+        self.events.append(f"t={time.monotonic() - t0:.3f} {what}")
 
     def describe(self) -> str:
         return (f"#{self.n} thread {self.thread} id {self.cid} clean={int(self.clean)} keepalive={self.keepalive} "
@@ -390,14 +392,26 @@ class Storm:
                 a.sock.close()
                 a.sock = None
 
+    def waits(self) -> str:
+        """How long the answered CONNECTs waited for their CONNACKs: the
+        longest, its attempt and when it was sent on the storm's clock."""
+        answered = [a for a in self.attempts if a.connack_at is not None]
+        if not answered:
+            return f"{len(self.attempts)} CONNECTs, none answered"
+        longest = max(answered, key=lambda a: a.connack_at - a.sent_at)
+        return (f"{len(self.attempts)} CONNECTs, {len(answered)} answered, the longest CONNACK wait "
+                f"{longest.connack_at - longest.sent_at:.3f} s (#{longest.n}, sent at "
+                f"t={longest.sent_at - self.t0:.3f}s)")
+
     def report(self, headline: str) -> str:
         """The seed, the failures, and the history of the ids that failed."""
         lines = [f"{headline}; seed {self.seed!r} (replay: GW_STORM_SEED={self.seed!r}), "
-                 f"{len(self.attempts)} CONNECTs in {self.seconds} s on {self.broker.kind}"]
+                 f"{len(self.attempts)} CONNECTs in {self.seconds} s on {self.broker.kind}; {self.waits()}"]
         lines += [f"  {f}" for f in self.failures[:20]]
         failed = [a for a in self.attempts if any("FAILED" in e for e in a.events)]
         bad = {a.cid for a in failed}
-        lines.append("history of " + ", ".join(sorted(bad)) + " around each failure (seconds since the start):")
+        lines.append("history of " + ", ".join(sorted(bad)) + " around each failure (t=: seconds since the storm "
+                     "began):")
         for a in self.attempts:
             if a.cid in bad and any(abs(a.n - f.n) <= HISTORY for f in failed):
                 lines.append(f"  {a.describe()}")
@@ -479,6 +493,7 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
     storm = Storm(broker, f"{storm_seed}/{threads}", STORM_SECONDS, threads)
     try:
         storm.run()
+        print(f"storm on {broker.kind}, {threads} at once: {storm.waits()}")
         storm.check_takeovers()
         if storm.failures and broker.is_gw:
             after = broker.server.counters()
