@@ -27,7 +27,9 @@ What must hold, every time:
 The run is seeded (GW_STORM_SEED, else a fresh seed, printed); the threads'
 interleaving is the machine's, so a failure names its seed and the history
 of the client id concerned. GW_STORM_SECONDS sets the storm's length
-(default 5 s per broker and number of threads)."""
+(default 5 s per broker and number of threads). Each storm prints its
+longest CONNACK wait; GW_STORM_SHOW_LONGEST=1 also prints that client id's
+history around it, gw's counters and its log lines about settling."""
 
 from __future__ import annotations
 
@@ -494,6 +496,19 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
     try:
         storm.run()
         print(f"storm on {broker.kind}, {threads} at once: {storm.waits()}")
+        if os.environ.get("GW_STORM_SHOW_LONGEST"):
+            answered = [a for a in storm.attempts if a.connack_at is not None]
+            longest = max(answered, key=lambda a: a.connack_at - a.sent_at)
+            for a in storm.attempts:
+                if a.cid == longest.cid and abs(a.n - longest.n) <= HISTORY:
+                    print("  " + a.describe())
+            if broker.is_gw:
+                after = broker.server.counters()
+                print("  counters: " + ", ".join(f"{n} +{get_counter(after, n) - get_counter(before, n)}"
+                                                 for n in GW_COUNTERS + ("sessions_late",)))
+                for line in broker.server.log().splitlines():
+                    if "settle" in line or "session" in line or "CONNECT" in line:
+                        print("  log: " + line[:300])
         storm.check_takeovers()
         if storm.failures and broker.is_gw:
             after = broker.server.counters()
