@@ -47,7 +47,7 @@ cdef enum:
                               # QoS/Retain without the will (MQTT-3.1.2-11/13), CONNACK flags (MQTT-3.2.2-1)
     R5_QOS = 7                # PUBLISH QoS 3 (MQTT-3.3.1-4), will QoS 3 (MQTT-3.1.2-12)
     R5_TOPIC = 8              # empty topic or filter (MQTT-4.7.3-1), wildcard in a topic name
-                              # (MQTT-3.3.2-2, MQTT-3.3.2-14, MQTT-3.1.3-11), filter syntax (MQTT-4.7.1-2/3),
+                              # (MQTT-3.3.2-2, MQTT-3.3.2-14, MQTT-3.1.3-11), filter syntax (MQTT-4.7.1-1/2),
                               # share name (MQTT-4.8.2-1/2)
     R5_PROPERTY = 9           # identifier unknown or not valid in this packet (section 2.2.2.2)
     R5_OPTIONS = 10           # subscription options reserved bits 6-7 (MQTT-3.8.3-5)

@@ -184,7 +184,7 @@ cdef inline int _string(const uint8_t* p, uint32_t n, int* reason) noexcept nogi
 
 cdef inline int _topic_name(const uint8_t* p, uint32_t n, int* reason) noexcept nogil:
     # A topic name: _string, then at least one character (MQTT-4.7.3-1), no
-    # wildcard (MQTT-3.3.2-2, MQTT-4.7.1-1).
+    # wildcard (MQTT-3.3.2-2, MQTT-4.7.0-1).
     if _string(p, n, reason) < 0:
         return ERR_MALFORMED
     if not valid_topic_name(p, n):
@@ -209,7 +209,7 @@ cdef inline int _topic_filter(const uint8_t* p, uint32_t n, int* reason) noexcep
     if _string(p, n, reason) < 0:
         return ERR_MALFORMED
     if not valid_topic_filter(p, n):
-        return _fail(reason, R5_TOPIC)           # MQTT-4.7.3-1, MQTT-4.7.1-2/3
+        return _fail(reason, R5_TOPIC)           # MQTT-4.7.3-1, MQTT-4.7.1-1/2
     if is_shared_filter(p, n) and not _valid_share(p, n):
         return _fail(reason, R5_TOPIC)           # MQTT-4.8.2-1/2
     return 0

@@ -132,7 +132,7 @@ def _checked(raw: bytes) -> str:
 
 def _topic_name(raw: bytes) -> str:
     """A topic name: at least one character (MQTT-4.7.3-1), no wildcard
-    (MQTT-3.3.2-2, MQTT-4.7.1-1)."""
+    (MQTT-3.3.2-2, MQTT-4.7.0-1)."""
     text = _checked(raw)
     if not text or "+" in text or "#" in text:
         raise _mal("topic")
@@ -140,7 +140,7 @@ def _topic_name(raw: bytes) -> str:
 
 
 def _topic_filter(raw: bytes) -> tuple[str, bool]:
-    """A topic filter (MQTT-4.7.1-2/3, MQTT-4.7.3-1); a shared one
+    """A topic filter (MQTT-4.7.1-1/2, MQTT-4.7.3-1); a shared one
     ($share/{ShareName}/{filter}) has a ShareName of at least one character
     without '/', '+', '#', then '/', then a filter (MQTT-4.8.2-1/2).
     Returns the filter and whether it is shared."""

@@ -732,7 +732,7 @@ def test_bad_shared_subscription_filter_is_malformed_MQTT_4_8_2_1_and_2(filt):
 
 
 @pytest.mark.parametrize("filt", [b"a/#/b", b"a+", b"#/a", b""])
-def test_bad_topic_filter_is_malformed_MQTT_4_7_1_2_and_3_MQTT_4_7_3_1(filt):
+def test_bad_topic_filter_is_malformed_MQTT_4_7_1_1_and_2_MQTT_4_7_3_1(filt):
     """0x8F (Topic Filter invalid) is for a filter 'correctly formed but not
     allowed': one that is not a filter is a Malformed Packet."""
     assert_malformed(_subscribe(filt), "topic")
