@@ -32,6 +32,7 @@ from gw_ext.codec cimport (
     decode_header, MAL_UTF8, MAL_CONTROL,
 )
 from gw_ext import codec as _codec3
+import msgspec
 
 from gw.packets5 import (
     Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Pubcomp, Publish, Pubrec,
@@ -1231,62 +1232,91 @@ cdef inline bytes _len2(Py_ssize_t n):
 
 
 cdef tuple _PROPERTY_FIELDS = tuple(PROPERTY_NAMES.items())
+cdef tuple _PROPERTY_IDS = tuple(PROPERTY_NAMES)
+assert Properties.__struct_fields__ == tuple(PROPERTY_NAMES.values())   # astuple's order is the identifiers'
+_astuple = msgspec.structs.astuple
 
 
 cdef bytes _encode_props(object props, uint8_t ctx):
     """The property block (without its Property Length) of `props` for packet
     type ctx; ValueError for a property the packet may not carry or a value
-    out of its type's range."""
-    cdef bytearray out
-    cdef uint8_t buf[8]
-    cdef uint32_t k, v
-    cdef Py_ssize_t l
+    out of its type's range. Two passes over the values: check and size,
+    then write into the bytes object (the strings' UTF-8 is cached by each
+    str, which `values` keeps alive)."""
+    cdef tuple values
+    cdef Py_ssize_t i, l, l2, size = 0
+    cdef uint32_t v
     cdef const uint8_t* sp
-    cdef bytes raw
+    cdef const uint8_t* sp2
     cdef uint8_t ident, kind
+    cdef uint8_t* out
+    cdef uint32_t o = 0
+    cdef bytes raw, b
     if props is EMPTY:
         return b""
-    out = bytearray()
-    for ident, name in _PROPERTY_FIELDS:
-        value = getattr(props, name)
-        if value is None or ((ident == P_SUBSCRIPTION_ID or ident == P_USER_PROPERTY) and len(value) == 0):
+    values = _astuple(props)
+    for i in range(len(_PROPERTY_IDS)):
+        value = values[i]
+        if value is None:
+            continue
+        ident = _PROPERTY_IDS[i]
+        if (ident == P_SUBSCRIPTION_ID or ident == P_USER_PROPERTY) and len(value) == 0:
             continue
         if not ((gw5_prop_ctx[ident] >> ctx) & 1):
-            raise ValueError(f"property {name} not allowed in this packet")
+            raise ValueError(f"property {_PROPERTY_FIELDS[i][1]} not allowed in this packet")
         kind = gw5_prop_kind[ident]
         if ident == P_SUBSCRIPTION_ID:
             for item in value:
-                k = put_prop_varint(buf, ident, _int(item, MAX_REMAINING + 1))
-                out += buf[:k]
+                size += 1 + varint_size(_int(item, MAX_REMAINING + 1))
         elif ident == P_USER_PROPERTY:
             for key, val in value:
-                out.append(ident)
-                sp = _utf8(key, &l)
-                out += _len2(l)
-                out += sp[:l]
-                sp = _utf8(val, &l)
-                out += _len2(l)
-                out += sp[:l]
+                _utf8(key, &l)
+                _utf8(val, &l2)
+                size += 5 + l + l2
         elif kind == K_BYTE:
-            out.append(ident)
-            out.append(_int(value, 0x100))
+            _int(value, 0x100)
+            size += 2
         elif kind == K_U16:
-            k = put_prop_u16(buf, ident, _int(value, 0x10000))
-            out += buf[:k]
+            _int(value, 0x10000)
+            size += 3
         elif kind == K_U32:
-            k = put_prop_u32(buf, ident, _int(value, 0x100000000))
-            out += buf[:k]
+            _int(value, 0x100000000)
+            size += 5
+        elif kind == K_STR:
+            _utf8(value, &l)
+            size += 3 + l
+        else:
+            size += 3 + len(_field_bytes(value))
+    if size > MAX_REMAINING:
+        raise ValueError("properties too large for MQTT")
+    b = _alloc(<uint32_t>size, &out)
+    for i in range(len(_PROPERTY_IDS)):
+        value = values[i]
+        if value is None:
+            continue
+        ident = _PROPERTY_IDS[i]
+        kind = gw5_prop_kind[ident]
+        if ident == P_SUBSCRIPTION_ID:
+            for item in value:
+                o += put_prop_varint(out + o, ident, <uint32_t>item)
+        elif ident == P_USER_PROPERTY:
+            for key, val in value:
+                sp = _utf8(key, &l)
+                sp2 = _utf8(val, &l2)
+                o += put_prop_pair(out + o, sp, <uint32_t>l, sp2, <uint32_t>l2)
+        elif kind == K_BYTE:
+            o += put_prop_u8(out + o, ident, <uint8_t>value)
+        elif kind == K_U16:
+            o += put_prop_u16(out + o, ident, <uint16_t>value)
+        elif kind == K_U32:
+            o += put_prop_u32(out + o, ident, <uint32_t>value)
         elif kind == K_STR:
             sp = _utf8(value, &l)
-            out.append(ident)
-            out += _len2(l)
-            out += sp[:l]
+            o += put_prop_bytes(out + o, ident, sp, <uint32_t>l)
         else:
             raw = _field_bytes(value)
-            out.append(ident)
-            out += _len2(len(raw))
-            out += raw
-    return bytes(out)
+            o += put_prop_bytes(out + o, ident, <const uint8_t*>PyBytes_AS_STRING(raw), <uint32_t>len(raw))
+    return b
 
 
 cdef bytes _encode_publish(object pkt):
