@@ -265,6 +265,22 @@ def test_mutated_streams_same_outcome(data, limit, allow_control):
         assert_same_outcome(data, limit)
 
 
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(mutated_streams())
+def test_bad_input_cut_at_every_byte_boundary(data):
+    """Fed in pieces, a stream is refused for the same reason as whole, or
+    decodes to the start of what it decodes to whole: no check depends on
+    bytes not received yet."""
+    whole = assert_same_outcome(data)
+    for cut in range(len(data)):
+        part = assert_same_outcome(data[:cut])
+        if part[0] != "ok":
+            assert part == whole
+        elif whole[0] == "ok":
+            packets, used = part[1]
+            assert whole[1][0][:len(packets)] == packets and used <= whole[1][1]
+
+
 # Arbitrary properties, valid or not: identifiers of every kind (unknown
 # ones, ones not allowed in the packet, duplicates), values at the edges
 # (0, 1, 2, 0xFF), strings of bytes that are not UTF-8, truncated values.
