@@ -28,7 +28,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
 from cpython.unicode cimport PyUnicode_DecodeUTF8, PyUnicode_AsUTF8AndSize
 
 from gw_ext.codec cimport (
-    check_string, valid_utf8, valid_topic_name, valid_topic_filter, header_size, write_header,
+    check_string, check_topic_name, valid_utf8, valid_topic_filter, header_size, write_header,
     decode_header, MAL_UTF8, MAL_CONTROL,
 )
 from gw_ext import codec as _codec3
@@ -186,11 +186,10 @@ cdef inline int _string(const uint8_t* p, uint32_t n, int* reason) noexcept nogi
 cdef inline int _topic_name(const uint8_t* p, uint32_t n, int* reason) noexcept nogil:
     # A topic name: _string, then at least one character (MQTT-4.7.3-1), no
     # wildcard (MQTT-3.3.2-2, MQTT-4.7.0-1).
-    if _string(p, n, reason) < 0:
-        return ERR_MALFORMED
-    if not valid_topic_name(p, n):
-        return _fail(reason, R5_TOPIC)
-    return 0
+    cdef int bad = check_topic_name(p, n)
+    if bad == 0:
+        return 0
+    return _fail(reason, R5_UTF8 if bad == MAL_UTF8 else R5_CONTROL if bad == MAL_CONTROL else R5_TOPIC)
 
 
 cdef bint is_shared_filter(const uint8_t* p, uint32_t n) noexcept nogil:

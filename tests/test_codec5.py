@@ -923,3 +923,8 @@ def test_decode_accepts_any_bytes_like(mod):
         assert mod.decode(buf) == ([p], len(data) - 1)
         assert mod.decode_count(buf) == 1
     assert mod.decode(b"") == ([], 0) and mod.decode_count(b"") == 0
+
+
+def test_byte_order_mark_is_kept_MQTT_1_5_4_3():
+    p = assert_accepted(publish5(props(s(0x03, "\ufefftext".encode())), topic="\ufeffa/b".encode()))
+    assert (p.topic, p.properties.content_type) == ("\ufeffa/b", "\ufefftext")
