@@ -90,7 +90,8 @@ def realistic_mix_v5(count: int = 20_000, seed: int = 1) -> tuple[bytes, int]:
                 extra["user_properties"] = (("site", "AAL"),)
             topic = "" if alias in aliased else f"sensors/dev{device}/{rng.choice(metrics)}"
             aliased.add(alias)
-            p = p5.Publish(topic, rng.randbytes(rng.randint(16, 64)), qos, packet_id=rng.randint(1, 65535) if qos else 0,
+            p = p5.Publish(topic, rng.randbytes(rng.randint(16, 64)), qos,
+                           packet_id=rng.randint(1, 65535) if qos else 0,
                            properties=p5.Properties(topic_alias=alias, **extra))
         elif r < 0.95:
             p = p5.Puback(rng.randint(1, 65535))

@@ -677,7 +677,8 @@ def test_connack_without_property_length_is_malformed():
 @pytest.mark.parametrize("data", [
     publish5(packet_id=0), packet(0x40, b"\x00\x00"), packet(0x50, b"\x00\x00\x10"), packet(0x62, b"\x00\x00"),
     packet(0x70, b"\x00\x00"), packet(0x82, b"\x00\x00\x00" + mqtt_str(b"a") + b"\x00"),
-    packet(0x90, b"\x00\x00\x00\x00"), packet(0xA2, b"\x00\x00\x00" + mqtt_str(b"a")), packet(0xB0, b"\x00\x00\x00\x00"),
+    packet(0x90, b"\x00\x00\x00\x00"), packet(0xA2, b"\x00\x00\x00" + mqtt_str(b"a")),
+    packet(0xB0, b"\x00\x00\x00\x00"),
 ])
 def test_packet_id_zero_is_a_protocol_error_MQTT_2_2_1_3(data):
     assert_protocol_error(data, "packet_id")
