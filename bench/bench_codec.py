@@ -1,4 +1,4 @@
-"""Speed of the MQTT 3.1.1 codec: Cython (gw_ext.codec) against the pure-Python reference.
+"""Speed of the MQTT codecs: Cython (gw_ext.codec, gw_ext.codec5) against the pure-Python references.
 
 The server never builds Python objects per packet, so decoding is timed with
 ``decode_count``: header, body decoder and full validation of every packet
@@ -9,7 +9,11 @@ The server never builds Python objects per packet, so decoding is timed with
   the same buffer in the same run, best of several repetitions, the Cython
   codec at least GATE_RATIO times the reference (a ratio, never an absolute time);
 * ``test_small_publish_decode_rate`` records the one-core rate of small QoS 0
-  PUBLISH (target >= 1,000,000 packets/s) without asserting it.
+  PUBLISH (target >= 1,000,000 packets/s) without asserting it;
+* the same for MQTT 5.0 (``*_v5``): a mix of 5.0 packets with the properties
+  clients send (topic aliases, message expiry, user properties, subscription
+  options), gw_ext.codec5 against tests/mqtt5_ref.py, gated by
+  ``test_gate_cython_codec5_vs_reference``.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))   # the reference codec, a test oracle
 
+import mqtt5_ref as ref5                                            # noqa: E402
 import mqtt_ref as ref                                              # noqa: E402
 from benchutil import Gate, best_time, check_gate, paired_ratio      # noqa: E402
+from gw import packets5 as p5                                       # noqa: E402
 from gw.packets import Connect, Pingreq, Puback, Publish, Subscribe  # noqa: E402
-from gw_ext import codec                                            # noqa: E402
+from gw_ext import codec, codec5                                    # noqa: E402
 
 SMALL_PUBLISH_TARGET = 1_000_000   # packets/s on one core (recorded, not asserted)
 GATE_RATIO = 47             # measured 47-119 (BENCHMARKS.md, Speed gates)
+GATE5_RATIO = 140           # measured 222-271 (BENCHMARKS.md, Speed gates; busy machine only so far)
 
 
 def realistic_mix(count: int = 20_000, seed: int = 1) -> tuple[bytes, int]:
@@ -60,7 +67,51 @@ def small_publishes(count: int = 100_000) -> tuple[bytes, int]:
     return b"".join(codec.encode(Publish(f"sensors/dev{i % 1000}/temp", payload)) for i in range(count)), count
 
 
+def realistic_mix_v5(count: int = 20_000, seed: int = 1) -> tuple[bytes, int]:
+    """The same traffic from MQTT 5.0 clients: PUBLISH with a topic alias (the
+    first of each device with its topic, then the alias alone), some with a
+    message expiry or a user property, PUBACKs in their short form, PINGREQ, a
+    few SUBSCRIBE with options and a subscription identifier, CONNECT with
+    session expiry and receive maximum."""
+    rng = random.Random(seed)
+    metrics = ["temp", "humidity", "pressure", "battery", "co2"]
+    aliased = set()
+    parts = []
+    for i in range(count):
+        r = rng.random()
+        device = rng.randrange(1000)
+        if r < 0.85:
+            qos = 0 if r < 0.70 else 1
+            alias = device % 100 + 1
+            extra = {}
+            if rng.random() < 0.2:
+                extra["message_expiry_interval"] = 3600
+            if rng.random() < 0.1:
+                extra["user_properties"] = (("site", "AAL"),)
+            topic = "" if alias in aliased else f"sensors/dev{device}/{rng.choice(metrics)}"
+            aliased.add(alias)
+            p = p5.Publish(topic, rng.randbytes(rng.randint(16, 64)), qos,
+                           packet_id=rng.randint(1, 65535) if qos else 0,
+                           properties=p5.Properties(topic_alias=alias, **extra))
+        elif r < 0.95:
+            p = p5.Puback(rng.randint(1, 65535))
+        elif r < 0.98:
+            p = p5.Pingreq()
+        elif r < 0.99:
+            p = p5.Subscribe(rng.randint(1, 65535), [(f"commands/dev{device}/#", 0x21), ("config/+/all", 0x00)],
+                             p5.Properties(subscription_identifiers=(device + 1,)))
+        else:
+            p = p5.Connect(f"dev{device}", True, 60, p5.Properties(session_expiry_interval=3600, receive_maximum=20),
+                           username="device", password=b"secret-token")
+        parts.append(codec5.encode(p))
+    return b"".join(parts), count
+
+
 MIX, MIX_COUNT = realistic_mix()
+MIX5, MIX5_COUNT = realistic_mix_v5()
+PUBLISHES5 = [p5.Publish(f"sensors/dev{i}/temp", bytes(range(32)), i % 2, packet_id=(i % 2) * (i + 1),
+                         properties=p5.Properties(message_expiry_interval=60, user_properties=(("k", "v"),)))
+              for i in range(1000)]
 SMALL, SMALL_COUNT = small_publishes()
 PUBLISHES = [Publish(f"sensors/dev{i}/temp", bytes(range(32)), i % 2, packet_id=(i % 2) * (i + 1))
              for i in range(1000)]
@@ -76,8 +127,8 @@ def record_rate(benchmark, fn, packets: int, repeat: int = 5):
     return packets / seconds
 
 
-def _encode_all(encode):
-    for p in PUBLISHES:
+def _encode_all(encode, packets=PUBLISHES):
+    for p in packets:
         encode(p)
 
 
@@ -111,6 +162,32 @@ def test_small_publish_decode_rate(benchmark):
     benchmark.extra_info["meets_target"] = rate >= SMALL_PUBLISH_TARGET
 
 
+def test_decode_count_mix_cython_v5(benchmark):
+    assert benchmark(codec5.decode_count, MIX5) == MIX5_COUNT
+    record_rate(benchmark, lambda: codec5.decode_count(MIX5), MIX5_COUNT)
+
+
+def test_decode_count_mix_reference_v5(benchmark):
+    assert benchmark.pedantic(ref5.decode_count, (MIX5,), rounds=5, iterations=1) == MIX5_COUNT
+    record_rate(benchmark, lambda: ref5.decode_count(MIX5), MIX5_COUNT, repeat=2)
+
+
+def test_decode_mix_cython_v5(benchmark):
+    """decode() builds the Python objects (what a client library would)."""
+    assert len(benchmark(codec5.decode, MIX5)[0]) == MIX5_COUNT
+    record_rate(benchmark, lambda: codec5.decode(MIX5), MIX5_COUNT)
+
+
+def test_encode_publish_cython_v5(benchmark):
+    benchmark(_encode_all, codec5.encode, PUBLISHES5)
+    record_rate(benchmark, lambda: _encode_all(codec5.encode, PUBLISHES5), len(PUBLISHES5))
+
+
+def test_encode_publish_reference_v5(benchmark):
+    benchmark(_encode_all, ref5.encode, PUBLISHES5)
+    record_rate(benchmark, lambda: _encode_all(ref5.encode, PUBLISHES5), len(PUBLISHES5))
+
+
 # --- the gate ----------------------------------------------------------------------
 
 def codec_ratio() -> tuple[float, dict]:
@@ -126,3 +203,22 @@ GATE = Gate("codec", codec_ratio, GATE_RATIO, "the Cython codec vs the pure-Pyth
 
 def test_gate_cython_codec_vs_reference(request):
     check_gate(GATE, request)
+
+
+def codec5_ratio() -> tuple[float, dict]:
+    """The same for MQTT 5.0: decode_count of the 5.0 mix by both decoders."""
+    assert codec5.decode_count(MIX5) == ref5.decode_count(MIX5) == MIX5_COUNT
+    ratio, fast, slow = paired_ratio(lambda: codec5.decode_count(MIX5), lambda: ref5.decode_count(MIX5), 5)
+    return ratio, {"cython_packets_per_s": round(MIX5_COUNT / fast),
+                   "reference_packets_per_s": round(MIX5_COUNT / slow)}
+
+
+GATE5 = Gate("codec5", codec5_ratio, GATE5_RATIO, "the Cython 5.0 codec vs its pure-Python reference")
+
+
+def gates() -> list[Gate]:
+    return [GATE, GATE5]
+
+
+def test_gate_cython_codec5_vs_reference(request):
+    check_gate(GATE5, request)

@@ -299,9 +299,48 @@ def codec_seeds():
     yield "small-limit", b"\x04" + wires[5]
 
 
+def codec5_seeds():
+    from gw_ext import codec5
+    from gw.packets5 import (Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Pubcomp,
+                             Publish, Pubrec, Pubrel, Suback, Subscribe, Unsuback, Unsubscribe)
+
+    every = Properties(payload_format_indicator=1, message_expiry_interval=60, content_type="text/plain",
+                       response_topic="re/ply", correlation_data=b"\x01", subscription_identifiers=(1, 300),
+                       topic_alias=3, user_properties=(("k", "v"), ("k", "w")))
+    packets = [
+        Connect("dev-1", True, 60, Properties(session_expiry_interval=3600, receive_maximum=10,
+                                              maximum_packet_size=4096, topic_alias_maximum=5,
+                                              request_problem_information=1, request_response_information=1,
+                                              authentication_method="m", authentication_data=b"d",
+                                              user_properties=(("a", "b"),))),
+        Connect("", False, 0, will_topic="will/t", will_message=b"bye", will_qos=1, will_retain=True,
+                will_properties=Properties(will_delay_interval=5, payload_format_indicator=0), username="u",
+                password=b"pw"),
+        Connack(True, 0, Properties(assigned_client_identifier="x", server_keep_alive=30, maximum_qos=1,
+                                    retain_available=1, wildcard_subscription_available=1,
+                                    subscription_identifier_available=1, shared_subscription_available=1,
+                                    response_information="r", server_reference="s", reason_string="ok")),
+        Connack(False, 0x87), Publish("a/b", b"payload", 0), Publish("a/b", b"x" * 100, 1, True, False, 7, every),
+        Publish("", b"p", 2, False, True, 9, Properties(topic_alias=1)),
+        Puback(1), Pubrec(2, 0x10), Pubrel(3, 0x92, Properties(reason_string="gone")), Pubcomp(4),
+        Subscribe(5, [("a/#", 0x2E), ("$share/g/+/b", 0x01)], Properties(subscription_identifiers=(7,))),
+        Suback(5, [0, 2, 0x80, 0xA2]), Unsubscribe(6, ["a/#"]), Unsuback(6, [0, 0x11]), Pingreq(), Pingresp(),
+        Disconnect(), Disconnect(0x8E, Properties(session_expiry_interval=0, server_reference="other")),
+        Auth(0x18, Properties(authentication_method="SCRAM", authentication_data=b"c")),
+    ]
+    wires = [codec5.encode(p) for p in packets]
+    for i, (p, w) in enumerate(zip(packets, wires)):
+        yield f"{i:02d}-{type(p).__name__.lower()}", b"\x00" + w
+    yield "all-in-a-row", b"\x00" + b"".join(wires)
+    yield "cut-short", b"\x00" + b"".join(wires)[:-3]
+    yield "small-limit", b"\x04" + wires[5]
+    yield "wrapped-publish-body", b"\x40" + wires[5][:1] + wires[5][2:]
+
+
 def main() -> None:
     for target, seeds in (("mqtt", mqtt_seeds), ("jsonlines", json_seeds), ("http", http_seeds),
-                          ("channel", channel_seeds), ("wal", wal_seeds), ("codec", codec_seeds)):
+                          ("channel", channel_seeds), ("wal", wal_seeds), ("codec", codec_seeds),
+                          ("codec5", codec5_seeds)):
         for name, data in seeds():
             write(target, name, data)
     print("seed corpus written to", CORPUS)

@@ -104,6 +104,10 @@ cdef bint valid_utf8(const uint8_t* p, uint32_t n) noexcept nogil
 cdef int check_string(const uint8_t* p, uint32_t n) noexcept nogil
 # A topic name for PUBLISH: at least one byte, no '+' or '#' (MQTT-3.3.2-2).
 cdef bint valid_topic_name(const uint8_t* p, uint32_t n) noexcept nogil
+# check_string and valid_topic_name at once, with the fast path of
+# decode_publish (printable ASCII decided 8 bytes at a time): 0, or MAL_UTF8,
+# MAL_CONTROL (as check_string), or MAL_TOPIC (empty, or a wildcard).
+cdef int check_topic_name(const uint8_t* p, uint32_t n) noexcept nogil
 # A topic filter: at least one byte, '#' only last and alone in its level,
 # '+' alone in its level (MQTT-4.7.1-2, -4.7.1-3).
 cdef bint valid_topic_filter(const uint8_t* p, uint32_t n) noexcept nogil

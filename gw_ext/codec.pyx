@@ -252,6 +252,20 @@ cdef bint valid_topic_name(const uint8_t* p, uint32_t n) noexcept nogil:
     return True
 
 
+cdef int check_topic_name(const uint8_t* p, uint32_t n) noexcept nogil:
+    cdef int bad
+    if n == 0:
+        return MAL_TOPIC
+    if _plain_topic(p, n):
+        return 0
+    bad = _check_string(p, n)
+    if bad:
+        return bad
+    if not valid_topic_name(p, n):
+        return MAL_TOPIC
+    return 0
+
+
 cdef bint valid_topic_filter(const uint8_t* p, uint32_t n) noexcept nogil:
     cdef uint32_t i
     cdef uint8_t c
