@@ -503,3 +503,40 @@ def test_will_published_after_a_protocol_error(server):
     finally:
         sock.close()
         sub.close()
+
+
+# --- passwords, the ACL and limits sit above the framing ------------------------------------
+
+def test_passwords_acl_and_limits_apply_over_websocket(gw_factory, tmp_path):
+    pwfile = tmp_path / "passwd"
+    from conftest import run_gw
+    res = run_gw("passwd", "-b", "-c", str(pwfile), "alice", "wonder")
+    assert res.returncode == 0, res.stderr
+    acl = tmp_path / "acl"
+    acl.write_text("user alice\ntopic readwrite a/#\n")
+    server = gw_factory(workers=2, listeners=("mqtt", "ws"),
+                        args=["--password-file", pwfile, "--acl-file", acl, "--allow-anonymous", "false",
+                              "--max-subscriptions", "2"])
+    before = server.counters()
+    # A wrong password: CONNACK 4, then a Close (1000) and the connection closes.
+    sock = ws_connect(server.ports["ws"])
+    try:
+        ws = WsMqtt(sock)
+        ws.send(connect_with_will(b"bad-pw", user=b"alice", password=b"nope"))
+        assert ws.read_packet() == (0x20, b"\x00\x04")
+        assert read_close(sock) == 1000
+    finally:
+        sock.close()
+    # The right one: in; the ACL refuses b/# (SUBACK 0x80) and allows a/#; max_subscriptions holds.
+    sock = ws_connect(server.ports["ws"])
+    try:
+        ws = WsMqtt(sock)
+        ws.send(connect_with_will(b"good-pw", user=b"alice", password=b"wonder"))
+        assert ws.read_packet() == CONNACK_OK
+        ws.send(subscribe_packet(1, [(b"b/#", 1), (b"a/#", 1), (b"a/x", 0), (b"a/y", 0)]))
+        assert ws.read_packet() == (0x90, b"\x00\x01\x80\x01\x00\x80")
+    finally:
+        sock.close()
+    after = server.counters()
+    assert counter_delta(before, after, "acl_subscribe_denied") == 1
+    assert counter_delta(before, after, "auth_refused_password") == 1
