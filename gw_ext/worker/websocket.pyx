@@ -28,8 +28,11 @@
 #                 sealed when the connection is flushed: header room
 #                 (WS_HEADER_ROOM) is reserved before the frame's first byte,
 #                 the header written into its end, so no payload is copied.
-#   WS_CLOSED     a Close frame was sent: nothing more goes out (reserve gives
-#                 NULL); the connection closes once it is flushed.
+#   WS_CLOSED     a Close frame (or a refused upgrade's answer) was sent:
+#                 nothing more goes out (reserve gives NULL); once it is
+#                 written the connection lingers (ws_linger_start: our side
+#                 shut, input read away until the client closes, at most the
+#                 close grace), then closes for the reason it was sent for.
 #
 # The carry-over buffer (Conn.inbuf) of a WebSocket connection holds, in this
 # order, decoded MQTT bytes not consumed yet (a packet cut short, or input
