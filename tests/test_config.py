@@ -31,6 +31,10 @@ def assert_one_line_error(res, *needles):
     (["--mqtt", "nonsense"], ["'mqtt'"]),
     (["--mqtt", "127.0.0.1:70000"], ["'mqtt'"]),
     (["--log-level", "loud"], ["'log_level'"]),
+    (["--ws", "127.0.0.1:70000"], ["'ws'"]),
+    (["--ws-path", "mqtt"], ["'ws_path'"]),
+    (["--ws-path", "/mqtt?x=1"], ["'ws_path'"]),
+    (["--ws-allowed-origins", "dash.example"], ["'ws_allowed_origins'"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_invalid_flag_value(tmp_path, args, needles):
     res = run_gw("serve", *args, "--data-dir", tmp_path / "data", "--certs", tmp_path / "certs",
