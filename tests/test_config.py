@@ -31,6 +31,10 @@ def assert_one_line_error(res, *needles):
     (["--mqtt", "nonsense"], ["'mqtt'"]),
     (["--mqtt", "127.0.0.1:70000"], ["'mqtt'"]),
     (["--log-level", "loud"], ["'log_level'"]),
+    (["--ws", "127.0.0.1:70000"], ["'ws'"]),
+    (["--ws-path", "mqtt"], ["'ws_path'"]),
+    (["--ws-path", "/mqtt?x=1"], ["'ws_path'"]),
+    (["--ws-allowed-origins", "dash.example"], ["'ws_allowed_origins'"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) and v and v[0].startswith("--") else None)
 def test_invalid_flag_value(tmp_path, args, needles):
     res = run_gw("serve", *args, "--data-dir", tmp_path / "data", "--certs", tmp_path / "certs",
@@ -46,7 +50,7 @@ def test_unknown_flag(tmp_path):
 
 def test_every_listener_off_is_an_error(tmp_path):
     res = run_gw("serve", "--mqtt", "off", "--mqtts", "off", "--json", "off", "--jsons", "off",
-                 "--http", "off", "--https", "off", cwd=tmp_path)
+                 "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", cwd=tmp_path)
     assert_one_line_error(res, "'mqtt'")
 
 
@@ -105,6 +109,8 @@ def test_toml_values_applied_and_flags_override(tmp_path):
         'jsons = "off"\n'
         'http = "off"\n'
         'https = "off"\n'
+        'ws = "off"\n'
+        'wss = "off"\n'
         "max_packet_size = 200\n"
         "stats_interval = 0\n"
         f'data_dir = "{tmp_path / "data"}"\n'
