@@ -35,7 +35,7 @@ SERIES_MAGIC = 0x67775352          # "gwSR"
 SERIES_VERSION = 1
 HEADER = 8                         # int64 words
 H_MAGIC, H_VERSION, H_CAPACITY, H_FIELDS, H_WORKERS, H_COUNT, H_INTERVAL_MS = range(7)
-CAPACITY = 900                     # points: 15 minutes at one a second
+CAPACITY = 901                     # rows: 15 minutes at a point a second (one row is the next write's)
 INTERVAL = 1.0                     # seconds between two points
 
 # (name, description): the global figures of a point, in row order.
@@ -118,11 +118,13 @@ class SeriesRing:
 
     def read(self, after: int = -1) -> tuple[int, np.ndarray]:
         """(first, rows): the points with sequence number > after still in the ring and
-        untouched by a write during the copy, oldest first; `first` is the first one's number."""
+        untouched by a write during the copy (at most capacity - 1), oldest first; `first`
+        is the first one's number."""
         before = int(self.header[H_COUNT])
         if after >= before:
             after = -1          # a point from before a restart of the master: start again
-        start = max(after + 1, before - self.capacity, 0)
+        # The oldest row is the one the next write (point `before`) takes: never served.
+        start = max(after + 1, before - self.capacity + 1, 0)
         if start >= before:
             return before, np.empty((0, self.fields))
         idx = np.arange(start, before) % self.capacity
@@ -268,4 +270,4 @@ def series_answer(ring: SeriesRing, block: StatsBlock, after: int) -> StatsSerie
     behind = block.rows[:, C.STORE_BEHIND].tolist()
     workers = [WorkerSeries(w, int(pids[w]), ages[w], lags[w], bool(behind[w]), per[w])
                for w in range(ring.workers)]
-    return StatsSeries(ring.interval, ring.capacity, first, first + len(rows) - 1, glob, workers)
+    return StatsSeries(ring.interval, ring.capacity - 1, first, first + len(rows) - 1, glob, workers)

@@ -243,6 +243,7 @@
     state.sparkQueue = [];
     const rows = answer.devices.map((d) => deviceRow(d));
     body.replaceChildren(...rows);
+    pumpSparks();
     markReady("devices");
   }
 
@@ -268,7 +269,6 @@
     if (cached) drawSpark(canvas, cached.values);
     if (cached && Date.now() - cached.at < SPARK_TTL) return;
     state.sparkQueue.push({ device, metric, canvas, key });
-    pumpSparks();
   }
 
   function pumpSparks() {
@@ -302,7 +302,7 @@
     ctx.beginPath();
     vs.forEach((v, i) => {
       const x = (i / (vs.length - 1)) * (w - 2) + 1;
-      const y = h - 2 - ((v - lo) / span) * (h - 4);
+      const y = hi === lo ? h / 2 : h - 2 - ((v - lo) / span) * (h - 4);
       if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
     });
     ctx.stroke();
