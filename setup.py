@@ -35,7 +35,7 @@ OWN_C_WARNINGS = ["-Wall", "-Wextra"]
 # Every extension is rebuilt when a header changes (a .pxd may include one).
 HEADERS = sorted(str(h.relative_to(HERE)) for d in SOURCE_DIRS for h in (HERE / d).glob("*.h"))
 # Modules that call OpenSSL directly (the TLS layer and whatever drives it).
-OPENSSL = {"gw_ext.tls", "gw_ext.loop", "gwbench._ext.pubsub_engine", "gwbench._ext.tls_clients"}
+OPENSSL = {"gw_ext.tls", "gw_ext.loop", "gw_ext.wsframe", "gwbench._ext.pubsub_engine", "gwbench._ext.tls_clients"}
 SANITIZERS = {"address", "undefined", "fuzzer-no-link"}
 
 

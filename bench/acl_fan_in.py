@@ -48,7 +48,7 @@ class GwWithArgs(Gw):
         self.proc = subprocess.Popen(
             [PY, "-m", "gw.cli", "serve", "--workers", str(self.workers),
              "--mqtt", f"127.0.0.1:{self.port}", "--mqtts", f"127.0.0.1:{self.tls_port}",
-             "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+             "--json", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off",
              "--certs", str(self.certs), "--data-dir", str(self.dir / "data"),
              "--stats-interval", "0", "--log-level", "warning", *self.extra],
             cwd=self.dir, stdout=open(self.dir / "gw.log", "ab"), stderr=subprocess.STDOUT,

@@ -156,7 +156,7 @@ def mqtt_only_gw(workers: int, *flags: str, tmp_parent: str | None = None, stder
     with tempfile.TemporaryDirectory(dir=tmp_parent) as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "gw.cli", "serve", "--workers", str(workers), "--mqtt", f"127.0.0.1:{port}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off",
              "--data-dir", f"{tmp}/data", "--stats-interval", "0", "--sys-interval", "0",
              "--log-level", "warning", *flags],
             cwd=tmp, env={**os.environ, "PYTHONPATH": str(repo)}, stdin=subprocess.DEVNULL,

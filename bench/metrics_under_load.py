@@ -48,7 +48,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         server = subprocess.Popen(
             [sys.executable, "-m", "gw.cli", "serve", "--workers", "2", "--mqtt", f"127.0.0.1:{mqtt}",
-             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", f"127.0.0.1:{http}", "--https", "off",
+             "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", f"127.0.0.1:{http}", "--https", "off", "--ws", "off", "--wss", "off",
              "--data-dir", f"{tmp}/data", "--stats-interval", "0", "--log-level", "warning"],
             cwd=tmp, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         load = None

@@ -86,7 +86,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{self.mqtt}",
              "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", f"127.0.0.1:{self.http}",
-             "--https", "off", "--data-dir", str(data_dir), "--stats-interval", "0", "--log-level", "warning",
+             "--https", "off", "--ws", "off", "--wss", "off", "--data-dir", str(data_dir), "--stats-interval", "0", "--log-level", "warning",
              "--query-threads", str(threads)],
             cwd=base, env=ENV, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 60

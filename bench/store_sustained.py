@@ -102,7 +102,7 @@ def start_server(args, tmp: str) -> tuple[subprocess.Popen, dict, str]:
     data = os.path.join(tmp, "data")
     cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", str(args.workers),
            "--mqtt", f"127.0.0.1:{ports['mqtt']}", "--http", f"127.0.0.1:{ports['http']}",
-           "--mqtts", "off", "--json", "off", "--jsons", "off", "--https", "off",
+           "--mqtts", "off", "--json", "off", "--jsons", "off", "--https", "off", "--ws", "off", "--wss", "off",
            "--data-dir", data, "--certs", os.path.join(tmp, "certs"), "--ack", "sink", "--fsync", args.fsync,
            "--stats-interval", "0", "--sys-interval", "0", "--log-level", "warning",
            "--idempotency-window", "0", *args.server_arg]

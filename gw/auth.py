@@ -33,7 +33,7 @@ from gw.config import certificate_required, is_loopback_host
 from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
 
 # Listeners whose clients the anonymous rules apply to (HTTP has its own tokens).
-CLIENT_LISTENERS = ("mqtt", "mqtts", "json", "jsons")
+CLIENT_LISTENERS = ("mqtt", "mqtts", "json", "jsons", "ws", "wss")
 # Checked against an unknown user's password, so it costs what a known one does.
 _DECOY = Entry("7", b"\0" * 12, b"\0" * 64, PBKDF2_ITERATIONS)
 

@@ -22,8 +22,8 @@ BOOL_WORDS = {"true": True, "false": False, "yes": True, "no": False, "on": True
               "1": True, "0": False}
 HTTP_AUTH_MODES = ("auto", "token", "none")
 METRICS_AUTH_MODES = ("read", "none")
-LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
-TLS_LISTENER_KEYS = ("mqtts", "jsons", "https")
+LISTENER_KEYS = ("mqtt", "mqtts", "json", "jsons", "http", "https", "ws", "wss")
+TLS_LISTENER_KEYS = ("mqtts", "jsons", "https", "wss")
 
 
 class ConfigError(Exception):
@@ -81,6 +81,15 @@ class Config:
                          "HOST:PORT or off", kind="address")
     https: str = _setting("127.0.0.1:8443", "HTTPS listener (the same, over TLS with the certs), HOST:PORT or off",
                           kind="address")
+    ws: str = _setting("127.0.0.1:8083", "MQTT over WebSocket listener (an HTTP upgrade on ws_path, "
+                       "subprotocol mqtt or mqttv3.1), HOST:PORT or off", kind="address")
+    wss: str = _setting("127.0.0.1:8084", "MQTT over WebSocket over TLS listener (the same certificates), "
+                        "HOST:PORT or off", kind="address")
+    ws_path: str = _setting("/mqtt", "the path of the ws and wss listeners' upgrade requests (another path: 404)")
+    ws_allowed_origins: str = _setting("", "comma-separated Origin values (scheme://host[:port]) whose "
+                                       "browser pages may open a ws/wss connection; another Origin is "
+                                       "refused 403; a request without Origin (not a browser's) is let in "
+                                       "('' : any origin)")
     certs: str = _setting("certs", "directory holding cert.pem and key.pem (generated with a "
                           "development CA, ca.pem, when absent)")
     require_certificate: bool = _setting(False, "TLS listeners (mqtts, jsons, https) ask every client for a "
@@ -390,10 +399,20 @@ def load_config(path: str | None = None, overrides: dict | None = None) -> Confi
         raise ConfigError(f"config key 'max_bytes_burst': {cfg.max_bytes_burst} is below max_packet_size "
                           f"({cfg.max_packet_size}): one largest message would empty the bucket; raise it, "
                           f"or 0 for the default")
+    if not cfg.ws_path.startswith("/") or any(ch <= " " or ch in "?#" or ord(ch) > 126 for ch in cfg.ws_path):
+        raise ConfigError(f"config key 'ws_path': not an absolute path without query: {cfg.ws_path!r}")
+    for origin in ws_origins(cfg):
+        if "://" not in origin or any(ch <= " " or ord(ch) > 126 for ch in origin):
+            raise ConfigError(f"config key 'ws_allowed_origins': not an origin (scheme://host[:port]): {origin!r}")
     if (not cfg.telemetry_topic or any(ch in cfg.telemetry_topic for ch in "+#\0")
             or cfg.telemetry_topic.startswith("$") or cfg.telemetry_topic.endswith("/")):
         raise ConfigError(f"config key 'telemetry_topic': not a plain topic prefix: {cfg.telemetry_topic!r}")
     return cfg
+
+
+def ws_origins(cfg: Config) -> frozenset:
+    """ws_allowed_origins as the set of lowercased origins (empty: any)."""
+    return frozenset(o.strip().lower().rstrip("/") for o in cfg.ws_allowed_origins.split(",") if o.strip())
 
 
 def store_is_postgresql(store: str | None) -> bool:

@@ -23,7 +23,7 @@ from typing import Callable
 
 from gw import __version__
 from gw.certs import CertPaths, ensure_certs, server_context
-from gw.config import RESTART_ONLY, Config, ConfigError, load_config, store_is_postgresql
+from gw.config import RESTART_ONLY, TLS_LISTENER_KEYS, Config, ConfigError, load_config, store_is_postgresql
 from gw.series import INTERVAL as SERIES_INTERVAL, SeriesRecorder, SeriesRing
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
@@ -33,7 +33,8 @@ log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
 
 LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", False),
-             ("jsons", "json", True), ("http", "http", False), ("https", "http", True))
+             ("jsons", "json", True), ("http", "http", False), ("https", "http", True),
+             ("ws", "ws", False), ("wss", "ws", True))
 BACKLOG = 4096
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
 RESPAWN_MAX = 10.0
@@ -198,7 +199,7 @@ class Master:
             except AclError as exc:
                 raise StartupError(f"acl_file refused: {exc}") from None
         self.tokens = self.check_tokens(cfg)
-        if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
+        if any(cfg.address(key) for key in TLS_LISTENER_KEYS):
             self.certs, generated = ensure_certs(cfg.certs)
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",

@@ -21,7 +21,8 @@ import numpy as np
 
 from gw import __version__
 from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
-                      PACKET_NAMES, SINK_NAMES, STATUS_NAMES, Counter as C, Layout, StatsBlock, monotonic_ms)
+                      PACKET_NAMES, SINK_NAMES, STATUS_NAMES, WS_CLOSE_NAMES, WS_REFUSED_NAMES, Counter as C,
+                      Layout, StatsBlock, monotonic_ms)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -76,6 +77,12 @@ _FAMILIES = [
      "(unknown CA, bad signature, expired, or a common name that is no user name), revoked by crlfile.",
      [('{reason="no_certificate"}', C.TLS_REFUSED_NO_CERT), ('{reason="invalid"}', C.TLS_REFUSED_BAD_CERT),
       ('{reason="revoked"}', C.TLS_REFUSED_REVOKED)]),
+    ("gw_ws_upgrades_total", "counter", "WebSocket upgrades accepted (ws, wss listeners).",
+     [("", C.WS_UPGRADES)]),
+    ("gw_ws_upgrades_refused_total", "counter", "WebSocket upgrade requests refused, by the HTTP status answered.",
+     [(f'{{code="{n}"}}', C.WS_REFUSED + i) for i, n in WS_REFUSED_NAMES.items()]),
+    ("gw_ws_closes_total", "counter", "WebSocket Close frames the server sent, by close code.",
+     [(f'{{code="{n}"}}', C.WS_CLOSES + i) for i, n in WS_CLOSE_NAMES.items()]),
     ("gw_mqtt_packets_total", "counter", "MQTT control packets, by direction and type.",
      [(f'{{direction="in",type="{n}"}}', C.PKT_IN + t) for t, n in PACKET_NAMES.items()]
      + [(f'{{direction="out",type="{n}"}}', C.PKT_OUT + t) for t, n in PACKET_NAMES.items()]),

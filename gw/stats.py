@@ -25,7 +25,7 @@ import gw_ext.stats as _consts
 # Counter: every other integer constant (row indices, with N_COUNTERS). The
 # tuples (HIST_BOUNDS_NS, HTTP_STATUS_CODES) are neither.
 _LAYOUT = ("STATS_", "HEADER_", "MAX_WORKERS", "H_", "HIST_WORDS", "HIST_BUCKETS", "HIST_SUM",
-           "HIST_COUNT", "HTTP_STATUS_", "LIM_", "N_LIMITS")
+           "HIST_COUNT", "HTTP_STATUS_", "LIM_", "N_LIMITS", "WS_REFUSED_", "N_WS_", "WS_CLOSE_SLOT_")
 _INTS = {k: getattr(_consts, k) for k in dir(_consts)
          if k.isupper() and type(getattr(_consts, k)) is int}
 Layout = IntEnum("Layout", {k: v for k, v in _INTS.items() if k.startswith(_LAYOUT)})
@@ -56,6 +56,7 @@ _STATUS_SLOT = {code: i for i, code in enumerate(HTTP_STATUS_CODES)}
 # Counters that are the first of a range of words (read as a whole, never as one figure).
 RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16, Counter.LIMITS: 16,
           Counter.HTTP_REQUESTS: HTTP_STATUS_SLOTS, Counter.INGEST_REQUESTS: HTTP_STATUS_SLOTS,
+          Counter.WS_REFUSED: int(Layout.N_WS_REFUSED), Counter.WS_CLOSES: int(Layout.N_WS_CLOSE_SLOTS),
           Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS, Counter.HIST_LOOP_TURN: HIST_WORDS}
 
 
@@ -314,6 +315,8 @@ def counter_dict(totals) -> dict:
     out["malformed"] = {name: totals[Counter.MALFORMED_BY_REASON + r]
                         for r, name in MALFORMED_REASONS.items()}
     out["limits"] = {name: totals[Counter.LIMITS + i] for i, name in LIMIT_NAMES.items()}
+    out["ws_refused"] = {name: totals[Counter.WS_REFUSED + i] for i, name in WS_REFUSED_NAMES.items()}
+    out["ws_closes"] = {name: totals[Counter.WS_CLOSES + i] for i, name in WS_CLOSE_NAMES.items()}
     for base, label in ((Counter.HTTP_REQUESTS, "http_requests"),
                         (Counter.INGEST_REQUESTS, "ingest_requests")):
         out[label] = {name: totals[base + i] for i, name in enumerate(STATUS_NAMES)}
@@ -351,6 +354,11 @@ MALFORMED_REASONS = {1: "fixed_header", 2: "remaining_length", 3: "utf8", 4: "pr
                      9: "control_character", 10: "server_packet", 11: "wrong_ack_kind"}
 # LIMITS + LIM_*: which bound a client hit, named after its setting (max_<name>).
 LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("LIM_")}
+# WS_REFUSED + WS_REFUSED_*: the HTTP status a refused WebSocket upgrade got;
+# WS_CLOSES + WS_CLOSE_SLOT_*: the code of a Close frame the server sent.
+WS_REFUSED_NAMES = {int(v): k[len("WS_REFUSED_"):] for k, v in _INTS.items() if k.startswith("WS_REFUSED_")}
+WS_CLOSE_NAMES = {int(v): k[len("WS_CLOSE_SLOT_"):].lower() for k, v in _INTS.items()
+                  if k.startswith("WS_CLOSE_SLOT_")}
 # The rate limits' counters, grouped under "rate_limits" (`gw stats --json`): the
 # pauses by setting, the connections refused by max_connections_per_ip, the
 # clients paused now.

@@ -18,7 +18,7 @@ import msgspec
 
 from gw.auth import Authenticator, anonymous_allowed
 from gw.certs import CertPaths, server_context
-from gw.config import Config, ConfigError, load_config
+from gw.config import Config, ConfigError, load_config, ws_origins
 from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
 from gw.passwords import PasswordFileError, load_password_file
@@ -34,9 +34,9 @@ class ListenerSpec:
     """One listening socket of a worker slot, as the master made it."""
 
     def __init__(self, name: str, sock, proto: str, tls: bool):
-        self.name = name          # config key: mqtt, mqtts, json, jsons, http, https
+        self.name = name          # config key: mqtt, mqtts, json, jsons, http, https, ws, wss
         self.sock = sock
-        self.proto = proto        # "mqtt", "json" or "http"
+        self.proto = proto        # "mqtt", "json", "http" or "ws" (MQTT over WebSocket)
         self.tls = tls
 
 
@@ -53,6 +53,8 @@ def apply_limits(worker, cfg: Config) -> None:
     (a Worker starts with none), at start and on SIGHUP."""
     worker.max_connections = cfg.max_connections
     worker.max_packet_size = cfg.max_packet_size
+    worker.ws_path = cfg.ws_path.encode()
+    worker.ws_allowed_origins = frozenset(o.encode() for o in ws_origins(cfg))
     worker.max_outbound = cfg.max_outbound
     worker.soft_outbound = cfg.max_outbound // 2
     worker.max_inflight = cfg.max_inflight

@@ -23,6 +23,7 @@ from gw_ext.openssl cimport SSL, SSL_CTX
 from gw_ext.topics cimport MatchResult, TopicTrie
 from gw_ext.wal cimport Wal
 from gw_ext.wheel cimport TimerNode, Wheel
+from gw_ext.wsframe cimport WsDecoder
 
 
 # --- the connection table (loop.pyx) -------------------------------------------------
@@ -99,7 +100,9 @@ cdef enum CloseReason:
     CR_RATE_BYTES = 29        # (log only) ... max_bytes_rate
     CR_RATE_CONN = 30         # (log only) a listener paused: max_conn_rate
     CR_STORE_BEHIND = 31      # (log only) ingest held: the store is max_sink_lag_bytes behind the log
-    N_CLOSE_REASONS = 32
+    CR_WS_REFUSED = 32        # a WebSocket upgrade refused with an HTTP answer (worker/websocket.pyx)
+    CR_WS_PROTOCOL = 33       # a WebSocket protocol error: a Close with its code sent (worker/websocket.pyx)
+    N_CLOSE_REASONS = 34
 
 cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     """A live connection to a client: not a listener, channel or an eventfd
@@ -126,6 +129,7 @@ cdef struct Conn:
     uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
     uint16_t username_len     # JSON-lines clients: the user name they act as (MQTT's live in the Session)
     uint8_t json_acl          # JSON-lines clients: may publish on {telemetry_topic}/{client id} (1/0), under...
+    uint8_t ws                # MQTT over WebSocket: a WsPhase (worker/websocket.pyx); 0: not WebSocket
     uint32_t json_acl_gen     # ... this ACL generation (0: not decided yet)
     int session               # MQTT session slot, -1 before CONNECT
     uint32_t gen              # which connection this is (fds are reused)
@@ -167,6 +171,27 @@ cdef struct Listener:
     uint64_t accept_refilled_ms   # when accept_tokens was last refilled (0: never: full)
     uint64_t accept_resume_ms     # accept_paused: when it accepts again
     uint8_t accept_paused     # out of tokens: not in the epoll set for input
+    uint8_t ws                # MQTT over WebSocket (ws, wss): an HTTP upgrade first (worker/websocket.pyx)
+
+# MQTT over WebSocket (worker/websocket.pyx): where a connection is, Conn.ws.
+cdef enum WsPhase:
+    WS_NONE = 0               # not a WebSocket connection
+    WS_HANDSHAKE = 1          # waiting for the HTTP upgrade request
+    WS_OPEN = 2               # upgraded: MQTT in binary frames both ways
+    WS_CLOSED = 3             # a Close frame was sent: nothing more goes out, input is read away
+
+cdef enum:
+    WS_HEADER_ROOM = 10       # reserved in the outbound buffer before a binary frame, for its header
+    WSF_FRAME_OPEN = 1        # WsState.flags: the outbound buffer ends with a binary frame being filled
+
+# WebSocket connections' state (worker/websocket.pyx), in a table indexed by fd
+# beside the Conn table (allocated with the first ws/wss listener): 28 bytes.
+cdef struct WsState:
+    WsDecoder dec             # the frame decoder between reads (gw_ext/wsframe.pxd)
+    uint32_t decoded          # decoded (unmasked) MQTT bytes at the start of the carry-over buffer
+    uint32_t frame_at         # WSF_FRAME_OPEN: offset in outbuf of the open frame's header room
+    uint16_t scan             # the handshake: where to resume looking for the end of the head
+    uint8_t flags             # WSF_*
 
 # A client's rate-limit buckets (worker/rate_limits.pyx), in a table indexed by fd
 # beside the Conn table, allocated with the first per-client rate limit.
@@ -391,6 +416,7 @@ cdef class Worker:
     cdef int tls_handshake(self, Conn* c)
     # writing
     cdef uint8_t* reserve(self, Conn* c, uint32_t n)
+    cdef uint8_t* reserve_bytes(self, Conn* c, uint32_t n)
     cdef int send_ack(self, Conn* c, uint8_t ptype, uint16_t pid)
     cdef int send_empty(self, Conn* c, uint8_t ptype)
     cdef void flush_dirty(self)
@@ -520,6 +546,11 @@ cdef class Worker:
     cdef dict held_http              # id -> response bytes
     cdef uint32_t held_http_next
     cdef DedupTable dedup            # the idempotency table: its pending records commit when durable
+
+    # --- MQTT over WebSocket (worker/websocket.pyx) -------------------------------------
+    cdef WsState* ws_states          # per fd; allocated with the first ws/wss listener
+    cdef public bytes ws_path        # the request-target path of the upgrade (ws_path)
+    cdef public frozenset ws_allowed_origins   # lowercased Origin values allowed (empty: any)
 
     # --- rate limits (worker/rate_limits.pyx) -------------------------------------------
     cdef double conn_rate            # max_conn_rate / workers: this worker's share, per listener
@@ -822,3 +853,13 @@ cdef void wal_readable(Worker w)
 cdef void wal_drain(Worker w)
 cdef bint wal_room(Worker w, int nbytes) except? False
 cdef int64_t wal_append(Worker w, const uint8_t* p, uint32_t n, bint room_checked=*)
+
+# --- worker/websocket.pyx: MQTT over WebSocket (the upgrade, frames both ways) ---------
+cdef Py_ssize_t process_ws(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
+cdef Py_ssize_t ws_handshake(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail)
+cdef Py_ssize_t ws_refuse(Worker w, Conn* c, int status, str why)
+cdef uint8_t* ws_reserve(Worker w, Conn* c, uint32_t n)
+cdef void ws_seal(Worker w, Conn* c) noexcept
+cdef int ws_control(Worker w, Conn* c, uint8_t opcode, const uint8_t* payload, uint32_t n)
+cdef void ws_send_close(Worker w, Conn* c, uint16_t code)
+cdef void ws_terminal(Worker w, Conn* c, uint8_t event, uint16_t code, bint has_code)

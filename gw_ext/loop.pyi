@@ -47,6 +47,8 @@ class Worker:
     certificate_anonymous: bool
     auth_required: bool
     max_packet_size: int
+    ws_path: bytes
+    ws_allowed_origins: frozenset[bytes]
     max_outbound: int
     soft_outbound: int
     connect_timeout_ms: int

@@ -44,6 +44,7 @@ from gw_ext.addrlimit cimport AddressCounts, gw_peer_address
 from gw_ext.dedup cimport DedupTable, GWD_DUPLICATE, GWD_NEW, GWD_PENDING_ELSEWHERE, GWD_PENDING_HERE
 from gw_ext.frames cimport *
 from gw_ext.topics cimport *
+from gw_ext.wsframe cimport *
 from gw_ext.wheel cimport (TimerNode, Wheel, wheel_cancel, wheel_expire, wheel_free, wheel_init, wheel_pop_expired,
                            wheel_schedule)
 
@@ -91,7 +92,7 @@ cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
     CLOSED_SERVER, CLOSED_SERVER, CLOSED_INTERNAL, CLOSED_LIMIT, CLOSED_SERVER, CLOSED_ERROR, CLOSED_ERROR,
     CLOSED_ERROR, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER, CLOSED_SERVER,
     CLOSED_SERVER,
-    CLOSED_SERVER]
+    CLOSED_SERVER, CLOSED_SERVER, CLOSED_MALFORMED]
 
 # LIMITS + LIM_* (gw_ext/stats.pxd): the setting each bound is.
 LIMIT_SETTINGS = ["max_awaiting_rel", "max_subscriptions", "max_topic_levels", "max_topic_length",
@@ -163,6 +164,8 @@ cdef class Worker:
         # until gw/worker.py's apply_limits sets them from the config: the one
         # place they are set, so their defaults are gw/config.py's alone.
         self.telemetry_prefix = b""
+        self.ws_path = b"/mqtt"
+        self.ws_allowed_origins = frozenset()
         self.held_http = {}
         self.client_sessions = {}
         self.registry = {}
@@ -234,6 +237,7 @@ cdef class Worker:
         free(self.rate_paused_gens)
         free(self.rbuf)
         free(self.dirty)
+        free(self.ws_states)
         wheel_free(&self.wheel)
         if self.epfd >= 0:
             close(self.epfd)
@@ -249,15 +253,20 @@ cdef class Worker:
             raise ValueError("too many listeners")
         if fd >= self.nconns:
             raise ValueError("listener fd above the fd limit")
-        if proto not in ("mqtt", "json", "http"):
+        if proto not in ("mqtt", "json", "http", "ws"):
             raise ValueError("unknown listener protocol %r" % proto)
+        if proto == "ws" and self.ws_states == NULL:
+            self.ws_states = <WsState*>calloc(self.nconns, sizeof(WsState))
+            if self.ws_states == NULL:
+                raise MemoryError()
         if proto == "http" and self.http == NULL:
             self.http = <HttpState*>calloc(self.nconns, sizeof(HttpState))
             if self.http == NULL:
                 raise MemoryError()
         l = &self.listeners[self.nlisteners]
         l.fd = fd
-        l.proto = PROTO_MQTT if proto == "mqtt" else PROTO_JSON if proto == "json" else PROTO_HTTP
+        l.proto = PROTO_MQTT if proto in ("mqtt", "ws") else PROTO_JSON if proto == "json" else PROTO_HTTP
+        l.ws = proto == "ws"        # MQTT in WebSocket frames, after an HTTP upgrade (worker/websocket.pyx)
         l.ack_sink = ack_sink
         l.ctx = NULL
         l.identity_username = 0
@@ -789,6 +798,9 @@ cdef class Worker:
             c.listener = index
             if l.proto == PROTO_HTTP:
                 memset(&self.http[fd], 0, sizeof(HttpState))
+            if l.ws:
+                c.ws = WS_HANDSHAKE
+                memset(&self.ws_states[fd], 0, sizeof(WsState))
             c.last_rx_ms = self.now_ms
             if l.ctx != NULL:
                 c.ssl = SSL_new(l.ctx)
@@ -944,6 +956,8 @@ cdef class Worker:
             self.byte_allowance = 0xFFFFFFFFFFFFFFFF
         if c.proto == PROTO_HTTP:
             pos = process_http(self, c, buf, n)
+        elif c.ws:
+            pos = process_ws(self, c, buf, n)       # worker/websocket.pyx, then process_mqtt
         elif c.proto == PROTO_JSON:
             pos = process_json_lines(self, c, buf, n)
         else:
@@ -1068,7 +1082,15 @@ cdef class Worker:
 
     cdef uint8_t* reserve(self, Conn* c, uint32_t n):
         """Room for n outbound bytes, flushed at the end of this loop turn.
-        NULL (and the connection closed) past --max-outbound."""
+        NULL (and the connection closed) past --max-outbound. On a WebSocket
+        connection the bytes go in the binary frame the flush sends
+        (worker/websocket.pyx)."""
+        if c.ws:
+            return ws_reserve(self, c, n)
+        return self.reserve_bytes(c, n)
+
+    cdef uint8_t* reserve_bytes(self, Conn* c, uint32_t n):
+        """reserve(), the bytes as they are: no WebSocket framing."""
         cdef uint64_t need = <uint64_t>c.outlen + n
         cdef uint64_t cap
         cdef uint8_t* grown
@@ -1080,6 +1102,8 @@ cdef class Worker:
                 # Drop what was sent before growing: the buffer then never holds
                 # more than max_outbound (<= 2 GiB), so its uint32 sizes cannot wrap.
                 memmove(c.outbuf, c.outbuf + c.outoff, c.outlen - c.outoff)
+                if c.ws:
+                    self.ws_states[c.fd].frame_at -= c.outoff     # the open frame moved too
                 c.outlen -= c.outoff
                 c.outoff = 0
                 need = <uint64_t>c.outlen + n
@@ -1126,6 +1150,8 @@ cdef class Worker:
         cdef ssize_t n
         cdef size_t sent
         cdef int err
+        if c.ws and self.ws_states[c.fd].flags & WSF_FRAME_OPEN:
+            ws_seal(self, c)        # what this turn wrote: one binary frame (worker/websocket.pyx)
         while c.outoff < c.outlen:
             if c.ssl == NULL:
                 n = send(c.fd, c.outbuf + c.outoff, c.outlen - c.outoff, MSG_NOSIGNAL)
@@ -1203,6 +1229,12 @@ cdef class Worker:
         written (or after CLOSE_GRACE_MS, keepalive.pyx)."""
         if not is_client_state(c.state) or c.state == ST_CLOSING:
             return
+        if c.ws == WS_OPEN:
+            # The WebSocket closes properly: a Close frame, then the TCP close.
+            ws_send_close(self, c, WS_CLOSE_GOING_AWAY if self.draining else
+                          WS_CLOSE_POLICY if reason in (CR_REFUSED, CR_LIMIT, CR_ACL, CR_AUTH_ANONYMOUS,
+                                                        CR_AUTH_PASSWORD, CR_AUTH_TAKEOVER, CR_AUTH_BUSY)
+                          else WS_CLOSE_NORMAL)
         c.close_reason = <uint8_t>reason
         c.close_detail = <uint8_t>detail
         if c.state == ST_CONNECTED:
@@ -1378,6 +1410,7 @@ include "worker/backpressure.pyx"
 # Readings: JSON lines, HTTP, MQTT telemetry, the log.
 include "worker/jsonlines.pyx"
 include "worker/http.pyx"
+include "worker/websocket.pyx"
 include "worker/http_queries.pyx"
 include "worker/ingest.pyx"
 include "worker/telemetry.pyx"

@@ -129,8 +129,33 @@ cpdef enum:
     STORE_BEHIND_QOS0 = 292   # QoS 0 MQTT telemetry publishes shed while it held ingest (QoS 0 has no acknowledgement)
     STORE_CHECKPOINT = 293    # per worker (never summed), written by the pipeline process: the store sink's next
                               # offset in this worker's log, plus one (0: not published yet)
-    # 294..319 free.
+    # MQTT over WebSocket (ws, wss listeners; gw_ext/worker/websocket.pyx).
+    WS_UPGRADES = 294         # WebSocket upgrades accepted (101 Switching Protocols)
+    WS_REFUSED = 295          # + WS_REFUSED_* (5 slots): upgrade requests refused, by the HTTP status answered
+    WS_CLOSES = 300           # + WS_CLOSE_SLOT_* (8 slots): Close frames the server sent, by code
+    # 308..319 free.
     N_COUNTERS = 320          # rows are 2,560 bytes: a multiple of the cache line
+
+cpdef enum:
+    # WS_REFUSED + one of these: the status a refused upgrade was answered with.
+    WS_REFUSED_400 = 0        # not a valid upgrade request (method, version, headers, key, no MQTT subprotocol)
+    WS_REFUSED_403 = 1        # its Origin is not in ws_allowed_origins
+    WS_REFUSED_404 = 2        # another path than ws_path
+    WS_REFUSED_426 = 3        # a Sec-WebSocket-Version other than 13
+    WS_REFUSED_431 = 4        # a head over 16 KiB
+    N_WS_REFUSED = 5
+
+cpdef enum:
+    # WS_CLOSES + one of these: the code of a Close frame the server sent.
+    WS_CLOSE_SLOT_1000 = 0    # normal (an answer to the client's Close, or the MQTT connection ended)
+    WS_CLOSE_SLOT_1001 = 1    # going away (the server drains)
+    WS_CLOSE_SLOT_1002 = 2    # protocol error (unmasked, RSV bits, bad opcode or fragmentation, bad control frame)
+    WS_CLOSE_SLOT_1003 = 3    # unsupported data (a text frame)
+    WS_CLOSE_SLOT_1007 = 4    # invalid data (a Close reason not UTF-8)
+    WS_CLOSE_SLOT_1008 = 5    # policy (the MQTT connection was refused or went past a bound)
+    WS_CLOSE_SLOT_1009 = 6    # too big (a frame or message over max_packet_size)
+    WS_CLOSE_SLOT_OTHER = 7   # another code (echoing the client's)
+    N_WS_CLOSE_SLOTS = 8
 
 cpdef enum:
     # Which bound (LIMITS + LIM_*): each a setting of the same name.

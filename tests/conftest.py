@@ -51,6 +51,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))     # the in-place build: gw/ and gw_ext/*.so
 PYTHON = sys.executable
 LISTENERS = ("mqtt", "mqtts", "json", "jsons", "http", "https")
+# Every listener gw has: those a server is not given are `off`.
+ALL_LISTENERS = LISTENERS + ("ws", "wss")
 HOST = "127.0.0.1"
 STATS_LINE = re.compile(r"\[stats\] clients: \d+ \| peak: \d+ \| memory: \d+(\.\d+)? MB \| "
                         r"conn_rate: \d+/s \| msg_in: \d+/s \| msg_out: \d+/s")
@@ -135,7 +137,7 @@ def _stop_leftovers() -> None:
 class GwServer:
     """One `gw serve` process tree.
 
-    listeners: which of mqtt/mqtts/json/jsons/http/https get a free port (the others are `off`).
+    listeners: which of mqtt/mqtts/json/jsons/http/https/ws/wss get a free port (the others are `off`).
     argv: when given, replaces the generated flags entirely (after `serve`); the
     caller then passes `ports` and `workers` so the harness knows what to expect.
     ports: where clients connect. fragment (default: GW_TEST_FRAGMENT): a
@@ -201,7 +203,7 @@ class GwServer:
         if self.config:
             cmd += ["--config", str(self.config)]
         cmd += ["--workers", str(self.workers)]
-        for name in LISTENERS:
+        for name in ALL_LISTENERS:
             cmd += [f"--{name}", f"{HOST}:{self.listen_ports[name]}" if name in self.listen_ports else "off"]
         cmd += ["--data-dir", str(self.data_dir), "--certs", str(self.certs_dir),
                 "--stats-interval", str(self.stats_interval)]

@@ -557,7 +557,7 @@ def running_gw(tmp_path, python_flags=(), stderr=subprocess.PIPE):
     mqtt_port, json_port = free_port(), free_port()
     cmd = [sys.executable, *python_flags, "-m", "gw.cli", "serve", "--workers", "2",
            "--mqtt", f"127.0.0.1:{mqtt_port}", "--json", f"127.0.0.1:{json_port}",
-           "--mqtts", "off", "--jsons", "off", "--http", "off", "--https", "off", "--stats-interval", "0",
+           "--mqtts", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--stats-interval", "0",
            "--data-dir", str(tmp_path / "gwdata")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     try:

@@ -46,7 +46,7 @@ def test_unknown_flag(tmp_path):
 
 def test_every_listener_off_is_an_error(tmp_path):
     res = run_gw("serve", "--mqtt", "off", "--mqtts", "off", "--json", "off", "--jsons", "off",
-                 "--http", "off", "--https", "off", cwd=tmp_path)
+                 "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", cwd=tmp_path)
     assert_one_line_error(res, "'mqtt'")
 
 
@@ -105,6 +105,8 @@ def test_toml_values_applied_and_flags_override(tmp_path):
         'jsons = "off"\n'
         'http = "off"\n'
         'https = "off"\n'
+        'ws = "off"\n'
+        'wss = "off"\n'
         "max_packet_size = 200\n"
         "stats_interval = 0\n"
         f'data_dir = "{tmp_path / "data"}"\n'

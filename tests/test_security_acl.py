@@ -462,7 +462,7 @@ def test_broken_file_refused_at_start(tmp_path):
     path = tmp_path / "acl"
     path.write_text("# fine\ntopic read a/#\nuser x\ntopic read a/#/b\n")
     res = run_gw("serve", "--acl-file", str(path), "--workers", "1", "--mqtt", "127.0.0.1:0", "--mqtts", "off",
-                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off",
                  "--data-dir", str(tmp_path / "data"), timeout=60)
     assert res.returncode != 0
     assert "line 4" in res.stderr and str(path) in res.stderr, res.stderr

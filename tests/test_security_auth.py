@@ -211,7 +211,7 @@ def test_malformed_password_file_refused_at_start(tmp_path):
     pwfile.write_text(sha512_line("ok", "pw") + "bad:$5$abc$def\n")
     port = free_ports(1)[0]
     res = run_gw("serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}", "--mqtts", "off", "--json", "off",
-                 "--jsons", "off", "--http", "off", "--https", "off", "--data-dir", tmp_path / "data",
+                 "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--data-dir", tmp_path / "data",
                  "--password-file", pwfile, timeout=60)
     assert res.returncode != 0
     assert "line 2" in res.stderr and "unknown hash kind" in res.stderr
@@ -222,7 +222,7 @@ def test_malformed_password_file_refused_at_start(tmp_path):
 def test_anonymous_refused_off_loopback_at_start(tmp_path):
     port = free_ports(1)[0]
     res = run_gw("serve", "--workers", "1", "--mqtt", f"0.0.0.0:{port}", "--mqtts", "off", "--json", "off",
-                 "--jsons", "off", "--http", "off", "--https", "off", "--data-dir", tmp_path / "data", timeout=60)
+                 "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--data-dir", tmp_path / "data", timeout=60)
     assert res.returncode != 0
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, res.stderr
@@ -243,7 +243,7 @@ def test_off_loopback_with_password_file_refuses_anonymous(gw_factory, tmp_path)
     # Listening on every address (clients still come over loopback): anonymous is off (auto).
     server = gw_factory(workers=1, argv=["--workers", "1", "--mqtt", f"0.0.0.0:{port}", "--json",
                                          f"0.0.0.0:{json_port}", "--mqtts", "off", "--jsons", "off",
-                                         "--http", "off", "--https", "off", "--data-dir", str(tmp_path / "data"),
+                                         "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--data-dir", str(tmp_path / "data"),
                                          "--password-file", str(pwfile), "--stats-interval", "0"],
                         ports={"mqtt": port, "json": json_port})
     assert connack_code(port, b"anon") == 5

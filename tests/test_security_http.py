@@ -430,7 +430,7 @@ def test_broken_tokens_file_stops_start(tmp_path):
     port = free_ports(1)[0]
     res = run_gw("serve", "--workers", "1", "--data-dir", tmp_path / "data", "--http-auth", "token",
                  "--http-tokens-file", path, "--http", f"{HOST}:{port}", "--mqtt", "off", "--mqtts", "off",
-                 "--json", "off", "--jsons", "off", "--https", "off", timeout=60)
+                 "--json", "off", "--jsons", "off", "--https", "off", "--ws", "off", "--wss", "off", timeout=60)
     assert res.returncode != 0
     assert f"{path}, line 1" in res.stderr
 

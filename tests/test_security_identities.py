@@ -207,7 +207,7 @@ def test_a_certificate_is_enough_off_loopback(gw_factory, tmp_path):
     server = gw_factory(workers=1, ports={"mqtts": port}, data_dir=tmp_path / "data", certs=certs,
                         argv=["--workers", "1", "--stats-interval", "0", "--data-dir", tmp_path / "data",
                               "--certs", certs, "--mqtt", "off", "--json", "off", "--jsons", "off",
-                              "--http", "off", "--https", "off", "--mqtts", f"0.0.0.0:{port}",
+                              "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--mqtts", f"0.0.0.0:{port}",
                               "--require-certificate", "true", "--client-cafile", certs / "ca.pem"])
     ctx = tls_context(certs / "ca.pem", certs / "probe-1.pem", certs / "probe-1-key.pem")
     client = TlsClient(server.ports["mqtts"], ctx, "probe-1")

@@ -484,7 +484,7 @@ def test_common_name_checks():
 
 def test_require_certificate_without_client_cafile_stops_at_start(tmp_path):
     res = run_gw("serve", "--require-certificate", "true", "--mqtt", "off", "--mqtts", f"{HOST}:0",
-                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off",
                  "--data-dir", tmp_path / "data", "--certs", tmp_path / "certs", cwd=tmp_path, timeout=60)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()
@@ -500,7 +500,7 @@ def test_crlfile_with_a_bad_crl_after_a_good_one_stops_at_start(certs, tmp_path)
     (tmp_path / "crl.pem").write_text(good + damaged)
     res = run_gw("serve", "--require-certificate", "true", "--client-cafile", certs / "ca.pem",
                  "--crlfile", tmp_path / "crl.pem", "--mqtt", "off", "--mqtts", f"{HOST}:0",
-                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
+                 "--json", "off", "--jsons", "off", "--http", "off", "--https", "off", "--ws", "off", "--wss", "off",
                  "--data-dir", tmp_path / "data", "--certs", certs, cwd=tmp_path, timeout=60)
     assert res.returncode == 1
     out = res.stderr.strip().splitlines()
@@ -512,7 +512,7 @@ def test_client_cafile_that_does_not_load_stops_at_start(tmp_path):
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     res = run_gw("serve", "--require-certificate", "true", "--client-cafile", tmp_path / "ca.pem",
                  "--mqtt", "off", "--mqtts", f"{HOST}:0", "--json", "off", "--jsons", "off",
-                 "--http", "off", "--https", "off", "--data-dir", tmp_path / "data",
+                 "--http", "off", "--https", "off", "--ws", "off", "--wss", "off", "--data-dir", tmp_path / "data",
                  "--certs", tmp_path / "certs", cwd=tmp_path, timeout=60)
     assert res.returncode == 1
     lines = [l for l in res.stderr.strip().splitlines() if "generated a development CA" not in l]
