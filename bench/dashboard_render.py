@@ -154,12 +154,8 @@ def main() -> int:
 
     harness = gw_harness()
     out = Path(args.out or tempfile.mkdtemp(prefix="gw-dash-bench-"))
-    from gw.config import SETTINGS
-    listeners = ("mqtt", "http") + (("ws",) if "ws" in harness.LISTENERS else ())
-    extra = (["--ws", f"127.0.0.1:{harness.free_ports(1)[0]}"]
-             if "ws" in SETTINGS and "ws" not in harness.LISTENERS else [])
-    server = harness.GwServer(out / "server", workers=2, listeners=listeners,
-                              args=extra + ["--log-level", "warning"], fragment=False).start()
+    server = harness.GwServer(out / "server", workers=2, listeners=("mqtt", "http", "ws"),
+                              args=["--log-level", "warning"], fragment=False).start()
     try:
         t0 = time.monotonic()
         fill(server.ports["http"], args.devices)

@@ -672,7 +672,7 @@ class HttpApp:
             if not bound:
                 return None
             port = int(bound.rpartition(":")[2])
-            return WsListener(port, str(getattr(cfg, "ws_path", "/mqtt") or "/mqtt"), tls)
+            return WsListener(port, str(setting(cfg, "ws_path")), tls)
 
         body = DashboardConfig(__version__, self.worker_index, int(setting(cfg, "workers")), self.auth is not None,
                                anonymous_allowed(cfg) if cfg is not None else True, ws("ws", False),

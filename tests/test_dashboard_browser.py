@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST, LISTENERS, free_ports, run_gw, wait_for
+from conftest import HOST, run_gw
 from http_client import HttpConn
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -52,12 +52,7 @@ def page(browser):
 
 def dashboard_server(gw_factory, *, args=()):
     """gw serve with the mqtt, http and ws listeners on free ports, two workers."""
-    listeners = ("mqtt", "http") + (("ws",) if "ws" in LISTENERS else ())
-    extra = list(args)
-    if "ws" not in LISTENERS:
-        extra += ["--ws", f"{HOST}:{free_ports(1)[0]}"]
-    server = gw_factory(workers=2, listeners=listeners, args=extra)
-    return server
+    return gw_factory(workers=2, listeners=("mqtt", "http", "ws"), args=list(args))
 
 
 def post(server, path: str, body, token: str | None = None):

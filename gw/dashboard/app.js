@@ -117,12 +117,20 @@
 
   const PALETTE = ["#2e90fa", "#f79009", "#12b76a", "#d92d20", "#7a5af8", "#ee46bc", "#15b79e", "#667085"];
 
+  // One point (or all at one time): uPlot would span its time axis over years; a minute instead.
+  function timeRange(u, min, max) {
+    const xs = u.data && u.data[0];
+    if (!xs || !xs.length) { const now = Date.now() / 1000; return [now - 60, now + 1]; }
+    const first = xs[0], end = xs[xs.length - 1];
+    return first === end ? [first - 60, end + 1] : [min, max];
+  }
+
   function makeChart(id, series, opts) {
     const box = $(id);
     const width = Math.max(box.clientWidth, 300);
     const o = Object.assign({
       width, height: 200, legend: { live: false },
-      scales: { x: { time: true } },
+      scales: { x: { time: true, range: timeRange } },
       axes: [{}, { size: 60, values: (u, vals) => vals.map((v) => (opts && opts.bytes ? fmtBytes(v) : fmtNumber(v))) }],
       series: [{}].concat(series.map((s, i) => Object.assign({ stroke: PALETTE[i % PALETTE.length], width: 1.5,
                                                                 points: { show: false } }, s))),
@@ -147,7 +155,8 @@
     makeChart("chart-rates", [{ label: "in" }, { label: "out" }, { label: "readings" }, { label: "HTTP" }]);
     const workerSeries = [];
     for (let w = 0; w < nworkers; w++) workerSeries.push({ label: "worker " + w });
-    makeChart("chart-workers", workerSeries, { uplot: { scales: { x: { time: true }, y: { range: [0, 1] } } } });
+    makeChart("chart-workers", workerSeries, { uplot: { scales: { x: { time: true, range: timeRange },
+                                                                  y: { range: [0, 1] } } } });
     makeChart("chart-wal", [{ label: "log not durable" }, { label: "store lag" }, { label: "file lag" },
                             { label: "bridge lag" }], { bytes: true });
   }
