@@ -67,7 +67,7 @@ from msgspec import Meta, Struct
 
 from gw import __version__
 from gw.config import Config
-from gw.dashboard import ASSET_HEADERS, ASSETS as DASHBOARD_ASSETS, HTML, PAGE_HEADERS, PAGE_PATHS
+from gw.dashboard import ASSET_HEADERS, ASSETS as DASHBOARD_ASSETS, GZIP_HEADERS, HTML, PAGE_HEADERS, PAGE_PATHS, VARY
 from gw.ingest import (Accepted, BatchAck, BatchError, Error, Ingest, IngestAck, Invalid, check_path_device_id)
 from gw.query import Query, StoreError, open_query
 from gw.stats import Counter, http_status_index
@@ -335,13 +335,16 @@ class HttpApp:
     # --- the framing's entry points ---------------------------------------------------
 
     def handle(self, method: bytes, target: bytes, content_type: bytes | None,
-               body: bytes, authorization: bytes | None = None) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
+               body: bytes, authorization: bytes | None = None,
+               accept_gzip: bool = False) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
         """The answer (status, content type, body, extra header lines); for an
         ingest request whose records passed the schema, the `Accepted` readings,
         for the worker to take and then ask for the answer (`ingest_taken`,
         `log_full`, `in_progress`); None for a query to run in the query pool:
         the framing then calls `defer`. With HTTP tokens on, every route but the
-        open ones checks `authorization` first, before the body is looked at."""
+        open ones checks `authorization` first, before the body is looked at.
+        `accept_gzip`: the request's Accept-Encoding has `gzip` (the dashboard's
+        files are then sent compressed)."""
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if path[:1] != b"/":
@@ -360,6 +363,8 @@ class HttpApp:
             return self._query_route(method, path, b"" if q < 0 else target[q + 1:], content_type)
         if path == STATS_SERIES_PATH:
             return self._stats_series_route(method, path, b"" if q < 0 else target[q + 1:])
+        if accept_gzip and path in DASHBOARD_ASSETS and (method == b"GET" or method == b"HEAD"):
+            return self._dashboard_asset(path, True)
         route = self._gets.get(path)
         try:
             if route is None:
@@ -655,13 +660,16 @@ class HttpApp:
                                                        "package data)"), b""
         return 200, HTML, data, PAGE_HEADERS
 
-    def _dashboard_asset(self, path):
+    def _dashboard_asset(self, path, gzip: bool = False):
         from gw.dashboard import asset
-        found = asset(path)
+        try:
+            found = asset(path, gzip)
+        except Exception:
+            return self._internal_error()
         if found is None:
             return 404, JSON, self._error("not_found", f"{_show_path(path)} is not installed (gw/dashboard "
                                                        "package data)"), b""
-        return 200, found[0], found[1], ASSET_HEADERS
+        return 200, found[0], found[1], ASSET_HEADERS + (GZIP_HEADERS if gzip else VARY)
 
     def _dashboard_config(self, path):
         from gw.auth import anonymous_allowed

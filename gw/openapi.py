@@ -67,6 +67,9 @@ _HEADERS = {
     "Cache-Control": {"description": "caching policy", "schema": {"type": "string"}},
     "X-Content-Type-Options": {"description": "nosniff", "schema": {"type": "string"}},
     "X-Frame-Options": {"description": "DENY: the page is never framed", "schema": {"type": "string"}},
+    "Vary": {"description": "Accept-Encoding", "schema": {"type": "string"}},
+    "Content-Encoding": {"description": "gzip, when the request's Accept-Encoding has it; else absent",
+                         "schema": {"type": "string"}},
     "Referrer-Policy": {"description": "no-referrer", "schema": {"type": "string"}},
     "Content-Security-Policy": {"description": "scripts, styles and connections from this server only (and "
                                                "its MQTT over WebSocket listeners)", "schema": {"type": "string"}},
@@ -460,8 +463,8 @@ def _dashboard_paths() -> dict:
     def asset(summary: str, op: str, media: str, what: str) -> dict:
         ok = {"description": what + " Cached for a year (`immutable`): the page names it with `?v=` and its "
                                     "SHA-256, so a new version has a new name.",
-              "headers": {"Cache-Control": _HEADERS["Cache-Control"],
-                          "X-Content-Type-Options": _HEADERS["X-Content-Type-Options"]},
+              "headers": {name: _HEADERS[name] for name in ("Cache-Control", "X-Content-Type-Options", "Vary",
+                                                            "Content-Encoding")},
               "content": {media: {"schema": {"type": "string"}}}}
         return _get(summary, what, "dashboard", op, ok, {"404": {"$ref": "#/components/responses/NotFound"}})
 

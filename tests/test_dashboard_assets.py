@@ -61,3 +61,19 @@ def test_config_without_a_ws_listener_says_so():
     app.app.listeners = {"ws": "127.0.0.1:18083", "http": "127.0.0.1:8080"}
     config = json.loads(app(b"GET", b"/v1/dashboard")[2])
     assert config["ws"] == {"port": 18083, "path": "/mqtt", "tls": False} and config["wss"] is None
+
+
+def test_gzip_when_accepted():
+    import gzip
+    app = App()
+    plain = app(b"GET", b"/dashboard/vendor/mqtt.min.js")
+    assert b"Content-Encoding" not in plain[3] and b"Vary: Accept-Encoding\r\n" in plain[3]
+    answer = app.app.handle(b"GET", b"/dashboard/vendor/mqtt.min.js", None, b"", None, True)
+    status, ctype, body, extra = answer
+    assert (status, ctype) == (200, b"text/javascript; charset=utf-8")
+    assert b"Content-Encoding: gzip\r\nVary: Accept-Encoding\r\n" in extra
+    assert gzip.decompress(body) == plain[2] and len(body) < len(plain[2]) // 2
+    # Only the dashboard's files; the API's answers and the page stay as they are.
+    assert b"Content-Encoding" not in app.app.handle(b"GET", b"/", None, b"", None, True)[3]
+    assert b"Content-Encoding" not in app.app.handle(b"GET", b"/healthz", None, b"", None, True)[3]
+    assert app.app.handle(b"POST", b"/dashboard/app.js", None, b"", None, True)[0] == 405

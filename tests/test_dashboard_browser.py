@@ -179,3 +179,27 @@ def test_dashboard_with_tokens_and_mqtt_passwords(gw_factory, page, tmp_path):
     page.fill("#login-password", "s3cret-dash")
     page.click("#login-submit")
     exercise(page, server, tmp_path, token, "tokens")
+
+
+def test_files_compressed_for_a_client_that_asks(gw_factory):
+    """The framing passes Accept-Encoding: gzip on (a bare token only), written in fragments too."""
+    import gzip
+    import socket
+
+    from conftest import send_fragmented
+
+    server = gw_factory(workers=1, listeners=("http",))
+    plain = get(server, "/dashboard/vendor/uPlot.iife.min.js")
+    for header, compressed in ((b"Accept-Encoding: gzip, deflate, br\r\n", True),
+                               (b"accept-encoding: GZIP\r\n", True),
+                               (b"Accept-Encoding: gzip;q=0\r\n", False), (b"", False)):
+        with socket.create_connection((HOST, server.ports["http"]), timeout=10) as s:
+            send_fragmented(s, b"GET /dashboard/vendor/uPlot.iife.min.js HTTP/1.1\r\nHost: x\r\n" + header
+                            + b"Connection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert (b"Content-Encoding: gzip" in head) == compressed, header
+        assert (gzip.decompress(body) if compressed else body) == plain.body

@@ -6,11 +6,15 @@ vendor/VERSIONS). Package data: served by every worker from memory, read once.
 The page (index.html) names its script and styles with `?v=` and the first
 16 hex digits of their SHA-256, filled in when the page is first read, so
 they can be cached for a year (`immutable`) and a new version is fetched
-under a new name; the page itself is `no-cache`.
+under a new name; the page itself is `no-cache`. A request whose Accept-Encoding
+has `gzip` gets them compressed (once per worker, on the first such request: about
+30 ms of its loop for MQTT.js, which goes from 335 KiB to 103), `Vary:
+Accept-Encoding` either way.
 """
 
 from __future__ import annotations
 
+import gzip as _gzip
 import hashlib
 from importlib import resources
 
@@ -24,6 +28,8 @@ PAGE_HEADERS = (b"Cache-Control: no-cache\r\nX-Content-Type-Options: nosniff\r\n
                 b"Content-Security-Policy: default-src 'self'; connect-src 'self' ws: wss:; "
                 b"img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'\r\n")
 ASSET_HEADERS = b"Cache-Control: public, max-age=31536000, immutable\r\nX-Content-Type-Options: nosniff\r\n"
+VARY = b"Vary: Accept-Encoding\r\n"
+GZIP_HEADERS = b"Content-Encoding: gzip\r\n" + VARY
 
 # URL path -> (file in this package, content type); the page's own entry is "/".
 ASSETS = {
@@ -47,10 +53,19 @@ def _read(name: str) -> bytes | None:
     return _cache[name]
 
 
-def asset(path: bytes) -> tuple[bytes, bytes] | None:
-    """(content type, body) of a static file of the dashboard; None: not installed."""
+def asset(path: bytes, gzip: bool = False) -> tuple[bytes, bytes] | None:
+    """(content type, body) of a static file of the dashboard, gzip-compressed if asked
+    (compressed once, on the first such request); None: not installed."""
     name, ctype = ASSETS[path]
-    data = _read(name)
+    if gzip:
+        key = name + "!gz"
+        if key not in _cache:
+            data = _read(name)
+            # mtime 0: the same bytes from every worker and every start.
+            _cache[key] = None if data is None else _gzip.compress(data, 6, mtime=0)
+        data = _cache[key]
+    else:
+        data = _read(name)
     return None if data is None else (ctype, data)
 
 
