@@ -227,6 +227,34 @@ def http_seeds():
     yield "malformed-and-abandoned", p.bytes()
 
 
+# --- ws ----------------------------------------------------------------------------------------
+
+def ws_seeds():
+    from fuzz_ws import UPGRADES, client_frame
+
+    # The first byte is also the codec half's: bits 0-1 pick its message bound.
+    mask = b"\x01\x02\x03\x04"
+    p = Program(0).open()
+    p.raw(0, UPGRADES[0]).read(0)
+    p.raw(0, client_frame(2, connect_packet(b"c4"), mask=mask)).read(0)
+    p.raw(0, client_frame(2, subscribe_packet(1, [(b"a/#", 1)]) + publish_packet(b"a/b", b"hi", 1, 7),
+                          mask=mask)).read(0)
+    p.raw(0, client_frame(9, b"ping", mask=mask)).read(0)
+    p.raw(0, client_frame(8, b"\x03\xe8", mask=mask)).read(0)
+    yield "session-ping-close", p.bytes()
+
+    whole = connect_packet(b"c1") + publish_packet(b"a/b", b"x" * 40, 1, 3)
+    p = Program(1).open()
+    p.raw(0, UPGRADES[1] + client_frame(2, whole[:5], fin=False, mask=mask)).read(0)
+    p.raw(0, client_frame(10, b"", mask=mask) + client_frame(0, whole[5:], mask=mask)).read(0)
+    yield "fragmented-two-workers", p.bytes()
+
+    p = Program(2).open().open()
+    p.raw(0, UPGRADES[0] + client_frame(1, b"text", mask=mask)).read(0)
+    p.raw(1, UPGRADES[3]).read(1)
+    yield "text-frame-and-bad-version", p.bytes()
+
+
 # --- channel ---------------------------------------------------------------------------------
 
 def channel_seeds():
@@ -301,7 +329,8 @@ def codec_seeds():
 
 def main() -> None:
     for target, seeds in (("mqtt", mqtt_seeds), ("jsonlines", json_seeds), ("http", http_seeds),
-                          ("channel", channel_seeds), ("wal", wal_seeds), ("codec", codec_seeds)):
+                          ("channel", channel_seeds), ("wal", wal_seeds), ("codec", codec_seeds),
+                          ("ws", ws_seeds)):
         for name, data in seeds():
             write(target, name, data)
     print("seed corpus written to", CORPUS)

@@ -26,7 +26,7 @@ from pathlib import Path
 FUZZ = Path(__file__).resolve().parent
 REPO = FUZZ.parent
 BUILD = REPO / ".fuzz" / "build" / "lib"      # where ./dev fuzz builds the instrumented extensions
-TARGETS = ("codec", "mqtt", "jsonlines", "http", "channel", "wal")
+TARGETS = ("codec", "mqtt", "jsonlines", "http", "channel", "wal", "ws")
 FINAL = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 PROGRESS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 EXECUTED = re.compile(r"stat::number_of_executed_units:\s+(\d+)")

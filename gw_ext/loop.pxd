@@ -183,6 +183,7 @@ cdef enum WsPhase:
 cdef enum:
     WS_HEADER_ROOM = 10       # reserved in the outbound buffer before a binary frame, for its header
     WSF_FRAME_OPEN = 1        # WsState.flags: the outbound buffer ends with a binary frame being filled
+    WSF_LINGER = 2            # ... its Close is written, our side shut: input read away until the client closes
 
 # WebSocket connections' state (worker/websocket.pyx), in a table indexed by fd
 # beside the Conn table (allocated with the first ws/wss listener): 28 bytes.
@@ -860,6 +861,7 @@ cdef Py_ssize_t ws_handshake(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail)
 cdef Py_ssize_t ws_refuse(Worker w, Conn* c, int status, str why)
 cdef uint8_t* ws_reserve(Worker w, Conn* c, uint32_t n)
 cdef void ws_seal(Worker w, Conn* c) noexcept
+cdef bint ws_linger_start(Worker w, Conn* c)
 cdef int ws_control(Worker w, Conn* c, uint8_t opcode, const uint8_t* payload, uint32_t n)
 cdef void ws_send_close(Worker w, Conn* c, uint16_t code)
 cdef void ws_terminal(Worker w, Conn* c, uint8_t event, uint16_t code, bint has_code)

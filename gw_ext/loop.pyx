@@ -872,7 +872,10 @@ cdef class Worker:
                 # Input is no longer wanted; read it away so the socket can close.
                 n = self.sock_read(c, self.rbuf, READ_BUFFER)
                 if n < 0:
-                    self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
+                    if c.ws == WS_CLOSED:   # after our Close: closed for the reason it was sent
+                        self.close_conn(c, c.close_reason, c.close_detail)
+                    else:
+                        self.close_conn(c, CR_CLIENT if n == -1 else CR_ERROR)
                 return
             if not is_client_state(c.state) or c.state == ST_SETTLING:
                 return
@@ -1188,6 +1191,8 @@ cdef class Worker:
         if c.state == ST_CLOSING:
             if c.proto == PROTO_HTTP and http_linger_start(self, c):
                 return 1        # a lingering close: what the client still sends is read away first (worker/http.pyx)
+            if c.ws == WS_CLOSED and ws_linger_start(self, c):
+                return 1        # the same after a Close frame (worker/websocket.pyx)
             self.close_conn(c, c.close_reason, c.close_detail)
             return -1
         return 1

@@ -79,17 +79,18 @@ cdef void ws_decode(WsDecoder* d, uint8_t* buf, Py_ssize_t out, Py_ssize_t pos, 
     step.code = 0
     while True:
         if d.flags & WSD_IN_FRAME:
-            k = n - pos
-            if k == 0:
-                break
-            if k > <Py_ssize_t>d.remaining:
-                k = d.remaining
-            unmask_move(buf + out, buf + pos, k, d.mask, &d.mask_pos)
-            out += k
-            pos += k
-            d.remaining -= <uint32_t>k
             if d.remaining:
-                break           # the input is used up
+                k = n - pos
+                if k == 0:
+                    break
+                if k > <Py_ssize_t>d.remaining:
+                    k = d.remaining
+                unmask_move(buf + out, buf + pos, k, d.mask, &d.mask_pos)
+                out += k
+                pos += k
+                d.remaining -= <uint32_t>k
+                if d.remaining:
+                    break           # the input is used up
             d.flags &= ~WSD_IN_FRAME
             if d.flags & WSD_LAST and d.flags & WSD_REPORT_ENDS:
                 d.flags &= ~WSD_LAST

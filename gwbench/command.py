@@ -66,9 +66,12 @@ INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
                    "its records in seq order).")
 @click.option("--pipeline", "-k", type=int, default=1, show_default=True,
               help="Ingest: requests outstanding per connection (1: keep-alive without pipelining).")
-@click.option("--transport", type=click.Choice(["http", "mqtt"]), default="http", show_default=True,
+@click.option("--transport", type=click.Choice(["http", "mqtt", "ws"]), default="http", show_default=True,
               help="Ingest: POST /v1/ingest/{device_id}, or MQTT QoS 1 PUBLISH of the same JSON record to "
-                   "telemetry/{device_id} (--topic-prefix changes 'telemetry').")
+                   "telemetry/{device_id} (--topic-prefix changes 'telemetry'). Connection and throughput "
+                   "scenarios: ws speaks MQTT over WebSocket (an upgrade on --ws-path, masked binary frames; "
+                   "default server 127.0.0.1:8083, with --tls 8084); the others plain MQTT.")
+@click.option("--ws-path", default="/mqtt", show_default=True, help="--transport ws: the upgrade's path.")
 @click.option("--anomalies", is_flag=True,
               help="Ingest: make a small fraction of readings far (40 C) off each device's normal value; "
                    "the count (and the list of device/seq) is in the result.")
@@ -97,7 +100,7 @@ INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
               "addresses, rates), then exit without connecting.")
 def bench(scenario, mode, server, tls, cafile, insecure, username, password, protocol, clients, rampup,
           duration, keepalive, messages, qos, size, publishers, subscribers, rate, topic_mode, inflight,
-          topic_prefix, client_prefix, procs, devices, pipeline, transport, anomalies, anomaly_fraction,
+          topic_prefix, client_prefix, procs, devices, pipeline, transport, ws_path, anomalies, anomaly_fraction,
           seq, seed, http_path, source_ips, connect_timeout, server_pid, json_path, plot_path, quiet,
           dry_run):
     """Load-test an MQTT 3.1.1 broker (gw, Mosquitto, any other), or an HTTP
@@ -108,6 +111,8 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
       gw bench --clients 10000 --rampup 15 --duration 30 --server 127.0.0.1:1883
     Throughput scenario:
       gw bench pubsub --publishers 10 --subscribers 1 --qos 0 --size 64 --duration 10
+    Either over MQTT over WebSocket:
+      gw bench --transport ws --clients 10000 --rampup 15 --server 127.0.0.1:8083
     Ingest scenario (POST /v1/ingest/{device_id}, HTTP/1.1 keep-alive):
       gw bench ingest --server 127.0.0.1:8080 --clients 64 --devices 10000 --rate 10000 --duration 30
       gw bench ingest --clients 64 --pipeline 8 --duration 10          (flat out)
@@ -141,6 +146,9 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
             procs = INGEST_DEFAULTS["procs"]
         if ctx.get_parameter_source("devices") == ParameterSource.DEFAULT and devices < clients:
             devices = clients
+    if sc != "ingest" and transport == "ws" and \
+            click.get_current_context().get_parameter_source("server") == ParameterSource.DEFAULT:
+        server = "127.0.0.1:8084" if tls or cafile or insecure else "127.0.0.1:8083"
     if scenario and mode and sc != ("pubsub" if mode == "throughput" else "conn"):
         raise click.UsageError(f"scenario {scenario!r} contradicts --mode {mode}")
     if plot_path:
@@ -164,7 +172,7 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
             qos=qos, size=size, publishers=publishers, subscribers=subscribers, rate=rate,
             topic_mode=topic_mode, inflight=inflight,
             topic_prefix=topic_prefix if topic_prefix else ("telemetry" if sc == "ingest" else f"gwbench/{run_id}"),
-            transport=transport, devices=devices, pipeline=pipeline, anomalies=anomalies,
+            transport=transport, ws_path=ws_path, devices=devices, pipeline=pipeline, anomalies=anomalies,
             anomaly_fraction=anomaly_fraction, seq=seq, path=http_path,
             seed=seed if seed is not None else int.from_bytes(os.urandom(4), "little"),
         )

@@ -28,14 +28,14 @@ from collections import Counter
 
 import msgspec
 
-from . import mqtt
+from . import mqtt, ws as wsproto
 from .histogram import Histogram
 from .payload import HEADER, HEADER_SIZE
 
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 
-# states
-TCP, TLS, HELLO, SUBSCRIBING, READY, CLOSED = range(6)
+# states (WSUP: the WebSocket upgrade of --transport ws, between TLS and HELLO)
+TCP, TLS, HELLO, SUBSCRIBING, READY, CLOSED, WSUP = range(7)
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
@@ -102,7 +102,7 @@ def classify(exc: BaseException) -> str:
 class Conn:
     __slots__ = (
         "g", "cid", "role", "sock", "tls", "fd", "state", "events", "t0", "t_tcp", "t_tls", "t_ready",
-        "inbuf", "outbuf", "ping_sent", "last_tx", "pubs_done", "pid", "inflight", "json_id",
+        "inbuf", "outbuf", "ping_sent", "last_tx", "pubs_done", "pid", "inflight", "json_id", "ws", "ws_key",
     )
 
     def __init__(self, g: int, cid: str, role: str):
@@ -123,6 +123,8 @@ class Conn:
         self.pid = 0
         self.inflight = None
         self.json_id = None
+        self.ws = None      # --transport ws: the server's frames being read (gwbench/ws.py FrameReader)
+        self.ws_key = b""
 
 
 class ConnEngine:
@@ -152,6 +154,7 @@ class ConnEngine:
         self.timers: list = []
         self._tseq = 0
         self.json = plan.protocol == "json"
+        self.ws = getattr(plan, "transport", "") == "ws"    # MQTT over WebSocket
         self.server_hostname = plan.host if plan.tls and not plan.insecure else None
         self.username = plan.username.encode() if plan.username is not None else None
         self.password = plan.password.encode() if plan.password is not None else None
@@ -267,9 +270,11 @@ class ConnEngine:
             c.sock = None
 
     # -- I/O ---------------------------------------------------------------
-    def _send(self, c: Conn, data: bytes, now: float) -> None:
+    def _send(self, c: Conn, data: bytes, now: float, raw: bool = False) -> None:
         if c.state == CLOSED:
             return
+        if c.ws is not None and not raw:
+            data = wsproto.client_frame(data)
         c.last_tx = now
         self.c["bytes_out"] += len(data)
         if c.outbuf:
@@ -329,7 +334,11 @@ class ConnEngine:
                 self._broken(c, "closed_by_server" if c.state == READY else "closed_before_connack")
                 return
             got += len(data)
-            c.inbuf += data
+            if c.ws is not None:
+                if not self._ws_input(c, data, now):
+                    return
+            else:
+                c.inbuf += data
             if len(data) < 65536 and not (c.state >= TLS and isinstance(sock, ssl.SSLSocket) and sock.pending()):
                 break
         if got:
@@ -357,7 +366,11 @@ class ConnEngine:
                 self._broken(c, "closed_by_server" if c.state == READY else "closed_before_connack")
                 return
             got += len(data)
-            c.inbuf += data
+            if c.ws is not None:
+                if not self._ws_input(c, data, now):
+                    return
+            else:
+                c.inbuf += data
             if not tls.has_pending():
                 break
         if got:
@@ -390,7 +403,7 @@ class ConnEngine:
                 return
             self._handshake(c, now)
         else:
-            self._hello(c, now)
+            self._connected(c, now)
 
     def _handshake(self, c: Conn, now: float) -> None:
         if c.tls is not None:
@@ -421,7 +434,53 @@ class ConnEngine:
         t = time.monotonic()
         c.t_tls = t
         self.h_tls.record((t - c.t_tcp) * 1e9)
-        self._hello(c, t)
+        self._connected(c, t)
+
+    def _connected(self, c: Conn, now: float) -> None:
+        """TCP (and TLS) up: the WebSocket upgrade first with --transport ws, then CONNECT."""
+        if not self.ws:
+            self._hello(c, now)
+            return
+        c.state = WSUP
+        c.ws = wsproto.FrameReader()
+        req, c.ws_key = wsproto.upgrade_request(self.plan.host, self.plan.port, self.plan.ws_path)
+        self._want(c, EPOLLIN)
+        self._send(c, req, now, raw=True)
+
+    def _ws_input(self, c: Conn, data: bytes, now: float) -> bool:
+        """Bytes from a WebSocket connection: the upgrade's answer, then frames
+        whose payloads go to c.inbuf. False when the connection was closed."""
+        if c.state == WSUP:
+            c.ws.raw += data
+            end = c.ws.raw.find(b"\r\n\r\n")
+            if end < 0:
+                if len(c.ws.raw) > wsproto.MAX_HEAD:
+                    self._fail(c, "ws_bad_answer")
+                    return False
+                return True
+            head, rest = bytes(c.ws.raw[:end + 4]), bytes(c.ws.raw[end + 4:])
+            c.ws.raw.clear()
+            try:
+                wsproto.check_answer(head, c.ws_key)
+            except wsproto.WsError:
+                self._fail(c, "ws_upgrade_refused")
+                return False
+            self._hello(c, now)
+            data = rest
+        try:
+            c.inbuf += c.ws.feed(data)
+        except wsproto.WsError:
+            self._broken(c, "ws_bad_frame")
+            return False
+        if c.ws.replies:
+            self._send(c, bytes(c.ws.replies), now, raw=True)
+            c.ws.replies.clear()
+        if c.ws.closed is not None:
+            if c.inbuf:
+                self._process(c, now)
+            self._broken(c, "closed_by_server" if c.state == READY else "closed_before_connack")
+            return False
+        return True
 
     def _hello(self, c: Conn, now: float) -> None:
         c.state = HELLO

@@ -57,7 +57,8 @@ class Plan:
     inflight: int = 32
     topic_prefix: str = ""
     # ingest scenario (clients and rate above)
-    transport: str = "http"            # "http" or "mqtt"
+    transport: str = "http"            # ingest: "http" or "mqtt"; conn, pubsub: "ws" is MQTT over WebSocket
+    ws_path: str = "/mqtt"             # --transport ws: the upgrade request's path
     devices: int = 0
     pipeline: int = 1
     anomalies: bool = False
@@ -136,11 +137,14 @@ class Plan:
         d.pop("password", None)
         if self.scenario != "ingest":
             for k in self.INGEST_FIELDS:
-                d.pop(k, None)
+                if not (k == "transport" and self.transport == "ws"):
+                    d.pop(k, None)
         else:
             for k in ("protocol", "rampup", "messages", "qos", "size", "publishers", "subscribers",
                       "topic_mode", "inflight"):
                 d.pop(k, None)
+        if self.transport != "ws" or self.scenario == "ingest":
+            d.pop("ws_path", None)
         d.pop("family", None)
         d["sockaddr"] = list(self.sockaddr)
         return d
@@ -223,6 +227,11 @@ def check(plan: Plan) -> list[str]:
             raise PlanError("--qos must be 0, 1 or 2")
         if not 1 <= plan.inflight <= 65535:
             raise PlanError("--inflight must be 1..65535")
+    if plan.transport == "ws" and plan.scenario != "ingest":
+        if plan.protocol != "mqtt":
+            raise PlanError("--transport ws carries MQTT (--protocol mqtt)")
+        if not plan.ws_path.startswith("/"):
+            raise PlanError("--ws-path must start with '/'")
     if plan.scenario == "conn" and plan.qos not in (0, 1):
         raise PlanError("the connection scenario publishes with --qos 0 or 1")
     from .payload import MIN_SIZE

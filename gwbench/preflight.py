@@ -9,7 +9,7 @@ import time
 
 import msgspec
 
-from . import mqtt
+from . import mqtt, ws as wsproto
 from .connections import make_ssl_context
 
 
@@ -25,6 +25,58 @@ def _recv_more(sock, timeout_at: float, if_closed: str) -> bytes:
     if not data:
         raise PreflightError(if_closed)
     return data
+
+
+class _WsSocket:
+    """MQTT bytes over an upgraded WebSocket (sendall, recv, settimeout): what the preflight needs."""
+
+    def __init__(self, sock, reader):
+        self.sock = sock
+        self.reader = reader
+
+    def settimeout(self, t):
+        self.sock.settimeout(t)
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.sendall(wsproto.client_frame(data))
+
+    def recv(self, n: int) -> bytes:
+        while True:
+            raw = self.sock.recv(65536)
+            if not raw:
+                return b""
+            data = self.reader.feed(raw)
+            if self.reader.replies:
+                self.sock.sendall(bytes(self.reader.replies))
+                self.reader.replies.clear()
+            if data:
+                return data
+            if self.reader.closed is not None:
+                return b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _ws_upgrade(plan, sock, deadline: float, where: str):
+    req, key = wsproto.upgrade_request(plan.host, plan.port, plan.ws_path)
+    sock.sendall(req)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        buf += _recv_more(sock, deadline, f"{where} closed the connection before answering the WebSocket "
+                                          f"upgrade (is it a ws listener? is --tls needed?)")
+        if len(buf) > wsproto.MAX_HEAD:
+            raise PreflightError(f"{where} answered the WebSocket upgrade with an over-long head")
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    try:
+        wsproto.check_answer(head + b"\r\n\r\n", key)
+    except wsproto.WsError as e:
+        raise PreflightError(f"{where}: WebSocket {e} (is --ws-path right? is it a ws listener?)") from None
+    reader = wsproto.FrameReader()
+    ws = _WsSocket(sock, reader)
+    if rest:
+        reader.feed(rest)
+    return ws
 
 
 def tcp_connect(plan, sock: socket.socket, timeout: float, listener: str = "the broker") -> None:
@@ -75,6 +127,8 @@ def preflight(plan, timeout: float = 5.0) -> dict:
                 raise PreflightError(f"TLS handshake with {where} failed: {e.strerror or e} "
                                      f"(is this a TLS port?)") from None
         t_tls = time.monotonic()
+        if getattr(plan, "transport", "") == "ws" and plan.scenario != "ingest":
+            sock = _ws_upgrade(plan, sock, deadline, where)
         try:
             if plan.protocol == "json":
                 hello = {"client_id": f"{plan.client_prefix}preflight", "message_type": "Connect",

@@ -27,7 +27,9 @@ class PubSubWorker:
             if not is_sub:
                 self.n_pubs_local += 1
             self.eng.add(c.fd, c.sock, is_sub, pub_id, topic, bytes(c.inbuf),
-                         isinstance(c.sock, ssl.SSLSocket))
+                         isinstance(c.sock, ssl.SSLSocket), c.ws is not None,
+                         bytes(c.ws.raw) if c.ws is not None else b"",
+                         c.ws.remaining if c.ws is not None else 0)
         self.epoch = setup_engine.epoch
         self.next_k = setup_engine.next_k
         self.expected = None

@@ -516,7 +516,7 @@ def format_text(r: dict) -> str:
     plan = r["plan"]
     L = []
     where = f"{plan['host']}:{plan['port']}"
-    proto = plan["protocol"] + ("+tls" if plan["tls"] else "")
+    proto = plan["protocol"] + ("+ws" if plan.get("transport") == "ws" else "") + ("+tls" if plan["tls"] else "")
     if r["scenario"] == "connection":
         L.append(f"gw bench connection: {where} ({proto}), {r['clients']:,} clients, ramp {plan['rampup']:g} s, "
                  f"hold {plan['duration']:g} s, keepalive {plan['keepalive']} s, {plan['procs']} process(es)")

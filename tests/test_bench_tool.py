@@ -18,6 +18,7 @@ import click
 import numpy as np
 import pytest
 
+from conftest import counter_delta
 from gwbench.histogram import GROWTH, Histogram
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -962,3 +963,34 @@ def test_tls_connection_scenario_phases_and_python_ssl_fallback(broker, tmp_path
         ph = r["connect_phases_ms"]
         assert ph["tcp"]["count"] == ph["tls"]["count"] == ph["connack"]["count"] == 40, how
         assert ph["tls"]["min_ms"] > 0, how   # the handshake's end is timed when it ends
+
+
+# -- MQTT over WebSocket (--transport ws) ------------------------------------------------
+
+def test_websocket_transport_against_gw(gw_factory, tmp_path):
+    """The load generator speaks MQTT over WebSocket (ws and wss): the
+    connection scenario and the throughput engine count exactly, and gw saw
+    the upgrades."""
+    server = gw_factory(workers=2, listeners=("mqtt", "ws", "wss"))
+    before = server.counters()
+    p, r = run_bench(["--transport", "ws", "--clients", 100, "--rampup", 0.5, "--duration", 1.5, "--keepalive", 1,
+                      "--messages", 2, "--qos", 1, "--server", f"127.0.0.1:{server.ports['ws']}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["connected"] == 100 and r["disconnected"] == 100 and r["messages"]["acked"] == 200
+    assert r["plan"]["transport"] == "ws" and r["plan"]["ws_path"] == "/mqtt"
+    p, r = run_bench(["--transport", "ws", "--tls", "--cafile", server.ca, "--clients", 20, "--duration", 0.5,
+                      "--messages", 1, "--server", f"localhost:{server.ports['wss']}"], tmp_path)
+    assert p.returncode == 0 and r["connected"] == 20, p.stdout + p.stderr
+    p, r = run_bench(["pubsub", "--transport", "ws", "-p", 3, "-S", 2, "--qos", 0, "--rate", 3000, "--size", 100,
+                      "--duration", 2, "--server", f"127.0.0.1:{server.ports['ws']}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    d = r["delivery"]
+    assert d["expected"] == r["messages"]["sent"] * 2 == d["unique"] and d["duplicates"] == 0
+    p, r = run_bench(["pubsub", "--transport", "ws", "-p", 4, "-S", 2, "--qos", 1, "--inflight", 32, "--size", 3000,
+                      "--duration", 2, "--server", f"127.0.0.1:{server.ports['ws']}"], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m, d = r["messages"], r["delivery"]
+    assert m["acked"] == m["sent"] > 0 and d["expected"] == m["sent"] * 2 == d["unique"] and d["lost"] == 0
+    after = server.counters()
+    assert counter_delta(before, after, "ws_upgrades") >= 100 + 20 + 5 + 6
+    assert counter_delta(before, after, "closed_malformed") == 0

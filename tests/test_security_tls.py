@@ -551,5 +551,5 @@ def test_certificate_required_only_on_tls_listeners(tmp_path):
 
     on = load_config(None, {"require_certificate": True, "client_cafile": str(tmp_path / "ca.pem")})
     off = load_config(None, {})
-    assert [k for k in LISTENER_KEYS if certificate_required(on, k)] == ["mqtts", "jsons", "https"]
+    assert [k for k in LISTENER_KEYS if certificate_required(on, k)] == ["mqtts", "jsons", "https", "wss"]
     assert not any(certificate_required(off, k) for k in LISTENER_KEYS)

@@ -238,6 +238,26 @@ cdef void ws_seal(Worker w, Conn* c) noexcept:
         c.outoff += gap
 
 
+cdef bint ws_linger_start(Worker w, Conn* c):
+    """A closing connection's last bytes (a Close frame, or a refused upgrade's
+    answer) are written (Worker.flush): our side is shut (FIN; close_notify
+    first on TLS) and what the client still sends is read away until it
+    closes, at most CLOSE_GRACE_MS after close_after_flush (keepalive.pyx),
+    so the client reads our Close instead of a reset. False: close now."""
+    cdef WsState* st = &w.ws_states[c.fd]
+    if st.flags & WSF_LINGER:
+        return True
+    if c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED) or c.store_flags & SF_HELD:
+        return False        # not read now: nothing to linger for
+    st.flags |= WSF_LINGER
+    if c.ssl != NULL:
+        ERR_clear_error()
+        SSL_shutdown(c.ssl)
+        ERR_clear_error()
+    shutdown(c.fd, SHUT_WR)
+    return True
+
+
 cdef Py_ssize_t ws_refuse(Worker w, Conn* c, int status, str why):
     """Answers an upgrade request with `status` (counted, logged once) and
     closes once it is written. Returns -1."""

@@ -10,6 +10,11 @@
 # gwbench/histogram.py. QoS 1 and 2 flows (PUBACK; PUBREC/PUBREL/PUBCOMP)
 # are answered in C; publishers keep at most `inflight` unacknowledged.
 #
+# With --transport ws (MQTT over WebSocket) what a turn writes to a connection
+# goes in one masked binary frame (header room reserved before its first
+# byte, the mask applied when it is sealed, at the flush), and the server's
+# frames are unframed in place in the input buffer before the MQTT parse.
+#
 # Plain TCP sockets are driven with recv/send on the fd. TLS sockets are
 # Python ssl.SSLSocket objects (handshaken in the setup phase); their I/O
 # goes through the object, once per batch, never per message.
@@ -62,6 +67,10 @@ ERROR_NAMES = ("closed_by_server", "connection_reset", "malformed_from_server", 
 
 cdef const uint32_t MAX_REMAINING = 268435455
 
+cdef enum:
+    WS_ROOM = 14            # header room before an outbound frame: 2 + 8 (length) + 4 (mask)
+    WS_STASH = 144          # an incomplete server frame header or control frame (10 + 125) carried over
+
 cdef struct Tracker:
     uint8_t* bits
     uint32_t nbytes
@@ -94,6 +103,14 @@ cdef struct Conn:
     int64_t blocked_ns      # time it could not publish: broker backpressure or full window
     # subscriber
     Tracker* tr
+    # MQTT over WebSocket
+    int ws
+    int ws_open             # outb ends with a frame being filled, its header room at ws_frame_at
+    size_t ws_frame_at
+    uint32_t ws_remaining   # payload bytes of the server's current data frame still to come
+    uint32_t ws_stash_len
+    uint32_t ws_rng         # the masks' generator (xorshift)
+    uint8_t ws_stash[WS_STASH]
 
 
 cdef class Engine:
@@ -169,10 +186,12 @@ cdef class Engine:
             c_close(self.epfd)
 
     # -- setup ----------------------------------------------------------------
-    def add(self, int fd, object sock, int is_sub, uint32_t pub_id, bytes topic, bytes leftover, bint tls):
+    def add(self, int fd, object sock, int is_sub, uint32_t pub_id, bytes topic, bytes leftover, bint tls,
+            bint ws=False, bytes ws_raw=b"", uint32_t ws_remaining=0):
         """Adds a connected client. `sock` stays owned by the caller (and is
         used for I/O when tls); `leftover` is what the setup phase had read
-        past the last packet it handled."""
+        past the last packet it handled (ws: unframed), `ws_raw` and
+        `ws_remaining` where it was in the server's frames."""
         if self.n >= self.cap:
             raise ValueError("engine capacity exceeded")
         cdef Conn* c = &self.conns[self.n]
@@ -199,6 +218,14 @@ cdef class Engine:
             c.tr = <Tracker*>calloc(max(self.n_pubs, 1), sizeof(Tracker))
         if c.inb == NULL or c.outb == NULL or (is_sub and c.tr == NULL):
             raise MemoryError()
+        if ws:
+            if len(ws_raw) > WS_STASH:
+                raise ValueError("an incomplete frame larger than a header and a control frame")
+            c.ws = 1
+            c.ws_remaining = ws_remaining
+            c.ws_stash_len = len(ws_raw)
+            memcpy(c.ws_stash, PyBytes_AS_STRING(ws_raw), len(ws_raw))
+            c.ws_rng = <uint32_t>(fd * 2654435761u) | 1
         if leftover:
             if <size_t>len(leftover) > c.in_cap:
                 raise ValueError("leftover larger than the input buffer")
@@ -247,9 +274,141 @@ cdef class Engine:
     cdef int ensure_out(self, Conn* c, size_t extra) noexcept:
         return out_reserve(&c.outb, &c.out_cap, c.out_len, extra)
 
+    cdef int ws_room(self, Conn* c) noexcept:
+        """A WebSocket connection's next bytes go in a frame: room for its header first."""
+        if not c.ws or c.ws_open:
+            return 0
+        if self.ensure_out(c, WS_ROOM) != 0:
+            return -1
+        c.ws_frame_at = c.out_len
+        c.out_len += WS_ROOM
+        c.ws_open = 1
+        return 0
+
+    cdef void ws_seal(self, Conn* c) noexcept:
+        """The frame being filled gets its header (the shortest length form) and
+        its mask: the payload is masked as it moves down over the unused room."""
+        cdef size_t at = c.ws_frame_at, n = c.out_len - at - WS_ROOM, i = 0
+        cdef uint32_t hs, m32
+        cdef uint64_t m64, v
+        cdef uint8_t* h = c.outb + at
+        cdef uint8_t* src = c.outb + at + WS_ROOM
+        cdef uint8_t* dst
+        cdef uint8_t mask[4]
+        cdef int k
+        c.ws_open = 0
+        c.ws_rng ^= c.ws_rng << 13
+        c.ws_rng ^= c.ws_rng >> 17
+        c.ws_rng ^= c.ws_rng << 5
+        m32 = c.ws_rng
+        memcpy(mask, &m32, 4)
+        h[0] = 0x82
+        if n < 126:
+            h[1] = <uint8_t>(0x80 | n)
+            hs = 2
+        elif n < 65536:
+            h[1] = 0x80 | 126
+            h[2] = <uint8_t>(n >> 8)
+            h[3] = <uint8_t>n
+            hs = 4
+        else:
+            h[1] = 0x80 | 127
+            for k in range(8):
+                h[2 + k] = <uint8_t>(n >> (56 - 8 * k))
+            hs = 10
+        memcpy(h + hs, mask, 4)
+        dst = h + hs + 4
+        m64 = (<uint64_t>m32) | ((<uint64_t>m32) << 32)
+        while i + 8 <= n:
+            memcpy(&v, src + i, 8)
+            v ^= m64
+            memcpy(dst + i, &v, 8)
+            i += 8
+        while i < n:
+            dst[i] = src[i] ^ mask[i & 3]
+            i += 1
+        c.out_len -= WS_ROOM - (hs + 4)
+
+    cdef int ws_unframe(self, int i, size_t start, size_t end) noexcept:
+        """The server's frames in c.inb[start:end] (after the decoded bytes, which
+        end at start): their data payloads moved down to c.inb[start:], c.in_len
+        set past them; an incomplete header or control frame is stashed for
+        the next read. -1 when the connection was lost (a Close, bad framing)."""
+        cdef Conn* c = &self.conns[i]
+        cdef uint8_t* b = c.inb
+        cdef size_t out = start, pos = start, k, hl
+        cdef uint64_t n
+        cdef uint8_t op
+        cdef int j
+        while pos < end:
+            if c.ws_remaining:
+                k = end - pos
+                if k > c.ws_remaining:
+                    k = c.ws_remaining
+                if out != pos:
+                    memmove(b + out, b + pos, k)
+                out += k
+                pos += k
+                c.ws_remaining -= <uint32_t>k
+                continue
+            if end - pos < 2:
+                break
+            if b[pos + 1] & 0x80 or b[pos] & 0x70:
+                self.lose(i, E_MALFORMED)
+                return -1
+            op = b[pos] & 0x0F
+            n = b[pos + 1] & 0x7F
+            hl = 2
+            if n == 126:
+                hl = 4
+                if end - pos < hl:
+                    break
+                n = (<uint64_t>b[pos + 2] << 8) | b[pos + 3]
+            elif n == 127:
+                hl = 10
+                if end - pos < hl:
+                    break
+                n = 0
+                for j in range(8):
+                    n = (n << 8) | b[pos + 2 + j]
+            if op >= 8:
+                if n > 125:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                if end - pos < hl + n:
+                    break
+                if op == 8:
+                    self.lose(i, E_CLOSED)
+                    return -1
+                pos += hl + n        # a Ping (the server sends none) or a Pong: nothing to do
+                continue
+            if (op != 0 and op != 2) or n > MAX_REMAINING:
+                self.lose(i, E_MALFORMED)
+                return -1
+            c.ws_remaining = <uint32_t>n
+            pos += hl
+        c.ws_stash_len = <uint32_t>(end - pos)
+        if c.ws_stash_len:
+            memcpy(c.ws_stash, b + pos, c.ws_stash_len)
+        c.in_len = out
+        return 0
+
+    cdef int ws_room_in(self, Conn* c) noexcept:
+        """Room to read into after the decoded bytes and the stash (at least a frame header's worth)."""
+        cdef size_t want = c.in_len + c.ws_stash_len + 256
+        cdef uint8_t* p
+        if want > c.in_cap:
+            p = <uint8_t*>realloc(c.inb, want + 65536)
+            if p == NULL:
+                return -1
+            c.inb = p
+            c.in_cap = want + 65536
+        memcpy(c.inb + c.in_len, c.ws_stash, c.ws_stash_len)
+        return 0
+
     cdef void append_ack(self, int i, uint8_t ptype, uint16_t pid) noexcept:
         cdef Conn* c = &self.conns[i]
-        if self.ensure_out(c, 4) == 0:
+        if self.ws_room(c) == 0 and self.ensure_out(c, 4) == 0:
             c.out_len += encode_ack(c.outb + c.out_len, ptype, pid)
 
     # -- output ---------------------------------------------------------------
@@ -262,6 +421,8 @@ cdef class Engine:
         cdef bytes data
         if c.closed or c.out_len == 0:
             return 0
+        if c.ws_open:
+            self.ws_seal(c)
         if c.tls:
             # SSL_write sends at most one 16 KiB record per call with
             # partial writes on: go on until the socket is full.
@@ -316,6 +477,8 @@ cdef class Engine:
                 due = self.window - c.inflight
         memcpy(self.payload, &c.pub_id, 4)
         memcpy(self.payload + 8, &ts, 8)
+        if self.ws_room(c) != 0:
+            return 0
         while due > 0 and c.out_len + c.msg_size <= c.out_cap:
             pid = 0
             if self.qos:
@@ -469,10 +632,16 @@ cdef class Engine:
         cdef int turns = 0
         cdef object sock
         cdef bytes data
+        cdef size_t stash
         if c.tls:
             sock = self.socks[i]
             while not c.closed and turns < 64:
                 space = c.in_cap - c.in_len
+                if c.ws:
+                    if self.ws_room_in(c) < 0:
+                        self.lose(i, E_MALFORMED)
+                        return
+                    space = c.in_cap - c.in_len - c.ws_stash_len
                 try:
                     data = sock.recv(space)
                 except (_ssl.SSLWantReadError, _ssl.SSLWantWriteError, BlockingIOError):
@@ -487,16 +656,41 @@ cdef class Engine:
                 if not data:
                     self.lose(i, E_CLOSED)
                     return
-                memcpy(c.inb + c.in_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
-                c.in_len += PyBytes_GET_SIZE(data)
-                self.bytes_in += PyBytes_GET_SIZE(data)
+                if c.ws:
+                    # ws_room_in (before the recv) put the stash at in_len and left room for `space`.
+                    memcpy(c.inb + c.in_len + c.ws_stash_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                    self.bytes_in += PyBytes_GET_SIZE(data)
+                    if self.ws_unframe(i, c.in_len, c.in_len + c.ws_stash_len + PyBytes_GET_SIZE(data)) < 0:
+                        return
+                else:
+                    memcpy(c.inb + c.in_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+                    c.in_len += PyBytes_GET_SIZE(data)
+                    self.bytes_in += PyBytes_GET_SIZE(data)
                 if self.parse(i, now) < 0:
                     return
                 turns += 1
             return
         while not c.closed and turns < 8:
-            space = c.in_cap - c.in_len
-            r = recv_some(c.fd, c.inb + c.in_len, space)
+            if c.ws:
+                if self.ws_room_in(c) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return
+                stash = c.ws_stash_len
+                space = c.in_cap - c.in_len - stash
+                r = recv_some(c.fd, c.inb + c.in_len + stash, space)
+                if r > 0:
+                    self.bytes_in += r
+                    if self.ws_unframe(i, c.in_len, c.in_len + stash + r) < 0:
+                        return
+                    if self.parse(i, now) < 0:
+                        return
+                    if <size_t>r < space:
+                        return
+                    turns += 1
+                    continue
+            else:
+                space = c.in_cap - c.in_len
+                r = recv_some(c.fd, c.inb + c.in_len, space)
             if r > 0:
                 c.in_len += r
                 self.bytes_in += r
@@ -527,7 +721,7 @@ cdef class Engine:
                 self.err[E_PING_TIMEOUT] += 1
                 c.ping_sent = 0
             if now - c.last_tx >= self.keepalive_ns // 2 and c.ping_sent == 0:
-                if self.ensure_out(c, 2) == 0:
+                if self.ws_room(c) == 0 and self.ensure_out(c, 2) == 0:
                     c.out_len += encode_empty(c.outb + c.out_len, PINGREQ)
                     c.ping_sent = now
                     self.pings += 1
@@ -669,7 +863,7 @@ cdef class Engine:
             c = &self.conns[i]
             if c.closed:
                 continue
-            if self.ensure_out(c, 2) == 0:
+            if self.ws_room(c) == 0 and self.ensure_out(c, 2) == 0:
                 c.out_len += encode_empty(c.outb + c.out_len, DISCONNECT)
         while True:
             pending = 0
