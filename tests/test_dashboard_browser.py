@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import HOST, run_gw
+from conftest import HOST, free_ports, run_gw
 from http_client import HttpConn
 
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -50,9 +50,9 @@ def page(browser):
     assert not errors, f"the page raised: {errors}"
 
 
-def dashboard_server(gw_factory, *, args=()):
+def dashboard_server(gw_factory, *, args=(), ports=None):
     """gw serve with the mqtt, http and ws listeners on free ports, two workers."""
-    return gw_factory(workers=2, listeners=("mqtt", "http", "ws"), args=list(args))
+    return gw_factory(workers=2, listeners=("mqtt", "http", "ws"), args=list(args), ports=ports)
 
 
 def post(server, path: str, body, token: str | None = None):
@@ -159,8 +159,11 @@ def test_dashboard_with_tokens_and_mqtt_passwords(gw_factory, page, tmp_path):
     pwfile = tmp_path / "passwd"
     res = run_gw("passwd", "-c", "-b", pwfile, "dash", "s3cret-dash")
     assert res.returncode == 0, res.stderr
-    server = dashboard_server(gw_factory, args=["--http-auth", "token", "--http-tokens-file", tokens,
-                                                "--password-file", pwfile, "--allow-anonymous", "false"])
+    # The page's origin the one a browser page may open the WebSocket from.
+    ports = dict(zip(("mqtt", "http", "ws"), free_ports(3)))
+    server = dashboard_server(gw_factory, ports=ports, args=[
+        "--http-auth", "token", "--http-tokens-file", tokens, "--password-file", pwfile, "--allow-anonymous", "false",
+        "--ws-allowed-origins", f"http://{HOST}:{ports['http']}"])
     # The APIs the page reads need the token; the page itself does not (it holds no data).
     assert get(server, "/v1/stats/series").status == 401
     assert get(server, "/v1/dashboard").status == 401
