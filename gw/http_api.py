@@ -14,7 +14,7 @@ This module never sees a socket. Routes:
 | GET/HEAD | /readyz                       | 200 while accepting, 503 while draining   |
 | GET/HEAD | /metrics                      | Prometheus text (render_metrics)          |
 | GET/HEAD | /docs, /docs/openapi.json, /docs/swagger-ui-bundle.js, /docs/swagger-ui.css | docs |
-| GET/HEAD | /, /dashboard/...                | the dashboard's page and files (gw/dashboard/) |
+| GET/HEAD | /, /dashboard/...             | the dashboard's page and files (gw/dashboard/) |
 | GET/HEAD | /v1/dashboard                 | what the dashboard needs to connect: 200    |
 | GET/HEAD | /v1/stats/series              | the last minutes of the stats, a point a second: 200, 400, 503 |
 | GET/HEAD | /v1/devices                   | the store's devices, paged: 200, 400, 503  |
@@ -58,6 +58,7 @@ ack mode sink, 503 `in_progress` (the first copy may yet be lost).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from typing import Annotated, Any, Literal
@@ -121,6 +122,7 @@ WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="gw"\r\n'
 OPEN_PATHS = frozenset((b"/healthz", b"/readyz", OPENAPI_PATH, *DOC_ASSETS, *PAGE_PATHS, *DASHBOARD_ASSETS))
 METRICS_PATH = b"/metrics"
 SERIES_PARAMS = frozenset(("after",))
+_SEQUENCE = re.compile(r"[0-9]{1,18}")
 REFUSAL_LOG_INTERVAL = 10.0     # seconds between two log lines of one refusal reason
 _ASSET_CACHE: dict[str, bytes | None] = {}
 
@@ -695,9 +697,10 @@ class HttpApp:
             from gw.query import parse_query
             params = parse_query(query, SERIES_PARAMS)
             raw = params.get("after", "-1")
-            if not (raw == "-1" or (raw.isdigit() and len(raw) <= 18)):
-                return 400, JSON, self._error("invalid_after", "after must be -1 or a point's sequence number "
-                                                               f"(the `last` of an answer), got {_show_path(raw.encode())}"), b""
+            if raw != "-1" and _SEQUENCE.fullmatch(raw) is None:
+                return 400, JSON, self._error(
+                    "invalid_after", "after must be -1 or a point's sequence number (the `last` of an answer), "
+                                     f"got {_show_path(raw.encode())}"), b""
             if self.stats_series is None:
                 return 503, JSON, self._error("stats_unavailable", "this server keeps no stats series "
                                                                    "(a worker not started by gw serve)"), RETRY_AFTER

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import mmap
 import time
+from typing import Annotated
 
 import numpy as np
+from msgspec import Meta, Struct
 
 from gw.stats import Counter as C, Layout, SINK_NAMES, StatsBlock
 
@@ -215,7 +217,7 @@ class SeriesRecorder:
         return total
 
 
-def columns(first: int, rows: np.ndarray, nworkers: int) -> tuple[dict[str, list[float]], list[dict[str, list[float]]]]:
+def columns(rows: np.ndarray, nworkers: int) -> tuple[dict[str, list[float]], list[dict[str, list[float]]]]:
     """The rows as columns: the global ones by name, then per worker its own."""
     rows = np.round(rows, 3)         # ms and thousandths: shorter JSON, nothing a chart shows lost
     glob = {name: rows[:, i].tolist() for i, name in enumerate(GLOBAL_NAMES)}
@@ -227,10 +229,6 @@ def columns(first: int, rows: np.ndarray, nworkers: int) -> tuple[dict[str, list
 
 
 # --- the answer of GET /v1/stats/series (its types are the OpenAPI document's) -------------
-
-from typing import Annotated  # noqa: E402
-
-from msgspec import Meta, Struct  # noqa: E402
 
 _COLUMNS_DOC = "; ".join(f"{name}: {desc}" for name, desc in GLOBAL_FIELDS)
 _WORKER_DOC = "; ".join(f"{name}: {desc}" for name, desc in WORKER_FIELDS)
@@ -263,7 +261,7 @@ class StatsSeries(Struct, forbid_unknown_fields=True):
 
 def series_answer(ring: SeriesRing, block: StatsBlock, after: int) -> StatsSeries:
     first, rows = ring.read(after)
-    glob, per = columns(first, rows, ring.workers)
+    glob, per = columns(rows, ring.workers)
     pids = block.header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + ring.workers].tolist()
     ages = block.heartbeat_ages_ms()
     lags = block.store_lag_bytes()

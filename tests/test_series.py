@@ -137,6 +137,6 @@ def test_route_against_gw_serve(gw_factory):
         later = wait_for(lambda: (lambda a: a if a["columns"]["t"] and sum(a["columns"]["http"]) > 0 else None)(
             conn.request("GET", f"/v1/stats/series?after={first['last']}").json()), 20, 0.2, "http requests")
         assert later["first"] == first["last"] + 1
-        for bad in ("after=x", "after=-2", "after=1&after=2", "limit=3"):
+        for bad in ("after=x", "after=-2", "after=1&after=2", "limit=3", "after=%C2%B2", "after=" + "9" * 19):
             resp = conn.request("GET", f"/v1/stats/series?{bad}")
             assert resp.status == 400, bad
