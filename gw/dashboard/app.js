@@ -39,7 +39,12 @@
     let body = null;
     try { body = await response.json(); } catch (e) { body = null; }
     if (!response.ok) {
-      if (response.status === 401) needLogin("The HTTP API needs a token (gw token create --scope read).");
+      if (response.status === 401) {
+        // Polling stops until new credentials are given (each refusal is counted and logged).
+        for (const id of state.timers) clearInterval(id);
+        state.timers = [];
+        needLogin("The HTTP API needs a token (gw token create --scope read).");
+      }
       setStatus("api-status", "error", body && body.message);
       throw new HttpError(response.status, body);
     }
