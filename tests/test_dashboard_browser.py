@@ -13,12 +13,11 @@ import sqlite3
 import time
 from pathlib import Path
 
+import playwright.sync_api as playwright_api       # the [test] extra: never skipped for want of it
 import pytest
 
 from conftest import HOST, free_ports, run_gw
 from http_client import HttpConn
-
-playwright_api = pytest.importorskip("playwright.sync_api")
 
 CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 30_000           # every page condition: the store commits and the list refreshes within it
@@ -30,7 +29,7 @@ def browser():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (./dev test installs it)")
     with playwright_api.sync_playwright() as p:
         # Root (CI) needs --no-sandbox; the browser is Debian's, never one playwright downloads.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox"])
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             yield b
         finally:
