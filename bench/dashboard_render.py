@@ -165,7 +165,8 @@ def main() -> int:
         url = f"http://127.0.0.1:{server.ports['http']}/"
         cold, warm = [], []
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+            browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                        args=["--no-sandbox", "--disable-dev-shm-usage"])
             for r in range(args.rounds):
                 context = browser.new_context(viewport={"width": 1400, "height": 1000})
                 page = context.new_page()

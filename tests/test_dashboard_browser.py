@@ -29,7 +29,8 @@ def browser():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (./dev test installs it)")
     with playwright_api.sync_playwright() as p:
         # Root (CI) needs --no-sandbox; the browser is Debian's, never one playwright downloads.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=["--no-sandbox", "--disable-dev-shm-usage"])
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+                              args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             yield b
         finally:
