@@ -9,6 +9,7 @@ into the test's tmp_path."""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -23,13 +24,20 @@ CHROMIUM = Path("/usr/bin/chromium")
 WAIT_MS = 30_000           # every page condition: the store commits and the list refreshes within it
 
 
+def browser_env() -> dict:
+    """The browser's environment: without the sanitizer runtime `./dev sanitize` preloads
+    (it is for gw's workers; Chromium does not start under it)."""
+    return {k: v for k, v in os.environ.items()
+            if k != "LD_PRELOAD" and not k.startswith(("ASAN_", "UBSAN_", "LSAN_"))}
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.exists():
         pytest.fail(f"{CHROMIUM} is missing: apt-get install chromium (./dev test installs it)")
     with playwright_api.sync_playwright() as p:
         # Root (CI) needs --no-sandbox; the browser is Debian's, never one playwright downloads.
-        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
+        b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, env=browser_env(),
                               args=["--no-sandbox", "--disable-dev-shm-usage"])
         try:
             yield b
