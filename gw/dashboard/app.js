@@ -433,9 +433,12 @@
     state.client = client;
     client.on("connect", () => {
       setStatus("mqtt-status", "ok", url);
-      client.subscribe(cfg.alerts_topic + "/#", { qos: 0 });
-      if (state.tailDevice) client.subscribe(cfg.telemetry_topic + "/" + state.tailDevice, { qos: 0 });
-      document.body.dataset.live = "1";
+      // Marked live once the broker confirmed the subscription (SUBACK): from then on,
+      // every alert raised reaches this page.
+      client.subscribe(cfg.alerts_topic + "/#", { qos: 0 }, (err) => {
+        if (!err && state.client === client) document.body.dataset.live = "1";
+      });
+      if (state.tailDevice) subscribeTail(client, state.tailDevice);
     });
     client.on("error", (err) => {
       setStatus("mqtt-status", "error", String(err && err.message));
@@ -464,8 +467,15 @@
     $("tail").tBodies[0].replaceChildren();
     if (state.charts["chart-tail"]) { state.charts["chart-tail"].destroy(); delete state.charts["chart-tail"]; }
     $("tail-note").textContent = "following " + id;
-    document.body.dataset.tail = id;
-    if (state.client) state.client.subscribe(cfg.telemetry_topic + "/" + id, { qos: 0 });
+    delete document.body.dataset.tail;
+    if (state.client && state.client.connected) subscribeTail(state.client, id);
+  }
+
+  function subscribeTail(client, id) {
+    // data-tail once the SUBACK is in: readings sent from then on are shown.
+    client.subscribe(state.config.telemetry_topic + "/" + id, { qos: 0 }, (err) => {
+      if (!err && state.tailDevice === id) document.body.dataset.tail = id;
+    });
   }
 
   function tailReading(r) {
