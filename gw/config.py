@@ -77,7 +77,7 @@ class Config:
     json: str = _setting("127.0.0.1:1880", "JSON-lines listener (one JSON object per line: Connect, Data, "
                          "Heartbeat, Disconnect), HOST:PORT or off", kind="address")
     jsons: str = _setting("127.0.0.1:8880", "JSON-lines over TLS listener, HOST:PORT or off", kind="address")
-    http: str = _setting("127.0.0.1:8080", "HTTP listener (ingest API, /healthz, /readyz, /metrics, /docs), "
+    http: str = _setting("127.0.0.1:8080", "HTTP listener (ingest API, /healthz, /readyz, /metrics, /docs, the dashboard at /), "
                          "HOST:PORT or off", kind="address")
     https: str = _setting("127.0.0.1:8443", "HTTPS listener (the same, over TLS with the certs), HOST:PORT or off",
                           kind="address")

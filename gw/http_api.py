@@ -14,6 +14,9 @@ This module never sees a socket. Routes:
 | GET/HEAD | /readyz                       | 200 while accepting, 503 while draining   |
 | GET/HEAD | /metrics                      | Prometheus text (render_metrics)          |
 | GET/HEAD | /docs, /docs/openapi.json, /docs/swagger-ui-bundle.js, /docs/swagger-ui.css | docs |
+| GET/HEAD | /, /dashboard/...             | the dashboard's page and files (gw/dashboard/) |
+| GET/HEAD | /v1/dashboard                 | what the dashboard needs to connect: 200    |
+| GET/HEAD | /v1/stats/series              | the last minutes of the stats, a point a second: 200, 400, 503 |
 | GET/HEAD | /v1/devices                   | the store's devices, paged: 200, 400, 503  |
 | GET/HEAD | /v1/devices/{device_id}       | one device: 200, 400, 404, 503             |
 | GET/HEAD | /v1/devices/{device_id}/metrics | samples or rollups of a metric: 200, 400, 404, 503 |
@@ -21,10 +24,13 @@ This module never sees a socket. Routes:
 | POST     | /v1/alerts/{alert_id}/ack     | acknowledges an alert: 200, 400, 404, 415, 503 |
 
 With HTTP tokens on (http_auth; gw/tokens.py), every route but /healthz,
-/readyz and the docs (and /metrics with metrics_auth = none) first checks the
+/readyz, the docs and the dashboard's page and files (which hold no data: the
+page asks for a token and sends it with its API calls), and /metrics with
+metrics_auth = none, first checks the
 `Authorization: Bearer` header the framing passes, before any body is parsed:
 401 with WWW-Authenticate without a valid token, 403 without the route's scope
-(ingest, read; admin for acknowledging alerts) or for a device outside the
+(ingest; read, also for /v1/stats/series and /v1/dashboard; admin for
+acknowledging alerts) or for a device outside the
 token's pattern (a batch refused whole). POST /v1/alerts/{alert_id}/ack, a
 state change, needs Content-Type: application/json (415), which a plain HTML
 form on another site cannot send.
@@ -52,14 +58,17 @@ ack mode sink, 503 `in_progress` (the first copy may yet be lost).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import Struct
+from msgspec import Meta, Struct
 
+from gw import __version__
 from gw.config import Config
+from gw.dashboard import ASSET_HEADERS, ASSETS as DASHBOARD_ASSETS, GZIP_HEADERS, HTML, PAGE_HEADERS, PAGE_PATHS, VARY
 from gw.ingest import (Accepted, BatchAck, BatchError, Error, Ingest, IngestAck, Invalid, check_path_device_id)
 from gw.query import Query, StoreError, open_query
 from gw.stats import Counter, http_status_index
@@ -106,10 +115,14 @@ DOC_ASSETS = {   # path -> (file in gw/docs, content type, extra headers)
                               b"Cache-Control: public, max-age=86400\r\nX-Content-Type-Options: nosniff\r\n"),
 }
 OPENAPI_PATH = b"/docs/openapi.json"
+STATS_SERIES_PATH = b"/v1/stats/series"
+DASHBOARD_CONFIG_PATH = b"/v1/dashboard"
 WWW_AUTHENTICATE = b'WWW-Authenticate: Bearer realm="gw"\r\n'
-# Open with HTTP tokens on: the probes, and the docs (where a user pastes a token).
-OPEN_PATHS = frozenset((b"/healthz", b"/readyz", OPENAPI_PATH, *DOC_ASSETS))
+# Open with HTTP tokens on: the probes, the docs and the dashboard's files (where a user pastes a token).
+OPEN_PATHS = frozenset((b"/healthz", b"/readyz", OPENAPI_PATH, *DOC_ASSETS, *PAGE_PATHS, *DASHBOARD_ASSETS))
 METRICS_PATH = b"/metrics"
+SERIES_PARAMS = frozenset(("after",))
+_SEQUENCE = re.compile(r"[0-9]{1,18}")
 REFUSAL_LOG_INTERVAL = 10.0     # seconds between two log lines of one refusal reason
 _ASSET_CACHE: dict[str, bytes | None] = {}
 
@@ -123,6 +136,29 @@ def doc_asset(name: str) -> bytes | None:
         except (OSError, ModuleNotFoundError):
             _ASSET_CACHE[name] = None
     return _ASSET_CACHE[name]
+
+
+class WsListener(Struct, forbid_unknown_fields=True):
+    """An MQTT over WebSocket listener the browser can reach."""
+
+    port: int
+    path: Annotated[str, Meta(description="the HTTP path of the upgrade (ws_path)")]
+    tls: bool
+
+
+class DashboardConfig(Struct, forbid_unknown_fields=True):
+    """GET /v1/dashboard: what the dashboard needs to connect and subscribe."""
+
+    version: str
+    worker: Annotated[int, Meta(description="the worker that answered")]
+    workers: int
+    tokens_required: Annotated[bool, Meta(description="the HTTP API needs a bearer token (http_auth)")]
+    mqtt_anonymous: Annotated[bool, Meta(description="MQTT clients without a user name may connect "
+                                                     "(allow_anonymous); else the page asks for one")]
+    ws: Annotated[WsListener | None, Meta(description="the ws listener; null: off")]
+    wss: Annotated[WsListener | None, Meta(description="the wss listener; null: off")]
+    telemetry_topic: Annotated[str, Meta(description="readings are published on TOPIC/{device_id}")]
+    alerts_topic: Annotated[str, Meta(description="alerts are published on TOPIC/{device_id}")]
 
 
 class Health(Struct, forbid_unknown_fields=True):
@@ -207,6 +243,15 @@ class HttpApp:
                       OPENAPI_PATH: self._openapi}
         for path in DOC_ASSETS:
             self._gets[path] = self._asset
+        for path in PAGE_PATHS:
+            self._gets[path] = self._dashboard_page
+        for path in DASHBOARD_ASSETS:
+            self._gets[path] = self._dashboard_asset
+        self._gets[DASHBOARD_CONFIG_PATH] = self._dashboard_config
+        # GET /v1/stats/series: after -> gw/series.py's StatsSeries (set by the worker: the
+        # master's ring); None: 503. listeners: name -> "host:port" this worker serves.
+        self.stats_series = None
+        self.listeners: dict[str, str] = {}
         self._draining_body = self._encode(Error("draining", "the server is shutting down; retry "
                                                              "(against another instance)"))
         self._shedding_body = self._encode(Error("overloaded", "the server is shedding load; retry later"))
@@ -292,13 +337,16 @@ class HttpApp:
     # --- the framing's entry points ---------------------------------------------------
 
     def handle(self, method: bytes, target: bytes, content_type: bytes | None,
-               body: bytes, authorization: bytes | None = None) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
+               body: bytes, authorization: bytes | None = None,
+               accept_gzip: bool = False) -> tuple[int, bytes, bytes, bytes] | Accepted | None:
         """The answer (status, content type, body, extra header lines); for an
         ingest request whose records passed the schema, the `Accepted` readings,
         for the worker to take and then ask for the answer (`ingest_taken`,
         `log_full`, `in_progress`); None for a query to run in the query pool:
         the framing then calls `defer`. With HTTP tokens on, every route but the
-        open ones checks `authorization` first, before the body is looked at."""
+        open ones checks `authorization` first, before the body is looked at.
+        `accept_gzip`: the request's Accept-Encoding has `gzip` (the dashboard's
+        files are then sent compressed)."""
         q = target.find(b"?")
         path = target if q < 0 else target[:q]
         if path[:1] != b"/":
@@ -315,6 +363,10 @@ class HttpApp:
             return self._ingest(method, path, content_type, body, True, token)
         if path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX):
             return self._query_route(method, path, b"" if q < 0 else target[q + 1:], content_type)
+        if path == STATS_SERIES_PATH:
+            return self._stats_series_route(method, path, b"" if q < 0 else target[q + 1:])
+        if accept_gzip and path in DASHBOARD_ASSETS and (method == b"GET" or method == b"HEAD"):
+            return self._dashboard_asset(path, True)
         route = self._gets.get(path)
         try:
             if route is None:
@@ -600,6 +652,64 @@ class HttpApp:
             return 404, JSON, self._error("not_found", f"{name} is not installed (gw/docs package data)"), b""
         return 200, ctype, data, headers
 
+    # --- the dashboard -------------------------------------------------------------------
+
+    def _dashboard_page(self, path):
+        from gw.dashboard import page
+        data = page()
+        if data is None:
+            return 404, JSON, self._error("not_found", "the dashboard is not installed (gw/dashboard "
+                                                       "package data)"), b""
+        return 200, HTML, data, PAGE_HEADERS
+
+    def _dashboard_asset(self, path, gzip: bool = False):
+        from gw.dashboard import asset
+        try:
+            found = asset(path, gzip)
+        except Exception:
+            return self._internal_error()
+        if found is None:
+            return 404, JSON, self._error("not_found", f"{_show_path(path)} is not installed (gw/dashboard "
+                                                       "package data)"), b""
+        return 200, found[0], found[1], ASSET_HEADERS + (GZIP_HEADERS if gzip else VARY)
+
+    def _dashboard_config(self, path):
+        from gw.auth import anonymous_allowed
+        cfg = self._cfg
+
+        def ws(name: str, tls: bool):
+            bound = self.listeners.get(name)
+            if not bound:
+                return None
+            port = int(bound.rpartition(":")[2])
+            return WsListener(port, str(setting(cfg, "ws_path")), tls)
+
+        body = DashboardConfig(__version__, self.worker_index, int(setting(cfg, "workers")), self.auth is not None,
+                               anonymous_allowed(cfg) if cfg is not None else True, ws("ws", False),
+                               ws("wss", True), str(setting(cfg, "telemetry_topic")), "alerts")
+        return 200, JSON, self._encode(body), NO_STORE
+
+    def _stats_series_route(self, method: bytes, path: bytes, query: bytes):
+        """GET /v1/stats/series[?after=N]: from the master's ring, in the loop (a copy and an encode)."""
+        try:
+            if method != b"GET" and method != b"HEAD":
+                return self._method_not_allowed(method, path, ALLOW_GET)
+            from gw.query import parse_query
+            params = parse_query(query, SERIES_PARAMS)
+            raw = params.get("after", "-1")
+            if raw != "-1" and _SEQUENCE.fullmatch(raw) is None:
+                return 400, JSON, self._error(
+                    "invalid_after", "after must be -1 or a point's sequence number (the `last` of an answer), "
+                                     f"got {_show_path(raw.encode())}"), b""
+            if self.stats_series is None:
+                return 503, JSON, self._error("stats_unavailable", "this server keeps no stats series "
+                                                                   "(a worker not started by gw serve)"), RETRY_AFTER
+            return 200, JSON, self._encode(self.stats_series(int(raw))), NO_STORE
+        except Invalid as err:
+            return err.status, JSON, self._encode(Error(err.code, err.message)), b""
+        except Exception:
+            return self._internal_error()
+
     # --- helpers ------------------------------------------------------------------------
 
     def _error(self, code: str, message: str) -> bytes:
@@ -658,7 +768,8 @@ def _route_scope(path: bytes) -> str | None:
         return "ingest"
     if path.startswith(ALERTS_PREFIX) and path.endswith(b"/ack"):
         return "admin"
-    if path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX) or path == METRICS_PATH:
+    if (path.startswith(DEVICES_PREFIX) or path.startswith(ALERTS_PREFIX) or path == METRICS_PATH
+            or path == STATS_SERIES_PATH or path == DASHBOARD_CONFIG_PATH):
         return "read"
     return None
 

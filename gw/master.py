@@ -24,6 +24,7 @@ from typing import Callable
 from gw import __version__
 from gw.certs import CertPaths, ensure_certs, server_context
 from gw.config import RESTART_ONLY, TLS_LISTENER_KEYS, Config, ConfigError, load_config, store_is_postgresql
+from gw.series import INTERVAL as SERIES_INTERVAL, SeriesRecorder, SeriesRing
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, worker_main
@@ -162,6 +163,7 @@ class Master:
         self.password_users = None  # ... and the password file's users (gw/passwords.py)
         self.tokens = None          # ... and the HTTP tokens file's tokens (gw/tokens.py; None: tokens off)
         self.block: StatsBlock | None = None
+        self.series: SeriesRing | None = None
         self.dedup = None           # the shared idempotency table (gw_ext/dedup.pyx)
         self.address_counts = None  # connections per client address, shared (gw_ext/addrlimit.pyx)
         # The pipeline process (gw/pipeline/): reads the workers' logs into the
@@ -243,6 +245,8 @@ class Master:
                 sock.setblocking(False)
             self.pipeline_links.append(pair)
         self.block = StatsBlock.create(len(self.slots), os.getpid())
+        # The last minutes of the block, a point a second (gw/series.py): GET /v1/stats/series.
+        self.series = SeriesRing.create(len(self.slots))
         if cfg.idempotency_window > 0:
             # Shared memory every worker (and every respawned one) inherits: a
             # repeated (device_id, seq) is caught whichever worker it reaches.
@@ -408,7 +412,7 @@ class Master:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                            self.config_path, self.overrides, self.dedup, self.acl,
-                           self.address_counts, self.password_users, self.tokens)
+                           self.address_counts, self.password_users, self.tokens, self.series)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -575,10 +579,12 @@ class Master:
         aggregator = Aggregator(self.block)
         interval = self.cfg.stats_interval
         next_stats = time.monotonic() + (interval or 3600)
+        recorder = SeriesRecorder(self.block, self.series)
+        next_point = time.monotonic() + SERIES_INTERVAL
         try:
             while not self.stopping:
                 now = time.monotonic()
-                timeout = next_stats - now
+                timeout = min(next_stats, next_point) - now
                 for slot in self.slots + [self.pipeline]:
                     if not slot.pid and slot.respawn_at:
                         timeout = min(timeout, slot.respawn_at - now)
@@ -599,6 +605,9 @@ class Master:
                         self.spawn(slot)
                 if not self.pipeline.pid and self.pipeline.respawn_at and now >= self.pipeline.respawn_at:
                     self.spawn_pipeline()
+                if now >= next_point:
+                    next_point = max(next_point + SERIES_INTERVAL, now + SERIES_INTERVAL / 2)
+                    recorder.tick()
                 if now >= next_stats:
                     interval = self.cfg.stats_interval
                     next_stats = now + (interval or 3600)

@@ -19,12 +19,14 @@ import json
 import msgspec
 
 from gw import __version__, query
-from gw.http_api import METRICS_TYPE, Health, Ready, setting
+from gw.http_api import METRICS_TYPE, DashboardConfig, Health, Ready, setting
+from gw.series import StatsSeries
 from gw.ingest import (CODES, DEVICE_ID_PATTERN, KEY_PATTERN, MAX_METRICS, MAX_TAG_VALUE, MAX_TAGS,
                        BatchAck, BatchError, BatchRecord, Error, IngestAck, Record, Telemetry)
 
 REF = "#/components/schemas/{name}"
-_TYPES = (Record, BatchRecord, Telemetry, IngestAck, BatchAck, Error, BatchError, Health, Ready) + query.TYPES
+_TYPES = (Record, BatchRecord, Telemetry, IngestAck, BatchAck, Error, BatchError, Health, Ready, DashboardConfig,
+          StatsSeries) + query.TYPES
 
 
 def _schemas() -> dict:
@@ -64,6 +66,13 @@ _HEADERS = {
     "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}},
     "Cache-Control": {"description": "caching policy", "schema": {"type": "string"}},
     "X-Content-Type-Options": {"description": "nosniff", "schema": {"type": "string"}},
+    "X-Frame-Options": {"description": "DENY: the page is never framed", "schema": {"type": "string"}},
+    "Vary": {"description": "Accept-Encoding", "schema": {"type": "string"}},
+    "Content-Encoding": {"description": "gzip, when the request's Accept-Encoding has it; else absent",
+                         "schema": {"type": "string"}},
+    "Referrer-Policy": {"description": "no-referrer", "schema": {"type": "string"}},
+    "Content-Security-Policy": {"description": "scripts, styles and connections from this server only (and "
+                                               "its MQTT over WebSocket listeners)", "schema": {"type": "string"}},
 }
 
 _INGEST_400 = ("invalid_json", "invalid_body", "unknown_field", "invalid_device_id", "device_id_mismatch",
@@ -341,6 +350,7 @@ def build_openapi(cfg=None) -> dict:
             _static("text/css", "The style sheet."), {"404": {"$ref": "#/components/responses/NotFound"}}),
     }
     paths.update(_query_paths())
+    paths.update(_dashboard_paths())
     _secure(paths, cfg)
     return {
         "openapi": "3.1.0",
@@ -360,7 +370,8 @@ def build_openapi(cfg=None) -> dict:
         "tags": [{"name": "ingest", "description": "Device telemetry in"},
                  {"name": "query", "description": "Devices, metric series and alerts from the pipeline's store"},
                  {"name": "health", "description": "Probes and metrics"},
-                 {"name": "docs", "description": "This documentation"}],
+                 {"name": "docs", "description": "This documentation"},
+                 {"name": "dashboard", "description": "The operator's dashboard at `/` and what it reads"}],
         "paths": paths,
         "components": {"schemas": _schemas(), "responses": {**_responses(cfg), **_query_responses(),
                                                              **_auth_responses()},
@@ -382,6 +393,9 @@ ROUTE_SCOPES = {
     "/v1/alerts": "read", "/v1/alerts/{alert_id}/ack": "admin", "/metrics": "read",
     "/healthz": None, "/readyz": None, "/docs": None, "/docs/openapi.json": None,
     "/docs/swagger-ui-bundle.js": None, "/docs/swagger-ui.css": None,
+    "/": None, "/dashboard/app.js": None, "/dashboard/app.css": None, "/dashboard/vendor/mqtt.min.js": None,
+    "/dashboard/vendor/uPlot.iife.min.js": None, "/dashboard/vendor/uPlot.min.css": None,
+    "/v1/dashboard": "read", "/v1/stats/series": "read",
 }
 
 
@@ -399,7 +413,8 @@ def _auth_description(cfg) -> str:
             "(use the Authorize button). Each route lists the scope it needs; `admin` has them all. "
             "No token or an unknown one: 401 with `WWW-Authenticate: Bearer`; a token without the scope, or "
             "an ingest for a device outside the token's pattern (for a batch: any of its readings; the batch "
-            "is refused whole): 403. `/healthz`, `/readyz` and `/docs` are open; `/metrics` needs `read` "
+            "is refused whole): 403. `/healthz`, `/readyz`, `/docs` and the dashboard's page and files (`/`, "
+            "`/dashboard/...`: they hold no data; the page asks for a token) are open; `/metrics` needs `read` "
             "unless `metrics_auth = none`.")
 
 
@@ -440,6 +455,74 @@ def _secure(paths: dict, cfg) -> None:
                                  + " when HTTP tokens are on.").lstrip()
             op["responses"].setdefault("401", {"$ref": "#/components/responses/Unauthorized"})
             op["responses"].setdefault("403", {"$ref": "#/components/responses/Forbidden"})
+
+
+# --- the dashboard (gw/dashboard/) ---------------------------------------------------------
+
+def _dashboard_paths() -> dict:
+    def asset(summary: str, op: str, media: str, what: str) -> dict:
+        ok = {"description": what + " Cached for a year (`immutable`): the page names it with `?v=` and its "
+                                    "SHA-256, so a new version has a new name.",
+              "headers": {name: _HEADERS[name] for name in ("Cache-Control", "X-Content-Type-Options", "Vary",
+                                                            "Content-Encoding")},
+              "content": {media: {"schema": {"type": "string"}}}}
+        return _get(summary, what, "dashboard", op, ok, {"404": {"$ref": "#/components/responses/NotFound"}})
+
+    page_headers = {name: _HEADERS[name] for name in ("Cache-Control", "X-Content-Type-Options", "X-Frame-Options",
+                                                      "Referrer-Policy", "Content-Security-Policy")}
+    return {
+        "/": _get(
+            "The dashboard", "The operator's live view of this gateway (also at `/index.html`, `/dashboard` and "
+            "`/dashboard/`): connections and message rates of the last minutes, each worker's load, the "
+            "write-ahead log and the sinks' lag (from `/v1/stats/series`, every second), the store's devices "
+            "with their last values and a sparkline per metric (the query API, a page at a time), alerts as "
+            "they are raised (MQTT over WebSocket on `alerts/#`) with an acknowledge button, and the live "
+            "readings of one device. Served offline: every file it loads comes from this server. With HTTP "
+            "tokens on it asks for a token (and, with anonymous MQTT off, an MQTT user) and keeps them in the "
+            "browser tab.", "dashboard", "getDashboard",
+            {"description": "The page.", "headers": page_headers,
+             "content": {"text/html": {"schema": {"type": "string"}}}},
+            {"404": {"$ref": "#/components/responses/NotFound"}}),
+        "/dashboard/app.js": asset("The dashboard's script", "getDashboardScript", "text/javascript",
+                                   "The page's own script."),
+        "/dashboard/app.css": asset("The dashboard's style sheet", "getDashboardCss", "text/css",
+                                    "The page's own style sheet."),
+        "/dashboard/vendor/mqtt.min.js": asset("MQTT.js", "getMqttJs", "text/javascript",
+                                               "Vendored MQTT.js browser bundle (npm `mqtt`, MIT)."),
+        "/dashboard/vendor/uPlot.iife.min.js": asset("uPlot", "getUplotJs", "text/javascript",
+                                                     "Vendored uPlot charts (npm `uplot`, MIT)."),
+        "/dashboard/vendor/uPlot.min.css": asset("uPlot's style sheet", "getUplotCss", "text/css",
+                                                 "Vendored uPlot style sheet (npm `uplot`, MIT)."),
+        "/v1/dashboard": _get(
+            "What the dashboard needs to connect", "This server's version and workers, whether the HTTP API "
+            "needs a token and MQTT a user, its MQTT over WebSocket listeners (the port and path the page "
+            "connects to) and the topics of readings and alerts.", "dashboard", "getDashboardConfig",
+            {"description": "The settings.", "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+             "content": _json(_ref("DashboardConfig"))}),
+        "/v1/stats/series": {"get": {
+            "tags": ["dashboard"], "summary": "The last minutes of the stats",
+            "description": "A point a second, sampled by the master from the stats block (the counters of "
+                           "`/metrics`), kept for the last `capacity` seconds, as columns: the gateway's "
+                           "connections, message and byte rates, the write-ahead logs and the sinks' lag, "
+                           "and per worker its load. Pass the answer's `last` as `after` to get only the "
+                           "points since.",
+            "operationId": "getStatsSeries",
+            "parameters": [{"name": "after", "in": "query", "required": False,
+                            "description": "only points with a greater sequence number (-1, the default: "
+                                           "every point kept)",
+                            "schema": {"type": "integer", "minimum": -1}}],
+            "responses": _with_common({
+                "200": {"description": "The points.", "headers": {"Cache-Control": _HEADERS["Cache-Control"]},
+                        "content": _json(_ref("StatsSeries"))},
+                "400": {"description": "A parameter that is not `after`, or `after` not an integer >= -1.",
+                        "content": _json(_ref("Error"), {"invalid_after": _error_example(
+                            "invalid_after", "after must be -1 or a point's sequence number (the `last` "
+                                             "of an answer), got x")})},
+                "503": {"description": "This worker keeps no series (not started by `gw serve`).",
+                        "headers": {"Retry-After": _HEADERS["Retry-After"]},
+                        "content": _json(_ref("Error"))}}),
+        }},
+    }
 
 
 # --- the query routes (gw/query.py) ------------------------------------------------------

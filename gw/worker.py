@@ -189,7 +189,7 @@ class _LoggedReading(msgspec.Struct):
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
-                address_counts=None, password_users=None, tokens=None) -> int:
+                address_counts=None, password_users=None, tokens=None, series=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -222,6 +222,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     # The HTTP tokens as the master has them in force, like the ACL and the users.
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
                   health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot], tokens=tokens)
+    if series is not None:
+        # GET /v1/stats/series: the master's ring of the last minutes (gw/series.py).
+        from gw.series import series_answer
+        app.stats_series = lambda after: series_answer(series, block, after)
+    app.listeners = serving
     worker.http_app = app
     app.peer_address = lambda: peer_address(worker.http_current_fd)
     worker.ingest = ingest

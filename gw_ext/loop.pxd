@@ -812,7 +812,7 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
                               bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
                               const uint8_t* auth, Py_ssize_t auth_len,
                               const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
-                              Py_ssize_t request_len)
+                              Py_ssize_t request_len, bint accept_gzip)
 cdef int http_check_early(Worker w, Conn* c, const uint8_t* p, Py_ssize_t target_start, Py_ssize_t target_len,
                           const uint8_t* auth, Py_ssize_t auth_len)
 cdef object http_handler_failed(Worker w)

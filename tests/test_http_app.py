@@ -327,8 +327,8 @@ def test_metrics(app):
 
 # --- routing ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("target", [b"/", b"/v1", b"/v1/ingestx", b"/v2/ingest/d", b"/healthz/", b"/metricsx",
-                                    b"/docs/x.js", b"*", b"\xff\xfe"])
+@pytest.mark.parametrize("target", [b"/x", b"/v1", b"/v1/ingestx", b"/v2/ingest/d", b"/healthz/", b"/metricsx",
+                                    b"/docs/x.js", b"/dashboard/x.js", b"/v1/stats", b"*", b"\xff\xfe"])
 def test_not_found(app, target):
     answer = app(b"GET", target)
     assert answer[0] == 404 and error_of(answer) == "not_found"
@@ -361,7 +361,8 @@ def test_query_string_and_absolute_form(app):
     taken = app.app.handle(b"POST", b"http://example.com/v1/ingest/e", JSON, BODY)
     assert isinstance(taken, Accepted) and [r[0] for r in taken.records] == [b"e"]
     assert app(b"GET", b"HTTPS://example.com:8443/healthz")[0] == 200
-    assert app(b"GET", b"http://example.com")[0] == 404
+    assert app(b"GET", b"http://example.com")[:2] == (200, b"text/html; charset=utf-8")    # "/": the dashboard
+    assert app(b"GET", b"http://example.com/nothing")[0] == 404
     assert app.published[0][0] == b"telemetry/d"
 
 

@@ -102,10 +102,21 @@ SCENARIOS = [   # (method, target, content type, body, app set-up) -> the docume
     ("GET", "/docs/swagger-ui-bundle.js", None, b"", None),
     ("GET", "/docs/swagger-ui.css", None, b"", None),
     ("POST", "/docs", None, b"", None),
+    ("GET", "/", None, b"", None),
+    ("GET", "/dashboard/app.js", None, b"", None),
+    ("GET", "/dashboard/vendor/mqtt.min.js", None, b"", None),
+    ("GET", "/dashboard/vendor/uPlot.min.css", None, b"", None),
+    ("POST", "/", None, b"", None),
+    ("GET", "/v1/dashboard", None, b"", None),
+    ("GET", "/v1/stats/series", None, b"", None),
+    ("GET", "/v1/stats/series?after=x", None, b"", None),
+    ("GET", "/v1/stats/series", None, b"", "series"),
+    ("GET", "/v1/stats/series?after=3", None, b"", "series"),
 ]
 
 
 def template_of(path: str) -> str:
+    path = path.split("?")[0]
     return "/v1/ingest/{device_id}" if path.startswith("/v1/ingest/") else path
 
 
@@ -119,7 +130,24 @@ def app_for(setup):
         a.health_answer = (False, {"data_dir": {"ok": False}})
     elif setup == "ingest_fails":
         a.app.ingest.one = lambda *args: 1 / 0
+    elif setup == "series":
+        a.app.stats_series = stats_series_of_a_master()
     return a
+
+
+def stats_series_of_a_master():
+    """The answer of /v1/stats/series as a worker has it: a real ring a recorder wrote five points into."""
+    import os
+    from gw.series import SeriesRecorder, SeriesRing, series_answer
+    from gw.stats import StatsBlock
+    block = StatsBlock.create(2, os.getpid())
+    ring = SeriesRing.create(2, capacity=4)
+    recorder = SeriesRecorder(block, ring)
+    for _ in range(5):
+        recorder.tick()
+    answer = series_answer(ring, block, -1)
+    block.close(unlink=True)
+    return lambda after: answer
 
 
 def resolve(obj: dict) -> dict:
@@ -163,10 +191,14 @@ def test_every_route_is_documented_and_nothing_else():
     assert documented == {"/v1/ingest/{device_id}", "/v1/ingest", "/healthz", "/readyz", "/metrics", "/docs",
                           "/docs/openapi.json", "/docs/swagger-ui-bundle.js", "/docs/swagger-ui.css",
                           "/v1/devices", "/v1/devices/{device_id}", "/v1/devices/{device_id}/metrics",
-                          "/v1/alerts", "/v1/alerts/{alert_id}/ack"}
-    assert len(documented) == 14
-    routed = {p.decode() for p in app.app._gets} - {"/docs/", "/docs/index.html"}
-    assert routed | {"/v1/ingest/{device_id}", "/v1/ingest"} | set(http_api.QUERY_PATHS) == documented
+                          "/v1/alerts", "/v1/alerts/{alert_id}/ack", "/", "/dashboard/app.js", "/dashboard/app.css",
+                          "/dashboard/vendor/mqtt.min.js", "/dashboard/vendor/uPlot.iife.min.js",
+                          "/dashboard/vendor/uPlot.min.css", "/v1/dashboard", "/v1/stats/series"}
+    assert len(documented) == 22
+    routed = {p.decode() for p in app.app._gets} - {"/docs/", "/docs/index.html", "/index.html", "/dashboard",
+                                                     "/dashboard/"}
+    assert (routed | {"/v1/ingest/{device_id}", "/v1/ingest", "/v1/stats/series"} | set(http_api.QUERY_PATHS)
+            == documented)
     for path, item in SPEC["paths"].items():
         for method, op in item.items():
             codes = set(op["responses"])

@@ -254,6 +254,23 @@ def test_open_routes_and_metrics(server, tokens):
         assert conn.request("GET", "/no/such/path", headers=bearer(tokens["reader"])).status == 404
 
 
+def test_dashboard_page_open_its_data_needs_read(server, tokens):
+    """The page and its files hold no data (the page asks for a token); what it reads needs one."""
+    with HttpConn(server.ports["http"]) as conn:
+        for path in ("/", "/dashboard/app.js", "/dashboard/app.css", "/dashboard/vendor/mqtt.min.js",
+                     "/dashboard/vendor/uPlot.iife.min.js", "/dashboard/vendor/uPlot.min.css"):
+            assert conn.request("GET", path).status == 200, path
+        for path in ("/v1/stats/series", "/v1/stats/series?after=3", "/v1/dashboard"):
+            assert_401(conn.request("GET", path))
+            assert_403(conn.request("GET", path, headers=bearer(tokens["ingest"])))
+            resp = conn.request("GET", path, headers=bearer(tokens["reader"]))
+            assert resp.status == 200, (path, resp.body)
+        config = conn.request("GET", "/v1/dashboard", headers=bearer(tokens["admin"])).json()
+        assert config["tokens_required"] is True and config["workers"] == 2
+        series = conn.request("GET", "/v1/stats/series", headers=bearer(tokens["reader"])).json()
+        assert len(series["workers"]) == 2 and len(series["columns"]["t"]) == series["last"] - series["first"] + 1
+
+
 def test_alert_ack_needs_admin_and_json(server, tokens):
     with HttpConn(server.ports["http"]) as conn:
         assert_401(conn.request("POST", "/v1/alerts/1/ack", b"a=1", content_type=FORM))

@@ -178,6 +178,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
     cdef int64_t content_length = -1, value
     cdef bint chunked = False, has_te = False, conn_close = False, conn_keep = False
     cdef bint expect_continue = False
+    cdef bint accept_gzip = False
     cdef const uint8_t* ctype = NULL
     cdef Py_ssize_t ctype_len = 0
     cdef const uint8_t* auth = NULL
@@ -277,6 +278,9 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
             auth_len = ve - vs
         elif name_is(line, colon, "host", 4):
             nhost += 1
+        elif name_is(line, colon, "accept-encoding", 15):
+            # Only the bare token: "gzip;q=0" (or any weighted form) gets the identity.
+            accept_gzip = accept_gzip or has_token(line + vs, ve - vs, "gzip", 4)
         elif name_is(line, colon, "expect", 6):
             if not name_is(line + vs, ve - vs, "100-continue", 12):
                 return http_fail(w, c, 417, "expectation_failed", "only Expect: 100-continue is supported")
@@ -321,7 +325,7 @@ cdef Py_ssize_t http_request(Worker w, Conn* c, uint8_t* p, Py_ssize_t avail):
         body_len = content_length
     return http_dispatch(w, c, p, method_len, target_start, target_len, minor,
                          conn_close, conn_keep, ctype, ctype_len, auth, auth_len,
-                         p + head_len, total, body_len, chunked, head_len + total)
+                         p + head_len, total, body_len, chunked, head_len + total, accept_gzip)
 
 
 cdef Py_ssize_t http_chunked(Worker w, Conn* c, const uint8_t* b, Py_ssize_t avail, Py_ssize_t head_len,
@@ -471,7 +475,7 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
                               bint conn_close, bint conn_keep, const uint8_t* ctype, Py_ssize_t ctype_len,
                               const uint8_t* auth, Py_ssize_t auth_len,
                               const uint8_t* body, Py_ssize_t total, Py_ssize_t body_len, bint chunked,
-                              Py_ssize_t request_len):
+                              Py_ssize_t request_len, bint accept_gzip):
     cdef HttpState* st = &w.http[c.fd]
     cdef bint keep = (not conn_close) if minor == 1 else conn_keep
     cdef bint head_only = method_len == 4 and memcmp(p, b"HEAD", 4) == 0
@@ -497,7 +501,7 @@ cdef Py_ssize_t http_dispatch(Worker w, Conn* c, const uint8_t* p, Py_ssize_t me
         w.http_current_fd = c.fd
         answer = w.http_app.handle(
             method, target, PyBytes_FromStringAndSize(<char*>ctype, ctype_len) if ctype != NULL else None,
-            payload, PyBytes_FromStringAndSize(<char*>auth, auth_len) if auth != NULL else None)
+            payload, PyBytes_FromStringAndSize(<char*>auth, auth_len) if auth != NULL else None, accept_gzip)
         if answer is None and w.query_pool is not None:
             # A store query: into the query threads (or 503 if too many wait).
             answer = w.http_app.defer(http_query_token(c))
