@@ -21,7 +21,7 @@ reading at all goes to `bad`.
 
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
-from libc.string cimport memcmp, memcpy
+from libc.string cimport memchr, memcmp, memcpy
 from libc.math cimport isfinite
 from libc.stdint cimport int64_t
 
@@ -332,6 +332,11 @@ cdef bint parse_record(const unsigned char *p, Py_ssize_t n, Parsed *r):
             start = i
             if not json_number(p, n, &i) or i - start >= MAX_NUMBER:
                 return False
+            # A float as msgspec writes one (a fraction or an exponent): the text kept in
+            # `metrics` then reads back as the very value stored (an integer's text may not).
+            if memchr(p + start, 46, i - start) == NULL and memchr(p + start, 101, i - start) == NULL \
+                    and memchr(p + start, 69, i - start) == NULL:
+                return False
             memcpy(num, p + start, i - start)
             num[i - start] = 0
             v = PyOS_string_to_double(num, &end, NULL)
@@ -554,3 +559,10 @@ cdef bint unique_names(list names):
             if names[i] == names[j]:
                 return False
     return True
+
+
+def fast_path(bytes payload) -> bool:
+    """Whether `decode_columns` reads this record in place (True) or hands it to
+    the reference decoder (tests, tools)."""
+    cdef Parsed r
+    return parse_record(<const unsigned char *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r)
