@@ -288,7 +288,7 @@ cdef bint parse_record(const unsigned char *p, Py_ssize_t n, Parsed *r):
     cdef char num[MAX_NUMBER]
     cdef char *end
     cdef double v
-    cdef int k
+    cdef int k, j
     if not lit(p, n, &i, '{"device_id":"', 14):
         return False
     r.dev = i
@@ -327,6 +327,10 @@ cdef bint parse_record(const unsigned char *p, Py_ssize_t n, Parsed *r):
             if not plain_string(p, n, &i):
                 return False
             r.m[k].name_len = i - 1 - r.m[k].name
+            for j in range(k):          # a repeated name: the reference keeps the last value
+                if r.m[j].name_len == r.m[k].name_len and \
+                        memcmp(p + r.m[j].name, p + r.m[k].name, r.m[k].name_len) == 0:
+                    return False
             if not lit(p, n, &i, ":", 1):
                 return False
             start = i
@@ -511,25 +515,24 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
                 except UnicodeDecodeError:
                     pass            # not UTF-8: the reference decoder's answer
                 else:
-                    if r.nmetrics < 2 or unique_names(mnames):
-                        prev = payload
-                        prev_tags = r.tags
-                        prev_tags_len = r.tags_len
-                        prev_tags_obj = tags
-                        prev_r.nmetrics = r.nmetrics
-                        for j in range(r.nmetrics):
-                            prev_r.m[j] = r.m[j]
-                        prev_names = mnames
-                        if -EXACT < r.micros < EXACT:
-                            ts = <double>r.micros / 1e6      # both exact: one correctly rounded division
-                        else:
-                            ts = (<object>r.micros) / (<object>1000000)      # as datetime.timestamp(): Python's exact int division
-                        ri = len(readings)
-                        readings.append((slot, off, dev, ts, r.seq if r.has_seq else None, metrics_text, tags, pl))
-                        sub, d, newer = b.device(dev, ts, tags)
-                        for j in range(r.nmetrics):
-                            b.add_sample(dev, sub, mnames[j], ts, r.m[j].value, ri, d, newer)
-                        continue
+                    prev = payload
+                    prev_tags = r.tags
+                    prev_tags_len = r.tags_len
+                    prev_tags_obj = tags
+                    prev_r.nmetrics = r.nmetrics
+                    for j in range(r.nmetrics):
+                        prev_r.m[j] = r.m[j]
+                    prev_names = mnames
+                    if -EXACT < r.micros < EXACT:
+                        ts = <double>r.micros / 1e6      # both exact: one correctly rounded division
+                    else:
+                        ts = (<object>r.micros) / (<object>1000000)     # exact, as datetime.timestamp()
+                    ri = len(readings)
+                    readings.append((slot, off, dev, ts, r.seq if r.has_seq else None, metrics_text, tags, pl))
+                    sub, d, newer = b.device(dev, ts, tags)
+                    for j in range(r.nmetrics):
+                        b.add_sample(dev, sub, mnames[j], ts, r.m[j].value, ri, d, newer)
+                    continue
             try:
                 red = decode_reading(payload)
             except errors as exc:
@@ -549,16 +552,6 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
     c = b.cols
     return (readings, b.namelist, c.key[:c.n].copy(), c.ts[:c.n].copy(), c.val[:c.n].copy(),
             c.reading[:c.n].copy(), b.devs)
-
-
-cdef bint unique_names(list names):
-    """No metric name twice (a JSON object with a repeated key: the reference decoder keeps the last)."""
-    cdef Py_ssize_t i, j, n = len(names)
-    for i in range(1, n):
-        for j in range(i):
-            if names[i] == names[j]:
-                return False
-    return True
 
 
 def fast_path(bytes payload) -> bool:
