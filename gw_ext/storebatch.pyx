@@ -288,7 +288,7 @@ cdef bint parse_record(const unsigned char *p, Py_ssize_t n, Parsed *r):
     cdef char num[MAX_NUMBER]
     cdef char *end
     cdef double v
-    cdef int k, j
+    cdef int k
     if not lit(p, n, &i, '{"device_id":"', 14):
         return False
     r.dev = i
