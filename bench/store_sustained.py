@@ -246,6 +246,9 @@ def run(args) -> dict:
         print(f"gw serve pid {server.pid}, {args.workers} workers, data in {tmp}; driving {args.rate:,.0f} "
               f"readings/s over {args.transport} ({args.clients} connections, {args.devices:,} devices) for "
               f"{args.duration:.0f} s; load average before {os.getloadavg()}", flush=True)
+        # Sampled before the load starts: every reading taken is counted.
+        cpu = CpuClock(server.pid, os.path.join(data, "store.sqlite"))
+        first = prev = sampler.sample(cpu)
         wrk_out = os.path.join(tmp, "wrk.out")
         bench = subprocess.Popen(bench_command(args, ports, bench_json), cwd=tmp, stdin=subprocess.DEVNULL,
                                  stdout=open(wrk_out, "wb") if args.transport == "http-batch" else subprocess.DEVNULL,
@@ -253,8 +256,6 @@ def run(args) -> dict:
                                  env={**os.environ, "PYTHONPATH": str(REPO), "GW_BATCH": str(args.batch),
                                       "GW_DEVICES": str(args.devices), "GW_RATE": str(args.rate),
                                       "GW_THREADS": "1"})
-        cpu = CpuClock(server.pid, os.path.join(data, "store.sqlite"))
-        first = prev = sampler.sample(cpu)
         start = first["t"]
         window_start = window_end = None
         max_lag = 0
