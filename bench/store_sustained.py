@@ -3,9 +3,11 @@ what the pipeline's store makes of them.
 
 Starts `gw serve` (free loopback ports, its own data directory in a temporary
 directory, ack mode sink: an acknowledgement means the reading is in a log on
-disk), drives it with `gw bench ingest` at a fixed rate (MQTT QoS 1 on
-telemetry/{device_id} by default, or single-reading HTTP POSTs) and samples
-the server's stats block once a second:
+disk), drives it at a fixed rate with `gw bench ingest` (MQTT QoS 1 on
+telemetry/{device_id} by default, or single-reading HTTP POSTs) or with
+Debian's wrk (`--transport http-batch`: arrays of --batch readings POSTed to
+/v1/ingest, paced at --rate by bench/wrk/ingest_batch.lua) and samples the
+server's stats block and the CPU time of its processes once a second:
 
   t  taken/s (into the logs; acknowledged once durable)  stored/s
      store lag (bytes, seconds)  workers holding ingest
@@ -23,6 +25,11 @@ stops the server it started.
 
     python bench/store_sustained.py                       # 100,000/s, 60 s, 20,000 devices, 2 workers
     python bench/store_sustained.py --rate 50000 --duration 20 --json out.json
+    python bench/store_sustained.py --transport http-batch --rate 100000 --clients 64 --duration 60
+
+The report adds, per 5 s, readings taken and stored and the lag; the pipeline
+process's CPU seconds over the window (readings stored per CPU-second: the
+figure that holds on a shared machine) and the machine's load average.
 """
 
 from __future__ import annotations
