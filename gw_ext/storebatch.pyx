@@ -559,3 +559,62 @@ def fast_path(bytes payload) -> bool:
     the reference decoder (tests, tools)."""
     cdef Parsed r
     return parse_record(<const unsigned char *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r)
+
+
+from libc.math cimport sqrt, fabs
+
+
+def observe_run(st, list values, Py_ssize_t minn, double thr):
+    """gw/pipeline/anomaly.py's Detector.observe_many loop for one key's state `st`
+    (a `_Key`) and its new values, compiled: the same arithmetic in the same
+    order on doubles (so the same alerts, bit for bit); [(index, zscore, mean, std)]."""
+    cdef list out = []
+    vals = st.values
+    cdef Py_ssize_t maxlen = vals.maxlen
+    cdef double s = st.s, q = st.q, k = st.shift
+    cdef Py_ssize_t since = st.since
+    cdef list run = st.run
+    cdef Py_ssize_t i, n, nv = len(values)
+    cdef double v, m, var, mean, std, z, d
+    append = vals.append
+    for i in range(nv):
+        v = <double>values[i]
+        n = len(vals)
+        if n >= minn:
+            m = s / <double>n
+            var = q / <double>n - m * m
+            if var < 1e-9 * (q / <double>n) and since:
+                st.recompute()
+                s, q, k, since = st.s, st.q, st.shift, st.since
+                m = s / <double>n
+                var = q / <double>n - m * m
+            mean = k + m
+            std = sqrt(var) if var > 0.0 else 0.0
+            if std > 0.0:
+                z = (v - mean) / std
+                if fabs(z) > thr:
+                    run.append(v)
+                    if len(run) >= minn:
+                        st.refill(run)        # a new level: learn it
+                        run = []
+                        st.run = run
+                        s, q, k, since = st.s, st.q, st.shift, st.since
+                    out.append((i, z, mean, std))
+                    continue
+        if n == maxlen:
+            d = <double>vals[0] - k
+            s -= d
+            q -= d * d
+        append(v)
+        d = v - k
+        s += d
+        q += d * d
+        since += 1
+        if since >= maxlen:
+            st.s, st.q, st.since = s, q, since
+            st.recompute()
+            s, q, k, since = st.s, st.q, st.shift, st.since
+        if run:
+            run.clear()
+    st.s, st.q, st.shift, st.since = s, q, k, since
+    return out
