@@ -36,6 +36,8 @@ OWN_C_WARNINGS = ["-Wall", "-Wextra"]
 HEADERS = sorted(str(h.relative_to(HERE)) for d in SOURCE_DIRS for h in (HERE / d).glob("*.h"))
 # Modules that call OpenSSL directly (the TLS layer and whatever drives it).
 OPENSSL = {"gw_ext.tls", "gw_ext.loop", "gw_ext.wsframe", "gwbench._ext.pubsub_engine", "gwbench._ext.tls_clients"}
+# Modules that call SQLite directly (the same libsqlite3 as Python's sqlite3 module).
+SQLITE = {"gw_ext.sqlitebulk"}
 SANITIZERS = {"address", "undefined", "fuzzer-no-link"}
 
 
@@ -84,7 +86,7 @@ def extensions():
                     [f"{folder}/{pyx.name}", *C_SOURCES.get(name, ())],
                     include_dirs=[folder, "gw_ext"],
                     depends=HEADERS,
-                    libraries=["ssl", "crypto"] if name in OPENSSL else [],
+                    libraries=(["ssl", "crypto"] if name in OPENSSL else []) + (["sqlite3"] if name in SQLITE else []),
                     extra_compile_args=compile_args,
                     extra_link_args=sanitize_link,
                 )

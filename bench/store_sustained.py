@@ -3,9 +3,11 @@ what the pipeline's store makes of them.
 
 Starts `gw serve` (free loopback ports, its own data directory in a temporary
 directory, ack mode sink: an acknowledgement means the reading is in a log on
-disk), drives it with `gw bench ingest` at a fixed rate (MQTT QoS 1 on
-telemetry/{device_id} by default, or single-reading HTTP POSTs) and samples
-the server's stats block once a second:
+disk), drives it at a fixed rate with `gw bench ingest` (MQTT QoS 1 on
+telemetry/{device_id} by default, or single-reading HTTP POSTs) or with
+Debian's wrk (`--transport http-batch`: arrays of --batch readings POSTed to
+/v1/ingest, paced at --rate by bench/wrk/ingest_batch.lua) and samples the
+server's stats block and the CPU time of its processes once a second:
 
   t  taken/s (into the logs; acknowledged once durable)  stored/s
      store lag (bytes, seconds)  workers holding ingest
@@ -23,6 +25,11 @@ stops the server it started.
 
     python bench/store_sustained.py                       # 100,000/s, 60 s, 20,000 devices, 2 workers
     python bench/store_sustained.py --rate 50000 --duration 20 --json out.json
+    python bench/store_sustained.py --transport http-batch --rate 100000 --clients 64 --duration 60
+
+The report adds, per 5 s, readings taken and stored and the lag; the pipeline
+process's CPU seconds over the window (readings stored per CPU-second: the
+figure that holds on a shared machine) and the machine's load average.
 """
 
 from __future__ import annotations
@@ -54,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=2, help="gw serve --workers")
     p.add_argument("--transport", choices=("mqtt", "http", "http-batch"), default="mqtt",
                    help="MQTT QoS 1 publishes, HTTP POST /v1/ingest/{device_id} (one reading each), or "
-                        "http-batch: Debian's wrk posting arrays of --batch readings to /v1/ingest as fast "
-                        "as the server answers (closed loop: --rate does not apply)")
+                        "http-batch: Debian's wrk posting arrays of --batch readings to /v1/ingest, paced "
+                        "at --rate (bench/wrk/ingest_batch.lua; --rate 0: as fast as the server answers)")
     p.add_argument("--batch", type=int, default=100, help="http-batch: readings per request")
     p.add_argument("--clients", type=int, default=200, help="connections of the load generator")
     p.add_argument("--procs", type=int, default=None, help="load generator processes (gw bench --procs)")
@@ -77,11 +84,14 @@ class Sampler:
         self.C, self.L = Counter, Layout
         _pid, self.block = read_running(data_dir)
 
-    def sample(self) -> dict:
+    def sample(self, cpu: "CpuClock | None" = None) -> dict:
         rows, header = self.block.rows, self.block.header
         totals = rows.sum(axis=0, dtype="uint64")
+        pipeline_cpu, server_cpu = cpu.read() if cpu is not None else (0.0, 0.0)
         return {
             "t": time.monotonic(),
+            "pipeline_cpu": pipeline_cpu,      # CPU seconds of the pipeline process so far
+            "server_cpu": server_cpu,          # of the whole server (master, workers, pipeline)
             "accepted": int(totals[self.C.WAL_RECORDS]),       # readings taken into the logs, any transport
             "stored": int(header[self.L.H_SINK_WRITTEN]),
             "lag_bytes": int(header[self.L.H_SINK_LAG]),
@@ -95,6 +105,49 @@ class Sampler:
 
     def close(self):
         self.block.close()
+
+
+class CpuClock:
+    """CPU seconds (user + system) used so far by the server's pipeline process (the
+    child holding the store file open) and by the whole server."""
+
+    def __init__(self, pid: int, store_path: str):
+        import psutil
+
+        self.psutil = psutil
+        self.master = psutil.Process(pid)
+        self.store_path = os.path.realpath(store_path)
+        self.pipeline = None
+        self.gone = 0.0             # CPU of children that exited
+
+    def _find_pipeline(self, children):
+        for c in children:
+            try:
+                if any(os.path.realpath(f.path) == self.store_path for f in c.open_files()):
+                    return c
+            except self.psutil.Error:
+                pass
+        return None
+
+    def read(self) -> tuple[float, float]:
+        ps = self.psutil
+        try:
+            children = self.master.children(recursive=True)
+        except ps.Error:
+            return 0.0, 0.0
+        if self.pipeline is None or not self.pipeline.is_running():
+            self.pipeline = self._find_pipeline(children)
+        total = 0.0
+        pipe = 0.0
+        for p in [self.master, *children]:
+            try:
+                t = p.cpu_times()
+            except ps.Error:
+                continue
+            total += t.user + t.system
+            if self.pipeline is not None and p.pid == self.pipeline.pid:
+                pipe = t.user + t.system
+        return pipe, total
 
 
 def start_server(args, tmp: str) -> tuple[subprocess.Popen, dict, str]:
@@ -199,14 +252,17 @@ def run(args) -> dict:
         bench_json = os.path.join(tmp, "bench.json")
         print(f"gw serve pid {server.pid}, {args.workers} workers, data in {tmp}; driving {args.rate:,.0f} "
               f"readings/s over {args.transport} ({args.clients} connections, {args.devices:,} devices) for "
-              f"{args.duration:.0f} s", flush=True)
+              f"{args.duration:.0f} s; load average before {os.getloadavg()}", flush=True)
+        # Sampled before the load starts: every reading taken is counted.
+        cpu = CpuClock(server.pid, os.path.join(data, "store.sqlite"))
+        first = prev = sampler.sample(cpu)
         wrk_out = os.path.join(tmp, "wrk.out")
         bench = subprocess.Popen(bench_command(args, ports, bench_json), cwd=tmp, stdin=subprocess.DEVNULL,
                                  stdout=open(wrk_out, "wb") if args.transport == "http-batch" else subprocess.DEVNULL,
                                  stderr=open(os.path.join(tmp, "bench.log"), "ab"),
                                  env={**os.environ, "PYTHONPATH": str(REPO), "GW_BATCH": str(args.batch),
-                                      "GW_DEVICES": str(args.devices)})
-        first = prev = sampler.sample()
+                                      "GW_DEVICES": str(args.devices), "GW_RATE": str(args.rate),
+                                      "GW_THREADS": "1"})
         start = first["t"]
         window_start = window_end = None
         max_lag = 0
@@ -215,7 +271,7 @@ def run(args) -> dict:
         timeline_prev_accepted = first["accepted"]
         while True:
             time.sleep(1.0)
-            s = sampler.sample()
+            s = sampler.sample(cpu)
             dt = max(s["t"] - prev["t"], 1e-3)
             acked_s = (s["accepted"] - prev["accepted"]) / dt
             stored_s = (s["stored"] - prev["stored"]) / dt
@@ -254,11 +310,21 @@ def run(args) -> dict:
         with open(bench_json) as f:
             load = json.load(f)
     counts = count_store(data)
+    try:
+        load_avg = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load_avg = None
     ws = window_start or first
     we = window_end or final
     window = max(we["t"] - ws["t"], 1e-3)
     accepted = final["accepted"] - first["accepted"]
     acknowledged = int(load["requests"]["ok_2xx"])       # PUBACKs (MQTT) or 200s (HTTP): in ack mode sink, durable
+    window_stored = we["stored"] - ws["stored"]
+    pipe_cpu = {"window_s": round(we["pipeline_cpu"] - ws["pipeline_cpu"], 2),
+                "server_window_s": round(we["server_cpu"] - ws["server_cpu"], 2),
+                "readings_per_cpu_s_window": round(window_stored / max(we["pipeline_cpu"] - ws["pipeline_cpu"], 1e-3)),
+                "readings_per_cpu_s_overall": round((final["stored"] - first["stored"])
+                                                    / max(final["pipeline_cpu"] - first["pipeline_cpu"], 1e-3))}
     out = {
         "plan": {"rate": args.rate, "duration_s": args.duration, "devices": args.devices, "workers": args.workers,
                  "transport": args.transport, "clients": args.clients, "fsync": args.fsync,
@@ -281,6 +347,9 @@ def run(args) -> dict:
         "exactly_once": (counts["rows"] == counts["distinct_worker_lsn"] == counts["distinct_device_seq"]
                          == accepted and acknowledged <= accepted),
         "timeline": timeline,
+        "per_5s": per_interval(timeline),
+        "pipeline_cpu_s": pipe_cpu,
+        "machine_load_average": load_avg,
         "data_dir": tmp if args.keep else None,
     }
     if not args.keep:
@@ -289,8 +358,32 @@ def run(args) -> dict:
     return out
 
 
+def per_interval(timeline: list, seconds: float = 5.0) -> list:
+    """The timeline in intervals of `seconds`: readings taken and stored per second, the
+    lag at the interval's end."""
+    out = []
+    i = 0
+    while i < len(timeline):
+        group = [x for x in timeline[i:] if x["t"] < timeline[i]["t"] + seconds - 0.5]
+        if not group:
+            group = [timeline[i]]
+        n = len(group)
+        out.append({"from_s": round(group[0]["t"] - 1), "to_s": round(group[-1]["t"]),
+                    "taken_per_s": round(sum(x["acknowledged_per_s"] for x in group) / n),
+                    "stored_per_s": round(sum(x["stored_per_s"] for x in group) / n),
+                    "lag_mb": round(group[-1]["lag_bytes"] / 1e6, 1), "lag_seconds": group[-1]["lag_seconds"],
+                    "holding": max(x["workers_holding"] for x in group)})
+        i += n
+    return out
+
+
 def report(r: dict) -> str:
-    lines = [
+    lines = ["", "   seconds    taken/s   stored/s   lag MB   lag s"]
+    for x in per_interval(r["timeline"]):
+        lines.append(f"{x['from_s']:4d}-{x['to_s']:<4d} {x['taken_per_s']:>10,} {x['stored_per_s']:>10,} "
+                     f"{x['lag_mb']:>8.1f} {x['lag_seconds']:>7.1f}"
+                     + ("  holding ingest" if x["holding"] else ""))
+    lines += [
         "",
         f"acknowledged         {r['acknowledged']:,} readings (load generator); taken by the server "
         f"{r['accepted_by_server']:,} ({r['acknowledged_per_s_window']:,}/s over the window); "
@@ -304,6 +397,11 @@ def report(r: dict) -> str:
         "time to drain        " + (f"{r['drain_seconds']:.1f} s" if r["drained"] else "not drained in time"),
         f"store rows           {r['store']['rows']:,} (distinct (worker, lsn) {r['store']['distinct_worker_lsn']:,}, "
         f"distinct (device_id, seq) {r['store']['distinct_device_seq']:,})",
+        f"pipeline CPU         {r['pipeline_cpu_s']['window_s']:.1f} s over the window "
+        f"({r['pipeline_cpu_s']['readings_per_cpu_s_window']:,} readings stored per CPU-second; "
+        f"{r['pipeline_cpu_s']['readings_per_cpu_s_overall']:,} until drained); the whole server "
+        f"{r['pipeline_cpu_s']['server_window_s']:.1f} CPU-s over the window",
+        f"load average         {r['machine_load_average']} at the end (the machine's)",
         "exactly once         " + ("yes: every accepted reading stored once" if r["exactly_once"]
                                    else "NO: rows and accepted readings differ"),
     ]

@@ -387,6 +387,35 @@ def test_detector_matches_the_reference(base, spikes, window, threshold, offset)
         assert g[2] == pytest.approx(w[2], rel=1e-6, abs=1e-6)
 
 
+@hsettings(max_examples=200, deadline=None)
+@given(base=st.lists(st.floats(-100, 100), min_size=1, max_size=300),
+       spikes=st.lists(st.tuples(st.integers(0, 299), st.floats(-1e4, 1e4)), max_size=40),
+       window=st.integers(1, 80), threshold=st.floats(0.5, 6.0), offset=st.sampled_from([0.0, 1e6]),
+       cuts=st.lists(st.integers(1, 50), min_size=1, max_size=10), flat=st.booleans())
+def test_detector_compiled_loop_is_the_python_loop(base, spikes, window, threshold, offset, cuts, flat):
+    """observe_many through gw_ext/storebatch.pyx's observe_run and through its Python
+    loop: the same alerts and the same state, bit for bit, whatever the values and
+    however the batches cut them."""
+    pytest.importorskip("gw_ext.storebatch")
+    values = [(round(v) if flat else v) + offset for v in base]
+    for i, v in spikes:
+        if i < len(values):
+            values[i] = v + offset
+    compiled, python = Detector(window, threshold), Detector(window, threshold)
+    python.compiled = False
+    i = j = 0
+    while i < len(values):
+        step = cuts[j % len(cuts)]
+        got = compiled.observe_many("d", "m", values[i:i + step])
+        want = python.observe_many("d", "m", values[i:i + step])
+        assert got == want
+        a, b = compiled.keys[("d", "m")], python.keys[("d", "m")]
+        assert (list(a.values), a.run, a.s, a.q, a.shift, a.since) == \
+            (list(b.values), b.run, b.s, b.q, b.shift, b.since)
+        i += step
+        j += 1
+
+
 def test_detector_rules():
     det = Detector(window=60, threshold=4.0)
     vals = [20.0 + 0.1 * ((i * 7) % 5) for i in range(30)]

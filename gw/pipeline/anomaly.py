@@ -87,7 +87,15 @@ class _Key:
         return self.shift + m, (math.sqrt(var) if var > 0.0 else 0.0)
 
 
+try:
+    from gw_ext.storebatch import observe_run as _observe_run
+except ImportError:         # the extensions not built: the loop below
+    _observe_run = None
+
+
 class Detector:
+    compiled = True         # observe_many through gw_ext/storebatch.pyx's observe_run when built
+
     def __init__(self, window: int = 60, threshold: float = 4.0,
                  warm: Callable[[str, str], Iterable[float]] | None = None):
         if window < 1:
@@ -132,6 +140,8 @@ class Detector:
         st = self.keys.get(key)
         if st is None:
             st = self.keys[key] = _Key(self.window, self.warm(device_id, metric) if self.warm else ())
+        if _observe_run is not None and self.compiled:
+            return _observe_run(st, values, self.min_samples, self.threshold)
         out = []
         vals = st.values
         append = vals.append

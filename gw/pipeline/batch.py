@@ -1,7 +1,7 @@
 """A store sink's batch as columns: what the embedded (store.py) and the PostgreSQL
 (pgstore.py) sinks both do to a batch before writing it.
 
-- `decode`: the logged records -> one tuple per reading, the batch's series
+- `decode`: the logged records (gw_ext/storebatch.pyx, compiled) -> one tuple per reading, the batch's series
   (device_id, metric) in order of first appearance, and per sample its series
   index, time and value (numpy arrays), the reading it came from, and the
   batch's per-device summary (first and last time, last values, tags, count).
@@ -64,10 +64,27 @@ class Columns:
         return len(self.key)
 
 
+try:
+    from gw_ext.storebatch import decode_columns as _decode_columns
+except ImportError:             # the extensions not built: the reference decoder below
+    _decode_columns = None
+
+_ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+
 def decode(parts, decode_reading, encode, bad) -> Columns:
     """The batch's records (`parts`: [(worker, [(lsn, payload)], next)]) as
     columns; a record that is not a normalised reading goes to bad(worker, lsn,
-    exc) and is left out."""
+    exc) and is left out. Compiled (gw_ext/storebatch.pyx: the logged layout
+    read in place, its metrics, tags and payload kept as their JSON text) when
+    built, else `decode_python`; both give the same columns."""
+    if _decode_columns is not None:
+        return Columns(*_decode_columns(parts, decode_reading, encode, bad, _ERRORS))
+    return decode_python(parts, decode_reading, encode, bad)
+
+
+def decode_python(parts, decode_reading, encode, bad) -> Columns:
+    """`decode` in Python, one msgspec decode per record: the reference."""
     readings = []
     names: dict = {}
     namelist: list = []

@@ -1,0 +1,620 @@
+# cython: language_level=3
+"""A store sink's batch decoded into columns (gw/pipeline/batch.py's `decode`,
+compiled).
+
+The workers log each reading as the JSON msgspec writes for gw/ingest.py's
+`Telemetry`, fields in one order and no spaces:
+
+    {"device_id":"...","ts":"YYYY-MM-DDTHH:MM:SS[.ffffff]Z","seq":N|null,
+     "metrics":{"name":number,...},"tags":{...},"payload":<any JSON>}
+
+`decode_columns` reads that layout in place: the device id, the time (as
+Unix seconds, the same double `datetime.timestamp()` gives), the sequence
+number and each metric, while the metrics, tags and payload are kept as the
+record's own JSON text (no re-encoding). Every length is bounded by the
+record's; a record that does not follow the layout exactly (an escape in a
+name, another field, a time zone other than Z, a number outside JSON's
+grammar...) goes through `decode_reading` (msgspec, the reference decoder) as
+in batch.py, so the result is the same for any input; one that is not a
+reading at all goes to `bad`.
+"""
+
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.string cimport memchr, memcmp, memcpy
+from libc.math cimport isfinite
+from libc.stdint cimport int64_t
+
+import numpy as np
+
+
+from cpython.object cimport PyObject
+
+cdef extern from "Python.h":
+    # overflow_exception NULL: an overflow gives +-HUGE_VAL (refused below as not finite), no exception.
+    double PyOS_string_to_double(const char *s, char **endptr, PyObject *overflow_exception) except? -1.0
+
+cdef int64_t EXACT = 1LL << 53      # integers a double holds exactly
+
+cdef enum:
+    MAX_NUMBER = 64          # a metric's number text, at most (msgspec writes at most 24)
+    MAX_METRICS = 64         # metrics in one record on the fast path (more: the reference decoder)
+    MAX_DEPTH = 64           # nesting of a payload on the fast path
+
+
+cdef struct Metric:
+    Py_ssize_t name, name_len
+    double value
+
+
+cdef struct Parsed:
+    Py_ssize_t dev, dev_len
+    int64_t micros           # Unix time in microseconds
+    bint has_seq
+    int64_t seq
+    Py_ssize_t metrics, metrics_len
+    Py_ssize_t tags, tags_len
+    Py_ssize_t payload, payload_len
+    int nmetrics
+    Metric m[MAX_METRICS]
+
+
+cdef inline bint lit(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i, const char *s, Py_ssize_t k) noexcept nogil:
+    if n - i[0] < k or memcmp(p + i[0], s, k) != 0:
+        return False
+    i[0] += k
+    return True
+
+
+cdef inline bint plain_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i) noexcept nogil:
+    """At p[i] after an opening quote: to the closing quote (i past it); False on an
+    escape, a control character or the end of the record."""
+    cdef Py_ssize_t j = i[0]
+    while j < n:
+        c = p[j]
+        if c == 34:         # "
+            i[0] = j + 1
+            return True
+        if c == 92 or c < 32:
+            return False
+        j += 1
+    return False
+
+
+cdef inline bint skip_string(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i) noexcept nogil:
+    """At p[i] on an opening quote: past the closing one, escapes allowed."""
+    cdef Py_ssize_t j = i[0] + 1
+    while j < n:
+        c = p[j]
+        if c == 34:
+            i[0] = j + 1
+            return True
+        if c == 92:
+            if j + 1 >= n:
+                return False
+            c = p[j + 1]
+            if c == 117:                # \uXXXX
+                if j + 6 > n or not (is_hex(p[j + 2]) and is_hex(p[j + 3]) and is_hex(p[j + 4])
+                                     and is_hex(p[j + 5])):
+                    return False
+                j += 6
+                continue
+            if not (c == 34 or c == 92 or c == 47 or c == 98 or c == 102 or c == 110 or c == 114
+                    or c == 116):
+                return False
+            j += 2
+            continue
+        if c < 32:
+            return False
+        j += 1
+    return False
+
+
+cdef inline bint is_hex(unsigned char c) noexcept nogil:
+    return (48 <= c <= 57) or (65 <= c <= 70) or (97 <= c <= 102)
+
+
+cdef inline bint is_digit(unsigned char c) noexcept nogil:
+    return 48 <= c <= 57
+
+
+cdef bint json_number(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i) noexcept nogil:
+    """JSON's number grammar from p[i]; i past it."""
+    cdef Py_ssize_t j = i[0]
+    if j < n and p[j] == 45:            # -
+        j += 1
+    if j >= n or not is_digit(p[j]):
+        return False
+    if p[j] == 48:                      # 0: no digit may follow
+        j += 1
+    else:
+        while j < n and is_digit(p[j]):
+            j += 1
+    if j < n and p[j] == 46:            # .
+        j += 1
+        if j >= n or not is_digit(p[j]):
+            return False
+        while j < n and is_digit(p[j]):
+            j += 1
+    if j < n and (p[j] == 101 or p[j] == 69):   # e E
+        j += 1
+        if j < n and (p[j] == 43 or p[j] == 45):
+            j += 1
+        if j >= n or not is_digit(p[j]):
+            return False
+        while j < n and is_digit(p[j]):
+            j += 1
+    i[0] = j
+    return True
+
+
+cdef bint skip_value(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i) noexcept nogil:
+    """One JSON value from p[i] (no whitespace: msgspec writes none); i past it.
+    Structure only (brackets matched, strings closed, scalars well formed)."""
+    cdef unsigned char stack[MAX_DEPTH]
+    cdef int depth = 0
+    cdef Py_ssize_t j = i[0]
+    cdef unsigned char c
+    cdef bint want_value = True       # a value (or a closing bracket of an empty one) comes next
+    while True:
+        if j >= n:
+            return False
+        c = p[j]
+        if want_value:
+            if c == 123 or c == 91:     # { [
+                if depth >= MAX_DEPTH:
+                    return False
+                stack[depth] = c
+                depth += 1
+                j += 1
+                if j < n and ((c == 123 and p[j] == 125) or (c == 91 and p[j] == 93)):
+                    depth -= 1
+                    j += 1
+                    want_value = False
+                elif c == 123:
+                    # a key, then ':'
+                    if j >= n or p[j] != 34 or not skip_string(p, n, &j):
+                        return False
+                    if j >= n or p[j] != 58:
+                        return False
+                    j += 1
+                continue
+            if c == 34:
+                if not skip_string(p, n, &j):
+                    return False
+            elif c == 116:
+                if not lit(p, n, &j, "true", 4):
+                    return False
+            elif c == 102:
+                if not lit(p, n, &j, "false", 5):
+                    return False
+            elif c == 110:
+                if not lit(p, n, &j, "null", 4):
+                    return False
+            elif not json_number(p, n, &j):
+                return False
+            want_value = False
+        else:
+            if depth == 0:
+                i[0] = j
+                return True
+            if c == 44:                 # ,
+                j += 1
+                if stack[depth - 1] == 123:
+                    if j >= n or p[j] != 34 or not skip_string(p, n, &j):
+                        return False
+                    if j >= n or p[j] != 58:
+                        return False
+                    j += 1
+                want_value = True
+            elif (c == 125 and stack[depth - 1] == 123) or (c == 93 and stack[depth - 1] == 91):
+                depth -= 1
+                j += 1
+            else:
+                return False
+
+
+cdef inline int digits(const unsigned char *p, Py_ssize_t k) noexcept nogil:
+    """k decimal digits at p as a number, -1 if one is not a digit."""
+    cdef int v = 0
+    cdef Py_ssize_t j
+    for j in range(k):
+        if not is_digit(p[j]):
+            return -1
+        v = v * 10 + (p[j] - 48)
+    return v
+
+
+cdef inline int64_t days_from_civil(int64_t y, int m, int d) noexcept nogil:
+    # Howard Hinnant's algorithm: days since 1970-01-01 of a proleptic Gregorian date.
+    y -= m <= 2
+    cdef int64_t era = (y if y >= 0 else y - 399) // 400
+    cdef int64_t yoe = y - era * 400
+    cdef int64_t doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    cdef int64_t doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef inline int month_days(int y, int m) noexcept nogil:
+    if m == 2:
+        return 29 if (y % 4 == 0 and (y % 100 != 0 or y % 400 == 0)) else 28
+    if m == 4 or m == 6 or m == 9 or m == 11:
+        return 30
+    return 31
+
+
+cdef bint parse_ts(const unsigned char *p, Py_ssize_t n, Py_ssize_t *i, int64_t *micros) noexcept nogil:
+    """YYYY-MM-DDTHH:MM:SS[.f{1,6}]Z" from p[i]; i past the closing quote."""
+    cdef Py_ssize_t j = i[0]
+    cdef int y, mo, d, h, mi, s, frac, k
+    if n - j < 21:
+        return False
+    y = digits(p + j, 4)
+    mo = digits(p + j + 5, 2)
+    d = digits(p + j + 8, 2)
+    h = digits(p + j + 11, 2)
+    mi = digits(p + j + 14, 2)
+    s = digits(p + j + 17, 2)
+    if (p[j + 4] != 45 or p[j + 7] != 45 or p[j + 10] != 84 or p[j + 13] != 58 or p[j + 16] != 58
+            or y < 1 or mo < 1 or mo > 12 or d < 1 or d > month_days(y, mo) or h < 0 or h > 23
+            or mi < 0 or mi > 59 or s < 0 or s > 59):
+        return False
+    j += 19
+    frac = 0
+    if p[j] == 46:              # .
+        j += 1
+        k = 0
+        while j < n and is_digit(p[j]):
+            if k == 6:
+                return False
+            frac = frac * 10 + (p[j] - 48)
+            k += 1
+            j += 1
+        if k == 0:
+            return False
+        while k < 6:
+            frac *= 10
+            k += 1
+    if n - j < 2 or p[j] != 90 or p[j + 1] != 34:       # Z"
+        return False
+    i[0] = j + 2
+    micros[0] = ((days_from_civil(y, mo, d) * 86400 + h * 3600 + mi * 60 + s) * 1000000) + frac
+    return True
+
+
+cdef bint parse_record(const unsigned char *p, Py_ssize_t n, Parsed *r):
+    """The record in the logged layout, or False (then the reference decoder decides)."""
+    cdef Py_ssize_t i = 0, j, start
+    cdef char num[MAX_NUMBER]
+    cdef char *end
+    cdef double v
+    cdef int k
+    if not lit(p, n, &i, '{"device_id":"', 14):
+        return False
+    r.dev = i
+    if not plain_string(p, n, &i):
+        return False
+    r.dev_len = i - 1 - r.dev
+    if r.dev_len < 1 or r.dev_len > 64:
+        return False
+    if not lit(p, n, &i, ',"ts":"', 7) or not parse_ts(p, n, &i, &r.micros):
+        return False
+    if not lit(p, n, &i, ',"seq":', 7):
+        return False
+    if lit(p, n, &i, "null", 4):
+        r.has_seq = False
+    else:
+        start = i
+        r.seq = 0
+        while i < n and is_digit(p[i]) and i - start < 18:
+            r.seq = r.seq * 10 + (p[i] - 48)
+            i += 1
+        if i == start or (i < n and is_digit(p[i])) or (p[start] == 48 and i - start > 1):
+            return False
+        r.has_seq = True
+    if not lit(p, n, &i, ',"metrics":{', 12):
+        return False
+    r.metrics = i - 1
+    r.nmetrics = 0
+    if i < n and p[i] == 125:
+        i += 1
+    else:
+        while True:
+            if r.nmetrics == MAX_METRICS or not lit(p, n, &i, '"', 1):
+                return False
+            k = r.nmetrics
+            r.m[k].name = i
+            if not plain_string(p, n, &i):
+                return False
+            r.m[k].name_len = i - 1 - r.m[k].name
+            for j in range(k):          # a repeated name: the reference keeps the last value
+                if r.m[j].name_len == r.m[k].name_len and \
+                        memcmp(p + r.m[j].name, p + r.m[k].name, r.m[k].name_len) == 0:
+                    return False
+            if not lit(p, n, &i, ":", 1):
+                return False
+            start = i
+            if not json_number(p, n, &i) or i - start >= MAX_NUMBER:
+                return False
+            # A float as msgspec writes one (a fraction or an exponent): the text kept in
+            # `metrics` then reads back as the very value stored (an integer's text may not).
+            if memchr(p + start, 46, i - start) == NULL and memchr(p + start, 101, i - start) == NULL \
+                    and memchr(p + start, 69, i - start) == NULL:
+                return False
+            memcpy(num, p + start, i - start)
+            num[i - start] = 0
+            v = PyOS_string_to_double(num, &end, NULL)
+            if end != num + (i - start) or not isfinite(v):
+                return False
+            r.m[k].value = v
+            r.nmetrics += 1
+            if i < n and p[i] == 44:
+                i += 1
+                continue
+            if i < n and p[i] == 125:
+                i += 1
+                break
+            return False
+    r.metrics_len = i - r.metrics
+    if not lit(p, n, &i, ',"tags":', 8) or i >= n or p[i] != 123:
+        return False
+    r.tags = i
+    if not skip_value(p, n, &i):
+        return False
+    r.tags_len = i - r.tags
+    if not lit(p, n, &i, ',"payload":', 11):
+        return False
+    r.payload = i
+    if not skip_value(p, n, &i):
+        return False
+    r.payload_len = i - r.payload
+    # The record ends there: anything else (another field) is the reference decoder's.
+    return i == n - 1 and p[i] == 125
+
+
+cdef class _Grow:
+    """Per-sample columns, grown by doubling."""
+    cdef public object key, ts, val, reading
+    cdef int64_t[::1] k
+    cdef double[::1] t
+    cdef double[::1] v
+    cdef int64_t[::1] r
+    cdef Py_ssize_t n, cap
+
+    def __init__(self, Py_ssize_t cap):
+        self.cap = max(cap, 16)
+        self.n = 0
+        self._alloc(self.cap)
+
+    cdef _alloc(self, Py_ssize_t cap):
+        key = np.empty(cap, dtype=np.int64)
+        ts = np.empty(cap, dtype=np.float64)
+        val = np.empty(cap, dtype=np.float64)
+        reading = np.empty(cap, dtype=np.int64)
+        if self.n:
+            key[:self.n] = self.key[:self.n]
+            ts[:self.n] = self.ts[:self.n]
+            val[:self.n] = self.val[:self.n]
+            reading[:self.n] = self.reading[:self.n]
+        self.key, self.ts, self.val, self.reading = key, ts, val, reading
+        self.k, self.t, self.v, self.r = key, ts, val, reading
+        self.cap = cap
+
+    cdef inline add(self, int64_t k, double t, double v, int64_t r):
+        if self.n == self.cap:
+            self._alloc(self.cap * 2)
+        self.k[self.n] = k
+        self.t[self.n] = t
+        self.v[self.n] = v
+        self.r[self.n] = r
+        self.n += 1
+
+
+cdef class _Batch:
+    """What decode_columns builds (the columns and the indexes behind them)."""
+    cdef list readings, namelist
+    cdef dict devkeys, devs
+    cdef _Grow cols
+
+    def __init__(self, Py_ssize_t records):
+        self.readings = []
+        self.namelist = []
+        self.devkeys = {}
+        self.devs = {}
+        self.cols = _Grow(records * 2)
+
+    cdef add_sample(self, str dev, dict sub, str m, double ts, double v, int64_t ri, list d, bint newer):
+        k = sub.get(m)
+        if k is None:
+            k = len(self.namelist)
+            self.namelist.append((dev, m))
+            sub[m] = k
+        self.cols.add(<int64_t>k, ts, v, ri)
+        lv = <dict>d[2]
+        if newer:
+            lv[m] = v
+        elif m not in lv:
+            lv[m] = v
+
+    cdef tuple device(self, str dev, double ts, tags):
+        """(per-metric index dict, summary list, whether this reading is the device's newest so far)."""
+        sub = self.devkeys.get(dev)
+        if sub is None:
+            sub = self.devkeys[dev] = {}
+        d = self.devs.get(dev)
+        if d is None:
+            d = self.devs[dev] = [ts, ts, {}, tags, 1]
+            return sub, d, True
+        d[4] += 1
+        if ts >= <double>d[1]:
+            d[1] = ts
+            d[3] = tags
+            return sub, d, True
+        if ts < <double>d[0]:
+            d[0] = ts
+        return sub, d, False
+
+
+def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
+    """The batch's records (`parts`: [(worker, [(lsn, payload bytes)], next)]) as
+    (readings, names, key, ts, val, reading, devices): batch.Columns's fields.
+    `decode_reading` (msgspec's decoder of batch.Reading) decodes what the fast
+    path leaves; `errors` are its exceptions for a record that is not a reading,
+    which goes to bad(worker, lsn, exc)."""
+    cdef Py_ssize_t total = 0
+    for part in parts:
+        total += len(part[1])
+    cdef _Batch b = _Batch(total)
+    cdef Parsed r
+    cdef const unsigned char *p
+    cdef const unsigned char *q
+    cdef Py_ssize_t n, j
+    cdef double ts
+    cdef int64_t ri
+    # The previous fast-path record's tags and metric names (text kept alive by
+    # `prev`): most readings of a batch repeat them, and their str is reused.
+    cdef bytes prev = None
+    cdef Py_ssize_t prev_tags = 0, prev_tags_len = -1
+    cdef Parsed prev_r
+    prev_r.nmetrics = 0
+    cdef object prev_tags_obj = None
+    cdef list prev_names = []
+    readings = b.readings
+    for part in parts:
+        slot = part[0]
+        for rec in <list>part[1]:
+            off = rec[0]
+            payload = rec[1]
+            if type(payload) is not bytes:
+                payload = bytes(payload)
+            p = <const unsigned char *>PyBytes_AS_STRING(payload)
+            n = PyBytes_GET_SIZE(payload)
+            if parse_record(p, n, &r):
+                try:
+                    dev = PyUnicode_DecodeUTF8(<const char *>p + r.dev, r.dev_len, NULL)
+                    metrics_text = PyUnicode_DecodeUTF8(<const char *>p + r.metrics, r.metrics_len, NULL)
+                    if prev is not None:
+                        q = <const unsigned char *>PyBytes_AS_STRING(prev)
+                    if (prev is not None and r.tags_len == prev_tags_len
+                            and memcmp(p + r.tags, q + prev_tags, r.tags_len) == 0):
+                        tags = prev_tags_obj
+                    else:
+                        tags = PyUnicode_DecodeUTF8(<const char *>p + r.tags, r.tags_len, NULL)
+                    if r.payload_len == 4 and memcmp(p + r.payload, b"null", 4) == 0:
+                        pl = None
+                    else:
+                        pl = PyUnicode_DecodeUTF8(<const char *>p + r.payload, r.payload_len, NULL)
+                    mnames = []
+                    for j in range(r.nmetrics):
+                        if (prev is not None and j < prev_r.nmetrics and r.m[j].name_len == prev_r.m[j].name_len
+                                and memcmp(p + r.m[j].name, q + prev_r.m[j].name, r.m[j].name_len) == 0):
+                            mnames.append(prev_names[j])
+                        else:
+                            mnames.append(PyUnicode_DecodeUTF8(<const char *>p + r.m[j].name, r.m[j].name_len,
+                                                               NULL))
+                except UnicodeDecodeError:
+                    pass            # not UTF-8: the reference decoder's answer
+                else:
+                    prev = payload
+                    prev_tags = r.tags
+                    prev_tags_len = r.tags_len
+                    prev_tags_obj = tags
+                    prev_r.nmetrics = r.nmetrics
+                    for j in range(r.nmetrics):
+                        prev_r.m[j] = r.m[j]
+                    prev_names = mnames
+                    if -EXACT < r.micros < EXACT:
+                        ts = <double>r.micros / 1e6      # both exact: one correctly rounded division
+                    else:
+                        ts = (<object>r.micros) / (<object>1000000)     # exact, as datetime.timestamp()
+                    ri = len(readings)
+                    readings.append((slot, off, dev, ts, r.seq if r.has_seq else None, metrics_text, tags, pl))
+                    sub, d, newer = b.device(dev, ts, tags)
+                    for j in range(r.nmetrics):
+                        b.add_sample(dev, sub, mnames[j], ts, r.m[j].value, ri, d, newer)
+                    continue
+            try:
+                red = decode_reading(payload)
+            except errors as exc:
+                bad(slot, off, exc)
+                continue
+            ts = red.ts.timestamp()
+            dev = red.device_id
+            metrics = red.metrics
+            tags = bytes(red.tags).decode()
+            plb = bytes(red.payload)
+            ri = len(readings)
+            readings.append((slot, off, dev, ts, red.seq, encode(metrics).decode(), tags,
+                             None if plb == b"null" else plb.decode()))
+            sub, d, newer = b.device(dev, ts, tags)
+            for m, v in metrics.items():
+                b.add_sample(dev, sub, m, ts, v, ri, d, newer)
+    c = b.cols
+    return (readings, b.namelist, c.key[:c.n].copy(), c.ts[:c.n].copy(), c.val[:c.n].copy(),
+            c.reading[:c.n].copy(), b.devs)
+
+
+def fast_path(bytes payload) -> bool:
+    """Whether `decode_columns` reads this record in place (True) or hands it to
+    the reference decoder (tests, tools)."""
+    cdef Parsed r
+    return parse_record(<const unsigned char *>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload), &r)
+
+
+from libc.math cimport sqrt, fabs
+
+
+def observe_run(st, list values, Py_ssize_t minn, double thr):
+    """gw/pipeline/anomaly.py's Detector.observe_many loop for one key's state `st`
+    (a `_Key`) and its new values, compiled: the same arithmetic in the same
+    order on doubles (so the same alerts, bit for bit); [(index, zscore, mean, std)]."""
+    cdef list out = []
+    vals = st.values
+    cdef Py_ssize_t maxlen = vals.maxlen
+    cdef double s = st.s, q = st.q, k = st.shift
+    cdef Py_ssize_t since = st.since
+    cdef list run = st.run
+    cdef Py_ssize_t i, n, nv = len(values)
+    cdef double v, m, var, mean, std, z, d
+    append = vals.append
+    for i in range(nv):
+        v = <double>values[i]
+        n = len(vals)
+        if n >= minn:
+            m = s / <double>n
+            var = q / <double>n - m * m
+            if var < 1e-9 * (q / <double>n) and since:
+                st.recompute()
+                s, q, k, since = st.s, st.q, st.shift, st.since
+                m = s / <double>n
+                var = q / <double>n - m * m
+            mean = k + m
+            std = sqrt(var) if var > 0.0 else 0.0
+            if std > 0.0:
+                z = (v - mean) / std
+                if fabs(z) > thr:
+                    run.append(v)
+                    if len(run) >= minn:
+                        st.refill(run)        # a new level: learn it
+                        run = []
+                        st.run = run
+                        s, q, k, since = st.s, st.q, st.shift, st.since
+                    out.append((i, z, mean, std))
+                    continue
+        if n == maxlen:
+            d = <double>vals[0] - k
+            s -= d
+            q -= d * d
+        append(v)
+        d = v - k
+        s += d
+        q += d * d
+        since += 1
+        if since >= maxlen:
+            st.s, st.q, st.since = s, q, since
+            st.recompute()
+            s, q, k, since = st.s, st.q, st.shift, st.since
+        if run:
+            run.clear()
+    st.s, st.q, st.shift, st.since = s, q, k, since
+    return out
