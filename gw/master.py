@@ -11,6 +11,7 @@ being refused, and the other workers' clients are untouched.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -26,7 +27,7 @@ from gw.certs import CertPaths, ensure_certs, server_context
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config, store_is_postgresql
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
-from gw.worker import ListenerSpec, worker_main
+from gw.worker import ListenerSpec, preload, worker_main
 
 log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
@@ -355,6 +356,11 @@ class Master:
         handlers, SIGINT ignored when asked, no wake-up pipe), runs `run` and
         exits with its code (1 when it raised: `what` crashed). Returns the
         child's pid."""
+        # Whatever the master holds now is inherited: collected first, then left
+        # out of the collector's walks (in every process), so a collection in a
+        # child never writes to those objects' pages, which stay shared.
+        gc.collect()
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -568,6 +574,7 @@ class Master:
             signal.signal(sig, self.on_signal)
         listeners = ", ".join(f"{name} {addr}" for name, addr in self.bound.items())
         log.info("gw %s: %d workers, listening on %s", __version__, len(self.slots), listeners)
+        preload()
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()

@@ -184,6 +184,19 @@ class _LoggedReading(msgspec.Struct):
     seq: int | None = None
 
 
+def preload() -> None:
+    """Imports every module a worker runs, for the master to call before it
+    forks: the pages they fill are then shared by every worker (and the
+    pipeline) instead of copied into each."""
+    import gw.health  # noqa: F401
+    import gw.http_api  # noqa: F401
+    import gw.metrics  # noqa: F401
+    import gw.query_pool  # noqa: F401
+    import gw_ext.acl  # noqa: F401
+    import gw_ext.loop  # noqa: F401
+    import gw_ext.tls  # noqa: F401
+
+
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
