@@ -5,8 +5,8 @@
 
 Starts `gw serve` with the default configuration (every listener on, each on a
 free loopback port; the pipeline process with its store; the development
-certificates generated in a temporary directory; data in a temporary
-directory), waits until every listener accepts and the server has been idle
+certificates made beforehand, as a restart finds them (--first-start: by gw
+serve itself), in a temporary directory; data in a temporary directory), waits until every listener accepts and the server has been idle
 for --settle seconds, then reads /proc/PID/smaps_rollup of the master and of
 every process under it (workers, the pipeline, anything they forked) and
 prints, per process and summed:
@@ -180,6 +180,8 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=5.0,
                     help="seconds the server stays idle once every listener accepts (default 5)")
     ap.add_argument("--json", action="store_true", help="the figures as JSON")
+    ap.add_argument("--first-start", action="store_true",
+                    help="no certificates made beforehand: gw serve makes its development CA itself")
     ap.add_argument("--mappings", type=int, default=0, metavar="N",
                     help="also the N mappings weighing most in PSS, per process")
     ap.add_argument("extra", nargs="*", help="more gw serve flags (after --)")
@@ -189,10 +191,12 @@ def main() -> int:
         tmp = Path(tmpname)
         cmd, ports = serve_command(args.workers, tmp, args.extra)
         # The certificates a restart finds: made before, by another process, so
-        # the figures are those of a server's usual start, not of its first one.
-        subprocess.run([sys.executable, "-c", "import sys; from gw.certs import ensure_certs; "
-                        "ensure_certs(sys.argv[1])", str(tmp / "certs")],
-                       cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
+        # the figures are those of a server's usual start (--first-start: gw
+        # makes them itself).
+        if not args.first_start:
+            subprocess.run([sys.executable, "-c", "import sys; from gw.certs import ensure_certs; "
+                            "ensure_certs(sys.argv[1])", str(tmp / "certs")],
+                           cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)
         server = subprocess.Popen(cmd, cwd=tmp, env={**os.environ, "PYTHONPATH": str(REPO)},
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -88,14 +88,16 @@ def serve(config_path, **flags):
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.05, 60),
               help="seconds between the two samples rates are computed from")
 def stats(data_dir, as_json, interval):
-    """Print a running server's figures, read from its shared-memory block."""
+    """Print a running server's figures, read from its shared-memory block,
+    and the memory of each of its processes (PSS beside RSS, from
+    /proc/PID/smaps_rollup)."""
     from gw.stats import Aggregator, read_running
 
     try:
         _pid, block = read_running(data_dir)
     except LookupError as exc:
         _fail(str(exc), 1)
-    aggregator = Aggregator(block)
+    aggregator = Aggregator(block, proportional=True)
     time.sleep(interval)
     snap = aggregator.tick()
     if as_json:
@@ -103,6 +105,7 @@ def stats(data_dir, as_json, interval):
     else:
         click.echo(snap.line())
         click.echo(snap.sinks_line())
+        click.echo(snap.memory_line())
     block.close()
 
 

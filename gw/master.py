@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from gw import __version__
-from gw.certs import CertPaths, ensure_certs, server_context
+from gw.certs import CertError, CertPaths, ensure_certs_apart, server_context
 from gw.config import RESTART_ONLY, Config, ConfigError, load_config, store_is_postgresql
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
@@ -198,7 +198,10 @@ class Master:
                 raise StartupError(f"acl_file refused: {exc}") from None
         self.tokens = self.check_tokens(cfg)
         if cfg.address("mqtts") or cfg.address("jsons") or cfg.address("https"):
-            self.certs, generated = ensure_certs(cfg.certs)
+            try:
+                self.certs, generated = ensure_certs_apart(cfg.certs)
+            except CertError as exc:
+                raise StartupError(str(exc)) from None
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
                       file=sys.stderr, flush=True)
