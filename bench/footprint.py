@@ -165,6 +165,23 @@ def print_mappings(pids: dict[int, str], top: int) -> None:
                   f"{(g['Private_Clean'] + g['Private_Dirty']) // 1024:>11}  {name}")
 
 
+def post_readings(port: int, n: int) -> None:
+    """n readings of one device over one HTTP connection (each answered before the next)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        for seq in range(n):
+            body = json.dumps({"seq": seq, "metrics": {"temp_c": 20.0 + seq % 7}}).encode()
+            conn.request("POST", "/v1/ingest/footprint-1", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status not in (200, 202):
+                raise RuntimeError(f"ingest answered {resp.status}")
+    finally:
+        conn.close()
+
+
 def serve_command(workers: int, tmp: Path, extra: list[str]) -> tuple[list[str], dict[str, int]]:
     ports = {name: free_port() for name in LISTENERS}
     cmd = [sys.executable, "-m", "gw.cli", "serve", "--workers", str(workers),
@@ -184,6 +201,8 @@ def main() -> int:
                     help="no certificates made beforehand: gw serve makes its development CA itself")
     ap.add_argument("--mappings", type=int, default=0, metavar="N",
                     help="also the N mappings weighing most in PSS, per process")
+    ap.add_argument("--readings", type=int, default=0, metavar="N",
+                    help="post N readings over HTTP once it accepts, then idle (default 0: none)")
     ap.add_argument("extra", nargs="*", help="more gw serve flags (after --)")
     args = ap.parse_args()
 
@@ -202,6 +221,8 @@ def main() -> int:
         try:
             for port in ports.values():
                 wait_port(port, server, timeout=60)
+            if args.readings:
+                post_readings(ports["http"], args.readings)
             time.sleep(args.settle)
             if server.poll() is not None:
                 raise RuntimeError(f"gw serve exited with {server.returncode}")
@@ -212,10 +233,12 @@ def main() -> int:
             result["command"] = " ".join(["gw serve", *cmd[4:]])
             result["workers"] = args.workers
             result["settle_seconds"] = args.settle
+            result["readings"] = args.readings
             if args.json:
                 print(json.dumps(result, indent=2))
             else:
-                print(f"gw serve --workers {args.workers}, default settings, idle {args.settle:g} s after start")
+                after = f" and {args.readings} readings" if args.readings else ""
+                print(f"gw serve --workers {args.workers}, default settings, idle {args.settle:g} s after start{after}")
                 print_table(result)
             if args.mappings:
                 print_mappings(pids, args.mappings)
