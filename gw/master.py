@@ -28,6 +28,7 @@ from gw.config import RESTART_ONLY, Config, ConfigError, load_config, store_is_p
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, preload, worker_main
+from gw_ext.frames import publish_frame
 
 log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
@@ -70,8 +71,6 @@ def alert_publisher(links: list[socket.socket]):
     """publish(topic, payload, qos=0, retain=False) for the pipeline process: one
     FR_PUBLISH frame (gw_ext/frames.pxd) to every worker, each delivering it to
     its own subscribers. A worker that is not reading (being respawned) misses it."""
-    from gw_ext.frames import publish_frame
-
     def publish(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> int:
         frame = publish_frame(topic, payload, qos, retain, time.monotonic_ns())
         sent = 0
