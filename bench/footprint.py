@@ -18,6 +18,11 @@ prints, per process and summed:
 * USS: the process's private pages (Private_Clean + Private_Dirty), what
   ending it would give back.
 
+PSS divides a file's pages (libpython, libcrypto, libc) among every process
+of the machine mapping them, other programs' included, so the measured sum
+depends on what else runs; the last line estimates it without them (see
+file_pages_alone).
+
 --mappings N also prints, per process, the N mappings of /proc/PID/smaps that
 weigh most in PSS, grouped by what they map (a shared object, [heap], an
 anonymous region, the stats block in /dev/shm); --imports lists the modules
@@ -119,6 +124,24 @@ def mapping_breakdown(pid: int) -> dict[str, dict[str, int]]:
     return groups
 
 
+def file_pages_alone(pids) -> int:
+    """About what the file-backed pages (libpython, libcrypto, the extensions...)
+    would weigh in the PSS sum if no process outside the server mapped those
+    files: per file, the most any one of the processes has resident (a lower
+    bound of their union). On a machine running other Python processes, they
+    take their share of those pages and the measured PSS is lower."""
+    most: dict[str, int] = defaultdict(int)
+    for pid in pids:
+        try:
+            groups = mapping_breakdown(pid)
+        except FileNotFoundError:
+            continue
+        for name, g in groups.items():
+            if not name.startswith("[") and name != "[anonymous]" and not name.startswith("/dev/"):
+                most[name] = max(most[name], g["Rss"])
+    return sum(most.values())
+
+
 def measure(pids: dict[int, str]) -> dict:
     rows = []
     for pid, role in pids.items():
@@ -131,6 +154,8 @@ def measure(pids: dict[int, str]) -> dict:
                      "pss_anon": r.get("Pss_Anon", 0), "pss_file": r.get("Pss_File", 0),
                      "pss_shmem": r.get("Pss_Shmem", 0)})
     total = {k: sum(row[k] for row in rows) for k in ("rss", "pss", "uss", "pss_anon", "pss_file", "pss_shmem")}
+    alone = file_pages_alone(pids)
+    total["pss_alone"] = total["pss_anon"] + total["pss_shmem"] + max(alone, total["pss_file"])
     return {"processes": rows, "total": total}
 
 
@@ -149,6 +174,8 @@ def print_table(result: dict) -> None:
     print("-" * len(head))
     print(f"{'sum':<12} {'':>8} {mib(t['rss']):>9} {mib(t['pss']):>9} {mib(t['uss']):>9}"
           f"   {mib(t['pss_anon'])}/{mib(t['pss_file'])}/{mib(t['pss_shmem'])}")
+    print(f"PSS sum with the file-backed pages counted as if no other process shared them: "
+          f"about {mib(t['pss_alone'])} MiB")
 
 
 def print_mappings(pids: dict[int, str], top: int) -> None:

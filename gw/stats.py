@@ -103,6 +103,8 @@ class StatsBlock:
 
     def row(self, slot: int) -> memoryview:
         """One worker's row: N_COUNTERS uint64 words (what its loop writes)."""
+        if not 0 <= slot < self.nworkers:
+            raise IndexError(f"no worker slot {slot} (the block has {self.nworkers})")
         start = (HEADER_WORDS + slot * N_COUNTERS) * 8
         return self._view[start:start + N_COUNTERS * 8].cast("L")
 
