@@ -63,6 +63,35 @@ def ensure_certs(directory: str | os.PathLike) -> tuple[CertPaths, bool]:
     return paths, True
 
 
+def ensure_certs_apart(directory: str | os.PathLike) -> tuple[CertPaths, bool]:
+    """ensure_certs, with a generation done in a child process: making the
+    certificates loads trustme and cryptography (about 10 MiB), which the
+    master, whose pages every worker inherits, then never maps. CertError
+    saying why when the child could not make them."""
+    paths = CertPaths(Path(directory))
+    if paths.cert.exists() and paths.key.exists():
+        return paths, False
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(r)
+            ensure_certs(directory)
+        except BaseException as exc:       # noqa: BLE001 (said to the parent, which raises it)
+            code = 1
+            os.write(w, f"{type(exc).__name__}: {exc}".encode(errors="replace")[:4096])
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        said = pipe.read().decode(errors="replace")
+    _, status = os.waitpid(pid, 0)
+    if status != 0 or not (paths.cert.exists() and paths.key.exists()):
+        raise CertError(f"cannot make development certificates in {paths.dir}: {said or f'wait status {status}'}")
+    return paths, True
+
+
 def write_private(path: Path, data: bytes) -> None:
     """A key file, created with mode 0600 before anything is written to it, so it
     is never readable by others."""

@@ -49,7 +49,7 @@ class Health:
         alive = 0
         for slot in range(n):
             pid = int(header[Layout.H_WORKER_PIDS + slot])
-            beat = int(self.block.rows[slot, Counter.WORKER_HEARTBEAT_MS])
+            beat = int(self.block.matrix[slot, Counter.WORKER_HEARTBEAT_MS])
             age = (now_ms - beat) / 1000 if beat else None
             ok = bool(pid) and _pid_alive(pid) and age is not None and age < HEARTBEAT_STALE_S
             alive += ok

@@ -11,6 +11,7 @@ being refused, and the other workers' clients are untouched.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import select
@@ -22,12 +23,13 @@ from pathlib import Path
 from typing import Callable
 
 from gw import __version__
-from gw.certs import CertPaths, ensure_certs, server_context
+from gw.certs import CertError, CertPaths, ensure_certs_apart, server_context
 from gw.config import RESTART_ONLY, TLS_LISTENER_KEYS, Config, ConfigError, load_config, store_is_postgresql
 from gw.series import INTERVAL as SERIES_INTERVAL, SeriesRecorder, SeriesRing
 from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
-from gw.worker import ListenerSpec, worker_main
+from gw.worker import ListenerSpec, preload, worker_main
+from gw_ext.frames import publish_frame
 
 log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
@@ -71,8 +73,6 @@ def alert_publisher(links: list[socket.socket]):
     """publish(topic, payload, qos=0, retain=False) for the pipeline process: one
     FR_PUBLISH frame (gw_ext/frames.pxd) to every worker, each delivering it to
     its own subscribers. A worker that is not reading (being respawned) misses it."""
-    from gw_ext.frames import publish_frame
-
     def publish(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False) -> int:
         frame = publish_frame(topic, payload, qos, retain, time.monotonic_ns())
         sent = 0
@@ -200,7 +200,10 @@ class Master:
                 raise StartupError(f"acl_file refused: {exc}") from None
         self.tokens = self.check_tokens(cfg)
         if any(cfg.address(key) for key in TLS_LISTENER_KEYS):
-            self.certs, generated = ensure_certs(cfg.certs)
+            try:
+                self.certs, generated = ensure_certs_apart(cfg.certs)
+            except CertError as exc:
+                raise StartupError(str(exc)) from None
             if generated:
                 print(f"gw: generated a development CA; clients must trust {self.certs.ca}",
                       file=sys.stderr, flush=True)
@@ -360,6 +363,11 @@ class Master:
         handlers, SIGINT ignored when asked, no wake-up pipe), runs `run` and
         exits with its code (1 when it raised: `what` crashed). Returns the
         child's pid."""
+        # Whatever the master holds now is inherited: collected first, then left
+        # out of the collector's walks (in every process), so a collection in a
+        # child never writes to those objects' pages, which stay shared.
+        gc.collect()
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -573,6 +581,7 @@ class Master:
             signal.signal(sig, self.on_signal)
         listeners = ", ".join(f"{name} {addr}" for name, addr in self.bound.items())
         log.info("gw %s: %d workers, listening on %s", __version__, len(self.slots), listeners)
+        preload()
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()

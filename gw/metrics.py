@@ -2,8 +2,8 @@
 format 0.0.4, summed over every worker's row.
 
 A worker serves it from its event loop, so `render` must stay cheap whatever
-the load: one numpy sum over the rows, one gather of the figures it prints, and
-one `%` into a template built at import (measured in tests/test_metrics.py,
+the load: one sum over the rows (in C, gw_ext/stats.pyx), one gather of the
+figures it prints, and one `%` into a template built at import (measured in tests/test_metrics.py,
 well under a millisecond for 64 workers).
 
 Names follow the Prometheus conventions: `gw_` prefix, base units (`_seconds`,
@@ -16,8 +16,9 @@ from __future__ import annotations
 import re
 import time
 from decimal import Decimal
-
-import numpy as np
+from itertools import accumulate
+from numbers import Integral
+from operator import itemgetter
 
 from gw import __version__
 from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
@@ -258,10 +259,11 @@ def _build():
         les = [_le(b) for b in HIST_BOUNDS_NS] + ["+Inf"]
         lines += [f'{name}_bucket{{le="{le}"}} %d' for le in les]
         lines += [f"{name}_sum %s", f"{name}_count %d"]
-    return "\n".join(lines) + "\n", np.array(index, dtype=np.intp)
+    return "\n".join(lines) + "\n", tuple(index)
 
 
 _TEMPLATE, _INDEX = _build()
+_GATHER = itemgetter(*_INDEX)          # the totals the template prints, in its order
 _HIST_BASES = [int(base) for _, base, _ in _HISTOGRAMS]
 _NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _INFO = (f'# HELP gw_build_info The gw version serving.\n# TYPE gw_build_info gauge\n'
@@ -275,19 +277,18 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
     size): name -> value, or name -> (value, help). A name ending in `_total`
     is typed counter, any other gauge.
     """
-    rows = block.rows
-    totals = rows.sum(axis=0, dtype=np.uint64)
-    values = totals[_INDEX].tolist()
+    totals = block.totals()
+    values = list(_GATHER(totals))
     for base in _HIST_BASES:
         words = totals[base:base + HIST_WORDS]
-        buckets = np.cumsum(words[:HIST_BUCKETS], dtype=np.uint64).tolist()
+        buckets = list(accumulate(words[:HIST_BUCKETS]))
         values += buckets
         values.append(repr(int(words[Layout.HIST_SUM]) / 1e9))
         values.append(buckets[-1])          # _count == the +Inf bucket, even mid-update
     out = [_TEMPLATE % tuple(values), _INFO]
 
     header = block.header
-    nworkers = rows.shape[0]
+    nworkers = block.nworkers
     started = int(header[Layout.H_STARTED])
     pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + nworkers].tolist()
     out.append(
@@ -335,15 +336,15 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
         "# HELP gw_alerts_published_total Anomaly alerts published on alerts/{device_id}.\n"
         "# TYPE gw_alerts_published_total counter\n"
         f"gw_alerts_published_total {int(header[Layout.H_ALERTS])}\n")
-    published = rows[:, C.STORE_CHECKPOINT].tolist()
+    published = block.column(C.STORE_CHECKPOINT)
     if any(published):
-        durable = rows[:, C.WAL_DURABLE_OFFSET].tolist()
+        durable = block.column(C.WAL_DURABLE_OFFSET)
         out.append("# HELP gw_store_lag_bytes Bytes of each worker's log durable and not yet committed by the "
                    "store sink (what max_sink_lag_bytes bounds).\n"
                    "# TYPE gw_store_lag_bytes gauge\n")
         out += [f'gw_store_lag_bytes{{worker="{w}"}} {max(0, d - (p - 1))}\n'
                 for w, (d, p) in enumerate(zip(durable, published)) if p]
-    beats = rows[:, C.WORKER_HEARTBEAT_MS].tolist()
+    beats = block.column(C.WORKER_HEARTBEAT_MS)
     if any(beats):
         now = monotonic_ms()
         out.append("# HELP gw_worker_heartbeat_age_seconds Seconds since each live worker's last tick.\n"
@@ -362,9 +363,7 @@ def render(block: StatsBlock, *, extra: dict | None = None) -> bytes:
 
 
 def _number(value) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return str(int(value))
-    if isinstance(value, (int, np.integer)):
+    if isinstance(value, (bool, Integral)):
         return str(int(value))
     value = float(value)
     if value != value:

@@ -14,7 +14,7 @@ fraction, connections and messages received per second. One writer (the
 master) writes the row of point `n` at `n % capacity`, then stores `n + 1`
 as the count; a reader reads the count before and after copying the rows
 and keeps only the points no write can have touched meanwhile (x86-64 and
-the compiler keep the stores in order: numpy item stores are plain stores).
+the compiler keep the stores in order: memoryview item stores are plain stores).
 
 Rates are per second over the interval since the previous point. A worker's
 busy fraction is the time its loop spent in turns (the sum of its
@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import mmap
 import time
-from typing import Annotated
+from array import array
+from typing import Annotated, Sequence
 
-import numpy as np
 from msgspec import Meta, Struct
 
-from gw.stats import Counter as C, Layout, SINK_NAMES, StatsBlock
+from gw.stats import Counter as C, Layout, SINK_NAMES, StatsBlock, rss_of
 
 SERIES_MAGIC = 0x67775352          # "gwSR"
 SERIES_VERSION = 1
@@ -81,30 +81,33 @@ _HTTP = slice(int(C.HTTP_REQUESTS), int(C.HTTP_REQUESTS) + int(Layout.HTTP_STATU
 
 
 class SeriesRing:
-    """The shared ring: `create` in the master before forking; every process then holds the mapping."""
+    """The shared ring: `create` in the master before forking; every process then holds the mapping.
+
+    Read and written through memoryviews (no numpy in the server's processes)."""
 
     def __init__(self, mm: mmap.mmap):
         self._mm = mm
-        self.header = np.frombuffer(mm, dtype=np.int64, count=HEADER)
+        view = memoryview(mm)
+        self.header = view[:HEADER * 8].cast("q")
         self.capacity = int(self.header[H_CAPACITY])
         self.fields = int(self.header[H_FIELDS])
         self.workers = int(self.header[H_WORKERS])
         self.interval = int(self.header[H_INTERVAL_MS]) / 1000
-        self.rows = np.frombuffer(mm, dtype=np.float64, count=self.capacity * self.fields,
-                                  offset=HEADER * 8).reshape(self.capacity, self.fields)
+        # capacity x fields float64 words, row after row.
+        self.rows = view[HEADER * 8:(HEADER + self.capacity * self.fields) * 8].cast("d")
 
     @classmethod
     def create(cls, nworkers: int, capacity: int = CAPACITY, interval: float = INTERVAL) -> "SeriesRing":
         nfields = _NG + _NW * nworkers
         mm = mmap.mmap(-1, (HEADER + capacity * nfields) * 8, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        header = np.frombuffer(mm, dtype=np.int64, count=HEADER)
+        header = memoryview(mm)[:HEADER * 8].cast("q")
         header[H_MAGIC] = SERIES_MAGIC
         header[H_VERSION] = SERIES_VERSION
         header[H_CAPACITY] = capacity
         header[H_FIELDS] = nfields
         header[H_WORKERS] = nworkers
         header[H_INTERVAL_MS] = int(interval * 1000)
-        del header
+        header.release()
         return cls(mm)
 
     @property
@@ -112,13 +115,16 @@ class SeriesRing:
         """Points written since the master started (the last one's sequence number is count - 1)."""
         return int(self.header[H_COUNT])
 
-    def append(self, row: np.ndarray) -> None:
+    def append(self, row: Sequence[float]) -> None:
         """The writer's only operation: the row first, then the count that makes it visible."""
+        if len(row) != self.fields:
+            raise ValueError(f"a point has {self.fields} fields, not {len(row)}")
         n = int(self.header[H_COUNT])
-        self.rows[n % self.capacity] = row
+        at = (n % self.capacity) * self.fields
+        self.rows[at:at + self.fields] = array("d", row)
         self.header[H_COUNT] = n + 1
 
-    def read(self, after: int = -1) -> tuple[int, np.ndarray]:
+    def read(self, after: int = -1) -> tuple[int, list[list[float]]]:
         """(first, rows): the points with sequence number > after still in the ring and
         untouched by a write during the copy (at most capacity - 1), oldest first; `first`
         is the first one's number."""
@@ -128,9 +134,12 @@ class SeriesRing:
         # The oldest row is the one the next write (point `before`) takes: never served.
         start = max(after + 1, before - self.capacity + 1, 0)
         if start >= before:
-            return before, np.empty((0, self.fields))
-        idx = np.arange(start, before) % self.capacity
-        rows = self.rows[idx].copy()
+            return before, []
+        f = self.fields
+        rows = []
+        for n in range(start, before):
+            at = (n % self.capacity) * f
+            rows.append(self.rows[at:at + f].tolist())
         now = int(self.header[H_COUNT])
         # Writes meanwhile overwrote the points now - capacity and before (now included: in progress).
         lost = now - self.capacity + 1 - start
@@ -140,7 +149,8 @@ class SeriesRing:
         return start, rows
 
     def close(self) -> None:
-        del self.header, self.rows
+        self.header.release()
+        self.rows.release()
         self._mm.close()
 
 
@@ -150,81 +160,70 @@ class SeriesRecorder:
     def __init__(self, block: StatsBlock, ring: SeriesRing):
         self.block = block
         self.ring = ring
-        self.nworkers = block.rows.shape[0]
-        self.prev_rows = block.rows.astype(np.int64)
-        self.prev_header = block.header.copy()
+        self.nworkers = block.nworkers
+        self.prev_rows = self._rows()
+        self.prev_header = block.header.tolist()
         self.prev_t = time.monotonic()
-        self._procs: dict[int, object] = {}
-        self._row = np.zeros(ring.fields)
+
+    def _rows(self) -> list[list[int]]:
+        return [self.block.row(w).tolist() for w in range(self.nworkers)]
 
     def tick(self) -> None:
         now = time.monotonic()
-        rows = self.block.rows.astype(np.int64)
-        header = self.block.header.copy()
+        rows = self._rows()
+        header = self.block.header.tolist()
         dt = max(now - self.prev_t, 1e-3)
         # A worker respawned meanwhile starts its counters again from 0: its
         # negative deltas count as 0 for that interval.
-        delta = np.maximum(rows - self.prev_rows, 0)
-        totals = rows.sum(axis=0)
-        dsum = delta.sum(axis=0)
-        row = self._row
-        row[:] = 0.0
+        delta = [[max(a - b, 0) for a, b in zip(r, p)] for r, p in zip(rows, self.prev_rows)]
+
+        def total(counter: int) -> int:
+            return sum(r[counter] for r in rows)
+
+        def dsum(counter: int) -> int:
+            return sum(d[counter] for d in delta)
+
+        row = [0.0] * self.ring.fields
         row[_G["t"]] = time.time()
-        row[_G["connections"]] = float(totals[C.CONNS_CURRENT])
-        row[_G["sessions"]] = float(totals[C.SESSIONS_CURRENT])
+        row[_G["connections"]] = float(total(C.CONNS_CURRENT))
+        row[_G["sessions"]] = float(total(C.SESSIONS_CURRENT))
         for name, counter in _RATES.items():
-            row[_G[name]] = float(dsum[counter]) / dt
-        row[_G["http"]] = float(dsum[_HTTP].sum()) / dt
-        appended = rows[:, C.WAL_APPENDED_OFFSET]
-        durable = rows[:, C.WAL_DURABLE_OFFSET]
-        row[_G["wal_pending_bytes"]] = float(np.maximum(appended - durable, 0).sum())
+            row[_G[name]] = dsum(counter) / dt
+        row[_G["http"]] = sum(sum(d[_HTTP]) for d in delta) / dt
+        row[_G["wal_pending_bytes"]] = float(sum(
+            max(r[C.WAL_APPENDED_OFFSET] - r[C.WAL_DURABLE_OFFSET], 0) for r in rows))
         for k, sink in enumerate(SINK_NAMES):
             row[_G[f"{sink}_lag_bytes"]] = float(header[Layout.H_SINK_LAG + k])
-            row[_G[f"{sink}_lag_seconds"]] = float(header[Layout.H_SINK_LAG_AGE_MS + k]) / 1000
+            row[_G[f"{sink}_lag_seconds"]] = header[Layout.H_SINK_LAG_AGE_MS + k] / 1000
             written = header[Layout.H_SINK_WRITTEN + k] - self.prev_header[Layout.H_SINK_WRITTEN + k]
-            row[_G[f"{sink}_written"]] = max(float(written), 0.0) / dt
+            row[_G[f"{sink}_written"]] = max(written, 0) / dt
         alerts = header[Layout.H_ALERTS] - self.prev_header[Layout.H_ALERTS]
-        row[_G["alerts"]] = max(float(alerts), 0.0) / dt
+        row[_G["alerts"]] = max(alerts, 0) / dt
         row[_G["memory_bytes"]] = float(self._memory(header))
         base = _NG
-        busy_ns = delta[:, _LOOP_SUM]
         for w in range(self.nworkers):
-            row[base] = min(float(busy_ns[w]) / (dt * 1e9), 1.0)
-            row[base + 1] = float(rows[w, C.CONNS_CURRENT])
-            row[base + 2] = float(delta[w, C.MSGS_IN]) / dt
+            row[base] = min(delta[w][_LOOP_SUM] / (dt * 1e9), 1.0)
+            row[base + 1] = float(rows[w][C.CONNS_CURRENT])
+            row[base + 2] = delta[w][C.MSGS_IN] / dt
             base += _NW
         self.ring.append(row)
         self.prev_rows, self.prev_header, self.prev_t = rows, header, now
 
-    def _memory(self, header) -> int:
-        """RSS of the master and every worker: one read of /proc per process (psutil objects kept)."""
-        import psutil
-
-        pids = [int(header[Layout.H_MASTER_PID])] + [
-            int(p) for p in header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.nworkers] if p]
-        total = 0
-        procs = {}
-        for pid in pids:
-            proc = self._procs.get(pid)
-            try:
-                if proc is None:
-                    proc = psutil.Process(pid)
-                total += proc.memory_info().rss
-                procs[pid] = proc
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        self._procs = procs
-        return total
+    def _memory(self, header: list[int]) -> int:
+        """RSS of the master and every worker: one read of /proc per process."""
+        pids = [header[Layout.H_MASTER_PID]] + [
+            p for p in header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.nworkers] if p]
+        return sum(rss_of(pid) for pid in pids)
 
 
-def columns(rows: np.ndarray, nworkers: int) -> tuple[dict[str, list[float]], list[dict[str, list[float]]]]:
+def columns(rows: list[list[float]], nworkers: int) -> tuple[dict[str, list[float]], list[dict[str, list[float]]]]:
     """The rows as columns: the global ones by name, then per worker its own."""
-    rows = np.round(rows, 3)         # ms and thousandths: shorter JSON, nothing a chart shows lost
-    glob = {name: rows[:, i].tolist() for i, name in enumerate(GLOBAL_NAMES)}
+    # ms and thousandths: shorter JSON, nothing a chart shows lost.
+    glob = {name: [round(r[i], 3) for r in rows] for i, name in enumerate(GLOBAL_NAMES)}
     per = []
     for w in range(nworkers):
         base = _NG + w * _NW
-        per.append({name: rows[:, base + k].tolist() for k, (name, _) in enumerate(WORKER_FIELDS)})
+        per.append({name: [round(r[base + k], 3) for r in rows] for k, (name, _) in enumerate(WORKER_FIELDS)})
     return glob, per
 
 
@@ -265,7 +264,7 @@ def series_answer(ring: SeriesRing, block: StatsBlock, after: int) -> StatsSerie
     pids = block.header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + ring.workers].tolist()
     ages = block.heartbeat_ages_ms()
     lags = block.store_lag_bytes()
-    behind = block.rows[:, C.STORE_BEHIND].tolist()
+    behind = block.column(C.STORE_BEHIND)
     workers = [WorkerSeries(w, int(pids[w]), ages[w], lags[w], bool(behind[w]), per[w])
                for w in range(ring.workers)]
     return StatsSeries(ring.interval, ring.capacity - 1, first, first + len(rows) - 1, glob, workers)

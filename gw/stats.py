@@ -4,6 +4,11 @@ The master creates the block in /dev/shm before forking, so every worker maps
 the same pages; each worker writes only its own row (gw_ext/loop.pyx, plain
 stores, no locks), and readers sum the rows. `gw stats` finds a running
 server through the pid file in its data directory.
+
+The block is read and written through memoryviews (`header`, `matrix`,
+`row(slot)`) and summed in C (`totals()`): the server's processes never
+import numpy for it. `rows` gives the same words as a numpy array, for tools
+and tests.
 """
 
 from __future__ import annotations
@@ -12,11 +17,8 @@ import mmap
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-
-import numpy as np
-
 from enum import IntEnum
+from pathlib import Path
 
 import gw_ext.stats as _consts
 
@@ -65,7 +67,7 @@ def http_status_index(code: int) -> int:
     return _STATUS_SLOT.get(code, HTTP_STATUS_OTHER)
 
 
-def hist_observe(row: np.ndarray, hist: int, ns: int) -> None:
+def hist_observe(row, hist: int, ns: int) -> None:
     """Counts one observation of `ns` nanoseconds in a row's histogram (the .pxd's code)."""
     _consts.observe(row, int(hist), ns)
 
@@ -83,16 +85,42 @@ def shm_path(master_pid: int) -> Path:
 
 
 class StatsBlock:
+    """The block mapped: `header` (int64 words) and `matrix` (a workers x
+    N_COUNTERS view of uint64 words), both memoryviews over the mapping,
+    read-only in a reader (`gw stats`)."""
+
     def __init__(self, path: Path, mm: mmap.mmap, writable: bool):
         self.path = path
         self._mm = mm
-        self.header = np.frombuffer(mm, dtype=np.int64, count=HEADER_WORDS)
-        nworkers = int(self.header[Layout.H_WORKERS])
-        self.rows = np.frombuffer(mm, dtype=np.uint64, count=nworkers * N_COUNTERS,
-                                  offset=HEADER_WORDS * 8).reshape(nworkers, N_COUNTERS)
+        self.writable = writable
+        view = memoryview(mm)
         if not writable:
-            self.header.flags.writeable = False
-            self.rows.flags.writeable = False
+            view = view.toreadonly()
+        self._view = view
+        self.header = view[:HEADER_WORDS * 8].cast("q")
+        self.nworkers = nworkers = int(self.header[Layout.H_WORKERS])
+        self.matrix = view[HEADER_WORDS * 8:(HEADER_WORDS + nworkers * N_COUNTERS) * 8].cast(
+            "L", (nworkers, N_COUNTERS))
+
+    def row(self, slot: int) -> memoryview:
+        """One worker's row: N_COUNTERS uint64 words (what its loop writes)."""
+        if not 0 <= slot < self.nworkers:
+            raise IndexError(f"no worker slot {slot} (the block has {self.nworkers})")
+        start = (HEADER_WORDS + slot * N_COUNTERS) * 8
+        return self._view[start:start + N_COUNTERS * 8].cast("L")
+
+    def column(self, counter: int) -> list[int]:
+        """One word of every row, in slot order."""
+        return [self.matrix[slot, counter] for slot in range(self.nworkers)]
+
+    @property
+    def rows(self):
+        """The rows as a (workers x N_COUNTERS) numpy uint64 array over the same
+        memory (imports numpy: for tools and tests; the server's processes use
+        `matrix`, `row` and `totals`)."""
+        import numpy as np
+
+        return np.asarray(self.matrix)
 
     @classmethod
     def create(cls, nworkers: int, master_pid: int) -> "StatsBlock":
@@ -113,14 +141,14 @@ class StatsBlock:
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
-        header = np.frombuffer(mm, dtype=np.int64, count=HEADER_WORDS)
+        header = memoryview(mm)[:HEADER_WORDS * 8].cast("q")
         header[Layout.H_MAGIC] = Layout.STATS_MAGIC
         header[Layout.H_VERSION] = Layout.STATS_VERSION
         header[Layout.H_WORKERS] = nworkers
         header[Layout.H_COUNTERS] = N_COUNTERS
         header[Layout.H_MASTER_PID] = master_pid
         header[Layout.H_STARTED] = int(time.time())
-        del header
+        header.release()
         return cls(path, mm, writable=True)
 
     @classmethod
@@ -129,38 +157,45 @@ class StatsBlock:
         fd = os.open(path, os.O_RDONLY)
         try:
             size = os.fstat(fd).st_size
+            if size < HEADER_WORDS * 8:
+                raise ValueError(f"{path} is not a gw stats block of this version")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
         finally:
             os.close(fd)
-        header = np.frombuffer(mm, dtype=np.int64, count=HEADER_WORDS)
-        if header[Layout.H_MAGIC] != Layout.STATS_MAGIC or header[Layout.H_VERSION] != Layout.STATS_VERSION:
-            raise ValueError(f"{path} is not a gw stats block of this version")
-        if header[Layout.H_COUNTERS] != N_COUNTERS:
-            raise ValueError(f"{path} was written by a gw with other counters")
-        del header
+        header = memoryview(mm).toreadonly()[:HEADER_WORDS * 8].cast("q")
+        try:
+            if header[Layout.H_MAGIC] != Layout.STATS_MAGIC or header[Layout.H_VERSION] != Layout.STATS_VERSION:
+                raise ValueError(f"{path} is not a gw stats block of this version")
+            if header[Layout.H_COUNTERS] != N_COUNTERS:
+                raise ValueError(f"{path} was written by a gw with other counters")
+            if not 0 <= header[Layout.H_WORKERS] <= MAX_WORKERS or \
+                    size < (HEADER_WORDS + header[Layout.H_WORKERS] * N_COUNTERS) * 8:
+                raise ValueError(f"{path} is shorter than its header says")
+        finally:
+            header.release()
         return cls(path, mm, writable=False)
 
-    def totals(self) -> np.ndarray:
-        return self.rows.sum(axis=0, dtype=np.uint64)
+    def totals(self) -> list[int]:
+        """Every word summed over the rows (uint64 arithmetic, as the words wrap)."""
+        return _consts.column_sums(self.matrix)
 
     def reset_gauges(self, slot: int) -> None:
         """A worker died: its connections died with it; its totals stay counted."""
         for gauge in GAUGES:
-            self.rows[slot, gauge] = 0
+            self.matrix[slot, gauge] = 0
 
     def heartbeat_ages_ms(self, now_ms: int | None = None) -> list[int | None]:
         """Per worker slot: ms since its last tick (WORKER_HEARTBEAT_MS), None if
         it never ticked or is dead (the master zeroes a dead worker's)."""
         now_ms = monotonic_ms() if now_ms is None else now_ms
         return [None if hb == 0 else max(now_ms - hb, 0)
-                for hb in self.rows[:, Counter.WORKER_HEARTBEAT_MS].tolist()]
+                for hb in self.column(Counter.WORKER_HEARTBEAT_MS)]
 
     def set_worker_pid(self, slot: int, pid: int) -> None:
         self.header[Layout.H_WORKER_PIDS + slot] = pid
 
     def worker_pids(self) -> list[int]:
-        n = int(self.header[Layout.H_WORKERS])
-        return [int(p) for p in self.header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + n] if p]
+        return [p for p in self.header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.nworkers].tolist() if p]
 
     def deaths(self) -> dict:
         """Exits of workers and of the pipeline process other than the master's
@@ -184,13 +219,13 @@ class StatsBlock:
         (what max_sink_lag_bytes bounds); None until the pipeline published where
         the store is."""
         out = []
-        for durable, published in zip(self.rows[:, Counter.WAL_DURABLE_OFFSET].tolist(),
-                                      self.rows[:, Counter.STORE_CHECKPOINT].tolist()):
+        for durable, published in zip(self.column(Counter.WAL_DURABLE_OFFSET),
+                                      self.column(Counter.STORE_CHECKPOINT)):
             out.append(None if published == 0 else max(0, int(durable) - (int(published) - 1)))
         return out
 
     def close(self, unlink: bool = False) -> None:
-        del self.header, self.rows
+        del self.header, self.matrix, self._view
         self._mm.close()
         if unlink:
             try:
@@ -212,6 +247,7 @@ class Snapshot:
     workers: list = field(default_factory=list)   # per slot: pid, heartbeat age, the store's lag on its log
     deaths: dict = field(default_factory=dict)    # worker_deaths, pipeline_deaths
     sinks: dict = field(default_factory=dict)     # per sink: written, lag_bytes, lag_seconds
+    memory: dict | None = None                    # with PSS: per process and summed (memory_figures)
 
     def line(self) -> str:
         return (f"[stats] clients: {self.clients} | peak: {self.peak} | memory: {self.memory_mb:.1f} MB"
@@ -232,62 +268,131 @@ class Snapshot:
             line += " | ingest held (max_sink_lag_bytes) on workers " + ",".join(map(str, behind))
         return line
 
+    def memory_line(self) -> str:
+        """PSS beside RSS, summed and per process: "[memory] PSS 41.2 MB, RSS 120.3 MB |
+        master 12.0 / 40.1 | worker 0 ... (MB, PSS / RSS)"."""
+        m = self.memory or {"pss_bytes": 0, "rss_bytes": 0, "processes": []}
+        parts = [f"PSS {m['pss_bytes'] / 1e6:.1f} MB, RSS {m['rss_bytes'] / 1e6:.1f} MB"]
+        parts += [f"{p['process']} {p['pss_bytes'] / 1e6:.1f} / {p['rss_bytes'] / 1e6:.1f}"
+                  for p in m["processes"]]
+        return "[memory] " + " | ".join(parts) + " (MB, PSS / RSS)"
+
     def as_dict(self) -> dict:
-        return {"clients": self.clients, "peak": self.peak, "memory_mb": round(self.memory_mb, 2),
-                "conn_rate": self.conn_rate, "msg_in": self.msg_in, "msg_out": self.msg_out,
-                **self.deaths, "sinks": self.sinks, "counters": self.totals, "workers": self.workers}
+        out = {"clients": self.clients, "peak": self.peak, "memory_mb": round(self.memory_mb, 2),
+               "conn_rate": self.conn_rate, "msg_in": self.msg_in, "msg_out": self.msg_out,
+               **self.deaths, "sinks": self.sinks, "counters": self.totals, "workers": self.workers}
+        if self.memory is not None:
+            out["memory"] = self.memory
+        return out
 
 
-def rss_bytes(pids: list[int]) -> int:
-    import psutil
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
-    total = 0
-    for pid in pids:
-        try:
-            total += psutil.Process(pid).memory_info().rss
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+
+def rss_of(pid: int) -> int:
+    """A process's resident bytes, from /proc/PID/statm (cheap: no walk of its
+    pages); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def memory_of(pid: int) -> dict | None:
+    """A process's memory in bytes, from /proc/PID/smaps_rollup: rss (its
+    resident pages, those it shares counted in full), pss (each resident page
+    divided by the number of processes mapping it: summed over processes, what
+    they cost together) and uss (its private pages: what its exit gives back).
+    None when it is gone or not readable (another user's)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = {}
+    for line in text.split(b"\n")[1:]:
+        key, _, rest = line.partition(b":")
+        if key in (b"Rss", b"Pss", b"Private_Clean", b"Private_Dirty"):
+            fields[key] = int(rest.split()[0]) * 1024
+    if b"Pss" not in fields:
+        return None
+    return {"rss": fields.get(b"Rss", 0), "pss": fields[b"Pss"],
+            "uss": fields.get(b"Private_Clean", 0) + fields.get(b"Private_Dirty", 0)}
+
+
+def server_processes(block: StatsBlock) -> list[tuple[str, int]]:
+    """(name, pid) of every process of the server the block belongs to: the
+    master, each live worker ("worker N"), the pipeline when it runs."""
+    header = block.header
+    out = [("master", int(header[Layout.H_MASTER_PID]))]
+    pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + block.nworkers].tolist()
+    out += [(f"worker {slot}", pid) for slot, pid in enumerate(pids) if pid]
+    if header[Layout.H_PIPELINE_PID]:
+        out.append(("pipeline", int(header[Layout.H_PIPELINE_PID])))
+    return out
+
+
+def memory_figures(block: StatsBlock) -> dict:
+    """PSS beside RSS (and USS) for each process of the server and summed
+    (`gw stats`): {"rss_bytes", "pss_bytes", "uss_bytes", "processes": [{"process",
+    "pid", "rss_bytes", "pss_bytes", "uss_bytes"}]}. A process gone meanwhile
+    is left out."""
+    processes = []
+    for name, pid in server_processes(block):
+        m = memory_of(pid)
+        if m is not None:
+            processes.append({"process": name, "pid": pid, "rss_bytes": m["rss"], "pss_bytes": m["pss"],
+                              "uss_bytes": m["uss"]})
+    return {**{f"{k}_bytes": sum(p[f"{k}_bytes"] for p in processes) for k in ("rss", "pss", "uss")},
+            "processes": processes}
 
 
 class Aggregator:
-    """Turns successive totals into rates; the master calls tick() once per interval."""
+    """Turns successive totals into rates; the master calls tick() once per
+    interval. With `proportional` (`gw stats`), each tick also reads every
+    process's PSS (smaps_rollup walks the process's pages, so the master's
+    every-second line keeps to RSS)."""
 
-    def __init__(self, block: StatsBlock):
+    def __init__(self, block: StatsBlock, proportional: bool = False):
         self.block = block
-        self.prev = block.totals().astype(np.int64)
+        self.proportional = proportional
+        self.prev = block.totals()
         self.prev_t = time.monotonic()
 
     def tick(self) -> Snapshot:
         now = time.monotonic()
-        totals = self.block.totals().astype(np.int64)
+        totals = self.block.totals()
         dt = max(now - self.prev_t, 1e-3)
-        delta = totals - self.prev
+        prev = self.prev
         self.prev, self.prev_t = totals, now
         header = self.block.header
-        clients = int(totals[Counter.CONNS_CURRENT])
+        clients = totals[Counter.CONNS_CURRENT]
         peak = max(int(header[Layout.H_PEAK]), clients)
         # Only the master (writable block) keeps the peak; `gw stats` maps it read-only.
-        if header.flags.writeable and clients > header[Layout.H_PEAK]:
+        if self.block.writable and clients > header[Layout.H_PEAK]:
             header[Layout.H_PEAK] = clients
-        pids = [int(header[Layout.H_MASTER_PID])] + self.block.worker_pids()
+        memory = memory_figures(self.block) if self.proportional else None
+        rss = (memory["rss_bytes"] if memory is not None
+               else sum(rss_of(pid) for _, pid in server_processes(self.block)))
         return Snapshot(
             clients=clients,
             peak=peak,
-            memory_mb=rss_bytes(pids) / 1e6,
-            conn_rate=float(delta[Counter.CONNS_ACCEPTED]) / dt,
-            msg_in=float(delta[Counter.MSGS_IN]) / dt,
-            msg_out=float(delta[Counter.MSGS_OUT]) / dt,
+            memory_mb=rss / 1e6,
+            conn_rate=float(totals[Counter.CONNS_ACCEPTED] - prev[Counter.CONNS_ACCEPTED]) / dt,
+            msg_in=float(totals[Counter.MSGS_IN] - prev[Counter.MSGS_IN]) / dt,
+            msg_out=float(totals[Counter.MSGS_OUT] - prev[Counter.MSGS_OUT]) / dt,
             totals=counter_dict(totals),
             workers=self.workers(),
             deaths=self.block.deaths(),
             sinks=self.block.sinks(),
+            memory=memory,
         )
 
     def workers(self) -> list[dict]:
         header = self.block.header
-        pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.block.rows.shape[0]].tolist()
-        behind = self.block.rows[:, Counter.STORE_BEHIND].tolist()
+        pids = header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + self.block.nworkers].tolist()
+        behind = self.block.column(Counter.STORE_BEHIND)
         return [{"slot": i, "pid": int(pid), "heartbeat_age_ms": age, "store_lag_bytes": lag,
                  "store_behind": bool(b)}
                 for i, (pid, age, lag, b) in enumerate(zip(pids, self.block.heartbeat_ages_ms(),

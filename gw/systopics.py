@@ -20,8 +20,8 @@ def sys_messages(block: StatsBlock, retained: int) -> list[tuple[str, str]]:
     def c(name):
         return int(t[Counter[name]])
 
-    packets_in = int(t[Counter.PKT_IN:Counter.PKT_IN + 16].sum())
-    packets_out = int(t[Counter.PKT_OUT:Counter.PKT_OUT + 16].sum())
+    packets_in = sum(t[Counter.PKT_IN:Counter.PKT_IN + 16])
+    packets_out = sum(t[Counter.PKT_OUT:Counter.PKT_OUT + 16])
     connected = c("SESSIONS_CURRENT")
     away = c("SESSIONS_AWAY")
     dropped = (c("DROPPED_SLOW_QOS0") + c("DROPPED_QUEUE_FULL") + c("DROPPED_NOMEM")

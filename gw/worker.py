@@ -116,7 +116,7 @@ def open_wal(slot: int, cfg: Config, block: StatsBlock):
 
     wal = Wal(os.path.join(cfg.data_dir, "wal", str(slot)), segment_bytes=cfg.wal_segment_bytes,
               fsync=cfg.fsync, batch_ms=cfg.wal_batch_ms, max_pending=cfg.wal_max_pending,
-              counters=block.rows[slot])
+              counters=block.row(slot))
     found = wal.recover()
     if found.get("truncated_bytes"):
         log.warning("worker %d: write-ahead log recovered: cut a torn or corrupt tail of %d bytes "
@@ -186,6 +186,19 @@ class _LoggedReading(msgspec.Struct):
     seq: int | None = None
 
 
+def preload() -> None:
+    """Imports every module a worker runs, for the master to call before it
+    forks: the pages they fill are then shared by every worker (and the
+    pipeline) instead of copied into each."""
+    import gw.health  # noqa: F401
+    import gw.http_api  # noqa: F401
+    import gw.metrics  # noqa: F401
+    import gw.query_pool  # noqa: F401
+    import gw_ext.acl  # noqa: F401
+    import gw_ext.loop  # noqa: F401
+    import gw_ext.tls  # noqa: F401
+
+
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
@@ -204,9 +217,9 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     max_fds = raise_fd_limit()
     # The schema for every transport; the worker takes what it accepts (worker/ingest.pyx).
-    ingest = Ingest(cfg.max_batch, block.rows[slot])
+    ingest = Ingest(cfg.max_batch, block.row(slot))
     json_protocol = JsonProtocol(ingest)
-    worker = Worker(slot, block.rows[slot], block.rows, block.rows.shape[0], json_protocol, max_fds)
+    worker = Worker(slot, block.row(slot), block.matrix, block.nworkers, json_protocol, max_fds)
     if address_counts is not None:
         worker.set_address_counts(address_counts)      # max_connections_per_ip, shared by every worker
     apply_limits(worker, cfg)
@@ -221,7 +234,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     serving = {spec.name: "%s:%d" % spec.sock.getsockname()[:2] for spec in listeners}
     # The HTTP tokens as the master has them in force, like the ACL and the users.
     app = HttpApp(cfg, worker_index=slot, ingest=ingest, render_metrics=lambda: render(block),
-                  health=Health(block, serving, cfg.data_dir, slot), counters=block.rows[slot], tokens=tokens)
+                  health=Health(block, serving, cfg.data_dir, slot), counters=block.row(slot), tokens=tokens)
     if series is not None:
         # GET /v1/stats/series: the master's ring of the last minutes (gw/series.py).
         from gw.series import series_answer
@@ -349,8 +362,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         reload_acl(cfg.acl_file)
 
     worker.on_reload = reload_all
-    persistence = Persistence(worker, slot, block.rows.shape[0], cfg.data_dir, cfg.persist_interval,
-                              counters=block.rows[slot])
+    persistence = Persistence(worker, slot, block.nworkers, cfg.data_dir, cfg.persist_interval,
+                              counters=block.row(slot))
     persistence.load()
     next_sys = 0.0
 

@@ -7,6 +7,7 @@ The histogram bounds and the HTTP status slots are exported as tuples, and
 running the same inline code the loop uses.
 """
 
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.stdint cimport uint64_t
 
 # Upper bounds of the finite histogram buckets, nanoseconds (HIST_BUCKETS - 1 of them).
@@ -27,3 +28,22 @@ def observe(uint64_t[::1] row, int hist, uint64_t ns):
 def status_index(int code):
     """http_status_index: the slot of an HTTP status code."""
     return http_status_index(code)
+
+
+def column_sums(const uint64_t[:, ::1] rows):
+    """Each word summed over the rows (mod 2**64, as the words themselves
+    wrap), as a list of ints: the block's totals without numpy, in one pass
+    over the rows in memory order."""
+    cdef Py_ssize_t n = rows.shape[0], m = rows.shape[1], i, j
+    cdef uint64_t *acc = <uint64_t *>PyMem_Malloc(max(m, 1) * sizeof(uint64_t))
+    if acc == NULL:
+        raise MemoryError()
+    try:
+        for j in range(m):
+            acc[j] = 0
+        for i in range(n):
+            for j in range(m):
+                acc[j] += rows[i, j]
+        return [acc[j] for j in range(m)]
+    finally:
+        PyMem_Free(acc)

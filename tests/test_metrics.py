@@ -328,7 +328,7 @@ def test_render_values_are_the_sums(make_block):
 def test_every_counter_is_exposed():
     """Each counter of the .pxd reaches /metrics, except the per-worker gauge
     (exposed per worker) and the ranges (their slots: test_render_values_are_the_sums)."""
-    exposed = set(metrics._INDEX.tolist())
+    exposed = set(metrics._INDEX)
     for c in Counter:
         if c in PER_WORKER or c is Counter.N_COUNTERS or c in RANGES:
             continue

@@ -476,7 +476,7 @@ for w, e in enumerate({ends!r}):
     durable.set(w, e)
 import numpy
 from gw.stats import HEADER_WORDS
-block = types.SimpleNamespace(rows=durable.rows, header=numpy.zeros(HEADER_WORDS, dtype=numpy.int64))  # the parts it reads
+block = types.SimpleNamespace(matrix=durable.rows, header=numpy.zeros(HEADER_WORDS, dtype=numpy.int64))  # the parts it reads
 cfg = types.SimpleNamespace(data_dir={data!r}, pipeline_batch=200)
 out = open({out!r}, "ab", buffering=0)
 def publish(topic, payload):

@@ -7,8 +7,11 @@ import re
 import pytest
 
 from conftest import (STATS_LINE, mqtt_client, publish_packet, read_packet, run_gw, wait_for)
+from gw.stats import Layout
 
 NCLIENTS = 20
+MEMORY_LINE = re.compile(r"\[memory\] PSS \d+\.\d MB, RSS \d+\.\d MB \| master \d+\.\d / \d+\.\d"
+                         r"( \| worker \d+ \d+\.\d / \d+\.\d)+ \| pipeline \d+\.\d / \d+\.\d \(MB, PSS / RSS\)")
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +47,38 @@ def test_twenty_clients_counted(server):
         # The master's line reports them too.
         wait_for(lambda: re.search(rf"\[stats\] clients: {NCLIENTS} \| peak: \d+", server.log()),
                  10, what=f"a [stats] line with clients: {NCLIENTS}")
-        # `gw stats` without --json: the [stats] line and the sinks' line.
+        # `gw stats` without --json: the [stats] line, the sinks' line, the memory line.
         out = server.stats(as_json=False)
         lines = out.strip().splitlines()
-        assert len(lines) == 2, out
+        assert len(lines) == 3, out
         assert STATS_LINE.fullmatch(lines[0]), out
         assert re.fullmatch(r"\[sinks\] store: lag \d+\.\d MB, \d+\.\d s \| written \d+", lines[1]), out
+        assert MEMORY_LINE.fullmatch(lines[2]), out
         assert f"clients: {NCLIENTS} |" in out
     finally:
         for sock in socks:
             sock.close()
     wait_for(lambda: server.stats()["clients"] == 0, 20, what="clients back to 0")
+
+
+def test_gw_stats_shows_pss_beside_rss_per_process(server):
+    """`gw stats --json`: each process of the server (the master, every worker,
+    the pipeline) with its RSS, PSS and USS from /proc/PID/smaps_rollup, and their
+    sums; a page shared by several processes is counted whole in each RSS and
+    divided in the PSS, so PSS <= RSS, and USS (its own pages) <= PSS."""
+    memory = server.stats(as_json=True)["memory"]
+    header = server.block().header
+    expected = {"master": server.pid, "pipeline": header[Layout.H_PIPELINE_PID],
+                **{f"worker {slot}": pid for slot, pid in
+                   enumerate(header[Layout.H_WORKER_PIDS:Layout.H_WORKER_PIDS + 2].tolist())}}
+    assert {p["process"]: p["pid"] for p in memory["processes"]} == expected
+    for p in memory["processes"]:
+        assert 0 < p["uss_bytes"] <= p["pss_bytes"] <= p["rss_bytes"], p
+    for kind in ("rss", "pss", "uss"):
+        assert memory[f"{kind}_bytes"] == sum(p[f"{kind}_bytes"] for p in memory["processes"])
+    # The workers share the pages the master filled before forking: the sum of
+    # the PSS is below the sum of the RSS.
+    assert memory["pss_bytes"] < memory["rss_bytes"]
 
 
 def test_gw_stats_when_the_master_has_not_logged_yet(gw_factory):

@@ -22,9 +22,12 @@ from contextlib import contextmanager
 from datetime import datetime
 
 import msgspec
-import numpy as np
+
+from gw.lazy import LazyModule
 
 from .rollup import WINDOWS
+
+np = LazyModule("numpy", globals(), "np")     # imported with the first batch (gw/lazy.py)
 
 _NULL = b"null"
 

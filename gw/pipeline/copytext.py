@@ -19,9 +19,12 @@ from __future__ import annotations
 import re
 
 import msgspec
-import numpy as np
+
+from gw.lazy import LazyModule
 
 from . import batch
+
+np = LazyModule("numpy", globals(), "np")     # imported with the first batch (gw/lazy.py)
 
 PIECE = 16384
 _ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})

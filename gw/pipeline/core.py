@@ -322,7 +322,7 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     # time: every thread's stack goes to stderr (the log), saying where it hung.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     settings = Settings.from_cfg(cfg)
-    rows = block.rows
+    rows = block.matrix
     idx = durable_index()
 
     def durable(slot: int) -> int:

@@ -31,12 +31,14 @@ import logging
 import time
 from datetime import datetime, timezone
 
-import numpy as np
+from gw.lazy import LazyModule
 
 from . import batch, copytext
 from .errors import PipelineError
 from .sink import Part
 from .store_sink import Alert, StoreSinkBase
+
+np = LazyModule("numpy", globals(), "np")     # imported with the first batch (gw/lazy.py)
 
 log = logging.getLogger("gw.pipeline.pgstore")
 

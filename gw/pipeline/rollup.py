@@ -17,7 +17,9 @@ from __future__ import annotations
 import math
 from itertools import repeat
 
-import numpy as np
+from gw.lazy import LazyModule
+
+np = LazyModule("numpy", globals(), "np")     # imported with the first batch (gw/lazy.py)
 
 WINDOWS = (("1m", 60.0), ("1h", 3600.0), ("1d", 86400.0))
 WINDOW_SECONDS = dict(WINDOWS)

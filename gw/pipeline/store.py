@@ -30,7 +30,8 @@ from itertools import repeat
 from pathlib import Path
 
 import msgspec
-import numpy as np
+
+from gw.lazy import LazyModule
 
 from . import batch
 from .errors import PipelineError
@@ -41,6 +42,8 @@ except ImportError:             # the extensions not built: sqlite3's executeman
     sqlitebulk = None
 from .sink import Part
 from .store_sink import Alert, StoreSinkBase
+
+np = LazyModule("numpy", globals(), "np")     # imported with the first batch (gw/lazy.py)
 
 log = logging.getLogger("gw.pipeline.store")
 
