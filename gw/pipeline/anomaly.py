@@ -87,10 +87,21 @@ class _Key:
         return self.shift + m, (math.sqrt(var) if var > 0.0 else 0.0)
 
 
-try:
-    from gw_ext.storebatch import observe_run as _observe_run
-except ImportError:         # the extensions not built: the loop below
-    _observe_run = None
+def _compiled():
+    """gw_ext.storebatch's loop, imported at its first use (the module brings numpy,
+    which only the pipeline maps, with its first batch); None when the extensions
+    are not built: the loop below."""
+    global _observe_run
+    if _observe_run is _UNRESOLVED:
+        try:
+            from gw_ext.storebatch import observe_run as _observe_run
+        except ImportError:
+            _observe_run = None
+    return _observe_run
+
+
+_UNRESOLVED = object()
+_observe_run = _UNRESOLVED
 
 
 class Detector:
@@ -140,8 +151,10 @@ class Detector:
         st = self.keys.get(key)
         if st is None:
             st = self.keys[key] = _Key(self.window, self.warm(device_id, metric) if self.warm else ())
-        if _observe_run is not None and self.compiled:
-            return _observe_run(st, values, self.min_samples, self.threshold)
+        if self.compiled:
+            compiled = _compiled()
+            if compiled is not None:
+                return compiled(st, values, self.min_samples, self.threshold)
         out = []
         vals = st.values
         append = vals.append

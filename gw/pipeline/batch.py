@@ -67,10 +67,21 @@ class Columns:
         return len(self.key)
 
 
-try:
-    from gw_ext.storebatch import decode_columns as _decode_columns
-except ImportError:             # the extensions not built: the reference decoder below
-    _decode_columns = None
+def _compiled():
+    """gw_ext.storebatch's decoder, imported with the first batch (it brings numpy,
+    which the processes forked before the pipeline's first batch never map); None
+    when the extensions are not built: the reference decoder below."""
+    global _decode_columns
+    if _decode_columns is _UNRESOLVED:
+        try:
+            from gw_ext.storebatch import decode_columns as _decode_columns
+        except ImportError:
+            _decode_columns = None
+    return _decode_columns
+
+
+_UNRESOLVED = object()
+_decode_columns = _UNRESOLVED
 
 _ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
@@ -81,8 +92,9 @@ def decode(parts, decode_reading, encode, bad) -> Columns:
     exc) and is left out. Compiled (gw_ext/storebatch.pyx: the logged layout
     read in place, its metrics, tags and payload kept as their JSON text) when
     built, else `decode_python`; both give the same columns."""
-    if _decode_columns is not None:
-        return Columns(*_decode_columns(parts, decode_reading, encode, bad, _ERRORS))
+    compiled = _compiled()
+    if compiled is not None:
+        return Columns(*compiled(parts, decode_reading, encode, bad, _ERRORS))
     return decode_python(parts, decode_reading, encode, bad)
 
 
