@@ -10,7 +10,9 @@
 # CONNACK goes out when its session is settled. An EVICT can reach a worker
 # whose own CONNECT for the id, granted earlier, still waits for its SESSION:
 # the eviction then waits too, and runs once that CONNECT settled (it gets
-# its CONNACK, then is taken over), so the session follows the home's order.
+# its CONNACK, then is taken over), so the session follows the home's order:
+# at once then, not behind a CONNECT of ours the home granted after the
+# claimant's (connect_settle).
 #
 # A worker that (re)starts says HELLO: peers drop the entries they hold for
 # it (its sessions died with it) and re-register their own clients whose home
