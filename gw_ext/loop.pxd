@@ -737,6 +737,7 @@ cdef void deliver_grant(Worker w, int claimant, uint32_t token, int prev, bytes 
 cdef void on_grant(Worker w, uint32_t token, int prev)
 cdef PendingConnect granted_pending(Worker w, bytes client_id, PendingConnect exclude)
 cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
+cdef void registry_hand_over(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id)
 cdef void on_session(Worker w, uint32_t token, uint8_t present, bytes state)
 cdef bint settling_here(Worker w, bytes client_id)
 cdef void session_came_late(Worker w)

@@ -206,18 +206,18 @@ class Mosquitto:
 SYS_INTERVAL = 1    # seconds between $SYS updates, on both brokers (their default is 10)
 
 
-def gw_server(base: Path, ports: dict | None = None) -> GwServer:
+def gw_server(base: Path, ports: dict | None = None, args: tuple[str, ...] = ()) -> GwServer:
     """A GwServer as the broker tests want it (not started): 2 workers, the MQTT
-    listener only, $SYS every SYS_INTERVAL seconds."""
+    listener only, $SYS every SYS_INTERVAL seconds; `args`: more of gw's options."""
     return GwServer(base, workers=2, listeners=("mqtt",), ports=ports,
-                    args=["--sys-interval", str(SYS_INTERVAL)])
+                    args=["--sys-interval", str(SYS_INTERVAL), *args])
 
 
-def start_broker(kind: str, base: Path, *, persistence: bool = False):
-    """A started Mosquitto or gw."""
+def start_broker(kind: str, base: Path, *, persistence: bool = False, gw_args: tuple[str, ...] = ()):
+    """A started Mosquitto or gw (gw_args: more of gw's options)."""
     if kind == "mosquitto":
         return Mosquitto(base, persistence=persistence).start()
-    return gw_server(base).start()
+    return gw_server(base, args=gw_args).start()
 
 
 # --- raw MQTT with the bits conftest's builders leave out -------------------------------------

@@ -22,7 +22,13 @@ What must hold, every time:
   storm's end (one left unread);
 - when the storm is over, at most one connection per client id is alive;
 - on gw: no internal error was contained, no frame between workers was
-  malformed, and every id connects again afterwards on both workers.
+  malformed, and every id connects again afterwards on both workers;
+- on gw: no CONNECT was settled by connect_settle_timeout and no session
+  was dropped for coming after it (sessions_late). The setting is meant for a
+  worker that died or hung; here it is SETTLE_TIMEOUT, far above
+  CONNACK_BOUND, so a CONNECT that only it would have ended (two workers'
+  CONNECTs each waiting for the other) fails the bound rather than passing
+  inside it.
 
 The run is seeded (GW_STORM_SEED, else a fresh seed, printed); the threads'
 interleaving is the machine's, so a failure names its seed and the history
@@ -48,15 +54,18 @@ from dataclasses import dataclass, field
 import pytest
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
-from broker_fixtures import RawClient, brokers, connect_packet_full, publish_packet_full  # noqa: E402
+from broker_fixtures import (RawClient, brokers, connect_packet_full, publish_packet_full,  # noqa: E402
+                             start_broker)
 import fragproxy  # noqa: E402
-from conftest import get_counter, send_fragmented, subscribe_packet, tcp_connect  # noqa: E402
+from conftest import GwServer, get_counter, send_fragmented, stop_and_check, subscribe_packet, tcp_connect  # noqa: E402
 from placement import connect_on  # noqa: E402
 
 pytest_plugins = ["broker_fixtures"]    # the broker_proc and broker fixtures
 
 CONNACK_BOUND = 5.0     # seconds: every CONNECT's CONNACK arrives within this, every time
 CLOSE_BOUND = 5.0       # seconds: a connection taken over is closed within this
+SETTLE_TIMEOUT = 30.0   # gw's connect_settle_timeout here: a wait only it ends fails CONNACK_BOUND
+UNSETTLED = "could not be settled in time"      # gw's log line when connect_settle_timeout ends a wait
 CLIENT_IDS = 4
 THREADS = (1, 6)        # one client at a time (each CONNECT after the last one's end), or six at once
 STORM_SECONDS = float(os.environ.get("GW_STORM_SECONDS", "5"))
@@ -477,6 +486,18 @@ class Watcher:
                 return
 
 
+@pytest.fixture(scope="module")
+def broker_proc(request, tmp_path_factory):
+    """broker_fixtures' broker process, gw with connect_settle_timeout at SETTLE_TIMEOUT."""
+    proc = start_broker(request.param, tmp_path_factory.mktemp(request.param),
+                        gw_args=("--connect-settle-timeout", str(SETTLE_TIMEOUT)))
+    yield proc
+    if isinstance(proc, GwServer):
+        stop_and_check([proc])      # a worker death while stopping fails the module's last test
+    else:
+        proc.stop()
+
+
 @pytest.fixture
 def storm_seed() -> str:
     seed = os.environ.get("GW_STORM_SEED") or f"{random.SystemRandom().randrange(1 << 32):08x}"
@@ -492,6 +513,7 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
     taken over in the turn its own CONNECT settled lost its CONNACK (closed
     without it); two CONNECTs at once on both workers left both connected."""
     before = broker.server.counters() if broker.is_gw else None
+    unsettled_before = broker.server.log().count(UNSETTLED) if broker.is_gw else 0
     storm = Storm(broker, f"{storm_seed}/{threads}", STORM_SECONDS, threads)
     try:
         storm.run()
@@ -528,8 +550,10 @@ def test_every_connect_gets_its_connack_and_takes_over_the_previous_connection(b
         storm.report("too few CONNECTs")
     if broker.is_gw:
         after = broker.server.counters()
-        for name in ("internal_errors", "channel_malformed", "channel_drops"):
+        for name in ("internal_errors", "channel_malformed", "channel_drops", "sessions_late"):
             assert get_counter(after, name) == get_counter(before, name), storm.report(f"{name} rose")
+        unsettled = broker.server.log().count(UNSETTLED) - unsettled_before
+        assert unsettled == 0, storm.report(f"{unsettled} CONNECT(s) settled by connect_settle_timeout")
         assert get_counter(after, "takeovers") > get_counter(before, "takeovers"), storm.report("no takeover")
 
 

@@ -73,6 +73,7 @@ PLAYED_PEER = """
     # version 2, one subscription (t/x, QoS 1), next packet id 1, no message, no QoS 2 id.
     STATE = struct.pack("<BI", 2, 1) + struct.pack("<H", 3) + b"t/x\\x01" + struct.pack("<HI", 1, 0) \\
         + struct.pack("<I", 0)
+    CONNACK_PRESENT = b"\\x20\\x02\\x01\\x00"      # accepted, session present
 """
 
 
@@ -310,5 +311,87 @@ def test_a_claim_by_another_user_waits_for_what_the_owner_holds():
             c.drain()
         assert bytes(c.received) == b"\\x20\\x02\\x00\\x05", bytes(c.received)
         assert h.counter("AUTH_REFUSED_TAKEOVER") == 2
+        wut.close()
+    """))
+
+
+def test_takeover_waiting_behind_a_connect_is_not_queued_behind_a_later_one():
+    """At c4's home (worker 0, the real one), three CONNECTs take c4 in turn:
+    P here (from worker 1, which held the persistent session), then worker 1's
+    client again (its EVICT waits here behind P, which is still waiting for
+    the session), then Q here (from worker 1 again, whose answer waits there
+    behind its own CONNECT). P's session comes: P gets its CONNACK and hands
+    the session on to worker 1 at once. That hand-over was queued behind Q,
+    granted after it, which waited for worker 1, which waited for the hand-over:
+    each worker's CONNECT settled alone at connect_settle_timeout, and the
+    session coming late was dropped."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        assert wut.worker.settle_timeout_ms >= 3000     # no turn below comes near it
+        peer = wut.peers[1]
+        # Worker 1 holds c4's persistent session.
+        played_claim(wut, peer, 50, 0, b"c4", -1)
+        p = connected(wut, b"c4", clean=False)
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        p_token = struct.unpack_from("<BIB", evicts[0])[1]
+        # Worker 1's client connects again: the home names worker 0, whose
+        # hand-over waits for P's session.
+        got = played_claim(wut, peer, 51, 0, b"c4", 0)
+        assert FR_SESSION not in [ftype for ftype, _body in got], got
+        # Q here: worker 1 holds it now (its answer waits behind its CONNECT 51).
+        q = connected(wut, b"c4", clean=False)
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        q_token = struct.unpack_from("<BIB", evicts[0])[1]
+        # P's session comes: P gets it, then worker 1's CONNECT takes it over.
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 1, 2) + b"c4" + STATE))
+        turns(wut)
+        sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
+        assert [struct.unpack_from("<IB", s) for s in sessions] == [(51, 1)], sessions
+        p.drain()
+        assert bytes(p.received) == CONNACK_PRESENT and not p.open, (bytes(p.received), p.open)
+        # Worker 1's CONNECT settled; its answer to Q's EVICT: the session again.
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", q_token, 1, 2) + b"c4" + STATE))
+        turns(wut)
+        q.drain()
+        assert bytes(q.received) == CONNACK_PRESENT and q.open, (bytes(q.received), q.open)
+        assert h.counter("TAKEOVERS") == 1
+        assert h.counter("SESSIONS_LATE") == 0
+        wut.close()
+    """))
+
+
+def test_connects_on_one_worker_take_over_in_turn_when_the_session_comes():
+    """As above on one worker: P waits for c4's session from worker 1; B then C,
+    here, each wait behind the one before. When the session comes, P, B and C
+    each get it in turn (CONNACK, then taken over), at once: B's takeover of
+    P waited for C, which waited for B, until connect_settle_timeout."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        assert wut.worker.settle_timeout_ms >= 3000
+        peer = wut.peers[1]
+        played_claim(wut, peer, 50, 0, b"c4", -1)
+        p = connected(wut, b"c4", clean=False)
+        evicts = [body for ftype, body in frames_from(peer) if ftype == FR_EVICT]
+        assert len(evicts) == 1, evicts
+        p_token = struct.unpack_from("<BIB", evicts[0])[1]
+        b = connected(wut, b"c4", clean=False)
+        c = connected(wut, b"c4", clean=False)
+        for x in (p, b, c):
+            x.drain()
+            assert bytes(x.received) == b"", bytes(x.received)
+        peer.send(frame(FR_SESSION, struct.pack("<IBH", p_token, 1, 2) + b"c4" + STATE))
+        turns(wut)
+        for x in (p, b, c):
+            x.drain()
+        got = [(bytes(x.received), x.open) for x in (p, b, c)]
+        assert got == [(CONNACK_PRESENT, False), (CONNACK_PRESENT, False), (CONNACK_PRESENT, True)], got
+        assert h.counter("TAKEOVERS") == 2
+        assert h.counter("SESSIONS_LATE") == 0
+        # The id stayed here: nothing for its home (its subscription's interest, announced, aside).
+        left = [ftype for ftype, _body in frames_from(peer)
+                if ftype in (FR_CLAIM, FR_EVICT, FR_SESSION, FR_RELEASE, FR_REGISTER)]
+        assert left == [], left
         wut.close()
     """))

@@ -10,7 +10,9 @@
 # CONNACK goes out when its session is settled. An EVICT can reach a worker
 # whose own CONNECT for the id, granted earlier, still waits for its SESSION:
 # the eviction then waits too, and runs once that CONNECT settled (it gets
-# its CONNACK, then is taken over), so the session follows the home's order.
+# its CONNACK, then is taken over), so the session follows the home's order:
+# at once then, not behind a CONNECT of ours the home granted after the
+# claimant's (connect_settle).
 #
 # A worker that (re)starts says HELLO: peers drop the entries they hold for
 # it (its sessions died with it) and re-register their own clients whose home
@@ -292,14 +294,21 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
     # (A CONNECT of ours taking over one of ours is not waiting for itself.)
     cdef PendingConnect waiting = granted_pending(
         w, client_id, w.pending.get(token) if claimant == w.worker_index else None)
-    cdef int slot
-    cdef bytes state = b""
-    cdef uint8_t present = 0
     if waiting is not None:
         if waiting.evictions is None:
             waiting.evictions = []
         waiting.evictions.append((claimant, token, clean))
         return
+    registry_hand_over(w, claimant, token, clean, client_id)
+
+
+cdef void registry_hand_over(Worker w, int claimant, uint32_t token, uint8_t clean, bytes client_id):
+    """Closes our connection of client_id and sends its session to the
+    claimant, now: its turn has come (registry_evict found no CONNECT of ours
+    before it, or the one it waited for has just settled, connect_settle)."""
+    cdef int slot
+    cdef bytes state = b""
+    cdef uint8_t present = 0
     slot = w.client_sessions.get(client_id, -1)
     if slot >= 0 and w.sessions[slot].fd >= 0:
         w.close_taken_over(&w.conns[w.sessions[slot].fd])
@@ -517,10 +526,14 @@ cdef void connect_settle(Worker w, uint32_t token, object state):
         return
     connect_settle_here(w, token, state)
     if pc.evictions is not None:
+        # Granted right after this one: their turn, now. Not behind a CONNECT of
+        # ours granted later (registry_evict would find it waiting too): that one
+        # waits, in the end, for this hand-over; both would wait until
+        # connect_settle_timeout, and the session coming after it be dropped.
         for claimant, etoken, eclean in pc.evictions:
             if claimant == w.worker_index and etoken not in w.pending:
                 continue        # ours, settled meanwhile on its own (its settle timeout)
-            registry_evict(w, claimant, etoken, eclean, pc.client_id)
+            registry_hand_over(w, claimant, etoken, eclean, pc.client_id)
 
 
 cdef void connect_settle_here(Worker w, uint32_t token, object state):
