@@ -270,6 +270,18 @@ def test_survives_fork():
 # protocol itself, not how long a loser waits.
 RACE_WAIT_S = 1.9
 
+
+def assert_new_exactly_once(res, not_recorded) -> None:
+    """Every pair reported new by exactly one process (one row of answers per
+    process). A process that loses its CPU mid-insert for over wait_s makes the
+    others give up on that pair (not recorded: by design a possible duplicate,
+    never a lost record); a few such answers are allowed, and the pair is still
+    new exactly once: the stalled insert completes."""
+    gave_up = int((res == not_recorded).sum())
+    assert gave_up <= res.size // 1000, f"{gave_up} answers not recorded"
+    new = (res == 0).sum(axis=0)
+    assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
+
 def _race(table: DedupTable, pairs: list, nproc: int, now_ms, same_order: bool) -> np.ndarray:
     """nproc processes run table.seen over every pair at once (started by a
     barrier); returns their answers, one row per process."""
@@ -298,10 +310,8 @@ def test_concurrent_inserts_each_pair_new_exactly_once(same_order):
     table = DedupTable(1 << 16, 600.0, wait_s=RACE_WAIT_S)
     pairs = [(b"dev-%03d" % (i % 97), i // 97) for i in range(20_000)]
     res = _race(table, pairs, nproc, monotonic_ms(), same_order)
-    assert not (res == 0xFF).any(), "a pair could not be recorded"
-    new = (res == 0).sum(axis=0)
-    assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
-    assert ((res == 0) | (res == 1)).all()
+    assert_new_exactly_once(res, 0xFF)
+    assert ((res == 0) | (res == 1) | (res == 0xFF)).all()
     assert table.live() == len(pairs)
 
 
@@ -313,12 +323,10 @@ def test_concurrent_reuse_of_expired_slots():
     table = DedupTable(1 << 12, 1.0, seed=12345, wait_s=RACE_WAIT_S)  # half full: no probe window fills up
     first = [(b"old-%02d" % (i % 50), i) for i in range(2000)]
     res = _race(table, first, nproc, 1_000, same_order=False)
-    assert not (res == 0xFF).any()
-    assert ((res == 0).sum(axis=0) == 1).all()
+    assert_new_exactly_once(res, 0xFF)
     second = [(b"new-%02d" % (i % 50), i) for i in range(1500)] + first[:500]
     res = _race(table, second, nproc, 10_000, same_order=False)   # everything from before expired
-    assert not (res == 0xFF).any()
-    assert ((res == 0).sum(axis=0) == 1).all()
+    assert_new_exactly_once(res, 0xFF)
     assert table.live(10_000) == len(second)
 
 
@@ -346,9 +354,7 @@ def test_concurrent_inserts_in_c_lockstep():
     for _ in range(5):              # the collisions are a matter of timing: a few rounds
         table = DedupTable(1 << 19, 600.0, wait_s=RACE_WAIT_S)
         res = _race_c(table, devices, count, nproc, monotonic_ms())
-        assert not (res == -1).any()
-        new = (res == 0).sum(axis=0)
-        assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
+        assert_new_exactly_once(res, -1)
         assert table.live() == len(devices) * count
 
 
@@ -367,9 +373,7 @@ def test_concurrent_reuse_in_c_lockstep():
         # recorded, as the module documents); the old pairs only fill slots here.
         assert (out != 1).all() and (out == -1).sum() < 30
         res = _race_c(table, devices, count, nproc, 5_000)
-        assert not (res == -1).any()
-        new = (res == 0).sum(axis=0)
-        assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
+        assert_new_exactly_once(res, -1)
         assert table.live(5_000) == len(devices) * count
 
 
