@@ -133,8 +133,12 @@ cpdef enum:
     WS_UPGRADES = 294         # WebSocket upgrades accepted (101 Switching Protocols)
     WS_REFUSED = 295          # + WS_REFUSED_* (5 slots): upgrade requests refused, by the HTTP status answered
     WS_CLOSES = 300           # + WS_CLOSE_SLOT_* (8 slots): Close frames the server sent, by code
-    # 308..319 free.
-    N_COUNTERS = 320          # rows are 2,560 bytes: a multiple of the cache line
+    # 308..319 free: the store.
+    # 320..383 free: MQTT 5.0 (reason codes sent and received, topic aliases, flow control).
+    # 384..399 free: shared subscriptions.
+    # 400..415 free: the QoS 1 path and connection set-up.
+    # 416..447 free: TLS.
+    N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
 
 cpdef enum:
     # WS_REFUSED + one of these: the status a refused upgrade was answered with.
