@@ -6,6 +6,7 @@ what a shared machine moves least beside the rate: the workers' CPU time
     python bench/qos1_fanin.py --rounds 4 --duration 8
     python bench/qos1_fanin.py --base /path/to/other/checkout     # A/B, same run
     python bench/qos1_fanin.py --serve-args "--max-inflight 256"   # a setting A/B'd against the default
+    python bench/qos1_fanin.py --scenario fanin-qos0 --base ...    # the QoS 0 rows the same way
 
 With --base (a checkout with its extensions built) or --serve-args, every round
 runs both servers, the order alternating; the load generator is this
@@ -32,7 +33,11 @@ from benchutil import free_port, wait_port  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 TICK = os.sysconf("SC_CLK_TCK")
-ARGS = ["--publishers", "4", "--subscribers", "1", "--qos", "1", "--inflight", "32"]
+SCENARIOS = {   # as bench/compare.py runs them
+    "fanin-qos1": ["--publishers", "4", "--subscribers", "1", "--qos", "1", "--inflight", "32"],
+    "fanin-qos0": ["--publishers", "4", "--subscribers", "1", "--qos", "0"],
+    "fanout-qos0": ["--publishers", "1", "--subscribers", "10", "--qos", "0"],
+}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -67,7 +72,8 @@ def tree_cpu(pid: int) -> float:
     return total
 
 
-def run_one(root: Path, serve_args: list[str], duration: float, workdir: Path, tag: str) -> dict:
+def run_one(root: Path, serve_args: list[str], duration: float, workdir: Path, tag: str,
+            scenario: str) -> dict:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(root)}
     workdir.mkdir(parents=True, exist_ok=True)
@@ -84,7 +90,7 @@ def run_one(root: Path, serve_args: list[str], duration: float, workdir: Path, t
         out = workdir / f"{tag}.json"
         cpu0 = tree_cpu(proc.pid)
         t0 = os.times()
-        subprocess.run([PY, "-m", "gw.cli", "bench", "pubsub", "--size", "64", "--duration", str(duration), *ARGS,
+        subprocess.run([PY, "-m", "gw.cli", "bench", "pubsub", "--size", "64", "--duration", str(duration), *SCENARIOS[scenario],
                         "--server", f"127.0.0.1:{port}", "--json", str(out), "--quiet"],
                        env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL, timeout=600,
                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
@@ -106,6 +112,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=8)
+    ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="fanin-qos1",
+                    help="the QoS 0 ones: to check a change costs them nothing")
     ap.add_argument("--base", type=Path, help="another checkout (extensions built): run as B")
     ap.add_argument("--serve-args", default="", help="extra `gw serve` flags for A")
     ap.add_argument("--base-serve-args", default="", help="extra `gw serve` flags for B")
@@ -118,7 +126,7 @@ def main() -> int:
         for rnd in range(args.rounds):
             order = variants if rnd % 2 == 0 else variants[::-1]
             for name, root, serve_args in order:
-                r = run_one(root, serve_args, args.duration, Path(tmp) / f"{name}{rnd}", f"{name}{rnd}")
+                r = run_one(root, serve_args, args.duration, Path(tmp) / f"{name}{rnd}", f"{name}{rnd}", args.scenario)
                 results[name].append(r)
                 print(f"round {rnd} {name}: {r['rate']:,.0f} msgs/s received, lost {r['lost']}, "
                       f"workers {r['cpu_us']:.3f} us CPU/msg, load generator {r['gen_us']:.3f} us CPU/msg",
