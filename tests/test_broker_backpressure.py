@@ -40,7 +40,8 @@ def test_a_publisher_on_a_reused_fd_is_held_and_nothing_is_lost(gw_factory):
     only for the first chunk it sent (what was read before the hold); once the
     subscriber reads and acknowledges, every message arrives once and every
     PUBLISH is acknowledged."""
-    server = gw_factory(workers=1, listeners=("mqtt",), args=["--max-queued", 8])   # held past 2 queued
+    # The window (16) and a queue held past 2 both fill within the first chunk.
+    server = gw_factory(workers=1, listeners=("mqtt",), args=["--max-inflight", 16, "--max-queued", 8])
     port = server.ports["mqtt"]
     sub = mqtt_session(port, b"bp-sub")
     sub.sendall(subscribe_packet(1, [(b"bp/#", 1)]))
@@ -66,7 +67,7 @@ def test_a_publisher_on_a_reused_fd_is_held_and_nothing_is_lost(gw_factory):
     writer = threading.Thread(target=send, daemon=True)
     writer.start()
     # The subscriber reads nothing (for well under the 5 s after which it would
-    # count as stalled): its window (32) fills, its queue passes 2, the publisher is held.
+    # count as stalled): its window fills, its queue passes 2, the publisher is held.
     held = pubacks_until_quiet(pub, 1.5)
     writer.join(10)
     assert 0 < len(held) <= chunk, f"{len(held)} PUBACKs while the subscriber read nothing: not held"
