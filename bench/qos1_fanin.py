@@ -37,6 +37,7 @@ SCENARIOS = {   # as bench/compare.py runs them
     "fanin-qos1": ["--publishers", "4", "--subscribers", "1", "--qos", "1", "--inflight", "32"],
     "fanin-qos0": ["--publishers", "4", "--subscribers", "1", "--qos", "0"],
     "fanout-qos0": ["--publishers", "1", "--subscribers", "10", "--qos", "0"],
+    "latency-20k": ["--publishers", "1", "--subscribers", "1", "--qos", "0", "--rate", "20000"],
 }
 
 
@@ -103,7 +104,7 @@ def run_one(root: Path, serve_args: list[str], duration: float, workdir: Path, t
     received = r["messages"]["received"]
     gen = (t1.children_user + t1.children_system) - (t0.children_user + t0.children_system)
     return {"rate": float(r["messages"]["received_per_s"]), "lost": r["delivery"]["lost"],
-            "received": received,
+            "received": received, "p99_ms": float(r["latency_ms"].get("p99_ms") or "nan"),
             "cpu_us": cpu / received * 1e6 if received else float("nan"),
             "gen_us": gen / received * 1e6 if received else float("nan")}
 
@@ -129,7 +130,8 @@ def main() -> int:
                 r = run_one(root, serve_args, args.duration, Path(tmp) / f"{name}{rnd}", f"{name}{rnd}", args.scenario)
                 results[name].append(r)
                 print(f"round {rnd} {name}: {r['rate']:,.0f} msgs/s received, lost {r['lost']}, "
-                      f"workers {r['cpu_us']:.3f} us CPU/msg, load generator {r['gen_us']:.3f} us CPU/msg",
+                      f"workers {r['cpu_us']:.3f} us CPU/msg, load generator {r['gen_us']:.3f} us CPU/msg, "
+                      f"latency p99 {r['p99_ms']:.3f} ms",
                       flush=True)
     for name, root, serve_args in variants:
         rs = results[name]
@@ -137,6 +139,7 @@ def main() -> int:
               f"{statistics.median(r['rate'] for r in rs):,.0f} msgs/s, "
               f"{statistics.median(r['cpu_us'] for r in rs):.3f} us worker CPU/msg, "
               f"{statistics.median(r['gen_us'] for r in rs):.3f} us load generator CPU/msg, "
+              f"latency p99 {statistics.median(r['p99_ms'] for r in rs):.3f} ms, "
               f"lost {sum(r['lost'] for r in rs)}")
     return 0
 
