@@ -150,7 +150,7 @@ class Config:
     max_outbound: int = _setting(8 << 20, "bytes queued to one slow client before it is disconnected; "
                                  "past half of it QoS 0 messages to that client are dropped and counted",
                                  minimum=4096, maximum=1 << 31)
-    max_inflight: int = _setting(32, "QoS 1/2 messages sent to one client and not yet acknowledged",
+    max_inflight: int = _setting(128, "QoS 1/2 messages sent to one client and not yet acknowledged",
                                  minimum=1, maximum=65535)
     max_queued: int = _setting(1000, "QoS 1/2 messages queued for one client beyond max_inflight "
                                "(also while a clean_session=0 client is away); more are dropped "

@@ -64,6 +64,8 @@ cdef enum StoreFlag:
 cdef enum:
     MAX_LISTENERS = 16
     MAX_PEERS = 64            # workers, and a peer bit in a uint64_t mask each
+    SPARE_OUT = 16            # emptied outbound buffers a worker keeps for reuse (Worker.spare_out)
+    SPARE_OUT_MAX = 65536     # ... each at most this large; larger ones are freed
 
 # Why a connection was closed; indexes the CLOSED_* counters (CLOSE_COUNTER,
 # loop.pyx) and the log limiter (Worker.log_limited).
@@ -360,6 +362,9 @@ cdef class Worker:
     cdef int nlisteners
     cdef uint8_t* rbuf               # the read buffer, shared by all connections
     cdef int* dirty                  # fds to flush at the end of this turn
+    cdef uint8_t* spare_out[SPARE_OUT]       # emptied outbound buffers (flush), taken by reserve_bytes:
+    cdef uint32_t spare_out_cap[SPARE_OUT]   # a busy connection does not malloc and grow one each turn
+    cdef int nspare_out
     cdef int ndirty
     cdef int* closed                 # fds closed this turn (ST_CLOSED), freed by reap_closed()
     cdef int nclosed
@@ -509,6 +514,11 @@ cdef class Worker:
     cdef set congested               # session slots past the high watermark
     cdef uint64_t peers_congested    # bit p: worker p asked us to hold publishers
     cdef bint publishers_paused
+    cdef int* pub_fds                # connections that sent QoS 1/2 (F_PUBLISHER), with their gen: what
+    cdef uint32_t* pub_gens          # update_pause walks (stale entries dropped then), not the fd table
+    cdef int npub
+    cdef int pub_cap
+    cdef bint pub_list_lost          # out of memory once: update_pause walks the whole table
     cdef public uint32_t queue_high  # watermarks
     cdef public uint32_t queue_low
     cdef public uint64_t max_sink_lag        # max_sink_lag_bytes: the store's lag on this log that holds ingest (0: none)

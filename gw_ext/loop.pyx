@@ -237,6 +237,11 @@ cdef class Worker:
         free(self.rate_paused_gens)
         free(self.rbuf)
         free(self.dirty)
+        free(self.pub_fds)
+        free(self.pub_gens)
+        for fd in range(self.nspare_out):
+            free(self.spare_out[fd])
+        self.nspare_out = 0
         free(self.ws_states)
         wheel_free(&self.wheel)
         if self.epfd >= 0:
@@ -1101,6 +1106,12 @@ cdef class Worker:
         if not is_client_state(c.state):
             return NULL         # closed: what it would have been sent is moot
         if need > c.outcap:
+            if c.outbuf == NULL and self.nspare_out:
+                # A buffer an earlier flush emptied (flush): no malloc, and it
+                # has usually grown to a turn's output already.
+                self.nspare_out -= 1
+                c.outbuf = self.spare_out[self.nspare_out]
+                c.outcap = self.spare_out_cap[self.nspare_out]
             if c.outoff > 0:
                 # Drop what was sent before growing: the buffer then never holds
                 # more than max_outbound (<= 2 GiB), so its uint32 sizes cannot wrap.
@@ -1182,8 +1193,14 @@ cdef class Worker:
                 n = <ssize_t>sent
             c.outoff += <uint32_t>n
             self.counters[BYTES_OUT] += n
-        # Everything is out: give the buffer back, so idle connections hold none.
-        free(c.outbuf)
+        # Everything is out: give the buffer back, so idle connections hold none
+        # (kept for the next connection with output when small enough).
+        if c.outbuf != NULL and c.outcap <= SPARE_OUT_MAX and self.nspare_out < SPARE_OUT:
+            self.spare_out[self.nspare_out] = c.outbuf
+            self.spare_out_cap[self.nspare_out] = c.outcap
+            self.nspare_out += 1
+        else:
+            free(c.outbuf)
         c.outbuf = NULL
         c.outoff = c.outlen = c.outcap = 0
         c.flags &= ~F_SSL_WRITE_WANTS_READ

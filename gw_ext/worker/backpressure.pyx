@@ -64,22 +64,77 @@ cdef void congestion_check(Worker w):
             s.stalled = 1       # until it acknowledges something again
 
 
+cdef void publisher_add(Worker w, Conn* c) noexcept:
+    """c just became a publisher (F_PUBLISHER): in the list update_pause walks.
+    Entries of closed connections are dropped as update_pause meets them, or
+    here once they are half the list, so churn cannot grow it."""
+    cdef int k, kept
+    cdef int cap
+    cdef void* grown
+    if w.pub_list_lost:
+        return
+    if w.npub == w.pub_cap:
+        kept = 0
+        for k in range(w.npub):
+            if (w.conns[w.pub_fds[k]].gen == w.pub_gens[k] and is_client_state(w.conns[w.pub_fds[k]].state)
+                    and w.conns[w.pub_fds[k]].flags & F_PUBLISHER):
+                w.pub_fds[kept] = w.pub_fds[k]
+                w.pub_gens[kept] = w.pub_gens[k]
+                kept += 1
+        w.npub = kept
+        if w.npub * 2 >= w.pub_cap:     # (also the first time: cap 0)
+            cap = w.pub_cap * 2 if w.pub_cap else 64
+            grown = realloc(w.pub_fds, cap * sizeof(int))
+            if grown == NULL:
+                w.pub_list_lost = True
+                return
+            w.pub_fds = <int*>grown
+            grown = realloc(w.pub_gens, cap * sizeof(uint32_t))
+            if grown == NULL:
+                w.pub_list_lost = True
+                return
+            w.pub_gens = <uint32_t*>grown
+            w.pub_cap = cap
+    w.pub_fds[w.npub] = c.fd
+    w.pub_gens[w.npub] = c.gen
+    w.npub += 1
+
+
+cdef inline void _pause_or_resume(Worker w, Conn* c, bint want):
+    if want:
+        pause_conn(w, c)
+    elif c.flags & F_PAUSED:
+        c.flags &= ~F_PAUSED
+        w.update_events(c)
+
+
 cdef void update_pause(Worker w):
     cdef bint want = bool(w.congested) or w.peers_congested != 0 or w.wal_congested
-    cdef int fd
+    cdef int fd, k, kept
     cdef Conn* c
     if want == w.publishers_paused:
         return
     w.publishers_paused = want
-    for fd in range(w.nconns):
+    if w.pub_list_lost:
+        for fd in range(w.nconns):
+            c = &w.conns[fd]
+            if c.state == ST_CONNECTED and c.flags & F_PUBLISHER:
+                _pause_or_resume(w, c, want)
+        return
+    # The publishers only (publisher_add), not the whole fd table: this runs
+    # at every turn of the backpressure (hundreds a second in a fan-in flat out).
+    kept = 0
+    for k in range(w.npub):
+        fd = w.pub_fds[k]
         c = &w.conns[fd]
-        if c.state != ST_CONNECTED or not (c.flags & F_PUBLISHER):
-            continue
-        if want:
-            pause_conn(w, c)
-        elif c.flags & F_PAUSED:
-            c.flags &= ~F_PAUSED
-            w.update_events(c)
+        if c.gen != w.pub_gens[k] or not is_client_state(c.state) or not (c.flags & F_PUBLISHER):
+            continue        # closed (its fd perhaps reused): dropped from the list
+        w.pub_fds[kept] = fd
+        w.pub_gens[kept] = w.pub_gens[k]
+        kept += 1
+        if c.state == ST_CONNECTED:
+            _pause_or_resume(w, c, want)
+    w.npub = kept
 
 
 cdef void pause_conn(Worker w, Conn* c):

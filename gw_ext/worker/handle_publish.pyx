@@ -18,6 +18,7 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     w.counters[MSGS_IN] += 1
     if pkt.qos and not (c.flags & F_PUBLISHER):
         c.flags |= F_PUBLISHER
+        publisher_add(w, c)        # backpressure.pyx
         if w.publishers_paused:
             pause_conn(w, c)       # this packet is handled; the next wait
     if pkt.qos == 2:
