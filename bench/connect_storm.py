@@ -253,7 +253,7 @@ def ramp(broker: Broker, args, out: Path) -> dict:
     r = json.loads(out.read_text())
     return {"clients": r["clients"], "connected": r["connected"], "success_pct": r["success_rate_pct"],
             "p50_ms": r["connect_ms"].get("p50_ms"), "p99_ms": r["connect_ms"].get("p99_ms"),
-            "max_ms": r["connect_ms"].get("max_ms")}
+            "max_ms": r["connect_ms"].get("max_ms"), "failed": r.get("errors", {})}
 
 
 def storm(broker: Broker, args) -> dict:
@@ -312,7 +312,8 @@ def main() -> int:
                     results.append(row)
                     print(f"run {run} {name:9} {what:5} {r['connected']}/{r['clients']} "
                           f"({r['success_pct']}%) p50 {r['p50_ms']} ms p99 {r['p99_ms']} ms max {r['max_ms']} ms"
-                          + (f" last CONNACK {r['last_connack_s']} s failed {r['failed']}" if what == "storm" else ""),
+                          + (f" last CONNACK {r['last_connack_s']} s" if what == "storm" else "")
+                          + f" failed {r['failed']}",
                           flush=True)
     print(json.dumps(results, indent=1))
     return 0
