@@ -210,6 +210,10 @@ class Config:
                                              "half of it bounds how long a CONNECT of another user waits for "
                                              "the id's open connection to end before it is refused",
                                              minimum=0.1, maximum=3600)
+    connect_at_once: bool = _setting(True, "a clean-session CONNECT whose client id's home is another worker "
+                                     "is answered in its own loop turn, its claim sent to the home after it "
+                                     "(not with authentication on); false: it waits for the home's answer",
+                                     )
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",
                                    minimum=1, maximum=86400)
     drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",

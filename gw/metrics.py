@@ -139,6 +139,12 @@ _FAMILIES = [
     ("gw_sessions_late_total", "counter",
      "Sessions from another worker dropped: they came after their CONNECT had settled without them "
      "(connect_settle_timeout), as a new session.", [("", C.SESSIONS_LATE)]),
+    ("gw_connects_at_once_total", "counter",
+     "CONNECTs with a clean session settled in their own loop turn though their client id's home is "
+     "another worker (its claim follows; no authentication on).", [("", C.CONNECTS_AT_ONCE)]),
+    ("gw_evicts_stale_total", "counter",
+     "Takeovers from another worker that named a connection a newer CONNECT here had already replaced: "
+     "the newer one stays.", [("", C.EVICTS_STALE)]),
     ("gw_acl_denied_total", "counter",
      "What the ACL (acl_file) refused, by what: publishes and wills dropped, SUBSCRIBE filters answered "
      "0x80, deliveries to subscribers that may not read the topic; and client publishes on $SYS, "

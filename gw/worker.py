@@ -70,6 +70,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_topic_length = cfg.max_topic_length
     worker.connect_timeout_ms = int(cfg.connect_timeout * 1000)
     worker.settle_timeout_ms = int(cfg.connect_settle_timeout * 1000)
+    worker.connect_at_once = cfg.connect_at_once
     worker.json_timeout_ms = int(cfg.json_timeout * 1000)
     worker.http_max_body = cfg.max_body_size
     worker.http_timeout_ms = int(cfg.http_timeout * 1000)

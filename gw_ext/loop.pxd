@@ -445,6 +445,7 @@ cdef class Worker:
     cdef Wheel wheel                 # every connection's deadline
     cdef public uint32_t connect_timeout_ms
     cdef public uint32_t settle_timeout_ms   # connect_settle_timeout (worker/registry.pyx)
+    cdef public bint connect_at_once         # connect_at_once (worker/registry.pyx)
     cdef public uint32_t json_timeout_ms
 
     # --- MQTT packets (worker/handle_*.pyx) ---------------------------------------------
@@ -497,6 +498,8 @@ cdef class Worker:
     cdef dict registry_users         # ... and the user its session acts as (None: anonymous)
     cdef dict pending                # token -> PendingConnect, waiting to settle
     cdef list settle_orphans         # (token, deadline ms) of those whose connection closed meanwhile
+    cdef dict unconfirmed            # client id -> token of our latest CONNECT of it settled at once, its
+                                     # home's GRANT not yet back (registry.pyx: an EVICT meanwhile is stale)
     cdef uint32_t settle_token
     cdef dict claim_checks           # at the id's home: client id -> ClaimCheck (its owner asked first)
     cdef list held_checks            # at an owner: FR_CHECKs answered once its connection of the id ended:

@@ -177,6 +177,7 @@ cdef class Worker:
         self.allow_anonymous = True
         self.certificate_anonymous = True
         self.settle_orphans = []
+        self.unconfirmed = {}
         self.claim_checks = {}
         self.held_checks = []
         self.pending_subacks = {}

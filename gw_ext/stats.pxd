@@ -136,7 +136,10 @@ cpdef enum:
     # 308..319 free: the store.
     # 320..383 free: MQTT 5.0 (reason codes sent and received, topic aliases, flow control).
     # 384..399 free: shared subscriptions.
-    # 400..415 free: the QoS 1 path and connection set-up.
+    # 400..415 free: the QoS 1 path and connection set-up (408..415: connection set-up).
+    CONNECTS_AT_ONCE = 408    # CONNECTs (clean session, no authentication) settled in their turn though their id's
+                              # home is another worker: the claim follows, unanswered (registry.pyx)
+    EVICTS_STALE = 409        # EVICTs that named a connection a CONNECT settled at once here had already taken over
     # 416..447 free: TLS.
     N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
 

@@ -395,3 +395,95 @@ def test_connects_on_one_worker_take_over_in_turn_when_the_session_comes():
         assert left == [], left
         wut.close()
     """))
+
+
+def test_connect_at_once_then_a_stale_evict_then_the_home_order():
+    """c0's home is worker 1 (played). A clean CONNECT here (X) is answered in
+    its own turn, before its home has seen its claim; so is the next one (A),
+    which takes X over here. Worker 1's client (B) claimed c0 at the home
+    before A's claim got there: the home, which had X on record, evicts
+    worker 0 for B. That EVICT names X, which A has already taken over: A
+    stays, B gets no session. Then the home processes A's claim: it names
+    worker 1 (B), and evicts B there. A later claim (C) then takes A over."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        assert wut.worker.connect_at_once
+        peer = wut.peers[1]
+
+        def claims():
+            got = []
+            for ftype, body in frames_from(peer):
+                if ftype == FR_CLAIM:
+                    got.append((struct.unpack_from("<I", body)[0], body[8:]))
+            return got
+
+        x = connected(wut, b"c0")
+        x.drain()
+        assert bytes(x.received) == CONNACK_NEW, bytes(x.received)      # before any GRANT
+        assert h.counter("CONNECTS_AT_ONCE") == 1
+        [(x_token, cid)] = claims()
+        assert cid == b"c0"
+        peer.send(frame(FR_GRANT, struct.pack("<Ib", x_token, -1) + b"c0"))     # the home: X, new
+        turns(wut)
+        a = connected(wut, b"c0")
+        a.drain()
+        x.drain()
+        assert bytes(a.received) == CONNACK_NEW and a.open and not x.open
+        [(a_token, _cid)] = claims()
+        # B's claim reached the home first: worker 0 (X on record) is evicted for it.
+        peer.send(frame(FR_EVICT, struct.pack("<BIB", 1, 900, 1) + b"c0"))
+        turns(wut)
+        a.drain()
+        assert a.open, "A was taken over by an EVICT that named the connection it replaced"
+        assert h.counter("EVICTS_STALE") == 1
+        sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
+        assert [struct.unpack_from("<IB", s) for s in sessions] == [(900, 0)], sessions
+        # The home now processes A's claim (B on record: evicted over there).
+        peer.send(frame(FR_GRANT, struct.pack("<Ib", a_token, 1) + b"c0"))
+        turns(wut)
+        a.stream += PINGREQ
+        a.send(0)
+        turns(wut)
+        a.drain()
+        assert bytes(a.received) == CONNACK_NEW + b"\\xd0\\x00" and a.open
+        # C, on worker 1, claims c0 after A: A is taken over.
+        peer.send(frame(FR_EVICT, struct.pack("<BIB", 1, 901, 1) + b"c0"))
+        turns(wut)
+        a.drain()
+        assert not a.open, "A still open after a takeover the home ordered after it"
+        sessions = [body for ftype, body in frames_from(peer) if ftype == FR_SESSION]
+        assert [struct.unpack_from("<IB", s) for s in sessions] == [(901, 0)], sessions
+        assert h.counter("EVICTS_STALE") == 1
+        assert h.counter("SESSIONS_LATE") == 0
+        wut.close()
+    """))
+
+
+def test_connect_at_once_only_for_clean_sessions_and_when_enabled():
+    """A clean_session=0 CONNECT whose id's home is the other worker waits for
+    the home (its session and session present come from the previous owner);
+    with connect_at_once off, a clean one waits too."""
+    run_worker_script(textwrap.dedent(PLAYED_PEER) + textwrap.dedent("""
+        wut = WorkerUnderTest(h, nworkers=2, protos=("mqtt",), peer_answers=False)
+        peer = wut.peers[1]
+        p = connected(wut, b"c0", clean=False)
+        p.drain()
+        assert bytes(p.received) == b"", bytes(p.received)
+        [body] = [body for ftype, body in frames_from(peer) if ftype == FR_CLAIM]
+        peer.send(frame(FR_GRANT, struct.pack("<Ib", struct.unpack_from("<I", body)[0], -1) + b"c0"))
+        turns(wut)
+        p.drain()
+        assert bytes(p.received) == CONNACK_NEW, bytes(p.received)
+        wut.worker.connect_at_once = False
+        q = connected(wut, b"c2")       # c2's home: worker 1 too
+        q.drain()
+        assert bytes(q.received) == b"", bytes(q.received)
+        [body] = [body for ftype, body in frames_from(peer) if ftype == FR_CLAIM]
+        assert body[8:] == b"c2"
+        peer.send(frame(FR_GRANT, struct.pack("<Ib", struct.unpack_from("<I", body)[0], -1) + b"c2"))
+        turns(wut)
+        q.drain()
+        assert bytes(q.received) == CONNACK_NEW, bytes(q.received)
+        assert h.counter("CONNECTS_AT_ONCE") == 0
+        wut.close()
+    """))

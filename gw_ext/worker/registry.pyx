@@ -82,21 +82,55 @@ cdef void send_small(Worker w, int p, uint8_t ftype, bytes head, bytes client_id
 
 
 cdef int connect_claim(Worker w, Conn* c, PendingConnect pc):
-    """Starts settling c's session; the connection stops reading until then."""
+    """Settles c's session: in this turn when the id's home is this worker and
+    no other holds it, or when the CONNECT may be settled at once (connect_at_once);
+    otherwise the connection stops reading until its home answered."""
     cdef int home = home_of(w, pc.client_id)
     w.settle_token += 1
     token = w.settle_token
-    w.pending[token] = pc
     c.state = ST_SETTLING
     c.pending_token = token
-    w.update_events(c)       # ST_SETTLING: not read until settled
-    schedule_settle_timeout(w, c)
-    if home == w.worker_index or w.peers[home].fd < 0:
-        registry_claim(w, w.worker_index, token, pc.clean, pc.client_id, pc.username)
-    else:
+    if home != w.worker_index and w.peers[home].fd >= 0:
+        if connect_at_once(w, pc):
+            connect_settle_at_once(w, c, pc, home, token)
+            return 0
+        w.pending[token] = pc
+        w.update_events(c)       # ST_SETTLING: not read until settled
+        schedule_settle_timeout(w, c)
         send_small(w, home, FR_CLAIM, struct_pack("<IB", token, pc.clean) + user_field(pc.username),
                    pc.client_id)
+        return 0
+    w.pending[token] = pc
+    registry_claim(w, w.worker_index, token, pc.clean, pc.client_id, pc.username)
+    if token in w.pending:
+        # Waits for the session from the worker that held it.
+        w.update_events(c)
+        schedule_settle_timeout(w, c)
     return 0
+
+
+cdef inline bint connect_at_once(Worker w, PendingConnect pc):
+    """Whether a CONNECT whose id's home is another worker settles now, its
+    claim sent after it (ARCHITECTURE.md, "A CONNECT in one turn"): with a
+    clean session there is no session to receive (session present is 0 whoever
+    held the id), so the home's answer could only refuse it, which it does
+    only with authentication on (another user's id); and not behind a CONNECT
+    of ours for the id still waiting, so ours settle in the home's order."""
+    return (w.connect_at_once and pc.clean and not w.auth_required
+            and not settling_here(w, pc.client_id))
+
+
+cdef void connect_settle_at_once(Worker w, Conn* c, PendingConnect pc, int home, uint32_t token):
+    """CONNACK now; the claim goes to the home, which answers it (GRANT) and
+    evicts the previous owner as for any claim. Until the GRANT is back an
+    EVICT of the id here comes from a claim the home ordered before this one:
+    it names a connection this one has already taken over (registry_evict)."""
+    w.pending[token] = pc
+    w.unconfirmed[pc.client_id] = token
+    w.counters[CONNECTS_AT_ONCE] += 1
+    send_small(w, home, FR_CLAIM, struct_pack("<IB", token, pc.clean) + user_field(pc.username),
+               pc.client_id)
+    connect_settle(w, token, None)
 
 
 cdef bytes user_field(bytes username):
@@ -291,8 +325,18 @@ cdef void registry_evict(Worker w, int claimant, uint32_t token, uint8_t clean, 
     granted it before the claimant's), the eviction waits for that: it gets
     its CONNACK and the session, then is taken over and hands the session on
     (connect_settle), as the home ordered the two CONNECTs (MQTT-3.1.4-2)."""
+    cdef PendingConnect waiting
+    if w.unconfirmed and client_id in w.unconfirmed:
+        # The home ordered the claimant's CONNECT before ours settled at once
+        # (whose GRANT would have come first): the connection it names is one
+        # ours has taken over already; ours stays, and takes the claimant's
+        # over in its turn (the home evicts it for ours). The claimant waiting
+        # for a session gets none: ours, clean, ended it.
+        w.counters[EVICTS_STALE] += 1
+        send_session(w, claimant, token, 0, b"", client_id)
+        return
     # (A CONNECT of ours taking over one of ours is not waiting for itself.)
-    cdef PendingConnect waiting = granted_pending(
+    waiting = granted_pending(
         w, client_id, w.pending.get(token) if claimant == w.worker_index else None)
     if waiting is not None:
         if waiting.evictions is None:
@@ -318,6 +362,11 @@ cdef void registry_hand_over(Worker w, int claimant, uint32_t token, uint8_t cle
             state = session_serialize(w, slot)
             present = 1
         session_free(w, slot, False)
+    send_session(w, claimant, token, present, state, client_id)
+
+
+cdef void send_session(Worker w, int claimant, uint32_t token, uint8_t present, bytes state, bytes client_id):
+    """The claimant's SESSION: what we held of client_id (present 0: nothing)."""
     if claimant == w.worker_index:
         on_session(w, token, present, state)
         return
@@ -428,6 +477,10 @@ cdef void registry_peer_restarted(Worker w, int p):
     for cid in [k for k, v in w.registry.items() if v == p]:
         del w.registry[cid]
         w.registry_users.pop(cid, None)
+    # Our CONNECTs settled at once whose claim p will not answer (its registry
+    # died with it): the REGISTER below puts them on its record.
+    for cid in [k for k in w.unconfirmed if home_of(w, k) == p]:
+        del w.unconfirmed[cid]
     # Checks p was asked (it will not answer) and p asked of us (it forgot them).
     w.held_checks = [entry for entry in w.held_checks if entry[0] != p]
     for cid, check in list(w.claim_checks.items()):
@@ -463,6 +516,8 @@ cdef void registry_frame(Worker w, int p, uint8_t ftype, const uint8_t* body, ui
             channel_malformed(w, p, "a GRANT naming worker %d" % prev)
             return
         on_grant(w, token, prev)
+        if w.unconfirmed and w.unconfirmed.get(data[5:]) == token:
+            del w.unconfirmed[data[5:]]       # our CONNECT settled at once is in the home's order now
     elif ftype == FR_EVICT and n >= 6:
         claimant, token, clean = struct_unpack_from("<BIB", data)
         if not is_worker(w, claimant):
