@@ -137,7 +137,8 @@ cpdef enum:
     # 320..383 free: MQTT 5.0 (reason codes sent and received, topic aliases, flow control).
     # 384..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up.
-    # 416..447 free: TLS.
+    TLS_RESUMED = 416         # of TLS_HANDSHAKES: resumed from a session ticket (abbreviated handshakes)
+    # 417..447 free: TLS.
     N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
 
 cpdef enum:
