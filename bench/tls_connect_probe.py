@@ -85,9 +85,10 @@ def main() -> None:
         connack.append(t2 - t1)
         resumed += tls.session_reused
         session = tls.session       # with TLS 1.3, the ticket came before the CONNACK
+        version = tls.version()
         tls.close()
     cpu = (cpu_seconds(args.server_pid) - cpu0) if args.server_pid else None
-    print(f"{args.count} connections ({tls.version()}, {resumed} resumed): TLS handshake p50 {pct(handshake, 50):.2f} ms "
+    print(f"{args.count} connections ({version}, {resumed} resumed): TLS handshake p50 {pct(handshake, 50):.2f} ms "
           f"p99 {pct(handshake, 99):.2f} ms; CONNECT->CONNACK p50 {pct(connack, 50):.2f} ms p99 {pct(connack, 99):.2f} ms"
           + (f"; server CPU {cpu / args.count * 1e6:.0f} us per connection" if cpu is not None else ""))
 
