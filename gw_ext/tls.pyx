@@ -15,6 +15,9 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from gw_ext.codec cimport MAL_CONTROL, check_string
 from gw_ext.openssl cimport *
 
+cdef extern from "malloc.h" nogil:
+    int malloc_trim(size_t pad)
+
 cdef extern from "tls_tickets.h" nogil:
     int GW_TICKET_SECRET
     void gw_tickets_set_secret(const unsigned char* secret)
@@ -62,6 +65,20 @@ def set_ticket_secret(bytes secret, long lifetime):
             raise ValueError(f"ticket secret must be {GW_TICKET_SECRET} bytes")
         gw_tickets_set_secret(<const unsigned char*>secret)
     ticket_lifetime = lifetime
+
+
+def release_free_heap():
+    """Gives the free pages inside the heap back to the system (glibc's
+    malloc_trim, which also releases whole free pages between live blocks).
+    Each TLS handshake allocates and frees tens of KiB (record buffers, the key
+    exchange, the signature, the ticket) among the long-lived objects of the
+    connections made meanwhile, and the freed pages stay resident otherwise: the
+    worker calls it from its once-a-second tick after a run of handshakes
+    (gw/worker.py). True if memory was released."""
+    cdef int released
+    with nogil:
+        released = malloc_trim(0)
+    return released == 1
 
 
 def ticket_secret_is_set():
