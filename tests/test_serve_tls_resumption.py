@@ -17,7 +17,7 @@ import time
 import pytest
 
 from conftest import (CONNACK_OK, HOST, client_tls_context, connect_packet, counter_delta, ping,
-                      read_packet, tcp_connect, wait_for)
+                      read_packet, tcp_connect)
 
 
 @pytest.fixture(scope="module")
