@@ -3,12 +3,21 @@
     python bench/compare.py                      # every scenario
     python bench/compare.py --only idle-10k-tls  # one row
     python bench/compare.py --list
+    python bench/compare.py --peer emqx=127.0.0.1:1884:4242   # a third broker, already running
 
 Starts Debian's `mosquitto` and `gw serve --workers 2` on free loopback ports
 (each with its own temporary directory and a trustme ECDSA P-256 certificate),
 runs `gw bench` against each broker in turn (alternating which goes first),
 stops both by pid, and prints the BENCHMARKS.md table. Raw `gw bench --json`
 results go to bench/results/ (ignored by git).
+
+`--peer NAME=HOST:PORT[:PID]` (repeatable) adds a broker the user runs
+already: it gets the same `gw bench` load, in the same run, on its plain MQTT
+port (the TLS and JSON-lines scenarios skip it: its certificates and protocols
+are not ours to know), and gets a row of its own in every table. Its memory
+(RSS per connection) is measured only when its PID is given, as the sum over
+that process and its children; without it the cell reads "-". compare.py never
+starts, configures or stops a peer.
 
 Mosquitto is configured at its best for each figure: its defaults for
 throughput; `set_tcp_nodelay true` where latency is measured (connect times);
@@ -142,6 +151,42 @@ class Gw(Broker):
             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(REPO)})
 
 
+class Peer:
+    """A broker the user runs (--peer NAME=HOST:PORT[:PID]): nothing to start or stop."""
+
+    def __init__(self, name: str, host: str, port: int, pid: int | None):
+        self.name, self.host, self.port, self.pid = name, host, port, pid
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+
+def parse_peer(spec: str) -> Peer:
+    """NAME=HOST:PORT[:PID] (an IPv6 host in brackets: [::1]:1883)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or name in ("gw", "mosquitto") or not name.replace("-", "").replace("_", "").isalnum():
+        raise argparse.ArgumentTypeError(f"--peer {spec!r}: want NAME=HOST:PORT[:PID], NAME letters, digits, - or _ "
+                                         "and not gw or mosquitto")
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        parts = tail[1:].split(":") if tail.startswith(":") else []
+    else:
+        host, *parts = rest.split(":")
+    try:
+        if not host or len(parts) not in (1, 2):
+            raise ValueError
+        port = int(parts[0])
+        pid = int(parts[1]) if len(parts) == 2 else None
+        if not 0 < port < 65536 or (pid is not None and pid <= 0):
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--peer {spec!r}: want NAME=HOST:PORT[:PID]") from None
+    return Peer(name, host, port, pid)
+
+
 class Mosquitto(Broker):
     name = "mosquitto"
 
@@ -172,16 +217,24 @@ class Mosquitto(Broker):
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def run_bench(broker: Broker, sc: Scenario, out: Path) -> dict:
-    port = broker.json_tls_port if sc.kind == "jsonlines" else broker.tls_port if sc.tls else broker.port
-    cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", f"127.0.0.1:{port}",
+def run_bench(broker: Broker | Peer, sc: Scenario, out: Path) -> dict:
+    if isinstance(broker, Peer):
+        host, port, pid = broker.host, broker.port, broker.pid
+    else:
+        host, pid = "127.0.0.1", broker.proc.pid
+        port = broker.json_tls_port if sc.kind == "jsonlines" else broker.tls_port if sc.tls else broker.port
+    server = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = [PY, "-m", "gw.cli", "bench", *sc.bench_args, "--server", server,
            "--json", str(out), "--quiet"]
-    if sc.kind != "pubsub":
-        cmd += ["--server-pid", str(broker.proc.pid)]
+    if sc.kind != "pubsub" and pid is not None:
+        cmd += ["--server-pid", str(pid)]
     if sc.tls:
         cmd += ["--tls", "--cafile", str(broker.certs / "ca.pem")]
-    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
-                   timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
+                          timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if not out.exists():
+        raise SystemExit(f"compare: gw bench against {broker.name} gave no result (exit {done.returncode}):\n"
+                         + done.stderr.decode(errors="replace")[-2000:])
     return json.loads(out.read_text())
 
 
@@ -206,7 +259,7 @@ def summarize(r: dict) -> dict:
         "rss_mb": f"{server['rss_full'] / 1e6:.1f}" if "rss_full" in server else "-",
         "connect_p50": _ms(r["connect_ms"].get("p50_ms")),
         "connect_p99": _ms(r["connect_ms"].get("p99_ms")),
-        "rss_per_conn_kib": round(server["rss_per_connection"] / 1024, 2) if "rss_per_connection" in server else None,
+        "rss_per_conn_kib": round(server["rss_per_connection"] / 1024, 2) if "rss_per_connection" in server else "-",
     }
 
 
@@ -215,9 +268,11 @@ def each_result(rows: list, kind: str):
     return [(sc, results["gw"]) for sc, results in rows if sc.kind == kind]
 
 
-def each_broker_result(rows: list, kind: str):
-    """(scenario, broker, its summary) of the scenarios of a kind, gw then Mosquitto."""
-    return [(sc, which, results[which]) for sc, results in rows if sc.kind == kind for which in ("gw", "mosquitto")]
+def each_broker_result(rows: list, kind: str, brokers: list[str]):
+    """(scenario, broker, its summary) of the scenarios of a kind, in the order of
+    `brokers` (gw, Mosquitto, the peers), each broker that ran the scenario."""
+    return [(sc, which, results[which]) for sc, results in rows if sc.kind == kind
+            for which in brokers if which in results]
 
 
 def print_table(heads: list[str], lines: list[list]) -> None:
@@ -235,7 +290,12 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=sorted(SCENARIOS))
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--peer", action="append", type=parse_peer, default=[], metavar="NAME=HOST:PORT[:PID]",
+                    help="another broker, already running, to hold gw against (plain MQTT scenarios; "
+                         "its RSS only with PID)")
     args = ap.parse_args()
+    if len({p.name for p in args.peer}) != len(args.peer):
+        ap.error("--peer: each peer needs a name of its own")
     if args.list:
         for s in SCENARIOS.values():
             print(f"{s.name:20} {s.what}")
@@ -263,26 +323,31 @@ def main() -> int:
             order = ["gw", "mosquitto"] if i % 2 == 0 else ["mosquitto", "gw"]
             if sc.kind == "jsonlines":
                 order = ["gw"]
+            elif not sc.tls:
+                order += [p.name for p in args.peer]
+            peers = {p.name: p for p in args.peer}
             results = {}
             for which in order:
                 work = tmp / f"{name}-{which}"
                 work.mkdir()
                 broker = (Gw(work, certs, args.workers) if which == "gw"
+                          else peers[which] if which in peers
                           else Mosquitto(work, certs, sc.mosquitto))
                 with broker:
                     r = run_bench(broker, sc, RESULTS / f"{stamp}-{name}-{which}.json")
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))
+    brokers = ["gw", "mosquitto", *(p.name for p in args.peer)]
     print_table(["clients", "connected", "success rate", "Data messages sent", "connect p99 (ms)", "gw RSS (MB)"],
                 [[sc.what, s["success"], s["success"].split("(")[1].rstrip(")"), s["sent"], s["connect_p99"],
                   s["rss_mb"]] for sc, s in each_result(rows, "jsonlines")])
     print_table(["scenario", "broker", "connected", "connect p50 (ms)", "connect p99 (ms)", "RSS per connection (KiB)"],
                 [[sc.what, which, s["success"], s["connect_p50"], s["connect_p99"], s["rss_per_conn_kib"]]
-                 for sc, which, s in each_broker_result(rows, "connections")])
+                 for sc, which, s in each_broker_result(rows, "connections", brokers)])
     print_table(["scenario", "broker", "sent/s", "delivered/s", "lost", "latency p50 (ms)", "latency p99 (ms)"],
                 [[sc.what, which, s["sent_per_s"], s["received_per_s"], s["lost"], s["latency_p50"], s["latency_p99"]]
-                 for sc, which, s in each_broker_result(rows, "pubsub")])
+                 for sc, which, s in each_broker_result(rows, "pubsub", brokers)])
     return 0
 
 

@@ -106,6 +106,11 @@ class Config:
                                               "CONNECT or a JSON-lines Connect; a certificate without a "
                                               "usable CN is refused (CONNACK 4, JSON lines: an Error); "
                                               "needs require_certificate")
+    tls_ticket_lifetime: int = _setting(7200, "seconds a TLS session ticket lets a reconnecting client resume "
+                                        "(an abbreviated handshake, on any worker: the keys come from a "
+                                        "secret the master makes at start, each sealing tickets for this "
+                                        "long and accepted for as long again); 0: no tickets",
+                                        minimum=0, maximum=604800)
     data_dir: str = _setting("data", "directory for the pid file, retained messages, "
                              "clean_session=0 sessions, the write-ahead logs (wal/) and the store "
                              "(store.sqlite), kept across restarts")
@@ -328,7 +333,7 @@ SETTINGS = {f.name: f for f in fields(Config)}
 RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "store", "store_pg_partitions_ahead",
                                 "store_pg_connect_timeout", "idempotency_capacity", "idempotency_window",
                                 "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer",
-                                "query_threads", "auth_threads")
+                                "query_threads", "auth_threads", "tls_ticket_lifetime")
 
 
 def _coerce(key: str, value):

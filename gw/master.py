@@ -213,7 +213,11 @@ class Master:
                 # be meant to read it).
                 log.warning("the TLS key %s has mode %04o: other users may read it (chmod 600 it)",
                             self.certs.key, key_mode)
-            from gw_ext.tls import TLSError
+            from gw_ext.tls import TLSError, set_ticket_secret
+            # Made here, before the workers fork, so every worker (and every
+            # respawned one) seals and opens session tickets with the same keys;
+            # kept in memory only.
+            set_ticket_secret(os.urandom(32), cfg.tls_ticket_lifetime)
             try:
                 server_context(self.certs, cfg)
             except TLSError as exc:

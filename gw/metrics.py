@@ -73,6 +73,8 @@ _FAMILIES = [
     ("gw_sent_bytes_total", "counter", "Bytes sent to clients.", [("", C.BYTES_OUT)]),
     ("gw_tls_handshakes_total", "counter", "TLS handshakes completed.", [("", C.TLS_HANDSHAKES)]),
     ("gw_tls_handshake_failures_total", "counter", "TLS handshakes failed.", [("", C.TLS_FAILURES)]),
+    ("gw_tls_resumed_total", "counter", "TLS handshakes (of gw_tls_handshakes_total) that resumed a session "
+     "from a ticket.", [("", C.TLS_RESUMED)]),
     ("gw_tls_client_certificates_refused_total", "counter",
      "Clients refused over their certificate (require_certificate), by reason: none presented, not valid "
      "(unknown CA, bad signature, expired, or a common name that is no user name), revoked by crlfile.",

@@ -23,9 +23,13 @@ from gw.ingest import Ingest
 from gw.jsonproto import JsonProtocol
 from gw.passwords import PasswordFileError, load_password_file
 from gw.persistence import Persistence
-from gw.stats import StatsBlock
+from gw.stats import Counter, StatsBlock
 from gw.systopics import sys_messages
 from gw_ext import codec
+
+# The heap is trimmed after this many TLS handshakes, at most every TRIM_INTERVAL seconds.
+TRIM_AFTER_HANDSHAKES = 256
+TRIM_INTERVAL = 10.0
 
 log = logging.getLogger("gw.worker")
 
@@ -209,7 +213,7 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     from gw.metrics import render
     from gw.query_pool import QueryPool
     from gw_ext.loop import Worker
-    from gw_ext.tls import TLSError
+    from gw_ext.tls import TLSError, release_free_heap
 
     # Ctrl-C reaches the whole process group; the master decides what happens.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -367,10 +371,23 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                               counters=block.row(slot))
     persistence.load()
     next_sys = 0.0
+    counters = block.row(slot)
+    trimmed_at = [0.0, 0]       # when the heap was last trimmed, the handshakes then
+
+    def trim_after_handshakes():
+        # After a run of TLS handshakes (each allocates and frees tens of KiB among
+        # the new connections' lasting objects), at most every TRIM_INTERVAL s:
+        # about 3.5 KiB per TLS connection stays resident otherwise (BENCHMARKS.md).
+        now = time.monotonic()
+        done = int(counters[Counter.TLS_HANDSHAKES]) + int(counters[Counter.TLS_FAILURES])
+        if done - trimmed_at[1] >= TRIM_AFTER_HANDSHAKES and now - trimmed_at[0] >= TRIM_INTERVAL:
+            trimmed_at[0], trimmed_at[1] = now, done
+            release_free_heap()
 
     def tick():
         # Once a second: persistence, and on worker 0 the $SYS topics.
         nonlocal next_sys
+        trim_after_handshakes()
         persistence.interval = cfg.persist_interval
         if cfg.session_expiry:
             expired = worker.expire_sessions(cfg.session_expiry)

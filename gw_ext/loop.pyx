@@ -1058,6 +1058,8 @@ cdef class Worker:
         if r == 1:
             c.state = ST_AWAIT_CONNECT
             self.counters[TLS_HANDSHAKES] += 1
+            if SSL_session_reused(c.ssl):
+                self.counters[TLS_RESUMED] += 1
             self.set_pollout(c, False)
             return 1
         err = SSL_get_error(c.ssl, r)

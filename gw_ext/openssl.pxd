@@ -56,6 +56,9 @@ cdef extern from "openssl/ssl.h" nogil:
     long SSL_MODE_ENABLE_PARTIAL_WRITE
     long SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
     long SSL_SESS_CACHE_OFF
+    unsigned long SSL_OP_NO_TICKET
+    long SSL_CTX_set_timeout(SSL_CTX* ctx, long t)
+    int SSL_session_reused(const SSL* ssl)
 
     int SSL_ERROR_NONE
     int SSL_ERROR_SSL

@@ -140,7 +140,8 @@ cpdef enum:
     CONNECTS_AT_ONCE = 408    # CONNECTs (clean session, no authentication) settled in their turn though their id's
                               # home is another worker: the claim follows, unanswered (registry.pyx)
     EVICTS_STALE = 409        # EVICTs that named a connection a CONNECT settled at once here had already taken over
-    # 416..447 free: TLS.
+    TLS_RESUMED = 416         # of TLS_HANDSHAKES: resumed from a session ticket (abbreviated handshakes)
+    # 417..447 free: TLS.
     N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
 
 cpdef enum:

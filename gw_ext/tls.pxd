@@ -33,3 +33,4 @@ cdef class TLSContext:
     cdef readonly str crlfile
     cdef readonly bint require_certificate
     cdef readonly bint use_identity_as_username
+    cdef readonly bint shared_tickets      # sealed with the keys every worker shares

@@ -15,6 +15,16 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from gw_ext.codec cimport MAL_CONTROL, check_string
 from gw_ext.openssl cimport *
 
+cdef extern from "malloc.h" nogil:
+    int malloc_trim(size_t pad)
+
+cdef extern from "tls_tickets.h" nogil:
+    int GW_TICKET_SECRET
+    void gw_tickets_set_secret(const unsigned char* secret)
+    void gw_tickets_forget_secret()
+    int gw_tickets_have_secret()
+    int gw_tickets_install(SSL_CTX* ctx, const unsigned char* binding, size_t length, long lifetime)
+
 # AEAD with forward secrecy only. ChaCha20-Poly1305 comes first (the server's
 # preference): its per-connection cipher state is about half of AES-GCM's,
 # which matters with 10,000s of idle TLS connections, and it is the fast
@@ -33,6 +43,56 @@ SESSION_ID_CONTEXT = b"gw"
 
 class TLSError(Exception):
     pass
+
+
+# Seconds each session-ticket key seals tickets (and a ticket may resume):
+# set with the secret by the master before it forks (tls_ticket_lifetime).
+# -1 until set: OpenSSL's own keys, one per context (a tool, a test).
+cdef long ticket_lifetime = -1
+
+
+def set_ticket_secret(bytes secret, long lifetime):
+    """The master, before it forks: the secret from which every process derives
+    the same session-ticket keys (tls_tickets.h), and their lifetime in seconds;
+    0 issues no tickets. Contexts made afterwards use them."""
+    global ticket_lifetime
+    if lifetime < 0:
+        raise ValueError("ticket lifetime must be >= 0")
+    if lifetime == 0:
+        gw_tickets_forget_secret()
+    else:
+        if len(secret) != GW_TICKET_SECRET:
+            raise ValueError(f"ticket secret must be {GW_TICKET_SECRET} bytes")
+        gw_tickets_set_secret(<const unsigned char*>secret)
+    ticket_lifetime = lifetime
+
+
+def release_free_heap():
+    """Gives the free pages inside the heap back to the system (glibc's
+    malloc_trim, which also releases whole free pages between live blocks).
+    Each TLS handshake allocates and frees tens of KiB (record buffers, the key
+    exchange, the signature, the ticket) among the long-lived objects of the
+    connections made meanwhile, and the freed pages stay resident otherwise: the
+    worker calls it from its once-a-second tick after a run of handshakes
+    (gw/worker.py). True if memory was released."""
+    cdef int released
+    with nogil:
+        released = malloc_trim(0)
+    return released == 1
+
+
+def ticket_secret_is_set():
+    return bool(gw_tickets_have_secret())
+
+
+cdef bytes read_binding_file(str path):
+    if not path:
+        return b""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return b""      # the context's own load reports it
 
 
 def openssl_errors():
@@ -235,9 +295,26 @@ cdef class TLSContext:
         SSL_CTX_set_mode(self.ctx, SSL_MODE_RELEASE_BUFFERS | SSL_MODE_ENABLE_PARTIAL_WRITE
                          | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
         # No server-side session cache: memory per connection matters more than
-        # resumption; one stateless TLS 1.3 ticket still lets clients resume.
+        # resumption by id; one stateless ticket (TLS 1.3, or TLS 1.2's
+        # extension) lets a reconnecting client resume on any worker, sealed
+        # with the keys every worker derives from the master's secret.
         SSL_CTX_set_session_cache_mode(self.ctx, SSL_SESS_CACHE_OFF)
-        SSL_CTX_set_num_tickets(self.ctx, 1)
+        if gw_tickets_have_secret() and ticket_lifetime > 0:
+            # What the handshake verifies binds the keys: a ticket from before a
+            # reload that changed the client CA or the CRLs does not resume.
+            binding = b"\0".join([b"gw tickets", b"%d%d" % (require_certificate, use_identity_as_username),
+                                   client_cafile.encode(), read_binding_file(client_cafile),
+                                   crlfile.encode(), read_binding_file(crlfile)])
+            if gw_tickets_install(self.ctx, <const unsigned char*>binding, len(binding), ticket_lifetime) != 1:
+                raise TLSError("session ticket keys: " + openssl_errors())
+            SSL_CTX_set_timeout(self.ctx, ticket_lifetime)
+            SSL_CTX_set_num_tickets(self.ctx, 1)
+            self.shared_tickets = True
+        elif ticket_lifetime == 0:
+            SSL_CTX_set_options(self.ctx, SSL_OP_NO_TICKET)
+            SSL_CTX_set_num_tickets(self.ctx, 0)
+        else:
+            SSL_CTX_set_num_tickets(self.ctx, 1)
         if SSL_CTX_set_ciphersuites(self.ctx, CIPHERS_TLS13) != 1:
             raise TLSError("TLS 1.3 cipher suites rejected: " + openssl_errors())
         if SSL_CTX_set_cipher_list(self.ctx, CIPHERS_TLS12) != 1:

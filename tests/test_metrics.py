@@ -85,7 +85,7 @@ def test_new_counters():
         "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256, "STORE_BEHIND": 288,
         "STORE_BEHIND_HOLDS": 289, "STORE_BEHIND_HTTP": 290, "STORE_BEHIND_JSON": 291, "STORE_BEHIND_QOS0": 292,
         "STORE_CHECKPOINT": 293, "WS_UPGRADES": 294, "WS_REFUSED": 295, "WS_CLOSES": 300,
-        "CONNECTS_AT_ONCE": 408, "EVICTS_STALE": 409,
+        "CONNECTS_AT_ONCE": 408, "EVICTS_STALE": 409, "TLS_RESUMED": 416,
         "N_COUNTERS": 448}
     assert Layout.STATS_VERSION == 5
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
@@ -307,6 +307,7 @@ def test_render_values_are_the_sums(make_block):
     singles = {"gw_received_bytes": Counter.BYTES_IN, "gw_sent_bytes": Counter.BYTES_OUT,
                "gw_tls_handshakes": Counter.TLS_HANDSHAKES,
                "gw_tls_handshake_failures": Counter.TLS_FAILURES,
+               "gw_tls_resumed": Counter.TLS_RESUMED,
                "gw_json_messages": Counter.JSON_MESSAGES_IN, "gw_json_errors": Counter.JSON_ERRORS,
                "gw_http_malformed_requests": Counter.HTTP_MALFORMED,
                "gw_http_timeouts": Counter.HTTP_TIMEOUTS, "gw_http_requests_shed": Counter.HTTP_REQUESTS_SHED,

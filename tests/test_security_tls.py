@@ -232,16 +232,16 @@ def test_resumed_session_with_certificate(secured, certs):
         session = tls.session
         issuer = secured.which_worker(tls.getsockname()[1])
     assert session is not None and session.has_ticket
-    # A ticket resumes only on the worker that issued it (each has its own keys):
-    # connections that land on the other one are reset before the handshake.
+    # Every worker opens the ticket (keys from the master's secret): resume on
+    # the other one. Connections that land on the issuer are reset before the handshake.
     for _ in range(60):
         raw = tcp_connect(secured.ports["mqtts"])
-        if secured.which_worker(raw.getsockname()[1]) == issuer:
+        if secured.which_worker(raw.getsockname()[1]) != issuer:
             break
         raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         raw.close()
     else:
-        raise AssertionError("no connection landed on the worker that issued the ticket")
+        raise AssertionError("no connection landed on the other worker")
     with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls:
         tls.sendall(connect_packet("resume-2"))
         assert read_packet(tls) == CONNACK_OK
@@ -401,6 +401,9 @@ def test_reload_adds_a_crl_and_a_broken_one_keeps_it(gw_factory, certs, tmp_path
     try:
         established.sendall(connect_packet("established"))
         assert read_packet(established) == CONNACK_OK
+        ping(established)       # the session ticket came before the PINGRESP
+        ticket = established.session
+        assert ticket is not None and ticket.has_ticket
         crl = make_crl(certs, [open(cert, "rb").read()], tmp_path / "crl.pem")
         _write_config(config, certs, crl)
         _reload(gw)
@@ -410,6 +413,17 @@ def test_reload_adds_a_crl_and_a_broken_one_keeps_it(gw_factory, certs, tmp_path
                 break
         assert (gw.block().rows[:, Counter.TLS_REFUSED_REVOKED] > 0).all()
         ping(established)       # kept its context
+        # A ticket from before the reload (the certificate was valid then) does
+        # not resume past it: the CRL changed the keys, the handshake is a full
+        # one, and the certificate is refused.
+        for _ in range(6):
+            before = gw.counters()
+            with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError, EOFError)):
+                with ctx.wrap_socket(tcp_connect(port), server_hostname="localhost", session=ticket) as tls:
+                    tls.sendall(connect_packet("with-old-ticket"))
+                    read_packet(tls)
+            after = gw.wait_counter(REVOKED, before[REVOKED] + 1)
+            assert counter_delta(before, after, "tls_resumed") == 0
         # A CRL file that does not parse: refused by the master, the old CRL stays.
         (tmp_path / "crl.pem").write_text("-----BEGIN X509 CRL-----\nnot base64\n-----END X509 CRL-----\n")
         mark = len(gw.log())
