@@ -389,10 +389,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         nonlocal next_sys
         trim_after_handshakes()
         persistence.interval = cfg.persist_interval
-        if cfg.session_expiry:
-            expired = worker.expire_sessions(cfg.session_expiry)
-            if expired:
-                log.info("worker %d: %d persistent sessions expired", slot, expired)
+        # session_expiry for 3.1.1 sessions (0: kept), and every MQTT 5.0
+        # session's own Session Expiry Interval.
+        expired = worker.expire_sessions(cfg.session_expiry or 0)
+        if expired:
+            log.info("worker %d: %d persistent sessions expired", slot, expired)
         persistence.tick()
         if slot == 0 and cfg.sys_interval and time.monotonic() >= next_sys:
             next_sys = time.monotonic() + cfg.sys_interval

@@ -984,6 +984,9 @@ cdef class Worker:
         cdef uint32_t remaining
         cdef Py_ssize_t total
         cdef bint any_packet = False
+        cdef Py_ssize_t more
+        if c.version == 5:
+            return process_mqtt5(self, c, buf, n)     # worker/mqtt5.pyx: one test per read
         c.need = 0
         while pos < n:
             if c.state == ST_CLOSING:
@@ -1019,6 +1022,17 @@ cdef class Worker:
             if (first & 0xF0) == 0x30:      # PUBLISH: what the message and byte rates count
                 self.batch_messages += 1
                 self.batch_bytes += <uint64_t>total
+            elif c.version == 5:
+                # Its CONNECT said MQTT 5.0 (and settled at once): the rest is read
+                # by the MQTT 5.0 framing.
+                pos += total
+                c.last_rx_ms = self.now_ms
+                if pos >= n or c.state == ST_SETTLING:
+                    return pos
+                more = process_mqtt5(self, c, buf + pos, n - pos)
+                if more < 0:
+                    return -1
+                return pos + more
             any_packet = True
             pos += total
         if any_packet:
@@ -1254,6 +1268,10 @@ cdef class Worker:
         written (or after CLOSE_GRACE_MS, keepalive.pyx)."""
         if not is_client_state(c.state) or c.state == ST_CLOSING:
             return
+        if c.version == 5 and c.state == ST_CONNECTED:
+            v5_goodbye(self, c, reason, detail)    # the DISCONNECT saying why (worker/mqtt5.pyx)
+            if not is_client_state(c.state):
+                return
         if c.ws == WS_OPEN:
             # The WebSocket closes properly: a Close frame, then the TCP close.
             ws_send_close(self, c, WS_CLOSE_GOING_AWAY if self.draining else
@@ -1281,6 +1299,12 @@ cdef class Worker:
         input buffer, route_publish iterating the match result) is safe; it
         takes no more input and gets no more output."""
         if not is_client_state(c.state):
+            return
+        if c.version == 5 and c.state == ST_CONNECTED and v5_goodbye(self, c, reason, detail):
+            # An MQTT 5.0 client is told why in a DISCONNECT (worker/mqtt5.pyx),
+            # which goes out before the connection closes.
+            if is_client_state(c.state):
+                self.close_after_flush(c, reason, detail)
             return
         if c.state == ST_SETTLING:
             # Its claim still settles, by its deadline at the latest (worker/registry.pyx):
@@ -1345,7 +1369,9 @@ cdef class Worker:
             self.counters[SESSIONS_CURRENT] -= 1
         self.counters[CLOSE_COUNTER[reason]] += 1
         self.counters[CONNS_CURRENT] -= 1
-        if reason == CR_MALFORMED:
+        if reason == CR_MALFORMED and detail >= DETAIL_R5:
+            self.log_limited(reason, "closed an MQTT 5.0 connection: %s" % r5_close_text(detail))
+        elif reason == CR_MALFORMED:
             self.log_limited(reason, "closed a connection: malformed packet (%s)"
                              % MALFORMED_NAMES[detail if 0 <= detail < len(MALFORMED_NAMES) else 0])
         elif reason == CR_TOO_LARGE:
@@ -1415,6 +1441,7 @@ cdef class Worker:
 include "worker/keepalive.pyx"
 # MQTT packets.
 include "worker/read_handle.pyx"
+include "worker/mqtt5.pyx"
 include "worker/handle_connect.pyx"
 include "worker/auth.pyx"
 include "worker/handle_publish.pyx"

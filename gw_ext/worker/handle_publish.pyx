@@ -8,13 +8,19 @@
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
     cdef int reason = 0
+    if decode_publish(first, body, n, &pkt, &reason) < 0:
+        w.malformed(c, reason)
+        return -1
+    return publish_decoded(w, c, &pkt)
+
+
+cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p):
+    """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx)."""
+    cdef PublishPacket pkt = p[0]
     cdef int64_t needed = 0
     cdef Session* s = &w.sessions[c.session]
     cdef bint telemetry
     cdef bytes reading = None
-    if decode_publish(first, body, n, &pkt, &reason) < 0:
-        w.malformed(c, reason)
-        return -1
     w.counters[MSGS_IN] += 1
     if pkt.qos and not (c.flags & F_PUBLISHER):
         c.flags |= F_PUBLISHER
@@ -42,9 +48,14 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             return -1
         session_changed(w, s)
     if publish_refused(w, c, s, pkt.topic.ptr, pkt.topic.len):
-        # Acknowledged all the same (3.1.1 has no negative acknowledgement),
-        # then dropped: not routed, not retained, not taken as a reading.
-        if pkt.qos == 1:
+        # Acknowledged all the same (3.1.1 has no negative acknowledgement; MQTT
+        # 5.0 says 0x87 Not authorized), then dropped: not routed, not retained,
+        # not taken as a reading.
+        if pkt.qos and c.version == 5:
+            if pkt.qos == 2:
+                qos2_forget(s, pkt.packet_id)       # an error PUBREC ends the flow (MQTT-4.3.3-4)
+            send_ack5(w, c, PUBACK if pkt.qos == 1 else PUBREC, pkt.packet_id, RC_NOT_AUTHORIZED)
+        elif pkt.qos == 1:
             w.send_ack(c, PUBACK, pkt.packet_id)
         elif pkt.qos == 2:
             w.send_ack(c, PUBREC, pkt.packet_id)

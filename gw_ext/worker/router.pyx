@@ -137,9 +137,9 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         # A slow reader: shed QoS 0 rather than grow without bound or slow others.
         w.counters[DROPPED_SLOW_QOS0] += 1
         return
-    out = w.reserve(c, publish_size(topic_len, payload_len, 0))
+    out = w.reserve(c, encoded_publish_size(c, topic_len, payload_len, 0))
     if out != NULL:
-        encode_publish(out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
+        encode_publish_for(c, out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
 

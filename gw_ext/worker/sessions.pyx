@@ -261,9 +261,9 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     msg.refs += 1
     s.ninflight += 1
     session_changed(w, s)
-    out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
+    out = w.reserve(c, encoded_publish_size(c, msg.topic_len, msg.payload_len, qos))
     if out != NULL:
-        encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
+        encode_publish_for(c, out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
                        qos, retain, 0, e.packet_id)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
@@ -303,10 +303,10 @@ cdef void session_resume(Worker w, Session* s):
         if e.state == IF_RELEASED:
             w.send_ack(c, PUBREL, e.packet_id)
             continue
-        out = w.reserve(c, publish_size(e.msg.topic_len, e.msg.payload_len, e.qos))
+        out = w.reserve(c, encoded_publish_size(c, e.msg.topic_len, e.msg.payload_len, e.qos))
         if out == NULL:
             return
-        encode_publish(out, e.msg.data, e.msg.topic_len, e.msg.data + e.msg.topic_len, e.msg.payload_len,
+        encode_publish_for(c, out, e.msg.data, e.msg.topic_len, e.msg.data + e.msg.topic_len, e.msg.payload_len,
                        e.qos, e.retain, 1, e.packet_id)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
@@ -343,14 +343,23 @@ cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil:
 
 cdef int sessions_expire(Worker w, uint64_t limit_ms):
     """Worker.expire_sessions: ends the clean_session=0 sessions whose client
-    has been away longer than limit_ms; how many."""
+    has been away longer than limit_ms (0: never), and the MQTT 5.0 sessions
+    away longer than their Session Expiry Interval; how many."""
     cdef uint32_t slot
     cdef int n = 0
     cdef uint64_t now = monotonic_ms()
+    cdef Session* s
     for slot in range(w.nsessions):
-        if (w.sessions[slot].in_use and w.sessions[slot].fd < 0 and not w.sessions[slot].clean
-                and now - w.sessions[slot].away_since_ms > limit_ms):
-            session_free(w, slot, True)
-            w.counters[SESSIONS_EXPIRED] += 1
-            n += 1
+        s = &w.sessions[slot]
+        if not s.in_use or s.fd >= 0 or s.clean:
+            continue
+        if s.version == 5:
+            # MQTT 5.0: its own Session Expiry Interval (0xFFFFFFFF: never), not session_expiry.
+            if s.expiry_s == 0xFFFFFFFF or now - s.away_since_ms <= <uint64_t>s.expiry_s * 1000:
+                continue
+        elif limit_ms == 0 or now - s.away_since_ms <= limit_ms:
+            continue
+        session_free(w, slot, True)
+        w.counters[SESSIONS_EXPIRED] += 1
+        n += 1
     return n
