@@ -134,7 +134,10 @@ cpdef enum:
     WS_REFUSED = 295          # + WS_REFUSED_* (5 slots): upgrade requests refused, by the HTTP status answered
     WS_CLOSES = 300           # + WS_CLOSE_SLOT_* (8 slots): Close frames the server sent, by code
     # 308..319 free: the store.
-    # 320..383 free: MQTT 5.0 (reason codes sent and received, topic aliases, flow control).
+    # 320..351 free: MQTT 5.0 (reason codes sent and received).
+    # MQTT 5.0 messages (gw_ext/worker/router.pyx, sessions.pyx, retained.pyx).
+    MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
+    # 353..383 free: MQTT 5.0 (topic aliases, flow control, packet sizes).
     # 384..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up.
     # 416..447 free: TLS.

@@ -83,9 +83,9 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     if not telemetry:
         route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
-                      w.now_ns)
+                      w.now_ns, NULL, 0)
     elif reading is not None:   # in its normalised form; an invalid reading is not routed
         route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
-                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns)
+                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, NULL, 0)
     return 0 if c.state == ST_CONNECTED else -1     # -1: its own buffer overflowed
 
