@@ -27,7 +27,8 @@ import gw_ext.stats as _consts
 # Counter: every other integer constant (row indices, with N_COUNTERS). The
 # tuples (HIST_BOUNDS_NS, HTTP_STATUS_CODES) are neither.
 _LAYOUT = ("STATS_", "HEADER_", "MAX_WORKERS", "H_", "HIST_WORDS", "HIST_BUCKETS", "HIST_SUM",
-           "HIST_COUNT", "HTTP_STATUS_", "LIM_", "N_LIMITS", "WS_REFUSED_", "N_WS_", "WS_CLOSE_SLOT_")
+           "HIST_COUNT", "HTTP_STATUS_", "LIM_", "N_LIMITS", "WS_REFUSED_", "N_WS_", "WS_CLOSE_SLOT_",
+           "DISC5_", "N_DISC5")
 _INTS = {k: getattr(_consts, k) for k in dir(_consts)
          if k.isupper() and type(getattr(_consts, k)) is int}
 Layout = IntEnum("Layout", {k: v for k, v in _INTS.items() if k.startswith(_LAYOUT)})
@@ -59,6 +60,7 @@ _STATUS_SLOT = {code: i for i, code in enumerate(HTTP_STATUS_CODES)}
 RANGES = {Counter.PKT_IN: 16, Counter.PKT_OUT: 16, Counter.MALFORMED_BY_REASON: 16, Counter.LIMITS: 16,
           Counter.HTTP_REQUESTS: HTTP_STATUS_SLOTS, Counter.INGEST_REQUESTS: HTTP_STATUS_SLOTS,
           Counter.WS_REFUSED: int(Layout.N_WS_REFUSED), Counter.WS_CLOSES: int(Layout.N_WS_CLOSE_SLOTS),
+          Counter.MQTT5_DISCONNECTS: int(Layout.N_DISC5), Counter.MQTT5_BAD_PACKETS: 19,
           Counter.HIST_INGEST: HIST_WORDS, Counter.HIST_DELIVER: HIST_WORDS, Counter.HIST_LOOP_TURN: HIST_WORDS}
 
 
@@ -422,6 +424,8 @@ def counter_dict(totals) -> dict:
     out["limits"] = {name: totals[Counter.LIMITS + i] for i, name in LIMIT_NAMES.items()}
     out["ws_refused"] = {name: totals[Counter.WS_REFUSED + i] for i, name in WS_REFUSED_NAMES.items()}
     out["ws_closes"] = {name: totals[Counter.WS_CLOSES + i] for i, name in WS_CLOSE_NAMES.items()}
+    out["mqtt5_disconnects"] = {name: totals[Counter.MQTT5_DISCONNECTS + i] for i, name in DISC5_NAMES.items()}
+    out["mqtt5_bad_packets"] = {name: totals[Counter.MQTT5_BAD_PACKETS + i] for i, name in enumerate(R5_NAMES)}
     for base, label in ((Counter.HTTP_REQUESTS, "http_requests"),
                         (Counter.INGEST_REQUESTS, "ingest_requests")):
         out[label] = {name: totals[base + i] for i, name in enumerate(STATUS_NAMES)}
@@ -464,6 +468,13 @@ LIMIT_NAMES = {int(v): k[4:].lower() for k, v in _INTS.items() if k.startswith("
 WS_REFUSED_NAMES = {int(v): k[len("WS_REFUSED_"):] for k, v in _INTS.items() if k.startswith("WS_REFUSED_")}
 WS_CLOSE_NAMES = {int(v): k[len("WS_CLOSE_SLOT_"):].lower() for k, v in _INTS.items()
                   if k.startswith("WS_CLOSE_SLOT_")}
+# MQTT5_DISCONNECTS + DISC5_*: the reason code of a DISCONNECT the server sent;
+# MQTT5_BAD_PACKETS + R5_* - 1: the rule a packet refused by the MQTT 5.0 codec broke.
+DISC5_NAMES = {int(v): k[len("DISC5_"):].lower() for k, v in _INTS.items() if k.startswith("DISC5_")}
+# (gw/packets5.py REASONS names the same rules.)
+R5_NAMES = ("header", "length", "varint", "utf8", "control", "protocol", "qos", "topic", "property", "options",
+            "duplicate_property", "property_value", "packet_id", "empty", "reason_code", "subscription",
+            "topic_alias", "session_present", "authentication")
 # The rate limits' counters, grouped under "rate_limits" (`gw stats --json`): the
 # pauses by setting, the connections refused by max_connections_per_ip, the
 # clients paused now.

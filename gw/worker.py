@@ -65,6 +65,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_retained_bytes = cfg.max_retained_bytes
     worker.max_queued_bytes = cfg.max_queued_bytes
     worker.max_awaiting_rel = cfg.max_awaiting_rel
+    worker.topic_alias_maximum = cfg.topic_alias_maximum
     worker.max_subscriptions = cfg.max_subscriptions
     worker.max_topic_levels = cfg.max_topic_levels
     worker.max_topic_length = cfg.max_topic_length
@@ -371,10 +372,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
         # Once a second: persistence, and on worker 0 the $SYS topics.
         nonlocal next_sys
         persistence.interval = cfg.persist_interval
-        if cfg.session_expiry:
-            expired = worker.expire_sessions(cfg.session_expiry)
-            if expired:
-                log.info("worker %d: %d persistent sessions expired", slot, expired)
+        # session_expiry for 3.1.1 sessions (0: kept), and every MQTT 5.0
+        # session's own Session Expiry Interval.
+        expired = worker.expire_sessions(cfg.session_expiry or 0)
+        if expired:
+            log.info("worker %d: %d persistent sessions expired", slot, expired)
         persistence.tick()
         if slot == 0 and cfg.sys_interval and time.monotonic() >= next_sys:
             next_sys = time.monotonic() + cfg.sys_interval

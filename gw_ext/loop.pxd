@@ -17,7 +17,8 @@ from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.time cimport time_t
 from gw_ext.acl cimport AclRules, AclView
 from gw_ext.addrlimit cimport AddressCounts
-from gw_ext.codec cimport ConnectPacket
+from gw_ext.codec cimport ConnectPacket, PublishPacket
+from gw_ext.codec5 cimport Publish5Packet
 from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
 from gw_ext.topics cimport MatchResult, TopicTrie
@@ -130,6 +131,9 @@ cdef struct Conn:
     uint16_t username_len     # JSON-lines clients: the user name they act as (MQTT's live in the Session)
     uint8_t json_acl          # JSON-lines clients: may publish on {telemetry_topic}/{client id} (1/0), under...
     uint8_t ws                # MQTT over WebSocket: a WsPhase (worker/websocket.pyx); 0: not WebSocket
+    uint8_t version           # MQTT: the CONNECT's protocol level (3, 4, 5; 0 before it): 5 reads and
+                              # writes MQTT 5.0 (worker/mqtt5.pyx)
+    uint8_t v5                # MQTT 5.0: V5_* flags (worker/mqtt5.pyx)
     uint32_t json_acl_gen     # ... this ACL generation (0: not decided yet)
     int session               # MQTT session slot, -1 before CONNECT
     uint32_t gen              # which connection this is (fds are reused)
@@ -278,6 +282,9 @@ cdef struct Session:
     uint8_t congested         # its queue is past the high watermark (worker/backpressure.pyx)
     uint8_t stalled           # stopped acknowledging: holds nobody back until it acks again
     uint8_t dirty             # its saved state (persistence) is out of date, or the slot was freed
+    uint8_t version           # the protocol level of its last CONNECT (5: MQTT 5.0)
+    uint32_t expiry_s         # MQTT 5.0: Session Expiry Interval, seconds (0xFFFFFFFF: never);
+                              # kept while away when not clean (worker/mqtt5.pyx)
 
 
 # --- the links between workers (worker/channel.pyx) ----------------------------------
@@ -333,6 +340,12 @@ cdef class PendingConnect:
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
     cdef bytes json_reply        # a JSON-lines Connect (no session): its Connected answer; None: MQTT
+    # MQTT 5.0 (worker/mqtt5.pyx); version 3 or 4: 3.1.1 and 3.1, the rest unused.
+    cdef uint8_t version
+    cdef uint8_t clean_start     # version 5: Clean Start (clean: the session ends with the connection)
+    cdef uint32_t session_expiry # version 5: Session Expiry Interval, seconds
+    cdef bint assigned_id        # version 5: the server made up its client id (Assigned Client Identifier)
+    cdef uint8_t request_problem # version 5: Request Problem Information (1 unless the client said 0)
 
 
 # --- a claim by another user, waiting for the id's owner to say what it holds -------
@@ -471,6 +484,8 @@ cdef class Worker:
     cdef int route_depth             # route_publish nesting
 
     # --- retained messages (worker/retained.pyx) ----------------------------------------
+    cdef public uint16_t topic_alias_maximum  # MQTT 5.0 Topic Alias Maximum announced in CONNACK (worker/mqtt5.pyx)
+    cdef dict topic_aliases          # fd -> [topic bytes or None] * (maximum + 1): a v5 client's aliases, made on its first
     cdef dict retained               # topic (bytes) -> (qos, payload bytes), or (qos, payload, extras) for MQTT 5.0
     cdef uint64_t retained_bytes     # their topics and payloads (max_retained_bytes)
     cdef bint publishing_as_server   # Worker.publish: $SYS retained messages are always kept
@@ -631,8 +646,34 @@ cdef int handle_packet(Worker w, Conn* c, uint8_t first, const uint8_t* body, ui
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n)
 cdef int refuse_connect(Worker w, Conn* c, uint8_t return_code)
 
+# --- worker/mqtt5.pyx: MQTT 5.0 connections (framing, dispatch, answers, DISCONNECT) ----
+cdef Py_ssize_t process_mqtt5(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
+cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int refuse_connect5(Worker w, Conn* c, uint8_t reason_code, int bad_reason)
+cdef uint8_t connack_code5(uint8_t code311) noexcept nogil
+cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present)
+cdef void v5_error(Worker w, Conn* c, int rc, int reason)
+cdef bint v5_goodbye(Worker w, Conn* c, int reason, int detail)
+cdef int send_disconnect5(Worker w, Conn* c, uint8_t reason_code)
+cdef int send_ack5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint8_t reason_code)
+cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2
+cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)
+cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int handle_unsubscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int unsubscribe5_answer(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
+cdef bytes suback5_bytes(uint16_t pid, const uint8_t* codes, uint32_t count)
+cdef int send_codes5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, const uint8_t* codes, uint32_t count)
+cdef uint32_t encoded_publish_size(Conn* c, uint32_t topic_len, uint32_t payload_len, uint8_t qos) noexcept nogil
+cdef void encode_publish_for(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
+                             const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                             uint8_t dup, uint16_t packet_id) noexcept nogil
+
 # --- worker/handle_publish.pyx ----------------------------------------------------------
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+cdef int publish_decoded(Worker w, Conn* c, PublishPacket* pkt, const uint8_t* ext, uint32_t ext_len)
 
 # --- worker/handle_acks.pyx: PUBACK, PUBREC, PUBREL, PUBCOMP ---------------------------
 cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)
@@ -720,6 +761,7 @@ cdef object session_username(Session* s)
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
 cdef void session_free(Worker w, int slot, bint release_id)
 cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=*)
+cdef void will_expiry_starts(Msg* will) noexcept nogil
 cdef uint16_t session_packet_id(Session* s) noexcept nogil
 cdef int inflight_grow(Session* s) noexcept nogil
 cdef int session_queue_grow(Session* s) noexcept nogil

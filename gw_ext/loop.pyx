@@ -35,7 +35,7 @@ from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 from gw_ext.acl cimport ACL_READ, ACL_WRITE, AclRules, acl_allowed, acl_view_free
 from gw_ext.codec cimport *
 from gw_ext.codec5 cimport (P_CONTENT_TYPE, P_CORRELATION_DATA, P_MESSAGE_EXPIRY, P_PAYLOAD_FORMAT, P_RESPONSE_TOPIC,
-                            P_SUBSCRIPTION_ID, P_TOPIC_ALIAS, P_USER_PROPERTY, publish5_size, put_prop_u32,
+                            P_SUBSCRIPTION_ID, P_TOPIC_ALIAS, P_USER_PROPERTY, P_WILL_DELAY, publish5_size, put_prop_u32,
                             varint_size, write_varint)
 from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
@@ -184,6 +184,7 @@ cdef class Worker:
         self.held_checks = []
         self.pending_subacks = {}
         self.retained = {}
+        self.topic_aliases = {}
         self.index = topics_new()
         topics_result_init(&self.match)
         self.npeers = nworkers
@@ -983,6 +984,9 @@ cdef class Worker:
         cdef uint32_t remaining
         cdef Py_ssize_t total
         cdef bint any_packet = False
+        cdef Py_ssize_t more
+        if c.version == 5:
+            return process_mqtt5(self, c, buf, n)     # worker/mqtt5.pyx: one test per read
         c.need = 0
         while pos < n:
             if c.state == ST_CLOSING:
@@ -1018,6 +1022,17 @@ cdef class Worker:
             if (first & 0xF0) == 0x30:      # PUBLISH: what the message and byte rates count
                 self.batch_messages += 1
                 self.batch_bytes += <uint64_t>total
+            elif c.version == 5:
+                # Its CONNECT said MQTT 5.0 (and settled at once): the rest is read
+                # by the MQTT 5.0 framing.
+                pos += total
+                c.last_rx_ms = self.now_ms
+                if pos >= n or c.state == ST_SETTLING:
+                    return pos
+                more = process_mqtt5(self, c, buf + pos, n - pos)
+                if more < 0:
+                    return -1
+                return pos + more
             any_packet = True
             pos += total
         if any_packet:
@@ -1239,6 +1254,10 @@ cdef class Worker:
         written (or after CLOSE_GRACE_MS, keepalive.pyx)."""
         if not is_client_state(c.state) or c.state == ST_CLOSING:
             return
+        if c.version == 5 and c.state == ST_CONNECTED:
+            v5_goodbye(self, c, reason, detail)    # the DISCONNECT saying why (worker/mqtt5.pyx)
+            if not is_client_state(c.state):
+                return
         if c.ws == WS_OPEN:
             # The WebSocket closes properly: a Close frame, then the TCP close.
             ws_send_close(self, c, WS_CLOSE_GOING_AWAY if self.draining else
@@ -1266,6 +1285,12 @@ cdef class Worker:
         input buffer, route_publish iterating the match result) is safe; it
         takes no more input and gets no more output."""
         if not is_client_state(c.state):
+            return
+        if c.version == 5 and c.state == ST_CONNECTED and v5_goodbye(self, c, reason, detail):
+            # An MQTT 5.0 client is told why in a DISCONNECT (worker/mqtt5.pyx),
+            # which goes out before the connection closes.
+            if is_client_state(c.state):
+                self.close_after_flush(c, reason, detail)
             return
         if c.state == ST_SETTLING:
             # Its claim still settles, by its deadline at the latest (worker/registry.pyx):
@@ -1351,6 +1376,8 @@ cdef class Worker:
         wheel_cancel(&self.wheel, &c.timer)
         address_release(self, c)        # worker/rate_limits.pyx
         rate_forget(self, c)
+        if c.version == 5 and self.topic_aliases:
+            self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:
@@ -1400,6 +1427,7 @@ cdef class Worker:
 include "worker/keepalive.pyx"
 # MQTT packets.
 include "worker/read_handle.pyx"
+include "worker/mqtt5.pyx"
 include "worker/handle_connect.pyx"
 include "worker/auth.pyx"
 include "worker/handle_publish.pyx"

@@ -134,10 +134,17 @@ cpdef enum:
     WS_REFUSED = 295          # + WS_REFUSED_* (5 slots): upgrade requests refused, by the HTTP status answered
     WS_CLOSES = 300           # + WS_CLOSE_SLOT_* (8 slots): Close frames the server sent, by code
     # 308..319 free: the store.
-    # 320..351 free: MQTT 5.0 (reason codes sent and received).
-    # MQTT 5.0 messages (gw_ext/worker/router.pyx, sessions.pyx, retained.pyx).
+    # MQTT 5.0 connections (gw_ext/worker/mqtt5.pyx): 320..351.
+    MQTT5_CONNECTED = 320     # MQTT 5.0 CONNECTs accepted (a CONNACK 0x00 sent)
+    MQTT5_MALFORMED = 321     # MQTT 5.0 packets refused as Malformed Packets (DISCONNECT or CONNACK 0x81)
+    MQTT5_PROTOCOL_ERRORS = 322   # ... as Protocol Errors (0x82, and 0x94, 0xA1 for what is not supported)
+    MQTT5_DISCONNECTS = 323   # + DISC5_* (10 slots): DISCONNECTs the server sent, by reason code
+    MQTT5_BAD_PACKETS = 333   # + R5_* - 1 (19 slots, 333..351): packets the MQTT 5.0 codec refused, by rule
+    # MQTT 5.0 messages (gw_ext/worker/router.pyx, sessions.pyx, retained.pyx): 352..383.
     MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
-    # 353..383 free: MQTT 5.0 (topic aliases, flow control, packet sizes).
+    MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
+    MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
+    # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
     # 384..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up.
     # 416..447 free: TLS.
@@ -163,6 +170,20 @@ cpdef enum:
     WS_CLOSE_SLOT_1009 = 6    # too big (a frame or message over max_packet_size)
     WS_CLOSE_SLOT_OTHER = 7   # another code (echoing the client's)
     N_WS_CLOSE_SLOTS = 8
+
+cpdef enum:
+    # MQTT5_DISCONNECTS + one of these: the reason code of a DISCONNECT the server sent.
+    DISC5_MALFORMED = 0       # 0x81 Malformed Packet
+    DISC5_PROTOCOL_ERROR = 1  # 0x82 Protocol Error
+    DISC5_SHUTTING_DOWN = 2   # 0x8B Server shutting down (gw drains)
+    DISC5_KEEP_ALIVE_TIMEOUT = 3  # 0x8D Keep Alive timeout
+    DISC5_TAKEN_OVER = 4      # 0x8E Session taken over
+    DISC5_PACKET_TOO_LARGE = 5    # 0x95 Packet too large (max_packet_size)
+    DISC5_QUOTA_EXCEEDED = 6  # 0x97 Quota exceeded (a bound, the log full)
+    DISC5_ADMINISTRATIVE = 7  # 0x98 Administrative action
+    DISC5_RECEIVE_MAXIMUM = 8 # 0x93 Receive Maximum exceeded (max_awaiting_rel)
+    DISC5_OTHER = 9           # another code (0x83, 0x94, 0xA1, ...)
+    N_DISC5 = 10
 
 cpdef enum:
     # Which bound (LIMITS + LIM_*): each a setting of the same name.

@@ -9,14 +9,18 @@ Real server (`gw serve`, 2 workers), real clients (mosquitto_sub)."""
 
 from __future__ import annotations
 
+import socket
 import struct
 import subprocess
+import threading
 import time
 
 import msgspec
 import pytest
 
-from conftest import GwServer, stop_and_check
+import mqtt5_ref as ref
+
+from conftest import HOST, GwServer, stop_and_check, tcp_connect
 
 # Content Type "text/plain", User Properties ("k", "v") then ("a", "b") in that
 # order, Correlation Data b"\x00\x01", Response Topic "re/ply".
@@ -101,3 +105,198 @@ def test_a_saved_session_keeps_its_queued_messages_properties(tmp_path, data_dir
         assert server.counters()["mqtt5_expired"] == 1
     finally:
         stop_and_check([server])
+
+
+# --- end to end: paho-mqtt's v5 and 3.1.1 clients, placed on chosen workers -------------------
+
+WAIT = 10.0
+
+
+class Client:
+    """A paho-mqtt client (v5 or 3.1.1) on a socket placed on gw worker `worker`,
+    recording (topic, payload, qos, retain, properties) of each message received."""
+
+    def __init__(self, server: GwServer, worker: int, client_id: str, v5: bool = True):
+        from broker_fixtures import _placed_client_class
+        from conftest import start_paho_thread
+
+        mqtt, placed = _placed_client_class()
+        self.mqtt = mqtt
+        self.messages: list = []
+        self.cond = threading.Condition()
+        self.connected = threading.Event()
+        sock = place(server, worker)
+        c = placed(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, reconnect_on_failure=False)
+        c.presock = sock
+        c.on_connect = lambda *a: self.connected.set()
+        c.on_message = self._on_message
+        c.on_subscribe = lambda *a: self.connected.set()
+        self.client = c
+        c.connect(HOST, server.ports["mqtt"], 60)
+        self.thread = start_paho_thread(c)
+        assert self.connected.wait(WAIT), f"{client_id}: no CONNACK"
+
+    def _on_message(self, client, userdata, m):
+        with self.cond:
+            self.messages.append((m.topic, bytes(m.payload), m.qos, bool(m.retain), m.properties))
+            self.cond.notify_all()
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        self.connected.clear()
+        self.client.subscribe(topic, qos)
+        assert self.connected.wait(WAIT), "no SUBACK"
+
+    def wait(self, count: int) -> list:
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.messages) >= count, WAIT), self.messages
+            return list(self.messages)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def place(server: GwServer, worker: int):
+    """A TCP connection held by worker `worker` (misplaced attempts reset unused)."""
+    pids = server.worker_pids()
+    for _ in range(60):
+        sock = tcp_connect(server.ports["mqtt"])
+        if server.which_worker(sock.getsockname()[1]) == pids[worker]:
+            return sock
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    raise AssertionError(f"no connection placed on worker {worker}")
+
+
+def props_of(mqtt, **kw):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    p = Properties(PacketTypes.PUBLISH)
+    for k, v in kw.items():
+        setattr(p, k, v)
+    return p
+
+
+@pytest.fixture
+def server(tmp_path):
+    s = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt",)).start()
+    yield s
+    stop_and_check([s])
+
+
+def test_properties_end_to_end_across_workers_and_versions(server):
+    """A v5 publisher's properties reach a v5 subscriber on the other worker in
+    order (User Properties with a repeated key too), the expiry as what
+    remains; a 3.1.1 subscriber gets the same message without them; a 3.1.1
+    publisher's message reaches the v5 subscriber with none."""
+    pub = Client(server, 0, "p5-pub")
+    sub5 = Client(server, 1, "p5-sub5")
+    sub3 = Client(server, 1, "p5-sub3", v5=False)
+    pub3 = Client(server, 0, "p5-pub3", v5=False)
+    try:
+        sub5.subscribe("e2e/#")
+        sub3.subscribe("e2e/#")
+        user = [("k", "v"), ("a", "b"), ("k", "v2")]
+        for qos in (0, 1):
+            props = props_of(pub.mqtt, PayloadFormatIndicator=1, ContentType="text/plain",
+                             ResponseTopic="e2e/reply", CorrelationData=b"\x00\x01\x02",
+                             UserProperty=user, MessageExpiryInterval=60)
+            pub.client.publish(f"e2e/q{qos}", b"hello", qos, properties=props).wait_for_publish(WAIT)
+        pub3.client.publish("e2e/from311", b"plain", 1).wait_for_publish(WAIT)
+        got5 = sorted(sub5.wait(3), key=lambda m: m[0])
+        got3 = sorted(sub3.wait(3), key=lambda m: m[0])
+        assert [(t, p, q) for t, p, q, _r, _p in got3] == [("e2e/from311", b"plain", 1), ("e2e/q0", b"hello", 0),
+                                                            ("e2e/q1", b"hello", 1)]
+        for topic, payload, qos, retain, p in got5[1:]:
+            assert payload == b"hello" and not retain
+            assert p.PayloadFormatIndicator == 1 and p.ContentType == "text/plain"
+            assert p.ResponseTopic == "e2e/reply" and p.CorrelationData == b"\x00\x01\x02"
+            assert p.UserProperty == user
+            assert 59 <= p.MessageExpiryInterval <= 60
+        plain = got5[0][4]
+        assert got5[0][:2] == ("e2e/from311", b"plain")
+        assert not hasattr(plain, "UserProperty") and not hasattr(plain, "MessageExpiryInterval")
+    finally:
+        for c in (pub, sub5, sub3, pub3):
+            c.close()
+
+
+def test_retained_v5_message_keeps_properties_and_expires(server):
+    pub = Client(server, 0, "r5-pub")
+    try:
+        keep = props_of(pub.mqtt, ContentType="application/json", UserProperty=[("x", "1")])
+        pub.client.publish("r5/keep", b"{}", 1, retain=True, properties=keep).wait_for_publish(WAIT)
+        short = props_of(pub.mqtt, MessageExpiryInterval=1)
+        pub.client.publish("r5/short", b"s", 1, retain=True, properties=short).wait_for_publish(WAIT)
+        time.sleep(2.2)
+        sub = Client(server, 1, "r5-sub")
+        try:
+            sub.subscribe("r5/#")
+            (topic, payload, qos, retain, p), = sub.wait(1)
+            assert (topic, payload, retain) == ("r5/keep", b"{}", True)
+            assert p.ContentType == "application/json" and p.UserProperty == [("x", "1")]
+            time.sleep(0.3)
+            assert len(sub.messages) == 1
+        finally:
+            sub.close()
+        assert server.counters()["mqtt5_expired"] >= 1
+    finally:
+        pub.close()
+
+
+def test_mosquitto_sub_v5_prints_the_properties(server):
+    """mosquitto_pub -V 5 -D ... and mosquitto_sub -V 5 on different connections."""
+    port = str(server.ports["mqtt"])
+    proc = subprocess.Popen(["mosquitto_sub", "-h", "127.0.0.1", "-p", port, "-V", "5", "-t", "ms/#", "-C", "1",
+                             "-W", "10", "-F", "%t %p %C %R %P"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", port, "-V", "5", "-t", "ms/a", "-m", "hi",
+                        "-D", "publish", "content-type", "text/x", "-D", "publish", "response-topic", "ms/r",
+                        "-D", "publish", "user-property", "u", "1"], check=True, timeout=10)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert out.strip() == "ms/a hi text/x ms/r u:1"
+
+
+# --- Topic Alias from clients (topic_alias_maximum) --------------------------------------------
+
+def test_topic_aliases_from_a_client_set_used_and_refused(server):
+    """CONNACK announces topic_alias_maximum; a PUBLISH with a topic and an
+    alias sets it, one with an empty topic uses it (the subscriber on the other
+    worker gets the full topic); an alias over the maximum is DISCONNECT 0x94,
+    an alias never set is 0x82. Written whole and in 1-byte fragments."""
+    from test_mqtt5_connections import V5
+    from gw import packets5 as p5
+
+    sub = Client(server, 1, "ta-sub")
+    try:
+        sub.subscribe("ta/#", 1)
+        pub = V5(server.ports["mqtt"])
+        ack = pub.connect("ta-pub")
+        assert ack.reason_code == 0 and ack.properties.topic_alias_maximum == 64
+        pub.send(p5.Publish(topic="ta/long/topic", payload=b"1", qos=1, packet_id=1,
+                            properties=p5.Properties(topic_alias=3, user_properties=(("n", "1"),))))
+        assert pub.read_kind(p5.Puback).packet_id == 1
+        data = ref.encode(p5.Publish(topic="", payload=b"2", qos=1, packet_id=2,
+                                     properties=p5.Properties(topic_alias=3)))
+        for i in range(len(data)):                      # in fragments
+            pub.sock.sendall(data[i:i + 1])
+            time.sleep(0.001)
+        assert pub.read_kind(p5.Puback).packet_id == 2
+        got = sub.wait(2)
+        assert [(m[0], m[1]) for m in got] == [("ta/long/topic", b"1"), ("ta/long/topic", b"2")]
+        assert got[0][4].UserProperty == [("n", "1")] and not hasattr(got[1][4], "TopicAlias")
+        pub.send(p5.Publish(topic="ta/x", payload=b"3", properties=p5.Properties(topic_alias=65)))
+        assert any(isinstance(p, p5.Disconnect) and p.reason_code == 0x94 for p in pub.closed())
+        unset = V5(server.ports["mqtt"])
+        assert unset.connect("ta-unset").reason_code == 0
+        unset.send(p5.Publish(topic="", payload=b"4", properties=p5.Properties(topic_alias=5)))
+        assert any(isinstance(p, p5.Disconnect) and p.reason_code == 0x82 for p in unset.closed())
+        assert server.counters()["mqtt5_topic_alias_invalid"] == 2
+        assert server.counters()["mqtt5_topic_aliases_set"] == 1
+    finally:
+        sub.close()

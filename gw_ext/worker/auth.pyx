@@ -127,10 +127,16 @@ cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
         auth_log(w, why, c.fd, "refused a CONNECT: its client id is held by a session of another user")
     else:
         auth_log(w, why, c.fd, "refused a CONNECT: auth_max_pending password checks already waiting")
-    out = w.reserve(c, 4)
-    if out == NULL:
-        return
-    encode_connack(out, 0, code)
+    if c.version == 5:
+        out = w.reserve(c, connack5_size(0))
+        if out == NULL:
+            return
+        encode_connack5(out, 0, connack_code5(code), NULL, 0)     # 0x86, 0x87, 0x88 (worker/mqtt5.pyx)
+    else:
+        out = w.reserve(c, 4)
+        if out == NULL:
+            return
+        encode_connack(out, 0, code)
     w.counters[PKT_OUT + CONNACK] += 1
     w.close_after_flush(c)
 

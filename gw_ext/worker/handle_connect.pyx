@@ -4,8 +4,11 @@
 cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef ConnectPacket pkt
     cdef int reason = 0
-    cdef int rc = decode_connect(body, n, &pkt, &reason)
+    cdef int rc
     cdef PendingConnect pc
+    if connect_protocol_level(body, n) == 5:
+        return handle_connect5(w, c, body, n)       # MQTT 5.0 from here on (worker/mqtt5.pyx)
+    rc = decode_connect(body, n, &pkt, &reason)
     if rc < 0:
         w.malformed(c, reason)
         return -1
@@ -33,6 +36,8 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     pc.fd = c.fd
     pc.gen = c.gen
     pc.prev_owner = -2
+    pc.version = pkt.protocol_level
+    c.version = pkt.protocol_level
     if pkt.client_id.len > 0:
         pc.client_id = PyBytes_FromStringAndSize(<char*>pkt.client_id.ptr, pkt.client_id.len)
     else:
@@ -58,6 +63,8 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n):
 cdef int refuse_connect(Worker w, Conn* c, uint8_t return_code):
     """Answers a CONNECT with a refusing CONNACK, then closes (MQTT-3.2.2-5)."""
     cdef uint8_t* out
+    if c.version == 5:
+        return refuse_connect5(w, c, connack_code5(return_code), -1)
     w.counters[CONNACK_REFUSED] += 1
     out = w.reserve(c, 4)
     if out == NULL:

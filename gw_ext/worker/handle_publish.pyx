@@ -8,13 +8,20 @@
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef PublishPacket pkt
     cdef int reason = 0
+    if decode_publish(first, body, n, &pkt, &reason) < 0:
+        w.malformed(c, reason)
+        return -1
+    return publish_decoded(w, c, &pkt, NULL, 0)
+
+
+cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8_t* ext, uint32_t ext_len):
+    """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx,
+    with its properties as the message's extras, router.pyx)."""
+    cdef PublishPacket pkt = p[0]
     cdef int64_t needed = 0
     cdef Session* s = &w.sessions[c.session]
     cdef bint telemetry
     cdef bytes reading = None
-    if decode_publish(first, body, n, &pkt, &reason) < 0:
-        w.malformed(c, reason)
-        return -1
     w.counters[MSGS_IN] += 1
     if pkt.qos and not (c.flags & F_PUBLISHER):
         c.flags |= F_PUBLISHER
@@ -41,9 +48,14 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             return -1
         session_changed(w, s)
     if publish_refused(w, c, s, pkt.topic.ptr, pkt.topic.len):
-        # Acknowledged all the same (3.1.1 has no negative acknowledgement),
-        # then dropped: not routed, not retained, not taken as a reading.
-        if pkt.qos == 1:
+        # Acknowledged all the same (3.1.1 has no negative acknowledgement; MQTT
+        # 5.0 says 0x87 Not authorized), then dropped: not routed, not retained,
+        # not taken as a reading.
+        if pkt.qos and c.version == 5:
+            if pkt.qos == 2:
+                qos2_forget(s, pkt.packet_id)       # an error PUBREC ends the flow (MQTT-4.3.3-4)
+            send_ack5(w, c, PUBACK if pkt.qos == 1 else PUBREC, pkt.packet_id, RC_NOT_AUTHORIZED)
+        elif pkt.qos == 1:
             w.send_ack(c, PUBACK, pkt.packet_id)
         elif pkt.qos == 2:
             w.send_ack(c, PUBREC, pkt.packet_id)
@@ -83,9 +95,9 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     if not telemetry:
         route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
-                      w.now_ns, NULL, 0)
+                      w.now_ns, ext, ext_len)
     elif reading is not None:   # in its normalised form; an invalid reading is not routed
         route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
-                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, NULL, 0)
+                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, ext, ext_len)
     return 0 if c.state == ST_CONNECTED else -1     # -1: its own buffer overflowed
 

@@ -82,8 +82,12 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         # SUBACK 0x80 (MQTT-3.9.3) is for a valid filter the server refuses:
         # the ACL lets its client read nothing of it, past a bound, out of memory.
         codes[count] = SUBACK_FAILURE
-        if may_subscribe(w, c, &w.sessions[slot], filt.ptr, filt.len) and filter_within_bounds(w, filt.ptr,
-                                                                                               filt.len):
+        if c.version == 5 and is_shared_filter(filt.ptr, filt.len) and not V5_SHARED_AVAILABLE:
+            codes[count] = RC_SHARED_NOT_SUPPORTED      # MQTT 5.0: 0x9E (worker/mqtt5.pyx)
+        elif not may_subscribe(w, c, &w.sessions[slot], filt.ptr, filt.len):
+            if c.version == 5:
+                codes[count] = RC_NOT_AUTHORIZED        # MQTT 5.0 can say why: 0x87
+        elif filter_within_bounds(w, filt.ptr, filt.len):
             r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
             if r >= 0 and subscriber_count(w, slot) > w.max_subscriptions:
                 # A new filter past max_subscriptions (a replaced one never is): undone.
@@ -106,16 +110,22 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if codes != stack_codes:
             free(codes)
         return 0
-    out = w.reserve(c, suback_size(count))
+    if c.version == 5:
+        out = w.reserve(c, codes5_size(count, 0))
+        if out != NULL:
+            encode_codes5(out, SUBACK, it.packet_id, NULL, 0, codes, count)
+    else:
+        out = w.reserve(c, suback_size(count))
+        if out != NULL:
+            encode_suback(out, it.packet_id, codes, count)
     if out != NULL:
-        encode_suback(out, it.packet_id, codes, count)
         w.counters[PKT_OUT + SUBACK] += 1
         # Retained messages follow the SUBACK (MQTT-3.3.1-6).
         if len(w.retained):
             subscribe_begin(body, n, &it, &reason)
             i = 0
             while subscribe_next(&it, &filt, &qos, &reason) == 1:
-                if codes[i] != SUBACK_FAILURE:
+                if codes[i] < 0x80:
                     retain_deliver(w, &w.sessions[slot], filt.ptr, filt.len, codes[i])
                 i += 1
     if codes != stack_codes:
@@ -153,13 +163,16 @@ cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint
     pending.gen = c.gen
     pending.waiting = waiting
     pending.deadline_ms = w.now_ms + SUB_SYNC_TIMEOUT_MS
-    pending.suback = PyBytes_FromStringAndSize(NULL, suback_size(count))
-    encode_suback(<uint8_t*>PyBytes_AS_STRING(pending.suback), packet_id, codes, count)
+    if c.version == 5:
+        pending.suback = suback5_bytes(packet_id, codes, count)
+    else:
+        pending.suback = PyBytes_FromStringAndSize(NULL, suback_size(count))
+        encode_suback(<uint8_t*>PyBytes_AS_STRING(pending.suback), packet_id, codes, count)
     pending.retained = []
     if len(w.retained):
         subscribe_begin(body, n, &it, &reason)
         while subscribe_next(&it, &filt, &qos, &reason) == 1:
-            if codes[i] != SUBACK_FAILURE:
+            if codes[i] < 0x80:
                 pending.retained.append((PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len), codes[i]))
             i += 1
     w.pending_subacks[w.suback_token] = pending

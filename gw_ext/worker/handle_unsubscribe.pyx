@@ -19,6 +19,8 @@ cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             return -1
     session_changed(w, &w.sessions[c.session])
     unsubscribe_begin(body, n, &it, &reason)
+    if c.version == 5:
+        return unsubscribe5_answer(w, c, body, n)       # a reason code per filter (worker/mqtt5.pyx)
     while unsubscribe_next(&it, &filt, &reason) == 1:
         if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:
             channel_broadcast(w, FR_SUB_DEL, 0, filt.ptr, filt.len, NULL, 0)

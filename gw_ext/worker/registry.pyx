@@ -586,7 +586,14 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
             session_restore(w, slot, state)
             present = 1
     s = &w.sessions[slot]
-    s.clean = pc.clean
+    s.version = pc.version
+    if pc.version == 5:
+        # MQTT 5.0: the session outlives the connection for its Session Expiry
+        # Interval (worker/mqtt5.pyx); 0 ends it with the connection.
+        s.clean = pc.session_expiry == 0
+        s.expiry_s = pc.session_expiry
+    else:
+        s.clean = pc.clean
     s.fd = c.fd
     if session_set_username(s, pc.username) < 0:
         w.close_conn(c, CR_SERVER)
@@ -608,11 +615,15 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     c.keepalive = pc.keepalive
     become_connected(w, c, mqtt_idle_limit_ms(pc.keepalive))
     w.counters[MQTT_CONNECTED] += 1
-    out = w.reserve(c, 4)
-    if out == NULL:
-        return
-    encode_connack(out, present, CONNACK_ACCEPTED)
-    w.counters[PKT_OUT + CONNACK] += 1
+    if pc.version == 5:
+        if send_connack5(w, c, pc, present) < 0:
+            return
+    else:
+        out = w.reserve(c, 4)
+        if out == NULL:
+            return
+        encode_connack(out, present, CONNACK_ACCEPTED)
+        w.counters[PKT_OUT + CONNACK] += 1
     if present:
         session_resume(w, s)
     w.update_events(c)

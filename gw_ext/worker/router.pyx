@@ -73,8 +73,10 @@ cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t mes
                           uint64_t now_ms):
     """A PUBLISH's extras from its validated property block: the expiry, then
     every property but those of one hop (Message Expiry Interval, Topic Alias,
-    Subscription Identifier), in order. Walked with the codec's rules: the
-    block was validated by decode_publish5."""
+    Subscription Identifier; a will's Will Delay Interval), in order. Walked
+    with the codec's rules: the block was validated by decode_publish5 (a
+    will's by decode_connect5). now_ms: the time the expiry counts from
+    (0: now; a will's is counted from 1 until it is published, session_detach)."""
     cdef bytearray out = bytearray(EXT_HEADER + props_len)
     cdef uint8_t* o = <uint8_t*>(<char*>out)
     cdef uint64_t at = 0
@@ -96,6 +98,9 @@ cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t mes
             continue
         elif ident == P_TOPIC_ALIAS:
             i += 2
+            continue
+        elif ident == P_WILL_DELAY:
+            i += 4          # a will's: not a message property
             continue
         elif ident == P_SUBSCRIPTION_ID:
             while i < props_len and props[i] & 0x80:
@@ -127,7 +132,7 @@ cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t mes
 
 cdef inline bint conn_v5(Conn* c) noexcept nogil:
     """The connection speaks MQTT 5.0 (its CONNECT's protocol level)."""
-    return False
+    return c.version == 5
 
 
 cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,

@@ -150,6 +150,7 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
     if s.will != NULL:
         if not graceful and will_allowed(w, s):      # again: a reload may have revoked it
             w.counters[WILLS_PUBLISHED] += 1
+            will_expiry_starts(s.will)
             route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
                           s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns,
                           s.will.data + s.will.topic_len + s.will.payload_len, s.will.ext_len)
@@ -161,6 +162,16 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
         session_changed(w, s)
+
+
+cdef void will_expiry_starts(Msg* will) noexcept nogil:
+    """An MQTT 5.0 will's Message Expiry Interval counts from its publication:
+    its extras held the interval in ms plus 1 (ext_from_props from 1) until now."""
+    cdef uint8_t* ext = will.data + will.topic_len + will.payload_len
+    cdef uint64_t at = ext_expire_ms(ext, will.ext_len)
+    if at:
+        at = realtime_ms() + (at - 1)
+        memcpy(ext, &at, 8)
 
 
 cdef uint16_t session_packet_id(Session* s) noexcept nogil:
@@ -362,14 +373,23 @@ cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil:
 
 cdef int sessions_expire(Worker w, uint64_t limit_ms):
     """Worker.expire_sessions: ends the clean_session=0 sessions whose client
-    has been away longer than limit_ms; how many."""
+    has been away longer than limit_ms (0: never), and the MQTT 5.0 sessions
+    away longer than their Session Expiry Interval; how many."""
     cdef uint32_t slot
     cdef int n = 0
     cdef uint64_t now = monotonic_ms()
+    cdef Session* s
     for slot in range(w.nsessions):
-        if (w.sessions[slot].in_use and w.sessions[slot].fd < 0 and not w.sessions[slot].clean
-                and now - w.sessions[slot].away_since_ms > limit_ms):
-            session_free(w, slot, True)
-            w.counters[SESSIONS_EXPIRED] += 1
-            n += 1
+        s = &w.sessions[slot]
+        if not s.in_use or s.fd >= 0 or s.clean:
+            continue
+        if s.version == 5:
+            # MQTT 5.0: its own Session Expiry Interval (0xFFFFFFFF: never), not session_expiry.
+            if s.expiry_s == 0xFFFFFFFF or now - s.away_since_ms <= <uint64_t>s.expiry_s * 1000:
+                continue
+        elif limit_ms == 0 or now - s.away_since_ms <= limit_ms:
+            continue
+        session_free(w, slot, True)
+        w.counters[SESSIONS_EXPIRED] += 1
+        n += 1
     return n

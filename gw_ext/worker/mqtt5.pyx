@@ -1,0 +1,625 @@
+# Included by loop.pyx. MQTT 5.0 connections: a connection whose CONNECT says
+# protocol level 5 (Conn.version) is framed and decoded by the MQTT 5.0 codec
+# (gw_ext/codec5.pxd) from then on: Worker.process_mqtt hands each of its reads
+# to process_mqtt5 (one test per read, none per packet of a 3.1.1 connection),
+# whose packets go to handle_packet5. Most of the work after decoding is the
+# 3.1.1 handlers' (a v5 PUBLISH becomes a PublishPacket for publish_decoded, a
+# SUBSCRIBE or UNSUBSCRIBE a 3.1.1 body for handle_subscribe/unsubscribe); what
+# differs is here: the CONNECT and its CONNACK, reason codes in the answers,
+# DISCONNECT both ways, Session Expiry Interval, and the DISCONNECT with a
+# reason code the server sends before it closes a v5 connection (v5_goodbye,
+# called by Worker.close_conn and close_after_flush for every close path).
+
+from gw_ext.codec5 cimport (
+    AUTH, ERR_PROTOCOL, Ack5Packet, Connect5Packet, Entry5Iter, Props5, Publish5Packet,
+    P_AUTH_METHOD, P_ASSIGNED_CLIENT_ID, P_MAXIMUM_PACKET_SIZE, P_REASON_STRING, P_RECEIVE_MAXIMUM,
+    P_SESSION_EXPIRY, P_SHARED_AVAILABLE, P_SUBSCRIPTION_ID, P_SUBSCRIPTION_ID_AVAILABLE, P_TOPIC_ALIAS,
+    P_TOPIC_ALIAS_MAXIMUM, P_USER_PROPERTY, R5_NONE, R5_TOPIC_ALIAS,
+    RC_BAD_AUTH_METHOD, RC_KEEP_ALIVE_TIMEOUT, RC_MALFORMED, RC_NOT_AUTHORIZED, RC_PACKET_TOO_LARGE,
+    RC_PROTOCOL_ERROR, RC_QUOTA_EXCEEDED, RC_SERVER_SHUTTING_DOWN, RC_SESSION_TAKEN_OVER, RC_SUCCESS,
+    RC_UNSPECIFIED, ack5_size, codes5_size, connack5_size, connect_protocol_level, decode_ack5,
+    decode_connect5, decode_disconnect5, decode_header5, decode_publish5, disconnect5_size, encode_ack5,
+    encode_codes5, encode_connack5, encode_disconnect5, encode_publish5, entries5_begin, is_shared_filter,
+    publish5_size, put_prop_bytes, put_prop_u8, put_prop_u16, put_prop_u32, subscribe5_next,
+    unsubscribe5_next,
+)
+
+cdef enum:
+    # Conn.v5 flags.
+    V5_NO_PROBLEM_INFO = 1    # Request Problem Information 0: no Reason String or User Property but on
+                              # PUBLISH, CONNACK, DISCONNECT (MQTT-3.1.2-29)
+    V5_GOODBYE = 2            # a DISCONNECT went out: nothing more is written
+    V5_EXPIRY_ZERO = 4        # its CONNECT's Session Expiry Interval was 0 (MQTT-3.14.2-2)
+
+cdef enum:
+    # More reason codes (section 2.4) than codec5.pxd names.
+    RC_DISCONNECT_WITH_WILL = 0x04
+    RC_NO_SUBSCRIPTION_EXISTED = 0x11
+    RC_IMPLEMENTATION_ERROR = 0x83
+    RC_ID_REJECTED = 0x85
+    RC_BAD_USER_OR_PASSWORD = 0x86
+    RC_SERVER_UNAVAILABLE = 0x88
+    RC_SERVER_BUSY = 0x89
+    RC_RECEIVE_MAXIMUM_EXCEEDED = 0x93
+    RC_TOPIC_ALIAS_INVALID = 0x94
+    RC_ADMINISTRATIVE_ACTION = 0x98
+    RC_SHARED_NOT_SUPPORTED = 0x9E
+    RC_SUBSCRIPTION_IDS_NOT_SUPPORTED = 0xA1
+
+# What this server supports of MQTT 5.0, as announced in every CONNACK (section
+# 3.2.2.3). Subscription Identifiers and shared subscriptions are not (yet):
+# a SUBSCRIBE with either is refused with the reason codes the standard gives
+# (0xA1 DISCONNECT, 0x9E in the SUBACK). Set these to 1 where they become true.
+cdef enum:
+    V5_SUBSCRIPTION_IDS_AVAILABLE = 0
+    V5_SHARED_AVAILABLE = 0
+    V5_TOPIC_ALIAS_MAXIMUM = 0    # aliases from clients: none accepted (a Topic Alias is 0x94)
+
+
+# --- framing and dispatch ------------------------------------------------------------
+
+cdef Py_ssize_t process_mqtt5(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n):
+    """Worker.process_mqtt for an MQTT 5.0 connection: the same framing, MQTT
+    5.0's fixed header (AUTH, a minimal Remaining Length)."""
+    cdef Py_ssize_t pos = 0
+    cdef int hl, reason = 0
+    cdef uint8_t first
+    cdef uint32_t remaining
+    cdef Py_ssize_t total
+    cdef bint any_packet = False
+    c.need = 0
+    while pos < n:
+        if c.state == ST_CLOSING:
+            return n
+        if c.state == ST_CLOSED:
+            return -1
+        if c.state == ST_SETTLING:
+            break
+        hl = decode_header5(buf + pos, n - pos, w.max_packet_size, &first, &remaining, &reason)
+        if hl < 0:
+            if hl == ERR_INCOMPLETE:
+                break
+            if hl == ERR_TOO_LARGE:
+                w.counters[PACKETS_TOO_LARGE] += 1
+                w.close_conn(c, CR_TOO_LARGE)       # DISCONNECT 0x95 (v5_goodbye)
+                return -1
+            v5_error(w, c, hl, reason)
+            return -1
+        total = hl + remaining
+        if total > w.max_packet_size:
+            w.counters[PACKETS_TOO_LARGE] += 1
+            w.close_conn(c, CR_TOO_LARGE)
+            return -1
+        if n - pos < total:
+            c.need = <uint32_t>total
+            break
+        if (first & 0xF0) == 0x30 and (w.batch_messages >= w.msg_allowance
+                                       or w.batch_bytes >= w.byte_allowance):
+            w.rate_stopped = True
+            break
+        if handle_packet5(w, c, first, buf + pos + hl, remaining) < 0:
+            return -1
+        if (first & 0xF0) == 0x30:
+            w.batch_messages += 1
+            w.batch_bytes += <uint64_t>total
+        any_packet = True
+        pos += total
+    if any_packet:
+        c.last_rx_ms = w.now_ms
+    return pos
+
+
+cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
+    """One complete packet of an MQTT 5.0 connection (its CONNECT was read by
+    handle_connect). Returns 0, or -1 if the connection was closed."""
+    cdef uint8_t ptype = first >> 4
+    w.counters[PKT_IN + ptype] += 1
+    if c.state != ST_CONNECTED:
+        v5_error(w, c, ERR_PROTOCOL, R5_NONE)
+        return -1
+    if ptype == PUBLISH:
+        return handle_publish5(w, c, first, body, n)
+    if ptype == PINGREQ:
+        return handle_ping(w, c)        # PINGRESP: the same two bytes in both versions
+    if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
+        return handle_ack5(w, c, ptype, body, n)
+    if ptype == SUBSCRIBE:
+        return handle_subscribe5(w, c, body, n)
+    if ptype == UNSUBSCRIBE:
+        return handle_unsubscribe5(w, c, body, n)
+    if ptype == DISCONNECT:
+        return handle_disconnect5(w, c, body, n)
+    # A second CONNECT (MQTT-3.1.0-2), packets only servers send (CONNACK,
+    # SUBACK, UNSUBACK, PINGRESP) and AUTH without an Authentication Method in
+    # the CONNECT (MQTT-4.12.0-1, this server supports none): Protocol Errors.
+    v5_error(w, c, ERR_PROTOCOL, R5_NONE)
+    return -1
+
+
+cdef void v5_error(Worker w, Conn* c, int rc, int reason):
+    """A Malformed Packet (rc ERR_MALFORMED) or Protocol Error (ERR_PROTOCOL):
+    counted by its reason, DISCONNECT 0x81 or 0x82 once the CONNACK went out
+    (MQTT-4.13.1-1), then closed."""
+    cdef uint8_t code = RC_MALFORMED if rc == ERR_MALFORMED else RC_PROTOCOL_ERROR
+    if 1 <= reason <= 19:
+        w.counters[MQTT5_BAD_PACKETS + reason - 1] += 1
+    if code == RC_PROTOCOL_ERROR:
+        w.counters[MQTT5_PROTOCOL_ERRORS] += 1
+    else:
+        w.counters[MQTT5_MALFORMED] += 1
+    if c.state == ST_CONNECTED and not (c.v5 & V5_GOODBYE):
+        send_disconnect5(w, c, code)
+        w.close_after_flush(c, CR_MALFORMED, reason)
+    else:
+        w.close_conn(c, CR_MALFORMED, reason)
+
+
+# --- CONNECT -------------------------------------------------------------------------
+
+cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef Connect5Packet pkt
+    cdef int reason = 0
+    cdef int rc
+    cdef PendingConnect pc
+    cdef bytes username = None
+    cdef int why = CN_OK
+    c.version = 5
+    rc = decode_connect5(body, n, &pkt, &reason)
+    if rc < 0:
+        # Malformed or a Protocol Error: the CONNACK may say which (MQTT-3.1.4-1,
+        # -3.2.2-8), then the connection closes.
+        if 1 <= reason <= 19:
+            w.counters[MQTT5_BAD_PACKETS + reason - 1] += 1
+        w.counters[MQTT5_MALFORMED if rc == ERR_MALFORMED else MQTT5_PROTOCOL_ERRORS] += 1
+        return refuse_connect5(w, c, RC_MALFORMED if rc == ERR_MALFORMED else RC_PROTOCOL_ERROR, reason)
+    if pkt.props.present & (1ULL << P_AUTH_METHOD):
+        # Extended authentication (section 4.12): no method is supported here.
+        return refuse_connect5(w, c, RC_BAD_AUTH_METHOD, -1)
+    if w.listeners[c.listener].identity_username and c.ssl != NULL:
+        username = peer_common_name(c.ssl, &why)
+        if username is None:
+            w.counters[TLS_REFUSED_BAD_CERT] += 1
+            w.log_client(CR_TLS_BAD_CERT, c.fd, "CONNECT refused (use_identity_as_username): "
+                         + CN_REASONS[why])
+            return refuse_connect(w, c, CONNACK_BAD_AUTH)
+    elif pkt.has_username:
+        username = PyBytes_FromStringAndSize(<char*>pkt.username.ptr, pkt.username.len)
+    pc = PendingConnect.__new__(PendingConnect)
+    pc.username = username
+    pc.fd = c.fd
+    pc.gen = c.gen
+    pc.prev_owner = -2
+    pc.version = 5
+    pc.request_problem = 1
+    if pkt.props.present & (1ULL << 0x17):      # Request Problem Information
+        pc.request_problem = pkt.props.request_problem
+        if not pkt.props.request_problem:
+            c.v5 |= V5_NO_PROBLEM_INFO
+    pc.session_expiry = pkt.props.session_expiry if pkt.props.present & (1ULL << P_SESSION_EXPIRY) else 0
+    if pc.session_expiry == 0:
+        c.v5 |= V5_EXPIRY_ZERO
+    pc.clean_start = pkt.clean_start
+    if pkt.client_id.len > 0:
+        pc.client_id = PyBytes_FromStringAndSize(<char*>pkt.client_id.ptr, pkt.client_id.len)
+    else:
+        # An empty client id: one is assigned and told in the CONNACK (MQTT-3.1.3-6/-7),
+        # whatever Clean Start says (a new id has no session to resume).
+        w.auto_id += 1
+        pc.client_id = b"auto-%d-%x" % (w.worker_index, w.auto_id)
+        pc.assigned_id = True
+    # `clean` is what the registry and the settling read: discard any session of
+    # the id. Whether the session outlives the connection is Session Expiry's
+    # (s.clean set from it when settled, registry.pyx).
+    pc.clean = pkt.clean_start
+    pc.keepalive = pkt.keepalive
+    pc.will_flag = pkt.will_flag
+    if pkt.will_flag:
+        pc.will_topic = PyBytes_FromStringAndSize(<char*>pkt.will_topic.ptr, pkt.will_topic.len)
+        pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
+        pc.will_qos = pkt.will_qos
+        pc.will_retain = pkt.will_retain
+        if pkt.will_props.raw.len:
+            # Its properties go with it; its Message Expiry Interval counts from
+            # when it is published (session_detach), so from 1 until then.
+            pc.will_ext = ext_from_props(pkt.will_props.raw.ptr, pkt.will_props.raw.len,
+                                         pkt.will_props.message_expiry,
+                                         (pkt.will_props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 1)
+    rc = auth_connect(w, c, pc, pkt.password.ptr, pkt.password.len, pkt.has_password)
+    if rc < 0:
+        return -1
+    if rc > 0:
+        return 0
+    return connect_claim(w, c, pc)
+
+
+cdef uint8_t connack_code5(uint8_t code311) noexcept nogil:
+    """A 3.1.1 CONNACK return code's MQTT 5.0 reason code (section 3.2.2.2)."""
+    if code311 == CONNACK_BAD_PROTOCOL:
+        return 0x84
+    if code311 == CONNACK_ID_REJECTED:
+        return RC_ID_REJECTED
+    if code311 == CONNACK_UNAVAILABLE:
+        return RC_SERVER_UNAVAILABLE
+    if code311 == CONNACK_BAD_AUTH:
+        return RC_BAD_USER_OR_PASSWORD
+    if code311 == CONNACK_NOT_AUTHORIZED:
+        return RC_NOT_AUTHORIZED
+    return RC_UNSPECIFIED
+
+
+cdef int refuse_connect5(Worker w, Conn* c, uint8_t reason_code, int bad_reason):
+    """A CONNACK with a reason code of 0x80 or more, then the connection
+    closes (MQTT-3.2.2-7)."""
+    cdef uint8_t* out
+    w.counters[CONNACK_REFUSED] += 1
+    out = w.reserve(c, connack5_size(0))
+    if out == NULL:
+        return -1
+    encode_connack5(out, 0, reason_code, NULL, 0)
+    w.counters[PKT_OUT + CONNACK] += 1
+    if bad_reason >= 0:
+        w.close_after_flush(c, CR_MALFORMED, bad_reason)
+    else:
+        w.close_after_flush(c, CR_REFUSED)
+    return -1
+
+
+cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
+    """The accepting CONNACK of an MQTT 5.0 connection, with what the server
+    announces (section 3.2.2.3): only what differs from the standard's
+    defaults."""
+    cdef uint8_t[512] props
+    cdef uint32_t k = 0
+    cdef uint8_t* out
+    cdef uint32_t receive_max = w.max_awaiting_rel
+    if pc.session_expiry == 0xFFFFFFFF or pc.session_expiry == 0:
+        pass        # what the client asked for is used as it is
+    if receive_max < 65535:
+        # QoS 2 messages awaiting their PUBREL are bounded by max_awaiting_rel.
+        k += put_prop_u16(props + k, P_RECEIVE_MAXIMUM, <uint16_t>(receive_max if receive_max else 1))
+    # Maximum QoS 2 and Retain Available 1 are the defaults: left out.
+    k += put_prop_u32(props + k, P_MAXIMUM_PACKET_SIZE, w.max_packet_size)
+    if pc.assigned_id and len(pc.client_id) <= 200:
+        k += put_prop_bytes(props + k, P_ASSIGNED_CLIENT_ID, <const uint8_t*>PyBytes_AS_STRING(pc.client_id),
+                            <uint32_t>len(pc.client_id))
+    if w.topic_alias_maximum:
+        k += put_prop_u16(props + k, P_TOPIC_ALIAS_MAXIMUM, w.topic_alias_maximum)
+    # Wildcard Subscription Available: absent is 1.
+    if not V5_SUBSCRIPTION_IDS_AVAILABLE:
+        k += put_prop_u8(props + k, P_SUBSCRIPTION_ID_AVAILABLE, 0)
+    if not V5_SHARED_AVAILABLE:
+        k += put_prop_u8(props + k, P_SHARED_AVAILABLE, 0)
+    out = w.reserve(c, connack5_size(k))
+    if out == NULL:
+        return -1
+    encode_connack5(out, present, RC_SUCCESS, props, k)
+    w.counters[PKT_OUT + CONNACK] += 1
+    w.counters[MQTT5_CONNECTED] += 1
+    return 0
+
+
+# --- PUBLISH and the acknowledgements ------------------------------------------------
+
+cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
+    cdef Publish5Packet p5
+    cdef PublishPacket pkt
+    cdef bytes ext
+    cdef int reason = 0
+    cdef int rc = decode_publish5(first, body, n, &p5, &reason)
+    if rc < 0:
+        v5_error(w, c, rc, reason)
+        return -1
+    if p5.props.present & (1ULL << P_TOPIC_ALIAS) or p5.topic.len == 0:
+        if topic_alias_in(w, c, &p5) < 0:
+            return -1
+    if p5.props.present & (1ULL << P_SUBSCRIPTION_ID):
+        # A client's PUBLISH carries no Subscription Identifier (MQTT-3.3.4-6).
+        v5_error(w, c, ERR_PROTOCOL, R5_NONE)
+        return -1
+    pkt.qos = p5.qos
+    pkt.retain = p5.retain
+    pkt.dup = p5.dup
+    pkt.packet_id = p5.packet_id
+    pkt.topic = p5.topic
+    pkt.payload = p5.payload
+    if p5.props.raw.len == 0:
+        return publish_decoded(w, c, &pkt, NULL, 0)
+    # Its properties become the message's extras (router.pyx): kept with it wherever it goes.
+    ext = ext_from_props(p5.props.raw.ptr, p5.props.raw.len, p5.props.message_expiry,
+                         (p5.props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 0)
+    return publish_decoded(w, c, &pkt, <const uint8_t*>PyBytes_AS_STRING(ext), PyBytes_GET_SIZE(ext))
+
+
+cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
+    """A client's Topic Alias (section 3.3.2.3.4): with a topic, it is set (or
+    set again) for the connection; without one, the topic it stands for is
+    used (p5.topic then points into the connection's table, which holds it
+    while the PUBLISH is handled). An alias of 0 or above the Topic Alias
+    Maximum we announced is DISCONNECT 0x94 (MQTT-3.3.2-9); one never set is
+    a Protocol Error (0x82). 0, or -1 when the connection goes."""
+    cdef uint16_t alias = p5.props.topic_alias
+    cdef list table
+    cdef bytes topic
+    if not (p5.props.present & (1ULL << P_TOPIC_ALIAS)) or alias == 0 or alias > w.topic_alias_maximum:
+        w.counters[MQTT5_PROTOCOL_ERRORS] += 1
+        w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
+        send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
+        w.close_after_flush(c, CR_MALFORMED, MAL_PROTOCOL)
+        return -1
+    table = w.topic_aliases.get(c.fd)
+    if p5.topic.len:
+        if table is None:
+            table = [None] * (w.topic_alias_maximum + 1)
+            w.topic_aliases[c.fd] = table
+        table[alias] = PyBytes_FromStringAndSize(<const char*>p5.topic.ptr, p5.topic.len)
+        w.counters[MQTT5_TOPIC_ALIASES_SET] += 1
+        return 0
+    topic = <bytes>table[alias] if table is not None else None
+    if topic is None:
+        w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
+        v5_error(w, c, ERR_PROTOCOL, R5_TOPIC_ALIAS)
+        return -1
+    p5.topic.ptr = <const uint8_t*>PyBytes_AS_STRING(topic)
+    p5.topic.len = <uint32_t>PyBytes_GET_SIZE(topic)
+    return 0
+
+
+cdef int send_ack5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint8_t reason_code):
+    """PUBACK, PUBREC, PUBREL or PUBCOMP with a reason code (no properties)."""
+    cdef uint8_t* out = w.reserve(c, ack5_size(reason_code, 0))
+    if out == NULL:
+        return -1
+    encode_ack5(out, ptype, pid, reason_code, NULL, 0)
+    w.counters[PKT_OUT + ptype] += 1
+    return 0
+
+
+cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n):
+    cdef Ack5Packet a
+    cdef int reason = 0
+    cdef int rc = decode_ack5(ptype, body, n, &a, &reason)
+    cdef Session* s = &w.sessions[c.session]
+    cdef uint32_t i
+    cdef Inflight* e
+    if rc < 0:
+        v5_error(w, c, rc, reason)
+        return -1
+    if ptype == PUBREL:
+        qos2_forget(s, a.packet_id)
+        session_changed(w, s)
+        return w.send_ack(c, PUBCOMP, a.packet_id)
+    if ptype == PUBREC and a.reason_code >= 0x80:
+        # The subscriber refused the message: its QoS 2 flow ends here, no PUBREL
+        # (MQTT-4.3.3-4, section 4.9).
+        session_changed(w, s)
+        s.last_ack_ms = w.now_ms
+        s.stalled = 0
+        for i in range(s.ninflight):
+            e = &s.inflight[i]
+            if e.packet_id == a.packet_id and e.qos == 2 and e.state == IF_PUBLISHED:
+                msg_release(e.msg)
+                memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
+                s.ninflight -= 1
+                session_pump(w, s)
+                break
+        return 0 if c.state == ST_CONNECTED else -1
+    return session_acked(w, s, ptype, a.packet_id)
+
+
+# --- SUBSCRIBE, UNSUBSCRIBE ----------------------------------------------------------
+
+cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* it, int* rc, int* reason):
+    """The entries of a valid MQTT 5.0 SUBSCRIBE or UNSUBSCRIBE as a 3.1.1 body
+    (packet id, then each filter with its QoS), what handle_subscribe and
+    handle_unsubscribe read. None with *rc set when the packet is refused."""
+    cdef Props5 props
+    cdef Slice filt
+    cdef uint8_t options
+    cdef int r
+    cdef bytearray out
+    rc[0] = entries5_begin(SUBSCRIBE if subscribe else UNSUBSCRIBE, body, n, it, &props, reason)
+    if rc[0] < 0:
+        return None
+    if subscribe and props.present & (1ULL << P_SUBSCRIPTION_ID) and not V5_SUBSCRIPTION_IDS_AVAILABLE:
+        rc[0] = 1       # Subscription Identifiers not supported: DISCONNECT 0xA1
+        return None
+    out = bytearray(2)
+    out[0] = it.packet_id >> 8
+    out[1] = it.packet_id & 0xFF
+    while True:
+        if subscribe:
+            r = subscribe5_next(it, &filt, &options, reason)
+        else:
+            r = unsubscribe5_next(it, &filt, reason)
+        if r == 0:
+            break
+        if r < 0:
+            rc[0] = r
+            return None
+        out.append(filt.len >> 8)
+        out.append(filt.len & 0xFF)
+        out += PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len)
+        if subscribe:
+            out.append(options & 3)
+    return bytes(out)
+
+
+cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef Entry5Iter it
+    cdef int rc = 0, reason = 0
+    cdef bytes b = body311(body, n, True, &it, &rc, &reason)
+    if b is None:
+        if rc == 1:
+            w.counters[MQTT5_PROTOCOL_ERRORS] += 1
+            send_disconnect5(w, c, RC_SUBSCRIPTION_IDS_NOT_SUPPORTED)
+            w.close_after_flush(c, CR_MALFORMED, MAL_PROTOCOL)
+        else:
+            v5_error(w, c, rc, reason)
+        return -1
+    return handle_subscribe(w, c, <const uint8_t*>PyBytes_AS_STRING(b), <uint32_t>len(b))
+
+
+cdef int handle_unsubscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef Entry5Iter it
+    cdef int rc = 0, reason = 0
+    cdef bytes b = body311(body, n, False, &it, &rc, &reason)
+    if b is None:
+        v5_error(w, c, rc, reason)
+        return -1
+    return handle_unsubscribe(w, c, <const uint8_t*>PyBytes_AS_STRING(b), <uint32_t>len(b))
+
+
+cdef int unsubscribe5_answer(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    """handle_unsubscribe for an MQTT 5.0 connection (body: the 3.1.1 form,
+    validated): each filter removed, the UNSUBACK with 0x00, or 0x11 No
+    subscription existed."""
+    cdef EntryIter it
+    cdef Slice filt
+    cdef int reason = 0, r
+    cdef uint32_t count = 0, before
+    cdef bytearray codes = bytearray()
+    unsubscribe_begin(body, n, &it, &reason)
+    while unsubscribe_next(&it, &filt, &reason) == 1:
+        before = subscriber_count(w, c.session)
+        r = topics_unsubscribe(w.index, filt.ptr, filt.len, c.session)
+        if r == 1:
+            channel_broadcast(w, FR_SUB_DEL, 0, filt.ptr, filt.len, NULL, 0)
+        codes.append(RC_SUCCESS if subscriber_count(w, c.session) < before else RC_NO_SUBSCRIPTION_EXISTED)
+        count += 1
+    return send_codes5(w, c, UNSUBACK, it.packet_id, <const uint8_t*><char*>codes, count)
+
+
+cdef int send_codes5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, const uint8_t* codes, uint32_t count):
+    """SUBACK or UNSUBACK of an MQTT 5.0 connection: a reason code per filter."""
+    cdef uint8_t* out = w.reserve(c, codes5_size(count, 0))
+    if out == NULL:
+        return -1
+    encode_codes5(out, ptype, pid, NULL, 0, codes, count)
+    w.counters[PKT_OUT + ptype] += 1
+    return 0
+
+
+cdef bytes suback5_bytes(uint16_t pid, const uint8_t* codes, uint32_t count):
+    cdef bytes b = PyBytes_FromStringAndSize(NULL, codes5_size(count, 0))
+    encode_codes5(<uint8_t*>PyBytes_AS_STRING(b), SUBACK, pid, NULL, 0, codes, count)
+    return b
+
+
+# --- DISCONNECT both ways --------------------------------------------------------------
+
+cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
+    cdef Ack5Packet a
+    cdef int reason = 0
+    cdef int rc = decode_disconnect5(DISCONNECT, body, n, &a, &reason)
+    cdef Session* s
+    cdef uint32_t expiry
+    if rc < 0:
+        v5_error(w, c, rc, reason)
+        return -1
+    if a.props.present & (1ULL << P_SESSION_EXPIRY):
+        expiry = a.props.session_expiry
+        if expiry != 0 and c.v5 & V5_EXPIRY_ZERO:
+            # From 0 in the CONNECT to non-zero: a Protocol Error (MQTT-3.14.2-2).
+            v5_error(w, c, ERR_PROTOCOL, R5_NONE)
+            return -1
+        if c.session >= 0:
+            s = &w.sessions[c.session]
+            s.expiry_s = expiry
+            s.clean = expiry == 0
+            session_changed(w, s)
+    # 0x04 Disconnect with Will Message: the will goes out as if the connection
+    # had dropped (section 3.14.2.1); any other code discards it (MQTT-3.14.4-3).
+    w.close_conn(c, CR_CLIENT if a.reason_code == RC_DISCONNECT_WITH_WILL else CR_DISCONNECT)
+    return -1
+
+
+cdef int send_disconnect5(Worker w, Conn* c, uint8_t reason_code):
+    """A DISCONNECT from the server, the last packet written to c (V5_GOODBYE),
+    counted by reason code."""
+    cdef uint8_t* out
+    cdef int slot
+    if c.v5 & V5_GOODBYE:
+        return -1
+    c.v5 |= V5_GOODBYE
+    out = w.reserve(c, disconnect5_size(reason_code, 0))
+    if out == NULL:
+        return -1
+    encode_disconnect5(out, DISCONNECT, reason_code, NULL, 0)
+    w.counters[PKT_OUT + DISCONNECT] += 1
+    if reason_code == RC_MALFORMED:
+        slot = DISC5_MALFORMED
+    elif reason_code == RC_PROTOCOL_ERROR:
+        slot = DISC5_PROTOCOL_ERROR
+    elif reason_code == RC_SERVER_SHUTTING_DOWN:
+        slot = DISC5_SHUTTING_DOWN
+    elif reason_code == RC_KEEP_ALIVE_TIMEOUT:
+        slot = DISC5_KEEP_ALIVE_TIMEOUT
+    elif reason_code == RC_SESSION_TAKEN_OVER:
+        slot = DISC5_TAKEN_OVER
+    elif reason_code == RC_PACKET_TOO_LARGE:
+        slot = DISC5_PACKET_TOO_LARGE
+    elif reason_code == RC_QUOTA_EXCEEDED:
+        slot = DISC5_QUOTA_EXCEEDED
+    elif reason_code == RC_ADMINISTRATIVE_ACTION:
+        slot = DISC5_ADMINISTRATIVE
+    elif reason_code == RC_RECEIVE_MAXIMUM_EXCEEDED:
+        slot = DISC5_RECEIVE_MAXIMUM
+    else:
+        slot = DISC5_OTHER
+    w.counters[MQTT5_DISCONNECTS + slot] += 1
+    return 0
+
+
+cdef bint v5_goodbye(Worker w, Conn* c, int reason, int detail):
+    """Worker.close_conn and close_after_flush, for a connected MQTT 5.0 client:
+    the DISCONNECT saying why the server closes (section 3.14, MQTT-4.13.2-1),
+    when the close is the server's. True when one was written (the caller then
+    closes after the flush)."""
+    cdef uint8_t code
+    if c.v5 & V5_GOODBYE or c.state != ST_CONNECTED:
+        return False
+    if w.draining:
+        code = RC_SERVER_SHUTTING_DOWN
+    elif reason == CR_TIMEOUT:
+        code = RC_KEEP_ALIVE_TIMEOUT
+    elif reason == CR_TAKEOVER:
+        code = RC_SESSION_TAKEN_OVER
+    elif reason == CR_TOO_LARGE:
+        code = RC_PACKET_TOO_LARGE
+    elif reason == CR_MALFORMED:
+        # The 3.1.1 handlers' findings on a v5 connection: a wrong kind of
+        # acknowledgement, a server's packet, a protocol violation (MQTT-4.8.0-1).
+        code = (RC_PROTOCOL_ERROR if detail == MAL_ACK or detail == MAL_SERVER_PACKET or detail == MAL_PROTOCOL
+                else RC_MALFORMED)
+    elif reason == CR_LIMIT:
+        code = RC_RECEIVE_MAXIMUM_EXCEEDED if detail == LIM_AWAITING_REL else RC_QUOTA_EXCEEDED
+    elif reason == CR_WAL:
+        code = RC_QUOTA_EXCEEDED        # the log takes no more: the publisher sends again later
+    elif reason == CR_ACL or reason == CR_REFUSED:
+        code = RC_ADMINISTRATIVE_ACTION
+    elif reason == CR_SERVER or reason == CR_INTERNAL:
+        code = RC_IMPLEMENTATION_ERROR
+    else:
+        # The client's own close (CR_CLIENT, CR_DISCONNECT), a socket or TLS
+        # error, an outbound buffer past max_outbound: nothing is sent.
+        return False
+    return send_disconnect5(w, c, code) == 0
+
+
+# --- PUBLISH to a subscriber, in its version ----------------------------------------
+
+cdef inline uint32_t encoded_publish_size(Conn* c, uint32_t topic_len, uint32_t payload_len,
+                                          uint8_t qos) noexcept nogil:
+    if c.version == 5:
+        return publish5_size(topic_len, 0, payload_len, qos)
+    return publish_size(topic_len, payload_len, qos)
+
+
+cdef inline void encode_publish_for(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
+                                    const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                                    uint8_t dup, uint16_t packet_id) noexcept nogil:
+    """A PUBLISH for c: MQTT 5.0 (no properties yet) or 3.1.1."""
+    if c.version == 5:
+        encode_publish5(out, topic, topic_len, NULL, 0, payload, payload_len, qos, retain, dup, packet_id)
+    else:
+        encode_publish(out, topic, topic_len, payload, payload_len, qos, retain, dup, packet_id)
