@@ -19,8 +19,10 @@ import msgspec
 import pytest
 
 import mqtt5_ref as ref
+from test_mqtt5_connections import V5  # first: it registers broker_fixtures for assertion rewriting
 
-from conftest import HOST, GwServer, stop_and_check, tcp_connect
+from conftest import HOST, GwServer, stop_and_check, tcp_connect  # noqa: I001
+from gw import packets5 as p5
 
 # Content Type "text/plain", User Properties ("k", "v") then ("a", "b") in that
 # order, Correlation Data b"\x00\x01", Response Topic "re/ply".
@@ -269,9 +271,6 @@ def test_topic_aliases_from_a_client_set_used_and_refused(server):
     alias sets it, one with an empty topic uses it (the subscriber on the other
     worker gets the full topic); an alias over the maximum is DISCONNECT 0x94,
     an alias never set is 0x82. Written whole and in 1-byte fragments."""
-    from test_mqtt5_connections import V5
-    from gw import packets5 as p5
-
     sub = Client(server, 1, "ta-sub")
     try:
         sub.subscribe("ta/#", 1)
@@ -298,5 +297,28 @@ def test_topic_aliases_from_a_client_set_used_and_refused(server):
         assert any(isinstance(p, p5.Disconnect) and p.reason_code == 0x82 for p in unset.closed())
         assert server.counters()["mqtt5_topic_alias_invalid"] == 2
         assert server.counters()["mqtt5_topic_aliases_set"] == 1
+    finally:
+        sub.close()
+
+
+def test_a_v5_will_keeps_its_properties_and_its_expiry_counts_from_publication(server):
+    """A will's properties (Content Type, User Properties, Message Expiry) go
+    out with it to a v5 subscriber on the other worker; its Message Expiry
+    Interval counts from when it is published, not from the CONNECT."""
+    sub = Client(server, 1, "w5-sub")
+    try:
+        sub.subscribe("w5/#", 1)
+        victim = V5(server.ports["mqtt"])
+        ack = victim.connect("w5-victim", will_topic="w5/will", will_message=b"gone", will_qos=1,
+                             will_properties=p5.Properties(content_type="text/plain", message_expiry_interval=30,
+                                                           user_properties=(("why", "lost"),)))
+        assert ack.reason_code == 0
+        time.sleep(2.5)                                  # the expiry must not count this
+        victim.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        victim.sock.close()                              # no DISCONNECT: the will goes out
+        (topic, payload, qos, retain, p), = sub.wait(1)
+        assert (topic, payload, qos) == ("w5/will", b"gone", 1)
+        assert p.ContentType == "text/plain" and p.UserProperty == [("why", "lost")]
+        assert 29 <= p.MessageExpiryInterval <= 30
     finally:
         sub.close()
