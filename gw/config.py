@@ -156,7 +156,8 @@ class Config:
                                "(also while a clean_session=0 client is away); more are dropped "
                                "and counted", minimum=0)
     session_expiry: float = _setting(0.0, "seconds a clean_session=0 session is kept while its client "
-                                     "is away (0: forever, as Mosquitto's default)", minimum=0)
+                                     "is away (0: forever, as Mosquitto's default); MQTT 5.0 clients "
+                                     "give their own (Session Expiry Interval)", minimum=0)
     max_retained: int = _setting(100_000, "retained messages kept; more are refused and counted",
                                  minimum=0)
     max_retained_bytes: int = _setting(256 << 20, "bytes of topics and payloads in the retained store "

@@ -21,7 +21,7 @@ from numbers import Integral
 from operator import itemgetter
 
 from gw import __version__
-from gw.stats import (HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
+from gw.stats import (DISC5_NAMES, R5_NAMES, HIST_BOUNDS_NS, HIST_BUCKETS, HIST_WORDS, LIMIT_NAMES, MALFORMED_REASONS,
                       PACKET_NAMES, SINK_NAMES, STATUS_NAMES, WS_CLOSE_NAMES, WS_REFUSED_NAMES, Counter as C,
                       Layout, StatsBlock, monotonic_ms)
 
@@ -91,6 +91,15 @@ _FAMILIES = [
      [(f'{{code="{n}"}}', C.WS_REFUSED + i) for i, n in WS_REFUSED_NAMES.items()]),
     ("gw_ws_closes_total", "counter", "WebSocket Close frames the server sent, by close code.",
      [(f'{{code="{n}"}}', C.WS_CLOSES + i) for i, n in WS_CLOSE_NAMES.items()]),
+    ("gw_mqtt5_connects_total", "counter", "MQTT 5.0 CONNECTs accepted.", [("", C.MQTT5_CONNECTED)]),
+    ("gw_mqtt5_bad_packets_total", "counter",
+     "MQTT 5.0 packets refused, by class (Malformed Packet 0x81, Protocol Error 0x82).",
+     [('{class="malformed"}', C.MQTT5_MALFORMED), ('{class="protocol_error"}', C.MQTT5_PROTOCOL_ERRORS)]),
+    ("gw_mqtt5_bad_packets_by_rule_total", "counter", "MQTT 5.0 packets the codec refused, by the rule broken.",
+     [(f'{{rule="{n}"}}', C.MQTT5_BAD_PACKETS + i) for i, n in enumerate(R5_NAMES)]),
+    ("gw_mqtt5_disconnects_sent_total", "counter",
+     "DISCONNECTs the server sent to MQTT 5.0 clients before closing, by reason.",
+     [(f'{{reason="{n}"}}', C.MQTT5_DISCONNECTS + i) for i, n in DISC5_NAMES.items()]),
     ("gw_mqtt_packets_total", "counter", "MQTT control packets, by direction and type.",
      [(f'{{direction="in",type="{n}"}}', C.PKT_IN + t) for t, n in PACKET_NAMES.items()]
      + [(f'{{direction="out",type="{n}"}}', C.PKT_OUT + t) for t, n in PACKET_NAMES.items()]),

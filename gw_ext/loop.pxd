@@ -134,6 +134,8 @@ cdef struct Conn:
     uint8_t version           # MQTT: the CONNECT's protocol level (3, 4, 5; 0 before it): 5 reads and
                               # writes MQTT 5.0 (worker/mqtt5.pyx)
     uint8_t v5                # MQTT 5.0: V5_* flags (worker/mqtt5.pyx)
+    uint32_t max_packet_out   # MQTT 5.0: the client's Maximum Packet Size (0: none given), what
+                              # the server may send it (MQTT-3.1.2-24)
     uint32_t json_acl_gen     # ... this ACL generation (0: not decided yet)
     int session               # MQTT session slot, -1 before CONNECT
     uint32_t gen              # which connection this is (fds are reused)
@@ -346,6 +348,7 @@ cdef class PendingConnect:
     cdef uint32_t session_expiry # version 5: Session Expiry Interval, seconds
     cdef bint assigned_id        # version 5: the server made up its client id (Assigned Client Identifier)
     cdef uint8_t request_problem # version 5: Request Problem Information (1 unless the client said 0)
+    cdef uint32_t max_packet_out # version 5: the client's Maximum Packet Size (0: none)
 
 
 # --- a claim by another user, waiting for the id's owner to say what it holds -------
@@ -647,6 +650,13 @@ cdef int handle_connect(Worker w, Conn* c, const uint8_t* body, uint32_t n)
 cdef int refuse_connect(Worker w, Conn* c, uint8_t return_code)
 
 # --- worker/mqtt5.pyx: MQTT 5.0 connections (framing, dispatch, answers, DISCONNECT) ----
+cdef enum:
+    # Conn.close_detail of a v5 connection closed by v5_error: DETAIL_R5 + the
+    # R5_* reason (DETAIL_R5 alone: found by the handlers), + DETAIL_PROTOCOL
+    # for a Protocol Error; below DETAIL_R5 the details are codec.pxd's MAL_*.
+    DETAIL_R5 = 0x40
+    DETAIL_PROTOCOL = 0x20
+cdef str r5_close_text(int detail)
 cdef Py_ssize_t process_mqtt5(Worker w, Conn* c, uint8_t* buf, Py_ssize_t n)
 cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
 cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
@@ -657,6 +667,8 @@ cdef void v5_error(Worker w, Conn* c, int rc, int reason)
 cdef bint v5_goodbye(Worker w, Conn* c, int reason, int detail)
 cdef int send_disconnect5(Worker w, Conn* c, uint8_t reason_code)
 cdef int send_ack5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint8_t reason_code)
+cdef const char* reason_text5(uint8_t reason_code) noexcept nogil
+cdef uint32_t put_reason5(Conn* c, uint8_t* props, uint8_t reason_code, uint32_t packet_size, bint any_packet) noexcept nogil
 cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
 cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2
 cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)

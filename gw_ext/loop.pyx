@@ -1355,7 +1355,9 @@ cdef class Worker:
             self.counters[SESSIONS_CURRENT] -= 1
         self.counters[CLOSE_COUNTER[reason]] += 1
         self.counters[CONNS_CURRENT] -= 1
-        if reason == CR_MALFORMED:
+        if reason == CR_MALFORMED and detail >= DETAIL_R5:
+            self.log_limited(reason, "closed an MQTT 5.0 connection: %s" % r5_close_text(detail))
+        elif reason == CR_MALFORMED:
             self.log_limited(reason, "closed a connection: malformed packet (%s)"
                              % MALFORMED_NAMES[detail if 0 <= detail < len(MALFORMED_NAMES) else 0])
         elif reason == CR_TOO_LARGE:

@@ -359,14 +359,20 @@ def test_takeover_answered_with_0x8e(gw):
     """MQTT-3.1.4-3: the existing client gets DISCONNECT 0x8E. (Mosquitto
     2.0.11 closes it without one: gw only.)"""
     port = gw.ports["mqtt"]
-    cid = unique("take")
-    old = connected(port, cid)
-    new = connected(port, cid)
-    got = old.closed()
-    assert [(type(p), p.reason_code) for p in got] == [(p5.Disconnect, 0x8E)]
-    new.send(b"\xc0\x00")
-    assert isinstance(new.read(), p5.Pingresp)
-    new.close()
+    workers = set()
+    for _ in range(6):      # 2 workers: the old and new connection on one worker and on two
+        cid = unique("take")
+        old = connected(port, cid)
+        old_worker = gw.which_worker(old.sock.getsockname()[1])
+        new = connected(port, cid)
+        got = old.closed()
+        workers.add((old_worker, gw.which_worker(new.sock.getsockname()[1])))
+        assert [(type(p), p.reason_code) for p in got] == [(p5.Disconnect, 0x8E)]
+        assert got[0].properties.reason_string
+        new.send(b"\xc0\x00")
+        assert isinstance(new.read(), p5.Pingresp)
+        new.close()
+    print("placements (old worker, new worker):", workers)
 
 
 def test_keepalive_timeout_answered_with_0x8d(gw):
@@ -520,3 +526,77 @@ def test_stats_name_the_mqtt5_counters(gw):
         s = gw.stats()["counters"]
         return s if s["mqtt5_bad_packets"]["qos"] >= 1 and s["mqtt5_disconnects"]["malformed"] >= 1 else None
     wait_for(seen, WAIT, what="the counters")
+
+
+@pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd not installed")
+@pytest.mark.parametrize("problem", [None, 1, 0])
+def test_reason_string_honours_request_problem_information(secured, problem):
+    """A refused publish's PUBACK says why in a Reason String, unless the client
+    set Request Problem Information to 0 (MQTT-3.1.2-29); a DISCONNECT may carry
+    one either way."""
+    port = secured.ports["mqtt"]
+    c = connected(port, unique("rp"), username="alice", password=b"s3cret",
+                  properties=p5.Properties(request_problem_information=problem))
+    c.send(p5.Publish(topic="ro/x", payload=b"no", qos=1, packet_id=2))
+    ack = c.read_kind(p5.Puback)
+    assert ack.reason_code == 0x87
+    if problem == 0:
+        assert ack.properties.reason_string is None
+    else:
+        assert ack.properties.reason_string
+    c.send(p5.Disconnect(properties=p5.Properties(session_expiry_interval=5)))   # 0 -> 5: 0x82
+    got = c.closed()
+    assert [(type(p), p.reason_code) for p in got] == [(p5.Disconnect, 0x82)]
+    assert got[0].properties.reason_string == "protocol error"
+
+
+def test_reason_string_left_out_past_the_clients_maximum_packet_size(gw):
+    c = connected(gw.ports["mqtt"], unique("mps"), properties=p5.Properties(maximum_packet_size=16))
+    c.send(p5.Disconnect(properties=p5.Properties(session_expiry_interval=5)))
+    got = c.closed()
+    assert [(type(p), p.reason_code, p.properties.reason_string) for p in got] == [(p5.Disconnect, 0x82, None)]
+
+
+def test_disconnect_with_will_message_publishes_the_will(port):
+    """Reason code 0x04: the will goes out (section 3.14.2.1); 0x00 discards it."""
+    topic = unique("will")
+    sub = connected(port, unique("wsub"))
+    subscribe(sub, topic + "/#", 1)
+    for code, name in ((0x04, "sent"), (0x00, "discarded")):
+        c = connected(port, unique("w"), will_topic=f"{topic}/{name}", will_message=name.encode(), will_qos=1)
+        c.send(p5.Disconnect(reason_code=code))
+        c.closed()
+    sub.send(p5.Publish(topic=topic + "/end", payload=b"end", qos=1, packet_id=1))
+    got = []
+    while not got or got[-1].payload != b"end":
+        got += publishes(sub, 1)
+    assert [m.payload for m in got] == [b"sent", b"end"]
+
+
+def test_v5_over_websocket_meets_v311_over_tcp(gw_factory):
+    """paho's v5 client over the ws listener and a 3.1.1 one over TCP, on a
+    server of 2 workers: each gets the other's messages."""
+    import paho.mqtt.client as mqtt
+    server = gw_factory(workers=2, listeners=("mqtt", "ws"))
+    topic = unique("ws5")
+    got_ws, got_tcp = [], []
+    ws = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=unique("ws"), protocol=mqtt.MQTTv5,
+                     transport="websockets")
+    ws.ws_set_options(path="/mqtt")
+    ws.on_message = lambda cl, ud, m: got_ws.append(m.payload)
+    ws.connect(HOST, server.ports["ws"])
+    ws.loop_start()
+    tcp = paho_v5(server.ports["mqtt"], unique("tcp"), got_tcp, mqtt.MQTTv311)
+    try:
+        wait_for(ws.is_connected, WAIT, what="ws connected")
+        for c in (ws, tcp):
+            c.subscribe(topic, 1)
+        time.sleep(0.5)
+        ws.publish(topic, b"from-ws", 1).wait_for_publish(WAIT)
+        tcp.publish(topic, b"from-tcp", 1).wait_for_publish(WAIT)
+        wait_for(lambda: len(got_ws) >= 2 and len(got_tcp) >= 2, WAIT, what="both ways")
+        assert sorted(got_ws) == sorted(p for _t, p, _q in got_tcp) == [b"from-tcp", b"from-ws"]
+    finally:
+        for c in (ws, tcp):
+            c.loop_stop()
+            c.disconnect()

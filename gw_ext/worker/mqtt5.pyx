@@ -10,6 +10,7 @@
 # reason code the server sends before it closes a v5 connection (v5_goodbye,
 # called by Worker.close_conn and close_after_flush for every close path).
 
+from libc.string cimport strlen
 from gw_ext.codec5 cimport (
     AUTH, ERR_PROTOCOL, Ack5Packet, Connect5Packet, Entry5Iter, Props5, Publish5Packet,
     P_AUTH_METHOD, P_ASSIGNED_CLIENT_ID, P_MAXIMUM_PACKET_SIZE, P_REASON_STRING, P_RECEIVE_MAXIMUM,
@@ -136,22 +137,37 @@ cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     return -1
 
 
+R5_LOG_NAMES = ["a rule of the handlers", "fixed header", "length", "variable byte integer", "invalid UTF-8",
+                "control character", "protocol name or flags", "QoS 3", "invalid topic or filter",
+                "property not allowed", "subscription options reserved bits", "duplicate property",
+                "property value", "packet id 0", "no entries", "reason code not allowed",
+                "subscription options", "empty topic without alias", "session present", "authentication"]
+
+
+cdef str r5_close_text(int detail):
+    cdef int r = detail & 0x1F
+    return "%s (%s)" % ("protocol error" if detail & DETAIL_PROTOCOL else "malformed packet",
+                        R5_LOG_NAMES[r] if r < len(R5_LOG_NAMES) else "?")
+
+
 cdef void v5_error(Worker w, Conn* c, int rc, int reason):
     """A Malformed Packet (rc ERR_MALFORMED) or Protocol Error (ERR_PROTOCOL):
     counted by its reason, DISCONNECT 0x81 or 0x82 once the CONNACK went out
     (MQTT-4.13.1-1), then closed."""
     cdef uint8_t code = RC_MALFORMED if rc == ERR_MALFORMED else RC_PROTOCOL_ERROR
+    cdef int detail
     if 1 <= reason <= 19:
         w.counters[MQTT5_BAD_PACKETS + reason - 1] += 1
     if code == RC_PROTOCOL_ERROR:
         w.counters[MQTT5_PROTOCOL_ERRORS] += 1
     else:
         w.counters[MQTT5_MALFORMED] += 1
+    detail = DETAIL_R5 | (DETAIL_PROTOCOL if code == RC_PROTOCOL_ERROR else 0) | (reason if 0 <= reason < 20 else 0)
     if c.state == ST_CONNECTED and not (c.v5 & V5_GOODBYE):
         send_disconnect5(w, c, code)
-        w.close_after_flush(c, CR_MALFORMED, reason)
+        w.close_after_flush(c, CR_MALFORMED, detail)
     else:
-        w.close_conn(c, CR_MALFORMED, reason)
+        w.close_conn(c, CR_MALFORMED, detail)
 
 
 # --- CONNECT -------------------------------------------------------------------------
@@ -199,6 +215,9 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     if pc.session_expiry == 0:
         c.v5 |= V5_EXPIRY_ZERO
     pc.clean_start = pkt.clean_start
+    if pkt.props.present & (1ULL << P_MAXIMUM_PACKET_SIZE):
+        c.max_packet_out = pkt.props.maximum_packet_size
+        pc.max_packet_out = pkt.props.maximum_packet_size
     if pkt.client_id.len > 0:
         pc.client_id = PyBytes_FromStringAndSize(<char*>pkt.client_id.ptr, pkt.client_id.len)
     else:
@@ -258,7 +277,8 @@ cdef int refuse_connect5(Worker w, Conn* c, uint8_t reason_code, int bad_reason)
     encode_connack5(out, 0, reason_code, NULL, 0)
     w.counters[PKT_OUT + CONNACK] += 1
     if bad_reason >= 0:
-        w.close_after_flush(c, CR_MALFORMED, bad_reason)
+        w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | (DETAIL_PROTOCOL if reason_code == RC_PROTOCOL_ERROR else 0)
+                            | (bad_reason if bad_reason < 20 else 0))
     else:
         w.close_after_flush(c, CR_REFUSED)
     return -1
@@ -344,7 +364,7 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
         w.counters[MQTT5_PROTOCOL_ERRORS] += 1
         w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
         send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
-        w.close_after_flush(c, CR_MALFORMED, MAL_PROTOCOL)
+        w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL | R5_TOPIC_ALIAS)
         return -1
     table = w.topic_aliases.get(c.fd)
     if p5.topic.len:
@@ -364,12 +384,63 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
     return 0
 
 
+cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:
+    """The Reason String the server gives with a reason code (NULL: none)."""
+    if reason_code == RC_MALFORMED:
+        return "malformed packet"
+    if reason_code == RC_PROTOCOL_ERROR:
+        return "protocol error"
+    if reason_code == RC_IMPLEMENTATION_ERROR:
+        return "server error"
+    if reason_code == RC_NOT_AUTHORIZED:
+        return "not authorized by the ACL"
+    if reason_code == RC_SERVER_SHUTTING_DOWN:
+        return "server shutting down"
+    if reason_code == RC_KEEP_ALIVE_TIMEOUT:
+        return "keep alive timeout"
+    if reason_code == RC_SESSION_TAKEN_OVER:
+        return "session taken over by another connection"
+    if reason_code == RC_RECEIVE_MAXIMUM_EXCEEDED:
+        return "max_awaiting_rel QoS 2 messages await PUBREL"
+    if reason_code == RC_TOPIC_ALIAS_INVALID:
+        return "topic aliases are not accepted"
+    if reason_code == RC_PACKET_TOO_LARGE:
+        return "packet larger than max_packet_size"
+    if reason_code == RC_QUOTA_EXCEEDED:
+        return "quota exceeded"
+    if reason_code == RC_ADMINISTRATIVE_ACTION:
+        return "administrative action"
+    if reason_code == RC_SUBSCRIPTION_IDS_NOT_SUPPORTED:
+        return "subscription identifiers are not supported"
+    return NULL
+
+
+cdef uint32_t put_reason5(Conn* c, uint8_t* props, uint8_t reason_code, uint32_t packet_size,
+                          bint any_packet) noexcept nogil:
+    """Writes the Reason String for reason_code into props (room: 64 bytes)
+    when the client may get it: on a packet other than PUBLISH, CONNACK and
+    DISCONNECT (any_packet) only if it did not set Request Problem Information
+    to 0 (MQTT-3.1.2-29), and never past its Maximum Packet Size with it
+    (MQTT-3.2.2-19 and the like: packet_size is the packet without it)."""
+    cdef const char* text = reason_text5(reason_code)
+    cdef uint32_t n
+    if text == NULL or (any_packet and c.v5 & V5_NO_PROBLEM_INFO):
+        return 0
+    n = <uint32_t>strlen(text)
+    if c.max_packet_out and packet_size + n + 5 > c.max_packet_out:
+        return 0
+    return put_prop_bytes(props, P_REASON_STRING, <const uint8_t*>text, n)
+
+
 cdef int send_ack5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint8_t reason_code):
-    """PUBACK, PUBREC, PUBREL or PUBCOMP with a reason code (no properties)."""
-    cdef uint8_t* out = w.reserve(c, ack5_size(reason_code, 0))
+    """PUBACK, PUBREC, PUBREL or PUBCOMP with a reason code (a Reason String
+    with it when the client may get one)."""
+    cdef uint8_t[64] props
+    cdef uint32_t k = put_reason5(c, props, reason_code, ack5_size(reason_code, 0) + 1, True)
+    cdef uint8_t* out = w.reserve(c, ack5_size(reason_code, k))
     if out == NULL:
         return -1
-    encode_ack5(out, ptype, pid, reason_code, NULL, 0)
+    encode_ack5(out, ptype, pid, reason_code, props, k)
     w.counters[PKT_OUT + ptype] += 1
     return 0
 
@@ -452,7 +523,7 @@ cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if rc == 1:
             w.counters[MQTT5_PROTOCOL_ERRORS] += 1
             send_disconnect5(w, c, RC_SUBSCRIPTION_IDS_NOT_SUPPORTED)
-            w.close_after_flush(c, CR_MALFORMED, MAL_PROTOCOL)
+            w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL)
         else:
             v5_error(w, c, rc, reason)
         return -1
@@ -538,13 +609,16 @@ cdef int send_disconnect5(Worker w, Conn* c, uint8_t reason_code):
     counted by reason code."""
     cdef uint8_t* out
     cdef int slot
+    cdef uint8_t[64] props
+    cdef uint32_t k
     if c.v5 & V5_GOODBYE:
         return -1
+    k = put_reason5(c, props, reason_code, disconnect5_size(reason_code, 0) + 1, False)
     c.v5 |= V5_GOODBYE
-    out = w.reserve(c, disconnect5_size(reason_code, 0))
+    out = w.reserve(c, disconnect5_size(reason_code, k))
     if out == NULL:
         return -1
-    encode_disconnect5(out, DISCONNECT, reason_code, NULL, 0)
+    encode_disconnect5(out, DISCONNECT, reason_code, props, k)
     w.counters[PKT_OUT + DISCONNECT] += 1
     if reason_code == RC_MALFORMED:
         slot = DISC5_MALFORMED
