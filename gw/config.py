@@ -173,6 +173,9 @@ class Config:
                                      minimum=0, maximum=1 << 40)
     max_awaiting_rel: int = _setting(1000, "QoS 2 messages from one client awaiting their PUBREL; one more "
                                      "disconnects the client (counted)", minimum=1, maximum=65535)
+    topic_alias_maximum: int = _setting(64, "MQTT 5.0 Topic Aliases a client may set (the Topic Alias Maximum "
+                                        "announced in CONNACK; a PUBLISH with an alias above it is answered "
+                                        "DISCONNECT 0x94); 0: none", minimum=0, maximum=65535)
     max_subscriptions: int = _setting(10_000, "subscriptions one client may hold; more are refused "
                                       "(SUBACK 0x80) and counted", minimum=1, maximum=10_000_000)
     acl_file: str = _setting("", "access control list in Mosquitto's acl_file format (topic, user and pattern "

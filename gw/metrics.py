@@ -80,6 +80,13 @@ _FAMILIES = [
      "(unknown CA, bad signature, expired, or a common name that is no user name), revoked by crlfile.",
      [('{reason="no_certificate"}', C.TLS_REFUSED_NO_CERT), ('{reason="invalid"}', C.TLS_REFUSED_BAD_CERT),
       ('{reason="revoked"}', C.TLS_REFUSED_REVOKED)]),
+    ("gw_mqtt5_messages_expired_total", "counter",
+     "MQTT 5.0 messages not delivered: their Message Expiry Interval had passed (live, queued or retained).",
+     [("", C.MQTT5_EXPIRED)]),
+    ("gw_mqtt5_topic_aliases_total", "counter",
+     "MQTT 5.0 Topic Aliases from clients: set (or set again), and refused (0 or over topic_alias_maximum: "
+     "DISCONNECT 0x94; never set: 0x82).",
+     [('{result="set"}', C.MQTT5_TOPIC_ALIASES_SET), ('{result="invalid"}', C.MQTT5_TOPIC_ALIAS_INVALID)]),
     ("gw_ws_upgrades_total", "counter", "WebSocket upgrades accepted (ws, wss listeners).",
      [("", C.WS_UPGRADES)]),
     ("gw_ws_upgrades_refused_total", "counter", "WebSocket upgrade requests refused, by the HTTP status answered.",

@@ -2,7 +2,9 @@
 they survive a restart of `gw serve` (and a worker's crash).
 
 - `retained.msgpack`: the retained store, written by worker 0 (every worker
-  holds the whole store).
+  holds the whole store): `[topic, qos, payload]`, or `[topic, qos, payload,
+  extras]` for an MQTT 5.0 message with properties (gw_ext/loop.pxd, `Msg`:
+  its expiry as wall-clock time, then its property block).
 - `sessions-N.msgpack`: worker N's persistent sessions, each as the state the
   workers already exchange to move a session (see gw_ext/worker/session_state.pyx), in a
   map `{"format": 2, "sessions": [[client id, state], ...]}`. A file of the
@@ -40,8 +42,9 @@ ERROR_LOG_INTERVAL = 10.0           # seconds between two messages about failed 
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
-SESSIONS_FORMAT = 3     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
-SESSIONS_FORMATS_READ = (2, 3)      # 2: states without the session's user name (read as anonymous)
+SESSIONS_FORMAT = 4     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
+# 2: states without the session's user name (read as anonymous); 3: without MQTT 5.0 messages' properties.
+SESSIONS_FORMATS_READ = (2, 3, 4)
 
 
 def upgrade_session_state_v1(state: bytes) -> bytes:
@@ -108,8 +111,9 @@ class Persistence:
     def load(self) -> None:
         retained = _read(self.retained_path)
         if retained:
-            for topic, qos, payload in retained:
-                self.worker.retain(topic, qos, payload)
+            for entry in retained:
+                if isinstance(entry, (list, tuple)) and len(entry) in (3, 4):
+                    self.worker.retain(*entry)
         saved = []
         for path in sorted(self.dir.glob("sessions-*.msgpack")):
             try:
@@ -156,7 +160,7 @@ class Persistence:
                 self.takeover_gen = gen
         if self.slot == 0 and (retained_changed or final or self.retry[self.retained_path]):
             store = self.worker.retained_messages
-            data = msgspec.msgpack.encode([(t, q, p) for t, (q, p) in store.items()
+            data = msgspec.msgpack.encode([(t, *entry) for t, entry in store.items()
                                            if not t.startswith(b"$SYS/")])
             self.worker.retained_saved()
             self.retry[self.retained_path] = False

@@ -25,12 +25,16 @@ cpdef enum:
     FRAME_HEADER = 8          # bytes before a frame's body
 
     # Messages and interest (gw_ext/worker/channel.pyx, router.pyx, retained.pyx).
-    FR_PUBLISH = 1            # flags: qos | retain << 2; topic length; body: origin_ns u64 (CLOCK_MONOTONIC of
-                              # the loop turn that read it, 0: unknown), topic, payload
+    FR_PUBLISH = 1            # flags: qos | retain << 2 | PUB_EXT; topic length; body: origin_ns u64 (CLOCK_MONOTONIC
+                              # of the loop turn that read it, 0: unknown), topic, payload; with PUB_EXT (an MQTT 5.0
+                              # message's properties) then its extras (gw_ext/loop.pxd, Msg: expiry u64, property
+                              # block) and their length u32 last, at least EXT_HEADER
+    PUB_EXT = 8               # FR_PUBLISH, FR_RETAIN flags: the body ends with the message's extras and their length
     FR_SUB_ADD = 2            # body: a topic filter gaining its first subscriber on the sender
     FR_SUB_DEL = 3            # body: a topic filter losing its last subscriber on the sender
     FR_HELLO = 4              # body: empty. "I (re)started: forget what I said before; tell me yours."
-    FR_RETAIN = 5             # flags: qos; topic length; body: topic, payload (empty: clear the topic)
+    FR_RETAIN = 5             # flags: qos | PUB_EXT; topic length; body: topic, payload (empty: clear the topic);
+                              # with PUB_EXT then the extras and their length u32, as FR_PUBLISH
 
     # The client-id registry (gw_ext/worker/registry.pyx); FR_CLAIM..FR_REGISTER are
     # contiguous: the channel hands that range to the registry. Integers little-endian.

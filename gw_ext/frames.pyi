@@ -21,7 +21,9 @@ FR_CHECK: int
 FR_CHECKED: int
 PIECE_FIRST: int
 PIECE_LAST: int
+PUB_EXT: int
 MAX_TOPIC: int
 
 def frame(ftype: int, body: bytes = b"", flags: int = 0, topic_len: int = 0) -> bytes: ...
-def publish_frame(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False, origin_ns: int = 0) -> bytes: ...
+def publish_frame(topic: bytes, payload: bytes, qos: int = 0, retain: bool = False, origin_ns: int = 0,
+                  ext: bytes = b"") -> bytes: ...

@@ -30,10 +30,16 @@ def frame(int ftype, bytes body=b"", int flags=0, Py_ssize_t topic_len=0):
     return out
 
 
-def publish_frame(bytes topic, bytes payload, int qos=0, bint retain=False, uint64_t origin_ns=0):
+def publish_frame(bytes topic, bytes payload, int qos=0, bint retain=False, uint64_t origin_ns=0,
+                  bytes ext=b""):
     """An FR_PUBLISH frame, as a peer worker forwards one: origin_ns (the
-    publish-to-deliver histogram's start, 0: unknown), topic, payload."""
+    publish-to-deliver histogram's start, 0: unknown), topic, payload; `ext`:
+    an MQTT 5.0 message's extras (expiry u64 wall-clock ms, property block),
+    empty for none."""
     if not 0 <= qos <= 2:
         raise ValueError("QoS is 0, 1 or 2")
+    if ext:
+        return frame(FR_PUBLISH, origin_ns.to_bytes(8, "little") + topic + payload + ext
+                     + len(ext).to_bytes(4, "little"), qos | (<int>retain << 2) | PUB_EXT, len(topic))
     return frame(FR_PUBLISH, origin_ns.to_bytes(8, "little") + topic + payload,
                  qos | (<int>retain << 2), len(topic))

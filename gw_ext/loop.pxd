@@ -18,6 +18,7 @@ from libc.time cimport time_t
 from gw_ext.acl cimport AclRules, AclView
 from gw_ext.addrlimit cimport AddressCounts
 from gw_ext.codec cimport ConnectPacket, PublishPacket
+from gw_ext.codec5 cimport Publish5Packet
 from gw_ext.dedup cimport DedupTable
 from gw_ext.openssl cimport SSL, SSL_CTX
 from gw_ext.topics cimport MatchResult, TopicTrie
@@ -217,6 +218,17 @@ cdef struct RateBucket:
 # shared (refcounted) by every session it is in flight or queued for.
 # QoS 0 deliveries never make one: they are encoded straight from the
 # publisher's read buffer into the subscribers' outbound buffers.
+#
+# An MQTT 5.0 message's properties travel with it as its "extras" (ext):
+# EXT_HEADER bytes (the wall-clock ms its Message Expiry Interval ends at, u64
+# LE, 0: never), then the PUBLISH property block as the publisher sent it,
+# less what belongs to one hop (Message Expiry Interval, Topic Alias,
+# Subscription Identifiers): Payload Format Indicator, Content Type, Response
+# Topic, Correlation Data, User Properties, in their order (worker/router.pyx).
+# A 3.1.1 message has none (ext_len 0): its path pays one compare.
+cdef enum:
+    EXT_HEADER = 8            # a message's extras begin with its expiry (u64 wall-clock ms, 0: none)
+
 cdef struct Msg:
     uint32_t refs
     uint32_t topic_len
@@ -224,7 +236,8 @@ cdef struct Msg:
     uint8_t qos               # as published
     uint8_t retain
     uint64_t origin_ns        # CLOCK_MONOTONIC of the loop turn that read the PUBLISH (0: unknown)
-    uint8_t* data             # topic, then payload (same allocation)
+    uint8_t* data             # topic, then payload, then the extras (same allocation)
+    uint32_t ext_len          # the extras' bytes after the payload (0: a 3.1.1 message, no properties)
 
 cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack
     Msg* msg
@@ -327,6 +340,7 @@ cdef class PendingConnect:
     cdef bytes will_topic
     cdef bytes will_message
     cdef uint8_t will_flag, will_qos, will_retain
+    cdef bytes will_ext              # an MQTT 5.0 will's properties as a message's extras (router.pyx); None: none
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
     cdef bytes json_reply        # a JSON-lines Connect (no session): its Connected answer; None: MQTT
@@ -479,7 +493,9 @@ cdef class Worker:
     cdef int route_depth             # route_publish nesting
 
     # --- retained messages (worker/retained.pyx) ----------------------------------------
-    cdef dict retained               # topic (bytes) -> (qos, payload bytes)
+    cdef public uint16_t topic_alias_maximum  # MQTT 5.0 Topic Alias Maximum announced in CONNACK (worker/mqtt5.pyx)
+    cdef dict topic_aliases          # fd -> [topic bytes or None] * (maximum + 1): a v5 client's aliases, made on its first
+    cdef dict retained               # topic (bytes) -> (qos, payload bytes), or (qos, payload, extras) for MQTT 5.0
     cdef uint64_t retained_bytes     # their topics and payloads (max_retained_bytes)
     cdef bint publishing_as_server   # Worker.publish: $SYS retained messages are always kept
     cdef bint retained_changed
@@ -667,6 +683,7 @@ cdef int send_ack5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, uint8_t reaso
 cdef const char* reason_text5(uint8_t reason_code) noexcept nogil
 cdef uint32_t put_reason5(Conn* c, uint8_t* props, uint8_t reason_code, uint32_t packet_size, bint any_packet) noexcept nogil
 cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
+cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2
 cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)
 cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
 cdef int handle_unsubscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
@@ -681,7 +698,7 @@ cdef void encode_publish_for(Conn* c, uint8_t* out, const uint8_t* topic, uint32
 
 # --- worker/handle_publish.pyx ----------------------------------------------------------
 cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n)
-cdef int publish_decoded(Worker w, Conn* c, PublishPacket* pkt)
+cdef int publish_decoded(Worker w, Conn* c, PublishPacket* pkt, const uint8_t* ext, uint32_t ext_len)
 
 # --- worker/handle_acks.pyx: PUBACK, PUBREC, PUBREL, PUBCOMP ---------------------------
 cdef int handle_ack(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint32_t n)
@@ -719,25 +736,44 @@ cdef int handle_disconnect(Worker w, Conn* c)
 # --- worker/router.pyx: who gets a PUBLISH; refcounted messages ------------------------
 cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
                   uint8_t qos, uint8_t retain) noexcept nogil
+cdef Msg* msg_new_ext(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
+                      const uint8_t* ext, uint32_t ext_len, uint8_t qos, uint8_t retain) noexcept nogil
 cdef void msg_release(Msg* m) noexcept nogil
+cdef uint64_t realtime_ms() noexcept nogil
+cdef uint64_t ext_expire_ms(const uint8_t* ext, uint32_t ext_len) noexcept nogil
+cdef bint ext_expired(Worker w, const uint8_t* ext, uint32_t ext_len) noexcept
+cdef int ext_props_size(const uint8_t* ext, uint32_t ext_len, uint64_t now_ms, uint32_t* expiry) noexcept nogil
+cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t message_expiry, bint has_expiry,
+                          uint64_t now_ms)
+cdef bint conn_v5(Conn* c) noexcept nogil
+cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,
+                               uint32_t ext_len, uint8_t qos, uint64_t now_ms) noexcept nogil
+cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
+                             const uint8_t* payload, uint32_t payload_len, const uint8_t* ext, uint32_t ext_len,
+                             uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id,
+                             uint64_t now_ms) noexcept nogil
 cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns)
+                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns,
+                        const uint8_t* ext, uint32_t ext_len)
 cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,
                           const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
-                          bint forward, uint64_t origin_ns) except? 0
+                          bint forward, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except? 0
 cdef void route_forward(Worker w, uint64_t peers, const uint8_t* topic, uint32_t topic_len,
                         const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
-                        uint64_t origin_ns)
+                        uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len)
 cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                       uint32_t payload_len, uint8_t retain)
+                       uint32_t payload_len, uint8_t retain, const uint8_t* ext, uint32_t ext_len)
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
 
 # --- worker/retained.pyx: keep, clear, bounds, deliver on subscribe, sync to a peer ----
 cdef void retain_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                         uint32_t payload_len, uint8_t qos, bint forward)
-cdef bint retain_loaded(Worker w, bytes topic, int qos, bytes payload) except? False
+                         uint32_t payload_len, uint8_t qos, bint forward, const uint8_t* ext, uint32_t ext_len)
+cdef bint retain_loaded(Worker w, bytes topic, int qos, bytes payload, bytes ext) except? False
 cdef bint retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                       uint32_t payload_len, uint8_t qos, bint enforce) except? False
+                       uint32_t payload_len, uint8_t qos, bint enforce, const uint8_t* ext,
+                       uint32_t ext_len) except? False
+cdef void retain_frame_to(Worker w, int p, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
+                          uint32_t payload_len, uint8_t qos, const uint8_t* ext, uint32_t ext_len)
 cdef void retain_sync_to(Worker w, int p)
 cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil
 cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted)
@@ -750,11 +786,13 @@ cdef object session_username(Session* s)
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
 cdef void session_free(Worker w, int slot, bint release_id)
 cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=*)
+cdef void will_expiry_starts(Msg* will) noexcept nogil
 cdef uint16_t session_packet_id(Session* s) noexcept nogil
 cdef int inflight_grow(Session* s) noexcept nogil
 cdef int session_queue_grow(Session* s) noexcept nogil
 cdef bint session_online(Worker w, Session* s) noexcept
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
+cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id)
 cdef void session_pump(Worker w, Session* s)
 cdef void session_resume(Worker w, Session* s)
 cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil
@@ -829,6 +867,8 @@ cdef void channel_malformed(Worker w, int p, str why)
 cdef void channel_drop_pieces(Worker w, int p)
 cdef void channel_datagram(Worker w, int p, const uint8_t* buf, ssize_t n)
 cdef void channel_piece(Worker w, int p, uint8_t flags, const uint8_t* piece, uint32_t k)
+cdef int frame_ext(const uint8_t* body, uint32_t body_len, uint64_t fixed, uint8_t flags,
+                   uint32_t* ext_len) noexcept nogil
 cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n)   # dispatch to each type's owner
 cdef void announce_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
 cdef void channels_hello(Worker w)

@@ -30,10 +30,13 @@ from libc.stdlib cimport calloc, free, malloc, realloc
 from libc.stdio cimport snprintf
 from libc.string cimport memchr, memcmp, memcpy, memmove, memset
 from libc.time cimport gmtime_r, strftime, time, time_t, tm
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from gw_ext.acl cimport ACL_READ, ACL_WRITE, AclRules, acl_allowed, acl_view_free
 from gw_ext.codec cimport *
+from gw_ext.codec5 cimport (P_CONTENT_TYPE, P_CORRELATION_DATA, P_MESSAGE_EXPIRY, P_PAYLOAD_FORMAT, P_RESPONSE_TOPIC,
+                            P_SUBSCRIPTION_ID, P_TOPIC_ALIAS, P_USER_PROPERTY, P_WILL_DELAY, publish5_size, put_prop_u32,
+                            varint_size, write_varint)
 from gw_ext.netio cimport *
 from gw_ext.openssl cimport *
 from gw_ext.stats cimport *
@@ -182,6 +185,7 @@ cdef class Worker:
         self.held_checks = []
         self.pending_subacks = {}
         self.retained = {}
+        self.topic_aliases = {}
         self.index = topics_new()
         topics_result_init(&self.match)
         self.npeers = nworkers
@@ -415,7 +419,7 @@ cdef class Worker:
         try:
             route_publish(self, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic),
                           <const uint8_t*>PyBytes_AS_STRING(payload), len(payload), qos, retain, True,
-                          self.now_ns)
+                          self.now_ns, NULL, 0)
         finally:
             self.publishing_as_server = False
 
@@ -444,14 +448,16 @@ cdef class Worker:
     def retained_saved(self):
         self.retained_changed = False
 
-    def retain(self, bytes topic, int qos, bytes payload):
+    def retain(self, bytes topic, int qos, bytes payload, bytes ext=None):
         """Keeps a retained message loaded from the data dir (not routed), within
-        the retained store's bounds; False when refused (a bad topic or QoS)."""
-        return retain_loaded(self, topic, qos, payload)
+        the retained store's bounds; False when refused (a bad topic or QoS).
+        `ext`: an MQTT 5.0 message's extras (loop.pxd, Msg), None: none."""
+        return retain_loaded(self, topic, qos, payload, ext)
 
     @property
     def retained_messages(self):
-        """The retained store (topic -> (qos, payload)); for persistence and tests."""
+        """The retained store (topic -> (qos, payload), or (qos, payload, extras)
+        for an MQTT 5.0 message with properties); for persistence and tests."""
         return self.retained
 
     def set_tls_context(self, int index, TLSContext tls):
@@ -1392,6 +1398,8 @@ cdef class Worker:
         wheel_cancel(&self.wheel, &c.timer)
         address_release(self, c)        # worker/rate_limits.pyx
         rate_forget(self, c)
+        if c.version == 5 and self.topic_aliases:
+            self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:

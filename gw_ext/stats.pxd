@@ -140,7 +140,11 @@ cpdef enum:
     MQTT5_PROTOCOL_ERRORS = 322   # ... as Protocol Errors (0x82, and 0x94, 0xA1 for what is not supported)
     MQTT5_DISCONNECTS = 323   # + DISC5_* (10 slots): DISCONNECTs the server sent, by reason code
     MQTT5_BAD_PACKETS = 333   # + R5_* - 1 (19 slots, 333..351): packets the MQTT 5.0 codec refused, by rule
-    # 352..383 free: MQTT 5.0 messages (topic aliases, flow control, expiry).
+    # MQTT 5.0 messages (gw_ext/worker/router.pyx, sessions.pyx, retained.pyx): 352..383.
+    MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
+    MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
+    MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
+    # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
     # 384..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up (408..415: connection set-up).
     CONNECTS_AT_ONCE = 408    # CONNECTs (clean session, no authentication) settled in their turn though their id's

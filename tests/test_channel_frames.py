@@ -17,7 +17,8 @@ from gw.config import Config
 from gw.stats import N_COUNTERS, Counter
 from gw.worker import apply_limits
 from gw_ext.frames import (FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO, FR_PIECE, FR_PUBLISH,
-                           FR_REGISTER, FR_RELEASE, FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST)
+                           FR_REGISTER, FR_RELEASE, FR_RETAIN, FR_SESSION, FR_SUB_ADD, PIECE_FIRST, PIECE_LAST,
+                           PUB_EXT, publish_frame)
 from gw_ext.loop import Worker
 
 LINK_BUFFER = 32768          # SO_SNDBUF asked for: the kernel doubles it; datagrams of about 32 KiB
@@ -27,8 +28,20 @@ def frame(ftype: int, body: bytes = b"", flags: int = 0, topic_len: int = 0) -> 
     return struct.pack("<BBHI", ftype, flags, topic_len, len(body)) + body
 
 
-def retain_frame(topic: bytes, payload: bytes, qos: int = 0) -> bytes:
+def retain_frame(topic: bytes, payload: bytes, qos: int = 0, ext: bytes = b"") -> bytes:
+    if ext:
+        return frame(FR_RETAIN, topic + payload + ext + struct.pack("<I", len(ext)), flags=qos | PUB_EXT,
+                     topic_len=len(topic))
     return frame(FR_RETAIN, topic + payload, flags=qos, topic_len=len(topic))
+
+
+def ext_of(props: bytes, expire_ms: int = 0) -> bytes:
+    """An MQTT 5.0 message's extras (gw_ext/loop.pxd, Msg): expiry, property block."""
+    return struct.pack("<Q", expire_ms) + props
+
+
+# Content Type "text/plain", a User Property ("k", "v"), Correlation Data b"\x00\x01".
+PROPS = (b"\x03\x00\x0atext/plain" + b"\x26\x00\x01k\x00\x01v" + b"\x09\x00\x02\x00\x01")
 
 
 def pieces(whole: bytes, size: int) -> list[bytes]:
@@ -155,9 +168,18 @@ def test_malformed_pieces_are_dropped_and_counted(link, case):
     frame(FR_CHECK, b"\x01\x00\x00\x00\x00"),                       # shorter than its fixed part
     frame(FR_CHECKED, struct.pack("<IB", 1, 9) + b"client"),       # an answer that is none
     frame(FR_CHECKED, b"\x01\x00"),
+    # MQTT 5.0 properties (PUB_EXT): the extras' length last, checked against what the body holds
+    frame(FR_PUBLISH, b"\x00" * 8 + b"t" + b"\x00\x00", flags=PUB_EXT, topic_len=1),      # no room for the length
+    frame(FR_PUBLISH, b"\x00" * 8 + b"t" + ext_of(b"") + struct.pack("<I", 9), flags=PUB_EXT, topic_len=1),
+    frame(FR_PUBLISH, b"\x00" * 8 + b"t" + b"1234" + struct.pack("<I", 4), flags=PUB_EXT, topic_len=1),
+    frame(FR_PUBLISH, b"\x00" * 8 + b"t" + ext_of(b"") + struct.pack("<I", 0xFFFFFFFF), flags=PUB_EXT,
+          topic_len=1),
+    frame(FR_RETAIN, b"t" + ext_of(b"") + struct.pack("<I", 13), flags=PUB_EXT, topic_len=1),
+    frame(FR_RETAIN, b"t\x00", flags=PUB_EXT, topic_len=1),
 ], ids=["header", "body", "topic", "publish_short", "publish_qos3", "retain_qos3", "unknown", "register",
         "release", "evict", "grant", "session", "claim", "check_worker", "check_short", "checked_answer",
-        "checked_short"])
+        "checked_short", "ext_no_length", "ext_longer", "ext_no_expiry", "ext_huge", "retain_ext_longer",
+        "retain_ext_no_length"])
 def test_malformed_frames_are_dropped_and_counted(link, datagram):
     link.send(datagram)
     assert link.malformed == 1
@@ -201,12 +223,16 @@ def test_a_frame_larger_than_a_datagram_is_sent_in_pieces(link):
     assert int(link.rows[0, Counter.CHANNEL_FRAGMENTED]) == 1
 
 
-def _session_state(messages: list[tuple[int, int, bytes, bytes]], nsubs: int = 0) -> bytes:
-    """session_serialize's layout: version, subscriptions, next packet id, messages, QoS 2 ids, user
-    name (none: anonymous)."""
-    out = struct.pack("<BI", 3, nsubs) + struct.pack("<HI", 1, len(messages))
-    for pid, qos, topic, payload in messages:
+def _session_state(messages: list[tuple], nsubs: int = 0, version: int = 4) -> bytes:
+    """session_serialize's layout: version, subscriptions, next packet id, messages (each with its
+    MQTT 5.0 extras from version 4 on: (pid, qos, topic, payload[, extras])), QoS 2 ids, user name
+    (none: anonymous)."""
+    out = struct.pack("<BI", version, nsubs) + struct.pack("<HI", 1, len(messages))
+    for pid, qos, topic, payload, *ext in messages:
         out += struct.pack("<HBBHI", pid, qos, 0, len(topic), len(payload)) + topic + payload
+        if version >= 4:
+            ext = ext[0] if ext else b""
+            out += struct.pack("<I", len(ext)) + ext
     return out + struct.pack("<I", 0) + b"\0\0\0"
 
 
@@ -224,6 +250,71 @@ def test_a_session_state_cut_short_keeps_what_came_before_the_cut():
         assert linked.malformed == 1
         # a subscription whose filter runs past the end
         linked.worker.restore_sessions([(b"cut-sub", struct.pack("<BIH", 3, 1, 400) + b"a/b")])
+        assert linked.malformed == 2
+    finally:
+        linked.close()
+
+
+def test_mqtt5_properties_travel_with_retained_messages(link):
+    """A retained MQTT 5.0 message's properties (its extras) are kept with it,
+    from an FR_RETAIN or a retained FR_PUBLISH, and go to a restarted peer
+    with the store; a 3.1.1 message keeps its two-field entry."""
+    ext = ext_of(PROPS, expire_ms=(1 << 62))
+    link.send(retain_frame(b"v5", b"five", qos=1, ext=ext) + retain_frame(b"v3", b"three"))
+    assert link.retained == {b"v5": (1, b"five", ext), b"v3": (0, b"three")}
+    pub_ext = ext_of(b"\x01\x01")
+    link.send(publish_frame(b"v5/pub", b"p", 1, True, 0, pub_ext))
+    assert link.retained[b"v5/pub"] == (1, b"p", pub_ext)
+    assert link.malformed == 0
+    link.send(frame(FR_HELLO))                        # the peer restarted: it gets the store back
+    got = {}
+    for d in link.received():
+        pos = 0
+        while pos < len(d):
+            ftype, flags, tlen, n = struct.unpack_from("<BBHI", d, pos)
+            body = d[pos + 8:pos + 8 + n]
+            pos += 8 + n
+            if ftype != FR_RETAIN:
+                continue
+            if flags & PUB_EXT:
+                (xlen,) = struct.unpack_from("<I", body, n - 4)
+                got[body[:tlen]] = (flags & 3, body[tlen:n - 4 - xlen], body[n - 4 - xlen:n - 4])
+            else:
+                got[body[:tlen]] = (flags & 3, body[tlen:])
+    assert got == link.retained
+
+
+def test_mqtt5_retained_message_cleared_and_bounded_with_its_properties(link):
+    """Its properties count toward max_retained_bytes; an empty payload clears it."""
+    ext = ext_of(PROPS)
+    link.send(retain_frame(b"v5", b"five", ext=ext))
+    link.send(retain_frame(b"v5", b"", ext=ext))
+    assert link.retained == {}
+    link.worker.max_retained_bytes = 2 + 4 + len(ext) - 1
+    assert not link.worker.retain(b"v5", 0, b"five", ext)
+    assert link.worker.retain(b"v5", 0, b"five")
+    assert not link.worker.retain(b"v6", 0, b"six", b"short")       # extras shorter than their expiry
+
+
+def test_a_session_state_keeps_its_messages_properties_and_reads_the_previous_layout():
+    """Layout 4 carries each message's MQTT 5.0 extras (restored, saved again
+    byte for byte); layout 3 (none) is still read; extras that run past the
+    end or are shorter than their expiry are malformed: what came before is kept."""
+    linked = Linked()
+    try:
+        ext = ext_of(PROPS, expire_ms=1 << 60)
+        v4 = _session_state([(7, 2, b"t/b", b"three"), (0, 1, b"t/a", b"five", ext)])     # in flight, queued
+        v3 = _session_state([(0, 1, b"t/c", b"old")], version=3)
+        good = _session_state([(0, 1, b"t/a", b"ok"), (0, 1, b"t/d", b"x", ext)])
+        at = good.index(b"t/dx") + 4                          # the second message's extras length
+        bad_len = good[:at] + struct.pack("<I", 1000) + good[at + 4:]
+        short = _session_state([(0, 1, b"t/a", b"ok"), (0, 1, b"t/e", b"x", b"1234")])
+        linked.worker.restore_sessions([(b"v4", v4), (b"v3", v3), (b"bad-len", bad_len), (b"short", short)])
+        saved = {cid: state for _slot, cid, state in linked.worker.snapshot_sessions()}
+        assert saved[b"v4"] == v4
+        assert saved[b"v3"] == _session_state([(0, 1, b"t/c", b"old")])
+        assert saved[b"bad-len"] == _session_state([(0, 1, b"t/a", b"ok")])
+        assert saved[b"short"] == _session_state([(0, 1, b"t/a", b"ok")])
         assert linked.malformed == 2
     finally:
         linked.close()

@@ -143,7 +143,7 @@ def test_connack_v5_announces_what_the_server_supports(gw):
     assert pr.maximum_packet_size == 65536
     assert pr.subscription_identifier_available == 0
     assert pr.shared_subscription_available == 0
-    assert pr.topic_alias_maximum in (None, 0)
+    assert pr.topic_alias_maximum == 64           # topic_alias_maximum
     assert pr.receive_maximum == 1000              # max_awaiting_rel
     assert pr.assigned_client_identifier is None
     c.send(p5.Pingreq()) if hasattr(p5, "Pingreq") else c.send(b"\xc0\x00")
@@ -408,7 +408,7 @@ BAD = {
     "publish_duplicate_property": (_pub_with_props(b"\x01\x00\x01\x01"), 0x82),
     "publish_subscription_id": (_pub_with_props(b"\x0b\x01"), 0x82),
     "publish_topic_alias_0": (_pub_with_props(b"\x23\x00\x00"), 0x82),
-    "publish_topic_alias_unannounced": (_pub_with_props(b"\x23\x00\x01"), 0x94),
+    "publish_topic_alias_unannounced": (_pub_with_props(b"\x23\x00\x41"), 0x94),    # over topic_alias_maximum
     "subscribe_reserved_options": (b"\x82\x07\x00\x01\x00\x00\x01t\xc0", 0x81),
     "subscribe_no_filter": (b"\x82\x03\x00\x01\x00", 0x82),
     "subscribe_retain_handling_3": (b"\x82\x07\x00\x01\x00\x00\x01t\x30", 0x82),

@@ -319,12 +319,29 @@ cdef void channel_piece(Worker w, int p, uint8_t flags, const uint8_t* piece, ui
     free(whole)
 
 
+cdef inline int frame_ext(const uint8_t* body, uint32_t body_len, uint64_t fixed, uint8_t flags,
+                          uint32_t* ext_len) noexcept nogil:
+    """An FR_PUBLISH or FR_RETAIN body's extras (flag PUB_EXT): their length,
+    the body's last 4 bytes, checked to fit between the `fixed` bytes before
+    the payload (at most body_len, checked by the caller) and that length, and
+    to hold at least the expiry. 0 and *ext_len (0: none); -1 if they do not fit."""
+    ext_len[0] = 0
+    if not (flags & PUB_EXT):
+        return 0
+    if <uint64_t>body_len < fixed + 4:
+        return -1
+    memcpy(ext_len, body + body_len - 4, 4)
+    if ext_len[0] < EXT_HEADER or <uint64_t>ext_len[0] > <uint64_t>body_len - fixed - 4:
+        return -1
+    return 0
+
+
 cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
     """Whole frames: every length is checked against the datagram (or the
     reassembled frame) before it is used; a frame that does not add up ends
     the datagram, counted."""
     cdef ssize_t pos = 0
-    cdef uint32_t body_len, topic_len
+    cdef uint32_t body_len, topic_len, ext_len, payload_len
     cdef uint64_t origin_ns
     cdef uint8_t ftype, flags
     cdef const uint8_t* body
@@ -344,22 +361,27 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             # The pipeline process's link (a peer that only publishes alerts).
             channel_malformed(w, p, "a frame of type %d on a link that only carries PUBLISH" % ftype)
         elif ftype == FR_PUBLISH:
-            if <uint64_t>body_len < 8 + <uint64_t>topic_len or (flags & 3) == 3:
-                channel_malformed(w, p, "a PUBLISH frame too short for its topic, or with QoS 3")
+            if (<uint64_t>body_len < 8 + <uint64_t>topic_len or (flags & 3) == 3
+                    or frame_ext(body, body_len, 8 + topic_len, flags, &ext_len) < 0):
+                channel_malformed(w, p, "a PUBLISH frame too short for its topic or properties, or with QoS 3")
             else:
                 w.counters[CHANNEL_MSGS_IN] += 1
                 memcpy(&origin_ns, body, 8)
-                route_publish(w, body + 8, topic_len, body + 8 + topic_len, body_len - 8 - topic_len,
-                              flags & 3, (flags >> 2) & 1, False, origin_ns)
+                payload_len = body_len - 8 - topic_len - (ext_len + 4 if ext_len else 0)
+                route_publish(w, body + 8, topic_len, body + 8 + topic_len, payload_len,
+                              flags & 3, (flags >> 2) & 1, False, origin_ns,
+                              body + 8 + topic_len + payload_len, ext_len)
         elif ftype == FR_SUB_ADD:
             topics_add_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_SUB_DEL:
             topics_remove_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_RETAIN:
-            if (flags & 3) == 3:
-                channel_malformed(w, p, "a retained message with QoS 3")
+            if (flags & 3) == 3 or frame_ext(body, body_len, topic_len, flags, &ext_len) < 0:
+                channel_malformed(w, p, "a retained message with QoS 3, or too short for its properties")
             else:
-                retain_store(w, body, topic_len, body + topic_len, body_len - topic_len, flags & 3, False)
+                payload_len = body_len - topic_len - (ext_len + 4 if ext_len else 0)
+                retain_store(w, body, topic_len, body + topic_len, payload_len, flags & 3, False,
+                             body + topic_len + payload_len, ext_len)
         elif ftype == FR_HELLO:
             peer_restarted(w, p)
             subsync_peer_restarted(w, p)

@@ -11,11 +11,12 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     if decode_publish(first, body, n, &pkt, &reason) < 0:
         w.malformed(c, reason)
         return -1
-    return publish_decoded(w, c, &pkt)
+    return publish_decoded(w, c, &pkt, NULL, 0)
 
 
-cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p):
-    """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx)."""
+cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8_t* ext, uint32_t ext_len):
+    """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx,
+    with its properties as the message's extras, router.pyx)."""
     cdef PublishPacket pkt = p[0]
     cdef int64_t needed = 0
     cdef Session* s = &w.sessions[c.session]
@@ -95,9 +96,9 @@ cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p):
         ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     if not telemetry:
         route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
-                      w.now_ns)
+                      w.now_ns, ext, ext_len)
     elif reading is not None:   # in its normalised form; an invalid reading is not routed
         route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
-                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns)
+                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, ext, ext_len)
     return 0 if c.state == ST_CONNECTED else -1     # -1: its own buffer overflowed
 

@@ -80,7 +80,7 @@ cdef void ingest_route(Worker w, bytes device, bytes reading, uint8_t qos) excep
         joined = w.telemetry_prefix + device
         topic = <const uint8_t*>PyBytes_AS_STRING(joined)
     route_publish(w, topic, <uint32_t>(plen + dlen), <const uint8_t*>PyBytes_AS_STRING(reading),
-                  <uint32_t>PyBytes_GET_SIZE(reading), qos, False, True, w.now_ns)
+                  <uint32_t>PyBytes_GET_SIZE(reading), qos, False, True, w.now_ns, NULL, 0)
 
 
 cdef int ingest_records(Worker w, list records, bint sink, IngestBatch* b) except -3:

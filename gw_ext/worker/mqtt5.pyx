@@ -15,8 +15,8 @@ from gw_ext.codec5 cimport (
     AUTH, ERR_PROTOCOL, Ack5Packet, Connect5Packet, Entry5Iter, Props5, Publish5Packet,
     P_AUTH_METHOD, P_ASSIGNED_CLIENT_ID, P_MAXIMUM_PACKET_SIZE, P_REASON_STRING, P_RECEIVE_MAXIMUM,
     P_SESSION_EXPIRY, P_SHARED_AVAILABLE, P_SUBSCRIPTION_ID, P_SUBSCRIPTION_ID_AVAILABLE, P_TOPIC_ALIAS,
-    P_USER_PROPERTY,
-    R5_NONE, R5_TOPIC_ALIAS, RC_BAD_AUTH_METHOD, RC_KEEP_ALIVE_TIMEOUT, RC_MALFORMED, RC_NOT_AUTHORIZED, RC_PACKET_TOO_LARGE,
+    P_TOPIC_ALIAS_MAXIMUM, P_USER_PROPERTY, R5_NONE, R5_TOPIC_ALIAS,
+    RC_BAD_AUTH_METHOD, RC_KEEP_ALIVE_TIMEOUT, RC_MALFORMED, RC_NOT_AUTHORIZED, RC_PACKET_TOO_LARGE,
     RC_PROTOCOL_ERROR, RC_QUOTA_EXCEEDED, RC_SERVER_SHUTTING_DOWN, RC_SESSION_TAKEN_OVER, RC_SUCCESS,
     RC_UNSPECIFIED, ack5_size, codes5_size, connack5_size, connect_protocol_level, decode_ack5,
     decode_connect5, decode_disconnect5, decode_header5, decode_publish5, disconnect5_size, encode_ack5,
@@ -237,6 +237,12 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
         pc.will_qos = pkt.will_qos
         pc.will_retain = pkt.will_retain
+        if pkt.will_props.raw.len:
+            # Its properties go with it; its Message Expiry Interval counts from
+            # when it is published (session_detach), so from 1 until then.
+            pc.will_ext = ext_from_props(pkt.will_props.raw.ptr, pkt.will_props.raw.len,
+                                         pkt.will_props.message_expiry,
+                                         (pkt.will_props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 1)
     rc = auth_connect(w, c, pc, pkt.password.ptr, pkt.password.len, pkt.has_password)
     if rc < 0:
         return -1
@@ -296,8 +302,9 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     if pc.assigned_id and len(pc.client_id) <= 200:
         k += put_prop_bytes(props + k, P_ASSIGNED_CLIENT_ID, <const uint8_t*>PyBytes_AS_STRING(pc.client_id),
                             <uint32_t>len(pc.client_id))
-    # Topic Alias Maximum: absent is 0 (V5_TOPIC_ALIAS_MAXIMUM); Wildcard
-    # Subscription Available: absent is 1.
+    if w.topic_alias_maximum:
+        k += put_prop_u16(props + k, P_TOPIC_ALIAS_MAXIMUM, w.topic_alias_maximum)
+    # Wildcard Subscription Available: absent is 1.
     if not V5_SUBSCRIPTION_IDS_AVAILABLE:
         k += put_prop_u8(props + k, P_SUBSCRIPTION_ID_AVAILABLE, 0)
     if not V5_SHARED_AVAILABLE:
@@ -316,17 +323,15 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
 cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef Publish5Packet p5
     cdef PublishPacket pkt
+    cdef bytes ext
     cdef int reason = 0
     cdef int rc = decode_publish5(first, body, n, &p5, &reason)
     if rc < 0:
         v5_error(w, c, rc, reason)
         return -1
     if p5.props.present & (1ULL << P_TOPIC_ALIAS) or p5.topic.len == 0:
-        # Topic Alias Maximum is 0: any alias is invalid (MQTT-3.3.2-9).
-        w.counters[MQTT5_PROTOCOL_ERRORS] += 1
-        send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
-        w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL | R5_TOPIC_ALIAS)
-        return -1
+        if topic_alias_in(w, c, &p5) < 0:
+            return -1
     if p5.props.present & (1ULL << P_SUBSCRIPTION_ID):
         # A client's PUBLISH carries no Subscription Identifier (MQTT-3.3.4-6).
         v5_error(w, c, ERR_PROTOCOL, R5_NONE)
@@ -337,7 +342,46 @@ cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, 
     pkt.packet_id = p5.packet_id
     pkt.topic = p5.topic
     pkt.payload = p5.payload
-    return publish_decoded(w, c, &pkt)
+    if p5.props.raw.len == 0:
+        return publish_decoded(w, c, &pkt, NULL, 0)
+    # Its properties become the message's extras (router.pyx): kept with it wherever it goes.
+    ext = ext_from_props(p5.props.raw.ptr, p5.props.raw.len, p5.props.message_expiry,
+                         (p5.props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 0)
+    return publish_decoded(w, c, &pkt, <const uint8_t*>PyBytes_AS_STRING(ext), PyBytes_GET_SIZE(ext))
+
+
+cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
+    """A client's Topic Alias (section 3.3.2.3.4): with a topic, it is set (or
+    set again) for the connection; without one, the topic it stands for is
+    used (p5.topic then points into the connection's table, which holds it
+    while the PUBLISH is handled). An alias of 0 or above the Topic Alias
+    Maximum we announced is DISCONNECT 0x94 (MQTT-3.3.2-9); one never set is
+    a Protocol Error (0x82). 0, or -1 when the connection goes."""
+    cdef uint16_t alias = p5.props.topic_alias
+    cdef list table
+    cdef bytes topic
+    if not (p5.props.present & (1ULL << P_TOPIC_ALIAS)) or alias == 0 or alias > w.topic_alias_maximum:
+        w.counters[MQTT5_PROTOCOL_ERRORS] += 1
+        w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
+        send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
+        w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL | R5_TOPIC_ALIAS)
+        return -1
+    table = w.topic_aliases.get(c.fd)
+    if p5.topic.len:
+        if table is None:
+            table = [None] * (w.topic_alias_maximum + 1)
+            w.topic_aliases[c.fd] = table
+        table[alias] = PyBytes_FromStringAndSize(<const char*>p5.topic.ptr, p5.topic.len)
+        w.counters[MQTT5_TOPIC_ALIASES_SET] += 1
+        return 0
+    topic = <bytes>table[alias] if table is not None else None
+    if topic is None:
+        w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
+        v5_error(w, c, ERR_PROTOCOL, R5_TOPIC_ALIAS)
+        return -1
+    p5.topic.ptr = <const uint8_t*>PyBytes_AS_STRING(topic)
+    p5.topic.len = <uint32_t>PyBytes_GET_SIZE(topic)
+    return 0
 
 
 cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:

@@ -600,6 +600,7 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     cdef Session* s
     cdef uint8_t present = 0
     cdef uint8_t* out
+    cdef bytes will_ext
     if pc is None:
         return
     c = &w.conns[pc.fd]
@@ -655,9 +656,11 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     session_changed(w, s)
     c.session = slot
     if pc.will_flag:
-        s.will = msg_new(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),
-                         <const uint8_t*>PyBytes_AS_STRING(pc.will_message), len(pc.will_message),
-                         pc.will_qos, pc.will_retain)
+        will_ext = pc.will_ext if pc.will_ext is not None else b""
+        s.will = msg_new_ext(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),
+                             <const uint8_t*>PyBytes_AS_STRING(pc.will_message), len(pc.will_message),
+                             <const uint8_t*>PyBytes_AS_STRING(will_ext), len(will_ext),
+                             pc.will_qos, pc.will_retain)
         s.will_qos = pc.will_qos
         s.will_retain = pc.will_retain
         if not will_allowed(w, s):

@@ -13,16 +13,185 @@
 # in a session's queue is observed again as it leaves it. Turn timestamps
 # cost one clock read per turn, not one per message: a delivery within the
 # turn that read it counts as 0.
+#
+# MQTT 5.0 messages carry their properties as the Msg's extras (loop.pxd): the
+# time their Message Expiry Interval ends and the property block the
+# publisher sent, less the properties of one hop. They go with the message
+# into FR_PUBLISH frames, the retained store, sessions' queues and the data
+# dir. Each delivery checks the expiry (an expired message is not delivered,
+# counted: MQTT5_EXPIRED) and writes, to an MQTT 5.0 subscriber, the remaining
+# interval (MQTT-3.3.2-6) then the rest of the block as it came (User
+# Properties in order, MQTT-3.3.2-18); a 3.1.1 subscriber gets the message
+# without them. The clock is read only for a message that expires.
 
 
-cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
-                  uint8_t qos, uint8_t retain) noexcept nogil:
-    cdef Msg* m = <Msg*>malloc(sizeof(Msg) + topic_len + payload_len)
+cdef inline uint64_t realtime_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_REALTIME, &ts)
+    return <uint64_t>ts.tv_sec * 1000 + <uint64_t>(ts.tv_nsec // 1000000)
+
+
+cdef inline uint64_t ext_expire_ms(const uint8_t* ext, uint32_t ext_len) noexcept nogil:
+    """When the message's Message Expiry Interval ends (wall-clock ms; 0: never)."""
+    cdef uint64_t at = 0
+    if ext_len >= EXT_HEADER:
+        memcpy(&at, ext, 8)
+    return at
+
+
+cdef inline bint ext_expired(Worker w, const uint8_t* ext, uint32_t ext_len) noexcept:
+    """The message's expiry has passed: not delivered, counted."""
+    cdef uint64_t at
+    if ext_len == 0:
+        return False
+    at = ext_expire_ms(ext, ext_len)
+    if at == 0 or realtime_ms() < at:
+        return False
+    w.counters[MQTT5_EXPIRED] += 1
+    return True
+
+
+cdef int ext_props_size(const uint8_t* ext, uint32_t ext_len, uint64_t now_ms, uint32_t* expiry) noexcept nogil:
+    """The property block's size for a v5 subscriber (without its length):
+    the remaining Message Expiry Interval (*expiry, seconds rounded up; 0 once
+    passed: a message already in flight is sent again all the same), when the
+    message has one, then the rest of the extras. Callers that may still drop
+    an expired message ask ext_expired first."""
+    cdef uint64_t at = ext_expire_ms(ext, ext_len)
+    cdef uint32_t n = ext_len - EXT_HEADER if ext_len >= EXT_HEADER else 0
+    expiry[0] = 0
+    if at:
+        if now_ms == 0:
+            now_ms = realtime_ms()
+        if now_ms < at:
+            expiry[0] = <uint32_t>((at - now_ms + 999) // 1000)
+        n += 5
+    return <int>n
+
+
+cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t message_expiry, bint has_expiry,
+                          uint64_t now_ms):
+    """A PUBLISH's extras from its validated property block: the expiry, then
+    every property but those of one hop (Message Expiry Interval, Topic Alias,
+    Subscription Identifier; a will's Will Delay Interval), in order. Walked
+    with the codec's rules: the block was validated by decode_publish5 (a
+    will's by decode_connect5). now_ms: the time the expiry counts from
+    (0: now; a will's is counted from 1 until it is published, session_detach)."""
+    cdef bytearray out = bytearray(EXT_HEADER + props_len)
+    cdef uint8_t* o = <uint8_t*>(<char*>out)
+    cdef uint64_t at = 0
+    cdef uint32_t i = 0, n = EXT_HEADER, start, ln, shift
+    cdef uint8_t ident
+    if has_expiry:
+        at = (now_ms or realtime_ms()) + <uint64_t>message_expiry * 1000
+        if at == 0:
+            at = 1
+    memcpy(o, &at, 8)
+    while i < props_len:
+        start = i
+        ident = props[i]
+        i += 1
+        if ident == P_PAYLOAD_FORMAT:
+            i += 1
+        elif ident == P_MESSAGE_EXPIRY:
+            i += 4
+            continue
+        elif ident == P_TOPIC_ALIAS:
+            i += 2
+            continue
+        elif ident == P_WILL_DELAY:
+            i += 4          # a will's: not a message property
+            continue
+        elif ident == P_SUBSCRIPTION_ID:
+            while i < props_len and props[i] & 0x80:
+                i += 1
+            i += 1
+            continue
+        elif ident == P_CONTENT_TYPE or ident == P_RESPONSE_TOPIC or ident == P_CORRELATION_DATA:
+            if i + 2 > props_len:
+                break
+            i += 2 + ((<uint32_t>props[i] << 8) | props[i + 1])
+        elif ident == P_USER_PROPERTY:
+            if i + 2 > props_len:
+                break
+            i += 2 + ((<uint32_t>props[i] << 8) | props[i + 1])
+            if i + 2 > props_len:
+                break
+            i += 2 + ((<uint32_t>props[i] << 8) | props[i + 1])
+        else:
+            break           # not a PUBLISH property: the block was not validated; keep what came before
+        if i > props_len:
+            break
+        ln = i - start
+        memcpy(o + n, props + start, ln)
+        n += ln
+    if at == 0 and n == EXT_HEADER:
+        return b""          # nothing to carry: handled as a 3.1.1 message
+    return bytes(out[:n])
+
+
+cdef inline bint conn_v5(Conn* c) noexcept nogil:
+    """The connection speaks MQTT 5.0 (its CONNECT's protocol level)."""
+    return c.version == 5
+
+
+cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,
+                               uint32_t ext_len, uint8_t qos, uint64_t now_ms) noexcept nogil:
+    """The PUBLISH's size for this subscriber."""
+    cdef uint32_t expiry
+    if not conn_v5(c):
+        return publish_size(topic_len, payload_len, qos)
+    return publish5_size(topic_len, <uint32_t>ext_props_size(ext, ext_len, now_ms, &expiry), payload_len, qos)
+
+
+cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
+                             const uint8_t* payload, uint32_t payload_len, const uint8_t* ext, uint32_t ext_len,
+                             uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id,
+                             uint64_t now_ms) noexcept nogil:
+    """Writes the PUBLISH sized by publish_out_size (same now_ms): 3.1.1, or
+    5.0 with the message's properties."""
+    cdef uint32_t expiry, rem, i, np
+    cdef int n
+    if not conn_v5(c):
+        encode_publish(out, topic, topic_len, payload, payload_len, qos, retain, dup, packet_id)
+        return
+    n = ext_props_size(ext, ext_len, now_ms, &expiry)
+    np = <uint32_t>n
+    rem = 2 + topic_len + (2 if qos else 0) + varint_size(np) + np + payload_len
+    out[0] = (PUBLISH << 4) | ((dup & 1) << 3) | ((qos & 3) << 1) | (retain & 1)
+    i = 1 + write_varint(out + 1, rem)
+    out[i] = <uint8_t>(topic_len >> 8)
+    out[i + 1] = <uint8_t>(topic_len & 0xFF)
+    memcpy(out + i + 2, topic, topic_len)
+    i += 2 + topic_len
+    if qos:
+        out[i] = <uint8_t>(packet_id >> 8)
+        out[i + 1] = <uint8_t>(packet_id & 0xFF)
+        i += 2
+    i += write_varint(out + i, np)
+    if ext_expire_ms(ext, ext_len):
+        i += put_prop_u32(out + i, P_MESSAGE_EXPIRY, expiry)
+    if ext_len > EXT_HEADER:
+        memcpy(out + i, ext + EXT_HEADER, ext_len - EXT_HEADER)
+        i += ext_len - EXT_HEADER
+    if payload_len:
+        memcpy(out + i, payload, payload_len)
+
+
+cdef inline Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
+                         uint8_t qos, uint8_t retain) noexcept nogil:
+    return msg_new_ext(topic, topic_len, payload, payload_len, NULL, 0, qos, retain)
+
+
+cdef Msg* msg_new_ext(const uint8_t* topic, uint32_t topic_len, const uint8_t* payload, uint32_t payload_len,
+                      const uint8_t* ext, uint32_t ext_len, uint8_t qos, uint8_t retain) noexcept nogil:
+    cdef Msg* m = <Msg*>malloc(sizeof(Msg) + <size_t>topic_len + payload_len + ext_len)
     if m == NULL:
         return NULL
     m.refs = 1
     m.topic_len = topic_len
     m.payload_len = payload_len
+    m.ext_len = ext_len
     m.qos = qos
     m.retain = retain
     m.origin_ns = 0
@@ -30,6 +199,8 @@ cdef Msg* msg_new(const uint8_t* topic, uint32_t topic_len, const uint8_t* paylo
     memcpy(m.data, topic, topic_len)
     if payload_len:
         memcpy(m.data + topic_len, payload, payload_len)
+    if ext_len:
+        memcpy(m.data + topic_len + payload_len, ext, ext_len)
     return m
 
 
@@ -41,10 +212,12 @@ cdef inline void msg_release(Msg* m) noexcept nogil:
 
 
 cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns):
+                        uint32_t payload_len, uint8_t qos, uint8_t retain, bint forward, uint64_t origin_ns,
+                        const uint8_t* ext, uint32_t ext_len):
     """Delivers to every matching local subscriber and, when `forward`, to the
     peers with interest. `retain` only decides whether the retained store
-    changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9).
+    changes: live deliveries go out with RETAIN=0 (MQTT-3.3.1-9). `ext`: an
+    MQTT 5.0 message's extras (loop.pxd, Msg; ext_len 0: none).
 
     The worker's MatchResult is reused from one message to the next; should a
     delivery ever route another message before this one is done (nothing does
@@ -58,25 +231,26 @@ cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, cons
         match = &nested
     w.route_depth += 1
     try:
-        peers = route_local(w, match, topic, topic_len, payload, payload_len, qos, retain, forward, origin_ns)
+        peers = route_local(w, match, topic, topic_len, payload, payload_len, qos, retain, forward, origin_ns,
+                            ext, ext_len)
     finally:
         w.route_depth -= 1
         if match == &nested:
             topics_result_free(&nested)
     if forward:
-        route_forward(w, peers, topic, topic_len, payload, payload_len, qos, retain, origin_ns)
+        route_forward(w, peers, topic, topic_len, payload, payload_len, qos, retain, origin_ns, ext, ext_len)
 
 
 cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,
                           const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
-                          bint forward, uint64_t origin_ns) except? 0:
+                          bint forward, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except? 0:
     """The local deliveries; returns the peers with interest."""
     cdef int n, i
     cdef uint8_t q
     cdef Msg* msg = NULL
     cdef MatchEntry* e
     if retain:
-        retain_publish(w, topic, topic_len, payload, payload_len, qos, forward)     # retained.pyx
+        retain_publish(w, topic, topic_len, payload, payload_len, qos, forward, ext, ext_len)    # retained.pyx
     n = topics_match(w.index, topic, topic_len, match)
     if n < 0:
         w.counters[DROPPED_NOMEM] += 1
@@ -86,10 +260,10 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
             e = &match.entries[i]
             q = qos if qos < e.qos else e.qos
             if q == 0:
-                deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0)
+                deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0, ext, ext_len)
             else:
                 if msg == NULL:
-                    msg = msg_new(topic, topic_len, payload, payload_len, qos, 0)
+                    msg = msg_new_ext(topic, topic_len, payload, payload_len, ext, ext_len, qos, 0)
                     if msg == NULL:
                         w.counters[DROPPED_NOMEM] += 1
                         continue
@@ -104,28 +278,38 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
 
 cdef void route_forward(Worker w, uint64_t peers, const uint8_t* topic, uint32_t topic_len,
                         const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
-                        uint64_t origin_ns):
-    """To the peer workers with a matching filter, as FR_PUBLISH frames."""
+                        uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len):
+    """To the peer workers with a matching filter, as FR_PUBLISH frames (an
+    MQTT 5.0 message's extras after its payload, their length last)."""
     cdef int p
     cdef uint8_t* body
+    cdef uint8_t flags = qos | (retain << 2)
+    cdef uint32_t tail = 0
+    if ext_len:
+        flags |= PUB_EXT
+        tail = ext_len + 4
     peers &= ~((<uint64_t>1) << w.worker_index)
     p = 0
     while peers:
         if peers & 1:
-            body = channel_frame(w, p, FR_PUBLISH, qos | (retain << 2), topic_len, 8 + topic_len + payload_len)
+            body = channel_frame(w, p, FR_PUBLISH, flags, topic_len, 8 + topic_len + payload_len + tail)
             if body != NULL:
                 memcpy(body, &origin_ns, 8)
                 memcpy(body + 8, topic, topic_len)
                 memcpy(body + 8 + topic_len, payload, payload_len)
+                if ext_len:
+                    memcpy(body + 8 + topic_len + payload_len, ext, ext_len)
+                    memcpy(body + 8 + topic_len + payload_len + ext_len, &ext_len, 4)
                 w.counters[CHANNEL_MSGS_OUT] += 1
         peers >>= 1
         p += 1
 
 
 cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
-                       uint32_t payload_len, uint8_t retain):
+                       uint32_t payload_len, uint8_t retain, const uint8_t* ext, uint32_t ext_len):
     cdef Conn* c
     cdef uint8_t* out
+    cdef uint64_t now = 0
     if s.fd < 0:
         return      # QoS 0 is not queued for an absent client (as Mosquitto's default)
     c = &w.conns[s.fd]
@@ -137,16 +321,29 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         # A slow reader: shed QoS 0 rather than grow without bound or slow others.
         w.counters[DROPPED_SLOW_QOS0] += 1
         return
-    out = w.reserve(c, encoded_publish_size(c, topic_len, payload_len, 0))
+    if ext_len == 0 and not conn_v5(c):
+        out = w.reserve(c, publish_size(topic_len, payload_len, 0))
+        if out != NULL:
+            encode_publish(out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
+            w.counters[PKT_OUT + PUBLISH] += 1
+            w.counters[MSGS_OUT] += 1
+        return
+    if ext_expired(w, ext, ext_len):
+        return
+    if ext_expire_ms(ext, ext_len):
+        now = realtime_ms()
+    out = w.reserve(c, publish_out_size(c, topic_len, payload_len, ext, ext_len, 0, now))
     if out != NULL:
-        encode_publish_for(c, out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
+        publish_out_encode(c, out, topic, topic_len, payload, payload_len, ext, ext_len, 0, retain, 0, 0, now)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
 
 
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """QoS 1/2: send now if the session's in-flight window has room, else queue."""
-    cdef uint64_t size = <uint64_t>msg.topic_len + msg.payload_len
+    cdef uint64_t size = <uint64_t>msg.topic_len + msg.payload_len + msg.ext_len
+    if msg.ext_len and ext_expired(w, msg.data + msg.topic_len + msg.payload_len, msg.ext_len):
+        return
     if not may_deliver(w, s, msg.data, msg.topic_len):
         return      # checked again as it leaves the queue (session_pump): a reload may revoke it meanwhile
     if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):

@@ -6,16 +6,19 @@
 #   u32 nsubs, (u16 len, filter, u8 qos)*;
 #   u16 next packet id;
 #   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
-#               u16 topic len, u32 payload len, topic, payload)*;
+#               u16 topic len, u32 payload len, topic, payload,
+#               u32 extras len, extras (an MQTT 5.0 message's properties: loop.pxd, Msg))*;
 #   u32 nqos2, (u16 packet id)*;
 #   u8 has user name, u16 len, user name (the user the session acts as: the
 #     identity the ACL checks and a takeover must match).
-# Version 2 (no user name: anonymous) is still read.
+# Versions 3 (no extras) and 2 (neither extras nor user name: anonymous) are
+# still read.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.
 
 cdef enum:
-    SESSION_STATE_VERSION = 3
+    SESSION_STATE_VERSION = 4
+    SESSION_STATE_NO_EXT = 3          # the version before MQTT 5.0 messages' extras
     SESSION_STATE_NO_USER = 2         # the version before user names: read as anonymous
 
 
@@ -41,11 +44,17 @@ cdef bytes session_serialize(Worker w, int slot):
         parts.append(struct_pack("<HBBHI", s.inflight[i].packet_id, s.inflight[i].qos | (s.inflight[i].retain << 2),
                                  s.inflight[i].state, m.topic_len, m.payload_len))
         parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
+        parts.append(struct_pack("<I", m.ext_len))
+        if m.ext_len:
+            parts.append(PyBytes_FromStringAndSize(<char*>m.data + m.topic_len + m.payload_len, m.ext_len))
     for i in range(s.qlen):
         q = &s.queue[(s.qhead + i) % s.qcap]
         m = q.msg
         parts.append(struct_pack("<HBBHI", 0, q.qos, 0, m.topic_len, m.payload_len))
         parts.append(PyBytes_FromStringAndSize(<char*>m.data, m.topic_len + m.payload_len))
+        parts.append(struct_pack("<I", m.ext_len))
+        if m.ext_len:
+            parts.append(PyBytes_FromStringAndSize(<char*>m.data + m.topic_len + m.payload_len, m.ext_len))
     parts.append(struct_pack("<I", s.nqos2_in))
     for i in range(s.nqos2_in):
         parts.append(struct_pack("<H", s.qos2_in[i]))
@@ -72,14 +81,16 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef Session* s = &w.sessions[slot]
     cdef const uint8_t* p = <const uint8_t*>PyBytes_AS_STRING(state)
     cdef const uint8_t* end = p + PyBytes_GET_SIZE(state)
-    cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen
+    cdef uint32_t nsubs, nmsgs, nq2, i, flen, tlen, plen, xlen
+    cdef const uint8_t* ext
     cdef uint16_t pid
     cdef uint8_t qos, st, retain
     cdef int r
     cdef Msg* m
     cdef uint8_t version
     cdef uint32_t ulen
-    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_USER):
+    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_EXT
+                       and p[0] != SESSION_STATE_NO_USER):
         return session_restore_fault(w, "unknown format")
     version = p[0]
     nsubs = rd32(p + 1)
@@ -111,8 +122,17 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
         p += 10
         if <uint64_t>(end - p) < <uint64_t>tlen + plen or qos == 0 or qos == 3 or st > IF_RELEASED:
             return session_restore_fault(w, "message malformed")
-        m = msg_new(p, tlen, p + tlen, plen, qos, 0)
-        p += tlen + plen
+        ext = p + tlen + plen
+        xlen = 0
+        if version == SESSION_STATE_VERSION:
+            if end - ext < 4:
+                return session_restore_fault(w, "message extras missing")
+            xlen = rd32(ext)
+            ext += 4
+            if <uint64_t>(end - ext) < xlen or 0 < xlen < EXT_HEADER:
+                return session_restore_fault(w, "message extras malformed")
+        m = msg_new_ext(p, tlen, p + tlen, plen, ext, xlen, qos, 0)
+        p = ext + xlen
         if m == NULL:
             w.counters[DROPPED_NOMEM] += 1
             continue
@@ -129,7 +149,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             e.retain = retain
             s.ninflight += 1
         else:
-            if session_enqueue(s, m, qos | (retain << 2), <uint64_t>tlen + plen) < 0:
+            if session_enqueue(s, m, qos | (retain << 2), <uint64_t>tlen + plen + xlen) < 0:
                 msg_release(m)
                 w.counters[DROPPED_NOMEM] += 1
                 continue

@@ -150,8 +150,10 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
     if s.will != NULL:
         if not graceful and will_allowed(w, s):      # again: a reload may have revoked it
             w.counters[WILLS_PUBLISHED] += 1
+            will_expiry_starts(s.will)
             route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
-                          s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns)
+                          s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns,
+                          s.will.data + s.will.topic_len + s.will.payload_len, s.will.ext_len)
         msg_release(s.will)
         s.will = NULL
     if s.clean:
@@ -160,6 +162,16 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
         session_changed(w, s)
+
+
+cdef void will_expiry_starts(Msg* will) noexcept nogil:
+    """An MQTT 5.0 will's Message Expiry Interval counts from its publication:
+    its extras held the interval in ms plus 1 (ext_from_props from 1) until now."""
+    cdef uint8_t* ext = will.data + will.topic_len + will.payload_len
+    cdef uint64_t at = ext_expire_ms(ext, will.ext_len)
+    if at:
+        at = realtime_ms() + (at - 1)
+        memcpy(ext, &at, 8)
 
 
 cdef uint16_t session_packet_id(Session* s) noexcept nogil:
@@ -261,12 +273,28 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     msg.refs += 1
     s.ninflight += 1
     session_changed(w, s)
-    out = w.reserve(c, encoded_publish_size(c, msg.topic_len, msg.payload_len, qos))
+    if msg.ext_len == 0 and not conn_v5(c):
+        out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
+        if out != NULL:
+            encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
+                           qos, retain, 0, e.packet_id)
+    else:
+        out = msg_out(w, c, msg, qos, retain, 0, e.packet_id)
     if out != NULL:
-        encode_publish_for(c, out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
-                       qos, retain, 0, e.packet_id)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
+
+
+cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id):
+    """A QoS 1/2 message's PUBLISH written for c's protocol (with its
+    properties for MQTT 5.0); NULL when the buffer refused it."""
+    cdef const uint8_t* ext = msg.data + msg.topic_len + msg.payload_len
+    cdef uint64_t now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
+    cdef uint8_t* out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
+    if out != NULL:
+        publish_out_encode(c, out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len, ext,
+                           msg.ext_len, qos, retain, dup, packet_id, now)
+    return out
 
 
 cdef void session_pump(Worker w, Session* s):
@@ -280,7 +308,11 @@ cdef void session_pump(Worker w, Session* s):
         q = s.queue[s.qhead]
         s.qhead = (s.qhead + 1) % s.qcap
         s.qlen -= 1
-        s.qbytes -= <uint64_t>q.msg.topic_len + q.msg.payload_len
+        s.qbytes -= <uint64_t>q.msg.topic_len + q.msg.payload_len + q.msg.ext_len
+        if q.msg.ext_len and ext_expired(w, q.msg.data + q.msg.topic_len + q.msg.payload_len, q.msg.ext_len):
+            msg_release(q.msg)      # its Message Expiry Interval passed while it waited (MQTT-3.3.2-5)
+            session_changed(w, s)
+            continue
         if not may_deliver(w, s, q.msg.data, q.msg.topic_len):
             msg_release(q.msg)      # the grant was revoked (a reload) while it waited
             session_changed(w, s)
@@ -303,11 +335,9 @@ cdef void session_resume(Worker w, Session* s):
         if e.state == IF_RELEASED:
             w.send_ack(c, PUBREL, e.packet_id)
             continue
-        out = w.reserve(c, encoded_publish_size(c, e.msg.topic_len, e.msg.payload_len, e.qos))
+        out = msg_out(w, c, e.msg, e.qos, e.retain, 1, e.packet_id)
         if out == NULL:
             return
-        encode_publish_for(c, out, e.msg.data, e.msg.topic_len, e.msg.data + e.msg.topic_len, e.msg.payload_len,
-                       e.qos, e.retain, 1, e.packet_id)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
     session_pump(w, s)
