@@ -135,7 +135,15 @@ cpdef enum:
     WS_CLOSES = 300           # + WS_CLOSE_SLOT_* (8 slots): Close frames the server sent, by code
     # 308..319 free: the store.
     # 320..383 free: MQTT 5.0 (reason codes sent and received, topic aliases, flow control).
-    # 384..399 free: shared subscriptions.
+    # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
+    SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
+    SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group
+    SHARED_REDELIVERED = 386  # QoS 1/2 messages of a member that left (unacknowledged) given to the group again
+    SHARED_DROPPED = 387      # messages for a group that had no member left anywhere to take them
+    SHARED_REFUSED = 388      # SUBSCRIBE filters $share/... refused as malformed (empty or wildcard share name, no filter): SUBACK 0x80
+    SHARED_GROUPS = 389       # gauge: shared groups this worker knows (its own members or a peer's)
+    SHARED_MEMBERS = 390      # gauge: members of shared groups among this worker's sessions
+    # 391..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up.
     # 416..447 free: TLS.
     N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
