@@ -114,7 +114,7 @@ def test_malformed_share_filters_refused_with_0x80(broker):
     codes = c.subscribe(1, [("$share//" + t, 1), ("$share/+/" + t, 1),
                             ("$share/g", 1), ("$share/g/", 1), (t, 1), ("$share/ok/" + t, 1)])
     assert codes == [SUBACK_FAILURE] * 4 + [1, 1]
-    assert broker.server.counters()["shared_refused"] >= 4
+    assert broker.server.counters()["shared_subscriptions"]["refused"] >= 4
 
 
 @brokers("retain")
@@ -184,7 +184,7 @@ def test_member_leaving_with_qos1_in_flight_loses_nothing(broker, how):
              what=f"every message at the member that stayed (missing "
                   f"{sorted(everything - set(m.payload for m in keeper.received(t)))[:5]}...)")
     if broker.is_gw:
-        assert broker.server.counters()["shared_redelivered"] >= 1
+        assert broker.server.counters()["shared_subscriptions"]["redelivered"] >= 1
 
 
 @brokers("sessions", gw_only="Mosquitto 2.0.11 keeps picking an away member and queues for it; gw gives "

@@ -85,7 +85,9 @@ def test_new_counters():
         "HIST_INGEST": 192, "HIST_DELIVER": 224, "HIST_LOOP_TURN": 256, "STORE_BEHIND": 288,
         "STORE_BEHIND_HOLDS": 289, "STORE_BEHIND_HTTP": 290, "STORE_BEHIND_JSON": 291, "STORE_BEHIND_QOS0": 292,
         "STORE_CHECKPOINT": 293, "WS_UPGRADES": 294, "WS_REFUSED": 295, "WS_CLOSES": 300,
-        "N_COUNTERS": 320}
+        "SHARED_DELIVERED": 384, "SHARED_FORWARDED": 385, "SHARED_REDELIVERED": 386, "SHARED_DROPPED": 387,
+        "SHARED_REFUSED": 388, "SHARED_GROUPS": 389, "SHARED_MEMBERS": 390,
+        "N_COUNTERS": 448}
     assert Layout.STATS_VERSION == 5
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
     assert Counter.HIST_LOOP_TURN + HIST_WORDS <= Counter.STORE_BEHIND < N_COUNTERS
@@ -146,7 +148,8 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND}
+                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND,
+                           Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET, Counter.STORE_CHECKPOINT)
 
