@@ -14,6 +14,7 @@ import time
 import uuid
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 pytest.register_assert_rewrite("broker_fixtures")   # before its import: its asserts report values
 from broker_fixtures import brokers, publish_packet_full, unsubscribe_packet  # noqa: E402
@@ -237,3 +238,96 @@ def test_same_client_unsubscribing_through_raw_packets(broker):
     c.send(unsubscribe_packet(3, ["$share/none/x", "$share/g/" + broker.topic("z")]))
     body = c.read_until(0xB0)
     assert struct.unpack("!H", body)[0] == 3
+
+
+# --- persistence: a persistent member's shared subscription survives a restart ---------------
+
+@pytest.fixture
+def restartable(request, tmp_path):
+    from test_broker_persistence import Restartable
+    r = Restartable(request.param, tmp_path / request.param)
+    yield r
+    r.stop()
+
+
+@brokers("sessions", "persistence", argname="restartable")
+def test_shared_subscription_of_a_persistent_session_survives_restart(restartable):
+    """clean_session=0 keeps the shared subscription on disk: after a graceful
+    restart the member, back on the other worker, gets what was queued for it
+    and is a member of its group again (the publisher on the other worker)."""
+    b = restartable.broker
+    cid, t = b.client_id("shp"), b.topic("sp")
+    m = b.connect(0, client_id=cid, clean_session=False)
+    assert m.subscribe(f"$share/g/{t}", 1) == [1]
+    m.disconnect()
+    pub = b.connect(0)
+    pub.publish(t, b"queued", qos=1)
+    b = restartable.restart()
+    back = b.connect(1, client_id=cid, clean_session=False)
+    assert back.session_present is True
+    assert back.wait_messages(1, t)[0].payload == b"queued"
+    pub = b.connect(0)
+    b.assert_workers((back, 1), (pub, 0))
+    for i in range(5):
+        pub.publish(t, b"after%d" % i, qos=1)
+    try:
+        back.wait_messages(6, t, timeout=None if b.is_gw else 3)
+    except AssertionError:
+        pass        # the assertion below says what came
+    b.assert_standard([m.payload for m in back.received(t)], [b"queued"] + [b"after%d" % i for i in range(5)],
+                      mosquitto_2011=[b"queued"],
+                      why="a persistent session's shared subscription is not restored after a restart")
+
+
+# --- the pick, against a model ------------------------------------------------------------------
+
+@brokers("routing", gw_only="the exact split is gw's pick (round-robin over the workers weighted by their "
+                            "connected members, then round-robin on each worker); Mosquitto's is its own")
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.sampled_from(["join", "leave", "publish"]), st.integers(0, 3), st.integers(1, 2)),
+                min_size=3, max_size=8))
+def test_pick_against_model(broker, ops):
+    """Members join and leave a group (members 0, 2 on worker 0; 1, 3 on worker
+    1), a publisher on either worker sends batches of c x (members) QoS 1
+    messages. The model: every message of a batch goes to exactly one member
+    of the group as it was, and each member gets exactly c of the batch (the
+    counts are confirmed everywhere before a batch: a SUBSCRIBE adding
+    interest waits for every peer, so a leaver subscribes a fresh topic after
+    its UNSUBSCRIBE)."""
+    g = uuid.uuid4().hex[:8]
+    t = broker.topic("model-" + g)
+    clients = [broker.connect(i % 2) for i in range(4)]
+    pubs = [broker.connect(0), broker.connect(1)]
+    joined: set[int] = set()
+    seen = [0] * 4
+    batch_no = 0
+    try:
+        for op, who, c in ops:
+            if op == "join" and who not in joined:
+                assert clients[who].subscribe(f"$share/{g}/{t}", 1) == [1]
+                joined.add(who)
+            elif op == "leave" and who in joined:
+                clients[who].unsubscribe(f"$share/{g}/{t}")
+                assert clients[who].subscribe(broker.topic(uuid.uuid4().hex[:8]), 0) == [0]
+                joined.discard(who)
+            elif op == "publish" and joined:
+                batch_no += 1
+                n = c * len(joined)
+                for k in range(n):
+                    pubs[who % 2].publish(t, b"%d-%d" % (batch_no, k), qos=1, wait=False)
+                pubs[who % 2].publish(t, b"", qos=1)      # the last one waited for: all sent
+                wait_for(lambda: sum(len(x.received(t)) for x in clients) - sum(seen) >= n + 1, broker.wait,
+                         what=f"batch {batch_no}")
+                time.sleep(broker.grace)
+                now = [len(x.received(t)) for x in clients]
+                got = [now[i] - seen[i] for i in range(4)]
+                assert sum(got) == n + 1, got
+                assert all(got[i] == 0 for i in range(4) if i not in joined), (got, joined)
+                # the empty closing message goes to one of them: c each, one c + 1
+                assert sorted(got[i] for i in joined) == [c] * (len(joined) - 1) + [c + 1], (got, joined, c)
+                seen = now
+        everything = [m.payload for x in clients for m in x.received(t)]
+        assert len(everything) == len(set(everything)) + max(batch_no - 1, 0), "a message delivered twice"
+    finally:
+        for x in clients + pubs:
+            x.disconnect()
