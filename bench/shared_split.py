@@ -97,7 +97,7 @@ class Conn:
         raise RuntimeError(f"no packet {first:#x}")
 
 
-def run(port: int, pids: list[int], qos: int, n: int, tag: str) -> dict:
+def run(port: int, pids: list[int], qos: int, n: int, tag: str, kill: bool = False) -> dict:
     topic = f"bench/shared/{tag}".encode()
     members = []
     for i in range(4):
@@ -118,7 +118,13 @@ def run(port: int, pids: list[int], qos: int, n: int, tag: str) -> dict:
     window = 64
     started = time.monotonic()
     deadline = started + 120
+    live = list(range(4))
     while time.monotonic() < deadline:
+        if kill and len(live) == 4 and sent >= n // 2:
+            # Member 3 (worker 1) goes away mid-stream: a reset, whatever it holds unacknowledged.
+            members[3].sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            members[3].sock.close()
+            live.remove(3)
         if sent < n and (qos == 0 or sent - acked < window):
             batch = bytearray()
             while sent < n and (qos == 0 or sent - acked < window) and len(batch) < 65536:
@@ -127,12 +133,12 @@ def run(port: int, pids: list[int], qos: int, n: int, tag: str) -> dict:
                 batch += pkt(0x30 | (qos << 1), mstr(topic) + pid + payload)
                 sent += 1
             pub.send(bytes(batch))
-        r, _, _ = select.select([m.sock for m in members] + [pub.sock], [], [], 0.05)
+        r, _, _ = select.select([members[i].sock for i in live] + [pub.sock], [], [], 0.05)
         for f, body in pub.packets():
             if f == 0x40:
                 acked += 1
         for i, m in enumerate(members):
-            if m.sock not in r:
+            if i not in live or m.sock not in r:
                 continue
             acks = bytearray()
             for f, body in m.packets():
@@ -148,13 +154,14 @@ def run(port: int, pids: list[int], qos: int, n: int, tag: str) -> dict:
                 seen[key] = seen.get(key, 0) + 1
             if acks:
                 m.send(bytes(acks))
-        if sent == n and (qos == 0 or acked == n) and sum(counts) >= n:
+        if sent == n and (qos == 0 or acked == n) and len(seen) >= n:
             break
         if sent == n and qos == 0 and time.monotonic() - started > 30:
             break
     elapsed = time.monotonic() - started
-    for c in members + [pub]:
-        c.sock.close()
+    for i in live:
+        members[i].sock.close()
+    pub.sock.close()
     even = n / 4
     return {"qos": qos, "sent": n, "counts": counts, "received": sum(counts),
             "lost": n - len(seen), "duplicated": sum(v - 1 for v in seen.values()),
@@ -166,6 +173,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=20000)
     ap.add_argument("--qos", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--kill", action="store_true",
+                    help="also a QoS 1 run where member 3 (worker 1) resets its connection halfway: lost must be 0")
     args = ap.parse_args()
     with mqtt_only_gw(2, stop_timeout=30) as (server, port, tmp):
         import psutil
@@ -181,6 +190,11 @@ def main() -> None:
             print(f"QoS {q}: {res['received']:,} of {res['sent']:,} received, per member {res['counts']}, "
                   f"largest deviation from even {res['max_deviation_pct']} %, lost {res['lost']}, "
                   f"duplicated {res['duplicated']} ({res['seconds']} s)", flush=True)
+        if args.kill:
+            res = run(port, pids, 1, args.messages, "kill", kill=True)
+            print(f"QoS 1, member 3 reset halfway: {res['received']:,} deliveries for "
+                  f"{res['sent']:,} sent, per member {res['counts']}, lost {res['lost']}, "
+                  f"delivered twice {res['duplicated']} (QoS 1 allows it: unacknowledged when it left)", flush=True)
 
 
 if __name__ == "__main__":
