@@ -209,7 +209,11 @@ def test_away_persistent_member_is_passed_over_while_another_is_connected(broker
         pub.publish(t, b"q%d" % i, qos=1)
     back = broker.connect(W0, client_id=cid, clean_session=False)     # the session moves to worker 0
     assert back.session_present
-    back.wait_messages(5, t)
+    try:
+        back.wait_messages(5, t)
+    except AssertionError:
+        raise AssertionError(f"{broker.server.counters()['shared_subscriptions']} here got "
+                             f"{[m.payload for m in here.received(t)][-8:]}")
     assert sorted(m.payload for m in back.received(t)) == sorted(b"q%d" % i for i in range(5))
     # Its shared subscription came with the session.
     pub.publish(t, b"after", qos=1)
