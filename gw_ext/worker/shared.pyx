@@ -22,10 +22,12 @@
 #   connected members, round-robin. Another worker's pick is sent there
 #   (FR_SHARED_PUBLISH, naming its slot of the group). Messages from peers
 #   (FR_PUBLISH) never go to groups: their publisher's worker did that.
-# - Where the pick finds no member (it left meanwhile), the message goes to
-#   another worker with a connected member (at most one hop per worker), then
-#   to a member whose persistent session is away (queued for it), else it is
-#   dropped, counted. So no connected member: an away member's session queues.
+# - Where the pick finds no connected member (it left meanwhile): a message
+#   passed on already goes to any member here (an away one's session queues
+#   it), never back to a worker whose counts may be as far behind as ours;
+#   else to another worker with a connected member (at most one hop per
+#   worker), then to a member here whose persistent session is away, then
+#   elsewhere; else it is dropped, counted.
 # - QoS 1/2 deliveries are Msgs of their own, tagged with the group. A member
 #   that leaves (clean session ended, persistent session expired, taken over
 #   by a clean session) gives the messages it had not acknowledged back to the
@@ -379,6 +381,8 @@ cdef void shared_dispatch(Worker w, int gid, const uint8_t* topic, uint32_t tlen
             return
     if shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, origin_ns, msg, True):
         return
+    if hops and shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, origin_ns, msg, False):
+        return      # passed on once already: an away member here rather than back to counts that are behind
     if hops < <uint32_t>w.npeers:
         p = shared_pick_worker(w, g, me)
         if p >= 0 and g.online[p]:
