@@ -52,12 +52,13 @@ SETTLE_WAIT_MS = 5             # epoll wait of each turn once the quick turns di
 # c1 at worker 1 (the harness's peer) and c4 and c5 at worker 0 (the worker).
 CLIENT_IDS = (b"c0", b"c4", b"c1", b"c5")
 TOPICS = (b"a", b"a/b", b"t/x", b"$SYS/x", b"telemetry/dev1", b"a/b/c", b"telemetry/c4", b"x")
-FILTERS = (b"#", b"+", b"a/#", b"a/+", b"t/x", b"telemetry/+", b"a/#/b", b"+/b", b"$SYS/#", b"a+")
+FILTERS = (b"#", b"+", b"a/#", b"a/+", b"t/x", b"telemetry/+", b"a/#/b", b"+/b", b"$SYS/#", b"a+",
+           b"$share/g/a/#", b"$share/g/#", b"$share//a", b"$share/g")
 READING = b'{"seq":%d,"metrics":{"temp_c":%d.5},"tags":{"site":"AAL"}}'
 
 # Channel frame types (gw_ext/frames.pxd), re-exported for the targets.
 from gw_ext.frames import (FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO,  # noqa: E402,F401
-                           FR_PAUSE, FR_PUBLISH, FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION,
+                           FR_SHARED_COUNT, FR_SHARED_PUBLISH, FR_PAUSE, FR_PUBLISH, FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION,
                            FR_SUB_ADD, FR_SUB_DEL, FR_SUB_SYNC, FR_SUB_SYNCED)
 
 

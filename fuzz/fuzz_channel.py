@@ -19,13 +19,14 @@ import struct
 import common  # the import path of the instrumented build first; the fuzzing loop
 from common import (CLIENT_IDS, FILTERS, FR_CHECK, FR_CHECKED, FR_CLAIM, FR_EVICT, FR_GRANT, FR_HELLO,
                     FR_PAUSE, FR_PUBLISH, FR_REGISTER, FR_RELEASE, FR_RESUME, FR_RETAIN, FR_SESSION, FR_SUB_ADD,
-                    FR_SUB_DEL, FR_SUB_SYNC, FR_SUB_SYNCED, TOPICS, WorkerUnderTest, connack_new, connect_packet, frame,
+                    FR_SHARED_COUNT, FR_SHARED_PUBLISH, FR_SUB_DEL, FR_SUB_SYNC, FR_SUB_SYNCED, TOPICS,
+                    WorkerUnderTest, connack_new, connect_packet, frame,
                     run_scenario, shared_harness)
 from fuzz_mqtt import MqttScenario
 
-# Frame types up to FR_CHECKED; 0 and FR_PIECE (cut frames: the channel's own
+# Frame types up to FR_SHARED_PUBLISH; 0 and FR_PIECE (cut frames: the channel's own
 # reassembly) stand for "any bytes" (types the worker does not know, lengths that lie).
-FRAME_KINDS = FR_CHECKED + 1
+FRAME_KINDS = FR_SHARED_PUBLISH + 1
 
 
 def session_state(inp) -> bytes:
@@ -78,6 +79,17 @@ def peer_frame(inp) -> bytes:
     if kind == FR_CHECKED:
         # check id, held (2: no such answer), client id
         return frame(FR_CHECKED, struct.pack("<IB", inp.byte() % 8, inp.byte() % 3) + cid)
+    if kind == FR_SHARED_COUNT:
+        # slot, gen, online, total (online > total sometimes), the group's key
+        online, total = inp.byte() % 4, inp.byte() % 4
+        return frame(FR_SHARED_COUNT, struct.pack("<IIII", inp.byte() % 4, inp.byte() % 4, online, total)
+                     + inp.pick(FILTERS + (b"$share/g/a/+", b"$share/h/t/x")))
+    if kind == FR_SHARED_PUBLISH:
+        topic = inp.pick(TOPICS)
+        payload = b"s" * (inp.byte() % 8)
+        return frame(FR_SHARED_PUBLISH, struct.pack("<IIBQ", inp.byte() % 4, inp.byte() % 4, inp.byte() % 4,
+                                                    inp.u16()) + topic + payload,
+                     flags=inp.byte() & 3, topic_len=len(topic) if inp.byte() % 4 else inp.u16())
     if kind in (FR_RELEASE, FR_REGISTER):
         return frame(kind, bytes([inp.byte()]) + cid)
     if kind in (FR_SUB_SYNC, FR_SUB_SYNCED):

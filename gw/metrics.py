@@ -102,6 +102,15 @@ _FAMILIES = [
     ("gw_mqtt5_disconnects_sent_total", "counter",
      "DISCONNECTs the server sent to MQTT 5.0 clients before closing, by reason.",
      [(f'{{reason="{n}"}}', C.MQTT5_DISCONNECTS + i) for i, n in DISC5_NAMES.items()]),
+    ("gw_shared_messages_total", "counter",
+     "Messages of shared subscriptions ($share/{name}/{filter}): given to a member on this worker, sent to "
+     "another worker's member, given again after their member left unacknowledged, dropped with no member left.",
+     [('{how="delivered"}', C.SHARED_DELIVERED), ('{how="forwarded"}', C.SHARED_FORWARDED),
+      ('{how="redelivered"}', C.SHARED_REDELIVERED), ('{how="dropped"}', C.SHARED_DROPPED)]),
+    ("gw_shared_subscriptions_refused_total", "counter",
+     "SUBSCRIBE filters $share/... refused as malformed (SUBACK 0x80).", [("", C.SHARED_REFUSED)]),
+    ("gw_shared_groups", "gauge", "Shared subscription groups each worker knows, summed.", [("", C.SHARED_GROUPS)]),
+    ("gw_shared_members", "gauge", "Members of shared subscription groups.", [("", C.SHARED_MEMBERS)]),
     ("gw_mqtt_packets_total", "counter", "MQTT control packets, by direction and type.",
      [(f'{{direction="in",type="{n}"}}', C.PKT_IN + t) for t, n in PACKET_NAMES.items()]
      + [(f'{{direction="out",type="{n}"}}', C.PKT_OUT + t) for t, n in PACKET_NAMES.items()]),

@@ -43,7 +43,8 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 # restored sessions again). All but the per-worker ones are summed over rows.
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-          Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND)
+          Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND,
+          Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET,    # a sum means nothing
               Counter.STORE_CHECKPOINT)
@@ -408,10 +409,11 @@ def counter_dict(totals) -> dict:
     out = {}
     for c in Counter:
         if (c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS
-                or c in STORE_BEHIND_COUNTERS.values()):
+                or c in STORE_BEHIND_COUNTERS.values() or c in SHARED_COUNTERS.values()):
             continue
         out[c.name.lower()] = totals[c]
     out["ingest_shed_store_behind"] = {name: totals[c] for name, c in STORE_BEHIND_COUNTERS.items()}
+    out["shared_subscriptions"] = {name: totals[c] for name, c in SHARED_COUNTERS.items()}
     out["rate_limits"] = {
         "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
         "per_ip_refused": totals[Counter.PER_IP_REFUSED],
@@ -486,6 +488,11 @@ RATE_LIMIT_COUNTERS = (*RATE_LIMIT_PAUSES.values(), Counter.PER_IP_REFUSED, Coun
 STORE_BEHIND_COUNTERS = {"http_503": Counter.STORE_BEHIND_HTTP, "json_errors": Counter.STORE_BEHIND_JSON,
                          "mqtt_qos0_shed": Counter.STORE_BEHIND_QOS0, "holds": Counter.STORE_BEHIND_HOLDS,
                          "workers_holding": Counter.STORE_BEHIND}
+# Shared subscriptions ($share/{name}/{filter}), grouped under "shared_subscriptions".
+SHARED_COUNTERS = {"delivered": Counter.SHARED_DELIVERED, "forwarded": Counter.SHARED_FORWARDED,
+                   "redelivered": Counter.SHARED_REDELIVERED, "dropped": Counter.SHARED_DROPPED,
+                   "refused": Counter.SHARED_REFUSED, "groups": Counter.SHARED_GROUPS,
+                   "members": Counter.SHARED_MEMBERS}
 SINK_NAMES = ("store", "file", "bridge")      # H_SINK_* + index
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)

@@ -238,6 +238,8 @@ cdef struct Msg:
     uint64_t origin_ns        # CLOCK_MONOTONIC of the loop turn that read the PUBLISH (0: unknown)
     uint8_t* data             # topic, then payload, then the extras (same allocation)
     uint32_t ext_len          # the extras' bytes after the payload (0: a 3.1.1 message, no properties)
+    uint32_t share_slot       # a shared group's delivery (worker/shared.pyx): the group's slot here,
+    uint32_t share_gen        # ... and its generation (0: not a shared delivery)
 
 cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack
     Msg* msg
@@ -289,6 +291,29 @@ cdef struct Session:
     uint8_t version           # the protocol level of its last CONNECT (5: MQTT 5.0)
     uint32_t expiry_s         # MQTT 5.0: Session Expiry Interval, seconds (0xFFFFFFFF: never);
                               # kept while away when not clean (worker/mqtt5.pyx)
+    uint32_t nshared          # its shared subscriptions ($share/..., worker/shared.pyx)
+
+
+# --- shared subscriptions (worker/shared.pyx) ------------------------------------------
+
+cdef struct ShareMember:      # a session of this worker in a group
+    int slot
+    uint8_t qos               # the QoS it was granted
+
+# A group ($share/{name}/{filter}) as one worker knows it: its own members, and
+# how many every worker has (told by FR_SHARED_COUNT), so the worker a message
+# is published on picks one member for it among all of them.
+cdef struct ShareGroup:
+    uint32_t gen              # 0: the slot is free
+    uint32_t rr               # this worker's pick among the workers, weighted by their members
+    uint32_t lrr              # its pick among its own members
+    uint32_t nlocal
+    uint32_t cap
+    ShareMember* local
+    uint32_t[MAX_PEERS] online    # per worker: members whose client is connected (our own entry: ours)
+    uint32_t[MAX_PEERS] total     # per worker: members
+    uint32_t[MAX_PEERS] peer_slot # per worker: the group's slot and generation there (FR_SHARED_PUBLISH names it)
+    uint32_t[MAX_PEERS] peer_gen
 
 
 # --- the links between workers (worker/channel.pyx) ----------------------------------
@@ -491,6 +516,17 @@ cdef class Worker:
     cdef TopicTrie* index            # the subscription index, a subscriber id per session slot
     cdef MatchResult match
     cdef int route_depth             # route_publish nesting
+
+    # --- shared subscriptions (worker/shared.pyx) ---------------------------------------
+    cdef TopicTrie* share_index      # every group's filter known here; subscriber id: its group slot
+    cdef MatchResult share_match
+    cdef ShareGroup* groups
+    cdef uint32_t ngroups            # slots ever used
+    cdef uint32_t groups_cap
+    cdef uint32_t group_gen
+    cdef dict share_ids              # b"$share/{name}/{filter}" -> group slot
+    cdef list share_keys             # group slot -> that key (None: free)
+    cdef list free_groups
 
     # --- retained messages (worker/retained.pyx) ----------------------------------------
     cdef public uint16_t topic_alias_maximum  # MQTT 5.0 Topic Alias Maximum announced in CONNACK (worker/mqtt5.pyx)
@@ -784,7 +820,7 @@ cdef void session_changed(Worker w, Session* s)
 cdef int session_set_username(Session* s, bytes username) except -1
 cdef object session_username(Session* s)
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil
-cdef void session_free(Worker w, int slot, bint release_id)
+cdef void session_free(Worker w, int slot, bint release_id, bint redeliver=*)
 cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=*)
 cdef void will_expiry_starts(Msg* will) noexcept nogil
 cdef uint16_t session_packet_id(Session* s) noexcept nogil
@@ -799,6 +835,36 @@ cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil
 cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil
 cdef int sessions_expire(Worker w, uint64_t limit_ms)
+
+# --- worker/shared.pyx: shared subscriptions, one member per message across workers -----
+cdef bint is_share(const uint8_t* f, uint32_t n) noexcept nogil
+cdef int share_split(const uint8_t* f, uint32_t n) noexcept nogil
+cdef int shared_group(Worker w, bytes key, uint32_t off, bint create) except -2
+cdef void shared_maybe_free(Worker w, int gid)
+cdef bint shared_refresh(Worker w, int gid) except -1
+cdef void shared_count_to(Worker w, int p, int gid)
+cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t off, uint8_t qos) except -3
+cdef bint shared_leave(Worker w, int slot, const uint8_t* f, uint32_t n) except -1
+cdef list shared_filters(Worker w, int slot)
+cdef void shared_session_changed(Worker w, int slot) except *
+cdef void shared_session_end(Worker w, int slot, bint redeliver) except *
+cdef int shared_pick_worker(Worker w, ShareGroup* g, int exclude) noexcept
+cdef bint shared_deliver_local(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
+                               uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg, bint online_only,
+                               const uint8_t* ext, uint32_t ext_len) except -1
+cdef void shared_forward(Worker w, int gid, int p, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
+                         uint32_t plen, uint8_t qos, uint64_t origin_ns, uint32_t hops,
+                         const uint8_t* ext, uint32_t ext_len)
+cdef void shared_dispatch(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
+                          uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg, uint32_t hops,
+                          bint pick_worker, const uint8_t* ext, uint32_t ext_len) except *
+cdef void route_shared(Worker w, const uint8_t* topic, uint32_t tlen, const uint8_t* payload, uint32_t plen,
+                       uint8_t qos, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except *
+cdef void shared_frame(Worker w, int p, uint8_t ftype, uint8_t flags, const uint8_t* body, uint32_t n,
+                       uint32_t topic_len) except *
+cdef void shared_peer_restarted(Worker w, int p) except *
+cdef void shared_hello(Worker w, int p)
+cdef void shared_free_all(Worker w)
 
 # --- worker/session_state.pyx: a session as bytes (moving it, the data dir) -----------
 cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil

@@ -188,6 +188,11 @@ cdef class Worker:
         self.topic_aliases = {}
         self.index = topics_new()
         topics_result_init(&self.match)
+        self.share_index = topics_new()
+        topics_result_init(&self.share_match)
+        self.share_ids = {}
+        self.share_keys = []
+        self.free_groups = []
         self.npeers = nworkers
         for i in range(MAX_PEERS):
             self.peers[i].fd = -1
@@ -201,6 +206,7 @@ cdef class Worker:
         self.resume_gens = <uint32_t*>malloc(max_fds * sizeof(uint32_t))
         self.current_fd = -1
         if (self.conns == NULL or self.rbuf == NULL or self.dirty == NULL or self.index == NULL
+                or self.share_index == NULL
                 or self.closed == NULL or self.resume_fds == NULL or self.resume_gens == NULL):
             raise MemoryError()
         self.now_ms = monotonic_ms()
@@ -222,9 +228,10 @@ cdef class Worker:
         free(self.closed)
         free(self.resume_fds)
         free(self.resume_gens)
+        shared_free_all(self)
         for slot in range(self.nsessions):
             if self.sessions[slot].in_use:
-                session_free(self, slot, False)
+                session_free(self, slot, False, False)
         free(self.sessions)
         free(self.free_sessions)
         for fd in range(MAX_PEERS):
@@ -589,6 +596,7 @@ cdef class Worker:
             self.contained(-1, "releasing held subscriptions")
         self.counters[SUBSCRIPTIONS_CURRENT] = self.index.subscriptions
         self.counters[SUBSCRIPTION_INDEX_BYTES] = self.index.bytes
+        self.counters[SHARED_GROUPS] = self.ngroups - len(self.free_groups)
         # Python signal handlers (SIGTERM, SIGHUP) run here, between turns.
         PyErr_CheckSignals()
         if self.on_tick is not None and self.tick_ms and self.now_ms >= self.next_tick_ms:
@@ -1461,6 +1469,7 @@ include "worker/handle_disconnect.pyx"
 include "worker/access.pyx"
 # The broker across workers.
 include "worker/router.pyx"
+include "worker/shared.pyx"
 include "worker/retained.pyx"
 include "worker/sessions.pyx"
 include "worker/session_state.pyx"

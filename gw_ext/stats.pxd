@@ -145,7 +145,15 @@ cpdef enum:
     MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
     MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
     # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
-    # 384..399 free: shared subscriptions.
+    # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
+    SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
+    SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group
+    SHARED_REDELIVERED = 386  # QoS 1/2 messages of a member that left (unacknowledged) given to the group again
+    SHARED_DROPPED = 387      # messages for a group that had no member left anywhere to take them
+    SHARED_REFUSED = 388      # SUBSCRIBE filters $share/... refused as malformed (empty or wildcard share name, no filter): SUBACK 0x80
+    SHARED_GROUPS = 389       # gauge: shared groups this worker knows (its own members or a peer's)
+    SHARED_MEMBERS = 390      # gauge: members of shared groups among this worker's sessions
+    # 391..399 free: shared subscriptions.
     # 400..415 free: the QoS 1 path and connection set-up (408..415: connection set-up).
     CONNECTS_AT_ONCE = 408    # CONNECTs (clean session, no authentication) settled in their turn though their id's
                               # home is another worker: the claim follows, unanswered (registry.pyx)

@@ -89,6 +89,8 @@ def test_new_counters():
         "MQTT5_BAD_PACKETS": 333, "MQTT5_EXPIRED": 352, "MQTT5_TOPIC_ALIASES_SET": 353,
         "MQTT5_TOPIC_ALIAS_INVALID": 354,
         "CONNECTS_AT_ONCE": 408, "EVICTS_STALE": 409, "TLS_RESUMED": 416,
+        "SHARED_DELIVERED": 384, "SHARED_FORWARDED": 385, "SHARED_REDELIVERED": 386, "SHARED_DROPPED": 387,
+        "SHARED_REFUSED": 388, "SHARED_GROUPS": 389, "SHARED_MEMBERS": 390,
         "N_COUNTERS": 448}
     assert Layout.STATS_VERSION == 5
     assert (HIST_WORDS, HIST_BUCKETS, Layout.HIST_SUM, Layout.HIST_COUNT) == (32, 30, 30, 31)
@@ -150,7 +152,8 @@ def test_gauges():
     assert set(GAUGES) == {Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT,
                            Counter.SUBSCRIPTIONS_CURRENT, Counter.SESSIONS_AWAY,
                            Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
-                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND}
+                           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND,
+                           Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS}
     assert PER_WORKER == (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET, Counter.WAL_APPENDED_OFFSET,
                           Counter.WAL_CORRUPT_OFFSET, Counter.STORE_CHECKPOINT)
 

@@ -142,7 +142,7 @@ def test_connack_v5_announces_what_the_server_supports(gw):
     pr = ack.properties
     assert pr.maximum_packet_size == 65536
     assert pr.subscription_identifier_available == 0
-    assert pr.shared_subscription_available == 0
+    assert pr.shared_subscription_available is None   # absent: available (shared subscriptions)
     assert pr.topic_alias_maximum == 64           # topic_alias_maximum
     assert pr.receive_maximum == 1000              # max_awaiting_rel
     assert pr.assigned_client_identifier is None
@@ -495,12 +495,38 @@ def test_acl_denials_in_v5_reason_codes(secured):
     c.close()
 
 
-def test_shared_subscription_not_supported_0x9e(gw):
-    c = connected(gw.ports["mqtt"], unique("share"))
-    assert subscribe(c, "$share/g/x", 1) == [0x9E]
+def test_subscription_identifier_refused_with_0xa1(gw):
+    c = connected(gw.ports["mqtt"], unique("subid"))
     c.send(p5.Subscribe(packet_id=2, topics=[("x", 0)], properties=p5.Properties(subscription_identifiers=(5,))))
     got = c.closed()
     assert [(type(p), p.reason_code) for p in got] == [(p5.Disconnect, 0xA1)]
+
+
+def test_shared_subscription_v5_members_each_message_once_with_its_properties(gw):
+    """$share/{name}/{filter} for MQTT 5.0 clients: each message to one member,
+    its properties with it (a member on the other worker gets them through
+    the shared-delivery frame)."""
+    members = [connected(gw.ports["mqtt"], unique(f"share-{i}")) for i in range(2)]
+    for m in members:
+        assert subscribe(m, "$share/g5/v5/shared", 1) == [1]
+    pub = connected(gw.ports["mqtt"], unique("share-pub"))
+    n = 20
+    for i in range(n):
+        pub.send(p5.Publish(topic="v5/shared", payload=b"%d" % i, qos=1, packet_id=i + 1,
+                            properties=p5.Properties(user_properties=(("k", str(i)),))))
+        assert pub.read_kind(p5.Puback).packet_id == i + 1
+    got = []
+    deadline = time.monotonic() + WAIT
+    while len(got) < n and time.monotonic() < deadline:
+        for m in members:
+            try:
+                pkt = m.read(0.2)
+            except (socket.timeout, TimeoutError):
+                continue
+            if isinstance(pkt, p5.Publish):
+                got.append(pkt)
+    assert sorted(int(p.payload) for p in got) == list(range(n))       # each once, none lost
+    assert all(p.properties.user_properties == (("k", p.payload.decode()),) for p in got)
 
 
 # --- the server going away -------------------------------------------------------------------

@@ -344,6 +344,23 @@ def test_subscribe_gets_0x80_for_the_denied_filter_only(acl_server, clients):
     assert counter(acl_server, "acl_subscribe_denied") >= before + 5
 
 
+def test_shared_subscription_judged_by_the_filter_after_the_share_name(acl_server, clients):
+    """$share/{name}/{filter}: the ACL reads the filter after $share/{name}/
+    (Mosquitto 2.0.11 grants every SUBSCRIBE and checks only at delivery; gw
+    refuses a filter its client may read nothing of, shared or not). Each
+    delivery to the member picked is checked against its topic."""
+    alice = clients.connect(SUB, "alice-sh", "alice")
+    assert alice.subscribe(5, [("$share/g/shared/#", 1), ("$share/g/bob/#", 1), ("$share/alice/x", 1),
+                               ("$share/h/#", 1)]) == [1, SUBACK_FAILURE, SUBACK_FAILURE, 1]
+    bob = clients.connect(PUB, "bob-sh", "bob")
+    publish(bob, "bob/private", b"no", 1, pid=1)          # '#' group: alice may not read it
+    publish(bob, "shared/x", b"yes", 1, pid=2)
+    got = next_topics(alice, "shared/x")
+    # shared/x matches both of her groups ($share/g/shared/# and $share/h/#): one copy each.
+    assert got == ["shared/x"]
+    assert next_topics(alice, "shared/x") == ["shared/x"]
+
+
 def test_wide_subscription_gets_only_what_it_may_read(acl_server, clients):
     before = counter(acl_server, "acl_delivery_denied")
     alice = clients.connect(SUB, "alice-3", "alice")

@@ -371,6 +371,10 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
                 route_publish(w, body + 8, topic_len, body + 8 + topic_len, payload_len,
                               flags & 3, (flags >> 2) & 1, False, origin_ns,
                               body + 8 + topic_len + payload_len, ext_len)
+                if p >= w.npeers and w.worker_index == 0 and w.share_index.subscriptions:
+                    # The pipeline sends its alerts to every worker: the first gives them to the groups.
+                    route_shared(w, body + 8, topic_len, body + 8 + topic_len, payload_len, flags & 3, origin_ns,
+                                 body + 8 + topic_len + payload_len, ext_len)
         elif ftype == FR_SUB_ADD:
             topics_add_peer_interest(w.index, body, body_len, <uint8_t>p)
         elif ftype == FR_SUB_DEL:
@@ -391,6 +395,8 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
             subsync_confirmed(w, p, body, body_len)
         elif ftype == FR_PAUSE or ftype == FR_RESUME:
             peer_congestion(w, p, ftype == FR_PAUSE)
+        elif ftype == FR_SHARED_COUNT or ftype == FR_SHARED_PUBLISH:
+            shared_frame(w, p, ftype, flags, body, body_len, topic_len)
         elif FR_CLAIM <= ftype <= FR_REGISTER or ftype == FR_CHECK or ftype == FR_CHECKED:
             registry_frame(w, p, ftype, body, body_len)
         else:
@@ -402,6 +408,8 @@ cdef void announce_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, ui
     """topics_filters callback: tell one peer about one of our filters."""
     cdef PeerTarget* target = <PeerTarget*>ctx
     cdef uint8_t* body
+    if is_share(topic_filter, n):
+        return          # a member's whole shared filter: its group is told by FR_SHARED_COUNT
     with gil:
         body = channel_frame(<Worker>target.worker, target.peer, FR_SUB_ADD, 0, 0, n)
         if body != NULL:
@@ -427,6 +435,7 @@ cdef void channels_hello(Worker w):
             channel_frame(w, p, FR_HELLO, 0, 0, 0)
             target.peer = p
             topics_filters(w.index, announce_filter, &target)
+            shared_hello(w, p)
 
 
 cdef void peer_restarted(Worker w, int p):
@@ -441,4 +450,5 @@ cdef void peer_restarted(Worker w, int p):
     target.peer = p
     topics_filters(w.index, announce_filter, &target)
     retain_sync_to(w, p)
+    shared_peer_restarted(w, p)
     registry_peer_restarted(w, p)

@@ -56,6 +56,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef uint8_t* codes = stack_codes
     cdef uint8_t* out
     cdef int slot = c.session
+    cdef int off
     cdef bint new_interest = False
     if subscribe_begin(body, n, &it, &reason) < 0:
         w.malformed(c, reason)
@@ -84,21 +85,39 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         codes[count] = SUBACK_FAILURE
         if c.version == 5 and is_shared_filter(filt.ptr, filt.len) and not V5_SHARED_AVAILABLE:
             codes[count] = RC_SHARED_NOT_SUPPORTED      # MQTT 5.0: 0x9E (worker/mqtt5.pyx)
-        elif not may_subscribe(w, c, &w.sessions[slot], filt.ptr, filt.len):
+            count += 1
+            continue
+        # A shared subscription $share/{name}/{filter} (shared.pyx): the ACL
+        # judges the filter after the share name (as Mosquitto does).
+        off = 0
+        if is_share(filt.ptr, filt.len):
+            off = share_split(filt.ptr, filt.len)
+            if off < 0:
+                w.counters[SHARED_REFUSED] += 1
+                count += 1
+                continue
+        if not may_subscribe(w, c, &w.sessions[slot], filt.ptr + off, filt.len - off):
             if c.version == 5:
                 codes[count] = RC_NOT_AUTHORIZED        # MQTT 5.0 can say why: 0x87
         elif filter_within_bounds(w, filt.ptr, filt.len):
-            r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
+            if off:
+                r = shared_join(w, slot, filt.ptr, filt.len, off, qos)
+            else:
+                r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
             if r >= 0 and subscriber_count(w, slot) > w.max_subscriptions:
                 # A new filter past max_subscriptions (a replaced one never is): undone.
-                topics_unsubscribe(w.index, filt.ptr, filt.len, slot)
+                if off:
+                    shared_leave(w, slot, filt.ptr, filt.len)
+                else:
+                    topics_unsubscribe(w.index, filt.ptr, filt.len, slot)
                 w.counters[LIMITS + LIM_SUBSCRIPTIONS] += 1
                 w.log_limited(CR_QUEUE, "a client holds max_subscriptions (%d): subscription refused"
                               % w.max_subscriptions)
             elif r >= 0:
                 codes[count] = qos
                 if r == 1:
-                    channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
+                    if not off:
+                        channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
                     new_interest = True
             elif r == TOPICS_ERR_NOMEM:
                 w.counters[DROPPED_NOMEM] += 1
@@ -120,12 +139,13 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             encode_suback(out, it.packet_id, codes, count)
     if out != NULL:
         w.counters[PKT_OUT + SUBACK] += 1
-        # Retained messages follow the SUBACK (MQTT-3.3.1-6).
+        # Retained messages follow the SUBACK (MQTT-3.3.1-6); none for a shared
+        # subscription (MQTT 5.0 4.8.2: "not sent ... when it is established").
         if len(w.retained):
             subscribe_begin(body, n, &it, &reason)
             i = 0
             while subscribe_next(&it, &filt, &qos, &reason) == 1:
-                if codes[i] < 0x80:
+                if codes[i] < 0x80 and not is_share(filt.ptr, filt.len):
                     retain_deliver(w, &w.sessions[slot], filt.ptr, filt.len, codes[i])
                 i += 1
     if codes != stack_codes:
@@ -172,7 +192,7 @@ cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint
     if len(w.retained):
         subscribe_begin(body, n, &it, &reason)
         while subscribe_next(&it, &filt, &qos, &reason) == 1:
-            if codes[i] < 0x80:
+            if codes[i] < 0x80 and not is_share(filt.ptr, filt.len):
                 pending.retained.append((PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len), codes[i]))
             i += 1
     w.pending_subacks[w.suback_token] = pending

@@ -22,6 +22,8 @@ cdef int handle_unsubscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     if c.version == 5:
         return unsubscribe5_answer(w, c, body, n)       # a reason code per filter (worker/mqtt5.pyx)
     while unsubscribe_next(&it, &filt, &reason) == 1:
-        if topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:
+        if is_share(filt.ptr, filt.len):
+            shared_leave(w, c.session, filt.ptr, filt.len)     # shared.pyx: the member leaves its group
+        elif topics_unsubscribe(w.index, filt.ptr, filt.len, c.session) == 1:
             channel_broadcast(w, FR_SUB_DEL, 0, filt.ptr, filt.len, NULL, 0)
     return w.send_ack(c, UNSUBACK, it.packet_id)

@@ -53,7 +53,7 @@ cdef enum:
 # (0xA1 DISCONNECT, 0x9E in the SUBACK). Set these to 1 where they become true.
 cdef enum:
     V5_SUBSCRIPTION_IDS_AVAILABLE = 0
-    V5_SHARED_AVAILABLE = 0
+    V5_SHARED_AVAILABLE = 1       # $share/{name}/{filter}: worker/shared.pyx
     V5_TOPIC_ALIAS_MAXIMUM = 0    # aliases from clients: none accepted (a Topic Alias is 0x94)
 
 

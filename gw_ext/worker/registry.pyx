@@ -361,7 +361,7 @@ cdef void registry_hand_over(Worker w, int claimant, uint32_t token, uint8_t cle
         if not clean and not w.sessions[slot].clean:
             state = session_serialize(w, slot)
             present = 1
-        session_free(w, slot, False)
+        session_free(w, slot, False, not present)
     send_session(w, claimant, token, present, state, client_id)
 
 
@@ -650,6 +650,8 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
     else:
         s.clean = pc.clean
     s.fd = c.fd
+    if s.nshared:
+        shared_session_changed(w, slot)         # its groups count one more connected member
     if session_set_username(s, pc.username) < 0:
         w.close_conn(c, CR_SERVER)
         return

@@ -195,6 +195,8 @@ cdef Msg* msg_new_ext(const uint8_t* topic, uint32_t topic_len, const uint8_t* p
     m.qos = qos
     m.retain = retain
     m.origin_ns = 0
+    m.share_slot = 0
+    m.share_gen = 0
     m.data = (<uint8_t*>m) + sizeof(Msg)
     memcpy(m.data, topic, topic_len)
     if payload_len:
@@ -239,6 +241,8 @@ cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, cons
             topics_result_free(&nested)
     if forward:
         route_forward(w, peers, topic, topic_len, payload, payload_len, qos, retain, origin_ns, ext, ext_len)
+        if w.share_index.subscriptions:
+            route_shared(w, topic, topic_len, payload, payload_len, qos, origin_ns, ext, ext_len)     # shared.pyx
 
 
 cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,
@@ -251,6 +255,8 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
     cdef MatchEntry* e
     if retain:
         retain_publish(w, topic, topic_len, payload, payload_len, qos, forward, ext, ext_len)    # retained.pyx
+    if is_share(topic, topic_len):
+        return 0        # only a shared subscription's whole filter could match it: it is not a subscriber's
     n = topics_match(w.index, topic, topic_len, match)
     if n < 0:
         w.counters[DROPPED_NOMEM] += 1

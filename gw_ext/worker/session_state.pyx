@@ -85,7 +85,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef const uint8_t* ext
     cdef uint16_t pid
     cdef uint8_t qos, st, retain
-    cdef int r
+    cdef int r, off
     cdef Msg* m
     cdef uint8_t version
     cdef uint32_t ulen
@@ -101,9 +101,14 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
         flen = rd16(p)
         qos = p[2 + flen]
         if qos <= 2 and valid_topic_filter(p + 2, flen):
-            r = topics_subscribe(w.index, p + 2, flen, slot, qos)
-            if r == 1:
-                channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
+            if is_share(p + 2, flen):
+                off = share_split(p + 2, flen)
+                if off > 0:
+                    shared_join(w, slot, p + 2, flen, <uint32_t>off, qos)     # shared.pyx
+            else:
+                r = topics_subscribe(w.index, p + 2, flen, slot, qos)
+                if r == 1:
+                    channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
         p += 3 + flen
     if end - p < 6:
         return session_restore_fault(w, "message count missing")

@@ -92,17 +92,23 @@ cdef inline void session_changed(Worker w, Session* s):
 
 cdef void forget_filter(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil:
     """topics_remove_subscriber callback: a filter lost its last local subscriber."""
+    if is_share(topic_filter, n):
+        return          # never announced (shared.pyx)
     with gil:
         channel_broadcast(<Worker>ctx, FR_SUB_DEL, 0, topic_filter, n, NULL, 0)
 
 
-cdef void session_free(Worker w, int slot, bint release_id):
+cdef void session_free(Worker w, int slot, bint release_id, bint redeliver=True):
     """Ends a session: subscriptions, messages held, will, its id (and, with
-    release_id, this worker's claim on it at the id's home)."""
+    release_id, this worker's claim on it at the id's home). With redeliver,
+    the messages of shared subscriptions it had not acknowledged go to another
+    member of their group (not when the session moves on with them)."""
     cdef Session* s = &w.sessions[slot]
     cdef uint32_t i
     if not s.in_use:
         return
+    if s.nshared:
+        shared_session_end(w, slot, redeliver)      # shared.pyx
     if s.congested:
         uncongest(w, s)
     topics_remove_subscriber(w.index, slot, forget_filter, <void*>w)
@@ -162,6 +168,8 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
         s.away_since_ms = w.now_ms
         w.counters[SESSIONS_AWAY] += 1
         session_changed(w, s)
+        if s.nshared:
+            shared_session_changed(w, slot)     # its groups count one connected member less
 
 
 cdef void will_expiry_starts(Msg* will) noexcept nogil:
