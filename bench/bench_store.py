@@ -26,15 +26,6 @@
   REV against this checkout's, alternating rounds on the same logs, each fed
   batches of its own catchup x pipeline_batch (readings/s and readings per
   CPU-second: the machine is shared, the CPU figure is the steadier).
-* ``python bench/bench_store.py --paced --compare REV``: the pipeline's runner
-  and store sink of REV against this checkout's, each fed the logs as a live
-  server makes them durable, at --rate readings/s, on a clock that advances
-  with the CPU the sink's thread uses (times 1/--share: the part of a core it
-  gets) and with the runner's waits: the batch sizes the live pipeline gets
-  while it keeps up, without the machine's load in the figures. Per run:
-  readings per CPU-second, the pipeline's share of a core at --rate (CPU
-  seconds per second of the clock), whether it kept up, the largest lag and
-  the batches.
 No gate on absolute times.
 """
 
@@ -359,8 +350,7 @@ def _sink_at(rev: str, into: Path, module: str = "store"):
     pkg = into / f"store_{rev[:12]}"
     pkg.mkdir(parents=True, exist_ok=True)
     (pkg / "__init__.py").write_text("")
-    for name in ("store", "pgstore", "store_sink", "batch", "copytext", "rollup", "anomaly", "sink", "errors",
-                 "runner", "backoff", "source"):
+    for name in ("store", "pgstore", "store_sink", "batch", "copytext", "rollup", "anomaly", "sink", "errors"):
         got = subprocess.run(["git", "show", f"{rev}:gw/pipeline/{name}.py"], capture_output=True,
                              text=True, cwd=Path(__file__).resolve().parent.parent)
         if got.returncode == 0:            # a module the revision does not have is not needed by it
@@ -403,168 +393,19 @@ def drive_sink(sink, logs, batch: int) -> tuple[float, float]:
     return out
 
 
-def paced(pkg, directory: Path, logs, devices: int, rate: float, share: float, pipeline_batch: int,
-          poll_interval: float = 0.025, warmup: float = 10.0) -> dict:
-    """The logs through `pkg`'s runner and store sink (pkg: gw.pipeline or a
-    revision's copy from _sink_at) as a server at `rate` readings/s would make
-    them durable. Record i of the fleet is durable at i / rate s of a virtual
-    clock that advances with this thread's CPU time / share and with the
-    runner's waits, so the batches are those the live pipeline would get on
-    `share` of a core, whatever else the machine runs. steady_*: from the
-    first turn that ends `warmup` s into the clock (the store's first batches
-    create every series and warm the detector) to the end."""
-    import importlib
-    import threading
-    from bisect import bisect_right
-
-    runner_mod = importlib.import_module(f"{pkg}.runner")
-    source_mod = importlib.import_module(f"{pkg}.source")
-    store_mod = importlib.import_module(f"{pkg}.store")
-    wal = wal_api()
-    ends = [write_log(directory, w, p) for w, p in enumerate(logs)]
-    # Each record's arrival (the fleet's order: make_logs deals reading i to worker
-    # (i % devices) % WORKERS) and the log offset just past it.
-    arrivals = [[] for _ in logs]
-    nexts = [[] for _ in logs]
-    n = sum(len(p) for p in logs)
-    for i in range(n):
-        arrivals[(i % devices) % WORKERS].append(i / rate)
-    for w in range(WORKERS):
-        r = wal.WalReader(str(directory / "wal" / str(w)))
-        offs = []
-        pos = 0
-        while pos < ends[w]:
-            recs, pos = r.read(pos, ends[w], max_records=100_000)
-            offs.extend(o for o, _p in recs)
-        r.close()
-        assert len(offs) == len(arrivals[w]), (len(offs), len(arrivals[w]))
-        nexts[w] = offs[1:] + [ends[w]]
-    clock = {"v": 0.0, "cpu": time.thread_time()}
-
-    def now() -> float:
-        return clock["v"] + (time.thread_time() - clock["cpu"]) / share
-
-    def sleep(seconds: float) -> None:
-        clock["v"] = now() + seconds
-        clock["cpu"] = time.thread_time()
-
-    def durable(slot: int) -> int:
-        k = bisect_right(arrivals[slot], now())
-        return nexts[slot][k - 1] if k else 0
-
-    sink = store_mod.StoreSink(store_mod.open_store(directory / store_mod.STORE_FILE), WORKERS)
-    sink.open()
-    stop = threading.Event()
-    runner = runner_mod.SinkRunner(sink, source_mod.WalSource(directory, WORKERS, durable, wal),
-                                   batch=pipeline_batch, poll_interval=poll_interval, stop=stop)
-    runner.pos = dict(sink.checkpoints)
-    real_monotonic = runner_mod.time.monotonic
-    runner_mod.time.monotonic = now          # the runner times its writes on the virtual clock
-    sizes = []
-    max_lag = 0
-    cpu0 = time.thread_time()
-    window = n / rate
-    stored_in_window = None
-    cpu_in_window = None
-    steady = None               # (written, CPU s) at the first turn past the warm-up
-    steady_lag = 0
-    steady_sizes = []
-    try:
-        while sink.written < n:
-            before = sink.written
-            again = runner.turn()
-            if sink.written > before:
-                sizes.append(sink.written - before)
-                if steady is not None:
-                    steady_sizes.append(sink.written - before)
-            v = now()
-            arrived = sum(bisect_right(a, v) for a in arrivals)
-            max_lag = max(max_lag, arrived - sink.written)
-            if steady is None and v >= warmup:
-                steady = (sink.written, time.thread_time() - cpu0)
-            elif steady is not None and v <= window:
-                steady_lag = max(steady_lag, arrived - sink.written)
-            if stored_in_window is None and v >= window:
-                stored_in_window = sink.written
-                cpu_in_window = time.thread_time() - cpu0
-            if not again:
-                idle = getattr(runner, "idle", None)
-                sleep(idle() if idle is not None else poll_interval)
-    finally:
-        runner_mod.time.monotonic = real_monotonic
-        sink.close()
-        runner.source.close()
-    cpu = time.thread_time() - cpu0
-    end = now()
-    if stored_in_window is None:
-        stored_in_window, cpu_in_window = n, cpu
-    sizes.sort()
-    steady_sizes.sort()
-    if steady is None:
-        steady = (0, 0.0)
-    return {"steady_readings_per_cpu_s": (n - steady[0]) / max(1e-9, cpu - steady[1]),
-            "steady_max_lag_readings": steady_lag,
-            "steady_batch_median": steady_sizes[len(steady_sizes) // 2] if steady_sizes else 0,
-            "steady_batches": len(steady_sizes),
-            "readings_per_cpu_s": n / cpu, "core_share_at_rate": cpu_in_window / window, "stored_in_window": stored_in_window, "readings": n,
-            "drained_after_s": max(0.0, end - window), "max_lag_readings": max_lag, "batches": len(sizes),
-            "batch_median": sizes[len(sizes) // 2] if sizes else 0, "batch_max": sizes[-1] if sizes else 0}
-
-
-def main_paced(args) -> None:
-    import tempfile
-
-    base = Path(tempfile.mkdtemp(prefix="gw-store-paced-"))
-    try:
-        pkgs = []
-        if args.compare:
-            _sink_at(args.compare, base / "pkg")
-            pkgs.append(("before", f"store_{args.compare[:12]}"))
-        pkgs.append(("after", "gw.pipeline"))
-        logs = make_logs(args.devices, args.readings, args.rate)
-        for rnd in range(args.rounds):
-            for label, pkg in pkgs:
-                d = base / f"{label}{rnd}"
-                d.mkdir()
-                f = paced(pkg, d, logs, args.devices, args.rate, args.share, args.pipeline_batch,
-                          warmup=args.warmup)
-                print(f"round {rnd + 1} {label:6s}: steady (after {args.warmup:.0f} s) "
-                      f"{f['steady_readings_per_cpu_s']:9,.0f} readings per CPU-second, lag at most "
-                      f"{f['steady_max_lag_readings']:,} readings, {f['steady_batches']} batches of median "
-                      f"{f['steady_batch_median']:,}; whole run "
-                      f"{f['readings_per_cpu_s']:9,.0f} readings per CPU-second; "
-                      f"{f['core_share_at_rate']:.2f} of a core at {args.rate:,.0f}/s; stored "
-                      f"{f['stored_in_window']:,} of {f['readings']:,} within the {args.readings / args.rate:.0f} s, "
-                      f"drained {f['drained_after_s']:.2f} s after; lag at most {f['max_lag_readings']:,} "
-                      f"readings; {f['batches']} batches, median {f['batch_median']:,}, largest "
-                      f"{f['batch_max']:,}", flush=True)
-                shutil.rmtree(d, ignore_errors=True)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
-
-
 def main() -> None:
     import argparse
     import tempfile
 
     ap = argparse.ArgumentParser(description="the store sink of a git revision against this checkout's, "
                                              "alternating, on the same logs")
-    ap.add_argument("--compare", metavar="REV", help="git revision of the 'before' store (required without --paced)")
-    ap.add_argument("--paced", action="store_true",
-                    help="the runner and sink fed at --rate on a clock of the sink thread's CPU (see above)")
-    ap.add_argument("--share", type=float, default=1.0, help="--paced: the part of a core the pipeline gets")
-    ap.add_argument("--warmup", type=float, default=10.0, help="--paced: seconds of the clock before steady_*")
+    ap.add_argument("--compare", required=True, metavar="REV", help="git revision of the 'before' store")
     ap.add_argument("--devices", type=int, default=20_000)
     ap.add_argument("--readings", type=int, default=400_000)
     ap.add_argument("--rate", type=float, default=100_000.0, help="readings/s of log time")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--pipeline-batch", type=int, default=2000)
     args = ap.parse_args()
-    if args.paced:
-        main_paced(args)
-        return
-    if not args.compare:
-        ap.error("--compare REV is required (or --paced)")
     base = Path(tempfile.mkdtemp(prefix="gw-store-compare-"))
     try:
         before = _sink_at(args.compare, base / "pkg")
