@@ -220,45 +220,6 @@ def test_reads_only_up_to_the_durable_offset(tmp_path):
     assert st["written"] == 600 and st["lag"] == 0 and st["retries"] == 0
 
 
-def test_batches_stay_large_once_caught_up_and_the_store_waits_as_long_as_it_wrote(tmp_path):
-    """The runner's batch limit doubles while batches fill and stays where it got
-    to when one does not (a busy moment after a quiet one is not cut into a ramp
-    of small batches); caught up, the store sink waits as long as its last write
-    took (between poll_interval and max_idle), the file sink poll_interval."""
-    logs = fleet(2, 400)
-    ends = [write_log(tmp_path, w, p) for w, p in enumerate(logs)]
-    durable = Durable(2)
-    pipe = Pipeline(settings(tmp_path, pipeline_batch=50, pipeline_poll_interval=0.02, pipeline_max_idle=0.5,
-                             file_sink=str(tmp_path / "files")), 2, durable, wal=wal_api())
-    store, files = pipe.runners
-    assert store.sink.amortize and not files.sink.amortize
-    # 300 of worker 0's readings durable: batches of 50, 100, then the 150 left (of 200: not full).
-    durable.set(0, sum(8 + len(p) for p in logs[0][:300]))
-    sizes = []
-    for _ in range(3):
-        before = store.sink.written
-        store.turn()
-        sizes.append(store.sink.written - before)
-    assert sizes == [50, 100, 150]
-    assert store.cur_batch == 200           # doubled twice, kept after the batch that did not fill
-    assert store.turn() is False and store.last_write == 0.0   # nothing left: poll soon
-    assert store.idle() == 0.02
-    # The other 500: 200 (full: the limit doubles), then the 300 left, and a wait as long as that took.
-    durable.set(0, ends[0])
-    durable.set(1, ends[1])
-    assert store.turn() is True and store.sink.written == 500
-    assert store.turn() is False
-    assert store.sink.written == 800 and store.cur_batch == 400
-    assert store.idle() == min(0.5, max(0.02, store.last_write)) and store.last_write > 0
-    store.last_write = 3.0
-    assert store.idle() == 0.5              # at most max_idle
-    files.turn()
-    files.last_write = 3.0
-    assert files.idle() == 0.02             # the file sink: poll_interval whatever its write took
-    pipe.shutdown()
-    check_store_consistent(tmp_path, logs, ends)
-
-
 def test_the_store_checkpoint_is_published_in_each_workers_row(tmp_path):
     """What each worker compares with its durable offset (max_sink_lag_bytes):
     the store sink's committed checkpoint in its log, plus one (0: none yet)."""

@@ -135,7 +135,7 @@ class Pipeline:
         self.runners = [SinkRunner(sink, WalSource(self.data_dir, nworkers, durable, wal, self.damage,
                                                    durable_published),
                                    batch=s.pipeline_batch, poll_interval=s.pipeline_poll_interval,
-                                   stop=self.stop_event, max_idle=s.pipeline_max_idle)
+                                   stop=self.stop_event)
                         for sink in sinks]
 
     # -- life cycle

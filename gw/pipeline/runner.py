@@ -6,17 +6,8 @@ so a busy log cannot starve the others), each read only up to the log's
 durable offset, and calls `sink.write`. When the batch was full it goes again
 at once (catching up), with a batch twice as large as the last, up to
 `sink.catchup` times `batch` (larger transactions cost the store far less per
-record: each commit writes every page it touched); the limit stays where it
-got to once caught up (a limit back at `batch` would cut the backlog of the
-next busy moment into a ramp of small batches). Otherwise it waits
-`poll_interval`, or, for a sink whose batch has a cost of its own that more
-records share (`sink.amortize`: the stores, whose every batch writes a row per
-series for rollups, sample chunks and devices), as long as its last write took,
-up to `max_idle`: while caught up such a sink then writes at most about half of
-the time, so under a heavy stream its batches grow until their cost per record
-is low, instead of settling at the small batches that just keep up on a whole
-core; under a light stream (writes of a few ms) it waits `poll_interval` as
-before. A failing sink
+record: each commit writes every page it touched), and back to `batch` once
+caught up; otherwise it waits `poll_interval`. A failing sink
 (write or poll raising) is rewound to its checkpoints and retried after an
 exponential backoff with full jitter (base 0.1 s, cap 30 s); the failure is
 logged once per streak, and its recovery once. Sinks run in their own threads,
@@ -38,15 +29,12 @@ log = logging.getLogger("gw.pipeline")
 
 class SinkRunner:
     def __init__(self, sink: Sink, source: WalSource, *, batch: int, poll_interval: float,
-                 stop: threading.Event, backoff: Backoff | None = None, max_idle: float = 1.0):
+                 stop: threading.Event, backoff: Backoff | None = None):
         self.sink = sink
         self.source = source
         self.batch = max(1, batch)
         self.cur_batch = self.batch
         self.poll_interval = poll_interval
-        self.max_idle = max(poll_interval, max_idle)
-        self.last_write = 0.0           # s the last turn's write took (0: it had nothing to write)
-        self.batches = 0
         self.stop = stop
         self.backoff = backoff or Backoff()
         self.pos: dict[int, int] = dict(sink.checkpoints)
@@ -103,6 +91,8 @@ class SinkRunner:
         self._start = (self._start + 1) % n if n else 0
         if full:
             self.cur_batch = min(self.cur_batch * 2, self.batch * max(1, sink.catchup))
+        else:
+            self.cur_batch = self.batch
         return parts, count, full
 
     def turn(self) -> bool:
@@ -110,19 +100,8 @@ class SinkRunner:
         self.sink.poll(time.monotonic())
         parts, count, full = self.gather()
         if parts:
-            t = time.monotonic()
             self.sink.write(parts)
-            self.last_write = time.monotonic() - t
-            self.batches += 1
-        else:
-            self.last_write = 0.0
         return full
-
-    def idle(self) -> float:
-        """Seconds to wait after a turn that did not fill its batch."""
-        if self.sink.amortize:
-            return min(self.max_idle, max(self.poll_interval, self.last_write))
-        return self.poll_interval
 
     def run(self) -> None:
         sink = self.sink
@@ -138,7 +117,7 @@ class SinkRunner:
                     self.failing = False
                     self.backoff.reset()
                 if not again:
-                    self.stop.wait(self.idle())
+                    self.stop.wait(self.poll_interval)
         finally:
             try:
                 sink.close()

@@ -39,7 +39,6 @@ class Settings:
     pipeline_stop_timeout: float = _CONFIG.pipeline_stop_timeout  # s the master waits for a stop; the sinks get 2 s less
     # Not in gw/config.py (internal knobs; tests shorten them).
     pipeline_poll_interval: float = 0.025       # s between polls of the logs when caught up
-    pipeline_max_idle: float = 1.0              # s a store sink may wait, caught up, for its batch to grow
     pipeline_retain_interval: float = 5.0       # s between WAL retention passes
     store_retention_interval: float = 60.0      # s between store retention passes
     bridge_window: int = 1000                   # QoS 1 messages in flight upstream

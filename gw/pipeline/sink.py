@@ -17,10 +17,6 @@ Part = tuple[int, list, int]        # (worker slot, [(offset, payload)], next of
 class Sink:
     name = "sink"
     catchup = 1        # when behind, batches grow up to catchup * pipeline_batch records
-    # True: a batch costs something of its own that its records share (a store's rows
-    # per series), so while caught up the runner waits as long as the last write took
-    # (up to pipeline_max_idle) instead of pipeline_poll_interval, letting batches grow.
-    amortize = False
 
     def __init__(self, nworkers: int):
         self.nworkers = nworkers

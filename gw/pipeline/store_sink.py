@@ -36,7 +36,6 @@ class Alert(msgspec.Struct):
 
 class StoreSinkBase(Sink):
     name = "store"
-    amortize = True         # per batch a row per series (rollups, chunks, devices): fewer, larger batches
 
     def __init__(self, nworkers: int, *, anomaly_window: int, anomaly_threshold: float, raw_retention: float,
                  rollup_retention: dict | None, retention_interval: float, clock):
