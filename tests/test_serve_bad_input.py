@@ -65,7 +65,7 @@ CASES = [
      MAL("protocol")),
     ("MQTT-3.1.2-3-reserved-connect-flag", False, packet(0x10, connect_body(flags=0x03)), b"",
      MAL("protocol")),
-    ("MQTT-3.1.2-2-level-5-connack-1", False, packet(0x10, connect_body(level=5)),
+    ("MQTT-3.1.2-2-level-6-connack-1", False, packet(0x10, connect_body(level=6)),
      b"\x20\x02\x00\x01", REFUSED()),
     ("MQTT-3.1.3-8-empty-id-clean-0-connack-2", False,
      packet(0x10, connect_body(flags=0x00, client_id=b"")), b"\x20\x02\x00\x02", REFUSED()),

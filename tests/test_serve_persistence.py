@@ -11,6 +11,7 @@ import socket
 import msgspec
 
 from conftest import HOST, get_counter, subscribe_packet, wait_for
+from gw.persistence import SESSIONS_FORMAT
 from broker_fixtures import RawClient, publish_packet_full
 
 
@@ -23,7 +24,7 @@ def saved_sessions(server) -> dict:
     if not path.exists():
         return {}
     saved = msgspec.msgpack.decode(path.read_bytes())
-    assert saved["format"] == 3
+    assert saved["format"] == SESSIONS_FORMAT
     return {bytes(cid): state for cid, state in saved["sessions"]}
 
 
