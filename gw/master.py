@@ -137,6 +137,23 @@ def open_listener(addr, port: int) -> socket.socket:
     return sock
 
 
+def check_port_unused(addr, port: int) -> None:
+    """Raises OSError (EADDRINUSE) when another process listens on addr:port.
+    The workers' sockets share the port through SO_REUSEPORT, which would as
+    well let a second gw (or anything else with SO_REUSEPORT, as the same user)
+    share it: the kernel would then split new connections between the two
+    servers without a word. A socket without SO_REUSEPORT cannot bind where one
+    listens (SO_REUSEADDR still passes connections in TIME_WAIT)."""
+    probe = socket.socket(addr.family, socket.SOCK_STREAM)
+    try:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if addr.family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        probe.bind((addr.host, port))
+    finally:
+        probe.close()
+
+
 def private_data_dir(data: Path) -> None:
     """data_dir, created mode 0700; an existing one open to others is tightened to
     0700, said once: it holds the store, the logs, sessions and the HTTP tokens'
@@ -227,6 +244,12 @@ class Master:
             if addr is None:
                 continue
             port = addr.port
+            if port:
+                try:
+                    check_port_unused(addr, port)
+                except OSError as exc:
+                    raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror} "
+                                       f"(another process listens there)") from None
             for slot in self.slots:
                 try:
                     sock = open_listener(addr, port)

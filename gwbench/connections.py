@@ -808,7 +808,13 @@ class ConnEngine:
 
     def disconnect_all(self, budget: float = 3.0) -> None:
         """Sends DISCONNECT (or the JSON Disconnect) on every live client,
-        flushes within a time budget, and closes."""
+        flushes within a time budget, and closes. QoS 1 publishes still in
+        flight (sent near the hold's end) get their PUBACKs first, within the
+        same budget: a DISCONNECT sent before them would count them unacked."""
+        deadline = time.monotonic() + budget
+        while (time.monotonic() < deadline
+               and any(c.inflight and c.state == READY for c in self.conns.values())):
+            self._poll_once(0.05)
         now = time.monotonic()
         for c in list(self.conns.values()):
             if c.state == READY:
@@ -821,7 +827,7 @@ class ConnEngine:
                 self.c["packets_out"] += 1
             elif c.state != CLOSED:
                 self._fail(c, "not_connected_at_end")
-        deadline = time.monotonic() + budget
+        deadline = max(deadline, time.monotonic() + 0.5)
         while any(c.outbuf for c in self.conns.values()) and time.monotonic() < deadline:
             self._poll_once(0.05)
         for c in list(self.conns.values()):

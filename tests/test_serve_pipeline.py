@@ -525,7 +525,7 @@ def test_a_retry_of_a_reading_lost_before_its_fsync_is_stored_exactly_once(gw_fa
         server.expect_worker_deaths(1)
         os.kill(worker, signal.SIGKILL)
         c.wait_closed()
-    wait_for(lambda: len(server.worker_pids()) == 1 and worker not in server.worker_pids(), 20,
+    wait_for(lambda: (lambda pids: len(pids) == 1 and worker not in pids)(server.worker_pids()), 20,
              what="the killed worker respawned")
 
     def retry():

@@ -277,3 +277,20 @@ def test_graceful_stop(gw_factory, sig):
     for name, port in gw.listen_ports.items():     # gw's own (behind the proxies under GW_TEST_FRAGMENT)
         with pytest.raises(ConnectionRefusedError):
             tcp_connect(port, timeout=5).close()
+
+
+def test_a_second_server_on_a_taken_port_refuses_to_start(gw_factory, tmp_path):
+    """The workers' sockets use SO_REUSEPORT, which would let a second gw on the
+    same port share it silently (the kernel splitting connections between the
+    two): it refuses to start, saying so, and the first goes on serving."""
+    from conftest import GwServer, tcp_connect, read_packet
+    first = gw_factory(workers=1, listeners=("mqtt",), fragment=False)
+    second = GwServer(tmp_path / "second", workers=1, listeners=("mqtt",), ports=dict(first.ports), fragment=False)
+    with pytest.raises(RuntimeError, match="another process listens there"):
+        second.start(timeout=30)
+    sock = tcp_connect(first.ports["mqtt"])
+    try:
+        sock.sendall(connect_packet("still-first"))
+        assert read_packet(sock) == CONNACK_OK
+    finally:
+        sock.close()

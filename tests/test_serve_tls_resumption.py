@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (CONNACK_OK, HOST, client_tls_context, connect_packet, counter_delta, ping,
+from conftest import (CONNACK_OK, DISCONNECT, HOST, client_tls_context, connect_packet, counter_delta, ping,
                       read_packet, tcp_connect)
 
 
@@ -126,16 +126,19 @@ def test_openssl_s_client_resumes(server, tmp_path, version):
     sess = tmp_path / "session.pem"
     base = ["openssl", "s_client", "-connect", f"{HOST}:{server.ports['mqtts']}", "-servername", "localhost",
             "-CAfile", str(server.ca), "-verify_return_error", version]
-    # -ign_eof and a CONNECT on stdin: s_client reads the CONNACK (and the TLS 1.3 ticket before it).
+    # -ign_eof and a CONNECT then a DISCONNECT on stdin: s_client reads until the
+    # server closes, so it has the TLS 1.3 ticket (sent after the handshake) and
+    # the CONNACK; without -ign_eof it may quit at its stdin's end before the ticket.
     # Not under the sanitizer's LD_PRELOAD: openssl is not the code under test.
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-    first = subprocess.run(base + ["-sess_out", str(sess)], input=connect_packet("s-client"),
+    base.append("-ign_eof")
+    first = subprocess.run(base + ["-sess_out", str(sess)], input=connect_packet("s-client") + DISCONNECT,
                            capture_output=True, timeout=30, env=env)
     assert b"New, TLSv1." in first.stdout, first.stdout[-2000:]
     assert sess.stat().st_size > 0
     start = server.block().rows[:, Counter.TLS_RESUMED].copy()
     for i in range(40):
-        again = subprocess.run(base + ["-sess_in", str(sess)], input=connect_packet(f"s-client-{i}"),
+        again = subprocess.run(base + ["-sess_in", str(sess)], input=connect_packet(f"s-client-{i}") + DISCONNECT,
                                capture_output=True, timeout=30, env=env)
         assert b"Reused, TLSv1." in again.stdout, again.stdout[-2000:]
         if ((server.block().rows[:, Counter.TLS_RESUMED] - start) > 0).all():
