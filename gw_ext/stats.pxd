@@ -104,7 +104,7 @@ cpdef enum:
     AUTH_REFUSED_ANONYMOUS = 177  # CONNECTs without a user name refused (CONNACK 0x05; JSON-lines Connects: Error), anonymous access off
     AUTH_REFUSED_PASSWORD = 178   # CONNECTs refused for their user name and password (CONNACK 0x04): unknown user, wrong or missing password
     AUTH_REFUSED_TAKEOVER = 179   # CONNECTs refused (CONNACK 0x05) for a client id whose session another user holds
-    AUTH_REFUSED_BUSY = 180       # CONNECTs refused (CONNACK 0x03): auth_max_pending were already waiting for their check
+    AUTH_REFUSED_BUSY = 180       # CONNECTs refused (CONNACK 0x03): auth_max_pending were already waiting for their check, or its check not done within connect_timeout
     # The ACL (acl_file; gw_ext/worker/access.pyx).
     ACL_PUBLISH_DENIED = 181  # PUBLISHes (and wills) the ACL does not let their client write: dropped (QoS 1/2 still acknowledged)
     ACL_SUBSCRIBE_DENIED = 182  # SUBSCRIBE filters the ACL lets its client read nothing of: SUBACK 0x80

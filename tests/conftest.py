@@ -157,6 +157,9 @@ class GwServer:
         self.stats_interval = stats_interval
         self.args = [str(a) for a in args]
         self.argv = argv
+        # Ports picked here are picked again when another process took one
+        # between the pick and the server's bind (start()).
+        self._ports_picked = ports is None and argv is None
         if ports is None:
             ports = dict(zip(listeners, free_ports(len(listeners))))
         self.ports: dict[str, int] = dict(ports)
@@ -211,6 +214,21 @@ class GwServer:
 
     # life cycle
     def start(self, timeout: float = 30.0) -> "GwServer":
+        for attempt in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as exc:
+                # A port free when picked, taken before the server bound it (by
+                # another test's server or a client's ephemeral port): gw refuses
+                # to share a port, so pick others.
+                if not self._ports_picked or attempt == 2 or "another process listens there" not in str(exc):
+                    raise
+                self.ports = dict(zip(self.ports, free_ports(len(self.ports))))
+                self.listen_ports = (dict(zip(self.ports, free_ports(len(self.ports))))
+                                     if self.fragment else self.ports)
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float) -> "GwServer":
         self._log_fh = open(self.log_path, "ab")
         self._out_fh = open(self.stdout_path, "ab")
         _RUNNING.append(self)

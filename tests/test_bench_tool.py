@@ -749,7 +749,13 @@ def test_server_pid_auto_finds_the_gw_master(gw_server):
     pid = resolve_server_pid("auto", "127.0.0.1", mqtt_port)
     proc = psutil.Process(pid)
     assert "serve" in proc.cmdline()
-    assert len(proc.children()) == 3          # the fixture's two workers and the pipeline process
+    # The fixture's two workers and the pipeline process. The port answers as soon
+    # as the master listens, before it forks them: a moment later they are there.
+    deadline = time.monotonic() + 30
+    while len(proc.children()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(proc.children()) == 3
+    assert resolve_server_pid("auto", "127.0.0.1", mqtt_port) == pid
     with pytest.raises(click.BadParameter):
         resolve_server_pid("auto", "127.0.0.1", free_port())
 

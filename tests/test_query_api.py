@@ -610,7 +610,8 @@ def test_missing_store_is_503_until_it_exists(tmp_path, caplog):
         store.close()
 
 
-def test_no_data_dir_configured():
+def test_no_data_dir_configured(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default data_dir is relative: "data" here, never created
     a = App(cfg())               # a config without data_dir
     assert error(a, "/v1/devices") == (503, "store_unavailable")
 

@@ -16,7 +16,8 @@
 #   gw.auth.Authenticator.verify) do it, and answer through an eventfd in the
 #   epoll set (ST_AUTH, auth_readable). The CONNECT is held meanwhile: its
 #   connection is ST_SETTLING with no claim (pending_token 0), so it reads
-#   nothing more, and its connect timeout still runs. The answer finds the
+#   nothing more, and its connect timeout still runs (then it is answered as a
+#   busy server: CONNACK 0x03). The answer finds the
 #   connection by fd and generation; one closed meanwhile is gone, and the
 #   answer is dropped. A check verified recently (Authenticator.cached: a
 #   digest and a dict look-up) is not queued at all.
@@ -126,7 +127,8 @@ cdef void auth_refuse(Worker w, Conn* c, uint8_t code, int why):
     elif why == AUTH_LOG_TAKEOVER:
         auth_log(w, why, c.fd, "refused a CONNECT: its client id is held by a session of another user")
     else:
-        auth_log(w, why, c.fd, "refused a CONNECT: auth_max_pending password checks already waiting")
+        auth_log(w, why, c.fd, "refused a CONNECT: the password checks are behind (auth_max_pending "
+                 "waiting, or its own not done within connect_timeout)")
     if c.version == 5:
         out = w.reserve(c, connack5_size(0))
         if out == NULL:

@@ -72,11 +72,12 @@ cdef int json_reading(Worker w, bytes client_id, bytes reading):
 JSON_AUTH_REPLIES = ("not authorised: anonymous access is off",
                      "not authorised: bad username or password",
                      "not authorised: the client id is held by another user",
-                     "server busy: too many password checks waiting; connect again later")
+                     "server busy: the password checks are behind; connect again later")
 JSON_AUTH_LOGS = ("refused a JSON-lines Connect: no username while anonymous access is off (allow_anonymous)",
                   "refused a JSON-lines Connect: bad user name or password",
                   "refused a JSON-lines Connect: its client id is held by another user",
-                  "refused a JSON-lines Connect: auth_max_pending password checks already waiting")
+                  "refused a JSON-lines Connect: the password checks are behind (auth_max_pending "
+                  "waiting, or its own not done within connect_timeout)")
 
 
 cdef int handle_json_line(Worker w, Conn* c, const uint8_t* line, Py_ssize_t n):

@@ -71,8 +71,10 @@ cdef void on_timer(Worker w, Conn* c):
         w.close_conn(c, c.close_reason, c.close_detail)      # could not flush in time
     elif c.state == ST_SETTLING and c.pending_token == 0:
         # Held for its password check (auth.pyx) past the connect timeout: the
-        # auth threads are that far behind. Its answer will find it gone.
-        w.close_conn(c, CR_CONNECT_TIMEOUT)
+        # auth threads are that far behind. Told so as when too many wait
+        # (CONNACK 0x03 / 0x88, the JSON busy Error), then closed; the check's
+        # answer will find it gone.
+        auth_refuse(w, c, CONNACK_UNAVAILABLE, AUTH_LOG_BUSY)
     elif c.state == ST_SETTLING:
         # The worker that held its session did not answer (it died): start afresh.
         w.log_limited(CR_CHANNEL, "a CONNECT's session could not be settled in time; new session")
