@@ -139,10 +139,12 @@ def test_store_sustained_1000_devices(benchmark, tmp_path):
     sustained(benchmark, tmp_path, 1000, 400_000)
 
 
+@pytest.mark.long
 def test_store_sustained_20000_devices(benchmark, tmp_path):
     sustained(benchmark, tmp_path, 20_000, 300_000)
 
 
+@pytest.mark.long
 def test_store_sustained_20000_devices_100k(benchmark, tmp_path):
     """20,000 devices at 100,000 readings/s of log time (5 readings/s each), 1,500,000
     readings: the rate the store is sized for, 2 metrics each. The first ~500,000 go in
@@ -285,6 +287,7 @@ def test_rollup_query_1h_over_a_day(benchmark, day_store):
     benchmark.extra_info["plan"] = plan
 
 
+@pytest.mark.long
 def test_rollup_query_from_raw_samples_for_comparison(benchmark, day_store):
     conn, day = day_store
     args = ("dev-00042", "temp_c", day, day + 86400)

@@ -85,6 +85,7 @@ def test_pg_store_sustained_1000_devices(benchmark, tmp_path, pg_bench_server):
     sustained(benchmark, tmp_path, pg_bench_server, 1000, 400_000)
 
 
+@pytest.mark.long
 def test_pg_store_sustained_20000_devices(benchmark, tmp_path, pg_bench_server):
     sustained(benchmark, tmp_path, pg_bench_server, 20_000, 1_000_000)
 
