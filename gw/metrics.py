@@ -87,6 +87,16 @@ _FAMILIES = [
      "MQTT 5.0 Topic Aliases from clients: set (or set again), and refused (0 or over topic_alias_maximum: "
      "DISCONNECT 0x94; never set: 0x82).",
      [('{result="set"}', C.MQTT5_TOPIC_ALIASES_SET), ('{result="invalid"}', C.MQTT5_TOPIC_ALIAS_INVALID)]),
+    ("gw_mqtt5_topic_aliases_out_total", "counter",
+     "MQTT 5.0 Topic Aliases toward clients (topic_alias_maximum_out): given (the topic sent with a new alias), "
+     "and used (an empty topic with the alias).",
+     [('{result="given"}', C.MQTT5_TOPIC_ALIASES_OUT), ('{result="used"}', C.MQTT5_TOPIC_ALIAS_OUT_HITS)]),
+    ("gw_mqtt5_receive_maximum_held_total", "counter",
+     "MQTT 5.0 QoS 1/2 messages queued because the client's Receive Maximum (below max_inflight) was reached.",
+     [("", C.MQTT5_RECEIVE_MAX_HELD)]),
+    ("gw_mqtt5_too_large_total", "counter",
+     "MQTT 5.0 PUBLISHes not sent to a client: larger than the Maximum Packet Size of its CONNECT.",
+     [("", C.MQTT5_TOO_LARGE_DROPPED)]),
     ("gw_ws_upgrades_total", "counter", "WebSocket upgrades accepted (ws, wss listeners).",
      [("", C.WS_UPGRADES)]),
     ("gw_ws_upgrades_refused_total", "counter", "WebSocket upgrade requests refused, by the HTTP status answered.",

@@ -114,6 +114,13 @@ cdef inline bint is_client_state(uint8_t state) noexcept nogil:
     return (state != ST_FREE and state != ST_LISTENER and state != ST_CHANNEL and state != ST_WAL
             and state != ST_QUERY and state != ST_AUTH and state != ST_CLOSED)
 
+# MQTT 5.0 Topic Aliases toward a client (worker/mqtt5.pyx, alias_out_*): one per
+# alias given on this connection, alias number = index + 1.
+cdef struct AliasOut:
+    uint64_t hash             # of the topic (alias_hash)
+    uint8_t* topic            # its copy (malloc'ed, at most ALIAS_OUT_TOPIC_MAX bytes)
+    uint32_t topic_len
+
 # One per file descriptor, in a table indexed by fd: the whole state of an
 # idle connection is this struct (about 120 bytes), plus its client id and,
 # for TLS, OpenSSL's SSL object. Buffers exist only while bytes are pending.
@@ -138,6 +145,14 @@ cdef struct Conn:
     uint8_t v5                # MQTT 5.0: V5_* flags (worker/mqtt5.pyx)
     uint32_t max_packet_out   # MQTT 5.0: the client's Maximum Packet Size (0: none given), what
                               # the server may send it (MQTT-3.1.2-24)
+    uint16_t recv_max_out     # MQTT 5.0: the client's Receive Maximum (0: none given, 65,535): its
+                              # QoS 1/2 window is min(this, max_inflight) (worker/sessions.pyx)
+    uint16_t alias_max_out    # MQTT 5.0: Topic Aliases the server may give it: min(its Topic Alias
+                              # Maximum, topic_alias_maximum_out) at CONNECT (worker/mqtt5.pyx, alias_out_*)
+    uint16_t alias_used       # ... aliases 1..alias_used given (alias_out[0..alias_used-1])
+    uint16_t alias_max_in     # MQTT 5.0: the Topic Alias Maximum its CONNACK announced (topic_alias_in)
+    uint32_t alias_pick       # ... the choice for the PUBLISH being written (ALIAS_PICK_*), 0: none
+    AliasOut* alias_out       # ... alias_max_out slots, made on the first alias, freed by release
     uint32_t json_acl_gen     # ... this ACL generation (0: not decided yet)
     int session               # MQTT session slot, -1 before CONNECT
     uint32_t gen              # which connection this is (fds are reused)
@@ -247,6 +262,8 @@ cdef struct Inflight:         # an outbound QoS 1/2 message awaiting its ack
     uint8_t qos               # the QoS it was sent with (after downgrade)
     uint8_t state             # IF_PUBLISHED, IF_RELEASED
     uint8_t retain            # sent with RETAIN=1 (for a new subscription): so it is re-sent (MQTT-3.3.1-8)
+    uint8_t held              # not sent again yet on this connection: past the client's window at
+                              # resume (Session.nheld; worker/sessions.pyx, session_resume)
 
 cdef enum:
     IF_PUBLISHED = 0          # PUBLISH sent; waiting for PUBACK (QoS 1) or PUBREC (QoS 2)
@@ -292,6 +309,7 @@ cdef struct Session:
     uint32_t expiry_s         # MQTT 5.0: Session Expiry Interval, seconds (0xFFFFFFFF: never);
                               # kept while away when not clean (worker/mqtt5.pyx)
     uint32_t nshared          # its shared subscriptions ($share/..., worker/shared.pyx)
+    uint32_t nheld            # in-flight entries held (Inflight.held): sent again as the window frees
 
 
 # --- shared subscriptions (worker/shared.pyx) ------------------------------------------
@@ -530,6 +548,7 @@ cdef class Worker:
 
     # --- retained messages (worker/retained.pyx) ----------------------------------------
     cdef public uint16_t topic_alias_maximum  # MQTT 5.0 Topic Alias Maximum announced in CONNACK (worker/mqtt5.pyx)
+    cdef public uint16_t topic_alias_maximum_out  # MQTT 5.0 aliases the server gives a client at most (alias_out_*)
     cdef dict topic_aliases          # fd -> [topic bytes or None] * (maximum + 1): a v5 client's aliases, made on its first
     cdef dict retained               # topic (bytes) -> (qos, payload bytes), or (qos, payload, extras) for MQTT 5.0
     cdef uint64_t retained_bytes     # their topics and payloads (max_retained_bytes)
@@ -728,6 +747,16 @@ cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n)
 cdef bytes suback5_bytes(uint16_t pid, const uint8_t* codes, uint32_t count)
 cdef int send_codes5(Worker w, Conn* c, uint8_t ptype, uint16_t pid, const uint8_t* codes, uint32_t count)
 cdef uint32_t encoded_publish_size(Conn* c, uint32_t topic_len, uint32_t payload_len, uint8_t qos) noexcept nogil
+cdef enum:
+    ALIAS_PICK_NEW = 0x10000  # Conn.alias_pick: the alias is given now (the topic goes with it)
+    ALIAS_OUT_TOPIC_MAX = 512 # a longer topic gets no alias (bounds a connection's table: alias_max_out x this)
+cdef uint64_t alias_hash(const uint8_t* topic, uint32_t n) noexcept nogil
+cdef void alias_out_pick(Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept nogil
+cdef uint32_t alias_topic_len(Conn* c, uint32_t topic_len) noexcept nogil
+cdef uint32_t alias_prop_len(Conn* c) noexcept nogil
+cdef uint32_t alias_prop_put(Conn* c, uint8_t* out) noexcept nogil
+cdef void alias_out_sent(Worker w, Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept
+cdef void alias_out_free(Conn* c) noexcept nogil
 cdef void encode_publish_for(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
                              const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
                              uint8_t dup, uint16_t packet_id) noexcept nogil
@@ -782,6 +811,7 @@ cdef int ext_props_size(const uint8_t* ext, uint32_t ext_len, uint64_t now_ms, u
 cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t message_expiry, bint has_expiry,
                           uint64_t now_ms)
 cdef bint conn_v5(Conn* c) noexcept nogil
+cdef void too_large_for(Worker w, Conn* c) noexcept
 cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,
                                uint32_t ext_len, uint8_t qos, uint64_t now_ms) noexcept nogil
 cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
@@ -828,6 +858,9 @@ cdef int inflight_grow(Session* s) noexcept nogil
 cdef int session_queue_grow(Session* s) noexcept nogil
 cdef bint session_online(Worker w, Session* s) noexcept
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
+cdef uint32_t session_window(Worker w, Session* s) noexcept
+cdef bint msg_too_large(Worker w, Conn* c, Msg* msg, uint8_t qos) noexcept
+cdef void session_send_held(Worker w, Session* s)
 cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id)
 cdef void session_pump(Worker w, Session* s)
 cdef void session_resume(Worker w, Session* s)

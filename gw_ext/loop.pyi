@@ -55,6 +55,8 @@ class Worker:
     settle_timeout_ms: int
     json_timeout_ms: int
     max_awaiting_rel: int
+    topic_alias_maximum: int
+    topic_alias_maximum_out: int
     max_subscriptions: int
     max_topic_levels: int
     max_topic_length: int

@@ -1406,8 +1406,10 @@ cdef class Worker:
         wheel_cancel(&self.wheel, &c.timer)
         address_release(self, c)        # worker/rate_limits.pyx
         rate_forget(self, c)
-        if c.version == 5 and self.topic_aliases:
-            self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
+        if c.version == 5:
+            if self.topic_aliases:
+                self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
+            alias_out_free(c)                           # and the server's (worker/mqtt5.pyx)
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:

@@ -144,7 +144,13 @@ cpdef enum:
     MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
     MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
     MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
-    # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
+    # 355..363 free: MQTT 5.0 messages.
+    # MQTT 5.0 server->client flow (router.pyx, sessions.pyx, mqtt5.pyx: alias_out_*): 364..375.
+    MQTT5_RECEIVE_MAX_HELD = 364    # QoS 1/2 messages held back (queued) by a client's Receive Maximum below max_inflight
+    MQTT5_TOO_LARGE_DROPPED = 365   # PUBLISHes not sent to a client: larger than its Maximum Packet Size (discarded as sent)
+    MQTT5_TOPIC_ALIASES_OUT = 366   # Topic Aliases the server gave its clients (a PUBLISH with the topic and a new alias)
+    MQTT5_TOPIC_ALIAS_OUT_HITS = 367  # PUBLISHes sent with an empty topic and an alias the client holds
+    # 368..383 free: MQTT 5.0 messages.
     # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
     SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
     SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group

@@ -38,8 +38,13 @@ cdef int session_acked(Worker w, Session* s, uint8_t ptype, uint16_t pid):
             continue
         if ptype == PUBREC and e.qos == 2:
             e.state = IF_RELEASED
+            if e.held:          # answered before it went again: the PUBREL below sends it
+                e.held = 0
+                s.nheld -= 1
             break       # PUBREL below, also for a repeated PUBREC
         if (ptype == PUBACK and e.qos == 1) or (ptype == PUBCOMP and e.qos == 2 and e.state == IF_RELEASED):
+            if e.held:
+                s.nheld -= 1
             msg_release(e.msg)
             memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
             s.ninflight -= 1

@@ -218,6 +218,13 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     if pkt.props.present & (1ULL << P_MAXIMUM_PACKET_SIZE):
         c.max_packet_out = pkt.props.maximum_packet_size
         pc.max_packet_out = pkt.props.maximum_packet_size
+    # What the server may send this connection (section 4.9, 3.3.2.3.4): its QoS
+    # 1/2 window (sessions.pyx, session_window) and the aliases it takes (alias_out_*).
+    if pkt.props.present & (1ULL << P_RECEIVE_MAXIMUM):
+        c.recv_max_out = pkt.props.receive_maximum
+    if pkt.props.present & (1ULL << P_TOPIC_ALIAS_MAXIMUM):
+        c.alias_max_out = (pkt.props.topic_alias_maximum if pkt.props.topic_alias_maximum < w.topic_alias_maximum_out
+                           else w.topic_alias_maximum_out)
     if pkt.client_id.len > 0:
         pc.client_id = PyBytes_FromStringAndSize(<char*>pkt.client_id.ptr, pkt.client_id.len)
     else:
@@ -302,6 +309,7 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     if pc.assigned_id and len(pc.client_id) <= 200:
         k += put_prop_bytes(props + k, P_ASSIGNED_CLIENT_ID, <const uint8_t*>PyBytes_AS_STRING(pc.client_id),
                             <uint32_t>len(pc.client_id))
+    c.alias_max_in = w.topic_alias_maximum      # in force for this connection, whatever a reload sets later
     if w.topic_alias_maximum:
         k += put_prop_u16(props + k, P_TOPIC_ALIAS_MAXIMUM, w.topic_alias_maximum)
     # Wildcard Subscription Available: absent is 1.
@@ -356,11 +364,13 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
     used (p5.topic then points into the connection's table, which holds it
     while the PUBLISH is handled). An alias of 0 or above the Topic Alias
     Maximum we announced is DISCONNECT 0x94 (MQTT-3.3.2-9); one never set is
-    a Protocol Error (0x82). 0, or -1 when the connection goes."""
+    a Protocol Error (0x82). The maximum is the one this connection's CONNACK
+    announced (Conn.alias_max_in), which a reload does not change; the table
+    is sized by it. 0, or -1 when the connection goes."""
     cdef uint16_t alias = p5.props.topic_alias
     cdef list table
     cdef bytes topic
-    if not (p5.props.present & (1ULL << P_TOPIC_ALIAS)) or alias == 0 or alias > w.topic_alias_maximum:
+    if not (p5.props.present & (1ULL << P_TOPIC_ALIAS)) or alias == 0 or alias > c.alias_max_in:
         w.counters[MQTT5_PROTOCOL_ERRORS] += 1
         w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
         send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
@@ -369,12 +379,12 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
     table = w.topic_aliases.get(c.fd)
     if p5.topic.len:
         if table is None:
-            table = [None] * (w.topic_alias_maximum + 1)
+            table = [None] * (c.alias_max_in + 1)
             w.topic_aliases[c.fd] = table
         table[alias] = PyBytes_FromStringAndSize(<const char*>p5.topic.ptr, p5.topic.len)
         w.counters[MQTT5_TOPIC_ALIASES_SET] += 1
         return 0
-    topic = <bytes>table[alias] if table is not None else None
+    topic = <bytes>table[alias] if table is not None and alias < len(table) else None
     if topic is None:
         w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
         v5_error(w, c, ERR_PROTOCOL, R5_TOPIC_ALIAS)
@@ -403,7 +413,7 @@ cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:
     if reason_code == RC_RECEIVE_MAXIMUM_EXCEEDED:
         return "max_awaiting_rel QoS 2 messages await PUBREL"
     if reason_code == RC_TOPIC_ALIAS_INVALID:
-        return "topic aliases are not accepted"
+        return "topic alias 0 or over the maximum announced"
     if reason_code == RC_PACKET_TOO_LARGE:
         return "packet larger than max_packet_size"
     if reason_code == RC_QUOTA_EXCEEDED:
@@ -468,6 +478,8 @@ cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint
         for i in range(s.ninflight):
             e = &s.inflight[i]
             if e.packet_id == a.packet_id and e.qos == 2 and e.state == IF_PUBLISHED:
+                if e.held:
+                    s.nheld -= 1
                 msg_release(e.msg)
                 memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
                 s.ninflight -= 1
@@ -697,3 +709,112 @@ cdef inline void encode_publish_for(Conn* c, uint8_t* out, const uint8_t* topic,
         encode_publish5(out, topic, topic_len, NULL, 0, payload, payload_len, qos, retain, dup, packet_id)
     else:
         encode_publish(out, topic, topic_len, payload, payload_len, qos, retain, dup, packet_id)
+
+
+# --- Topic Aliases toward a client (section 3.3.2.3.4) --------------------------------
+#
+# A client whose CONNECT gives a Topic Alias Maximum gets aliases for the topics
+# the server sends it, at most min(its maximum, topic_alias_maximum_out)
+# (Conn.alias_max_out). The first distinct topics sent to the connection (up to
+# ALIAS_OUT_TOPIC_MAX bytes each) get one, in order, and keep it for the
+# connection's life: its first PUBLISH carries the topic and the alias, later
+# ones an empty topic and the alias. No alias is ever given again to another
+# topic, so a full table costs nothing more and a stream of ever new topics
+# never rewrites it. Aliases belong to the network connection (MQTT-3.3.2-7):
+# the table goes with the Conn (release), a resumed session's messages sent
+# again with DUP start a new one.
+#
+# Writing a PUBLISH takes three steps around the encoder: alias_out_pick
+# chooses (Conn.alias_pick), publish_out_size and publish_out_encode read the
+# choice (alias_topic_len, alias_prop_len, alias_prop_put), and alias_out_sent,
+# once the bytes are written, records a new alias and counts. A PUBLISH not
+# written (too large for the client, no room) only clears the choice: the
+# client never learns an alias the table does not hold.
+
+cdef inline uint64_t alias_hash(const uint8_t* topic, uint32_t n) noexcept nogil:
+    """FNV-1a, 64 bits: a quick filter before the bytes are compared."""
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef uint32_t i
+    for i in range(n):
+        h = (h ^ topic[i]) * 1099511628211ULL
+    return h
+
+
+cdef void alias_out_pick(Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept nogil:
+    """The alias for a PUBLISH of `topic` to c (Conn.alias_pick): the one it
+    has, a new one with ALIAS_PICK_NEW while the table has room, else 0."""
+    cdef uint64_t h
+    cdef uint32_t i
+    cdef AliasOut* a
+    c.alias_pick = 0
+    if c.alias_max_out == 0 or topic_len == 0 or topic_len > ALIAS_OUT_TOPIC_MAX:
+        return
+    h = alias_hash(topic, topic_len)
+    for i in range(c.alias_used):
+        a = &c.alias_out[i]
+        if a.hash == h and a.topic_len == topic_len and memcmp(a.topic, topic, topic_len) == 0:
+            c.alias_pick = i + 1
+            return
+    if c.alias_used < c.alias_max_out:
+        c.alias_pick = (<uint32_t>c.alias_used + 1) | ALIAS_PICK_NEW
+
+
+cdef inline uint32_t alias_topic_len(Conn* c, uint32_t topic_len) noexcept nogil:
+    """The topic's length in the PUBLISH: 0 when the client holds the alias."""
+    if c.alias_pick and not (c.alias_pick & ALIAS_PICK_NEW):
+        return 0
+    return topic_len
+
+
+cdef inline uint32_t alias_prop_len(Conn* c) noexcept nogil:
+    """The Topic Alias property's bytes in the PUBLISH (0 or 3)."""
+    return 3 if c.alias_pick else 0
+
+
+cdef inline uint32_t alias_prop_put(Conn* c, uint8_t* out) noexcept nogil:
+    """Writes the Topic Alias property of the choice; its length."""
+    if c.alias_pick == 0:
+        return 0
+    return put_prop_u16(out, P_TOPIC_ALIAS, <uint16_t>(c.alias_pick & 0xFFFF))
+
+
+cdef void alias_out_sent(Worker w, Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept:
+    """The PUBLISH of the choice is written: a new alias joins the table (a
+    copy of its topic), counted; the choice is cleared. Out of memory the
+    alias is not recorded: the topic is sent in full again, the same alias
+    number given to the next topic (the client takes the new mapping)."""
+    cdef uint32_t pick = c.alias_pick
+    cdef AliasOut* a
+    cdef uint8_t* copy
+    c.alias_pick = 0
+    if pick == 0:
+        return
+    if not (pick & ALIAS_PICK_NEW):
+        w.counters[MQTT5_TOPIC_ALIAS_OUT_HITS] += 1
+        return
+    if c.alias_out == NULL:
+        c.alias_out = <AliasOut*>calloc(c.alias_max_out, sizeof(AliasOut))
+        if c.alias_out == NULL:
+            return
+    copy = <uint8_t*>malloc(topic_len)
+    if copy == NULL:
+        return
+    memcpy(copy, topic, topic_len)
+    a = &c.alias_out[c.alias_used]
+    a.hash = alias_hash(topic, topic_len)
+    a.topic = copy
+    a.topic_len = topic_len
+    c.alias_used += 1
+    w.counters[MQTT5_TOPIC_ALIASES_OUT] += 1
+
+
+cdef void alias_out_free(Conn* c) noexcept nogil:
+    """The connection's aliases end with it (Worker.release)."""
+    cdef uint32_t i
+    if c.alias_out != NULL:
+        for i in range(c.alias_used):
+            free(c.alias_out[i].topic)
+        free(c.alias_out)
+    c.alias_out = NULL
+    c.alias_used = 0
+    c.alias_pick = 0

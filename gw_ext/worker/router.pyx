@@ -130,6 +130,13 @@ cdef bytes ext_from_props(const uint8_t* props, uint32_t props_len, uint32_t mes
     return bytes(out[:n])
 
 
+cdef void too_large_for(Worker w, Conn* c) noexcept:
+    """A PUBLISH larger than the client's Maximum Packet Size: not sent,
+    as if it had been (MQTT-3.1.2-25), counted; its alias choice dropped."""
+    c.alias_pick = 0
+    w.counters[MQTT5_TOO_LARGE_DROPPED] += 1
+
+
 cdef inline bint conn_v5(Conn* c) noexcept nogil:
     """The connection speaks MQTT 5.0 (its CONNECT's protocol level)."""
     return c.version == 5
@@ -137,11 +144,14 @@ cdef inline bint conn_v5(Conn* c) noexcept nogil:
 
 cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,
                                uint32_t ext_len, uint8_t qos, uint64_t now_ms) noexcept nogil:
-    """The PUBLISH's size for this subscriber."""
+    """The PUBLISH's size for this subscriber (with the Topic Alias chosen by
+    alias_out_pick, worker/mqtt5.pyx)."""
     cdef uint32_t expiry
     if not conn_v5(c):
         return publish_size(topic_len, payload_len, qos)
-    return publish5_size(topic_len, <uint32_t>ext_props_size(ext, ext_len, now_ms, &expiry), payload_len, qos)
+    return publish5_size(alias_topic_len(c, topic_len),                                   # Topic Alias
+                         <uint32_t>ext_props_size(ext, ext_len, now_ms, &expiry) + alias_prop_len(c),
+                         payload_len, qos)
 
 
 cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32_t topic_len,
@@ -149,14 +159,16 @@ cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32
                              uint8_t qos, uint8_t retain, uint8_t dup, uint16_t packet_id,
                              uint64_t now_ms) noexcept nogil:
     """Writes the PUBLISH sized by publish_out_size (same now_ms): 3.1.1, or
-    5.0 with the message's properties."""
+    5.0 with the message's properties (and the Topic Alias alias_out_pick
+    chose: the topic then empty, or sent with a new alias)."""
     cdef uint32_t expiry, rem, i, np
     cdef int n
     if not conn_v5(c):
         encode_publish(out, topic, topic_len, payload, payload_len, qos, retain, dup, packet_id)
         return
     n = ext_props_size(ext, ext_len, now_ms, &expiry)
-    np = <uint32_t>n
+    np = <uint32_t>n + alias_prop_len(c)                # Topic Alias (worker/mqtt5.pyx, alias_out_*)
+    topic_len = alias_topic_len(c, topic_len)           # Topic Alias: 0 when the client holds it
     rem = 2 + topic_len + (2 if qos else 0) + varint_size(np) + np + payload_len
     out[0] = (PUBLISH << 4) | ((dup & 1) << 3) | ((qos & 3) << 1) | (retain & 1)
     i = 1 + write_varint(out + 1, rem)
@@ -169,6 +181,7 @@ cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32
         out[i + 1] = <uint8_t>(packet_id & 0xFF)
         i += 2
     i += write_varint(out + i, np)
+    i += alias_prop_put(c, out + i)                     # Topic Alias
     if ext_expire_ms(ext, ext_len):
         i += put_prop_u32(out + i, P_MESSAGE_EXPIRY, expiry)
     if ext_len > EXT_HEADER:
@@ -316,6 +329,7 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
     cdef Conn* c
     cdef uint8_t* out
     cdef uint64_t now = 0
+    cdef uint32_t size
     if s.fd < 0:
         return      # QoS 0 is not queued for an absent client (as Mosquitto's default)
     c = &w.conns[s.fd]
@@ -338,11 +352,19 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         return
     if ext_expire_ms(ext, ext_len):
         now = realtime_ms()
-    out = w.reserve(c, publish_out_size(c, topic_len, payload_len, ext, ext_len, 0, now))
+    alias_out_pick(c, topic, topic_len)                 # worker/mqtt5.pyx
+    size = publish_out_size(c, topic_len, payload_len, ext, ext_len, 0, now)
+    if c.max_packet_out and size > c.max_packet_out:
+        too_large_for(w, c)         # not sent to this client (MQTT-3.1.2-25), the others still get it
+        return
+    out = w.reserve(c, size)
     if out != NULL:
         publish_out_encode(c, out, topic, topic_len, payload, payload_len, ext, ext_len, 0, retain, 0, 0, now)
+        alias_out_sent(w, c, topic, topic_len)
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
+    else:
+        c.alias_pick = 0
 
 
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
@@ -353,8 +375,10 @@ cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retai
     if not may_deliver(w, s, msg.data, msg.topic_len):
         return      # checked again as it leaves the queue (session_pump): a reload may revoke it meanwhile
     if s.ninflight < w.max_inflight and s.qlen == 0 and session_online(w, s):
-        session_send(w, s, msg, qos, retain)
-        return
+        if w.conns[s.fd].recv_max_out == 0 or s.ninflight < w.conns[s.fd].recv_max_out:
+            session_send(w, s, msg, qos, retain)
+            return
+        w.counters[MQTT5_RECEIVE_MAX_HELD] += 1     # its Receive Maximum, below max_inflight: queued
     # An online subscriber under backpressure (congested, still acknowledging)
     # overshoots queue_high by what publishers on every worker had sent before
     # the pause reached them: a peer's channel holds megabytes in flight. Those

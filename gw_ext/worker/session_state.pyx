@@ -152,6 +152,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             e.qos = qos
             e.state = st
             e.retain = retain
+            e.held = 0
             s.ninflight += 1
         else:
             if session_enqueue(s, m, qos | (retain << 2), <uint64_t>tlen + plen + xlen) < 0:

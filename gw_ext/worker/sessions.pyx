@@ -7,6 +7,15 @@
 # (max_queued; beyond it a message is dropped, counted and logged). On the
 # reconnect of a clean_session=0 client the window is sent again with DUP=1
 # (MQTT-4.4.0-1), PUBRELs for those already PUBRECed.
+#
+# MQTT 5.0 (section 4.9): a client's Receive Maximum narrows its window to
+# min(Receive Maximum, max_inflight) (session_window); what does not fit waits
+# in the queue as for max_inflight. Entries of a resumed session past the new
+# connection's window are held (Inflight.held, Session.nheld) and sent again,
+# in order, as acknowledgements free the window, before anything queued. A
+# PUBLISH larger than the client's Maximum Packet Size is not sent and not put
+# in flight (MQTT-3.1.2-25: as if sent); one already in flight that no longer
+# fits a resumed connection leaves the window.
 
 
 cdef int session_new(Worker w, const uint8_t* client_id, uint32_t n, uint8_t clean):
@@ -264,11 +273,35 @@ cdef inline bint session_online(Worker w, Session* s) noexcept:
     return s.fd >= 0 and w.conns[s.fd].state == ST_CONNECTED
 
 
+cdef inline uint32_t session_window(Worker w, Session* s) noexcept:
+    """The in-flight window toward the session's connected client:
+    max_inflight, or its MQTT 5.0 Receive Maximum when lower."""
+    cdef uint32_t r = w.conns[s.fd].recv_max_out
+    return r if r and r < w.max_inflight else w.max_inflight
+
+
+cdef bint msg_too_large(Worker w, Conn* c, Msg* msg, uint8_t qos) noexcept:
+    """The message's PUBLISH is larger than the MQTT 5.0 client's Maximum
+    Packet Size (with the Topic Alias it would get): counted, not to be sent."""
+    cdef const uint8_t* ext
+    if c.max_packet_out == 0 or not conn_v5(c):
+        return False
+    ext = msg.data + msg.topic_len + msg.payload_len
+    alias_out_pick(c, msg.data, msg.topic_len)
+    if publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, 0) <= c.max_packet_out:
+        c.alias_pick = 0
+        return False
+    too_large_for(w, c)
+    return True
+
+
 cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):
     """Puts msg in flight (the window has room and the client is here)."""
     cdef Inflight* e
     cdef Conn* c = &w.conns[s.fd]
     cdef uint8_t* out
+    if c.max_packet_out and msg_too_large(w, c, msg, qos):
+        return
     if inflight_grow(s) < 0:
         w.counters[DROPPED_NOMEM] += 1
         return
@@ -278,6 +311,7 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     e.qos = qos
     e.state = IF_PUBLISHED
     e.retain = retain
+    e.held = 0
     msg.refs += 1
     s.ninflight += 1
     session_changed(w, s)
@@ -298,21 +332,33 @@ cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, 
     properties for MQTT 5.0); NULL when the buffer refused it."""
     cdef const uint8_t* ext = msg.data + msg.topic_len + msg.payload_len
     cdef uint64_t now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
-    cdef uint8_t* out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
+    cdef uint8_t* out
+    alias_out_pick(c, msg.data, msg.topic_len)          # worker/mqtt5.pyx (none for 3.1.1)
+    out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
     if out != NULL:
         publish_out_encode(c, out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len, ext,
                            msg.ext_len, qos, retain, dup, packet_id, now)
+        alias_out_sent(w, c, msg.data, msg.topic_len)
+    else:
+        c.alias_pick = 0
     return out
 
 
 cdef void session_pump(Worker w, Session* s):
-    """Moves queued messages into the window while it has room."""
+    """Moves queued messages into the window while it has room (held
+    in-flight entries of a resumed session first)."""
     cdef Queued q
     if s.congested and s.qlen <= w.queue_low:
         uncongest(w, s)
+    if s.nheld and session_online(w, s):
+        session_send_held(w, s)
+        if s.nheld:
+            return
     while s.qlen and s.fd >= 0 and s.ninflight < w.max_inflight:
         if w.conns[s.fd].state != ST_CONNECTED:
             return
+        if w.conns[s.fd].recv_max_out and s.ninflight >= w.conns[s.fd].recv_max_out:
+            return          # its Receive Maximum (MQTT 5.0)
         q = s.queue[s.qhead]
         s.qhead = (s.qhead + 1) % s.qcap
         s.qlen -= 1
@@ -333,22 +379,53 @@ cdef void session_pump(Worker w, Session* s):
 
 cdef void session_resume(Worker w, Session* s):
     """A persistent session's client is back: what was in flight goes again,
-    PUBLISH with DUP=1 or PUBREL (MQTT-4.4.0-1), then the queue."""
+    PUBLISH with DUP=1 or PUBREL (MQTT-4.4.0-1), then the queue. Only as many
+    as the connection's window (session_window): the rest are held, sent as
+    it frees (session_send_held)."""
     cdef uint32_t i
+    s.nheld = s.ninflight
+    for i in range(s.ninflight):
+        s.inflight[i].held = 1
+    session_pump(w, s)
+
+
+cdef void session_send_held(Worker w, Session* s):
+    """Sends held in-flight entries again, in order, while the window
+    (session_window) counts fewer sent ones than it allows. An entry whose
+    PUBLISH no longer fits the client's Maximum Packet Size leaves the window
+    (as if delivered, MQTT-3.1.2-25)."""
+    cdef uint32_t i = 0
     cdef Inflight* e
     cdef Conn* c = &w.conns[s.fd]
+    cdef uint32_t window = session_window(w, s)
     cdef uint8_t* out
-    for i in range(s.ninflight):
+    while i < s.ninflight and s.nheld and s.ninflight - s.nheld < window:
         e = &s.inflight[i]
-        if e.state == IF_RELEASED:
-            w.send_ack(c, PUBREL, e.packet_id)
+        if not e.held:
+            i += 1
             continue
+        if e.state == IF_RELEASED:
+            e.held = 0
+            s.nheld -= 1
+            if w.send_ack(c, PUBREL, e.packet_id) < 0:
+                return
+            i += 1
+            continue
+        if c.max_packet_out and msg_too_large(w, c, e.msg, e.qos):
+            s.nheld -= 1
+            msg_release(e.msg)
+            memmove(e, e + 1, (s.ninflight - i - 1) * sizeof(Inflight))
+            s.ninflight -= 1
+            session_changed(w, s)
+            continue
+        e.held = 0
+        s.nheld -= 1
         out = msg_out(w, c, e.msg, e.qos, e.retain, 1, e.packet_id)
         if out == NULL:
             return
         w.counters[PKT_OUT + PUBLISH] += 1
         w.counters[MSGS_OUT] += 1
-    session_pump(w, s)
+        i += 1
 
 
 cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil:
