@@ -144,7 +144,13 @@ cpdef enum:
     MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
     MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
     MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
-    # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
+    # MQTT 5.0 subscription options and identifiers (gw_ext/worker/subopts.pyx): 355..363.
+    MQTT5_SUBSCRIPTION_IDS = 355    # subscriptions made (or replaced) with a Subscription Identifier
+    MQTT5_SUBID_PUBLISHES = 356     # PUBLISHes written with Subscription Identifiers
+    MQTT5_SUBIDS_CUT = 357          # PUBLISHes whose subscriber had more matching identifiers than one carries (32)
+    MQTT5_NO_LOCAL_SKIPPED = 358    # deliveries left out: No Local, the publisher's own subscription
+    MQTT5_RETAIN_HANDLING_SKIPPED = 359   # subscriptions sent no retained messages (Retain Handling 2, or 1 and existing)
+    # 360..383 free: MQTT 5.0 messages (flow control, packet sizes).
     # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
     SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
     SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group

@@ -298,7 +298,9 @@ cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, 
     properties for MQTT 5.0); NULL when the buffer refused it."""
     cdef const uint8_t* ext = msg.data + msg.topic_len + msg.payload_len
     cdef uint64_t now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
-    cdef uint8_t* out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
+    cdef uint8_t* out
+    subids_prepare(w, c, msg.data, msg.topic_len)
+    out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
     if out != NULL:
         publish_out_encode(c, out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len, ext,
                            msg.ext_len, qos, retain, dup, packet_id, now)
