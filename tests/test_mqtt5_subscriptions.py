@@ -278,6 +278,18 @@ def test_subscription_identifier_on_retained_messages(broker):
     pub.publish(t, b"", 1, retain=True)
 
 
+@brokers("routing")
+def test_subscription_identifier_of_a_shared_subscription(broker):
+    """A member of a shared group gets the group's messages with its
+    subscription's identifier, the publisher on the other worker."""
+    t = broker.topic("sids")
+    m = PahoV5(broker, W0)
+    assert m.subscribe(f"$share/g{uuid.uuid4().hex[:6]}/{t}", 1, subid=5) == [1]
+    pub = PahoV5(broker, W1)
+    pub.publish(t, b"shared", 1)
+    assert m.wait_for(b"shared").ids == [5]
+
+
 @brokers("sessions", gw_only="a session resumed on the other worker moves there (FR_SESSION)")
 def test_options_and_identifiers_survive_a_session_moving_to_the_other_worker(broker):
     """A session with Session Expiry resumed on the other worker keeps its
