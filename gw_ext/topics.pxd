@@ -17,7 +17,7 @@
 # power-of-two size, grows at 3/4 load and shrinks below 1/8), keyed by the
 # first level of their label, and its '+' and '#' children apart, so a match
 # never scans. A node's local subscriptions are a packed array of
-# (subscriber, qos); each subscriber keeps the list of its (node, position)
+# (subscriber, qos, MQTT 5.0 options, Subscription Identifier); each subscriber keeps the list of its (node, position)
 # pairs, so removing a session is O(its subscriptions). Both sides remove by
 # swap-with-last and fix the moved element's back-reference. Nodes left with
 # no subscriber, no peer interest and no child are freed on the spot (memory
