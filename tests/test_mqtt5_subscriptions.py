@@ -402,3 +402,57 @@ def sorted_subs(state: bytes) -> list[tuple]:
         out.append((f, qos, opts, subid))
         pos += 2 + flen + 6
     return sorted(out)
+
+
+class _Server:
+    """What PahoV5 needs of a broker, for a GwServer of a test's own."""
+
+    def __init__(self, server):
+        self.port = server.ports["mqtt"]
+        self.clients: list = []
+
+    def socket_on(self, worker=None):
+        from conftest import tcp_connect
+        return tcp_connect(self.port), None
+
+    def close_all(self):
+        for c in self.clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+
+def test_options_and_identifiers_survive_a_restart(tmp_path):
+    """A persistent session's subscription options and identifier are saved in
+    the data dir (layout 5) and in force after a restart."""
+    from conftest import GwServer, stop_and_check
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    cid = f"keep-{uuid.uuid4().hex[:6]}"
+    server = GwServer(tmp_path / "gw", workers=2, listeners=("mqtt",), data_dir=data_dir).start()
+    b = _Server(server)
+    try:
+        s = PahoV5(b, None, client_id=cid, session_expiry=3600)
+        assert s.subscribe("keep/t", 1, no_local=True, rap=True, subid=11) == [1]
+        assert s.subscribe("keep/sentinel", 1) == [1]
+        s.close()
+    finally:
+        b.close_all()
+        stop_and_check([server])
+    server = GwServer(tmp_path / "gw2", workers=2, listeners=("mqtt",), data_dir=data_dir).start()
+    b = _Server(server)
+    try:
+        s = PahoV5(b, None, client_id=cid, clean_start=False, session_expiry=3600)
+        assert s.session_present
+        pub = PahoV5(b, None)
+        pub.publish("keep/t", b"after", 1, retain=True)
+        m = s.wait_for(b"after")
+        assert (m.ids, m.retain) == ([11], True)
+        s.publish("keep/t", b"own", 1)
+        settle(pub, [s], "keep/sentinel")
+        assert [m.payload for m in s.received("keep/t") if m.payload == b"own"] == []
+        pub.publish("keep/t", b"", 1, retain=True)
+    finally:
+        b.close_all()
+        stop_and_check([server])
