@@ -45,13 +45,12 @@ cdef enum:
     RC_TOPIC_ALIAS_INVALID = 0x94
     RC_ADMINISTRATIVE_ACTION = 0x98
     RC_SHARED_NOT_SUPPORTED = 0x9E
-    RC_SUBSCRIPTION_IDS_NOT_SUPPORTED = 0xA1
 
 # What this server supports of MQTT 5.0, as announced in every CONNACK (section
-# 3.2.2.3); what is not would be refused with the reason codes the standard
-# gives (0xA1 DISCONNECT, 0x9E in the SUBACK).
+# 3.2.2.3): Subscription Identifiers are (worker/subopts.pyx), so their
+# property is left out; shared subscriptions would otherwise be refused with
+# 0x9E in the SUBACK.
 cdef enum:
-    V5_SUBSCRIPTION_IDS_AVAILABLE = 1     # stored with each subscription (worker/subopts.pyx)
     V5_SHARED_AVAILABLE = 1       # $share/{name}/{filter}: worker/shared.pyx
     V5_TOPIC_ALIAS_MAXIMUM = 0    # aliases from clients: none accepted (a Topic Alias is 0x94)
 
@@ -303,9 +302,7 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
                             <uint32_t>len(pc.client_id))
     if w.topic_alias_maximum:
         k += put_prop_u16(props + k, P_TOPIC_ALIAS_MAXIMUM, w.topic_alias_maximum)
-    # Wildcard Subscription Available: absent is 1.
-    if not V5_SUBSCRIPTION_IDS_AVAILABLE:
-        k += put_prop_u8(props + k, P_SUBSCRIPTION_ID_AVAILABLE, 0)
+    # Wildcard Subscription Available and Subscription Identifiers Available: absent is 1.
     if not V5_SHARED_AVAILABLE:
         k += put_prop_u8(props + k, P_SHARED_AVAILABLE, 0)
     out = w.reserve(c, connack5_size(k))
@@ -409,8 +406,6 @@ cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:
         return "quota exceeded"
     if reason_code == RC_ADMINISTRATIVE_ACTION:
         return "administrative action"
-    if reason_code == RC_SUBSCRIPTION_IDS_NOT_SUPPORTED:
-        return "subscription identifiers are not supported"
     return NULL
 
 
@@ -494,9 +489,6 @@ cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* 
     if rc[0] < 0:
         return None
     if subscribe and props.present & (1ULL << P_SUBSCRIPTION_ID):
-        if not V5_SUBSCRIPTION_IDS_AVAILABLE:
-            rc[0] = 1       # Subscription Identifiers not supported: DISCONNECT 0xA1
-            return None
         # 1..268,435,455 (0 is the codec's Protocol Error): kept with each of
         # the packet's subscriptions (handle_subscribe, subopts.pyx).
         if subid != NULL:
@@ -531,12 +523,7 @@ cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef uint32_t subid = 0
     cdef bytes b = body311(body, n, True, &it, &rc, &reason, options, &subid)
     if b is None:
-        if rc == 1:
-            w.counters[MQTT5_PROTOCOL_ERRORS] += 1
-            send_disconnect5(w, c, RC_SUBSCRIPTION_IDS_NOT_SUPPORTED)
-            w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL)
-        else:
-            v5_error(w, c, rc, reason)
+        v5_error(w, c, rc, reason)
         return -1
     # handle_subscribe reads each entry's options and the identifier here (subopts.pyx).
     w.sub5_options = bytes(options)
