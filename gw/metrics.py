@@ -97,6 +97,16 @@ _FAMILIES = [
     ("gw_mqtt5_too_large_total", "counter",
      "MQTT 5.0 PUBLISHes not sent to a client: larger than the Maximum Packet Size of its CONNECT.",
      [("", C.MQTT5_TOO_LARGE_DROPPED)]),
+    ("gw_mqtt5_subscription_ids_total", "counter",
+     "MQTT 5.0 Subscription Identifiers: subscriptions made with one, PUBLISHes written with them, "
+     "PUBLISHes that carried only the first 32 of a subscriber's matching ones.",
+     [('{event="subscribed"}', C.MQTT5_SUBSCRIPTION_IDS), ('{event="published"}', C.MQTT5_SUBID_PUBLISHES),
+      ('{event="cut"}', C.MQTT5_SUBIDS_CUT)]),
+    ("gw_mqtt5_subscription_options_total", "counter",
+     "MQTT 5.0 subscription options at work: deliveries No Local left out, subscriptions Retain Handling "
+     "sent no retained messages.",
+     [('{option="no_local"}', C.MQTT5_NO_LOCAL_SKIPPED),
+      ('{option="retain_handling"}', C.MQTT5_RETAIN_HANDLING_SKIPPED)]),
     ("gw_ws_upgrades_total", "counter", "WebSocket upgrades accepted (ws, wss listeners).",
      [("", C.WS_UPGRADES)]),
     ("gw_ws_upgrades_refused_total", "counter", "WebSocket upgrade requests refused, by the HTTP status answered.",

@@ -310,6 +310,7 @@ cdef struct Session:
                               # kept while away when not clean (worker/mqtt5.pyx)
     uint32_t nshared          # its shared subscriptions ($share/..., worker/shared.pyx)
     uint32_t nheld            # in-flight entries held (Inflight.held): sent again as the window frees
+    uint8_t subids            # one of its subscriptions has had a Subscription Identifier (worker/subopts.pyx)
 
 
 # --- shared subscriptions (worker/shared.pyx) ------------------------------------------
@@ -534,6 +535,9 @@ cdef class Worker:
     cdef TopicTrie* index            # the subscription index, a subscriber id per session slot
     cdef MatchResult match
     cdef int route_depth             # route_publish nesting
+    cdef uint32_t route_nolocal      # the publishing session's slot + 1 for the next route_local (No Local), 0: none
+    cdef bytes sub5_options          # an MQTT 5.0 SUBSCRIBE's options byte per entry, while handle_subscribe runs
+    cdef uint32_t sub5_subid         # ... and its Subscription Identifier (0: none) (worker/subopts.pyx)
 
     # --- shared subscriptions (worker/shared.pyx) ---------------------------------------
     cdef TopicTrie* share_index      # every group's filter known here; subscriber id: its group slot
@@ -774,7 +778,7 @@ cdef uint32_t subscriber_count(Worker w, int slot) noexcept
 cdef bint filter_within_bounds(Worker w, const uint8_t* f, uint32_t n)
 cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n)
 cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint8_t* codes, uint32_t count,
-                        uint16_t packet_id, bint new_interest)
+                        uint16_t packet_id, bint new_interest, const uint8_t* noret)
 cdef void subsync_answer(Worker w, int p, const uint8_t* body, uint32_t n)          # FR_SUB_SYNC
 cdef void subsync_confirmed(Worker w, int p, const uint8_t* body, uint32_t n)       # FR_SUB_SYNCED
 cdef void subsync_peer_restarted(Worker w, int p)
@@ -830,6 +834,14 @@ cdef void route_forward(Worker w, uint64_t peers, const uint8_t* topic, uint32_t
 cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
                        uint32_t payload_len, uint8_t retain, const uint8_t* ext, uint32_t ext_len)
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain)
+
+# --- worker/subopts.pyx: MQTT 5.0 subscription options, Subscription Identifiers -------
+cdef void subids_prepare(Worker w, Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept
+cdef int subids_compute(Worker w, Conn* c, const uint8_t* topic, uint32_t topic_len) noexcept
+cdef void subids_clear() noexcept nogil
+cdef uint32_t subid_props_size() noexcept nogil
+cdef uint32_t subid_props_put(uint8_t* out) noexcept nogil
+cdef uint8_t subopts_of(uint8_t options) noexcept nogil
 
 # --- worker/retained.pyx: keep, clear, bounds, deliver on subscribe, sync to a peer ----
 cdef void retain_publish(Worker w, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,

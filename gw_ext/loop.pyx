@@ -1471,6 +1471,7 @@ include "worker/handle_disconnect.pyx"
 include "worker/access.pyx"
 # The broker across workers.
 include "worker/router.pyx"
+include "worker/subopts.pyx"
 include "worker/shared.pyx"
 include "worker/retained.pyx"
 include "worker/sessions.pyx"

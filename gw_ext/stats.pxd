@@ -144,7 +144,13 @@ cpdef enum:
     MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
     MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
     MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
-    # 355..363 free: MQTT 5.0 messages.
+    # MQTT 5.0 subscription options and identifiers (gw_ext/worker/subopts.pyx): 355..363.
+    MQTT5_SUBSCRIPTION_IDS = 355    # subscriptions made (or replaced) with a Subscription Identifier
+    MQTT5_SUBID_PUBLISHES = 356     # PUBLISHes written with Subscription Identifiers
+    MQTT5_SUBIDS_CUT = 357          # PUBLISHes whose subscriber had more matching identifiers than one carries (32)
+    MQTT5_NO_LOCAL_SKIPPED = 358    # deliveries left out: No Local, the publisher's own subscription
+    MQTT5_RETAIN_HANDLING_SKIPPED = 359   # subscriptions sent no retained messages (Retain Handling 2, or 1 and existing)
+    # 360..363 free: MQTT 5.0 subscriptions.
     # MQTT 5.0 server->client flow (router.pyx, sessions.pyx, mqtt5.pyx: alias_out_*): 364..375.
     MQTT5_RECEIVE_MAX_HELD = 364    # QoS 1/2 messages held back (queued) by a client's Receive Maximum below max_inflight
     MQTT5_TOO_LARGE_DROPPED = 365   # PUBLISHes not sent to a client: larger than its Maximum Packet Size (discarded as sent)

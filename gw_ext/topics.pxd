@@ -17,7 +17,7 @@
 # power-of-two size, grows at 3/4 load and shrinks below 1/8), keyed by the
 # first level of their label, and its '+' and '#' children apart, so a match
 # never scans. A node's local subscriptions are a packed array of
-# (subscriber, qos); each subscriber keeps the list of its (node, position)
+# (subscriber, qos, MQTT 5.0 options, Subscription Identifier); each subscriber keeps the list of its (node, position)
 # pairs, so removing a session is O(its subscriptions). Both sides remove by
 # swap-with-last and fix the moved element's back-reference. Nodes left with
 # no subscriber, no peer interest and no child are freed on the spot (memory
@@ -46,10 +46,17 @@ cdef enum:
     TOPICS_MAX_SUBSCRIBER = 0x7FFFFFFE
     TOPICS_MAX_LEN = 65535      # longest filter or topic name (MQTT's 16-bit string length)
 
-cdef struct SubEntry:           # one local subscription, in its node
+cdef enum:
+    # A subscription's MQTT 5.0 options (SubEntry.opts; 0 for 3.1.1's).
+    SUBOPT_NO_LOCAL = 1         # not delivered to its own subscriber's PUBLISHes (MatchResult.nolocal)
+    SUBOPT_RAP = 2              # Retain As Published: live deliveries keep the RETAIN flag
+
+cdef struct SubEntry:           # one local subscription, in its node (16 bytes)
     uint32_t subscriber
     uint32_t back               # its index in the subscriber's refs
     uint8_t qos
+    uint8_t opts                # SUBOPT_*
+    uint32_t subid              # MQTT 5.0 Subscription Identifier (0: none)
 
 cdef struct TopicNode:
     # 80 bytes, the label's bytes right after them. The fields a match reads
@@ -96,6 +103,7 @@ cdef struct TopicTrie:
 cdef struct MatchEntry:
     uint32_t subscriber
     uint8_t qos                 # the highest QoS among its matching subscriptions
+    uint8_t opts                # SUBOPT_RAP when one of them has it
 
 cdef struct TopicLevel:         # match scratch: one level of the topic name
     uint32_t off
@@ -113,6 +121,9 @@ cdef struct MatchResult:
     uint32_t count
     uint32_t cap
     uint64_t peers              # bit w: worker w has at least one matching filter
+    uint32_t nolocal            # set by the caller: subscriber + 1 whose No Local subscriptions
+                                # do not match (the publisher's own session; 0: none)
+    uint32_t nolocal_skipped    # counted by topics_match: subscriptions No Local left out
     TopicLevel* levels          # scratch, grown to the topic's level count
     MatchFrame* stack
     uint32_t scratch_cap
@@ -133,6 +144,19 @@ cdef void topics_free(TopicTrie* t) noexcept nogil
 # TOPICS_ERR_NOMEM, TOPICS_ERR_INVALID.
 cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
                           uint32_t subscriber, uint8_t qos) noexcept nogil
+# The same with MQTT 5.0's subscription options (SUBOPT_*) and Subscription
+# Identifier (0: none), which a replacing subscription replaces too.
+cdef int topics_subscribe_ext(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                              uint32_t subscriber, uint8_t qos, uint8_t opts, uint32_t subid) noexcept nogil
+# A subscriber's subscription on exactly this filter: 1 with *qos, *opts,
+# *subid set, 0 when it has none.
+cdef int topics_subscription_info(TopicTrie* t, const uint8_t* topic_filter, uint32_t len, uint32_t subscriber,
+                                  uint8_t* qos, uint8_t* opts, uint32_t* subid) noexcept nogil
+# The Subscription Identifiers of a subscriber's subscriptions matching a
+# topic name (a shared one's filter after its $share/{name}/), at most max
+# into ids; how many there are (may be more than max). O(its subscriptions).
+cdef uint32_t topics_subscriber_ids(TopicTrie* t, uint32_t subscriber, const uint8_t* topic, uint32_t len,
+                                    uint32_t* ids, uint32_t max) noexcept nogil
 # Returns 1 when this removed the filter's last local subscriber (announce the
 # loss of interest), 0 otherwise (also when not subscribed, or invalid filter).
 cdef int topics_unsubscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,

@@ -614,6 +614,11 @@ cdef void topics_free(TopicTrie* t) noexcept nogil:
 
 cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
                           uint32_t subscriber, uint8_t qos) noexcept nogil:
+    return topics_subscribe_ext(t, topic_filter, len, subscriber, qos, 0, 0)
+
+
+cdef int topics_subscribe_ext(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
+                              uint32_t subscriber, uint8_t qos, uint8_t opts, uint32_t subid) noexcept nogil:
     cdef TopicNode* n
     cdef SubSlot* s
     cdef int pos
@@ -627,6 +632,8 @@ cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t le
     pos = _find_sub(t, n, subscriber)
     if pos >= 0:
         n.subs[pos].qos = qos          # MQTT-3.8.4-3: replaces the existing subscription
+        n.subs[pos].opts = opts
+        n.subs[pos].subid = subid
         return 0
     s = &t.slots[subscriber]
     if (n.nsubs == n.subs_cap
@@ -639,12 +646,89 @@ cdef int topics_subscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t le
     n.subs[n.nsubs].subscriber = subscriber
     n.subs[n.nsubs].back = s.n
     n.subs[n.nsubs].qos = qos
+    n.subs[n.nsubs].opts = opts
+    n.subs[n.nsubs].subid = subid
     s.refs[s.n].node = n
     s.refs[s.n].pos = n.nsubs
     n.nsubs += 1
     s.n += 1
     t.subscriptions += 1
     return 1 if n.nsubs == 1 else 0
+
+
+cdef int topics_subscription_info(TopicTrie* t, const uint8_t* topic_filter, uint32_t len, uint32_t subscriber,
+                                  uint8_t* qos, uint8_t* opts, uint32_t* subid) noexcept nogil:
+    cdef TopicNode* n
+    cdef int pos
+    if subscriber >= t.nslots or not _valid_filter(topic_filter, len):
+        return 0
+    n = _walk(t, topic_filter, len, False)
+    if n == NULL:
+        return 0
+    pos = _find_sub(t, n, subscriber)
+    if pos < 0:
+        return 0
+    qos[0] = n.subs[pos].qos
+    opts[0] = n.subs[pos].opts
+    subid[0] = n.subs[pos].subid
+    return 1
+
+
+cdef bint _filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
+    """A valid filter against a topic name (MQTT 4.7, the rules topics_match
+    follows: a filter starting with a wildcard matches no name starting with '$')."""
+    cdef uint32_t i = 0, j = 0
+    if tlen and t[0] == 36 and flen and (f[0] == 43 or f[0] == 35):
+        return False
+    while i < flen:
+        if f[i] == 35:                  # '#': the rest (and the parent level: sport/# matches sport)
+            return True
+        if f[i] == 43:                  # '+': one level
+            i += 1
+            while j < tlen and t[j] != 47:
+                j += 1
+        else:
+            while i < flen and f[i] != 47:
+                if j >= tlen or t[j] != f[i]:
+                    return False
+                i += 1
+                j += 1
+            if j < tlen and t[j] != 47:
+                return False
+        if i == flen:
+            return j == tlen
+        i += 1                          # past the filter's '/'
+        if j == tlen:
+            return i + 1 == flen and f[i] == 35
+        j += 1                          # past the topic's '/'
+    return j == tlen
+
+
+cdef uint32_t topics_subscriber_ids(TopicTrie* t, uint32_t subscriber, const uint8_t* topic, uint32_t len,
+                                    uint32_t* ids, uint32_t max) noexcept nogil:
+    cdef SubSlot* s
+    cdef SubEntry* e
+    cdef uint32_t j, flen, k, off, found = 0
+    if subscriber >= t.nslots:
+        return 0
+    s = &t.slots[subscriber]
+    for j in range(s.n):
+        e = &s.refs[j].node.subs[s.refs[j].pos]
+        if e.subid == 0:
+            continue
+        flen = _filter_of(t, s.refs[j].node)
+        off = 0
+        if flen > 7 and memcmp(t.namebuf, b"$share/", 7) == 0:
+            # A shared subscription's filter is what follows its share name.
+            k = 7
+            while k < flen and t.namebuf[k] != 47:
+                k += 1
+            off = k + 1 if k < flen else flen
+        if off < flen and _filter_matches(t.namebuf + off, flen - off, topic, len):
+            if found < max:
+                ids[found] = e.subid
+            found += 1
+    return found
 
 
 cdef int topics_unsubscribe(TopicTrie* t, const uint8_t* topic_filter, uint32_t len,
@@ -844,10 +928,15 @@ cdef inline int _collect(TopicTrie* t, const TopicNode* n, MatchResult* out, uin
     for k in range(n.nsubs):
         e = &n.subs[k]
         s = &t.slots[e.subscriber]
+        if e.opts:                         # MQTT 5.0 options: 3.1.1's pay this test only
+            if e.opts & SUBOPT_NO_LOCAL and e.subscriber + 1 == out.nolocal:
+                out.nolocal_skipped += 1   # No Local: not its own publisher's (MQTT-3.8.3-3)
+                continue
         if s.stamp == gen:                 # already reported by an overlapping filter
             m = &out.entries[s.outpos]
             if e.qos > m.qos:
                 m.qos = e.qos
+            m.opts |= e.opts
             continue
         if out.count == out.cap:
             if out.cap >= 0x80000000U:
@@ -861,6 +950,7 @@ cdef inline int _collect(TopicTrie* t, const TopicNode* n, MatchResult* out, uin
         s.outpos = out.count
         out.entries[out.count].subscriber = e.subscriber
         out.entries[out.count].qos = e.qos
+        out.entries[out.count].opts = e.opts
         out.count += 1
     return 0
 

@@ -223,7 +223,7 @@ def test_a_frame_larger_than_a_datagram_is_sent_in_pieces(link):
     assert int(link.rows[0, Counter.CHANNEL_FRAGMENTED]) == 1
 
 
-def _session_state(messages: list[tuple], nsubs: int = 0, version: int = 4) -> bytes:
+def _session_state(messages: list[tuple], nsubs: int = 0, version: int = 5) -> bytes:
     """session_serialize's layout: version, subscriptions, next packet id, messages (each with its
     MQTT 5.0 extras from version 4 on: (pid, qos, topic, payload[, extras])), QoS 2 ids, user name
     (none: anonymous)."""
@@ -297,21 +297,24 @@ def test_mqtt5_retained_message_cleared_and_bounded_with_its_properties(link):
 
 
 def test_a_session_state_keeps_its_messages_properties_and_reads_the_previous_layout():
-    """Layout 4 carries each message's MQTT 5.0 extras (restored, saved again
-    byte for byte); layout 3 (none) is still read; extras that run past the
+    """Layout 4 on carries each message's MQTT 5.0 extras (restored, saved again
+    byte for byte); layouts 4 and 3 (none) are still read; extras that run past the
     end or are shorter than their expiry are malformed: what came before is kept."""
     linked = Linked()
     try:
         ext = ext_of(PROPS, expire_ms=1 << 60)
-        v4 = _session_state([(7, 2, b"t/b", b"three"), (0, 1, b"t/a", b"five", ext)])     # in flight, queued
+        v5 = _session_state([(7, 2, b"t/b", b"three"), (0, 1, b"t/a", b"five", ext)])     # in flight, queued
+        v4 = _session_state([(7, 2, b"t/b", b"three"), (0, 1, b"t/a", b"five", ext)], version=4)
         v3 = _session_state([(0, 1, b"t/c", b"old")], version=3)
         good = _session_state([(0, 1, b"t/a", b"ok"), (0, 1, b"t/d", b"x", ext)])
         at = good.index(b"t/dx") + 4                          # the second message's extras length
         bad_len = good[:at] + struct.pack("<I", 1000) + good[at + 4:]
         short = _session_state([(0, 1, b"t/a", b"ok"), (0, 1, b"t/e", b"x", b"1234")])
-        linked.worker.restore_sessions([(b"v4", v4), (b"v3", v3), (b"bad-len", bad_len), (b"short", short)])
+        linked.worker.restore_sessions([(b"v5", v5), (b"v4", v4), (b"v3", v3), (b"bad-len", bad_len),
+                                        (b"short", short)])
         saved = {cid: state for _slot, cid, state in linked.worker.snapshot_sessions()}
-        assert saved[b"v4"] == v4
+        assert saved[b"v5"] == v5
+        assert saved[b"v4"] == v5
         assert saved[b"v3"] == _session_state([(0, 1, b"t/c", b"old")])
         assert saved[b"bad-len"] == _session_state([(0, 1, b"t/a", b"ok")])
         assert saved[b"short"] == _session_state([(0, 1, b"t/a", b"ok")])

@@ -87,7 +87,8 @@ def test_new_counters():
         "STORE_CHECKPOINT": 293, "WS_UPGRADES": 294, "WS_REFUSED": 295, "WS_CLOSES": 300,
         "MQTT5_CONNECTED": 320, "MQTT5_MALFORMED": 321, "MQTT5_PROTOCOL_ERRORS": 322, "MQTT5_DISCONNECTS": 323,
         "MQTT5_BAD_PACKETS": 333, "MQTT5_EXPIRED": 352, "MQTT5_TOPIC_ALIASES_SET": 353,
-        "MQTT5_TOPIC_ALIAS_INVALID": 354,
+        "MQTT5_TOPIC_ALIAS_INVALID": 354, "MQTT5_SUBSCRIPTION_IDS": 355, "MQTT5_SUBID_PUBLISHES": 356,
+        "MQTT5_SUBIDS_CUT": 357, "MQTT5_NO_LOCAL_SKIPPED": 358, "MQTT5_RETAIN_HANDLING_SKIPPED": 359,
         "MQTT5_RECEIVE_MAX_HELD": 364, "MQTT5_TOO_LARGE_DROPPED": 365, "MQTT5_TOPIC_ALIASES_OUT": 366,
         "MQTT5_TOPIC_ALIAS_OUT_HITS": 367,
         "CONNECTS_AT_ONCE": 408, "EVICTS_STALE": 409, "TLS_RESUMED": 416,
@@ -197,7 +198,7 @@ def test_counter_dict(make_block):
     assert d["deliver_latency"]["count"] == 0 and d["deliver_latency"]["p50_seconds"] is None
     # Every value is a figure or a dict of figures: no histogram word as a counter.
     assert all(isinstance(v, (int, dict)) for v in d.values())
-    assert len(d) < 116     # a range or histogram leaking its words as counters would add 5 or more
+    assert len(d) < 121     # a range or histogram leaking its words as counters would add 5 or more
     assert "msg_rate_pauses" not in d
     assert d["rate_limits"] == {"pauses": {"max_conn_rate": 0, "max_messages_rate": 0, "max_bytes_rate": 0},
                                 "per_ip_refused": 0, "clients_paused": 0}

@@ -52,12 +52,16 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef uint8_t qos
     cdef int r, reason = 0
     cdef uint32_t count = 0, i
-    cdef uint8_t[64] stack_codes
+    cdef uint8_t[128] stack_codes
     cdef uint8_t* codes = stack_codes
+    cdef uint8_t* noret             # per entry: no retained messages (Retain Handling, subopts.pyx)
     cdef uint8_t* out
     cdef int slot = c.session
     cdef int off
     cdef bint new_interest = False
+    cdef const uint8_t* options5 = NULL     # MQTT 5.0: each entry's options byte (handle_subscribe5)
+    cdef uint8_t opts = 0, rh = 0
+    cdef uint32_t subid = 0, before
     if subscribe_begin(body, n, &it, &reason) < 0:
         w.malformed(c, reason)
         return -1
@@ -73,13 +77,21 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             return -1
         count += 1
     if count > 64:
-        codes = <uint8_t*>malloc(count)
+        codes = <uint8_t*>malloc(<size_t>count * 2)
         if codes == NULL:
             w.close_conn(c, CR_SERVER)
             return -1
+    noret = codes + (count if count > 64 else 64)
+    if c.version == 5 and w.sub5_options is not None and <uint32_t>len(w.sub5_options) == count:
+        options5 = <const uint8_t*>PyBytes_AS_STRING(w.sub5_options)
+        subid = w.sub5_subid
     subscribe_begin(body, n, &it, &reason)
     count = 0
     while subscribe_next(&it, &filt, &qos, &reason) == 1:
+        noret[count] = 0
+        if options5 != NULL:
+            opts = subopts_of(options5[count])
+            rh = (options5[count] >> 4) & 3
         # SUBACK 0x80 (MQTT-3.9.3) is for a valid filter the server refuses:
         # the ACL lets its client read nothing of it, past a bound, out of memory.
         codes[count] = SUBACK_FAILURE
@@ -100,10 +112,13 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             if c.version == 5:
                 codes[count] = RC_NOT_AUTHORIZED        # MQTT 5.0 can say why: 0x87
         elif filter_within_bounds(w, filt.ptr, filt.len):
+            before = subscriber_count(w, slot)
             if off:
                 r = shared_join(w, slot, filt.ptr, filt.len, off, qos)
+                if r >= 0 and (opts or subid):
+                    topics_subscribe_ext(w.index, filt.ptr, filt.len, slot, qos, opts, subid)
             else:
-                r = topics_subscribe(w.index, filt.ptr, filt.len, slot, qos)
+                r = topics_subscribe_ext(w.index, filt.ptr, filt.len, slot, qos, opts, subid)
             if r >= 0 and subscriber_count(w, slot) > w.max_subscriptions:
                 # A new filter past max_subscriptions (a replaced one never is): undone.
                 if off:
@@ -115,6 +130,13 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
                               % w.max_subscriptions)
             elif r >= 0:
                 codes[count] = qos
+                if subid:
+                    w.sessions[slot].subids = 1
+                    w.counters[MQTT5_SUBSCRIPTION_IDS] += 1
+                if rh == 2 or (rh == 1 and subscriber_count(w, slot) == before):
+                    # Retain Handling 2: never; 1: only for a new subscription (MQTT-3.3.1-10/-11).
+                    noret[count] = 1
+                    w.counters[MQTT5_RETAIN_HANDLING_SKIPPED] += 1
                 if r == 1:
                     if not off:
                         channel_broadcast(w, FR_SUB_ADD, 0, filt.ptr, filt.len, NULL, 0)
@@ -125,7 +147,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         count += 1
     session_changed(w, &w.sessions[slot])
     if (new_interest or w.pending_subacks) and subsync_start(w, c, body, n, codes, count, it.packet_id,
-                                                             new_interest):
+                                                             new_interest, noret):
         if codes != stack_codes:
             free(codes)
         return 0
@@ -145,7 +167,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             subscribe_begin(body, n, &it, &reason)
             i = 0
             while subscribe_next(&it, &filt, &qos, &reason) == 1:
-                if codes[i] < 0x80 and not is_share(filt.ptr, filt.len):
+                if codes[i] < 0x80 and not noret[i] and not is_share(filt.ptr, filt.len):
                     retain_deliver(w, &w.sessions[slot], filt.ptr, filt.len, codes[i])
                 i += 1
     if codes != stack_codes:
@@ -154,7 +176,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
 
 
 cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint8_t* codes, uint32_t count,
-                        uint16_t packet_id, bint new_interest):
+                        uint16_t packet_id, bint new_interest, const uint8_t* noret):
     """Holds this SUBACK until every peer confirmed what was sent before it
     (new interest), or until the same connection's earlier SUBACK went out.
     False when there is nothing to wait for: answer now."""
@@ -192,7 +214,7 @@ cdef bint subsync_start(Worker w, Conn* c, const uint8_t* body, uint32_t n, uint
     if len(w.retained):
         subscribe_begin(body, n, &it, &reason)
         while subscribe_next(&it, &filt, &qos, &reason) == 1:
-            if codes[i] < 0x80 and not is_share(filt.ptr, filt.len):
+            if codes[i] < 0x80 and not noret[i] and not is_share(filt.ptr, filt.len):
                 pending.retained.append((PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len), codes[i]))
             i += 1
     w.pending_subacks[w.suback_token] = pending

@@ -45,14 +45,12 @@ cdef enum:
     RC_TOPIC_ALIAS_INVALID = 0x94
     RC_ADMINISTRATIVE_ACTION = 0x98
     RC_SHARED_NOT_SUPPORTED = 0x9E
-    RC_SUBSCRIPTION_IDS_NOT_SUPPORTED = 0xA1
 
 # What this server supports of MQTT 5.0, as announced in every CONNACK (section
-# 3.2.2.3). Subscription Identifiers and shared subscriptions are not (yet):
-# a SUBSCRIBE with either is refused with the reason codes the standard gives
-# (0xA1 DISCONNECT, 0x9E in the SUBACK). Set these to 1 where they become true.
+# 3.2.2.3): Subscription Identifiers are (worker/subopts.pyx), so their
+# property is left out; shared subscriptions would otherwise be refused with
+# 0x9E in the SUBACK.
 cdef enum:
-    V5_SUBSCRIPTION_IDS_AVAILABLE = 0
     V5_SHARED_AVAILABLE = 1       # $share/{name}/{filter}: worker/shared.pyx
     V5_TOPIC_ALIAS_MAXIMUM = 0    # aliases from clients: none accepted (a Topic Alias is 0x94)
 
@@ -312,9 +310,7 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     c.alias_max_in = w.topic_alias_maximum      # in force for this connection, whatever a reload sets later
     if w.topic_alias_maximum:
         k += put_prop_u16(props + k, P_TOPIC_ALIAS_MAXIMUM, w.topic_alias_maximum)
-    # Wildcard Subscription Available: absent is 1.
-    if not V5_SUBSCRIPTION_IDS_AVAILABLE:
-        k += put_prop_u8(props + k, P_SUBSCRIPTION_ID_AVAILABLE, 0)
+    # Wildcard Subscription Available and Subscription Identifiers Available: absent is 1.
     if not V5_SHARED_AVAILABLE:
         k += put_prop_u8(props + k, P_SHARED_AVAILABLE, 0)
     out = w.reserve(c, connack5_size(k))
@@ -420,8 +416,6 @@ cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:
         return "quota exceeded"
     if reason_code == RC_ADMINISTRATIVE_ACTION:
         return "administrative action"
-    if reason_code == RC_SUBSCRIPTION_IDS_NOT_SUPPORTED:
-        return "subscription identifiers are not supported"
     return NULL
 
 
@@ -491,10 +485,13 @@ cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint
 
 # --- SUBSCRIBE, UNSUBSCRIBE ----------------------------------------------------------
 
-cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* it, int* rc, int* reason):
+cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* it, int* rc, int* reason,
+                   bytearray options_out=None, uint32_t* subid=NULL):
     """The entries of a valid MQTT 5.0 SUBSCRIBE or UNSUBSCRIBE as a 3.1.1 body
     (packet id, then each filter with its QoS), what handle_subscribe and
-    handle_unsubscribe read. None with *rc set when the packet is refused."""
+    handle_unsubscribe read. None with *rc set when the packet is refused.
+    A SUBSCRIBE's whole options byte of each entry is appended to
+    options_out, its Subscription Identifier put in *subid (0: none)."""
     cdef Props5 props
     cdef Slice filt
     cdef uint8_t options
@@ -503,9 +500,11 @@ cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* 
     rc[0] = entries5_begin(SUBSCRIBE if subscribe else UNSUBSCRIBE, body, n, it, &props, reason)
     if rc[0] < 0:
         return None
-    if subscribe and props.present & (1ULL << P_SUBSCRIPTION_ID) and not V5_SUBSCRIPTION_IDS_AVAILABLE:
-        rc[0] = 1       # Subscription Identifiers not supported: DISCONNECT 0xA1
-        return None
+    if subscribe and props.present & (1ULL << P_SUBSCRIPTION_ID):
+        # 1..268,435,455 (0 is the codec's Protocol Error): kept with each of
+        # the packet's subscriptions (handle_subscribe, subopts.pyx).
+        if subid != NULL:
+            subid[0] = props.subscription_id
     out = bytearray(2)
     out[0] = it.packet_id >> 8
     out[1] = it.packet_id & 0xFF
@@ -524,22 +523,28 @@ cdef bytes body311(const uint8_t* body, uint32_t n, bint subscribe, Entry5Iter* 
         out += PyBytes_FromStringAndSize(<char*>filt.ptr, filt.len)
         if subscribe:
             out.append(options & 3)
+            if options_out is not None:
+                options_out.append(options)     # No Local, Retain As Published, Retain Handling
     return bytes(out)
 
 
 cdef int handle_subscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef Entry5Iter it
     cdef int rc = 0, reason = 0
-    cdef bytes b = body311(body, n, True, &it, &rc, &reason)
+    cdef bytearray options = bytearray()
+    cdef uint32_t subid = 0
+    cdef bytes b = body311(body, n, True, &it, &rc, &reason, options, &subid)
     if b is None:
-        if rc == 1:
-            w.counters[MQTT5_PROTOCOL_ERRORS] += 1
-            send_disconnect5(w, c, RC_SUBSCRIPTION_IDS_NOT_SUPPORTED)
-            w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL)
-        else:
-            v5_error(w, c, rc, reason)
+        v5_error(w, c, rc, reason)
         return -1
-    return handle_subscribe(w, c, <const uint8_t*>PyBytes_AS_STRING(b), <uint32_t>len(b))
+    # handle_subscribe reads each entry's options and the identifier here (subopts.pyx).
+    w.sub5_options = bytes(options)
+    w.sub5_subid = subid
+    try:
+        return handle_subscribe(w, c, <const uint8_t*>PyBytes_AS_STRING(b), <uint32_t>len(b))
+    finally:
+        w.sub5_options = None
+        w.sub5_subid = 0
 
 
 cdef int handle_unsubscribe5(Worker w, Conn* c, const uint8_t* body, uint32_t n):

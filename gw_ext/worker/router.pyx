@@ -134,6 +134,7 @@ cdef void too_large_for(Worker w, Conn* c) noexcept:
     """A PUBLISH larger than the client's Maximum Packet Size: not sent,
     as if it had been (MQTT-3.1.2-25), counted; its alias choice dropped."""
     c.alias_pick = 0
+    subids_clear()                  # worker/subopts.pyx
     w.counters[MQTT5_TOO_LARGE_DROPPED] += 1
 
 
@@ -150,7 +151,8 @@ cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len
     if not conn_v5(c):
         return publish_size(topic_len, payload_len, qos)
     return publish5_size(alias_topic_len(c, topic_len),                                   # Topic Alias
-                         <uint32_t>ext_props_size(ext, ext_len, now_ms, &expiry) + alias_prop_len(c),
+                         <uint32_t>ext_props_size(ext, ext_len, now_ms, &expiry) + alias_prop_len(c)
+                         + subid_props_size(),      # Subscription Identifiers (subopts.pyx)
                          payload_len, qos)
 
 
@@ -167,7 +169,7 @@ cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32
         encode_publish(out, topic, topic_len, payload, payload_len, qos, retain, dup, packet_id)
         return
     n = ext_props_size(ext, ext_len, now_ms, &expiry)
-    np = <uint32_t>n + alias_prop_len(c)                # Topic Alias (worker/mqtt5.pyx, alias_out_*)
+    np = <uint32_t>n + alias_prop_len(c) + subid_props_size()   # Topic Alias (mqtt5.pyx), Subscription Identifiers (subopts.pyx)
     topic_len = alias_topic_len(c, topic_len)           # Topic Alias: 0 when the client holds it
     rem = 2 + topic_len + (2 if qos else 0) + varint_size(np) + np + payload_len
     out[0] = (PUBLISH << 4) | ((dup & 1) << 3) | ((qos & 3) << 1) | (retain & 1)
@@ -184,6 +186,7 @@ cdef void publish_out_encode(Conn* c, uint8_t* out, const uint8_t* topic, uint32
     i += alias_prop_put(c, out + i)                     # Topic Alias
     if ext_expire_ms(ext, ext_len):
         i += put_prop_u32(out + i, P_MESSAGE_EXPIRY, expiry)
+    i += subid_props_put(out + i)                   # Subscription Identifiers (subopts.pyx)
     if ext_len > EXT_HEADER:
         memcpy(out + i, ext + EXT_HEADER, ext_len - EXT_HEADER)
         i += ext_len - EXT_HEADER
@@ -263,13 +266,16 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
                           bint forward, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except? 0:
     """The local deliveries; returns the peers with interest."""
     cdef int n, i
-    cdef uint8_t q
+    cdef uint8_t q, r
     cdef Msg* msg = NULL
     cdef MatchEntry* e
     if retain:
         retain_publish(w, topic, topic_len, payload, payload_len, qos, forward, ext, ext_len)    # retained.pyx
     if is_share(topic, topic_len):
+        w.route_nolocal = 0
         return 0        # only a shared subscription's whole filter could match it: it is not a subscriber's
+    match.nolocal = w.route_nolocal     # No Local: the publisher's own session (subopts.pyx)
+    w.route_nolocal = 0
     n = topics_match(w.index, topic, topic_len, match)
     if n < 0:
         w.counters[DROPPED_NOMEM] += 1
@@ -278,8 +284,10 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
         for i in range(n):
             e = &match.entries[i]
             q = qos if qos < e.qos else e.qos
+            # RETAIN=0 on live delivery (MQTT-3.3.1-12) but with Retain As Published (MQTT-3.3.1-13).
+            r = retain if e.opts & SUBOPT_RAP else 0
             if q == 0:
-                deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, 0, ext, ext_len)
+                deliver_qos0(w, &w.sessions[e.subscriber], topic, topic_len, payload, payload_len, r, ext, ext_len)
             else:
                 if msg == NULL:
                     msg = msg_new_ext(topic, topic_len, payload, payload_len, ext, ext_len, qos, 0)
@@ -287,9 +295,12 @@ cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, ui
                         w.counters[DROPPED_NOMEM] += 1
                         continue
                     msg.origin_ns = origin_ns
-                deliver_msg(w, &w.sessions[e.subscriber], msg, q, 0)
+                deliver_msg(w, &w.sessions[e.subscriber], msg, q, r)
     finally:
         msg_release(msg)
+    if match.nolocal_skipped:
+        w.counters[MQTT5_NO_LOCAL_SKIPPED] += match.nolocal_skipped
+        match.nolocal_skipped = 0
     if n > 0:
         hist_observe(w.counters, HIST_DELIVER, w.now_ns - origin_ns if w.now_ns > origin_ns else 0)
     return match.peers
@@ -352,6 +363,7 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         return
     if ext_expire_ms(ext, ext_len):
         now = realtime_ms()
+    subids_prepare(w, c, topic, topic_len)              # worker/subopts.pyx
     alias_out_pick(c, topic, topic_len)                 # worker/mqtt5.pyx
     size = publish_out_size(c, topic_len, payload_len, ext, ext_len, 0, now)
     if c.max_packet_out and size > c.max_packet_out:
@@ -365,6 +377,7 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         w.counters[MSGS_OUT] += 1
     else:
         c.alias_pick = 0
+        subids_clear()
 
 
 cdef void deliver_msg(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t retain):

@@ -3,7 +3,8 @@
 # and what the data dir keeps (gw/persistence.py, through
 # Worker.snapshot_sessions and Worker.restore_sessions). Layout, little-endian:
 #   u8 SESSION_STATE_VERSION;
-#   u32 nsubs, (u16 len, filter, u8 qos)*;
+#   u32 nsubs, (u16 len, filter, u8 qos, u8 options (SUBOPT_*), u32 Subscription
+#               Identifier (0: none): MQTT 5.0's, worker/subopts.pyx)*;
 #   u16 next packet id;
 #   u32 nmsgs, (u16 packet id (0: queued), u8 qos | retain << 2, u8 state,
 #               u16 topic len, u32 payload len, topic, payload,
@@ -11,13 +12,14 @@
 #   u32 nqos2, (u16 packet id)*;
 #   u8 has user name, u16 len, user name (the user the session acts as: the
 #     identity the ACL checks and a takeover must match).
-# Versions 3 (no extras) and 2 (neither extras nor user name: anonymous) are
-# still read.
+# Versions 4 (subscriptions without options nor identifier), 3 (nor messages'
+# extras) and 2 (nor user name: anonymous) are still read.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.
 
 cdef enum:
-    SESSION_STATE_VERSION = 4
+    SESSION_STATE_VERSION = 5
+    SESSION_STATE_NO_SUBOPTS = 4      # the version before subscription options and identifiers
     SESSION_STATE_NO_EXT = 3          # the version before MQTT 5.0 messages' extras
     SESSION_STATE_NO_USER = 2         # the version before user names: read as anonymous
 
@@ -34,10 +36,16 @@ cdef bytes session_serialize(Worker w, int slot):
     cdef uint32_t i
     cdef Msg* m
     cdef Queued* q
+    cdef uint8_t sq, opts
+    cdef uint32_t subid
     topics_subscriptions(w.index, slot, collect_sub, <void*>subs)
     parts.append(struct_pack("<BI", SESSION_STATE_VERSION, len(subs)))
     for f, qos in subs:
-        parts.append(struct_pack("<H", len(f)) + f + struct_pack("<B", qos))
+        opts = 0
+        subid = 0
+        topics_subscription_info(w.index, <const uint8_t*>PyBytes_AS_STRING(f), <uint32_t>len(f), slot,
+                                 &sq, &opts, &subid)
+        parts.append(struct_pack("<H", len(f)) + f + struct_pack("<BBI", qos, opts, subid))
     parts.append(struct_pack("<HI", s.next_packet_id, s.ninflight + s.qlen))
     for i in range(s.ninflight):
         m = s.inflight[i].msg
@@ -88,28 +96,39 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef int r, off
     cdef Msg* m
     cdef uint8_t version
-    cdef uint32_t ulen
-    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_EXT
-                       and p[0] != SESSION_STATE_NO_USER):
+    cdef uint32_t ulen, subtail, subid
+    cdef uint8_t opts
+    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_SUBOPTS
+                       and p[0] != SESSION_STATE_NO_EXT and p[0] != SESSION_STATE_NO_USER):
         return session_restore_fault(w, "unknown format")
     version = p[0]
     nsubs = rd32(p + 1)
     p += 5
+    subtail = 6 if version == SESSION_STATE_VERSION else 1      # qos[, options, identifier]
     for i in range(nsubs):
-        if end - p < 2 or end - p - 2 < <Py_ssize_t>rd16(p) + 1:
+        if end - p < 2 or end - p - 2 < <Py_ssize_t>(rd16(p) + subtail):
             return session_restore_fault(w, "subscriptions cut short")
         flen = rd16(p)
         qos = p[2 + flen]
+        opts = 0
+        subid = 0
+        if subtail == 6:
+            opts = p[3 + flen] & (SUBOPT_NO_LOCAL | SUBOPT_RAP)
+            subid = rd32(p + 4 + flen)
+            if subid > 268435455:
+                subid = 0
+            if subid:
+                s.subids = 1
         if qos <= 2 and valid_topic_filter(p + 2, flen):
             if is_share(p + 2, flen):
                 off = share_split(p + 2, flen)
-                if off > 0:
-                    shared_join(w, slot, p + 2, flen, <uint32_t>off, qos)     # shared.pyx
+                if off > 0 and shared_join(w, slot, p + 2, flen, <uint32_t>off, qos) >= 0 and (opts or subid):  # shared.pyx
+                    topics_subscribe_ext(w.index, p + 2, flen, slot, qos, opts, subid)
             else:
-                r = topics_subscribe(w.index, p + 2, flen, slot, qos)
+                r = topics_subscribe_ext(w.index, p + 2, flen, slot, qos, opts, subid)
                 if r == 1:
                     channel_broadcast(w, FR_SUB_ADD, 0, p + 2, flen, NULL, 0)
-        p += 3 + flen
+        p += 2 + flen + subtail
     if end - p < 6:
         return session_restore_fault(w, "message count missing")
     s.next_packet_id = <uint16_t>rd16(p) or 1
@@ -129,7 +148,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             return session_restore_fault(w, "message malformed")
         ext = p + tlen + plen
         xlen = 0
-        if version == SESSION_STATE_VERSION:
+        if version >= SESSION_STATE_NO_SUBOPTS:
             if end - ext < 4:
                 return session_restore_fault(w, "message extras missing")
             xlen = rd32(ext)

@@ -287,9 +287,11 @@ cdef bint msg_too_large(Worker w, Conn* c, Msg* msg, uint8_t qos) noexcept:
     if c.max_packet_out == 0 or not conn_v5(c):
         return False
     ext = msg.data + msg.topic_len + msg.payload_len
+    subids_compute(w, c, msg.data, msg.topic_len)      # worker/subopts.pyx: its identifiers count too
     alias_out_pick(c, msg.data, msg.topic_len)
     if publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, 0) <= c.max_packet_out:
         c.alias_pick = 0
+        subids_clear()
         return False
     too_large_for(w, c)
     return True
@@ -333,6 +335,7 @@ cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, 
     cdef const uint8_t* ext = msg.data + msg.topic_len + msg.payload_len
     cdef uint64_t now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
     cdef uint8_t* out
+    subids_prepare(w, c, msg.data, msg.topic_len)
     alias_out_pick(c, msg.data, msg.topic_len)          # worker/mqtt5.pyx (none for 3.1.1)
     out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
     if out != NULL:
@@ -341,6 +344,7 @@ cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, 
         alias_out_sent(w, c, msg.data, msg.topic_len)
     else:
         c.alias_pick = 0
+        subids_clear()
     return out
 
 
