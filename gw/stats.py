@@ -44,7 +44,7 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND,
-          Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS)
+          Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS, Counter.WILLS_DELAY_PENDING)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET,    # a sum means nothing
               Counter.STORE_CHECKPOINT)

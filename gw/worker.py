@@ -70,6 +70,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_queued_bytes = cfg.max_queued_bytes
     worker.max_awaiting_rel = cfg.max_awaiting_rel
     worker.topic_alias_maximum = cfg.topic_alias_maximum
+    worker.max_delayed_wills = cfg.max_delayed_wills
     worker.max_subscriptions = cfg.max_subscriptions
     worker.max_topic_levels = cfg.max_topic_levels
     worker.max_topic_length = cfg.max_topic_length

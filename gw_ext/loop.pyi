@@ -55,6 +55,7 @@ class Worker:
     settle_timeout_ms: int
     json_timeout_ms: int
     max_awaiting_rel: int
+    max_delayed_wills: int
     max_subscriptions: int
     max_topic_levels: int
     max_topic_length: int

@@ -144,7 +144,16 @@ cpdef enum:
     MQTT5_EXPIRED = 352       # messages not delivered: their Message Expiry Interval had passed (live, queued, retained)
     MQTT5_TOPIC_ALIASES_SET = 353   # Topic Aliases a v5 client set (or set again) for its connection (topic_alias_maximum)
     MQTT5_TOPIC_ALIAS_INVALID = 354 # PUBLISHes with a Topic Alias of 0 or over topic_alias_maximum (DISCONNECT 0x94), or never set (0x82)
-    # 355..383 free: MQTT 5.0 messages (flow control, packet sizes).
+    # 355..375 free: MQTT 5.0 messages (flow control, packet sizes).
+    # MQTT 5.0 wills held for their Will Delay Interval (gw_ext/worker/will_delay.pyx): 376..383.
+    WILLS_DELAYED = 376       # wills held for their Will Delay Interval (the connection ended without DISCONNECT 0x00)
+    WILLS_DELAY_PENDING = 377 # gauge: wills this worker holds now (at most max_delayed_wills)
+    WILLS_DELAY_ELAPSED = 378 # held wills published when their delay passed
+    WILLS_DELAY_SESSION_END = 379   # held wills published early: their session ended first (expired, or Clean Start 1 took the id)
+    WILLS_DELAY_CANCELLED = 380     # held wills not published: their client connected again to its session within the delay
+    WILLS_DELAY_SHUTDOWN = 381      # held wills published when the server drained (SIGTERM)
+    WILLS_DELAY_OVER_LIMIT = 382    # wills published at once, without their delay: max_delayed_wills were held
+    # 383 free.
     # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
     SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
     SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group
