@@ -178,7 +178,7 @@ class Config:
                                         "DISCONNECT 0x94); 0: none", minimum=0, maximum=65535)
     max_delayed_wills: int = _setting(100_000, "MQTT 5.0 wills one worker holds for their Will Delay Interval "
                                       "(their clients gone, their sessions kept); past it a will is published "
-                                      "at once, counted (wills_delay_over_limit)", minimum=0,
+                                      "at once, counted (will_delay.over_limit)", minimum=0,
                                       maximum=10_000_000)
     max_subscriptions: int = _setting(10_000, "subscriptions one client may hold; more are refused "
                                       "(SUBACK 0x80) and counted", minimum=1, maximum=10_000_000)

@@ -194,7 +194,7 @@ _FAMILIES = [
      [('{outcome="held"}', C.WILLS_DELAYED), ('{outcome="elapsed"}', C.WILLS_DELAY_ELAPSED),
       ('{outcome="session_end"}', C.WILLS_DELAY_SESSION_END), ('{outcome="cancelled"}', C.WILLS_DELAY_CANCELLED),
       ('{outcome="shutdown"}', C.WILLS_DELAY_SHUTDOWN), ('{outcome="over_limit"}', C.WILLS_DELAY_OVER_LIMIT)]),
-    ("gw_wills_delayed", "gauge", "MQTT 5.0 wills held now for their Will Delay Interval.",
+    ("gw_wills_held", "gauge", "MQTT 5.0 wills held now for their Will Delay Interval.",
      [("", C.WILLS_DELAY_PENDING)]),
     ("gw_backpressure_events_total", "counter",
      "Times a subscriber's queue passed queue_high and QoS 1/2 publishers were held.",

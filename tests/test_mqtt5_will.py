@@ -192,31 +192,37 @@ def test_the_will_waits_for_its_delay(server, sub, worker):
     """Not published before its Will Delay Interval (2 s), then published."""
     will = f"{sub.base}/will"
     c = V5Client(server, worker, unique("wd"), will=(will, b"gone"), delay=2, expiry=60)
-    elapsed = counter(server, "wills_delay_elapsed")
+    elapsed = counter(server, "will_delay.elapsed")
     c.drop()
     dropped = time.monotonic()
-    server.wait_counter("wills_delay_pending", 1)
+    server.wait_counter("will_delay.pending", 1)
     time.sleep(max(0.0, 1.0 - (time.monotonic() - dropped)))
     assert f"{will} gone" not in sub.snapshot()          # not before the delay
     sub.wait_line(f"{will} gone")
     assert time.monotonic() - dropped >= 2.0 - 0.2        # the wheel's tick is 100 ms
-    server.wait_counter("wills_delay_elapsed", elapsed + 1)
+    server.wait_counter("will_delay.elapsed", elapsed + 1)
 
 
-@pytest.mark.parametrize("other_worker", [False, True])
-def test_a_reconnect_within_the_delay_cancels_the_will(server, sub, other_worker):
+@pytest.mark.parametrize("other_worker, live", [(False, False), (True, False), (True, True)],
+                         ids=["same-worker", "other-worker", "takeover-other-worker"])
+def test_a_reconnect_within_the_delay_cancels_the_will(server, sub, other_worker, live):
     """The client comes back (Clean Start 0) within the delay, on the worker
-    that holds the will or on the other one (the session moves there): the
-    will is never published (MQTT-3.1.3-9)."""
+    that holds the will or on the other one (the session moves there), or
+    takes its still open connection over from the other worker (DISCONNECT
+    0x8E to the old one): the will is never published (MQTT-3.1.3-9)."""
     will = f"{sub.base}/will"
     cid = unique("wd-back")
     c = V5Client(server, 0, cid, will=(will, b"gone"), delay=2, expiry=60)
-    cancelled = counter(server, "wills_delay_cancelled")
-    c.drop()
-    server.wait_counter("wills_delay_pending", 1)
+    cancelled = counter(server, "will_delay.cancelled")
+    if not live:
+        c.drop()
+        server.wait_counter("will_delay.pending", 1)
     back = V5Client(server, 1 if other_worker else 0, cid, expiry=60, clean_start=False)
     assert back.session_present
-    server.wait_counter("wills_delay_cancelled", cancelled + 1)
+    server.wait_counter("will_delay.cancelled", cancelled + 1)
+    if live:
+        c.thread.join(WAIT)             # the server closed the old connection (0x8E)
+        stop_paho_thread(c.client, c.thread, WAIT)
     time.sleep(2.5)                                      # past the delay
     assert f"{will} gone" not in sub.fence()
     back.disconnect()
@@ -232,11 +238,17 @@ def test_the_will_goes_when_the_session_ends_first(server, sub, how):
     cid = unique("wd-end")
     c = V5Client(server, 0, cid, will=(will, b"gone"), delay=3600,
                  expiry={"expiry": 1, "expiry_zero": 0, "clean_start": 3600}[how])
+    held, ended = counter(server, "will_delay.held"), counter(server, "will_delay.session_end")
     c.drop()
     if how == "clean_start":
+        server.wait_counter("will_delay.held", held + 1)
         again = V5Client(server, 1, cid, expiry=60, clean_start=True)
         assert not again.session_present
     sub.wait_line(f"{will} gone")
+    if how == "expiry_zero":
+        assert counter(server, "will_delay.held") == held      # never held: its session ended with it
+    else:
+        server.wait_counter("will_delay.session_end", ended + 1)
     if how == "clean_start":
         again.disconnect()
 
@@ -264,12 +276,12 @@ def test_max_delayed_wills_sends_the_rest_at_once(tmp_path):
         held = V5Client(server, 0, unique("wd-held"), will=(f"{sub.base}/held", b"h"), delay=3600, expiry=3600)
         extra = V5Client(server, 0, unique("wd-extra"), will=(f"{sub.base}/extra", b"e"), delay=3600, expiry=3600)
         held.drop()
-        server.wait_counter("wills_delay_pending", 1)
+        server.wait_counter("will_delay.pending", 1)
         extra.drop()
         lines = sub.wait_line(f"{sub.base}/extra e")
         assert f"{sub.base}/held h" not in lines
-        assert counter(server, "wills_delay_over_limit") == 1
-        assert counter(server, "wills_delay_pending") == 1
+        assert counter(server, "will_delay.over_limit") == 1
+        assert counter(server, "will_delay.pending") == 1
         sub.close()
     finally:
         stop_and_check([server])
@@ -287,7 +299,7 @@ def test_a_graceful_stop_publishes_the_held_wills(tmp_path):
             topic = f"{sub.base}/will{n}"
             V5Client(server, 0, unique("wd-stop"), will=(topic, b"bye"), delay=3600, expiry=3600).drop()
             wills.append(f"{topic} bye")
-        server.wait_counter("wills_delay_pending", 2)
+        server.wait_counter("will_delay.pending", 2)
         assert not any(w in sub.snapshot() for w in wills)
         server.signal(signal.SIGTERM)
         for w in wills:

@@ -112,6 +112,7 @@ cdef void wills_delayed_due(Worker w):
     at a time off the wheel's expired list."""
     cdef TimerNode* node
     cdef WillTimer* t
+    cdef Session* s
     cdef int slot
     if w.will_wheel.count == 0:
         return
@@ -125,7 +126,11 @@ cdef void wills_delayed_due(Worker w):
                 t = <WillTimer*>node
                 slot = t.slot
                 if 0 <= slot < <int>w.nsessions and w.sessions[slot].will_timer == t:
-                    will_delay_end(w, slot, WILLS_DELAY_ELAPSED)
+                    s = &w.sessions[slot]
+                    # Its deadline was the session's expiry when that came first.
+                    will_delay_end(w, slot, WILLS_DELAY_SESSION_END
+                                   if s.version == 5 and s.expiry_s != 0xFFFFFFFF and s.expiry_s < s.will_delay_s
+                                   else WILLS_DELAY_ELAPSED)
         except Exception:
             w.contained(-1, "publishing a will after its Will Delay Interval")
 
