@@ -571,7 +571,8 @@ cdef class Worker:
         if self.nresume:
             self.resume_settled()
         self.run_timers()
-        wills_delayed_due(self)             # worker/will_delay.pyx
+        if self.will_wheel.count:
+            wills_delayed_due(self)         # worker/will_delay.pyx: MQTT 5.0 wills held for their delay
         if self.settle_orphans:
             try:
                 settle_orphans_due(self)        # worker/registry.pyx
