@@ -180,6 +180,10 @@ class Config:
                                             "topics it sends it (at most the client's Topic Alias Maximum; the "
                                             "first topics up to 512 bytes that it sends get one); 0: none",
                                             minimum=0, maximum=1024)
+    max_delayed_wills: int = _setting(100_000, "MQTT 5.0 wills one worker holds for their Will Delay Interval "
+                                      "(their clients gone, their sessions kept); past it a will is published "
+                                      "at once, counted (will_delay.over_limit)", minimum=0,
+                                      maximum=10_000_000)
     max_subscriptions: int = _setting(10_000, "subscriptions one client may hold; more are refused "
                                       "(SUBACK 0x80) and counted", minimum=1, maximum=10_000_000)
     acl_file: str = _setting("", "access control list in Mosquitto's acl_file format (topic, user and pattern "

@@ -207,6 +207,15 @@ _FAMILIES = [
      [('{reason="anonymous"}', C.AUTH_REFUSED_ANONYMOUS), ('{reason="password"}', C.AUTH_REFUSED_PASSWORD),
       ('{reason="takeover"}', C.AUTH_REFUSED_TAKEOVER), ('{reason="busy"}', C.AUTH_REFUSED_BUSY)]),
     ("gw_wills_published_total", "counter", "Will messages published.", [("", C.WILLS_PUBLISHED)]),
+    ("gw_wills_delayed_total", "counter",
+     "MQTT 5.0 wills held for their Will Delay Interval, and how each ended: published when the delay "
+     "passed, published early (the session ended first), cancelled (the client came back to its session), "
+     "published at a graceful stop; over_limit: published at once, max_delayed_wills being held.",
+     [('{outcome="held"}', C.WILLS_DELAYED), ('{outcome="elapsed"}', C.WILLS_DELAY_ELAPSED),
+      ('{outcome="session_end"}', C.WILLS_DELAY_SESSION_END), ('{outcome="cancelled"}', C.WILLS_DELAY_CANCELLED),
+      ('{outcome="shutdown"}', C.WILLS_DELAY_SHUTDOWN), ('{outcome="over_limit"}', C.WILLS_DELAY_OVER_LIMIT)]),
+    ("gw_wills_held", "gauge", "MQTT 5.0 wills held now for their Will Delay Interval.",
+     [("", C.WILLS_DELAY_PENDING)]),
     ("gw_backpressure_events_total", "counter",
      "Times a subscriber's queue passed queue_high and QoS 1/2 publishers were held.",
      [("", C.BACKPRESSURE_EVENTS)]),

@@ -42,9 +42,10 @@ ERROR_LOG_INTERVAL = 10.0           # seconds between two messages about failed 
 
 RETAINED = "retained.msgpack"
 SESSIONS = "sessions-{}.msgpack"
-SESSIONS_FORMAT = 4     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
-# 2: states without the session's user name (read as anonymous); 3: without MQTT 5.0 messages' properties.
-SESSIONS_FORMATS_READ = (2, 3, 4)
+SESSIONS_FORMAT = 5     # the state layout of gw_ext/worker/session_state.pyx (SESSION_STATE_VERSION)
+# 2: states without the session's user name (read as anonymous); 3: without MQTT 5.0 messages' properties;
+# 4: without the expiry tail (protocol version, Session Expiry Interval, when its client went away).
+SESSIONS_FORMATS_READ = (2, 3, 4, 5)
 
 
 def upgrade_session_state_v1(state: bytes) -> bytes:

@@ -44,7 +44,7 @@ MAX_WORKERS = int(Layout.MAX_WORKERS)
 GAUGES = (Counter.CONNS_CURRENT, Counter.SESSIONS_CURRENT, Counter.SUBSCRIPTIONS_CURRENT,
           Counter.SESSIONS_AWAY, Counter.WORKER_HEARTBEAT_MS, Counter.ACKS_HELD, Counter.QUERIES_PENDING,
           Counter.SUBSCRIPTION_INDEX_BYTES, Counter.RATE_PAUSED, Counter.STORE_BEHIND,
-          Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS)
+          Counter.SHARED_GROUPS, Counter.SHARED_MEMBERS, Counter.WILLS_DELAY_PENDING)
 PER_WORKER = (Counter.WORKER_HEARTBEAT_MS, Counter.WAL_DURABLE_OFFSET,     # read per row;
               Counter.WAL_APPENDED_OFFSET, Counter.WAL_CORRUPT_OFFSET,    # a sum means nothing
               Counter.STORE_CHECKPOINT)
@@ -409,11 +409,13 @@ def counter_dict(totals) -> dict:
     out = {}
     for c in Counter:
         if (c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS
-                or c in STORE_BEHIND_COUNTERS.values() or c in SHARED_COUNTERS.values()):
+                or c in STORE_BEHIND_COUNTERS.values() or c in SHARED_COUNTERS.values()
+                or c in WILL_DELAY_COUNTERS.values()):
             continue
         out[c.name.lower()] = totals[c]
     out["ingest_shed_store_behind"] = {name: totals[c] for name, c in STORE_BEHIND_COUNTERS.items()}
     out["shared_subscriptions"] = {name: totals[c] for name, c in SHARED_COUNTERS.items()}
+    out["will_delay"] = {name: totals[c] for name, c in WILL_DELAY_COUNTERS.items()}
     out["rate_limits"] = {
         "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
         "per_ip_refused": totals[Counter.PER_IP_REFUSED],
@@ -493,6 +495,11 @@ SHARED_COUNTERS = {"delivered": Counter.SHARED_DELIVERED, "forwarded": Counter.S
                    "redelivered": Counter.SHARED_REDELIVERED, "dropped": Counter.SHARED_DROPPED,
                    "refused": Counter.SHARED_REFUSED, "groups": Counter.SHARED_GROUPS,
                    "members": Counter.SHARED_MEMBERS}
+# MQTT 5.0 wills held for their Will Delay Interval, grouped under "will_delay".
+WILL_DELAY_COUNTERS = {"held": Counter.WILLS_DELAYED, "pending": Counter.WILLS_DELAY_PENDING,
+                       "elapsed": Counter.WILLS_DELAY_ELAPSED, "session_end": Counter.WILLS_DELAY_SESSION_END,
+                       "cancelled": Counter.WILLS_DELAY_CANCELLED, "shutdown": Counter.WILLS_DELAY_SHUTDOWN,
+                       "over_limit": Counter.WILLS_DELAY_OVER_LIMIT}
 SINK_NAMES = ("store", "file", "bridge")      # H_SINK_* + index
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)

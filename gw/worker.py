@@ -71,6 +71,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.max_awaiting_rel = cfg.max_awaiting_rel
     worker.topic_alias_maximum = cfg.topic_alias_maximum
     worker.topic_alias_maximum_out = cfg.topic_alias_maximum_out
+    worker.max_delayed_wills = cfg.max_delayed_wills
     worker.max_subscriptions = cfg.max_subscriptions
     worker.max_topic_levels = cfg.max_topic_levels
     worker.max_topic_length = cfg.max_topic_length

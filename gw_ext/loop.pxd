@@ -273,6 +273,12 @@ cdef struct Queued:           # waiting for a free in-flight slot (or for the cl
     Msg* msg
     uint8_t qos
 
+# An MQTT 5.0 will held for its Will Delay Interval (worker/will_delay.pyx): its
+# own allocation, so the node stays put when the session table grows.
+cdef struct WillTimer:
+    TimerNode node            # first member: a TimerNode* of the will wheel is its WillTimer*
+    int slot                  # the session holding the will
+
 # An MQTT session: subscriptions (in the worker's TopicTrie under this slot
 # number), QoS 1/2 state both ways, the will. Lives while its connection does,
 # and for clean_session=0 also while the client is away.
@@ -311,6 +317,8 @@ cdef struct Session:
     uint32_t nshared          # its shared subscriptions ($share/..., worker/shared.pyx)
     uint32_t nheld            # in-flight entries held (Inflight.held): sent again as the window frees
     uint8_t subids            # one of its subscriptions has had a Subscription Identifier (worker/subopts.pyx)
+    uint32_t will_delay_s     # MQTT 5.0: its will's Will Delay Interval, seconds (worker/will_delay.pyx)
+    WillTimer* will_timer     # its will held for that delay while the client is away; NULL: none
 
 
 # --- shared subscriptions (worker/shared.pyx) ------------------------------------------
@@ -385,6 +393,7 @@ cdef class PendingConnect:
     cdef bytes will_message
     cdef uint8_t will_flag, will_qos, will_retain
     cdef bytes will_ext              # an MQTT 5.0 will's properties as a message's extras (router.pyx); None: none
+    cdef uint32_t will_delay         # an MQTT 5.0 will's Will Delay Interval, seconds (worker/will_delay.pyx)
     cdef int prev_owner          # from GRANT: -2 not yet granted, -1 none
     cdef list evictions          # EVICTs that came while it waited: [(claimant, token, clean)], or None
     cdef bytes json_reply        # a JSON-lines Connect (no session): its Connected answer; None: MQTT
@@ -516,6 +525,9 @@ cdef class Worker:
 
     # --- keepalive (worker/keepalive.pyx) ----------------------------------------------
     cdef Wheel wheel                 # every connection's deadline
+    cdef Wheel will_wheel            # MQTT 5.0 wills held for their Will Delay Interval (worker/will_delay.pyx)
+    cdef public uint32_t max_delayed_wills   # how many this worker holds at most (more go out at once)
+    cdef uint32_t ndelayed_wills
     cdef public uint32_t connect_timeout_ms
     cdef public uint32_t settle_timeout_ms   # connect_settle_timeout (worker/registry.pyx)
     cdef public bint connect_at_once         # connect_at_once (worker/registry.pyx)
@@ -910,6 +922,14 @@ cdef void shared_frame(Worker w, int p, uint8_t ftype, uint8_t flags, const uint
 cdef void shared_peer_restarted(Worker w, int p) except *
 cdef void shared_hello(Worker w, int p)
 cdef void shared_free_all(Worker w)
+
+# --- worker/will_delay.pyx: MQTT 5.0 wills held for their Will Delay Interval ---------
+cdef void will_publish(Worker w, Session* s)
+cdef bint will_delay_start(Worker w, int slot) except -1
+cdef void will_delay_cancel(Worker w, Session* s)
+cdef void will_delay_end(Worker w, int slot, int counter)
+cdef void wills_delayed_due(Worker w)
+cdef void wills_delayed_flush(Worker w)
 
 # --- worker/session_state.pyx: a session as bytes (moving it, the data dir) -----------
 cdef void collect_sub(void* ctx, const uint8_t* topic_filter, uint32_t n, uint8_t qos) noexcept nogil

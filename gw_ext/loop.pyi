@@ -57,6 +57,7 @@ class Worker:
     max_awaiting_rel: int
     topic_alias_maximum: int
     topic_alias_maximum_out: int
+    max_delayed_wills: int
     max_subscriptions: int
     max_topic_levels: int
     max_topic_length: int

@@ -86,6 +86,7 @@ cdef enum:
     TICK_MS = 100                # timing-wheel resolution
     STORE_CHECK_MS = 100         # how often the store's lag on this worker's log is looked at
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
+    WILL_WHEEL_SLOTS = 512       # the held wills' wheel (worker/will_delay.pyx): 51.2 s a revolution
 
 # The counter each CloseReason (loop.pxd) adds to.
 cdef uint32_t[N_CLOSE_REASONS] CLOSE_COUNTER = [
@@ -212,6 +213,8 @@ cdef class Worker:
         self.now_ms = monotonic_ms()
         if wheel_init(&self.wheel, WHEEL_SLOTS, TICK_MS, self.now_ms) != 0:
             raise MemoryError()
+        if wheel_init(&self.will_wheel, WILL_WHEEL_SLOTS, TICK_MS, self.now_ms) != 0:
+            raise MemoryError()
         self.epfd = epoll_create1(EPOLL_CLOEXEC)
         if self.epfd < 0:
             raise OSError(errno, "epoll_create1")
@@ -256,6 +259,7 @@ cdef class Worker:
         self.nspare_out = 0
         free(self.ws_states)
         wheel_free(&self.wheel)
+        wheel_free(&self.will_wheel)        # after the sessions: session_free unschedules their wills
         if self.epfd >= 0:
             close(self.epfd)
         if self.reserve_fd >= 0:
@@ -567,6 +571,8 @@ cdef class Worker:
         if self.nresume:
             self.resume_settled()
         self.run_timers()
+        if self.will_wheel.count:
+            wills_delayed_due(self)         # worker/will_delay.pyx: MQTT 5.0 wills held for their delay
         if self.settle_orphans:
             try:
                 settle_orphans_due(self)        # worker/registry.pyx
@@ -743,6 +749,10 @@ cdef class Worker:
             self.http_app.draining = True      # /readyz and ingest answer 503 from now on
         if self.wal is not None:
             wal_drain(self)         # durable_ack.pyx: held answers go out before the connections close
+        try:
+            wills_delayed_flush(self)       # worker/will_delay.pyx: held wills go out while subscribers are here
+        except Exception:
+            self.contained(-1, "publishing the held wills at the drain")
         for fd in range(self.nconns):
             c = &self.conns[fd]
             if c.state == ST_AWAIT_CONNECT and c.proto == PROTO_HTTP:
@@ -1475,6 +1485,7 @@ include "worker/subopts.pyx"
 include "worker/shared.pyx"
 include "worker/retained.pyx"
 include "worker/sessions.pyx"
+include "worker/will_delay.pyx"
 include "worker/session_state.pyx"
 include "worker/registry.pyx"
 include "worker/channel.pyx"

@@ -156,7 +156,16 @@ cpdef enum:
     MQTT5_TOO_LARGE_DROPPED = 365   # PUBLISHes not sent to a client: larger than its Maximum Packet Size (discarded as sent)
     MQTT5_TOPIC_ALIASES_OUT = 366   # Topic Aliases the server gave its clients (a PUBLISH with the topic and a new alias)
     MQTT5_TOPIC_ALIAS_OUT_HITS = 367  # PUBLISHes sent with an empty topic and an alias the client holds
-    # 368..383 free: MQTT 5.0 messages.
+    # 368..375 free: MQTT 5.0 messages.
+    # MQTT 5.0 wills held for their Will Delay Interval (gw_ext/worker/will_delay.pyx): 376..383.
+    WILLS_DELAYED = 376       # wills held for their Will Delay Interval (the connection ended without DISCONNECT 0x00)
+    WILLS_DELAY_PENDING = 377 # gauge: wills this worker holds now (at most max_delayed_wills)
+    WILLS_DELAY_ELAPSED = 378 # held wills published when their delay passed
+    WILLS_DELAY_SESSION_END = 379   # held wills published early: their session ended first (expired, or Clean Start 1 took the id)
+    WILLS_DELAY_CANCELLED = 380     # held wills not published: their client connected again to its session within the delay
+    WILLS_DELAY_SHUTDOWN = 381      # held wills published when the server drained (SIGTERM)
+    WILLS_DELAY_OVER_LIMIT = 382    # wills published at once, without their delay: max_delayed_wills were held
+    # 383 free.
     # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
     SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
     SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group

@@ -242,6 +242,8 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         pc.will_message = PyBytes_FromStringAndSize(<char*>pkt.will_message.ptr, pkt.will_message.len)
         pc.will_qos = pkt.will_qos
         pc.will_retain = pkt.will_retain
+        if pkt.will_props.present & (1ULL << P_WILL_DELAY):
+            pc.will_delay = pkt.will_props.will_delay       # worker/will_delay.pyx
         if pkt.will_props.raw.len:
             # Its properties go with it; its Message Expiry Interval counts from
             # when it is published (session_detach), so from 1 until then.
@@ -613,8 +615,11 @@ cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         if c.session >= 0:
             s = &w.sessions[c.session]
             s.expiry_s = expiry
+            # Marked before it may become clean: from non-zero to 0, the session
+            # saved in data_dir must go (session_changed skips clean ones).
+            s.dirty = 1
+            w.sessions_changed = True
             s.clean = expiry == 0
-            session_changed(w, s)
     # 0x04 Disconnect with Will Message: the will goes out as if the connection
     # had dropped (section 3.14.2.1); any other code discards it (MQTT-3.14.4-3).
     w.close_conn(c, CR_CLIENT if a.reason_code == RC_DISCONNECT_WITH_WILL else CR_DISCONNECT)

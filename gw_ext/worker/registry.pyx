@@ -632,6 +632,9 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
         else:
             present = 1                             # MQTT-3.2.2-2
             w.counters[SESSIONS_AWAY] -= 1
+            # Back within its will's delay: the held will is not published
+            # (MQTT-3.1.3-9; will_delay.pyx).
+            will_delay_cancel(w, &w.sessions[slot])
     if slot < 0:
         slot = session_new(w, <const uint8_t*>PyBytes_AS_STRING(pc.client_id), len(pc.client_id), pc.clean)
         if slot < 0:
@@ -657,6 +660,7 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
         return
     session_changed(w, s)
     c.session = slot
+    s.will_delay_s = 0
     if pc.will_flag:
         will_ext = pc.will_ext if pc.will_ext is not None else b""
         s.will = msg_new_ext(<const uint8_t*>PyBytes_AS_STRING(pc.will_topic), len(pc.will_topic),
@@ -665,6 +669,7 @@ cdef void connect_settle_here(Worker w, uint32_t token, object state):
                              pc.will_qos, pc.will_retain)
         s.will_qos = pc.will_qos
         s.will_retain = pc.will_retain
+        s.will_delay_s = pc.will_delay
         if not will_allowed(w, s):
             # Accepted with the CONNECT (as Mosquitto does), never published.
             msg_release(s.will)

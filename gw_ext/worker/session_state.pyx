@@ -11,15 +11,21 @@
 #               u32 extras len, extras (an MQTT 5.0 message's properties: loop.pxd, Msg))*;
 #   u32 nqos2, (u16 packet id)*;
 #   u8 has user name, u16 len, user name (the user the session acts as: the
-#     identity the ACL checks and a takeover must match).
-# Versions 4 (subscriptions without options nor identifier), 3 (nor messages'
-# extras) and 2 (nor user name: anonymous) are still read.
+#     identity the ACL checks and a takeover must match);
+#   the expiry tail (session_expiry_tail / restore_expiry_tail): u8 protocol
+#     version of its last CONNECT (5: MQTT 5.0), u32 Session Expiry Interval
+#     (MQTT 5.0; seconds, 0xFFFFFFFF never), u64 wall-clock ms its client went
+#     away (0: connected when serialized), so a restored MQTT 5.0 session
+#     keeps its own expiry, counted from when its client left.
+# Versions 4 (subscriptions without options nor identifier, no expiry tail:
+# restored sessions follow session_expiry from their restart), 3 (nor
+# messages' extras) and 2 (nor user name: anonymous) are still read.
 # Counts are u32: a session may hold more than 65,535 subscriptions or messages.
 # session_restore checks every length against what is left before reading it.
 
 cdef enum:
     SESSION_STATE_VERSION = 5
-    SESSION_STATE_NO_SUBOPTS = 4      # the version before subscription options and identifiers
+    SESSION_STATE_V4 = 4              # the version before subscription options, identifiers and the expiry tail
     SESSION_STATE_NO_EXT = 3          # the version before MQTT 5.0 messages' extras
     SESSION_STATE_NO_USER = 2         # the version before user names: read as anonymous
 
@@ -71,7 +77,38 @@ cdef bytes session_serialize(Worker w, int slot):
     else:
         parts.append(struct_pack("<BH", 1, s.username_len))
         parts.append(PyBytes_FromStringAndSize(s.username, s.username_len))
+    parts.append(session_expiry_tail(w, s))
     return b"".join(parts)
+
+
+cdef bytes session_expiry_tail(Worker w, Session* s):
+    """The layout's last part: protocol version, Session Expiry Interval, and
+    when its client went away as wall-clock ms (0: it is connected)."""
+    cdef uint64_t away_wall = 0
+    cdef uint64_t now_mono
+    if s.fd < 0 and s.away_since_ms:
+        now_mono = monotonic_ms()
+        away_wall = realtime_ms() - (now_mono - s.away_since_ms if now_mono > s.away_since_ms else 0)
+    return struct_pack("<BIQ", s.version, s.expiry_s, away_wall)
+
+
+cdef int restore_expiry_tail(Worker w, Session* s, const uint8_t* p, const uint8_t* end) except -2:
+    """session_expiry_tail's bytes at p: the session's version and expiry; its
+    away time (Session.away_since_ms on the monotonic clock, 1 at the least;
+    0 when it was connected: its caller counts from now)."""
+    cdef uint64_t away_wall, now_wall, now_mono, gone
+    if end - p < 13:
+        return session_restore_fault(w, "session expiry missing")
+    s.version = p[0]
+    s.expiry_s = rd32(p + 1)
+    memcpy(&away_wall, p + 5, 8)
+    s.away_since_ms = 0
+    if away_wall:
+        now_wall = realtime_ms()
+        now_mono = monotonic_ms()
+        gone = now_wall - away_wall if now_wall > away_wall else 0
+        s.away_since_ms = now_mono - gone if now_mono > gone else 1
+    return 0
 
 
 cdef inline uint32_t rd16(const uint8_t* p) noexcept nogil:
@@ -98,7 +135,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     cdef uint8_t version
     cdef uint32_t ulen, subtail, subid
     cdef uint8_t opts
-    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_NO_SUBOPTS
+    if end - p < 5 or (p[0] != SESSION_STATE_VERSION and p[0] != SESSION_STATE_V4
                        and p[0] != SESSION_STATE_NO_EXT and p[0] != SESSION_STATE_NO_USER):
         return session_restore_fault(w, "unknown format")
     version = p[0]
@@ -148,7 +185,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             return session_restore_fault(w, "message malformed")
         ext = p + tlen + plen
         xlen = 0
-        if version >= SESSION_STATE_NO_SUBOPTS:
+        if version >= SESSION_STATE_V4:
             if end - ext < 4:
                 return session_restore_fault(w, "message extras missing")
             xlen = rd32(ext)
@@ -199,6 +236,11 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
             return session_restore_fault(w, "user name cut short")
         if session_set_username(s, PyBytes_FromStringAndSize(<char*>p + 3, ulen)) < 0:
             return session_restore_fault(w, "no memory for the user name")
+        p += 3 + ulen
+    else:
+        p += 3
+    if version == SESSION_STATE_VERSION:
+        return restore_expiry_tail(w, s, p, end)
     return 0
 
 
@@ -233,6 +275,7 @@ cdef void sessions_load(Worker w, list saved) except *:
     """Worker.restore_sessions: saved sessions come back at start-up, their
     clients away; begin() registers them at their ids' homes."""
     cdef int slot
+    cdef Session* s
     cdef bytes cid, state
     for cid, state in saved:
         if cid in w.client_sessions:
@@ -241,6 +284,14 @@ cdef void sessions_load(Worker w, list saved) except *:
         if slot < 0:
             raise MemoryError()
         session_restore(w, slot, state)
-        w.sessions[slot].away_since_ms = monotonic_ms()
+        s = &w.sessions[slot]
+        if s.away_since_ms == 0:
+            s.away_since_ms = monotonic_ms()    # away from now (saved connected, or an older layout)
         w.counters[SESSIONS_AWAY] += 1
+        if (s.version == 5 and s.expiry_s != 0xFFFFFFFF
+                and monotonic_ms() - s.away_since_ms > <uint64_t>s.expiry_s * 1000):
+            # Its Session Expiry Interval passed while the server was down.
+            session_free(w, slot, False)
+            w.counters[SESSIONS_EXPIRED] += 1
+            continue
         w.restored.append(cid)

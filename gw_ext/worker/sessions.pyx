@@ -116,6 +116,14 @@ cdef void session_free(Worker w, int slot, bint release_id, bint redeliver=True)
     cdef uint32_t i
     if not s.in_use:
         return
+    if s.will_timer != NULL:
+        # A will held for its Will Delay Interval (will_delay.pyx): the session
+        # ends first, so it goes out now; a session moving on cancels it.
+        if redeliver:
+            will_delay_end(w, slot, WILLS_DELAY_SESSION_END)
+        else:
+            will_delay_cancel(w, s)
+        s = &w.sessions[slot]
     if s.nshared:
         shared_session_end(w, slot, redeliver)      # shared.pyx
     if s.congested:
@@ -150,9 +158,10 @@ cdef void session_free(Worker w, int slot, bint release_id, bint redeliver=True)
 
 cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True):
     """The connection of c's session is closing. The will goes out unless the
-    client said DISCONNECT (MQTT-3.1.2-8, -10); a clean session ends, a
-    persistent one waits for its client. release_id False: the id stays
-    registered to this worker (a connection here is taking it over)."""
+    client said DISCONNECT (MQTT-3.1.2-8, -10), an MQTT 5.0 one after its Will
+    Delay Interval while its session lasts (will_delay.pyx); a clean session
+    ends, a persistent one waits for its client. release_id False: the id
+    stays registered to this worker (a connection here is taking it over)."""
     cdef int slot = c.session
     cdef Session* s
     c.session = -1
@@ -163,14 +172,12 @@ cdef void session_detach(Worker w, Conn* c, bint graceful, bint release_id=True)
     if s.congested:
         uncongest(w, s)     # an absent client's queue holds no publisher back
     if s.will != NULL:
-        if not graceful and will_allowed(w, s):      # again: a reload may have revoked it
-            w.counters[WILLS_PUBLISHED] += 1
-            will_expiry_starts(s.will)
-            route_publish(w, s.will.data, s.will.topic_len, s.will.data + s.will.topic_len,
-                          s.will.payload_len, s.will_qos, s.will_retain, True, w.now_ns,
-                          s.will.data + s.will.topic_len + s.will.payload_len, s.will.ext_len)
-        msg_release(s.will)
-        s.will = NULL
+        if graceful:
+            msg_release(s.will)
+            s.will = NULL
+        elif not will_delay_start(w, slot):
+            will_publish(w, s)      # will_delay.pyx: the ACL asked again (a reload may have revoked it)
+        s = &w.sessions[slot]
     if s.clean:
         session_free(w, slot, release_id)
     else:
