@@ -17,7 +17,7 @@ from pathlib import Path
 import playwright.sync_api as playwright_api       # the [test] extra: never skipped for want of it
 import pytest
 
-from conftest import HOST, free_ports, run_gw
+from conftest import HOST, counter_delta, free_ports, run_gw
 from http_client import HttpConn
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -144,11 +144,16 @@ def exercise(page, server, tmp_path: Path, token: str | None, prefix: str) -> No
 
 def test_dashboard_open_on_loopback(gw_factory, page, tmp_path):
     server = dashboard_server(gw_factory)
+    before = server.counters()
     url = f"http://{HOST}:{server.ports['http']}/"
     response = page.goto(url)
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/html")
     exercise(page, server, tmp_path, None, "open")
+    # The page is an MQTT 5.0 client (MQTT.js, protocolVersion 5): every CONNACK went to one.
+    after = server.counters()
+    assert counter_delta(before, after, "mqtt5_connected") >= 1
+    assert counter_delta(before, after, "mqtt5_connected") == counter_delta(before, after, "packets_out.connack")
     # Nothing came from anywhere but this server; the vendored files are cached for a year.
     resources = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(n.startswith(f"http://{HOST}:{server.ports['http']}/") for n in resources)
