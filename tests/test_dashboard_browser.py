@@ -197,6 +197,26 @@ def test_dashboard_with_tokens_and_mqtt_passwords(gw_factory, page, tmp_path):
     exercise(page, server, tmp_path, token, "tokens")
 
 
+def test_dashboard_shows_a_refused_subscription_by_its_reason_code(gw_factory, page, tmp_path):
+    """The page is an MQTT 5.0 client: an ACL that does not let it read alerts/#
+    refuses that filter in the SUBACK (reason code 0x87), and the page says so
+    instead of marking itself live; the telemetry tail it may read still works."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read telemetry/#\n")
+    server = dashboard_server(gw_factory, args=["--acl-file", acl])
+    page.goto(f"http://{HOST}:{server.ports['http']}/")
+    page.wait_for_selector("body[data-ready='1']", timeout=WAIT_MS)
+    status = page.locator("#mqtt-status")
+    playwright_api.expect(status).to_have_attribute("title", "alerts: refused, reason 0x87 (not authorized)",
+                                                    timeout=WAIT_MS)
+    assert status.get_attribute("data-state") == "error"
+    assert page.get_attribute("body", "data-live") != "1"
+    page.fill("#tail-device", "acl-dev")
+    page.click("#tail-form button")
+    page.wait_for_selector("body[data-tail='acl-dev']", timeout=WAIT_MS)
+    shot(page, tmp_path, "acl-refused")
+
+
 def test_files_compressed_for_a_client_that_asks(gw_factory):
     """The framing passes Accept-Encoding: gzip on (a bare token only), written in fragments too."""
     import gzip

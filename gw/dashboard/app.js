@@ -439,9 +439,9 @@
       // every alert raised reaches this page.
       client.subscribe(cfg.alerts_topic + "/#", { qos: 0 }, (err, granted) => {
         if (state.client !== client) return;
-        const refused = subackRefused(granted);
-        if (!err && !refused) document.body.dataset.live = "1";
-        else setStatus("mqtt-status", "error", "alerts: " + (err ? String(err.message) : refused));
+        const refused = subackRefused(err, granted);
+        if (!refused) document.body.dataset.live = "1";
+        else setStatus("mqtt-status", "error", "alerts: " + refused);
       });
       if (state.tailDevice) subscribeTail(client, state.tailDevice);
     });
@@ -488,20 +488,24 @@
     // data-tail once the SUBACK is in: readings sent from then on are shown.
     client.subscribe(state.config.telemetry_topic + "/" + id, { qos: 0 }, (err, granted) => {
       if (state.tailDevice !== id) return;
-      const refused = subackRefused(granted);
-      if (!err && !refused) document.body.dataset.tail = id;
-      else $("tail-note").textContent = "not followed: " + (err ? String(err.message) : refused);
+      const refused = subackRefused(err, granted);
+      if (!refused) document.body.dataset.tail = id;
+      else $("tail-note").textContent = "not followed: " + refused;
     });
   }
 
-  // A SUBACK's refusal: MQTT 5.0 reason codes >= 0x80 (0x87 not authorized by the ACL, ...)
-  // come back as the granted "qos"; null when every filter was granted.
-  function subackRefused(granted) {
-    const bad = (granted || []).find((g) => g.qos >= 0x80);
-    if (!bad) return null;
-    const names = { 0x80: "unspecified error", 0x87: "not authorized", 0x8f: "topic filter invalid",
-                    0x97: "quota exceeded", 0x9e: "shared subscriptions not supported" };
-    return "refused, reason 0x" + bad.qos.toString(16) + (names[bad.qos] ? " (" + names[bad.qos] + ")" : "");
+  // Why a subscription failed, or null: a SUBACK's MQTT 5.0 reason code >= 0x80 (0x87 when the
+  // ACL does not let this user read the filter; MQTT.js hands the SUBACK with the error, its
+  // codes in packet.granted), or another error's message.
+  function subackRefused(err, granted) {
+    const codes = ((err && err.packet && err.packet.granted) || []).concat((granted || []).map((g) => g.qos));
+    const bad = codes.find((c) => c >= 0x80);
+    const code = bad === undefined ? null : bad;
+    if (code === null) return err ? String(err.message) : null;
+    const names = { 0x80: "unspecified error", 0x83: "implementation specific error", 0x87: "not authorized",
+                    0x8f: "topic filter invalid", 0x91: "packet identifier in use", 0x97: "quota exceeded",
+                    0x9e: "shared subscriptions not supported" };
+    return "refused, reason 0x" + code.toString(16) + (names[code] ? " (" + names[code] + ")" : "");
   }
 
   function tailReading(r) {
