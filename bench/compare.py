@@ -4,6 +4,7 @@
     python bench/compare.py --only idle-10k-tls  # one row
     python bench/compare.py --list
     python bench/compare.py --peer emqx=127.0.0.1:1884:4242   # a third broker, already running
+    python bench/compare.py --mqtt-version 5     # MQTT 5.0 clients (Topic Aliases on)
 
 Starts Debian's `mosquitto` and `gw serve --workers 2` on free loopback ports
 (each with its own temporary directory and a trustme ECDSA P-256 certificate),
@@ -18,6 +19,12 @@ are not ours to know), and gets a row of its own in every table. Its memory
 (RSS per connection) is measured only when its PID is given, as the sum over
 that process and its children; without it the cell reads "-". compare.py never
 starts, configures or stops a peer.
+
+`--mqtt-version 5` runs every MQTT scenario with MQTT 5.0 clients (`gw bench
+--mqtt-version 5`: publishers with a Topic Alias, where the broker announces
+a Topic Alias Maximum: gw 64, Mosquitto 10); the JSON-lines ones are as they
+are. bench/v5_vs_311.py holds the two versions against each other through
+the same gw.
 
 Mosquitto is configured at its best for each figure: its defaults for
 throughput; `set_tcp_nodelay true` where latency is measured (connect times);
@@ -217,7 +224,7 @@ class Mosquitto(Broker):
                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
-def run_bench(broker: Broker | Peer, sc: Scenario, out: Path) -> dict:
+def run_bench(broker: Broker | Peer, sc: Scenario, out: Path, mqtt_version: str = "3.1.1") -> dict:
     if isinstance(broker, Peer):
         host, port, pid = broker.host, broker.port, broker.pid
     else:
@@ -230,6 +237,8 @@ def run_bench(broker: Broker | Peer, sc: Scenario, out: Path) -> dict:
         cmd += ["--server-pid", str(pid)]
     if sc.tls:
         cmd += ["--tls", "--cafile", str(broker.certs / "ca.pem")]
+    if sc.kind != "jsonlines":
+        cmd += ["--mqtt-version", mqtt_version]
     done = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL,
                           timeout=600, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     if not out.exists():
@@ -293,6 +302,8 @@ def main() -> int:
     ap.add_argument("--peer", action="append", type=parse_peer, default=[], metavar="NAME=HOST:PORT[:PID]",
                     help="another broker, already running, to hold gw against (plain MQTT scenarios; "
                          "its RSS only with PID)")
+    ap.add_argument("--mqtt-version", choices=["3.1.1", "5"], default="3.1.1",
+                    help="the MQTT clients' version (gw bench --mqtt-version)")
     args = ap.parse_args()
     if len({p.name for p in args.peer}) != len(args.peer):
         ap.error("--peer: each peer needs a name of its own")
@@ -334,7 +345,8 @@ def main() -> int:
                           else peers[which] if which in peers
                           else Mosquitto(work, certs, sc.mosquitto))
                 with broker:
-                    r = run_bench(broker, sc, RESULTS / f"{stamp}-{name}-{which}.json")
+                    tag = "-v5" if args.mqtt_version == "5" and sc.kind != "jsonlines" else ""
+                    r = run_bench(broker, sc, RESULTS / f"{stamp}-{name}-{which}{tag}.json", args.mqtt_version)
                 results[which] = summarize(r)
                 print(f"{name} {which}: {results[which]}", file=sys.stderr, flush=True)
             rows.append((sc, results))

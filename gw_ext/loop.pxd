@@ -566,6 +566,8 @@ cdef class Worker:
     cdef public uint16_t topic_alias_maximum  # MQTT 5.0 Topic Alias Maximum announced in CONNACK (worker/mqtt5.pyx)
     cdef public uint16_t topic_alias_maximum_out  # MQTT 5.0 aliases the server gives a client at most (alias_out_*)
     cdef dict topic_aliases          # fd -> [topic bytes or None] * (maximum + 1): a v5 client's aliases, made on its first
+    cdef int alias_fd                # the connection whose table alias_table is (-1: none): a PUBLISH after
+    cdef list alias_table            # another of the same read finds it without a dict lookup (topic_alias_in)
     cdef dict retained               # topic (bytes) -> (qos, payload bytes), or (qos, payload, extras) for MQTT 5.0
     cdef uint64_t retained_bytes     # their topics and payloads (max_retained_bytes)
     cdef bint publishing_as_server   # Worker.publish: $SYS retained messages are always kept

@@ -187,6 +187,8 @@ cdef class Worker:
         self.pending_subacks = {}
         self.retained = {}
         self.topic_aliases = {}
+        self.alias_fd = -1
+        self.alias_table = None
         self.index = topics_new()
         topics_result_init(&self.match)
         self.share_index = topics_new()
@@ -1420,6 +1422,9 @@ cdef class Worker:
             if self.topic_aliases:
                 self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
             alias_out_free(c)                           # and the server's (worker/mqtt5.pyx)
+        if c.fd == self.alias_fd:
+            self.alias_fd = -1
+            self.alias_table = None
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
         if c.ssl != NULL:

@@ -29,7 +29,14 @@ INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
                                                "number, 0 up, giving each client its own credentials.")
 @click.option("--password", default=None, help="MQTT password (needs --username).")
 @click.option("--protocol", type=click.Choice(["mqtt", "json"]), default="mqtt", show_default=True,
-              help="mqtt: MQTT 3.1.1; json: gw's newline-delimited JSON protocol (connection scenario).")
+              help="mqtt: MQTT (3.1.1, or 5.0 with --mqtt-version 5); json: gw's newline-delimited JSON "
+                   "protocol (connection scenario).")
+@click.option("--mqtt-version", type=click.Choice(["3.1.1", "5"]), default="3.1.1", show_default=True,
+              help="MQTT clients' version (connection and throughput scenarios). 5: MQTT 5.0 clients "
+                   "(CONNECT level 5; reason codes in CONNACK, SUBACK, PUBACK read: one >= 0x80 on a PUBACK "
+                   "counts as rejected, not acknowledged); publishers send with a Topic Alias (the topic "
+                   "once, then only the alias) when the server's CONNACK announces a Topic Alias Maximum, "
+                   "and keep at most the server's Receive Maximum in flight.")
 @click.option("--clients", "-c", type=int, default=1000, show_default=True,
               help="Connection scenario: number of clients; ingest: keep-alive connections (default 64).")
 @click.option("--rampup", type=float, default=0.0, show_default=True,
@@ -98,19 +105,20 @@ INGEST_DEFAULTS = {"server": "127.0.0.1:8080", "clients": 64, "procs": 1}
 @click.option("--quiet", "-q", is_flag=True, help="No live progress line.")
 @click.option("--dry-run", is_flag=True, help="Check and print the plan (processes, sockets, source "
               "addresses, rates), then exit without connecting.")
-def bench(scenario, mode, server, tls, cafile, insecure, username, password, protocol, clients, rampup,
+def bench(scenario, mode, server, tls, cafile, insecure, username, password, protocol, mqtt_version, clients, rampup,
           duration, keepalive, messages, qos, size, publishers, subscribers, rate, topic_mode, inflight,
           topic_prefix, client_prefix, procs, devices, pipeline, transport, ws_path, anomalies, anomaly_fraction,
           seq, seed, http_path, source_ips, connect_timeout, server_pid, json_path, plot_path, quiet,
           dry_run):
-    """Load-test an MQTT 3.1.1 broker (gw, Mosquitto, any other), or an HTTP
-    ingest endpoint.
+    """Load-test an MQTT 3.1.1 or 5.0 broker (gw, Mosquitto, any other), or an
+    HTTP ingest endpoint.
 
     \b
     Connection scenario (default):
       gw bench --clients 10000 --rampup 15 --duration 30 --server 127.0.0.1:1883
     Throughput scenario:
       gw bench pubsub --publishers 10 --subscribers 1 --qos 0 --size 64 --duration 10
+      gw bench pubsub --mqtt-version 5 --publishers 4 --qos 1     (MQTT 5.0, Topic Aliases)
     Either over MQTT over WebSocket:
       gw bench --transport ws --clients 10000 --rampup 15 --server 127.0.0.1:8083
     Ingest scenario (POST /v1/ingest/{device_id}, HTTP/1.1 keep-alive):
@@ -163,6 +171,7 @@ def bench(scenario, mode, server, tls, cafile, insecure, username, password, pro
         run_id = plan_mod.new_run_id()
         p = Plan(
             scenario=sc, host=host, port=port, family=family, sockaddr=sockaddr, protocol=protocol,
+            mqtt_version=mqtt_version,
             tls=tls or bool(cafile) or insecure, cafile=cafile, insecure=insecure,
             username=username, password=password,
             client_prefix=client_prefix if client_prefix is not None else f"gwbench-{run_id}-",
@@ -242,7 +251,8 @@ def describe(p: Plan) -> str:
     total = p.total_clients
     per = max(p.sockets_per_worker())
     lines = []
-    where = f"{p.host}:{p.port} ({p.protocol}{'+tls' if p.tls else ''})"
+    proto = f"mqtt {p.mqtt_version}" if p.protocol == "mqtt" else p.protocol
+    where = f"{p.host}:{p.port} ({proto}{'+tls' if p.tls else ''})"
     if p.scenario == "ingest":
         what = (f"POST {p.path}{{device_id}}" if p.transport == "http"
                 else f"MQTT QoS 1 to {p.topic_prefix}/{{device_id}}")

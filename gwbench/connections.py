@@ -103,6 +103,7 @@ class Conn:
     __slots__ = (
         "g", "cid", "role", "sock", "tls", "fd", "state", "events", "t0", "t_tcp", "t_tls", "t_ready",
         "inbuf", "outbuf", "ping_sent", "last_tx", "pubs_done", "pid", "inflight", "json_id", "ws", "ws_key",
+        "alias_max", "recv_max", "alias_set",
     )
 
     def __init__(self, g: int, cid: str, role: str):
@@ -125,6 +126,11 @@ class Conn:
         self.json_id = None
         self.ws = None      # --transport ws: the server's frames being read (gwbench/ws.py FrameReader)
         self.ws_key = b""
+        # MQTT 5.0: what the server's CONNACK announced (Topic Alias Maximum,
+        # Receive Maximum), and whether this client's Topic Alias 1 is set.
+        self.alias_max = 0
+        self.recv_max = 65535
+        self.alias_set = False
 
 
 class ConnEngine:
@@ -154,6 +160,7 @@ class ConnEngine:
         self.timers: list = []
         self._tseq = 0
         self.json = plan.protocol == "json"
+        self.v5 = not self.json and plan.mqtt_level == 5   # MQTT 5.0 clients (--mqtt-version 5)
         self.ws = getattr(plan, "transport", "") == "ws"    # MQTT over WebSocket
         self.server_hostname = plan.host if plan.tls and not plan.insecure else None
         self.username = plan.username.encode() if plan.username is not None else None
@@ -495,15 +502,39 @@ class ConnEngine:
                 n = str(c.g).encode()
                 user = user.replace(b"{n}", n)
                 password = password.replace(b"{n}", n) if password is not None else None
-            self._send(c, mqtt.connect(c.cid.encode(), self.plan.keepalive, user, password), now)
+            self._send(c, mqtt.connect(c.cid.encode(), self.plan.keepalive, user, password,
+                                       version=5 if self.v5 else 4), now)
         self.c["packets_out"] += 1
+
+    def _connack5(self, c: Conn, body: bytes) -> bool:
+        """An MQTT 5.0 CONNACK: False when it refused (or was not one), else
+        what it announced is kept on the client."""
+        if c.state != HELLO:
+            self._broken(c, "unexpected_connack")
+            return False
+        if len(body) == 2:
+            # A 3.1.1 server's answer to protocol level 5 (return code 1).
+            self._fail(c, "connack_bad_protocol")
+            return False
+        try:
+            rc, props = mqtt.connack5(body)
+        except mqtt.MalformedError:
+            self._fail(c, "malformed_from_server")
+            return False
+        if rc:
+            self._fail(c, f"connack_0x{rc:02x}")
+            return False
+        c.alias_max = props.get(mqtt.P_TOPIC_ALIAS_MAXIMUM, 0)
+        c.recv_max = props.get(mqtt.P_RECEIVE_MAXIMUM, 65535)
+        return True
 
     def _accepted(self, c: Conn, now: float) -> None:
         self.h_hello.record((now - c.ping_sent) * 1e9)
         c.ping_sent = 0.0
         if c.role == "sub":
             c.state = SUBSCRIBING
-            self._send(c, mqtt.subscribe(1, self.plan.subscribe_filter().encode(), self.plan.qos), now)
+            self._send(c, mqtt.subscribe(1, self.plan.subscribe_filter().encode(), self.plan.qos,
+                                         version=5 if self.v5 else 4), now)
             self.c["packets_out"] += 1
         else:
             self._ready(c, now)
@@ -554,6 +585,11 @@ class ConnEngine:
             self.c["packets_in"] += 1
             t = first >> 4
             if t == mqtt.CONNACK:
+                if self.v5:
+                    if not self._connack5(c, body):
+                        return
+                    self._accepted(c, now)
+                    continue
                 if c.state != HELLO or len(body) != 2:
                     self._broken(c, "unexpected_connack")
                     return
@@ -572,6 +608,10 @@ class ConnEngine:
                 sent = c.inflight.pop(pid, None) if c.inflight is not None else None
                 if sent is None:
                     self.errors["unexpected_puback"] += 1
+                elif self.v5 and mqtt.ack5_reason(body) >= 0x80:
+                    # The server refused the message (MQTT 5.0 reason code): not acknowledged.
+                    self.c["rejected"] += 1
+                    self.errors[f"puback_0x{mqtt.ack5_reason(body):02x}"] += 1
                 else:
                     self.h_ack.record((now - sent) * 1e9)
                     self.c["acked"] += 1
@@ -579,7 +619,16 @@ class ConnEngine:
                 if c.state != SUBSCRIBING:
                     self.errors["unexpected_suback"] += 1
                     continue
-                if len(body) < 3 or body[2] == 0x80:
+                if self.v5:
+                    try:
+                        codes = mqtt.suback5_codes(body)
+                    except mqtt.MalformedError:
+                        self._fail(c, "malformed_from_server")
+                        return
+                    if len(codes) != 1 or codes[0] >= 0x80:
+                        self._fail(c, f"suback_0x{codes[0]:02x}" if codes else "suback_failure")
+                        return
+                elif len(body) < 3 or body[2] == 0x80:
                     self._fail(c, "suback_failure")
                     return
                 self._ready(c, now)
@@ -587,6 +636,11 @@ class ConnEngine:
                 # Only setup-phase subscribers can see these (retained or
                 # early messages); the Cython engine takes over after that.
                 self.c["early_publish"] += 1
+            elif t == mqtt.DISCONNECT and self.v5:
+                # An MQTT 5.0 server says why it closes the connection.
+                rc = body[0] if body else 0
+                self._broken(c, f"disconnect_0x{rc:02x}")
+                return
             else:
                 self.errors[f"unexpected_packet_{t}"] += 1
             if c.state == CLOSED:
@@ -667,7 +721,16 @@ class ConnEngine:
                 c.pid = c.pid % 65535 + 1
                 pid = c.pid
                 c.inflight[pid] = now
-            self._send(c, mqtt.publish(topic, payload, plan.qos, pid), now)
+            if self.v5:
+                # Topic Alias 1 when the server takes aliases: the topic with
+                # the first publish, the alias alone after it.
+                alias = 1 if c.alias_max else 0
+                if alias and c.alias_set:
+                    topic = b""
+                c.alias_set = bool(alias)
+                self._send(c, mqtt.publish(topic, payload, plan.qos, pid, version=5, alias=alias), now)
+            else:
+                self._send(c, mqtt.publish(topic, payload, plan.qos, pid), now)
         self.c["published"] += 1
         self.c["packets_out"] += 1
 

@@ -1,8 +1,11 @@
-"""The few MQTT 3.1.1 packets the connection engine needs, in plain Python.
+"""The few MQTT packets the connection engine needs, in plain Python: 3.1.1,
+and MQTT 5.0's forms of them (`--mqtt-version 5`: a property block in
+CONNECT, PUBLISH and SUBSCRIBE; reason codes and properties in CONNACK,
+SUBACK and the acknowledgements).
 
 The connection scenario is paced by the ramp (hundreds of packets a second),
 so a tiny encoder here is plenty; the throughput hot path encodes and decodes
-with the project codec (gw_ext/codec.pxd) from Cython.
+with the project codecs (gw_ext/codec.pxd, codec5.pxd) from Cython.
 """
 from __future__ import annotations
 
@@ -31,6 +34,47 @@ CONNACK_TEXT = {
 }
 
 
+# MQTT 5.0 reason codes a server refuses a CONNECT with (section 3.2.2.2), for messages.
+CONNACK5_TEXT = {
+    0x80: "unspecified error",
+    0x81: "malformed packet",
+    0x82: "protocol error",
+    0x83: "implementation specific error",
+    0x84: "unsupported protocol version",
+    0x85: "client identifier not valid",
+    0x86: "bad user name or password",
+    0x87: "not authorized",
+    0x88: "server unavailable",
+    0x89: "server busy",
+    0x8A: "banned",
+    0x8C: "bad authentication method",
+    0x90: "topic name invalid",
+    0x95: "packet too large",
+    0x97: "quota exceeded",
+    0x99: "payload format invalid",
+    0x9A: "retain not supported",
+    0x9B: "QoS not supported",
+    0x9C: "use another server",
+    0x9D: "server moved",
+    0x9F: "connection rate exceeded",
+}
+
+# MQTT 5.0 property identifiers this client reads or writes (section 2.2.2.2).
+P_REASON_STRING = 0x1F
+P_RECEIVE_MAXIMUM = 0x21
+P_TOPIC_ALIAS_MAXIMUM = 0x22
+P_TOPIC_ALIAS = 0x23
+P_MAXIMUM_PACKET_SIZE = 0x27
+# Every property's value type, to walk a block: 1, 2, 4 bytes, a Variable Byte
+# Integer, a string or binary (two-byte length), a string pair.
+_PROP_TYPES = {}
+for _ids, _kind in (((0x01, 0x17, 0x19, 0x24, 0x25, 0x28, 0x29, 0x2A), "u8"), ((0x13, 0x21, 0x22, 0x23), "u16"),
+                    ((0x02, 0x11, 0x18, 0x27), "u32"), ((0x0B,), "varint"),
+                    ((0x03, 0x08, 0x09, 0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F), "bytes"), ((0x26,), "pair")):
+    for _i in _ids:
+        _PROP_TYPES[_i] = _kind
+
+
 def _remaining(n: int) -> bytes:
     out = bytearray()
     while True:
@@ -48,7 +92,10 @@ def _str(s: bytes) -> bytes:
 
 
 def connect(client_id: bytes, keepalive: int, username: bytes | None = None,
-            password: bytes | None = None, clean: bool = True) -> bytes:
+            password: bytes | None = None, clean: bool = True, version: int = 4) -> bytes:
+    """CONNECT of protocol level `version`: 4 (3.1.1) or 5 (MQTT 5.0, with an
+    empty property block: the standard's defaults, so no Topic Alias from the
+    server; Session Expiry Interval 0, as a 3.1.1 clean session)."""
     flags = 0x02 if clean else 0
     payload = _str(client_id)
     if username is not None:
@@ -57,17 +104,25 @@ def connect(client_id: bytes, keepalive: int, username: bytes | None = None,
         if password is not None:
             flags |= 0x40
             payload += _str(password)
-    body = _str(b"MQTT") + bytes((4, flags)) + struct.pack("!H", keepalive) + payload
+    body = (_str(b"MQTT") + bytes((version, flags)) + struct.pack("!H", keepalive)
+            + (b"\x00" if version == 5 else b"") + payload)
     return b"\x10" + _remaining(len(body)) + body
 
 
-def publish(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 0) -> bytes:
-    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + payload
+def publish(topic: bytes, payload: bytes, qos: int = 0, packet_id: int = 0, version: int = 4,
+            alias: int = 0) -> bytes:
+    """PUBLISH; MQTT 5.0 (version 5) with a property block, holding a Topic
+    Alias when alias is not 0 (the topic may then be empty: the alias stands for it)."""
+    props = b""
+    if version == 5:
+        props = (b"\x03" + bytes((P_TOPIC_ALIAS,)) + struct.pack("!H", alias)) if alias else b"\x00"
+    body = _str(topic) + (struct.pack("!H", packet_id) if qos else b"") + props + payload
     return bytes((0x30 | (qos << 1),)) + _remaining(len(body)) + body
 
 
-def subscribe(packet_id: int, topic_filter: bytes, qos: int) -> bytes:
-    body = struct.pack("!H", packet_id) + _str(topic_filter) + bytes((qos,))
+def subscribe(packet_id: int, topic_filter: bytes, qos: int, version: int = 4) -> bytes:
+    """SUBSCRIBE of one filter (MQTT 5.0: no properties, options = the QoS)."""
+    body = struct.pack("!H", packet_id) + (b"\x00" if version == 5 else b"") + _str(topic_filter) + bytes((qos,))
     return b"\x82" + _remaining(len(body)) + body
 
 
@@ -78,6 +133,83 @@ def ack(packet_type: int, packet_id: int) -> bytes:
 
 class MalformedError(ValueError):
     pass
+
+
+def _varint(buf: bytes, i: int) -> tuple[int, int]:
+    """A Variable Byte Integer at buf[i:]: (value, the offset after it)."""
+    value = 0
+    for k in range(4):
+        if i >= len(buf):
+            raise MalformedError("variable byte integer cut")
+        b = buf[i]
+        i += 1
+        value |= (b & 0x7F) << (7 * k)
+        if not b & 0x80:
+            return value, i
+    raise MalformedError("variable byte integer over 4 bytes")
+
+
+def properties(buf: bytes, i: int) -> tuple[dict, int]:
+    """The MQTT 5.0 property block at buf[i:] (its length first): ({identifier:
+    value}, the offset after it). Integers as ints, strings and binary as
+    bytes; User Properties as a list of pairs under 0x26."""
+    n, i = _varint(buf, i)
+    end = i + n
+    if end > len(buf):
+        raise MalformedError("property block past the packet's end")
+    out: dict = {}
+    while i < end:
+        ident = buf[i]
+        i += 1
+        kind = _PROP_TYPES.get(ident)
+        if kind == "u8":
+            value, i = buf[i], i + 1
+        elif kind == "u16":
+            value, i = int.from_bytes(buf[i:i + 2], "big"), i + 2
+        elif kind == "u32":
+            value, i = int.from_bytes(buf[i:i + 4], "big"), i + 4
+        elif kind == "varint":
+            value, i = _varint(buf, i)
+        elif kind == "bytes":
+            ln = int.from_bytes(buf[i:i + 2], "big")
+            value, i = bytes(buf[i + 2:i + 2 + ln]), i + 2 + ln
+        elif kind == "pair":
+            kl = int.from_bytes(buf[i:i + 2], "big")
+            k = bytes(buf[i + 2:i + 2 + kl])
+            i += 2 + kl
+            vl = int.from_bytes(buf[i:i + 2], "big")
+            out.setdefault(ident, []).append((k, bytes(buf[i + 2:i + 2 + vl])))
+            i += 2 + vl
+            continue
+        else:
+            raise MalformedError(f"unknown property identifier 0x{ident:02x}")
+        if i > end:
+            raise MalformedError("property past its block")
+        out[ident] = value
+    return out, end
+
+
+def connack5(body: bytes) -> tuple[int, dict]:
+    """An MQTT 5.0 CONNACK's body: (reason code, properties)."""
+    if len(body) < 3:
+        raise MalformedError("MQTT 5.0 CONNACK shorter than 3 bytes")
+    props, end = properties(body, 2)
+    if end != len(body):
+        raise MalformedError("bytes after the CONNACK's properties")
+    return body[1], props
+
+
+def suback5_codes(body: bytes) -> bytes:
+    """An MQTT 5.0 SUBACK's reason codes (one per filter)."""
+    if len(body) < 3:
+        raise MalformedError("MQTT 5.0 SUBACK shorter than 3 bytes")
+    _, i = properties(body, 2)
+    return bytes(body[i:])
+
+
+def ack5_reason(body: bytes) -> int:
+    """The reason code of an MQTT 5.0 PUBACK/PUBREC/PUBREL/PUBCOMP (0 when left out)."""
+    return body[2] if len(body) > 2 else 0
 
 
 def split(buf: bytearray, max_remaining: int = 1 << 20):

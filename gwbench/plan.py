@@ -29,6 +29,7 @@ class Plan:
     family: int
     sockaddr: tuple
     protocol: str = "mqtt"
+    mqtt_version: str = "3.1.1"        # "3.1.1" or "5" (MQTT 5.0): the MQTT clients' protocol level
     tls: bool = False
     cafile: str | None = None
     insecure: bool = False
@@ -68,6 +69,11 @@ class Plan:
     path: str = "/v1/ingest/"
 
     INGEST_FIELDS = ("transport", "devices", "pipeline", "anomalies", "anomaly_fraction", "seq", "seed", "path")
+
+    @property
+    def mqtt_level(self) -> int:
+        """The CONNECT's protocol level: 4 (MQTT 3.1.1) or 5 (MQTT 5.0)."""
+        return 5 if self.mqtt_version == "5" else 4
 
     @property
     def total_clients(self) -> int:
@@ -140,7 +146,7 @@ class Plan:
                 if not (k == "transport" and self.transport == "ws"):
                     d.pop(k, None)
         else:
-            for k in ("protocol", "rampup", "messages", "qos", "size", "publishers", "subscribers",
+            for k in ("protocol", "mqtt_version", "rampup", "messages", "qos", "size", "publishers", "subscribers",
                       "topic_mode", "inflight"):
                 d.pop(k, None)
         if self.transport != "ws" or self.scenario == "ingest":
@@ -232,6 +238,13 @@ def check(plan: Plan) -> list[str]:
             raise PlanError("--transport ws carries MQTT (--protocol mqtt)")
         if not plan.ws_path.startswith("/"):
             raise PlanError("--ws-path must start with '/'")
+    if plan.mqtt_version not in ("3.1.1", "5"):
+        raise PlanError("--mqtt-version must be 3.1.1 or 5")
+    if plan.mqtt_version == "5":
+        if plan.scenario == "ingest":
+            raise PlanError("the ingest scenario speaks MQTT 3.1.1 only: drop --mqtt-version 5")
+        if plan.protocol != "mqtt":
+            raise PlanError("--mqtt-version 5 is for MQTT clients (--protocol mqtt)")
     if plan.scenario == "conn" and plan.qos not in (0, 1):
         raise PlanError("the connection scenario publishes with --qos 0 or 1")
     from .payload import MIN_SIZE

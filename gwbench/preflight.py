@@ -101,10 +101,13 @@ def tcp_connect(plan, sock: socket.socket, timeout: float, listener: str = "the 
 
 
 def preflight(plan, timeout: float = 5.0) -> dict:
-    """Returns timings of one full connect; raises PreflightError."""
+    """Returns timings of one full connect (with --mqtt-version 5 also what the
+    server's CONNACK announced: topic_alias_maximum, receive_maximum); raises
+    PreflightError."""
     where = f"{plan.host}:{plan.port}"
     t0 = time.monotonic()
     deadline = t0 + timeout
+    info: dict = {}
     sock = socket.socket(plan.family, socket.SOCK_STREAM)
     try:
         tcp_connect(plan, sock, timeout)
@@ -152,20 +155,39 @@ def preflight(plan, timeout: float = 5.0) -> dict:
                 # With per-client credentials ("{n}"), the preflight is client 0.
                 user = plan.username.replace("{n}", "0").encode() if plan.username is not None else None
                 pw = plan.password.replace("{n}", "0").encode() if plan.password is not None else None
-                sock.sendall(mqtt.connect(f"{plan.client_prefix}preflight".encode(), plan.keepalive, user, pw))
+                level = plan.mqtt_level
+                sock.sendall(mqtt.connect(f"{plan.client_prefix}preflight".encode(), plan.keepalive, user, pw,
+                                          version=level))
                 buf = bytearray()
                 packets = []
                 while not packets:
                     buf += _recv_more(sock, deadline, f"{where} closed the connection before CONNACK "
-                                                      f"(is it an MQTT port? is --tls needed?)")
+                                                      f"(is it an MQTT port? is --tls needed?"
+                                                      + (" does it speak MQTT 5.0?)" if level == 5 else ")"))
                     try:
                         packets = mqtt.split(buf)
                     except mqtt.MalformedError:
                         raise PreflightError(f"{where} answered CONNECT with garbage (not an MQTT port?)") from None
                 first, body = packets[0]
-                if first >> 4 != mqtt.CONNACK or len(body) != 2:
+                if first >> 4 != mqtt.CONNACK or len(body) < 2 or (level != 5 and len(body) != 2):
                     raise PreflightError(f"{where} answered CONNECT with packet type {first >> 4}, not CONNACK")
-                if body[1]:
+                if level == 5 and len(body) == 2:
+                    # A 3.1.1 CONNACK: the server refused protocol level 5 as a 3.1.1 server does.
+                    raise PreflightError(f"{where} does not speak MQTT 5.0 (it answered with a 3.1.1 CONNACK, "
+                                         f"return code {body[1]}): drop --mqtt-version 5")
+                if level == 5:
+                    try:
+                        code, props = mqtt.connack5(body)
+                    except mqtt.MalformedError as e:
+                        raise PreflightError(f"{where} answered CONNECT with a malformed MQTT 5.0 CONNACK: {e}") from None
+                    if code:
+                        why = mqtt.CONNACK5_TEXT.get(code, "unknown reason")
+                        text = props.get(mqtt.P_REASON_STRING)
+                        raise PreflightError(f"{where} refused CONNECT: {why} (CONNACK reason code 0x{code:02x}"
+                                             + (f": {text.decode(errors='replace')})" if text else ")"))
+                    info["topic_alias_maximum"] = props.get(mqtt.P_TOPIC_ALIAS_MAXIMUM, 0)
+                    info["receive_maximum"] = props.get(mqtt.P_RECEIVE_MAXIMUM, 65535)
+                elif body[1]:
                     why = mqtt.CONNACK_TEXT.get(body[1], "unknown reason")
                     raise PreflightError(f"{where} refused CONNECT: {why} (CONNACK return code {body[1]})")
                 sock.sendall(mqtt.DISCONNECT_BYTES)
@@ -176,7 +198,7 @@ def preflight(plan, timeout: float = 5.0) -> dict:
             raise PreflightError(f"{where} dropped the connection during the connect: {e.strerror or e}") from None
         t_done = time.monotonic()
         return {"tcp_ms": (t_tcp - t0) * 1e3, "tls_ms": (t_tls - t_tcp) * 1e3,
-                "connect_ms": (t_done - t0) * 1e3}
+                "connect_ms": (t_done - t0) * 1e3, **info}
     finally:
         try:
             sock.close()

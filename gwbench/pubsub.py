@@ -18,7 +18,7 @@ class PubSubWorker:
         self.setup = setup_engine
         self.conns = conns
         self.eng = Engine(plan.qos, plan.size, plan.publishers, plan.inflight, plan.keepalive,
-                          H.MIN_NS, H.GROWTH, H.NBUCKETS, max(1, len(conns)))
+                          H.MIN_NS, H.GROWTH, H.NBUCKETS, max(1, len(conns)), plan.mqtt_level)
         self.n_pubs_local = 0
         for c in conns:
             is_sub = c.role == "sub"
@@ -29,11 +29,17 @@ class PubSubWorker:
             self.eng.add(c.fd, c.sock, is_sub, pub_id, topic, bytes(c.inbuf),
                          isinstance(c.sock, ssl.SSLSocket), c.ws is not None,
                          bytes(c.ws.raw) if c.ws is not None else b"",
-                         c.ws.remaining if c.ws is not None else 0)
+                         c.ws.remaining if c.ws is not None else 0,
+                         c.alias_max, c.recv_max)
         self.epoch = setup_engine.epoch
         self.next_k = setup_engine.next_k
         self.expected = None
         self.notes: list[str] = []
+        if plan.qos:
+            low = sorted(set(w for w in self.eng.windows().values() if w < plan.inflight))
+            if low:
+                self.notes.append(f"the server's Receive Maximum ({', '.join(map(str, low))}) is below --inflight "
+                                  f"{plan.inflight}: that many publishes in flight per publisher")
 
     def _snapshot(self) -> dict:
         e = self.eng
@@ -103,7 +109,7 @@ class PubSubWorker:
         counters = dict(setup["counters"])
         for k, v in (("published", e.published), ("acked", e.acked), ("pingresp", e.pingresp),
                      ("pings", e.pings), ("dropped", e.dropped), ("disconnected", e.disconnected),
-                     ("unacked", e.unacked())):
+                     ("unacked", e.unacked()), ("rejected", e.rejected)):
             counters[k] = counters.get(k, 0) + int(v)
         counters["pub_blocked_ns"] = int(e.blocked_ns)
         counters["pub_active_ns"] = int(e.publish_ns)

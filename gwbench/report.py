@@ -214,7 +214,7 @@ class Aggregate:
             window = plan.rampup + plan.duration
             msgs = {
                 "sent": sent, "received": int(c["packets_in"]),
-                "acked": int(c["acked"]), "unacked": int(c["unacked"]),
+                "acked": int(c["acked"]), "unacked": int(c["unacked"]), "rejected": int(c["rejected"]),
                 "bytes_sent": int(c["bytes_out"]), "bytes_received": int(c["bytes_in"]),
                 "sent_per_s": round(sent / window, 1) if window else 0.0,
                 "bytes_sent_per_s": round(c["bytes_out"] / elapsed, 1) if elapsed else 0.0,
@@ -234,6 +234,7 @@ class Aggregate:
             unique = int(subs["unique"])
             msgs = {
                 "sent": sent, "received": received, "acked": int(c["acked"]), "unacked": int(c["unacked"]),
+                "rejected": int(c["rejected"]),
                 "bytes_sent": int(c["bytes_out"]), "bytes_received": int(c["bytes_in"]),
                 "sent_per_s": round(sent / dur, 1) if dur else 0.0,
                 "received_per_s": round(received / rx_window, 1) if rx_window > 0 else 0.0,
@@ -270,6 +271,8 @@ class Aggregate:
               and not any("interrupted" in n for n in self.notes))
         if plan.scenario == "conn" and plan.qos and out["messages"]["unacked"]:
             ok = False
+        if plan.qos and out["messages"]["rejected"]:
+            ok = False      # MQTT 5.0: the server refused publishes (a reason code >= 0x80)
         if plan.scenario == "pubsub":
             if plan.qos and out["delivery"]["lost"]:
                 ok = False
@@ -516,7 +519,8 @@ def format_text(r: dict) -> str:
     plan = r["plan"]
     L = []
     where = f"{plan['host']}:{plan['port']}"
-    proto = plan["protocol"] + ("+ws" if plan.get("transport") == "ws" else "") + ("+tls" if plan["tls"] else "")
+    proto = (plan["protocol"] + (" 5" if plan.get("mqtt_version") == "5" and plan["protocol"] == "mqtt" else "")
+             + ("+ws" if plan.get("transport") == "ws" else "") + ("+tls" if plan["tls"] else ""))
     if r["scenario"] == "connection":
         L.append(f"gw bench connection: {where} ({proto}), {r['clients']:,} clients, ramp {plan['rampup']:g} s, "
                  f"hold {plan['duration']:g} s, keepalive {plan['keepalive']} s, {plan['procs']} process(es)")
@@ -561,6 +565,7 @@ def format_text(r: dict) -> str:
                  f"{(m['bytes_sent_per_s'] + m['bytes_received_per_s']) / 1024:,.1f}")
         if plan["qos"]:
             L.append(f"PUBACKs: {m['acked']:,} / unacknowledged {m['unacked']:,} / "
+                     + (f"rejected (reason code >= 0x80) {m['rejected']:,} / " if m.get("rejected") else "")
                      + _lat_line(r.get("puback_ms", {})))
         pr = r["ping_rtt_ms"]
         if pr.get("count"):
@@ -582,7 +587,8 @@ def format_text(r: dict) -> str:
         L.append(f"Delivery: expected {d['expected']:,} / received unique {d['unique']:,} / "
                  f"lost {d['lost']:,} ({d['loss_pct']:.4g}%) / duplicates {d['duplicates']:,} / "
                  f"out of order {d['out_of_order']:,}" + (f" / foreign {d['foreign']:,}" if d["foreign"] else "")
-                 + (f" / publishes never acknowledged {m['unacked']:,}" if plan["qos"] else ""))
+                 + (f" / publishes never acknowledged {m['unacked']:,}" if plan["qos"] else "")
+                 + (f" / rejected (reason code >= 0x80) {m['rejected']:,}" if m.get("rejected") else ""))
     L.extend(_closing_lines(r, plan))
     return "\n".join(L)
 

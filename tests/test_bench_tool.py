@@ -117,12 +117,14 @@ def run_bench(args, tmp_path: Path, timeout: float = 90.0):
     return p, result
 
 
-def pubsub_counts_exact(port: int, tmp_path: Path, qos: int, topic_mode: str = "per-publisher") -> dict:
+def pubsub_counts_exact(port: int, tmp_path: Path, qos: int, topic_mode: str = "per-publisher",
+                        extra=()) -> dict:
     """3 publishers -> 2 subscribers at a modest 3,000 messages/s for 2 s: the
     broker delivers everything, and the tool must count each message exactly
     once. Returns the result."""
     p, r = run_bench(["pubsub", "-p", 3, "-S", 2, "--qos", qos, "--rate", 3000, "--size", 100,
-                      "--duration", 2, "--topic-mode", topic_mode, "--server", f"127.0.0.1:{port}"], tmp_path)
+                      "--duration", 2, "--topic-mode", topic_mode, "--server", f"127.0.0.1:{port}", *extra],
+                     tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     m, d = r["messages"], r["delivery"]
     assert m["sent"] > 0 and d["expected"] == m["sent"] * 2
@@ -131,12 +133,12 @@ def pubsub_counts_exact(port: int, tmp_path: Path, qos: int, topic_mode: str = "
     return r
 
 
-def pubsub_lossless_flat_out(port: int, tmp_path: Path, qos: int) -> dict:
+def pubsub_lossless_flat_out(port: int, tmp_path: Path, qos: int, extra=()) -> dict:
     """4 publishers -> 2 subscribers, QoS 1/2 flat out with 32 in flight each:
     every publish acknowledged and delivered once to each subscriber. Returns
     the result."""
     p, r = run_bench(["pubsub", "-p", 4, "-S", 2, "--qos", qos, "--inflight", 32, "--duration", 2,
-                      "--server", f"127.0.0.1:{port}"], tmp_path)
+                      "--server", f"127.0.0.1:{port}", *extra], tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     m, d = r["messages"], r["delivery"]
     assert m["sent"] > 0 and m["acked"] == m["sent"]
@@ -1000,3 +1002,244 @@ def test_websocket_transport_against_gw(gw_factory, tmp_path):
     after = server.counters()
     assert counter_delta(before, after, "ws_upgrades") >= 100 + 20 + 5 + 6
     assert counter_delta(before, after, "closed_malformed") == 0
+
+
+# -- MQTT 5.0 clients (--mqtt-version 5) ---------------------------------------------------
+
+V5 = ("--mqtt-version", "5")
+
+
+def _v5_decode(data: bytes) -> list:
+    """The MQTT 5.0 packets in data (whole ones), decoded by the project's codec."""
+    from gw_ext import codec5
+
+    packets, consumed = codec5.decode(data)
+    assert consumed == len(data)
+    return packets
+
+
+def _v5_one(data: bytes):
+    (packet,) = _v5_decode(data)
+    return packet
+
+
+def _drain(sock) -> bytes:
+    sock.setblocking(False)
+    buf = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except BlockingIOError:
+            return buf
+        if not chunk:
+            return buf
+        buf += chunk
+
+
+@needs_engine
+@pytest.mark.parametrize("alias_max", [0, 10])
+def test_engine_v5_publisher_topic_alias_and_receive_maximum(alias_max):
+    """An MQTT 5.0 publisher: with a Topic Alias Maximum from the server, the
+    topic goes once with Topic Alias 1, then the alias alone (an empty topic);
+    without one, the topic every time and no properties. The server's Receive
+    Maximum (3) caps the window (8). A PUBACK with reason code 0x87 ends that
+    publish as rejected, not acknowledged; one with 0x10 (No matching
+    subscribers, a success) acknowledges it."""
+    from gwbench import histogram as H
+    from gwbench import mqtt
+    from gwbench._ext.pubsub_engine import Engine
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        eng = Engine(1, 32, 1, 8, 0, H.MIN_NS, H.GROWTH, H.NBUCKETS, 1, 5)
+        eng.add(a.fileno(), a, False, 0, b"t/p/0", b"", False, topic_alias_maximum=alias_max, receive_maximum=3)
+        assert eng.windows() == {0: 3}
+        eng.start(time.monotonic_ns(), 0.0)
+        eng.run(time.monotonic_ns() + 200_000_000)
+        pkts = _v5_decode(_drain(b))
+        assert len(pkts) == 3 and eng.published == 3                  # the server's Receive Maximum
+        assert [p.packet_id for p in pkts] == [1, 2, 3]
+        if alias_max:
+            assert [p.topic for p in pkts] == ["t/p/0", "", ""]
+            assert all(p.properties.topic_alias == 1 for p in pkts)
+        else:
+            assert [p.topic for p in pkts] == ["t/p/0"] * 3
+            assert all(p.properties.topic_alias is None for p in pkts)
+        # 0x87 Not authorized, then 0x10 No matching subscribers (a success), then the short form.
+        b.sendall(bytes((0x40, 3, 0, 1, 0x87)) + bytes((0x40, 4, 0, 2, 0x10, 0)) + mqtt.ack(mqtt.PUBACK, 3))
+        eng.run(time.monotonic_ns() + 200_000_000)
+        assert eng.rejected == 1 and eng.acked == 2
+        assert eng.published == 6 and eng.unacked() == 3 and eng.errors() == {}
+        more = _v5_decode(_drain(b))
+        assert [p.packet_id for p in more] == [4, 5, 6]
+        assert [p.topic for p in more] == (["", "", ""] if alias_max else ["t/p/0"] * 3)
+        # The server's DISCONNECT: the connection is lost, counted by its reason code.
+        b.sendall(bytes((0xE0, 1, 0x8B)))
+        eng.run(time.monotonic_ns() + 200_000_000)
+        assert eng.dropped == 1 and eng.errors() == {"disconnect_0x8b": 1}
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_engine
+def test_engine_v5_subscriber_counts_and_acks():
+    """An MQTT 5.0 subscriber: PUBLISH packets with properties (a Topic Alias, a
+    User Property) are counted as the 3.1.1 ones are; each QoS 1 one gets a PUBACK."""
+    from gwbench import histogram as H
+    from gwbench import payload
+    from gwbench._ext.pubsub_engine import Engine
+    from gw_ext import codec5
+    from gw.packets5 import Properties, Publish
+
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        eng = Engine(1, 16, 2, 8, 0, H.MIN_NS, H.GROWTH, H.NBUCKETS, 1, 5)
+        eng.add(a.fileno(), a, True, 0, b"", b"", False)
+        data = b""
+        for i, (pub, seq) in enumerate([(0, 0), (0, 1), (1, 0), (0, 1)]):
+            props = Properties(topic_alias=2, user_properties=(("k", "v"),)) if i % 2 else Properties()
+            data += codec5.encode(Publish(topic="t/p/0" if i != 3 else "", qos=1, packet_id=i + 1,
+                                          payload=payload.make(pub, seq, 16), properties=props))
+        b.sendall(data)
+        eng.run(time.monotonic_ns() + 300_000_000)
+        assert eng.received == 4 and eng.unique == 3 and eng.duplicates == 1
+        b.settimeout(2)
+        acks = b""
+        while len(acks) < 4 * 4:
+            acks += b.recv(4096)
+        assert acks == b"".join(bytes((0x40, 2, 0, i + 1)) for i in range(4))
+    finally:
+        a.close()
+        b.close()
+
+
+@needs_engine
+@pytest.mark.parametrize("qos", [0, 1])
+def test_v5_pubsub_against_gw_counts_exact(gw_factory, tmp_path, qos):
+    """MQTT 5.0 clients against gw (two workers): exact counts, every client
+    counted by gw as MQTT 5.0, and one Topic Alias set per publisher (the
+    topic went once; every later publish carried the alias alone)."""
+    server = gw_factory(workers=2, listeners=("mqtt",))
+    before = server.counters()
+    r = pubsub_counts_exact(server.ports["mqtt"], tmp_path, qos, extra=V5)
+    assert r["plan"]["mqtt_version"] == "5"
+    assert r["connected"] == 5 and r["disconnected"] == 5 and r["delivery"]["out_of_order"] == 0
+    after = server.counters()
+    assert counter_delta(before, after, "mqtt5_connected") == 6        # the preflight's client and the 5
+    assert counter_delta(before, after, "mqtt5_topic_aliases_set") == 3
+    assert counter_delta(before, after, "packets_in.publish") == r["messages"]["sent"]
+    if qos:
+        assert r["messages"]["acked"] == r["messages"]["sent"] and r["messages"]["rejected"] == 0
+
+
+@needs_engine
+def test_v5_pubsub_against_gw_lossless_flat_out(gw_factory, tmp_path):
+    server = gw_factory(workers=2, listeners=("mqtt",))
+    r = pubsub_lossless_flat_out(server.ports["mqtt"], tmp_path, 1, extra=V5)
+    assert r["messages"]["rejected"] == 0 and r["errors"] == {}
+
+
+@needs_engine
+def test_v5_publishes_refused_by_gw_are_rejected_not_acked(gw_factory, tmp_path):
+    """gw's ACL refuses the publishers (an MQTT 5.0 PUBACK 0x87): each publish is
+    counted rejected, none acknowledged, and the run fails."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read gwbench/#\n")
+    server = gw_factory(workers=2, listeners=("mqtt",), args=["--acl-file", str(acl)])
+    p, r = run_bench(["pubsub", "-p", 2, "-S", 1, "--qos", 1, "--rate", 1000, "--duration", 1,
+                      "--server", f"127.0.0.1:{server.ports['mqtt']}", *V5], tmp_path)
+    assert p.returncode == 1, p.stdout + p.stderr
+    m = r["messages"]
+    assert m["sent"] > 0 and m["rejected"] == m["sent"] and m["acked"] == 0 and m["unacked"] == 0
+    assert r["delivery"]["unique"] == 0
+    assert "rejected (reason code >= 0x80)" in p.stdout
+
+
+def test_v5_connection_scenario_against_gw(gw_factory, tmp_path):
+    server = gw_factory(workers=2, listeners=("mqtt",))
+    before = server.counters()
+    p, r = run_bench(["--clients", 100, "--rampup", 0.5, "--duration", 1.5, "--keepalive", 1, "--messages", 3,
+                      "--qos", 1, "--server", f"127.0.0.1:{server.ports['mqtt']}", *V5], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["connected"] == 100 and r["disconnected"] == 100 and r["errors"] == {}
+    assert r["messages"]["sent"] == 300 and r["messages"]["acked"] == 300 and r["messages"]["rejected"] == 0
+    after = server.counters()
+    assert counter_delta(before, after, "mqtt5_connected") == 101
+    assert counter_delta(before, after, "mqtt5_topic_aliases_set") == 100     # a topic once per client
+    assert "(mqtt 5)" in p.stdout
+
+
+@needs_mosquitto
+def test_v5_connection_scenario_against_mosquitto(broker, tmp_path):
+    b = broker()
+    p, r = run_bench(["--clients", 200, "--rampup", 1, "--duration", 2, "--keepalive", 1,
+                      "--messages", 2, "--qos", 1, "--server", f"127.0.0.1:{b.port}", "--procs", 2, *V5], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert r["connected"] == 200 and r["disconnected"] == 200 and r["errors"] == {}
+    assert r["messages"]["sent"] == 400 and r["messages"]["acked"] == 400
+
+
+@needs_mosquitto
+@needs_engine
+def test_v5_pubsub_against_mosquitto_counts_exact(broker, tmp_path):
+    """Mosquitto 2.0 speaks MQTT 5.0 (its Topic Alias Maximum: 10)."""
+    b = broker()
+    r = pubsub_counts_exact(b.port, tmp_path, 0, extra=V5)
+    assert r["connected"] == 5 and r["disconnected"] == 5
+
+
+@needs_mosquitto
+@needs_engine
+def test_v5_pubsub_against_mosquitto_lossless_flat_out(broker, tmp_path):
+    b = broker(extra="max_queued_messages 0\nmax_inflight_messages 0\n")
+    r = pubsub_lossless_flat_out(b.port, tmp_path, 1, extra=V5)
+    assert r["messages"]["rejected"] == 0 and r["errors"] == {}
+
+
+@needs_mosquitto
+@needs_engine
+def test_v5_keeps_to_mosquittos_receive_maximum(broker, tmp_path):
+    """Mosquitto announces max_inflight_messages as its Receive Maximum and
+    refuses a QoS 1 publish beyond it (PUBACK 0x97 Quota exceeded): the
+    publishers keep 4 in flight, not --inflight's 32, and nothing is refused."""
+    b = broker(extra="max_queued_messages 0\nmax_inflight_messages 4\n")
+    p, r = run_bench(["pubsub", "-p", 2, "-S", 1, "--qos", 1, "--inflight", 32, "--duration", 1.5,
+                      "--server", f"127.0.0.1:{b.port}", *V5], tmp_path)
+    assert p.returncode == 0, p.stdout + p.stderr
+    m = r["messages"]
+    assert m["sent"] > 0 and m["acked"] == m["sent"] and m["rejected"] == 0
+    assert r["delivery"]["unique"] == m["sent"]
+    assert any("Receive Maximum (4)" in n for n in r["notes"]), r["notes"]
+
+
+def test_v5_refused_where_it_does_not_apply(tmp_path):
+    for args in (["--protocol", "json", *V5], ["ingest", "--transport", "mqtt", *V5]):
+        p, _ = run_bench([*args, "--server", "127.0.0.1:1", "--dry-run"], tmp_path, timeout=30)
+        assert p.returncode == 2 and "--mqtt-version 5" in p.stderr, p.stderr
+    p, _ = run_bench(["pubsub", *V5, "--server", "127.0.0.1:1", "--dry-run"], tmp_path, timeout=30)
+    assert p.returncode == 0 and "(mqtt 5)" in p.stdout
+
+
+def test_v5_mqtt_encoder_agrees_with_project_codec():
+    """gwbench/mqtt.py's MQTT 5.0 packets decode with the project's codec as meant."""
+    from gw_ext import codec5
+    from gwbench import mqtt
+
+    c = _v5_one(mqtt.connect(b"cid", 30, b"u", b"p", version=5))
+    assert (c.client_id, c.keepalive, c.username, c.password, c.clean_start) == ("cid", 30, "u", b"p", True)
+    p = _v5_one(mqtt.publish(b"a/b", b"xyz", 1, 7, version=5, alias=1))
+    assert (p.topic, p.packet_id, p.payload, p.properties.topic_alias) == ("a/b", 7, b"xyz", 1)
+    p = _v5_one(mqtt.publish(b"", b"xyz", 0, version=5, alias=1))
+    assert (p.topic, p.properties.topic_alias) == ("", 1)
+    p = _v5_one(mqtt.publish(b"a/b", b"xyz", 0, version=5))
+    assert (p.topic, p.properties.topic_alias) == ("a/b", None)
+    s = _v5_one(mqtt.subscribe(3, b"a/+", 1, version=5))
+    assert s.packet_id == 3 and s.topics == [("a/+", 1)]
+    from gw.packets5 import Connack, Properties, Suback
+    rc, props = mqtt.connack5(codec5.encode(Connack(reason_code=0, properties=Properties(
+        topic_alias_maximum=64, receive_maximum=20, maximum_packet_size=1 << 20)))[2:])
+    assert rc == 0 and props[mqtt.P_TOPIC_ALIAS_MAXIMUM] == 64 and props[mqtt.P_RECEIVE_MAXIMUM] == 20
+    assert mqtt.suback5_codes(codec5.encode(Suback(packet_id=1, reason_codes=[0x87]))[2:]) == b"\x87"

@@ -17,7 +17,7 @@ from pathlib import Path
 import playwright.sync_api as playwright_api       # the [test] extra: never skipped for want of it
 import pytest
 
-from conftest import HOST, free_ports, run_gw
+from conftest import HOST, counter_delta, free_ports, run_gw
 from http_client import HttpConn
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -144,11 +144,16 @@ def exercise(page, server, tmp_path: Path, token: str | None, prefix: str) -> No
 
 def test_dashboard_open_on_loopback(gw_factory, page, tmp_path):
     server = dashboard_server(gw_factory)
+    before = server.counters()
     url = f"http://{HOST}:{server.ports['http']}/"
     response = page.goto(url)
     assert response.status == 200
     assert response.headers["content-type"].startswith("text/html")
     exercise(page, server, tmp_path, None, "open")
+    # The page is an MQTT 5.0 client (MQTT.js, protocolVersion 5): every CONNACK went to one.
+    after = server.counters()
+    assert counter_delta(before, after, "mqtt5_connected") >= 1
+    assert counter_delta(before, after, "mqtt5_connected") == counter_delta(before, after, "packets_out.connack")
     # Nothing came from anywhere but this server; the vendored files are cached for a year.
     resources = page.evaluate("performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(n.startswith(f"http://{HOST}:{server.ports['http']}/") for n in resources)
@@ -190,6 +195,26 @@ def test_dashboard_with_tokens_and_mqtt_passwords(gw_factory, page, tmp_path):
     page.fill("#login-password", "s3cret-dash")
     page.click("#login-submit")
     exercise(page, server, tmp_path, token, "tokens")
+
+
+def test_dashboard_shows_a_refused_subscription_by_its_reason_code(gw_factory, page, tmp_path):
+    """The page is an MQTT 5.0 client: an ACL that does not let it read alerts/#
+    refuses that filter in the SUBACK (reason code 0x87), and the page says so
+    instead of marking itself live; the telemetry tail it may read still works."""
+    acl = tmp_path / "acl"
+    acl.write_text("topic read telemetry/#\n")
+    server = dashboard_server(gw_factory, args=["--acl-file", acl])
+    page.goto(f"http://{HOST}:{server.ports['http']}/")
+    page.wait_for_selector("body[data-ready='1']", timeout=WAIT_MS)
+    status = page.locator("#mqtt-status")
+    playwright_api.expect(status).to_have_attribute("title", "alerts: refused, reason 0x87 (not authorized)",
+                                                    timeout=WAIT_MS)
+    assert status.get_attribute("data-state") == "error"
+    assert page.get_attribute("body", "data-live") != "1"
+    page.fill("#tail-device", "acl-dev")
+    page.click("#tail-form button")
+    page.wait_for_selector("body[data-tail='acl-dev']", timeout=WAIT_MS)
+    shot(page, tmp_path, "acl-refused")
 
 
 def test_files_compressed_for_a_client_that_asks(gw_factory):

@@ -419,8 +419,10 @@
     }
     if (typeof mqtt === "undefined") { setStatus("mqtt-status", "error", "MQTT.js did not load"); return; }
     const url = (listener.tls ? "wss://" : "ws://") + location.hostname + ":" + listener.port + listener.path;
+    // MQTT 5.0: the broker's reason codes (CONNACK, SUBACK, its DISCONNECT) say what went wrong.
+    // Clean Start without a Session Expiry Interval: the session ends with the connection.
     const options = { clientId: "gw-dashboard-" + Math.random().toString(16).slice(2, 10), clean: true,
-                      protocolVersion: 4, reconnectPeriod: 3000, connectTimeout: 10000, keepalive: 30 };
+                      protocolVersion: 5, reconnectPeriod: 3000, connectTimeout: 10000, keepalive: 30 };
     const user = store.getItem("gw.mqtt_user");
     if (user) { options.username = user; options.password = store.getItem("gw.mqtt_password") || ""; }
     else if (!cfg.mqtt_anonymous) {
@@ -435,17 +437,28 @@
       setStatus("mqtt-status", "ok", url);
       // Marked live once the broker confirmed the subscription (SUBACK): from then on,
       // every alert raised reaches this page.
-      client.subscribe(cfg.alerts_topic + "/#", { qos: 0 }, (err) => {
-        if (!err && state.client === client) document.body.dataset.live = "1";
+      client.subscribe(cfg.alerts_topic + "/#", { qos: 0 }, (err, granted) => {
+        if (state.client !== client) return;
+        const refused = subackRefused(err, granted);
+        if (!refused) document.body.dataset.live = "1";
+        else setStatus("mqtt-status", "error", "alerts: " + refused);
       });
       if (state.tailDevice) subscribeTail(client, state.tailDevice);
     });
     client.on("error", (err) => {
       setStatus("mqtt-status", "error", String(err && err.message));
-      if (err && /Not authorized|Bad username/i.test(err.message)) {
+      // CONNACK 0x86 Bad User Name or Password, 0x87 Not authorized (3.1.1's codes 4 and 5).
+      if (err && (err.code === 0x86 || err.code === 0x87 || /Not authorized|Bad user ?name/i.test(err.message))) {
         client.end(true);
         needLogin("The MQTT user or password was refused.");
       }
+    });
+    // The broker's DISCONNECT (MQTT 5.0) tells why it closes: shown until the reconnect.
+    client.on("disconnect", (packet) => {
+      if (state.client !== client) return;
+      const why = (packet.properties && packet.properties.reasonString) || "";
+      setStatus("mqtt-status", "error", "disconnected by the broker: reason 0x" +
+                (packet.reasonCode || 0).toString(16).padStart(2, "0") + (why ? " (" + why + ")" : ""));
     });
     client.on("close", () => { document.body.dataset.live = "0"; if (state.client === client) setStatus("mqtt-status", "connecting", url); });
     client.on("message", (topic, payload) => {
@@ -473,9 +486,26 @@
 
   function subscribeTail(client, id) {
     // data-tail once the SUBACK is in: readings sent from then on are shown.
-    client.subscribe(state.config.telemetry_topic + "/" + id, { qos: 0 }, (err) => {
-      if (!err && state.tailDevice === id) document.body.dataset.tail = id;
+    client.subscribe(state.config.telemetry_topic + "/" + id, { qos: 0 }, (err, granted) => {
+      if (state.tailDevice !== id) return;
+      const refused = subackRefused(err, granted);
+      if (!refused) document.body.dataset.tail = id;
+      else $("tail-note").textContent = "not followed: " + refused;
     });
+  }
+
+  // Why a subscription failed, or null: a SUBACK's MQTT 5.0 reason code >= 0x80 (0x87 when the
+  // ACL does not let this user read the filter; MQTT.js hands the SUBACK with the error, its
+  // codes in packet.granted), or another error's message.
+  function subackRefused(err, granted) {
+    const codes = ((err && err.packet && err.packet.granted) || []).concat((granted || []).map((g) => g.qos));
+    const bad = codes.find((c) => c >= 0x80);
+    const code = bad === undefined ? null : bad;
+    if (code === null) return err ? String(err.message) : null;
+    const names = { 0x80: "unspecified error", 0x83: "implementation specific error", 0x87: "not authorized",
+                    0x8f: "topic filter invalid", 0x91: "packet identifier in use", 0x97: "quota exceeded",
+                    0x9e: "shared subscriptions not supported" };
+    return "refused, reason 0x" + code.toString(16) + (names[code] ? " (" + names[code] + ")" : "");
   }
 
   function tailReading(r) {

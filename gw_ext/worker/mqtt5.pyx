@@ -348,7 +348,8 @@ cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, 
     pkt.packet_id = p5.packet_id
     pkt.topic = p5.topic
     pkt.payload = p5.payload
-    if p5.props.raw.len == 0:
+    if p5.props.raw.len == 0 or p5.props.present == (1ULL << P_TOPIC_ALIAS):
+        # Nothing the message carries on (a Topic Alias is one hop's): as a 3.1.1 message.
         return publish_decoded(w, c, &pkt, NULL, 0)
     # Its properties become the message's extras (router.pyx): kept with it wherever it goes.
     ext = ext_from_props(p5.props.raw.ptr, p5.props.raw.len, p5.props.message_expiry,
@@ -374,11 +375,17 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
         send_disconnect5(w, c, RC_TOPIC_ALIAS_INVALID)
         w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL | R5_TOPIC_ALIAS)
         return -1
-    table = w.topic_aliases.get(c.fd)
+    if c.fd == w.alias_fd:
+        table = w.alias_table       # the last connection's: most PUBLISHes of a read are one client's
+    else:
+        table = w.topic_aliases.get(c.fd)
+        w.alias_fd = c.fd
+        w.alias_table = table
     if p5.topic.len:
         if table is None:
             table = [None] * (c.alias_max_in + 1)
             w.topic_aliases[c.fd] = table
+            w.alias_table = table
         table[alias] = PyBytes_FromStringAndSize(<const char*>p5.topic.ptr, p5.topic.len)
         w.counters[MQTT5_TOPIC_ALIASES_SET] += 1
         return 0

@@ -10,6 +10,15 @@
 # gwbench/histogram.py. QoS 1 and 2 flows (PUBACK; PUBREC/PUBREL/PUBCOMP)
 # are answered in C; publishers keep at most `inflight` unacknowledged.
 #
+# With --mqtt-version 5 the connections speak MQTT 5.0 (gw_ext/codec5.pxd):
+# fill5 and parse5 stand beside fill and parse (chosen once per turn and per
+# read, so the 3.1.1 path is as it was). A publisher sends its topic with
+# Topic Alias 1 once, then the alias alone, when the server's CONNACK
+# announced a Topic Alias Maximum; keeps at most the server's Receive Maximum
+# in flight; a PUBACK (PUBREC, PUBCOMP) with a reason code >= 0x80 ends that
+# publish as rejected, not acknowledged. A server's DISCONNECT is counted by
+# its reason code.
+#
 # With --transport ws (MQTT over WebSocket) what a turn writes to a connection
 # goes in one masked binary frame (header room reserved before its first
 # byte, the mask applied when it is sealed, at the flush), and the server's
@@ -36,6 +45,10 @@ from gw_ext.codec cimport (
     decode_header, decode_publish, decode_packet_id,
     publish_size, encode_publish, encode_ack, encode_empty,
 )
+from gw_ext.codec5 cimport (
+    Ack5Packet, Publish5Packet, P_TOPIC_ALIAS,
+    decode_ack5, decode_disconnect5, decode_header5, decode_publish5, encode_publish5, publish5_size,
+)
 
 import ssl as _ssl
 
@@ -60,10 +73,11 @@ cdef enum:
     E_UNEXPECTED = 4    # a packet type the role does not expect
     E_BAD_ACK = 5       # ack for a packet id not in flight
     E_PING_TIMEOUT = 6  # no PINGRESP within the keepalive
-    E_COUNT = 7
+    E_DISCONNECTED = 7  # an MQTT 5.0 server's DISCONNECT (counted by reason code: disconnect_0x..)
+    E_COUNT = 8
 
 ERROR_NAMES = ("closed_by_server", "connection_reset", "malformed_from_server", "tls_error",
-               "unexpected_packet", "ack_for_unknown_packet_id", "ping_timeout")
+               "unexpected_packet", "ack_for_unknown_packet_id", "ping_timeout", "disconnected_by_server")
 
 cdef const uint32_t MAX_REMAINING = 268435455
 
@@ -98,8 +112,14 @@ cdef struct Conn:
     uint32_t topic_len
     uint32_t msg_size
     uint32_t inflight
+    uint32_t window         # in flight at most: the engine's, or (MQTT 5.0) the server's Receive Maximum if lower
     uint32_t next_pid
     int64_t* slot_ts
+    # MQTT 5.0 publisher: props5 is the PUBLISH's property block (a Topic
+    # Alias, or empty), alias_set once the topic went out with it.
+    uint8_t props5[3]
+    uint8_t props5_len
+    uint8_t alias_set
     int64_t blocked_ns      # time it could not publish: broker backpressure or full window
     # subscriber
     Tracker* tr
@@ -136,13 +156,17 @@ cdef class Engine:
     # counters
     cdef public uint64_t published, acked, received, unique, duplicates, out_of_order, foreign
     cdef public uint64_t bytes_out, bytes_in, pingresp, pings, dropped, disconnected, live
+    cdef public uint64_t rejected          # MQTT 5.0: publishes answered with a reason code >= 0x80
+    cdef public int v5                     # the connections speak MQTT 5.0
+    cdef uint64_t disconnect_reasons[256]  # MQTT 5.0: the server's DISCONNECTs by reason code
     cdef public int64_t first_rx, last_rx, blocked_ns, publish_ns
     cdef int64_t prev_turn
     cdef public int last_errno
     cdef uint64_t err[E_COUNT]
 
     def __cinit__(self, int qos, uint32_t size, uint32_t n_publishers, uint32_t inflight,
-                  int keepalive, double hist_min_ns, double hist_growth, int hist_nbuckets, int capacity):
+                  int keepalive, double hist_min_ns, double hist_growth, int hist_nbuckets, int capacity,
+                  int mqtt_version=4):
         self.conns = <Conn*>calloc(max(capacity, 1), sizeof(Conn))
         self.cap = max(capacity, 1)
         self.n = 0
@@ -161,6 +185,8 @@ cdef class Engine:
         if hist_alloc(&self.lat, hist_nbuckets) or hist_alloc(&self.ack, hist_nbuckets):
             raise MemoryError()
         memset(self.err, 0, sizeof(self.err))
+        memset(self.disconnect_reasons, 0, sizeof(self.disconnect_reasons))
+        self.v5 = mqtt_version == 5
         self.first_rx = 0
         self.last_rx = 0
 
@@ -187,11 +213,15 @@ cdef class Engine:
 
     # -- setup ----------------------------------------------------------------
     def add(self, int fd, object sock, int is_sub, uint32_t pub_id, bytes topic, bytes leftover, bint tls,
-            bint ws=False, bytes ws_raw=b"", uint32_t ws_remaining=0):
+            bint ws=False, bytes ws_raw=b"", uint32_t ws_remaining=0, uint32_t topic_alias_maximum=0,
+            uint32_t receive_maximum=65535):
         """Adds a connected client. `sock` stays owned by the caller (and is
         used for I/O when tls); `leftover` is what the setup phase had read
         past the last packet it handled (ws: unframed), `ws_raw` and
-        `ws_remaining` where it was in the server's frames."""
+        `ws_remaining` where it was in the server's frames. MQTT 5.0: what
+        the server's CONNACK announced (a publisher uses Topic Alias 1 when
+        topic_alias_maximum is not 0, and keeps at most receive_maximum in
+        flight)."""
         if self.n >= self.cap:
             raise ValueError("engine capacity exceeded")
         cdef Conn* c = &self.conns[self.n]
@@ -208,7 +238,18 @@ cdef class Engine:
             c.topic_len = len(topic)
             c.topic = <uint8_t*>malloc(c.topic_len + 1)
             memcpy(c.topic, PyBytes_AS_STRING(topic), c.topic_len)
-            c.msg_size = publish_size(c.topic_len, self.size, self.qos)
+            c.window = self.window
+            if self.v5:
+                if topic_alias_maximum:
+                    c.props5[0] = P_TOPIC_ALIAS
+                    c.props5[1] = 0
+                    c.props5[2] = 1
+                    c.props5_len = 3
+                if receive_maximum < c.window:
+                    c.window = max(receive_maximum, 1)
+                c.msg_size = publish5_size(c.topic_len, c.props5_len, self.size, self.qos)  # the first, the largest
+            else:
+                c.msg_size = publish_size(c.topic_len, self.size, self.qos)
             c.out_cap = max(65536, 2 * c.msg_size)
             c.next_pid = 1
             if self.qos:
@@ -498,6 +539,56 @@ cdef class Engine:
         self.published += added
         return added
 
+    cdef uint32_t fill5(self, int i, int64_t now) noexcept:
+        """fill for an MQTT 5.0 publisher: the same pacing and window (its
+        own: the server's Receive Maximum may be lower), each PUBLISH with
+        its property block: Topic Alias 1 with the topic the first time,
+        then the alias alone (an empty topic)."""
+        cdef Conn* c = &self.conns[i]
+        cdef int64_t due
+        cdef uint32_t added = 0, slot, pid, tl
+        cdef uint64_t ts = <uint64_t>now
+        if c.out_len >= 4096:
+            return 0
+        if self.rate_ns > 0:
+            due = <int64_t>((now - self.t0) * self.rate_ns) + 1 - <int64_t>c.seq
+            if due <= 0:
+                return 0
+        else:
+            due = 1 << 30
+        if self.qos:
+            if c.inflight >= c.window:
+                return 0
+            if due > c.window - c.inflight:
+                due = c.window - c.inflight
+        memcpy(self.payload, &c.pub_id, 4)
+        memcpy(self.payload + 8, &ts, 8)
+        if self.ws_room(c) != 0:
+            return 0
+        while due > 0 and c.out_len + c.msg_size <= c.out_cap:
+            pid = 0
+            if self.qos:
+                pid = c.next_pid
+                slot = (pid - 1) % self.window
+                if c.slot_ts[slot] != 0:
+                    break  # that slot's packet is still unacknowledged
+                c.slot_ts[slot] = now
+                c.next_pid = pid % self.pid_max + 1
+                c.inflight += 1
+            memcpy(self.payload + 4, &c.seq, 4)
+            tl = c.topic_len
+            if c.alias_set:
+                tl = 0
+            elif c.props5_len:
+                c.alias_set = 1
+            c.out_len += encode_publish5(c.outb + c.out_len, c.topic, tl, c.props5, c.props5_len,
+                                         self.payload, self.size, <uint8_t>self.qos, 0, 0, <uint16_t>pid)
+            c.seq += 1
+            added += 1
+            due -= 1
+        self.published += added
+        return added
+
     # -- input ----------------------------------------------------------------
     cdef void on_publish(self, int i, PublishPacket* pp, int64_t now) noexcept:
         cdef Conn* c = &self.conns[i]
@@ -625,6 +716,103 @@ cdef class Engine:
             c.in_cap = need
         return 0
 
+    cdef void complete5(self, int i, uint8_t ptype, uint16_t pid, uint8_t reason, int64_t now) noexcept:
+        """An MQTT 5.0 PUBACK, PUBREC or PUBCOMP for one of our publishes: a
+        reason code >= 0x80 ends its flow there (no PUBREL after such a
+        PUBREC, section 4.3.3), counted as rejected; a PUBREC below it gets
+        its PUBREL."""
+        cdef Conn* c = &self.conns[i]
+        cdef uint32_t slot
+        if reason < 0x80:
+            if ptype == PUBREC:
+                self.append_ack(i, PUBREL, pid)
+            else:
+                self.complete(i, pid, now)
+            return
+        if c.role != ROLE_PUB or not self.qos or pid == 0 or pid > self.pid_max:
+            self.err[E_BAD_ACK] += 1
+            return
+        slot = (pid - 1) % self.window
+        if c.slot_ts[slot] == 0:
+            self.err[E_BAD_ACK] += 1
+            return
+        c.slot_ts[slot] = 0
+        c.inflight -= 1
+        self.rejected += 1
+
+    cdef int parse5(self, int i, int64_t now) noexcept:
+        """parse for an MQTT 5.0 connection (gw_ext/codec5.pxd's rules)."""
+        cdef Conn* c = &self.conns[i]
+        cdef size_t pos = 0
+        cdef int hl, reason = 0, t
+        cdef uint8_t first
+        cdef uint32_t rem
+        cdef size_t need = 0
+        cdef Publish5Packet p5
+        cdef PublishPacket pp
+        cdef Ack5Packet a5
+        cdef const uint8_t* body
+        cdef uint8_t* p
+        while pos < c.in_len:
+            hl = decode_header5(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
+            if hl == ERR_INCOMPLETE:
+                break
+            if hl < 0:
+                self.lose(i, E_MALFORMED)
+                return -1
+            if <size_t>hl + rem > c.in_len - pos:
+                need = <size_t>hl + rem
+                break
+            body = c.inb + pos + hl
+            t = first >> 4
+            if t == PUBLISH:
+                if decode_publish5(first, body, rem, &p5, &reason) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                pp.qos = p5.qos
+                pp.packet_id = p5.packet_id
+                pp.payload = p5.payload
+                self.on_publish(i, &pp, now)
+                if pp.qos == 1:
+                    self.append_ack(i, PUBACK, pp.packet_id)     # reason 0, no properties: the short form
+                elif pp.qos == 2:
+                    self.append_ack(i, PUBREC, pp.packet_id)
+            elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
+                if decode_ack5(<uint8_t>t, body, rem, &a5, &reason) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                if t == PUBREL:
+                    self.append_ack(i, PUBCOMP, a5.packet_id)   # a QoS 2 delivery to us, step 2
+                else:
+                    self.complete5(i, <uint8_t>t, a5.packet_id, a5.reason_code, now)
+            elif t == PINGRESP:
+                self.pingresp += 1
+                c.ping_sent = 0
+            elif t == DISCONNECT:
+                if decode_disconnect5(DISCONNECT, body, rem, &a5, &reason) < 0:
+                    self.lose(i, E_MALFORMED)
+                    return -1
+                self.disconnect_reasons[a5.reason_code] += 1
+                self.lose(i, E_DISCONNECTED)
+                return -1
+            elif t == SUBACK or t == CONNACK:
+                pass  # late answers of the setup phase
+            else:
+                self.err[E_UNEXPECTED] += 1
+            pos += <size_t>hl + rem
+        if pos:
+            if pos < c.in_len:
+                memmove(c.inb, c.inb + pos, c.in_len - pos)
+            c.in_len -= pos
+        if need > c.in_cap:
+            p = <uint8_t*>realloc(c.inb, need)
+            if p == NULL:
+                self.lose(i, E_MALFORMED)
+                return -1
+            c.inb = p
+            c.in_cap = need
+        return 0
+
     cdef void do_read(self, int i, int64_t now):
         cdef Conn* c = &self.conns[i]
         cdef ssize_t r
@@ -666,7 +854,7 @@ cdef class Engine:
                     memcpy(c.inb + c.in_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
                     c.in_len += PyBytes_GET_SIZE(data)
                     self.bytes_in += PyBytes_GET_SIZE(data)
-                if self.parse(i, now) < 0:
+                if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
                     return
                 turns += 1
             return
@@ -682,7 +870,7 @@ cdef class Engine:
                     self.bytes_in += r
                     if self.ws_unframe(i, c.in_len, c.in_len + stash + r) < 0:
                         return
-                    if self.parse(i, now) < 0:
+                    if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
                         return
                     if <size_t>r < space:
                         return
@@ -694,7 +882,7 @@ cdef class Engine:
             if r > 0:
                 c.in_len += r
                 self.bytes_in += r
-                if self.parse(i, now) < 0:
+                if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
                     return
                 if <size_t>r < space:
                     return
@@ -748,10 +936,10 @@ cdef class Engine:
                     continue
                 if dt:
                     self.publish_ns += dt
-                    if c.out_len >= 4096 or (self.qos and c.inflight >= self.window):
+                    if c.out_len >= 4096 or (self.qos and c.inflight >= c.window):
                         c.blocked_ns += dt
                         self.blocked_ns += dt
-                if self.publishing and now >= self.t0 and self.fill(i, now):
+                if self.publishing and now >= self.t0 and (self.fill5(i, now) if self.v5 else self.fill(i, now)):
                     if self.flush(i, now) > 0 and c.out_len == 0:
                         busy = 1
                 elif c.out_len and not (c.events & EPOLLOUT):
@@ -830,8 +1018,18 @@ cdef class Engine:
         return missing
 
     def errors(self):
+        """{kind: count}; an MQTT 5.0 server's DISCONNECTs as disconnect_0x.. by reason code."""
         cdef int k
-        return {ERROR_NAMES[k]: self.err[k] for k in range(E_COUNT) if self.err[k]}
+        out = {ERROR_NAMES[k]: self.err[k] for k in range(E_COUNT) if self.err[k] and k != E_DISCONNECTED}
+        for k in range(256):
+            if self.disconnect_reasons[k]:
+                out[f"disconnect_0x{k:02x}"] = self.disconnect_reasons[k]
+        return out
+
+    def windows(self):
+        """{publisher id: its in-flight window} (MQTT 5.0: the server's Receive Maximum may lower it)."""
+        cdef int i
+        return {self.conns[i].pub_id: self.conns[i].window for i in range(self.n) if self.conns[i].role == ROLE_PUB}
 
     cdef dict _hist(self, Hist* h):
         return hist_dict(h, self.scale.nb)
