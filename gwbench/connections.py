@@ -704,6 +704,19 @@ class ConnEngine:
             c.pubs_done += 1
             self._schedule_pub(c, now)
 
+    def _publish_the_rest(self, now: float) -> None:
+        """At the hold's end: the publishes of the plan a client has not made
+        yet (it connected after the hold, or this process ran late), made now,
+        so every client sends --messages (their PUBACKs come before the
+        DISCONNECTs, disconnect_all)."""
+        m = self.plan.messages
+        if not m:
+            return
+        for c in list(self.conns.values()):
+            while c.state == READY and c.role == "idle" and c.pubs_done < m:
+                self._publish(c, now)
+                c.pubs_done += 1
+
     def _publish(self, c: Conn, now: float) -> None:
         plan = self.plan
         seq = c.pubs_done
@@ -838,6 +851,7 @@ class ConnEngine:
                     break
             else:
                 if now >= self.hold_end:
+                    self._publish_the_rest(now)
                     break
                 if i >= n and self.live == 0 and self.pending == 0:
                     break  # everyone failed or was dropped: nothing left to hold
