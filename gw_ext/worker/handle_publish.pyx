@@ -95,12 +95,14 @@ cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8
     elif pkt.qos == 2:
         ack_after_durable(w, c, PUBREC, pkt.packet_id, needed)
     w.route_nolocal = <uint32_t>c.session + 1     # No Local (subopts.pyx): read by the route's match
-    if not telemetry:
-        route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain, True,
-                      w.now_ns, ext, ext_len)
-    elif reading is not None:   # in its normalised form; an invalid reading is not routed
-        route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
-                      PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, ext, ext_len)
-    w.route_nolocal = 0
+    try:
+        if not telemetry:
+            route_publish(w, pkt.topic.ptr, pkt.topic.len, pkt.payload.ptr, pkt.payload.len, pkt.qos, pkt.retain,
+                          True, w.now_ns, ext, ext_len)
+        elif reading is not None:   # in its normalised form; an invalid reading is not routed
+            route_publish(w, pkt.topic.ptr, pkt.topic.len, <const uint8_t*>PyBytes_AS_STRING(reading),
+                          PyBytes_GET_SIZE(reading), pkt.qos, pkt.retain, True, w.now_ns, ext, ext_len)
+    finally:
+        w.route_nolocal = 0     # (a failure closes this connection: a peer's message must not inherit it)
     return 0 if c.state == ST_CONNECTED else -1     # -1: its own buffer overflowed
 
