@@ -89,6 +89,9 @@ def brokers(*needs: str, gw_only: str | None = None, mosquitto_flaky: str | None
     if os.environ.get("GW_SANITIZE"):
         # ./dev sanitize is about gw's workers; the reference's runs check the tests.
         mq_marks = [pytest.mark.skip(reason="the sanitizer run tests gw only")]
+    elif fragproxy.enabled():
+        # So is the fragmenting run: the reference was run whole by the main suite.
+        mq_marks = [pytest.mark.skip(reason="the fragmenting run tests gw only")]
     if mosquitto_flaky:
         mq_marks.append(pytest.mark.xfail(strict=False, reason=f"Mosquitto 2.0.11: {mosquitto_flaky}"))
     gw_marks = [pytest.mark.xfail(strict=True, reason=gw_known_bug)] if gw_known_bug else []
