@@ -11,6 +11,7 @@ being refused, and the other workers' clients are untouched.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -248,8 +249,8 @@ class Master:
                 try:
                     check_port_unused(addr, port)
                 except OSError as exc:
-                    raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror} "
-                                       f"(another process listens there)") from None
+                    why = " (another process listens there)" if exc.errno == errno.EADDRINUSE else ""
+                    raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}{why}") from None
             for slot in self.slots:
                 try:
                     sock = open_listener(addr, port)
