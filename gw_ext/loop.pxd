@@ -867,7 +867,6 @@ cdef bint retain_store(Worker w, const uint8_t* topic, uint32_t topic_len, const
 cdef void retain_frame_to(Worker w, int p, const uint8_t* topic, uint32_t topic_len, const uint8_t* payload,
                           uint32_t payload_len, uint8_t qos, const uint8_t* ext, uint32_t ext_len)
 cdef void retain_sync_to(Worker w, int p)
-cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil
 cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted)
 
 # --- worker/sessions.pyx: slots, in-flight windows, queues, resume, wills --------------

@@ -196,6 +196,8 @@ cdef void topics_result_free(MatchResult* out) noexcept nogil
 # appears once with its highest QoS (MQTT-3.3.5-1); peers is the OR of the
 # matching filters' peer bits. Returns out.count, TOPICS_ERR_NOMEM when
 # growing out failed, TOPICS_ERR_INVALID for a name over TOPICS_MAX_LEN.
+# One filter (valid, as subscribe checks it) against one topic name.
+cdef bint topics_filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil
 cdef int topics_match(TopicTrie* t, const uint8_t* topic, uint32_t len, MatchResult* out) noexcept nogil
 
 cdef inline size_t topics_node_count(const TopicTrie* t) noexcept nogil:

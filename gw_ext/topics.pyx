@@ -674,9 +674,11 @@ cdef int topics_subscription_info(TopicTrie* t, const uint8_t* topic_filter, uin
     return 1
 
 
-cdef bint _filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
-    """A valid filter against a topic name (MQTT 4.7, the rules topics_match
-    follows: a filter starting with a wildcard matches no name starting with '$')."""
+cdef bint topics_filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
+    """One valid filter against one topic name (MQTT 4.7, the rules topics_match
+    follows: a filter starting with a wildcard matches no name starting with '$',
+    MQTT-4.7.2-1). For one filter at a time: retained messages on subscribe, a
+    subscriber's Subscription Identifiers; topics_match serves the PUBLISH path."""
     cdef uint32_t i = 0, j = 0
     if tlen and t[0] == 36 and flen and (f[0] == 43 or f[0] == 35):
         return False
@@ -724,7 +726,7 @@ cdef uint32_t topics_subscriber_ids(TopicTrie* t, uint32_t subscriber, const uin
             while k < flen and t.namebuf[k] != 47:
                 k += 1
             off = k + 1 if k < flen else flen
-        if off < flen and _filter_matches(t.namebuf + off, flen - off, topic, len):
+        if off < flen and topics_filter_matches(t.namebuf + off, flen - off, topic, len):
             if found < max:
                 ids[found] = e.subid
             found += 1

@@ -123,37 +123,6 @@ cdef void retain_sync_to(Worker w, int p):
                         <const uint8_t*>PyBytes_AS_STRING(ext), len(ext))
 
 
-cdef bint filter_matches(const uint8_t* f, uint32_t flen, const uint8_t* t, uint32_t tlen) noexcept nogil:
-    """MQTT 4.7 matching of one filter against one topic name."""
-    cdef uint32_t i = 0, j = 0
-    if tlen and t[0] == 36 and flen and (f[0] == 35 or f[0] == 43):
-        return False        # '$' topics are not matched by leading wildcards (MQTT-4.7.2-1)
-    while i < flen:
-        if f[i] == 35:      # '#': the rest, including the parent level
-            return True
-        if f[i] == 43:      # '+': one level
-            while j < tlen and t[j] != 47:
-                j += 1
-            i += 1
-        else:
-            while i < flen and f[i] != 47:
-                if j >= tlen or t[j] != f[i]:
-                    return False
-                i += 1
-                j += 1
-            if j < tlen and t[j] != 47:
-                return False
-        if i == flen:
-            return j == tlen
-        # f[i] is '/'
-        i += 1
-        if j == tlen:
-            # The topic ended: only a trailing "#" (sport/# matches sport) still matches.
-            return i + 1 == flen and f[i] == 35
-        j += 1              # past the topic's '/'
-    return j == tlen
-
-
 cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t flen, uint8_t granted):
     """A new subscription gets the retained messages it matches, RETAIN=1
     (MQTT-3.3.1-6), but those expired, which leave the store."""
@@ -163,7 +132,7 @@ cdef void retain_deliver(Worker w, Session* s, const uint8_t* filt, uint32_t fle
     cdef uint8_t q, qos
     cdef list expired = None
     for topic, entry in w.retained.items():
-        if not filter_matches(filt, flen, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
+        if not topics_filter_matches(filt, flen, <const uint8_t*>PyBytes_AS_STRING(topic), len(topic)):
             continue
         qos = <uint8_t>entry[0]
         payload = <bytes>entry[1]
