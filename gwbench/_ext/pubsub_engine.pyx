@@ -11,11 +11,11 @@
 # are answered in C; publishers keep at most `inflight` unacknowledged.
 #
 # With --mqtt-version 5 the connections speak MQTT 5.0 (gw_ext/codec5.pxd):
-# fill5 and parse5 stand beside fill and parse (chosen once per turn and per
-# read, so the 3.1.1 path is as it was). A publisher sends its topic with
-# Topic Alias 1 once, then the alias alone, when the server's CONNACK
-# announced a Topic Alias Maximum; keeps at most the server's Receive Maximum
-# in flight; a PUBACK (PUBREC, PUBCOMP) with a reason code >= 0x80 ends that
+# fill5 stands beside fill (chosen once per turn), and parse's one framing
+# loop hands each packet to packet5 instead of packet. A publisher sends its
+# topic with Topic Alias 1 once, then the alias alone, when the server's
+# CONNACK announced a Topic Alias Maximum; keeps at most the server's Receive
+# Maximum in flight; a PUBACK (PUBREC, PUBCOMP) with a reason code >= 0x80 ends that
 # publish as rejected, not acknowledged. A server's DISCONNECT is counted by
 # its reason code.
 #
@@ -654,18 +654,21 @@ cdef class Engine:
         self.acked += 1
 
     cdef int parse(self, int i, int64_t now) noexcept:
+        """Every whole packet in connection i's input buffer, each answered
+        by packet (3.1.1) or packet5 (5.0); what is left of a packet stays,
+        and the buffer grows to hold it whole."""
         cdef Conn* c = &self.conns[i]
         cdef size_t pos = 0
-        cdef int hl, reason = 0, t
+        cdef int hl, reason = 0
         cdef uint8_t first
         cdef uint32_t rem
         cdef size_t need = 0
-        cdef uint16_t pid
-        cdef PublishPacket pp
-        cdef const uint8_t* body
         cdef uint8_t* p
         while pos < c.in_len:
-            hl = decode_header(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
+            if self.v5:
+                hl = decode_header5(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
+            else:
+                hl = decode_header(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
             if hl == ERR_INCOMPLETE:
                 break
             if hl < 0:
@@ -674,34 +677,11 @@ cdef class Engine:
             if <size_t>hl + rem > c.in_len - pos:
                 need = <size_t>hl + rem
                 break
-            body = c.inb + pos + hl
-            t = first >> 4
-            if t == PUBLISH:
-                if decode_publish(first, body, rem, &pp, &reason) < 0:
-                    self.lose(i, E_MALFORMED)
+            if self.v5:
+                if self.packet5(i, first, c.inb + pos + hl, rem, now) < 0:
                     return -1
-                self.on_publish(i, &pp, now)
-                if pp.qos == 1:
-                    self.append_ack(i, PUBACK, pp.packet_id)
-                elif pp.qos == 2:
-                    self.append_ack(i, PUBREC, pp.packet_id)
-            elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
-                if decode_packet_id(body, rem, &pid) < 0:
-                    self.lose(i, E_MALFORMED)
-                    return -1
-                if t == PUBREC:
-                    self.append_ack(i, PUBREL, pid)   # our QoS 2 publish, step 2
-                elif t == PUBREL:
-                    self.append_ack(i, PUBCOMP, pid)  # a QoS 2 delivery to us, step 2
-                else:
-                    self.complete(i, pid, now)
-            elif t == PINGRESP:
-                self.pingresp += 1
-                c.ping_sent = 0
-            elif t == SUBACK or t == CONNACK:
-                pass  # late answers of the setup phase
-            else:
-                self.err[E_UNEXPECTED] += 1
+            elif self.packet(i, first, c.inb + pos + hl, rem, now) < 0:
+                return -1
             pos += <size_t>hl + rem
         if pos:
             if pos < c.in_len:
@@ -714,6 +694,39 @@ cdef class Engine:
                 return -1
             c.inb = p
             c.in_cap = need
+        return 0
+
+    cdef int packet(self, int i, uint8_t first, const uint8_t* body, uint32_t rem, int64_t now) noexcept:
+        """One MQTT 3.1.1 packet from the server; -1: the connection is lost."""
+        cdef int reason = 0, t = first >> 4
+        cdef uint16_t pid
+        cdef PublishPacket pp
+        if t == PUBLISH:
+            if decode_publish(first, body, rem, &pp, &reason) < 0:
+                self.lose(i, E_MALFORMED)
+                return -1
+            self.on_publish(i, &pp, now)
+            if pp.qos == 1:
+                self.append_ack(i, PUBACK, pp.packet_id)
+            elif pp.qos == 2:
+                self.append_ack(i, PUBREC, pp.packet_id)
+        elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
+            if decode_packet_id(body, rem, &pid) < 0:
+                self.lose(i, E_MALFORMED)
+                return -1
+            if t == PUBREC:
+                self.append_ack(i, PUBREL, pid)   # our QoS 2 publish, step 2
+            elif t == PUBREL:
+                self.append_ack(i, PUBCOMP, pid)  # a QoS 2 delivery to us, step 2
+            else:
+                self.complete(i, pid, now)
+        elif t == PINGRESP:
+            self.pingresp += 1
+            self.conns[i].ping_sent = 0
+        elif t == SUBACK or t == CONNACK:
+            pass  # late answers of the setup phase
+        else:
+            self.err[E_UNEXPECTED] += 1
         return 0
 
     cdef void complete5(self, int i, uint8_t ptype, uint16_t pid, uint8_t reason, int64_t now) noexcept:
@@ -740,77 +753,47 @@ cdef class Engine:
         c.inflight -= 1
         self.rejected += 1
 
-    cdef int parse5(self, int i, int64_t now) noexcept:
-        """parse for an MQTT 5.0 connection (gw_ext/codec5.pxd's rules)."""
-        cdef Conn* c = &self.conns[i]
-        cdef size_t pos = 0
-        cdef int hl, reason = 0, t
-        cdef uint8_t first
-        cdef uint32_t rem
-        cdef size_t need = 0
+    cdef int packet5(self, int i, uint8_t first, const uint8_t* body, uint32_t rem, int64_t now) noexcept:
+        """One MQTT 5.0 packet from the server (gw_ext/codec5.pxd's rules);
+        -1: the connection is lost."""
+        cdef int reason = 0, t = first >> 4
         cdef Publish5Packet p5
         cdef PublishPacket pp
         cdef Ack5Packet a5
-        cdef const uint8_t* body
-        cdef uint8_t* p
-        while pos < c.in_len:
-            hl = decode_header5(c.inb + pos, c.in_len - pos, MAX_REMAINING, &first, &rem, &reason)
-            if hl == ERR_INCOMPLETE:
-                break
-            if hl < 0:
+        if t == PUBLISH:
+            if decode_publish5(first, body, rem, &p5, &reason) < 0:
                 self.lose(i, E_MALFORMED)
                 return -1
-            if <size_t>hl + rem > c.in_len - pos:
-                need = <size_t>hl + rem
-                break
-            body = c.inb + pos + hl
-            t = first >> 4
-            if t == PUBLISH:
-                if decode_publish5(first, body, rem, &p5, &reason) < 0:
-                    self.lose(i, E_MALFORMED)
-                    return -1
-                pp.qos = p5.qos
-                pp.packet_id = p5.packet_id
-                pp.payload = p5.payload
-                self.on_publish(i, &pp, now)
-                if pp.qos == 1:
-                    self.append_ack(i, PUBACK, pp.packet_id)     # reason 0, no properties: the short form
-                elif pp.qos == 2:
-                    self.append_ack(i, PUBREC, pp.packet_id)
-            elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
-                if decode_ack5(<uint8_t>t, body, rem, &a5, &reason) < 0:
-                    self.lose(i, E_MALFORMED)
-                    return -1
-                if t == PUBREL:
-                    self.append_ack(i, PUBCOMP, a5.packet_id)   # a QoS 2 delivery to us, step 2
-                else:
-                    self.complete5(i, <uint8_t>t, a5.packet_id, a5.reason_code, now)
-            elif t == PINGRESP:
-                self.pingresp += 1
-                c.ping_sent = 0
-            elif t == DISCONNECT:
-                if decode_disconnect5(DISCONNECT, body, rem, &a5, &reason) < 0:
-                    self.lose(i, E_MALFORMED)
-                    return -1
-                self.disconnect_reasons[a5.reason_code] += 1
-                self.lose(i, E_DISCONNECTED)
+            pp.qos = p5.qos
+            pp.packet_id = p5.packet_id
+            pp.payload = p5.payload
+            self.on_publish(i, &pp, now)
+            if pp.qos == 1:
+                self.append_ack(i, PUBACK, pp.packet_id)     # reason 0, no properties: the short form
+            elif pp.qos == 2:
+                self.append_ack(i, PUBREC, pp.packet_id)
+        elif t == PUBACK or t == PUBCOMP or t == PUBREC or t == PUBREL:
+            if decode_ack5(<uint8_t>t, body, rem, &a5, &reason) < 0:
+                self.lose(i, E_MALFORMED)
                 return -1
-            elif t == SUBACK or t == CONNACK:
-                pass  # late answers of the setup phase
+            if t == PUBREL:
+                self.append_ack(i, PUBCOMP, a5.packet_id)   # a QoS 2 delivery to us, step 2
             else:
-                self.err[E_UNEXPECTED] += 1
-            pos += <size_t>hl + rem
-        if pos:
-            if pos < c.in_len:
-                memmove(c.inb, c.inb + pos, c.in_len - pos)
-            c.in_len -= pos
-        if need > c.in_cap:
-            p = <uint8_t*>realloc(c.inb, need)
-            if p == NULL:
+                self.complete5(i, <uint8_t>t, a5.packet_id, a5.reason_code, now)
+        elif t == PINGRESP:
+            self.pingresp += 1
+            self.conns[i].ping_sent = 0
+        elif t == DISCONNECT:
+            if decode_disconnect5(DISCONNECT, body, rem, &a5, &reason) < 0:
                 self.lose(i, E_MALFORMED)
                 return -1
-            c.inb = p
-            c.in_cap = need
+            self.disconnect_reasons[a5.reason_code] += 1
+            self.lose(i, E_DISCONNECTED)
+            return -1
+        elif t == SUBACK or t == CONNACK:
+            pass  # late answers of the setup phase
+        else:
+            self.err[E_UNEXPECTED] += 1
         return 0
 
     cdef void do_read(self, int i, int64_t now):
@@ -854,7 +837,7 @@ cdef class Engine:
                     memcpy(c.inb + c.in_len, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
                     c.in_len += PyBytes_GET_SIZE(data)
                     self.bytes_in += PyBytes_GET_SIZE(data)
-                if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
+                if self.parse(i, now) < 0:
                     return
                 turns += 1
             return
@@ -870,7 +853,7 @@ cdef class Engine:
                     self.bytes_in += r
                     if self.ws_unframe(i, c.in_len, c.in_len + stash + r) < 0:
                         return
-                    if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
+                    if self.parse(i, now) < 0:
                         return
                     if <size_t>r < space:
                         return
@@ -882,7 +865,7 @@ cdef class Engine:
             if r > 0:
                 c.in_len += r
                 self.bytes_in += r
-                if (self.parse5(i, now) if self.v5 else self.parse(i, now)) < 0:
+                if self.parse(i, now) < 0:
                     return
                 if <size_t>r < space:
                     return
