@@ -316,6 +316,16 @@ def test_other_packets_during_the_exchange_are_protocol_errors(gw, packet):
     assert [(type(p), p.reason_code) for p in got] == [(p5.Connack, 0x82)]
 
 
+def test_server_first_past_the_clients_maximum_packet_size_is_not_sent(gw):
+    """MQTT-3.1.2-24: an AUTH larger than the client's Maximum Packet Size is
+    not sent; the connection closes instead."""
+    c = client(gw)
+    sc = ScramClient("alice", "alice-pw")
+    c.send(p5.Connect(client_id=unique("mps"), properties=p5.Properties(
+        authentication_method=METHOD, authentication_data=sc.first(), maximum_packet_size=40)))
+    assert c.closed() == []
+
+
 def test_client_disconnect_during_the_exchange(gw):
     c = client(gw)
     scram_connect(c, ScramClient("alice", "alice-pw"), unique("dc"))

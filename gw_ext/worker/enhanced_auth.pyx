@@ -45,6 +45,8 @@ cdef enum:
     V5_REAUTHING = 32         # a re-authentication's exchange is under way
 
 cdef enum:
+    AUTH_PROPS_ROOM = 4096    # an AUTH's properties: the method, a server-first (its client's nonce is
+                              # within a client-first of at most gw/scram.py's MAX_MESSAGE, 1,024 bytes)
     RC_CONTINUE_AUTHENTICATION = 0x18
     RC_REAUTHENTICATE = 0x19
 
@@ -95,14 +97,23 @@ cdef bytes auth_data(Props5* props):
 
 
 cdef int send_auth5(Worker w, Conn* c, uint8_t reason_code, bytes data):
-    """An AUTH with the method and `data` as Authentication Data."""
-    cdef uint8_t[1200] props
+    """An AUTH with the method and `data` as Authentication Data. 0, or -1
+    if the connection was closed."""
+    cdef uint8_t[AUTH_PROPS_ROOM] props
     cdef uint32_t k = 0
     cdef uint8_t* out
-    if len(data) > 1024:
+    if len(data) > AUTH_PROPS_ROOM - 32:
+        # A server-first past the room: a client nonce near the message limit
+        # and a password file's salt that long. Not this client's to get.
+        w.log_client(CR_AUTH_PASSWORD, c.fd, "closed a connection: its SCRAM answer would be too long")
+        w.close_conn(c, CR_SERVER)
         return -1
     k += put_prop_bytes(props + k, P_AUTH_METHOD, <const uint8_t*>PyBytes_AS_STRING(SCRAM_METHOD), 13)
     k += put_prop_bytes(props + k, P_AUTH_DATA, <const uint8_t*>PyBytes_AS_STRING(data), <uint32_t>len(data))
+    if c.max_packet_out and disconnect5_size(reason_code, k) > c.max_packet_out:
+        # The client's Maximum Packet Size cannot take the exchange (MQTT-3.1.2-24).
+        w.close_conn(c, CR_TOO_LARGE)
+        return -1
     out = w.reserve(c, disconnect5_size(reason_code, k))
     if out == NULL:
         return -1
