@@ -149,13 +149,14 @@ class ScramExchange:
         entry = users.get(self.user)
         self.usable = entry is not None and entry.kind == "7"
         if self.usable:
-            salt, iterations = entry.salt, entry.iterations
-            self.stored_key = _h(_hmac(entry.digest, b"Client Key"))
-            self.server_key = _hmac(entry.digest, b"Server Key")
+            salt, iterations, salted = entry.salt, entry.iterations, entry.digest
         else:
+            # Keys from a SaltedPassword nobody has (the same work as for a real one).
             salt = _hmac(_SECRET, b"salt\0" + self.user)[:FAKE_SALT_BYTES]
             iterations = iterations_for_unknown
-            self.stored_key = self.server_key = b""
+            salted = _hmac(_SECRET, b"key\0" + secrets.token_bytes(16))
+        self.stored_key = _h(_hmac(salted, b"Client Key"))
+        self.server_key = _hmac(salted, b"Server Key")
         self.server_first = "r=%s,s=%s,i=%d" % (self.nonce, base64.b64encode(salt).decode(), iterations)
 
     def server_first_message(self) -> bytes:
@@ -182,14 +183,15 @@ class ScramExchange:
             raise ScramError("nonce other than the exchange's")
         if len(proof) != 64:
             raise ScramError("proof not 64 bytes")
-        if not self.usable:
-            return None
         auth_message = (self.client_first_bare + "," + self.server_first + "," + head).encode()
+        # The same work for a user without a $7$ entry (keys nothing matches):
+        # the time of the refusal tells nothing either.
         signature = _hmac(self.stored_key, auth_message)
         client_key = bytes(a ^ b for a, b in zip(proof, signature))
-        if not hmac.compare_digest(_h(client_key), self.stored_key):
+        server_final = b"v=" + base64.b64encode(_hmac(self.server_key, auth_message))
+        if not hmac.compare_digest(_h(client_key), self.stored_key) or not self.usable:
             return None
-        return b"v=" + base64.b64encode(_hmac(self.server_key, auth_message))
+        return server_final
 
 
 def start(authenticator, client_first: bytes) -> ScramExchange:
