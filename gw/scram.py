@@ -114,7 +114,7 @@ class ScramExchange:
     """One exchange, from a client-first message to the proof's check."""
 
     __slots__ = ("user", "gs2_header", "nonce", "client_first_bare", "server_first", "stored_key",
-                 "server_key", "usable")
+                 "server_key", "usable", "other_kind")
 
     def __init__(self, users: dict, client_first: bytes, iterations_for_unknown: int):
         text = _text(client_first)
@@ -148,6 +148,7 @@ class ScramExchange:
         self.nonce = cnonce + base64.b64encode(secrets.token_bytes(NONCE_BYTES)).decode()
         entry = users.get(self.user)
         self.usable = entry is not None and entry.kind == "7"
+        self.other_kind = "" if entry is None or self.usable else entry.kind    # for the server's log only
         if self.usable:
             salt, iterations, salted = entry.salt, entry.iterations, entry.digest
         else:

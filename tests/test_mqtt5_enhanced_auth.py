@@ -457,3 +457,35 @@ def test_scram_over_tls(gw_factory, tmp_path):
     c = V5(tls_connect(server.ports["mqtts"], ctx))
     assert scram_login(c, ScramClient("alice", "nope"), unique("tls")).reason_code == 0x86
     c.close()
+
+
+# --- over WebSocket ------------------------------------------------------------------------------------
+
+class V5Ws(V5):
+    """The same client in WebSocket binary frames (tests/ws_client.py)."""
+
+    def __init__(self, port: int):
+        from ws_client import WsMqtt, ws_connect
+
+        self.ws = WsMqtt(ws_connect(port))
+        self.sock = self.ws.sock
+
+    def send(self, packet, fragmented: bool = False) -> None:
+        self.ws.send(packet if isinstance(packet, (bytes, bytearray)) else ref.encode(packet))
+
+    def read(self, timeout: float = WAIT):
+        first, body = self.ws.read_packet(timeout)
+        packets, _ = ref.decode(bytes([first]) + ref._varint(len(body)) + body)
+        return packets[0]
+
+
+def test_scram_over_websocket(gw_factory, tmp_path):
+    server = secured_server(gw_factory, tmp_path, listeners=("ws",))
+    c = V5Ws(server.ports["ws"])
+    assert scram_login(c, ScramClient("bob", "bob-pw"), unique("ws")).reason_code == 0
+    last, _ = reauth(c, ScramClient("bob", "bob-pw"))
+    assert isinstance(last, p5.Auth) and last.reason_code == 0
+    c.close()
+    c = V5Ws(server.ports["ws"])
+    assert scram_login(c, ScramClient("bob", "nope"), unique("ws")).reason_code == 0x86
+    c.close()

@@ -203,6 +203,10 @@ cdef int enhanced_auth_pending(Worker w, Conn* c, uint8_t ptype, const uint8_t* 
     except ScramError as exc:
         return enhanced_auth_fail(w, c, RC_NOT_AUTHORIZED, str(exc))
     if final is None:
+        if st.exchange.other_kind:
+            # The operator's hint (the client is told 0x86 as for any bad password).
+            w.log_client(CR_AUTH_PASSWORD, c.fd, "refused a SCRAM-SHA-512 CONNECT: user %r has a $%s$ entry, "
+                         "not $7$: it logs in with its password" % (st.user, st.exchange.other_kind))
         return enhanced_auth_fail(w, c, RC_BAD_USER_OR_PASSWORD, "")
     w.counters[AUTH_SCRAM_OK] += 1
     c.v5 = (c.v5 & ~V5_AUTHING) | V5_SCRAM
