@@ -31,6 +31,7 @@ import time
 
 from gw.config import certificate_required, is_loopback_host
 from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
+from gw.scram import fake_iterations  # imported by the master: its secret is the same in every worker
 
 # Listeners whose clients the anonymous rules apply to (HTTP has its own tokens).
 CLIENT_LISTENERS = ("mqtt", "mqtts", "json", "jsons", "ws", "wss")
@@ -82,6 +83,7 @@ class Authenticator:
         self.cache_entries = cache_entries
         self.inline_iterations = inline_iterations
         self.inline, self._decoy = self._cost(users)
+        self._scram_iterations = fake_iterations(users)
         self._key = secrets.token_bytes(32)
         self._cache: dict[bytes, float] = {}
         self._generation = 0
@@ -103,6 +105,10 @@ class Authenticator:
             return False, _DECOY
         most = max((e.iterations for e in users.values() if e.kind == "7"), default=1)
         return True, Entry("7", b"\0" * 12, b"\0" * 64, most)
+
+    def scram_iterations(self) -> int:
+        """The iteration count SCRAM shows a user without a `$7$` entry (gw/scram.py)."""
+        return self._scram_iterations
 
     def _cache_key(self, user: bytes, password: bytes) -> bytes:
         h = hashlib.blake2b(key=self._key, digest_size=32)
@@ -152,6 +158,7 @@ class Authenticator:
             self._generation += 1
             self.inline_iterations = inline_iterations
             self.inline, self._decoy = self._cost(users)
+            self._scram_iterations = fake_iterations(users)
             self.users = users
             self.cache_seconds = cache_seconds
             self.cache_entries = cache_entries

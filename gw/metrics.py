@@ -102,6 +102,12 @@ _FAMILIES = [
      "PUBLISHes that carried only the first 32 of a subscriber's matching ones.",
      [('{event="subscribed"}', C.MQTT5_SUBSCRIPTION_IDS), ('{event="published"}', C.MQTT5_SUBID_PUBLISHES),
       ('{event="cut"}', C.MQTT5_SUBIDS_CUT)]),
+    ("gw_mqtt5_enhanced_auth_total", "counter",
+     "MQTT 5.0 enhanced authentication: SCRAM-SHA-512 logins and re-authentications that succeeded or "
+     "failed, CONNECTs with an Authentication Method not supported (CONNACK 0x8C).",
+     [('{event="scram_ok"}', C.AUTH_SCRAM_OK), ('{event="scram_failed"}', C.AUTH_SCRAM_FAILED),
+      ('{event="reauth_ok"}', C.AUTH_REAUTH_OK), ('{event="reauth_failed"}', C.AUTH_REAUTH_FAILED),
+      ('{event="method_unsupported"}', C.AUTH_METHOD_UNSUPPORTED)]),
     ("gw_mqtt5_subscription_options_total", "counter",
      "MQTT 5.0 subscription options at work: deliveries No Local left out, subscriptions Retain Handling "
      "sent no retained messages.",

@@ -410,12 +410,13 @@ def counter_dict(totals) -> dict:
     for c in Counter:
         if (c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS
                 or c in STORE_BEHIND_COUNTERS.values() or c in SHARED_COUNTERS.values()
-                or c in WILL_DELAY_COUNTERS.values()):
+                or c in WILL_DELAY_COUNTERS.values() or c in ENHANCED_AUTH_COUNTERS.values()):
             continue
         out[c.name.lower()] = totals[c]
     out["ingest_shed_store_behind"] = {name: totals[c] for name, c in STORE_BEHIND_COUNTERS.items()}
     out["shared_subscriptions"] = {name: totals[c] for name, c in SHARED_COUNTERS.items()}
     out["will_delay"] = {name: totals[c] for name, c in WILL_DELAY_COUNTERS.items()}
+    out["enhanced_auth"] = {name: totals[c] for name, c in ENHANCED_AUTH_COUNTERS.items()}
     out["rate_limits"] = {
         "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
         "per_ip_refused": totals[Counter.PER_IP_REFUSED],
@@ -500,6 +501,10 @@ WILL_DELAY_COUNTERS = {"held": Counter.WILLS_DELAYED, "pending": Counter.WILLS_D
                        "elapsed": Counter.WILLS_DELAY_ELAPSED, "session_end": Counter.WILLS_DELAY_SESSION_END,
                        "cancelled": Counter.WILLS_DELAY_CANCELLED, "shutdown": Counter.WILLS_DELAY_SHUTDOWN,
                        "over_limit": Counter.WILLS_DELAY_OVER_LIMIT}
+# MQTT 5.0 enhanced authentication (SCRAM-SHA-512, re-authentication), grouped under "enhanced_auth".
+ENHANCED_AUTH_COUNTERS = {"scram_ok": Counter.AUTH_SCRAM_OK, "scram_failed": Counter.AUTH_SCRAM_FAILED,
+                          "reauth_ok": Counter.AUTH_REAUTH_OK, "reauth_failed": Counter.AUTH_REAUTH_FAILED,
+                          "method_unsupported": Counter.AUTH_METHOD_UNSUPPORTED}
 SINK_NAMES = ("store", "file", "bridge")      # H_SINK_* + index
 # The HTTP status slots by name: "200", ..., "505", "other".
 STATUS_NAMES = tuple(str(code) for code in HTTP_STATUS_CODES) + ("other",)

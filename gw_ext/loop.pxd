@@ -595,6 +595,7 @@ cdef class Worker:
     cdef object authenticator           # gw.auth.Authenticator; None: no password file
     cdef object auth_pool               # gw.query_pool.QueryPool: password checks off the loop
     cdef dict auth_waiting              # auth token -> PendingConnect whose password is being checked
+    cdef dict scram_states              # fd -> ScramState: MQTT 5.0 enhanced authentication (worker/enhanced_auth.pyx)
     cdef uint32_t auth_token
 
     # --- the client-id registry (worker/registry.pyx) -----------------------------------

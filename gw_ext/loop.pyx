@@ -178,6 +178,7 @@ cdef class Worker:
         self.congested = set()
         self.pending = {}
         self.auth_waiting = {}
+        self.scram_states = {}
         self.allow_anonymous = True
         self.certificate_anonymous = True
         self.settle_orphans = []
@@ -1422,6 +1423,7 @@ cdef class Worker:
             if self.topic_aliases:
                 self.topic_aliases.pop(c.fd, None)      # its Topic Aliases end with the connection (MQTT-3.3.2-7)
             alias_out_free(c)                           # and the server's (worker/mqtt5.pyx)
+            enhanced_auth_forget(self, c)               # its SCRAM state (worker/enhanced_auth.pyx)
         if c.fd == self.alias_fd:
             self.alias_fd = -1
             self.alias_table = None
@@ -1477,6 +1479,7 @@ include "worker/read_handle.pyx"
 include "worker/mqtt5.pyx"
 include "worker/handle_connect.pyx"
 include "worker/auth.pyx"
+include "worker/enhanced_auth.pyx"
 include "worker/handle_publish.pyx"
 include "worker/handle_acks.pyx"
 include "worker/handle_subscribe.pyx"

@@ -150,7 +150,11 @@ cpdef enum:
     MQTT5_SUBIDS_CUT = 357          # PUBLISHes whose subscriber had more matching identifiers than one carries (32)
     MQTT5_NO_LOCAL_SKIPPED = 358    # deliveries left out: No Local, the publisher's own subscription
     MQTT5_RETAIN_HANDLING_SKIPPED = 359   # subscriptions sent no retained messages (Retain Handling 2, or 1 and existing)
-    # 360..363 free: MQTT 5.0 subscriptions.
+    # MQTT 5.0 enhanced authentication (gw_ext/worker/enhanced_auth.pyx): 360..363 and 383.
+    AUTH_SCRAM_OK = 360       # CONNECTs authenticated by SCRAM-SHA-512 (the proof held)
+    AUTH_SCRAM_FAILED = 361   # SCRAM-SHA-512 CONNECTs refused (bad proof, unknown or non-$7$ user: 0x86; bad SCRAM message: 0x87)
+    AUTH_REAUTH_OK = 362      # re-authentications (AUTH 0x19) that succeeded (AUTH 0x00)
+    AUTH_REAUTH_FAILED = 363  # re-authentications that failed (DISCONNECT 0x87)
     # MQTT 5.0 server->client flow (router.pyx, sessions.pyx, mqtt5.pyx: alias_out_*): 364..375.
     MQTT5_RECEIVE_MAX_HELD = 364    # QoS 1/2 messages held back (queued) by a client's Receive Maximum below max_inflight
     MQTT5_TOO_LARGE_DROPPED = 365   # PUBLISHes not sent to a client: larger than its Maximum Packet Size (discarded as sent)
@@ -165,7 +169,7 @@ cpdef enum:
     WILLS_DELAY_CANCELLED = 380     # held wills not published: their client connected again to its session within the delay
     WILLS_DELAY_SHUTDOWN = 381      # held wills published when the server drained (SIGTERM)
     WILLS_DELAY_OVER_LIMIT = 382    # wills published at once, without their delay: max_delayed_wills were held
-    # 383 free.
+    AUTH_METHOD_UNSUPPORTED = 383   # CONNECTs with an Authentication Method not supported here (CONNACK 0x8C)
     # Shared subscriptions ($share/{name}/{filter}; gw_ext/worker/shared.pyx).
     SHARED_DELIVERED = 384    # messages given to one member of a shared group on this worker
     SHARED_FORWARDED = 385    # messages sent to another worker for one of its members of a group

@@ -31,6 +31,7 @@ cdef enum:
                               # PUBLISH, CONNACK, DISCONNECT (MQTT-3.1.2-29)
     V5_GOODBYE = 2            # a DISCONNECT went out: nothing more is written
     V5_EXPIRY_ZERO = 4        # its CONNECT's Session Expiry Interval was 0 (MQTT-3.14.2-2)
+                              # 8, 16, 32: enhanced authentication's (worker/enhanced_auth.pyx)
 
 cdef enum:
     # More reason codes (section 2.4) than codec5.pxd names.
@@ -114,6 +115,8 @@ cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     cdef uint8_t ptype = first >> 4
     w.counters[PKT_IN + ptype] += 1
     if c.state != ST_CONNECTED:
+        if c.v5 & V5_AUTHING:
+            return enhanced_auth_pending(w, c, ptype, body, n)     # worker/enhanced_auth.pyx
         v5_error(w, c, ERR_PROTOCOL, R5_NONE)
         return -1
     if ptype == PUBLISH:
@@ -128,9 +131,10 @@ cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
         return handle_unsubscribe5(w, c, body, n)
     if ptype == DISCONNECT:
         return handle_disconnect5(w, c, body, n)
-    # A second CONNECT (MQTT-3.1.0-2), packets only servers send (CONNACK,
-    # SUBACK, UNSUBACK, PINGRESP) and AUTH without an Authentication Method in
-    # the CONNECT (MQTT-4.12.0-1, this server supports none): Protocol Errors.
+    if ptype == AUTH:
+        return handle_auth5(w, c, body, n)      # re-authentication (worker/enhanced_auth.pyx)
+    # A second CONNECT (MQTT-3.1.0-2) and packets only servers send (CONNACK,
+    # SUBACK, UNSUBACK, PINGRESP): Protocol Errors.
     v5_error(w, c, ERR_PROTOCOL, R5_NONE)
     return -1
 
@@ -186,9 +190,12 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             w.counters[MQTT5_BAD_PACKETS + reason - 1] += 1
         w.counters[MQTT5_MALFORMED if rc == ERR_MALFORMED else MQTT5_PROTOCOL_ERRORS] += 1
         return refuse_connect5(w, c, RC_MALFORMED if rc == ERR_MALFORMED else RC_PROTOCOL_ERROR, reason)
+    cdef bint enhanced = False
     if pkt.props.present & (1ULL << P_AUTH_METHOD):
-        # Extended authentication (section 4.12): no method is supported here.
-        return refuse_connect5(w, c, RC_BAD_AUTH_METHOD, -1)
+        # Enhanced authentication (section 4.12): SCRAM-SHA-512 only (worker/enhanced_auth.pyx).
+        if not enhanced_auth_supported(w, c, &pkt.props):
+            return refuse_connect5(w, c, RC_BAD_AUTH_METHOD, -1)
+        enhanced = True
     if w.listeners[c.listener].identity_username and c.ssl != NULL:
         username = peer_common_name(c.ssl, &why)
         if username is None:
@@ -250,6 +257,8 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
             pc.will_ext = ext_from_props(pkt.will_props.raw.ptr, pkt.will_props.raw.len,
                                          pkt.will_props.message_expiry,
                                          (pkt.will_props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 1)
+    if enhanced:
+        return enhanced_auth_start(w, c, pc, &pkt.props)     # AUTH 0x18; the CONNECT held
     rc = auth_connect(w, c, pc, pkt.password.ptr, pkt.password.len, pkt.has_password)
     if rc < 0:
         return -1
@@ -295,7 +304,7 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     """The accepting CONNACK of an MQTT 5.0 connection, with what the server
     announces (section 3.2.2.3): only what differs from the standard's
     defaults."""
-    cdef uint8_t[512] props
+    cdef uint8_t[1600] props
     cdef uint32_t k = 0
     cdef uint8_t* out
     cdef uint32_t receive_max = w.max_awaiting_rel
@@ -315,6 +324,8 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     # Wildcard Subscription Available and Subscription Identifiers Available: absent is 1.
     if not V5_SHARED_AVAILABLE:
         k += put_prop_u8(props + k, P_SHARED_AVAILABLE, 0)
+    if c.v5 & V5_SCRAM:
+        k += enhanced_auth_connack_props(w, c, props + k)     # method, server-final (worker/enhanced_auth.pyx)
     out = w.reserve(c, connack5_size(k))
     if out == NULL:
         return -1
