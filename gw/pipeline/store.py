@@ -336,8 +336,9 @@ def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: li
 
 # --- the sink --------------------------------------------------------------------------
 
-# Readings rows of a batch from which they go in on a thread of their own (below
-# it the thread costs more than the overlap gives).
+# Readings rows of a batch from which they go in on a thread of their own; a
+# smaller batch (what the store takes while it keeps up) inserts them in the
+# sink's thread, which starts no thread per batch.
 OVERLAP_FROM = 8192
 
 
