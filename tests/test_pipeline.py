@@ -292,6 +292,35 @@ def test_restart_resumes_from_the_checkpoints(tmp_path):
     check_store_consistent(tmp_path, logs, ends)
 
 
+def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path):
+    """Behind, batches double from pipeline_batch; once one took everything durable,
+    the next may take up to twice as much (what piled up during the write), not
+    pipeline_batch again; idle, they start again from pipeline_batch."""
+    logs = fleet(1, 800, devices_per_worker=10)
+    durable = Durable(1)
+    durable.set(0, write_log(tmp_path, 0, logs[0][:500]))
+    pipe = Pipeline(settings(tmp_path, pipeline_batch=10), 1, durable, wal=wal_api())
+    runner = pipe.runners[0]
+    try:
+        counts = []
+        while True:
+            _parts, count, full = runner.gather()
+            counts.append(count)
+            if not full:
+                break
+        assert counts == [10, 20, 40, 80, 160, 190]
+        assert runner.cur_batch == 380
+        durable.set(0, write_log(tmp_path, 0, logs[0][500:]))
+        _parts, count, full = runner.gather()
+        assert (count, full) == (300, False)            # not 10 again, then doubling up
+        assert runner.cur_batch == 600
+        _parts, count, full = runner.gather()
+        assert (count, full) == (0, False)
+        assert runner.cur_batch == 10
+    finally:
+        pipe.shutdown()
+
+
 def test_threads_run_and_stop(tmp_path):
     """start() runs the sinks in their threads; shutdown() ends them after the
     batch in hand, checkpoints committed."""

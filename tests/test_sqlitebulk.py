@@ -33,13 +33,13 @@ def test_rows_as_sqlite3_stores_them(tmp_path):
     b = connect(tmp_path / "b.db")
     handle = sqlitebulk.handle_of(b)
     assert handle is not None
-    data = rows(5000)                       # more than one block of rows
+    data = rows(40000)                      # more than two blocks of 16,384 rows, the last one partial
     a.execute("BEGIN")
     a.executemany(INSERT, data)
     a.executemany(UPSERT, data[:3000:3])
     a.execute("COMMIT")
     b.execute("BEGIN")
-    assert sqlitebulk.executemany(b, handle, INSERT, data) == 5000
+    assert sqlitebulk.executemany(b, handle, INSERT, data) == 40000
     assert sqlitebulk.executemany(b, handle, UPSERT, data[:3000:3]) == 1000
     b.execute("COMMIT")
     q = "SELECT rowid, a, b, c, d, e, typeof(b), typeof(d) FROM t ORDER BY rowid"

@@ -298,6 +298,44 @@ def test_a_failed_transaction_changes_nothing(tmp_path):
     assert not sink.conn.in_transaction
 
 
+def test_a_large_batch_inserts_its_readings_on_a_thread_and_fails_whole(tmp_path):
+    """Batches of OVERLAP_FROM readings or more insert their readings rows on a
+    thread of their own: the same rows as one thread, and a failure there (a
+    clash of log offsets) rolls the whole transaction back, new series too."""
+    from gw.pipeline import store as store_mod
+    n = store_mod.OVERLAP_FROM + 100
+    payloads = [reading(f"d{i % 300}", T0 + i * 0.01, i, {"x": i % 7, "y": 1.5}) for i in range(n)]
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = new_sink(tmp_path / "one")
+    saved = store_mod.OVERLAP_FROM
+    store_mod.OVERLAP_FROM = 1 << 62
+    try:
+        feed(one, payloads, batch=n)
+    finally:
+        store_mod.OVERLAP_FROM = saved
+    two = new_sink(tmp_path / "two")
+    end = feed(two, payloads, batch=n)
+    for q in ("SELECT * FROM readings ORDER BY rowid", "SELECT * FROM sample_chunks ORDER BY rowid",
+              "SELECT * FROM rollup ORDER BY win, bucket, series", "SELECT * FROM devices ORDER BY device_id",
+              "SELECT * FROM series ORDER BY id"):
+        assert one.conn.execute(q).fetchall() == two.conn.execute(q).fetchall()
+    count = "SELECT (SELECT count(*) FROM readings), (SELECT count(*) FROM series), (SELECT sum(readings) FROM devices)"
+    before = two.conn.execute(count).fetchone()
+    assert before == (n, 600, n)
+    # new devices (new series) whose readings clash with stored offsets, in one large batch
+    clash = [reading(f"new{i % 50}", T0 + 500 + i * 0.01, i, {"z": 1}) for i in range(n)]
+    with pytest.raises(sqlite3.IntegrityError):
+        feed(two, clash, start=0, batch=n)
+    assert two.conn.execute(count).fetchone() == before
+    assert not two.conn.in_transaction
+    assert two.checkpoints[0] == end
+    assert ("new0", "z") not in two._series
+    end = feed(two, clash, batch=n)                     # at the right offsets it goes in
+    assert two.conn.execute(count).fetchone() == (2 * n, 650, 2 * n)
+    assert two.checkpoints[0] == end
+
+
 # --- retention ---------------------------------------------------------------------------
 
 def test_retention(tmp_path):

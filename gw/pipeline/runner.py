@@ -6,8 +6,11 @@ so a busy log cannot starve the others), each read only up to the log's
 durable offset, and calls `sink.write`. When the batch was full it goes again
 at once (catching up), with a batch twice as large as the last, up to
 `sink.catchup` times `batch` (larger transactions cost the store far less per
-record: each commit writes every page it touched), and back to `batch` once
-caught up; otherwise it waits `poll_interval`. A failing sink
+record: each commit writes every page it touched). Once caught up (the batch
+took everything durable) it waits `poll_interval`, and the next batch may take
+up to twice what this one took (at least `batch`): under a sustained rate the
+batches stay as large as what piles up during a write, instead of starting
+again from `batch`. A failing sink
 (write or poll raising) is rewound to its checkpoints and retried after an
 exponential backoff with full jitter (base 0.1 s, cap 30 s); the failure is
 logged once per streak, and its recovery once. Sinks run in their own threads,
@@ -89,10 +92,18 @@ class SinkRunner:
                 full = True
                 break
         self._start = (self._start + 1) % n if n else 0
+        cap = self.batch * max(1, sink.catchup)
         if full:
-            self.cur_batch = min(self.cur_batch * 2, self.batch * max(1, sink.catchup))
+            self.cur_batch = min(self.cur_batch * 2, cap)
         else:
-            self.cur_batch = self.batch
+            # Everything durable was read. The next batch may again take what piles
+            # up meanwhile, up to twice this one's records: a sink that wrote a large
+            # batch is under a sustained rate, and starting it again from `batch`
+            # (doubling back up over several small batches) costs the store several
+            # times the CPU per record (each batch writes rows per device and
+            # series it holds: 14,600 readings per CPU-second in batches of 8,000
+            # against 85,000 in batches of 512,000, 20,000 devices).
+            self.cur_batch = max(self.batch, min(cap, 2 * count))
         return parts, count, full
 
     def turn(self) -> bool:

@@ -24,6 +24,7 @@ import operator
 import os
 import re
 import sqlite3
+import threading
 import time
 from datetime import datetime, timezone
 from itertools import repeat
@@ -335,6 +336,38 @@ def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: li
 
 # --- the sink --------------------------------------------------------------------------
 
+# Readings rows of a batch from which they go in on a thread of their own; a
+# smaller batch (what the store takes while it keeps up) inserts them in the
+# sink's thread, which starts no thread per batch.
+OVERLAP_FROM = 8192
+
+
+class _Inserting:
+    """`many(sql, rows)` on a thread of its own; join() waits for it and raises what
+    it raised, wait() only waits."""
+
+    def __init__(self, many, sql: str, rows: list):
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(many, sql, rows),
+                                       name="gw-store-readings", daemon=True)
+        self.thread.start()
+
+    def _run(self, many, sql, rows) -> None:
+        try:
+            many(sql, rows)
+        except BaseException as exc:        # noqa: BLE001  (raised in the sink's thread by join())
+            self.error = exc
+
+    def wait(self) -> None:
+        self.thread.join()
+
+    def join(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+
 _T1 = operator.itemgetter(2)
 
 
@@ -433,23 +466,35 @@ class StoreSink(StoreSinkBase):
                 new_series.append((sid, nk[0], nk[1]))
             sids.append(sid)
         try:
-            chunks, rollups, alerts = self._samples(cols, sids)
+            # Before the transaction: the detector's warm-up reads the store.
+            alerts = batch.detect(cols, self.detector)
         except BaseException:
             self._next_series -= len(new_series)
             self.detector.reset()
             raise
-        for sid, dev, m in new_series:
-            series[(dev, m)] = sid
-        devrows = [(dev, d[0], d[1], encode(d[2]).decode(), d[3], d[4]) for dev, d in devs.items()]
         ckpts = [(self.name, slot, nxt) for slot, _r, nxt in parts]
         conn = self.conn
         published = []
+        inserting = None
         try:
             conn.execute("BEGIN IMMEDIATE")
             if new_series:
                 conn.executemany("INSERT INTO series VALUES (?,?,?)", new_series)
             many = self._executemany
-            many(INSERT_READING, readings)
+            # A large batch's readings rows go in on a thread of their own while this
+            # one builds the other rows (SQLite steps them without the GIL): nothing
+            # else uses the connection until it is joined.
+            if len(readings) >= OVERLAP_FROM:
+                inserting = _Inserting(many, INSERT_READING, readings)
+            else:
+                many(INSERT_READING, readings)
+            chunks, rollups = self._samples(cols, sids)
+            for sid, dev, m in new_series:
+                series[(dev, m)] = sid
+            devrows = [(dev, d[0], d[1], encode(d[2]).decode(), d[3], d[4]) for dev, d in devs.items()]
+            if inserting is not None:
+                inserting, done = None, inserting
+                done.join()
             many(INSERT_CHUNK, chunks)
             many(UPSERT_ROLLUP, rollups)
             many(UPSERT_DEVICE, devrows)
@@ -462,6 +507,8 @@ class StoreSink(StoreSinkBase):
             conn.executemany(UPSERT_CHECKPOINT, ckpts)
             conn.execute("COMMIT")
         except BaseException:
+            if inserting is not None:
+                inserting.wait()            # the connection is its until it is done
             if conn.in_transaction:
                 try:
                     conn.execute("ROLLBACK")
@@ -479,10 +526,9 @@ class StoreSink(StoreSinkBase):
         self._committed(parts, len(readings), published)
 
     def _samples(self, cols: batch.Columns, sids: list):
-        """The batch's samples as sample chunk rows, rollup upserts and alerts."""
+        """The batch's samples as sample chunk rows and rollup upserts."""
         if not len(cols):
-            return [], [], []
-        alerts = batch.detect(cols, self.detector)
+            return [], []
         by = batch.BySeries(cols)
         sid_of = np.asarray(sids, dtype=np.int64)
         starts, _hours = by.runs(CHUNK_SECONDS)
@@ -499,7 +545,7 @@ class StoreSink(StoreSinkBase):
             o = np.lexsort((ss, bs))           # (bucket, series): the table's order
             rollups.extend(zip(repeat(win), bs[o].tolist(), ss[o].tolist(), counts[o].tolist(),
                                mins[o].tolist(), maxs[o].tolist(), sums[o].tolist(), sqs[o].tolist()))
-        return chunks, rollups, alerts
+        return chunks, rollups
 
     def rewind(self) -> None:
         self.detector.reset()
