@@ -33,6 +33,9 @@ from conftest import get_counter, send_fragmented
 from gw import packets5 as p5
 from test_mqtt5_connections import V5, connected, unique
 
+pytest.register_assert_rewrite("broker_fixtures")
+from broker_fixtures import Mosquitto  # noqa: E402
+
 WAIT = 10.0
 
 
@@ -255,6 +258,42 @@ def test_bad_packet_after_connack(gw, name, fragmented, frag_rng):
     counter = counter_for(code)
     assert get_counter(after, counter) > get_counter(before, counter), (statement, counter)
     _alive(gw)
+
+
+# Where Mosquitto 2.0.11 answers as the standard says (the same DISCONNECT and
+# a close): the same rows run against it. On the others it keeps the
+# connection open (a PINGREQ with flags or a body, a DUP flag on QoS 0, acks
+# with bad flags or reason codes, No Local on a shared subscription, a
+# Payload Format Indicator of 2, a Subscription Identifier from a client,
+# packets only servers send), closes without a DISCONNECT, or says 0x81 where
+# the standard says Protocol Error: docs/mqtt5-conformance.md lists each.
+MOSQUITTO_AGREES = [
+    "publish_qos3", "publish_topic_bad_utf8", "publish_topic_surrogate", "publish_topic_nul",
+    "publish_packet_id_0", "publish_topic_past_end", "publish_props_past_end", "publish_props_length_5_bytes",
+    "publish_unknown_property", "publish_connect_property", "publish_property_past_end",
+    "publish_topic_alias_over_maximum", "publish_empty_topic_without_alias", "publish_empty_topic_alias_never_set",
+    "subscribe_flags", "subscribe_reserved_option_bits", "subscribe_subscription_id_5_bytes",
+    "subscribe_property_not_allowed", "subscribe_filter_bad_utf8", "subscribe_filter_nul", "subscribe_filter_empty",
+    "subscribe_filter_hash_not_last", "subscribe_filter_plus_in_level", "subscribe_filter_missing_options",
+    "subscribe_share_name_wildcard", "unsubscribe_flags", "unsubscribe_subscription_id",
+    "unsubscribe_filter_bad_utf8", "unsubscribe_filter_invalid", "disconnect_session_expiry_from_0",
+]
+
+
+@pytest.fixture(scope="module")
+def mosq(tmp_path_factory):
+    m = Mosquitto(tmp_path_factory.mktemp("mosq")).start()
+    yield m
+    m.stop()
+
+
+@pytest.mark.parametrize("name", MOSQUITTO_AGREES)
+@pytest.mark.parametrize("server", ["mosquitto", "gw"])
+def test_bad_packet_as_mosquitto_answers_it(gw, mosq, server, name):
+    _, statement, data, code = BY_NAME[name]
+    c = connected(mosq.port if server == "mosquitto" else gw.ports["mqtt"], unique("diff"))
+    c.send(data)
+    assert [(type(p), p.reason_code) for p in c.closed()] == [(p5.Disconnect, code)], statement
 
 
 # --- before the CONNACK: a bad CONNECT --------------------------------------------------------
