@@ -455,6 +455,23 @@ def test_payload_format_invalid_acked_0x99_and_not_delivered(gw, qos, fragmented
     subscriber.close()
 
 
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragments"])
+def test_pubrel_of_an_unknown_packet_id_is_pubcomp_0x92(gw, fragmented, frag_rng):
+    """3.7.2.1: a PUBREL for no QoS 2 message the server holds is answered
+    PUBCOMP 0x92 Packet Identifier not found (no error: the connection stays);
+    one it holds, PUBCOMP 0x00."""
+    c = connected(gw.ports["mqtt"], unique("rel"))
+    _send(c, ack(0x62, pid=9), fragmented, frag_rng)
+    got = c.read()
+    assert (type(got), got.packet_id, got.reason_code) == (p5.Pubcomp, 9, 0x92)
+    c.send(pub(b"rel/t", qos=2, pid=9, payload=b"x"))
+    assert c.read_kind(p5.Pubrec).packet_id == 9
+    c.send(ack(0x62, pid=9))
+    got = c.read_kind(p5.Pubcomp)
+    assert (got.packet_id, got.reason_code) == (9, 0)
+    c.close()
+
+
 def test_disconnect_with_will_message_is_not_an_error(gw):
     """DISCONNECT 0x04 (3.14.2.1) is the client's to send: the connection
     closes without an answer, nothing counted as an error."""

@@ -41,6 +41,7 @@ cdef enum:
     RC_BAD_USER_OR_PASSWORD = 0x86
     RC_SERVER_UNAVAILABLE = 0x88
     RC_SERVER_BUSY = 0x89
+    RC_PACKET_ID_NOT_FOUND = 0x92
     RC_RECEIVE_MAXIMUM_EXCEEDED = 0x93
     RC_TOPIC_ALIAS_INVALID = 0x94
     RC_ADMINISTRATIVE_ACTION = 0x98
@@ -497,6 +498,10 @@ cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint
         v5_error(w, c, rc, reason)
         return -1
     if ptype == PUBREL:
+        if not qos2_seen(s, a.packet_id):
+            # Not a QoS 2 message this session holds (3.7.2.1: 0x92 Packet
+            # Identifier not found; no error, the client's state differs).
+            return send_ack5(w, c, PUBCOMP, a.packet_id, RC_PACKET_ID_NOT_FOUND)
         qos2_forget(s, a.packet_id)
         session_changed(w, s)
         return w.send_ack(c, PUBCOMP, a.packet_id)
