@@ -318,7 +318,8 @@ cdef bint shared_deliver_local(Worker w, int gid, const uint8_t* topic, uint32_t
     online_only, only a connected one). msg: the tagged Msg when there is one
     already (a redelivery). retain: the published RETAIN flag, which a member
     subscribed with Retain As Published gets (MQTT-3.3.1-13; only No Local is
-    refused on a shared subscription, MQTT-3.8.3-4), every other member 0. ext, ext_len: an MQTT 5.0 message's extras (loop.pxd,
+    refused on a shared subscription, MQTT-3.8.3-4), every other member 0.
+    ext, ext_len: an MQTT 5.0 message's extras (loop.pxd,
     Msg). False: no such member here."""
     cdef ShareGroup* g = &w.groups[gid]
     cdef uint32_t k, i, n = g.nlocal
