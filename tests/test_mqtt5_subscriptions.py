@@ -229,6 +229,35 @@ def test_retain_as_published_on_shared_subscriptions(broker, qos):
     pub.publish(t, b"", 0, retain=True)         # cleared
 
 
+@brokers("retain", gw_only="which member gets a departed member's messages is gw's pick")
+def test_retain_as_published_on_a_shared_message_given_to_another_member(broker):
+    """A member that leaves without acknowledging gives its QoS 1 message to
+    the group again (worker/shared.pyx): the member on the other worker that
+    gets it, subscribed with Retain As Published, gets the RETAIN flag it was
+    published with."""
+    t = broker.topic("srapre")
+    group = f"$share/re{uuid.uuid4().hex[:6]}/{t}"
+    sock, _ = broker.socket_on(W0)
+    first = V5.__new__(V5)
+    first.sock = sock
+    first.backlog = []
+    assert first.connect(f"first-{uuid.uuid4().hex[:6]}").reason_code == 0
+    first.send(p5.Subscribe(packet_id=1, topics=[(group, 1 | 0x08)]))     # QoS 1, Retain As Published
+    assert first.read_kind(p5.Suback).reason_codes == [1]
+    time.sleep(GRACE)
+    pub = PahoV5(broker, W1)
+    pub.publish(t, b"kept", 1, retain=True)
+    got = first.read_kind(p5.Publish)
+    assert (got.payload, got.retain) == (b"kept", True)      # not acknowledged
+    second = PahoV5(broker, W1)
+    assert second.subscribe(group, 1, rap=True) == [1]
+    time.sleep(GRACE)
+    first.close()                                           # its session ends: the message goes to second
+    m = second.wait_for(b"kept")
+    assert m.retain is True
+    pub.publish(t, b"", 0, retain=True)         # cleared
+
+
 # --- Retain Handling --------------------------------------------------------------------
 
 @brokers("retain")
