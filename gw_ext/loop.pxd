@@ -893,7 +893,7 @@ cdef void session_pump(Worker w, Session* s)
 cdef void session_resume(Worker w, Session* s)
 cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil
-cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil
+cdef bint qos2_forget(Session* s, uint16_t pid) noexcept nogil
 cdef int sessions_expire(Worker w, uint64_t limit_ms)
 
 # --- worker/shared.pyx: shared subscriptions, one member per message across workers -----

@@ -498,11 +498,10 @@ cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint
         v5_error(w, c, rc, reason)
         return -1
     if ptype == PUBREL:
-        if not qos2_seen(s, a.packet_id):
+        if not qos2_forget(s, a.packet_id):
             # Not a QoS 2 message this session holds (3.7.2.1: 0x92 Packet
             # Identifier not found; no error, the client's state differs).
             return send_ack5(w, c, PUBCOMP, a.packet_id, RC_PACKET_ID_NOT_FOUND)
-        qos2_forget(s, a.packet_id)
         session_changed(w, s)
         return w.send_ack(c, PUBCOMP, a.packet_id)
     if ptype == PUBREC and a.reason_code >= 0x80:
