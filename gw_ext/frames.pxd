@@ -67,8 +67,10 @@ cpdef enum:
     # Shared subscriptions (gw_ext/worker/shared.pyx). Integers little-endian.
     FR_SHARED_COUNT = 19      # body: slot u32, gen u32, online u32, total u32, key ($share/{name}/{filter}).
                               # "I hold total members of this group, online connected; it is my slot/gen."
-    FR_SHARED_PUBLISH = 20    # flags: qos; topic length; body: slot u32, gen u32 (the group's on the receiver),
-                              # hops u8, origin_ns u64, topic, payload. "Give this to one of your members."
+    FR_SHARED_PUBLISH = 20    # flags: qos | retain << 2 (as published: a member with Retain As Published
+                              # gets it) | PUB_EXT; topic length; body: slot u32, gen u32 (the group's on
+                              # the receiver), hops u8, origin_ns u64, topic, payload (then the extras as
+                              # FR_PUBLISH). "Give this to one of your members."
 
 
 cdef inline void frame_header_put(uint8_t* hdr, uint8_t ftype, uint8_t flags, uint32_t topic_len,

@@ -326,6 +326,7 @@ cdef struct Session:
 cdef struct ShareMember:      # a session of this worker in a group
     int slot
     uint8_t qos               # the QoS it was granted
+    uint8_t opts              # its subscription options (SUBOPT_RAP: the published RETAIN flag goes out)
 
 # A group ($share/{name}/{filter}) as one worker knows it: its own members, and
 # how many every worker has (told by FR_SHARED_COUNT), so the worker a message
@@ -892,7 +893,7 @@ cdef void session_pump(Worker w, Session* s)
 cdef void session_resume(Worker w, Session* s)
 cdef bint qos2_seen(Session* s, uint16_t pid) noexcept nogil
 cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil
-cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil
+cdef bint qos2_forget(Session* s, uint16_t pid) noexcept nogil
 cdef int sessions_expire(Worker w, uint64_t limit_ms)
 
 # --- worker/shared.pyx: shared subscriptions, one member per message across workers -----
@@ -902,23 +903,25 @@ cdef int shared_group(Worker w, bytes key, uint32_t off, bint create) except -2
 cdef void shared_maybe_free(Worker w, int gid)
 cdef bint shared_refresh(Worker w, int gid) except -1
 cdef void shared_count_to(Worker w, int p, int gid)
-cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t off, uint8_t qos) except -3
+cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t off, uint8_t qos,
+                     uint8_t opts) except -3
 cdef bint shared_leave(Worker w, int slot, const uint8_t* f, uint32_t n) except -1
 cdef list shared_filters(Worker w, int slot)
 cdef void shared_session_changed(Worker w, int slot) except *
 cdef void shared_session_end(Worker w, int slot, bint redeliver) except *
 cdef int shared_pick_worker(Worker w, ShareGroup* g, int exclude) noexcept
 cdef bint shared_deliver_local(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                               uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg, bint online_only,
-                               const uint8_t* ext, uint32_t ext_len) except -1
+                               uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, Msg* msg,
+                               bint online_only, const uint8_t* ext, uint32_t ext_len) except -1
 cdef void shared_forward(Worker w, int gid, int p, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                         uint32_t plen, uint8_t qos, uint64_t origin_ns, uint32_t hops,
+                         uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, uint32_t hops,
                          const uint8_t* ext, uint32_t ext_len)
 cdef void shared_dispatch(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                          uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg, uint32_t hops,
-                          bint pick_worker, const uint8_t* ext, uint32_t ext_len) except *
+                          uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, Msg* msg,
+                          uint32_t hops, bint pick_worker, const uint8_t* ext, uint32_t ext_len) except *
 cdef void route_shared(Worker w, const uint8_t* topic, uint32_t tlen, const uint8_t* payload, uint32_t plen,
-                       uint8_t qos, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except *
+                       uint8_t qos, uint8_t retain, uint64_t origin_ns, const uint8_t* ext,
+                       uint32_t ext_len) except *
 cdef void shared_frame(Worker w, int p, uint8_t ftype, uint8_t flags, const uint8_t* body, uint32_t n,
                        uint32_t topic_len) except *
 cdef void shared_peer_restarted(Worker w, int p) except *

@@ -160,7 +160,9 @@ cpdef enum:
     MQTT5_TOO_LARGE_DROPPED = 365   # PUBLISHes not sent to a client: larger than its Maximum Packet Size (discarded as sent)
     MQTT5_TOPIC_ALIASES_OUT = 366   # Topic Aliases the server gave its clients (a PUBLISH with the topic and a new alias)
     MQTT5_TOPIC_ALIAS_OUT_HITS = 367  # PUBLISHes sent with an empty topic and an alias the client holds
-    # 368..375 free: MQTT 5.0 messages.
+    MQTT5_PAYLOAD_FORMAT_INVALID = 368  # PUBLISHes and wills with Payload Format Indicator 1, payload not UTF-8:
+                                        # PUBACK/PUBREC 0x99, DISCONNECT 0x99 (QoS 0), CONNACK 0x99 (a will)
+    # 369..375 free: MQTT 5.0 messages.
     # MQTT 5.0 wills held for their Will Delay Interval (gw_ext/worker/will_delay.pyx): 376..383.
     WILLS_DELAYED = 376       # wills held for their Will Delay Interval (the connection ended without DISCONNECT 0x00)
     WILLS_DELAY_PENDING = 377 # gauge: wills this worker holds now (at most max_delayed_wills)

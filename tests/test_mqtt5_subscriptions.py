@@ -202,6 +202,62 @@ def test_retain_as_published(broker, qos):
     pub.publish(t, b"", 0, retain=True)         # cleared
 
 
+@brokers("retain")
+@pytest.mark.parametrize("qos", [0, 1])
+def test_retain_as_published_on_shared_subscriptions(broker, qos):
+    """Retain As Published applies to a shared subscription too (only No Local
+    is refused there, MQTT-3.8.3-4): a member with it gets the RETAIN flag as
+    published (MQTT-3.3.1-13), one without it 0, on the publisher's worker and
+    on the other (the message passed between workers keeps the flag)."""
+    t = broker.topic("srap")
+    tag = uuid.uuid4().hex[:6]
+    pub = PahoV5(broker, W1)
+    far = PahoV5(broker, W0)        # each the only member of its group: it gets every message
+    near = PahoV5(broker, W1)
+    clear = PahoV5(broker, W0)
+    assert far.subscribe(f"$share/far{tag}/{t}", qos, rap=True) == [qos]
+    assert near.subscribe(f"$share/near{tag}/{t}", qos, rap=True) == [qos]
+    assert clear.subscribe(f"$share/clear{tag}/{t}", qos) == [qos]
+    time.sleep(GRACE)               # the groups' counts reach the other worker
+    pub.publish(t, b"retained", qos, retain=True)
+    pub.publish(t, b"plain", qos, retain=False)
+    for member in (far, near):
+        assert member.wait_for(b"retained").retain is True, member.worker
+        assert member.wait_for(b"plain").retain is False, member.worker
+    assert clear.wait_for(b"retained").retain is False
+    assert clear.wait_for(b"plain").retain is False
+    pub.publish(t, b"", 0, retain=True)         # cleared
+
+
+@brokers("retain", gw_only="which member gets a departed member's messages is gw's pick")
+def test_retain_as_published_on_a_shared_message_given_to_another_member(broker):
+    """A member that leaves without acknowledging gives its QoS 1 message to
+    the group again (worker/shared.pyx): the member on the other worker that
+    gets it, subscribed with Retain As Published, gets the RETAIN flag it was
+    published with."""
+    t = broker.topic("srapre")
+    group = f"$share/re{uuid.uuid4().hex[:6]}/{t}"
+    sock, _ = broker.socket_on(W0)
+    first = V5.__new__(V5)
+    first.sock = sock
+    first.backlog = []
+    assert first.connect(f"first-{uuid.uuid4().hex[:6]}").reason_code == 0
+    first.send(p5.Subscribe(packet_id=1, topics=[(group, 1 | 0x08)]))     # QoS 1, Retain As Published
+    assert first.read_kind(p5.Suback).reason_codes == [1]
+    time.sleep(GRACE)
+    pub = PahoV5(broker, W1)
+    pub.publish(t, b"kept", 1, retain=True)
+    got = first.read_kind(p5.Publish)
+    assert (got.payload, got.retain) == (b"kept", True)      # not acknowledged
+    second = PahoV5(broker, W1)
+    assert second.subscribe(group, 1, rap=True) == [1]
+    time.sleep(GRACE)
+    first.close()                                           # its session ends: the message goes to second
+    m = second.wait_for(b"kept")
+    assert m.retain is True
+    pub.publish(t, b"", 0, retain=True)         # cleared
+
+
 # --- Retain Handling --------------------------------------------------------------------
 
 @brokers("retain")

@@ -373,7 +373,8 @@ cdef void channel_frames(Worker w, int p, const uint8_t* buf, ssize_t n):
                               body + 8 + topic_len + payload_len, ext_len)
                 if p >= w.npeers and w.worker_index == 0 and w.share_index.subscriptions:
                     # The pipeline sends its alerts to every worker: the first gives them to the groups.
-                    route_shared(w, body + 8, topic_len, body + 8 + topic_len, payload_len, flags & 3, origin_ns,
+                    route_shared(w, body + 8, topic_len, body + 8 + topic_len, payload_len, flags & 3,
+                                 (flags >> 2) & 1, origin_ns,
                                  body + 8 + topic_len + payload_len, ext_len)
         elif ftype == FR_SUB_ADD:
             topics_add_peer_interest(w.index, body, body_len, <uint8_t>p)

@@ -114,7 +114,7 @@ cdef int handle_subscribe(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         elif filter_within_bounds(w, filt.ptr, filt.len):
             before = subscriber_count(w, slot)
             if off:
-                r = shared_join(w, slot, filt.ptr, filt.len, off, qos)
+                r = shared_join(w, slot, filt.ptr, filt.len, off, qos, opts)
                 if r >= 0 and (opts or subid):
                     topics_subscribe_ext(w.index, filt.ptr, filt.len, slot, qos, opts, subid)
             else:

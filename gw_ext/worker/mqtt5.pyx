@@ -15,7 +15,7 @@ from gw_ext.codec5 cimport (
     AUTH, ERR_PROTOCOL, Ack5Packet, Connect5Packet, Entry5Iter, Props5, Publish5Packet,
     P_AUTH_METHOD, P_ASSIGNED_CLIENT_ID, P_MAXIMUM_PACKET_SIZE, P_REASON_STRING, P_RECEIVE_MAXIMUM,
     P_SESSION_EXPIRY, P_SHARED_AVAILABLE, P_SUBSCRIPTION_ID, P_SUBSCRIPTION_ID_AVAILABLE, P_TOPIC_ALIAS,
-    P_TOPIC_ALIAS_MAXIMUM, P_USER_PROPERTY, R5_NONE, R5_TOPIC_ALIAS,
+    P_TOPIC_ALIAS_MAXIMUM, P_USER_PROPERTY, R5_NONE, R5_REASON_CODE, R5_TOPIC_ALIAS,
     RC_BAD_AUTH_METHOD, RC_KEEP_ALIVE_TIMEOUT, RC_MALFORMED, RC_NOT_AUTHORIZED, RC_PACKET_TOO_LARGE,
     RC_PROTOCOL_ERROR, RC_QUOTA_EXCEEDED, RC_SERVER_SHUTTING_DOWN, RC_SESSION_TAKEN_OVER, RC_SUCCESS,
     RC_UNSPECIFIED, ack5_size, codes5_size, connack5_size, connect_protocol_level, decode_ack5,
@@ -42,9 +42,11 @@ cdef enum:
     RC_BAD_USER_OR_PASSWORD = 0x86
     RC_SERVER_UNAVAILABLE = 0x88
     RC_SERVER_BUSY = 0x89
+    RC_PACKET_ID_NOT_FOUND = 0x92
     RC_RECEIVE_MAXIMUM_EXCEEDED = 0x93
     RC_TOPIC_ALIAS_INVALID = 0x94
     RC_ADMINISTRATIVE_ACTION = 0x98
+    RC_PAYLOAD_FORMAT_INVALID = 0x99
     RC_SHARED_NOT_SUPPORTED = 0x9E
 
 # What this server supports of MQTT 5.0, as announced in every CONNACK (section
@@ -191,6 +193,11 @@ cdef int handle_connect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
         w.counters[MQTT5_MALFORMED if rc == ERR_MALFORMED else MQTT5_PROTOCOL_ERRORS] += 1
         return refuse_connect5(w, c, RC_MALFORMED if rc == ERR_MALFORMED else RC_PROTOCOL_ERROR, reason)
     cdef bint enhanced = False
+    if (pkt.will_flag and pkt.will_props.present & (1ULL << P_PAYLOAD_FORMAT) and pkt.will_props.payload_format
+            and not valid_utf8(pkt.will_message.ptr, pkt.will_message.len)):
+        # A will that says UTF-8 and is not (3.1.3.2.3 lets the server check): CONNACK 0x99.
+        w.counters[MQTT5_PAYLOAD_FORMAT_INVALID] += 1
+        return refuse_connect5(w, c, RC_PAYLOAD_FORMAT_INVALID, -1)
     if pkt.props.present & (1ULL << P_AUTH_METHOD):
         # Enhanced authentication (section 4.12): SCRAM-SHA-512 only (worker/enhanced_auth.pyx).
         if not enhanced_auth_supported(w, c, &pkt.props):
@@ -353,6 +360,9 @@ cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, 
         # A client's PUBLISH carries no Subscription Identifier (MQTT-3.3.4-6).
         v5_error(w, c, ERR_PROTOCOL, R5_NONE)
         return -1
+    if p5.props.present & (1ULL << P_PAYLOAD_FORMAT) and p5.props.payload_format:
+        if not valid_utf8(p5.payload.ptr, p5.payload.len):
+            return payload_format_invalid(w, c, &p5)
     pkt.qos = p5.qos
     pkt.retain = p5.retain
     pkt.dup = p5.dup
@@ -366,6 +376,23 @@ cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, 
     ext = ext_from_props(p5.props.raw.ptr, p5.props.raw.len, p5.props.message_expiry,
                          (p5.props.present & (1ULL << P_MESSAGE_EXPIRY)) != 0, 0)
     return publish_decoded(w, c, &pkt, <const uint8_t*>PyBytes_AS_STRING(ext), PyBytes_GET_SIZE(ext))
+
+
+cdef int payload_format_invalid(Worker w, Conn* c, Publish5Packet* p5):
+    """A PUBLISH whose Payload Format Indicator says UTF-8 and whose payload is
+    not (section 3.3.2.3.2 lets the receiver check, and say 0x99 Payload format
+    invalid): not routed, not retained; a QoS 1/2 one is answered PUBACK or
+    PUBREC 0x99 (which ends its flow: MQTT-4.3.3-4) and the connection stays, a
+    QoS 0 one, which has no answer, is DISCONNECT 0x99. Counted."""
+    w.counters[MQTT5_PAYLOAD_FORMAT_INVALID] += 1
+    if p5.qos:
+        if p5.qos == 2:
+            qos2_forget(&w.sessions[c.session], p5.packet_id)   # a resent one it had taken before
+        send_ack5(w, c, PUBACK if p5.qos == 1 else PUBREC, p5.packet_id, RC_PAYLOAD_FORMAT_INVALID)
+        return 0 if c.state == ST_CONNECTED else -1
+    send_disconnect5(w, c, RC_PAYLOAD_FORMAT_INVALID)
+    w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL)
+    return -1
 
 
 cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
@@ -436,6 +463,8 @@ cdef const char* reason_text5(uint8_t reason_code) noexcept nogil:
         return "quota exceeded"
     if reason_code == RC_ADMINISTRATIVE_ACTION:
         return "administrative action"
+    if reason_code == RC_PAYLOAD_FORMAT_INVALID:
+        return "payload not UTF-8 as its Payload Format Indicator says"
     return NULL
 
 
@@ -480,7 +509,10 @@ cdef int handle_ack5(Worker w, Conn* c, uint8_t ptype, const uint8_t* body, uint
         v5_error(w, c, rc, reason)
         return -1
     if ptype == PUBREL:
-        qos2_forget(s, a.packet_id)
+        if not qos2_forget(s, a.packet_id):
+            # Not a QoS 2 message this session holds (3.7.2.1: 0x92 Packet
+            # Identifier not found; no error, the client's state differs).
+            return send_ack5(w, c, PUBCOMP, a.packet_id, RC_PACKET_ID_NOT_FOUND)
         session_changed(w, s)
         return w.send_ack(c, PUBCOMP, a.packet_id)
     if ptype == PUBREC and a.reason_code >= 0x80:
@@ -615,6 +647,13 @@ cdef bytes suback5_bytes(uint16_t pid, const uint8_t* codes, uint32_t count):
 
 # --- DISCONNECT both ways --------------------------------------------------------------
 
+cdef inline bint client_disconnect_code(uint8_t code) noexcept nogil:
+    """A DISCONNECT reason code of 0x80 or more a client may send (3.14.2.1:
+    those "Sent by" the Client, or Client or Server); the codec has checked
+    the code is a DISCONNECT's at all."""
+    return (0x80 <= code <= 0x83) or code == 0x90 or (0x93 <= code <= 0x99)
+
+
 cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef Ack5Packet a
     cdef int reason = 0
@@ -623,6 +662,11 @@ cdef int handle_disconnect5(Worker w, Conn* c, const uint8_t* body, uint32_t n):
     cdef uint32_t expiry
     if rc < 0:
         v5_error(w, c, rc, reason)
+        return -1
+    if a.reason_code >= 0x80 and not client_disconnect_code(a.reason_code):
+        # A code only the server sends (3.14.2.1's table, "Sent by": 0x87,
+        # 0x89, 0x8B..0x8F, 0x9A..0xA2): the client broke MQTT-3.14.2-1.
+        v5_error(w, c, ERR_PROTOCOL, R5_REASON_CODE)
         return -1
     if a.props.present & (1ULL << P_SESSION_EXPIRY):
         expiry = a.props.session_expiry

@@ -258,7 +258,7 @@ cdef void route_publish(Worker w, const uint8_t* topic, uint32_t topic_len, cons
     if forward:
         route_forward(w, peers, topic, topic_len, payload, payload_len, qos, retain, origin_ns, ext, ext_len)
         if w.share_index.subscriptions:
-            route_shared(w, topic, topic_len, payload, payload_len, qos, origin_ns, ext, ext_len)     # shared.pyx
+            route_shared(w, topic, topic_len, payload, payload_len, qos, retain, origin_ns, ext, ext_len)  # shared.pyx
 
 
 cdef uint64_t route_local(Worker w, MatchResult* match, const uint8_t* topic, uint32_t topic_len,

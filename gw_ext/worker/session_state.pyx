@@ -159,7 +159,8 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
         if qos <= 2 and valid_topic_filter(p + 2, flen):
             if is_share(p + 2, flen):
                 off = share_split(p + 2, flen)
-                if off > 0 and shared_join(w, slot, p + 2, flen, <uint32_t>off, qos) >= 0 and (opts or subid):  # shared.pyx
+                if (off > 0 and shared_join(w, slot, p + 2, flen, <uint32_t>off, qos, opts) >= 0    # shared.pyx
+                        and (opts or subid)):
                     topics_subscribe_ext(w.index, p + 2, flen, slot, qos, opts, subid)
             else:
                 r = topics_subscribe_ext(w.index, p + 2, flen, slot, qos, opts, subid)

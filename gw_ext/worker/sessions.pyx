@@ -458,13 +458,15 @@ cdef int qos2_remember(Session* s, uint16_t pid) noexcept nogil:
     return 0
 
 
-cdef void qos2_forget(Session* s, uint16_t pid) noexcept nogil:
+cdef bint qos2_forget(Session* s, uint16_t pid) noexcept nogil:
+    # False when pid was not there.
     cdef uint32_t i
     for i in range(s.nqos2_in):
         if s.qos2_in[i] == pid:
             s.qos2_in[i] = s.qos2_in[s.nqos2_in - 1]
             s.nqos2_in -= 1
-            return
+            return True
+    return False
 
 
 cdef int sessions_expire(Worker w, uint64_t limit_ms):

@@ -156,9 +156,10 @@ cdef bint shared_refresh(Worker w, int gid) except -1:
     return sent
 
 
-cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t off, uint8_t qos) except -3:
+cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t off, uint8_t qos,
+                     uint8_t opts) except -3:
     """Session slot subscribes to the shared filter f (its group's filter at
-    off), or changes its QoS. 1: the peers were told (wait for them before the
+    off), or changes its QoS and options (SUBOPT_RAP). 1: the peers were told (wait for them before the
     SUBACK), 0: done, TOPICS_ERR_NOMEM."""
     cdef int r, gid
     cdef uint32_t i, cap
@@ -175,6 +176,7 @@ cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t 
     for i in range(g.nlocal):
         if g.local[i].slot == slot:
             g.local[i].qos = qos
+            g.local[i].opts = opts
             return 0
     if g.nlocal == g.cap:
         cap = g.cap * 2 if g.cap else 4
@@ -187,6 +189,7 @@ cdef int shared_join(Worker w, int slot, const uint8_t* f, uint32_t n, uint32_t 
         g.cap = cap
     g.local[g.nlocal].slot = slot
     g.local[g.nlocal].qos = qos
+    g.local[g.nlocal].opts = opts
     g.nlocal += 1
     w.sessions[slot].nshared += 1
     w.counters[SHARED_MEMBERS] += 1
@@ -278,7 +281,7 @@ cdef void _redeliver(Worker w, Msg* m) except *:
         return
     w.counters[SHARED_REDELIVERED] += 1
     shared_dispatch(w, m.share_slot, m.data, m.topic_len, m.data + m.topic_len, m.payload_len, m.qos,
-                    m.origin_ns, m, 0, True, m.data + m.topic_len + m.payload_len, m.ext_len)
+                    m.retain, m.origin_ns, m, 0, True, m.data + m.topic_len + m.payload_len, m.ext_len)
 
 
 cdef int shared_pick_worker(Worker w, ShareGroup* g, int exclude) noexcept:
@@ -309,16 +312,19 @@ cdef int shared_pick_worker(Worker w, ShareGroup* g, int exclude) noexcept:
 
 
 cdef bint shared_deliver_local(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                               uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg,
+                               uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, Msg* msg,
                                bint online_only, const uint8_t* ext, uint32_t ext_len) except -1:
     """Gives the message to our next member of the group (round-robin; with
     online_only, only a connected one). msg: the tagged Msg when there is one
-    already (a redelivery). ext, ext_len: an MQTT 5.0 message's extras (loop.pxd,
+    already (a redelivery). retain: the published RETAIN flag, which a member
+    subscribed with Retain As Published gets (MQTT-3.3.1-13; only No Local is
+    refused on a shared subscription, MQTT-3.8.3-4), every other member 0.
+    ext, ext_len: an MQTT 5.0 message's extras (loop.pxd,
     Msg). False: no such member here."""
     cdef ShareGroup* g = &w.groups[gid]
     cdef uint32_t k, i, n = g.nlocal
     cdef Session* s
-    cdef uint8_t q
+    cdef uint8_t q, r
     cdef Msg* m
     for k in range(n):
         i = (g.lrr + k) % n
@@ -329,31 +335,32 @@ cdef bint shared_deliver_local(Worker w, int gid, const uint8_t* topic, uint32_t
             continue        # closing this turn: its session ends right after
         g.lrr = i + 1
         q = qos if qos < g.local[i].qos else g.local[i].qos
+        r = retain if g.local[i].opts & SUBOPT_RAP else 0
         w.counters[SHARED_DELIVERED] += 1
         if q == 0:
-            deliver_qos0(w, s, topic, tlen, payload, plen, 0, ext, ext_len)
+            deliver_qos0(w, s, topic, tlen, payload, plen, r, ext, ext_len)
             return True
         if msg != NULL:
-            deliver_msg(w, s, msg, q, 0)
+            deliver_msg(w, s, msg, q, r)
             return True
-        m = msg_new_ext(topic, tlen, payload, plen, ext, ext_len, qos, 0)
+        m = msg_new_ext(topic, tlen, payload, plen, ext, ext_len, qos, retain)   # kept for a redelivery
         if m == NULL:
             w.counters[DROPPED_NOMEM] += 1
             return True
         m.origin_ns = origin_ns
         m.share_slot = <uint32_t>gid
         m.share_gen = g.gen
-        deliver_msg(w, s, m, q, 0)
+        deliver_msg(w, s, m, q, r)
         msg_release(m)
         return True
     return False
 
 
 cdef void shared_forward(Worker w, int gid, int p, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                         uint32_t plen, uint8_t qos, uint64_t origin_ns, uint32_t hops,
+                         uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, uint32_t hops,
                          const uint8_t* ext, uint32_t ext_len):
     cdef ShareGroup* g = &w.groups[gid]
-    cdef uint8_t flags = qos
+    cdef uint8_t flags = qos | ((retain & 1) << 2)
     cdef uint32_t tail = 0
     if ext_len:
         flags |= PUB_EXT        # the extras, then their length, last (as FR_PUBLISH)
@@ -375,8 +382,8 @@ cdef void shared_forward(Worker w, int gid, int p, const uint8_t* topic, uint32_
 
 
 cdef void shared_dispatch(Worker w, int gid, const uint8_t* topic, uint32_t tlen, const uint8_t* payload,
-                          uint32_t plen, uint8_t qos, uint64_t origin_ns, Msg* msg, uint32_t hops,
-                          bint pick_worker, const uint8_t* ext, uint32_t ext_len) except *:
+                          uint32_t plen, uint8_t qos, uint8_t retain, uint64_t origin_ns, Msg* msg,
+                          uint32_t hops, bint pick_worker, const uint8_t* ext, uint32_t ext_len) except *:
     """One member of the group gets the message: with pick_worker, the worker
     is picked first (the publisher's worker, a redelivery); else this worker
     was picked by another. A connected member here, else another worker's
@@ -387,32 +394,33 @@ cdef void shared_dispatch(Worker w, int gid, const uint8_t* topic, uint32_t tlen
     if pick_worker:
         p = shared_pick_worker(w, g, -1)
         if p >= 0 and p != me:
-            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, origin_ns, hops, ext, ext_len)
+            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, retain, origin_ns, hops, ext, ext_len)
             return
-    if shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, origin_ns, msg, True,
+    if shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, retain, origin_ns, msg, True,
                                                 ext, ext_len):
         return
-    if hops and shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, origin_ns, msg, False,
+    if hops and shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, retain, origin_ns, msg, False,
                                                 ext, ext_len):
         return      # passed on once already: an away member here rather than back to counts that are behind
     if hops < <uint32_t>w.npeers:
         p = shared_pick_worker(w, g, me)
         if p >= 0 and g.online[p]:
-            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, origin_ns, hops + 1, ext, ext_len)
+            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, retain, origin_ns, hops + 1, ext, ext_len)
             return
-    if shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, origin_ns, msg, False,
+    if shared_deliver_local(w, gid, topic, tlen, payload, plen, qos, retain, origin_ns, msg, False,
                                                 ext, ext_len):
         return
     if hops < <uint32_t>w.npeers:
         p = shared_pick_worker(w, g, me)
         if p >= 0:
-            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, origin_ns, hops + 1, ext, ext_len)
+            shared_forward(w, gid, p, topic, tlen, payload, plen, qos, retain, origin_ns, hops + 1, ext, ext_len)
             return
     w.counters[SHARED_DROPPED] += 1
 
 
 cdef void route_shared(Worker w, const uint8_t* topic, uint32_t tlen, const uint8_t* payload, uint32_t plen,
-                       uint8_t qos, uint64_t origin_ns, const uint8_t* ext, uint32_t ext_len) except *:
+                       uint8_t qos, uint8_t retain, uint64_t origin_ns, const uint8_t* ext,
+                       uint32_t ext_len) except *:
     """A message published on this worker: one member of each matching group."""
     cdef int n, i
     n = topics_match(w.share_index, topic, tlen, &w.share_match)
@@ -420,8 +428,8 @@ cdef void route_shared(Worker w, const uint8_t* topic, uint32_t tlen, const uint
         w.counters[DROPPED_NOMEM] += 1
         return
     for i in range(n):
-        shared_dispatch(w, w.share_match.entries[i].subscriber, topic, tlen, payload, plen, qos, origin_ns,
-                        NULL, 0, True, ext, ext_len)
+        shared_dispatch(w, w.share_match.entries[i].subscriber, topic, tlen, payload, plen, qos, retain,
+                        origin_ns, NULL, 0, True, ext, ext_len)
 
 
 cdef void shared_frame(Worker w, int p, uint8_t ftype, uint8_t flags, const uint8_t* body, uint32_t n,
@@ -468,7 +476,7 @@ cdef void shared_frame(Worker w, int p, uint8_t ftype, uint8_t flags, const uint
         return
     w.counters[CHANNEL_MSGS_IN] += 1
     shared_dispatch(w, <int>head[0], body + 17, topic_len, body + 17 + topic_len, plen, flags & 3,
-                    origin_ns, NULL, body[8], False, body + 17 + topic_len + plen, ext_len)
+                    (flags >> 2) & 1, origin_ns, NULL, body[8], False, body + 17 + topic_len + plen, ext_len)
 
 
 cdef void shared_peer_restarted(Worker w, int p) except *:
