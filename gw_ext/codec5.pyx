@@ -558,7 +558,25 @@ cdef int decode_publish5(uint8_t first, const uint8_t* body, uint32_t n, Publish
         if out.packet_id == 0:
             return _fail(reason, R5_PACKET_ID)       # MQTT-2.2.1-3
         off += 2
-    if _props(body, n, &off, PUBLISH, &out.props, reason) < 0:
+    # The common blocks without the walk: none (Property Length 0), or a
+    # Topic Alias alone (a non-zero one; 0 is _props' Protocol Error). What
+    # _props would give for them, to the field.
+    if off < n and body[off] == 0:
+        out.props.present = 0
+        out.props.subscription_id_count = 0
+        out.props.user_property_count = 0
+        out.props.raw.ptr = body + off + 1
+        out.props.raw.len = 0
+        off += 1
+    elif n - off >= 4 and body[off] == 3 and body[off + 1] == P_TOPIC_ALIAS and (body[off + 2] or body[off + 3]):
+        out.props.present = GW5_BIT(P_TOPIC_ALIAS)
+        out.props.subscription_id_count = 0
+        out.props.user_property_count = 0
+        out.props.topic_alias = <uint16_t>_be16(body + off + 2)
+        out.props.raw.ptr = body + off + 1
+        out.props.raw.len = 3
+        off += 4
+    elif _props(body, n, &off, PUBLISH, &out.props, reason) < 0:
         return _fail(reason, reason[0])
     if tl == 0 and not (out.props.present & (GW5_BIT(P_TOPIC_ALIAS))):
         return _fail(reason, R5_TOPIC_ALIAS)         # 3.3.2.1

@@ -259,6 +259,41 @@ def test_a_publish_too_large_for_a_client_is_not_sent_to_it(server):
         c.close()
 
 
+def test_a_publish_without_properties_is_sized_to_the_byte(server):
+    """A message with nothing to carry (its publisher sent a Topic Alias and
+    no other property) goes to an MQTT 5.0 subscriber as the 3.1.1 PUBLISH
+    plus a Property Length of 0: for the 4-byte topic, 21 bytes with a
+    10-byte payload at QoS 1, 19 at QoS 0. A Maximum Packet Size of exactly
+    the PUBLISH's size takes it, one byte less does not (counted), whether the
+    publisher gave the topic or the alias alone, QoS 0 or 1."""
+    exact = v5_on(server, 1)
+    connect(exact, "mb-exact", maximum_packet_size=21)
+    subscribe(exact, "mb/#", 1)
+    short = v5_on(server, 1)
+    connect(short, "mb-short", maximum_packet_size=20)
+    subscribe(short, "mb/#", 1)
+    pub = v5_on(server, 0)
+    connect(pub, "mb-pub")
+    before = counter(server, "mqtt5_too_large_dropped")
+    alias = p5.Properties(topic_alias=1)
+    pub.send(p5.Publish(topic="mb/t", payload=b"A" * 10, qos=1, packet_id=1, properties=alias))    # 21
+    assert pub.read_kind(p5.Puback).packet_id == 1
+    pub.send(p5.Publish(topic="", payload=b"B" * 10, qos=0, properties=alias))                     # 19
+    pub.send(p5.Publish(topic="", payload=b"C" * 9, qos=1, packet_id=2, properties=alias))         # 20
+    assert pub.read_kind(p5.Puback).packet_id == 2
+    pub.send(p5.Publish(topic="mb/t", payload=b"D" * 12, qos=0))                                   # 21
+    got = take(exact, 4)
+    assert [(p.topic, p.payload, p.qos) for p in got] == [
+        ("mb/t", b"A" * 10, 1), ("mb/t", b"B" * 10, 0), ("mb/t", b"C" * 9, 1), ("mb/t", b"D" * 12, 0)]
+    assert all(p.properties == p5.Properties() for p in got)
+    got = take(short, 2)
+    assert [(p.payload, p.qos) for p in got] == [(b"B" * 10, 0), (b"C" * 9, 1)]
+    nothing_more(short)
+    assert counter(server, "mqtt5_too_large_dropped") - before == 2
+    for c in (exact, short, pub):
+        c.close()
+
+
 def test_a_message_in_flight_too_large_for_the_resumed_connection_leaves_the_window(server):
     """A persistent session's unacknowledged QoS 1 message of 300 bytes is not
     sent again to the same client back with Maximum Packet Size 100 (and

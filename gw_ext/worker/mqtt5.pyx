@@ -395,6 +395,13 @@ cdef int payload_format_invalid(Worker w, Conn* c, Publish5Packet* p5):
     return -1
 
 
+# The topic of the alias the connection w.alias_fd last used (topic_alias_in):
+# a publisher that sends one topic under its alias finds it without the table.
+cdef uint16_t alias_last = 0           # 0: none
+cdef const uint8_t* alias_last_ptr = NULL
+cdef uint32_t alias_last_len = 0
+
+
 cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
     """A client's Topic Alias (section 3.3.2.3.4): with a topic, it is set (or
     set again) for the connection; without one, the topic it stands for is
@@ -407,6 +414,7 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
     cdef uint16_t alias = p5.props.topic_alias
     cdef list table
     cdef bytes topic
+    global alias_last, alias_last_ptr, alias_last_len
     if not (p5.props.present & (1ULL << P_TOPIC_ALIAS)) or alias == 0 or alias > c.alias_max_in:
         w.counters[MQTT5_PROTOCOL_ERRORS] += 1
         w.counters[MQTT5_TOPIC_ALIAS_INVALID] += 1
@@ -414,17 +422,26 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
         w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL | R5_TOPIC_ALIAS)
         return -1
     if c.fd == w.alias_fd:
+        if p5.topic.len == 0 and alias == alias_last:
+            # The alias the last PUBLISH of this connection used: its topic is
+            # still the table's (a new one for the alias, or another
+            # connection's table, clears alias_last).
+            p5.topic.ptr = alias_last_ptr
+            p5.topic.len = alias_last_len
+            return 0
         table = w.alias_table       # the last connection's: most PUBLISHes of a read are one client's
     else:
         table = w.topic_aliases.get(c.fd)
-        w.alias_fd = c.fd
+        w.alias_fd = c.fd           # (Worker.release sets it to -1 when this connection goes)
         w.alias_table = table
+        alias_last = 0
     if p5.topic.len:
         if table is None:
             table = [None] * (c.alias_max_in + 1)
             w.topic_aliases[c.fd] = table
             w.alias_table = table
         table[alias] = PyBytes_FromStringAndSize(<const char*>p5.topic.ptr, p5.topic.len)
+        alias_last = 0
         w.counters[MQTT5_TOPIC_ALIASES_SET] += 1
         return 0
     topic = <bytes>table[alias] if table is not None and alias < len(table) else None
@@ -434,6 +451,9 @@ cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
         return -1
     p5.topic.ptr = <const uint8_t*>PyBytes_AS_STRING(topic)
     p5.topic.len = <uint32_t>PyBytes_GET_SIZE(topic)
+    alias_last = alias          # the table holds topic: the pointer stays valid until the entry is set again
+    alias_last_ptr = p5.topic.ptr
+    alias_last_len = p5.topic.len
     return 0
 
 

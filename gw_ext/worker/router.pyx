@@ -143,6 +143,59 @@ cdef inline bint conn_v5(Conn* c) noexcept nogil:
     return c.version == 5
 
 
+# A message without extras (no properties to carry: every 3.1.1 one, and the
+# common MQTT 5.0 one, also from a publisher that sends only a Topic Alias) is
+# written here, inline: for a 3.1.1 subscriber the 3.1.1 PUBLISH; for an MQTT
+# 5.0 subscriber that gets nothing of its own in a PUBLISH (no Topic Alias
+# toward it, no Subscription Identifier in its session: v5_bare) the same
+# plus a Property Length of 0, with no property block to size or walk and no
+# alias or identifier steps. An MQTT 5.0 subscriber's Maximum Packet Size is
+# still checked against that size.
+
+cdef inline bint v5_bare(Worker w, Conn* c) noexcept:
+    """An MQTT 5.0 subscriber whose PUBLISH of a message without extras has
+    no properties: no Topic Alias toward it (alias_out_pick would choose none)
+    and no Subscription Identifier in its session (subids_compute would find
+    none)."""
+    return c.alias_max_out == 0 and (c.session < 0 or not w.sessions[c.session].subids)
+
+
+cdef inline uint32_t publish_plain_size(uint32_t topic_len, uint32_t payload_len, uint8_t qos,
+                                        bint v5) noexcept nogil:
+    """The size of a PUBLISH without properties: 3.1.1's, or MQTT 5.0's (one
+    byte more: the Property Length)."""
+    cdef uint32_t rem = 2 + topic_len + payload_len + (2 if qos else 0) + (1 if v5 else 0)
+    return rem + (2 if rem < 128 else 3 if rem < 16384 else 4 if rem < 2097152 else 5)
+
+
+cdef inline void encode_publish_plain(uint8_t* out, const uint8_t* topic, uint32_t topic_len,
+                                      const uint8_t* payload, uint32_t payload_len, uint8_t qos, uint8_t retain,
+                                      uint8_t dup, uint16_t packet_id, bint v5) noexcept nogil:
+    """Writes the PUBLISH sized by publish_plain_size (MQTT 5.0: Property Length 0)."""
+    cdef uint32_t rem = 2 + topic_len + payload_len + (2 if qos else 0) + (1 if v5 else 0)
+    cdef uint32_t i = 1
+    out[0] = (PUBLISH << 4) | ((dup & 1) << 3) | ((qos & 3) << 1) | (retain & 1)
+    while rem >= 128:
+        out[i] = <uint8_t>((rem & 0x7F) | 0x80)
+        rem >>= 7
+        i += 1
+    out[i] = <uint8_t>rem
+    out[i + 1] = <uint8_t>(topic_len >> 8)
+    out[i + 2] = <uint8_t>(topic_len & 0xFF)
+    i += 3
+    memcpy(out + i, topic, topic_len)
+    i += topic_len
+    if qos:
+        out[i] = <uint8_t>(packet_id >> 8)
+        out[i + 1] = <uint8_t>(packet_id & 0xFF)
+        i += 2
+    if v5:
+        out[i] = 0              # Property Length
+        i += 1
+    if payload_len:
+        memcpy(out + i, payload, payload_len)
+
+
 cdef uint32_t publish_out_size(Conn* c, uint32_t topic_len, uint32_t payload_len, const uint8_t* ext,
                                uint32_t ext_len, uint8_t qos, uint64_t now_ms) noexcept nogil:
     """The PUBLISH's size for this subscriber (with the Topic Alias chosen by
@@ -341,6 +394,7 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
     cdef uint8_t* out
     cdef uint64_t now = 0
     cdef uint32_t size
+    cdef bint v5
     if s.fd < 0:
         return      # QoS 0 is not queued for an absent client (as Mosquitto's default)
     c = &w.conns[s.fd]
@@ -352,13 +406,19 @@ cdef void deliver_qos0(Worker w, Session* s, const uint8_t* topic, uint32_t topi
         # A slow reader: shed QoS 0 rather than grow without bound or slow others.
         w.counters[DROPPED_SLOW_QOS0] += 1
         return
-    if ext_len == 0 and not conn_v5(c):
-        out = w.reserve(c, publish_size(topic_len, payload_len, 0))
-        if out != NULL:
-            encode_publish(out, topic, topic_len, payload, payload_len, 0, retain, 0, 0)
-            w.counters[PKT_OUT + PUBLISH] += 1
-            w.counters[MSGS_OUT] += 1
-        return
+    if ext_len == 0:
+        v5 = conn_v5(c)
+        if not v5 or v5_bare(w, c):
+            size = publish_plain_size(topic_len, payload_len, 0, v5)
+            if v5 and c.max_packet_out and size > c.max_packet_out:
+                too_large_for(w, c)     # not sent to this client (MQTT-3.1.2-25)
+                return
+            out = w.reserve(c, size)
+            if out != NULL:
+                encode_publish_plain(out, topic, topic_len, payload, payload_len, 0, retain, 0, 0, v5)
+                w.counters[PKT_OUT + PUBLISH] += 1
+                w.counters[MSGS_OUT] += 1
+            return
     if ext_expired(w, ext, ext_len):
         return
     if ext_expire_ms(ext, ext_len):

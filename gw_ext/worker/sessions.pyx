@@ -293,6 +293,11 @@ cdef bint msg_too_large(Worker w, Conn* c, Msg* msg, uint8_t qos) noexcept:
     cdef const uint8_t* ext
     if c.max_packet_out == 0 or not conn_v5(c):
         return False
+    if msg.ext_len == 0 and v5_bare(w, c):
+        if publish_plain_size(msg.topic_len, msg.payload_len, qos, True) <= c.max_packet_out:
+            return False
+        too_large_for(w, c)
+        return True
     ext = msg.data + msg.topic_len + msg.payload_len
     subids_compute(w, c, msg.data, msg.topic_len)      # worker/subopts.pyx: its identifiers count too
     alias_out_pick(c, msg.data, msg.topic_len)
@@ -324,11 +329,12 @@ cdef void session_send(Worker w, Session* s, Msg* msg, uint8_t qos, uint8_t reta
     msg.refs += 1
     s.ninflight += 1
     session_changed(w, s)
-    if msg.ext_len == 0 and not conn_v5(c):
-        out = w.reserve(c, publish_size(msg.topic_len, msg.payload_len, qos))
+    if msg.ext_len == 0 and (not conn_v5(c) or v5_bare(w, c)):
+        # Nothing but the message (router.pyx): 3.1.1, or MQTT 5.0 with an empty property block.
+        out = w.reserve(c, publish_plain_size(msg.topic_len, msg.payload_len, qos, conn_v5(c)))
         if out != NULL:
-            encode_publish(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
-                           qos, retain, 0, e.packet_id)
+            encode_publish_plain(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
+                                 qos, retain, 0, e.packet_id, conn_v5(c))
     else:
         out = msg_out(w, c, msg, qos, retain, 0, e.packet_id)
     if out != NULL:
@@ -340,8 +346,15 @@ cdef uint8_t* msg_out(Worker w, Conn* c, Msg* msg, uint8_t qos, uint8_t retain, 
     """A QoS 1/2 message's PUBLISH written for c's protocol (with its
     properties for MQTT 5.0); NULL when the buffer refused it."""
     cdef const uint8_t* ext = msg.data + msg.topic_len + msg.payload_len
-    cdef uint64_t now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
+    cdef uint64_t now
     cdef uint8_t* out
+    if msg.ext_len == 0 and (not conn_v5(c) or v5_bare(w, c)):
+        out = w.reserve(c, publish_plain_size(msg.topic_len, msg.payload_len, qos, conn_v5(c)))     # router.pyx
+        if out != NULL:
+            encode_publish_plain(out, msg.data, msg.topic_len, msg.data + msg.topic_len, msg.payload_len,
+                                 qos, retain, dup, packet_id, conn_v5(c))
+        return out
+    now = realtime_ms() if ext_expire_ms(ext, msg.ext_len) else 0
     subids_prepare(w, c, msg.data, msg.topic_len)
     alias_out_pick(c, msg.data, msg.topic_len)          # worker/mqtt5.pyx (none for 3.1.1)
     out = w.reserve(c, publish_out_size(c, msg.topic_len, msg.payload_len, ext, msg.ext_len, qos, now))
