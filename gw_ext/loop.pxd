@@ -291,6 +291,7 @@ cdef struct Session:
     uint16_t next_packet_id
     uint16_t client_id_len
     uint16_t username_len
+    uint16_t pid_clear        # ids from next_packet_id on known not in flight (0: scan; session_packet_id)
     char* client_id
     char* username            # the user it acts as (malloc'ed; NULL: anonymous), freed with client_id
     AclView* acl              # its view of the ACL and its verdict cache (worker/access.pyx); NULL until checked

@@ -170,6 +170,7 @@ cdef int session_restore(Worker w, int slot, bytes state) except -2:
     if end - p < 6:
         return session_restore_fault(w, "message count missing")
     s.next_packet_id = <uint16_t>rd16(p) or 1
+    s.pid_clear = 0         # its messages in flight keep their ids: scan before the next
     nmsgs = rd32(p + 2)
     p += 6
     for i in range(nmsgs):
