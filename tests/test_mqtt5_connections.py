@@ -35,13 +35,19 @@ WAIT = 10.0
 class V5:
     """A socket speaking MQTT 5.0 with packets made and read by the reference codec."""
 
-    def __init__(self, port: int):
-        self.sock = tcp_connect(port)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def __init__(self, port_or_sock):
+        """A new connection to a loopback port, or a connected socket (TLS too)."""
+        self.sock = tcp_connect(port_or_sock) if isinstance(port_or_sock, int) else port_or_sock
+        if not hasattr(self.sock, "version"):       # an ssl.SSLSocket has its own
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.backlog: list = []
 
-    def send(self, packet) -> None:
-        self.sock.sendall(packet if isinstance(packet, (bytes, bytearray)) else ref.encode(packet))
+    def send(self, packet, fragmented: bool = False) -> None:
+        data = packet if isinstance(packet, (bytes, bytearray)) else ref.encode(packet)
+        if fragmented:
+            send_fragmented(self.sock, data)
+        else:
+            self.sock.sendall(data)
 
     def read(self, timeout: float = WAIT):
         first, body = read_packet(self.sock, timeout)
@@ -74,7 +80,7 @@ class V5:
                 chunk = self.sock.recv(65536)
             except (socket.timeout, TimeoutError):
                 continue
-            except ConnectionResetError:
+            except OSError:         # reset, or a TLS socket's close
                 break
             if not chunk:
                 break

@@ -15,15 +15,15 @@ import hmac
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import time
 
 import pytest
 
 import mqtt5_ref as ref
-from conftest import client_tls_context, get_counter, read_packet, run_gw, send_fragmented, tcp_connect, tls_connect
+from conftest import client_tls_context, get_counter, run_gw, tcp_connect, tls_connect
 from gw import packets5 as p5
+from test_mqtt5_connections import V5  # a raw MQTT 5.0 client
 
 pytestmark = pytest.mark.skipif(not shutil.which("mosquitto_passwd"), reason="mosquitto_passwd not installed")
 
@@ -64,50 +64,6 @@ class ScramClient:
 
 def parse_server_first(data: bytes) -> dict:
     return dict(kv.split("=", 1) for kv in data.decode().split(","))
-
-
-# --- a raw MQTT 5.0 client -------------------------------------------------------------------
-
-class V5:
-    def __init__(self, sock):
-        self.sock = sock
-        if not hasattr(sock, "version"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def send(self, packet, fragmented: bool = False) -> None:
-        data = packet if isinstance(packet, (bytes, bytearray)) else ref.encode(packet)
-        if fragmented:
-            send_fragmented(self.sock, data)
-        else:
-            self.sock.sendall(data)
-
-    def read(self, timeout: float = WAIT):
-        first, body = read_packet(self.sock, timeout)
-        packets, _ = ref.decode(bytes([first]) + ref._varint(len(body)) + body)
-        return packets[0]
-
-    def closed(self, timeout: float = WAIT) -> list:
-        """Reads until the server closes; the packets that came before."""
-        got = bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            assert left > 0, "connection still open"
-            self.sock.settimeout(left)
-            try:
-                chunk = self.sock.recv(65536)
-            except (socket.timeout, TimeoutError):
-                continue
-            except (ConnectionResetError, OSError):
-                break
-            if not chunk:
-                break
-            got += chunk
-        packets, _ = ref.decode(bytes(got))
-        return packets
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def auth_props(data: bytes | None, method: str = METHOD) -> p5.Properties:
@@ -336,12 +292,10 @@ def test_client_disconnect_during_the_exchange(gw):
 def test_connect_timeout_covers_the_exchange(gw_factory, tmp_path):
     server = secured_server(gw_factory, tmp_path, args=["--connect-timeout", "1"])
     c = V5(tcp_connect(server.ports["mqtt"]))
-    start = time.monotonic()
     pkt = scram_connect(c, ScramClient("alice", "alice-pw"), unique("slow"))
     assert isinstance(pkt, p5.Auth)
-    assert c.closed(timeout=8) == []            # no client-final: closed without a CONNACK
-    assert 0.8 < time.monotonic() - start < 6
-    assert get_counter(server.counters(), "closed_connect_timeout") >= 1
+    assert c.closed(timeout=30) == []           # no client-final: closed without a CONNACK...
+    assert get_counter(server.counters(), "closed_connect_timeout") == 1    # ...by the connect timeout
 
 
 # --- the ACL, re-authentication ----------------------------------------------------------------------
