@@ -245,6 +245,7 @@ class GwServer:
         if self._deaths_final is not None:          # started again
             self._deaths_before = {k: self._deaths_before[k] + self._deaths_final[k] for k in DEATHS}
             self._deaths_final = None
+        self._block = None                          # the block of this run's master, mapped when asked
         self.proc = subprocess.Popen(self.command(), cwd=self.base, env=gw_env(),
                                      stdin=subprocess.DEVNULL, stdout=self._out_fh,
                                      stderr=self._log_fh, start_new_session=True)
@@ -272,10 +273,12 @@ class GwServer:
         from gw.stats import Counter
 
         pids = self.worker_pids()
-        if len(pids) != self.workers:
-            return False
-        block = self.block()
+        block = self.block() if len(pids) == self.workers else None
         if block is None or sorted(block.worker_pids()) != sorted(pids):
+            # Mapped too early, the block may be one a dead master with this pid
+            # left (pids wrap at 32768 here): the master replaces that file, so
+            # map it again on the next poll.
+            self._block = None
             return False
         return bool((block.rows[:, Counter.LOOP_TURNS] > 0).all())
 
