@@ -271,16 +271,22 @@ def test_survives_fork():
 RACE_WAIT_S = 1.9
 
 
-def assert_new_exactly_once(res, not_recorded) -> None:
-    """Every pair reported new by exactly one process (one row of answers per
-    process). A process that loses its CPU mid-insert for over wait_s makes the
-    others give up on that pair (not recorded: by design a possible duplicate,
-    never a lost record); a few such answers are allowed, and the pair is still
-    new exactly once: the stalled insert completes."""
-    gave_up = int((res == not_recorded).sum())
-    assert gave_up <= res.size // 1000, f"{gave_up} answers not recorded"
+def assert_taken_once(res, not_recorded) -> int:
+    """Every pair taken by some process, and reported new by one at most (one row
+    of answers per process). A process that loses its CPU mid-insert for over
+    wait_s makes the others give up on that pair: not recorded, and the caller
+    takes its copy (worker/ingest.pyx: counted, taken), by design a possible
+    duplicate, never a lost record; a few such answers are allowed. So a pair is
+    new exactly once, or, when the process whose insert the others saw under way
+    (and answered duplicate) gave up itself, taken by that give-up alone."""
+    gave_up = res == not_recorded
+    assert int(gave_up.sum()) <= res.size // 1000, f"{int(gave_up.sum())} answers not recorded"
     new = (res == 0).sum(axis=0)
-    assert (new == 1).all(), f"{int((new != 1).sum())} pairs reported new {set(new.tolist())} times"
+    assert (new <= 1).all(), f"{int((new > 1).sum())} pairs reported new more than once"
+    taken = new + gave_up.sum(axis=0)
+    assert (taken >= 1).all(), f"{int((taken == 0).sum())} pairs taken by no process (lost)"
+    return int((new == 1).sum())        # the pairs the table holds
+
 
 def _race(table: DedupTable, pairs: list, nproc: int, now_ms, same_order: bool) -> np.ndarray:
     """nproc processes run table.seen over every pair at once (started by a
@@ -305,28 +311,28 @@ def _race(table: DedupTable, pairs: list, nproc: int, now_ms, same_order: bool) 
 @pytest.mark.parametrize("same_order", [True, False], ids=["lockstep", "shuffled"])
 def test_concurrent_inserts_each_pair_new_exactly_once(same_order):
     """4 processes insert the same 20,000 (device, seq) pairs at once: every pair
-    is reported new (0) by exactly one of them, duplicate (1) by the others."""
+    is reported new (0) by exactly one of them, duplicate (1) by the others (or,
+    rarely, taken not recorded: assert_taken_once)."""
     nproc = 4
     table = DedupTable(1 << 16, 600.0, wait_s=RACE_WAIT_S)
     pairs = [(b"dev-%03d" % (i % 97), i // 97) for i in range(20_000)]
     res = _race(table, pairs, nproc, monotonic_ms(), same_order)
-    assert_new_exactly_once(res, 0xFF)
+    assert table.live() == assert_taken_once(res, 0xFF)
     assert ((res == 0) | (res == 1) | (res == 0xFF)).all()
-    assert table.live() == len(pairs)
 
 
 def test_concurrent_reuse_of_expired_slots():
     """A small table filled with records that have all expired, then raced on
     by 4 processes with new pairs: slots are taken over from the old keys and
-    every new pair is still reported new exactly once."""
+    every new pair is still reported new exactly once (assert_taken_once)."""
     nproc = 4
     table = DedupTable(1 << 12, 1.0, seed=12345, wait_s=RACE_WAIT_S)  # half full: no probe window fills up
     first = [(b"old-%02d" % (i % 50), i) for i in range(2000)]
     res = _race(table, first, nproc, 1_000, same_order=False)
-    assert_new_exactly_once(res, 0xFF)
+    assert_taken_once(res, 0xFF)
     second = [(b"new-%02d" % (i % 50), i) for i in range(1500)] + first[:500]
     res = _race(table, second, nproc, 10_000, same_order=False)   # everything from before expired
-    assert_new_exactly_once(res, 0xFF)
+    assert_taken_once(res, 0xFF)
     assert table.live(10_000) == len(second)
 
 
@@ -354,8 +360,7 @@ def test_concurrent_inserts_in_c_lockstep():
     for _ in range(5):              # the collisions are a matter of timing: a few rounds
         table = DedupTable(1 << 19, 600.0, wait_s=RACE_WAIT_S)
         res = _race_c(table, devices, count, nproc, monotonic_ms())
-        assert_new_exactly_once(res, -1)
-        assert table.live() == len(devices) * count
+        assert table.live() == assert_taken_once(res, -1)
 
 
 def test_concurrent_reuse_in_c_lockstep():
@@ -373,8 +378,7 @@ def test_concurrent_reuse_in_c_lockstep():
         # recorded, as the module documents); the old pairs only fill slots here.
         assert (out != 1).all() and (out == -1).sum() < 30
         res = _race_c(table, devices, count, nproc, 5_000)
-        assert_new_exactly_once(res, -1)
-        assert table.live(5_000) == len(devices) * count
+        assert table.live(5_000) == assert_taken_once(res, -1)
 
 
 # --- pending records: a worker's readings count as seen once they are durable ----------------
