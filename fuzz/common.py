@@ -110,13 +110,18 @@ class Harness:
         # Every input makes a new worker, whose rate limiter would log each
         # refusal again: quiet unless asked (GW_FUZZ_LOG=1, replaying an input).
         logging.getLogger("gw").setLevel(logging.DEBUG if os.environ.get("GW_FUZZ_LOG") else logging.CRITICAL)
-        base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        # libFuzzer ends the process with exit(), which runs no Python atexit
+        # handler: fuzz/run.py makes a scratch directory per run and removes it
+        # afterwards (GW_FUZZ_SCRATCH); the atexit handler serves a replay.
+        base = os.environ.get("GW_FUZZ_SCRATCH") or ("/dev/shm" if os.path.isdir("/dev/shm") else None)
         self.dir = Path(tempfile.mkdtemp(prefix="gw-fuzz-", dir=base))
         atexit.register(shutil.rmtree, self.dir, True)
         self.Counter = Counter
-        # A real stats block (as the master makes it), under a name no server uses.
+        # A real stats block (as the master makes it), under a name no server
+        # uses; its name is removed at once (the mapping stays), so nothing is
+        # left in /dev/shm however the process ends.
         self.block = StatsBlock.create(nworkers, -os.getpid())
-        atexit.register(self._unlink_block)
+        self._unlink_block()
         self.cfg = Config(data_dir=str(self.dir), workers=nworkers)
         self.wal = None
         self.inputs = 0

@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -61,16 +63,23 @@ def run_target(target: str, seconds: int, work: Path, extra: list[str]) -> dict:
            "-timeout=20", "-rss_limit_mb=3072", "-max_len=4096", *extra]
     started = time.monotonic()
     before = set(os.listdir(crashes))
+    # The target's data directories go in a scratch directory removed here:
+    # libFuzzer's exit() skips the target's own clean-up.
+    scratch = tempfile.mkdtemp(prefix=f"gw-fuzz-run-{target}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    env = runtime_env(work)
+    env["GW_FUZZ_SCRATCH"] = scratch
     with open(log_path, "wb") as log:
         # A bounded run: libFuzzer stops at max_total_time; the wait bounds a hang
         # of the whole process (a stuck input is libFuzzer's -timeout).
-        proc = subprocess.Popen(cmd, cwd=REPO, env=runtime_env(work), stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         try:
             rc = proc.wait(seconds + 120)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     text = log_path.read_text(errors="replace")
     found = sorted(set(os.listdir(crashes)) - before)
     result = {"target": target, "seconds": round(time.monotonic() - started), "rc": rc, "log": str(log_path),
