@@ -23,6 +23,7 @@ from gwbench.histogram import GROWTH, Histogram
 
 ROOT = Path(__file__).resolve().parent.parent
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+MOSQUITTO_SUB = shutil.which("mosquitto_sub") or "mosquitto_sub"
 
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (apt-get install mosquitto)")
 
@@ -245,14 +246,24 @@ def test_connection_scenario_counts_exact(broker, tmp_path):
 
 @needs_mosquitto
 def test_broker_dying_mid_run_reports_partial_results(broker, tmp_path):
-    b = broker()
+    b = broker(extra="sys_interval 1\n")
     out = tmp_path / "dying.json"
     cmd = [sys.executable, "-m", "gwbench", "--clients", 50, "--duration", 40, "--keepalive", 5,
            "--server", f"127.0.0.1:{b.port}", "--json", out, "--quiet", "--procs", 1]
     proc = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        time.sleep(3)
+        # The broker stops once it has every client connected (its own count,
+        # $SYS/broker/clients/connected, which includes the client asking), not
+        # after a fixed sleep: a loaded machine may take longer to connect 50.
+        connected = 0
+        deadline = time.monotonic() + 60
+        while connected < 51 and time.monotonic() < deadline and proc.poll() is None:
+            sub = subprocess.run([MOSQUITTO_SUB, "-p", str(b.port), "-t", "$SYS/broker/clients/connected",
+                                  "-C", "2", "-W", "5"], capture_output=True, text=True)
+            values = [int(v) for v in sub.stdout.split() if v.isdigit()]
+            connected = max(values, default=0)
+        assert connected >= 51, f"the broker saw {connected} clients connected"
         b.stop()
         stdout, stderr = proc.communicate(timeout=60)   # ends long before 40 s + grace
     finally:
