@@ -351,27 +351,29 @@ def test_over_limit_points_in_one_microsecond(store, app):
         {"ts": iso(NOW - 5), "value": 7.0}]
 
 
-@pytest.mark.parametrize("window, width, span, expected", [
-    ("1m", 60, 3600, 60), ("1h", 3600, 86400, 24), ("1d", 86400, 30 * 86400, 1)])
-def test_window_series(store, window, width, span, expected):
+def test_window_series(store):
+    # One day of readings at 1 Hz, read through each window (one fill of 86,400
+    # readings for the three: the test store writes them row by row).
     start = DAY0 - 86400
     values = fill_temps(store, start=start, count=86400, step=1.0)     # the whole day before DAY0
     a = make_app(store, now=DAY0)
-    status, doc, _ = call(a, f"/v1/devices/dev1/metrics?metric=temp_c&window={window}")
-    assert status == 200 and doc["window"] == window
-    assert doc["from"] == iso(max(0, DAY0 - span)) and doc["to"] == iso(DAY0)
-    points = doc["points"]
-    assert len(points) == expected
-    first = points[0]
-    bucket = q._dt(math.floor((DAY0 - min(span, 86400)) / width) * width)
-    assert first["ts"] == bucket.isoformat().replace("+00:00", "Z")
-    i0 = int(q.parse_time("ts", first["ts"]) - start)
-    chunk = values[i0:i0 + width]
-    assert first["count"] == len(chunk) == width
-    assert first["min"] == min(chunk) and first["max"] == max(chunk)
-    assert first["mean"] == pytest.approx(statistics.fmean(chunk), rel=1e-12)
-    assert first["std"] == pytest.approx(statistics.pstdev(chunk), rel=1e-9)
-    assert [p["ts"] for p in points] == sorted(p["ts"] for p in points)
+    for window, width, span, expected in [("1m", 60, 3600, 60), ("1h", 3600, 86400, 24),
+                                          ("1d", 86400, 30 * 86400, 1)]:
+        status, doc, _ = call(a, f"/v1/devices/dev1/metrics?metric=temp_c&window={window}")
+        assert status == 200 and doc["window"] == window
+        assert doc["from"] == iso(max(0, DAY0 - span)) and doc["to"] == iso(DAY0)
+        points = doc["points"]
+        assert len(points) == expected, window
+        first = points[0]
+        bucket = q._dt(math.floor((DAY0 - min(span, 86400)) / width) * width)
+        assert first["ts"] == bucket.isoformat().replace("+00:00", "Z")
+        i0 = int(q.parse_time("ts", first["ts"]) - start)
+        chunk = values[i0:i0 + width]
+        assert first["count"] == len(chunk) == width
+        assert first["min"] == min(chunk) and first["max"] == max(chunk)
+        assert first["mean"] == pytest.approx(statistics.fmean(chunk), rel=1e-12)
+        assert first["std"] == pytest.approx(statistics.pstdev(chunk), rel=1e-9)
+        assert [p["ts"] for p in points] == sorted(p["ts"] for p in points)
 
 
 def test_window_bucket_range_and_paging(store, app):
