@@ -622,7 +622,7 @@ class Master:
         # Set before the forks, so a worker setting the same level (gw/worker.py)
         # leaves the loggers as inherited.
         logging.getLogger("gw").setLevel(self.cfg.log_level.upper())
-        preload()
+        preload(self.cfg)
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()

@@ -199,10 +199,11 @@ class _LoggedReading(msgspec.Struct):
     seq: int | None = None
 
 
-def preload() -> None:
+def preload(cfg: Config | None = None) -> None:
     """Imports every module a worker runs, for the master to call before it
     forks: the pages they fill are then shared by every worker (and the
-    pipeline) instead of copied into each."""
+    pipeline) instead of copied into each. With the config, also makes once
+    what each worker's start would otherwise work out in its own pages."""
     import gw.health  # noqa: F401
     import gw.http_api  # noqa: F401
     import gw.metrics  # noqa: F401
@@ -210,13 +211,16 @@ def preload() -> None:
     import gw_ext.acl  # noqa: F401
     import gw_ext.loop  # noqa: F401
     import gw_ext.tls  # noqa: F401
-    from gw.ingest import BatchRecord, Record
+    from gw.ingest import Ingestor
     from gw.jsonproto import Message
 
     # msgspec resolves a Struct's annotations the first time a decoder takes it
-    # and keeps the result in the class: done here, each worker's decoders find it.
-    for struct in (Record, BatchRecord, Message, _LoggedReading):
+    # and keeps the result in the class, as typing keeps the batch's
+    # Annotated[list[...], Meta(...)]: done here, each worker's decoders find them.
+    for struct in (Message, _LoggedReading):
         msgspec.json.Decoder(struct)
+    if cfg is not None:
+        Ingestor(cfg.max_batch)
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
