@@ -20,8 +20,10 @@ prints, per process and summed:
 
 PSS divides a file's pages (libpython, libcrypto, libc) among every process
 of the machine mapping them, other programs' included, so the measured sum
-depends on what else runs; the last line estimates it without them (see
-file_pages_alone).
+depends on what else runs; the next line estimates it without them (see
+file_pages_alone), and when the frame numbers of /proc/PID/pagemap can be read
+(root), the last one gives it exactly: the server's resident pages, each
+counted once (see distinct_pages).
 
 --mappings N also prints, per process, the N mappings of /proc/PID/smaps that
 weigh most in PSS, grouped by what they map (a shared object, [heap], an
@@ -119,7 +121,7 @@ def mapping_breakdown(pid: int) -> dict[str, dict[str, int]]:
             name = re.sub(r"^/dev/shm/gw-\d+\.stats.*", "[stats block]", name)
             continue
         key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty"):
+        if key in ("Rss", "Pss", "Private_Clean", "Private_Dirty", "Anonymous"):
             groups[name][key] += int(rest.split()[0]) * 1024
     return groups
 
@@ -127,9 +129,10 @@ def mapping_breakdown(pid: int) -> dict[str, dict[str, int]]:
 def file_pages_alone(pids) -> int:
     """About what the file-backed pages (libpython, libcrypto, the extensions...)
     would weigh in the PSS sum if no process outside the server mapped those
-    files: per file, the most any one of the processes has resident (a lower
-    bound of their union). On a machine running other Python processes, they
-    take their share of those pages and the measured PSS is lower."""
+    files: per file, the most any one of the processes has resident, less the
+    anonymous pages of its mappings (a lower bound of their union). On a machine
+    running other Python processes, they take their share of those pages and the
+    measured PSS is lower. distinct_pages gives the exact figure, as root."""
     most: dict[str, int] = defaultdict(int)
     for pid in pids:
         try:
@@ -138,8 +141,45 @@ def file_pages_alone(pids) -> int:
             continue
         for name, g in groups.items():
             if not name.startswith("[") and name != "[anonymous]" and not name.startswith("/dev/"):
-                most[name] = max(most[name], g["Rss"])
+                # Less its anonymous pages (a library's relocated data, copied
+                # on write): Pss_Anon counts those already.
+                most[name] = max(most[name], g["Rss"] - g["Anonymous"])
     return sum(most.values())
+
+
+def distinct_pages(pids) -> int | None:
+    """The server's resident pages, each counted once however many of its
+    processes map it (the physical frames of /proc/PID/pagemap): exactly what the
+    PSS sum would be if no other program shared its files. None when the frame
+    numbers cannot be read (they need CAP_SYS_ADMIN: the kernel shows 0)."""
+    import struct
+
+    frames: set[int] = set()
+    seen_nonzero = False
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            fd = os.open(f"/proc/{pid}/pagemap", os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            continue
+        try:
+            for line in maps:
+                parts = line.split(None, 5)
+                if len(parts) > 5 and parts[5] == "[vsyscall]":
+                    continue
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                try:
+                    data = os.pread(fd, (hi - lo) // 4096 * 8, lo // 4096 * 8)
+                except OSError:
+                    continue
+                for (entry,) in struct.iter_unpack("<Q", data):
+                    if entry >> 63:                     # present
+                        pfn = entry & ((1 << 55) - 1)
+                        seen_nonzero = seen_nonzero or pfn != 0
+                        frames.add(pfn)
+        finally:
+            os.close(fd)
+    return len(frames) * 4096 if seen_nonzero else None
 
 
 def measure(pids: dict[int, str]) -> dict:
@@ -156,6 +196,7 @@ def measure(pids: dict[int, str]) -> dict:
     total = {k: sum(row[k] for row in rows) for k in ("rss", "pss", "uss", "pss_anon", "pss_file", "pss_shmem")}
     alone = file_pages_alone(pids)
     total["pss_alone"] = total["pss_anon"] + total["pss_shmem"] + max(alone, total["pss_file"])
+    total["distinct"] = distinct_pages(pids)
     return {"processes": rows, "total": total}
 
 
@@ -176,6 +217,9 @@ def print_table(result: dict) -> None:
           f"   {mib(t['pss_anon'])}/{mib(t['pss_file'])}/{mib(t['pss_shmem'])}")
     print(f"PSS sum with the file-backed pages counted as if no other process shared them: "
           f"about {mib(t['pss_alone'])} MiB")
+    if t.get("distinct") is not None:
+        print(f"the server's resident pages, each counted once (/proc/PID/pagemap; what the PSS sum "
+              f"is when no other program shares them): {mib(t['distinct'])} MiB")
 
 
 def print_mappings(pids: dict[int, str], top: int) -> None:

@@ -31,6 +31,7 @@ from gw.stats import PIDFILE, Aggregator, Layout, StatsBlock
 from gw.tokens import TokensError, http_tokens_required, load_tokens, tokens_path
 from gw.worker import ListenerSpec, preload, worker_main
 from gw_ext.frames import publish_frame
+from gw_ext.tls import release_free_heap
 
 log = logging.getLogger("gw.master")
 stats_log = logging.getLogger("gw.stats")
@@ -177,6 +178,7 @@ class Master:
         self.overrides = overrides
         self.slots = [Slot(i) for i in range(cfg.workers)]
         self.certs: CertPaths | None = None
+        self.tls_context = None     # the TLS listeners' context (gw_ext.tls), made here: every worker inherits it
         self.acl = None             # the ACL file in force, as parsed (gw/acl.py): what a (re)spawned worker starts with
         self.password_users = None  # ... and the password file's users (gw/passwords.py)
         self.tokens = None          # ... and the HTTP tokens file's tokens (gw/tokens.py; None: tokens off)
@@ -237,7 +239,7 @@ class Master:
             # kept in memory only.
             set_ticket_secret(os.urandom(32), cfg.tls_ticket_lifetime)
             try:
-                server_context(self.certs, cfg)
+                self.tls_context = server_context(self.certs, cfg)
             except TLSError as exc:
                 raise StartupError(str(exc)) from None
         for name, proto, tls in LISTENERS:
@@ -396,6 +398,10 @@ class Master:
         # child never writes to those objects' pages, which stay shared.
         gc.collect()
         gc.freeze()
+        # The free pages inside the C heap go back to the system before the fork
+        # rather than being inherited: a child's mallocs then take fresh pages
+        # instead of copying the master's.
+        release_free_heap()
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -448,7 +454,8 @@ class Master:
                 b.close()
         return worker_main(slot.index, self.cfg, slot.sockets, mine, self.block, self.certs,
                            self.config_path, self.overrides, self.dedup, self.acl,
-                           self.address_counts, self.password_users, self.tokens, self.series)
+                           self.address_counts, self.password_users, self.tokens, self.series,
+                           self.tls_context)
 
     def spawn_pipeline(self) -> None:
         slot = self.pipeline
@@ -563,12 +570,13 @@ class Master:
         except ConfigError as exc:
             log.error("reload refused, keeping the running config and password file: %s", exc)
             return
+        tls_context = None
         if self.certs is not None:
             from gw_ext.tls import TLSError
             try:
                 # The server certificate, client CA and CRLs as the workers will load
                 # them: a file that does not load keeps every worker on what it has.
-                server_context(self.certs, new)
+                tls_context = server_context(self.certs, new)
             except TLSError as exc:
                 log.error("reload refused, certificates do not load: %s", exc)
                 return
@@ -592,6 +600,8 @@ class Master:
         self.acl = acl
         self.password_users = password_users
         self.tokens = tokens
+        if tls_context is not None:
+            self.tls_context = tls_context
         self.cfg = new
         logging.getLogger("gw").setLevel(new.log_level.upper())
         for slot in self.slots:
@@ -609,7 +619,10 @@ class Master:
             signal.signal(sig, self.on_signal)
         listeners = ", ".join(f"{name} {addr}" for name, addr in self.bound.items())
         log.info("gw %s: %d workers, listening on %s", __version__, len(self.slots), listeners)
-        preload()
+        # Set before the forks, so a worker setting the same level (gw/worker.py)
+        # leaves the loggers as inherited.
+        logging.getLogger("gw").setLevel(self.cfg.log_level.upper())
+        preload(self.cfg)
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()

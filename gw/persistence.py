@@ -109,6 +109,16 @@ class Persistence:
         self.states: dict | None = None  # slot -> (client id, state) as last serialized
         self.last_error_log = 0.0
 
+    def session_files(self) -> list[Path]:
+        """data_dir's sessions-*.msgpack, sorted (read by name: a glob would compile a
+        pattern, work the worker's start would do on pages the master shares)."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        return [self.dir / name for name in sorted(names)
+                if name.startswith("sessions-") and name.endswith(".msgpack") and len(name) >= 17]
+
     def load(self) -> None:
         retained = _read(self.retained_path)
         if retained:
@@ -116,7 +126,7 @@ class Persistence:
                 if isinstance(entry, (list, tuple)) and len(entry) in (3, 4):
                     self.worker.retain(*entry)
         saved = []
-        for path in sorted(self.dir.glob("sessions-*.msgpack")):
+        for path in self.session_files():
             try:
                 n = int(path.stem.split("-", 1)[1])
             except ValueError:

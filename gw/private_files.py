@@ -5,7 +5,6 @@ new one, never a part, and a crash leaves one of the two."""
 from __future__ import annotations
 
 import os
-import tempfile
 
 
 def fsync_directory(directory: str | os.PathLike) -> None:
@@ -20,6 +19,10 @@ def fsync_directory(directory: str | os.PathLike) -> None:
 def replace_private_file(path: str | os.PathLike, text: str) -> None:
     """Writes `text` to a temporary file beside `path` (mode 0600 from its
     creation), fsyncs it, renames it over `path` and fsyncs the directory."""
+    # Imported here: gw serve reads these files but never writes them, and
+    # tempfile brings shutil, bz2 and lzma (with their C libraries) into every process.
+    import tempfile
+
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)   # mkstemp: 0600

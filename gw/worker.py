@@ -109,7 +109,12 @@ def apply_process_settings(cfg: Config) -> None:
     """The settings of the whole worker process, at start and on SIGHUP."""
     # The codec's policy (its decoders take no settings).
     codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
-    logging.getLogger("gw").setLevel(cfg.log_level.upper())
+    logger = logging.getLogger("gw")
+    level = logging.getLevelName(cfg.log_level.upper())
+    if logger.level != level:
+        # setLevel clears every logger's cache, writing to objects the master's
+        # pages hold: not done when the level is the one inherited.
+        logger.setLevel(level)
 
 
 def ack_mode(cfg: Config, listener: str) -> str:
@@ -194,10 +199,11 @@ class _LoggedReading(msgspec.Struct):
     seq: int | None = None
 
 
-def preload() -> None:
+def preload(cfg: Config | None = None) -> None:
     """Imports every module a worker runs, for the master to call before it
     forks: the pages they fill are then shared by every worker (and the
-    pipeline) instead of copied into each."""
+    pipeline) instead of copied into each. With the config, also makes once
+    what each worker's start would otherwise work out in its own pages."""
     import gw.health  # noqa: F401
     import gw.http_api  # noqa: F401
     import gw.metrics  # noqa: F401
@@ -205,12 +211,23 @@ def preload() -> None:
     import gw_ext.acl  # noqa: F401
     import gw_ext.loop  # noqa: F401
     import gw_ext.tls  # noqa: F401
+    from gw.ingest import Ingestor
+    from gw.jsonproto import Message
+
+    # msgspec resolves a Struct's annotations the first time a decoder takes it
+    # and keeps the result in the class, as typing keeps the batch's
+    # Annotated[list[...], Meta(...)]: done here, each worker's decoders find them.
+    for struct in (Message, _LoggedReading):
+        msgspec.json.Decoder(struct)
+    if cfg is not None:
+        Ingestor(cfg.max_batch)
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
                 block: StatsBlock, certs: CertPaths | None, config_path: str | None,
                 overrides: dict, dedup=None, acl=None,
-                address_counts=None, password_users=None, tokens=None, series=None) -> int:
+                address_counts=None, password_users=None, tokens=None, series=None,
+                tls_context=None) -> int:
     from gw.health import Health
     from gw.http_api import HttpApp
     from gw.metrics import render
@@ -304,7 +321,10 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     apply_auth(cfg, password_users)
     if cfg.password_file and worker_authenticator[0] is None:
         raise SystemExit(f"worker {slot}: the password file does not load")
-    tls = server_context(certs, cfg) if certs is not None else None
+    # The master's context (made before the fork, so its pages are shared), else made here.
+    tls = tls_context
+    if tls is None and certs is not None:
+        tls = server_context(certs, cfg)
     for peer, sock in channels.items():
         worker.add_peer(peer, sock.fileno())
     tls_indexes = []
@@ -407,6 +427,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGHUP, on_hup)
     log.debug("worker %d (pid %d) serving, fd limit %d", slot, os.getpid(), max_fds)
+    # What setting up freed in the C heap goes back to the system.
+    release_free_heap()
     worker.run()
     persistence.tick(final=True)
     wal.flush()

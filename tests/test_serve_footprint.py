@@ -14,6 +14,9 @@ from http_client import HttpConn, ingest_body
 from test_serve_pipeline import wait_stored
 
 LIBRARIES = ("numpy", "cryptography", "psutil")
+# Extension modules no process of an idle server loads (tempfile brings them through
+# shutil; gw imports tempfile, gzip and importlib.resources where it uses them).
+UNUSED_EXTENSIONS = ("_lzma", "_bz2")
 
 
 def mapped(pid: int) -> set[str]:
@@ -30,6 +33,9 @@ def test_each_process_maps_only_what_it_uses(gw_factory):
     processes = server_processes(server.block())
     assert [name for name, _ in processes] == ["master", "worker 0", "worker 1", "pipeline"]
     assert {name: mapped(pid) for name, pid in processes} == {name: set() for name, _ in processes}
+    for name, pid in processes:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert [ext for ext in UNUSED_EXTENSIONS if f"/{ext}." in maps] == [], name
 
     # A reading stored: the pipeline has loaded numpy for its batch; nothing else has.
     with HttpConn(server.ports["http"]) as c:

@@ -14,9 +14,11 @@ Accept-Encoding` either way.
 
 from __future__ import annotations
 
-import gzip as _gzip
 import hashlib
-from importlib import resources
+
+# gzip and importlib.resources are imported on the first request for a file: they
+# bring tempfile, shutil, bz2 and lzma (with their C libraries), which every
+# process forked by the master would otherwise hold from its start.
 
 HTML = b"text/html; charset=utf-8"
 JS = b"text/javascript; charset=utf-8"
@@ -46,6 +48,8 @@ _cache: dict[str, bytes | None] = {}
 
 def _read(name: str) -> bytes | None:
     if name not in _cache:
+        from importlib import resources
+
         try:
             _cache[name] = resources.files(__name__).joinpath(name).read_bytes()
         except (OSError, ModuleNotFoundError):
@@ -61,6 +65,8 @@ def asset(path: bytes, gzip: bool = False) -> tuple[bytes, bytes] | None:
         key = name + "!gz"
         if key not in _cache:
             data = _read(name)
+            import gzip as _gzip
+
             # mtime 0: the same bytes from every worker and every start.
             _cache[key] = None if data is None else _gzip.compress(data, 6, mtime=0)
         data = _cache[key]

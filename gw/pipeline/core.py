@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
-import shutil
+import os
 import signal
 import threading
 import time
@@ -231,15 +231,16 @@ class Pipeline:
         if not bound:
             return
         try:
-            usage = shutil.disk_usage(self.data_dir)
+            st = os.statvfs(self.data_dir)      # shutil.disk_usage's free, without importing shutil
         except OSError:
             return
+        free = st.f_bavail * st.f_frsize
         need = bound * self.nworkers
-        if usage.free < need:
+        if free < need:
             log.warning("pipeline: the disk under %s has %.1f GB free, less than the %d worker logs may hold "
                         "before the store is behind by max_sink_lag_bytes (%d x %.1f GB = %.1f GB, plus what "
                         "wal_retention_bytes keeps): lower max_sink_lag_bytes or free space, or the disk fills "
-                        "before ingest is held", self.data_dir, usage.free / 1e9, self.nworkers, self.nworkers,
+                        "before ingest is held", self.data_dir, free / 1e9, self.nworkers, self.nworkers,
                         bound / 1e9, need / 1e9)
 
     # -- figures
