@@ -3,7 +3,6 @@
     python bench/callgrind_per_msg.py                          # this checkout
     python bench/callgrind_per_msg.py --build B=/path/to/other/checkout
     python bench/callgrind_per_msg.py --only fanin-qos1 --duration 4
-    python bench/callgrind_per_msg.py --client --only fanin-qos1   # the load generator's count
 
 A count of instructions does not depend on what else runs on the machine, so
 two builds (each a checkout with its extensions built: `./dev build`) can be
@@ -22,14 +21,6 @@ many a read holds (batching) differs: QoS 0 runs shed messages to the
 subscriber as they would on a slow machine, so their figures move a few per
 cent from run to run; QoS 1 is flow-controlled and steadier. One worker: a
 message never crosses to another.
-
-With --client the roles swap: gw runs as it is and `gw bench` runs under
-callgrind (its client processes too, --trace-children), counting only inside
-the pubsub engine's run loop (`--toggle-collect=*Engine_*run`: encoding,
-parsing, the bookkeeping per message, the user side of its syscalls); the
-count of every process, divided by the messages received. On two cores the
-load generator's CPU competes with the server's, so a costlier client lowers
-the rate measured for the same server.
 """
 
 from __future__ import annotations
@@ -106,22 +97,14 @@ def warm_up(port: int) -> None:
             s.close()
 
 
-def cg_total(path: Path) -> int:
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("totals:") or line.startswith("summary:"):
-            return int(line.split()[1])
-    return 0
-
-
-def one_run(work: Path, label: str, path: str, name: str, v: str, duration: float, client: bool = False) -> tuple:
+def one_run(work: Path, label: str, path: str, name: str, v: str, duration: float) -> tuple:
     """One gw under callgrind, one bench run against it; the worker's count
-    once gw has stopped (callgrind writes it as the process ends). client:
-    gw bench under callgrind instead, the count of its processes."""
+    once gw has stopped (callgrind writes it as the process ends)."""
     work.mkdir()
     port = free_port()
-    grind = ["valgrind", "--tool=callgrind", "--collect-atstart=no", f"--callgrind-out-file={work}/cg.%p"]
     proc = subprocess.Popen(
-        ([] if client else [*grind, "--toggle-collect=*Worker_turn"]) + [
+        ["valgrind", "--tool=callgrind", "--collect-atstart=no", "--toggle-collect=*Worker_turn",
+         f"--callgrind-out-file={work}/cg.%p",
          PY, "-m", "gw.cli", "serve", "--workers", "1", "--mqtt", f"127.0.0.1:{port}",
          "--mqtts", "off", "--json", "off", "--jsons", "off", "--http", "off", "--https", "off",
          "--ws", "off", "--wss", "off", "--data-dir", str(work / "data"), "--stats-interval", "0",
@@ -133,15 +116,13 @@ def one_run(work: Path, label: str, path: str, name: str, v: str, duration: floa
         bargs = list(SCENARIOS[name].bench_args)
         bargs[bargs.index("--duration") + 1] = f"{duration:g}"
         out = work / "bench.json"
-        if not client:
-            warm_up(port)
+        warm_up(port)
         bench = subprocess.Popen(
-            ([*grind, "--trace-children=yes", "--toggle-collect=*Engine_*run"] if client else []) + [
-             PY, "-m", "gw.cli", "bench", *bargs, "--mqtt-version", v,
+            [PY, "-m", "gw.cli", "bench", *bargs, "--mqtt-version", v,
              "--server", f"127.0.0.1:{port}", "--json", str(out), "--quiet"],
             env={**os.environ, "PYTHONPATH": path}, stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL, stderr=open(work / "bench.err", "ab"))
-        wpid = 0 if client else worker_during(proc, port, bench)
+        wpid = worker_during(proc, port, bench)
         bench.wait(900)
         time.sleep(1)
     finally:
@@ -151,10 +132,10 @@ def one_run(work: Path, label: str, path: str, name: str, v: str, duration: floa
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if client:
-        ir = sum(cg_total(f) for f in work.glob("cg.*"))
-    else:
-        ir = cg_total(work / f"cg.{wpid}")
+    ir = 0
+    for line in (work / f"cg.{wpid}").read_text(errors="replace").splitlines():
+        if line.startswith("totals:") or line.startswith("summary:"):
+            ir = int(line.split()[1])
     r = json.loads(out.read_text())
     got = r["messages"]["received"]
     sent = r["messages"]["sent"]
@@ -171,7 +152,6 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=sorted(n for n, s in SCENARIOS.items() if s.kind == "pubsub"))
     ap.add_argument("--version", action="append", choices=VERSIONS)
     ap.add_argument("--duration", type=float, default=4.0, help="publishing seconds of each run")
-    ap.add_argument("--client", action="store_true", help="count the load generator's instructions, not gw's")
     args = ap.parse_args()
     builds = [b.split("=", 1) for b in args.build] or [["this", str(REPO)]]
     names = args.only or list(DEFAULT)
@@ -183,9 +163,8 @@ def main() -> int:
         for label, path in builds:
             for name in names:
                 for v in versions:
-                    rows.append(one_run(tmp / f"{label}-{name}-{v}", label, path, name, v, args.duration,
-                                        args.client))
-    print(f"\n| build | scenario | MQTT | {'load generator' if args.client else 'worker'} Ir | sent | received | Ir per received message | per sent |")
+                    rows.append(one_run(tmp / f"{label}-{name}-{v}", label, path, name, v, args.duration))
+    print("\n| build | scenario | MQTT | worker Ir | sent | received | Ir per received message | per sent |")
     print("|---|---|---|---|---|---|---|---|")
     for label, name, v, ir, sent, got, per, per_sent in rows:
         print(f"| {label} | {name} | {v} | {ir:,} | {sent:,} | {got:,} | {per:,.0f} | {per_sent:,.0f} |")
