@@ -172,7 +172,10 @@ class Config:
                                      "a clean_session=0 client is away); more are dropped and counted",
                                      minimum=0, maximum=1 << 40)
     max_awaiting_rel: int = _setting(1000, "QoS 2 messages from one client awaiting their PUBREL; one more "
-                                     "disconnects the client (counted)", minimum=1, maximum=65535)
+                                     "disconnects the client (counted). MQTT 5.0: the Receive Maximum "
+                                     "announced, which also counts QoS 1 readings whose PUBACK waits for "
+                                     "the log (ack mode sink); one more is DISCONNECT 0x93",
+                                     minimum=1, maximum=65535)
     topic_alias_maximum: int = _setting(64, "MQTT 5.0 Topic Aliases a client may set (the Topic Alias Maximum "
                                         "announced in CONNACK; a PUBLISH with an alias above it is answered "
                                         "DISCONNECT 0x94); 0: none", minimum=0, maximum=65535)

@@ -664,6 +664,8 @@ cdef class Worker:
     cdef uint32_t held_cap
     cdef uint64_t held_last_needed
     cdef uint32_t* held_per_fd       # answers waiting, per connection
+    cdef uint32_t* held_pubacks      # ... of them PUBACKs: QoS 1 PUBLISHes not yet acknowledged (an MQTT 5.0
+                                     # client's Receive Maximum quota: handle_publish.pyx)
     cdef dict held_http              # id -> response bytes
     cdef uint32_t held_http_next
     cdef DedupTable dedup            # the idempotency table: its pending records commit when durable

@@ -250,6 +250,7 @@ cdef class Worker:
         free(self.http)
         free(self.held)
         free(self.held_per_fd)
+        free(self.held_pubacks)
         free(self.rates)
         free(self.rate_paused_fds)
         free(self.rate_paused_gens)
@@ -327,7 +328,8 @@ cdef class Worker:
         if fd >= self.nconns:
             raise ValueError("the log's eventfd is above the fd limit")
         self.held_per_fd = <uint32_t*>calloc(self.nconns, sizeof(uint32_t))
-        if self.held_per_fd == NULL:
+        self.held_pubacks = <uint32_t*>calloc(self.nconns, sizeof(uint32_t))
+        if self.held_per_fd == NULL or self.held_pubacks == NULL:
             raise MemoryError()
         self.wal = wal
         self.wal_durable = wal.durable_offset
@@ -1429,6 +1431,7 @@ cdef class Worker:
             self.alias_table = None
         if self.held_per_fd != NULL:
             self.held_per_fd[c.fd] = 0      # its held answers are skipped (worker/durable_ack.pyx)
+            self.held_pubacks[c.fd] = 0
         if c.ssl != NULL:
             if state == ST_CONNECTED or state == ST_AWAIT_CONNECT or state == ST_CLOSING:
                 ERR_clear_error()

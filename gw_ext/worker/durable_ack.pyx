@@ -55,6 +55,8 @@ cdef int held_push(Worker w, Conn* c, uint8_t kind, uint16_t pid, uint64_t neede
     w.held_len += 1
     w.held_last_needed = needed
     w.held_per_fd[c.fd] += 1
+    if kind == PUBACK:
+        w.held_pubacks[c.fd] += 1
     w.counters[ACKS_HELD] = w.held_len
     if w.held_per_fd[c.fd] >= HELD_MAX_PER_CONN and not (c.flags & F_HELD_FULL):
         c.flags |= F_HELD_FULL
@@ -94,6 +96,8 @@ cdef void held_release(Worker w):
         if c.gen != e.gen or c.state == ST_FREE:
             continue            # the connection closed meanwhile
         w.held_per_fd[e.fd] -= 1
+        if e.kind == PUBACK:
+            w.held_pubacks[e.fd] -= 1
         if c.flags & F_HELD_FULL and w.held_per_fd[e.fd] <= HELD_MAX_PER_CONN // 2:
             c.flags &= ~F_HELD_FULL
             if is_client_state(c.state):

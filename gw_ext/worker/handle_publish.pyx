@@ -14,6 +14,14 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     return publish_decoded(w, c, &pkt, NULL, 0)
 
 
+cdef inline uint32_t receive_maximum_in(Worker w) noexcept:
+    """The Receive Maximum an MQTT 5.0 CONNACK announces (send_connack5,
+    mqtt5.pyx): max_awaiting_rel, at least 1; absent, 65,535, at 65,535 or more."""
+    if w.max_awaiting_rel >= 65535:
+        return 65535
+    return w.max_awaiting_rel if w.max_awaiting_rel else 1
+
+
 cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8_t* ext, uint32_t ext_len):
     """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx,
     with its properties as the message's extras, router.pyx)."""
@@ -28,6 +36,17 @@ cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8
         publisher_add(w, c)        # backpressure.pyx
         if w.publishers_paused:
             pause_conn(w, c)       # this packet is handled; the next wait
+    if (pkt.qos and c.version == 5 and w.held_pubacks != NULL
+            and s.nqos2_in + w.held_pubacks[c.fd] >= receive_maximum_in(w)
+            and not (pkt.qos == 2 and qos2_seen(s, pkt.packet_id))):
+        # MQTT 5.0: more QoS 1/2 PUBLISHes unanswered than the Receive Maximum
+        # our CONNACK announced (MQTT-3.3.4-7 broken; 3.3.4: DISCONNECT 0x93).
+        # Unanswered: QoS 2 ones before their PUBCOMP, and, in ack mode sink,
+        # QoS 1 ones whose PUBACK waits for the log (durable_ack.pyx); without
+        # held PUBACKs the QoS 2 check below is the same test.
+        w.counters[LIMITS + LIM_AWAITING_REL] += 1
+        w.close_after_flush(c, CR_LIMIT, LIM_AWAITING_REL)
+        return -1
     if pkt.qos == 2:
         if qos2_seen(s, pkt.packet_id):
             # A resent QoS 2 PUBLISH (its PUBREL not yet seen): routed once only.

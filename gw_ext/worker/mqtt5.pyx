@@ -121,11 +121,18 @@ cdef int handle_packet5(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
             return enhanced_auth_pending(w, c, ptype, body, n)     # worker/enhanced_auth.pyx
         v5_error(w, c, ERR_PROTOCOL, R5_NONE)
         return -1
+    cdef uint16_t pid
     if ptype == PUBLISH:
         return handle_publish5(w, c, first, body, n)
     if ptype == PINGREQ:
         return handle_ping(w, c)        # PINGRESP: the same two bytes in both versions
     if ptype == PUBACK or ptype == PUBREC or ptype == PUBREL or ptype == PUBCOMP:
+        if n == 2 and ptype != PUBREL and (body[0] or body[1]):
+            # The short form (reason code 0 Success, no properties: 3.4.2.1):
+            # the 3.1.1 acknowledgement, without the codec's walk. decode_ack5
+            # takes every other form, and packet id 0 (a Protocol Error).
+            pid = <uint16_t>((body[0] << 8) | body[1])
+            return session_acked(w, &w.sessions[c.session], ptype, pid)     # handle_acks.pyx
         return handle_ack5(w, c, ptype, body, n)
     if ptype == SUBSCRIBE:
         return handle_subscribe5(w, c, body, n)
@@ -344,15 +351,44 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
 
 # --- PUBLISH and the acknowledgements ------------------------------------------------
 
+# The topic of the alias the connection w.alias_fd last used (topic_alias_in):
+# a publisher that sends one topic under its alias finds it without the table.
+cdef uint16_t alias_last = 0           # 0: none
+cdef const uint8_t* alias_last_ptr = NULL
+cdef uint32_t alias_last_len = 0
+
+
 cdef int handle_publish5(Worker w, Conn* c, uint8_t first, const uint8_t* body, uint32_t n):
     cdef Publish5Packet p5
     cdef PublishPacket pkt
-    cdef bytes ext
     cdef int reason = 0
     cdef int rc = decode_publish5(first, body, n, &p5, &reason)
     if rc < 0:
         v5_error(w, c, rc, reason)
         return -1
+    if p5.props.present == (1ULL << P_TOPIC_ALIAS) and p5.topic.len == 0 and c.fd == w.alias_fd \
+            and p5.props.topic_alias == alias_last and alias_last != 0:
+        # The common PUBLISH of a publisher with an alias: the alias alone,
+        # the one this connection used last (checked when it was set:
+        # topic_alias_in), nothing else: its topic, and a 3.1.1 message.
+        pkt.qos = p5.qos
+        pkt.retain = p5.retain
+        pkt.dup = p5.dup
+        pkt.packet_id = p5.packet_id
+        pkt.topic.ptr = alias_last_ptr
+        pkt.topic.len = alias_last_len
+        pkt.payload = p5.payload
+        return publish_decoded(w, c, &pkt, NULL, 0)
+    return publish5_props(w, c, &p5)
+
+
+cdef int publish5_props(Worker w, Conn* c, Publish5Packet* pp):
+    """handle_publish5 for every PUBLISH but an alias-only one of the
+    connection's last alias: a Topic Alias set or looked up, the checks of
+    its properties, its properties as the message's extras."""
+    cdef Publish5Packet p5 = pp[0]
+    cdef PublishPacket pkt
+    cdef bytes ext
     if p5.props.present & (1ULL << P_TOPIC_ALIAS) or p5.topic.len == 0:
         if topic_alias_in(w, c, &p5) < 0:
             return -1
@@ -393,13 +429,6 @@ cdef int payload_format_invalid(Worker w, Conn* c, Publish5Packet* p5):
     send_disconnect5(w, c, RC_PAYLOAD_FORMAT_INVALID)
     w.close_after_flush(c, CR_MALFORMED, DETAIL_R5 | DETAIL_PROTOCOL)
     return -1
-
-
-# The topic of the alias the connection w.alias_fd last used (topic_alias_in):
-# a publisher that sends one topic under its alias finds it without the table.
-cdef uint16_t alias_last = 0           # 0: none
-cdef const uint8_t* alias_last_ptr = NULL
-cdef uint32_t alias_last_len = 0
 
 
 cdef int topic_alias_in(Worker w, Conn* c, Publish5Packet* p5) except -2:
