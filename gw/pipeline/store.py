@@ -36,6 +36,7 @@ from gw.lazy import LazyModule
 
 from . import batch
 from .errors import PipelineError
+from .rollup import WINDOWS
 
 try:
     from gw_ext import sqlitebulk
@@ -526,7 +527,22 @@ class StoreSink(StoreSinkBase):
         self._committed(parts, len(readings), published)
 
     def _samples(self, cols: batch.Columns, sids: list):
-        """The batch's samples as sample chunk rows and rollup upserts."""
+        """The batch's samples as sample chunk rows and rollup upserts: built in C
+        (gw_ext/storebatch.pyx `series_rows`) when built, else `_samples_python`."""
+        if not len(cols):
+            return [], []
+        series_rows = batch.compiled_series_rows()
+        if series_rows is None:
+            return self._samples_python(cols, sids)
+        by = batch.BySeries(cols)
+        chunks, rollups = series_rows(np.asarray(sids, dtype=np.int64), by.key, by.ts, by.val,
+                                      CHUNK_SECONDS, WINDOWS)
+        chunks.sort(key=_T1)            # rowid order follows time: retention deletes from the start
+        return chunks, rollups
+
+    def _samples_python(self, cols: batch.Columns, sids: list):
+        """`_samples` with numpy and msgspec: the reference (the same rows; a rollup's
+        sums may differ in their last bits, numpy adding in another order)."""
         if not len(cols):
             return [], []
         by = batch.BySeries(cols)
