@@ -10,6 +10,10 @@
         CPU-second of the process (from the pipeline's start until all are stored),
         how long after the last reading became durable the store had it, and the
         batches the runner handed the sink.
+    python bench/store_batches.py rows [--readings 512000]
+        one decoded batch (20,000 devices): its sample chunk and rollup rows built
+        in C (storebatch.series_rows) and with numpy (_samples_python), 5 rounds
+        alternating, CPU seconds each.
     --repo PATH: the checkout to measure (its gw and built gw_ext; default this one),
     for A/B runs of two builds alternately.
 No gate: figures for BENCHMARKS.md ("The store's batches under a sustained rate").
@@ -29,7 +33,7 @@ from pathlib import Path
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=("sizes", "paced"))
+    p.add_argument("mode", choices=("sizes", "paced", "rows"))
     p.add_argument("--repo", default=str(Path(__file__).resolve().parent.parent))
     p.add_argument("--readings", type=int, default=512_000, help="sizes: readings per size")
     p.add_argument("--sizes", default="8000,32000,128000,512000", help="sizes: batch sizes")
@@ -50,11 +54,40 @@ def main() -> None:
                 print(f"batch {size:>7,}: {args.readings / cpu:>9,.0f} readings per CPU-s, "
                       f"{args.readings / wall:>9,.0f}/s wall", flush=True)
                 shutil.rmtree(d)
+        elif args.mode == "rows":
+            rows(args, B, work, StoreSink, open_store)
         else:
             paced(args, B, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"load average {os.getloadavg()}")
+
+
+def rows(args, B, work: Path, StoreSink, open_store) -> None:
+    import gc                                                       # noqa: PLC0415
+    from gw.pipeline import batch                                   # noqa: PLC0415
+    logs = B.make_logs(20_000, args.readings, 100_000.0)
+    sink = StoreSink(open_store(work / "store.sqlite"), B.WORKERS)
+    parts = []
+    for w, payloads in enumerate(logs):
+        off, recs = 0, []
+        for x in payloads:
+            recs.append((off, x))
+            off += 8 + len(x)
+        parts.append((w, recs, off))
+    gc.disable()                # as the sink's write does (batch.paused_gc)
+    cols = batch.decode(parts, sink._decode, sink._encode, sink._bad)
+    sids = list(range(1, len(cols.names) + 1))
+    took: dict = {"C (series_rows)": [], "numpy": []}
+    for _ in range(5):
+        for name, f in (("numpy", sink._samples_python), ("C (series_rows)", sink._samples)):
+            t = time.process_time()
+            f(cols, sids)
+            took[name].append(time.process_time() - t)
+    gc.enable()
+    sink.close()
+    for name, xs in took.items():
+        print(f"{name:>16}: {' '.join(f'{x:.3f}' for x in xs)} CPU-s per {args.readings:,}-reading batch")
 
 
 def paced(args, B, work: Path) -> None:

@@ -218,14 +218,17 @@ class SqliteSource(ReadingSource):
     METRICS_DEVICE = {None: "", "id": "d.device_id = :device AND ", "glob": "d.device_id GLOB :device AND "}
     ROLLUPS = "SELECT bucket, device_id, metric, count, min, max, sum, sumsq FROM rollups"
     ROLLUPS_COUNT = "SELECT count(*) FROM rollups"
-    # The time range always drives the scan (indexes readings_ts, rollups_win_bucket)
-    # so rows stream in time order; `+device_id` keeps a pattern from choosing the
-    # device index instead, which would sort the whole range before the first row.
+    # The time range always drives the scan so rows stream in time order: readings
+    # by the rowid ranges of their spans (gw/pipeline/store.py readings_in_range: the
+    # readings have no ts index), each cluster of spans sorted on its own (a batch or
+    # a few); rollups by the rollup table's (win, bucket) key. `+device_id` keeps a
+    # pattern from choosing a device index instead.
     READINGS_WHERE = {
         None: " WHERE ts >= ? AND ts < ?",
         "id": " WHERE device_id = ? AND ts >= ? AND ts < ?",
         "glob": " WHERE ts >= ? AND ts < ? AND +device_id GLOB ?",
     }
+    READINGS_SPAN = " AND rowid BETWEEN ? AND ? AND ts >= ? AND ts <= ?"
     READINGS_ORDER = " ORDER BY ts, device_id, worker, lsn"
     ROLLUPS_WHERE = {
         None: " WHERE win = ? AND bucket >= ? AND bucket < ?",
@@ -255,6 +258,9 @@ class SqliteSource(ReadingSource):
             self.conn.close()
             raise ExportError(f"the store {self.path} has no {' or '.join(sorted(missing))} table "
                               f"(not a gw store, or gw serve has not initialised it yet)")
+        # A store of the layout before reading_spans (not yet opened by this gw's
+        # serve) still has its readings' ts index: one query over the range.
+        self.spans = "reading_spans" in tables
 
     @staticmethod
     def _device_kind(sel: Selection) -> str | None:
@@ -281,10 +287,25 @@ class SqliteSource(ReadingSource):
             except sqlite3.Error:
                 pass
 
-    def count(self, sel: Selection) -> int:
+    def _raw_parts(self, sel: Selection) -> list[tuple[str, tuple]]:
+        """A raw range's WHERE clauses and parameters, one per cluster of spans, in time order."""
         where, params = self._where(sel)
-        sql = (self.READINGS_COUNT if sel.window == "raw" else self.ROLLUPS_COUNT) + where
-        return self._run(sql, params).fetchone()[0]
+        if not self.spans:
+            return [(where, params)]
+        from gw.pipeline.store import readings_in_range
+
+        try:
+            clusters = readings_in_range(self.conn, sel.start, sel.end)
+        except sqlite3.Error as exc:
+            raise ExportError(f"cannot read the store {self.path}: {exc}") from None
+        return [(where + self.READINGS_SPAN, params + c) for c in clusters]
+
+    def count(self, sel: Selection) -> int:
+        if sel.window == "raw":
+            return sum(self._run(self.READINGS_COUNT + where, params).fetchone()[0]
+                       for where, params in self._raw_parts(sel))
+        where, params = self._where(sel)
+        return self._run(self.ROLLUPS_COUNT + where, params).fetchone()[0]
 
     def metric_names(self, sel: Selection) -> list[str]:
         kind = self._device_kind(sel)
@@ -292,11 +313,14 @@ class SqliteSource(ReadingSource):
         return [r[0] for r in self._run(sql, {"device": sel.device, "start": sel.start, "end": sel.end})]
 
     def batches(self, sel: Selection, rows: int = CHUNK_ROWS) -> Iterator[ReadingBatch | RollupBatch]:
-        where, params = self._where(sel)
         if sel.window == "raw":
-            sql, kind = self.READINGS + where + self.READINGS_ORDER, ReadingBatch
+            for where, params in self._raw_parts(sel):
+                yield from self._fetch(self.READINGS + where + self.READINGS_ORDER, params, rows, ReadingBatch)
         else:
-            sql, kind = self.ROLLUPS + where + self.ROLLUPS_ORDER, RollupBatch
+            where, params = self._where(sel)
+            yield from self._fetch(self.ROLLUPS + where + self.ROLLUPS_ORDER, params, rows, RollupBatch)
+
+    def _fetch(self, sql: str, params: tuple, rows: int, kind) -> Iterator[ReadingBatch | RollupBatch]:
         cur = self._run(sql, params)
         while True:
             try:

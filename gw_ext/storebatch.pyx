@@ -618,3 +618,198 @@ def observe_run(st, list values, Py_ssize_t minn, double thr):
             run.clear()
     st.s, st.q, st.shift, st.since = s, q, k, since
     return out
+
+
+# --- a batch's per-series rows (gw/pipeline/store.py's sample chunks and rollup upserts)
+
+from libc.math cimport floor, nearbyint, signbit
+from libc.stdlib cimport malloc, realloc, free
+from libc.string cimport strlen
+from cpython.mem cimport PyMem_Free
+from cpython.unicode cimport PyUnicode_FromStringAndSize
+
+cdef extern from "Python.h":
+    char *PyOS_double_to_string(double val, char format_code, int precision, int flags, int *ptype) except NULL
+    int Py_DTSF_ADD_DOT_0
+
+cdef double POW10[10]
+POW10[:] = [1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9]
+
+cdef enum:
+    NUMBER_MAX = 32          # one number's JSON text, at most ("-1.2345678901234567e-308" and Python's repr)
+
+
+cdef Py_ssize_t put_double(char *out, double v) except -1:
+    """v's JSON text at out (at most NUMBER_MAX bytes): the decimal with the fewest
+    fraction digits (up to 9) that reads back as v exactly, else Python's repr;
+    null when not finite (as msgspec writes it). Either reads back as v."""
+    cdef int d, k
+    cdef double x, p
+    cdef int64_t i, q
+    cdef char digits[24]
+    cdef Py_ssize_t n = 0, len_
+    cdef char *s
+    if not isfinite(v):
+        memcpy(out, b"null", 4)
+        return 4
+    if v == 0.0:
+        if signbit(v):
+            memcpy(out, b"-0.0", 4)
+            return 4
+        memcpy(out, b"0.0", 3)
+        return 3
+    for d in range(10):
+        p = POW10[d]
+        x = v * p
+        if not (-9007199254740992.0 < x < 9007199254740992.0):
+            break
+        x = nearbyint(x)
+        if x / p != v:
+            continue
+        # v is the double nearest to i / 10^d, and so is that decimal's text.
+        i = <int64_t>x
+        if i < 0:
+            out[n] = 45          # '-'
+            n += 1
+            i = -i
+        k = 0                    # the text backwards: d fraction digits, '.', the integer part
+        while k < d:
+            digits[k] = 48 + <char>(i % 10)
+            i //= 10
+            k += 1
+        if d:
+            digits[k] = 46       # '.'
+            k += 1
+        while True:
+            digits[k] = 48 + <char>(i % 10)
+            i //= 10
+            k += 1
+            if i == 0:
+                break
+        while k > 0:
+            k -= 1
+            out[n] = digits[k]
+            n += 1
+        if d == 0:
+            out[n] = 46
+            out[n + 1] = 48      # ".0"
+            n += 2
+        return n
+    s = PyOS_double_to_string(v, 114, 0, Py_DTSF_ADD_DOT_0, NULL)     # 'r': repr
+    try:
+        len_ = <Py_ssize_t>strlen(s)
+        if n + len_ > NUMBER_MAX:
+            raise OverflowError("number text too long")
+        memcpy(out, s, len_)
+        return len_
+    finally:
+        PyMem_Free(s)
+
+
+def number_text(double v) -> str:
+    """put_double's text for v (tests)."""
+    cdef char buf[NUMBER_MAX]
+    cdef Py_ssize_t n = put_double(buf, v)
+    return PyUnicode_FromStringAndSize(buf, n)
+
+
+cdef object json_array(char **buf, Py_ssize_t *cap, const double *x, Py_ssize_t count):
+    cdef Py_ssize_t need = count * (NUMBER_MAX + 1) + 2, n = 1, j
+    cdef char *nb
+    if need > cap[0]:
+        nb = <char *>realloc(buf[0], need)
+        if nb == NULL:
+            raise MemoryError()
+        buf[0] = nb
+        cap[0] = need
+    nb = buf[0]
+    nb[0] = 91               # '['
+    for j in range(count):
+        if j:
+            nb[n] = 44       # ','
+            n += 1
+        n += put_double(nb + n, x[j])
+    nb[n] = 93               # ']'
+    return PyUnicode_FromStringAndSize(nb, n + 1)
+
+
+def series_rows(int64_t[::1] sid_of, int64_t[::1] key, double[::1] ts, double[::1] val,
+                double chunk_seconds, tuple windows):
+    """The batch's samples, sorted by (series index `key`, time) as batch.BySeries
+    sorts them, as (chunks, rollups): gw/pipeline/store.py's rows.
+
+    chunks: per run of one series within one interval of `chunk_seconds`, in that
+    order: (series id, first ts, last ts, samples, ts JSON array, value JSON array).
+    rollups: per window (name, seconds) of `windows` in turn, per (series, bucket):
+    (name, bucket, series id, count, min, max, sum, sumsq), ordered by (bucket,
+    series id) (the rollup table's key order). `sid_of`: per series index its id."""
+    cdef Py_ssize_t n = key.shape[0], i, s, m, w
+    cdef double b, prev_b = 0.0, width, v
+    cdef int64_t k, prev_k = -1, nsid = sid_of.shape[0]
+    cdef char *buf = NULL
+    cdef Py_ssize_t cap = 0
+    if ts.shape[0] != n or val.shape[0] != n:
+        raise ValueError("key, ts and val differ in length")
+    for i in range(n):
+        if not 0 <= key[i] < nsid:
+            raise ValueError("a sample's series index is out of range")
+    chunks = []
+    rollups = []
+    if n == 0:
+        return chunks, rollups
+    try:
+        s = 0
+        for i in range(n + 1):
+            if i < n:
+                k = key[i]
+                b = floor(ts[i] / chunk_seconds) * chunk_seconds
+                if i == 0 or (k == prev_k and b == prev_b):
+                    prev_k, prev_b = k, b
+                    continue
+            chunks.append((sid_of[key[s]], ts[s], ts[i - 1], i - s,
+                           json_array(&buf, &cap, &ts[s], i - s), json_array(&buf, &cap, &val[s], i - s)))
+            s = i
+            if i < n:
+                prev_k, prev_b = k, b
+    finally:
+        free(buf)
+    bucket = np.empty(n, dtype=np.float64)
+    sid = np.empty(n, dtype=np.int64)
+    counts = np.empty(n, dtype=np.int64)
+    aggs = np.empty((4, n), dtype=np.float64)
+    cdef double[::1] bv = bucket
+    cdef int64_t[::1] sv = sid, cv = counts
+    cdef double[:, ::1] av = aggs
+    cdef Py_ssize_t[::1] ov
+    for name, seconds in windows:
+        width = seconds
+        m = -1
+        for i in range(n):
+            k = key[i]
+            v = val[i]
+            b = floor(ts[i] / width) * width
+            if m < 0 or k != prev_k or b != prev_b:
+                m += 1
+                bv[m] = b
+                sv[m] = sid_of[k]
+                cv[m] = 1
+                av[0, m] = v
+                av[1, m] = v
+                av[2, m] = v
+                av[3, m] = v * v
+                prev_k, prev_b = k, b
+            else:
+                cv[m] += 1
+                if v < av[0, m]:
+                    av[0, m] = v
+                if v > av[1, m]:
+                    av[1, m] = v
+                av[2, m] += v
+                av[3, m] += v * v
+        m += 1
+        order = np.asarray(np.lexsort((sid[:m], bucket[:m])), dtype=np.intp)
+        ov = order
+        for w in range(m):
+            i = ov[w]
+            rollups.append((name, bv[i], sv[i], cv[i], av[0, i], av[1, i], av[2, i], av[3, i]))
+    return chunks, rollups

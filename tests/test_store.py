@@ -60,7 +60,7 @@ def test_schema_is_the_contract(tmp_path):
         assert got == cols, table
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1          # NORMAL
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
     # the layout: appended in arrival order (rowid tables), rollups ordered by time first
     kinds = dict(conn.execute("SELECT name, type FROM sqlite_master WHERE name IN "
                               "('readings', 'sample_chunks', 'rollup', 'samples', 'rollups')"))
@@ -577,7 +577,7 @@ def test_a_version_1_store_is_migrated_and_answers_the_same(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="gw.pipeline.store"):
         conn = open_store(path)
     assert "migrating" in caplog.text and "schema version 1" in caplog.text
-    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
     assert [conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
             for t in ("readings", "samples", "rollups")] == counts
     assert not conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'v1_%'").fetchall()
@@ -649,3 +649,124 @@ def test_raw_ranges_over_chunks_of_late_and_early_batches(tmp_path):
     api.close()
     from gw.pipeline.store import CHUNK_SECONDS
     assert q.CHUNK_SECONDS == CHUNK_SECONDS          # the reader's notion of a chunk's span is the writer's
+
+
+# --- schema version 3: readings without a ts index, found by their spans
+
+def _export_rows(path, start, end, device=None):
+    from gw.export import Selection, SqliteSource
+    src = SqliteSource(path)
+    try:
+        sel = Selection(start=start, end=end, device=device, window="raw")
+        with src.snapshot():
+            n = src.count(sel)
+            rows = [r for b in src.batches(sel, rows=7) for r in zip(b.device_id, b.ts, b.seq)]
+    finally:
+        src.close()
+    return n, rows
+
+
+def _brute(conn, start, end, device=None):
+    sql = "SELECT device_id, ts, seq FROM readings WHERE ts >= ? AND ts < ?" + (" AND device_id = ?" if device else "")
+    rows = conn.execute(sql + " ORDER BY ts, device_id, worker, lsn",
+                        (start, end) + ((device,) if device else ())).fetchall()
+    return rows
+
+
+def _mixed_store(tmp_path):
+    """Batches whose times overlap (late readings), from two logs, and rows written by another writer."""
+    sink = new_sink(tmp_path, nworkers=2)
+    for b in range(12):
+        base = T0 + b * 10
+        late = [reading(f"d{k % 5}", base - 25 + k, 1000 * b + k, {"v": float(k)}) for k in range(3)]
+        now = [reading(f"d{k % 5}", base + k * 0.5, 1000 * b + 100 + k, {"v": float(k)}) for k in range(20)]
+        feed(sink, now[:10] + late, slot=b % 2)
+        feed(sink, now[10:], slot=(b + 1) % 2)
+    sink.conn.execute("INSERT INTO readings VALUES (7, 1, 'other', ?, 5, '{}', '{}', NULL)", (T0 + 33.25,))
+    return sink
+
+
+def test_readings_have_no_ts_index_and_each_batch_a_span(tmp_path):
+    sink = _mixed_store(tmp_path)
+    c = sink.conn
+    assert "readings_ts" not in {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    spans = c.execute("SELECT first, last, t0, t1 FROM reading_spans ORDER BY first").fetchall()
+    assert len(spans) == 24
+    for f, l, t0, t1 in spans:
+        lo, hi, n = c.execute("SELECT min(ts), max(ts), count(*) FROM readings WHERE rowid BETWEEN ? AND ?",
+                              (f, l)).fetchone()
+        assert (lo, hi, n) == (t0, t1, l - f + 1)
+    assert sum(l - f + 1 for f, l, _a, _b in spans) == c.execute("SELECT count(*) FROM readings").fetchone()[0] - 1
+    sink.close()
+
+
+@pytest.mark.parametrize("device", [None, "d3"])
+def test_export_finds_a_time_range_by_spans_in_time_order(tmp_path, device):
+    sink = _mixed_store(tmp_path)
+    path = tmp_path / STORE_FILE
+    for start, end in [(T0 - 100, T0 + 1000), (T0 + 12, T0 + 47.5), (T0 + 33.25, T0 + 33.26), (T0 + 500, T0 + 600),
+                       (T0 - 25, T0 - 24)]:
+        want = _brute(sink.conn, start, end, device)
+        n, got = _export_rows(path, start, end, device)
+        assert got == want and n == len(want), (start, end)
+    assert len(_brute(sink.conn, T0 - 100, T0 + 1000)) == 12 * 23 + 1
+    sink.close()
+
+
+def test_retention_drops_the_spans_of_deleted_readings(tmp_path):
+    now = T0 + 10 * 86400
+    sink = new_sink(tmp_path, raw_retention=86400.0, clock=lambda: now)
+    feed(sink, [reading("d", T0 + i, i, {"v": 1.0}) for i in range(100)], batch=10)
+    feed(sink, [reading("d", now - 5 + i * 0.01, 100 + i, {"v": 1.0}) for i in range(50)], batch=10)
+    sink.retention_pass()
+    assert sink.conn.execute("SELECT count(*) FROM readings").fetchone()[0] == 50
+    assert sink.conn.execute("SELECT count(*) FROM reading_spans").fetchone()[0] == 5
+    n, got = _export_rows(tmp_path / STORE_FILE, 0.0, now + 10)
+    assert n == 50 and [s for _d, _t, s in got] == list(range(100, 150))
+    sink.close()
+
+
+def _as_version_2(path):
+    """The store at `path` (this version's, closed) as schema version 2 wrote it:
+    the same tables with the readings' ts index, no reading_spans."""
+    c = sqlite3.connect(path, isolation_level=None)
+    c.execute("BEGIN")
+    c.execute("DROP TABLE reading_spans")
+    c.execute("CREATE INDEX readings_ts ON readings (ts)")
+    c.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    c.execute("COMMIT")
+    c.close()
+
+
+def test_a_version_2_store_is_migrated_and_exports_the_same(tmp_path, caplog, monkeypatch):
+    from gw.pipeline import store as store_mod
+
+    monkeypatch.setattr(store_mod, "SPAN_ROWS", 16)
+    sink = _mixed_store(tmp_path)
+    path = tmp_path / STORE_FILE
+    tables = ("readings", "sample_chunks", "rollup", "series", "devices", "alerts", "checkpoints")
+    before = {t: sink.conn.execute(f"SELECT * FROM {t} ORDER BY rowid" if t not in ("rollup", "checkpoints")
+                                   else f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() for t in tables}
+    sink.close()
+    _as_version_2(path)
+    # export reads a version 2 store (not yet migrated) by its ts index
+    n2, got2 = _export_rows(path, T0 - 100, T0 + 1000)
+    with caplog.at_level("WARNING", logger="gw.pipeline.store"):
+        conn = open_store(path)
+    assert "schema version 3" in caplog.text
+    assert conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "3"
+    assert "readings_ts" not in {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    after = {t: conn.execute(f"SELECT * FROM {t} ORDER BY rowid" if t not in ("rollup", "checkpoints")
+                             else f"SELECT * FROM {t} ORDER BY 1, 2, 3").fetchall() for t in tables}
+    assert after == before
+    nspans = conn.execute("SELECT count(*) FROM reading_spans").fetchone()[0]
+    assert nspans == math.ceil((len(before["readings"]) + 1) / 16)
+    want = _brute(conn, T0 - 100, T0 + 1000)
+    conn.close()
+    n3, got3 = _export_rows(path, T0 - 100, T0 + 1000)
+    assert got2 == got3 == want and n2 == n3 == len(want) == 12 * 23 + 1
+    # the sink goes on from the migrated store
+    sink = new_sink(tmp_path, nworkers=2)
+    feed(sink, [reading("d1", T0 + 900, 99999, {"v": 1.0})], slot=0)
+    assert _export_rows(path, T0 + 899, T0 + 901)[0] == 1
+    sink.close()

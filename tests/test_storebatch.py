@@ -126,3 +126,61 @@ def test_damaged_records_decode_as_the_reference(seed):
             # the compiled decoder must raise the same for that chunk
             with pytest.raises(UnicodeDecodeError):
                 batch.decode([(0, list(enumerate(chunk)), 0)], DECODE, ENCODE, lambda *a: None)
+
+
+# --- the store's per-series rows built in C (storebatch.series_rows) against numpy and msgspec
+
+def test_number_text_reads_back_as_the_same_double():
+    rng = np.random.default_rng(3)
+    values = [0.0, -0.0, 1.0, -1.0, 20.0, 20.53, -273.15, 0.1 + 0.2, 1e16, 2.0 ** 53, 2.0 ** 53 + 2, 1.5e-7,
+              5e-324, 1.7976931348623157e308, -1e-300, 0.05, 123456789.123456789, 1764900000.123456,
+              1764900000.1, 1764900000.0, 9007199254.740993]
+    values += rng.standard_normal(2000).tolist()
+    values += np.round(rng.standard_normal(2000) * 100, 2).tolist()
+    values += (1.7e9 + rng.integers(0, 10 ** 12, 2000) / 1e6).tolist()
+    values += (rng.standard_normal(500) * 10.0 ** rng.integers(-30, 30, 500)).tolist()
+    for v in values:
+        text = storebatch.number_text(v)
+        back = json.loads(text)
+        assert back == v and np.signbit(back) == np.signbit(v), (v, text)
+        assert msgspec.json.decode(text.encode()) == v
+    assert storebatch.number_text(20.53) == "20.53" and storebatch.number_text(20.0) == "20.0"
+    assert storebatch.number_text(0.05) == "0.05" and storebatch.number_text(-0.0) == "-0.0"
+    assert storebatch.number_text(1764900000.123456) == "1764900000.123456"
+    for v in (float("inf"), float("-inf"), float("nan")):
+        assert storebatch.number_text(v) == "null"
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_series_rows_are_the_python_rows(tmp_path, seed):
+    from gw.pipeline.store import CHUNK_SECONDS, StoreSink, open_store
+    from gw.pipeline.rollup import WINDOWS
+    rng = np.random.default_rng(seed)
+    n = 5000
+    names = [(f"dev-{i % 37}", m) for i in range(37) for m in ("a", "b", "c")][:80]
+    key = rng.integers(0, len(names), n).astype(np.int64)
+    # times around minute, hour and day boundaries, some equal, out of order
+    ts = 1_764_892_800.0 - 90.0 + rng.integers(0, 4 * 3600 * 1000, n) / 1000.0
+    ts[::50] = 1_764_892_800.0
+    val = np.round(rng.standard_normal(n) * 50, int(seed) + 1)
+    val[::97] = 0.1 + 0.2
+    cols = batch.Columns([], names, key, ts, val, np.arange(n, dtype=np.int64), {})
+    sids = rng.permutation(np.arange(1, len(names) + 1)).tolist()
+    sink = StoreSink(open_store(tmp_path / "s.sqlite"), 1)
+    try:
+        got_chunks, got_rollups = sink._samples(cols, sids)
+        want_chunks, want_rollups = sink._samples_python(cols, sids)
+    finally:
+        sink.close()
+    assert [c[:4] for c in got_chunks] == [c[:4] for c in want_chunks]
+    for g, w in zip(got_chunks, want_chunks):
+        assert json.loads(g[4]) == json.loads(w[4]) and json.loads(g[5]) == json.loads(w[5])
+    assert [r[:6] for r in got_rollups] == [r[:6] for r in want_rollups]
+    for g, w in zip(got_rollups, want_rollups):
+        assert g[6] == pytest.approx(w[6], rel=1e-12, abs=1e-9)
+        assert g[7] == pytest.approx(w[7], rel=1e-12, abs=1e-9)
+    assert sum(r[3] for r in got_rollups) == len(WINDOWS) * n
+    assert sum(c[3] for c in got_chunks) == n and CHUNK_SECONDS == 3600.0
+    with pytest.raises(ValueError):
+        storebatch.series_rows(np.asarray(sids[:3], dtype=np.int64), np.sort(key), np.sort(ts), val,
+                               CHUNK_SECONDS, WINDOWS)

@@ -82,6 +82,19 @@ def _compiled():
 
 _UNRESOLVED = object()
 _decode_columns = _UNRESOLVED
+_series_rows = _UNRESOLVED
+
+
+def compiled_series_rows():
+    """gw_ext.storebatch's `series_rows` (the embedded store's chunk and rollup rows
+    built in C), or None when the extensions are not built."""
+    global _series_rows
+    if _series_rows is _UNRESOLVED:
+        try:
+            from gw_ext.storebatch import series_rows as _series_rows
+        except ImportError:
+            _series_rows = None
+    return _series_rows
 
 _ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 

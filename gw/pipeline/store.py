@@ -36,6 +36,7 @@ from gw.lazy import LazyModule
 
 from . import batch
 from .errors import PipelineError
+from .rollup import WINDOWS
 
 try:
     from gw_ext import sqlitebulk
@@ -48,16 +49,21 @@ np = LazyModule("numpy", globals(), "np")     # imported with the first batch (g
 
 log = logging.getLogger("gw.pipeline.store")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 STORE_FILE = "store.sqlite"
 
-# Physical layout (schema version 2). Every table the pipeline writes under load
+# Physical layout (schema version 3). Every table the pipeline writes under load
 # is appended to in arrival order, so a commit writes few pages whatever the
 # number of devices (a B-tree keyed by device took one page write per device
 # and metric per commit):
 #
 # - readings: rowid = arrival order; a unique index on (worker, lsn) (appended
-#   at two or a few points, one per worker log) guards exactly-once.
+#   at two or a few points, one per worker log) guards exactly-once. No index
+#   on ts (a third of the cost of a reading row): reading_spans says where a
+#   time range's rows are.
+# - reading_spans: per batch, its readings' rowid range [first, last] and the
+#   least and greatest ts among them (t0, t1). `gw export` reads a time range
+#   by rowid ranges, the spans that overlap in time together (readings_in_range).
 # - series: one id per (device_id, metric).
 # - sample_chunks: one row per (series, hour, batch): its samples sorted by
 #   time as JSON arrays `ts` and `value` (t0, t1 the first and last time, n
@@ -74,7 +80,7 @@ STORE_FILE = "store.sqlite"
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS readings (worker INTEGER NOT NULL, lsn INTEGER NOT NULL, device_id TEXT NOT NULL, ts REAL NOT NULL, seq INTEGER, metrics TEXT NOT NULL, tags TEXT NOT NULL, payload TEXT);
 CREATE UNIQUE INDEX IF NOT EXISTS readings_log ON readings (worker, lsn);
-CREATE INDEX IF NOT EXISTS readings_ts ON readings (ts);
+CREATE TABLE IF NOT EXISTS reading_spans (first INTEGER PRIMARY KEY, last INTEGER NOT NULL, t0 REAL NOT NULL, t1 REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS series (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, metric TEXT NOT NULL, UNIQUE (device_id, metric));
 CREATE TABLE IF NOT EXISTS sample_chunks (series INTEGER NOT NULL, t0 REAL NOT NULL, t1 REAL NOT NULL, n INTEGER NOT NULL, ts TEXT NOT NULL, value TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS sample_chunks_series ON sample_chunks (series, t0);
@@ -93,20 +99,21 @@ CREATE TRIGGER IF NOT EXISTS rollups_insert INSTEAD OF INSERT ON rollups BEGIN I
 """
 # Indexes beyond the primary keys: sample_chunks_series serves a series over
 # time (the query API, the detector's warm-up); readings_log the exactly-once
-# guard; readings_ts a time range of readings (`gw export`: readings arrive
-# nearly in time order, so its inserts land in its last pages); alerts by key, by state and by device. Retention needs none: it
+# guard; alerts by key, by state and by device (a time range of readings:
+# reading_spans). Retention needs none: it
 # deletes from the start of the tables in arrival order (readings,
 # sample_chunks) or of a window's buckets (rollup).
 # The views' INSTEAD OF triggers make `INSERT INTO samples` / `INSERT INTO
 # rollups` (an upsert that adds to the bucket) work for tools and tests; the
 # sink writes the tables directly.
-TABLES = ("readings", "series", "sample_chunks", "rollup", "devices", "alerts", "checkpoints", "meta")
+TABLES = ("readings", "reading_spans", "series", "sample_chunks", "rollup", "devices", "alerts", "checkpoints", "meta")
 
 CHUNK_SECONDS = 3600.0      # a chunk of samples never spans a boundary of these
 
 INSERT_READING = "INSERT INTO readings VALUES (?,?,?,?,?,?,?,?)"
 INSERT_SERIES = "INSERT INTO series (device_id, metric) VALUES (?, ?) RETURNING id"
 INSERT_CHUNK = "INSERT INTO sample_chunks VALUES (?,?,?,?,?,?)"
+INSERT_SPAN = "INSERT OR REPLACE INTO reading_spans VALUES (?,?,?,?)"
 UPSERT_ROLLUP = (
     "INSERT INTO rollup VALUES (?,?,?,?,?,?,?,?) ON CONFLICT (win, bucket, series) "
     "DO UPDATE SET count = rollup.count + excluded.count, min = min(rollup.min, excluded.min), "
@@ -242,6 +249,8 @@ def _ensure_schema(conn: sqlite3.Connection, path: Path) -> None:
         for stmt in SCHEMA.split(";\n"):
             if stmt.strip():
                 conn.execute(stmt)
+        if version < 3:
+            _migrate_v2(conn, path)
         conn.execute("INSERT INTO meta VALUES ('schema_version', ?) ON CONFLICT (key) DO UPDATE "
                      "SET value = excluded.value", (str(SCHEMA_VERSION),))
         conn.execute("COMMIT")
@@ -311,6 +320,59 @@ def _migrate_v1(conn: sqlite3.Connection, path: Path) -> None:
         conn.execute(f"DROP TABLE v1_{table}")
     log.warning("store %s: migrated to schema version %d in %.1f s", path, SCHEMA_VERSION,
                 time.monotonic() - t0)
+
+
+SPAN_ROWS = 65536      # readings per span of a migrated store's rows
+
+
+def _migrate_v2(conn: sqlite3.Connection, path: Path) -> None:
+    """Schema version 2 (or 1, just migrated to 2's tables) into 3, in the caller's
+    transaction: the readings' ts index dropped, and their spans (reading_spans)
+    made from the rows there, SPAN_ROWS rowids to a span (one pass over readings)."""
+    t0 = time.monotonic()
+    conn.execute("DROP INDEX IF EXISTS readings_ts")
+    conn.execute("DELETE FROM reading_spans")
+    conn.execute(f"INSERT INTO reading_spans SELECT min(rowid), max(rowid), min(ts), max(ts) FROM readings "
+                 f"GROUP BY rowid / {SPAN_ROWS}")
+    log.warning("store %s: migrated to schema version %d in %.1f s", path, SCHEMA_VERSION, time.monotonic() - t0)
+
+
+def span_clusters(spans: list) -> list:
+    """Spans [(first rowid, last rowid, t0, t1)] merged where they overlap (or touch)
+    in time: [(least first, greatest last, t0, t1)] in time order, disjoint in
+    time. A reading in a span is then in exactly one cluster with t0 <= ts <= t1
+    and first <= rowid <= last."""
+    out: list = []
+    for f, l, t0, t1 in sorted(spans, key=lambda s: (s[2], s[0])):
+        if out and t0 <= out[-1][3]:
+            c = out[-1]
+            c[0] = min(c[0], f)
+            c[1] = max(c[1], l)
+            c[3] = max(c[3], t1)
+        else:
+            out.append([f, l, t0, t1])
+    return [tuple(c) for c in out]
+
+
+def readings_in_range(conn: sqlite3.Connection, start: float, end: float) -> list:
+    """The rowid ranges and times to read the readings with start <= ts < end by
+    (span_clusters): [(first, last, t0, t1)] in time order; a reading of the range
+    is in exactly one with t0 <= ts <= t1 and first <= rowid <= last."""
+    spans = conn.execute("SELECT first, last, t0, t1 FROM reading_spans ORDER BY first").fetchall()
+    lo, hi = conn.execute("SELECT min(rowid), max(rowid) FROM readings").fetchone()
+    if lo is None:
+        return []
+    # Rowids no span covers (rows written by a tool or a test, not the sink): a span of any time.
+    wide = []
+    nxt = lo
+    for f, l, _a, _b in spans:
+        if f > nxt:
+            wide.append((nxt, f - 1, -math.inf, math.inf))
+        nxt = max(nxt, l + 1)
+    if nxt <= hi:
+        wide.append((nxt, hi, -math.inf, math.inf))
+    hit = [s for s in spans if s[3] >= start and s[2] < end] + wide
+    return span_clusters(hit)
 
 
 def insert_samples(conn: sqlite3.Connection, device_id: str, metric: str, ts: list, values: list,
@@ -480,6 +542,12 @@ class StoreSink(StoreSinkBase):
             conn.execute("BEGIN IMMEDIATE")
             if new_series:
                 conn.executemany("INSERT INTO series VALUES (?,?,?)", new_series)
+            if readings:
+                # The batch's rowids follow the table's greatest (nothing else writes in
+                # this transaction); its times bound by its devices' first and last.
+                first = (conn.execute("SELECT max(rowid) FROM readings").fetchone()[0] or 0) + 1
+                conn.execute(INSERT_SPAN, (first, first + len(readings) - 1,
+                                           min(d[0] for d in devs.values()), max(d[1] for d in devs.values())))
             many = self._executemany
             # A large batch's readings rows go in on a thread of their own while this
             # one builds the other rows (SQLite steps them without the GIL): nothing
@@ -526,7 +594,22 @@ class StoreSink(StoreSinkBase):
         self._committed(parts, len(readings), published)
 
     def _samples(self, cols: batch.Columns, sids: list):
-        """The batch's samples as sample chunk rows and rollup upserts."""
+        """The batch's samples as sample chunk rows and rollup upserts: built in C
+        (gw_ext/storebatch.pyx `series_rows`) when built, else `_samples_python`."""
+        if not len(cols):
+            return [], []
+        series_rows = batch.compiled_series_rows()
+        if series_rows is None:
+            return self._samples_python(cols, sids)
+        by = batch.BySeries(cols)
+        chunks, rollups = series_rows(np.asarray(sids, dtype=np.int64), by.key, by.ts, by.val,
+                                      CHUNK_SECONDS, WINDOWS)
+        chunks.sort(key=_T1)            # rowid order follows time: retention deletes from the start
+        return chunks, rollups
+
+    def _samples_python(self, cols: batch.Columns, sids: list):
+        """`_samples` with numpy and msgspec: the reference (the same rows; a rollup's
+        sums may differ in their last bits, numpy adding in another order)."""
         if not len(cols):
             return [], []
         by = batch.BySeries(cols)
@@ -588,6 +671,9 @@ class StoreSink(StoreSinkBase):
         conn.execute("BEGIN IMMEDIATE")
         try:
             gone = self._delete_head("readings", "ts", cutoff, chunk)
+            if gone:
+                conn.execute("DELETE FROM reading_spans WHERE last < (SELECT coalesce(min(rowid), 1 << 62) "
+                             "FROM readings)")
             rows = conn.execute("SELECT rowid, t1, n FROM sample_chunks ORDER BY rowid LIMIT ?",
                                 (chunk,)).fetchall()
             last = None
