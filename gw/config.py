@@ -234,6 +234,10 @@ class Config:
                                      "is answered in its own loop turn, its claim sent to the home after it "
                                      "(not with authentication on); false: it waits for the home's answer",
                                      )
+    defer_accept: bool = _setting(False, "listeners hand a new connection to a worker only once its first "
+                                  "bytes are there (TCP_DEFER_ACCEPT): one wake-up of the worker for the "
+                                  "accept and the CONNECT instead of two; a client that sends nothing is "
+                                  "accepted about 1 s after its handshake (at start only)")
     json_timeout: float = _setting(30.0, "seconds of silence after which a JSON-lines client is closed",
                                    minimum=1, maximum=86400)
     drain_timeout: float = _setting(10.0, "seconds a graceful stop (SIGTERM/SIGINT) may take",
@@ -345,7 +349,7 @@ class Config:
 
 SETTINGS = {f.name: f for f in fields(Config)}
 # Changing these needs a restart: SIGHUP reloads the rest.
-RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "store", "store_pg_partitions_ahead",
+RESTART_ONLY = LISTENER_KEYS + ("workers", "data_dir", "defer_accept", "store", "store_pg_partitions_ahead",
                                 "store_pg_connect_timeout", "idempotency_capacity", "idempotency_window",
                                 "fsync", "wal_segment_bytes", "file_sink", "bridge", "channel_buffer",
                                 "query_threads", "auth_threads", "tls_ticket_lifetime")

@@ -40,6 +40,13 @@ LISTENERS = (("mqtt", "mqtt", False), ("mqtts", "mqtt", True), ("json", "json", 
              ("jsons", "json", True), ("http", "http", False), ("https", "http", True),
              ("ws", "ws", False), ("wss", "ws", True))
 BACKLOG = 4096
+# defer_accept (TCP_DEFER_ACCEPT, seconds): a worker is woken for a new
+# connection only once its first bytes (CONNECT, ClientHello, an HTTP request:
+# every protocol here has the client speak first) are there, so one wake-up
+# accepts and reads it instead of one for the accept and another for the
+# CONNECT. A client that sends nothing is handed over after the kernel's first
+# SYN-ACK retransmission (about 1 s), its connect_timeout starting then.
+DEFER_ACCEPT_S = 1
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
 RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
@@ -127,12 +134,14 @@ class Slot:
         return delay
 
 
-def open_listener(addr, port: int) -> socket.socket:
+def open_listener(addr, port: int, defer_accept: bool = False) -> socket.socket:
     sock = socket.socket(addr.family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     if addr.family == socket.AF_INET6:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    if defer_accept:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
     sock.bind((addr.host, port))
     sock.listen(BACKLOG)
     sock.setblocking(False)
@@ -255,7 +264,7 @@ class Master:
                     raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}{why}") from None
             for slot in self.slots:
                 try:
-                    sock = open_listener(addr, port)
+                    sock = open_listener(addr, port, cfg.defer_accept)
                 except OSError as exc:
                     raise StartupError(f"cannot listen on {addr} ({name}): {exc.strerror}") from None
                 port = sock.getsockname()[1]      # port 0: all slots share the one picked

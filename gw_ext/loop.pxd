@@ -455,6 +455,9 @@ cdef class Worker:
     cdef int* resume_fds             # connections settled this turn with input waiting (resume_settled)
     cdef uint32_t* resume_gens
     cdef int nresume
+    cdef int fresh_fds[256]          # connections accepted this turn, read after the events (read_fresh)
+    cdef uint32_t fresh_gens[256]
+    cdef int nfresh
     cdef int current_fd              # the connection being handled (-1: none), for containment
     cdef uint64_t now_ms
     cdef uint64_t now_ns             # when this loop turn began (publish-to-deliver latency)
@@ -490,6 +493,7 @@ cdef class Worker:
     cdef void flush_all(self)
     cdef void resume_settled(self)
     cdef void resume_later(self, Conn* c)
+    cdef void read_fresh(self)
     cdef void call_python(self, object fn)
     cdef void start_drain(self)
     cdef void close_all(self, int reason)

@@ -83,6 +83,7 @@ cdef enum:
     MAX_EVENTS = 1024
     READ_BUFFER = 256 * 1024     # shared by all connections of the worker
     ACCEPT_BATCH = 128           # accepts per listener event, for fairness
+    FRESH_MAX = 256              # new connections read in their accept's turn (Worker.fresh_fds); more wait for epoll
     TICK_MS = 100                # timing-wheel resolution
     STORE_CHECK_MS = 100         # how often the store's lag on this worker's log is looked at
     WHEEL_SLOTS = 4096           # one revolution = 409.6 s
@@ -563,6 +564,8 @@ cdef class Worker:
             except Exception:
                 self.contained(self.current_fd, "handling a connection's events")
         self.current_fd = -1
+        if self.nfresh:
+            self.read_fresh()
         if (self.accept_paused and self.now_ms >= self.accept_next_ms) or (
                 self.nrate_paused and self.now_ms >= self.rate_next_ms):
             try:
@@ -717,6 +720,28 @@ cdef class Worker:
                 self.contained(fd, "handling a connection's input")
         self.current_fd = -1
 
+    cdef void read_fresh(self):
+        """The connections accepted in this turn's events are read now, as if
+        epoll had reported them: with TCP_DEFER_ACCEPT the CONNECT (or the
+        ClientHello) came with the accept, and its answer goes out in this turn.
+        Nothing there: one recv() that finds nothing; epoll reports them later."""
+        cdef int k = 0, fd
+        cdef Conn* c
+        while k < self.nfresh:
+            try:
+                while k < self.nfresh:
+                    fd = self.fresh_fds[k]
+                    k += 1
+                    c = &self.conns[fd]
+                    if c.gen != self.fresh_gens[k - 1] or not is_client_state(c.state) or c.state == ST_SETTLING:
+                        continue
+                    self.current_fd = fd
+                    self.on_readable(c)
+            except Exception:
+                self.contained(self.current_fd, "handling a new connection's first bytes")
+        self.nfresh = 0
+        self.current_fd = -1
+
     cdef void resume_later(self, Conn* c):
         """Queues c for resume_settled() (once per settle)."""
         if self.nresume < self.nconns:
@@ -860,6 +885,13 @@ cdef class Worker:
             self.counters[CONNS_ACCEPTED] += 1
             self.counters[CONNS_CURRENT] += 1
             schedule_connect_timeout(self, c)   # keepalive.pyx
+            if self.nfresh < FRESH_MAX:
+                # Its first bytes are most likely here already (the listeners'
+                # TCP_DEFER_ACCEPT, gw/master.py): read in this turn (read_fresh),
+                # so the CONNACK leaves with it, not after another epoll_wait.
+                self.fresh_fds[self.nfresh] = fd
+                self.fresh_gens[self.nfresh] = c.gen
+                self.nfresh += 1
 
     # --- reading and framing -------------------------------------------------
 

@@ -159,3 +159,23 @@ def test_pingreq_bytes_alone_do_not_count_before_connect(server):
         sock.sendall(PINGREQ)
         wait_closed(sock, 10)
     assert_counter_deltas(server, before, {"malformed.protocol": 1, "packets_out.pingresp": 0})
+
+
+def test_defer_accept_serves_clients_and_still_times_out_silent_ones(gw_factory):
+    """defer_accept (TCP_DEFER_ACCEPT on every listener): MQTT, TLS and JSON-lines
+    clients, which all speak first, are served as without it; a client that
+    sends nothing is still accepted (after the kernel's first SYN-ACK
+    retransmission) and closed by connect_timeout, counted."""
+    gw = gw_factory(workers=2, args=["--defer-accept", "true", "--connect-timeout", "0.5"])
+    for i in range(4):
+        with mqtt_client(gw.ports["mqtt"], f"deferred-{i}") as sock:
+            ping(sock)
+    with tls_connect(gw.ports["mqtts"], client_tls_context(gw.ca)) as sock:
+        sock.sendall(connect_packet(b"deferred-tls"))
+        assert sock.recv(4) == b"\x20\x02\x00\x00"
+    before = gw.counters()
+    with tcp_connect(gw.ports["mqtt"]) as sock:
+        assert wait_closed(sock, 15) == b""
+    after = gw.counters()
+    assert counter_delta(before, after, "closed_connect_timeout") == 1
+    assert counter_delta(before, after, "mqtt_connected") == 0

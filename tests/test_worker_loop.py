@@ -133,6 +133,55 @@ def test_an_exception_mid_batch_spares_the_rest_of_the_batch():
         h.close()
 
 
+def test_a_connect_is_answered_in_the_turn_that_accepts_it():
+    """With the listener's TCP_DEFER_ACCEPT (as gw/master.py opens them) a new
+    connection is handed over only once its CONNECT is there: the turn that
+    accepts it also reads it and sends the CONNACK (read_fresh), without a
+    second turn. A connection whose first bytes are not there yet is served
+    when they come, as before."""
+    import mqtt_bytes
+    from gw.master import DEFER_ACCEPT_S
+    h = LoopHarness(proto="mqtt")
+    try:
+        h.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, DEFER_ACCEPT_S)
+        early = socket.create_connection(("127.0.0.1", h.port))
+        early.sendall(mqtt_bytes.connect_packet(b"early", clean=True, keepalive=60))
+        turns = h.counter(C.LOOP_TURNS)
+        h.worker.run_once(5000)         # returns once the listener is readable: the CONNECT is in
+        assert h.counter(C.LOOP_TURNS) == turns + 1
+        assert h.counter(C.CONNS_ACCEPTED) == 1
+        early.setblocking(False)
+        assert early.recv(16) == b"\x20\x02\x00\x00"       # CONNACK, sent in that one turn
+        # A client that connects and sends later (here: the listener without the
+        # deferral) is read when its bytes come.
+        h.listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 0)
+        late = socket.create_connection(("127.0.0.1", h.port))
+        late.setblocking(False)
+        for _ in range(20):
+            if h.counter(C.CONNS_ACCEPTED) == 2:
+                break
+            h.worker.run_once(50)
+        assert h.counter(C.CONNS_ACCEPTED) == 2
+        late.sendall(mqtt_bytes.connect_packet(b"late", clean=True, keepalive=60))
+        got = b""
+        for _ in range(50):
+            h.worker.run_once(50)
+            try:
+                got += late.recv(16)
+            except BlockingIOError:
+                continue
+            if len(got) >= 4:
+                break
+        assert got == b"\x20\x02\x00\x00"
+        assert h.counter(C.MQTT_CONNECTED) == 2
+        early.close()
+        late.close()
+        h.turns(3)
+        assert h.counter(C.CONNS_CURRENT) == 0
+    finally:
+        h.close()
+
+
 @pytest.mark.parametrize("depth", [5000, 100000])
 def test_json_nested_deep_is_an_error_answer(depth):
     h = LoopHarness()
