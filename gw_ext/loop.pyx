@@ -722,9 +722,11 @@ cdef class Worker:
 
     cdef void read_fresh(self):
         """The connections accepted in this turn's events are read now, as if
-        epoll had reported them: with TCP_DEFER_ACCEPT the CONNECT (or the
-        ClientHello) came with the accept, and its answer goes out in this turn.
-        Nothing there: one recv() that finds nothing; epoll reports them later."""
+        epoll had reported them: a client sends its CONNECT (or ClientHello) as
+        soon as its connect() returns, so by the accept it has mostly arrived
+        (always, with the defer_accept setting), and its answer goes out in
+        this turn. Nothing there: one recv() that finds nothing; epoll reports
+        it later."""
         cdef int k = 0, fd
         cdef Conn* c
         while k < self.nfresh:
@@ -886,9 +888,10 @@ cdef class Worker:
             self.counters[CONNS_CURRENT] += 1
             schedule_connect_timeout(self, c)   # keepalive.pyx
             if self.nfresh < FRESH_MAX:
-                # Its first bytes are most likely here already (the listeners'
-                # TCP_DEFER_ACCEPT, gw/master.py): read in this turn (read_fresh),
-                # so the CONNACK leaves with it, not after another epoll_wait.
+                # Its first bytes are most likely here already (and surely with
+                # the listeners' TCP_DEFER_ACCEPT, the defer_accept setting):
+                # read in this turn (read_fresh), so the CONNACK leaves with it,
+                # not after another epoll_wait.
                 self.fresh_fds[self.nfresh] = fd
                 self.fresh_gens[self.nfresh] = c.gen
                 self.nfresh += 1
