@@ -341,10 +341,17 @@ def test_a_v5_sessions_expiry_survives_a_restart(tmp_path):
             c.disconnect()
             left[name] = time.monotonic()
 
+        def away_ms(state: bytes) -> int:
+            return struct.unpack("<BIQ", state[-13:])[2]
+
         def saved():
+            # Both saved, and saved after their clients left (a snapshot taken
+            # between a CONNECT and its DISCONNECT holds the session as connected,
+            # away_ms 0: the next one has it as left).
             states = saved_states(data_dir)
-            return states if {ids[k].encode() for k in ("keep", "mid")} <= set(states) else None
-        states = wait_for(saved, WAIT, what="the v5 sessions saved")
+            keys = [ids[k].encode() for k in ("keep", "mid")]
+            return states if all(k in states and away_ms(states[k]) > 0 for k in keys) else None
+        states = wait_for(saved, WAIT, what="the v5 sessions saved after their clients left")
         assert ids["zero"].encode() not in states
         for name in ("keep", "short", "mid"):
             if name == "short" and ids[name].encode() not in states:
