@@ -14,14 +14,6 @@ cdef int handle_publish(Worker w, Conn* c, uint8_t first, const uint8_t* body, u
     return publish_decoded(w, c, &pkt, NULL, 0)
 
 
-cdef inline uint32_t receive_maximum_in(Worker w) noexcept:
-    """The Receive Maximum an MQTT 5.0 CONNACK announces (send_connack5,
-    mqtt5.pyx): max_awaiting_rel, at least 1; absent, 65,535, at 65,535 or more."""
-    if w.max_awaiting_rel >= 65535:
-        return 65535
-    return w.max_awaiting_rel if w.max_awaiting_rel else 1
-
-
 cdef inline int publish_decoded(Worker w, Conn* c, PublishPacket* p, const uint8_t* ext, uint32_t ext_len):
     """A valid PUBLISH, whichever version decoded it (MQTT 5.0's: mqtt5.pyx,
     with its properties as the message's extras, router.pyx)."""

@@ -314,6 +314,15 @@ cdef int refuse_connect5(Worker w, Conn* c, uint8_t reason_code, int bad_reason)
     return -1
 
 
+cdef inline uint32_t receive_maximum_in(Worker w) noexcept:
+    """The Receive Maximum the server announces in an MQTT 5.0 CONNACK and holds
+    each connection to (handle_publish.pyx): max_awaiting_rel, at least 1;
+    65,535 (the default, left out of the CONNACK) at 65,535 or more."""
+    if w.max_awaiting_rel >= 65535:
+        return 65535
+    return w.max_awaiting_rel if w.max_awaiting_rel else 1
+
+
 cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     """The accepting CONNACK of an MQTT 5.0 connection, with what the server
     announces (section 3.2.2.3): only what differs from the standard's
@@ -321,12 +330,11 @@ cdef int send_connack5(Worker w, Conn* c, PendingConnect pc, uint8_t present):
     cdef uint8_t[1600] props
     cdef uint32_t k = 0
     cdef uint8_t* out
-    cdef uint32_t receive_max = w.max_awaiting_rel
+    cdef uint32_t receive_max = receive_maximum_in(w)
     if pc.session_expiry == 0xFFFFFFFF or pc.session_expiry == 0:
         pass        # what the client asked for is used as it is
     if receive_max < 65535:
-        # QoS 2 messages awaiting their PUBREL are bounded by max_awaiting_rel.
-        k += put_prop_u16(props + k, P_RECEIVE_MAXIMUM, <uint16_t>(receive_max if receive_max else 1))
+        k += put_prop_u16(props + k, P_RECEIVE_MAXIMUM, <uint16_t>receive_max)
     # Maximum QoS 2 and Retain Available 1 are the defaults: left out.
     k += put_prop_u32(props + k, P_MAXIMUM_PACKET_SIZE, w.max_packet_size)
     if pc.assigned_id and len(pc.client_id) <= 200:
