@@ -2,6 +2,7 @@
 
     python bench/compare.py                      # every scenario
     python bench/compare.py --only idle-10k-tls  # one row
+    python bench/compare.py --only idle-10k-plain-8s   # 10,000 plain connects over 8 s
     python bench/compare.py --list
     python bench/compare.py --peer emqx=127.0.0.1:1884:4242   # a third broker, already running
     python bench/compare.py --mqtt-version 5     # MQTT 5.0 clients (Topic Aliases on)
@@ -64,10 +65,10 @@ class Scenario:
     kind: str = "connections"        # or "pubsub"
 
 
-def idle(n: int, rampup: float, tls: bool) -> Scenario:
+def idle(n: int, rampup: float, tls: bool, suffix: str = "") -> Scenario:
     tag = f"{n // 1000}k" if n >= 1000 else str(n)
     return Scenario(
-        name=f"idle-{tag}-{'tls' if tls else 'plain'}",
+        name=f"idle-{tag}-{'tls' if tls else 'plain'}{suffix}",
         what=f"{n:,} idle {'TLS' if tls else 'plain'} connections over {rampup:g} s",
         bench_args=["--clients", str(n), "--rampup", str(rampup), "--duration", "5", "--keepalive", "60"],
         tls=tls,
@@ -94,6 +95,8 @@ SCENARIOS = {s.name: s for s in (
     jsonlines_tls(100), jsonlines_tls(500), jsonlines_tls(1000), jsonlines_tls(2500),
     idle(1000, 2, False), idle(1000, 2, True),
     idle(10000, 15, False), idle(10000, 15, True),
+    # The connect-latency target's own ramp: 10,000 over 8 s (1,250 CONNECTs/s).
+    idle(10000, 8, False, "-8s"),
     pubsub("fanin-qos0", "QoS 0 fan-in, 4 publishers -> 1 subscriber, flat out",
            ["--publishers", "4", "--subscribers", "1", "--qos", "0"]),
     pubsub("fanin-qos1", "QoS 1 fan-in, 4 -> 1, in-flight 32, flat out",
