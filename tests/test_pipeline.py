@@ -293,9 +293,11 @@ def test_restart_resumes_from_the_checkpoints(tmp_path):
 
 
 def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path):
-    """Behind, batches double from pipeline_batch; once one took everything durable,
-    the next may take up to twice as much (what piled up during the write), not
-    pipeline_batch again; idle, they start again from pipeline_batch."""
+    """Behind, the next batch takes what is waiting (up to twice the records the
+    bytes left hold at this batch's record size), at least twice the last; once
+    one took everything durable, the next may take up to twice as much (what
+    piled up during the write), not pipeline_batch again; idle, they start again
+    from pipeline_batch."""
     logs = fleet(1, 800, devices_per_worker=10)
     durable = Durable(1)
     durable.set(0, write_log(tmp_path, 0, logs[0][:500]))
@@ -308,8 +310,8 @@ def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path)
             counts.append(count)
             if not full:
                 break
-        assert counts == [10, 20, 40, 80, 160, 190]
-        assert runner.cur_batch == 380
+        assert counts == [10, 490]                      # not 10, 20, 40, ... 190
+        assert runner.cur_batch == 980
         durable.set(0, write_log(tmp_path, 0, logs[0][500:]))
         _parts, count, full = runner.gather()
         assert (count, full) == (300, False)            # not 10 again, then doubling up

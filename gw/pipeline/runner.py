@@ -94,7 +94,18 @@ class SinkRunner:
         self._start = (self._start + 1) % n if n else 0
         cap = self.batch * max(1, sink.catchup)
         if full:
-            self.cur_batch = min(self.cur_batch * 2, cap)
+            # Behind: the next batch takes what is waiting now (its records
+            # estimated from the bytes left and this batch's record size), up
+            # to twice as much, and at least twice this one. Doubling alone
+            # from `batch` took eight ever larger batches to reach the cap, each
+            # small one costing the store several times the CPU per record, and
+            # a store started under a sustained rate fell seconds behind on the
+            # way.
+            left = sum(max(0, self.source.durable(slot) - self.pos.get(slot, 0)) for slot in range(n))
+            read = sum(nxt - records[0][0] for _slot, records, nxt in parts if records)
+            per = read / count if count and read > 0 else 0
+            waiting = int(left / per) + 1 if per else 0
+            self.cur_batch = min(max(self.cur_batch * 2, 2 * waiting), cap)
         else:
             # Everything durable was read. The next batch may again take what piles
             # up meanwhile, up to twice this one's records: a sink that wrote a large
