@@ -991,3 +991,33 @@ def series_rows(int64_t[::1] sid_of, int64_t[::1] key, double[::1] ts, double[::
             i = ov[w]
             rollups.append((name, bv[i], sv[i], cv[i], av[0, i], av[1, i], av[2, i], av[3, i]))
     return chunks, rollups
+
+
+# --- the pipeline's heap between batches
+
+cdef extern from "malloc.h" nogil:
+    int mallopt(int param, int value)
+    int malloc_trim(size_t pad)
+    int M_MMAP_THRESHOLD
+    int M_TRIM_THRESHOLD
+
+cdef enum:
+    HEAP_MMAP_THRESHOLD = 32 << 20      # glibc's largest (HEAP_MAX / 2 on 64-bit)
+    HEAP_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_heap() -> bool:
+    """The process's malloc keeps the memory a batch freed for the next one: blocks
+    up to 32 MiB come from the heap instead of a mapping of their own, and the free
+    top of the heap is not given back after each batch (glibc's defaults map and
+    unmap a large batch's arrays and buffers every time, and the kernel zeroes
+    each page again at its first touch). `trim_heap` gives it back when idle.
+    False when malloc refused a setting."""
+    ok = mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    ok = mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) and ok
+    return bool(ok)
+
+
+def trim_heap() -> int:
+    """Gives the heap's free pages back to the system (malloc_trim): 1 when some were."""
+    return malloc_trim(0)

@@ -323,6 +323,36 @@ def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path)
         pipe.shutdown()
 
 
+def test_an_idle_sink_is_told_once_per_idle_spell(tmp_path, monkeypatch):
+    """IDLE_AFTER seconds after its last records the sink's idle() runs once (the
+    store gives its batches' memory back), and again only after more records."""
+    from gw.pipeline import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "IDLE_AFTER", 0.05)
+    logs = fleet(1, 300, devices_per_worker=10)
+    durable = Durable(1)
+    durable.set(0, write_log(tmp_path, 0, logs[0][:100]))
+    pipe = Pipeline(settings(tmp_path), 1, durable, wal=wal_api())
+    runner = pipe.runners[0]
+    told = []
+    idle = runner.sink.idle
+    runner.sink.idle = lambda now: (told.append(now), idle(now))
+    try:
+        runner.turn()
+        assert runner.sink.written == 100 and told == []
+        time.sleep(0.08)
+        runner.turn()
+        runner.turn()
+        assert len(told) == 1                   # once, not every idle turn
+        durable.set(0, write_log(tmp_path, 0, logs[0][100:]))
+        runner.turn()
+        assert runner.sink.written == 300 and len(told) == 1
+        time.sleep(0.08)
+        runner.turn()
+        assert len(told) == 2
+    finally:
+        pipe.shutdown()
+
+
 def test_threads_run_and_stop(tmp_path):
     """start() runs the sinks in their threads; shutdown() ends them after the
     batch in hand, checkpoints committed."""

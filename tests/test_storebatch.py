@@ -219,3 +219,11 @@ def test_series_rows_are_the_python_rows(tmp_path, seed):
     with pytest.raises(ValueError):
         storebatch.series_rows(np.asarray(sids[:3], dtype=np.int64), np.sort(key), np.sort(ts), val,
                                CHUNK_SECONDS, WINDOWS)
+
+
+def test_the_heap_is_kept_and_given_back():
+    """keep_heap's settings are taken by malloc; trim_heap runs (whatever it frees)."""
+    assert storebatch.keep_heap() is True
+    big = [bytes(1 << 20) for _ in range(8)]
+    del big
+    assert storebatch.trim_heap() in (0, 1)

@@ -98,6 +98,36 @@ def compiled_series_rows():
 
 _ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
+_heap_kept = False
+
+
+def keep_heap() -> None:
+    """Before the first batch: the process's malloc keeps what a batch freed for
+    the next (gw_ext/storebatch.pyx `keep_heap`; with glibc's defaults every
+    large batch mapped its arrays afresh, and the kernel zeroed each page again:
+    a sixth of the sink's CPU at 512,000 readings a batch). Given back by
+    `trim_heap` once the sink is idle."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        from gw_ext.storebatch import keep_heap as keep
+    except ImportError:
+        return
+    keep()
+
+
+def trim_heap() -> int:
+    """The heap's free pages back to the system (malloc_trim), when kept."""
+    if not _heap_kept:
+        return 0
+    try:
+        from gw_ext.storebatch import trim_heap as trim
+    except ImportError:
+        return 0
+    return trim()
+
 
 def decode(parts, decode_reading, encode, bad) -> Columns:
     """The batch's records (`parts`: [(worker, [(lsn, payload)], next)]) as
