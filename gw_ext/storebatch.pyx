@@ -747,16 +747,50 @@ def observe_run(st, list values, Py_ssize_t minn, double thr):
     (a `_Key`) and its new values, compiled: the same arithmetic in the same
     order on doubles (so the same alerts, bit for bit); [(index, zscore, mean, std)]."""
     cdef list out = []
+    cdef double[::1] v = np.asarray(values, dtype=np.float64) if values else np.empty(0, dtype=np.float64)
+    if v.shape[0]:
+        _observe(st, &v[0], v.shape[0], minn, thr, out)
+    return out
+
+
+def detect_runs(state, list names, int64_t[::1] order, int64_t[::1] key, double[::1] val,
+                Py_ssize_t minn, double thr):
+    """gw/pipeline/batch.py's `detect` loop, compiled: the samples sorted by series
+    (`key`, stable, `order` their indices in arrival order, `val` their values),
+    each series' run through `_observe` with its state `state(device_id, metric)`
+    (Detector.state); [(arrival index, device_id, metric, zscore, mean, std)]."""
+    cdef Py_ssize_t n = key.shape[0], s = 0, e, nn = len(names), i
+    cdef int64_t k
+    cdef list found = [], out
+    if order.shape[0] != n or val.shape[0] != n:
+        raise ValueError("order, key and val differ in length")
+    while s < n:
+        k = key[s]
+        if not 0 <= k < nn:
+            raise ValueError("a sample's series index is out of range")
+        e = s + 1
+        while e < n and key[e] == k:
+            e += 1
+        dev, m = <tuple>names[k]
+        out = []
+        _observe(state(dev, m), &val[s], e - s, minn, thr, out)
+        for i, z, mean, std in out:
+            found.append((order[s + <Py_ssize_t>i], dev, m, z, mean, std))
+        s = e
+    return found
+
+
+cdef int _observe(st, const double *values, Py_ssize_t nv, Py_ssize_t minn, double thr, list out) except -1:
     vals = st.values
     cdef Py_ssize_t maxlen = vals.maxlen
     cdef double s = st.s, q = st.q, k = st.shift
     cdef Py_ssize_t since = st.since
     cdef list run = st.run
-    cdef Py_ssize_t i, n, nv = len(values)
+    cdef Py_ssize_t i, n
     cdef double v, m, var, mean, std, z, d
     append = vals.append
     for i in range(nv):
-        v = <double>values[i]
+        v = values[i]
         n = len(vals)
         if n >= minn:
             m = s / <double>n
@@ -795,7 +829,7 @@ def observe_run(st, list values, Py_ssize_t minn, double thr):
         if run:
             run.clear()
     st.s, st.q, st.shift, st.since = s, q, k, since
-    return out
+    return 0
 
 
 # --- a batch's per-series rows (gw/pipeline/store.py's sample chunks and rollup upserts)

@@ -96,6 +96,21 @@ def compiled_series_rows():
             _series_rows = None
     return _series_rows
 
+_detect_runs = _UNRESOLVED
+
+
+def compiled_detect_runs():
+    """gw_ext.storebatch's `detect_runs` (detect's loop in C), or None when the
+    extensions are not built."""
+    global _detect_runs
+    if _detect_runs is _UNRESOLVED:
+        try:
+            from gw_ext.storebatch import detect_runs as _detect_runs
+        except ImportError:
+            _detect_runs = None
+    return _detect_runs
+
+
 _ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
 
 _heap_kept = False
@@ -205,6 +220,13 @@ def detect(cols: Columns, detector) -> list:
     key = cols.key
     order = np.argsort(key, kind="stable")
     ko = key[order]
+    runs = compiled_detect_runs() if detector.compiled else None
+    if runs is not None:
+        # Every series' run in C (gw_ext/storebatch.pyx `detect_runs`): the loop
+        # below without a Python float per sample or a call per series into it.
+        found = runs(detector.state, cols.names, order, ko, cols.val[order], detector.min_samples,
+                     detector.threshold)
+        return _alerts(cols, found)
     change = np.empty(n, dtype=bool)
     change[0] = True
     np.not_equal(ko[1:], ko[:-1], out=change[1:])
@@ -218,6 +240,11 @@ def detect(cols: Columns, detector) -> list:
         dev, m = names[k]
         for i, z, mean, std in observe(dev, m, vals[s:e]):
             found.append((int(order[s + i]), dev, m, z, mean, std))
+    return _alerts(cols, found)
+
+
+def _alerts(cols: Columns, found: list) -> list:
+    """[(arrival index, device_id, metric, zscore, mean, std)] as detect's alerts."""
     if not found:
         return []
     found.sort()
