@@ -23,7 +23,8 @@ from cpython.unicode cimport PyUnicode_DecodeUTF8
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.string cimport memchr, memcmp, memcpy
 from libc.math cimport isfinite
-from libc.stdint cimport int64_t
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdlib cimport malloc, realloc, free
 
 import numpy as np
 
@@ -410,49 +411,197 @@ cdef class _Grow:
         self.n += 1
 
 
+cdef struct Dev:
+    const unsigned char *name   # its UTF-8 text: in a record of the batch, or in one of _Batch.keep
+    Py_ssize_t name_len
+    uint64_t hash
+    double first, last          # least and greatest ts
+    Py_ssize_t count            # readings
+    int32_t head, tail          # its series, in order of first appearance (-1: none yet)
+
+
+cdef struct Ser:
+    const unsigned char *name   # the metric's UTF-8 text (as Dev.name)
+    Py_ssize_t name_len
+    int32_t next                # the device's next series (-1: the last)
+    double last                 # its value in the device's last values
+
+
+cdef inline uint64_t fnv1a(const unsigned char *p, Py_ssize_t n) noexcept nogil:
+    cdef uint64_t h = 14695981039346656037ULL
+    cdef Py_ssize_t i
+    for i in range(n):
+        h = (h ^ p[i]) * 1099511628211ULL
+    return h
+
+
 cdef class _Batch:
-    """What decode_columns builds (the columns and the indexes behind them)."""
-    cdef list readings, namelist
-    cdef dict devkeys, devs
+    """What decode_columns builds: the columns, the batch's series and, per device,
+    its summary. Devices and series are found by their UTF-8 text in C tables (a
+    hash of the devices, a list of each device's series), so a reading of a known
+    device and series makes no Python object for either; the text they point to
+    stays alive while decode_columns runs (the records in `parts`, or `keep`)."""
+    cdef list readings, namelist, devnames, devtags, keep
     cdef _Grow cols
+    cdef Dev *devs
+    cdef Ser *sers
+    cdef int32_t *table         # open addressing: device index, -1 empty
+    cdef Py_ssize_t ndev, devcap, nser, sercap, tabcap
+
+    def __cinit__(self):
+        self.devs = NULL
+        self.sers = NULL
+        self.table = NULL
 
     def __init__(self, Py_ssize_t records):
         self.readings = []
         self.namelist = []
-        self.devkeys = {}
-        self.devs = {}
+        self.devnames = []
+        self.devtags = []
+        self.keep = []
         self.cols = _Grow(records * 2)
+        self.ndev = self.nser = 0
+        self.devcap = self.sercap = 0
+        self.tabcap = 0
+        self._rehash(1024)
 
-    cdef add_sample(self, str dev, dict sub, str m, double ts, double v, int64_t ri, list d, bint newer):
-        k = sub.get(m)
-        if k is None:
-            k = len(self.namelist)
-            self.namelist.append((dev, m))
-            sub[m] = k
-        self.cols.add(<int64_t>k, ts, v, ri)
-        lv = <dict>d[2]
+    def __dealloc__(self):
+        free(self.devs)
+        free(self.sers)
+        free(self.table)
+
+    cdef int _rehash(self, Py_ssize_t cap) except -1:
+        cdef int32_t *t = <int32_t *>malloc(cap * sizeof(int32_t))
+        cdef Py_ssize_t i, j, mask = cap - 1
+        if t == NULL:
+            raise MemoryError()
+        for i in range(cap):
+            t[i] = -1
+        for i in range(self.ndev):
+            j = <Py_ssize_t>(self.devs[i].hash & <uint64_t>mask)
+            while t[j] >= 0:
+                j = (j + 1) & mask
+            t[j] = <int32_t>i
+        free(self.table)
+        self.table = t
+        self.tabcap = cap
+        return 0
+
+    cdef Py_ssize_t find_dev(self, const unsigned char *p, Py_ssize_t n, uint64_t h) noexcept:
+        cdef Py_ssize_t mask = self.tabcap - 1, j = <Py_ssize_t>(h & <uint64_t>mask)
+        cdef int32_t d
+        cdef Dev *e
+        while True:
+            d = self.table[j]
+            if d < 0:
+                return -1
+            e = &self.devs[d]
+            if e.hash == h and e.name_len == n and memcmp(e.name, p, n) == 0:
+                return d
+            j = (j + 1) & mask
+
+    cdef Py_ssize_t add_dev(self, const unsigned char *p, Py_ssize_t n, uint64_t h, str name, double ts,
+                            tags) except -1:
+        cdef Py_ssize_t j, mask
+        cdef Dev *nd
+        if self.ndev >= 0x7ffffffe:
+            raise OverflowError("too many devices in one batch")
+        if 2 * (self.ndev + 1) > self.tabcap:
+            self._rehash(self.tabcap * 2)
+        if self.ndev == self.devcap:
+            nd = <Dev *>realloc(self.devs, (self.devcap * 2 + 64) * sizeof(Dev))
+            if nd == NULL:
+                raise MemoryError()
+            self.devs = nd
+            self.devcap = self.devcap * 2 + 64
+        nd = &self.devs[self.ndev]
+        nd.name = p
+        nd.name_len = n
+        nd.hash = h
+        nd.first = nd.last = ts
+        nd.count = 1
+        nd.head = nd.tail = -1
+        self.devnames.append(name)
+        self.devtags.append(tags)
+        mask = self.tabcap - 1
+        j = <Py_ssize_t>(h & <uint64_t>mask)
+        while self.table[j] >= 0:
+            j = (j + 1) & mask
+        self.table[j] = <int32_t>self.ndev
+        self.ndev += 1
+        return self.ndev - 1
+
+    cdef inline bint seen(self, Py_ssize_t d, double ts, tags):
+        """A further reading of device d: its summary; whether it is the device's newest so far."""
+        cdef Dev *e = &self.devs[d]
+        e.count += 1
+        if ts >= e.last:
+            e.last = ts
+            self.devtags[d] = tags
+            return True
+        if ts < e.first:
+            e.first = ts
+        return False
+
+    cdef Py_ssize_t find_ser(self, Py_ssize_t d, const unsigned char *p, Py_ssize_t n) noexcept:
+        cdef int32_t s = self.devs[d].head
+        cdef Ser *e
+        while s >= 0:
+            e = &self.sers[s]
+            if e.name_len == n and memcmp(e.name, p, n) == 0:
+                return s
+            s = e.next
+        return -1
+
+    cdef Py_ssize_t add_ser(self, Py_ssize_t d, const unsigned char *p, Py_ssize_t n, str name,
+                            double v) except -1:
+        cdef Ser *ns
+        cdef Dev *e = &self.devs[d]
+        if self.nser >= 0x7ffffffe:
+            raise OverflowError("too many series in one batch")
+        if self.nser == self.sercap:
+            ns = <Ser *>realloc(self.sers, (self.sercap * 2 + 128) * sizeof(Ser))
+            if ns == NULL:
+                raise MemoryError()
+            self.sers = ns
+            self.sercap = self.sercap * 2 + 128
+            e = &self.devs[d]
+        ns = &self.sers[self.nser]
+        ns.name = p
+        ns.name_len = n
+        ns.next = -1
+        ns.last = v
+        if e.tail >= 0:
+            self.sers[e.tail].next = <int32_t>self.nser
+        else:
+            e.head = <int32_t>self.nser
+        e.tail = <int32_t>self.nser
+        self.namelist.append((self.devnames[d], name))
+        self.nser += 1
+        return self.nser - 1
+
+    cdef inline int sample(self, Py_ssize_t s, double ts, double v, int64_t ri, bint newer) except -1:
         if newer:
-            lv[m] = v
-        elif m not in lv:
-            lv[m] = v
+            self.sers[s].last = v
+        self.cols.add(<int64_t>s, ts, v, ri)
+        return 0
 
-    cdef tuple device(self, str dev, double ts, tags):
-        """(per-metric index dict, summary list, whether this reading is the device's newest so far)."""
-        sub = self.devkeys.get(dev)
-        if sub is None:
-            sub = self.devkeys[dev] = {}
-        d = self.devs.get(dev)
-        if d is None:
-            d = self.devs[dev] = [ts, ts, {}, tags, 1]
-            return sub, d, True
-        d[4] += 1
-        if ts >= <double>d[1]:
-            d[1] = ts
-            d[3] = tags
-            return sub, d, True
-        if ts < <double>d[0]:
-            d[0] = ts
-        return sub, d, False
+    cdef dict summary(self):
+        """device_id -> [first ts, last ts, last values, tags, readings], in order of first appearance."""
+        cdef dict out = {}
+        cdef Py_ssize_t d
+        cdef int32_t s
+        cdef Dev *e
+        names = self.namelist
+        for d in range(self.ndev):
+            e = &self.devs[d]
+            lv = {}
+            s = e.head
+            while s >= 0:
+                lv[(<tuple>names[s])[1]] = self.sers[s].last
+                s = self.sers[s].next
+            out[self.devnames[d]] = [e.first, e.last, lv, self.devtags[d], e.count]
+        return out
 
 
 def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
@@ -468,17 +617,18 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
     cdef Parsed r
     cdef const unsigned char *p
     cdef const unsigned char *q
-    cdef Py_ssize_t n, j
+    cdef Py_ssize_t n, j, di, s
+    cdef Py_ssize_t sk[MAX_METRICS]
+    cdef uint64_t h
+    cdef bint newer
     cdef double ts
     cdef int64_t ri
-    # The previous fast-path record's tags and metric names (text kept alive by
-    # `prev`): most readings of a batch repeat them, and their str is reused.
+    cdef bytes kb
+    # The previous fast-path record's tags (text kept alive by `prev`): most
+    # readings of a batch repeat them, and their str is reused.
     cdef bytes prev = None
     cdef Py_ssize_t prev_tags = 0, prev_tags_len = -1
-    cdef Parsed prev_r
-    prev_r.nmetrics = 0
     cdef object prev_tags_obj = None
-    cdef list prev_names = []
     readings = b.readings
     for part in parts:
         slot = part[0]
@@ -487,11 +637,19 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
             payload = rec[1]
             if type(payload) is not bytes:
                 payload = bytes(payload)
+                b.keep.append(payload)      # the tables may point into it
             p = <const unsigned char *>PyBytes_AS_STRING(payload)
             n = PyBytes_GET_SIZE(payload)
             if parse_record(p, n, &r):
+                h = fnv1a(p + r.dev, r.dev_len)
+                di = b.find_dev(p + r.dev, r.dev_len, h)
+                newnames = None
                 try:
-                    dev = PyUnicode_DecodeUTF8(<const char *>p + r.dev, r.dev_len, NULL)
+                    # Every text the reading needs is decoded (checked as UTF-8) before
+                    # the batch takes any of it; a known device's or series' text was.
+                    dev = None
+                    if di < 0:
+                        dev = PyUnicode_DecodeUTF8(<const char *>p + r.dev, r.dev_len, NULL)
                     metrics_text = PyUnicode_DecodeUTF8(<const char *>p + r.metrics, r.metrics_len, NULL)
                     if prev is not None:
                         q = <const unsigned char *>PyBytes_AS_STRING(prev)
@@ -504,14 +662,13 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
                         pl = None
                     else:
                         pl = PyUnicode_DecodeUTF8(<const char *>p + r.payload, r.payload_len, NULL)
-                    mnames = []
                     for j in range(r.nmetrics):
-                        if (prev is not None and j < prev_r.nmetrics and r.m[j].name_len == prev_r.m[j].name_len
-                                and memcmp(p + r.m[j].name, q + prev_r.m[j].name, r.m[j].name_len) == 0):
-                            mnames.append(prev_names[j])
-                        else:
-                            mnames.append(PyUnicode_DecodeUTF8(<const char *>p + r.m[j].name, r.m[j].name_len,
-                                                               NULL))
+                        sk[j] = b.find_ser(di, p + r.m[j].name, r.m[j].name_len) if di >= 0 else -1
+                        if sk[j] < 0:
+                            if newnames is None:
+                                newnames = [None] * r.nmetrics
+                            newnames[j] = PyUnicode_DecodeUTF8(<const char *>p + r.m[j].name, r.m[j].name_len,
+                                                               NULL)
                 except UnicodeDecodeError:
                     pass            # not UTF-8: the reference decoder's answer
                 else:
@@ -519,19 +676,24 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
                     prev_tags = r.tags
                     prev_tags_len = r.tags_len
                     prev_tags_obj = tags
-                    prev_r.nmetrics = r.nmetrics
-                    for j in range(r.nmetrics):
-                        prev_r.m[j] = r.m[j]
-                    prev_names = mnames
                     if -EXACT < r.micros < EXACT:
                         ts = <double>r.micros / 1e6      # both exact: one correctly rounded division
                     else:
                         ts = (<object>r.micros) / (<object>1000000)     # exact, as datetime.timestamp()
                     ri = len(readings)
+                    if di < 0:
+                        di = b.add_dev(p + r.dev, r.dev_len, h, dev, ts, tags)
+                        newer = True
+                    else:
+                        dev = b.devnames[di]
+                        newer = b.seen(di, ts, tags)
                     readings.append((slot, off, dev, ts, r.seq if r.has_seq else None, metrics_text, tags, pl))
-                    sub, d, newer = b.device(dev, ts, tags)
                     for j in range(r.nmetrics):
-                        b.add_sample(dev, sub, mnames[j], ts, r.m[j].value, ri, d, newer)
+                        if sk[j] < 0:
+                            s = b.add_ser(di, p + r.m[j].name, r.m[j].name_len, newnames[j], r.m[j].value)
+                            b.cols.add(<int64_t>s, ts, r.m[j].value, ri)
+                        else:
+                            b.sample(sk[j], ts, r.m[j].value, ri, newer)
                     continue
             try:
                 red = decode_reading(payload)
@@ -543,15 +705,31 @@ def decode_columns(list parts, decode_reading, encode, bad, tuple errors):
             metrics = red.metrics
             tags = bytes(red.tags).decode()
             plb = bytes(red.payload)
+            kb = (<str>dev).encode("utf-8", "surrogatepass")
+            h = fnv1a(<const unsigned char *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb))
+            di = b.find_dev(<const unsigned char *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), h)
             ri = len(readings)
+            if di < 0:
+                b.keep.append(kb)
+                di = b.add_dev(<const unsigned char *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), h, dev, ts, tags)
+                newer = True
+            else:
+                dev = b.devnames[di]
+                newer = b.seen(di, ts, tags)
             readings.append((slot, off, dev, ts, red.seq, encode(metrics).decode(), tags,
                              None if plb == b"null" else plb.decode()))
-            sub, d, newer = b.device(dev, ts, tags)
             for m, v in metrics.items():
-                b.add_sample(dev, sub, m, ts, v, ri, d, newer)
+                kb = (<str>m).encode("utf-8", "surrogatepass")
+                s = b.find_ser(di, <const unsigned char *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb))
+                if s < 0:
+                    b.keep.append(kb)
+                    s = b.add_ser(di, <const unsigned char *>PyBytes_AS_STRING(kb), PyBytes_GET_SIZE(kb), m, v)
+                    b.cols.add(<int64_t>s, ts, v, ri)
+                else:
+                    b.sample(s, ts, v, ri, newer)
     c = b.cols
     return (readings, b.namelist, c.key[:c.n].copy(), c.ts[:c.n].copy(), c.val[:c.n].copy(),
-            c.reading[:c.n].copy(), b.devs)
+            c.reading[:c.n].copy(), b.summary())
 
 
 def fast_path(bytes payload) -> bool:
@@ -569,16 +747,50 @@ def observe_run(st, list values, Py_ssize_t minn, double thr):
     (a `_Key`) and its new values, compiled: the same arithmetic in the same
     order on doubles (so the same alerts, bit for bit); [(index, zscore, mean, std)]."""
     cdef list out = []
+    cdef double[::1] v = np.asarray(values, dtype=np.float64) if values else np.empty(0, dtype=np.float64)
+    if v.shape[0]:
+        _observe(st, &v[0], v.shape[0], minn, thr, out)
+    return out
+
+
+def detect_runs(state, list names, int64_t[::1] order, int64_t[::1] key, double[::1] val,
+                Py_ssize_t minn, double thr):
+    """gw/pipeline/batch.py's `detect` loop, compiled: the samples sorted by series
+    (`key`, stable, `order` their indices in arrival order, `val` their values),
+    each series' run through `_observe` with its state `state(device_id, metric)`
+    (Detector.state); [(arrival index, device_id, metric, zscore, mean, std)]."""
+    cdef Py_ssize_t n = key.shape[0], s = 0, e, nn = len(names), i
+    cdef int64_t k
+    cdef list found = [], out
+    if order.shape[0] != n or val.shape[0] != n:
+        raise ValueError("order, key and val differ in length")
+    while s < n:
+        k = key[s]
+        if not 0 <= k < nn:
+            raise ValueError("a sample's series index is out of range")
+        e = s + 1
+        while e < n and key[e] == k:
+            e += 1
+        dev, m = <tuple>names[k]
+        out = []
+        _observe(state(dev, m), &val[s], e - s, minn, thr, out)
+        for i, z, mean, std in out:
+            found.append((order[s + <Py_ssize_t>i], dev, m, z, mean, std))
+        s = e
+    return found
+
+
+cdef int _observe(st, const double *values, Py_ssize_t nv, Py_ssize_t minn, double thr, list out) except -1:
     vals = st.values
     cdef Py_ssize_t maxlen = vals.maxlen
     cdef double s = st.s, q = st.q, k = st.shift
     cdef Py_ssize_t since = st.since
     cdef list run = st.run
-    cdef Py_ssize_t i, n, nv = len(values)
+    cdef Py_ssize_t i, n
     cdef double v, m, var, mean, std, z, d
     append = vals.append
     for i in range(nv):
-        v = <double>values[i]
+        v = values[i]
         n = len(vals)
         if n >= minn:
             m = s / <double>n
@@ -617,7 +829,7 @@ def observe_run(st, list values, Py_ssize_t minn, double thr):
         if run:
             run.clear()
     st.s, st.q, st.shift, st.since = s, q, k, since
-    return out
+    return 0
 
 
 # --- a batch's per-series rows (gw/pipeline/store.py's sample chunks and rollup upserts)
@@ -813,3 +1025,33 @@ def series_rows(int64_t[::1] sid_of, int64_t[::1] key, double[::1] ts, double[::
             i = ov[w]
             rollups.append((name, bv[i], sv[i], cv[i], av[0, i], av[1, i], av[2, i], av[3, i]))
     return chunks, rollups
+
+
+# --- the pipeline's heap between batches
+
+cdef extern from "malloc.h" nogil:
+    int mallopt(int param, int value)
+    int malloc_trim(size_t pad)
+    int M_MMAP_THRESHOLD
+    int M_TRIM_THRESHOLD
+
+cdef enum:
+    HEAP_MMAP_THRESHOLD = 32 << 20      # glibc's largest (HEAP_MAX / 2 on 64-bit)
+    HEAP_TRIM_THRESHOLD = 1 << 30
+
+
+def keep_heap() -> bool:
+    """The process's malloc keeps the memory a batch freed for the next one: blocks
+    up to 32 MiB come from the heap instead of a mapping of their own, and the free
+    top of the heap is not given back after each batch (glibc's defaults map and
+    unmap a large batch's arrays and buffers every time, and the kernel zeroes
+    each page again at its first touch). `trim_heap` gives it back when idle.
+    False when malloc refused a setting."""
+    ok = mallopt(M_MMAP_THRESHOLD, HEAP_MMAP_THRESHOLD)
+    ok = mallopt(M_TRIM_THRESHOLD, HEAP_TRIM_THRESHOLD) and ok
+    return bool(ok)
+
+
+def trim_heap() -> int:
+    """Gives the heap's free pages back to the system (malloc_trim): 1 when some were."""
+    return malloc_trim(0)

@@ -293,9 +293,11 @@ def test_restart_resumes_from_the_checkpoints(tmp_path):
 
 
 def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path):
-    """Behind, batches double from pipeline_batch; once one took everything durable,
-    the next may take up to twice as much (what piled up during the write), not
-    pipeline_batch again; idle, they start again from pipeline_batch."""
+    """Behind, the next batch takes what is waiting (up to twice the records the
+    bytes left hold at this batch's record size), at least twice the last; once
+    one took everything durable, the next may take up to twice as much (what
+    piled up during the write), not pipeline_batch again; idle, they start again
+    from pipeline_batch."""
     logs = fleet(1, 800, devices_per_worker=10)
     durable = Durable(1)
     durable.set(0, write_log(tmp_path, 0, logs[0][:500]))
@@ -308,8 +310,8 @@ def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path)
             counts.append(count)
             if not full:
                 break
-        assert counts == [10, 20, 40, 80, 160, 190]
-        assert runner.cur_batch == 380
+        assert counts == [10, 490]                      # not 10, 20, 40, ... 190
+        assert runner.cur_batch == 980
         durable.set(0, write_log(tmp_path, 0, logs[0][500:]))
         _parts, count, full = runner.gather()
         assert (count, full) == (300, False)            # not 10 again, then doubling up
@@ -317,6 +319,36 @@ def test_batches_stay_as_large_as_what_piles_up_under_a_sustained_rate(tmp_path)
         _parts, count, full = runner.gather()
         assert (count, full) == (0, False)
         assert runner.cur_batch == 10
+    finally:
+        pipe.shutdown()
+
+
+def test_an_idle_sink_is_told_once_per_idle_spell(tmp_path, monkeypatch):
+    """IDLE_AFTER seconds after its last records the sink's idle() runs once (the
+    store gives its batches' memory back), and again only after more records."""
+    from gw.pipeline import runner as runner_mod
+    monkeypatch.setattr(runner_mod, "IDLE_AFTER", 0.05)
+    logs = fleet(1, 300, devices_per_worker=10)
+    durable = Durable(1)
+    durable.set(0, write_log(tmp_path, 0, logs[0][:100]))
+    pipe = Pipeline(settings(tmp_path), 1, durable, wal=wal_api())
+    runner = pipe.runners[0]
+    told = []
+    idle = runner.sink.idle
+    runner.sink.idle = lambda now: (told.append(now), idle(now))
+    try:
+        runner.turn()
+        assert runner.sink.written == 100 and told == []
+        time.sleep(0.08)
+        runner.turn()
+        runner.turn()
+        assert len(told) == 1                   # once, not every idle turn
+        durable.set(0, write_log(tmp_path, 0, logs[0][100:]))
+        runner.turn()
+        assert runner.sink.written == 300 and len(told) == 1
+        time.sleep(0.08)
+        runner.turn()
+        assert len(told) == 2
     finally:
         pipe.shutdown()
 

@@ -460,6 +460,40 @@ def test_detector_compiled_loop_is_the_python_loop(base, spikes, window, thresho
         j += 1
 
 
+@hsettings(max_examples=150, deadline=None)
+@given(samples=st.lists(st.tuples(st.integers(0, 5), st.floats(-100, 100)), max_size=400),
+       spikes=st.lists(st.integers(0, 399), max_size=30), window=st.integers(1, 40),
+       threshold=st.floats(0.5, 6.0), cuts=st.lists(st.integers(1, 150), min_size=1, max_size=5))
+def test_detect_compiled_runs_are_the_python_loop(samples, spikes, window, threshold, cuts):
+    """batch.detect through gw_ext/storebatch.pyx's detect_runs (every series' run in
+    C) and through its Python loop: the same alerts in the same order, and the same
+    detector state, over batches of several series in any arrival order."""
+    pytest.importorskip("gw_ext.storebatch")
+    from gw.pipeline import batch
+    samples = list(samples)
+    for i in spikes:
+        if i < len(samples):
+            samples[i] = (samples[i][0], samples[i][1] * 50 + 1e3)
+    names = [(f"d{k % 3}", f"m{k}") for k in range(6)]
+    compiled, python = Detector(window, threshold), Detector(window, threshold)
+    python.compiled = False
+    i = j = 0
+    while i < len(samples):
+        part = samples[i:i + cuts[j % len(cuts)]]
+        key = np.array([k for k, _v in part], dtype=np.int64)
+        val = np.array([v for _k, v in part], dtype=np.float64)
+        ts = np.arange(len(part), dtype=np.float64) + i
+        cols = batch.Columns([], names, key, ts, val, np.arange(len(part), dtype=np.int64), {})
+        assert batch.detect(cols, compiled) == batch.detect(cols, python)
+        for nk, a in compiled.keys.items():
+            b = python.keys[nk]
+            assert (list(a.values), a.run, a.s, a.q, a.shift, a.since) == \
+                (list(b.values), b.run, b.s, b.q, b.shift, b.since)
+        assert compiled.keys.keys() == python.keys.keys()
+        i += len(part)
+        j += 1
+
+
 def test_detector_rules():
     det = Detector(window=60, threshold=4.0)
     vals = [20.0 + 0.1 * ((i * 7) % 5) for i in range(30)]

@@ -143,14 +143,19 @@ class Detector:
         st.run.clear()
         return None
 
-    def observe_many(self, device_id: str, metric: str, values: list) -> list:
-        """observe() of each value in turn, for one key: [(index, zscore, mean, std)]
-        of the anomalous ones. The same arithmetic as observe(), inlined (the store
-        calls this once per key and batch: 200,000 samples a second)."""
+    def state(self, device_id: str, metric: str) -> _Key:
+        """The key's window (warmed up from the store the first time)."""
         key = (device_id, metric)
         st = self.keys.get(key)
         if st is None:
             st = self.keys[key] = _Key(self.window, self.warm(device_id, metric) if self.warm else ())
+        return st
+
+    def observe_many(self, device_id: str, metric: str, values: list) -> list:
+        """observe() of each value in turn, for one key: [(index, zscore, mean, std)]
+        of the anomalous ones. The same arithmetic as observe(), inlined (the store
+        calls this once per key and batch: 200,000 samples a second)."""
+        st = self.state(device_id, metric)
         if self.compiled:
             compiled = _compiled()
             if compiled is not None:

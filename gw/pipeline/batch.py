@@ -96,7 +96,52 @@ def compiled_series_rows():
             _series_rows = None
     return _series_rows
 
+_detect_runs = _UNRESOLVED
+
+
+def compiled_detect_runs():
+    """gw_ext.storebatch's `detect_runs` (detect's loop in C), or None when the
+    extensions are not built."""
+    global _detect_runs
+    if _detect_runs is _UNRESOLVED:
+        try:
+            from gw_ext.storebatch import detect_runs as _detect_runs
+        except ImportError:
+            _detect_runs = None
+    return _detect_runs
+
+
 _ERRORS = (msgspec.DecodeError, msgspec.ValidationError)
+
+_heap_kept = False
+
+
+def keep_heap() -> None:
+    """Before the first batch: the process's malloc keeps what a batch freed for
+    the next (gw_ext/storebatch.pyx `keep_heap`; with glibc's defaults every
+    large batch mapped its arrays afresh, and the kernel zeroed each page again:
+    a sixth of the sink's CPU at 512,000 readings a batch). Given back by
+    `trim_heap` once the sink is idle."""
+    global _heap_kept
+    if _heap_kept:
+        return
+    _heap_kept = True
+    try:
+        from gw_ext.storebatch import keep_heap as keep
+    except ImportError:
+        return
+    keep()
+
+
+def trim_heap() -> int:
+    """The heap's free pages back to the system (malloc_trim), when kept."""
+    if not _heap_kept:
+        return 0
+    try:
+        from gw_ext.storebatch import trim_heap as trim
+    except ImportError:
+        return 0
+    return trim()
 
 
 def decode(parts, decode_reading, encode, bad) -> Columns:
@@ -175,6 +220,13 @@ def detect(cols: Columns, detector) -> list:
     key = cols.key
     order = np.argsort(key, kind="stable")
     ko = key[order]
+    runs = compiled_detect_runs() if detector.compiled else None
+    if runs is not None:
+        # Every series' run in C (gw_ext/storebatch.pyx `detect_runs`): the loop
+        # below without a Python float per sample or a call per series into it.
+        found = runs(detector.state, cols.names, order, ko, cols.val[order], detector.min_samples,
+                     detector.threshold)
+        return _alerts(cols, found)
     change = np.empty(n, dtype=bool)
     change[0] = True
     np.not_equal(ko[1:], ko[:-1], out=change[1:])
@@ -188,6 +240,11 @@ def detect(cols: Columns, detector) -> list:
         dev, m = names[k]
         for i, z, mean, std in observe(dev, m, vals[s:e]):
             found.append((int(order[s + i]), dev, m, z, mean, std))
+    return _alerts(cols, found)
+
+
+def _alerts(cols: Columns, found: list) -> list:
+    """[(arrival index, device_id, metric, zscore, mean, std)] as detect's alerts."""
     if not found:
         return []
     found.sort()

@@ -10,7 +10,10 @@ record: each commit writes every page it touched). Once caught up (the batch
 took everything durable) it waits `poll_interval`, and the next batch may take
 up to twice what this one took (at least `batch`): under a sustained rate the
 batches stay as large as what piles up during a write, instead of starting
-again from `batch`. A failing sink
+again from `batch`; behind, the next batch takes what waits (estimated from
+the bytes left), not just twice the last. After IDLE_AFTER seconds with
+nothing to take the sink's `idle()` runs once (the store gives its batches'
+memory back). A failing sink
 (write or poll raising) is rewound to its checkpoints and retried after an
 exponential backoff with full jitter (base 0.1 s, cap 30 s); the failure is
 logged once per streak, and its recovery once. Sinks run in their own threads,
@@ -28,6 +31,8 @@ from .sink import Sink
 from .source import WalSource
 
 log = logging.getLogger("gw.pipeline")
+
+IDLE_AFTER = 1.0        # seconds without a record before the sink's idle()
 
 
 class SinkRunner:
@@ -47,6 +52,8 @@ class SinkRunner:
         self.skipped_bytes = 0          # log bytes the sink never saw (retention removed them first)
         self._start = 0
         self._ahead_logged: set[int] = set()
+        self._last_records = 0.0
+        self._idle_told = True          # nothing written yet: nothing to tell
         self.thread: threading.Thread | None = None
         self.done = threading.Event()
 
@@ -94,7 +101,18 @@ class SinkRunner:
         self._start = (self._start + 1) % n if n else 0
         cap = self.batch * max(1, sink.catchup)
         if full:
-            self.cur_batch = min(self.cur_batch * 2, cap)
+            # Behind: the next batch takes what is waiting now (its records
+            # estimated from the bytes left and this batch's record size), up
+            # to twice as much, and at least twice this one. Doubling alone
+            # from `batch` took eight ever larger batches to reach the cap, each
+            # small one costing the store several times the CPU per record, and
+            # a store started under a sustained rate fell seconds behind on the
+            # way.
+            left = sum(max(0, self.source.durable(slot) - self.pos.get(slot, 0)) for slot in range(n))
+            read = sum(nxt - records[0][0] for _slot, records, nxt in parts if records)
+            per = read / count if count and read > 0 else 0
+            waiting = int(left / per) + 1 if per else 0
+            self.cur_batch = min(max(self.cur_batch * 2, 2 * waiting), cap)
         else:
             # Everything durable was read. The next batch may again take what piles
             # up meanwhile, up to twice this one's records: a sink that wrote a large
@@ -107,11 +125,19 @@ class SinkRunner:
         return parts, count, full
 
     def turn(self) -> bool:
-        """One poll and (maybe) one batch; True when it should go again at once."""
-        self.sink.poll(time.monotonic())
+        """One poll and (maybe) one batch; True when it should go again at once.
+        After IDLE_AFTER seconds without a record to write, the sink's idle()."""
+        now = time.monotonic()
+        self.sink.poll(now)
         parts, count, full = self.gather()
         if parts:
             self.sink.write(parts)
+        if count:
+            self._last_records = now
+            self._idle_told = False
+        elif not self._idle_told and now - self._last_records >= IDLE_AFTER:
+            self._idle_told = True
+            self.sink.idle(now)
         return full
 
     def run(self) -> None:

@@ -36,6 +36,10 @@ class Sink:
     def write(self, parts: list[Part]) -> None:
         raise NotImplementedError
 
+    def idle(self, now: float) -> None:
+        """Called when the sink has had nothing to write for IDLE_AFTER seconds
+        (once per idle spell). May raise."""
+
     def rewind(self) -> None:
         """After a failure: drop whatever was not committed."""
 

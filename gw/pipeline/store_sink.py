@@ -52,14 +52,24 @@ class StoreSinkBase(Sink):
         self.bad_records = 0
         self.alerts = 0
         self._bad_logged = 0.0
+        self._heap_dirty = False
 
     def _warm(self, device_id: str, metric: str) -> list[float]:
         raise NotImplementedError
 
     # -- one batch, one transaction
     def write(self, parts: list[Part]) -> None:
+        batch.keep_heap()
+        self._heap_dirty = True
         with batch.paused_gc():
             self._write(parts)
+
+    def idle(self, now: float) -> None:
+        """A second after the last batch (nothing durable to take since): the
+        memory the batches kept goes back to the system."""
+        if self._heap_dirty:
+            self._heap_dirty = False
+            batch.trim_heap()
 
     def _write(self, parts: list[Part]) -> None:
         raise NotImplementedError
