@@ -11,6 +11,7 @@ being refused, and the other workers' clients are untouched.
 
 from __future__ import annotations
 
+import _signal
 import errno
 import gc
 import logging
@@ -50,6 +51,17 @@ DEFER_ACCEPT_S = 1
 RESPAWN_MIN = 0.05       # seconds; doubled for each quick death, up to RESPAWN_MAX
 RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
+
+
+def preload_pipeline() -> None:
+    """What the pipeline process's start would otherwise work out in its own
+    pages, made before the forks (its modules are imported already: the store
+    is checked at start): msgspec resolves the annotations of the store sink's
+    Reading the first time a decoder takes it, and keeps them in the class."""
+    import msgspec
+
+    from gw.pipeline.batch import Reading
+    msgspec.json.Decoder(Reading)
 
 
 def check_auth(cfg: Config, error: type) -> dict | None:
@@ -415,11 +427,14 @@ class Master:
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
+                # _signal's own functions, as in every child's start: signal.signal
+                # wraps them in enum conversions whose first run in a child writes
+                # to pages it would otherwise share.
+                for sig in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGCHLD):
+                    _signal.signal(sig, _signal.SIG_DFL)
                 if ignore_interrupt:
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.set_wakeup_fd(-1)
+                    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+                _signal.set_wakeup_fd(-1)
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 code = run()
@@ -632,6 +647,7 @@ class Master:
         # leaves the loggers as inherited.
         logging.getLogger("gw").setLevel(self.cfg.log_level.upper())
         preload(self.cfg)
+        preload_pipeline()
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()
