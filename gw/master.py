@@ -53,15 +53,19 @@ RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 
-def preload_pipeline() -> None:
+def preload_pipeline(cfg: Config | None = None) -> None:
     """What the pipeline process's start would otherwise work out in its own
     pages, made before the forks (its modules are imported already: the store
     is checked at start): msgspec resolves the annotations of the store sink's
-    Reading the first time a decoder takes it, and keeps them in the class."""
+    Reading the first time a decoder takes it, and keeps them in the class; the
+    pipeline's Settings of the config."""
     import msgspec
 
     from gw.pipeline.batch import Reading
+    from gw.pipeline.settings import Settings
     msgspec.json.Decoder(Reading)
+    if cfg is not None:
+        Settings.from_cfg(cfg)      # kept with cfg (gw/pipeline/settings.py)
 
 
 def check_auth(cfg: Config, error: type) -> dict | None:
@@ -69,12 +73,13 @@ def check_auth(cfg: Config, error: type) -> dict | None:
     no authentication, and a password file that does not parse (naming its line):
     the master checks before the workers load it, at start and on reload. The
     password file's users as parsed (None: no file)."""
-    from gw.auth import startup_problem
+    from gw.auth import anonymous_allowed, startup_problem
     from gw.passwords import PasswordFileError, load_password_file
 
     problem = startup_problem(cfg)
     if problem:
         raise error(problem)
+    anonymous_allowed(cfg)      # kept with cfg: the workers forked with it find the answer
     if not cfg.password_file:
         return None
     try:
@@ -647,7 +652,7 @@ class Master:
         # leaves the loggers as inherited.
         logging.getLogger("gw").setLevel(self.cfg.log_level.upper())
         preload(self.cfg)
-        preload_pipeline()
+        preload_pipeline(self.cfg)
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()

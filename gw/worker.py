@@ -32,6 +32,7 @@ TRIM_AFTER_HANDSHAKES = 256
 TRIM_INTERVAL = 10.0
 
 log = logging.getLogger("gw.worker")
+_gw_log = logging.getLogger("gw")       # looked up here, in the master: not again in each worker
 
 
 class ListenerSpec:
@@ -109,7 +110,7 @@ def apply_process_settings(cfg: Config) -> None:
     """The settings of the whole worker process, at start and on SIGHUP."""
     # The codec's policy (its decoders take no settings).
     codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
-    logger = logging.getLogger("gw")
+    logger = _gw_log
     level = logging.getLevelName(cfg.log_level.upper())
     if logger.level != level:
         # setLevel clears every logger's cache, writing to objects the master's
