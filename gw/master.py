@@ -53,6 +53,38 @@ RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 
+# Seconds after the children are forked (and after a reload) before the master
+# gives back the file pages only it maps (release_start_pages): by then every
+# child has faulted in the pages it runs, so those stay shared.
+RELEASE_START_PAGES_AFTER = 5.0
+
+
+def release_start_pages() -> int:
+    """Asks the kernel to reclaim the pages of the master's file mappings
+    (libraries, extensions) that no other process maps: code and data it ran
+    only while starting (OpenSSL reading the certificates, the import machinery,
+    modules' initialisation); it serves no traffic, and a page it uses again is
+    read back. Private mappings only (nothing to write back); the stats block
+    and other shared memory are left alone. The number of bytes advised."""
+    from gw_ext.stats import page_out
+
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].startswith("/dev/") or "p" not in parts[1]:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        start, end = int(lo, 16), int(hi, 16)
+        if page_out(start, end - start):
+            advised += end - start
+    return advised
+
+
 def preload_pipeline(cfg: Config | None = None) -> None:
     """What the pipeline process's start would otherwise work out in its own
     pages, made before the forks (its modules are imported already: the store
@@ -219,6 +251,7 @@ class Master:
         self.pidfile: Path | None = None
         self.stopping = False
         self.reload_pending = False
+        self.release_pages_at = 0.0     # when release_start_pages runs next (0: not due)
         self.wake_r, self.wake_w = -1, -1
         self.bound: dict[str, str] = {}
         # (i, j) -> (socket for i, socket for j): one channel per pair of workers.
@@ -637,6 +670,8 @@ class Master:
             if slot.pid:
                 os.kill(slot.pid, signal.SIGHUP)
         log.info("reloaded configuration and certificates")
+        # Reading the certificates again touched OpenSSL's pages in the master.
+        self.release_pages_at = time.monotonic() + RELEASE_START_PAGES_AFTER
 
     # --- main loop -------------------------------------------------------------
 
@@ -656,6 +691,7 @@ class Master:
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()
+        self.release_pages_at = time.monotonic() + RELEASE_START_PAGES_AFTER
         aggregator = Aggregator(self.block)
         interval = self.cfg.stats_interval
         next_stats = time.monotonic() + (interval or 3600)
@@ -688,6 +724,9 @@ class Master:
                 if now >= next_point:
                     next_point = max(next_point + SERIES_INTERVAL, now + SERIES_INTERVAL / 2)
                     recorder.tick()
+                if self.release_pages_at and now >= self.release_pages_at:
+                    self.release_pages_at = 0.0
+                    release_start_pages()
                 if now >= next_stats:
                     interval = self.cfg.stats_interval
                     next_stats = now + (interval or 3600)
