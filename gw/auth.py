@@ -29,7 +29,7 @@ import secrets
 import threading
 import time
 
-from gw.config import certificate_required, is_loopback_host
+from gw.config import Config, certificate_required, is_loopback_host
 from gw.passwords import PBKDF2_ITERATIONS, Entry, load_password_file
 from gw.scram import fake_iterations  # imported by the master: its secret is the same in every worker
 
@@ -53,11 +53,23 @@ def off_loopback_listeners(cfg, *, unless_certificate: bool = False) -> list[str
     return out
 
 
+_anonymous_for: list = [None, False]    # the Config last answered for, and the answer
+
+
 def anonymous_allowed(cfg) -> bool:
-    """Whether a client without a user name may connect."""
-    if cfg.allow_anonymous == "auto":
-        return not off_loopback_listeners(cfg)
-    return cfg.allow_anonymous == "true"
+    """Whether a client without a user name may connect. The answer for a
+    Config (immutable) is kept for the next call with it: the master asks before
+    forking, so a worker's start finds it instead of parsing the listeners'
+    addresses (ipaddress) again in its own pages."""
+    if _anonymous_for[0] is not cfg:
+        if cfg.allow_anonymous == "auto":
+            allowed = not off_loopback_listeners(cfg)
+        else:
+            allowed = cfg.allow_anonymous == "true"
+        if type(cfg) is not Config:
+            return allowed
+        _anonymous_for[:] = [cfg, allowed]
+    return _anonymous_for[1]
 
 
 def startup_problem(cfg) -> str | None:

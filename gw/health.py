@@ -35,9 +35,15 @@ class Health:
     def __init__(self, block: StatsBlock, listeners: dict[str, str], data_dir: str, worker_index: int):
         self.block = block
         self.listeners = listeners          # name -> "host:port", as this worker serves them
-        self.data_dir = Path(data_dir)
+        # Strings, not Paths: made at a worker's start, where pathlib's code would
+        # run in the worker's own pages (the path is shown by data_dir_writable).
+        self._data_dir = os.fspath(data_dir)
         self.worker_index = worker_index
-        self._probe = self.data_dir / f".health-{os.getpid()}"
+        self._probe = os.path.join(self._data_dir, f".health-{os.getpid()}")
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self._data_dir)
 
     def workers(self) -> tuple[bool, dict]:
         from gw.stats import Layout

@@ -544,6 +544,20 @@ class Accepted:
         self.single = single
 
 
+_shared: list = []        # [Ingestor]: the one shared_ingestor made last
+
+
+def shared_ingestor(max_batch: int) -> Ingestor:
+    """An Ingestor for max_batch, made once per process and value (it holds
+    no state of its own): the master makes the workers' before forking them
+    (gw.worker.preload), so a worker's start takes it from shared pages instead
+    of building its decoders again (msgspec and typing looking up the types
+    run in the worker's own pages)."""
+    if not _shared or _shared[0].max_batch != max_batch:
+        _shared[:] = [Ingestor(max_batch)]
+    return _shared[0]
+
+
 class Ingest:
     """The Python half of taking a reading, one per worker: the schema
     (msgspec, `Ingestor`) and the normalised JSON, for every transport. It
@@ -555,7 +569,7 @@ class Ingest:
     def __init__(self, max_batch: int, counters):
         from gw.stats import Counter
 
-        self.ingestor = Ingestor(max_batch)
+        self.ingestor = shared_ingestor(max_batch)
         self._encode = self.ingestor.encode
         self._c = counters
         self._mqtt_accepted = int(Counter.TELEMETRY_MQTT_ACCEPTED)
@@ -570,7 +584,7 @@ class Ingest:
     @max_batch.setter
     def max_batch(self, value: int) -> None:
         if value != self.ingestor.max_batch:
-            self.ingestor = Ingestor(value)
+            self.ingestor = shared_ingestor(value)
             self._encode = self.ingestor.encode
 
     def one(self, device_id: str, raw_id: bytes, body: bytes) -> Accepted:

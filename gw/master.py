@@ -11,6 +11,7 @@ being refused, and the other workers' clients are untouched.
 
 from __future__ import annotations
 
+import _signal
 import errno
 import gc
 import logging
@@ -52,17 +53,65 @@ RESPAWN_MAX = 10.0
 STABLE_AFTER = 5.0       # a worker that lived this long resets its backoff
 
 
+# Seconds after the children are forked (and after a reload) before the master
+# gives back the file pages only it maps (release_start_pages): by then every
+# child has faulted in the pages it runs, so those stay shared.
+RELEASE_START_PAGES_AFTER = 5.0
+
+
+def release_start_pages() -> int:
+    """Asks the kernel to reclaim the pages of the master's file mappings
+    (libraries, extensions) that no other process maps: code and data it ran
+    only while starting (OpenSSL reading the certificates, the import machinery,
+    modules' initialisation); it serves no traffic, and a page it uses again is
+    read back. Private mappings only (nothing to write back); the stats block
+    and other shared memory are left alone. The number of bytes advised."""
+    from gw_ext.stats import page_out
+
+    try:
+        with open("/proc/self/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return 0
+    advised = 0
+    for line in lines:
+        parts = line.split(None, 5)
+        if len(parts) < 6 or not parts[5].startswith("/") or parts[5].startswith("/dev/") or "p" not in parts[1]:
+            continue
+        lo, _, hi = parts[0].partition("-")
+        start, end = int(lo, 16), int(hi, 16)
+        if page_out(start, end - start):
+            advised += end - start
+    return advised
+
+
+def preload_pipeline(cfg: Config | None = None) -> None:
+    """What the pipeline process's start would otherwise work out in its own
+    pages, made before the forks (its modules are imported already: the store
+    is checked at start): msgspec resolves the annotations of the store sink's
+    Reading the first time a decoder takes it, and keeps them in the class; the
+    pipeline's Settings of the config."""
+    import msgspec
+
+    from gw.pipeline.batch import Reading
+    from gw.pipeline.settings import Settings
+    msgspec.json.Decoder(Reading)
+    if cfg is not None:
+        Settings.from_cfg(cfg)      # kept with cfg (gw/pipeline/settings.py)
+
+
 def check_auth(cfg: Config, error: type) -> dict | None:
     """Refuses (raising `error`, one line) settings that expose listeners with
     no authentication, and a password file that does not parse (naming its line):
     the master checks before the workers load it, at start and on reload. The
     password file's users as parsed (None: no file)."""
-    from gw.auth import startup_problem
+    from gw.auth import anonymous_allowed, startup_problem
     from gw.passwords import PasswordFileError, load_password_file
 
     problem = startup_problem(cfg)
     if problem:
         raise error(problem)
+    anonymous_allowed(cfg)      # kept with cfg: the workers forked with it find the answer
     if not cfg.password_file:
         return None
     try:
@@ -202,6 +251,7 @@ class Master:
         self.pidfile: Path | None = None
         self.stopping = False
         self.reload_pending = False
+        self.release_pages_at = 0.0     # when release_start_pages runs next (0: not due)
         self.wake_r, self.wake_w = -1, -1
         self.bound: dict[str, str] = {}
         # (i, j) -> (socket for i, socket for j): one channel per pair of workers.
@@ -415,11 +465,14 @@ class Master:
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-                    signal.signal(sig, signal.SIG_DFL)
+                # _signal's own functions, as in every child's start: signal.signal
+                # wraps them in enum conversions whose first run in a child writes
+                # to pages it would otherwise share.
+                for sig in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGCHLD):
+                    _signal.signal(sig, _signal.SIG_DFL)
                 if ignore_interrupt:
-                    signal.signal(signal.SIGINT, signal.SIG_IGN)
-                signal.set_wakeup_fd(-1)
+                    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
+                _signal.set_wakeup_fd(-1)
                 os.close(self.wake_r)
                 os.close(self.wake_w)
                 code = run()
@@ -617,6 +670,8 @@ class Master:
             if slot.pid:
                 os.kill(slot.pid, signal.SIGHUP)
         log.info("reloaded configuration and certificates")
+        # Reading the certificates again touched OpenSSL's pages in the master.
+        self.release_pages_at = time.monotonic() + RELEASE_START_PAGES_AFTER
 
     # --- main loop -------------------------------------------------------------
 
@@ -632,9 +687,11 @@ class Master:
         # leaves the loggers as inherited.
         logging.getLogger("gw").setLevel(self.cfg.log_level.upper())
         preload(self.cfg)
+        preload_pipeline(self.cfg)
         for slot in self.slots:
             self.spawn(slot)
         self.spawn_pipeline()
+        self.release_pages_at = time.monotonic() + RELEASE_START_PAGES_AFTER
         aggregator = Aggregator(self.block)
         interval = self.cfg.stats_interval
         next_stats = time.monotonic() + (interval or 3600)
@@ -667,6 +724,9 @@ class Master:
                 if now >= next_point:
                     next_point = max(next_point + SERIES_INTERVAL, now + SERIES_INTERVAL / 2)
                     recorder.tick()
+                if self.release_pages_at and now >= self.release_pages_at:
+                    self.release_pages_at = 0.0
+                    release_start_pages()
                 if now >= next_stats:
                     interval = self.cfg.stats_interval
                     next_stats = now + (interval or 3600)

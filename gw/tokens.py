@@ -92,9 +92,24 @@ def tokens_path(cfg: Config, get=getattr) -> Path:
     return Path(explicit) if explicit else Path(get(cfg, "data_dir")) / TOKENS_FILE
 
 
+_required_for: list = [None, False]     # the Config last answered for, and the answer
+
+
 def http_tokens_required(cfg: Config, get=getattr) -> bool:
     """Whether the HTTP API asks for tokens: http_auth = token, or auto with a
-    listener (any protocol) off loopback. `get(cfg, name)` reads a setting."""
+    listener (any protocol) off loopback. `get(cfg, name)` reads a setting.
+    The answer for a Config (immutable: every setting is there, so `get` reads
+    what getattr does) is kept for the next call with it: the master asks before
+    forking, and a worker's start finds the answer instead of parsing every
+    listener's address again (ipaddress) in its own pages."""
+    if type(cfg) is Config:
+        if _required_for[0] is not cfg:
+            _required_for[:] = [cfg, _tokens_required(cfg, getattr)]
+        return _required_for[1]
+    return _tokens_required(cfg, get)
+
+
+def _tokens_required(cfg: Config, get) -> bool:
     mode = get(cfg, "http_auth")
     if mode == "token":
         return True

@@ -7,10 +7,10 @@ master to serve traffic.
 
 from __future__ import annotations
 
+import _signal
 import logging
 import os
 import resource
-import signal
 import socket
 import time
 
@@ -32,6 +32,7 @@ TRIM_AFTER_HANDSHAKES = 256
 TRIM_INTERVAL = 10.0
 
 log = logging.getLogger("gw.worker")
+_gw_log = logging.getLogger("gw")       # looked up here, in the master: not again in each worker
 
 
 class ListenerSpec:
@@ -109,7 +110,7 @@ def apply_process_settings(cfg: Config) -> None:
     """The settings of the whole worker process, at start and on SIGHUP."""
     # The codec's policy (its decoders take no settings).
     codec.allow_control_characters(cfg.mqtt_control_characters == "accept")
-    logger = logging.getLogger("gw")
+    logger = _gw_log
     level = logging.getLevelName(cfg.log_level.upper())
     if logger.level != level:
         # setLevel clears every logger's cache, writing to objects the master's
@@ -211,7 +212,7 @@ def preload(cfg: Config | None = None) -> None:
     import gw_ext.acl  # noqa: F401
     import gw_ext.loop  # noqa: F401
     import gw_ext.tls  # noqa: F401
-    from gw.ingest import Ingestor
+    from gw.ingest import shared_ingestor
     from gw.jsonproto import Message
 
     # msgspec resolves a Struct's annotations the first time a decoder takes it
@@ -220,7 +221,7 @@ def preload(cfg: Config | None = None) -> None:
     for struct in (Message, _LoggedReading):
         msgspec.json.Decoder(struct)
     if cfg is not None:
-        Ingestor(cfg.max_batch)
+        shared_ingestor(cfg.max_batch)     # kept: each worker's Ingest takes it
 
 
 def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels: dict,
@@ -236,10 +237,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     from gw_ext.tls import TLSError, release_free_heap
 
     # Ctrl-C reaches the whole process group; the master decides what happens.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # (_signal: signal.signal's enum conversions would run in this process's pages.)
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)
     # A file over RLIMIT_FSIZE: the write fails (EFBIG) and the log reports it,
     # rather than the signal killing the worker.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    _signal.signal(_signal.SIGXFSZ, _signal.SIG_IGN)
     max_fds = raise_fd_limit()
     # The schema for every transport; the worker takes what it accepts (worker/ingest.pyx).
     ingest = Ingest(cfg.max_batch, block.row(slot))
@@ -424,8 +426,8 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
                 worker.publish(topic.encode(), value.encode(), 0, True)
 
     worker.on_tick = tick
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGHUP, on_hup)
+    _signal.signal(_signal.SIGTERM, on_term)
+    _signal.signal(_signal.SIGHUP, on_hup)
     log.debug("worker %d (pid %d) serving, fd limit %d", slot, os.getpid(), max_fds)
     # What setting up freed in the C heap goes back to the system.
     release_free_heap()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import _signal
 import faulthandler
 import logging
 import os
@@ -318,7 +319,9 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     returns 0. Raises PipelineError when it cannot start (corrupt store,
     unwritable data dir, bad setting)."""
     global _current
-    signal.signal(signal.SIGINT, signal.SIG_IGN)       # the master relays Ctrl-C as SIGTERM
+    # _signal's functions: signal.signal's enum conversions would run in this
+    # process's own pages (the master forked it; see ARCHITECTURE.md).
+    _signal.signal(_signal.SIGINT, _signal.SIG_IGN)     # the master relays Ctrl-C as SIGTERM
     # The master sends SIGUSR1 before it kills a pipeline that did not stop in
     # time: every thread's stack goes to stderr (the log), saying where it hung.
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -341,9 +344,8 @@ def pipeline_main(cfg, block, nworkers: int, publish, quick_check: bool = True) 
     pipe = Pipeline(settings, nworkers, durable, publish, quick_check=quick_check, rows=rows,
                     durable_published=durable_published)
     pipe.header = block.header
-    signal.signal(signal.SIGTERM, lambda signum, frame: pipe.stop())
-    if hasattr(signal, "SIGHUP"):
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)    # its settings need a restart
+    _signal.signal(_signal.SIGTERM, lambda signum, frame: pipe.stop())
+    _signal.signal(_signal.SIGHUP, _signal.SIG_IGN)     # its settings need a restart
     _current = pipe
     try:
         pipe.start()

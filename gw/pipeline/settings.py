@@ -45,6 +45,18 @@ class Settings:
 
     @classmethod
     def from_cfg(cls, cfg) -> "Settings":
+        # The Settings of a Config (both immutable) are kept for the next call with
+        # it: the master makes them before forking (gw/master.py), so the pipeline
+        # process's start takes them instead of running dataclasses' code again
+        # in its own pages.
+        if type(cfg) is Config and cls is Settings:
+            if _made_for[0] is not cfg:
+                _made_for[:] = [cfg, cls._from_cfg(cfg)]
+            return _made_for[1]
+        return cls._from_cfg(cfg)
+
+    @classmethod
+    def _from_cfg(cls, cfg) -> "Settings":
         values = {}
         for f in fields(cls):
             value = getattr(cfg, f.name, None)
@@ -70,3 +82,6 @@ class Settings:
     @property
     def bridge_enabled(self) -> bool:
         return self.bridge not in ("", "off")
+
+
+_made_for: list = [None, None]     # the Config last made Settings for, and those
