@@ -158,3 +158,12 @@ cdef extern from "openssl/ssl.h" nogil:
     int SSL_CTX_set_session_id_context(SSL_CTX* ctx, const unsigned char* sid_ctx, unsigned int sid_ctx_len)
     X509* SSL_get1_peer_certificate(const SSL* ssl)
     const SSL_CTX* SSL_get_SSL_CTX(const SSL* ssl)
+
+# The server context's set-up (gw_ext/tls.pyx): the certificate chain built once.
+cdef extern from "openssl/ssl.h" nogil:
+    ctypedef struct STACK_OF_X509 "struct stack_st_X509":
+        pass
+    long SSL_CTX_get0_chain_certs(SSL_CTX* ctx, STACK_OF_X509** chain)
+    long SSL_CTX_build_cert_chain(SSL_CTX* ctx, long flags)
+    long SSL_BUILD_CHAIN_FLAG_IGNORE_ERROR
+    long SSL_BUILD_CHAIN_FLAG_CLEAR_ERROR

@@ -266,6 +266,22 @@ cdef int load_crls(SSL_CTX* ctx, str crlfile) except -1:
     return added
 
 
+cdef int build_chain_once(SSL_CTX* ctx, str certfile) except -1:
+    """A certificate file that holds only the server's own certificate leaves
+    OpenSSL to build the chain it sends from the context's certificate store,
+    again in every handshake (ssl_add_cert_chain: an X509_STORE_CTX and a
+    verification, whose result it ignores). Built here once instead, from the
+    same store (client_cafile's CAs when loaded), so every handshake sends
+    what it sent before. A file that holds a chain is sent as it is."""
+    cdef STACK_OF_X509* chain = NULL
+    SSL_CTX_get0_chain_certs(ctx, &chain)
+    if chain != NULL:
+        return 0
+    if SSL_CTX_build_cert_chain(ctx, SSL_BUILD_CHAIN_FLAG_IGNORE_ERROR | SSL_BUILD_CHAIN_FLAG_CLEAR_ERROR) == 0:
+        raise TLSError(f"the certificate chain of {certfile} is refused: " + openssl_errors())
+    return 1
+
+
 cdef class TLSContext:
     """An SSL_CTX for accepting connections: TLS 1.2 minimum, modern ciphers only;
     with require_certificate, clients must present a certificate that
@@ -340,6 +356,7 @@ cdef class TLSContext:
             # OpenSSL's own verification (chain, dates, CRL); a failure ends the
             # handshake with its alert, and the worker counts why (client_refusal).
             SSL_CTX_set_verify(self.ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL)
+        build_chain_once(self.ctx, certfile)
 
     def __dealloc__(self):
         # Connections still using it hold their own reference (SSL_new takes one).

@@ -48,6 +48,10 @@ typedef struct {
 static unsigned char gw_ticket_master[GW_TICKET_SECRET];
 static int gw_ticket_master_set = 0;
 static int gw_ticket_index = -1;
+/* AES-256-CBC fetched once (gw_tickets_install, in the master before it forks):
+ * EVP_aes_256_cbc() is a legacy object that OpenSSL 3 fetches from the provider
+ * again at every EVP_EncryptInit_ex, i.e. for every ticket sealed or opened. */
+static EVP_CIPHER *gw_ticket_cipher = NULL;
 
 static void gw_tickets_set_secret(const unsigned char *secret) {
     memcpy(gw_ticket_master, secret, GW_TICKET_SECRET);
@@ -124,9 +128,11 @@ static int gw_tickets_cb(SSL *s, unsigned char *key_name, unsigned char *iv, EVP
     }
     key = gw_ticket_keys_for(k, period);
     if (key == NULL) return -1;
+    const EVP_CIPHER *cipher = gw_ticket_cipher;
+    if (cipher == NULL) return -1;
     if (enc) {
         memcpy(key_name, key, GW_TICKET_NAME);
-        if (RAND_bytes(iv, EVP_CIPHER_get_iv_length(EVP_aes_256_cbc())) <= 0) return -1;
+        if (RAND_bytes(iv, EVP_CIPHER_get_iv_length(cipher)) <= 0) return -1;
     } else if (CRYPTO_memcmp(key_name, key, GW_TICKET_NAME) != 0) {
         return 0;
     }
@@ -136,10 +142,10 @@ static int gw_tickets_cb(SSL *s, unsigned char *key_name, unsigned char *iv, EVP
     params[2] = OSSL_PARAM_construct_end();
     if (!EVP_MAC_CTX_set_params(hctx, params)) return -1;
     if (enc) {
-        if (!EVP_EncryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, key + GW_TICKET_NAME, iv)) return -1;
+        if (!EVP_EncryptInit_ex(cctx, cipher, NULL, key + GW_TICKET_NAME, iv)) return -1;
         return 1;
     }
-    if (!EVP_DecryptInit_ex(cctx, EVP_aes_256_cbc(), NULL, key + GW_TICKET_NAME, iv)) return -1;
+    if (!EVP_DecryptInit_ex(cctx, cipher, NULL, key + GW_TICKET_NAME, iv)) return -1;
     return period == now ? 1 : 2;
 }
 
@@ -151,6 +157,10 @@ static int gw_tickets_install(SSL_CTX *ctx, const unsigned char *binding, size_t
     if (gw_ticket_index < 0) {
         gw_ticket_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, gw_tickets_free);
         if (gw_ticket_index < 0) return -1;
+    }
+    if (gw_ticket_cipher == NULL) {
+        gw_ticket_cipher = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
+        if (gw_ticket_cipher == NULL) return -1;
     }
     k = (gw_ticket_keys *)OPENSSL_zalloc(sizeof(*k));
     if (k == NULL) return -1;

@@ -4,8 +4,10 @@ is the minimum and only forward-secret AEAD suites are offered."""
 
 from __future__ import annotations
 
+import re
 import ssl
 import stat
+import subprocess
 
 import pytest
 import trustme
@@ -132,3 +134,46 @@ def test_plain_mqtt_on_the_tls_port_is_a_tls_failure(server):
         wait_closed(sock)
     after = server.wait_counter("tls_failures", before["tls_failures"] + 1)
     assert counter_delta(before, after, "mqtt_connected") == 0
+
+
+def _served_chain(port, client_cert, client_key):
+    """The certificates the server sends, in order, as DER (openssl s_client
+    -showcerts, with a client certificate)."""
+    res = subprocess.run(["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", "localhost",
+                          "-showcerts", "-cert", str(client_cert), "-key", str(client_key)],
+                         input=b"", capture_output=True, timeout=60)
+    pems = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", res.stdout, re.S)
+    assert pems, res.stdout.decode(errors="replace") + res.stderr.decode(errors="replace")
+    return [ssl.PEM_cert_to_DER_cert(p.decode()) for p in pems]
+
+
+@pytest.mark.parametrize("file_holds_chain", [False, True])
+def test_served_chain_from_the_store_or_the_file(tmp_path, gw_factory, file_holds_chain):
+    """A cert.pem holding only the server's certificate is sent with the chain
+    built from the CAs of client_cafile (built once, when the context is made:
+    what OpenSSL built again in every handshake before), so a client trusting
+    only the root verifies it; one holding a chain is sent as it is."""
+    root = trustme.CA(organization_name="root CA")
+    inter = root.create_child_ca()
+    leaf = inter.issue_cert("localhost", "127.0.0.1")
+    device = inter.issue_cert("device-1")
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    pems = leaf.cert_chain_pems if file_holds_chain else leaf.cert_chain_pems[:1]
+    (certs / "cert.pem").write_bytes(b"".join(p.bytes() for p in pems))
+    (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+    (tmp_path / "client-ca.pem").write_bytes(inter.cert_pem.bytes() + root.cert_pem.bytes())
+    device.cert_chain_pems[0].write_to_path(str(tmp_path / "device.pem"))
+    device.private_key_pem.write_to_path(str(tmp_path / "device-key.pem"))
+    gw = gw_factory(workers=1, listeners=("mqtts",), certs=certs,
+                    args=["--require-certificate", "true", "--client-cafile", tmp_path / "client-ca.pem"])
+    der = [ssl.PEM_cert_to_DER_cert(p.bytes().decode()) for p in (leaf.cert_chain_pems[0], inter.cert_pem,
+                                                                   root.cert_pem)]
+    for _ in range(2):      # the same in every handshake
+        served = _served_chain(gw.ports["mqtts"], tmp_path / "device.pem", tmp_path / "device-key.pem")
+        assert served == (der[:2] if file_holds_chain else der)
+    ctx = ssl.create_default_context()
+    root.configure_trust(ctx)
+    ctx.load_cert_chain(tmp_path / "device.pem", tmp_path / "device-key.pem")
+    with mqtt_client(gw.ports["mqtts"], "chain-1", tls=ctx) as sock:
+        ping(sock)
