@@ -112,7 +112,7 @@ class Config:
                                         "secret the master makes at start, each sealing tickets for this "
                                         "long and accepted for as long again); 0: no tickets",
                                         minimum=0, maximum=604800)
-    tls_record_layer: str = _setting("openssl", "who seals and opens a TLS connection's records after its "
+    tls_record_layer: str = _setting("gw", "who seals and opens a TLS connection's records after its "
                                      "handshake: gw (TLS 1.3 with an AES-GCM or ChaCha20-Poly1305 suite: gw "
                                      "takes the keys from OpenSSL and frees its connection object, some 6 KiB "
                                      "less per connection; TLS 1.2 and use_identity_as_username listeners "

@@ -711,11 +711,16 @@ cdef class Worker:
             fd = self.resume_fds[self.nresume]
             gen = self.resume_gens[self.nresume]
             c = &self.conns[fd]
-            if c.gen != gen or c.state != ST_CONNECTED or c.inlen == 0:
+            if c.gen != gen or c.state != ST_CONNECTED or (c.inlen == 0 and not tls_pending(c)):
                 continue
             self.current_fd = fd
             try:
-                self.resume_input(c)
+                if c.inlen == 0 or self.resume_input(c) == 0:
+                    # TLS records held past the CONNECT (read before it settled):
+                    # epoll cannot see them (worker/tls_records.pyx)
+                    if (c.state == ST_CONNECTED and tls_pending(c) and not (c.store_flags & SF_HELD)
+                            and not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED))):
+                        self.on_readable(c)
             except Exception:
                 self.contained(fd, "handling a connection's input")
         self.current_fd = -1
