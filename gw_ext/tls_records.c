@@ -589,18 +589,21 @@ ssize_t gw_tlsrec_read(gw_tlsrec *r, int fd, uint8_t *out, size_t cap, uint64_t 
             return got > 0 ? (ssize_t)got : -2;
         if (st < 0 || got > 0 || record_ready(r))
             return finished(r, got, st);
-        /* only a partial record held: the socket's bytes go after it */
-        n = recv(fd, r->in + r->ilen, r->icap - r->ilen, 0);
-        if (n == 0)
-            return -1;
-        if (n < 0)
-            return (errno == EAGAIN || errno == EINTR) ? 0 : -2;
-        r->ilen += (uint32_t)n;
-        pos = 0;
-        st = drain(r, r->in, &pos, r->ilen, out, cap, &got, counters);
-        if (keep(r, r->in, pos, r->ilen) < 0)
-            return got > 0 ? (ssize_t)got : -2;
-        return finished(r, got, st);
+        if (r->in != NULL) {
+            /* only a partial record held: the socket's bytes go after it */
+            n = recv(fd, r->in + r->ilen, r->icap - r->ilen, 0);
+            if (n == 0)
+                return -1;
+            if (n < 0)
+                return (errno == EAGAIN || errno == EINTR) ? 0 : -2;
+            r->ilen += (uint32_t)n;
+            pos = 0;
+            st = drain(r, r->in, &pos, r->ilen, out, cap, &got, counters);
+            if (keep(r, r->in, pos, r->ilen) < 0)
+                return got > 0 ? (ssize_t)got : -2;
+            return finished(r, got, st);
+        }
+        /* what was held is consumed (a KeyUpdate, an empty record): read on */
     }
     n = recv(fd, in_scratch, IN_SCRATCH, 0);
     if (n == 0)
