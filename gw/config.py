@@ -114,7 +114,7 @@ class Config:
                                         minimum=0, maximum=604800)
     tls_record_layer: str = _setting("gw", "who seals and opens a TLS connection's records after its "
                                      "handshake: gw (TLS 1.3 with an AES-GCM or ChaCha20-Poly1305 suite: gw "
-                                     "takes the keys from OpenSSL and frees its connection object, some 6 KiB "
+                                     "takes the keys from OpenSSL and frees its connection object, some 13 KiB "
                                      "less per connection; TLS 1.2 and use_identity_as_username listeners "
                                      "stay on OpenSSL) or openssl (OpenSSL's record layer throughout)",
                                      choices=TLS_RECORD_LAYERS)
