@@ -27,6 +27,7 @@ C_SOURCES = {
     "gw_ext.wal": ["gw_ext/crc32c.c", "gw_ext/wal_records.c", "gw_ext/wal_flusher.c"],
     "gw_ext.dedup": ["gw_ext/dedup_table.c"],
     "gw_ext.filewriter": ["gw_ext/filewriter_thread.c"],
+    "gw_ext.loop": ["gw_ext/tls_records.c"],
     "gwbench._ext.tls_clients": ["gwbench/_ext/legacy_ec_keys.c", "gwbench/_ext/epoll_wait_ns.c"],
 }
 # Our own C files get more warnings than Cython's output (which warns about

@@ -327,6 +327,20 @@ def codec_seeds():
     yield "small-limit", b"\x04" + wires[5]
 
 
+def tls_records_seeds():
+    from gw_ext import loop
+
+    secret = bytes(range(1, 33))
+    yield "raw-record", b"\x00" + loop.tls_records_seal(0x1301, secret, b"\x10\x0c\x00\x04MQTT\x04\x02\x00\x3c\x00\x00")
+    yield "raw-oversized", b"\x01\x17\x03\x03\x48\x00" + b"\x00" * 30
+    for suite_bits in range(3):
+        yield f"sealed-{suite_bits}", bytes([4 | suite_bits, 8, 0]) + bytes(range(32))
+    yield "sealed-big", bytes([4, 255, 0]) + bytes(1020)
+    yield "sealed-alert", bytes([4, 1, 2]) + b"\x01\x00\x00\x00"
+    yield "sealed-keyupdate", bytes([5, 2, 3]) + b"\x18\x00\x00\x01\x01\x00\x00\x00"
+    yield "sealed-flipped", bytes([6, 4, 0]) + bytes(16) + b"\x00" * 9 + b"\x01"
+
+
 def codec5_seeds():
     from gw_ext import codec5
     from gw.packets5 import (Auth, Connack, Connect, Disconnect, Pingreq, Pingresp, Properties, Puback, Pubcomp,
@@ -368,7 +382,7 @@ def codec5_seeds():
 def main() -> None:
     for target, seeds in (("mqtt", mqtt_seeds), ("jsonlines", json_seeds), ("http", http_seeds),
                           ("channel", channel_seeds), ("wal", wal_seeds), ("codec", codec_seeds),
-                          ("codec5", codec5_seeds), ("ws", ws_seeds)):
+                          ("codec5", codec5_seeds), ("ws", ws_seeds), ("tls_records", tls_records_seeds)):
         for name, data in seeds():
             write(target, name, data)
     print("seed corpus written to", CORPUS)

@@ -28,7 +28,7 @@ from pathlib import Path
 FUZZ = Path(__file__).resolve().parent
 REPO = FUZZ.parent
 BUILD = REPO / ".fuzz" / "build" / "lib"      # where ./dev fuzz builds the instrumented extensions
-TARGETS = ("codec", "codec5", "mqtt", "jsonlines", "http", "channel", "wal", "ws")
+TARGETS = ("codec", "codec5", "mqtt", "jsonlines", "http", "channel", "wal", "ws", "tls_records")
 FINAL = re.compile(r"#(\d+)\s+DONE\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 PROGRESS = re.compile(r"#(\d+)\s+\w+\s+cov: (\d+) ft: (\d+) corp: (\d+)/")
 EXECUTED = re.compile(r"stat::number_of_executed_units:\s+(\d+)")

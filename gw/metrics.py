@@ -75,6 +75,13 @@ _FAMILIES = [
     ("gw_tls_handshake_failures_total", "counter", "TLS handshakes failed.", [("", C.TLS_FAILURES)]),
     ("gw_tls_resumed_total", "counter", "TLS handshakes (of gw_tls_handshakes_total) that resumed a session "
      "from a ticket.", [("", C.TLS_RESUMED)]),
+    ("gw_tls_record_layer_connections_total", "counter", "TLS connections past their handshake, by whose "
+     "record layer carries them: gw's (TLS 1.3, tls_record_layer = gw) or OpenSSL's though gw's was asked.",
+     [('{layer="gw"}', C.TLS_OWN_RECORDS), ('{layer="openssl"}', C.TLS_OPENSSL_RECORDS)]),
+    ("gw_tls_records_refused_total", "counter", "Connections closed over a TLS record gw's record layer "
+     "refused (a bad tag, length, header or content).", [("", C.TLS_RECORDS_REFUSED)]),
+    ("gw_tls_key_updates_total", "counter", "TLS 1.3 KeyUpdates handled by gw's record layer, by direction.",
+     [('{direction="in"}', C.TLS_KEY_UPDATES_IN), ('{direction="out"}', C.TLS_KEY_UPDATES_OUT)]),
     ("gw_tls_client_certificates_refused_total", "counter",
      "Clients refused over their certificate (require_certificate), by reason: none presented, not valid "
      "(unknown CA, bad signature, expired, or a common name that is no user name), revoked by crlfile.",

@@ -410,13 +410,15 @@ def counter_dict(totals) -> dict:
     for c in Counter:
         if (c in RANGES or c in PER_WORKER or c is Counter.N_COUNTERS or c in RATE_LIMIT_COUNTERS
                 or c in STORE_BEHIND_COUNTERS.values() or c in SHARED_COUNTERS.values()
-                or c in WILL_DELAY_COUNTERS.values() or c in ENHANCED_AUTH_COUNTERS.values()):
+                or c in WILL_DELAY_COUNTERS.values() or c in ENHANCED_AUTH_COUNTERS.values()
+                or c in TLS_RECORD_COUNTERS.values()):
             continue
         out[c.name.lower()] = totals[c]
     out["ingest_shed_store_behind"] = {name: totals[c] for name, c in STORE_BEHIND_COUNTERS.items()}
     out["shared_subscriptions"] = {name: totals[c] for name, c in SHARED_COUNTERS.items()}
     out["will_delay"] = {name: totals[c] for name, c in WILL_DELAY_COUNTERS.items()}
     out["enhanced_auth"] = {name: totals[c] for name, c in ENHANCED_AUTH_COUNTERS.items()}
+    out["tls_record_layer"] = {name: totals[c] for name, c in TLS_RECORD_COUNTERS.items()}
     out["rate_limits"] = {
         "pauses": {name: totals[c] for name, c in RATE_LIMIT_PAUSES.items()},
         "per_ip_refused": totals[Counter.PER_IP_REFUSED],
@@ -502,6 +504,11 @@ WILL_DELAY_COUNTERS = {"held": Counter.WILLS_DELAYED, "pending": Counter.WILLS_D
                        "cancelled": Counter.WILLS_DELAY_CANCELLED, "shutdown": Counter.WILLS_DELAY_SHUTDOWN,
                        "over_limit": Counter.WILLS_DELAY_OVER_LIMIT}
 # MQTT 5.0 enhanced authentication (SCRAM-SHA-512, re-authentication), grouped under "enhanced_auth".
+# gw's TLS record layer (tls_record_layer = gw): connections it took over, those
+# that stayed on OpenSSL's, records refused, KeyUpdates in and out.
+TLS_RECORD_COUNTERS = {"gw": Counter.TLS_OWN_RECORDS, "openssl": Counter.TLS_OPENSSL_RECORDS,
+                       "refused": Counter.TLS_RECORDS_REFUSED, "key_updates_in": Counter.TLS_KEY_UPDATES_IN,
+                       "key_updates_out": Counter.TLS_KEY_UPDATES_OUT}
 ENHANCED_AUTH_COUNTERS = {"scram_ok": Counter.AUTH_SCRAM_OK, "scram_failed": Counter.AUTH_SCRAM_FAILED,
                           "reauth_ok": Counter.AUTH_REAUTH_OK, "reauth_failed": Counter.AUTH_REAUTH_FAILED,
                           "method_unsupported": Counter.AUTH_METHOD_UNSUPPORTED}

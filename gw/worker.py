@@ -61,6 +61,7 @@ def apply_limits(worker, cfg: Config) -> None:
     worker.ws_path = cfg.ws_path.encode()
     worker.ws_allowed_origins = frozenset(o.encode() for o in ws_origins(cfg))
     worker.max_outbound = cfg.max_outbound
+    worker.tls_own_records = cfg.tls_record_layer == "gw"
     worker.soft_outbound = cfg.max_outbound // 2
     worker.max_inflight = cfg.max_inflight
     worker.max_queued = cfg.max_queued

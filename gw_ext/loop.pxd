@@ -27,6 +27,26 @@ from gw_ext.wheel cimport TimerNode, Wheel
 from gw_ext.wsframe cimport WsDecoder
 
 
+# gw's own TLS 1.3 record layer (worker/tls_records.pyx over gw_ext/tls_records.c).
+cdef extern from "tls_records.h" nogil:
+    ctypedef struct gw_tlsrec:
+        pass
+    void gw_tlsrec_counters(int refused, int key_updates_in, int key_updates_out)
+    gw_tlsrec* gw_tlsrec_attach(SSL* ssl)
+    int gw_tlsrec_takeover(gw_tlsrec* r, SSL* ssl)
+    void gw_tlsrec_free(gw_tlsrec* r)
+    ssize_t gw_tlsrec_read(gw_tlsrec* r, int fd, uint8_t* out, size_t cap, uint64_t* counters)
+    int gw_tlsrec_pending(const gw_tlsrec* r)
+    int gw_tlsrec_wants_write(const gw_tlsrec* r)
+    int gw_tlsrec_flush(gw_tlsrec* r, int fd, const uint8_t* plain, size_t len, size_t* consumed,
+                        uint64_t* counters)
+    void gw_tlsrec_close_notify(gw_tlsrec* r, int fd)
+    ssize_t gw_tlsrec_parse(int suite, const uint8_t* secret, size_t hash_len, const uint8_t* inp, size_t len,
+                            uint8_t* out, size_t cap, size_t* used)
+    ssize_t gw_tlsrec_seal(int suite, const uint8_t* secret, size_t hash_len, uint64_t seq, int type,
+                           const uint8_t* plain, size_t len, uint8_t* out, size_t cap)
+    size_t gw_tlsrec_state_size()
+
 # --- the connection table (loop.pyx) -------------------------------------------------
 
 cdef enum ConnState:
@@ -122,8 +142,9 @@ cdef struct AliasOut:
     uint32_t topic_len
 
 # One per file descriptor, in a table indexed by fd: the whole state of an
-# idle connection is this struct (about 120 bytes), plus its client id and,
-# for TLS, OpenSSL's SSL object. Buffers exist only while bytes are pending.
+# idle connection is this struct (about 130 bytes), plus its client id and,
+# for TLS, gw's record state (about 300 bytes, worker/tls_records.pyx) or
+# OpenSSL's SSL object. Buffers exist only while bytes are pending.
 cdef struct Conn:
     TimerNode timer           # first member: a TimerNode* is its Conn*
     int fd
@@ -161,7 +182,8 @@ cdef struct Conn:
     uint32_t need             # size of the partial packet in inbuf, when known
     uint64_t last_rx_ms       # when the last complete packet arrived
     uint32_t addr_slot        # max_connections_per_ip: its address's slot + 1 in the shared counts (0: not counted)
-    SSL* ssl
+    SSL* ssl                  # OpenSSL's, for the handshake (and after it with tls_record_layer = openssl)
+    gw_tlsrec* tls            # gw's record layer after a TLS 1.3 handshake (ssl then NULL) (worker/tls_records.pyx)
     char* client_id
     char* username            # JSON-lines clients: NULL for anonymous
     uint8_t* inbuf            # partial packet carried over to the next read
@@ -475,6 +497,7 @@ cdef class Worker:
     cdef bint reload_requested
     cdef bint begun                  # begin() ran: HELLO sent to the peers
     cdef public bint stopped
+    cdef public bint tls_own_records # tls_record_layer = "gw": new TLS 1.3 connections leave OpenSSL after the handshake
     cdef public object on_reload     # called (no arguments) after SIGHUP
     cdef public object on_tick       # called (no arguments) every tick_ms, when set
     cdef public uint32_t tick_ms
@@ -708,6 +731,15 @@ cdef class Worker:
 # --- loop.pyx ------------------------------------------------------------------------
 cdef uint64_t monotonic_ms() noexcept nogil
 cdef uint64_t monotonic_ns() noexcept nogil
+
+# --- worker/tls_records.pyx: gw's TLS 1.3 record layer after OpenSSL's handshake -------
+cdef void tls_attach(Worker w, Conn* c) noexcept
+cdef void tls_take_over(Worker w, Conn* c) noexcept
+cdef Py_ssize_t tls_read(Worker w, Conn* c, uint8_t* buf, size_t cap) noexcept
+cdef bint tls_pending(Conn* c) noexcept
+cdef int tls_flush(Worker w, Conn* c) noexcept
+cdef void tls_close_notify(Conn* c) noexcept
+cdef void tls_release(Conn* c) noexcept
 
 # --- worker/keepalive.pyx: every deadline of a connection ------------------------------
 cdef uint32_t mqtt_idle_limit_ms(uint16_t keepalive) noexcept nogil     # 1.5 x keepalive

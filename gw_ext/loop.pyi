@@ -21,6 +21,15 @@ MALFORMED_NAMES: list[str]
 def peer_address(fd: int) -> str:
     """A connected socket's peer as "host:port", for a log line; "?" if it is gone."""
 
+def tls_records_open(suite: int, secret: bytes, data: bytes, cap: int = ...) -> tuple[int, bytes, int]:
+    """Opens TLS 1.3 records as gw's read side (worker/tls_records.pyx): (status, plaintext, consumed)."""
+
+def tls_records_seal(suite: int, secret: bytes, plain: bytes, seq: int = ..., content_type: int = ...) -> bytes:
+    """Seals plain into TLS 1.3 records with the keys of secret: the other end of tls_records_open."""
+
+def tls_record_state_size() -> int:
+    """Bytes of gw's record state per TLS connection."""
+
 class PendingConnect:
     """A CONNECT waiting for its session to be settled."""
 
@@ -42,6 +51,7 @@ class Worker:
     on_tick: Callable[[], Any] | None
     tick_ms: int
     worker_index: int
+    tls_own_records: bool
     max_connections: int
     allow_anonymous: bool
     certificate_anonymous: bool

@@ -711,11 +711,16 @@ cdef class Worker:
             fd = self.resume_fds[self.nresume]
             gen = self.resume_gens[self.nresume]
             c = &self.conns[fd]
-            if c.gen != gen or c.state != ST_CONNECTED or c.inlen == 0:
+            if c.gen != gen or c.state != ST_CONNECTED or (c.inlen == 0 and not tls_pending(c)):
                 continue
             self.current_fd = fd
             try:
-                self.resume_input(c)
+                if c.inlen == 0 or self.resume_input(c) == 0:
+                    # TLS records held past the CONNECT (read before it settled):
+                    # epoll cannot see them (worker/tls_records.pyx)
+                    if (c.state == ST_CONNECTED and tls_pending(c) and not (c.store_flags & SF_HELD)
+                            and not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED))):
+                        self.on_readable(c)
             except Exception:
                 self.contained(fd, "handling a connection's input")
         self.current_fd = -1
@@ -876,6 +881,7 @@ cdef class Worker:
                     close(fd)
                     continue
                 SSL_set_accept_state(c.ssl)
+                tls_attach(self, c)     # tls_record_layer = gw (worker/tls_records.pyx)
                 c.flags = F_TLS
                 c.state = ST_TLS_HANDSHAKE
             else:
@@ -904,6 +910,8 @@ cdef class Worker:
         cdef size_t got = 0
         cdef int err
         if c.ssl == NULL:
+            if c.tls != NULL:
+                return tls_read(self, c, buf, cap)  # gw's TLS records (worker/tls_records.pyx)
             n = recv(c.fd, buf, cap, 0)
             if n > 0:
                 return n
@@ -995,7 +1003,7 @@ cdef class Worker:
             # brings us back). TLS: drain what OpenSSL already decrypted, which
             # epoll cannot see (unless a rate limit paused it: rate_resume_due
             # reads that when it resumes).
-            if c.ssl == NULL or SSL_pending(c.ssl) == 0 or c.flags & F_RATE_PAUSED:
+            if not tls_pending(c) or c.flags & F_RATE_PAUSED:
                 return
 
     cdef int resume_input(self, Conn* c):
@@ -1138,6 +1146,7 @@ cdef class Worker:
             self.counters[TLS_HANDSHAKES] += 1
             if SSL_session_reused(c.ssl):
                 self.counters[TLS_RESUMED] += 1
+            tls_take_over(self, c)      # gw's records from here on (worker/tls_records.pyx)
             self.set_pollout(c, False)
             return 1
         err = SSL_get_error(c.ssl, r)
@@ -1247,6 +1256,10 @@ cdef class Worker:
         cdef int err
         if c.ws and self.ws_states[c.fd].flags & WSF_FRAME_OPEN:
             ws_seal(self, c)        # what this turn wrote: one binary frame (worker/websocket.pyx)
+        if c.tls != NULL and c.ssl == NULL:
+            n = tls_flush(self, c)  # sealed into gw's TLS records (worker/tls_records.pyx)
+            if n <= 0:
+                return <int>n
         while c.outoff < c.outlen:
             if c.ssl == NULL:
                 n = send(c.fd, c.outbuf + c.outoff, c.outlen - c.outoff, MSG_NOSIGNAL)
@@ -1473,6 +1486,9 @@ cdef class Worker:
                 SSL_shutdown(c.ssl)     # one non-blocking close_notify, best effort
             SSL_free(c.ssl)
             ERR_clear_error()
+        elif c.tls != NULL and (state == ST_CONNECTED or state == ST_AWAIT_CONNECT or state == ST_CLOSING):
+            tls_close_notify(c)         # the same with gw's records (worker/tls_records.pyx)
+        tls_release(c)
         close(c.fd)     # also removes it from the epoll set
         free(c.inbuf)
         free(c.outbuf)
@@ -1512,6 +1528,7 @@ cdef class Worker:
 # extension module: module-level functions taking the worker, declared in
 # loop.pxd under a heading per file.
 include "worker/keepalive.pyx"
+include "worker/tls_records.pyx"
 # MQTT packets.
 include "worker/read_handle.pyx"
 include "worker/mqtt5.pyx"

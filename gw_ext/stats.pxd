@@ -186,7 +186,12 @@ cpdef enum:
                               # home is another worker: the claim follows, unanswered (registry.pyx)
     EVICTS_STALE = 409        # EVICTs that named a connection a CONNECT settled at once here had already taken over
     TLS_RESUMED = 416         # of TLS_HANDSHAKES: resumed from a session ticket (abbreviated handshakes)
-    # 417..447 free: TLS.
+    TLS_OWN_RECORDS = 417     # TLS 1.3 connections whose records gw took over after the handshake (tls_record_layer = gw)
+    TLS_OPENSSL_RECORDS = 418 # ... that stayed on OpenSSL's though gw was asked (TLS 1.2, another suite, a CN as user name)
+    TLS_RECORDS_REFUSED = 419 # connections closed over a record gw's layer refused (tag, length, header, content)
+    TLS_KEY_UPDATES_IN = 420  # KeyUpdates received by gw's record layer
+    TLS_KEY_UPDATES_OUT = 421 # KeyUpdates sent by it (asked by the client, or 2^24 records under one key)
+    # 422..447 free: TLS.
     N_COUNTERS = 448          # rows are 3,584 bytes: a multiple of the cache line
 
 cpdef enum:

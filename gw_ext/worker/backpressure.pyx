@@ -219,8 +219,7 @@ cdef void store_release(Worker w):
             continue
         c.last_rx_ms = w.now_ms     # the server's hold is not the client's silence
         w.update_events(c)
-        if (c.ssl != NULL and not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED))
-                and SSL_pending(c.ssl) > 0):
+        if not (c.flags & (F_PAUSED | F_HELD_FULL | F_RATE_PAUSED)) and tls_pending(c):
             w.current_fd = fd
             w.on_readable(c)
             w.current_fd = -1

@@ -757,6 +757,7 @@ cdef bint http_linger_start(Worker w, Conn* c):
         ERR_clear_error()
         SSL_shutdown(c.ssl)
         ERR_clear_error()
+    tls_close_notify(c)             # gw's TLS records (worker/tls_records.pyx)
     shutdown(c.fd, SHUT_WR)
     c.state = ST_AWAIT_CONNECT      # read again (process_http discards), no longer flushing
     c.need = 0

@@ -58,5 +58,5 @@ cdef void query_answered(Worker w, object token, object answer) except *:
         wheel_schedule(&w.wheel, &c.timer, w.now_ms + w.http_keepalive_ms)
     if c.inlen and w.resume_input(c) < 0:
         return
-    if c.ssl != NULL and c.state == ST_AWAIT_CONNECT and not (c.flags & F_PAUSED) and SSL_pending(c.ssl) > 0:
+    if c.state == ST_AWAIT_CONNECT and not (c.flags & F_PAUSED) and tls_pending(c):
         w.on_readable(c)        # bytes OpenSSL decrypted already: epoll cannot see them

@@ -331,7 +331,7 @@ cdef void rate_resume_due(Worker w):
                 w.current_fd = fd
                 if c.inlen and (c.state == ST_CONNECTED or c.state == ST_AWAIT_CONNECT):
                     w.resume_input(c)       # complete messages may wait there (the framing stopped)
-                if c.ssl != NULL and is_client_state(c.state) and SSL_pending(c.ssl) > 0:
+                if is_client_state(c.state) and tls_pending(c):
                     w.on_readable(c)
                 w.current_fd = -1
                 continue

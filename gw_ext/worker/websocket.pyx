@@ -257,6 +257,7 @@ cdef bint ws_linger_start(Worker w, Conn* c):
         ERR_clear_error()
         SSL_shutdown(c.ssl)
         ERR_clear_error()
+    tls_close_notify(c)             # gw's TLS records (worker/tls_records.pyx)
     shutdown(c.fd, SHUT_WR)
     return True
 
