@@ -101,6 +101,8 @@ def tls_records_open(int suite, bytes secret, bytes data, Py_ssize_t cap=1 << 20
     numbers from 0: (status, plaintext, bytes of data consumed); status is
     the plaintext's length, or -1 close_notify, -2 another alert, -3 refused."""
     cdef size_t used = 0
+    if cap < 0:
+        raise ValueError("cap must not be negative")
     cdef bytearray out = bytearray(max(cap, 1))
     cdef uint8_t* o = out
     cdef ssize_t n = gw_tlsrec_parse(suite, secret, len(secret), data, len(data), o, cap, &used)
