@@ -100,6 +100,12 @@ int main(int argc, char** argv) {
     /* A slow write: not idle while it lasts; the snapshots behind it are replaced. */
     gw_fw_inject(w, 0, 0, 500000000);
     uint64_t first = submit(w, a, "slow-0"), newest = 0;
+    /* The writer has taken slow-0 before the others come: on a loaded machine
+       its thread may start late, and a snapshot still pending is replaced by
+       a newer one, not written. (Each wait: 0.1 ms, not idle meanwhile.) */
+    for (int tries = 0; !gw_fw_busy(w) && tries < 100000; tries++)
+        gw_fw_wait_idle(w, 100000);
+    CHECK(gw_fw_busy(w) == 1);
     CHECK_EQ(gw_fw_wait_idle(w, 1000000), 0);  /* 1 ms into a write of at least 500 ms */
     for (int i = 1; i <= 5; i++) {
         snprintf(text, sizeof text, "slow-%d", i);
