@@ -177,13 +177,20 @@ def store(request, tmp_path):
     s.close()
 
 
+UNHURRIED_BUDGET = 60.0     # seconds
+
+
 def make_app(where, now: float = NOW) -> App:
     """The app over a store (Store, PgStore) or an SQLite data directory."""
     if isinstance(where, (Store, PgStore)):
         a = App(cfg(data_dir=str(where.path.parent), store=where.setting))
     else:
         a = App(cfg(data_dir=str(where)))
-    a.app._query_api().now = lambda: now
+    api = a.app._query_api()
+    api.now = lambda: now
+    # Timing is not what these tests check: on a loaded CI machine a 3,600-point range can run past the
+    # 250 ms production budget. The budget's own test sets it to zero.
+    api.budget = UNHURRIED_BUDGET
     return a
 
 
@@ -739,7 +746,7 @@ def test_query_over_budget_is_interrupted(store, app, caplog):
     assert error(app, "/v1/devices/dev1/metrics?metric=temp_c") == (503, "query_timeout")
     assert error(app, "/v1/devices/dev1/metrics?metric=temp_c") == (503, "query_timeout")
     assert len(caplog.records) == 1
-    api.budget = q.QUERY_BUDGET
+    api.budget = UNHURRIED_BUDGET
     assert call(app, "/v1/devices/dev1/metrics?metric=temp_c")[0] == 200
 
 
