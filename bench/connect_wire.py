@@ -160,7 +160,8 @@ def main() -> int:
             finally:
                 stop(td)
         r = split(parse_pcap(pcap, broker.port), args.slow_ms)
-        r["bench_connect_ms"] = bench.get("connect_ms") or bench.get("connect")
+        r["port"] = broker.port
+        r["bench_connect_ms"] = bench.get("connect_ms")
     print(f"{args.broker}{f' --workers {args.workers}' if args.broker == 'gw' else ''}: "
           f"{args.clients} clients over {args.rampup:g} s")
     report(r, args.slow_ms)
