@@ -1,0 +1,174 @@
+"""Where a connect's time goes, read off the wire.
+
+    python bench/connect_wire.py                         # gw --workers 2, 10,000 clients over 8 s
+    python bench/connect_wire.py --broker mosquitto      # the same for Debian's mosquitto
+    python bench/connect_wire.py --workers 1 --clients 200 --rampup 1 --json out.json
+
+Starts the broker as bench/compare.py does (its Gw and Mosquitto classes),
+runs `tcpdump -i lo` on the broker's plain MQTT port during a `gw bench` ramp,
+and splits every connection that completed its handshake into phases:
+
+    SYN -> SYN-ACK          kernel (listen queue, SYN handling)
+    SYN-ACK -> CONNECT      client (the load generator sends CONNECT)
+    CONNECT -> CONNACK      server (accept, read, parse, register, answer)
+    SYN -> CONNACK          total
+
+with p50/p90/p99/max of each, and the moments (seconds since the first SYN)
+of the server answers slower than --slow-ms (2 ms): the stall finder. Stalls
+that line up across connections point at the server; compare with
+`perf trace --duration 1 -p <worker pids>` taken over the same run.
+
+tcpdump needs CAP_NET_RAW (root in CI). The capture keeps 96 bytes a packet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare import Gw, Mosquitto, idle, run_bench, stop  # noqa: E402
+
+PHASES = (("kernel", "syn", "synack"), ("client", "synack", "connect"),
+          ("server", "connect", "connack"), ("total", "syn", "connack"))
+
+
+def parse_pcap(path: Path, port: int) -> dict[int, dict[str, float]]:
+    """Per client port: first SYN, SYN-ACK, first payload in (CONNECT) and out (CONNACK)."""
+    d = path.read_bytes()
+    if len(d) < 24:
+        return {}
+    magic = struct.unpack("<I", d[:4])[0]
+    if magic not in (0xA1B2C3D4, 0xA1B23C4D):
+        raise SystemExit(f"connect_wire: {path} is not a little-endian pcap")
+    scale = 1e-6 if magic == 0xA1B2C3D4 else 1e-9
+    link = struct.unpack("<I", d[20:24])[0]
+    skip = {1: 14, 113: 16, 276: 20, 0: 4}.get(link)
+    if skip is None:
+        raise SystemExit(f"connect_wire: link type {link} not handled")
+    conns: dict[int, dict[str, float]] = {}
+    off = 24
+    while off + 16 <= len(d):
+        s, us, incl, _orig = struct.unpack("<IIII", d[off:off + 16])
+        off += 16
+        pkt = d[off:off + incl][skip:]
+        off += incl
+        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            continue
+        ihl = (pkt[0] & 15) * 4
+        tot = struct.unpack(">H", pkt[2:4])[0]
+        tcp = pkt[ihl:]
+        if len(tcp) < 14:
+            continue
+        sp, dp = struct.unpack(">HH", tcp[:4])
+        doff = (tcp[12] >> 4) * 4
+        syn = tcp[13] & 2
+        plen = tot - ihl - doff
+        t = s + us * scale
+        if dp == port:
+            c = conns.setdefault(sp, {})
+            if syn and "syn" not in c:
+                c["syn"] = t
+            if plen > 0 and "connect" not in c:
+                c["connect"] = t
+        elif sp == port:
+            c = conns.setdefault(dp, {})
+            if syn and "synack" not in c:
+                c["synack"] = t
+            if plen > 0 and "connack" not in c:
+                c["connack"] = t
+    return conns
+
+
+def pct(v: list[float], p: float) -> float:
+    return v[min(len(v) - 1, int(len(v) * p))]
+
+
+def split(conns: dict, slow_ms: float = 2.0) -> dict:
+    full = [c for c in conns.values() if all(k in c for k in ("syn", "synack", "connect", "connack"))]
+    out = {"connections": len(conns), "complete": len(full), "phases": {}, "slow_server": []}
+    if not full:
+        return out
+    for name, a, b in PHASES:
+        v = sorted((c[b] - c[a]) * 1000 for c in full)
+        out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
+    t0 = min(c["syn"] for c in full)
+    out["slow_server"] = sorted((round(c["connect"] - t0, 4), round((c["connack"] - c["connect"]) * 1000, 3))
+                                for c in full if (c["connack"] - c["connect"]) * 1000 > slow_ms)
+    return out
+
+
+def report(r: dict, slow_ms: float) -> None:
+    print(f"{r['connections']} connections seen, {r['complete']} complete")
+    for name, st in r["phases"].items():
+        print(f"  {name:7s} p50 {st['p50']:7.3f}  p90 {st['p90']:7.3f}  p99 {st['p99']:7.3f}  max {st['max']:8.3f} ms")
+    slow = r["slow_server"]
+    print(f"server answers over {slow_ms:g} ms: {len(slow)}")
+    if slow:
+        print("  " + " ".join(f"{t:.3f}s:{ms:.1f}" for t, ms in slow[:200]))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--broker", choices=("gw", "mosquitto"), default="gw")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--clients", type=int, default=10000)
+    ap.add_argument("--rampup", type=float, default=8.0)
+    ap.add_argument("--slow-ms", type=float, default=2.0)
+    ap.add_argument("--pcap", type=Path, help="keep the capture here")
+    ap.add_argument("--json", type=Path, help="write the split as JSON here")
+    args = ap.parse_args()
+    if not shutil.which("tcpdump"):
+        print("connect_wire: tcpdump is not installed (apt-get install tcpdump)", file=sys.stderr)
+        return 2
+    if args.broker == "mosquitto" and not shutil.which("mosquitto"):
+        print("connect_wire: mosquitto is not installed", file=sys.stderr)
+        return 2
+    import trustme
+
+    with tempfile.TemporaryDirectory(prefix="gw-wire-") as tmp:
+        tmp = Path(tmp)
+        certs = tmp / "certs"
+        certs.mkdir()
+        ca = trustme.CA()
+        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+        (certs / "ca.pem").write_bytes(ca.cert_pem.bytes())
+        (certs / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+        (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+        os.chmod(certs / "key.pem", 0o600)
+        sc = idle(args.clients, args.rampup, tls=False)
+        sc.bench_args[sc.bench_args.index("--duration") + 1] = "1"
+        work = tmp / args.broker
+        work.mkdir()
+        broker = Gw(work, certs, args.workers) if args.broker == "gw" else Mosquitto(work, certs, sc.mosquitto)
+        pcap = args.pcap or tmp / "cap.pcap"
+        with broker:
+            td = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "96", "-B", "65536", "-U", "-w", str(pcap),
+                                   f"tcp port {broker.port}"], stdout=subprocess.DEVNULL,
+                                  stderr=open(tmp / "tcpdump.log", "wb"), stdin=subprocess.DEVNULL)
+            time.sleep(1.0)
+            try:
+                bench = run_bench(broker, sc, tmp / "bench.json")
+            finally:
+                stop(td)
+        r = split(parse_pcap(pcap, broker.port), args.slow_ms)
+        r["port"] = broker.port
+        r["bench_connect_ms"] = bench.get("connect_ms")
+    print(f"{args.broker}{f' --workers {args.workers}' if args.broker == 'gw' else ''}: "
+          f"{args.clients} clients over {args.rampup:g} s")
+    report(r, args.slow_ms)
+    if args.json:
+        args.json.write_text(json.dumps(r, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
