@@ -154,7 +154,14 @@ def main() -> int:
             td = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "96", "-B", "65536", "-U", "-w", str(pcap),
                                    f"tcp port {broker.port}"], stdout=subprocess.DEVNULL,
                                   stderr=open(tmp / "tcpdump.log", "wb"), stdin=subprocess.DEVNULL)
-            time.sleep(1.0)
+            # Capturing once tcpdump says so (a fixed pause missed the first SYNs on a loaded machine).
+            deadline = time.monotonic() + 30
+            while b"listening on" not in (tmp / "tcpdump.log").read_bytes():
+                if td.poll() is not None or time.monotonic() > deadline:
+                    stop(td)
+                    raise SystemExit("connect_wire: tcpdump did not start capturing:\n"
+                                     + (tmp / "tcpdump.log").read_text(errors="replace"))
+                time.sleep(0.05)
             try:
                 bench = run_bench(broker, sc, tmp / "bench.json")
             finally:
