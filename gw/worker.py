@@ -28,9 +28,14 @@ from gw.stats import Counter, StatsBlock
 from gw.systopics import sys_messages
 from gw_ext import codec
 
-# The heap is trimmed after this many TLS handshakes, at most every TRIM_INTERVAL seconds.
+# The heap is trimmed after this many TLS handshakes, at most every TRIM_INTERVAL seconds,
+# once a tick passes without a new handshake (malloc_trim walks the whole heap and
+# madvises its free pages: milliseconds during which the worker's connections wait,
+# so not in the middle of a connection ramp), or after TRIM_MAX_WAIT seconds of
+# handshakes that never pause.
 TRIM_AFTER_HANDSHAKES = 256
 TRIM_INTERVAL = 10.0
+TRIM_MAX_WAIT = 60.0
 
 log = logging.getLogger("gw.worker")
 _gw_log = logging.getLogger("gw")       # looked up here, in the master: not again in each worker
@@ -434,15 +439,22 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     persistence.load()
     next_sys = 0.0
     counters = block.row(slot)
-    trimmed_at = [0.0, 0]       # when the heap was last trimmed, the handshakes then
+    # when the heap was last trimmed, the handshakes then, the handshakes at the last tick
+    trimmed_at = [0.0, 0, 0]
 
     def trim_after_handshakes():
         # After a run of TLS handshakes (each allocates and frees tens of KiB among
         # the new connections' lasting objects), at most every TRIM_INTERVAL s:
         # about 3.5 KiB per TLS connection stays resident otherwise (BENCHMARKS.md).
+        # The run is over when a tick saw no new handshake; the trim waits for that
+        # (it stalls the loop for milliseconds) unless handshakes went on for
+        # TRIM_MAX_WAIT s.
         now = time.monotonic()
         done = int(counters[Counter.TLS_HANDSHAKES]) + int(counters[Counter.TLS_FAILURES])
-        if done - trimmed_at[1] >= TRIM_AFTER_HANDSHAKES and now - trimmed_at[0] >= TRIM_INTERVAL:
+        quiet = done == trimmed_at[2]
+        trimmed_at[2] = done
+        if (done - trimmed_at[1] >= TRIM_AFTER_HANDSHAKES and now - trimmed_at[0] >= TRIM_INTERVAL
+                and (quiet or now - trimmed_at[0] >= TRIM_MAX_WAIT)):
             trimmed_at[0], trimmed_at[1] = now, done
             release_free_heap()
 
