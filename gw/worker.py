@@ -41,6 +41,31 @@ log = logging.getLogger("gw.worker")
 _gw_log = logging.getLogger("gw")       # looked up here, in the master: not again in each worker
 
 
+class HeapTrimSchedule:
+    """When a worker trims its heap after TLS handshakes (each allocates and frees
+    tens of KiB among the new connections' lasting objects: about 3.5 KiB per TLS
+    connection stays resident otherwise, BENCHMARKS.md). Asked once a tick with
+    the handshakes done so far: after TRIM_AFTER_HANDSHAKES of them, at most every
+    TRIM_INTERVAL s, and only at a tick that saw no new handshake (the run is
+    over: the trim stalls the loop for milliseconds) unless handshakes went on for
+    TRIM_MAX_WAIT s. The worker's start counts as a trim, so the first is not
+    overdue inside the first ramp."""
+
+    def __init__(self, start: float):
+        self.trimmed_at = start         # when the heap was last trimmed
+        self.trimmed_done = 0           # the handshakes then
+        self.last_done = 0              # the handshakes at the last tick
+
+    def due(self, now: float, done: int) -> bool:
+        quiet = done == self.last_done
+        self.last_done = done
+        if (done - self.trimmed_done >= TRIM_AFTER_HANDSHAKES and now - self.trimmed_at >= TRIM_INTERVAL
+                and (quiet or now - self.trimmed_at >= TRIM_MAX_WAIT)):
+            self.trimmed_at, self.trimmed_done = now, done
+            return True
+        return False
+
+
 class ListenerSpec:
     """One listening socket of a worker slot, as the master made it."""
 
@@ -439,23 +464,11 @@ def worker_main(slot: int, cfg: Config, listeners: list[ListenerSpec], channels:
     persistence.load()
     next_sys = 0.0
     counters = block.row(slot)
-    # when the heap was last trimmed, the handshakes then, the handshakes at the last tick
-    trimmed_at = [0.0, 0, 0]
+    heap_trim = HeapTrimSchedule(time.monotonic())
 
     def trim_after_handshakes():
-        # After a run of TLS handshakes (each allocates and frees tens of KiB among
-        # the new connections' lasting objects), at most every TRIM_INTERVAL s:
-        # about 3.5 KiB per TLS connection stays resident otherwise (BENCHMARKS.md).
-        # The run is over when a tick saw no new handshake; the trim waits for that
-        # (it stalls the loop for milliseconds) unless handshakes went on for
-        # TRIM_MAX_WAIT s.
-        now = time.monotonic()
         done = int(counters[Counter.TLS_HANDSHAKES]) + int(counters[Counter.TLS_FAILURES])
-        quiet = done == trimmed_at[2]
-        trimmed_at[2] = done
-        if (done - trimmed_at[1] >= TRIM_AFTER_HANDSHAKES and now - trimmed_at[0] >= TRIM_INTERVAL
-                and (quiet or now - trimmed_at[0] >= TRIM_MAX_WAIT)):
-            trimmed_at[0], trimmed_at[1] = now, done
+        if heap_trim.due(time.monotonic(), done):
             release_free_heap()
 
     def tick():
