@@ -111,6 +111,21 @@ SCENARIOS = {s.name: s for s in (
 )}
 
 
+def make_certs(certs: Path) -> Path:
+    """A trustme CA and a leaf for localhost, 127.0.0.1 and ::1 in certs/ (ca.pem,
+    cert.pem with its chain, key.pem 0600), as both brokers are given."""
+    import trustme
+
+    certs.mkdir()
+    ca = trustme.CA()
+    leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
+    (certs / "ca.pem").write_bytes(ca.cert_pem.bytes())
+    (certs / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
+    os.chmod(certs / "key.pem", 0o600)
+    return certs
+
+
 def stop(proc: subprocess.Popen, timeout: float = 20) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -317,21 +332,12 @@ def main() -> int:
     if not shutil.which("mosquitto"):
         print("compare: Debian's mosquitto is not installed (apt-get install mosquitto)", file=sys.stderr)
         return 2
-    import trustme
-
     RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
     with tempfile.TemporaryDirectory(prefix="gw-compare-") as tmp:
         tmp = Path(tmp)
-        certs = tmp / "certs"
-        certs.mkdir()
-        ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-        (certs / "ca.pem").write_bytes(ca.cert_pem.bytes())
-        (certs / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-        (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
-        os.chmod(certs / "key.pem", 0o600)
+        certs = make_certs(tmp / "certs")
         for i, name in enumerate(args.only or SCENARIOS):
             sc = SCENARIOS[name]
             order = ["gw", "mosquitto"] if i % 2 == 0 else ["mosquitto", "gw"]

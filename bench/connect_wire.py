@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import struct
 import subprocess
@@ -35,7 +34,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import Gw, Mosquitto, idle, run_bench, stop  # noqa: E402
+from compare import Gw, Mosquitto, idle, make_certs, run_bench, stop  # noqa: E402
 
 PHASES = (("kernel", "syn", "synack"), ("client", "synack", "connect"),
           ("server", "connect", "connack"), ("total", "syn", "connack"))
@@ -132,18 +131,9 @@ def main() -> int:
     if args.broker == "mosquitto" and not shutil.which("mosquitto"):
         print("connect_wire: mosquitto is not installed", file=sys.stderr)
         return 2
-    import trustme
-
     with tempfile.TemporaryDirectory(prefix="gw-wire-") as tmp:
         tmp = Path(tmp)
-        certs = tmp / "certs"
-        certs.mkdir()
-        ca = trustme.CA()
-        leaf = ca.issue_cert("localhost", "127.0.0.1", "::1")
-        (certs / "ca.pem").write_bytes(ca.cert_pem.bytes())
-        (certs / "cert.pem").write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
-        (certs / "key.pem").write_bytes(leaf.private_key_pem.bytes())
-        os.chmod(certs / "key.pem", 0o600)
+        certs = make_certs(tmp / "certs")
         sc = idle(args.clients, args.rampup, tls=False)
         sc.bench_args[sc.bench_args.index("--duration") + 1] = "1"
         work = tmp / args.broker
