@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE.parent))
 from benchutil import gated_ratio  # noqa: E402
 
 MODULES = ("bench_codec", "bench_dedup", "bench_topics", "bench_wal", "bench_wheel", "bench_store",
-           "bench_query")
+           "bench_query", "bench_ingest")
 
 
 def all_gates(names: set[str]):
@@ -42,7 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("gates", nargs="*", help="gate names (codec, dedup, topics, wal, wheel, "
-                                                 "aggregation, query_rollup, query_raw); default all")
+                                                 "aggregation, query_rollup, query_raw, ingest_json); default all")
     args = parser.parse_args()
     rows = []
     for gate in all_gates(set(args.gates)):
