@@ -156,6 +156,7 @@ cdef struct Conn:
     uint8_t close_reason      # ST_CLOSED: a CloseReason (loop.pyx)
     uint8_t close_detail      # ST_CLOSED: e.g. the malformed reason
     uint8_t store_flags       # SF_* (worker/backpressure.pyx): telemetry publisher, held for the store
+    uint8_t events            # what the epoll set has for it (EPOLLIN, EPOLLOUT): update_events skips an unchanged MOD
     uint16_t keepalive        # seconds, from CONNECT
     uint16_t client_id_len    # JSON-lines clients (MQTT ids live in the Session)
     uint16_t username_len     # JSON-lines clients: the user name they act as (MQTT's live in the Session)
