@@ -37,8 +37,8 @@ from cpython.mem cimport PyMem_Free
 from cpython.object cimport PyObject
 from libc.math cimport isfinite, nearbyint, signbit
 from libc.stdint cimport int64_t
-from libc.stdlib cimport realloc, free
-from libc.string cimport memcpy, memchr, strlen
+from libc.stdlib cimport realloc, free, strtol
+from libc.string cimport memcpy, memchr
 
 from datetime import timezone
 
@@ -246,23 +246,12 @@ cdef Py_ssize_t put_f64(char *out, double v) except -1:
         if lead > 0 and s[0] != 48:
             kk = lead
         if p[0] == 101:
-            kk += <int>strtol10(p + 1)
+            kk += <int>strtol(p + 1, NULL, 10)      # "+16", "-07"
         while length > 1 and digits[length - 1] == 48:
             length -= 1
         return sign + layout(out + sign, digits, length, kk)
     finally:
         PyMem_Free(s)
-
-
-cdef long strtol10(const char *s):
-    cdef long v = 0
-    cdef bint neg = s[0] == 45
-    if s[0] == 45 or s[0] == 43:
-        s += 1
-    while 48 <= s[0] <= 57:
-        v = v * 10 + (s[0] - 48)
-        s += 1
-    return -v if neg else v
 
 
 cdef inline void two(char *out, int v):
