@@ -121,17 +121,6 @@ cdef bint device_ok(const char *s, Py_ssize_t n):
     return True
 
 
-cdef bint needs_escape(const char *s, Py_ssize_t n):
-    """Whether msgspec would escape a byte of this string (a control character, '"', '\\')."""
-    cdef Py_ssize_t i
-    cdef unsigned char c
-    for i in range(n):
-        c = <unsigned char>s[i]
-        if c < 32 or c == 34 or c == 92:
-            return True
-    return False
-
-
 # --- numbers and times as msgspec writes them ------------------------------------------------
 
 cdef Py_ssize_t layout(char *out, const char *digits, int length, int kk):
