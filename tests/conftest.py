@@ -439,6 +439,15 @@ class GwServer:
         except FileNotFoundError:
             return ""
 
+    def wait_log(self, text: str, timeout: float = 10.0, since: int = 0) -> str:
+        """The log, once it holds `text` (after offset `since`). A worker counts
+        an event before it writes the event's log line, so a test that saw the
+        counter move can still read the log a moment before the line is in it."""
+        def holds():
+            log = self.log()
+            return log if text in log[since:] else None
+        return wait_for(holds, timeout, what=f"{text!r} in the server's log")
+
     def stdout(self) -> str:
         try:
             return self.stdout_path.read_text(errors="replace")

@@ -256,7 +256,7 @@ def test_off_loopback_with_password_file_refuses_anonymous(gw_factory, tmp_path)
     assert json.loads(reply.splitlines()[0])["message_type"] == "Error"
     counters = server.counters()
     assert get_counter(counters, "auth_refused_anonymous") == 2
-    assert "anonymous access is off" in server.log()
+    server.wait_log("anonymous access is off")
 
 
 def test_allow_anonymous_true_with_password_file(gw_factory, tmp_path):

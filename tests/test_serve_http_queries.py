@@ -210,7 +210,7 @@ def test_waiting_queries_are_bounded(tmp_path, gw_factory):
         for c in conns:
             resp = c.request("GET", "/v1/alerts?limit=1")
             assert resp.status == 200, resp
-        assert "store queries are waiting" in server.log()
+        server.wait_log("store queries are waiting")
     finally:
         for c in conns:
             c.close()

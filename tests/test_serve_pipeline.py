@@ -258,7 +258,7 @@ def test_a_full_disk_stops_acknowledgements_and_the_gateway_recovers_by_itself(g
             mq.sendall(publish_packet(f"telemetry/{device}", b'{"seq": 9999, "metrics": {"v": 1}}', qos=1,
                                       packet_id=1))
             assert wait_closed(mq) == b""
-        assert "cannot take readings" in server.log()
+        server.wait_log("cannot take readings")
     finally:
         resource.prlimit(worker, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 

@@ -370,7 +370,7 @@ def test_malformed_frame_is_closed_with_its_code(server, name, how, frag_rng):
     slot = {1002: "1002", 1003: "1003", 1007: "1007", 1009: "1009"}[code]
     assert counter_delta(before, after, f"ws_closes.{slot}") == 1
     assert counter_delta(before, after, "closed_malformed") == 1
-    assert "closed a WebSocket connection: " in server.log()     # logged (at most once per 10 s)
+    server.wait_log("closed a WebSocket connection: ")     # logged (at most once per 10 s)
 
 
 def test_oversized_mqtt_packet_in_valid_frames_closes(server):
@@ -450,7 +450,7 @@ def test_foreign_origin_is_refused(guarded, how, frag_rng):
     head = refused(guarded, upgrade_request(origin="https://evil.example")[0], how, frag_rng)
     assert status_of(head) == 403
     assert counter_delta(before, guarded.counters(), "ws_refused.403") == 1
-    assert "Origin https://evil.example is not in ws_allowed_origins" in guarded.log()
+    guarded.wait_log("Origin https://evil.example is not in ws_allowed_origins")
 
 
 @pytest.mark.parametrize("origin", ["https://dash.example", "HTTP://LOCALHOST:8080", None])

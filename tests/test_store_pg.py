@@ -121,7 +121,7 @@ def test_kill9_of_postgresql_mid_stream_loses_and_doubles_nothing(pg_gw, pg_serv
     rows = wait_exactly_once(pg_server, pg_url, device, pub.acked, timeout=90)
     assert set(rows) <= set(range(sent[0]))
     wait_for(lambda: metrics(server)[("gw_sink_lag_bytes", "store")] == 0, 30, what="the lag back to 0")
-    assert "store sink failing" in server.log() and "working again" in server.log()
+    assert "store sink failing" in server.wait_log("working again")
 
 
 def test_kill9_of_the_pipeline_mid_stream_loses_and_doubles_nothing(pg_gw, pg_server, pg_url):
@@ -159,7 +159,7 @@ def test_postgresql_down_at_start_gw_starts_and_stores_once_it_is_back(tmp_path,
             # the query API says the store is unavailable, it does not fail
             res = c.request("GET", f"/v1/devices/{device}")
             assert res.status == 503 and res.json()["code"] == "store_unavailable"
-        assert f"PostgreSQL store {pg_url} cannot be reached now" in server.log()     # without the password
+        server.wait_log(f"PostgreSQL store {pg_url} cannot be reached now")     # without the password
     finally:
         if not pg_server.running():
             pg_server.start()
