@@ -13,6 +13,16 @@ and splits every connection that completed its handshake into phases:
     CONNECT -> CONNACK      server (accept, read, parse, register, answer)
     SYN -> CONNACK          total
 
+With --tls (the broker's MQTT-over-TLS port, TLS 1.3) the handshake's flights
+are told apart by their direction:
+
+    SYN -> SYN-ACK                  kernel
+    SYN-ACK -> ClientHello          client (connected, builds its ClientHello)
+    ClientHello -> server flight    server (the handshake's key exchange and signature)
+    server flight -> client Finished  client (verifies the certificate, derives the keys)
+    last client bytes -> last server bytes  server (CONNECT -> CONNACK, the ticket)
+    SYN -> last server bytes        total
+
 with p50/p90/p99/max of each, and the moments (seconds since the first SYN)
 of the server answers slower than --slow-ms (2 ms): the stall finder. Stalls
 that line up across connections point at the server; compare with
@@ -76,27 +86,78 @@ def parse_pcap(path: Path, port: int) -> dict[int, dict[str, float]]:
             c = conns.setdefault(sp, {})
             if syn and "syn" not in c:
                 c["syn"] = t
-            if plen > 0 and "connect" not in c:
-                c["connect"] = t
+            if plen > 0:
+                c.setdefault("connect", t)
+                flight(c, "in", t)
         elif sp == port:
             c = conns.setdefault(dp, {})
             if syn and "synack" not in c:
                 c["synack"] = t
-            if plen > 0 and "connack" not in c:
-                c["connack"] = t
+            if plen > 0:
+                c.setdefault("connack", t)
+                flight(c, "out", t)
     return conns
+
+
+def flight(c: dict, way: str, t: float) -> None:
+    """Payload segments in one direction with none the other way between
+    them are one flight: [direction, first, last]."""
+    runs = c.setdefault("runs", [])
+    if runs and runs[-1][0] == way:
+        runs[-1][2] = t
+    else:
+        runs.append([way, t, t])
+
+
+# The bench holds every client 1 s after the ramp: a flight that starts this
+# long after the SYN belongs to the DISCONNECT, not to setting up.
+SETUP_WINDOW = 0.9
+
+
+def tls_phases(c: dict) -> dict | None:
+    """A TLS connection's flights: ClientHello, the server's flight, the
+    client's Finished (with or before its CONNECT), and the server's last
+    flight of the set-up (the ticket and the CONNACK). None unless the
+    connection got that far."""
+    if "syn" not in c or "synack" not in c:
+        return None
+    runs = [r for r in c.get("runs", []) if r[1] - c["syn"] < SETUP_WINDOW]
+    if len(runs) < 4 or [r[0] for r in runs[:3]] != ["in", "out", "in"] or runs[-1][0] != "out":
+        return None
+    return {"syn": c["syn"], "synack": c["synack"], "hello": runs[0][1], "flight": runs[1][1],
+            "finished": runs[2][1], "last_in": runs[-2][1], "done": runs[-1][2]}
+
+
+TLS_PHASES = (("kernel", "syn", "synack"), ("client", "synack", "hello"),
+              ("server-hs", "hello", "flight"), ("client-hs", "flight", "finished"),
+              ("server-mqtt", "last_in", "done"), ("total", "syn", "done"))
 
 
 def pct(v: list[float], p: float) -> float:
     return v[min(len(v) - 1, int(len(v) * p))]
 
 
-def split(conns: dict, slow_ms: float = 2.0) -> dict:
-    full = [c for c in conns.values() if all(k in c for k in ("syn", "synack", "connect", "connack"))]
+def split(conns: dict, slow_ms: float = 2.0, tls: bool = False) -> dict:
+    if tls:
+        full = [p for p in map(tls_phases, conns.values()) if p is not None]
+        phases = TLS_PHASES
+    else:
+        full = [c for c in conns.values() if all(k in c for k in ("syn", "synack", "connect", "connack"))]
+        phases = PHASES
     out = {"connections": len(conns), "complete": len(full), "phases": {}, "slow_server": []}
     if not full:
         return out
-    for name, a, b in PHASES:
+    if tls:
+        for name, a, b in phases:
+            v = sorted((c[b] - c[a]) * 1000 for c in full)
+            out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
+        # The connections over the total's p99: which phase made them slow.
+        cut = out["phases"]["total"]["p99"]
+        slow = [c for c in full if (c["done"] - c["syn"]) * 1000 >= cut]
+        out["slowest_1pct_mean_ms"] = {name: round(sum(c[b] - c[a] for c in slow) * 1000 / len(slow), 3)
+                                       for name, a, b in phases}
+        return out
+    for name, a, b in phases:
         v = sorted((c[b] - c[a]) * 1000 for c in full)
         out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
     t0 = min(c["syn"] for c in full)
@@ -109,6 +170,10 @@ def report(r: dict, slow_ms: float) -> None:
     print(f"{r['connections']} connections seen, {r['complete']} complete")
     for name, st in r["phases"].items():
         print(f"  {name:7s} p50 {st['p50']:7.3f}  p90 {st['p90']:7.3f}  p99 {st['p99']:7.3f}  max {st['max']:8.3f} ms")
+    if "slowest_1pct_mean_ms" in r:
+        print("the slowest 1 % (total at or over its p99), mean per phase: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in r["slowest_1pct_mean_ms"].items()) + " ms")
+        return
     slow = r["slow_server"]
     print(f"server answers over {slow_ms:g} ms: {len(slow)}")
     if slow:
@@ -122,6 +187,7 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=10000)
     ap.add_argument("--rampup", type=float, default=8.0)
     ap.add_argument("--slow-ms", type=float, default=2.0)
+    ap.add_argument("--tls", action="store_true", help="the MQTT-over-TLS port, its handshake split by flights")
     ap.add_argument("--pcap", type=Path, help="keep the capture here")
     ap.add_argument("--json", type=Path, help="write the split as JSON here")
     args = ap.parse_args()
@@ -134,15 +200,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="gw-wire-") as tmp:
         tmp = Path(tmp)
         certs = make_certs(tmp / "certs")
-        sc = idle(args.clients, args.rampup, tls=False)
+        sc = idle(args.clients, args.rampup, tls=args.tls)
         sc.bench_args[sc.bench_args.index("--duration") + 1] = "1"
         work = tmp / args.broker
         work.mkdir()
         broker = Gw(work, certs, args.workers) if args.broker == "gw" else Mosquitto(work, certs, sc.mosquitto)
         pcap = args.pcap or tmp / "cap.pcap"
         with broker:
+            port = broker.tls_port if args.tls else broker.port
             td = subprocess.Popen(["tcpdump", "-i", "lo", "-s", "96", "-B", "65536", "-U", "-w", str(pcap),
-                                   f"tcp port {broker.port}"], stdout=subprocess.DEVNULL,
+                                   f"tcp port {port}"], stdout=subprocess.DEVNULL,
                                   stderr=open(tmp / "tcpdump.log", "wb"), stdin=subprocess.DEVNULL)
             # Capturing once tcpdump says so (a fixed pause missed the first SYNs on a loaded machine).
             deadline = time.monotonic() + 30
@@ -156,11 +223,12 @@ def main() -> int:
                 bench = run_bench(broker, sc, tmp / "bench.json")
             finally:
                 stop(td)
-        r = split(parse_pcap(pcap, broker.port), args.slow_ms)
-        r["port"] = broker.port
+        r = split(parse_pcap(pcap, port), args.slow_ms, args.tls)
+        r["port"] = port
         r["bench_connect_ms"] = bench.get("connect_ms")
     print(f"{args.broker}{f' --workers {args.workers}' if args.broker == 'gw' else ''}: "
-          f"{args.clients} clients over {args.rampup:g} s")
+          f"{args.clients} {'TLS ' if args.tls else ''}clients over {args.rampup:g} s, "
+          f"gw bench's connect p99 {r['bench_connect_ms']}")
     report(r, args.slow_ms)
     if args.json:
         args.json.write_text(json.dumps(r, indent=1))

@@ -8,7 +8,9 @@ Talks to the coordinator over a multiprocessing pipe:
 """
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
 import resource
 import signal
 import time
@@ -24,6 +26,30 @@ def _raise_nofile() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):
             pass
+
+
+# Descriptors a client process holds besides its sockets (the pipe, epoll,
+# the interpreter's own files).
+FD_HEADROOM = 256
+
+
+def _reserve_fd_table(sockets: int) -> None:
+    """Grows the descriptor table to hold every socket of the run, now. The
+    kernel doubles it when a new descriptor does not fit (256, 512, ...), and
+    in a process with a second thread (numpy's BLAS pool, or any library's)
+    each doubling waits inside socket() for an RCU grace period: 6-15 ms in
+    which none of this process's clients is served. On a ramp those stalls
+    showed up as clusters of slow connects on both sides of the wire."""
+    fds = min(sockets + FD_HEADROOM, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+    if fds <= 256:
+        return
+    probe = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.close(fcntl.fcntl(probe, fcntl.F_DUPFD_CLOEXEC, fds - 1))
+    except OSError:
+        pass            # a smaller table only brings the stalls back
+    finally:
+        os.close(probe)
 
 
 SLICE_NS = 200_000_000      # longest an engine runs before the worker reads its orders
@@ -101,13 +127,14 @@ class Control:
                 return None
 
 
-def run_client_process(pipe, body) -> None:
+def run_client_process(pipe, body, sockets: int = 0) -> None:
     """A client process's frame around body(ctl): Ctrl-C left to the coordinator
-    (it decides when to stop), the file limit raised, the imports' objects
-    frozen; an exception goes to the coordinator as "fatal"; the pipe is
-    closed at the end."""
+    (it decides when to stop), the file limit raised and the descriptor table
+    sized for `sockets`, the imports' objects frozen; an exception goes to the
+    coordinator as "fatal"; the pipe is closed at the end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _raise_nofile()
+    _reserve_fd_table(sockets)
     # What the imports made (numpy, click...: ~22,000 objects) lives as long
     # as the process: out of the collector's sight, a full collection during
     # the run costs what the run allocated, not ~15 ms more.
@@ -126,7 +153,7 @@ def run_client_process(pipe, body) -> None:
 
 def main(worker_id: int, plan, pipe) -> None:
     run = _run_conn if plan.scenario == "conn" else _run_pubsub
-    run_client_process(pipe, lambda ctl: run(worker_id, plan, ctl))
+    run_client_process(pipe, lambda ctl: run(worker_id, plan, ctl), plan.sockets_per_worker()[worker_id])
 
 
 def _engine(plan, worker_id, ctl, native_tls: bool) -> ConnEngine:

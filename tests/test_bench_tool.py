@@ -1254,3 +1254,21 @@ def test_v5_mqtt_encoder_agrees_with_project_codec():
         topic_alias_maximum=64, receive_maximum=20, maximum_packet_size=1 << 20)))[2:])
     assert rc == 0 and props[mqtt.P_TOPIC_ALIAS_MAXIMUM] == 64 and props[mqtt.P_RECEIVE_MAXIMUM] == 20
     assert mqtt.suback5_codes(codec5.encode(Suback(packet_id=1, reason_codes=[0x87]))[2:]) == b"\x87"
+
+
+def test_client_process_sizes_its_descriptor_table_up_front():
+    """A client process grows its descriptor table for all its sockets before
+    the ramp (a doubling during it stalls every client of the process)."""
+    code = ("import resource\n"
+            "from gwbench.client_process import FD_HEADROOM, _raise_nofile, _reserve_fd_table\n"
+            "def fdsize():\n"
+            "    return int(next(l for l in open('/proc/self/status') if l.startswith('FDSize:')).split()[1])\n"
+            "before = fdsize()\n"
+            "_raise_nofile()\n"
+            "_reserve_fd_table(5000)\n"
+            "print(before, fdsize(), resource.getrlimit(resource.RLIMIT_NOFILE)[0], FD_HEADROOM)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         check=True).stdout.split()
+    before, after, limit, headroom = map(int, out)
+    assert before < 5000
+    assert after >= min(5000 + headroom, limit)
