@@ -439,13 +439,13 @@ class GwServer:
         except FileNotFoundError:
             return ""
 
-    def wait_log(self, text: str, timeout: float = 10.0, since: int = 0) -> str:
-        """The log, once it holds `text` (after offset `since`). A worker counts
-        an event before it writes the event's log line, so a test that saw the
-        counter move can still read the log a moment before the line is in it."""
+    def wait_log(self, text: str, timeout: float = 10.0) -> str:
+        """The log, once it holds `text`. A worker counts an event before it
+        writes the event's log line, so a test that saw the counter move can
+        still read the log a moment before the line is in it."""
         def holds():
             log = self.log()
-            return log if text in log[since:] else None
+            return log if text in log else None
         return wait_for(holds, timeout, what=f"{text!r} in the server's log")
 
     def stdout(self) -> str:
