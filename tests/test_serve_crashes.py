@@ -344,8 +344,10 @@ def test_answers_held_for_the_log_are_bounded_per_connection(gw_factory):
             done.set()
             sampler.join()
         # 4,096 held, plus what the read that passed the bound brought (at most
-        # 256 KiB of 45-byte PUBLISHes): never all 50,000.
-        assert 0 < peak[0] <= 4096 + 256 * 1024 // 45, peak
+        # 256 KiB of these 44-byte PUBLISHes): never all 50,000.
+        size = len(stream) // n
+        assert size == 44
+        assert 0 < peak[0] <= 4096 + 256 * 1024 // size, peak
         ids = [struct.unpack_from("!BBH", got, 4 * i) for i in range(n)]
         assert ids == [(0x40, 2, (i % 65535) + 1) for i in range(n)]
         ping(sock)
