@@ -147,19 +147,16 @@ def split(conns: dict, slow_ms: float = 2.0, tls: bool = False) -> dict:
     out = {"connections": len(conns), "complete": len(full), "phases": {}, "slow_server": []}
     if not full:
         return out
+    for name, a, b in phases:
+        v = sorted((c[b] - c[a]) * 1000 for c in full)
+        out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
     if tls:
-        for name, a, b in phases:
-            v = sorted((c[b] - c[a]) * 1000 for c in full)
-            out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
         # The connections over the total's p99: which phase made them slow.
         cut = out["phases"]["total"]["p99"]
         slow = [c for c in full if (c["done"] - c["syn"]) * 1000 >= cut]
         out["slowest_1pct_mean_ms"] = {name: round(sum(c[b] - c[a] for c in slow) * 1000 / len(slow), 3)
                                        for name, a, b in phases}
         return out
-    for name, a, b in phases:
-        v = sorted((c[b] - c[a]) * 1000 for c in full)
-        out["phases"][name] = {"p50": pct(v, .5), "p90": pct(v, .9), "p99": pct(v, .99), "max": v[-1]}
     t0 = min(c["syn"] for c in full)
     out["slow_server"] = sorted((round(c["connect"] - t0, 4), round((c["connack"] - c["connect"]) * 1000, 3))
                                 for c in full if (c["connack"] - c["connect"]) * 1000 > slow_ms)
