@@ -33,6 +33,7 @@ cdef extern from "tls_records.h" nogil:
         pass
     void gw_tlsrec_counters(int refused, int key_updates_in, int key_updates_out)
     gw_tlsrec* gw_tlsrec_attach(SSL* ssl)
+    int gw_tlsrec_handshake_flush(gw_tlsrec* r, SSL* ssl, int fd)
     int gw_tlsrec_takeover(gw_tlsrec* r, SSL* ssl)
     void gw_tlsrec_free(gw_tlsrec* r)
     ssize_t gw_tlsrec_read(gw_tlsrec* r, int fd, uint8_t* out, size_t cap, uint64_t* counters)
@@ -735,7 +736,9 @@ cdef uint64_t monotonic_ns() noexcept nogil
 
 # --- worker/tls_records.pyx: gw's TLS 1.3 record layer after OpenSSL's handshake -------
 cdef void tls_attach(Worker w, Conn* c) noexcept
-cdef void tls_take_over(Worker w, Conn* c) noexcept
+cdef int tls_handshake_flush(Conn* c) noexcept
+cdef void tls_handshake_failed(Conn* c) noexcept
+cdef int tls_take_over(Worker w, Conn* c) noexcept
 cdef Py_ssize_t tls_read(Worker w, Conn* c, uint8_t* buf, size_t cap) noexcept
 cdef bint tls_pending(Conn* c) noexcept
 cdef int tls_flush(Worker w, Conn* c) noexcept

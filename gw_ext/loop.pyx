@@ -1147,17 +1147,25 @@ cdef class Worker:
             self.counters[TLS_HANDSHAKES] += 1
             if SSL_session_reused(c.ssl):
                 self.counters[TLS_RESUMED] += 1
-            tls_take_over(self, c)      # gw's records from here on (worker/tls_records.pyx)
+            # gw's records from here on (worker/tls_records.pyx)
+            if tls_take_over(self, c) < 0:
+                self.close_conn(c, CR_ERROR)
+                return -1
             self.set_pollout(c, False)
             return 1
         err = SSL_get_error(c.ssl, r)
         if err == SSL_ERROR_WANT_READ:
-            self.set_pollout(c, False)
+            r = tls_handshake_flush(c)      # what this step wrote (worker/tls_records.pyx)
+            if r < 0:
+                self.close_conn(c, CR_ERROR)
+                return -1
+            self.set_pollout(c, r == 0)
             return 0
         if err == SSL_ERROR_WANT_WRITE:
             self.set_pollout(c, True)
             return 0
         self.counters[TLS_FAILURES] += 1
+        tls_handshake_failed(c)         # OpenSSL's alert, written into memory (worker/tls_records.pyx)
         refusal = client_refusal(c.ssl)
         ERR_clear_error()
         if refusal != REFUSED_NONE:

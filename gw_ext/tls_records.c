@@ -21,7 +21,10 @@
 #define IN_SCRATCH (64 * 1024)          /* one recv when nothing is held */
 #define OUT_PLAIN_CHUNK (64 * 1024)     /* plaintext sealed per send */
 #define OUT_RECORDS (OUT_PLAIN_CHUNK / MAX_PLAIN + 2)
-#define OUT_SCRATCH (OUT_PLAIN_CHUNK + OUT_RECORDS * (HDR + 1 + TAG) + 2 * (HDR + 5 + 1 + TAG))
+/* Ciphertext held from before (the session ticket) that a flush sends in
+ * front of its new records, in the same send, when it is at most this long. */
+#define HELD_COALESCE 4096
+#define OUT_SCRATCH (HELD_COALESCE + OUT_PLAIN_CHUNK + OUT_RECORDS * (HDR + 1 + TAG) + 2 * (HDR + 5 + 1 + TAG))
 /* AES-GCM: at most 2^24.5 records per key (RFC 8446 5.5); a KeyUpdate before 2^24. */
 #define WRITE_KEY_LIMIT ((uint64_t)1 << 24)
 
@@ -51,6 +54,11 @@
 #define HS_CLIENT_FIN 2
 #define HS_CLIENT_SECRET 4
 #define HS_SERVER_SECRET 8
+#define HS_SERVER_HELLO 16     /* the ServerHello is written: the version is known */
+#define HS_HELD 32             /* OpenSSL's handshake writes collect in the SSL's write BIO, a
+                                  memory BIO (SSL_get_wbio: the SSL owns it): sent after each
+                                  step; the last step's (the session ticket) wait for the first
+                                  flush after the takeover */
 
 struct gw_tlsrec {
     uint8_t rkey[32], wkey[32];         /* read (client's) and write (server's) keys */
@@ -58,7 +66,8 @@ struct gw_tlsrec {
     uint8_t rsec[48], wsec[48];         /* the traffic secrets, for KeyUpdate */
     uint64_t rseq, wseq;
     uint8_t *in;                        /* input held: ilen bytes from the head of a record */
-    uint8_t *out;                       /* ciphertext the socket did not take: out[ooff:olen] */
+    uint8_t *out;                       /* ciphertext not sent yet: out[ooff:olen] (what the socket
+                                           did not take, or the handshake's last records) */
     uint32_t ilen, icap, poff, plen;
     uint32_t ooff, olen;
     uint16_t wcount, rcount;            /* handshake: records written/read after the Finished */
@@ -304,11 +313,14 @@ static void msg_cb(int write_p, int version, int content_type, const void *buf, 
             r->rcount++;
     } else if (content_type == SSL3_RT_HANDSHAKE && len >= 1 && ((const uint8_t *)buf)[0] == HS_FINISHED) {
         r->hs |= write_p ? HS_SERVER_FIN : HS_CLIENT_FIN;
+    } else if (content_type == SSL3_RT_HANDSHAKE && len >= 1 && write_p && ((const uint8_t *)buf)[0] == 2) {
+        r->hs |= HS_SERVER_HELLO;
     }
 }
 
 gw_tlsrec *gw_tlsrec_attach(SSL *ssl) {
     gw_tlsrec *r;
+    BIO *held;
     SSL_CTX *ctx = SSL_get_SSL_CTX(ssl);
     if (setup() < 0 || ctx == NULL)
         return NULL;
@@ -323,24 +335,121 @@ gw_tlsrec *gw_tlsrec_attach(SSL *ssl) {
         SSL_CTX_set_keylog_callback(ctx, keylog_cb);
     SSL_set_msg_callback(ssl, msg_cb);
     SSL_set_msg_callback_arg(ssl, r);
+    /* OpenSSL's handshake writes collect in memory; the worker sends them
+       after each step (gw_tlsrec_handshake_flush), and keeps the last step's
+       for the first flush after the takeover. Without the BIO they go
+       straight to the socket, as before. */
+    held = BIO_new(BIO_s_mem());
+    if (held != NULL) {
+        SSL_set0_wbio(ssl, held);
+        r->hs |= HS_HELD;
+    }
     return r;
+}
+
+/* Appends data[0:len] to the ciphertext waiting in r->out. 0, or -1. */
+static int queue_out(gw_tlsrec *r, const uint8_t *data, size_t len) {
+    size_t have = r->olen - r->ooff;
+    uint8_t *grown;
+    if (len == 0)
+        return 0;
+    if (len > UINT32_MAX - have)
+        return -1;
+    grown = malloc(have + len);
+    if (grown == NULL)
+        return -1;
+    if (have > 0)
+        memcpy(grown, r->out + r->ooff, have);
+    memcpy(grown + have, data, len);
+    free(r->out);
+    r->out = grown;
+    r->ooff = 0;
+    r->olen = (uint32_t)(have + len);
+    return 0;
+}
+
+static int send_held(gw_tlsrec *r, int fd);
+
+/* What OpenSSL wrote into the held BIO, sent after what r->out still has;
+ * what the socket does not take is kept in r->out. send_held's results. */
+static int send_handshake(gw_tlsrec *r, SSL *ssl, int fd) {
+    BIO *held = SSL_get_wbio(ssl);      /* below OpenSSL's buffering BIO, if that is in place */
+    char *data = NULL;
+    long len = BIO_get_mem_data(held, &data);
+    size_t sent = 0;
+    if (len > 0) {
+        if (r->ooff >= r->olen) {
+            /* nothing waiting before them: straight from OpenSSL's buffer */
+            while (sent < (size_t)len) {
+                ssize_t n = send(fd, data + sent, (size_t)len - sent, MSG_NOSIGNAL);
+                if (n < 0 && errno == EINTR)
+                    continue;
+                if (n < 0 && errno == EAGAIN)
+                    break;
+                if (n < 0)
+                    return -1;
+                sent += (size_t)n;
+            }
+        }
+        if (queue_out(r, (const uint8_t *)data + sent, (size_t)len - sent) < 0)
+            return -1;
+        (void)BIO_reset(held);
+    }
+    return send_held(r, fd);
+}
+
+/* OpenSSL writes to the socket again (the memory BIO freed). 0, or -1. */
+static int unhold(gw_tlsrec *r, SSL *ssl) {
+    BIO *sock = SSL_get_rbio(ssl);
+    r->hs &= ~HS_HELD;
+    if (sock == NULL || !BIO_up_ref(sock))
+        return -1;
+    SSL_set0_wbio(ssl, sock);
+    return 0;
+}
+
+int gw_tlsrec_handshake_flush(gw_tlsrec *r, SSL *ssl, int fd) {
+    int st;
+    if (!(r->hs & HS_HELD))
+        return 1;
+    st = send_handshake(r, ssl, fd);
+    if (st == 1 && (r->hs & HS_SERVER_HELLO) && SSL_version(ssl) != TLS1_3_VERSION)
+        /* Not TLS 1.3: no takeover to wait for, OpenSSL writes to the socket
+           again (its last flight may then block and resume as before). */
+        return unhold(r, ssl) < 0 ? -1 : 1;
+    return st;
+}
+
+/* The connection stays on OpenSSL: what the handshake wrote goes out now and
+ * OpenSSL writes to the socket again. 0, or -1 when it could not all be sent
+ * (the caller closes the connection). */
+static int release_held(gw_tlsrec *r, SSL *ssl) {
+    int st;
+    if (!(r->hs & HS_HELD))
+        return 0;
+    st = send_handshake(r, ssl, SSL_get_fd(ssl));
+    if (unhold(r, ssl) < 0)
+        return -1;
+    return st == 1 ? 0 : -1;
 }
 
 int gw_tlsrec_takeover(gw_tlsrec *r, SSL *ssl) {
     const SSL_CIPHER *cipher;
     uint8_t suite, hlen, klen;
+    char *data = NULL;
+    long held = 0;
     SSL_set_msg_callback(ssl, NULL);
     SSL_set_msg_callback_arg(ssl, NULL);
     SSL_set_ex_data(ssl, ex_index, NULL);
     if (SSL_version(ssl) != TLS1_3_VERSION || SSL_has_pending(ssl))
-        return 0;
+        return release_held(r, ssl);
     cipher = SSL_get_current_cipher(ssl);
     if (cipher == NULL || suite_params(SSL_CIPHER_get_protocol_id(cipher), &suite, &hlen, &klen) < 0)
-        return 0;
+        return release_held(r, ssl);
     if ((r->hs & (HS_CLIENT_SECRET | HS_SERVER_SECRET | HS_SERVER_FIN | HS_CLIENT_FIN))
             != (HS_CLIENT_SECRET | HS_SERVER_SECRET | HS_SERVER_FIN | HS_CLIENT_FIN)
         || r->seclen != hlen || r->rcount != 0)
-        return 0;
+        return release_held(r, ssl);
     r->suite = suite;
     r->hlen = hlen;
     r->klen = klen;
@@ -348,7 +457,15 @@ int gw_tlsrec_takeover(gw_tlsrec *r, SSL *ssl) {
     r->rseq = r->rcount;
     if (derive(suite, hlen, klen, r->rsec, r->rkey, r->riv) < 0
         || derive(suite, hlen, klen, r->wsec, r->wkey, r->wiv) < 0)
-        return 0;
+        return release_held(r, ssl);
+    if (r->hs & HS_HELD)
+        held = BIO_get_mem_data(SSL_get_wbio(ssl), &data);
+    /* What the handshake's last step wrote (the session ticket) goes out in
+       front of the first records sealed here (the CONNACK), in the same send
+       (gw_tlsrec_flush). */
+    if (held > 0 && queue_out(r, (const uint8_t *)data, (size_t)held) < 0)
+        return release_held(r, ssl);
+    r->hs &= ~HS_HELD;          /* the BIO is freed with the SSL */
     return 1;
 }
 
@@ -640,7 +757,17 @@ int gw_tlsrec_flush(gw_tlsrec *r, int fd, const uint8_t *plain, size_t len, size
     *consumed = 0;
     for (;;) {
         size_t total = 0, taken = 0, sent = 0;
-        int st = send_held(r, fd);
+        int st;
+        if (r->ooff < r->olen && r->olen - r->ooff <= HELD_COALESCE && !(r->flags & F_CLOSE_SENT)
+            && *consumed < len) {
+            /* A short held run (the session ticket) leaves with the new records. */
+            total = r->olen - r->ooff;
+            memcpy(out_scratch, r->out + r->ooff, total);
+            free(r->out);
+            r->out = NULL;
+            r->ooff = r->olen = 0;
+        }
+        st = send_held(r, fd);
         if (st <= 0)
             return st;
         if (r->flags & F_CLOSE_SENT) {

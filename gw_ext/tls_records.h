@@ -30,14 +30,28 @@ typedef struct gw_tlsrec gw_tlsrec;
 void gw_tlsrec_counters(int refused, int key_updates_in, int key_updates_out);
 
 /* Before the handshake: state for one connection, hooked to its SSL
- * (ex_data, message callback, the context's key-log callback). NULL if it
- * could not be made: the connection stays on OpenSSL. */
+ * (ex_data, message callback, the context's key-log callback), and OpenSSL's
+ * handshake writes pointed at a memory BIO, so that the last step's (the
+ * session ticket) can leave with the CONNACK in one send. NULL if it could
+ * not be made: the connection stays on OpenSSL. */
 gw_tlsrec *gw_tlsrec_attach(SSL *ssl);
 
+/* After each SSL_do_handshake() that did not finish: sends what it wrote
+ * (OpenSSL writes the handshake into a memory BIO, see gw_tlsrec_attach).
+ * 1: all sent; 0: the socket is full (the rest kept, sent by the next call:
+ * wait for EPOLLOUT); -1: a socket error. Once all is out and the version is
+ * not TLS 1.3, OpenSSL writes to the socket again (no takeover follows). A
+ * failed handshake calls it too, best effort, for OpenSSL's alert. */
+int gw_tlsrec_handshake_flush(gw_tlsrec *r, SSL *ssl, int fd);
+
 /* After SSL_do_handshake() returned 1: unhooks r from ssl; 1 if gw takes the
- * record layer over (the caller frees the SSL), 0 if the connection stays on
- * OpenSSL (TLS 1.2, another suite, bytes OpenSSL holds, a secret or record
- * count not seen: the caller frees r). */
+ * record layer over (the caller frees the SSL; what the handshake's last
+ * step wrote, the session ticket, waits in front of the first flush: flush
+ * in this turn), 0 if the connection stays on OpenSSL (TLS 1.2, another
+ * suite, bytes OpenSSL holds, a secret or record count not seen: what the
+ * handshake wrote is sent now and OpenSSL writes to the socket again; the
+ * caller frees r), -1 if that could not all be sent (the caller frees r and
+ * closes the connection). */
 int gw_tlsrec_takeover(gw_tlsrec *r, SSL *ssl);
 
 /* Wipes and frees r and its buffers (NULL: nothing). */

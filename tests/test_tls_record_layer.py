@@ -181,7 +181,9 @@ class _MemClient:
     """A TLS 1.3 client over ssl.MemoryBIO on a raw socket: the test decides how
     the records reach the server (whole, byte by byte, in random pieces, tampered)."""
 
-    def __init__(self, server):
+    def __init__(self, server, send_finished: bool = True):
+        """send_finished False: the client's last flight (its Finished) is kept
+        in self.finished, for the test to send with what follows."""
         self.sock = tcp_connect(server.ports["mqtts"])
         self.inc, self.out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.buf = bytearray()
@@ -195,7 +197,9 @@ class _MemClient:
                 data = self.sock.recv(65536)
                 assert data
                 self.inc.write(data)
-        self.sock.sendall(self.out.read())
+        self.finished = self.out.read()
+        if send_finished:
+            self.sock.sendall(self.finished)
 
     def records(self, data: bytes) -> bytes:
         self.tls.write(data)
@@ -226,6 +230,54 @@ class _MemClient:
             if not data:
                 raise EOFError
             self.inc.write(data)
+
+
+def _data_segments_in(sock: socket.socket) -> int:
+    """TCP segments with data this socket has received (struct tcp_info's
+    tcpi_data_segs_in, at byte 152 since Linux 4.6)."""
+    return struct.unpack_from("I", sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256), 152)[0]
+
+
+@pytest.mark.no_fragment("counts the TCP segments the server sends")
+def test_ticket_and_connack_leave_in_one_write(server):
+    """The client's Finished and its CONNECT arrive together: the session
+    ticket that finishing the handshake writes waits for the CONNACK, and the
+    two leave in one send (one segment, the client woken once for both), the
+    ticket first. Before, the ticket went out on its own."""
+    before = server.counters()
+    c = _MemClient(server, send_finished=False)
+    try:
+        assert _data_segments_in(c.sock) == 1           # the server's flight
+        c.sock.sendall(c.finished + c.records(connect_packet("rl-one-write")))
+        assert c.read_packet() == CONNACK_OK
+        assert c.tls.session is not None and c.tls.session.has_ticket
+        segments = _data_segments_in(c.sock)
+        assert segments == 2, (segments, {k: counter_delta(before, server.counters(), k)
+                                          for k in ("tls_record_layer.gw", "tls_record_layer.openssl",
+                                                    "connects_at_once", "tls_handshakes")})
+        ping_packet = b"\xc0\x00"
+        c.sock.sendall(c.records(ping_packet))
+        assert c.read_packet() == (0xD0, b"")
+    finally:
+        c.sock.close()
+    after = server.wait_counter("tls_record_layer.gw", get_counter(before, "tls_record_layer.gw") + 1)
+    assert counter_delta(before, after, "tls_record_layer.gw") == 1
+
+
+@pytest.mark.no_fragment("counts the TCP segments the server sends")
+def test_ticket_alone_when_the_connect_comes_later(server):
+    """The Finished on its own: the ticket is not held back for a CONNECT that
+    may never come; it leaves at the end of that turn, then the CONNACK."""
+    c = _MemClient(server, send_finished=False)
+    try:
+        c.sock.sendall(c.finished)
+        wait_for(lambda: _data_segments_in(c.sock) == 2, timeout=10)
+        c.sock.sendall(c.records(connect_packet("rl-ticket-first")))
+        assert c.read_packet() == CONNACK_OK
+        assert c.tls.session is not None and c.tls.session.has_ticket
+        assert _data_segments_in(c.sock) == 3
+    finally:
+        c.sock.close()
 
 
 @pytest.mark.parametrize("how", ["byte_by_byte", "random_pieces"])

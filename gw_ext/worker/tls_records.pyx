@@ -17,20 +17,48 @@ cdef void tls_attach(Worker w, Conn* c) noexcept:
         c.tls = gw_tlsrec_attach(c.ssl)     # NULL: stays on OpenSSL
 
 
-cdef void tls_take_over(Worker w, Conn* c) noexcept:
-    """SSL_do_handshake() returned 1: the records are gw's from here on (the
-    SSL freed), or the connection stays on OpenSSL."""
+cdef int tls_handshake_flush(Conn* c) noexcept:
+    """A handshake step wants more input: what it wrote (OpenSSL writes the
+    handshake into memory while gw's layer is attached), sent. 1: all out;
+    0: the socket is full (wait for EPOLLOUT); -1: a socket error."""
     if c.tls == NULL:
-        return
-    if gw_tlsrec_takeover(c.tls, c.ssl) == 1:
+        return 1
+    return gw_tlsrec_handshake_flush(c.tls, c.ssl, c.fd)
+
+
+cdef void tls_handshake_failed(Conn* c) noexcept:
+    """The handshake failed: OpenSSL's alert goes out now, best effort."""
+    if c.tls != NULL:
+        gw_tlsrec_handshake_flush(c.tls, c.ssl, c.fd)
+
+
+cdef int tls_take_over(Worker w, Conn* c) noexcept:
+    """SSL_do_handshake() returned 1: the records are gw's from here on (the
+    SSL freed; what its last step wrote, the session ticket, goes out with
+    this turn's flush, in the same send as the CONNACK when the CONNECT came
+    with the client's Finished), or the connection stays on OpenSSL. 0, or
+    -1: what the handshake wrote could not be sent (the caller closes the
+    connection)."""
+    cdef int r
+    if c.tls == NULL:
+        return 0
+    r = gw_tlsrec_takeover(c.tls, c.ssl)
+    ERR_clear_error()
+    if r == 1:
         SSL_free(c.ssl)
         c.ssl = NULL
         w.counters[TLS_OWN_RECORDS] += 1
-    else:
-        gw_tlsrec_free(c.tls)
-        c.tls = NULL
-        w.counters[TLS_OPENSSL_RECORDS] += 1
-    ERR_clear_error()
+        if gw_tlsrec_wants_write(c.tls) and not (c.flags & F_DIRTY):
+            c.flags |= F_DIRTY
+            w.dirty[w.ndirty] = c.fd
+            w.ndirty += 1
+        return 0
+    gw_tlsrec_free(c.tls)
+    c.tls = NULL
+    if r < 0:
+        return -1
+    w.counters[TLS_OPENSSL_RECORDS] += 1
+    return 0
 
 
 cdef Py_ssize_t tls_read(Worker w, Conn* c, uint8_t* buf, size_t cap) noexcept:
