@@ -734,6 +734,15 @@ cdef class Worker:
 cdef uint64_t monotonic_ms() noexcept nogil
 cdef uint64_t monotonic_ns() noexcept nogil
 
+
+cdef inline void mark_dirty(Worker w, Conn* c) noexcept:
+    """c is flushed at the end of this turn (Worker.flush_dirty): put on the
+    flush list once."""
+    if not (c.flags & F_DIRTY):
+        c.flags |= F_DIRTY
+        w.dirty[w.ndirty] = c.fd
+        w.ndirty += 1
+
 # --- worker/tls_records.pyx: gw's TLS 1.3 record layer after OpenSSL's handshake -------
 cdef void tls_attach(Worker w, Conn* c) noexcept
 cdef int tls_handshake_flush(Conn* c) noexcept

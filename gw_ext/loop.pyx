@@ -1236,10 +1236,7 @@ cdef class Worker:
                 c.outcap = <uint32_t>cap
         out = c.outbuf + c.outlen
         c.outlen += n
-        if not (c.flags & F_DIRTY):
-            c.flags |= F_DIRTY
-            self.dirty[self.ndirty] = c.fd
-            self.ndirty += 1
+        mark_dirty(self, c)
         return out
 
     cdef void flush_dirty(self):
@@ -1377,10 +1374,7 @@ cdef class Worker:
         schedule_close_grace(self, c)
         if c.outlen == c.outoff:
             # Nothing to write: close at the end of this turn via the flush list.
-            if not (c.flags & F_DIRTY):
-                c.flags |= F_DIRTY
-                self.dirty[self.ndirty] = c.fd
-                self.ndirty += 1
+            mark_dirty(self, c)
 
     cdef void close_conn(self, Conn* c, int reason, int detail=0):
         """Closes a connection: marks it ST_CLOSED and queues it for reap_closed()

@@ -48,10 +48,8 @@ cdef int tls_take_over(Worker w, Conn* c) noexcept:
         SSL_free(c.ssl)
         c.ssl = NULL
         w.counters[TLS_OWN_RECORDS] += 1
-        if gw_tlsrec_wants_write(c.tls) and not (c.flags & F_DIRTY):
-            c.flags |= F_DIRTY
-            w.dirty[w.ndirty] = c.fd
-            w.ndirty += 1
+        if gw_tlsrec_wants_write(c.tls):
+            mark_dirty(w, c)
         return 0
     gw_tlsrec_free(c.tls)
     c.tls = NULL
@@ -66,11 +64,9 @@ cdef Py_ssize_t tls_read(Worker w, Conn* c, uint8_t* buf, size_t cap) noexcept:
     the peer closed; -2 an error (a refused record: counted, its alert
     queued)."""
     cdef ssize_t n = gw_tlsrec_read(c.tls, c.fd, buf, cap, w.counters)
-    if gw_tlsrec_wants_write(c.tls) and not (c.flags & F_DIRTY) and is_client_state(c.state):
+    if gw_tlsrec_wants_write(c.tls) and is_client_state(c.state):
         # A KeyUpdate the client asked for, or an alert: out with this turn's flush.
-        c.flags |= F_DIRTY
-        w.dirty[w.ndirty] = c.fd
-        w.ndirty += 1
+        mark_dirty(w, c)
     if n < -1:
         return -2
     return n
